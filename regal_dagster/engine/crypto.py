@@ -1,0 +1,255 @@
+"""Envelope encryption with Tink.
+
+- Backups are encrypted with Tink streaming AEAD (AES256_GCM_HKDF_1MB). The keys live in a Tink keyset;
+  its primary key encrypts new objects, older keys stay to read older backups (rotation).
+- The keyset is stored encrypted by a master key: a Tink AES256-GCM key given in an environment
+  variable or a 0600 file, or an AWS KMS key (Tink's AWS KMS integration, through boto3).
+- Each stored object starts with a small header (magic, format version, key id) followed by the Tink
+  ciphertext. The associated data binds the ciphertext to its backup id, object name and key id, so an
+  object moved to another backup, renamed or relabelled with another key id fails authentication.
+  docs/formats.md describes the format.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+import tink
+from tink import aead, secret_key_access, streaming_aead
+
+from .errors import EncryptionKeyError, IntegrityError
+from .policy import EncryptionConfig, MasterKeyConfig, Policy
+
+aead.register()
+streaming_aead.register()
+
+STREAMING_TEMPLATE_NAME = "AES256_GCM_HKDF_1MB"
+OBJECT_MAGIC = b"RGLB"
+OBJECT_FORMAT_VERSION = 1
+OBJECT_HEADER = struct.Struct(">4sBI")  # magic, format version, key id
+KEYSET_FILE_FORMAT = "regal-backup-keyset"
+_KEYSET_AAD = b"regal-backup/keyset/v1"
+
+
+def _streaming_template():  # type: ignore[no-untyped-def]
+    return getattr(streaming_aead.streaming_aead_key_templates, STREAMING_TEMPLATE_NAME)
+
+
+def object_associated_data(backup_id: str, object_name: str, key_id: int) -> bytes:
+    return b"\x00".join([b"regal-backup/object/v1", backup_id.encode(), object_name.encode(), str(key_id).encode()])
+
+
+# --- master key --------------------------------------------------------------------------------
+
+def generate_master_key() -> str:
+    """A new master key as one line of text (base64 of a Tink AES256-GCM keyset)."""
+    handle = tink.new_keyset_handle(aead.aead_key_templates.AES256_GCM)
+    cleartext = tink.json_proto_keyset_format.serialize(handle, secret_key_access.TOKEN)
+    return base64.b64encode(cleartext.encode()).decode()
+
+
+def write_master_key_file(path: Path, master_key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(master_key + "\n")
+
+
+def _master_key_text(config: MasterKeyConfig, policy: Policy) -> str:
+    if config.env:
+        value = os.environ.get(config.env)
+        if not value:
+            raise EncryptionKeyError(
+                f"the master key environment variable {config.env} is not set",
+                f"export {config.env} from your secret store before running (regal-backup init printed it)",
+            )
+        return value.strip()
+    assert config.file
+    path = policy.resolve_path(config.file)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise EncryptionKeyError(f"the master key file {path} does not exist",
+                                 "restore it from your secret store, or fix encryption.master_key.file") from None
+    except PermissionError:
+        raise EncryptionKeyError(f"the master key file {path} cannot be read", "run as the backup user") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise EncryptionKeyError(f"the master key file {path} is readable by others",
+                                 f"chmod 600 {path}")
+    return text
+
+
+def master_aead(config: MasterKeyConfig, policy: Policy) -> aead.Aead:
+    if config.kms_key_uri:
+        return _kms_aead(config)
+    text = _master_key_text(config, policy)
+    try:
+        cleartext = base64.b64decode(text, validate=True).decode()
+        handle = tink.json_proto_keyset_format.parse(cleartext, secret_key_access.TOKEN)
+        return handle.primitive(aead.Aead)
+    except (ValueError, tink.TinkError, UnicodeDecodeError):
+        source = f"${config.env}" if config.env else str(policy.resolve_path(config.file or ""))
+        raise EncryptionKeyError(f"the master key in {source} is not a valid key",
+                                 "it must be the one line regal-backup init generated") from None
+
+
+def _kms_aead(config: MasterKeyConfig) -> aead.Aead:
+    import boto3
+    from tink.integration import awskms
+
+    uri = config.kms_key_uri or ""
+    region = config.kms_region or uri.removeprefix("aws-kms://").split(":")[3]
+    client = boto3.client("kms", region_name=region, endpoint_url=config.kms_endpoint_url)
+    return awskms.new_client(boto3_client=client, key_uri=uri).get_aead(uri)
+
+
+# --- keyset --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: int
+    status: str
+    primary: bool
+    created_at: str | None
+
+
+class Keyring:
+    """The streaming AEAD keyset, decrypted in memory. Encrypts with the primary key."""
+
+    def __init__(self, handle: tink.KeysetHandle, created: dict[int, str]):
+        self._handle = handle
+        self._primitive = handle.primitive(streaming_aead.StreamingAead)
+        self._created = created
+        info = handle.keyset_info()
+        self.primary_key_id: int = info.primary_key_id
+        self.key_ids: frozenset[int] = frozenset(k.key_id for k in info.key_info)
+
+    def keys(self) -> list[KeyInfo]:
+        from tink.proto import tink_pb2
+
+        return [
+            KeyInfo(k.key_id, tink_pb2.KeyStatusType.Name(k.status), k.key_id == self.primary_key_id,
+                    self._created.get(k.key_id))
+            for k in self._handle.keyset_info().key_info
+        ]
+
+    def encrypting_stream(self, destination: BinaryIO, backup_id: str, object_name: str) -> BinaryIO:
+        """Writes the object header, then returns a stream that encrypts into `destination`."""
+        key_id = self.primary_key_id
+        destination.write(OBJECT_HEADER.pack(OBJECT_MAGIC, OBJECT_FORMAT_VERSION, key_id))
+        return self._primitive.new_encrypting_stream(
+            destination, object_associated_data(backup_id, object_name, key_id))
+
+    def decrypting_stream(self, source: BinaryIO, backup_id: str, object_name: str,
+                          expected_key_id: int | None = None) -> BinaryIO:
+        """Reads and checks the header, then returns a stream of authenticated plaintext."""
+        header = _read_exactly(source, OBJECT_HEADER.size)
+        if len(header) < OBJECT_HEADER.size or header[:4] != OBJECT_MAGIC:
+            raise IntegrityError(f"object {object_name} of backup {backup_id} is not in the encrypted "
+                                     "regal-backup format", "the object was replaced or is not a backup")
+        _, version, key_id = OBJECT_HEADER.unpack(header)
+        if version != OBJECT_FORMAT_VERSION:
+            raise EncryptionKeyError(f"object {object_name} has object format {version}; this version reads "
+                                     f"{OBJECT_FORMAT_VERSION}", "upgrade regal-backup")
+        if expected_key_id is not None and key_id != expected_key_id:
+            raise IntegrityError(f"object {object_name} of backup {backup_id} says key {key_id} but its "
+                                     f"manifest says key {expected_key_id}", "the object was tampered with")
+        if key_id not in self.key_ids:
+            raise EncryptionKeyError(
+                f"object {object_name} of backup {backup_id} was encrypted with key {key_id}, "
+                "which this keyset does not hold",
+                "use the keyset (and master key) that was current when the backup was made")
+        return self._primitive.new_decrypting_stream(
+            source, object_associated_data(backup_id, object_name, key_id))
+
+
+def _read_exactly(source: BinaryIO, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = source.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _keyset_path(config: EncryptionConfig, policy: Policy) -> Path:
+    return policy.resolve_path(config.keyset)
+
+
+def create_keyset(policy: Policy) -> Keyring:
+    """Create a new keyset with one key, encrypt it with the master key and write it."""
+    path = _keyset_path(policy.encryption, policy)
+    if path.exists():
+        raise EncryptionKeyError(f"a keyset already exists at {path}", "keep it: backups need it to be read")
+    handle = tink.new_keyset_handle(_streaming_template())
+    created = {handle.keyset_info().primary_key_id: _now()}
+    _write_keyset(path, handle, created, master_aead(policy.encryption.master_key, policy))
+    return Keyring(handle, created)
+
+
+def load_keyring(policy: Policy) -> Keyring:
+    path = _keyset_path(policy.encryption, policy)
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EncryptionKeyError(f"the keyset file {path} does not exist",
+                                 "restore it from your key backup, or fix encryption.keyset in the policy") from None
+    except ValueError:
+        raise EncryptionKeyError(f"the keyset file {path} is not valid JSON", "restore it from your key backup") from None
+    if document.get("format") != KEYSET_FILE_FORMAT:
+        raise EncryptionKeyError(f"{path} is not a regal-backup keyset", "fix encryption.keyset in the policy")
+    master = master_aead(policy.encryption.master_key, policy)
+    try:
+        handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, _KEYSET_AAD)
+    except tink.TinkError:
+        raise EncryptionKeyError(
+            f"the master key does not open the keyset {path} (wrong master key?)",
+            "use the master key that was created with this keyset") from None
+    created = {int(k): v for k, v in document.get("key_created_at", {}).items()}
+    return Keyring(handle, created)
+
+
+def _write_keyset(path: Path, handle: tink.KeysetHandle, created: dict[int, str], master: aead.Aead) -> None:
+    document = {
+        "format": KEYSET_FILE_FORMAT,
+        "version": 1,
+        "template": STREAMING_TEMPLATE_NAME,
+        "primary_key_id": handle.keyset_info().primary_key_id,
+        "key_created_at": {str(k): v for k, v in created.items()},
+        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(handle, master, _KEYSET_AAD),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(document, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class NonClosingWriter(io.RawIOBase):
+    """Passes writes through and ignores close(): Tink closes its destination when it finishes."""
+
+    def __init__(self, target: BinaryIO):
+        self._target = target
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+        self._target.write(data)
+        return len(data)

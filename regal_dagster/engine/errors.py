@@ -1,0 +1,54 @@
+"""Errors that tell the operator what happened and what to do next."""
+
+from __future__ import annotations
+
+
+class RegalError(Exception):
+    """An operational error with a hint for the operator. Never carries secrets."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  what to do: {self.hint}" if self.hint else self.message
+
+
+class PolicyError(RegalError):
+    """The policy file is missing or invalid; `problems` lists each one by its path."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"policy file {path} is invalid:\n{listing}",
+            "fix the listed entries (see docs/policy.md for every setting)",
+        )
+
+
+class EncryptionKeyError(RegalError):
+    """The encryption keys cannot be loaded or do not fit the data."""
+
+
+class LockedError(RegalError):
+    """Another backup of the same target holds the lock."""
+
+
+class IntegrityError(RegalError):
+    """Stored bytes do not match what the manifest promises."""
+
+    exit_code = 3
+
+
+class ToolError(RegalError):
+    """An external program (pg_dump, pg_restore, ...) is missing or failed."""
+
+
+class TargetNotEmptyError(RegalError):
+    """A restore target already holds data."""

@@ -1,0 +1,134 @@
+"""The data path of every backup object, in one place.
+
+write: plaintext chunks -> SHA-256 (plaintext) -> zstd -> Tink streaming AEAD -> SHA-256 (stored) -> store
+read:  store -> SHA-256 (stored) -> Tink (authenticates) -> zstd -> SHA-256 (plaintext) -> sink
+
+Memory is bounded by the chunk size, zstd's window and the store's part buffers, whatever the size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import BinaryIO, Callable, Iterable
+
+import tink
+import zstandard
+
+from .crypto import OBJECT_FORMAT_VERSION, STREAMING_TEMPLATE_NAME, Keyring, NonClosingWriter
+from .errors import IntegrityError
+from .manifest import CompressionInfo, EncryptionInfo, ObjectRecord
+from .repository import ObjectWriter, Repository
+
+CHUNK = 1024 * 1024
+DEFAULT_ZSTD_LEVEL = 3
+
+Progress = Callable[[int], None]  # called with the number of plaintext bytes just processed
+
+
+class _StoredBytes(io.RawIOBase):
+    """Counts and hashes what goes to the store."""
+
+    def __init__(self, target: ObjectWriter):
+        self.target = target
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        self.target.write(data)
+        return len(data)
+
+    def close(self) -> None:  # the repository writer commits, not Tink
+        pass
+
+
+class _HashingReader(io.RawIOBase):
+    """Counts and hashes what is read from the store."""
+
+    def __init__(self, source: BinaryIO):
+        self.source = source
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        data = self.source.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        while self.source.read(CHUNK):
+            pass
+
+
+def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring: Keyring, backup_id: str,
+                 object_name: str, content: str, zstd_level: int = DEFAULT_ZSTD_LEVEL, zstd_threads: int = -1,
+                 progress: Progress | None = None) -> ObjectRecord:
+    """Compress, encrypt and store a stream of plaintext chunks as one object."""
+    plain_sha = hashlib.sha256()
+    plain_size = 0
+    with repo.writer(key) as writer:
+        stored = _StoredBytes(writer)
+        encrypted = keyring.encrypting_stream(stored, backup_id, object_name)
+        compressor = zstandard.ZstdCompressor(level=zstd_level, threads=zstd_threads)
+        with compressor.stream_writer(NonClosingWriter(encrypted), write_size=CHUNK, closefd=False) as compressed:
+            for chunk in chunks:
+                plain_sha.update(chunk)
+                plain_size += len(chunk)
+                compressed.write(chunk)
+                if progress:
+                    progress(len(chunk))
+        encrypted.close()
+    return ObjectRecord(
+        name=object_name, key=key, content=content, size=stored.size, stored_sha256=stored.sha256.hexdigest(),
+        plaintext_size=plain_size, plaintext_sha256=plain_sha.hexdigest(),
+        compression=CompressionInfo(level=zstd_level),
+        encryption=EncryptionInfo(scheme=f"tink-streaming-aead/{STREAMING_TEMPLATE_NAME}",
+                                  key_id=keyring.primary_key_id, object_format=OBJECT_FORMAT_VERSION),
+    )
+
+
+def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, backup_id: str,
+                sink: Callable[[bytes], object] | None = None, progress: Progress | None = None) -> None:
+    """Read one object back, authenticate and decompress every byte, check both SHA-256 sums.
+
+    Plaintext goes to `sink` as it is authenticated. Raises IntegrityError naming the object.
+    """
+    where = f"object {record.key}"
+    with repo.reader(record.key) as raw:
+        stored = _HashingReader(raw)
+        try:
+            decrypted = keyring.decrypting_stream(stored, backup_id, record.name,
+                                                  expected_key_id=record.encryption.key_id)
+            reader = zstandard.ZstdDecompressor().stream_reader(decrypted, read_size=CHUNK, read_across_frames=True)
+            plain_sha, plain_size = hashlib.sha256(), 0
+            while chunk := reader.read(CHUNK):
+                plain_sha.update(chunk)
+                plain_size += len(chunk)
+                if sink is not None:
+                    sink(chunk)
+                if progress:
+                    progress(len(chunk))
+            stored.drain()
+        except tink.TinkError:
+            raise IntegrityError(f"{where} fails authentication: its bytes were changed, truncated, or moved "
+                                 "from another backup", "this backup is damaged: use another one") from None
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{where} does not decompress ({exc})", "this backup is damaged: use another one") from None
+    if stored.size != record.size or stored.sha256.hexdigest() != record.stored_sha256:
+        raise IntegrityError(f"{where}: stored bytes differ from the manifest ({stored.size} bytes read, "
+                             f"{record.size} expected)", "this backup is damaged: use another one")
+    if plain_size != record.plaintext_size or plain_sha.hexdigest() != record.plaintext_sha256:
+        raise IntegrityError(f"{where}: content differs from the manifest's SHA-256",
+                             "this backup is damaged: use another one")

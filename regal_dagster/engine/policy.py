@@ -1,0 +1,304 @@
+"""The policy file: one YAML document that says what is backed up, where, how often and for how long.
+
+Loaded with `load_policy(path)`; every problem is reported by its path (`targets.pos.dsn: missing`).
+Defaults follow the runbook (docs/policy.md describes every setting).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PolicyError
+
+POLICY_ENV = "REGAL_POLICY"
+DEFAULT_POLICY_FILE = "regal_backup.yaml"
+
+# Retention classes, lowest to highest. A higher class scheduled at the same minute wins the tick.
+RETENTION_CLASSES = ("hourly", "daily", "weekly", "monthly")
+RetentionClass = Literal["hourly", "daily", "weekly", "monthly"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'90s', '30m', '1h', '2d', '1w' (or a number of seconds) -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"'{value}' is not a duration; write e.g. 30m, 1h, 2d or 1w")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RepositoryConfig(_Model):
+    url: str = Field(description="file:///absolute/path, a relative path, or s3://bucket/prefix")
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
+    sse_kms_key_id: str | None = None
+    part_size_mb: int = Field(16, ge=5, le=512)
+    upload_concurrency: int = Field(4, ge=1, le=32)
+    lock_wait: Duration = Field(timedelta(0), description="0: a second backup fails at once; else waits this long")
+    lock_lease: Duration = Field(timedelta(minutes=5), description="S3 lock lease, renewed while a backup runs")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        if url.startswith("s3://"):
+            if not url[5:].split("/", 1)[0]:
+                raise ValueError("s3 url needs a bucket: s3://bucket/prefix")
+        elif "://" in url and not url.startswith("file://"):
+            raise ValueError("use file:///path, a plain path, or s3://bucket/prefix")
+        return url
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+
+class MasterKeyConfig(_Model):
+    """Where the key that encrypts the keyset comes from. Exactly one of the three."""
+
+    env: str | None = Field(None, description="environment variable holding the master key")
+    file: str | None = Field(None, description="file (mode 0600) holding the master key")
+    kms_key_uri: str | None = Field(None, description="aws-kms://arn:aws:kms:REGION:ACCOUNT:key/ID")
+    kms_region: str | None = None
+    kms_endpoint_url: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "MasterKeyConfig":
+        given = [n for n in ("env", "file", "kms_key_uri") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file or kms_key_uri")
+        if self.kms_key_uri and not self.kms_key_uri.startswith("aws-kms://"):
+            raise ValueError("kms_key_uri must start with aws-kms://")
+        return self
+
+
+class EncryptionConfig(_Model):
+    keyset: str = Field(description="path of the encrypted keyset (relative to the policy file)")
+    master_key: MasterKeyConfig
+
+
+class TargetConfig(_Model):
+    kind: Literal["postgres"]
+    dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
+    rpo: Duration | None = None
+    rto: Duration | None = None
+    pg_dump_jobs: int = Field(1, ge=1, le=16)
+
+    def resolved_dsn(self) -> str:
+        """The DSN with ${VAR} references filled from the environment (never logged)."""
+        def fill(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise PolicyError("(environment)", [f"dsn references ${{{name}}} but it is not set"])
+            return os.environ[name]
+
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, self.dsn)
+
+
+class ScheduleConfig(_Model):
+    cron: str
+    first_in_month: bool = Field(False, description="run only on the first matching day of each month")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        CronExpression.parse(cron)
+        return cron
+
+
+def _default_schedules() -> dict[str, ScheduleConfig]:
+    return {
+        "hourly": ScheduleConfig(cron="0 * * * *"),
+        "daily": ScheduleConfig(cron="0 2 * * *"),
+        "weekly": ScheduleConfig(cron="0 1 * * 0"),
+        "monthly": ScheduleConfig(cron="0 1 * * 0", first_in_month=True),
+    }
+
+
+class RetentionConfig(_Model):
+    """How many periods of each class are kept (grandfather-father-son)."""
+
+    hourly: int = Field(48, ge=0, description="hours")
+    daily: int = Field(30, ge=0, description="days")
+    weekly: int = Field(26, ge=0, description="weeks (26 = 6 months)")
+    monthly: int = Field(12, ge=0, description="months (84 = seven years)")
+
+    def retain_until(self, retention_class: str, started_at: datetime) -> datetime:
+        count = getattr(self, retention_class)
+        if retention_class == "monthly":
+            month = started_at.month - 1 + count
+            year = started_at.year + month // 12
+            return started_at.replace(year=year, month=month % 12 + 1, day=min(started_at.day, 28))
+        period = {"hourly": timedelta(hours=1), "daily": timedelta(days=1), "weekly": timedelta(weeks=1)}
+        return started_at + period[retention_class] * count
+
+
+class DagsterConfig(_Model):
+    base_url: str = "http://localhost:3000"
+
+
+class Policy(_Model):
+    version: Literal[1] = 1
+    repository: RepositoryConfig
+    encryption: EncryptionConfig
+    targets: dict[str, TargetConfig]
+    rpo: Duration = timedelta(hours=1)
+    rto: Duration = timedelta(hours=4)
+    schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
+    retention: RetentionConfig = RetentionConfig()
+    dagster: DagsterConfig = DagsterConfig()
+    # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("targets")
+    @classmethod
+    def _target_names(cls, targets: dict[str, TargetConfig]) -> dict[str, TargetConfig]:
+        if not targets:
+            raise ValueError("at least one target is needed")
+        for name in targets:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+                raise ValueError(f"target name '{name}': use lower-case letters, digits and _")
+        return targets
+
+    def target(self, name: str) -> TargetConfig:
+        if name not in self.targets:
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise PolicyError("(policy)", [f"targets.{name}: no such target (known: {known})"])
+        return self.targets[name]
+
+    def rpo_for(self, name: str) -> timedelta:
+        return self.target(name).rpo or self.rpo
+
+    def rto_for(self, name: str) -> timedelta:
+        return self.target(name).rto or self.rto
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def local_repository_path(self) -> Path:
+        url = self.repository.url
+        return self.resolve_path(url[len("file://"):] if url.startswith("file://") else url)
+
+    def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:
+        """The class a backup started at `tick` belongs to: the highest class scheduled then."""
+        chosen = None
+        for cls in RETENTION_CLASSES:
+            schedule = self.schedules.get(cls)
+            if schedule and CronExpression.parse(schedule.cron).matches(tick) and (
+                not schedule.first_in_month or _is_first_match_in_month(schedule.cron, tick)
+            ):
+                chosen = cls
+        return chosen
+
+
+def _format_problem(error: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in error["loc"]) or "(top)"
+    if error["type"] == "missing":
+        return f"{path}: missing"
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown setting"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {message}"
+
+
+def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
+    """Load and validate the policy at `path` (or $REGAL_POLICY, or ./regal_backup.yaml)."""
+    chosen = Path(path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE).expanduser()
+    if not chosen.is_file():
+        raise PolicyError(str(chosen), [
+            f"file not found (set --policy or {POLICY_ENV}, or create one with `regal-backup init DIR`)"
+        ])
+    try:
+        document = yaml.safe_load(chosen.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PolicyError(str(chosen), [f"not valid YAML: {exc}"]) from None
+    if not isinstance(document, dict):
+        raise PolicyError(str(chosen), ["(top): expected a mapping of settings"])
+    return policy_from_dict(document, base_dir=chosen.resolve().parent, source=str(chosen))
+
+
+def policy_from_dict(document: dict[str, Any], base_dir: Path, source: str = "(policy)") -> Policy:
+    try:
+        return Policy.model_validate({**document, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise PolicyError(source, [_format_problem(e) for e in exc.errors()]) from None
+
+
+# --- cron, just enough to tell which class a tick belongs to -------------------------------------
+
+class CronExpression:
+    """A five-field cron expression (minute hour day-of-month month day-of-week, UTC)."""
+
+    _RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+
+    def __init__(self, fields: list[set[int]], dom_star: bool, dow_star: bool):
+        self.fields, self.dom_star, self.dow_star = fields, dom_star, dow_star
+
+    @classmethod
+    def parse(cls, text: str) -> "CronExpression":
+        parts = text.split()
+        if len(parts) != 5:
+            raise ValueError(f"cron '{text}' needs 5 fields: minute hour day-of-month month day-of-week")
+        fields = [cls._field(part, lo, hi, text) for part, (lo, hi) in zip(parts, cls._RANGES)]
+        fields[4] = {d % 7 for d in fields[4]}  # 7 is Sunday too
+        return cls(fields, parts[2] == "*", parts[4] == "*")
+
+    @staticmethod
+    def _field(part: str, lo: int, hi: int, text: str) -> set[int]:
+        values: set[int] = set()
+        for item in part.split(","):
+            base, _, step_text = item.partition("/")
+            try:
+                step = int(step_text) if step_text else 1
+                if base == "*":
+                    start, end = lo, hi
+                elif "-" in base:
+                    start, end = (int(x) for x in base.split("-", 1))
+                else:
+                    start = end = int(base)
+            except ValueError:
+                raise ValueError(f"cron '{text}': cannot read '{item}'") from None
+            if not (lo <= start <= end <= hi) or step < 1:
+                raise ValueError(f"cron '{text}': '{item}' is outside {lo}-{hi}")
+            values.update(range(start, end + 1, step))
+        return values
+
+    def matches(self, t: datetime) -> bool:
+        minute, hour, dom, month, dow = self.fields
+        if t.minute not in minute or t.hour not in hour or t.month not in month:
+            return False
+        dom_ok, dow_ok = t.day in dom, (t.isoweekday() % 7) in dow
+        if self.dom_star or self.dow_star:  # standard cron: OR only when both are restricted
+            return dom_ok and dow_ok
+        return dom_ok or dow_ok
+
+
+def _is_first_match_in_month(cron: str, tick: datetime) -> bool:
+    expression = CronExpression.parse(cron)
+    day = tick.replace(day=1)
+    while day.day < tick.day:
+        if expression.matches(day):
+            return False
+        day += timedelta(days=1)
+    return True
