@@ -64,7 +64,9 @@ def write_master_key_file(path: Path, master_key: str) -> None:
         f.write(master_key + "\n")
 
 
-def _master_key_text(config: MasterKeyConfig, policy: Policy) -> str:
+def _master_key_text(config: MasterKeyConfig, policy: Policy, given: str | None) -> str:
+    if given:
+        return given.strip()
     if config.env:
         value = os.environ.get(config.env)
         if not value:
@@ -89,10 +91,11 @@ def _master_key_text(config: MasterKeyConfig, policy: Policy) -> str:
     return text
 
 
-def master_aead(config: MasterKeyConfig, policy: Policy) -> aead.Aead:
+def master_aead(config: MasterKeyConfig, policy: Policy, master_key: str | None = None) -> aead.Aead:
+    """The AEAD that opens the keyset. `master_key` overrides where the policy says the key is."""
     if config.kms_key_uri:
         return _kms_aead(config)
-    text = _master_key_text(config, policy)
+    text = _master_key_text(config, policy, master_key)
     try:
         cleartext = base64.b64decode(text, validate=True).decode()
         handle = tink.json_proto_keyset_format.parse(cleartext, secret_key_access.TOKEN)
@@ -198,7 +201,7 @@ def create_keyset(policy: Policy) -> Keyring:
     return Keyring(handle, created)
 
 
-def load_keyring(policy: Policy) -> Keyring:
+def load_keyring(policy: Policy, master_key: str | None = None) -> Keyring:
     path = _keyset_path(policy.encryption, policy)
     try:
         document = json.loads(path.read_text())
@@ -209,7 +212,7 @@ def load_keyring(policy: Policy) -> Keyring:
         raise EncryptionKeyError(f"the keyset file {path} is not valid JSON", "restore it from your key backup") from None
     if document.get("format") != KEYSET_FILE_FORMAT:
         raise EncryptionKeyError(f"{path} is not a regal-backup keyset", "fix encryption.keyset in the policy")
-    master = master_aead(policy.encryption.master_key, policy)
+    master = master_aead(policy.encryption.master_key, policy, master_key)
     try:
         handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, _KEYSET_AAD)
     except tink.TinkError:

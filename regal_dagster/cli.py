@@ -1,0 +1,248 @@
+"""`regal-backup`: the operator's CLI. Same engine as the Dagster assets; works when Dagster is down.
+
+Exit status: 0 success, 1 operational failure, 2 bad usage or policy, 3 a backup failed verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .engine import catalog
+from .engine.backup import run_backup
+from .engine.bootstrap import init_project
+from .engine.crypto import generate_master_key, load_keyring
+from .engine.errors import RegalError
+from .engine.manifest import Manifest
+from .engine.pipeline import Progress
+from .engine.policy import RETENTION_CLASSES, Policy, load_policy
+from .engine.repository import open_repository
+from .engine.restore import restore_backup
+from .engine.verify import verify_backup
+
+
+class Output:
+    """Human text on a terminal, or one JSON document with --json."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def result(self, payload: Any, text: str) -> None:
+        if self.as_json:
+            print(json.dumps(payload, indent=2, default=str))
+        else:
+            print(text)
+
+    def progress(self, description: str) -> "_ProgressBar":
+        return _ProgressBar(description, enabled=not self.as_json and sys.stderr.isatty())
+
+
+class _ProgressBar:
+    def __init__(self, description: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+
+    def __enter__(self) -> Progress | None:
+        return self.bar.update if self.bar is not None else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def manifest_summary(m: Manifest) -> dict[str, Any]:
+    return {
+        "backup_id": m.backup_id, "target": m.target, "kind": m.kind, "retention_class": m.retention_class,
+        "started_at": m.started_at.isoformat(), "finished_at": m.finished_at.isoformat(),
+        "duration_seconds": round(m.duration_seconds, 3), "bytes_read": m.plaintext_bytes,
+        "bytes_stored": m.stored_bytes, "key_id": m.objects[0].encryption.key_id if m.objects else None,
+        "tables": len(m.source.get("tables", [])), "rows": sum(m.table_rows().values()),
+        "retain_until": m.retain_until.isoformat(),
+    }
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace, out: Output) -> int:
+    made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env)
+    out.result(
+        {"policy": str(made.policy_path), "repository": made.repository, "keyset": str(made.keyset_path),
+         "master_key": made.master_key_location, "key_id": made.key_id},
+        f"policy      {made.policy_path}\n"
+        f"repository  {made.repository}\n"
+        f"keyset      {made.keyset_path} (encrypted; key {made.key_id})\n"
+        f"master key  {made.master_key_location}"
+        + ("  (mode 0600: copy it to your secret store now; without it no backup can be read)"
+           if not made.master_key_location.startswith("$") else "")
+        + f"\n\nnext: regal-backup --policy {made.policy_path} backup main")
+    return 0
+
+
+def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
+    print(generate_master_key())
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace, out: Output) -> int:
+    policy = load_policy(args.policy)
+    with out.progress(f"backup {args.target}") as progress:
+        manifest = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"},
+                              progress=progress)
+    s = manifest_summary(manifest)
+    out.result(s, f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
+                  f"{_size(s['bytes_read'])} read, {_size(s['bytes_stored'])} stored, "
+                  f"{s['tables']} tables, {s['rows']} rows, key {s['key_id']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    policy = load_policy(args.policy)
+    backups, damaged = catalog.list_backups(open_repository(policy), args.target)
+    rows = [manifest_summary(m) for m in backups]
+    lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}"]
+    lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
+              f"{_size(r['bytes_stored']):>10} {r['rows']:>10}" for r in rows]
+    lines += [f"DAMAGED {d.key}: {d.problem}" for d in damaged]
+    out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged]},
+               "\n".join(lines) if rows or damaged else "no backups yet")
+    return 1 if damaged else 0
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    policy = load_policy(args.policy)
+    repo = open_repository(policy)
+    manifest = catalog.load_manifest(repo, args.backup_id)
+    keyring = load_keyring(policy)
+    with out.progress(f"verify {args.backup_id}") as progress:
+        result = verify_backup(repo, keyring, manifest, progress=progress)
+    payload = {"backup_id": result.backup_id, "ok": result.ok,
+               "objects": [o.__dict__ for o in result.objects]}
+    text = "\n".join(f"{'OK  ' if o.ok else 'FAIL'} {o.name}: {o.detail}" for o in result.objects)
+    out.result(payload, f"{text}\nbackup {result.backup_id}: {'verified' if result.ok else 'FAILED verification'}")
+    return 0 if result.ok else 3
+
+
+def cmd_restore(args: argparse.Namespace, out: Output) -> int:
+    policy = load_policy(args.policy)
+    repo = open_repository(policy)
+    if not args.backup_id and not args.target:
+        raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
+    before = datetime.fromisoformat(args.before).replace(tzinfo=timezone.utc) if args.before else None
+    manifest = catalog.choose_backup(repo, args.target or "", backup_id=args.backup_id, latest=args.latest,
+                                     before=before)
+    keyring = load_keyring(policy)
+    with out.progress(f"restore {manifest.backup_id}") as progress:
+        report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing,
+                                keep_owners=args.keep_owners, progress=progress)
+    payload = {**report.__dict__, "ok": report.ok}
+    text = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} tables, "
+            f"{report.rows} rows in {report.seconds['total']:.1f}s\n"
+            + ("validation: every table matches the backup's row counts and content fingerprints" if report.ok
+               else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in report.validation_problems)))
+    out.result(payload, text)
+    return 0 if report.ok else 3
+
+
+def cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running, echo=not args.json)
+    out.result(summary, summary["text"])
+    return 0 if summary["verified"] else 3
+
+
+# --- wiring --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    def options(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
+        parser.add_argument("--policy", default=default, help="policy file (default: $REGAL_POLICY or ./regal_backup.yaml)")
+        parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
+                            help="machine-readable output")
+        return parser
+
+    # The options are accepted before and after the command; the command's copy must not reset them.
+    common = options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    parser = options(argparse.ArgumentParser(prog="regal-backup",
+                                             description="Back up, verify and restore the Regal POS backend."), None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", parents=[common], help="create a policy, a local repository and a keyset")
+    p.add_argument("directory")
+    p.add_argument("--postgres-dsn", required=True, help="DSN of the database to back up; use ${VAR} for secrets")
+    p.add_argument("--master-key-env", help="keep the master key in this environment variable instead of a file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("master-key", parents=[common], help="print a new master key (for --master-key-env)")
+    p.set_defaults(func=cmd_master_key)
+
+    p = sub.add_parser("backup", parents=[common], help="back up one target now")
+    p.add_argument("target")
+    p.add_argument("--class", dest="retention_class", choices=RETENTION_CLASSES, default="hourly")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("list", parents=[common], help="list backups")
+    p.add_argument("target", nargs="?")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
+    p.add_argument("backup_id")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
+    p.add_argument("backup_id", nargs="?")
+    p.add_argument("--to", required=True, help="DSN of the database to restore into (created if missing)")
+    p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
+    p.add_argument("--latest", action="store_true")
+    p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")
+    p.add_argument("--drop-existing", action="store_true",
+                   help="replace a non-empty database (dropped only after the backup is authenticated)")
+    p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
+    p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")
+    p.add_argument("--scale", type=float, default=0.05, help="dataset size (1.0 is about 80 MB)")
+    p.add_argument("--keep-running", action="store_true", help="leave the demo PostgreSQL running for the UI")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: locks released, partial uploads aborted, children killed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Output(args.json)
+    signal.signal(signal.SIGTERM, _terminate)
+    func: Callable[[argparse.Namespace, Output], int] = args.func
+    try:
+        return func(args, out)
+    except RegalError as exc:
+        if args.json:
+            print(json.dumps({"error": exc.message, "hint": exc.hint}))
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial is visible as a backup", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
