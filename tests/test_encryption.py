@@ -1,0 +1,123 @@
+"""Backups are encrypted at rest and cannot be read, swapped or forged without the keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from regal_dagster.engine import crypto
+from regal_dagster.engine.backup import run_backup
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.errors import EncryptionKeyError, IntegrityError
+from regal_dagster.engine.manifest import Manifest
+from regal_dagster.engine.policy import policy_from_dict
+from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.verify import verify_backup
+
+from .conftest import DatabaseFactory, load_awkward_data, make_policy
+
+
+@pytest.fixture
+def backed_up(system_pg: DatabaseFactory, tmp_path: Path, master_key: str):  # type: ignore[no-untyped-def]
+    source = system_pg.create()
+    load_awkward_data(source)
+    policy = make_policy(tmp_path, {"pos": source})
+    first = run_backup(policy, "pos")
+    second = run_backup(policy, "pos")
+    return policy, first, second
+
+
+def test_no_plaintext_of_the_database_in_stored_bytes(backed_up) -> None:  # type: ignore[no-untyped-def]
+    policy, manifest, _ = backed_up
+    stored = b"".join(p.read_bytes() for p in policy.local_repository_path().rglob("*.pgdump"))
+    assert stored.startswith(crypto.OBJECT_MAGIC)
+    for needle in [b"customers", b"customer17@example.com", b"tok_", b"Order", "José".encode(), b"large value"]:
+        assert needle not in stored
+
+
+def test_a_wrong_master_key_fails_with_a_clear_error(backed_up, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    policy, _, _ = backed_up
+    monkeypatch.setenv("REGAL_TEST_MASTER_KEY", crypto.generate_master_key())
+    with pytest.raises(EncryptionKeyError, match="does not open the keyset") as err:
+        load_keyring(policy)
+    assert "master key" in str(err.value)
+
+
+def test_a_missing_master_key_says_which_variable(backed_up, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    policy, _, _ = backed_up
+    monkeypatch.delenv("REGAL_TEST_MASTER_KEY")
+    with pytest.raises(EncryptionKeyError, match="REGAL_TEST_MASTER_KEY is not set"):
+        load_keyring(policy)
+
+
+def test_a_garbled_master_key_is_reported(backed_up, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    policy, _, _ = backed_up
+    monkeypatch.setenv("REGAL_TEST_MASTER_KEY", "not-a-key")
+    with pytest.raises(EncryptionKeyError, match="not a valid key"):
+        load_keyring(policy)
+
+
+def test_a_missing_keyset_is_reported(tmp_path: Path, master_key: str) -> None:
+    policy = policy_from_dict({"repository": {"url": "r"}, "encryption": {
+        "keyset": "nowhere.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
+        "targets": {"pos": {"kind": "postgres", "dsn": "postgresql:///x"}}}, tmp_path)
+    with pytest.raises(EncryptionKeyError, match="does not exist"):
+        load_keyring(policy)
+
+
+def test_another_keyset_cannot_read_the_backup(backed_up, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    policy, manifest, _ = backed_up
+    other = make_policy(tmp_path / "other", {"pos": "postgresql:///x"})
+    result = verify_backup(open_repository(policy), load_keyring(other), manifest)
+    assert not result.ok
+    assert "keyset does not hold" in result.problems[0]
+
+
+def test_objects_swapped_between_backups_are_detected(backed_up) -> None:  # type: ignore[no-untyped-def]
+    policy, first, second = backed_up
+    root = policy.local_repository_path()
+    a, b = root / first.objects[0].key, root / second.objects[0].key
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    keyring = load_keyring(policy)
+    for manifest in (first, second):
+        result = verify_backup(open_repository(policy), keyring, manifest)
+        assert not result.ok
+        assert manifest.objects[0].key in result.problems[0]
+
+
+def test_a_flipped_byte_is_detected_and_named(backed_up) -> None:  # type: ignore[no-untyped-def]
+    policy, manifest, _ = backed_up
+    path = policy.local_repository_path() / manifest.objects[0].key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = verify_backup(open_repository(policy), load_keyring(policy), manifest)
+    assert not result.ok
+    assert result.problems == [f"object {manifest.objects[0].key} fails authentication: its bytes were changed, "
+                               "truncated, or moved from another backup"]
+
+
+def test_an_edited_manifest_fails_its_checksum(backed_up) -> None:  # type: ignore[no-untyped-def]
+    policy, manifest, _ = backed_up
+    path = policy.local_repository_path() / f"backups/pos/{manifest.backup_id}/manifest.json"
+    document = json.loads(path.read_text())
+    document["retention_class"] = "monthly"
+    with pytest.raises(IntegrityError, match="fails its own checksum"):
+        Manifest.from_bytes(json.dumps(document).encode(), str(path))
+
+
+def test_master_key_file_must_be_private(tmp_path: Path) -> None:
+    key_file = tmp_path / "master.key"
+    crypto.write_master_key_file(key_file, crypto.generate_master_key())
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    policy = policy_from_dict({"repository": {"url": "r"}, "encryption": {
+        "keyset": "keyset.json", "master_key": {"file": "master.key"}},
+        "targets": {"pos": {"kind": "postgres", "dsn": "postgresql:///x"}}}, tmp_path)
+    crypto.create_keyset(policy)
+    key_file.chmod(0o644)
+    with pytest.raises(EncryptionKeyError, match="chmod 600"):
+        load_keyring(policy)

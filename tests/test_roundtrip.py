@@ -1,0 +1,104 @@
+"""The runbook's promise: a backup restores to exactly the database it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from regal_dagster.engine import catalog
+from regal_dagster.engine.backup import run_backup
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.errors import TargetNotEmptyError
+from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.restore import restore_backup
+from regal_dagster.engine.verify import verify_backup
+
+from .conftest import DatabaseFactory, load_awkward_data, make_policy
+from .pg_compare import execute, schema_text, table_rows
+
+AWKWARD_ROWS = 'SELECT t::text FROM "Sales Ops"."Order ""Lines""" AS t ORDER BY "line id"'
+
+
+def _round_trip(factory: DatabaseFactory, tmp_path: Path) -> None:
+    source = factory.create()
+    load_awkward_data(source)
+    policy = make_policy(tmp_path, {"pos": source})
+
+    manifest = run_backup(policy, "pos", "daily")
+
+    repo = open_repository(policy)
+    keyring = load_keyring(policy)
+    assert [m.backup_id for m in catalog.list_backups(repo, "pos")[0]] == [manifest.backup_id]
+    assert verify_backup(repo, keyring, manifest).ok
+    assert manifest.table_rows() == {'Sales Ops.Order "Lines"': 4, "public.customers": 2000}
+    assert manifest.retention_class == "daily"
+
+    restored = factory.dsn(factory.new_name("regal_restored"))
+    report = restore_backup(repo, keyring, manifest, restored)
+
+    assert report.ok, report.validation_problems
+    assert report.target_state == "created"
+    assert schema_text(restored) == schema_text(source)
+    assert table_rows(restored, AWKWARD_ROWS) == table_rows(source, AWKWARD_ROWS)
+    assert table_rows(restored, "SELECT * FROM customers ORDER BY id") == \
+        table_rows(source, "SELECT * FROM customers ORDER BY id")
+
+
+def test_round_trip_on_system_postgres_15(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    _round_trip(system_pg, tmp_path)
+
+
+def test_round_trip_on_embedded_postgres_18(embedded_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    _round_trip(embedded_pg, tmp_path)
+
+
+def test_manifest_facts_come_from_the_dump_snapshot(system_pg: DatabaseFactory, tmp_path: Path,
+                                                    master_key: str) -> None:
+    source = system_pg.create()
+    load_awkward_data(source)
+    manifest = run_backup(make_policy(tmp_path, {"pos": source}), "pos")
+
+    facts = manifest.source
+    assert facts["server_version"].startswith("15")
+    assert facts["snapshot"] and facts["wal_lsn"] and facts["txid_snapshot"]
+    assert "password" not in facts["endpoint"]
+    assert manifest.tool_versions["pg_dump"].startswith("15")
+    assert all(t["fingerprint"] for t in facts["tables"])
+
+
+def test_restore_refuses_a_non_empty_database_and_replaces_only_when_asked(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    source = system_pg.create()
+    load_awkward_data(source)
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos")
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    occupied = system_pg.create()
+    execute(occupied, "CREATE TABLE precious (id int)")
+
+    with pytest.raises(TargetNotEmptyError, match="not empty"):
+        restore_backup(repo, keyring, manifest, occupied)
+    assert table_rows(occupied, "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'") == [(1,)]
+
+    report = restore_backup(repo, keyring, manifest, occupied, drop_existing=True)
+    assert report.ok and report.target_state == "replace"
+    assert table_rows(occupied, "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'") == [(0,)]
+
+
+def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, tmp_path: Path,
+                                                  master_key: str) -> None:
+    """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data)."""
+    source = system_pg.create()
+    load_awkward_data(source)
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos")
+    tables = [dict(t) for t in manifest.source["tables"]]
+    tables[1]["fingerprint"] = "12345"
+    lying = manifest.model_copy(update={"source": {**manifest.source, "tables": tables}})
+
+    report = restore_backup(open_repository(policy), load_keyring(policy), lying,
+                            system_pg.dsn(system_pg.new_name("regal_restored")))
+
+    assert not report.ok
+    assert report.validation_problems == ["table public.customers has the same row count but different content"]
