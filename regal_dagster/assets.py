@@ -73,7 +73,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     )
     def _backup(context: AssetExecutionContext, config: BackupConfig, regal: RegalEngine) -> MaterializeResult:
         retention_class = context.run.tags.get(RETENTION_CLASS_TAG, config.retention_class)
-        manifest = regal.backup(target, retention_class, trigger={"dagster_run_id": context.run_id})
+        manifest = regal.backup(target, retention_class, trigger={"dagster_run_id": context.run.run_id})
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "
                          f"{manifest.stored_bytes} bytes from {manifest.plaintext_bytes}")
         return MaterializeResult(metadata=backup_metadata(manifest, regal.repository().location))
