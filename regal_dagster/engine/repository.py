@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import socket
@@ -275,8 +276,9 @@ class _S3Writer(ObjectWriter):
 
     def _send(self, body: bytes) -> None:
         if self.upload_id is None:
-            response = self.repo.client.create_multipart_upload(
-                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), **self.repo.sse_args())
+            with self.repo._errors(self.key):
+                response = self.repo.client.create_multipart_upload(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), **self.repo.sse_args())
             self.upload_id = response["UploadId"]
         for done in [p for p in self.parts if p.done()]:
             done.result()  # surface upload errors early
@@ -287,24 +289,27 @@ class _S3Writer(ObjectWriter):
         self.parts.append(future)
 
     def _upload_part(self, number: int, body: bytes) -> dict[str, object]:
-        response = self.repo.client.upload_part(
-            Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
-            PartNumber=number, Body=body)
+        with self.repo._errors(self.key):
+            response = self.repo.client.upload_part(
+                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+                PartNumber=number, Body=body)
         return {"PartNumber": number, "ETag": response["ETag"]}
 
     def commit(self) -> None:
         try:
             if self.upload_id is None:  # small object: one request
-                self.repo.client.put_object(Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
-                                            Body=bytes(self.buffer), **self.repo.sse_args())
+                with self.repo._errors(self.key):
+                    self.repo.client.put_object(Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
+                                                Body=bytes(self.buffer), **self.repo.sse_args())
                 return
             if self.buffer:
                 self._send(bytes(self.buffer))
                 self.buffer.clear()
             parts = [p.result() for p in self.parts]
-            self.repo.client.complete_multipart_upload(
-                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts})
+            with self.repo._errors(self.key):
+                self.repo.client.complete_multipart_upload(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts})
         except BaseException:
             self.abort()
             raise
@@ -318,6 +323,28 @@ class _S3Writer(ObjectWriter):
                 self.repo.client.abort_multipart_upload(
                     Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id)
             self.upload_id = None
+
+
+class _S3Reader(io.RawIOBase):
+    """An object's body; network errors while streaming become RegalError like every other S3 error."""
+
+    def __init__(self, repo: "S3Repository", key: str, body):  # type: ignore[no-untyped-def]
+        self.repo, self.key, self.body = repo, key, body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        with self.repo._errors(self.key):
+            data = self.body.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.body.close()
+        super().close()
 
 
 class S3Repository(Repository):
@@ -372,7 +399,7 @@ class S3Repository(Repository):
     def reader(self, key: str) -> BinaryIO:
         with self._errors(key):
             body = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))["Body"]
-        return body  # type: ignore[no-any-return]
+        return _S3Reader(self, key, body)  # type: ignore[return-value]
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):
@@ -393,12 +420,12 @@ class S3Repository(Repository):
     def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
 
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))["ContentLength"]  # type: ignore[no-any-return]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            with self._errors(key):
+        with self._errors(key):  # connection errors (BotoCoreError) become RegalError too
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))["ContentLength"]  # type: ignore[no-any-return]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
                 raise
 
     def server_side_encryption(self, key: str) -> str | None:
@@ -411,50 +438,88 @@ class S3Repository(Repository):
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """A lease object created with If-None-Match and renewed while held; an expired lease is free."""
+        """A lease object created with If-None-Match and renewed while held; an expired lease is free.
+
+        The lease carries a random token: renewal and release touch the lease only while it is still ours,
+        so a holder that stalled past its lease never overwrites or deletes the lease of the process
+        that took it over.
+        """
         from botocore.exceptions import ClientError
 
         key = self.full_key(f"locks/{name}.json")
         lease = self.config.lock_lease.total_seconds()
         token = uuid.uuid4().hex
         deadline = time.monotonic() + self.config.lock_wait.total_seconds()
+        conflict = ("PreconditionFailed", "ConditionalRequestConflict")
+
+        def code(exc: ClientError) -> str:
+            return str(exc.response.get("Error", {}).get("Code", ""))
 
         def body() -> bytes:
             return json.dumps({**_owner(), "token": token, "expires": time.time() + lease}).encode()
 
-        while True:
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfNoneMatch="*")
-                break
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    with self._errors(key):
-                        raise
+        def current_lease() -> tuple[bytes, str] | None:
+            """The lease object's bytes and ETag, or None when there is none."""
             try:
                 current = self.client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError:
-                continue  # released meanwhile
-            raw = current["Body"].read()
+            except ClientError as exc:
+                if code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+            return current["Body"].read(), current["ETag"]
+
+        def ours(raw: bytes) -> bool:
             try:
-                expired = json.loads(raw)["expires"] < time.time()
-            except (ValueError, KeyError, TypeError):
-                expired = True
-            if expired:  # take over a dead holder's lease, but only the version we read
-                with contextlib.suppress(ClientError):
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=current["ETag"])
+                return json.loads(raw).get("token") == token  # type: ignore[no-any-return]
+            except (ValueError, AttributeError):
+                return False
+
+        with self._errors(f"locks/{name}.json"):
+            while True:
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfNoneMatch="*",
+                                           **self.sse_args())
                     break
-                continue
-            if time.monotonic() >= deadline:
-                raise LockedError(f"another backup of '{name}' is running ({_describe_owner(raw)})",
-                                  "wait for it to finish, or set repository.lock_wait to queue")
-            time.sleep(0.5)
+                except ClientError as exc:
+                    if code(exc) not in conflict:
+                        raise
+                found = current_lease()
+                if found is None:
+                    continue  # released meanwhile
+                raw, etag = found
+                try:
+                    expired = json.loads(raw)["expires"] < time.time()
+                except (ValueError, KeyError, TypeError):
+                    expired = True
+                if expired:  # take over a dead holder's lease, but only the version we read
+                    try:
+                        self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=etag,
+                                               **self.sse_args())
+                        break
+                    except ClientError as exc:
+                        if code(exc) not in (*conflict, "NoSuchKey", "404"):
+                            raise
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"another backup of '{name}' is running ({_describe_owner(raw)})",
+                                      "wait for it to finish, or set repository.lock_wait to queue")
+                time.sleep(0.5)
 
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(lease / 3):
-                with contextlib.suppress(Exception):
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body())
+                try:
+                    found = current_lease()
+                    if found is None or not ours(found[0]):
+                        return  # lost (taken over after we stalled): never clobber the new holder's lease
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=found[1],
+                                           **self.sse_args())
+                except ClientError as exc:
+                    if code(exc) in conflict:
+                        return
+                except Exception:  # noqa: BLE001 - transient: try again at the next tick
+                    pass
 
         renewer = threading.Thread(target=renew, name=f"lock-renew-{name}", daemon=True)
         renewer.start()
@@ -464,4 +529,6 @@ class S3Repository(Repository):
             stop.set()
             renewer.join()
             with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.bucket, Key=key)
+                found = current_lease()
+                if found is not None and ours(found[0]):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)

@@ -1,0 +1,104 @@
+"""The operator's CLI, run as a real process the way the on-call engineer runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import DatabaseFactory, load_awkward_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "regal_dagster.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, cwd=ROOT)
+
+
+def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: Path) -> None:
+    source = system_pg.create()
+    load_awkward_data(source)
+    home = tmp_path / "regal"
+
+    made = cli("init", str(home), "--postgres-dsn", source, "--json")
+    assert made.returncode == 0, made.stderr
+    info = json.loads(made.stdout)
+    assert info["master_key"] == str(home / "master.key")
+    assert (home / "master.key").stat().st_mode & 0o777 == 0o600
+    policy = ["--policy", info["policy"]]
+
+    backup = cli("backup", "main", "--class", "daily", "--json", *policy)
+    assert backup.returncode == 0, backup.stderr
+    backup_id = json.loads(backup.stdout)["backup_id"]
+    assert "\r" not in backup.stderr  # no progress bar when not on a terminal
+
+    listing = json.loads(cli("list", "--json", *policy).stdout)
+    assert [b["backup_id"] for b in listing["backups"]] == [backup_id]
+    assert listing["backups"][0]["retention_class"] == "daily"
+
+    verified = cli("verify", backup_id, *policy)
+    assert verified.returncode == 0 and "verified" in verified.stdout
+
+    target = system_pg.dsn(system_pg.new_name("regal_cli_restored"))
+    restored = cli("restore", "--target", "main", "--latest", "--to", target, *policy)
+    assert restored.returncode == 0, restored.stderr
+    assert "every table matches" in restored.stdout
+
+    again = cli("restore", backup_id, "--to", target, *policy)
+    assert again.returncode == 1
+    assert "not empty" in again.stderr and "--drop-existing" in again.stderr
+
+
+def test_verify_exits_non_zero_when_a_byte_is_wrong(system_pg: DatabaseFactory, tmp_path: Path) -> None:
+    source = system_pg.create()
+    home = tmp_path / "regal"
+    policy = ["--policy", json.loads(cli("init", str(home), "--postgres-dsn", source, "--json").stdout)["policy"]]
+    backup_id = json.loads(cli("backup", "main", "--json", *policy).stdout)["backup_id"]
+    (dump,) = (home / "repository").rglob("database.pgdump")
+    data = bytearray(dump.read_bytes())
+    data[-20] ^= 0xFF
+    dump.write_bytes(bytes(data))
+
+    result = cli("verify", backup_id, "--json", *policy)
+
+    assert result.returncode == 3
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert "fails authentication" in report["objects"][0]["detail"]
+
+
+def test_errors_are_clear_and_carry_no_secrets(tmp_path: Path) -> None:
+    secret = "hunter2-very-secret"
+    home = tmp_path / "regal"
+    made = cli("init", str(home), "--postgres-dsn", "postgresql://backup:${PGPASS}@127.0.0.1:1/regalpos", "--json")
+    policy = ["--policy", json.loads(made.stdout)["policy"]]
+
+    unreachable = cli("backup", "main", *policy, env={"PGPASS": secret})
+    assert unreachable.returncode == 1
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1/regalpos" in unreachable.stderr
+    assert "what to do:" in unreachable.stderr
+    assert secret not in unreachable.stderr + unreachable.stdout
+    assert "Traceback" not in unreachable.stderr
+
+    missing_env = cli("backup", "main", *policy)
+    assert missing_env.returncode == 2 and "${PGPASS}" in missing_env.stderr
+
+    no_policy = cli("list", "--policy", str(tmp_path / "none.yaml"))
+    assert no_policy.returncode == 2 and "regal-backup init" in no_policy.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_on_embedded_postgres_and_verifies(tmp_path: Path) -> None:
+    result = cli("demo", "--dir", str(tmp_path / "demo"), "--scale", "0.01", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["verified"] is True
+    assert summary["rows"]["orders"] > 0 and summary["rows"]["payments"] > 0
+    listing = json.loads(cli("list", "--json", "--policy", summary["policy"]).stdout)
+    assert [b["backup_id"] for b in listing["backups"]] == [summary["backup_id"]]
+    assert not list((tmp_path / "demo" / "postgres").glob("postmaster.pid"))  # the server was stopped
