@@ -223,14 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds: locks released, partial uploads aborted, children killed
+class _Terminated:
+    """SIGTERM unwinds the stack (locks released, partial uploads aborted, children killed). The signal
+    may land inside a C extension (Tink) that wraps the exception in its own; the flag keeps the exit
+    status true to the signal either way."""
+
+    signum: int | None = None
+
+    @classmethod
+    def handler(cls, signum: int, _frame: object) -> None:
+        cls.signum = signum
+        raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Output(args.json)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _Terminated.handler)
     func: Callable[[argparse.Namespace, Output], int] = args.func
     try:
         return func(args, out)
@@ -242,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing partial is visible as a backup", file=sys.stderr)
         return 130
+    except BaseException:
+        if _Terminated.signum is not None:
+            print("terminated: nothing partial is visible as a backup", file=sys.stderr)
+            return 128 + _Terminated.signum
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,621 @@
+"""The S3 repository against a real S3 API: a moto server over HTTP, and a real PostgreSQL.
+
+Nothing here mocks boto3: the engine talks HTTP to a moto server on a free localhost port, and backs up
+and restores real databases on the PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import boto3
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from regal_dagster.engine import catalog
+from regal_dagster.engine.backup import run_backup
+from regal_dagster.engine.crypto import create_keyset, generate_master_key, load_keyring
+from regal_dagster.engine.errors import IntegrityError, LockedError, RegalError
+from regal_dagster.engine.policy import Policy, load_policy
+from regal_dagster.engine.repository import S3Repository, open_repository
+from regal_dagster.engine.restore import restore_backup
+from regal_dagster.engine.sources import postgres
+from regal_dagster.engine.verify import verify_backup
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+MASTER_KEY_ENV = "REGAL_TEST_S3_MASTER_KEY"
+PART_SIZE_MB = 5
+
+# Distinctive plaintext that must never show up in stored bytes.
+SECRET_TABLE = "loyalty_members_qzx"
+SECRET_EMAIL = "ada.lovelace+regal@example-pos.test"
+SECRET_TOKEN = "tok_4f9Qz7LmP2xR8sVbK1wY"
+AWKWARD_TABLE = 'odd "table" name'
+AWKWARD_COLUMN = 'the "quoted" column'
+UNICODE_TEXT = "Grüße — 日本語 — emoji 🎉👩‍💻🇵🇹 — RTL שלום עולם مرحبا بالعالم — \u200fmark\u200e"
+TRICKY_TEXT = "line1\nline2\ttab \\backslash 'single' \"double\" $$dollar$$ \\N not-null"
+NUL_BYTES = b"\x00\x01\x00\xff\x00\x00binary\x00"
+
+
+# --- environment: dummy AWS credentials and a moto server ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aws_env() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        for name in (
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_SECURITY_TOKEN",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+        ):
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(aws_env: None) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _host, port = server.get_host_and_port()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(moto_endpoint: str):  # type: ignore[no-untyped-def]
+    return boto3.client("s3", region_name="us-east-1", endpoint_url=moto_endpoint)
+
+
+@pytest.fixture
+def bucket(s3) -> str:  # type: ignore[no-untyped-def]
+    name = f"regal-test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def master_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    key = generate_master_key()
+    monkeypatch.setenv(MASTER_KEY_ENV, key)
+    return key
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------
+
+
+def _dsn(dbname: str) -> str:
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
+
+
+def _admin() -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(_dsn("postgres"), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT}: {exc}")
+
+
+def _drop_database(name: str) -> None:
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def new_database_name() -> Iterator[Any]:
+    """Unique database names; every one handed out is dropped afterwards (created or not)."""
+    names: list[str] = []
+
+    def make(label: str) -> str:
+        names.append(f"regal_s3_{label}_{uuid.uuid4().hex[:10]}")
+        return names[-1]
+
+    yield make
+    for name in names:
+        _drop_database(name)
+
+
+def _create_awkward_database(name: str) -> None:
+    with _admin() as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name))
+        )
+    big_text = os.urandom(3_900_000).hex()[:5_200_000]  # ~5 MB of text, barely compressible past hex
+    big_blob = os.urandom(3 * 1024 * 1024)  # incompressible: the stored dump exceeds one 5 MB part
+    with psycopg.connect(_dsn(name), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("""
+            CREATE TABLE {awkward} (
+                id integer PRIMARY KEY,
+                {column} text,
+                note text,
+                blob bytea,
+                amount numeric(12, 2),
+                seen_at timestamptz,
+                tags text[],
+                doc jsonb
+            )""").format(awkward=sql.Identifier(AWKWARD_TABLE), column=sql.Identifier(AWKWARD_COLUMN))
+        )
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON {} (amount, left(note, 16))").format(
+                sql.Identifier('idx "odd" note'), sql.Identifier(AWKWARD_TABLE)
+            )
+        )
+        conn.execute(
+            sql.SQL("CREATE VIEW {} AS SELECT id, {} FROM {} WHERE note IS NOT NULL").format(
+                sql.Identifier("view with spaces"),
+                sql.Identifier(AWKWARD_COLUMN),
+                sql.Identifier(AWKWARD_TABLE),
+            )
+        )
+        insert = sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(
+            sql.Identifier(AWKWARD_TABLE)
+        )
+        rows = [
+            (
+                1,
+                UNICODE_TEXT,
+                TRICKY_TEXT,
+                NUL_BYTES,
+                "12.50",
+                "2024-02-29 23:59:59.123456+00",
+                ["ünï", "with space", 'quote"d', None],
+                json.dumps({"emoji": "🎉", "rtl": "שלום", "nul": "\\u0000"}),
+            ),
+            (2, None, None, None, None, None, None, None),  # NULLs everywhere
+            (3, "", "", b"", "0", "1970-01-01 00:00:00+00", [], json.dumps({})),  # empty, not NULL
+            (4, "big text", big_text, big_blob, "-99999.99", "2099-12-31 12:00:00+05:30", ["x"], "null"),
+        ]
+        with conn.cursor() as cur:
+            cur.executemany(insert, rows)
+        conn.execute(
+            sql.SQL("""
+            CREATE TABLE {secret} (
+                id serial PRIMARY KEY,
+                email text NOT NULL UNIQUE,
+                card_token text NOT NULL,
+                points integer DEFAULT 0
+            )""").format(secret=sql.Identifier(SECRET_TABLE))
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (email, card_token, points) VALUES (%s, %s, 42), "
+                "('second@example.test', 'tok_other', 7)"
+            ).format(sql.Identifier(SECRET_TABLE)),
+            (SECRET_EMAIL, SECRET_TOKEN),
+        )
+        conn.execute("ANALYZE")
+
+
+@pytest.fixture(scope="module")
+def source_db() -> Iterator[str]:
+    """A database with awkward content, shared by the tests of this module (they only read it)."""
+    name = f"regal_s3_src_{uuid.uuid4().hex[:10]}"
+    try:
+        _create_awkward_database(name)
+        yield name
+    finally:
+        _drop_database(name)
+
+
+# --- policy -----------------------------------------------------------------------------------------
+
+
+def _write_policy(directory: Path, *, url: str, endpoint_url: str, dbname: str, **repository: Any) -> Policy:
+    document = {
+        "repository": {
+            "url": url,
+            "region": "us-east-1",
+            "endpoint_url": endpoint_url,
+            "part_size_mb": PART_SIZE_MB,
+            **repository,
+        },
+        "encryption": {"keyset": "keyset.json", "master_key": {"env": MASTER_KEY_ENV}},
+        "targets": {"main": {"kind": "postgres", "dsn": _dsn(dbname)}},
+    }
+    path = directory / "regal_backup.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return load_policy(path)
+
+
+@pytest.fixture
+def s3_policy(tmp_path: Path, moto_endpoint: str, bucket: str, source_db: str, master_key: str) -> Policy:
+    policy = _write_policy(
+        tmp_path, url=f"s3://{bucket}/prefix", endpoint_url=moto_endpoint, dbname=source_db
+    )
+    create_keyset(policy)
+    return policy
+
+
+def _all_objects(s3, bucket: str) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    objects: dict[str, dict[str, Any]] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            objects[item["Key"]] = item
+    return objects
+
+
+def _schema_dump(dbname: str) -> str:
+    out = subprocess.run(
+        [
+            "pg_dump",
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "-h",
+            PG_HOST,
+            "-p",
+            str(PG_PORT),
+            "-U",
+            PG_USER,
+            "--no-password",
+            dbname,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    lines = []
+    for line in out.splitlines():
+        if line.startswith(("\\restrict", "\\unrestrict")):  # random per-run keys (pg_dump >= 15.14)
+            continue
+        lines.append(line.replace(dbname, "<DBNAME>"))
+    return "\n".join(lines)
+
+
+def _awkward_rows(dbname: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(_dsn(dbname)) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        return conn.execute(
+            sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(AWKWARD_TABLE))
+        ).fetchall()
+
+
+def _secret_rows(dbname: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(_dsn(dbname)) as conn:
+        return conn.execute(
+            sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(SECRET_TABLE))
+        ).fetchall()
+
+
+# --- round trip -------------------------------------------------------------------------------------
+
+
+def test_round_trip_through_s3(
+    s3_policy: Policy,
+    s3,
+    bucket: str,
+    source_db: str,  # type: ignore[no-untyped-def]
+    new_database_name,
+) -> None:
+    repo = open_repository(s3_policy)
+    assert isinstance(repo, S3Repository)
+    calls: list[str] = []
+    for operation in ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "PutObject"):
+        repo.client.meta.events.register(
+            f"before-call.s3.{operation}", lambda model, **_: calls.append(model.name)
+        )
+
+    manifest = run_backup(s3_policy, "main", "daily", repo=repo)
+
+    # Objects landed under the prefix, encrypted at rest by the store as well, and no lock is left.
+    objects = _all_objects(s3, bucket)
+    dump_key = f"prefix/backups/main/{manifest.backup_id}/database.pgdump"
+    assert set(objects) == {
+        "prefix/regal-repository.json",
+        dump_key,
+        f"prefix/backups/main/{manifest.backup_id}/manifest.json",
+    }
+    for key in objects:
+        assert repo.server_side_encryption(key.removeprefix("prefix/")) == "AES256", key
+
+    # The dump is larger than a part, so it went up as a multipart upload (S3's "-N" ETag says so too).
+    record = manifest.objects[0]
+    assert record.size > PART_SIZE_MB * 1024 * 1024
+    assert objects[dump_key]["Size"] == record.size
+    parts = -(-record.size // (PART_SIZE_MB * 1024 * 1024))
+    assert objects[dump_key]["ETag"].strip('"').endswith(f"-{parts}")
+    assert calls.count("CreateMultipartUpload") == 1 and calls.count("CompleteMultipartUpload") == 1
+    assert calls.count("UploadPart") == parts
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+    # The catalog sees exactly this backup, and it verifies.
+    backups, damaged = catalog.list_backups(repo, "main")
+    assert [m.backup_id for m in backups] == [manifest.backup_id] and not damaged
+    keyring = load_keyring(s3_policy)
+    result = verify_backup(repo, keyring, manifest)
+    assert result.ok, result.problems
+
+    # Restore into a new database: the manifest's fingerprints match ...
+    restored = new_database_name("restored")
+    report = restore_backup(repo, keyring, manifest, _dsn(restored))
+    assert report.target_state == "created"
+    assert report.ok, report.validation_problems
+    assert report.tables == 2 and report.rows == 4 + 2
+    assert postgres.restored_table_facts(_dsn(restored)) == manifest.source["tables"]
+    # ... the schema is identical ...
+    assert _schema_dump(restored) == _schema_dump(source_db)
+    # ... and so is the awkward data, compared value by value.
+    source_rows, restored_rows = _awkward_rows(source_db), _awkward_rows(restored)
+    assert restored_rows == source_rows
+    by_id = {row[0]: row for row in restored_rows}
+    assert by_id[1][1] == UNICODE_TEXT and by_id[1][2] == TRICKY_TEXT and by_id[1][3] == NUL_BYTES
+    assert by_id[2][1:] == (None,) * 7
+    assert by_id[3][1] == "" and by_id[3][3] == b""
+    assert len(by_id[4][2]) == 5_200_000
+    assert _secret_rows(restored) == _secret_rows(source_db)
+
+
+def test_stored_bytes_hold_no_plaintext(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    manifest = run_backup(s3_policy, "main")
+    objects = _all_objects(s3, bucket)
+    assert any(key.endswith("/database.pgdump") for key in objects)
+    secrets = [SECRET_EMAIL, SECRET_TOKEN, "tok_other", "second@example.test", UNICODE_TEXT, TRICKY_TEXT]
+    for key in objects:
+        stored = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for secret in secrets:
+            for encoding in ("utf-8", "utf-16-le"):
+                assert secret.encode(encoding) not in stored, f"{secret!r} in plaintext in {key}"
+        assert NUL_BYTES not in stored, key
+        if not key.endswith("/manifest.json"):
+            # The manifest lists table names (for restore validation); the data objects must not.
+            assert SECRET_TABLE.encode() not in stored, f"table name in plaintext in {key}"
+            assert AWKWARD_COLUMN.encode() not in stored, f"column name in plaintext in {key}"
+    # The data object starts with the regal-backup header, not with a pg_dump archive header.
+    dump = s3.get_object(Bucket=bucket, Key=f"prefix/{manifest.objects[0].key}")["Body"].read(16)
+    assert dump.startswith(b"RGLB") and b"PGDMP" not in dump
+
+
+def test_corrupted_object_fails_verification_naming_it(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    repo = open_repository(s3_policy)
+    manifest = run_backup(s3_policy, "main", repo=repo)
+    record = manifest.objects[0]
+    full_key = f"prefix/{record.key}"
+    data = bytearray(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read())
+    middle = len(data) // 2
+    data[middle] ^= 0x01
+    s3.put_object(Bucket=bucket, Key=full_key, Body=bytes(data), ServerSideEncryption="AES256")
+
+    keyring = load_keyring(s3_policy)
+    result = verify_backup(repo, keyring, manifest)
+    assert not result.ok
+    assert len(result.problems) == 1
+    assert record.key in result.problems[0]
+    assert "authentication" in result.problems[0]
+    # The CLI says the same and exits 3.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "regal_dagster.cli",
+            "--policy",
+            str(s3_policy.base_dir / "regal_backup.yaml"),
+            "verify",
+            manifest.backup_id,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert out.returncode == 3, out.stderr
+    assert record.key in out.stdout and "FAIL" in out.stdout
+
+
+def test_corrupted_object_fails_restore_naming_it(
+    s3_policy: Policy, s3, bucket: str, new_database_name
+) -> None:  # type: ignore[no-untyped-def]
+    repo = open_repository(s3_policy)
+    manifest = run_backup(s3_policy, "main", repo=repo)
+    full_key = f"prefix/{manifest.objects[0].key}"
+    data = bytearray(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read())
+    data[len(data) // 2] ^= 0x80
+    s3.put_object(Bucket=bucket, Key=full_key, Body=bytes(data))
+    target = new_database_name("corrupt")
+    with pytest.raises(IntegrityError) as caught:
+        restore_backup(repo, load_keyring(s3_policy), manifest, _dsn(target))
+    assert manifest.objects[0].key in caught.value.message
+
+
+# --- clear errors -----------------------------------------------------------------------------------
+
+
+def test_missing_bucket_is_a_clear_error(
+    tmp_path: Path, moto_endpoint: str, source_db: str, master_key: str
+) -> None:
+    missing = f"regal-missing-{uuid.uuid4().hex[:8]}"
+    policy = _write_policy(
+        tmp_path, url=f"s3://{missing}/prefix", endpoint_url=moto_endpoint, dbname=source_db
+    )
+    create_keyset(policy)
+    with pytest.raises(RegalError) as caught:
+        run_backup(policy, "main")
+    assert type(caught.value) is RegalError
+    assert missing in caught.value.message and "does not exist" in caught.value.message
+    assert caught.value.hint and "create" in caught.value.hint
+    with pytest.raises(RegalError, match=missing):
+        catalog.list_backups(open_repository(policy))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_endpoint_is_a_clear_error(
+    tmp_path: Path, aws_env: None, source_db: str, master_key: str
+) -> None:
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    policy = _write_policy(tmp_path, url="s3://regal-nowhere/prefix", endpoint_url=endpoint, dbname=source_db)
+    create_keyset(policy)
+    repo = open_repository(policy)
+    for action in (
+        lambda: run_backup(policy, "main", repo=repo),
+        lambda: repo.size("x"),
+        lambda: catalog.list_backups(repo),
+        lambda: repo.get_bytes("x"),
+    ):
+        with pytest.raises(RegalError) as caught:
+            action()
+        assert "cannot reach s3://regal-nowhere/prefix" in caught.value.message
+        assert caught.value.hint and "endpoint_url" in caught.value.hint
+    with pytest.raises(RegalError):
+        with repo.lock("main"):
+            pass
+    # The CLI prints the error and its hint, with no traceback, and exits 1.
+    out = subprocess.run(
+        [sys.executable, "-m", "regal_dagster.cli", "--policy", str(tmp_path / "regal_backup.yaml"), "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: cannot reach") and "Traceback" not in out.stderr
+
+
+# --- the lease lock ---------------------------------------------------------------------------------
+
+
+def _lease(s3, bucket: str) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key="prefix/locks/main.json")["Body"].read())  # type: ignore[no-any-return]
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def test_lock_is_exclusive_and_released(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    repo = open_repository(s3_policy)
+    other = open_repository(s3_policy)
+    with repo.lock("main"):
+        lease = _lease(s3, bucket)
+        assert lease is not None and lease["pid"] == os.getpid() and lease["expires"] > time.time()
+        started = time.monotonic()
+        with pytest.raises(LockedError) as caught:
+            with other.lock("main"):
+                pytest.fail("a second holder got the lock")
+        assert time.monotonic() - started < 5  # lock_wait 0: fails at once
+        message = caught.value.message
+        assert "another backup of 'main' is running" in message
+        assert f"process {os.getpid()} on {socket.gethostname()}" in message
+        assert caught.value.hint
+        with other.lock("other_target"):  # locks are per target
+            pass
+        # run_backup refuses too, and stores nothing.
+        with pytest.raises(LockedError):
+            run_backup(s3_policy, "main", repo=other)
+    assert _lease(s3, bucket) is None
+    assert not [k for k in _all_objects(s3, bucket) if "/backups/" in k]
+    with other.lock("main"):
+        assert _lease(s3, bucket) is not None
+    assert _lease(s3, bucket) is None
+
+
+def test_expired_lease_is_taken_over(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    dead = {
+        "host": "crashed-host",
+        "pid": 4242,
+        "since": "2020-01-01T00:00:00+00:00",
+        "token": "dead",
+        "expires": time.time() - 60,
+    }
+    s3.put_object(Bucket=bucket, Key="prefix/locks/main.json", Body=json.dumps(dead).encode())
+    repo = open_repository(s3_policy)
+    with repo.lock("main"):
+        lease = _lease(s3, bucket)
+        assert lease is not None and lease["token"] != "dead" and lease["pid"] == os.getpid()
+    assert _lease(s3, bucket) is None
+    # An unreadable lease counts as expired too.
+    s3.put_object(Bucket=bucket, Key="prefix/locks/main.json", Body=b"not json")
+    with repo.lock("main"):
+        assert _lease(s3, bucket)["pid"] == os.getpid()  # type: ignore[index]
+
+
+def test_live_foreign_lease_blocks_and_names_its_holder(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    live = {
+        "host": "backup-node-7",
+        "pid": 31337,
+        "since": "2024-05-01T10:00:00+00:00",
+        "token": "theirs",
+        "expires": time.time() + 600,
+    }
+    s3.put_object(Bucket=bucket, Key="prefix/locks/main.json", Body=json.dumps(live).encode())
+    with pytest.raises(LockedError, match="process 31337 on backup-node-7 since 2024-05-01T10:00:00"):
+        with open_repository(s3_policy).lock("main"):
+            pass
+    assert _lease(s3, bucket)["token"] == "theirs"  # type: ignore[index]
+
+
+def test_lock_wait_queues_until_the_holder_releases(
+    tmp_path: Path, moto_endpoint: str, bucket: str, source_db: str, master_key: str
+) -> None:
+    import threading
+
+    policy = _write_policy(
+        tmp_path, url=f"s3://{bucket}/prefix", endpoint_url=moto_endpoint, dbname=source_db, lock_wait="20s"
+    )
+    holder, waiter = open_repository(policy), open_repository(policy)
+    acquired, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.lock("main"):
+            acquired.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert acquired.wait(10)
+    threading.Timer(1.0, release.set).start()
+    started = time.monotonic()
+    with waiter.lock("main"):
+        waited = time.monotonic() - started
+    thread.join()
+    assert 0.8 < waited < 10
+
+
+def test_lease_is_renewed_but_never_clobbers_a_new_holder(
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3,  # type: ignore[no-untyped-def]
+    bucket: str,
+    source_db: str,
+    master_key: str,
+) -> None:
+    policy = _write_policy(
+        tmp_path, url=f"s3://{bucket}/prefix", endpoint_url=moto_endpoint, dbname=source_db, lock_lease="1.5s"
+    )
+    repo = open_repository(policy)
+    with repo.lock("main"):
+        first = _lease(s3, bucket)
+        time.sleep(1.3)  # renewed every lease/3 = 0.5 s
+        renewed = _lease(s3, bucket)
+        assert renewed is not None and renewed["token"] == first["token"]  # type: ignore[index]
+        assert renewed["expires"] > first["expires"]  # type: ignore[index]
+        # We stall; another process takes the (expired) lease over. We must not overwrite or delete it.
+        theirs = {"host": "other", "pid": 7, "since": "now", "token": "theirs", "expires": time.time() + 600}
+        s3.put_object(Bucket=bucket, Key="prefix/locks/main.json", Body=json.dumps(theirs).encode())
+        time.sleep(1.2)
+        assert _lease(s3, bucket)["token"] == "theirs"  # type: ignore[index]
+    assert _lease(s3, bucket)["token"] == "theirs"  # type: ignore[index]
