@@ -9,9 +9,10 @@ import argparse
 import json
 import signal
 import sys
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .engine import catalog
 from .engine.backup import run_backup
@@ -20,7 +21,7 @@ from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
 from .engine.manifest import Manifest
 from .engine.pipeline import Progress
-from .engine.policy import RETENTION_CLASSES, Policy, load_policy
+from .engine.policy import RETENTION_CLASSES, load_policy
 from .engine.repository import open_repository
 from .engine.restore import restore_backup
 from .engine.verify import verify_backup
@@ -38,7 +39,7 @@ class Output:
         else:
             print(text)
 
-    def progress(self, description: str) -> "_ProgressBar":
+    def progress(self, description: str) -> _ProgressBar:
         return _ProgressBar(description, enabled=not self.as_json and sys.stderr.isatty())
 
 
@@ -143,7 +144,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     repo = open_repository(policy)
     if not args.backup_id and not args.target:
         raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
-    before = datetime.fromisoformat(args.before).replace(tzinfo=timezone.utc) if args.before else None
+    before = datetime.fromisoformat(args.before).replace(tzinfo=UTC) if args.before else None
     manifest = catalog.choose_backup(repo, args.target or "", backup_id=args.backup_id, latest=args.latest,
                                      before=before)
     keyring = load_keyring(policy)

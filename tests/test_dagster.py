@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -83,12 +83,12 @@ def test_a_failed_backup_fails_the_run_with_the_reason(policy_file: Path, system
 
 
 @pytest.mark.parametrize("schedule, tick, runs", [
-    ("hourly_backups", datetime(2026, 11, 24, 3, tzinfo=timezone.utc), True),
-    ("hourly_backups", datetime(2026, 11, 24, 2, tzinfo=timezone.utc), False),
-    ("daily_backups", datetime(2026, 11, 24, 2, tzinfo=timezone.utc), True),
-    ("weekly_backups", datetime(2026, 11, 1, 1, tzinfo=timezone.utc), False),
-    ("monthly_backups", datetime(2026, 11, 1, 1, tzinfo=timezone.utc), True),
-    ("monthly_backups", datetime(2026, 11, 8, 1, tzinfo=timezone.utc), False),
+    ("hourly_backups", datetime(2026, 11, 24, 3, tzinfo=UTC), True),
+    ("hourly_backups", datetime(2026, 11, 24, 2, tzinfo=UTC), False),
+    ("daily_backups", datetime(2026, 11, 24, 2, tzinfo=UTC), True),
+    ("weekly_backups", datetime(2026, 11, 1, 1, tzinfo=UTC), False),
+    ("monthly_backups", datetime(2026, 11, 1, 1, tzinfo=UTC), True),
+    ("monthly_backups", datetime(2026, 11, 8, 1, tzinfo=UTC), False),
 ])
 def test_schedules_run_one_backup_per_tick_with_its_class(policy_file: Path, schedule: str, tick: datetime,
                                                           runs: bool) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ MINIMAL = {
 
 
 def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=timezone.utc)
+    return datetime(*args, tzinfo=UTC)
 
 
 def test_defaults_follow_the_runbook(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_each_tick_belongs_to_exactly_one_class(tmp_path: Path, tick: datetime, 
 def test_the_hourly_schedule_alone_meets_the_one_hour_rpo(tmp_path: Path) -> None:
     policy = policy_from_dict(MINIMAL, tmp_path)
     start = utc(2026, 11, 1)
-    ticks = [start + timedelta(minutes=m) for m in range(0, 7 * 24 * 60)]
+    ticks = [start + timedelta(minutes=m) for m in range(7 * 24 * 60)]
     scheduled = [t for t in ticks if policy.retention_class_for_tick(t)]
     gaps = {b - a for a, b in zip(scheduled, scheduled[1:])}
     assert max(gaps) <= policy.rpo

@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 import psycopg
@@ -481,9 +482,8 @@ def test_unreachable_endpoint_is_a_clear_error(
             action()
         assert "cannot reach s3://regal-nowhere/prefix" in caught.value.message
         assert caught.value.hint and "endpoint_url" in caught.value.hint
-    with pytest.raises(RegalError):
-        with repo.lock("main"):
-            pass
+    with pytest.raises(RegalError), repo.lock("main"):
+        pass
     # The CLI prints the error and its hint, with no traceback, and exits 1.
     out = subprocess.run(
         [sys.executable, "-m", "regal_dagster.cli", "--policy", str(tmp_path / "regal_backup.yaml"), "list"],
@@ -513,9 +513,8 @@ def test_lock_is_exclusive_and_released(s3_policy: Policy, s3, bucket: str) -> N
         lease = _lease(s3, bucket)
         assert lease is not None and lease["pid"] == os.getpid() and lease["expires"] > time.time()
         started = time.monotonic()
-        with pytest.raises(LockedError) as caught:
-            with other.lock("main"):
-                pytest.fail("a second holder got the lock")
+        with pytest.raises(LockedError) as caught, other.lock("main"):
+            pytest.fail("a second holder got the lock")
         assert time.monotonic() - started < 5  # lock_wait 0: fails at once
         message = caught.value.message
         assert "another backup of 'main' is running" in message
@@ -619,3 +618,54 @@ def test_lease_is_renewed_but_never_clobbers_a_new_holder(
         time.sleep(1.2)
         assert _lease(s3, bucket)["token"] == "theirs"  # type: ignore[index]
     assert _lease(s3, bucket)["token"] == "theirs"  # type: ignore[index]
+
+
+# --- the multipart writer ---------------------------------------------------------------------------
+
+def test_aborted_writer_leaves_no_upload_even_if_written_to_later(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    repo = open_repository(s3_policy)
+    part = PART_SIZE_MB * 1024 * 1024
+    writer = repo.writer("backups/main/x/database.pgdump")
+    writer.write(os.urandom(part + 1000))  # one part in flight: a multipart upload exists
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    writer.write(os.urandom(part - 2000))  # buffered, not yet sent
+    writer.abort()
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    # A late flush (a stream finalizer after the failure) must not start a new, orphaned upload.
+    writer.write(os.urandom(part))
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert not [k for k in _all_objects(s3, bucket) if "/backups/" in k]
+
+
+def test_failing_source_stream_leaves_no_upload_and_no_object(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    import gc
+
+    from regal_dagster.engine.pipeline import store_stream
+
+    repo = open_repository(s3_policy)
+    keyring = load_keyring(s3_policy)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(9):  # ~9 MB of incompressible data: one part sent, the rest buffered
+            yield os.urandom(1024 * 1024)
+        raise RuntimeError("pg_dump died")
+
+    with pytest.raises(RuntimeError, match="pg_dump died"):
+        store_stream(repo, "backups/main/x/database.pgdump", chunks(), keyring=keyring,
+                     backup_id="main-20260101T000000Z-abcdef", object_name="database.pgdump", content="test")
+    gc.collect()  # the Tink stream's finalizer flushes into the (aborted) writer
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert not [k for k in _all_objects(s3, bucket) if "/backups/" in k]
+
+
+def test_upload_errors_are_regal_errors(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    repo = open_repository(s3_policy)
+    s3.delete_bucket(Bucket=bucket)  # the bucket disappears under a running backup
+    writer = repo.writer("backups/main/x/database.pgdump")
+    with pytest.raises(RegalError, match=bucket):
+        with writer:
+            writer.write(os.urandom(PART_SIZE_MB * 1024 * 1024 + 1))
+    small = repo.writer("backups/main/x/manifest.json")
+    with pytest.raises(RegalError, match=bucket):
+        with small:
+            small.write(b"{}")

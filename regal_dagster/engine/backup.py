@@ -5,13 +5,13 @@ from __future__ import annotations
 import getpass
 import importlib.metadata
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .crypto import Keyring, load_keyring
+from .errors import RegalError
 from .manifest import Manifest, backup_prefix, manifest_key, new_backup_id
 from .pipeline import Progress, store_stream
 from .policy import RETENTION_CLASSES, Policy
-from .errors import RegalError
 from .repository import Repository, open_repository
 from .sources import postgres
 
@@ -40,7 +40,7 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     repo.ensure_initialized()
     dsn = target.resolved_dsn()
     with repo.lock(target_name):
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
         with postgres.dump_session(dsn) as session:
@@ -51,7 +51,7 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         manifest = Manifest(
             backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
             retain_until=policy.retention.retain_until(retention_class, started),
-            started_at=started, finished_at=datetime.now(timezone.utc),
+            started_at=started, finished_at=datetime.now(UTC),
             tool_versions={**tool_versions(), "pg_dump": session.pg_dump.version},
             source=facts, objects=[record],
             trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},

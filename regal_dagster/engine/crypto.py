@@ -19,7 +19,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -241,7 +241,7 @@ def _write_keyset(path: Path, handle: tink.KeysetHandle, created: dict[int, str]
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class NonClosingWriter(io.RawIOBase):

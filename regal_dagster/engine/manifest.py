@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -72,7 +72,7 @@ class Manifest(BaseModel):
         body = self.model_dump(mode="json", exclude={"manifest_sha256"})
         return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def sealed(self) -> "Manifest":
+    def sealed(self) -> Manifest:
         return self.model_copy(update={"manifest_sha256": hashlib.sha256(self._canonical()).hexdigest()})
 
     def to_bytes(self) -> bytes:
@@ -80,7 +80,7 @@ class Manifest(BaseModel):
         return json.dumps(sealed.model_dump(mode="json"), indent=2, ensure_ascii=False).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             document = json.loads(data)
         except ValueError:
@@ -128,7 +128,7 @@ def manifest_key(target: str, backup_id: str) -> str:
 
 def new_backup_id(target: str, started_at: datetime) -> str:
     """`<target>-<UTC time>-<random>`: sorts by time within a target; target names have no '-'."""
-    stamp = started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = started_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{target}-{stamp}-{secrets.token_hex(3)}"
 
 

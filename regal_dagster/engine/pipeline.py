@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import BinaryIO, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import tink
 import zstandard

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import PolicyError
 
@@ -83,7 +91,7 @@ class MasterKeyConfig(_Model):
     kms_endpoint_url: str | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "MasterKeyConfig":
+    def _exactly_one(self) -> MasterKeyConfig:
         given = [n for n in ("env", "file", "kms_key_uri") if getattr(self, n)]
         if len(given) != 1:
             raise ValueError("give exactly one of env, file or kms_key_uri")
@@ -198,7 +206,7 @@ class Policy(_Model):
 
     def local_repository_path(self) -> Path:
         url = self.repository.url
-        return self.resolve_path(url[len("file://"):] if url.startswith("file://") else url)
+        return self.resolve_path(url.removeprefix("file://"))
 
     def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:
         """The class a backup started at `tick` belongs to: the highest class scheduled then."""
@@ -256,7 +264,7 @@ class CronExpression:
         self.fields, self.dom_star, self.dow_star = fields, dom_star, dow_star
 
     @classmethod
-    def parse(cls, text: str) -> "CronExpression":
+    def parse(cls, text: str) -> CronExpression:
         parts = text.split()
         if len(parts) != 5:
             raise ValueError(f"cron '{text}' needs 5 fields: minute hour day-of-month month day-of-week")

@@ -19,11 +19,12 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from .errors import LockedError, RegalError
 from .policy import Policy, RepositoryConfig
@@ -52,7 +53,7 @@ class ObjectWriter(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
-    def __enter__(self) -> "ObjectWriter":
+    def __enter__(self) -> ObjectWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +101,7 @@ class Repository(ABC):
         """Write the repository marker if it is missing (a new repository)."""
         if self.size(REPOSITORY_MARKER) is None:
             marker = {"format": "regal-backup-repository", "version": 1,
-                      "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                      "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
             self.put_bytes(REPOSITORY_MARKER, json.dumps(marker, indent=2).encode())
 
 
@@ -113,7 +114,7 @@ def open_repository(policy: Policy) -> Repository:
 
 def _owner() -> dict[str, object]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "since": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _describe_owner(raw: bytes | str) -> str:
@@ -256,7 +257,7 @@ class LocalRepository(Repository):
 class _S3Writer(ObjectWriter):
     """Streamed multipart upload: at most `concurrency` parts in flight, so memory stays bounded."""
 
-    def __init__(self, repo: "S3Repository", key: str):
+    def __init__(self, repo: S3Repository, key: str):
         self.repo, self.key = repo, key
         self.part_size = repo.config.part_size_mb * 1024 * 1024
         self.buffer = bytearray()
@@ -265,8 +266,13 @@ class _S3Writer(ObjectWriter):
         self.pool = ThreadPoolExecutor(max_workers=repo.config.upload_concurrency)
         self.slots = threading.Semaphore(repo.config.upload_concurrency)
         self.bytes_written = 0
+        self.aborted = False
 
     def write(self, data: bytes) -> int:
+        if self.aborted:
+            # A late flush after a failure (e.g. the Tink stream's finalizer) goes nowhere: it must not
+            # start a new multipart upload that nobody completes or aborts.
+            return len(data)
         self.buffer += data
         self.bytes_written += len(data)
         while len(self.buffer) >= self.part_size:
@@ -317,6 +323,8 @@ class _S3Writer(ObjectWriter):
             self.pool.shutdown(wait=True)
 
     def abort(self) -> None:
+        self.aborted = True
+        self.buffer.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.upload_id is not None:
             with contextlib.suppress(Exception):
@@ -328,7 +336,7 @@ class _S3Writer(ObjectWriter):
 class _S3Reader(io.RawIOBase):
     """An object's body; network errors while streaming become RegalError like every other S3 error."""
 
-    def __init__(self, repo: "S3Repository", key: str, body):  # type: ignore[no-untyped-def]
+    def __init__(self, repo: S3Repository, key: str, body):  # type: ignore[no-untyped-def]
         self.repo, self.key, self.body = repo, key, body
 
     def readable(self) -> bool:
