@@ -126,7 +126,12 @@ def _cli(
     policy: Path, env: dict[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, "--policy", str(policy), *args], capture_output=True, text=True, env=env, timeout=timeout
+        [*CLI, "--policy", str(policy), *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
 
 

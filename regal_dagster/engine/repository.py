@@ -526,7 +526,7 @@ class S3Repository(Repository):
                 except ClientError as exc:
                     if code(exc) in conflict:
                         return
-                except Exception:  # noqa: BLE001 - transient: try again at the next tick
+                except Exception:  # noqa: BLE001, S110 - transient (network): try again at the next tick
                     pass
 
         renewer = threading.Thread(target=renew, name=f"lock-renew-{name}", daemon=True)
