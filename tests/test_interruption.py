@@ -81,7 +81,7 @@ def _admin() -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(_dsn("postgres"), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT}: {exc}")
+        pytest.fail(f"no PostgreSQL at {PG_HOST}:{PG_PORT} ({exc}): start it (.ci/run shows how)")
 
 
 @pytest.fixture(scope="module")
