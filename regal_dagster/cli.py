@@ -21,7 +21,7 @@ from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
 from .engine.manifest import Manifest
 from .engine.pipeline import Progress
-from .engine.policy import RETENTION_CLASSES, load_policy
+from .engine.policy import RETENTION_CLASSES, default_jobs, load_policy
 from .engine.repository import open_repository
 from .engine.restore import restore_backup
 from .engine.verify import verify_backup
@@ -131,7 +131,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     manifest = catalog.load_manifest(repo, args.backup_id)
     keyring = load_keyring(policy)
     with out.progress(f"verify {args.backup_id}") as progress:
-        result = verify_backup(repo, keyring, manifest, progress=progress)
+        result = verify_backup(repo, keyring, manifest, jobs=args.jobs, progress=progress)
     payload = {"backup_id": result.backup_id, "ok": result.ok,
                "objects": [o.__dict__ for o in result.objects]}
     text = "\n".join(f"{'OK  ' if o.ok else 'FAIL'} {o.name}: {o.detail}" for o in result.objects)
@@ -149,11 +149,12 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
                                      before=before)
     keyring = load_keyring(policy)
     with out.progress(f"restore {manifest.backup_id}") as progress:
-        report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing,
+        report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing, jobs=args.jobs,
                                 keep_owners=args.keep_owners, progress=progress)
     payload = {**report.__dict__, "ok": report.ok}
+    phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
     text = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} tables, "
-            f"{report.rows} rows in {report.seconds['total']:.1f}s\n"
+            f"{report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})\n"
             + ("validation: every table matches the backup's row counts and content fingerprints" if report.ok
                else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in report.validation_problems)))
     out.result(payload, text)
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
     p.add_argument("backup_id")
+    p.add_argument("--jobs", type=int, default=default_jobs(), help="objects read at once (default: CPU cores)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")
     p.add_argument("--drop-existing", action="store_true",
                    help="replace a non-empty database (dropped only after the backup is authenticated)")
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="tables loaded and index builds run at once (default: CPU cores, at most 8)")
     p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
     p.set_defaults(func=cmd_restore)
 

@@ -59,7 +59,7 @@ def test_verify_exits_non_zero_when_a_byte_is_wrong(system_pg: DatabaseFactory, 
     home = tmp_path / "regal"
     policy = ["--policy", json.loads(cli("init", str(home), "--postgres-dsn", source, "--json").stdout)["policy"]]
     backup_id = json.loads(cli("backup", "main", "--json", *policy).stdout)["backup_id"]
-    (dump,) = (home / "repository").rglob("database.pgdump")
+    (dump,) = (home / "repository").rglob("schema.pgdump")
     data = bytearray(dump.read_bytes())
     data[-20] ^= 0xFF
     dump.write_bytes(bytes(data))

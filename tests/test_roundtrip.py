@@ -64,7 +64,12 @@ def test_manifest_facts_come_from_the_dump_snapshot(system_pg: DatabaseFactory, 
     assert facts["snapshot"] and facts["wal_lsn"] and facts["txid_snapshot"]
     assert "password" not in facts["endpoint"]
     assert manifest.tool_versions["pg_dump"].startswith("15")
-    assert all(t["fingerprint"] for t in facts["tables"])
+    assert [(t["schema"], t["name"], t["rows"]) for t in facts["tables"]] == [
+        ("Sales Ops", 'Order "Lines"', 4), ("public", "customers", 2000)]
+    # each table's fingerprint is the SHA-256 of its COPY text, which is what its object holds
+    for table in facts["tables"]:
+        assert table["sha256"] == manifest.object(table["object"]).plaintext_sha256
+    assert manifest.objects[0].name == "schema.pgdump"
 
 
 def test_restore_refuses_a_non_empty_database_and_replaces_only_when_asked(
@@ -94,7 +99,7 @@ def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, t
     policy = make_policy(tmp_path, {"pos": source})
     manifest = run_backup(policy, "pos")
     tables = [dict(t) for t in manifest.source["tables"]]
-    tables[1]["fingerprint"] = "12345"
+    tables[1]["sha256"] = "0" * 64
     lying = manifest.model_copy(update={"source": {**manifest.source, "tables": tables}})
 
     report = restore_backup(open_repository(policy), load_keyring(policy), lying,

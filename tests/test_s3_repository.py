@@ -322,17 +322,18 @@ def test_round_trip_through_s3(
 
     # Objects landed under the prefix, encrypted at rest by the store as well, and no lock is left.
     objects = _all_objects(s3, bucket)
-    dump_key = f"prefix/backups/main/{manifest.backup_id}/database.pgdump"
+    record = max(manifest.objects, key=lambda o: o.size)  # the table with the large values
+    dump_key = f"prefix/{record.key}"
     assert set(objects) == {
         "prefix/regal-repository.json",
-        dump_key,
         f"prefix/backups/main/{manifest.backup_id}/manifest.json",
+        *(f"prefix/{o.key}" for o in manifest.objects),
     }
+    assert {o.name for o in manifest.objects} == {"schema.pgdump", "tables/00001.copy", "tables/00002.copy"}
     for key in objects:
         assert repo.server_side_encryption(key.removeprefix("prefix/")) == "AES256", key
 
-    # The dump is larger than a part, so it went up as a multipart upload (S3's "-N" ETag says so too).
-    record = manifest.objects[0]
+    # That object is larger than a part, so it went up as a multipart upload (S3's "-N" ETag says so too).
     assert record.size > PART_SIZE_MB * 1024 * 1024
     assert objects[dump_key]["Size"] == record.size
     parts = -(-record.size // (PART_SIZE_MB * 1024 * 1024))
@@ -354,7 +355,11 @@ def test_round_trip_through_s3(
     assert report.target_state == "created"
     assert report.ok, report.validation_problems
     assert report.tables == 2 and report.rows == 4 + 2
-    assert postgres.restored_table_facts(_dsn(restored)) == manifest.source["tables"]
+    tables = [postgres.Table.from_facts(t) for t in manifest.source["tables"]]
+    psql = postgres.find_pg_tool("psql", 15)
+    restored_facts = postgres.restored_table_facts(_dsn(restored), tables, psql)
+    assert restored_facts == [{k: t[k] for k in ("schema", "name", "columns", "rows", "sha256")}
+                              for t in manifest.source["tables"]]
     # ... the schema is identical ...
     assert _schema_dump(restored) == _schema_dump(source_db)
     # ... and so is the awkward data, compared value by value.
@@ -371,7 +376,7 @@ def test_round_trip_through_s3(
 def test_stored_bytes_hold_no_plaintext(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
     manifest = run_backup(s3_policy, "main")
     objects = _all_objects(s3, bucket)
-    assert any(key.endswith("/database.pgdump") for key in objects)
+    assert any(key.endswith("/schema.pgdump") for key in objects)
     secrets = [SECRET_EMAIL, SECRET_TOKEN, "tok_other", "second@example.test", UNICODE_TEXT, TRICKY_TEXT]
     for key in objects:
         stored = s3.get_object(Bucket=bucket, Key=key)["Body"].read()

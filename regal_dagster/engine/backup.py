@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import importlib.metadata
 import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from .crypto import Keyring, load_keyring
 from .errors import RegalError
-from .manifest import Manifest, backup_prefix, manifest_key, new_backup_id
+from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, new_backup_id
+from .parallel import check, map_parallel
 from .pipeline import Progress, store_stream
 from .policy import RETENTION_CLASSES, Policy
 from .repository import Repository, open_repository
@@ -43,18 +48,64 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
-        with postgres.dump_session(dsn) as session:
-            record = store_stream(repo, prefix + postgres.DUMP_OBJECT, session.chunks(), keyring=keyring,
-                                  backup_id=backup_id, object_name=postgres.DUMP_OBJECT,
-                                  content=postgres.DUMP_CONTENT, progress=progress)
-            facts = session.facts()
-        manifest = Manifest(
-            backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
-            retain_until=policy.retention.retain_until(retention_class, started),
-            started_at=started, finished_at=datetime.now(UTC),
-            tool_versions={**tool_versions(), "pg_dump": session.pg_dump.version},
-            source=facts, objects=[record],
-            trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
-        ).sealed()
-        repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes())
+
+        def store(name: str, content: str, chunks: Iterable[bytes], zstd_threads: int) -> ObjectRecord:
+            return store_stream(repo, prefix + name, chunks, keyring=keyring, backup_id=backup_id,
+                                object_name=name, content=content, compression=policy.compression,
+                                zstd_threads=zstd_threads, progress=progress)
+
+        try:
+            with postgres.dump_session(dsn) as session:
+                schema = store(postgres.SCHEMA_OBJECT, postgres.SCHEMA_CONTENT, session.schema_chunks(), 0)
+                jobs = min(target.jobs, max(len(session.tables), 1))
+                stored = _dump_tables(session, store, jobs)
+            stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
+            manifest = Manifest(
+                backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
+                retain_until=policy.retention.retain_until(retention_class, started),
+                started_at=started, finished_at=datetime.now(UTC),
+                tool_versions={**tool_versions(), "pg_dump": session.pg_dump.version, "psql": session.psql.version},
+                source={**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
+                objects=[schema, *(record for record, _ in stored)],
+                trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
+            ).sealed()
+            repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes())
+        except BaseException:
+            _remove_unfinished(repo, prefix)
+            raise
     return manifest
+
+
+StoreObject = Callable[[str, str, Iterable[bytes], int], ObjectRecord]  # name, content, chunks, zstd threads
+
+
+def _dump_tables(session: postgres.DumpSession, store: StoreObject,
+                 jobs: int) -> list[tuple[ObjectRecord, dict[str, Any]]]:
+    """Every table's rows as its own object, `jobs` tables at a time, the biggest first."""
+    def store_table(numbered: tuple[int, postgres.Table],
+                    cancelled: threading.Event) -> tuple[ObjectRecord, dict[str, Any]]:
+        number, table = numbered
+        rows = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal rows
+            for chunk in session.table_chunks(table):
+                check(cancelled)
+                rows += chunk.count(b"\n")  # COPY text: one line per row
+                yield chunk
+
+        record = store(f"tables/{number:05d}.copy", postgres.TABLE_CONTENT.format(label=table.label),
+                       counted(), 0 if jobs > 1 else -1)
+        return record, {"schema": table.schema, "name": table.name, "columns": list(table.columns),
+                        "rows": rows, "sha256": record.plaintext_sha256, "object": record.name}
+
+    biggest_first = sorted(enumerate(session.tables, 1), key=lambda t: -t[1].pages)
+    return map_parallel(store_table, biggest_first, jobs, "dump")
+
+
+def _remove_unfinished(repo: Repository, prefix: str) -> None:
+    """Best effort: the objects of a backup that failed or was stopped (it has no manifest, so it is not a
+    backup). What a SIGKILL leaves behind, prune removes after a grace period."""
+    with contextlib.suppress(Exception):
+        for stored in list(repo.list(prefix)):
+            repo.delete(stored.key)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import IntegrityError
 
 MANIFEST_FORMAT = "regal-backup-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: one object per table plus a schema archive (1 was a pre-release layout)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -25,6 +25,7 @@ class CompressionInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     algorithm: Literal["zstd"] = "zstd"
     level: int
+    hash_log: int | None = None
 
 
 class EncryptionInfo(BaseModel):
@@ -87,6 +88,9 @@ class Manifest(BaseModel):
             raise IntegrityError(f"manifest {where} is not valid JSON", "the manifest is damaged: use another backup") from None
         if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(f"{where} is not a regal-backup manifest", "remove the stray file")
+        if document.get("version", 0) < MANIFEST_VERSION:
+            raise IntegrityError(f"manifest {where} has version {document.get('version')}, a pre-release layout "
+                                 f"that this regal-backup does not read", "take a new backup")
         if document.get("version", 0) > MANIFEST_VERSION:
             raise IntegrityError(f"manifest {where} has version {document['version']}; this regal-backup reads "
                                  f"up to {MANIFEST_VERSION}", "upgrade regal-backup")
@@ -101,6 +105,12 @@ class Manifest(BaseModel):
         return manifest
 
     # --- facts people ask for ---------------------------------------------------------------------
+
+    def object(self, name: str) -> ObjectRecord:
+        for record in self.objects:
+            if record.name == name:
+                return record
+        raise IntegrityError(f"backup {self.backup_id} has no object {name}", "the manifest is incomplete: use another backup")
 
     @property
     def stored_bytes(self) -> int:

@@ -19,10 +19,10 @@ import zstandard
 from .crypto import OBJECT_FORMAT_VERSION, STREAMING_TEMPLATE_NAME, Keyring, NonClosingWriter
 from .errors import IntegrityError
 from .manifest import CompressionInfo, EncryptionInfo, ObjectRecord
+from .policy import CompressionConfig
 from .repository import ObjectWriter, Repository
 
 CHUNK = 1024 * 1024
-DEFAULT_ZSTD_LEVEL = 3
 
 Progress = Callable[[int], None]  # called with the number of plaintext bytes just processed
 
@@ -74,15 +74,22 @@ class _HashingReader(io.RawIOBase):
 
 
 def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring: Keyring, backup_id: str,
-                 object_name: str, content: str, zstd_level: int = DEFAULT_ZSTD_LEVEL, zstd_threads: int = -1,
-                 progress: Progress | None = None) -> ObjectRecord:
-    """Compress, encrypt and store a stream of plaintext chunks as one object."""
+                 object_name: str, content: str, compression: CompressionConfig | None = None,
+                 zstd_threads: int = 0, progress: Progress | None = None) -> ObjectRecord:
+    """Compress, encrypt and store a stream of plaintext chunks as one object.
+
+    `zstd_threads`: 0 compresses in the calling thread (right when several objects are stored at once),
+    -1 uses one zstd worker per core (right for a single big stream)."""
+    compression = compression or CompressionConfig()
     plain_sha = hashlib.sha256()
     plain_size = 0
+    params = zstandard.ZstdCompressionParameters.from_level(
+        compression.level, threads=zstd_threads, write_checksum=True,
+        **({"hash_log": compression.hash_log} if compression.hash_log else {}))
     with repo.writer(key) as writer:
         stored = _StoredBytes(writer)
         encrypted = keyring.encrypting_stream(stored, backup_id, object_name)
-        compressor = zstandard.ZstdCompressor(level=zstd_level, threads=zstd_threads)
+        compressor = zstandard.ZstdCompressor(compression_params=params)
         with compressor.stream_writer(NonClosingWriter(encrypted), write_size=CHUNK, closefd=False) as compressed:
             for chunk in chunks:
                 plain_sha.update(chunk)
@@ -94,7 +101,7 @@ def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring
     return ObjectRecord(
         name=object_name, key=key, content=content, size=stored.size, stored_sha256=stored.sha256.hexdigest(),
         plaintext_size=plain_size, plaintext_sha256=plain_sha.hexdigest(),
-        compression=CompressionInfo(level=zstd_level),
+        compression=CompressionInfo(level=compression.level, hash_log=compression.hash_log),
         encryption=EncryptionInfo(scheme=f"tink-streaming-aead/{STREAMING_TEMPLATE_NAME}",
                                   key_id=keyring.primary_key_id, object_format=OBJECT_FORMAT_VERSION),
     )

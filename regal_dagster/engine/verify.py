@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from .crypto import Keyring
 from .errors import IntegrityError, RegalError
-from .manifest import Manifest
+from .manifest import Manifest, ObjectRecord
+from .parallel import check, map_parallel
 from .pipeline import Progress, read_stream
 from .repository import Repository
 
@@ -33,24 +35,23 @@ class VerifyResult:
         return [o.detail for o in self.objects if not o.ok]
 
 
-def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest,
+def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest, *, jobs: int = 2,
                   progress: Progress | None = None) -> VerifyResult:
-    """Read every object in full: authenticate, decompress and compare both SHA-256 sums."""
-    result = VerifyResult(manifest.backup_id)
-    for record in manifest.objects:
+    """Read every object in full, `jobs` at a time: authenticate, decompress and compare both SHA-256 sums."""
+    def check_object(record: ObjectRecord, cancelled: threading.Event) -> ObjectCheck:
         size = repo.size(record.key)
         if size is None:
-            result.objects.append(ObjectCheck(record.name, record.key, False, f"object {record.key} is missing"))
-            continue
+            return ObjectCheck(record.name, record.key, False, f"object {record.key} is missing")
         if size != record.size:
-            result.objects.append(ObjectCheck(record.name, record.key, False,
-                                              f"object {record.key} has {size} bytes, the manifest says {record.size}"))
-            continue
+            return ObjectCheck(record.name, record.key, False,
+                               f"object {record.key} has {size} bytes, the manifest says {record.size}")
         try:
-            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, progress=progress)
+            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id,
+                        sink=lambda _chunk: check(cancelled), progress=progress)
         except (IntegrityError, RegalError) as exc:
-            result.objects.append(ObjectCheck(record.name, record.key, False, exc.message))
-            continue
-        result.objects.append(ObjectCheck(record.name, record.key, True,
-                                          f"{record.size} bytes authenticated, SHA-256 matches"))
-    return result
+            return ObjectCheck(record.name, record.key, False, exc.message)
+        return ObjectCheck(record.name, record.key, True, f"{record.size} bytes authenticated, SHA-256 matches")
+
+    biggest_first = sorted(manifest.objects, key=lambda r: -r.size)
+    checks = {c.key: c for c in map_parallel(check_object, biggest_first, jobs, "verify")}
+    return VerifyResult(manifest.backup_id, [checks[r.key] for r in manifest.objects])

@@ -1,21 +1,31 @@
-"""PostgreSQL: dump from one exported snapshot, facts from the same snapshot, restore and validate.
+"""PostgreSQL: a parallel dump from one exported snapshot, a parallel restore, and validation.
 
-The dump (pg_dump custom format, uncompressed: we compress with zstd) and the manifest's facts (server
-version, WAL position, per-table row counts and content fingerprints) are taken from one exported
-snapshot, so they describe exactly the same data. Passwords travel to child processes only through
-their environment, never on a command line, in a log or in the manifest.
+A backup is one snapshot, exported by a coordinating connection and imported by every worker:
+- `schema.pgdump`: pg_dump's custom-format archive of everything but table rows (schema, sequence values,
+  large objects, post-data such as indexes and constraints);
+- one object per table: the rows as `COPY ... TO STDOUT` text, with the text-format settings pinned
+  (ISO dates, UTC, exact floats, hex bytea). Workers stream several tables at once.
+The SHA-256 of a table's COPY text is its content fingerprint: a restore loads that text, reads each
+table back the same way and compares row counts and SHA-256 sums with the manifest.
+
+Restore: pg_restore pre-data and data (sequences, large objects), then the tables loaded in parallel
+with COPY, then pg_restore post-data with parallel jobs (indexes, constraints, triggers).
+
+Passwords travel to child processes only through their environment, never on a command line, in a log
+or in the manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,14 +36,19 @@ from ..errors import RegalError, TargetNotEmptyError, ToolError
 from .pg_tools import PgTool, find_pg_tool
 
 CHUNK = 1024 * 1024
-DUMP_OBJECT = "database.pgdump"
-DUMP_CONTENT = "pg_dump custom-format archive (uncompressed)"
+SCHEMA_OBJECT = "schema.pgdump"
+SCHEMA_CONTENT = "pg_dump custom-format archive without table rows (uncompressed)"
+TABLE_CONTENT = "COPY text rows of {label}"
 
-# Settings that make a row's text form, and so its fingerprint, the same on every server.
-_STABLE_TEXT_SETTINGS = {
+# Settings that make a row's text form, and so its fingerprint, the same on every server; and a scan that
+# starts at block 0, so a freshly loaded table reads back in the order it was loaded.
+_COPY_SESSION_SETTINGS = {
     "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres",
-    "extra_float_digits": "3", "bytea_output": "hex",
+    "extra_float_digits": "3", "bytea_output": "hex", "row_security": "off", "synchronize_seqscans": "off",
+    "statement_timeout": "0",
 }
+# Session settings for restoring (all user-settable): bigger sorts for index builds, no commit waits.
+_RESTORE_SESSION_SETTINGS = {"maintenance_work_mem": "256MB", "work_mem": "64MB", "synchronous_commit": "off"}
 _LIBPQ_ENV = {
     "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
     "password": "PGPASSWORD", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
@@ -88,34 +103,52 @@ def server_major(conn: psycopg.Connection[Any]) -> int:
     return conn.info.server_version // 10000
 
 
-# --- facts -----------------------------------------------------------------------------------------
+# --- tables --------------------------------------------------------------------------------------
 
-def _user_tables(cur: psycopg.Cursor[Any]) -> list[tuple[str, str]]:
-    cur.execute("""
-        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class Table:
+    schema: str
+    name: str
+    columns: tuple[str, ...]  # stored columns, in order (no dropped or generated ones)
+    pages: int = 0  # size estimate, to start the biggest tables first
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def copy_statement(self, direction: str) -> str:
+        """COPY "schema"."table" ("col", ...) TO STDOUT / FROM STDIN."""
+        columns = f" ({', '.join(quote_ident(c) for c in self.columns)})" if self.columns else ""
+        return f"COPY {quote_ident(self.schema)}.{quote_ident(self.name)}{columns} {direction}"
+
+    def dump_pattern(self) -> str:
+        """This table, exactly, as a pg_dump pattern."""
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any]) -> Table:
+        return cls(facts["schema"], facts["name"], tuple(facts["columns"]))
+
+
+def user_tables(cur: psycopg.Cursor[Any]) -> list[Table]:
+    """The tables whose rows pg_dump would dump: ordinary tables and partitions, not extension members."""
+    generated = "AND a.attgenerated = ''" if cur.connection.info.server_version >= 120000 else ""
+    cur.execute(f"""
+        SELECT n.nspname, c.relname, c.relpages,
+               coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped {generated}),
+                        ARRAY[]::text[])
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
           AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp'
           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                           AND d.objid = c.oid AND d.deptype = 'e')
         ORDER BY 1, 2""")
-    return [(s, t) for s, t in cur.fetchall()]
-
-
-def table_facts(cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
-    """Row count and an order-independent content fingerprint of every user table.
-
-    The fingerprint is the sum of a 64-bit hash of each row's text form, with settings pinned so that
-    the text form is the same on every server: equal data gives equal fingerprints after a restore.
-    """
-    for name, value in _STABLE_TEXT_SETTINGS.items():
-        cur.execute("SELECT set_config(%s, %s, true)", (name, value))
-    facts = []
-    for schema, table in _user_tables(cur):
-        cur.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text "
-                            "FROM ONLY {}.{} AS t").format(sql.Identifier(schema), sql.Identifier(table)))
-        rows, fingerprint = cur.fetchone()  # type: ignore[misc]
-        facts.append({"schema": schema, "name": table, "rows": rows, "fingerprint": fingerprint})
-    return facts
+    return [Table(schema, name, tuple(columns), max(pages, 0)) for schema, name, pages, columns in cur.fetchall()]
 
 
 def compare_tables(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> list[str]:
@@ -131,73 +164,38 @@ def compare_tables(expected: list[dict[str, Any]], actual: list[dict[str, Any]])
             problems.append(f"table {label} is not in the backup")
         elif want[key]["rows"] != have[key]["rows"]:
             problems.append(f"table {label} has {have[key]['rows']} rows, the backup had {want[key]['rows']}")
-        elif want[key]["fingerprint"] != have[key]["fingerprint"]:
+        elif want[key]["sha256"] != have[key]["sha256"]:
             problems.append(f"table {label} has the same row count but different content")
     return problems
 
 
-# --- backup ----------------------------------------------------------------------------------------
+def _psql_copy_out(psql: PgTool, table: Table, snapshot: str | None) -> list[str]:
+    """psql arguments that print one table's rows as COPY text (from `snapshot` when given).
 
-@dataclass
-class DumpSession:
-    """An open snapshot: `chunks()` streams the dump, `facts()` waits for the facts of the same snapshot."""
-
-    chunks: Callable[[], Iterator[bytes]]
-    facts: Callable[[], dict[str, Any]]
-    pg_dump: PgTool
-
-
-@contextlib.contextmanager
-def dump_session(dsn: str) -> Iterator[DumpSession]:
-    conn = connect(dsn, autocommit=False)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-facts")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cur.execute("SELECT pg_export_snapshot(), pg_is_in_recovery(), "
-                        "current_setting('server_version'), current_database(), txid_current_snapshot()::text")
-            snapshot, in_recovery, version, database, txid_snapshot = cur.fetchone()  # type: ignore[misc]
-            cur.execute("SELECT pg_last_wal_replay_lsn()::text" if in_recovery else "SELECT pg_current_wal_lsn()::text")
-            (lsn,) = cur.fetchone()  # type: ignore[misc]
-        major = server_major(conn)
-        pg_dump = find_pg_tool("pg_dump", major)
-        imported = threading.Event()
-
-        def gather() -> dict[str, Any]:
-            imported.wait(timeout=60)  # let pg_dump import the snapshot before we keep the connection busy
-            with conn.cursor() as cur:
-                tables = table_facts(cur)
-            return {"server_version": version, "server_version_num": conn.info.server_version,
-                    "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
-                    "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot,
-                    "tables": tables}
-
-        facts_future: Future[dict[str, Any]] = pool.submit(gather)
-
-        def chunks() -> Iterator[bytes]:
-            yield from _run_pg_dump(pg_dump, dsn, snapshot, on_started=imported.set)
-
-        yield DumpSession(chunks=chunks, facts=lambda: facts_future.result(), pg_dump=pg_dump)
-    finally:
-        pool.shutdown(wait=True)
-        with contextlib.suppress(Exception):
-            conn.rollback()
-        conn.close()
+    psql, not psycopg: psycopg hands COPY data to Python one row at a time, psql streams it in C."""
+    statements = ["BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"]
+    if snapshot:
+        statements.append(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+    statements += [f"SET {name} = '{value}'" for name, value in _COPY_SESSION_SETTINGS.items()]
+    statements += [table.copy_statement("TO STDOUT"), "COMMIT"]
+    args = [str(psql.path), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1"]
+    for statement in statements:
+        args += ["--command", statement]
+    return args
 
 
-def _run_pg_dump(tool: PgTool, dsn: str, snapshot: str, on_started: Callable[[], None]) -> Iterator[bytes]:
-    args = [str(tool.path), "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password"]
+def _stream_command(args: list[str], env: dict[str, str], what: str,
+                    on_started: Callable[[], None] | None = None) -> Iterator[bytes]:
+    """Run a client program and yield its standard output in chunks; ToolError with its message if it fails."""
     with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, env=libpq_environment(dsn))
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, env=env)
         assert process.stdout is not None
         try:
-            first = True
             while chunk := process.stdout.read(CHUNK):
-                if first:
+                if on_started:
                     on_started()
-                    first = False
+                    on_started = None
                 yield chunk
-            on_started()
             code = process.wait()
         finally:
             if process.poll() is None:
@@ -207,8 +205,77 @@ def _run_pg_dump(tool: PgTool, dsn: str, snapshot: str, on_started: Callable[[],
         if code != 0:
             errors.seek(0)
             tail = errors.read().decode(errors="replace").strip()[-800:]
-            raise ToolError(f"pg_dump failed with exit code {code}: {tail}",
+            raise ToolError(f"{what} failed with exit code {code}: {tail}",
                             "fix the cause above; nothing was stored as a backup")
+
+
+def read_table(dsn: str, psql: PgTool, table: Table, snapshot: str | None = None) -> Iterator[bytes]:
+    """A table's rows as COPY text, in chunks."""
+    yield from _stream_command(_psql_copy_out(psql, table, snapshot), libpq_environment(dsn),
+                               f"reading table {table.label}")
+
+
+class TableDigest:
+    """Row count and SHA-256 of a table's COPY text, fed chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.rows = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        self.rows += chunk.count(b"\n")  # COPY text escapes newlines inside values: one line per row
+
+    def facts(self, table: Table) -> dict[str, Any]:
+        return {"schema": table.schema, "name": table.name, "columns": list(table.columns), "rows": self.rows,
+                "sha256": self.sha256.hexdigest()}
+
+
+# --- backup ----------------------------------------------------------------------------------------
+
+@dataclass
+class DumpSession:
+    """An open exported snapshot: the schema archive and each table's rows all come from it."""
+
+    dsn: str
+    snapshot: str
+    tables: list[Table]
+    facts: dict[str, Any]  # server version, WAL position, ... (the tables' facts are added by the backup)
+    pg_dump: PgTool
+    psql: PgTool
+
+    def schema_chunks(self) -> Iterator[bytes]:
+        """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
+        args = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
+                "--no-password", *(f"--exclude-table-data={t.dump_pattern()}" for t in self.tables)]
+        yield from _stream_command(args, libpq_environment(self.dsn), "pg_dump")
+
+    def table_chunks(self, table: Table) -> Iterator[bytes]:
+        yield from read_table(self.dsn, self.psql, table, self.snapshot)
+
+
+@contextlib.contextmanager
+def dump_session(dsn: str) -> Iterator[DumpSession]:
+    """Export a snapshot and keep it open (its transaction stays open) while the body dumps from it."""
+    conn = connect(dsn, autocommit=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            cur.execute("SELECT pg_export_snapshot(), pg_is_in_recovery(), "
+                        "current_setting('server_version'), current_database(), txid_current_snapshot()::text")
+            snapshot, in_recovery, version, database, txid_snapshot = cur.fetchone()  # type: ignore[misc]
+            cur.execute("SELECT pg_last_wal_replay_lsn()::text" if in_recovery else "SELECT pg_current_wal_lsn()::text")
+            (lsn,) = cur.fetchone()  # type: ignore[misc]
+            tables = user_tables(cur)
+        major = server_major(conn)
+        facts = {"server_version": version, "server_version_num": conn.info.server_version,
+                 "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
+                 "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot}
+        yield DumpSession(dsn, snapshot, tables, facts, find_pg_tool("pg_dump", major), find_pg_tool("psql", major))
+    finally:
+        with contextlib.suppress(Exception):
+            conn.rollback()
+        conn.close()
 
 
 # --- restore ---------------------------------------------------------------------------------------
@@ -250,49 +317,57 @@ def reset_database(dsn: str) -> None:
         cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
 
 
-class PgRestoreProcess:
-    """pg_restore reading the archive from stdin; `feed` chunks, then `finish`."""
-
-    def __init__(self, dsn: str, dump_major: int, keep_owners: bool = False):
-        with connect(dsn) as conn:
-            major = max(server_major(conn), dump_major)
-        self.tool = find_pg_tool("pg_restore", major)
-        dbname = conninfo_to_dict(dsn)["dbname"]
-        args = [str(self.tool.path), f"--dbname={dbname}", "--exit-on-error", "--no-password"]
-        if not keep_owners:
-            args += ["--no-owner", "--no-privileges"]
-        self._errors = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=self._errors, env=libpq_environment(dsn))
-
-    def feed(self, chunk: bytes) -> None:
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.write(chunk)
-        except BrokenPipeError:
-            self.finish()  # raises with pg_restore's own message
-
-    def finish(self) -> None:
-        assert self.process.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.process.stdin.close()
-        code = self.process.wait()
-        self._errors.seek(0)
-        tail = self._errors.read().decode(errors="replace").strip()[-800:]
-        self._errors.close()
-        if code != 0:
-            raise ToolError(f"pg_restore failed with exit code {code}: {tail}",
-                            "fix the cause above, then restore again into an empty database")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        with contextlib.suppress(Exception):
-            self._errors.close()
+def restore_tools(dsn: str, dump_major: int) -> tuple[PgTool, PgTool]:
+    """pg_restore and psql able to read an archive of `dump_major` and talk to the target server."""
+    with connect(dsn) as conn:
+        major = max(server_major(conn), dump_major)
+    return find_pg_tool("pg_restore", major), find_pg_tool("psql", major)
 
 
-def restored_table_facts(dsn: str) -> list[dict[str, Any]]:
+def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[str], *, jobs: int = 1,
+                   keep_owners: bool = False) -> None:
+    """pg_restore of some sections of an archive file, with restore-friendly session settings."""
+    args = [str(pg_restore.path), f"--dbname={conninfo_to_dict(dsn)['dbname']}", "--exit-on-error",
+            "--no-password", f"--jobs={jobs}", *(f"--section={s}" for s in sections)]
+    if not keep_owners:
+        args += ["--no-owner", "--no-privileges"]
+    env = libpq_environment(dsn)
+    env["PGOPTIONS"] = " ".join(f"-c {k}={v}" for k, v in _RESTORE_SESSION_SETTINGS.items())
+    result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            check=False)
+    if result.returncode != 0:
+        tail = result.stderr.decode(errors="replace").strip()[-800:]
+        raise ToolError(f"pg_restore ({', '.join(sections)}) failed with exit code {result.returncode}: {tail}",
+                        "fix the cause above, then restore again into an empty database")
+
+
+@contextlib.contextmanager
+def table_loader(dsn: str, table: Table) -> Iterator[Callable[[bytes], None]]:
+    """COPY FROM STDIN into one table, in its own transaction: yields a function that takes chunks of COPY
+    text; commits when the block ends and checks the server's row count."""
     with connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        return table_facts(cur)
+        for name, value in {**_COPY_SESSION_SETTINGS, **_RESTORE_SESSION_SETTINGS}.items():
+            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+        try:
+            with cur.copy(table.copy_statement("FROM STDIN")) as copy:
+                yield copy.write
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ToolError(f"loading table {table.label} failed: {reason}",
+                            "fix the cause above, then restore again into an empty database") from None
+        conn.commit()
+
+
+def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool, jobs: int = 1) -> list[dict[str, Any]]:
+    """Row count and SHA-256 of each table's COPY text in a restored database, `jobs` tables at a time."""
+    def digest(table: Table) -> dict[str, Any] | None:
+        d = TableDigest()
+        try:
+            for chunk in read_table(dsn, psql, table):
+                d.update(chunk)
+        except ToolError:
+            return None  # missing or unreadable: compare_tables reports it missing
+        return d.facts(table)
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pg-validate") as pool:
+        return [facts for facts in pool.map(digest, tables) if facts is not None]
