@@ -8,8 +8,9 @@ database of `--dsn`, at one "scale"), then measures on that same database, each 
   runbook   pg_dump | gzip > file;  gunzip -t file;  gunzip -c file | psql  (into an empty database)
   floor     pg_dump -Fd -j N --compress=0 into a throwaway directory;  pg_dump > /dev/null
   ours      regal-backup backup (local repository, and S3 on a moto server);  regal-backup verify;
-            regal-backup restore (into an empty database)
+            regal-backup restore (into an empty database; full read-back validation, and row counts only)
 
+With `--repeat N` every step runs N times and the fastest run counts (disk and checkpoint noise).
 For every step: wall time, ratio to the runbook's step and to the floor, bytes written, and the peak RSS
 of the step's whole process tree (sampled every 20 ms; the PostgreSQL server's own processes are not in
 it). Prints a markdown table per scale and a memory-across-scales table, and writes all rows as JSON.
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ BASELINES = {
     "regal backup (S3, moto)": ("runbook: pg_dump | gzip", "floor: pg_dump -Fd -j N"),
     "regal verify": ("runbook: gunzip -t", None),
     "regal restore": ("runbook: gunzip -c | psql", None),
+    "regal restore --validate rows": ("runbook: gunzip -c | psql", None),
 }
 
 
@@ -130,15 +132,22 @@ def s3_policy(local_policy: Path, endpoint: str, bucket: str) -> Path:
     return path
 
 
-def bench_scale(scale: float, dsn: str, work: Path, jobs: int, s3_endpoint: str | None) -> list[Step]:
+def bench_scale(scale: float, dsn: str, work: Path, jobs: int, s3_endpoint: str | None,
+                repeat: int = 1) -> list[Step]:
     major = psycopg.connect(dsn).info.server_version // 10000
     pg_dump = str(find_pg_tool("pg_dump", major).path)
     psql = str(find_pg_tool("psql", major).path)
     env = libpq_environment(dsn)  # PG* variables: the password never goes on a command line
     steps: list[Step] = []
 
-    def measure(name: str, argv: Sequence[str], output: Path | None, database: str | None = None) -> tuple[Step, str]:
-        seconds, peak, stdout = run_measured(argv, {**env, "PGDATABASE": database} if database else env)
+    def measure(name: str, argv: Sequence[str], output: Path | None, database: str | None = None,
+                before: Callable[[], object] = lambda: None) -> tuple[Step, str]:
+        runs = []
+        for _ in range(repeat):
+            before()
+            runs.append(run_measured(argv, {**env, "PGDATABASE": database} if database else env))
+        seconds, peak, stdout = min(runs, key=lambda r: r[0])
+        peak = max(r[1] for r in runs)
         step = Step(scale, name, seconds, path_size(output) if output else 0, peak / 1e6)
         steps.append(step)
         print(f"  {name}: {seconds:.1f} s, peak {peak / 1e6:.0f} MB", file=sys.stderr, flush=True)
@@ -148,28 +157,26 @@ def bench_scale(scale: float, dsn: str, work: Path, jobs: int, s3_endpoint: str 
     gz = work / "runbook.sql.gz"
     measure("runbook: pg_dump | gzip", shell(f"{shlex.quote(pg_dump)} | gzip > {shlex.quote(str(gz))}"), gz)
     measure("runbook: gunzip -t", ["gunzip", "-t", str(gz)], None)
-    create_empty_database(dsn, "bench_runbook_restore")
     measure("runbook: gunzip -c | psql",
             shell(f"gunzip -c {shlex.quote(str(gz))} | {shlex.quote(psql)} -q -X -v ON_ERROR_STOP=1 > /dev/null"),
-            None, database="bench_runbook_restore")
+            None, database="bench_runbook_restore", before=lambda: create_empty_database(dsn, "bench_runbook_restore"))
     drop_database(dsn, "bench_runbook_restore")
     gz.unlink()
 
     # the floor
     floor_dir = work / "floor.dir"
     measure("floor: pg_dump -Fd -j N",
-            [pg_dump, "--format=directory", f"--jobs={jobs}", "--compress=0", f"--file={floor_dir}"], floor_dir)
+            [pg_dump, "--format=directory", f"--jobs={jobs}", "--compress=0", f"--file={floor_dir}"], floor_dir,
+            before=lambda: shutil.rmtree(floor_dir, ignore_errors=True))
     shutil.rmtree(floor_dir)
     measure("floor: pg_dump > /dev/null", shell(f"{shlex.quote(pg_dump)} > /dev/null"), None)
 
     # ours
     project = work / "regal"
     made = init_project(project, dsn)
-    repo_dir = project / "repository"
-    before = path_size(repo_dir)
     step, stdout = measure("regal backup (local)", [*REGAL, "backup", "main", "--json", "--policy",
                                                     str(made.policy_path)], None)
-    step.bytes_written = path_size(repo_dir) - before
+    step.bytes_written = json.loads(stdout)["bytes_stored"]
     backup_id = json.loads(stdout)["backup_id"]
     if s3_endpoint:
         bucket = f"regal-bench-{os.getpid()}-{int(scale * 100)}"
@@ -182,9 +189,11 @@ def bench_scale(scale: float, dsn: str, work: Path, jobs: int, s3_endpoint: str 
             for item in page.get("Contents", []):
                 s3.delete_object(Bucket=bucket, Key=item["Key"])
     measure("regal verify", [*REGAL, "verify", backup_id, "--json", "--policy", str(made.policy_path)], None)
-    restored = create_empty_database(dsn, "bench_regal_restore")
-    measure("regal restore", [*REGAL, "restore", backup_id, "--to", restored, "--json", "--policy",
-                              str(made.policy_path)], None)
+    restored = with_dbname(dsn, "bench_regal_restore")
+    for validation in ("full", "rows"):
+        measure("regal restore" if validation == "full" else f"regal restore --validate {validation}",
+                [*REGAL, "restore", backup_id, "--to", restored, "--validate", validation, "--json", "--policy",
+                 str(made.policy_path)], None, before=lambda: create_empty_database(dsn, "bench_regal_restore"))
     drop_database(dsn, "bench_regal_restore")
     shutil.rmtree(project)
 
@@ -206,10 +215,12 @@ def print_tables(results: dict[float, tuple[int, list[Step]]], jobs: int) -> Non
     for scale, (db_bytes, steps) in results.items():
         print(f"\n### scale {scale:g}: database {db_bytes / 1e6:,.0f} MB, {jobs} parallel jobs, "
               f"{os.cpu_count()} cores\n")
-        print("| step | wall s | ÷ runbook step | ÷ floor | written MB | peak RSS MB (tree) |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| step | wall s | time ÷ runbook's step | speed-up over runbook | time ÷ floor | written MB "
+              "| peak RSS MB (tree) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for s in steps:
-            print(f"| {s.name.replace('|', '&#124;')} | {s.seconds:.1f} | {ratio(s.vs_runbook)} | "
+            speedup = ratio(1 / s.vs_runbook) if s.vs_runbook else ""
+            print(f"| {s.name.replace('|', '&#124;')} | {s.seconds:.2f} | {ratio(s.vs_runbook)} | {speedup} | "
                   f"{ratio(s.vs_floor)} | {s.bytes_written / 1e6:,.1f} | {s.peak_rss_mb:.0f} |")
     if len(results) > 1:
         print("\n### peak RSS of our steps across scales (MB)\n")
@@ -230,6 +241,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs of the floor dump")
     parser.add_argument("--no-s3", action="store_true", help="skip the backup to S3 on a moto server")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    parser.add_argument("--repeat", type=int, default=1, help="run every step N times; the fastest counts")
     parser.add_argument("--work-dir", type=Path, help="where dumps and repositories go (default: a temp dir)")
     args = parser.parse_args()
 
@@ -250,7 +262,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="regal-bench-", dir=args.work_dir) as tmp:
             work = Path(tmp)
             if args.dsn:
-                results[0] = (database_size(args.dsn), bench_scale(0, args.dsn, work, args.jobs, s3_endpoint))
+                results[0] = (database_size(args.dsn), bench_scale(0, args.dsn, work, args.jobs, s3_endpoint,
+                                                                       args.repeat))
             for scale in [] if args.dsn else args.scales:
                 print(f"scale {scale:g}: generating the dataset", file=sys.stderr, flush=True)
                 with ScratchCluster(base_dir=work, tuned_for_restore=False) as cluster:
@@ -258,7 +271,8 @@ def main() -> None:
                     create_pos_database(dsn, scale)
                     with psycopg.connect(dsn, autocommit=True) as conn:
                         conn.execute("CHECKPOINT")
-                    results[scale] = (database_size(dsn), bench_scale(scale, dsn, work, args.jobs, s3_endpoint))
+                    results[scale] = (database_size(dsn), bench_scale(scale, dsn, work, args.jobs,
+                                                                           s3_endpoint, args.repeat))
     finally:
         if moto:
             moto.stop()

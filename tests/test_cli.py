@@ -47,7 +47,7 @@ def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: P
     target = system_pg.dsn(system_pg.new_name("regal_cli_restored"))
     restored = cli("restore", "--target", "main", "--latest", "--to", target, *policy)
     assert restored.returncode == 0, restored.stderr
-    assert "every table matches" in restored.stdout
+    assert "validation (full): every table read back" in restored.stdout
 
     again = cli("restore", backup_id, "--to", target, *policy)
     assert again.returncode == 1

@@ -8,6 +8,7 @@ import importlib.metadata
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,9 +57,12 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
 
         try:
             with postgres.dump_session(dsn) as session:
-                schema = store(postgres.SCHEMA_OBJECT, postgres.SCHEMA_CONTENT, session.schema_chunks(), 0)
                 jobs = min(target.jobs, max(len(session.tables), 1))
-                stored = _dump_tables(session, store, jobs)
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
+                    schema_done = pool.submit(store, postgres.SCHEMA_OBJECT, postgres.SCHEMA_CONTENT,
+                                              session.schema_chunks(), 0)
+                    stored = _dump_tables(session, store, jobs)
+                    schema = schema_done.result()
             stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
             manifest = Manifest(
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
