@@ -270,6 +270,7 @@ def main() -> None:
                     dsn = cluster.create_database("regalpos")
                     create_pos_database(dsn, scale)
                     with psycopg.connect(dsn, autocommit=True) as conn:
+                        conn.execute("VACUUM")  # else autovacuum does it during the first steps
                         conn.execute("CHECKPOINT")
                     results[scale] = (database_size(dsn), bench_scale(scale, dsn, work, args.jobs,
                                                                            s3_endpoint, args.repeat))

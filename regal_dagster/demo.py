@@ -7,6 +7,7 @@ Dagster instance the UI can show), verifies the backup and prints a summary.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,8 @@ def _dagster_home(directory: Path) -> Path:
 
 def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance, scale: float,
          keep_running: bool, echo: bool) -> dict[str, Any]:
-    try:
+    with contextlib.suppress(Exception):  # exists from an earlier run: regenerated below
         cluster.create_database(DEMO_DATABASE)
-    except Exception:  # noqa: BLE001 - exists from an earlier run: regenerated below
-        pass
     dsn = cluster.dsn(DEMO_DATABASE)
     _say(echo, f"generating the point-of-sale database at scale {scale}")
     rows = create_pos_database(dsn, scale, replace=True)
@@ -94,8 +93,9 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     text = "\n".join([
         f"dataset     {sum(rows.values())} rows in {len(rows)} tables ({DEMO_DATABASE} on {cluster.dsn(DEMO_DATABASE)})",
         f"backup      {manifest.backup_id} ({manifest.retention_class}), Dagster run {result.run_id}",
-        f"stored      {manifest.stored_bytes:,} bytes from {manifest.plaintext_bytes:,} "
-        f"(ratio {manifest.plaintext_bytes / max(manifest.stored_bytes, 1):.1f}), key {manifest.objects[0].encryption.key_id}",
+        (f"stored      {manifest.stored_bytes:,} bytes from {manifest.plaintext_bytes:,} "
+         f"(ratio {manifest.plaintext_bytes / max(manifest.stored_bytes, 1):.1f}), "
+         f"key {manifest.objects[0].encryption.key_id}"),
         f"verified    {'yes: every byte authenticated and checksummed' if verified.ok else 'NO: ' + '; '.join(verified.problems)}",
         f"policy      {policy_path}",
         f"repository  {repo.location}",

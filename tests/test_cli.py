@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "regal_dagster.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300, cwd=ROOT)
+                          env={**os.environ, **(env or {})}, timeout=300, cwd=ROOT, check=False)
 
 
 def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: Path) -> None:

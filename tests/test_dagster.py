@@ -36,7 +36,7 @@ def test_workspace_validates_with_the_dagster_cli(policy_file: Path) -> None:
     env = {**os.environ, "REGAL_POLICY": str(policy_file), "DAGSTER_HOME": str(policy_file.parent)}
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent))
     result = subprocess.run([dagster, "definitions", "validate", "-w", "workspace.yaml"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "passed validation" in result.stderr + result.stdout
 

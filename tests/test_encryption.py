@@ -30,11 +30,16 @@ def backed_up(system_pg: DatabaseFactory, tmp_path: Path, master_key: str):  # t
 
 
 def test_no_plaintext_of_the_database_in_stored_bytes(backed_up) -> None:  # type: ignore[no-untyped-def]
-    policy, manifest, _ = backed_up
-    stored = b"".join(p.read_bytes() for p in policy.local_repository_path().rglob("*.pgdump"))
-    assert stored.startswith(crypto.OBJECT_MAGIC)
-    for needle in [b"customers", b"customer17@example.com", b"tok_", b"Order", "José".encode(), b"large value"]:
-        assert needle not in stored
+    policy, first, second = backed_up
+    root = policy.local_repository_path()
+    for manifest in (first, second):
+        assert len(manifest.objects) == 3  # the schema archive and one object per table
+        for record in manifest.objects:
+            stored = (root / record.key).read_bytes()
+            assert stored.startswith(crypto.OBJECT_MAGIC), record.name
+            for needle in [b"customers", b"customer17@example.com", b"tok_", b"Order", "José".encode(),
+                           b"large value", b"CREATE TABLE"]:
+                assert needle not in stored, (needle, record.name)
 
 
 def test_a_wrong_master_key_fails_with_a_clear_error(backed_up, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -97,8 +102,8 @@ def test_a_flipped_byte_is_detected_and_named(backed_up) -> None:  # type: ignor
     path.write_bytes(bytes(data))
     result = verify_backup(open_repository(policy), load_keyring(policy), manifest)
     assert not result.ok
-    assert result.problems == [f"object {manifest.objects[0].key} fails authentication: its bytes were changed, "
-                               "truncated, or moved from another backup"]
+    assert result.problems == [(f"object {manifest.objects[0].key} fails authentication: its bytes were changed, "
+                                "truncated, or moved from another backup")]
 
 
 def test_an_edited_manifest_fails_its_checksum(backed_up) -> None:  # type: ignore[no-untyped-def]

