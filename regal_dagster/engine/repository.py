@@ -255,7 +255,8 @@ class LocalRepository(Repository):
 # --- S3 ------------------------------------------------------------------------------------------
 
 class _S3Writer(ObjectWriter):
-    """Streamed multipart upload: at most `concurrency` parts in flight, so memory stays bounded."""
+    """Streamed multipart upload. Parts in flight are limited per repository (`upload_concurrency`, shared
+    by every object being written at once), so memory stays bounded: part size x (concurrency + writers)."""
 
     def __init__(self, repo: S3Repository, key: str):
         self.repo, self.key = repo, key
@@ -264,7 +265,7 @@ class _S3Writer(ObjectWriter):
         self.upload_id: str | None = None
         self.parts: list[Future[dict[str, object]]] = []
         self.pool = ThreadPoolExecutor(max_workers=repo.config.upload_concurrency)
-        self.slots = threading.Semaphore(repo.config.upload_concurrency)
+        self.slots = repo.upload_slots
         self.bytes_written = 0
         self.aborted = False
 
@@ -361,6 +362,7 @@ class S3Repository(Repository):
         from botocore.config import Config
 
         self.config = config
+        self.upload_slots = threading.Semaphore(config.upload_concurrency)  # parts in flight, all writers
         bucket, _, prefix = config.url[len("s3://"):].partition("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.location = config.url
