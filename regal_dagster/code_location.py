@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import os
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, DefaultScheduleStatus, Definitions, ScheduleDefinition, define_asset_job
 
 from .assets import BACKUP_GROUP, build_backup_asset
+from .checks import build_backup_checks
 from .engine.policy import DEFAULT_POLICY_FILE, POLICY_ENV, load_policy
 from .resources import engine_resource
 from .schedules import build_class_schedule
+from .sensors import build_alert_sensors
 
 BACKUP_JOB = "backup_job"
+VERIFY_JOB = "verify_job"
+VERIFY_CRON = "30 3 * * *"  # daily, after the 02:00 backup: re-reads the newest backups (storage bit rot)
 
 
 def build_definitions(policy_path: str | None = None) -> Definitions:
     path = policy_path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE
     policy = load_policy(path)
     assets = [build_backup_asset(policy, name) for name in sorted(policy.targets)]
+    checks = [build_backup_checks(policy, name) for name in sorted(policy.targets)]
     job = define_asset_job(BACKUP_JOB, selection=AssetSelection.groups(BACKUP_GROUP),
-                           description="Back up every target.")
+                           description="Back up every target, then check each backup.")
+    verify_job = define_asset_job(VERIFY_JOB, selection=AssetSelection.checks_for_assets(*assets),
+                                  description="Check the newest backup of every target again.")
     schedules = [build_class_schedule(policy, cls, job) for cls in policy.schedules]
-    return Definitions(assets=assets, jobs=[job], schedules=schedules,
+    schedules.append(ScheduleDefinition(name="daily_verification", job=verify_job, cron_schedule=VERIFY_CRON,
+                                        execution_timezone="UTC", default_status=DefaultScheduleStatus.RUNNING))
+    return Definitions(assets=assets, asset_checks=checks, jobs=[job, verify_job], schedules=schedules,
+                       sensors=build_alert_sensors(policy, BACKUP_JOB),
                        resources={"regal": engine_resource(os.path.abspath(path), policy)})
 
 

@@ -5,6 +5,7 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import PrivateAttr
 
 from .engine.backup import run_backup
+from .engine.checks import CheckRecord, run_checks
 from .engine.crypto import Keyring, load_keyring
 from .engine.manifest import Manifest
 from .engine.policy import Policy, load_policy
@@ -32,6 +33,9 @@ class RegalEngine(ConfigurableResource):  # type: ignore[misc]
 
     def backup(self, target: str, retention_class: str, trigger: dict[str, str]) -> Manifest:
         return run_backup(self.policy(), target, retention_class, keyring=self.keyring(), trigger=trigger)
+
+    def check(self, backup_id: str, trigger: dict[str, str]) -> CheckRecord:
+        return run_checks(self.policy(), self.repository(), self.keyring(), backup_id, trigger=trigger)
 
 
 def engine_resource(policy_path: str, policy: Policy) -> RegalEngine:

@@ -120,14 +120,16 @@ def make_policy(base_dir: Path, targets: dict[str, str], repository: dict[str, o
     return policy
 
 
-def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[str, object] | None = None) -> Path:
-    """The same as make_policy, as a YAML file (for the CLI and Dagster)."""
+def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[str, object] | None = None,
+                      **settings: object) -> Path:
+    """The same as make_policy, as a YAML file (for the CLI and Dagster); `settings` are more top-level keys."""
     import yaml
 
     document = {
         "repository": repository or {"url": "repository"},
         "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
         "targets": {name: {"kind": "postgres", "dsn": dsn} for name, dsn in targets.items()},
+        **settings,
     }
     path = base_dir / "regal_backup.yaml"
     path.write_text(yaml.safe_dump(document))

@@ -175,6 +175,61 @@ class RetentionConfig(_Model):
         return started_at + period[retention_class] * count
 
 
+class ChecksConfig(_Model):
+    size_tolerance: float = Field(0.5, gt=0, description="WARN when a backup's size differs from the median "
+                                  "of the recent good backups by more than this fraction")
+    size_history: int = Field(10, ge=3, le=100, description="how many recent good backups the size check uses")
+    sample_kb: int = Field(256, ge=4, le=65536, description="KB read from each end of every object when "
+                           "looking for plaintext")
+
+
+class EmailChannel(_Model):
+    kind: Literal["email"]
+    host: str
+    port: int = 587
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable holding the SMTP password")
+    sender: str
+    recipients: list[str] = Field(min_length=1)
+    ca_file: str | None = Field(None, description="CA bundle for the server's certificate (default: system's)")
+    timeout: Duration = timedelta(seconds=15)
+
+
+class SlackChannel(_Model):
+    kind: Literal["slack"]
+    webhook_url_env: str = Field(description="environment variable holding the incoming-webhook URL (a secret)")
+    timeout: Duration = timedelta(seconds=15)
+
+
+class WebhookChannel(_Model):
+    kind: Literal["webhook"]
+    url: str | None = None
+    url_env: str | None = Field(None, description="environment variable holding the URL, when it is a secret")
+    timeout: Duration = timedelta(seconds=15)
+
+    @model_validator(mode="after")
+    def _one_url(self) -> WebhookChannel:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url or url_env")
+        return self
+
+
+AlertChannel = Annotated[EmailChannel | SlackChannel | WebhookChannel, Field(discriminator="kind")]
+
+
+class CapacityConfig(_Model):
+    min_free_fraction: float = Field(0.15, ge=0, le=1, description="local repository: alert below this free disk")
+    s3_quota_bytes: int | None = Field(None, ge=1, description="S3: the bucket budget usage is measured against")
+    max_used_fraction: float = Field(0.8, gt=0, le=1, description="S3: alert above this share of the quota")
+
+
+class AlertsConfig(_Model):
+    channels: list[AlertChannel] = Field(default_factory=list)
+    remind_after: Duration = Field(timedelta(hours=4), description="repeat an alert that has not cleared")
+    capacity: CapacityConfig = CapacityConfig()
+
+
 class DagsterConfig(_Model):
     base_url: str = "http://localhost:3000"
 
@@ -189,6 +244,8 @@ class Policy(_Model):
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
     compression: CompressionConfig = CompressionConfig()
+    checks: ChecksConfig = ChecksConfig()
+    alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)

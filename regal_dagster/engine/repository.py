@@ -14,6 +14,7 @@ import fcntl
 import io
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -95,6 +96,18 @@ class Repository(ABC):
 
     def server_side_encryption(self, key: str) -> str | None:
         """The store's own encryption of an object at rest, where the store reports one."""
+        return None
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes from offset `start` (fewer at the end of the object)."""
+
+    def usage_bytes(self) -> int:
+        """Bytes the repository's objects take."""
+        return sum(o.size for o in self.list(""))
+
+    def free_bytes(self) -> tuple[int, int] | None:
+        """(free, total) bytes of the storage under the repository, where the store has such a limit."""
         return None
 
     def ensure_initialized(self) -> None:
@@ -213,6 +226,15 @@ class LocalRepository(Repository):
             return self._path(key).stat().st_size
         except FileNotFoundError:
             return None
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.reader(key) as f:
+            f.seek(start)
+            return f.read(length)
+
+    def free_bytes(self) -> tuple[int, int] | None:
+        usage = shutil.disk_usage(self.root)
+        return usage.free, usage.total
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -410,6 +432,14 @@ class S3Repository(Repository):
         with self._errors(key):
             body = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))["Body"]
         return _S3Reader(self, key, body)  # type: ignore[return-value]
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        with self._errors(key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key),
+                                              Range=f"bytes={start}-{start + length - 1}")
+            return response["Body"].read()  # type: ignore[no-any-return]
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):

@@ -1,0 +1,309 @@
+"""Alerts to the ops team: what is wrong now, told once, reminded, and cleared.
+
+A *condition* is something wrong right now (an RPO breach, a failed check, low capacity, a failed backup
+run), identified by a stable key. The `AlertBook` compares the conditions of each evaluation with what it
+has already told people: a new condition sends an alert, one still open after `remind_after` sends a
+reminder, one that is gone sends "resolved". Messages go through an outbox: a channel that fails (SMTP
+down, webhook 500) is logged and retried on the next evaluation, and never raises into the pipeline.
+The book is plain JSON, so a Dagster sensor keeps it in its cursor and the CLI could keep it in a file.
+
+Channels: e-mail (SMTP with STARTTLS, SSL or plain), Slack incoming webhooks and a generic JSON webhook.
+Secrets (SMTP password, Slack URL, webhook URL) come from environment variables and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import smtplib
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+from .catalog import list_backups
+from .checks import ERROR, good_backups, load_check_record
+from .policy import AlertChannel, EmailChannel, Policy, SlackChannel, WebhookChannel
+from .repository import Repository
+
+log = logging.getLogger("regal_backup.alerts")
+
+MAX_ATTEMPTS = 30  # deliveries of one message to one channel before it is dropped (and logged)
+
+FIRST_STEPS = {
+    "rpo_breach": "Open the last backup run and the backup schedule: are runs failing or not starting? "
+                  "Take a backup now with `regal-backup backup {target}`.",
+    "backup_failed": "Open the run and read the failed step's error; fix the cause and re-run the backup.",
+    "verification_failed": "Take a new backup now (`regal-backup backup {target}`) and keep the damaged one for "
+                           "investigation; check the storage for corruption or tampering.",
+    "check_failed": "Run `regal-backup verify {backup_id}`; take a new backup now and investigate the repository.",
+    "encryption": "Treat this as a possible data exposure: restrict access to the repository, take a new "
+                  "backup, and find out how unencrypted data got there.",
+    "capacity": "Prune old backups or add storage before backups start failing.",
+}
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str  # stable identity, e.g. rpo:main, check:main:integrity, capacity, run:backup_job
+    event: str  # rpo_breach | backup_failed | verification_failed | check_failed | capacity
+    target: str  # a target name, or "repository"
+    what: str  # one line, for a subject
+    link: str  # where to look in the Dagster UI
+    first_step: str
+    since: datetime | None = None  # when it started; None: when it was first seen
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Notification:
+    status: str  # alert | reminder | resolved
+    condition: dict[str, Any]  # a Condition as JSON
+    since: str
+    at: str
+
+    @property
+    def subject(self) -> str:
+        label = {"alert": "ALERT", "reminder": "STILL FAILING", "resolved": "RESOLVED"}[self.status]
+        return f"[Regal Backup] {label}: {self.condition['what']}"
+
+    @property
+    def text(self) -> str:
+        c = self.condition
+        lines = [self.subject, "", f"What:    {c['what']}", f"Target:  {c['target']}", f"Since:   {self.since}"]
+        if self.status == "resolved":
+            lines.append(f"Cleared: {self.at}")
+        lines.append(f"Link:    {c['link']}")
+        if self.status != "resolved":
+            lines += ["", f"First step: {c['first_step']}"]
+        for name, value in c.get("details", {}).items():
+            lines.append(f"{name}: {value}")
+        return "\n".join(lines)
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        c = self.condition
+        return {"source": "regal-backup", "status": self.status, "event": c["event"], "key": c["key"],
+                "target": c["target"], "what": c["what"], "since": self.since, "at": self.at,
+                "link": c["link"], "first_step": c["first_step"], "details": c.get("details", {})}
+
+
+def _condition_json(condition: Condition) -> dict[str, Any]:
+    body = asdict(condition)
+    body["since"] = condition.since.isoformat() if condition.since else None
+    return body
+
+
+@dataclass
+class AlertBook:
+    """What has been told: open conditions and messages not yet delivered. JSON round-trips."""
+
+    open: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> {condition, since, last_sent}
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # {notification, channel, attempts}
+
+    @classmethod
+    def from_json(cls, text: str | None) -> AlertBook:
+        if not text:
+            return cls()
+        body = json.loads(text)
+        return cls(body.get("open", {}), body.get("outbox", []))
+
+    def to_json(self) -> str:
+        return json.dumps({"open": self.open, "outbox": self.outbox}, sort_keys=True)
+
+    def update(self, conditions: list[Condition], now: datetime, remind_after: timedelta,
+               channels: int) -> list[Notification]:
+        """Compare with what is wrong now; queue alerts, reminders and resolutions for every channel."""
+        queued = []
+        active = {c.key: c for c in conditions}
+        for key, condition in active.items():
+            entry = self.open.get(key)
+            if entry is None:
+                since = (condition.since or now).isoformat()
+                self.open[key] = {"condition": _condition_json(condition), "since": since, "last_sent": now.isoformat()}
+                queued.append(Notification("alert", _condition_json(condition), since, now.isoformat()))
+            else:
+                entry["condition"] = _condition_json(condition)  # newest details and link
+                if now - datetime.fromisoformat(entry["last_sent"]) >= remind_after:
+                    entry["last_sent"] = now.isoformat()
+                    queued.append(Notification("reminder", entry["condition"], entry["since"], now.isoformat()))
+        for key in [k for k in self.open if k not in active]:
+            entry = self.open.pop(key)
+            queued.append(Notification("resolved", entry["condition"], entry["since"], now.isoformat()))
+        for notification in queued:
+            for channel in range(channels):
+                self.outbox.append({"notification": asdict(notification), "channel": channel, "attempts": 0})
+        return queued
+
+    def deliver(self, send: Callable[[int, Notification], None]) -> list[str]:
+        """Try every queued message; keep the ones that failed for the next time. Returns the failures."""
+        failures, remaining = [], []
+        for item in self.outbox:
+            notification = Notification(**item["notification"])
+            try:
+                send(item["channel"], notification)
+            except Exception as exc:  # noqa: BLE001 - a channel must never break the pipeline
+                item["attempts"] += 1
+                failure = f"channel {item['channel']}: {notification.subject}: {exc}"
+                failures.append(failure)
+                if item["attempts"] < MAX_ATTEMPTS:
+                    remaining.append(item)
+                    log.warning("alert not delivered, will retry: %s", failure)
+                else:
+                    log.error("alert dropped after %d attempts: %s", item["attempts"], failure)
+        self.outbox = remaining
+        return failures
+
+
+# --- channels --------------------------------------------------------------------------------------
+
+class ChannelError(Exception):
+    pass
+
+
+def _secret(env: str, what: str) -> str:
+    value = os.environ.get(env)
+    if not value:
+        raise ChannelError(f"the environment variable {env} ({what}) is not set")
+    return value
+
+
+def send_email(channel: EmailChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
+    message = EmailMessage()
+    message["Subject"] = notification.subject
+    message["From"] = channel.sender
+    message["To"] = ", ".join(channel.recipients)
+    message.set_content(notification.text)
+    context = ssl.create_default_context(cafile=str(resolve_path(channel.ca_file)) if channel.ca_file else None)
+    timeout = channel.timeout.total_seconds()
+    try:
+        if channel.security == "ssl":
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(channel.host, channel.port, timeout=timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(channel.host, channel.port, timeout=timeout)
+        with smtp:
+            if channel.security == "starttls":
+                smtp.starttls(context=context)
+            if channel.username:
+                smtp.login(channel.username, _secret(channel.password_env or "", "SMTP password"))
+            smtp.send_message(message)
+    except (OSError, smtplib.SMTPException) as exc:
+        raise ChannelError(f"SMTP {channel.host}:{channel.port}: {type(exc).__name__}: {exc}") from None
+
+
+def _post_json(url: str, body: dict[str, Any], timeout: float, label: str) -> None:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "User-Agent": "regal-backup"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        raise ChannelError(f"{label} answered HTTP {exc.code}") from None
+    except (OSError, urllib.error.URLError) as exc:
+        raise ChannelError(f"{label} unreachable: {getattr(exc, 'reason', exc)}") from None
+
+
+def send(channel: AlertChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
+    """Deliver one message on one channel; ChannelError says why it failed (without secrets)."""
+    if isinstance(channel, EmailChannel):
+        send_email(channel, notification, resolve_path)
+    elif isinstance(channel, SlackChannel):
+        _post_json(_secret(channel.webhook_url_env, "Slack webhook URL"), {"text": notification.text},
+                   channel.timeout.total_seconds(), "Slack webhook")
+    elif isinstance(channel, WebhookChannel):
+        url = channel.url or _secret(channel.url_env or "", "webhook URL")
+        _post_json(url, notification.payload, channel.timeout.total_seconds(), "webhook")
+
+
+def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condition], now: datetime) -> list[str]:
+    """One evaluation: update the book with the conditions, deliver what is queued. Returns failures."""
+    channels = policy.alerts.channels
+    book.update(conditions, now, policy.alerts.remind_after, len(channels))
+    return book.deliver(lambda index, n: send(channels[index], n, policy.resolve_path))
+
+
+# --- conditions from the repository ----------------------------------------------------------------
+
+def run_link(policy: Policy, run_id: str | None, target: str, kind: str = "postgres") -> str:
+    base = policy.dagster.base_url.rstrip("/")
+    return f"{base}/runs/{run_id}" if run_id else f"{base}/assets/{kind}/{target}/backup"
+
+
+def rpo_conditions(policy: Policy, repo: Repository, now: datetime) -> list[Condition]:
+    """A breach per target whose newest good backup is older than its RPO (or that has none)."""
+    conditions = []
+    for target, config in sorted(policy.targets.items()):
+        rpo = policy.rpo_for(target)
+        good = good_backups(repo, target)
+        newest = good[-1] if good else None
+        if newest is not None and now - newest.finished_at <= rpo:
+            continue
+        if newest is None:
+            what = f"{target}: no backup has passed its checks (RPO {rpo})"
+            since, details = None, {}
+        else:
+            age = now - newest.finished_at
+            what = f"{target}: newest good backup is {_hours(age)} old, past the RPO of {_hours(rpo)}"
+            since, details = newest.finished_at + rpo, {"newest_good_backup": newest.backup_id}
+        conditions.append(Condition(f"rpo:{target}", "rpo_breach", target, what,
+                                    run_link(policy, newest.trigger.get("dagster_run_id") if newest else None,
+                                             target, config.kind),
+                                    FIRST_STEPS["rpo_breach"].format(target=target), since, details))
+    return conditions
+
+
+def check_conditions(policy: Policy, repo: Repository) -> list[Condition]:
+    """Failed ERROR checks of each target's newest checked backup (integrity: a failed verification)."""
+    conditions = []
+    for target, config in sorted(policy.targets.items()):
+        manifests, _ = list_backups(repo, target)
+        record = next((r for m in reversed(manifests) if (r := load_check_record(repo, m.backup_id))), None)
+        if record is None or record.passed:
+            continue
+        for outcome in record.outcomes:
+            if outcome.passed or outcome.severity != ERROR:
+                continue
+            event = "verification_failed" if outcome.name == "integrity" else "check_failed"
+            first = FIRST_STEPS["encryption" if outcome.name == "encryption" else event]
+            conditions.append(Condition(
+                f"check:{target}:{outcome.name}", event, target,
+                f"{target}: {outcome.name} check failed for backup {record.backup_id}",
+                run_link(policy, record.trigger.get("dagster_run_id"), target, config.kind),
+                first.format(target=target, backup_id=record.backup_id), record.checked_at,
+                {"backup": record.backup_id, "finding": outcome.description,
+                 **({"object": outcome.failing_object} if outcome.failing_object else {})}))
+    return conditions
+
+
+def capacity_conditions(policy: Policy, repo: Repository) -> list[Condition]:
+    capacity = policy.alerts.capacity
+    link = f"{policy.dagster.base_url.rstrip('/')}/assets"
+    first = FIRST_STEPS["capacity"]
+    if (space := repo.free_bytes()) is not None:
+        free, total = space
+        if total and free / total < capacity.min_free_fraction:
+            return [Condition("capacity", "capacity", "repository",
+                              f"repository disk {free / total:.0%} free, below {capacity.min_free_fraction:.0%}",
+                              link, first, details={"free_bytes": free, "total_bytes": total,
+                                                    "repository": repo.location})]
+    elif capacity.s3_quota_bytes:
+        used = repo.usage_bytes()
+        if used / capacity.s3_quota_bytes > capacity.max_used_fraction:
+            return [Condition("capacity", "capacity", "repository",
+                              f"repository uses {used / capacity.s3_quota_bytes:.0%} of its quota, above "
+                              f"{capacity.max_used_fraction:.0%}", link, first,
+                              details={"used_bytes": used, "quota_bytes": capacity.s3_quota_bytes,
+                                       "repository": repo.location})]
+    return []
+
+
+def _hours(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 3600:
+        return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,272 @@
+"""The checks every backup gets, and their record in the repository.
+
+- `manifest`   ERROR: the manifest's own checksum holds; every object it lists exists with its size.
+- `integrity`  ERROR: every stored byte read back, authenticated, decompressed; both SHA-256 sums match;
+               the schema archive's table of contents parses (`pg_restore --list`).
+- `encryption` ERROR: every object starts with our header and a key id the keyset holds (the one the
+               manifest names); no plaintext of the source in samples from both ends of every object
+               (table and column names, e-mail addresses, card tokens and card numbers); on S3 the store
+               reports server-side encryption as well.
+- `size`       WARN:  the backup's size is within the policy's tolerance of the recent good backups.
+
+The outcome is written next to the manifest as `checks.json`. A backup is *good* when every ERROR check
+passed: only good backups count for freshness (the RPO), retention and restore tests. A backup without
+a record yet is *unchecked*, and not good either.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .catalog import list_backups
+from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
+from .errors import IntegrityError, RegalError
+from .manifest import Manifest, backup_prefix, manifest_key, target_of
+from .pipeline import read_stream
+from .policy import Policy
+from .repository import Repository
+from .sources import postgres
+from .sources.pg_tools import find_pg_tool
+from .verify import verify_backup
+
+CHECKS_NAME = "checks.json"
+ERROR, WARN = "ERROR", "WARN"
+SEVERITY = {"manifest": ERROR, "integrity": ERROR, "encryption": ERROR, "size": WARN}
+DESCRIPTIONS = {
+    "manifest": "The manifest's checksum holds and every object it lists exists with its size.",
+    "integrity": "Every stored byte is read back, authenticated, decompressed and matches both SHA-256 sums; "
+                 "the schema archive's table of contents parses.",
+    "encryption": "Every object is in the encrypted format under a key the keyset holds; no plaintext of the "
+                  "source in samples of the stored bytes; server-side encryption on S3.",
+    "size": "The backup's size is close to the recent good backups' (a sudden change is worth a look).",
+}
+
+_EMAIL = re.compile(rb"[A-Za-z0-9._%+-]{3,64}@[A-Za-z0-9-]{3,63}\.[A-Za-z0-9.-]{2,63}")
+_CARD_TOKEN = re.compile(rb"tok_[0-9A-Za-z]{8,}")
+_DIGITS = re.compile(rb"(?<![0-9])[0-9]{13,19}(?![0-9])")
+
+
+@dataclass
+class CheckOutcome:
+    name: str
+    passed: bool
+    description: str  # what was found, for people
+    failing_object: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def severity(self) -> str:
+        return SEVERITY[self.name]
+
+
+@dataclass
+class CheckRecord:
+    backup_id: str
+    checked_at: datetime
+    outcomes: list[CheckOutcome]
+    trigger: dict[str, str] = field(default_factory=dict)  # dagster_run_id, or cli
+
+    @property
+    def passed(self) -> bool:
+        """Good: every ERROR check passed."""
+        return all(o.passed for o in self.outcomes if o.severity == ERROR)
+
+    def outcome(self, name: str) -> CheckOutcome | None:
+        return next((o for o in self.outcomes if o.name == name), None)
+
+    def to_bytes(self) -> bytes:
+        body = {"format": "regal-backup-checks", "version": 1, "backup_id": self.backup_id,
+                "checked_at": self.checked_at.isoformat(), "passed": self.passed, "trigger": self.trigger,
+                "outcomes": [{**asdict(o), "severity": o.severity} for o in self.outcomes]}
+        return json.dumps(body, indent=2, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CheckRecord:
+        body = json.loads(data)
+        outcomes = [CheckOutcome(o["name"], o["passed"], o["description"], o.get("failing_object"),
+                                 o.get("metadata", {})) for o in body["outcomes"]]
+        return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}))
+
+
+def checks_key(backup_id: str) -> str:
+    return backup_prefix(target_of(backup_id), backup_id) + CHECKS_NAME
+
+
+def load_check_record(repo: Repository, backup_id: str) -> CheckRecord | None:
+    key = checks_key(backup_id)
+    if repo.size(key) is None:
+        return None
+    try:
+        return CheckRecord.from_bytes(repo.get_bytes(key))
+    except (ValueError, KeyError, TypeError):
+        return None  # an unreadable record counts as "not checked"
+
+
+# --- the checks ------------------------------------------------------------------------------------
+
+def check_manifest(repo: Repository, backup_id: str) -> tuple[CheckOutcome, Manifest | None]:
+    key = manifest_key(target_of(backup_id), backup_id)
+    if repo.size(key) is None:
+        return CheckOutcome("manifest", False, f"the manifest {key} is missing", key), None
+    try:
+        manifest = Manifest.from_bytes(repo.get_bytes(key), key)
+    except IntegrityError as exc:
+        return CheckOutcome("manifest", False, exc.message, key), None
+    for record in manifest.objects:
+        size = repo.size(record.key)
+        if size is None:
+            return CheckOutcome("manifest", False, f"object {record.key} is missing", record.key), manifest
+        if size != record.size:
+            return CheckOutcome("manifest", False, f"object {record.key} has {size} bytes, the manifest says "
+                                f"{record.size}", record.key), manifest
+    return CheckOutcome("manifest", True, f"checksum holds; all {len(manifest.objects)} objects present with "
+                        "their sizes", metadata={"objects": len(manifest.objects)}), manifest
+
+
+def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs: int) -> CheckOutcome:
+    result = verify_backup(repo, keyring, manifest, jobs=jobs)
+    bad = next((o for o in result.objects if not o.ok), None)
+    if bad is not None:
+        return CheckOutcome("integrity", False, bad.detail, bad.key,
+                            {"objects_failed": sum(not o.ok for o in result.objects)})
+    entries = _archive_entries(repo, keyring, manifest)
+    return CheckOutcome("integrity", True, f"{manifest.stored_bytes} stored bytes in {len(manifest.objects)} "
+                        f"objects authenticated and checksummed; schema archive lists {entries} entries",
+                        metadata={"bytes_read": manifest.stored_bytes, "archive_entries": entries})
+
+
+def _archive_entries(repo: Repository, keyring: Keyring, manifest: Manifest) -> int:
+    """Entries in the schema archive's table of contents (pg_restore --list must parse it)."""
+    record = manifest.object(postgres.SCHEMA_OBJECT)
+    dump_major = int(manifest.tool_versions.get("pg_dump", "0").split(".")[0] or 0)
+    tool = find_pg_tool("pg_restore", dump_major)
+    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        archive = Path(tmp) / "schema.pgdump"
+        with archive.open("wb") as f:
+            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
+        listed = subprocess.run([str(tool.path), "--list", str(archive)], capture_output=True, text=True,
+                                check=False)
+    if listed.returncode != 0:
+        raise IntegrityError(f"object {record.key}: pg_restore cannot read the archive's table of contents: "
+                             f"{listed.stderr.strip()[-300:]}", "this backup is damaged: use another one")
+    return sum(1 for line in listed.stdout.splitlines() if line and not line.startswith(";"))
+
+
+def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sample_bytes: int,
+                     s3: bool) -> CheckOutcome:
+    needles = _plaintext_needles(manifest)
+    sampled = 0
+    for record in manifest.objects:
+        head = repo.read_range(record.key, 0, sample_bytes)
+        if len(head) < OBJECT_HEADER.size or head[:4] != OBJECT_MAGIC:
+            return CheckOutcome("encryption", False, f"object {record.key} is not in the encrypted format "
+                                "(no regal-backup header)", record.key)
+        _, version, key_id = OBJECT_HEADER.unpack(head[:OBJECT_HEADER.size])
+        if version != OBJECT_FORMAT_VERSION or key_id != record.encryption.key_id:
+            return CheckOutcome("encryption", False, f"object {record.key} has format {version} and key {key_id}; "
+                                f"the manifest says key {record.encryption.key_id}", record.key)
+        if key_id not in keyring.key_ids:
+            return CheckOutcome("encryption", False, f"object {record.key} is encrypted with key {key_id}, which "
+                                "the keyset does not hold", record.key)
+        tail_start = max(len(head), record.size - sample_bytes)
+        sample = head + repo.read_range(record.key, tail_start, record.size - tail_start)
+        sampled += len(sample)
+        if found := _find_plaintext(sample, needles):
+            return CheckOutcome("encryption", False, f"object {record.key} contains plaintext ({found})", record.key)
+        if s3 and repo.server_side_encryption(record.key) is None:
+            return CheckOutcome("encryption", False, f"object {record.key} is not encrypted at rest by the store",
+                                record.key)
+    key_ids = sorted({o.encryption.key_id for o in manifest.objects})
+    return CheckOutcome("encryption", True, f"{len(manifest.objects)} objects encrypted with key(s) "
+                        f"{', '.join(map(str, key_ids))}; no plaintext in {sampled} sampled bytes"
+                        + ("; server-side encryption on every object" if s3 else ""),
+                        metadata={"key_ids": key_ids, "sampled_bytes": sampled})
+
+
+def _plaintext_needles(manifest: Manifest) -> list[bytes]:
+    names = set()
+    for table in manifest.source.get("tables", []):
+        names.update([table["name"], *table.get("columns", [])])
+    return sorted({n.encode() for n in names if len(n.encode()) >= 6})
+
+
+def _find_plaintext(sample: bytes, needles: list[bytes]) -> str | None:
+    for needle in needles:
+        if needle in sample:
+            return "a table or column name"
+    if _EMAIL.search(sample):
+        return "an e-mail address"
+    if _CARD_TOKEN.search(sample):
+        return "a card token"
+    if any(_luhn(m.group()) for m in _DIGITS.finditer(sample)):
+        return "a card number"
+    return None
+
+
+def _luhn(digits: bytes) -> bool:
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        n = d - 48
+        if i % 2:
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+    return total % 10 == 0
+
+
+def check_size(manifest: Manifest, recent_good: list[Manifest], tolerance: float) -> CheckOutcome:
+    sizes = [m.plaintext_bytes for m in recent_good]
+    if len(sizes) < 3:
+        return CheckOutcome("size", True, f"{manifest.plaintext_bytes} bytes; fewer than 3 earlier good backups "
+                            "to compare with", metadata={"bytes": manifest.plaintext_bytes})
+    median = statistics.median(sizes)
+    change = (manifest.plaintext_bytes - median) / max(median, 1)
+    passed = abs(change) <= tolerance
+    description = (f"{manifest.plaintext_bytes} bytes, {change:+.0%} against the median of the last "
+                   f"{len(sizes)} good backups ({int(median)} bytes)")
+    if not passed:
+        description += (f"; beyond ±{tolerance:.0%}: check for a mass delete or load, or a table that was "
+                        "dropped or added")
+    return CheckOutcome("size", passed, description,
+                        metadata={"bytes": manifest.plaintext_bytes, "median_bytes": int(median),
+                                  "change": round(change, 4)})
+
+
+# --- running them ----------------------------------------------------------------------------------
+
+def good_backups(repo: Repository, target: str) -> list[Manifest]:
+    """The target's backups whose ERROR checks passed, oldest first."""
+    manifests, _ = list_backups(repo, target)
+    return [m for m in manifests if (r := load_check_record(repo, m.backup_id)) is not None and r.passed]
+
+
+def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int = 4,
+               trigger: dict[str, str] | None = None) -> CheckRecord:
+    """Run every check on one backup and store the outcome as its checks.json."""
+    outcome, manifest = check_manifest(repo, backup_id)
+    outcomes = [outcome]
+    if manifest is None:
+        outcomes += [CheckOutcome(name, False, "not run: the manifest cannot be read", outcome.failing_object)
+                     for name in ("integrity", "encryption", "size")]
+    else:
+        try:
+            outcomes.append(check_integrity(repo, keyring, manifest, jobs))
+        except (IntegrityError, RegalError) as exc:
+            outcomes.append(CheckOutcome("integrity", False, exc.message))
+        try:
+            outcomes.append(check_encryption(repo, keyring, manifest, policy.checks.sample_kb * 1024,
+                                             policy.repository.is_s3))
+        except RegalError as exc:  # an object that cannot be read cannot be shown to be encrypted
+            outcomes.append(CheckOutcome("encryption", False, exc.message))
+        earlier = [m for m in good_backups(repo, manifest.target) if m.started_at < manifest.started_at]
+        outcomes.append(check_size(manifest, earlier[-policy.checks.size_history:], policy.checks.size_tolerance))
+    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {})
+    repo.put_bytes(checks_key(backup_id), record.to_bytes())
+    return record
