@@ -13,6 +13,7 @@ Secrets (SMTP password, Slack URL, webhook URL) come from environment variables 
 
 from __future__ import annotations
 
+import email.policy
 import json
 import logging
 import os
@@ -173,8 +174,11 @@ def _secret(env: str, what: str) -> str:
     return value
 
 
+_UNFOLDED = email.policy.SMTP.clone(max_line_length=998)  # Python folds long subjects badly: keep them whole
+
+
 def send_email(channel: EmailChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
-    message = EmailMessage()
+    message = EmailMessage(policy=_UNFOLDED)
     message["Subject"] = notification.subject
     message["From"] = channel.sender
     message["To"] = ", ".join(channel.recipients)

@@ -233,7 +233,8 @@ class LocalRepository(Repository):
             return f.read(length)
 
     def free_bytes(self) -> tuple[int, int] | None:
-        usage = shutil.disk_usage(self.root)
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())  # before the first backup
+        usage = shutil.disk_usage(existing)
         return usage.free, usage.total
 
     def delete(self, key: str) -> None:
