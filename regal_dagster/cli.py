@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .engine import catalog
+from .engine.checks import load_check_record, run_checks
 from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
 from .engine.manifest import Manifest
 from .engine.pipeline import Progress
 from .engine.policy import RETENTION_CLASSES, default_jobs, load_policy
-from .engine.repository import open_repository
-from .engine.verify import verify_backup
+from .engine.repository import Repository, open_repository
 
 
 class Output:
@@ -115,29 +115,36 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     policy = load_policy(args.policy)
-    backups, damaged = catalog.list_backups(open_repository(policy), args.target)
-    rows = [manifest_summary(m) for m in backups]
-    lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}"]
+    repo = open_repository(policy)
+    backups, damaged = catalog.list_backups(repo, args.target)
+    rows = [{**manifest_summary(m), "status": _status(repo, m.backup_id)} for m in backups]
+    lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  STATUS"]
     lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
-              f"{_size(r['bytes_stored']):>10} {r['rows']:>10}" for r in rows]
+              f"{_size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']}" for r in rows]
     lines += [f"DAMAGED {d.key}: {d.problem}" for d in damaged]
     out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged]},
                "\n".join(lines) if rows or damaged else "no backups yet")
     return 1 if damaged else 0
 
 
+def _status(repo: Repository, backup_id: str) -> str:
+    """good (its checks passed), failed, or unchecked."""
+    record = load_check_record(repo, backup_id)
+    return "unchecked" if record is None else "good" if record.passed else "failed"
+
+
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     policy = load_policy(args.policy)
     repo = open_repository(policy)
-    manifest = catalog.load_manifest(repo, args.backup_id)
     keyring = load_keyring(policy)
-    with out.progress(f"verify {args.backup_id}") as progress:
-        result = verify_backup(repo, keyring, manifest, jobs=args.jobs, progress=progress)
-    payload = {"backup_id": result.backup_id, "ok": result.ok,
-               "objects": [o.__dict__ for o in result.objects]}
-    text = "\n".join(f"{'OK  ' if o.ok else 'FAIL'} {o.name}: {o.detail}" for o in result.objects)
-    out.result(payload, f"{text}\nbackup {result.backup_id}: {'verified' if result.ok else 'FAILED verification'}")
-    return 0 if result.ok else 3
+    record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"})
+    checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
+               "failing_object": o.failing_object} for o in record.outcomes]
+    text = "\n".join(f"{'OK  ' if c['passed'] else c['severity']:5} {c['name']:10} {c['description']}" for c in checks)
+    verdict = "verified: every check passed" if record.passed else "FAILED verification"
+    out.result({"backup_id": record.backup_id, "ok": record.passed, "checks": checks},
+               f"{text}\nbackup {record.backup_id}: {verdict}")
+    return 0 if record.passed else 3
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:

@@ -40,9 +40,13 @@ def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: P
     listing = json.loads(cli("list", "--json", *policy).stdout)
     assert [b["backup_id"] for b in listing["backups"]] == [backup_id]
     assert listing["backups"][0]["retention_class"] == "daily"
+    assert listing["backups"][0]["status"] == "unchecked"
 
     verified = cli("verify", backup_id, *policy)
-    assert verified.returncode == 0 and "verified" in verified.stdout
+    assert verified.returncode == 0 and "verified: every check passed" in verified.stdout
+    for name in ("manifest", "integrity", "encryption", "size"):
+        assert f"OK    {name}" in verified.stdout
+    assert "good" in cli("list", *policy).stdout
 
     target = system_pg.dsn(system_pg.new_name("regal_cli_restored"))
     restored = cli("restore", "--target", "main", "--latest", "--to", target, *policy)
@@ -69,7 +73,11 @@ def test_verify_exits_non_zero_when_a_byte_is_wrong(system_pg: DatabaseFactory, 
     assert result.returncode == 3
     report = json.loads(result.stdout)
     assert report["ok"] is False
-    assert "fails authentication" in report["objects"][0]["detail"]
+    integrity = next(c for c in report["checks"] if c["name"] == "integrity")
+    assert not integrity["passed"] and integrity["severity"] == "ERROR"
+    assert "fails authentication" in integrity["description"] and integrity["failing_object"].endswith("schema.pgdump")
+    listing = json.loads(cli("list", "--json", *policy).stdout)
+    assert [b["status"] for b in listing["backups"]] == ["failed"]  # recorded: it no longer counts as good
 
 
 def test_errors_are_clear_and_carry_no_secrets(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 from regal_dagster.assets import RETENTION_CLASS_TAG
 from regal_dagster.code_location import BACKUP_JOB, build_definitions
 from regal_dagster.engine import catalog
+from regal_dagster.engine.checks import load_check_record
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.repository import open_repository
 
@@ -124,3 +125,28 @@ def test_instance_storage_on_postgres_with_the_documented_dagster_yaml(
         stored = conn.execute("SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
                               ).fetchone()
     assert stored == (1,)
+
+
+def test_checks_sensors_and_verify_job_are_defined_as_an_operator_expects(policy_file: Path) -> None:
+    defs = build_definitions(str(policy_file))
+    specs = {s.name: s for c in defs.asset_checks or [] for s in c.check_specs}  # type: ignore[union-attr]
+    assert set(specs) == {"manifest", "integrity", "encryption", "size"}
+    assert {name: s.blocking for name, s in specs.items()} == {
+        "manifest": True, "integrity": True, "encryption": True, "size": False}
+    assert all(s.asset_key == KEY for s in specs.values())
+    for name in ("rpo_watch", "backup_alerts"):
+        assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
+    verification = defs.resolve_schedule_def("daily_verification")
+    assert verification.job_name == "verify_job" and verification.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_the_backup_run_checks_the_backup_it_took(policy_file: Path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    result = build_definitions(str(policy_file)).resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance)
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {"manifest", "integrity", "encryption", "size"}
+    assert all(e.passed for e in evaluations.values())
+    backup_id = result.asset_materializations_for_node("postgres__pos__backup")[0].metadata["backup_id"].value
+    assert evaluations["integrity"].metadata["backup_id"].value == backup_id
+    record = load_check_record(open_repository(load_policy(policy_file)), str(backup_id))
+    assert record is not None and record.passed and record.trigger == {"dagster_run_id": result.run_id}

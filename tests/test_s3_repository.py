@@ -688,3 +688,24 @@ def test_upload_errors_are_regal_errors(s3_policy: Policy, s3, bucket: str) -> N
     small = repo.writer("backups/main/x/manifest.json")
     with pytest.raises(RegalError, match=bucket), small:
         small.write(b"{}")
+
+
+def test_checks_pass_on_s3_and_capacity_is_measured_against_the_quota(s3_policy: Policy) -> None:
+    from regal_dagster.engine.alerts import capacity_conditions
+    from regal_dagster.engine.checks import run_checks
+
+    repo = open_repository(s3_policy)
+    manifest = run_backup(s3_policy, "main", repo=repo)
+    record = run_checks(s3_policy, repo, load_keyring(s3_policy), manifest.backup_id)
+    assert record.passed, [o.description for o in record.outcomes]
+    assert "server-side encryption on every object" in record.outcome("encryption").description  # type: ignore[union-attr]
+
+    used = repo.usage_bytes()
+    assert used >= manifest.stored_bytes
+    tight = s3_policy.model_copy(update={"alerts": s3_policy.alerts.model_copy(update={
+        "capacity": s3_policy.alerts.capacity.model_copy(update={"s3_quota_bytes": used})})})
+    (condition,) = capacity_conditions(tight, repo)
+    assert condition.details == {"used_bytes": used, "quota_bytes": used, "repository": repo.location}
+    roomy = tight.model_copy(update={"alerts": tight.alerts.model_copy(update={
+        "capacity": tight.alerts.capacity.model_copy(update={"s3_quota_bytes": used * 10})})})
+    assert capacity_conditions(roomy, repo) == []
