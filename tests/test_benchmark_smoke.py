@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [
     "runbook: pg_dump | gzip", "runbook: gunzip -t", "runbook: gunzip -c | psql", "floor: pg_dump -Fd -j N",
-    "floor: pg_dump > /dev/null", "regal backup (local)", "regal backup (S3, moto)", "regal verify",
+    "floor: pg_dump > /dev/null", "regal backup (local)", "regal backup (S3, moto)", "regal verify (all checks)",
     "regal restore", "regal restore --validate rows",
 ]
 
@@ -28,5 +28,5 @@ def test_the_benchmark_runs_and_reports_every_step(tmp_path: Path) -> None:
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 0 for s in steps.values())
     assert steps["regal backup (local)"]["vs_floor"] > 0 and steps["regal restore"]["vs_runbook"] > 0
     assert 0 < steps["regal backup (local)"]["bytes_written"] < steps["floor: pg_dump -Fd -j N"]["bytes_written"]
-    assert "| regal verify |" in run.stdout  # the markdown table
+    assert "| regal verify (all checks) |" in run.stdout  # the markdown table
     assert not list(tmp_path.glob("regal-bench-*"))  # its work directory is removed

@@ -33,7 +33,6 @@ from .manifest import Manifest, backup_prefix, manifest_key, target_of
 from .pipeline import read_stream
 from .policy import Policy
 from .repository import Repository
-from .sources import postgres
 from .sources.pg_tools import find_pg_tool
 from .verify import verify_backup
 
@@ -145,6 +144,8 @@ def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs
 
 def _archive_entries(repo: Repository, keyring: Keyring, manifest: Manifest) -> int:
     """Entries in the schema archive's table of contents (pg_restore --list must parse it)."""
+    from .sources import postgres  # here: `regal-backup verify` starts faster without the PostgreSQL client
+
     record = manifest.object(postgres.SCHEMA_OBJECT)
     dump_major = int(manifest.tool_versions.get("pg_dump", "0").split(".")[0] or 0)
     tool = find_pg_tool("pg_restore", dump_major)

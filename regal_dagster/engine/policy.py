@@ -179,7 +179,7 @@ class ChecksConfig(_Model):
     size_tolerance: float = Field(0.5, gt=0, description="WARN when a backup's size differs from the median "
                                   "of the recent good backups by more than this fraction")
     size_history: int = Field(10, ge=3, le=100, description="how many recent good backups the size check uses")
-    sample_kb: int = Field(256, ge=4, le=65536, description="KB read from each end of every object when "
+    sample_kb: int = Field(64, ge=4, le=65536, description="KB read from each end of every object when "
                            "looking for plaintext")
 
 
