@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -160,7 +161,10 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     keyring = load_keyring(policy)
     with out.progress(f"restore {manifest.backup_id}") as progress:
         report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing, jobs=args.jobs,
-                                keep_owners=args.keep_owners, validation=args.validate, progress=progress)
+                                keep_owners=args.keep_owners, validation=args.validate, progress=progress,
+                                before_writing=lambda: _hook("pre-hook", args.pre_hook))
+    if report.ok:
+        _hook("post-hook", args.post_hook)
     payload = {**report.__dict__, "ok": report.ok}
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
     text = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} tables, "
@@ -169,6 +173,45 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
                else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in report.validation_problems)))
     out.result(payload, text)
     return 0 if report.ok else 3
+
+
+def _hook(name: str, command: str | None) -> None:
+    """An operator's command (e.g. stop or start the application); a failure stops the restore."""
+    if not command:
+        return
+    print(f"running --{name}: {command}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, shell=True, check=False)
+    if done.returncode != 0:
+        raise RegalError(f"--{name} failed with exit code {done.returncode}",
+                         "fix it and run the restore again" if name == "pre-hook" else
+                         "the database is restored and validated; start the application by hand")
+
+
+def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
+    from .engine.checks import good_backups
+    from .engine.restore_test import run_restore_test
+
+    policy = load_policy(args.policy)
+    repo = open_repository(policy)
+    if args.backup_id:
+        manifest = catalog.load_manifest(repo, args.backup_id)
+    else:
+        policy.target(args.target)  # a clear error for an unknown target
+        good = good_backups(repo, args.target)
+        if not good:
+            raise RegalError(f"no good backup of '{args.target}' to test",
+                             f"take one and check it: regal-backup backup {args.target}, then verify it")
+        manifest = good[-1]
+    result = run_restore_test(policy, repo, load_keyring(policy), manifest, jobs=args.jobs,
+                              work_dir=Path(args.work_dir) if args.work_dir else None, trigger={"cli": "restore-test"})
+    phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
+    verdict = ("validation passed: row counts, content SHA-256, schema objects and pg_amcheck"
+               if result.validation_passed else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems))
+    text = (f"restore test of {result.backup_id} (age {result.backup_age_seconds / 3600:.1f} h): RTO "
+            f"{result.rto_seconds:.1f}s against a target of {result.rto_target_seconds / 3600:.1f} h "
+            f"({'within' if result.rto_within_target else 'OVER'}) ({phases})\n{verdict}")
+    out.result(result.to_json(), text)
+    return 0 if result.validation_passed and result.rto_within_target else 3
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
@@ -233,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows: compare the loaded row counts only (faster; the bytes are still authenticated)")
     p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
     p.set_defaults(func=cmd_restore)
+
+    p.add_argument("--pre-hook", help="shell command run just before the target is changed (stop the application)")
+    p.add_argument("--post-hook", help="shell command run after a validated restore (start the application)")
+
+    p = sub.add_parser("restore-test", parents=[common],
+                       help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")
+    p.add_argument("backup_id", nargs="?", help="default: the newest good backup of --target")
+    p.add_argument("--target", default="main")
+    p.add_argument("--jobs", type=int, default=default_jobs())
+    p.add_argument("--work-dir", help="where the scratch server lives while the test runs (default: the temp dir)")
+    p.set_defaults(func=cmd_restore_test)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

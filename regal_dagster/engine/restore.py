@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ VALIDATION = {
 
 def restore_backup(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, *,
                    drop_existing: bool = False, keep_owners: bool = False, jobs: int = 2,
-                   validation: str = "full", progress: Progress | None = None) -> RestoreReport:
+                   validation: str = "full", progress: Progress | None = None,
+                   before_writing: Callable[[], None] | None = None) -> RestoreReport:
+    """Restore one backup into `to_dsn`. `before_writing` runs once the target is known to be acceptable
+    and, when replacing, the backup has been authenticated: just before the first change to the target."""
     if manifest.kind != "postgres":
         raise RegalError(f"backup {manifest.backup_id} is a {manifest.kind} backup", "restore it with its own tool")
     if validation not in VALIDATION:
@@ -78,6 +82,9 @@ def restore_backup(repo: Repository, keyring: Keyring, manifest: Manifest, to_ds
         if not verified.ok:
             raise IntegrityError(f"backup {manifest.backup_id} failed verification; the existing database was "
                                  f"left untouched: {'; '.join(verified.problems)}", "restore another backup")
+    if before_writing:
+        before_writing()
+    if state == "replace":
         postgres.reset_database(to_dsn)
     dump_major = int(manifest.tool_versions.get("pg_dump", "0").split(".")[0] or 0)
     pg_restore, psql = postgres.restore_tools(to_dsn, dump_major)

@@ -152,6 +152,43 @@ def user_tables(cur: psycopg.Cursor[Any]) -> list[Table]:
     return [Table(schema, name, tuple(columns), max(pages, 0)) for schema, name, pages, columns in cur.fetchall()]
 
 
+_SCHEMA_OBJECT_COUNTS = """
+    WITH rel AS (
+        SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                          AND d.deptype = 'e'))
+    SELECT json_build_object(
+      'tables', (SELECT count(*) FROM rel WHERE relkind IN ('r', 'p')),
+      'indexes', (SELECT count(*) FROM rel WHERE relkind IN ('i', 'I')),
+      'sequences', (SELECT count(*) FROM rel WHERE relkind = 'S'),
+      'views', (SELECT count(*) FROM rel WHERE relkind = 'v'),
+      'materialized_views', (SELECT count(*) FROM rel WHERE relkind = 'm'),
+      'constraints', (SELECT count(*) FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND k.contype IN ('p','u','f','c','x')),
+      'triggers', (SELECT count(*) FROM pg_trigger t WHERE NOT t.tgisinternal),
+      'functions', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                                      AND d.objid = p.oid AND d.deptype = 'e')))"""
+
+
+def schema_object_counts(cur: psycopg.Cursor[Any]) -> dict[str, int]:
+    """How many tables, indexes, constraints, ... the database has (extension members not counted)."""
+    cur.execute(_SCHEMA_OBJECT_COUNTS)
+    return dict(cur.fetchone()[0])  # type: ignore[index]
+
+
+def restored_schema_counts(dsn: str) -> dict[str, int]:
+    with connect(dsn) as conn, conn.cursor() as cur:
+        return schema_object_counts(cur)
+
+
+def compare_schema_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
+    return [f"the backup had {count} {kind}, the restored database has {actual.get(kind, 0)}"
+            for kind, count in sorted(expected.items()) if actual.get(kind, 0) != count]
+
+
 def compare_tables(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> list[str]:
     """Differences between two table fact lists, one sentence per table."""
     want = {(t["schema"], t["name"]): t for t in expected}
@@ -270,10 +307,12 @@ def dump_session(dsn: str) -> Iterator[DumpSession]:
             cur.execute("SELECT pg_last_wal_replay_lsn()::text" if in_recovery else "SELECT pg_current_wal_lsn()::text")
             (lsn,) = cur.fetchone()  # type: ignore[misc]
             tables = user_tables(cur)
+            counts = schema_object_counts(cur)
         major = server_major(conn)
         facts = {"server_version": version, "server_version_num": conn.info.server_version,
                  "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
-                 "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot}
+                 "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot,
+                 "schema_objects": counts}
         yield DumpSession(dsn, snapshot, tables, facts, find_pg_tool("pg_dump", major), find_pg_tool("psql", major))
     finally:
         with contextlib.suppress(Exception):
