@@ -21,7 +21,7 @@ from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
 from .engine.manifest import Manifest
 from .engine.pipeline import Progress
-from .engine.policy import RETENTION_CLASSES, default_jobs, load_policy
+from .engine.policy import RETENTION_CLASSES, Policy, default_jobs, load_policy
 from .engine.repository import Repository, open_repository
 
 
@@ -187,6 +187,12 @@ def _hook(name: str, command: str | None) -> None:
                          "the database is restored and validated; start the application by hand")
 
 
+def _work_dir(args: argparse.Namespace, policy: Policy) -> Path | None:
+    """Where scratch servers go: --work-dir, else the policy's restore_tests.work_dir, else the temp dir."""
+    chosen = args.work_dir or policy.restore_tests.work_dir
+    return policy.resolve_path(chosen) if chosen else None
+
+
 def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     from .engine.checks import good_backups
     from .engine.restore_test import run_restore_test
@@ -203,7 +209,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
                              f"take one and check it: regal-backup backup {args.target}, then verify it")
         manifest = good[-1]
     result = run_restore_test(policy, repo, load_keyring(policy), manifest, jobs=args.jobs,
-                              work_dir=Path(args.work_dir) if args.work_dir else None, trigger={"cli": "restore-test"})
+                              work_dir=_work_dir(args, policy), trigger={"cli": "restore-test"})
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
     verdict = ("validation passed: row counts, content SHA-256, schema objects and pg_amcheck"
                if result.validation_passed else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems))
@@ -212,6 +218,27 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
             f"({'within' if result.rto_within_target else 'OVER'}) ({phases})\n{verdict}")
     out.result(result.to_json(), text)
     return 0 if result.validation_passed and result.rto_within_target else 3
+
+
+def cmd_drill(args: argparse.Namespace, out: Output) -> int:
+    from .engine.drill import run_drill
+
+    policy = load_policy(args.policy)
+    record = run_drill(policy, open_repository(policy), load_keyring(policy), jobs=args.jobs,
+                       work_dir=_work_dir(args, policy))
+    lines = [f"drill {record['drill_id']}: everything but the repository and the keys lost at {record['loss_at']}"]
+    for t in record["targets"]:
+        if t["recovered"]:
+            lines.append(f"  {t['target']}: restored {t['restored']['backup_id']} in {t['restored']['restore_seconds']:.1f}s;"
+                         f" RPO {t['rpo_seconds']:.0f}s against {t['rpo_target_seconds']:.0f}s"
+                         + ("" if t["rpo_within_target"] else " (MISSED)") + (
+                             f"; {len(t['tried'])} newer backup(s) did not restore" if t["tried"] else ""))
+        else:
+            lines.append(f"  {t['target']}: NOT RECOVERED ({len(t['tried'])} backup(s) tried)")
+    lines.append(f"RTO {record['rto_seconds']:.1f}s against {record['rto_target_seconds']:.0f}s: "
+                 + ("PASSED" if record["passed"] else "FAILED"))
+    out.result(record, "\n".join(lines))
+    return 0 if record["passed"] else 3
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
@@ -285,8 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup_id", nargs="?", help="default: the newest good backup of --target")
     p.add_argument("--target", default="main")
     p.add_argument("--jobs", type=int, default=default_jobs())
-    p.add_argument("--work-dir", help="where the scratch server lives while the test runs (default: the temp dir)")
+    p.add_argument("--work-dir", help="where the scratch server lives (default: the policy's, else the temp dir)")
     p.set_defaults(func=cmd_restore_test)
+
+    p = sub.add_parser("drill", parents=[common],
+                       help="disaster-recovery drill: rebuild every target from the repository, measure RTO and RPO")
+    p.add_argument("--jobs", type=int, default=default_jobs())
+    p.add_argument("--work-dir", help="where the scratch servers live (default: the policy's, else the temp dir)")
+    p.set_defaults(func=cmd_drill)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

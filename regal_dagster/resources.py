@@ -10,6 +10,7 @@ from .engine.crypto import Keyring, load_keyring
 from .engine.manifest import Manifest
 from .engine.policy import Policy, load_policy
 from .engine.repository import Repository, open_repository
+from .engine.restore_test import RestoreTestResult, run_restore_test
 
 
 class RegalEngine(ConfigurableResource):  # type: ignore[misc]
@@ -33,6 +34,11 @@ class RegalEngine(ConfigurableResource):  # type: ignore[misc]
 
     def backup(self, target: str, retention_class: str, trigger: dict[str, str]) -> Manifest:
         return run_backup(self.policy(), target, retention_class, keyring=self.keyring(), trigger=trigger)
+
+    def restore_test(self, manifest: Manifest, trigger: dict[str, str]) -> RestoreTestResult:
+        work_dir = self.policy().restore_tests.work_dir
+        return run_restore_test(self.policy(), self.repository(), self.keyring(), manifest, trigger=trigger,
+                                work_dir=self.policy().resolve_path(work_dir) if work_dir else None)
 
     def check(self, backup_id: str, trigger: dict[str, str]) -> CheckRecord:
         return run_checks(self.policy(), self.repository(), self.keyring(), backup_id, trigger=trigger)

@@ -230,6 +230,21 @@ class AlertsConfig(_Model):
     capacity: CapacityConfig = CapacityConfig()
 
 
+class RestoreTestsConfig(_Model):
+    classes: list[RetentionClass] = Field(default_factory=lambda: ["daily", "weekly", "monthly"],
+                                          description="new good backups of these classes are restore-tested once")
+    monthly_cron: str = Field("0 4 1 * *", description="the monthly random sample (UTC)")
+    monthly_sample: int = Field(2, ge=1, le=50, description="backups drawn at random, across targets and ages")
+    drill_cron: str = Field("0 5 1 1,4,7,10 *", description="the quarterly disaster-recovery drill (UTC)")
+    work_dir: str | None = Field(None, description="where scratch servers live (default: the temp directory)")
+
+    @field_validator("monthly_cron", "drill_cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        CronExpression.parse(cron)
+        return cron
+
+
 class DagsterConfig(_Model):
     base_url: str = "http://localhost:3000"
 
@@ -245,6 +260,7 @@ class Policy(_Model):
     retention: RetentionConfig = RetentionConfig()
     compression: CompressionConfig = CompressionConfig()
     checks: ChecksConfig = ChecksConfig()
+    restore_tests: RestoreTestsConfig = RestoreTestsConfig()
     alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.

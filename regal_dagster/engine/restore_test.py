@@ -25,6 +25,7 @@ from typing import Any
 
 from .cluster import ScratchCluster
 from .crypto import Keyring
+from .errors import RegalError
 from .manifest import Manifest
 from .policy import Policy
 from .repository import Repository
@@ -34,6 +35,7 @@ from .sources.pg_tools import find_pg_tool
 
 RESTORE_TEST_DATABASE = "restore_test"
 RESULTS_PREFIX = "restore-tests"
+RESTORE_FAILED = "the restore failed"
 
 
 @dataclass
@@ -79,20 +81,23 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     with ScratchCluster(base_dir=work_dir, tuned_for_restore=True) as cluster:
         seconds["cluster"] = time.monotonic() - start
         dsn = cluster.dsn(RESTORE_TEST_DATABASE)
-        report = restore_backup(repo, keyring, manifest, dsn, jobs=jobs, validation="full")
-        seconds.update({k: v for k, v in report.seconds.items() if k != "total"})
-        problems += report.validation_problems
-        phase = time.monotonic()
-        expected_counts = manifest.source.get("schema_objects")
-        if expected_counts:
-            problems += postgres.compare_schema_counts(expected_counts, postgres.restored_schema_counts(dsn))
-        problems += _amcheck(dsn, jobs)
-        seconds["amcheck"] = time.monotonic() - phase
+        try:
+            report = restore_backup(repo, keyring, manifest, dsn, jobs=jobs, validation="full")
+        except RegalError as exc:  # the backup does not restore: that is the finding, recorded as such
+            problems.append(f"{RESTORE_FAILED}: {exc.message}")
+        else:
+            seconds.update({k: v for k, v in report.seconds.items() if k != "total"})
+            problems += report.validation_problems
+            phase = time.monotonic()
+            expected_counts = manifest.source.get("schema_objects")
+            if expected_counts:
+                problems += postgres.compare_schema_counts(expected_counts, postgres.restored_schema_counts(dsn))
+            problems += _amcheck(dsn, jobs)
+            seconds["amcheck"] = time.monotonic() - phase
     seconds["total"] = time.monotonic() - start
-    restored = {(t["schema"], t["name"]) for t in manifest.source.get("tables", [])}
+    restore_failed = any(p.startswith(RESTORE_FAILED) for p in problems)
     tables = [{"schema": t["schema"], "name": t["name"], "rows": t["rows"],
-               "matches": (t["schema"], t["name"]) in restored
-               and not any(f"table {t['schema']}.{t['name']} " in p for p in report.validation_problems)}
+               "matches": not restore_failed and not any(f"table {t['schema']}.{t['name']} " in p for p in problems)}
               for t in manifest.source.get("tables", [])]
     result = RestoreTestResult(
         manifest.backup_id, manifest.target, manifest.retention_class, tested_at,

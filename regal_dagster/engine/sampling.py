@@ -1,0 +1,58 @@
+"""The monthly restore-test sample: backups drawn at random across targets and ages, reproducibly.
+
+The seed is random (nobody can know in advance which backups will be tested), and it is recorded with
+the full list of candidates in `restore-tests/samples/<YYYY-MM>.json`: `choose(candidates, seed, n)`
+gives the same draw again, so an auditor can check that the sample was random and not hand-picked.
+One draw per month: evaluating the schedule again in the same month returns the recorded draw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .checks import good_backups
+from .policy import Policy
+from .repository import Repository
+
+SAMPLES_PREFIX = "restore-tests/samples"
+
+
+@dataclass
+class RestoreSample:
+    month: str
+    seed: str
+    drawn_at: datetime
+    candidates: list[tuple[str, str]]  # (target, backup id), sorted
+    chosen: list[tuple[str, str]]
+
+    def to_json(self) -> dict[str, object]:
+        return {"format": "regal-backup-restore-sample", "version": 1, "month": self.month, "seed": self.seed,
+                "drawn_at": self.drawn_at.isoformat(), "method": "random.Random(seed).sample(sorted(candidates), n)",
+                "candidates": [list(c) for c in self.candidates], "chosen": [list(c) for c in self.chosen]}
+
+    @classmethod
+    def from_json(cls, body: dict[str, object]) -> RestoreSample:
+        return cls(str(body["month"]), str(body["seed"]), datetime.fromisoformat(str(body["drawn_at"])),
+                   [tuple(c) for c in body["candidates"]], [tuple(c) for c in body["chosen"]])  # type: ignore[misc, union-attr]
+
+
+def choose(candidates: list[tuple[str, str]], seed: str, n: int) -> list[tuple[str, str]]:
+    """The draw: deterministic for a seed (Python's Mersenne Twister seeded from the string's SHA-512)."""
+    return sorted(random.Random(seed).sample(sorted(candidates), min(n, len(candidates))))
+
+
+def draw_restore_sample(policy: Policy, repo: Repository, when: datetime) -> RestoreSample:
+    month = f"{when.astimezone(UTC):%Y-%m}"
+    key = f"{SAMPLES_PREFIX}/{month}.json"
+    if repo.size(key) is not None:
+        return RestoreSample.from_json(json.loads(repo.get_bytes(key)))
+    candidates = sorted((target, m.backup_id) for target in policy.targets for m in good_backups(repo, target))
+    seed = secrets.token_hex(16)
+    sample = RestoreSample(month, seed, datetime.now(UTC), candidates,
+                           choose(candidates, seed, policy.restore_tests.monthly_sample))
+    repo.put_bytes(key, json.dumps(sample.to_json(), indent=2).encode())
+    return sample
