@@ -82,7 +82,12 @@ def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> tupl
         start = time.monotonic()
         child = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env)
         watcher, peak = psutil.Process(child.pid), 0
-        while child.poll() is None:
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:  # the kernel's own peak covers a step too short to sample
+                child.returncode = os.waitstatus_to_exitcode(status)
+                peak = max(peak, usage.ru_maxrss * 1024)
+                break
             try:
                 peak = max(peak, tree_rss(watcher))
             except psutil.NoSuchProcess:
