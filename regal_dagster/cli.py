@@ -149,6 +149,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
+    from .engine.gdpr import apply_erasures, load_ledger
     from .engine.restore import VALIDATION, restore_backup
 
     policy = load_policy(args.policy)
@@ -163,14 +164,22 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
         report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing, jobs=args.jobs,
                                 keep_owners=args.keep_owners, validation=args.validate, progress=progress,
                                 before_writing=lambda: _hook("pre-hook", args.pre_hook))
+    erasures = None
     if report.ok:
+        erasures = apply_erasures(policy, load_ledger(repo, keyring), manifest.target, args.to)
+        if not erasures.ok:
+            raise RegalError(f"erased subjects are still present after re-applying the erasures: {erasures.still_present}",
+                             "check gdpr.subjects in the policy; do not start the application before this is fixed")
         _hook("post-hook", args.post_hook)
-    payload = {**report.__dict__, "ok": report.ok}
+    payload = {**report.__dict__, "ok": report.ok, "erasures": erasures.to_json() if erasures else None}
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
     text = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} tables, "
             f"{report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})\n"
             + (f"validation ({report.validation}): {VALIDATION[report.validation]}" if report.ok
                else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in report.validation_problems)))
+    if erasures and erasures.subjects:
+        text += (f"\nGDPR: {erasures.subjects} erasure(s) re-applied, rows erased: "
+                 + ", ".join(f"{t} {n}" for t, n in erasures.rows_erased.items()))
     out.result(payload, text)
     return 0 if report.ok else 3
 
@@ -239,6 +248,28 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
                  + ("PASSED" if record["passed"] else "FAILED"))
     out.result(record, "\n".join(lines))
     return 0 if record["passed"] else 3
+
+
+def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
+    from .engine.gdpr import record_erasure
+
+    policy = load_policy(args.policy)
+    requested = datetime.fromisoformat(args.requested_at).replace(tzinfo=UTC) if args.requested_at else datetime.now(UTC)
+    erasure = record_erasure(policy, open_repository(policy), load_keyring(policy), args.target, args.subject,
+                             requested_at=requested, reference=args.reference or "")
+    out.result(erasure.__dict__, f"erasure recorded for target {erasure.target} (subject {erasure.subject_hash[:12]}…, "
+                                 f"requested {erasure.requested_at}); it is re-applied after every restore")
+    return 0
+
+
+def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
+    from .engine.gdpr import load_ledger
+
+    policy = load_policy(args.policy)
+    ledger = load_ledger(open_repository(policy), load_keyring(policy))
+    lines = [f"{e.target:12} {e.subject_hash[:16]}  requested {e.requested_at}  {e.reference}" for e in ledger.erasures]
+    out.result({"erasures": [e.__dict__ for e in ledger.erasures]}, "\n".join(lines) or "no erasures recorded")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
@@ -320,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=default_jobs())
     p.add_argument("--work-dir", help="where the scratch servers live (default: the policy's, else the temp dir)")
     p.set_defaults(func=cmd_drill)
+
+    gdpr = sub.add_parser("gdpr", help="the GDPR erasure ledger (re-applied after every restore)")
+    gdpr_sub = gdpr.add_subparsers(dest="gdpr_command", required=True)
+    p = gdpr_sub.add_parser("erase", parents=[common], help="record an erasure request")
+    p.add_argument("target")
+    p.add_argument("subject", help="the identifier the request names (e.g. the e-mail); stored only hashed")
+    p.add_argument("--requested-at", help="when the subject asked (ISO 8601, UTC; default: now)")
+    p.add_argument("--reference", help="your ticket or case number")
+    p.set_defaults(func=cmd_gdpr_erase)
+    p = gdpr_sub.add_parser("list", parents=[common], help="list recorded erasures (hashes only)")
+    p.set_defaults(func=cmd_gdpr_list)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

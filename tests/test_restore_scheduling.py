@@ -125,3 +125,16 @@ def test_a_dr_drill_on_two_targets_measures_rto_and_rpo(system_pg: DatabaseFacto
     assert record["rpo_seconds"] == by_target["pos"]["rpo_seconds"] and record["passed"]
     stored = open_repository(load_policy(policy_file))
     assert [o.key for o in stored.list("drills/")] == [f"drills/{record['drill_id']}.json"]
+
+
+def test_the_quarterly_drill_job_runs_the_drill_in_a_fresh_process(policy_file: Path) -> None:
+    defs = build_definitions(str(policy_file))
+    instance = dg.DagsterInstance.ephemeral()
+    _backup(defs, instance, "daily")
+    assert defs.resolve_schedule_def("quarterly_dr_drill").cron_schedule == "0 5 1 1,4,7,10 *"
+
+    result = defs.resolve_job_def("dr_drill_job").execute_in_process(instance=instance)
+
+    assert result.success
+    drills = list(open_repository(load_policy(policy_file)).list("drills/"))
+    assert len(drills) == 1

@@ -245,6 +245,30 @@ class RestoreTestsConfig(_Model):
         return cron
 
 
+class ErasureSubjectConfig(_Model):
+    """Where a target keeps the personal data of one kind of data subject (e.g. customers by e-mail)."""
+
+    table: str = Field(description="schema.table")
+    match_column: str = Field(description="the identifier an erasure request names (compared trimmed, lower-case)")
+    action: Literal["delete", "anonymize"] = "anonymize"
+    set: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="anonymize: column -> value; '{erasure_id}' in a text value becomes a "
+                                          "short marker unique to the subject (for UNIQUE columns)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ErasureSubjectConfig:
+        if "." not in self.table:
+            raise ValueError("table must be schema.table")
+        if self.action == "anonymize" and not self.set:
+            raise ValueError("anonymize needs `set`: the columns to overwrite")
+        return self
+
+
+class GdprConfig(_Model):
+    subjects: dict[str, list[ErasureSubjectConfig]] = Field(
+        default_factory=dict, description="target -> the tables holding its data subjects")
+
+
 class DagsterConfig(_Model):
     base_url: str = "http://localhost:3000"
 
@@ -261,6 +285,7 @@ class Policy(_Model):
     compression: CompressionConfig = CompressionConfig()
     checks: ChecksConfig = ChecksConfig()
     restore_tests: RestoreTestsConfig = RestoreTestsConfig()
+    gdpr: GdprConfig = GdprConfig()
     alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.

@@ -7,7 +7,8 @@ A checksum is not a restore. A restore test:
 3. validates: every table's row count and SHA-256 against the manifest, the schema's object counts
    (tables, indexes, constraints, sequences, views, functions, triggers) against the ones recorded at
    backup time, and `pg_amcheck` over every table and B-tree index;
-4. always tears the server and its directory down, also when it fails or is interrupted.
+4. re-applies the GDPR erasure ledger (engine/gdpr.py) and fails if an erased subject is still there;
+5. always tears the server and its directory down, also when it fails or is interrupted.
 
 The wall time from start to validated is the measured RTO of that backup. Results are stored in the
 repository under `restore-tests/<target>/` as evidence.
@@ -26,6 +27,7 @@ from typing import Any
 from .cluster import ScratchCluster
 from .crypto import Keyring
 from .errors import RegalError
+from .gdpr import apply_erasures, load_ledger
 from .manifest import Manifest
 from .policy import Policy
 from .repository import Repository
@@ -50,6 +52,7 @@ class RestoreTestResult:
     tables: list[dict[str, Any]]  # schema, name, rows expected, rows restored, content matches
     problems: list[str] = field(default_factory=list)
     trigger: dict[str, str] = field(default_factory=dict)
+    erasures: dict[str, Any] = field(default_factory=dict)  # GDPR erasures re-applied (gdpr.ErasureResult)
 
     @property
     def rto_seconds(self) -> float:
@@ -78,6 +81,7 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     start = time.monotonic()
     seconds: dict[str, float] = {}
     problems: list[str] = []
+    erasures = None
     with ScratchCluster(base_dir=work_dir, tuned_for_restore=True) as cluster:
         seconds["cluster"] = time.monotonic() - start
         dsn = cluster.dsn(RESTORE_TEST_DATABASE)
@@ -94,6 +98,9 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
                 problems += postgres.compare_schema_counts(expected_counts, postgres.restored_schema_counts(dsn))
             problems += _amcheck(dsn, jobs)
             seconds["amcheck"] = time.monotonic() - phase
+            erasures = apply_erasures(policy, load_ledger(repo, keyring), manifest.target, dsn)
+            problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
+                         for table, count in erasures.still_present.items() if count]
     seconds["total"] = time.monotonic() - start
     restore_failed = any(p.startswith(RESTORE_FAILED) for p in problems)
     tables = [{"schema": t["schema"], "name": t["name"], "rows": t["rows"],
@@ -102,7 +109,8 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     result = RestoreTestResult(
         manifest.backup_id, manifest.target, manifest.retention_class, tested_at,
         (tested_at - manifest.finished_at).total_seconds(), seconds,
-        policy.rto_for(manifest.target).total_seconds(), tables, problems, trigger or {})
+        policy.rto_for(manifest.target).total_seconds(), tables, problems, trigger or {},
+        erasures.to_json() if erasures else {})
     repo.put_bytes(result_key(result), json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
     return result
 

@@ -1,0 +1,147 @@
+"""The GDPR erasure ledger (Art. 17): erasures survive restores.
+
+Restoring an old backup brings back data subjects who asked to be erased. The ledger records every
+erasure request (the subject's identifier, salted and hashed, with the request date) outside the
+database, in the repository, encrypted with the backup keys like a backup object. After every restore
+and restore test the erasures are applied again to the restored database, as the policy says per target
+(delete the rows, or overwrite the personal columns), and counted; a restore test fails if an erased
+subject is still present afterwards.
+
+The hash is SHA-256 of a random per-ledger salt and the trimmed, lower-cased identifier; PostgreSQL
+computes the same hash with its built-in `sha256()`, so matching happens in the server and identifiers
+never leave it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import sql
+
+from .crypto import Keyring, NonClosingWriter
+from .errors import RegalError
+from .policy import ErasureSubjectConfig, Policy
+from .repository import Repository
+from .sources.postgres import connect
+
+LEDGER_KEY = "gdpr/erasure-ledger"
+_LEDGER_CONTEXT = ("gdpr", "erasure-ledger")  # the associated data of its encryption
+ERASURE_ID = "{erasure_id}"
+
+
+@dataclass
+class Erasure:
+    subject_hash: str
+    target: str
+    requested_at: str
+    recorded_at: str
+    reference: str = ""
+
+
+@dataclass
+class ErasureLedger:
+    salt: str = field(default_factory=lambda: secrets.token_hex(16))
+    erasures: list[Erasure] = field(default_factory=list)
+
+    def hash(self, identifier: str) -> str:
+        return hashlib.sha256((self.salt + identifier.strip().lower()).encode()).hexdigest()
+
+    def for_target(self, target: str) -> list[Erasure]:
+        return [e for e in self.erasures if e.target == target]
+
+
+def load_ledger(repo: Repository, keyring: Keyring) -> ErasureLedger:
+    if repo.size(LEDGER_KEY) is None:
+        return ErasureLedger()
+    stream = keyring.decrypting_stream(io.BytesIO(repo.get_bytes(LEDGER_KEY)), *_LEDGER_CONTEXT)
+    body = json.loads(stream.read())
+    return ErasureLedger(body["salt"], [Erasure(**e) for e in body["erasures"]])
+
+
+def _save_ledger(repo: Repository, keyring: Keyring, ledger: ErasureLedger) -> None:
+    body = json.dumps({"format": "regal-backup-erasure-ledger", "version": 1, "salt": ledger.salt,
+                       "erasures": [asdict(e) for e in ledger.erasures]}).encode()
+    buffer = io.BytesIO()
+    stream = keyring.encrypting_stream(NonClosingWriter(buffer), *_LEDGER_CONTEXT)  # type: ignore[arg-type]
+    stream.write(body)
+    stream.close()
+    repo.put_bytes(LEDGER_KEY, buffer.getvalue())
+
+
+def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: str, identifier: str, *,
+                   requested_at: datetime, reference: str = "") -> Erasure:
+    """Add an erasure request to the ledger (once per subject and target)."""
+    policy.target(target)  # an unknown target is a clear error
+    if not policy.gdpr.subjects.get(target):
+        raise RegalError(f"the policy says nothing about data subjects in target '{target}'",
+                         f"add gdpr.subjects.{target} (table, match_column, action) to the policy")
+    if not identifier.strip():
+        raise RegalError("the subject identifier is empty", "give the identifier the request names, e.g. the e-mail")
+    with repo.lock("gdpr-ledger"):
+        ledger = load_ledger(repo, keyring)
+        subject_hash = ledger.hash(identifier)
+        existing = next((e for e in ledger.for_target(target) if e.subject_hash == subject_hash), None)
+        if existing:
+            return existing
+        erasure = Erasure(subject_hash, target, requested_at.astimezone(UTC).isoformat(),
+                          datetime.now(UTC).isoformat(timespec="seconds"), reference)
+        ledger.erasures.append(erasure)
+        _save_ledger(repo, keyring, ledger)
+    return erasure
+
+
+@dataclass
+class ErasureResult:
+    subjects: int  # erasures in the ledger for this target
+    rows_erased: dict[str, int]  # table -> rows deleted or anonymized
+    still_present: dict[str, int]  # table -> rows that still match an erased subject (must be all zero)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.still_present.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def apply_erasures(policy: Policy, ledger: ErasureLedger, target: str, dsn: str) -> ErasureResult:
+    """Apply the target's erasures to a (restored) database; count what was erased and what remains."""
+    erasures = ledger.for_target(target)
+    subjects = policy.gdpr.subjects.get(target, [])
+    erased, remaining = {}, {}
+    if not erasures or not subjects:
+        return ErasureResult(len(erasures), {}, {})
+    hashes = [e.subject_hash for e in erasures]
+    with connect(dsn) as conn, conn.cursor() as cur:
+        for subject in subjects:
+            table = sql.Identifier(*subject.table.split(".", 1))
+            subject_hash = sql.SQL("encode(sha256(convert_to({salt} || lower(btrim({col}::text)), 'UTF8')), 'hex')").format(
+                salt=sql.Literal(ledger.salt), col=sql.Identifier(subject.match_column))
+            matches = sql.SQL("{h} = ANY({hashes})").format(h=subject_hash, hashes=sql.Literal(hashes))
+            cur.execute(_erase_statement(subject, table, subject_hash, matches))
+            erased[subject.table] = cur.rowcount
+            cur.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(t=table, m=matches))
+            remaining[subject.table] = int(cur.fetchone()[0])  # type: ignore[index]
+        conn.commit()
+    return ErasureResult(len(erasures), erased, remaining)
+
+
+def _erase_statement(subject: ErasureSubjectConfig, table: sql.Identifier, subject_hash: sql.Composable,
+                     matches: sql.Composable) -> sql.Composable:
+    if subject.action == "delete":
+        return sql.SQL("DELETE FROM {t} WHERE {m}").format(t=table, m=matches)
+    assignments = []
+    for column, value in subject.set.items():
+        if isinstance(value, str) and ERASURE_ID in value:
+            expression = sql.SQL("replace({v}, {marker}, left({h}, 16))").format(
+                v=sql.Literal(value), marker=sql.Literal(ERASURE_ID), h=subject_hash)
+        else:
+            expression = sql.Literal(value)
+        assignments.append(sql.SQL("{c} = {e}").format(c=sql.Identifier(column), e=expression))
+    return sql.SQL("UPDATE {t} SET {a} WHERE {m}").format(t=table, a=sql.SQL(", ").join(assignments), m=matches)
