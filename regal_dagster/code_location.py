@@ -45,7 +45,7 @@ def build_definitions(policy_path: str | None = None) -> Definitions:
     schedules += [build_monthly_sample_schedule(policy, restore_job), drill_schedule]
     return Definitions(assets=[*backups, *restore_tests], asset_checks=checks,
                        jobs=[job, verify_job, restore_job, drill_job], schedules=schedules,
-                       sensors=[*build_alert_sensors(policy, BACKUP_JOB), build_new_backup_sensor(policy, restore_job)],
+                       sensors=[*build_alert_sensors(policy), build_new_backup_sensor(policy, restore_job)],
                        resources={"regal": engine_resource(os.path.abspath(path), policy)})
 
 

@@ -19,11 +19,13 @@ from dagster import (
 )
 
 from .engine.alerts import (
+    FIRST_STEPS,
     AlertBook,
     Condition,
     capacity_conditions,
     check_conditions,
     evaluate_and_notify,
+    restore_test_conditions,
     rpo_conditions,
 )
 from .engine.policy import Policy
@@ -51,8 +53,23 @@ def _alert_sensor(name: str, description: str, conditions: Evaluation) -> Sensor
     return _sensor
 
 
-def _failed_backup_runs(policy: Policy, context: SensorEvaluationContext, job_name: str) -> list[Condition]:
-    """The newest finished backup run, when it failed (cleared by the next one that succeeds)."""
+# job -> (event, what the run does, what to do first)
+WATCHED_JOBS = {
+    "backup_job": ("backup_failed", "backup", FIRST_STEPS["backup_failed"]),
+    "restore_test_job": ("restore_test_failed", "restore test", FIRST_STEPS["restore_test_failed"]),
+    "dr_drill_job": ("drill_failed", "disaster-recovery drill", FIRST_STEPS["drill_failed"]),
+}
+
+
+def _failed_runs(policy: Policy, context: SensorEvaluationContext) -> list[Condition]:
+    conditions = []
+    for job_name in WATCHED_JOBS:
+        conditions += _failed_run(policy, context, job_name)
+    return conditions
+
+
+def _failed_run(policy: Policy, context: SensorEvaluationContext, job_name: str) -> list[Condition]:
+    """The job's newest finished run, when it failed (cleared by the next one that succeeds)."""
     records = context.instance.get_run_records(
         filters=RunsFilter(job_name=job_name, statuses=[DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE]),
         limit=1)
@@ -62,22 +79,24 @@ def _failed_backup_runs(policy: Policy, context: SensorEvaluationContext, job_na
     run = record.dagster_run
     targets = sorted({k.path[1] for k in run.asset_selection or [] if len(k.path) == 3}) or sorted(policy.targets)
     ended = datetime.fromtimestamp(record.end_time, UTC) if record.end_time else None
-    return [Condition(f"run:{job_name}", "backup_failed", ", ".join(targets),
-                      f"backup run {run.run_id[:8]} of {', '.join(targets)} failed",
-                      f"{policy.dagster.base_url.rstrip('/')}/runs/{run.run_id}",
-                      "Open the run and read the failed step's error; fix the cause and re-run the backup.",
-                      ended, {"run_id": run.run_id})]
+    event, label, first_step = WATCHED_JOBS[job_name]
+    return [Condition(f"run:{job_name}", event, ", ".join(targets),
+                      f"{label} run {run.run_id[:8]} of {', '.join(targets)} failed",
+                      f"{policy.dagster.base_url.rstrip('/')}/runs/{run.run_id}", first_step, ended,
+                      {"run_id": run.run_id})]
 
 
-def build_alert_sensors(policy: Policy, backup_job_name: str) -> list[SensorDefinition]:
+def build_alert_sensors(policy: Policy) -> list[SensorDefinition]:
     rpo_watch = _alert_sensor(
         "rpo_watch",
         "Per target, the age of the newest backup that passed its checks; alerts when it passes the RPO.",
         lambda _context, regal, now: rpo_conditions(regal.policy(), regal.repository(), now))
     backup_alerts = _alert_sensor(
         "backup_alerts",
-        "Alerts for a failed backup run, a failed ERROR check or verification, and repository capacity.",
-        lambda context, regal, _now: [*_failed_backup_runs(regal.policy(), context, backup_job_name),
+        "Alerts for failed runs (backup, restore test, drill), a failed ERROR check or verification, a failed "
+        "restore test, and repository capacity.",
+        lambda context, regal, _now: [*_failed_runs(regal.policy(), context),
                                       *check_conditions(regal.policy(), regal.repository()),
+                                      *restore_test_conditions(regal.policy(), regal.repository()),
                                       *capacity_conditions(regal.policy(), regal.repository())])
     return [rpo_watch, backup_alerts]

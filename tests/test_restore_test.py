@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from regal_dagster.engine.alerts import restore_test_conditions
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.repository import open_repository
@@ -69,6 +70,12 @@ def test_a_restore_that_differs_from_the_manifest_fails_and_names_the_table(back
         "table public.customers has the same row count but different content",
         f"the backup had {counts['indexes']} indexes, the restored database has {counts['indexes'] - 1}"]
     assert [t["matches"] for t in result.tables] == [True, False]
+    # the stored result raises an alert until a later restore test of the target passes
+    (condition,) = restore_test_conditions(policy, open_repository(policy))
+    assert condition.event == "restore_test_failed" and condition.target == "pos"
+    assert "table public.customers has the same row count but different content" in condition.details["finding"]
+    run_restore_test(policy, open_repository(policy), load_keyring(policy), manifest)
+    assert restore_test_conditions(policy, open_repository(policy)) == []
 
 
 def _scratch_servers(work: Path) -> list[psutil.Process]:

@@ -31,6 +31,7 @@ from .catalog import list_backups
 from .checks import ERROR, good_backups, load_check_record
 from .policy import AlertChannel, EmailChannel, Policy, SlackChannel, WebhookChannel
 from .repository import Repository
+from .restore_test import RESULTS_PREFIX
 
 log = logging.getLogger("regal_backup.alerts")
 
@@ -46,6 +47,9 @@ FIRST_STEPS = {
     "encryption": "Treat this as a possible data exposure: restrict access to the repository, take a new "
                   "backup, and find out how unencrypted data got there.",
     "capacity": "Prune old backups or add storage before backups start failing.",
+    "restore_test_failed": "Read the restore test's problems; if the backup does not restore, take a new backup "
+                           "now and restore-test it (`regal-backup restore-test --target {target}`).",
+    "drill_failed": "Read the drill record (drills/ in the repository): which target missed its RTO or RPO, and why.",
 }
 
 
@@ -281,6 +285,27 @@ def check_conditions(policy: Policy, repo: Repository) -> list[Condition]:
                 first.format(target=target, backup_id=record.backup_id), record.checked_at,
                 {"backup": record.backup_id, "finding": outcome.description,
                  **({"object": outcome.failing_object} if outcome.failing_object else {})}))
+    return conditions
+
+
+def restore_test_conditions(policy: Policy, repo: Repository) -> list[Condition]:
+    """The newest restore test of each target, when it failed validation or missed the RTO."""
+    conditions = []
+    for target, config in sorted(policy.targets.items()):
+        results = sorted(o.key for o in repo.list(f"{RESULTS_PREFIX}/{target}/") if o.key.endswith(".json"))
+        if not results:
+            continue
+        result = json.loads(repo.get_bytes(results[-1]))
+        if result["validation_passed"] and result["rto_within_target"]:
+            continue
+        finding = "; ".join(result["problems"]) or (f"RTO {result['rto_seconds']:.0f}s over the target of "
+                                                     f"{result['rto_target_seconds']:.0f}s")
+        conditions.append(Condition(
+            f"restore_test:{target}", "restore_test_failed", target,
+            f"{target}: restore test of backup {result['backup_id']} failed",
+            run_link(policy, result.get("trigger", {}).get("dagster_run_id"), target, config.kind),
+            FIRST_STEPS["restore_test_failed"].format(target=target),
+            datetime.fromisoformat(result["tested_at"]), {"backup": result["backup_id"], "finding": finding}))
     return conditions
 
 

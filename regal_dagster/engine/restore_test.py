@@ -116,7 +116,7 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
 
 
 def result_key(result: RestoreTestResult) -> str:
-    return f"{RESULTS_PREFIX}/{result.target}/{result.tested_at:%Y%m%dT%H%M%SZ}-{result.backup_id}.json"
+    return f"{RESULTS_PREFIX}/{result.target}/{result.tested_at:%Y%m%dT%H%M%S.%fZ}-{result.backup_id}.json"
 
 
 def _amcheck(dsn: str, jobs: int) -> list[str]:
