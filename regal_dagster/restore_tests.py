@@ -72,6 +72,7 @@ def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
         "rto_seconds": MetadataValue.float(round(result.rto_seconds, 2)),
         "rto_target_seconds": MetadataValue.float(result.rto_target_seconds),
         "phase_seconds": MetadataValue.json({k: round(v, 3) for k, v in result.seconds.items()}),
+        "load_breakdown_seconds": MetadataValue.json({k: round(v, 3) for k, v in result.load_breakdown.items()}),
         "problems": MetadataValue.json(result.problems),
         "validation": MetadataValue.table(
             records=[TableRecord({"table": f"{t['schema']}.{t['name']}", "rows": t["rows"], "matches": t["matches"]})

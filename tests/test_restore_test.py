@@ -47,6 +47,8 @@ def test_a_restore_test_of_a_real_backup_passes_and_reports_timings(backed_up, t
     assert set(result.seconds) == {"cluster", "schema", "load", "post_data", "validate", "amcheck", "total"}
     assert result.seconds["total"] >= sum(v for k, v in result.seconds.items() if k != "total") * 0.99
     assert result.backup_age_seconds >= 0
+    assert set(result.load_breakdown) == {"fetch_decrypt_decompress", "copy_into_server"}
+    assert all(v > 0 for v in result.load_breakdown.values())
     assert [(t["name"], t["rows"], t["matches"]) for t in result.tables] == [
         ('Order "Lines"', 4, True), ("customers", 2000, True)]
     assert list(work.iterdir()) == []  # the scratch server and its files are gone

@@ -38,6 +38,9 @@ class RestoreReport:
     validation: str  # full | rows (see VALIDATION)
     seconds: dict[str, float] = field(default_factory=dict)
     validation_problems: list[str] = field(default_factory=list)
+    # Inside the load phase, summed over the parallel workers: fetching, decrypting, decompressing and
+    # checksumming the stored bytes, against the server taking the rows in (the two overlap in time).
+    load_breakdown: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -101,19 +104,27 @@ def restore_backup(repo: Repository, keyring: Keyring, manifest: Manifest, to_ds
         def load(numbered: tuple[dict[str, Any], postgres.Table], cancelled: threading.Event) -> dict[str, Any]:
             facts, table = numbered
             record = manifest.object(facts["object"])
+            started, in_server = time.monotonic(), 0.0
             with postgres.table_loader(to_dsn, table) as loading:
                 def sink(chunk: bytes) -> None:
+                    nonlocal in_server
                     check(cancelled)
+                    mark = time.monotonic()
                     loading.write(chunk)
+                    in_server += time.monotonic() - mark
 
                 read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=sink,
                             progress=progress)  # raises unless every byte matches the manifest's SHA-256
             return {"schema": table.schema, "name": table.name, "rows": loading.rows,
-                    "sha256": record.plaintext_sha256}
+                    "sha256": record.plaintext_sha256,
+                    "seconds": (time.monotonic() - started - in_server, in_server)}
 
         biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -t[0]["rows"])
         loaded = map_parallel(load, biggest_first, jobs, "load")
         phases.done("load")
+        timings = [t.pop("seconds") for t in loaded]
+        breakdown = {"fetch_decrypt_decompress": sum(ours for ours, _ in timings),
+                     "copy_into_server": sum(server for _, server in timings)}
         postgres.run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners)
         phases.done("post_data")
     if validation == "full":
@@ -121,4 +132,5 @@ def restore_backup(repo: Repository, keyring: Keyring, manifest: Manifest, to_ds
     problems = postgres.compare_tables(table_facts, loaded)
     phases.done("validate")
     return RestoreReport(manifest.backup_id, postgres.describe_dsn(to_dsn), state, len(tables),
-                         sum(t["rows"] for t in table_facts), jobs, validation, phases.total(), problems)
+                         sum(t["rows"] for t in table_facts), jobs, validation, phases.total(), problems,
+                         breakdown)

@@ -53,6 +53,7 @@ class RestoreTestResult:
     problems: list[str] = field(default_factory=list)
     trigger: dict[str, str] = field(default_factory=dict)
     erasures: dict[str, Any] = field(default_factory=dict)  # GDPR erasures re-applied (gdpr.ErasureResult)
+    load_breakdown: dict[str, float] = field(default_factory=dict)  # restore.RestoreReport.load_breakdown
 
     @property
     def rto_seconds(self) -> float:
@@ -82,6 +83,7 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     seconds: dict[str, float] = {}
     problems: list[str] = []
     erasures = None
+    load_breakdown: dict[str, float] = {}
     with ScratchCluster(base_dir=work_dir, tuned_for_restore=True) as cluster:
         seconds["cluster"] = time.monotonic() - start
         dsn = cluster.dsn(RESTORE_TEST_DATABASE)
@@ -91,6 +93,7 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
             problems.append(f"{RESTORE_FAILED}: {exc.message}")
         else:
             seconds.update({k: v for k, v in report.seconds.items() if k != "total"})
+            load_breakdown = report.load_breakdown
             problems += report.validation_problems
             phase = time.monotonic()
             expected_counts = manifest.source.get("schema_objects")
@@ -110,7 +113,7 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
         manifest.backup_id, manifest.target, manifest.retention_class, tested_at,
         (tested_at - manifest.finished_at).total_seconds(), seconds,
         policy.rto_for(manifest.target).total_seconds(), tables, problems, trigger or {},
-        erasures.to_json() if erasures else {})
+        erasures.to_json() if erasures else {}, load_breakdown)
     repo.put_bytes(result_key(result), json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
     return result
 
