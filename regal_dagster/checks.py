@@ -17,15 +17,16 @@ from dagster import (
 )
 
 from .assets import backup_asset_key
-from .engine.checks import DESCRIPTIONS, ERROR, SEVERITY
+from .engine.checks import DESCRIPTIONS, ERROR, SEVERITY, check_names
 from .engine.policy import Policy
 from .resources import RegalEngine
 
 
 def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
     key = backup_asset_key(policy.target(target).kind, target)
+    names = check_names(policy.target(target).kind)
     specs = [AssetCheckSpec(name, asset=key, blocking=SEVERITY[name] == ERROR, description=DESCRIPTIONS[name])
-             for name in SEVERITY]
+             for name in names]
 
     @multi_asset_check(name=f"{target}_backup_checks", specs=specs)
     def _checks(context: AssetCheckExecutionContext, regal: RegalEngine):  # type: ignore[no-untyped-def]
@@ -33,7 +34,7 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
         materialization = event.asset_materialization if event else None
         backup_id = materialization.metadata.get("backup_id") if materialization else None
         if backup_id is None:
-            for name in SEVERITY:
+            for name in names:
                 yield AssetCheckResult(asset_key=key, check_name=name, passed=False,
                                        severity=AssetCheckSeverity(SEVERITY[name]),
                                        description="no backup has been taken yet")

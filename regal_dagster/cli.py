@@ -81,7 +81,8 @@ def manifest_summary(m: Manifest) -> dict[str, Any]:
 def cmd_init(args: argparse.Namespace, out: Output) -> int:
     from .engine.bootstrap import init_project
 
-    made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env)
+    made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env,
+                        redis_url=args.redis_url)
     out.result(
         {"policy": str(made.policy_path), "repository": made.repository, "keyset": str(made.keyset_path),
          "master_key": made.master_key_location, "key_id": made.key_id},
@@ -160,6 +161,8 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     manifest = catalog.choose_backup(repo, args.target or "", backup_id=args.backup_id, latest=args.latest,
                                      before=before)
     keyring = load_keyring(policy)
+    if manifest.kind == "redis":
+        return _restore_redis(repo, keyring, manifest, args, out)
     with out.progress(f"restore {manifest.backup_id}") as progress:
         report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing, jobs=args.jobs,
                                 keep_owners=args.keep_owners, validation=args.validate, progress=progress,
@@ -182,6 +185,28 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
                  + ", ".join(f"{t} {n}" for t, n in erasures.rows_erased.items()))
     out.result(payload, text)
     return 0 if report.ok else 3
+
+
+def _restore_redis(repo: Repository, keyring: Any, manifest: Manifest, args: argparse.Namespace, out: Output) -> int:
+    """A Redis backup is restored as an RDB file for a stopped server (the steps are printed)."""
+    from .engine.pipeline import read_stream
+    from .engine.sources import redis as redis_source
+
+    directory = Path(args.to)
+    path = directory / redis_source.RDB_OBJECT
+    if path.exists() and not args.drop_existing:
+        raise RegalError(f"{path} exists", "choose another directory, or pass --drop-existing to replace the file")
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as f:  # authenticated in full before it takes the real name
+        read_stream(repo, manifest.object(redis_source.RDB_OBJECT), keyring=keyring, backup_id=manifest.backup_id,
+                    sink=f.write)
+    partial.replace(path)
+    rdb = manifest.source["rdb"]
+    out.result({"backup_id": manifest.backup_id, "path": str(path), "keys": rdb["keys"], "ok": True},
+               f"restored {manifest.backup_id} to {path} ({rdb['keys']} keys, RDB version {rdb['rdb_version']})\n"
+               + redis_source.RESTORE_STEPS.format(path=path))
+    return 0
 
 
 def _hook(name: str, command: str | None) -> None:
@@ -220,7 +245,9 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     result = run_restore_test(policy, repo, load_keyring(policy), manifest, jobs=args.jobs,
                               work_dir=_work_dir(args, policy), trigger={"cli": "restore-test"})
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
-    verdict = ("validation passed: row counts, content SHA-256, schema objects and pg_amcheck"
+    passed = ("key counts, TTL counts and the key sample" if manifest.kind == "redis"
+              else "row counts, content SHA-256, schema objects and pg_amcheck")
+    verdict = (f"validation passed: {passed}"
                if result.validation_passed else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems))
     text = (f"restore test of {result.backup_id} (age {result.backup_age_seconds / 3600:.1f} h): RTO "
             f"{result.rto_seconds:.1f}s against a target of {result.rto_target_seconds / 3600:.1f} h "
@@ -299,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--postgres-dsn", required=True, help="DSN of the database to back up; use ${VAR} for secrets")
     p.add_argument("--master-key-env", help="keep the master key in this environment variable instead of a file")
+    p.add_argument("--redis-url", help="also back up this Redis server, as the target `cache` (${VAR} for secrets)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("master-key", parents=[common], help="print a new master key (for --master-key-env)")
@@ -321,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
     p.add_argument("backup_id", nargs="?")
-    p.add_argument("--to", required=True, help="DSN of the database to restore into (created if missing)")
+    p.add_argument("--to", required=True, help="PostgreSQL: DSN of the database to restore into (created if missing); "
+                                               "Redis: the directory to write dump.rdb to")
     p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
     p.add_argument("--latest", action="store_true")
     p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")

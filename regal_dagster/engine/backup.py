@@ -6,10 +6,12 @@ import contextlib
 import getpass
 import importlib.metadata
 import platform
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .crypto import Keyring, load_keyring
@@ -17,9 +19,10 @@ from .errors import RegalError
 from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, new_backup_id
 from .parallel import check, map_parallel
 from .pipeline import Progress, store_stream
-from .policy import RETENTION_CLASSES, Policy
+from .policy import RETENTION_CLASSES, Policy, PostgresTarget, RedisTarget
 from .repository import Repository, open_repository
 from .sources import postgres
+from .sources import redis as redis_source
 
 
 def _version(package: str) -> str:
@@ -44,7 +47,7 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     keyring = keyring or load_keyring(policy)  # fail on key problems before touching anything
     repo = repo or open_repository(policy)
     repo.ensure_initialized()
-    dsn = target.resolved_dsn()
+    capture = {"postgres": _capture_postgres, "redis": _capture_redis}[target.kind]
     with repo.lock(target_name):
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
@@ -56,21 +59,12 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
                                 zstd_threads=zstd_threads, progress=progress)
 
         try:
-            with postgres.dump_session(dsn) as session:
-                jobs = min(target.jobs, max(len(session.tables), 1))
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
-                    schema_done = pool.submit(store, postgres.SCHEMA_OBJECT, postgres.SCHEMA_CONTENT,
-                                              session.schema_chunks(), 0)
-                    stored = _dump_tables(session, store, jobs)
-                    schema = schema_done.result()
-            stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
+            objects, facts, tools = capture(target, store)
             manifest = Manifest(
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
                 retain_until=policy.retention.retain_until(retention_class, started),
                 started_at=started, finished_at=datetime.now(UTC),
-                tool_versions={**tool_versions(), "pg_dump": session.pg_dump.version, "psql": session.psql.version},
-                source={**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
-                objects=[schema, *(record for record, _ in stored)],
+                tool_versions={**tool_versions(), **tools}, source=facts, objects=objects,
                 trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
             ).sealed()
             repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes())
@@ -81,6 +75,51 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
 
 
 StoreObject = Callable[[str, str, Iterable[bytes], int], ObjectRecord]  # name, content, chunks, zstd threads
+Captured = tuple[list[ObjectRecord], dict[str, Any], dict[str, str]]  # objects, source facts, tool versions
+
+
+def _capture_postgres(target: PostgresTarget, store: StoreObject) -> Captured:
+    """One exported snapshot: the schema archive and every table's rows, tables in parallel."""
+    with postgres.dump_session(target.resolved_dsn()) as session:
+        jobs = min(target.jobs, max(len(session.tables), 1))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
+            schema_done = pool.submit(store, postgres.SCHEMA_OBJECT, postgres.SCHEMA_CONTENT,
+                                      session.schema_chunks(), 0)
+            stored = _dump_tables(session, store, jobs)
+            schema = schema_done.result()
+    stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
+    return ([schema, *(record for record, _ in stored)],
+            {**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
+            {"pg_dump": session.pg_dump.version, "psql": session.psql.version})
+
+
+def _capture_redis(target: RedisTarget, store: StoreObject) -> Captured:
+    """The RDB over the replication protocol (checked with redis-check-rdb), and the AOF files when the
+    server's data directory is readable here."""
+    url = target.resolved_url()
+    connection = redis_source.client(url)
+    facts = {**redis_source.server_facts(connection), "endpoint": redis_source.describe_url(url),
+             "key_sample": redis_source.key_sample(url)}
+    with tempfile.TemporaryDirectory(prefix="regal-rdb-") as tmp:  # private (0700); removed at once
+        copy_path = Path(tmp) / redis_source.RDB_OBJECT
+        with copy_path.open("wb") as copy:
+            def teed() -> Iterator[bytes]:
+                for chunk in redis_source.rdb_stream(url):
+                    copy.write(chunk)
+                    yield chunk
+
+            objects = [store(redis_source.RDB_OBJECT, redis_source.RDB_CONTENT, teed(), -1)]
+        facts["rdb"] = redis_source.check_rdb(copy_path)
+    if target.data_dir:
+        objects += [store(name, "Redis append-only file", _file_chunks(path), -1)
+                    for name, path in redis_source.aof_files(Path(target.data_dir), facts["persistence"])]
+    return objects, facts, {"redis-check-rdb": "redis " + str(facts["server_version"])}
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            yield chunk
 
 
 def _dump_tables(session: postgres.DumpSession, store: StoreObject,

@@ -28,7 +28,7 @@ class InitResult:
 
 
 def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | None = None,
-                 target_name: str = "main") -> InitResult:
+                 target_name: str = "main", redis_url: str | None = None) -> InitResult:
     """Write DIR/regal_backup.yaml with one postgres target, a repository under DIR/repository and a keyset.
 
     The master key goes to DIR/master.key (0600), or, with `master_key_env`, is read from that variable
@@ -54,7 +54,8 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
         "version": 1,
         "repository": {"url": "repository"},
         "encryption": {"keyset": KEYSET_NAME, "master_key": master_key},
-        "targets": {target_name: {"kind": "postgres", "dsn": postgres_dsn}},
+        "targets": {target_name: {"kind": "postgres", "dsn": postgres_dsn},
+                    **({"cache": {"kind": "redis", "url": redis_url}} if redis_url else {})},
         "rpo": "1h",
         "rto": "4h",
         "schedules": {

@@ -38,8 +38,11 @@ from .verify import verify_backup
 
 CHECKS_NAME = "checks.json"
 ERROR, WARN = "ERROR", "WARN"
-SEVERITY = {"manifest": ERROR, "integrity": ERROR, "encryption": ERROR, "size": WARN}
+SEVERITY = {"manifest": ERROR, "integrity": ERROR, "encryption": ERROR, "size": WARN,
+            "persistence_configured": WARN}
 DESCRIPTIONS = {
+    "persistence_configured": "The Redis server keeps its own copies as the runbook says: RDB snapshots at "
+                              "least every 5 minutes and the append-only file on.",
     "manifest": "The manifest's checksum holds and every object it lists exists with its size.",
     "integrity": "Every stored byte is read back, authenticated, decompressed and matches both SHA-256 sums; "
                  "the schema archive's table of contents parses.",
@@ -95,6 +98,11 @@ class CheckRecord:
         return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}))
 
 
+def check_names(kind: str) -> list[str]:
+    """The checks a backup of this kind gets."""
+    return ["manifest", "integrity", "encryption", "size", *(["persistence_configured"] if kind == "redis" else [])]
+
+
 def checks_key(backup_id: str) -> str:
     return backup_prefix(target_of(backup_id), backup_id) + CHECKS_NAME
 
@@ -136,10 +144,41 @@ def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs
     if bad is not None:
         return CheckOutcome("integrity", False, bad.detail, bad.key,
                             {"objects_failed": sum(not o.ok for o in result.objects)})
-    entries = _archive_entries(repo, keyring, manifest)
+    if manifest.kind == "redis":
+        rdb = _rdb_facts(repo, keyring, manifest)
+        if rdb["keys"] != manifest.source["rdb"]["keys"]:
+            raise IntegrityError(f"the RDB holds {rdb['keys']} keys, the manifest says {manifest.source['rdb']['keys']}",
+                                 "this backup is damaged: use another one")
+        structure = f"redis-check-rdb reads {rdb['keys']} keys"
+    else:
+        structure = f"schema archive lists {_archive_entries(repo, keyring, manifest)} entries"
     return CheckOutcome("integrity", True, f"{manifest.stored_bytes} stored bytes in {len(manifest.objects)} "
-                        f"objects authenticated and checksummed; schema archive lists {entries} entries",
-                        metadata={"bytes_read": manifest.stored_bytes, "archive_entries": entries})
+                        f"objects authenticated and checksummed; {structure}",
+                        metadata={"bytes_read": manifest.stored_bytes})
+
+
+def _rdb_facts(repo: Repository, keyring: Keyring, manifest: Manifest) -> dict[str, Any]:
+    """redis-check-rdb over the backup's RDB, decrypted into a private temporary file."""
+    from .sources import redis as redis_source
+
+    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        path = Path(tmp) / redis_source.RDB_OBJECT
+        with path.open("wb") as f:
+            read_stream(repo, manifest.object(redis_source.RDB_OBJECT), keyring=keyring,
+                        backup_id=manifest.backup_id, sink=f.write)
+        return redis_source.check_rdb(path)
+
+
+def check_persistence(policy: Policy, target: str) -> CheckOutcome:
+    """How the Redis server keeps its own copies now (a WARN: the backup itself is fine)."""
+    from .sources import redis as redis_source
+
+    config = policy.target(target)
+    settings = redis_source.persistence_settings(redis_source.client(config.resolved_url()))  # type: ignore[union-attr]
+    problems = redis_source.persistence_problems(settings)
+    description = "; ".join(problems) or (f"RDB snapshots ({settings['save']}) and the append-only file are on")
+    return CheckOutcome("persistence_configured", not problems, description,
+                        metadata={"save": settings["save"], "appendonly": settings["appendonly"]})
 
 
 def _archive_entries(repo: Repository, keyring: Keyring, manifest: Manifest) -> int:
@@ -254,8 +293,9 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
     outcome, manifest = check_manifest(repo, backup_id)
     outcomes = [outcome]
     if manifest is None:
+        kind = policy.target(target_of(backup_id)).kind
         outcomes += [CheckOutcome(name, False, "not run: the manifest cannot be read", outcome.failing_object)
-                     for name in ("integrity", "encryption", "size")]
+                     for name in check_names(kind)[1:]]
     else:
         try:
             outcomes.append(check_integrity(repo, keyring, manifest, jobs))
@@ -268,6 +308,11 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
             outcomes.append(CheckOutcome("encryption", False, exc.message))
         earlier = [m for m in good_backups(repo, manifest.target) if m.started_at < manifest.started_at]
         outcomes.append(check_size(manifest, earlier[-policy.checks.size_history:], policy.checks.size_tolerance))
+        if manifest.kind == "redis":
+            try:
+                outcomes.append(check_persistence(policy, manifest.target))
+            except RegalError as exc:
+                outcomes.append(CheckOutcome("persistence_configured", False, exc.message))
     record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {})
     repo.put_bytes(checks_key(backup_id), record.to_bytes())
     return record

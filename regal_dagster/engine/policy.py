@@ -110,7 +110,18 @@ def default_jobs() -> int:
     return min(os.cpu_count() or 2, 8)
 
 
-class TargetConfig(_Model):
+def fill_environment(text: str, setting: str) -> str:
+    """`text` with ${VAR} references filled from the environment (the result is never logged)."""
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise PolicyError("(environment)", [f"{setting} references ${{{name}}} but it is not set"])
+        return os.environ[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text)
+
+
+class PostgresTarget(_Model):
     kind: Literal["postgres"]
     dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
     rpo: Duration | None = None
@@ -119,14 +130,22 @@ class TargetConfig(_Model):
                       description="parallel connections for dump, restore and verify (default: the CPU count, at most 8)")
 
     def resolved_dsn(self) -> str:
-        """The DSN with ${VAR} references filled from the environment (never logged)."""
-        def fill(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in os.environ:
-                raise PolicyError("(environment)", [f"dsn references ${{{name}}} but it is not set"])
-            return os.environ[name]
+        return fill_environment(self.dsn, "dsn")
 
-        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, self.dsn)
+
+class RedisTarget(_Model):
+    kind: Literal["redis"]
+    url: str = Field(description="redis://[user:password@]host:port (rediss:// for TLS); ${VAR} from the environment")
+    data_dir: str | None = Field(None, description="the server's data directory, when this machine can read it: "
+                                                  "its append-only files are backed up too")
+    rpo: Duration | None = None
+    rto: Duration | None = None
+
+    def resolved_url(self) -> str:
+        return fill_environment(self.url, "url")
+
+
+TargetConfig = Annotated[PostgresTarget | RedisTarget, Field(discriminator="kind")]
 
 
 class CompressionConfig(_Model):
@@ -333,8 +352,19 @@ class Policy(_Model):
         return chosen
 
 
+_UNION_TAGS = {"postgres", "redis", "email", "slack", "webhook"}  # pydantic puts a union's tag in the path
+
+
 def _format_problem(error: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "(top)"
+    loc = [str(p) for p in error["loc"]]
+    if len(loc) >= 3 and loc[0] in ("targets", "channels", "alerts") and loc[2] in _UNION_TAGS:
+        del loc[2]
+    elif len(loc) >= 4 and loc[:2] == ["alerts", "channels"] and loc[3] in _UNION_TAGS:
+        del loc[3]
+    path = ".".join(loc) or "(top)"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        return f"{path}.kind: use one of {expected}"
     if error["type"] == "missing":
         return f"{path}: missing"
     if error["type"] == "extra_forbidden":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,10 +30,12 @@ from .crypto import Keyring
 from .errors import RegalError
 from .gdpr import apply_erasures, load_ledger
 from .manifest import Manifest
+from .pipeline import read_stream
 from .policy import Policy
 from .repository import Repository
 from .restore import restore_backup
 from .sources import postgres
+from .sources import redis as redis_source
 from .sources.pg_tools import find_pg_tool
 
 RESTORE_TEST_DATABASE = "restore_test"
@@ -54,6 +57,7 @@ class RestoreTestResult:
     trigger: dict[str, str] = field(default_factory=dict)
     erasures: dict[str, Any] = field(default_factory=dict)  # GDPR erasures re-applied (gdpr.ErasureResult)
     load_breakdown: dict[str, float] = field(default_factory=dict)  # restore.RestoreReport.load_breakdown
+    details: dict[str, Any] = field(default_factory=dict)  # kind-specific findings (Redis: the keyspace)
 
     @property
     def rto_seconds(self) -> float:
@@ -80,42 +84,81 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     """Restore `manifest`'s backup into a scratch server, validate it, tear it down, store the result."""
     tested_at = datetime.now(UTC)
     start = time.monotonic()
-    seconds: dict[str, float] = {}
-    problems: list[str] = []
-    erasures = None
-    load_breakdown: dict[str, float] = {}
+    test = {"postgres": _test_postgres, "redis": _test_redis}[manifest.kind]
+    found = test(policy, repo, keyring, manifest, work_dir, jobs)
+    found.seconds["total"] = time.monotonic() - start
+    restore_failed = any(p.startswith(RESTORE_FAILED) for p in found.problems)
+    tables = [{"schema": t["schema"], "name": t["name"], "rows": t["rows"],
+               "matches": not restore_failed
+               and not any(f"table {t['schema']}.{t['name']} " in p for p in found.problems)}
+              for t in manifest.source.get("tables", [])]
+    result = RestoreTestResult(
+        manifest.backup_id, manifest.target, manifest.retention_class, tested_at,
+        (tested_at - manifest.finished_at).total_seconds(), found.seconds,
+        policy.rto_for(manifest.target).total_seconds(), tables, found.problems, trigger or {},
+        found.erasures, found.load_breakdown, found.details)
+    repo.put_bytes(result_key(result), json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
+    return result
+
+
+@dataclass
+class _Found:
+    seconds: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    erasures: dict[str, Any] = field(default_factory=dict)
+    load_breakdown: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _test_postgres(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, work_dir: Path | None,
+                   jobs: int) -> _Found:
+    found = _Found()
+    start = time.monotonic()
     with ScratchCluster(base_dir=work_dir, tuned_for_restore=True) as cluster:
-        seconds["cluster"] = time.monotonic() - start
+        found.seconds["cluster"] = time.monotonic() - start
         dsn = cluster.dsn(RESTORE_TEST_DATABASE)
         try:
             report = restore_backup(repo, keyring, manifest, dsn, jobs=jobs, validation="full")
         except RegalError as exc:  # the backup does not restore: that is the finding, recorded as such
-            problems.append(f"{RESTORE_FAILED}: {exc.message}")
-        else:
-            seconds.update({k: v for k, v in report.seconds.items() if k != "total"})
-            load_breakdown = report.load_breakdown
-            problems += report.validation_problems
+            found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
+            return found
+        found.seconds.update({k: v for k, v in report.seconds.items() if k != "total"})
+        found.load_breakdown = report.load_breakdown
+        found.problems += report.validation_problems
+        phase = time.monotonic()
+        if expected_counts := manifest.source.get("schema_objects"):
+            found.problems += postgres.compare_schema_counts(expected_counts, postgres.restored_schema_counts(dsn))
+        found.problems += _amcheck(dsn, jobs)
+        found.seconds["amcheck"] = time.monotonic() - phase
+        erasures = apply_erasures(policy, load_ledger(repo, keyring), manifest.target, dsn)
+        found.erasures = erasures.to_json()
+        found.problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
+                           for table, count in erasures.still_present.items() if count]
+    return found
+
+
+def _test_redis(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, work_dir: Path | None,
+                jobs: int) -> _Found:
+    """The RDB into a scratch redis-server: key counts, TTL counts and the key sample compared."""
+    found = _Found()
+    phase = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="regal-redis-test-", dir=work_dir) as tmp:
+        try:
+            with (Path(tmp) / redis_source.RDB_OBJECT).open("wb") as f:
+                read_stream(repo, manifest.object(redis_source.RDB_OBJECT), keyring=keyring,
+                            backup_id=manifest.backup_id, sink=f.write)
+            found.seconds["fetch_decrypt"] = time.monotonic() - phase
             phase = time.monotonic()
-            expected_counts = manifest.source.get("schema_objects")
-            if expected_counts:
-                problems += postgres.compare_schema_counts(expected_counts, postgres.restored_schema_counts(dsn))
-            problems += _amcheck(dsn, jobs)
-            seconds["amcheck"] = time.monotonic() - phase
-            erasures = apply_erasures(policy, load_ledger(repo, keyring), manifest.target, dsn)
-            problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
-                         for table, count in erasures.still_present.items() if count]
-    seconds["total"] = time.monotonic() - start
-    restore_failed = any(p.startswith(RESTORE_FAILED) for p in problems)
-    tables = [{"schema": t["schema"], "name": t["name"], "rows": t["rows"],
-               "matches": not restore_failed and not any(f"table {t['schema']}.{t['name']} " in p for p in problems)}
-              for t in manifest.source.get("tables", [])]
-    result = RestoreTestResult(
-        manifest.backup_id, manifest.target, manifest.retention_class, tested_at,
-        (tested_at - manifest.finished_at).total_seconds(), seconds,
-        policy.rto_for(manifest.target).total_seconds(), tables, problems, trigger or {},
-        erasures.to_json() if erasures else {}, load_breakdown)
-    repo.put_bytes(result_key(result), json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
-    return result
+            scratch = redis_source.ScratchRedis(Path(tmp))
+            with scratch:
+                found.seconds["load"] = time.monotonic() - phase
+                phase = time.monotonic()
+                found.details, problems = redis_source.compare_restored(scratch.url, manifest.source)
+                found.problems += problems
+                found.seconds["validate"] = time.monotonic() - phase
+        except RegalError as exc:
+            found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
+    return found
 
 
 def result_key(result: RestoreTestResult) -> str:
