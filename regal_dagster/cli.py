@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,8 +162,8 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     manifest = catalog.choose_backup(repo, args.target or "", backup_id=args.backup_id, latest=args.latest,
                                      before=before)
     keyring = load_keyring(policy)
-    if manifest.kind == "redis":
-        return _restore_redis(repo, keyring, manifest, args, out)
+    if manifest.kind != "postgres":
+        return _restore_to_files(repo, keyring, manifest, args, out)
     with out.progress(f"restore {manifest.backup_id}") as progress:
         report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing, jobs=args.jobs,
                                 keep_owners=args.keep_owners, validation=args.validate, progress=progress,
@@ -187,25 +188,51 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     return 0 if report.ok else 3
 
 
-def _restore_redis(repo: Repository, keyring: Any, manifest: Manifest, args: argparse.Namespace, out: Output) -> int:
-    """A Redis backup is restored as an RDB file for a stopped server (the steps are printed)."""
+def _restore_to_files(repo: Repository, keyring: Any, manifest: Manifest, args: argparse.Namespace,
+                      out: Output) -> int:
+    """Redis: an RDB for a stopped server; Terraform: a state file for `terraform state push`; configuration:
+    a clone of the git bundle. Each is authenticated in full before it takes its final name."""
     from .engine.pipeline import read_stream
+    from .engine.sources import gitconfig, terraform
     from .engine.sources import redis as redis_source
 
-    directory = Path(args.to)
-    path = directory / redis_source.RDB_OBJECT
-    if path.exists() and not args.drop_existing:
-        raise RegalError(f"{path} exists", "choose another directory, or pass --drop-existing to replace the file")
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as f:  # authenticated in full before it takes the real name
-        read_stream(repo, manifest.object(redis_source.RDB_OBJECT), keyring=keyring, backup_id=manifest.backup_id,
-                    sink=f.write)
-    partial.replace(path)
-    rdb = manifest.source["rdb"]
-    out.result({"backup_id": manifest.backup_id, "path": str(path), "keys": rdb["keys"], "ok": True},
-               f"restored {manifest.backup_id} to {path} ({rdb['keys']} keys, RDB version {rdb['rdb_version']})\n"
-               + redis_source.RESTORE_STEPS.format(path=path))
+    def fetch(name: str, path: Path) -> None:
+        if path.exists() and not args.drop_existing:
+            raise RegalError(f"{path} exists", "choose another place, or pass --drop-existing to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as f:
+            read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
+        partial.replace(path)
+
+    destination = Path(args.to)
+    if manifest.kind == "redis":
+        path = destination / redis_source.RDB_OBJECT
+        fetch(redis_source.RDB_OBJECT, path)
+        rdb = manifest.source["rdb"]
+        text = (f"restored {manifest.backup_id} to {path} ({rdb['keys']} keys, RDB version {rdb['rdb_version']})\n"
+                + redis_source.RESTORE_STEPS.format(path=path))
+    elif manifest.kind == "terraform":
+        path = destination
+        fetch(terraform.STATE_OBJECT, path)
+        state = manifest.source["state"]
+        text = (f"restored {manifest.backup_id} to {path} (serial {state.get('serial')}, lineage "
+                f"{state.get('lineage')}, {state.get('resources')} resources)\n"
+                f"Review it, then: terraform state push {path}  (add -force only if the remote serial is higher "
+                "and you mean to roll back)")
+    else:
+        if destination.exists() and any(destination.iterdir()):
+            raise RegalError(f"{destination} is not empty", "clone into a new directory")
+        with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:
+            bundle = Path(tmp) / gitconfig.BUNDLE_OBJECT
+            fetch(gitconfig.BUNDLE_OBJECT, bundle)
+            cloned = gitconfig.clone(bundle, destination)
+        for name in manifest.source.get("lock_files", {}):
+            fetch(gitconfig.LOCK_PREFIX + name, destination / "restored-lock-files" / name)
+        path = destination
+        text = (f"restored {manifest.backup_id}: cloned {len(cloned['refs'])} refs into {destination} (HEAD "
+                f"{cloned['head'][:12]}); lock files as they were in restored-lock-files/")
+    out.result({"backup_id": manifest.backup_id, "kind": manifest.kind, "path": str(path), "ok": True}, text)
     return 0
 
 
@@ -350,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
     p.add_argument("backup_id", nargs="?")
     p.add_argument("--to", required=True, help="PostgreSQL: DSN of the database to restore into (created if missing); "
-                                               "Redis: the directory to write dump.rdb to")
+                                               "Redis: the directory for dump.rdb; Terraform: the state file to "
+                                               "write; config: a new directory to clone into")
     p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
     p.add_argument("--latest", action="store_true")
     p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")

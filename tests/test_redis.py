@@ -151,7 +151,8 @@ def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, 
                            str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
 
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["keys"] == 553
+    assert json.loads(done.stdout) == {"backup_id": manifest.backup_id, "kind": "redis",
+                                       "path": str(target / "dump.rdb"), "ok": True}
     again = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", str(target), "--policy",
                             str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
     assert again.returncode == 1 and "--drop-existing" in again.stderr

@@ -19,9 +19,9 @@ from .errors import RegalError
 from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, new_backup_id
 from .parallel import check, map_parallel
 from .pipeline import Progress, store_stream
-from .policy import RETENTION_CLASSES, Policy, PostgresTarget, RedisTarget
+from .policy import RETENTION_CLASSES, ConfigTarget, Policy, PostgresTarget, RedisTarget, TerraformTarget
 from .repository import Repository, open_repository
-from .sources import postgres
+from .sources import gitconfig, postgres, terraform
 from .sources import redis as redis_source
 
 
@@ -47,7 +47,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     keyring = keyring or load_keyring(policy)  # fail on key problems before touching anything
     repo = repo or open_repository(policy)
     repo.ensure_initialized()
-    capture = {"postgres": _capture_postgres, "redis": _capture_redis}[target.kind]
+    capture = {"postgres": _capture_postgres, "redis": _capture_redis, "terraform": _capture_terraform,
+               "config": _capture_config}[target.kind]
     with repo.lock(target_name):
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
@@ -114,6 +115,21 @@ def _capture_redis(target: RedisTarget, store: StoreObject) -> Captured:
         objects += [store(name, "Redis append-only file", _file_chunks(path), -1)
                     for name, path in redis_source.aof_files(Path(target.data_dir), facts["persistence"])]
     return objects, facts, {"redis-check-rdb": "redis " + str(facts["server_version"])}
+
+
+def _capture_terraform(target: TerraformTarget, store: StoreObject) -> Captured:
+    data = terraform.read_state(target.state, region=target.region, endpoint_url=target.endpoint_url)
+    record = store(terraform.STATE_OBJECT, terraform.STATE_CONTENT, [data], 0)
+    return [record], {"location": target.state, "state": terraform.state_facts(data)}, {}
+
+
+def _capture_config(target: ConfigTarget, store: StoreObject) -> Captured:
+    repo_path = Path(target.repository).expanduser()
+    facts = gitconfig.repository_facts(repo_path, target.lock_files)
+    objects = [store(gitconfig.BUNDLE_OBJECT, gitconfig.BUNDLE_CONTENT, gitconfig.bundle_stream(repo_path), 0)]
+    objects += [store(gitconfig.LOCK_PREFIX + name, f"dependency lock file {name}", _file_chunks(repo_path / name), 0)
+                for name in facts["lock_files"]]
+    return objects, facts, {"git": gitconfig.git_version()}
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:

@@ -39,8 +39,12 @@ from .verify import verify_backup
 CHECKS_NAME = "checks.json"
 ERROR, WARN = "ERROR", "WARN"
 SEVERITY = {"manifest": ERROR, "integrity": ERROR, "encryption": ERROR, "size": WARN,
-            "persistence_configured": WARN}
+            "persistence_configured": WARN, "state_valid": ERROR, "serial_monotonic": ERROR}
+KIND_CHECKS = {"redis": ["persistence_configured"], "terraform": ["state_valid", "serial_monotonic"]}
 DESCRIPTIONS = {
+    "state_valid": "The Terraform state parses and has a serial and a lineage.",
+    "serial_monotonic": "The state's serial never goes backwards between backups of the same lineage (a "
+                        "backwards serial means the state was rolled back).",
     "persistence_configured": "The Redis server keeps its own copies as the runbook says: RDB snapshots at "
                               "least every 5 minutes and the append-only file on.",
     "manifest": "The manifest's checksum holds and every object it lists exists with its size.",
@@ -100,7 +104,7 @@ class CheckRecord:
 
 def check_names(kind: str) -> list[str]:
     """The checks a backup of this kind gets."""
-    return ["manifest", "integrity", "encryption", "size", *(["persistence_configured"] if kind == "redis" else [])]
+    return ["manifest", "integrity", "encryption", "size", *KIND_CHECKS.get(kind, [])]
 
 
 def checks_key(backup_id: str) -> str:
@@ -144,29 +148,11 @@ def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs
     if bad is not None:
         return CheckOutcome("integrity", False, bad.detail, bad.key,
                             {"objects_failed": sum(not o.ok for o in result.objects)})
-    if manifest.kind == "redis":
-        rdb = _rdb_facts(repo, keyring, manifest)
-        if rdb["keys"] != manifest.source["rdb"]["keys"]:
-            raise IntegrityError(f"the RDB holds {rdb['keys']} keys, the manifest says {manifest.source['rdb']['keys']}",
-                                 "this backup is damaged: use another one")
-        structure = f"redis-check-rdb reads {rdb['keys']} keys"
-    else:
-        structure = f"schema archive lists {_archive_entries(repo, keyring, manifest)} entries"
+    structure = {"postgres": _archive_structure, "redis": _rdb_structure, "terraform": _state_structure,
+                 "config": _bundle_structure}[manifest.kind](repo, keyring, manifest)
     return CheckOutcome("integrity", True, f"{manifest.stored_bytes} stored bytes in {len(manifest.objects)} "
                         f"objects authenticated and checksummed; {structure}",
                         metadata={"bytes_read": manifest.stored_bytes})
-
-
-def _rdb_facts(repo: Repository, keyring: Keyring, manifest: Manifest) -> dict[str, Any]:
-    """redis-check-rdb over the backup's RDB, decrypted into a private temporary file."""
-    from .sources import redis as redis_source
-
-    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        path = Path(tmp) / redis_source.RDB_OBJECT
-        with path.open("wb") as f:
-            read_stream(repo, manifest.object(redis_source.RDB_OBJECT), keyring=keyring,
-                        backup_id=manifest.backup_id, sink=f.write)
-        return redis_source.check_rdb(path)
 
 
 def check_persistence(policy: Policy, target: str) -> CheckOutcome:
@@ -179,6 +165,56 @@ def check_persistence(policy: Policy, target: str) -> CheckOutcome:
     description = "; ".join(problems) or (f"RDB snapshots ({settings['save']}) and the append-only file are on")
     return CheckOutcome("persistence_configured", not problems, description,
                         metadata={"save": settings["save"], "appendonly": settings["appendonly"]})
+
+
+def _decrypted(repo: Repository, keyring: Keyring, manifest: Manifest, name: str, directory: Path) -> Path:
+    """One object of the backup, authenticated and decrypted into a file in a private directory."""
+    path = directory / Path(name).name
+    with path.open("wb") as f:
+        read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
+    return path
+
+
+def _damaged(message: str) -> IntegrityError:
+    return IntegrityError(message, "this backup is damaged: use another one")
+
+
+def _rdb_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
+    from .sources import redis as redis_source
+
+    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        rdb = redis_source.check_rdb(_decrypted(repo, keyring, manifest, redis_source.RDB_OBJECT, Path(tmp)))
+    if rdb["keys"] != manifest.source["rdb"]["keys"]:
+        raise _damaged(f"the RDB holds {rdb['keys']} keys, the manifest says {manifest.source['rdb']['keys']}")
+    return f"redis-check-rdb reads {rdb['keys']} keys"
+
+
+def _state_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
+    from .sources import terraform
+
+    chunks: list[bytes] = []
+    read_stream(repo, manifest.object(terraform.STATE_OBJECT), keyring=keyring, backup_id=manifest.backup_id,
+                sink=chunks.append)
+    facts = terraform.state_facts(b"".join(chunks))
+    if facts.get("serial") != manifest.source["state"].get("serial"):
+        raise _damaged(f"the stored state has serial {facts.get('serial')}, the manifest says "
+                       f"{manifest.source['state'].get('serial')}")
+    return f"the state reads back with serial {facts.get('serial')}"
+
+
+def _bundle_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
+    from .sources import gitconfig
+
+    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        gitconfig.verify_bundle(_decrypted(repo, keyring, manifest, gitconfig.BUNDLE_OBJECT, Path(tmp)))
+    for name, digest in manifest.source.get("lock_files", {}).items():
+        if manifest.object(gitconfig.LOCK_PREFIX + name).plaintext_sha256 != digest:
+            raise _damaged(f"lock file {name}: its object and the manifest's hash differ")
+    return f"git bundle verify accepts {len(manifest.source.get('refs', {}))} refs"
+
+
+def _archive_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
+    return f"schema archive lists {_archive_entries(repo, keyring, manifest)} entries"
 
 
 def _archive_entries(repo: Repository, keyring: Keyring, manifest: Manifest) -> int:
@@ -261,6 +297,29 @@ def _luhn(digits: bytes) -> bool:
     return total % 10 == 0
 
 
+def check_terraform_state(manifest: Manifest, earlier: list[Manifest]) -> list[CheckOutcome]:
+    """state_valid and serial_monotonic, against the earlier good backups of the same target."""
+    state = manifest.source["state"]
+    if "parse_error" in state:
+        invalid = f"the state does not parse: {state['parse_error']}"
+        return [CheckOutcome("state_valid", False, invalid),
+                CheckOutcome("serial_monotonic", False, "not run: the state does not parse")]
+    valid = CheckOutcome("state_valid", True, f"serial {state['serial']}, lineage {state['lineage']}, "
+                         f"{state['resources']} resources, Terraform {state['terraform_version']}",
+                         metadata={"serial": state["serial"], "resources": state["resources"]})
+    same_lineage = [m.source["state"] for m in earlier if m.source.get("state", {}).get("lineage") == state["lineage"]]
+    highest = max((s["serial"] for s in same_lineage), default=None)
+    if highest is not None and state["serial"] < highest:
+        return [valid, CheckOutcome("serial_monotonic", False, f"serial {state['serial']} is lower than {highest} in "
+                                    "an earlier backup: the state was rolled back; find out who and why before "
+                                    "the next apply", metadata={"serial": state["serial"], "earlier": highest})]
+    note = "first backup of this lineage" if highest is None else f"up from {highest}"
+    if not same_lineage and earlier:
+        note = "a new lineage: the state was replaced, not rolled back"
+    return [valid, CheckOutcome("serial_monotonic", True, f"serial {state['serial']} ({note})",
+                                metadata={"serial": state["serial"]})]
+
+
 def check_size(manifest: Manifest, recent_good: list[Manifest], tolerance: float) -> CheckOutcome:
     sizes = [m.plaintext_bytes for m in recent_good]
     if len(sizes) < 3:
@@ -313,6 +372,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                 outcomes.append(check_persistence(policy, manifest.target))
             except RegalError as exc:
                 outcomes.append(CheckOutcome("persistence_configured", False, exc.message))
+        if manifest.kind == "terraform":
+            outcomes += check_terraform_state(manifest, earlier)
     record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {})
     repo.put_bytes(checks_key(backup_id), record.to_bytes())
     return record

@@ -145,7 +145,25 @@ class RedisTarget(_Model):
         return fill_environment(self.url, "url")
 
 
-TargetConfig = Annotated[PostgresTarget | RedisTarget, Field(discriminator="kind")]
+class TerraformTarget(_Model):
+    kind: Literal["terraform"]
+    state: str = Field(description="path of a terraform.tfstate, or s3://bucket/key of a state bucket")
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of the state bucket")
+    rpo: Duration | None = None
+    rto: Duration | None = None
+
+
+class ConfigTarget(_Model):
+    kind: Literal["config"]
+    repository: str = Field(description="path of the configuration's git repository")
+    lock_files: list[str] = Field(default_factory=lambda: ["requirements.txt", "poetry.lock", "uv.lock"],
+                                  description="dependency lock files (relative to the repository) kept with hashes")
+    rpo: Duration | None = None
+    rto: Duration | None = None
+
+
+TargetConfig = Annotated[PostgresTarget | RedisTarget | TerraformTarget | ConfigTarget, Field(discriminator="kind")]
 
 
 class CompressionConfig(_Model):
@@ -352,7 +370,7 @@ class Policy(_Model):
         return chosen
 
 
-_UNION_TAGS = {"postgres", "redis", "email", "slack", "webhook"}  # pydantic puts a union's tag in the path
+_UNION_TAGS = {"postgres", "redis", "terraform", "config", "email", "slack", "webhook"}  # pydantic puts a union's tag in the path
 
 
 def _format_problem(error: dict[str, Any]) -> str:

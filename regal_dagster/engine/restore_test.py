@@ -34,7 +34,7 @@ from .pipeline import read_stream
 from .policy import Policy
 from .repository import Repository
 from .restore import restore_backup
-from .sources import postgres
+from .sources import gitconfig, postgres, terraform
 from .sources import redis as redis_source
 from .sources.pg_tools import find_pg_tool
 
@@ -84,7 +84,8 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     """Restore `manifest`'s backup into a scratch server, validate it, tear it down, store the result."""
     tested_at = datetime.now(UTC)
     start = time.monotonic()
-    test = {"postgres": _test_postgres, "redis": _test_redis}[manifest.kind]
+    test = {"postgres": _test_postgres, "redis": _test_redis, "terraform": _test_terraform,
+            "config": _test_config}[manifest.kind]
     found = test(policy, repo, keyring, manifest, work_dir, jobs)
     found.seconds["total"] = time.monotonic() - start
     restore_failed = any(p.startswith(RESTORE_FAILED) for p in found.problems)
@@ -134,6 +135,55 @@ def _test_postgres(policy: Policy, repo: Repository, keyring: Keyring, manifest:
         found.erasures = erasures.to_json()
         found.problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
                            for table, count in erasures.still_present.items() if count]
+    return found
+
+
+def _test_terraform(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
+                    work_dir: Path | None, jobs: int) -> _Found:
+    """The state read back and parsed: serial, lineage and resource count as recorded."""
+    found = _Found()
+    phase = time.monotonic()
+    chunks: list[bytes] = []
+    try:
+        read_stream(repo, manifest.object(terraform.STATE_OBJECT), keyring=keyring, backup_id=manifest.backup_id,
+                    sink=chunks.append)
+    except RegalError as exc:
+        found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
+        return found
+    found.seconds["fetch_decrypt"] = time.monotonic() - phase
+    found.details = terraform.state_facts(b"".join(chunks))
+    expected = manifest.source["state"]
+    found.problems += [f"the restored state has {key} {found.details.get(key)!r}, the backup recorded {expected.get(key)!r}"
+                       for key in ("serial", "lineage", "resources", "parse_error") if found.details.get(key) != expected.get(key)]
+    return found
+
+
+def _test_config(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
+                 work_dir: Path | None, jobs: int) -> _Found:
+    """A clone from the bundle: every ref and HEAD as recorded."""
+    found = _Found()
+    phase = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="regal-config-test-", dir=work_dir) as tmp:
+        bundle = Path(tmp) / gitconfig.BUNDLE_OBJECT
+        try:
+            with bundle.open("wb") as f:
+                read_stream(repo, manifest.object(gitconfig.BUNDLE_OBJECT), keyring=keyring,
+                            backup_id=manifest.backup_id, sink=f.write)
+            found.seconds["fetch_decrypt"] = time.monotonic() - phase
+            phase = time.monotonic()
+            cloned = gitconfig.clone(bundle, Path(tmp) / "clone")
+            found.seconds["clone"] = time.monotonic() - phase
+        except RegalError as exc:
+            found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
+            return found
+    found.details = cloned
+    expected_refs = manifest.source["refs"]
+    found.problems += [f"ref {name} is {cloned['refs'].get(name)} in the clone, {commit} in the backup"
+                       for name, commit in sorted(expected_refs.items()) if cloned["refs"].get(name) != commit]
+    found.problems += [f"the clone has {name}, which the backup did not record"
+                       for name in sorted(set(cloned["refs"]) - set(expected_refs))]
+    if cloned["head"] != manifest.source["head"]:
+        found.problems.append(f"HEAD is {cloned['head']} in the clone, {manifest.source['head']} in the backup")
     return found
 
 
