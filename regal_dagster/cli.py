@@ -22,7 +22,7 @@ from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
 from .engine.manifest import Manifest
 from .engine.pipeline import Progress
-from .engine.policy import RETENTION_CLASSES, Policy, default_jobs, load_policy
+from .engine.policy import RETENTION_CLASSES, Policy, default_jobs, fill_environment, load_policy
 from .engine.repository import Repository, open_repository
 
 
@@ -206,6 +206,20 @@ def _restore_to_files(repo: Repository, keyring: Any, manifest: Manifest, args: 
         partial.replace(path)
 
     destination = Path(args.to)
+    if manifest.kind == "redis" and args.to.startswith(("redis://", "rediss://")):
+        if not args.keys:
+            raise RegalError("say which keys to copy back", "add --keys PATTERN (a Redis glob, e.g. 'session:*')")
+        with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:
+            fetch(redis_source.RDB_OBJECT, Path(tmp) / redis_source.RDB_OBJECT)
+            scratch = redis_source.ScratchRedis(Path(tmp))
+            with scratch:
+                counts = redis_source.copy_keys(scratch.url, fill_environment(args.to, "--to"), args.keys,
+                                                replace=args.drop_existing)
+        out.result({"backup_id": manifest.backup_id, "kind": "redis", **counts, "ok": True},
+                   f"copied {counts['copied']} keys matching {args.keys!r} from {manifest.backup_id} into "
+                   f"{redis_source.describe_url(args.to)}; {counts['skipped_existing']} existing keys left alone"
+                   + ("" if args.drop_existing else " (--drop-existing replaces them)"))
+        return 0
     if manifest.kind == "redis":
         path = destination / redis_source.RDB_OBJECT
         fetch(redis_source.RDB_OBJECT, path)
@@ -377,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
     p.add_argument("backup_id", nargs="?")
     p.add_argument("--to", required=True, help="PostgreSQL: DSN of the database to restore into (created if missing); "
-                                               "Redis: the directory for dump.rdb; Terraform: the state file to "
-                                               "write; config: a new directory to clone into")
+                                               "Redis: the directory for dump.rdb, or redis://... with --keys; "
+                                               "Terraform: the state file to write; config: a new directory to "
+                                               "clone into")
     p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
     p.add_argument("--latest", action="store_true")
     p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")
@@ -389,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", choices=["full", "rows"], default="full",
                    help="full (default): read every table back and compare row counts and SHA-256 with the backup; "
                         "rows: compare the loaded row counts only (faster; the bytes are still authenticated)")
+    p.add_argument("--keys", help="Redis, with --to redis://...: copy back only the keys matching this glob")
     p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
     p.set_defaults(func=cmd_restore)
 

@@ -191,3 +191,26 @@ def test_the_redis_target_is_an_asset_with_its_checks(plain_redis: RedisServer, 
     assert evaluations["persistence_configured"].severity == dg.AssetCheckSeverity.WARN
     assert not evaluations["persistence_configured"].passed and evaluations["integrity"].passed
     assert result.asset_materializations_for_node("redis__cache__backup")
+
+
+def test_selected_keys_are_copied_back_into_a_live_server(plain_redis: RedisServer, tmp_path: Path,
+                                                          master_key: str) -> None:
+    policy_file = tmp_path / "regal_backup.yaml"
+    _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"})
+    manifest = run_backup(load_policy(policy_file), "cache")
+    live = plain_redis.client
+    live.delete(*[f"session:{i}" for i in range(10)])  # lost by mistake
+    live.set("session:11", "changed since")
+    url = f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"
+
+    done = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", url, "--keys", "session:1*", "--json",
+                           "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout)
+    # session:1, session:10..19, session:100..199 match; only session:1 was deleted, the rest exist
+    assert counts["copied"] == 1 and counts["skipped_existing"] == 110
+    assert live.get("session:1") == "value 1 ✓".encode() and live.get("session:11") == b"changed since"
+    assert live.get("session:2") is None  # not selected
+    assert redis.Redis(port=plain_redis.port, db=3, password=PASSWORD).dbsize() == 1  # other databases untouched
+    assert PASSWORD not in done.stdout + done.stderr

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -95,7 +95,10 @@ def key_sample(url: str, size: int = SAMPLE_SIZE) -> dict[str, dict[str, str]]:
 
 
 def in_database(url: str, db: int) -> redis.Redis:
-    return redis.Redis.from_url(url, db=db, socket_timeout=15, socket_connect_timeout=10)
+    """A client of database `db` on the server at `url` (the URL's own /db is replaced: redis-py lets it win)."""
+    parts = urlsplit(url)
+    return redis.Redis.from_url(urlunsplit(parts._replace(path=f"/{db}")), socket_timeout=15,
+                                socket_connect_timeout=10)
 
 
 def sample_differences(url: str, sample: dict[str, dict[str, str]]) -> int:
@@ -307,3 +310,24 @@ def compare_restored(url: str, facts: dict[str, Any]) -> tuple[dict[str, Any], l
         problems.append(f"{differ} of {sampled} sampled keys are missing or hold other values")
     return {"keyspace": keyspace, "keys_without_ttl": lasting, "keys_with_ttl": volatile,
             "sampled_keys_differing": differ}, problems
+
+
+def copy_keys(source_url: str, target_url: str, pattern: str, replace: bool) -> dict[str, int]:
+    """Copy the keys matching `pattern` (a Redis glob), with their TTLs, from one server to another, database by
+    database. Keys that exist in the target are skipped unless `replace`. Returns copied/skipped counts."""
+    copied = skipped = 0
+    for name in client(source_url).info("keyspace"):
+        db = int(name.removeprefix("db"))
+        source, target = in_database(source_url, db), in_database(target_url, db)
+        for key in set(source.scan_iter(match=pattern, count=1000)):  # SCAN may return a key twice
+            payload, ttl = source.dump(key), source.pttl(key)
+            if payload is None:
+                continue  # expired meanwhile
+            try:
+                target.restore(key, max(ttl, 0), payload, replace=replace)
+                copied += 1
+            except redis.ResponseError as exc:
+                if "BUSYKEY" not in str(exc):
+                    raise RegalError(f"Redis refused to restore a key: {exc}", "check the target server") from None
+                skipped += 1
+    return {"copied": copied, "skipped_existing": skipped}
