@@ -98,6 +98,7 @@ def test_redis_round_trip_with_checks_and_a_restore_test(plain_redis: RedisServe
     facts = manifest.source
     assert facts["rdb"]["keys"] == 553 and facts["rdb"]["expires"] == 50 and facts["rdb"]["rdb_version"] >= 9
     assert facts["rdb"]["databases"] == [0, 3] and facts["server_version"].startswith("7")
+    assert facts["rdb"]["keyspace"] == {"0": {"keys": 552, "expires": 50}, "3": {"keys": 1, "expires": 0}}
     assert facts["keyspace_at_backup"] == {"db0": {"keys": 552, "expires": 50}, "db3": {"keys": 1, "expires": 0}}
     assert sum(len(v) for v in facts["key_sample"].values()) >= 5
     assert PASSWORD not in manifest.to_bytes().decode()
@@ -120,12 +121,14 @@ def test_a_restore_test_notices_a_changed_value(plain_redis: RedisServer, tmp_pa
     policy = _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}/0"})
     manifest = run_backup(policy, "cache")
     sample = {db: {key: "0" * 64 for key in keys} for db, keys in manifest.source["key_sample"].items()}
-    lying = manifest.model_copy(update={"source": {**manifest.source, "key_sample": sample}})
+    rdb = {**manifest.source["rdb"], "keyspace": {**manifest.source["rdb"]["keyspace"], "3": {"keys": 2, "expires": 0}}}
+    lying = manifest.model_copy(update={"source": {**manifest.source, "key_sample": sample, "rdb": rdb}})
 
     result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
 
     sampled = sum(len(v) for v in sample.values())
-    assert result.problems == [f"{sampled} of {sampled} sampled keys are missing or hold other values"]
+    assert result.problems == ["database 3: 1 keys without a TTL restored, the RDB held 2",
+                               f"{sampled} of {sampled} sampled keys are missing or hold other values"]
 
 
 def test_aof_files_are_backed_up_and_persistence_passes(persistent_redis: RedisServer, tmp_path: Path,

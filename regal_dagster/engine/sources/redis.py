@@ -228,11 +228,40 @@ def check_rdb(path: Path) -> dict[str, Any]:
     counts = {name: int(n) for n, name in re.findall(r"\[info\] (\d+) (keys read|expires|already expired)", out)}
     with path.open("rb") as f:
         header = f.read(9)
+        per_database = {db: _resizedb(f, int(offset))
+                        for offset, db in re.findall(r"\[offset (\d+)\] Selecting DB ID (\d+)", out)}
     return {"rdb_version": int(header[5:9]) if header[:5] == b"REDIS" else None,
             "rdb_server_version": aux.get("redis-ver"), "repl_offset": int(aux.get("repl-offset", 0) or 0),
             "keys": counts.get("keys read", 0), "expires": counts.get("expires", 0),
             "already_expired": counts.get("already expired", 0),
-            "databases": [int(d) for d in re.findall(r"Selecting DB ID (\d+)", out)]}
+            "databases": [int(db) for db in per_database], "keyspace": per_database}
+
+
+def _resizedb(f: Any, offset: int) -> dict[str, int]:
+    """The key and expiry counts a database section of the RDB announces: the RESIZEDB opcode that follows
+    SELECTDB, at the offset redis-check-rdb reports for "Selecting DB ID"."""
+    f.seek(offset)
+    data = f.read(32)
+    if not data or data[0] != 0xFB:  # no RESIZEDB (very old writers): counts unknown
+        return {"keys": -1, "expires": -1}
+    keys, position = _length(data, 1)
+    expires, _ = _length(data, position)
+    return {"keys": keys, "expires": expires}
+
+
+def _length(data: bytes, position: int) -> tuple[int, int]:
+    """An RDB length encoding at `position`: (value, next position)."""
+    first = data[position]
+    kind = first >> 6
+    if kind == 0:
+        return first & 0x3F, position + 1
+    if kind == 1:
+        return ((first & 0x3F) << 8) | data[position + 1], position + 2
+    if first == 0x80:
+        return int.from_bytes(data[position + 1:position + 5], "big"), position + 5
+    if first == 0x81:
+        return int.from_bytes(data[position + 1:position + 9], "big"), position + 9
+    raise ToolError("the RDB has an unexpected length encoding", "the RDB is damaged: use another backup")
 
 
 # --- restore ---------------------------------------------------------------------------------------
@@ -295,7 +324,8 @@ class ScratchRedis:
 def compare_restored(url: str, facts: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The restored server's keyspace against the backup's facts: (what was found, problems)."""
     connection = client(url)
-    keyspace = {name: {"keys": v["keys"], "expires": v["expires"]} for name, v in connection.info("keyspace").items()}
+    keyspace = {name.removeprefix("db"): {"keys": v["keys"], "expires": v["expires"]}
+                for name, v in connection.info("keyspace").items()}
     lasting = sum(v["keys"] - v["expires"] for v in keyspace.values())
     volatile = sum(v["expires"] for v in keyspace.values())
     rdb = facts["rdb"]
@@ -304,6 +334,11 @@ def compare_restored(url: str, facts: dict[str, Any]) -> tuple[dict[str, Any], l
         problems.append(f"{lasting} keys without a TTL restored, the RDB held {rdb['keys'] - rdb['expires']}")
     if volatile > rdb["expires"]:
         problems.append(f"{volatile} keys with a TTL restored, more than the RDB's {rdb['expires']}")
+    for db, expected in sorted(rdb.get("keyspace", {}).items()):  # per database (TTL'd keys may expire)
+        found = keyspace.get(db, {"keys": 0, "expires": 0})
+        if expected["keys"] >= 0 and found["keys"] - found["expires"] != expected["keys"] - expected["expires"]:
+            problems.append(f"database {db}: {found['keys'] - found['expires']} keys without a TTL restored, the "
+                            f"RDB held {expected['keys'] - expected['expires']}")
     differ = sample_differences(url, facts.get("key_sample", {}))
     if differ:
         sampled = sum(len(v) for v in facts.get("key_sample", {}).values())
