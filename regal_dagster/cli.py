@@ -340,6 +340,24 @@ def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, out: Output) -> int:
+    from .engine.retention import run_prune
+
+    policy = load_policy(args.policy)
+    report = run_prune(policy, open_repository(policy), datetime.now(UTC), dry_run=args.dry_run or args.check)
+    lines = []
+    for decisions in report.decisions.values():
+        for d in decisions:
+            verb = "keep  " if d.keep else ("would delete" if report.dry_run else "deleted")
+            lines.append(f"{verb:12} {d.backup_id:40} {'; '.join(d.reasons)}")
+    lines.append(f"{len(report.orphans)} object(s) of unfinished backups {'to remove' if report.dry_run else 'removed'}")
+    if args.check:
+        lines.append("retention holds: nothing is kept past its retention" if not report.past_retention
+                     else f"PAST RETENTION: {', '.join(report.past_retention)}")
+    out.result(report.to_json(), "\n".join(lines))
+    return 3 if args.check and report.past_retention else 0
+
+
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     from .demo import run_demo
 
@@ -435,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gdpr_erase)
     p = gdpr_sub.add_parser("list", parents=[common], help="list recorded erasures (hashes only)")
     p.set_defaults(func=cmd_gdpr_list)
+
+    p = sub.add_parser("prune", parents=[common], help="delete what retention no longer keeps (recorded)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.add_argument("--check", action="store_true",
+                   help="prove retention holds: exit 3 if any backup is past its retention (deletes nothing)")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

@@ -9,6 +9,7 @@ from dagster import AssetSelection, DefaultScheduleStatus, Definitions, Schedule
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks
 from .engine.policy import DEFAULT_POLICY_FILE, POLICY_ENV, load_policy
+from .maintenance import build_prune_job
 from .resources import engine_resource
 from .restore_tests import (
     RESTORE_TEST_GROUP,
@@ -42,9 +43,10 @@ def build_definitions(policy_path: str | None = None) -> Definitions:
     restore_job = define_asset_job(RESTORE_TEST_JOB, selection=AssetSelection.groups(RESTORE_TEST_GROUP),
                                    description="Restore-test backups in scratch PostgreSQL servers.")
     drill_job, drill_schedule = build_drill_job(policy, os.path.abspath(path))
-    schedules += [build_monthly_sample_schedule(policy, restore_job), drill_schedule]
+    prune_job, prune_schedules = build_prune_job(policy)
+    schedules += [build_monthly_sample_schedule(policy, restore_job), drill_schedule, *prune_schedules]
     return Definitions(assets=[*backups, *restore_tests], asset_checks=checks,
-                       jobs=[job, verify_job, restore_job, drill_job], schedules=schedules,
+                       jobs=[job, verify_job, restore_job, drill_job, prune_job], schedules=schedules,
                        sensors=[*build_alert_sensors(policy), build_new_backup_sensor(policy, restore_job)],
                        resources={"regal": engine_resource(os.path.abspath(path), policy)})
 

@@ -58,6 +58,7 @@ WATCHED_JOBS = {
     "backup_job": ("backup_failed", "backup", FIRST_STEPS["backup_failed"]),
     "restore_test_job": ("restore_test_failed", "restore test", FIRST_STEPS["restore_test_failed"]),
     "dr_drill_job": ("drill_failed", "disaster-recovery drill", FIRST_STEPS["drill_failed"]),
+    "prune_job": ("prune_failed", "prune / retention check", FIRST_STEPS["prune_failed"]),
 }
 
 

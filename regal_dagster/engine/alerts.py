@@ -49,6 +49,8 @@ FIRST_STEPS = {
     "capacity": "Prune old backups or add storage before backups start failing.",
     "restore_test_failed": "Read the restore test's problems; if the backup does not restore, take a new backup "
                            "now and restore-test it (`regal-backup restore-test --target {target}`).",
+    "prune_failed": "Open the run: a backup past its retention must be deleted (PCI DSS 3.2.1); run "
+                    "`regal-backup prune --check` to see which and why.",
     "drill_failed": "Read the drill record (drills/ in the repository): which target missed its RTO or RPO, and why.",
 }
 

@@ -144,3 +144,11 @@ def new_backup_id(target: str, started_at: datetime) -> str:
 
 def target_of(backup_id: str) -> str:
     return backup_id.split("-", 1)[0]
+
+
+def started_of(backup_id: str) -> datetime | None:
+    """The start time a backup id carries (None for a name that is not a backup id)."""
+    try:
+        return datetime.strptime(backup_id.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except (IndexError, ValueError):
+        return None

@@ -212,6 +212,21 @@ class RetentionConfig(_Model):
         return started_at + period[retention_class] * count
 
 
+class PruneConfig(_Model):
+    cron: str = Field("30 2 * * *", description="when the prune job runs (UTC)")
+    failed_grace: Duration = Field(timedelta(days=7), description="backups that failed their checks are kept "
+                                   "this long for investigation")
+    unchecked_grace: Duration = Field(timedelta(days=1), description="a backup not checked yet is kept this long")
+    orphan_grace: Duration = Field(timedelta(days=1), description="objects of unfinished backups (no manifest) are "
+                                   "removed once this old")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        CronExpression.parse(cron)
+        return cron
+
+
 class ChecksConfig(_Model):
     size_tolerance: float = Field(0.5, gt=0, description="WARN when a backup's size differs from the median "
                                   "of the recent good backups by more than this fraction")
@@ -319,6 +334,7 @@ class Policy(_Model):
     rto: Duration = timedelta(hours=4)
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
+    prune: PruneConfig = PruneConfig()
     compression: CompressionConfig = CompressionConfig()
     checks: ChecksConfig = ChecksConfig()
     restore_tests: RestoreTestsConfig = RestoreTestsConfig()

@@ -1,0 +1,183 @@
+"""Retention: which backups to keep (grandfather-father-son), and pruning the rest.
+
+The planner is pure: given a target's backups, the policy's counts and "now", it decides keep or delete
+for each backup, with the reason. For every class (hourly < daily < weekly < monthly) and each of its
+last N periods (the period holding "now" is the first), the newest *good* backup of that class or a
+higher one started in that period fills the slot and is kept ("daily slot 2026-11-20"). A backup is kept
+if any slot keeps it. Whatever the counts say, the newest good backup is kept. Backups that failed their
+checks fill no slot; they stay `failed_grace` for investigation, unchecked ones `unchecked_grace` (their
+checks may still be running), then they go.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .catalog import list_backups
+from .checks import load_check_record
+from .manifest import MANIFEST_NAME, backup_prefix, manifest_key, started_of
+from .policy import RETENTION_CLASSES, Policy
+from .repository import Repository
+
+RANK = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    backup_id: str
+    started_at: datetime
+    retention_class: str
+    status: str  # good | failed | unchecked
+
+
+@dataclass(frozen=True)
+class Decision:
+    backup_id: str
+    keep: bool
+    reasons: tuple[str, ...]
+
+
+def period_of(retention_class: str, when: datetime) -> str:
+    """The label of the period (slot) a time falls in, for a class: an hour, a day, an ISO week or a month."""
+    if retention_class == "hourly":
+        return when.strftime("%Y-%m-%dT%H")
+    if retention_class == "daily":
+        return when.strftime("%Y-%m-%d")
+    if retention_class == "weekly":
+        year, week, _ = when.isocalendar()
+        return f"{year}-W{week:02d}"
+    return when.strftime("%Y-%m")
+
+
+def recent_periods(retention_class: str, now: datetime, count: int) -> list[str]:
+    """The labels of the last `count` periods of a class, the one holding `now` first."""
+    labels: list[str] = []
+    step = {"hourly": timedelta(hours=1), "daily": timedelta(days=1), "weekly": timedelta(weeks=1)}
+    cursor = now
+    while len(labels) < count:
+        label = period_of(retention_class, cursor)
+        if not labels or labels[-1] != label:
+            labels.append(label)
+        if retention_class == "monthly":
+            cursor = (cursor.replace(day=1) - timedelta(days=1))
+        else:
+            cursor -= step[retention_class]
+    return labels
+
+
+def plan(backups: list[BackupInfo], counts: dict[str, int], now: datetime, *,
+         failed_grace: timedelta = timedelta(days=7), unchecked_grace: timedelta = timedelta(days=1)) -> list[Decision]:
+    """Keep or delete, with reasons, for every backup (in the order given)."""
+    reasons: dict[str, list[str]] = {b.backup_id: [] for b in backups}
+    good = sorted((b for b in backups if b.status == "good"), key=lambda b: (b.started_at, b.backup_id))
+    for retention_class in RETENTION_CLASSES:
+        slots = set(recent_periods(retention_class, now, counts.get(retention_class, 0)))
+        fillers: dict[str, BackupInfo] = {}
+        for backup in good:  # oldest first: the newest in each period wins
+            if RANK[backup.retention_class] >= RANK[retention_class] and backup.started_at <= now:
+                label = period_of(retention_class, backup.started_at)
+                if label in slots:
+                    fillers[label] = backup
+        for label, backup in fillers.items():
+            reasons[backup.backup_id].append(f"{retention_class} slot {label}")
+    if good:
+        reasons[good[-1].backup_id].append("the newest good backup")
+    for backup in backups:
+        age = now - backup.started_at
+        if backup.status == "failed" and age < failed_grace:
+            reasons[backup.backup_id].append(f"failed its checks: kept {failed_grace.days} days for investigation")
+        if backup.status == "unchecked" and age < unchecked_grace:
+            reasons[backup.backup_id].append("not checked yet")
+    return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or
+                     (_why_not(b),)) for b in backups]
+
+
+def _why_not(backup: BackupInfo) -> str:
+    if backup.status == "failed":
+        return "failed its checks; past the investigation period"
+    if backup.status == "unchecked":
+        return "never checked; past the grace period"
+    return "no retention slot keeps it any more"
+
+
+# --- pruning the repository ------------------------------------------------------------------------
+
+PRUNE_LOG_PREFIX = "prune"
+
+
+@dataclass
+class PruneReport:
+    at: datetime
+    dry_run: bool
+    decisions: dict[str, list[Decision]]  # target -> every backup's decision
+    deleted: list[str]  # backup ids
+    orphans: list[str]  # object keys of unfinished backups
+
+    @property
+    def past_retention(self) -> list[str]:
+        """Backups the plan says should be gone (after a real prune: none)."""
+        return [d.backup_id for ds in self.decisions.values() for d in ds if not d.keep]
+
+    def to_json(self) -> dict[str, object]:
+        return {"format": "regal-backup-prune", "version": 1, "at": self.at.isoformat(), "dry_run": self.dry_run,
+                "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons)} for d in ds]
+                              for t, ds in self.decisions.items()},
+                "deleted": self.deleted, "orphans_deleted": self.orphans}
+
+
+def backup_infos(repo: Repository, target: str) -> list[BackupInfo]:
+    manifests, _ = list_backups(repo, target)
+    infos = []
+    for manifest in manifests:
+        record = load_check_record(repo, manifest.backup_id)
+        status = "unchecked" if record is None else "good" if record.passed else "failed"
+        infos.append(BackupInfo(manifest.backup_id, manifest.started_at, manifest.retention_class, status))
+    return infos
+
+
+def delete_backup(repo: Repository, target: str, backup_id: str) -> None:
+    """The manifest goes first (from then on the backup does not exist), then its objects."""
+    prefix = backup_prefix(target, backup_id)
+    repo.delete(manifest_key(target, backup_id))
+    for stored in list(repo.list(prefix)):
+        repo.delete(stored.key)
+
+
+def orphan_objects(repo: Repository, now: datetime, grace: timedelta) -> list[str]:
+    """Objects under backups/ that no manifest names (interrupted backups), once older than `grace`."""
+    by_backup: dict[str, list[str]] = {}
+    for stored in repo.list("backups/"):
+        parts = stored.key.split("/")
+        if len(parts) >= 4:
+            by_backup.setdefault(parts[2], []).append(stored.key)
+    orphans = []
+    for backup_id, keys in by_backup.items():
+        started = started_of(backup_id)
+        has_manifest = any(k.endswith("/" + MANIFEST_NAME) for k in keys)
+        if not has_manifest and started is not None and now - started >= grace:
+            orphans += keys
+    return sorted(orphans)
+
+
+def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool = False) -> PruneReport:
+    """Delete what the plan says, and the leftovers of interrupted backups; record it all (not on a dry run)."""
+    settings = policy.prune
+    counts = policy.retention.model_dump()
+    report = PruneReport(now, dry_run, {}, [], [])
+    for target in sorted(policy.targets):
+        decisions = plan(backup_infos(repo, target), counts, now, failed_grace=settings.failed_grace,
+                         unchecked_grace=settings.unchecked_grace)
+        report.decisions[target] = decisions
+        for decision in decisions:
+            if not decision.keep and not dry_run:
+                delete_backup(repo, target, decision.backup_id)
+                report.deleted.append(decision.backup_id)
+    report.orphans = orphan_objects(repo, now, settings.orphan_grace)
+    if not dry_run:
+        for key in report.orphans:
+            repo.delete(key)
+        repo.put_bytes(f"{PRUNE_LOG_PREFIX}/{now:%Y%m%dT%H%M%S.%fZ}.json",
+                       json.dumps(report.to_json(), indent=2).encode())
+    return report

@@ -1,0 +1,156 @@
+"""Retention: the grandfather-father-son planner (property tests with hypothesis) and prune on a real
+repository with real backups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regal_dagster.engine.backup import run_backup
+from regal_dagster.engine.catalog import list_backups
+from regal_dagster.engine.checks import run_checks
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.policy import RETENTION_CLASSES
+from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.retention import BackupInfo, plan, run_prune
+
+from .conftest import DatabaseFactory, load_awkward_data, make_policy
+
+NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
+CLI = [sys.executable, "-m", "regal_dagster.cli"]
+
+backups_strategy = st.lists(
+    st.builds(lambda minutes, cls, status, n: BackupInfo(f"t-{n:05d}", NOW - timedelta(minutes=minutes), cls, status),
+              st.integers(0, 60 * 24 * 800), st.sampled_from(RETENTION_CLASSES),
+              st.sampled_from(["good", "good", "good", "failed", "unchecked"]), st.integers(0, 99999)),
+    max_size=80, unique_by=lambda b: b.backup_id)
+counts_strategy = st.fixed_dictionaries({name: st.integers(0, 40) for name in RETENTION_CLASSES})
+
+
+@settings(max_examples=300, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_no_class_keeps_more_than_the_policy_allows(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    decisions = plan(backups, counts, NOW)
+    for name in RETENTION_CLASSES:
+        kept_for = [d for d in decisions if any(r.startswith(f"{name} slot ") for r in d.reasons)]
+        assert len(kept_for) <= counts[name]
+
+
+@settings(max_examples=300, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_the_newest_good_backup_always_stays(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    decisions = {d.backup_id: d for d in plan(backups, counts, NOW)}
+    good = [b for b in backups if b.status == "good"]
+    if good:
+        newest = max(good, key=lambda b: (b.started_at, b.backup_id))
+        assert decisions[newest.backup_id].keep
+
+
+@settings(max_examples=300, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_the_plan_is_stable_when_run_twice(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    first = plan(backups, counts, NOW)
+    kept = [b for b, d in zip(backups, first, strict=True) if d.keep]
+    again = plan(kept, counts, NOW)
+    assert all(d.keep for d in again)
+    assert [d.reasons for d in again] == [d.reasons for d in first if d.keep]
+
+
+@settings(max_examples=200, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_failed_backups_fill_no_slot(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    for backup, decision in zip(backups, plan(backups, counts, NOW), strict=True):
+        if backup.status != "good":
+            assert not any(" slot " in r or "newest good" in r for r in decision.reasons)
+
+
+def test_grandfather_father_son_over_a_year_of_daily_backups() -> None:
+    days = [NOW - timedelta(days=d) for d in range(400)]
+    backups = [BackupInfo(f"t-{i:05d}", when, "monthly" if when.day <= 7 and when.weekday() == 6 else
+                          "weekly" if when.weekday() == 6 else "daily", "good") for i, when in enumerate(days)]
+    decisions = plan(backups, {"hourly": 48, "daily": 30, "weekly": 26, "monthly": 12}, NOW)
+    kept = [b for b, d in zip(backups, decisions, strict=True) if d.keep]
+    assert all(NOW - b.started_at < timedelta(days=30) or b.retention_class != "daily" for b in kept)
+    assert len([b for b in kept if b.retention_class == "monthly"]) == 12
+    assert max(NOW - b.started_at for b in kept) < timedelta(days=366)
+    oldest = max(kept, key=lambda b: NOW - b.started_at)
+    assert next(d for d in decisions if d.backup_id == oldest.backup_id).reasons[0].startswith("monthly slot ")
+
+
+def test_prune_deletes_what_retention_no_longer_keeps_and_records_it(system_pg: DatabaseFactory, tmp_path: Path,
+                                                                     master_key: str) -> None:
+    source = system_pg.create()
+    load_awkward_data(source)
+    policy = make_policy(tmp_path, {"pos": source})
+    policy = policy.model_copy(update={"retention": policy.retention.model_copy(update={"hourly": 1, "daily": 0,
+                                                                                       "weekly": 0, "monthly": 0})})
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    manifests = [run_backup(policy, "pos", repo=repo) for _ in range(3)]
+    for manifest in manifests:
+        assert run_checks(policy, repo, keyring, manifest.backup_id).passed
+    # an interrupted backup's leftovers, two days old
+    repo.put_bytes("backups/pos/pos-20261001T000000Z-abcdef/tables/00001.copy", b"RGLB...")
+    later = datetime.now(UTC) + timedelta(hours=3)  # three hours on: only the newest stays (RPO guard)
+
+    dry = run_prune(policy, repo, later, dry_run=True)
+    assert len(list_backups(repo, "pos")[0]) == 3 and dry.orphans
+    report = run_prune(policy, repo, later)
+
+    assert report.deleted == [m.backup_id for m in manifests[:2]]
+    remaining, _ = list_backups(repo, "pos")
+    assert [m.backup_id for m in remaining] == [manifests[2].backup_id]
+    assert not list(repo.list(f"backups/pos/{manifests[0].backup_id}/"))  # every object gone, checks.json too
+    assert report.orphans == ["backups/pos/pos-20261001T000000Z-abcdef/tables/00001.copy"]
+    assert not list(repo.list("backups/pos/pos-20261001T000000Z-abcdef/"))
+    (log,) = list(repo.list("prune/"))
+    logged = json.loads(repo.get_bytes(log.key))
+    assert logged["deleted"] == report.deleted and logged["orphans_deleted"] == report.orphans
+    assert run_prune(policy, repo, later, dry_run=True).past_retention == []  # nothing past retention remains
+
+
+def test_prune_cli_checks_then_prunes(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    from .conftest import write_policy_file
+
+    policy_file = write_policy_file(tmp_path, {"pos": system_pg.create()})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+
+    ids = [json.loads(cli("backup", "pos", "--json").stdout)["backup_id"] for _ in range(2)]
+    for backup_id in ids:
+        assert cli("verify", backup_id).returncode == 0
+    check = cli("prune", "--check")  # two backups in one hour: the hourly slot keeps only the newer
+    assert check.returncode == 3 and f"PAST RETENTION: {ids[0]}" in check.stdout
+    assert f"would delete {ids[0]}" in check.stdout and "hourly slot" in check.stdout
+    assert cli("prune").returncode == 0
+    assert cli("prune", "--check").returncode == 0
+
+
+def test_the_prune_job_and_the_quarterly_retention_check_run_in_dagster(system_pg: DatabaseFactory, tmp_path: Path,
+                                                                        master_key: str) -> None:
+    import dagster as dg
+
+    from regal_dagster.code_location import build_definitions
+
+    from .conftest import write_policy_file
+
+    policy_file = write_policy_file(tmp_path, {"pos": system_pg.create()})
+    defs = build_definitions(str(policy_file))
+    instance = dg.DagsterInstance.ephemeral()
+    for _ in range(2):
+        assert defs.resolve_job_def("backup_job").execute_in_process(instance=instance).success
+    audit = defs.resolve_schedule_def("quarterly_retention_check")
+    check_config = audit.evaluate_tick(dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime(2027, 1, 1, 6, tzinfo=UTC))).run_requests[0].run_config
+
+    failed = defs.resolve_job_def("prune_job").execute_in_process(instance=instance, run_config=check_config,
+                                                                  raise_on_error=False)
+    assert not failed.success  # the older backup of the hour is past retention: the proof fails
+    assert defs.resolve_job_def("prune_job").execute_in_process(instance=instance).success  # prunes it
+    assert defs.resolve_job_def("prune_job").execute_in_process(instance=instance, run_config=check_config).success
