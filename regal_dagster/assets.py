@@ -50,6 +50,7 @@ def backup_metadata(manifest: Manifest, repository: str) -> dict[str, object]:
         "throughput_mb_per_s": MetadataValue.float(round(manifest.plaintext_bytes / seconds / 1e6, 1)),
         "key_id": MetadataValue.int(manifest.objects[0].encryption.key_id),
         "tool_versions": MetadataValue.json(manifest.tool_versions),
+        **({"object_lock_until": MetadataValue.timestamp(manifest.locked_until)} if manifest.locked_until else {}),
         "server_version": manifest.source.get("server_version", ""),
         "wal_lsn": manifest.source.get("wal_lsn", ""),
         "dagster/row_count": MetadataValue.int(sum(t["rows"] for t in tables)),
@@ -86,9 +87,15 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     )
     def _backup(context: AssetExecutionContext, config: BackupConfig, regal: RegalEngine) -> MaterializeResult:
         retention_class = context.run.tags.get(RETENTION_CLASS_TAG, config.retention_class)
-        manifest = regal.backup(target, retention_class, trigger={"dagster_run_id": context.run.run_id})
+        manifest, offsite_problem = regal.backup(target, retention_class,
+                                                 trigger={"dagster_run_id": context.run.run_id})
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "
                          f"{manifest.stored_bytes} bytes from {manifest.plaintext_bytes}")
-        return MaterializeResult(metadata=backup_metadata(manifest, regal.repository().location))
+        metadata = backup_metadata(manifest, regal.repository().location)
+        if regal.policy().offsite is not None:
+            metadata["offsite_copy"] = offsite_problem or "copied and read back"
+            if offsite_problem:  # the backup stands; the offsite_copy check fails and alerts
+                context.log.warning(offsite_problem)
+        return MaterializeResult(metadata=metadata)
 
     return _backup

@@ -1,4 +1,5 @@
-"""Asset checks on every backup asset: manifest, integrity, encryption (ERROR, blocking) and size (WARN).
+"""Asset checks on every backup asset: manifest, integrity, encryption (ERROR, blocking), size (WARN),
+the key's cryptoperiod (WARN, ERROR once past) and the off-site copy (ERROR, not blocking).
 
 They run in the backup job right after the backup, and on their own in `verify_job` (daily, and from the
 UI), always on the asset's newest materialization. The engine writes the outcome next to the manifest
@@ -17,15 +18,15 @@ from dagster import (
 )
 
 from .assets import backup_asset_key
-from .engine.checks import DESCRIPTIONS, ERROR, SEVERITY, check_names
+from .engine.checks import DECIDE_GOOD, DESCRIPTIONS, SEVERITY, check_names
 from .engine.policy import Policy
 from .resources import RegalEngine
 
 
 def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
     key = backup_asset_key(policy.target(target).kind, target)
-    names = check_names(policy.target(target).kind)
-    specs = [AssetCheckSpec(name, asset=key, blocking=SEVERITY[name] == ERROR, description=DESCRIPTIONS[name])
+    names = check_names(policy.target(target).kind, offsite=policy.offsite is not None)
+    specs = [AssetCheckSpec(name, asset=key, blocking=name in DECIDE_GOOD, description=DESCRIPTIONS[name])
              for name in names]
 
     @multi_asset_check(name=f"{target}_backup_checks", specs=specs)

@@ -21,9 +21,10 @@ from .engine.checks import load_check_record, run_checks
 from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
 from .engine.manifest import Manifest
+from .engine.offsite import copy_after_backup
 from .engine.pipeline import Progress
 from .engine.policy import RETENTION_CLASSES, Policy, default_jobs, fill_environment, load_policy
-from .engine.repository import Repository, open_repository
+from .engine.repository import Repository, open_offsite, open_repository
 
 
 class Output:
@@ -109,6 +110,10 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     with out.progress(f"backup {args.target}") as progress:
         manifest = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"},
                               progress=progress)
+    problem = copy_after_backup(open_repository(policy), open_offsite(policy), manifest)
+    if problem:
+        print(f"warning: {problem}\n  what to do: run `regal-backup offsite sync` once the off-site repository "
+              "is reachable", file=sys.stderr)
     s = manifest_summary(manifest)
     out.result(s, f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
                   f"{_size(s['bytes_read'])} read, {_size(s['bytes_stored'])} stored, "
@@ -350,12 +355,75 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
         for d in decisions:
             verb = "keep  " if d.keep else ("would delete" if report.dry_run else "deleted")
             lines.append(f"{verb:12} {d.backup_id:40} {'; '.join(d.reasons)}")
-    lines.append(f"{len(report.orphans)} object(s) of unfinished backups {'to remove' if report.dry_run else 'removed'}")
+    lines.append(f"{len(report.leftovers)} object(s) no backup needs {'to remove' if report.dry_run else 'removed'}"
+                 + (f"; {len(report.locked)} kept by Object Lock until their date" if report.locked else "")
+                 + (f"; {len(report.offsite_deleted)} backup(s) removed off-site" if report.offsite_deleted else ""))
     if args.check:
         lines.append("retention holds: nothing is kept past its retention" if not report.past_retention
                      else f"PAST RETENTION: {', '.join(report.past_retention)}")
     out.result(report.to_json(), "\n".join(lines))
     return 3 if args.check and report.past_retention else 0
+
+
+def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
+    from .engine.keys import key_inventory
+
+    policy = load_policy(args.policy)
+    keys = key_inventory(policy, open_repository(policy))
+    lines = [f"{'KEY':>10}  {'STATUS':12} {'CREATED':25} {'PRIMARY SINCE':25} {'RETIRED':25} BACKUPS"]
+    lines += [f"{k['key_id']:>10}  {k['status']:12} {k['created_at'] or '?':25} {k['primary_since'] or '-':25} "
+              f"{k['retired_at'] or '-':25} {len(k['backups'])}{' + GDPR ledger' if k['gdpr_ledger'] else ''}"
+              for k in keys]
+    out.result({"keys": keys}, "\n".join(lines))
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> int:
+    from .engine.keys import rotate_key
+
+    keyring = rotate_key(load_policy(args.policy))
+    out.result({"primary_key_id": keyring.primary_key_id},
+               f"key {keyring.primary_key_id} is now primary: new backups use it; older backups stay readable "
+               "with the earlier keys (retire one with `regal-backup keys retire KEY_ID`)")
+    return 0
+
+
+def cmd_keys_retire(args: argparse.Namespace, out: Output) -> int:
+    from .engine.keys import retire_key
+
+    report = retire_key(load_policy(args.policy), args.key_id, reencrypt=args.reencrypt)
+    text = [f"key {report.key_id} retired: its material is destroyed"]
+    if report.reencrypted:
+        text.append(f"re-encrypted and verified under the primary key: {', '.join(report.reencrypted)}")
+    if report.ledger_reencrypted:
+        text.append("the GDPR erasure ledger was re-encrypted too")
+    if report.locked_leftovers:
+        text.append(f"{len(report.locked_leftovers)} old object(s) stay under Object Lock until their date "
+                    "(unreadable now; prune removes them then)")
+    out.result(report.__dict__, "\n".join(text))
+    return 0
+
+
+def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
+    from .engine.offsite import sync_backup
+    from .engine.repository import open_offsite
+
+    policy = load_policy(args.policy)
+    secondary = open_offsite(policy)
+    if secondary is None:
+        raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
+    repo = open_repository(policy)
+    rows = []
+    for target in sorted(policy.targets):
+        for manifest in catalog.list_backups(repo, target)[0]:
+            problems = sync_backup(repo, secondary, manifest)
+            rows.append({"backup_id": manifest.backup_id, "in_step": not problems,
+                         "problems": [f"{p.key}: {p.problem}" for p in problems]})
+    bad = [r for r in rows if not r["in_step"]]
+    out.result({"offsite": secondary.location, "backups": rows},
+               f"{len(rows) - len(bad)} of {len(rows)} backups copied and read back in {secondary.location}"
+               + "".join(f"\nNOT IN STEP {r['backup_id']}: {'; '.join(r['problems'])}" for r in bad))
+    return 1 if bad else 0
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
@@ -459,6 +527,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="prove retention holds: exit 3 if any backup is past its retention (deletes nothing)")
     p.set_defaults(func=cmd_prune)
+
+    keys = sub.add_parser("keys", help="the encryption keys: inventory, rotation, retirement")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("list", parents=[common], help="every key with its dates and the backups using it")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys_sub.add_parser("rotate", parents=[common], help="add a new primary key (older keys keep reading)")
+    p.set_defaults(func=cmd_keys_rotate)
+    p = keys_sub.add_parser("retire", parents=[common], help="destroy a key no backup uses any more")
+    p.add_argument("key_id", type=int)
+    p.add_argument("--reencrypt", action="store_true",
+                   help="first re-encrypt the backups that use it under the primary key (verified before the "
+                        "old objects go)")
+    p.set_defaults(func=cmd_keys_retire)
+
+    offsite = sub.add_parser("offsite", help="the off-site copy of every backup")
+    offsite_sub = offsite.add_subparsers(dest="offsite_command", required=True)
+    p = offsite_sub.add_parser("sync", parents=[common],
+                               help="copy what the off-site repository lacks and read every backup back there")
+    p.set_defaults(func=cmd_offsite_sync)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

@@ -36,8 +36,10 @@ def build_prune_job(policy: Policy) -> tuple[JobDefinition, list[ScheduleDefinit
     def prune(context: OpExecutionContext, config: PruneConfig, regal: RegalEngine) -> None:
         report = run_prune(regal.policy(), regal.repository(), datetime.now(UTC), dry_run=config.check_only)
         kept = sum(d.keep for ds in report.decisions.values() for d in ds)
-        context.log.info(f"kept {kept} backups; deleted {len(report.deleted)}; removed {len(report.orphans)} "
-                         f"objects of unfinished backups{' (check only)' if config.check_only else ''}")
+        context.log.info(f"kept {kept} backups; deleted {len(report.deleted)}; removed {len(report.leftovers)} "
+                         f"objects no backup needs{' (check only)' if config.check_only else ''}")
+        if report.locked:
+            context.log.info(f"{len(report.locked)} leftover object(s) stay under Object Lock until their date")
         if config.check_only and report.past_retention:
             raise Failure(f"{len(report.past_retention)} backup(s) are past their retention",
                           metadata={"past_retention": MetadataValue.json(report.past_retention)})

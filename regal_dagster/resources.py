@@ -8,8 +8,9 @@ from .engine.backup import run_backup
 from .engine.checks import CheckRecord, run_checks
 from .engine.crypto import Keyring, load_keyring
 from .engine.manifest import Manifest
+from .engine.offsite import copy_after_backup
 from .engine.policy import Policy, load_policy
-from .engine.repository import Repository, open_repository
+from .engine.repository import Repository, open_offsite, open_repository
 from .engine.restore_test import RestoreTestResult, run_restore_test
 
 
@@ -32,8 +33,12 @@ class RegalEngine(ConfigurableResource):  # type: ignore[misc]
     def keyring(self) -> Keyring:
         return load_keyring(self.policy(), self.master_key)
 
-    def backup(self, target: str, retention_class: str, trigger: dict[str, str]) -> Manifest:
-        return run_backup(self.policy(), target, retention_class, keyring=self.keyring(), trigger=trigger)
+    def backup(self, target: str, retention_class: str, trigger: dict[str, str]) -> tuple[Manifest, str | None]:
+        """The new backup, and what went wrong copying it off-site (None: copied and read back there)."""
+        repo = self.repository()
+        manifest = run_backup(self.policy(), target, retention_class, repo=repo, keyring=self.keyring(),
+                              trigger=trigger)
+        return manifest, copy_after_backup(repo, open_offsite(self.policy()), manifest)
 
     def restore_test(self, manifest: Manifest, trigger: dict[str, str]) -> RestoreTestResult:
         work_dir = self.policy().restore_tests.work_dir

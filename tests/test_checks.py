@@ -53,7 +53,7 @@ def test_a_good_backup_passes_every_check_and_counts_as_good(policy: Policy) -> 
 
     assert record.passed
     assert {o.name: o.passed for o in record.outcomes} == {
-        "manifest": True, "integrity": True, "encryption": True, "size": True}
+        "manifest": True, "integrity": True, "encryption": True, "size": True, "key_cryptoperiod": True}
     assert "schema archive lists" in record.outcome("integrity").description  # type: ignore[union-attr]
     assert load_check_record(repo, manifest.backup_id) == record
     assert _path(policy, f"backups/pos/{manifest.backup_id}/{CHECKS_NAME}").is_file()

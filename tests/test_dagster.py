@@ -130,9 +130,8 @@ def test_instance_storage_on_postgres_with_the_documented_dagster_yaml(
 def test_checks_sensors_and_verify_job_are_defined_as_an_operator_expects(policy_file: Path) -> None:
     defs = build_definitions(str(policy_file))
     specs = {s.name: s for c in defs.asset_checks or [] for s in c.check_specs}  # type: ignore[union-attr]
-    assert set(specs) == {"manifest", "integrity", "encryption", "size"}
     assert {name: s.blocking for name, s in specs.items()} == {
-        "manifest": True, "integrity": True, "encryption": True, "size": False}
+        "manifest": True, "integrity": True, "encryption": True, "size": False, "key_cryptoperiod": False}
     assert all(s.asset_key == KEY for s in specs.values())
     for name in ("rpo_watch", "backup_alerts"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
@@ -144,7 +143,7 @@ def test_the_backup_run_checks_the_backup_it_took(policy_file: Path) -> None:
     instance = dg.DagsterInstance.ephemeral()
     result = build_definitions(str(policy_file)).resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance)
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"manifest", "integrity", "encryption", "size"}
+    assert set(evaluations) == {"manifest", "integrity", "encryption", "size", "key_cryptoperiod"}
     assert all(e.passed for e in evaluations.values())
     backup_id = result.asset_materializations_for_node("postgres__pos__backup")[0].metadata["backup_id"].value
     assert evaluations["integrity"].metadata["backup_id"].value == backup_id

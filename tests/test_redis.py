@@ -190,7 +190,8 @@ def test_the_redis_target_is_an_asset_with_its_checks(plain_redis: RedisServer, 
     result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=dg.DagsterInstance.ephemeral())
     assert result.success
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"manifest", "integrity", "encryption", "size", "persistence_configured"}
+    assert set(evaluations) == {"manifest", "integrity", "encryption", "size", "persistence_configured",
+                                "key_cryptoperiod"}
     assert evaluations["persistence_configured"].severity == dg.AssetCheckSeverity.WARN
     assert not evaluations["persistence_configured"].passed and evaluations["integrity"].passed
     assert result.asset_materializations_for_node("redis__cache__backup")

@@ -26,9 +26,12 @@ NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
 backups_strategy = st.lists(
-    st.builds(lambda minutes, cls, status, n: BackupInfo(f"t-{n:05d}", NOW - timedelta(minutes=minutes), cls, status),
+    st.builds(lambda minutes, cls, status, n, lock_days: BackupInfo(
+                  f"t-{n:05d}", NOW - timedelta(minutes=minutes), cls, status,
+                  None if lock_days is None else NOW - timedelta(minutes=minutes) + timedelta(days=lock_days)),
               st.integers(0, 60 * 24 * 800), st.sampled_from(RETENTION_CLASSES),
-              st.sampled_from(["good", "good", "good", "failed", "unchecked"]), st.integers(0, 99999)),
+              st.sampled_from(["good", "good", "good", "failed", "unchecked"]), st.integers(0, 99999),
+              st.none() | st.integers(1, 400)),
     max_size=80, unique_by=lambda b: b.backup_id)
 counts_strategy = st.fixed_dictionaries({name: st.integers(0, 40) for name in RETENTION_CLASSES})
 
@@ -60,6 +63,14 @@ def test_the_plan_is_stable_when_run_twice(backups: list[BackupInfo], counts: di
     again = plan(kept, counts, NOW)
     assert all(d.keep for d in again)
     assert [d.reasons for d in again] == [d.reasons for d in first if d.keep]
+
+
+@settings(max_examples=200, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_nothing_under_object_lock_is_planned_for_deletion(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    for backup, decision in zip(backups, plan(backups, counts, NOW), strict=True):
+        if backup.locked_until is not None and backup.locked_until > NOW:
+            assert decision.keep and any(r.startswith("object lock until") for r in decision.reasons)
 
 
 @settings(max_examples=200, deadline=None)
@@ -99,18 +110,18 @@ def test_prune_deletes_what_retention_no_longer_keeps_and_records_it(system_pg: 
     later = datetime.now(UTC) + timedelta(hours=3)  # three hours on: only the newest stays (RPO guard)
 
     dry = run_prune(policy, repo, later, dry_run=True)
-    assert len(list_backups(repo, "pos")[0]) == 3 and dry.orphans
+    assert len(list_backups(repo, "pos")[0]) == 3 and dry.leftovers
     report = run_prune(policy, repo, later)
 
     assert report.deleted == [m.backup_id for m in manifests[:2]]
     remaining, _ = list_backups(repo, "pos")
     assert [m.backup_id for m in remaining] == [manifests[2].backup_id]
     assert not list(repo.list(f"backups/pos/{manifests[0].backup_id}/"))  # every object gone, checks.json too
-    assert report.orphans == ["backups/pos/pos-20261001T000000Z-abcdef/tables/00001.copy"]
+    assert report.leftovers == ["backups/pos/pos-20261001T000000Z-abcdef/tables/00001.copy"]
     assert not list(repo.list("backups/pos/pos-20261001T000000Z-abcdef/"))
     (log,) = list(repo.list("prune/"))
     logged = json.loads(repo.get_bytes(log.key))
-    assert logged["deleted"] == report.deleted and logged["orphans_deleted"] == report.orphans
+    assert logged["deleted"] == report.deleted and logged["leftovers_deleted"] == report.leftovers
     assert run_prune(policy, repo, later, dry_run=True).past_retention == []  # nothing past retention remains
 
 

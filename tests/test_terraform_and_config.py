@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +82,6 @@ def test_terraform_state_round_trip_and_a_rolled_back_serial(tmp_path: Path, mas
                            str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert restored.read_bytes() == _state(5) and f"terraform state push {restored}" in done.stdout
-
-
-@pytest.fixture
-def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def test_terraform_state_from_a_versioned_s3_bucket_takes_the_newest(tmp_path: Path, master_key: str,

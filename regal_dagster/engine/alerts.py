@@ -51,6 +51,9 @@ FIRST_STEPS = {
                            "now and restore-test it (`regal-backup restore-test --target {target}`).",
     "prune_failed": "Open the run: a backup past its retention must be deleted (PCI DSS 3.2.1); run "
                     "`regal-backup prune --check` to see which and why.",
+    "offsite_copy": "Run `regal-backup offsite sync`; if it fails, check access to the off-site repository "
+                    "(credentials, region, bucket policy). Until it succeeds there is no second copy.",
+    "key_cryptoperiod": "Run `regal-backup keys rotate` (new backups use the new key; old ones stay readable).",
     "drill_failed": "Read the drill record (drills/ in the repository): which target missed its RTO or RPO, and why.",
 }
 
@@ -273,13 +276,13 @@ def check_conditions(policy: Policy, repo: Repository) -> list[Condition]:
     for target, config in sorted(policy.targets.items()):
         manifests, _ = list_backups(repo, target)
         record = next((r for m in reversed(manifests) if (r := load_check_record(repo, m.backup_id))), None)
-        if record is None or record.passed:
+        if record is None:
             continue
         for outcome in record.outcomes:
             if outcome.passed or outcome.severity != ERROR:
                 continue
             event = "verification_failed" if outcome.name == "integrity" else "check_failed"
-            first = FIRST_STEPS["encryption" if outcome.name == "encryption" else event]
+            first = FIRST_STEPS.get(outcome.name, FIRST_STEPS[event])
             conditions.append(Condition(
                 f"check:{target}:{outcome.name}", event, target,
                 f"{target}: {outcome.name} check failed for backup {record.backup_id}",

@@ -53,22 +53,25 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
+        retain_until = policy.retention.retain_until(retention_class, started)
+        lock = policy.repository.object_lock
 
         def store(name: str, content: str, chunks: Iterable[bytes], zstd_threads: int) -> ObjectRecord:
             return store_stream(repo, prefix + name, chunks, keyring=keyring, backup_id=backup_id,
                                 object_name=name, content=content, compression=policy.compression,
-                                zstd_threads=zstd_threads, progress=progress)
+                                zstd_threads=zstd_threads, progress=progress, retain_until=retain_until)
 
         try:
             objects, facts, tools = capture(target, store)
             manifest = Manifest(
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
-                retain_until=policy.retention.retain_until(retention_class, started),
+                retain_until=retain_until,
                 started_at=started, finished_at=datetime.now(UTC),
                 tool_versions={**tool_versions(), **tools}, source=facts, objects=objects,
                 trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
+                **({"object_lock": {"mode": lock.mode, "retain_until": retain_until.isoformat()}} if lock else {}),
             ).sealed()
-            repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes())
+            repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes(), retain_until)
         except BaseException:
             _remove_unfinished(repo, prefix)
             raise
@@ -167,4 +170,5 @@ def _remove_unfinished(repo: Repository, prefix: str) -> None:
     backup). What a SIGKILL leaves behind, prune removes after a grace period."""
     with contextlib.suppress(Exception):
         for stored in list(repo.list(prefix)):
-            repo.delete(stored.key)
+            with contextlib.suppress(Exception):  # an object under Object Lock stays until its date
+                repo.delete(stored.key)

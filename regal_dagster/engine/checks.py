@@ -16,6 +16,7 @@ a record yet is *unchecked*, and not good either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -29,19 +30,26 @@ from typing import Any
 from .catalog import list_backups
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .errors import IntegrityError, RegalError
-from .manifest import Manifest, backup_prefix, manifest_key, target_of
+from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, target_of
 from .pipeline import read_stream
 from .policy import Policy
-from .repository import Repository
+from .repository import Repository, open_offsite
 from .sources.pg_tools import find_pg_tool
 from .verify import verify_backup
 
-CHECKS_NAME = "checks.json"
 ERROR, WARN = "ERROR", "WARN"
 SEVERITY = {"manifest": ERROR, "integrity": ERROR, "encryption": ERROR, "size": WARN,
-            "persistence_configured": WARN, "state_valid": ERROR, "serial_monotonic": ERROR}
+            "persistence_configured": WARN, "state_valid": ERROR, "serial_monotonic": ERROR,
+            "key_cryptoperiod": WARN, "offsite_copy": ERROR}
+# The checks that say whether the backup itself can be trusted: only these decide "good" and block in
+# Dagster. The key's age and the off-site copy are about the setup around it: they alert, nothing more.
+DECIDE_GOOD = {"manifest", "integrity", "encryption", "state_valid", "serial_monotonic"}
 KIND_CHECKS = {"redis": ["persistence_configured"], "terraform": ["state_valid", "serial_monotonic"]}
 DESCRIPTIONS = {
+    "key_cryptoperiod": "The primary encryption key is within its cryptoperiod (PCI DSS 3.7.4): WARN as the "
+                        "end nears, ERROR past it.",
+    "offsite_copy": "The backup is in the off-site repository, every object read back there with the same "
+                    "SHA-256 as here, and the same manifest.",
     "state_valid": "The Terraform state parses and has a serial and a lineage.",
     "serial_monotonic": "The state's serial never goes backwards between backups of the same lineage (a "
                         "backwards serial means the state was rolled back).",
@@ -67,10 +75,11 @@ class CheckOutcome:
     description: str  # what was found, for people
     failing_object: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    level: str | None = None  # a severity other than the check's usual one (key_cryptoperiod: ERROR once past)
 
     @property
     def severity(self) -> str:
-        return SEVERITY[self.name]
+        return self.level or SEVERITY[self.name]
 
 
 @dataclass
@@ -83,7 +92,7 @@ class CheckRecord:
     @property
     def passed(self) -> bool:
         """Good: every ERROR check passed."""
-        return all(o.passed for o in self.outcomes if o.severity == ERROR)
+        return all(o.passed for o in self.outcomes if o.name in DECIDE_GOOD)
 
     def outcome(self, name: str) -> CheckOutcome | None:
         return next((o for o in self.outcomes if o.name == name), None)
@@ -98,13 +107,14 @@ class CheckRecord:
     def from_bytes(cls, data: bytes) -> CheckRecord:
         body = json.loads(data)
         outcomes = [CheckOutcome(o["name"], o["passed"], o["description"], o.get("failing_object"),
-                                 o.get("metadata", {})) for o in body["outcomes"]]
+                                 o.get("metadata", {}), o.get("level")) for o in body["outcomes"]]
         return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}))
 
 
-def check_names(kind: str) -> list[str]:
-    """The checks a backup of this kind gets."""
-    return ["manifest", "integrity", "encryption", "size", *KIND_CHECKS.get(kind, [])]
+def check_names(kind: str, offsite: bool = False) -> list[str]:
+    """The checks a backup of this kind gets (offsite_copy when there is an off-site repository)."""
+    return ["manifest", "integrity", "encryption", "size", *KIND_CHECKS.get(kind, []), "key_cryptoperiod",
+            *(["offsite_copy"] if offsite else [])]
 
 
 def checks_key(backup_id: str) -> str:
@@ -320,6 +330,42 @@ def check_terraform_state(manifest: Manifest, earlier: list[Manifest]) -> list[C
                                 metadata={"serial": state["serial"]})]
 
 
+def check_cryptoperiod(policy: Policy, keyring: Keyring, now: datetime) -> CheckOutcome:
+    """How long the primary key (the one new backups use) has been primary, against the cryptoperiod."""
+    primary = keyring.history[keyring.primary_key_id]
+    since_text = primary.primary_since or primary.created_at
+    if since_text is None:
+        return CheckOutcome("key_cryptoperiod", False, f"key {primary.key_id} has no recorded start: its "
+                            "cryptoperiod cannot be shown; run `regal-backup keys rotate`", level=ERROR)
+    since = datetime.fromisoformat(since_text)
+    ends = since + policy.encryption.cryptoperiod
+    facts = {"key_id": primary.key_id, "primary_since": since_text, "cryptoperiod_ends": ends.isoformat()}
+    if now >= ends:
+        return CheckOutcome("key_cryptoperiod", False, f"key {primary.key_id}, primary since {since:%Y-%m-%d}, is "
+                            f"past its cryptoperiod ({policy.encryption.cryptoperiod.days} days, ended "
+                            f"{ends:%Y-%m-%d}): run `regal-backup keys rotate`", metadata=facts, level=ERROR)
+    left = (ends - now).days
+    if now >= ends - policy.encryption.cryptoperiod_warning:
+        return CheckOutcome("key_cryptoperiod", False, f"key {primary.key_id}'s cryptoperiod ends in {left} days "
+                            f"({ends:%Y-%m-%d}): plan `regal-backup keys rotate`", metadata=facts)
+    return CheckOutcome("key_cryptoperiod", True, f"key {primary.key_id}, primary since {since:%Y-%m-%d}; "
+                        f"{left} days of its cryptoperiod left", metadata=facts)
+
+
+def check_offsite(repo: Repository, secondary: Repository, manifest: Manifest) -> CheckOutcome:
+    from .offsite import compare_copy
+
+    problems = compare_copy(repo, secondary, manifest)
+    if problems:
+        first = problems[0]
+        return CheckOutcome("offsite_copy", False, f"{len(problems)} object(s) missing or different in "
+                            f"{secondary.location}, first {first.key}: {first.problem}; run "
+                            "`regal-backup offsite sync`", first.key, {"problems": len(problems)})
+    return CheckOutcome("offsite_copy", True, f"all {len(manifest.objects)} objects and the manifest read back "
+                        f"from {secondary.location} with the same SHA-256",
+                        metadata={"objects": len(manifest.objects)})
+
+
 def check_size(manifest: Manifest, recent_good: list[Manifest], tolerance: float) -> CheckOutcome:
     sizes = [m.plaintext_bytes for m in recent_good]
     if len(sizes) < 3:
@@ -354,7 +400,7 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
     if manifest is None:
         kind = policy.target(target_of(backup_id)).kind
         outcomes += [CheckOutcome(name, False, "not run: the manifest cannot be read", outcome.failing_object)
-                     for name in check_names(kind)[1:]]
+                     for name in check_names(kind)[1:] if name != "key_cryptoperiod"]  # that one runs below
     else:
         try:
             outcomes.append(check_integrity(repo, keyring, manifest, jobs))
@@ -374,6 +420,19 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                 outcomes.append(CheckOutcome("persistence_configured", False, exc.message))
         if manifest.kind == "terraform":
             outcomes += check_terraform_state(manifest, earlier)
+    outcomes.append(check_cryptoperiod(policy, keyring, datetime.now(UTC)))
+    secondary = open_offsite(policy)
+    if secondary is not None:
+        if manifest is None:
+            outcomes.append(CheckOutcome("offsite_copy", False, "not run: the manifest cannot be read"))
+        else:
+            try:
+                outcomes.append(check_offsite(repo, secondary, manifest))
+            except RegalError as exc:
+                outcomes.append(CheckOutcome("offsite_copy", False, exc.message))
     record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {})
     repo.put_bytes(checks_key(backup_id), record.to_bytes())
+    if secondary is not None and manifest is not None:
+        with contextlib.suppress(RegalError):  # the record travels with the copy, so a restore from there knows
+            secondary.put_bytes(checks_key(backup_id), record.to_bytes())
     return record

@@ -18,13 +18,14 @@ import json
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import tink
 from tink import aead, secret_key_access, streaming_aead
+from tink.proto import tink_pb2
 
 from .errors import EncryptionKeyError, IntegrityError
 from .policy import EncryptionConfig, MasterKeyConfig, Policy
@@ -120,31 +121,67 @@ def _kms_aead(config: MasterKeyConfig) -> aead.Aead:
 
 @dataclass(frozen=True)
 class KeyInfo:
+    """A key's life: created, primary (encrypting new objects) from `primary_since` until the next
+    rotation, retired (its material destroyed) once no backup uses it."""
+
     key_id: int
-    status: str
-    primary: bool
     created_at: str | None
+    primary_since: str | None = None
+    primary_until: str | None = None
+    retired_at: str | None = None
+    primary: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {"created_at": self.created_at, "primary_since": self.primary_since,
+                "primary_until": self.primary_until, "retired_at": self.retired_at}
 
 
 class Keyring:
     """The streaming AEAD keyset, decrypted in memory. Encrypts with the primary key."""
 
-    def __init__(self, handle: tink.KeysetHandle, created: dict[int, str]):
+    def __init__(self, handle: tink.KeysetHandle, history: dict[int, KeyInfo]):
         self._handle = handle
         self._primitive = handle.primitive(streaming_aead.StreamingAead)
-        self._created = created
         info = handle.keyset_info()
         self.primary_key_id: int = info.primary_key_id
         self.key_ids: frozenset[int] = frozenset(k.key_id for k in info.key_info)
+        self.history = history  # every key this keyset ever held, retired ones too
 
-    def keys(self) -> list[KeyInfo]:
-        from tink.proto import tink_pb2
+    def all_keys(self) -> list[KeyInfo]:
+        """Every key ever held, oldest first; `primary` marks the one new objects use."""
+        return sorted((replace(k, primary=k.key_id == self.primary_key_id) for k in self.history.values()),
+                      key=lambda k: (k.created_at or "", k.key_id))
 
-        return [
-            KeyInfo(k.key_id, tink_pb2.KeyStatusType.Name(k.status), k.key_id == self.primary_key_id,
-                    self._created.get(k.key_id))
-            for k in self._handle.keyset_info().key_info
-        ]
+    def rotated(self) -> tuple[tink.KeysetHandle, dict[int, KeyInfo]]:
+        """The keyset with a new key added as primary; the old keys stay to read older objects."""
+        keyset = self._cleartext()
+        fresh = tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(
+            tink.new_keyset_handle(_streaming_template()), secret_key_access.TOKEN))
+        key = fresh.key[0]
+        while key.key_id in self.history:  # ids are random 32-bit: a clash with a retired id is unlikely
+            key.key_id = (key.key_id + 1) % 2**32
+        keyset.key.append(key)
+        keyset.primary_key_id = key.key_id
+        now = _now()
+        history = {**self.history, key.key_id: KeyInfo(key.key_id, created_at=now, primary_since=now),
+                   self.primary_key_id: replace(self.history[self.primary_key_id], primary_until=now)}
+        return self._handle_of(keyset), history
+
+    def without(self, key_id: int) -> tuple[tink.KeysetHandle, dict[int, KeyInfo]]:
+        """The keyset with a key's material destroyed; its dates stay in the history as retired."""
+        keyset = self._cleartext()
+        kept = [k for k in keyset.key if k.key_id != key_id]
+        del keyset.key[:]
+        keyset.key.extend(kept)
+        history = {**self.history, key_id: replace(self.history[key_id], retired_at=_now())}
+        return self._handle_of(keyset), history
+
+    def _cleartext(self) -> tink_pb2.Keyset:
+        return tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(self._handle, secret_key_access.TOKEN))
+
+    @staticmethod
+    def _handle_of(keyset: tink_pb2.Keyset) -> tink.KeysetHandle:
+        return tink.proto_keyset_format.parse(keyset.SerializeToString(), secret_key_access.TOKEN)
 
     def encrypting_stream(self, destination: BinaryIO, backup_id: str, object_name: str) -> BinaryIO:
         """Writes the object header, then returns a stream that encrypts into `destination`."""
@@ -196,9 +233,10 @@ def create_keyset(policy: Policy) -> Keyring:
     if path.exists():
         raise EncryptionKeyError(f"a keyset already exists at {path}", "keep it: backups need it to be read")
     handle = tink.new_keyset_handle(_streaming_template())
-    created = {handle.keyset_info().primary_key_id: _now()}
-    _write_keyset(path, handle, created, master_aead(policy.encryption.master_key, policy))
-    return Keyring(handle, created)
+    key_id, now = handle.keyset_info().primary_key_id, _now()
+    history = {key_id: KeyInfo(key_id, created_at=now, primary_since=now)}
+    _write_keyset(path, handle, history, master_aead(policy.encryption.master_key, policy))
+    return Keyring(handle, history)
 
 
 def load_keyring(policy: Policy, master_key: str | None = None) -> Keyring:
@@ -213,24 +251,49 @@ def load_keyring(policy: Policy, master_key: str | None = None) -> Keyring:
     if document.get("format") != KEYSET_FILE_FORMAT:
         raise EncryptionKeyError(f"{path} is not a regal-backup keyset", "fix encryption.keyset in the policy")
     master = master_aead(policy.encryption.master_key, policy, master_key)
+    if document.get("version") == 1:  # key dates outside the authenticated data
+        history = {int(k): KeyInfo(int(k), created_at=v) for k, v in document.get("key_created_at", {}).items()}
+        aad = _KEYSET_AAD
+    else:
+        history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
+        aad = _keyset_aad(history)
     try:
-        handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, _KEYSET_AAD)
+        handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad)
     except tink.TinkError:
         raise EncryptionKeyError(
-            f"the master key does not open the keyset {path} (wrong master key?)",
-            "use the master key that was created with this keyset") from None
-    created = {int(k): v for k, v in document.get("key_created_at", {}).items()}
-    return Keyring(handle, created)
+            f"the master key does not open the keyset {path} (wrong master key, or its key dates were edited)",
+            "use the master key that was created with this keyset, and the keyset file as regal-backup wrote it"
+        ) from None
+    for key_id in handle_key_ids(handle) - history.keys():
+        history[key_id] = KeyInfo(key_id, created_at=None)
+    return Keyring(handle, history)
 
 
-def _write_keyset(path: Path, handle: tink.KeysetHandle, created: dict[int, str], master: aead.Aead) -> None:
+def handle_key_ids(handle: tink.KeysetHandle) -> set[int]:
+    return {k.key_id for k in handle.keyset_info().key_info}
+
+
+def _keyset_aad(history: dict[int, KeyInfo]) -> bytes:
+    """The key dates are authenticated with the keyset: editing them (to dodge the cryptoperiod) breaks it."""
+    dates = {str(k): v.to_json() for k, v in sorted(history.items())}
+    return _KEYSET_AAD + b"\x00" + json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()
+
+
+def save_keyring(policy: Policy, handle: tink.KeysetHandle, history: dict[int, KeyInfo]) -> Keyring:
+    """Write a changed keyset (rotation, retirement) over the old one, atomically."""
+    _write_keyset(_keyset_path(policy.encryption, policy), handle, history,
+                  master_aead(policy.encryption.master_key, policy))
+    return Keyring(handle, history)
+
+
+def _write_keyset(path: Path, handle: tink.KeysetHandle, history: dict[int, KeyInfo], master: aead.Aead) -> None:
     document = {
         "format": KEYSET_FILE_FORMAT,
-        "version": 1,
+        "version": 2,
         "template": STREAMING_TEMPLATE_NAME,
         "primary_key_id": handle.keyset_info().primary_key_id,
-        "key_created_at": {str(k): v for k, v in created.items()},
-        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(handle, master, _KEYSET_AAD),
+        "keys": {str(k): v.to_json() for k, v in sorted(history.items())},
+        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(handle, master, _keyset_aad(history)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -40,6 +40,10 @@ class LockedError(RegalError):
     """Another backup of the same target holds the lock."""
 
 
+class ObjectLockedError(RegalError):
+    """An object is under S3 Object Lock: it cannot be deleted before its retention date."""
+
+
 class IntegrityError(RegalError):
     """Stored bytes do not match what the manifest promises."""
 

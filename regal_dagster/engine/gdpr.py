@@ -64,7 +64,7 @@ def load_ledger(repo: Repository, keyring: Keyring) -> ErasureLedger:
     return ErasureLedger(body["salt"], [Erasure(**e) for e in body["erasures"]])
 
 
-def _save_ledger(repo: Repository, keyring: Keyring, ledger: ErasureLedger) -> None:
+def save_ledger(repo: Repository, keyring: Keyring, ledger: ErasureLedger) -> None:
     body = json.dumps({"format": "regal-backup-erasure-ledger", "version": 1, "salt": ledger.salt,
                        "erasures": [asdict(e) for e in ledger.erasures]}).encode()
     buffer = io.BytesIO()
@@ -92,7 +92,7 @@ def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: s
         erasure = Erasure(subject_hash, target, requested_at.astimezone(UTC).isoformat(),
                           datetime.now(UTC).isoformat(timespec="seconds"), reference)
         ledger.erasures.append(erasure)
-        _save_ledger(repo, keyring, ledger)
+        save_ledger(repo, keyring, ledger)
     return erasure
 
 

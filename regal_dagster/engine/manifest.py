@@ -19,6 +19,7 @@ from .errors import IntegrityError
 MANIFEST_FORMAT = "regal-backup-manifest"
 MANIFEST_VERSION = 2  # 2: one object per table plus a schema archive (1 was a pre-release layout)
 MANIFEST_NAME = "manifest.json"
+CHECKS_NAME = "checks.json"  # the outcome of the checks, next to the manifest (engine/checks.py)
 
 
 class CompressionInfo(BaseModel):
@@ -111,6 +112,11 @@ class Manifest(BaseModel):
             if record.name == name:
                 return record
         raise IntegrityError(f"backup {self.backup_id} has no object {name}", "the manifest is incomplete: use another backup")
+
+    @property
+    def locked_until(self) -> datetime | None:
+        """The date its objects are under S3 Object Lock until, when they were written locked."""
+        return self.retain_until if (self.model_extra or {}).get("object_lock") else None
 
     @property
     def stored_bytes(self) -> int:

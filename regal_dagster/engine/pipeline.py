@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import BinaryIO
 
 import tink
@@ -27,7 +28,7 @@ CHUNK = 1024 * 1024
 Progress = Callable[[int], None]  # called with the number of plaintext bytes just processed
 
 
-class _StoredBytes(io.RawIOBase):
+class StoredBytes(io.RawIOBase):
     """Counts and hashes what goes to the store."""
 
     def __init__(self, target: ObjectWriter):
@@ -73,8 +74,10 @@ class _HashingReader(io.RawIOBase):
 
 def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring: Keyring, backup_id: str,
                  object_name: str, content: str, compression: CompressionConfig | None = None,
-                 zstd_threads: int = 0, progress: Progress | None = None) -> ObjectRecord:
-    """Compress, encrypt and store a stream of plaintext chunks as one object.
+                 zstd_threads: int = 0, progress: Progress | None = None,
+                 retain_until: datetime | None = None) -> ObjectRecord:
+    """Compress, encrypt and store a stream of plaintext chunks as one object (locked until `retain_until`
+    where the repository locks objects).
 
     `zstd_threads`: 0 compresses in the calling thread (right when several objects are stored at once),
     -1 uses one zstd worker per core (right for a single big stream)."""
@@ -84,8 +87,8 @@ def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring
     params = zstandard.ZstdCompressionParameters.from_level(
         compression.level, threads=zstd_threads, write_checksum=True,
         **({"hash_log": compression.hash_log} if compression.hash_log else {}))
-    with repo.writer(key) as writer:
-        stored = _StoredBytes(writer)
+    with repo.writer(key, retain_until) as writer:
+        stored = StoredBytes(writer)
         encrypted = keyring.encrypting_stream(stored, backup_id, object_name)
         compressor = zstandard.ZstdCompressor(compression_params=params)
         with compressor.stream_writer(NonClosingWriter(encrypted), write_size=CHUNK, closefd=False) as compressed:

@@ -55,6 +55,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ObjectLockConfig(_Model):
+    """S3 Object Lock: every backup object is written with a retention date matching its class."""
+
+    mode: Literal["COMPLIANCE", "GOVERNANCE"] = Field(
+        "COMPLIANCE", description="COMPLIANCE: nobody, root included, can delete or shorten it before the date; "
+                                  "GOVERNANCE: identities with s3:BypassGovernanceRetention can")
+
+
 class RepositoryConfig(_Model):
     url: str = Field(description="file:///absolute/path, a relative path, or s3://bucket/prefix")
     region: str | None = None
@@ -65,6 +73,8 @@ class RepositoryConfig(_Model):
     upload_concurrency: int = Field(4, ge=1, le=32)
     lock_wait: Duration = Field(timedelta(0), description="0: a second backup fails at once; else waits this long")
     lock_lease: Duration = Field(timedelta(minutes=5), description="S3 lock lease, renewed while a backup runs")
+    object_lock: ObjectLockConfig | None = Field(None, description="S3 only: write backups immutable until "
+                                                 "their retention date (the bucket needs Object Lock enabled)")
 
     @field_validator("url")
     @classmethod
@@ -75,6 +85,12 @@ class RepositoryConfig(_Model):
         elif "://" in url and not url.startswith("file://"):
             raise ValueError("use file:///path, a plain path, or s3://bucket/prefix")
         return url
+
+    @model_validator(mode="after")
+    def _lock_needs_s3(self) -> RepositoryConfig:
+        if self.object_lock is not None and not self.is_s3:
+            raise ValueError("object_lock needs an s3:// repository (a file system cannot lock objects)")
+        return self
 
     @property
     def is_s3(self) -> bool:
@@ -103,6 +119,10 @@ class MasterKeyConfig(_Model):
 class EncryptionConfig(_Model):
     keyset: str = Field(description="path of the encrypted keyset (relative to the policy file)")
     master_key: MasterKeyConfig
+    cryptoperiod: Duration = Field(timedelta(days=365), description="how long a key may stay primary "
+                                   "(PCI DSS 3.7.4); `regal-backup keys rotate` starts a new one")
+    cryptoperiod_warning: Duration = Field(timedelta(days=30), description="the key check warns this long "
+                                           "before the cryptoperiod ends")
 
 
 def default_jobs() -> int:
@@ -328,6 +348,8 @@ class DagsterConfig(_Model):
 class Policy(_Model):
     version: Literal[1] = 1
     repository: RepositoryConfig
+    offsite: RepositoryConfig | None = Field(None, description="a second repository (another bucket and "
+                                             "region, or another path) every backup is copied to and verified in")
     encryption: EncryptionConfig
     targets: dict[str, TargetConfig]
     rpo: Duration = timedelta(hours=1)
@@ -370,8 +392,8 @@ class Policy(_Model):
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
-    def local_repository_path(self) -> Path:
-        url = self.repository.url
+    def local_repository_path(self, config: RepositoryConfig | None = None) -> Path:
+        url = (config or self.repository).url
         return self.resolve_path(url.removeprefix("file://"))
 
     def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO, Self
 
-from .errors import LockedError, RegalError
+from .errors import LockedError, ObjectLockedError, RegalError
 from .policy import Policy, RepositoryConfig
 
 REPOSITORY_MARKER = "regal-repository.json"
@@ -70,13 +71,14 @@ class Repository(ABC):
     location: str  # for people: no credentials in it
 
     @abstractmethod
-    def writer(self, key: str) -> ObjectWriter: ...
+    def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
+        """`retain_until`: where the repository locks objects (S3 Object Lock), immutable until then."""
 
     @abstractmethod
     def reader(self, key: str) -> BinaryIO: ...
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None: ...
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -89,7 +91,20 @@ class Repository(ABC):
         """Size in bytes, or None when the object does not exist."""
 
     @abstractmethod
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        """Remove the object for good (every version of it); ObjectLockedError while it is locked."""
+
+    def locked_until(self, key: str) -> datetime | None:
+        """The Object Lock retention date of an object, where the store locks objects."""
+        return None
+
+    @abstractmethod
+    def abandoned_uploads(self, before: datetime) -> list[str]:
+        """Unfinished writes (a crash mid-object) started before `before`: partial files, multipart uploads."""
+
+    @abstractmethod
+    def discard_upload(self, upload: str) -> None:
+        """Remove one of `abandoned_uploads`."""
 
     @abstractmethod
     def lock(self, name: str) -> contextlib.AbstractContextManager[None]: ...
@@ -118,11 +133,16 @@ class Repository(ABC):
             self.put_bytes(REPOSITORY_MARKER, json.dumps(marker, indent=2).encode())
 
 
-def open_repository(policy: Policy) -> Repository:
-    config = policy.repository
+def open_repository(policy: Policy, config: RepositoryConfig | None = None) -> Repository:
+    """The policy's repository, or the one `config` describes (the off-site copy)."""
+    config = config or policy.repository
     if config.is_s3:
         return S3Repository(config)
-    return LocalRepository(policy.local_repository_path(), lock_wait=config.lock_wait)
+    return LocalRepository(policy.local_repository_path(config), lock_wait=config.lock_wait)
+
+
+def open_offsite(policy: Policy) -> Repository | None:
+    return open_repository(policy, policy.offsite) if policy.offsite else None
 
 
 def _owner() -> dict[str, object]:
@@ -192,7 +212,7 @@ class LocalRepository(Repository):
             raise ValueError(f"key {key!r} leaves the repository")
         return path
 
-    def writer(self, key: str) -> ObjectWriter:
+    def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
         return _LocalWriter(self._path(key))
 
     def reader(self, key: str) -> BinaryIO:
@@ -202,7 +222,7 @@ class LocalRepository(Repository):
             raise RegalError(f"object {key} is missing from {self.location}",
                              "the backup is damaged: verify it and use another one") from None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
         with self.writer(key) as w:
             w.write(data)
 
@@ -239,6 +259,18 @@ class LocalRepository(Repository):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def abandoned_uploads(self, before: datetime) -> list[str]:
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                full = Path(dirpath) / name
+                if name.endswith(PARTIAL_SUFFIX) and full.stat().st_mtime < before.timestamp():
+                    found.append(full.relative_to(self.root).as_posix())
+        return sorted(found)
+
+    def discard_upload(self, upload: str) -> None:
+        self._path(upload).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -281,8 +313,8 @@ class _S3Writer(ObjectWriter):
     """Streamed multipart upload. Parts in flight are limited per repository (`upload_concurrency`, shared
     by every object being written at once), so memory stays bounded: part size x (concurrency + writers)."""
 
-    def __init__(self, repo: S3Repository, key: str):
-        self.repo, self.key = repo, key
+    def __init__(self, repo: S3Repository, key: str, retain_until: datetime | None):
+        self.repo, self.key, self.retain_until = repo, key, retain_until
         self.part_size = repo.config.part_size_mb * 1024 * 1024
         self.buffer = bytearray()
         self.upload_id: str | None = None
@@ -328,9 +360,7 @@ class _S3Writer(ObjectWriter):
     def commit(self) -> None:
         try:
             if self.upload_id is None:  # small object: one request
-                with self.repo._errors(self.key):
-                    self.repo.client.put_object(Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
-                                                Body=bytes(self.buffer), **self.repo.sse_args())
+                self.repo.put_bytes(self.key, bytes(self.buffer), self.retain_until)
                 return
             if self.buffer:
                 self._send(bytes(self.buffer))
@@ -340,6 +370,11 @@ class _S3Writer(ObjectWriter):
                 self.repo.client.complete_multipart_upload(
                     Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
                     MultipartUpload={"Parts": parts})
+                lock = self.repo.lock_args(self.retain_until)
+                if lock:  # set on the finished object: one request, the same for every S3 implementation
+                    self.repo.client.put_object_retention(
+                        Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
+                        Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
         except BaseException:
             self.abort()
             raise
@@ -426,8 +461,14 @@ class S3Repository(Repository):
                                  "check network access and repository.endpoint_url/region") from None
         return translate()
 
-    def writer(self, key: str) -> ObjectWriter:
-        return _S3Writer(self, key)
+    def lock_args(self, retain_until: datetime | None) -> dict[str, object]:
+        lock = self.config.object_lock
+        if lock is None or retain_until is None:
+            return {}
+        return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": retain_until}
+
+    def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
+        return _S3Writer(self, key, retain_until)
 
     def reader(self, key: str) -> BinaryIO:
         with self._errors(key):
@@ -442,9 +483,10 @@ class S3Repository(Repository):
                                               Range=f"bytes={start}-{start + length - 1}")
             return response["Body"].read()  # type: ignore[no-any-return]
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
         with self._errors(key):
-            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data, **self.sse_args())
+            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data, **self.sse_args(),
+                                   **self.lock_args(retain_until))  # type: ignore[arg-type]
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors(key):
@@ -473,9 +515,75 @@ class S3Repository(Repository):
         with self._errors(key):
             return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key)).get("ServerSideEncryption")
 
+    @functools.cached_property
+    def versioned(self) -> bool:
+        """Object Lock buckets are versioned: a plain delete there only hides the data behind a marker."""
+        with self._errors("(bucket versioning)"):
+            return self.client.get_bucket_versioning(Bucket=self.bucket).get("Status") in ("Enabled", "Suspended")
+
     def delete(self, key: str) -> None:
+
+        full = self.full_key(key)
+        if not self.versioned:
+            with self._errors(key):
+                self.client.delete_object(Bucket=self.bucket, Key=full)
+            return
+        paginator = self.client.get_paginator("list_object_versions")
         with self._errors(key):
-            self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key))
+            versions = [v["VersionId"] for page in paginator.paginate(Bucket=self.bucket, Prefix=full)
+                        for v in page.get("Versions", []) + page.get("DeleteMarkers", []) if v["Key"] == full]
+        for version in versions:
+            try:
+                with self._errors(key):
+                    self.client.delete_object(Bucket=self.bucket, Key=full, VersionId=version)
+            except RegalError:
+                until = self.locked_until(key, version)
+                if until is not None and until > datetime.now(UTC):
+                    raise ObjectLockedError(f"object {key} is under Object Lock until {until:%Y-%m-%d %H:%M} UTC",
+                                            "it goes after that date; nothing can remove it earlier") from None
+                raise
+
+    def locked_until(self, key: str, version: str | None = None) -> datetime | None:
+        from botocore.exceptions import ClientError
+
+        args = {"VersionId": version} if version else {}
+        with self._errors(key):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.full_key(key), **args)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "405"):
+                    return None
+                raise
+        return head.get("ObjectLockRetainUntilDate")  # type: ignore[no-any-return]
+
+    def abandoned_uploads(self, before: datetime) -> list[str]:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        start = len(self.prefix) + 1 if self.prefix else 0
+        with self._errors("(multipart uploads)"):
+            return [f"{u['Key'][start:]}?uploadId={u['UploadId']}"
+                    for page in paginator.paginate(Bucket=self.bucket, Prefix=self.full_key(""))
+                    for u in page.get("Uploads", []) if u["Initiated"] < before]
+
+    def discard_upload(self, upload: str) -> None:
+        key, _, upload_id = upload.partition("?uploadId=")
+        with self._errors(key):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
+
+    def ensure_initialized(self) -> None:
+        if self.config.object_lock is not None:
+            from botocore.exceptions import ClientError
+
+            try:
+                with self._errors("(object lock configuration)"):
+                    enabled = self.client.get_object_lock_configuration(Bucket=self.bucket)[
+                        "ObjectLockConfiguration"].get("ObjectLockEnabled") == "Enabled"
+            except (RegalError, ClientError):
+                enabled = False
+            if not enabled:
+                raise RegalError(f"the policy asks for Object Lock but bucket {self.bucket} does not have it enabled",
+                                 "create the bucket with Object Lock enabled (it needs versioning), or remove "
+                                 "repository.object_lock from the policy")
+        super().ensure_initialized()
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:

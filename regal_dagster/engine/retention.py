@@ -11,15 +11,18 @@ checks may still be running), then they go.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .catalog import list_backups
 from .checks import load_check_record
-from .manifest import MANIFEST_NAME, backup_prefix, manifest_key, started_of
+from .errors import LockedError, ObjectLockedError, RegalError
+from .keys import KEYS_LOCK
+from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, started_of
 from .policy import RETENTION_CLASSES, Policy
-from .repository import Repository
+from .repository import PARTIAL_SUFFIX, Repository, open_offsite
 
 RANK = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
 
@@ -30,6 +33,7 @@ class BackupInfo:
     started_at: datetime
     retention_class: str
     status: str  # good | failed | unchecked
+    locked_until: datetime | None = None  # S3 Object Lock: nothing can delete it before then
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ def plan(backups: list[BackupInfo], counts: dict[str, int], now: datetime, *,
             reasons[backup.backup_id].append(f"failed its checks: kept {failed_grace.days} days for investigation")
         if backup.status == "unchecked" and age < unchecked_grace:
             reasons[backup.backup_id].append("not checked yet")
+        if backup.locked_until is not None and now < backup.locked_until:
+            reasons[backup.backup_id].append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
     return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or
                      (_why_not(b),)) for b in backups]
 
@@ -112,8 +118,10 @@ class PruneReport:
     at: datetime
     dry_run: bool
     decisions: dict[str, list[Decision]]  # target -> every backup's decision
-    deleted: list[str]  # backup ids
-    orphans: list[str]  # object keys of unfinished backups
+    deleted: list[str] = field(default_factory=list)  # backup ids
+    leftovers: list[str] = field(default_factory=list)  # objects no manifest names, and unfinished uploads
+    locked: list[str] = field(default_factory=list)  # leftovers Object Lock keeps until their date
+    offsite_deleted: list[str] = field(default_factory=list)  # backup ids removed from the off-site copy
 
     @property
     def past_retention(self) -> list[str]:
@@ -121,10 +129,11 @@ class PruneReport:
         return [d.backup_id for ds in self.decisions.values() for d in ds if not d.keep]
 
     def to_json(self) -> dict[str, object]:
-        return {"format": "regal-backup-prune", "version": 1, "at": self.at.isoformat(), "dry_run": self.dry_run,
+        return {"format": "regal-backup-prune", "version": 2, "at": self.at.isoformat(), "dry_run": self.dry_run,
                 "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons)} for d in ds]
                               for t, ds in self.decisions.items()},
-                "deleted": self.deleted, "orphans_deleted": self.orphans}
+                "deleted": self.deleted, "leftovers_deleted": self.leftovers, "locked_leftovers": self.locked,
+                "offsite_deleted": self.offsite_deleted}
 
 
 def backup_infos(repo: Repository, target: str) -> list[BackupInfo]:
@@ -133,7 +142,8 @@ def backup_infos(repo: Repository, target: str) -> list[BackupInfo]:
     for manifest in manifests:
         record = load_check_record(repo, manifest.backup_id)
         status = "unchecked" if record is None else "good" if record.passed else "failed"
-        infos.append(BackupInfo(manifest.backup_id, manifest.started_at, manifest.retention_class, status))
+        infos.append(BackupInfo(manifest.backup_id, manifest.started_at, manifest.retention_class, status,
+                                manifest.locked_until))
     return infos
 
 
@@ -145,39 +155,84 @@ def delete_backup(repo: Repository, target: str, backup_id: str) -> None:
         repo.delete(stored.key)
 
 
-def orphan_objects(repo: Repository, now: datetime, grace: timedelta) -> list[str]:
-    """Objects under backups/ that no manifest names (interrupted backups), once older than `grace`."""
+def leftover_objects(repo: Repository, now: datetime, grace: timedelta) -> list[str]:
+    """What no backup needs, once the backup it belongs to started longer than `grace` ago: the objects of
+    backups that never got a manifest (interrupted), objects a manifest no longer names (left by a
+    re-encryption), and unfinished uploads (partial files, multipart uploads)."""
     by_backup: dict[str, list[str]] = {}
     for stored in repo.list("backups/"):
         parts = stored.key.split("/")
         if len(parts) >= 4:
-            by_backup.setdefault(parts[2], []).append(stored.key)
-    orphans = []
-    for backup_id, keys in by_backup.items():
+            by_backup.setdefault(f"{parts[1]}/{parts[2]}", []).append(stored.key)
+    leftovers = []
+    for target_and_id, keys in by_backup.items():
+        target, backup_id = target_and_id.split("/")
         started = started_of(backup_id)
-        has_manifest = any(k.endswith("/" + MANIFEST_NAME) for k in keys)
-        if not has_manifest and started is not None and now - started >= grace:
-            orphans += keys
-    return sorted(orphans)
+        if started is None or now - started < grace:
+            continue
+        mkey = manifest_key(target, backup_id)
+        if mkey not in keys:
+            leftovers += keys
+            continue
+        try:
+            named = {r.key for r in Manifest.from_bytes(repo.get_bytes(mkey), mkey).objects}
+        except RegalError:
+            continue  # a damaged manifest: its objects are evidence, not leftovers
+        leftovers += [k for k in keys if k not in named and k != mkey and not k.endswith("/" + CHECKS_NAME)]
+    return sorted(leftovers) + repo.abandoned_uploads(now - grace)
+
+
+def _remove_leftovers(repo: Repository, keys: list[str], report: PruneReport) -> None:
+    for key in keys:
+        try:
+            if "?uploadId=" in key or key.endswith(PARTIAL_SUFFIX):
+                repo.discard_upload(key)
+            else:
+                repo.delete(key)
+            report.leftovers.append(key)
+        except ObjectLockedError:
+            report.locked.append(key)
 
 
 def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool = False) -> PruneReport:
-    """Delete what the plan says, and the leftovers of interrupted backups; record it all (not on a dry run)."""
+    """Delete what the plan says (here and in the off-site copy), and what no backup needs; record it all
+    in the repository under prune/ (not on a dry run)."""
     settings = policy.prune
     counts = policy.retention.model_dump()
-    report = PruneReport(now, dry_run, {}, [], [])
+    report = PruneReport(now, dry_run, {})
+    secondary = open_offsite(policy)
     for target in sorted(policy.targets):
         decisions = plan(backup_infos(repo, target), counts, now, failed_grace=settings.failed_grace,
                          unchecked_grace=settings.unchecked_grace)
         report.decisions[target] = decisions
+        if dry_run:
+            continue
         for decision in decisions:
-            if not decision.keep and not dry_run:
+            if not decision.keep:
                 delete_backup(repo, target, decision.backup_id)
                 report.deleted.append(decision.backup_id)
-    report.orphans = orphan_objects(repo, now, settings.orphan_grace)
-    if not dry_run:
-        for key in report.orphans:
-            repo.delete(key)
-        repo.put_bytes(f"{PRUNE_LOG_PREFIX}/{now:%Y%m%dT%H%M%S.%fZ}.json",
+        if secondary is not None:  # the copy keeps what the primary keeps, and nothing more
+            kept = {d.backup_id for d in decisions if d.keep}
+            for manifest in list_backups(secondary, target)[0]:
+                if manifest.backup_id not in kept and (manifest.locked_until is None or manifest.locked_until <= now):
+                    delete_backup(secondary, target, manifest.backup_id)
+                    report.offsite_deleted.append(manifest.backup_id)
+    with contextlib.ExitStack() as held:
+        try:  # a key retirement re-encrypting right now writes objects no manifest names yet
+            held.enter_context(repo.lock(KEYS_LOCK))
+        except LockedError:
+            return _finish(repo, report)
+        for store in [repo, *([secondary] if secondary is not None else [])]:
+            leftovers = leftover_objects(store, now, settings.orphan_grace)
+            if dry_run:
+                report.leftovers += leftovers
+            else:
+                _remove_leftovers(store, leftovers, report)
+    return _finish(repo, report)
+
+
+def _finish(repo: Repository, report: PruneReport) -> PruneReport:
+    if not report.dry_run:
+        repo.put_bytes(f"{PRUNE_LOG_PREFIX}/{report.at:%Y%m%dT%H%M%S.%fZ}.json",
                        json.dumps(report.to_json(), indent=2).encode())
     return report
