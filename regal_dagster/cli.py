@@ -149,10 +149,12 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
                "failing_object": o.failing_object} for o in record.outcomes]
     text = "\n".join(f"{'OK  ' if c['passed'] else c['severity']:5} {c['name']:10} {c['description']}" for c in checks)
-    verdict = "verified: every check passed" if record.passed else "FAILED verification"
+    around = [c["name"] for c in checks if not c["passed"] and c["severity"] == "ERROR"]  # key, off-site copy
+    verdict = ("FAILED verification" if not record.passed else
+               f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
     out.result({"backup_id": record.backup_id, "ok": record.passed, "checks": checks},
                f"{text}\nbackup {record.backup_id}: {verdict}")
-    return 0 if record.passed else 3
+    return 3 if not record.passed else 1 if around else 0
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:

@@ -10,7 +10,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,9 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
-        retain_until = policy.retention.retain_until(retention_class, started)
+        # whole seconds, rounded up: stores keep Object Lock dates to the second, and never shorter
+        retain_until = (policy.retention.retain_until(retention_class, started) + timedelta(seconds=1)).replace(
+            microsecond=0)
         lock = policy.repository.object_lock
 
         def store(name: str, content: str, chunks: Iterable[bytes], zstd_threads: int) -> ObjectRecord:
