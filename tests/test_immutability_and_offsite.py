@@ -155,7 +155,7 @@ def test_every_backup_is_copied_off_site_and_verified_there(
     assert secondary.size(f"backups/pos/{backup_id}/checks.json") is not None  # a restore from there knows it
 
     # Damage one object there and lose another: the check names them; sync repairs; the check passes.
-    biggest, smallest = sorted(copied.objects, key=lambda o: o.size)[-1], sorted(copied.objects, key=lambda o: o.size)[0]
+    biggest, smallest = max(copied.objects, key=lambda o: o.size), min(copied.objects, key=lambda o: o.size)
     data = bytearray(secondary.get_bytes(biggest.key))
     data[len(data) // 2] ^= 0x01
     secondary.put_bytes(biggest.key, bytes(data))
