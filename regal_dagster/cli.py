@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import catalog
+from .engine.audit import audited
 from .engine.checks import load_check_record, run_checks
 from .engine.crypto import generate_master_key, load_keyring
 from .engine.errors import RegalError
@@ -157,10 +158,17 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     return 3 if not record.passed else 1 if around else 0
 
 
-def cmd_restore(args: argparse.Namespace, out: Output) -> int:
-    from .engine.gdpr import apply_erasures, load_ledger
-    from .engine.restore import VALIDATION, restore_backup
+def _describe_destination(to: str | None) -> str | None:
+    """Where a restore went, for the audit trail: never a password."""
+    from .engine.sources import redis as redis_source
+    from .engine.sources.postgres import describe_dsn
 
+    if not to or "://" not in to and "=" not in to:
+        return to  # a path
+    return redis_source.describe_url(to) if to.startswith(("redis://", "rediss://")) else describe_dsn(to)
+
+
+def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     policy = load_policy(args.policy)
     repo = open_repository(policy)
     if not args.backup_id and not args.target:
@@ -169,8 +177,19 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     manifest = catalog.choose_backup(repo, args.target or "", backup_id=args.backup_id, latest=args.latest,
                                      before=before)
     keyring = load_keyring(policy)
-    if manifest.kind != "postgres":
-        return _restore_to_files(repo, keyring, manifest, args, out)
+    with audited(policy, repo, "restore", manifest.backup_id, {"cli": "restore"}) as details:
+        details["to"] = _describe_destination(args.to)
+        code = (_restore_to_files(repo, keyring, manifest, args, out) if manifest.kind != "postgres"
+                else _restore_postgres(policy, repo, keyring, manifest, args, out))
+        details["outcome"] = "success" if code == 0 else "failure"
+    return code
+
+
+def _restore_postgres(policy: Policy, repo: Repository, keyring: Any, manifest: Manifest, args: argparse.Namespace,
+                      out: Output) -> int:
+    from .engine.gdpr import apply_erasures, load_ledger
+    from .engine.restore import VALIDATION, restore_backup
+
     with out.progress(f"restore {manifest.backup_id}") as progress:
         report = restore_backup(repo, keyring, manifest, args.to, drop_existing=args.drop_existing, jobs=args.jobs,
                                 keep_owners=args.keep_owners, validation=args.validate, progress=progress,

@@ -235,9 +235,22 @@ def send(channel: AlertChannel, notification: Notification, resolve_path: Callab
 
 def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condition], now: datetime) -> list[str]:
     """One evaluation: update the book with the conditions, deliver what is queued. Returns failures."""
+    from .audit import record
+
     channels = policy.alerts.channels
     book.update(conditions, now, policy.alerts.remind_after, len(channels))
-    return book.deliver(lambda index, n: send(channels[index], n, policy.resolve_path))
+
+    def send_recorded(index: int, notification: Notification) -> None:
+        details = {"status": notification.status, "event": notification.condition["event"],
+                   "what": notification.condition["what"], "channel": channels[index].kind}
+        try:
+            send(channels[index], notification, policy.resolve_path)
+        except Exception as exc:
+            record(policy, None, "alert", notification.condition["key"], "failure", {**details, "error": str(exc)})
+            raise
+        record(policy, None, "alert", notification.condition["key"], "success", details)
+
+    return book.deliver(send_recorded)
 
 
 # --- conditions from the repository ----------------------------------------------------------------

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .audit import audited
 from .crypto import Keyring, load_keyring
 from .errors import RegalError
 from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, new_backup_id
@@ -49,10 +50,11 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     repo.ensure_initialized()
     capture = {"postgres": _capture_postgres, "redis": _capture_redis, "terraform": _capture_terraform,
                "config": _capture_config}[target.kind]
-    with repo.lock(target_name):
+    with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
+        audit.update(resource=backup_id, target=target_name, retention_class=retention_class)
         # whole seconds, rounded up: stores keep Object Lock dates to the second, and never shorter
         retain_until = (policy.retention.retain_until(retention_class, started) + timedelta(seconds=1)).replace(
             microsecond=0)
@@ -77,6 +79,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         except BaseException:
             _remove_unfinished(repo, prefix)
             raise
+        audit.update(bytes_stored=manifest.stored_bytes, bytes_read=manifest.plaintext_bytes,
+                     seconds=round(manifest.duration_seconds, 3), key_id=keyring.primary_key_id)
     return manifest
 
 

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import audit
 from .catalog import list_backups
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .errors import IntegrityError, RegalError
@@ -432,6 +433,9 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                 outcomes.append(CheckOutcome("offsite_copy", False, exc.message))
     record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {})
     repo.put_bytes(checks_key(backup_id), record.to_bytes())
+    audit.record(policy, repo, "verification", backup_id, "success" if record.passed else "failure",
+                 {"checks": {o.name: o.passed for o in record.outcomes},
+                  "failed": [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]}, trigger)
     if secondary is not None and manifest is not None:
         with contextlib.suppress(RegalError):  # the record travels with the copy, so a restore from there knows
             secondary.put_bytes(checks_key(backup_id), record.to_bytes())

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import audit
 from .catalog import list_backups
 from .crypto import Keyring
 from .policy import Policy
@@ -63,4 +64,8 @@ def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: P
     }
     record["passed"] = record["rto_within_target"] and all(t["rpo_within_target"] for t in targets)
     repo.put_bytes(f"{DRILLS_PREFIX}/{drill_id}.json", json.dumps(record, indent=2).encode())
+    audit.record(policy, repo, "dr_drill", drill_id, "success" if record["passed"] else "failure",
+                 {"rto_seconds": round(rto_seconds, 3), "rto_target_seconds": rto_target,
+                  "rpo_seconds": record["rpo_seconds"], "rpo_target_seconds": record["rpo_target_seconds"],
+                  "targets": {t["target"]: t["recovered"] for t in targets}})
     return record

@@ -24,6 +24,7 @@ from typing import Any
 
 from psycopg import sql
 
+from .audit import record
 from .crypto import Keyring, NonClosingWriter
 from .errors import RegalError
 from .policy import ErasureSubjectConfig, Policy
@@ -93,6 +94,9 @@ def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: s
                           datetime.now(UTC).isoformat(timespec="seconds"), reference)
         ledger.erasures.append(erasure)
         save_ledger(repo, keyring, ledger)
+    record(policy, repo, "gdpr_erasure", f"{target}/{subject_hash[:16]}", "success",
+           {"target": target, "subject_hash": subject_hash, "requested_at": erasure.requested_at,
+            "reference": reference})
     return erasure
 
 

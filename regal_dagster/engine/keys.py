@@ -19,6 +19,7 @@ from typing import Any
 
 import tink
 
+from .audit import audited
 from .catalog import list_backups
 from .checks import run_checks
 from .crypto import OBJECT_HEADER, Keyring, load_keyring, save_keyring
@@ -36,9 +37,13 @@ KEYS_LOCK = "keys"  # held while objects are re-encrypted; prune leaves unnamed 
 
 def rotate_key(policy: Policy) -> Keyring:
     """Add a new primary key. Returns the keyring with it."""
-    keyring = load_keyring(policy)
-    handle, history = keyring.rotated()
-    return save_keyring(policy, handle, history)
+    with audited(policy, None, "key_rotate", "keyset") as details:
+        keyring = load_keyring(policy)
+        handle, history = keyring.rotated()
+        rotated = save_keyring(policy, handle, history)
+        details.update(previous_key=keyring.primary_key_id, new_key=rotated.primary_key_id,
+                       resource=f"key {rotated.primary_key_id}")
+    return rotated
 
 
 def key_usage(repo: Repository, policy: Policy) -> dict[int, list[str]]:
@@ -85,6 +90,14 @@ def retire_key(policy: Policy, key_id: int, *, reencrypt: bool = False, repo: Re
     from .repository import open_repository
 
     repo = repo or open_repository(policy)
+    with audited(policy, repo, "key_retire", f"key {key_id}") as details:
+        report = _retire(policy, repo, key_id, reencrypt)
+        details.update(reencrypted=report.reencrypted, ledger_reencrypted=report.ledger_reencrypted,
+                       locked_leftovers=len(report.locked_leftovers))
+    return report
+
+
+def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> RetireReport:
     keyring = load_keyring(policy)
     if key_id not in keyring.history:
         raise EncryptionKeyError(f"the keyset has no key {key_id}", "`regal-backup keys list` shows the keys")

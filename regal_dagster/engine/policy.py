@@ -6,6 +6,7 @@ Defaults follow the runbook (docs/policy.md describes every setting).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from datetime import datetime, timedelta
@@ -341,6 +342,17 @@ class GdprConfig(_Model):
         default_factory=dict, description="target -> the tables holding its data subjects")
 
 
+class AuditConfig(_Model):
+    """Where the audit trail lives: a PostgreSQL database (the schema regal_audit is created there)."""
+
+    dsn: str = Field(description="libpq URI of the audit database; ${VAR} is read from the environment")
+    retention_months: int = Field(12, ge=12, description="entries are kept at least this long (PCI DSS 10.5.1: "
+                                  "12 months); the trail refuses deletion, so this is the promise reports check")
+
+    def resolved_dsn(self) -> str:
+        return fill_environment(self.dsn, "audit.dsn")
+
+
 class DagsterConfig(_Model):
     base_url: str = "http://localhost:3000"
 
@@ -363,8 +375,11 @@ class Policy(_Model):
     gdpr: GdprConfig = GdprConfig()
     alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
+    audit: AuditConfig | None = None
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    # SHA-256 of the policy file as loaded (the audit trail records every change of it).
+    source_sha256: str = Field(default="", exclude=True)
 
     @field_validator("targets")
     @classmethod
@@ -436,13 +451,15 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
         raise PolicyError(str(chosen), [
             f"file not found (set --policy or {POLICY_ENV}, or create one with `regal-backup init DIR`)"
         ])
+    raw = chosen.read_bytes()
     try:
-        document = yaml.safe_load(chosen.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+        document = yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PolicyError(str(chosen), [f"not valid YAML: {exc}"]) from None
     if not isinstance(document, dict):
         raise PolicyError(str(chosen), ["(top): expected a mapping of settings"])
-    return policy_from_dict(document, base_dir=chosen.resolve().parent, source=str(chosen))
+    policy = policy_from_dict(document, base_dir=chosen.resolve().parent, source=str(chosen))
+    return policy.model_copy(update={"source_sha256": hashlib.sha256(raw).hexdigest()})
 
 
 def policy_from_dict(document: dict[str, Any], base_dir: Path, source: str = "(policy)") -> Policy:

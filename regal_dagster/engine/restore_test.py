@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .audit import record
 from .cluster import ScratchCluster
 from .crypto import Keyring
 from .errors import RegalError
@@ -99,6 +100,12 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
         policy.rto_for(manifest.target).total_seconds(), tables, found.problems, trigger or {},
         found.erasures, found.load_breakdown, found.details)
     repo.put_bytes(result_key(result), json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
+    record(policy, repo, "restore_test", manifest.backup_id,
+           "success" if result.validation_passed and result.rto_within_target else "failure",
+           {"target": manifest.target, "rto_seconds": round(result.rto_seconds, 3),
+            "rto_target_seconds": result.rto_target_seconds, "backup_age_seconds": round(result.backup_age_seconds, 3),
+            "validation_passed": result.validation_passed, "problems": result.problems[:5],
+            "erasures": result.erasures}, trigger)
     return result
 
 

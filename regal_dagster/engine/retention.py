@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from .audit import audited, record
 from .catalog import list_backups
 from .checks import load_check_record
 from .errors import LockedError, ObjectLockedError, RegalError
@@ -209,7 +210,9 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
             continue
         for decision in decisions:
             if not decision.keep:
-                delete_backup(repo, target, decision.backup_id)
+                with audited(policy, repo, "backup_deleted", decision.backup_id) as details:
+                    details["reason"] = "; ".join(decision.reasons)
+                    delete_backup(repo, target, decision.backup_id)
                 report.deleted.append(decision.backup_id)
         if secondary is not None:  # the copy keeps what the primary keeps, and nothing more
             kept = {d.backup_id for d in decisions if d.keep}
@@ -221,18 +224,23 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
         try:  # a key retirement re-encrypting right now writes objects no manifest names yet
             held.enter_context(repo.lock(KEYS_LOCK))
         except LockedError:
-            return _finish(repo, report)
+            return _finish(policy, repo, report)
         for store in [repo, *([secondary] if secondary is not None else [])]:
             leftovers = leftover_objects(store, now, settings.orphan_grace)
             if dry_run:
                 report.leftovers += leftovers
             else:
                 _remove_leftovers(store, leftovers, report)
-    return _finish(repo, report)
+    return _finish(policy, repo, report)
 
 
-def _finish(repo: Repository, report: PruneReport) -> PruneReport:
+def _finish(policy: Policy, repo: Repository, report: PruneReport) -> PruneReport:
     if not report.dry_run:
         repo.put_bytes(f"{PRUNE_LOG_PREFIX}/{report.at:%Y%m%dT%H%M%S.%fZ}.json",
                        json.dumps(report.to_json(), indent=2).encode())
+    record(policy, repo, "retention_check" if report.dry_run else "prune", "repository",
+           "failure" if report.dry_run and report.past_retention else "success",
+           {"deleted": report.deleted, "leftovers_removed": len(report.leftovers), "locked": len(report.locked),
+            "offsite_deleted": report.offsite_deleted, "past_retention": report.past_retention,
+            "kept": sum(d.keep for ds in report.decisions.values() for d in ds)})
     return report

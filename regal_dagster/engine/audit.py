@@ -1,0 +1,315 @@
+"""The audit trail: one event per operation, hash-chained, append-only in PostgreSQL (PCI DSS 10.2, 10.3).
+
+Every backup, verification, restore test, restore, deletion, key operation, policy change, report and
+alert is one row of `regal_audit.events` with the fields PCI DSS 10.2.2 asks for: who (`actor`, a user
+or service identity), what (`event_type`), when (`at`, UTC), success or failure (`outcome`), where from
+(`host`, `process`, Dagster `run_id`) and the affected `resource`; `details` is canonical JSON.
+
+Tamper evidence: each row carries `hash` = SHA-256 of the previous row's hash and the row's canonical
+encoding (`prev_hash` repeats the previous hash). The database refuses UPDATE, DELETE and TRUNCATE on the
+table (triggers); a superuser can get around that, and `verify` then names the first entry that was
+edited, deleted, inserted or reordered. The chain head is checkpointed into the repository (under Object
+Lock where enabled), so even rewriting the whole chain consistently is caught.
+
+When the audit database cannot be reached, events wait in the repository (`audit/spool/`) and go in, in
+order, with the next event that can be written: an operation is never lost, nor blocked, for its audit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import os
+import platform
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .errors import RegalError
+from .policy import Policy
+from .repository import Repository
+
+GENESIS = "0" * 64
+CHECKPOINT_PREFIX = "audit/checkpoints/"
+SPOOL_PREFIX = "audit/spool/"
+_SCHEMA_READY: set[str] = set()  # audit databases this process has set up
+FIELDS = ("seq", "at", "actor", "event_type", "outcome", "host", "process", "run_id", "resource", "details")
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS regal_audit;
+CREATE TABLE IF NOT EXISTS regal_audit.events (
+    seq        bigint PRIMARY KEY,
+    at         timestamptz NOT NULL,
+    actor      text NOT NULL,
+    event_type text NOT NULL,
+    outcome    text NOT NULL CHECK (outcome IN ('success', 'failure')),
+    host       text NOT NULL,
+    process    text NOT NULL,
+    run_id     text,
+    resource   text NOT NULL,
+    details    text NOT NULL,
+    prev_hash  text NOT NULL,
+    hash       text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_at ON regal_audit.events (at);
+CREATE OR REPLACE FUNCTION regal_audit.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the audit trail is append-only: % on regal_audit.events is refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+CREATE OR REPLACE TRIGGER events_no_update_delete BEFORE UPDATE OR DELETE ON regal_audit.events
+    FOR EACH ROW EXECUTE FUNCTION regal_audit.refuse_change();
+CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON regal_audit.events
+    FOR EACH STATEMENT EXECUTE FUNCTION regal_audit.refuse_change();
+"""
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    seq: int
+    at: datetime
+    actor: str
+    event_type: str
+    outcome: str
+    host: str
+    process: str
+    run_id: str | None
+    resource: str
+    details: str  # canonical JSON
+    prev_hash: str = ""
+    hash: str = ""
+
+    def canonical(self) -> bytes:
+        body = {name: getattr(self, name) for name in FIELDS}
+        body["at"] = self.at.astimezone(UTC).isoformat(timespec="microseconds")
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def chained_hash(self, prev_hash: str) -> str:
+        return hashlib.sha256(prev_hash.encode() + b"\n" + self.canonical()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in FIELDS}, "at": self.at.isoformat(),
+                "details": json.loads(self.details), "prev_hash": self.prev_hash, "hash": self.hash}
+
+
+def canonical_details(details: dict[str, Any]) -> str:
+    return json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def actor(trigger: dict[str, str] | None) -> str:
+    """Who: the person behind a CLI command (through sudo too), or the Dagster service for runs."""
+    if trigger and trigger.get("dagster_run_id"):
+        return f"service:dagster ({getpass.getuser()})"
+    return f"user:{os.environ.get('SUDO_USER') or getpass.getuser()}"
+
+
+def _connect(dsn: str):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    try:
+        return psycopg.connect(dsn, connect_timeout=5, application_name="regal-backup-audit")
+    except psycopg.OperationalError as exc:
+        from .sources.postgres import describe_dsn
+
+        raise RegalError(f"cannot reach the audit database {describe_dsn(dsn)}: {str(exc).strip().splitlines()[-1]}",
+                         "start it or fix audit.dsn; events wait in the repository meanwhile") from None
+
+
+class AuditTrail:
+    def __init__(self, policy: Policy, repo: Repository):
+        if policy.audit is None:
+            raise RegalError("the policy has no audit trail", "add audit.dsn (a PostgreSQL database) to the policy")
+        self.policy, self.repo = policy, repo
+        self.dsn = policy.audit.resolved_dsn()
+
+    def ensure_schema(self) -> None:
+        if self.dsn in _SCHEMA_READY:
+            return
+        with _connect(self.dsn) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.schema'))")
+            conn.execute(DDL)
+        _SCHEMA_READY.add(self.dsn)
+
+    def append(self, event_type: str, resource: str, outcome: str, details: dict[str, Any],
+               trigger: dict[str, str] | None = None, at: datetime | None = None) -> AuditEvent:
+        """Write one event at the head of the chain (the spool first, when there is one)."""
+        pending = AuditEvent(0, at or datetime.now(UTC), actor(trigger), event_type, outcome, platform.node(),
+                             f"{os.path.basename(sys.argv[0]) or 'python'}[{os.getpid()}]",
+                             (trigger or {}).get("dagster_run_id"), resource, canonical_details(details))
+        try:
+            self.ensure_schema()
+            self._flush_spool()
+            written = self._insert(pending)
+        except RegalError:
+            self._spool(pending)
+            raise
+        self._note_policy_change()
+        return written
+
+    def _insert(self, event: AuditEvent) -> AuditEvent:
+        with _connect(self.dsn) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.events'))")
+            head = conn.execute("SELECT seq, hash FROM regal_audit.events ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+            event = AuditEvent(seq, *[getattr(event, n) for n in FIELDS[1:]])
+            written = AuditEvent(*[getattr(event, n) for n in FIELDS], prev_hash=prev, hash=event.chained_hash(prev))
+            conn.execute(f"INSERT INTO regal_audit.events ({', '.join(FIELDS)}, prev_hash, hash) VALUES "
+                         f"({', '.join(['%s'] * (len(FIELDS) + 2))})",
+                         [getattr(written, n) for n in FIELDS] + [written.prev_hash, written.hash])
+        return written
+
+    def _spool(self, event: AuditEvent) -> None:
+        with contextlib.suppress(Exception):  # the repository down as well: nothing more can be done here
+            name = f"{SPOOL_PREFIX}{event.at:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex[:8]}.json"
+            self.repo.put_bytes(name, json.dumps(event.to_json()).encode())
+
+    def _flush_spool(self) -> None:
+        for stored in sorted(self.repo.list(SPOOL_PREFIX), key=lambda s: s.key):
+            body = json.loads(self.repo.get_bytes(stored.key))
+            self._insert(AuditEvent(0, datetime.fromisoformat(body["at"]), body["actor"], body["event_type"],
+                                    body["outcome"], body["host"], body["process"], body["run_id"], body["resource"],
+                                    canonical_details({**body["details"], "spooled": True})))
+            self.repo.delete(stored.key)
+
+    def _note_policy_change(self) -> None:
+        """A `policy_change` event whenever the policy file differs from the last one recorded."""
+        digest = self.policy.source_sha256
+        if not digest:
+            return
+        with _connect(self.dsn) as conn:
+            last = conn.execute("SELECT details FROM regal_audit.events WHERE event_type = 'policy_change' "
+                                "ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is None or json.loads(last[0]).get("policy_sha256") != digest:
+            self._insert(AuditEvent(0, datetime.now(UTC), actor(None), "policy_change", "success", platform.node(),
+                                    f"{os.path.basename(sys.argv[0]) or 'python'}[{os.getpid()}]", None, "policy",
+                                    canonical_details({"policy_sha256": digest,
+                                                       "previous_sha256": json.loads(last[0])["policy_sha256"]
+                                                       if last else None})))
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def events(self, since: datetime | None = None, until: datetime | None = None) -> list[AuditEvent]:
+        query = f"SELECT {', '.join(FIELDS)}, prev_hash, hash FROM regal_audit.events"
+        where, params = [], []
+        if since is not None:
+            where.append("at >= %s")
+            params.append(since)
+        if until is not None:
+            where.append("at < %s")
+            params.append(until)
+        query += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        with _connect(self.dsn) as conn:
+            return [AuditEvent(*row) for row in conn.execute(query, params)]
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """Write the chain head into the repository (locked where the repository locks objects)."""
+        events = self.events()
+        if not events:
+            return None
+        head = events[-1]
+        body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": head.seq, "hash": head.hash,
+                "at": datetime.now(UTC).isoformat()}
+        retain = datetime.now(UTC) + timedelta(days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
+        self.repo.put_bytes(f"{CHECKPOINT_PREFIX}{head.seq:012d}.json", json.dumps(body).encode(), retain)
+        return body
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return [json.loads(self.repo.get_bytes(s.key)) for s in sorted(self.repo.list(CHECKPOINT_PREFIX),
+                                                                          key=lambda s: s.key)]
+
+
+@dataclass
+class ChainVerdict:
+    ok: bool
+    entries: int
+    head_seq: int | None
+    head_hash: str | None
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    oldest: datetime | None = None
+    checkpoints: int = 0
+    spooled: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq, "head_hash": self.head_hash,
+                "first_bad_seq": self.first_bad_seq, "problem": self.problem,
+                "oldest": self.oldest.isoformat() if self.oldest else None, "checkpoints": self.checkpoints,
+                "spooled": self.spooled}
+
+
+def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) -> ChainVerdict:
+    """Walk the chain from the first entry; name the first one that was edited, deleted, inserted or moved."""
+    def broken(seq: int | None, problem: str) -> ChainVerdict:
+        return ChainVerdict(False, len(events), events[-1].seq if events else None,
+                            events[-1].hash if events else None, seq, problem,
+                            events[0].at if events else None, len(checkpoints))
+
+    prev, expected_seq = GENESIS, 1
+    for event in events:
+        if event.seq != expected_seq:
+            what = "deleted" if event.seq > expected_seq else "inserted or reordered"
+            return broken(expected_seq, f"entry {expected_seq} is missing: the next entry is {event.seq} "
+                                        f"(entries were {what})")
+        if event.prev_hash != prev:
+            return broken(event.seq, f"entry {event.seq} does not follow entry {event.seq - 1} "
+                                     "(an entry before it was deleted, inserted or reordered)")
+        if event.chained_hash(prev) != event.hash:
+            return broken(event.seq, f"entry {event.seq} ({event.event_type} of {event.resource} at "
+                                     f"{event.at:%Y-%m-%d %H:%M:%S} UTC) was edited: its content does not match its hash")
+        prev, expected_seq = event.hash, expected_seq + 1
+    by_seq = {e.seq: e.hash for e in events}
+    for point in checkpoints:
+        if point["seq"] not in by_seq:
+            return broken(point["seq"], f"entry {point['seq']}, checkpointed at {point['at']}, is gone "
+                                        "(the end of the trail was deleted)")
+        if by_seq[point["seq"]] != point["hash"]:
+            return broken(point["seq"], f"entry {point['seq']} differs from its checkpoint of {point['at']} "
+                                        "(the trail was rewritten)")
+    return ChainVerdict(True, len(events), events[-1].seq if events else None, events[-1].hash if events else None,
+                        oldest=events[0].at if events else None, checkpoints=len(checkpoints))
+
+
+def verify_trail(trail: AuditTrail) -> ChainVerdict:
+    verdict = verify_chain(trail.events(), trail.checkpoints())
+    verdict.spooled = sum(1 for _ in trail.repo.list(SPOOL_PREFIX))
+    return verdict
+
+
+# --- recording from the engine ---------------------------------------------------------------------
+
+def record(policy: Policy, repo: Repository | None, event_type: str, resource: str, outcome: str = "success",
+           details: dict[str, Any] | None = None, trigger: dict[str, str] | None = None) -> None:
+    """Record one event when the policy keeps an audit trail. Never raises: an operation is not lost for
+    its audit (the event waits in the repository's spool when the database is down)."""
+    if policy.audit is None:
+        return
+    from .repository import open_repository
+
+    with contextlib.suppress(RegalError):
+        AuditTrail(policy, repo or open_repository(policy)).append(event_type, resource, outcome, details or {},
+                                                                   trigger)
+
+
+@contextlib.contextmanager
+def audited(policy: Policy, repo: Repository | None, event_type: str, resource: str,
+            trigger: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Record the operation in the block as one event: success, or failure with the error's message (our
+    errors carry no secrets; for any other exception only its type is kept). Yields the details dict;
+    the block may set details["resource"] (known only inside) and details["outcome"] ("failure" without
+    an exception, e.g. a restore whose validation failed)."""
+    details: dict[str, Any] = {}
+    try:
+        yield details
+    except BaseException as exc:
+        error = exc.message if isinstance(exc, RegalError) else type(exc).__name__
+        record(policy, repo, event_type, details.pop("resource", resource), "failure", {**details, "error": error},
+               trigger)
+        raise
+    outcome = details.pop("outcome", "success")
+    record(policy, repo, event_type, details.pop("resource", resource), outcome, details, trigger)
