@@ -447,6 +447,44 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     return 1 if bad else 0
 
 
+def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
+    from .engine.audit import AuditTrail, verify_trail
+
+    policy = load_policy(args.policy)
+    trail = AuditTrail(policy, open_repository(policy))
+    trail.ensure_schema()
+    verdict = verify_trail(trail)
+    if verdict.ok:
+        trail.checkpoint()
+        text = (f"audit trail intact: {verdict.entries} entries, head {verdict.head_hash} (entry {verdict.head_seq}), "
+                f"{verdict.checkpoints} checkpoint(s) match")
+    else:
+        text = f"AUDIT TRAIL BROKEN at entry {verdict.first_bad_seq}: {verdict.problem}"
+    if verdict.spooled:
+        text += f"\n{verdict.spooled} event(s) wait in the repository's spool for the audit database"
+    out.result(verdict.to_json(), text)
+    return 0 if verdict.ok else 3
+
+
+def cmd_report(args: argparse.Namespace, out: Output) -> int:
+    from .engine.report import Period, build_report
+
+    policy = load_policy(args.policy)
+    period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))
+    result = build_report(policy, period, trigger={"cli": "report"})
+    if args.output:
+        Path(args.output).write_bytes(result.pdf)
+    failed = [c.control_id for c in result.controls if c.result == "FAIL"]
+    out.result({"report_id": result.report_id, "key": result.key, "sha256": result.sha256,
+                "evidence_sha256": result.evidence_sha256, "chain_ok": result.chain_ok,
+                "controls": {c.control_id: c.result for c in result.controls}},
+               f"report {result.report_id} stored as {result.key} (SHA-256 {result.sha256})"
+               + (f"; written to {args.output}" if args.output else "")
+               + f"\ncontrols failed: {', '.join(failed) or 'none'}"
+               + ("" if result.chain_ok else "\nTHE AUDIT TRAIL IS BROKEN: see `regal-backup audit verify`"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     from .demo import run_demo
 
@@ -567,6 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = offsite_sub.add_parser("sync", parents=[common],
                                help="copy what the off-site repository lacks and read every backup back there")
     p.set_defaults(func=cmd_offsite_sync)
+
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    p = audit_sub.add_parser("verify", parents=[common],
+                             help="recompute the hash chain; name the first edited, deleted, inserted or moved entry")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (GDPR, SOX, PCI DSS)")
+    p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month)")
+    p.add_argument("--output", help="also write the PDF here")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

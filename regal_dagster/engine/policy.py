@@ -142,11 +142,19 @@ def fill_environment(text: str, setting: str) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text)
 
 
-class PostgresTarget(_Model):
-    kind: Literal["postgres"]
-    dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
+DataClass = Literal["payment data", "personal data", "operational data", "configuration"]
+
+
+class _Target(_Model):
     rpo: Duration | None = None
     rto: Duration | None = None
+    description: str | None = Field(None, description="what this is, for people and the compliance report")
+    data_classes: list[DataClass] = Field(default_factory=list, description="what it holds, for the report's scope")
+
+
+class PostgresTarget(_Target):
+    kind: Literal["postgres"]
+    dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
     jobs: int = Field(default_factory=lambda: default_jobs(), ge=1, le=32,
                       description="parallel connections for dump, restore and verify (default: the CPU count, at most 8)")
 
@@ -154,34 +162,28 @@ class PostgresTarget(_Model):
         return fill_environment(self.dsn, "dsn")
 
 
-class RedisTarget(_Model):
+class RedisTarget(_Target):
     kind: Literal["redis"]
     url: str = Field(description="redis://[user:password@]host:port (rediss:// for TLS); ${VAR} from the environment")
     data_dir: str | None = Field(None, description="the server's data directory, when this machine can read it: "
                                                   "its append-only files are backed up too")
-    rpo: Duration | None = None
-    rto: Duration | None = None
 
     def resolved_url(self) -> str:
         return fill_environment(self.url, "url")
 
 
-class TerraformTarget(_Model):
+class TerraformTarget(_Target):
     kind: Literal["terraform"]
     state: str = Field(description="path of a terraform.tfstate, or s3://bucket/key of a state bucket")
     region: str | None = None
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint of the state bucket")
-    rpo: Duration | None = None
-    rto: Duration | None = None
 
 
-class ConfigTarget(_Model):
+class ConfigTarget(_Target):
     kind: Literal["config"]
     repository: str = Field(description="path of the configuration's git repository")
     lock_files: list[str] = Field(default_factory=lambda: ["requirements.txt", "poetry.lock", "uv.lock"],
                                   description="dependency lock files (relative to the repository) kept with hashes")
-    rpo: Duration | None = None
-    rto: Duration | None = None
 
 
 TargetConfig = Annotated[PostgresTarget | RedisTarget | TerraformTarget | ConfigTarget, Field(discriminator="kind")]
