@@ -8,6 +8,7 @@ from dagster import AssetSelection, DefaultScheduleStatus, Definitions, Schedule
 
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks
+from .compliance import build_report_definitions
 from .engine.policy import DEFAULT_POLICY_FILE, POLICY_ENV, load_policy
 from .maintenance import build_prune_job
 from .resources import engine_resource
@@ -45,9 +46,15 @@ def build_definitions(policy_path: str | None = None) -> Definitions:
     drill_job, drill_schedule = build_drill_job(policy, os.path.abspath(path))
     prune_job, prune_schedules = build_prune_job(policy)
     schedules += [build_monthly_sample_schedule(policy, restore_job), drill_schedule, *prune_schedules]
-    return Definitions(assets=[*backups, *restore_tests], asset_checks=checks,
-                       jobs=[job, verify_job, restore_job, drill_job, prune_job], schedules=schedules,
-                       sensors=[*build_alert_sensors(policy), build_new_backup_sensor(policy, restore_job)],
+    assets, jobs = [*backups, *restore_tests], [job, verify_job, restore_job, drill_job, prune_job]
+    sensors = [*build_alert_sensors(policy), build_new_backup_sensor(policy, restore_job)]
+    if policy.audit is not None:  # the report is built from the audit trail
+        report_assets, report_job, monthly_report, report_sensors = build_report_definitions(drill_job)
+        assets += report_assets
+        jobs.append(report_job)
+        schedules.append(monthly_report)
+        sensors += report_sensors
+    return Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules, sensors=sensors,
                        resources={"regal": engine_resource(os.path.abspath(path), policy)})
 
 

@@ -1,0 +1,247 @@
+"""The audit trail and the compliance report, on a real history: real backups of a real PostgreSQL, checks,
+a failed backup, restore tests in a scratch server, a drill, a key rotation, an erasure, an alert sent to
+a real HTTP receiver. The PDF is rendered by WeasyPrint and read back with pypdf and pdfplumber; PNGs of
+page 1 and of the control matrix are kept (REGAL_REPORT_PNG_DIR, default the test's tmp dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
+from regal_dagster.engine.audit import AuditTrail, verify_trail
+from regal_dagster.engine.errors import RegalError
+from regal_dagster.engine.policy import load_policy
+from regal_dagster.engine.report import Period, build_report
+from regal_dagster.engine.repository import open_repository
+
+from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
+
+CLI = [sys.executable, "-m", "regal_dagster.cli"]
+HOSTILE = '<script>alert("pwned")</script><img src="http://127.0.0.1:9/x.png">'
+
+
+@pytest.fixture
+def hook() -> Iterator[list[dict[str, Any]]]:
+    """A real HTTP receiver for the webhook alert channel."""
+    posts: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    posts.append({"url": f"http://127.0.0.1:{server.server_address[1]}/hook"})
+    yield posts
+    server.shutdown()
+
+
+@pytest.fixture
+def setup(system_pg: DatabaseFactory, tmp_path: Path, master_key: str, hook: list[dict[str, Any]]) -> dict[str, Any]:
+    source = system_pg.create()
+    load_awkward_data(source)
+    audit_db = system_pg.create("regal_audit")
+    policy_file = write_policy_file(
+        tmp_path, {"pos": source, "broken": "postgresql://postgres@127.0.0.1:5432/regal_no_such_db"},
+        audit={"dsn": audit_db},
+        gdpr={"subjects": {"pos": [{"table": "public.customers", "match_column": "email", "action": "delete"}]}},
+        alerts={"channels": [{"kind": "webhook", "url": hook[0]["url"], "timeout": "5s"}]})
+    document = yaml.safe_load(policy_file.read_text())
+    document["targets"]["pos"].update(description=HOSTILE, data_classes=["payment data", "personal data"])
+    policy_file.write_text(yaml.safe_dump(document))
+    return {"policy_file": policy_file, "audit_db": audit_db, "tmp": tmp_path}
+
+
+def _cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+
+
+def _history(policy_file: Path) -> dict[str, Any]:
+    """Two good backups, checks, a failed backup, a restore test, an erasure, a key rotation, a drill, an alert."""
+    ids = []
+    for _ in range(2):
+        done = _cli(policy_file, "backup", "pos", "--json")
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["backup_id"])
+        assert _cli(policy_file, "verify", ids[-1]).returncode == 0
+    assert _cli(policy_file, "backup", "broken").returncode == 1  # cannot connect: a failed backup
+    assert _cli(policy_file, "gdpr", "erase", "pos", "someone@example.test", "--reference", HOSTILE).returncode == 0
+    assert _cli(policy_file, "restore-test", "--target", "pos").returncode == 0
+    assert _cli(policy_file, "keys", "rotate").returncode == 0
+    drill = _cli(policy_file, "drill", "--json")  # `broken` has no backup: the drill fails, as it should
+    assert drill.returncode in (0, 3), drill.stderr
+    policy = load_policy(policy_file)
+    failures = evaluate_and_notify(policy, AlertBook(), rpo_conditions(policy, open_repository(policy),
+                                                                       datetime.now(UTC)), datetime.now(UTC))
+    assert failures == []
+    return {"backups": ids}
+
+
+def _trail(policy_file: Path) -> AuditTrail:
+    policy = load_policy(policy_file)
+    return AuditTrail(policy, open_repository(policy))
+
+
+def test_every_operation_is_one_audit_event_with_the_pci_fields(setup: dict[str, Any]) -> None:
+    history = _history(setup["policy_file"])
+    events = _trail(setup["policy_file"]).events()
+    kinds = [e.event_type for e in events]
+    for expected in ("policy_change", "backup", "verification", "gdpr_erasure", "restore_test", "key_rotate",
+                     "dr_drill", "alert"):
+        assert expected in kinds, expected
+    backups = [e for e in events if e.event_type == "backup"]
+    assert [e.resource for e in backups if e.outcome == "success"] == history["backups"]
+    (failed,) = [e for e in backups if e.outcome == "failure"]
+    assert failed.resource.startswith("broken-") and "cannot connect" in json.loads(failed.details)["error"]
+    for event in events:  # who, what, when, outcome, where from, resource (PCI DSS 10.2.2)
+        assert event.actor.startswith(("user:", "service:")) and event.host and event.process and event.resource
+        assert event.at.tzinfo is not None
+    assert all("password" not in e.details.lower() and "postgresql://" not in e.details for e in events)
+
+    with psycopg.connect(setup["audit_db"], autocommit=True) as conn:  # the database itself refuses changes
+        for statement in ("UPDATE regal_audit.events SET outcome = 'success' WHERE seq = 1",
+                          "DELETE FROM regal_audit.events WHERE seq = 1", "TRUNCATE regal_audit.events"):
+            with pytest.raises(psycopg.Error, match="append-only"):
+                conn.execute(statement)
+
+
+def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: dict[str, Any]) -> None:
+    policy_file = setup["policy_file"]
+    _history(policy_file)
+    policy = load_policy(policy_file)
+    period = Period.parse(f"{datetime.now(UTC):%Y-%m}")
+    events = _trail(policy_file).events(period.start, period.end)  # the trail as the report reads it
+    result = build_report(policy, period)
+
+    import pdfplumber
+    from pypdf import PdfReader
+
+    pdf_path = setup["tmp"] / "report.pdf"
+    pdf_path.write_bytes(result.pdf)
+    reader = PdfReader(pdf_path)
+    text = "\n".join(page.extract_text() for page in reader.pages)
+    backups = [e for e in events if e.event_type == "backup"]
+    ok = [e for e in backups if e.outcome == "success"]
+    assert f"({len(ok)} of {len(backups)})" in text and f"{len(ok) / len(backups) * 100:.1f}%" in text
+    tests = [e for e in events if e.event_type == "restore_test"]
+    assert f"{sum(e.outcome == 'success' for e in tests)} of {len(tests)}" in text
+    assert "Audit trail verified" in text and result.chain_ok
+
+    expected = {"BK-01": "FAIL",  # `broken` never backed up: an open failure
+                "VR-01": "PASS", "EN-01": "PASS", "KM-01": "PASS", "RD-01": "FAIL",  # two backups in an hour
+                "MD-01": "FAIL",  # no off-site copy in this policy
+                "RT-01": "PASS", "DR-01": "FAIL", "AU-01": "PASS", "AU-02": "PASS", "AU-03": "PASS",
+                "AL-01": "PASS", "GD-01": "PASS"}
+    assert {c.control_id: c.result for c in result.controls if c.control_id in expected} == expected
+    with pdfplumber.open(pdf_path) as pdf:
+        matrix_page = next(i for i, p in enumerate(pdf.pages) if "4. Control matrix" in (p.extract_text() or ""))
+        rows = [row for page in pdf.pages[matrix_page:matrix_page + 6] for table in page.extract_tables()
+                for row in table if row and row[0] and row[0][:3] in ("BK-", "VR-", "EN-", "KM-", "RD-", "MD-",
+                                                                     "RT-", "DR-", "AU-", "AL-", "GD-")]
+        assert {row[0]: row[5] for row in rows} == {c.control_id: c.result for c in result.controls}
+        assert "PCI DSS\n3.7.4" in "\n".join(row[1] for row in rows) or "PCI DSS 3.7.4" in " ".join(
+            row[1].replace("\n", " ") for row in rows)
+        _keep_png(pdf_path, [0, matrix_page], setup["tmp"])
+
+    attachments = reader.attachments
+    assert {"backups.csv", "audit_events.csv", "restore_tests.csv", "evidence.json"} <= set(attachments)
+    evidence = json.loads(attachments["evidence.json"][0])
+    assert len(evidence["audit_events"]) == len(events)
+    assert "/GTS_PDFA1" in str(reader.trailer["/Root"].get("/OutputIntents"))  # the PDF/A output intent
+    assert reader.metadata is not None
+    assert "".join(HOSTILE.split()) in "".join(text.split())  # rendered as text, not markup
+    assert result.refused_urls == []  # escaped: the <img> was never a tag, so nothing was even asked for
+
+    repo = open_repository(policy)
+    assert repo.get_bytes(result.key) == result.pdf
+    assert repo.get_bytes(result.key + ".sha256").decode().startswith(result.sha256)
+
+    # A superuser edits one row behind the triggers' back: `audit verify` names it; the next report says so.
+    target_seq = next(e.seq for e in events if e.event_type == "verification")
+    with psycopg.connect(setup["audit_db"], autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("UPDATE regal_audit.events SET outcome = 'success', details = '{}' WHERE seq = %s", [target_seq])
+    verified = _cli(policy_file, "audit", "verify")
+    assert verified.returncode == 3 and f"entry {target_seq}" in verified.stdout and "was edited" in verified.stdout
+    broken = build_report(policy, period)
+    assert not broken.chain_ok and next(c for c in broken.controls if c.control_id == "AU-02").result == "FAIL"
+    cover = PdfReader(__import__("io").BytesIO(broken.pdf)).pages[0].extract_text()
+    assert "AUDIT TRAIL BROKEN" in cover and f"entry {target_seq}" in cover
+
+
+def _keep_png(pdf_path: Path, pages: list[int], tmp: Path) -> None:
+    """Page 1 and the control matrix as PNGs for a person to look at."""
+    import pypdfium2 as pdfium
+
+    out = Path(os.environ.get("REGAL_REPORT_PNG_DIR", tmp))
+    out.mkdir(parents=True, exist_ok=True)
+    document = pdfium.PdfDocument(str(pdf_path))
+    for index, name in zip(pages, ["report-page-1.png", "report-control-matrix.png"], strict=True):
+        image = document[index].render(scale=1.5).to_pil()
+        image.save(out / name)
+        darkest, lightest = image.convert("L").getextrema()
+        assert image.size[0] > 800 and lightest - darkest > 100  # a page with something on it, not blank
+
+
+def test_deleted_inserted_and_reordered_entries_are_named(setup: dict[str, Any]) -> None:
+    policy_file = setup["policy_file"]
+    trail = _trail(policy_file)
+    trail.ensure_schema()
+    for i in range(6):
+        trail.append("test_event", f"resource-{i}", "success", {"i": i})
+    assert verify_trail(trail).ok
+    trail.checkpoint()
+    with psycopg.connect(setup["audit_db"], autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("DELETE FROM regal_audit.events WHERE seq = 3")
+    verdict = verify_trail(trail)
+    assert not verdict.ok and verdict.first_bad_seq == 3 and "deleted" in (verdict.problem or "")
+    with psycopg.connect(setup["audit_db"], autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("INSERT INTO regal_audit.events SELECT 3, at, actor, event_type, outcome, host, process, run_id, "
+                     "'forged', details, prev_hash, hash FROM regal_audit.events WHERE seq = 4")
+    verdict = verify_trail(trail)
+    assert not verdict.ok and verdict.first_bad_seq == 3  # inserted: does not follow entry 2
+    with psycopg.connect(setup["audit_db"], autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("DELETE FROM regal_audit.events WHERE seq >= 3")  # the tail goes: only the checkpoint knows
+    verdict = verify_trail(trail)
+    assert not verdict.ok and "checkpointed" in (verdict.problem or "")
+
+
+def test_events_wait_in_the_repository_when_the_audit_database_is_down(setup: dict[str, Any],
+                                                                        system_pg: DatabaseFactory) -> None:
+    policy_file = setup["policy_file"]
+    trail = _trail(policy_file)
+    trail.ensure_schema()
+    trail.append("first", "r1", "success", {})
+    down = load_policy(policy_file).model_copy(update={"audit": load_policy(policy_file).audit.model_copy(  # type: ignore[union-attr]
+        update={"dsn": "postgresql://postgres@127.0.0.1:9/regal_audit"})})
+    with pytest.raises(RegalError, match="cannot reach the audit database"):
+        AuditTrail(down, trail.repo).append("while_down", "r2", "success", {"n": 1})
+    assert verify_trail(trail).spooled == 1
+    trail.append("after", "r3", "success", {})
+    events = trail.events()
+    assert [e.event_type for e in events][-3:] == ["first", "while_down", "after"] or \
+        [e.event_type for e in events if e.event_type in ("first", "while_down", "after")] == \
+        ["first", "while_down", "after"]
+    assert json.loads(next(e for e in events if e.event_type == "while_down").details)["spooled"] is True
+    assert verify_trail(trail).ok and verify_trail(trail).spooled == 0
