@@ -49,7 +49,7 @@ def build_definitions(policy_path: str | None = None) -> Definitions:
     assets, jobs = [*backups, *restore_tests], [job, verify_job, restore_job, drill_job, prune_job]
     sensors = [*build_alert_sensors(policy), build_new_backup_sensor(policy, restore_job)]
     if policy.audit is not None:  # the report is built from the audit trail
-        report_assets, report_job, monthly_report, report_sensors = build_report_definitions(drill_job)
+        report_assets, report_job, monthly_report, report_sensors = build_report_definitions(policy, drill_job)
         assets += report_assets
         jobs.append(report_job)
         schedules.append(monthly_report)

@@ -32,12 +32,12 @@ from dagster import (
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
+from .engine.policy import Policy
 from .engine.report import Period, build_report
 from .resources import RegalEngine
 
 REPORT_KEY = AssetKey(["compliance", "report"])
 REPORT_JOB = "compliance_report_job"
-MONTHLY_REPORT_CRON = "0 7 1 * *"
 
 
 class ReportConfig(Config):  # type: ignore[misc]
@@ -69,10 +69,10 @@ def compliance_report(context: AssetExecutionContext, config: ReportConfig, rega
     })
 
 
-def build_report_definitions(drill_job: JobDefinition) -> tuple[list[AssetsDefinition], UnresolvedAssetJobDefinition,
+def build_report_definitions(policy: Policy, drill_job: JobDefinition) -> tuple[list[AssetsDefinition], UnresolvedAssetJobDefinition,
                                                                 ScheduleDefinition, list[SensorDefinition]]:
     report_job = define_asset_job(REPORT_JOB, selection=[REPORT_KEY], description="Build the compliance report.")
-    monthly = ScheduleDefinition(name="monthly_compliance_report", job=report_job, cron_schedule=MONTHLY_REPORT_CRON,
+    monthly = ScheduleDefinition(name="monthly_compliance_report", job=report_job, cron_schedule=policy.reports.cron,
                                  execution_timezone="UTC", default_status=DefaultScheduleStatus.RUNNING,
                                  run_config=_run_config(""))
     sensors = []

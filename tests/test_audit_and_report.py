@@ -245,3 +245,65 @@ def test_events_wait_in_the_repository_when_the_audit_database_is_down(setup: di
         ["first", "while_down", "after"]
     assert json.loads(next(e for e in events if e.event_type == "while_down").details)["spooled"] is True
     assert verify_trail(trail).ok and verify_trail(trail).spooled == 0
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Regal Backup compliance (test)")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now.replace(year=now.year + 1))
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "signing.pem", directory / "signing.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def test_the_report_is_signed_when_the_policy_gives_a_certificate_and_dagster_builds_it(
+        setup: dict[str, Any]) -> None:
+    import dagster as dg
+    from pyhanko.keys import load_cert_from_pemder
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation import validate_pdf_signature
+    from pyhanko_certvalidator import ValidationContext
+
+    from regal_dagster.code_location import build_definitions
+
+    policy_file = setup["policy_file"]
+    cert_file, key_file = _self_signed(setup["tmp"])
+    document = yaml.safe_load(policy_file.read_text())
+    document["reports"] = {"signing": {"cert_file": str(cert_file), "key_file": str(key_file)}}
+    policy_file.write_text(yaml.safe_dump(document))
+    assert _cli(policy_file, "backup", "pos").returncode == 0
+
+    defs = build_definitions(str(policy_file))
+    assert defs.resolve_schedule_def("monthly_compliance_report").cron_schedule == "0 7 1 * *"
+    period = f"{datetime.now(UTC):%Y-%m}"
+    result = defs.resolve_job_def("compliance_report_job").execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"compliance__report": {"config": {"period": period}}}})
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("compliance__report")
+    metadata = materialization.metadata
+    repo = open_repository(load_policy(policy_file))
+    pdf = repo.get_bytes(str(metadata["repository_key"].value))
+    assert __import__("hashlib").sha256(pdf).hexdigest() == metadata["sha256"].value
+
+    (signature,) = PdfFileReader(__import__("io").BytesIO(pdf)).embedded_signatures
+    status = validate_pdf_signature(signature, ValidationContext(trust_roots=[load_cert_from_pemder(str(cert_file))]))
+    assert status.intact and status.valid and status.trusted
+    events = _trail(policy_file).events()
+    assert any(e.event_type == "report_generated" and e.run_id == result.run_id for e in events)

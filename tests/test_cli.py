@@ -109,4 +109,5 @@ def test_demo_runs_on_embedded_postgres_and_verifies(tmp_path: Path) -> None:
     assert summary["rows"]["orders"] > 0 and summary["rows"]["payments"] > 0
     listing = json.loads(cli("list", "--json", "--policy", summary["policy"]).stdout)
     assert [b["backup_id"] for b in listing["backups"]] == [summary["backup_id"]]
+    assert Path(summary["report"]).read_bytes().startswith(b"%PDF-")  # this month's compliance report
     assert not list((tmp_path / "demo" / "postgres").glob("postmaster.pid"))  # the server was stopped

@@ -355,6 +355,26 @@ class AuditConfig(_Model):
         return fill_environment(self.dsn, "audit.dsn")
 
 
+class SigningConfig(_Model):
+    """A certificate the compliance reports are signed with (PAdES, by pyHanko)."""
+
+    cert_file: str = Field(description="PEM certificate (relative to the policy file)")
+    key_file: str = Field(description="PEM private key (mode 0600)")
+    passphrase_env: str | None = Field(None, description="environment variable holding the key's passphrase")
+    chain_files: list[str] = Field(default_factory=list, description="PEM intermediate certificates")
+
+
+class ReportsConfig(_Model):
+    cron: str = Field("0 7 1 * *", description="the monthly report (UTC), on the month before")
+    signing: SigningConfig | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        CronExpression.parse(cron)
+        return cron
+
+
 class DagsterConfig(_Model):
     base_url: str = "http://localhost:3000"
 
@@ -378,6 +398,7 @@ class Policy(_Model):
     alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
     audit: AuditConfig | None = None
+    reports: ReportsConfig = ReportsConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
     # SHA-256 of the policy file as loaded (the audit trail records every change of it).

@@ -462,6 +462,33 @@ def render_pdf(context: dict[str, Any], evidence: Evidence) -> tuple[bytes, list
     return pdf, list(fetcher.refused)
 
 
+def sign_pdf(policy: Policy, pdf: bytes, report_id: str) -> bytes:
+    """A PAdES signature over the whole PDF (an incremental update: the PDF/A content stays as it is)."""
+    import os
+
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+    from pyhanko.sign import signers
+
+    signing = policy.reports.signing
+    assert signing is not None
+    passphrase = os.environ.get(signing.passphrase_env, "").encode() if signing.passphrase_env else None
+    try:
+        signer = signers.SimpleSigner.load(str(policy.resolve_path(signing.key_file)),
+                                           str(policy.resolve_path(signing.cert_file)),
+                                           ca_chain_files=[str(policy.resolve_path(f)) for f in signing.chain_files],
+                                           key_passphrase=passphrase)
+    except (OSError, ValueError) as exc:
+        raise RegalError(f"the report signing key or certificate cannot be loaded ({type(exc).__name__})",
+                         "check reports.signing: the files, and the passphrase variable") from None
+    if signer is None:
+        raise RegalError("the report signing key or certificate cannot be loaded",
+                         "check reports.signing: the files, and the passphrase variable")
+    out = signers.sign_pdf(IncrementalPdfFileWriter(io.BytesIO(pdf)),
+                           signers.PdfSignatureMetadata(field_name="RegalBackupReport", reason="compliance report",
+                                                        name=report_id, md_algorithm="sha256"), signer=signer)
+    return out.getvalue()  # type: ignore[no-any-return]
+
+
 @dataclass
 class ReportResult:
     report_id: str
@@ -505,6 +532,8 @@ def build_report(policy: Policy, period: Period, *, repo: Repository | None = No
         "PASS": PASS, "FAIL": FAIL,
     }
     pdf, refused = render_pdf(context, evidence)
+    if policy.reports.signing is not None:
+        pdf = sign_pdf(policy, pdf, report_id)
     digest = hashlib.sha256(pdf).hexdigest()
     key = f"{REPORTS_PREFIX}{period.label}/{report_id}.pdf"
     repo.put_bytes(key, pdf)
