@@ -307,3 +307,16 @@ def test_the_report_is_signed_when_the_policy_gives_a_certificate_and_dagster_bu
     assert status.intact and status.valid and status.trusted
     events = _trail(policy_file).events()
     assert any(e.event_type == "report_generated" and e.run_id == result.run_id for e in events)
+
+
+def test_the_renderer_fetches_only_its_own_template_files() -> None:
+    from regal_dagster.engine.report import TEMPLATES, _fetcher
+
+    fetcher = _fetcher()
+    response = fetcher.fetch((TEMPLATES / "report.css").as_uri())  # its own stylesheet: allowed
+    assert b"@page" in response.read()
+    response.close()
+    for url in ("http://127.0.0.1:9/tracker.png", "file:///etc/passwd", (TEMPLATES / ".." / "pyproject.toml").as_uri()):
+        with pytest.raises(ValueError, match="fetches only its own template files"):
+            fetcher.fetch(url)
+    assert len(fetcher.refused) == 3

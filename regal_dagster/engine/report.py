@@ -126,6 +126,8 @@ def collect_evidence(policy: Policy, repo: Repository, trail: AuditTrail, period
                              ("prunes", "prune"), ("policy_changes", "policy_change")]:
         evidence.tables[name] = _event_rows(events, event_type)
     evidence.tables["key_operations"] += _event_rows(events, "key_retire")
+    for row in evidence.tables["backups"]:  # a backup that failed before it started has no class yet
+        row.setdefault("retention_class", None)
     # A drill that covers the period may have run in the quarter before it ends.
     evidence.tables["drills_last_quarter"] = _event_rows(
         trail.events(period.end - timedelta(days=92), period.end), "dr_drill")

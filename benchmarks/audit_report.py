@@ -1,0 +1,134 @@
+"""What the audit trail and the compliance report cost at a realistic size.
+
+    .venv/bin/python benchmarks/audit_report.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
+
+Creates a scratch database on that server, measures `append` (one event as the engine writes it: its
+own connection, the advisory lock, the chain head), then loads a year of history (hourly backups, each
+verified; a restore test a day; a drill a quarter; about 17,600 events, chained like `append` chains
+them) and measures `audit verify` over all of it and the monthly report (evidence, controls, charts,
+WeasyPrint PDF/A-3b with attachments). Prints a table with wall seconds, peak RSS and the PDF's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+
+from regal_dagster.engine.audit import (
+    DDL,
+    FIELDS,
+    GENESIS,
+    AuditEvent,
+    AuditTrail,
+    canonical_details,
+    verify_trail,
+)
+from regal_dagster.engine.crypto import create_keyset, generate_master_key
+from regal_dagster.engine.policy import policy_from_dict
+from regal_dagster.engine.report import Period, build_report
+from regal_dagster.engine.repository import open_repository
+
+
+def year_of_events(end: datetime) -> list[AuditEvent]:
+    events: list[AuditEvent] = []
+    start = end - timedelta(days=365)
+
+    def add(at: datetime, kind: str, resource: str, outcome: str, details: dict[str, object]) -> None:
+        events.append(AuditEvent(0, at, "service:dagster (regal)", kind, outcome, "backup-host", "dagster[1]",
+                                 str(uuid.uuid4()), resource, canonical_details(details)))
+
+    hour = start
+    while hour < end:
+        backup_id = f"pos-{hour:%Y%m%dT%H%M%SZ}-abcdef"
+        ok = hour.hour != 3 or hour.day % 9  # now and then a failure
+        add(hour, "backup", backup_id, "success" if ok else "failure",
+            {"target": "pos", "retention_class": "daily" if hour.hour == 2 else "hourly", "bytes_stored": 223_900_000,
+             "seconds": 5.7} if ok else {"target": "pos", "error": "cannot connect to PostgreSQL"})
+        if ok:
+            add(hour + timedelta(minutes=1), "verification", backup_id, "success",
+                {"checks": {"manifest": True, "integrity": True, "encryption": True, "size": True}, "failed": []})
+        if hour.hour == 4:
+            add(hour + timedelta(minutes=5), "restore_test", backup_id, "success",
+                {"target": "pos", "rto_seconds": 19.4, "rto_target_seconds": 14400, "backup_age_seconds": 7200,
+                 "validation_passed": True, "problems": [], "erasures": {}})
+        if hour.day == 1 and hour.hour == 5 and hour.month in (1, 4, 7, 10):
+            add(hour, "dr_drill", f"drill-{hour:%Y%m%d}", "success",
+                {"rto_seconds": 17.7, "rto_target_seconds": 14400, "rpo_seconds": 945, "rpo_target_seconds": 3600})
+        hour += timedelta(hours=1)
+    return events
+
+
+def load(dsn: str, events: list[AuditEvent]) -> None:
+    prev = GENESIS
+    with psycopg.connect(dsn) as conn:
+        conn.execute(DDL)
+        with conn.cursor().copy(f"COPY regal_audit.events ({', '.join(FIELDS)}, prev_hash, hash) FROM STDIN") as copy:
+            for seq, event in enumerate(events, start=1):
+                numbered = AuditEvent(seq, *[getattr(event, n) for n in FIELDS[1:]])
+                digest = numbered.chained_hash(prev)
+                copy.write_row([getattr(numbered, n) for n in FIELDS] + [prev, digest])
+                prev = digest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args()
+    name = f"regal_bench_audit_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(args.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    audit_dsn = args.dsn.rsplit("/", 1)[0] + f"/{name}"
+    rows: list[tuple[str, float, str]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="regal-audit-bench-") as tmp:
+            os.environ["REGAL_BENCH_MASTER_KEY"] = generate_master_key()
+            policy = policy_from_dict({
+                "repository": {"url": "repository"},
+                "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_BENCH_MASTER_KEY"}},
+                "targets": {"pos": {"kind": "postgres", "dsn": "postgresql://postgres@127.0.0.1:5432/postgres"}},
+                "audit": {"dsn": audit_dsn}}, base_dir=Path(tmp))
+            create_keyset(policy)
+            repo = open_repository(policy)
+            now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+            events = year_of_events(now - timedelta(days=1))
+            load(audit_dsn, events)
+            trail = AuditTrail(policy, repo)
+
+            start = time.monotonic()
+            for i in range(200):
+                trail.append("benchmark", f"r{i}", "success", {"i": i})
+            append = (time.monotonic() - start) / 200
+            rows.append(("append one event (connect, lock, head, insert)", append, f"{1 / append:,.0f} events/s"))
+
+            start = time.monotonic()
+            verdict = verify_trail(trail)
+            rows.append((f"audit verify, {verdict.entries:,} entries", time.monotonic() - start,
+                         "intact" if verdict.ok else "BROKEN"))
+
+            period = Period.previous_month(now)
+            start = time.monotonic()
+            report = build_report(policy, period, repo=repo, now=now)
+            rows.append((f"monthly report {period.label}", time.monotonic() - start,
+                         f"{len(report.pdf) / 1e6:.1f} MB PDF, {len(report.controls)} controls"))
+    finally:
+        with psycopg.connect(args.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    print(f"\n### audit trail and report ({len(events):,} events of history)\n")
+    print("| step | wall s | note |")
+    print("|---|---:|---|")
+    for step, wall, note in rows:
+        print(f"| {step} | {wall:.3f} | {note} |")
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
