@@ -59,6 +59,7 @@ WATCHED_JOBS = {
     "restore_test_job": ("restore_test_failed", "restore test", FIRST_STEPS["restore_test_failed"]),
     "dr_drill_job": ("drill_failed", "disaster-recovery drill", FIRST_STEPS["drill_failed"]),
     "prune_job": ("prune_failed", "prune / retention check", FIRST_STEPS["prune_failed"]),
+    "compliance_report_job": ("report_failed", "compliance report", FIRST_STEPS["report_failed"]),
 }
 
 

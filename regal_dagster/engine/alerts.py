@@ -54,6 +54,8 @@ FIRST_STEPS = {
     "offsite_copy": "Run `regal-backup offsite sync`; if it fails, check access to the off-site repository "
                     "(credentials, region, bucket policy). Until it succeeds there is no second copy.",
     "key_cryptoperiod": "Run `regal-backup keys rotate` (new backups use the new key; old ones stay readable).",
+    "report_failed": "Open the run: the audit database unreachable, or the trail broken? Run `regal-backup audit "
+                     "verify`, then `regal-backup report --period YYYY-MM`.",
     "drill_failed": "Read the drill record (drills/ in the repository): which target missed its RTO or RPO, and why.",
 }
 

@@ -108,6 +108,14 @@ def actor(trigger: dict[str, str] | None) -> str:
     return f"user:{os.environ.get('SUDO_USER') or getpass.getuser()}"
 
 
+def _new_event(event_type: str, resource: str, outcome: str, details: dict[str, Any],
+               trigger: dict[str, str] | None = None, at: datetime | None = None) -> AuditEvent:
+    """An event from this process, not yet numbered or chained."""
+    return AuditEvent(0, at or datetime.now(UTC), actor(trigger), event_type, outcome, platform.node(),
+                      f"{os.path.basename(sys.argv[0]) or 'python'}[{os.getpid()}]",
+                      (trigger or {}).get("dagster_run_id"), resource, canonical_details(details))
+
+
 def _connect(dsn: str):  # type: ignore[no-untyped-def]
     import psycopg
 
@@ -138,17 +146,23 @@ class AuditTrail:
     def append(self, event_type: str, resource: str, outcome: str, details: dict[str, Any],
                trigger: dict[str, str] | None = None, at: datetime | None = None) -> AuditEvent:
         """Write one event at the head of the chain (the spool first, when there is one)."""
-        pending = AuditEvent(0, at or datetime.now(UTC), actor(trigger), event_type, outcome, platform.node(),
-                             f"{os.path.basename(sys.argv[0]) or 'python'}[{os.getpid()}]",
-                             (trigger or {}).get("dagster_run_id"), resource, canonical_details(details))
+        import psycopg
+
+        pending = _new_event(event_type, resource, outcome, details, trigger, at)
+
         try:
             self.ensure_schema()
             self._flush_spool()
             written = self._insert(pending)
-        except RegalError:
+        except (RegalError, psycopg.Error) as exc:
             self._spool(pending)
-            raise
-        self._note_policy_change()
+            if isinstance(exc, RegalError):
+                raise
+            raise RegalError(f"the audit database refused the event: {type(exc).__name__}",
+                             "check the audit database (schema regal_audit); the event waits in the "
+                             "repository's spool") from None
+        with contextlib.suppress(RegalError, psycopg.Error):  # the event is in; noting the policy can wait
+            self._note_policy_change()
         return written
 
     def _insert(self, event: AuditEvent) -> AuditEvent:
@@ -185,11 +199,8 @@ class AuditTrail:
             last = conn.execute("SELECT details FROM regal_audit.events WHERE event_type = 'policy_change' "
                                 "ORDER BY seq DESC LIMIT 1").fetchone()
         if last is None or json.loads(last[0]).get("policy_sha256") != digest:
-            self._insert(AuditEvent(0, datetime.now(UTC), actor(None), "policy_change", "success", platform.node(),
-                                    f"{os.path.basename(sys.argv[0]) or 'python'}[{os.getpid()}]", None, "policy",
-                                    canonical_details({"policy_sha256": digest,
-                                                       "previous_sha256": json.loads(last[0])["policy_sha256"]
-                                                       if last else None})))
+            self._insert(_new_event("policy_change", "policy", "success", {
+                "policy_sha256": digest, "previous_sha256": json.loads(last[0])["policy_sha256"] if last else None}))
 
     # --- reading ------------------------------------------------------------------------------------
 
