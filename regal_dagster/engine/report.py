@@ -91,9 +91,6 @@ class Evidence:
             writer.writerow({k: json.dumps(v, default=str) if isinstance(v, dict | list) else v for k, v in row.items()})
         return out.getvalue()
 
-    def row_hash(self, name: str, row: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def _target_of_event(event: AuditEvent, details: dict[str, Any]) -> str:
     return str(details.get("target") or event.resource.split("-", 1)[0])
@@ -240,7 +237,7 @@ def exceptions(evidence: Evidence) -> list[dict[str, Any]]:
 
 
 def controls(policy: Policy, evidence: Evidence, figs: dict[str, Any], verdict: ChainVerdict,
-             open_exceptions: list[dict[str, Any]]) -> list[Control]:
+             open_exceptions: list[dict[str, Any]], now: datetime) -> list[Control]:
     t = evidence.tables
     result: list[Control] = []
 
@@ -286,7 +283,7 @@ def controls(policy: Policy, evidence: Evidence, figs: dict[str, Any], verdict: 
     primary = next((k for k in t["keys"] if k["primary"]), None)
     age_days = None
     if primary and primary.get("primary_since"):
-        age_days = (datetime.now(UTC) - datetime.fromisoformat(primary["primary_since"])).days
+        age_days = (now - datetime.fromisoformat(primary["primary_since"])).days
     add("KM-01", ["PCI DSS 3.7.4"], "Encryption keys are changed at the end of their cryptoperiod; old keys are "
         "retired once no backup needs them.", f"cryptoperiod {policy.encryption.cryptoperiod.days} days",
         "Compared the primary key's age with the cryptoperiod; listed rotations and retirements.",
@@ -517,7 +514,7 @@ def build_report(policy: Policy, period: Period, *, repo: Repository | None = No
     evidence = collect_evidence(policy, repo, trail, period, verdict, now)
     figs = figures(policy, evidence, period, now)
     found = exceptions(evidence)
-    matrix = controls(policy, evidence, figs, verdict, [e for e in found if e["open"]])
+    matrix = controls(policy, evidence, figs, verdict, [e for e in found if e["open"]], now)
     frameworks = {}
     for name, label in [("PCI", "PCI DSS 4.0.1"), ("SOX", "SOX ITGC"), ("GDPR", "GDPR")]:
         mapped = [c for c in matrix if name in c.frameworks]
