@@ -27,8 +27,9 @@ from .errors import EncryptionKeyError, IntegrityError, ObjectLockedError
 from .gdpr import LEDGER_KEY, load_ledger, save_ledger
 from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, target_of
 from .offsite import sync_backup
+from .parallel import map_parallel
 from .pipeline import StoredBytes, read_stream
-from .policy import Policy
+from .policy import Policy, default_jobs
 from .repository import Repository, open_offsite
 
 CHUNK = 1 << 20
@@ -140,14 +141,14 @@ def rekey_backup(repo: Repository, keyring: Keyring, manifest: Manifest, key_id:
     """Re-encrypt the objects of a backup that use `key_id` under the primary key; returns the new manifest
     and the old objects Object Lock would not let go."""
     old = [r for r in manifest.objects if r.encryption.key_id == key_id]
-    fresh: dict[str, ObjectRecord] = {}
-    try:
-        for record in old:
-            fresh[record.name] = reencrypt_object(repo, keyring, manifest, record)
+    try:  # several objects at once: each is CPU-bound (AES-GCM both ways, SHA-256, zstd to check)
+        fresh = dict(zip([r.name for r in old], map_parallel(
+            lambda record, _cancelled: reencrypt_object(repo, keyring, manifest, record), old,
+            default_jobs(), "rekey"), strict=True))
     except BaseException:  # the backup stays as it was: its manifest still names the old objects
-        for written in fresh.values():
+        for record in old:
             with contextlib.suppress(Exception):
-                repo.delete(written.key)
+                repo.delete(rekeyed_key(manifest, record, keyring.primary_key_id))
         raise
     document = manifest.model_dump(mode="json")
     document["objects"] = [(fresh.get(r.name) or r).model_dump(mode="json") for r in manifest.objects]
@@ -164,9 +165,13 @@ def rekey_backup(repo: Repository, keyring: Keyring, manifest: Manifest, key_id:
     return rekeyed, leftovers
 
 
+def rekeyed_key(manifest: Manifest, record: ObjectRecord, key_id: int) -> str:
+    return f"{backup_prefix(manifest.target, manifest.backup_id)}{record.name}.k{key_id}"
+
+
 def reencrypt_object(repo: Repository, keyring: Keyring, manifest: Manifest, record: ObjectRecord) -> ObjectRecord:
     """Decrypt one object and encrypt it again under the primary key, as a new object; read it back."""
-    new_key = f"{backup_prefix(manifest.target, manifest.backup_id)}{record.name}.k{keyring.primary_key_id}"
+    new_key = rekeyed_key(manifest, record, keyring.primary_key_id)
     with repo.reader(record.key) as source, repo.writer(new_key, manifest.locked_until) as writer:
         stored = StoredBytes(writer)
         try:
@@ -182,10 +187,5 @@ def reencrypt_object(repo: Repository, keyring: Keyring, manifest: Manifest, rec
     fresh = record.model_copy(update={
         "key": new_key, "size": stored.size, "stored_sha256": stored.sha256.hexdigest(),
         "encryption": record.encryption.model_copy(update={"key_id": keyring.primary_key_id})})
-    try:
-        read_stream(repo, fresh, keyring=keyring, backup_id=manifest.backup_id)  # every byte, both SHA-256 sums
-    except BaseException:
-        with contextlib.suppress(Exception):
-            repo.delete(new_key)
-        raise
+    read_stream(repo, fresh, keyring=keyring, backup_id=manifest.backup_id)  # every byte, both SHA-256 sums
     return fresh
