@@ -9,10 +9,11 @@ it is also the repair after the second repository was unreachable. Nothing here 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
-from .errors import IntegrityError, RegalError
+from .errors import IntegrityError, ObjectLockedError, RegalError
 from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key
 from .repository import Repository
 
@@ -79,7 +80,8 @@ def sync_backup(primary: Repository, secondary: Repository, manifest: Manifest) 
     named = {*records, mkey}
     for stored in list(secondary.list(backup_prefix(manifest.target, manifest.backup_id))):
         if stored.key not in named and not stored.key.endswith("/" + CHECKS_NAME):
-            secondary.delete(stored.key)
+            with contextlib.suppress(ObjectLockedError):  # locked there: prune removes it after its date
+                secondary.delete(stored.key)
     return compare_copy(primary, secondary, manifest) if problems else []
 
 
