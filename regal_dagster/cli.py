@@ -79,6 +79,16 @@ def manifest_summary(m: Manifest) -> dict[str, Any]:
     }
 
 
+def _load_policy(args: argparse.Namespace) -> Policy:
+    """The policy; with --from-offsite, the off-site copy stands in for the repository (the primary site is lost)."""
+    policy = load_policy(args.policy)
+    if getattr(args, "from_offsite", False):
+        if policy.offsite is None:
+            raise RegalError("the policy has no off-site repository", "drop --from-offsite, or add `offsite:`")
+        policy = policy.model_copy(update={"repository": policy.offsite, "offsite": None})
+    return policy
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 def cmd_init(args: argparse.Namespace, out: Output) -> int:
@@ -107,7 +117,7 @@ def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
 def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     from .engine.backup import run_backup  # PostgreSQL client code is imported only where needed
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     with out.progress(f"backup {args.target}") as progress:
         manifest = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"},
                               progress=progress)
@@ -123,7 +133,7 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     repo = open_repository(policy)
     backups, damaged = catalog.list_backups(repo, args.target)
     rows = [{**manifest_summary(m), "status": _status(repo, m.backup_id)} for m in backups]
@@ -143,7 +153,7 @@ def _status(repo: Repository, backup_id: str) -> str:
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     repo = open_repository(policy)
     keyring = load_keyring(policy)
     record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"})
@@ -169,7 +179,7 @@ def _describe_destination(to: str | None) -> str | None:
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     repo = open_repository(policy)
     if not args.backup_id and not args.target:
         raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
@@ -298,7 +308,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     from .engine.checks import good_backups
     from .engine.restore_test import run_restore_test
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     repo = open_repository(policy)
     if args.backup_id:
         manifest = catalog.load_manifest(repo, args.backup_id)
@@ -326,7 +336,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
 def cmd_drill(args: argparse.Namespace, out: Output) -> int:
     from .engine.drill import run_drill
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     record = run_drill(policy, open_repository(policy), load_keyring(policy), jobs=args.jobs,
                        work_dir=_work_dir(args, policy))
     lines = [f"drill {record['drill_id']}: everything but the repository and the keys lost at {record['loss_at']}"]
@@ -347,7 +357,7 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
     from .engine.gdpr import record_erasure
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     requested = datetime.fromisoformat(args.requested_at).replace(tzinfo=UTC) if args.requested_at else datetime.now(UTC)
     erasure = record_erasure(policy, open_repository(policy), load_keyring(policy), args.target, args.subject,
                              requested_at=requested, reference=args.reference or "")
@@ -359,7 +369,7 @@ def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
     from .engine.gdpr import load_ledger
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     ledger = load_ledger(open_repository(policy), load_keyring(policy))
     lines = [f"{e.target:12} {e.subject_hash[:16]}  requested {e.requested_at}  {e.reference}" for e in ledger.erasures]
     out.result({"erasures": [e.__dict__ for e in ledger.erasures]}, "\n".join(lines) or "no erasures recorded")
@@ -369,7 +379,7 @@ def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
 def cmd_prune(args: argparse.Namespace, out: Output) -> int:
     from .engine.retention import run_prune
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     report = run_prune(policy, open_repository(policy), datetime.now(UTC), dry_run=args.dry_run or args.check)
     lines = []
     for decisions in report.decisions.values():
@@ -389,7 +399,7 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
     from .engine.keys import key_inventory
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     keys = key_inventory(policy, open_repository(policy))
     lines = [f"{'KEY':>10}  {'STATUS':12} {'CREATED':25} {'PRIMARY SINCE':25} {'RETIRED':25} BACKUPS"]
     lines += [f"{k['key_id']:>10}  {k['status']:12} {k['created_at'] or '?':25} {k['primary_since'] or '-':25} "
@@ -402,7 +412,7 @@ def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> int:
     from .engine.keys import rotate_key
 
-    keyring = rotate_key(load_policy(args.policy))
+    keyring = rotate_key(_load_policy(args))
     out.result({"primary_key_id": keyring.primary_key_id},
                f"key {keyring.primary_key_id} is now primary: new backups use it; older backups stay readable "
                "with the earlier keys (retire one with `regal-backup keys retire KEY_ID`)")
@@ -412,7 +422,7 @@ def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_retire(args: argparse.Namespace, out: Output) -> int:
     from .engine.keys import retire_key
 
-    report = retire_key(load_policy(args.policy), args.key_id, reencrypt=args.reencrypt)
+    report = retire_key(_load_policy(args), args.key_id, reencrypt=args.reencrypt)
     text = [f"key {report.key_id} retired: its material is destroyed"]
     if report.reencrypted:
         text.append(f"re-encrypted and verified under the primary key: {', '.join(report.reencrypted)}")
@@ -429,7 +439,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     from .engine.offsite import sync_backup
     from .engine.repository import open_offsite
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     secondary = open_offsite(policy)
     if secondary is None:
         raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
@@ -450,7 +460,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
 def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     from .engine.audit import AuditTrail, verify_trail
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     trail = AuditTrail(policy, open_repository(policy))
     trail.ensure_schema()
     verdict = verify_trail(trail)
@@ -469,7 +479,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
     from .engine.report import Period, build_report
 
-    policy = load_policy(args.policy)
+    policy = _load_policy(args)
     period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))
     result = build_report(policy, period, trigger={"cli": "report"})
     if args.output:
@@ -500,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--policy", default=default, help="policy file (default: $REGAL_POLICY or ./regal_backup.yaml)")
         parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
                             help="machine-readable output")
+        parser.add_argument("--from-offsite", action="store_true",
+                            default=default if default is argparse.SUPPRESS else False,
+                            help="use the off-site repository instead of the primary one (disaster recovery)")
         return parser
 
     # The options are accepted before and after the command; the command's copy must not reset them.

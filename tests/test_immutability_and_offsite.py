@@ -126,7 +126,8 @@ def test_object_lock_on_a_bucket_without_it_is_a_clear_error(
 
 @pytest.mark.parametrize("offsite_kind", ["s3", "local"])
 def test_every_backup_is_copied_off_site_and_verified_there(
-        offsite_kind: str, source: str, tmp_path: Path, master_key: str, moto_endpoint: str) -> None:
+        offsite_kind: str, source: str, tmp_path: Path, master_key: str, moto_endpoint: str,
+        system_pg: DatabaseFactory) -> None:
     if offsite_kind == "s3":  # primary local, copy in another region's bucket
         repository = {"url": "repository"}
         offsite = {"url": f"s3://{_bucket(moto_endpoint, 'eu-west-1')}/copy", "region": "eu-west-1",
@@ -177,6 +178,17 @@ def test_every_backup_is_copied_off_site_and_verified_there(
     report = run_prune(policy, repo, datetime.now(UTC) + timedelta(hours=3))
     assert report.deleted == [backup_id] and report.offsite_deleted == [backup_id]
     assert [m.backup_id for m in list_backups(secondary, "pos")[0]] == [second]
+
+    # The primary site is lost: everything needed comes from the copy.
+    if offsite_kind == "s3":
+        import shutil
+
+        shutil.rmtree(tmp_path / "repository")
+        listing = json.loads(cli("list", "--from-offsite", "--json").stdout)
+        assert [(b["backup_id"], b["status"]) for b in listing["backups"]] == [(second, "good")]
+        target = system_pg.create("regal_from_offsite")
+        restored = cli("restore", "--from-offsite", "--target", "pos", "--latest", "--to", target)
+        assert restored.returncode == 0, restored.stderr
 
 
 def test_an_unreachable_offsite_repository_does_not_fail_the_backup(
