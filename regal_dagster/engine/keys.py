@@ -28,11 +28,10 @@ from .gdpr import LEDGER_KEY, load_ledger, save_ledger
 from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, target_of
 from .offsite import sync_backup
 from .parallel import map_parallel
-from .pipeline import StoredBytes, read_stream
+from .pipeline import CHUNK, StoredBytes, read_stream
 from .policy import Policy, default_jobs
 from .repository import Repository, open_offsite
 
-CHUNK = 1 << 20
 KEYS_LOCK = "keys"  # held while objects are re-encrypted; prune leaves unnamed objects alone meanwhile
 
 

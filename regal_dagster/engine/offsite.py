@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from .errors import IntegrityError, ObjectLockedError, RegalError
 from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key
+from .pipeline import CHUNK
 from .repository import Repository
-
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)

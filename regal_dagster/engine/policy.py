@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -50,6 +51,14 @@ def parse_duration(value: Any) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _valid_cron(cron: str) -> str:
+    CronExpression.parse(cron)  # ValueError says what is wrong
+    return cron
+
+
+Cron = Annotated[str, AfterValidator(_valid_cron)]  # five fields, UTC
 
 
 class _Model(BaseModel):
@@ -198,14 +207,8 @@ class CompressionConfig(_Model):
 
 
 class ScheduleConfig(_Model):
-    cron: str
+    cron: Cron
     first_in_month: bool = Field(False, description="run only on the first matching day of each month")
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, cron: str) -> str:
-        CronExpression.parse(cron)
-        return cron
 
 
 def _default_schedules() -> dict[str, ScheduleConfig]:
@@ -236,18 +239,12 @@ class RetentionConfig(_Model):
 
 
 class PruneConfig(_Model):
-    cron: str = Field("30 2 * * *", description="when the prune job runs (UTC)")
+    cron: Cron = Field("30 2 * * *", description="when the prune job runs (UTC)")
     failed_grace: Duration = Field(timedelta(days=7), description="backups that failed their checks are kept "
                                    "this long for investigation")
     unchecked_grace: Duration = Field(timedelta(days=1), description="a backup not checked yet is kept this long")
     orphan_grace: Duration = Field(timedelta(days=1), description="objects of unfinished backups (no manifest) are "
                                    "removed once this old")
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, cron: str) -> str:
-        CronExpression.parse(cron)
-        return cron
 
 
 class ChecksConfig(_Model):
@@ -308,16 +305,10 @@ class AlertsConfig(_Model):
 class RestoreTestsConfig(_Model):
     classes: list[RetentionClass] = Field(default_factory=lambda: ["daily", "weekly", "monthly"],
                                           description="new good backups of these classes are restore-tested once")
-    monthly_cron: str = Field("0 4 1 * *", description="the monthly random sample (UTC)")
+    monthly_cron: Cron = Field("0 4 1 * *", description="the monthly random sample (UTC)")
     monthly_sample: int = Field(2, ge=1, le=50, description="backups drawn at random, across targets and ages")
-    drill_cron: str = Field("0 5 1 1,4,7,10 *", description="the quarterly disaster-recovery drill (UTC)")
+    drill_cron: Cron = Field("0 5 1 1,4,7,10 *", description="the quarterly disaster-recovery drill (UTC)")
     work_dir: str | None = Field(None, description="where scratch servers live (default: the temp directory)")
-
-    @field_validator("monthly_cron", "drill_cron")
-    @classmethod
-    def _cron(cls, cron: str) -> str:
-        CronExpression.parse(cron)
-        return cron
 
 
 class ErasureSubjectConfig(_Model):
@@ -365,14 +356,8 @@ class SigningConfig(_Model):
 
 
 class ReportsConfig(_Model):
-    cron: str = Field("0 7 1 * *", description="the monthly report (UTC), on the month before")
+    cron: Cron = Field("0 7 1 * *", description="the monthly report (UTC), on the month before")
     signing: SigningConfig | None = None
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, cron: str) -> str:
-        CronExpression.parse(cron)
-        return cron
 
 
 class DagsterConfig(_Model):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegalError, ToolError
+from .command import stream_command
 
 BUNDLE_OBJECT = "config.bundle"
 BUNDLE_CONTENT = "git bundle of all refs"
@@ -61,20 +62,7 @@ def _has_branch(repo: Path) -> bool:
 
 
 def bundle_stream(repo: Path) -> Iterator[bytes]:
-    process = subprocess.Popen(["git", "-C", str(repo), "bundle", "create", "-", "--all"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdout is not None
-    try:
-        while chunk := process.stdout.read(1024 * 1024):
-            yield chunk
-        code = process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    if code != 0:
-        raise ToolError(f"git bundle failed: {process.stderr.read().decode(errors='replace').strip()[-300:]}",  # type: ignore[union-attr]
-                        "check the repository")
+    return stream_command(["git", "-C", str(repo), "bundle", "create", "-", "--all"], None, "git bundle")
 
 
 def verify_bundle(bundle: Path) -> None:

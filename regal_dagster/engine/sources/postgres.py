@@ -18,11 +18,9 @@ or in the manifest.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,9 +32,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import RegalError, TargetNotEmptyError, ToolError
+from .command import stream_command
 from .pg_tools import PgTool, find_pg_tool
 
-CHUNK = 1024 * 1024
 SCHEMA_OBJECT = "schema.pgdump"
 SCHEMA_CONTENT = "pg_dump custom-format archive without table rows (uncompressed)"
 TABLE_CONTENT = "COPY text rows of {label}"
@@ -222,36 +220,9 @@ def _psql_copy_out(psql: PgTool, table: Table, snapshot: str | None) -> list[str
     return args
 
 
-def _stream_command(args: list[str], env: dict[str, str], what: str,
-                    on_started: Callable[[], None] | None = None) -> Iterator[bytes]:
-    """Run a client program and yield its standard output in chunks; ToolError with its message if it fails."""
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, env=env)
-        assert process.stdout is not None
-        with contextlib.suppress(OSError, AttributeError):  # fewer, bigger reads (Linux only)
-            fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
-        try:
-            while chunk := process.stdout.read(CHUNK):
-                if on_started:
-                    on_started()
-                    on_started = None
-                yield chunk
-            code = process.wait()
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            process.stdout.close()
-        if code != 0:
-            errors.seek(0)
-            tail = errors.read().decode(errors="replace").strip()[-800:]
-            raise ToolError(f"{what} failed with exit code {code}: {tail}",
-                            "fix the cause above; nothing was stored as a backup")
-
-
 def read_table(dsn: str, psql: PgTool, table: Table, snapshot: str | None = None) -> Iterator[bytes]:
     """A table's rows as COPY text, in chunks."""
-    yield from _stream_command(_psql_copy_out(psql, table, snapshot), libpq_environment(dsn),
+    yield from stream_command(_psql_copy_out(psql, table, snapshot), libpq_environment(dsn),
                                f"reading table {table.label}")
 
 
@@ -288,7 +259,7 @@ class DumpSession:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
         args = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
                 "--no-password", *(f"--exclude-table-data={t.dump_pattern()}" for t in self.tables)]
-        yield from _stream_command(args, libpq_environment(self.dsn), "pg_dump")
+        yield from stream_command(args, libpq_environment(self.dsn), "pg_dump")
 
     def table_chunks(self, table: Table) -> Iterator[bytes]:
         yield from read_table(self.dsn, self.psql, table, self.snapshot)
