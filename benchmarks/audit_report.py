@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 import uuid
@@ -21,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from common import print_table
 
 from regal_dagster.engine.audit import (
     DDL,
@@ -122,12 +122,8 @@ def main() -> None:
         with psycopg.connect(args.dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    print(f"\n### audit trail and report ({len(events):,} events of history)\n")
-    print("| step | wall s | note |")
-    print("|---|---:|---|")
-    for step, wall, note in rows:
-        print(f"| {step} | {wall:.3f} | {note} |")
-    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+    print_table(f"audit trail and report ({len(events):,} events of history)", ["step", "wall s", "note"],
+                [[step, f"{wall:.3f}", note] for step, wall, note in rows])
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ import boto3
 import psutil
 import psycopg
 import yaml
+from common import generated_database
 
 from regal_dagster.engine.bootstrap import init_project
-from regal_dagster.engine.cluster import ScratchCluster
-from regal_dagster.engine.datagen import create_pos_database
 from regal_dagster.engine.sources.pg_tools import find_pg_tool
 from regal_dagster.engine.sources.postgres import libpq_environment, with_dbname
 
@@ -271,12 +270,7 @@ def main() -> None:
                                                                        args.repeat))
             for scale in [] if args.dsn else args.scales:
                 print(f"scale {scale:g}: generating the dataset", file=sys.stderr, flush=True)
-                with ScratchCluster(base_dir=work, tuned_for_restore=False) as cluster:
-                    dsn = cluster.create_database("regalpos")
-                    create_pos_database(dsn, scale)
-                    with psycopg.connect(dsn, autocommit=True) as conn:
-                        conn.execute("VACUUM")  # else autovacuum does it during the first steps
-                        conn.execute("CHECKPOINT")
+                with generated_database(work, scale) as dsn:
                     results[scale] = (database_size(dsn), bench_scale(scale, dsn, work, args.jobs,
                                                                            s3_endpoint, args.repeat))
     finally:

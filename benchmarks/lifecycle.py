@@ -15,29 +15,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import yaml
+from common import generated_database, print_table
 
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.bootstrap import init_project
 from regal_dagster.engine.checks import check_offsite
-from regal_dagster.engine.cluster import ScratchCluster
-from regal_dagster.engine.datagen import create_pos_database
 from regal_dagster.engine.keys import retire_key, rotate_key
 from regal_dagster.engine.offsite import sync_backup
 from regal_dagster.engine.policy import RETENTION_CLASSES, load_policy
 from regal_dagster.engine.repository import open_offsite, open_repository
 from regal_dagster.engine.retention import BackupInfo, plan
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synthetic_backups(count: int, now: datetime) -> list[BackupInfo]:
@@ -68,11 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="regal-lifecycle-") as tmp, contextlib.ExitStack() as stack:
         dsn = args.dsn
         if not dsn:
-            cluster = stack.enter_context(ScratchCluster(base_dir=Path(tmp), tuned_for_restore=False))
-            dsn = cluster.create_database("regalpos")
-            create_pos_database(dsn, args.scale)
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("VACUUM")
+            dsn = stack.enter_context(generated_database(Path(tmp), args.scale))
         made = init_project(Path(tmp) / "regal", dsn)
         document = yaml.safe_load(made.policy_path.read_text())
         document["offsite"] = {"url": str(Path(tmp) / "offsite")}
@@ -95,12 +84,9 @@ def main() -> None:
             kept = timed(f"retention plan, {count:,} backups", None, lambda b=backups: plan(b, counts, now))
             rows[-1] = (f"{rows[-1][0]} (keeps {sum(d.keep for d in kept)})", rows[-1][1], None)
 
-    print(f"\n### lifecycle costs ({size / 1e6:,.1f} MB stored; classes {', '.join(RETENTION_CLASSES)})\n")
-    print("| step | wall s | MB/s of stored bytes |")
-    print("|---|---:|---:|")
-    for name, wall, rate in rows:
-        print(f"| {name} | {wall:.2f} | {'' if rate is None else f'{rate:,.0f}'} |")
-    print(f"\npeak RSS of this process: {peak_rss_mb():,.0f} MB")
+    print_table(f"lifecycle costs ({size / 1e6:,.1f} MB stored; classes {', '.join(RETENTION_CLASSES)})",
+                ["step", "wall s", "MB/s of stored bytes"],
+                [[name, f"{wall:.2f}", "" if rate is None else f"{rate:,.0f}"] for name, wall, rate in rows])
 
 
 if __name__ == "__main__":

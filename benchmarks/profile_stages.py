@@ -30,13 +30,12 @@ from pathlib import Path
 
 import psycopg
 import zstandard
+from common import generated_database
 
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.bootstrap import init_project
 from regal_dagster.engine.catalog import load_manifest
-from regal_dagster.engine.cluster import ScratchCluster
 from regal_dagster.engine.crypto import NonClosingWriter, load_keyring
-from regal_dagster.engine.datagen import create_pos_database
 from regal_dagster.engine.pipeline import read_stream
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.repository import open_repository
@@ -118,12 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="regal-profile-") as tmp, contextlib.ExitStack() as stack:
         dsn = args.dsn
         if not dsn:
-            cluster = stack.enter_context(ScratchCluster(base_dir=Path(tmp), tuned_for_restore=False))
-            dsn = cluster.create_database("regalpos")
-            create_pos_database(dsn, args.scale)
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("VACUUM")
-                conn.execute("CHECKPOINT")
+            dsn = stack.enter_context(generated_database(Path(tmp), args.scale))
         made = init_project(Path(tmp) / "regal", dsn)
         policy = load_policy(made.policy_path)
         with cpu_account(rows, "backup"):
