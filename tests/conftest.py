@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +155,20 @@ def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+CLI = [sys.executable, "-m", "regal_dagster.cli"]
+
+
+def run_cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`regal-backup ARGS --policy POLICY_FILE` in a new process, as an operator runs it."""
+    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+
+
+def verified_backup(policy_file: Path, target: str = "pos") -> str:
+    """A backup through the CLI, verified (its checks recorded); its id."""
+    done = run_cli(policy_file, "backup", target, "--json")
+    assert done.returncode == 0, done.stderr
+    backup_id = str(json.loads(done.stdout)["backup_id"])
+    assert run_cli(policy_file, "verify", backup_id).returncode == 0
+    return backup_id

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -27,9 +25,8 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.report import Period, build_report
 from regal_dagster.engine.repository import open_repository
 
-from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
+from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
 HOSTILE = '<script>alert("pwned")</script><img src="http://127.0.0.1:9/x.png">'
 
 
@@ -70,23 +67,14 @@ def setup(system_pg: DatabaseFactory, tmp_path: Path, master_key: str, hook: lis
     return {"policy_file": policy_file, "audit_db": audit_db, "tmp": tmp_path}
 
 
-def _cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
-
-
 def _history(policy_file: Path) -> dict[str, Any]:
     """Two good backups, checks, a failed backup, a restore test, an erasure, a key rotation, a drill, an alert."""
-    ids = []
-    for _ in range(2):
-        done = _cli(policy_file, "backup", "pos", "--json")
-        assert done.returncode == 0, done.stderr
-        ids.append(json.loads(done.stdout)["backup_id"])
-        assert _cli(policy_file, "verify", ids[-1]).returncode == 0
-    assert _cli(policy_file, "backup", "broken").returncode == 1  # cannot connect: a failed backup
-    assert _cli(policy_file, "gdpr", "erase", "pos", "someone@example.test", "--reference", HOSTILE).returncode == 0
-    assert _cli(policy_file, "restore-test", "--target", "pos").returncode == 0
-    assert _cli(policy_file, "keys", "rotate").returncode == 0
-    drill = _cli(policy_file, "drill", "--json")  # `broken` has no backup: the drill fails, as it should
+    ids = [verified_backup(policy_file) for _ in range(2)]
+    assert run_cli(policy_file, "backup", "broken").returncode == 1  # cannot connect: a failed backup
+    assert run_cli(policy_file, "gdpr", "erase", "pos", "someone@example.test", "--reference", HOSTILE).returncode == 0
+    assert run_cli(policy_file, "restore-test", "--target", "pos").returncode == 0
+    assert run_cli(policy_file, "keys", "rotate").returncode == 0
+    drill = run_cli(policy_file, "drill", "--json")  # `broken` has no backup: the drill fails, as it should
     assert drill.returncode in (0, 3), drill.stderr
     policy = load_policy(policy_file)
     failures = evaluate_and_notify(policy, AlertBook(), rpo_conditions(policy, open_repository(policy),
@@ -179,7 +167,7 @@ def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: 
     with psycopg.connect(setup["audit_db"], autocommit=True) as conn:
         conn.execute("SET session_replication_role = replica")
         conn.execute("UPDATE regal_audit.events SET outcome = 'success', details = '{}' WHERE seq = %s", [target_seq])
-    verified = _cli(policy_file, "audit", "verify")
+    verified = run_cli(policy_file, "audit", "verify")
     assert verified.returncode == 3 and f"entry {target_seq}" in verified.stdout and "was edited" in verified.stdout
     broken = build_report(policy, period)
     assert not broken.chain_ok and next(c for c in broken.controls if c.control_id == "AU-02").result == "FAIL"
@@ -287,7 +275,7 @@ def test_the_report_is_signed_when_the_policy_gives_a_certificate_and_dagster_bu
     document = yaml.safe_load(policy_file.read_text())
     document["reports"] = {"signing": {"cert_file": str(cert_file), "key_file": str(key_file)}}
     policy_file.write_text(yaml.safe_dump(document))
-    assert _cli(policy_file, "backup", "pos").returncode == 0
+    assert run_cli(policy_file, "backup", "pos").returncode == 0
 
     defs = build_definitions(str(policy_file))
     assert defs.resolve_schedule_def("monthly_compliance_report").cron_schedule == "0 7 1 * *"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,11 @@ from regal_dagster.engine.gdpr import LEDGER_KEY, load_ledger
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.repository import open_repository
 
-from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
+from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 from .pg_compare import table_rows
 
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
 ANONYMIZE = {"table": "public.customers", "match_column": "email", "action": "anonymize",
              "set": {"email": "erased+{erasure_id}@erased.invalid", "card_token": None}}
-
-
-def cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
 
 
 @pytest.fixture
@@ -33,24 +26,16 @@ def source(system_pg: DatabaseFactory) -> str:
     return dsn
 
 
-def _backup(policy_file: Path) -> str:
-    done = cli(policy_file, "backup", "pos", "--json")
-    assert done.returncode == 0, done.stderr
-    backup_id = json.loads(done.stdout)["backup_id"]
-    assert cli(policy_file, "verify", backup_id).returncode == 0
-    return str(backup_id)
-
-
 def test_erased_customers_stay_erased_after_a_restore(source: str, system_pg: DatabaseFactory, tmp_path: Path,
                                                       master_key: str) -> None:
     policy_file = write_policy_file(tmp_path, {"pos": source}, gdpr={"subjects": {"pos": [ANONYMIZE]}})
-    backup_id = _backup(policy_file)  # taken before the requests: it still holds both customers
+    backup_id = verified_backup(policy_file)  # taken before the requests: it still holds both customers
 
     for email in ("customer17@example.com", "  Customer18@EXAMPLE.com "):  # trimmed, case-insensitive
-        done = cli(policy_file, "gdpr", "erase", "pos", email, "--requested-at", "2026-11-01T09:00:00",
+        done = run_cli(policy_file, "gdpr", "erase", "pos", email, "--requested-at", "2026-11-01T09:00:00",
                    "--reference", "DSR-17")
         assert done.returncode == 0, done.stderr
-    assert cli(policy_file, "gdpr", "erase", "pos", "customer17@example.com").returncode == 0  # recorded once
+    assert run_cli(policy_file, "gdpr", "erase", "pos", "customer17@example.com").returncode == 0  # recorded once
 
     policy = load_policy(policy_file)
     repo = open_repository(policy)
@@ -60,7 +45,7 @@ def test_erased_customers_stay_erased_after_a_restore(source: str, system_pg: Da
     assert b"customer17" not in stored and ledger.hash("customer17@example.com").encode() not in stored  # encrypted
 
     restored = system_pg.dsn(system_pg.new_name("regal_gdpr"))
-    done = cli(policy_file, "restore", backup_id, "--to", restored, "--json")
+    done = run_cli(policy_file, "restore", backup_id, "--to", restored, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["erasures"] == {"subjects": 2, "rows_erased": {"public.customers": 2},
@@ -70,7 +55,7 @@ def test_erased_customers_stay_erased_after_a_restore(source: str, system_pg: Da
     assert table_rows(restored, "SELECT count(*), count(card_token) FROM customers WHERE email LIKE 'erased+%'") == [(2, 0)]
     assert table_rows(restored, "SELECT count(*) FROM customers") == [(2000,)]  # anonymized, not deleted
 
-    tested = cli(policy_file, "restore-test", backup_id, "--json")
+    tested = run_cli(policy_file, "restore-test", backup_id, "--json")
     assert tested.returncode == 0, tested.stderr
     assert json.loads(tested.stdout)["erasures"]["rows_erased"] == {"public.customers": 2}
 
@@ -79,10 +64,10 @@ def test_a_restore_test_fails_when_an_erased_customer_is_still_there(source: str
                                                                      master_key: str) -> None:
     leaky = {**ANONYMIZE, "set": {"card_token": None}}  # forgets to overwrite the identifier itself
     policy_file = write_policy_file(tmp_path, {"pos": source}, gdpr={"subjects": {"pos": [leaky]}})
-    backup_id = _backup(policy_file)
-    assert cli(policy_file, "gdpr", "erase", "pos", "customer5@example.com").returncode == 0
+    backup_id = verified_backup(policy_file)
+    assert run_cli(policy_file, "gdpr", "erase", "pos", "customer5@example.com").returncode == 0
 
-    tested = cli(policy_file, "restore-test", backup_id, "--json")
+    tested = run_cli(policy_file, "restore-test", backup_id, "--json")
 
     assert tested.returncode == 3
     result = json.loads(tested.stdout)
@@ -92,6 +77,6 @@ def test_a_restore_test_fails_when_an_erased_customer_is_still_there(source: str
 
 def test_erasing_needs_the_policy_to_say_where_subjects_live(source: str, tmp_path: Path, master_key: str) -> None:
     policy_file = write_policy_file(tmp_path, {"pos": source})
-    done = cli(policy_file, "gdpr", "erase", "pos", "someone@example.com")
+    done = run_cli(policy_file, "gdpr", "erase", "pos", "someone@example.com")
     assert done.returncode == 1 and "add gdpr.subjects.pos" in done.stderr
     assert "someone@example.com" not in done.stderr

@@ -6,9 +6,8 @@ another region, or a local path: both kinds of second repository are exercised.
 
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -28,9 +27,7 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.repository import open_offsite, open_repository
 from regal_dagster.engine.retention import run_prune
 
-from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
-
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
+from .conftest import DatabaseFactory, load_awkward_data, run_cli, write_policy_file
 
 
 def _bucket(endpoint: str, region: str = "us-east-1", *, object_lock: bool = False) -> str:
@@ -137,9 +134,7 @@ def test_every_backup_is_copied_off_site_and_verified_there(
         offsite = {"url": str(tmp_path / "offsite")}
     policy_file = _policy_file(tmp_path, source, repository, offsite)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True,
-                              check=False)
+    cli = functools.partial(run_cli, policy_file)
 
     done = cli("backup", "pos", "--json")
     assert done.returncode == 0 and "warning" not in done.stderr, done.stderr

@@ -4,8 +4,6 @@ backups of a real PostgreSQL database in a local repository, through the CLI an 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,9 +19,7 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.repository import open_repository
 from regal_dagster.engine.restore import restore_backup
 
-from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
-
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
+from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 
 
 @pytest.fixture
@@ -37,18 +33,6 @@ def policy_file(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> 
                                                          "action": "delete"}]}})
 
 
-def _cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
-
-
-def _backup(policy_file: Path) -> str:
-    done = _cli(policy_file, "backup", "pos", "--json")
-    assert done.returncode == 0, done.stderr
-    backup_id = json.loads(done.stdout)["backup_id"]
-    assert _cli(policy_file, "verify", backup_id).returncode == 0
-    return str(backup_id)
-
-
 def _manifest(policy_file: Path, backup_id: str) -> Manifest:
     repo = open_repository(load_policy(policy_file))
     return Manifest.from_bytes(repo.get_bytes(manifest_key("pos", backup_id)), backup_id)
@@ -58,29 +42,29 @@ def test_rotate_then_retire_with_reencryption(policy_file: Path, system_pg: Data
     policy = load_policy(policy_file)
     repo = open_repository(policy)
     first_key = load_keyring(policy).primary_key_id
-    old = _backup(policy_file)
-    assert _cli(policy_file, "gdpr", "erase", "pos", "ada@example.test").returncode == 0  # the ledger uses a key too
+    old = verified_backup(policy_file)
+    assert run_cli(policy_file, "gdpr", "erase", "pos", "ada@example.test").returncode == 0  # the ledger uses a key too
 
-    rotated = _cli(policy_file, "keys", "rotate", "--json")
+    rotated = run_cli(policy_file, "keys", "rotate", "--json")
     assert rotated.returncode == 0, rotated.stderr
     second_key = json.loads(rotated.stdout)["primary_key_id"]
     assert second_key != first_key
-    new = _backup(policy_file)
+    new = verified_backup(policy_file)
     assert {o.encryption.key_id for o in _manifest(policy_file, new).objects} == {second_key}
-    assert _cli(policy_file, "verify", old).returncode == 0  # older backups stay readable
+    assert run_cli(policy_file, "verify", old).returncode == 0  # older backups stay readable
 
-    inventory = {k["key_id"]: k for k in json.loads(_cli(policy_file, "keys", "list", "--json").stdout)["keys"]}
+    inventory = {k["key_id"]: k for k in json.loads(run_cli(policy_file, "keys", "list", "--json").stdout)["keys"]}
     assert inventory[first_key]["status"] == "decrypt-only" and inventory[first_key]["backups"] == [old]
     assert inventory[first_key]["gdpr_ledger"] and inventory[first_key]["primary_until"]
     assert inventory[second_key]["status"] == "primary" and inventory[second_key]["backups"] == [new]
 
-    refused = _cli(policy_file, "keys", "retire", str(first_key))
+    refused = run_cli(policy_file, "keys", "retire", str(first_key))
     assert refused.returncode == 1 and old in refused.stderr and "--reencrypt" in refused.stderr
-    primary = _cli(policy_file, "keys", "retire", str(second_key))
+    primary = run_cli(policy_file, "keys", "retire", str(second_key))
     assert primary.returncode == 1 and "keys rotate" in primary.stderr
 
     old_objects = {o.key for o in _manifest(policy_file, old).objects}
-    retired = _cli(policy_file, "keys", "retire", str(first_key), "--reencrypt")
+    retired = run_cli(policy_file, "keys", "retire", str(first_key), "--reencrypt")
     assert retired.returncode == 0, retired.stderr
     assert old in retired.stdout and "GDPR erasure ledger" in retired.stdout
 
@@ -98,17 +82,17 @@ def test_rotate_then_retire_with_reencryption(policy_file: Path, system_pg: Data
     report = restore_backup(repo, keyring, rekeyed, target)  # full validation: every table's fingerprint
     assert report.tables > 0 and not report.validation_problems
 
-    inventory = {k["key_id"]: k for k in json.loads(_cli(policy_file, "keys", "list", "--json").stdout)["keys"]}
+    inventory = {k["key_id"]: k for k in json.loads(run_cli(policy_file, "keys", "list", "--json").stdout)["keys"]}
     assert inventory[first_key]["status"] == "retired" and inventory[first_key]["backups"] == []
     assert sorted(inventory[second_key]["backups"]) == sorted([old, new])
-    again = _cli(policy_file, "keys", "retire", str(first_key))
+    again = run_cli(policy_file, "keys", "retire", str(first_key))
     assert again.returncode == 1 and "was retired" in again.stderr
 
 
 def test_a_damaged_backup_is_not_reencrypted_and_nothing_is_lost(policy_file: Path) -> None:
     policy = load_policy(policy_file)
     repo = open_repository(policy)
-    old = _backup(policy_file)
+    old = verified_backup(policy_file)
     first_key = load_keyring(policy).primary_key_id
     rotate_key(policy)
     manifest = _manifest(policy_file, old)

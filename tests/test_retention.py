@@ -3,9 +3,8 @@ repository with real backups."""
 
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from regal_dagster.engine.policy import RETENTION_CLASSES
 from regal_dagster.engine.repository import open_repository
 from regal_dagster.engine.retention import BackupInfo, plan, run_prune
 
-from .conftest import DatabaseFactory, load_awkward_data, make_policy
+from .conftest import DatabaseFactory, load_awkward_data, make_policy, run_cli
 
 NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
 backups_strategy = st.lists(
     st.builds(lambda minutes, cls, status, n, lock_days: BackupInfo(
@@ -130,8 +128,7 @@ def test_prune_cli_checks_then_prunes(system_pg: DatabaseFactory, tmp_path: Path
 
     policy_file = write_policy_file(tmp_path, {"pos": system_pg.create()})
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+    cli = functools.partial(run_cli, policy_file)
 
     ids = [json.loads(cli("backup", "pos", "--json").stdout)["backup_id"] for _ in range(2)]
     for backup_id in ids:
