@@ -104,6 +104,14 @@ def test_every_operation_is_one_audit_event_with_the_pci_fields(setup: dict[str,
         assert event.at.tzinfo is not None
     assert all("password" not in e.details.lower() and "postgresql://" not in e.details for e in events)
 
+    (first_policy,) = [json.loads(e.details) for e in events if e.event_type == "policy_change"]  # many processes
+    document = yaml.safe_load(setup["policy_file"].read_text())
+    document["rpo"] = "2h"
+    setup["policy_file"].write_text(yaml.safe_dump(document))
+    assert run_cli(setup["policy_file"], "prune", "--dry-run").returncode == 0
+    changes = [json.loads(e.details) for e in _trail(setup["policy_file"]).events() if e.event_type == "policy_change"]
+    assert len(changes) == 2 and changes[1]["previous_sha256"] == first_policy["policy_sha256"]
+
     with psycopg.connect(setup["audit_db"], autocommit=True) as conn:  # the database itself refuses changes
         for statement in ("UPDATE regal_audit.events SET outcome = 'success' WHERE seq = 1",
                           "DELETE FROM regal_audit.events WHERE seq = 1", "TRUNCATE regal_audit.events"):

@@ -26,7 +26,7 @@ import platform
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,7 +37,10 @@ from .repository import Repository
 GENESIS = "0" * 64
 CHECKPOINT_PREFIX = "audit/checkpoints/"
 SPOOL_PREFIX = "audit/spool/"
-_SCHEMA_READY: set[str] = set()  # audit databases this process has set up
+# What this process already did, so an event costs one connection and no repository listing:
+_SCHEMA_READY: set[str] = set()  # audit databases set up
+_SPOOL_CHECKED: set[str] = set()  # repositories whose spool was empty or flushed (until this process spools)
+_POLICY_NOTED: set[tuple[str, str]] = set()  # (audit database, policy hash) known to be recorded
 FIELDS = ("seq", "at", "actor", "event_type", "outcome", "host", "process", "run_id", "resource", "details")
 
 DDL = """
@@ -57,6 +60,7 @@ CREATE TABLE IF NOT EXISTS regal_audit.events (
     hash       text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_at ON regal_audit.events (at);
+CREATE INDEX IF NOT EXISTS events_policy_changes ON regal_audit.events (seq) WHERE event_type = 'policy_change';
 CREATE OR REPLACE FUNCTION regal_audit.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the audit trail is append-only: % on regal_audit.events is refused', TG_OP
@@ -116,6 +120,12 @@ def _new_event(event_type: str, resource: str, outcome: str, details: dict[str, 
                       (trigger or {}).get("dagster_run_id"), resource, canonical_details(details))
 
 
+def _from_spool(body: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(0, datetime.fromisoformat(body["at"]), body["actor"], body["event_type"], body["outcome"],
+                      body["host"], body["process"], body["run_id"], body["resource"],
+                      canonical_details({**body["details"], "spooled": True}))
+
+
 def _connect(dsn: str):  # type: ignore[no-untyped-def]
     import psycopg
 
@@ -136,24 +146,33 @@ class AuditTrail:
         self.dsn = policy.audit.resolved_dsn()
 
     def ensure_schema(self) -> None:
-        if self.dsn in _SCHEMA_READY:
-            return
         with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+
+    def _ensure_schema(self, conn) -> None:  # type: ignore[no-untyped-def]
+        if self.dsn not in _SCHEMA_READY:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.schema'))")
             conn.execute(DDL)
-        _SCHEMA_READY.add(self.dsn)
+            _SCHEMA_READY.add(self.dsn)
 
     def append(self, event_type: str, resource: str, outcome: str, details: dict[str, Any],
                trigger: dict[str, str] | None = None, at: datetime | None = None) -> AuditEvent:
-        """Write one event at the head of the chain (the spool first, when there is one)."""
+        """Write one event at the head of the chain, in one transaction on one connection: first what waits
+        in the spool (once per process, or after this process spooled), then the event, then a
+        `policy_change` event when the policy file differs from the last one recorded."""
         import psycopg
 
         pending = _new_event(event_type, resource, outcome, details, trigger, at)
-
+        spooled = [] if self.repo.location in _SPOOL_CHECKED else sorted(s.key for s in self.repo.list(SPOOL_PREFIX))
         try:
-            self.ensure_schema()
-            self._flush_spool()
-            written = self._insert(pending)
+            with _connect(self.dsn) as conn:
+                self._ensure_schema(conn)
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.events'))")
+                for key in spooled:
+                    self._insert(conn, _from_spool(json.loads(self.repo.get_bytes(key))))
+                written = self._insert(conn, pending)
+                self._note_policy_change(conn)
+            # committed: only now is it true that the spool is in the chain and the policy recorded
         except (RegalError, psycopg.Error) as exc:
             self._spool(pending)
             if isinstance(exc, RegalError):
@@ -161,46 +180,40 @@ class AuditTrail:
             raise RegalError(f"the audit database refused the event: {type(exc).__name__}",
                              "check the audit database (schema regal_audit); the event waits in the "
                              "repository's spool") from None
-        with contextlib.suppress(RegalError, psycopg.Error):  # the event is in; noting the policy can wait
-            self._note_policy_change()
+        for key in spooled:  # a crash before this line repeats them, never loses them
+            self.repo.delete(key)
+        _SPOOL_CHECKED.add(self.repo.location)
+        _POLICY_NOTED.add((self.dsn, self.policy.source_sha256))
         return written
 
-    def _insert(self, event: AuditEvent) -> AuditEvent:
-        with _connect(self.dsn) as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.events'))")
-            head = conn.execute("SELECT seq, hash FROM regal_audit.events ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-            event = AuditEvent(seq, *[getattr(event, n) for n in FIELDS[1:]])
-            written = AuditEvent(*[getattr(event, n) for n in FIELDS], prev_hash=prev, hash=event.chained_hash(prev))
-            conn.execute(f"INSERT INTO regal_audit.events ({', '.join(FIELDS)}, prev_hash, hash) VALUES "
-                         f"({', '.join(['%s'] * (len(FIELDS) + 2))})",
-                         [getattr(written, n) for n in FIELDS] + [written.prev_hash, written.hash])
+    @staticmethod
+    def _insert(conn, event: AuditEvent) -> AuditEvent:  # type: ignore[no-untyped-def]
+        """Number and chain an event after the head (the caller holds the advisory lock)."""
+        head = conn.execute("SELECT seq, hash FROM regal_audit.events ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+        numbered = replace(event, seq=seq)
+        written = replace(numbered, prev_hash=prev, hash=numbered.chained_hash(prev))
+        conn.execute(f"INSERT INTO regal_audit.events ({', '.join(FIELDS)}, prev_hash, hash) VALUES "
+                     f"({', '.join(['%s'] * (len(FIELDS) + 2))})",
+                     [getattr(written, n) for n in FIELDS] + [written.prev_hash, written.hash])
         return written
 
     def _spool(self, event: AuditEvent) -> None:
+        _SPOOL_CHECKED.discard(self.repo.location)
         with contextlib.suppress(Exception):  # the repository down as well: nothing more can be done here
             name = f"{SPOOL_PREFIX}{event.at:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex[:8]}.json"
             self.repo.put_bytes(name, json.dumps(event.to_json()).encode())
 
-    def _flush_spool(self) -> None:
-        for stored in sorted(self.repo.list(SPOOL_PREFIX), key=lambda s: s.key):
-            body = json.loads(self.repo.get_bytes(stored.key))
-            self._insert(AuditEvent(0, datetime.fromisoformat(body["at"]), body["actor"], body["event_type"],
-                                    body["outcome"], body["host"], body["process"], body["run_id"], body["resource"],
-                                    canonical_details({**body["details"], "spooled": True})))
-            self.repo.delete(stored.key)
-
-    def _note_policy_change(self) -> None:
-        """A `policy_change` event whenever the policy file differs from the last one recorded."""
+    def _note_policy_change(self, conn) -> None:  # type: ignore[no-untyped-def]
         digest = self.policy.source_sha256
-        if not digest:
+        if not digest or (self.dsn, digest) in _POLICY_NOTED:
             return
-        with _connect(self.dsn) as conn:
-            last = conn.execute("SELECT details FROM regal_audit.events WHERE event_type = 'policy_change' "
-                                "ORDER BY seq DESC LIMIT 1").fetchone()
-        if last is None or json.loads(last[0]).get("policy_sha256") != digest:
-            self._insert(_new_event("policy_change", "policy", "success", {
-                "policy_sha256": digest, "previous_sha256": json.loads(last[0])["policy_sha256"] if last else None}))
+        last = conn.execute("SELECT details FROM regal_audit.events WHERE event_type = 'policy_change' "
+                            "ORDER BY seq DESC LIMIT 1").fetchone()
+        previous = json.loads(last[0]).get("policy_sha256") if last else None
+        if previous != digest:
+            self._insert(conn, _new_event("policy_change", "policy", "success",
+                                          {"policy_sha256": digest, "previous_sha256": previous}))
 
     # --- reading ------------------------------------------------------------------------------------
 
