@@ -464,8 +464,8 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     trail = AuditTrail(policy, open_repository(policy))
     trail.ensure_schema()
     verdict = verify_trail(trail)
+    trail.checkpoint(verdict)
     if verdict.ok:
-        trail.checkpoint()
         text = (f"audit trail intact: {verdict.entries} entries, head {verdict.head_hash} (entry {verdict.head_seq}), "
                 f"{verdict.checkpoints} checkpoint(s) match")
     else:

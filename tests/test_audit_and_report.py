@@ -203,8 +203,9 @@ def test_deleted_inserted_and_reordered_entries_are_named(setup: dict[str, Any])
     trail.ensure_schema()
     for i in range(6):
         trail.append("test_event", f"resource-{i}", "success", {"i": i})
-    assert verify_trail(trail).ok
-    trail.checkpoint()
+    intact = verify_trail(trail)
+    assert intact.ok
+    trail.checkpoint(intact)
     with psycopg.connect(setup["audit_db"], autocommit=True) as conn:
         conn.execute("SET session_replication_role = replica")
         conn.execute("DELETE FROM regal_audit.events WHERE seq = 3")

@@ -230,17 +230,15 @@ class AuditTrail:
         with _connect(self.dsn) as conn:
             return [AuditEvent(*row) for row in conn.execute(query, params)]
 
-    def checkpoint(self) -> dict[str, Any] | None:
-        """Write the chain head into the repository (locked where the repository locks objects)."""
-        events = self.events()
-        if not events:
-            return None
-        head = events[-1]
-        body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": head.seq, "hash": head.hash,
-                "at": datetime.now(UTC).isoformat()}
+    def checkpoint(self, verdict: ChainVerdict) -> None:
+        """Write the head a verification found intact into the repository (locked where the repository locks
+        objects): the head that was checked, not whatever was appended since."""
+        if not verdict.ok or verdict.head_seq is None:
+            return
+        body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": verdict.head_seq,
+                "hash": verdict.head_hash, "at": datetime.now(UTC).isoformat()}
         retain = datetime.now(UTC) + timedelta(days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
-        self.repo.put_bytes(f"{CHECKPOINT_PREFIX}{head.seq:012d}.json", json.dumps(body).encode(), retain)
-        return body
+        self.repo.put_bytes(f"{CHECKPOINT_PREFIX}{verdict.head_seq:012d}.json", json.dumps(body).encode(), retain)
 
     def checkpoints(self) -> list[dict[str, Any]]:
         return [json.loads(self.repo.get_bytes(s.key)) for s in sorted(self.repo.list(CHECKPOINT_PREFIX),
@@ -299,8 +297,9 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
                         oldest=events[0].at if events else None, checkpoints=len(checkpoints))
 
 
-def verify_trail(trail: AuditTrail) -> ChainVerdict:
-    verdict = verify_chain(trail.events(), trail.checkpoints())
+def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None) -> ChainVerdict:
+    """The chain's verdict; `events`: the whole trail, when the caller has already read it."""
+    verdict = verify_chain(trail.events() if events is None else events, trail.checkpoints())
     verdict.spooled = sum(1 for _ in trail.repo.list(SPOOL_PREFIX))
     return verdict
 

@@ -108,9 +108,9 @@ def _event_rows(events: list[AuditEvent], event_type: str) -> list[dict[str, Any
     return rows
 
 
-def collect_evidence(policy: Policy, repo: Repository, trail: AuditTrail, period: Period,
+def collect_evidence(policy: Policy, repo: Repository, trail_events: list[AuditEvent], period: Period,
                      verdict: ChainVerdict, now: datetime) -> Evidence:
-    events = trail.events(period.start, period.end)
+    events = [e for e in trail_events if period.start <= e.at < period.end]
     evidence = Evidence()
     evidence.tables["audit_events"] = [
         {"seq": e.seq, "at": e.at.isoformat(), "actor": e.actor, "event_type": e.event_type, "outcome": e.outcome,
@@ -127,7 +127,7 @@ def collect_evidence(policy: Policy, repo: Repository, trail: AuditTrail, period
         row.setdefault("retention_class", None)
     # A drill that covers the period may have run in the quarter before it ends.
     evidence.tables["drills_last_quarter"] = _event_rows(
-        trail.events(period.end - timedelta(days=92), period.end), "dr_drill")
+        [e for e in trail_events if period.end - timedelta(days=92) <= e.at < period.end], "dr_drill")
     evidence.tables["keys"] = key_inventory(policy, repo)
     kept = run_prune(policy, repo, now, dry_run=True)  # what retention keeps now, and anything past it
     evidence.tables["retention_now"] = [
@@ -442,7 +442,7 @@ def _fetcher():  # type: ignore[no-untyped-def]
     return LocalTemplatesOnly()
 
 
-def render_pdf(context: dict[str, Any], evidence: Evidence) -> tuple[bytes, list[str]]:
+def render_pdf(context: dict[str, Any], evidence: Evidence, csvs: dict[str, str]) -> tuple[bytes, list[str]]:
     """The PDF (PDF/A-3b, evidence attached) and the URLs the renderer refused to fetch."""
     import jinja2
     from weasyprint import HTML, Attachment
@@ -452,8 +452,8 @@ def render_pdf(context: dict[str, Any], evidence: Evidence) -> tuple[bytes, list
     environment.filters["duration"] = _duration
     html = environment.get_template("compliance_report.html").render(**context)
     fetcher = _fetcher()
-    attachments = [Attachment(string=evidence.csv(name), name=f"{name}.csv", relationship="Data",
-                              description=f"evidence: {name}") for name in evidence.tables]
+    attachments = [Attachment(string=text, name=f"{name}.csv", relationship="Data", description=f"evidence: {name}")
+                   for name, text in csvs.items()]
     attachments.append(Attachment(string=json.dumps(evidence.tables, indent=1, default=str, ensure_ascii=False),
                                   name="evidence.json", relationship="Data", description="all evidence as JSON"))
     pdf = HTML(string=html, base_url=TEMPLATES.as_uri() + "/", url_fetcher=fetcher).write_pdf(
@@ -508,10 +508,10 @@ def build_report(policy: Policy, period: Period, *, repo: Repository | None = No
     now = now or datetime.now(UTC)
     trail = AuditTrail(policy, repo)
     trail.ensure_schema()
-    verdict = verify_trail(trail)
-    if verdict.ok:
-        trail.checkpoint()
-    evidence = collect_evidence(policy, repo, trail, period, verdict, now)
+    trail_events = trail.events()  # read once: verified whole, then the period's share is the evidence
+    verdict = verify_trail(trail, trail_events)
+    trail.checkpoint(verdict)
+    evidence = collect_evidence(policy, repo, trail_events, period, verdict, now)
     figs = figures(policy, evidence, period, now)
     found = exceptions(evidence)
     matrix = controls(policy, evidence, figs, verdict, [e for e in found if e["open"]], now)
@@ -522,15 +522,16 @@ def build_report(policy: Policy, period: Period, *, repo: Repository | None = No
             NOT_TESTED if all(c.result == NOT_TESTED for c in mapped) else PASS)
     report_id = f"{period.label}-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     evidence_sha = evidence.sha256()
+    csvs = {name: evidence.csv(name) for name in evidence.tables}
     context = {
         "report_id": report_id, "period": period, "generated_at": now, "evidence_sha256": evidence_sha,
         "verdict": verdict, "policy": policy, "facts": _policy_facts(policy), "figures": figs,
         "frameworks": frameworks, "controls": matrix, "exceptions": found, "evidence": evidence,
-        "charts": charts(policy, evidence), "evidence_hashes": {n: hashlib.sha256(evidence.csv(n).encode()).hexdigest()
-                                                                for n in evidence.tables},
+        "charts": charts(policy, evidence),
+        "evidence_hashes": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in csvs.items()},
         "PASS": PASS, "FAIL": FAIL,
     }
-    pdf, refused = render_pdf(context, evidence)
+    pdf, refused = render_pdf(context, evidence, csvs)
     if policy.reports.signing is not None:
         pdf = sign_pdf(policy, pdf, report_id)
     digest = hashlib.sha256(pdf).hexdigest()
