@@ -18,10 +18,11 @@ import boto3
 import pytest
 
 from regal_dagster.engine.backup import run_backup
-from regal_dagster.engine.catalog import list_backups
+from regal_dagster.engine.catalog import list_backups, load_manifest
 from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import ObjectLockedError, RegalError
+from regal_dagster.engine.keys import retire_key, rotate_key
 from regal_dagster.engine.offsite import copy_after_backup
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.repository import open_offsite, open_repository
@@ -88,6 +89,22 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
     repo.put_bytes(leftover, b"RGLB interrupted", datetime.now(UTC) + timedelta(days=1))
     report = run_prune(policy, repo, datetime.now(UTC))
     assert report.locked == [leftover] and repo.size(leftover) is not None
+
+    # Retiring the key re-encrypts the backups; Object Lock keeps the old objects of the locked one
+    # (unreadable once the key is gone) until their date, and says so. The second backup's lock (retention
+    # 0 days) is over: its old objects go, its new ones are written unlocked.
+    old_key = manifest.objects[0].encryption.key_id
+    rotate_key(policy)
+    retired = retire_key(policy, old_key, reencrypt=True, repo=repo)
+    assert sorted(retired.reencrypted) == sorted([manifest.backup_id, second.backup_id])
+    assert sorted(retired.locked_leftovers) == sorted(o.key for o in manifest.objects)
+    assert "ObjectLockMode" not in s3.head_object(Bucket=bucket, Key=f"regal/{load_manifest(repo, second.backup_id).objects[0].key}")
+    rekeyed = load_manifest(repo, manifest.backup_id)
+    assert all(o.key.endswith(f".k{load_keyring(policy).primary_key_id}") for o in rekeyed.objects)
+    for record in rekeyed.objects:
+        head = s3.head_object(Bucket=bucket, Key=f"regal/{record.key}")
+        assert head["ObjectLockMode"] == "COMPLIANCE" and head["ObjectLockRetainUntilDate"] == expected
+    assert run_checks(policy, repo, load_keyring(policy), manifest.backup_id).passed
 
 
 def test_a_deleted_object_is_gone_in_every_version_once_its_lock_ends(

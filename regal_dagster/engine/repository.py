@@ -463,8 +463,8 @@ class S3Repository(Repository):
 
     def lock_args(self, retain_until: datetime | None) -> dict[str, object]:
         lock = self.config.object_lock
-        if lock is None or retain_until is None:
-            return {}
+        if lock is None or retain_until is None or retain_until <= datetime.now(UTC):
+            return {}  # S3 refuses a date in the past: the retention is over, there is nothing left to lock
         return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": retain_until}
 
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
