@@ -317,3 +317,22 @@ def test_the_renderer_fetches_only_its_own_template_files() -> None:
         with pytest.raises(ValueError, match="fetches only its own template files"):
             fetcher.fetch(url)
     assert len(fetcher.refused) == 3
+
+
+def test_a_drill_run_requests_the_report_of_its_quarter(setup: dict[str, Any]) -> None:
+    import dagster as dg
+
+    from regal_dagster.code_location import build_definitions
+
+    defs = build_definitions(str(setup["policy_file"]))
+    instance = dg.DagsterInstance.ephemeral()
+    drill = defs.resolve_job_def("dr_drill_job").execute_in_process(instance=instance, raise_on_error=False)
+    assert not drill.success  # no target has a backup yet: the drill fails, and that is worth a report too
+    (failure,) = [e for e in drill.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE]
+    sensor = defs.resolve_sensor_def("report_after_drill_failure")
+    request = sensor(dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_event=failure, dagster_instance=instance, dagster_run=drill.dagster_run))
+    quarter = Period.quarter_of(datetime.now(UTC)).label
+    assert request.run_config == {"ops": {"compliance__report": {"config": {"period": quarter}}}}
+    assert request.run_key == f"after-drill-{drill.run_id}"
+    assert sensor.job_name == "compliance_report_job"  # type: ignore[attr-defined]
