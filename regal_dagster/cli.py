@@ -564,10 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows: compare the loaded row counts only (faster; the bytes are still authenticated)")
     p.add_argument("--keys", help="Redis, with --to redis://...: copy back only the keys matching this glob")
     p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
-    p.set_defaults(func=cmd_restore)
-
     p.add_argument("--pre-hook", help="shell command run just before the target is changed (stop the application)")
     p.add_argument("--post-hook", help="shell command run after a validated restore (start the application)")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")

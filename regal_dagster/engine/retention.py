@@ -11,7 +11,6 @@ checks may still be running), then they go.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +22,7 @@ from .errors import LockedError, ObjectLockedError, RegalError
 from .keys import KEYS_LOCK
 from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, started_of
 from .policy import RETENTION_CLASSES, Policy
-from .repository import PARTIAL_SUFFIX, Repository, open_offsite
+from .repository import Repository, open_offsite
 
 RANK = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
 
@@ -157,9 +156,10 @@ def delete_backup(repo: Repository, target: str, backup_id: str) -> None:
 
 
 def leftover_objects(repo: Repository, now: datetime, grace: timedelta) -> list[str]:
-    """What no backup needs, once the backup it belongs to started longer than `grace` ago: the objects of
-    backups that never got a manifest (interrupted), objects a manifest no longer names (left by a
-    re-encryption), and unfinished uploads (partial files, multipart uploads)."""
+    """Objects no backup needs, once the backup they belong to started longer than `grace` ago: those of
+    backups that never got a manifest (interrupted), and those a manifest no longer names (left by a
+    re-encryption). Each manifest is read here, under the keys lock, never from an earlier listing: a
+    re-encryption may have renamed the objects since."""
     by_backup: dict[str, list[str]] = {}
     for stored in repo.list("backups/"):
         parts = stored.key.split("/")
@@ -180,16 +180,21 @@ def leftover_objects(repo: Repository, now: datetime, grace: timedelta) -> list[
         except RegalError:
             continue  # a damaged manifest: its objects are evidence, not leftovers
         leftovers += [k for k in keys if k not in named and k != mkey and not k.endswith("/" + CHECKS_NAME)]
-    return sorted(leftovers) + repo.abandoned_uploads(now - grace)
+    return sorted(leftovers)
 
 
-def _remove_leftovers(repo: Repository, keys: list[str], report: PruneReport) -> None:
-    for key in keys:
+def _sweep(store: Repository, now: datetime, grace: timedelta, report: PruneReport) -> None:
+    """Leftover objects and unfinished uploads (partial files, multipart uploads) older than `grace`."""
+    objects, uploads = leftover_objects(store, now, grace), store.abandoned_uploads(now - grace)
+    if report.dry_run:
+        report.leftovers += objects + uploads
+        return
+    for upload in uploads:
+        store.discard_upload(upload)
+        report.leftovers.append(upload)
+    for key in objects:
         try:
-            if "?uploadId=" in key or key.endswith(PARTIAL_SUFFIX):
-                repo.discard_upload(key)
-            else:
-                repo.delete(key)
+            store.delete(key)
             report.leftovers.append(key)
         except ObjectLockedError:
             report.locked.append(key)
@@ -220,17 +225,12 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
                 if manifest.backup_id not in kept and (manifest.locked_until is None or manifest.locked_until <= now):
                     delete_backup(secondary, target, manifest.backup_id)
                     report.offsite_deleted.append(manifest.backup_id)
-    with contextlib.ExitStack() as held:
-        try:  # a key retirement re-encrypting right now writes objects no manifest names yet
-            held.enter_context(repo.lock(KEYS_LOCK))
-        except LockedError:
-            return _finish(policy, repo, report)
-        for store in [repo, *([secondary] if secondary is not None else [])]:
-            leftovers = leftover_objects(store, now, settings.orphan_grace)
-            if dry_run:
-                report.leftovers += leftovers
-            else:
-                _remove_leftovers(store, leftovers, report)
+    try:
+        with repo.lock(KEYS_LOCK):
+            for store in [repo, *([secondary] if secondary is not None else [])]:
+                _sweep(store, now, settings.orphan_grace, report)
+    except LockedError:
+        pass  # a key retirement is re-encrypting: it writes objects no manifest names yet; the next prune sweeps
     return _finish(policy, repo, report)
 
 
