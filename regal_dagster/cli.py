@@ -305,7 +305,7 @@ def _work_dir(args: argparse.Namespace, policy: Policy) -> Path | None:
 
 
 def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
-    from .engine.checks import good_backups
+    from .engine.checks import good_newest_first
     from .engine.restore_test import run_restore_test
 
     policy = _load_policy(args)
@@ -314,11 +314,11 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
         manifest = catalog.load_manifest(repo, args.backup_id)
     else:
         policy.target(args.target)  # a clear error for an unknown target
-        good = good_backups(repo, args.target)
-        if not good:
+        newest = next(good_newest_first(repo, args.target), None)
+        if newest is None:
             raise RegalError(f"no good backup of '{args.target}' to test",
                              f"take one and check it: regal-backup backup {args.target}, then verify it")
-        manifest = good[-1]
+        manifest = newest
     result = run_restore_test(policy, repo, load_keyring(policy), manifest, jobs=args.jobs,
                               work_dir=_work_dir(args, policy), trigger={"cli": "restore-test"})
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")

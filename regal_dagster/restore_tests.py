@@ -8,6 +8,7 @@
   policy, the keys and the repository.
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from .assets import backup_asset_key
 from .engine.catalog import load_manifest
-from .engine.checks import good_backups
+from .engine.checks import good_newest_first
 from .engine.policy import Policy
 from .engine.restore_test import RestoreTestResult
 from .engine.sampling import draw_restore_sample
@@ -100,10 +101,10 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
         if config.backup_id:
             manifest = load_manifest(repo, config.backup_id)
         else:
-            good = good_backups(repo, target)
-            if not good:
+            newest = next(good_newest_first(repo, target), None)
+            if newest is None:
                 raise Failure(f"no good backup of {target} to restore-test yet")
-            manifest = good[-1]
+            manifest = newest
         result = regal.restore_test(manifest, trigger={"dagster_run_id": context.run.run_id})
         context.log.info(f"restore test of {result.backup_id}: RTO {result.rto_seconds:.1f}s, "
                          f"{'valid' if result.validation_passed else 'INVALID: ' + '; '.join(result.problems)}")
@@ -136,11 +137,11 @@ def build_new_backup_sensor(policy: Policy, restore_job: UnresolvedAssetJobDefin
         since = context.cursor or ""
         requests, newest = [], since
         for target, config in sorted(regal.policy().targets.items()):
-            for manifest in good_backups(regal.repository(), target):
-                finished = manifest.finished_at.isoformat()
-                if finished <= since or manifest.retention_class not in classes:
-                    continue
-                newest = max(newest, finished)
+            # newest first, down to the cursor: a tick reads the new backups, not the whole history
+            fresh = itertools.takewhile(lambda m: m.finished_at.isoformat() > since,
+                                        good_newest_first(regal.repository(), target))
+            for manifest in reversed([m for m in fresh if m.retention_class in classes]):
+                newest = max(newest, manifest.finished_at.isoformat())
                 requests.append(RunRequest(run_key=manifest.backup_id,
                                            asset_selection=[restore_test_key(config.kind, target)],
                                            run_config=_run_config(policy, target, manifest.backup_id),

@@ -6,6 +6,7 @@ objects swapped between two backups, a plaintext file planted where a backup obj
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,32 @@ def test_a_sudden_size_change_is_a_warning_that_does_not_make_the_backup_bad(pol
     assert size is not None and not size.passed and size.severity == "WARN"
     assert "against the median of the last 3 good backups" in size.description
     assert record.passed  # a WARN does not stop the backup from counting
+
+
+def test_the_newest_good_backup_is_found_without_reading_every_manifest(policy: Policy) -> None:
+    from regal_dagster.engine.catalog import list_backups, newest_first
+    from regal_dagster.engine.checks import good_newest_first
+    from regal_dagster.engine.repository import LocalRepository
+
+    manifests = []
+    for _ in range(5):  # each in a second of its own (ids carry the second)
+        time.sleep(1 - time.time() % 1)
+        manifests.append(run_backup(policy, "pos"))
+    for manifest in manifests[:4]:
+        _check(policy, manifest.backup_id)  # the newest stays unchecked: not good
+
+    class CountingRepository(LocalRepository):
+        manifest_reads = 0
+
+        def get_bytes(self, key: str) -> bytes:
+            CountingRepository.manifest_reads += key.endswith("/manifest.json")
+            return super().get_bytes(key)
+
+    repo = CountingRepository(policy.local_repository_path())
+    assert [m.backup_id for m in newest_first(repo, "pos")] == [
+        m.backup_id for m in reversed(list_backups(repo, "pos")[0])]
+    CountingRepository.manifest_reads = 0
+    newest_good = next(good_newest_first(repo, "pos"))
+    assert newest_good.backup_id == manifests[3].backup_id
+    assert CountingRepository.manifest_reads == 2  # the unchecked newest and the good one, of five
+    assert [m.backup_id for m in good_backups(repo, "pos")] == [m.backup_id for m in manifests[:4]]

@@ -27,8 +27,8 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from .catalog import list_backups
-from .checks import ERROR, good_backups, load_check_record
+from .catalog import newest_first
+from .checks import ERROR, good_newest_first, load_check_record
 from .policy import AlertChannel, EmailChannel, Policy, SlackChannel, WebhookChannel
 from .repository import Repository
 from .restore_test import RESULTS_PREFIX
@@ -267,8 +267,7 @@ def rpo_conditions(policy: Policy, repo: Repository, now: datetime) -> list[Cond
     conditions = []
     for target, config in sorted(policy.targets.items()):
         rpo = policy.rpo_for(target)
-        good = good_backups(repo, target)
-        newest = good[-1] if good else None
+        newest = next(good_newest_first(repo, target), None)
         if newest is not None and now - newest.finished_at <= rpo:
             continue
         if newest is None:
@@ -289,8 +288,7 @@ def check_conditions(policy: Policy, repo: Repository) -> list[Condition]:
     """Failed ERROR checks of each target's newest checked backup (integrity: a failed verification)."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
-        manifests, _ = list_backups(repo, target)
-        record = next((r for m in reversed(manifests) if (r := load_check_record(repo, m.backup_id))), None)
+        record = next((r for m in newest_first(repo, target) if (r := load_check_record(repo, m.backup_id))), None)
         if record is None:
             continue
         for outcome in record.outcomes:

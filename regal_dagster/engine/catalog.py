@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from .errors import IntegrityError, RegalError
-from .manifest import MANIFEST_NAME, Manifest, manifest_key, target_of
+from .manifest import MANIFEST_NAME, Manifest, manifest_key, started_of, target_of
 from .repository import Repository
 
 
@@ -31,6 +33,24 @@ def list_backups(repo: Repository, target: str | None = None) -> tuple[list[Mani
     return backups, damaged
 
 
+def newest_first(repo: Repository, target: str) -> Iterator[Manifest]:
+    """A target's readable backups, newest first, each manifest read only when the caller gets to it: one
+    listing, then as many reads as the caller needs (the newest good backup: usually one or two), where
+    `list_backups` reads them all. Backup ids carry their start to the second; within a second the
+    manifests' own start times decide."""
+    by_second: dict[datetime, list[str]] = {}
+    for obj in repo.list(f"backups/{target}/"):
+        if obj.key.endswith("/" + MANIFEST_NAME):
+            started = started_of(obj.key.split("/")[-2]) or datetime.min.replace(tzinfo=UTC)
+            by_second.setdefault(started, []).append(obj.key)
+    for second in sorted(by_second, reverse=True):
+        same_second = []
+        for key in by_second[second]:
+            with contextlib.suppress(IntegrityError):  # list_backups reports damaged manifests
+                same_second.append(Manifest.from_bytes(repo.get_bytes(key), key))
+        yield from sorted(same_second, key=lambda m: (m.started_at, m.backup_id), reverse=True)
+
+
 def load_manifest(repo: Repository, backup_id: str) -> Manifest:
     key = manifest_key(target_of(backup_id), backup_id)
     if repo.size(key) is None:
@@ -43,10 +63,8 @@ def choose_backup(repo: Repository, target: str, *, backup_id: str | None = None
     """The backup a restore asks for: by id, the newest, or the newest started before a time."""
     if backup_id:
         return load_manifest(repo, backup_id)
-    backups, _ = list_backups(repo, target)
-    if before is not None:
-        backups = [m for m in backups if m.started_at < before]
-    if not backups or not (latest or before):
+    chosen = next((m for m in newest_first(repo, target) if before is None or m.started_at < before), None)
+    if chosen is None or not (latest or before):
         when = f" before {before.isoformat()}" if before else ""
         raise RegalError(f"no backup of '{target}'{when} in {repo.location}", "run `regal-backup list` to see the backups")
-    return backups[-1]
+    return chosen

@@ -17,18 +17,20 @@ a record yet is *unchecked*, and not good either.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import audit
-from .catalog import list_backups
+from .catalog import list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .errors import IntegrityError, RegalError
 from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, target_of
@@ -388,9 +390,19 @@ def check_size(manifest: Manifest, recent_good: list[Manifest], tolerance: float
 # --- running them ----------------------------------------------------------------------------------
 
 def good_backups(repo: Repository, target: str) -> list[Manifest]:
-    """The target's backups whose ERROR checks passed, oldest first."""
+    """The target's backups whose ERROR checks passed, oldest first (every manifest and record read)."""
     manifests, _ = list_backups(repo, target)
-    return [m for m in manifests if (r := load_check_record(repo, m.backup_id)) is not None and r.passed]
+    return [m for m in manifests if _is_good(repo, m)]
+
+
+def good_newest_first(repo: Repository, target: str) -> Iterator[Manifest]:
+    """The same, newest first, read only as far as the caller goes (`next(...)`: the newest good backup)."""
+    return (m for m in newest_first(repo, target) if _is_good(repo, m))
+
+
+def _is_good(repo: Repository, manifest: Manifest) -> bool:
+    record = load_check_record(repo, manifest.backup_id)
+    return record is not None and record.passed
 
 
 def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int = 4,
@@ -412,15 +424,16 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                                              policy.repository.is_s3))
         except RegalError as exc:  # an object that cannot be read cannot be shown to be encrypted
             outcomes.append(CheckOutcome("encryption", False, exc.message))
-        earlier = [m for m in good_backups(repo, manifest.target) if m.started_at < manifest.started_at]
-        outcomes.append(check_size(manifest, earlier[-policy.checks.size_history:], policy.checks.size_tolerance))
+        earlier = (m for m in good_newest_first(repo, manifest.target) if m.started_at < manifest.started_at)
+        recent = list(itertools.islice(earlier, policy.checks.size_history))  # only these are read for size
+        outcomes.append(check_size(manifest, recent[::-1], policy.checks.size_tolerance))
         if manifest.kind == "redis":
             try:
                 outcomes.append(check_persistence(policy, manifest.target))
             except RegalError as exc:
                 outcomes.append(CheckOutcome("persistence_configured", False, exc.message))
         if manifest.kind == "terraform":
-            outcomes += check_terraform_state(manifest, earlier)
+            outcomes += check_terraform_state(manifest, recent + list(earlier))  # the whole history
     outcomes.append(check_cryptoperiod(policy, keyring, datetime.now(UTC)))
     secondary = open_offsite(policy)
     if secondary is not None:
