@@ -53,13 +53,13 @@ def _alert_sensor(name: str, description: str, conditions: Evaluation) -> Sensor
     return _sensor
 
 
-# job -> (event, what the run does, what to do first)
+# job -> (event, what the run does); what to do first is FIRST_STEPS[event]
 WATCHED_JOBS = {
-    "backup_job": ("backup_failed", "backup", FIRST_STEPS["backup_failed"]),
-    "restore_test_job": ("restore_test_failed", "restore test", FIRST_STEPS["restore_test_failed"]),
-    "dr_drill_job": ("drill_failed", "disaster-recovery drill", FIRST_STEPS["drill_failed"]),
-    "prune_job": ("prune_failed", "prune / retention check", FIRST_STEPS["prune_failed"]),
-    "compliance_report_job": ("report_failed", "compliance report", FIRST_STEPS["report_failed"]),
+    "backup_job": ("backup_failed", "backup"),
+    "restore_test_job": ("restore_test_failed", "restore test"),
+    "dr_drill_job": ("drill_failed", "disaster-recovery drill"),
+    "prune_job": ("prune_failed", "prune / retention check"),
+    "compliance_report_job": ("report_failed", "compliance report"),
 }
 
 
@@ -81,10 +81,10 @@ def _failed_run(policy: Policy, context: SensorEvaluationContext, job_name: str)
     run = record.dagster_run
     targets = sorted({k.path[1] for k in run.asset_selection or [] if len(k.path) == 3}) or sorted(policy.targets)
     ended = datetime.fromtimestamp(record.end_time, UTC) if record.end_time else None
-    event, label, first_step = WATCHED_JOBS[job_name]
+    event, label = WATCHED_JOBS[job_name]
     return [Condition(f"run:{job_name}", event, ", ".join(targets),
                       f"{label} run {run.run_id[:8]} of {', '.join(targets)} failed",
-                      f"{policy.dagster.base_url.rstrip('/')}/runs/{run.run_id}", first_step, ended,
+                      f"{policy.dagster.base_url.rstrip('/')}/runs/{run.run_id}", FIRST_STEPS[event], ended,
                       {"run_id": run.run_id})]
 
 
@@ -97,8 +97,11 @@ def build_alert_sensors(policy: Policy) -> list[SensorDefinition]:
         "backup_alerts",
         "Alerts for failed runs (backup, restore test, drill), a failed ERROR check or verification, a failed "
         "restore test, and repository capacity.",
-        lambda context, regal, _now: [*_failed_runs(regal.policy(), context),
-                                      *check_conditions(regal.policy(), regal.repository()),
-                                      *restore_test_conditions(regal.policy(), regal.repository()),
-                                      *capacity_conditions(regal.policy(), regal.repository())])
+        lambda context, regal, _now: _repository_and_run_conditions(context, regal))
     return [rpo_watch, backup_alerts]
+
+
+def _repository_and_run_conditions(context: SensorEvaluationContext, regal: RegalEngine) -> list[Condition]:
+    policy, repo = regal.policy(), regal.repository()  # one repository client for the whole evaluation
+    return [*_failed_runs(policy, context), *check_conditions(policy, repo), *restore_test_conditions(policy, repo),
+            *capacity_conditions(policy, repo)]
