@@ -27,6 +27,7 @@ from .audit import AuditEvent, AuditTrail, ChainVerdict, record, verify_trail
 from .catalog import list_backups
 from .errors import RegalError
 from .keys import key_inventory
+from .manifest import target_of
 from .policy import Policy
 from .repository import Repository, open_repository
 from .retention import run_prune
@@ -92,10 +93,6 @@ class Evidence:
         return out.getvalue()
 
 
-def _target_of_event(event: AuditEvent, details: dict[str, Any]) -> str:
-    return str(details.get("target") or event.resource.split("-", 1)[0])
-
-
 def _event_rows(events: list[AuditEvent], event_type: str) -> list[dict[str, Any]]:
     rows = []
     for e in events:
@@ -103,7 +100,7 @@ def _event_rows(events: list[AuditEvent], event_type: str) -> list[dict[str, Any
             continue
         details = json.loads(e.details)
         rows.append({"seq": e.seq, "at": e.at.isoformat(), "actor": e.actor, "outcome": e.outcome,
-                     "resource": e.resource, "target": _target_of_event(e, details), "run_id": e.run_id or "",
+                     "resource": e.resource, "target": str(details.get("target") or target_of(e.resource)), "run_id": e.run_id or "",
                      "hash": e.hash, **{k: v for k, v in details.items() if k not in ("target", "resource")}})
     return rows
 
