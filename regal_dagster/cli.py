@@ -228,7 +228,7 @@ def _restore_to_files(repo: Repository, keyring: Any, manifest: Manifest, args: 
                       out: Output) -> int:
     """Redis: an RDB for a stopped server; Terraform: a state file for `terraform state push`; configuration:
     a clone of the git bundle. Each is authenticated in full before it takes its final name."""
-    from .engine.pipeline import read_stream
+    from .engine.pipeline import read_object_to_file
     from .engine.sources import gitconfig, terraform
     from .engine.sources import redis as redis_source
 
@@ -236,10 +236,7 @@ def _restore_to_files(repo: Repository, keyring: Any, manifest: Manifest, args: 
         if path.exists() and not args.drop_existing:
             raise RegalError(f"{path} exists", "choose another place, or pass --drop-existing to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as f:
-            read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
-        partial.replace(path)
+        read_object_to_file(repo, keyring, manifest, name, path.with_name(path.name + ".partial")).replace(path)
 
     destination = Path(args.to)
     if manifest.kind == "redis" and args.to.startswith(("redis://", "rediss://")):

@@ -34,7 +34,7 @@ from .catalog import list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .errors import IntegrityError, RegalError
 from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, target_of
-from .pipeline import read_stream
+from .pipeline import read_object, read_object_to_file
 from .policy import Policy
 from .repository import Repository, open_offsite
 from .sources.pg_tools import find_pg_tool
@@ -180,14 +180,6 @@ def check_persistence(policy: Policy, target: str) -> CheckOutcome:
                         metadata={"save": settings["save"], "appendonly": settings["appendonly"]})
 
 
-def _decrypted(repo: Repository, keyring: Keyring, manifest: Manifest, name: str, directory: Path) -> Path:
-    """One object of the backup, authenticated and decrypted into a file in a private directory."""
-    path = directory / Path(name).name
-    with path.open("wb") as f:
-        read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
-    return path
-
-
 def _damaged(message: str) -> IntegrityError:
     return IntegrityError(message, "this backup is damaged: use another one")
 
@@ -196,7 +188,8 @@ def _rdb_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> st
     from .sources import redis as redis_source
 
     with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        rdb = redis_source.check_rdb(_decrypted(repo, keyring, manifest, redis_source.RDB_OBJECT, Path(tmp)))
+        rdb = redis_source.check_rdb(read_object_to_file(repo, keyring, manifest, redis_source.RDB_OBJECT,
+                                                         Path(tmp) / redis_source.RDB_OBJECT))
     if rdb["keys"] != manifest.source["rdb"]["keys"]:
         raise _damaged(f"the RDB holds {rdb['keys']} keys, the manifest says {manifest.source['rdb']['keys']}")
     return f"redis-check-rdb reads {rdb['keys']} keys"
@@ -205,10 +198,7 @@ def _rdb_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> st
 def _state_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
     from .sources import terraform
 
-    chunks: list[bytes] = []
-    read_stream(repo, manifest.object(terraform.STATE_OBJECT), keyring=keyring, backup_id=manifest.backup_id,
-                sink=chunks.append)
-    facts = terraform.state_facts(b"".join(chunks))
+    facts = terraform.state_facts(read_object(repo, keyring, manifest, terraform.STATE_OBJECT))
     if facts.get("serial") != manifest.source["state"].get("serial"):
         raise _damaged(f"the stored state has serial {facts.get('serial')}, the manifest says "
                        f"{manifest.source['state'].get('serial')}")
@@ -219,7 +209,8 @@ def _bundle_structure(repo: Repository, keyring: Keyring, manifest: Manifest) ->
     from .sources import gitconfig
 
     with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        gitconfig.verify_bundle(_decrypted(repo, keyring, manifest, gitconfig.BUNDLE_OBJECT, Path(tmp)))
+        gitconfig.verify_bundle(read_object_to_file(repo, keyring, manifest, gitconfig.BUNDLE_OBJECT,
+                                                    Path(tmp) / gitconfig.BUNDLE_OBJECT))
     for name, digest in manifest.source.get("lock_files", {}).items():
         if manifest.object(gitconfig.LOCK_PREFIX + name).plaintext_sha256 != digest:
             raise _damaged(f"lock file {name}: its object and the manifest's hash differ")
@@ -234,17 +225,14 @@ def _archive_entries(repo: Repository, keyring: Keyring, manifest: Manifest) -> 
     """Entries in the schema archive's table of contents (pg_restore --list must parse it)."""
     from .sources import postgres  # here: `regal-backup verify` starts faster without the PostgreSQL client
 
-    record = manifest.object(postgres.SCHEMA_OBJECT)
     dump_major = int(manifest.tool_versions.get("pg_dump", "0").split(".")[0] or 0)
     tool = find_pg_tool("pg_restore", dump_major)
     with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        archive = Path(tmp) / "schema.pgdump"
-        with archive.open("wb") as f:
-            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
+        archive = read_object_to_file(repo, keyring, manifest, postgres.SCHEMA_OBJECT, Path(tmp) / "schema.pgdump")
         listed = subprocess.run([str(tool.path), "--list", str(archive)], capture_output=True, text=True,
                                 check=False)
     if listed.returncode != 0:
-        raise IntegrityError(f"object {record.key}: pg_restore cannot read the archive's table of contents: "
+        raise IntegrityError(f"object {manifest.object(postgres.SCHEMA_OBJECT).key}: pg_restore cannot read the archive's table of contents: "
                              f"{listed.stderr.strip()[-300:]}", "this backup is damaged: use another one")
     return sum(1 for line in listed.stdout.splitlines() if line and not line.startswith(";"))
 

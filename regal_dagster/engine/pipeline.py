@@ -12,6 +12,7 @@ import hashlib
 import io
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import BinaryIO
 
 import tink
@@ -19,7 +20,7 @@ import zstandard
 
 from .crypto import OBJECT_FORMAT_VERSION, STREAMING_TEMPLATE_NAME, Keyring, NonClosingWriter
 from .errors import IntegrityError
-from .manifest import CompressionInfo, EncryptionInfo, ObjectRecord
+from .manifest import CompressionInfo, EncryptionInfo, Manifest, ObjectRecord
 from .policy import CompressionConfig
 from .repository import ObjectWriter, Repository
 
@@ -141,3 +142,17 @@ def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, bac
     if plain_size != record.plaintext_size or plain_sha.hexdigest() != record.plaintext_sha256:
         raise IntegrityError(f"{where}: content differs from the manifest's SHA-256",
                              "this backup is damaged: use another one")
+
+
+def read_object_to_file(repo: Repository, keyring: Keyring, manifest: Manifest, name: str, path: Path) -> Path:
+    """One object of a backup, authenticated and decompressed into `path` (put it in a private directory)."""
+    with path.open("wb") as f:
+        read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
+    return path
+
+
+def read_object(repo: Repository, keyring: Keyring, manifest: Manifest, name: str) -> bytes:
+    """A small object of a backup (a state file), authenticated and decompressed, in memory."""
+    chunks: list[bytes] = []
+    read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=chunks.append)
+    return b"".join(chunks)

@@ -21,7 +21,7 @@ from .crypto import Keyring
 from .errors import IntegrityError, RegalError
 from .manifest import Manifest
 from .parallel import check, map_parallel
-from .pipeline import Progress, read_stream
+from .pipeline import Progress, read_object_to_file, read_stream
 from .repository import Repository
 from .sources import postgres
 from .verify import verify_backup
@@ -94,10 +94,8 @@ def restore_backup(repo: Repository, keyring: Keyring, manifest: Manifest, to_ds
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     tables = [postgres.Table.from_facts(t) for t in table_facts]
     with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:  # private (0700), removed afterwards
-        archive = Path(tmp) / postgres.SCHEMA_OBJECT
-        with archive.open("wb") as f:
-            read_stream(repo, manifest.object(postgres.SCHEMA_OBJECT), keyring=keyring,
-                        backup_id=manifest.backup_id, sink=f.write)
+        archive = read_object_to_file(repo, keyring, manifest, postgres.SCHEMA_OBJECT,
+                                      Path(tmp) / postgres.SCHEMA_OBJECT)
         postgres.run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners)
         phases.done("schema")
 

@@ -31,7 +31,7 @@ from .crypto import Keyring
 from .errors import RegalError
 from .gdpr import apply_erasures, load_ledger
 from .manifest import Manifest
-from .pipeline import read_stream
+from .pipeline import read_object, read_object_to_file
 from .policy import Policy
 from .repository import Repository
 from .restore import restore_backup
@@ -150,15 +150,13 @@ def _test_terraform(policy: Policy, repo: Repository, keyring: Keyring, manifest
     """The state read back and parsed: serial, lineage and resource count as recorded."""
     found = _Found()
     phase = time.monotonic()
-    chunks: list[bytes] = []
     try:
-        read_stream(repo, manifest.object(terraform.STATE_OBJECT), keyring=keyring, backup_id=manifest.backup_id,
-                    sink=chunks.append)
+        state = read_object(repo, keyring, manifest, terraform.STATE_OBJECT)
     except RegalError as exc:
         found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
         return found
     found.seconds["fetch_decrypt"] = time.monotonic() - phase
-    found.details = terraform.state_facts(b"".join(chunks))
+    found.details = terraform.state_facts(state)
     expected = manifest.source["state"]
     found.problems += [f"the restored state has {key} {found.details.get(key)!r}, the backup recorded {expected.get(key)!r}"
                        for key in ("serial", "lineage", "resources", "parse_error") if found.details.get(key) != expected.get(key)]
@@ -171,11 +169,9 @@ def _test_config(policy: Policy, repo: Repository, keyring: Keyring, manifest: M
     found = _Found()
     phase = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="regal-config-test-", dir=work_dir) as tmp:
-        bundle = Path(tmp) / gitconfig.BUNDLE_OBJECT
         try:
-            with bundle.open("wb") as f:
-                read_stream(repo, manifest.object(gitconfig.BUNDLE_OBJECT), keyring=keyring,
-                            backup_id=manifest.backup_id, sink=f.write)
+            bundle = read_object_to_file(repo, keyring, manifest, gitconfig.BUNDLE_OBJECT,
+                                         Path(tmp) / gitconfig.BUNDLE_OBJECT)
             found.seconds["fetch_decrypt"] = time.monotonic() - phase
             phase = time.monotonic()
             cloned = gitconfig.clone(bundle, Path(tmp) / "clone")
@@ -201,9 +197,7 @@ def _test_redis(policy: Policy, repo: Repository, keyring: Keyring, manifest: Ma
     phase = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="regal-redis-test-", dir=work_dir) as tmp:
         try:
-            with (Path(tmp) / redis_source.RDB_OBJECT).open("wb") as f:
-                read_stream(repo, manifest.object(redis_source.RDB_OBJECT), keyring=keyring,
-                            backup_id=manifest.backup_id, sink=f.write)
+            read_object_to_file(repo, keyring, manifest, redis_source.RDB_OBJECT, Path(tmp) / redis_source.RDB_OBJECT)
             found.seconds["fetch_decrypt"] = time.monotonic() - phase
             phase = time.monotonic()
             scratch = redis_source.ScratchRedis(Path(tmp))
