@@ -46,13 +46,15 @@ def rotate_key(policy: Policy) -> Keyring:
     return rotated
 
 
-def key_usage(repo: Repository, policy: Policy) -> dict[int, list[str]]:
-    """key id -> the backups (ids) with at least one object encrypted with it; the ledger as 'gdpr-ledger'."""
+def key_usage(repo: Repository, policy: Policy, manifests: list[Manifest] | None = None) -> dict[int, list[str]]:
+    """key id -> the backups (ids) with at least one object encrypted with it; the ledger as 'gdpr-ledger'.
+    `manifests`: every backup's, when the caller has read them already."""
     usage: dict[int, list[str]] = {}
-    for target in sorted(policy.targets):
-        for manifest in list_backups(repo, target)[0]:
-            for key_id in sorted({o.encryption.key_id for o in manifest.objects}):
-                usage.setdefault(key_id, []).append(manifest.backup_id)
+    if manifests is None:
+        manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, target)[0]]
+    for manifest in manifests:
+        for key_id in sorted({o.encryption.key_id for o in manifest.objects}):
+            usage.setdefault(key_id, []).append(manifest.backup_id)
     ledger_key = object_key_id(repo, LEDGER_KEY)
     if ledger_key is not None:
         usage.setdefault(ledger_key, []).append("gdpr-ledger")
@@ -66,10 +68,11 @@ def object_key_id(repo: Repository, key: str) -> int | None:
     return int(key_id)
 
 
-def key_inventory(policy: Policy, repo: Repository, keyring: Keyring | None = None) -> list[dict[str, Any]]:
+def key_inventory(policy: Policy, repo: Repository, keyring: Keyring | None = None,
+                  manifests: list[Manifest] | None = None) -> list[dict[str, Any]]:
     """Every key the keyset ever held, oldest first, with the backups that use it."""
     keyring = keyring or load_keyring(policy)
-    usage = key_usage(repo, policy)
+    usage = key_usage(repo, policy, manifests)
     period = policy.encryption.cryptoperiod
     return [{"key_id": k.key_id, **k.to_json(), "primary": k.primary,
              "status": "retired" if k.retired_at else "primary" if k.primary else "decrypt-only",

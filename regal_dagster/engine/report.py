@@ -125,7 +125,8 @@ def collect_evidence(policy: Policy, repo: Repository, trail_events: list[AuditE
     # A drill that covers the period may have run in the quarter before it ends.
     evidence.tables["drills_last_quarter"] = _event_rows(
         [e for e in trail_events if period.end - timedelta(days=92) <= e.at < period.end], "dr_drill")
-    evidence.tables["keys"] = key_inventory(policy, repo)
+    manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, target)[0]]  # read once
+    evidence.tables["keys"] = key_inventory(policy, repo, manifests=manifests)
     kept = run_prune(policy, repo, now, dry_run=True)  # what retention keeps now, and anything past it
     evidence.tables["retention_now"] = [
         {"target": target, "backup_id": d.backup_id, "keep": d.keep, "reasons": "; ".join(d.reasons)}
@@ -135,7 +136,7 @@ def collect_evidence(policy: Policy, repo: Repository, trail_events: list[AuditE
          "started_at": m.started_at.isoformat(), "retain_until": m.retain_until.isoformat(),
          "locked_until": m.locked_until.isoformat() if m.locked_until else "", "stored_bytes": m.stored_bytes,
          "seconds": round(m.duration_seconds, 3), "key_ids": sorted({o.encryption.key_id for o in m.objects})}
-        for target in sorted(policy.targets) for m in list_backups(repo, target)[0]]
+        for m in manifests]
     evidence.tables["audit_chain"] = [verdict.to_json()]
     evidence.tables["policy"] = [{"setting": k, "value": v} for k, v in _policy_facts(policy).items()]
     return evidence
