@@ -34,7 +34,7 @@ from regal_dagster.engine.audit import (
 from regal_dagster.engine.crypto import create_keyset, generate_master_key
 from regal_dagster.engine.policy import policy_from_dict
 from regal_dagster.engine.report import Period, build_report
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 
 
 def year_of_events(end: datetime) -> list[AuditEvent]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psycopg
 
-from regal_dagster.engine.cluster import ScratchCluster
 from regal_dagster.engine.datagen import create_pos_database
+from regal_dagster.engine.postgresql.server import ScratchCluster
 
 
 @contextlib.contextmanager

@@ -39,8 +39,8 @@ import yaml
 from common import generated_database
 
 from regal_dagster.engine.bootstrap import init_project
-from regal_dagster.engine.sources.pg_tools import find_pg_tool
-from regal_dagster.engine.sources.postgres import libpq_environment, with_dbname
+from regal_dagster.engine.postgresql.connection import libpq_environment, with_dbname
+from regal_dagster.engine.postgresql.tools import find_pg_tool
 
 REGAL = [sys.executable, "-m", "regal_dagster.cli"]
 

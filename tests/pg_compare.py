@@ -6,8 +6,8 @@ import subprocess
 
 import psycopg
 
-from regal_dagster.engine.sources.pg_tools import find_pg_tool
-from regal_dagster.engine.sources.postgres import libpq_environment
+from regal_dagster.engine.postgresql.connection import libpq_environment
+from regal_dagster.engine.postgresql.tools import find_pg_tool
 
 
 def schema_text(dsn: str) -> str:

@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from regal_dagster.code_location import BACKUP_JOB, VERIFY_JOB, build_definitions
+from regal_dagster.defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from regal_dagster.engine.alerts import AlertBook, Condition, capacity_conditions, evaluate_and_notify
 from regal_dagster.engine.catalog import list_backups
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
 

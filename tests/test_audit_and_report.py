@@ -23,7 +23,7 @@ from regal_dagster.engine.audit import AuditTrail, verify_trail
 from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.report import Period, build_report
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 
@@ -277,7 +277,7 @@ def test_the_report_is_signed_when_the_policy_gives_a_certificate_and_dagster_bu
     from pyhanko.sign.validation import validate_pdf_signature
     from pyhanko_certvalidator import ValidationContext
 
-    from regal_dagster.code_location import build_definitions
+    from regal_dagster.defs import build_definitions
 
     policy_file = setup["policy_file"]
     cert_file, key_file = _self_signed(setup["tmp"])
@@ -322,7 +322,7 @@ def test_the_renderer_fetches_only_its_own_template_files() -> None:
 def test_a_drill_run_requests_the_report_of_its_quarter(setup: dict[str, Any]) -> None:
     import dagster as dg
 
-    from regal_dagster.code_location import build_definitions
+    from regal_dagster.defs import build_definitions
 
     defs = build_definitions(str(setup["policy_file"]))
     instance = dg.DagsterInstance.ephemeral()

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from regal_dagster.engine.backup import run_backup
-from regal_dagster.engine.checks import CHECKS_NAME, good_backups, load_check_record, run_checks
+from regal_dagster.engine.checks import good_backups, load_check_record, run_checks
 from regal_dagster.engine.crypto import OBJECT_HEADER, OBJECT_MAGIC, load_keyring
+from regal_dagster.engine.layout import CHECKS_NAME
 from regal_dagster.engine.policy import Policy
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, make_policy
 from .pg_compare import execute
@@ -46,7 +47,7 @@ def _biggest(manifest):  # type: ignore[no-untyped-def]
 
 
 def test_a_good_backup_passes_every_check_and_counts_as_good(policy: Policy) -> None:
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     repo = open_repository(policy)
     assert good_backups(repo, "pos") == []  # not checked yet: not good yet
 
@@ -62,7 +63,7 @@ def test_a_good_backup_passes_every_check_and_counts_as_good(policy: Policy) -> 
 
 
 def test_a_flipped_byte_fails_integrity_naming_the_object(policy: Policy) -> None:
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     damaged = _biggest(manifest)
     path = _path(policy, damaged.key)
     data = bytearray(path.read_bytes())
@@ -79,7 +80,7 @@ def test_a_flipped_byte_fails_integrity_naming_the_object(policy: Policy) -> Non
 
 
 def test_a_deleted_object_fails_the_manifest_check(policy: Policy) -> None:
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     gone = manifest.objects[0]
     _path(policy, gone.key).unlink()
 
@@ -92,7 +93,7 @@ def test_a_deleted_object_fails_the_manifest_check(policy: Policy) -> None:
 
 
 def test_objects_swapped_between_two_backups_are_detected(policy: Policy) -> None:
-    first, second = run_backup(policy, "pos"), run_backup(policy, "pos")
+    first, second = run_backup(policy, "pos").manifest, run_backup(policy, "pos").manifest
     a, b = _path(policy, _biggest(first).key), _path(policy, _biggest(second).key)
     assert a.stat().st_size == b.stat().st_size  # same data: the manifests' sizes cannot tell them apart
     a_bytes = a.read_bytes()
@@ -108,7 +109,7 @@ def test_objects_swapped_between_two_backups_are_detected(policy: Policy) -> Non
 
 
 def test_a_planted_plaintext_object_fails_the_encryption_check(policy: Policy) -> None:
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     target = _biggest(manifest)
     _path(policy, target.key).write_bytes(b"1\tcustomer1@example.com\ttok_4f9Qz7LmP2xR8sVbK1wY\n")
 
@@ -119,7 +120,7 @@ def test_a_planted_plaintext_object_fails_the_encryption_check(policy: Policy) -
 
 
 def test_plaintext_behind_a_forged_header_is_found_too(policy: Policy) -> None:
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     target = _biggest(manifest)
     forged = OBJECT_HEADER.pack(OBJECT_MAGIC, 1, target.encryption.key_id)
     _path(policy, target.key).write_bytes(forged + b"\x00" * 100 + b"ada.lovelace@example-pos.test\n" * 3)
@@ -132,10 +133,10 @@ def test_plaintext_behind_a_forged_header_is_found_too(policy: Policy) -> None:
 
 def test_a_sudden_size_change_is_a_warning_that_does_not_make_the_backup_bad(policy: Policy, source: str) -> None:
     for _ in range(3):
-        assert _check(policy, run_backup(policy, "pos").backup_id).passed
+        assert _check(policy, run_backup(policy, "pos").manifest.backup_id).passed
     execute(source, 'DELETE FROM "Sales Ops"."Order ""Lines""" WHERE amount = 99999999.99')  # the 2 MB row
 
-    record = _check(policy, run_backup(policy, "pos").backup_id)
+    record = _check(policy, run_backup(policy, "pos").manifest.backup_id)
 
     size = record.outcome("size")
     assert size is not None and not size.passed and size.severity == "WARN"
@@ -146,12 +147,12 @@ def test_a_sudden_size_change_is_a_warning_that_does_not_make_the_backup_bad(pol
 def test_the_newest_good_backup_is_found_without_reading_every_manifest(policy: Policy) -> None:
     from regal_dagster.engine.catalog import list_backups, newest_first
     from regal_dagster.engine.checks import good_newest_first
-    from regal_dagster.engine.repository import LocalRepository
+    from regal_dagster.engine.storage.local import LocalRepository
 
     manifests = []
     for _ in range(5):  # each in a second of its own (ids carry the second)
         time.sleep(1 - time.time() % 1)
-        manifests.append(run_backup(policy, "pos"))
+        manifests.append(run_backup(policy, "pos").manifest)
     for manifest in manifests[:4]:
         _check(policy, manifest.backup_id)  # the newest stays unchecked: not good
 

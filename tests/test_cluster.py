@@ -11,9 +11,9 @@ import psutil
 import psycopg
 import pytest
 
-from regal_dagster.engine import cluster as cluster_module
-from regal_dagster.engine.cluster import ScratchCluster, pg_bin_dir
 from regal_dagster.engine.errors import ToolError
+from regal_dagster.engine.postgresql import server as cluster_module
+from regal_dagster.engine.postgresql.server import ScratchCluster, pg_bin_dir
 
 
 def _gone(pid: int | None) -> bool:

@@ -13,12 +13,12 @@ import dagster as dg
 import psycopg
 import pytest
 
-from regal_dagster.assets import RETENTION_CLASS_TAG
-from regal_dagster.code_location import BACKUP_JOB, build_definitions
+from regal_dagster.defs import BACKUP_JOB, build_definitions
+from regal_dagster.defs.backups.assets import RETENTION_CLASS_TAG
 from regal_dagster.engine import catalog
 from regal_dagster.engine.checks import load_check_record
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from regal_dagster.engine.cluster import ScratchCluster
 from regal_dagster.engine.datagen import TABLES, create_pos_database, scaled_counts
 from regal_dagster.engine.errors import RegalError
+from regal_dagster.engine.postgresql.server import ScratchCluster
 
 SCALE = 0.01
 

@@ -13,7 +13,7 @@ from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import EncryptionKeyError, IntegrityError
 from regal_dagster.engine.manifest import Manifest
 from regal_dagster.engine.policy import policy_from_dict
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.verify import verify_backup
 
 from .conftest import DatabaseFactory, load_awkward_data, make_policy
@@ -24,8 +24,8 @@ def backed_up(system_pg: DatabaseFactory, tmp_path: Path, master_key: str):  # t
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
-    first = run_backup(policy, "pos")
-    second = run_backup(policy, "pos")
+    first = run_backup(policy, "pos").manifest
+    second = run_backup(policy, "pos").manifest
     return policy, first, second
 
 

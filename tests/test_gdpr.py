@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.gdpr import LEDGER_KEY, load_ledger
+from regal_dagster.engine.gdpr import load_ledger
+from regal_dagster.engine.layout import GDPR_LEDGER
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_repository
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 from .pg_compare import table_rows
@@ -41,7 +42,7 @@ def test_erased_customers_stay_erased_after_a_restore(source: str, system_pg: Da
     repo = open_repository(policy)
     ledger = load_ledger(repo, load_keyring(policy))
     assert [(e.requested_at, e.reference) for e in ledger.erasures] == [("2026-11-01T09:00:00+00:00", "DSR-17")] * 2
-    stored = repo.get_bytes(LEDGER_KEY)
+    stored = repo.get_bytes(GDPR_LEDGER)
     assert b"customer17" not in stored and ledger.hash("customer17@example.com").encode() not in stored  # encrypted
 
     restored = system_pg.dsn(system_pg.new_name("regal_gdpr"))

@@ -25,8 +25,8 @@ from regal_dagster.engine.errors import ObjectLockedError, RegalError
 from regal_dagster.engine.keys import retire_key, rotate_key
 from regal_dagster.engine.offsite import copy_after_backup
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_offsite, open_repository
 from regal_dagster.engine.retention import run_prune
+from regal_dagster.engine.storage import open_offsite, open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, write_policy_file
 
@@ -60,7 +60,7 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
         "url": f"s3://{bucket}/regal", "endpoint_url": moto_endpoint, "region": "us-east-1",
         "part_size_mb": 5, "object_lock": {"mode": "COMPLIANCE"}}, None))
     repo = open_repository(policy)
-    manifest = run_backup(policy, "pos", "daily", repo=repo)
+    manifest = run_backup(policy, "pos", "daily", repo=repo).manifest
     assert run_checks(policy, repo, load_keyring(policy), manifest.backup_id).passed
 
     s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_endpoint)
@@ -77,7 +77,7 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
 
     # Retention would drop it (no slot keeps a daily any more), but the lock has 30 days to run.
     policy = policy.model_copy(update={"retention": policy.retention.model_copy(update={"daily": 0, "hourly": 0})})
-    second = run_backup(policy, "pos", "daily", repo=repo)
+    second = run_backup(policy, "pos", "daily", repo=repo).manifest
     run_checks(policy, repo, load_keyring(policy), second.backup_id)
     report = run_prune(policy, repo, datetime.now(UTC))
     decision = next(d for d in report.decisions["pos"] if d.backup_id == manifest.backup_id)
@@ -209,7 +209,7 @@ def test_an_unreachable_offsite_repository_does_not_fail_the_backup(
                                {"url": "s3://nowhere-bucket", "endpoint_url": "http://127.0.0.1:9", "region": "us-east-1"})
     policy = load_policy(policy_file)
     repo = open_repository(policy)
-    manifest = run_backup(policy, "pos", repo=repo)
+    manifest = run_backup(policy, "pos", repo=repo).manifest
     problem = copy_after_backup(repo, open_offsite(policy), manifest)
     assert problem is not None and "cannot reach s3://nowhere-bucket" in problem
     record = run_checks(policy, repo, load_keyring(policy), manifest.backup_id)
@@ -239,7 +239,7 @@ def test_prune_removes_abandoned_uploads_and_partial_files(
 def test_dagster_copies_each_backup_off_site_and_checks_the_copy(source: str, tmp_path: Path, master_key: str) -> None:
     import dagster as dg
 
-    from regal_dagster.code_location import build_definitions
+    from regal_dagster.defs import build_definitions
 
     policy_file = _policy_file(tmp_path, source, {"url": "repository"}, {"url": str(tmp_path / "second-site")})
     defs = build_definitions(str(policy_file))

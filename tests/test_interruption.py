@@ -26,8 +26,9 @@ import yaml
 from psycopg import sql
 
 from regal_dagster.engine.crypto import create_keyset, generate_master_key
+from regal_dagster.engine.layout import PARTIAL_SUFFIX
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import PARTIAL_SUFFIX, open_repository
+from regal_dagster.engine.storage import open_repository
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 MASTER_KEY_ENV = "REGAL_TEST_INTERRUPT_MASTER_KEY"

@@ -12,12 +12,13 @@ import pytest
 from regal_dagster.engine.checks import check_cryptoperiod, load_check_record
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import EncryptionKeyError, IntegrityError
-from regal_dagster.engine.gdpr import LEDGER_KEY, load_ledger
+from regal_dagster.engine.gdpr import load_ledger
 from regal_dagster.engine.keys import object_key_id, retire_key, rotate_key
-from regal_dagster.engine.manifest import Manifest, manifest_key
+from regal_dagster.engine.layout import GDPR_LEDGER, manifest_key
+from regal_dagster.engine.manifest import Manifest
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_repository
-from regal_dagster.engine.restore import restore_backup
+from regal_dagster.engine.sources.postgres.restore import restore_database
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 
@@ -72,14 +73,14 @@ def test_rotate_then_retire_with_reencryption(policy_file: Path, system_pg: Data
     assert {o.encryption.key_id for o in rekeyed.objects} == {second_key}
     assert rekeyed.model_extra and rekeyed.model_extra["rekeyed"][0]["from_key"] == first_key
     assert not old_objects & {s.key for s in repo.list(f"backups/pos/{old}/")}  # the old objects are gone
-    assert object_key_id(repo, LEDGER_KEY) == second_key
+    assert object_key_id(repo, GDPR_LEDGER) == second_key
     keyring = load_keyring(policy)
     assert first_key not in keyring.key_ids  # the material is destroyed
     assert len(load_ledger(repo, keyring).erasures) == 1
     record = load_check_record(repo, old)
     assert record is not None and record.passed and record.trigger == {"cli": f"keys retire {first_key}"}
     target = system_pg.create("regal_rekeyed")
-    report = restore_backup(repo, keyring, rekeyed, target)  # full validation: every table's fingerprint
+    report = restore_database(repo, keyring, rekeyed, target)  # full validation: every table's fingerprint
     assert report.tables > 0 and not report.validation_problems
 
     inventory = {k["key_id"]: k for k in json.loads(run_cli(policy_file, "keys", "list", "--json").stdout)["keys"]}

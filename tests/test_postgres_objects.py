@@ -17,8 +17,8 @@ import pytest
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.parallel import Cancelled, check, map_parallel
-from regal_dagster.engine.repository import open_repository
-from regal_dagster.engine.restore import restore_backup
+from regal_dagster.engine.sources.postgres.restore import restore_database
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, make_policy
 from .pg_compare import execute, schema_text, table_rows
@@ -71,7 +71,7 @@ def test_every_kind_of_object_round_trips_and_validates(server: str, request: py
     source = factory.create()
     execute(source, OBJECTS_SQL)
     policy = make_policy(tmp_path, {"pos": source})
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
 
     # One object per table with rows to dump (partitioned parents hold none: their partitions do).
     tables = {f"{t['schema']}.{t['name']}": t for t in manifest.source["tables"]}
@@ -85,7 +85,7 @@ def test_every_kind_of_object_round_trips_and_validates(server: str, request: py
     repo, keyring = open_repository(policy), load_keyring(policy)
     for validation in ("full", "rows"):
         restored = factory.dsn(factory.new_name("regal_objects"))
-        report = restore_backup(repo, keyring, manifest, restored, jobs=3, validation=validation)
+        report = restore_database(repo, keyring, manifest, restored, jobs=3, validation=validation)
         assert report.ok, report.validation_problems
         assert report.validation == validation
         assert set(report.seconds) >= {"schema", "load", "post_data", "validate", "total"}
@@ -100,7 +100,7 @@ def test_full_validation_catches_a_row_changed_after_loading(system_pg: Database
     source = system_pg.create()
     execute(source, "CREATE TABLE t (id int, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 50) g")
     policy = make_policy(tmp_path, {"pos": source})
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     # A target where an event trigger adds a row-changing trigger to every new table: the restore's
     # loads then store other values than the backup holds.
     target = system_pg.create()
@@ -118,7 +118,7 @@ def test_full_validation_catches_a_row_changed_after_loading(system_pg: Database
     """)
 
     # (the target holds functions, not tables, so it counts as empty)
-    report = restore_backup(open_repository(policy), load_keyring(policy), manifest, target, validation="full")
+    report = restore_database(open_repository(policy), load_keyring(policy), manifest, target, validation="full")
     assert not report.ok
     assert report.validation_problems == ["table public.t has the same row count but different content"]
     assert table_rows(target, "SELECT v FROM t ORDER BY id LIMIT 1") == [("V1",)]

@@ -19,9 +19,9 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import create_keyset, load_keyring
 from regal_dagster.engine.policy import Policy, load_policy
-from regal_dagster.engine.repository import open_repository
 from regal_dagster.engine.restore_test import run_restore_test
-from regal_dagster.engine.sources.redis import free_port
+from regal_dagster.engine.sources.redis.server import free_port
+from regal_dagster.engine.storage import open_repository
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 PASSWORD = "redis-s3cret-pw"
@@ -92,7 +92,7 @@ def test_redis_round_trip_with_checks_and_a_restore_test(plain_redis: RedisServe
     monkeypatch.setenv("REDIS_PASSWORD", PASSWORD)
     policy = _policy(tmp_path, {"url": f"redis://:${{REDIS_PASSWORD}}@127.0.0.1:{plain_redis.port}/0"})
 
-    manifest = run_backup(policy, "cache")
+    manifest = run_backup(policy, "cache").manifest
 
     assert [o.name for o in manifest.objects] == ["dump.rdb"]
     facts = manifest.source
@@ -119,7 +119,7 @@ def test_redis_round_trip_with_checks_and_a_restore_test(plain_redis: RedisServe
 
 def test_a_restore_test_notices_a_changed_value(plain_redis: RedisServer, tmp_path: Path, master_key: str) -> None:
     policy = _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}/0"})
-    manifest = run_backup(policy, "cache")
+    manifest = run_backup(policy, "cache").manifest
     sample = {db: {key: "0" * 64 for key in keys} for db, keys in manifest.source["key_sample"].items()}
     rdb = {**manifest.source["rdb"], "keyspace": {**manifest.source["rdb"]["keyspace"], "3": {"keys": 2, "expires": 0}}}
     lying = manifest.model_copy(update={"source": {**manifest.source, "key_sample": sample, "rdb": rdb}})
@@ -135,7 +135,7 @@ def test_aof_files_are_backed_up_and_persistence_passes(persistent_redis: RedisS
                                                         master_key: str) -> None:
     policy = _policy(tmp_path, {"url": f"redis://127.0.0.1:{persistent_redis.port}",
                                 "data_dir": str(persistent_redis.directory)})
-    manifest = run_backup(policy, "cache")
+    manifest = run_backup(policy, "cache").manifest
 
     names = [o.name for o in manifest.objects]
     assert names[0] == "dump.rdb" and any(n.endswith(".manifest") for n in names)
@@ -147,7 +147,7 @@ def test_aof_files_are_backed_up_and_persistence_passes(persistent_redis: RedisS
 def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, tmp_path: Path,
                                                       master_key: str) -> None:
     policy = _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"})
-    manifest = run_backup(policy, "cache")
+    manifest = run_backup(policy, "cache").manifest
     target = tmp_path / "restored"
 
     done = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", str(target), "--json", "--policy",
@@ -183,7 +183,7 @@ def test_the_redis_target_is_an_asset_with_its_checks(plain_redis: RedisServer, 
                                                       master_key: str) -> None:
     import dagster as dg
 
-    from regal_dagster.code_location import BACKUP_JOB, build_definitions
+    from regal_dagster.defs import BACKUP_JOB, build_definitions
 
     _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"})
     defs = build_definitions(str(tmp_path / "regal_backup.yaml"))
@@ -201,7 +201,7 @@ def test_selected_keys_are_copied_back_into_a_live_server(plain_redis: RedisServ
                                                           master_key: str) -> None:
     policy_file = tmp_path / "regal_backup.yaml"
     _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"})
-    manifest = run_backup(load_policy(policy_file), "cache")
+    manifest = run_backup(load_policy(policy_file), "cache").manifest
     live = plain_redis.client
     live.delete(*[f"session:{i}" for i in range(10)])  # lost by mistake
     live.set("session:11", "changed since")

@@ -12,11 +12,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from regal_dagster.code_location import BACKUP_JOB, RESTORE_TEST_JOB, build_definitions
+from regal_dagster.defs import BACKUP_JOB, RESTORE_TEST_JOB, build_definitions
 from regal_dagster.engine.checks import good_backups
+from regal_dagster.engine.layout import RESTORE_SAMPLES
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.repository import open_repository
-from regal_dagster.engine.sampling import SAMPLES_PREFIX, choose, draw_restore_sample
+from regal_dagster.engine.sampling import choose, draw_restore_sample
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
 from .pg_compare import execute
@@ -79,7 +80,7 @@ def test_the_monthly_sample_is_random_recorded_and_reproducible_from_its_seed(po
         2026, 12, 1, 4, 0, tzinfo=UTC), resources=defs.resources)
     requests = schedule.evaluate_tick(tick).run_requests or []
 
-    (stored,) = list(repo.list(SAMPLES_PREFIX + "/"))
+    (stored,) = list(repo.list(RESTORE_SAMPLES))
     record = json.loads(repo.get_bytes(stored.key))
     assert stored.key.endswith("2026-12.json") and len(record["candidates"]) == 5 and len(record["chosen"]) == 2
     assert [list(c) for c in choose([tuple(c) for c in record["candidates"]], record["seed"], 2)] == record["chosen"]

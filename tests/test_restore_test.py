@@ -16,8 +16,9 @@ import pytest
 from regal_dagster.engine.alerts import restore_test_conditions
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.repository import open_repository
-from regal_dagster.engine.restore_test import RESULTS_PREFIX, run_restore_test
+from regal_dagster.engine.layout import restore_test_prefix
+from regal_dagster.engine.restore_test import run_restore_test
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, make_policy, write_policy_file
 from .pg_compare import execute, table_rows
@@ -31,7 +32,7 @@ def backed_up(system_pg: DatabaseFactory, tmp_path: Path, master_key: str):  # t
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
-    return policy, run_backup(policy, "pos")
+    return policy, run_backup(policy, "pos").manifest
 
 
 def test_a_restore_test_of_a_real_backup_passes_and_reports_timings(backed_up, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -52,7 +53,7 @@ def test_a_restore_test_of_a_real_backup_passes_and_reports_timings(backed_up, t
     assert [(t["name"], t["rows"], t["matches"]) for t in result.tables] == [
         ('Order "Lines"', 4, True), ("customers", 2000, True)]
     assert list(work.iterdir()) == []  # the scratch server and its files are gone
-    (stored,) = list(repo.list(f"{RESULTS_PREFIX}/pos/"))
+    (stored,) = list(repo.list(restore_test_prefix("pos")))
     evidence = json.loads(repo.get_bytes(stored.key))
     assert evidence["backup_id"] == manifest.backup_id and evidence["validation_passed"] is True
 

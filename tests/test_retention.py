@@ -16,8 +16,8 @@ from regal_dagster.engine.catalog import list_backups
 from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import RETENTION_CLASSES
-from regal_dagster.engine.repository import open_repository
 from regal_dagster.engine.retention import BackupInfo, plan, run_prune
+from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, make_policy, run_cli
 
@@ -100,7 +100,7 @@ def test_prune_deletes_what_retention_no_longer_keeps_and_records_it(system_pg: 
     policy = policy.model_copy(update={"retention": policy.retention.model_copy(update={"hourly": 1, "daily": 0,
                                                                                        "weekly": 0, "monthly": 0})})
     repo, keyring = open_repository(policy), load_keyring(policy)
-    manifests = [run_backup(policy, "pos", repo=repo) for _ in range(3)]
+    manifests = [run_backup(policy, "pos", repo=repo).manifest for _ in range(3)]
     for manifest in manifests:
         assert run_checks(policy, repo, keyring, manifest.backup_id).passed
     # an interrupted backup's leftovers, two days old
@@ -144,7 +144,7 @@ def test_the_prune_job_and_the_quarterly_retention_check_run_in_dagster(system_p
                                                                         master_key: str) -> None:
     import dagster as dg
 
-    from regal_dagster.code_location import build_definitions
+    from regal_dagster.defs import build_definitions
 
     from .conftest import write_policy_file
 

@@ -10,8 +10,8 @@ from regal_dagster.engine import catalog
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import TargetNotEmptyError
-from regal_dagster.engine.repository import open_repository
-from regal_dagster.engine.restore import restore_backup
+from regal_dagster.engine.sources.postgres.restore import restore_database
+from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.verify import verify_backup
 
 from .conftest import DatabaseFactory, load_awkward_data, make_policy
@@ -25,7 +25,7 @@ def _round_trip(factory: DatabaseFactory, tmp_path: Path) -> None:
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
 
-    manifest = run_backup(policy, "pos", "daily")
+    manifest = run_backup(policy, "pos", "daily").manifest
 
     repo = open_repository(policy)
     keyring = load_keyring(policy)
@@ -35,7 +35,7 @@ def _round_trip(factory: DatabaseFactory, tmp_path: Path) -> None:
     assert manifest.retention_class == "daily"
 
     restored = factory.dsn(factory.new_name("regal_restored"))
-    report = restore_backup(repo, keyring, manifest, restored)
+    report = restore_database(repo, keyring, manifest, restored)
 
     assert report.ok, report.validation_problems
     assert report.target_state == "created"
@@ -57,7 +57,7 @@ def test_manifest_facts_come_from_the_dump_snapshot(system_pg: DatabaseFactory, 
                                                     master_key: str) -> None:
     source = system_pg.create()
     load_awkward_data(source)
-    manifest = run_backup(make_policy(tmp_path, {"pos": source}), "pos")
+    manifest = run_backup(make_policy(tmp_path, {"pos": source}), "pos").manifest
 
     facts = manifest.source
     assert facts["server_version"].startswith("15")
@@ -77,16 +77,16 @@ def test_restore_refuses_a_non_empty_database_and_replaces_only_when_asked(
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     repo, keyring = open_repository(policy), load_keyring(policy)
     occupied = system_pg.create()
     execute(occupied, "CREATE TABLE precious (id int)")
 
     with pytest.raises(TargetNotEmptyError, match="not empty"):
-        restore_backup(repo, keyring, manifest, occupied)
+        restore_database(repo, keyring, manifest, occupied)
     assert table_rows(occupied, "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'") == [(1,)]
 
-    report = restore_backup(repo, keyring, manifest, occupied, drop_existing=True)
+    report = restore_database(repo, keyring, manifest, occupied, drop_existing=True)
     assert report.ok and report.target_state == "replace"
     assert table_rows(occupied, "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'") == [(0,)]
 
@@ -97,12 +97,12 @@ def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, t
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
-    manifest = run_backup(policy, "pos")
+    manifest = run_backup(policy, "pos").manifest
     tables = [dict(t) for t in manifest.source["tables"]]
     tables[1]["sha256"] = "0" * 64
     lying = manifest.model_copy(update={"source": {**manifest.source, "tables": tables}})
 
-    report = restore_backup(open_repository(policy), load_keyring(policy), lying,
+    report = restore_database(open_repository(policy), load_keyring(policy), lying,
                             system_pg.dsn(system_pg.new_name("regal_restored")))
 
     assert not report.ok

@@ -28,9 +28,10 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import create_keyset, generate_master_key, load_keyring
 from regal_dagster.engine.errors import IntegrityError, LockedError, RegalError
 from regal_dagster.engine.policy import Policy, load_policy
-from regal_dagster.engine.repository import S3Repository, open_repository
-from regal_dagster.engine.restore import restore_backup
-from regal_dagster.engine.sources import postgres
+from regal_dagster.engine.sources.postgres import restore as postgres
+from regal_dagster.engine.sources.postgres.restore import restore_database
+from regal_dagster.engine.storage import open_repository
+from regal_dagster.engine.storage.s3 import S3Repository
 from regal_dagster.engine.verify import verify_backup
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
@@ -318,7 +319,7 @@ def test_round_trip_through_s3(
             f"before-call.s3.{operation}", lambda model, **_: calls.append(model.name)
         )
 
-    manifest = run_backup(s3_policy, "main", "daily", repo=repo)
+    manifest = run_backup(s3_policy, "main", "daily", repo=repo).manifest
 
     # Objects landed under the prefix, encrypted at rest by the store as well, and no lock is left.
     objects = _all_objects(s3, bucket)
@@ -351,7 +352,7 @@ def test_round_trip_through_s3(
 
     # Restore into a new database: the manifest's fingerprints match ...
     restored = new_database_name("restored")
-    report = restore_backup(repo, keyring, manifest, _dsn(restored))
+    report = restore_database(repo, keyring, manifest, _dsn(restored))
     assert report.target_state == "created"
     assert report.ok, report.validation_problems
     assert report.tables == 2 and report.rows == 4 + 2
@@ -374,7 +375,7 @@ def test_round_trip_through_s3(
 
 
 def test_stored_bytes_hold_no_plaintext(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
-    manifest = run_backup(s3_policy, "main")
+    manifest = run_backup(s3_policy, "main").manifest
     objects = _all_objects(s3, bucket)
     assert any(key.endswith("/schema.pgdump") for key in objects)
     secrets = [SECRET_EMAIL, SECRET_TOKEN, "tok_other", "second@example.test", UNICODE_TEXT, TRICKY_TEXT]
@@ -395,7 +396,7 @@ def test_stored_bytes_hold_no_plaintext(s3_policy: Policy, s3, bucket: str) -> N
 
 def test_corrupted_object_fails_verification_naming_it(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
     repo = open_repository(s3_policy)
-    manifest = run_backup(s3_policy, "main", repo=repo)
+    manifest = run_backup(s3_policy, "main", repo=repo).manifest
     record = manifest.objects[0]
     full_key = f"prefix/{record.key}"
     data = bytearray(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read())
@@ -434,14 +435,14 @@ def test_corrupted_object_fails_restore_naming_it(
     s3_policy: Policy, s3, bucket: str, new_database_name
 ) -> None:  # type: ignore[no-untyped-def]
     repo = open_repository(s3_policy)
-    manifest = run_backup(s3_policy, "main", repo=repo)
+    manifest = run_backup(s3_policy, "main", repo=repo).manifest
     full_key = f"prefix/{manifest.objects[0].key}"
     data = bytearray(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read())
     data[len(data) // 2] ^= 0x80
     s3.put_object(Bucket=bucket, Key=full_key, Body=bytes(data))
     target = new_database_name("corrupt")
     with pytest.raises(IntegrityError) as caught:
-        restore_backup(repo, load_keyring(s3_policy), manifest, _dsn(target))
+        restore_database(repo, load_keyring(s3_policy), manifest, _dsn(target))
     assert manifest.objects[0].key in caught.value.message
 
 
@@ -479,7 +480,7 @@ def test_unreachable_endpoint_is_a_clear_error(
     create_keyset(policy)
     repo = open_repository(policy)
     for action in (
-        lambda: run_backup(policy, "main", repo=repo),
+        lambda: run_backup(policy, "main", repo=repo).manifest,
         lambda: repo.size("x"),
         lambda: catalog.list_backups(repo),
         lambda: repo.get_bytes("x"),
@@ -695,7 +696,7 @@ def test_checks_pass_on_s3_and_capacity_is_measured_against_the_quota(s3_policy:
     from regal_dagster.engine.checks import run_checks
 
     repo = open_repository(s3_policy)
-    manifest = run_backup(s3_policy, "main", repo=repo)
+    manifest = run_backup(s3_policy, "main", repo=repo).manifest
     record = run_checks(s3_policy, repo, load_keyring(s3_policy), manifest.backup_id)
     assert record.passed, [o.description for o in record.outcomes]
     assert "server-side encryption on every object" in record.outcome("encryption").description  # type: ignore[union-attr]

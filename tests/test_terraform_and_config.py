@@ -18,8 +18,8 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import create_keyset, load_keyring
 from regal_dagster.engine.policy import Policy, load_policy
-from regal_dagster.engine.repository import open_repository
 from regal_dagster.engine.restore_test import run_restore_test
+from regal_dagster.engine.storage import open_repository
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
@@ -45,7 +45,7 @@ def _state(serial: int, lineage: str = "6f1c-lineage", resources: int = 2) -> by
 
 
 def _checked(policy: Policy, target: str):  # type: ignore[no-untyped-def]
-    manifest = run_backup(policy, target)
+    manifest = run_backup(policy, target).manifest
     return manifest, run_checks(policy, open_repository(policy), load_keyring(policy), manifest.backup_id)
 
 

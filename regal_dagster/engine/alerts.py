@@ -29,9 +29,9 @@ from typing import Any
 
 from .catalog import newest_first
 from .checks import ERROR, good_newest_first, load_check_record
+from .layout import restore_test_prefix
 from .policy import AlertChannel, EmailChannel, Policy, SlackChannel, WebhookChannel
-from .repository import Repository
-from .restore_test import RESULTS_PREFIX
+from .storage import Repository
 
 log = logging.getLogger("regal_backup.alerts")
 
@@ -310,7 +310,7 @@ def restore_test_conditions(policy: Policy, repo: Repository) -> list[Condition]
     """The newest restore test of each target, when it failed validation or missed the RTO."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
-        results = sorted(o.key for o in repo.list(f"{RESULTS_PREFIX}/{target}/") if o.key.endswith(".json"))
+        results = sorted(o.key for o in repo.list(restore_test_prefix(target)) if o.key.endswith(".json"))
         if not results:
             continue
         result = json.loads(repo.get_bytes(results[-1]))

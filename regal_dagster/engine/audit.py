@@ -31,12 +31,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import RegalError
+from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, audit_checkpoint_key, audit_spool_key
 from .policy import Policy
-from .repository import Repository
+from .storage import Repository
 
 GENESIS = "0" * 64
-CHECKPOINT_PREFIX = "audit/checkpoints/"
-SPOOL_PREFIX = "audit/spool/"
 # What this process already did, so an event costs one connection and no repository listing:
 _SCHEMA_READY: set[str] = set()  # audit databases set up
 _SPOOL_CHECKED: set[str] = set()  # repositories whose spool was empty or flushed (until this process spools)
@@ -132,7 +131,7 @@ def _connect(dsn: str):  # type: ignore[no-untyped-def]
     try:
         return psycopg.connect(dsn, connect_timeout=5, application_name="regal-backup-audit")
     except psycopg.OperationalError as exc:
-        from .sources.postgres import describe_dsn
+        from .postgresql.connection import describe_dsn
 
         raise RegalError(f"cannot reach the audit database {describe_dsn(dsn)}: {str(exc).strip().splitlines()[-1]}",
                          "start it or fix audit.dsn; events wait in the repository meanwhile") from None
@@ -163,7 +162,7 @@ class AuditTrail:
         import psycopg
 
         pending = _new_event(event_type, resource, outcome, details, trigger, at)
-        spooled = [] if self.repo.location in _SPOOL_CHECKED else sorted(s.key for s in self.repo.list(SPOOL_PREFIX))
+        spooled = [] if self.repo.location in _SPOOL_CHECKED else sorted(s.key for s in self.repo.list(AUDIT_SPOOL))
         try:
             with _connect(self.dsn) as conn:
                 self._ensure_schema(conn)
@@ -201,7 +200,7 @@ class AuditTrail:
     def _spool(self, event: AuditEvent) -> None:
         _SPOOL_CHECKED.discard(self.repo.location)
         with contextlib.suppress(Exception):  # the repository down as well: nothing more can be done here
-            name = f"{SPOOL_PREFIX}{event.at:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex[:8]}.json"
+            name = audit_spool_key(event.at, uuid.uuid4().hex[:8])
             self.repo.put_bytes(name, json.dumps(event.to_json()).encode())
 
     def _note_policy_change(self, conn) -> None:  # type: ignore[no-untyped-def]
@@ -238,10 +237,10 @@ class AuditTrail:
         body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": verdict.head_seq,
                 "hash": verdict.head_hash, "at": datetime.now(UTC).isoformat()}
         retain = datetime.now(UTC) + timedelta(days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
-        self.repo.put_bytes(f"{CHECKPOINT_PREFIX}{verdict.head_seq:012d}.json", json.dumps(body).encode(), retain)
+        self.repo.put_bytes(audit_checkpoint_key(verdict.head_seq), json.dumps(body).encode(), retain)
 
     def checkpoints(self) -> list[dict[str, Any]]:
-        return [json.loads(self.repo.get_bytes(s.key)) for s in sorted(self.repo.list(CHECKPOINT_PREFIX),
+        return [json.loads(self.repo.get_bytes(s.key)) for s in sorted(self.repo.list(AUDIT_CHECKPOINTS),
                                                                           key=lambda s: s.key)]
 
 
@@ -300,7 +299,7 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
 def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None) -> ChainVerdict:
     """The chain's verdict; `events`: the whole trail, when the caller has already read it."""
     verdict = verify_chain(trail.events() if events is None else events, trail.checkpoints())
-    verdict.spooled = sum(1 for _ in trail.repo.list(SPOOL_PREFIX))
+    verdict.spooled = sum(1 for _ in trail.repo.list(AUDIT_SPOOL))
     return verdict
 
 
@@ -312,7 +311,7 @@ def record(policy: Policy, repo: Repository | None, event_type: str, resource: s
     its audit (the event waits in the repository's spool when the database is down)."""
     if policy.audit is None:
         return
-    from .repository import open_repository
+    from .storage import open_repository
 
     with contextlib.suppress(RegalError):
         AuditTrail(policy, repo or open_repository(policy)).append(event_type, resource, outcome, details or {},

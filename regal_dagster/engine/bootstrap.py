@@ -11,7 +11,7 @@ import yaml
 from .crypto import create_keyset, generate_master_key, write_master_key_file
 from .errors import RegalError
 from .policy import Policy, load_policy
-from .repository import open_repository
+from .storage import open_repository
 
 POLICY_NAME = "regal_backup.yaml"
 KEYSET_NAME = "keyset.json"

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .errors import IntegrityError, RegalError
-from .manifest import MANIFEST_NAME, Manifest, manifest_key, started_of, target_of
-from .repository import Repository
+from .layout import BACKUPS, is_manifest_key, manifest_key, started_of, target_of, target_prefix
+from .manifest import Manifest
+from .storage import Repository
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,10 @@ class DamagedManifest:
 
 def list_backups(repo: Repository, target: str | None = None) -> tuple[list[Manifest], list[DamagedManifest]]:
     """All backups (oldest first) and the manifests that could not be read."""
-    prefix = f"backups/{target}/" if target else "backups/"
+    prefix = target_prefix(target) if target else BACKUPS
     backups, damaged = [], []
     for obj in repo.list(prefix):
-        if not obj.key.endswith("/" + MANIFEST_NAME):
+        if not is_manifest_key(obj.key):
             continue
         try:
             backups.append(Manifest.from_bytes(repo.get_bytes(obj.key), obj.key))
@@ -39,8 +40,8 @@ def newest_first(repo: Repository, target: str) -> Iterator[Manifest]:
     `list_backups` reads them all. Backup ids carry their start to the second; within a second the
     manifests' own start times decide."""
     by_second: dict[datetime, list[str]] = {}
-    for obj in repo.list(f"backups/{target}/"):
-        if obj.key.endswith("/" + MANIFEST_NAME):
+    for obj in repo.list(target_prefix(target)):
+        if is_manifest_key(obj.key):
             started = started_of(obj.key.split("/")[-2]) or datetime.min.replace(tzinfo=UTC)
             by_second.setdefault(started, []).append(obj.key)
     for second in sorted(by_second, reverse=True):

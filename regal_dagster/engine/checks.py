@@ -2,12 +2,15 @@
 
 - `manifest`   ERROR: the manifest's own checksum holds; every object it lists exists with its size.
 - `integrity`  ERROR: every stored byte read back, authenticated, decompressed; both SHA-256 sums match;
-               the schema archive's table of contents parses (`pg_restore --list`).
+               the objects parse as what they claim to be (the kind's `check_structure`: a PostgreSQL
+               archive's table of contents, an RDB, a Terraform state, a git bundle).
 - `encryption` ERROR: every object starts with our header and a key id the keyset holds (the one the
                manifest names); no plaintext of the source in samples from both ends of every object
                (table and column names, e-mail addresses, card tokens and card numbers); on S3 the store
                reports server-side encryption as well.
 - `size`       WARN:  the backup's size is within the policy's tolerance of the recent good backups.
+- `key_cryptoperiod`, `offsite_copy`: the setup around the backup (they alert; they do not decide "good").
+- and the kind's own checks (engine/sources/<kind>/: Redis persistence, Terraform serials).
 
 The outcome is written next to the manifest as `checks.json`. A backup is *good* when every ERROR check
 passed: only good backups count for freshness (the RPO), retention and restore tests. A backup without
@@ -21,68 +24,62 @@ import itertools
 import json
 import re
 import statistics
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from . import audit
 from .catalog import list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .errors import IntegrityError, RegalError
-from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, target_of
-from .pipeline import read_object, read_object_to_file
+from .layout import checks_key, manifest_key, target_of
+from .manifest import Manifest
+from .outcomes import ERROR, WARN, CheckOutcome, CheckSpec
+from .pipeline import StoredBackup
 from .policy import Policy
-from .repository import Repository, open_offsite
-from .sources.pg_tools import find_pg_tool
+from .sources.registry import kinds, source_for
+from .storage import Repository, open_offsite
 from .verify import verify_backup
 
-ERROR, WARN = "ERROR", "WARN"
-SEVERITY = {"manifest": ERROR, "integrity": ERROR, "encryption": ERROR, "size": WARN,
-            "persistence_configured": WARN, "state_valid": ERROR, "serial_monotonic": ERROR,
-            "key_cryptoperiod": WARN, "offsite_copy": ERROR}
-# The checks that say whether the backup itself can be trusted: only these decide "good" and block in
-# Dagster. The key's age and the off-site copy are about the setup around it: they alert, nothing more.
-DECIDE_GOOD = {"manifest", "integrity", "encryption", "state_valid", "serial_monotonic"}
-KIND_CHECKS = {"redis": ["persistence_configured"], "terraform": ["state_valid", "serial_monotonic"]}
-DESCRIPTIONS = {
-    "key_cryptoperiod": "The primary encryption key is within its cryptoperiod (PCI DSS 3.7.4): WARN as the "
-                        "end nears, ERROR past it.",
-    "offsite_copy": "The backup is in the off-site repository, every object read back there with the same "
-                    "SHA-256 as here, and the same manifest.",
-    "state_valid": "The Terraform state parses and has a serial and a lineage.",
-    "serial_monotonic": "The state's serial never goes backwards between backups of the same lineage (a "
-                        "backwards serial means the state was rolled back).",
-    "persistence_configured": "The Redis server keeps its own copies as the runbook says: RDB snapshots at "
-                              "least every 5 minutes and the append-only file on.",
-    "manifest": "The manifest's checksum holds and every object it lists exists with its size.",
-    "integrity": "Every stored byte is read back, authenticated, decompressed and matches both SHA-256 sums; "
-                 "the schema archive's table of contents parses.",
-    "encryption": "Every object is in the encrypted format under a key the keyset holds; no plaintext of the "
-                  "source in samples of the stored bytes; server-side encryption on S3.",
-    "size": "The backup's size is close to the recent good backups' (a sudden change is worth a look).",
+# The checks every backup gets. A kind adds its own (its Source's `checks`, e.g. Redis persistence).
+# `decides_good`: only these say whether the backup itself can be trusted, decide "good" and block in
+# Dagster; the key's age and the off-site copy are about the setup around it: they alert, nothing more.
+COMMON_CHECKS = {
+    "manifest": CheckSpec(ERROR, True, "The manifest's checksum holds and every object it lists exists with its "
+                                       "size."),
+    "integrity": CheckSpec(ERROR, True, "Every stored byte is read back, authenticated, decompressed and matches "
+                                        "both SHA-256 sums; the objects parse as what they claim to be."),
+    "encryption": CheckSpec(ERROR, True, "Every object is in the encrypted format under a key the keyset holds; "
+                                         "no plaintext of the source in samples of the stored bytes; server-side "
+                                         "encryption on S3."),
+    "size": CheckSpec(WARN, False, "The backup's size is close to the recent good backups' (a sudden change is "
+                                   "worth a look)."),
+    "key_cryptoperiod": CheckSpec(WARN, False, "The primary encryption key is within its cryptoperiod (PCI DSS "
+                                               "3.7.4): WARN as the end nears, ERROR past it."),
+    "offsite_copy": CheckSpec(ERROR, False, "The backup is in the off-site repository, every object read back there "
+                                            "with the same SHA-256 as here, and the same manifest."),
 }
+
+
+def check_spec(name: str) -> CheckSpec:
+    """The spec of a check, common or a kind's own."""
+    if name in COMMON_CHECKS:
+        return COMMON_CHECKS[name]
+    for kind in kinds():
+        if name in (specs := source_for(kind).checks):
+            return specs[name]
+    raise KeyError(name)
+
+
+def check_names(kind: str, offsite: bool = False) -> list[str]:
+    """The checks a backup of this kind gets (offsite_copy when there is an off-site repository)."""
+    return ["manifest", "integrity", "encryption", "size", *source_for(kind).checks, "key_cryptoperiod",
+            *(["offsite_copy"] if offsite else [])]
+
 
 _EMAIL = re.compile(rb"[A-Za-z0-9._%+-]{3,64}@[A-Za-z0-9-]{3,63}\.[A-Za-z0-9.-]{2,63}")
 _CARD_TOKEN = re.compile(rb"tok_[0-9A-Za-z]{8,}")
 _DIGITS = re.compile(rb"(?<![0-9])[0-9]{13,19}(?![0-9])")
-
-
-@dataclass
-class CheckOutcome:
-    name: str
-    passed: bool
-    description: str  # what was found, for people
-    failing_object: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    level: str | None = None  # a severity other than the check's usual one (key_cryptoperiod: ERROR once past)
-
-    @property
-    def severity(self) -> str:
-        return self.level or SEVERITY[self.name]
 
 
 @dataclass
@@ -95,7 +92,7 @@ class CheckRecord:
     @property
     def passed(self) -> bool:
         """Good: every ERROR check passed."""
-        return all(o.passed for o in self.outcomes if o.name in DECIDE_GOOD)
+        return all(o.passed for o in self.outcomes if check_spec(o.name).decides_good)
 
     def outcome(self, name: str) -> CheckOutcome | None:
         return next((o for o in self.outcomes if o.name == name), None)
@@ -112,16 +109,6 @@ class CheckRecord:
         outcomes = [CheckOutcome(o["name"], o["passed"], o["description"], o.get("failing_object"),
                                  o.get("metadata", {}), o.get("level")) for o in body["outcomes"]]
         return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}))
-
-
-def check_names(kind: str, offsite: bool = False) -> list[str]:
-    """The checks a backup of this kind gets (offsite_copy when there is an off-site repository)."""
-    return ["manifest", "integrity", "encryption", "size", *KIND_CHECKS.get(kind, []), "key_cryptoperiod",
-            *(["offsite_copy"] if offsite else [])]
-
-
-def checks_key(backup_id: str) -> str:
-    return backup_prefix(target_of(backup_id), backup_id) + CHECKS_NAME
 
 
 def load_check_record(repo: Repository, backup_id: str) -> CheckRecord | None:
@@ -161,85 +148,14 @@ def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs
     if bad is not None:
         return CheckOutcome("integrity", False, bad.detail, bad.key,
                             {"objects_failed": sum(not o.ok for o in result.objects)})
-    structure = {"postgres": _archive_structure, "redis": _rdb_structure, "terraform": _state_structure,
-                 "config": _bundle_structure}[manifest.kind](repo, keyring, manifest)
+    structure = source_for(manifest.kind).check_structure(StoredBackup(repo, keyring, manifest))
     return CheckOutcome("integrity", True, f"{manifest.stored_bytes} stored bytes in {len(manifest.objects)} "
                         f"objects authenticated and checksummed; {structure}",
                         metadata={"bytes_read": manifest.stored_bytes})
 
 
-def check_persistence(policy: Policy, target: str) -> CheckOutcome:
-    """How the Redis server keeps its own copies now (a WARN: the backup itself is fine)."""
-    from .sources import redis as redis_source
-
-    config = policy.target(target)
-    settings = redis_source.persistence_settings(redis_source.client(config.resolved_url()))  # type: ignore[union-attr]
-    problems = redis_source.persistence_problems(settings)
-    description = "; ".join(problems) or (f"RDB snapshots ({settings['save']}) and the append-only file are on")
-    return CheckOutcome("persistence_configured", not problems, description,
-                        metadata={"save": settings["save"], "appendonly": settings["appendonly"]})
-
-
-def _damaged(message: str) -> IntegrityError:
-    return IntegrityError(message, "this backup is damaged: use another one")
-
-
-def _rdb_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
-    from .sources import redis as redis_source
-
-    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        rdb = redis_source.check_rdb(read_object_to_file(repo, keyring, manifest, redis_source.RDB_OBJECT,
-                                                         Path(tmp) / redis_source.RDB_OBJECT))
-    if rdb["keys"] != manifest.source["rdb"]["keys"]:
-        raise _damaged(f"the RDB holds {rdb['keys']} keys, the manifest says {manifest.source['rdb']['keys']}")
-    return f"redis-check-rdb reads {rdb['keys']} keys"
-
-
-def _state_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
-    from .sources import terraform
-
-    facts = terraform.state_facts(read_object(repo, keyring, manifest, terraform.STATE_OBJECT))
-    if facts.get("serial") != manifest.source["state"].get("serial"):
-        raise _damaged(f"the stored state has serial {facts.get('serial')}, the manifest says "
-                       f"{manifest.source['state'].get('serial')}")
-    return f"the state reads back with serial {facts.get('serial')}"
-
-
-def _bundle_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
-    from .sources import gitconfig
-
-    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        gitconfig.verify_bundle(read_object_to_file(repo, keyring, manifest, gitconfig.BUNDLE_OBJECT,
-                                                    Path(tmp) / gitconfig.BUNDLE_OBJECT))
-    for name, digest in manifest.source.get("lock_files", {}).items():
-        if manifest.object(gitconfig.LOCK_PREFIX + name).plaintext_sha256 != digest:
-            raise _damaged(f"lock file {name}: its object and the manifest's hash differ")
-    return f"git bundle verify accepts {len(manifest.source.get('refs', {}))} refs"
-
-
-def _archive_structure(repo: Repository, keyring: Keyring, manifest: Manifest) -> str:
-    return f"schema archive lists {_archive_entries(repo, keyring, manifest)} entries"
-
-
-def _archive_entries(repo: Repository, keyring: Keyring, manifest: Manifest) -> int:
-    """Entries in the schema archive's table of contents (pg_restore --list must parse it)."""
-    from .sources import postgres  # here: `regal-backup verify` starts faster without the PostgreSQL client
-
-    dump_major = int(manifest.tool_versions.get("pg_dump", "0").split(".")[0] or 0)
-    tool = find_pg_tool("pg_restore", dump_major)
-    with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
-        archive = read_object_to_file(repo, keyring, manifest, postgres.SCHEMA_OBJECT, Path(tmp) / "schema.pgdump")
-        listed = subprocess.run([str(tool.path), "--list", str(archive)], capture_output=True, text=True,
-                                check=False)
-    if listed.returncode != 0:
-        raise IntegrityError(f"object {manifest.object(postgres.SCHEMA_OBJECT).key}: pg_restore cannot read the archive's table of contents: "
-                             f"{listed.stderr.strip()[-300:]}", "this backup is damaged: use another one")
-    return sum(1 for line in listed.stdout.splitlines() if line and not line.startswith(";"))
-
-
-def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sample_bytes: int,
-                     s3: bool) -> CheckOutcome:
-    needles = _plaintext_needles(manifest)
+def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sample_bytes: int) -> CheckOutcome:
+    needles = source_for(manifest.kind).plaintext_needles(manifest)
     sampled = 0
     for record in manifest.objects:
         head = repo.read_range(record.key, 0, sample_bytes)
@@ -258,21 +174,14 @@ def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sam
         sampled += len(sample)
         if found := _find_plaintext(sample, needles):
             return CheckOutcome("encryption", False, f"object {record.key} contains plaintext ({found})", record.key)
-        if s3 and repo.server_side_encryption(record.key) is None:
+        if repo.encrypts_at_rest and repo.server_side_encryption(record.key) is None:
             return CheckOutcome("encryption", False, f"object {record.key} is not encrypted at rest by the store",
                                 record.key)
     key_ids = sorted({o.encryption.key_id for o in manifest.objects})
     return CheckOutcome("encryption", True, f"{len(manifest.objects)} objects encrypted with key(s) "
                         f"{', '.join(map(str, key_ids))}; no plaintext in {sampled} sampled bytes"
-                        + ("; server-side encryption on every object" if s3 else ""),
+                        + ("; server-side encryption on every object" if repo.encrypts_at_rest else ""),
                         metadata={"key_ids": key_ids, "sampled_bytes": sampled})
-
-
-def _plaintext_needles(manifest: Manifest) -> list[bytes]:
-    names = set()
-    for table in manifest.source.get("tables", []):
-        names.update([table["name"], *table.get("columns", [])])
-    return sorted({n.encode() for n in names if len(n.encode()) >= 6})
 
 
 def _find_plaintext(sample: bytes, needles: list[bytes]) -> str | None:
@@ -296,29 +205,6 @@ def _luhn(digits: bytes) -> bool:
             n = n * 2 - 9 if n > 4 else n * 2
         total += n
     return total % 10 == 0
-
-
-def check_terraform_state(manifest: Manifest, earlier: list[Manifest]) -> list[CheckOutcome]:
-    """state_valid and serial_monotonic, against the earlier good backups of the same target."""
-    state = manifest.source["state"]
-    if "parse_error" in state:
-        invalid = f"the state does not parse: {state['parse_error']}"
-        return [CheckOutcome("state_valid", False, invalid),
-                CheckOutcome("serial_monotonic", False, "not run: the state does not parse")]
-    valid = CheckOutcome("state_valid", True, f"serial {state['serial']}, lineage {state['lineage']}, "
-                         f"{state['resources']} resources, Terraform {state['terraform_version']}",
-                         metadata={"serial": state["serial"], "resources": state["resources"]})
-    same_lineage = [m.source["state"] for m in earlier if m.source.get("state", {}).get("lineage") == state["lineage"]]
-    highest = max((s["serial"] for s in same_lineage), default=None)
-    if highest is not None and state["serial"] < highest:
-        return [valid, CheckOutcome("serial_monotonic", False, f"serial {state['serial']} is lower than {highest} in "
-                                    "an earlier backup: the state was rolled back; find out who and why before "
-                                    "the next apply", metadata={"serial": state["serial"], "earlier": highest})]
-    note = "first backup of this lineage" if highest is None else f"up from {highest}"
-    if not same_lineage and earlier:
-        note = "a new lineage: the state was replaced, not rolled back"
-    return [valid, CheckOutcome("serial_monotonic", True, f"serial {state['serial']} ({note})",
-                                metadata={"serial": state["serial"]})]
 
 
 def check_cryptoperiod(policy: Policy, keyring: Keyring, now: datetime) -> CheckOutcome:
@@ -393,9 +279,10 @@ def _is_good(repo: Repository, manifest: Manifest) -> bool:
     return record is not None and record.passed
 
 
-def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int = 4,
+def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int | None = None,
                trigger: dict[str, str] | None = None) -> CheckRecord:
     """Run every check on one backup and store the outcome as its checks.json."""
+    jobs = jobs or policy.jobs_for(target_of(backup_id))
     outcome, manifest = check_manifest(repo, backup_id)
     outcomes = [outcome]
     if manifest is None:
@@ -408,20 +295,14 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
         except (IntegrityError, RegalError) as exc:
             outcomes.append(CheckOutcome("integrity", False, exc.message))
         try:
-            outcomes.append(check_encryption(repo, keyring, manifest, policy.checks.sample_kb * 1024,
-                                             policy.repository.is_s3))
+            outcomes.append(check_encryption(repo, keyring, manifest, policy.checks.sample_kb * 1024))
         except RegalError as exc:  # an object that cannot be read cannot be shown to be encrypted
             outcomes.append(CheckOutcome("encryption", False, exc.message))
         earlier = (m for m in good_newest_first(repo, manifest.target) if m.started_at < manifest.started_at)
         recent = list(itertools.islice(earlier, policy.checks.size_history))  # only these are read for size
         outcomes.append(check_size(manifest, recent[::-1], policy.checks.size_tolerance))
-        if manifest.kind == "redis":
-            try:
-                outcomes.append(check_persistence(policy, manifest.target))
-            except RegalError as exc:
-                outcomes.append(CheckOutcome("persistence_configured", False, exc.message))
-        if manifest.kind == "terraform":
-            outcomes += check_terraform_state(manifest, recent + list(earlier))  # the whole history
+        outcomes += source_for(manifest.kind).kind_checks(policy, manifest.target, manifest,
+                                                          itertools.chain(recent, earlier))  # read on as needed
     outcomes.append(check_cryptoperiod(policy, keyring, datetime.now(UTC)))
     secondary = open_offsite(policy)
     if secondary is not None:

@@ -22,15 +22,14 @@ from typing import Any
 from . import audit
 from .catalog import list_backups
 from .crypto import Keyring
+from .layout import drill_key
 from .policy import Policy
-from .repository import Repository
 from .restore_test import run_restore_test
-
-DRILLS_PREFIX = "drills"
+from .storage import Repository
 
 
 def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: Path | None = None,
-              jobs: int = 2) -> dict[str, Any]:
+              jobs: int | None = None) -> dict[str, Any]:
     loss_at = datetime.now(UTC)
     drill_id = f"{loss_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     start = time.monotonic()
@@ -63,7 +62,7 @@ def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: P
         "rto_within_target": rto_seconds <= rto_target,
     }
     record["passed"] = record["rto_within_target"] and all(t["rpo_within_target"] for t in targets)
-    repo.put_bytes(f"{DRILLS_PREFIX}/{drill_id}.json", json.dumps(record, indent=2).encode())
+    repo.put_bytes(drill_key(drill_id), json.dumps(record, indent=2).encode())
     audit.record(policy, repo, "dr_drill", drill_id, "success" if record["passed"] else "failure",
                  {"rto_seconds": round(rto_seconds, 3), "rto_target_seconds": rto_target,
                   "rpo_seconds": record["rpo_seconds"], "rpo_target_seconds": record["rpo_target_seconds"],

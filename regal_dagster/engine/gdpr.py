@@ -22,18 +22,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from psycopg import sql
-
 from .audit import record
 from .crypto import Keyring, NonClosingWriter
 from .errors import RegalError
-from .policy import ErasureSubjectConfig, Policy
-from .repository import Repository
-from .sources.postgres import connect
+from .layout import GDPR_LEDGER
+from .policy import Policy
+from .sources.base import Source
+from .storage import Repository
 
-LEDGER_KEY = "gdpr/erasure-ledger"
 _LEDGER_CONTEXT = ("gdpr", "erasure-ledger")  # the associated data of its encryption
-ERASURE_ID = "{erasure_id}"
 
 
 @dataclass
@@ -58,9 +55,9 @@ class ErasureLedger:
 
 
 def load_ledger(repo: Repository, keyring: Keyring) -> ErasureLedger:
-    if repo.size(LEDGER_KEY) is None:
+    if repo.size(GDPR_LEDGER) is None:
         return ErasureLedger()
-    stream = keyring.decrypting_stream(io.BytesIO(repo.get_bytes(LEDGER_KEY)), *_LEDGER_CONTEXT)
+    stream = keyring.decrypting_stream(io.BytesIO(repo.get_bytes(GDPR_LEDGER)), *_LEDGER_CONTEXT)
     body = json.loads(stream.read())
     return ErasureLedger(body["salt"], [Erasure(**e) for e in body["erasures"]])
 
@@ -72,7 +69,7 @@ def save_ledger(repo: Repository, keyring: Keyring, ledger: ErasureLedger) -> No
     stream = keyring.encrypting_stream(NonClosingWriter(buffer), *_LEDGER_CONTEXT)  # type: ignore[arg-type]
     stream.write(body)
     stream.close()
-    repo.put_bytes(LEDGER_KEY, buffer.getvalue())
+    repo.put_bytes(GDPR_LEDGER, buffer.getvalue())
 
 
 def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: str, identifier: str, *,
@@ -114,38 +111,11 @@ class ErasureResult:
         return {**asdict(self), "ok": self.ok}
 
 
-def apply_erasures(policy: Policy, ledger: ErasureLedger, target: str, dsn: str) -> ErasureResult:
-    """Apply the target's erasures to a (restored) database; count what was erased and what remains."""
-    erasures = ledger.for_target(target)
-    subjects = policy.gdpr.subjects.get(target, [])
-    erased, remaining = {}, {}
+def reapply_erasures(policy: Policy, repo: Repository, keyring: Keyring, target: str, source: Source,
+                      destination: str) -> ErasureResult:
+    """The target's recorded erasures applied again at a restore's destination, as the policy says."""
+    ledger = load_ledger(repo, keyring)
+    erasures, subjects = ledger.for_target(target), policy.gdpr.subjects.get(target, [])
     if not erasures or not subjects:
         return ErasureResult(len(erasures), {}, {})
-    hashes = [e.subject_hash for e in erasures]
-    with connect(dsn) as conn, conn.cursor() as cur:
-        for subject in subjects:
-            table = sql.Identifier(*subject.table.split(".", 1))
-            subject_hash = sql.SQL("encode(sha256(convert_to({salt} || lower(btrim({col}::text)), 'UTF8')), 'hex')").format(
-                salt=sql.Literal(ledger.salt), col=sql.Identifier(subject.match_column))
-            matches = sql.SQL("{h} = ANY({hashes})").format(h=subject_hash, hashes=sql.Literal(hashes))
-            cur.execute(_erase_statement(subject, table, subject_hash, matches))
-            erased[subject.table] = cur.rowcount
-            cur.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {m}").format(t=table, m=matches))
-            remaining[subject.table] = int(cur.fetchone()[0])  # type: ignore[index]
-        conn.commit()
-    return ErasureResult(len(erasures), erased, remaining)
-
-
-def _erase_statement(subject: ErasureSubjectConfig, table: sql.Identifier, subject_hash: sql.Composable,
-                     matches: sql.Composable) -> sql.Composable:
-    if subject.action == "delete":
-        return sql.SQL("DELETE FROM {t} WHERE {m}").format(t=table, m=matches)
-    assignments = []
-    for column, value in subject.set.items():
-        if isinstance(value, str) and ERASURE_ID in value:
-            expression = sql.SQL("replace({v}, {marker}, left({h}, 16))").format(
-                v=sql.Literal(value), marker=sql.Literal(ERASURE_ID), h=subject_hash)
-        else:
-            expression = sql.Literal(value)
-        assignments.append(sql.SQL("{c} = {e}").format(c=sql.Identifier(column), e=expression))
-    return sql.SQL("UPDATE {t} SET {a} WHERE {m}").format(t=table, a=sql.SQL(", ").join(assignments), m=matches)
+    return source.apply_erasures(destination, ledger, target, subjects)

@@ -24,13 +24,14 @@ from .catalog import list_backups
 from .checks import run_checks
 from .crypto import OBJECT_HEADER, Keyring, load_keyring, save_keyring
 from .errors import EncryptionKeyError, IntegrityError, ObjectLockedError
-from .gdpr import LEDGER_KEY, load_ledger, save_ledger
-from .manifest import Manifest, ObjectRecord, backup_prefix, manifest_key, target_of
+from .gdpr import load_ledger, save_ledger
+from .layout import GDPR_LEDGER, backup_prefix, manifest_key, target_of
+from .manifest import Manifest, ObjectRecord
 from .offsite import sync_backup
 from .parallel import map_parallel
 from .pipeline import CHUNK, StoredBytes, read_stream
-from .policy import Policy, default_jobs
-from .repository import Repository, open_offsite
+from .policy import Policy
+from .storage import Repository, open_offsite
 
 KEYS_LOCK = "keys"  # held while objects are re-encrypted; prune leaves unnamed objects alone meanwhile
 
@@ -55,7 +56,7 @@ def key_usage(repo: Repository, policy: Policy, manifests: list[Manifest] | None
     for manifest in manifests:
         for key_id in sorted({o.encryption.key_id for o in manifest.objects}):
             usage.setdefault(key_id, []).append(manifest.backup_id)
-    ledger_key = object_key_id(repo, LEDGER_KEY)
+    ledger_key = object_key_id(repo, GDPR_LEDGER)
     if ledger_key is not None:
         usage.setdefault(ledger_key, []).append("gdpr-ledger")
     return usage
@@ -90,7 +91,7 @@ class RetireReport:
 
 
 def retire_key(policy: Policy, key_id: int, *, reencrypt: bool = False, repo: Repository | None = None) -> RetireReport:
-    from .repository import open_repository
+    from .storage import open_repository
 
     repo = repo or open_repository(policy)
     with audited(policy, repo, "key_retire", f"key {key_id}") as details:
@@ -126,7 +127,7 @@ def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> R
                 report.ledger_reencrypted = True
                 continue
             manifest = Manifest.from_bytes(repo.get_bytes(manifest_key(target_of(backup_id), backup_id)), backup_id)
-            rekeyed, leftovers = rekey_backup(repo, keyring, manifest, key_id)
+            rekeyed, leftovers = rekey_backup(repo, keyring, manifest, key_id, policy.jobs)
             report.reencrypted.append(backup_id)
             report.locked_leftovers += leftovers
             run_checks(policy, repo, keyring, backup_id, trigger={"cli": f"keys retire {key_id}"})
@@ -139,14 +140,15 @@ def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> R
     return report
 
 
-def rekey_backup(repo: Repository, keyring: Keyring, manifest: Manifest, key_id: int) -> tuple[Manifest, list[str]]:
+def rekey_backup(repo: Repository, keyring: Keyring, manifest: Manifest, key_id: int,
+                 jobs: int) -> tuple[Manifest, list[str]]:
     """Re-encrypt the objects of a backup that use `key_id` under the primary key; returns the new manifest
     and the old objects Object Lock would not let go."""
     old = [r for r in manifest.objects if r.encryption.key_id == key_id]
     try:  # several objects at once: each is CPU-bound (AES-GCM both ways, SHA-256, zstd to check)
         fresh = dict(zip([r.name for r in old], map_parallel(
             lambda record, _cancelled: reencrypt_object(repo, keyring, manifest, record), old,
-            default_jobs(), "rekey"), strict=True))
+            jobs, "rekey"), strict=True))
     except BaseException:  # the backup stays as it was: its manifest still names the old objects
         for record in old:
             with contextlib.suppress(Exception):

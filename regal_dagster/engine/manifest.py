@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -18,8 +17,6 @@ from .errors import IntegrityError
 
 MANIFEST_FORMAT = "regal-backup-manifest"
 MANIFEST_VERSION = 2  # 2: one object per table plus a schema archive (1 was a pre-release layout)
-MANIFEST_NAME = "manifest.json"
-CHECKS_NAME = "checks.json"  # the outcome of the checks, next to the manifest (engine/checks.py)
 
 
 class CompressionInfo(BaseModel):
@@ -132,29 +129,3 @@ class Manifest(BaseModel):
 
     def table_rows(self) -> dict[str, int]:
         return {f"{t['schema']}.{t['name']}": t["rows"] for t in self.source.get("tables", [])}
-
-
-def backup_prefix(target: str, backup_id: str) -> str:
-    return f"backups/{target}/{backup_id}/"
-
-
-def manifest_key(target: str, backup_id: str) -> str:
-    return backup_prefix(target, backup_id) + MANIFEST_NAME
-
-
-def new_backup_id(target: str, started_at: datetime) -> str:
-    """`<target>-<UTC time>-<random>`: sorts by time within a target; target names have no '-'."""
-    stamp = started_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{target}-{stamp}-{secrets.token_hex(3)}"
-
-
-def target_of(backup_id: str) -> str:
-    return backup_id.split("-", 1)[0]
-
-
-def started_of(backup_id: str) -> datetime | None:
-    """The start time a backup id carries (None for a name that is not a backup id)."""
-    try:
-        return datetime.strptime(backup_id.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    except (IndexError, ValueError):
-        return None

@@ -14,9 +14,10 @@ import hashlib
 from dataclasses import dataclass
 
 from .errors import IntegrityError, ObjectLockedError, RegalError
-from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key
+from .layout import CHECKS_NAME, backup_prefix, manifest_key
+from .manifest import Manifest
 from .pipeline import CHUNK
-from .repository import Repository
+from .storage import Repository
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -22,7 +23,7 @@ from .crypto import OBJECT_FORMAT_VERSION, STREAMING_TEMPLATE_NAME, Keyring, Non
 from .errors import IntegrityError
 from .manifest import CompressionInfo, EncryptionInfo, Manifest, ObjectRecord
 from .policy import CompressionConfig
-from .repository import ObjectWriter, Repository
+from .storage import ObjectWriter, Repository
 
 CHUNK = 1024 * 1024
 
@@ -144,15 +145,27 @@ def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, bac
                              "this backup is damaged: use another one")
 
 
-def read_object_to_file(repo: Repository, keyring: Keyring, manifest: Manifest, name: str, path: Path) -> Path:
-    """One object of a backup, authenticated and decompressed into `path` (put it in a private directory)."""
-    with path.open("wb") as f:
-        read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=f.write)
-    return path
+@dataclass(frozen=True)
+class StoredBackup:
+    """One backup's objects as the restore and check paths read them: authenticated, decompressed and
+    checked against the manifest's SHA-256 sums on the way."""
 
+    repo: Repository
+    keyring: Keyring
+    manifest: Manifest
 
-def read_object(repo: Repository, keyring: Keyring, manifest: Manifest, name: str) -> bytes:
-    """A small object of a backup (a state file), authenticated and decompressed, in memory."""
-    chunks: list[bytes] = []
-    read_stream(repo, manifest.object(name), keyring=keyring, backup_id=manifest.backup_id, sink=chunks.append)
-    return b"".join(chunks)
+    def stream(self, name: str, sink: Callable[[bytes], object], progress: Progress | None = None) -> None:
+        read_stream(self.repo, self.manifest.object(name), keyring=self.keyring, backup_id=self.manifest.backup_id,
+                    sink=sink, progress=progress)
+
+    def to_file(self, name: str, path: Path) -> Path:
+        """An object into `path` (put it in a private directory)."""
+        with path.open("wb") as f:
+            self.stream(name, f.write)
+        return path
+
+    def read(self, name: str) -> bytes:
+        """A small object (a state file), in memory."""
+        chunks: list[bytes] = []
+        self.stream(name, chunks.append)
+        return b"".join(chunks)

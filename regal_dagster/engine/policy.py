@@ -11,21 +11,28 @@ import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import PolicyError
+from .settings import (
+    Cron,
+    CronExpression,
+    Duration,
+    Settings,
+    TargetSettings,
+    default_jobs,
+    fill_environment,
+    is_first_match_in_month,
+)
+from .sources.registry import kinds, target_models
+
+if TYPE_CHECKING:
+    TargetConfig = TargetSettings
+else:  # every source kind's settings, told apart by `kind` (engine/sources/<kind>/target.py)
+    TargetConfig = Annotated[Union[tuple(target_models())], Field(discriminator="kind")]  # noqa: UP007
 
 POLICY_ENV = "REGAL_POLICY"
 DEFAULT_POLICY_FILE = "regal_backup.yaml"
@@ -34,38 +41,7 @@ DEFAULT_POLICY_FILE = "regal_backup.yaml"
 RETENTION_CLASSES = ("hourly", "daily", "weekly", "monthly")
 RetentionClass = Literal["hourly", "daily", "weekly", "monthly"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: Any) -> timedelta:
-    """'90s', '30m', '1h', '2d', '1w' (or a number of seconds) -> timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"'{value}' is not a duration; write e.g. 30m, 1h, 2d or 1w")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-
-
-def _valid_cron(cron: str) -> str:
-    CronExpression.parse(cron)  # ValueError says what is wrong
-    return cron
-
-
-Cron = Annotated[str, AfterValidator(_valid_cron)]  # five fields, UTC
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ObjectLockConfig(_Model):
+class ObjectLockConfig(Settings):
     """S3 Object Lock: every backup object is written with a retention date matching its class."""
 
     mode: Literal["COMPLIANCE", "GOVERNANCE"] = Field(
@@ -73,7 +49,7 @@ class ObjectLockConfig(_Model):
                                   "GOVERNANCE: identities with s3:BypassGovernanceRetention can")
 
 
-class RepositoryConfig(_Model):
+class RepositoryConfig(Settings):
     url: str = Field(description="file:///absolute/path, a relative path, or s3://bucket/prefix")
     region: str | None = None
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
@@ -107,7 +83,7 @@ class RepositoryConfig(_Model):
         return self.url.startswith("s3://")
 
 
-class MasterKeyConfig(_Model):
+class MasterKeyConfig(Settings):
     """Where the key that encrypts the keyset comes from. Exactly one of the three."""
 
     env: str | None = Field(None, description="environment variable holding the master key")
@@ -126,7 +102,7 @@ class MasterKeyConfig(_Model):
         return self
 
 
-class EncryptionConfig(_Model):
+class EncryptionConfig(Settings):
     keyset: str = Field(description="path of the encrypted keyset (relative to the policy file)")
     master_key: MasterKeyConfig
     cryptoperiod: Duration = Field(timedelta(days=365), description="how long a key may stay primary "
@@ -135,70 +111,7 @@ class EncryptionConfig(_Model):
                                            "before the cryptoperiod ends")
 
 
-def default_jobs() -> int:
-    """Parallel connections when none are configured: one per CPU core, at most 8."""
-    return min(os.cpu_count() or 2, 8)
-
-
-def fill_environment(text: str, setting: str) -> str:
-    """`text` with ${VAR} references filled from the environment (the result is never logged)."""
-    def fill(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise PolicyError("(environment)", [f"{setting} references ${{{name}}} but it is not set"])
-        return os.environ[name]
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text)
-
-
-DataClass = Literal["payment data", "personal data", "operational data", "configuration"]
-
-
-class _Target(_Model):
-    rpo: Duration | None = None
-    rto: Duration | None = None
-    description: str | None = Field(None, description="what this is, for people and the compliance report")
-    data_classes: list[DataClass] = Field(default_factory=list, description="what it holds, for the report's scope")
-
-
-class PostgresTarget(_Target):
-    kind: Literal["postgres"]
-    dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
-    jobs: int = Field(default_factory=lambda: default_jobs(), ge=1, le=32,
-                      description="parallel connections for dump, restore and verify (default: the CPU count, at most 8)")
-
-    def resolved_dsn(self) -> str:
-        return fill_environment(self.dsn, "dsn")
-
-
-class RedisTarget(_Target):
-    kind: Literal["redis"]
-    url: str = Field(description="redis://[user:password@]host:port (rediss:// for TLS); ${VAR} from the environment")
-    data_dir: str | None = Field(None, description="the server's data directory, when this machine can read it: "
-                                                  "its append-only files are backed up too")
-
-    def resolved_url(self) -> str:
-        return fill_environment(self.url, "url")
-
-
-class TerraformTarget(_Target):
-    kind: Literal["terraform"]
-    state: str = Field(description="path of a terraform.tfstate, or s3://bucket/key of a state bucket")
-    region: str | None = None
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of the state bucket")
-
-
-class ConfigTarget(_Target):
-    kind: Literal["config"]
-    repository: str = Field(description="path of the configuration's git repository")
-    lock_files: list[str] = Field(default_factory=lambda: ["requirements.txt", "poetry.lock", "uv.lock"],
-                                  description="dependency lock files (relative to the repository) kept with hashes")
-
-
-TargetConfig = Annotated[PostgresTarget | RedisTarget | TerraformTarget | ConfigTarget, Field(discriminator="kind")]
-
-
-class CompressionConfig(_Model):
+class CompressionConfig(Settings):
     """zstd settings for new backups (restores read whatever a backup used)."""
 
     level: int = Field(1, ge=-7, le=19, description="zstd level; 1 is fastest at a gzip-like ratio")
@@ -206,7 +119,7 @@ class CompressionConfig(_Model):
                                  "is 14; 16 gives about 0.7% smaller output for about 15% more CPU")
 
 
-class ScheduleConfig(_Model):
+class ScheduleConfig(Settings):
     cron: Cron
     first_in_month: bool = Field(False, description="run only on the first matching day of each month")
 
@@ -220,7 +133,7 @@ def _default_schedules() -> dict[str, ScheduleConfig]:
     }
 
 
-class RetentionConfig(_Model):
+class RetentionConfig(Settings):
     """How many periods of each class are kept (grandfather-father-son)."""
 
     hourly: int = Field(48, ge=0, description="hours")
@@ -238,8 +151,10 @@ class RetentionConfig(_Model):
         return started_at + period[retention_class] * count
 
 
-class PruneConfig(_Model):
+class PruneConfig(Settings):
     cron: Cron = Field("30 2 * * *", description="when the prune job runs (UTC)")
+    retention_check_cron: Cron = Field("0 6 1 1,4,7,10 *", description="the quarterly proof that nothing is "
+                                       "kept past its retention (UTC; PCI DSS 3.2.1)")
     failed_grace: Duration = Field(timedelta(days=7), description="backups that failed their checks are kept "
                                    "this long for investigation")
     unchecked_grace: Duration = Field(timedelta(days=1), description="a backup not checked yet is kept this long")
@@ -247,7 +162,9 @@ class PruneConfig(_Model):
                                    "removed once this old")
 
 
-class ChecksConfig(_Model):
+class ChecksConfig(Settings):
+    verify_cron: Cron = Field("30 3 * * *", description="the daily re-verification of every target's newest "
+                              "backup (UTC), after the 02:00 backup: storage bit rot is found within a day")
     size_tolerance: float = Field(0.5, gt=0, description="WARN when a backup's size differs from the median "
                                   "of the recent good backups by more than this fraction")
     size_history: int = Field(10, ge=3, le=100, description="how many recent good backups the size check uses")
@@ -255,7 +172,7 @@ class ChecksConfig(_Model):
                            "looking for plaintext")
 
 
-class EmailChannel(_Model):
+class EmailChannel(Settings):
     kind: Literal["email"]
     host: str
     port: int = 587
@@ -268,13 +185,13 @@ class EmailChannel(_Model):
     timeout: Duration = timedelta(seconds=15)
 
 
-class SlackChannel(_Model):
+class SlackChannel(Settings):
     kind: Literal["slack"]
     webhook_url_env: str = Field(description="environment variable holding the incoming-webhook URL (a secret)")
     timeout: Duration = timedelta(seconds=15)
 
 
-class WebhookChannel(_Model):
+class WebhookChannel(Settings):
     kind: Literal["webhook"]
     url: str | None = None
     url_env: str | None = Field(None, description="environment variable holding the URL, when it is a secret")
@@ -290,19 +207,19 @@ class WebhookChannel(_Model):
 AlertChannel = Annotated[EmailChannel | SlackChannel | WebhookChannel, Field(discriminator="kind")]
 
 
-class CapacityConfig(_Model):
+class CapacityConfig(Settings):
     min_free_fraction: float = Field(0.15, ge=0, le=1, description="local repository: alert below this free disk")
     s3_quota_bytes: int | None = Field(None, ge=1, description="S3: the bucket budget usage is measured against")
     max_used_fraction: float = Field(0.8, gt=0, le=1, description="S3: alert above this share of the quota")
 
 
-class AlertsConfig(_Model):
+class AlertsConfig(Settings):
     channels: list[AlertChannel] = Field(default_factory=list)
     remind_after: Duration = Field(timedelta(hours=4), description="repeat an alert that has not cleared")
     capacity: CapacityConfig = CapacityConfig()
 
 
-class RestoreTestsConfig(_Model):
+class RestoreTestsConfig(Settings):
     classes: list[RetentionClass] = Field(default_factory=lambda: ["daily", "weekly", "monthly"],
                                           description="new good backups of these classes are restore-tested once")
     monthly_cron: Cron = Field("0 4 1 * *", description="the monthly random sample (UTC)")
@@ -311,7 +228,7 @@ class RestoreTestsConfig(_Model):
     work_dir: str | None = Field(None, description="where scratch servers live (default: the temp directory)")
 
 
-class ErasureSubjectConfig(_Model):
+class ErasureSubjectConfig(Settings):
     """Where a target keeps the personal data of one kind of data subject (e.g. customers by e-mail)."""
 
     table: str = Field(description="schema.table")
@@ -330,12 +247,12 @@ class ErasureSubjectConfig(_Model):
         return self
 
 
-class GdprConfig(_Model):
+class GdprConfig(Settings):
     subjects: dict[str, list[ErasureSubjectConfig]] = Field(
         default_factory=dict, description="target -> the tables holding its data subjects")
 
 
-class AuditConfig(_Model):
+class AuditConfig(Settings):
     """Where the audit trail lives: a PostgreSQL database (the schema regal_audit is created there)."""
 
     dsn: str = Field(description="libpq URI of the audit database; ${VAR} is read from the environment")
@@ -346,7 +263,7 @@ class AuditConfig(_Model):
         return fill_environment(self.dsn, "audit.dsn")
 
 
-class SigningConfig(_Model):
+class SigningConfig(Settings):
     """A certificate the compliance reports are signed with (PAdES, by pyHanko)."""
 
     cert_file: str = Field(description="PEM certificate (relative to the policy file)")
@@ -355,16 +272,16 @@ class SigningConfig(_Model):
     chain_files: list[str] = Field(default_factory=list, description="PEM intermediate certificates")
 
 
-class ReportsConfig(_Model):
+class ReportsConfig(Settings):
     cron: Cron = Field("0 7 1 * *", description="the monthly report (UTC), on the month before")
     signing: SigningConfig | None = None
 
 
-class DagsterConfig(_Model):
+class DagsterConfig(Settings):
     base_url: str = "http://localhost:3000"
 
 
-class Policy(_Model):
+class Policy(Settings):
     version: Literal[1] = 1
     repository: RepositoryConfig
     offsite: RepositoryConfig | None = Field(None, description="a second repository (another bucket and "
@@ -373,6 +290,9 @@ class Policy(_Model):
     targets: dict[str, TargetConfig]
     rpo: Duration = timedelta(hours=1)
     rto: Duration = timedelta(hours=4)
+    jobs: int = Field(default_factory=default_jobs, ge=1, le=32,
+                      description="parallel workers for backups, checks, restores and restore tests (default: "
+                                  "the CPU count, at most 8); a target's own `jobs` wins")
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
     prune: PruneConfig = PruneConfig()
@@ -411,6 +331,9 @@ class Policy(_Model):
     def rto_for(self, name: str) -> timedelta:
         return self.target(name).rto or self.rto
 
+    def jobs_for(self, name: str) -> int:
+        return self.target(name).jobs or self.jobs
+
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
@@ -425,13 +348,13 @@ class Policy(_Model):
         for cls in RETENTION_CLASSES:
             schedule = self.schedules.get(cls)
             if schedule and CronExpression.parse(schedule.cron).matches(tick) and (
-                not schedule.first_in_month or _is_first_match_in_month(schedule.cron, tick)
+                not schedule.first_in_month or is_first_match_in_month(schedule.cron, tick)
             ):
                 chosen = cls
         return chosen
 
 
-_UNION_TAGS = {"postgres", "redis", "terraform", "config", "email", "slack", "webhook"}  # pydantic puts a union's tag in the path
+_UNION_TAGS = {*kinds(), "email", "slack", "webhook"}  # pydantic puts a union's tag in the path
 
 
 def _format_problem(error: dict[str, Any]) -> str:
@@ -477,60 +400,3 @@ def policy_from_dict(document: dict[str, Any], base_dir: Path, source: str = "(p
         raise PolicyError(source, [_format_problem(e) for e in exc.errors()]) from None
 
 
-# --- cron, just enough to tell which class a tick belongs to -------------------------------------
-
-class CronExpression:
-    """A five-field cron expression (minute hour day-of-month month day-of-week, UTC)."""
-
-    _RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
-
-    def __init__(self, fields: list[set[int]], dom_star: bool, dow_star: bool):
-        self.fields, self.dom_star, self.dow_star = fields, dom_star, dow_star
-
-    @classmethod
-    def parse(cls, text: str) -> CronExpression:
-        parts = text.split()
-        if len(parts) != 5:
-            raise ValueError(f"cron '{text}' needs 5 fields: minute hour day-of-month month day-of-week")
-        fields = [cls._field(part, lo, hi, text) for part, (lo, hi) in zip(parts, cls._RANGES)]
-        fields[4] = {d % 7 for d in fields[4]}  # 7 is Sunday too
-        return cls(fields, parts[2] == "*", parts[4] == "*")
-
-    @staticmethod
-    def _field(part: str, lo: int, hi: int, text: str) -> set[int]:
-        values: set[int] = set()
-        for item in part.split(","):
-            base, _, step_text = item.partition("/")
-            try:
-                step = int(step_text) if step_text else 1
-                if base == "*":
-                    start, end = lo, hi
-                elif "-" in base:
-                    start, end = (int(x) for x in base.split("-", 1))
-                else:
-                    start = end = int(base)
-            except ValueError:
-                raise ValueError(f"cron '{text}': cannot read '{item}'") from None
-            if not (lo <= start <= end <= hi) or step < 1:
-                raise ValueError(f"cron '{text}': '{item}' is outside {lo}-{hi}")
-            values.update(range(start, end + 1, step))
-        return values
-
-    def matches(self, t: datetime) -> bool:
-        minute, hour, dom, month, dow = self.fields
-        if t.minute not in minute or t.hour not in hour or t.month not in month:
-            return False
-        dom_ok, dow_ok = t.day in dom, (t.isoweekday() % 7) in dow
-        if self.dom_star or self.dow_star:  # standard cron: OR only when both are restricted
-            return dom_ok and dow_ok
-        return dom_ok or dow_ok
-
-
-def _is_first_match_in_month(cron: str, tick: datetime) -> bool:
-    expression = CronExpression.parse(cron)
-    day = tick.replace(day=1)
-    while day.day < tick.day:
-        if expression.matches(day):
-            return False
-        day += timedelta(days=1)
-    return True

@@ -27,13 +27,12 @@ from .audit import AuditEvent, AuditTrail, ChainVerdict, record, verify_trail
 from .catalog import list_backups
 from .errors import RegalError
 from .keys import key_inventory
-from .manifest import target_of
+from .layout import report_key, target_of
 from .policy import Policy
-from .repository import Repository, open_repository
 from .retention import run_prune
+from .storage import Repository, open_repository
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "reports"
-REPORTS_PREFIX = "compliance-reports/"
 PASS, FAIL, NOT_TESTED = "PASS", "FAIL", "NOT TESTED"
 
 
@@ -533,7 +532,7 @@ def build_report(policy: Policy, period: Period, *, repo: Repository | None = No
     if policy.reports.signing is not None:
         pdf = sign_pdf(policy, pdf, report_id)
     digest = hashlib.sha256(pdf).hexdigest()
-    key = f"{REPORTS_PREFIX}{period.label}/{report_id}.pdf"
+    key = report_key(period.label, report_id)
     repo.put_bytes(key, pdf)
     repo.put_bytes(key + ".sha256", f"{digest}  {report_id}.pdf\n".encode())
     record(policy, repo, "report_generated", key, "success",

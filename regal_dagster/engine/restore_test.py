@@ -1,14 +1,12 @@
-"""Restore tests: a backup restored into a throwaway PostgreSQL and proven complete, with its RTO measured.
+"""Restore tests: a backup restored into a throwaway destination and proven complete, with its RTO measured.
 
-A checksum is not a restore. A restore test:
-1. starts a scratch embedded PostgreSQL 18 in a temp directory, tuned for restores (no fsync, minimal WAL);
-2. restores the backup into it the way `regal-backup restore` does (schema, tables loaded in parallel,
-   post-data with parallel jobs);
-3. validates: every table's row count and SHA-256 against the manifest, the schema's object counts
-   (tables, indexes, constraints, sequences, views, functions, triggers) against the ones recorded at
-   backup time, and `pg_amcheck` over every table and B-tree index;
-4. re-applies the GDPR erasure ledger (engine/gdpr.py) and fails if an erased subject is still there;
-5. always tears the server and its directory down, also when it fails or is interrupted.
+A checksum is not a restore. A restore test, whatever the kind:
+1. sets up a scratch destination (a PostgreSQL 18 server tuned for restores, a directory, ...), private
+   and removed afterwards, also when the test fails or is interrupted;
+2. restores the backup there the way `regal-backup restore` does (engine/restore.py), which validates it
+   against the manifest (PostgreSQL: every table's row count and SHA-256) and re-applies the GDPR erasures;
+3. proves more at the destination (the kind's `verify_restored`: schema object counts and pg_amcheck, a
+   scratch redis-server loading the RDB, the state parsing, every ref of a clone).
 
 The wall time from start to validated is the measured RTO of that backup. Results are stored in the
 repository under `restore-tests/<target>/` as evidence.
@@ -17,8 +15,6 @@ repository under `restore-tests/<target>/` as evidence.
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -26,21 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from .audit import record
-from .cluster import ScratchCluster
 from .crypto import Keyring
 from .errors import RegalError
-from .gdpr import apply_erasures, load_ledger
+from .layout import restore_test_key
 from .manifest import Manifest
-from .pipeline import read_object, read_object_to_file
 from .policy import Policy
-from .repository import Repository
-from .restore import restore_backup
-from .sources import gitconfig, postgres, terraform
-from .sources import redis as redis_source
-from .sources.pg_tools import find_pg_tool
+from .restore import restore_to
+from .sources.base import RestoreRequest
+from .sources.registry import source_for
+from .storage import Repository
 
-RESTORE_TEST_DATABASE = "restore_test"
-RESULTS_PREFIX = "restore-tests"
 RESTORE_FAILED = "the restore failed"
 
 
@@ -80,14 +71,13 @@ class RestoreTestResult:
 
 
 def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, *,
-                     work_dir: Path | None = None, jobs: int = 2,
+                     work_dir: Path | None = None, jobs: int | None = None,
                      trigger: dict[str, str] | None = None) -> RestoreTestResult:
-    """Restore `manifest`'s backup into a scratch server, validate it, tear it down, store the result."""
+    """Restore `manifest`'s backup into a scratch destination, validate it, tear it down, store the result."""
+    jobs = jobs or policy.jobs_for(manifest.target)
     tested_at = datetime.now(UTC)
     start = time.monotonic()
-    test = {"postgres": _test_postgres, "redis": _test_redis, "terraform": _test_terraform,
-            "config": _test_config}[manifest.kind]
-    found = test(policy, repo, keyring, manifest, work_dir, jobs)
+    found = _restore_and_verify(policy, repo, keyring, manifest, work_dir, jobs)
     found.seconds["total"] = time.monotonic() - start
     restore_failed = any(p.startswith(RESTORE_FAILED) for p in found.problems)
     tables = [{"schema": t["schema"], "name": t["name"], "rows": t["rows"],
@@ -99,7 +89,8 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
         (tested_at - manifest.finished_at).total_seconds(), found.seconds,
         policy.rto_for(manifest.target).total_seconds(), tables, found.problems, trigger or {},
         found.erasures, found.load_breakdown, found.details)
-    repo.put_bytes(result_key(result), json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
+    repo.put_bytes(restore_test_key(result.target, result.tested_at, result.backup_id),
+                   json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
     record(policy, repo, "restore_test", manifest.backup_id,
            "success" if result.validation_passed and result.rto_within_target else "failure",
            {"target": manifest.target, "rto_seconds": round(result.rto_seconds, 3),
@@ -118,111 +109,23 @@ class _Found:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _test_postgres(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, work_dir: Path | None,
-                   jobs: int) -> _Found:
-    found = _Found()
-    start = time.monotonic()
-    with ScratchCluster(base_dir=work_dir, tuned_for_restore=True) as cluster:
-        found.seconds["cluster"] = time.monotonic() - start
-        dsn = cluster.dsn(RESTORE_TEST_DATABASE)
-        try:
-            report = restore_backup(repo, keyring, manifest, dsn, jobs=jobs, validation="full")
-        except RegalError as exc:  # the backup does not restore: that is the finding, recorded as such
-            found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
-            return found
-        found.seconds.update({k: v for k, v in report.seconds.items() if k != "total"})
-        found.load_breakdown = report.load_breakdown
-        found.problems += report.validation_problems
-        phase = time.monotonic()
-        if expected_counts := manifest.source.get("schema_objects"):
-            found.problems += postgres.compare_schema_counts(expected_counts, postgres.restored_schema_counts(dsn))
-        found.problems += _amcheck(dsn, jobs)
-        found.seconds["amcheck"] = time.monotonic() - phase
-        erasures = apply_erasures(policy, load_ledger(repo, keyring), manifest.target, dsn)
-        found.erasures = erasures.to_json()
-        found.problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
-                           for table, count in erasures.still_present.items() if count]
-    return found
-
-
-def _test_terraform(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
-                    work_dir: Path | None, jobs: int) -> _Found:
-    """The state read back and parsed: serial, lineage and resource count as recorded."""
+def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
+                        work_dir: Path | None, jobs: int) -> _Found:
+    source = source_for(manifest.kind)
     found = _Found()
     phase = time.monotonic()
     try:
-        state = read_object(repo, keyring, manifest, terraform.STATE_OBJECT)
-    except RegalError as exc:
+        with source.scratch_destination(work_dir) as destination:
+            found.seconds[source.scratch_phase] = time.monotonic() - phase
+            restored = restore_to(policy, repo, keyring, manifest, RestoreRequest(destination, jobs=jobs))
+            found.seconds.update({k: v for k, v in restored.seconds.items() if k != "total"})
+            found.problems += restored.problems
+            found.erasures = restored.erasures.to_json() if restored.erasures else {}
+            found.load_breakdown = restored.details.pop("load_breakdown", {})
+            verified = source.verify_restored(destination, manifest, jobs)
+            found.problems += verified.problems
+            found.seconds.update(verified.seconds)
+            found.details = {**restored.details, **verified.details}
+    except RegalError as exc:  # the backup does not restore: that is the finding, recorded as such
         found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
-        return found
-    found.seconds["fetch_decrypt"] = time.monotonic() - phase
-    found.details = terraform.state_facts(state)
-    expected = manifest.source["state"]
-    found.problems += [f"the restored state has {key} {found.details.get(key)!r}, the backup recorded {expected.get(key)!r}"
-                       for key in ("serial", "lineage", "resources", "parse_error") if found.details.get(key) != expected.get(key)]
     return found
-
-
-def _test_config(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
-                 work_dir: Path | None, jobs: int) -> _Found:
-    """A clone from the bundle: every ref and HEAD as recorded."""
-    found = _Found()
-    phase = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="regal-config-test-", dir=work_dir) as tmp:
-        try:
-            bundle = read_object_to_file(repo, keyring, manifest, gitconfig.BUNDLE_OBJECT,
-                                         Path(tmp) / gitconfig.BUNDLE_OBJECT)
-            found.seconds["fetch_decrypt"] = time.monotonic() - phase
-            phase = time.monotonic()
-            cloned = gitconfig.clone(bundle, Path(tmp) / "clone")
-            found.seconds["clone"] = time.monotonic() - phase
-        except RegalError as exc:
-            found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
-            return found
-    found.details = cloned
-    expected_refs = manifest.source["refs"]
-    found.problems += [f"ref {name} is {cloned['refs'].get(name)} in the clone, {commit} in the backup"
-                       for name, commit in sorted(expected_refs.items()) if cloned["refs"].get(name) != commit]
-    found.problems += [f"the clone has {name}, which the backup did not record"
-                       for name in sorted(set(cloned["refs"]) - set(expected_refs))]
-    if cloned["head"] != manifest.source["head"]:
-        found.problems.append(f"HEAD is {cloned['head']} in the clone, {manifest.source['head']} in the backup")
-    return found
-
-
-def _test_redis(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, work_dir: Path | None,
-                jobs: int) -> _Found:
-    """The RDB into a scratch redis-server: key counts, TTL counts and the key sample compared."""
-    found = _Found()
-    phase = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="regal-redis-test-", dir=work_dir) as tmp:
-        try:
-            read_object_to_file(repo, keyring, manifest, redis_source.RDB_OBJECT, Path(tmp) / redis_source.RDB_OBJECT)
-            found.seconds["fetch_decrypt"] = time.monotonic() - phase
-            phase = time.monotonic()
-            scratch = redis_source.ScratchRedis(Path(tmp))
-            with scratch:
-                found.seconds["load"] = time.monotonic() - phase
-                phase = time.monotonic()
-                found.details, problems = redis_source.compare_restored(scratch.url, manifest.source)
-                found.problems += problems
-                found.seconds["validate"] = time.monotonic() - phase
-        except RegalError as exc:
-            found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
-    return found
-
-
-def result_key(result: RestoreTestResult) -> str:
-    return f"{RESULTS_PREFIX}/{result.target}/{result.tested_at:%Y%m%dT%H%M%S.%fZ}-{result.backup_id}.json"
-
-
-def _amcheck(dsn: str, jobs: int) -> list[str]:
-    """pg_amcheck over every table and B-tree index of the restored database."""
-    tool = find_pg_tool("pg_amcheck", 14)
-    run = subprocess.run([str(tool.path), "--install-missing", f"--jobs={jobs}", "--no-password"],
-                         capture_output=True, text=True, env=postgres.libpq_environment(dsn), check=False)
-    if run.returncode == 0:
-        return []
-    detail = (run.stdout + run.stderr).strip().splitlines()
-    return [f"pg_amcheck found corruption: {line}" for line in detail[:20]] or [
-        f"pg_amcheck failed with exit code {run.returncode}"]

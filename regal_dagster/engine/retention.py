@@ -20,9 +20,18 @@ from .catalog import list_backups
 from .checks import load_check_record
 from .errors import LockedError, ObjectLockedError, RegalError
 from .keys import KEYS_LOCK
-from .manifest import CHECKS_NAME, Manifest, backup_prefix, manifest_key, started_of
+from .layout import (
+    BACKUPS,
+    CHECKS_NAME,
+    backup_prefix,
+    manifest_key,
+    prune_log_key,
+    split_backup_key,
+    started_of,
+)
+from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
-from .repository import Repository, open_offsite
+from .storage import Repository, open_offsite
 
 RANK = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
 
@@ -110,9 +119,6 @@ def _why_not(backup: BackupInfo) -> str:
 
 # --- pruning the repository ------------------------------------------------------------------------
 
-PRUNE_LOG_PREFIX = "prune"
-
-
 @dataclass
 class PruneReport:
     at: datetime
@@ -161,10 +167,9 @@ def leftover_objects(repo: Repository, now: datetime, grace: timedelta) -> list[
     re-encryption). Each manifest is read here, under the keys lock, never from an earlier listing: a
     re-encryption may have renamed the objects since."""
     by_backup: dict[str, list[str]] = {}
-    for stored in repo.list("backups/"):
-        parts = stored.key.split("/")
-        if len(parts) >= 4:
-            by_backup.setdefault(f"{parts[1]}/{parts[2]}", []).append(stored.key)
+    for stored in repo.list(BACKUPS):
+        if (parts := split_backup_key(stored.key)) is not None:
+            by_backup.setdefault(f"{parts[0]}/{parts[1]}", []).append(stored.key)
     leftovers = []
     for target_and_id, keys in by_backup.items():
         target, backup_id = target_and_id.split("/")
@@ -236,7 +241,7 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
 
 def _finish(policy: Policy, repo: Repository, report: PruneReport) -> PruneReport:
     if not report.dry_run:
-        repo.put_bytes(f"{PRUNE_LOG_PREFIX}/{report.at:%Y%m%dT%H%M%S.%fZ}.json",
+        repo.put_bytes(prune_log_key(report.at),
                        json.dumps(report.to_json(), indent=2).encode())
     record(policy, repo, "retention_check" if report.dry_run else "prune", "repository",
            "failure" if report.dry_run and report.past_retention else "success",

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .checks import good_backups
+from .layout import restore_sample_key
 from .policy import Policy
-from .repository import Repository
-
-SAMPLES_PREFIX = "restore-tests/samples"
+from .storage import Repository
 
 
 @dataclass
@@ -47,7 +46,7 @@ def choose(candidates: list[tuple[str, str]], seed: str, n: int) -> list[tuple[s
 
 def draw_restore_sample(policy: Policy, repo: Repository, when: datetime) -> RestoreSample:
     month = f"{when.astimezone(UTC):%Y-%m}"
-    key = f"{SAMPLES_PREFIX}/{month}.json"
+    key = restore_sample_key(month)
     if repo.size(key) is not None:
         return RestoreSample.from_json(json.loads(repo.get_bytes(key)))
     candidates = sorted((target, m.backup_id) for target in policy.targets for m in good_backups(repo, target))

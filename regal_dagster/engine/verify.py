@@ -10,7 +10,8 @@ from .errors import IntegrityError, RegalError
 from .manifest import Manifest, ObjectRecord
 from .parallel import check, map_parallel
 from .pipeline import Progress, read_stream
-from .repository import Repository
+from .settings import default_jobs
+from .storage import Repository
 
 
 @dataclass
@@ -35,7 +36,7 @@ class VerifyResult:
         return [o.detail for o in self.objects if not o.ok]
 
 
-def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest, *, jobs: int = 2,
+def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest, *, jobs: int | None = None,
                   progress: Progress | None = None) -> VerifyResult:
     """Read every object in full, `jobs` at a time: authenticate, decompress and compare both SHA-256 sums."""
     def check_object(record: ObjectRecord, cancelled: threading.Event) -> ObjectCheck:
@@ -53,5 +54,6 @@ def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest, *, job
         return ObjectCheck(record.name, record.key, True, f"{record.size} bytes authenticated, SHA-256 matches")
 
     biggest_first = sorted(manifest.objects, key=lambda r: -r.size)
+    jobs = jobs or default_jobs()
     checks = {c.key: c for c in map_parallel(check_object, biggest_first, jobs, "verify")}
     return VerifyResult(manifest.backup_id, [checks[r.key] for r in manifest.objects])

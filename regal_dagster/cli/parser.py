@@ -1,0 +1,142 @@
+"""The command line: every command, its arguments and their help."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..engine.policy import RETENTION_CLASSES
+from . import commands
+
+JOBS_HELP = "parallel workers (default: the policy's `jobs` for the target: the CPU count, at most 8)"
+
+def build_parser() -> argparse.ArgumentParser:
+    def options(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
+        parser.add_argument("--policy", default=default, help="policy file (default: $REGAL_POLICY or ./regal_backup.yaml)")
+        parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
+                            help="machine-readable output")
+        parser.add_argument("--from-offsite", action="store_true",
+                            default=default if default is argparse.SUPPRESS else False,
+                            help="use the off-site repository instead of the primary one (disaster recovery)")
+        return parser
+
+    # The options are accepted before and after the command; the command's copy must not reset them.
+    common = options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    parser = options(argparse.ArgumentParser(prog="regal-backup",
+                                             description="Back up, verify and restore the Regal POS backend."), None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", parents=[common], help="create a policy, a local repository and a keyset")
+    p.add_argument("directory")
+    p.add_argument("--postgres-dsn", required=True, help="DSN of the database to back up; use ${VAR} for secrets")
+    p.add_argument("--master-key-env", help="keep the master key in this environment variable instead of a file")
+    p.add_argument("--redis-url", help="also back up this Redis server, as the target `cache` (${VAR} for secrets)")
+    p.set_defaults(func=commands.cmd_init)
+
+    p = sub.add_parser("master-key", parents=[common], help="print a new master key (for --master-key-env)")
+    p.set_defaults(func=commands.cmd_master_key)
+
+    p = sub.add_parser("backup", parents=[common], help="back up one target now")
+    p.add_argument("target")
+    p.add_argument("--class", dest="retention_class", choices=RETENTION_CLASSES, default="hourly")
+    p.set_defaults(func=commands.cmd_backup)
+
+    p = sub.add_parser("list", parents=[common], help="list backups")
+    p.add_argument("target", nargs="?")
+    p.set_defaults(func=commands.cmd_list)
+
+    p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
+    p.add_argument("backup_id")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
+    p.set_defaults(func=commands.cmd_verify)
+
+    p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
+    p.add_argument("backup_id", nargs="?")
+    p.add_argument("--to", required=True, help="PostgreSQL: DSN of the database to restore into (created if missing); "
+                                               "Redis: the directory for dump.rdb, or redis://... with --keys; "
+                                               "Terraform: the state file to write; config: a new directory to "
+                                               "clone into")
+    p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
+    p.add_argument("--latest", action="store_true")
+    p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")
+    p.add_argument("--drop-existing", action="store_true",
+                   help="replace a non-empty database (dropped only after the backup is authenticated)")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
+    p.add_argument("--validate", choices=["full", "rows"], default="full",
+                   help="full (default): read every table back and compare row counts and SHA-256 with the backup; "
+                        "rows: compare the loaded row counts only (faster; the bytes are still authenticated)")
+    p.add_argument("--keys", help="Redis, with --to redis://...: copy back only the keys matching this glob")
+    p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
+    p.add_argument("--pre-hook", help="shell command run just before the target is changed (stop the application)")
+    p.add_argument("--post-hook", help="shell command run after a validated restore (start the application)")
+    p.set_defaults(func=commands.cmd_restore)
+
+    p = sub.add_parser("restore-test", parents=[common],
+                       help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")
+    p.add_argument("backup_id", nargs="?", help="default: the newest good backup of --target")
+    p.add_argument("--target", default="main")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
+    p.add_argument("--work-dir", help="where the scratch server lives (default: the policy's, else the temp dir)")
+    p.set_defaults(func=commands.cmd_restore_test)
+
+    p = sub.add_parser("drill", parents=[common],
+                       help="disaster-recovery drill: rebuild every target from the repository, measure RTO and RPO")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
+    p.add_argument("--work-dir", help="where the scratch servers live (default: the policy's, else the temp dir)")
+    p.set_defaults(func=commands.cmd_drill)
+
+    gdpr = sub.add_parser("gdpr", help="the GDPR erasure ledger (re-applied after every restore)")
+    gdpr_sub = gdpr.add_subparsers(dest="gdpr_command", required=True)
+    p = gdpr_sub.add_parser("erase", parents=[common], help="record an erasure request")
+    p.add_argument("target")
+    p.add_argument("subject", help="the identifier the request names (e.g. the e-mail); stored only hashed")
+    p.add_argument("--requested-at", help="when the subject asked (ISO 8601, UTC; default: now)")
+    p.add_argument("--reference", help="your ticket or case number")
+    p.set_defaults(func=commands.cmd_gdpr_erase)
+    p = gdpr_sub.add_parser("list", parents=[common], help="list recorded erasures (hashes only)")
+    p.set_defaults(func=commands.cmd_gdpr_list)
+
+    p = sub.add_parser("prune", parents=[common], help="delete what retention no longer keeps (recorded)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.add_argument("--check", action="store_true",
+                   help="prove retention holds: exit 3 if any backup is past its retention (deletes nothing)")
+    p.set_defaults(func=commands.cmd_prune)
+
+    keys = sub.add_parser("keys", help="the encryption keys: inventory, rotation, retirement")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("list", parents=[common], help="every key with its dates and the backups using it")
+    p.set_defaults(func=commands.cmd_keys_list)
+    p = keys_sub.add_parser("rotate", parents=[common], help="add a new primary key (older keys keep reading)")
+    p.set_defaults(func=commands.cmd_keys_rotate)
+    p = keys_sub.add_parser("retire", parents=[common], help="destroy a key no backup uses any more")
+    p.add_argument("key_id", type=int)
+    p.add_argument("--reencrypt", action="store_true",
+                   help="first re-encrypt the backups that use it under the primary key (verified before the "
+                        "old objects go)")
+    p.set_defaults(func=commands.cmd_keys_retire)
+
+    offsite = sub.add_parser("offsite", help="the off-site copy of every backup")
+    offsite_sub = offsite.add_subparsers(dest="offsite_command", required=True)
+    p = offsite_sub.add_parser("sync", parents=[common],
+                               help="copy what the off-site repository lacks and read every backup back there")
+    p.set_defaults(func=commands.cmd_offsite_sync)
+
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    p = audit_sub.add_parser("verify", parents=[common],
+                             help="recompute the hash chain; name the first edited, deleted, inserted or moved entry")
+    p.set_defaults(func=commands.cmd_audit_verify)
+
+    p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (GDPR, SOX, PCI DSS)")
+    p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month)")
+    p.add_argument("--output", help="also write the PDF here")
+    p.set_defaults(func=commands.cmd_report)
+
+    p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
+    p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")
+    p.add_argument("--scale", type=float, default=0.05, help="dataset size (1.0 is about 80 MB)")
+    p.add_argument("--keep-running", action="store_true", help="leave the demo PostgreSQL running for the UI")
+    p.set_defaults(func=commands.cmd_demo)
+    return parser
+
+

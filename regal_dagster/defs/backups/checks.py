@@ -1,0 +1,54 @@
+"""Asset checks on every backup asset: manifest, integrity, encryption (ERROR, blocking), size (WARN),
+the key's cryptoperiod (WARN, ERROR once past) and the off-site copy (ERROR, not blocking).
+
+They run in the backup job right after the backup, and on their own in `verify_job` (daily, and from the
+UI), always on the asset's newest materialization. The engine writes the outcome next to the manifest
+(checks.json), so the CLI, the RPO watch, retention and restore tests all see which backups are good.
+"""
+
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    MetadataValue,
+    multi_asset_check,
+)
+
+from ...engine.checks import check_names, check_spec
+from ...engine.policy import Policy
+from ..resources import RegalEngine
+from .assets import backup_asset_key
+
+
+def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
+    key = backup_asset_key(policy.target(target).kind, target)
+    names = check_names(policy.target(target).kind, offsite=policy.offsite is not None)
+    specs = [AssetCheckSpec(name, asset=key, blocking=check_spec(name).decides_good,
+                            description=check_spec(name).description) for name in names]
+
+    @multi_asset_check(name=f"{target}_backup_checks", specs=specs)
+    def _checks(context: AssetCheckExecutionContext, regal: RegalEngine):  # type: ignore[no-untyped-def]
+        event = context.instance.get_latest_materialization_event(key)
+        materialization = event.asset_materialization if event else None
+        backup_id = materialization.metadata.get("backup_id") if materialization else None
+        if backup_id is None:
+            for name in names:
+                yield AssetCheckResult(asset_key=key, check_name=name, passed=False,
+                                       severity=AssetCheckSeverity(check_spec(name).severity),
+                                       description="no backup has been taken yet")
+            return
+        record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id})
+        for outcome in record.outcomes:
+            metadata = {"backup_id": record.backup_id, "finding": outcome.description, **outcome.metadata}
+            if outcome.failing_object:
+                metadata["failing_object"] = outcome.failing_object
+            yield AssetCheckResult(asset_key=key, check_name=outcome.name, passed=outcome.passed,
+                                   severity=AssetCheckSeverity(outcome.severity), description=outcome.description,
+                                   metadata={k: MetadataValue.json(v) if isinstance(v, list | dict) else v
+                                             for k, v in metadata.items()})
+        context.log.info(f"checks of {record.backup_id}: {'good' if record.passed else 'FAILED'}")
+
+    return _checks

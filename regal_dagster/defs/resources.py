@@ -1,0 +1,54 @@
+"""The Dagster resource every domain uses: the engine, configured from the policy file; secrets come in
+through EnvVar and stay out of run config and metadata."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource, EnvVar
+from pydantic import PrivateAttr
+
+from ..engine.backup import BackupResult, run_backup
+from ..engine.checks import CheckRecord, run_checks
+from ..engine.crypto import Keyring, load_keyring
+from ..engine.manifest import Manifest
+from ..engine.policy import Policy, load_policy
+from ..engine.restore_test import RestoreTestResult, run_restore_test
+from ..engine.storage import Repository, open_repository
+
+
+class RegalEngine(ConfigurableResource):  # type: ignore[misc]
+    """The backup engine for one policy file."""
+
+    policy_path: str
+    master_key: str | None = None  # filled from EnvVar when the policy keeps the master key in the environment
+
+    _policy: Policy | None = PrivateAttr(default=None)
+
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = load_policy(self.policy_path)
+        return self._policy
+
+    def repository(self) -> Repository:
+        return open_repository(self.policy())
+
+    def keyring(self) -> Keyring:
+        return load_keyring(self.policy(), self.master_key)
+
+    def backup(self, target: str, retention_class: str, trigger: dict[str, str]) -> BackupResult:
+        return run_backup(self.policy(), target, retention_class, repo=self.repository(), keyring=self.keyring(),
+                          trigger=trigger)
+
+    def restore_test(self, manifest: Manifest, trigger: dict[str, str]) -> RestoreTestResult:
+        work_dir = self.policy().restore_tests.work_dir
+        return run_restore_test(self.policy(), self.repository(), self.keyring(), manifest, trigger=trigger,
+                                work_dir=self.policy().resolve_path(work_dir) if work_dir else None)
+
+    def check(self, backup_id: str, trigger: dict[str, str]) -> CheckRecord:
+        return run_checks(self.policy(), self.repository(), self.keyring(), backup_id, trigger=trigger)
+
+
+def engine_resource(policy_path: str, policy: Policy) -> RegalEngine:
+    env = policy.encryption.master_key.env
+    if env:
+        return RegalEngine(policy_path=policy_path, master_key=EnvVar(env))
+    return RegalEngine(policy_path=policy_path)

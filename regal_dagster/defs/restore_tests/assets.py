@@ -1,0 +1,102 @@
+"""The restore-test asset of a target: materializing it restores a backup into a scratch destination,
+validates it and measures the RTO; its checks are the validation and the RTO against the target."""
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+)
+
+from ...engine.catalog import load_manifest
+from ...engine.checks import good_newest_first
+from ...engine.policy import Policy
+from ...engine.restore_test import RestoreTestResult
+from ...engine.sources.registry import source_for
+from ..backups.assets import backup_asset_key
+from ..resources import RegalEngine
+
+RESTORE_TEST_GROUP = "restore_tests"
+
+
+def restore_test_key(kind: str, target: str) -> AssetKey:
+    return AssetKey([kind, target, "restore_test"])
+
+
+class RestoreTestConfig(Config):  # type: ignore[misc]
+    backup_id: str = ""  # empty: the target's newest good backup
+
+
+def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
+    return {
+        "backup_id": result.backup_id,
+        "retention_class": result.retention_class,
+        "backup_age_hours": MetadataValue.float(round(result.backup_age_seconds / 3600, 3)),
+        "rto_seconds": MetadataValue.float(round(result.rto_seconds, 2)),
+        "rto_target_seconds": MetadataValue.float(result.rto_target_seconds),
+        "phase_seconds": MetadataValue.json({k: round(v, 3) for k, v in result.seconds.items()}),
+        "load_breakdown_seconds": MetadataValue.json({k: round(v, 3) for k, v in result.load_breakdown.items()}),
+        "problems": MetadataValue.json(result.problems),
+        "validation": MetadataValue.table(
+            records=[TableRecord({"table": f"{t['schema']}.{t['name']}", "rows": t["rows"], "matches": t["matches"]})
+                     for t in result.tables],
+            schema=TableSchema(columns=[TableColumn("table", "string"), TableColumn("rows", "int"),
+                                        TableColumn("matches", "bool")])),
+    }
+
+
+def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
+    kind = policy.target(target).kind
+    source = source_for(kind)
+    key = restore_test_key(kind, target)
+    rto = policy.rto_for(target)
+
+    @asset(key=key, deps=[backup_asset_key(kind, target)], group_name=RESTORE_TEST_GROUP, kinds={kind},
+           description=f"Restore test of a backup of the {source.label} '{target}' in a scratch destination: "
+                       f"validated, RTO measured against {rto}.",
+           check_specs=[AssetCheckSpec("validation_passed", asset=key,
+                                       description=f"The restore matches the backup: {source.restore_test_proves}."),
+                        AssetCheckSpec("rto_within_target", asset=key, description=f"Measured RTO within {rto}.")],
+           tags={"regal/target": target})
+    def _restore_test(context: AssetExecutionContext, config: RestoreTestConfig,
+                      regal: RegalEngine) -> MaterializeResult:
+        repo = regal.repository()
+        if config.backup_id:
+            manifest = load_manifest(repo, config.backup_id)
+        else:
+            newest = next(good_newest_first(repo, target), None)
+            if newest is None:
+                raise Failure(f"no good backup of {target} to restore-test yet")
+            manifest = newest
+        result = regal.restore_test(manifest, trigger={"dagster_run_id": context.run.run_id})
+        context.log.info(f"restore test of {result.backup_id}: RTO {result.rto_seconds:.1f}s, "
+                         f"{'valid' if result.validation_passed else 'INVALID: ' + '; '.join(result.problems)}")
+        return MaterializeResult(metadata=restore_test_metadata(result), check_results=[
+            AssetCheckResult(check_name="validation_passed", passed=result.validation_passed,
+                             severity=AssetCheckSeverity.ERROR,
+                             description="; ".join(result.problems) or "every check of the restored data passed",
+                             metadata={"backup_id": result.backup_id}),
+            AssetCheckResult(check_name="rto_within_target", passed=result.rto_within_target,
+                             severity=AssetCheckSeverity.ERROR,
+                             description=f"{result.rto_seconds:.1f}s against {result.rto_target_seconds:.0f}s",
+                             metadata={"rto_seconds": result.rto_seconds}),
+        ])
+
+    return _restore_test
+
+
+def restore_test_run_config(policy: Policy, target: str, backup_id: str) -> dict[str, object]:
+    op_name = "__".join(restore_test_key(policy.target(target).kind, target).path)
+    return {"ops": {op_name: {"config": {"backup_id": backup_id}}}}
+
+

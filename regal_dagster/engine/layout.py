@@ -1,0 +1,119 @@
+"""The repository layout: every path prefix and name the engine writes, in one place.
+
+Keys are '/'-separated and relative to the repository root; docs/formats.md shows the tree. A backup
+lives under `backups/<target>/<backup id>/`; everything else the repository holds (locks, the audit
+spool and checkpoints, the GDPR ledger, restore-test and drill records, prune logs, reports) has its
+own top-level prefix here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+REPOSITORY_MARKER = "regal-repository.json"
+PARTIAL_SUFFIX = ".partial"  # an object being written (local repositories): never listed, swept by prune
+
+BACKUPS = "backups/"
+MANIFEST_NAME = "manifest.json"
+CHECKS_NAME = "checks.json"  # the outcome of a backup's checks, next to its manifest
+
+LOCKS = "locks/"
+AUDIT_SPOOL = "audit/spool/"
+AUDIT_CHECKPOINTS = "audit/checkpoints/"
+GDPR_LEDGER = "gdpr/erasure-ledger"
+RESTORE_TESTS = "restore-tests/"
+RESTORE_SAMPLES = "restore-tests/samples/"
+DRILLS = "drills/"
+PRUNE_LOGS = "prune/"
+COMPLIANCE_REPORTS = "compliance-reports/"
+
+
+def stamp(when: datetime) -> str:
+    """A UTC time as it appears in keys: sorts as text in time order, to the microsecond."""
+    return f"{when.astimezone(UTC):%Y%m%dT%H%M%S.%fZ}"
+
+
+# --- backups -----------------------------------------------------------------------------------------
+
+def target_prefix(target: str) -> str:
+    return f"{BACKUPS}{target}/"
+
+
+def backup_prefix(target: str, backup_id: str) -> str:
+    return f"{BACKUPS}{target}/{backup_id}/"
+
+
+def manifest_key(target: str, backup_id: str) -> str:
+    return backup_prefix(target, backup_id) + MANIFEST_NAME
+
+
+def checks_key(backup_id: str) -> str:
+    return backup_prefix(target_of(backup_id), backup_id) + CHECKS_NAME
+
+
+def is_manifest_key(key: str) -> bool:
+    return key.startswith(BACKUPS) and key.endswith("/" + MANIFEST_NAME)
+
+
+def split_backup_key(key: str) -> tuple[str, str, str] | None:
+    """(target, backup id, object name) of a key under backups/, or None for any other key."""
+    parts = key.split("/", 3)
+    if len(parts) < 4 or parts[0] + "/" != BACKUPS:
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def new_backup_id(target: str, started_at: datetime) -> str:
+    """`<target>-<UTC time>-<random>`: sorts by time within a target; target names have no '-'."""
+    return f"{target}-{started_at.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def target_of(backup_id: str) -> str:
+    return backup_id.split("-", 1)[0]
+
+
+def started_of(backup_id: str) -> datetime | None:
+    """The start time a backup id carries (None for a name that is not a backup id)."""
+    try:
+        return datetime.strptime(backup_id.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except (IndexError, ValueError):
+        return None
+
+
+# --- everything else -----------------------------------------------------------------------------------
+
+def lock_key(name: str, suffix: str) -> str:
+    return f"{LOCKS}{name}{suffix}"
+
+
+def audit_spool_key(at: datetime, unique: str) -> str:
+    return f"{AUDIT_SPOOL}{stamp(at)}-{unique}.json"
+
+
+def audit_checkpoint_key(seq: int) -> str:
+    return f"{AUDIT_CHECKPOINTS}{seq:012d}.json"
+
+
+def restore_test_prefix(target: str) -> str:
+    return f"{RESTORE_TESTS}{target}/"
+
+
+def restore_test_key(target: str, tested_at: datetime, backup_id: str) -> str:
+    return f"{restore_test_prefix(target)}{stamp(tested_at)}-{backup_id}.json"
+
+
+def restore_sample_key(month: str) -> str:
+    return f"{RESTORE_SAMPLES}{month}.json"
+
+
+def drill_key(drill_id: str) -> str:
+    return f"{DRILLS}{drill_id}.json"
+
+
+def prune_log_key(at: datetime) -> str:
+    return f"{PRUNE_LOGS}{stamp(at)}.json"
+
+
+def report_key(period: str, report_id: str) -> str:
+    return f"{COMPLIANCE_REPORTS}{period}/{report_id}.pdf"

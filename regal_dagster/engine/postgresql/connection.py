@@ -1,0 +1,71 @@
+"""Connections and DSNs: for people a DSN is `host:port/dbname as user`, never its password; for client
+programs it becomes their environment (PG* variables), never a command line."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ..errors import RegalError
+
+_LIBPQ_ENV = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+    "password": "PGPASSWORD", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "sslcrl": "PGSSLCRL", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME", "options": "PGOPTIONS", "channel_binding": "PGCHANNELBINDING",
+    "gssencmode": "PGGSSENCMODE", "target_session_attrs": "PGTARGETSESSIONATTRS", "service": "PGSERVICE",
+    "sslnegotiation": "PGSSLNEGOTIATION", "require_auth": "PGREQUIREAUTH",
+}
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname as user — for people and logs; never the password."""
+    try:
+        p = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparseable DSN)"
+    return f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', '?')} as {p.get('user', '?')}"
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    return make_conninfo(dsn, dbname=dbname)
+
+
+def database_of(dsn: str) -> str | None:
+    return conninfo_to_dict(dsn).get("dbname")  # type: ignore[no-any-return]
+
+
+def libpq_environment(dsn: str) -> dict[str, str]:
+    """The environment for a PostgreSQL client program: inherited PG* variables replaced by the DSN's."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise RegalError("the DSN cannot be parsed", "write it as postgresql://user@host:port/dbname") from None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    for key, value in params.items():
+        if key not in _LIBPQ_ENV:
+            raise RegalError(f"the DSN parameter '{key}' is not supported for backups", "remove it from the DSN")
+        env[_LIBPQ_ENV[key]] = str(value)
+    return env
+
+
+def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if "password" in reason.lower():
+            reason = "authentication failed"
+        raise RegalError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {reason}",
+                         "check that the server is up and reachable, and the DSN and credentials in the policy") from None
+
+
+def server_major(conn: psycopg.Connection[Any]) -> int:
+    return conn.info.server_version // 10000
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

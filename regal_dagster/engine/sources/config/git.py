@@ -1,0 +1,100 @@
+"""Application configuration kept in git: a bundle of all refs, plus the dependency lock files.
+
+`git bundle create - --all` streams every ref and the objects they reach; the manifest records each ref
+and HEAD's commit. The lock files the runbook names (requirements.txt, poetry.lock, uv.lock when
+present) are stored as their own objects, with their SHA-256 in the manifest. `git bundle verify`
+checks a stored bundle; a restore clones from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ...errors import RegalError, ToolError
+from ..streams import stream_command
+
+BUNDLE_OBJECT = "config.bundle"
+BUNDLE_CONTENT = "git bundle of all refs"
+LOCK_PREFIX = "lock/"
+
+
+def _git(repo: Path, *args: str) -> str:
+    try:
+        run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ToolError("git is not installed", "install git") from None
+    if run.returncode != 0:
+        raise RegalError(f"git {args[0]} failed in {repo}: {run.stderr.strip()[-300:]}",
+                         "check the target's `repository` path: it must be a git repository")
+    return run.stdout
+
+
+def git_version() -> str:
+    run = subprocess.run(["git", "--version"], capture_output=True, text=True, check=False)
+    return run.stdout.strip().removeprefix("git version ")
+
+
+def refs(repo: Path) -> dict[str, str]:
+    """ref name -> commit, for every branch and tag (tags peeled to their commits)."""
+    out = _git(repo, "for-each-ref", "--format=%(refname) %(objectname) %(*objectname)", "refs/heads", "refs/tags")
+    found = {}
+    for line in out.splitlines():
+        name, obj, peeled = (line.split(" ") + [""])[:3]
+        found[name] = peeled or obj
+    return found
+
+
+def repository_facts(repo: Path, lock_files: list[str]) -> dict[str, Any]:
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    branch = _git(repo, "symbolic-ref", "--quiet", "--short", "HEAD").strip() if _has_branch(repo) else None
+    locks = {name: hashlib.sha256((repo / name).read_bytes()).hexdigest()
+             for name in lock_files if (repo / name).is_file()}
+    return {"repository": str(repo), "head": head, "branch": branch, "refs": refs(repo), "lock_files": locks}
+
+
+def _has_branch(repo: Path) -> bool:
+    return subprocess.run(["git", "-C", str(repo), "symbolic-ref", "--quiet", "HEAD"], capture_output=True,
+                          check=False).returncode == 0
+
+
+def bundle_stream(repo: Path) -> Iterator[bytes]:
+    return stream_command(["git", "-C", str(repo), "bundle", "create", "-", "--all"], None, "git bundle")
+
+
+def verify_bundle(bundle: Path) -> None:
+    """`git bundle verify`, inside an empty repository (git wants one to check prerequisites against)."""
+    scratch = bundle.parent / "verify-repository"
+    subprocess.run(["git", "init", "-q", str(scratch)], capture_output=True, check=True)
+    run = subprocess.run(["git", "-C", str(scratch), "bundle", "verify", str(bundle)], capture_output=True,
+                         text=True, check=False)
+    if run.returncode != 0:
+        raise ToolError(f"git bundle verify rejects the bundle: {run.stderr.strip()[-300:]}",
+                        "the backup is damaged: use another one")
+
+
+def clone(bundle: Path, destination: Path) -> dict[str, Any]:
+    """Clone every ref from the bundle into `destination`; returns the clone's refs and HEAD."""
+    run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], capture_output=True,
+                         text=True, check=False)
+    if run.returncode != 0:
+        raise ToolError(f"git clone from the bundle failed: {run.stderr.strip()[-300:]}", "use another backup")
+    return clone_refs(destination)
+
+
+def clone_refs(clone: Path) -> dict[str, Any]:
+    """A clone's refs as they were in the repository it was cloned from (its branches are remote-tracking
+    refs of `origin` there), and its HEAD."""
+    heads = {f"refs/heads/{name.removeprefix('refs/remotes/origin/')}": commit
+             for name, commit in _remote_refs(clone).items()}
+    tags = {name: commit for name, commit in refs(clone).items() if name.startswith("refs/tags/")}
+    return {"refs": {**heads, **tags}, "head": _git(clone, "rev-parse", "HEAD").strip()}
+
+
+def _remote_refs(repo: Path) -> dict[str, str]:
+    out = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/remotes/origin")
+    return {name: obj for name, obj in (line.split(" ") for line in out.splitlines())
+            if not name.endswith("/HEAD")}

@@ -1,0 +1,87 @@
+"""The `config` source kind."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+from ...errors import IntegrityError, RegalError
+from ...manifest import Manifest
+from ...pipeline import StoredBackup
+from ...settings import TargetSettings
+from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
+from ..streams import file_chunks
+from . import git
+from .target import ConfigTarget
+
+LOCK_FILES_DIR = "restored-lock-files"
+
+
+class ConfigSource(Source):
+    kind = "config"
+    label = "configuration repository"
+    restore_test_proves = "every ref and HEAD of a clone"
+    restores_to = "a new directory to clone into"
+
+    def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
+        settings = cast(ConfigTarget, target)
+        repo_path = Path(settings.repository).expanduser()
+        facts = git.repository_facts(repo_path, settings.lock_files)
+        objects = [store(git.BUNDLE_OBJECT, git.BUNDLE_CONTENT, git.bundle_stream(repo_path), 0)]
+        objects += [store(git.LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
+                    for name in facts["lock_files"]]
+        return Captured(objects, facts, {"git": git.git_version()})
+
+    def check_structure(self, backup: StoredBackup) -> str:
+        manifest = backup.manifest
+        with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+            git.verify_bundle(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT))
+        for name, digest in manifest.source.get("lock_files", {}).items():
+            if manifest.object(git.LOCK_PREFIX + name).plaintext_sha256 != digest:
+                raise IntegrityError(f"lock file {name}: its object and the manifest's hash differ",
+                                     "this backup is damaged: use another one")
+        return f"git bundle verify accepts {len(manifest.source.get('refs', {}))} refs"
+
+    def summary(self, manifest: Manifest) -> dict[str, Any]:
+        return {"refs": len(manifest.source.get("refs", {}))}
+
+    def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        """A clone of the bundle (every ref), and the lock files as they were beside it."""
+        manifest = backup.manifest
+        destination = Path(request.to)
+        if destination.exists() and any(destination.iterdir()):
+            raise RegalError(f"{destination} is not empty", "clone into a new directory")
+        started = time.monotonic()
+        if request.before_writing:
+            request.before_writing()
+        with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:
+            cloned = git.clone(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT), destination)
+        for name in manifest.source.get("lock_files", {}):
+            path = destination / LOCK_FILES_DIR / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            backup.to_file(git.LOCK_PREFIX + name, path.with_name(path.name + ".partial")).replace(path)
+        return Restored(str(destination), f"restored {manifest.backup_id}: cloned {len(cloned['refs'])} refs into "
+                                          f"{destination} (HEAD {cloned['head'][:12]}); lock files as they were in "
+                                          f"{LOCK_FILES_DIR}/",
+                        seconds={"clone": time.monotonic() - started}, details={"path": str(destination), **cloned})
+
+    @contextlib.contextmanager
+    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="regal-config-test-", dir=work_dir) as tmp:
+            yield str(Path(tmp) / "clone")
+
+    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+        """Every ref and HEAD of the clone as recorded."""
+        cloned = git.clone_refs(Path(destination))
+        expected = manifest.source["refs"]
+        problems = [f"ref {name} is {cloned['refs'].get(name)} in the clone, {commit} in the backup"
+                    for name, commit in sorted(expected.items()) if cloned["refs"].get(name) != commit]
+        problems += [f"the clone has {name}, which the backup did not record"
+                     for name in sorted(set(cloned["refs"]) - set(expected))]
+        if cloned["head"] != manifest.source["head"]:
+            problems.append(f"HEAD is {cloned['head']} in the clone, {manifest.source['head']} in the backup")
+        return RestoredFindings(problems, cloned)

@@ -1,0 +1,155 @@
+"""The `redis` source kind."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+from ...errors import IntegrityError, RegalError
+from ...manifest import Manifest
+from ...outcomes import WARN, CheckOutcome, CheckSpec
+from ...pipeline import StoredBackup
+from ...policy import Policy
+from ...settings import TargetSettings
+from ..base import (
+    Captured,
+    Restored,
+    RestoredFindings,
+    RestoreRequest,
+    Source,
+    StoreObject,
+    not_empty_refusal,
+)
+from ..streams import file_chunks
+from . import server
+from .target import RedisTarget
+
+RESTORE_STEPS = """To put this RDB back into a Redis server:
+  1. stop the server (redis-cli SHUTDOWN NOSAVE, or your service manager);
+  2. copy {path} to the server's `dir` under its `dbfilename` (CONFIG GET dir / dbfilename);
+  3. if the server uses AOF, move its appendonlydir (or appendonly.aof) aside: with AOF on, Redis loads the
+     AOF, not the RDB; start the server with appendonly no;
+  4. start it, check DBSIZE, then CONFIG SET appendonly yes (Redis rewrites the AOF from memory) and put
+     `appendonly yes` back in redis.conf."""
+
+
+class RedisSource(Source):
+    kind = "redis"
+    label = "Redis server"
+    checks: ClassVar[dict[str, CheckSpec]] = {
+        "persistence_configured": CheckSpec(
+            WARN, False, "The Redis server keeps its own copies as the runbook says: RDB snapshots at least every "
+                         "5 minutes and the append-only file on."),
+    }
+    restore_test_proves = "key counts, TTL counts and the key sample"
+    restores_to = "a directory for dump.rdb, or redis://... with --keys to copy keys into a live server"
+
+    def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
+        """The RDB over the replication protocol (checked with redis-check-rdb), and the AOF files when the
+        server's data directory is readable here."""
+        settings = cast(RedisTarget, target)
+        url = settings.resolved_url()
+        facts = {**server.server_facts(server.client(url)), "endpoint": server.describe_url(url),
+                 "key_sample": server.key_sample(url)}
+        with tempfile.TemporaryDirectory(prefix="regal-rdb-") as tmp:  # private (0700); removed at once
+            copy_path = Path(tmp) / server.RDB_OBJECT
+            with copy_path.open("wb") as copy:
+                def teed() -> Iterator[bytes]:
+                    for chunk in server.rdb_stream(url):
+                        copy.write(chunk)
+                        yield chunk
+
+                objects = [store(server.RDB_OBJECT, server.RDB_CONTENT, teed(), -1)]
+            facts["rdb"] = server.check_rdb(copy_path)
+        if settings.data_dir:
+            objects += [store(name, "Redis append-only file", file_chunks(path), -1)
+                        for name, path in server.aof_files(Path(settings.data_dir), facts["persistence"])]
+        return Captured(objects, facts, {"redis-check-rdb": "redis " + str(facts["server_version"])})
+
+    def check_structure(self, backup: StoredBackup) -> str:
+        with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+            rdb = server.check_rdb(backup.to_file(server.RDB_OBJECT, Path(tmp) / server.RDB_OBJECT))
+        recorded = backup.manifest.source["rdb"]["keys"]
+        if rdb["keys"] != recorded:
+            raise IntegrityError(f"the RDB holds {rdb['keys']} keys, the manifest says {recorded}",
+                                 "this backup is damaged: use another one")
+        return f"redis-check-rdb reads {rdb['keys']} keys"
+
+    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
+        """How the Redis server keeps its own copies now (a WARN: the backup itself is fine)."""
+        try:
+            url = cast(RedisTarget, policy.target(target)).resolved_url()
+            settings = server.persistence_settings(server.client(url))
+        except RegalError as exc:
+            return [CheckOutcome("persistence_configured", False, exc.message)]
+        problems = server.persistence_problems(settings)
+        description = "; ".join(problems) or f"RDB snapshots ({settings['save']}) and the append-only file are on"
+        return [CheckOutcome("persistence_configured", not problems, description,
+                             metadata={"save": settings["save"], "appendonly": settings["appendonly"]})]
+
+    def summary(self, manifest: Manifest) -> dict[str, Any]:
+        return {"keys": manifest.source.get("rdb", {}).get("keys", 0)}
+
+    def describe_destination(self, to: str) -> str:
+        return server.describe_url(to) if to.startswith(("redis://", "rediss://")) else to
+
+    def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        """Into a live server (the keys matching --keys, through a scratch server holding the backup), or as
+        an RDB file for a stopped server."""
+        manifest = backup.manifest
+        if request.to.startswith(("redis://", "rediss://")):
+            return self._copy_keys(backup, request)
+        if request.keys:
+            raise RegalError("--keys copies keys into a live server", "give --to redis://... with --keys")
+        started = time.monotonic()
+        path = Path(request.to) / server.RDB_OBJECT
+        if path.exists() and not request.drop_existing:
+            raise not_empty_refusal(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        if request.before_writing:
+            request.before_writing()
+        backup.to_file(server.RDB_OBJECT, partial).replace(path)
+        rdb = manifest.source["rdb"]
+        return Restored(str(path), f"restored {manifest.backup_id} to {path} ({rdb['keys']} keys, RDB version "
+                                   f"{rdb['rdb_version']})", seconds={"fetch_decrypt": time.monotonic() - started},
+                        details={"path": str(path)}, next_steps=RESTORE_STEPS.format(path=path))
+
+    def _copy_keys(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        from ...settings import fill_environment
+
+        if not request.keys:
+            raise RegalError("say which keys to copy back", "add --keys PATTERN (a Redis glob, e.g. 'session:*')")
+        with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:
+            backup.to_file(server.RDB_OBJECT, Path(tmp) / server.RDB_OBJECT)
+            with server.ScratchRedis(Path(tmp)) as scratch:
+                if request.before_writing:
+                    request.before_writing()
+                counts = server.copy_keys(scratch.url, fill_environment(request.to, "--to"), request.keys,
+                                          replace=request.drop_existing)
+        where = server.describe_url(request.to)
+        return Restored(where, f"copied {counts['copied']} keys matching {request.keys!r} from "
+                               f"{backup.manifest.backup_id} into {where}; {counts['skipped_existing']} existing keys "
+                               "left alone" + ("" if request.drop_existing else " (--drop-existing replaces them)"),
+                        details=counts)
+
+    @contextlib.contextmanager
+    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="regal-redis-test-", dir=work_dir) as tmp:
+            yield tmp
+
+    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+        """The RDB loaded by a scratch redis-server: key counts, TTL counts and the key sample compared."""
+        found = RestoredFindings()
+        phase = time.monotonic()
+        with server.ScratchRedis(Path(destination)) as scratch:
+            found.seconds["load"] = time.monotonic() - phase
+            phase = time.monotonic()
+            found.details, found.problems = server.compare_restored(scratch.url, manifest.source)
+            found.seconds["validate"] = time.monotonic() - phase
+        return found

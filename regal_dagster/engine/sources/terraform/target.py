@@ -1,0 +1,16 @@
+"""The policy settings of a `terraform` target: one state, in a file or an S3 state bucket."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ...settings import TargetSettings
+
+
+class TerraformTarget(TargetSettings):
+    kind: Literal["terraform"]
+    state: str = Field(description="path of a terraform.tfstate, or s3://bucket/key of a state bucket")
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of the state bucket")

@@ -1,0 +1,169 @@
+"""The local filesystem backend: a directory, objects as files written atomically, flock locks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import LockedError, RegalError
+from ..layout import PARTIAL_SUFFIX, lock_key
+from .base import ObjectWriter, Repository, StoredObject, describe_lock_owner, lock_owner
+
+
+class _LocalWriter(ObjectWriter):
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+        self.file = open(self.partial, "xb")  # noqa: SIM115 - closed by commit() or abort()
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> int:
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise RegalError(f"the repository disk is full while writing {self.path.name}",
+                                 "free space or prune old backups; the unfinished backup was discarded") from None
+            raise
+        self.bytes_written += len(data)
+        return len(data)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalRepository(Repository):
+    def __init__(self, root: Path, lock_wait: timedelta = timedelta(0)):
+        self.root = root
+        self.location = f"file://{root}"
+        self.lock_wait = lock_wait
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"key {key!r} leaves the repository")
+        return path
+
+    def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
+        return _LocalWriter(self._path(key))
+
+    def reader(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise RegalError(f"object {key} is missing from {self.location}",
+                             "the backup is damaged: verify it and use another one") from None
+
+    def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
+        with self.writer(key) as w:
+            w.write(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.reader(key) as f:
+            return f.read()
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.exists():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.endswith(PARTIAL_SUFFIX):
+                    continue
+                full = Path(dirpath) / name
+                yield StoredObject(full.relative_to(self.root).as_posix(), full.stat().st_size)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.reader(key) as f:
+            f.seek(start)
+            return f.read(length)
+
+    def free_bytes(self) -> tuple[int, int] | None:
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())  # before the first backup
+        usage = shutil.disk_usage(existing)
+        return usage.free, usage.total
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def abandoned_uploads(self, before: datetime) -> list[str]:
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                full = Path(dirpath) / name
+                if name.endswith(PARTIAL_SUFFIX) and full.stat().st_mtime < before.timestamp():
+                    found.append(full.relative_to(self.root).as_posix())
+        return sorted(found)
+
+    def discard_upload(self, upload: str) -> None:
+        self._path(upload).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An flock on locks/NAME.lock: the kernel releases it if the process dies."""
+        path = self._path(lock_key(name, ".lock"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_wait.total_seconds()
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0)
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"another backup of '{name}' is running ({describe_lock_owner(holder)})",
+                                      "wait for it to finish, or set repository.lock_wait to queue") from None
+                time.sleep(0.2)
+                continue
+            # The holder before us may have removed the file after we opened it: lock the live file only.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(lock_owner()).encode(), 0)
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+

@@ -1,0 +1,396 @@
+"""The S3 backend: streamed multipart uploads, Object Lock, versioned deletes, lease locks."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from ..errors import LockedError, ObjectLockedError, RegalError
+from ..layout import lock_key
+from ..policy import RepositoryConfig
+from .base import ObjectWriter, Repository, StoredObject, describe_lock_owner, lock_owner
+
+
+class _S3Writer(ObjectWriter):
+    """Streamed multipart upload. Parts in flight are limited per repository (`upload_concurrency`, shared
+    by every object being written at once), so memory stays bounded: part size x (concurrency + writers)."""
+
+    def __init__(self, repo: S3Repository, key: str, retain_until: datetime | None):
+        self.repo, self.key, self.retain_until = repo, key, retain_until
+        self.part_size = repo.config.part_size_mb * 1024 * 1024
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[Future[dict[str, object]]] = []
+        self.pool = ThreadPoolExecutor(max_workers=repo.config.upload_concurrency)
+        self.slots = repo.upload_slots
+        self.bytes_written = 0
+        self.aborted = False
+
+    def write(self, data: bytes) -> int:
+        if self.aborted:
+            # A late flush after a failure (e.g. the Tink stream's finalizer) goes nowhere: it must not
+            # start a new multipart upload that nobody completes or aborts.
+            return len(data)
+        self.buffer += data
+        self.bytes_written += len(data)
+        while len(self.buffer) >= self.part_size:
+            self._send(bytes(self.buffer[: self.part_size]))
+            del self.buffer[: self.part_size]
+        return len(data)
+
+    def _send(self, body: bytes) -> None:
+        if self.upload_id is None:
+            with self.repo._errors(self.key):
+                response = self.repo.client.create_multipart_upload(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), **self.repo.sse_args())
+            self.upload_id = response["UploadId"]
+        for done in [p for p in self.parts if p.done()]:
+            done.result()  # surface upload errors early
+        self.slots.acquire()
+        number = len(self.parts) + 1
+        future = self.pool.submit(self._upload_part, number, body)
+        future.add_done_callback(lambda _f: self.slots.release())
+        self.parts.append(future)
+
+    def _upload_part(self, number: int, body: bytes) -> dict[str, object]:
+        with self.repo._errors(self.key):
+            response = self.repo.client.upload_part(
+                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+                PartNumber=number, Body=body)
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def commit(self) -> None:
+        try:
+            if self.upload_id is None:  # small object: one request
+                self.repo.put_bytes(self.key, bytes(self.buffer), self.retain_until)
+                return
+            if self.buffer:
+                self._send(bytes(self.buffer))
+                self.buffer.clear()
+            parts = [p.result() for p in self.parts]
+            with self.repo._errors(self.key):
+                self.repo.client.complete_multipart_upload(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts})
+                lock = self.repo.lock_args(self.retain_until)
+                if lock:  # set on the finished object: one request, the same for every S3 implementation
+                    self.repo.client.put_object_retention(
+                        Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
+                        Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.buffer.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.repo.client.abort_multipart_upload(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id)
+            self.upload_id = None
+
+
+class _S3Reader(io.RawIOBase):
+    """An object's body; network errors while streaming become RegalError like every other S3 error."""
+
+    def __init__(self, repo: S3Repository, key: str, body):  # type: ignore[no-untyped-def]
+        self.repo, self.key, self.body = repo, key, body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        with self.repo._errors(self.key):
+            data = self.body.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.body.close()
+        super().close()
+
+
+class S3Repository(Repository):
+    encrypts_at_rest = True  # every object is written with the policy's server-side encryption
+
+    def __init__(self, config: RepositoryConfig):
+        import boto3
+        from botocore.config import Config
+
+        self.config = config
+        self.upload_slots = threading.Semaphore(config.upload_concurrency)  # parts in flight, all writers
+        bucket, _, prefix = config.url[len("s3://"):].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.location = config.url
+        self.client = boto3.client(
+            "s3", region_name=config.region, endpoint_url=config.endpoint_url,
+            config=Config(max_pool_connections=max(10, config.upload_concurrency * 2),
+                          retries={"max_attempts": 5, "mode": "standard"}))
+
+    def full_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def sse_args(self) -> dict[str, str]:
+        args = {"ServerSideEncryption": self.config.server_side_encryption}
+        if self.config.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.config.sse_kms_key_id
+        return args
+
+    def _errors(self, key: str):  # type: ignore[no-untyped-def]
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        @contextlib.contextmanager
+        def translate() -> Iterator[None]:
+            try:
+                yield
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("NoSuchKey", "404"):
+                    raise RegalError(f"object {key} is missing from {self.location}",
+                                     "the backup is damaged: verify it and use another one") from None
+                if code == "NoSuchBucket":
+                    raise RegalError(f"bucket {self.bucket} does not exist", "create it, or fix repository.url") from None
+                if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise RegalError(f"access to {self.location} was denied ({code})",
+                                     "check the credentials and the bucket policy for this identity") from None
+                raise RegalError(f"S3 request for {key} failed: {code}", "retry; check the endpoint and region") from None
+            except BotoCoreError as exc:
+                raise RegalError(f"cannot reach {self.location}: {type(exc).__name__}",
+                                 "check network access and repository.endpoint_url/region") from None
+        return translate()
+
+    def lock_args(self, retain_until: datetime | None) -> dict[str, object]:
+        lock = self.config.object_lock
+        if lock is None or retain_until is None or retain_until <= datetime.now(UTC):
+            return {}  # S3 refuses a date in the past: the retention is over, there is nothing left to lock
+        return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": retain_until}
+
+    def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
+        return _S3Writer(self, key, retain_until)
+
+    def reader(self, key: str) -> BinaryIO:
+        with self._errors(key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))["Body"]
+        return _S3Reader(self, key, body)  # type: ignore[return-value]
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        with self._errors(key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key),
+                                              Range=f"bytes={start}-{start + length - 1}")
+            return response["Body"].read()  # type: ignore[no-any-return]
+
+    def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
+        with self._errors(key):
+            self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data, **self.sse_args(),
+                                   **self.lock_args(retain_until))  # type: ignore[arg-type]
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._errors(key):
+            return self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))["Body"].read()  # type: ignore[no-any-return]
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        start = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors(prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.full_key(prefix)):
+                for item in page.get("Contents", []):
+                    yield StoredObject(item["Key"][start:], item["Size"])
+
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(key):  # connection errors (BotoCoreError) become RegalError too
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))["ContentLength"]  # type: ignore[no-any-return]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+    def server_side_encryption(self, key: str) -> str | None:
+        with self._errors(key):
+            return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key)).get("ServerSideEncryption")
+
+    @functools.cached_property
+    def versioned(self) -> bool:
+        """Object Lock buckets are versioned: a plain delete there only hides the data behind a marker."""
+        with self._errors("(bucket versioning)"):
+            return self.client.get_bucket_versioning(Bucket=self.bucket).get("Status") in ("Enabled", "Suspended")
+
+    def delete(self, key: str) -> None:
+
+        full = self.full_key(key)
+        if not self.versioned:
+            with self._errors(key):
+                self.client.delete_object(Bucket=self.bucket, Key=full)
+            return
+        paginator = self.client.get_paginator("list_object_versions")
+        with self._errors(key):
+            versions = [v["VersionId"] for page in paginator.paginate(Bucket=self.bucket, Prefix=full)
+                        for v in page.get("Versions", []) + page.get("DeleteMarkers", []) if v["Key"] == full]
+        for version in versions:
+            try:
+                with self._errors(key):
+                    self.client.delete_object(Bucket=self.bucket, Key=full, VersionId=version)
+            except RegalError:
+                until = self.locked_until(key, version)
+                if until is not None and until > datetime.now(UTC):
+                    raise ObjectLockedError(f"object {key} is under Object Lock until {until:%Y-%m-%d %H:%M} UTC",
+                                            "it goes after that date; nothing can remove it earlier") from None
+                raise
+
+    def locked_until(self, key: str, version: str | None = None) -> datetime | None:
+        from botocore.exceptions import ClientError
+
+        args = {"VersionId": version} if version else {}
+        with self._errors(key):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.full_key(key), **args)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "405"):
+                    return None
+                raise
+        return head.get("ObjectLockRetainUntilDate")  # type: ignore[no-any-return]
+
+    def abandoned_uploads(self, before: datetime) -> list[str]:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        start = len(self.prefix) + 1 if self.prefix else 0
+        with self._errors("(multipart uploads)"):
+            return [f"{u['Key'][start:]}?uploadId={u['UploadId']}"
+                    for page in paginator.paginate(Bucket=self.bucket, Prefix=self.full_key(""))
+                    for u in page.get("Uploads", []) if u["Initiated"] < before]
+
+    def discard_upload(self, upload: str) -> None:
+        key, _, upload_id = upload.partition("?uploadId=")
+        with self._errors(key):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
+
+    def ensure_initialized(self) -> None:
+        if self.config.object_lock is not None:
+            from botocore.exceptions import ClientError
+
+            try:
+                with self._errors("(object lock configuration)"):
+                    enabled = self.client.get_object_lock_configuration(Bucket=self.bucket)[
+                        "ObjectLockConfiguration"].get("ObjectLockEnabled") == "Enabled"
+            except (RegalError, ClientError):
+                enabled = False
+            if not enabled:
+                raise RegalError(f"the policy asks for Object Lock but bucket {self.bucket} does not have it enabled",
+                                 "create the bucket with Object Lock enabled (it needs versioning), or remove "
+                                 "repository.object_lock from the policy")
+        super().ensure_initialized()
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A lease object created with If-None-Match and renewed while held; an expired lease is free.
+
+        The lease carries a random token: renewal and release touch the lease only while it is still ours,
+        so a holder that stalled past its lease never overwrites or deletes the lease of the process
+        that took it over.
+        """
+        from botocore.exceptions import ClientError
+
+        key = self.full_key(lock_key(name, ".json"))
+        lease = self.config.lock_lease.total_seconds()
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + self.config.lock_wait.total_seconds()
+        conflict = ("PreconditionFailed", "ConditionalRequestConflict")
+
+        def code(exc: ClientError) -> str:
+            return str(exc.response.get("Error", {}).get("Code", ""))
+
+        def body() -> bytes:
+            return json.dumps({**lock_owner(), "token": token, "expires": time.time() + lease}).encode()
+
+        def current_lease() -> tuple[bytes, str] | None:
+            """The lease object's bytes and ETag, or None when there is none."""
+            try:
+                current = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+            return current["Body"].read(), current["ETag"]
+
+        def ours(raw: bytes) -> bool:
+            try:
+                return json.loads(raw).get("token") == token  # type: ignore[no-any-return]
+            except (ValueError, AttributeError):
+                return False
+
+        with self._errors(lock_key(name, ".json")):
+            while True:
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfNoneMatch="*",
+                                           **self.sse_args())
+                    break
+                except ClientError as exc:
+                    if code(exc) not in conflict:
+                        raise
+                found = current_lease()
+                if found is None:
+                    continue  # released meanwhile
+                raw, etag = found
+                try:
+                    expired = json.loads(raw)["expires"] < time.time()
+                except (ValueError, KeyError, TypeError):
+                    expired = True
+                if expired:  # take over a dead holder's lease, but only the version we read
+                    try:
+                        self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=etag,
+                                               **self.sse_args())
+                        break
+                    except ClientError as exc:
+                        if code(exc) not in (*conflict, "NoSuchKey", "404"):
+                            raise
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"another backup of '{name}' is running ({describe_lock_owner(raw)})",
+                                      "wait for it to finish, or set repository.lock_wait to queue")
+                time.sleep(0.5)
+
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(lease / 3):
+                try:
+                    found = current_lease()
+                    if found is None or not ours(found[0]):
+                        return  # lost (taken over after we stalled): never clobber the new holder's lease
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=found[1],
+                                           **self.sse_args())
+                except ClientError as exc:
+                    if code(exc) in conflict:
+                        return
+                except Exception:  # noqa: BLE001, S110 - transient (network): try again at the next tick
+                    pass
+
+        renewer = threading.Thread(target=renew, name=f"lock-renew-{name}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            with contextlib.suppress(Exception):
+                found = current_lease()
+                if found is not None and ours(found[0]):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
