@@ -21,6 +21,7 @@ import yaml
 from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
 from regal_dagster.engine.audit import AuditTrail, verify_trail
 from regal_dagster.engine.errors import RegalError
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.report import Period, build_report
 from regal_dagster.engine.storage import open_repository
@@ -77,7 +78,7 @@ def _history(policy_file: Path) -> dict[str, Any]:
     drill = run_cli(policy_file, "drill", "--json")  # `broken` has no backup: the drill fails, as it should
     assert drill.returncode in (0, 3), drill.stderr
     policy = load_policy(policy_file)
-    failures = evaluate_and_notify(policy, AlertBook(), rpo_conditions(policy, open_repository(policy),
+    failures = evaluate_and_notify(policy, AlertBook(), rpo_conditions(policy, open_repository(policy), load_keyring(policy),
                                                                        datetime.now(UTC)), datetime.now(UTC))
     assert failures == []
     return {"backups": ids}

@@ -25,6 +25,7 @@ from typing import Any
 
 from .audit import AuditEvent, AuditTrail, ChainVerdict, record, verify_trail
 from .catalog import list_backups
+from .crypto import load_keyring
 from .errors import RegalError
 from .keys import key_inventory
 from .layout import report_key, target_of
@@ -124,9 +125,10 @@ def collect_evidence(policy: Policy, repo: Repository, trail_events: list[AuditE
     # A drill that covers the period may have run in the quarter before it ends.
     evidence.tables["drills_last_quarter"] = _event_rows(
         [e for e in trail_events if period.end - timedelta(days=92) <= e.at < period.end], "dr_drill")
-    manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, target)[0]]  # read once
-    evidence.tables["keys"] = key_inventory(policy, repo, manifests=manifests)
-    kept = run_prune(policy, repo, now, dry_run=True)  # what retention keeps now, and anything past it
+    keyring = load_keyring(policy)
+    manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, keyring, target)[0]]  # read once
+    evidence.tables["keys"] = key_inventory(policy, repo, keyring, manifests=manifests)
+    kept = run_prune(policy, repo, now, dry_run=True, keyring=keyring)  # what retention keeps now, and anything past it
     evidence.tables["retention_now"] = [
         {"target": target, "backup_id": d.backup_id, "keep": d.keep, "reasons": "; ".join(d.reasons)}
         for target, decisions in kept.decisions.items() for d in decisions]
