@@ -3,10 +3,11 @@
 `build_report(policy, period)` gathers the evidence of a period (a month `2026-11` or a quarter
 `2026-Q4`): the audit trail's events (the source of every count and rate), the chain's verification,
 the key inventory, what retention keeps now, the policy. It evaluates the control matrix, renders the
-HTML templates in `reports/` with WeasyPrint (fetching nothing but those templates' own files) into a
-PDF/A-3b with the evidence attached as CSV and JSON, stores it in the repository as
-`compliance-reports/<period>/<report id>.pdf` with its SHA-256 beside it, and records the generation in
-the audit trail. Every string from the outside world goes through the template engine's escaping.
+HTML templates in `reports/` (shipped as the package `regal_dagster.reports`) with WeasyPrint (fetching
+nothing but those templates' own files) into a PDF/A-3b with the evidence attached as CSV and JSON,
+stores it in the repository as `compliance-reports/<period>/<report id>.pdf` with its SHA-256 beside it,
+and records the generation in the audit trail. Every string from the outside world goes through the
+template engine's escaping.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib.resources import files
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,15 @@ from .policy import Policy
 from .retention import run_prune
 from .storage import Repository, open_repository
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "reports"
+
+def _template_directory() -> Path:
+    """The templates' directory, the package `regal_dagster.reports`: the repository's top-level `reports/`
+    in an editable install, `site-packages/regal_dagster/reports/` from the wheel."""
+    directory = files("regal_dagster.reports")
+    return directory.resolve() if isinstance(directory, Path) else Path(str(directory))
+
+
+TEMPLATES = _template_directory()
 PASS, FAIL, NOT_TESTED = "PASS", "FAIL", "NOT TESTED"
 
 
@@ -446,6 +456,9 @@ def render_pdf(context: dict[str, Any], evidence: Evidence, csvs: dict[str, str]
     import jinja2
     from weasyprint import HTML, Attachment
 
+    if not (TEMPLATES / "compliance_report.html").is_file():
+        raise RegalError(f"the report templates are missing from {TEMPLATES}",
+                         "reinstall regal-backup from its wheel or the source tree (not from a zip archive)")
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined)
     environment.filters["duration"] = _duration
