@@ -47,6 +47,7 @@ A new backend is one new module here with a `BACKEND` that passes tests/test_sto
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -157,7 +158,7 @@ class Repository(ABC):
         return None
 
     @abstractmethod
-    def abandoned_uploads(self, before: datetime) -> list[str]:
+    def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         """Unfinished writes (a crash mid-object) started before `before`: partial files, multipart uploads."""
 
     @abstractmethod

@@ -6,6 +6,7 @@ disk has no transient errors worth a retry: it works or it fails.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -136,7 +137,7 @@ class LocalRepository(Repository):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def abandoned_uploads(self, before: datetime) -> list[str]:
+    def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         found = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:

@@ -8,6 +8,7 @@ a streamed upload, `retry.call`) tries again under `repository.retry`.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import io
@@ -183,7 +184,7 @@ class S3Repository(Repository):
         return retry.call(self.config.retry, op, key, self.location, once)
 
     def sse_args(self) -> dict[str, str]:
-        args = {"ServerSideEncryption": self.config.server_side_encryption}
+        args: dict[str, str] = {"ServerSideEncryption": self.config.server_side_encryption}
         if self.config.sse_kms_key_id:
             args["SSEKMSKeyId"] = self.config.sse_kms_key_id
         return args
@@ -329,7 +330,7 @@ class S3Repository(Repository):
                 raise
         return head.get("ObjectLockRetainUntilDate")  # type: ignore[no-any-return]
 
-    def abandoned_uploads(self, before: datetime) -> list[str]:
+    def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         paginator = self.client.get_paginator("list_multipart_uploads")
         start = len(self.prefix) + 1 if self.prefix else 0
         with self._errors("(multipart uploads)"):
