@@ -134,6 +134,37 @@ def _later() -> datetime:
     return datetime.now(UTC) + timedelta(days=1)
 
 
+# --- the registry ----------------------------------------------------------------------------------------
+
+
+def test_the_registry_opens_the_backend_a_urls_scheme_names(store: Store, repo: Repository) -> None:
+    from regal_dagster.engine.storage.local import LocalRepository
+    from regal_dagster.engine.storage.logged import Logged
+    from regal_dagster.engine.storage.retry import Retrying
+    from regal_dagster.engine.storage.s3 import S3Repository
+
+    expected = {"local": (LocalRepository, "filesystem"), "s3": (S3Repository, "s3"), "s3-prefix": (S3Repository, "s3")}
+    kind, name = expected[store.name]
+    assert isinstance(repo.backend, kind) and backend_for(store.policy.repository.url).kind == name
+    assert isinstance(repo, Retrying) and isinstance(repo.inner, Logged)  # the wrappers, once each
+    assert repo.inner.inner is repo.backend
+    assert repo.location == repo.backend.location and repo.encrypts_at_rest == (name == "s3")
+    assert repo.locks_objects == (name == "s3")
+
+
+def test_a_url_no_backend_serves_is_a_policy_error_listing_those_that_exist(tmp_path: Path) -> None:
+    from regal_dagster.engine.errors import PolicyError
+
+    assert backend_for("file:///srv/regal").kind == backend_for("relative/dir").kind == "filesystem"
+    assert backend_for("S3://bucket/prefix").kind == "s3"
+    with pytest.raises(PolicyError) as caught:
+        _policy(tmp_path, {"url": "ftp://backups.example/regal"})
+    assert "no repository backend serves ftp:// URLs" in str(caught.value)
+    assert "file:///path" in str(caught.value) and "s3://bucket/prefix" in str(caught.value)
+    with pytest.raises(PolicyError, match="s3 url needs a bucket"):
+        _policy(tmp_path, {"url": "s3:///prefix"})
+
+
 # --- save and load -------------------------------------------------------------------------------------
 
 

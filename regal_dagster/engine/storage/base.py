@@ -143,7 +143,8 @@ class Repository(ABC):
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def list(self, prefix: str) -> Iterator[StoredObject]: ...
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Committed objects whose keys start with `prefix` ("" or a folder ending in '/')."""
 
     @abstractmethod
     def size(self, key: str) -> int | None:

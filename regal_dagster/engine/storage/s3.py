@@ -437,20 +437,38 @@ class S3Repository(Repository):
                 time.sleep(0.5)
 
         stop = threading.Event()
+        where = lock_key(name, ".json")
 
-        def renew() -> None:
-            while not stop.wait(lease / 3):
+        def renew_once() -> bool:
+            """Extend our lease; False once it is not ours (taken over after we stalled, or released)."""
+            if stop.is_set():
+                return False
+            with self._errors(where):
+                found = current_lease()
+                if found is None or not ours(found[0]):
+                    return False  # never clobber the new holder's lease
                 try:
-                    found = current_lease()
-                    if found is None or not ours(found[0]):
-                        return  # lost (taken over after we stalled): never clobber the new holder's lease
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=found[1],
                                            **self.sse_args())
                 except ClientError as exc:
                     if code(exc) in conflict:
+                        return False
+                    raise
+            return True
+
+        def renew() -> None:
+            while not stop.wait(lease / 3):
+                try:
+                    if not retry.call(self.config.retry, "renew lock", where, self.location, renew_once):
                         return
-                except Exception:  # noqa: BLE001, S110 - transient (network): try again at the next tick
+                except Exception:  # noqa: BLE001, S110 - still failing after the retries: again at the next tick
                     pass
+
+        def release_once() -> None:
+            with self._errors(where):
+                found = current_lease()
+                if found is not None and ours(found[0]):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
 
         renewer = threading.Thread(target=renew, name=f"lock-renew-{name}", daemon=True)
         renewer.start()
@@ -459,11 +477,8 @@ class S3Repository(Repository):
         finally:
             stop.set()
             renewer.join()
-            with contextlib.suppress(Exception):
-                found = current_lease()
-                if found is not None and ours(found[0]):
-                    self.client.delete_object(Bucket=self.bucket, Key=key)
-
+            with contextlib.suppress(Exception):  # not released: the lease runs out by itself
+                retry.call(self.config.retry, "release lock", where, self.location, release_once)
 
 def _check_url(url: str) -> None:
     if not url[len("s3://"):].split("/", 1)[0]:
