@@ -257,7 +257,7 @@ def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condit
 
 # --- conditions from the repository ----------------------------------------------------------------
 
-def run_link(policy: Policy, run_id: str | None, target: str, kind: str = "postgres") -> str:
+def run_link(policy: Policy, run_id: str | None, target: str, kind: str) -> str:
     base = policy.dagster.base_url.rstrip("/")
     return f"{base}/runs/{run_id}" if run_id else f"{base}/assets/{kind}/{target}/backup"
 
