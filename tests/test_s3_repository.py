@@ -312,7 +312,7 @@ def test_round_trip_through_s3(
     new_database_name,
 ) -> None:
     repo = open_repository(s3_policy)
-    assert isinstance(repo, S3Repository)
+    assert isinstance(repo.backend, S3Repository)  # under the retry and logging wrappers
     calls: list[str] = []
     for operation in ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "PutObject"):
         repo.client.meta.events.register(

@@ -33,7 +33,7 @@ from .keys import key_inventory
 from .layout import report_key, target_of
 from .policy import Policy
 from .retention import run_prune
-from .storage import Repository, open_repository
+from .storage import Repository, backend_for, open_repository
 
 
 def _template_directory() -> Path:
@@ -161,7 +161,8 @@ def _policy_facts(policy: Policy) -> dict[str, Any]:
         "offsite": _redacted_location(policy.offsite.url) if policy.offsite else None,
         "encryption": "Tink streaming AEAD AES256_GCM_HKDF_1MB per object; keyset encrypted by a master key "
                       + ("in AWS KMS" if policy.encryption.master_key.kms_key_uri else "(AES256-GCM)"),
-        "server_side_encryption": policy.repository.server_side_encryption if policy.repository.is_s3 else None,
+        "server_side_encryption": policy.repository.server_side_encryption
+                                  if backend_for(policy.repository.url).encrypts_at_rest else None,
         "cryptoperiod_days": policy.encryption.cryptoperiod.days,
         "alert_channels": [c.kind for c in policy.alerts.channels],
         "audit_retention_months": policy.audit.retention_months if policy.audit else None,
