@@ -20,8 +20,8 @@ import yaml
 
 from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
 from regal_dagster.engine.audit import AuditTrail, verify_trail
-from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.report import Period, build_report
 from regal_dagster.engine.storage import open_repository
