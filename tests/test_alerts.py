@@ -315,7 +315,7 @@ def test_capacity_of_a_local_repository_is_measured_against_the_policy(tmp_path:
                                     alerts={"capacity": {"min_free_fraction": 1.0}})
     policy = load_policy(policy_file)
     repo = open_repository(policy)
-    repo.ensure_initialized()
+    repo.check_ready()
     (condition,) = capacity_conditions(policy, repo)
     assert condition.event == "capacity" and condition.details["total_bytes"] > condition.details["free_bytes"]
 

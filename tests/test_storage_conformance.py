@@ -9,7 +9,6 @@ A new backend is added to `BACKENDS` and `_store` below and must pass every test
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -280,18 +279,10 @@ def test_usage_bytes_counts_what_was_stored(repo: Repository) -> None:
     assert repo.usage_bytes() == 1000 + PART + 10
 
 
-def test_ensure_initialized_writes_the_marker_once(repo: Repository) -> None:
-    assert repo.size(REPOSITORY_MARKER) is None
-    repo.ensure_initialized()
-    marker = json.loads(repo.get_bytes(REPOSITORY_MARKER))
-    assert marker["format"] == "regal-backup-repository" and marker["version"] == 1
-    # An existing repository keeps its marker (and the date it was created) whatever opens it.
-    first = json.dumps({**marker, "created_at": "2001-02-03T04:05:06+00:00"}).encode()
-    repo.put_bytes(REPOSITORY_MARKER, first)
-    repo.ensure_initialized()
-    repo.ensure_initialized()
-    assert repo.get_bytes(REPOSITORY_MARKER) == first
-    assert [o.key for o in repo.list("")] == [REPOSITORY_MARKER]
+def test_check_ready_writes_nothing(repo: Repository) -> None:
+    repo.check_ready()  # the marker is the engine's, sealed (engine/repository_format.py)
+    repo.check_ready()
+    assert list(repo.list("")) == [] and repo.size(REPOSITORY_MARKER) is None
 
 
 def test_keys_cannot_leave_the_repository(store: Store, repo: Repository, tmp_path: Path) -> None:
@@ -495,12 +486,11 @@ def test_dropped_connections_are_retried_until_the_request_passes(
         "put_bytes": lambda r: r.put_bytes("backups/main/b7/checks.json", b"{}"),
         "locked_until": lambda r: r.locked_until("backups/main/b7/manifest.json"),
         "usage_bytes": lambda r: r.usage_bytes(),
-        "ensure_initialized": lambda r: r.ensure_initialized(),
         "delete": lambda r: r.delete("backups/main/b7/checks.json"),
     }
     expected: dict[str, object] = {
         "get_bytes": b"the manifest", "read_range": b"manifest", "size": 12, "list": ["backups/main/b7/manifest.json"],
-        "put_bytes": None, "locked_until": None, "usage_bytes": 14, "ensure_initialized": None, "delete": None}
+        "put_bytes": None, "locked_until": None, "usage_bytes": 14, "delete": None}
     caplog.set_level(logging.WARNING, logger="regal_backup.storage")
     for name, operation in operations.items():
         repo = proxied.open()  # a new client: no connection is pooled yet

@@ -10,12 +10,22 @@ from pathlib import Path
 from ..engine import catalog
 from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
-from ..engine.crypto import generate_master_key, load_keyring
+from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError
 from ..engine.policy import Policy, load_policy
+from ..engine.repository_format import open_repository_format
 from ..engine.selection import choose_backup
-from ..engine.storage import open_repository
+from ..engine.storage import Repository, open_repository
 from .output import Output, manifest_summary, size
+
+
+def _open(args: argparse.Namespace) -> tuple[Policy, Repository, Keyring]:
+    """The policy, its repository (once its marker authenticates) and the keys: what every command that reads
+    or writes the repository starts from."""
+    policy = _load_policy(args)
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    open_repository_format(repo, keyring)
+    return policy, repo, keyring
 
 
 def _load_policy(args: argparse.Namespace) -> Policy:
@@ -70,9 +80,7 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
-    policy = _load_policy(args)
-    repo = open_repository(policy)
-    keyring = load_keyring(policy)
+    policy, repo, keyring = _open(args)
     completed = completed_backups(policy, repo)
     backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
     unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
@@ -97,9 +105,7 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    policy = _load_policy(args)
-    repo = open_repository(policy)
-    keyring = load_keyring(policy)
+    policy, repo, keyring = _open(args)
     record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"})
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
                "failing_object": o.failing_object} for o in record.outcomes]
@@ -116,14 +122,12 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     from ..engine.restore import restore_backup
     from ..engine.sources.base import RestoreRequest
 
-    policy = _load_policy(args)
-    repo = open_repository(policy)
+    policy, repo, keyring = _open(args)
     if not args.backup_id and not args.target:
         raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
     if not args.backup_id and not (args.latest or args.before):
         raise RegalError("say which backup of the target to restore", "add --latest, or --before TIME")
     before = datetime.fromisoformat(args.before).replace(tzinfo=UTC) if args.before else None
-    keyring = load_keyring(policy)
     selected = choose_backup(policy, repo, keyring, args.target or "", backup_id=args.backup_id, before=before,
                              trigger={"cli": "restore"})
     for note in selected.notes:
@@ -161,9 +165,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     from ..engine.restore_test import run_restore_test
     from ..engine.sources.registry import source_for
 
-    policy = _load_policy(args)
-    repo = open_repository(policy)
-    keyring = load_keyring(policy)
+    policy, repo, keyring = _open(args)
     selected = choose_backup(policy, repo, keyring, args.target, backup_id=args.backup_id,
                              trigger={"cli": "restore-test"})
     for note in selected.notes:
@@ -185,8 +187,8 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
 def cmd_drill(args: argparse.Namespace, out: Output) -> int:
     from ..engine.drill import run_drill
 
-    policy = _load_policy(args)
-    record = run_drill(policy, open_repository(policy), load_keyring(policy), jobs=args.jobs,
+    policy, repo, keyring = _open(args)
+    record = run_drill(policy, repo, keyring, jobs=args.jobs,
                        work_dir=_work_dir(args, policy))
     lines = [f"drill {record['drill_id']}: everything but the repository and the keys lost at {record['loss_at']}"]
     for t in record["targets"]:
@@ -206,9 +208,9 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
     from ..engine.gdpr import record_erasure
 
-    policy = _load_policy(args)
     requested = datetime.fromisoformat(args.requested_at).replace(tzinfo=UTC) if args.requested_at else datetime.now(UTC)
-    erasure = record_erasure(policy, open_repository(policy), load_keyring(policy), args.target, args.subject,
+    policy, repo, keyring = _open(args)
+    erasure = record_erasure(policy, repo, keyring, args.target, args.subject,
                              requested_at=requested, reference=args.reference or "")
     out.result(erasure.__dict__, f"erasure recorded for target {erasure.target} (subject {erasure.subject_hash[:12]}…, "
                                  f"requested {erasure.requested_at}); it is re-applied after every restore")
@@ -218,8 +220,8 @@ def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
     from ..engine.gdpr import load_ledger
 
-    policy = _load_policy(args)
-    ledger = load_ledger(open_repository(policy), load_keyring(policy))
+    _, repo, keyring = _open(args)
+    ledger = load_ledger(repo, keyring)
     lines = [f"{e.target:12} {e.subject_hash[:16]}  requested {e.requested_at}  {e.reference}" for e in ledger.erasures]
     out.result({"erasures": [e.__dict__ for e in ledger.erasures]}, "\n".join(lines) or "no erasures recorded")
     return 0
@@ -228,8 +230,8 @@ def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
 def cmd_prune(args: argparse.Namespace, out: Output) -> int:
     from ..engine.retention import run_prune
 
-    policy = _load_policy(args)
-    report = run_prune(policy, open_repository(policy), datetime.now(UTC), dry_run=args.dry_run or args.check)
+    policy, repo, keyring = _open(args)
+    report = run_prune(policy, repo, datetime.now(UTC), dry_run=args.dry_run or args.check, keyring=keyring)
     lines = []
     for decisions in report.decisions.values():
         for d in decisions:
@@ -248,8 +250,8 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
     from ..engine.keys import key_inventory
 
-    policy = _load_policy(args)
-    keys = key_inventory(policy, open_repository(policy))
+    policy, repo, keyring = _open(args)
+    keys = key_inventory(policy, repo, keyring)
     lines = [f"{'KEY':>10}  {'STATUS':12} {'CREATED':25} {'PRIMARY SINCE':25} {'RETIRED':25} BACKUPS"]
     lines += [f"{k['key_id']:>10}  {k['status']:12} {k['created_at'] or '?':25} {k['primary_since'] or '-':25} "
               f"{k['retired_at'] or '-':25} {len(k['backups'])}{' + GDPR ledger' if k['gdpr_ledger'] else ''}"
@@ -285,16 +287,15 @@ def cmd_keys_retire(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.offsite import sync_backup
+    from ..engine.offsite import sync_backup, sync_repository_documents
     from ..engine.storage import open_offsite
 
-    policy = _load_policy(args)
+    policy, repo, keyring = _open(args)
     secondary = open_offsite(policy)
     if secondary is None:
         raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
-    repo = open_repository(policy)
-    keyring = load_keyring(policy)
     rows = []
+    sync_repository_documents(repo, secondary)
     for target in sorted(policy.targets):
         for manifest in catalog.list_backups(repo, keyring, target)[0]:
             problems = sync_backup(repo, secondary, manifest)
@@ -310,8 +311,8 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
 def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     from ..engine.audit import AuditTrail, verify_trail
 
-    policy = _load_policy(args)
-    trail = AuditTrail(policy, open_repository(policy))
+    policy, repo, keyring = _open(args)
+    trail = AuditTrail(policy, repo, keyring)
     trail.ensure_schema()
     verdict = verify_trail(trail)
     trail.checkpoint(verdict)
@@ -343,6 +344,22 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
                + f"\ncontrols failed: {', '.join(failed) or 'none'}"
                + ("" if result.chain_ok else "\nTHE AUDIT TRAIL IS BROKEN: see `regal-backup audit verify`"))
     return 0
+
+
+def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.upgrade import upgrade_repository
+
+    report = upgrade_repository(_load_policy(args))
+    if report.already_current:
+        text = "the repository is current (format 2: every document sealed); nothing to do"
+    else:
+        text = (f"sealed {len(report.manifests_sealed)} manifest(s) and {report.documents_sealed} other "
+                "document(s); the repository is now format 2")
+    if report.keyset_upgraded:
+        text += "\nthe keyset gained document keys (keep a copy of the new keyset file with your key backups)"
+    text += "".join(f"\nNOT SEALED {key}: {why}" for key, why in report.refused.items())
+    out.result(report.__dict__, text)
+    return 3 if report.refused else 0
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the PDF here")
     p.set_defaults(func=commands.cmd_report)
 
+    p = sub.add_parser("upgrade", parents=[common],
+                       help="seal every document of a repository written by an earlier regal-backup (format 1)")
+    p.set_defaults(func=commands.cmd_upgrade)
+
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")
     p.add_argument("--scale", type=float, default=0.05, help="dataset size (1.0 is about 80 MB)")

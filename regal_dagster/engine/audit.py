@@ -272,6 +272,14 @@ class AuditTrail:
                                 (event_type, outcome)).fetchall()
         return [row[0] for row in rows]
 
+    def last_outcome(self, event_type: str, resource: str) -> str | None:
+        """The outcome of the newest event of a type about a resource (None: there is none)."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            row = conn.execute("SELECT outcome FROM regal_audit.events WHERE event_type = %s AND resource = %s "
+                               "ORDER BY seq DESC LIMIT 1", (event_type, resource)).fetchone()
+        return None if row is None else str(row[0])
+
     def checkpoint(self, verdict: ChainVerdict) -> None:
         """Write the head a verification found intact into the repository (locked where the repository locks
         objects): the head that was checked, not whatever was appended since."""

@@ -24,6 +24,7 @@ from .manifest import Manifest, ObjectRecord
 from .offsite import copy_after_backup
 from .pipeline import Progress, store_stream
 from .policy import RETENTION_CLASSES, Policy
+from .repository_format import initialize
 from .sources.registry import source_for
 from .storage import Repository, open_offsite, open_repository
 
@@ -56,7 +57,7 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     source = source_for(target.kind)
     keyring = keyring or load_keyring(policy)  # fail on key problems before touching anything
     repo = repo or open_repository(policy)
-    repo.ensure_initialized()
+    initialize(repo, keyring)
     settings = target.model_copy(update={"jobs": policy.jobs_for(target_name)})
     with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
         keyring = keyring.reload()  # under the lock: a key retired meanwhile is never used, a new primary is

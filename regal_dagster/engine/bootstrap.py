@@ -11,6 +11,7 @@ import yaml
 from .crypto import create_keyset, generate_master_key, write_master_key_file
 from .errors import RegalError
 from .policy import Policy, load_policy
+from .repository_format import initialize
 from .storage import open_repository
 
 POLICY_NAME = "regal_backup.yaml"
@@ -72,5 +73,5 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
     policy: Policy = load_policy(policy_path)
     keyring = create_keyset(policy)
     repo = open_repository(policy)
-    repo.ensure_initialized()
+    initialize(repo, keyring)
     return InitResult(policy_path, repo.location, policy.resolve_path(KEYSET_NAME), location, keyring.primary_key_id)

@@ -32,6 +32,12 @@ class PolicyError(RegalError):
         )
 
 
+class UsageError(RegalError):
+    """The command cannot work as given (exit 2): no repository where the policy points, a bad argument."""
+
+    exit_code = 2
+
+
 class EncryptionKeyError(RegalError):
     """The encryption keys cannot be loaded or do not fit the data."""
 

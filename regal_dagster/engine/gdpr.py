@@ -14,6 +14,7 @@ never leave it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -31,9 +32,10 @@ from .crypto import Keyring, NonClosingWriter
 from .errors import IntegrityError, RegalError
 from .layout import GDPR_LEDGER
 from .manifest import Manifest
+from .offsite import sync_repository_documents
 from .policy import Policy
 from .sources.base import Source
-from .storage import Repository
+from .storage import Repository, open_offsite
 
 _LEDGER_CONTEXT = ("gdpr", "erasure-ledger")  # the associated data of its encryption
 
@@ -103,6 +105,9 @@ def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: s
         ledger.erasures.append(erasure)
         ledger.revision += 1
         save_ledger(repo, keyring, ledger)
+        if (secondary := open_offsite(policy)) is not None:  # a restore from the copy needs it too
+            with contextlib.suppress(RegalError):  # else the next backup's off-site copy brings it
+                sync_repository_documents(repo, secondary)
     record(policy, repo, "gdpr_erasure", f"{target}/{subject_hash[:16]}", "success",
            {"target": target, "subject_hash": subject_hash, "requested_at": erasure.requested_at,
             "reference": reference})

@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .errors import IntegrityError, ObjectLockedError, RegalError
-from .layout import CHECKS_NAME, backup_prefix, manifest_key
+from .layout import CHECKS_NAME, GDPR_LEDGER, REPOSITORY_MARKER, backup_prefix, manifest_key
 from .manifest import Manifest
 from .pipeline import CHUNK
 from .storage import Repository
@@ -85,12 +85,22 @@ def sync_backup(primary: Repository, secondary: Repository, manifest: Manifest) 
     return compare_copy(primary, secondary, manifest) if problems else []
 
 
+def sync_repository_documents(primary: Repository, secondary: Repository) -> None:
+    """What a restore from the copy needs besides the backups: the repository's marker and the GDPR erasure
+    ledger (a restore re-applies its erasures), as stored, when the copy's differ."""
+    for key in (REPOSITORY_MARKER, GDPR_LEDGER):
+        if primary.size(key) is not None and (secondary.size(key) is None
+                                              or secondary.get_bytes(key) != primary.get_bytes(key)):
+            secondary.put_bytes(key, primary.get_bytes(key))
+
+
 def copy_after_backup(primary: Repository, secondary: Repository | None, manifest: Manifest) -> str | None:
     """The copy a new backup gets. The backup stands whatever happens here: a problem is returned, for
     the caller to report, and the `offsite_copy` check keeps failing until a sync repairs it."""
     if secondary is None:
         return None
     try:
+        sync_repository_documents(primary, secondary)
         problems = sync_backup(primary, secondary, manifest)
     except RegalError as exc:
         return f"the off-site copy of {manifest.backup_id} failed: {exc.message}"

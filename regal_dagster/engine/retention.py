@@ -170,7 +170,8 @@ class Leftovers:
 
 def leftover_objects(repo: Repository, keyring: Keyring, target: str, now: datetime, grace: timedelta,
                      completed: set[str]) -> Leftovers:
-    """Objects of a target no backup needs, once the backup they belong to started longer than `grace` ago.
+    """Objects of a target no backup needs, once the backup they belong to started longer than `grace` ago;
+    and, whatever their age, the backups whose objects must stay because something is wrong with them.
 
     Removed: the objects of a backup that never got a manifest (interrupted: the caller holds the target's
     lock, so none is running) unless something says it completed (a check record, or a successful backup in
@@ -185,13 +186,12 @@ def leftover_objects(repo: Repository, keyring: Keyring, target: str, now: datet
     found = Leftovers()
     for backup_id, keys in sorted(by_backup.items()):
         started = started_of(backup_id)
-        if started is None or now - started < grace:
-            continue
+        old_enough = started is not None and now - started >= grace
         mkey = manifest_key(target, backup_id)
         if mkey not in keys:
             if checks_key(backup_id) in keys or backup_id in completed:
                 found.kept[backup_id] = "its manifest is missing although the backup completed: deleted?"
-            else:
+            elif old_enough:
                 found.objects += keys
             continue
         try:
@@ -206,7 +206,8 @@ def leftover_objects(repo: Repository, keyring: Keyring, target: str, now: datet
                                      if retired else f"its manifest names {len(missing)} missing object(s)")
             continue
         named = {o.key for o in manifest.objects}
-        found.objects += [k for k in keys if k not in named and k not in (mkey, checks_key(backup_id))]
+        if old_enough:
+            found.objects += [k for k in keys if k not in named and k not in (mkey, checks_key(backup_id))]
     return found
 
 

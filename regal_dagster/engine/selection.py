@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .catalog import load_manifest, newest_first
-from .checks import check_status, run_checks
+from .audit import AuditTrail, completed_backups
+from .catalog import list_backups, load_manifest, newest_first
+from .checks import CheckStatus, check_status, run_checks
 from .crypto import Keyring
 from .errors import RegalError
+from .layout import started_of
 from .manifest import Manifest
 from .policy import Policy
 from .storage import Repository
@@ -35,11 +37,17 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
                                                                               if status.problem else "")]
         return Selected(manifest, notes)
     policy.target(target)  # a clear error for an unknown target
-    notes = []
+    completed = completed_backups(policy, repo)
+    notes = [f"{d.backup_id} cannot be trusted ({d.problem}): passed over"
+             for d in reversed(list_backups(repo, keyring, target, completed=completed)[1])
+             if before is None or (started_of(d.backup_id) or before) < before]
     for manifest in newest_first(repo, keyring, target):
         if before is not None and manifest.started_at >= before:
             continue
         status = check_status(repo, keyring, manifest)
+        if status.good and _verified_since(policy, repo, manifest.backup_id) is False:
+            status = CheckStatus("unchecked", status.record, "the audit trail records a later failed verification "
+                                 "(an older check record was put back)")
         if status.status == "unchecked":
             passed = run_checks(policy, repo, keyring, manifest.backup_id, trigger=trigger).passed
             notes.append(f"{manifest.backup_id} was not checked" + (f" ({status.problem})" if status.problem else "")
@@ -54,3 +62,15 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
     raise RegalError(f"no backup of '{target}'{when} passed its checks in {repo.location}"
                      + (f" ({'; '.join(notes)})" if notes else ""),
                      "run `regal-backup list` to see the backups and their status; name one by id to restore it anyway")
+
+
+def _verified_since(policy: Policy, repo: Repository, backup_id: str) -> bool | None:
+    """What the audit trail says of the backup's newest verification: True passed, False failed, None when
+    there is no trail (or it cannot be reached, or it holds none)."""
+    if policy.audit is None:
+        return None
+    try:
+        outcome = AuditTrail(policy, repo).last_outcome("verification", backup_id)
+    except RegalError:
+        return None
+    return None if outcome is None else outcome == "success"

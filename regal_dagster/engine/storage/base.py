@@ -14,7 +14,7 @@ remove  `delete(key)`: every version of it, and nothing to do when it is gone (i
 lock    `lock(name)`: one holder per name across processes and hosts (backups of a target, key
         changes); a second holder gets LockedError naming host and pid; a holder that dies releases it
         (at once on a file system, after `repository.lock_lease` on S3)
-and     `ensure_initialized()` (writes the repository marker once), `abandoned_uploads(before)` and
+and     `check_ready()` (the store can hold the repository as configured), `abandoned_uploads(before)` and
         `discard_upload(upload)` (what a crash mid-object left), `encrypts_at_rest`, `backend`
 
 Keys are '/'-separated paths relative to the repository root (engine/layout.py names them all); a key
@@ -30,7 +30,7 @@ layers the wrappers around what it opens, once:
 Logged   every operation at DEBUG on the logger "regal_backup.storage": op, key, bytes, milliseconds
          (and the repository's location, which never holds credentials); failures with their error
 Retrying operations that are idempotent requests (get_bytes, read_range, size, list, put_bytes,
-         delete, locked_until, server_side_encryption, usage_bytes, free_bytes, ensure_initialized,
+         delete, locked_until, server_side_encryption, usage_bytes, free_bytes, check_ready,
          abandoned_uploads, discard_upload, opening a reader, taking a lock) are tried again after a
          `TransientStorageError` (connection refused or dropped, timeouts, HTTP 5xx, SlowDown,
          throttling), with exponential backoff and jitter (`repository.retry`); after the last attempt
@@ -59,7 +59,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Self
 
 from ..errors import RegalError
-from ..layout import REPOSITORY_MARKER
 
 if TYPE_CHECKING:
     from ..policy import Policy, RepositoryConfig
@@ -185,12 +184,9 @@ class Repository(ABC):
         """(free, total) bytes of the storage under the repository, where the store has such a limit."""
         return None
 
-    def ensure_initialized(self) -> None:
-        """Write the repository marker if it is missing (a new repository)."""
-        if self.size(REPOSITORY_MARKER) is None:
-            marker = {"format": "regal-backup-repository", "version": 1,
-                      "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
-            self.put_bytes(REPOSITORY_MARKER, json.dumps(marker, indent=2).encode())
+    def check_ready(self) -> None:
+        """The store can hold the repository as the policy configures it (S3: Object Lock on the bucket).
+        The repository's own marker is the engine's (engine/repository_format.py): it is sealed."""
 
 
 @dataclass(frozen=True)

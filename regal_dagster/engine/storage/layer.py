@@ -125,5 +125,5 @@ class Layer(Repository):
             self.around("lock", name, lambda: held.enter_context(self.inner.lock(name)))
             yield
 
-    def ensure_initialized(self) -> None:
-        self.around("ensure_initialized", "", self.inner.ensure_initialized)
+    def check_ready(self) -> None:
+        self.around("check_ready", "", self.inner.check_ready)

@@ -349,7 +349,7 @@ class S3Repository(Repository):
                 if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # gone already: done
                     raise
 
-    def ensure_initialized(self) -> None:
+    def check_ready(self) -> None:
         if self.config.object_lock is not None:
             from botocore.exceptions import ClientError
 
@@ -365,7 +365,6 @@ class S3Repository(Repository):
                 raise RegalError(f"the policy asks for Object Lock but bucket {self.bucket} does not have it enabled",
                                  "create the bucket with Object Lock enabled (it needs versioning), or remove "
                                  "repository.object_lock from the policy")
-        super().ensure_initialized()
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
