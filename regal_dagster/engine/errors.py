@@ -56,3 +56,9 @@ class ToolError(RegalError):
 
 class TargetNotEmptyError(RegalError):
     """A restore target already holds data."""
+
+
+class UsageError(RegalError):
+    """The operator asked for something that cannot be done as asked (a future report period)."""
+
+    exit_code = 2

@@ -28,6 +28,7 @@ from .settings import (
     is_first_match_in_month,
 )
 from .sources.registry import kinds, target_models
+from .transport import LOCAL, Transport, url_transport
 
 if TYPE_CHECKING:
     TargetConfig = TargetSettings
@@ -81,6 +82,11 @@ class RepositoryConfig(Settings):
     @property
     def is_s3(self) -> bool:
         return self.url.startswith("s3://")
+
+    def transport(self, label: str) -> Transport:
+        if not self.is_s3:
+            return Transport(f"{label} (local file system)", LOCAL, "files on this host")
+        return url_transport(f"{label}: S3", self.endpoint_url, ("https",))
 
 
 class MasterKeyConfig(Settings):
@@ -272,9 +278,36 @@ class SigningConfig(Settings):
     chain_files: list[str] = Field(default_factory=list, description="PEM intermediate certificates")
 
 
+def _default_exception_owners() -> dict[str, str]:
+    return {"BK": "Backup operations lead", "VR": "Backup operations lead", "RT": "Backup operations lead",
+            "MD": "Backup operations lead", "AL": "Backup operations lead", "DR": "Disaster-recovery coordinator",
+            "EN": "Information security officer", "KM": "Information security officer",
+            "AU": "Information security officer", "RD": "Data protection officer", "GD": "Data protection officer"}
+
+
 class ReportsConfig(Settings):
     cron: Cron = Field("0 7 1 * *", description="the monthly report (UTC), on the month before")
     signing: SigningConfig | None = None
+    exception_owners: dict[str, str] = Field(
+        default_factory=_default_exception_owners,
+        description="who remediates a control's exception: a role per control family (BK, VR, RT, DR, EN, KM, "
+                    "RD, MD, AU, AL, GD) or per control (BK-01); a control's own entry wins; given entries "
+                    "replace the defaults of the same key only")
+    remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after the "
+                                  "end of the period it was found in")
+
+    @field_validator("exception_owners")
+    @classmethod
+    def _owner_keys(cls, owners: dict[str, str]) -> dict[str, str]:
+        for key, role in owners.items():
+            if not re.fullmatch(r"[A-Z]{2}(-\d{2})?", key):
+                raise ValueError(f"'{key}': name a control family (BK) or a control (BK-01)")
+            if not role.strip():
+                raise ValueError(f"'{key}': give the owner's role")
+        return {**_default_exception_owners(), **owners}
+
+    def owner_of(self, control_id: str) -> str:
+        return self.exception_owners.get(control_id) or self.exception_owners.get(control_id[:2], "Backup service owner")
 
 
 class DagsterConfig(Settings):
@@ -330,6 +363,25 @@ class Policy(Settings):
 
     def rto_for(self, name: str) -> timedelta:
         return self.target(name).rto or self.rto
+
+    def transports(self) -> list[Transport]:
+        """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""
+        found = [self.repository.transport("repository")]
+        if self.offsite is not None:
+            found.append(self.offsite.transport("off-site repository"))
+        for name, target in sorted(self.targets.items()):
+            found += target.transports(name)
+        if self.audit is not None:
+            from .postgresql.connection import dsn_transport
+
+            try:
+                dsn = self.audit.resolved_dsn()
+            except PolicyError:
+                dsn = self.audit.dsn
+            found.append(dsn_transport("audit trail database", dsn))
+        if self.encryption.master_key.kms_key_uri:
+            found.append(url_transport("master key: AWS KMS", self.encryption.master_key.kms_endpoint_url, ("https",)))
+        return found
 
     def jobs_for(self, name: str) -> int:
         return self.target(name).jobs or self.jobs
