@@ -59,7 +59,8 @@ def tick_label(value: float, step: float) -> str:
 def time_ticks(start: datetime, end: datetime, most: int = 6) -> list[tuple[datetime, str]]:
     """Evenly spaced times across the axis, labelled as precisely as the span needs."""
     span = (end - start).total_seconds()
-    fmt = "%H:%M" if span <= 86400 else "%m-%d %H:%M" if span <= 4 * 86400 else "%Y-%m-%d"
+    fmt = ("%H:%M:%S" if span <= 600 else "%H:%M" if span <= 86400 else "%m-%d %H:%M" if span <= 4 * 86400
+           else "%Y-%m-%d")
     moments = [start + timedelta(seconds=span * i / (most - 1)) for i in range(most)]
     return [(moment, moment.strftime(fmt)) for moment in moments]
 
@@ -96,8 +97,8 @@ def line_chart(series: dict[str, list[tuple[datetime, float]]], title: str, scal
     def sy(value: float) -> float:
         return pad_t + plot_h - value / scale.divisor / top * plot_h
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans">'),
              f'<text x="0" y="12" font-size="11" font-weight="bold">{escape(title)}</text>',
              f'<text x="{pad_l - 4}" y="{pad_t - 8}" font-size="9" text-anchor="end">{escape(scale.unit)}</text>']
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0

@@ -305,7 +305,9 @@ def operational_failures(evidence: Evidence) -> list[dict[str, Any]]:
                 continue
             later = next((r for r in rows if r["seq"] > row["seq"] and r["outcome"] == "success"
                           and r["target"] == row["target"]), None)
-            what = row.get("error") or "; ".join(row.get("failed", []) or row.get("problems", [])) or "failed"
+            lost = [name for name, recovered in (row.get("targets") or {}).items() if not recovered]
+            what = (row.get("error") or "; ".join(row.get("failed", []) or row.get("problems", []))
+                    or (f"not recovered: {', '.join(lost)}" if lost else "") or "failed")
             found.append({"seq": row["seq"], "at": row["at"], "kind": name.replace("_", " "), "control_id": control_id,
                           "target": row["target"], "resource": row["resource"], "what": what,
                           "resolved_by": later and {"seq": later["seq"], "at": later["at"]}, "open": later is None})
@@ -499,7 +501,10 @@ def _drilled(f: Facts) -> Judgement:
     last = drills[-1]
     return Judgement(last["outcome"] == "success",
                      f"{len(drills)} drill(s); the last, {last['at'][:10]}: {last['outcome']}, RTO "
-                     f"{human_seconds(last.get('rto_seconds'))}, RPO {human_seconds(last.get('rpo_seconds'))}")
+                     f"{human_seconds(last.get('rto_seconds'))}, RPO "
+                     + (human_seconds(last["rpo_seconds"]) if last.get("rpo_seconds") is not None else "none (a target "
+                        "was not recovered: " + ", ".join(t for t, ok in (last.get("targets") or {}).items() if not ok)
+                        + ")"))
 
 
 def _events_complete(f: Facts) -> Judgement:
