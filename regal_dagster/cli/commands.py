@@ -329,11 +329,12 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
     failed = [c.control_id for c in result.controls if c.result == "FAIL"]
     untested = [c.control_id for c in result.controls if c.result == "NOT TESTED"]
     out.result({"report_id": result.report_id, "key": result.key, "oscal_key": result.oscal_key,
-                "sha256": result.sha256, "evidence_sha256": result.evidence_sha256, "chain_ok": result.chain_ok,
-                "interim": result.interim, "frameworks": result.frameworks, "exceptions": len(result.exceptions),
+                "sha256": result.sha256, "evidence_sha256": result.evidence_sha256,
+                "chain_ok": result.chain_ok, "interim": result.interim, "frameworks": result.frameworks,
+                "exceptions": len(result.exceptions),
                 "controls": {c.control_id: c.result for c in result.controls}, "written": written},
-               f"report {result.report_id}{' (INTERIM: the period has not ended)' if result.interim else ''} stored as "
-               f"{result.key} (SHA-256 {result.sha256}), OSCAL results as {result.oscal_key}"
+               f"report {result.report_id}{' (INTERIM: the period has not ended)' if result.interim else ''}"
+               f" stored as {result.key} (SHA-256 {result.sha256}), OSCAL results as {result.oscal_key}"
                + (f"; written to {' and '.join(written)}" if written else "")
                + "\n" + ", ".join(f"{name} {verdict}" for name, verdict in result.frameworks.items())
                + f"\n{len(result.exceptions)} exception(s); controls failed: {', '.join(failed) or 'none'}; "

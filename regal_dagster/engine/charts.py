@@ -59,29 +59,51 @@ def tick_label(value: float, step: float) -> str:
 def time_ticks(start: datetime, end: datetime, most: int = 6) -> list[tuple[datetime, str]]:
     """Evenly spaced times across the axis, labelled as precisely as the span needs."""
     span = (end - start).total_seconds()
-    fmt = ("%H:%M:%S" if span <= 600 else "%H:%M" if span <= 86400 else "%m-%d %H:%M" if span <= 4 * 86400
-           else "%Y-%m-%d")
+    fmt = (
+        "%H:%M:%S"
+        if span <= 600
+        else "%H:%M"
+        if span <= 86400
+        else "%m-%d %H:%M"
+        if span <= 4 * 86400
+        else "%Y-%m-%d"
+    )
     moments = [start + timedelta(seconds=span * i / (most - 1)) for i in range(most)]
     return [(moment, moment.strftime(fmt)) for moment in moments]
 
 
-def line_chart(series: dict[str, list[tuple[datetime, float]]], title: str, scale_of: str, start: datetime,
-               end: datetime, *, target: float | None = None, target_label: str = "objective",
-               width: int = 640, height: int = 200) -> str:
+def line_chart(
+    series: dict[str, list[tuple[datetime, float]]],
+    title: str,
+    scale_of: str,
+    start: datetime,
+    end: datetime,
+    *,
+    target: float | None = None,
+    target_label: str = "objective",
+    width: int = 640,
+    height: int = 200,
+) -> str:
     """`series`: name -> (time, value in seconds or bytes); `scale_of`: "duration" or "size"."""
     points = [v for values in series.values() for _, v in values]
     if not points:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40" viewBox="0 0 {width} 40">'
-                f'<text x="0" y="14" font-size="11" font-weight="bold">{escape(title)}</text>'
-                f'<text x="0" y="32" font-size="10">No data in the period.</text></svg>')
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40" viewBox="0 0 {width} 40">'
+            f'<text x="0" y="14" font-size="11" font-weight="bold">{escape(title)}</text>'
+            f'<text x="0" y="32" font-size="10">No data in the period.</text></svg>'
+        )
     largest = max(points)
     target_fits = target is not None and target <= 4 * max(largest, 1e-9)
     scale = (duration_scale if scale_of == "duration" else size_scale)(
-        max(largest, target if target_fits and target is not None else 0))
+        max(largest, target if target_fits and target is not None else 0)
+    )
     ticks = nice_ticks(max(largest, target if target_fits and target is not None else 0) / scale.divisor)
     top = ticks[-1]
-    legend = ([("#c00000", f"{target_label} {human_seconds(target) if scale_of == 'duration' else target}", True)]
-              if target is not None and target_fits else [])
+    legend = (
+        [("#c00000", f"{target_label} {human_seconds(target) if scale_of == 'duration' else target}", True)]
+        if target is not None and target_fits
+        else []
+    )
     legend += [(PALETTE[i % len(PALETTE)], name, False) for i, name in enumerate(sorted(series))]
     pad_l, pad_r, pad_t, pad_b = 58, 12, 38, 34
     column = int(min(width - pad_l, max(len(label) for _, label, _ in legend) * 5.2 + 26))
@@ -97,47 +119,69 @@ def line_chart(series: dict[str, list[tuple[datetime, float]]], title: str, scal
     def sy(value: float) -> float:
         return pad_t + plot_h - value / scale.divisor / top * plot_h
 
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-              f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans">'),
-             f'<text x="0" y="12" font-size="11" font-weight="bold">{escape(title)}</text>',
-             f'<text x="{pad_l - 4}" y="{pad_t - 8}" font-size="9" text-anchor="end">{escape(scale.unit)}</text>']
+    parts = [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans">'
+        ),
+        f'<text x="0" y="12" font-size="11" font-weight="bold">{escape(title)}</text>',
+        f'<text x="{pad_l - 4}" y="{pad_t - 8}" font-size="9" text-anchor="end">{escape(scale.unit)}</text>',
+    ]
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
     for value in ticks:
         y = pad_t + plot_h - value / top * plot_h
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                     f'<text x="{pad_l - 4}" y="{y + 3:.1f}" font-size="9" text-anchor="end">'
-                     f'{tick_label(value, step)}</text>')
+        parts.append(
+            f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+            f'<text x="{pad_l - 4}" y="{y + 3:.1f}" font-size="9" text-anchor="end">'
+            f"{tick_label(value, step)}</text>"
+        )
     for when, label in time_ticks(start, end):
         x = sx(when)
         anchor = "start" if x <= pad_l + 1 else "end" if x >= width - pad_r - 1 else "middle"
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t + plot_h}" y2="{pad_t + plot_h + 3}" stroke="#888"/>'
-                     f'<text x="{x:.1f}" y="{pad_t + plot_h + 13}" font-size="9" text-anchor="{anchor}">'
-                     f'{escape(label)}</text>')
-    parts.append(f'<text x="{pad_l + plot_w / 2:.1f}" y="{pad_t + plot_h + 26}" font-size="9" '
-                 f'text-anchor="middle">time (UTC)</text>')
-    parts.append(f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - pad_r}" y2="{pad_t + plot_h}" stroke="#888"/>'
-                 f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + plot_h}" stroke="#888"/>')
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t + plot_h}" y2="{pad_t + plot_h + 3}" stroke="#888"/>'
+            f'<text x="{x:.1f}" y="{pad_t + plot_h + 13}" font-size="9" text-anchor="{anchor}">'
+            f"{escape(label)}</text>"
+        )
+    parts.append(
+        f'<text x="{pad_l + plot_w / 2:.1f}" y="{pad_t + plot_h + 26}" font-size="9" '
+        f'text-anchor="middle">time (UTC)</text>'
+    )
+    parts.append(
+        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - pad_r}" y2="{pad_t + plot_h}" stroke="#888"/>'
+        f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + plot_h}" stroke="#888"/>'
+    )
     if target is not None and target_fits:
         y = sy(target)
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="#c00000" '
-                     f'stroke-dasharray="4 3"/>')
+        parts.append(
+            f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="#c00000" '
+            f'stroke-dasharray="4 3"/>'
+        )
     for index, (_, values) in enumerate(sorted(series.items())):
         color = PALETTE[index % len(PALETTE)]
         ordered = sorted(values)
         if len(ordered) > 1:
-            path = " ".join(f"{'M' if i == 0 else 'L'}{sx(t):.1f},{sy(v):.1f}" for i, (t, v) in enumerate(ordered))
+            path = " ".join(
+                f"{'M' if i == 0 else 'L'}{sx(t):.1f},{sy(v):.1f}" for i, (t, v) in enumerate(ordered)
+            )
             parts.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.2"/>')
         parts += [f'<circle cx="{sx(t):.1f}" cy="{sy(v):.1f}" r="2" fill="{color}"/>' for t, v in ordered]
     for index, (color, label, dashed) in enumerate(legend):
         x = pad_l + (index % per_row) * column
         y = pad_t + plot_h + 40 + 13 * (index // per_row)
         dash = ' stroke-dasharray="4 3"' if dashed else ""
-        parts.append(f'<line x1="{x}" x2="{x + 16}" y1="{y - 3}" y2="{y - 3}" stroke="{color}" stroke-width="2"{dash}/>'
-                     f'<text x="{x + 20}" y="{y}" font-size="8.5">{escape(label)}</text>')
+        parts.append(
+            f'<line x1="{x}" x2="{x + 16}" y1="{y - 3}" y2="{y - 3}" stroke="{color}" '
+            f'stroke-width="2"{dash}/>'
+            f'<text x="{x + 20}" y="{y}" font-size="8.5">{escape(label)}</text>'
+        )
     if target is not None and not target_fits:
-        parts.append(f'<text x="{width - pad_r}" y="{pad_t + 10}" font-size="9" text-anchor="end" fill="#c00000">'
-                     f'{escape(target_label)} {escape(human_seconds(target) if scale_of == "duration" else str(target))}'
-                     f' is far above this scale</text>')
+        parts.append(
+            f'<text x="{width - pad_r}" y="{pad_t + 10}" font-size="9" text-anchor="end" fill="#c00000">'
+            f"{escape(target_label)} "
+            f"{escape(human_seconds(target) if scale_of == 'duration' else str(target))} "
+            f"is far above this scale</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 

@@ -279,10 +279,11 @@ class SigningConfig(Settings):
 
 
 def _default_exception_owners() -> dict[str, str]:
-    return {"BK": "Backup operations lead", "VR": "Backup operations lead", "RT": "Backup operations lead",
-            "MD": "Backup operations lead", "AL": "Backup operations lead", "DR": "Disaster-recovery coordinator",
-            "EN": "Information security officer", "KM": "Information security officer",
-            "AU": "Information security officer", "RD": "Data protection officer", "GD": "Data protection officer"}
+    operations, security = "Backup operations lead", "Information security officer"
+    privacy = "Data protection officer"
+    return {"BK": operations, "VR": operations, "RT": operations, "MD": operations, "AL": operations,
+            "DR": "Disaster-recovery coordinator", "EN": security, "KM": security, "AU": security,
+            "RD": privacy, "GD": privacy}
 
 
 class ReportsConfig(Settings):
@@ -290,11 +291,11 @@ class ReportsConfig(Settings):
     signing: SigningConfig | None = None
     exception_owners: dict[str, str] = Field(
         default_factory=_default_exception_owners,
-        description="who remediates a control's exception: a role per control family (BK, VR, RT, DR, EN, KM, "
-                    "RD, MD, AU, AL, GD) or per control (BK-01); a control's own entry wins; given entries "
-                    "replace the defaults of the same key only")
-    remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after the "
-                                  "end of the period it was found in")
+        description="who remediates a control's exception: a role per control family (BK, VR, RT, DR, EN, "
+                    "KM, RD, MD, AU, AL, GD) or per control (BK-01); a control's own entry wins; given "
+                    "entries replace the defaults of the same key only")
+    remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after "
+                                  "the end of the period it was found in")
 
     @field_validator("exception_owners")
     @classmethod
@@ -307,7 +308,8 @@ class ReportsConfig(Settings):
         return {**_default_exception_owners(), **owners}
 
     def owner_of(self, control_id: str) -> str:
-        return self.exception_owners.get(control_id) or self.exception_owners.get(control_id[:2], "Backup service owner")
+        owners = self.exception_owners
+        return owners.get(control_id) or owners.get(control_id[:2], "Backup service owner")
 
 
 class DagsterConfig(Settings):
@@ -380,7 +382,8 @@ class Policy(Settings):
                 dsn = self.audit.dsn
             found.append(dsn_transport("audit trail database", dsn))
         if self.encryption.master_key.kms_key_uri:
-            found.append(url_transport("master key: AWS KMS", self.encryption.master_key.kms_endpoint_url, ("https",)))
+            endpoint = self.encryption.master_key.kms_endpoint_url
+            found.append(url_transport("master key: AWS KMS", endpoint, ("https",)))
         return found
 
     def jobs_for(self, name: str) -> int:

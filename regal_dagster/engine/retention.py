@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from .audit import audited, record
 from .catalog import list_backups
@@ -176,7 +177,8 @@ class PruneReport:
     def to_json(self) -> dict[str, object]:
         """The prune log. Version 3 adds each decision's `delete_after` (version 2 logs stay readable:
         `read_prune_log` gives them None there)."""
-        return {"format": "regal-backup-prune", "version": 3, "at": self.at.isoformat(), "dry_run": self.dry_run,
+        return {"format": "regal-backup-prune", "version": 3, "at": self.at.isoformat(),
+                "dry_run": self.dry_run,
                 "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons),
                                    "delete_after": d.delete_after.isoformat() if d.delete_after else None}
                                   for d in ds]
@@ -191,9 +193,12 @@ def read_prune_log(body: bytes) -> PruneReport:
     if document.get("format") != "regal-backup-prune" or document.get("version") not in (2, 3):
         raise RegalError("not a prune log this version of regal-backup can read",
                          "upgrade regal-backup to the version that wrote it")
-    decisions = {target: [Decision(d["backup_id"], d["keep"], tuple(d["reasons"]),
-                                   datetime.fromisoformat(d["delete_after"]) if d.get("delete_after") else None)
-                          for d in rows] for target, rows in document["decisions"].items()}
+    def decision(d: dict[str, Any]) -> Decision:
+        after = d.get("delete_after")
+        when = datetime.fromisoformat(after) if after else None
+        return Decision(d["backup_id"], d["keep"], tuple(d["reasons"]), when)
+
+    decisions = {target: [decision(d) for d in rows] for target, rows in document["decisions"].items()}
     return PruneReport(datetime.fromisoformat(document["at"]), document["dry_run"], decisions,
                        list(document.get("deleted", [])), list(document.get("leftovers_deleted", [])),
                        list(document.get("locked_leftovers", [])), list(document.get("offsite_deleted", [])))

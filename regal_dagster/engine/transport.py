@@ -44,12 +44,15 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def url_transport(connection: str, url: str | None, secure_schemes: tuple[str, ...], *,
-                  default: str = "https") -> Transport:
+def url_transport(
+    connection: str, url: str | None, secure_schemes: tuple[str, ...], *, default: str = "https"
+) -> Transport:
     """A connection made to a URL: TLS when its scheme is one of `secure_schemes`; `url` None means the
     client's default (AWS SDKs: https)."""
     if url is None:
-        return Transport(connection, TLS if default in secure_schemes else NONE, f"{default}:// (the client's default)")
+        return Transport(
+            connection, TLS if default in secure_schemes else NONE, f"{default}:// (the client's default)"
+        )
     parts = urlsplit(url)
     where = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
     if parts.scheme in secure_schemes:

@@ -55,8 +55,8 @@ def compliance_report(context: AssetExecutionContext, config: ReportConfig, rega
     result = build_report(regal.policy(), period, repo=regal.repository(),
                           trigger={"dagster_run_id": context.run.run_id})
     failed = [c.control_id for c in result.controls if c.result == "FAIL"]
-    context.log.info(f"report {result.report_id}{' (interim)' if result.interim else ''}: {len(failed)} control(s) "
-                     f"failed, {len(result.exceptions)} exception(s)"
+    context.log.info(f"report {result.report_id}{' (interim)' if result.interim else ''}: {len(failed)} "
+                     f"control(s) failed, {len(result.exceptions)} exception(s)"
                      + ("" if result.chain_ok else "; THE AUDIT TRAIL IS BROKEN"))
     return MaterializeResult(metadata={
         "report_id": result.report_id, "period": result.period, "interim": result.interim,
