@@ -225,6 +225,7 @@ def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: 
     assert "/GTS_PDFA1" in str(reader.trailer["/Root"].get("/OutputIntents"))  # the PDF/A output intent
     assert reader.metadata is not None
     assert "".join(HOSTILE.split()) in "".join(text.split())  # rendered as text, not markup
+    _assert_written_for_people(text)
     assert result.refused_urls == []  # escaped: the <img> was never a tag, so nothing was even asked for
 
     repo = open_repository(policy)
@@ -583,12 +584,17 @@ def test_the_report_fits_its_pages_with_many_targets_rotated_keys_and_long_ident
         assert any(identifier in cell for cell in cells), identifier  # wrapped inside its cell, never cut off
     keys = {k["key_id"]: k["status"] for k in json.loads(_attachment(result.pdf, "evidence.json"))["keys"]}
     assert sorted(keys.values()) == ["decrypt-only", "primary", "retired"]
-    whole = "\n".join(texts)
+    _assert_written_for_people("\n".join(texts))
+
+
+def _assert_written_for_people(text: str) -> None:
+    """No label or date broken inside a word, no Python leaking through (1:00:00, {}, 1.44e+04)."""
     for word in ("success", "failure", "verification", "rotation", "retirement", "decrypt-only", "primary",
-                 "retired", "policy change", "restore tests", "loopback", "hourly", "daily"):
-        for cut in range(1, len(word)):  # a label is never broken inside a word
-            assert f"{word[:cut]}\n{word[cut:]}" not in whole, word
-    assert "1:00:00" not in whole and "{}" not in whole and "e+0" not in whole
+                 "retired", "policy change", "restore test", "loopback", "hourly", "daily", "UNRESOLVED"):
+        for cut in range(1, len(word)):
+            assert f"{word[:cut]}\n{word[cut:]}" not in text, word
+    assert not re.search(r"\d{4}-\d{2}-\d?\n\d|\d{4}-\d?\n\d|\d{2}:\d?\n\d", text)  # dates, times whole
+    assert "1:00:00" not in text and "{}" not in text and not re.search(r"\de[+-]\d", text)
 
 
 def _attachment(pdf: bytes, name: str) -> bytes:

@@ -414,14 +414,14 @@ def figures(policy: Policy, evidence: Evidence, period: Period, now: datetime) -
 
 # --- operational failures ------------------------------------------------------------------------------
 
-FAILURE_TABLES = {
-    "backups": "BK-01",
-    "verifications": "VR-01",
-    "restore_tests": "RT-01",
-    "drills": "DR-01",
-    "key_operations": "KM-01",
-    "restores": "RT-01",
-    "prunes": "RD-01",
+FAILURE_TABLES = {  # evidence table -> (the operation, the control its failures count against)
+    "backups": ("backup", "BK-01"),
+    "verifications": ("verification", "VR-01"),
+    "restore_tests": ("restore test", "RT-01"),
+    "drills": ("drill", "DR-01"),
+    "key_operations": ("key operation", "KM-01"),
+    "restores": ("restore", "RT-01"),
+    "prunes": ("prune", "RD-01"),
 }
 
 
@@ -430,7 +430,7 @@ def operational_failures(evidence: Evidence) -> list[dict[str, Any]]:
     restores, prunes), with what resolved it: a later success of the same kind and target. Retention checks
     and reports are not operations that can fail this way, and are not counted."""
     found = []
-    for name, control_id in FAILURE_TABLES.items():
+    for name, (operation, control_id) in FAILURE_TABLES.items():
         rows = evidence.tables[name]
         for row in rows:
             if row["outcome"] != "failure":
@@ -443,7 +443,7 @@ def operational_failures(evidence: Evidence) -> list[dict[str, Any]]:
                 ),
                 None,
             )
-            lost = [name for name, recovered in (row.get("targets") or {}).items() if not recovered]
+            lost = [target for target, recovered in (row.get("targets") or {}).items() if not recovered]
             what = (
                 row.get("error")
                 or "; ".join(row.get("failed", []) or row.get("problems", []))
@@ -454,7 +454,7 @@ def operational_failures(evidence: Evidence) -> list[dict[str, Any]]:
                 {
                     "seq": row["seq"],
                     "at": row["at"],
-                    "kind": name.replace("_", " "),
+                    "kind": operation,
                     "control_id": control_id,
                     "target": row["target"],
                     "resource": row["resource"],
@@ -1051,11 +1051,25 @@ def _fetcher():  # type: ignore[no-untyped-def]
     return LocalTemplatesOnly()
 
 
-def _breakable(value: Any) -> Any:
-    """An identifier that may wrap after its separators (- _ / : .) and nowhere else."""
+def _breakable(value: Any, shortest: int = 18) -> Any:
+    """Text whose tokens of `shortest` characters or more (identifiers, paths, DSNs) may wrap after their
+    separators (- _ / : . ,); words, dates and shorter tokens stay whole. Text between backticks is a
+    command, set in code type."""
     from markupsafe import Markup, escape
 
-    return Markup("<wbr>").join(escape(part) for part in re.split(r"(?<=[-_/:.,])", str(value)))
+    def token(text: str) -> Markup:
+        if len(text) < shortest:
+            return escape(text)
+        return Markup("<wbr>").join(escape(part) for part in re.split(r"(?<=[-_/:.,])", text))
+
+    def words(text: str) -> Markup:
+        return Markup("").join(token(part) for part in re.split(r"(\s+)", text))
+
+    parts = str(value).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: plain text
+        return words(str(value))
+    return Markup("").join(words(part) if i % 2 == 0 else Markup("<code>") + words(part) + Markup("</code>")
+                           for i, part in enumerate(parts))
 
 
 def _when(value: Any) -> str:
