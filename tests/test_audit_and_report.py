@@ -602,3 +602,38 @@ def _attachment(pdf: bytes, name: str) -> bytes:
 
     (body,) = PdfReader(io.BytesIO(pdf)).attachments[name]
     return body
+
+
+def test_encryption_in_transit_is_read_from_each_connection_as_configured(tmp_path: Path) -> None:
+    from regal_dagster.engine.policy import policy_from_dict
+    from regal_dagster.engine.report import Evidence, Facts, _encrypted_in_transit
+
+    def transports(repository: dict[str, Any], **targets: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        policy = policy_from_dict({
+            "repository": repository, "encryption": {"keyset": "k.json", "master_key": {"env": "UNUSED"}},
+            "targets": targets, "audit": {"dsn": "postgresql://audit@audit.internal/audit?sslmode=verify-full"}},
+            base_dir=tmp_path)
+        found = policy.transports()
+        assert not any("s3cret" in t.connection or "s3cret" in t.how for t in found)  # never a password
+        verdict = _encrypted_in_transit(Facts(policy, Evidence({"transport": [t.to_json() for t in found]}), {}, [],
+                                              None, Period.parse("2026-11"), datetime.now(UTC)))  # type: ignore[arg-type]
+        return {"EN-02": (verdict.result, verdict.finding), **{t.connection.split(" (")[0].split(":")[0]:
+                                                                (t.protection, t.how) for t in found}}
+
+    exposed = transports({"url": "s3://backups/pos", "endpoint_url": "http://minio.internal:9000"},
+                         pos={"kind": "postgres", "dsn": "postgresql://backup:s3cret@db.internal:5432/pos"},
+                         cache={"kind": "redis", "url": "redis://:s3cret@cache.internal:6379"},
+                         sock={"kind": "postgres", "dsn": "dbname=pos"})
+    assert exposed["repository"] == ("none", "http:// (not encrypted)")
+    assert exposed["target pos"][0] == "none" and "sslmode not set" in exposed["target pos"][1]
+    assert exposed["target cache"][0] == "none" and exposed["target sock"] == ("local", "Unix socket")
+    assert exposed["audit trail database"] == ("TLS", "sslmode=verify-full (server verified)")
+    result, finding = exposed["EN-02"]
+    assert result == FAIL and "not encrypted: repository" in finding and "target pos" in finding
+
+    encrypted = transports({"url": "s3://backups/pos"},  # AWS S3: the SDK's default is https
+                           pos={"kind": "postgres", "dsn": "postgresql://backup@db.internal/pos?sslmode=require"},
+                           cache={"kind": "redis", "url": "rediss://cache.internal:6380"},
+                           tf={"kind": "terraform", "state": "s3://states/pos.tfstate"})
+    assert encrypted["EN-02"][0] == PASS and "not encrypted: none" in encrypted["EN-02"][1]
+    assert encrypted["target pos"] == ("TLS", "sslmode=require (server certificate not verified)")
