@@ -70,7 +70,7 @@ def stage_costs(policy_path: Path, backup_id: str) -> list[tuple[str, float, flo
     """(stage, CPU seconds, MB/s) for each stage over the backup's table objects, one thread."""
     policy = load_policy(policy_path)
     repo, keyring = open_repository(policy), load_keyring(policy)
-    manifest = load_manifest(repo, backup_id)
+    manifest = load_manifest(repo, keyring, backup_id)
     params = zstandard.ZstdCompressionParameters.from_level(policy.compression.level,
                                                             hash_log=policy.compression.hash_log or 0)
     totals: dict[str, float] = {}

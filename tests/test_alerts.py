@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 from regal_dagster.defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from regal_dagster.engine.alerts import AlertBook, Condition, capacity_conditions, evaluate_and_notify
 from regal_dagster.engine.catalog import list_backups
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
 
@@ -234,7 +235,7 @@ def test_a_failed_check_arrives_by_email_with_the_run_link(
     sensors = Sensors(policy_file)
     assert sensors.run(BACKUP_JOB).success
     policy = load_policy(policy_file)
-    (manifest,), _ = list_backups(open_repository(policy), "pos")
+    (manifest,), _ = list_backups(open_repository(policy), load_keyring(policy), "pos")
     damaged = max(manifest.objects, key=lambda o: o.size)
     path = policy.local_repository_path() / damaged.key
     data = bytearray(path.read_bytes())

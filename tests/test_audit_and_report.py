@@ -26,6 +26,7 @@ import yaml
 
 from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
 from regal_dagster.engine.audit import AuditTrail, verify_trail
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import RegalError, UsageError
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.report import (
@@ -99,8 +100,8 @@ def _history(policy_file: Path) -> dict[str, Any]:
     drill = run_cli(policy_file, "drill", "--json")  # `broken` has no backup: the drill fails, as it should
     assert drill.returncode in (0, 3), drill.stderr
     policy = load_policy(policy_file)
-    failures = evaluate_and_notify(policy, AlertBook(), rpo_conditions(policy, open_repository(policy),
-                                                                       datetime.now(UTC)), datetime.now(UTC))
+    conditions = rpo_conditions(policy, open_repository(policy), load_keyring(policy), datetime.now(UTC))
+    failures = evaluate_and_notify(policy, AlertBook(), conditions, datetime.now(UTC))
     assert failures == []
     pruned = run_cli(policy_file, "prune", "--json")
     assert pruned.returncode == 0, pruned.stderr
@@ -511,11 +512,15 @@ def test_a_past_month_is_judged_on_its_own_evidence(setup: dict[str, Any]) -> No
     assert kinds.count("retention_check") == 1 and kinds.count("report_generated") == 3
 
     (log_key,) = [s.key for s in repo.list("prune/")]
-    body = json.loads(repo.get_bytes(log_key))
-    body["decisions"]["pos"] = []  # someone edits the log after the fact
+    original = repo.get_bytes(log_key)
+    body = json.loads(original)
+    repo.put_bytes(log_key, json.dumps(body).encode())  # the same content, written again: its seal holds
+    rewritten = {c.control_id: c for c in build_report(policy, month).controls}["RD-01"]
+    assert rewritten.result == FAIL and "differs from the SHA-256 the audit trail recorded" in rewritten.finding
+    body["deleted"] = ["pos-20261101T000000Z-abcdef"]  # someone edits the log after the fact
     repo.put_bytes(log_key, json.dumps(body).encode())
     edited = {c.control_id: c for c in build_report(policy, month).controls}["RD-01"]
-    assert edited.result == FAIL and "is not the one the audit trail recorded" in edited.finding
+    assert edited.result == FAIL and "fails authentication" in edited.finding
 
 
 LONG = "point_of_sale_transactions_and_loyalty_ledger_eu_west_"  # 54 characters: names near the limit of 63

@@ -49,7 +49,8 @@ def _biggest(manifest):  # type: ignore[no-untyped-def]
 def test_a_good_backup_passes_every_check_and_counts_as_good(policy: Policy) -> None:
     manifest = run_backup(policy, "pos").manifest
     repo = open_repository(policy)
-    assert good_backups(repo, "pos") == []  # not checked yet: not good yet
+    keyring = load_keyring(policy)
+    assert good_backups(repo, keyring, "pos") == []  # not checked yet: not good yet
 
     record = _check(policy, manifest.backup_id)
 
@@ -57,9 +58,9 @@ def test_a_good_backup_passes_every_check_and_counts_as_good(policy: Policy) -> 
     assert {o.name: o.passed for o in record.outcomes} == {
         "manifest": True, "integrity": True, "encryption": True, "size": True, "key_cryptoperiod": True}
     assert "schema archive lists" in record.outcome("integrity").description  # type: ignore[union-attr]
-    assert load_check_record(repo, manifest.backup_id) == record
+    assert load_check_record(repo, keyring, manifest) == record
     assert _path(policy, f"backups/pos/{manifest.backup_id}/{CHECKS_NAME}").is_file()
-    assert [m.backup_id for m in good_backups(repo, "pos")] == [manifest.backup_id]
+    assert [m.backup_id for m in good_backups(repo, keyring, "pos")] == [manifest.backup_id]
 
 
 def test_a_flipped_byte_fails_integrity_naming_the_object(policy: Policy) -> None:
@@ -76,7 +77,7 @@ def test_a_flipped_byte_fails_integrity_naming_the_object(policy: Policy) -> Non
     assert integrity is not None and not integrity.passed
     assert integrity.failing_object == damaged.key and damaged.key in integrity.description
     assert record.outcome("manifest").passed  # type: ignore[union-attr]  # same size: only a read finds it
-    assert not record.passed and good_backups(open_repository(policy), "pos") == []
+    assert not record.passed and good_backups(open_repository(policy), load_keyring(policy), "pos") == []
 
 
 def test_a_deleted_object_fails_the_manifest_check(policy: Policy) -> None:
@@ -163,11 +164,11 @@ def test_the_newest_good_backup_is_found_without_reading_every_manifest(policy: 
             CountingRepository.manifest_reads += key.endswith("/manifest.json")
             return super().get_bytes(key)
 
-    repo = CountingRepository(policy.local_repository_path())
-    assert [m.backup_id for m in newest_first(repo, "pos")] == [
-        m.backup_id for m in reversed(list_backups(repo, "pos")[0])]
+    repo, keyring = CountingRepository(policy.local_repository_path()), load_keyring(policy)
+    assert [m.backup_id for m in newest_first(repo, keyring, "pos")] == [
+        m.backup_id for m in reversed(list_backups(repo, keyring, "pos")[0])]
     CountingRepository.manifest_reads = 0
-    newest_good = next(good_newest_first(repo, "pos"))
+    newest_good = next(good_newest_first(repo, keyring, "pos"))
     assert newest_good.backup_id == manifests[3].backup_id
     assert CountingRepository.manifest_reads == 2  # the unchecked newest and the good one, of five
-    assert [m.backup_id for m in good_backups(repo, "pos")] == [m.backup_id for m in manifests[:4]]
+    assert [m.backup_id for m in good_backups(repo, keyring, "pos")] == [m.backup_id for m in manifests[:4]]

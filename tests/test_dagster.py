@@ -17,6 +17,7 @@ from regal_dagster.defs import BACKUP_JOB, build_definitions
 from regal_dagster.defs.backups.assets import RETENTION_CLASS_TAG
 from regal_dagster.engine import catalog
 from regal_dagster.engine.checks import load_check_record
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
 
@@ -60,7 +61,8 @@ def test_materializing_the_asset_takes_a_backup_with_operator_metadata(policy_fi
 
     (event,) = result.get_asset_materialization_events()
     metadata = event.materialization.metadata
-    backups, _ = catalog.list_backups(open_repository(load_policy(policy_file)), "pos")
+    policy = load_policy(policy_file)
+    backups, _ = catalog.list_backups(open_repository(policy), load_keyring(policy), "pos")
     (manifest,) = backups
     assert metadata["backup_id"].value == manifest.backup_id
     assert metadata["retention_class"].value == "weekly" == manifest.retention_class
@@ -147,5 +149,8 @@ def test_the_backup_run_checks_the_backup_it_took(policy_file: Path) -> None:
     assert all(e.passed for e in evaluations.values())
     backup_id = result.asset_materializations_for_node("postgres__pos__backup")[0].metadata["backup_id"].value
     assert evaluations["integrity"].metadata["backup_id"].value == backup_id
-    record = load_check_record(open_repository(load_policy(policy_file)), str(backup_id))
+    policy = load_policy(policy_file)
+    keyring = load_keyring(policy)
+    repo = open_repository(policy)
+    record = load_check_record(repo, keyring, catalog.load_manifest(repo, keyring, str(backup_id)))
     assert record is not None and record.passed and record.trigger == {"dagster_run_id": result.run_id}

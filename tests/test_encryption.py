@@ -111,8 +111,9 @@ def test_an_edited_manifest_fails_its_checksum(backed_up) -> None:  # type: igno
     path = policy.local_repository_path() / f"backups/pos/{manifest.backup_id}/manifest.json"
     document = json.loads(path.read_text())
     document["retention_class"] = "monthly"
-    with pytest.raises(IntegrityError, match="fails its own checksum"):
-        Manifest.from_bytes(json.dumps(document).encode(), str(path))
+    key = f"backups/pos/{manifest.backup_id}/manifest.json"
+    with pytest.raises(IntegrityError, match=f"{key} fails authentication"):  # sealed: nobody without the keys
+        Manifest.from_bytes(json.dumps(document).encode(), key, load_keyring(policy))
 
 
 def test_master_key_file_must_be_private(tmp_path: Path) -> None:

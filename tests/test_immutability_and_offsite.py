@@ -82,7 +82,7 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
     report = run_prune(policy, repo, datetime.now(UTC))
     decision = next(d for d in report.decisions["pos"] if d.backup_id == manifest.backup_id)
     assert decision.keep and decision.reasons == (f"object lock until {expected:%Y-%m-%d %H:%M}",)
-    assert report.deleted == [] and len(list_backups(repo, "pos")[0]) == 2
+    assert report.deleted == [] and len(list_backups(repo, load_keyring(policy), "pos")[0]) == 2
 
     # A leftover under lock (an interrupted backup's object) is reported and left for after its date.
     leftover = "backups/pos/pos-20260101T000000Z-0a0a0a/tables/00001.copy"
@@ -98,8 +98,8 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
     retired = retire_key(policy, old_key, reencrypt=True, repo=repo)
     assert sorted(retired.reencrypted) == sorted([manifest.backup_id, second.backup_id])
     assert sorted(retired.locked_leftovers) == sorted(o.key for o in manifest.objects)
-    assert "ObjectLockMode" not in s3.head_object(Bucket=bucket, Key=f"regal/{load_manifest(repo, second.backup_id).objects[0].key}")
-    rekeyed = load_manifest(repo, manifest.backup_id)
+    assert "ObjectLockMode" not in s3.head_object(Bucket=bucket, Key=f"regal/{load_manifest(repo, load_keyring(policy), second.backup_id).objects[0].key}")
+    rekeyed = load_manifest(repo, load_keyring(policy), manifest.backup_id)
     assert all(o.key.endswith(f".k{load_keyring(policy).primary_key_id}") for o in rekeyed.objects)
     for record in rekeyed.objects:
         head = s3.head_object(Bucket=bucket, Key=f"regal/{record.key}")
@@ -163,7 +163,7 @@ def test_every_backup_is_copied_off_site_and_verified_there(
     policy = load_policy(policy_file)
     repo, secondary = open_repository(policy), open_offsite(policy)
     assert secondary is not None
-    (copied,) = list_backups(secondary, "pos")[0]
+    (copied,) = list_backups(secondary, load_keyring(policy), "pos")[0]
     assert copied.backup_id == backup_id
     assert secondary.size(f"backups/pos/{backup_id}/checks.json") is not None  # a restore from there knows it
 
@@ -189,7 +189,7 @@ def test_every_backup_is_copied_off_site_and_verified_there(
     assert cli("verify", second).returncode == 0
     report = run_prune(policy, repo, datetime.now(UTC) + timedelta(hours=3))
     assert report.deleted == [backup_id] and report.offsite_deleted == [backup_id]
-    assert [m.backup_id for m in list_backups(secondary, "pos")[0]] == [second]
+    assert [m.backup_id for m in list_backups(secondary, load_keyring(policy), "pos")[0]] == [second]
 
     # The primary site is lost: everything needed comes from the copy.
     if offsite_kind == "s3":

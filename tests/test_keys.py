@@ -35,8 +35,9 @@ def policy_file(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> 
 
 
 def _manifest(policy_file: Path, backup_id: str) -> Manifest:
-    repo = open_repository(load_policy(policy_file))
-    return Manifest.from_bytes(repo.get_bytes(manifest_key("pos", backup_id)), backup_id)
+    policy = load_policy(policy_file)
+    key = manifest_key("pos", backup_id)
+    return Manifest.from_bytes(open_repository(policy).get_bytes(key), key, load_keyring(policy))
 
 
 def test_rotate_then_retire_with_reencryption(policy_file: Path, system_pg: DatabaseFactory) -> None:
@@ -77,7 +78,7 @@ def test_rotate_then_retire_with_reencryption(policy_file: Path, system_pg: Data
     keyring = load_keyring(policy)
     assert first_key not in keyring.key_ids  # the material is destroyed
     assert len(load_ledger(repo, keyring).erasures) == 1
-    record = load_check_record(repo, old)
+    record = load_check_record(repo, keyring, _manifest(policy_file, old))
     assert record is not None and record.passed and record.trigger == {"cli": f"keys retire {first_key}"}
     target = system_pg.create("regal_rekeyed")
     report = restore_database(repo, keyring, rekeyed, target)  # full validation: every table's fingerprint

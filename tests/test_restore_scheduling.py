@@ -14,6 +14,7 @@ import pytest
 
 from regal_dagster.defs import BACKUP_JOB, RESTORE_TEST_JOB, build_definitions
 from regal_dagster.engine.checks import good_backups
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.layout import RESTORE_SAMPLES
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.sampling import choose, draw_restore_sample
@@ -88,9 +89,9 @@ def test_the_monthly_sample_is_random_recorded_and_reproducible_from_its_seed(po
     assert {r.tags["regal/sample_seed"] for r in requests} == {record["seed"]}
     # the same month draws once: evaluating again returns the recorded draw
     when = datetime(2026, 12, 1, 4, 0, tzinfo=UTC)
-    assert draw_restore_sample(policy, repo, when).seed == record["seed"]
+    assert draw_restore_sample(policy, repo, load_keyring(policy), when).seed == record["seed"]
     # and different seeds draw differently across many tries (it is random, not a fixed pick)
-    candidates = [("pos", m.backup_id) for m in good_backups(repo, "pos")]
+    candidates = [("pos", m.backup_id) for m in good_backups(repo, load_keyring(load_policy(policy_file)), "pos")]
     assert len({tuple(choose(candidates, str(seed), 2)) for seed in range(40)}) > 3
 
 

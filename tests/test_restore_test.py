@@ -74,11 +74,11 @@ def test_a_restore_that_differs_from_the_manifest_fails_and_names_the_table(back
         f"the backup had {counts['indexes']} indexes, the restored database has {counts['indexes'] - 1}"]
     assert [t["matches"] for t in result.tables] == [True, False]
     # the stored result raises an alert until a later restore test of the target passes
-    (condition,) = restore_test_conditions(policy, open_repository(policy))
+    (condition,) = restore_test_conditions(policy, open_repository(policy), load_keyring(policy))
     assert condition.event == "restore_test_failed" and condition.target == "pos"
     assert "table public.customers has the same row count but different content" in condition.details["finding"]
     run_restore_test(policy, open_repository(policy), load_keyring(policy), manifest)
-    assert restore_test_conditions(policy, open_repository(policy)) == []
+    assert restore_test_conditions(policy, open_repository(policy), load_keyring(policy)) == []
 
 
 def _scratch_servers(work: Path) -> list[psutil.Process]:

@@ -125,11 +125,11 @@ def test_prune_deletes_what_retention_no_longer_keeps_and_records_it(system_pg: 
     later = datetime.now(UTC) + timedelta(hours=3)  # three hours on: only the newest stays (RPO guard)
 
     dry = run_prune(policy, repo, later, dry_run=True)
-    assert len(list_backups(repo, "pos")[0]) == 3 and dry.leftovers
+    assert len(list_backups(repo, load_keyring(policy), "pos")[0]) == 3 and dry.leftovers
     report = run_prune(policy, repo, later)
 
     assert report.deleted == [m.backup_id for m in manifests[:2]]
-    remaining, _ = list_backups(repo, "pos")
+    remaining, _ = list_backups(repo, load_keyring(policy), "pos")
     assert [m.backup_id for m in remaining] == [manifests[2].backup_id]
     assert not list(repo.list(f"backups/pos/{manifests[0].backup_id}/"))  # every object gone, checks.json too
     assert report.leftovers == ["backups/pos/pos-20261001T000000Z-abcdef/tables/00001.copy"]

@@ -29,7 +29,7 @@ def _round_trip(factory: DatabaseFactory, tmp_path: Path) -> None:
 
     repo = open_repository(policy)
     keyring = load_keyring(policy)
-    assert [m.backup_id for m in catalog.list_backups(repo, "pos")[0]] == [manifest.backup_id]
+    assert [m.backup_id for m in catalog.list_backups(repo, keyring, "pos")[0]] == [manifest.backup_id]
     assert verify_backup(repo, keyring, manifest).ok
     assert manifest.table_rows() == {'Sales Ops.Order "Lines"': 4, "public.customers": 2000}
     assert manifest.retention_class == "daily"

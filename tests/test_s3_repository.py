@@ -312,7 +312,7 @@ def test_round_trip_through_s3(
     new_database_name,
 ) -> None:
     repo = open_repository(s3_policy)
-    assert isinstance(repo, S3Repository)
+    assert isinstance(repo.backend, S3Repository)  # under the retry and logging wrappers
     calls: list[str] = []
     for operation in ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "PutObject"):
         repo.client.meta.events.register(
@@ -344,9 +344,9 @@ def test_round_trip_through_s3(
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
     # The catalog sees exactly this backup, and it verifies.
-    backups, damaged = catalog.list_backups(repo, "main")
-    assert [m.backup_id for m in backups] == [manifest.backup_id] and not damaged
     keyring = load_keyring(s3_policy)
+    backups, damaged = catalog.list_backups(repo, keyring, "main")
+    assert [m.backup_id for m in backups] == [manifest.backup_id] and not damaged
     result = verify_backup(repo, keyring, manifest)
     assert result.ok, result.problems
 
@@ -463,7 +463,7 @@ def test_missing_bucket_is_a_clear_error(
     assert missing in caught.value.message and "does not exist" in caught.value.message
     assert caught.value.hint and "create" in caught.value.hint
     with pytest.raises(RegalError, match=missing):
-        catalog.list_backups(open_repository(policy))
+        catalog.list_backups(open_repository(policy), load_keyring(policy))
 
 
 def _free_port() -> int:
@@ -482,7 +482,7 @@ def test_unreachable_endpoint_is_a_clear_error(
     for action in (
         lambda: run_backup(policy, "main", repo=repo).manifest,
         lambda: repo.size("x"),
-        lambda: catalog.list_backups(repo),
+        lambda: catalog.list_backups(repo, load_keyring(policy)),
         lambda: repo.get_bytes("x"),
     ):
         with pytest.raises(RegalError) as caught:

@@ -8,11 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..engine import catalog
-from ..engine.checks import load_check_record, run_checks
+from ..engine.audit import completed_backups
+from ..engine.checks import check_status, run_checks
 from ..engine.crypto import generate_master_key, load_keyring
 from ..engine.errors import RegalError
 from ..engine.policy import Policy, load_policy
-from ..engine.storage import Repository, open_repository
+from ..engine.selection import choose_backup
+from ..engine.storage import open_repository
 from .output import Output, manifest_summary, size
 
 
@@ -70,21 +72,28 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     policy = _load_policy(args)
     repo = open_repository(policy)
-    backups, damaged = catalog.list_backups(repo, args.target)
-    rows = [{**manifest_summary(m), "status": _status(repo, m.backup_id)} for m in backups]
+    keyring = load_keyring(policy)
+    completed = completed_backups(policy, repo)
+    backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
+    unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
+    rows = []
+    for manifest in backups:
+        status = check_status(repo, keyring, manifest)
+        rows.append({**manifest_summary(manifest), "status": status.status, "status_note": status.problem})
     lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  STATUS"]
     lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
-              f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']}" for r in rows]
-    lines += [f"DAMAGED {d.key}: {d.problem}" for d in damaged]
-    out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged]},
-               "\n".join(lines) if rows or damaged else "no backups yet")
+              f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']}"
+              + (f" ({r['status_note']})" if r["status_note"] else "") for r in rows]
+    lines += [f"{d.backup_id:40} {'?':8} {'?':20} {size(d.stored_bytes):>10} {'?':>10}  DAMAGED: {d.problem}"
+              for d in damaged]
+    if unfinished:
+        lines.append(f"({len(unfinished)} unfinished backup(s), interrupted or running, "
+                     f"{size(sum(u.stored_bytes for u in unfinished))}: not backups; prune removes them after "
+                     f"{policy.prune.orphan_grace})")
+    out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged],
+                "unfinished": [u.__dict__ for u in unfinished]},
+               "\n".join(lines) if rows or damaged or unfinished else "no backups yet")
     return 1 if damaged else 0
-
-
-def _status(repo: Repository, backup_id: str) -> str:
-    """good (its checks passed), failed, or unchecked."""
-    record = load_check_record(repo, backup_id)
-    return "unchecked" if record is None else "good" if record.passed else "failed"
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
@@ -111,14 +120,21 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     repo = open_repository(policy)
     if not args.backup_id and not args.target:
         raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
+    if not args.backup_id and not (args.latest or args.before):
+        raise RegalError("say which backup of the target to restore", "add --latest, or --before TIME")
     before = datetime.fromisoformat(args.before).replace(tzinfo=UTC) if args.before else None
-    manifest = catalog.choose_backup(repo, args.target or "", backup_id=args.backup_id, latest=args.latest,
-                                     before=before)
+    keyring = load_keyring(policy)
+    selected = choose_backup(policy, repo, keyring, args.target or "", backup_id=args.backup_id, before=before,
+                             trigger={"cli": "restore"})
+    for note in selected.notes:
+        print(f"note: {note}", file=sys.stderr)
+    manifest = selected.manifest
     with out.progress(f"restore {manifest.backup_id}") as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
                                  drop_existing=args.drop_existing, keep_owners=args.keep_owners,
-                                 validation=args.validate, keys=args.keys, progress=progress)
-        result = restore_backup(policy, repo, load_keyring(policy), manifest, request, pre_hook=args.pre_hook,
+                                 validation=args.validate, keys=args.keys,
+                                 accept_ledger_rollback=args.accept_ledger_rollback, progress=progress)
+        result = restore_backup(policy, repo, keyring, manifest, request, pre_hook=args.pre_hook,
                                 post_hook=args.post_hook, trigger={"cli": "restore"})
     payload = {"backup_id": result.backup_id, "kind": result.kind, **result.details, "ok": result.ok,
                **({"problems": result.problems} if result.problems else {}),
@@ -142,22 +158,18 @@ def _work_dir(args: argparse.Namespace, policy: Policy) -> Path | None:
 
 
 def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.checks import good_newest_first
     from ..engine.restore_test import run_restore_test
     from ..engine.sources.registry import source_for
 
     policy = _load_policy(args)
     repo = open_repository(policy)
-    if args.backup_id:
-        manifest = catalog.load_manifest(repo, args.backup_id)
-    else:
-        policy.target(args.target)  # a clear error for an unknown target
-        newest = next(good_newest_first(repo, args.target), None)
-        if newest is None:
-            raise RegalError(f"no good backup of '{args.target}' to test",
-                             f"take one and check it: regal-backup backup {args.target}, then verify it")
-        manifest = newest
-    result = run_restore_test(policy, repo, load_keyring(policy), manifest, jobs=args.jobs,
+    keyring = load_keyring(policy)
+    selected = choose_backup(policy, repo, keyring, args.target, backup_id=args.backup_id,
+                             trigger={"cli": "restore-test"})
+    for note in selected.notes:
+        print(f"note: {note}", file=sys.stderr)
+    manifest = selected.manifest
+    result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs,
                               work_dir=_work_dir(args, policy), trigger={"cli": "restore-test"})
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
     passed = source_for(manifest.kind).restore_test_proves
@@ -281,9 +293,10 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     if secondary is None:
         raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
     repo = open_repository(policy)
+    keyring = load_keyring(policy)
     rows = []
     for target in sorted(policy.targets):
-        for manifest in catalog.list_backups(repo, target)[0]:
+        for manifest in catalog.list_backups(repo, keyring, target)[0]:
             problems = sync_backup(repo, secondary, manifest)
             rows.append({"backup_id": manifest.backup_id, "in_step": not problems,
                          "problems": [f"{p.key}: {p.problem}" for p in problems]})

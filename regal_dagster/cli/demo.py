@@ -88,10 +88,10 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     (event,) = result.get_asset_materialization_events()
     backup_id = event.materialization.metadata["backup_id"].value
     policy = load_policy(policy_path)
-    repo = open_repository(policy)
-    manifest = catalog.load_manifest(repo, str(backup_id))
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    manifest = catalog.load_manifest(repo, keyring, str(backup_id))
     _say(echo, f"verifying {backup_id}")
-    verified = verify_backup(repo, load_keyring(policy), manifest)
+    verified = verify_backup(repo, keyring, manifest)
     _say(echo, "writing this month's compliance report")
     report = build_report(policy, Period.parse(f"{manifest.started_at:%Y-%m}"), repo=repo, trigger={"cli": "demo"})
     report_file = directory / "compliance-report.pdf"

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows: compare the loaded row counts only (faster; the bytes are still authenticated)")
     p.add_argument("--keys", help="Redis, with --to redis://...: copy back only the keys matching this glob")
     p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
+    p.add_argument("--accept-ledger-rollback", action="store_true",
+                   help="restore although the GDPR erasure ledger is older than the repository or the audit trail "
+                        "knows (recorded in the audit trail; erasures may be missing afterwards)")
     p.add_argument("--pre-hook", help="shell command run just before the target is changed (stop the application)")
     p.add_argument("--post-hook", help="shell command run after a validated restore (start the application)")
     p.set_defaults(func=commands.cmd_restore)

@@ -27,10 +27,15 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-from .catalog import newest_first
-from .checks import ERROR, good_newest_first, load_check_record
-from .layout import restore_test_prefix
+from .audit import completed_backups
+from .catalog import list_backups, newest_first
+from .checks import ERROR, check_status, good_newest_first
+from .crypto import Keyring
+from .documents import read_document
+from .errors import IntegrityError
+from .layout import restore_test_prefix, started_of
 from .policy import AlertChannel, EmailChannel, Policy, SlackChannel, WebhookChannel
+from .restore_test import RESTORE_TEST_KIND
 from .storage import Repository
 
 log = logging.getLogger("regal_backup.alerts")
@@ -57,6 +62,9 @@ FIRST_STEPS = {
     "report_failed": "Open the run: the audit database unreachable, or the trail broken? Run `regal-backup audit "
                      "verify`, then `regal-backup report --period YYYY-MM`.",
     "drill_failed": "Read the drill record (drills/ in the repository): which target missed its RTO or RPO, and why.",
+    "damaged_backup": "Do not restore it. Someone or something changed the repository: compare with the off-site "
+                      "copy, read the storage's access logs, and check who holds write access. `regal-backup list` "
+                      "shows every backup that cannot be trusted.",
 }
 
 
@@ -258,17 +266,17 @@ def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condit
 
 # --- conditions from the repository ----------------------------------------------------------------
 
-def run_link(policy: Policy, run_id: str | None, target: str, kind: str = "postgres") -> str:
+def run_link(policy: Policy, run_id: str | None, target: str, kind: str) -> str:
     base = policy.dagster.base_url.rstrip("/")
     return f"{base}/runs/{run_id}" if run_id else f"{base}/assets/{kind}/{target}/backup"
 
 
-def rpo_conditions(policy: Policy, repo: Repository, now: datetime) -> list[Condition]:
+def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[Condition]:
     """A breach per target whose newest good backup is older than its RPO (or that has none)."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
         rpo = policy.rpo_for(target)
-        newest = next(good_newest_first(repo, target), None)
+        newest = next(good_newest_first(repo, keyring, target), None)
         if newest is not None and now - newest.finished_at <= rpo:
             continue
         if newest is None:
@@ -285,13 +293,19 @@ def rpo_conditions(policy: Policy, repo: Repository, now: datetime) -> list[Cond
     return conditions
 
 
-def check_conditions(policy: Policy, repo: Repository) -> list[Condition]:
-    """Failed ERROR checks of each target's newest checked backup (integrity: a failed verification)."""
+def check_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:
+    """Failed ERROR checks of each target's newest checked backup (integrity: a failed verification), and a
+    check record that is refused (forged, or about another version of its manifest)."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
-        record = next((r for m in newest_first(repo, target) if (r := load_check_record(repo, m.backup_id))), None)
-        if record is None:
+        status = next((s for m in newest_first(repo, keyring, target)
+                       if (s := check_status(repo, keyring, m)).record or s.problem), None)
+        if status is None:
             continue
+        if status.problem is not None or status.record is None:
+            conditions.append(_untrusted(policy, target, f"{target}: {status.problem}"))
+            continue
+        record = status.record
         for outcome in record.outcomes:
             if outcome.passed or outcome.severity != ERROR:
                 continue
@@ -307,14 +321,19 @@ def check_conditions(policy: Policy, repo: Repository) -> list[Condition]:
     return conditions
 
 
-def restore_test_conditions(policy: Policy, repo: Repository) -> list[Condition]:
-    """The newest restore test of each target, when it failed validation or missed the RTO."""
+def restore_test_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:
+    """The newest restore test of each target, when it failed validation or missed the RTO (or its record is
+    refused)."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
         results = sorted(o.key for o in repo.list(restore_test_prefix(target)) if o.key.endswith(".json"))
         if not results:
             continue
-        result = json.loads(repo.get_bytes(results[-1]))
+        try:
+            result = read_document(repo, keyring, RESTORE_TEST_KIND, results[-1])
+        except IntegrityError as exc:
+            conditions.append(_untrusted(policy, target, exc.message))
+            continue
         if result["validation_passed"] and result["rto_within_target"]:
             continue
         finding = "; ".join(result["problems"]) or (f"RTO {result['rto_seconds']:.0f}s over the target of "
@@ -326,6 +345,24 @@ def restore_test_conditions(policy: Policy, repo: Repository) -> list[Condition]
             FIRST_STEPS["restore_test_failed"].format(target=target),
             datetime.fromisoformat(result["tested_at"]), {"backup": result["backup_id"], "finding": finding}))
     return conditions
+
+
+def damaged_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:
+    """A backup directory no reader trusts: a manifest refused, or a completed backup whose manifest is gone
+    (prune leaves these alone: they are evidence)."""
+    conditions = []
+    for damaged in list_backups(repo, keyring, completed=completed_backups(policy, repo))[1]:
+        conditions.append(Condition(
+            f"damaged:{damaged.backup_id}", "damaged_backup", damaged.target,
+            f"{damaged.target}: backup {damaged.backup_id} cannot be trusted: {damaged.problem}",
+            f"{policy.dagster.base_url.rstrip('/')}/assets", FIRST_STEPS["damaged_backup"], started_of(damaged.backup_id),
+            {"backup": damaged.backup_id, "stored_bytes": damaged.stored_bytes}))
+    return conditions
+
+
+def _untrusted(policy: Policy, target: str, what: str) -> Condition:
+    return Condition(f"untrusted:{target}", "document_refused", target, what,
+                     f"{policy.dagster.base_url.rstrip('/')}/assets", FIRST_STEPS["damaged_backup"])
 
 
 def capacity_conditions(policy: Policy, repo: Repository) -> list[Condition]:

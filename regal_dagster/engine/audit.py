@@ -28,12 +28,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import RegalError
+from .documents import read_document, unseal, write_document
+from .errors import IntegrityError, RegalError
 from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, audit_checkpoint_key, audit_spool_key
 from .policy import Policy
 from .storage import Repository
+
+if TYPE_CHECKING:
+    from .crypto import Keyring
 
 GENESIS = "0" * 64
 # What this process already did, so an event costs one connection and no repository listing:
@@ -137,12 +141,24 @@ def _connect(dsn: str):  # type: ignore[no-untyped-def]
                          "start it or fix audit.dsn; events wait in the repository meanwhile") from None
 
 
+SPOOL_KIND, CHECKPOINT_KIND = "audit-spool", "audit-checkpoint"
+
+
 class AuditTrail:
-    def __init__(self, policy: Policy, repo: Repository):
+    def __init__(self, policy: Policy, repo: Repository, keyring: Keyring | None = None):
         if policy.audit is None:
             raise RegalError("the policy has no audit trail", "add audit.dsn (a PostgreSQL database) to the policy")
-        self.policy, self.repo = policy, repo
+        self.policy, self.repo, self._keyring = policy, repo, keyring
         self.dsn = policy.audit.resolved_dsn()
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keys that seal what the trail keeps in the repository (spooled events, checkpoints)."""
+        if self._keyring is None:
+            from .crypto import load_keyring
+
+            self._keyring = load_keyring(self.policy)
+        return self._keyring
 
     def ensure_schema(self) -> None:
         with _connect(self.dsn) as conn:
@@ -168,7 +184,7 @@ class AuditTrail:
                 self._ensure_schema(conn)
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.events'))")
                 for key in spooled:
-                    self._insert(conn, _from_spool(json.loads(self.repo.get_bytes(key))))
+                    self._insert(conn, self._spooled_event(key))
                 written = self._insert(conn, pending)
                 self._note_policy_change(conn)
             # committed: only now is it true that the spool is in the chain and the policy recorded
@@ -200,8 +216,19 @@ class AuditTrail:
     def _spool(self, event: AuditEvent) -> None:
         _SPOOL_CHECKED.discard(self.repo.location)
         with contextlib.suppress(Exception):  # the repository down as well: nothing more can be done here
-            name = audit_spool_key(event.at, uuid.uuid4().hex[:8])
-            self.repo.put_bytes(name, json.dumps(event.to_json()).encode())
+            key = audit_spool_key(event.at, uuid.uuid4().hex[:8])
+            write_document(self.repo, self.keyring, SPOOL_KIND, key, event.to_json())
+
+    def _spooled_event(self, key: str) -> AuditEvent:
+        """A spooled event, once its seal holds; a file planted in the spool joins the chain only as the
+        record of its refusal (its name, size and SHA-256), never as the event it pretends to be."""
+        data = self.repo.get_bytes(key)
+        try:
+            return _from_spool(unseal(self.keyring, SPOOL_KIND, key, data))
+        except (IntegrityError, KeyError, TypeError, ValueError) as exc:
+            reason = exc.message if isinstance(exc, IntegrityError) else "not an audit event"
+            return _new_event("audit_spool_refused", key, "failure", {
+                "file": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "reason": reason})
 
     def _note_policy_change(self, conn) -> None:  # type: ignore[no-untyped-def]
         digest = self.policy.source_sha256
@@ -229,6 +256,22 @@ class AuditTrail:
         with _connect(self.dsn) as conn:
             return [AuditEvent(*row) for row in conn.execute(query, params)]
 
+    def details_of(self, event_type: str) -> list[dict[str, Any]]:
+        """The details of every event of a type, oldest first."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            rows = conn.execute("SELECT details FROM regal_audit.events WHERE event_type = %s ORDER BY seq",
+                                (event_type,)).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def resources_of(self, event_type: str, outcome: str) -> list[str]:
+        """The resources of every event of a type and outcome (e.g. the backups that completed)."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            rows = conn.execute("SELECT resource FROM regal_audit.events WHERE event_type = %s AND outcome = %s",
+                                (event_type, outcome)).fetchall()
+        return [row[0] for row in rows]
+
     def checkpoint(self, verdict: ChainVerdict) -> None:
         """Write the head a verification found intact into the repository (locked where the repository locks
         objects): the head that was checked, not whatever was appended since."""
@@ -237,11 +280,17 @@ class AuditTrail:
         body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": verdict.head_seq,
                 "hash": verdict.head_hash, "at": datetime.now(UTC).isoformat()}
         retain = datetime.now(UTC) + timedelta(days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
-        self.repo.put_bytes(audit_checkpoint_key(verdict.head_seq), json.dumps(body).encode(), retain)
+        write_document(self.repo, self.keyring, CHECKPOINT_KIND, audit_checkpoint_key(verdict.head_seq), body, retain)
 
-    def checkpoints(self) -> list[dict[str, Any]]:
-        return [json.loads(self.repo.get_bytes(s.key)) for s in sorted(self.repo.list(AUDIT_CHECKPOINTS),
-                                                                          key=lambda s: s.key)]
+    def checkpoints(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The checkpoints whose seal holds, and why each other one is refused (naming its file)."""
+        points, refused = [], []
+        for stored in sorted(self.repo.list(AUDIT_CHECKPOINTS), key=lambda s: s.key):
+            try:
+                points.append(read_document(self.repo, self.keyring, CHECKPOINT_KIND, stored.key))
+            except IntegrityError as exc:
+                refused.append(exc.message)
+        return points, refused
 
 
 @dataclass
@@ -297,10 +346,25 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
 
 
 def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None) -> ChainVerdict:
-    """The chain's verdict; `events`: the whole trail, when the caller has already read it."""
-    verdict = verify_chain(trail.events() if events is None else events, trail.checkpoints())
+    """The chain's verdict; `events`: the whole trail, when the caller has already read it. A checkpoint that
+    fails authentication breaks the verdict too, blamed on the checkpoint file, not on the database."""
+    points, refused = trail.checkpoints()
+    verdict = verify_chain(trail.events() if events is None else events, points)
+    if verdict.ok and refused:
+        verdict = replace(verdict, ok=False, problem=f"a checkpoint in the repository is refused: {refused[0]}")
     verdict.spooled = sum(1 for _ in trail.repo.list(AUDIT_SPOOL))
     return verdict
+
+
+def completed_backups(policy: Policy, repo: Repository) -> set[str]:
+    """The backups the audit trail saw complete (none when there is no trail or it cannot be reached): a
+    backup directory among them without its manifest was damaged, not interrupted."""
+    if policy.audit is None:
+        return set()
+    try:
+        return set(AuditTrail(policy, repo).resources_of("backup", "success"))
+    except RegalError:
+        return set()
 
 
 # --- recording from the engine ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from .audit import audited
 from .crypto import Keyring, load_keyring
 from .errors import RegalError
+from .gdpr import load_ledger
 from .layout import backup_prefix, manifest_key, new_backup_id
 from .manifest import Manifest, ObjectRecord
 from .offsite import copy_after_backup
@@ -58,6 +59,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     repo.ensure_initialized()
     settings = target.model_copy(update={"jobs": policy.jobs_for(target_name)})
     with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
+        keyring = keyring.reload()  # under the lock: a key retired meanwhile is never used, a new primary is
+        ledger_revision = load_ledger(repo, keyring).revision
         started = datetime.now(UTC)
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
@@ -80,15 +83,17 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
                 started_at=started, finished_at=datetime.now(UTC),
                 tool_versions={**tool_versions(), **captured.tools}, source=captured.facts, objects=captured.objects,
                 trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
+                ledger_revision=ledger_revision,
                 **({"object_lock": {"mode": lock.mode, "retain_until": retain_until.isoformat()}} if lock else {}),
-            ).sealed()
-            repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes(), retain_until)
+            )
+            repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes(keyring), retain_until)
         except BaseException:
             _remove_unfinished(repo, prefix)
             raise
         audit.update(bytes_stored=manifest.stored_bytes, bytes_read=manifest.plaintext_bytes,
                      seconds=round(manifest.duration_seconds, 3), key_id=keyring.primary_key_id)
-    return BackupResult(manifest, copy_after_backup(repo, open_offsite(policy), manifest))
+        offsite_problem = copy_after_backup(repo, open_offsite(policy), manifest)  # under the lock: prune waits
+    return BackupResult(manifest, offsite_problem)
 
 
 def _remove_unfinished(repo: Repository, prefix: str) -> None:

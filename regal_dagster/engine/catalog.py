@@ -1,44 +1,97 @@
-"""Reading what the repository holds: backups are the manifests; nothing else counts."""
+"""Reading what the repository holds: backups are the manifests that authenticate; every other backup
+directory is reported as damaged, never hidden."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from .crypto import Keyring
 from .errors import IntegrityError, RegalError
-from .layout import BACKUPS, is_manifest_key, manifest_key, started_of, target_of, target_prefix
+from .layout import (
+    BACKUPS,
+    checks_key,
+    is_manifest_key,
+    manifest_key,
+    split_backup_key,
+    started_of,
+    target_of,
+    target_prefix,
+    valid_backup_id,
+)
 from .manifest import Manifest
-from .storage import Repository
+from .storage import Repository, StoredObject
 
 
 @dataclass(frozen=True)
-class DamagedManifest:
-    key: str
+class DamagedBackup:
+    """A backup directory the repository holds but no reader may trust: its manifest fails authentication,
+    or it completed (a check record, or the audit trail, says so) and its manifest is gone. Or, when
+    `unfinished`, objects without a manifest and nothing to say the backup ever completed: interrupted or
+    still running (prune removes those after its grace)."""
+
+    target: str
+    backup_id: str
+    key: str  # the manifest's key
     problem: str
+    stored_bytes: int  # what its objects take
+    has_manifest: bool
+    unfinished: bool = False
 
 
-def list_backups(repo: Repository, target: str | None = None) -> tuple[list[Manifest], list[DamagedManifest]]:
-    """All backups (oldest first) and the manifests that could not be read."""
-    prefix = target_prefix(target) if target else BACKUPS
+def list_backups(repo: Repository, keyring: Keyring, target: str | None = None, *,
+                 completed: Collection[str] = ()) -> tuple[list[Manifest], list[DamagedBackup]]:
+    """All backups (oldest first), and every backup directory that cannot be trusted, never hidden.
+    `completed`: backup ids the audit trail saw complete (a missing manifest there is damage, not a crash)."""
     backups, damaged = [], []
-    for obj in repo.list(prefix):
-        if not is_manifest_key(obj.key):
+    for (name, backup_id), stored in _backup_directories(repo, target).items():
+        key = manifest_key(name, backup_id)
+        names = {o.key for o in stored}
+        size = sum(o.size for o in stored if o.key != key)
+        if key not in names:
+            if checks_key(backup_id) in names or backup_id in completed:
+                damaged.append(DamagedBackup(name, backup_id, key, "the backup completed but its manifest is gone "
+                                             "(deleted?)", size, has_manifest=False))
             continue
         try:
-            backups.append(Manifest.from_bytes(repo.get_bytes(obj.key), obj.key))
+            backups.append(Manifest.from_bytes(repo.get_bytes(key), key, keyring))
         except IntegrityError as exc:
-            damaged.append(DamagedManifest(obj.key, exc.message))
+            damaged.append(DamagedBackup(name, backup_id, key, exc.message, size, has_manifest=True))
     backups.sort(key=lambda m: (m.started_at, m.backup_id))
     return backups, damaged
 
 
-def newest_first(repo: Repository, target: str) -> Iterator[Manifest]:
-    """A target's readable backups, newest first, each manifest read only when the caller gets to it: one
+def unfinished_backups(repo: Repository, target: str | None = None, *,
+                       completed: Collection[str] = ()) -> list[DamagedBackup]:
+    """Backup directories with objects and no manifest, and nothing to say they ever completed: not backups."""
+    found = []
+    for (name, backup_id), stored in _backup_directories(repo, target).items():
+        names = {o.key for o in stored}
+        if (manifest_key(name, backup_id) not in names and checks_key(backup_id) not in names
+                and backup_id not in completed):
+            found.append(DamagedBackup(name, backup_id, manifest_key(name, backup_id), "no manifest: interrupted, "
+                                       "or still running", sum(o.size for o in stored), has_manifest=False,
+                                       unfinished=True))
+    return found
+
+
+def _backup_directories(repo: Repository, target: str | None) -> dict[tuple[str, str], list[StoredObject]]:
+    """(target, backup id) -> the objects under that backup's prefix, from one listing."""
+    found: dict[tuple[str, str], list[StoredObject]] = {}
+    for obj in repo.list(target_prefix(target) if target else BACKUPS):
+        if (parts := split_backup_key(obj.key)) is not None:
+            found.setdefault(parts[:2], []).append(obj)
+    return dict(sorted(found.items()))
+
+
+def newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterator[Manifest]:
+    """A target's trustworthy backups, newest first, each manifest read only when the caller gets to it: one
     listing, then as many reads as the caller needs (the newest good backup: usually one or two), where
     `list_backups` reads them all. Backup ids carry their start to the second; within a second the
-    manifests' own start times decide."""
+    manifests' own start times decide. Manifests that fail authentication are left out (list_backups
+    reports them)."""
     by_second: dict[datetime, list[str]] = {}
     for obj in repo.list(target_prefix(target)):
         if is_manifest_key(obj.key):
@@ -47,25 +100,16 @@ def newest_first(repo: Repository, target: str) -> Iterator[Manifest]:
     for second in sorted(by_second, reverse=True):
         same_second = []
         for key in by_second[second]:
-            with contextlib.suppress(IntegrityError):  # list_backups reports damaged manifests
-                same_second.append(Manifest.from_bytes(repo.get_bytes(key), key))
+            with contextlib.suppress(IntegrityError):
+                same_second.append(Manifest.from_bytes(repo.get_bytes(key), key, keyring))
         yield from sorted(same_second, key=lambda m: (m.started_at, m.backup_id), reverse=True)
 
 
-def load_manifest(repo: Repository, backup_id: str) -> Manifest:
+def load_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> Manifest:
+    if not valid_backup_id(backup_id):
+        raise RegalError(f"'{backup_id}' is not a backup id", "backup ids look like main-20261124T020000Z-a1b2c3; "
+                                                              "run `regal-backup list` to see them")
     key = manifest_key(target_of(backup_id), backup_id)
     if repo.size(key) is None:
         raise RegalError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
-    return Manifest.from_bytes(repo.get_bytes(key), key)
-
-
-def choose_backup(repo: Repository, target: str, *, backup_id: str | None = None, latest: bool = False,
-                  before: datetime | None = None) -> Manifest:
-    """The backup a restore asks for: by id, the newest, or the newest started before a time."""
-    if backup_id:
-        return load_manifest(repo, backup_id)
-    chosen = next((m for m in newest_first(repo, target) if before is None or m.started_at < before), None)
-    if chosen is None or not (latest or before):
-        when = f" before {before.isoformat()}" if before else ""
-        raise RegalError(f"no backup of '{target}'{when} in {repo.location}", "run `regal-backup list` to see the backups")
-    return chosen
+    return Manifest.from_bytes(repo.get_bytes(key), key, keyring)

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import re
 import statistics
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from . import audit
 from .catalog import list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
+from .documents import seal, unseal
 from .errors import IntegrityError, RegalError
-from .layout import checks_key, manifest_key, target_of
+from .layout import backup_prefix, checks_key, manifest_key, target_of, valid_backup_id
 from .manifest import Manifest
 from .outcomes import ERROR, WARN, CheckOutcome, CheckSpec
 from .pipeline import StoredBackup
@@ -82,55 +83,92 @@ _CARD_TOKEN = re.compile(rb"tok_[0-9A-Za-z]{8,}")
 _DIGITS = re.compile(rb"(?<![0-9])[0-9]{13,19}(?![0-9])")
 
 
+CHECKS_KIND = "checks"
+
+
 @dataclass
 class CheckRecord:
     backup_id: str
     checked_at: datetime
     outcomes: list[CheckOutcome]
     trigger: dict[str, str] = field(default_factory=dict)  # dagster_run_id, or cli
+    manifest_digest: str = ""  # the manifest these checks read (Manifest.digest): another one is not checked
 
     @property
     def passed(self) -> bool:
-        """Good: every ERROR check passed."""
+        """Good: every check that decides it passed."""
         return all(o.passed for o in self.outcomes if check_spec(o.name).decides_good)
 
     def outcome(self, name: str) -> CheckOutcome | None:
         return next((o for o in self.outcomes if o.name == name), None)
 
-    def to_bytes(self) -> bytes:
-        body = {"format": "regal-backup-checks", "version": 1, "backup_id": self.backup_id,
+    def body(self) -> dict[str, Any]:
+        return {"format": "regal-backup-checks", "version": 2, "backup_id": self.backup_id,
                 "checked_at": self.checked_at.isoformat(), "passed": self.passed, "trigger": self.trigger,
+                "manifest_digest": self.manifest_digest,
                 "outcomes": [{**asdict(o), "severity": o.severity} for o in self.outcomes]}
-        return json.dumps(body, indent=2, ensure_ascii=False).encode()
+
+    def to_bytes(self, keyring: Keyring) -> bytes:
+        return seal(keyring, CHECKS_KIND, checks_key(self.backup_id), self.body())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> CheckRecord:
-        body = json.loads(data)
+    def from_bytes(cls, data: bytes, keyring: Keyring, backup_id: str) -> CheckRecord:
+        body = unseal(keyring, CHECKS_KIND, checks_key(backup_id), data)
         outcomes = [CheckOutcome(o["name"], o["passed"], o["description"], o.get("failing_object"),
                                  o.get("metadata", {}), o.get("level")) for o in body["outcomes"]]
-        return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}))
+        return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}),
+                   body.get("manifest_digest", ""))
 
 
-def load_check_record(repo: Repository, backup_id: str) -> CheckRecord | None:
-    key = checks_key(backup_id)
+@dataclass(frozen=True)
+class CheckStatus:
+    """What the repository says of a backup's checks: good, failed, or unchecked (never checked, checked in
+    another version of its manifest, or a check record that fails authentication: `problem` says which)."""
+
+    status: str  # good | failed | unchecked
+    record: CheckRecord | None = None
+    problem: str | None = None
+
+    @property
+    def good(self) -> bool:
+        return self.status == "good"
+
+
+def check_status(repo: Repository, keyring: Keyring, manifest: Manifest) -> CheckStatus:
+    key = checks_key(manifest.backup_id)
     if repo.size(key) is None:
-        return None
+        return CheckStatus("unchecked")
     try:
-        return CheckRecord.from_bytes(repo.get_bytes(key))
-    except (ValueError, KeyError, TypeError):
-        return None  # an unreadable record counts as "not checked"
+        record = CheckRecord.from_bytes(repo.get_bytes(key), keyring, manifest.backup_id)
+    except (IntegrityError, ValueError, KeyError, TypeError) as exc:
+        problem = exc.message if isinstance(exc, IntegrityError) else f"{key} cannot be read"
+        return CheckStatus("unchecked", problem=f"its check record is refused: {problem}")
+    if record.manifest_digest != manifest.digest():
+        return CheckStatus("unchecked", record, f"{key} checked another version of its manifest")
+    return CheckStatus("good" if record.passed else "failed", record)
+
+
+def load_check_record(repo: Repository, keyring: Keyring, manifest: Manifest) -> CheckRecord | None:
+    """The backup's check record when it authenticates and is about this manifest."""
+    status = check_status(repo, keyring, manifest)
+    return status.record if status.problem is None else None
 
 
 # --- the checks ------------------------------------------------------------------------------------
 
-def check_manifest(repo: Repository, backup_id: str) -> tuple[CheckOutcome, Manifest | None]:
+def check_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> tuple[CheckOutcome, Manifest | None]:
     key = manifest_key(target_of(backup_id), backup_id)
     if repo.size(key) is None:
         return CheckOutcome("manifest", False, f"the manifest {key} is missing", key), None
     try:
-        manifest = Manifest.from_bytes(repo.get_bytes(key), key)
+        manifest = Manifest.from_bytes(repo.get_bytes(key), key, keyring)
     except IntegrityError as exc:
         return CheckOutcome("manifest", False, exc.message, key), None
+    retired = sorted({o.encryption.key_id for o in manifest.objects
+                      if (info := keyring.history.get(o.encryption.key_id)) is not None and info.retired_at})
+    if retired:
+        return CheckOutcome("manifest", False, f"the manifest names objects under key(s) {retired}, retired since: "
+                            "it is an older version put back after the backup was re-encrypted", key), manifest
     for record in manifest.objects:
         size = repo.size(record.key)
         if size is None:
@@ -138,7 +176,7 @@ def check_manifest(repo: Repository, backup_id: str) -> tuple[CheckOutcome, Mani
         if size != record.size:
             return CheckOutcome("manifest", False, f"object {record.key} has {size} bytes, the manifest says "
                                 f"{record.size}", record.key), manifest
-    return CheckOutcome("manifest", True, f"checksum holds; all {len(manifest.objects)} objects present with "
+    return CheckOutcome("manifest", True, f"seal holds; all {len(manifest.objects)} objects present with "
                         "their sizes", metadata={"objects": len(manifest.objects)}), manifest
 
 
@@ -263,27 +301,24 @@ def check_size(manifest: Manifest, recent_good: list[Manifest], tolerance: float
 
 # --- running them ----------------------------------------------------------------------------------
 
-def good_backups(repo: Repository, target: str) -> list[Manifest]:
-    """The target's backups whose ERROR checks passed, oldest first (every manifest and record read)."""
-    manifests, _ = list_backups(repo, target)
-    return [m for m in manifests if _is_good(repo, m)]
+def good_backups(repo: Repository, keyring: Keyring, target: str) -> list[Manifest]:
+    """The target's backups whose checks passed, oldest first (every manifest and record read)."""
+    manifests, _ = list_backups(repo, keyring, target)
+    return [m for m in manifests if check_status(repo, keyring, m).good]
 
 
-def good_newest_first(repo: Repository, target: str) -> Iterator[Manifest]:
+def good_newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterator[Manifest]:
     """The same, newest first, read only as far as the caller goes (`next(...)`: the newest good backup)."""
-    return (m for m in newest_first(repo, target) if _is_good(repo, m))
-
-
-def _is_good(repo: Repository, manifest: Manifest) -> bool:
-    record = load_check_record(repo, manifest.backup_id)
-    return record is not None and record.passed
+    return (m for m in newest_first(repo, keyring, target) if check_status(repo, keyring, m).good)
 
 
 def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int | None = None,
                trigger: dict[str, str] | None = None) -> CheckRecord:
     """Run every check on one backup and store the outcome as its checks.json."""
+    if not valid_backup_id(backup_id) or not any(repo.list(backup_prefix(target_of(backup_id), backup_id))):
+        raise RegalError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
     jobs = jobs or policy.jobs_for(target_of(backup_id))
-    outcome, manifest = check_manifest(repo, backup_id)
+    outcome, manifest = check_manifest(repo, keyring, backup_id)
     outcomes = [outcome]
     if manifest is None:
         kind = policy.target(target_of(backup_id)).kind
@@ -298,7 +333,7 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
             outcomes.append(check_encryption(repo, keyring, manifest, policy.checks.sample_kb * 1024))
         except RegalError as exc:  # an object that cannot be read cannot be shown to be encrypted
             outcomes.append(CheckOutcome("encryption", False, exc.message))
-        earlier = (m for m in good_newest_first(repo, manifest.target) if m.started_at < manifest.started_at)
+        earlier = (m for m in good_newest_first(repo, keyring, manifest.target) if m.started_at < manifest.started_at)
         recent = list(itertools.islice(earlier, policy.checks.size_history))  # only these are read for size
         outcomes.append(check_size(manifest, recent[::-1], policy.checks.size_tolerance))
         outcomes += source_for(manifest.kind).kind_checks(policy, manifest.target, manifest,
@@ -313,12 +348,12 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                 outcomes.append(check_offsite(repo, secondary, manifest))
             except RegalError as exc:
                 outcomes.append(CheckOutcome("offsite_copy", False, exc.message))
-    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {})
-    repo.put_bytes(checks_key(backup_id), record.to_bytes())
+    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {}, manifest.digest() if manifest else "")
+    repo.put_bytes(checks_key(backup_id), record.to_bytes(keyring))
     audit.record(policy, repo, "verification", backup_id, "success" if record.passed else "failure",
                  {"checks": {o.name: o.passed for o in record.outcomes},
                   "failed": [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]}, trigger)
     if secondary is not None and manifest is not None:
         with contextlib.suppress(RegalError):  # the record travels with the copy, so a restore from there knows
-            secondary.put_bytes(checks_key(backup_id), record.to_bytes())
+            secondary.put_bytes(checks_key(backup_id), record.to_bytes(keyring))
     return record

@@ -7,7 +7,9 @@
 - Each stored object starts with a small header (magic, format version, key id) followed by the Tink
   ciphertext. The associated data binds the ciphertext to its backup id, object name and key id, so an
   object moved to another backup, renamed or relabelled with another key id fails authentication.
-  docs/formats.md describes the format.
+- Repository documents (manifests, check records, ...) are sealed with Tink MACs (HMAC-SHA256) from a
+  second keyset in the same file, encrypted by the same master key and rotated with the first
+  (engine/documents.py). docs/formats.md describes both formats.
 """
 
 from __future__ import annotations
@@ -16,21 +18,25 @@ import base64
 import io
 import json
 import os
+import secrets
 import stat
 import struct
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import tink
-from tink import aead, secret_key_access, streaming_aead
+from tink import aead, mac, secret_key_access, streaming_aead
 from tink.proto import tink_pb2
 
 from .errors import EncryptionKeyError, IntegrityError
-from .policy import EncryptionConfig, MasterKeyConfig, Policy
+
+if TYPE_CHECKING:
+    from .policy import EncryptionConfig, MasterKeyConfig, Policy
 
 aead.register()
+mac.register()
 streaming_aead.register()
 
 STREAMING_TEMPLATE_NAME = "AES256_GCM_HKDF_1MB"
@@ -39,6 +45,9 @@ OBJECT_FORMAT_VERSION = 1
 OBJECT_HEADER = struct.Struct(">4sBI")  # magic, format version, key id
 KEYSET_FILE_FORMAT = "regal-backup-keyset"
 _KEYSET_AAD = b"regal-backup/keyset/v1"
+_KEYSET_AAD_V3 = b"regal-backup/keyset/v3"
+MAC_TEMPLATE_NAME = "HMAC_SHA256_256BITTAG"
+MAC_TEMPLATE = getattr(mac.mac_key_templates, MAC_TEMPLATE_NAME)
 
 
 def _streaming_template():  # type: ignore[no-untyped-def]
@@ -121,8 +130,8 @@ def _kms_aead(config: MasterKeyConfig) -> aead.Aead:
 
 @dataclass(frozen=True)
 class KeyInfo:
-    """A key's life: created, primary (encrypting new objects) from `primary_since` until the next
-    rotation, retired (its material destroyed) once no backup uses it."""
+    """A key's life: created, primary (encrypting new objects, or sealing new documents) from
+    `primary_since` until the next rotation, retired (its material destroyed) once nothing uses it."""
 
     key_id: int
     created_at: str | None
@@ -136,27 +145,32 @@ class KeyInfo:
                 "primary_until": self.primary_until, "retired_at": self.retired_at}
 
 
-class Keyring:
-    """The streaming AEAD keyset, decrypted in memory. Encrypts with the primary key."""
+@dataclass(frozen=True)
+class Keys:
+    """One Tink keyset (of one primitive) and the dates of every key it ever held."""
 
-    def __init__(self, handle: tink.KeysetHandle, history: dict[int, KeyInfo]):
-        self._handle = handle
-        self._primitive = handle.primitive(streaming_aead.StreamingAead)
-        info = handle.keyset_info()
-        self.primary_key_id: int = info.primary_key_id
-        self.key_ids: frozenset[int] = frozenset(k.key_id for k in info.key_info)
-        self.history = history  # every key this keyset ever held, retired ones too
+    handle: tink.KeysetHandle
+    history: dict[int, KeyInfo]
 
-    def all_keys(self) -> list[KeyInfo]:
-        """Every key ever held, oldest first; `primary` marks the one new objects use."""
-        return sorted((replace(k, primary=k.key_id == self.primary_key_id) for k in self.history.values()),
-                      key=lambda k: (k.created_at or "", k.key_id))
+    @classmethod
+    def new(cls, template: object) -> Keys:
+        handle = tink.new_keyset_handle(template)
+        key_id, now = handle.keyset_info().primary_key_id, _now()
+        return cls(handle, {key_id: KeyInfo(key_id, created_at=now, primary_since=now)})
 
-    def rotated(self) -> tuple[tink.KeysetHandle, dict[int, KeyInfo]]:
-        """The keyset with a new key added as primary; the old keys stay to read older objects."""
+    @property
+    def primary_key_id(self) -> int:
+        return int(self.handle.keyset_info().primary_key_id)
+
+    @property
+    def key_ids(self) -> frozenset[int]:
+        return frozenset(k.key_id for k in self.handle.keyset_info().key_info)
+
+    def rotated(self, template: object) -> Keys:
+        """A new key added as primary; the old keys stay (to read older objects, to verify older documents)."""
         keyset = self._cleartext()
         fresh = tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(
-            tink.new_keyset_handle(_streaming_template()), secret_key_access.TOKEN))
+            tink.new_keyset_handle(template), secret_key_access.TOKEN))
         key = fresh.key[0]
         while key.key_id in self.history:  # ids are random 32-bit: a clash with a retired id is unlikely
             key.key_id = (key.key_id + 1) % 2**32
@@ -165,23 +179,88 @@ class Keyring:
         now = _now()
         history = {**self.history, key.key_id: KeyInfo(key.key_id, created_at=now, primary_since=now),
                    self.primary_key_id: replace(self.history[self.primary_key_id], primary_until=now)}
-        return self._handle_of(keyset), history
+        return Keys(self._handle_of(keyset), history)
 
-    def without(self, key_id: int) -> tuple[tink.KeysetHandle, dict[int, KeyInfo]]:
-        """The keyset with a key's material destroyed; its dates stay in the history as retired."""
+    def without(self, key_id: int) -> Keys:
+        """A key's material destroyed; its dates stay in the history as retired."""
         keyset = self._cleartext()
         kept = [k for k in keyset.key if k.key_id != key_id]
         del keyset.key[:]
         keyset.key.extend(kept)
-        history = {**self.history, key_id: replace(self.history[key_id], retired_at=_now())}
-        return self._handle_of(keyset), history
+        return Keys(self._handle_of(keyset), {**self.history, key_id: replace(self.history[key_id], retired_at=_now())})
 
     def _cleartext(self) -> tink_pb2.Keyset:
-        return tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(self._handle, secret_key_access.TOKEN))
+        return tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(self.handle, secret_key_access.TOKEN))
 
     @staticmethod
     def _handle_of(keyset: tink_pb2.Keyset) -> tink.KeysetHandle:
         return tink.proto_keyset_format.parse(keyset.SerializeToString(), secret_key_access.TOKEN)
+
+
+@dataclass(frozen=True)
+class KeysetFile:
+    """Where a keyring was read from, and the master key that opens it: enough to read it again."""
+
+    path: Path
+    master: aead.Aead
+
+
+class Keyring:
+    """The keys, decrypted in memory: the streaming AEAD keyset (backup objects; the primary key encrypts)
+    and the MAC keyset (repository documents: manifests, check records, ...; the primary key seals)."""
+
+    def __init__(self, stream: Keys, macs: Keys | None, origin: KeysetFile | None = None):
+        self.stream, self.macs, self.origin = stream, macs, origin
+        self._primitive = stream.handle.primitive(streaming_aead.StreamingAead)
+        self._mac = macs.handle.primitive(mac.Mac) if macs is not None else None
+        self.primary_key_id: int = stream.primary_key_id
+        self.key_ids: frozenset[int] = stream.key_ids
+        self.history = stream.history  # every key this keyset ever held, retired ones too
+
+    def all_keys(self) -> list[KeyInfo]:
+        """Every key ever held, oldest first; `primary` marks the one new objects use."""
+        return sorted((replace(k, primary=k.key_id == self.primary_key_id) for k in self.history.values()),
+                      key=lambda k: (k.created_at or "", k.key_id))
+
+    def rotated(self) -> Keyring:
+        """A new primary key for objects and one for documents; older keys stay to read what they wrote."""
+        macs = self.macs.rotated(MAC_TEMPLATE) if self.macs is not None else Keys.new(MAC_TEMPLATE)
+        return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin)
+
+    def without(self, key_id: int) -> Keyring:
+        """The object key `key_id` destroyed (documents keys are kept: old documents stay verifiable)."""
+        return Keyring(self.stream.without(key_id), self.macs, self.origin)
+
+    def with_document_keys(self) -> Keyring:
+        """This keyring with a document (MAC) keyset, made when the keyset predates one (upgrade)."""
+        return self if self.macs is not None else Keyring(self.stream, Keys.new(MAC_TEMPLATE), self.origin)
+
+    def reload(self) -> Keyring:
+        """The keyset as it is on disk now (another process may have rotated or retired a key)."""
+        if self.origin is None:
+            return self
+        return read_keyset(self.origin.path, self.origin.master)
+
+    # --- documents ---------------------------------------------------------------------------------
+
+    def _document_mac(self) -> mac.Mac:
+        if self._mac is None:
+            where = f" {self.origin.path}" if self.origin else ""
+            raise EncryptionKeyError(f"the keyset{where} has no document keys: it was made before the repository "
+                                     "authenticated its documents", "run `regal-backup upgrade` once")
+        return self._mac
+
+    def compute_mac(self, data: bytes) -> bytes:
+        return bytes(self._document_mac().compute_mac(data))
+
+    def verify_mac(self, tag: bytes, data: bytes) -> bool:
+        try:
+            self._document_mac().verify_mac(tag, data)
+            return True
+        except tink.TinkError:
+            return False
+
+    # --- objects -----------------------------------------------------------------------------------
 
     def encrypting_stream(self, destination: BinaryIO, backup_id: str, object_name: str) -> BinaryIO:
         """Writes the object header, then returns a stream that encrypts into `destination`."""
@@ -196,14 +275,14 @@ class Keyring:
         header = _read_exactly(source, OBJECT_HEADER.size)
         if len(header) < OBJECT_HEADER.size or header[:4] != OBJECT_MAGIC:
             raise IntegrityError(f"object {object_name} of backup {backup_id} is not in the encrypted "
-                                     "regal-backup format", "the object was replaced or is not a backup")
+                                 "regal-backup format", "the object was replaced or is not a backup")
         _, version, key_id = OBJECT_HEADER.unpack(header)
         if version != OBJECT_FORMAT_VERSION:
             raise EncryptionKeyError(f"object {object_name} has object format {version}; this version reads "
                                      f"{OBJECT_FORMAT_VERSION}", "upgrade regal-backup")
         if expected_key_id is not None and key_id != expected_key_id:
             raise IntegrityError(f"object {object_name} of backup {backup_id} says key {key_id} but its "
-                                     f"manifest says key {expected_key_id}", "the object was tampered with")
+                                 f"manifest says key {expected_key_id}", "the object was tampered with")
         if key_id not in self.key_ids:
             raise EncryptionKeyError(
                 f"object {object_name} of backup {backup_id} was encrypted with key {key_id}, "
@@ -228,19 +307,21 @@ def _keyset_path(config: EncryptionConfig, policy: Policy) -> Path:
 
 
 def create_keyset(policy: Policy) -> Keyring:
-    """Create a new keyset with one key, encrypt it with the master key and write it."""
+    """Create a new keyset (one object key, one document key), encrypt it with the master key and write it."""
     path = _keyset_path(policy.encryption, policy)
     if path.exists():
         raise EncryptionKeyError(f"a keyset already exists at {path}", "keep it: backups need it to be read")
-    handle = tink.new_keyset_handle(_streaming_template())
-    key_id, now = handle.keyset_info().primary_key_id, _now()
-    history = {key_id: KeyInfo(key_id, created_at=now, primary_since=now)}
-    _write_keyset(path, handle, history, master_aead(policy.encryption.master_key, policy))
-    return Keyring(handle, history)
+    origin = KeysetFile(path, master_aead(policy.encryption.master_key, policy))
+    keyring = Keyring(Keys.new(_streaming_template()), Keys.new(MAC_TEMPLATE), origin)
+    return save_keyring(keyring)
 
 
 def load_keyring(policy: Policy, master_key: str | None = None) -> Keyring:
-    path = _keyset_path(policy.encryption, policy)
+    return read_keyset(_keyset_path(policy.encryption, policy),
+                       master_aead(policy.encryption.master_key, policy, master_key))
+
+
+def read_keyset(path: Path, master: aead.Aead) -> Keyring:
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
@@ -250,57 +331,90 @@ def load_keyring(policy: Policy, master_key: str | None = None) -> Keyring:
         raise EncryptionKeyError(f"the keyset file {path} is not valid JSON", "restore it from your key backup") from None
     if document.get("format") != KEYSET_FILE_FORMAT:
         raise EncryptionKeyError(f"{path} is not a regal-backup keyset", "fix encryption.keyset in the policy")
-    master = master_aead(policy.encryption.master_key, policy, master_key)
-    if document.get("version") == 1:  # key dates outside the authenticated data
+    version = document.get("version")
+    if version == 1:  # key dates outside the authenticated data
         history = {int(k): KeyInfo(int(k), created_at=v) for k, v in document.get("key_created_at", {}).items()}
-        aad = _KEYSET_AAD
+        aad, mac_history = _KEYSET_AAD, None
+    elif version == 2:
+        history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
+        aad, mac_history = _keyset_aad_v2(history), None
     else:
         history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
-        aad = _keyset_aad(history)
+        mac_history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("mac_keys", {}).items()}
+        aad = _keyset_aad_v3(b"streaming-aead", history, mac_history)
     try:
         handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad)
-    except tink.TinkError:
+        macs = None
+        if mac_history is not None:
+            macs = Keys(tink.json_proto_keyset_format.parse_encrypted(
+                document["encrypted_mac_keyset"], master, _keyset_aad_v3(b"mac", history, mac_history)), mac_history)
+    except (tink.TinkError, KeyError):
         raise EncryptionKeyError(
             f"the master key does not open the keyset {path} (wrong master key, or its key dates were edited)",
             "use the master key that was created with this keyset, and the keyset file as regal-backup wrote it"
         ) from None
     for key_id in handle_key_ids(handle) - history.keys():
         history[key_id] = KeyInfo(key_id, created_at=None)
-    return Keyring(handle, history)
+    return Keyring(Keys(handle, history), macs, KeysetFile(path, master))
 
 
 def handle_key_ids(handle: tink.KeysetHandle) -> set[int]:
     return {k.key_id for k in handle.keyset_info().key_info}
 
 
-def _keyset_aad(history: dict[int, KeyInfo]) -> bytes:
+def _canonical_dates(history: dict[int, KeyInfo]) -> dict[str, object]:
+    return {str(k): v.to_json() for k, v in sorted(history.items())}
+
+
+def _keyset_aad_v2(history: dict[int, KeyInfo]) -> bytes:
     """The key dates are authenticated with the keyset: editing them (to dodge the cryptoperiod) breaks it."""
-    dates = {str(k): v.to_json() for k, v in sorted(history.items())}
-    return _KEYSET_AAD + b"\x00" + json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()
+    return _KEYSET_AAD + b"\x00" + json.dumps(_canonical_dates(history), sort_keys=True, separators=(",", ":")).encode()
 
 
-def save_keyring(policy: Policy, handle: tink.KeysetHandle, history: dict[int, KeyInfo]) -> Keyring:
-    """Write a changed keyset (rotation, retirement) over the old one, atomically."""
-    _write_keyset(_keyset_path(policy.encryption, policy), handle, history,
-                  master_aead(policy.encryption.master_key, policy))
-    return Keyring(handle, history)
+def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo]) -> bytes:
+    """Both keysets' dates, in the associated data of both encrypted keysets (and which part it is)."""
+    dates = {"keys": _canonical_dates(history), "mac_keys": _canonical_dates(mac_history)}
+    return b"\x00".join([_KEYSET_AAD_V3, part, json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
 
 
-def _write_keyset(path: Path, handle: tink.KeysetHandle, history: dict[int, KeyInfo], master: aead.Aead) -> None:
+def save_keyring(keyring: Keyring) -> Keyring:
+    """Write a new or changed keyset (rotation, retirement, upgrade) over the old one atomically, then read it
+    back: returns the keyring as it is on disk. The caller holds the repository's keys lock."""
+    if keyring.origin is None or keyring.macs is None:
+        raise EncryptionKeyError("this keyring cannot be saved (it was not read from a keyset file)", "load it first")
+    path, master, stream, macs = keyring.origin.path, keyring.origin.master, keyring.stream, keyring.macs
     document = {
         "format": KEYSET_FILE_FORMAT,
-        "version": 2,
+        "version": 3,
         "template": STREAMING_TEMPLATE_NAME,
-        "primary_key_id": handle.keyset_info().primary_key_id,
-        "keys": {str(k): v.to_json() for k, v in sorted(history.items())},
-        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(handle, master, _keyset_aad(history)),
+        "primary_key_id": stream.primary_key_id,
+        "keys": _canonical_dates(stream.history),
+        "mac_template": MAC_TEMPLATE_NAME,
+        "mac_primary_key_id": macs.primary_key_id,
+        "mac_keys": _canonical_dates(macs.history),
+        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(
+            stream.handle, master, _keyset_aad_v3(b"streaming-aead", stream.history, macs.history)),
+        "encrypted_mac_keyset": tink.json_proto_keyset_format.serialize_encrypted(
+            macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(document, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    written = read_keyset(path, master)
+    if (written.stream.key_ids, written.macs and written.macs.key_ids) != (stream.key_ids, macs.key_ids):
+        raise EncryptionKeyError(f"the keyset {path} did not read back as written", "check the disk; keep the old "
+                                 "keyset backup until a rotation reads back")
+    return written
 
 
 def _now() -> str:

@@ -12,7 +12,6 @@ The record goes to `drills/<drill id>.json` in the repository.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from datetime import UTC, datetime
@@ -22,7 +21,10 @@ from typing import Any
 from . import audit
 from .catalog import list_backups
 from .crypto import Keyring
+from .documents import write_document
 from .layout import drill_key
+
+DRILL_KIND = "drill"
 from .policy import Policy
 from .restore_test import run_restore_test
 from .storage import Repository
@@ -35,7 +37,7 @@ def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: P
     start = time.monotonic()
     targets = []
     for target in sorted(policy.targets):
-        backups, _damaged = list_backups(repo, target)
+        backups, _damaged = list_backups(repo, keyring, target)
         entry: dict[str, Any] = {"target": target, "rpo_target_seconds": policy.rpo_for(target).total_seconds(),
                                  "tried": [], "restored": None}
         for manifest in reversed([m for m in backups if m.finished_at <= loss_at]):
@@ -62,7 +64,7 @@ def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: P
         "rto_within_target": rto_seconds <= rto_target,
     }
     record["passed"] = record["rto_within_target"] and all(t["rpo_within_target"] for t in targets)
-    repo.put_bytes(drill_key(drill_id), json.dumps(record, indent=2).encode())
+    write_document(repo, keyring, DRILL_KIND, drill_key(drill_id), record)
     audit.record(policy, repo, "dr_drill", drill_id, "success" if record["passed"] else "failure",
                  {"rto_seconds": round(rto_seconds, 3), "rto_target_seconds": rto_target,
                   "rpo_seconds": record["rpo_seconds"], "rpo_target_seconds": record["rpo_target_seconds"],

@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .audit import record
+import tink
+
+from .audit import AuditTrail, record
+from .catalog import newest_first
 from .crypto import Keyring, NonClosingWriter
-from .errors import RegalError
+from .errors import IntegrityError, RegalError
 from .layout import GDPR_LEDGER
+from .manifest import Manifest
 from .policy import Policy
 from .sources.base import Source
 from .storage import Repository
@@ -46,6 +51,7 @@ class Erasure:
 class ErasureLedger:
     salt: str = field(default_factory=lambda: secrets.token_hex(16))
     erasures: list[Erasure] = field(default_factory=list)
+    revision: int = 0  # one more with every change; every manifest records the revision it saw
 
     def hash(self, identifier: str) -> str:
         return hashlib.sha256((self.salt + identifier.strip().lower()).encode()).hexdigest()
@@ -57,14 +63,19 @@ class ErasureLedger:
 def load_ledger(repo: Repository, keyring: Keyring) -> ErasureLedger:
     if repo.size(GDPR_LEDGER) is None:
         return ErasureLedger()
-    stream = keyring.decrypting_stream(io.BytesIO(repo.get_bytes(GDPR_LEDGER)), *_LEDGER_CONTEXT)
-    body = json.loads(stream.read())
-    return ErasureLedger(body["salt"], [Erasure(**e) for e in body["erasures"]])
+    try:
+        stream = keyring.decrypting_stream(io.BytesIO(repo.get_bytes(GDPR_LEDGER)), *_LEDGER_CONTEXT)
+        body = json.loads(stream.read())
+    except (tink.TinkError, ValueError):
+        raise IntegrityError(f"{GDPR_LEDGER} fails authentication: it was edited, replaced or damaged",
+                             "restore it from the off-site copy; erasures must not be lost") from None
+    erasures = [Erasure(**e) for e in body["erasures"]]
+    return ErasureLedger(body["salt"], erasures, body.get("revision", len(erasures)))
 
 
 def save_ledger(repo: Repository, keyring: Keyring, ledger: ErasureLedger) -> None:
-    body = json.dumps({"format": "regal-backup-erasure-ledger", "version": 1, "salt": ledger.salt,
-                       "erasures": [asdict(e) for e in ledger.erasures]}).encode()
+    body = json.dumps({"format": "regal-backup-erasure-ledger", "version": 2, "revision": ledger.revision,
+                       "salt": ledger.salt, "erasures": [asdict(e) for e in ledger.erasures]}).encode()
     buffer = io.BytesIO()
     stream = keyring.encrypting_stream(NonClosingWriter(buffer), *_LEDGER_CONTEXT)  # type: ignore[arg-type]
     stream.write(body)
@@ -90,11 +101,52 @@ def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: s
         erasure = Erasure(subject_hash, target, requested_at.astimezone(UTC).isoformat(),
                           datetime.now(UTC).isoformat(timespec="seconds"), reference)
         ledger.erasures.append(erasure)
+        ledger.revision += 1
         save_ledger(repo, keyring, ledger)
     record(policy, repo, "gdpr_erasure", f"{target}/{subject_hash[:16]}", "success",
            {"target": target, "subject_hash": subject_hash, "requested_at": erasure.requested_at,
             "reference": reference})
     return erasure
+
+
+class LedgerRollbackError(IntegrityError):
+    """The erasure ledger is older than what the repository or the audit trail knows."""
+
+
+def current_ledger(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> ErasureLedger:
+    """The ledger, once it is shown not to have gone back: at least the revision the newest backup of every
+    target saw (and the one being restored), and every erasure the audit trail recorded. Otherwise
+    LedgerRollbackError names what could be missing, before anything is restored."""
+    ledger = load_ledger(repo, keyring)
+    seen = [manifest, *(m for target in sorted(policy.targets) for m in itertools.islice(
+        newest_first(repo, keyring, target), 1))]
+    newest = max(seen, key=lambda m: m.ledger_revision)
+    problems = []
+    if ledger.revision < newest.ledger_revision:
+        problems.append(f"it is at revision {ledger.revision}, but backup {newest.backup_id} saw revision "
+                        f"{newest.ledger_revision}: {newest.ledger_revision - ledger.revision} change(s) may be missing")
+    recorded = {(e.target, e.subject_hash) for e in ledger.erasures}
+    missing = [e for e in audited_erasures(policy, repo) if (e["target"], e["subject_hash"]) not in recorded]
+    problems += [f"the audit trail records the erasure of subject {e['subject_hash'][:12]}… of {e['target']} "
+                 f"(reference {e.get('reference') or 'none'}, requested {e.get('requested_at')}), the ledger does not"
+                 for e in missing]
+    if problems:
+        raise LedgerRollbackError(f"the GDPR erasure ledger {GDPR_LEDGER} was rolled back or replaced: "
+                                  + "; ".join(problems[:5]),
+                                  "restore the ledger from the off-site copy and restore again; nothing was "
+                                  "restored (--accept-ledger-rollback goes on anyway, recorded in the audit trail)")
+    return ledger
+
+
+def audited_erasures(policy: Policy, repo: Repository) -> list[dict[str, Any]]:
+    """Every erasure the audit trail recorded (none when there is no trail or it cannot be reached: the
+    manifests' ledger revisions still guard against a rollback)."""
+    if policy.audit is None:
+        return []
+    try:
+        return AuditTrail(policy, repo).details_of("gdpr_erasure")
+    except RegalError:
+        return []
 
 
 @dataclass
@@ -111,10 +163,9 @@ class ErasureResult:
         return {**asdict(self), "ok": self.ok}
 
 
-def reapply_erasures(policy: Policy, repo: Repository, keyring: Keyring, target: str, source: Source,
+def reapply_erasures(policy: Policy, ledger: ErasureLedger, target: str, source: Source,
                       destination: str) -> ErasureResult:
     """The target's recorded erasures applied again at a restore's destination, as the policy says."""
-    ledger = load_ledger(repo, keyring)
     erasures, subjects = ledger.for_target(target), policy.gdpr.subjects.get(target, [])
     if not erasures or not subjects:
         return ErasureResult(len(erasures), {}, {})

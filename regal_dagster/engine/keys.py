@@ -36,23 +36,29 @@ from .storage import Repository, open_offsite
 KEYS_LOCK = "keys"  # held while objects are re-encrypted; prune leaves unnamed objects alone meanwhile
 
 
-def rotate_key(policy: Policy) -> Keyring:
-    """Add a new primary key. Returns the keyring with it."""
-    with audited(policy, None, "key_rotate", "keyset") as details:
+def rotate_key(policy: Policy, repo: Repository | None = None) -> Keyring:
+    """Add a new primary key (for objects, and one for documents). Returns the keyring as written.
+
+    Under the repository's keys lock the keyset is read again, changed, written atomically and read back:
+    two rotations at once both succeed, one after the other, and both keys stay."""
+    from .storage import open_repository
+
+    repo = repo or open_repository(policy)
+    with audited(policy, repo, "key_rotate", "keyset") as details, repo.lock(KEYS_LOCK):
         keyring = load_keyring(policy)
-        handle, history = keyring.rotated()
-        rotated = save_keyring(policy, handle, history)
+        rotated = save_keyring(keyring.rotated())
         details.update(previous_key=keyring.primary_key_id, new_key=rotated.primary_key_id,
                        resource=f"key {rotated.primary_key_id}")
     return rotated
 
 
-def key_usage(repo: Repository, policy: Policy, manifests: list[Manifest] | None = None) -> dict[int, list[str]]:
+def key_usage(repo: Repository, policy: Policy, keyring: Keyring,
+              manifests: list[Manifest] | None = None) -> dict[int, list[str]]:
     """key id -> the backups (ids) with at least one object encrypted with it; the ledger as 'gdpr-ledger'.
     `manifests`: every backup's, when the caller has read them already."""
     usage: dict[int, list[str]] = {}
     if manifests is None:
-        manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, target)[0]]
+        manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, keyring, target)[0]]
     for manifest in manifests:
         for key_id in sorted({o.encryption.key_id for o in manifest.objects}):
             usage.setdefault(key_id, []).append(manifest.backup_id)
@@ -73,7 +79,7 @@ def key_inventory(policy: Policy, repo: Repository, keyring: Keyring | None = No
                   manifests: list[Manifest] | None = None) -> list[dict[str, Any]]:
     """Every key the keyset ever held, oldest first, with the backups that use it."""
     keyring = keyring or load_keyring(policy)
-    usage = key_usage(repo, policy, manifests)
+    usage = key_usage(repo, policy, keyring, manifests)
     period = policy.encryption.cryptoperiod
     return [{"key_id": k.key_id, **k.to_json(), "primary": k.primary,
              "status": "retired" if k.retired_at else "primary" if k.primary else "decrypt-only",
@@ -102,19 +108,20 @@ def retire_key(policy: Policy, key_id: int, *, reencrypt: bool = False, repo: Re
 
 
 def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> RetireReport:
-    keyring = load_keyring(policy)
-    if key_id not in keyring.history:
-        raise EncryptionKeyError(f"the keyset has no key {key_id}", "`regal-backup keys list` shows the keys")
-    if keyring.history[key_id].retired_at:
-        raise EncryptionKeyError(f"key {key_id} was retired at {keyring.history[key_id].retired_at}", "nothing to do")
-    if key_id == keyring.primary_key_id:
-        raise EncryptionKeyError(f"key {key_id} is the primary key: new backups use it",
-                                 "run `regal-backup keys rotate` first, then retire it")
     report = RetireReport(key_id)
     with contextlib.ExitStack() as locks:  # no backup, erasure or other key operation meanwhile
         for name in [*sorted(policy.targets), "gdpr-ledger", KEYS_LOCK]:
             locks.enter_context(repo.lock(name))
-        users = key_usage(repo, policy).get(key_id, [])
+        keyring = load_keyring(policy)  # read under the lock: as another rotation or retirement left it
+        if key_id not in keyring.history:
+            raise EncryptionKeyError(f"the keyset has no key {key_id}", "`regal-backup keys list` shows the keys")
+        if keyring.history[key_id].retired_at:
+            raise EncryptionKeyError(f"key {key_id} was retired at {keyring.history[key_id].retired_at}",
+                                     "nothing to do")
+        if key_id == keyring.primary_key_id:
+            raise EncryptionKeyError(f"key {key_id} is the primary key: new backups use it",
+                                     "run `regal-backup keys rotate` first, then retire it")
+        users = key_usage(repo, policy, keyring).get(key_id, [])
         if users and not reencrypt:
             shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
             raise EncryptionKeyError(f"key {key_id} still encrypts {len(users)} item(s): {shown}",
@@ -126,17 +133,17 @@ def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> R
                 save_ledger(repo, keyring, load_ledger(repo, keyring))
                 report.ledger_reencrypted = True
                 continue
-            manifest = Manifest.from_bytes(repo.get_bytes(manifest_key(target_of(backup_id), backup_id)), backup_id)
+            key = manifest_key(target_of(backup_id), backup_id)
+            manifest = Manifest.from_bytes(repo.get_bytes(key), key, keyring)
             rekeyed, leftovers = rekey_backup(repo, keyring, manifest, key_id, policy.jobs)
             report.reencrypted.append(backup_id)
             report.locked_leftovers += leftovers
             run_checks(policy, repo, keyring, backup_id, trigger={"cli": f"keys retire {key_id}"})
             if secondary is not None:
                 sync_backup(repo, secondary, rekeyed)
-        if key_usage(repo, policy).get(key_id):
+        if key_usage(repo, policy, keyring).get(key_id):
             raise EncryptionKeyError(f"key {key_id} is still in use after re-encryption", "run the command again")
-        handle, history = keyring.without(key_id)
-        save_keyring(policy, handle, history)
+        save_keyring(keyring.without(key_id))
     return report
 
 
@@ -158,8 +165,8 @@ def rekey_backup(repo: Repository, keyring: Keyring, manifest: Manifest, key_id:
     document["objects"] = [(fresh.get(r.name) or r).model_dump(mode="json") for r in manifest.objects]
     document["rekeyed"] = [*document.get("rekeyed", []),
                            {"from_key": key_id, "to_key": keyring.primary_key_id, "objects": len(old)}]
-    rekeyed = Manifest.model_validate(document).sealed()
-    repo.put_bytes(manifest_key(manifest.target, manifest.backup_id), rekeyed.to_bytes(), manifest.locked_until)
+    rekeyed = Manifest.model_validate(document)
+    repo.put_bytes(manifest_key(manifest.target, manifest.backup_id), rekeyed.to_bytes(keyring), manifest.locked_until)
     leftovers = []
     for record in old:
         try:

@@ -8,6 +8,7 @@ own top-level prefix here.
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import UTC, datetime
 
@@ -67,6 +68,14 @@ def split_backup_key(key: str) -> tuple[str, str, str] | None:
 def new_backup_id(target: str, started_at: datetime) -> str:
     """`<target>-<UTC time>-<random>`: sorts by time within a target; target names have no '-'."""
     return f"{target}-{started_at.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+_BACKUP_ID = re.compile(r"[a-z][a-z0-9_]{0,62}-\d{8}T\d{6}Z-[0-9a-f]{6}")
+
+
+def valid_backup_id(backup_id: str) -> bool:
+    """A name shaped like a backup id (so it can never name a path outside its backup's directory)."""
+    return _BACKUP_ID.fullmatch(backup_id) is not None
 
 
 def target_of(backup_id: str) -> str:

@@ -1,7 +1,10 @@
 """The manifest: what a backup is. Written last; a backup without a manifest does not exist.
 
-Versioned (`version`), with a SHA-256 of its own canonical JSON encoding (`manifest_sha256`).
-docs/formats.md is the human description; keep both in step and keep old versions readable.
+Versioned (`version`) and sealed (engine/documents.py): a MAC from the keyset's document keys over its
+body and its own key in the repository, so nobody without the keys can change what a restore brings back,
+and a manifest copied over another backup's is refused. Version 2 manifests carried only a SHA-256 of
+themselves, which anyone can recompute: `regal-backup upgrade` seals them (engine/upgrade.py).
+docs/formats.md is the human description; keep both in step.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .crypto import Keyring
+from .documents import canonical, seal, unseal
 from .errors import IntegrityError
+from .layout import manifest_key
 
 MANIFEST_FORMAT = "regal-backup-manifest"
-MANIFEST_VERSION = 2  # 2: one object per table plus a schema archive (1 was a pre-release layout)
+MANIFEST_VERSION = 3  # 3: sealed; 2: self-checksummed (upgraded by `regal-backup upgrade`); 1: pre-release
+DOCUMENT_KIND = "manifest"
 
 
 class CompressionInfo(BaseModel):
@@ -63,43 +70,46 @@ class Manifest(BaseModel):
     source: dict[str, Any]  # kind-specific facts (docs/formats.md)
     objects: list[ObjectRecord]
     trigger: dict[str, str] = {}  # who started it: cli user, dagster run id, schedule
-    manifest_sha256: str = ""
+    ledger_revision: int = 0  # the GDPR erasure ledger's version when the backup was taken (rollback detection)
 
     # --- encoding ---------------------------------------------------------------------------------
 
-    def _canonical(self) -> bytes:
-        body = self.model_dump(mode="json", exclude={"manifest_sha256"})
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
-    def sealed(self) -> Manifest:
-        return self.model_copy(update={"manifest_sha256": hashlib.sha256(self._canonical()).hexdigest()})
+    def digest(self) -> str:
+        """SHA-256 of the canonical body: names this exact manifest (a check record says which it checked)."""
+        return hashlib.sha256(canonical(self.body())).hexdigest()
 
-    def to_bytes(self) -> bytes:
-        sealed = self.sealed()
-        return json.dumps(sealed.model_dump(mode="json"), indent=2, ensure_ascii=False).encode()
+    def to_bytes(self, keyring: Keyring) -> bytes:
+        return seal(keyring, DOCUMENT_KIND, manifest_key(self.target, self.backup_id), self.body())
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+    def from_bytes(cls, data: bytes, where: str, keyring: Keyring) -> Manifest:
+        """The manifest stored at `where` (its repository key), once its seal holds."""
         try:
-            document = json.loads(data)
+            peek = json.loads(data)
         except ValueError:
             raise IntegrityError(f"manifest {where} is not valid JSON", "the manifest is damaged: use another backup") from None
-        if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+        if not isinstance(peek, dict) or peek.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(f"{where} is not a regal-backup manifest", "remove the stray file")
-        if document.get("version", 0) < MANIFEST_VERSION:
-            raise IntegrityError(f"manifest {where} has version {document.get('version')}, a pre-release layout "
-                                 f"that this regal-backup does not read", "take a new backup")
-        if document.get("version", 0) > MANIFEST_VERSION:
-            raise IntegrityError(f"manifest {where} has version {document['version']}; this regal-backup reads "
+        version = peek.get("version", 0)
+        if version < MANIFEST_VERSION:
+            raise IntegrityError(f"manifest {where} has version {version}, which is not sealed against tampering",
+                                 "run `regal-backup upgrade` once (it seals every backup of this repository)"
+                                 if version == 2 else "this pre-release layout cannot be read: take a new backup")
+        if version > MANIFEST_VERSION:
+            raise IntegrityError(f"manifest {where} has version {version}; this regal-backup reads "
                                  f"up to {MANIFEST_VERSION}", "upgrade regal-backup")
+        document = unseal(keyring, DOCUMENT_KIND, where, data)
         try:
             manifest = cls.model_validate(document)
         except ValidationError as exc:
             raise IntegrityError(f"manifest {where} is incomplete: {exc.error_count()} problem(s)",
                                  "the manifest is damaged: use another backup") from None
-        if manifest.manifest_sha256 != hashlib.sha256(manifest._canonical()).hexdigest():
-            raise IntegrityError(f"manifest {where} fails its own checksum (edited or corrupted)",
-                                 "do not trust this backup; use another one and investigate")
+        if manifest_key(manifest.target, manifest.backup_id) != where:  # defence in depth: the seal binds it
+            raise IntegrityError(f"manifest {where} describes backup {manifest.backup_id}",
+                                 "do not trust it; investigate who can write the repository")
         return manifest
 
     # --- facts people ask for ---------------------------------------------------------------------

@@ -28,7 +28,8 @@ from .settings import (
     is_first_match_in_month,
 )
 from .sources.registry import kinds, target_models
-from .transport import LOCAL, Transport, url_transport
+from .storage.registry import backend_for, backends, check_repository_url
+from .transport import Transport, url_transport
 
 if TYPE_CHECKING:
     TargetConfig = TargetSettings
@@ -50,6 +51,16 @@ class ObjectLockConfig(Settings):
                                   "GOVERNANCE: identities with s3:BypassGovernanceRetention can")
 
 
+class RetryConfig(Settings):
+    """How a storage request that failed for a passing reason (connection refused, dropped or timed out;
+    HTTP 5xx, SlowDown, throttling) is made again. Other errors are never retried."""
+
+    attempts: int = Field(5, ge=1, le=20, description="tries of one request, the first one included")
+    backoff: Duration = Field(timedelta(seconds=0.5), description="wait before the second try; doubled "
+                              "before each next one (with random jitter: between half of it and all of it)")
+    max_backoff: Duration = Field(timedelta(seconds=20), description="the longest wait between two tries")
+
+
 class RepositoryConfig(Settings):
     url: str = Field(description="file:///absolute/path, a relative path, or s3://bucket/prefix")
     region: str | None = None
@@ -62,31 +73,24 @@ class RepositoryConfig(Settings):
     lock_lease: Duration = Field(timedelta(minutes=5), description="S3 lock lease, renewed while a backup runs")
     object_lock: ObjectLockConfig | None = Field(None, description="S3 only: write backups immutable until "
                                                  "their retention date (the bucket needs Object Lock enabled)")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="retries of storage requests")
 
     @field_validator("url")
     @classmethod
-    def _scheme(cls, url: str) -> str:
-        if url.startswith("s3://"):
-            if not url[5:].split("/", 1)[0]:
-                raise ValueError("s3 url needs a bucket: s3://bucket/prefix")
-        elif "://" in url and not url.startswith("file://"):
-            raise ValueError("use file:///path, a plain path, or s3://bucket/prefix")
-        return url
+    def _served(cls, url: str) -> str:
+        return check_repository_url(url)  # the backend serving the URL's scheme checks the rest
 
     @model_validator(mode="after")
-    def _lock_needs_s3(self) -> RepositoryConfig:
-        if self.object_lock is not None and not self.is_s3:
-            raise ValueError("object_lock needs an s3:// repository (a file system cannot lock objects)")
+    def _lock_needs_a_locking_store(self) -> RepositoryConfig:
+        if self.object_lock is not None and not backend_for(self.url).locks_objects:
+            lockers = " or ".join(f"{s}://" for b in backends() if b.locks_objects for s in b.schemes)
+            raise ValueError(f"object_lock needs an {lockers} repository "
+                             f"(a {backend_for(self.url).kind} cannot lock objects)")
         return self
 
-    @property
-    def is_s3(self) -> bool:
-        return self.url.startswith("s3://")
-
     def transport(self, label: str) -> Transport:
-        if not self.is_s3:
-            return Transport(f"{label} (local file system)", LOCAL, "files on this host")
-        return url_transport(f"{label}: S3", self.endpoint_url, ("https",))
+        """How backup data travels to this repository, as its backend says."""
+        return backend_for(self.url).transport(self, label)
 
 
 class MasterKeyConfig(Settings):

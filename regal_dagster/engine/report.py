@@ -7,7 +7,7 @@ source of every count and rate), the chain's verification, the prune logs the tr
 policy. It judges each control on that evidence alone, derives the frameworks' verdicts (a framework
 passes only when every control mapped to it passes) and one list of exceptions (each failed or untested
 control, with its owner, action and due date from the policy). It renders the HTML templates in
-`reports/` with WeasyPrint (fetching nothing but those templates' own files) into a PDF/A-3b with the
+`reports/` (shipped as the package `regal_dagster.reports`) with WeasyPrint (fetching nothing but those templates' own files) into a PDF/A-3b with the
 evidence attached (`evidence.json`, whose SHA-256 is on the cover, and one CSV per table) and the
 results as OSCAL Assessment Results JSON, stores both in the repository (`compliance-reports/<period>/`)
 with their SHA-256 beside them, and records the generation in the audit trail. Every string from the
@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib.resources import files
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,25 @@ from . import oscal
 from .audit import AuditEvent, AuditTrail, ChainVerdict, record, verify_trail
 from .catalog import list_backups
 from .charts import human_seconds, line_chart
+from .crypto import Keyring, load_keyring
+from .documents import unseal
 from .errors import RegalError, UsageError
 from .keys import key_inventory
 from .layout import PRUNE_LOGS, report_key, report_oscal_key, target_of
 from .policy import Policy
-from .retention import read_prune_log
+from .retention import PRUNE_LOG_KIND, prune_report
 from .settings import CronExpression
-from .storage import Repository, open_repository
+from .storage import Repository, backend_for, open_repository
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "reports"
+
+def _template_directory() -> Path:
+    """The templates' directory, the package `regal_dagster.reports`: the repository's top-level `reports/`
+    in an editable install, `site-packages/regal_dagster/reports/` from the wheel."""
+    directory = files("regal_dagster.reports")
+    return directory.resolve() if isinstance(directory, Path) else Path(str(directory))
+
+
+TEMPLATES = _template_directory()
 PASS, FAIL, NOT_TESTED = "PASS", "FAIL", "NOT TESTED"
 RESULTS = (PASS, FAIL, NOT_TESTED)
 FRAMEWORKS = {"PCI": "PCI DSS 4.0.1", "SOX": "SOX ITGC", "GDPR": "GDPR"}  # first word of a mapping -> name
@@ -141,7 +152,7 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
         "backups",
         "gdpr_ledger",
     ],
-    "prune_logs": ["key", "at", "sha256", "vouched_by_trail", "kept", "deleted", "not_carried_out"],
+    "prune_logs": ["key", "at", "sha256", "authenticated", "kept", "deleted", "not_carried_out"],
     "retention_at_end": ["target", "backup_id", "keep", "reasons", "delete_after", "prune_log"],
     "transport": ["connection", "protection", "how"],
     "audit_chain": [
@@ -260,13 +271,14 @@ def collect_evidence(
         for target in sorted(policy.targets)
         if (last := next((r for r in reversed(before) if r["target"] == target), None))
     ]
-    manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, target)[0]]  # read once
+    keyring = load_keyring(policy)
+    manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, keyring, target)[0]]
     evidence.tables["keys"] = [
         k
-        for k in key_inventory(policy, repo, manifests=manifests)
+        for k in key_inventory(policy, repo, keyring, manifests=manifests)
         if not k.get("created_at") or datetime.fromisoformat(k["created_at"]) < at
     ]
-    logs, decisions = _prune_evidence(repo, trail_events, period, at)
+    logs, decisions = _prune_evidence(repo, keyring, trail_events, period, at)
     evidence.tables["prune_logs"], evidence.tables["retention_at_end"] = logs, decisions
     evidence.tables["transport"] = [t.to_json() for t in policy.transports()]
     evidence.tables["audit_chain"] = [verdict.to_json()]
@@ -275,62 +287,62 @@ def collect_evidence(
 
 
 def _prune_evidence(
-    repo: Repository, trail_events: list[AuditEvent], period: Period, at: datetime
+    repo: Repository, keyring: Keyring, trail_events: list[AuditEvent], period: Period, at: datetime
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The prune logs of the period, each checked against the SHA-256 its audit event recorded, and every
-    decision of the last one: what retention kept at the period's end, and until when."""
-    vouched = {
+    """The prune logs of the period, each authenticated (its seal) and checked against the SHA-256 its
+    audit event recorded, and every decision of the last one: what retention kept at the period's end, and
+    until when. A log the trail records but the repository lacks is listed too."""
+    recorded = {
         d["log"]: d.get("log_sha256")
         for e in trail_events
         if e.event_type == "prune" and "log" in (d := json.loads(e.details))
     }
+    stored = {s.key for s in repo.list(PRUNE_LOGS)}
     logs, last = [], None
-    for stored in sorted(repo.list(PRUNE_LOGS), key=lambda s: s.key):
-        body = repo.get_bytes(stored.key)
+    for key in sorted(stored | set(recorded)):
+        when = started_of_log(key)
+        if when is None or not period.start <= when < at:
+            continue
+        row: dict[str, Any] = {"key": key, "at": when.isoformat(), "sha256": None, "kept": None,
+                               "deleted": None, "not_carried_out": []}
+        if key not in stored:
+            logs.append({**row, "authenticated": "NO: the audit trail records this log, the repository lacks it"})
+            continue
+        body = repo.get_bytes(key)
+        row["sha256"] = hashlib.sha256(body).hexdigest()
         try:
-            log = read_prune_log(body)
-        except (RegalError, ValueError, KeyError):
+            log = prune_report(unseal(keyring, PRUNE_LOG_KIND, key, body))
+        except RegalError as exc:
+            logs.append({**row, "authenticated": f"NO: {exc.message}"})
             continue
-        if not period.start <= log.at < at or log.dry_run:
+        if log.dry_run:
             continue
-        digest = hashlib.sha256(body).hexdigest()
-        recorded = vouched.get(stored.key)
-        logs.append(
-            {
-                "key": stored.key,
-                "at": log.at.isoformat(),
-                "sha256": digest,
-                "vouched_by_trail": "not recorded (log written before logs were hash-linked)"
-                if recorded is None
-                else "yes"
-                if recorded == digest
-                else "NO: differs from the SHA-256 in the audit trail",
-                "kept": sum(d.keep for ds in log.decisions.values() for d in ds),
-                "deleted": len(log.deleted),
-                "not_carried_out": sorted(
-                    {d.backup_id for ds in log.decisions.values() for d in ds if not d.keep}
-                    - set(log.deleted)
-                ),
-            }
-        )
-        last = (stored.key, log)
-    decisions = (
-        []
-        if last is None
-        else [
-            {
-                "target": target,
-                "backup_id": d.backup_id,
-                "keep": d.keep,
-                "reasons": "; ".join(d.reasons),
-                "delete_after": d.delete_after.isoformat() if d.delete_after else None,
-                "prune_log": last[0],
-            }
-            for target, ds in sorted(last[1].decisions.items())
-            for d in ds
-        ]
-    )
+        if key not in recorded or recorded[key] is None:
+            authenticated = "sealed (its prune predates logs recorded in the audit trail)"
+        elif recorded[key] == row["sha256"]:
+            authenticated = "sealed, and recorded in the audit trail"
+        else:
+            authenticated = "NO: differs from the SHA-256 the audit trail recorded"
+        deleted = set(log.deleted)
+        logs.append({**row, "authenticated": authenticated,
+                     "kept": sum(d.keep for ds in log.decisions.values() for d in ds), "deleted": len(deleted),
+                     "not_carried_out": sorted({d.backup_id for ds in log.decisions.values() for d in ds
+                                                if not d.keep} - deleted)})
+        last = (key, log)
+    decisions = [] if last is None else [
+        {"target": target, "backup_id": d.backup_id, "keep": d.keep, "reasons": "; ".join(d.reasons),
+         "delete_after": d.delete_after.isoformat() if d.delete_after else None, "prune_log": last[0]}
+        for target, ds in sorted(last[1].decisions.items()) for d in ds]
     return logs, decisions
+
+
+def started_of_log(key: str) -> datetime | None:
+    """When the prune that wrote the log at `key` ran (its name is its UTC time)."""
+    try:
+        return datetime.strptime(key.removeprefix(PRUNE_LOGS).removesuffix(".json"),
+                                 "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _policy_facts(policy: Policy) -> dict[str, Any]:
@@ -345,7 +357,7 @@ def _policy_facts(policy: Policy) -> dict[str, Any]:
         "encryption": "Tink streaming AEAD AES256_GCM_HKDF_1MB per object; keyset encrypted by a master key "
         + ("in AWS KMS" if policy.encryption.master_key.kms_key_uri else "(AES256-GCM)"),
         "server_side_encryption": policy.repository.server_side_encryption
-        if policy.repository.is_s3
+        if backend_for(policy.repository.url).encrypts_at_rest
         else None,
         "cryptoperiod_days": policy.encryption.cryptoperiod.days,
         "alert_channels": [c.kind for c in policy.alerts.channels],
@@ -618,49 +630,30 @@ def _keys_rotated(f: Facts) -> Judgement:
 def _retention_enforced(f: Facts) -> Judgement:
     logs, decisions = f.t["prune_logs"], f.t["retention_at_end"]
     existed = bool(f.t["backups_before_period"]) or any(r["outcome"] == "success" for r in f.t["backups"])
-    if not logs:
-        return Judgement(
-            None if not existed else False,
-            "no prune ran in the period"
-            + (
-                "; backups existed, so retention was not enforced"
-                if existed
-                else " and there were no backups"
-            ),
-        )
-    problems = [
-        f"prune log {r['key']} is not the one the audit trail recorded"
-        for r in logs
-        if r["vouched_by_trail"].startswith("NO")
-    ]
-    problems += [
-        f"{len(r['not_carried_out'])} deletion(s) planned at {r['at'][:16]} not carried out"
-        for r in logs
-        if r["not_carried_out"]
-    ]
-    last = _at(logs[-1])
+    problems = [f"prune log {r['key']}: {r['authenticated'].removeprefix('NO: ')}" for r in logs
+                if r["authenticated"].startswith("NO")]
+    problems += [f"{len(r['not_carried_out'])} deletion(s) planned at {r['at'][:16]} not carried out"
+                 for r in logs if r["not_carried_out"]]
+    good = [r for r in logs if not r["authenticated"].startswith("NO")]
+    if not good:
+        if not existed and not problems:
+            return Judgement(None, "no prune ran in the period and there were no backups")
+        return Judgement(False, "; ".join(["no prune ran in the period"
+                                           + ("; backups existed, so retention was not enforced" if existed
+                                              else ""), *problems]))
+    last = _at(good[-1])
     interval = prune_interval(f.policy.prune.cron, f.at)
     if f.at - last > interval + timedelta(hours=1):
-        problems.append(
-            f"the last prune ran {human_seconds((f.at - last).total_seconds())} before the period's end "
-            f"(the schedule runs every {human_seconds(interval.total_seconds())})"
-        )
-    overdue = [
-        d["backup_id"]
-        for d in decisions
-        if d["keep"]
-        and d["delete_after"]
-        and datetime.fromisoformat(d["delete_after"]) < f.at - interval - timedelta(hours=1)
-    ]
+        problems.append(f"the last prune ran {human_seconds((f.at - last).total_seconds())} before the "
+                        f"period's end (the schedule runs every {human_seconds(interval.total_seconds())})")
+    overdue = [d["backup_id"] for d in decisions if d["keep"] and d["delete_after"]
+               and datetime.fromisoformat(d["delete_after"]) < f.at - interval - timedelta(hours=1)]
     if overdue:
         problems.append(f"{len(overdue)} backup(s) kept past their planned deletion")
     kept = sum(d["keep"] for d in decisions)
-    return Judgement(
-        not problems,
-        f"{len(logs)} prune(s) in the period; the last, at {last:%Y-%m-%d %H:%M}, kept "
-        f"{kept} backup(s) inside their retention and deleted {logs[-1]['deleted']}"
-        + ("; " + "; ".join(problems) if problems else ""),
-    )
+    return Judgement(not problems, f"{len(good)} prune(s) in the period; the last, at {last:%Y-%m-%d %H:%M}, "
+                                   f"kept {kept} backup(s) inside their retention and deleted {good[-1]['deleted']}"
+                                   + ("; " + "; ".join(problems) if problems else ""))
 
 
 def prune_interval(cron: str, before: datetime) -> timedelta:
@@ -1096,6 +1089,9 @@ def render_pdf(context: dict[str, Any], attachments: dict[str, bytes]) -> tuple[
     import jinja2
     from weasyprint import HTML, Attachment
 
+    if not (TEMPLATES / "compliance_report.html").is_file():
+        raise RegalError(f"the report templates are missing from {TEMPLATES}",
+                         "reinstall regal-backup from its wheel or the source tree (not from a zip archive)")
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
     )

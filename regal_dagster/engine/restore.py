@@ -16,10 +16,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .audit import audited
+from .audit import audited, record
 from .crypto import Keyring
 from .errors import RegalError
-from .gdpr import ErasureResult, reapply_erasures
+from .gdpr import (
+    ErasureLedger,
+    ErasureResult,
+    LedgerRollbackError,
+    current_ledger,
+    load_ledger,
+    reapply_erasures,
+)
 from .manifest import Manifest
 from .pipeline import StoredBackup
 from .policy import Policy
@@ -69,6 +76,7 @@ def restore_to(policy: Policy, repo: Repository, keyring: Keyring, manifest: Man
     they record their own event)."""
     source = source_for(manifest.kind)
     started = time.monotonic()
+    ledger = _erasure_ledger(policy, repo, keyring, manifest, request.accept_ledger_rollback)
     before = request.before_writing
 
     def before_writing() -> None:
@@ -80,14 +88,29 @@ def restore_to(policy: Policy, repo: Repository, keyring: Keyring, manifest: Man
                               dataclasses.replace(request, before_writing=before_writing))
     result = RestoreResult(manifest.backup_id, manifest.target, manifest.kind, restored.destination, restored.summary,
                            list(restored.problems), dict(restored.seconds), restored.details, restored.next_steps)
-    if result.ok and restored.erasable is not None:
-        result.erasures = reapply_erasures(policy, repo, keyring, manifest.target, source, restored.erasable)
+    if result.ok and restored.erasable is not None and ledger is not None:
+        result.erasures = reapply_erasures(policy, ledger, manifest.target, source, restored.erasable)
         result.problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
                             for table, count in result.erasures.still_present.items() if count]
     result.seconds["total"] = time.monotonic() - started
     if result.ok:
         run_hook("post-hook", post_hook)
     return result
+
+
+def _erasure_ledger(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
+                    accept_rollback: bool) -> ErasureLedger | None:
+    """The ledger whose erasures the restore re-applies (None: the target holds no data subjects), shown
+    current before anything is restored; a rollback goes on only when the operator accepts it, recorded."""
+    if not policy.gdpr.subjects.get(manifest.target):
+        return None
+    try:
+        return current_ledger(policy, repo, keyring, manifest)
+    except LedgerRollbackError as exc:
+        if not accept_rollback:
+            raise
+        record(policy, repo, "gdpr_ledger_rollback_accepted", manifest.backup_id, "failure", {"finding": exc.message})
+        return load_ledger(repo, keyring)
 
 
 def run_hook(name: str, command: str | None) -> None:

@@ -14,7 +14,6 @@ repository under `restore-tests/<target>/` as evidence.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from typing import Any
 
 from .audit import record
 from .crypto import Keyring
+from .documents import write_document
 from .errors import RegalError
 from .layout import restore_test_key
 from .manifest import Manifest
@@ -33,6 +33,7 @@ from .sources.registry import source_for
 from .storage import Repository
 
 RESTORE_FAILED = "the restore failed"
+RESTORE_TEST_KIND = "restore-test"
 
 
 @dataclass
@@ -89,8 +90,8 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
         (tested_at - manifest.finished_at).total_seconds(), found.seconds,
         policy.rto_for(manifest.target).total_seconds(), tables, found.problems, trigger or {},
         found.erasures, found.load_breakdown, found.details)
-    repo.put_bytes(restore_test_key(result.target, result.tested_at, result.backup_id),
-                   json.dumps(result.to_json(), indent=2, ensure_ascii=False).encode())
+    write_document(repo, keyring, RESTORE_TEST_KIND, restore_test_key(result.target, result.tested_at,
+                                                                       result.backup_id), result.to_json())
     record(policy, repo, "restore_test", manifest.backup_id,
            "success" if result.validation_passed and result.rto_within_target else "failure",
            {"target": manifest.target, "rto_seconds": round(result.rto_seconds, 3),

@@ -12,24 +12,26 @@ checks may still be running), then they go.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .audit import audited, record
+from .audit import audited, completed_backups, record
 from .catalog import list_backups
-from .checks import load_check_record
+from .checks import check_status
+from .crypto import Keyring, load_keyring
+from .documents import seal
 from .errors import LockedError, ObjectLockedError, RegalError
 from .keys import KEYS_LOCK
 from .layout import (
     BACKUPS,
-    CHECKS_NAME,
     backup_prefix,
+    checks_key,
     manifest_key,
     prune_log_key,
     split_backup_key,
     started_of,
+    target_prefix,
 )
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
@@ -168,6 +170,8 @@ class PruneReport:
     leftovers: list[str] = field(default_factory=list)  # objects no manifest names, and unfinished uploads
     locked: list[str] = field(default_factory=list)  # leftovers Object Lock keeps until their date
     offsite_deleted: list[str] = field(default_factory=list)  # backup ids removed from the off-site copy
+    damaged: dict[str, str] = field(default_factory=dict)  # backup id -> why its objects were left alone
+    running: list[str] = field(default_factory=list)  # targets whose lock was held: their leftovers wait
 
     @property
     def past_retention(self) -> list[str]:
@@ -176,7 +180,7 @@ class PruneReport:
 
     def to_json(self) -> dict[str, object]:
         """The prune log. Version 3 adds each decision's `delete_after` (version 2 logs stay readable:
-        `read_prune_log` gives them None there)."""
+        `prune_report` gives them None there)."""
         return {"format": "regal-backup-prune", "version": 3, "at": self.at.isoformat(),
                 "dry_run": self.dry_run,
                 "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons),
@@ -184,15 +188,15 @@ class PruneReport:
                                   for d in ds]
                               for t, ds in self.decisions.items()},
                 "deleted": self.deleted, "leftovers_deleted": self.leftovers, "locked_leftovers": self.locked,
-                "offsite_deleted": self.offsite_deleted}
+                "offsite_deleted": self.offsite_deleted, "damaged": self.damaged, "running": self.running}
 
 
-def read_prune_log(body: bytes) -> PruneReport:
-    """A prune log as written by any version (2 or 3)."""
-    document = json.loads(body)
+def prune_report(document: dict[str, Any]) -> PruneReport:
+    """A prune log's body (once its seal holds) as written by any version: 2 has no `delete_after`."""
     if document.get("format") != "regal-backup-prune" or document.get("version") not in (2, 3):
         raise RegalError("not a prune log this version of regal-backup can read",
                          "upgrade regal-backup to the version that wrote it")
+
     def decision(d: dict[str, Any]) -> Decision:
         after = d.get("delete_after")
         when = datetime.fromisoformat(after) if after else None
@@ -201,18 +205,14 @@ def read_prune_log(body: bytes) -> PruneReport:
     decisions = {target: [decision(d) for d in rows] for target, rows in document["decisions"].items()}
     return PruneReport(datetime.fromisoformat(document["at"]), document["dry_run"], decisions,
                        list(document.get("deleted", [])), list(document.get("leftovers_deleted", [])),
-                       list(document.get("locked_leftovers", [])), list(document.get("offsite_deleted", [])))
+                       list(document.get("locked_leftovers", [])), list(document.get("offsite_deleted", [])),
+                       dict(document.get("damaged", {})), list(document.get("running", [])))
 
 
-def backup_infos(repo: Repository, target: str) -> list[BackupInfo]:
-    manifests, _ = list_backups(repo, target)
-    infos = []
-    for manifest in manifests:
-        record = load_check_record(repo, manifest.backup_id)
-        status = "unchecked" if record is None else "good" if record.passed else "failed"
-        infos.append(BackupInfo(manifest.backup_id, manifest.started_at, manifest.retention_class, status,
-                                manifest.locked_until))
-    return infos
+def backup_infos(repo: Repository, keyring: Keyring, target: str) -> list[BackupInfo]:
+    manifests, _ = list_backups(repo, keyring, target)
+    return [BackupInfo(m.backup_id, m.started_at, m.retention_class, check_status(repo, keyring, m).status,
+                       m.locked_until) for m in manifests]
 
 
 def delete_backup(repo: Repository, target: str, backup_id: str) -> None:
@@ -223,36 +223,76 @@ def delete_backup(repo: Repository, target: str, backup_id: str) -> None:
         repo.delete(stored.key)
 
 
-def leftover_objects(repo: Repository, now: datetime, grace: timedelta) -> list[str]:
-    """Objects no backup needs, once the backup they belong to started longer than `grace` ago: those of
-    backups that never got a manifest (interrupted), and those a manifest no longer names (left by a
-    re-encryption). Each manifest is read here, under the keys lock, never from an earlier listing: a
-    re-encryption may have renamed the objects since."""
+@dataclass
+class Leftovers:
+    """What prune may remove, and what it must leave alone (and say why)."""
+
+    objects: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # backup id -> why its unnamed objects stay
+
+
+def leftover_objects(repo: Repository, keyring: Keyring, target: str, now: datetime, grace: timedelta,
+                     completed: set[str]) -> Leftovers:
+    """Objects of a target no backup needs, once the backup they belong to started longer than `grace` ago.
+
+    Removed: the objects of a backup that never got a manifest (interrupted: the caller holds the target's
+    lock, so none is running) unless something says it completed (a check record, or a successful backup in
+    the audit trail: `completed`); and objects a manifest does not name (left by an interrupted
+    re-encryption), but only when that manifest authenticates, names no retired key and every object it
+    names is there. Anything else is evidence of tampering or damage: kept, with the reason. Each manifest
+    is read here, under the keys lock: a re-encryption may have renamed the objects since any listing."""
     by_backup: dict[str, list[str]] = {}
-    for stored in repo.list(BACKUPS):
+    for stored in repo.list(target_prefix(target)):
         if (parts := split_backup_key(stored.key)) is not None:
-            by_backup.setdefault(f"{parts[0]}/{parts[1]}", []).append(stored.key)
-    leftovers = []
-    for target_and_id, keys in by_backup.items():
-        target, backup_id = target_and_id.split("/")
+            by_backup.setdefault(parts[1], []).append(stored.key)
+    found = Leftovers()
+    for backup_id, keys in sorted(by_backup.items()):
         started = started_of(backup_id)
         if started is None or now - started < grace:
             continue
         mkey = manifest_key(target, backup_id)
         if mkey not in keys:
-            leftovers += keys
+            if checks_key(backup_id) in keys or backup_id in completed:
+                found.kept[backup_id] = "its manifest is missing although the backup completed: deleted?"
+            else:
+                found.objects += keys
             continue
         try:
-            named = {r.key for r in Manifest.from_bytes(repo.get_bytes(mkey), mkey).objects}
-        except RegalError:
-            continue  # a damaged manifest: its objects are evidence, not leftovers
-        leftovers += [k for k in keys if k not in named and k != mkey and not k.endswith("/" + CHECKS_NAME)]
-    return sorted(leftovers)
+            manifest = Manifest.from_bytes(repo.get_bytes(mkey), mkey, keyring)
+        except RegalError as exc:
+            found.kept[backup_id] = f"its manifest is refused: {exc.message}"
+            continue
+        retired = [o.key for o in manifest.objects if (k := keyring.history.get(o.encryption.key_id)) and k.retired_at]
+        missing = [o.key for o in manifest.objects if o.key not in keys]
+        if retired or missing:
+            found.kept[backup_id] = ("its manifest names objects under a retired key (an older manifest put back?)"
+                                     if retired else f"its manifest names {len(missing)} missing object(s)")
+            continue
+        named = {o.key for o in manifest.objects}
+        found.objects += [k for k in keys if k not in named and k not in (mkey, checks_key(backup_id))]
+    return found
 
 
-def _sweep(store: Repository, now: datetime, grace: timedelta, report: PruneReport) -> None:
-    """Leftover objects and unfinished uploads (partial files, multipart uploads) older than `grace`."""
-    objects, uploads = leftover_objects(store, now, grace), store.abandoned_uploads(now - grace)
+def _sweep(policy: Policy, store: Repository, locks: Repository, keyring: Keyring, now: datetime,
+           report: PruneReport) -> None:
+    """Leftover objects and unfinished uploads (partial files, multipart uploads) older than the grace, target
+    by target, each under the target's lock in the primary repository (`locks`): a running backup's objects,
+    here or on their way off-site, are never taken for leftovers."""
+    grace = policy.prune.orphan_grace
+    completed = completed_backups(policy, store)
+    uploads = store.abandoned_uploads(now - grace)
+    _remove(store, [u for u in uploads if not u.startswith(BACKUPS)], [], report)  # documents, reports
+    for target in sorted(policy.targets):
+        try:
+            with locks.lock(target):
+                found = leftover_objects(store, keyring, target, now, grace, completed)
+                report.damaged.update(found.kept)
+                _remove(store, [u for u in uploads if u.startswith(target_prefix(target))], found.objects, report)
+        except LockedError:
+            report.running.append(target)  # its unfinished objects wait for the next prune
+
+
+def _remove(store: Repository, uploads: list[str], objects: list[str], report: PruneReport) -> None:
     if report.dry_run:
         report.leftovers += objects + uploads
         return
@@ -267,15 +307,17 @@ def _sweep(store: Repository, now: datetime, grace: timedelta, report: PruneRepo
             report.locked.append(key)
 
 
-def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool = False) -> PruneReport:
+def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool = False,
+              keyring: Keyring | None = None) -> PruneReport:
     """Delete what the plan says (here and in the off-site copy), and what no backup needs; record it all
     in the repository under prune/ (not on a dry run)."""
     settings = policy.prune
     counts = policy.retention.model_dump()
     report = PruneReport(now, dry_run, {})
     secondary = open_offsite(policy)
+    keyring = keyring or load_keyring(policy)
     for target in sorted(policy.targets):
-        decisions = plan(backup_infos(repo, target), counts, now, failed_grace=settings.failed_grace,
+        decisions = plan(backup_infos(repo, keyring, target), counts, now, failed_grace=settings.failed_grace,
                          unchecked_grace=settings.unchecked_grace)
         report.decisions[target] = decisions
         if dry_run:
@@ -288,31 +330,35 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
                 report.deleted.append(decision.backup_id)
         if secondary is not None:  # the copy keeps what the primary keeps, and nothing more
             kept = {d.backup_id for d in decisions if d.keep}
-            for manifest in list_backups(secondary, target)[0]:
+            for manifest in list_backups(secondary, keyring, target)[0]:
                 if manifest.backup_id not in kept and (manifest.locked_until is None or manifest.locked_until <= now):
                     delete_backup(secondary, target, manifest.backup_id)
                     report.offsite_deleted.append(manifest.backup_id)
     try:
         with repo.lock(KEYS_LOCK):
             for store in [repo, *([secondary] if secondary is not None else [])]:
-                _sweep(store, now, settings.orphan_grace, report)
+                _sweep(policy, store, repo, keyring, now, report)
     except LockedError:
         pass  # a key retirement is re-encrypting: it writes objects no manifest names yet; the next prune sweeps
-    return _finish(policy, repo, report)
+    return _finish(policy, repo, keyring, report)
 
 
-def _finish(policy: Policy, repo: Repository, report: PruneReport) -> PruneReport:
-    """The log goes into the repository, its SHA-256 into the audit trail: a report believes a prune log
-    only when the hash-chained trail vouches for it."""
+PRUNE_LOG_KIND = "prune-log"
+
+
+def _finish(policy: Policy, repo: Repository, keyring: Keyring, report: PruneReport) -> PruneReport:
+    """The log goes into the repository sealed, and its SHA-256 into the audit trail: a report believes a
+    prune log when its seal holds and the hash-chained trail recorded it."""
     log: dict[str, str] = {}
     if not report.dry_run:
-        body = json.dumps(report.to_json(), indent=2).encode()
         key = prune_log_key(report.at)
+        body = seal(keyring, PRUNE_LOG_KIND, key, report.to_json())
         repo.put_bytes(key, body)
         log = {"log": key, "log_sha256": hashlib.sha256(body).hexdigest()}
     record(policy, repo, "retention_check" if report.dry_run else "prune", "repository",
            "failure" if report.dry_run and report.past_retention else "success",
            {"deleted": report.deleted, "leftovers_removed": len(report.leftovers), "locked": len(report.locked),
             "offsite_deleted": report.offsite_deleted, "past_retention": report.past_retention,
+            "damaged": report.damaged,
             "kept": sum(d.keep for ds in report.decisions.values() for d in ds), **log})
     return report

@@ -8,13 +8,14 @@ One draw per month: evaluating the schedule again in the same month returns the 
 
 from __future__ import annotations
 
-import json
 import random
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .checks import good_backups
+from .crypto import Keyring
+from .documents import read_document, write_document
 from .layout import restore_sample_key
 from .policy import Policy
 from .storage import Repository
@@ -44,14 +45,18 @@ def choose(candidates: list[tuple[str, str]], seed: str, n: int) -> list[tuple[s
     return sorted(random.Random(seed).sample(sorted(candidates), min(n, len(candidates))))
 
 
-def draw_restore_sample(policy: Policy, repo: Repository, when: datetime) -> RestoreSample:
+SAMPLE_KIND = "restore-sample"
+
+
+def draw_restore_sample(policy: Policy, repo: Repository, keyring: Keyring, when: datetime) -> RestoreSample:
     month = f"{when.astimezone(UTC):%Y-%m}"
     key = restore_sample_key(month)
-    if repo.size(key) is not None:
-        return RestoreSample.from_json(json.loads(repo.get_bytes(key)))
-    candidates = sorted((target, m.backup_id) for target in policy.targets for m in good_backups(repo, target))
+    if repo.size(key) is not None:  # the month's draw, sealed: a planted one is refused, naming the file
+        return RestoreSample.from_json(read_document(repo, keyring, SAMPLE_KIND, key))
+    candidates = sorted((target, m.backup_id) for target in policy.targets
+                        for m in good_backups(repo, keyring, target))
     seed = secrets.token_hex(16)
     sample = RestoreSample(month, seed, datetime.now(UTC), candidates,
                            choose(candidates, seed, policy.restore_tests.monthly_sample))
-    repo.put_bytes(key, json.dumps(sample.to_json(), indent=2).encode())
+    write_document(repo, keyring, SAMPLE_KIND, key, sample.to_json())
     return sample

@@ -24,6 +24,7 @@ from ...engine.alerts import (
     Condition,
     capacity_conditions,
     check_conditions,
+    damaged_conditions,
     evaluate_and_notify,
     restore_test_conditions,
     rpo_conditions,
@@ -92,7 +93,7 @@ def build_alert_sensors(policy: Policy) -> list[SensorDefinition]:
     rpo_watch = _alert_sensor(
         "rpo_watch",
         "Per target, the age of the newest backup that passed its checks; alerts when it passes the RPO.",
-        lambda _context, regal, now: rpo_conditions(regal.policy(), regal.repository(), now))
+        lambda _context, regal, now: rpo_conditions(regal.policy(), regal.repository(), regal.keyring(), now))
     backup_alerts = _alert_sensor(
         "backup_alerts",
         "Alerts for failed runs (backup, restore test, drill), a failed ERROR check or verification, a failed "
@@ -103,5 +104,7 @@ def build_alert_sensors(policy: Policy) -> list[SensorDefinition]:
 
 def _repository_and_run_conditions(context: SensorEvaluationContext, regal: RegalEngine) -> list[Condition]:
     policy, repo = regal.policy(), regal.repository()  # one repository client for the whole evaluation
-    return [*_failed_runs(policy, context), *check_conditions(policy, repo), *restore_test_conditions(policy, repo),
+    keyring = regal.keyring()
+    return [*_failed_runs(policy, context), *check_conditions(policy, repo, keyring),
+            *restore_test_conditions(policy, repo, keyring), *damaged_conditions(policy, repo, keyring),
             *capacity_conditions(policy, repo)]

@@ -20,6 +20,7 @@ from dagster import (
 from ...engine.manifest import Manifest
 from ...engine.policy import Policy
 from ...engine.sources.registry import source_for
+from ...engine.storage import backend_for
 from ..resources import RegalEngine
 
 BACKUP_GROUP = "backups"
@@ -78,7 +79,7 @@ def rpo_freshness_policy(rpo: timedelta) -> FreshnessPolicy:
 def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     config = policy.target(target)
     rpo = policy.rpo_for(target)
-    store_kind = "s3" if policy.repository.is_s3 else "filesystem"
+    store_kind = backend_for(policy.repository.url).kind  # "s3", "filesystem"
     label = source_for(config.kind).label
 
     @asset(

@@ -33,7 +33,8 @@ class PruneConfig(Config):  # type: ignore[misc]
 def maintenance_definitions(policy: Policy) -> Definitions:
     @op(description="Deletes what retention no longer keeps and the leftovers of interrupted backups.")
     def prune(context: OpExecutionContext, config: PruneConfig, regal: RegalEngine) -> None:
-        report = run_prune(regal.policy(), regal.repository(), datetime.now(UTC), dry_run=config.check_only)
+        report = run_prune(regal.policy(), regal.repository(), datetime.now(UTC), dry_run=config.check_only,
+                           keyring=regal.keyring())
         kept = sum(d.keep for ds in report.decisions.values() for d in ds)
         context.log.info(f"kept {kept} backups; deleted {len(report.deleted)}; removed {len(report.leftovers)} "
                          f"objects no backup needs{' (check only)' if config.check_only else ''}")

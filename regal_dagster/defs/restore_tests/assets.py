@@ -18,10 +18,10 @@ from dagster import (
     asset,
 )
 
-from ...engine.catalog import load_manifest
-from ...engine.checks import good_newest_first
+from ...engine.errors import RegalError
 from ...engine.policy import Policy
 from ...engine.restore_test import RestoreTestResult
+from ...engine.selection import choose_backup
 from ...engine.sources.registry import source_for
 from ..backups.assets import backup_asset_key
 from ..resources import RegalEngine
@@ -70,15 +70,15 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
            tags={"regal/target": target})
     def _restore_test(context: AssetExecutionContext, config: RestoreTestConfig,
                       regal: RegalEngine) -> MaterializeResult:
-        repo = regal.repository()
-        if config.backup_id:
-            manifest = load_manifest(repo, config.backup_id)
-        else:
-            newest = next(good_newest_first(repo, target), None)
-            if newest is None:
-                raise Failure(f"no good backup of {target} to restore-test yet")
-            manifest = newest
-        result = regal.restore_test(manifest, trigger={"dagster_run_id": context.run.run_id})
+        trigger = {"dagster_run_id": context.run.run_id}
+        try:
+            selected = choose_backup(regal.policy(), regal.repository(), regal.keyring(), target,
+                                     backup_id=config.backup_id or None, trigger=trigger)
+        except RegalError as exc:
+            raise Failure(str(exc)) from None
+        for note in selected.notes:
+            context.log.warning(note)
+        result = regal.restore_test(selected.manifest, trigger=trigger)
         context.log.info(f"restore test of {result.backup_id}: RTO {result.rto_seconds:.1f}s, "
                          f"{'valid' if result.validation_passed else 'INVALID: ' + '; '.join(result.problems)}")
         return MaterializeResult(metadata=restore_test_metadata(result), check_results=[

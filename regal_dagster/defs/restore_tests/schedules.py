@@ -27,7 +27,7 @@ def build_monthly_sample_schedule(policy: Policy, restore_job_name: str) -> Sche
                           "restore-tested; the draw is recorded for auditors.")
     def _schedule(context: ScheduleEvaluationContext, regal: RegalEngine) -> list[RunRequest] | SkipReason:
         tick = context.scheduled_execution_time or datetime.now(UTC)
-        sample = draw_restore_sample(regal.policy(), regal.repository(), tick)
+        sample = draw_restore_sample(regal.policy(), regal.repository(), regal.keyring(), tick)
         if not sample.chosen:
             return SkipReason("no good backups to draw from")
         return [RunRequest(run_key=f"sample-{sample.seed}-{backup_id}",

@@ -56,6 +56,7 @@ class RestoreRequest:
     keep_owners: bool = False
     validation: str = "full"  # full | rows (PostgreSQL: what is read back to validate)
     keys: str | None = None  # Redis, into a live server: only the keys matching this glob
+    accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)
     progress: Progress | None = None
     before_writing: Callable[[], None] | None = None  # runs just before the destination is first changed
 

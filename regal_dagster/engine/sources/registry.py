@@ -8,10 +8,13 @@ import functools
 import importlib
 import pkgutil
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ..errors import RegalError
 from ..settings import TargetSettings
-from .base import Source
+
+if TYPE_CHECKING:
+    from .base import Source
 
 
 @functools.cache

@@ -1,31 +1,91 @@
 """The object store interface every backend implements, in the spirit of restic's backend.
 
-save    `writer(key)` streams a large object (commit on success, nothing visible on failure);
-        `put_bytes(key, data)` writes a small document (manifest, check record, lease)
-load    `reader(key)`, `get_bytes(key)`, `read_range(key, start, length)`
-stat    `size(key)` (None: no such object), `locked_until`, `server_side_encryption`
-list    `list(prefix)`: every committed object under a prefix
-remove  `delete(key)`: every version of it; ObjectLockedError while S3 Object Lock holds it
-lock    `lock(name)`: one holder per name across processes and hosts (backups of a target, key changes)
+The interface (restic's verbs on the left):
 
-Keys are '/'-separated paths relative to the repository root (engine/layout.py names them all).
-One module per backend (local.py, s3.py); registry.py opens the one a URL names, wrapped once in the
-retry and logging layers. Every backend passes tests/test_storage_conformance.py.
+save    `writer(key, retain_until)` streams a large object: committed on success, nothing visible on
+        failure or while unfinished; `put_bytes(key, data)` writes a small document (manifest, record)
+load    `reader(key)` (a stream), `get_bytes(key)`, `read_range(key, start, length)` (fewer bytes at the
+        end of the object, none past it); a missing object is a RegalError naming its key
+stat    `size(key)` (None: no such object), `locked_until(key)`, `server_side_encryption(key)`
+list    `list(prefix)`: every committed object under a prefix, with its size ("backups/a/" lists
+        nothing of "backups/ab/"); `usage_bytes()`, `free_bytes()`
+remove  `delete(key)`: every version of it, and nothing to do when it is gone (idempotent);
+        ObjectLockedError while S3 Object Lock holds it
+lock    `lock(name)`: one holder per name across processes and hosts (backups of a target, key
+        changes); a second holder gets LockedError naming host and pid; a holder that dies releases it
+        (at once on a file system, after `repository.lock_lease` on S3)
+and     `ensure_initialized()` (writes the repository marker once), `abandoned_uploads(before)` and
+        `discard_upload(upload)` (what a crash mid-object left), `encrypts_at_rest`, `backend`
+
+Keys are '/'-separated paths relative to the repository root (engine/layout.py names them all); a key
+that would leave the root ("../x", "/x") is refused.
+
+Backends: one module per store under storage/ (local.py: a directory; s3.py: a bucket), each with a
+module-level `BACKEND` (a `Backend`: its kind, URL schemes, how to check a URL and how to open one from
+the policy). registry.py finds them, picks one by the URL's scheme ("file" also serves a plain path) and
+layers the wrappers around what it opens, once:
+
+    retry.Retrying( logged.Logged( <backend> ) )
+
+Logged   every operation at DEBUG on the logger "regal_backup.storage": op, key, bytes, milliseconds
+         (and the repository's location, which never holds credentials); failures with their error
+Retrying operations that are idempotent requests (get_bytes, read_range, size, list, put_bytes,
+         delete, locked_until, server_side_encryption, usage_bytes, free_bytes, ensure_initialized,
+         abandoned_uploads, discard_upload, opening a reader, taking a lock) are tried again after a
+         `TransientStorageError` (connection refused or dropped, timeouts, HTTP 5xx, SlowDown,
+         throttling), with exponential backoff and jitter (`repository.retry`); after the last attempt
+         the operator gets one StorageUnavailableError naming the repository, the key and what to do.
+         A writer's stream is never replayed: a backend retries only whole requests inside it (an S3
+         part upload) with the same `retry.call` and policy. Bytes already read from a reader's
+         stream are not re-read.
+Both wrappers keep the whole interface; anything else a backend offers (`client`, `versioned`, ...)
+is reached through them unchanged, and `repo.backend` is the store itself.
+
+A new backend is one new module here with a `BACKEND` that passes tests/test_storage_conformance.py
+(add its fixture there); nothing else changes.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO, Self
+from typing import TYPE_CHECKING, BinaryIO, Self
 
+from ..errors import RegalError
 from ..layout import REPOSITORY_MARKER
+from ..transport import LOCAL, Transport
+
+if TYPE_CHECKING:
+    from ..policy import Policy, RepositoryConfig
+
+
+class TransientStorageError(RegalError):
+    """A failure that may pass if the same request is made again: the connection was refused, dropped or
+    timed out; the store answered 5xx, SlowDown or throttling. Backends raise it; the retry wrapper tries
+    again, and after its last attempt raises StorageUnavailableError."""
+
+
+class StorageUnavailableError(RegalError):
+    """A storage operation still failed with transient errors after its last attempt."""
+
+
+def check_key(key: str, location: str) -> str:
+    """`key` when it stays inside the repository; RegalError naming it otherwise."""
+    if key.startswith("/") or ".." in key.split("/"):
+        raise key_outside(key, location)
+    return key
+
+
+def key_outside(key: str, location: str) -> RegalError:
+    return RegalError(f"key {key!r} leaves the repository {location}",
+                      "repository keys are relative paths; this one came from a damaged or forged document")
 
 
 @dataclass(frozen=True)
@@ -63,6 +123,12 @@ class Repository(ABC):
 
     location: str  # for people: no credentials in it
     encrypts_at_rest = False  # the store encrypts every object itself (S3 server-side encryption) and says so
+    locks_objects = False  # the store can keep objects immutable until a date (S3 Object Lock)
+
+    @property
+    def backend(self) -> Repository:
+        """The store itself, under any wrappers."""
+        return self
 
     @abstractmethod
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
@@ -78,7 +144,8 @@ class Repository(ABC):
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def list(self, prefix: str) -> Iterator[StoredObject]: ...
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Committed objects whose keys start with `prefix` ("" or a folder ending in '/')."""
 
     @abstractmethod
     def size(self, key: str) -> int | None:
@@ -93,7 +160,7 @@ class Repository(ABC):
         return None
 
     @abstractmethod
-    def abandoned_uploads(self, before: datetime) -> list[str]:
+    def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         """Unfinished writes (a crash mid-object) started before `before`: partial files, multipart uploads."""
 
     @abstractmethod
@@ -125,6 +192,29 @@ class Repository(ABC):
             marker = {"format": "regal-backup-repository", "version": 1,
                       "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
             self.put_bytes(REPOSITORY_MARKER, json.dumps(marker, indent=2).encode())
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the registry knows of one backend module: its `BACKEND`."""
+
+    kind: str  # the store's name for people and for Dagster's asset kinds: "filesystem", "s3"
+    schemes: tuple[str, ...]  # URL schemes it serves; "file" serves plain paths too
+    example: str  # how its URL is written, for error messages: "s3://bucket/prefix"
+    repository: type[Repository]  # says what the store can do (`encrypts_at_rest`, `locks_objects`)
+    open: Callable[[Policy, RepositoryConfig], Repository]
+    check_url: Callable[[str], None] = lambda url: None  # raises ValueError saying what is wrong
+    # how backup data travels to the store, for the report's encryption in transit (default: files here)
+    transport: Callable[[RepositoryConfig, str], Transport] = (
+        lambda config, label: Transport(f"{label} (local file system)", LOCAL, "files on this host"))
+
+    @property
+    def encrypts_at_rest(self) -> bool:
+        return self.repository.encrypts_at_rest
+
+    @property
+    def locks_objects(self) -> bool:
+        return self.repository.locks_objects
 
 
 def lock_owner() -> dict[str, object]:

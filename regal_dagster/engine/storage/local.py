@@ -1,7 +1,12 @@
-"""The local filesystem backend: a directory, objects as files written atomically, flock locks."""
+"""The local filesystem backend: a directory, objects as files written atomically, flock locks.
+
+Served for `file:///path` and plain paths (relative ones from the policy file's directory). A local
+disk has no transient errors worth a retry: it works or it fails.
+"""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -13,11 +18,23 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import LockedError, RegalError
 from ..layout import PARTIAL_SUFFIX, lock_key
-from .base import ObjectWriter, Repository, StoredObject, describe_lock_owner, lock_owner
+from .base import (
+    Backend,
+    ObjectWriter,
+    Repository,
+    StoredObject,
+    check_key,
+    describe_lock_owner,
+    key_outside,
+    lock_owner,
+)
+
+if TYPE_CHECKING:
+    from ..policy import Policy, RepositoryConfig
 
 
 class _LocalWriter(ObjectWriter):
@@ -67,9 +84,9 @@ class LocalRepository(Repository):
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
-            raise ValueError(f"key {key!r} leaves the repository")
+        path, root = (self.root / check_key(key, self.location)).resolve(), self.root.resolve()
+        if path != root and root not in path.parents:  # through a symbolic link
+            raise key_outside(key, self.location)
         return path
 
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
@@ -120,7 +137,7 @@ class LocalRepository(Repository):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def abandoned_uploads(self, before: datetime) -> list[str]:
+    def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         found = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
@@ -167,3 +184,9 @@ class LocalRepository(Repository):
             os.close(fd)
 
 
+def _open(policy: Policy, config: RepositoryConfig) -> Repository:
+    return LocalRepository(policy.local_repository_path(config), lock_wait=config.lock_wait)
+
+
+BACKEND = Backend(kind="filesystem", schemes=("file",), example="file:///path or a plain path",
+                  repository=LocalRepository, open=_open)

@@ -1,21 +1,63 @@
-"""Opening a repository: the backend its URL's scheme names."""
+"""Opening a repository: the backend its URL's scheme names, wrapped once in retry and logging.
+
+Backends are the modules under engine/storage/ with a module-level `BACKEND` (base.Backend); a URL
+without "scheme://" is a path and goes to the backend serving "file".
+"""
 
 from __future__ import annotations
 
-from ..policy import Policy, RepositoryConfig
-from .base import Repository
+import functools
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
+
+from .base import Backend, Repository
+from .logged import Logged
+from .retry import Retrying
+
+if TYPE_CHECKING:
+    from ..policy import Policy, RepositoryConfig
+
+
+@functools.cache
+def backends() -> tuple[Backend, ...]:
+    from .. import storage
+
+    found = []
+    for info in pkgutil.iter_modules(storage.__path__):
+        module = importlib.import_module(f"{storage.__name__}.{info.name}")
+        backend = getattr(module, "BACKEND", None)
+        if isinstance(backend, Backend):
+            found.append(backend)
+    return tuple(sorted(found, key=lambda b: b.kind))
+
+
+def scheme_of(url: str) -> str:
+    scheme, separator, _rest = url.partition("://")
+    return scheme.lower() if separator else "file"
+
+
+def backend_for(url: str) -> Backend:
+    """The backend serving `url`; ValueError listing the URLs this regal-backup can open otherwise."""
+    scheme = scheme_of(url)
+    for backend in backends():
+        if scheme in backend.schemes:
+            return backend
+    raise ValueError(f"no repository backend serves {scheme}:// URLs; use "
+                     + ", or ".join(b.example for b in backends()))
+
+
+def check_repository_url(url: str) -> str:
+    """For the policy: `url` when a backend serves it and finds it well formed, else ValueError."""
+    backend_for(url).check_url(url)
+    return url
 
 
 def open_repository(policy: Policy, config: RepositoryConfig | None = None) -> Repository:
     """The policy's repository, or the one `config` describes (the off-site copy)."""
     config = config or policy.repository
-    if config.is_s3:
-        from .s3 import S3Repository
-
-        return S3Repository(config)
-    from .local import LocalRepository
-
-    return LocalRepository(policy.local_repository_path(config), lock_wait=config.lock_wait)
+    store = backend_for(config.url).open(policy, config)
+    return Retrying(Logged(store), config.retry)
 
 
 def open_offsite(policy: Policy) -> Repository | None:

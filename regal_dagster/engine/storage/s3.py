@@ -1,7 +1,14 @@
-"""The S3 backend: streamed multipart uploads, Object Lock, versioned deletes, lease locks."""
+"""The S3 backend: streamed multipart uploads, Object Lock, versioned deletes, lease locks.
+
+Served for `s3://bucket/prefix` (any S3-compatible endpoint through `repository.endpoint_url`).
+botocore makes each request once: refused, dropped and timed-out connections and 5xx, SlowDown and
+throttling answers become TransientStorageError, which the retry wrapper (and, for the requests inside
+a streamed upload, `retry.call`) tries again under `repository.retry`.
+"""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import io
@@ -9,15 +16,37 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from ..errors import LockedError, ObjectLockedError, RegalError
 from ..layout import lock_key
-from ..policy import RepositoryConfig
-from .base import ObjectWriter, Repository, StoredObject, describe_lock_owner, lock_owner
+from ..transport import Transport, url_transport
+from . import retry
+from .base import (
+    Backend,
+    ObjectWriter,
+    Repository,
+    StoredObject,
+    TransientStorageError,
+    check_key,
+    describe_lock_owner,
+    lock_owner,
+)
+
+if TYPE_CHECKING:
+    from ..policy import Policy, RepositoryConfig
+
+T = TypeVar("T")
+
+# Error codes that say "not now" rather than "no": the same request may pass a moment later.
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
+})
 
 
 class _S3Writer(ObjectWriter):
@@ -49,9 +78,9 @@ class _S3Writer(ObjectWriter):
 
     def _send(self, body: bytes) -> None:
         if self.upload_id is None:
-            with self.repo._errors(self.key):
-                response = self.repo.client.create_multipart_upload(
-                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), **self.repo.sse_args())
+            response = self.repo.request("create_multipart_upload", self.key, lambda: (
+                self.repo.client.create_multipart_upload(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), **self.repo.sse_args())))
             self.upload_id = response["UploadId"]
         for done in [p for p in self.parts if p.done()]:
             done.result()  # surface upload errors early
@@ -62,30 +91,31 @@ class _S3Writer(ObjectWriter):
         self.parts.append(future)
 
     def _upload_part(self, number: int, body: bytes) -> dict[str, object]:
-        with self.repo._errors(self.key):
-            response = self.repo.client.upload_part(
-                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
-                PartNumber=number, Body=body)
+        """One part: a whole request, made again after a transient error (its bytes are still here)."""
+        response = self.repo.request(f"upload_part {number} of", self.key, lambda: self.repo.client.upload_part(
+            Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+            PartNumber=number, Body=body))
         return {"PartNumber": number, "ETag": response["ETag"]}
 
     def commit(self) -> None:
         try:
             if self.upload_id is None:  # small object: one request
-                self.repo.put_bytes(self.key, bytes(self.buffer), self.retain_until)
+                body = bytes(self.buffer)
+                self.repo.request("put_object", self.key,
+                                  lambda: self.repo.put_bytes(self.key, body, self.retain_until))
                 return
             if self.buffer:
                 self._send(bytes(self.buffer))
                 self.buffer.clear()
             parts = [p.result() for p in self.parts]
-            with self.repo._errors(self.key):
-                self.repo.client.complete_multipart_upload(
-                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
-                    MultipartUpload={"Parts": parts})
-                lock = self.repo.lock_args(self.retain_until)
-                if lock:  # set on the finished object: one request, the same for every S3 implementation
-                    self.repo.client.put_object_retention(
-                        Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
-                        Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
+            self.repo.request("complete_multipart_upload", self.key, lambda: self.repo.client.complete_multipart_upload(
+                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts}))
+            lock = self.repo.lock_args(self.retain_until)
+            if lock:  # set on the finished object: one request, the same for every S3 implementation
+                self.repo.request("put_object_retention", self.key, lambda: self.repo.client.put_object_retention(
+                    Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
+                    Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]}))
         except BaseException:
             self.abort()
             raise
@@ -127,6 +157,7 @@ class _S3Reader(io.RawIOBase):
 
 class S3Repository(Repository):
     encrypts_at_rest = True  # every object is written with the policy's server-side encryption
+    locks_objects = True  # S3 Object Lock (repository.object_lock)
 
     def __init__(self, config: RepositoryConfig):
         import boto3
@@ -140,19 +171,34 @@ class S3Repository(Repository):
         self.client = boto3.client(
             "s3", region_name=config.region, endpoint_url=config.endpoint_url,
             config=Config(max_pool_connections=max(10, config.upload_concurrency * 2),
-                          retries={"max_attempts": 5, "mode": "standard"}))
+                          retries={"total_max_attempts": 1}))  # retries: storage/retry.py, not botocore
 
     def full_key(self, key: str) -> str:
+        check_key(key, self.location)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def request(self, op: str, key: str, send: Callable[[], T]) -> T:
+        """One request inside a stream (a part upload): translated errors, retried when transient."""
+        def once() -> T:
+            with self._errors(key):
+                return send()
+        return retry.call(self.config.retry, op, key, self.location, once)
+
     def sse_args(self) -> dict[str, str]:
-        args = {"ServerSideEncryption": self.config.server_side_encryption}
+        args: dict[str, str] = {"ServerSideEncryption": self.config.server_side_encryption}
         if self.config.sse_kms_key_id:
             args["SSEKMSKeyId"] = self.config.sse_kms_key_id
         return args
 
     def _errors(self, key: str):  # type: ignore[no-untyped-def]
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            HTTPClientError,
+            IncompleteReadError,
+            SSLError,
+        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         @contextlib.contextmanager
         def translate() -> Iterator[None]:
@@ -160,6 +206,11 @@ class S3Repository(Repository):
                 yield
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in TRANSIENT_CODES or status == 429 or (status >= 500 and status != 501):
+                    raise TransientStorageError(f"{self.location} answered {code} (HTTP {status}) for {key}",
+                                                "the store is overloaded or failing: check its status, "
+                                                "or slow down what else writes to it") from None
                 if code in ("NoSuchKey", "404"):
                     raise RegalError(f"object {key} is missing from {self.location}",
                                      "the backup is damaged: verify it and use another one") from None
@@ -170,8 +221,12 @@ class S3Repository(Repository):
                                      "check the credentials and the bucket policy for this identity") from None
                 raise RegalError(f"S3 request for {key} failed: {code}", "retry; check the endpoint and region") from None
             except BotoCoreError as exc:
-                raise RegalError(f"cannot reach {self.location}: {type(exc).__name__}",
-                                 "check network access and repository.endpoint_url/region") from None
+                message = f"cannot reach {self.location}: {type(exc).__name__}"
+                hint = "check network access and repository.endpoint_url/region"
+                if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)) and not isinstance(
+                        exc, SSLError):  # refused, dropped, timed out: a certificate problem stays
+                    raise TransientStorageError(message, hint) from None
+                raise RegalError(message, hint) from None
         return translate()
 
     def lock_args(self, retain_until: datetime | None) -> dict[str, object]:
@@ -189,11 +244,18 @@ class S3Repository(Repository):
         return _S3Reader(self, key, body)  # type: ignore[return-value]
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
+        from botocore.exceptions import ClientError
+
         if length <= 0:
             return b""
         with self._errors(key):
-            response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key),
-                                              Range=f"bytes={start}-{start + length - 1}")
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key),
+                                                  Range=f"bytes={start}-{start + length - 1}")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange" and self.size(key) is not None:
+                    return b""  # past the end of the object
+                raise
             return response["Body"].read()  # type: ignore[no-any-return]
 
     def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
@@ -269,7 +331,7 @@ class S3Repository(Repository):
                 raise
         return head.get("ObjectLockRetainUntilDate")  # type: ignore[no-any-return]
 
-    def abandoned_uploads(self, before: datetime) -> list[str]:
+    def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         paginator = self.client.get_paginator("list_multipart_uploads")
         start = len(self.prefix) + 1 if self.prefix else 0
         with self._errors("(multipart uploads)"):
@@ -278,9 +340,15 @@ class S3Repository(Repository):
                     for u in page.get("Uploads", []) if u["Initiated"] < before]
 
     def discard_upload(self, upload: str) -> None:
+        from botocore.exceptions import ClientError
+
         key, _, upload_id = upload.partition("?uploadId=")
         with self._errors(key):
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # gone already: done
+                    raise
 
     def ensure_initialized(self) -> None:
         if self.config.object_lock is not None:
@@ -290,6 +358,8 @@ class S3Repository(Repository):
                 with self._errors("(object lock configuration)"):
                     enabled = self.client.get_object_lock_configuration(Bucket=self.bucket)[
                         "ObjectLockConfiguration"].get("ObjectLockEnabled") == "Enabled"
+            except TransientStorageError:
+                raise
             except (RegalError, ClientError):
                 enabled = False
             if not enabled:
@@ -368,20 +438,38 @@ class S3Repository(Repository):
                 time.sleep(0.5)
 
         stop = threading.Event()
+        where = lock_key(name, ".json")
 
-        def renew() -> None:
-            while not stop.wait(lease / 3):
+        def renew_once() -> bool:
+            """Extend our lease; False once it is not ours (taken over after we stalled, or released)."""
+            if stop.is_set():
+                return False
+            with self._errors(where):
+                found = current_lease()
+                if found is None or not ours(found[0]):
+                    return False  # never clobber the new holder's lease
                 try:
-                    found = current_lease()
-                    if found is None or not ours(found[0]):
-                        return  # lost (taken over after we stalled): never clobber the new holder's lease
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=found[1],
                                            **self.sse_args())
                 except ClientError as exc:
                     if code(exc) in conflict:
+                        return False
+                    raise
+            return True
+
+        def renew() -> None:
+            while not stop.wait(lease / 3):
+                try:
+                    if not retry.call(self.config.retry, "renew lock", where, self.location, renew_once):
                         return
-                except Exception:  # noqa: BLE001, S110 - transient (network): try again at the next tick
+                except Exception:  # noqa: BLE001, S110 - still failing after the retries: again at the next tick
                     pass
+
+        def release_once() -> None:
+            with self._errors(where):
+                found = current_lease()
+                if found is not None and ours(found[0]):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
 
         renewer = threading.Thread(target=renew, name=f"lock-renew-{name}", daemon=True)
         renewer.start()
@@ -390,7 +478,22 @@ class S3Repository(Repository):
         finally:
             stop.set()
             renewer.join()
-            with contextlib.suppress(Exception):
-                found = current_lease()
-                if found is not None and ours(found[0]):
-                    self.client.delete_object(Bucket=self.bucket, Key=key)
+            with contextlib.suppress(Exception):  # not released: the lease runs out by itself
+                retry.call(self.config.retry, "release lock", where, self.location, release_once)
+
+def _check_url(url: str) -> None:
+    if not url[len("s3://"):].split("/", 1)[0]:
+        raise ValueError("s3 url needs a bucket: s3://bucket/prefix")
+
+
+def _open(policy: Policy, config: RepositoryConfig) -> Repository:
+    return S3Repository(config)
+
+
+def _transport(config: RepositoryConfig, label: str) -> Transport:
+    """TLS unless the endpoint says http:// (AWS S3 itself, without an endpoint, is https)."""
+    return url_transport(f"{label}: S3", config.endpoint_url, ("https",))
+
+
+BACKEND = Backend(kind="s3", schemes=("s3",), example="s3://bucket/prefix", repository=S3Repository,
+                  open=_open, check_url=_check_url, transport=_transport)
