@@ -5,11 +5,17 @@ page 1 and of the control matrix are kept (REGAL_REPORT_PNG_DIR, default the tes
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import itertools
 import json
 import os
+import re
 import threading
+import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,9 +27,24 @@ import yaml
 from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
 from regal_dagster.engine.audit import AuditTrail, verify_trail
 from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.errors import RegalError
+from regal_dagster.engine.errors import RegalError, UsageError
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.report import Period, build_report
+from regal_dagster.engine.report import (
+    COLUMNS,
+    CONTROLS,
+    FAIL,
+    FRAMEWORKS,
+    NOT_TESTED,
+    PASS,
+    RESULTS,
+    Control,
+    Period,
+    ReportResult,
+    build_report,
+    framework_verdict,
+    framework_verdicts,
+)
+from regal_dagster.engine.retention import run_prune
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
@@ -69,7 +90,8 @@ def setup(system_pg: DatabaseFactory, tmp_path: Path, master_key: str, hook: lis
 
 
 def _history(policy_file: Path) -> dict[str, Any]:
-    """Two good backups, checks, a failed backup, a restore test, an erasure, a key rotation, a drill, an alert."""
+    """Two good backups, checks, a failed backup, an erasure, a restore test, a key rotation, a drill, an
+    alert, and a prune (it deletes the first backup: the second fills the same hourly slot)."""
     ids = [verified_backup(policy_file) for _ in range(2)]
     assert run_cli(policy_file, "backup", "broken").returncode == 1  # cannot connect: a failed backup
     assert run_cli(policy_file, "gdpr", "erase", "pos", "someone@example.test", "--reference", HOSTILE).returncode == 0
@@ -78,10 +100,12 @@ def _history(policy_file: Path) -> dict[str, Any]:
     drill = run_cli(policy_file, "drill", "--json")  # `broken` has no backup: the drill fails, as it should
     assert drill.returncode in (0, 3), drill.stderr
     policy = load_policy(policy_file)
-    failures = evaluate_and_notify(policy, AlertBook(), rpo_conditions(policy, open_repository(policy), load_keyring(policy),
-                                                                       datetime.now(UTC)), datetime.now(UTC))
+    conditions = rpo_conditions(policy, open_repository(policy), load_keyring(policy), datetime.now(UTC))
+    failures = evaluate_and_notify(policy, AlertBook(), conditions, datetime.now(UTC))
     assert failures == []
-    return {"backups": ids}
+    pruned = run_cli(policy_file, "prune", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    return {"backups": ids, "deleted": json.loads(pruned.stdout)["deleted"]}
 
 
 def _trail(policy_file: Path) -> AuditTrail:
@@ -122,7 +146,7 @@ def test_every_operation_is_one_audit_event_with_the_pci_fields(setup: dict[str,
 
 def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: dict[str, Any]) -> None:
     policy_file = setup["policy_file"]
-    _history(policy_file)
+    history = _history(policy_file)
     policy = load_policy(policy_file)
     period = Period.parse(f"{datetime.now(UTC):%Y-%m}")
     events = _trail(policy_file).events(period.start, period.end)  # the trail as the report reads it
@@ -134,42 +158,83 @@ def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: 
     pdf_path = setup["tmp"] / "report.pdf"
     pdf_path.write_bytes(result.pdf)
     reader = PdfReader(pdf_path)
-    text = "\n".join(page.extract_text() for page in reader.pages)
+    pages = [page.extract_text() for page in reader.pages]
+    text = "\n".join(pages)
     backups = [e for e in events if e.event_type == "backup"]
     ok = [e for e in backups if e.outcome == "success"]
     assert f"({len(ok)} of {len(backups)})" in text and f"{len(ok) / len(backups) * 100:.1f}%" in text
     tests = [e for e in events if e.event_type == "restore_test"]
     assert f"{sum(e.outcome == 'success' for e in tests)} of {len(tests)}" in text
-    assert "Audit trail verified" in text and result.chain_ok
+    assert "Audit trail verified" in pages[0] and result.chain_ok
+    assert result.interim and "INTERIM REPORT" in pages[0]  # this month has not ended
 
-    expected = {"BK-01": "FAIL",  # `broken` never backed up: an open failure
-                "VR-01": "PASS", "EN-01": "PASS", "KM-01": "PASS", "RD-01": "FAIL",  # two backups in an hour
+    expected = {"BK-01": "FAIL",  # `broken` never backed up: an unresolved failure
+                "BK-02": "FAIL", "VR-01": "PASS", "EN-01": "PASS",
+                "EN-02": "PASS",  # every connection stays on this host (loopback, local files)
+                "KM-01": "PASS", "RD-01": "PASS",  # the prune deleted the backup its plan said to
                 "MD-01": "FAIL",  # no off-site copy in this policy
                 "RT-01": "PASS", "DR-01": "FAIL", "AU-01": "PASS", "AU-02": "PASS", "AU-03": "PASS",
-                "AL-01": "PASS", "GD-01": "PASS"}
-    assert {c.control_id: c.result for c in result.controls if c.control_id in expected} == expected
+                "AL-01": "PASS",  # the failure of `broken` was followed by an alert about it
+                "GD-01": "PASS"}
+    assert {c.control_id: c.result for c in result.controls} == expected
+    assert history["deleted"] == history["backups"][:1]
+    assert result.frameworks == {"PCI DSS 4.0.1": "FAIL", "SOX ITGC": "FAIL", "GDPR": "FAIL"}
+    assert [e["control_id"] for e in result.exceptions] == [k for k, v in expected.items() if v != "PASS"]
+    assert all(e["owner"] and e["action"] and re.fullmatch(r"\d{4}-\d{2}-\d{2}", e["due"])
+               for e in result.exceptions)
+
     with pdfplumber.open(pdf_path) as pdf:
-        matrix_page = next(i for i, p in enumerate(pdf.pages) if "4. Control matrix" in (p.extract_text() or ""))
-        rows = [row for page in pdf.pages[matrix_page:matrix_page + 6] for table in page.extract_tables()
-                for row in table if row and row[0] and row[0][:3] in ("BK-", "VR-", "EN-", "KM-", "RD-", "MD-",
-                                                                     "RT-", "DR-", "AU-", "AL-", "GD-")]
-        assert {row[0]: row[5] for row in rows} == {c.control_id: c.result for c in result.controls}
-        assert "PCI DSS\n3.7.4" in "\n".join(row[1] for row in rows) or "PCI DSS 3.7.4" in " ".join(
-            row[1].replace("\n", " ") for row in rows)
-        _keep_png(pdf_path, [0, matrix_page], setup["tmp"])
+        tables = [row for page in pdf.pages for table in page.extract_tables() for row in table]
+
+        def page_with(words: str) -> int:
+            return next(i for i, text in enumerate(pages) if words in text)
+
+        _keep_png(pdf_path, {"report-page-1.png": 0, "report-control-matrix.png": page_with("EN-02"),
+                             "report-exceptions.png": page_with("4. Exceptions and remediation"),
+                             "report-charts.png": page_with("Backup duration")}, setup["tmp"])
+    matrix = [row for row in tables if len(row) == 5 and row[0] and re.match(r"[A-Z]{2}-\d{2}\b", row[0])]
+    assert {row[0][:5]: row[3].replace("\n", " ") for row in matrix} == expected
+    assert "PCI DSS 3.7.4" in " ".join(row[0].replace("\n", " ") for row in matrix)
+    exception_rows = [row for row in tables if len(row) == 7 and row[0] and row[0].isdigit() and row[1]
+                      and re.fullmatch(r"[A-Z]{2}-\d{2}", row[1])]
+    # One list of exceptions, counted the same on the cover, in the summary and in its section.
+    on_cover = re.search(r"Exceptions (\d+) \(section 4\)", pages[0])
+    in_summary = re.search(r"^Exceptions (\d+) 0$", text, re.MULTILINE)
+    in_section = re.search(r"^(\d+) exception\(s\): every control that did not pass", text, re.MULTILINE)
+    assert on_cover and in_summary and in_section
+    counts = {len(exception_rows), int(on_cover[1]), int(in_summary[1]), int(in_section[1])}
+    assert counts == {len(result.exceptions)}
 
     attachments = reader.attachments
-    assert {"backups.csv", "audit_events.csv", "restore_tests.csv", "evidence.json"} <= set(attachments)
-    evidence = json.loads(attachments["evidence.json"][0])
-    assert len(evidence["audit_events"]) == len(events)
+    assert {"backups.csv", "audit_events.csv", "restore_tests.csv", "evidence.json",
+            "assessment-results.json", "prune_logs.csv", "transport.csv"} <= set(attachments)
+    (evidence_json,) = attachments["evidence.json"]
+    # The cover's hash is `sha256sum evidence.json` of the attached file, byte for byte.
+    assert hashlib.sha256(evidence_json).hexdigest() == result.evidence_sha256
+    assert result.evidence_sha256 in "".join(pages[0].split())
+    assert "pdfdetach -savefile evidence.json" in text and "sha256sum evidence.json" in text
+    evidence = json.loads(evidence_json)
+    assert [e["seq"] for e in evidence["audit_events"]] == [e.seq for e in events]
+    for name, (body,) in attachments.items():  # every CSV has its header row, empty or not
+        if name.endswith(".csv"):
+            header = next(csv.reader(io.StringIO(body.decode())))
+            assert header and header[0] not in ("", "(no rows)"), name
+    assert evidence["erasures"] and not evidence["restores"]  # a table with rows, and one without
+    (restores_csv,) = attachments["restores.csv"]
+    assert restores_csv.decode().splitlines() == [",".join(COLUMNS["restores"])]
+
     assert "/GTS_PDFA1" in str(reader.trailer["/Root"].get("/OutputIntents"))  # the PDF/A output intent
     assert reader.metadata is not None
     assert "".join(HOSTILE.split()) in "".join(text.split())  # rendered as text, not markup
+    _assert_written_for_people(text)
     assert result.refused_urls == []  # escaped: the <img> was never a tag, so nothing was even asked for
 
     repo = open_repository(policy)
     assert repo.get_bytes(result.key) == result.pdf
     assert repo.get_bytes(result.key + ".sha256").decode().startswith(result.sha256)
+    # The OSCAL results: beside the PDF and attached to it, identifiers derived from the evidence hash.
+    assert repo.get_bytes(result.oscal_key) == result.oscal == attachments["assessment-results.json"][0]
+    _check_oscal(result, setup["tmp"])
 
     # A superuser edits one row behind the triggers' back: `audit verify` names it; the next report says so.
     target_seq = next(e.seq for e in events if e.event_type == "verification")
@@ -180,18 +245,45 @@ def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: 
     assert verified.returncode == 3 and f"entry {target_seq}" in verified.stdout and "was edited" in verified.stdout
     broken = build_report(policy, period)
     assert not broken.chain_ok and next(c for c in broken.controls if c.control_id == "AU-02").result == "FAIL"
-    cover = PdfReader(__import__("io").BytesIO(broken.pdf)).pages[0].extract_text()
+    cover = PdfReader(io.BytesIO(broken.pdf)).pages[0].extract_text()
     assert "AUDIT TRAIL BROKEN" in cover and f"entry {target_seq}" in cover
 
 
-def _keep_png(pdf_path: Path, pages: list[int], tmp: Path) -> None:
-    """Page 1 and the control matrix as PNGs for a person to look at."""
+def _check_oscal(result: ReportResult, tmp: Path) -> None:
+    """The OSCAL Assessment Results load with compliance-trestle's models and say what the PDF says."""
+    from trestle.oscal.assessment_results import AssessmentResults
+
+    path = tmp / f"{result.report_id}.oscal-ar.json"
+    path.write_bytes(result.oscal)
+    document = AssessmentResults.oscal_read(path)
+    assert document is not None
+    root = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:regal-backup:evidence:{result.evidence_sha256}")
+    assert str(document.uuid) == str(uuid.uuid5(root, "assessment-results"))
+    (results,) = document.results
+    findings = {f.target.target_id.removesuffix("_obj"): f for f in results.findings or []}
+    assert {k: f.target.status.state.value for k, f in findings.items()} == {
+        c.control_id: "satisfied" if c.result == "PASS" else "not-satisfied" for c in result.controls}
+    reasons = {k: getattr(f.target.status.reason, "value", f.target.status.reason)
+               for k, f in findings.items()}
+    assert {k for k, reason in reasons.items() if reason == "other"} == {
+        c.control_id for c in result.controls if c.result == "NOT TESTED"}
+    owners = {k: p.value for k, f in findings.items() for p in f.props or [] if p.name == "exception-owner"}
+    assert owners == {e["control_id"]: e["owner"] for e in result.exceptions}
+    (evidence,) = [r for r in document.back_matter.resources if r.title == "evidence.json"]
+    assert evidence.rlinks[0].hashes[0].value == result.evidence_sha256
+    observations = {str(o.uuid) for o in results.observations or []}
+    assert all(str(r.observation_uuid) in observations
+               for f in findings.values() for r in f.related_observations or [])
+
+
+def _keep_png(pdf_path: Path, pages: dict[str, int], tmp: Path) -> None:
+    """Pages as PNGs for a person to look at (REGAL_REPORT_PNG_DIR keeps them, e.g. reports/examples/)."""
     import pypdfium2 as pdfium
 
     out = Path(os.environ.get("REGAL_REPORT_PNG_DIR", tmp))
     out.mkdir(parents=True, exist_ok=True)
     document = pdfium.PdfDocument(str(pdf_path))
-    for index, name in zip(pages, ["report-page-1.png", "report-control-matrix.png"], strict=True):
+    for name, index in pages.items():
         image = document[index].render(scale=1.5).to_pil()
         image.save(out / name)
         darkest, lightest = image.convert("L").getextrema()
@@ -337,3 +429,216 @@ def test_a_drill_run_requests_the_report_of_its_quarter(setup: dict[str, Any]) -
     assert request.run_config == {"ops": {"compliance__report": {"config": {"period": quarter}}}}
     assert request.run_key == f"after-drill-{drill.run_id}"
     assert sensor.job_name == "compliance_report_job"  # type: ignore[attr-defined]
+
+
+def test_a_framework_passes_only_when_every_control_mapped_to_it_passes() -> None:
+    rank = {PASS: 0, NOT_TESTED: 1, FAIL: 2}  # the worst result decides
+    for size in range(7):
+        for results in itertools.product(RESULTS, repeat=size):
+            verdict = framework_verdict(results)
+            assert verdict == (max(results, key=rank.__getitem__) if results else NOT_TESTED)
+            assert (verdict == PASS) == (bool(results) and set(results) == {PASS})
+
+    # Every combination of results of the controls mapped to each framework (the others FAIL, to show they
+    # do not count), through the matrix as the report builds it.
+    matrix = [Control(spec.control_id, list(spec.mapping), spec.description, spec.frequency, spec.test, PASS,
+                      "", spec.evidence) for spec, _ in CONTROLS]
+    combinations = 0
+    for prefix, name in FRAMEWORKS.items():
+        mapped = [c for c in matrix if prefix in c.frameworks]
+        assert mapped, name
+        for c in matrix:
+            c.result = FAIL if c not in mapped else PASS
+        for results in itertools.product(RESULTS, repeat=len(mapped)):
+            for control, result in zip(mapped, results, strict=True):
+                control.result = result
+            assert framework_verdicts(matrix)[name] == framework_verdict(results)
+            combinations += 1
+    assert combinations == sum(3 ** sum(p in c.frameworks for c in matrix) for p in FRAMEWORKS)
+    for c in matrix:
+        c.result = PASS
+    next(c for c in matrix if c.control_id == "RT-01").result = NOT_TESTED  # no restore test in the month
+    assert framework_verdicts(matrix) == {"PCI DSS 4.0.1": PASS, "SOX ITGC": NOT_TESTED, "GDPR": NOT_TESTED}
+
+
+def test_a_future_period_is_refused(setup: dict[str, Any]) -> None:
+    policy_file = setup["policy_file"]
+    future = f"{datetime.now(UTC).year + 1}-01"
+    refused = run_cli(policy_file, "report", "--period", future)
+    assert refused.returncode == 2 and f"the period {future} has not begun" in refused.stderr  # bad usage
+    assert run_cli(policy_file, "report", "--period", "2026-13").returncode == 2
+    with pytest.raises(UsageError, match="has not begun"):
+        build_report(load_policy(policy_file), Period.parse(f"{datetime.now(UTC).year + 1}-Q1"))
+    repo = open_repository(load_policy(policy_file))
+    assert not list(repo.list("compliance-reports/"))  # nothing stored as evidence
+    trail = _trail(policy_file)
+    trail.ensure_schema()
+    assert not [e for e in trail.events() if e.event_type == "report_generated"]
+
+
+def test_a_past_month_is_judged_on_its_own_evidence(setup: dict[str, Any]) -> None:
+    """No backup in the month fails BK-01; retention is judged at the month's end from its prune log (which
+    the audit trail vouches for), not on today's repository; the report records nothing it then counts."""
+    policy_file = setup["policy_file"]
+    policy = load_policy(policy_file)
+    repo = open_repository(policy)
+    now = datetime.now(UTC)
+    month = Period.previous_month(now)
+    pruned = run_prune(policy, repo, month.end - timedelta(hours=21, minutes=30))  # the 02:30 schedule
+    assert pruned.deleted == []
+    for _ in range(2):  # today: two backups in one hourly slot, so the older one is past its retention now
+        verified_backup(policy_file)
+    assert run_cli(policy_file, "prune", "--check").returncode == 3  # a retention check failure, recorded
+
+    report = build_report(policy, month)
+    results = {c.control_id: c for c in report.controls}
+    assert not report.interim
+    assert results["BK-01"].result == FAIL and "targets without a good backup in the period: broken, pos" in \
+        results["BK-01"].finding
+    assert results["BK-02"].result == FAIL and results["VR-01"].result == NOT_TESTED
+    assert results["RD-01"].result == PASS, results["RD-01"].finding  # October's end, not today's repository
+    assert report.frameworks["SOX ITGC"] == FAIL
+    assert {e["control_id"] for e in report.exceptions} == {c.control_id for c in report.controls
+                                                            if c.result != PASS}
+
+    this_month = build_report(policy, Period.parse(f"{now:%Y-%m}"))
+    again = build_report(policy, Period.parse(f"{now:%Y-%m}"))
+    this = {c.control_id: c for c in this_month.controls}
+    assert this["RD-01"].result == FAIL and "no prune ran in the period" in this["RD-01"].finding
+    # The retention check's failure is not a failed operation, and the reports recorded nothing it counts.
+    assert "0 failed operation(s) in the period" in this["AL-01"].finding
+    assert {c.control_id: c.finding for c in again.controls}["AL-01"] == this["AL-01"].finding
+    kinds = [e.event_type for e in _trail(policy_file).events()]
+    assert kinds.count("retention_check") == 1 and kinds.count("report_generated") == 3
+
+    (log_key,) = [s.key for s in repo.list("prune/")]
+    original = repo.get_bytes(log_key)
+    body = json.loads(original)
+    repo.put_bytes(log_key, json.dumps(body).encode())  # the same content, written again: its seal holds
+    rewritten = {c.control_id: c for c in build_report(policy, month).controls}["RD-01"]
+    assert rewritten.result == FAIL and "differs from the SHA-256 the audit trail recorded" in rewritten.finding
+    body["deleted"] = ["pos-20261101T000000Z-abcdef"]  # someone edits the log after the fact
+    repo.put_bytes(log_key, json.dumps(body).encode())
+    edited = {c.control_id: c for c in build_report(policy, month).controls}["RD-01"]
+    assert edited.result == FAIL and "fails authentication" in edited.finding
+
+
+LONG = "point_of_sale_transactions_and_loyalty_ledger_eu_west_"  # 54 characters: names near the limit of 63
+
+
+def test_the_report_fits_its_pages_with_many_targets_rotated_keys_and_long_identifiers(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    import pdfplumber
+
+    from regal_dagster.engine.backup import run_backup
+    from regal_dagster.engine.checks import run_checks
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.keys import retire_key, rotate_key
+
+    source = system_pg.create()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE receipts (id int PRIMARY KEY, total numeric); "
+                     "INSERT INTO receipts SELECT g, g * 1.5 FROM generate_series(1, 50) g")
+    names = [f"{LONG}{i:02d}" for i in range(12)]
+    policy_file = write_policy_file(tmp_path, {**dict.fromkeys(names, source),
+                                               f"{LONG}down": "postgresql://postgres@127.0.0.1:9/none"},
+                                    audit={"dsn": system_pg.create("regal_audit")})
+    policy = load_policy(policy_file)
+    repo = open_repository(policy)
+    first = load_keyring(policy).primary_key_id
+    rotate_key(policy)
+    retire_key(policy, first)  # nothing used it yet
+    for index, name in enumerate(names):
+        if index == 6:
+            rotate_key(policy)  # half the backups under each of two keys
+        manifest = run_backup(policy, name, "daily", repo=repo).manifest
+        assert run_checks(policy, repo, load_keyring(policy), manifest.backup_id).passed
+    with pytest.raises(RegalError):
+        run_backup(policy, f"{LONG}down", repo=repo)
+
+    result = build_report(policy, Period.parse(f"{datetime.now(UTC):%Y-%m}"))
+    pdf_path = tmp_path / "many.pdf"
+    pdf_path.write_bytes(result.pdf)
+    mm = 72 / 25.4
+    cells: list[str] = []
+    with pdfplumber.open(pdf_path) as pdf:
+        texts = [page.extract_text() or "" for page in pdf.pages]
+        for number, page in enumerate(pdf.pages, start=1):
+            assert page.chars, number
+            left, right = 16 * mm - 0.5, page.width - 16 * mm + 0.5
+            outside = [c["text"] for c in page.chars if c["x0"] < left or c["x1"] > right
+                       or c["top"] < 5 * mm or c["bottom"] > page.height - 5 * mm]
+            assert not outside, f"page {number}: {''.join(outside)[:80]}"  # inside the page's margins
+            words = page.extract_words()
+            for table in page.find_tables():
+                for row in table.rows:
+                    borders = {x for cell in row.cells if cell for x in (cell[0], cell[2])}
+                    top, bottom = row.bbox[1], row.bbox[3]
+                    crossing = [w["text"] for w in words if top < (w["top"] + w["bottom"]) / 2 < bottom
+                                and any(w["x0"] < x - 1 and w["x1"] > x + 1 for x in borders)]
+                    assert not crossing, f"page {number}: {crossing} run over a cell's border"
+                cells += ["".join((cell or "").split()) for row in table.extract() for cell in row]
+            lowest = max(c["bottom"] for c in page.chars if c["bottom"] < page.height - 20 * mm)
+            if 1 < number < len(pdf.pages):  # sections flow: no page left half empty
+                assert lowest > page.height * 0.6, f"page {number} ends at {lowest / page.height:.0%}"
+        keys_page = next(i for i, text in enumerate(texts) if "Key inventory" in text)
+        _keep_png(pdf_path, {"report-many-targets-scope.png": 1, "report-many-targets-keys.png": keys_page},
+                  tmp_path)
+    failed = [e.resource for e in _trail(policy_file).events() if e.outcome == "failure"]
+    for identifier in [*names, *failed]:
+        assert any(identifier in cell for cell in cells), identifier  # wrapped inside its cell, never cut off
+    keys = {k["key_id"]: k["status"] for k in json.loads(_attachment(result.pdf, "evidence.json"))["keys"]}
+    assert sorted(keys.values()) == ["decrypt-only", "primary", "retired"]
+    _assert_written_for_people("\n".join(texts))
+
+
+def _assert_written_for_people(text: str) -> None:
+    """No label or date broken inside a word, no Python leaking through (1:00:00, {}, 1.44e+04)."""
+    for word in ("success", "failure", "verification", "rotation", "retirement", "decrypt-only", "primary",
+                 "retired", "policy change", "restore test", "loopback", "hourly", "daily", "UNRESOLVED"):
+        for cut in range(1, len(word)):
+            assert f"{word[:cut]}\n{word[cut:]}" not in text, word
+    assert not re.search(r"\d{4}-\d{2}-\d?\n\d|\d{4}-\d?\n\d|\d{2}:\d?\n\d", text)  # dates, times whole
+    assert "1:00:00" not in text and "{}" not in text and not re.search(r"\de[+-]\d", text)
+
+
+def _attachment(pdf: bytes, name: str) -> bytes:
+    from pypdf import PdfReader
+
+    (body,) = PdfReader(io.BytesIO(pdf)).attachments[name]
+    return body
+
+
+def test_encryption_in_transit_is_read_from_each_connection_as_configured(tmp_path: Path) -> None:
+    from regal_dagster.engine.policy import policy_from_dict
+    from regal_dagster.engine.report import Evidence, Facts, _encrypted_in_transit
+
+    def transports(repository: dict[str, Any], **targets: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        policy = policy_from_dict({
+            "repository": repository, "encryption": {"keyset": "k.json", "master_key": {"env": "UNUSED"}},
+            "targets": targets, "audit": {"dsn": "postgresql://audit@audit.internal/audit?sslmode=verify-full"}},
+            base_dir=tmp_path)
+        found = policy.transports()
+        assert not any("s3cret" in t.connection or "s3cret" in t.how for t in found)  # never a password
+        verdict = _encrypted_in_transit(Facts(policy, Evidence({"transport": [t.to_json() for t in found]}), {}, [],
+                                              None, Period.parse("2026-11"), datetime.now(UTC)))  # type: ignore[arg-type]
+        return {"EN-02": (verdict.result, verdict.finding), **{t.connection.split(" (")[0].split(":")[0]:
+                                                                (t.protection, t.how) for t in found}}
+
+    exposed = transports({"url": "s3://backups/pos", "endpoint_url": "http://minio.internal:9000"},
+                         pos={"kind": "postgres", "dsn": "postgresql://backup:s3cret@db.internal:5432/pos"},
+                         cache={"kind": "redis", "url": "redis://:s3cret@cache.internal:6379"},
+                         sock={"kind": "postgres", "dsn": "dbname=pos"})
+    assert exposed["repository"] == ("none", "http:// (not encrypted)")
+    assert exposed["target pos"][0] == "none" and "sslmode not set" in exposed["target pos"][1]
+    assert exposed["target cache"][0] == "none" and exposed["target sock"] == ("local", "Unix socket")
+    assert exposed["audit trail database"] == ("TLS", "sslmode=verify-full (server verified)")
+    result, finding = exposed["EN-02"]
+    assert result == FAIL and "not encrypted: repository" in finding and "target pos" in finding
+
+    encrypted = transports({"url": "s3://backups/pos"},  # AWS S3: the SDK's default is https
+                           pos={"kind": "postgres", "dsn": "postgresql://backup@db.internal/pos?sslmode=require"},
+                           cache={"kind": "redis", "url": "rediss://cache.internal:6380"},
+                           tf={"kind": "terraform", "state": "s3://states/pos.tfstate"})
+    assert encrypted["EN-02"][0] == PASS and "not encrypted: none" in encrypted["EN-02"][1]
+    assert encrypted["target pos"] == ("TLS", "sslmode=require (server certificate not verified)")

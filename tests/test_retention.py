@@ -53,6 +53,23 @@ def test_the_newest_good_backup_always_stays(backups: list[BackupInfo], counts: 
         assert decisions[newest.backup_id].keep
 
 
+@settings(max_examples=200, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_a_kept_backup_goes_at_its_planned_deletion_date(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    """The date the prune log gives for a kept backup (what the compliance report judges retention by) is the
+    moment the plan stops keeping it, if nothing newer comes; the newest good backup has none."""
+    for backup, decision in zip(backups, plan(backups, counts, NOW), strict=True):
+        if not decision.keep:
+            assert decision.delete_after is None
+            continue
+        if decision.delete_after is None:
+            assert "the newest good backup" in decision.reasons
+            continue
+        before = plan(backups, counts, decision.delete_after - timedelta(seconds=1))
+        at = plan(backups, counts, decision.delete_after)
+        assert before[backups.index(backup)].keep and not at[backups.index(backup)].keep, decision
+
+
 @settings(max_examples=300, deadline=None)
 @given(backups_strategy, counts_strategy)
 def test_the_plan_is_stable_when_run_twice(backups: list[BackupInfo], counts: dict[str, int]) -> None:

@@ -332,16 +332,27 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
 
     policy = _load_policy(args)
     period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))
-    result = build_report(policy, period, trigger={"cli": "report"})
+    result = build_report(policy, period, trigger={"cli": "report"})  # a future period: exit 2
+    written = []
     if args.output:
-        Path(args.output).write_bytes(result.pdf)
+        pdf_path = Path(args.output)
+        oscal_path = pdf_path.with_name(pdf_path.stem + ".oscal-ar.json")
+        pdf_path.write_bytes(result.pdf)
+        oscal_path.write_bytes(result.oscal)
+        written = [str(pdf_path), str(oscal_path)]
     failed = [c.control_id for c in result.controls if c.result == "FAIL"]
-    out.result({"report_id": result.report_id, "key": result.key, "sha256": result.sha256,
-                "evidence_sha256": result.evidence_sha256, "chain_ok": result.chain_ok,
-                "controls": {c.control_id: c.result for c in result.controls}},
-               f"report {result.report_id} stored as {result.key} (SHA-256 {result.sha256})"
-               + (f"; written to {args.output}" if args.output else "")
-               + f"\ncontrols failed: {', '.join(failed) or 'none'}"
+    untested = [c.control_id for c in result.controls if c.result == "NOT TESTED"]
+    out.result({"report_id": result.report_id, "key": result.key, "oscal_key": result.oscal_key,
+                "sha256": result.sha256, "evidence_sha256": result.evidence_sha256,
+                "chain_ok": result.chain_ok, "interim": result.interim, "frameworks": result.frameworks,
+                "exceptions": len(result.exceptions),
+                "controls": {c.control_id: c.result for c in result.controls}, "written": written},
+               f"report {result.report_id}{' (INTERIM: the period has not ended)' if result.interim else ''}"
+               f" stored as {result.key} (SHA-256 {result.sha256}), OSCAL results as {result.oscal_key}"
+               + (f"; written to {' and '.join(written)}" if written else "")
+               + "\n" + ", ".join(f"{name} {verdict}" for name, verdict in result.frameworks.items())
+               + f"\n{len(result.exceptions)} exception(s); controls failed: {', '.join(failed) or 'none'}; "
+               f"not tested: {', '.join(untested) or 'none'}"
                + ("" if result.chain_ok else "\nTHE AUDIT TRAIL IS BROKEN: see `regal-backup audit verify`"))
     return 0
 

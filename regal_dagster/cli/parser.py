@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_audit_verify)
 
     p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (GDPR, SOX, PCI DSS)")
-    p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month)")
-    p.add_argument("--output", help="also write the PDF here")
+    p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month; the current one is an interim "
+                                    "report, a future one is refused)")
+    p.add_argument("--output", help="also write the PDF here, and its OSCAL results beside it "
+                                    "(NAME.oscal-ar.json)")
     p.set_defaults(func=commands.cmd_report)
 
     p = sub.add_parser("upgrade", parents=[common],

@@ -252,7 +252,8 @@ def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condit
 
     def send_recorded(index: int, notification: Notification) -> None:
         details = {"status": notification.status, "event": notification.condition["event"],
-                   "what": notification.condition["what"], "channel": channels[index].kind}
+                   "target": notification.condition["target"], "what": notification.condition["what"],
+                   "channel": channels[index].kind}
         try:
             send(channels[index], notification, policy.resolve_path)
         except Exception as exc:

@@ -33,7 +33,8 @@ class PolicyError(RegalError):
 
 
 class UsageError(RegalError):
-    """The command cannot work as given (exit 2): no repository where the policy points, a bad argument."""
+    """The command cannot work as given (exit 2): no repository where the policy points, a bad argument, a
+    report period in the future."""
 
     exit_code = 2
 
@@ -62,3 +63,5 @@ class ToolError(RegalError):
 
 class TargetNotEmptyError(RegalError):
     """A restore target already holds data."""
+
+

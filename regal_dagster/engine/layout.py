@@ -126,3 +126,8 @@ def prune_log_key(at: datetime) -> str:
 
 def report_key(period: str, report_id: str) -> str:
     return f"{COMPLIANCE_REPORTS}{period}/{report_id}.pdf"
+
+
+def report_oscal_key(period: str, report_id: str) -> str:
+    """The report's results as OSCAL Assessment Results JSON, next to its PDF."""
+    return f"{COMPLIANCE_REPORTS}{period}/{report_id}.oscal-ar.json"

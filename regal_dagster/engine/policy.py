@@ -29,6 +29,7 @@ from .settings import (
 )
 from .sources.registry import kinds, target_models
 from .storage.registry import backend_for, backends, check_repository_url
+from .transport import Transport, url_transport
 
 if TYPE_CHECKING:
     TargetConfig = TargetSettings
@@ -86,6 +87,10 @@ class RepositoryConfig(Settings):
             raise ValueError(f"object_lock needs an {lockers} repository "
                              f"(a {backend_for(self.url).kind} cannot lock objects)")
         return self
+
+    def transport(self, label: str) -> Transport:
+        """How backup data travels to this repository, as its backend says."""
+        return backend_for(self.url).transport(self, label)
 
 
 class MasterKeyConfig(Settings):
@@ -277,9 +282,38 @@ class SigningConfig(Settings):
     chain_files: list[str] = Field(default_factory=list, description="PEM intermediate certificates")
 
 
+def _default_exception_owners() -> dict[str, str]:
+    operations, security = "Backup operations lead", "Information security officer"
+    privacy = "Data protection officer"
+    return {"BK": operations, "VR": operations, "RT": operations, "MD": operations, "AL": operations,
+            "DR": "Disaster-recovery coordinator", "EN": security, "KM": security, "AU": security,
+            "RD": privacy, "GD": privacy}
+
+
 class ReportsConfig(Settings):
     cron: Cron = Field("0 7 1 * *", description="the monthly report (UTC), on the month before")
     signing: SigningConfig | None = None
+    exception_owners: dict[str, str] = Field(
+        default_factory=_default_exception_owners,
+        description="who remediates a control's exception: a role per control family (BK, VR, RT, DR, EN, "
+                    "KM, RD, MD, AU, AL, GD) or per control (BK-01); a control's own entry wins; given "
+                    "entries replace the defaults of the same key only")
+    remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after "
+                                  "the end of the period it was found in")
+
+    @field_validator("exception_owners")
+    @classmethod
+    def _owner_keys(cls, owners: dict[str, str]) -> dict[str, str]:
+        for key, role in owners.items():
+            if not re.fullmatch(r"[A-Z]{2}(-\d{2})?", key):
+                raise ValueError(f"'{key}': name a control family (BK) or a control (BK-01)")
+            if not role.strip():
+                raise ValueError(f"'{key}': give the owner's role")
+        return {**_default_exception_owners(), **owners}
+
+    def owner_of(self, control_id: str) -> str:
+        owners = self.exception_owners
+        return owners.get(control_id) or owners.get(control_id[:2], "Backup service owner")
 
 
 class DagsterConfig(Settings):
@@ -335,6 +369,26 @@ class Policy(Settings):
 
     def rto_for(self, name: str) -> timedelta:
         return self.target(name).rto or self.rto
+
+    def transports(self) -> list[Transport]:
+        """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""
+        found = [self.repository.transport("repository")]
+        if self.offsite is not None:
+            found.append(self.offsite.transport("off-site repository"))
+        for name, target in sorted(self.targets.items()):
+            found += target.transports(name)
+        if self.audit is not None:
+            from .postgresql.connection import dsn_transport
+
+            try:
+                dsn = self.audit.resolved_dsn()
+            except PolicyError:
+                dsn = self.audit.dsn
+            found.append(dsn_transport("audit trail database", dsn))
+        if self.encryption.master_key.kms_key_uri:
+            endpoint = self.encryption.master_key.kms_endpoint_url
+            found.append(url_transport("master key: AWS KMS", endpoint, ("https",)))
+        return found
 
     def jobs_for(self, name: str) -> int:
         return self.target(name).jobs or self.jobs

@@ -11,14 +11,16 @@ checks may still be running), then they go.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from .audit import audited, completed_backups, record
 from .catalog import list_backups
 from .checks import check_status
 from .crypto import Keyring, load_keyring
-from .documents import write_document
+from .documents import seal
 from .errors import LockedError, ObjectLockedError, RegalError
 from .keys import KEYS_LOCK
 from .layout import (
@@ -52,6 +54,10 @@ class Decision:
     backup_id: str
     keep: bool
     reasons: tuple[str, ...]
+    # When a kept backup is due to go if nothing newer displaces it sooner: the latest end of what keeps
+    # it (its slots, its grace, its Object Lock). None: deleted now, or kept with no end in sight (the
+    # newest good backup stays until a newer one is good).
+    delete_after: datetime | None = None
 
 
 def period_of(retention_class: str, when: datetime) -> str:
@@ -64,6 +70,29 @@ def period_of(retention_class: str, when: datetime) -> str:
         year, week, _ = when.isocalendar()
         return f"{year}-W{week:02d}"
     return when.strftime("%Y-%m")
+
+
+def period_start(retention_class: str, label: str) -> datetime:
+    """When the period a `period_of` label names begins (UTC)."""
+    if retention_class == "hourly":
+        return datetime.strptime(label, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+    if retention_class == "daily":
+        return datetime.strptime(label, "%Y-%m-%d").replace(tzinfo=UTC)
+    if retention_class == "weekly":
+        year, week = label.split("-W")
+        return datetime.fromisocalendar(int(year), int(week), 1).replace(tzinfo=UTC)
+    return datetime.strptime(label, "%Y-%m").replace(tzinfo=UTC)
+
+
+def slot_end(retention_class: str, label: str, count: int) -> datetime:
+    """When a slot stops being one of the last `count` periods of its class: the start of the period
+    `count` periods after it."""
+    start = period_start(retention_class, label)
+    if retention_class == "monthly":
+        months = start.month - 1 + count
+        return start.replace(year=start.year + months // 12, month=months % 12 + 1)
+    step = {"hourly": timedelta(hours=1), "daily": timedelta(days=1), "weekly": timedelta(weeks=1)}
+    return start + step[retention_class] * count
 
 
 def recent_periods(retention_class: str, now: datetime, count: int) -> list[str]:
@@ -84,8 +113,10 @@ def recent_periods(retention_class: str, now: datetime, count: int) -> list[str]
 
 def plan(backups: list[BackupInfo], counts: dict[str, int], now: datetime, *,
          failed_grace: timedelta = timedelta(days=7), unchecked_grace: timedelta = timedelta(days=1)) -> list[Decision]:
-    """Keep or delete, with reasons, for every backup (in the order given)."""
+    """Keep or delete, with reasons and the date each kept backup is due to go, for every backup (in the
+    order given)."""
     reasons: dict[str, list[str]] = {b.backup_id: [] for b in backups}
+    ends: dict[str, list[datetime | None]] = {b.backup_id: [] for b in backups}  # None: no end in sight
     good = sorted((b for b in backups if b.status == "good"), key=lambda b: (b.started_at, b.backup_id))
     for retention_class in RETENTION_CLASSES:
         slots = set(recent_periods(retention_class, now, counts.get(retention_class, 0)))
@@ -97,18 +128,27 @@ def plan(backups: list[BackupInfo], counts: dict[str, int], now: datetime, *,
                     fillers[label] = backup
         for label, backup in fillers.items():
             reasons[backup.backup_id].append(f"{retention_class} slot {label}")
+            ends[backup.backup_id].append(slot_end(retention_class, label, counts.get(retention_class, 0)))
     if good:
         reasons[good[-1].backup_id].append("the newest good backup")
+        ends[good[-1].backup_id].append(None)
     for backup in backups:
         age = now - backup.started_at
         if backup.status == "failed" and age < failed_grace:
             reasons[backup.backup_id].append(f"failed its checks: kept {failed_grace.days} days for investigation")
+            ends[backup.backup_id].append(backup.started_at + failed_grace)
         if backup.status == "unchecked" and age < unchecked_grace:
             reasons[backup.backup_id].append("not checked yet")
+            ends[backup.backup_id].append(backup.started_at + unchecked_grace)
         if backup.locked_until is not None and now < backup.locked_until:
             reasons[backup.backup_id].append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
-    return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or
-                     (_why_not(b),)) for b in backups]
+            ends[backup.backup_id].append(backup.locked_until)
+    return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or (_why_not(b),),
+                     _latest(ends[b.backup_id])) for b in backups]
+
+
+def _latest(ends: list[datetime | None]) -> datetime | None:
+    return None if not ends or None in ends else max(e for e in ends if e is not None)
 
 
 def _why_not(backup: BackupInfo) -> str:
@@ -139,11 +179,34 @@ class PruneReport:
         return [d.backup_id for ds in self.decisions.values() for d in ds if not d.keep]
 
     def to_json(self) -> dict[str, object]:
-        return {"format": "regal-backup-prune", "version": 2, "at": self.at.isoformat(), "dry_run": self.dry_run,
-                "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons)} for d in ds]
+        """The prune log. Version 3 adds each decision's `delete_after` (version 2 logs stay readable:
+        `prune_report` gives them None there)."""
+        return {"format": "regal-backup-prune", "version": 3, "at": self.at.isoformat(),
+                "dry_run": self.dry_run,
+                "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons),
+                                   "delete_after": d.delete_after.isoformat() if d.delete_after else None}
+                                  for d in ds]
                               for t, ds in self.decisions.items()},
                 "deleted": self.deleted, "leftovers_deleted": self.leftovers, "locked_leftovers": self.locked,
                 "offsite_deleted": self.offsite_deleted, "damaged": self.damaged, "running": self.running}
+
+
+def prune_report(document: dict[str, Any]) -> PruneReport:
+    """A prune log's body (once its seal holds) as written by any version: 2 has no `delete_after`."""
+    if document.get("format") != "regal-backup-prune" or document.get("version") not in (2, 3):
+        raise RegalError("not a prune log this version of regal-backup can read",
+                         "upgrade regal-backup to the version that wrote it")
+
+    def decision(d: dict[str, Any]) -> Decision:
+        after = d.get("delete_after")
+        when = datetime.fromisoformat(after) if after else None
+        return Decision(d["backup_id"], d["keep"], tuple(d["reasons"]), when)
+
+    decisions = {target: [decision(d) for d in rows] for target, rows in document["decisions"].items()}
+    return PruneReport(datetime.fromisoformat(document["at"]), document["dry_run"], decisions,
+                       list(document.get("deleted", [])), list(document.get("leftovers_deleted", [])),
+                       list(document.get("locked_leftovers", [])), list(document.get("offsite_deleted", [])),
+                       dict(document.get("damaged", {})), list(document.get("running", [])))
 
 
 def backup_infos(repo: Repository, keyring: Keyring, target: str) -> list[BackupInfo]:
@@ -285,12 +348,18 @@ PRUNE_LOG_KIND = "prune-log"
 
 
 def _finish(policy: Policy, repo: Repository, keyring: Keyring, report: PruneReport) -> PruneReport:
+    """The log goes into the repository sealed, and its SHA-256 into the audit trail: a report believes a
+    prune log when its seal holds and the hash-chained trail recorded it."""
+    log: dict[str, str] = {}
     if not report.dry_run:
-        write_document(repo, keyring, PRUNE_LOG_KIND, prune_log_key(report.at), report.to_json())
+        key = prune_log_key(report.at)
+        body = seal(keyring, PRUNE_LOG_KIND, key, report.to_json())
+        repo.put_bytes(key, body)
+        log = {"log": key, "log_sha256": hashlib.sha256(body).hexdigest()}
     record(policy, repo, "retention_check" if report.dry_run else "prune", "repository",
            "failure" if report.dry_run and report.past_retention else "success",
            {"deleted": report.deleted, "leftovers_removed": len(report.leftovers), "locked": len(report.locked),
             "offsite_deleted": report.offsite_deleted, "past_retention": report.past_retention,
             "damaged": report.damaged,
-            "kept": sum(d.keep for ds in report.decisions.values() for d in ds)})
+            "kept": sum(d.keep for ds in report.decisions.values() for d in ds), **log})
     return report

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .errors import PolicyError
+from .transport import Transport
 
 
 class Settings(BaseModel):
@@ -76,6 +77,11 @@ class TargetSettings(Settings):
     data_classes: list[DataClass] = Field(default_factory=list, description="what it holds, for the report's scope")
     jobs: int | None = Field(None, ge=1, le=32, description="parallel workers for this target's backups, checks, "
                              "restores and restore tests (default: the policy's `jobs`)")
+
+    def transports(self, name: str) -> list[Transport]:
+        """The network connections a backup of this target makes, and whether each is encrypted (a kind
+        that reads local files makes none)."""
+        return []
 
 
 # --- cron, just enough to tell which class a tick belongs to -------------------------------------

@@ -2,7 +2,8 @@
 
 - `monthly_compliance_report` (the 1st, 07:00 UTC) reports on the month before;
 - `report_after_drill` reports on the drill's quarter as soon as `dr_drill_job` ends, passed or failed;
-- on demand: materialize the asset with a `period` (or `regal-backup report --period YYYY-MM`).
+- on demand: materialize the asset with a `period` (or `regal-backup report --period YYYY-MM`); the current
+  period gives an interim report, a future one fails the run with the reason.
 Defined when the policy has an audit trail (`audit.dsn`): the report is built from it.
 """
 
@@ -54,11 +55,15 @@ def compliance_report(context: AssetExecutionContext, config: ReportConfig, rega
     result = build_report(regal.policy(), period, repo=regal.repository(),
                           trigger={"dagster_run_id": context.run.run_id})
     failed = [c.control_id for c in result.controls if c.result == "FAIL"]
-    context.log.info(f"report {result.report_id}: {len(failed)} control(s) failed"
+    context.log.info(f"report {result.report_id}{' (interim)' if result.interim else ''}: {len(failed)} "
+                     f"control(s) failed, {len(result.exceptions)} exception(s)"
                      + ("" if result.chain_ok else "; THE AUDIT TRAIL IS BROKEN"))
     return MaterializeResult(metadata={
-        "report_id": result.report_id, "period": result.period, "repository_key": result.key,
+        "report_id": result.report_id, "period": result.period, "interim": result.interim,
+        "repository_key": result.key, "oscal_key": result.oscal_key,
         "sha256": result.sha256, "evidence_sha256": result.evidence_sha256, "audit_chain_ok": result.chain_ok,
+        "exceptions": len(result.exceptions),
+        "frameworks": MetadataValue.json(result.frameworks),
         "controls": MetadataValue.table(
             records=[TableRecord({"control": c.control_id, "mapping": "; ".join(c.mapping), "result": c.result})
                      for c in result.controls],

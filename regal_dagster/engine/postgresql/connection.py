@@ -10,6 +10,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import RegalError
+from ..transport import LOCAL, NONE, TLS, UNKNOWN, Transport, is_loopback
 
 _LIBPQ_ENV = {
     "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
@@ -69,3 +70,27 @@ def server_major(conn: psycopg.Connection[Any]) -> int:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+_ENCRYPTING_SSLMODES = ("require", "verify-ca", "verify-full")
+
+
+def dsn_transport(connection: str, dsn: str) -> Transport:
+    """Whether a libpq DSN makes its connection encrypted (see engine/transport.py); never its password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return Transport(connection, UNKNOWN, "the DSN cannot be parsed")
+    hosts = [h for h in str(params.get("host") or "").split(",") if h] or [""]
+    where = f"{connection}: PostgreSQL {describe_dsn(dsn)}"
+    sslmode, gssencmode = params.get("sslmode"), params.get("gssencmode")
+    if sslmode in _ENCRYPTING_SSLMODES:
+        verified = "server verified" if sslmode != "require" else "server certificate not verified"
+        return Transport(where, TLS, f"sslmode={sslmode} ({verified})")
+    if gssencmode == "require":
+        return Transport(where, TLS, "gssencmode=require (GSSAPI encryption)")
+    sockets = all(h == "" or h.startswith("/") for h in hosts) and not params.get("hostaddr")
+    if sockets or all(h.startswith("/") or is_loopback(h) for h in hosts):
+        return Transport(where, LOCAL, "Unix socket" if sockets else "loopback address")
+    return Transport(where, NONE, f"sslmode={sslmode}" if sslmode else
+                     "sslmode not set (libpq's default `prefer` encrypts only if the server offers TLS)")

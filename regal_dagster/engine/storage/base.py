@@ -59,6 +59,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Self
 
 from ..errors import RegalError
+from ..transport import LOCAL, Transport
 
 if TYPE_CHECKING:
     from ..policy import Policy, RepositoryConfig
@@ -199,6 +200,9 @@ class Backend:
     repository: type[Repository]  # says what the store can do (`encrypts_at_rest`, `locks_objects`)
     open: Callable[[Policy, RepositoryConfig], Repository]
     check_url: Callable[[str], None] = lambda url: None  # raises ValueError saying what is wrong
+    # how backup data travels to the store, for the report's encryption in transit (default: files here)
+    transport: Callable[[RepositoryConfig, str], Transport] = (
+        lambda config, label: Transport(f"{label} (local file system)", LOCAL, "files on this host"))
 
     @property
     def encrypts_at_rest(self) -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from ..errors import LockedError, ObjectLockedError, RegalError
 from ..layout import lock_key
+from ..transport import Transport, url_transport
 from . import retry
 from .base import (
     Backend,
@@ -488,5 +489,10 @@ def _open(policy: Policy, config: RepositoryConfig) -> Repository:
     return S3Repository(config)
 
 
+def _transport(config: RepositoryConfig, label: str) -> Transport:
+    """TLS unless the endpoint says http:// (AWS S3 itself, without an endpoint, is https)."""
+    return url_transport(f"{label}: S3", config.endpoint_url, ("https",))
+
+
 BACKEND = Backend(kind="s3", schemes=("s3",), example="s3://bucket/prefix", repository=S3Repository,
-                  open=_open, check_url=_check_url)
+                  open=_open, check_url=_check_url, transport=_transport)

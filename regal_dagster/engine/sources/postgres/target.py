@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...errors import PolicyError
 from ...settings import TargetSettings, fill_environment
+from ...transport import Transport
 
 
 class PostgresTarget(TargetSettings):
@@ -15,3 +17,12 @@ class PostgresTarget(TargetSettings):
 
     def resolved_dsn(self) -> str:
         return fill_environment(self.dsn, "dsn")
+
+    def transports(self, name: str) -> list[Transport]:
+        from ...postgresql.connection import dsn_transport
+
+        try:
+            dsn = self.resolved_dsn()
+        except PolicyError:
+            dsn = self.dsn  # a ${VAR} not set here: judge what the policy itself says
+        return [dsn_transport(f"target {name}", dsn)]

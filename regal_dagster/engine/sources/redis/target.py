@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...errors import PolicyError
 from ...settings import TargetSettings, fill_environment
+from ...transport import Transport, url_transport
 
 
 class RedisTarget(TargetSettings):
@@ -17,3 +19,10 @@ class RedisTarget(TargetSettings):
 
     def resolved_url(self) -> str:
         return fill_environment(self.url, "url")
+
+    def transports(self, name: str) -> list[Transport]:
+        try:
+            url = self.resolved_url()
+        except PolicyError:
+            url = self.url
+        return [url_transport(f"target {name}: Redis", url, ("rediss",))]

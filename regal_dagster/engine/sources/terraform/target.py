@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ...settings import TargetSettings
+from ...transport import Transport, url_transport
 
 
 class TerraformTarget(TargetSettings):
@@ -14,3 +15,8 @@ class TerraformTarget(TargetSettings):
     state: str = Field(description="path of a terraform.tfstate, or s3://bucket/key of a state bucket")
     region: str | None = None
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint of the state bucket")
+
+    def transports(self, name: str) -> list[Transport]:
+        if not self.state.startswith("s3://"):
+            return []  # a state file on this machine
+        return [url_transport(f"target {name}: S3 state bucket", self.endpoint_url, ("https",))]
