@@ -119,8 +119,18 @@ def make_policy(base_dir: Path, targets: dict[str, str], repository: dict[str, o
         "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
         "targets": {name: {"kind": "postgres", "dsn": dsn} for name, dsn in targets.items()},
     }, base_dir=base_dir)
-    crypto.create_keyset(policy)
+    _init_repository(policy, crypto.create_keyset(policy), repository)
     return policy
+
+
+def _init_repository(policy: Policy, keyring: crypto.Keyring, repository: dict[str, object] | None) -> None:
+    """As `regal-backup init` does: a local repository is created with the keyset (an S3 test creates its
+    bucket first, and its first backup initializes it)."""
+    if repository is None:
+        from regal_dagster.engine.repository_format import initialize
+        from regal_dagster.engine.storage import open_repository
+
+        initialize(open_repository(policy), keyring)
 
 
 def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[str, object] | None = None,
@@ -138,7 +148,8 @@ def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[
     path.write_text(yaml.safe_dump(document))
     from regal_dagster.engine.policy import load_policy
 
-    crypto.create_keyset(load_policy(path))
+    policy = load_policy(path)
+    _init_repository(policy, crypto.create_keyset(policy), repository)
     return path
 
 
