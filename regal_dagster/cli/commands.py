@@ -6,6 +6,7 @@ import argparse
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
@@ -109,8 +110,8 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"})
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
                "failing_object": o.failing_object} for o in record.outcomes]
-    text = "\n".join(f"{'OK  ' if c['passed'] else c['severity']:5} {c['name']:10} {c['description']}" for c in checks)
-    around = [c["name"] for c in checks if not c["passed"] and c["severity"] == "ERROR"]  # key, off-site copy
+    text = "\n".join(f"{'OK  ' if o.passed else o.severity:5} {o.name:10} {o.description}" for o in record.outcomes)
+    around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]  # key, off-site copy
     verdict = ("FAILED verification" if not record.passed else
                f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
     out.result({"backup_id": record.backup_id, "ok": record.passed, "checks": checks},
@@ -294,7 +295,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     secondary = open_offsite(policy)
     if secondary is None:
         raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
-    rows = []
+    rows: list[dict[str, Any]] = []
     sync_repository_documents(repo, secondary)
     for target in sorted(policy.targets):
         for manifest in catalog.list_backups(repo, keyring, target)[0]:

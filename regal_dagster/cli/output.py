@@ -37,7 +37,14 @@ class _ProgressBar:
             self.bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
 
     def __enter__(self) -> Progress | None:
-        return self.bar.update if self.bar is not None else None
+        bar = self.bar
+        if bar is None:
+            return None
+
+        def advance(n: int) -> None:
+            bar.update(n)
+
+        return advance
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

@@ -15,7 +15,7 @@ from ..engine.restore_test import RestoreTestResult, run_restore_test
 from ..engine.storage import Repository, open_repository
 
 
-class RegalEngine(ConfigurableResource):  # type: ignore[misc]
+class RegalEngine(ConfigurableResource):
     """The backup engine for one policy file."""
 
     policy_path: str

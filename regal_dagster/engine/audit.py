@@ -129,7 +129,7 @@ def _from_spool(body: dict[str, Any]) -> AuditEvent:
                       canonical_details({**body["details"], "spooled": True}))
 
 
-def _connect(dsn: str):  # type: ignore[no-untyped-def]
+def _connect(dsn: str):
     import psycopg
 
     try:
@@ -164,7 +164,7 @@ class AuditTrail:
         with _connect(self.dsn) as conn:
             self._ensure_schema(conn)
 
-    def _ensure_schema(self, conn) -> None:  # type: ignore[no-untyped-def]
+    def _ensure_schema(self, conn) -> None:
         if self.dsn not in _SCHEMA_READY:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.schema'))")
             conn.execute(DDL)
@@ -202,7 +202,7 @@ class AuditTrail:
         return written
 
     @staticmethod
-    def _insert(conn, event: AuditEvent) -> AuditEvent:  # type: ignore[no-untyped-def]
+    def _insert(conn, event: AuditEvent) -> AuditEvent:
         """Number and chain an event after the head (the caller holds the advisory lock)."""
         head = conn.execute("SELECT seq, hash FROM regal_audit.events ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
@@ -230,7 +230,7 @@ class AuditTrail:
             return _new_event("audit_spool_refused", key, "failure", {
                 "file": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "reason": reason})
 
-    def _note_policy_change(self, conn) -> None:  # type: ignore[no-untyped-def]
+    def _note_policy_change(self, conn) -> None:
         digest = self.policy.source_sha256
         if not digest or (self.dsn, digest) in _POLICY_NOTED:
             return

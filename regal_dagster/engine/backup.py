@@ -85,7 +85,7 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
                 tool_versions={**tool_versions(), **captured.tools}, source=captured.facts, objects=captured.objects,
                 trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
                 ledger_revision=ledger_revision,
-                **({"object_lock": {"mode": lock.mode, "retain_until": retain_until.isoformat()}} if lock else {}),
+                object_lock={"mode": lock.mode, "retain_until": retain_until.isoformat()} if lock else None,
             )
             repo.put_bytes(manifest_key(target_name, backup_id), manifest.to_bytes(keyring), retain_until)
         except BaseException:

@@ -50,7 +50,7 @@ MAC_TEMPLATE_NAME = "HMAC_SHA256_256BITTAG"
 MAC_TEMPLATE = getattr(mac.mac_key_templates, MAC_TEMPLATE_NAME)
 
 
-def _streaming_template():  # type: ignore[no-untyped-def]
+def _streaming_template():
     return getattr(streaming_aead.streaming_aead_key_templates, STREAMING_TEMPLATE_NAME)
 
 
@@ -262,14 +262,14 @@ class Keyring:
 
     # --- objects -----------------------------------------------------------------------------------
 
-    def encrypting_stream(self, destination: BinaryIO, backup_id: str, object_name: str) -> BinaryIO:
+    def encrypting_stream(self, destination: BinaryIO | io.RawIOBase, backup_id: str, object_name: str) -> BinaryIO:
         """Writes the object header, then returns a stream that encrypts into `destination`."""
         key_id = self.primary_key_id
         destination.write(OBJECT_HEADER.pack(OBJECT_MAGIC, OBJECT_FORMAT_VERSION, key_id))
         return self._primitive.new_encrypting_stream(
             destination, object_associated_data(backup_id, object_name, key_id))
 
-    def decrypting_stream(self, source: BinaryIO, backup_id: str, object_name: str,
+    def decrypting_stream(self, source: BinaryIO | io.RawIOBase, backup_id: str, object_name: str,
                           expected_key_id: int | None = None) -> BinaryIO:
         """Reads and checks the header, then returns a stream of authenticated plaintext."""
         header = _read_exactly(source, OBJECT_HEADER.size)
@@ -292,7 +292,7 @@ class Keyring:
             source, object_associated_data(backup_id, object_name, key_id))
 
 
-def _read_exactly(source: BinaryIO, n: int) -> bytes:
+def _read_exactly(source: BinaryIO | io.RawIOBase, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = source.read(n - len(data))
@@ -430,6 +430,6 @@ class NonClosingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+    def write(self, data) -> int:
         self._target.write(data)
         return len(data)

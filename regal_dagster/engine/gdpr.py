@@ -79,7 +79,7 @@ def save_ledger(repo: Repository, keyring: Keyring, ledger: ErasureLedger) -> No
     body = json.dumps({"format": "regal-backup-erasure-ledger", "version": 2, "revision": ledger.revision,
                        "salt": ledger.salt, "erasures": [asdict(e) for e in ledger.erasures]}).encode()
     buffer = io.BytesIO()
-    stream = keyring.encrypting_stream(NonClosingWriter(buffer), *_LEDGER_CONTEXT)  # type: ignore[arg-type]
+    stream = keyring.encrypting_stream(NonClosingWriter(buffer), *_LEDGER_CONTEXT)
     stream.write(body)
     stream.close()
     repo.put_bytes(GDPR_LEDGER, buffer.getvalue())

@@ -21,7 +21,7 @@ from .documents import canonical, seal, unseal
 from .errors import IntegrityError
 from .layout import manifest_key
 
-MANIFEST_FORMAT = "regal-backup-manifest"
+MANIFEST_FORMAT: Literal["regal-backup-manifest"] = "regal-backup-manifest"
 MANIFEST_VERSION = 3  # 3: sealed; 2: self-checksummed (upgraded by `regal-backup upgrade`); 1: pre-release
 DOCUMENT_KIND = "manifest"
 
@@ -71,6 +71,7 @@ class Manifest(BaseModel):
     objects: list[ObjectRecord]
     trigger: dict[str, str] = {}  # who started it: cli user, dagster run id, schedule
     ledger_revision: int = 0  # the GDPR erasure ledger's version when the backup was taken (rollback detection)
+    object_lock: dict[str, str] | None = None  # {mode, retain_until}: written under S3 Object Lock
 
     # --- encoding ---------------------------------------------------------------------------------
 
@@ -123,7 +124,7 @@ class Manifest(BaseModel):
     @property
     def locked_until(self) -> datetime | None:
         """The date its objects are under S3 Object Lock until, when they were written locked."""
-        return self.retain_until if (self.model_extra or {}).get("object_lock") else None
+        return self.retain_until if self.object_lock else None
 
     @property
     def stored_bytes(self) -> int:

@@ -38,8 +38,8 @@ def map_parallel(fn: Callable[[T, threading.Event], R], items: Sequence[T], jobs
             for future in futures:
                 future.cancel()
             wait(futures)
-            real = [f.exception() for f in futures if f.done() and not f.cancelled()
-                    and f.exception() is not None and not isinstance(f.exception(), Cancelled)]
+            real = [exc for f in futures if f.done() and not f.cancelled()
+                    and (exc := f.exception()) is not None and not isinstance(exc, Cancelled)]
             if real:
                 raise real[0] from None
             raise

@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import tink
 import zstandard
 
 from .crypto import OBJECT_FORMAT_VERSION, STREAMING_TEMPLATE_NAME, Keyring, NonClosingWriter
 from .errors import IntegrityError
+from .layout import PARTIAL_SUFFIX
 from .manifest import CompressionInfo, EncryptionInfo, Manifest, ObjectRecord
 from .policy import CompressionConfig
 from .storage import ObjectWriter, Repository
@@ -41,7 +42,7 @@ class StoredBytes(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+    def write(self, data) -> int:
         data = bytes(data)
         self.sha256.update(data)
         self.size += len(data)
@@ -63,7 +64,7 @@ class _HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+    def readinto(self, buffer) -> int:
         n = self.source.readinto(buffer)  # type: ignore[attr-defined]
         self.sha256.update(memoryview(buffer)[:n])
         self.size += n
@@ -93,7 +94,8 @@ def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring
         stored = StoredBytes(writer)
         encrypted = keyring.encrypting_stream(stored, backup_id, object_name)
         compressor = zstandard.ZstdCompressor(compression_params=params)
-        with compressor.stream_writer(NonClosingWriter(encrypted), write_size=CHUNK, closefd=False) as compressed:
+        with compressor.stream_writer(cast(BinaryIO, NonClosingWriter(encrypted)), write_size=CHUNK,
+                                      closefd=False) as compressed:
             for chunk in chunks:
                 plain_sha.update(chunk)
                 plain_size += len(chunk)
@@ -163,6 +165,10 @@ class StoredBackup:
         with path.open("wb") as f:
             self.stream(name, f.write)
         return path
+
+    def install(self, name: str, path: Path) -> Path:
+        """An object at `path`, which appears only once every byte is authenticated (written beside it first)."""
+        return self.to_file(name, path.with_name(path.name + PARTIAL_SUFFIX)).replace(path)
 
     def read(self, name: str) -> bytes:
         """A small object (a state file), in memory."""

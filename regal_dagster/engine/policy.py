@@ -11,7 +11,7 @@ import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -40,8 +40,8 @@ POLICY_ENV = "REGAL_POLICY"
 DEFAULT_POLICY_FILE = "regal_backup.yaml"
 
 # Retention classes, lowest to highest. A higher class scheduled at the same minute wins the tick.
-RETENTION_CLASSES = ("hourly", "daily", "weekly", "monthly")
 RetentionClass = Literal["hourly", "daily", "weekly", "monthly"]
+RETENTION_CLASSES: tuple[RetentionClass, ...] = get_args(RetentionClass)
 
 class ObjectLockConfig(Settings):
     """S3 Object Lock: every backup object is written with a retention date matching its class."""
@@ -134,7 +134,7 @@ class ScheduleConfig(Settings):
     first_in_month: bool = Field(False, description="run only on the first matching day of each month")
 
 
-def _default_schedules() -> dict[str, ScheduleConfig]:
+def _default_schedules() -> dict[RetentionClass, ScheduleConfig]:
     return {
         "hourly": ScheduleConfig(cron="0 * * * *"),
         "daily": ScheduleConfig(cron="0 2 * * *"),
@@ -230,7 +230,7 @@ class AlertsConfig(Settings):
 
 
 class RestoreTestsConfig(Settings):
-    classes: list[RetentionClass] = Field(default_factory=lambda: ["daily", "weekly", "monthly"],
+    classes: list[RetentionClass] = Field(default_factory=lambda: list(RETENTION_CLASSES[1:]),
                                           description="new good backups of these classes are restore-tested once")
     monthly_cron: Cron = Field("0 4 1 * *", description="the monthly random sample (UTC)")
     monthly_sample: int = Field(2, ge=1, le=50, description="backups drawn at random, across targets and ages")
@@ -403,7 +403,7 @@ class Policy(Settings):
 
     def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:
         """The class a backup started at `tick` belongs to: the highest class scheduled then."""
-        chosen = None
+        chosen: RetentionClass | None = None
         for cls in RETENTION_CLASSES:
             schedule = self.schedules.get(cls)
             if schedule and CronExpression.parse(schedule.cron).matches(tick) and (
@@ -456,6 +456,6 @@ def policy_from_dict(document: dict[str, Any], base_dir: Path, source: str = "(p
     try:
         return Policy.model_validate({**document, "base_dir": base_dir})
     except ValidationError as exc:
-        raise PolicyError(source, [_format_problem(e) for e in exc.errors()]) from None
+        raise PolicyError(source, [_format_problem(dict(e)) for e in exc.errors()]) from None
 
 

@@ -946,7 +946,7 @@ def exceptions(
     """The one list of exceptions: every control that did not pass, with its owner, action and due date."""
     specs = {spec.control_id: spec for spec, _ in CONTROLS}
     due = (period.judged_at(now) + timedelta(days=policy.reports.remediation_days)).date().isoformat()
-    found = []
+    found: list[dict[str, Any]] = []
     for c in controls:
         if c.result == PASS:
             continue
@@ -1024,16 +1024,16 @@ def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) ->
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def _fetcher():  # type: ignore[no-untyped-def]
+def _fetcher():
     """WeasyPrint fetches only the templates' own files: anything else (http, other paths) is refused."""
     from weasyprint import URLFetcher
 
-    class LocalTemplatesOnly(URLFetcher):  # type: ignore[misc]
+    class LocalTemplatesOnly(URLFetcher):
         def __init__(self) -> None:
             super().__init__()
             self.refused: list[str] = []
 
-        def fetch(self, url, headers=None):  # type: ignore[no-untyped-def]
+        def fetch(self, url, headers=None):
             if url.startswith("file://"):
                 path = Path(url.removeprefix("file://").split("?")[0]).resolve()
                 if TEMPLATES.resolve() in path.parents:
@@ -1153,7 +1153,7 @@ def sign_pdf(policy: Policy, pdf: bytes, report_id: str) -> bytes:
         ),
         signer=signer,
     )
-    return out.getvalue()  # type: ignore[no-any-return]
+    return out.getvalue()
 
 
 @dataclass

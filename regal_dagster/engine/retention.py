@@ -12,6 +12,7 @@ checks may still be running), then they go.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,7 +38,7 @@ from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
 from .storage import Repository, open_offsite
 
-RANK = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
+RANK: dict[str, int] = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def recent_periods(retention_class: str, now: datetime, count: int) -> list[str]
     return labels
 
 
-def plan(backups: list[BackupInfo], counts: dict[str, int], now: datetime, *,
+def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
          failed_grace: timedelta = timedelta(days=7), unchecked_grace: timedelta = timedelta(days=1)) -> list[Decision]:
     """Keep or delete, with reasons and the date each kept backup is due to go, for every backup (in the
     order given)."""

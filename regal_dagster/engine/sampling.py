@@ -12,6 +12,7 @@ import random
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from .checks import good_backups
 from .crypto import Keyring
@@ -35,9 +36,9 @@ class RestoreSample:
                 "candidates": [list(c) for c in self.candidates], "chosen": [list(c) for c in self.chosen]}
 
     @classmethod
-    def from_json(cls, body: dict[str, object]) -> RestoreSample:
+    def from_json(cls, body: dict[str, Any]) -> RestoreSample:
         return cls(str(body["month"]), str(body["seed"]), datetime.fromisoformat(str(body["drawn_at"])),
-                   [tuple(c) for c in body["candidates"]], [tuple(c) for c in body["chosen"]])  # type: ignore[misc, union-attr]
+                   [(str(t), str(b)) for t, b in body["candidates"]], [(str(t), str(b)) for t, b in body["chosen"]])
 
 
 def choose(candidates: list[tuple[str, str]], seed: str, n: int) -> list[tuple[str, str]]:

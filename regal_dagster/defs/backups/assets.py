@@ -2,6 +2,7 @@
 
 
 from datetime import timedelta
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -27,7 +28,7 @@ BACKUP_GROUP = "backups"
 RETENTION_CLASS_TAG = "regal/retention_class"
 
 
-class BackupConfig(Config):  # type: ignore[misc]
+class BackupConfig(Config):
     """Launch-time choice for an ad-hoc backup; schedules set the class through the run tag."""
 
     retention_class: str = "hourly"
@@ -37,7 +38,7 @@ def backup_asset_key(kind: str, target: str) -> AssetKey:
     return AssetKey([kind, target, "backup"])
 
 
-def backup_metadata(manifest: Manifest, repository: str) -> dict[str, object]:
+def backup_metadata(manifest: Manifest, repository: str) -> dict[str, Any]:
     seconds = max(manifest.duration_seconds, 1e-6)
     tables = manifest.source.get("tables", [])
     return {

@@ -30,7 +30,7 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
                             description=check_spec(name).description) for name in names]
 
     @multi_asset_check(name=f"{target}_backup_checks", specs=specs)
-    def _checks(context: AssetCheckExecutionContext, regal: RegalEngine):  # type: ignore[no-untyped-def]
+    def _checks(context: AssetCheckExecutionContext, regal: RegalEngine):
         event = context.instance.get_latest_materialization_event(key)
         materialization = event.asset_materialization if event else None
         backup_id = materialization.metadata.get("backup_id") if materialization else None

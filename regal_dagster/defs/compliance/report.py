@@ -39,7 +39,7 @@ REPORT_KEY = AssetKey(["compliance", "report"])
 REPORT_JOB = "compliance_report_job"
 
 
-class ReportConfig(Config):  # type: ignore[misc]
+class ReportConfig(Config):
     period: str = ""  # YYYY-MM or YYYY-Qn; empty: the month before
 
 

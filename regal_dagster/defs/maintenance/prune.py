@@ -26,7 +26,7 @@ from ..resources import RegalEngine
 PRUNE_JOB = "prune_job"
 
 
-class PruneConfig(Config):  # type: ignore[misc]
+class PruneConfig(Config):
     check_only: bool = False  # the quarterly proof: delete nothing, fail if anything is past retention
 
 

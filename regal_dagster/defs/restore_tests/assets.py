@@ -1,6 +1,8 @@
 """The restore-test asset of a target: materializing it restores a backup into a scratch destination,
 validates it and measures the RTO; its checks are the validation and the RTO against the target."""
 
+from typing import Any
+
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -33,11 +35,11 @@ def restore_test_key(kind: str, target: str) -> AssetKey:
     return AssetKey([kind, target, "restore_test"])
 
 
-class RestoreTestConfig(Config):  # type: ignore[misc]
+class RestoreTestConfig(Config):
     backup_id: str = ""  # empty: the target's newest good backup
 
 
-def restore_test_metadata(result: RestoreTestResult) -> dict[str, object]:
+def restore_test_metadata(result: RestoreTestResult) -> dict[str, Any]:
     return {
         "backup_id": result.backup_id,
         "retention_class": result.retention_class,
@@ -95,7 +97,7 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
     return _restore_test
 
 
-def restore_test_run_config(policy: Policy, target: str, backup_id: str) -> dict[str, object]:
+def restore_test_run_config(policy: Policy, target: str, backup_id: str) -> dict[str, Any]:
     op_name = "__".join(restore_test_key(policy.target(target).kind, target).path)
     return {"ops": {op_name: {"config": {"backup_id": backup_id}}}}
 

@@ -36,7 +36,8 @@ def with_dbname(dsn: str, dbname: str) -> str:
 
 
 def database_of(dsn: str) -> str | None:
-    return conninfo_to_dict(dsn).get("dbname")  # type: ignore[no-any-return]
+    name = conninfo_to_dict(dsn).get("dbname")
+    return None if name is None else str(name)
 
 
 def libpq_environment(dsn: str) -> dict[str, str]:

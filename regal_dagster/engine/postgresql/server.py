@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import quote
 
 import psutil
@@ -212,7 +212,7 @@ def _run_pg(
     """Run one of the wheel's programs as `account`; output goes through temp files (pg_ctl start leaves
     a server behind, and pipes it might inherit could keep `run` waiting)."""
     command = [_pg_program(program), *args]
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = {}
     if account.is_other:
         extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -227,7 +227,7 @@ def _run_pg(
                 timeout=timeout,
                 text=True,
                 check=False,
-                **extra,  # type: ignore[arg-type]
+                **extra,
             )
         except subprocess.TimeoutExpired:
             raise ToolError(

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from ..errors import LockedError, ObjectLockedError, RegalError
 from ..layout import lock_key
@@ -58,7 +58,7 @@ class _S3Writer(ObjectWriter):
         self.part_size = repo.config.part_size_mb * 1024 * 1024
         self.buffer = bytearray()
         self.upload_id: str | None = None
-        self.parts: list[Future[dict[str, object]]] = []
+        self.parts: list[Future[dict[str, Any]]] = []
         self.pool = ThreadPoolExecutor(max_workers=repo.config.upload_concurrency)
         self.slots = repo.upload_slots
         self.bytes_written = 0
@@ -90,10 +90,12 @@ class _S3Writer(ObjectWriter):
         future.add_done_callback(lambda _f: self.slots.release())
         self.parts.append(future)
 
-    def _upload_part(self, number: int, body: bytes) -> dict[str, object]:
+    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
         """One part: a whole request, made again after a transient error (its bytes are still here)."""
+        upload_id = self.upload_id
+        assert upload_id is not None
         response = self.repo.request(f"upload_part {number} of", self.key, lambda: self.repo.client.upload_part(
-            Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+            Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=upload_id,
             PartNumber=number, Body=body))
         return {"PartNumber": number, "ETag": response["ETag"]}
 
@@ -107,15 +109,17 @@ class _S3Writer(ObjectWriter):
             if self.buffer:
                 self._send(bytes(self.buffer))
                 self.buffer.clear()
-            parts = [p.result() for p in self.parts]
+            parts: list[Any] = [p.result() for p in self.parts]
+            upload_id = self.upload_id
             self.repo.request("complete_multipart_upload", self.key, lambda: self.repo.client.complete_multipart_upload(
-                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=self.upload_id,
+                Bucket=self.repo.bucket, Key=self.repo.full_key(self.key), UploadId=upload_id,
                 MultipartUpload={"Parts": parts}))
             lock = self.repo.lock_args(self.retain_until)
             if lock:  # set on the finished object: one request, the same for every S3 implementation
                 self.repo.request("put_object_retention", self.key, lambda: self.repo.client.put_object_retention(
                     Bucket=self.repo.bucket, Key=self.repo.full_key(self.key),
-                    Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]}))
+                    Retention=cast(Any, {"Mode": lock["ObjectLockMode"],
+                                         "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})))
         except BaseException:
             self.abort()
             raise
@@ -136,13 +140,13 @@ class _S3Writer(ObjectWriter):
 class _S3Reader(io.RawIOBase):
     """An object's body; network errors while streaming become RegalError like every other S3 error."""
 
-    def __init__(self, repo: S3Repository, key: str, body):  # type: ignore[no-untyped-def]
+    def __init__(self, repo: S3Repository, key: str, body):
         self.repo, self.key, self.body = repo, key, body
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+    def readinto(self, buffer) -> int:
         with self.repo._errors(self.key):
             data = self.body.read(len(buffer))
         n = len(data)
@@ -184,13 +188,13 @@ class S3Repository(Repository):
                 return send()
         return retry.call(self.config.retry, op, key, self.location, once)
 
-    def sse_args(self) -> dict[str, str]:
-        args: dict[str, str] = {"ServerSideEncryption": self.config.server_side_encryption}
+    def sse_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"ServerSideEncryption": self.config.server_side_encryption}
         if self.config.sse_kms_key_id:
             args["SSEKMSKeyId"] = self.config.sse_kms_key_id
         return args
 
-    def _errors(self, key: str):  # type: ignore[no-untyped-def]
+    def _errors(self, key: str):
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -229,7 +233,7 @@ class S3Repository(Repository):
                 raise RegalError(message, hint) from None
         return translate()
 
-    def lock_args(self, retain_until: datetime | None) -> dict[str, object]:
+    def lock_args(self, retain_until: datetime | None) -> dict[str, Any]:
         lock = self.config.object_lock
         if lock is None or retain_until is None or retain_until <= datetime.now(UTC):
             return {}  # S3 refuses a date in the past: the retention is over, there is nothing left to lock
@@ -256,16 +260,16 @@ class S3Repository(Repository):
                 if exc.response.get("Error", {}).get("Code") == "InvalidRange" and self.size(key) is not None:
                     return b""  # past the end of the object
                 raise
-            return response["Body"].read()  # type: ignore[no-any-return]
+            return response["Body"].read()
 
     def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
         with self._errors(key):
             self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data, **self.sse_args(),
-                                   **self.lock_args(retain_until))  # type: ignore[arg-type]
+                                   **self.lock_args(retain_until))
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))["Body"].read()  # type: ignore[no-any-return]
+            return self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))["Body"].read()
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         start = len(self.prefix) + 1 if self.prefix else 0
@@ -280,7 +284,7 @@ class S3Repository(Repository):
 
         with self._errors(key):  # connection errors (BotoCoreError) become RegalError too
             try:
-                return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))["ContentLength"]  # type: ignore[no-any-return]
+                return self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))["ContentLength"]
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
@@ -321,7 +325,7 @@ class S3Repository(Repository):
     def locked_until(self, key: str, version: str | None = None) -> datetime | None:
         from botocore.exceptions import ClientError
 
-        args = {"VersionId": version} if version else {}
+        args: dict[str, Any] = {"VersionId": version} if version else {}
         with self._errors(key):
             try:
                 head = self.client.head_object(Bucket=self.bucket, Key=self.full_key(key), **args)
@@ -329,7 +333,7 @@ class S3Repository(Repository):
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "405"):
                     return None
                 raise
-        return head.get("ObjectLockRetainUntilDate")  # type: ignore[no-any-return]
+        return head.get("ObjectLockRetainUntilDate")
 
     def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         paginator = self.client.get_paginator("list_multipart_uploads")
@@ -401,7 +405,7 @@ class S3Repository(Repository):
 
         def ours(raw: bytes) -> bool:
             try:
-                return json.loads(raw).get("token") == token  # type: ignore[no-any-return]
+                return json.loads(raw).get("token") == token
             except (ValueError, AttributeError):
                 return False
 

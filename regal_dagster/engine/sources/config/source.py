@@ -63,7 +63,7 @@ class ConfigSource(Source):
         for name in manifest.source.get("lock_files", {}):
             path = destination / LOCK_FILES_DIR / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            backup.to_file(git.LOCK_PREFIX + name, path.with_name(path.name + ".partial")).replace(path)
+            backup.install(git.LOCK_PREFIX + name, path)
         return Restored(str(destination), f"restored {manifest.backup_id}: cloned {len(cloned['refs'])} refs into "
                                           f"{destination} (HEAD {cloned['head'][:12]}); lock files as they were in "
                                           f"{LOCK_FILES_DIR}/",

@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from ...errors import IntegrityError, RegalError
 from ...pipeline import CHUNK
@@ -112,7 +112,7 @@ def _content(path: str, before: os.stat_result, digest: Any) -> Iterator[bytes]:
                          "back up again when it is not being written (nothing partial was kept)")
 
 
-def read_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
+def read_members(stream: IO[bytes]) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
     """Each member of a tar stream with the SHA-256 of its content (None for anything but a file)."""
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
@@ -127,7 +127,7 @@ def read_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, str | None
             yield member, digest
 
 
-def compare_stream(stream: BinaryIO, entries: list[dict[str, Any]], where: str) -> int:
+def compare_stream(stream: IO[bytes], entries: list[dict[str, Any]], where: str) -> int:
     """The stream holds exactly the recorded entries with their content: IntegrityError naming the first
     that differs. Returns the number of members."""
     expected = {e["path"].lstrip("/"): e for e in entries}

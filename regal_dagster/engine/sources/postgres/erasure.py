@@ -34,11 +34,12 @@ def apply_erasures(dsn: str, ledger: ErasureLedger, target: str,
 
 
 def _erase_statement(subject: ErasureSubjectConfig, table: sql.Identifier, subject_hash: sql.Composable,
-                     matches: sql.Composable) -> sql.Composable:
+                     matches: sql.Composable) -> sql.Composed:
     if subject.action == "delete":
         return sql.SQL("DELETE FROM {t} WHERE {m}").format(t=table, m=matches)
-    assignments = []
+    assignments: list[sql.Composable] = []
     for column, value in subject.set.items():
+        expression: sql.Composable
         if isinstance(value, str) and ERASURE_ID in value:
             expression = sql.SQL("replace({v}, {marker}, left({h}, 16))").format(
                 v=sql.Literal(value), marker=sql.Literal(ERASURE_ID), h=subject_hash)

@@ -191,6 +191,7 @@ def prepare_target_database(dsn: str, drop_existing: bool) -> str:
 
 def reset_database(dsn: str) -> None:
     dbname = database_of(dsn)
+    assert dbname is not None  # prepare_target_database refused a DSN without one
     with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
         cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))

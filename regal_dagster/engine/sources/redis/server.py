@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -85,7 +85,7 @@ def key_sample(url: str, size: int = SAMPLE_SIZE) -> dict[str, dict[str, str]]:
         scoped = in_database(url, db)
         picked: dict[str, str] = {}
         for _ in range(size * 3):
-            key = scoped.randomkey()
+            key = cast(bytes | None, scoped.randomkey())
             if key is None or len(picked) >= size:
                 break
             if scoped.ttl(key) == -1 and (digest := value_digest(scoped, key)) is not None:
@@ -117,7 +117,8 @@ def sample_differences(url: str, sample: dict[str, dict[str, str]]) -> int:
 def value_digest(connection: redis.Redis, key: bytes) -> str | None:
     """SHA-256 of a key's type and value in a canonical form (the same whatever the internal encoding,
     which DUMP's bytes are not: a server may encode a loaded value differently)."""
-    kind = connection.type(key).decode()
+    found = connection.type(key)
+    kind = found.decode() if isinstance(found, bytes) else str(found)
     if kind == "string":
         value: Any = connection.get(key)
     elif kind == "hash":

@@ -111,10 +111,9 @@ class RedisSource(Source):
         if path.exists() and not request.drop_existing:
             raise not_empty_refusal(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
         if request.before_writing:
             request.before_writing()
-        backup.to_file(server.RDB_OBJECT, partial).replace(path)
+        backup.install(server.RDB_OBJECT, path)
         rdb = manifest.source["rdb"]
         return Restored(str(path), f"restored {manifest.backup_id} to {path} ({rdb['keys']} keys, RDB version "
                                    f"{rdb['rdb_version']})", seconds={"fetch_decrypt": time.monotonic() - started},

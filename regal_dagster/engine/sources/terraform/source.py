@@ -92,7 +92,7 @@ class TerraformSource(Source):
         path.parent.mkdir(parents=True, exist_ok=True)
         if request.before_writing:
             request.before_writing()
-        backup.to_file(STATE_OBJECT, path.with_name(path.name + ".partial")).replace(path)
+        backup.install(STATE_OBJECT, path)
         state = backup.manifest.source["state"]
         return Restored(str(path), f"restored {backup.manifest.backup_id} to {path} (serial {state.get('serial')}, "
                                    f"lineage {state.get('lineage')}, {state.get('resources')} resources)",

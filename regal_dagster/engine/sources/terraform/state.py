@@ -26,7 +26,7 @@ def read_state(location: str, *, region: str | None = None, endpoint_url: str | 
         bucket, _, key = location[5:].partition("/")
         try:
             s3 = boto3.client("s3", region_name=region, endpoint_url=endpoint_url)
-            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except (BotoCoreError, ClientError) as exc:
             raise RegalError(f"cannot read the Terraform state {location}: {type(exc).__name__}",
                              "check the bucket, key and credentials (the backup needs s3:GetObject)") from None
