@@ -46,8 +46,9 @@ class DatabaseFactory:
 
     def drop_all(self) -> None:
         with psycopg.connect(self.server_dsn, autocommit=True) as conn:
-            for name in self.created:
+            for name in self.created:  # and the audit database `regal-backup init` creates beside it
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                conn.execute(f'DROP DATABASE IF EXISTS "{name[:57]}_audit" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ Parsing (parser.py) and rendering (output.py, commands.py) only: every operation
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from collections.abc import Callable
 
 from ..engine.errors import RegalError
-from .output import Output
+from .output import Output, command_name
 from .parser import build_parser
 
 
@@ -32,14 +31,15 @@ class _Terminated:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Output(args.json)
+    out = Output(args.json, command_name(args))
     signal.signal(signal.SIGTERM, _Terminated.handler)
     func: Callable[[argparse.Namespace, Output], int] = args.func
     try:
-        return func(args, out)
+        code = func(args, out)
+        out.finish(code)
+        return code
     except RegalError as exc:
-        if args.json:
-            print(json.dumps({"error": exc.message, "hint": exc.hint}))
+        out.fail(exc.message, exc.hint, exc.exit_code)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

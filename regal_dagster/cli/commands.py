@@ -13,11 +13,13 @@ from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError
+from ..engine.layout import target_of
 from ..engine.policy import Policy, load_policy
 from ..engine.repository_format import open_repository_format
+from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.storage import Repository, open_repository
-from .output import Output, manifest_summary, size
+from .output import Output, age, cli_invocation, manifest_summary, size
 
 
 def _open(args: argparse.Namespace) -> tuple[Policy, Repository, Keyring]:
@@ -44,23 +46,35 @@ def _load_policy(args: argparse.Namespace) -> Policy:
 def cmd_init(args: argparse.Namespace, out: Output) -> int:
     from ..engine.bootstrap import init_project
 
+    if args.no_audit and args.audit_dsn:
+        raise RegalError("--no-audit and --audit-dsn contradict each other", "give one of them")
     made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env,
-                        redis_url=args.redis_url)
+                        redis_url=args.redis_url, audit=not args.no_audit, audit_dsn=args.audit_dsn)
+    if made.audit is None:
+        out.warn("no audit trail (--no-audit): nothing is recorded, `audit verify` and `report` fail, and PCI DSS "
+                 "10.2 is not met; add `audit: {dsn: ...}` to the policy to start one")
+    elif made.audit_problem:
+        out.warn(f"the audit trail at {made.audit} could not be set up now: {made.audit_problem}\n  what to do: "
+                 "create that database (or fix audit.dsn in the policy); events wait in the repository meanwhile")
     out.result(
         {"policy": str(made.policy_path), "repository": made.repository, "keyset": str(made.keyset_path),
-         "master_key": made.master_key_location, "key_id": made.key_id},
-        f"policy      {made.policy_path}\n"
+         "master_key": made.master_key_location, "key_id": made.key_id, "audit": made.audit,
+         "audit_problem": made.audit_problem},
+        f"policy      {made.policy_path} (mode 0600)\n"
         f"repository  {made.repository}\n"
         f"keyset      {made.keyset_path} (encrypted; key {made.key_id})\n"
         f"master key  {made.master_key_location}"
         + ("  (mode 0600: copy it to your secret store now; without it no backup can be read)"
            if not made.master_key_location.startswith("$") else "")
-        + f"\n\nnext: regal-backup --policy {made.policy_path} backup main")
+        + f"\naudit trail {made.audit or 'NONE (--no-audit)'}"
+        + (" (not reachable yet: events wait in the repository)" if made.audit_problem else "")
+        + f"\n\nnext: {cli_invocation()} --policy {made.policy_path} backup main")
     return 0
 
 
 def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
-    print(generate_master_key())
+    key = generate_master_key()
+    out.result({"master_key": key}, key)
     return 0
 
 
@@ -71,8 +85,8 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     with out.progress(f"backup {args.target}") as progress:
         result = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"}, progress=progress)
     if result.offsite_problem:
-        print(f"warning: {result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
-              "repository is reachable", file=sys.stderr)
+        out.warn(f"{result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
+                 "repository is reachable")
     s = manifest_summary(result.manifest)
     out.result(s, f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
                   f"{size(s['bytes_read'])} read, {size(s['bytes_stored'])} stored, "
@@ -85,13 +99,17 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     completed = completed_backups(policy, repo)
     backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
     unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
+    verdicts = retention_verdicts(policy, repo, keyring, datetime.now(UTC), args.target)
     rows = []
     for manifest in backups:
         status = check_status(repo, keyring, manifest)
-        rows.append({**manifest_summary(manifest), "status": status.status, "status_note": status.problem})
-    lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  STATUS"]
+        verdict = verdicts.get(manifest.backup_id)
+        rows.append({**manifest_summary(manifest), "status": status.status, "status_note": status.problem,
+                     "retention": verdict.to_json() if verdict else None})
+    lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  {'STATUS':9} RETENTION"]
     lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
-              f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']}"
+              f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']:9} "
+              + (_retention_column(verdicts[r['backup_id']]) if r['backup_id'] in verdicts else "?")
               + (f" ({r['status_note']})" if r["status_note"] else "") for r in rows]
     lines += [f"{d.backup_id:40} {'?':8} {'?':20} {size(d.stored_bytes):>10} {'?':>10}  DAMAGED: {d.problem}"
               for d in damaged]
@@ -105,18 +123,70 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     return 1 if damaged else 0
 
 
+def _retention_column(verdict: RetentionVerdict) -> str:
+    """The retention date in a table: when the prune deletes it."""
+    if verdict.past_retention:
+        return "PAST RETENTION"
+    if verdict.deletion_at is None:
+        return "kept (newest good)"
+    return ("next prune " if not verdict.keep else "until ") + f"{verdict.deletion_at:%Y-%m-%d %H:%M}"
+
+
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = _open(args)
-    record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"})
+    if args.latest == bool(args.backup_id):
+        raise RegalError("say which backup to verify", "give a BACKUP_ID, or --latest (with --target for one target)")
+    if args.target and not args.latest:
+        raise RegalError("--target goes with --latest", "drop --target, or add --latest")
+    if args.latest:
+        return _verify_latest(args, out, policy, repo, keyring)
+    try:  # the size, for the progress display; a manifest that is refused is the manifest check's finding
+        total: int | None = catalog.load_manifest(repo, keyring, args.backup_id).stored_bytes
+    except RegalError:
+        total = None
+    with out.progress(f"verify {args.backup_id}", total) as progress:
+        record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"},
+                            progress=progress)
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
                "failing_object": o.failing_object} for o in record.outcomes]
     text = "\n".join(f"{'OK  ' if o.passed else o.severity:5} {o.name:10} {o.description}" for o in record.outcomes)
     around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]  # key, off-site copy
     verdict = ("FAILED verification" if not record.passed else
                f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
-    out.result({"backup_id": record.backup_id, "ok": record.passed, "checks": checks},
+    out.result({"backup_id": record.backup_id, "target": target_of(record.backup_id), "passed": record.passed,
+                "checked_at": record.checked_at.isoformat(), "checks": checks},
                f"{text}\nbackup {record.backup_id}: {verdict}")
     return 3 if not record.passed else 1 if around else 0
+
+
+def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
+    """Every target's (or one target's) newest backup, whatever its status: what the daily verification does."""
+    targets = [args.target] if args.target else sorted(policy.targets)
+    results, lines, worst = [], [], 0
+    for target in targets:
+        policy.target(target)
+        newest = next(catalog.newest_first(repo, keyring, target), None)
+        if newest is None:
+            lines.append(f"{target}: no backup to verify")
+            results.append({"target": target, "backup_id": None, "passed": None, "checks": []})
+            worst = max(worst, 1)
+            continue
+        with out.progress(f"verify {newest.backup_id}", newest.stored_bytes) as progress:
+            record = run_checks(policy, repo, keyring, newest.backup_id, jobs=args.jobs, trigger={"cli": "verify"},
+                                progress=progress)
+        around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
+        worst = max(worst, 3 if not record.passed else 1 if around else 0)
+        failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
+        lines.append(f"{target}: {record.backup_id} " + ("verified: every check passed" if not failed else
+                                                          ("FAILED verification" if not record.passed else
+                                                           "verified, with failures") + "\n  " + "\n  ".join(failed)))
+        results.append({"target": target, "backup_id": record.backup_id, "passed": record.passed,
+                        "checked_at": record.checked_at.isoformat(),
+                        "checks": [{"name": o.name, "passed": o.passed, "severity": o.severity,
+                                    "description": o.description, "failing_object": o.failing_object}
+                                   for o in record.outcomes]})
+    out.result({"verified": results}, "\n".join(lines))
+    return worst
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
@@ -132,7 +202,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     selected = choose_backup(policy, repo, keyring, args.target or "", backup_id=args.backup_id, before=before,
                              trigger={"cli": "restore"})
     for note in selected.notes:
-        print(f"note: {note}", file=sys.stderr)
+        out.note(note)
     manifest = selected.manifest
     with out.progress(f"restore {manifest.backup_id}") as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
@@ -141,9 +211,10 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
                                  accept_ledger_rollback=args.accept_ledger_rollback, progress=progress)
         result = restore_backup(policy, repo, keyring, manifest, request, pre_hook=args.pre_hook,
                                 post_hook=args.post_hook, trigger={"cli": "restore"})
-    payload = {"backup_id": result.backup_id, "kind": result.kind, **result.details, "ok": result.ok,
-               **({"problems": result.problems} if result.problems else {}),
-               **({"erasures": result.erasures.to_json()} if result.erasures else {})}
+    payload = {"backup_id": result.backup_id, "target": result.target, "kind": result.kind,
+               "destination": result.destination, "validated": result.ok, "problems": result.problems,
+               "seconds": result.seconds, "details": result.details,
+               "erasures": result.erasures.to_json() if result.erasures else None}
     text = result.summary
     if result.problems:
         text += "\nVALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems)
@@ -170,7 +241,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     selected = choose_backup(policy, repo, keyring, args.target, backup_id=args.backup_id,
                              trigger={"cli": "restore-test"})
     for note in selected.notes:
-        print(f"note: {note}", file=sys.stderr)
+        out.note(note)
     manifest = selected.manifest
     result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs,
                               work_dir=_work_dir(args, policy), trigger={"cli": "restore-test"})
@@ -234,17 +305,27 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = _open(args)
     report = run_prune(policy, repo, datetime.now(UTC), dry_run=args.dry_run or args.check, keyring=keyring)
     lines = []
+    now = report.at
     for decisions in report.decisions.values():
         for d in decisions:
-            verb = "keep  " if d.keep else ("would delete" if report.dry_run else "deleted")
-            lines.append(f"{verb:12} {d.backup_id:40} {'; '.join(d.reasons)}")
+            verdict = retention_verdict(d, policy.prune.cron, now)
+            verb = "keep" if d.keep else ("would delete" if report.dry_run else "deleted")
+            when = ("" if not report.dry_run and not d.keep else f" [{verdict.summary}]")
+            lines.append(f"{verb:12} {d.backup_id:40} {'; '.join(d.reasons)}{when}")
     lines.append(f"{len(report.leftovers)} object(s) no backup needs {'to remove' if report.dry_run else 'removed'}"
                  + (f"; {len(report.locked)} kept by Object Lock until their date" if report.locked else "")
                  + (f"; {len(report.offsite_deleted)} backup(s) removed off-site" if report.offsite_deleted else ""))
     if args.check:
+        due = [d.backup_id for ds in report.decisions.values() for d in ds
+               if not d.keep and d.backup_id not in report.past_retention]
         lines.append("retention holds: nothing is kept past its retention" if not report.past_retention
                      else f"PAST RETENTION: {', '.join(report.past_retention)}")
-    out.result(report.to_json(), "\n".join(lines))
+        if due:
+            lines.append(f"{len(due)} backup(s) due for deletion by the next prune (not past retention yet)")
+    body = {k: v for k, v in report.to_json().items() if k not in ("format", "version")}
+    body["decisions"] = {target: [{"backup_id": d.backup_id, **retention_verdict(d, policy.prune.cron, now).to_json()}
+                                  for d in decisions] for target, decisions in report.decisions.items()}
+    out.result({**body, "past_retention": report.past_retention}, "\n".join(lines))
     return 3 if args.check and report.past_retention else 0
 
 
@@ -324,7 +405,8 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
         text = f"AUDIT TRAIL BROKEN at entry {verdict.first_bad_seq}: {verdict.problem}"
     if verdict.spooled:
         text += f"\n{verdict.spooled} event(s) wait in the repository's spool for the audit database"
-    out.result(verdict.to_json(), text)
+    verdict_json = verdict.to_json()
+    out.result({"intact": verdict_json.pop("ok"), **verdict_json}, text)
     return 0 if verdict.ok else 3
 
 
@@ -380,6 +462,106 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running, echo=not args.json)
     out.result(summary, summary["text"])
     return 0 if summary["verified"] else 3
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.status import repository_status
+
+    policy, repo, keyring = _open(args)
+    with out.activity("reading the repository"):
+        status = repository_status(policy, repo, keyring, datetime.now(UTC), args.target)
+    lines = [f"repository {status.repository}: {size(status.repository_bytes)}"
+             + (f"; {status.damaged} DAMAGED backup(s): see `regal-backup list`" if status.damaged else "")]
+    for t in status.targets:
+        good = t.newest_good
+        rpo = (f"age {age(t.rpo_age_seconds)} against an RPO of {age(t.rpo_seconds)}: "
+               + ("BREACHED" if t.rpo_breached else "within"))
+        lines.append(f"\n{t.target} ({t.kind}): " + (f"newest good backup {good.backup_id} ({good.retention_class}), "
+                                                     f"{rpo}" if good else f"NO GOOD BACKUP: RPO {age(t.rpo_seconds)} "
+                                                                             "BREACHED"))
+        if t.newest and (good is None or t.newest.backup_id != good.backup_id):
+            lines.append(f"  newest backup     {t.newest.backup_id}: {t.newest.status}")
+        v = t.last_verification
+        lines.append("  last verification " + (f"{v['checked_at'][:16]} of {v['backup_id']}: "
+                                                + ("passed" if not v["failed_checks"] else
+                                                   "FAILED " + ", ".join(v["failed_checks"])) if v else "never"))
+        r = t.last_restore_test
+        if r and "refused" in r:
+            lines.append(f"  last restore test REFUSED: {r['refused']}")
+        else:
+            lines.append("  last restore test " + (
+                f"{r['tested_at'][:16]} of {r['backup_id']}: {'passed' if r['passed'] else 'FAILED'}, RTO "
+                f"{age(r['rto_seconds'])} against {age(r['rto_target_seconds'])}" if r else "never"))
+    d = status.last_drill
+    lines.append("\nlast drill " + ("never" if d is None else f"REFUSED: {d['refused']}" if "refused" in d else
+                                    f"{d['at'][:16]}: {'passed' if d['passed'] else 'FAILED'}, RTO "
+                                    f"{age(d['rto_seconds'])} against {age(d['rto_target_seconds'])}"
+                                    + (f"; not recovered: {', '.join(d['not_recovered'])}" if d["not_recovered"]
+                                       else "")))
+    lines.append(f"open alerts: {len(status.open_alerts)}" + "".join(f"\n  - {a['what']}" for a in status.open_alerts))
+    if status.rpo_breached:
+        lines.append(f"RPO BREACHED: {', '.join(status.rpo_breached)}")
+    out.result(status.to_json(), "\n".join(lines))
+    return 3 if status.rpo_breached else 0
+
+
+def cmd_show(args: argparse.Namespace, out: Output) -> int:
+    policy, repo, keyring = _open(args)
+    manifest = catalog.load_manifest(repo, keyring, args.backup_id)
+    status = check_status(repo, keyring, manifest)
+    verdict = retention_verdicts(policy, repo, keyring, datetime.now(UTC), manifest.target).get(manifest.backup_id)
+    record = status.record if status.problem is None else None
+    lock = ({"mode": manifest.object_lock.get("mode"), "retain_until": manifest.locked_until.isoformat()}
+            if manifest.object_lock and manifest.locked_until else None)
+    objects = [{"name": o.name, "key": o.key, "content": o.content, "bytes_stored": o.size,
+                "bytes_read": o.plaintext_size, "plaintext_sha256": o.plaintext_sha256,
+                "stored_sha256": o.stored_sha256, "key_id": o.encryption.key_id} for o in manifest.objects]
+    tables = [{"table": name, "rows": rows} for name, rows in manifest.table_rows().items()]
+    checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description}
+              for o in record.outcomes] if record else []
+    payload = {**manifest_summary(manifest), "status": status.status, "status_note": status.problem,
+               "checked_at": record.checked_at.isoformat() if record else None, "checks": checks,
+               "retention": verdict.to_json() if verdict else None, "object_lock": lock,
+               "trigger": manifest.trigger, "tool_versions": manifest.tool_versions, "objects": objects,
+               "table_rows": tables}
+    lines = [f"backup      {manifest.backup_id} ({manifest.kind} target {manifest.target}, {manifest.retention_class})",
+             f"taken       {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC, {manifest.duration_seconds:.1f}s, by "
+             + (", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "?"),
+             f"size        {size(manifest.plaintext_bytes)} read, {size(manifest.stored_bytes)} stored",
+             f"status      {status.status}" + (f" ({status.problem})" if status.problem else "")
+             + (f", checked {record.checked_at:%Y-%m-%d %H:%M} UTC" if record else ""),
+             "retention   " + (verdict.summary + f" ({'; '.join(verdict.reasons)})" if verdict else "?"),
+             "lock        " + (f"S3 Object Lock {lock['mode']} until {lock['retain_until'][:16]}" if lock else "none")]
+    if checks:
+        lines.append("checks")
+        lines += [f"  {'OK  ' if c['passed'] else c['severity']:5} {c['name']:18} {c['description']}" for c in checks]
+    lines.append(f"objects     {len(objects)}")
+    lines += [f"  {o['name']:40} {size(o['bytes_stored']):>10}  key {o['key_id']}  {o['content']}" for o in objects]
+    if tables:
+        lines.append(f"tables      {len(tables)}, {sum(t['rows'] for t in tables)} rows")
+        lines += [f"  {t['table']:50} {t['rows']:>12}" for t in tables]
+    out.result(payload, "\n".join(lines))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.metrics import collect, serve, write_textfile
+
+    policy, repo, keyring = _open(args)
+    if args.textfile:
+        path = Path(args.textfile)
+        families = write_textfile(policy, repo, keyring, path)
+        out.result({"textfile": str(path), "metric_families": families},
+                   f"wrote {families} metric families to {path}")
+        return 0
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise RegalError(f"--listen {args.listen}: give HOST:PORT", "e.g. --listen 127.0.0.1:9464")
+    collect(policy, repo, keyring)  # a policy or repository problem shows now, not at the first scrape
+    serve(policy, repo, keyring, host.strip("[]"), int(port), cache_seconds=args.cache_seconds,
+          ready=lambda where: print(f"serving Prometheus metrics on {where}/metrics (Ctrl-C stops)",
+                                    file=sys.stderr, flush=True))
+    return 0
 
 
 # --- wiring --------------------------------------------------------------------------------------

@@ -1,52 +1,120 @@
-"""How the CLI speaks: human text on a terminal, or one JSON document with --json; a progress bar only
-on a terminal; sizes for people."""
+"""How the CLI speaks: human text on a terminal, or one JSON document with --json; progress only on a
+terminal; sizes for people.
+
+Every command's JSON is one object in the same envelope (docs/cli-json.md):
+
+    {"schema": "regal-backup-cli/1", "command": "restore", "ok": true, "exit_code": 0, "warnings": [],
+     ...the command's own fields..., "error": {"message": ..., "hint": ...}  (only when it failed)}
+
+`ok` is the one success key: true exactly when the exit status is 0. The command's own fields follow
+the naming rules the document lists (`target` is always the policy's target, never a destination).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..engine.manifest import Manifest
 from ..engine.pipeline import Progress
 from ..engine.sources.registry import source_for
 
+SCHEMA = "regal-backup-cli/1"
+ENVELOPE = ("schema", "command", "ok", "exit_code", "warnings", "error")
+
 
 class Output:
-    """Human text on a terminal, or one JSON document with --json."""
+    """Human text on a terminal, or one JSON document with --json (written when the command ends)."""
 
-    def __init__(self, as_json: bool):
+    def __init__(self, as_json: bool, command: str = ""):
         self.as_json = as_json
+        self.command = command
+        self.payload: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self.done = False
 
-    def result(self, payload: Any, text: str) -> None:
-        if self.as_json:
-            print(json.dumps(payload, indent=2, default=str))
-        else:
+    def result(self, payload: dict[str, Any], text: str) -> None:
+        clash = sorted(set(payload) & set(ENVELOPE))
+        if clash:
+            raise ValueError(f"a command's JSON may not use the envelope's keys {clash}")  # a bug, not an input
+        self.payload = payload
+        if not self.as_json:
             print(text)
 
-    def progress(self, description: str) -> _ProgressBar:
-        return _ProgressBar(description, enabled=not self.as_json and sys.stderr.isatty())
+    def warn(self, text: str) -> None:
+        """A warning: on stderr for people, in `warnings` for scripts."""
+        self.warnings.append(text)
+        print(f"warning: {text}", file=sys.stderr)
+
+    def note(self, text: str) -> None:
+        """A note (a backup passed over, ...): on stderr, and in `warnings`."""
+        self.warnings.append(text)
+        print(f"note: {text}", file=sys.stderr)
+
+    def finish(self, exit_code: int) -> None:
+        if self.as_json and not self.done:
+            self._emit(exit_code, None)
+
+    def fail(self, message: str, hint: str | None, exit_code: int) -> None:
+        if self.as_json and not self.done:
+            self._emit(exit_code, {"message": message, "hint": hint})
+
+    def _emit(self, exit_code: int, error: dict[str, Any] | None) -> None:
+        self.done = True
+        document = {"schema": SCHEMA, "command": self.command, "ok": exit_code == 0, "exit_code": exit_code,
+                    "warnings": self.warnings, **self.payload, **({"error": error} if error else {})}
+        print(json.dumps(document, indent=2, default=str))
+
+    def progress(self, description: str, total: int | None = None) -> _ProgressBar:
+        """A byte counter with elapsed time on a terminal (nothing with --json or when piped)."""
+        return _ProgressBar(description, total, enabled=not self.as_json and sys.stderr.isatty())
+
+    @contextmanager
+    def activity(self, description: str) -> Iterator[None]:
+        """For steps without bytes to count (a report, a drill's phases): a line that shows the elapsed time."""
+        with self.progress(description) as advance:
+            del advance
+            yield
 
 
 class _ProgressBar:
-    def __init__(self, description: str, enabled: bool):
-        self.bar = None
+    def __init__(self, description: str, total: int | None, enabled: bool):
+        self.bar: Any = None
+        self.stop = threading.Event()
+        self.ticker: threading.Thread | None = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+            self.bar = tqdm(desc=description, total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            file=sys.stderr, mininterval=0.2)
 
     def __enter__(self) -> Progress | None:
         bar = self.bar
         if bar is None:
             return None
+        lock = threading.Lock()
 
         def advance(n: int) -> None:
-            bar.update(n)
+            with lock:
+                bar.update(n)
 
+        def tick() -> None:  # the elapsed time moves even while nothing is counted (a scratch server starting)
+            while not self.stop.wait(0.5):
+                with lock:
+                    bar.refresh()
+
+        self.ticker = threading.Thread(target=tick, name="progress", daemon=True)
+        self.ticker.start()
         return advance
 
     def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.ticker is not None:
+            self.ticker.join()
         if self.bar is not None:
             self.bar.close()
 
@@ -57,6 +125,19 @@ def size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def age(seconds: float | None) -> str:
+    """A duration for people: 45 s, 12 min, 3.5 h, 2.1 d."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def manifest_summary(m: Manifest) -> dict[str, Any]:
@@ -70,3 +151,32 @@ def manifest_summary(m: Manifest) -> dict[str, Any]:
     }
 
 
+def command_name(args: Any) -> str:
+    """The command as typed: "restore", "keys list", "gdpr erase"."""
+    groups = [value for key, value in vars(args).items() if key.endswith("_command") and value]
+    return " ".join([args.command, *groups])
+
+
+def cli_invocation() -> str:
+    """How to run regal-backup from here, as the shell will find it: `regal-backup` when that name on PATH
+    is this installation, else the script next to this Python (`.venv/bin/regal-backup`)."""
+    return tool_invocation("regal-backup")
+
+
+def tool_invocation(name: str) -> str:
+    """A command installed with this Python (regal-backup, dagster), as the user can type it here."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if found and beside.exists() and Path(found).resolve() == beside.resolve():
+        return name
+    if not beside.exists():
+        return name
+    try:
+        relative = os.path.relpath(beside, Path.cwd())
+    except ValueError:  # another drive
+        return str(beside)
+    return relative if not relative.startswith("..") else str(beside)

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..engine.policy import RETENTION_CLASSES
 from . import commands
 
 JOBS_HELP = "parallel workers (default: the policy's `jobs` for the target: the CPU count, at most 8)"
+BACKUP_ID_HELP = "a backup id as `regal-backup list` shows it, e.g. main-20261124T020000Z-a1b2c3"
+TARGET_HELP = "a target named in the policy's `targets:` (e.g. main)"
+
+
+def _version() -> str:
+    try:
+        return version("regal-backup")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     def options(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
         parser.add_argument("--policy", default=default, help="policy file (default: $REGAL_POLICY or ./regal_backup.yaml)")
         parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
-                            help="machine-readable output")
+                            help="one JSON document on stdout, the same envelope for every command "
+                                 "(docs/cli-json.md); no progress display")
         parser.add_argument("--from-offsite", action="store_true",
                             default=default if default is argparse.SUPPRESS else False,
                             help="use the off-site repository instead of the primary one (disaster recovery)")
@@ -23,42 +35,58 @@ def build_parser() -> argparse.ArgumentParser:
     # The options are accepted before and after the command; the command's copy must not reset them.
     common = options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
     parser = options(argparse.ArgumentParser(prog="regal-backup",
-                                             description="Back up, verify and restore the Regal POS backend."), None)
+                                             description="Back up, verify and restore the Regal POS backend.",
+                                             epilog="Exit status: 0 success, 1 operational failure, 2 bad usage or "
+                                                    "policy, 3 a check, verification or validation failed "
+                                                    "(status: an RPO is breached)."), None)
+    parser.add_argument("--version", action="version", version=f"regal-backup {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init", parents=[common], help="create a policy, a local repository and a keyset")
-    p.add_argument("directory")
+    p = sub.add_parser("init", parents=[common],
+                       help="create a policy (mode 0600), a local repository, a keyset and the audit trail")
+    p.add_argument("directory", help="where the policy, the keyset, the master key and the repository go "
+                                     "(created if missing; refused if it already holds a policy)")
     p.add_argument("--postgres-dsn", required=True, help="DSN of the database to back up; use ${VAR} for secrets")
     p.add_argument("--master-key-env", help="keep the master key in this environment variable instead of a file")
     p.add_argument("--redis-url", help="also back up this Redis server, as the target `cache` (${VAR} for secrets)")
+    p.add_argument("--audit-dsn", help="keep the audit trail in this PostgreSQL database (default: a database "
+                                       "`<database>_audit` created on the target's server)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="no audit trail (not recommended: nothing is recorded for reports until `audit.dsn` is "
+                        "added)")
     p.set_defaults(func=commands.cmd_init)
 
     p = sub.add_parser("master-key", parents=[common], help="print a new master key (for --master-key-env)")
     p.set_defaults(func=commands.cmd_master_key)
 
     p = sub.add_parser("backup", parents=[common], help="back up one target now")
-    p.add_argument("target")
-    p.add_argument("--class", dest="retention_class", choices=RETENTION_CLASSES, default="hourly")
+    p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--class", dest="retention_class", choices=RETENTION_CLASSES, default="hourly",
+                   help="the retention class the backup counts for (default: hourly)")
     p.set_defaults(func=commands.cmd_backup)
 
-    p = sub.add_parser("list", parents=[common], help="list backups")
-    p.add_argument("target", nargs="?")
+    p = sub.add_parser("list", parents=[common],
+                       help="list backups with their status and the date retention deletes each one")
+    p.add_argument("target", nargs="?", help="only this target's backups (default: every target)")
     p.set_defaults(func=commands.cmd_list)
 
     p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
-    p.add_argument("backup_id")
+    p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --latest)")
+    p.add_argument("--latest", action="store_true", help="the newest backup (of --target, or of every target)")
+    p.add_argument("--target", help="with --latest: only this target (default: every target's newest backup)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.set_defaults(func=commands.cmd_verify)
 
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
-    p.add_argument("backup_id", nargs="?")
+    p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --target with --latest or --before)")
     p.add_argument("--to", required=True, help="PostgreSQL: DSN of the database to restore into (created if missing); "
                                                "Redis: the directory for dump.rdb, or redis://... with --keys; "
                                                "Terraform: the state file to write; config: a new directory to "
                                                "clone into")
     p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
-    p.add_argument("--latest", action="store_true")
-    p.add_argument("--before", help="newest backup started before this UTC time (ISO 8601)")
+    p.add_argument("--latest", action="store_true", help="the newest backup of --target that passed its checks")
+    p.add_argument("--before", help="the newest good backup started before this UTC time (ISO 8601)")
     p.add_argument("--drop-existing", action="store_true",
                    help="replace a non-empty database (dropped only after the backup is authenticated)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
@@ -77,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")
     p.add_argument("backup_id", nargs="?", help="default: the newest good backup of --target")
-    p.add_argument("--target", default="main")
+    p.add_argument("--target", default="main", help="whose newest good backup to test (default: main)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--work-dir", help="where the scratch server lives (default: the policy's, else the temp dir)")
     p.set_defaults(func=commands.cmd_restore_test)
@@ -91,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     gdpr = sub.add_parser("gdpr", help="the GDPR erasure ledger (re-applied after every restore)")
     gdpr_sub = gdpr.add_subparsers(dest="gdpr_command", required=True)
     p = gdpr_sub.add_parser("erase", parents=[common], help="record an erasure request")
-    p.add_argument("target")
+    p.add_argument("target", help="the target holding the subject's data (its `gdpr.subjects` say where)")
     p.add_argument("subject", help="the identifier the request names (e.g. the e-mail); stored only hashed")
     p.add_argument("--requested-at", help="when the subject asked (ISO 8601, UTC; default: now)")
     p.add_argument("--reference", help="your ticket or case number")
@@ -112,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys_sub.add_parser("rotate", parents=[common], help="add a new primary key (older keys keep reading)")
     p.set_defaults(func=commands.cmd_keys_rotate)
     p = keys_sub.add_parser("retire", parents=[common], help="destroy a key no backup uses any more")
-    p.add_argument("key_id", type=int)
+    p.add_argument("key_id", type=int, help="the key's number as `regal-backup keys list` shows it")
     p.add_argument("--reencrypt", action="store_true",
                    help="first re-encrypt the backups that use it under the primary key (verified before the "
                         "old objects go)")
@@ -140,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upgrade", parents=[common],
                        help="seal every document of a repository written by an earlier regal-backup (format 1)")
     p.set_defaults(func=commands.cmd_upgrade)
+
+    p = sub.add_parser("status", parents=[common],
+                       help="one screen per target: newest good backup against the RPO, verification, restore "
+                            "test, drill, open alerts; exit 3 when an RPO is breached (a monitoring check)")
+    p.add_argument("target", nargs="?", help="only this target (default: every target)")
+    p.set_defaults(func=commands.cmd_status)
+
+    p = sub.add_parser("show", parents=[common],
+                       help="one backup in full: objects, tables, checks, retention decision and date, lock")
+    p.add_argument("backup_id", help=BACKUP_ID_HELP)
+    p.set_defaults(func=commands.cmd_show)
+
+    p = sub.add_parser("metrics", parents=[common],
+                       help="Prometheus metrics: serve them over HTTP, or write them for node_exporter")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", metavar="HOST:PORT",
+                       help="serve /metrics on this address until stopped (e.g. 127.0.0.1:9464)")
+    where.add_argument("--textfile", metavar="PATH",
+                       help="write the metrics once to PATH (node_exporter's textfile collector: a *.prom file "
+                            "in its --collector.textfile.directory; written atomically)")
+    p.add_argument("--cache-seconds", type=float, default=30.0,
+                   help="with --listen: reuse a reading of the repository this long (default: 30)")
+    p.set_defaults(func=commands.cmd_metrics)
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")

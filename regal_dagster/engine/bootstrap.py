@@ -1,18 +1,24 @@
-"""`regal-backup init`: a policy file, a local repository and a new encrypted keyset, in one directory."""
+"""`regal-backup init`: a policy file (mode 0600), a local repository, a new encrypted keyset and the audit
+trail, in one directory.
+
+The audit trail is on by default, so that everything from the first backup on is in the reports: its own
+database on the target's server (`<database>_audit`), created here when the server can be reached, or
+the one `audit_dsn` names. Without it (`audit=False`) nothing is recorded until `audit.dsn` is added."""
 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .crypto import create_keyset, generate_master_key, write_master_key_file
+from .crypto import Keyring, create_keyset, generate_master_key, write_master_key_file
 from .errors import RegalError
 from .policy import Policy, load_policy
 from .repository_format import initialize
-from .storage import open_repository
+from .storage import Repository, open_repository
 
 POLICY_NAME = "regal_backup.yaml"
 KEYSET_NAME = "keyset.json"
@@ -26,10 +32,47 @@ class InitResult:
     keyset_path: Path
     master_key_location: str  # a file path or "$VARIABLE"
     key_id: int
+    audit: str | None = None  # where the audit trail is (host:port/dbname as user), None: no audit trail
+    audit_problem: str | None = None  # why it could not be set up now (events wait in the repository's spool)
+
+
+def audit_dsn_for(postgres_dsn: str) -> str:
+    """The DSN of `<database>_audit` on the target's server, in the form the target's DSN has (a URI stays a
+    URI; ${VAR} references stay as they are)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    if postgres_dsn.startswith(("postgresql://", "postgres://")):
+        parts = urllib.parse.urlsplit(postgres_dsn)
+        database = urllib.parse.unquote(parts.path.lstrip("/")) or urllib.parse.unquote(
+            parts.username or "") or "postgres"
+        return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(_audit_name(database))))
+    params = conninfo_to_dict(postgres_dsn)
+    database = str(params.get("dbname") or params.get("user") or "postgres")
+    return make_conninfo(postgres_dsn, dbname=_audit_name(database))
+
+
+def _audit_name(database: str) -> str:
+    return f"{database[:57]}_audit"  # PostgreSQL names are at most 63 bytes
+
+
+def create_audit_database(audit_dsn: str) -> None:
+    """Create the audit database when it does not exist (connecting to the server's `postgres` database)."""
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    from .postgresql.connection import connect, with_dbname
+    from .settings import fill_environment
+
+    dsn = fill_environment(audit_dsn, "audit.dsn")
+    name = str(conninfo_to_dict(dsn)["dbname"])
+    with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | None = None,
-                 target_name: str = "main", redis_url: str | None = None) -> InitResult:
+                 target_name: str = "main", redis_url: str | None = None, audit: bool = True,
+                 audit_dsn: str | None = None) -> InitResult:
     """Write DIR/regal_backup.yaml with one postgres target, a repository under DIR/repository and a keyset.
 
     The master key goes to DIR/master.key (0600), or, with `master_key_env`, is read from that variable
@@ -66,12 +109,36 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
             "monthly": {"cron": "0 1 * * 0", "first_in_month": True},
         },
         "retention": {"hourly": 48, "daily": 30, "weekly": 26, "monthly": 12},
+        **({"audit": {"dsn": audit_dsn or audit_dsn_for(postgres_dsn)}} if audit else {}),
     }
     header = ("# Regal Backup policy (docs/policy.md explains every setting).\n"
               "# Put passwords in the environment and write them here as ${VARIABLE}.\n")
-    policy_path.write_text(header + yaml.safe_dump(document, sort_keys=False))
+    descriptor = os.open(policy_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # DSNs, paths: not for all
+    with os.fdopen(descriptor, "w") as policy_file:
+        policy_file.write(header + yaml.safe_dump(document, sort_keys=False))
     policy: Policy = load_policy(policy_path)
     keyring = create_keyset(policy)
     repo = open_repository(policy)
     initialize(repo, keyring)
-    return InitResult(policy_path, repo.location, policy.resolve_path(KEYSET_NAME), location, keyring.primary_key_id)
+    made = InitResult(policy_path, repo.location, policy.resolve_path(KEYSET_NAME), location, keyring.primary_key_id)
+    if policy.audit is not None:
+        made.audit, made.audit_problem = _start_audit_trail(policy, repo, keyring)
+    return made
+
+
+def _start_audit_trail(policy: Policy, repo: Repository, keyring: Keyring) -> tuple[str, str | None]:
+    """Create the audit database and its schema, and record the repository's creation as the first event.
+    A server that cannot be reached now is not fatal: the events wait in the repository's spool."""
+    from .audit import AuditTrail
+    from .postgresql.connection import describe_dsn
+
+    assert policy.audit is not None
+    where = describe_dsn(policy.audit.dsn)
+    try:
+        create_audit_database(policy.audit.dsn)
+        trail = AuditTrail(policy, repo, keyring)
+        trail.ensure_schema()
+        trail.append("repository_created", repo.location, "success", {"key_id": keyring.primary_key_id})
+    except RegalError as exc:
+        return where, exc.message
+    return where, None

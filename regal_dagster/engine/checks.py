@@ -36,7 +36,7 @@ from .errors import IntegrityError, RegalError
 from .layout import backup_prefix, checks_key, manifest_key, target_of, valid_backup_id
 from .manifest import Manifest
 from .outcomes import ERROR, WARN, CheckOutcome, CheckSpec
-from .pipeline import StoredBackup
+from .pipeline import Progress, StoredBackup
 from .policy import Policy
 from .sources.registry import kinds, source_for
 from .storage import Repository, open_offsite
@@ -180,8 +180,9 @@ def check_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> tuple[
                         "their sizes", metadata={"objects": len(manifest.objects)}), manifest
 
 
-def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs: int) -> CheckOutcome:
-    result = verify_backup(repo, keyring, manifest, jobs=jobs)
+def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs: int,
+                    progress: Progress | None = None) -> CheckOutcome:
+    result = verify_backup(repo, keyring, manifest, jobs=jobs, progress=progress)
     bad = next((o for o in result.objects if not o.ok), None)
     if bad is not None:
         return CheckOutcome("integrity", False, bad.detail, bad.key,
@@ -313,8 +314,8 @@ def good_newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterat
 
 
 def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int | None = None,
-               trigger: dict[str, str] | None = None) -> CheckRecord:
-    """Run every check on one backup and store the outcome as its checks.json."""
+               trigger: dict[str, str] | None = None, progress: Progress | None = None) -> CheckRecord:
+    """Run every check on one backup and store the outcome as its checks.json (`progress`: bytes read back)."""
     if not valid_backup_id(backup_id) or not any(repo.list(backup_prefix(target_of(backup_id), backup_id))):
         raise RegalError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
     jobs = jobs or policy.jobs_for(target_of(backup_id))
@@ -326,7 +327,7 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                      for name in check_names(kind)[1:] if name != "key_cryptoperiod"]  # that one runs below
     else:
         try:
-            outcomes.append(check_integrity(repo, keyring, manifest, jobs))
+            outcomes.append(check_integrity(repo, keyring, manifest, jobs, progress))
         except (IntegrityError, RegalError) as exc:
             outcomes.append(CheckOutcome("integrity", False, exc.message))
         try:

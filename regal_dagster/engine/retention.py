@@ -7,6 +7,11 @@ higher one started in that period fills the slot and is kept ("daily slot 2026-1
 if any slot keeps it. Whatever the counts say, the newest good backup is kept. Backups that failed their
 checks fill no slot; they stay `failed_grace` for investigation, unchecked ones `unchecked_grace` (their
 checks may still be running), then they go.
+
+One retention truth: `retention_verdicts` turns the plan into the date each backup will be deleted (the
+first run of the prune schedule at or after the moment the plan stops keeping it), and whether it is past
+its retention (the prune that should have deleted it ran more than PRUNE_SLACK ago). `list`, `show`,
+`prune --dry-run`, `prune --check` and the quarterly retention proof all read it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from .audit import audited, completed_backups, record
@@ -59,6 +65,9 @@ class Decision:
     # it (its slots, its grace, its Object Lock). None: deleted now, or kept with no end in sight (the
     # newest good backup stays until a newer one is good).
     delete_after: datetime | None = None
+    # Deleted now: since when the plan no longer keeps it (displaced by a newer backup in its slot, its
+    # slots aged out, its grace over). None for kept backups.
+    due_since: datetime | None = None
 
 
 def period_of(retention_class: str, when: datetime) -> str:
@@ -144,8 +153,45 @@ def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
         if backup.locked_until is not None and now < backup.locked_until:
             reasons[backup.backup_id].append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
             ends[backup.backup_id].append(backup.locked_until)
+    due = _due_since(backups, good, counts, now, failed_grace, unchecked_grace)
     return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or (_why_not(b),),
-                     _latest(ends[b.backup_id])) for b in backups]
+                     _latest(ends[b.backup_id]), None if reasons[b.backup_id] else due[b.backup_id])
+            for b in backups]
+
+
+def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mapping[str, int], now: datetime,
+               failed_grace: timedelta, unchecked_grace: timedelta) -> dict[str, datetime]:
+    """For every backup, when the plan stops keeping it (meaningful for those it no longer keeps): the
+    latest of the ends of what kept it once. A good backup kept a slot until a newer good backup of its
+    class or higher took that slot, or until the slot aged out; it was the newest good backup until the
+    next good one; a failed or unchecked one had its grace; a locked one its lock."""
+    due: dict[str, datetime] = {}
+    for backup in backups:
+        ends = [backup.started_at]
+        if backup.status == "failed":
+            ends.append(backup.started_at + failed_grace)
+        elif backup.status == "unchecked":
+            ends.append(backup.started_at + unchecked_grace)
+        if backup.locked_until is not None:
+            ends.append(min(backup.locked_until, now))
+        due[backup.backup_id] = max(ends)
+    eligible = [b for b in good if b.started_at <= now]  # oldest first
+    for older, newer in pairwise(eligible):  # the newest good backup until the next
+        due[older.backup_id] = max(due[older.backup_id], newer.started_at)
+    for retention_class in RETENTION_CLASSES:
+        count = counts.get(retention_class, 0)
+        if not count:
+            continue
+        periods: dict[str, list[BackupInfo]] = {}
+        for backup in eligible:
+            if RANK[backup.retention_class] >= RANK[retention_class]:
+                periods.setdefault(period_of(retention_class, backup.started_at), []).append(backup)
+        for label, members in periods.items():
+            for older, newer in pairwise(members):  # each held the slot until the next came
+                due[older.backup_id] = max(due[older.backup_id], newer.started_at)
+            last = members[-1]
+            due[last.backup_id] = max(due[last.backup_id], min(slot_end(retention_class, label, count), now))
+    return due
 
 
 def _latest(ends: list[datetime | None]) -> datetime | None:
@@ -158,6 +204,68 @@ def _why_not(backup: BackupInfo) -> str:
     if backup.status == "unchecked":
         return "never checked; past the grace period"
     return "no retention slot keeps it any more"
+
+
+# --- the one retention truth -----------------------------------------------------------------------
+
+PRUNE_SLACK = timedelta(hours=1)  # how long a prune may take before what it should have deleted is "past"
+
+
+@dataclass(frozen=True)
+class RetentionVerdict:
+    """What retention says of one backup, with dates: what list, show, prune --dry-run and --check print."""
+
+    backup_id: str
+    keep: bool
+    reasons: tuple[str, ...]
+    delete_after: datetime | None  # kept: when the plan stops keeping it, if nothing newer comes sooner
+    due_since: datetime | None  # not kept: since when
+    deletion_at: datetime | None  # the run of the prune schedule that deletes it (None: no end in sight)
+    past_retention: bool  # that prune ran more than PRUNE_SLACK ago and the backup is still here
+
+    @property
+    def summary(self) -> str:
+        when = f"{self.deletion_at:%Y-%m-%d %H:%M} UTC" if self.deletion_at else None
+        if self.past_retention:
+            return f"PAST RETENTION: due since {self.due_since:%Y-%m-%d %H:%M} UTC, the prune of {when} left it"
+        if not self.keep:
+            return f"deleted by the next prune ({when})"
+        if when is None:
+            return "kept: the newest good backup (until a newer one is good)"
+        return f"kept until the prune of {when}"
+
+    def to_json(self) -> dict[str, Any]:
+        def iso(when: datetime | None) -> str | None:
+            return when.isoformat() if when else None
+
+        return {"keep": self.keep, "reasons": list(self.reasons), "delete_after": iso(self.delete_after),
+                "due_since": iso(self.due_since), "deletion_at": iso(self.deletion_at),
+                "past_retention": self.past_retention, "summary": self.summary}
+
+
+def retention_verdict(decision: Decision, prune_cron: str, now: datetime) -> RetentionVerdict:
+    from .settings import CronExpression
+
+    expression = CronExpression.parse(prune_cron)
+    moment = decision.delete_after if decision.keep else decision.due_since
+    deletion = expression.next_match(moment) if moment is not None else None
+    past = not decision.keep and deletion is not None and now > deletion + PRUNE_SLACK
+    return RetentionVerdict(decision.backup_id, decision.keep, decision.reasons, decision.delete_after,
+                            decision.due_since, deletion, past)
+
+
+def plan_target(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> list[Decision]:
+    """The plan for one target's backups, with the policy's counts and graces."""
+    return plan(backup_infos(repo, keyring, target), policy.retention.model_dump(), now,
+                failed_grace=policy.prune.failed_grace, unchecked_grace=policy.prune.unchecked_grace)
+
+
+def retention_verdicts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
+                       target: str | None = None) -> dict[str, RetentionVerdict]:
+    """Backup id -> its retention verdict, for one target or all."""
+    names = [target] if target else sorted(policy.targets)
+    return {d.backup_id: retention_verdict(d, policy.prune.cron, now)
+            for name in names for d in plan_target(policy, repo, keyring, name, now)}
 
 
 # --- pruning the repository ------------------------------------------------------------------------
@@ -174,10 +282,14 @@ class PruneReport:
     damaged: dict[str, str] = field(default_factory=dict)  # backup id -> why its objects were left alone
     running: list[str] = field(default_factory=list)  # targets whose lock was held: their leftovers wait
 
+    past: list[str] = field(default_factory=list)  # backups whose prune already ran and left them (see verdicts)
+
     @property
     def past_retention(self) -> list[str]:
-        """Backups the plan says should be gone (after a real prune: none)."""
-        return [d.backup_id for ds in self.decisions.values() for d in ds if not d.keep]
+        """Backups past their retention: the prune that should have deleted them ran, and they are still here
+        (after a real prune: none). A backup the plan stopped keeping since the last prune is due, not past:
+        the next prune deletes it."""
+        return [b for b in self.past if b not in self.deleted]
 
     def to_json(self) -> dict[str, object]:
         """The prune log. Version 3 adds each decision's `delete_after` (version 2 logs stay readable:
@@ -313,15 +425,13 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
               keyring: Keyring | None = None) -> PruneReport:
     """Delete what the plan says (here and in the off-site copy), and what no backup needs; record it all
     in the repository under prune/ (not on a dry run)."""
-    settings = policy.prune
-    counts = policy.retention.model_dump()
     report = PruneReport(now, dry_run, {})
     secondary = open_offsite(policy)
     keyring = keyring or load_keyring(policy)
     for target in sorted(policy.targets):
-        decisions = plan(backup_infos(repo, keyring, target), counts, now, failed_grace=settings.failed_grace,
-                         unchecked_grace=settings.unchecked_grace)
+        decisions = plan_target(policy, repo, keyring, target, now)
         report.decisions[target] = decisions
+        report.past += [d.backup_id for d in decisions if retention_verdict(d, policy.prune.cron, now).past_retention]
         if dry_run:
             continue
         for decision in decisions:

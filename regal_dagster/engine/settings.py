@@ -132,6 +132,29 @@ class CronExpression:
             return dom_ok and dow_ok
         return dom_ok or dow_ok
 
+    def matches_day(self, t: datetime) -> bool:
+        """Whether any minute of t's day matches (month, day of month and day of week)."""
+        dom_ok, dow_ok = t.day in self.fields[2], (t.isoweekday() % 7) in self.fields[4]
+        if t.month not in self.fields[3]:
+            return False
+        return (dom_ok and dow_ok) if self.dom_star or self.dow_star else (dom_ok or dow_ok)
+
+    def next_match(self, at: datetime, horizon_days: int = 5 * 366) -> datetime | None:
+        """The first matching minute at or after `at` (None if none within the horizon)."""
+        start = at.replace(second=0, microsecond=0)
+        if start < at:
+            start += timedelta(minutes=1)
+        day = start.replace(hour=0, minute=0)
+        for _ in range(horizon_days):
+            if self.matches_day(day):
+                for hour in sorted(self.fields[1]):
+                    for minute in sorted(self.fields[0]):
+                        tick = day.replace(hour=hour, minute=minute)
+                        if tick >= start:
+                            return tick
+            day += timedelta(days=1)
+        return None
+
 
 def is_first_match_in_month(cron: str, tick: datetime) -> bool:
     expression = CronExpression.parse(cron)

@@ -1,0 +1,238 @@
+"""Prometheus metrics: the state of the protection (engine/status.py) in the text exposition format 0.0.4.
+
+`regal-backup metrics --listen HOST:PORT` serves them at /metrics; `--textfile PATH` writes them for
+node_exporter's textfile collector (atomically: a temporary file renamed over PATH). Every value is read
+from the repository, so the numbers are the ones `regal-backup status` prints. docs/metrics.md lists
+each metric; docs/grafana-dashboard.json shows them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .crypto import Keyring
+from .errors import RegalError
+from .policy import Policy
+from .status import RepositoryStatus, repository_status
+from .storage import Repository
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "regal_backup_"
+
+
+@dataclass
+class Family:
+    name: str
+    help: str
+    type: str = "gauge"
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float | None, **labels: str) -> None:
+        if value is not None:
+            self.samples.append((labels, float(value)))
+
+    def render(self) -> str:
+        lines = [f"# HELP {PREFIX}{self.name} {_escape_help(self.help)}", f"# TYPE {PREFIX}{self.name} {self.type}"]
+        for labels, value in self.samples:
+            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            lines.append(f"{PREFIX}{self.name}{{{text}}} {_number(value)}" if text else
+                         f"{PREFIX}{self.name} {_number(value)}")
+        return "\n".join(lines)
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _ts(text: str | None) -> float | None:
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
+def _bool(value: bool | None) -> float | None:
+    return None if value is None else float(bool(value))
+
+
+def _version() -> str:
+    try:
+        return version("regal-backup")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
+    """Every metric family from one reading of the repository."""
+    f = {name: Family(name, text) for name, text in {
+        "info": "Build information: the regal-backup version and the repository it reads.",
+        "up": "1 when the repository could be read and authenticated at this scrape.",
+        "last_success_timestamp_seconds": "When the newest good backup of a target and retention class finished "
+                                          "(Unix time).",
+        "last_success_duration_seconds": "How long the newest good backup of a target and class took.",
+        "last_success_stored_bytes": "Bytes stored (compressed, encrypted) by the newest good backup of a target "
+                                     "and class.",
+        "last_success_read_bytes": "Bytes read from the source by the newest good backup of a target and class.",
+        "rpo_age_seconds": "Age of the newest good backup of a target (+Inf: none): the data a loss now would lose.",
+        "rpo_target_seconds": "The target's recovery point objective.",
+        "rpo_breached": "1 when the newest good backup is older than the RPO (or there is none).",
+        "last_verification_timestamp_seconds": "When the newest check record of a target was written.",
+        "last_verification_success": "1 when the newest verification of a target passed every check that decides "
+                                     "'good'.",
+        "last_restore_test_timestamp_seconds": "When the newest restore test of a target ran.",
+        "last_restore_test_success": "1 when the newest restore test validated the restore within the RTO.",
+        "restore_test_rto_seconds": "The RTO the newest restore test of a target measured.",
+        "rto_target_seconds": "The target's recovery time objective.",
+        "last_drill_timestamp_seconds": "When the newest disaster-recovery drill ran.",
+        "last_drill_success": "1 when the newest drill restored every target within the RTO and RPO.",
+        "drill_rto_seconds": "The RTO the newest drill measured (every target rebuilt).",
+        "target_backups": "Backups of a target in the repository (any status).",
+        "target_stored_bytes": "Bytes the backups of a target take in the repository.",
+        "repository_bytes": "Bytes the repository holds (every object).",
+        "damaged_backups": "Backup directories that cannot be trusted (a refused manifest, a missing one).",
+        "open_alerts": "Alerts open now, by event (the conditions the alert sensors evaluate).",
+        "collect_duration_seconds": "How long reading the repository for this scrape took.",
+    }.items()}
+    f["info"].add(1, version=_version(), repository=status.repository)
+    f["up"].add(1)
+    for t in status.targets:
+        for retention_class, b in t.newest_good_by_class.items():
+            labels = {"target": t.target, "kind": t.kind, "retention_class": retention_class}
+            f["last_success_timestamp_seconds"].add(b.finished_at.timestamp(), **labels)
+            f["last_success_duration_seconds"].add(b.duration_seconds, **labels)
+            f["last_success_stored_bytes"].add(b.bytes_stored, **labels)
+            f["last_success_read_bytes"].add(b.bytes_read, **labels)
+        f["rpo_age_seconds"].add(math.inf if t.rpo_age_seconds is None else t.rpo_age_seconds, target=t.target)
+        f["rpo_target_seconds"].add(t.rpo_seconds, target=t.target)
+        f["rpo_breached"].add(_bool(t.rpo_breached), target=t.target)
+        if (v := t.last_verification) is not None:
+            f["last_verification_timestamp_seconds"].add(_ts(v["checked_at"]), target=t.target)
+            f["last_verification_success"].add(_bool(v["passed"]), target=t.target)
+        if (r := t.last_restore_test) is not None:
+            f["last_restore_test_success"].add(_bool(r["passed"]), target=t.target)
+            if "refused" not in r:
+                f["last_restore_test_timestamp_seconds"].add(_ts(r["tested_at"]), target=t.target)
+                f["restore_test_rto_seconds"].add(r["rto_seconds"], target=t.target)
+        f["rto_target_seconds"].add(t.rto_seconds, target=t.target)
+        f["target_backups"].add(t.backups, target=t.target)
+        f["target_stored_bytes"].add(t.bytes_stored, target=t.target)
+    if (d := status.last_drill) is not None:
+        f["last_drill_success"].add(_bool(d["passed"]))
+        if "refused" not in d:
+            f["last_drill_timestamp_seconds"].add(_ts(d["at"]))
+            f["drill_rto_seconds"].add(d["rto_seconds"])
+    f["repository_bytes"].add(status.repository_bytes)
+    f["damaged_backups"].add(status.damaged)
+    by_event: dict[str, int] = {}
+    for alert in status.open_alerts:
+        by_event[alert["event"]] = by_event.get(alert["event"], 0) + 1
+    for event in sorted(by_event):
+        f["open_alerts"].add(by_event[event], event=event)
+    f["collect_duration_seconds"].add(collect_seconds)
+    return list(f.values())
+
+
+def collect(policy: Policy, repo: Repository, keyring: Keyring) -> str:
+    """The metrics text for the repository now."""
+    started = time.monotonic()
+    status = repository_status(policy, repo, keyring, datetime.now(UTC))
+    return render(families(status, time.monotonic() - started))
+
+
+def render(found: list[Family]) -> str:
+    return "\n".join(f.render() for f in found) + "\n"
+
+
+def failed_scrape(problem: RegalError) -> str:
+    """What a scrape returns when the repository cannot be read: `up` 0 (and the reason in a comment)."""
+    up = Family("up", "1 when the repository could be read and authenticated at this scrape.")
+    up.add(0)
+    return f"# regal-backup could not read the repository: {problem.message}\n" + render([up])
+
+
+def write_textfile(policy: Policy, repo: Repository, keyring: Keyring, path: Path) -> int:
+    """Write the metrics to `path` atomically (node_exporter never reads half a file); the family count."""
+    started = time.monotonic()
+    status = repository_status(policy, repo, keyring, datetime.now(UTC))
+    found = families(status, time.monotonic() - started)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(render(found))
+    os.replace(partial, path)
+    return len(found)
+
+
+class _Cache:
+    def __init__(self, read: Callable[[], str], seconds: float):
+        self.read, self.seconds = read, seconds
+        self.lock = threading.Lock()
+        self.text, self.at = "", -math.inf
+
+    def get(self) -> str:
+        with self.lock:  # one reading of the repository at a time, shared by concurrent scrapes
+            if time.monotonic() - self.at >= self.seconds:
+                try:
+                    self.text = self.read()
+                except RegalError as exc:
+                    self.text = failed_scrape(exc)
+                self.at = time.monotonic()
+            return self.text
+
+
+def serve(policy: Policy, repo: Repository, keyring: Keyring, host: str, port: int, *, cache_seconds: float = 30.0,
+          ready: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
+    """Serve /metrics until interrupted (or `stop` is set)."""
+    cache = _Cache(lambda: collect(policy, repo, keyring), cache_seconds)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/metrics":
+                body, status, kind = cache.get().encode(), 200, CONTENT_TYPE
+            elif self.path == "/":
+                body, status, kind = b'<a href="/metrics">regal-backup metrics</a>\n', 200, "text/html"
+            else:
+                body, status, kind = b"not found: try /metrics\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        raise RegalError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                         "choose a free port, or stop what listens there") from None
+    if ready is not None:
+        ready(f"http://{host}:{server.server_address[1]}")
+    watcher = None
+    if stop is not None:
+        watcher = threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True)
+        watcher.start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
