@@ -154,8 +154,15 @@ def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, 
                            str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
 
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"backup_id": manifest.backup_id, "kind": "redis",
-                                       "path": str(target / "dump.rdb"), "ok": True}
+    restored = json.loads(done.stdout)  # the CLI's one JSON envelope (docs/cli-json.md), restore's fields
+    assert set(restored) == {"schema", "command", "ok", "exit_code", "warnings", "backup_id", "target", "kind",
+                             "destination", "validated", "problems", "seconds", "details", "erasures"}
+    assert {k: restored[k] for k in ("schema", "command", "ok", "exit_code", "backup_id", "target", "kind",
+                                     "validated", "problems", "details")} == {
+        "schema": "regal-backup-cli/1", "command": "restore", "ok": True, "exit_code": 0,
+        "backup_id": manifest.backup_id, "target": "cache", "kind": "redis", "validated": True, "problems": [],
+        "details": {"path": str(target / "dump.rdb")}}
+    assert str(target) in restored["destination"]
     again = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", str(target), "--policy",
                             str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
     assert again.returncode == 1 and "--drop-existing" in again.stderr
@@ -211,7 +218,7 @@ def test_selected_keys_are_copied_back_into_a_live_server(plain_redis: RedisServ
                            "--policy", str(policy_file)], capture_output=True, text=True, check=False)
 
     assert done.returncode == 0, done.stderr
-    counts = json.loads(done.stdout)
+    counts = json.loads(done.stdout)["details"]  # restore's kind-specific facts
     # session:1, session:10..19, session:100..199 match; only session:1 was deleted, the rest exist
     assert counts["copied"] == 1 and counts["skipped_existing"] == 110
     assert live.get("session:1") == "value 1 ✓".encode() and live.get("session:11") == b"changed since"

@@ -15,8 +15,9 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.catalog import list_backups
 from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.policy import RETENTION_CLASSES
-from regal_dagster.engine.retention import BackupInfo, plan, run_prune
+from regal_dagster.engine.policy import RETENTION_CLASSES, load_policy
+from regal_dagster.engine.retention import PRUNE_SLACK, BackupInfo, plan, run_prune
+from regal_dagster.engine.settings import CronExpression
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, make_policy, run_cli
@@ -68,6 +69,23 @@ def test_a_kept_backup_goes_at_its_planned_deletion_date(backups: list[BackupInf
         before = plan(backups, counts, decision.delete_after - timedelta(seconds=1))
         at = plan(backups, counts, decision.delete_after)
         assert before[backups.index(backup)].keep and not at[backups.index(backup)].keep, decision
+
+
+@settings(max_examples=200, deadline=None)
+@given(backups_strategy, counts_strategy)
+def test_a_deleted_backup_was_kept_until_it_became_due(backups: list[BackupInfo], counts: dict[str, int]) -> None:
+    """The moment the plan stopped keeping a backup (from which its deletion date follows) is in the past, and
+    just before it the plan still kept the backup."""
+    for backup, decision in zip(backups, plan(backups, counts, NOW), strict=True):
+        if decision.keep:
+            assert decision.due_since is None
+            continue
+        assert decision.due_since is not None and backup.started_at <= decision.due_since <= NOW
+        if decision.due_since > backup.started_at:  # the repository as it was just before then
+            then = decision.due_since - timedelta(microseconds=1)
+            existing = [b for b in backups if b.started_at <= then]
+            before = plan(existing, counts, then)
+            assert before[existing.index(backup)].keep, decision
 
 
 @settings(max_examples=300, deadline=None)
@@ -140,7 +158,11 @@ def test_prune_deletes_what_retention_no_longer_keeps_and_records_it(system_pg: 
     assert run_prune(policy, repo, later, dry_run=True).past_retention == []  # nothing past retention remains
 
 
-def test_prune_cli_checks_then_prunes(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+def test_list_show_dry_run_and_check_tell_one_retention_truth(system_pg: DatabaseFactory, tmp_path: Path,
+                                                              master_key: str) -> None:
+    """Two backups in one hour: the hourly slot keeps the newer, and the older is due for deletion by the next
+    run of the prune schedule. `list`, `show`, `prune --dry-run` and `prune --check` give the same decision and
+    date; the check calls the backup past its retention only once that prune has run and left it."""
     from .conftest import write_policy_file
 
     policy_file = write_policy_file(tmp_path, {"pos": system_pg.create()})
@@ -150,10 +172,27 @@ def test_prune_cli_checks_then_prunes(system_pg: DatabaseFactory, tmp_path: Path
     ids = [json.loads(cli("backup", "pos", "--json").stdout)["backup_id"] for _ in range(2)]
     for backup_id in ids:
         assert cli("verify", backup_id).returncode == 0
-    check = cli("prune", "--check")  # two backups in one hour: the hourly slot keeps only the newer
-    assert check.returncode == 3 and f"PAST RETENTION: {ids[0]}" in check.stdout
+    listed = {b["backup_id"]: b["retention"] for b in json.loads(cli("list", "--json").stdout)["backups"]}
+    older = listed[ids[0]]
+    assert older["keep"] is False and older["deletion_at"] is not None and older["past_retention"] is False
+    assert listed[ids[1]]["keep"] is True and "the newest good backup" in listed[ids[1]]["reasons"]
+    assert json.loads(cli("show", ids[0], "--json").stdout)["retention"] == older
+    dry = json.loads(cli("prune", "--dry-run", "--json").stdout)
+    assert next(d for d in dry["decisions"]["pos"] if d["backup_id"] == ids[0])["deletion_at"] == older["deletion_at"]
+    deletion_at = datetime.fromisoformat(older["deletion_at"])
+    assert CronExpression.parse("30 2 * * *").matches(deletion_at)  # the policy's prune schedule (default)
+    assert datetime.now(UTC) < deletion_at <= datetime.now(UTC) + timedelta(days=1)
+
+    check = cli("prune", "--check")  # due, not past: the prune that deletes it has not run yet
+    assert check.returncode == 0, check.stdout
     assert f"would delete {ids[0]}" in check.stdout and "hourly slot" in check.stdout
-    assert cli("prune").returncode == 0
+    assert "1 backup(s) due for deletion by the next prune" in check.stdout
+    policy = load_policy(policy_file)
+    late = run_prune(policy, open_repository(policy), deletion_at + PRUNE_SLACK + timedelta(minutes=1), dry_run=True)
+    assert late.past_retention == [ids[0]]  # had that prune run and left it, retention would not hold
+
+    assert cli("prune").returncode == 0  # a real prune deletes what the plan no longer keeps
+    assert [b["backup_id"] for b in json.loads(cli("list", "--json").stdout)["backups"]] == [ids[1]]
     assert cli("prune", "--check").returncode == 0
 
 
@@ -174,8 +213,7 @@ def test_the_prune_job_and_the_quarterly_retention_check_run_in_dagster(system_p
     check_config = audit.evaluate_tick(dg.build_schedule_context(
         instance=instance, scheduled_execution_time=datetime(2027, 1, 1, 6, tzinfo=UTC))).run_requests[0].run_config
 
-    failed = defs.resolve_job_def("prune_job").execute_in_process(instance=instance, run_config=check_config,
-                                                                  raise_on_error=False)
-    assert not failed.success  # the older backup of the hour is past retention: the proof fails
+    # the older backup of the hour is due for deletion by the next prune, not past its retention: the proof holds
+    assert defs.resolve_job_def("prune_job").execute_in_process(instance=instance, run_config=check_config).success
     assert defs.resolve_job_def("prune_job").execute_in_process(instance=instance).success  # prunes it
     assert defs.resolve_job_def("prune_job").execute_in_process(instance=instance, run_config=check_config).success
