@@ -184,3 +184,14 @@ def verified_backup(policy_file: Path, target: str = "pos") -> str:
     backup_id = str(json.loads(done.stdout)["backup_id"])
     assert run_cli(policy_file, "verify", backup_id).returncode == 0
     return backup_id
+
+
+def backup_then_checks(defs, instance, **kwargs):  # type: ignore[no-untyped-def]
+    """A Dagster backup run and, when it succeeded, the run of checks the `check_new_backups` sensor launches
+    after it (verify_job): (backup result, checks result or None)."""
+    from regal_dagster.defs import BACKUP_JOB, VERIFY_JOB
+
+    backup = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance, **kwargs)
+    if not backup.success:
+        return backup, None
+    return backup, defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=instance)

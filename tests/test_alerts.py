@@ -168,9 +168,15 @@ class Sensors:
         self.defs = build_definitions(str(policy_file))
         self.instance = dg.DagsterInstance.ephemeral()
         self.cursors: dict[str, str | None] = {}
+        self.checks: dg.ExecuteInProcessResult | None = None
 
     def run(self, job: str) -> dg.ExecuteInProcessResult:
-        return self.defs.resolve_job_def(job).execute_in_process(instance=self.instance, raise_on_error=False)
+        """Run a job; after a successful backup run, also the checks `check_new_backups` launches (kept in
+        `self.checks`)."""
+        result = self.defs.resolve_job_def(job).execute_in_process(instance=self.instance, raise_on_error=False)
+        if job == BACKUP_JOB and result.success:
+            self.checks = self.defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=self.instance)
+        return result
 
     def tick(self, name: str) -> None:
         context = dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(name),
@@ -191,7 +197,8 @@ def test_rpo_breach_alerts_once_reminds_and_resolves_after_a_new_backup(
     sensors = Sensors(policy_file)
     first = sensors.run(BACKUP_JOB)
     assert first.success
-    assert all(e.passed for e in first.get_asset_check_evaluations())
+    assert sensors.checks is not None and sensors.checks.get_asset_check_evaluations()
+    assert all(e.passed for e in sensors.checks.get_asset_check_evaluations())
 
     sensors.tick("rpo_watch")
     assert inbox.messages == [] and receiver.posts == []  # fresh: nothing to say

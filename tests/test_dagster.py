@@ -13,7 +13,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from regal_dagster.defs import BACKUP_JOB, build_definitions
+from regal_dagster.defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from regal_dagster.defs.backups.assets import RETENTION_CLASS_TAG
 from regal_dagster.engine import catalog
 from regal_dagster.engine.checks import load_check_record
@@ -141,16 +141,94 @@ def test_checks_sensors_and_verify_job_are_defined_as_an_operator_expects(policy
     assert verification.job_name == "verify_job" and verification.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
-def test_the_backup_run_checks_the_backup_it_took(policy_file: Path) -> None:
+def test_the_checks_follow_every_successful_backup_run_on_the_backup_it_took(policy_file: Path) -> None:
+    defs = build_definitions(str(policy_file))
     instance = dg.DagsterInstance.ephemeral()
-    result = build_definitions(str(policy_file)).resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance)
+    backup = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance)
+    assert backup.success and not backup.get_asset_check_evaluations()  # the backup run plans no checks
+
+    success = next(e for e in instance.all_logs(backup.run_id) if e.dagster_event
+                   and e.dagster_event.event_type == dg.DagsterEventType.RUN_SUCCESS)
+    context = dg.build_run_status_sensor_context(sensor_name="check_new_backups", dagster_instance=instance,
+                                                 dagster_run=instance.get_run_by_id(backup.run_id),
+                                                 dagster_event=success.dagster_event)
+    request = defs.resolve_sensor_def("check_new_backups")(context)
+    assert defs.resolve_sensor_def("check_new_backups").job_name == VERIFY_JOB  # the run it asks for
+    assert {k.name for k in request.asset_check_keys} == {"manifest", "integrity", "encryption", "size",
+                                                         "key_cryptoperiod"}
+    assert {k.asset_key for k in request.asset_check_keys} == {KEY}
+
+    result = defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=instance)
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(evaluations) == {"manifest", "integrity", "encryption", "size", "key_cryptoperiod"}
     assert all(e.passed for e in evaluations.values())
-    backup_id = result.asset_materializations_for_node("postgres__pos__backup")[0].metadata["backup_id"].value
+    backup_id = backup.asset_materializations_for_node("postgres__pos__backup")[0].metadata["backup_id"].value
     assert evaluations["integrity"].metadata["backup_id"].value == backup_id
     policy = load_policy(policy_file)
     keyring = load_keyring(policy)
     repo = open_repository(policy)
     record = load_check_record(repo, keyring, catalog.load_manifest(repo, keyring, str(backup_id)))
     assert record is not None and record.passed and record.trigger == {"dagster_run_id": result.run_id}
+
+
+def test_a_backup_that_never_happened_has_no_failed_checks(policy_file: Path) -> None:
+    """A backup run that could not connect plans no checks (Dagster would show them failed); the daily
+    verification before any backup skips them."""
+    policy_file.write_text(policy_file.read_text().replace("port=5432", "port=1"))
+    defs = build_definitions(str(policy_file))
+    instance = dg.DagsterInstance.ephemeral()
+    failed = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    assert not failed.success
+    verify = defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=instance)
+    assert verify.success and verify.get_asset_check_evaluations() == []
+
+    for name in ("manifest", "integrity", "encryption", "size", "key_cryptoperiod"):
+        history = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(KEY, name), limit=10)
+        assert [h.run_id for h in history] == [verify.run_id]  # none in the failed backup run
+        assert history[0].status.value == "PLANNED"  # never evaluated in a run that succeeded: shown "Skipped"
+        assert instance.get_run_by_id(verify.run_id).status == dg.DagsterRunStatus.SUCCESS
+
+
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None) -> str | None:
+    """Evaluate a sensor and report its runless asset events to the instance, as the daemon does."""
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+    result = defs.resolve_sensor_def(name)(context)
+    for event in getattr(result, "asset_events", []) or []:
+        instance.report_runless_asset_event(event)
+    return getattr(result, "cursor", None) or context.cursor
+
+
+def test_a_cli_backup_shows_as_the_assets_latest_materialization(policy_file: Path) -> None:
+    from .conftest import verified_backup
+
+    defs = build_definitions(str(policy_file))
+    instance = dg.DagsterInstance.ephemeral()
+    assert defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance).success  # through Dagster
+    cursor = _tick(defs, instance, "backups_outside_dagster", None)
+    dagster_event = instance.get_latest_materialization_event(KEY)
+    assert dagster_event is not None and dagster_event.run_id  # nothing new outside Dagster: nothing reported
+
+    backup_id = verified_backup(policy_file)  # the CLI, as an operator on another host would
+    cursor = _tick(defs, instance, "backups_outside_dagster", cursor)
+    latest = instance.get_latest_materialization_event(KEY)
+    assert latest is not None and latest.asset_materialization is not None
+    assert latest.asset_materialization.metadata["backup_id"].value == backup_id
+    assert "cli backup" in str(latest.asset_materialization.metadata["taken_outside_dagster"].value)
+    integrity = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(KEY, "integrity"),
+                                                                            limit=1)[0]
+    assert integrity.evaluation is not None and integrity.evaluation.passed  # the CLI's verification, shown
+
+    _tick(defs, instance, "backups_outside_dagster", cursor)  # reported once
+    assert len(instance.fetch_materializations(KEY, limit=10).records) == 2
+
+
+def test_every_schedule_and_sensor_says_what_it_does(policy_file: Path) -> None:
+    defs = build_definitions(str(policy_file))
+    for definition in [*defs.schedules, *defs.sensors]:  # type: ignore[misc]
+        assert definition.description and len(definition.description) > 30, definition.name
+    monthly = defs.resolve_schedule_def("monthly_backups").description or ""
+    assert "the first Sunday of each month at 01:00 UTC" in monthly
+    assert "every Sunday at 01:00 UTC" in (defs.resolve_schedule_def("weekly_backups").description or "")
+    spec = defs.resolve_assets_def(KEY).get_asset_spec(KEY)
+    assert "freshness warns 45 min after the last backup and fails 1 h after it" in (spec.description or "")
+    assert spec.metadata["regal/freshness_warn_after"] == "45 min"

@@ -241,15 +241,17 @@ def test_dagster_copies_each_backup_off_site_and_checks_the_copy(source: str, tm
 
     from regal_dagster.defs import build_definitions
 
+    from .conftest import backup_then_checks
+
     policy_file = _policy_file(tmp_path, source, {"url": "repository"}, {"url": str(tmp_path / "second-site")})
     defs = build_definitions(str(policy_file))
     specs = {s.name: s for c in defs.asset_checks or [] for s in c.check_specs}  # type: ignore[union-attr]
     assert not specs["offsite_copy"].blocking and not specs["key_cryptoperiod"].blocking
 
-    result = defs.resolve_job_def("backup_job").execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    result, checks = backup_then_checks(defs, dg.DagsterInstance.ephemeral())
 
-    assert result.success
+    assert result.success and checks is not None
     (materialization,) = result.asset_materializations_for_node("postgres__pos__backup")
     assert materialization.metadata["offsite_copy"].value == "copied and read back"
-    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    evaluations = {e.check_name: e for e in checks.get_asset_check_evaluations()}
     assert evaluations["offsite_copy"].passed and evaluations["key_cryptoperiod"].passed

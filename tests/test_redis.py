@@ -190,13 +190,15 @@ def test_the_redis_target_is_an_asset_with_its_checks(plain_redis: RedisServer, 
                                                       master_key: str) -> None:
     import dagster as dg
 
-    from regal_dagster.defs import BACKUP_JOB, build_definitions
+    from regal_dagster.defs import build_definitions
+
+    from .conftest import backup_then_checks
 
     _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"})
     defs = build_definitions(str(tmp_path / "regal_backup.yaml"))
-    result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=dg.DagsterInstance.ephemeral())
-    assert result.success
-    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    result, checks = backup_then_checks(defs, dg.DagsterInstance.ephemeral())
+    assert result.success and checks is not None
+    evaluations = {e.check_name: e for e in checks.get_asset_check_evaluations()}
     assert set(evaluations) == {"manifest", "integrity", "encryption", "size", "persistence_configured",
                                 "key_cryptoperiod"}
     assert evaluations["persistence_configured"].severity == dg.AssetCheckSeverity.WARN

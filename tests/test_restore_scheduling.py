@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from regal_dagster.defs import BACKUP_JOB, RESTORE_TEST_JOB, build_definitions
+from regal_dagster.defs import RESTORE_TEST_JOB, build_definitions
 from regal_dagster.engine.checks import good_backups
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.layout import RESTORE_SAMPLES
@@ -20,7 +20,7 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.sampling import choose, draw_restore_sample
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, load_awkward_data, write_policy_file
+from .conftest import DatabaseFactory, backup_then_checks, load_awkward_data, write_policy_file
 from .pg_compare import execute
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
@@ -35,9 +35,8 @@ def policy_file(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> 
 
 
 def _backup(defs: dg.Definitions, instance: dg.DagsterInstance, retention_class: str) -> str:
-    result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(
-        instance=instance, tags={"regal/retention_class": retention_class})
-    assert result.success
+    result, checks = backup_then_checks(defs, instance, tags={"regal/retention_class": retention_class})
+    assert result.success and checks is not None and checks.success
     return str(result.asset_materializations_for_node("postgres__pos__backup")[0].metadata["backup_id"].value)
 
 

@@ -156,6 +156,37 @@ class CronExpression:
         return None
 
 
+_DAYS = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+
+
+def describe_cron(cron: str, first_in_month: bool = False) -> str:
+    """A cron expression in words, for people ("every day at 02:00 UTC", "the first Sunday of each month at
+    01:00 UTC"); the expression itself follows in parentheses. Unusual forms are given as the expression."""
+    parts = cron.split()
+    expression = CronExpression.parse(cron)
+    minute, hour, _dom, _month, dow = expression.fields
+    if len(minute) != 1 or parts[3] != "*":
+        return f"cron {cron} (UTC)" + (", the first matching day of each month" if first_in_month else "")
+    (m,) = minute
+    if parts[1] == "*":
+        when = f"every hour at minute {m:02d}"
+    elif len(hour) == 1:
+        when = f"at {next(iter(hour)):02d}:{m:02d} UTC"
+    else:
+        return f"cron {cron} (UTC)"
+    if parts[2] == "*" and parts[4] == "*":
+        days = "every day" if parts[1] != "*" else ""
+    elif parts[2] == "*" and len(dow) == 1:
+        day = _DAYS[next(iter(dow))]
+        days = f"the first {day} of each month" if first_in_month else f"every {day}"
+    elif parts[4] == "*" and parts[2].isdigit():
+        days = f"day {parts[2]} of each month"
+    else:
+        return f"cron {cron} (UTC)"
+    text = f"{days} {when}".strip() if days else when + " UTC" if "UTC" not in when else when
+    return f"{text} (cron {cron})"
+
+
 def is_first_match_in_month(cron: str, tick: datetime) -> bool:
     expression = CronExpression.parse(cron)
     day = tick.replace(day=1)

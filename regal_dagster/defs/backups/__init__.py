@@ -1,5 +1,6 @@
 """Backups in Dagster: one backup asset per target with the RPO as its freshness policy, its asset checks,
-the backup job with a schedule per retention class, and the daily re-verification."""
+the backup job with a schedule per retention class, the checks after every backup run and daily, and the
+backups taken outside Dagster reported on their assets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ...engine.policy import Policy
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks
 from .schedules import build_class_schedule
+from .sensors import build_check_sensor, build_outside_sensor
 
 BACKUP_JOB = "backup_job"
 VERIFY_JOB = "verify_job"
@@ -17,15 +19,18 @@ VERIFY_JOB = "verify_job"
 def backup_definitions(policy: Policy) -> Definitions:
     targets = sorted(policy.targets)
     backups = [build_backup_asset(policy, name) for name in targets]
-    backup_job = define_asset_job(BACKUP_JOB, selection=AssetSelection.groups(BACKUP_GROUP),
-                                  description="Back up every target, then check each backup.")
+    backup_job = define_asset_job(BACKUP_JOB, selection=AssetSelection.groups(BACKUP_GROUP).without_checks(),
+                                  description="Back up every target (the checks follow in verify_job, launched by "
+                                              "the check_new_backups sensor).")
     verify_job = define_asset_job(VERIFY_JOB, selection=AssetSelection.checks_for_assets(*backups),
-                                  description="Check the newest backup of every target again.")
+                                  description="Check the newest backup of every target: after each backup run, "
+                                              "daily, and on demand.")
     schedules = [build_class_schedule(policy, cls, BACKUP_JOB) for cls in policy.schedules]
     schedules.append(ScheduleDefinition(
         name="daily_verification", job=verify_job, cron_schedule=policy.checks.verify_cron, execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,
         description=f"Every target's newest backup read back and checked again ({policy.checks.verify_cron} UTC): "
                     "storage bit rot or tampering is found within a day."))
+    sensors = [build_check_sensor(policy, backup_job, verify_job), build_outside_sensor(policy)]
     return Definitions(assets=backups, asset_checks=[build_backup_checks(policy, name) for name in targets],
-                       jobs=[backup_job, verify_job], schedules=schedules)
+                       jobs=[backup_job, verify_job], schedules=schedules, sensors=sensors)

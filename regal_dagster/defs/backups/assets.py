@@ -77,9 +77,21 @@ def rpo_freshness_policy(rpo: timedelta) -> FreshnessPolicy:
     return FreshnessPolicy.time_window(fail_window=fail, warn_window=warn if warn >= DAGSTER_MIN_WINDOW else None)
 
 
+def _span(delta: timedelta) -> str:
+    """A window as it is: 45 min, 1 h, 1 h 30 min, 2 d (the UI rounds both 45 min and 1 h to "an hour")."""
+    minutes = int(delta.total_seconds() // 60)
+    days, rest = divmod(minutes, 24 * 60)
+    hours, mins = divmod(rest, 60)
+    parts = [f"{days} d" if days else "", f"{hours} h" if hours else "", f"{mins} min" if mins else ""]
+    return " ".join(p for p in parts if p) or f"{delta.total_seconds():.0f} s"
+
+
 def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     config = policy.target(target)
     rpo = policy.rpo_for(target)
+    freshness = rpo_freshness_policy(rpo)
+    fail = _span(freshness.fail_window.to_timedelta())
+    warn = _span(freshness.warn_window.to_timedelta()) if freshness.warn_window else None
     store_kind = backend_for(policy.repository.url).kind  # "s3", "filesystem"
     label = source_for(config.kind).label
 
@@ -87,9 +99,14 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         key=backup_asset_key(config.kind, target),
         group_name=BACKUP_GROUP,
         kinds={config.kind, store_kind},
-        description=f"Encrypted backup of the {label} '{target}' (RPO {rpo}).",
-        freshness_policy=rpo_freshness_policy(rpo),
+        description=f"Encrypted backup of the {label} '{target}'. RPO {_span(rpo)}: freshness "
+                    + (f"warns {warn} after the last backup and " if warn else "")
+                    + f"fails {fail} after it (backups taken outside Dagster count too: the "
+                    "backups_outside_dagster sensor reports them).",
+        freshness_policy=freshness,
         tags={"regal/target": target},
+        metadata={"regal/rpo": _span(rpo), "regal/freshness_warn_after": warn or "-",
+                  "regal/freshness_fail_after": fail},
     )
     def _backup(context: AssetExecutionContext, config: BackupConfig, regal: RegalEngine) -> MaterializeResult:
         retention_class = context.run.tags.get(RETENTION_CLASS_TAG, config.retention_class)

@@ -1,8 +1,10 @@
 """Asset checks on every backup asset: manifest, integrity, encryption (ERROR, blocking), size (WARN),
 the key's cryptoperiod (WARN, ERROR once past) and the off-site copy (ERROR, not blocking).
 
-They run in the backup job right after the backup, and on their own in `verify_job` (daily, and from the
-UI), always on the asset's newest materialization. The engine writes the outcome next to the manifest
+They run in `verify_job`, always on the asset's newest materialization: right after every successful
+backup run (the `check_new_backups` sensor), daily (`daily_verification`) and from the UI. They are not
+planned in the backup run itself: a backup that never happened has no checks to fail (Dagster shows the
+checks planned in a failed run as failed). With no backup yet, the checks are skipped. The engine writes the outcome next to the manifest
 (checks.json), so the CLI, the RPO watch, retention and restore tests all see which backups are good.
 """
 
@@ -29,19 +31,20 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
     specs = [AssetCheckSpec(name, asset=key, blocking=check_spec(name).decides_good,
                             description=check_spec(name).description) for name in names]
 
-    @multi_asset_check(name=f"{target}_backup_checks", specs=specs)
+    @multi_asset_check(name=f"{target}_backup_checks", specs=specs, can_subset=True,
+                       description=f"The checks of the newest backup of '{target}' (recorded next to its manifest).")
     def _checks(context: AssetCheckExecutionContext, regal: RegalEngine):
         event = context.instance.get_latest_materialization_event(key)
         materialization = event.asset_materialization if event else None
         backup_id = materialization.metadata.get("backup_id") if materialization else None
-        if backup_id is None:
-            for name in names:
-                yield AssetCheckResult(asset_key=key, check_name=name, passed=False,
-                                       severity=AssetCheckSeverity(check_spec(name).severity),
-                                       description="no backup has been taken yet")
+        if backup_id is None:  # nothing to check: every check is skipped, none failed
+            context.log.info(f"no backup of '{target}' yet: its checks are skipped")
             return
         record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id})
+        selected = {k.name for k in context.selected_asset_check_keys}
         for outcome in record.outcomes:
+            if outcome.name not in selected:
+                continue
             metadata = {"backup_id": record.backup_id, "finding": outcome.description, **outcome.metadata}
             if outcome.failing_object:
                 metadata["failing_object"] = outcome.failing_object

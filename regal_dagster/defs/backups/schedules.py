@@ -12,6 +12,7 @@ from dagster import (
 )
 
 from ...engine.policy import Policy
+from ...engine.settings import describe_cron
 from .assets import RETENTION_CLASS_TAG
 
 
@@ -24,7 +25,9 @@ def build_class_schedule(policy: Policy, retention_class: str, job_name: str) ->
         job_name=job_name,
         execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,
-        description=f"{retention_class.capitalize()} backups of every target ({cron} UTC).",
+        description=f"{retention_class.capitalize()} backups of every target: "
+                    f"{describe_cron(cron, policy.schedules[retention_class].first_in_month)}; "  # type: ignore[index]
+                    "when a higher class is scheduled at the same minute, that one runs instead.",
     )
     def _schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
         tick = context.scheduled_execution_time

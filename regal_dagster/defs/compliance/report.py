@@ -4,14 +4,19 @@
 - `report_after_drill` reports on the drill's quarter as soon as `dr_drill_job` ends, passed or failed;
 - on demand: materialize the asset with a `period` (or `regal-backup report --period YYYY-MM`); the current
   period gives an interim report, a future one fails the run with the reason.
+- `reports_outside_dagster`: reports written by `regal-backup report` (the CLI) appear on the asset as
+  runless materializations, so its history lists every report the repository holds.
 Defined when the policy has an audit trail (`audit.dsn`): the report is built from it.
 """
 
+import hashlib
+import json
 from datetime import UTC, datetime
 
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
     Config,
     DagsterRunStatus,
     DefaultScheduleStatus,
@@ -23,14 +28,18 @@ from dagster import (
     RunRequest,
     RunStatusSensorContext,
     ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
     TableColumn,
     TableRecord,
     TableSchema,
     asset,
     define_asset_job,
     run_status_sensor,
+    sensor,
 )
 
+from ...engine.layout import COMPLIANCE_REPORTS
 from ...engine.policy import Policy
 from ...engine.report import Period, build_report
 from ..resources import RegalEngine
@@ -72,6 +81,32 @@ def compliance_report(context: AssetExecutionContext, config: ReportConfig, rega
     })
 
 
+@sensor(name="reports_outside_dagster", minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
+        description="Reports written by `regal-backup report` (outside Dagster) appear as materializations of "
+                    "compliance/report, with their period, repository key and SHA-256.")
+def _reports_outside_dagster(context: SensorEvaluationContext, regal: RegalEngine) -> SensorResult:
+    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    repo = regal.repository()
+    stored = sorted(o.key for o in repo.list(COMPLIANCE_REPORTS) if o.key.endswith(".pdf"))
+    new = [key for key in stored if key not in seen]
+    if not new:
+        return SensorResult(cursor=json.dumps(sorted(seen)))
+    records = context.instance.fetch_materializations(REPORT_KEY, limit=500).records
+    by_dagster = {str(r.asset_materialization.metadata["repository_key"].value) for r in records
+                  if r.asset_materialization and "repository_key" in r.asset_materialization.metadata}
+    events = []
+    for key in new[-20:]:  # a first look at an old repository reports the newest reports, not all of them
+        if key in by_dagster:
+            continue
+        period, report_id = key.removeprefix(COMPLIANCE_REPORTS).removesuffix(".pdf").split("/", 1)
+        events.append(AssetMaterialization(
+            asset_key=REPORT_KEY, description=f"report {report_id} written outside Dagster (regal-backup report)",
+            metadata={"report_id": report_id, "period": period, "repository_key": key,
+                      "sha256": hashlib.sha256(repo.get_bytes(key)).hexdigest(),
+                      "written_by": "regal-backup report (CLI)"}))
+    return SensorResult(asset_events=events, cursor=json.dumps(sorted(seen | set(new))))
+
+
 def compliance_definitions(policy: Policy, drill_job: JobDefinition) -> Definitions:
     """The report asset, its job, the monthly schedule and the reports after each drill (passed or failed)."""
     report_job = define_asset_job(REPORT_JOB, selection=[REPORT_KEY], description="Build the compliance report.")
@@ -91,4 +126,5 @@ def compliance_definitions(policy: Policy, drill_job: JobDefinition) -> Definiti
                               run_config=_run_config(quarter.label))
 
         sensors.append(_after_drill)
+    sensors.append(_reports_outside_dagster)
     return Definitions(assets=[compliance_report], jobs=[report_job], schedules=[monthly], sensors=sensors)
