@@ -330,3 +330,53 @@ def test_capacity_of_a_local_repository_is_measured_against_the_policy(tmp_path:
     relaxed = load_policy(write_policy_file(tmp_path / "relaxed", {"pos": "postgresql://x@127.0.0.1:1/none"},
                                             alerts={"capacity": {"min_free_fraction": 0.0}}))
     assert capacity_conditions(relaxed, open_repository(relaxed)) == []
+
+
+def test_pagerduty_triggers_an_incident_and_resolves_it_with_one_dedup_key(
+        tmp_path: Path, master_key: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Events API v2 as PagerDuty receives it (a local receiver stands in for events.pagerduty.com): the
+    alert triggers, a rate-limited delivery waits for the next evaluation, "resolved" resolves the incident."""
+    routing_key = "R0UTINGKEY0123456789abcdefabcdef"
+    monkeypatch.setenv("REGAL_TEST_PD_KEY", routing_key)
+    policy_file = write_policy_file(tmp_path, {"pos": "postgresql://nobody@127.0.0.1:1/none"},
+                                    alerts={"channels": [{"kind": "pagerduty", "routing_key_env": "REGAL_TEST_PD_KEY",
+                                                          "events_url": f"{receiver.url}/v2/enqueue",
+                                                          "timeout": "5s"}]})
+    policy = load_policy(policy_file)
+    book = AlertBook()
+    breach = Condition("rpo:pos", "rpo_breach", "pos", "pos: newest good backup is 2.0 h old, past the RPO of 1.0 h",
+                       f"{BASE_URL}/assets/postgres/pos/backup", "Take a backup now with `regal-backup backup pos`.",
+                       details={"newest_good_backup": "pos-20261124T020000Z-a1b2c3"})
+    now = dt.datetime.now(dt.UTC)
+
+    receiver.status = 429  # PagerDuty's rate limit: try again later
+    failures = evaluate_and_notify(policy, book, [breach], now)
+    assert len(failures) == 1 and "HTTP 429" in failures[0] and routing_key not in failures[0]
+    receiver.status = 200
+    assert evaluate_and_notify(policy, book, [breach], now + dt.timedelta(seconds=60)) == []
+    assert evaluate_and_notify(policy, book, [], now + dt.timedelta(seconds=120)) == []  # the breach is gone
+
+    trigger, resolve = receiver.on("/v2/enqueue")
+    assert trigger["routing_key"] == routing_key and trigger["event_action"] == "trigger"
+    assert trigger["dedup_key"] == resolve["dedup_key"] == "regal-backup:rpo:pos"
+    payload = trigger["payload"]
+    assert payload["severity"] == "critical" and payload["component"] == "pos" and payload["class"] == "rpo_breach"
+    assert payload["summary"] == "[Regal Backup] ALERT: " + breach.what and payload["source"] == "regal-backup/pos"
+    assert payload["custom_details"]["newest_good_backup"] == "pos-20261124T020000Z-a1b2c3"
+    assert trigger["links"] == [{"href": breach.link, "text": "Open in Dagster"}]
+    assert resolve == {"routing_key": routing_key, "event_action": "resolve", "dedup_key": "regal-backup:rpo:pos"}
+
+
+def test_the_file_channel_appends_one_json_line_per_message(tmp_path: Path, master_key: str) -> None:
+    policy_file = write_policy_file(tmp_path, {"pos": "postgresql://nobody@127.0.0.1:1/none"},
+                                    alerts={"channels": [{"kind": "file", "path": "alerts.jsonl"}]})
+    policy = load_policy(policy_file)
+    book = AlertBook()
+    condition = Condition("capacity", "capacity", "repository", "repository disk 3% free", f"{BASE_URL}/assets",
+                          "Prune old backups or add storage.")
+    now = dt.datetime.now(dt.UTC)
+    assert evaluate_and_notify(policy, book, [condition], now) == []
+    assert evaluate_and_notify(policy, book, [], now + dt.timedelta(seconds=60)) == []
+    lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["status"] for line in lines] == ["alert", "resolved"]
+    assert (tmp_path / "alerts.jsonl").stat().st_mode & 0o777 == 0o600

@@ -1,34 +1,46 @@
-"""`regal-backup demo`: the whole product on a machine with no PostgreSQL.
+"""`regal-backup demo`: the whole product, as we recommend running it, on a machine with no PostgreSQL.
 
-Starts an embedded PostgreSQL 18, generates the point-of-sale database, writes a policy with a local
-repository and a new keyset, materializes the backup assets through Dagster (the runs land in a local
-Dagster instance the UI can show), verifies the backup and prints a summary.
+Starts an embedded PostgreSQL 18, generates the point-of-sale database and writes a policy the way
+`regal-backup init` does, with what a compliant setup adds: an audit trail (its own database), an off-site
+copy (a second local repository standing in for another site) and an alert channel it can deliver to here
+(a JSON-lines file). Then it takes a backup through Dagster (the runs land in a local Dagster instance the
+UI can show), checks it, restore-tests it, runs a disaster-recovery drill and a prune, proves the alert
+channel delivers, and writes this month's compliance report: it passes, or the summary says which control
+fails and why. Running it again reuses the policy and the repository.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import yaml
 
-from ..defs import BACKUP_JOB, build_definitions
+from ..defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from ..defs.backups.assets import RETENTION_CLASS_TAG
 from ..engine import catalog
+from ..engine.alerts import AlertBook, Condition, evaluate_and_notify
 from ..engine.bootstrap import POLICY_NAME, init_project
 from ..engine.crypto import load_keyring
 from ..engine.datagen import create_pos_database
+from ..engine.drill import run_drill
 from ..engine.policy import load_policy
 from ..engine.postgresql.server import ScratchCluster
 from ..engine.report import Period, build_report
+from ..engine.restore_test import run_restore_test
+from ..engine.retention import run_prune
 from ..engine.storage import open_repository
-from ..engine.verify import verify_backup
+from .output import cli_invocation, tool_invocation
 
 DEMO_DATABASE = "regalpos"
 AUDIT_DATABASE = "regal_audit"
+ALERTS_FILE = "alerts.jsonl"
+OFFSITE_DIR = "offsite-repository"
 
 
 def _say(echo: bool, text: str) -> None:
@@ -37,14 +49,17 @@ def _say(echo: bool, text: str) -> None:
 
 
 def _policy_for(directory: Path, dsn: str, audit_dsn: str) -> Path:
-    """A new policy, or the existing one pointed at this run's server (its port changes between runs).
-    The audit trail lives in the same embedded server, in its own database (in production: elsewhere)."""
+    """A new policy as `init` writes it, or the existing one pointed at this run's server (its port changes
+    between runs); with the off-site copy and the alert channel a compliant setup has. The audit trail lives
+    in the same embedded server, in its own database (in production: another server)."""
     path = directory / POLICY_NAME
     if not path.exists():
-        path = init_project(directory, dsn).policy_path
+        path = init_project(directory, dsn, audit_dsn=audit_dsn).policy_path
     document = yaml.safe_load(path.read_text())
     document["targets"]["main"]["dsn"] = dsn
     document["audit"] = {"dsn": audit_dsn}
+    document["offsite"] = {"url": OFFSITE_DIR}  # in production: another bucket, region or site
+    document["alerts"] = {"channels": [{"kind": "file", "path": ALERTS_FILE}]}  # in production: PagerDuty, e-mail
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
@@ -82,36 +97,77 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     _say(echo, f"generating the point-of-sale database at scale {scale}")
     rows = create_pos_database(dsn, scale, replace=True)
     policy_path = _policy_for(directory, dsn, cluster.dsn(AUDIT_DATABASE))
-    _say(echo, "materializing the backup assets through Dagster")
-    result = build_definitions(str(policy_path)).resolve_job_def(BACKUP_JOB).execute_in_process(
-        instance=instance, tags={RETENTION_CLASS_TAG: "daily"})
+    defs = build_definitions(str(policy_path))
+    _say(echo, "taking a daily backup through Dagster (copied off-site as it is stored)")
+    result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance, tags={RETENTION_CLASS_TAG: "daily"})
     (event,) = result.get_asset_materialization_events()
-    backup_id = event.materialization.metadata["backup_id"].value
+    backup_id = str(event.materialization.metadata["backup_id"].value)
+    _say(echo, f"checking {backup_id} (what the check_new_backups sensor launches after every backup run)")
+    checks = defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=instance)
+    evaluations = checks.get_asset_check_evaluations()
     policy = load_policy(policy_path)
     repo, keyring = open_repository(policy), load_keyring(policy)
-    manifest = catalog.load_manifest(repo, keyring, str(backup_id))
-    _say(echo, f"verifying {backup_id}")
-    verified = verify_backup(repo, keyring, manifest)
+    manifest = catalog.load_manifest(repo, keyring, backup_id)
+    _say(echo, f"restore-testing {backup_id} in a scratch PostgreSQL 18 (RTO measured)")
+    tested = run_restore_test(policy, repo, keyring, manifest, trigger={"cli": "demo"})
+    _say(echo, "running a disaster-recovery drill: every target rebuilt from the repository alone")
+    drill = run_drill(policy, repo, keyring)
+    _say(echo, "pruning what retention no longer keeps (recorded)")
+    pruned = run_prune(policy, repo, datetime.now(UTC), keyring=keyring)
+    _say(echo, f"proving the alert channel delivers (a test alert and its resolution in {ALERTS_FILE})")
+    alert_problems = _test_alert_channel(policy)
     _say(echo, "writing this month's compliance report")
-    report = build_report(policy, Period.parse(f"{manifest.started_at:%Y-%m}"), repo=repo, trigger={"cli": "demo"})
+    report = build_report(policy, Period.parse(f"{datetime.now(UTC):%Y-%m}"), repo=repo, trigger={"cli": "demo"})
     report_file = directory / "compliance-report.pdf"
     report_file.write_bytes(report.pdf)
+    failed = [c for c in report.controls if c.result != "PASS"]
     home = directory / "dagster_home"
-    ui = (f"DAGSTER_HOME={home} REGAL_POLICY={policy_path} dagster dev -w workspace.yaml"
-          + ("" if keep_running else "   (first: regal-backup demo --keep-running, so the database is up)"))
-    text = "\n".join([
-        f"dataset     {sum(rows.values())} rows in {len(rows)} tables ({DEMO_DATABASE} on {cluster.dsn(DEMO_DATABASE)})",
-        f"backup      {manifest.backup_id} ({manifest.retention_class}), Dagster run {result.run_id}",
-        (f"stored      {manifest.stored_bytes:,} bytes from {manifest.plaintext_bytes:,} "
-         f"(ratio {manifest.plaintext_bytes / max(manifest.stored_bytes, 1):.1f}), "
-         f"key {manifest.objects[0].encryption.key_id}"),
-        f"verified    {'yes: every byte authenticated and checksummed' if verified.ok else 'NO: ' + '; '.join(verified.problems)}",
-        (f"report      {report_file} (audit trail {'intact' if report.chain_ok else 'BROKEN'}; controls failed: "
-         f"{', '.join(c.control_id for c in report.controls if c.result == 'FAIL') or 'none'})"),
-        f"policy      {policy_path}",
-        f"repository  {repo.location}",
-        f"open the UI {ui}",
-    ])
-    return {"backup_id": manifest.backup_id, "run_id": result.run_id, "rows": rows, "verified": verified.ok,
-            "policy": str(policy_path), "repository": repo.location, "report": str(report_file), "dagster_home": str(home),
-            "postgres_running": keep_running, "text": text}
+    env = f"DAGSTER_HOME={shlex.quote(str(home))} REGAL_POLICY={shlex.quote(str(policy_path))}"
+    ui = f"{env} {tool_invocation('dagster')} dev -m regal_dagster.definitions"
+    status = f"{cli_invocation()} --policy {shlex.quote(str(policy_path))} status"
+    checks_ok = bool(evaluations) and all(e.passed for e in evaluations)
+    verdicts = ", ".join(f"{name} {verdict}" for name, verdict in report.frameworks.items())
+    lines = [
+        f"dataset      {sum(rows.values())} rows in {len(rows)} tables ({DEMO_DATABASE} on {cluster.dsn(DEMO_DATABASE)})",
+        f"backup       {manifest.backup_id} ({manifest.retention_class}), Dagster run {result.run_id}",
+        (f"stored       {manifest.stored_bytes:,} bytes from {manifest.plaintext_bytes:,} "
+         f"(ratio {manifest.plaintext_bytes / max(manifest.stored_bytes, 1):.1f}), key "
+         f"{manifest.objects[0].encryption.key_id}; off-site copy in {directory / OFFSITE_DIR}"),
+        "checks       " + (", ".join(f"{e.check_name} {'passed' if e.passed else 'FAILED'}" for e in evaluations)),
+        (f"restore test {'passed' if tested.validation_passed and tested.rto_within_target else 'FAILED'}: RTO "
+         f"{tested.rto_seconds:.1f}s against {tested.rto_target_seconds / 3600:.0f} h"
+         + ("" if tested.validation_passed else "; " + "; ".join(tested.problems[:3]))),
+        f"drill        {'passed' if drill['passed'] else 'FAILED'}: RTO {drill['rto_seconds']:.1f}s",
+        (f"prune        {sum(d.keep for ds in pruned.decisions.values() for d in ds)} backup(s) kept, "
+         f"{len(pruned.deleted)} deleted"),
+        f"alerts       {policy.resolve_path(ALERTS_FILE)}" + (f": NOT DELIVERED: {'; '.join(alert_problems)}"
+                                                              if alert_problems else ": delivered"),
+        (f"report       {report_file}: {verdicts} (audit trail {'intact' if report.chain_ok else 'BROKEN'})"),
+        *[f"  {c.control_id} {c.result}: {c.finding}" for c in failed],
+        f"policy       {policy_path}",
+        f"repository   {repo.location}",
+        "",
+        "next steps",
+        f"  status at a glance:  {status}",
+        f"  open the Dagster UI: {ui}",
+        *(["                       (first run `" + cli_invocation() + " demo --keep-running`: the UI needs the demo "
+           "PostgreSQL up)"] if not keep_running else []),
+    ]
+    passed = checks_ok and tested.validation_passed and drill["passed"] and not failed and not alert_problems
+    return {"backup_id": manifest.backup_id, "run_id": result.run_id, "checks_run_id": checks.run_id, "rows": rows,
+            "verified": checks_ok, "restore_test_passed": tested.validation_passed and tested.rto_within_target,
+            "drill_passed": drill["passed"], "report_frameworks": report.frameworks,
+            "controls_not_passed": {c.control_id: c.finding for c in failed}, "alerts_file":
+            str(policy.resolve_path(ALERTS_FILE)), "passed": passed,
+            "policy": str(policy_path), "repository": repo.location, "offsite": str(directory / OFFSITE_DIR),
+            "report": str(report_file), "dagster_home": str(home), "ui_command": ui, "status_command": status,
+            "postgres_running": keep_running, "text": "\n".join(lines)}
+
+
+def _test_alert_channel(policy: Any) -> list[str]:
+    """One test alert and its resolution through every channel (recorded in the audit trail like any alert)."""
+    book, now = AlertBook(), datetime.now(UTC)
+    test = Condition("demo:channel-test", "channel_test", "repository", "alert channel test from the demo "
+                     "(no action needed)", f"{policy.dagster.base_url.rstrip('/')}/assets", "Nothing: this is a test.")
+    return (evaluate_and_notify(policy, book, [test], now)
+            + evaluate_and_notify(policy, book, [], now + timedelta(seconds=1)))

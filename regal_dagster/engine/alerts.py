@@ -7,8 +7,10 @@ reminder, one that is gone sends "resolved". Messages go through an outbox: a ch
 down, webhook 500) is logged and retried on the next evaluation, and never raises into the pipeline.
 The book is plain JSON, so a Dagster sensor keeps it in its cursor and the CLI could keep it in a file.
 
-Channels: e-mail (SMTP with STARTTLS, SSL or plain), Slack incoming webhooks and a generic JSON webhook.
-Secrets (SMTP password, Slack URL, webhook URL) come from environment variables and are never logged.
+Channels: e-mail (SMTP with STARTTLS, SSL or plain), Slack incoming webhooks, a generic JSON webhook,
+PagerDuty (Events API v2: trigger, and resolve with the same dedup key) and a local file (JSON lines).
+Secrets (SMTP password, Slack URL, webhook URL, routing key) come from environment variables and are
+never logged.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
 from .layout import restore_test_prefix, started_of
-from .policy import AlertChannel, EmailChannel, Policy, SlackChannel, WebhookChannel
+from .policy import (
+    AlertChannel,
+    EmailChannel,
+    FileChannel,
+    PagerDutyChannel,
+    Policy,
+    SlackChannel,
+    WebhookChannel,
+)
 from .restore_test import RESTORE_TEST_KIND
 from .storage import Repository
 
@@ -231,6 +241,41 @@ def _post_json(url: str, body: dict[str, Any], timeout: float, label: str) -> No
         raise ChannelError(f"{label} unreachable: {getattr(exc, 'reason', exc)}") from None
 
 
+PAGERDUTY_SEVERITY = {"rpo_breach": "critical", "backup_failed": "critical", "verification_failed": "critical",
+                      "damaged_backup": "critical", "document_refused": "critical", "capacity": "warning",
+                      "key_cryptoperiod": "warning"}
+
+
+def pagerduty_event(channel: PagerDutyChannel, routing_key: str, notification: Notification) -> dict[str, Any]:
+    """The Events API v2 body: an alert or a reminder triggers (PagerDuty keeps one incident per dedup key),
+    "resolved" resolves it."""
+    c = notification.condition
+    dedup_key = f"regal-backup:{c['key']}"
+    if notification.status == "resolved":
+        return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup_key}
+    severity = channel.severity or PAGERDUTY_SEVERITY.get(c["event"], "error")
+    return {
+        "routing_key": routing_key, "event_action": "trigger", "dedup_key": dedup_key, "client": "regal-backup",
+        "client_url": c["link"], "links": [{"href": c["link"], "text": "Open in Dagster"}],
+        "payload": {"summary": notification.subject[:1024], "source": f"regal-backup/{c['target']}",
+                    "severity": severity, "timestamp": notification.at, "component": c["target"],
+                    "group": "backups", "class": c["event"],
+                    "custom_details": {"what": c["what"], "since": notification.since,
+                                       "first_step": c["first_step"], "status": notification.status,
+                                       **c.get("details", {})}},
+    }
+
+
+def append_line(channel: FileChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
+    path = resolve_path(channel.path)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "a") as alerts_file:
+            alerts_file.write(json.dumps(notification.payload, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise ChannelError(f"alert file {path}: {exc.strerror}") from None
+
+
 def send(channel: AlertChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
     """Deliver one message on one channel; ChannelError says why it failed (without secrets)."""
     if isinstance(channel, EmailChannel):
@@ -241,6 +286,11 @@ def send(channel: AlertChannel, notification: Notification, resolve_path: Callab
     elif isinstance(channel, WebhookChannel):
         url = channel.url or _secret(channel.url_env or "", "webhook URL")
         _post_json(url, notification.payload, channel.timeout.total_seconds(), "webhook")
+    elif isinstance(channel, PagerDutyChannel):
+        body = pagerduty_event(channel, _secret(channel.routing_key_env, "PagerDuty routing key"), notification)
+        _post_json(channel.events_url, body, channel.timeout.total_seconds(), "PagerDuty Events API")
+    elif isinstance(channel, FileChannel):
+        append_line(channel, notification, resolve_path)
 
 
 def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condition], now: datetime) -> list[str]:

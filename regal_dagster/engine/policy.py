@@ -214,7 +214,30 @@ class WebhookChannel(Settings):
         return self
 
 
-AlertChannel = Annotated[EmailChannel | SlackChannel | WebhookChannel, Field(discriminator="kind")]
+class PagerDutyChannel(Settings):
+    """PagerDuty Events API v2: an alert triggers (or updates) an incident, "resolved" resolves it."""
+
+    kind: Literal["pagerduty"]
+    routing_key_env: str = Field(description="environment variable holding the integration's routing key "
+                                             "(a secret)")
+    events_url: str = Field("https://events.pagerduty.com/v2/enqueue",
+                            description="the Events API v2 endpoint (change it only for a proxy or a test receiver)")
+    severity: Literal["critical", "error", "warning", "info"] | None = Field(
+        None, description="one severity for every alert (default: critical for a breached RPO, a failed backup, "
+                          "a failed verification and damage; error for the rest; warning for capacity and keys)")
+    timeout: Duration = timedelta(seconds=15)
+
+
+class FileChannel(Settings):
+    """Alerts appended as JSON lines to a local file (mode 0600), for a log shipper or an on-host agent to
+    pick up; the demo uses it."""
+
+    kind: Literal["file"]
+    path: str = Field(description="the file (relative to the policy file); created if missing")
+
+
+AlertChannel = Annotated[EmailChannel | SlackChannel | WebhookChannel | PagerDutyChannel | FileChannel,
+                         Field(discriminator="kind")]
 
 
 class CapacityConfig(Settings):
@@ -413,7 +436,7 @@ class Policy(Settings):
         return chosen
 
 
-_UNION_TAGS = {*kinds(), "email", "slack", "webhook"}  # pydantic puts a union's tag in the path
+_UNION_TAGS = {*kinds(), "email", "slack", "webhook", "pagerduty", "file"}  # pydantic puts a union's tag in the path
 
 
 def _format_problem(error: dict[str, Any]) -> str:
