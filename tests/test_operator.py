@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -149,6 +150,9 @@ def test_metrics_for_prometheus_and_node_exporter(home: tuple[Path, str], tmp_pa
     assert found["regal_backup_repository_bytes"][0].value > 0
     assert "regal_backup_open_alerts" in found and found["regal_backup_open_alerts"] == []  # none open
     assert found["regal_backup_up"][0].value == 1
+    dashboard = (Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"regal_backup_[a-z_]+", json.dumps([p["targets"] for p in json.loads(dashboard)["panels"]])))
+    assert used and used <= set(found)  # the dashboard shows only metrics we serve
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -14,3 +14,14 @@ def test_readme_opens_with_the_demo_and_test_commands_and_ci_runs_the_test_comma
     assert demo.endswith("regal-backup demo")
     assert tests.endswith("python -m pytest")
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_stands_alone_and_says_what_the_tests_need() -> None:
+    """A clone has no ../shared: the README links nothing outside the repository, and names the services the
+    tests talk to; every docs/ file it names exists."""
+    text = (ROOT / "README.md").read_text()
+    assert "../" not in text
+    for need in ("127.0.0.1:5432", "redis-server", "git"):
+        assert need in text
+    for name in re.findall(r"docs/[\w.-]+", text):
+        assert (ROOT / name).exists(), name
