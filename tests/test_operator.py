@@ -195,3 +195,33 @@ def test_every_command_speaks_one_json_envelope(home: tuple[Path, str], tmp_path
     failed = as_json(cli("show", "main-20200101T000000Z-abcdef", "--json", *policy))
     assert failed["ok"] is False and failed["error"]["message"].startswith("no backup main-20200101T000000Z-abcdef")
     assert failed["error"]["hint"]
+
+
+def test_long_commands_show_progress_on_a_terminal_only(home: tuple[Path, str]) -> None:
+    import pty
+
+    policy = ["--policy", str(home[0])]
+    backup_id = as_json(cli("backup", "main", "--json", *policy))["backup_id"]
+    for command, label in ((["verify", backup_id], f"verify {backup_id}"),
+                           (["restore-test", "--target", "main"], f"restore test of {backup_id}"),
+                           (["prune", "--dry-run"], "reading the repository")):
+        controller, terminal = pty.openpty()  # stderr is a terminal, as for a person at a shell
+        try:
+            done = subprocess.run([*CLI, *command, *policy], stdout=subprocess.PIPE, stderr=terminal, text=True,
+                                  timeout=300, check=False)
+            os.close(terminal)
+            shown = b""
+            while True:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        finally:
+            os.close(controller)
+        assert done.returncode == 0, (command, done.stdout)
+        assert f"\r{label}:".encode() in shown, shown[-500:]  # redrawn in place, with the elapsed time
+        piped = cli(*command, *policy)  # not a terminal: no progress display
+        assert "\r" not in piped.stderr

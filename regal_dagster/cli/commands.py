@@ -141,7 +141,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     if args.latest:
         return _verify_latest(args, out, policy, repo, keyring)
     try:  # the size, for the progress display; a manifest that is refused is the manifest check's finding
-        total: int | None = catalog.load_manifest(repo, keyring, args.backup_id).stored_bytes
+        total: int | None = catalog.load_manifest(repo, keyring, args.backup_id).plaintext_bytes
     except RegalError:
         total = None
     with out.progress(f"verify {args.backup_id}", total) as progress:
@@ -171,7 +171,7 @@ def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: 
             results.append({"target": target, "backup_id": None, "passed": None, "checks": []})
             worst = max(worst, 1)
             continue
-        with out.progress(f"verify {newest.backup_id}", newest.stored_bytes) as progress:
+        with out.progress(f"verify {newest.backup_id}", newest.plaintext_bytes) as progress:
             record = run_checks(policy, repo, keyring, newest.backup_id, jobs=args.jobs, trigger={"cli": "verify"},
                                 progress=progress)
         around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
@@ -243,8 +243,9 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
-    result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs,
-                              work_dir=_work_dir(args, policy), trigger={"cli": "restore-test"})
+    with out.progress(f"restore test of {manifest.backup_id}") as progress:
+        result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs, work_dir=_work_dir(args, policy),
+                                  trigger={"cli": "restore-test"}, progress=progress)
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
     passed = source_for(manifest.kind).restore_test_proves
     verdict = (f"validation passed: {passed}"
@@ -260,8 +261,8 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
     from ..engine.drill import run_drill
 
     policy, repo, keyring = _open(args)
-    record = run_drill(policy, repo, keyring, jobs=args.jobs,
-                       work_dir=_work_dir(args, policy))
+    with out.progress("disaster-recovery drill") as progress:
+        record = run_drill(policy, repo, keyring, jobs=args.jobs, work_dir=_work_dir(args, policy), progress=progress)
     lines = [f"drill {record['drill_id']}: everything but the repository and the keys lost at {record['loss_at']}"]
     for t in record["targets"]:
         if t["recovered"]:
@@ -303,7 +304,8 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
     from ..engine.retention import run_prune
 
     policy, repo, keyring = _open(args)
-    report = run_prune(policy, repo, datetime.now(UTC), dry_run=args.dry_run or args.check, keyring=keyring)
+    with out.activity("reading the repository" if args.dry_run or args.check else "pruning"):
+        report = run_prune(policy, repo, datetime.now(UTC), dry_run=args.dry_run or args.check, keyring=keyring)
     lines = []
     now = report.at
     for decisions in report.decisions.values():
@@ -355,7 +357,8 @@ def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_retire(args: argparse.Namespace, out: Output) -> int:
     from ..engine.keys import retire_key
 
-    report = retire_key(_load_policy(args), args.key_id, reencrypt=args.reencrypt)
+    with out.activity(f"retiring key {args.key_id}" + (" (re-encrypting)" if args.reencrypt else "")):
+        report = retire_key(_load_policy(args), args.key_id, reencrypt=args.reencrypt)
     text = [f"key {report.key_id} retired: its material is destroyed"]
     if report.reencrypted:
         text.append(f"re-encrypted and verified under the primary key: {', '.join(report.reencrypted)}")
@@ -377,12 +380,13 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     if secondary is None:
         raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
     rows: list[dict[str, Any]] = []
-    sync_repository_documents(repo, secondary)
-    for target in sorted(policy.targets):
-        for manifest in catalog.list_backups(repo, keyring, target)[0]:
-            problems = sync_backup(repo, secondary, manifest)
-            rows.append({"backup_id": manifest.backup_id, "in_step": not problems,
-                         "problems": [f"{p.key}: {p.problem}" for p in problems]})
+    with out.activity(f"off-site sync to {secondary.location}"):
+        sync_repository_documents(repo, secondary)
+        for target in sorted(policy.targets):
+            for manifest in catalog.list_backups(repo, keyring, target)[0]:
+                problems = sync_backup(repo, secondary, manifest)
+                rows.append({"backup_id": manifest.backup_id, "in_step": not problems,
+                             "problems": [f"{p.key}: {p.problem}" for p in problems]})
     bad = [r for r in rows if not r["in_step"]]
     out.result({"offsite": secondary.location, "backups": rows},
                f"{len(rows) - len(bad)} of {len(rows)} backups copied and read back in {secondary.location}"
@@ -415,7 +419,8 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
 
     policy = _load_policy(args)
     period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))
-    result = build_report(policy, period, trigger={"cli": "report"})  # a future period: exit 2
+    with out.activity(f"compliance report {period.label}"):
+        result = build_report(policy, period, trigger={"cli": "report"})  # a future period: exit 2
     written = []
     if args.output:
         pdf_path = Path(args.output)

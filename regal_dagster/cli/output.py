@@ -89,8 +89,11 @@ class _ProgressBar:
         if enabled:
             from tqdm import tqdm
 
+            import shutil
+
+            size = shutil.get_terminal_size((100, 24))  # a terminal that reports no size (0x0) would hide the bar
             self.bar = tqdm(desc=description, total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                            file=sys.stderr, mininterval=0.2)
+                            file=sys.stderr, mininterval=0.2, ncols=size.columns, nrows=size.lines)
 
     def __enter__(self) -> Progress | None:
         bar = self.bar

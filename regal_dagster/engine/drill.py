@@ -23,6 +23,7 @@ from .catalog import list_backups
 from .crypto import Keyring
 from .documents import write_document
 from .layout import drill_key
+from .pipeline import Progress
 
 DRILL_KIND = "drill"
 from .policy import Policy
@@ -31,7 +32,7 @@ from .storage import Repository
 
 
 def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: Path | None = None,
-              jobs: int | None = None) -> dict[str, Any]:
+              jobs: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
     loss_at = datetime.now(UTC)
     drill_id = f"{loss_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     start = time.monotonic()
@@ -42,7 +43,7 @@ def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: P
                                  "tried": [], "restored": None}
         for manifest in reversed([m for m in backups if m.finished_at <= loss_at]):
             result = run_restore_test(policy, repo, keyring, manifest, work_dir=work_dir, jobs=jobs,
-                                      trigger={"drill_id": drill_id})
+                                      trigger={"drill_id": drill_id}, progress=progress)
             if result.validation_passed:
                 entry["restored"] = {"backup_id": manifest.backup_id, "finished_at": manifest.finished_at.isoformat(),
                                      "restore_seconds": result.rto_seconds}

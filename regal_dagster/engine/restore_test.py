@@ -26,6 +26,7 @@ from .documents import write_document
 from .errors import RegalError
 from .layout import restore_test_key
 from .manifest import Manifest
+from .pipeline import Progress
 from .policy import Policy
 from .restore import restore_to
 from .sources.base import RestoreRequest
@@ -73,12 +74,13 @@ class RestoreTestResult:
 
 def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, *,
                      work_dir: Path | None = None, jobs: int | None = None,
-                     trigger: dict[str, str] | None = None) -> RestoreTestResult:
-    """Restore `manifest`'s backup into a scratch destination, validate it, tear it down, store the result."""
+                     trigger: dict[str, str] | None = None, progress: Progress | None = None) -> RestoreTestResult:
+    """Restore `manifest`'s backup into a scratch destination, validate it, tear it down, store the result
+    (`progress`: the bytes restored, for a display)."""
     jobs = jobs or policy.jobs_for(manifest.target)
     tested_at = datetime.now(UTC)
     start = time.monotonic()
-    found = _restore_and_verify(policy, repo, keyring, manifest, work_dir, jobs)
+    found = _restore_and_verify(policy, repo, keyring, manifest, work_dir, jobs, progress)
     found.seconds["total"] = time.monotonic() - start
     restore_failed = any(p.startswith(RESTORE_FAILED) for p in found.problems)
     tables = [{"schema": t["schema"], "name": t["name"], "rows": t["rows"],
@@ -111,14 +113,15 @@ class _Found:
 
 
 def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
-                        work_dir: Path | None, jobs: int) -> _Found:
+                        work_dir: Path | None, jobs: int, progress: Progress | None = None) -> _Found:
     source = source_for(manifest.kind)
     found = _Found()
     phase = time.monotonic()
     try:
         with source.scratch_destination(work_dir) as destination:
             found.seconds[source.scratch_phase] = time.monotonic() - phase
-            restored = restore_to(policy, repo, keyring, manifest, RestoreRequest(destination, jobs=jobs))
+            restored = restore_to(policy, repo, keyring, manifest,
+                                  RestoreRequest(destination, jobs=jobs, progress=progress))
             found.seconds.update({k: v for k, v in restored.seconds.items() if k != "total"})
             found.problems += restored.problems
             found.erasures = restored.erasures.to_json() if restored.erasures else {}
