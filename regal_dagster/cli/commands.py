@@ -12,12 +12,23 @@ from ..engine import catalog
 from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
-from ..engine.errors import RegalError
+from ..engine.errors import UsageError
 from ..engine.policy import Policy, load_policy
 from ..engine.repository_format import open_repository_format
 from ..engine.selection import choose_backup
+from ..engine.settings import parse_duration
 from ..engine.storage import Repository, open_repository
 from .output import Output, manifest_summary, size
+
+
+def utc_time(text: str, option: str) -> datetime:
+    """An ISO 8601 time from the command line, in UTC (a time without an offset is UTC)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a time", "write it as ISO 8601, e.g. 2026-11-24T02:00:00 "
+                                                             "(UTC unless it says +HH:MM)") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _open(args: argparse.Namespace) -> tuple[Policy, Repository, Keyring]:
@@ -34,7 +45,7 @@ def _load_policy(args: argparse.Namespace) -> Policy:
     policy = load_policy(args.policy)
     if getattr(args, "from_offsite", False):
         if policy.offsite is None:
-            raise RegalError("the policy has no off-site repository", "drop --from-offsite, or add `offsite:`")
+            raise UsageError("the policy has no off-site repository", "drop --from-offsite, or add `offsite:`")
         policy = policy.model_copy(update={"repository": policy.offsite, "offsite": None})
     return policy
 
@@ -46,6 +57,8 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
 
     made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env,
                         redis_url=args.redis_url)
+    for warning in made.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     out.result(
         {"policy": str(made.policy_path), "repository": made.repository, "keyset": str(made.keyset_path),
          "master_key": made.master_key_location, "key_id": made.key_id},
@@ -68,6 +81,12 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     from ..engine.backup import run_backup  # source client libraries are imported only where needed
 
     policy = _load_policy(args)
+    if args.wait:
+        try:
+            wait = parse_duration(args.wait)
+        except ValueError as exc:
+            raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
+        policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
     with out.progress(f"backup {args.target}") as progress:
         result = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"}, progress=progress)
     if result.offsite_problem:
@@ -125,10 +144,10 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
 
     policy, repo, keyring = _open(args)
     if not args.backup_id and not args.target:
-        raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
+        raise UsageError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
     if not args.backup_id and not (args.latest or args.before):
-        raise RegalError("say which backup of the target to restore", "add --latest, or --before TIME")
-    before = datetime.fromisoformat(args.before).replace(tzinfo=UTC) if args.before else None
+        raise UsageError("say which backup of the target to restore", "add --latest, or --before TIME")
+    before = utc_time(args.before, "--before") if args.before else None
     selected = choose_backup(policy, repo, keyring, args.target or "", backup_id=args.backup_id, before=before,
                              trigger={"cli": "restore"})
     for note in selected.notes:
@@ -209,7 +228,7 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
     from ..engine.gdpr import record_erasure
 
-    requested = datetime.fromisoformat(args.requested_at).replace(tzinfo=UTC) if args.requested_at else datetime.now(UTC)
+    requested = utc_time(args.requested_at, "--requested-at") if args.requested_at else datetime.now(UTC)
     policy, repo, keyring = _open(args)
     erasure = record_erasure(policy, repo, keyring, args.target, args.subject,
                              requested_at=requested, reference=args.reference or "")
@@ -294,7 +313,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = _open(args)
     secondary = open_offsite(policy)
     if secondary is None:
-        raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
+        raise UsageError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
     rows: list[dict[str, Any]] = []
     sync_repository_documents(repo, secondary)
     for target in sorted(policy.targets):
@@ -355,7 +374,7 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
                + f"\n{len(result.exceptions)} exception(s); controls failed: {', '.join(failed) or 'none'}; "
                f"not tested: {', '.join(untested) or 'none'}"
                + ("" if result.chain_ok else "\nTHE AUDIT TRAIL IS BROKEN: see `regal-backup audit verify`"))
-    return 0
+    return 0 if result.chain_ok else 3
 
 
 def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:

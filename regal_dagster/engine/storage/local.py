@@ -20,17 +20,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import LockedError, RegalError
+from ..errors import RegalError
 from ..layout import PARTIAL_SUFFIX, lock_key
 from .base import (
     Backend,
+    ObjectMissingError,
     ObjectWriter,
     Repository,
     StoredObject,
     check_key,
-    describe_lock_owner,
     key_outside,
     lock_owner,
+    lock_refusal,
 )
 
 if TYPE_CHECKING:
@@ -81,7 +82,6 @@ class LocalRepository(Repository):
         self.root = root
         self.location = f"file://{root}"
         self.lock_wait = lock_wait
-        root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path, root = (self.root / check_key(key, self.location)).resolve(), self.root.resolve()
@@ -96,7 +96,7 @@ class LocalRepository(Repository):
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
-            raise RegalError(f"object {key} is missing from {self.location}",
+            raise ObjectMissingError(f"object {key} is missing from {self.location}",
                              "the backup is damaged: verify it and use another one") from None
 
     def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
@@ -163,8 +163,7 @@ class LocalRepository(Repository):
                 holder = os.pread(fd, 4096, 0)
                 os.close(fd)
                 if time.monotonic() >= deadline:
-                    raise LockedError(f"another backup of '{name}' is running ({describe_lock_owner(holder)})",
-                                      "wait for it to finish, or set repository.lock_wait to queue") from None
+                    raise lock_refusal(name, holder) from None
                 time.sleep(0.2)
                 continue
             # The holder before us may have removed the file after we opened it: lock the live file only.

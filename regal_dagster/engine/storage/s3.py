@@ -21,19 +21,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
-from ..errors import LockedError, ObjectLockedError, RegalError
+from ..errors import ObjectLockedError, RegalError
 from ..layout import lock_key
 from ..transport import Transport, url_transport
 from . import retry
 from .base import (
     Backend,
+    ObjectMissingError,
     ObjectWriter,
     Repository,
     StoredObject,
     TransientStorageError,
     check_key,
-    describe_lock_owner,
     lock_owner,
+    lock_refusal,
 )
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ class S3Repository(Repository):
                                                 "the store is overloaded or failing: check its status, "
                                                 "or slow down what else writes to it") from None
                 if code in ("NoSuchKey", "404"):
-                    raise RegalError(f"object {key} is missing from {self.location}",
+                    raise ObjectMissingError(f"object {key} is missing from {self.location}",
                                      "the backup is damaged: verify it and use another one") from None
                 if code == "NoSuchBucket":
                     raise RegalError(f"bucket {self.bucket} does not exist", "create it, or fix repository.url") from None
@@ -436,8 +437,7 @@ class S3Repository(Repository):
                             raise
                     continue
                 if time.monotonic() >= deadline:
-                    raise LockedError(f"another backup of '{name}' is running ({describe_lock_owner(raw)})",
-                                      "wait for it to finish, or set repository.lock_wait to queue")
+                    raise lock_refusal(name, raw)
                 time.sleep(0.5)
 
         stop = threading.Event()
