@@ -191,6 +191,8 @@ def reencrypt_object(repo: Repository, keyring: Keyring, manifest: Manifest, rec
                 encrypted.write(chunk)
             encrypted.close()
         except tink.TinkError:
+            if stored.failure is not None:  # the store's error (a full disk), not a damaged object
+                raise stored.failure from None
             raise IntegrityError(f"object {record.key} fails authentication: it cannot be re-encrypted",
                                  "verify the backup; a damaged backup cannot be re-keyed (prune it instead)") from None
     fresh = record.model_copy(update={

@@ -39,34 +39,53 @@ if TYPE_CHECKING:
 
 
 class _LocalWriter(ObjectWriter):
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
-        self.file = open(self.partial, "xb")  # noqa: SIM115 - closed by commit() or abort()
+    def __init__(self, path: Path, location: str):
+        self.path, self.location = path, location
         self.bytes_written = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+            self.file = open(self.partial, "xb")  # noqa: SIM115 - closed by commit() or abort()
+        except OSError as exc:
+            raise self._failed(exc) from None
 
     def write(self, data: bytes) -> int:
         try:
             self.file.write(data)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise RegalError(f"the repository disk is full while writing {self.path.name}",
-                                 "free space or prune old backups; the unfinished backup was discarded") from None
-            raise
+            raise self._failed(exc) from None
         self.bytes_written += len(data)
         return len(data)
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.partial, self.path)
-        _fsync_dir(self.path.parent)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.partial, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise self._failed(exc) from None
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk may refuse even the close: the unlink frees it
+            self.file.close()
         self.partial.unlink(missing_ok=True)
+
+    def _failed(self, exc: OSError) -> RegalError:
+        """What a failed write means for the operator: what, where, how much, what to do."""
+        written = f"{self.bytes_written / 1048576:.1f} MiB"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(next(p for p in (self.path, *self.path.parents) if p.exists())).free
+            return RegalError(f"the repository {self.location} is full: writing {self.path.name} failed after "
+                              f"{written} with {free / 1048576:.1f} MiB left on its filesystem",
+                              "free space or prune old backups (`regal-backup prune`), then run the command "
+                              "again; what was written was discarded")
+        return RegalError(f"writing {self.path.name} to {self.location} failed after {written}: "
+                          f"{exc.strerror or type(exc).__name__}",
+                          "check the repository's filesystem (permissions, read-only, hardware errors); what was "
+                          "written was discarded")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,7 +109,7 @@ class LocalRepository(Repository):
         return path
 
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
-        return _LocalWriter(self._path(key))
+        return _LocalWriter(self._path(key), self.location)
 
     def reader(self, key: str) -> BinaryIO:
         try:

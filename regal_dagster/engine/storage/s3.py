@@ -13,6 +13,8 @@ import contextlib
 import functools
 import io
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -158,6 +160,24 @@ class _S3Reader(io.RawIOBase):
         with contextlib.suppress(Exception):
             self.body.close()
         super().close()
+
+
+def lease_is_free(raw: bytes) -> bool:
+    """A lease nobody holds any more: expired, unreadable, or held by a process of this host that is gone
+    (a backup that died, or could not release it while the endpoint was down, frees it at once here)."""
+    try:
+        lease = json.loads(raw)
+        if lease["expires"] < time.time():
+            return True
+        if lease["host"] == socket.gethostname() and lease["pid"] != os.getpid():
+            os.kill(int(lease["pid"]), 0)  # raises when there is no such process
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user: alive
+    except (ValueError, KeyError, TypeError):
+        return True
+    return False
 
 
 class S3Repository(Repository):
@@ -423,11 +443,7 @@ class S3Repository(Repository):
                 if found is None:
                     continue  # released meanwhile
                 raw, etag = found
-                try:
-                    expired = json.loads(raw)["expires"] < time.time()
-                except (ValueError, KeyError, TypeError):
-                    expired = True
-                if expired:  # take over a dead holder's lease, but only the version we read
+                if lease_is_free(raw):  # take over a dead holder's lease, but only the version we read
                     try:
                         self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=etag,
                                                **self.sse_args())
