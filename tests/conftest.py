@@ -120,22 +120,22 @@ def make_policy(base_dir: Path, targets: dict[str, str], repository: dict[str, o
         "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
         "targets": {name: {"kind": "postgres", "dsn": dsn} for name, dsn in targets.items()},
     }, base_dir=base_dir)
-    _init_repository(policy, crypto.create_keyset(policy), repository)
+    init_repository(policy)
     return policy
 
 
-def _init_repository(policy: Policy, keyring: crypto.Keyring, repository: dict[str, object] | None) -> None:
-    """As `regal-backup init` does: a local repository is created with the keyset (an S3 test creates its
-    bucket first, and its first backup initializes it)."""
-    if repository is None:
-        from regal_dagster.engine.repository_format import initialize
-        from regal_dagster.engine.storage import open_repository
+def init_repository(policy: Policy) -> crypto.Keyring:
+    """As `regal-backup init` does: a new keyset, and the repository (a bucket must exist already)."""
+    from regal_dagster.engine.repository_format import initialize
+    from regal_dagster.engine.storage import open_repository
 
-        initialize(open_repository(policy), keyring)
+    keyring = crypto.create_keyset(policy)
+    initialize(open_repository(policy), keyring)
+    return keyring
 
 
 def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[str, object] | None = None,
-                      **settings: object) -> Path:
+                      *, initialize: bool = True, **settings: object) -> Path:
     """The same as make_policy, as a YAML file (for the CLI and Dagster); `settings` are more top-level keys."""
     import yaml
 
@@ -150,7 +150,10 @@ def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[
     from regal_dagster.engine.policy import load_policy
 
     policy = load_policy(path)
-    _init_repository(policy, crypto.create_keyset(policy), repository)
+    if initialize:
+        init_repository(policy)
+    else:
+        crypto.create_keyset(policy)
     return path
 
 

@@ -41,9 +41,9 @@ def _bucket(endpoint: str, region: str = "us-east-1", *, object_lock: bool = Fal
 
 
 def _policy_file(tmp_path: Path, source: str, repository: dict[str, Any], offsite: dict[str, Any] | None,
-                 **settings: Any) -> Path:
-    return write_policy_file(tmp_path, {"pos": source}, repository, **({"offsite": offsite} if offsite else {}),
-                             **settings)
+                 initialize: bool = True, **settings: Any) -> Path:
+    return write_policy_file(tmp_path, {"pos": source}, repository, initialize=initialize,
+                             **({"offsite": offsite} if offsite else {}), **settings)
 
 
 @pytest.fixture
@@ -128,7 +128,8 @@ def test_object_lock_on_a_bucket_without_it_is_a_clear_error(
         source: str, tmp_path: Path, master_key: str, moto_endpoint: str) -> None:
     bucket = _bucket(moto_endpoint)
     policy = load_policy(_policy_file(tmp_path, source, {
-        "url": f"s3://{bucket}", "endpoint_url": moto_endpoint, "object_lock": {"mode": "COMPLIANCE"}}, None))
+        "url": f"s3://{bucket}", "endpoint_url": moto_endpoint, "object_lock": {"mode": "COMPLIANCE"}}, None,
+        initialize=False))
     with pytest.raises(RegalError, match=f"bucket {bucket} does not have it enabled"):
         run_backup(policy, "pos")
     from regal_dagster.engine.errors import PolicyError

@@ -25,10 +25,12 @@ import pytest
 import yaml
 from psycopg import sql
 
-from regal_dagster.engine.crypto import create_keyset, generate_master_key
+from regal_dagster.engine.crypto import generate_master_key
 from regal_dagster.engine.layout import PARTIAL_SUFFIX
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
+
+from .conftest import init_repository
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 MASTER_KEY_ENV = "REGAL_TEST_INTERRUPT_MASTER_KEY"
@@ -119,7 +121,7 @@ def _write_policy(directory: Path, dbname: str, repository: dict[str, Any]) -> P
             sort_keys=False,
         )
     )
-    create_keyset(load_policy(path))
+    init_repository(load_policy(path))
     return path
 
 

@@ -34,6 +34,8 @@ from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.storage.s3 import S3Repository
 from regal_dagster.engine.verify import verify_backup
 
+from .conftest import init_repository
+
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 MASTER_KEY_ENV = "REGAL_TEST_S3_MASTER_KEY"
 PART_SIZE_MB = 5
@@ -245,7 +247,7 @@ def s3_policy(tmp_path: Path, moto_endpoint: str, bucket: str, source_db: str, m
     policy = _write_policy(
         tmp_path, url=f"s3://{bucket}/prefix", endpoint_url=moto_endpoint, dbname=source_db
     )
-    create_keyset(policy)
+    init_repository(policy)
     return policy
 
 
@@ -682,6 +684,8 @@ def test_failing_source_stream_leaves_no_upload_and_no_object(s3_policy: Policy,
 
 def test_upload_errors_are_regal_errors(s3_policy: Policy, s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
     repo = open_repository(s3_policy)
+    for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):  # the repository's marker
+        s3.delete_object(Bucket=bucket, Key=item["Key"])
     s3.delete_bucket(Bucket=bucket)  # the bucket disappears under a running backup
     writer = repo.writer("backups/main/x/database.pgdump")
     with pytest.raises(RegalError, match=bucket), writer:

@@ -1,15 +1,23 @@
 """`regal-backup`: the operator's CLI. Same engine as the Dagster assets; works when Dagster is down.
 
-Exit status: 0 success, 1 operational failure, 2 bad usage or policy, 3 a backup failed verification.
+Exit status: 0 success, 1 operational failure, 2 bad usage or policy (or no repository where the policy
+points), 3 a verification, validation or audit-trail check failed. No traceback reaches the terminal: an
+unexpected error prints one line, a hint and the path of a log file (mode 0600) with the details.
 Parsing (parser.py) and rendering (output.py, commands.py) only: every operation is the engine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import signal
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 from ..engine.errors import RegalError
 from .output import Output, command_name
@@ -39,14 +47,60 @@ def main(argv: list[str] | None = None) -> int:
         out.finish(code)
         return code
     except RegalError as exc:
-        out.fail(exc.message, exc.hint, exc.exit_code)
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _refused(out, exc.message, exc.hint, exc.exit_code)
+    except OSError as exc:
+        return _refused(out, *describe_os_error(exc), 1)
     except KeyboardInterrupt:
         print("interrupted: nothing partial is visible as a backup", file=sys.stderr)
         return 130
-    except BaseException:
+    except BaseException as exc:
         if _Terminated.signum is not None:
             print("terminated: nothing partial is visible as a backup", file=sys.stderr)
             return 128 + _Terminated.signum
-        raise
+        if isinstance(exc, SystemExit):
+            raise
+        if type(exc).__module__.startswith("psycopg"):  # a server's refusal: its own words, no values
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return _refused(out, f"PostgreSQL refused: {reason}", "check the role's privileges (a restore into a "
+                            "new database needs CREATEDB) and the server's log", 1)
+        log = write_error_log(exc)
+        return _refused(out, f"regal-backup stopped on an unexpected {type(exc).__name__}",
+                        f"the details are in {log} (readable only by you); run the command again, and if it "
+                        "fails the same way, report it with that file", 1)
+
+
+def _refused(out: Output, message: str, hint: str | None, code: int) -> int:
+    out.fail(message, hint, code)  # with --json: the envelope with its `error` (docs/cli-json.md)
+    print(f"error: {message}" + (f"\n  what to do: {hint}" if hint else ""), file=sys.stderr)
+    return code
+
+
+def describe_os_error(exc: OSError) -> tuple[str, str]:
+    """What an operating-system error means for the operator: what failed, where, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    message = f"{exc.strerror or type(exc).__name__}{where}"
+    hints = {
+        errno.ENOSPC: "free space on that filesystem (or prune old backups), then run the command again: "
+                      "nothing partial was kept",
+        errno.EDQUOT: "raise the quota or free space, then run the command again",
+        errno.EACCES: "run as the user that owns it, or fix its permissions",
+        errno.EPERM: "run as the user that owns it, or fix its permissions",
+        errno.EROFS: "the filesystem is read-only: remount it read-write or choose another place",
+        errno.ENOENT: "check the path",
+    }
+    return message, hints.get(exc.errno or 0, "check the path and the filesystem, then run the command again")
+
+
+def write_error_log(exc: BaseException) -> Path:
+    """The traceback, in a file only this user can read (it may show local paths and values)."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "regal-backup" / "errors"
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        base = Path(tempfile.gettempdir())
+    path = base / f"{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}-{os.getpid()}.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"regal-backup {' '.join(sys.argv[1:])}\n")
+        f.write("".join(traceback.format_exception(exc)))
+    return path

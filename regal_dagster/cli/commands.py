@@ -12,14 +12,25 @@ from ..engine import catalog
 from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
-from ..engine.errors import RegalError
+from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
 from ..engine.policy import Policy, load_policy
 from ..engine.repository_format import open_repository_format
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
+from ..engine.settings import parse_duration
 from ..engine.storage import Repository, open_repository
 from .output import Output, age, cli_invocation, manifest_summary, size
+
+
+def utc_time(text: str, option: str) -> datetime:
+    """An ISO 8601 time from the command line, in UTC (a time without an offset is UTC)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a time", "write it as ISO 8601, e.g. 2026-11-24T02:00:00 "
+                                                             "(UTC unless it says +HH:MM)") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _open(args: argparse.Namespace) -> tuple[Policy, Repository, Keyring]:
@@ -36,7 +47,7 @@ def _load_policy(args: argparse.Namespace) -> Policy:
     policy = load_policy(args.policy)
     if getattr(args, "from_offsite", False):
         if policy.offsite is None:
-            raise RegalError("the policy has no off-site repository", "drop --from-offsite, or add `offsite:`")
+            raise UsageError("the policy has no off-site repository", "drop --from-offsite, or add `offsite:`")
         policy = policy.model_copy(update={"repository": policy.offsite, "offsite": None})
     return policy
 
@@ -50,6 +61,8 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
         raise RegalError("--no-audit and --audit-dsn contradict each other", "give one of them")
     made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env,
                         redis_url=args.redis_url, audit=not args.no_audit, audit_dsn=args.audit_dsn)
+    for warning in made.warnings:
+        out.warn(warning)
     if made.audit is None:
         out.warn("no audit trail (--no-audit): nothing is recorded, `audit verify` and `report` fail, and PCI DSS "
                  "10.2 is not met; add `audit: {dsn: ...}` to the policy to start one")
@@ -82,6 +95,12 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     from ..engine.backup import run_backup  # source client libraries are imported only where needed
 
     policy = _load_policy(args)
+    if args.wait:
+        try:
+            wait = parse_duration(args.wait)
+        except ValueError as exc:
+            raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
+        policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
     with out.progress(f"backup {args.target}") as progress:
         result = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"}, progress=progress)
     if result.offsite_problem:
@@ -162,7 +181,9 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
     """Every target's (or one target's) newest backup, whatever its status: what the daily verification does."""
     targets = [args.target] if args.target else sorted(policy.targets)
-    results, lines, worst = [], [], 0
+    results: list[dict[str, Any]] = []
+    lines: list[str] = []
+    worst = 0
     for target in targets:
         policy.target(target)
         newest = next(catalog.newest_first(repo, keyring, target), None)
@@ -195,10 +216,10 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
 
     policy, repo, keyring = _open(args)
     if not args.backup_id and not args.target:
-        raise RegalError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
+        raise UsageError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
     if not args.backup_id and not (args.latest or args.before):
-        raise RegalError("say which backup of the target to restore", "add --latest, or --before TIME")
-    before = datetime.fromisoformat(args.before).replace(tzinfo=UTC) if args.before else None
+        raise UsageError("say which backup of the target to restore", "add --latest, or --before TIME")
+    before = utc_time(args.before, "--before") if args.before else None
     selected = choose_backup(policy, repo, keyring, args.target or "", backup_id=args.backup_id, before=before,
                              trigger={"cli": "restore"})
     for note in selected.notes:
@@ -281,7 +302,7 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
     from ..engine.gdpr import record_erasure
 
-    requested = datetime.fromisoformat(args.requested_at).replace(tzinfo=UTC) if args.requested_at else datetime.now(UTC)
+    requested = utc_time(args.requested_at, "--requested-at") if args.requested_at else datetime.now(UTC)
     policy, repo, keyring = _open(args)
     erasure = record_erasure(policy, repo, keyring, args.target, args.subject,
                              requested_at=requested, reference=args.reference or "")
@@ -378,7 +399,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = _open(args)
     secondary = open_offsite(policy)
     if secondary is None:
-        raise RegalError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
+        raise UsageError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
     rows: list[dict[str, Any]] = []
     with out.activity(f"off-site sync to {secondary.location}"):
         sync_repository_documents(repo, secondary)
@@ -442,7 +463,7 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
                + f"\n{len(result.exceptions)} exception(s); controls failed: {', '.join(failed) or 'none'}; "
                f"not tested: {', '.join(untested) or 'none'}"
                + ("" if result.chain_ok else "\nTHE AUDIT TRAIL IS BROKEN: see `regal-backup audit verify`"))
-    return 0
+    return 0 if result.chain_ok else 3
 
 
 def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
@@ -516,12 +537,13 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     status = check_status(repo, keyring, manifest)
     verdict = retention_verdicts(policy, repo, keyring, datetime.now(UTC), manifest.target).get(manifest.backup_id)
     record = status.record if status.problem is None else None
-    lock = ({"mode": manifest.object_lock.get("mode"), "retain_until": manifest.locked_until.isoformat()}
-            if manifest.object_lock and manifest.locked_until else None)
-    objects = [{"name": o.name, "key": o.key, "content": o.content, "bytes_stored": o.size,
+    lock: dict[str, str] | None = ({"mode": str(manifest.object_lock.get("mode")),
+                                    "retain_until": manifest.locked_until.isoformat()}
+                                   if manifest.object_lock and manifest.locked_until else None)
+    objects: list[dict[str, Any]] = [{"name": o.name, "key": o.key, "content": o.content, "bytes_stored": o.size,
                 "bytes_read": o.plaintext_size, "plaintext_sha256": o.plaintext_sha256,
                 "stored_sha256": o.stored_sha256, "key_id": o.encryption.key_id} for o in manifest.objects]
-    tables = [{"table": name, "rows": rows} for name, rows in manifest.table_rows().items()]
+    tables: list[dict[str, Any]] = [{"table": name, "rows": rows} for name, rows in manifest.table_rows().items()]
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description}
               for o in record.outcomes] if record else []
     payload = {**manifest_summary(manifest), "status": status.status, "status_note": status.problem,

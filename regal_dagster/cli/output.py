@@ -87,9 +87,9 @@ class _ProgressBar:
         self.stop = threading.Event()
         self.ticker: threading.Thread | None = None
         if enabled:
-            from tqdm import tqdm
-
             import shutil
+
+            from tqdm import tqdm
 
             size = shutil.get_terminal_size((100, 24))  # a terminal that reports no size (0x0) would hide the bar
             self.bar = tqdm(desc=description, total=total, unit="B", unit_scale=True, unit_divisor=1024,

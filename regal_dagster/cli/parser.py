@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backup", parents=[common], help="back up one target now")
     p.add_argument("target", help=TARGET_HELP)
+    p.add_argument("--wait", help="when another backup of the target holds its lock, wait this long for it "
+                                  "(e.g. 10m; default: the policy's repository.lock_wait)")
     p.add_argument("--class", dest="retention_class", choices=RETENTION_CLASSES, default="hourly",
                    help="the retention class the backup counts for (default: hourly)")
     p.set_defaults(func=commands.cmd_backup)

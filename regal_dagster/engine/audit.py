@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .documents import read_document, unseal, write_document
-from .errors import IntegrityError, RegalError
+from .errors import IntegrityError, RegalError, UsageError
 from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, audit_checkpoint_key, audit_spool_key
 from .policy import Policy
 from .storage import Repository
@@ -147,7 +147,7 @@ SPOOL_KIND, CHECKPOINT_KIND = "audit-spool", "audit-checkpoint"
 class AuditTrail:
     def __init__(self, policy: Policy, repo: Repository, keyring: Keyring | None = None):
         if policy.audit is None:
-            raise RegalError("the policy has no audit trail", "add audit.dsn (a PostgreSQL database) to the policy")
+            raise UsageError("the policy has no audit trail", "add audit.dsn (a PostgreSQL database) to the policy")
         self.policy, self.repo, self._keyring = policy, repo, keyring
         self.dsn = policy.audit.resolved_dsn()
 

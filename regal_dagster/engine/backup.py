@@ -24,7 +24,7 @@ from .manifest import Manifest, ObjectRecord
 from .offsite import copy_after_backup
 from .pipeline import Progress, store_stream
 from .policy import RETENTION_CLASSES, Policy
-from .repository_format import initialize
+from .repository_format import open_repository_format
 from .sources.registry import source_for
 from .storage import Repository, open_offsite, open_repository
 
@@ -57,7 +57,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     source = source_for(target.kind)
     keyring = keyring or load_keyring(policy)  # fail on key problems before touching anything
     repo = repo or open_repository(policy)
-    initialize(repo, keyring)
+    repo.check_ready()
+    open_repository_format(repo, keyring)  # only `regal-backup init` creates a repository
     settings = target.model_copy(update={"jobs": policy.jobs_for(target_name)})
     with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
         keyring = keyring.reload()  # under the lock: a key retired meanwhile is never used, a new primary is

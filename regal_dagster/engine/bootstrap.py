@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from .crypto import Keyring, create_keyset, generate_master_key, write_master_key_file
-from .errors import RegalError
-from .policy import Policy, load_policy
+from .errors import RegalError, UsageError
+from .policy import Policy, load_policy, policy_from_dict
 from .repository_format import initialize
 from .storage import Repository, open_repository
 
@@ -32,6 +34,7 @@ class InitResult:
     keyset_path: Path
     master_key_location: str  # a file path or "$VARIABLE"
     key_id: int
+    warnings: list[str] = field(default_factory=list)
     audit: str | None = None  # where the audit trail is (host:port/dbname as user), None: no audit trail
     audit_problem: str | None = None  # why it could not be set up now (events wait in the repository's spool)
 
@@ -80,20 +83,13 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
     """
     directory = directory.resolve()
     policy_path = directory / POLICY_NAME
-    if policy_path.exists():
-        raise RegalError(f"{policy_path} already exists", "choose another directory, or edit the existing policy")
-    directory.mkdir(parents=True, exist_ok=True)
-    if master_key_env:
-        if not os.environ.get(master_key_env):
-            raise RegalError(f"the environment variable {master_key_env} holds no master key",
-                             f"export {master_key_env}=\"$(regal-backup master-key)\" and keep a copy in your secret store")
-        master_key = {"env": master_key_env}
-        location = f"${master_key_env}"
-    else:
-        key_path = directory / MASTER_KEY_NAME
-        write_master_key_file(key_path, generate_master_key())
-        master_key = {"file": MASTER_KEY_NAME}
-        location = str(key_path)
+    if policy_path.exists() or (directory / KEYSET_NAME).exists() or (directory / MASTER_KEY_NAME).exists():
+        raise UsageError(f"{directory} already holds a Regal Backup setup",
+                         "choose another directory, or edit the existing policy (nothing was changed)")
+    if master_key_env and not os.environ.get(master_key_env):
+        raise UsageError(f"the environment variable {master_key_env} holds no master key",
+                         f"export {master_key_env}=\"$(regal-backup master-key)\" and keep a copy in your secret store")
+    master_key = {"env": master_key_env} if master_key_env else {"file": MASTER_KEY_NAME}
     document = {
         "version": 1,
         "repository": {"url": "repository"},
@@ -111,16 +107,26 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
         "retention": {"hourly": 48, "daily": 30, "weekly": 26, "monthly": 12},
         **({"audit": {"dsn": audit_dsn or audit_dsn_for(postgres_dsn)}} if audit else {}),
     }
+    policy_from_dict(document, base_dir=directory, source=str(policy_path))  # every problem before any file
+    warnings = literal_secrets(document)
+    directory.mkdir(parents=True, exist_ok=True)
+    if master_key_env:
+        location = f"${master_key_env}"
+    else:
+        key_path = directory / MASTER_KEY_NAME
+        write_master_key_file(key_path, generate_master_key())
+        location = str(key_path)
     header = ("# Regal Backup policy (docs/policy.md explains every setting).\n"
               "# Put passwords in the environment and write them here as ${VARIABLE}.\n")
-    descriptor = os.open(policy_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # DSNs, paths: not for all
-    with os.fdopen(descriptor, "w") as policy_file:
-        policy_file.write(header + yaml.safe_dump(document, sort_keys=False))
+    fd = os.open(policy_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may name secrets' variables
+    with os.fdopen(fd, "w") as f:
+        f.write(header + yaml.safe_dump(document, sort_keys=False))
     policy: Policy = load_policy(policy_path)
     keyring = create_keyset(policy)
     repo = open_repository(policy)
     initialize(repo, keyring)
-    made = InitResult(policy_path, repo.location, policy.resolve_path(KEYSET_NAME), location, keyring.primary_key_id)
+    made = InitResult(policy_path, repo.location, policy.resolve_path(KEYSET_NAME), location, keyring.primary_key_id,
+                      warnings)
     if policy.audit is not None:
         made.audit, made.audit_problem = _start_audit_trail(policy, repo, keyring)
     return made
@@ -142,3 +148,19 @@ def _start_audit_trail(policy: Policy, repo: Repository, keyring: Keyring) -> tu
     except RegalError as exc:
         return where, exc.message
     return where, None
+
+
+def literal_secrets(document: dict[str, Any]) -> list[str]:
+    """A warning for each password written into the policy itself instead of a ${VARIABLE}."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    found = []
+    for name, target in document.get("targets", {}).items():
+        if target.get("kind") == "postgres":
+            password = str(conninfo_to_dict(target["dsn"]).get("password") or "")
+        else:
+            password = urlsplit(str(target.get("url", ""))).password or ""
+        if password and not password.startswith("${"):
+            found.append(f"targets.{name} holds a literal password: anyone who can read the policy file can read "
+                         f"it; write it as ${{VARIABLE}} and set the variable where backups run")
+    return found

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .crypto import Keyring
-from .errors import IntegrityError, RegalError
+from .errors import IntegrityError, UsageError
 from .layout import (
     BACKUPS,
     checks_key,
@@ -107,9 +107,9 @@ def newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterator[Ma
 
 def load_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> Manifest:
     if not valid_backup_id(backup_id):
-        raise RegalError(f"'{backup_id}' is not a backup id", "backup ids look like main-20261124T020000Z-a1b2c3; "
+        raise UsageError(f"'{backup_id}' is not a backup id", "backup ids look like main-20261124T020000Z-a1b2c3; "
                                                               "run `regal-backup list` to see them")
     key = manifest_key(target_of(backup_id), backup_id)
     if repo.size(key) is None:
-        raise RegalError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
+        raise UsageError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
     return Manifest.from_bytes(repo.get_bytes(key), key, keyring)

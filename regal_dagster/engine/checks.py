@@ -32,7 +32,7 @@ from . import audit
 from .catalog import list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .documents import seal, unseal
-from .errors import IntegrityError, RegalError
+from .errors import IntegrityError, RegalError, UsageError
 from .layout import backup_prefix, checks_key, manifest_key, target_of, valid_backup_id
 from .manifest import Manifest
 from .outcomes import ERROR, WARN, CheckOutcome, CheckSpec
@@ -317,7 +317,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                trigger: dict[str, str] | None = None, progress: Progress | None = None) -> CheckRecord:
     """Run every check on one backup and store the outcome as its checks.json (`progress`: bytes read back)."""
     if not valid_backup_id(backup_id) or not any(repo.list(backup_prefix(target_of(backup_id), backup_id))):
-        raise RegalError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
+        raise UsageError(f"no backup {backup_id!r} in {repo.location} (nothing was checked or written)",
+                         "run `regal-backup list` to see the backups")
     jobs = jobs or policy.jobs_for(target_of(backup_id))
     outcome, manifest = check_manifest(repo, keyring, backup_id)
     outcomes = [outcome]

@@ -30,7 +30,7 @@ from .audit import AuditTrail, record
 from .catalog import newest_first
 from .crypto import Keyring, NonClosingWriter
 from .errors import IntegrityError, RegalError
-from .layout import GDPR_LEDGER
+from .layout import GDPR_LEDGER, LEDGER_LOCK
 from .manifest import Manifest
 from .offsite import sync_repository_documents
 from .policy import Policy
@@ -94,7 +94,7 @@ def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: s
                          f"add gdpr.subjects.{target} (table, match_column, action) to the policy")
     if not identifier.strip():
         raise RegalError("the subject identifier is empty", "give the identifier the request names, e.g. the e-mail")
-    with repo.lock("gdpr-ledger"):
+    with repo.lock(LEDGER_LOCK):
         ledger = load_ledger(repo, keyring)
         subject_hash = ledger.hash(identifier)
         existing = next((e for e in ledger.for_target(target) if e.subject_hash == subject_hash), None)

@@ -25,15 +25,13 @@ from .checks import run_checks
 from .crypto import OBJECT_HEADER, Keyring, load_keyring, save_keyring
 from .errors import EncryptionKeyError, IntegrityError, ObjectLockedError
 from .gdpr import load_ledger, save_ledger
-from .layout import GDPR_LEDGER, backup_prefix, manifest_key, target_of
+from .layout import GDPR_LEDGER, KEYS_LOCK, LEDGER_LOCK, backup_prefix, manifest_key, target_of
 from .manifest import Manifest, ObjectRecord
 from .offsite import sync_backup
 from .parallel import map_parallel
 from .pipeline import CHUNK, StoredBytes, read_stream
 from .policy import Policy
 from .storage import Repository, open_offsite
-
-KEYS_LOCK = "keys"  # held while objects are re-encrypted; prune leaves unnamed objects alone meanwhile
 
 
 def rotate_key(policy: Policy, repo: Repository | None = None) -> Keyring:
@@ -110,7 +108,7 @@ def retire_key(policy: Policy, key_id: int, *, reencrypt: bool = False, repo: Re
 def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> RetireReport:
     report = RetireReport(key_id)
     with contextlib.ExitStack() as locks:  # no backup, erasure or other key operation meanwhile
-        for name in [*sorted(policy.targets), "gdpr-ledger", KEYS_LOCK]:
+        for name in [*sorted(policy.targets), LEDGER_LOCK, KEYS_LOCK]:
             locks.enter_context(repo.lock(name))
         keyring = load_keyring(policy)  # read under the lock: as another rotation or retirement left it
         if key_id not in keyring.history:
@@ -193,6 +191,8 @@ def reencrypt_object(repo: Repository, keyring: Keyring, manifest: Manifest, rec
                 encrypted.write(chunk)
             encrypted.close()
         except tink.TinkError:
+            if stored.failure is not None:  # the store's error (a full disk), not a damaged object
+                raise stored.failure from None
             raise IntegrityError(f"object {record.key} fails authentication: it cannot be re-encrypted",
                                  "verify the backup; a damaged backup cannot be re-keyed (prune it instead)") from None
     fresh = record.model_copy(update={

@@ -20,6 +20,8 @@ MANIFEST_NAME = "manifest.json"
 CHECKS_NAME = "checks.json"  # the outcome of a backup's checks, next to its manifest
 
 LOCKS = "locks/"
+KEYS_LOCK = "keys"  # key rotation and retirement; prune's sweep waits for a re-encryption
+LEDGER_LOCK = "gdpr-ledger"  # recording an erasure
 AUDIT_SPOOL = "audit/spool/"
 AUDIT_CHECKPOINTS = "audit/checkpoints/"
 GDPR_LEDGER = "gdpr/erasure-ledger"

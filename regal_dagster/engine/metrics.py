@@ -228,7 +228,11 @@ def serve(policy: Policy, repo: Repository, keyring: Keyring, host: str, port: i
         ready(f"http://{host}:{server.server_address[1]}")
     watcher = None
     if stop is not None:
-        watcher = threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True)
+        def shut_down_when_stopped() -> None:
+            stop.wait()
+            server.shutdown()
+
+        watcher = threading.Thread(target=shut_down_when_stopped, daemon=True)
         watcher.start()
     try:
         server.serve_forever(poll_interval=0.2)

@@ -32,12 +32,14 @@ Progress = Callable[[int], None]  # called with the number of plaintext bytes ju
 
 
 class StoredBytes(io.RawIOBase):
-    """Counts and hashes what goes to the store."""
+    """Counts and hashes what goes to the store. Tink calls `write` and wraps whatever it raises in a
+    TinkError: the store's own error (a full disk, an unreachable endpoint) is kept in `failure`."""
 
     def __init__(self, target: ObjectWriter):
         self.target = target
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.failure: BaseException | None = None
 
     def writable(self) -> bool:
         return True
@@ -46,7 +48,11 @@ class StoredBytes(io.RawIOBase):
         data = bytes(data)
         self.sha256.update(data)
         self.size += len(data)
-        self.target.write(data)
+        try:
+            self.target.write(data)
+        except BaseException as exc:
+            self.failure = exc
+            raise
         return len(data)
 
     def close(self) -> None:  # the repository writer commits, not Tink
@@ -92,17 +98,22 @@ def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring
         **({"hash_log": compression.hash_log} if compression.hash_log else {}))
     with repo.writer(key, retain_until) as writer:
         stored = StoredBytes(writer)
-        encrypted = keyring.encrypting_stream(stored, backup_id, object_name)
-        compressor = zstandard.ZstdCompressor(compression_params=params)
-        with compressor.stream_writer(cast(BinaryIO, NonClosingWriter(encrypted)), write_size=CHUNK,
-                                      closefd=False) as compressed:
-            for chunk in chunks:
-                plain_sha.update(chunk)
-                plain_size += len(chunk)
-                compressed.write(chunk)
-                if progress:
-                    progress(len(chunk))
-        encrypted.close()
+        try:
+            encrypted = keyring.encrypting_stream(stored, backup_id, object_name)
+            compressor = zstandard.ZstdCompressor(compression_params=params)
+            with compressor.stream_writer(cast(BinaryIO, NonClosingWriter(encrypted)), write_size=CHUNK,
+                                          closefd=False) as compressed:
+                for chunk in chunks:
+                    plain_sha.update(chunk)
+                    plain_size += len(chunk)
+                    compressed.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+            encrypted.close()
+        except (tink.TinkError, zstandard.ZstdError):
+            if stored.failure is not None:  # the store's error, not Tink's wrapping of it
+                raise stored.failure from None
+            raise
     return ObjectRecord(
         name=object_name, key=key, content=content, size=stored.size, stored_sha256=stored.sha256.hexdigest(),
         plaintext_size=plain_size, plaintext_sha256=plain_sha.hexdigest(),

@@ -70,7 +70,8 @@ class RepositoryConfig(Settings):
     part_size_mb: int = Field(16, ge=5, le=512)
     upload_concurrency: int = Field(4, ge=1, le=32)
     lock_wait: Duration = Field(timedelta(0), description="0: a second backup fails at once; else waits this long")
-    lock_lease: Duration = Field(timedelta(minutes=5), description="S3 lock lease, renewed while a backup runs")
+    lock_lease: Duration = Field(timedelta(seconds=60), description="S3 lock lease, renewed every third of it "
+                                 "while held: a holder that dies frees the lock this long after its last renewal")
     object_lock: ObjectLockConfig | None = Field(None, description="S3 only: write backups immutable until "
                                                  "their retention date (the bucket needs Object Lock enabled)")
     retry: RetryConfig = Field(default_factory=RetryConfig, description="retries of storage requests")

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .crypto import Keyring
-from .documents import read_document, write_document
+from .documents import unseal, write_document
 from .errors import RegalError, UsageError
 from .layout import REPOSITORY_MARKER
 from .storage import Repository
+from .storage.base import ObjectMissingError
 
 REPOSITORY_KIND = "repository"
 MARKER_FORMAT = "regal-backup-repository"
@@ -52,21 +53,23 @@ def initialize(repo: Repository, keyring: Keyring) -> RepositoryInfo:
 def open_repository_format(repo: Repository, keyring: Keyring) -> RepositoryInfo:
     """The repository's format, once its marker authenticates; a clear error when there is none, or when it
     predates sealed documents."""
-    if repo.size(REPOSITORY_MARKER) is None:
-        raise NoRepositoryError(repo.location)
-    if (legacy := marker_version(repo)) < FORMAT_VERSION:
+    try:
+        data = repo.get_bytes(REPOSITORY_MARKER)  # a missing bucket is its own error, not "no repository"
+    except ObjectMissingError:
+        raise NoRepositoryError(repo.location) from None
+    if (legacy := marker_version(data)) < FORMAT_VERSION:
         raise RegalError(f"the repository {repo.location} has format {legacy}: its documents are not sealed "
                          "against tampering", "run `regal-backup upgrade` once (it seals every document)")
-    body = read_document(repo, keyring, REPOSITORY_KIND, REPOSITORY_MARKER)
+    body = unseal(keyring, REPOSITORY_KIND, REPOSITORY_MARKER, data)
     if body.get("format") != MARKER_FORMAT or body.get("version", 0) > FORMAT_VERSION:
         raise RegalError(f"the repository {repo.location} has format {body.get('version')}; this regal-backup "
                          f"reads up to {FORMAT_VERSION}", "upgrade regal-backup")
     return RepositoryInfo(int(body["version"]), str(body["created_at"]), str(body.get("repository_id", "")))
 
 
-def marker_version(repo: Repository) -> int:
+def marker_version(data: bytes) -> int:
     """The marker's format version as written (before any authentication: to tell an old repository)."""
     try:
-        return int(json.loads(repo.get_bytes(REPOSITORY_MARKER)).get("version", 0))
+        return int(json.loads(data).get("version", 0))
     except (ValueError, AttributeError, TypeError):
         return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from .audit import audited, record
 from .crypto import Keyring
+from .environment import hook_environment
 from .errors import RegalError
 from .gdpr import (
     ErasureLedger,
@@ -80,7 +81,7 @@ def restore_to(policy: Policy, repo: Repository, keyring: Keyring, manifest: Man
     before = request.before_writing
 
     def before_writing() -> None:
-        run_hook("pre-hook", pre_hook)
+        run_hook("pre-hook", pre_hook, policy)
         if before:
             before()
 
@@ -94,7 +95,7 @@ def restore_to(policy: Policy, repo: Repository, keyring: Keyring, manifest: Man
                             for table, count in result.erasures.still_present.items() if count]
     result.seconds["total"] = time.monotonic() - started
     if result.ok:
-        run_hook("post-hook", post_hook)
+        run_hook("post-hook", post_hook, policy)
     return result
 
 
@@ -113,12 +114,13 @@ def _erasure_ledger(policy: Policy, repo: Repository, keyring: Keyring, manifest
         return load_ledger(repo, keyring)
 
 
-def run_hook(name: str, command: str | None) -> None:
-    """An operator's command (e.g. stop or start the application); a failure stops the restore."""
+def run_hook(name: str, command: str | None, policy: Policy) -> None:
+    """An operator's command (e.g. stop or start the application), without the policy's secrets in its
+    environment; a failure stops the restore."""
     if not command:
         return
     print(f"running --{name}: {command}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, shell=True, check=False)
+    done = subprocess.run(command, shell=True, check=False, env=hook_environment(policy))
     if done.returncode != 0:
         raise RegalError(f"--{name} failed with exit code {done.returncode}",
                          "fix it and run the restore again" if name == "pre-hook" else

@@ -29,9 +29,9 @@ from .checks import check_status
 from .crypto import Keyring, load_keyring
 from .documents import seal
 from .errors import LockedError, ObjectLockedError, RegalError
-from .keys import KEYS_LOCK
 from .layout import (
     BACKUPS,
+    KEYS_LOCK,
     backup_prefix,
     checks_key,
     manifest_key,

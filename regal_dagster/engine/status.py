@@ -156,7 +156,7 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
     good = [m for m, s in statuses if s.good]
     newest_good = BackupFacts.of(good[-1], "good") if good else None
     newest = BackupFacts.of(statuses[-1][0], statuses[-1][1].status) if statuses else None
-    by_class = {}
+    by_class: dict[str, BackupFacts] = {}
     for retention_class in RETENTION_CLASSES:
         of_class = [m for m in good if m.retention_class == retention_class]
         if of_class:

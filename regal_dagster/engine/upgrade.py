@@ -23,12 +23,12 @@ from .crypto import Keyring, load_keyring, save_keyring
 from .documents import SEAL, canonical, write_document
 from .drill import DRILL_KIND
 from .errors import RegalError
-from .keys import KEYS_LOCK
 from .layout import (
     AUDIT_CHECKPOINTS,
     AUDIT_SPOOL,
     BACKUPS,
     DRILLS,
+    KEYS_LOCK,
     PRUNE_LOGS,
     REPOSITORY_MARKER,
     RESTORE_SAMPLES,
@@ -73,7 +73,7 @@ def upgrade_repository(policy: Policy, repo: Repository | None = None) -> Upgrad
             report.keyset_upgraded = True
         if repo.size(REPOSITORY_MARKER) is None:
             raise NoRepositoryError(repo.location)
-        if marker_version(repo) >= FORMAT_VERSION:
+        if marker_version(repo.get_bytes(REPOSITORY_MARKER)) >= FORMAT_VERSION:
             report.already_current = True
             return report
         for stored in list(repo.list(BACKUPS)):

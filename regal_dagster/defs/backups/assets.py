@@ -90,8 +90,9 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     config = policy.target(target)
     rpo = policy.rpo_for(target)
     freshness = rpo_freshness_policy(rpo)
-    fail = _span(freshness.fail_window.to_timedelta())
-    warn = _span(freshness.warn_window.to_timedelta()) if freshness.warn_window else None
+    fail = _span(max(rpo, DAGSTER_MIN_WINDOW))  # the windows rpo_freshness_policy sets
+    warn = _span(max(rpo, DAGSTER_MIN_WINDOW) * 0.75) if max(rpo, DAGSTER_MIN_WINDOW) * 0.75 >= DAGSTER_MIN_WINDOW \
+        else None
     store_kind = backend_for(policy.repository.url).kind  # "s3", "filesystem"
     label = source_for(config.kind).label
 

@@ -32,6 +32,7 @@ from dagster import (
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from ...engine.checks import check_names, check_status, good_newest_first
+from ...engine.manifest import Manifest
 from ...engine.policy import Policy
 from ..resources import RegalEngine
 from .assets import backup_asset_key, backup_metadata
@@ -86,8 +87,8 @@ def _materialized(context: SensorEvaluationContext, key: AssetKey, backup_id: st
     return bool(metadata.get("backup_id") and metadata["backup_id"].value == backup_id)
 
 
-def _events_for(regal: RegalEngine, key: AssetKey, manifest, now: datetime,  # type: ignore[no-untyped-def]
-                rpo_seconds: float) -> list:
+def _events_for(regal: RegalEngine, key: AssetKey, manifest: Manifest, now: datetime,
+                rpo_seconds: float) -> list[AssetMaterialization | AssetObservation | AssetCheckEvaluation]:
     metadata = backup_metadata(manifest, regal.repository().location)
     taken_by = ", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "unknown"
     metadata["taken_outside_dagster"] = taken_by
@@ -97,7 +98,7 @@ def _events_for(regal: RegalEngine, key: AssetKey, manifest, now: datetime,  # t
         metadata["reported_late"] = f"found {age:.0f}s after it finished, past the RPO: an observation"
         return [AssetObservation(asset_key=key, description=f"backup {manifest.backup_id} taken outside Dagster "
                                                             "(found late)", metadata=metadata)]
-    events: list = [AssetMaterialization(asset_key=key, description=f"backup {manifest.backup_id} taken outside "
+    events: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = [AssetMaterialization(asset_key=key, description=f"backup {manifest.backup_id} taken outside "
                                                                      f"Dagster ({taken_by})", metadata=metadata)]
     status = check_status(regal.repository(), regal.keyring(), manifest)
     if status.record is not None:

@@ -28,6 +28,7 @@ from dagster import (
     RunRequest,
     RunStatusSensorContext,
     ScheduleDefinition,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     TableColumn,
@@ -114,7 +115,7 @@ def compliance_definitions(policy: Policy, drill_job: JobDefinition) -> Definiti
                                  execution_timezone="UTC", default_status=DefaultScheduleStatus.RUNNING,
                                  run_config=_run_config(""),
                                  description=f"The compliance report of the month before ({policy.reports.cron} UTC).")
-    sensors = []
+    sensors: list[SensorDefinition] = []
     for status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE):
         @run_status_sensor(name=f"report_after_drill_{status.value.lower()}", run_status=status,
                            monitored_jobs=[drill_job], request_job=report_job,

@@ -3,12 +3,12 @@ programs it becomes their environment (PG* variables), never a command line."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ..environment import child_environment
 from ..errors import RegalError
 from ..transport import LOCAL, NONE, TLS, UNKNOWN, Transport, is_loopback
 
@@ -40,13 +40,27 @@ def database_of(dsn: str) -> str | None:
     return None if name is None else str(name)
 
 
+def check_dsn(dsn: str) -> None:
+    """ValueError saying what is wrong with a DSN (its ${VAR} references are not filled: they may stay)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "it cannot be parsed"
+        raise ValueError(f"not a PostgreSQL DSN ({reason}): write postgresql://user@host:port/dbname or "
+                         "'host=... dbname=... user=...'") from None
+    unsupported = sorted(set(params) - set(_LIBPQ_ENV))
+    if unsupported:
+        raise ValueError(f"the DSN parameter(s) {', '.join(unsupported)} are not supported; use "
+                         f"{', '.join(sorted(_LIBPQ_ENV))}")
+
+
 def libpq_environment(dsn: str) -> dict[str, str]:
-    """The environment for a PostgreSQL client program: inherited PG* variables replaced by the DSN's."""
+    """The environment for a PostgreSQL client program: the allowlist and the DSN's PG* variables."""
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         raise RegalError("the DSN cannot be parsed", "write it as postgresql://user@host:port/dbname") from None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = child_environment()
     for key, value in params.items():
         if key not in _LIBPQ_ENV:
             raise RegalError(f"the DSN parameter '{key}' is not supported for backups", "remove it from the DSN")

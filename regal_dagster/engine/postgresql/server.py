@@ -38,6 +38,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from ..environment import child_environment
 from ..errors import ToolError
 from .tools import embedded_bin_dir
 
@@ -200,7 +201,7 @@ def _add_mode_bits(path: Path, bits: int) -> None:
 
 def _clean_env() -> dict[str, str]:
     """This process's environment without PG* variables (PGDATA, PGPORT, ... would steer the tools)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = child_environment()
     env["LC_ALL"] = "C"
     env.pop("LANG", None)
     return env

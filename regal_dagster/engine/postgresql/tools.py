@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..environment import child_environment
 from ..errors import ToolError
 
 
@@ -45,7 +46,7 @@ def _candidates(name: str) -> list[Path]:
 @functools.cache
 def _version(path: Path) -> PgTool | None:
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10, env=child_environment(),
                              check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None

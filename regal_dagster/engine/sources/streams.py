@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..environment import child_environment
 from ..errors import ToolError
 from ..pipeline import CHUNK
 
@@ -19,7 +20,8 @@ def stream_command(args: list[str], env: dict[str, str] | None, what: str,
 
     Its standard error goes to a temporary file, so a chatty program never blocks on a full pipe."""
     with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, env=env)
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors,
+                                   env=child_environment() if env is None else env)
         assert process.stdout is not None
         with contextlib.suppress(OSError, AttributeError):  # fewer, bigger reads (Linux only)
             fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)

@@ -58,11 +58,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Self
 
-from ..errors import RegalError
+from ..errors import LockedError, RegalError
+from ..layout import KEYS_LOCK, LEDGER_LOCK
 from ..transport import LOCAL, Transport
 
 if TYPE_CHECKING:
     from ..policy import Policy, RepositoryConfig
+
+
+class ObjectMissingError(RegalError):
+    """There is no object under that key (the store itself answered)."""
 
 
 class TransientStorageError(RegalError):
@@ -219,9 +224,21 @@ def lock_owner() -> dict[str, object]:
 
 
 def describe_lock_owner(raw: bytes | str) -> str:
+    """Who holds a lock, for the refusal: host, pid, since when, and when an S3 lease ends."""
     try:
         owner = json.loads(raw)
-        return f"process {owner['pid']} on {owner['host']} since {owner['since']}"
+        held = f"process {owner['pid']} on {owner['host']} since {owner['since']}"
     except (ValueError, KeyError, TypeError):
         return "another process"
+    if isinstance(owner.get("expires"), int | float):
+        ends = datetime.fromtimestamp(owner["expires"], UTC)
+        held += f"; its lease ends at {ends:%Y-%m-%d %H:%M:%S} UTC unless it renews it (a dead holder's does)"
+    return held
+
+
+def lock_refusal(name: str, raw: bytes | str) -> LockedError:
+    what = {KEYS_LOCK: "a key rotation or retirement is running", LEDGER_LOCK: "an erasure is being recorded"}.get(
+        name, f"another backup of '{name}' is running")
+    return LockedError(f"{what} ({describe_lock_owner(raw)})",
+                       "wait for it to finish, or wait for the lock: --wait DURATION, or repository.lock_wait")
 

@@ -20,17 +20,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import LockedError, RegalError
+from ..errors import RegalError
 from ..layout import PARTIAL_SUFFIX, lock_key
 from .base import (
     Backend,
+    ObjectMissingError,
     ObjectWriter,
     Repository,
     StoredObject,
     check_key,
-    describe_lock_owner,
     key_outside,
     lock_owner,
+    lock_refusal,
 )
 
 if TYPE_CHECKING:
@@ -38,34 +39,53 @@ if TYPE_CHECKING:
 
 
 class _LocalWriter(ObjectWriter):
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
-        self.file = open(self.partial, "xb")  # noqa: SIM115 - closed by commit() or abort()
+    def __init__(self, path: Path, location: str):
+        self.path, self.location = path, location
         self.bytes_written = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+            self.file = open(self.partial, "xb")  # noqa: SIM115 - closed by commit() or abort()
+        except OSError as exc:
+            raise self._failed(exc) from None
 
     def write(self, data: bytes) -> int:
         try:
             self.file.write(data)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise RegalError(f"the repository disk is full while writing {self.path.name}",
-                                 "free space or prune old backups; the unfinished backup was discarded") from None
-            raise
+            raise self._failed(exc) from None
         self.bytes_written += len(data)
         return len(data)
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.partial, self.path)
-        _fsync_dir(self.path.parent)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.partial, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise self._failed(exc) from None
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk may refuse even the close: the unlink frees it
+            self.file.close()
         self.partial.unlink(missing_ok=True)
+
+    def _failed(self, exc: OSError) -> RegalError:
+        """What a failed write means for the operator: what, where, how much, what to do."""
+        written = f"{self.bytes_written / 1048576:.1f} MiB"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(next(p for p in (self.path, *self.path.parents) if p.exists())).free
+            return RegalError(f"the repository {self.location} is full: writing {self.path.name} failed after "
+                              f"{written} with {free / 1048576:.1f} MiB left on its filesystem",
+                              "free space or prune old backups (`regal-backup prune`), then run the command "
+                              "again; what was written was discarded")
+        return RegalError(f"writing {self.path.name} to {self.location} failed after {written}: "
+                          f"{exc.strerror or type(exc).__name__}",
+                          "check the repository's filesystem (permissions, read-only, hardware errors); what was "
+                          "written was discarded")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,7 +101,6 @@ class LocalRepository(Repository):
         self.root = root
         self.location = f"file://{root}"
         self.lock_wait = lock_wait
-        root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path, root = (self.root / check_key(key, self.location)).resolve(), self.root.resolve()
@@ -90,13 +109,13 @@ class LocalRepository(Repository):
         return path
 
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
-        return _LocalWriter(self._path(key))
+        return _LocalWriter(self._path(key), self.location)
 
     def reader(self, key: str) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
-            raise RegalError(f"object {key} is missing from {self.location}",
+            raise ObjectMissingError(f"object {key} is missing from {self.location}",
                              "the backup is damaged: verify it and use another one") from None
 
     def put_bytes(self, key: str, data: bytes, retain_until: datetime | None = None) -> None:
@@ -163,8 +182,7 @@ class LocalRepository(Repository):
                 holder = os.pread(fd, 4096, 0)
                 os.close(fd)
                 if time.monotonic() >= deadline:
-                    raise LockedError(f"another backup of '{name}' is running ({describe_lock_owner(holder)})",
-                                      "wait for it to finish, or set repository.lock_wait to queue") from None
+                    raise lock_refusal(name, holder) from None
                 time.sleep(0.2)
                 continue
             # The holder before us may have removed the file after we opened it: lock the live file only.

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import io
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -21,19 +23,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
-from ..errors import LockedError, ObjectLockedError, RegalError
+from ..errors import ObjectLockedError, RegalError
 from ..layout import lock_key
 from ..transport import Transport, url_transport
 from . import retry
 from .base import (
     Backend,
+    ObjectMissingError,
     ObjectWriter,
     Repository,
     StoredObject,
     TransientStorageError,
     check_key,
-    describe_lock_owner,
     lock_owner,
+    lock_refusal,
 )
 
 if TYPE_CHECKING:
@@ -159,6 +162,24 @@ class _S3Reader(io.RawIOBase):
         super().close()
 
 
+def lease_is_free(raw: bytes) -> bool:
+    """A lease nobody holds any more: expired, unreadable, or held by a process of this host that is gone
+    (a backup that died, or could not release it while the endpoint was down, frees it at once here)."""
+    try:
+        lease = json.loads(raw)
+        if lease["expires"] < time.time():
+            return True
+        if lease["host"] == socket.gethostname() and lease["pid"] != os.getpid():
+            os.kill(int(lease["pid"]), 0)  # raises when there is no such process
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user: alive
+    except (ValueError, KeyError, TypeError):
+        return True
+    return False
+
+
 class S3Repository(Repository):
     encrypts_at_rest = True  # every object is written with the policy's server-side encryption
     locks_objects = True  # S3 Object Lock (repository.object_lock)
@@ -216,7 +237,7 @@ class S3Repository(Repository):
                                                 "the store is overloaded or failing: check its status, "
                                                 "or slow down what else writes to it") from None
                 if code in ("NoSuchKey", "404"):
-                    raise RegalError(f"object {key} is missing from {self.location}",
+                    raise ObjectMissingError(f"object {key} is missing from {self.location}",
                                      "the backup is damaged: verify it and use another one") from None
                 if code == "NoSuchBucket":
                     raise RegalError(f"bucket {self.bucket} does not exist", "create it, or fix repository.url") from None
@@ -422,11 +443,7 @@ class S3Repository(Repository):
                 if found is None:
                     continue  # released meanwhile
                 raw, etag = found
-                try:
-                    expired = json.loads(raw)["expires"] < time.time()
-                except (ValueError, KeyError, TypeError):
-                    expired = True
-                if expired:  # take over a dead holder's lease, but only the version we read
+                if lease_is_free(raw):  # take over a dead holder's lease, but only the version we read
                     try:
                         self.client.put_object(Bucket=self.bucket, Key=key, Body=body(), IfMatch=etag,
                                                **self.sse_args())
@@ -436,8 +453,7 @@ class S3Repository(Repository):
                             raise
                     continue
                 if time.monotonic() >= deadline:
-                    raise LockedError(f"another backup of '{name}' is running ({describe_lock_owner(raw)})",
-                                      "wait for it to finish, or set repository.lock_wait to queue")
+                    raise lock_refusal(name, raw)
                 time.sleep(0.5)
 
         stop = threading.Event()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ...environment import child_environment
 from ...errors import RegalError, ToolError
 from ..streams import stream_command
 
@@ -24,7 +25,7 @@ LOCK_PREFIX = "lock/"
 
 def _git(repo: Path, *args: str) -> str:
     try:
-        run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+        run = subprocess.run(["git", "-C", str(repo), *args], env=child_environment(), capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise ToolError("git is not installed", "install git") from None
     if run.returncode != 0:
@@ -34,7 +35,7 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def git_version() -> str:
-    run = subprocess.run(["git", "--version"], capture_output=True, text=True, check=False)
+    run = subprocess.run(["git", "--version"], env=child_environment(), capture_output=True, text=True, check=False)
     return run.stdout.strip().removeprefix("git version ")
 
 
@@ -57,19 +58,20 @@ def repository_facts(repo: Path, lock_files: list[str]) -> dict[str, Any]:
 
 
 def _has_branch(repo: Path) -> bool:
-    return subprocess.run(["git", "-C", str(repo), "symbolic-ref", "--quiet", "HEAD"], capture_output=True,
+    return subprocess.run(["git", "-C", str(repo), "symbolic-ref", "--quiet", "HEAD"], env=child_environment(), capture_output=True,
                           check=False).returncode == 0
 
 
 def bundle_stream(repo: Path) -> Iterator[bytes]:
-    return stream_command(["git", "-C", str(repo), "bundle", "create", "-", "--all"], None, "git bundle")
+    return stream_command(["git", "-C", str(repo), "bundle", "create", "-", "--all"], child_environment(),
+                          "git bundle")
 
 
 def verify_bundle(bundle: Path) -> None:
     """`git bundle verify`, inside an empty repository (git wants one to check prerequisites against)."""
     scratch = bundle.parent / "verify-repository"
-    subprocess.run(["git", "init", "-q", str(scratch)], capture_output=True, check=True)
-    run = subprocess.run(["git", "-C", str(scratch), "bundle", "verify", str(bundle)], capture_output=True,
+    subprocess.run(["git", "init", "-q", str(scratch)], env=child_environment(), capture_output=True, check=True)
+    run = subprocess.run(["git", "-C", str(scratch), "bundle", "verify", str(bundle)], env=child_environment(), capture_output=True,
                          text=True, check=False)
     if run.returncode != 0:
         raise ToolError(f"git bundle verify rejects the bundle: {run.stderr.strip()[-300:]}",
@@ -78,7 +80,7 @@ def verify_bundle(bundle: Path) -> None:
 
 def clone(bundle: Path, destination: Path) -> dict[str, Any]:
     """Clone every ref from the bundle into `destination`; returns the clone's refs and HEAD."""
-    run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], capture_output=True,
+    run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], env=child_environment(), capture_output=True,
                          text=True, check=False)
     if run.returncode != 0:
         raise ToolError(f"git clone from the bundle failed: {run.stderr.strip()[-300:]}", "use another backup")

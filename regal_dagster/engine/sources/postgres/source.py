@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+from ...environment import child_environment
 from ...errors import IntegrityError
 from ...gdpr import ErasureLedger, ErasureResult
 from ...manifest import Manifest, ObjectRecord
@@ -69,6 +70,7 @@ class PostgresSource(Source):
         with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
             archive = backup.to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
             listed = subprocess.run([str(tool.path), "--list", str(archive)], capture_output=True, text=True,
+                                    env=child_environment(),
                                     check=False)
         if listed.returncode != 0:
             raise IntegrityError(f"object {manifest.object(SCHEMA_OBJECT).key}: pg_restore cannot read the archive's "

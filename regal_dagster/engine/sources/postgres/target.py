@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ...errors import PolicyError
+from ...postgresql.connection import check_dsn
 from ...settings import TargetSettings, fill_environment
 from ...transport import Transport
 
@@ -14,6 +15,12 @@ from ...transport import Transport
 class PostgresTarget(TargetSettings):
     kind: Literal["postgres"]
     dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
+
+    @field_validator("dsn")
+    @classmethod
+    def _valid_dsn(cls, dsn: str) -> str:
+        check_dsn(dsn)
+        return dsn
 
     def resolved_dsn(self) -> str:
         return fill_environment(self.dsn, "dsn")

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from ...environment import child_environment
 from ...errors import RegalError, ToolError
 from ...pipeline import CHUNK
 
@@ -219,7 +220,8 @@ def aof_files(data_dir: Path, persistence: dict[str, Any]) -> list[tuple[str, Pa
 def check_rdb(path: Path) -> dict[str, Any]:
     """`redis-check-rdb` on an RDB file: its facts, or ToolError if it does not check."""
     try:
-        run = subprocess.run(["redis-check-rdb", str(path)], capture_output=True, text=True, check=False, timeout=3600)
+        run = subprocess.run(["redis-check-rdb", str(path)], capture_output=True, text=True, check=False, timeout=3600,
+                             env=child_environment())
     except FileNotFoundError:
         raise ToolError("redis-check-rdb is not installed", "install the redis-tools package") from None
     out = run.stdout + run.stderr
@@ -290,7 +292,7 @@ class ScratchRedis:
             self.process = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                  "--dbfilename", RDB_OBJECT, "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment())
         except FileNotFoundError:
             raise ToolError("redis-server is not installed", "install the redis-server package") from None
         connection = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)

@@ -1,0 +1,209 @@
+"""Faults nobody planned for: a full disk, SIGKILL at random points, an S3 endpoint that disappears. Each
+ends in a clear message and the documented exit code, nothing half-done is visible, and the next run works
+without anybody cleaning up by hand. The counts of trials are in each test."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg
+import pytest
+import yaml
+
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.layout import PARTIAL_SUFFIX
+from regal_dagster.engine.policy import load_policy
+
+from .conftest import CLI, DatabaseFactory, load_awkward_data, run_cli, write_policy_file
+
+TRIALS = 6
+
+
+def _sql(dsn: str, statement: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _clear(done: subprocess.CompletedProcess[str]) -> None:
+    assert "error: " in done.stderr and "what to do:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _kill_at_random(args: list[str], policy_file: Path, rng: random.Random, within: float) -> int | None:
+    """Start a command and SIGKILL it at a random moment within `within` seconds; its exit status if it ended
+    first (None when it was killed)."""
+    process = subprocess.Popen([*CLI, *args, "--policy", str(policy_file)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + rng.uniform(0.05, within)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return process.returncode
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the command and every child it started
+    process.wait()
+    return None
+
+
+@pytest.fixture
+def shop(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> dict[str, Any]:
+    source = system_pg.create()
+    load_awkward_data(source)
+    _sql(source, "CREATE TABLE sales AS SELECT g AS id, md5(g::text) AS ref, now() AS at "
+                 "FROM generate_series(1, 1000000) g")
+    policy_file = write_policy_file(tmp_path, {"pos": source}, prune={"orphan_grace": "0s"})
+    return {"source": source, "policy_file": policy_file, "repository": tmp_path / "repository"}
+
+
+def _listed(policy_file: Path) -> dict[str, Any]:
+    done = run_cli(policy_file, "list", "--json")
+    assert done.returncode == 0, done.stderr
+    document: dict[str, Any] = json.loads(done.stdout)
+    return document
+
+
+def test_sigkill_of_backups_and_prunes_at_random_points(shop: dict[str, Any]) -> None:
+    rng = random.Random(20261130)
+    policy_file = shop["policy_file"]
+    started = time.monotonic()
+    assert run_cli(policy_file, "backup", "pos").returncode == 0
+    duration = time.monotonic() - started  # kill within it: from start-up to the manifest
+    good = []
+    killed = 0
+    for _ in range(TRIALS):
+        if _kill_at_random(["backup", "pos"], policy_file, rng, 0.9 * duration) is None:
+            killed += 1
+        listing = _listed(policy_file)
+        assert listing["damaged"] == []  # a killed backup is not a backup, and not hidden damage either
+        done = run_cli(policy_file, "backup", "pos", "--json")  # no stale lock: the next one runs at once
+        assert done.returncode == 0, done.stderr
+        good.append(json.loads(done.stdout)["backup_id"])
+        _kill_at_random(["prune"], policy_file, rng, 1.5)
+    assert killed >= TRIALS // 2, f"only {killed} of {TRIALS} backups were killed midway"
+    pruned = run_cli(policy_file, "prune", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    listing = _listed(policy_file)
+    assert listing["unfinished"] == [] and listing["damaged"] == []
+    assert not list(shop["repository"].rglob(f"*{PARTIAL_SUFFIX}"))
+    kept = {b["backup_id"] for b in listing["backups"]}
+    for backup_id in sorted(kept & set(good)):
+        assert run_cli(policy_file, "verify", backup_id).returncode == 0
+
+
+def test_sigkill_of_key_operations_never_loses_a_key_or_a_backup(shop: dict[str, Any]) -> None:
+    rng = random.Random(7)
+    policy_file = shop["policy_file"]
+    policy = load_policy(policy_file)
+    backups = []
+    for trial in range(TRIALS):
+        done = run_cli(policy_file, "backup", "pos", "--json")
+        assert done.returncode == 0, done.stderr
+        backups.append(json.loads(done.stdout)["backup_id"])
+        before = load_keyring(policy)
+        if trial % 2:
+            _kill_at_random(["keys", "rotate"], policy_file, rng, 1.5)
+        else:
+            run_cli(policy_file, "keys", "rotate")
+            _kill_at_random(["keys", "retire", str(before.primary_key_id), "--reencrypt"], policy_file, rng, 4.0)
+        after = load_keyring(policy)  # the keyset opens: never half written
+        assert before.key_ids - after.key_ids <= {before.primary_key_id}
+        for backup_id in backups:  # whatever was interrupted, every backup still reads back
+            verified = run_cli(policy_file, "verify", backup_id)
+            assert verified.returncode == 0, (trial, backup_id, verified.stdout[-800:])
+    done = run_cli(policy_file, "prune", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["damaged"] == {}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MiB filesystem of its own (tmpfs): the repository lives there."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_backup_is_a_clear_error_and_the_next_run_works(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, small_disk: Path) -> None:
+    source = system_pg.create()
+    load_awkward_data(source)
+    policy_file = write_policy_file(tmp_path, {"pos": source}, {"url": str(small_disk / "repository")})
+    first = run_cli(policy_file, "backup", "pos", "--json")
+    assert first.returncode == 0, first.stderr
+    first_id = json.loads(first.stdout)["backup_id"]
+    _sql(source, "CREATE TABLE blobs AS SELECT g, decode(md5(g::text) || md5((g + 1000000)::text) || "
+                 "md5((g + 2000000)::text) || md5((g + 3000000)::text), 'hex') AS b "
+                 "FROM generate_series(1, 150000) g")  # 9.6 MB that does not compress
+
+    full = run_cli(policy_file, "backup", "pos")
+
+    assert full.returncode == 1
+    _clear(full)
+    assert "is full" in full.stderr and "MiB left" in full.stderr and "prune" in full.stderr
+    assert not list((small_disk / "repository").rglob(f"*{PARTIAL_SUFFIX}"))
+    listing = _listed(policy_file)
+    assert [b["backup_id"] for b in listing["backups"]] == [first_id] and listing["damaged"] == []
+    assert run_cli(policy_file, "verify", first_id).returncode == 0  # what was there still reads back
+    assert run_cli(policy_file, "prune").returncode == 0
+
+    subprocess.run(["mount", "-o", "remount,size=96m", str(small_disk)], check=True)  # space was added
+    again = run_cli(policy_file, "backup", "pos")
+    assert again.returncode == 0, again.stderr
+
+
+def test_an_s3_endpoint_that_disappears_mid_upload(system_pg: DatabaseFactory, tmp_path: Path, master_key: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    bucket = f"regal-outage-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    source = system_pg.create()
+    _sql(source, "CREATE TABLE sales AS SELECT g AS id, md5(g::text) AS ref FROM generate_series(1, 600000) g")
+    repository = {"url": f"s3://{bucket}/regal", "endpoint_url": endpoint, "part_size_mb": 5,
+                  "retry": {"attempts": 2, "backoff": "0.1s", "max_backoff": "0.2s"}}
+    policy_file = write_policy_file(tmp_path, {"pos": source}, repository, prune={"orphan_grace": "0s"})
+    backup = subprocess.Popen([*CLI, "backup", "pos", "--policy", str(policy_file)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    deadline = time.monotonic() + 60
+    while not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+        assert time.monotonic() < deadline and backup.poll() is None, backup.stderr.read()  # type: ignore[union-attr]
+        time.sleep(0.02)
+    server.stop()  # the endpoint goes away with parts in flight
+    try:
+        _, stderr = backup.communicate(timeout=120)
+        assert backup.returncode == 1 and "Traceback" not in stderr, stderr
+        assert "cannot reach" in stderr and "what to do:" in stderr
+    finally:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # it comes back
+        server.start()
+    try:
+        listing = _listed(policy_file)
+        assert listing["backups"] == [] and listing["damaged"] == []
+        again = run_cli(policy_file, "backup", "pos", "--json")
+        assert again.returncode == 0, again.stderr
+        assert run_cli(policy_file, "verify", json.loads(again.stdout)["backup_id"]).returncode == 0
+        assert run_cli(policy_file, "prune").returncode == 0  # and what the outage left is swept
+        assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+        assert yaml.safe_load(policy_file.read_text())["repository"]["url"].startswith("s3://")
+    finally:
+        server.stop()
