@@ -13,14 +13,14 @@ import yaml
 
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.checks import run_checks
-from regal_dagster.engine.crypto import create_keyset, load_keyring
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.policy import Policy, load_policy
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.sources.files.archive import Walked, tar_stream
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import run_cli
+from .conftest import init_repository, run_cli
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2VydGlmaWNhdGUgZm9yIHJlZ2Fs\n-----END CERTIFICATE-----\n"
 
@@ -51,7 +51,7 @@ def _policy(tmp_path: Path, tree: Path) -> tuple[Path, Policy]:
         "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
         "targets": {"tls": {"kind": "files", "paths": [str(tree)], "exclude": ["*.tmp"]}}}))
     policy = load_policy(path)
-    create_keyset(policy)
+    init_repository(policy)
     return path, policy
 
 

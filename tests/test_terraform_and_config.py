@@ -16,10 +16,12 @@ import yaml
 
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.checks import run_checks
-from regal_dagster.engine.crypto import create_keyset, load_keyring
+from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import Policy, load_policy
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.storage import open_repository
+
+from .conftest import init_repository
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
@@ -31,7 +33,7 @@ def _policy(tmp_path: Path, name: str, target: dict[str, Any]) -> Policy:
         "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
         "targets": {name: target}}))
     policy = load_policy(path)
-    create_keyset(policy)
+    init_repository(policy)
     return policy
 
 
