@@ -105,9 +105,11 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
             "monthly": {"cron": "0 1 * * 0", "first_in_month": True},
         },
         "retention": {"hourly": 48, "daily": 30, "weekly": 26, "monthly": 12},
-        **({"audit": {"dsn": audit_dsn or audit_dsn_for(postgres_dsn)}} if audit else {}),
     }
     policy_from_dict(document, base_dir=directory, source=str(policy_path))  # every problem before any file
+    if audit:  # derived from the target's DSN once that one is known to be well-formed
+        document["audit"] = {"dsn": audit_dsn or audit_dsn_for(postgres_dsn)}
+        policy_from_dict(document, base_dir=directory, source=str(policy_path))
     warnings = literal_secrets(document)
     directory.mkdir(parents=True, exist_ok=True)
     if master_key_env:
