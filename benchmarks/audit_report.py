@@ -34,6 +34,7 @@ from regal_dagster.engine.audit import (
 from regal_dagster.engine.crypto import create_keyset, generate_master_key
 from regal_dagster.engine.policy import policy_from_dict
 from regal_dagster.engine.report import Period, build_report
+from regal_dagster.engine.repository_format import initialize
 from regal_dagster.engine.storage import open_repository
 
 
@@ -95,8 +96,8 @@ def main() -> None:
                 "encryption": {"keyset": "keyset.json", "master_key": {"env": "REGAL_BENCH_MASTER_KEY"}},
                 "targets": {"pos": {"kind": "postgres", "dsn": "postgresql://postgres@127.0.0.1:5432/postgres"}},
                 "audit": {"dsn": audit_dsn}}, base_dir=Path(tmp))
-            create_keyset(policy)
             repo = open_repository(policy)
+            initialize(repo, create_keyset(policy))  # as `regal-backup init` does
             now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
             events = year_of_events(now - timedelta(days=1))
             load(audit_dsn, events)

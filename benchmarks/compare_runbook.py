@@ -39,8 +39,12 @@ import yaml
 from common import generated_database
 
 from regal_dagster.engine.bootstrap import init_project
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.postgresql.connection import libpq_environment, with_dbname
 from regal_dagster.engine.postgresql.tools import find_pg_tool
+from regal_dagster.engine.repository_format import initialize
+from regal_dagster.engine.storage import open_repository
 
 REGAL = [sys.executable, "-m", "regal_dagster.cli"]
 
@@ -129,10 +133,13 @@ def drop_database(dsn: str, name: str) -> None:
 
 
 def s3_policy(local_policy: Path, endpoint: str, bucket: str) -> Path:
+    """The same policy with its repository in the bucket, initialized there (as `regal-backup init` does)."""
     document = yaml.safe_load(local_policy.read_text())
     document["repository"] = {"url": f"s3://{bucket}/regal", "endpoint_url": endpoint, "region": "us-east-1"}
     path = local_policy.with_name("regal_s3.yaml")
     path.write_text(yaml.safe_dump(document, sort_keys=False))
+    policy = load_policy(path)
+    initialize(open_repository(policy), load_keyring(policy))
     return path
 
 
@@ -141,7 +148,7 @@ def bench_scale(scale: float, dsn: str, work: Path, jobs: int, s3_endpoint: str 
     major = psycopg.connect(dsn).info.server_version // 10000
     pg_dump = str(find_pg_tool("pg_dump", major).path)
     psql = str(find_pg_tool("psql", major).path)
-    env = libpq_environment(dsn)  # PG* variables: the password never goes on a command line
+    env = {**os.environ, **libpq_environment(dsn)}  # PG* variables: the password never goes on a command line
     steps: list[Step] = []
 
     def measure(name: str, argv: Sequence[str], output: Path | None, database: str | None = None,

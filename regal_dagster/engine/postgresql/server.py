@@ -657,3 +657,15 @@ class ScratchCluster:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(_process_alive(p.pid) for p in processes):
             time.sleep(0.05)
+
+
+def stop_orphan_servers(directory: Path) -> list[int]:
+    """SIGKILL every PostgreSQL server still running from a data directory under `directory` (the working
+    directory of a process that died); returns their pids."""
+    stopped = []
+    for pid_file in directory.rglob("postmaster.pid"):
+        info = _read_postmaster_pid(pid_file.parent)
+        if info is not None and _process_alive(info[0]):
+            ScratchCluster._kill(info[0])
+            stopped.append(info[0])
+    return stopped
