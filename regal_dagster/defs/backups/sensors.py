@@ -10,6 +10,7 @@
 
 import json
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from dagster import (
     AssetCheckEvaluation,
@@ -29,7 +30,6 @@ from dagster import (
     run_status_sensor,
     sensor,
 )
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from ...engine.checks import check_names, check_status, good_newest_first
 from ...engine.manifest import Manifest
@@ -37,11 +37,14 @@ from ...engine.policy import Policy
 from ..resources import RegalEngine
 from .assets import backup_asset_key, backup_metadata
 
+if TYPE_CHECKING:  # what define_asset_job returns; dagster does not export its name
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
 SYNC_EVERY_SECONDS = 30
 
 
-def build_check_sensor(policy: Policy, backup_job: UnresolvedAssetJobDefinition,
-                       verify_job: UnresolvedAssetJobDefinition) -> SensorDefinition:
+def build_check_sensor(policy: Policy, backup_job: "UnresolvedAssetJobDefinition",
+                       verify_job: "UnresolvedAssetJobDefinition") -> SensorDefinition:
     targets = {backup_asset_key(config.kind, name): (name, config.kind) for name, config in policy.targets.items()}
 
     @run_status_sensor(name="check_new_backups", run_status=DagsterRunStatus.SUCCESS, monitored_jobs=[backup_job],
