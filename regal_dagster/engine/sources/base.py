@@ -59,6 +59,7 @@ class RestoreRequest:
     accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)
     progress: Progress | None = None
     before_writing: Callable[[], None] | None = None  # runs just before the destination is first changed
+    scratch: bool = False  # the destination is a restore test's throw-away one, seen by nobody: loaded in place
 
 
 @dataclass

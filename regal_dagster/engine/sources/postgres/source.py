@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from ...postgresql.connection import describe_dsn, libpq_environment
 from ...postgresql.server import ScratchCluster
 from ...postgresql.tools import find_pg_tool
 from ...settings import TargetSettings
+from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .dump import (
     SCHEMA_CONTENT,
@@ -67,7 +67,7 @@ class PostgresSource(Source):
         """The schema archive's table of contents parses (`pg_restore --list`)."""
         manifest = backup.manifest
         tool = find_pg_tool("pg_restore", dump_major(manifest.tool_versions))
-        with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        with private_directory("check") as tmp:
             archive = backup.to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
             listed = subprocess.run([str(tool.path), "--list", str(archive)], capture_output=True, text=True,
                                     env=child_environment(),
@@ -95,7 +95,7 @@ class PostgresSource(Source):
         report = restore_database(backup.repo, backup.keyring, backup.manifest, request.to,
                                   drop_existing=request.drop_existing, keep_owners=request.keep_owners,
                                   jobs=request.jobs, validation=request.validation, progress=request.progress,
-                                  before_writing=request.before_writing)
+                                  before_writing=request.before_writing, scratch=request.scratch)
         phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
                    f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")
