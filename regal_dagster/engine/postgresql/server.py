@@ -400,7 +400,8 @@ class ScratchCluster:
         else:
             self._prepare_scratch_dir(account)
         assert self.data_dir is not None
-        self._choose_socket_dir(account)
+        if self.socket_dir is None:
+            self._choose_socket_dir(account)
 
     def _prepare_scratch_dir(self, account: _Account) -> None:
         from ..workspace import make_private_directory
@@ -412,6 +413,8 @@ class ScratchCluster:
         self.data_dir = self._work_dir / "data"
         self.log_path = self._work_dir / "server.log"
         self.password = secrets.token_urlsafe(24)
+        self._choose_socket_dir(account)
+        self._start_watchdog()  # from here on, our death takes down whatever runs from the work directory
         self._initdb(account)
 
     def _prepare_persistent_dir(self, account: _Account) -> None:
@@ -528,8 +531,6 @@ class ScratchCluster:
                 "read the log above; common causes are a full disk or too little shared memory",
             )
         self._started_by_us = True
-        if not self._persistent:
-            self._start_watchdog()
 
     def _start_watchdog(self) -> None:
         """A detached process that stops this server and removes its directories once we are dead."""
@@ -671,10 +672,14 @@ class ScratchCluster:
 def stop_orphan_servers(directory: Path) -> list[int]:
     """SIGKILL every PostgreSQL server still running from a data directory under `directory` (the working
     directory of a process that died); returns their pids."""
+    from .watchdog import SERVER_PID_FILE, stop_servers
+
     stopped = []
-    for pid_file in directory.rglob("postmaster.pid"):
-        info = _read_postmaster_pid(pid_file.parent)
+    for root, _, files in os.walk(directory):  # os.walk: files vanishing meanwhile are no error
+        info = _read_postmaster_pid(Path(root)) if "postmaster.pid" in files else None
         if info is not None and _process_alive(info[0]):
             ScratchCluster._kill(info[0])
             stopped.append(info[0])
+        if SERVER_PID_FILE in files:  # a scratch redis-server
+            stop_servers(Path(root))
     return stopped

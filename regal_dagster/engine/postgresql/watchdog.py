@@ -66,9 +66,14 @@ def _kill(processes: list[psutil.Process]) -> None:
         time.sleep(0.05)
 
 
+def _files(work_dir: Path, name: str) -> list[Path]:
+    """Files called `name` below `work_dir` (os.walk: a server creating and deleting files meanwhile is fine)."""
+    return [Path(root, name) for root, _, files in os.walk(work_dir) if name in files]
+
+
 def stop_servers(work_dir: Path) -> None:
     """Stop every server running from `work_dir`, PostgreSQL first with an immediate shutdown."""
-    for pid_file in work_dir.rglob("postmaster.pid"):
+    for pid_file in _files(work_dir, "postmaster.pid"):
         try:
             pid = int(pid_file.read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
@@ -84,7 +89,7 @@ def stop_servers(work_dir: Path) -> None:
         while time.monotonic() < deadline and not _gone(processes):
             time.sleep(0.05)
         _kill(processes + _tree(pid))
-    for pid_file in work_dir.rglob(SERVER_PID_FILE):
+    for pid_file in _files(work_dir, SERVER_PID_FILE):
         try:
             pid_text, started_text = pid_file.read_text().split()
             _kill(_tree(int(pid_text), float(started_text)))
@@ -92,12 +97,30 @@ def stop_servers(work_dir: Path) -> None:
             continue
 
 
+def _working_from(work_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line names `work_dir` (initdb, pg_ctl, a postmaster still starting up)."""
+    me, found = os.getpid(), []
+    for process in psutil.process_iter(["cmdline"]):
+        if process.pid != me and any(str(work_dir) in part for part in process.info["cmdline"] or []):
+            found += _tree(process.pid)
+    return found
+
+
 def main(argv: list[str]) -> int:
     owner_pid, owner_start, work_dir = int(argv[0]), float(argv[1]), Path(argv[2])
     extra = [Path(a) for a in argv[3:]]
     while work_dir.exists():
         if not owner_alive(owner_pid, owner_start):
-            stop_servers(work_dir)
+            deadline = time.monotonic() + 5  # a server may still be starting: look again until none is left
+            while True:
+                try:
+                    stop_servers(work_dir)
+                    _kill(_working_from(work_dir))
+                except (OSError, psutil.Error):
+                    pass  # look again
+                if time.monotonic() > deadline or not _working_from(work_dir):
+                    break
+                time.sleep(0.2)
             for directory in [work_dir, *extra]:
                 shutil.rmtree(directory, ignore_errors=True)
             return 0
