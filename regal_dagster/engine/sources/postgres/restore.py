@@ -100,12 +100,14 @@ VALIDATION = {
 def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, *,
                    drop_existing: bool = False, keep_owners: bool = False, jobs: int | None = None,
                    validation: str = "full", progress: Progress | None = None,
-                   before_writing: Callable[[], None] | None = None, scratch: bool = False) -> DatabaseRestore:
+                   before_writing: Callable[[], None] | None = None,
+                   before_publishing: Callable[[str], None] | None = None, scratch: bool = False) -> DatabaseRestore:
     """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): the
     whole backup is authenticated before anything is created, loaded into a temporary database, validated,
     and only then renamed into place; on any failure the temporary database is dropped and the target is
     as it was. `before_writing` runs once the target is known to be acceptable and the backup has been
-    authenticated: just before the first change to the server.
+    authenticated: just before the first change to the server; `before_publishing` runs with the DSN of the
+    validated temporary database just before it is renamed into place (GDPR erasures are re-applied there).
 
     `scratch`: the destination is a throw-away server nobody else sees (a restore test's): loaded in place."""
     if validation not in VALIDATION:
@@ -118,8 +120,11 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
             before_writing()
         if state == "replace":
             reset_database(to_dsn)
-        return load_database(repo, keyring, manifest, to_dsn, state, phases, keep_owners=keep_owners, jobs=jobs,
-                             validation=validation, progress=progress)
+        report = load_database(repo, keyring, manifest, to_dsn, state, phases, keep_owners=keep_owners,
+                               jobs=jobs, validation=validation, progress=progress)
+        if report.ok and before_publishing:
+            before_publishing(to_dsn)
+        return report
     with StagedDatabase(to_dsn) as staged:
         state = staged.target_state(drop_existing)
         verified = verify_backup(repo, keyring, manifest, jobs=jobs)
@@ -135,6 +140,8 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         report = load_database(repo, keyring, manifest, temporary, state, phases, keep_owners=keep_owners,
                                jobs=jobs, validation=validation, progress=progress)
         if report.ok:
+            if before_publishing:
+                before_publishing(temporary)
             staged.publish()
         else:
             report.validation_problems.append(
