@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from ...crypto import Keyring
-from ...errors import IntegrityError, RegalError, TargetNotEmptyError, ToolError
+from ...errors import IntegrityError, RegalError, TargetNotEmptyError, ToolError, UsageError
 from ...manifest import Manifest
 from ...parallel import check, map_parallel
 from ...pipeline import Progress, StoredBackup, read_stream
@@ -227,6 +227,9 @@ class StagedDatabase:
         if not dbname:
             raise RegalError("the restore DSN names no database",
                              "add the database name, e.g. .../regalpos_restored")
+        if dbname in ("postgres", "template0", "template1"):
+            raise UsageError(f"{dbname} is the server's own database: a restore does not replace it",
+                             "restore into a database of its own name, e.g. .../pos_restored")
         self.dsn, self.target = dsn, dbname
         self.token = secrets.token_hex(4)
         self.temporary = _staging_name(dbname, "restoring", self.token)
@@ -235,6 +238,8 @@ class StagedDatabase:
         self.conn: psycopg.Connection[Any] | None = None
 
     def __enter__(self) -> Self:
+        # The locks live in the `postgres` database (advisory locks are per database): every restore takes
+        # and tests them there.
         self.conn = connect(with_dbname(self.dsn, "postgres"), autocommit=True)
         self.conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK_NAMESPACE + self.token,))
         self.sweep()
@@ -317,8 +322,8 @@ class StagedDatabase:
         try:
             self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(self.temporary)))
         except psycopg.errors.InsufficientPrivilege:
-            raise RegalError(f"the role of {describe_dsn(self.dsn)} may not create databases; a restore loads into "
-                             "a new database first", "restore as a role with CREATEDB (ALTER ROLE ... CREATEDB)"
+            raise RegalError(f"permission denied to create database: the role of {describe_dsn(self.dsn)} lacks "
+                             "CREATEDB, and a restore loads into a new database first", "restore as a role with CREATEDB (ALTER ROLE ... CREATEDB)"
                              ) from None
         self.created = True
         return with_dbname(self.dsn, self.temporary)
