@@ -100,6 +100,7 @@ def restore_to(policy: Policy, repo: Repository, keyring: Keyring, manifest: Man
         result.erasures = erased[0]
     elif result.ok and restored.erasable is not None and ledger is not None:  # a kind that publishes at once
         result.erasures = reapply_erasures(policy, ledger, manifest.target, source, restored.erasable)
+    if result.erasures is not None:
         result.problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
                             for table, count in result.erasures.still_present.items() if count]
     result.seconds["total"] = time.monotonic() - started
