@@ -121,8 +121,13 @@ def main(argv: list[str]) -> int:
                 if time.monotonic() > deadline or not _working_from(work_dir):
                     break
                 time.sleep(0.2)
-            for directory in [work_dir, *extra]:
-                shutil.rmtree(directory, ignore_errors=True)
+            for _ in range(20):  # a server that was dying may still have been writing files
+                for directory in [work_dir, *extra]:
+                    shutil.rmtree(directory, ignore_errors=True)
+                if not any(d.exists() for d in [work_dir, *extra]):
+                    break
+                _kill(_working_from(work_dir))
+                time.sleep(0.25)
             return 0
         time.sleep(POLL_SECONDS)
     return 0
