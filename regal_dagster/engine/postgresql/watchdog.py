@@ -37,11 +37,11 @@ def owner_alive(pid: int, started: float) -> bool:
 
 def _tree(pid: int, started: float | None = None) -> list[psutil.Process]:
     try:
-        process = psutil.Process(pid)
+        process = psutil.Process(abs(pid))  # initdb's standalone backend writes its pid negated
         if started is not None and abs(process.create_time() - started) >= 0.01:
             return []  # the pid now belongs to someone else
         return [process, *process.children(recursive=True)]
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return []
 
 
@@ -75,7 +75,7 @@ def stop_servers(work_dir: Path) -> None:
     """Stop every server running from `work_dir`, PostgreSQL first with an immediate shutdown."""
     for pid_file in _files(work_dir, "postmaster.pid"):
         try:
-            pid = int(pid_file.read_text().splitlines()[0])
+            pid = abs(int(pid_file.read_text().splitlines()[0]))
         except (OSError, ValueError, IndexError):
             continue
         processes = _tree(pid)
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
                 try:
                     stop_servers(work_dir)
                     _kill(_working_from(work_dir))
-                except (OSError, psutil.Error):
+                except (OSError, ValueError, psutil.Error):
                     pass  # look again
                 if time.monotonic() > deadline or not _working_from(work_dir):
                     break
