@@ -136,7 +136,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         if before_writing:
             before_writing()
         staged.check_not_in_use()
-        temporary = staged.create()
+        temporary = staged.create(copying_target=state == "empty")
         report = load_database(repo, keyring, manifest, temporary, state, phases, keep_owners=keep_owners,
                                jobs=jobs, validation=validation, progress=progress)
         if report.ok:
@@ -317,10 +317,12 @@ class StagedDatabase:
                              "database only when nobody uses it; nothing was changed",
                              "stop the application using it (for example with --pre-hook) and restore again")
 
-    def create(self) -> str:
-        """Create the temporary database; returns its DSN."""
+    def create(self, copying_target: bool = False) -> str:
+        """Create the temporary database; returns its DSN. `copying_target`: as a copy of the (empty) target,
+        so what its owner prepared there (extensions, functions, event triggers) is there as before."""
+        template = sql.Identifier(self.target) if copying_target else sql.SQL("template0")
         try:
-            self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(self.temporary)))
+            self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(self.temporary), template))
         except psycopg.errors.InsufficientPrivilege:
             raise RegalError(f"permission denied to create database: the role of {describe_dsn(self.dsn)} lacks "
                              "CREATEDB, and a restore loads into a new database first", "restore as a role with CREATEDB (ALTER ROLE ... CREATEDB)"
