@@ -61,6 +61,8 @@ def test_every_command_exits_as_documented(setup: dict[str, Any], tmp_path: Path
         (["restore", backup_id, "--to", restored], 1),  # not empty: refused, nothing touched
         (["restore", "--target", "pos", "--before", "last tuesday", "--to", restored], 2),
         (["restore", "--target", "pos", "--to", restored], 2),  # neither --latest nor --before
+        (["restore", backup_id, "--to", "/a/path"], 2),  # not a DSN: said so, nothing created
+        (["restore", backup_id, "--to", "postgresql://u:pw@127.0.0.1/x?frobnicate=1"], 2),
         (["restore-test", backup_id], 0),
         (["restore-test", "--target", "nosuchtarget"], 2),
         (["gdpr", "erase", "pos", "x@example.com", "--requested-at", "yesterday"], 2),
@@ -81,6 +83,16 @@ def test_every_command_exits_as_documented(setup: dict[str, Any], tmp_path: Path
             assert "Traceback" not in done.stderr, (args, done.stderr)
             if code != 2 or args[-1] != "--nosuchoption":  # argparse speaks for itself there
                 _clear(done)
+
+
+def test_a_restore_to_something_that_is_not_a_dsn_says_what_to_give(setup: dict[str, Any]) -> None:
+    done = run_cli(setup["policy_file"], "restore", setup["backup_id"], "--to", "/a/path")
+    assert done.returncode == 2
+    _clear(done)
+    assert "not a PostgreSQL DSN" in done.stderr and "postgresql://" in done.stderr
+    secret = run_cli(setup["policy_file"], "restore", setup["backup_id"], "--to",
+                     "postgresql://u:hunter2@127.0.0.1/x?frobnicate=1")
+    assert secret.returncode == 2 and "frobnicate" in secret.stderr and "hunter2" not in secret.stderr
 
 
 def test_no_such_backup_writes_nothing(setup: dict[str, Any]) -> None:

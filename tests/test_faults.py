@@ -4,11 +4,13 @@ without anybody cleaning up by hand. The counts of trials are in each test."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import psutil
 import psycopg
 import pytest
 import yaml
@@ -23,6 +26,7 @@ import yaml
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.layout import PARTIAL_SUFFIX
 from regal_dagster.engine.policy import load_policy
+from regal_dagster.engine.workspace import owner_alive
 
 from .conftest import CLI, DatabaseFactory, load_awkward_data, run_cli, write_policy_file
 
@@ -207,3 +211,188 @@ def test_an_s3_endpoint_that_disappears_mid_upload(system_pg: DatabaseFactory, t
         assert yaml.safe_load(policy_file.read_text())["repository"]["url"].startswith("s3://")
     finally:
         server.stop()
+
+
+# --- restores: atomic as seen from the target -----------------------------------------------------------
+
+RESTORE_TRIALS = 8
+STAGING = "__regal_"  # the temporary databases' names: <target>__regal_restoring_<token>, ..._replaced_...
+
+
+def _databases(server_dsn: str, prefix: str) -> list[str]:
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        return [row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s) "
+                                               "ORDER BY 1", (prefix,))]
+
+
+def _table_counts(dsn: str) -> dict[str, int]:
+    """Every user table's exact row count."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        tables = conn.execute("SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables "
+                              "WHERE table_type = 'BASE TABLE' AND table_schema NOT IN "
+                              "('pg_catalog', 'information_schema') ORDER BY 1").fetchall()
+        return {name: conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for (name,) in tables}  # type: ignore[index]
+
+
+def _decrypted_leftovers() -> list[Path]:
+    """Private working directories (decrypted files, scratch servers) whose owner is dead: none may stay once
+    the next command ran (the live ones of this test session, its own scratch server, are not leftovers)."""
+    return [p for p in Path(tempfile.gettempdir()).glob("regal-*") if p.is_dir() and not owner_alive(p)]
+
+
+@pytest.fixture
+def backed_up_shop(shop: dict[str, Any], system_pg: DatabaseFactory) -> dict[str, Any]:
+    done = run_cli(shop["policy_file"], "backup", "pos", "--json")
+    assert done.returncode == 0, done.stderr
+    backup_id = json.loads(done.stdout)["backup_id"]
+    first = system_pg.dsn(system_pg.new_name("regal_first"))
+    started = time.monotonic()
+    restored = run_cli(shop["policy_file"], "restore", backup_id, "--to", first)
+    assert restored.returncode == 0, restored.stderr
+    return {**shop, "backup_id": backup_id, "duration": time.monotonic() - started,
+            "expected": _table_counts(shop["source"]), "server": system_pg.dsn("postgres")}
+
+
+def test_sigkill_of_restores_into_a_new_database_never_leaves_a_half_loaded_one(
+        backed_up_shop: dict[str, Any], system_pg: DatabaseFactory) -> None:
+    shop, rng = backed_up_shop, random.Random(16)
+    policy_file, expected = shop["policy_file"], shop["expected"]
+    outcomes = {"killed, target absent": 0, "killed, target complete": 0, "finished first": 0}
+    for _ in range(RESTORE_TRIALS):
+        name = system_pg.new_name("regal_killed")
+        status = _kill_at_random(["restore", shop["backup_id"], "--to", system_pg.dsn(name)], policy_file, rng,
+                                 0.8 * shop["duration"])
+        present = _databases(shop["server"], name) == [name]
+        if present:  # never a half-loaded database under the target's name: the whole backup or nothing
+            assert _table_counts(system_pg.dsn(name)) == expected
+        outcomes["finished first" if status is not None else
+                 f"killed, target {'complete' if present else 'absent'}"] += 1
+        if status is not None:
+            assert status == 0 and present
+        # the next restore works at once, without anybody cleaning up, and sweeps what the killed one left
+        again = run_cli(policy_file, "restore", shop["backup_id"], "--to", system_pg.dsn(name), "--drop-existing")
+        assert again.returncode == 0, again.stderr
+        assert _table_counts(system_pg.dsn(name)) == expected
+        assert _databases(shop["server"], name) == [name]  # its temporary databases are gone
+        assert _decrypted_leftovers() == []  # and so are the decrypted files in private directories
+    print(f"restore into a new database, SIGKILL at random: {outcomes}")
+    assert outcomes["killed, target absent"] >= RESTORE_TRIALS // 2, outcomes
+    assert [d for d in _databases(shop["server"], "regal_") if STAGING in d] == []
+
+
+def test_sigkill_of_restores_with_drop_existing_leaves_the_old_database_or_the_complete_new_one(
+        backed_up_shop: dict[str, Any], system_pg: DatabaseFactory) -> None:
+    shop, rng = backed_up_shop, random.Random(1616)
+    policy_file, expected = shop["policy_file"], shop["expected"]
+    outcomes = {"killed, old database kept": 0, "killed, new database complete": 0, "finished first": 0}
+    for _ in range(RESTORE_TRIALS):
+        name = system_pg.new_name("regal_replaced")
+        _sql(shop["server"], f'CREATE DATABASE "{name}"')
+        _sql(system_pg.dsn(name), "CREATE TABLE precious AS SELECT g FROM generate_series(1, 1234) g")
+        status = _kill_at_random(["restore", shop["backup_id"], "--to", system_pg.dsn(name), "--drop-existing"],
+                                 policy_file, rng, shop["duration"])
+        assert _databases(shop["server"], name)[:1] == [name]  # the target's name never goes missing
+        found = _table_counts(system_pg.dsn(name))
+        if found == {"public.precious": 1234}:
+            assert status is None
+            outcomes["killed, old database kept"] += 1
+        else:
+            assert found == expected  # the complete new database, never a mixture
+            outcomes["finished first" if status is not None else "killed, new database complete"] += 1
+        again = run_cli(policy_file, "restore", shop["backup_id"], "--to", system_pg.dsn(name), "--drop-existing")
+        assert again.returncode == 0, again.stderr
+        assert _table_counts(system_pg.dsn(name)) == expected
+        assert _databases(shop["server"], name) == [name]
+        assert _decrypted_leftovers() == []
+    print(f"restore --drop-existing, SIGKILL at random: {outcomes}")
+    assert outcomes["killed, old database kept"] >= RESTORE_TRIALS // 2, outcomes
+
+
+def test_a_damaged_backup_restored_into_a_new_database_creates_nothing_and_names_the_object(
+        backed_up_shop: dict[str, Any], system_pg: DatabaseFactory) -> None:
+    shop = backed_up_shop
+    policy = load_policy(shop["policy_file"])
+    from regal_dagster.engine import catalog
+    from regal_dagster.engine.storage import open_repository
+
+    manifest = catalog.load_manifest(open_repository(policy), load_keyring(policy), shop["backup_id"])
+    damaged = max(manifest.objects, key=lambda r: r.size)  # the big table's rows
+    path = shop["repository"] / damaged.key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the middle of the object
+    path.write_bytes(bytes(data))
+    name = system_pg.new_name("regal_damaged")
+
+    done = run_cli(shop["policy_file"], "restore", shop["backup_id"], "--to", system_pg.dsn(name))
+
+    assert done.returncode == 3, done.stderr
+    _clear(done)
+    assert damaged.key in done.stderr and "nothing was created" in done.stderr
+    assert _databases(shop["server"], name) == []  # neither the target nor a temporary database
+    assert _decrypted_leftovers() == []
+
+
+# --- restore tests: scratch servers never outlive their owner --------------------------------------------
+
+RESTORE_TEST_TRIALS = 7
+
+
+def _scratch_processes(work_dir: Path) -> list[psutil.Process]:
+    """Every process a scratch server of `work_dir` runs (postmaster and its children) or watches it with."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(work_dir) in part for part in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += [process, *process.children(recursive=True)]
+    return found
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
+
+
+def test_sigkill_of_restore_tests_leaves_no_scratch_server_behind(shop: dict[str, Any]) -> None:
+    rng = random.Random(1618)
+    policy_file, work_dir = shop["policy_file"], shop["repository"].parent / "scratch"
+    assert run_cli(policy_file, "backup", "pos").returncode == 0
+    command = ["restore-test", "--target", "pos", "--work-dir", str(work_dir)]
+    started = time.monotonic()
+    first = run_cli(policy_file, *command)
+    assert first.returncode == 0, first.stderr
+    duration = time.monotonic() - started
+    outcomes = {"killed with a scratch server running": 0, "killed before or after it": 0, "finished first": 0}
+    dir_gone = 0
+    for _ in range(RESTORE_TEST_TRIALS):
+        process = subprocess.Popen([*CLI, *command, "--policy", str(policy_file)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + rng.uniform(0.5, duration)
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        if process.poll() is not None:
+            outcomes["finished first"] += 1
+            continue
+        servers = _scratch_processes(work_dir)
+        running = any(p.name() == "postgres" for p in _alive(servers))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        killed_at = time.monotonic()
+        while _alive(servers + _scratch_processes(work_dir)) and time.monotonic() - killed_at < 10:
+            time.sleep(0.1)
+        assert not _alive(servers + _scratch_processes(work_dir)), "a scratch server outlived its owner by 10 s"
+        listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in
+                     {p.pid for p in servers}]
+        assert listening == []
+        while list(work_dir.glob("regal-pg-*")) and time.monotonic() - killed_at < 10:
+            time.sleep(0.1)
+        dir_gone += not list(work_dir.glob("regal-pg-*"))  # removed by the watchdog (else: by the next run)
+        outcomes["killed with a scratch server running" if running else "killed before or after it"] += 1
+        again = run_cli(policy_file, *command)  # the next one works, nothing to clean by hand
+        assert again.returncode == 0, again.stderr
+        assert not work_dir.exists() or list(work_dir.iterdir()) == []
+    print(f"restore-test, SIGKILL at random: {outcomes}; private directory gone within 10 s: {dir_gone}")
+    assert outcomes["killed with a scratch server running"] >= RESTORE_TEST_TRIALS // 2, outcomes

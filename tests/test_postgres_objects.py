@@ -17,6 +17,7 @@ import pytest
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.parallel import Cancelled, check, map_parallel
+from regal_dagster.engine.postgresql.connection import describe_dsn
 from regal_dagster.engine.sources.postgres.restore import restore_database
 from regal_dagster.engine.storage import open_repository
 
@@ -120,8 +121,11 @@ def test_full_validation_catches_a_row_changed_after_loading(system_pg: Database
     # (the target holds functions, not tables, so it counts as empty)
     report = restore_database(open_repository(policy), load_keyring(policy), manifest, target, validation="full")
     assert not report.ok
-    assert report.validation_problems == ["table public.t has the same row count but different content"]
-    assert table_rows(target, "SELECT v FROM t ORDER BY id LIMIT 1") == [("V1",)]
+    assert report.validation_problems == ["table public.t has the same row count but different content",
+                                          f"the restored copy was dropped: {describe_dsn(target)} is as it was"]
+    # the copy that differs was never published: the target is as it was (its event trigger, no table)
+    assert table_rows(target, "SELECT count(*) FROM pg_tables WHERE tablename = 't'") == [(0,)]
+    assert table_rows(target, "SELECT evtname FROM pg_event_trigger") == [("add_shout",)]
 
 
 def test_one_failing_worker_stops_the_others_and_its_error_is_raised() -> None:

@@ -4,6 +4,7 @@ several databases): the RDB over the replication protocol, AOF files, checks, re
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -20,13 +21,18 @@ from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import Policy, load_policy
 from regal_dagster.engine.restore_test import run_restore_test
-from regal_dagster.engine.sources.redis.server import free_port
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import init_repository
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 PASSWORD = "redis-s3cret-pw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class RedisServer:

@@ -102,8 +102,11 @@ def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, t
     tables[1]["sha256"] = "0" * 64
     lying = manifest.model_copy(update={"source": {**manifest.source, "tables": tables}})
 
-    report = restore_database(open_repository(policy), load_keyring(policy), lying,
-                            system_pg.dsn(system_pg.new_name("regal_restored")))
+    target = system_pg.new_name("regal_restored")
+    report = restore_database(open_repository(policy), load_keyring(policy), lying, system_pg.dsn(target))
 
     assert not report.ok
-    assert report.validation_problems == ["table public.customers has the same row count but different content"]
+    assert report.validation_problems == ["table public.customers has the same row count but different content",
+                                          f"the restored copy was dropped: no database {target} was created"]
+    assert table_rows(system_pg.dsn("postgres"), "SELECT datname FROM pg_database WHERE datname LIKE "
+                      f"'{target}%'") == []  # neither the target nor the temporary database it was loaded into

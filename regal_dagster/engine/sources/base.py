@@ -59,6 +59,10 @@ class RestoreRequest:
     accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)
     progress: Progress | None = None
     before_writing: Callable[[], None] | None = None  # runs just before the destination is first changed
+    # runs with the destination of a loaded and validated copy before anyone can see it (PostgreSQL: the
+    # temporary database, before it is renamed into place): where GDPR erasures are re-applied
+    before_publishing: Callable[[str], None] | None = None
+    scratch: bool = False  # the destination is a restore test's throw-away one, seen by nobody: loaded in place
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from ...errors import IntegrityError, RegalError
 from ...manifest import Manifest
 from ...pipeline import StoredBackup
 from ...settings import TargetSettings
+from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..streams import file_chunks
 from . import git
@@ -38,7 +38,7 @@ class ConfigSource(Source):
 
     def check_structure(self, backup: StoredBackup) -> str:
         manifest = backup.manifest
-        with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        with private_directory("check") as tmp:
             git.verify_bundle(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT))
         for name, digest in manifest.source.get("lock_files", {}).items():
             if manifest.object(git.LOCK_PREFIX + name).plaintext_sha256 != digest:
@@ -58,7 +58,7 @@ class ConfigSource(Source):
         started = time.monotonic()
         if request.before_writing:
             request.before_writing()
-        with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:
+        with private_directory("restore") as tmp:
             cloned = git.clone(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT), destination)
         for name in manifest.source.get("lock_files", {}):
             path = destination / LOCK_FILES_DIR / name
@@ -71,7 +71,7 @@ class ConfigSource(Source):
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
-        with tempfile.TemporaryDirectory(prefix="regal-config-test-", dir=work_dir) as tmp:
+        with private_directory("config-test", work_dir) as tmp:
             yield str(Path(tmp) / "clone")
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:

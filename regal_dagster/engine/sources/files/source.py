@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from ...errors import RegalError
 from ...manifest import Manifest
 from ...pipeline import StoredBackup
 from ...settings import TargetSettings
+from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .archive import Walked, compare_stream, compare_tree, extra_paths, tar_stream
 from .target import FilesTarget
@@ -76,7 +76,7 @@ class FilesSource(Source):
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
-        with tempfile.TemporaryDirectory(prefix="regal-files-test-", dir=work_dir) as tmp:
+        with private_directory("files-test", work_dir) as tmp:
             yield str(Path(tmp) / "restored")
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:

@@ -10,21 +10,22 @@ triggers), and last every table is read back and compared with the manifest (row
 from __future__ import annotations
 
 import contextlib
+import logging
+import secrets
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg import sql
 
 from ...crypto import Keyring
-from ...errors import IntegrityError, RegalError, TargetNotEmptyError, ToolError
+from ...errors import IntegrityError, RegalError, TargetNotEmptyError, ToolError, UsageError
 from ...manifest import Manifest
 from ...parallel import check, map_parallel
 from ...pipeline import Progress, StoredBackup, read_stream
@@ -41,6 +42,7 @@ from ...postgresql.tools import PgTool, find_pg_tool
 from ...settings import default_jobs
 from ...storage import Repository
 from ...verify import verify_backup
+from ...workspace import private_directory
 from .dump import (
     COPY_SESSION_SETTINGS,
     RESTORE_SESSION_SETTINGS,
@@ -51,6 +53,8 @@ from .dump import (
     dump_major,
     read_table,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,28 +100,65 @@ VALIDATION = {
 def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, *,
                    drop_existing: bool = False, keep_owners: bool = False, jobs: int | None = None,
                    validation: str = "full", progress: Progress | None = None,
-                   before_writing: Callable[[], None] | None = None) -> DatabaseRestore:
-    """Restore one backup into `to_dsn`. `before_writing` runs once the target is known to be acceptable
-    and, when replacing, the backup has been authenticated: just before the first change to the target."""
+                   before_writing: Callable[[], None] | None = None,
+                   before_publishing: Callable[[str], None] | None = None, scratch: bool = False) -> DatabaseRestore:
+    """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): the
+    whole backup is authenticated before anything is created, loaded into a temporary database, validated,
+    and only then renamed into place; on any failure the temporary database is dropped and the target is
+    as it was. `before_writing` runs once the target is known to be acceptable and the backup has been
+    authenticated: just before the first change to the server; `before_publishing` runs with the DSN of the
+    validated temporary database just before it is renamed into place (GDPR erasures are re-applied there).
+
+    `scratch`: the destination is a throw-away server nobody else sees (a restore test's): loaded in place."""
     if validation not in VALIDATION:
         raise RegalError(f"unknown validation '{validation}'", f"use one of {', '.join(VALIDATION)}")
     phases = _Phases()
     jobs = jobs or default_jobs()
-    state = prepare_target_database(to_dsn, drop_existing)
-    if state == "replace":
+    if scratch:
+        state = prepare_target_database(to_dsn, drop_existing)
+        if before_writing:
+            before_writing()
+        if state == "replace":
+            reset_database(to_dsn)
+        report = load_database(repo, keyring, manifest, to_dsn, state, phases, keep_owners=keep_owners,
+                               jobs=jobs, validation=validation, progress=progress)
+        if report.ok and before_publishing:
+            before_publishing(to_dsn)
+        return report
+    with StagedDatabase(to_dsn) as staged:
+        state = staged.target_state(drop_existing)
         verified = verify_backup(repo, keyring, manifest, jobs=jobs)
         phases.done("authenticate")
         if not verified.ok:
-            raise IntegrityError(f"backup {manifest.backup_id} failed verification; the existing database was "
-                                 f"left untouched: {'; '.join(verified.problems)}", "restore another backup")
-    if before_writing:
-        before_writing()
-    if state == "replace":
-        reset_database(to_dsn)
+            kept = "the existing database was left untouched" if staged.exists else "nothing was created"
+            raise IntegrityError(f"backup {manifest.backup_id} failed verification; {kept}: "
+                                 f"{'; '.join(verified.problems)}", "restore another backup")
+        if before_writing:
+            before_writing()
+        staged.check_not_in_use()
+        temporary = staged.create(copying_target=state == "empty")
+        report = load_database(repo, keyring, manifest, temporary, state, phases, keep_owners=keep_owners,
+                               jobs=jobs, validation=validation, progress=progress)
+        if report.ok:
+            if before_publishing:
+                before_publishing(temporary)
+            staged.publish()
+        else:
+            report.validation_problems.append(
+                f"the restored copy was dropped: {describe_dsn(to_dsn)} is as it was" if staged.exists else
+                f"the restored copy was dropped: no database {staged.target} was created")
+        report.target = describe_dsn(to_dsn)
+    return report
+
+
+def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, state: str,
+                  phases: _Phases, *, keep_owners: bool, jobs: int, validation: str,
+                  progress: Progress | None) -> DatabaseRestore:
+    """Load one backup into the (new, empty) database `to_dsn` and validate it against the manifest."""
     pg_restore, psql = restore_tools(to_dsn, dump_major(manifest.tool_versions))
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     tables = [Table.from_facts(t) for t in table_facts]
-    with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:  # private (0700), removed afterwards
+    with private_directory("restore") as tmp:  # private (0700), swept by the next command if we are killed
         archive = StoredBackup(repo, keyring, manifest).to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
         run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners)
         phases.done("schema")
@@ -158,6 +199,163 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
 
 
 # --- the target database ----------------------------------------------------------------------------
+
+STAGING_PATTERN = r"__regal_(restoring|replaced)_([0-9a-f]{8})$"
+"""Names of a restore's temporary databases: `<target>__regal_restoring_<token>` (being loaded) and
+`<target>__regal_replaced_<token>` (the old target, renamed aside, about to be dropped)."""
+_LOCK_NAMESPACE = "regal-restore:"
+
+
+def _staging_name(target: str, kind: str, token: str) -> str:
+    suffix = f"__regal_{kind}_{token}"
+    prefix = target.encode()[:63 - len(suffix)].decode(errors="ignore")  # identifiers hold 63 bytes
+    return prefix + suffix
+
+
+class StagedDatabase:
+    """A restore's temporary database on the target's server, and its publication under the target's name.
+
+    While a restore runs, its maintenance connection holds a session advisory lock named after its token:
+    a temporary database whose lock is free belongs to a restore that died (SIGKILL, a lost connection),
+    and the next restore on that server drops it (`sweep`). Publishing renames the old target aside and
+    the new database into place in ONE transaction, then drops the old one: the target's name always
+    holds either the old database or the complete, validated new one. Nobody else's session is ended: a
+    target in use is refused."""
+
+    def __init__(self, dsn: str):
+        dbname = database_of(dsn)
+        if not dbname:
+            raise RegalError("the restore DSN names no database",
+                             "add the database name, e.g. .../regalpos_restored")
+        if dbname in ("postgres", "template0", "template1"):
+            raise UsageError(f"{dbname} is the server's own database: a restore does not replace it",
+                             "restore into a database of its own name, e.g. .../pos_restored")
+        self.dsn, self.target = dsn, dbname
+        self.token = secrets.token_hex(4)
+        self.temporary = _staging_name(dbname, "restoring", self.token)
+        self.exists = False
+        self.created = self.published = False
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def __enter__(self) -> Self:
+        # The locks live in the `postgres` database (advisory locks are per database): every restore takes
+        # and tests them there.
+        self.conn = connect(with_dbname(self.dsn, "postgres"), autocommit=True)
+        self.conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK_NAMESPACE + self.token,))
+        self.sweep()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.conn is not None
+        try:
+            if self.created and not self.published:
+                self._drop(self.temporary)
+        finally:
+            self.conn.close()
+
+    def _execute(self, statement: sql.SQL | sql.Composed, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        assert self.conn is not None
+        with self.conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def _drop(self, name: str) -> None:
+        assert self.conn is not None
+        force = sql.SQL(" WITH (FORCE)") if server_major(self.conn) >= 13 else sql.SQL("")
+        self._execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)) + force)
+
+    def sweep(self) -> list[str]:
+        """Drop the temporary databases that restores which died left on this server; returns their names."""
+        dropped = []
+        for (name,) in self._execute(sql.SQL("SELECT datname FROM pg_database WHERE datname ~ %s ORDER BY 1"),
+                                     (STAGING_PATTERN,)):
+            key = _LOCK_NAMESPACE + name[-8:]
+            if not self._execute(sql.SQL("SELECT pg_try_advisory_lock(hashtext(%s))"), (key,))[0][0]:
+                continue  # its restore is still running
+            try:
+                self._drop(name)
+                dropped.append(name)
+                logger.warning("dropped %s, left by a restore that did not finish", name)
+            except psycopg.Error as exc:
+                logger.warning("could not drop %s, left by a restore that did not finish: %s", name,
+                               str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            finally:
+                self._execute(sql.SQL("SELECT pg_advisory_unlock(hashtext(%s))"), (key,))
+        return dropped
+
+    def target_state(self, drop_existing: bool) -> str:
+        """'created' (the target does not exist yet: it will), 'empty' or 'replace'; refuses a non-empty
+        target unless told, and a target this role may not replace."""
+        rows = self._execute(sql.SQL("""SELECT pg_has_role(current_user, datdba, 'MEMBER')
+                                                OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                                        FROM pg_database WHERE datname = %s"""), (self.target,))
+        self.exists = bool(rows)
+        if not self.exists:
+            return "created"
+        if user_relation_count(self.dsn):
+            if not drop_existing:
+                raise TargetNotEmptyError(
+                    f"the database {describe_dsn(self.dsn)} is not empty",
+                    "restore into a new database name, or pass --drop-existing to replace it (it is replaced only "
+                    "after the backup has been read back, authenticated, loaded aside and validated)")
+            state = "replace"
+        else:
+            state = "empty"
+        if not rows[0][0]:
+            raise RegalError(f"the database {describe_dsn(self.dsn)} belongs to another role: this one may not "
+                             "replace it", "restore as its owner (or a superuser), or into a new database name")
+        return state
+
+    def check_not_in_use(self) -> None:
+        """Refuse to replace a database other sessions use (they are not ended on anyone's behalf)."""
+        if not self.exists:
+            return
+        count = self._execute(sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                      "AND pid <> pg_backend_pid()"), (self.target,))[0][0]
+        if count:
+            raise RegalError(f"{count} session(s) are connected to {describe_dsn(self.dsn)}: a restore replaces a "
+                             "database only when nobody uses it; nothing was changed",
+                             "stop the application using it (for example with --pre-hook) and restore again")
+
+    def create(self, copying_target: bool = False) -> str:
+        """Create the temporary database; returns its DSN. `copying_target`: as a copy of the (empty) target,
+        so what its owner prepared there (extensions, functions, event triggers) is there as before."""
+        template = sql.Identifier(self.target) if copying_target else sql.SQL("template0")
+        try:
+            self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(self.temporary), template))
+        except psycopg.errors.InsufficientPrivilege:
+            raise RegalError(f"permission denied to create database: the role of {describe_dsn(self.dsn)} lacks "
+                             "CREATEDB, and a restore loads into a new database first", "restore as a role with CREATEDB (ALTER ROLE ... CREATEDB)"
+                             ) from None
+        self.created = True
+        return with_dbname(self.dsn, self.temporary)
+
+    def publish(self) -> None:
+        """The validated temporary database becomes the target, in one transaction; the old one is dropped."""
+        assert self.conn is not None
+        aside = _staging_name(self.target, "replaced", self.token)
+        try:
+            with self.conn.transaction():
+                if self._execute(sql.SQL("SELECT 1 FROM pg_database WHERE datname = %s"), (self.target,)):
+                    self._execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(self.target),
+                                                                                 sql.Identifier(aside)))
+                self._execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(self.temporary),
+                                                                             sql.Identifier(self.target)))
+        except psycopg.errors.ObjectInUse:
+            raise RegalError(f"{describe_dsn(self.dsn)} came into use during the restore: it was not replaced, and "
+                             "the restored copy was dropped",
+                             "stop the application using it (for example with --pre-hook) and restore again") from None
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RegalError(f"the restored database could not be renamed to {self.target}: {reason}; the target "
+                             "is as it was and the restored copy was dropped", "fix the cause and restore again"
+                             ) from None
+        self.published = True
+        try:
+            self._drop(aside)
+        except psycopg.Error as exc:  # the next restore's sweep drops it
+            logger.warning("could not drop the replaced database %s yet: %s", aside, exc)
+
 
 def user_relation_count(dsn: str) -> int:
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:

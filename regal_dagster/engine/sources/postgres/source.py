@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -13,16 +12,17 @@ from pathlib import Path
 from typing import Any, cast
 
 from ...environment import child_environment
-from ...errors import IntegrityError
+from ...errors import IntegrityError, UsageError
 from ...gdpr import ErasureLedger, ErasureResult
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
 from ...policy import ErasureSubjectConfig
-from ...postgresql.connection import describe_dsn, libpq_environment
+from ...postgresql.connection import check_dsn, describe_dsn, libpq_environment
 from ...postgresql.server import ScratchCluster
 from ...postgresql.tools import find_pg_tool
 from ...settings import TargetSettings
+from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .dump import (
     SCHEMA_CONTENT,
@@ -67,7 +67,7 @@ class PostgresSource(Source):
         """The schema archive's table of contents parses (`pg_restore --list`)."""
         manifest = backup.manifest
         tool = find_pg_tool("pg_restore", dump_major(manifest.tool_versions))
-        with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        with private_directory("check") as tmp:
             archive = backup.to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
             listed = subprocess.run([str(tool.path), "--list", str(archive)], capture_output=True, text=True,
                                     env=child_environment(),
@@ -92,10 +92,17 @@ class PostgresSource(Source):
         return describe_dsn(to)
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        try:
+            check_dsn(request.to)
+        except ValueError as exc:
+            raise UsageError(f"--to is not where a PostgreSQL backup can go: {exc}",
+                             "give the DSN of the database to restore into (created if missing), e.g. "
+                             "postgresql://user@host:5432/pos_restored") from None
         report = restore_database(backup.repo, backup.keyring, backup.manifest, request.to,
                                   drop_existing=request.drop_existing, keep_owners=request.keep_owners,
                                   jobs=request.jobs, validation=request.validation, progress=request.progress,
-                                  before_writing=request.before_writing)
+                                  before_writing=request.before_writing,
+                                  before_publishing=request.before_publishing, scratch=request.scratch)
         phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
                    f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")

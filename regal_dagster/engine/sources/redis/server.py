@@ -10,21 +10,26 @@ test can compare values, not only counts.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import secrets
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
+import psutil
 import redis
 
 from ...environment import child_environment
 from ...errors import RegalError, ToolError
 from ...pipeline import CHUNK
+from ...postgresql.watchdog import SERVER_PID_FILE
 
 RDB_OBJECT = "dump.rdb"
 RDB_CONTENT = "Redis RDB snapshot (replication transfer)"
@@ -35,6 +40,8 @@ _EOF_MARK_LENGTH = 40
 def describe_url(url: str) -> str:
     """host:port/db, never the password."""
     parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}"
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
 
 
@@ -98,7 +105,8 @@ def key_sample(url: str, size: int = SAMPLE_SIZE) -> dict[str, dict[str, str]]:
 def in_database(url: str, db: int) -> redis.Redis:
     """A client of database `db` on the server at `url` (the URL's own /db is replaced: redis-py lets it win)."""
     parts = urlsplit(url)
-    return redis.Redis.from_url(urlunsplit(parts._replace(path=f"/{db}")), socket_timeout=15,
+    where = parts._replace(query=f"db={db}") if parts.scheme == "unix" else parts._replace(path=f"/{db}")
+    return redis.Redis.from_url(urlunsplit(where), socket_timeout=15,
                                 socket_connect_timeout=10)
 
 
@@ -269,34 +277,46 @@ def _length(data: bytes, position: int) -> tuple[int, int]:
 
 # --- scratch servers and restores ------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ScratchRedis:
-    """A throwaway redis-server on a free port over a directory holding dump.rdb; stopped and deleted on exit."""
+    """A throwaway redis-server over a (private) directory holding dump.rdb: no TCP, a Unix socket in that
+    0700 directory and a random password; a watchdog stops it if this process dies; stopped on exit."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.port = free_port()
+        self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / "redis.sock"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://:{quote(self.password, safe='')}@{self.socket_path}?db=0"
 
     def __enter__(self) -> Self:
+        config = self.directory / "scratch-redis.conf"  # the password stays off the command line
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"port 0\nunixsocket {self.socket_path}\nunixsocketperm 700\nrequirepass {self.password}\n"
+                    f"dir {self.directory}\ndbfilename {RDB_OBJECT}\nsave \"\"\nappendonly no\n")
         try:
-            self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                 "--dbfilename", RDB_OBJECT, "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment())
+            self.process = subprocess.Popen(["redis-server", str(config)], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, env=child_environment())
         except FileNotFoundError:
             raise ToolError("redis-server is not installed", "install the redis-server package") from None
-        connection = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
         try:
+            started = psutil.Process(self.process.pid).create_time()
+            (self.directory / SERVER_PID_FILE).write_text(f"{self.process.pid} {started!r}\n")
+            me = psutil.Process()
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "regal_dagster.engine.postgresql.watchdog", str(me.pid),
+                 repr(me.create_time()), str(self.directory)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=child_environment(), start_new_session=True)
+            connection = redis.Redis(unix_socket_path=str(self.socket_path), password=self.password,
+                                     socket_timeout=30)
             for _ in range(600):  # loading a big RDB takes a while; PING answers LOADING until it is done
                 if self.process.poll() is not None:
                     raise ToolError("the scratch redis-server exited while loading the RDB", "the RDB is damaged")
@@ -314,6 +334,10 @@ class ScratchRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
 
 
 def compare_restored(url: str, facts: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from ...outcomes import WARN, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
 from ...policy import Policy
 from ...settings import TargetSettings
+from ...workspace import private_directory
 from ..base import (
     Captured,
     Restored,
@@ -55,7 +55,7 @@ class RedisSource(Source):
         url = settings.resolved_url()
         facts = {**server.server_facts(server.client(url)), "endpoint": server.describe_url(url),
                  "key_sample": server.key_sample(url)}
-        with tempfile.TemporaryDirectory(prefix="regal-rdb-") as tmp:  # private (0700); removed at once
+        with private_directory("rdb") as tmp:  # private (0700); removed at once
             copy_path = Path(tmp) / server.RDB_OBJECT
             with copy_path.open("wb") as copy:
                 def teed() -> Iterator[bytes]:
@@ -71,7 +71,7 @@ class RedisSource(Source):
         return Captured(objects, facts, {"redis-check-rdb": "redis " + str(facts["server_version"])})
 
     def check_structure(self, backup: StoredBackup) -> str:
-        with tempfile.TemporaryDirectory(prefix="regal-check-") as tmp:
+        with private_directory("check") as tmp:
             rdb = server.check_rdb(backup.to_file(server.RDB_OBJECT, Path(tmp) / server.RDB_OBJECT))
         recorded = backup.manifest.source["rdb"]["keys"]
         if rdb["keys"] != recorded:
@@ -124,7 +124,7 @@ class RedisSource(Source):
 
         if not request.keys:
             raise RegalError("say which keys to copy back", "add --keys PATTERN (a Redis glob, e.g. 'session:*')")
-        with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:
+        with private_directory("restore") as tmp:
             backup.to_file(server.RDB_OBJECT, Path(tmp) / server.RDB_OBJECT)
             with server.ScratchRedis(Path(tmp)) as scratch:
                 if request.before_writing:
@@ -139,8 +139,8 @@ class RedisSource(Source):
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
-        with tempfile.TemporaryDirectory(prefix="regal-redis-test-", dir=work_dir) as tmp:
-            yield tmp
+        with private_directory("redis-test", work_dir) as tmp:
+            yield str(tmp)
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
         """The RDB loaded by a scratch redis-server: key counts, TTL counts and the key sample compared."""

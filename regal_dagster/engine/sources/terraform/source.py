@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
 from ...policy import Policy
 from ...settings import TargetSettings
+from ...workspace import private_directory
 from ..base import (
     Captured,
     Restored,
@@ -102,7 +102,7 @@ class TerraformSource(Source):
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
-        with tempfile.TemporaryDirectory(prefix="regal-terraform-test-", dir=work_dir) as tmp:
+        with private_directory("terraform-test", work_dir) as tmp:
             yield str(Path(tmp) / STATE_OBJECT)
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
