@@ -42,14 +42,16 @@ from ...settings import default_jobs
 from ...storage import Repository
 from ...verify import verify_backup
 from .dump import (
-    COPY_SESSION_SETTINGS,
     RESTORE_SESSION_SETTINGS,
     SCHEMA_OBJECT,
     Table,
     TableDigest,
+    apply_settings,
     compare_tables,
     dump_major,
+    pg_error_reason,
     read_table,
+    session_settings,
 )
 
 
@@ -103,7 +105,9 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         raise RegalError(f"unknown validation '{validation}'", f"use one of {', '.join(VALIDATION)}")
     phases = _Phases()
     jobs = jobs or default_jobs()
-    state = prepare_target_database(to_dsn, drop_existing)
+    properties: dict[str, Any] | None = manifest.source.get("database_properties")
+    encoding: str | None = manifest.source.get("encoding")
+    state = prepare_target_database(to_dsn, drop_existing, properties)
     if state == "replace":
         verified = verify_backup(repo, keyring, manifest, jobs=jobs)
         phases.done("authenticate")
@@ -113,7 +117,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
     if before_writing:
         before_writing()
     if state == "replace":
-        reset_database(to_dsn)
+        reset_database(to_dsn, properties)
     pg_restore, psql = restore_tools(to_dsn, dump_major(manifest.tool_versions))
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     tables = [Table.from_facts(t) for t in table_facts]
@@ -126,7 +130,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
             facts, table = numbered
             record = manifest.object(facts["object"])
             started, in_server = time.monotonic(), 0.0
-            with table_loader(to_dsn, table) as loading:
+            with table_loader(to_dsn, table, encoding) as loading:
                 def sink(chunk: bytes) -> None:
                     nonlocal in_server
                     check(cancelled)
@@ -149,7 +153,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners)
         phases.done("post_data")
     if validation == "full":
-        loaded = restored_table_facts(to_dsn, [t for _, t in biggest_first], psql, jobs)
+        loaded = restored_table_facts(to_dsn, [t for _, t in biggest_first], psql, jobs, encoding)
     problems = compare_tables(table_facts, loaded)
     phases.done("validate")
     return DatabaseRestore(manifest.backup_id, describe_dsn(to_dsn), state, len(tables),
@@ -167,9 +171,56 @@ def user_relation_count(dsn: str) -> int:
         return int(cur.fetchone()[0])  # type: ignore[index]
 
 
-def prepare_target_database(dsn: str, drop_existing: bool) -> str:
+def create_database_statement(dbname: str, properties: dict[str, Any] | None) -> sql.Composed:
+    """CREATE DATABASE with the source database's encoding, locale and collation provider (from template0,
+    the only template any encoding and locale can be copied from)."""
+    statement = [sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname))]
+    if properties:
+        statement.append(sql.SQL("ENCODING {}").format(sql.Literal(properties["encoding"])))
+        statement.append(sql.SQL("LC_COLLATE {} LC_CTYPE {}").format(sql.Literal(properties["lc_collate"]),
+                                                                     sql.Literal(properties["lc_ctype"])))
+        provider = properties.get("locale_provider") or "libc"
+        if provider == "icu":
+            statement.append(sql.SQL("LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(properties["locale"])))
+            if properties.get("icu_rules"):
+                statement.append(sql.SQL("ICU_RULES {}").format(sql.Literal(properties["icu_rules"])))
+        elif provider == "builtin":
+            statement.append(sql.SQL("LOCALE_PROVIDER builtin BUILTIN_LOCALE {}").format(
+                sql.Literal(properties["locale"])))
+    return sql.SQL(" ").join(statement)
+
+
+def describe_locale(properties: dict[str, Any]) -> str:
+    provider = properties.get("locale_provider") or "libc"
+    locale = f"LC_COLLATE {properties['lc_collate']}, LC_CTYPE {properties['lc_ctype']}"
+    if provider != "libc":
+        locale += f", {provider} locale {properties.get('locale')}"
+    return f"encoding {properties['encoding']}, {locale}"
+
+
+def create_database(cur: psycopg.Cursor[Any], dbname: str, properties: dict[str, Any] | None) -> None:
+    try:
+        cur.execute(create_database_statement(dbname, properties))
+    except psycopg.Error as exc:
+        what = describe_locale(properties) if properties else "the server's defaults"
+        raise RegalError(f"cannot create database {dbname} as the backup's was ({what}): "
+                         f"{pg_error_reason(exc)}",
+                         "restore onto a server that has that locale (and ICU, when the backup's database uses "
+                         "it), or create an empty database with these properties yourself and restore into it") from None
+
+
+def database_encoding(dsn: str) -> str:
+    with connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
+                           "WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def prepare_target_database(dsn: str, drop_existing: bool, properties: dict[str, Any] | None = None) -> str:
     """Check the target; returns 'created', 'empty' or 'replace' (the drop happens later, after the
-    backup has been authenticated, in `reset_database`). Refuses a non-empty database unless told."""
+    backup has been authenticated, in `reset_database`). Refuses a non-empty database unless told, and
+    an existing database whose encoding is not the backup's (its text would be converted)."""
     dbname = database_of(dsn)
     if not dbname:
         raise RegalError("the restore DSN names no database", "add the database name, e.g. .../regalpos_restored")
@@ -177,9 +228,16 @@ def prepare_target_database(dsn: str, drop_existing: bool) -> str:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
         exists = cur.fetchone() is not None
         if not exists:
-            cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+            create_database(cur, dbname, properties)
             return "created"
     if user_relation_count(dsn) == 0:
+        if properties and (have := database_encoding(dsn)) != properties["encoding"]:
+            if not drop_existing:
+                raise RegalError(f"the database {describe_dsn(dsn)} has the encoding {have}, the backup's database "
+                                 f"had {properties['encoding']}: its text would not come back byte for byte",
+                                 "restore into a new database name (it is created with the backup's encoding and "
+                                 "locale), or pass --drop-existing to recreate this one")
+            return "replace"
         return "empty"
     if not drop_existing:
         raise TargetNotEmptyError(
@@ -189,12 +247,12 @@ def prepare_target_database(dsn: str, drop_existing: bool) -> str:
     return "replace"
 
 
-def reset_database(dsn: str) -> None:
+def reset_database(dsn: str, properties: dict[str, Any] | None = None) -> None:
     dbname = database_of(dsn)
     assert dbname is not None  # prepare_target_database refused a DSN without one
     with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-        cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+        create_database(cur, dbname, properties)
 
 
 def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
@@ -228,16 +286,16 @@ class TableLoad:
 
 
 @contextlib.contextmanager
-def table_loader(dsn: str, table: Table) -> Iterator[TableLoad]:
+def table_loader(dsn: str, table: Table, encoding: str | None = None) -> Iterator[TableLoad]:
     """COPY FROM STDIN into one (new, empty) table, in its own transaction, committed when the block ends.
 
     The table is truncated in the same transaction first. That gives it a new file, so COPY fills pages
     strictly in order without looking for free space in earlier pages (and may freeze the rows, sparing
     a later anti-wraparound vacuum): the table then reads back in exactly the order it was loaded, which
     is what lets validation compare the SHA-256 of its COPY text with the backup's."""
-    with connect(dsn) as conn, conn.cursor() as cur:
-        for name, value in {**COPY_SESSION_SETTINGS, **RESTORE_SESSION_SETTINGS}.items():
-            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        apply_settings(conn, {**session_settings(conn, encoding), **RESTORE_SESSION_SETTINGS})
+        conn.autocommit = False
         try:
             cur.execute(f"TRUNCATE ONLY {quote_ident(table.schema)}.{quote_ident(table.name)}")
             with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
@@ -251,14 +309,16 @@ def table_loader(dsn: str, table: Table) -> Iterator[TableLoad]:
         conn.commit()
 
 
-def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool, jobs: int = 1) -> list[dict[str, Any]]:
-    """Row count and SHA-256 of each table's COPY text in a restored database, `jobs` tables at a time."""
+def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = None, jobs: int = 1,
+                         encoding: str | None = None) -> list[dict[str, Any]]:
+    """Row count and SHA-256 of each table's COPY text in a restored database (read in the backup's
+    encoding), `jobs` tables at a time."""
     def digest(table: Table) -> dict[str, Any] | None:
         d = TableDigest()
         try:
-            for chunk in read_table(dsn, psql, table):
+            for chunk in read_table(dsn, table, encoding):
                 d.update(chunk)
-        except ToolError:
+        except RegalError:
             return None  # missing or unreadable: compare_tables reports it missing
         return d.facts(table)
 

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
+
 from ...environment import child_environment
 from ...errors import IntegrityError
 from ...gdpr import ErasureLedger, ErasureResult
@@ -52,16 +54,17 @@ class PostgresSource(Source):
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         """One exported snapshot: the schema archive and every table's rows, tables in parallel."""
         settings = cast(PostgresTarget, target)
-        with dump_session(settings.resolved_dsn()) as session:
+        with dump_session(settings.resolved_dsn(), settings.lock_timeout) as session:
             jobs = min(settings.jobs or 1, max(len(session.tables), 1))
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
                 schema_done = pool.submit(store, SCHEMA_OBJECT, SCHEMA_CONTENT, session.schema_chunks(), 0)
+                session.wait_for_schema_locks()
                 stored = _dump_tables(session, store, jobs)
                 schema = schema_done.result()
         stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
         return Captured([schema, *(record for record, _ in stored)],
                         {**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
-                        {"pg_dump": session.pg_dump.version, "psql": session.psql.version})
+                        {"pg_dump": session.pg_dump.version, "libpq": str(psycopg.pq.version())})
 
     def check_structure(self, backup: StoredBackup) -> str:
         """The schema archive's table of contents parses (`pg_restore --list`)."""

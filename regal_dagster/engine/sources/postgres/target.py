@@ -15,6 +15,9 @@ from ...transport import Transport
 class PostgresTarget(TargetSettings):
     kind: Literal["postgres"]
     dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
+    lock_timeout: float = Field(60.0, gt=0, description="seconds a backup waits for its ACCESS SHARE lock on a table "
+                                "another session holds exclusively (ALTER TABLE, TRUNCATE, ...) before failing "
+                                "with that session's pid, application and statement")
 
     @field_validator("dsn")
     @classmethod
