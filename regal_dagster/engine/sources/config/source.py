@@ -70,7 +70,7 @@ class ConfigSource(Source):
                         seconds={"clone": time.monotonic() - started}, details={"path": str(destination), **cloned})
 
     @contextlib.contextmanager
-    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="regal-config-test-", dir=work_dir) as tmp:
             yield str(Path(tmp) / "clone")
 

@@ -96,11 +96,16 @@ VALIDATION = {
 
 
 def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, *,
-                   drop_existing: bool = False, keep_owners: bool = False, jobs: int | None = None,
+                   drop_existing: bool = False, keep_owners: bool = True, jobs: int | None = None,
                    validation: str = "full", progress: Progress | None = None,
-                   before_writing: Callable[[], None] | None = None) -> DatabaseRestore:
+                   before_writing: Callable[[], None] | None = None, create_roles: bool = True) -> DatabaseRestore:
     """Restore one backup into `to_dsn`. `before_writing` runs once the target is known to be acceptable
-    and, when replacing, the backup has been authenticated: just before the first change to the target."""
+    and, when replacing, the backup has been authenticated: just before the first change to the target.
+
+    The roles the backup's database referred to are created first when missing (unless `create_roles`
+    is off); owners and grants are restored unless `keep_owners` is off. Like pg_restore without
+    --exit-on-error, every object that can be restored is: what could not is listed, with the server's
+    reason, in the returned problems (so the restore fails, loudly and completely)."""
     if validation not in VALIDATION:
         raise RegalError(f"unknown validation '{validation}'", f"use one of {', '.join(VALIDATION)}")
     phases = _Phases()
@@ -118,28 +123,36 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         before_writing()
     if state == "replace":
         reset_database(to_dsn, properties)
+    failed: list[str] = []  # what could not be restored, and why
+    if create_roles and (recorded_roles := manifest.source.get("roles")):
+        failed += create_missing_roles(to_dsn, recorded_roles)[1]
     pg_restore, psql = restore_tools(to_dsn, dump_major(manifest.tool_versions))
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     tables = [Table.from_facts(t) for t in table_facts]
     with tempfile.TemporaryDirectory(prefix="regal-restore-") as tmp:  # private (0700), removed afterwards
         archive = StoredBackup(repo, keyring, manifest).to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
-        run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners)
+        failed += run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners,
+                                 exit_on_error=False)
         phases.done("schema")
 
         def load(numbered: tuple[dict[str, Any], Table], cancelled: threading.Event) -> dict[str, Any]:
             facts, table = numbered
             record = manifest.object(facts["object"])
             started, in_server = time.monotonic(), 0.0
-            with table_loader(to_dsn, table, encoding) as loading:
-                def sink(chunk: bytes) -> None:
-                    nonlocal in_server
-                    check(cancelled)
-                    mark = time.monotonic()
-                    loading.write(chunk)
-                    in_server += time.monotonic() - mark
+            try:
+                with table_loader(to_dsn, table, encoding) as loading:
+                    def sink(chunk: bytes) -> None:
+                        nonlocal in_server
+                        check(cancelled)
+                        mark = time.monotonic()
+                        loading.write(chunk)
+                        in_server += time.monotonic() - mark
 
-                read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=sink,
-                            progress=progress)  # raises unless every byte matches the manifest's SHA-256
+                    read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=sink,
+                                progress=progress)  # raises unless every byte matches the manifest's SHA-256
+            except ToolError as exc:  # the server refused it (its table missing, a constraint): go on
+                return {"schema": table.schema, "name": table.name, "failed": exc.message,
+                        "seconds": (time.monotonic() - started - in_server, in_server)}
             return {"schema": table.schema, "name": table.name, "rows": loading.rows,
                     "sha256": record.plaintext_sha256,
                     "seconds": (time.monotonic() - started - in_server, in_server)}
@@ -148,13 +161,18 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         loaded = map_parallel(load, biggest_first, jobs, "load")
         phases.done("load")
         timings = [t.pop("seconds") for t in loaded]
+        failed += [t["failed"] for t in loaded if "failed" in t]
+        loaded = [t for t in loaded if "failed" not in t]
         breakdown = {"fetch_decrypt_decompress": sum(ours for ours, _ in timings),
                      "copy_into_server": sum(server for _, server in timings)}
-        run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners)
+        failed += run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners,
+                                 exit_on_error=False)
         phases.done("post_data")
+    if properties:
+        failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
     if validation == "full":
         loaded = restored_table_facts(to_dsn, [t for _, t in biggest_first], psql, jobs, encoding)
-    problems = compare_tables(table_facts, loaded)
+    problems = [f"not restored: {what}" for what in failed] + compare_tables(table_facts, loaded)
     phases.done("validate")
     return DatabaseRestore(manifest.backup_id, describe_dsn(to_dsn), state, len(tables),
                          sum(t["rows"] for t in table_facts), jobs, validation, phases.total(), problems,
@@ -255,6 +273,139 @@ def reset_database(dsn: str, properties: dict[str, Any] | None = None) -> None:
         create_database(cur, dbname, properties)
 
 
+# --- roles and the database's own properties ------------------------------------------------------
+
+# Settings whose value is a list of (quoted) names: each element is its own literal, as pg_dumpall writes them.
+_LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "shared_preload_libraries",
+                  "local_preload_libraries", "unix_socket_directories"}
+
+
+def set_clause(config: str) -> sql.Composed:
+    """`SET name = value` for one pg_db_role_setting entry ("name=value")."""
+    name, _, value = config.partition("=")
+    if name.lower() in _LIST_SETTINGS:
+        items = [item.strip() for item in value.split(",")] if value.strip() else []
+        items = [item[1:-1].replace('""', '"') if len(item) >= 2 and item[0] == item[-1] == '"' else item
+                 for item in items]
+        values = sql.SQL(", ").join(sql.Literal(item) for item in items) if items else sql.Literal("")
+    else:
+        values = sql.Literal(value)
+    return sql.SQL("SET {} = {}").format(sql.Identifier(name), values)
+
+
+def _attempt(conn: psycopg.Connection[Any], statement: sql.Composed, what: str, problems: list[str]) -> bool:
+    try:
+        conn.execute(statement)
+    except psycopg.Error as exc:
+        problems.append(f"{what}: {pg_error_reason(exc)}")
+        return False
+    return True
+
+
+def create_missing_roles(dsn: str, recorded: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Create the roles the backup's database referred to that this server lacks, with their attributes,
+    settings and memberships (roles that exist already are left as they are). (created, problems)."""
+    created: list[str] = []
+    problems: list[str] = []
+    with connect(dsn, autocommit=True) as conn:
+        existing = {name for (name,) in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+        for role in recorded.get("roles", []):
+            name = role["name"]
+            if name in existing or role.get("builtin"):
+                continue
+            options = [("SUPERUSER" if role["super"] else "NOSUPERUSER"), ("INHERIT" if role["inherit"] else "NOINHERIT"),
+                       ("CREATEROLE" if role["createrole"] else "NOCREATEROLE"),
+                       ("CREATEDB" if role["createdb"] else "NOCREATEDB"), ("LOGIN" if role["canlogin"] else "NOLOGIN"),
+                       ("REPLICATION" if role["replication"] else "NOREPLICATION"),
+                       ("BYPASSRLS" if role["bypassrls"] else "NOBYPASSRLS")]
+            statement = sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(name), sql.SQL(" ".join(options)))
+            if role.get("connection_limit", -1) != -1:
+                statement = sql.SQL("{} CONNECTION LIMIT {}").format(statement, sql.Literal(role["connection_limit"]))
+            if role.get("valid_until"):
+                statement = sql.SQL("{} VALID UNTIL {}").format(statement, sql.Literal(role["valid_until"]))
+            if role.get("password_hash"):
+                statement = sql.SQL("{} PASSWORD {}").format(statement, sql.Literal(role["password_hash"]))
+            if not _attempt(conn, statement, f"role {name} could not be created", problems):
+                continue
+            created.append(name)
+            existing.add(name)
+            for config in role.get("settings", []):
+                _attempt(conn, sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(name), set_clause(config)),
+                         f"role {name}: setting {config}", problems)
+            if role.get("comment"):
+                _attempt(conn, sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(name),
+                                                                          sql.Literal(role["comment"])),
+                         f"role {name}: comment", problems)
+        for membership in recorded.get("memberships", []):
+            role, member = membership["role"], membership["member"]
+            if member not in created or role not in existing:
+                continue  # memberships of roles that were already there are theirs to keep
+            grant = sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member))
+            if membership.get("admin_option"):
+                grant = sql.SQL("{} WITH ADMIN OPTION").format(grant)
+            _attempt(conn, grant, f"membership of {member} in {role}", problems)
+    return created, problems
+
+
+_DATABASE_PRIVILEGES = {"C": "CREATE", "T": "TEMPORARY", "c": "CONNECT"}
+
+
+def _acl_grants(dbname: str, acl: list[str]) -> list[tuple[sql.Composed, str]]:
+    """GRANT statements for a database's aclitems (`grantee=privileges/grantor`, empty grantee: PUBLIC)."""
+    grants = []
+    for item in acl:
+        left, _, _grantor = item.rpartition("/")
+        grantee, _, privileges = left.rpartition("=")
+        if grantee.startswith('"') and grantee.endswith('"'):
+            grantee = grantee[1:-1].replace('""', '"')
+        target = sql.SQL("PUBLIC") if not grantee else sql.Identifier(grantee)
+        plain = [p for i, p in enumerate(privileges) if p in _DATABASE_PRIVILEGES
+                 and privileges[i + 1:i + 2] != "*"]
+        granting = [p for i, p in enumerate(privileges) if p in _DATABASE_PRIVILEGES
+                    and privileges[i + 1:i + 2] == "*"]
+        for letters, suffix in ((plain, ""), (granting, " WITH GRANT OPTION")):
+            if letters:
+                grants.append((sql.SQL("GRANT {} ON DATABASE {} TO {}" + suffix).format(
+                    sql.SQL(", ").join(sql.SQL(_DATABASE_PRIVILEGES[p]) for p in letters),
+                    sql.Identifier(dbname), target), f"grant {item}"))
+    return grants
+
+
+def apply_database_properties(dsn: str, properties: dict[str, Any], owners: bool = True) -> list[str]:
+    """The database's own owner, comment, connection limit, settings and grants, as the backup recorded
+    them (owner and grants only with `owners`, as pg_restore's --no-owner / --no-privileges). Problems."""
+    dbname = database_of(dsn)
+    assert dbname is not None
+    problems: list[str] = []
+    database = sql.Identifier(dbname)
+    with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn:
+        if owners and properties.get("owner"):
+            _attempt(conn, sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database,
+                                                                          sql.Identifier(properties["owner"])),
+                     f"database owner {properties['owner']}", problems)
+        if properties.get("comment") is not None:
+            _attempt(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(database, sql.Literal(properties["comment"])),
+                     "database comment", problems)
+        if properties.get("connection_limit", -1) != -1:
+            _attempt(conn, sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+                database, sql.Literal(properties["connection_limit"])), "database connection limit", problems)
+        for entry in properties.get("settings", []):
+            for config in entry["settings"]:
+                if entry["role"] is None:
+                    statement = sql.SQL("ALTER DATABASE {} {}").format(database, set_clause(config))
+                else:
+                    statement = sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(
+                        sql.Identifier(entry["role"]), database, set_clause(config))
+                _attempt(conn, statement, f"database setting {config}" + (
+                    f" for role {entry['role']}" if entry["role"] else ""), problems)
+        if owners and properties.get("acl"):
+            _attempt(conn, sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database),
+                     "database grants", problems)
+            for statement, what in _acl_grants(dbname, properties["acl"]):
+                _attempt(conn, statement, f"database {what}", problems)
+    return problems
+
+
 def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
     """pg_restore and psql able to read an archive of `dump_major` and talk to the target server."""
     with connect(dsn) as conn:
@@ -263,20 +414,46 @@ def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
 
 
 def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[str], *, jobs: int = 1,
-                   keep_owners: bool = False) -> None:
-    """pg_restore of some sections of an archive file, with restore-friendly session settings."""
-    args = [str(pg_restore.path), f"--dbname={database_of(dsn)}", "--exit-on-error",
-            "--no-password", f"--jobs={jobs}", *(f"--section={s}" for s in sections)]
+                   keep_owners: bool = True, exit_on_error: bool = True) -> list[str]:
+    """pg_restore of some sections of an archive file, with restore-friendly session settings.
+
+    With `exit_on_error` a failure raises ToolError; without, pg_restore goes on past failing objects (as
+    it does by default) and the returned list says, for each, which statement failed and why."""
+    args = [str(pg_restore.path), f"--dbname={database_of(dsn)}", "--no-password", f"--jobs={jobs}",
+            *(f"--section={s}" for s in sections)]
+    if exit_on_error:
+        args.append("--exit-on-error")
     if not keep_owners:
         args += ["--no-owner", "--no-privileges"]
     env = libpq_environment(dsn)
     env["PGOPTIONS"] = " ".join(f"-c {k}={v}" for k, v in RESTORE_SESSION_SETTINGS.items())
     result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             check=False)
-    if result.returncode != 0:
-        tail = result.stderr.decode(errors="replace").strip()[-800:]
-        raise ToolError(f"pg_restore ({', '.join(sections)}) failed with exit code {result.returncode}: {tail}",
+    if result.returncode == 0:
+        return []
+    text = result.stderr.decode(errors="replace").strip()
+    if exit_on_error:
+        raise ToolError(f"pg_restore ({', '.join(sections)}) failed with exit code {result.returncode}: {text[-800:]}",
                         "fix the cause above, then restore again into an empty database")
+    return pg_restore_errors(text) or [(f"pg_restore ({', '.join(sections)}) failed with exit code "
+                                       f"{result.returncode}: {text[-800:]}")]
+
+
+def pg_restore_errors(stderr: str) -> list[str]:
+    """Each failed statement in pg_restore's messages: the server's error and the statement's first line."""
+    errors: list[str] = []
+    lines = stderr.splitlines()
+    for number, line in enumerate(lines):
+        if "error:" not in line or "errors ignored on restore" in line:
+            continue
+        reason = line.split("error:", 1)[1].strip()
+        reason = reason.removeprefix("could not execute query:").strip()
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        if following.startswith("Command was:"):
+            statement = following.removeprefix("Command was:").strip()
+            reason += f" (statement: {statement[:200]})"
+        errors.append(reason)
+    return errors
 
 
 @dataclass

@@ -18,6 +18,9 @@ class PostgresTarget(TargetSettings):
     lock_timeout: float = Field(60.0, gt=0, description="seconds a backup waits for its ACCESS SHARE lock on a table "
                                 "another session holds exclusively (ALTER TABLE, TRUNCATE, ...) before failing "
                                 "with that session's pid, application and statement")
+    role_passwords: bool = Field(False, description="also record the password hashes of the roles the database "
+                                 "refers to (needs a superuser), so a restore onto a fresh server recreates them "
+                                 "with their passwords; without it they are created without one (NOLOGIN stays)")
 
     @field_validator("dsn")
     @classmethod
