@@ -242,3 +242,159 @@ def test_many_tables_round_trip(system_pg: DatabaseFactory, tmp_path: Path, mast
     assert len(manifest.source["tables"]) == 120 and report.rows == sum(range(120))
     assert "psql" not in manifest.tool_versions
     assert_same_database(target, source)
+
+
+# --- cases 4 and 5: database properties and roles, onto a fresh server --------------------------------
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def full_schema_text(dsn: str) -> str:
+    """pg_dump's schema text with owners and grants (what --no-owner --no-privileges leaves out)."""
+    import subprocess
+
+    from regal_dagster.engine.postgresql.connection import libpq_environment
+    from regal_dagster.engine.postgresql.tools import find_pg_tool
+
+    out = subprocess.run([str(find_pg_tool("pg_dump", 15).path), "--schema-only", "--encoding=UTF8"],
+                         env=libpq_environment(dsn), capture_output=True, text=True, check=True).stdout
+    return "\n".join(line for line in out.splitlines()
+                     if line and not line.startswith(("--", "\\restrict", "\\unrestrict")))
+
+
+DATABASE_FACTS = """
+    SELECT pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, pg_get_userbyid(d.datdba),
+           shobj_description(d.oid, 'pg_database'), d.datconnlimit, d.datacl::text,
+           ARRAY(SELECT coalesce(pg_get_userbyid(s.setrole), '*') || ':' || array_to_string(s.setconfig, ';')
+                 FROM pg_db_role_setting s WHERE s.setdatabase = d.oid ORDER BY 1)
+    FROM pg_database d WHERE d.datname = current_database()"""
+
+ROLE_FACTS = """
+    SELECT r.rolname, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcreatedb, r.rolcanlogin, r.rolbypassrls,
+           r.rolconnlimit, ARRAY(SELECT pg_get_userbyid(m.roleid)::text FROM pg_auth_members m
+                                 WHERE m.member = r.oid ORDER BY 1)
+    FROM pg_roles r WHERE r.rolname LIKE %s ORDER BY 1"""
+
+
+@pytest.fixture
+def roles_source(system_pg: DatabaseFactory) -> Iterator[tuple[str, str]]:
+    """A database on the system server that refers to roles of its own (dropped afterwards): its DSN and
+    the roles' common suffix."""
+    import uuid
+
+    suffix = uuid.uuid4().hex[:6]
+    owner, reader, writer, service = (f"{n}_{suffix}" for n in ("owner", "reader", "writer", "svc"))
+    execute(system_pg.server_dsn, f"""
+        CREATE ROLE {owner} NOLOGIN; CREATE ROLE {reader} NOLOGIN; CREATE ROLE {writer} NOLOGIN IN ROLE {reader};
+        CREATE ROLE {service} LOGIN CONNECTION LIMIT 5 IN ROLE {writer}""")
+    source = system_pg.create("regal_roles")
+    dbname = psycopg.conninfo.conninfo_to_dict(source)["dbname"]
+    policies = "\n".join(f"CREATE POLICY p{i} ON app.items FOR SELECT TO {reader if i % 2 else writer} "
+                         f"USING (id % 30 = {i});" for i in range(30))
+    execute(source, f"""
+        ALTER DATABASE "{dbname}" OWNER TO {owner};
+        COMMENT ON DATABASE "{dbname}" IS 'the shop''s database';
+        ALTER DATABASE "{dbname}" SET work_mem = '12MB';
+        ALTER DATABASE "{dbname}" SET search_path = app, public;
+        ALTER ROLE {reader} IN DATABASE "{dbname}" SET statement_timeout = '5s';
+        REVOKE ALL ON DATABASE "{dbname}" FROM PUBLIC;
+        GRANT CONNECT ON DATABASE "{dbname}" TO {reader};
+        GRANT CONNECT, TEMPORARY ON DATABASE "{dbname}" TO {service} WITH GRANT OPTION;
+        CREATE SCHEMA app AUTHORIZATION {owner};
+        CREATE TABLE app.items (id int PRIMARY KEY, name text, price numeric);
+        ALTER TABLE app.items OWNER TO {owner};
+        INSERT INTO app.items SELECT g, 'item ' || g, g * 0.5 FROM generate_series(1, 300) g;
+        ALTER TABLE app.items ENABLE ROW LEVEL SECURITY;
+        {policies}
+        GRANT SELECT ON app.items TO {reader};
+        GRANT INSERT, UPDATE ON app.items TO {writer};
+        CREATE MATERIALIZED VIEW app.totals AS SELECT count(*) AS n, sum(price) AS total FROM app.items;
+        ALTER MATERIALIZED VIEW app.totals OWNER TO {owner};
+        GRANT SELECT ON app.totals TO {reader};
+        CREATE PUBLICATION shop_{suffix} FOR TABLE app.items;
+    """)
+    yield source, suffix
+    system_pg.drop_all()
+    system_pg.created.clear()
+    for role in (service, writer, reader, owner):
+        execute(system_pg.server_dsn, f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.mark.skipif(not (PG15_BIN / "postgres").is_file(), reason="needs the machine's PostgreSQL 15 server")
+def test_roles_and_database_properties_come_back_on_a_fresh_server(roles_source: tuple[str, str], tmp_path: Path,
+                                                                    master_key: str) -> None:
+    from regal_dagster.engine.postgresql.server import ScratchCluster
+
+    source, suffix = roles_source
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    recorded = {r["name"] for r in manifest.source["roles"]["roles"]}
+    assert {f"owner_{suffix}", f"reader_{suffix}", f"writer_{suffix}", f"svc_{suffix}"} <= recorded
+    assert all("password_hash" not in r for r in manifest.source["roles"]["roles"])
+    properties = manifest.source["database_properties"]
+    assert properties["owner"] == f"owner_{suffix}" and properties["comment"] == "the shop's database"
+    repo, keyring = open_repository(policy), load_keyring(policy)
+
+    with ScratchCluster(base_dir=tmp_path / "fresh", tuned_for_restore=True, bin_dir=PG15_BIN) as fresh:
+        # Without creating the roles: everything that does not need them is restored, the rest listed.
+        bare = fresh.dsn("bare")
+        report = restore_database(repo, keyring, manifest, bare, create_roles=False)
+        assert not report.ok
+        missing_role = [p for p in report.validation_problems if "does not exist" in p]
+        assert len(missing_role) >= 30  # every policy, grant and owner change that names a missing role
+        assert any("CREATE POLICY p29 ON app.items" in p for p in missing_role)
+        assert all(p.startswith("not restored: ") for p in report.validation_problems)
+        assert table_contents(bare) == table_contents(source)  # rows and the refreshed view are there
+        with psycopg.connect(bare) as conn:
+            assert conn.execute("SELECT n FROM app.totals").fetchone() == (300,)
+
+        # With them (the default): the same database, owners, grants, policies and properties included.
+        restored = fresh.dsn("restored")
+        report = restore_database(repo, keyring, manifest, restored)
+        assert report.ok, report.validation_problems
+        assert full_schema_text(restored) == full_schema_text(source)
+        assert table_contents(restored) == table_contents(source)
+        with psycopg.connect(restored) as r, psycopg.connect(source) as s:
+            assert r.execute(DATABASE_FACTS).fetchone() == s.execute(DATABASE_FACTS).fetchone()
+            pattern = f"%\\_{suffix}"
+            assert r.execute(ROLE_FACTS, (pattern,)).fetchall() == s.execute(ROLE_FACTS, (pattern,)).fetchall()
+            assert r.execute("SELECT count(*) FROM pg_policy").fetchone() == (30,)
+
+        # --drop-existing recreates the database with the same properties
+        report = restore_database(repo, keyring, manifest, restored, drop_existing=True)
+        assert report.ok, report.validation_problems
+        with psycopg.connect(restored) as r, psycopg.connect(source) as s:
+            assert r.execute(DATABASE_FACTS).fetchone() == s.execute(DATABASE_FACTS).fetchone()
+
+
+def test_a_restore_test_runs_on_a_server_that_has_what_the_source_uses(roles_source: tuple[str, str],
+                                                                       tmp_path: Path, master_key: str) -> None:
+    """ICU collations, xml and lz4 columns (the embedded PostgreSQL 18 has none of them) and roles."""
+    from regal_dagster.engine.restore_test import run_restore_test
+
+    source, _ = roles_source
+    execute(source, """
+        CREATE COLLATION app.german (provider = icu, locale = 'de-DE');
+        CREATE TABLE app.docs (id int PRIMARY KEY, title text COLLATE app.german, body xml,
+                               blob text COMPRESSION lz4);
+        INSERT INTO app.docs SELECT g, 'Straße ' || g, xmlparse(content '<a>' || g || '</a>'), repeat('x', 5000)
+          FROM generate_series(1, 50) g;
+    """)
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    assert {"icu", "libxml", "lz4"} <= set(manifest.source["server_needs"])
+    work = tmp_path / "scratch"
+    work.mkdir()
+    result = run_restore_test(policy, open_repository(policy), load_keyring(policy), manifest, work_dir=work)
+    assert result.validation_passed, result.problems
+
+
+def test_when_no_server_can_hold_the_source_the_reason_is_exact() -> None:
+    from regal_dagster.engine.postgresql.server import choose_server_binaries
+
+    chosen, why = choose_server_binaries(15, {"icu", "extension:no_such_extension_here"})
+    assert chosen is None
+    assert why.startswith("no PostgreSQL installation here can hold this database (PostgreSQL 15+ with "
+                          "extension:no_such_extension_here, icu)")
+    assert "lacks extension:no_such_extension_here" in why
+    assert choose_server_binaries(99, set())[1].count("< 99") >= 1
