@@ -398,3 +398,94 @@ def test_when_no_server_can_hold_the_source_the_reason_is_exact() -> None:
                           "extension:no_such_extension_here, icu)")
     assert "lacks extension:no_such_extension_here" in why
     assert choose_server_binaries(99, set())[1].count("< 99") >= 1
+
+
+# --- Redis function libraries and every git ref ---------------------------------------------------------
+
+def test_redis_function_libraries_are_copied_back_with_the_keys(tmp_path: Path, master_key: str) -> None:
+    import subprocess
+    import sys
+
+    from regal_dagster.engine.policy import load_policy
+
+    from .test_redis import PASSWORD, RedisServer, _policy
+
+    (tmp_path / "source").mkdir()
+    (tmp_path / "live").mkdir()
+    source = RedisServer(tmp_path / "source", "--save", "", "--appendonly", "no", "--requirepass", PASSWORD)
+    live = RedisServer(tmp_path / "live", "--save", "", "--appendonly", "no", "--requirepass", PASSWORD)
+    try:
+        library = "#!lua name=shop\nredis.register_function('total', function(keys, args) return 42 end)"
+        source.client.execute_command("FUNCTION", "LOAD", library)
+        source.client.set("order:1", "one")
+        _policy(tmp_path, {"url": f"redis://:{PASSWORD}@127.0.0.1:{source.port}"})
+        policy_file = tmp_path / "regal_backup.yaml"
+        manifest = run_backup(load_policy(policy_file), "cache").manifest
+        url = f"redis://:{PASSWORD}@127.0.0.1:{live.port}"
+        done = subprocess.run([sys.executable, "-m", "regal_dagster.cli", "restore", manifest.backup_id, "--to", url,
+                               "--keys", "*", "--json", "--policy", str(policy_file)],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert live.client.fcall("total", 0) == 42 and live.client.get("order:1") == b"one"
+        libraries = live.client.execute_command("FUNCTION", "LIST", "WITHCODE")
+        source_libraries = source.client.execute_command("FUNCTION", "LIST", "WITHCODE")
+        assert libraries == source_libraries
+    finally:
+        source.stop()
+        live.stop()
+
+
+def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str) -> None:
+    import os
+    import subprocess
+
+    from regal_dagster.engine.restore_test import run_restore_test
+    from regal_dagster.engine.sources.config import git as config_git
+
+    from .test_terraform_and_config import _policy
+
+    repo = tmp_path / "config"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "Ops", "GIT_AUTHOR_EMAIL": "ops@example.test",
+           "GIT_COMMITTER_NAME": "Ops", "GIT_COMMITTER_EMAIL": "ops@example.test"}
+
+    def run_git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                              env=env).stdout.strip()
+
+    run_git("init", "-q", "-b", "main")
+    (repo / "app.yaml").write_text("a: 1\n")
+    run_git("add", "-A")
+    run_git("commit", "-q", "-m", "one")
+    run_git("tag", "-a", "v1", "-m", "release 1")
+    run_git("notes", "add", "-m", "deployed to prod")
+    run_git("branch", "feature")
+    (repo / "app.yaml").write_text("a: 2\n")
+    run_git("stash", "push", "-q")
+    run_git("update-ref", "refs/deploy/prod", run_git("rev-parse", "HEAD"))
+    source_refs = config_git.all_refs(repo)
+    assert {"refs/notes/commits", "refs/stash", "refs/deploy/prod", "refs/tags/v1"} <= set(source_refs)
+
+    policy = _policy(tmp_path, "config", {"kind": "config", "repository": str(repo)})
+    manifest = run_backup(policy, "config").manifest
+    assert manifest.source["all_refs"] == source_refs
+    result = run_restore_test(policy, open_repository(policy), load_keyring(policy), manifest)
+    assert result.validation_passed, result.problems
+
+    from regal_dagster.engine.restore import restore_backup
+    from regal_dagster.engine.sources.base import RestoreRequest
+
+    target = tmp_path / "restored"
+    restored = restore_backup(policy, open_repository(policy), load_keyring(policy), manifest,
+                              RestoreRequest(str(target), jobs=1))
+    assert restored.ok, restored.problems
+    assert config_git.all_refs(target) == source_refs
+    assert subprocess.run(["git", "-C", str(target), "notes", "show", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip() == "deployed to prod"
+
+    # a ref the restore test does not find in the clone is named
+    lying = manifest.model_copy(update={"source": {**manifest.source,
+                                                   "all_refs": {**source_refs, "refs/deploy/prod": "0" * 40}}})
+    result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
+    assert result.problems == [(f"ref refs/deploy/prod is {source_refs['refs/deploy/prod']} in the clone, "
+                               f"{'0' * 40} in the backup")]
