@@ -489,3 +489,43 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
     result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
     assert result.problems == [(f"ref refs/deploy/prod is {source_refs['refs/deploy/prod']} in the clone, "
                                f"{'0' * 40} in the backup")]
+
+
+# --- case 6: a hot standby as the source ----------------------------------------------------------------
+
+def test_a_backup_from_a_hot_standby_skips_unlogged_table_data_as_pg_dump_does(tmp_path: Path,
+                                                                              master_key: str) -> None:
+    from regal_dagster.engine.postgresql import server as pg_server
+
+    with pg_server.ScratchCluster(base_dir=tmp_path / "primary", tuned_for_restore=False) as primary:
+        source_primary = primary.create_database("shop")
+        execute(source_primary, """
+            CREATE TABLE orders (id int PRIMARY KEY, v text);
+            INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 500) g;
+            CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v text);
+            INSERT INTO cache SELECT 'k' || g, 'v' || g FROM generate_series(1, 100) g;
+        """)
+        account = pg_server._server_account()
+        standby_dir = tmp_path / "standby" / "data"
+        standby_dir.parent.mkdir()
+        account.chown(standby_dir.parent)
+        copied = pg_server._run_pg("pg_basebackup", ["-D", str(standby_dir), "-R", "-X", "stream", "-h", "127.0.0.1",
+                                                     "-p", str(primary.port), "-U", "postgres", "--no-sync"],
+                                   account, standby_dir.parent, timeout=120)
+        assert copied.returncode == 0, copied.stderr
+        standby = pg_server.ScratchCluster.persistent(standby_dir)
+        with standby:
+            source = standby.dsn("shop")
+            with psycopg.connect(source) as conn:
+                assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            policy = make_policy(tmp_path, {"pos": source})
+            manifest = run_backup(policy, "pos").manifest
+            assert manifest.source["in_recovery"] is True
+            assert manifest.source["unlogged_tables_skipped"] == ["public.cache"]
+            assert [t["name"] for t in manifest.source["tables"]] == ["orders"]
+
+            target = primary.dsn("restored")
+            report = restore_database(open_repository(policy), load_keyring(policy), manifest, target)
+            assert report.ok, report.validation_problems
+            assert schema_text(target) == schema_text(source)
+            assert table_contents(target) == {**table_contents(source_primary), "public.cache": []}
