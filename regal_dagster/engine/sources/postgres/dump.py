@@ -1,15 +1,22 @@
 """PostgreSQL: a parallel dump from one exported snapshot, a parallel restore, and validation.
 
-A backup is one snapshot, exported by a coordinating connection and imported by every worker:
+A backup is one snapshot, exported by a coordinating session that first locks every table in ACCESS
+SHARE mode (as pg_dump does: a TRUNCATE or table-rewriting ALTER TABLE waits for the backup instead of
+making it read an empty table), and imported by every worker:
 - `schema.pgdump`: pg_dump's custom-format archive of everything but table rows (schema, sequence values,
   large objects, post-data such as indexes and constraints);
-- one object per table: the rows as `COPY ... TO STDOUT` text, with the text-format settings pinned
-  (ISO dates, UTC, exact floats, hex bytea). Workers stream several tables at once.
+- one object per table: the rows as `COPY ... TO STDOUT` text read in-process (psycopg, one session per
+  worker), in the database's own encoding, with pg_dump's session settings (empty search_path, ISO
+  dates, exact floats, row_security off, no timeouts) and UTC / hex bytea pinned.
 The SHA-256 of a table's COPY text is its content fingerprint: a restore loads that text, reads each
 table back the same way and compares row counts and SHA-256 sums with the manifest.
 
-Restore: pg_restore pre-data and data (sequences, large objects), then the tables loaded in parallel
-with COPY, then pg_restore post-data with parallel jobs (indexes, constraints, triggers).
+The manifest also records the database's own properties (encoding, locale, owner, settings, comment,
+grants), the roles it refers to and what a server needs to hold it (ICU, xml, lz4, extensions).
+
+Restore: the missing roles, then pg_restore pre-data and data (sequences, large objects), the tables
+loaded in parallel with COPY, pg_restore post-data with parallel jobs (indexes, constraints, triggers),
+then the database's properties.
 
 Passwords travel to child processes only through their environment, never on a command line, in a log
 or in the manifest.
