@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg import sql
@@ -48,9 +48,9 @@ from .dump import (
     TableDigest,
     apply_settings,
     compare_tables,
+    copy_out,
     dump_major,
     pg_error_reason,
-    read_table,
     session_settings,
 )
 
@@ -140,7 +140,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
             record = manifest.object(facts["object"])
             started, in_server = time.monotonic(), 0.0
             try:
-                with table_loader(to_dsn, table, encoding) as loading:
+                with table_loader(to_dsn, table, encoding, sessions) as loading:
                     def sink(chunk: bytes) -> None:
                         nonlocal in_server
                         check(cancelled)
@@ -158,7 +158,8 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
                     "seconds": (time.monotonic() - started - in_server, in_server)}
 
         biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -t[0]["rows"])
-        loaded = map_parallel(load, biggest_first, jobs, "load")
+        with loading_pool(to_dsn, encoding) as sessions:
+            loaded = map_parallel(load, biggest_first, jobs, "load")
         phases.done("load")
         timings = [t.pop("seconds") for t in loaded]
         failed += [t["failed"] for t in loaded if "failed" in t]
@@ -462,28 +463,71 @@ class TableLoad:
     rows: int = -1  # rows the server loaded, once the load has committed
 
 
+class SessionPool:
+    """One connection per worker thread, with the COPY session settings applied once: hundreds of small
+    tables cost a statement each, not a connection each."""
+
+    def __init__(self, dsn: str, settings: Callable[[psycopg.Connection[Any]], dict[str, str]]):
+        self.dsn, self.settings = dsn, settings
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.dsn, autocommit=True)
+            with self._lock:
+                self._all.append(conn)
+            apply_settings(conn, self.settings(conn))
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._all.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def loading_pool(dsn: str, encoding: str | None) -> SessionPool:
+    return SessionPool(dsn, lambda conn: {**session_settings(conn, encoding), **RESTORE_SESSION_SETTINGS})
+
+
 @contextlib.contextmanager
-def table_loader(dsn: str, table: Table, encoding: str | None = None) -> Iterator[TableLoad]:
-    """COPY FROM STDIN into one (new, empty) table, in its own transaction, committed when the block ends.
+def table_loader(dsn: str, table: Table, encoding: str | None = None,
+                 pool: SessionPool | None = None) -> Iterator[TableLoad]:
+    """COPY FROM STDIN into one (new, empty) table, in its own transaction, committed when the block ends
+    (in a session of `pool`'s when given, else in a new one).
 
     The table is truncated in the same transaction first. That gives it a new file, so COPY fills pages
     strictly in order without looking for free space in earlier pages (and may freeze the rows, sparing
     a later anti-wraparound vacuum): the table then reads back in exactly the order it was loaded, which
-    is what lets validation compare the SHA-256 of its COPY text with the backup's."""
-    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
-        apply_settings(conn, {**session_settings(conn, encoding), **RESTORE_SESSION_SETTINGS})
-        conn.autocommit = False
-        try:
-            cur.execute(f"TRUNCATE ONLY {quote_ident(table.schema)}.{quote_ident(table.name)}")
-            with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
-                load = TableLoad(copy.write)
-                yield load
-            load.rows = cur.rowcount
-        except psycopg.Error as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ToolError(f"loading table {table.label} failed: {reason}",
-                            "fix the cause above, then restore again into an empty database") from None
-        conn.commit()
+    is what lets validation compare the SHA-256 of its COPY text with the backup's. (Even a table just
+    created needs it: without, COPY records each full page's free space and may put a later, shorter row
+    into an earlier page.)"""
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(loading_pool(dsn, encoding))
+        conn = pool.get()
+        with conn.cursor() as cur:
+            try:
+                with conn.transaction():
+                    cur.execute(f"TRUNCATE ONLY {quote_ident(table.schema)}.{quote_ident(table.name)}")
+                    with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
+                        load = TableLoad(copy.write)
+                        yield load
+                    load.rows = cur.rowcount
+            except psycopg.Error as exc:
+                raise ToolError(f"loading table {table.label} failed: {pg_error_reason(exc)}",
+                                "fix the cause above, then restore again into an empty database") from None
 
 
 def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = None, jobs: int = 1,
@@ -493,11 +537,13 @@ def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = No
     def digest(table: Table) -> dict[str, Any] | None:
         d = TableDigest()
         try:
-            for chunk in read_table(dsn, table, encoding):
-                d.update(chunk)
-        except RegalError:
+            with sessions.get().cursor() as cur:
+                for chunk in copy_out(cur, table):
+                    d.update(chunk)
+        except psycopg.Error:
             return None  # missing or unreadable: compare_tables reports it missing
         return d.facts(table)
 
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pg-validate") as pool:
+    with SessionPool(dsn, lambda conn: session_settings(conn, encoding)) as sessions, \
+            ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pg-validate") as pool:
         return [facts for facts in pool.map(digest, tables) if facts is not None]
