@@ -27,7 +27,7 @@ from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, resto
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, make_policy
-from .pg_compare import execute, schema_text
+from .pg_compare import execute, schema_text, table_rows
 
 
 def table_contents(dsn: str) -> dict[str, list[str]]:
@@ -236,12 +236,30 @@ def test_many_tables_round_trip(system_pg: DatabaseFactory, tmp_path: Path, mast
                           f"f float8)")
         statements.append(f"INSERT INTO t{i:03d} SELECT g, md5((g * {i})::text), "
                           f"'2026-01-01'::timestamptz + g * interval '1 hour', g / 3.0 FROM generate_series(1, {i}) g")
+    statements.append('CREATE SCHEMA "Odd ""schema"" .*"; CREATE TABLE "Odd ""schema"" .*"."We""ird .*|(x)" (v text)')
+    statements.append('INSERT INTO "Odd ""schema"" .*"."We""ird .*|(x)" VALUES (\'a\'), (\'b\')')
+    statements.append("CREATE SEQUENCE counter; SELECT setval('counter', 77)")
+    statements.append("CREATE MATERIALIZED VIEW t005_count AS SELECT count(*) AS n FROM t005")
     execute(source, ";\n".join(statements))
     policy = make_policy(tmp_path, {"pos": source})
     manifest, target, report = backup_and_restore(policy, system_pg)
-    assert len(manifest.source["tables"]) == 120 and report.rows == sum(range(120))
+    assert len(manifest.source["tables"]) == 121 and report.rows == sum(range(120)) + 2
     assert "psql" not in manifest.tool_versions
     assert_same_database(target, source)
+    assert table_rows(target, "SELECT last_value FROM counter") == [(77,)]
+    assert table_rows(target, "SELECT n FROM t005_count") == [(5,)]
+    # pg_dump's archive holds no table's rows (they are the per-table objects), its other data it does
+    import subprocess
+
+    from regal_dagster.engine.pipeline import StoredBackup
+    from regal_dagster.engine.postgresql.tools import find_pg_tool
+
+    archive = StoredBackup(open_repository(policy), load_keyring(policy), manifest).to_file(
+        dump.SCHEMA_OBJECT, tmp_path / "schema.pgdump")
+    listed = subprocess.run([str(find_pg_tool("pg_restore", 15).path), "--list", str(archive)], capture_output=True,
+                            text=True, check=True).stdout
+    assert " TABLE DATA " not in listed
+    assert " SEQUENCE SET " in listed and " MATERIALIZED VIEW DATA " in listed
 
 
 # --- cases 4 and 5: database properties and roles, onto a fresh server --------------------------------

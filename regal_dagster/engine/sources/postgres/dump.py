@@ -378,7 +378,7 @@ class DumpSession:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
         args = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
                 "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
-                *(f"--exclude-table-data={t.dump_pattern()}" for t in self.locked)]
+                *(f"--exclude-table-data={pattern}" for pattern in exclusion_patterns(self.locked))]
         env = libpq_environment(self.dsn)
         env["PGAPPNAME"] = self.schema_application
         try:
@@ -451,6 +451,27 @@ class DumpSession:
                 with contextlib.suppress(Exception):
                     conn.close()
             self._workers.clear()
+
+
+def exclusion_patterns(tables: list[Table], limit: int = 32_000) -> list[str]:
+    """pg_dump patterns that match exactly these tables, a few: `"schema".("a"|"b"|...)` per schema (quoted
+    names match literally, the alternation outside quotes is a regular expression). One pattern per table
+    makes pg_dump run a query per table; each pattern stays well under the kernel's limit for one argument."""
+    by_schema: dict[str, list[str]] = {}
+    for table in tables:
+        by_schema.setdefault(table.schema, []).append(quote_ident(table.name))
+    patterns = []
+    for schema, names in by_schema.items():
+        group: list[str] = []
+        size = 0
+        for name in [*names, None]:
+            if name is None or (group and size + len(name) > limit):
+                patterns.append(f"{quote_ident(schema)}.({'|'.join(group)})")
+                group, size = [], 0
+            if name is not None:
+                group.append(name)
+                size += len(name) + 1
+    return patterns
 
 
 def _lock_refused(conn: psycopg.Connection[Any], table: Table, timeout: float) -> RegalError:
