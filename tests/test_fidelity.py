@@ -85,7 +85,7 @@ def test_truncate_and_rewrite_during_a_backup_wait_for_it_and_lose_no_rows(
 
     ddl_queued = threading.Event()
     ddl_done: dict[str, float] = {}
-    real_copy_out = dump.copy_out
+    handed_over: list[str] = []
 
     def run_ddl(statement: str, marker: str) -> None:
         with psycopg.connect(source, autocommit=True) as conn:
@@ -95,24 +95,33 @@ def test_truncate_and_rewrite_during_a_backup_wait_for_it_and_lose_no_rows(
     threads = [threading.Thread(target=run_ddl, args=("TRUNCATE emptied", "regal-test-truncate")),
                threading.Thread(target=run_ddl, args=("ALTER TABLE retyped ALTER COLUMN amount TYPE bigint",
                                                       "regal-test-alter"))]
+    real_wait, real_close = dump.DumpSession.wait_for_schema_locks, dump.DumpSession.close
 
-    def paused_copy_out(cur: psycopg.Cursor[Any], table: dump.Table) -> Iterator[bytes]:
-        if table.name == "aaa_first" and not ddl_queued.is_set():
-            for thread in threads:  # started while the backup holds its locks and has read nothing yet
-                thread.start()
-            deadline = time.monotonic() + 20
-            while _waiting_statements(source, "regal-test-") < 2:
-                assert time.monotonic() < deadline, "the TRUNCATE and ALTER TABLE did not wait for the backup"
-                time.sleep(0.05)
-            ddl_queued.set()
-        yield from real_copy_out(cur, table)
+    def wait_then_start_ddl(session: dump.DumpSession) -> None:
+        """Once the backup holds its locks (and pg_dump its own), before any row is read: the statements
+        queue behind the backup's locks, so the workers cannot lock those tables themselves either."""
+        real_wait(session)
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while _waiting_statements(source, "regal-test-") < 2:
+            assert time.monotonic() < deadline, "the TRUNCATE and ALTER TABLE did not wait for the backup"
+            time.sleep(0.05)
+        ddl_queued.set()
 
-    monkeypatch.setattr(dump, "copy_out", paused_copy_out)
+    def close(session: dump.DumpSession) -> None:
+        handed_over.extend(session.read_by_coordinator)
+        real_close(session)
+
+    monkeypatch.setattr(dump.DumpSession, "wait_for_schema_locks", wait_then_start_ddl)
+    monkeypatch.setattr(dump.DumpSession, "close", close)
     manifest = run_backup(policy, "pos").manifest
     backup_ended = time.monotonic()
     for thread in threads:
         thread.join(timeout=30)
     assert ddl_queued.is_set()
+    # The tables a statement was queued for were read through the session holding the locks.
+    assert sorted(handed_over) == ["public.emptied", "public.retyped"]
     # Both statements waited for the backup to end, then did their work on the source.
     assert set(ddl_done) == {"regal-test-truncate", "regal-test-alter"}
     assert min(ddl_done.values()) >= backup_ended - 0.5

@@ -413,20 +413,36 @@ class DumpSession:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
             self._local.conn = conn
+            self._local.all_locked = self._lock_all(conn)
         return conn
+
+    def _lock_all(self, conn: psycopg.Connection[Any]) -> bool:
+        """Every table's lock for this worker in one statement, when none is wanted by someone else now
+        (else each table is tried on its own, see table_chunks)."""
+        if not self.tables:
+            return True
+        names = ", ".join(t.dump_pattern() for t in self.tables)
+        try:
+            conn.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {names} IN ACCESS SHARE MODE NOWAIT; "
+                         "RELEASE SAVEPOINT regal_lock")
+            return True
+        except psycopg.errors.LockNotAvailable:
+            conn.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
+            return False
 
     def table_chunks(self, table: Table) -> Iterator[bytes]:
         """A table's rows as COPY text, in the database's own encoding, from the snapshot."""
         conn = self._worker()
         try:
             with conn.cursor() as cur:
-                try:
-                    cur.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE "
-                                "NOWAIT; RELEASE SAVEPOINT regal_lock")
-                    own = True
-                except psycopg.errors.LockNotAvailable:
-                    cur.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
-                    own = False
+                own = True
+                if not self._local.all_locked:
+                    try:
+                        cur.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE "
+                                    "MODE NOWAIT; RELEASE SAVEPOINT regal_lock")
+                    except psycopg.errors.LockNotAvailable:
+                        cur.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
+                        own = False
                 if own:
                     yield from copy_out(cur, table)
             if not own:
