@@ -537,7 +537,8 @@ def test_a_backup_from_a_hot_standby_skips_unlogged_table_data_as_pg_dump_does(t
         standby_dir.parent.mkdir()
         account.chown(standby_dir.parent)
         copied = pg_server._run_pg("pg_basebackup", ["-D", str(standby_dir), "-R", "-X", "stream", "-h", "127.0.0.1",
-                                                     "-p", str(primary.port), "-U", "postgres", "--no-sync"],
+                                                     "-p", str(primary.port), "-U", "postgres", "--no-sync",
+                                                     "--checkpoint=fast"],
                                    account, standby_dir.parent, timeout=120)
         assert copied.returncode == 0, copied.stderr
         standby = pg_server.ScratchCluster.persistent(standby_dir)
