@@ -490,20 +490,29 @@ def exclusion_patterns(tables: list[Table], limit: int = 32_000) -> list[str]:
     return patterns
 
 
-def _lock_refused(conn: psycopg.Connection[Any], table: Table, timeout: float) -> RegalError:
-    """The sessions holding a lock on `table` that keeps the backup from reading it."""
+def _lock_refused(conn: psycopg.Connection[Any], tables: list[Table], timeout: float) -> RegalError:
+    """Which of `tables` another session holds exclusively, and who that session is (pid, application,
+    user, state, statement), as one message."""
+    labels = {t.oid: t.label for t in tables}
     holders = conn.execute(r"""
-        SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''), coalesce(a.state, ''),
-               left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 200), l.mode
+        SELECT l.relation::int8, a.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''),
+               coalesce(a.state, ''), left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 200)
         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'relation' AND l.relation = %s::oid AND l.granted AND l.pid <> pg_backend_pid()
-          AND l.mode IN ('AccessExclusiveLock')
-        ORDER BY a.pid""", (table.oid,)).fetchall()
-    who = "; ".join(f"pid {pid} (application '{app}', user {user}, {state}: {query})"
-                    for pid, app, user, state, query, _mode in holders) or "a session that has since ended"
-    return RegalError(f"the backup could not lock table {table.label} within {timeout:g}s: it is locked "
-                      f"exclusively by {who}",
+        WHERE l.locktype = 'relation' AND l.relation = ANY(%s::oid[]) AND l.granted AND l.pid <> pg_backend_pid()
+          AND l.mode = 'AccessExclusiveLock'
+        ORDER BY 1, 2""", (list(labels),)).fetchall()
+    if not holders:
+        return RegalError(f"the backup could not lock its tables within {timeout:g}s; the session holding the "
+                          "lock has ended since", "run the backup again")
+    held = "; ".join(f"table {labels.get(relation, relation)} is locked exclusively by pid {pid} (application "
+                     f"'{app}', user {user}, {state}: {query})"
+                     for relation, pid, app, user, state, query in holders)
+    return RegalError(f"the backup could not lock its tables within {timeout:g}s: {held}",
                       "let that statement or transaction finish (or end it), then run the backup again")
+
+
+# Tables locked per LOCK statement (one round trip each).
+LOCK_BATCH = 500
 
 
 @contextlib.contextmanager
@@ -527,14 +536,16 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
                 candidates = locked_relations(cur)
                 cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 try:
-                    for table in candidates:  # LOCK takes no snapshot: the snapshot comes after the locks
-                        cur.execute(f"LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE")
+                    for first in range(0, len(candidates), LOCK_BATCH):  # LOCK takes no snapshot: it comes after
+                        batch = candidates[first:first + LOCK_BATCH]
+                        cur.execute(f"LOCK TABLE ONLY {', '.join(t.dump_pattern() for t in batch)} "
+                                    "IN ACCESS SHARE MODE")
                 except psycopg.errors.UndefinedTable:
                     cur.execute("ROLLBACK")  # dropped or renamed since it was listed: list again
                     continue
                 except psycopg.errors.LockNotAvailable:
                     cur.execute("ROLLBACK")
-                    raise _lock_refused(conn, table, lock_timeout) from None
+                    raise _lock_refused(conn, batch, lock_timeout) from None
                 cur.execute("SELECT pg_export_snapshot(), pg_is_in_recovery(), current_setting('server_version'), "
                             "current_database(), txid_current_snapshot()::text")
                 snapshot, in_recovery, version, database, txid_snapshot = cur.fetchone()  # type: ignore[misc]
