@@ -69,13 +69,27 @@ class Step:
     vs_floor: float | None = None
 
 
+def _own_peak(pid: int) -> int:
+    """A process's own peak RSS (VmHWM: the high-water mark of the memory it has had since its exec)."""
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def tree_rss(process: psutil.Process) -> int:
+    """The sum of the peaks of the step's processes alive now. Not the kernel's ru_maxrss of the child: a
+    child forked from this (large) benchmark process inherits its high-water mark through exec."""
     total = 0
     for p in [process, *process.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
+            total += _own_peak(p.pid)
+        except (OSError, ValueError, psutil.NoSuchProcess):
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
     return total
 
 
@@ -86,15 +100,14 @@ def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> tupl
         child = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env)
         watcher, peak = psutil.Process(child.pid), 0
         while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:  # the kernel's own peak covers a step too short to sample
-                child.returncode = os.waitstatus_to_exitcode(status)
-                peak = max(peak, usage.ru_maxrss * 1024)
-                break
-            try:
+            try:  # sampled before reaping, so the last sample still sees the finished processes' peaks
                 peak = max(peak, tree_rss(watcher))
             except psutil.NoSuchProcess:
                 pass
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+            if pid:
+                child.returncode = os.waitstatus_to_exitcode(status)
+                break
             time.sleep(0.02)
         seconds = time.monotonic() - start
         out.seek(0)

@@ -14,7 +14,7 @@ def schema_text(dsn: str) -> str:
     with psycopg.connect(dsn) as conn:
         major = conn.info.server_version // 10000
     tool = find_pg_tool("pg_dump", major)
-    out = subprocess.run([str(tool.path), "--schema-only", "--no-owner", "--no-privileges"],
+    out = subprocess.run([str(tool.path), "--schema-only", "--no-owner", "--no-privileges", "--encoding=UTF8"],
                          env=libpq_environment(dsn), capture_output=True, text=True, check=True).stdout
     # Comments name the database; \restrict lines carry a random key per run.
     return "\n".join(line for line in out.splitlines()

@@ -169,7 +169,7 @@ class RunningBackup:
 def _start_backup(
     policy: Path, env: dict[str, str], tmp_path: Path, in_flight: Callable[[], bool]
 ) -> RunningBackup:
-    """Start `regal-backup backup main` and return once pg_dump is streaming and `in_flight()` holds."""
+    """Start `regal-backup backup main` and return once `in_flight()` holds (rows streaming into the repository)."""
     stderr_path = tmp_path / f"backup-{uuid.uuid4().hex[:6]}.stderr"
     with open(stderr_path, "wb") as stderr:
         process = subprocess.Popen(
@@ -180,19 +180,19 @@ def _start_backup(
         )
     parent = psutil.Process(process.pid)
 
-    def streaming() -> list[psutil.Process] | None:
+    def streaming() -> tuple[list[psutil.Process]] | None:
         if process.poll() is not None:
             pytest.fail(
                 f"the backup ended before it could be interrupted (exit {process.returncode}): "
                 f"{stderr_path.read_text()}"
             )
-        try:
+        try:  # rows are read in-process; pg_dump (the schema) may have finished already
             dumps = [c for c in parent.children(recursive=True) if c.name() in ("pg_dump", "psql")]
         except psutil.NoSuchProcess:
             return None
-        return dumps if dumps and in_flight() else None
+        return (dumps,) if in_flight() else None
 
-    pg_dumps = _wait_for(streaming, 30, "pg_dump or psql to stream and the backup to be in flight")
+    (pg_dumps,) = _wait_for(streaming, 30, "the backup's rows to stream and the backup to be in flight")
     return RunningBackup(process, stderr_path, pg_dumps)
 
 

@@ -96,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full (default): read every table back and compare row counts and SHA-256 with the backup; "
                         "rows: compare the loaded row counts only (faster; the bytes are still authenticated)")
     p.add_argument("--keys", help="Redis, with --to redis://...: copy back only the keys matching this glob")
-    p.add_argument("--keep-owners", action="store_true", help="restore ownership and grants (roles must exist)")
+    p.add_argument("--no-owners", action="store_true",
+                   help="PostgreSQL: restore no ownership and no grants (as pg_restore --no-owner --no-privileges); "
+                        "by default they are restored as the backup recorded them")
+    p.add_argument("--keep-owners", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
+    p.add_argument("--no-create-roles", action="store_true",
+                   help="PostgreSQL: do not create the roles the backup's database refers to that the server lacks "
+                        "(what needs them then fails, and the restore says so)")
     p.add_argument("--accept-ledger-rollback", action="store_true",
                    help="restore although the GDPR erasure ledger is older than the repository or the audit trail "
                         "knows (recorded in the audit trail; erasures may be missing afterwards)")

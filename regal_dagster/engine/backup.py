@@ -78,7 +78,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
                                 zstd_threads=zstd_threads, progress=progress, retain_until=retain_until)
 
         try:
-            captured = source.capture(settings, store)
+            with repo.backend.batched_durability():  # every object on disk before the manifest refers to it
+                captured = source.capture(settings, store)
             manifest = Manifest(
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
                 retain_until=retain_until,

@@ -118,7 +118,7 @@ def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, mani
     found = _Found()
     phase = time.monotonic()
     try:
-        with source.scratch_destination(work_dir) as destination:
+        with source.scratch_destination(work_dir, manifest) as destination:
             found.seconds[source.scratch_phase] = time.monotonic() - phase
             restored = restore_to(policy, repo, keyring, manifest,
                                   RestoreRequest(destination, jobs=jobs, progress=progress, scratch=True))

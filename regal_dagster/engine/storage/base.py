@@ -134,6 +134,12 @@ class Repository(ABC):
         """The store itself, under any wrappers."""
         return self
 
+    @contextlib.contextmanager
+    def batched_durability(self) -> Iterator[None]:
+        """Objects written inside the block may be made durable all at once when it ends (before it
+        returns): many small objects without a disk flush each. Nothing may refer to them before."""
+        yield
+
     @abstractmethod
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
         """`retain_until`: where the repository locks objects (S3 Object Lock), immutable until then."""

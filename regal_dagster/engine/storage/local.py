@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,8 +41,8 @@ if TYPE_CHECKING:
 
 
 class _LocalWriter(ObjectWriter):
-    def __init__(self, path: Path, location: str):
-        self.path, self.location = path, location
+    def __init__(self, path: Path, location: str, batch: _SyncBatch | None = None):
+        self.path, self.location, self.batch = path, location, batch
         self.bytes_written = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,10 +62,14 @@ class _LocalWriter(ObjectWriter):
     def commit(self) -> None:
         try:
             self.file.flush()
-            os.fsync(self.file.fileno())
+            if self.batch is None:
+                os.fsync(self.file.fileno())
             self.file.close()
             os.replace(self.partial, self.path)
-            _fsync_dir(self.path.parent)
+            if self.batch is None:
+                _fsync_dir(self.path.parent)
+            else:
+                self.batch.add(self.path)
         except OSError as exc:
             self.abort()
             raise self._failed(exc) from None
@@ -88,6 +94,49 @@ class _LocalWriter(ObjectWriter):
                           "written was discarded")
 
 
+class _SyncBatch:
+    """Files written without their own fsync, made durable together by `flush`: one syncfs(2) of their
+    filesystem where Linux has it (a single journal commit), else an fsync of each file and directory."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self._lock = threading.Lock()
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            self.paths.append(path)
+
+    def flush(self) -> None:
+        with self._lock:
+            paths, self.paths = self.paths, []
+        if not paths:
+            return
+        if _syncfs(paths[0].parent):
+            return
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for directory in dict.fromkeys(p.parent for p in paths):
+            _fsync_dir(directory)
+
+
+def _syncfs(path: Path) -> bool:
+    """syncfs(2) of the filesystem holding `path`; False where it is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return bool(syncfs(fd) == 0)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -101,6 +150,7 @@ class LocalRepository(Repository):
         self.root = root
         self.location = f"file://{root}"
         self.lock_wait = lock_wait
+        self._batch: _SyncBatch | None = None
 
     def _path(self, key: str) -> Path:
         path, root = (self.root / check_key(key, self.location)).resolve(), self.root.resolve()
@@ -109,7 +159,19 @@ class LocalRepository(Repository):
         return path
 
     def writer(self, key: str, retain_until: datetime | None = None) -> ObjectWriter:
-        return _LocalWriter(self._path(key), self.location)
+        return _LocalWriter(self._path(key), self.location, self._batch)
+
+    @contextlib.contextmanager
+    def batched_durability(self) -> Iterator[None]:
+        if self._batch is not None:  # already inside one
+            yield
+            return
+        self._batch = batch = _SyncBatch()
+        try:
+            yield
+        finally:
+            self._batch = None
+        batch.flush()  # only when the block succeeded: a failed backup's objects are garbage anyway
 
     def reader(self, key: str) -> BinaryIO:
         try:

@@ -49,12 +49,24 @@ def refs(repo: Path) -> dict[str, str]:
     return found
 
 
+def all_refs(repo: Path) -> dict[str, str]:
+    """Every ref under refs/ (branches, tags, notes, stash, remote-tracking and custom refs) -> the object
+    it points at (not peeled): everything `git bundle create --all` carries."""
+    out = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/")
+    return dict(line.rsplit(" ", 1) for line in out.splitlines() if line)
+
+
+def head(repo: Path) -> str:
+    return _git(repo, "rev-parse", "HEAD").strip()
+
+
 def repository_facts(repo: Path, lock_files: list[str]) -> dict[str, Any]:
     head = _git(repo, "rev-parse", "HEAD").strip()
     branch = _git(repo, "symbolic-ref", "--quiet", "--short", "HEAD").strip() if _has_branch(repo) else None
     locks = {name: hashlib.sha256((repo / name).read_bytes()).hexdigest()
              for name in lock_files if (repo / name).is_file()}
-    return {"repository": str(repo), "head": head, "branch": branch, "refs": refs(repo), "lock_files": locks}
+    return {"repository": str(repo), "head": head, "branch": branch, "refs": refs(repo), "all_refs": all_refs(repo),
+            "lock_files": locks}
 
 
 def _has_branch(repo: Path) -> bool:
@@ -78,13 +90,24 @@ def verify_bundle(bundle: Path) -> None:
                         "the backup is damaged: use another one")
 
 
-def clone(bundle: Path, destination: Path) -> dict[str, Any]:
-    """Clone every ref from the bundle into `destination`; returns the clone's refs and HEAD."""
+def clone(bundle: Path, destination: Path, every_ref: bool = False) -> dict[str, Any]:
+    """Clone the bundle into `destination`; returns the clone's refs and HEAD. With `every_ref`, the clone
+    then holds exactly the bundle's refs (every branch, tag, note, stash and custom ref, as refs of its
+    own; no remote-tracking refs of the bundle), as the repository backed up had them."""
     run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], env=child_environment(), capture_output=True,
                          text=True, check=False)
     if run.returncode != 0:
         raise ToolError(f"git clone from the bundle failed: {run.stderr.strip()[-300:]}", "use another backup")
-    return clone_refs(destination)
+    if not every_ref:
+        return clone_refs(destination)
+    _git(destination, "remote", "remove", "origin")
+    fetched = subprocess.run(["git", "-C", str(destination), "fetch", "--quiet", "--update-head-ok", "--no-tags",
+                              str(bundle), "+refs/*:refs/*"], env=child_environment(), capture_output=True, text=True,
+                             check=False)
+    if fetched.returncode != 0:
+        raise ToolError(f"git fetch of every ref from the bundle failed: {fetched.stderr.strip()[-300:]}",
+                        "use another backup")
+    return {"refs": all_refs(destination), "head": _git(destination, "rev-parse", "HEAD").strip()}
 
 
 def clone_refs(clone: Path) -> dict[str, Any]:

@@ -59,7 +59,8 @@ class ConfigSource(Source):
         if request.before_writing:
             request.before_writing()
         with private_directory("restore") as tmp:
-            cloned = git.clone(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT), destination)
+            cloned = git.clone(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT), destination,
+                               every_ref="all_refs" in manifest.source)
         for name in manifest.source.get("lock_files", {}):
             path = destination / LOCK_FILES_DIR / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,14 +71,20 @@ class ConfigSource(Source):
                         seconds={"clone": time.monotonic() - started}, details={"path": str(destination), **cloned})
 
     @contextlib.contextmanager
-    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         with private_directory("config-test", work_dir) as tmp:
             yield str(Path(tmp) / "clone")
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
-        """Every ref and HEAD of the clone as recorded."""
-        cloned = git.clone_refs(Path(destination))
-        expected = manifest.source["refs"]
+        """Every ref and HEAD of the clone as recorded (every ref: notes, stash and custom ones too)."""
+        cloned: dict[str, Any]
+        if "all_refs" in manifest.source:  # branches and tags peeled to their commits, as `refs` has them
+            expected = {**manifest.source["all_refs"], **manifest.source["refs"]}
+            clone = Path(destination)
+            cloned = {"refs": {**git.all_refs(clone), **git.refs(clone)}, "head": git.head(clone)}
+        else:  # backups from before every ref was recorded: branches and tags
+            cloned = git.clone_refs(Path(destination))
+            expected = manifest.source["refs"]
         problems = [f"ref {name} is {cloned['refs'].get(name)} in the clone, {commit} in the backup"
                     for name, commit in sorted(expected.items()) if cloned["refs"].get(name) != commit]
         problems += [f"the clone has {name}, which the backup did not record"

@@ -75,7 +75,7 @@ class FilesSource(Source):
                         next_steps=f"Compare, then copy into place: e.g. rsync -a {root}/etc/ /etc/")
 
     @contextlib.contextmanager
-    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         with private_directory("files-test", work_dir) as tmp:
             yield str(Path(tmp) / "restored")
 

@@ -1,15 +1,22 @@
 """PostgreSQL: a parallel dump from one exported snapshot, a parallel restore, and validation.
 
-A backup is one snapshot, exported by a coordinating connection and imported by every worker:
+A backup is one snapshot, exported by a coordinating session that first locks every table in ACCESS
+SHARE mode (as pg_dump does: a TRUNCATE or table-rewriting ALTER TABLE waits for the backup instead of
+making it read an empty table), and imported by every worker:
 - `schema.pgdump`: pg_dump's custom-format archive of everything but table rows (schema, sequence values,
   large objects, post-data such as indexes and constraints);
-- one object per table: the rows as `COPY ... TO STDOUT` text, with the text-format settings pinned
-  (ISO dates, UTC, exact floats, hex bytea). Workers stream several tables at once.
+- one object per table: the rows as `COPY ... TO STDOUT` text read in-process (psycopg, one session per
+  worker), in the database's own encoding, with pg_dump's session settings (empty search_path, ISO
+  dates, exact floats, row_security off, no timeouts) and UTC / hex bytea pinned.
 The SHA-256 of a table's COPY text is its content fingerprint: a restore loads that text, reads each
 table back the same way and compares row counts and SHA-256 sums with the manifest.
 
-Restore: pg_restore pre-data and data (sequences, large objects), then the tables loaded in parallel
-with COPY, then pg_restore post-data with parallel jobs (indexes, constraints, triggers).
+The manifest also records the database's own properties (encoding, locale, owner, settings, comment,
+grants), the roles it refers to and what a server needs to hold it (ICU, xml, lz4, extensions).
+
+Restore: the missing roles, then pg_restore pre-data and data (sequences, large objects), the tables
+loaded in parallel with COPY, pg_restore post-data with parallel jobs (indexes, constraints, triggers),
+then the database's properties.
 
 Passwords travel to child processes only through their environment, never on a command line, in a log
 or in the manifest.
@@ -19,12 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from ...errors import RegalError, ToolError
 from ...postgresql.connection import connect, describe_dsn, libpq_environment, quote_ident, server_major
 from ...postgresql.tools import PgTool, find_pg_tool
 from ..streams import stream_command
@@ -38,15 +48,43 @@ def dump_major(tool_versions: dict[str, str]) -> int:
     """The major version of the pg_dump that wrote an archive (its reader must be at least as new)."""
     return int(tool_versions.get("pg_dump", "0").split(".")[0] or 0)
 
-# Settings that make a row's text form, and so its fingerprint, the same on every server; and a scan that
-# starts at block 0, so a freshly loaded table reads back in the order it was loaded.
+# pg_dump's session settings, for every session that reads or loads rows: names in statements are always
+# schema-qualified (an empty search_path, so a regclass or a default is printed with its schema), the
+# text form of values is the same on every server (ISO dates, UTC, exact floats, hex bytea), no policy
+# silently hides rows (row_security off makes a query that would be filtered fail instead), and no
+# timeout of the server's cuts a long table short. A scan starts at block 0, so a freshly loaded table
+# reads back in the order it was loaded. The client encoding is set per database (its own encoding).
 COPY_SESSION_SETTINGS = {
-    "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres",
+    "search_path": "", "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres",
     "extra_float_digits": "3", "bytea_output": "hex", "row_security": "off", "synchronize_seqscans": "off",
-    "statement_timeout": "0",
+    "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
 }
 # Session settings for restoring (all user-settable): bigger sorts for index builds, no commit waits.
 RESTORE_SESSION_SETTINGS = {"maintenance_work_mem": "256MB", "work_mem": "64MB", "synchronous_commit": "off"}
+# How long the backup waits for the ACCESS SHARE lock on a table that another session holds exclusively
+# (a running ALTER TABLE, TRUNCATE, VACUUM FULL, ...) before it fails naming that session.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 60.0
+
+
+def session_settings(conn: psycopg.Connection[Any], encoding: str | None) -> dict[str, str]:
+    """COPY_SESSION_SETTINGS for this server (PostgreSQL 17's transaction_timeout too), in `encoding`."""
+    settings = dict(COPY_SESSION_SETTINGS)
+    if conn.info.server_version >= 170000:
+        settings["transaction_timeout"] = "0"
+    if encoding:
+        settings["client_encoding"] = encoding
+    return settings
+
+
+def apply_settings(conn: psycopg.Connection[Any], settings: dict[str, str]) -> None:
+    """Set session settings in one round trip (outside any transaction: it takes no snapshot then)."""
+    conn.execute("SELECT count(set_config(name, value, false)) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
+                 (list(settings), list(settings.values())))
+
+
+def pg_error_reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -57,6 +95,9 @@ class Table:
     name: str
     columns: tuple[str, ...]  # stored columns, in order (no dropped or generated ones)
     pages: int = 0  # size estimate, to start the biggest tables first
+    oid: int = 0  # in the source database, at backup time
+    unlogged: bool = False
+    kind: str = "r"  # pg_class.relkind: r (rows) or p (partitioned: its partitions hold the rows)
 
     @property
     def label(self) -> str:
@@ -76,21 +117,31 @@ class Table:
         return cls(facts["schema"], facts["name"], tuple(facts["columns"]))
 
 
-def user_tables(cur: psycopg.Cursor[Any]) -> list[Table]:
-    """The tables whose rows pg_dump would dump: ordinary tables and partitions, not extension members."""
+def _relations(cur: psycopg.Cursor[Any], kinds: str) -> list[Table]:
     generated = "AND a.attgenerated = ''" if cur.connection.info.server_version >= 120000 else ""
     cur.execute(f"""
-        SELECT n.nspname, c.relname, c.relpages,
+        SELECT n.nspname, c.relname, c.relpages, c.oid::int8, c.relpersistence = 'u', c.relkind::text,
                coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
                          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped {generated}),
                         ARRAY[]::text[])
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+        WHERE c.relkind = ANY(%s) AND n.nspname NOT IN ('pg_catalog', 'information_schema')
           AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp'
           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                           AND d.objid = c.oid AND d.deptype = 'e')
-        ORDER BY 1, 2""")
-    return [Table(schema, name, tuple(columns), max(pages, 0)) for schema, name, pages, columns in cur.fetchall()]
+        ORDER BY 1, 2""", (list(kinds),))
+    return [Table(schema, name, tuple(columns), max(pages, 0), oid, unlogged, kind)
+            for schema, name, pages, oid, unlogged, kind, columns in cur.fetchall()]
+
+
+def user_tables(cur: psycopg.Cursor[Any]) -> list[Table]:
+    """The tables whose rows pg_dump would dump: ordinary tables and partitions, not extension members."""
+    return _relations(cur, "r")
+
+
+def locked_relations(cur: psycopg.Cursor[Any]) -> list[Table]:
+    """The relations pg_dump locks: ordinary and partitioned tables (not extension members)."""
+    return _relations(cur, "rp")
 
 
 _SCHEMA_OBJECT_COUNTS = """
@@ -148,25 +199,44 @@ def compare_tables(expected: list[dict[str, Any]], actual: list[dict[str, Any]])
     return problems
 
 
-def _psql_copy_out(psql: PgTool, table: Table, snapshot: str | None) -> list[str]:
-    """psql arguments that print one table's rows as COPY text (from `snapshot` when given).
-
-    psql, not psycopg: psycopg hands COPY data to Python one row at a time, psql streams it in C."""
-    statements = ["BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"]
-    if snapshot:
-        statements.append(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-    statements += [f"SET {name} = '{value}'" for name, value in COPY_SESSION_SETTINGS.items()]
-    statements += [table.copy_statement("TO STDOUT"), "COMMIT"]
-    args = [str(psql.path), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1"]
-    for statement in statements:
-        args += ["--command", statement]
-    return args
+# COPY hands over one row at a time; rows are joined into chunks of about this size before they go on.
+COPY_CHUNK = 1 << 20
 
 
-def read_table(dsn: str, psql: PgTool, table: Table, snapshot: str | None = None) -> Iterator[bytes]:
-    """A table's rows as COPY text, in chunks."""
-    yield from stream_command(_psql_copy_out(psql, table, snapshot), libpq_environment(dsn),
-                               f"reading table {table.label}")
+def copy_out(cur: psycopg.Cursor[Any], table: Table) -> Iterator[bytes]:
+    """A table's rows as COPY text, in chunks, read by this session (in the client encoding it has)."""
+    rows: list[bytes] = []
+    size = 0
+    with cur.copy(table.copy_statement("TO STDOUT")) as copy:
+        while data := copy.read():
+            rows.append(bytes(data))
+            size += len(data)
+            if size >= COPY_CHUNK:
+                yield b"".join(rows)
+                rows, size = [], 0
+    if rows:
+        yield b"".join(rows)
+
+
+def read_error(table: Table, exc: psycopg.Error) -> RegalError:
+    """One clear message for a failed read of a table's rows."""
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and "row-level security" in str(exc):
+        return RegalError(f"reading table {table.label}: row-level security policies would hide some of its rows "
+                          "from the backup's user, so a backup would silently miss them",
+                          "back up as the table's owner, a superuser or a role with BYPASSRLS")
+    return ToolError(f"reading table {table.label} failed: {pg_error_reason(exc)}",
+                     "fix the cause above; nothing was stored as a backup")
+
+
+def read_table(dsn: str, table: Table, encoding: str | None = None) -> Iterator[bytes]:
+    """A table's rows as COPY text in chunks, read in a session of its own (`encoding`: the backup's)."""
+    with connect(dsn, autocommit=True) as conn:
+        apply_settings(conn, session_settings(conn, encoding))
+        with conn.cursor() as cur:
+            try:
+                yield from copy_out(cur, table)
+            except psycopg.Error as exc:
+                raise read_error(table, exc) from None
 
 
 class TableDigest:
@@ -185,52 +255,329 @@ class TableDigest:
                 "sha256": self.sha256.hexdigest()}
 
 
+# --- the database itself -------------------------------------------------------------------------
+
+def database_properties(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What CREATE DATABASE and ALTER DATABASE need to recreate this database as it is: encoding, locale
+    and collation provider, owner, comment, grants, connection limit and its settings."""
+    version = conn.info.server_version
+    provider = "d.datlocprovider::text" if version >= 150000 else "'c'"
+    icu_locale = "d.datlocale" if version >= 170000 else "d.daticulocale" if version >= 150000 else "NULL"
+    icu_rules = "d.daticurules" if version >= 160000 else "NULL"
+    row = conn.execute(f"""
+        SELECT pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, {provider}, {icu_locale}, {icu_rules},
+               pg_get_userbyid(d.datdba), shobj_description(d.oid, 'pg_database'), d.datacl::text[],
+               d.datconnlimit, d.oid::int8
+        FROM pg_database d WHERE d.datname = current_database()""").fetchone()
+    assert row is not None
+    encoding, collate, ctype, provider_code, locale, rules, owner, comment, acl, connlimit, oid = row
+    settings = [{"role": role, "settings": list(config)} for role, config in conn.execute("""
+        SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, s.setconfig
+        FROM pg_db_role_setting s WHERE s.setdatabase = %s::oid ORDER BY 1 NULLS FIRST""", (oid,)).fetchall()]
+    return {"encoding": encoding, "lc_collate": collate, "lc_ctype": ctype,
+            "locale_provider": {"c": "libc", "i": "icu", "b": "builtin"}.get(provider_code, provider_code),
+            "locale": locale, "icu_rules": rules, "owner": owner, "comment": comment, "acl": list(acl or []),
+            "connection_limit": connlimit, "settings": settings}
+
+
+ROLE_ATTRIBUTES = ("rolsuper", "rolinherit", "rolcreaterole", "rolcreatedb", "rolcanlogin", "rolreplication",
+                   "rolbypassrls")
+
+
+def referenced_roles(conn: psycopg.Connection[Any], passwords: bool = False) -> dict[str, Any]:
+    """The roles this database refers to (its owner, the owners of its objects, the grantees of its
+    privileges, the roles of its policies and settings) and every role they are members of, with their
+    attributes and memberships: what a restore onto a fresh server must create first. Password hashes
+    only when asked for (they need a superuser to read)."""
+    cur = conn.execute("""
+        WITH RECURSIVE db AS (SELECT oid FROM pg_database WHERE datname = current_database()),
+        direct AS (
+            SELECT refobjid AS oid FROM pg_shdepend, db WHERE refclassid = 'pg_authid'::regclass
+              AND (dbid = db.oid OR (dbid = 0 AND classid = 'pg_database'::regclass AND objid = db.oid))
+            UNION SELECT datdba FROM pg_database, db WHERE pg_database.oid = db.oid
+            UNION SELECT setrole FROM pg_db_role_setting, db WHERE setdatabase = db.oid AND setrole <> 0),
+        closure AS (SELECT oid FROM direct
+                    UNION SELECT m.roleid FROM pg_auth_members m JOIN closure c ON m.member = c.oid)
+        SELECT oid FROM closure""")
+    oids = [int(oid) for (oid,) in cur.fetchall()]
+    source = "pg_authid" if passwords else "pg_roles"
+    password = "r.rolpassword" if passwords else "NULL"
+    attributes = ", ".join(f"r.{a}" for a in ROLE_ATTRIBUTES)
+    try:
+        rows = conn.execute(f"""
+            SELECT r.oid::int8, r.rolname, {attributes}, r.rolconnlimit, r.rolvaliduntil::text, {password},
+                   (SELECT array_agg(c ORDER BY c) FROM unnest(s.setconfig) c), shobj_description(r.oid, 'pg_authid')
+            FROM {source} r LEFT JOIN pg_db_role_setting s ON s.setrole = r.oid AND s.setdatabase = 0
+            WHERE r.oid = ANY(%s::oid[]) ORDER BY r.rolname""", (oids,)).fetchall()
+    except psycopg.errors.InsufficientPrivilege:
+        raise RegalError("the policy asks for role password hashes, but only a superuser can read them",
+                         "back up as a superuser, or set role_passwords: false for this target") from None
+    roles = []
+    for oid, name, *values in rows:
+        flags = dict(zip(ROLE_ATTRIBUTES, values[:len(ROLE_ATTRIBUTES)], strict=True))
+        connlimit, valid_until, password_hash, settings, comment = values[len(ROLE_ATTRIBUTES):]
+        role = {"name": name, **{k[3:]: v for k, v in flags.items()}, "connection_limit": connlimit,
+                "valid_until": valid_until, "settings": list(settings or []), "comment": comment,
+                "builtin": oid < 16384}  # the bootstrap superuser and the predefined pg_* roles
+        if passwords:
+            role["password_hash"] = password_hash
+        roles.append(role)
+    memberships = [{"role": role, "member": member, "admin_option": admin} for role, member, admin in conn.execute("""
+        SELECT pg_get_userbyid(m.roleid), pg_get_userbyid(m.member), m.admin_option FROM pg_auth_members m
+        WHERE m.member = ANY(%s::oid[]) ORDER BY 1, 2""", (oids,)).fetchall()]
+    return {"roles": roles, "memberships": memberships, "password_hashes": passwords}
+
+
+def server_needs(conn: psycopg.Connection[Any]) -> list[str]:
+    """What a server must have to hold this database: icu (ICU collations in use), libxml (xml columns),
+    lz4 (lz4-compressed columns), extension:NAME (each extension installed)."""
+    version = conn.info.server_version
+    provider = "d.datlocprovider = 'i'" if version >= 150000 else "false"
+    lz4 = ("EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid >= 16384 AND attcompression = 'l')"
+           if version >= 140000 else "false")
+    row = conn.execute(f"""
+        SELECT (SELECT {provider} FROM pg_database d WHERE d.datname = current_database())
+               OR EXISTS (SELECT 1 FROM pg_collation c WHERE c.collprovider = 'i' AND (c.oid >= 16384
+                          OR c.oid IN (SELECT attcollation FROM pg_attribute WHERE attrelid >= 16384))),
+               EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                       WHERE a.attrelid >= 16384 AND NOT a.attisdropped
+                         AND (t.oid = 'xml'::regtype OR t.typelem = 'xml'::regtype OR t.typbasetype = 'xml'::regtype)),
+               {lz4},
+               ARRAY(SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1)""").fetchone()
+    assert row is not None
+    icu, xml, compressed, extensions = row
+    return [name for name, used in (("icu", icu), ("libxml", xml), ("lz4", compressed)) if used] + [
+        f"extension:{e}" for e in extensions]
+
+
 # --- backup ----------------------------------------------------------------------------------------
 
-@dataclass
 class DumpSession:
-    """An open exported snapshot: the schema archive and each table's rows all come from it."""
+    """An open exported snapshot: the schema archive and each table's rows all come from it.
 
-    dsn: str
-    snapshot: str
-    tables: list[Table]
-    facts: dict[str, Any]  # server version, WAL position, ... (the tables' facts are added by the backup)
-    pg_dump: PgTool
-    psql: PgTool
+    The coordinating session holds an ACCESS SHARE lock on every table (taken before its snapshot), as
+    pg_dump does: an ALTER TABLE or TRUNCATE that would rewrite or empty a table waits until the backup
+    ends instead of making the backup read it empty. Workers read tables in sessions of their own that
+    imported the snapshot; a worker that cannot get its own lock at once (because such a statement is
+    already queued behind the coordinator's lock, and would queue the worker behind it in turn) reads
+    that table through the coordinating session, which holds the lock already."""
+
+    def __init__(self, dsn: str, snapshot: str, tables: list[Table], locked: list[Table], facts: dict[str, Any],
+                 pg_dump: PgTool, coordinator: psycopg.Connection[Any], encoding: str, lock_timeout: float):
+        self.dsn, self.snapshot, self.tables, self.locked, self.facts = dsn, snapshot, tables, locked, facts
+        self.pg_dump, self.coordinator, self.encoding, self.lock_timeout = pg_dump, coordinator, encoding, lock_timeout
+        self._coordinator_busy = threading.Lock()
+        self._local = threading.local()
+        self._workers: list[psycopg.Connection[Any]] = []
+        self._workers_lock = threading.Lock()
+        self._schema_done = threading.Event()
+        self.schema_application = f"regal-backup schema {snapshot}"
+        self.read_by_coordinator: list[str] = []  # tables a queued lock made a worker hand over
 
     def schema_chunks(self) -> Iterator[bytes]:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
         args = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
-                "--no-password", *(f"--exclude-table-data={t.dump_pattern()}" for t in self.tables)]
-        yield from stream_command(args, libpq_environment(self.dsn), "pg_dump")
+                "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
+                *(f"--exclude-table-data={pattern}" for pattern in exclusion_patterns(self.locked))]
+        env = libpq_environment(self.dsn)
+        env["PGAPPNAME"] = self.schema_application
+        try:
+            yield from stream_command(args, env, "pg_dump")
+        finally:
+            self._schema_done.set()
+
+    def wait_for_schema_locks(self) -> None:
+        """Until pg_dump holds its own locks on the tables (or has finished): from then on a statement
+        queued behind the backup's locks can no longer make pg_dump wait for it."""
+        oids = [t.oid for t in self.locked]
+        if not oids:
+            return
+        deadline = time.monotonic() + self.lock_timeout + 30
+        with connect(self.dsn, autocommit=True) as monitor:
+            while not self._schema_done.is_set() and time.monotonic() < deadline:
+                row = monitor.execute("""
+                    SELECT count(DISTINCT l.relation) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                    WHERE a.application_name = %s AND l.locktype = 'relation' AND l.granted
+                      AND l.relation = ANY(%s::oid[])""", (self.schema_application, oids)).fetchone()
+                if row is not None and row[0] >= len(oids):
+                    return
+                self._schema_done.wait(0.02)
+
+    def _worker(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = connect(self.dsn, autocommit=True)
+            with self._workers_lock:
+                self._workers.append(conn)
+            apply_settings(conn, session_settings(conn, self.encoding))
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
+            self._local.conn = conn
+            self._local.all_locked = self._lock_all(conn)
+        return conn
+
+    def _lock_all(self, conn: psycopg.Connection[Any]) -> bool:
+        """Every table's lock for this worker in one statement, when none is wanted by someone else now
+        (else each table is tried on its own, see table_chunks)."""
+        if not self.tables:
+            return True
+        names = ", ".join(t.dump_pattern() for t in self.tables)
+        try:
+            conn.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {names} IN ACCESS SHARE MODE NOWAIT; "
+                         "RELEASE SAVEPOINT regal_lock")
+            return True
+        except psycopg.errors.LockNotAvailable:
+            conn.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
+            return False
 
     def table_chunks(self, table: Table) -> Iterator[bytes]:
-        yield from read_table(self.dsn, self.psql, table, self.snapshot)
+        """A table's rows as COPY text, in the database's own encoding, from the snapshot."""
+        conn = self._worker()
+        try:
+            with conn.cursor() as cur:
+                own = True
+                if not self._local.all_locked:
+                    try:
+                        cur.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE "
+                                    "MODE NOWAIT; RELEASE SAVEPOINT regal_lock")
+                    except psycopg.errors.LockNotAvailable:
+                        cur.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
+                        own = False
+                if own:
+                    yield from copy_out(cur, table)
+            if not own:
+                with self._coordinator_busy, self.coordinator.cursor() as cur:
+                    self.read_by_coordinator.append(table.label)
+                    yield from copy_out(cur, table)
+        except psycopg.Error as exc:
+            self._drop_worker(conn)
+            raise read_error(table, exc) from None
+        except BaseException:
+            self._drop_worker(conn)  # stopped in the middle of a COPY: this session is of no further use
+            raise
+
+    def _drop_worker(self, conn: psycopg.Connection[Any]) -> None:
+        self._local.conn = None
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def close(self) -> None:
+        with self._workers_lock:
+            for conn in self._workers:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._workers.clear()
+
+
+def exclusion_patterns(tables: list[Table], limit: int = 32_000) -> list[str]:
+    """pg_dump patterns that match exactly these tables, a few: `"schema".("a"|"b"|...)` per schema (quoted
+    names match literally, the alternation outside quotes is a regular expression). One pattern per table
+    makes pg_dump run a query per table; each pattern stays well under the kernel's limit for one argument."""
+    by_schema: dict[str, list[str]] = {}
+    for table in tables:
+        by_schema.setdefault(table.schema, []).append(quote_ident(table.name))
+    patterns = []
+    for schema, names in by_schema.items():
+        group: list[str] = []
+        size = 0
+        for name in [*names, None]:
+            if name is None or (group and size + len(name) > limit):
+                patterns.append(f"{quote_ident(schema)}.({'|'.join(group)})")
+                group, size = [], 0
+            if name is not None:
+                group.append(name)
+                size += len(name) + 1
+    return patterns
+
+
+def _lock_refused(conn: psycopg.Connection[Any], tables: list[Table], timeout: float) -> RegalError:
+    """Which of `tables` another session holds exclusively, and who that session is (pid, application,
+    user, state, statement), as one message."""
+    labels = {t.oid: t.label for t in tables}
+    holders = conn.execute(r"""
+        SELECT l.relation::int8, a.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''),
+               coalesce(a.state, ''), left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 200)
+        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'relation' AND l.relation = ANY(%s::oid[]) AND l.granted AND l.pid <> pg_backend_pid()
+          AND l.mode = 'AccessExclusiveLock'
+        ORDER BY 1, 2""", (list(labels),)).fetchall()
+    if not holders:
+        return RegalError(f"the backup could not lock its tables within {timeout:g}s; the session holding the "
+                          "lock has ended since", "run the backup again")
+    held = "; ".join(f"table {labels.get(relation, relation)} is locked exclusively by pid {pid} (application "
+                     f"'{app}', user {user}, {state}: {query})"
+                     for relation, pid, app, user, state, query in holders)
+    return RegalError(f"the backup could not lock its tables within {timeout:g}s: {held}",
+                      "let that statement or transaction finish (or end it), then run the backup again")
+
+
+# Tables locked per LOCK statement (one round trip each).
+LOCK_BATCH = 500
 
 
 @contextlib.contextmanager
-def dump_session(dsn: str) -> Iterator[DumpSession]:
-    """Export a snapshot and keep it open (its transaction stays open) while the body dumps from it."""
-    conn = connect(dsn, autocommit=False)
+def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+                 role_passwords: bool = False) -> Iterator[DumpSession]:
+    """Lock every table, export a snapshot and keep both (the transaction stays open) while the body
+    dumps from it. The locks come first: the snapshot, taken after them, sees every change a rewrite or
+    TRUNCATE committed before, and none can commit after."""
+    conn = connect(dsn, autocommit=True)
+    session: DumpSession | None = None
     try:
-        with conn.cursor() as cur:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            cur.execute("SELECT pg_export_snapshot(), pg_is_in_recovery(), "
-                        "current_setting('server_version'), current_database(), txid_current_snapshot()::text")
-            snapshot, in_recovery, version, database, txid_snapshot = cur.fetchone()  # type: ignore[misc]
-            cur.execute("SELECT pg_last_wal_replay_lsn()::text" if in_recovery else "SELECT pg_current_wal_lsn()::text")
-            (lsn,) = cur.fetchone()  # type: ignore[misc]
-            tables = user_tables(cur)
-            counts = schema_object_counts(cur)
+        properties = database_properties(conn)
+        roles = referenced_roles(conn, role_passwords)
+        needs = server_needs(conn)
+        encoding = properties["encoding"]
+        settings = session_settings(conn, encoding)
+        settings["lock_timeout"] = str(max(1, int(lock_timeout * 1000)))
+        apply_settings(conn, settings)
+        for _attempt in range(3):
+            with conn.cursor() as cur:
+                candidates = locked_relations(cur)
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                try:
+                    for first in range(0, len(candidates), LOCK_BATCH):  # LOCK takes no snapshot: it comes after
+                        batch = candidates[first:first + LOCK_BATCH]
+                        cur.execute(f"LOCK TABLE ONLY {', '.join(t.dump_pattern() for t in batch)} "
+                                    "IN ACCESS SHARE MODE")
+                except psycopg.errors.UndefinedTable:
+                    cur.execute("ROLLBACK")  # dropped or renamed since it was listed: list again
+                    continue
+                except psycopg.errors.LockNotAvailable:
+                    cur.execute("ROLLBACK")
+                    raise _lock_refused(conn, batch, lock_timeout) from None
+                cur.execute("SELECT pg_export_snapshot(), pg_is_in_recovery(), current_setting('server_version'), "
+                            "current_database(), txid_current_snapshot()::text")
+                snapshot, in_recovery, version, database, txid_snapshot = cur.fetchone()  # type: ignore[misc]
+                locked = locked_relations(cur)
+                if {t.oid for t in locked} != {t.oid for t in candidates}:
+                    cur.execute("ROLLBACK")  # a table was created or dropped meanwhile: list again
+                    continue
+                cur.execute("SELECT pg_last_wal_replay_lsn()::text" if in_recovery
+                            else "SELECT pg_current_wal_lsn()::text")
+                (lsn,) = cur.fetchone()  # type: ignore[misc]
+                counts = schema_object_counts(cur)
+                cur.execute("SET lock_timeout = 0")
+                break
+        else:
+            raise RegalError("tables kept being created or dropped while the backup was locking them (3 attempts)",
+                             "run the backup again once the schema change (migration) has finished")
+        tables = [t for t in locked if t.kind == "r"]  # partitioned tables hold no rows of their own
+        skipped = [t.label for t in tables if in_recovery and t.unlogged]
+        tables = [t for t in tables if not (in_recovery and t.unlogged)]
         major = server_major(conn)
         facts = {"server_version": version, "server_version_num": conn.info.server_version,
                  "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
                  "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot,
-                 "schema_objects": counts}
-        yield DumpSession(dsn, snapshot, tables, facts, find_pg_tool("pg_dump", major), find_pg_tool("psql", major))
+                 "schema_objects": counts, "database_properties": properties, "encoding": encoding,
+                 "roles": roles, "server_needs": needs,
+                 "unlogged_tables_skipped": skipped}
+        session = DumpSession(dsn, snapshot, tables, locked, facts, find_pg_tool("pg_dump", major), conn, encoding,
+                              lock_timeout)
+        yield session
     finally:
+        if session is not None:
+            session.close()
         with contextlib.suppress(Exception):
-            conn.rollback()
+            conn.execute("ROLLBACK")
         conn.close()
-
-

@@ -44,14 +44,16 @@ from ...storage import Repository
 from ...verify import verify_backup
 from ...workspace import private_directory
 from .dump import (
-    COPY_SESSION_SETTINGS,
     RESTORE_SESSION_SETTINGS,
     SCHEMA_OBJECT,
     Table,
     TableDigest,
+    apply_settings,
     compare_tables,
+    copy_out,
     dump_major,
-    read_table,
+    pg_error_reason,
+    session_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,35 +100,45 @@ VALIDATION = {
 
 
 def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, *,
-                   drop_existing: bool = False, keep_owners: bool = False, jobs: int | None = None,
+                   drop_existing: bool = False, keep_owners: bool = True, jobs: int | None = None,
                    validation: str = "full", progress: Progress | None = None,
                    before_writing: Callable[[], None] | None = None,
-                   before_publishing: Callable[[str], None] | None = None, scratch: bool = False) -> DatabaseRestore:
+                   before_publishing: Callable[[str], None] | None = None, scratch: bool = False,
+                   create_roles: bool = True) -> DatabaseRestore:
     """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): the
-    whole backup is authenticated before anything is created, loaded into a temporary database, validated,
-    and only then renamed into place; on any failure the temporary database is dropped and the target is
-    as it was. `before_writing` runs once the target is known to be acceptable and the backup has been
-    authenticated: just before the first change to the server; `before_publishing` runs with the DSN of the
-    validated temporary database just before it is renamed into place (GDPR erasures are re-applied there).
+    whole backup is authenticated before anything is created, loaded into a temporary database created
+    with the source database's properties, validated, and only then renamed into place; on any failure
+    the temporary database is dropped and the target is as it was. `before_writing` runs once the target
+    is known to be acceptable and the backup has been authenticated: just before the first change to the
+    server; `before_publishing` runs with the DSN of the validated temporary database just before it is
+    renamed into place (GDPR erasures are re-applied there).
+
+    The roles the backup's database referred to are created first when missing (unless `create_roles`
+    is off); owners and grants are restored unless `keep_owners` is off. Like pg_restore without
+    --exit-on-error, every object that can be restored is tried: what could not is listed, with the
+    server's reason, in the returned problems, and the restore fails loudly with all of them.
 
     `scratch`: the destination is a throw-away server nobody else sees (a restore test's): loaded in place."""
     if validation not in VALIDATION:
         raise RegalError(f"unknown validation '{validation}'", f"use one of {', '.join(VALIDATION)}")
     phases = _Phases()
     jobs = jobs or default_jobs()
+    properties: dict[str, Any] | None = manifest.source.get("database_properties")
     if scratch:
-        state = prepare_target_database(to_dsn, drop_existing)
+        state = prepare_target_database(to_dsn, drop_existing, properties)
         if before_writing:
             before_writing()
         if state == "replace":
-            reset_database(to_dsn)
+            reset_database(to_dsn, properties)
         report = load_database(repo, keyring, manifest, to_dsn, state, phases, keep_owners=keep_owners,
-                               jobs=jobs, validation=validation, progress=progress)
+                               jobs=jobs, validation=validation, progress=progress, create_roles=create_roles)
         if report.ok and before_publishing:
             before_publishing(to_dsn)
         return report
     with StagedDatabase(to_dsn) as staged:
         state = staged.target_state(drop_existing)
+        if state == "empty" and properties:
+            same_encoding(to_dsn, properties, drop_existing)
         verified = verify_backup(repo, keyring, manifest, jobs=jobs)
         phases.done("authenticate")
         if not verified.ok:
@@ -136,9 +148,9 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         if before_writing:
             before_writing()
         staged.check_not_in_use()
-        temporary = staged.create(copying_target=state == "empty")
+        temporary = staged.create(properties, copying_target=state == "empty")
         report = load_database(repo, keyring, manifest, temporary, state, phases, keep_owners=keep_owners,
-                               jobs=jobs, validation=validation, progress=progress)
+                               jobs=jobs, validation=validation, progress=progress, create_roles=create_roles)
         if report.ok:
             if before_publishing:
                 before_publishing(temporary)
@@ -153,45 +165,62 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
 
 def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, state: str,
                   phases: _Phases, *, keep_owners: bool, jobs: int, validation: str,
-                  progress: Progress | None) -> DatabaseRestore:
-    """Load one backup into the (new, empty) database `to_dsn` and validate it against the manifest."""
+                  progress: Progress | None, create_roles: bool) -> DatabaseRestore:
+    """Load one backup into the (new, empty) database `to_dsn` and validate it against the manifest: the
+    missing roles first, then schema, rows, post-data and the database's own properties."""
+    properties: dict[str, Any] | None = manifest.source.get("database_properties")
+    encoding: str | None = manifest.source.get("encoding")
+    failed: list[str] = []  # what could not be restored, and why
+    if create_roles and (recorded_roles := manifest.source.get("roles")):
+        failed += create_missing_roles(to_dsn, recorded_roles)[1]
     pg_restore, psql = restore_tools(to_dsn, dump_major(manifest.tool_versions))
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     tables = [Table.from_facts(t) for t in table_facts]
     with private_directory("restore") as tmp:  # private (0700), swept by the next command if we are killed
         archive = StoredBackup(repo, keyring, manifest).to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
-        run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners)
+        failed += run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners,
+                                 exit_on_error=False)
         phases.done("schema")
 
         def load(numbered: tuple[dict[str, Any], Table], cancelled: threading.Event) -> dict[str, Any]:
             facts, table = numbered
             record = manifest.object(facts["object"])
             started, in_server = time.monotonic(), 0.0
-            with table_loader(to_dsn, table) as loading:
-                def sink(chunk: bytes) -> None:
-                    nonlocal in_server
-                    check(cancelled)
-                    mark = time.monotonic()
-                    loading.write(chunk)
-                    in_server += time.monotonic() - mark
+            try:
+                with table_loader(to_dsn, table, encoding, sessions) as loading:
+                    def sink(chunk: bytes) -> None:
+                        nonlocal in_server
+                        check(cancelled)
+                        mark = time.monotonic()
+                        loading.write(chunk)
+                        in_server += time.monotonic() - mark
 
-                read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=sink,
-                            progress=progress)  # raises unless every byte matches the manifest's SHA-256
+                    read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=sink,
+                                progress=progress)  # raises unless every byte matches the manifest's SHA-256
+            except ToolError as exc:  # the server refused it (its table missing, a constraint): go on
+                return {"schema": table.schema, "name": table.name, "failed": exc.message,
+                        "seconds": (time.monotonic() - started - in_server, in_server)}
             return {"schema": table.schema, "name": table.name, "rows": loading.rows,
                     "sha256": record.plaintext_sha256,
                     "seconds": (time.monotonic() - started - in_server, in_server)}
 
         biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -t[0]["rows"])
-        loaded = map_parallel(load, biggest_first, jobs, "load")
+        with loading_pool(to_dsn, encoding) as sessions:
+            loaded = map_parallel(load, biggest_first, jobs, "load")
         phases.done("load")
         timings = [t.pop("seconds") for t in loaded]
+        failed += [t["failed"] for t in loaded if "failed" in t]
+        loaded = [t for t in loaded if "failed" not in t]
         breakdown = {"fetch_decrypt_decompress": sum(ours for ours, _ in timings),
                      "copy_into_server": sum(server for _, server in timings)}
-        run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners)
+        failed += run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners,
+                                 exit_on_error=False)
         phases.done("post_data")
+    if properties:
+        failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
     if validation == "full":
-        loaded = restored_table_facts(to_dsn, [t for _, t in biggest_first], psql, jobs)
-    problems = compare_tables(table_facts, loaded)
+        loaded = restored_table_facts(to_dsn, [t for _, t in biggest_first], psql, jobs, encoding)
+    problems = [f"not restored: {what}" for what in failed] + compare_tables(table_facts, loaded)
     phases.done("validate")
     return DatabaseRestore(manifest.backup_id, describe_dsn(to_dsn), state, len(tables),
                          sum(t["rows"] for t in table_facts), jobs, validation, phases.total(), problems,
@@ -317,16 +346,21 @@ class StagedDatabase:
                              "database only when nobody uses it; nothing was changed",
                              "stop the application using it (for example with --pre-hook) and restore again")
 
-    def create(self, copying_target: bool = False) -> str:
-        """Create the temporary database; returns its DSN. `copying_target`: as a copy of the (empty) target,
-        so what its owner prepared there (extensions, functions, event triggers) is there as before."""
-        template = sql.Identifier(self.target) if copying_target else sql.SQL("template0")
+    def create(self, properties: dict[str, Any] | None, copying_target: bool = False) -> str:
+        """Create the temporary database with the source database's encoding and locale; returns its DSN.
+        `copying_target`: as a copy of the (empty) target, whose encoding is the backup's, so what its owner
+        prepared there (extensions, functions, event triggers) is there as before."""
+        assert self.conn is not None
         try:
-            self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(self.temporary), template))
+            with self.conn.cursor() as cur:
+                if copying_target:
+                    create_database(cur, self.temporary, None, template=self.target)
+                else:
+                    create_database(cur, self.temporary, properties)
         except psycopg.errors.InsufficientPrivilege:
             raise RegalError(f"permission denied to create database: the role of {describe_dsn(self.dsn)} lacks "
-                             "CREATEDB, and a restore loads into a new database first", "restore as a role with CREATEDB (ALTER ROLE ... CREATEDB)"
-                             ) from None
+                             "CREATEDB, and a restore loads into a new database first",
+                             "restore as a role with CREATEDB (ALTER ROLE ... CREATEDB)") from None
         self.created = True
         return with_dbname(self.dsn, self.temporary)
 
@@ -365,9 +399,60 @@ def user_relation_count(dsn: str) -> int:
         return int(cur.fetchone()[0])  # type: ignore[index]
 
 
-def prepare_target_database(dsn: str, drop_existing: bool) -> str:
+def create_database_statement(dbname: str, properties: dict[str, Any] | None,
+                              template: str = "template0") -> sql.Composed:
+    """CREATE DATABASE with the source database's encoding, locale and collation provider (from template0,
+    the only template any encoding and locale can be copied from), or as a copy of `template`."""
+    statement = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(dbname), sql.Identifier(template))]
+    if properties:
+        statement.append(sql.SQL("ENCODING {}").format(sql.Literal(properties["encoding"])))
+        statement.append(sql.SQL("LC_COLLATE {} LC_CTYPE {}").format(sql.Literal(properties["lc_collate"]),
+                                                                     sql.Literal(properties["lc_ctype"])))
+        provider = properties.get("locale_provider") or "libc"
+        if provider == "icu":
+            statement.append(sql.SQL("LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(properties["locale"])))
+            if properties.get("icu_rules"):
+                statement.append(sql.SQL("ICU_RULES {}").format(sql.Literal(properties["icu_rules"])))
+        elif provider == "builtin":
+            statement.append(sql.SQL("LOCALE_PROVIDER builtin BUILTIN_LOCALE {}").format(
+                sql.Literal(properties["locale"])))
+    return sql.SQL(" ").join(statement)
+
+
+def describe_locale(properties: dict[str, Any]) -> str:
+    provider = properties.get("locale_provider") or "libc"
+    locale = f"LC_COLLATE {properties['lc_collate']}, LC_CTYPE {properties['lc_ctype']}"
+    if provider != "libc":
+        locale += f", {provider} locale {properties.get('locale')}"
+    return f"encoding {properties['encoding']}, {locale}"
+
+
+def create_database(cur: psycopg.Cursor[Any], dbname: str, properties: dict[str, Any] | None,
+                    template: str = "template0") -> None:
+    try:
+        cur.execute(create_database_statement(dbname, properties, template))
+    except psycopg.errors.InsufficientPrivilege:
+        raise
+    except psycopg.Error as exc:
+        what = describe_locale(properties) if properties else "the server's defaults"
+        raise RegalError(f"cannot create database {dbname} as the backup's was ({what}): "
+                         f"{pg_error_reason(exc)}",
+                         "restore onto a server that has that locale (and ICU, when the backup's database uses "
+                         "it)") from None
+
+
+def database_encoding(dsn: str) -> str:
+    with connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
+                           "WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def prepare_target_database(dsn: str, drop_existing: bool, properties: dict[str, Any] | None = None) -> str:
     """Check the target; returns 'created', 'empty' or 'replace' (the drop happens later, after the
-    backup has been authenticated, in `reset_database`). Refuses a non-empty database unless told."""
+    backup has been authenticated, in `reset_database`). Refuses a non-empty database unless told, and
+    an existing database whose encoding is not the backup's (its text would be converted)."""
     dbname = database_of(dsn)
     if not dbname:
         raise RegalError("the restore DSN names no database", "add the database name, e.g. .../regalpos_restored")
@@ -375,9 +460,11 @@ def prepare_target_database(dsn: str, drop_existing: bool) -> str:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
         exists = cur.fetchone() is not None
         if not exists:
-            cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+            create_database(cur, dbname, properties)
             return "created"
     if user_relation_count(dsn) == 0:
+        if properties and not same_encoding(dsn, properties, drop_existing):
+            return "replace"
         return "empty"
     if not drop_existing:
         raise TargetNotEmptyError(
@@ -387,12 +474,157 @@ def prepare_target_database(dsn: str, drop_existing: bool) -> str:
     return "replace"
 
 
-def reset_database(dsn: str) -> None:
+def same_encoding(dsn: str, properties: dict[str, Any], drop_existing: bool) -> bool:
+    """Whether the existing (empty) database `dsn` has the backup's encoding; refuses when it has not,
+    unless it may be replaced (its text would not come back byte for byte)."""
+    have = database_encoding(dsn)
+    if have != properties["encoding"] and not drop_existing:
+        raise RegalError(f"the database {describe_dsn(dsn)} has the encoding {have}, the backup's database "
+                         f"had {properties['encoding']}: its text would not come back byte for byte",
+                         "restore into a new database name (it is created with the backup's encoding and "
+                         "locale), or pass --drop-existing to recreate this one")
+    return have == properties["encoding"]
+
+
+def reset_database(dsn: str, properties: dict[str, Any] | None = None) -> None:
     dbname = database_of(dsn)
     assert dbname is not None  # prepare_target_database refused a DSN without one
     with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-        cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+        create_database(cur, dbname, properties)
+
+
+# --- roles and the database's own properties ------------------------------------------------------
+
+# Settings whose value is a list of (quoted) names: each element is its own literal, as pg_dumpall writes them.
+_LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "shared_preload_libraries",
+                  "local_preload_libraries", "unix_socket_directories"}
+
+
+def set_clause(config: str) -> sql.Composed:
+    """`SET name = value` for one pg_db_role_setting entry ("name=value")."""
+    name, _, value = config.partition("=")
+    if name.lower() in _LIST_SETTINGS:
+        items = [item.strip() for item in value.split(",")] if value.strip() else []
+        items = [item[1:-1].replace('""', '"') if len(item) >= 2 and item[0] == item[-1] == '"' else item
+                 for item in items]
+        values = sql.SQL(", ").join(sql.Literal(item) for item in items) if items else sql.Literal("")
+    else:
+        values = sql.Literal(value)
+    return sql.SQL("SET {} = {}").format(sql.Identifier(name), values)
+
+
+def _attempt(conn: psycopg.Connection[Any], statement: sql.Composed, what: str, problems: list[str]) -> bool:
+    try:
+        conn.execute(statement)
+    except psycopg.Error as exc:
+        problems.append(f"{what}: {pg_error_reason(exc)}")
+        return False
+    return True
+
+
+def create_missing_roles(dsn: str, recorded: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Create the roles the backup's database referred to that this server lacks, with their attributes,
+    settings and memberships (roles that exist already are left as they are). (created, problems)."""
+    created: list[str] = []
+    problems: list[str] = []
+    with connect(dsn, autocommit=True) as conn:
+        existing = {name for (name,) in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+        for role in recorded.get("roles", []):
+            name = role["name"]
+            if name in existing or role.get("builtin"):
+                continue
+            options = [("SUPERUSER" if role["super"] else "NOSUPERUSER"), ("INHERIT" if role["inherit"] else "NOINHERIT"),
+                       ("CREATEROLE" if role["createrole"] else "NOCREATEROLE"),
+                       ("CREATEDB" if role["createdb"] else "NOCREATEDB"), ("LOGIN" if role["canlogin"] else "NOLOGIN"),
+                       ("REPLICATION" if role["replication"] else "NOREPLICATION"),
+                       ("BYPASSRLS" if role["bypassrls"] else "NOBYPASSRLS")]
+            statement = sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(name), sql.SQL(" ".join(options)))
+            if role.get("connection_limit", -1) != -1:
+                statement = sql.SQL("{} CONNECTION LIMIT {}").format(statement, sql.Literal(role["connection_limit"]))
+            if role.get("valid_until"):
+                statement = sql.SQL("{} VALID UNTIL {}").format(statement, sql.Literal(role["valid_until"]))
+            if role.get("password_hash"):
+                statement = sql.SQL("{} PASSWORD {}").format(statement, sql.Literal(role["password_hash"]))
+            if not _attempt(conn, statement, f"role {name} could not be created", problems):
+                continue
+            created.append(name)
+            existing.add(name)
+            for config in role.get("settings", []):
+                _attempt(conn, sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(name), set_clause(config)),
+                         f"role {name}: setting {config}", problems)
+            if role.get("comment"):
+                _attempt(conn, sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(name),
+                                                                          sql.Literal(role["comment"])),
+                         f"role {name}: comment", problems)
+        for membership in recorded.get("memberships", []):
+            role, member = membership["role"], membership["member"]
+            if member not in created or role not in existing:
+                continue  # memberships of roles that were already there are theirs to keep
+            grant = sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member))
+            if membership.get("admin_option"):
+                grant = sql.SQL("{} WITH ADMIN OPTION").format(grant)
+            _attempt(conn, grant, f"membership of {member} in {role}", problems)
+    return created, problems
+
+
+_DATABASE_PRIVILEGES = {"C": "CREATE", "T": "TEMPORARY", "c": "CONNECT"}
+
+
+def _acl_grants(dbname: str, acl: list[str]) -> list[tuple[sql.Composed, str]]:
+    """GRANT statements for a database's aclitems (`grantee=privileges/grantor`, empty grantee: PUBLIC)."""
+    grants = []
+    for item in acl:
+        left, _, _grantor = item.rpartition("/")
+        grantee, _, privileges = left.rpartition("=")
+        if grantee.startswith('"') and grantee.endswith('"'):
+            grantee = grantee[1:-1].replace('""', '"')
+        target = sql.SQL("PUBLIC") if not grantee else sql.Identifier(grantee)
+        plain = [p for i, p in enumerate(privileges) if p in _DATABASE_PRIVILEGES
+                 and privileges[i + 1:i + 2] != "*"]
+        granting = [p for i, p in enumerate(privileges) if p in _DATABASE_PRIVILEGES
+                    and privileges[i + 1:i + 2] == "*"]
+        for letters, suffix in ((plain, ""), (granting, " WITH GRANT OPTION")):
+            if letters:
+                grants.append((sql.SQL("GRANT {} ON DATABASE {} TO {}" + suffix).format(
+                    sql.SQL(", ").join(sql.SQL(_DATABASE_PRIVILEGES[p]) for p in letters),
+                    sql.Identifier(dbname), target), f"grant {item}"))
+    return grants
+
+
+def apply_database_properties(dsn: str, properties: dict[str, Any], owners: bool = True) -> list[str]:
+    """The database's own owner, comment, connection limit, settings and grants, as the backup recorded
+    them (owner and grants only with `owners`, as pg_restore's --no-owner / --no-privileges). Problems."""
+    dbname = database_of(dsn)
+    assert dbname is not None
+    problems: list[str] = []
+    database = sql.Identifier(dbname)
+    with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn:
+        if owners and properties.get("owner"):
+            _attempt(conn, sql.SQL("ALTER DATABASE {} OWNER TO {}").format(database,
+                                                                          sql.Identifier(properties["owner"])),
+                     f"database owner {properties['owner']}", problems)
+        if properties.get("comment") is not None:
+            _attempt(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(database, sql.Literal(properties["comment"])),
+                     "database comment", problems)
+        if properties.get("connection_limit", -1) != -1:
+            _attempt(conn, sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+                database, sql.Literal(properties["connection_limit"])), "database connection limit", problems)
+        for entry in properties.get("settings", []):
+            for config in entry["settings"]:
+                if entry["role"] is None:
+                    statement = sql.SQL("ALTER DATABASE {} {}").format(database, set_clause(config))
+                else:
+                    statement = sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(
+                        sql.Identifier(entry["role"]), database, set_clause(config))
+                _attempt(conn, statement, f"database setting {config}" + (
+                    f" for role {entry['role']}" if entry["role"] else ""), problems)
+        if owners and properties.get("acl"):
+            _attempt(conn, sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database),
+                     "database grants", problems)
+            for statement, what in _acl_grants(dbname, properties["acl"]):
+                _attempt(conn, statement, f"database {what}", problems)
+    return problems
 
 
 def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
@@ -403,20 +635,46 @@ def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
 
 
 def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[str], *, jobs: int = 1,
-                   keep_owners: bool = False) -> None:
-    """pg_restore of some sections of an archive file, with restore-friendly session settings."""
-    args = [str(pg_restore.path), f"--dbname={database_of(dsn)}", "--exit-on-error",
-            "--no-password", f"--jobs={jobs}", *(f"--section={s}" for s in sections)]
+                   keep_owners: bool = True, exit_on_error: bool = True) -> list[str]:
+    """pg_restore of some sections of an archive file, with restore-friendly session settings.
+
+    With `exit_on_error` a failure raises ToolError; without, pg_restore goes on past failing objects (as
+    it does by default) and the returned list says, for each, which statement failed and why."""
+    args = [str(pg_restore.path), f"--dbname={database_of(dsn)}", "--no-password", f"--jobs={jobs}",
+            *(f"--section={s}" for s in sections)]
+    if exit_on_error:
+        args.append("--exit-on-error")
     if not keep_owners:
         args += ["--no-owner", "--no-privileges"]
     env = libpq_environment(dsn)
     env["PGOPTIONS"] = " ".join(f"-c {k}={v}" for k, v in RESTORE_SESSION_SETTINGS.items())
     result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             check=False)
-    if result.returncode != 0:
-        tail = result.stderr.decode(errors="replace").strip()[-800:]
-        raise ToolError(f"pg_restore ({', '.join(sections)}) failed with exit code {result.returncode}: {tail}",
+    if result.returncode == 0:
+        return []
+    text = result.stderr.decode(errors="replace").strip()
+    if exit_on_error:
+        raise ToolError(f"pg_restore ({', '.join(sections)}) failed with exit code {result.returncode}: {text[-800:]}",
                         "fix the cause above, then restore again into an empty database")
+    return pg_restore_errors(text) or [(f"pg_restore ({', '.join(sections)}) failed with exit code "
+                                       f"{result.returncode}: {text[-800:]}")]
+
+
+def pg_restore_errors(stderr: str) -> list[str]:
+    """Each failed statement in pg_restore's messages: the server's error and the statement's first line."""
+    errors: list[str] = []
+    lines = stderr.splitlines()
+    for number, line in enumerate(lines):
+        if "error:" not in line or "errors ignored on restore" in line:
+            continue
+        reason = line.split("error:", 1)[1].strip()
+        reason = reason.removeprefix("could not execute query:").strip()
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        if following.startswith("Command was:"):
+            statement = following.removeprefix("Command was:").strip()
+            reason += f" (statement: {statement[:200]})"
+        errors.append(reason)
+    return errors
 
 
 @dataclass
@@ -425,40 +683,87 @@ class TableLoad:
     rows: int = -1  # rows the server loaded, once the load has committed
 
 
+class SessionPool:
+    """One connection per worker thread, with the COPY session settings applied once: hundreds of small
+    tables cost a statement each, not a connection each."""
+
+    def __init__(self, dsn: str, settings: Callable[[psycopg.Connection[Any]], dict[str, str]]):
+        self.dsn, self.settings = dsn, settings
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.dsn, autocommit=True)
+            with self._lock:
+                self._all.append(conn)
+            apply_settings(conn, self.settings(conn))
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._all.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def loading_pool(dsn: str, encoding: str | None) -> SessionPool:
+    return SessionPool(dsn, lambda conn: {**session_settings(conn, encoding), **RESTORE_SESSION_SETTINGS})
+
+
 @contextlib.contextmanager
-def table_loader(dsn: str, table: Table) -> Iterator[TableLoad]:
-    """COPY FROM STDIN into one (new, empty) table, in its own transaction, committed when the block ends.
+def table_loader(dsn: str, table: Table, encoding: str | None = None,
+                 pool: SessionPool | None = None) -> Iterator[TableLoad]:
+    """COPY FROM STDIN into one (new, empty) table, in its own transaction, committed when the block ends
+    (in a session of `pool`'s when given, else in a new one).
 
     The table is truncated in the same transaction first. That gives it a new file, so COPY fills pages
     strictly in order without looking for free space in earlier pages (and may freeze the rows, sparing
     a later anti-wraparound vacuum): the table then reads back in exactly the order it was loaded, which
-    is what lets validation compare the SHA-256 of its COPY text with the backup's."""
-    with connect(dsn) as conn, conn.cursor() as cur:
-        for name, value in {**COPY_SESSION_SETTINGS, **RESTORE_SESSION_SETTINGS}.items():
-            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
-        try:
-            cur.execute(f"TRUNCATE ONLY {quote_ident(table.schema)}.{quote_ident(table.name)}")
-            with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
-                load = TableLoad(copy.write)
-                yield load
-            load.rows = cur.rowcount
-        except psycopg.Error as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ToolError(f"loading table {table.label} failed: {reason}",
-                            "fix the cause above, then restore again into an empty database") from None
-        conn.commit()
+    is what lets validation compare the SHA-256 of its COPY text with the backup's. (Even a table just
+    created needs it: without, COPY records each full page's free space and may put a later, shorter row
+    into an earlier page.)"""
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(loading_pool(dsn, encoding))
+        conn = pool.get()
+        with conn.cursor() as cur:
+            try:
+                with conn.transaction():
+                    cur.execute(f"TRUNCATE ONLY {quote_ident(table.schema)}.{quote_ident(table.name)}")
+                    with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
+                        load = TableLoad(copy.write)
+                        yield load
+                    load.rows = cur.rowcount
+            except psycopg.Error as exc:
+                raise ToolError(f"loading table {table.label} failed: {pg_error_reason(exc)}",
+                                "fix the cause above, then restore again into an empty database") from None
 
 
-def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool, jobs: int = 1) -> list[dict[str, Any]]:
-    """Row count and SHA-256 of each table's COPY text in a restored database, `jobs` tables at a time."""
+def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = None, jobs: int = 1,
+                         encoding: str | None = None) -> list[dict[str, Any]]:
+    """Row count and SHA-256 of each table's COPY text in a restored database (read in the backup's
+    encoding), `jobs` tables at a time."""
     def digest(table: Table) -> dict[str, Any] | None:
         d = TableDigest()
         try:
-            for chunk in read_table(dsn, psql, table):
-                d.update(chunk)
-        except ToolError:
+            with sessions.get().cursor() as cur:
+                for chunk in copy_out(cur, table):
+                    d.update(chunk)
+        except psycopg.Error:
             return None  # missing or unreadable: compare_tables reports it missing
         return d.facts(table)
 
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pg-validate") as pool:
+    with SessionPool(dsn, lambda conn: session_settings(conn, encoding)) as sessions, \
+            ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pg-validate") as pool:
         return [facts for facts in pool.map(digest, tables) if facts is not None]

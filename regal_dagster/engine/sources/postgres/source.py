@@ -11,15 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
+
 from ...environment import child_environment
-from ...errors import IntegrityError, UsageError
+from ...errors import IntegrityError, ToolError, UsageError
 from ...gdpr import ErasureLedger, ErasureResult
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
 from ...policy import ErasureSubjectConfig
 from ...postgresql.connection import check_dsn, describe_dsn, libpq_environment
-from ...postgresql.server import ScratchCluster
+from ...postgresql.server import ScratchCluster, choose_server_binaries
 from ...postgresql.tools import find_pg_tool
 from ...settings import TargetSettings
 from ...workspace import private_directory
@@ -52,16 +54,17 @@ class PostgresSource(Source):
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         """One exported snapshot: the schema archive and every table's rows, tables in parallel."""
         settings = cast(PostgresTarget, target)
-        with dump_session(settings.resolved_dsn()) as session:
+        with dump_session(settings.resolved_dsn(), settings.lock_timeout, settings.role_passwords) as session:
             jobs = min(settings.jobs or 1, max(len(session.tables), 1))
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
                 schema_done = pool.submit(store, SCHEMA_OBJECT, SCHEMA_CONTENT, session.schema_chunks(), 0)
+                session.wait_for_schema_locks()
                 stored = _dump_tables(session, store, jobs)
                 schema = schema_done.result()
         stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
         return Captured([schema, *(record for record, _ in stored)],
                         {**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
-                        {"pg_dump": session.pg_dump.version, "psql": session.psql.version})
+                        {"pg_dump": session.pg_dump.version, "libpq": str(psycopg.pq.version())})
 
     def check_structure(self, backup: StoredBackup) -> str:
         """The schema archive's table of contents parses (`pg_restore --list`)."""
@@ -102,7 +105,8 @@ class PostgresSource(Source):
                                   drop_existing=request.drop_existing, keep_owners=request.keep_owners,
                                   jobs=request.jobs, validation=request.validation, progress=request.progress,
                                   before_writing=request.before_writing,
-                                  before_publishing=request.before_publishing, scratch=request.scratch)
+                                  before_publishing=request.before_publishing, scratch=request.scratch,
+                                  create_roles=request.create_roles)
         phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
                    f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")
@@ -114,8 +118,18 @@ class PostgresSource(Source):
                         erasable=request.to)
 
     @contextlib.contextmanager
-    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
-        with ScratchCluster(base_dir=work_dir, tuned_for_restore=True) as cluster:
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
+        """A scratch server whose version is at least the source's and that has what the source uses (ICU,
+        xml, lz4, its extensions): the embedded PostgreSQL when it can, else the machine's own."""
+        bin_dir = None
+        if manifest is not None:
+            bin_dir, why = choose_server_binaries(int(manifest.source.get("server_version_num", 0)) // 10000,
+                                                  set(manifest.source.get("server_needs", [])))
+            if bin_dir is None:
+                raise ToolError(why, "install a PostgreSQL server of that version with those features on this "
+                                "machine (its packaged binaries under /usr/lib/postgresql are used), or run restore "
+                                "tests where one is")
+        with ScratchCluster(base_dir=work_dir, tuned_for_restore=True, bin_dir=bin_dir) as cluster:
             yield cluster.dsn(RESTORE_TEST_DATABASE)
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:

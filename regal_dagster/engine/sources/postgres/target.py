@@ -15,6 +15,12 @@ from ...transport import Transport
 class PostgresTarget(TargetSettings):
     kind: Literal["postgres"]
     dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
+    lock_timeout: float = Field(60.0, gt=0, description="seconds a backup waits for its ACCESS SHARE lock on a table "
+                                "another session holds exclusively (ALTER TABLE, TRUNCATE, ...) before failing "
+                                "with that session's pid, application and statement")
+    role_passwords: bool = Field(False, description="also record the password hashes of the roles the database "
+                                 "refers to (needs a superuser), so a restore onto a fresh server recreates them "
+                                 "with their passwords; without it they are created without one (NOLOGIN stays)")
 
     @field_validator("dsn")
     @classmethod

@@ -384,4 +384,38 @@ def copy_keys(source_url: str, target_url: str, pattern: str, replace: bool) -> 
                 if "BUSYKEY" not in str(exc):
                     raise RegalError(f"Redis refused to restore a key: {exc}", "check the target server") from None
                 skipped += 1
-    return {"copied": copied, "skipped_existing": skipped}
+    return {"copied": copied, "skipped_existing": skipped, **copy_functions(source_url, target_url, replace)}
+
+
+def copy_functions(source_url: str, target_url: str, replace: bool) -> dict[str, int]:
+    """Copy the Redis 7 function libraries (FUNCTION LOAD of each library's code) from one server to
+    another; a library the target has already is left alone unless `replace`. Servers before 7: none."""
+    source, target = client(source_url), client(target_url)
+    try:
+        libraries = source.execute_command("FUNCTION", "LIST", "WITHCODE")
+    except redis.ResponseError:
+        return {"function_libraries_copied": 0, "function_libraries_skipped": 0}  # no functions before Redis 7
+    existing = {_field(library, "library_name") for library in target.execute_command("FUNCTION", "LIST")}
+    copied = skipped = 0
+    for library in libraries:
+        name = _field(library, "library_name")
+        if name in existing and not replace:
+            skipped += 1
+            continue
+        code = _field(library, "library_code")
+        try:
+            target.execute_command("FUNCTION", "LOAD", *(["REPLACE"] if name in existing else []), code)
+        except redis.ResponseError as exc:
+            raise RegalError(f"Redis refused to load the function library {name!r}: {exc}",
+                             "check the target server (Redis 7 or newer, same modules)") from None
+        copied += 1
+    return {"function_libraries_copied": copied, "function_libraries_skipped": skipped}
+
+
+def _field(reply: Any, name: str) -> Any:
+    """A field of a FUNCTION LIST entry (a flat [name, value, ...] list, or a map under RESP3)."""
+    if isinstance(reply, dict):
+        return reply.get(name, reply.get(name.encode()))
+    pairs = dict(zip(reply[::2], reply[1::2], strict=False))
+    value = pairs.get(name, pairs.get(name.encode()))
+    return value.decode() if isinstance(value, bytes) and name == "library_name" else value

@@ -138,7 +138,7 @@ class RedisSource(Source):
                         details=counts)
 
     @contextlib.contextmanager
-    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         with private_directory("redis-test", work_dir) as tmp:
             yield str(tmp)
 

@@ -101,7 +101,7 @@ class TerraformSource(Source):
                                    "serial is higher and you mean to roll back)")
 
     @contextlib.contextmanager
-    def scratch_destination(self, work_dir: Path | None) -> Iterator[str]:
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         with private_directory("terraform-test", work_dir) as tmp:
             yield str(Path(tmp) / STATE_OBJECT)
 
