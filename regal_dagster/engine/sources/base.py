@@ -59,6 +59,8 @@ class RestoreRequest:
     accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)
     progress: Progress | None = None
     before_writing: Callable[[], None] | None = None  # runs just before the destination is first changed
+    recovery: dict[str, str] | None = None  # postgres_cluster: the recovery settings to write (engine/pitr.py)
+    recovery_wal: list[str] | None = None  # postgres_cluster: WAL files to copy into the data directory first
 
 
 @dataclass

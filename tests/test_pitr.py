@@ -1,0 +1,244 @@
+"""Point-in-time recovery of a whole server: base backups through the pipeline, WAL archived by
+`regal-backup wal push` as the server's archive_command, restores to a time, a WAL position, a named
+restore point and the end of the archive, each started with PostgreSQL and compared row by row."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+import pytest
+
+from regal_dagster.engine.postgresql import server as pg_server
+from regal_dagster.engine.postgresql.server import ScratchCluster
+
+CLI = [sys.executable, "-m", "regal_dagster.cli"]
+
+# As root, PostgreSQL runs as regal_pg, which cannot run this Python (it lives under /root here): the server
+# then archives into a spool that the test pushes with `regal-backup wal push`, and restores copy their WAL
+# in (--with-wal). As any other user, the server runs `wal push` and `wal get` itself.
+AS_ROOT = os.geteuid() == 0
+
+
+def cli(policy: Path, *args: str) -> Any:
+    import subprocess
+
+    return subprocess.run([*CLI, *args, "--policy", str(policy)], capture_output=True, text=True, check=False)
+
+
+def _give_to_server_account(path: Path) -> None:
+    """PostgreSQL runs as regal_pg when the tests run as root: its archive_command and restore_command read
+    the policy, the keys and the repository as that user."""
+    account = pg_server._server_account()
+    if account.is_other:
+        pg_server._make_traversable(path)
+        account.chown_tree(path)
+
+
+def _sql(dsn: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(query, params or None)
+        return cursor.fetchall() if cursor.description else None
+
+
+def _wait_archived(dsn: str) -> None:
+    """A WAL switch, then wait until the server has archived the segment it closed."""
+    wanted = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        row = _sql(dsn, "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver")[0]
+        if row[0] and row[0] >= wanted:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{wanted} was not archived: {row}")
+
+
+@pytest.fixture(scope="module")
+def archived_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A PostgreSQL 18 server archiving through `regal-backup wal push`, two base backups, and rows written at
+    known times, WAL positions and a named restore point."""
+    base = tmp_path_factory.mktemp("pitr")
+    server = ScratchCluster.persistent(base / "pgdata").start()
+    try:
+        project = base / "regal"
+        made = json.loads(_run([*CLI, "init", str(project), "--cluster-dsn", server.dsn(), "--no-audit",
+                                "--json"]).stdout)
+        policy = Path(made["policy"])
+        _give_to_server_account(project)
+        spool = base / "spool"
+        spool.mkdir()
+        _give_to_server_account(spool)
+        push = (f"test ! -f {spool}/%f && cp %p {spool}/%f" if AS_ROOT else
+                " ".join([sys.executable, "-m", "regal_dagster.cli", "--policy", str(policy), "wal", "push", "%p"]))
+        dsn = server.dsn()
+        _sql(dsn, "ALTER SYSTEM SET archive_mode = 'on'")
+        _sql(dsn, sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(push)).as_string())
+        server.stop()
+        server.start()
+        dsn = server.dsn()
+        _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, note text)")
+        _sql(dsn, "INSERT INTO payments VALUES (1, 'before the first base backup')")
+        first = json.loads(_ok(cli(policy, "backup", "cluster", "--json")).stdout)["backup_id"]
+        _push_spool(policy, spool)
+        _sql(dsn, "INSERT INTO payments VALUES (2, 'before the time')")
+        time.sleep(0.3)
+        at_time = _sql(dsn, "SELECT clock_timestamp()")[0][0]
+        time.sleep(0.3)
+        _sql(dsn, "INSERT INTO payments VALUES (3, 'after the time, before the position')")
+        at_lsn = _sql(dsn, "SELECT pg_current_wal_lsn()::text")[0][0]
+        _sql(dsn, "INSERT INTO payments VALUES (4, 'after the position, before the restore point')")
+        _sql(dsn, "SELECT pg_create_restore_point('before_five')")
+        second = json.loads(_ok(cli(policy, "backup", "cluster", "--json")).stdout)["backup_id"]
+        _push_spool(policy, spool)
+        _sql(dsn, "INSERT INTO payments VALUES (5, 'after the restore point and the second base backup')")
+        _sql(dsn, "INSERT INTO payments VALUES (6, 'the newest')")
+        _wait_archived(dsn)
+        _push_spool(policy, spool)
+        yield {"policy": policy, "base": base, "dsn": dsn, "first": first, "second": second, "at_time": at_time,
+               "at_lsn": at_lsn, "server": server}
+    finally:
+        server.stop()
+
+
+def _push_spool(policy: Path, spool: Path) -> None:
+    for path in sorted(spool.iterdir()):
+        _ok(cli(policy, "wal", "push", str(path)))
+        path.unlink()
+
+
+def _run(command: list[str]) -> Any:
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _ok(done: Any) -> Any:
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done
+
+
+def _restore_and_read(setup: dict[str, Any], name: str, *how: str) -> tuple[dict[str, Any], list[int]]:
+    """Restore to a new data directory, start PostgreSQL on it, wait for the promotion, read the rows."""
+    data = setup["base"] / f"restored-{name}"
+    done = _ok(cli(setup["policy"], "restore", "cluster", "--to-dir", str(data), *how, "--json",
+                   *(["--with-wal"] if AS_ROOT else [])))
+    report = json.loads(done.stdout)
+    assert (data / "recovery.signal").exists()
+    restored = ScratchCluster.persistent(data).start()
+    try:
+        deadline = time.monotonic() + 90
+        while _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0]:
+            assert time.monotonic() < deadline, restored.log_tail()
+            time.sleep(0.2)
+        rows = [r[0] for r in _sql(restored.dsn(), "SELECT id FROM payments ORDER BY id")]
+        _sql(restored.dsn(), "INSERT INTO payments VALUES (100, 'open for writes')")  # promoted
+    finally:
+        restored.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return report, rows
+
+
+def test_a_base_backup_is_a_verified_pg_basebackup_stream_with_its_wal_range(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    shown = json.loads(_ok(cli(policy, "show", archived_server["first"], "--json")).stdout)
+    assert [o["name"] for o in shown["objects"]] == ["base.tar", "backup_manifest"]
+    done = _ok(cli(policy, "verify", archived_server["second"], "--json"))
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert all(c["passed"] for c in checks.values()), checks
+    assert "files of PostgreSQL's backup manifest with their SHA-256" in checks["integrity"]["description"]
+    repo = policy.parent / "repository" / "backups" / "cluster" / archived_server["first"]
+    manifest = json.loads((repo / "manifest.json").read_text())
+    source = manifest["source"]
+    assert source["timeline"] == 1 and source["start_lsn"] <= source["stop_lsn"]
+    assert manifest["tool_versions"]["pg_basebackup"].startswith("18")
+
+
+def test_restores_to_a_time_a_position_a_restore_point_and_the_end(archived_server: dict[str, Any]) -> None:
+    setup = archived_server
+    preview = json.loads(_ok(cli(setup["policy"], "restore", "cluster", "--to-dir", str(setup["base"] / "never"),
+                                 "--to-time", setup["at_time"].isoformat(), "--preview", "--json")).stdout)
+    assert preview["preview"] and preview["base_backup"] == setup["first"]  # the second ends after the time
+    assert not (setup["base"] / "never").exists()
+
+    report, rows = _restore_and_read(setup, "time", "--to-time", setup["at_time"].isoformat())
+    assert rows == [1, 2] and report["details"]["base_backup"] == setup["first"]
+    report, rows = _restore_and_read(setup, "lsn", "--to-lsn", setup["at_lsn"])
+    assert rows == [1, 2, 3]
+    report, rows = _restore_and_read(setup, "name", "--to-name", "before_five")
+    assert rows == [1, 2, 3, 4] and report["details"]["base_backup"] == setup["first"]
+    report, rows = _restore_and_read(setup, "latest", "--latest")
+    assert rows == [1, 2, 3, 4, 5, 6] and report["details"]["base_backup"] == setup["second"]
+
+
+def test_wal_push_is_idempotent_and_refuses_other_content(archived_server: dict[str, Any], tmp_path: Path) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segment = min(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    fetched = tmp_path / segment
+    _ok(cli(policy, "wal", "get", segment, str(fetched)))
+    assert fetched.stat().st_size == 16 * 1024 * 1024
+    again = _ok(cli(policy, "wal", "push", str(fetched), "--json"))
+    assert json.loads(again.stdout)["already"] is True
+    with fetched.open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    refused = cli(policy, "wal", "push", str(fetched))
+    assert refused.returncode == 1 and "already archived" in refused.stderr and segment in refused.stderr
+    absent = cli(policy, "wal", "get", "00000001000000FF000000FF", str(tmp_path / "absent"))
+    assert absent.returncode == 1 and not (tmp_path / "absent").exists()
+
+
+def test_a_changed_wal_object_fails_authentication(archived_server: dict[str, Any], tmp_path: Path) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segment = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)[1]
+    original = (wal_dir / segment).read_bytes()
+    try:
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0x01
+        (wal_dir / segment).write_bytes(bytes(damaged))
+        done = cli(policy, "wal", "get", segment, str(tmp_path / segment))
+        assert done.returncode == 3 and "fails authentication" in done.stderr
+        assert not (tmp_path / segment).exists()
+    finally:
+        (wal_dir / segment).write_bytes(original)
+
+
+def test_a_missing_wal_segment_is_refused_naming_it(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segments = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    gone = segments[1]
+    kept = (wal_dir / (gone + ".json")).read_bytes()
+    (wal_dir / (gone + ".json")).unlink()
+    try:
+        target = archived_server["base"] / "refused"
+        done = cli(policy, "restore", "cluster", "--to-dir", str(target), "--to-time",
+                   archived_server["at_time"].isoformat())
+        assert done.returncode == 1 and f"lacks {gone}" in done.stderr, done.stderr
+        assert not target.exists()
+    finally:
+        (wal_dir / (gone + ".json")).write_bytes(kept)
+        os.utime(wal_dir / (gone + ".json"))
+
+
+def test_init_writes_a_cluster_target_beside_a_database(tmp_path: Path) -> None:
+    done = _ok(cli(tmp_path / "unused.yaml", "init", str(tmp_path / "p"), "--postgres-dsn",
+                   "postgresql://backup@db/pos", "--cluster-dsn", "postgresql://replicator@db/postgres",
+                   "--no-audit", "--json"))
+    import yaml
+
+    document = yaml.safe_load(Path(json.loads(done.stdout)["policy"]).read_text())
+    assert document["targets"]["main"] == {"kind": "postgres", "dsn": "postgresql://backup@db/pos"}
+    assert document["targets"]["cluster"] == {"kind": "postgres_cluster", "dsn": "postgresql://replicator@db/postgres",
+                                              "slot": "regal_backup"}
