@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 import pytest
+from psycopg import sql
 
 from regal_dagster.engine.postgresql import server as pg_server
 from regal_dagster.engine.postgresql.server import ScratchCluster
