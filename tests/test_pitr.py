@@ -242,3 +242,80 @@ def test_init_writes_a_cluster_target_beside_a_database(tmp_path: Path) -> None:
     assert document["targets"]["main"] == {"kind": "postgres", "dsn": "postgresql://backup@db/pos"}
     assert document["targets"]["cluster"] == {"kind": "postgres_cluster", "dsn": "postgresql://replicator@db/postgres",
                                               "slot": "regal_backup"}
+
+
+def _stored(policy: Path, name: str) -> bool:
+    return (policy.parent / "repository" / "wal" / "cluster" / (name + ".json")).exists()
+
+
+def _wait_for(condition: Any, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _start_stream(policy: Path, log: Path) -> Any:
+    import subprocess
+
+    with log.open("a") as out:
+        process = subprocess.Popen([*CLI, "--policy", str(policy), "wal", "stream", "cluster", "--snapshot-seconds",
+                                    "1"], stdout=subprocess.DEVNULL, stderr=out)
+    _wait_for(lambda: "streaming WAL" in log.read_text() or process.poll() is not None, "the stream to start")
+    assert process.poll() is None, log.read_text()
+    return process
+
+
+def test_the_wal_stream_survives_kill_9_and_restores_to_its_newest_snapshot(tmp_path: Path) -> None:
+    """A streamer killed with SIGKILL and started again leaves no gap (the slot and its working directory keep
+    the WAL); SIGTERM stops it cleanly; a restore reaches the last commit, held only in the snapshot of the
+    segment being received."""
+    import signal
+
+    server = ScratchCluster.persistent(tmp_path / "pgdata").start()
+    stream = None
+    try:
+        dsn = server.dsn()
+        made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", dsn, "--no-audit",
+                                "--json"]).stdout)
+        policy = Path(made["policy"])
+        log = tmp_path / "stream.log"
+        stream = _start_stream(policy, log)
+        assert _sql(dsn, "SELECT active FROM pg_replication_slots WHERE slot_name = 'regal_backup'") == [(True,)]
+        _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, note text)")
+        _sql(dsn, "INSERT INTO payments VALUES (1)")
+        _ok(cli(policy, "backup", "cluster"))
+        _sql(dsn, "INSERT INTO payments VALUES (2)")
+        closed = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+        _wait_for(lambda: _stored(policy, closed), f"{closed} to be stored")
+
+        stream.send_signal(signal.SIGKILL)
+        stream.wait()
+        _sql(dsn, "INSERT INTO payments VALUES (3)")
+        _sql(dsn, "SELECT pg_switch_wal()")
+        _sql(dsn, "INSERT INTO payments VALUES (4)")
+        closed = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+        stream = _start_stream(policy, log)
+        _wait_for(lambda: _stored(policy, closed), f"{closed} to be stored after the restart")
+        _sql(dsn, "INSERT INTO payments VALUES (5)")  # in the segment being received: only a snapshot holds it
+        in_progress = _sql(dsn, "SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+        written = time.time()
+        partial = policy.parent / "repository" / "wal" / "cluster" / "partial" / (in_progress + ".json")
+        _wait_for(lambda: partial.exists() and partial.stat().st_mtime > written + 0.5, "a snapshot of "
+                  f"{in_progress}")
+        stream.send_signal(signal.SIGTERM)
+        assert stream.wait(timeout=30) == 0, log.read_text()
+        stream = None
+        text = log.read_text()
+        assert "storing what was received, then stopping" in text
+
+        preview = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(tmp_path / "x"), "--latest",
+                                     "--preview", "--json")).stdout)
+        assert preview["last_segment"] == in_progress  # no gap from the base backup to the snapshot
+        _report, rows = _restore_and_read({"policy": policy, "base": tmp_path}, "stream", "--latest")
+        assert rows == [1, 2, 3, 4, 5]
+    finally:
+        if stream is not None and stream.poll() is None:
+            stream.kill()
+            stream.wait()
+        server.stop()

@@ -335,6 +335,34 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
+    import signal
+    import threading
+
+    from ..engine.wal import cluster_target
+    from ..engine.walstream import run_stream
+
+    policy, repo, keyring = _open(args)
+    target = cluster_target(policy, args.target)
+    if not 1 <= args.snapshot_seconds <= 15:
+        raise UsageError("--snapshot-seconds must be between 1 and 15", "the segment in progress is the RPO: keep it "
+                                                                         "short")
+    stop = threading.Event()
+
+    def stopping(signum: int, _frame: object) -> None:
+        print(f"{signal.Signals(signum).name}: storing what was received, then stopping", file=sys.stderr,
+              flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
+    stored = run_stream(policy, repo, keyring, target, work_dir=Path(args.work_dir) if args.work_dir else None,
+                        snapshot_seconds=args.snapshot_seconds, stop=stop,
+                        say=lambda text: print(text, file=sys.stderr, flush=True))
+    out.result({"target": target, "stored": stored}, f"stopped: {stored} WAL file(s) stored by this run")
+    return 0
+
+
 def _work_dir(args: argparse.Namespace, policy: Policy) -> Path | None:
     """Where scratch servers go: --work-dir, else the policy's restore_tests.work_dir, else the temp dir."""
     chosen = args.work_dir or policy.restore_tests.work_dir

@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
     p.set_defaults(func=commands.cmd_wal_get)
 
+    p = wal_sub.add_parser("stream", parents=[common],
+                           help="receive the server's WAL continuously (pg_receivewal on the target's slot) and store "
+                                "every segment; runs until SIGTERM (a systemd service: docs/pitr.md)")
+    p.add_argument("target", help="the postgres_cluster target")
+    p.add_argument("--work-dir", help="where the WAL being received waits to be stored (kept across restarts so "
+                                      "nothing is skipped; default: wal-stream/TARGET beside the policy)")
+    p.add_argument("--snapshot-seconds", type=float, default=10.0,
+                   help="store the segment being received at least this often when it grew (default: 10)")
+    p.set_defaults(func=commands.cmd_wal_stream)
+
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")
     p.add_argument("backup_id", nargs="?", help="default: the newest good backup of --target")

@@ -36,6 +36,7 @@ from .wal import (
     is_wal_segment,
     missing_segments,
     parse_lsn,
+    partial_names,
     segment_name,
     segment_name_of,
     segment_number,
@@ -113,6 +114,7 @@ def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: st
         raise UsageError(f"target {target} is not a postgres_cluster target",
                          "point-in-time restores are for targets of kind postgres_cluster")
     names = archived_names(repo, target)
+    partials = partial_names(repo, target)
     notes: list[str] = []
     with _wal_cache(repo, keyring, target) as cache:
         for manifest in newest_first(repo, keyring, target):
@@ -131,18 +133,25 @@ def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: st
             elif not status.good:
                 notes.append(f"{manifest.backup_id} failed its checks: passed over")
                 continue
-            return _plan(target, goal, manifest, names, policy_path, reach if isinstance(reach, str) else None,
-                         notes)
+            return _plan(target, goal, manifest, names, partials, policy_path,
+                         reach if isinstance(reach, str) else None, notes)
     raise RegalError(f"no good base backup of '{target}' can reach the {goal.describe()}"
                      + (f" ({'; '.join(notes)})" if notes else ""),
                      "take a base backup (`regal-backup backup TARGET`) before the point you need, or choose a later "
                      "point; `regal-backup list TARGET` shows the backups")
 
 
-def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], policy_path: Path,
+def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], partials: set[str], policy_path: Path,
           named_lsn: str | None, notes: list[str]) -> RecoveryPlan:
     source = base.source
     size, timeline = int(source["wal_segment_size"]), int(source["timeline"])
+    complete = [segment_number(n, size)[1] for n in names if is_wal_segment(n) and segment_number(n, size)[0] >= timeline]
+    after = max(complete, default=parse_lsn(source["start_lsn"]) // size - 1) + 1
+    in_progress = max((p for p in partials if segment_number(p, size)[0] >= timeline
+                       and segment_number(p, size)[1] == after), default=None)
+    if in_progress is not None:  # the newest WAL: the snapshot of the segment being received
+        names = names | {in_progress}
+        notes.append(f"{in_progress} is the snapshot of the segment being received (the newest WAL)")
     start, stop = parse_lsn(source["start_lsn"]), parse_lsn(source["stop_lsn"])
     end_number = None
     if goal.lsn is not None:

@@ -195,6 +195,13 @@ def archived_names(repo: Repository, target: str) -> set[str]:
             if stored.key.endswith(WAL_RECORD_SUFFIX) and not stored.key[len(prefix):].startswith(WAL_PARTIAL)}
 
 
+def partial_names(repo: Repository, target: str) -> set[str]:
+    """The segments of which a snapshot (of the segment being received) is stored."""
+    prefix = wal_prefix(target) + WAL_PARTIAL
+    return {stored.key[len(prefix):-len(WAL_RECORD_SUFFIX)] for stored in repo.list(prefix)
+            if stored.key.endswith(WAL_RECORD_SUFFIX)}
+
+
 # --- WAL positions ------------------------------------------------------------------------------------
 
 def parse_lsn(text: str) -> int:
