@@ -156,6 +156,7 @@ def test_a_base_backup_is_a_verified_pg_basebackup_stream_with_its_wal_range(arc
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     assert all(c["passed"] for c in checks.values()), checks
     assert "files of PostgreSQL's backup manifest with their SHA-256" in checks["integrity"]["description"]
+    assert "parsed by pg_waldump" in checks["wal_continuity"]["description"], checks["wal_continuity"]
     repo = policy.parent / "repository" / "backups" / "cluster" / archived_server["first"]
     manifest = json.loads((repo / "manifest.json").read_text())
     source = manifest["source"]
@@ -227,9 +228,30 @@ def test_a_missing_wal_segment_is_refused_naming_it(archived_server: dict[str, A
                    archived_server["at_time"].isoformat())
         assert done.returncode == 1 and f"lacks {gone}" in done.stderr, done.stderr
         assert not target.exists()
+        verified = cli(policy, "verify", archived_server["second"], "--json")
+        checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
+        assert verified.returncode == 1 and not checks["wal_continuity"]["passed"]
+        assert checks["wal_continuity"]["failing_object"] == gone and gone in checks["wal_continuity"]["description"]
+        status = cli(policy, "wal", "status", "cluster", "--json")
+        assert status.returncode == 3 and json.loads(status.stdout)["gaps"] == [gone]
     finally:
         (wal_dir / (gone + ".json")).write_bytes(kept)
         os.utime(wal_dir / (gone + ".json"))
+
+
+def test_wal_status_measures_the_newest_stored_position_against_the_server(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    newest = max(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    done = _ok(cli(policy, "wal", "status", "cluster", "--json"))
+    status = json.loads(done.stdout)
+    assert status["newest_segment"] == newest and status["gaps"] == [] and status["segments"] >= 5
+    assert status["oldest_base_backup"] == archived_server["first"]
+    server_lsn = _sql(archived_server["dsn"], "SELECT pg_current_wal_lsn()::text")[0][0]
+    assert status["server_lsn"] == server_lsn
+    stored = (int(newest[8:16], 16) << 32) + (int(newest[16:], 16) + 1) * 16 * 1024 * 1024
+    high, low = server_lsn.split("/")
+    assert status["lag_bytes"] == max(0, (int(high, 16) << 32 | int(low, 16)) - stored)
 
 
 def test_init_writes_a_cluster_target_beside_a_database(tmp_path: Path) -> None:

@@ -335,6 +335,30 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.wal import cluster_target
+    from ..engine.walstatus import wal_status
+
+    policy, repo, keyring = _open(args)
+    target = cluster_target(policy, args.target)
+    status = wal_status(policy, repo, keyring, target)
+    lines = [f"{target}: {status.segments} WAL segment(s) stored; newest "
+             + (f"{status.newest_segment}, position {status.newest_lsn} stored {status.newest_stored_at}"
+                if status.newest_lsn else "NONE")
+             + (f" (from the snapshot of {status.snapshot}, being received)" if status.snapshot else "")]
+    if status.server_lsn is not None:
+        lines.append(f"server at {status.server_lsn}: " + (
+            "caught up" if not status.lag_bytes else f"LAG {size(status.lag_bytes or 0)}, "
+                                                     f"{age(status.lag_seconds or 0)} behind"))
+    else:
+        lines.append(f"server not reachable: {status.server_problem}")
+    lines.append(f"oldest base backup {status.oldest_base_backup or 'NONE'}; "
+                 + ("no gap" if not status.gaps else f"GAP: {len(status.gaps)} segment(s) missing, first "
+                                                     f"{status.gaps[0]}"))
+    out.result(status.to_json(), "\n".join(lines))
+    return 3 if status.gaps else 0
+
+
 def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
     import signal
     import threading

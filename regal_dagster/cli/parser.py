@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
     p.set_defaults(func=commands.cmd_wal_get)
 
+    p = wal_sub.add_parser("status", parents=[common],
+                           help="newest stored WAL position and time, lag behind the server in bytes and seconds, "
+                                "gaps; exit 3 when there is a gap")
+    p.add_argument("target", nargs="?", help="the postgres_cluster target (default: the policy's only one)")
+    p.set_defaults(func=commands.cmd_wal_status)
     p = wal_sub.add_parser("stream", parents=[common],
                            help="receive the server's WAL continuously (pg_receivewal on the target's slot) and store "
                                 "every segment; runs until SIGTERM (a systemd service: docs/pitr.md)")

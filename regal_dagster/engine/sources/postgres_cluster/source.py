@@ -10,10 +10,11 @@ import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ...errors import IntegrityError, RegalError
 from ...manifest import Manifest
+from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import CHUNK, StoredBackup
 from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
@@ -30,6 +31,9 @@ from .basebackup import (
 )
 from .recovery import write_recovery_settings
 from .target import PostgresClusterTarget
+
+if TYPE_CHECKING:
+    from ...policy import Policy
 
 TAR_OBJECT = "base.tar"
 TAR_CONTENT = "pg_basebackup tar of the data directory (-Ft, WAL from the archive)"
@@ -63,6 +67,11 @@ def _bytes(setting: str) -> int:
 class PostgresClusterSource(Source):
     kind = "postgres_cluster"
     label = "PostgreSQL server (physical)"
+    checks: ClassVar[dict[str, CheckSpec]] = {
+        "wal_continuity": CheckSpec(
+            ERROR, False, "The WAL archive holds every segment from the oldest kept base backup's start to the newest "
+                          "stored one, and pg_waldump reads every record of it: a restore can reach any point."),
+    }
     restore_test_proves = "every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup)"
     restores_to = "a new data directory (restore TARGET --to-dir DIR), recovered from the WAL archive to a point in time"
 
@@ -116,6 +125,26 @@ class PostgresClusterSource(Source):
             raise IntegrityError(f"{where} lacks {len(expected)} file(s) the backup manifest lists, first "
                                  f"{min(expected)}", "this backup is damaged: use another one")
         return f"the tar stream holds the {seen} files of PostgreSQL's backup manifest with their SHA-256"
+
+    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
+        from ...catalog import newest_first
+        from ...crypto import load_keyring
+        from ...storage import open_repository
+        from ...walstatus import check_continuity
+        from ...workspace import private_directory
+
+        repo, keyring = open_repository(policy), load_keyring(policy)
+        oldest = manifest
+        for kept in newest_first(repo, keyring, target):
+            oldest = kept
+        try:
+            with private_directory("wal-continuity") as work:
+                found = check_continuity(policy, repo, keyring, oldest, work)
+        except RegalError as exc:
+            return [CheckOutcome("wal_continuity", False, f"the WAL could not be checked: {exc.message}")]
+        return [CheckOutcome("wal_continuity", found.ok, found.description, failing_object=found.missing,
+                             metadata={"parsed_to": found.parsed_to, "from_backup": oldest.backup_id})]
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
         return [b"PostgreSQL-Backup-Manifest-Version", b"postgresql.auto.conf"]
