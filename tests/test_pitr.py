@@ -254,6 +254,42 @@ def test_wal_status_measures_the_newest_stored_position_against_the_server(archi
     assert status["lag_bytes"] == max(0, (int(high, 16) << 32 | int(low, 16)) - stored)
 
 
+def test_dagster_shows_base_backups_and_the_wal_whose_freshness_is_the_rpo(archived_server: dict[str, Any]) -> None:
+    from datetime import timedelta
+
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+
+    defs = build_definitions(str(archived_server["policy"]))
+    dg.Definitions.validate_loadable(defs)
+    base, wal = dg.AssetKey(["postgres", "cluster", "base_backup"]), dg.AssetKey(["postgres", "cluster", "wal"])
+    assert defs.resolve_assets_def(base).get_asset_spec(base).group_name == "backups"
+    spec = defs.resolve_assets_def(wal).get_asset_spec(wal)
+    assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=1)  # the policy's RPO
+    assert [d.asset_key for d in spec.deps] == [base]
+
+    instance = dg.DagsterInstance.ephemeral()
+    _sql(archived_server["dsn"], "INSERT INTO payments VALUES (7, 'written, not yet stored')")
+
+    def tick(cursor: str | None) -> str | None:
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+        result = defs.resolve_sensor_def("wal_stream_watch")(context)
+        for event in result.asset_events:  # type: ignore[union-attr]
+            instance.report_runless_asset_event(event)
+        return result.cursor  # type: ignore[union-attr]
+
+    cursor = tick(None)
+    event = instance.get_latest_materialization_event(wal)
+    assert event is not None and event.asset_materialization is not None
+    metadata = event.asset_materialization.metadata
+    status = json.loads(_ok(cli(archived_server["policy"], "wal", "status", "--json")).stdout)
+    assert metadata["newest_lsn"].value == status["newest_lsn"] and metadata["gaps"].value == 0
+    assert metadata["lag_bytes"].value > 0  # the row just written is on the server only
+    tick(cursor)  # nothing newer stored and the server is ahead: no event, the asset ages towards the RPO
+    assert len(instance.fetch_materializations(wal, limit=10).records) == 1
+
+
 def test_init_writes_a_cluster_target_beside_a_database(tmp_path: Path) -> None:
     done = _ok(cli(tmp_path / "unused.yaml", "init", str(tmp_path / "p"), "--postgres-dsn",
                    "postgresql://backup@db/pos", "--cluster-dsn", "postgresql://replicator@db/postgres",
