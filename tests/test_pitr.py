@@ -290,6 +290,31 @@ def test_dagster_shows_base_backups_and_the_wal_whose_freshness_is_the_rpo(archi
     assert len(instance.fetch_materializations(wal, limit=10).records) == 1
 
 
+def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    before = sorted(p.name for p in wal_dir.iterdir() if p.name.endswith(".json"))
+    dry = json.loads(_ok(cli(policy, "prune", "--dry-run", "--json")).stdout)
+    kept = sorted(d["backup_id"] for d in dry["decisions"]["cluster"] if d["keep"])
+    assert kept == [archived_server["second"]]  # one hourly backup per hour: the first one goes
+    manifest = json.loads((policy.parent / "repository" / "backups" / "cluster" / kept[0] / "manifest.json")
+                          .read_text())
+    high, low = manifest["source"]["start_lsn"].split("/")
+    first = (int(high, 16) << 32 | int(low, 16)) // (16 * 1024 * 1024)
+    older = [n for n in before if int(n[8:16], 16) * 256 + int(n[16:24], 16) < first]
+    assert any(len(n) == 24 + 5 for n in older)  # segments before the kept base backup started
+    assert dry["wal_deleted"] == {"cluster": len(older)}
+    assert sorted(p.name for p in wal_dir.iterdir() if p.name.endswith(".json")) == before  # a dry run
+    _ok(cli(policy, "prune", "--json"))
+    assert sorted(p.name for p in wal_dir.iterdir() if p.name.endswith(".json")) == [n for n in before
+                                                                                     if n not in older]
+    status = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)
+    assert status["gaps"] == [] and status["oldest_base_backup"] == kept[0]
+    preview = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(archived_server["base"] / "x"),
+                                 "--latest", "--preview", "--json")).stdout)
+    assert preview["base_backup"] == kept[0]
+
+
 def test_init_writes_a_cluster_target_beside_a_database(tmp_path: Path) -> None:
     done = _ok(cli(tmp_path / "unused.yaml", "init", str(tmp_path / "p"), "--postgres-dsn",
                    "postgresql://backup@db/pos", "--cluster-dsn", "postgresql://replicator@db/postgres",
