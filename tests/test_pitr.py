@@ -392,6 +392,9 @@ def test_the_wal_stream_survives_kill_9_and_restores_to_its_newest_snapshot(tmp_
         text = log.read_text()
         assert "storing what was received, then stopping" in text
 
+        status = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)
+        assert status["snapshot"] == in_progress and status["gaps"] == []
+        assert status["newest_lsn"].split("/")[0] == status["server_lsn"].split("/")[0]
         preview = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(tmp_path / "x"), "--latest",
                                      "--preview", "--json")).stdout)
         assert preview["last_segment"] == in_progress  # no gap from the base backup to the snapshot

@@ -80,15 +80,17 @@ class WalFile:
     archived_at: datetime
     partial: bool = False
     segment_size: int = 0  # a partial snapshot: the size of the whole segment
+    used_bytes: int = 0  # a partial snapshot: how far it holds WAL (pg_receivewal pads the rest with zeros)
 
     @property
     def is_segment(self) -> bool:
         return is_wal_segment(self.name)
 
 
-def _record_body(target: str, name: str, record: ObjectRecord, partial: bool, segment_size: int) -> dict[str, Any]:
+def _record_body(target: str, name: str, record: ObjectRecord, partial: bool, segment_size: int,
+                 used_bytes: int) -> dict[str, Any]:
     return {"format": RECORD_FORMAT, "version": 1, "target": target, "name": name, "partial": partial,
-            "segment_size": segment_size, "archived_at": datetime.now(UTC).isoformat(),
+            "segment_size": segment_size, "used_bytes": used_bytes, "archived_at": datetime.now(UTC).isoformat(),
             "object": record.model_dump(mode="json")}
 
 
@@ -101,7 +103,7 @@ def _load_record(repo: Repository, keyring: Keyring, key: str) -> WalFile | None
         raise IntegrityError(f"{key} is not a WAL record", "do not trust it; investigate who wrote it")
     return WalFile(str(body["name"]), ObjectRecord.model_validate(body["object"]),
                    datetime.fromisoformat(body["archived_at"]), bool(body.get("partial")),
-                   int(body.get("segment_size") or 0))
+                   int(body.get("segment_size") or 0), int(body.get("used_bytes") or 0))
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -143,12 +145,23 @@ def push_wal(policy: Policy, repo: Repository, keyring: Keyring, target: str, pa
         raise RegalError(f"{name} is already archived for target {target} with other content",
                          "two servers archive into one target, or a restored server kept the old archive_command: "
                          "give each server its own postgres_cluster target")
+    used = [0]
+
+    def chunks() -> Iterator[bytes]:  # and where the data ends: a snapshot is padded with zeros
+        offset = 0
+        for chunk in _file_chunks(path):
+            if (stripped := len(chunk.rstrip(b"\0"))) > 0:
+                used[0] = offset + stripped
+            offset += len(chunk)
+            yield chunk
+
     # the object, then its record: a reader never sees a record whose object is not complete
-    record = store_stream(repo, object_key, _file_chunks(path), keyring=keyring, backup_id=wal_scope(target),
+    record = store_stream(repo, object_key, chunks(), keyring=keyring, backup_id=wal_scope(target),
                           object_name=(WAL_PARTIAL + name) if partial else name,
                           content=WAL_CONTENT["partial" if partial else _kind_of(name)],
                           compression=policy.compression)
-    write_document(repo, keyring, RECORD_KIND, record_key, _record_body(target, name, record, partial, segment_size))
+    write_document(repo, keyring, RECORD_KIND, record_key, _record_body(target, name, record, partial, segment_size,
+                                                                       used[0]))
     return Pushed(name, False, record.plaintext_size, record.size)
 
 

@@ -94,9 +94,8 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
 
 
 def _used_bytes(snapshot: WalFile) -> int:
-    """How far a snapshot holds WAL: its stored size (pg_receivewal pads a segment with zeros, so this is an upper
-    bound; a snapshot is at most the segment size)."""
-    return min(snapshot.record.plaintext_size, snapshot.segment_size or snapshot.record.plaintext_size)
+    """How far a snapshot holds WAL: to its last byte that is not padding (an upper bound by less than a record)."""
+    return snapshot.used_bytes or snapshot.record.plaintext_size
 
 
 def _server_lsn(policy: Policy, target: str) -> str:
