@@ -290,6 +290,16 @@ def test_dagster_shows_base_backups_and_the_wal_whose_freshness_is_the_rpo(archi
     assert len(instance.fetch_materializations(wal, limit=10).records) == 1
 
 
+def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    done = cli(policy, "restore-test", "--target", "cluster", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert report["backup_id"] == archived_server["second"] and report["problems"] == []
+    assert report["details"]["databases"] == ["postgres", "template1"]  # as the backup recorded them
+    assert report["seconds"]["recovery_to_promotion"] > 0
+
+
 def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archived_server: dict[str, Any]) -> None:
     policy = archived_server["policy"]
     wal_dir = policy.parent / "repository" / "wal" / "cluster"
