@@ -415,3 +415,23 @@ def test_the_wal_stream_survives_kill_9_and_restores_to_its_newest_snapshot(tmp_
             stream.kill()
             stream.wait()
         server.stop()
+
+
+def test_the_stream_checks_the_server_first_with_clear_messages(tmp_path: Path) -> None:
+    with ScratchCluster(base_dir=tmp_path) as minimal:  # tuned for restores: wal_level minimal, no WAL senders
+        made = json.loads(_run([*CLI, "init", str(tmp_path / "a"), "--cluster-dsn", minimal.dsn(), "--no-audit",
+                                "--json"]).stdout)
+        done = cli(Path(made["policy"]), "wal", "stream", "cluster")
+        assert done.returncode == 1
+        assert "wal_level = minimal" in done.stderr and "set wal_level = replica" in done.stderr
+    server = ScratchCluster.persistent(tmp_path / "pgdata").start()
+    try:
+        _sql(server.dsn(), "CREATE ROLE clerk LOGIN")
+        made = json.loads(_run([*CLI, "init", str(tmp_path / "b"), "--cluster-dsn",
+                                server.dsn().replace("postgres@", "clerk@"), "--no-audit", "--json"]).stdout)
+        done = cli(Path(made["policy"]), "wal", "stream", "cluster")
+        assert done.returncode == 1 and "the role clerk may not replicate" in done.stderr
+        assert "ALTER ROLE clerk REPLICATION" in done.stderr
+        assert _sql(server.dsn(), "SELECT count(*) FROM pg_replication_slots") == [(0,)]  # nothing was created
+    finally:
+        server.stop()
