@@ -410,6 +410,32 @@ def test_the_wal_stream_survives_kill_9_and_restores_to_its_newest_snapshot(tmp_
         assert preview["last_segment"] == in_progress  # no gap from the base backup to the snapshot
         _report, rows = _restore_and_read({"policy": policy, "base": tmp_path}, "stream", "--latest")
         assert rows == [1, 2, 3, 4, 5]
+
+        # A timeline switch: a restored, promoted server (timeline 2) streamed into the target in its place.
+        data = tmp_path / "promoted"
+        _ok(cli(policy, "restore", "cluster", "--to-dir", str(data), "--latest",
+                *(["--with-wal"] if AS_ROOT else [])))
+        promoted = ScratchCluster.persistent(data).start()
+        try:
+            _wait_for(lambda: not _sql(promoted.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion")
+            import yaml
+
+            document = yaml.safe_load(policy.read_text())
+            document["targets"]["cluster"]["dsn"] = promoted.dsn()
+            policy.write_text(yaml.safe_dump(document))
+            stream = _start_stream(policy, log)
+            _sql(promoted.dsn(), "INSERT INTO payments VALUES (6, 'on the new timeline')")
+            closed = _sql(promoted.dsn(), "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+            assert closed.startswith("00000002")
+            _wait_for(lambda: _stored(policy, closed), f"{closed} to be stored")
+            assert _stored(policy, "00000002.history")
+            stream.send_signal(signal.SIGTERM)
+            assert stream.wait(timeout=30) == 0
+            stream = None
+        finally:
+            promoted.stop()
+        _report, rows = _restore_and_read({"policy": policy, "base": tmp_path}, "timeline2", "--latest")
+        assert rows == [1, 2, 3, 4, 5, 6]  # recovery followed the history file onto timeline 2
     finally:
         if stream is not None and stream.poll() is None:
             stream.kill()
