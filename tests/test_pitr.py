@@ -290,6 +290,25 @@ def test_dagster_shows_base_backups_and_the_wal_whose_freshness_is_the_rpo(archi
     assert len(instance.fetch_materializations(wal, limit=10).records) == 1
 
 
+def test_the_rpo_watch_alerts_on_the_age_of_the_newest_stored_wal(archived_server: dict[str, Any]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from regal_dagster.engine.alerts import rpo_conditions
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    cli(archived_server["policy"], "verify", archived_server["second"])  # a good base backup: the WAL decides
+    policy = load_policy(archived_server["policy"])
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    _sql(archived_server["dsn"], "INSERT INTO payments VALUES (8, 'on the server only')")
+    now = datetime.now(UTC)
+    assert rpo_conditions(policy, repo, keyring, now) == []  # the newest WAL was stored minutes ago: within 1 h
+    later = rpo_conditions(policy, repo, keyring, now + timedelta(hours=2))  # the stream stopped two hours ago
+    assert [c.key for c in later] == ["rpo:cluster"]
+    assert "newest stored WAL is" in later[0].what and "bytes ahead" in later[0].what
+
+
 def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archived_server: dict[str, Any]) -> None:
     policy = archived_server["policy"]
     done = cli(policy, "restore-test", "--target", "cluster", "--json")
