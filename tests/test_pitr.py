@@ -307,6 +307,11 @@ def test_the_rpo_watch_alerts_on_the_age_of_the_newest_stored_wal(archived_serve
     later = rpo_conditions(policy, repo, keyring, now + timedelta(hours=2))  # the stream stopped two hours ago
     assert [c.key for c in later] == ["rpo:cluster"]
     assert "newest stored WAL is" in later[0].what and "bytes ahead" in later[0].what
+    shown = json.loads(_ok(cli(archived_server["policy"], "status", "cluster", "--json")).stdout)["targets"][0]
+    stored_at = datetime.fromisoformat(json.loads(_ok(cli(archived_server["policy"], "wal", "status", "--json"))
+                                                  .stdout)["newest_stored_at"])
+    assert not shown["rpo_breached"]
+    assert abs(shown["rpo_age_seconds"] - (datetime.now(UTC) - stored_at).total_seconds()) < 30  # the WAL's age
 
 
 def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archived_server: dict[str, Any]) -> None:
