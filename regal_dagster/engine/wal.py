@@ -12,7 +12,6 @@ under the segment's own name when the complete segment is not archived (the last
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -265,18 +264,7 @@ def missing_segments(names: set[str], timeline: int, start_lsn: int, segment_siz
     return missing, newest
 
 
-def newest_segment(names: set[str]) -> str | None:
-    segments = [n for n in names if is_wal_segment(n)]
-    return max(segments, key=lambda n: n[8:] + n[:8]) if segments else None
-
-
 def remove_wal(repo: Repository, target: str, name: str) -> None:
     """One archived WAL file and its record (retention): the record first, so it is never half there."""
     for key in (wal_record_key(target, name), wal_object_key(target, name)):
         repo.delete(key)
-
-
-def write_wal_to(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)

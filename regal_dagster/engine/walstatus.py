@@ -25,7 +25,6 @@ from .wal import (
     WalFile,
     fetch_wal,
     format_lsn,
-    is_wal_segment,
     list_wal,
     missing_segments,
     parse_lsn,
@@ -180,7 +179,3 @@ def _load_state(repo: Repository, keyring: Keyring, target: str) -> dict[str, An
         return read_document(repo, keyring, CONTINUITY_KIND, _continuity_key(target))
     except ObjectMissingError:
         return {}
-
-
-def segments_only(names: set[str]) -> list[str]:
-    return sorted(n for n in names if is_wal_segment(n))
