@@ -60,7 +60,8 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
     if args.no_audit and args.audit_dsn:
         raise RegalError("--no-audit and --audit-dsn contradict each other", "give one of them")
     made = init_project(Path(args.directory), args.postgres_dsn, master_key_env=args.master_key_env,
-                        redis_url=args.redis_url, audit=not args.no_audit, audit_dsn=args.audit_dsn)
+                        redis_url=args.redis_url, audit=not args.no_audit, audit_dsn=args.audit_dsn,
+                        cluster_dsn=args.cluster_dsn)
     for warning in made.warnings:
         out.warn(warning)
     if made.audit is None:
@@ -81,7 +82,8 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
            if not made.master_key_location.startswith("$") else "")
         + f"\naudit trail {made.audit or 'NONE (--no-audit)'}"
         + (" (not reachable yet: events wait in the repository)" if made.audit_problem else "")
-        + f"\n\nnext: {cli_invocation()} --policy {made.policy_path} backup main")
+        + f"\n\nnext: {cli_invocation()} --policy {made.policy_path} backup "
+        + ("main" if args.postgres_dsn else "cluster"))
     return 0
 
 
@@ -214,6 +216,11 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     from ..engine.restore import restore_backup
     from ..engine.sources.base import RestoreRequest
 
+    if args.to_dir or any((args.to_time, args.to_lsn, args.to_name, args.preview, args.base_backup, args.with_wal)):
+        return _restore_cluster(args, out)
+    if not args.to:
+        raise UsageError("say where to restore to", "add --to (a DSN, a directory or a file, by the target's kind), "
+                                                    "or --to-dir DIR for a postgres_cluster target")
     policy, repo, keyring = _open(args)
     if not args.backup_id and not args.target:
         raise UsageError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
@@ -247,6 +254,138 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
         text += "\n" + result.next_steps
     out.result(payload, text)
     return 0 if result.ok else 3
+
+
+def policy_path(args: argparse.Namespace) -> Path:
+    """The policy file as load_policy finds it (--policy, $REGAL_POLICY, ./regal_backup.yaml), absolute."""
+    import os
+
+    return Path(args.policy or os.environ.get("REGAL_POLICY") or "regal_backup.yaml").resolve()
+
+
+def _restore_cluster(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.pitr import RecoveryGoal, restore_cluster
+
+    target = args.backup_id or args.target
+    if not args.to_dir or not target:
+        raise UsageError("a point-in-time restore needs the target and a new data directory",
+                         "regal-backup restore TARGET --to-dir DIR with --latest, --to-time, --to-lsn or --to-name")
+    if args.to or args.before:
+        raise UsageError("--to and --before do not go with --to-dir", "use --to-time for a point in time")
+    chosen = [o for o, v in (("--latest", args.latest), ("--to-time", args.to_time), ("--to-lsn", args.to_lsn),
+                             ("--to-name", args.to_name)) if v]
+    if len(chosen) != 1:
+        raise UsageError("say where recovery stops" if not chosen else f"{' and '.join(chosen)} contradict each other",
+                         "give one of --latest, --to-time TIME, --to-lsn LSN, --to-name RESTORE_POINT")
+    if args.to_lsn:
+        from ..engine.wal import parse_lsn
+
+        parse_lsn(args.to_lsn)
+    goal = RecoveryGoal(time=utc_time(args.to_time, "--to-time") if args.to_time else None, lsn=args.to_lsn,
+                        name=args.to_name)
+    policy, repo, keyring = _open(args)
+    with out.activity(f"restore {target} to the {goal.describe()}"):
+        result = restore_cluster(policy, repo, keyring, target, goal, Path(args.to_dir).absolute(), policy_path(args),
+                                 preview=args.preview, backup_id=args.base_backup, with_wal=args.with_wal,
+                                 trigger={"cli": "restore"})
+    plan = result.plan
+    for note in plan.notes:
+        out.note(note)
+    text = (f"base backup {plan.base.backup_id} (finished {plan.base.finished_at:%Y-%m-%d %H:%M:%S} UTC, WAL "
+            f"{plan.base.source['start_lsn']}..{plan.base.source['stop_lsn']} on timeline "
+            f"{plan.base.source['timeline']})\nWAL to replay: {plan.segments} segment(s), {plan.first_segment} .. "
+            f"{plan.last_segment}, stopping at the {goal.describe()}"
+            + (f" (found at {plan.target_lsn})" if plan.target_lsn else ""))
+    if result.restored is None:
+        out.result({"preview": True, **plan.to_json()}, "PREVIEW (nothing written)\n" + text)
+        return 0
+    restored = result.restored
+    text = restored.summary + "\n" + text
+    if restored.problems:
+        text += "\nVALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in restored.problems)
+    elif restored.next_steps:
+        text += "\n" + restored.next_steps
+    out.result({"preview": False, "backup_id": restored.backup_id, "target": restored.target, "kind": restored.kind,
+                "destination": restored.destination, "validated": restored.ok, "problems": restored.problems,
+                "seconds": restored.seconds, "details": restored.details}, text)
+    return 0 if restored.ok else 3
+
+
+def cmd_wal_push(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.wal import cluster_target, push_wal
+
+    policy, repo, keyring = _open(args)
+    target = cluster_target(policy, args.target)
+    pushed = push_wal(policy, repo, keyring, target, Path(args.path))
+    out.result({"target": target, **pushed.__dict__},
+               f"{pushed.name}: " + ("already archived with the same content" if pushed.already else
+                                     f"archived ({size(pushed.plaintext_bytes)} -> {size(pushed.stored_bytes)})"))
+    return 0
+
+
+def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.wal import cluster_target, fetch_wal
+
+    policy, repo, keyring = _open(args)
+    target = cluster_target(policy, args.target)
+    found = fetch_wal(repo, keyring, target, args.name, Path(args.destination))
+    out.result({"target": target, "name": found.name, "partial": found.partial,
+                "bytes": found.record.plaintext_size},
+               f"{found.name}{' (snapshot of the segment being received)' if found.partial else ''}: "
+               f"{size(found.record.plaintext_size)} to {args.destination}")
+    return 0
+
+
+def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.wal import cluster_target
+    from ..engine.walstatus import wal_status
+
+    policy, repo, keyring = _open(args)
+    target = cluster_target(policy, args.target)
+    status = wal_status(policy, repo, keyring, target)
+    lines = [f"{target}: {status.segments} WAL segment(s) stored; newest "
+             + (f"{status.newest_segment}, position {status.newest_lsn} stored {status.newest_stored_at}"
+                if status.newest_lsn else "NONE")
+             + (f" (from the snapshot of {status.snapshot}, being received)" if status.snapshot else "")]
+    if status.server_lsn is not None:
+        lines.append(f"server at {status.server_lsn}: " + (
+            "caught up" if not status.lag_bytes else f"LAG {size(status.lag_bytes or 0)}, "
+                                                     f"{age(status.lag_seconds or 0)} behind"))
+    else:
+        lines.append(f"server not reachable: {status.server_problem}")
+    lines.append(f"oldest base backup {status.oldest_base_backup or 'NONE'}; "
+                 + ("no gap" if not status.gaps else f"GAP: {len(status.gaps)} segment(s) missing, first "
+                                                     f"{status.gaps[0]}"))
+    out.result(status.to_json(), "\n".join(lines))
+    return 3 if status.gaps else 0
+
+
+def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
+    import signal
+    import threading
+
+    from ..engine.wal import cluster_target
+    from ..engine.walstream import run_stream
+
+    policy, repo, keyring = _open(args)
+    target = cluster_target(policy, args.target)
+    if not 1 <= args.snapshot_seconds <= 15:
+        raise UsageError("--snapshot-seconds must be between 1 and 15", "the segment in progress is the RPO: keep it "
+                                                                         "short")
+    stop = threading.Event()
+
+    def stopping(signum: int, _frame: object) -> None:
+        print(f"{signal.Signals(signum).name}: storing what was received, then stopping", file=sys.stderr,
+              flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
+    stored = run_stream(policy, repo, keyring, target, work_dir=Path(args.work_dir) if args.work_dir else None,
+                        snapshot_seconds=args.snapshot_seconds, stop=stop,
+                        say=lambda text: print(text, file=sys.stderr, flush=True))
+    out.result({"target": target, "stored": stored}, f"stopped: {stored} WAL file(s) stored by this run")
+    return 0
 
 
 def _work_dir(args: argparse.Namespace, policy: Policy) -> Path | None:

@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create a policy (mode 0600), a local repository, a keyset and the audit trail")
     p.add_argument("directory", help="where the policy, the keyset, the master key and the repository go "
                                      "(created if missing; refused if it already holds a policy)")
-    p.add_argument("--postgres-dsn", required=True, help="DSN of the database to back up; use ${VAR} for secrets")
+    p.add_argument("--postgres-dsn", help="DSN of the database to back up (target `main`); use ${VAR} for secrets")
+    p.add_argument("--cluster-dsn", help="DSN of a PostgreSQL server to back up whole and physically, for "
+                                         "point-in-time recovery (target `cluster`; its role may replicate)")
     p.add_argument("--master-key-env", help="keep the master key in this environment variable instead of a file")
     p.add_argument("--redis-url", help="also back up this Redis server, as the target `cache` (${VAR} for secrets)")
     p.add_argument("--audit-dsn", help="keep the audit trail in this PostgreSQL database (default: a database "
@@ -80,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.set_defaults(func=commands.cmd_verify)
 
-    p = sub.add_parser("restore", parents=[common], help="restore a backup into a database")
-    p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --target with --latest or --before)")
-    p.add_argument("--to", required=True, help="PostgreSQL: DSN of the database to restore into (created if missing); "
+    p = sub.add_parser("restore", parents=[common], help="restore a backup into a database, or a server to a point "
+                                                         "in time (TARGET --to-dir DIR)")
+    p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --target with --latest or --before); with "
+                                                                 "--to-dir: the postgres_cluster target")
+    p.add_argument("--to", help="PostgreSQL: DSN of the database to restore into (created if missing); "
                                                "Redis: the directory for dump.rdb, or redis://... with --keys; "
                                                "Terraform: the state file to write; config: a new directory to "
                                                "clone into")
@@ -108,7 +112,49 @@ def build_parser() -> argparse.ArgumentParser:
                         "knows (recorded in the audit trail; erasures may be missing afterwards)")
     p.add_argument("--pre-hook", help="shell command run just before the target is changed (stop the application)")
     p.add_argument("--post-hook", help="shell command run after a validated restore (start the application)")
+    p.add_argument("--to-dir", help="postgres_cluster: the new data directory; recovery replays WAL from the repository "
+                                    "to --latest, --to-time, --to-lsn or --to-name")
+    p.add_argument("--to-time", help="with --to-dir: recover up to this UTC time (ISO 8601)")
+    p.add_argument("--to-lsn", help="with --to-dir: recover up to this WAL position (e.g. 0/3000148)")
+    p.add_argument("--to-name", help="with --to-dir: recover up to this restore point (pg_create_restore_point)")
+    p.add_argument("--base-backup", help="with --to-dir: start from this base backup (default: the newest good one "
+                                         "that can reach the point)")
+    p.add_argument("--with-wal", action="store_true",
+                   help="with --to-dir: copy the WAL recovery replays into DIR/regal_wal first (and check it with "
+                        "pg_verifybackup): the server then needs neither regal-backup nor the keys")
+    p.add_argument("--preview", action="store_true",
+                   help="with --to-dir: say which base backup and which WAL would be used; change nothing")
     p.set_defaults(func=commands.cmd_restore)
+
+    wal = sub.add_parser("wal", help="the WAL archive of postgres_cluster targets (point-in-time recovery)")
+    wal_sub = wal.add_subparsers(dest="wal_command", required=True)
+    p = wal_sub.add_parser("push", parents=[common],
+                           help="archive one WAL file (archive_command = 'regal-backup --policy P wal push %%p')")
+    p.add_argument("path", help="the WAL file (PostgreSQL's %%p)")
+    p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
+    p.set_defaults(func=commands.cmd_wal_push)
+    p = wal_sub.add_parser("get", parents=[common],
+                           help="fetch one WAL file (restore_command = 'regal-backup --policy P wal get %%f %%p'); "
+                                "exit 1 when it is not archived")
+    p.add_argument("name", help="the WAL file's name (PostgreSQL's %%f)")
+    p.add_argument("destination", help="where to write it (PostgreSQL's %%p)")
+    p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
+    p.set_defaults(func=commands.cmd_wal_get)
+
+    p = wal_sub.add_parser("status", parents=[common],
+                           help="newest stored WAL position and time, lag behind the server in bytes and seconds, "
+                                "gaps; exit 3 when there is a gap")
+    p.add_argument("target", nargs="?", help="the postgres_cluster target (default: the policy's only one)")
+    p.set_defaults(func=commands.cmd_wal_status)
+    p = wal_sub.add_parser("stream", parents=[common],
+                           help="receive the server's WAL continuously (pg_receivewal on the target's slot) and store "
+                                "every segment; runs until SIGTERM (a systemd service: docs/pitr.md)")
+    p.add_argument("target", help="the postgres_cluster target")
+    p.add_argument("--work-dir", help="where the WAL being received waits to be stored (kept across restarts so "
+                                      "nothing is skipped; default: wal-stream/TARGET beside the policy)")
+    p.add_argument("--snapshot-seconds", type=float, default=10.0,
+                   help="store the segment being received at least this often when it grew (default: 10)")
+    p.set_defaults(func=commands.cmd_wal_stream)
 
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")

@@ -327,6 +327,9 @@ def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: date
     for target, config in sorted(policy.targets.items()):
         rpo = policy.rpo_for(target)
         newest = next(good_newest_first(repo, keyring, target), None)
+        if config.kind == "postgres_cluster" and newest is not None:  # the RPO is the WAL's, not the base backup's
+            conditions += _wal_rpo_conditions(policy, repo, keyring, target, rpo, now)
+            continue
         if newest is not None and now - newest.finished_at <= rpo:
             continue
         if newest is None:
@@ -341,6 +344,36 @@ def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: date
                                              target, config.kind),
                                     FIRST_STEPS["rpo_breach"].format(target=target), since, details))
     return conditions
+
+
+def _wal_rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, target: str, rpo: timedelta,
+                        now: datetime) -> list[Condition]:
+    """A server's RPO: the age of the newest stored WAL while the server has written more (the stream or the
+    archiving is down or behind), and any gap in the WAL archive (a restore cannot pass it)."""
+    from .walstatus import wal_status
+
+    status = wal_status(policy, repo, keyring, target, now)
+    link = f"{policy.dagster.base_url.rstrip('/')}/assets/postgres/{target}/wal"
+    steps = (f"Check the WAL stream (`systemctl status regal-wal-stream@{target}`, `regal-backup wal status "
+             f"{target}`) or the server's archive_command in its log; restart it: the slot keeps the WAL meanwhile.")
+    details = {k: v for k, v in status.to_json().items() if k in ("newest_lsn", "newest_stored_at", "server_lsn",
+                                                                   "lag_bytes", "lag_seconds", "gaps")}
+    stored_at = datetime.fromisoformat(status.newest_stored_at) if status.newest_stored_at else None
+    if stored_at is None:
+        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: no WAL is stored (RPO {_hours(rpo)})",
+                          link, steps, None, details)]
+    if status.gaps:
+        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: the WAL archive lacks "
+                          f"{status.gaps[0]}" + (f" and {len(status.gaps) - 1} more" if len(status.gaps) > 1 else "")
+                          + ": restores cannot pass it", link, "Take a base backup now (`regal-backup backup "
+                          f"{target}`): restores start after the gap. " + steps, None, details)]
+    behind = status.lag_bytes != 0  # unknown (server unreachable) counts as behind
+    if behind and now - stored_at > rpo:
+        return [Condition(f"rpo:{target}", "rpo_breach", target,
+                          f"{target}: the newest stored WAL is {_hours(now - stored_at)} old while the server "
+                          f"{'is ' + str(status.lag_bytes) + ' bytes ahead' if status.lag_bytes else 'cannot be asked'}"
+                          f", past the RPO of {_hours(rpo)}", link, steps, stored_at + rpo, details)]
+    return []
 
 
 def check_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:

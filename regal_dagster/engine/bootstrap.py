@@ -73,14 +73,22 @@ def create_audit_database(audit_dsn: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | None = None,
+CLUSTER_TARGET = "cluster"
+
+
+def init_project(directory: Path, postgres_dsn: str | None, *, master_key_env: str | None = None,
                  target_name: str = "main", redis_url: str | None = None, audit: bool = True,
-                 audit_dsn: str | None = None) -> InitResult:
-    """Write DIR/regal_backup.yaml with one postgres target, a repository under DIR/repository and a keyset.
+                 audit_dsn: str | None = None, cluster_dsn: str | None = None) -> InitResult:
+    """Write DIR/regal_backup.yaml with one postgres target (and/or, with `cluster_dsn`, a postgres_cluster
+    target named `cluster`: the whole server, backed up physically for point-in-time recovery), a repository
+    under DIR/repository and a keyset.
 
     The master key goes to DIR/master.key (0600), or, with `master_key_env`, is read from that variable
     (which must already hold a key: `regal-backup master-key` prints a new one).
     """
+    if not postgres_dsn and not cluster_dsn:
+        raise UsageError("say what to back up", "give --postgres-dsn (one database, logically), --cluster-dsn (the "
+                                                "whole server, physically, for point-in-time recovery), or both")
     directory = directory.resolve()
     policy_path = directory / POLICY_NAME
     if policy_path.exists() or (directory / KEYSET_NAME).exists() or (directory / MASTER_KEY_NAME).exists():
@@ -94,7 +102,9 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
         "version": 1,
         "repository": {"url": "repository"},
         "encryption": {"keyset": KEYSET_NAME, "master_key": master_key},
-        "targets": {target_name: {"kind": "postgres", "dsn": postgres_dsn},
+        "targets": {**({target_name: {"kind": "postgres", "dsn": postgres_dsn}} if postgres_dsn else {}),
+                    **({CLUSTER_TARGET: {"kind": "postgres_cluster", "dsn": cluster_dsn, "slot": "regal_backup"}}
+                       if cluster_dsn else {}),
                     **({"cache": {"kind": "redis", "url": redis_url}} if redis_url else {})},
         "rpo": "1h",
         "rto": "4h",
@@ -108,7 +118,7 @@ def init_project(directory: Path, postgres_dsn: str, *, master_key_env: str | No
     }
     policy_from_dict(document, base_dir=directory, source=str(policy_path))  # every problem before any file
     if audit:  # derived from the target's DSN once that one is known to be well-formed
-        document["audit"] = {"dsn": audit_dsn or audit_dsn_for(postgres_dsn)}
+        document["audit"] = {"dsn": audit_dsn or audit_dsn_for(str(postgres_dsn or cluster_dsn))}
         policy_from_dict(document, base_dir=directory, source=str(policy_path))
     warnings = literal_secrets(document)
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,7 +168,7 @@ def literal_secrets(document: dict[str, Any]) -> list[str]:
 
     found = []
     for name, target in document.get("targets", {}).items():
-        if target.get("kind") == "postgres":
+        if target.get("kind") in ("postgres", "postgres_cluster"):
             password = str(conninfo_to_dict(target["dsn"]).get("password") or "")
         else:
             password = urlsplit(str(target.get("url", ""))).password or ""

@@ -133,3 +133,48 @@ def report_key(period: str, report_id: str) -> str:
 def report_oscal_key(period: str, report_id: str) -> str:
     """The report's results as OSCAL Assessment Results JSON, next to its PDF."""
     return f"{COMPLIANCE_REPORTS}{period}/{report_id}.oscal-ar.json"
+
+
+# --- the WAL archive of postgres_cluster targets ------------------------------------------------------
+# wal/<target>/<file>       one archived WAL file (a segment, a timeline's .history, a .backup label),
+#                           encrypted through the pipeline like any backup object
+# wal/<target>/<file>.json  its sealed record (sizes and SHA-256 sums): written last, a file without one
+#                           is not archived (as a backup without a manifest)
+# wal/<target>/partial/<segment>(.json)  the newest snapshot of the segment `wal stream` is receiving
+
+WAL = "wal/"
+WAL_RECORD_SUFFIX = ".json"
+WAL_PARTIAL = "partial/"
+
+_WAL_FILE = re.compile(r"[0-9A-F]{24}|[0-9A-F]{24}\.[0-9A-F]{8}\.backup|[0-9A-F]{8}\.history")
+_WAL_SEGMENT = re.compile(r"[0-9A-F]{24}")
+
+
+def valid_wal_name(name: str) -> bool:
+    """A file name PostgreSQL archives: a segment, a backup history label or a timeline history file."""
+    return _WAL_FILE.fullmatch(name) is not None
+
+
+def is_wal_segment(name: str) -> bool:
+    return _WAL_SEGMENT.fullmatch(name) is not None
+
+
+def wal_prefix(target: str) -> str:
+    return f"{WAL}{target}/"
+
+
+def wal_object_key(target: str, name: str) -> str:
+    return f"{wal_prefix(target)}{name}"
+
+
+def wal_record_key(target: str, name: str) -> str:
+    return wal_object_key(target, name) + WAL_RECORD_SUFFIX
+
+
+def wal_partial_key(target: str, segment: str) -> str:
+    return f"{wal_prefix(target)}{WAL_PARTIAL}{segment}"
+
+
+def wal_scope(target: str) -> str:
+    """What a WAL object's encryption is bound to (with its file name): the archive of this target."""
+    return f"wal-{target}"

@@ -63,7 +63,8 @@ class TargetStatus:
     rto_seconds: float
     newest_good: BackupFacts | None
     newest: BackupFacts | None  # of any status
-    rpo_age_seconds: float | None  # age of the newest good backup's data; None: there is none
+    rpo_age_seconds: float | None  # age of the newest good backup's data (a server's: of its newest stored WAL
+    # while the server writes more); None: there is none
     last_verification: dict[str, Any] | None
     last_restore_test: dict[str, Any] | None
     newest_good_by_class: dict[str, BackupFacts] = field(default_factory=dict)
@@ -163,13 +164,28 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
             by_class[retention_class] = BackupFacts.of(of_class[-1], "good")
     records = [s.record for _, s in statuses if s.record is not None and s.problem is None]
     newest_record = max(records, key=lambda r: r.checked_at, default=None)
+    age = (now - good[-1].finished_at).total_seconds() if good else None
+    if good and policy.target(target).kind == "postgres_cluster":
+        age = _wal_age(policy, repo, keyring, target, now)
     return TargetStatus(
         target, policy.target(target).kind, policy.rpo_for(target).total_seconds(),
-        policy.rto_for(target).total_seconds(), newest_good, newest,
-        (now - good[-1].finished_at).total_seconds() if good else None,
+        policy.rto_for(target).total_seconds(), newest_good, newest, age,
         _verification(newest_record) if newest_record else None,
         last_restore_test(repo, keyring, target), by_class, len(manifests),
         sum(m.stored_bytes for m in manifests))
+
+
+def _wal_age(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> float | None:
+    """A server's data age: that of its newest stored WAL while the server has written more (0 when the archive
+    has caught up); None when no WAL is stored or the archive has a gap."""
+    from .walstatus import wal_status
+
+    status = wal_status(policy, repo, keyring, target, now)
+    if status.newest_stored_at is None or status.gaps:
+        return None
+    if status.lag_bytes == 0:
+        return 0.0
+    return (now - datetime.fromisoformat(status.newest_stored_at)).total_seconds()
 
 
 def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[dict[str, Any]]:

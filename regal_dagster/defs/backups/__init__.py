@@ -11,6 +11,7 @@ from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks
 from .schedules import build_class_schedule
 from .sensors import build_check_sensor, build_outside_sensor
+from .wal import build_wal_asset, build_wal_sensor, cluster_targets
 
 BACKUP_JOB = "backup_job"
 VERIFY_JOB = "verify_job"
@@ -32,5 +33,8 @@ def backup_definitions(policy: Policy) -> Definitions:
         description=f"Every target's newest backup read back and checked again ({policy.checks.verify_cron} UTC): "
                     "storage bit rot or tampering is found within a day."))
     sensors = [build_check_sensor(policy, backup_job, verify_job), build_outside_sensor(policy)]
-    return Definitions(assets=backups, asset_checks=[build_backup_checks(policy, name) for name in targets],
+    wal = [build_wal_asset(policy, name) for name in cluster_targets(policy)]
+    if wal:
+        sensors.append(build_wal_sensor(policy))
+    return Definitions(assets=[*backups, *wal], asset_checks=[build_backup_checks(policy, name) for name in targets],
                        jobs=[backup_job, verify_job], schedules=schedules, sensors=sensors)

@@ -396,10 +396,11 @@ class ScratchCluster:
         self._watchdog: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def persistent(cls, data_dir: Path | str, tuned_for_restore: bool = False) -> ScratchCluster:
+    def persistent(cls, data_dir: Path | str, tuned_for_restore: bool = False,
+                   bin_dir: Path | None = None) -> ScratchCluster:
         """A server on `data_dir` that survives `stop()`: initdb only when it holds no cluster yet, clean
         (fast) shutdown, nothing deleted. A server already running on `data_dir` is reused, not stopped."""
-        cluster = cls(tuned_for_restore=tuned_for_restore, keep=True)
+        cluster = cls(tuned_for_restore=tuned_for_restore, keep=True, bin_dir=bin_dir)
         cluster.data_dir = Path(data_dir).absolute()
         cluster.log_path = cluster.data_dir / "regal-server.log"
         cluster._persistent = True

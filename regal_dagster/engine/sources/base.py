@@ -64,6 +64,8 @@ class RestoreRequest:
     # temporary database, before it is renamed into place): where GDPR erasures are re-applied
     before_publishing: Callable[[str], None] | None = None
     scratch: bool = False  # the destination is a restore test's throw-away one, seen by nobody: loaded in place
+    recovery: dict[str, str] | None = None  # postgres_cluster: the recovery settings to write (engine/pitr.py)
+    recovery_wal: list[str] | None = None  # postgres_cluster: WAL files to copy into the data directory first
 
 
 @dataclass

@@ -86,7 +86,7 @@ class FilesSource(Source):
 
 
 @contextlib.contextmanager
-def _plaintext_pipe(backup: StoredBackup) -> Iterator[IO[bytes]]:
+def _plaintext_pipe(backup: StoredBackup, name: str = ARCHIVE_OBJECT) -> Iterator[IO[bytes]]:
     """The archive's authenticated plaintext as a readable stream, decrypted by a thread into a pipe: never
     whole in memory or on disk. A failure on either side reaches the reader."""
     read_end, write_end = os.pipe()
@@ -95,7 +95,7 @@ def _plaintext_pipe(backup: StoredBackup) -> Iterator[IO[bytes]]:
     def produce() -> None:
         with open(write_end, "wb") as sink:
             try:
-                backup.stream(ARCHIVE_OBJECT, sink.write)
+                backup.stream(name, sink.write)
             except BrokenPipeError:
                 pass  # the reader stopped early: its own error is the one to report
             except BaseException as exc:  # noqa: BLE001 - handed to the reader

@@ -1,0 +1,280 @@
+"""Point-in-time recovery of a `postgres_cluster` target: which base backup can reach the point asked for,
+which WAL recovery will replay (refused, naming the segment, when the archive has a gap), and the restore
+itself: the data directory written and checked, and PostgreSQL configured to fetch WAL through
+`regal-backup wal get` and stop at the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .catalog import newest_first
+from .checks import check_status, run_checks
+from .crypto import Keyring
+from .environment import child_environment
+from .errors import RegalError, UsageError
+from .manifest import Manifest
+from .policy import Policy
+from .postgresql.tools import pg_tool_for_server
+from .restore import RestoreResult, restore_backup
+from .sources.base import RestoreRequest
+from .storage import Repository
+from .wal import (
+    WalMissingError,
+    archived_names,
+    fetch_wal,
+    format_lsn,
+    is_wal_segment,
+    missing_segments,
+    parse_lsn,
+    partial_names,
+    segment_name,
+    segment_name_of,
+    segment_number,
+)
+
+
+@dataclass(frozen=True)
+class RecoveryGoal:
+    """Where recovery stops: the end of the archive, a time, a WAL position or a named restore point."""
+
+    time: datetime | None = None
+    lsn: str | None = None
+    name: str | None = None
+
+    @property
+    def latest(self) -> bool:
+        return self.time is None and self.lsn is None and self.name is None
+
+    def describe(self) -> str:
+        if self.time is not None:
+            return f"time {self.time.isoformat()}"
+        if self.lsn is not None:
+            return f"WAL position {self.lsn}"
+        if self.name is not None:
+            return f"restore point '{self.name}'"
+        return "the newest archived WAL"
+
+    def settings(self) -> dict[str, str]:
+        if self.time is not None:
+            return {"recovery_target_time": self.time.isoformat(sep=" ")}
+        if self.lsn is not None:
+            return {"recovery_target_lsn": self.lsn}
+        if self.name is not None:
+            return {"recovery_target_name": self.name}
+        return {}
+
+
+@dataclass
+class RecoveryPlan:
+    target: str
+    goal: RecoveryGoal
+    base: Manifest
+    first_segment: str  # the first WAL segment recovery needs (where the base backup starts)
+    last_segment: str  # the newest archived segment recovery may replay up to
+    segments: int  # how many segments that is
+    settings: dict[str, str]
+    target_lsn: str | None = None  # a named restore point's position, as found in the WAL
+    notes: list[str] = field(default_factory=list)
+    wal_files: list[str] = field(default_factory=list)  # the archived files recovery may replay, in order
+
+    def to_json(self) -> dict[str, Any]:
+        source = self.base.source
+        return {"target": self.target, "goal": self.goal.describe(), "base_backup": self.base.backup_id,
+                "base_backup_finished_at": self.base.finished_at.isoformat(), "start_lsn": source["start_lsn"],
+                "stop_lsn": source["stop_lsn"], "timeline": source["timeline"], "first_segment": self.first_segment,
+                "last_segment": self.last_segment, "segments_to_replay": self.segments,
+                "target_lsn": self.target_lsn, "recovery_settings": self.settings, "notes": self.notes,
+                "wal_files": len(self.wal_files)}
+
+
+def restore_command(policy_path: Path, target: str) -> str:
+    """The restore_command of a restored server: this regal-backup fetching from the repository."""
+    script = Path(sys.executable).parent / "regal-backup"
+    program = [str(script)] if script.is_file() else [sys.executable, "-m", "regal_dagster.cli"]
+    words = [*program, "--policy", str(policy_path.resolve()), "wal", "get", "--target", target]
+    return " ".join(shlex.quote(w) for w in words) + " %f %p"
+
+
+def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: str, goal: RecoveryGoal,
+                  policy_path: Path, *, backup_id: str | None = None,
+                  trigger: dict[str, str] | None = None) -> RecoveryPlan:
+    """The newest good base backup that can reach `goal`, and the WAL it needs (refused with the first missing
+    segment's name when the archive has a gap)."""
+    if policy.target(target).kind != "postgres_cluster":
+        raise UsageError(f"target {target} is not a postgres_cluster target",
+                         "point-in-time restores are for targets of kind postgres_cluster")
+    names = archived_names(repo, target)
+    partials = partial_names(repo, target)
+    notes: list[str] = []
+    with _wal_cache(repo, keyring, target) as cache:
+        for manifest in newest_first(repo, keyring, target):
+            if backup_id and manifest.backup_id != backup_id:
+                continue
+            reach = _reaches(manifest, goal, cache)
+            if reach is False:
+                notes.append(f"{manifest.backup_id} ends after the {goal.describe()}: passed over")
+                continue
+            status = check_status(repo, keyring, manifest)
+            if status.status == "unchecked":
+                if not run_checks(policy, repo, keyring, manifest.backup_id, trigger=trigger).passed:
+                    notes.append(f"{manifest.backup_id} was not checked: checked it now, it FAILED")
+                    continue
+                notes.append(f"{manifest.backup_id} was not checked: checked it now, it passed")
+            elif not status.good:
+                notes.append(f"{manifest.backup_id} failed its checks: passed over")
+                continue
+            return _plan(target, goal, manifest, names, partials, policy_path,
+                         reach if isinstance(reach, str) else None, notes)
+    raise RegalError(f"no good base backup of '{target}' can reach the {goal.describe()}"
+                     + (f" ({'; '.join(notes)})" if notes else ""),
+                     "take a base backup (`regal-backup backup TARGET`) before the point you need, or choose a later "
+                     "point; `regal-backup list TARGET` shows the backups")
+
+
+def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], partials: set[str], policy_path: Path,
+          named_lsn: str | None, notes: list[str]) -> RecoveryPlan:
+    source = base.source
+    size, timeline = int(source["wal_segment_size"]), int(source["timeline"])
+    complete = [segment_number(n, size)[1] for n in names if is_wal_segment(n) and segment_number(n, size)[0] >= timeline]
+    after = max(complete, default=parse_lsn(source["start_lsn"]) // size - 1) + 1
+    in_progress = max((p for p in partials if segment_number(p, size)[0] >= timeline
+                       and segment_number(p, size)[1] == after), default=None)
+    if in_progress is not None:  # the newest WAL: the snapshot of the segment being received
+        names = names | {in_progress}
+        notes.append(f"{in_progress} is the snapshot of the segment being received (the newest WAL)")
+    start, stop = parse_lsn(source["start_lsn"]), parse_lsn(source["stop_lsn"])
+    end_number = None
+    if goal.lsn is not None:
+        end_number = parse_lsn(goal.lsn) // size
+    elif named_lsn is not None:
+        end_number = parse_lsn(named_lsn) // size
+    missing, newest = missing_segments(names, timeline, start, size, end_number)
+    stop_number = stop // size
+    if newest < stop_number and not missing:
+        missing = [segment_name_of(timeline, stop_number, size)]
+    if missing:
+        raise RegalError(f"the WAL archive of {target} lacks {missing[0]}"
+                         + (f" and {len(missing) - 1} more segment(s)" if len(missing) > 1 else "")
+                         + f", which recovery from {base.backup_id} to the {goal.describe()} needs",
+                         "nothing was written; `regal-backup wal status` shows the gaps: restore to a point before "
+                         "the gap, or from a base backup taken after it")
+    first = segment_name(timeline, start, size)
+    last = max((n for n in names if is_wal_segment(n) and segment_number(n, size)[1] == newest),
+               default=segment_name_of(timeline, newest, size))
+    settings = {"restore_command": restore_command(policy_path, target), **goal.settings(),
+                "recovery_target_action": "promote", "recovery_target_timeline": "latest",
+                "archive_mode": "off"}
+    wal_files = sorted(n for n in names if n.endswith(".history") and int(n[:8], 16) > timeline)
+    wal_files += sorted((n for n in names if is_wal_segment(n) and segment_number(n, size)[0] >= timeline
+                         and start // size <= segment_number(n, size)[1] <= newest),
+                        key=lambda n: (segment_number(n, size)[1], n))
+    return RecoveryPlan(target, goal, base, first, last, newest - start // size + 1, settings, named_lsn, notes,
+                        wal_files)
+
+
+def _reaches(manifest: Manifest, goal: RecoveryGoal, cache: _WalCache) -> bool | str | None:
+    """Whether recovery from this base backup can stop at `goal`: it must be consistent (its stop position)
+    before the goal. For a named point, the position where the WAL after the backup holds it (False when
+    it holds none)."""
+    if goal.time is not None:
+        return manifest.finished_at <= goal.time
+    if goal.lsn is not None:
+        return parse_lsn(manifest.source["stop_lsn"]) <= parse_lsn(goal.lsn)
+    if goal.name is not None:
+        found = cache.find_restore_point(manifest, goal.name)
+        return found if found is not None else False
+    return True
+
+
+class _WalCache:
+    """Archived WAL fetched (authenticated) into a private directory once, for pg_waldump."""
+
+    def __init__(self, repo: Repository, keyring: Keyring, target: str, directory: Path):
+        self.repo, self.keyring, self.target, self.directory = repo, keyring, target, directory
+
+    def fetch_from(self, timeline: int, lsn: int, size: int) -> None:
+        number = lsn // size
+        names = archived_names(self.repo, self.target)
+        while True:
+            name = max((n for n in names if is_wal_segment(n) and segment_number(n, size)[1] == number
+                        and segment_number(n, size)[0] >= timeline), default=None)
+            if name is None:
+                return
+            path = self.directory / name
+            if not path.exists():
+                try:
+                    fetch_wal(self.repo, self.keyring, self.target, name, path, allow_partial=False)
+                except WalMissingError:
+                    return
+            number += 1
+
+    def find_restore_point(self, manifest: Manifest, name: str) -> str | None:
+        source = manifest.source
+        size, timeline, stop = int(source["wal_segment_size"]), int(source["timeline"]), parse_lsn(source["stop_lsn"])
+        self.fetch_from(timeline, stop, size)
+        tool = pg_tool_for_server("pg_waldump", int(source["server_version_num"]) // 10000)
+        done = subprocess.run([str(tool.path), "--path", str(self.directory), "--start", format_lsn(stop),
+                               "--timeline", str(timeline), "--rmgr", "XLOG"], capture_output=True, text=True,
+                              check=False, env=child_environment(), timeout=3600)
+        for line in done.stdout.splitlines():
+            match = re.search(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$", line)
+            if match and match.group(2).strip() == name:
+                return match.group(1)
+        return None
+
+
+@contextlib.contextmanager
+def _wal_cache(repo: Repository, keyring: Keyring, target: str) -> Iterator[_WalCache]:
+    from .workspace import private_directory
+
+    with private_directory("wal-scan") as directory:
+        yield _WalCache(repo, keyring, target, directory)
+
+
+@dataclass
+class PitrResult:
+    plan: RecoveryPlan
+    restored: RestoreResult | None  # None: --preview
+
+
+def restore_cluster(policy: Policy, repo: Repository, keyring: Keyring, target: str, goal: RecoveryGoal,
+                    to_dir: Path, policy_path: Path, *, preview: bool = False, backup_id: str | None = None,
+                    with_wal: bool = False, trigger: dict[str, str] | None = None) -> PitrResult:
+    """Restore `target` into the new data directory `to_dir`, to recover to `goal` when started. With `with_wal`
+    the WAL it replays is copied into the directory (`regal_wal/`) and restore_command reads it there: the
+    server then needs neither regal-backup nor the keys."""
+    plan = plan_recovery(policy, repo, keyring, target, goal, policy_path, backup_id=backup_id, trigger=trigger)
+    if with_wal:
+        from .sources.postgres_cluster.source import WAL_COPY
+
+        plan.settings["restore_command"] = f"cp {WAL_COPY}/%f %p"  # run in the data directory
+    if preview:
+        return PitrResult(plan, None)
+    request = RestoreRequest(str(to_dir), jobs=1, recovery=plan.settings,
+                             recovery_wal=plan.wal_files if with_wal else None)
+    restored = restore_backup(policy, repo, keyring, plan.base, request, trigger=trigger)
+    restored.details.update(plan.to_json())
+    if restored.ok:
+        restored.next_steps = (
+            f"Start it: pg_ctl -D {to_dir} start, as the user that owns {to_dir}"
+            + ("" if with_wal else f" and can read {policy_path} and its keys")
+            + (" (chown -R the directory to that user first: PostgreSQL does not run as root)" if _is_root() else "")
+            + f". It replays WAL from the repository to the {goal.describe()} and opens for writes. archive_mode is off "
+            "in the restored server: give it its own target before turning archiving on.")
+    return PitrResult(plan, restored)
+
+
+def _is_root() -> bool:
+    import os
+
+    return os.geteuid() == 0

@@ -1,0 +1,295 @@
+"""The `postgres_cluster` source kind: physical base backups of a whole server."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from ...errors import IntegrityError, RegalError
+from ...manifest import Manifest
+from ...outcomes import ERROR, CheckOutcome, CheckSpec
+from ...pipeline import CHUNK, StoredBackup
+from ...postgresql.connection import connect, libpq_environment
+from ...postgresql.tools import pg_tool_for_server
+from ...settings import TargetSettings
+from ...wal import fetch_wal
+from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
+from ..files.source import _plaintext_pipe
+from .basebackup import (
+    MANIFEST_MEMBER,
+    BaseBackupRun,
+    basebackup_stream,
+    manifest_checksum_holds,
+    manifest_files,
+)
+from .recovery import write_recovery_settings
+from .target import PostgresClusterTarget
+
+if TYPE_CHECKING:
+    from ...policy import Policy
+
+TAR_OBJECT = "base.tar"
+TAR_CONTENT = "pg_basebackup tar of the data directory (-Ft, WAL from the archive)"
+MANIFEST_OBJECT = "backup_manifest"
+MANIFEST_CONTENT = "PostgreSQL backup manifest (SHA-256 of every file)"
+WAL_COPY = "regal_wal"  # in a restored data directory: the WAL recovery replays, copied in (--with-wal)
+
+
+def server_facts(dsn: str) -> dict[str, Any]:
+    with connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'), "
+            "(SELECT system_identifier::text FROM pg_control_system()), "
+            "current_setting('wal_segment_size'), current_setting('wal_level'), "
+            "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+        databases = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()]
+    assert row is not None
+    return {"server_version_num": row[0], "server_version": row[1], "system_identifier": row[2],
+            "wal_segment_size": _bytes(row[3]), "wal_level": row[4], "databases": databases}
+
+
+def _bytes(setting: str) -> int:
+    units = {"kB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+    for unit, factor in units.items():
+        if setting.endswith(unit):
+            return int(setting[:-len(unit)]) * factor
+    return int(setting)
+
+
+class PostgresClusterSource(Source):
+    kind = "postgres_cluster"
+    label = "PostgreSQL server (physical)"
+    checks: ClassVar[dict[str, CheckSpec]] = {
+        "wal_continuity": CheckSpec(
+            ERROR, False, "The WAL archive holds every segment from the oldest kept base backup's start to the newest "
+                          "stored one, and pg_waldump reads every record of it: a restore can reach any point."),
+    }
+    restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup), "
+                           "the WAL it needs parsed, the server recovered, promoted, and every database opened")
+    restores_to = "a new data directory (restore TARGET --to-dir DIR), recovered from the WAL archive to a point in time"
+
+    def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
+        settings = cast(PostgresClusterTarget, target)
+        dsn = settings.resolved_dsn()
+        facts = server_facts(dsn)
+        tool = pg_tool_for_server("pg_basebackup", facts["server_version_num"] // 10000)
+        run = BaseBackupRun()
+        with basebackup_stream(tool, libpq_environment(dsn), run) as chunks:
+            tar = store(TAR_OBJECT, TAR_CONTENT, chunks, -1)
+        manifest = store(MANIFEST_OBJECT, MANIFEST_CONTENT, [run.manifest], 0)
+        files = manifest_files(run.manifest)
+        facts.update(run.facts)
+        facts.update(files=len(files), bytes=sum(int(f.get("Size", 0)) for f in files.values()),
+                     manifest_sha256=hashlib.sha256(run.manifest).hexdigest())
+        return Captured([tar, manifest], facts, {"pg_basebackup": tool.version})
+
+    def check_structure(self, backup: StoredBackup) -> str:
+        """Every file of the tar stream against PostgreSQL's backup manifest (sizes and SHA-256), and the
+        manifest's own checksum: what pg_verifybackup proves, without writing the data directory anywhere."""
+        manifest = backup.read(MANIFEST_OBJECT)
+        where = f"object {backup.manifest.object(TAR_OBJECT).key}"
+        if not manifest_checksum_holds(manifest):
+            raise IntegrityError(f"object {backup.manifest.object(MANIFEST_OBJECT).key}: the backup manifest's own "
+                                 "checksum does not hold", "this backup is damaged: use another one")
+        expected = manifest_files(manifest)
+        seen = 0
+        try:
+            with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile() or member.name == MANIFEST_MEMBER:
+                        continue
+                    facts = expected.pop(member.name, None)
+                    if facts is None:
+                        raise IntegrityError(f"{where} holds {member.name}, which the backup manifest does not list",
+                                             "this backup is damaged: use another one")
+                    content = tar.extractfile(member)
+                    assert content is not None
+                    digest = hashlib.sha256()
+                    while chunk := content.read(CHUNK):
+                        digest.update(chunk)
+                    if member.size != int(facts["Size"]) or digest.hexdigest() != facts.get("Checksum"):
+                        raise IntegrityError(f"{where}: {member.name} differs from the backup manifest's size and "
+                                             "SHA-256", "this backup is damaged: use another one")
+                    seen += 1
+        except tarfile.TarError as exc:
+            raise IntegrityError(f"{where} is not a readable tar stream ({exc})",
+                                 "this backup is damaged: use another one") from None
+        if expected:
+            raise IntegrityError(f"{where} lacks {len(expected)} file(s) the backup manifest lists, first "
+                                 f"{min(expected)}", "this backup is damaged: use another one")
+        return f"the tar stream holds the {seen} files of PostgreSQL's backup manifest with their SHA-256"
+
+    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
+        from ...catalog import newest_first
+        from ...crypto import load_keyring
+        from ...storage import open_repository
+        from ...walstatus import check_continuity
+        from ...workspace import private_directory
+
+        repo, keyring = open_repository(policy), load_keyring(policy)
+        oldest = manifest
+        for kept in newest_first(repo, keyring, target):
+            oldest = kept
+        try:
+            with private_directory("wal-continuity") as work:
+                found = check_continuity(policy, repo, keyring, oldest, work)
+        except RegalError as exc:
+            return [CheckOutcome("wal_continuity", False, f"the WAL could not be checked: {exc.message}")]
+        return [CheckOutcome("wal_continuity", found.ok, found.description, failing_object=found.missing,
+                             metadata={"parsed_to": found.parsed_to, "from_backup": oldest.backup_id})]
+
+    def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
+        return [b"PostgreSQL-Backup-Manifest-Version", b"postgresql.auto.conf"]
+
+    def summary(self, manifest: Manifest) -> dict[str, Any]:
+        source = manifest.source
+        return {"start_lsn": source.get("start_lsn"), "stop_lsn": source.get("stop_lsn"),
+                "timeline": source.get("timeline"), "databases": len(source.get("databases", []))}
+
+    def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        """The data directory at `request.to`, checked with pg_verifybackup, configured to recover from the WAL
+        archive as `request.recovery` says (engine/pitr.py decides it)."""
+        recovery, recovery_wal = request.recovery, request.recovery_wal
+        if recovery is None:  # this backup as it was when it ended, its own WAL copied in: self-contained
+            recovery = {"restore_command": f"cp {WAL_COPY}/%f %p", "recovery_target": "immediate",
+                        "recovery_target_action": "promote", "archive_mode": "off"}
+            recovery_wal = own_wal(backup)
+        root = Path(request.to)
+        if root.exists() and any(root.iterdir()):
+            raise RegalError(f"{root} is not empty", "give a new or empty directory for the data directory")
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root.chmod(0o700)
+        if request.before_writing:
+            request.before_writing()
+        started = time.monotonic()
+        with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            tar.extractall(root, filter="tar")
+        if not (root / MANIFEST_MEMBER).exists():
+            backup.install(MANIFEST_OBJECT, root / MANIFEST_MEMBER)
+        (root / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+        seconds = {"extract": time.monotonic() - started}
+        wal_dir = None
+        if recovery_wal is not None:
+            started = time.monotonic()
+            wal_dir = root / WAL_COPY
+            wal_dir.mkdir(mode=0o700)
+            for name in recovery_wal:
+                fetch_wal(backup.repo, backup.keyring, backup.manifest.target, name, wal_dir / name)
+            seconds["copy_wal"] = time.monotonic() - started
+        started = time.monotonic()
+        problems = verify_data_directory(root, backup.manifest.source["server_version_num"] // 10000, wal_dir)
+        seconds["pg_verifybackup"] = time.monotonic() - started
+        write_recovery_settings(root, recovery)
+        return Restored(str(root), f"restored {backup.manifest.backup_id} into {root}: "
+                                   f"{backup.manifest.source.get('files', 0)} files, checked with pg_verifybackup; "
+                                   "recovery configured", problems, seconds, {"data_directory": str(root)})
+
+    @contextlib.contextmanager
+    def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
+        from ...workspace import private_directory
+
+        with private_directory("cluster-test", work_dir) as tmp:
+            yield str(tmp / "data")
+
+    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+        """Start PostgreSQL of the backup's major version on the restored data directory (a scratch server on a
+        private socket): it recovers to the backup's end and is promoted; then every database the backup held
+        accepts connections."""
+        from ...postgresql.server import ScratchCluster, installation_major, server_installations
+
+        major = manifest.source["server_version_num"] // 10000
+        bin_dir = next((b for b in server_installations() if installation_major(b) == major), None)
+        if bin_dir is None:
+            why = (f"no PostgreSQL {major} server is installed here to start the restored data directory (a physical "
+                   "backup starts only on its own major version)")
+            return RestoredFindings([why], {}, {})
+        root = Path(destination)
+        prepare_scratch_start(root)
+        started = time.monotonic()
+        cluster = ScratchCluster.persistent(root, bin_dir=bin_dir)
+        problems: list[str] = []
+        details: dict[str, Any] = {}
+        try:
+            cluster.start()
+            deadline = time.monotonic() + 600
+            while _in_recovery(cluster.dsn()):
+                if time.monotonic() > deadline:
+                    problems.append("the restored server was not promoted within 10 minutes")
+                    break
+                time.sleep(0.2)
+            promoted = time.monotonic() - started
+            with connect(cluster.dsn()) as conn:
+                found = [r[0] for r in conn.execute(
+                    "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()]
+            for name in found:
+                with connect(cluster.dsn(name)) as conn:
+                    conn.execute("SELECT count(*) FROM pg_class").fetchone()
+            expected = manifest.source.get("databases", [])
+            if found != expected:
+                problems.append(f"the restored server has the databases {found}, the backup had {expected}")
+            details = {"databases": found}
+        except RegalError as exc:
+            problems.append(f"the restored server did not start: {exc.message}")
+            promoted = time.monotonic() - started
+        finally:
+            cluster.stop()
+        return RestoredFindings(problems, details, {"recovery_to_promotion": promoted})
+
+
+def verify_data_directory(root: Path, server_major: int, wal_dir: Path | None) -> list[str]:
+    """pg_verifybackup on a restored data directory: every file against the backup manifest and, when the WAL
+    was copied in, the WAL the backup needs parses (else recovery checks it as it fetches it). Its findings."""
+    tool = pg_tool_for_server("pg_verifybackup", server_major)
+    from ...environment import child_environment
+
+    wal = ["--ignore", WAL_COPY, "--wal-directory", str(wal_dir)] if wal_dir else ["--no-parse-wal"]
+    done = subprocess.run([str(tool.path), *wal, "--quiet", str(root)], capture_output=True, text=True,
+                          check=False, env=child_environment(), timeout=3600)
+    if done.returncode == 0:
+        return []
+    return [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()][:20] or [
+        f"pg_verifybackup failed with exit code {done.returncode}"]
+
+
+def own_wal(backup: StoredBackup) -> list[str]:
+    """The archived WAL this base backup needs to be consistent (its start to its stop position) and the timeline
+    history files: refused, naming the first missing segment, when the archive lacks one."""
+    from ...wal import archived_names, parse_lsn, segment_name_of
+
+    source = backup.manifest.source
+    size, timeline = int(source["wal_segment_size"]), int(source["timeline"])
+    names = archived_names(backup.repo, backup.manifest.target)
+    needed = [segment_name_of(timeline, n, size)
+              for n in range(parse_lsn(source["start_lsn"]) // size, parse_lsn(source["stop_lsn"]) // size + 1)]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise RegalError(f"the WAL archive of {backup.manifest.target} lacks {missing[0]}, which "
+                         f"{backup.manifest.backup_id} needs to be consistent", "restore from another base backup")
+    return sorted(n for n in names if n.endswith(".history")) + needed
+
+
+def prepare_scratch_start(root: Path) -> None:
+    """A restored data directory made startable as a scratch server: the server's own configuration files may
+    live outside the data directory (Debian keeps them in /etc): the scratch server's settings (its private socket,
+    its own pg_hba file) are included last."""
+    from ...postgresql.server import SETTINGS_FILE
+
+    conf = root / "postgresql.conf"
+    text = conf.read_text() if conf.exists() else ""
+    if SETTINGS_FILE not in text:
+        with conf.open("a") as f:
+            f.write(f"\n# Regal Backup restore test: the scratch server's settings\ninclude_if_exists = '{SETTINGS_FILE}'\n")
+
+
+def _in_recovery(dsn: str) -> bool:
+    with connect(dsn) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])

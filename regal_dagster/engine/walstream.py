@@ -1,0 +1,211 @@
+"""`regal-backup wal stream TARGET`: a long-running receiver of a server's WAL (a systemd service, not a
+Dagster run).
+
+pg_receivewal holds the target's replication slot and writes into a working directory of this target
+that outlives the process (`<policy dir>/wal-stream/<target>/`, mode 0700): every completed segment and
+.history file there is stored through the pipeline (`wal.push_wal`) and then removed; the segment being
+received (`.partial`) is stored as a snapshot whenever it grew, at most every `snapshot_seconds`. On a
+restart (after a crash, a kill -9, a reboot) what the last run left there is stored first, and
+pg_receivewal resumes from it; the slot keeps on the server whatever it has not confirmed. So nothing is
+skipped. SIGTERM stops the receiver, stores what it wrote, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .crypto import Keyring
+from .errors import RegalError
+from .layout import is_wal_segment, valid_wal_name, wal_partial_key
+from .policy import Policy
+from .postgresql.connection import connect, libpq_environment
+from .postgresql.tools import pg_tool_for_server
+from .storage import Repository
+from .wal import WAL_RECORD_SUFFIX, push_wal
+
+SNAPSHOT_SECONDS = 10.0  # the segment in progress is stored at least this often (when it grew): the RPO bound
+RESTART_SECONDS = 5.0  # after the receiver lost its connection
+
+
+@dataclass
+class ServerReadiness:
+    server_major: int
+    segment_size: int
+    slot_created: bool
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def check_server(dsn: str, slot: str) -> ServerReadiness:
+    """The server can stream WAL to us: wal_level, max_wal_senders, the role's REPLICATION, the slot (created
+    when missing). Each problem is one clear message with the setting to change."""
+    with connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT current_setting('wal_level'), current_setting('max_wal_senders')::int, "
+            "current_setting('server_version_num')::int, current_setting('wal_segment_size'), current_user, "
+            "(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
+        assert row is not None
+        wal_level, senders, version, segment_setting, role, may_replicate = row
+        if wal_level == "minimal":
+            raise RegalError("the server has wal_level = minimal: its WAL cannot be streamed or archived",
+                             "set wal_level = replica in postgresql.conf and restart the server")
+        if senders < 1:
+            raise RegalError("the server has max_wal_senders = 0: no WAL can be streamed",
+                             "set max_wal_senders = 10 (at least 2: base backups use one) and restart the server")
+        if not may_replicate:
+            raise RegalError(f"the role {role} may not replicate",
+                             f"ALTER ROLE {role} REPLICATION (and allow it a `replication` line in pg_hba.conf)")
+        deadline = time.monotonic() + 15  # a receiver that just died (kill -9, a restart) is let go shortly
+        while True:
+            found = conn.execute("SELECT slot_type, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                                 (slot,)).fetchone()
+            if found is None or found[1] is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        created = False
+        if found is None:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+            created = True
+        elif found[0] != "physical":
+            raise RegalError(f"the replication slot {slot} is a {found[0]} slot", "give the target another `slot:` "
+                             "name in the policy (a physical slot is created for it)")
+        elif found[1] is not None:
+            raise RegalError(f"the replication slot {slot} is in use by server process {found[1]}",
+                             "another `wal stream` (or another receiver) holds it: stop it, or give this target "
+                             "another `slot:`")
+    from .sources.postgres_cluster.source import _bytes
+
+    return ServerReadiness(version // 10000, _bytes(segment_setting), created,
+                           {"wal_level": wal_level, "max_wal_senders": senders})
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the streamer dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def stream_directory(policy: Policy, target: str, work_dir: Path | None) -> Path:
+    path = work_dir or policy.resolve_path(f"wal-stream/{target}")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+class WalStreamer:
+    def __init__(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, directory: Path, *,
+                 snapshot_seconds: float = SNAPSHOT_SECONDS, say: Callable[[str], None] = print):
+        self.policy, self.repo, self.keyring, self.target = policy, repo, keyring, target
+        self.directory, self.snapshot_seconds, self.say = directory, snapshot_seconds, say
+        self.stored = 0
+        self._snapshotted: dict[str, tuple[int, int]] = {}
+        self._last_snapshot = 0.0
+
+    def store_completed(self) -> int:
+        """Store every completed WAL file in the directory (history files first, then segments in order), each
+        removed once stored; and the snapshots of segments now complete are dropped."""
+        files = sorted((p for p in self.directory.iterdir() if valid_wal_name(p.name)),
+                       key=lambda p: (not p.name.endswith(".history"), p.name))
+        for path in files:
+            pushed = push_wal(self.policy, self.repo, self.keyring, self.target, path)
+            path.unlink()
+            self.stored += 1
+            self.say(f"{pushed.name}: " + ("already stored" if pushed.already else "stored"))
+            if is_wal_segment(pushed.name):
+                self._drop_snapshot(pushed.name)
+        return len(files)
+
+    def _drop_snapshot(self, segment: str) -> None:
+        key = wal_partial_key(self.target, segment)
+        for stale in (key + WAL_RECORD_SUFFIX, key):
+            with contextlib.suppress(Exception):
+                if self.repo.size(stale) is not None:
+                    self.repo.delete(stale)
+        self._snapshotted.pop(segment, None)
+
+    def snapshot_partial(self, force: bool = False) -> None:
+        """Store the segment being received when it changed since its last snapshot."""
+        if not force and time.monotonic() - self._last_snapshot < self.snapshot_seconds:
+            return
+        self._last_snapshot = time.monotonic()
+        for path in self.directory.glob("*.partial"):
+            segment = path.name.removesuffix(".partial")
+            if not is_wal_segment(segment):
+                continue
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue  # completed meanwhile
+            state = (info.st_size, info.st_mtime_ns)
+            if self._snapshotted.get(segment) == state:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                push_wal(self.policy, self.repo, self.keyring, self.target, path, name=segment, partial=True,
+                         segment_size=info.st_size)
+                self._snapshotted[segment] = state
+
+
+def receiver_command(tool: Path, directory: Path, slot: str) -> list[str]:
+    return [str(tool), "--directory", str(directory), "--slot", slot, "--no-loop", "--no-password",
+            "--status-interval", "1", "--verbose"]
+
+
+@contextlib.contextmanager
+def _receiver(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                   preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, async-signal-safe
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()  # pg_receivewal flushes what it received and exits
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, *, work_dir: Path | None = None,
+               snapshot_seconds: float = SNAPSHOT_SECONDS, stop: threading.Event,
+               say: Callable[[str], None] = print) -> int:
+    """Stream until `stop` is set; returns how many WAL files were stored."""
+    settings = policy.target(target)
+    dsn = settings.resolved_dsn()  # type: ignore[attr-defined]
+    slot = settings.slot  # type: ignore[attr-defined]
+    readiness = check_server(dsn, slot)
+    if readiness.slot_created:
+        say(f"created the physical replication slot {slot}: the server keeps WAL until it is stored")
+    tool = pg_tool_for_server("pg_receivewal", readiness.server_major)
+    directory = stream_directory(policy, target, work_dir)
+    log = directory.parent / f"{directory.name}.receiver.log"
+    streamer = WalStreamer(policy, repo, keyring, target, directory, snapshot_seconds=snapshot_seconds, say=say)
+    with repo.lock(f"{target}-wal-stream"):
+        left = streamer.store_completed()  # what a previous run left: before anything new
+        if left:
+            say(f"stored {left} WAL file(s) a previous run had received")
+        env = libpq_environment(dsn)
+        while not stop.is_set():
+            with _receiver(receiver_command(tool.path, directory, slot), env, log) as process:
+                say(f"streaming WAL of {target} with {tool.path.name} {tool.version} into {directory} "
+                    f"(slot {slot})")
+                while not stop.is_set() and process.poll() is None:
+                    streamer.store_completed()
+                    streamer.snapshot_partial()
+                    stop.wait(0.5)
+            streamer.store_completed()
+            streamer.snapshot_partial(force=True)
+            if not stop.is_set():
+                say(f"pg_receivewal stopped (exit code {process.returncode}; see {log}): restarting in "
+                    f"{RESTART_SECONDS:.0f} s")
+                stop.wait(RESTART_SECONDS)
+    return streamer.stored

@@ -1,0 +1,487 @@
+"""Point-in-time recovery of a whole server: base backups through the pipeline, WAL archived by
+`regal-backup wal push` as the server's archive_command, restores to a time, a WAL position, a named
+restore point and the end of the archive, each started with PostgreSQL and compared row by row."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from regal_dagster.engine.postgresql import server as pg_server
+from regal_dagster.engine.postgresql.server import ScratchCluster
+
+CLI = [sys.executable, "-m", "regal_dagster.cli"]
+
+# As root, PostgreSQL runs as regal_pg, which cannot run this Python (it lives under /root here): the server
+# then archives into a spool that the test pushes with `regal-backup wal push`, and restores copy their WAL
+# in (--with-wal). As any other user, the server runs `wal push` and `wal get` itself.
+AS_ROOT = os.geteuid() == 0
+
+
+def cli(policy: Path, *args: str) -> Any:
+    import subprocess
+
+    return subprocess.run([*CLI, *args, "--policy", str(policy)], capture_output=True, text=True, check=False)
+
+
+def _give_to_server_account(path: Path) -> None:
+    """PostgreSQL runs as regal_pg when the tests run as root: its archive_command and restore_command read
+    the policy, the keys and the repository as that user."""
+    account = pg_server._server_account()
+    if account.is_other:
+        pg_server._make_traversable(path)
+        account.chown_tree(path)
+
+
+def _sql(dsn: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(query, params or None)
+        return cursor.fetchall() if cursor.description else None
+
+
+def _wait_archived(dsn: str) -> None:
+    """A WAL switch, then wait until the server has archived the segment it closed."""
+    wanted = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        row = _sql(dsn, "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver")[0]
+        if row[0] and row[0] >= wanted:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{wanted} was not archived: {row}")
+
+
+@pytest.fixture(scope="module")
+def archived_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A PostgreSQL 18 server archiving through `regal-backup wal push`, two base backups, and rows written at
+    known times, WAL positions and a named restore point."""
+    base = tmp_path_factory.mktemp("pitr")
+    server = ScratchCluster.persistent(base / "pgdata").start()
+    try:
+        project = base / "regal"
+        made = json.loads(_run([*CLI, "init", str(project), "--cluster-dsn", server.dsn(), "--no-audit",
+                                "--json"]).stdout)
+        policy = Path(made["policy"])
+        _give_to_server_account(project)
+        spool = base / "spool"
+        spool.mkdir()
+        _give_to_server_account(spool)
+        push = (f"test ! -f {spool}/%f && cp %p {spool}/%f" if AS_ROOT else
+                " ".join([sys.executable, "-m", "regal_dagster.cli", "--policy", str(policy), "wal", "push", "%p"]))
+        dsn = server.dsn()
+        _sql(dsn, "ALTER SYSTEM SET archive_mode = 'on'")
+        _sql(dsn, sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(push)).as_string())
+        server.stop()
+        server.start()
+        dsn = server.dsn()
+        _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, note text)")
+        _sql(dsn, "INSERT INTO payments VALUES (1, 'before the first base backup')")
+        first = json.loads(_ok(cli(policy, "backup", "cluster", "--json")).stdout)["backup_id"]
+        _push_spool(policy, spool)
+        _sql(dsn, "INSERT INTO payments VALUES (2, 'before the time')")
+        time.sleep(0.3)
+        at_time = _sql(dsn, "SELECT clock_timestamp()")[0][0]
+        time.sleep(0.3)
+        _sql(dsn, "INSERT INTO payments VALUES (3, 'after the time, before the position')")
+        at_lsn = _sql(dsn, "SELECT pg_current_wal_lsn()::text")[0][0]
+        _sql(dsn, "INSERT INTO payments VALUES (4, 'after the position, before the restore point')")
+        _sql(dsn, "SELECT pg_create_restore_point('before_five')")
+        second = json.loads(_ok(cli(policy, "backup", "cluster", "--json")).stdout)["backup_id"]
+        _push_spool(policy, spool)
+        _sql(dsn, "INSERT INTO payments VALUES (5, 'after the restore point and the second base backup')")
+        _sql(dsn, "INSERT INTO payments VALUES (6, 'the newest')")
+        _wait_archived(dsn)
+        _push_spool(policy, spool)
+        yield {"policy": policy, "base": base, "dsn": dsn, "first": first, "second": second, "at_time": at_time,
+               "at_lsn": at_lsn, "server": server}
+    finally:
+        server.stop()
+
+
+def _push_spool(policy: Path, spool: Path) -> None:
+    for path in sorted(spool.iterdir()):
+        _ok(cli(policy, "wal", "push", str(path)))
+        path.unlink()
+
+
+def _run(command: list[str]) -> Any:
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _ok(done: Any) -> Any:
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done
+
+
+def _restore_and_read(setup: dict[str, Any], name: str, *how: str) -> tuple[dict[str, Any], list[int]]:
+    """Restore to a new data directory, start PostgreSQL on it, wait for the promotion, read the rows."""
+    data = setup["base"] / f"restored-{name}"
+    done = _ok(cli(setup["policy"], "restore", "cluster", "--to-dir", str(data), *how, "--json",
+                   *(["--with-wal"] if AS_ROOT else [])))
+    report = json.loads(done.stdout)
+    assert (data / "recovery.signal").exists()
+    restored = ScratchCluster.persistent(data).start()
+    try:
+        deadline = time.monotonic() + 90
+        while _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0]:
+            assert time.monotonic() < deadline, restored.log_tail()
+            time.sleep(0.2)
+        rows = [r[0] for r in _sql(restored.dsn(), "SELECT id FROM payments ORDER BY id")]
+        _sql(restored.dsn(), "INSERT INTO payments VALUES (100, 'open for writes')")  # promoted
+    finally:
+        restored.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return report, rows
+
+
+def test_a_base_backup_is_a_verified_pg_basebackup_stream_with_its_wal_range(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    shown = json.loads(_ok(cli(policy, "show", archived_server["first"], "--json")).stdout)
+    assert [o["name"] for o in shown["objects"]] == ["base.tar", "backup_manifest"]
+    done = _ok(cli(policy, "verify", archived_server["second"], "--json"))
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert all(c["passed"] for c in checks.values()), checks
+    assert "files of PostgreSQL's backup manifest with their SHA-256" in checks["integrity"]["description"]
+    assert "parsed by pg_waldump" in checks["wal_continuity"]["description"], checks["wal_continuity"]
+    repo = policy.parent / "repository" / "backups" / "cluster" / archived_server["first"]
+    manifest = json.loads((repo / "manifest.json").read_text())
+    source = manifest["source"]
+    assert source["timeline"] == 1 and source["start_lsn"] <= source["stop_lsn"]
+    assert manifest["tool_versions"]["pg_basebackup"].startswith("18")
+
+
+def test_restores_to_a_time_a_position_a_restore_point_and_the_end(archived_server: dict[str, Any]) -> None:
+    setup = archived_server
+    preview = json.loads(_ok(cli(setup["policy"], "restore", "cluster", "--to-dir", str(setup["base"] / "never"),
+                                 "--to-time", setup["at_time"].isoformat(), "--preview", "--json")).stdout)
+    assert preview["preview"] and preview["base_backup"] == setup["first"]  # the second ends after the time
+    assert not (setup["base"] / "never").exists()
+
+    report, rows = _restore_and_read(setup, "time", "--to-time", setup["at_time"].isoformat())
+    assert rows == [1, 2] and report["details"]["base_backup"] == setup["first"]
+    report, rows = _restore_and_read(setup, "lsn", "--to-lsn", setup["at_lsn"])
+    assert rows == [1, 2, 3]
+    report, rows = _restore_and_read(setup, "name", "--to-name", "before_five")
+    assert rows == [1, 2, 3, 4] and report["details"]["base_backup"] == setup["first"]
+    report, rows = _restore_and_read(setup, "latest", "--latest")
+    assert rows == [1, 2, 3, 4, 5, 6] and report["details"]["base_backup"] == setup["second"]
+
+
+def test_wal_push_is_idempotent_and_refuses_other_content(archived_server: dict[str, Any], tmp_path: Path) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segment = min(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    fetched = tmp_path / segment
+    _ok(cli(policy, "wal", "get", segment, str(fetched)))
+    assert fetched.stat().st_size == 16 * 1024 * 1024
+    again = _ok(cli(policy, "wal", "push", str(fetched), "--json"))
+    assert json.loads(again.stdout)["already"] is True
+    with fetched.open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    refused = cli(policy, "wal", "push", str(fetched))
+    assert refused.returncode == 1 and "already archived" in refused.stderr and segment in refused.stderr
+    absent = cli(policy, "wal", "get", "00000001000000FF000000FF", str(tmp_path / "absent"))
+    assert absent.returncode == 1 and not (tmp_path / "absent").exists()
+
+
+def test_a_changed_wal_object_fails_authentication(archived_server: dict[str, Any], tmp_path: Path) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segment = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)[1]
+    original = (wal_dir / segment).read_bytes()
+    try:
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0x01
+        (wal_dir / segment).write_bytes(bytes(damaged))
+        done = cli(policy, "wal", "get", segment, str(tmp_path / segment))
+        assert done.returncode == 3 and "fails authentication" in done.stderr
+        assert not (tmp_path / segment).exists()
+    finally:
+        (wal_dir / segment).write_bytes(original)
+
+
+def test_a_missing_wal_segment_is_refused_naming_it(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segments = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    gone = segments[1]
+    kept = (wal_dir / (gone + ".json")).read_bytes()
+    (wal_dir / (gone + ".json")).unlink()
+    try:
+        target = archived_server["base"] / "refused"
+        done = cli(policy, "restore", "cluster", "--to-dir", str(target), "--to-time",
+                   archived_server["at_time"].isoformat())
+        assert done.returncode == 1 and f"lacks {gone}" in done.stderr, done.stderr
+        assert not target.exists()
+        verified = cli(policy, "verify", archived_server["second"], "--json")
+        checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
+        assert verified.returncode == 1 and not checks["wal_continuity"]["passed"]
+        assert checks["wal_continuity"]["failing_object"] == gone and gone in checks["wal_continuity"]["description"]
+        status = cli(policy, "wal", "status", "cluster", "--json")
+        assert status.returncode == 3 and json.loads(status.stdout)["gaps"] == [gone]
+    finally:
+        (wal_dir / (gone + ".json")).write_bytes(kept)
+        os.utime(wal_dir / (gone + ".json"))
+
+
+def test_wal_status_measures_the_newest_stored_position_against_the_server(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    newest = max(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    done = _ok(cli(policy, "wal", "status", "cluster", "--json"))
+    status = json.loads(done.stdout)
+    assert status["newest_segment"] == newest and status["gaps"] == [] and status["segments"] >= 5
+    assert status["oldest_base_backup"] == archived_server["first"]
+    server_lsn = _sql(archived_server["dsn"], "SELECT pg_current_wal_lsn()::text")[0][0]
+    assert status["server_lsn"] == server_lsn
+    stored = (int(newest[8:16], 16) << 32) + (int(newest[16:], 16) + 1) * 16 * 1024 * 1024
+    high, low = server_lsn.split("/")
+    assert status["lag_bytes"] == max(0, (int(high, 16) << 32 | int(low, 16)) - stored)
+
+
+def test_dagster_shows_base_backups_and_the_wal_whose_freshness_is_the_rpo(archived_server: dict[str, Any]) -> None:
+    from datetime import timedelta
+
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+
+    defs = build_definitions(str(archived_server["policy"]))
+    dg.Definitions.validate_loadable(defs)
+    base, wal = dg.AssetKey(["postgres", "cluster", "base_backup"]), dg.AssetKey(["postgres", "cluster", "wal"])
+    assert defs.resolve_assets_def(base).get_asset_spec(base).group_name == "backups"
+    spec = defs.resolve_assets_def(wal).get_asset_spec(wal)
+    assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=1)  # the policy's RPO
+    assert [d.asset_key for d in spec.deps] == [base]
+
+    instance = dg.DagsterInstance.ephemeral()
+    _sql(archived_server["dsn"], "INSERT INTO payments VALUES (7, 'written, not yet stored')")
+
+    def tick(cursor: str | None) -> str | None:
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+        result = defs.resolve_sensor_def("wal_stream_watch")(context)
+        for event in result.asset_events:  # type: ignore[union-attr]
+            instance.report_runless_asset_event(event)
+        return result.cursor  # type: ignore[union-attr]
+
+    cursor = tick(None)
+    event = instance.get_latest_materialization_event(wal)
+    assert event is not None and event.asset_materialization is not None
+    metadata = event.asset_materialization.metadata
+    status = json.loads(_ok(cli(archived_server["policy"], "wal", "status", "--json")).stdout)
+    assert metadata["newest_lsn"].value == status["newest_lsn"] and metadata["gaps"].value == 0
+    assert metadata["lag_bytes"].value > 0  # the row just written is on the server only
+    tick(cursor)  # nothing newer stored and the server is ahead: no event, the asset ages towards the RPO
+    assert len(instance.fetch_materializations(wal, limit=10).records) == 1
+
+
+def test_the_rpo_watch_alerts_on_the_age_of_the_newest_stored_wal(archived_server: dict[str, Any]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from regal_dagster.engine.alerts import rpo_conditions
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    cli(archived_server["policy"], "verify", archived_server["second"])  # a good base backup: the WAL decides
+    policy = load_policy(archived_server["policy"])
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    _sql(archived_server["dsn"], "INSERT INTO payments VALUES (8, 'on the server only')")
+    now = datetime.now(UTC)
+    assert rpo_conditions(policy, repo, keyring, now) == []  # the newest WAL was stored minutes ago: within 1 h
+    later = rpo_conditions(policy, repo, keyring, now + timedelta(hours=2))  # the stream stopped two hours ago
+    assert [c.key for c in later] == ["rpo:cluster"]
+    assert "newest stored WAL is" in later[0].what and "bytes ahead" in later[0].what
+    shown = json.loads(_ok(cli(archived_server["policy"], "status", "cluster", "--json")).stdout)["targets"][0]
+    stored_at = datetime.fromisoformat(json.loads(_ok(cli(archived_server["policy"], "wal", "status", "--json"))
+                                                  .stdout)["newest_stored_at"])
+    assert not shown["rpo_breached"]
+    assert abs(shown["rpo_age_seconds"] - (datetime.now(UTC) - stored_at).total_seconds()) < 30  # the WAL's age
+
+
+def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    done = cli(policy, "restore-test", "--target", "cluster", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert report["backup_id"] == archived_server["second"] and report["problems"] == []
+    assert report["details"]["databases"] == ["postgres", "template1"]  # as the backup recorded them
+    assert report["seconds"]["recovery_to_promotion"] > 0
+
+
+def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archived_server: dict[str, Any]) -> None:
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    before = sorted(p.name for p in wal_dir.iterdir() if p.name.endswith(".json"))
+    dry = json.loads(_ok(cli(policy, "prune", "--dry-run", "--json")).stdout)
+    kept = sorted(d["backup_id"] for d in dry["decisions"]["cluster"] if d["keep"])
+    assert kept == [archived_server["second"]]  # one hourly backup per hour: the first one goes
+    manifest = json.loads((policy.parent / "repository" / "backups" / "cluster" / kept[0] / "manifest.json")
+                          .read_text())
+    high, low = manifest["source"]["start_lsn"].split("/")
+    first = (int(high, 16) << 32 | int(low, 16)) // (16 * 1024 * 1024)
+    older = [n for n in before if int(n[8:16], 16) * 256 + int(n[16:24], 16) < first]
+    assert any(len(n) == 24 + 5 for n in older)  # segments before the kept base backup started
+    assert dry["wal_deleted"] == {"cluster": len(older)}
+    assert sorted(p.name for p in wal_dir.iterdir() if p.name.endswith(".json")) == before  # a dry run
+    _ok(cli(policy, "prune", "--json"))
+    assert sorted(p.name for p in wal_dir.iterdir() if p.name.endswith(".json")) == [n for n in before
+                                                                                     if n not in older]
+    status = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)
+    assert status["gaps"] == [] and status["oldest_base_backup"] == kept[0]
+    preview = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(archived_server["base"] / "x"),
+                                 "--latest", "--preview", "--json")).stdout)
+    assert preview["base_backup"] == kept[0]
+
+
+def test_init_writes_a_cluster_target_beside_a_database(tmp_path: Path) -> None:
+    done = _ok(cli(tmp_path / "unused.yaml", "init", str(tmp_path / "p"), "--postgres-dsn",
+                   "postgresql://backup@db/pos", "--cluster-dsn", "postgresql://replicator@db/postgres",
+                   "--no-audit", "--json"))
+    import yaml
+
+    document = yaml.safe_load(Path(json.loads(done.stdout)["policy"]).read_text())
+    assert document["targets"]["main"] == {"kind": "postgres", "dsn": "postgresql://backup@db/pos"}
+    assert document["targets"]["cluster"] == {"kind": "postgres_cluster", "dsn": "postgresql://replicator@db/postgres",
+                                              "slot": "regal_backup"}
+
+
+def _stored(policy: Path, name: str) -> bool:
+    return (policy.parent / "repository" / "wal" / "cluster" / (name + ".json")).exists()
+
+
+def _wait_for(condition: Any, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _start_stream(policy: Path, log: Path) -> Any:
+    import subprocess
+
+    with log.open("a") as out:
+        process = subprocess.Popen([*CLI, "--policy", str(policy), "wal", "stream", "cluster", "--snapshot-seconds",
+                                    "1"], stdout=subprocess.DEVNULL, stderr=out)
+    _wait_for(lambda: "streaming WAL" in log.read_text() or process.poll() is not None, "the stream to start")
+    assert process.poll() is None, log.read_text()
+    return process
+
+
+def test_the_wal_stream_survives_kill_9_and_restores_to_its_newest_snapshot(tmp_path: Path) -> None:
+    """A streamer killed with SIGKILL and started again leaves no gap (the slot and its working directory keep
+    the WAL); SIGTERM stops it cleanly; a restore reaches the last commit, held only in the snapshot of the
+    segment being received."""
+    import signal
+
+    server = ScratchCluster.persistent(tmp_path / "pgdata").start()
+    stream = None
+    try:
+        dsn = server.dsn()
+        made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", dsn, "--no-audit",
+                                "--json"]).stdout)
+        policy = Path(made["policy"])
+        log = tmp_path / "stream.log"
+        stream = _start_stream(policy, log)
+        assert _sql(dsn, "SELECT active FROM pg_replication_slots WHERE slot_name = 'regal_backup'") == [(True,)]
+        _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, note text)")
+        _sql(dsn, "INSERT INTO payments VALUES (1)")
+        _ok(cli(policy, "backup", "cluster"))
+        _sql(dsn, "INSERT INTO payments VALUES (2)")
+        closed = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+        _wait_for(lambda: _stored(policy, closed), f"{closed} to be stored")
+
+        stream.send_signal(signal.SIGKILL)
+        stream.wait()
+        _sql(dsn, "INSERT INTO payments VALUES (3)")
+        _sql(dsn, "SELECT pg_switch_wal()")
+        _sql(dsn, "INSERT INTO payments VALUES (4)")
+        closed = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+        stream = _start_stream(policy, log)
+        _wait_for(lambda: _stored(policy, closed), f"{closed} to be stored after the restart")
+        _sql(dsn, "INSERT INTO payments VALUES (5)")  # in the segment being received: only a snapshot holds it
+        in_progress = _sql(dsn, "SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+        written = time.time()
+        partial = policy.parent / "repository" / "wal" / "cluster" / "partial" / (in_progress + ".json")
+        _wait_for(lambda: partial.exists() and partial.stat().st_mtime > written + 0.5, "a snapshot of "
+                  f"{in_progress}")
+        stream.send_signal(signal.SIGTERM)
+        assert stream.wait(timeout=30) == 0, log.read_text()
+        stream = None
+        text = log.read_text()
+        assert "storing what was received, then stopping" in text
+
+        status = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)
+        assert status["snapshot"] == in_progress and status["gaps"] == []
+        assert status["newest_lsn"].split("/")[0] == status["server_lsn"].split("/")[0]
+        preview = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(tmp_path / "x"), "--latest",
+                                     "--preview", "--json")).stdout)
+        assert preview["last_segment"] == in_progress  # no gap from the base backup to the snapshot
+        _report, rows = _restore_and_read({"policy": policy, "base": tmp_path}, "stream", "--latest")
+        assert rows == [1, 2, 3, 4, 5]
+
+        # A timeline switch: a restored, promoted server (timeline 2) streamed into the target in its place.
+        data = tmp_path / "promoted"
+        _ok(cli(policy, "restore", "cluster", "--to-dir", str(data), "--latest",
+                *(["--with-wal"] if AS_ROOT else [])))
+        promoted = ScratchCluster.persistent(data).start()
+        try:
+            _wait_for(lambda: not _sql(promoted.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion")
+            import yaml
+
+            document = yaml.safe_load(policy.read_text())
+            document["targets"]["cluster"]["dsn"] = promoted.dsn()
+            policy.write_text(yaml.safe_dump(document))
+            stream = _start_stream(policy, log)
+            _sql(promoted.dsn(), "INSERT INTO payments VALUES (6, 'on the new timeline')")
+            closed = _sql(promoted.dsn(), "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+            assert closed.startswith("00000002")
+            _wait_for(lambda: _stored(policy, closed), f"{closed} to be stored")
+            assert _stored(policy, "00000002.history")
+            stream.send_signal(signal.SIGTERM)
+            assert stream.wait(timeout=30) == 0
+            stream = None
+        finally:
+            promoted.stop()
+        _report, rows = _restore_and_read({"policy": policy, "base": tmp_path}, "timeline2", "--latest")
+        assert rows == [1, 2, 3, 4, 5, 6]  # recovery followed the history file onto timeline 2
+    finally:
+        if stream is not None and stream.poll() is None:
+            stream.kill()
+            stream.wait()
+        server.stop()
+
+
+def test_the_stream_checks_the_server_first_with_clear_messages(tmp_path: Path) -> None:
+    with ScratchCluster(base_dir=tmp_path) as minimal:  # tuned for restores: wal_level minimal, no WAL senders
+        made = json.loads(_run([*CLI, "init", str(tmp_path / "a"), "--cluster-dsn", minimal.dsn(), "--no-audit",
+                                "--json"]).stdout)
+        done = cli(Path(made["policy"]), "wal", "stream", "cluster")
+        assert done.returncode == 1
+        assert "wal_level = minimal" in done.stderr and "set wal_level = replica" in done.stderr
+    server = ScratchCluster.persistent(tmp_path / "pgdata").start()
+    try:
+        _sql(server.dsn(), "CREATE ROLE clerk LOGIN")
+        made = json.loads(_run([*CLI, "init", str(tmp_path / "b"), "--cluster-dsn",
+                                server.dsn().replace("postgres@", "clerk@"), "--no-audit", "--json"]).stdout)
+        done = cli(Path(made["policy"]), "wal", "stream", "cluster")
+        assert done.returncode == 1 and "the role clerk may not replicate" in done.stderr
+        assert "ALTER ROLE clerk REPLICATION" in done.stderr
+        assert _sql(server.dsn(), "SELECT count(*) FROM pg_replication_slots") == [(0,)]  # nothing was created
+    finally:
+        server.stop()
