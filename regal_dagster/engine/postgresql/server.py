@@ -578,7 +578,7 @@ class ScratchCluster:
         hba = self.data_dir / HBA_FILE
         method = "scram-sha-256" if self.password is not None else "trust"
         hba.write_text("# Written by Regal Backup at each start: Unix socket (in a 0700 directory) only.\n"
-                       f"local all all {method}\n")
+                       f"local all all {method}\nlocal replication all {method}\n")
         hba.chmod(0o600)
         _server_account().chown(hba)
         settings = {
