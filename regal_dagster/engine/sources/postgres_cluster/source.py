@@ -187,6 +187,8 @@ class PostgresClusterSource(Source):
         started = time.monotonic()
         problems = verify_data_directory(root, backup.manifest.source["server_version_num"] // 10000, wal_dir)
         seconds["pg_verifybackup"] = time.monotonic() - started
+        for runtime in root.glob(".s.PGSQL.*"):  # the lock of a socket that lived in the data directory: a
+            runtime.unlink()  # server's runtime state, which would stop the restored server from starting
         write_recovery_settings(root, recovery)
         return Restored(str(root), f"restored {backup.manifest.backup_id} into {root}: "
                                    f"{backup.manifest.source.get('files', 0)} files, checked with pg_verifybackup; "
