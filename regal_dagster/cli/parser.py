@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", action="store_true", help="the newest backup of --target that passed its checks")
     p.add_argument("--before", help="the newest good backup started before this UTC time (ISO 8601)")
     p.add_argument("--drop-existing", action="store_true",
-                   help="replace a non-empty database (dropped only after the backup is authenticated)")
+                   help="replace a non-empty database (only once the backup is authenticated, loaded aside and validated)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--validate", choices=["full", "rows"], default="full",
                    help="full (default): read every table back and compare row counts and SHA-256 with the backup; "
