@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from psycopg import sql
 from ..environment import child_environment
 from ..errors import ToolError
 from .tools import embedded_bin_dir
+from .watchdog import kill_processes
 
 logger = logging.getLogger(__name__)
 
@@ -737,14 +737,7 @@ class ScratchCluster:
             processes = [postmaster, *postmaster.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        for proc in processes:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_process_alive(p.pid) for p in processes):
-            time.sleep(0.05)
+        kill_processes(processes, wait=10)
 
 
 def stop_orphan_servers(directory: Path) -> list[int]:

@@ -55,13 +55,14 @@ def _gone(processes: list[psutil.Process]) -> bool:
     return True
 
 
-def _kill(processes: list[psutil.Process]) -> None:
+def kill_processes(processes: list[psutil.Process], wait: float = 5) -> None:
+    """SIGKILL each of `processes` and wait (up to `wait` seconds) until they are gone."""
     for process in processes:
         try:
             process.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline and not _gone(processes):
         time.sleep(0.05)
 
@@ -88,11 +89,11 @@ def stop_servers(work_dir: Path) -> None:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and not _gone(processes):
             time.sleep(0.05)
-        _kill(processes + _tree(pid))
+        kill_processes(processes + _tree(pid))
     for pid_file in _files(work_dir, SERVER_PID_FILE):
         try:
             pid_text, started_text = pid_file.read_text().split()
-            _kill(_tree(int(pid_text), float(started_text)))
+            kill_processes(_tree(int(pid_text), float(started_text)))
         except (OSError, ValueError):
             continue
 
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> int:
             while True:
                 try:
                     stop_servers(work_dir)
-                    _kill(_working_from(work_dir))
+                    kill_processes(_working_from(work_dir))
                 except (OSError, ValueError, psutil.Error):
                     pass  # look again
                 if time.monotonic() > deadline or not _working_from(work_dir):
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> int:
                     shutil.rmtree(directory, ignore_errors=True)
                 if not any(d.exists() for d in [work_dir, *extra]):
                     break
-                _kill(_working_from(work_dir))
+                kill_processes(_working_from(work_dir))
                 time.sleep(0.25)
             return 0
         time.sleep(POLL_SECONDS)
