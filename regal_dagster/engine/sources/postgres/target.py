@@ -12,15 +12,10 @@ from ...settings import TargetSettings, fill_environment
 from ...transport import Transport
 
 
-class PostgresTarget(TargetSettings):
-    kind: Literal["postgres"]
-    dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
-    lock_timeout: float = Field(60.0, gt=0, description="seconds a backup waits for its ACCESS SHARE lock on a table "
-                                "another session holds exclusively (ALTER TABLE, TRUNCATE, ...) before failing "
-                                "with that session's pid, application and statement")
-    role_passwords: bool = Field(False, description="also record the password hashes of the roles the database "
-                                 "refers to (needs a superuser), so a restore onto a fresh server recreates them "
-                                 "with their passwords; without it they are created without one (NOLOGIN stays)")
+class DsnTarget(TargetSettings):
+    """A target reached through a libpq DSN: checked when the policy is read, ${VAR} filled in when used."""
+
+    dsn: str
 
     @field_validator("dsn")
     @classmethod
@@ -39,3 +34,14 @@ class PostgresTarget(TargetSettings):
         except PolicyError:
             dsn = self.dsn  # a ${VAR} not set here: judge what the policy itself says
         return [dsn_transport(f"target {name}", dsn)]
+
+
+class PostgresTarget(DsnTarget):
+    kind: Literal["postgres"]
+    dsn: str = Field(description="libpq URI or key=value string; ${VAR} is read from the environment")
+    lock_timeout: float = Field(60.0, gt=0, description="seconds a backup waits for its ACCESS SHARE lock on a table "
+                                "another session holds exclusively (ALTER TABLE, TRUNCATE, ...) before failing "
+                                "with that session's pid, application and statement")
+    role_passwords: bool = Field(False, description="also record the password hashes of the roles the database "
+                                 "refers to (needs a superuser), so a restore onto a fresh server recreates them "
+                                 "with their passwords; without it they are created without one (NOLOGIN stays)")
