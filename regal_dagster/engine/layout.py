@@ -140,7 +140,8 @@ def report_oscal_key(period: str, report_id: str) -> str:
 #                           encrypted through the pipeline like any backup object
 # wal/<target>/<file>.json  its sealed record (sizes and SHA-256 sums): written last, a file without one
 #                           is not archived (as a backup without a manifest)
-# wal/<target>/partial/<segment>(.json)  the newest snapshot of the segment `wal stream` is receiving
+# wal/<target>/partial/<segment>.json     the record of the newest snapshot of the segment `wal stream` is receiving;
+# wal/<target>/partial/<segment>.<ns hex> its object (each snapshot a new one: the record, written last, switches)
 
 WAL = "wal/"
 WAL_RECORD_SUFFIX = ".json"

@@ -463,8 +463,8 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
 def _prune_wal(repo: Repository, keyring: Keyring, target: str, kept: set[str], report: PruneReport) -> None:
     """The WAL older than the start of the oldest base backup retention keeps: no restore can replay it. With no
     base backup kept, all WAL stays. Timeline history files always stay (tiny, and recovery follows them)."""
-    from .layout import WAL_PARTIAL, WAL_RECORD_SUFFIX, wal_partial_key, wal_prefix
-    from .wal import parse_lsn, remove_wal, segment_number
+    from .layout import WAL_PARTIAL, WAL_RECORD_SUFFIX, wal_prefix
+    from .wal import parse_lsn, remove_snapshot, remove_wal, segment_number
 
     oldest = None
     for manifest in newest_first(repo, keyring, target):
@@ -490,9 +490,7 @@ def _prune_wal(repo: Repository, keyring: Keyring, target: str, kept: set[str], 
         return
     for name, partial in doomed:
         if partial:
-            key = wal_partial_key(target, name)
-            repo.delete(key + WAL_RECORD_SUFFIX)
-            repo.delete(key)
+            remove_snapshot(repo, target, name)
         else:
             remove_wal(repo, target, name)
 

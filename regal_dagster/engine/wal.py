@@ -12,6 +12,7 @@ under the segment's own name when the complete segment is not archived (the last
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,8 +135,10 @@ def push_wal(policy: Policy, repo: Repository, keyring: Keyring, target: str, pa
         raise UsageError(f"{name} is not a WAL file name", "give the path PostgreSQL passes as %p (pg_wal/<segment>)")
     if partial and not is_wal_segment(name):
         raise UsageError(f"{name} is not a WAL segment name", "only a segment in progress has a snapshot")
-    object_key = wal_partial_key(target, name) if partial else wal_object_key(target, name)
-    record_key = object_key + WAL_RECORD_SUFFIX
+    record_key = (wal_partial_key(target, name) if partial else wal_object_key(target, name)) + WAL_RECORD_SUFFIX
+    # a snapshot is replaced often: each one is a new object, and its record (written last) switches to it, so a
+    # stream killed between the two leaves the previous snapshot whole (never a record over another's object)
+    object_key = f"{wal_partial_key(target, name)}.{time.time_ns():x}" if partial else wal_object_key(target, name)
     if not path.is_file():
         raise RegalError(f"{path} does not exist", "give the path PostgreSQL passes as %p")
     if not partial and (existing := _load_record(repo, keyring, record_key)) is not None:
@@ -161,6 +164,8 @@ def push_wal(policy: Policy, repo: Repository, keyring: Keyring, target: str, pa
                           compression=policy.compression)
     write_document(repo, keyring, RECORD_KIND, record_key, _record_body(target, name, record, partial, segment_size,
                                                                        used[0]))
+    if partial:
+        remove_snapshot(repo, target, name, keep=object_key)
     return Pushed(name, False, record.plaintext_size, record.size)
 
 
@@ -262,6 +267,17 @@ def missing_segments(names: set[str], timeline: int, start_lsn: int, segment_siz
     if newest < first:  # not even the backup's first segment is archived
         missing = [segment_name_of(timeline, first, segment_size)]
     return missing, newest
+
+
+def remove_snapshot(repo: Repository, target: str, segment: str, *, keep: str | None = None) -> None:
+    """The snapshot of `segment` (its record first: a reader never finds a record without its object); with
+    `keep`, only the objects of older snapshots (or of one a killed stream stored without its record)."""
+    key = wal_partial_key(target, segment)
+    if keep is None:
+        repo.delete(key + WAL_RECORD_SUFFIX)
+    for stored in list(repo.list(wal_prefix(target) + WAL_PARTIAL)):
+        if stored.key.startswith(key) and stored.key not in (keep, key + WAL_RECORD_SUFFIX):
+            repo.delete(stored.key)
 
 
 def remove_wal(repo: Repository, target: str, name: str) -> None:

@@ -25,12 +25,12 @@ from typing import Any
 
 from .crypto import Keyring
 from .errors import RegalError
-from .layout import is_wal_segment, valid_wal_name, wal_partial_key
+from .layout import is_wal_segment, valid_wal_name
 from .policy import Policy
 from .postgresql.connection import connect, libpq_environment
 from .postgresql.tools import pg_tool_for_server
 from .storage import Repository
-from .wal import WAL_RECORD_SUFFIX, push_wal
+from .wal import push_wal, remove_snapshot
 
 SNAPSHOT_SECONDS = 10.0  # the segment in progress is stored at least this often (when it grew): the RPO bound
 RESTART_SECONDS = 5.0  # after the receiver lost its connection
@@ -124,11 +124,8 @@ class WalStreamer:
         return len(files)
 
     def _drop_snapshot(self, segment: str) -> None:
-        key = wal_partial_key(self.target, segment)
-        for stale in (key + WAL_RECORD_SUFFIX, key):
-            with contextlib.suppress(Exception):
-                if self.repo.size(stale) is not None:
-                    self.repo.delete(stale)
+        with contextlib.suppress(Exception):  # the complete segment is stored: a snapshot left over is harmless
+            remove_snapshot(self.repo, self.target, segment)
         self._snapshotted.pop(segment, None)
 
     def snapshot_partial(self, force: bool = False) -> None:
@@ -175,6 +172,19 @@ def _receiver(command: list[str], env: dict[str, str], log: Path) -> Iterator[su
                 process.wait()
 
 
+def _last_error(log: Path, offset: int) -> str:
+    """pg_receivewal's last error in its log since `offset` (why it stopped: the server went away, the disk is
+    full, the slot is gone)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "its log cannot be read"
+    errors = [line.removeprefix("pg_receivewal: ") for line in lines if "error:" in line or "FATAL" in line]
+    return "; ".join(errors[-2:]) if errors else "no error in its log"
+
+
 def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, *, work_dir: Path | None = None,
                snapshot_seconds: float = SNAPSHOT_SECONDS, stop: threading.Event,
                say: Callable[[str], None] = print) -> int:
@@ -195,6 +205,7 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
             say(f"stored {left} WAL file(s) a previous run had received")
         env = libpq_environment(dsn)
         while not stop.is_set():
+            offset = log.stat().st_size if log.exists() else 0
             with _receiver(receiver_command(tool.path, directory, slot), env, log) as process:
                 say(f"streaming WAL of {target} with {tool.path.name} {tool.version} into {directory} "
                     f"(slot {slot})")
@@ -205,7 +216,7 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
             streamer.store_completed()
             streamer.snapshot_partial(force=True)
             if not stop.is_set():
-                say(f"pg_receivewal stopped (exit code {process.returncode}; see {log}): restarting in "
-                    f"{RESTART_SECONDS:.0f} s")
+                say(f"pg_receivewal stopped (exit code {process.returncode}: {_last_error(log, offset)}; see {log}): "
+                    f"restarting in {RESTART_SECONDS:.0f} s")
                 stop.wait(RESTART_SECONDS)
     return streamer.stored
