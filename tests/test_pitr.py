@@ -215,6 +215,37 @@ def test_a_changed_wal_object_fails_authentication(archived_server: dict[str, An
         (wal_dir / segment).write_bytes(original)
 
 
+def test_a_segment_swapped_for_another_is_refused_naming_it(archived_server: dict[str, Any], tmp_path: Path) -> None:
+    """Another sealed segment of the same target copied over one (its object, then its record too): `wal get`
+    refuses naming the file, as restore_command it exits above 125 (PostgreSQL stops recovery instead of
+    promoting at the swapped segment), and a restore refuses without writing anything."""
+    policy = archived_server["policy"]
+    wal_dir = policy.parent / "repository" / "wal" / "cluster"
+    segments = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    victim, other = segments[1], segments[2]  # the restore to the time replays both
+    kept = {name: (wal_dir / name).read_bytes() for name in (victim, victim + ".json")}
+    try:
+        shutil.copyfile(wal_dir / other, wal_dir / victim)
+        done = cli(policy, "wal", "get", victim, str(tmp_path / victim))
+        assert done.returncode == 3 and f"wal/cluster/{victim}" in done.stderr, done.stderr
+        done = cli(policy, "wal", "get", "--restore-command", victim, str(tmp_path / victim))
+        assert done.returncode == 126 and "recovery stops here" in done.stderr, done.stderr
+        shutil.copyfile(wal_dir / (other + ".json"), wal_dir / (victim + ".json"))
+        done = cli(policy, "wal", "get", "--restore-command", victim, str(tmp_path / victim))
+        assert done.returncode == 126 and f"wal/cluster/{victim}.json fails authentication" in done.stderr
+        assert not (tmp_path / victim).exists()
+        target = archived_server["base"] / "swapped"
+        done = cli(policy, "restore", "cluster", "--to-dir", str(target), "--to-time",
+                   archived_server["at_time"].isoformat(), "--with-wal")
+        assert done.returncode == 3 and f"wal/cluster/{victim}.json" in done.stderr, done.stderr
+        assert not target.exists()
+        absent = cli(policy, "wal", "get", "--restore-command", "00000001000000FF000000FF", str(tmp_path / "x"))
+        assert absent.returncode == 1  # not archived: recovery ends there, as it should
+    finally:
+        for name, data in kept.items():
+            (wal_dir / name).write_bytes(data)
+
+
 def test_a_missing_wal_segment_is_refused_naming_it(archived_server: dict[str, Any]) -> None:
     policy = archived_server["policy"]
     wal_dir = policy.parent / "repository" / "wal" / "cluster"

@@ -324,11 +324,22 @@ def cmd_wal_push(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.wal import cluster_target, fetch_wal
+    from ..engine.wal import RecoveryMustStopError, WalMissingError, cluster_target, fetch_wal
 
-    policy, repo, keyring = _open(args)
-    target = cluster_target(policy, args.target)
-    found = fetch_wal(repo, keyring, target, args.name, Path(args.destination))
+    try:
+        policy, repo, keyring = _open(args)
+        target = cluster_target(policy, args.target)
+        found = fetch_wal(repo, keyring, target, args.name, Path(args.destination))
+    except WalMissingError:
+        raise  # exit 1: recovery ends at the end of the archive
+    except (RegalError, OSError) as exc:
+        if not args.serving_recovery:
+            raise
+        from . import describe_os_error
+
+        message, hint = (exc.message, exc.hint) if isinstance(exc, RegalError) else describe_os_error(exc)
+        raise RecoveryMustStopError(f"{message} (recovery stops here rather than end early and promote)",
+                                    hint) from exc
     out.result({"target": target, "name": found.name, "partial": found.partial,
                 "bytes": found.record.plaintext_size},
                f"{found.name}{' (snapshot of the segment being received)' if found.partial else ''}: "

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the WAL file's name (PostgreSQL's %%f)")
     p.add_argument("destination", help="where to write it (PostgreSQL's %%p)")
     p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
+    p.add_argument("--restore-command", action="store_true", dest="serving_recovery",
+                   help="run as PostgreSQL's restore_command (restores write it): exit 1 only when the file is not "
+                        "archived; any other failure exits 126, which stops recovery instead of ending it early")
     p.set_defaults(func=commands.cmd_wal_get)
 
     p = wal_sub.add_parser("status", parents=[common],

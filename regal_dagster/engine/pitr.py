@@ -101,7 +101,7 @@ def restore_command(policy_path: Path, target: str) -> str:
     """The restore_command of a restored server: this regal-backup fetching from the repository."""
     script = Path(sys.executable).parent / "regal-backup"
     program = [str(script)] if script.is_file() else [sys.executable, "-m", "regal_dagster.cli"]
-    words = [*program, "--policy", str(policy_path.resolve()), "wal", "get", "--target", target]
+    words = [*program, "--policy", str(policy_path.resolve()), "wal", "get", "--restore-command", "--target", target]
     return " ".join(shlex.quote(w) for w in words) + " %f %p"
 
 

@@ -51,6 +51,14 @@ class WalMissingError(RegalError):
     """The WAL file is not in the repository (restore_command: recovery ends here)."""
 
 
+class RecoveryMustStopError(RegalError):
+    """`wal get` as PostgreSQL's restore_command could not serve a WAL file that may be archived (it fails
+    authentication, the repository is unreachable): an exit status above 125 makes PostgreSQL stop recovery
+    with a FATAL error instead of taking the failure for the end of the archive and promoting early."""
+
+    exit_code = 126
+
+
 def cluster_target(policy: Policy, name: str | None) -> str:
     """The postgres_cluster target `name`, or the policy's only one when no name is given."""
     if name:

@@ -93,8 +93,9 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
 
 
 def _used_bytes(snapshot: WalFile) -> int:
-    """How far a snapshot holds WAL: to its last byte that is not padding (an upper bound by less than a record)."""
-    return snapshot.used_bytes or snapshot.record.plaintext_size
+    """How far a snapshot holds WAL: to its last byte that is not padding (an upper bound by less than a record);
+    0 for a snapshot of nothing but padding (not its size: that would claim WAL that is not stored)."""
+    return snapshot.used_bytes
 
 
 def _server_lsn(policy: Policy, target: str) -> str:

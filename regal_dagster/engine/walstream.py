@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import threading
@@ -102,9 +103,9 @@ def stream_directory(policy: Policy, target: str, work_dir: Path | None) -> Path
 
 class WalStreamer:
     def __init__(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, directory: Path, *,
-                 snapshot_seconds: float = SNAPSHOT_SECONDS, say: Callable[[str], None] = print):
+                 segment_size: int, snapshot_seconds: float = SNAPSHOT_SECONDS, say: Callable[[str], None] = print):
         self.policy, self.repo, self.keyring, self.target = policy, repo, keyring, target
-        self.directory, self.snapshot_seconds, self.say = directory, snapshot_seconds, say
+        self.directory, self.segment_size, self.snapshot_seconds, self.say = directory, segment_size, snapshot_seconds, say
         self.stored = 0
         self._snapshotted: dict[str, tuple[int, int]] = {}
         self._last_snapshot = 0.0
@@ -128,6 +129,18 @@ class WalStreamer:
             remove_snapshot(self.repo, self.target, segment)
         self._snapshotted.pop(segment, None)
 
+    def complete_short_partials(self) -> None:
+        """pg_receivewal pads a new segment to its full size before it writes WAL into it; a full disk can stop
+        that half-way, and it then refuses the file for ever ("has N bytes, should be 0 or <segment size>").
+        Extended with zeros (sparse: it takes no room) it is accepted again, and pg_receivewal streams the
+        segment from its start, which the slot still keeps on the server."""
+        for path in self.directory.glob("*.partial"):
+            with contextlib.suppress(FileNotFoundError):
+                if 0 < (size := path.stat().st_size) < self.segment_size:
+                    os.truncate(path, self.segment_size)
+                    self.say(f"{path.name} was left at {size} of {self.segment_size} bytes (a full disk?): completed "
+                             "with zeros; pg_receivewal receives the segment again from its start")
+
     def snapshot_partial(self, force: bool = False) -> None:
         """Store the segment being received when it changed since its last snapshot."""
         if not force and time.monotonic() - self._last_snapshot < self.snapshot_seconds:
@@ -142,11 +155,11 @@ class WalStreamer:
             except FileNotFoundError:
                 continue  # completed meanwhile
             state = (info.st_size, info.st_mtime_ns)
-            if self._snapshotted.get(segment) == state:
-                continue
+            if self._snapshotted.get(segment) == state or info.st_size < self.segment_size:
+                continue  # unchanged, or still being padded (a full disk can stop that: no WAL in it yet)
             with contextlib.suppress(FileNotFoundError):
                 push_wal(self.policy, self.repo, self.keyring, self.target, path, name=segment, partial=True,
-                         segment_size=info.st_size)
+                         segment_size=self.segment_size)
                 self._snapshotted[segment] = state
 
 
@@ -198,7 +211,8 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     tool = pg_tool_for_server("pg_receivewal", readiness.server_major)
     directory = stream_directory(policy, target, work_dir)
     log = directory.parent / f"{directory.name}.receiver.log"
-    streamer = WalStreamer(policy, repo, keyring, target, directory, snapshot_seconds=snapshot_seconds, say=say)
+    streamer = WalStreamer(policy, repo, keyring, target, directory, segment_size=readiness.segment_size,
+                           snapshot_seconds=snapshot_seconds, say=say)
     with repo.lock(f"{target}-wal-stream"):
         left = streamer.store_completed()  # what a previous run left: before anything new
         if left:
@@ -206,6 +220,7 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
         env = libpq_environment(dsn)
         while not stop.is_set():
             offset = log.stat().st_size if log.exists() else 0
+            streamer.complete_short_partials()
             with _receiver(receiver_command(tool.path, directory, slot), env, log) as process:
                 say(f"streaming WAL of {target} with {tool.path.name} {tool.version} into {directory} "
                     f"(slot {slot})")

@@ -97,6 +97,7 @@ class BaseBackupRun:
     manifest: bytes = b""
     report: str = ""  # pg_basebackup's own words (-v), for the facts and for errors
     facts: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None  # pg_basebackup, while it runs
 
 
 @contextlib.contextmanager
@@ -108,6 +109,7 @@ def basebackup_stream(tool: PgTool, env: dict[str, str], run: BaseBackupRun) -> 
     watcher = TarWatcher(MANIFEST_MEMBER)
     with tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
+        run.process = process
         assert process.stdout is not None
         stdout: IO[bytes] = process.stdout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import subprocess
 import tarfile
 import time
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from ...errors import IntegrityError, RegalError
+from ...errors import IntegrityError, RegalError, ToolError
 from ...manifest import Manifest
 from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import CHUNK, StoredBackup
@@ -21,6 +22,7 @@ from ...settings import TargetSettings
 from ...wal import fetch_wal
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..files.source import _plaintext_pipe
+from .archiver import refuse_stuck_archiver, stuck_archiver_error, watch_archiver
 from .basebackup import (
     MANIFEST_MEMBER,
     BaseBackupRun,
@@ -81,8 +83,13 @@ class PostgresClusterSource(Source):
         facts = server_facts(dsn)
         tool = pg_tool_for_server("pg_basebackup", facts["server_version_num"] // 10000)
         run = BaseBackupRun()
-        with basebackup_stream(tool, libpq_environment(dsn), run) as chunks:
-            tar = store(TAR_OBJECT, TAR_CONTENT, chunks, -1)
+        refuse_stuck_archiver(dsn)
+        with basebackup_stream(tool, libpq_environment(dsn), run) as chunks, \
+                watch_archiver(dsn, cast("subprocess.Popen[bytes]", run.process)) as stuck:
+            try:
+                tar = store(TAR_OBJECT, TAR_CONTENT, chunks, -1)
+            except ToolError as exc:
+                raise (stuck_archiver_error(stuck) if stuck else exc) from exc
         manifest = store(MANIFEST_OBJECT, MANIFEST_CONTENT, [run.manifest], 0)
         files = manifest_files(run.manifest)
         facts.update(run.facts)
@@ -165,31 +172,33 @@ class PostgresClusterSource(Source):
         root = Path(request.to)
         if root.exists() and any(root.iterdir()):
             raise RegalError(f"{root} is not empty", "give a new or empty directory for the data directory")
+        created = not root.exists()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        root.chmod(0o700)
-        if request.before_writing:
-            request.before_writing()
-        started = time.monotonic()
-        with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            tar.extractall(root, filter="tar")
-        if not (root / MANIFEST_MEMBER).exists():
-            backup.install(MANIFEST_OBJECT, root / MANIFEST_MEMBER)
-        (root / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
-        seconds = {"extract": time.monotonic() - started}
-        wal_dir = None
-        if recovery_wal is not None:
+        with _discarded_on_failure(root, created):
+            root.chmod(0o700)
+            if request.before_writing:
+                request.before_writing()
             started = time.monotonic()
-            wal_dir = root / WAL_COPY
-            wal_dir.mkdir(mode=0o700)
-            for name in recovery_wal:
-                fetch_wal(backup.repo, backup.keyring, backup.manifest.target, name, wal_dir / name)
-            seconds["copy_wal"] = time.monotonic() - started
-        started = time.monotonic()
-        problems = verify_data_directory(root, backup.manifest.source["server_version_num"] // 10000, wal_dir)
-        seconds["pg_verifybackup"] = time.monotonic() - started
-        for runtime in root.glob(".s.PGSQL.*"):  # the lock of a socket that lived in the data directory: a
-            runtime.unlink()  # server's runtime state, which would stop the restored server from starting
-        write_recovery_settings(root, recovery)
+            with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                tar.extractall(root, filter="tar")
+            if not (root / MANIFEST_MEMBER).exists():
+                backup.install(MANIFEST_OBJECT, root / MANIFEST_MEMBER)
+            (root / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+            seconds = {"extract": time.monotonic() - started}
+            wal_dir = None
+            if recovery_wal is not None:
+                started = time.monotonic()
+                wal_dir = root / WAL_COPY
+                wal_dir.mkdir(mode=0o700)
+                for name in recovery_wal:
+                    fetch_wal(backup.repo, backup.keyring, backup.manifest.target, name, wal_dir / name)
+                seconds["copy_wal"] = time.monotonic() - started
+            started = time.monotonic()
+            problems = verify_data_directory(root, backup.manifest.source["server_version_num"] // 10000, wal_dir)
+            seconds["pg_verifybackup"] = time.monotonic() - started
+            for runtime in root.glob(".s.PGSQL.*"):  # the lock of a socket that lived in the data directory: a
+                runtime.unlink()  # server's runtime state, which would stop the restored server from starting
+            write_recovery_settings(root, recovery)
         return Restored(str(root), f"restored {backup.manifest.backup_id} into {root}: "
                                    f"{backup.manifest.source.get('files', 0)} files, checked with pg_verifybackup; "
                                    "recovery configured", problems, seconds, {"data_directory": str(root)})
@@ -244,6 +253,24 @@ class PostgresClusterSource(Source):
         finally:
             cluster.stop()
         return RestoredFindings(problems, details, {"recovery_to_promotion": promoted})
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(root: Path, created: bool) -> Iterator[None]:
+    """A restore that fails (a WAL file that fails authentication, a stopped extraction) leaves no data directory
+    that looks restored: what it wrote is removed (the directory too when the restore made it)."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for child in list(root.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
 
 
 def verify_data_directory(root: Path, server_major: int, wal_dir: Path | None) -> list[str]:
