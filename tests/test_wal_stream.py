@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from regal_dagster.engine.postgresql.server import ScratchCluster
 
 from .test_pitr import AS_ROOT, CLI, _ok, _run, _sql, _start_stream, _wait_for, cli
 
+KILL_TRIALS = 3
 PGBENCH_FACTS = ("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history), "
                  "(SELECT sum(bbalance) FROM pgbench_branches)")
 
@@ -87,8 +89,9 @@ def streamed_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 def test_pgbench_through_server_restarts_restores_exactly(streamed_server: dict[str, Any]) -> None:
-    """pgbench runs while `wal stream` receives; the server is restarted (fast) and crashed (immediate) in between;
-    the stream reconnects by itself, leaves no gap, and restores to a position recorded between the runs and
+    """pgbench runs while `wal stream` receives; the server is restarted (fast) and crashed (immediate) in between,
+    the stream is killed (-9) and started again under load; the stream reconnects by itself, leaves no gap, and
+    restores to a position recorded between the runs and
     to the newest WAL give exactly the balances and history rows the server had there."""
     server, policy, log = streamed_server["server"], streamed_server["policy"], streamed_server["log"]
     dsn = server.dsn()
@@ -107,14 +110,26 @@ def test_pgbench_through_server_restarts_restores_exactly(streamed_server: dict[
     _stop_server(server, "immediate")  # a crash: the next start recovers
     server.start()
     _pgbench(dsn, "-c", "4", "-j", "2", "-T", "2", "-n")
+    _wait_for(lambda: log.read_text().count("streaming WAL") == 3, "the stream to reconnect after the crash")
+    assert streamed_server["stream"].poll() is None, log.read_text()  # it reconnected, it did not exit
+    text = log.read_text()
+    assert text.count("pg_receivewal stopped") == 2 and "restarting in" in text, text
+    assert "error: " in text.split("pg_receivewal stopped", 1)[1].splitlines()[0]  # its reason, in its words
+
+    # kill -9 of the stream at random moments while pgbench writes (snapshots every second: some kills land
+    # while one is being stored), each time started again as systemd would
+    bench = subprocess.Popen([str(pg_server.pg_bin_dir() / "pgbench"), "-c", "4", "-j", "2", "-T", "5", "-n", dsn],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for trial in range(KILL_TRIALS):
+        time.sleep(random.uniform(0.5, 1.5))
+        streamed_server["stream"].kill()
+        streamed_server["stream"].wait()
+        streamed_server["stream"] = _start_stream(policy, streamed_server["base"] / f"stream-after-kill-{trial}.log")
+    assert bench.wait(timeout=120) == 0, bench.stderr.read() if bench.stderr else ""
     latest = _sql(dsn, "SELECT pg_current_wal_lsn()::text")[0][0]
     facts_latest = _facts(dsn)
     assert facts_latest[1] > facts_at_lsn[1]
     _wait_for(lambda: _stored_up_to(policy, latest), f"the WAL up to {latest} to be stored", 120)
-    assert streamed_server["stream"].poll() is None, log.read_text()  # it reconnected, it did not exit
-    text = log.read_text()
-    assert text.count("pg_receivewal stopped") >= 2 and "restarting in" in text, text
-    assert "error: " in text.split("pg_receivewal stopped", 1)[1].splitlines()[0]  # its reason, in its words
 
     status = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)
     assert status["gaps"] == []
@@ -269,10 +284,10 @@ def test_a_stream_killed_between_a_snapshot_and_its_record_leaves_the_previous_s
 
 @pytest.fixture
 def small_spool(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB filesystem of its own (tmpfs) for the stream's working directory: room for one 16 MiB segment."""
+    """A 40 MiB filesystem of its own (tmpfs) for the stream's working directory."""
     mount = tmp_path / "spool"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs", str(mount)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0755", "tmpfs", str(mount)],
                              capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"a tmpfs cannot be mounted here (it needs root): {mounted.stderr.strip()}")
@@ -284,7 +299,7 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
 
 def test_a_full_spool_disk_stops_the_receiver_clearly_and_the_stream_resumes_without_loss(
         streamed_server: dict[str, Any], small_spool: Path) -> None:
-    """The stream's working directory fills up: pg_receivewal stops with its own words (no space left), the slot
+    """The stream's working directory (a small disk of its own) fills up: pg_receivewal stops with its own words (no space left), the slot
     keeps the server's WAL, and once there is room again the stream resumes; nothing is missing and a restore
     to the newest WAL has every row."""
     import signal
@@ -297,7 +312,7 @@ def test_a_full_spool_disk_stops_the_receiver_clearly_and_the_stream_resumes_wit
     _sql(dsn, "INSERT INTO payments VALUES (1, 'before the base backup')")
     _ok(cli(policy, "backup", "cluster"))
     ballast = small_spool / "ballast"
-    ballast.write_bytes(b"\0" * (16 * 1024 * 1024))  # no room for the 16 MiB segment pg_receivewal opens
+    ballast.write_bytes(b"\0" * (30 * 1024 * 1024))  # no room for the 16 MiB segment pg_receivewal opens
     streamed_server["stream"] = stream = subprocess.Popen(
         [*CLI, "--policy", str(policy), "wal", "stream", "cluster", "--snapshot-seconds", "1", "--work-dir",
          str(small_spool / "cluster")], stdout=subprocess.DEVNULL, stderr=log.open("a"))
