@@ -105,15 +105,16 @@ def test_pgbench_through_server_restarts_restores_exactly(streamed_server: dict[
     _stop_server(server, "fast")  # pg_ctl restart -m fast
     server.start()
     _pgbench(dsn, "-c", "4", "-j", "2", "-T", "2", "-n")
-    _wait_for(lambda: log.read_text().count("streaming WAL") == 2, "the stream to reconnect")
+    _wait_for(lambda: log.read_text().count("streaming WAL") >= 2, "the stream to reconnect")
     _wait_for(lambda: _sql(dsn, "SELECT active FROM pg_replication_slots") == [(True,)], "the slot to be held")
     _stop_server(server, "immediate")  # a crash: the next start recovers
     server.start()
     _pgbench(dsn, "-c", "4", "-j", "2", "-T", "2", "-n")
-    _wait_for(lambda: log.read_text().count("streaming WAL") == 3, "the stream to reconnect after the crash")
+    _wait_for(lambda: log.read_text().count("streaming WAL") >= 3, "the stream to reconnect after the crash")
+    _wait_for(lambda: _sql(dsn, "SELECT active FROM pg_replication_slots") == [(True,)], "the slot to be held")
     assert streamed_server["stream"].poll() is None, log.read_text()  # it reconnected, it did not exit
     text = log.read_text()
-    assert text.count("pg_receivewal stopped") == 2 and "restarting in" in text, text
+    assert text.count("pg_receivewal stopped") >= 2 and "restarting in" in text, text
     assert "error: " in text.split("pg_receivewal stopped", 1)[1].splitlines()[0]  # its reason, in its words
 
     # kill -9 of the stream at random moments while pgbench writes (snapshots every second: some kills land
