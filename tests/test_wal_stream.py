@@ -343,3 +343,24 @@ def test_a_full_spool_disk_stops_the_receiver_clearly_and_the_stream_resumes_wit
         assert [r[0] for r in _sql(restored.dsn(), "SELECT id FROM payments ORDER BY id")] == [1, 2, 3]
     finally:
         restored.stop()
+
+
+def test_a_slot_dropped_while_the_receiver_was_away_is_created_again(streamed_server: dict[str, Any]) -> None:
+    """The receiver loses its connection and, before it is back, someone drops the slot: the stream creates it
+    again (instead of failing for ever on a missing slot), says so, and goes on storing with no gap."""
+    server, policy, log = streamed_server["server"], streamed_server["policy"], streamed_server["log"]
+    dsn = server.dsn()
+    _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY)")
+    _ok(cli(policy, "backup", "cluster"))
+    _sql(dsn, "INSERT INTO payments VALUES (1)")
+    _sql(dsn, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active_pid IS NOT NULL")
+    _wait_for(lambda: _sql(dsn, "SELECT active FROM pg_replication_slots") == [(False,)], "the receiver to be gone")
+    _sql(dsn, "SELECT pg_drop_replication_slot('regal_backup')")
+    _sql(dsn, "INSERT INTO payments VALUES (2)")
+    _wait_for(lambda: "was gone: created it again" in log.read_text(), "the slot to be created again")
+    _wait_for(lambda: _sql(dsn, "SELECT active FROM pg_replication_slots") == [(True,)], "the slot to be held")
+    closed = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    _wait_for(lambda: (policy.parent / "repository" / "wal" / "cluster" / (closed + ".json")).exists(),
+              f"{closed} to be stored")
+    assert json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)["gaps"] == []
+    assert streamed_server["stream"].poll() is None

@@ -234,4 +234,17 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
                 say(f"pg_receivewal stopped (exit code {process.returncode}: {_last_error(log, offset)}; see {log}): "
                     f"restarting in {RESTART_SECONDS:.0f} s")
                 stop.wait(RESTART_SECONDS)
+                _slot_again(dsn, slot, say)
     return streamer.stored
+
+
+def _slot_again(dsn: str, slot: str, say: Callable[[str], None]) -> None:
+    """Before pg_receivewal starts again: a slot dropped meanwhile is created again (else it would fail for ever
+    on "replication slot does not exist"). A server that does not answer yet is pg_receivewal's to report."""
+    try:
+        readiness = check_server(dsn, slot)
+    except Exception:  # noqa: BLE001 - down, restarting, refusing: pg_receivewal says why in its own words
+        return
+    if readiness.slot_created:
+        say(f"the replication slot {slot} was gone: created it again. WAL the server removed meanwhile is not in "
+            "the repository: `regal-backup wal status` shows any gap (take a base backup if it does)")
