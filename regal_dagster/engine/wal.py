@@ -183,12 +183,23 @@ def fetch_wal(repo: Repository, keyring: Keyring, target: str, name: str, destin
     archived whole is served from the newest snapshot of it being received, when there is one."""
     if not valid_wal_name(name):
         raise UsageError(f"{name} is not a WAL file name", "give the file name PostgreSQL passes as %f")
-    found = _load_record(repo, keyring, wal_record_key(target, name))
-    if found is None and allow_partial and is_wal_segment(name):
-        found = _load_record(repo, keyring, wal_partial_key(target, name) + WAL_RECORD_SUFFIX)
-    if found is None:
-        raise WalMissingError(f"{name} is not in the WAL archive of target {target}",
-                              "none: recovery ends at the end of the archive")
+    for attempt in range(3):
+        found = _load_record(repo, keyring, wal_record_key(target, name))
+        if found is None and allow_partial and is_wal_segment(name):
+            found = _load_record(repo, keyring, wal_partial_key(target, name) + WAL_RECORD_SUFFIX)
+        if found is None:
+            raise WalMissingError(f"{name} is not in the WAL archive of target {target}",
+                                  "none: recovery ends at the end of the archive")
+        try:
+            _write_wal(repo, keyring, target, found, destination)
+            return found
+        except ObjectMissingError:
+            if not found.partial or attempt == 2:
+                raise  # a snapshot is replaced by the stream now and then: its newest record is read again
+    raise AssertionError("unreachable")
+
+
+def _write_wal(repo: Repository, keyring: Keyring, target: str, found: WalFile, destination: Path) -> None:
     scratch = destination.with_name(destination.name + PARTIAL_SUFFIX)
     try:
         with scratch.open("wb") as f:
@@ -199,7 +210,6 @@ def fetch_wal(repo: Repository, keyring: Keyring, target: str, name: str, destin
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise
-    return found
 
 
 def list_wal(repo: Repository, keyring: Keyring, target: str) -> list[WalFile]:
