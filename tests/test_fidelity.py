@@ -489,8 +489,9 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
     run_git("tag", "-a", "v1", "-m", "release 1")
     run_git("notes", "add", "-m", "deployed to prod")
     run_git("branch", "feature")
-    (repo / "app.yaml").write_text("a: 2\n")
-    run_git("stash", "push", "-q")
+    for n in (2, 3, 4):  # three stash entries: the older two live only in refs/stash's reflog
+        (repo / "app.yaml").write_text(f"a: {n}\n")
+        run_git("stash", "push", "-q", "-m", f"try {n}")
     run_git("update-ref", "refs/deploy/prod", run_git("rev-parse", "HEAD"))
     source_refs = config_git.all_refs(repo)
     assert {"refs/notes/commits", "refs/stash", "refs/deploy/prod", "refs/tags/v1"} <= set(source_refs)
@@ -509,6 +510,10 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
                               RestoreRequest(str(target), jobs=1))
     assert restored.ok, restored.problems
     assert config_git.all_refs(target) == source_refs
+    assert config_git.stash_entries(target) == config_git.stash_entries(repo) == manifest.source["stash"]
+    assert [e["message"] for e in manifest.source["stash"]] == ["On main: try 4", "On main: try 3", "On main: try 2"]
+    assert subprocess.run(["git", "-C", str(target), "stash", "show", "-p", "stash@{2}"], capture_output=True,
+                          text=True, check=True).stdout.count("+a: 2") == 1
     assert subprocess.run(["git", "-C", str(target), "notes", "show", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip() == "deployed to prod"
 
@@ -518,6 +523,14 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
     result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
     assert result.problems == [(f"ref refs/deploy/prod is {source_refs['refs/deploy/prod']} in the clone, "
                                f"{'0' * 40} in the backup")]
+
+    # a stash entry whose commit the bundle does not hold fails the restore, naming it
+    stash = manifest.source["stash"]
+    lying = manifest.model_copy(update={"source": {**manifest.source,
+                                                   "stash": [*stash, {"commit": "0" * 40, "message": "lost"}]}})
+    result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
+    assert not result.validation_passed
+    assert any("000000000000" in problem for problem in result.problems), result.problems
 
 
 # --- case 6: a hot standby as the source ----------------------------------------------------------------
