@@ -235,7 +235,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     with out.progress(f"restore {manifest.backup_id}") as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
                                  drop_existing=args.drop_existing, keep_owners=not args.no_owners,
-                                 create_roles=not args.no_create_roles,
+                                 create_roles=not args.no_create_roles, tablespaces=not args.no_tablespaces,
                                  validation=args.validate, keys=args.keys,
                                  accept_ledger_rollback=args.accept_ledger_rollback, progress=progress)
         result = restore_backup(policy, repo, keyring, manifest, request, pre_hook=args.pre_hook,

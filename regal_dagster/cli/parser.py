@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-create-roles", action="store_true",
                    help="PostgreSQL: do not create the roles the backup's database refers to that the server lacks "
                         "(what needs them then fails, and the restore says so)")
+    p.add_argument("--no-tablespaces", action="store_true",
+                   help="PostgreSQL: put every table, index and the database in the server's default tablespace "
+                        "(by default they go where they were, and a server lacking one of those is refused)")
     p.add_argument("--accept-ledger-rollback", action="store_true",
                    help="restore although the GDPR erasure ledger is older than the repository or the audit trail "
                         "knows (recorded in the audit trail; erasures may be missing afterwards)")
