@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "Redis: the directory for dump.rdb, or redis://... with --keys; "
                                                "Terraform: the state file to write; config: a new directory to "
                                                "clone into")
-    p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
+    p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from (or give "
+                                    "it in place of BACKUP_ID: restore TARGET --latest)")
     p.add_argument("--latest", action="store_true", help="the newest backup of --target that passed its checks")
     p.add_argument("--before", help="the newest good backup started before this UTC time (ISO 8601)")
     p.add_argument("--drop-existing", action="store_true",
