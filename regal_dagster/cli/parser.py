@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              description="Back up, verify and restore the Regal POS backend.",
                                              epilog="Exit status: 0 success, 1 operational failure, 2 bad usage or "
                                                     "policy, 3 a check, verification or validation failed "
-                                                    "(status: an RPO is breached)."), None)
+                                                    "(status: an RPO is breached); 126 wal get "
+                                                    "--restore-command could not serve a WAL file that may be "
+                                                    "archived."), None)
     parser.add_argument("--version", action="version", version=f"regal-backup {_version()}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
