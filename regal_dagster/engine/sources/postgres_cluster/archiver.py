@@ -27,6 +27,7 @@ POLL_SECONDS = 2.0
 class ArchiverState:
     archive_mode: str
     has_command: bool  # archive_command or (15+) archive_library set
+    standby: bool  # a standby archives (and a backup of it waits) only with archive_mode = always
     failed_count: int
     last_failed_wal: str | None
     last_failed_time: datetime | None
@@ -47,8 +48,8 @@ def archiver_state(dsn: str) -> ArchiverState:
     with connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT current_setting('archive_mode'), current_setting('archive_command') <> '' OR "
-            "coalesce(current_setting('archive_library', true), '') <> '', failed_count, last_failed_wal, "
-            "last_failed_time, last_archived_time FROM pg_stat_archiver").fetchone()
+            "coalesce(current_setting('archive_library', true), '') <> '', pg_is_in_recovery(), failed_count, "
+            "last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver").fetchone()
     assert row is not None
     return ArchiverState(*row)
 
@@ -60,7 +61,7 @@ HINT = ("fix the server's archive_command (its log says why it fails; pg_stat_ar
 def refuse_stuck_archiver(dsn: str) -> None:
     """Before a base backup: the server would make it wait for archiving that does not happen."""
     state = archiver_state(dsn)
-    if state.archive_mode == "off":
+    if state.archive_mode == "off" or (state.standby and state.archive_mode != "always"):
         return
     if not state.has_command:
         raise RegalError("the server has archive_mode = on but no archive_command: a base backup would wait forever "
