@@ -69,15 +69,16 @@ def _stop_server(server: ScratchCluster, mode: str) -> None:
 @pytest.fixture
 def streamed_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
     server = ScratchCluster.persistent(tmp_path / "pgdata").start()
-    stream = None
+    state: dict[str, Any] = {"server": server, "base": tmp_path, "stream": None}
     try:
         made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", server.dsn(), "--no-audit",
                                 "--json"]).stdout)
-        policy = Path(made["policy"])
-        log = tmp_path / "stream.log"
-        stream = _start_stream(policy, log)
-        yield {"server": server, "policy": policy, "log": log, "stream": stream, "base": tmp_path}
+        state["policy"] = policy = Path(made["policy"])
+        state["log"] = log = tmp_path / "stream.log"
+        state["stream"] = _start_stream(policy, log)
+        yield state
     finally:
+        stream = state["stream"]  # the test may have started another one in its place
         if stream is not None and stream.poll() is None:
             stream.terminate()
             try:
