@@ -22,7 +22,17 @@ from regal_dagster.engine.postgresql.server import ScratchCluster
 from regal_dagster.engine.workspace import PREFIX
 
 from .conftest import SYSTEM_PG
-from .test_pitr import AS_ROOT, CLI, _give_to_server_account, _ok, _push_spool, _run, _sql, _wait_archived, cli
+from .test_pitr import (
+    AS_ROOT,
+    CLI,
+    _give_to_server_account,
+    _ok,
+    _push_spool,
+    _run,
+    _sql,
+    _wait_archived,
+    cli,
+)
 
 Rows = set[tuple[int, str]]
 
@@ -223,7 +233,27 @@ def test_prune_keeps_every_parent_of_a_kept_incremental(chain: dict[str, Any]) -
     assert all((_backup_dir(policy, chain[k]) / "manifest.json").exists() for k in ("full", "first", "second"))
 
 
-def test_summarize_wal_off_is_refused_with_what_to_change(chain: dict[str, Any]) -> None:
+def test_dagster_daily_runs_are_incremental_and_weekly_ones_full_as_the_policy_says(chain: dict[str, Any]) -> None:
+    import dagster as dg
+
+    from regal_dagster.defs import BACKUP_JOB, build_definitions
+    from regal_dagster.defs.backups.assets import RETENTION_CLASS_TAG
+
+    defs = build_definitions(str(chain["policy"]))
+    instance = dg.DagsterInstance.ephemeral()
+    found = {}
+    for retention_class in ("daily", "weekly"):
+        result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(
+            instance=instance, tags={RETENTION_CLASS_TAG: retention_class})
+        (event,) = result.get_asset_materialization_events()
+        found[retention_class] = event.materialization.metadata
+    assert found["daily"]["source/backup_type"].value == "incremental"
+    assert found["daily"]["source/parent_backup_id"].value == chain["second"]
+    assert found["weekly"]["source/backup_type"].value == "full"
+    assert "source/parent_backup_id" not in found["weekly"]
+
+
+def test_summarize_wal_off_and_missing_summaries_are_refused_with_what_to_do(chain: dict[str, Any]) -> None:
     dsn = chain["dsn"]
     _sql(dsn, "ALTER SYSTEM SET summarize_wal = 'off'")
     _sql(dsn, "SELECT pg_reload_conf()")
@@ -234,9 +264,19 @@ def test_summarize_wal_off_is_refused_with_what_to_change(chain: dict[str, Any])
         done = cli(chain["policy"], "backup", "cluster", "--incremental")
         assert done.returncode == 2, done.stderr
         assert "summarize_wal is off" in done.stderr and "set summarize_wal = on and reload" in done.stderr
+        for _ in range(3):  # WAL written while nothing summarizes it, recycled by checkpoints
+            _insert(dsn, "unsummarized", 10_000 + _ * 1000, 500)
+            _sql(dsn, "SELECT pg_switch_wal()")
+            _sql(dsn, "CHECKPOINT")
     finally:
         _sql(dsn, "ALTER SYSTEM SET summarize_wal = 'on'")
         _sql(dsn, "SELECT pg_reload_conf()")
+    done = cli(chain["policy"], "backup", "cluster", "--incremental")  # the summaries have a hole since `second`
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "WAL summaries are required" in done.stderr and "take a full backup" in done.stderr, done.stderr
+    full = _backup(chain["policy"], "--full")["backup_id"]  # the fix: a full one, then incrementals on top
+    after = _backup(chain["policy"], "--incremental")
+    assert _manifest(chain["policy"], after["backup_id"])["source"]["chain"] == [full]
 
 
 def test_a_server_older_than_17_is_refused(tmp_path: Path) -> None:
