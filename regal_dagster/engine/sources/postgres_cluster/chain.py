@@ -27,10 +27,6 @@ FIRST_INCREMENTAL_MAJOR = 17
 ANOTHER_BASE = "restore from another base backup (`regal-backup list TARGET`; --base-backup ID), e.g. a full one"
 
 
-def is_incremental(manifest: Manifest) -> bool:
-    return manifest.source.get("backup_type") == "incremental"
-
-
 def require_wal_summaries(facts: dict[str, Any]) -> None:
     """An incremental backup needs PostgreSQL 17+ summarizing its WAL: refused, saying what to change, else."""
     if int(facts["server_version_num"]) < FIRST_INCREMENTAL_MAJOR * 10000:
@@ -115,7 +111,7 @@ def chain_of(backup: StoredBackup) -> list[StoredBackup]:
             raise IntegrityError(f"{parent_id}, a parent of {backup.manifest.backup_id}, failed its checks",
                                  ANOTHER_BASE)
         members.insert(0, StoredBackup(backup.repo, backup.keyring, parent))
-    if is_incremental(members[0].manifest):
+    if members[0].manifest.is_incremental:
         raise IntegrityError(f"the chain of {backup.manifest.backup_id} starts at {members[0].manifest.backup_id}, "
                              "which is incremental, not a full backup", ANOTHER_BASE)
     return members
