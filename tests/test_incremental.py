@@ -285,3 +285,15 @@ def test_a_server_older_than_17_is_refused(tmp_path: Path) -> None:
     done = cli(Path(made["policy"]), "backup", "cluster", "--incremental")
     assert done.returncode == 2, done.stderr
     assert "incremental base backups need PostgreSQL 17 or newer" in done.stderr
+
+
+def test_an_incremental_with_nothing_to_build_on_is_a_full_backup_saying_so(chain: dict[str, Any]) -> None:
+    policy = chain["policy"]
+    policy.write_text(policy.read_text().replace("targets:\n", f"targets:\n  fresh:\n    kind: postgres_cluster\n"
+                                                               f"    dsn: {chain['dsn']}\n", 1))
+    done = _ok(cli(policy, "backup", "fresh", "--incremental", "--json"))
+    assert "there is no good base backup of this target yet: took a full base backup" in done.stderr, done.stderr
+    backup_id = json.loads(done.stdout)["backup_id"]
+    source = json.loads((policy.parent / "repository" / "backups" / "fresh" / backup_id / "manifest.json")
+                        .read_text())["source"]
+    assert source["backup_type"] == "full" and "took a full base backup" in source["incremental_note"]

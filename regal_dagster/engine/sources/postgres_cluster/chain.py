@@ -55,9 +55,9 @@ class ParentLink:
 
 
 def newest_parent(policy: Policy, repo: Repository, keyring: Keyring, target: str,
-                  facts: dict[str, Any]) -> Manifest | None:
+                  facts: dict[str, Any]) -> tuple[Manifest | None, str]:
     """The target's newest good base backup (full or incremental; an unchecked one is checked now), when it is of
-    this server (system identifier, timeline, major version). None: there is none to build on."""
+    this server (system identifier, timeline, major version) and its own chain is whole. Else None, and why."""
     from ...catalog import newest_first
     from ...checks import check_status, run_checks
 
@@ -72,8 +72,15 @@ def newest_parent(policy: Policy, repo: Repository, keyring: Keyring, target: st
         same_server = (str(source.get("system_identifier")) == str(facts["system_identifier"])
                        and int(source.get("timeline", -1)) == int(facts["timeline"])
                        and int(source["server_version_num"]) // 10000 == int(facts["server_version_num"]) // 10000)
-        return manifest if same_server else None
-    return None
+        if not same_server:
+            return None, (f"the newest good base backup, {manifest.backup_id}, is of another server or timeline "
+                          f"(system identifier {source.get('system_identifier')}, timeline {source.get('timeline')})")
+        try:
+            chain_of(StoredBackup(repo, keyring, manifest))
+        except RegalError as exc:
+            return None, f"the chain of the newest good base backup is broken: {exc.message}"
+        return manifest, ""
+    return None, "there is no good base backup of this target yet"
 
 
 @contextlib.contextmanager

@@ -99,11 +99,9 @@ class PostgresClusterSource(Source):
         dsn = cast(PostgresClusterTarget, target).resolved_dsn()
         facts = server_facts(dsn)
         require_wal_summaries(facts)
-        parent = newest_parent(policy, repo, keyring, target_name, facts)
+        parent, why_not = newest_parent(policy, repo, keyring, target_name, facts)
         if parent is None:
-            facts["incremental_note"] = ("no good base backup of this server (system identifier "
-                                         f"{facts['system_identifier']}, timeline {facts['timeline']}) to build on: "
-                                         "took a full backup instead")
+            facts["incremental_note"] = f"{why_not}: took a full base backup instead of an incremental"
             return self._capture(dsn, facts, store, None)
         with fetched_parent(repo, keyring, parent) as link:
             return self._capture(dsn, facts, store, link)
