@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -148,7 +149,10 @@ def main() -> None:
             started = time.monotonic()
             backup = json.loads(_run(*CLI, "--policy", str(policy_file), "backup", "cluster", "--json").stdout)
             ours = time.monotonic() - started
-            _run(*CLI, "--policy", str(policy_file), "verify", backup["backup_id"])  # a good parent, as Dagster has
+            # checked, as Dagster checks every backup (wal_continuity fails here: no WAL is streamed at this point,
+            # which leaves the backup good but makes verify exit 1)
+            subprocess.run([*CLI, "--policy", str(policy_file), "verify", backup["backup_id"]], capture_output=True,
+                           check=False)
             basebackup = pg_tool_for_server("pg_basebackup", 18).path
             started = time.monotonic()
             with (work / "plain.tar").open("wb") as out:
@@ -162,6 +166,14 @@ def main() -> None:
             incremental = json.loads(_run(*CLI, "--policy", str(policy_file), "backup", "cluster", "--incremental",
                                           "--json").stdout)
             incremental_seconds = time.monotonic() - started
+            with tarfile.open(work / "plain.tar") as tar:  # the plain full backup's manifest: the plain parent
+                tar.extract("backup_manifest", work / "plain-parent", filter="data")
+            started = time.monotonic()
+            with (work / "plain-incremental.tar").open("wb") as out:
+                subprocess.run([str(basebackup), "-d", dsn, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast",
+                                "--manifest-checksums=SHA256",
+                                f"--incremental={work / 'plain-parent' / 'backup_manifest'}"], stdout=out, check=True)
+            plain_incremental = time.monotonic() - started
 
             stream = subprocess.Popen([*CLI, "--policy", str(policy_file), "wal", "stream", "cluster"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -187,10 +199,11 @@ def main() -> None:
                   f"{ours:.1f}", f"{data_mb / ours:.0f}", f"{ours / plain:.2f}x"],
                  ["pg_basebackup -Ft -D - > file", f"{data_mb:.0f}", f"{plain:.1f}", f"{data_mb / plain:.0f}", "1x"]])
     print_table(f"Incremental base backup after pgbench -T {args.incremental_seconds} on the full one",
-                ["backup", "MB read", "MB stored", "seconds", "vs full (stored, time)"],
+                ["backup", "MB read", "MB stored", "seconds", "vs full (stored, time)", "vs pg_basebackup alone"],
                 [[kind, f"{b['bytes_read'] / 1e6:.1f}", f"{b['bytes_stored'] / 1e6:.1f}", f"{t:.1f}",
-                  f"{b['bytes_stored'] / backup['bytes_stored']:.2f}x, {t / ours:.2f}x"]
-                 for kind, b, t in (("full", backup, ours), ("incremental", incremental, incremental_seconds))])
+                  f"{b['bytes_stored'] / backup['bytes_stored']:.2f}x, {t / ours:.2f}x", f"{t / alone:.2f}x"]
+                 for kind, b, t, alone in (("full", backup, ours, plain),
+                                           ("incremental", incremental, incremental_seconds, plain_incremental))])
     print_table("Point-in-time restore to the newest point",
                 ["from", "restore (extract, pg_verifybackup, config)", "to promotion (WAL replayed)"],
                 [["full base backup", f"{restores['full'][0]:.1f} s", f"{restores['full'][1]:.1f} s"],
