@@ -3,6 +3,7 @@ repository with real backups."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from datetime import UTC, datetime, timedelta
@@ -112,6 +113,29 @@ def test_failed_backups_fill_no_slot(backups: list[BackupInfo], counts: dict[str
     for backup, decision in zip(backups, plan(backups, counts, NOW), strict=True):
         if backup.status != "good":
             assert not any(" slot " in r or "newest good" in r for r in decision.reasons)
+
+
+@settings(max_examples=300, deadline=None)
+@given(backups_strategy, counts_strategy, st.lists(st.integers(-1, 79), min_size=80, max_size=80))
+def test_a_kept_incremental_keeps_every_backup_it_is_built_on(backups: list[BackupInfo], counts: dict[str, int],
+                                                               parents: list[int]) -> None:
+    """Each backup incremental on top of an earlier one (or full: -1, or a choice not earlier): whatever the
+    slots say, no backup a kept incremental is built on is deleted, and it is kept at least as long."""
+    ordered = sorted(backups, key=lambda b: (b.started_at, b.backup_id))
+    chained: list[BackupInfo] = []
+    for i, backup in enumerate(ordered):
+        choice = parents[i]
+        chain = (*chained[choice].chain, chained[choice].backup_id) if 0 <= choice < i else ()
+        chained.append(dataclasses.replace(backup, chain=chain))
+    decisions = {d.backup_id: d for d in plan(chained, counts, NOW)}
+    for backup in chained:
+        if decisions[backup.backup_id].keep:
+            for parent in backup.chain:
+                kept = decisions[parent]
+                assert kept.keep and f"parent of the incremental {backup.backup_id}" in kept.reasons
+                child_end = decisions[backup.backup_id].delete_after
+                assert kept.delete_after is None if child_end is None else (
+                    kept.delete_after is None or kept.delete_after >= child_end)
 
 
 def test_grandfather_father_son_over_a_year_of_daily_backups() -> None:

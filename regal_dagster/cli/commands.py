@@ -104,7 +104,10 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
             raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
         policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
     with out.progress(f"backup {args.target}") as progress:
-        result = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"}, progress=progress)
+        result = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"}, progress=progress,
+                            incremental=args.incremental)
+    if note := result.manifest.source.get("incremental_note"):
+        out.warn(note)
     if result.offsite_problem:
         out.warn(f"{result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
                  "repository is reachable")
@@ -295,7 +298,9 @@ def _restore_cluster(args: argparse.Namespace, out: Output) -> int:
         out.note(note)
     text = (f"base backup {plan.base.backup_id} (finished {plan.base.finished_at:%Y-%m-%d %H:%M:%S} UTC, WAL "
             f"{plan.base.source['start_lsn']}..{plan.base.source['stop_lsn']} on timeline "
-            f"{plan.base.source['timeline']})\nWAL to replay: {plan.segments} segment(s), {plan.first_segment} .. "
+            f"{plan.base.source['timeline']})\n"
+            + (f"incremental: combined from {' + '.join(plan.chain)} (pg_combinebackup)\n" if len(plan.chain) > 1 else "")
+            + f"WAL to replay: {plan.segments} segment(s), {plan.first_segment} .. "
             f"{plan.last_segment}, stopping at the {goal.describe()}"
             + (f" (found at {plan.target_lsn})" if plan.target_lsn else ""))
     if result.restored is None:

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(e.g. 10m; default: the policy's repository.lock_wait)")
     p.add_argument("--class", dest="retention_class", choices=RETENTION_CLASSES, default="hourly",
                    help="the retention class the backup counts for (default: hourly)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--incremental", action="store_true", default=None,
+                      help="postgres_cluster: pg_basebackup --incremental on top of the newest good base backup "
+                           "(PostgreSQL 17+, summarize_wal = on); a full one when there is none yet "
+                           "(default: as the target's `incremental` option says for the class)")
+    kind.add_argument("--full", dest="incremental", action="store_false",
+                      help="postgres_cluster: a full base backup whatever the policy says")
     p.set_defaults(func=commands.cmd_backup)
 
     p = sub.add_parser("list", parents=[common],

@@ -34,9 +34,11 @@ class RegalEngine(ConfigurableResource):
     def keyring(self) -> Keyring:
         return load_keyring(self.policy(), self.master_key)
 
-    def backup(self, target: str, retention_class: str, trigger: dict[str, str]) -> BackupResult:
+    def backup(self, target: str, retention_class: str, trigger: dict[str, str],
+               incremental: bool | None = None) -> BackupResult:
+        """`incremental` None: as the target's policy says for the class (postgres_cluster `incremental: true`)."""
         return run_backup(self.policy(), target, retention_class, repo=self.repository(), keyring=self.keyring(),
-                          trigger=trigger)
+                          trigger=trigger, incremental=incremental)
 
     def restore_test(self, manifest: Manifest, trigger: dict[str, str]) -> RestoreTestResult:
         work_dir = self.policy().restore_tests.work_dir

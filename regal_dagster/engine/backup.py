@@ -49,8 +49,10 @@ class BackupResult:
 
 def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly", *,
                repo: Repository | None = None, keyring: Keyring | None = None,
-               trigger: dict[str, str] | None = None, progress: Progress | None = None) -> BackupResult:
-    """Back up one target. The backup exists once this returns; a failed off-site copy does not undo it."""
+               trigger: dict[str, str] | None = None, progress: Progress | None = None,
+               incremental: bool | None = None) -> BackupResult:
+    """Back up one target. The backup exists once this returns; a failed off-site copy does not undo it.
+    `incremental`: on top of the target's newest good backup (None: as the policy says for this class)."""
     if retention_class not in RETENTION_CLASSES:
         raise RegalError(f"unknown retention class '{retention_class}'", f"use one of {', '.join(RETENTION_CLASSES)}")
     target = policy.target(target_name)
@@ -60,6 +62,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     repo.check_ready()
     open_repository_format(repo, keyring)  # only `regal-backup init` creates a repository
     settings = target.model_copy(update={"jobs": policy.jobs_for(target_name)})
+    if incremental is None:
+        incremental = incremental_by_policy(target, retention_class)
     with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
         keyring = keyring.reload()  # under the lock: a key retired meanwhile is never used, a new primary is
         ledger_revision = load_ledger(repo, keyring).revision
@@ -79,7 +83,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
 
         try:
             with repo.backend.batched_durability():  # every object on disk before the manifest refers to it
-                captured = source.capture(settings, store)
+                captured = (source.capture_incremental(policy, repo, keyring, target_name, settings, store)
+                            if incremental else source.capture(settings, store))
             manifest = Manifest(
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
                 retain_until=retain_until,
@@ -97,6 +102,14 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
                      seconds=round(manifest.duration_seconds, 3), key_id=keyring.primary_key_id)
         offsite_problem = copy_after_backup(repo, open_offsite(policy), manifest)  # under the lock: prune waits
     return BackupResult(manifest, offsite_problem)
+
+
+INCREMENTAL_CLASSES = ("hourly", "daily")  # weekly and monthly backups stay full: each starts a new chain
+
+
+def incremental_by_policy(target: object, retention_class: str) -> bool:
+    """Whether a backup of this class is incremental when nobody says: the target's `incremental` option."""
+    return bool(getattr(target, "incremental", False)) and retention_class in INCREMENTAL_CLASSES
 
 
 def _remove_unfinished(repo: Repository, prefix: str) -> None:

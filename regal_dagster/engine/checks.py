@@ -335,7 +335,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
             outcomes.append(check_encryption(repo, keyring, manifest, policy.checks.sample_kb * 1024))
         except RegalError as exc:  # an object that cannot be read cannot be shown to be encrypted
             outcomes.append(CheckOutcome("encryption", False, exc.message))
-        earlier = (m for m in good_newest_first(repo, keyring, manifest.target) if m.started_at < manifest.started_at)
+        earlier = (m for m in good_newest_first(repo, keyring, manifest.target) if m.started_at < manifest.started_at
+                   and m.is_incremental == manifest.is_incremental)  # an incremental is compared with incrementals
         recent = list(itertools.islice(earlier, policy.checks.size_history))  # only these are read for size
         outcomes.append(check_size(manifest, recent[::-1], policy.checks.size_tolerance))
         outcomes += source_for(manifest.kind).kind_checks(policy, manifest.target, manifest,

@@ -135,6 +135,11 @@ class Manifest(BaseModel):
         return sum(o.plaintext_size for o in self.objects)
 
     @property
+    def is_incremental(self) -> bool:
+        """An incremental base backup (postgres_cluster): restorable only with the backups it is built on."""
+        return self.source.get("backup_type") == "incremental"
+
+    @property
     def duration_seconds(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
 

@@ -87,12 +87,18 @@ class RecoveryPlan:
     notes: list[str] = field(default_factory=list)
     wal_files: list[str] = field(default_factory=list)  # the archived files recovery may replay, in order
 
+    @property
+    def chain(self) -> list[str]:
+        """The base backups the restore combines, the full one first (just the base backup when it is full)."""
+        return [*self.base.source.get("chain", []), self.base.backup_id]
+
     def to_json(self) -> dict[str, Any]:
         source = self.base.source
         return {"target": self.target, "goal": self.goal.describe(), "base_backup": self.base.backup_id,
                 "base_backup_finished_at": self.base.finished_at.isoformat(), "start_lsn": source["start_lsn"],
                 "stop_lsn": source["stop_lsn"], "timeline": source["timeline"], "first_segment": self.first_segment,
                 "last_segment": self.last_segment, "segments_to_replay": self.segments,
+                "backup_type": source.get("backup_type", "full"), "chain": self.chain,
                 "target_lsn": self.target_lsn, "recovery_settings": self.settings, "notes": self.notes,
                 "wal_files": len(self.wal_files)}
 

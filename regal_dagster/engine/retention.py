@@ -54,6 +54,7 @@ class BackupInfo:
     retention_class: str
     status: str  # good | failed | unchecked
     locked_until: datetime | None = None  # S3 Object Lock: nothing can delete it before then
+    chain: tuple[str, ...] = ()  # an incremental base backup: the backups it is built on, the full one first
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,24 @@ def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
         if backup.locked_until is not None and now < backup.locked_until:
             reasons[backup.backup_id].append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
             ends[backup.backup_id].append(backup.locked_until)
+    _keep_parents(backups, reasons, ends)
     due = _due_since(backups, good, counts, now, failed_grace, unchecked_grace)
     return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or (_why_not(b),),
                      _latest(ends[b.backup_id]), None if reasons[b.backup_id] else due[b.backup_id])
             for b in backups]
+
+
+def _keep_parents(backups: list[BackupInfo], reasons: dict[str, list[str]],
+                  ends: dict[str, list[datetime | None]]) -> None:
+    """A kept incremental keeps every backup it is built on, for as long as it is kept itself: a restore of it
+    combines them all."""
+    kept = [b for b in backups if reasons[b.backup_id]]
+    for child in kept:
+        child_ends = list(ends[child.backup_id])
+        for parent in child.chain:
+            if parent in reasons:
+                reasons[parent].append(f"parent of the incremental {child.backup_id}")
+                ends[parent].extend(child_ends)
 
 
 def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mapping[str, int], now: datetime,
@@ -328,7 +343,7 @@ def prune_report(document: dict[str, Any]) -> PruneReport:
 def backup_infos(repo: Repository, keyring: Keyring, target: str) -> list[BackupInfo]:
     manifests, _ = list_backups(repo, keyring, target)
     return [BackupInfo(m.backup_id, m.started_at, m.retention_class, check_status(repo, keyring, m).status,
-                       m.locked_until) for m in manifests]
+                       m.locked_until, tuple(m.source.get("chain", ()))) for m in manifests]
 
 
 def delete_backup(repo: Repository, target: str, backup_id: str) -> None:

@@ -32,6 +32,8 @@ class BackupConfig(Config):
     """Launch-time choice for an ad-hoc backup; schedules set the class through the run tag."""
 
     retention_class: str = "hourly"
+    # postgres_cluster: True an incremental base backup, False a full one; None as the target's policy says
+    incremental: bool | None = None
 
 
 def backup_asset_key(kind: str, target: str) -> AssetKey:
@@ -113,8 +115,11 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     )
     def _backup(context: AssetExecutionContext, config: BackupConfig, regal: RegalEngine) -> MaterializeResult:
         retention_class = context.run.tags.get(RETENTION_CLASS_TAG, config.retention_class)
-        result = regal.backup(target, retention_class, trigger={"dagster_run_id": context.run.run_id})
+        result = regal.backup(target, retention_class, trigger={"dagster_run_id": context.run.run_id},
+                              incremental=config.incremental)
         manifest, offsite_problem = result.manifest, result.offsite_problem
+        if note := manifest.source.get("incremental_note"):
+            context.log.warning(note)
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "
                          f"{manifest.stored_bytes} bytes from {manifest.plaintext_bytes}")
         metadata = backup_metadata(manifest, regal.repository().location)

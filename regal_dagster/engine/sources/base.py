@@ -30,9 +30,11 @@ from ..outcomes import CheckOutcome, CheckSpec
 from ..settings import TargetSettings
 
 if TYPE_CHECKING:
+    from ..crypto import Keyring
     from ..gdpr import ErasureLedger, ErasureResult
     from ..pipeline import Progress, StoredBackup
     from ..policy import ErasureSubjectConfig, Policy
+    from ..storage import Repository
 
 StoreObject = Callable[[str, str, Iterable[bytes], int], ObjectRecord]
 """Stores one object of the backup: (name, what its content is, plaintext chunks, zstd threads: 0 in the
@@ -102,6 +104,14 @@ class Source(ABC):
 
     @abstractmethod
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured: ...
+
+    def capture_incremental(self, policy: Policy, repo: Repository, keyring: Keyring, target_name: str,
+                            target: TargetSettings, store: StoreObject) -> Captured:
+        """An incremental backup on top of the target's newest good one (kinds that have such a thing)."""
+        from ..errors import UsageError
+
+        raise UsageError(f"{self.label} targets take no incremental backups",
+                         "leave out --incremental: incremental backups are for postgres_cluster targets")
 
     @abstractmethod
     def check_structure(self, backup: StoredBackup) -> str:

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from ...errors import IntegrityError, ToolError
@@ -18,6 +19,9 @@ from ...pipeline import CHUNK
 from ...postgresql.tools import PgTool
 
 BLOCK = 512
+# pg_basebackup's words when the server cannot build an incremental backup on the given manifest
+_INCREMENTAL_REFUSAL = re.compile(r"WAL summar|incremental backup|system identifier in backup manifest|"
+                                  r"manifest requires WAL", re.IGNORECASE)
 MANIFEST_MEMBER = "backup_manifest"
 
 
@@ -101,11 +105,15 @@ class BaseBackupRun:
 
 
 @contextlib.contextmanager
-def basebackup_stream(tool: PgTool, env: dict[str, str], run: BaseBackupRun) -> Iterator[Iterator[bytes]]:
+def basebackup_stream(tool: PgTool, env: dict[str, str], run: BaseBackupRun,
+                      incremental_from: Path | None = None) -> Iterator[Iterator[bytes]]:
     """The chunks of pg_basebackup's tar stream; `run` is filled in once the stream has ended. A failure of
-    pg_basebackup is an error naming its last words; leaving early stops it."""
+    pg_basebackup is an error naming its last words; leaving early stops it. `incremental_from`: the parent
+    backup's backup_manifest, for an incremental backup."""
     command = [str(tool.path), "-D", "-", "-F", "t", "-X", "none", "--manifest-checksums=SHA256",
                "--checkpoint=fast", "--no-password", "--verbose", "--label=regal-backup"]
+    if incremental_from is not None:
+        command.append(f"--incremental={incremental_from}")
     watcher = TarWatcher(MANIFEST_MEMBER)
     with tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
@@ -120,6 +128,12 @@ def basebackup_stream(tool: PgTool, env: dict[str, str], run: BaseBackupRun) -> 
             if process.wait() != 0:
                 err.seek(0)
                 words = err.read().strip().splitlines()
+                if incremental_from is not None and any(_INCREMENTAL_REFUSAL.search(w) for w in words):
+                    raise ToolError("pg_basebackup refused the incremental backup: "
+                                    + " / ".join(w for w in words if _INCREMENTAL_REFUSAL.search(w))[:600],
+                                    "the server lacks the WAL summaries from the parent backup's start (summarize_wal "
+                                    "was off, or they were removed after wal_summary_keep_time): take a full backup "
+                                    "(`regal-backup backup TARGET --full`), then incrementals on top of it")
                 raise ToolError(f"pg_basebackup failed with exit code {process.returncode}: "
                                 + " / ".join(words[-3:]),
                                 "check that the DSN's role may replicate (REPLICATION), that pg_hba.conf has a "

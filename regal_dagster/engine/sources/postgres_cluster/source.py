@@ -30,11 +30,23 @@ from .basebackup import (
     manifest_checksum_holds,
     manifest_files,
 )
+from .chain import (
+    ParentLink,
+    chain_of,
+    check_link,
+    combine_chain,
+    extract,
+    fetched_parent,
+    newest_parent,
+    require_wal_summaries,
+)
 from .recovery import write_recovery_settings
 from .target import PostgresClusterTarget
 
 if TYPE_CHECKING:
+    from ...crypto import Keyring
     from ...policy import Policy
+    from ...storage import Repository
 
 TAR_OBJECT = "base.tar"
 TAR_CONTENT = "pg_basebackup tar of the data directory (-Ft, WAL from the archive)"
@@ -49,12 +61,13 @@ def server_facts(dsn: str) -> dict[str, Any]:
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'), "
             "(SELECT system_identifier::text FROM pg_control_system()), "
             "current_setting('wal_segment_size'), current_setting('wal_level'), "
-            "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+            "(SELECT timeline_id FROM pg_control_checkpoint()), current_setting('summarize_wal', true)").fetchone()
         databases = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()]
     assert row is not None
     return {"server_version_num": row[0], "server_version": row[1], "system_identifier": row[2],
-            "wal_segment_size": _bytes(row[3]), "wal_level": row[4], "databases": databases}
+            "wal_segment_size": _bytes(row[3]), "wal_level": row[4], "timeline": row[5], "summarize_wal": row[6],
+            "databases": databases}
 
 
 def _bytes(setting: str) -> int:
@@ -78,13 +91,28 @@ class PostgresClusterSource(Source):
     restores_to = "a new data directory (restore TARGET --to-dir DIR), recovered from the WAL archive to a point in time"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
-        settings = cast(PostgresClusterTarget, target)
-        dsn = settings.resolved_dsn()
+        dsn = cast(PostgresClusterTarget, target).resolved_dsn()
+        return self._capture(dsn, server_facts(dsn), store, None)
+
+    def capture_incremental(self, policy: Policy, repo: Repository, keyring: Keyring, target_name: str,
+                            target: TargetSettings, store: StoreObject) -> Captured:
+        """pg_basebackup --incremental on top of the target's newest good base backup of this server; a full
+        backup (saying so in `incremental_note`) when there is none, as pgBackRest does."""
+        dsn = cast(PostgresClusterTarget, target).resolved_dsn()
         facts = server_facts(dsn)
+        require_wal_summaries(facts)
+        parent, why_not = newest_parent(policy, repo, keyring, target_name, facts)
+        if parent is None:
+            facts["incremental_note"] = f"{why_not}: took a full base backup instead of an incremental"
+            return self._capture(dsn, facts, store, None)
+        with fetched_parent(repo, keyring, parent) as link:
+            return self._capture(dsn, facts, store, link)
+
+    def _capture(self, dsn: str, facts: dict[str, Any], store: StoreObject, parent: ParentLink | None) -> Captured:
         tool = pg_tool_for_server("pg_basebackup", facts["server_version_num"] // 10000)
         run = BaseBackupRun()
         refuse_stuck_archiver(dsn)
-        with basebackup_stream(tool, libpq_environment(dsn), run) as chunks, \
+        with basebackup_stream(tool, libpq_environment(dsn), run, parent.backup_manifest if parent else None) as chunks, \
                 watch_archiver(dsn, cast("subprocess.Popen[bytes]", run.process)) as stuck:
             try:
                 tar = store(TAR_OBJECT, TAR_CONTENT, chunks, -1)
@@ -93,6 +121,7 @@ class PostgresClusterSource(Source):
         manifest = store(MANIFEST_OBJECT, MANIFEST_CONTENT, [run.manifest], 0)
         files = manifest_files(run.manifest)
         facts.update(run.facts)
+        facts.update(parent.facts() if parent else {"backup_type": "full"})
         facts.update(files=len(files), bytes=sum(int(f.get("Size", 0)) for f in files.values()),
                      manifest_sha256=hashlib.sha256(run.manifest).hexdigest())
         return Captured([tar, manifest], facts, {"pg_basebackup": tool.version})
@@ -131,7 +160,13 @@ class PostgresClusterSource(Source):
         if expected:
             raise IntegrityError(f"{where} lacks {len(expected)} file(s) the backup manifest lists, first "
                                  f"{min(expected)}", "this backup is damaged: use another one")
-        return f"the tar stream holds the {seen} files of PostgreSQL's backup manifest with their SHA-256"
+        held = f"the tar stream holds the {seen} files of PostgreSQL's backup manifest with their SHA-256"
+        if len(chain := chain_of(backup)) > 1:
+            check_link(backup.manifest, chain[-2].read(MANIFEST_OBJECT), chain[-2].manifest)
+            held += (f"; incremental on top of {chain[-2].manifest.backup_id}, whose backup manifest is the one it was "
+                     f"taken against; its chain ({len(chain) - 1} backup(s) down to the full "
+                     f"{chain[0].manifest.backup_id}) is in the repository")
+        return held
 
     def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
                     earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
@@ -159,7 +194,8 @@ class PostgresClusterSource(Source):
     def summary(self, manifest: Manifest) -> dict[str, Any]:
         source = manifest.source
         return {"start_lsn": source.get("start_lsn"), "stop_lsn": source.get("stop_lsn"),
-                "timeline": source.get("timeline"), "databases": len(source.get("databases", []))}
+                "timeline": source.get("timeline"), "databases": len(source.get("databases", [])),
+                "backup_type": source.get("backup_type", "full"), "parent_backup_id": source.get("parent_backup_id")}
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
         """The data directory at `request.to`, checked with pg_verifybackup, configured to recover from the WAL
@@ -174,17 +210,21 @@ class PostgresClusterSource(Source):
             raise RegalError(f"{root} is not empty", "give a new or empty directory for the data directory")
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root.chmod(0o700)
+        major = backup.manifest.source["server_version_num"] // 10000
+        chain = chain_of(backup)  # refused before anything is written when a parent is missing or failed
         with _discarded_on_failure(root, created):
-            root.chmod(0o700)
             if request.before_writing:
                 request.before_writing()
             started = time.monotonic()
-            with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(root, filter="tar")
-            if not (root / MANIFEST_MEMBER).exists():
-                backup.install(MANIFEST_OBJECT, root / MANIFEST_MEMBER)
+            if len(chain) == 1:
+                extract(backup, root)
+            elif problems := combine_chain(chain, root, major):
+                return Restored(str(root), f"the chain of {backup.manifest.backup_id} failed pg_verifybackup: "
+                                           "nothing was combined", problems, {"extract": time.monotonic() - started},
+                                {"chain": [m.manifest.backup_id for m in chain]})
             (root / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
-            seconds = {"extract": time.monotonic() - started}
+            seconds = {"extract" if len(chain) == 1 else "extract_and_combine": time.monotonic() - started}
             wal_dir = None
             if recovery_wal is not None:
                 started = time.monotonic()
@@ -194,14 +234,17 @@ class PostgresClusterSource(Source):
                     fetch_wal(backup.repo, backup.keyring, backup.manifest.target, name, wal_dir / name)
                 seconds["copy_wal"] = time.monotonic() - started
             started = time.monotonic()
-            problems = verify_data_directory(root, backup.manifest.source["server_version_num"] // 10000, wal_dir)
+            problems = verify_data_directory(root, major, wal_dir)
             seconds["pg_verifybackup"] = time.monotonic() - started
             for runtime in root.glob(".s.PGSQL.*"):  # the lock of a socket that lived in the data directory: a
                 runtime.unlink()  # server's runtime state, which would stop the restored server from starting
             write_recovery_settings(root, recovery)
-        return Restored(str(root), f"restored {backup.manifest.backup_id} into {root}: "
+        combined = (f", combined with pg_combinebackup from {' + '.join(m.manifest.backup_id for m in chain)}"
+                    if len(chain) > 1 else "")
+        return Restored(str(root), f"restored {backup.manifest.backup_id} into {root}{combined}: "
                                    f"{backup.manifest.source.get('files', 0)} files, checked with pg_verifybackup; "
-                                   "recovery configured", problems, seconds, {"data_directory": str(root)})
+                                   "recovery configured", problems, seconds,
+                        {"data_directory": str(root), "chain": [m.manifest.backup_id for m in chain]})
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:

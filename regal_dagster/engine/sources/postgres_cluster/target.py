@@ -16,6 +16,9 @@ class PostgresClusterTarget(DsnTarget):
                                  "a superuser); ${VAR} is read from the environment")
     slot: str = Field("regal_backup", description="the physical replication slot `wal stream` holds (created "
                                                   "by it when missing), so the server keeps WAL until it is stored")
+    incremental: bool = Field(False, description="scheduled hourly and daily base backups are incremental "
+                                                 "(pg_basebackup --incremental, PostgreSQL 17+ with summarize_wal = "
+                                                 "on) on top of the newest one; weekly and monthly stay full")
 
     @field_validator("slot")
     @classmethod
