@@ -338,15 +338,19 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
     from ..engine.wal import cluster_target
-    from ..engine.walstatus import wal_status
+    from ..engine.walstatus import COMMIT_LOOKBACK, wal_status
 
     policy, repo, keyring = _open(args)
     target = cluster_target(policy, args.target)
-    status = wal_status(policy, repo, keyring, target)
+    status = wal_status(policy, repo, keyring, target, with_commit_time=True)
     lines = [f"{target}: {status.segments} WAL segment(s) stored; newest "
              + (f"{status.newest_segment}, position {status.newest_lsn} stored {status.newest_stored_at}"
                 if status.newest_lsn else "NONE")
              + (f" (from the snapshot of {status.snapshot}, being received)" if status.snapshot else "")]
+    if status.newest_lsn:
+        lines.append("newest commit stored: " + (f"{status.newest_commit_at} (at {status.newest_commit_lsn})"
+                                                 if status.newest_commit_at else
+                                                 f"none in the newest {COMMIT_LOOKBACK} segment(s)"))
     if status.server_lsn is not None:
         lines.append(f"server at {status.server_lsn}: " + (
             "caught up" if not status.lag_bytes else f"LAG {size(status.lag_bytes or 0)}, "

@@ -16,6 +16,10 @@ class PostgresClusterTarget(DsnTarget):
                                  "a superuser); ${VAR} is read from the environment")
     slot: str = Field("regal_backup", description="the physical replication slot `wal stream` holds (created "
                                                   "by it when missing), so the server keeps WAL until it is stored")
+    restore_point_facts: bool = Field(True, description="restore tests create a named restore point on the server "
+                                                        "(pg_create_restore_point) and record facts there that a "
+                                                        "recovery to it must match exactly; false: restore tests "
+                                                        "never touch the server, only the repository")
 
     @field_validator("slot")
     @classmethod
