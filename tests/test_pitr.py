@@ -315,13 +315,28 @@ def test_the_rpo_watch_alerts_on_the_age_of_the_newest_stored_wal(archived_serve
 
 
 def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archived_server: dict[str, Any]) -> None:
+    """With `restore_point_facts: false` the test never connects to the server: the newest point and a random one."""
+    import yaml
+
     policy = archived_server["policy"]
-    done = cli(policy, "restore-test", "--target", "cluster", "--json")
+    original = policy.read_text()
+    document = yaml.safe_load(original)
+    document["targets"]["cluster"]["restore_point_facts"] = False
+    policy.write_text(yaml.safe_dump(document))
+    try:
+        done = cli(policy, "restore-test", "--target", "cluster", "--json")
+    finally:
+        policy.write_text(original)
     report = json.loads(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert report["backup_id"] == archived_server["second"] and report["problems"] == []
     assert report["details"]["databases"] == ["postgres", "template1"]  # as the backup recorded them
-    assert report["seconds"]["recovery_to_promotion"] > 0
+    assert "restore_point" not in report["details"]
+    assert [r["point"] for r in report["details"]["recoveries"]] == ["newest", "random"]
+    newest = report["details"]["recoveries"][0]
+    assert newest["newest_commit"] == report["details"]["newest_stored_commit"]  # the insert of row 6
+    assert report["details"]["rpo_basis"].endswith("the server was not asked)")
+    assert report["rto_seconds"] == max(r["rto_seconds"] for r in report["details"]["recoveries"]) > 0
 
 
 def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archived_server: dict[str, Any]) -> None:
