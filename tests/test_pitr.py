@@ -669,6 +669,46 @@ def test_a_fact_that_does_not_hold_at_the_restore_point_fails_the_restore_test_n
     assert [(t["name"], t["matches"]) for t in sorted(result.tables, key=lambda t: t["name"])] == [
         ("ledger", False), ("payments", True)]
 
+    from regal_dagster.defs.restore_tests.assets import restore_test_metadata
+
+    metadata = restore_test_metadata(result)
+    shown = {r.data["point"]: r.data for r in metadata["recoveries"].value.records}
+    assert list(shown) == ["newest", "random", "restore_point"]
+    assert not shown["restore_point"]["passed"] and shown["restore_point"]["facts_checked"] == 3
+    assert shown["newest"]["passed"] and shown["newest"]["rto_seconds"] > 0
+    assert metadata["restore_point"].value["name"].startswith("regal_restore_test_")
+    assert metadata["rpo_seconds"].value == 0.0
+
+
+def test_a_drill_recovers_the_cluster_without_touching_the_server(streamed_server: dict[str, Any]) -> None:
+    """The drill reads only the repository: the newest point and a random one, no restore point; its RPO is the
+    age of the newest restored commit at the simulated loss."""
+    from datetime import datetime
+
+    before = _sql(streamed_server["dsn"], "SELECT pg_current_wal_lsn()::text")[0][0]
+    done = cli(streamed_server["policy"], "drill", "--json")
+    record = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [entry] = record["targets"]
+    assert entry["recovered"] and [r["point"] for r in entry["restored"]["recoveries"]] == ["newest", "random"]
+    newest_data = datetime.fromisoformat(entry["restored"]["newest_data_at"])
+    assert entry["rpo_seconds"] == max(0.0, (datetime.fromisoformat(record["loss_at"]) - newest_data).total_seconds())
+    _sql(streamed_server["dsn"], "SELECT pg_create_restore_point('after_the_drill')")
+    _sql(streamed_server["dsn"], "SELECT pg_current_xact_id()")  # a commit: the WAL before it is flushed to disk
+    assert _restore_points_since(streamed_server["base"] / "pgdata", before) == ["after_the_drill"]  # none by it
+
+
+def _restore_points_since(data: Path, lsn: str) -> list[str]:
+    import re
+    import subprocess
+
+    from regal_dagster.engine.postgresql.tools import pg_tool_for_server
+
+    tool = pg_tool_for_server("pg_waldump", 18)
+    done = subprocess.run([str(tool.path), "--path", str(data / "pg_wal"), "--start", lsn, "--rmgr", "XLOG"],
+                          capture_output=True, text=True, check=False)
+    return re.findall(r"desc: RESTORE_POINT (\S+)", done.stdout)
+
 
 def test_wal_status_shows_the_commit_time_of_the_last_stored_commit(streamed_server: dict[str, Any]) -> None:
     """The newest commit of the stored WAL is the server's last commit: its commit timestamp (track_commit_timestamp)
