@@ -418,6 +418,14 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     text = (f"restore test of {result.backup_id} (age {result.backup_age_seconds / 3600:.1f} h): RTO "
             f"{result.rto_seconds:.1f}s against a target of {result.rto_target_seconds / 3600:.1f} h "
             f"({'within' if result.rto_within_target else 'OVER'}) ({phases})\n{verdict}")
+    text += "".join(f"\n  recovery to {r['goal'].removeprefix('the ')}: " + (
+        f"promoted after {r['rto_seconds']:.1f}s at {r.get('replayed_to_lsn')}, newest commit {r.get('newest_commit')}"
+        if r.get("rto_seconds") is not None else "did not start")
+        + (f", RPO {r['rpo_seconds']:.1f}s" if r.get("rpo_seconds") is not None else "")
+        + (f", {r['facts_checked']} fact(s) checked" if r.get("facts_checked") else "")
+        + ("" if not r["problems"] else " - FAILED") for r in result.details.get("recoveries", []))
+    if point := result.details.get("restore_point"):
+        text += f"\n  restore point {point['name']}: {point['note']}"
     out.result(result.to_json(), text)
     return 0 if result.validation_passed and result.rto_within_target else 3
 

@@ -78,7 +78,7 @@ def run_recoveries(policy: Policy, repo: Repository, keyring: Keyring, manifest:
         outcome["problems"] += _stop_problems(label, goal, outcome, newest, point)
         if label == "newest":
             _measure_rpo(outcome, manifest, tested_at, server_lsn)
-        found.problems += [f"recovery to the {goal.describe()}: {p}" for p in outcome["problems"]]
+        found.problems += [f"recovery to {goal.describe().removeprefix('the ')}: {p}" for p in outcome["problems"]]
         outcomes.append(outcome)
         found.seconds.update({f"{label}_{k}": v for k, v in outcome["seconds"].items()})
     found.details["recoveries"] = outcomes

@@ -146,7 +146,7 @@ def newest_records(repo: Repository, keyring: Keyring, base: Manifest, work_dir:
             match = _RECORD.search(line)
             if match is None:
                 continue
-            rmgr, lsn, desc = match.groups()
+            rmgr, lsn, desc = match.group(1), format_lsn(parse_lsn(match.group(2))), match.group(3)
             if found.record_lsn is None or parse_lsn(lsn) > parse_lsn(found.record_lsn):
                 found.record_lsn = lsn
             commit = _COMMIT.match(desc) if rmgr == "Transaction" else None

@@ -72,8 +72,9 @@ class PostgresClusterSource(Source):
             ERROR, False, "The WAL archive holds every segment from the oldest kept base backup's start to the newest "
                           "stored one, and pg_waldump reads every record of it: a restore can reach any point."),
     }
-    restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup), "
-                           "the WAL it needs parsed, the server recovered, promoted, and every database opened")
+    restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup); "
+                           "recoveries to the newest point, a random earlier one and a named restore point (its "
+                           "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
     restores_to = "a new data directory (restore TARGET --to-dir DIR), recovered from the WAL archive to a point in time"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
