@@ -679,6 +679,13 @@ def test_a_fact_that_does_not_hold_at_the_restore_point_fails_the_restore_test_n
     assert metadata["restore_point"].value["name"].startswith("regal_restore_test_")
     assert metadata["rpo_seconds"].value == 0.0
 
+    from regal_dagster.engine.restore_test import recovery_evidence
+
+    evidence = recovery_evidence(result.details)  # the audit event's, so the compliance report's
+    assert [(r["point"], r["passed"]) for r in evidence["recoveries"]] == [
+        ("newest", True), ("random", True), ("restore_point", False)]
+    assert evidence["restore_point_facts"] and evidence["rpo_seconds"] == 0.0
+
 
 def test_a_drill_recovers_the_cluster_without_touching_the_server(streamed_server: dict[str, Any]) -> None:
     """The drill reads only the repository: the newest point and a random one, no restore point; its RPO is the

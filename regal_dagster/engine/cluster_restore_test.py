@@ -60,8 +60,12 @@ def run_recoveries(policy: Policy, repo: Repository, keyring: Keyring, manifest:
     if touch_source and getattr(policy.target(target), "restore_point_facts", False):
         point, server_lsn, point_stored = _restore_point(policy, repo, keyring, target, tested_at)
         found.details["restore_point"] = point.to_json()
-    with private_directory("wal-newest", work_dir) as work:
-        newest = newest_records(repo, keyring, manifest, work)
+    try:
+        with private_directory("wal-newest", work_dir) as work:
+            newest = newest_records(repo, keyring, manifest, work)
+    except RegalError as exc:
+        found.problems.append(f"{RESTORE_FAILED}: the newest stored WAL cannot be read: {exc.message}")
+        return found
     low = parse_lsn(manifest.source["stop_lsn"])
     high = parse_lsn(newest.record_lsn) if newest.record_lsn else low
     seed = secrets.token_hex(16)
@@ -90,12 +94,12 @@ def run_recoveries(policy: Policy, repo: Repository, keyring: Keyring, manifest:
     found.details.update(rpo_seconds=first.get("rpo_seconds"), rpo_basis=first.get("rpo_basis"),
                          newest_data_at=first.get("newest_commit") or manifest.finished_at.isoformat(),
                          databases=first.get("databases", []))
-    if point is not None and point.facts:
-        checked = next((o for o in outcomes if o["point"] == "restore_point"), None)
-        failing = " ".join(checked["problems"]) if checked else ""
+    checked = next((o for o in outcomes if o["point"] == "restore_point"), None)
+    if point is not None and point.facts and checked is not None:  # the tables whose facts were checked
+        failing = " ".join(checked["problems"])
         found.tables = [{"schema": f"{db}:{table.partition('.')[0]}", "name": table.partition(".")[2],
-                         "rows": fact["rows"], "matches": checked is not None and f"table {table} " not in failing
-                         and "cannot be read" not in failing}
+                         "rows": fact["rows"], "matches": "facts_checked" in checked
+                         and f"database {db}: table {table} " not in failing and f"database {db} cannot" not in failing}
                         for db, facts in point.facts.items() for table, fact in facts["sample"].items()]
     return found
 

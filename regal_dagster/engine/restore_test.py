@@ -110,11 +110,11 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
            {"target": manifest.target, "rto_seconds": round(result.rto_seconds, 3),
             "rto_target_seconds": result.rto_target_seconds, "backup_age_seconds": round(result.backup_age_seconds, 3),
             "validation_passed": result.validation_passed, "problems": result.problems[:5],
-            "erasures": result.erasures, **_recovery_evidence(result.details)}, trigger)
+            "erasures": result.erasures, **recovery_evidence(result.details)}, trigger)
     return result
 
 
-def _recovery_evidence(details: dict[str, Any]) -> dict[str, Any]:
+def recovery_evidence(details: dict[str, Any]) -> dict[str, Any]:
     """A cluster's recoveries, briefly, for the audit trail (and so the compliance report's restore-test table)."""
     if "recoveries" not in details:
         return {}

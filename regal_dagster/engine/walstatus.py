@@ -110,7 +110,7 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
 
 COMMIT_LOOKBACK = 4  # segments read back from the newest for its newest commit
 _RECORD = re.compile(r"rmgr: (\w+)\s+len .*?lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F/]+, desc: (.*)$")
-_COMMIT = re.compile(r"^COMMIT(?:_PREPARED)?\b\D*?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+_COMMIT = re.compile(r"^COMMIT(?:_PREPARED)?\b.*?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
 @dataclass
