@@ -717,6 +717,23 @@ def _restore_points_since(data: Path, lsn: str) -> list[str]:
     return re.findall(r"desc: RESTORE_POINT (\S+)", done.stdout)
 
 
+def test_a_restore_point_needs_the_right_to_create_it_and_facts_only_cover_readable_tables(
+        streamed_server: dict[str, Any]) -> None:
+    from regal_dagster.engine.sources.postgres_cluster.pointfacts import create_restore_point
+
+    dsn = streamed_server["dsn"]
+    _sql(dsn, "CREATE ROLE clerk LOGIN")
+    clerk = dsn.replace("postgres@", "clerk@")
+    refused = create_restore_point(clerk, "by_the_clerk")
+    assert refused.lsn is None and refused.facts is None
+    assert refused.note.startswith("no restore point: permission denied for function pg_create_restore_point")
+    _sql(dsn, "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO clerk")
+    _sql(dsn, "GRANT SELECT ON ledger TO clerk")
+    point = create_restore_point(clerk, "by_the_clerk")
+    assert point.lsn is not None and point.facts is not None, point.note
+    assert point.facts["postgres"]["tables"] == 2 and list(point.facts["postgres"]["sample"]) == ["public.ledger"]
+
+
 def test_wal_status_shows_the_commit_time_of_the_last_stored_commit(streamed_server: dict[str, Any]) -> None:
     """The newest commit of the stored WAL is the server's last commit: its commit timestamp (track_commit_timestamp)
     is the COMMIT record's own, so they are equal to the microsecond."""

@@ -103,6 +103,9 @@ def create_restore_point(dsn: str, name: str) -> PointFacts:
             "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
             "AND has_database_privilege(datname, 'CONNECT') ORDER BY datname LIMIT %s", (MAX_DATABASES,)).fetchall()]
     point = PointFacts(name)
+    if not databases:
+        point.note = "no restore point: the role may connect to no database of the server"
+        return point
     for attempt in range(1, ATTEMPTS + 1):
         point.attempts = attempt
         label = name if attempt == 1 else f"{name}_{attempt}"
