@@ -49,7 +49,7 @@ def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: P
     assert "good" in cli("list", *policy).stdout
 
     target = system_pg.dsn(system_pg.new_name("regal_cli_restored"))
-    restored = cli("restore", "--target", "main", "--latest", "--to", target, *policy)
+    restored = cli("restore", "main", "--latest", "--to", target, *policy)  # TARGET in place of BACKUP_ID
     assert restored.returncode == 0, restored.stderr
     assert "validation (full): every table read back" in restored.stdout
 

@@ -429,6 +429,87 @@ def test_when_no_server_can_hold_the_source_the_reason_is_exact() -> None:
     assert choose_server_binaries(99, set())[1].count("< 99") >= 1
 
 
+# --- tablespaces ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tablespaces(system_pg: DatabaseFactory) -> Iterator[tuple[str, str]]:
+    """Two tablespaces on the system server, in directories its postgres account owns (dropped afterwards,
+    once the test's databases are): the names (one for a database's default, one for a table)."""
+    import shutil
+    import tempfile
+    import uuid
+
+    suffix = uuid.uuid4().hex[:6]
+    names = (f"regal_dbspace_{suffix}", f"regal_fast_{suffix}")
+    base = Path(tempfile.mkdtemp(prefix="regal-tablespaces-"))
+    base.chmod(0o755)  # the server's account must reach the directories
+    for name in names:
+        (base / name).mkdir()
+        shutil.chown(base / name, "postgres", "postgres")
+        execute(system_pg.server_dsn, f"CREATE TABLESPACE {name} LOCATION '{base / name}'")
+    yield names
+    system_pg.drop_all()
+    system_pg.created.clear()
+    for name in names:
+        execute(system_pg.server_dsn, f"DROP TABLESPACE IF EXISTS {name}")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tables_indexes_and_the_database_come_back_in_their_tablespaces(
+        system_pg: DatabaseFactory, embedded_pg: DatabaseFactory, tablespaces: tuple[str, str], tmp_path: Path,
+        master_key: str) -> None:
+    from regal_dagster.engine.restore_test import run_restore_test
+
+    database_space, fast = tablespaces
+    name = system_pg.new_name("regal_ts")
+    execute(system_pg.server_dsn, f'CREATE DATABASE "{name}" TABLESPACE {database_space}')
+    source = system_pg.dsn(name)
+    execute(source, f"""
+        CREATE TABLE hot (id int PRIMARY KEY USING INDEX TABLESPACE {fast}, v text) TABLESPACE {fast};
+        CREATE INDEX hot_v ON hot (v) TABLESPACE {fast};
+        INSERT INTO hot SELECT g, 'v' || g FROM generate_series(1, 200) g;
+        CREATE TABLE cold (id int PRIMARY KEY, note text);
+        INSERT INTO cold SELECT g, 'n' || g FROM generate_series(1, 50) g;""")
+    placement = """SELECT c.relname, coalesce(t.spcname, 'database default') FROM pg_class c
+                   LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace
+                   WHERE c.relname IN ('hot', 'hot_pkey', 'hot_v', 'cold', 'cold_pkey') ORDER BY 1"""
+    database_default = "SELECT t.spcname FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace " \
+                       "WHERE d.datname = current_database()"
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    assert [(t["name"], t["database_default"]) for t in manifest.source["tablespaces"]] == [
+        (database_space, True), (fast, False)]
+    repo, keyring = open_repository(policy), load_keyring(policy)
+
+    # onto a server that has them: every object where it was, the database's default included
+    target = system_pg.dsn(system_pg.new_name("regal_ts"))
+    report = restore_database(repo, keyring, manifest, target, jobs=2)
+    assert report.ok, report.validation_problems
+    assert_same_database(target, source)
+    with psycopg.connect(target) as r, psycopg.connect(source) as s:
+        assert r.execute(placement).fetchall() == s.execute(placement).fetchall()
+        assert r.execute(database_default).fetchone() == (database_space,)
+
+    # a restore test creates them in its scratch server
+    result = run_restore_test(policy, repo, keyring, manifest)
+    assert result.validation_passed, result.problems
+
+    # a server without them is refused before anything is created, naming them; --no-tablespaces restores
+    # everything into the default tablespace
+    fresh = embedded_pg.dsn(embedded_pg.new_name("regal_ts"))
+    with pytest.raises(RegalError) as refused:
+        restore_database(repo, keyring, manifest, fresh)
+    assert f"has no tablespace {database_space} (at " in refused.value.message
+    assert f", {fast} (at " in refused.value.message and "--no-tablespaces" in refused.value.hint
+    with psycopg.connect(embedded_pg.server_dsn) as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'regal_ts%'").fetchall() == []
+    report = restore_database(repo, keyring, manifest, fresh, tablespaces=False)
+    assert report.ok, report.validation_problems
+    assert table_contents(fresh) == table_contents(source)
+    with psycopg.connect(fresh) as r:
+        assert {space for _, space in r.execute(placement).fetchall()} == {"database default"}
+
+
 # --- Redis function libraries and every git ref ---------------------------------------------------------
 
 def test_redis_function_libraries_are_copied_back_with_the_keys(tmp_path: Path, master_key: str) -> None:
@@ -489,8 +570,9 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
     run_git("tag", "-a", "v1", "-m", "release 1")
     run_git("notes", "add", "-m", "deployed to prod")
     run_git("branch", "feature")
-    (repo / "app.yaml").write_text("a: 2\n")
-    run_git("stash", "push", "-q")
+    for n in (2, 3, 4):  # three stash entries: the older two live only in refs/stash's reflog
+        (repo / "app.yaml").write_text(f"a: {n}\n")
+        run_git("stash", "push", "-q", "-m", f"try {n}")
     run_git("update-ref", "refs/deploy/prod", run_git("rev-parse", "HEAD"))
     source_refs = config_git.all_refs(repo)
     assert {"refs/notes/commits", "refs/stash", "refs/deploy/prod", "refs/tags/v1"} <= set(source_refs)
@@ -509,6 +591,10 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
                               RestoreRequest(str(target), jobs=1))
     assert restored.ok, restored.problems
     assert config_git.all_refs(target) == source_refs
+    assert config_git.stash_entries(target) == config_git.stash_entries(repo) == manifest.source["stash"]
+    assert [e["message"] for e in manifest.source["stash"]] == ["On main: try 4", "On main: try 3", "On main: try 2"]
+    assert subprocess.run(["git", "-C", str(target), "stash", "show", "-p", "stash@{2}"], capture_output=True,
+                          text=True, check=True).stdout.count("+a: 2") == 1
     assert subprocess.run(["git", "-C", str(target), "notes", "show", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip() == "deployed to prod"
 
@@ -518,6 +604,14 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
     result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
     assert result.problems == [(f"ref refs/deploy/prod is {source_refs['refs/deploy/prod']} in the clone, "
                                f"{'0' * 40} in the backup")]
+
+    # a stash entry whose commit the bundle does not hold fails the restore, naming it
+    stash = manifest.source["stash"]
+    lying = manifest.model_copy(update={"source": {**manifest.source,
+                                                   "stash": [*stash, {"commit": "0" * 40, "message": "lost"}]}})
+    result = run_restore_test(policy, open_repository(policy), load_keyring(policy), lying)
+    assert not result.validation_passed
+    assert any("000000000000" in problem for problem in result.problems), result.problems
 
 
 # --- case 6: a hot standby as the source ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
-from ..engine.layout import target_of
+from ..engine.layout import target_of, valid_backup_id
 from ..engine.policy import Policy, load_policy
 from ..engine.repository_format import open_repository_format
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
@@ -222,8 +222,10 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("say where to restore to", "add --to (a DSN, a directory or a file, by the target's kind), "
                                                     "or --to-dir DIR for a postgres_cluster target")
     policy, repo, keyring = _open(args)
+    if args.backup_id in policy.targets and not args.target and not valid_backup_id(args.backup_id):
+        args.target, args.backup_id = args.backup_id, None  # `restore TARGET --latest`, as for --to-dir
     if not args.backup_id and not args.target:
-        raise UsageError("say which backup to restore", "give a BACKUP_ID, or --target with --latest or --before")
+        raise UsageError("say which backup to restore", "give a BACKUP_ID, or TARGET with --latest or --before")
     if not args.backup_id and not (args.latest or args.before):
         raise UsageError("say which backup of the target to restore", "add --latest, or --before TIME")
     before = utc_time(args.before, "--before") if args.before else None
@@ -235,7 +237,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     with out.progress(f"restore {manifest.backup_id}") as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
                                  drop_existing=args.drop_existing, keep_owners=not args.no_owners,
-                                 create_roles=not args.no_create_roles,
+                                 create_roles=not args.no_create_roles, tablespaces=not args.no_tablespaces,
                                  validation=args.validate, keys=args.keys,
                                  accept_ledger_rollback=args.accept_ledger_rollback, progress=progress)
         result = restore_backup(policy, repo, keyring, manifest, request, pre_hook=args.pre_hook,

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "Redis: the directory for dump.rdb, or redis://... with --keys; "
                                                "Terraform: the state file to write; config: a new directory to "
                                                "clone into")
-    p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from")
+    p.add_argument("--target", help="with --latest or --before: the target whose backups to choose from (or give "
+                                    "it in place of BACKUP_ID: restore TARGET --latest)")
     p.add_argument("--latest", action="store_true", help="the newest backup of --target that passed its checks")
     p.add_argument("--before", help="the newest good backup started before this UTC time (ISO 8601)")
     p.add_argument("--drop-existing", action="store_true",
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-create-roles", action="store_true",
                    help="PostgreSQL: do not create the roles the backup's database refers to that the server lacks "
                         "(what needs them then fails, and the restore says so)")
+    p.add_argument("--no-tablespaces", action="store_true",
+                   help="PostgreSQL: put every table, index and the database in the server's default tablespace "
+                        "(by default they go where they were, and a server lacking one of those is refused)")
     p.add_argument("--accept-ledger-rollback", action="store_true",
                    help="restore although the GDPR erasure ledger is older than the repository or the audit trail "
                         "knows (recorded in the audit trail; erasures may be missing afterwards)")

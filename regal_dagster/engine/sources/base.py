@@ -55,6 +55,7 @@ class RestoreRequest:
     drop_existing: bool = False
     keep_owners: bool = True  # PostgreSQL: ownership and grants as recorded (--no-owners: neither)
     create_roles: bool = True  # PostgreSQL: create the recorded roles the server lacks first
+    tablespaces: bool = True  # PostgreSQL: objects in their recorded tablespaces (False: the default one)
     validation: str = "full"  # full | rows (PostgreSQL: what is read back to validate)
     keys: str | None = None  # Redis, into a live server: only the keys matching this glob
     accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)

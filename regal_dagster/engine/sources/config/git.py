@@ -1,7 +1,8 @@
 """Application configuration kept in git: a bundle of all refs, plus the dependency lock files.
 
-`git bundle create - --all` streams every ref and the objects they reach; the manifest records each ref
-and HEAD's commit. The lock files the runbook names (requirements.txt, poetry.lock, uv.lock when
+`git bundle create - --all` streams every ref and the objects they reach, plus the older stash entries
+(they live only in the reflog of refs/stash, which no bundle carries as refs); the manifest records each
+ref, the stash entries and HEAD's commit. The lock files the runbook names (requirements.txt, poetry.lock, uv.lock when
 present) are stored as their own objects, with their SHA-256 in the manifest. `git bundle verify`
 checks a stored bundle; a restore clones from it.
 """
@@ -56,6 +57,23 @@ def all_refs(repo: Path) -> dict[str, str]:
     return dict(line.rsplit(" ", 1) for line in out.splitlines() if line)
 
 
+def stash_entries(repo: Path) -> list[dict[str, str]]:
+    """`git stash list`, newest first: each entry's commit and message (stash@{0} is refs/stash itself)."""
+    if not all_refs(repo).get("refs/stash"):
+        return []
+    out = _git(repo, "log", "-g", "--format=%H %gs", "refs/stash", "--")
+    return [{"commit": commit, "message": message}
+            for commit, _, message in (line.partition(" ") for line in out.splitlines() if line)]
+
+
+def restore_stash_entries(clone: Path, entries: list[dict[str, str]]) -> None:
+    """Rebuild refs/stash's reflog in a clone holding the bundle's objects: oldest entry first, as
+    `git stash store` pushes each one on top."""
+    _git(clone, "update-ref", "-d", "refs/stash")
+    for entry in reversed(entries):
+        _git(clone, "stash", "store", "-m", entry["message"], entry["commit"])
+
+
 def head(repo: Path) -> str:
     return _git(repo, "rev-parse", "HEAD").strip()
 
@@ -66,7 +84,7 @@ def repository_facts(repo: Path, lock_files: list[str]) -> dict[str, Any]:
     locks = {name: hashlib.sha256((repo / name).read_bytes()).hexdigest()
              for name in lock_files if (repo / name).is_file()}
     return {"repository": str(repo), "head": head, "branch": branch, "refs": refs(repo), "all_refs": all_refs(repo),
-            "lock_files": locks}
+            "stash": stash_entries(repo), "lock_files": locks}
 
 
 def _has_branch(repo: Path) -> bool:
@@ -74,9 +92,11 @@ def _has_branch(repo: Path) -> bool:
                           check=False).returncode == 0
 
 
-def bundle_stream(repo: Path) -> Iterator[bytes]:
-    return stream_command(["git", "-C", str(repo), "bundle", "create", "-", "--all"], child_environment(),
-                          "git bundle")
+def bundle_stream(repo: Path, stash: list[dict[str, str]]) -> Iterator[bytes]:
+    """Every ref and what it reaches, and the older stash entries' commits (objects only: no ref names them)."""
+    older_stashes = [entry["commit"] for entry in stash[1:]]
+    return stream_command(["git", "-C", str(repo), "bundle", "create", "-", "--all", *older_stashes],
+                          child_environment(), "git bundle")
 
 
 def verify_bundle(bundle: Path) -> None:
@@ -108,6 +128,11 @@ def clone(bundle: Path, destination: Path, every_ref: bool = False) -> dict[str,
         raise ToolError(f"git fetch of every ref from the bundle failed: {fetched.stderr.strip()[-300:]}",
                         "use another backup")
     return {"refs": all_refs(destination), "head": _git(destination, "rev-parse", "HEAD").strip()}
+
+
+def cloned_state(clone: Path) -> dict[str, Any]:
+    """A full clone's every ref (branches and tags peeled as `refs` has them), stash entries and HEAD."""
+    return {"refs": {**all_refs(clone), **refs(clone)}, "stash": stash_entries(clone), "head": head(clone)}
 
 
 def clone_refs(clone: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class ConfigSource(Source):
         settings = cast(ConfigTarget, target)
         repo_path = Path(settings.repository).expanduser()
         facts = git.repository_facts(repo_path, settings.lock_files)
-        objects = [store(git.BUNDLE_OBJECT, git.BUNDLE_CONTENT, git.bundle_stream(repo_path), 0)]
+        objects = [store(git.BUNDLE_OBJECT, git.BUNDLE_CONTENT, git.bundle_stream(repo_path, facts["stash"]), 0)]
         objects += [store(git.LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
                     for name in facts["lock_files"]]
         return Captured(objects, facts, {"git": git.git_version()})
@@ -61,6 +61,8 @@ class ConfigSource(Source):
         with private_directory("restore") as tmp:
             cloned = git.clone(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT), destination,
                                every_ref="all_refs" in manifest.source)
+            if stash := manifest.source.get("stash"):
+                git.restore_stash_entries(destination, stash)
         for name in manifest.source.get("lock_files", {}):
             path = destination / LOCK_FILES_DIR / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,12 +78,11 @@ class ConfigSource(Source):
             yield str(Path(tmp) / "clone")
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
-        """Every ref and HEAD of the clone as recorded (every ref: notes, stash and custom ones too)."""
+        """Every ref, stash entry and HEAD of the clone as recorded (every ref: notes, stash and custom ones too)."""
         cloned: dict[str, Any]
         if "all_refs" in manifest.source:  # branches and tags peeled to their commits, as `refs` has them
             expected = {**manifest.source["all_refs"], **manifest.source["refs"]}
-            clone = Path(destination)
-            cloned = {"refs": {**git.all_refs(clone), **git.refs(clone)}, "head": git.head(clone)}
+            cloned = git.cloned_state(Path(destination))
         else:  # backups from before every ref was recorded: branches and tags
             cloned = git.clone_refs(Path(destination))
             expected = manifest.source["refs"]
@@ -89,6 +90,10 @@ class ConfigSource(Source):
                     for name, commit in sorted(expected.items()) if cloned["refs"].get(name) != commit]
         problems += [f"the clone has {name}, which the backup did not record"
                      for name in sorted(set(cloned["refs"]) - set(expected))]
+        if "stash" in manifest.source and cloned["stash"] != manifest.source["stash"]:
+            problems.append(f"the clone's stash has {len(cloned['stash'])} entries "
+                            f"{[e['commit'][:12] for e in cloned['stash']]}, the backup's "
+                            f"{len(manifest.source['stash'])} {[e['commit'][:12] for e in manifest.source['stash']]}")
         if cloned["head"] != manifest.source["head"]:
             problems.append(f"HEAD is {cloned['head']} in the clone, {manifest.source['head']} in the backup")
         return RestoredFindings(problems, cloned)

@@ -280,6 +280,23 @@ def database_properties(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             "connection_limit": connlimit, "settings": settings}
 
 
+def used_tablespaces(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """The tablespaces this database's tables and indexes live in besides the server's default one, and the
+    database's own default tablespace when it is not pg_default: name, location, owner, options, grants and
+    comment (what CREATE TABLESPACE needs on a new server)."""
+    rows = conn.execute("""
+        WITH db AS (SELECT oid, dattablespace FROM pg_database WHERE datname = current_database()),
+        used AS (SELECT DISTINCT c.reltablespace AS oid FROM pg_class c WHERE c.reltablespace <> 0
+                 UNION SELECT dattablespace FROM db)
+        SELECT t.spcname, pg_tablespace_location(t.oid), pg_get_userbyid(t.spcowner), t.spcoptions::text[],
+               t.spcacl::text[], shobj_description(t.oid, 'pg_tablespace'), t.oid = db.dattablespace
+        FROM pg_tablespace t JOIN used u ON u.oid = t.oid, db
+        WHERE t.spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1""").fetchall()
+    return [{"name": name, "location": location, "owner": owner, "options": list(options or []),
+             "acl": list(acl or []), "comment": comment, "database_default": database_default}
+            for name, location, owner, options, acl, comment, database_default in rows]
+
+
 ROLE_ATTRIBUTES = ("rolsuper", "rolinherit", "rolcreaterole", "rolcreatedb", "rolcanlogin", "rolreplication",
                    "rolbypassrls")
 
@@ -526,6 +543,7 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
     try:
         properties = database_properties(conn)
         roles = referenced_roles(conn, role_passwords)
+        tablespaces = used_tablespaces(conn)
         needs = server_needs(conn)
         encoding = properties["encoding"]
         settings = session_settings(conn, encoding)
@@ -570,7 +588,7 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
                  "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
                  "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot,
                  "schema_objects": counts, "database_properties": properties, "encoding": encoding,
-                 "roles": roles, "server_needs": needs,
+                 "roles": roles, "tablespaces": tablespaces, "server_needs": needs,
                  "unlogged_tables_skipped": skipped}
         session = DumpSession(dsn, snapshot, tables, locked, facts, find_pg_tool("pg_dump", major), conn, encoding,
                               lock_timeout)

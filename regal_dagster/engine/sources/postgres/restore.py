@@ -10,6 +10,7 @@ triggers), and last every table is read back and compared with the manifest (row
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import subprocess
@@ -104,7 +105,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
                    validation: str = "full", progress: Progress | None = None,
                    before_writing: Callable[[], None] | None = None,
                    before_publishing: Callable[[str], None] | None = None, scratch: bool = False,
-                   create_roles: bool = True) -> DatabaseRestore:
+                   create_roles: bool = True, tablespaces: bool = True) -> DatabaseRestore:
     """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): the
     whole backup is authenticated before anything is created, loaded into a temporary database created
     with the source database's properties, validated, and only then renamed into place; on any failure
@@ -114,7 +115,9 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
     renamed into place (GDPR erasures are re-applied there).
 
     The roles the backup's database referred to are created first when missing (unless `create_roles`
-    is off); owners and grants are restored unless `keep_owners` is off. Like pg_restore without
+    is off); owners and grants are restored unless `keep_owners` is off. Tables, indexes and the database
+    go into the tablespaces they were in, which must exist on the server (checked before anything is
+    created), unless `tablespaces` is off (everything in the default tablespace). Like pg_restore without
     --exit-on-error, every object that can be restored is tried: what could not is listed, with the
     server's reason, in the returned problems, and the restore fails loudly with all of them.
 
@@ -124,14 +127,22 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
     phases = _Phases()
     jobs = jobs or default_jobs()
     properties: dict[str, Any] | None = manifest.source.get("database_properties")
+    if tablespaces:
+        recorded_tablespaces = manifest.source.get("tablespaces", [])
+        check_tablespaces(to_dsn, recorded_tablespaces)
+        default = next((t["name"] for t in recorded_tablespaces if t["database_default"]), None)
+        if properties and default:
+            properties = {**properties, "tablespace": default}
+    load_into = functools.partial(load_database, repo, keyring, manifest, keep_owners=keep_owners, jobs=jobs,
+                             validation=validation, progress=progress, create_roles=create_roles,
+                             tablespaces=tablespaces)
     if scratch:
         state = prepare_target_database(to_dsn, drop_existing, properties)
         if before_writing:
             before_writing()
         if state == "replace":
             reset_database(to_dsn, properties)
-        report = load_database(repo, keyring, manifest, to_dsn, state, phases, keep_owners=keep_owners,
-                               jobs=jobs, validation=validation, progress=progress, create_roles=create_roles)
+        report = load_into(to_dsn, state, phases)
         if report.ok and before_publishing:
             before_publishing(to_dsn)
         return report
@@ -149,8 +160,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
             before_writing()
         staged.check_not_in_use()
         temporary = staged.create(properties, copying_target=state == "empty")
-        report = load_database(repo, keyring, manifest, temporary, state, phases, keep_owners=keep_owners,
-                               jobs=jobs, validation=validation, progress=progress, create_roles=create_roles)
+        report = load_into(temporary, state, phases)
         if report.ok:
             if before_publishing:
                 before_publishing(temporary)
@@ -165,7 +175,7 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
 
 def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, state: str,
                   phases: _Phases, *, keep_owners: bool, jobs: int, validation: str,
-                  progress: Progress | None, create_roles: bool) -> DatabaseRestore:
+                  progress: Progress | None, create_roles: bool, tablespaces: bool) -> DatabaseRestore:
     """Load one backup into the (new, empty) database `to_dsn` and validate it against the manifest: the
     missing roles first, then schema, rows, post-data and the database's own properties."""
     properties: dict[str, Any] | None = manifest.source.get("database_properties")
@@ -179,7 +189,7 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
     with private_directory("restore") as tmp:  # private (0700), swept by the next command if we are killed
         archive = StoredBackup(repo, keyring, manifest).to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
         failed += run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners,
-                                 exit_on_error=False)
+                                 tablespaces=tablespaces, exit_on_error=False)
         phases.done("schema")
 
         def load(numbered: tuple[dict[str, Any], Table], cancelled: threading.Event) -> dict[str, Any]:
@@ -214,7 +224,7 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
         breakdown = {"fetch_decrypt_decompress": sum(ours for ours, _ in timings),
                      "copy_into_server": sum(server for _, server in timings)}
         failed += run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners,
-                                 exit_on_error=False)
+                                 tablespaces=tablespaces, exit_on_error=False)
         phases.done("post_data")
     if properties:
         failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
@@ -416,6 +426,8 @@ def create_database_statement(dbname: str, properties: dict[str, Any] | None,
         elif provider == "builtin":
             statement.append(sql.SQL("LOCALE_PROVIDER builtin BUILTIN_LOCALE {}").format(
                 sql.Literal(properties["locale"])))
+        if properties.get("tablespace"):
+            statement.append(sql.SQL("TABLESPACE {}").format(sql.Identifier(properties["tablespace"])))
     return sql.SQL(" ").join(statement)
 
 
@@ -439,6 +451,24 @@ def create_database(cur: psycopg.Cursor[Any], dbname: str, properties: dict[str,
                          f"{pg_error_reason(exc)}",
                          "restore onto a server that has that locale (and ICU, when the backup's database uses "
                          "it)") from None
+
+
+def check_tablespaces(dsn: str, recorded: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is created, a server that lacks a tablespace the backup's tables, indexes or
+    database were in (pg_restore would put them in the default one, and say so only in its error output)."""
+    if not recorded:
+        return
+    with connect(with_dbname(dsn, "postgres"), autocommit=True) as conn:
+        existing = {name for (name,) in conn.execute("SELECT spcname FROM pg_tablespace").fetchall()}
+    missing = [t for t in recorded if t["name"] not in existing]
+    if missing:
+        listed = ", ".join(f"{t['name']} (at {t['location']} on the backed-up server)" for t in missing)
+        create = "; ".join(f"CREATE TABLESPACE {t['name']} LOCATION '<an empty directory the server owns>'"
+                           for t in missing)
+        raise RegalError(f"the server of {describe_dsn(dsn)} has no tablespace {listed}, which the backup's "
+                         "tables, indexes or database were in; nothing was restored",
+                         f"create it first ({create}), or restore with --no-tablespaces to put everything "
+                         "in the server's default tablespace")
 
 
 def database_encoding(dsn: str) -> str:
@@ -635,7 +665,7 @@ def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
 
 
 def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[str], *, jobs: int = 1,
-                   keep_owners: bool = True, exit_on_error: bool = True) -> list[str]:
+                   keep_owners: bool = True, tablespaces: bool = True, exit_on_error: bool = True) -> list[str]:
     """pg_restore of some sections of an archive file, with restore-friendly session settings.
 
     With `exit_on_error` a failure raises ToolError; without, pg_restore goes on past failing objects (as
@@ -646,6 +676,8 @@ def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[s
         args.append("--exit-on-error")
     if not keep_owners:
         args += ["--no-owner", "--no-privileges"]
+    if not tablespaces:
+        args.append("--no-tablespaces")
     env = libpq_environment(dsn)
     env["PGOPTIONS"] = " ".join(f"-c {k}={v}" for k, v in RESTORE_SESSION_SETTINGS.items())
     result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,

@@ -106,7 +106,7 @@ class PostgresSource(Source):
                                   jobs=request.jobs, validation=request.validation, progress=request.progress,
                                   before_writing=request.before_writing,
                                   before_publishing=request.before_publishing, scratch=request.scratch,
-                                  create_roles=request.create_roles)
+                                  create_roles=request.create_roles, tablespaces=request.tablespaces)
         phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
                    f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")
@@ -130,6 +130,8 @@ class PostgresSource(Source):
                                 "machine (its packaged binaries under /usr/lib/postgresql are used), or run restore "
                                 "tests where one is")
         with ScratchCluster(base_dir=work_dir, tuned_for_restore=True, bin_dir=bin_dir) as cluster:
+            for tablespace in manifest.source.get("tablespaces", []) if manifest is not None else []:
+                cluster.create_tablespace(tablespace["name"])  # where the source had its tables and indexes
             yield cluster.dsn(RESTORE_TEST_DATABASE)
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
