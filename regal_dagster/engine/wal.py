@@ -164,29 +164,39 @@ def push_wal(policy: Policy, repo: Repository, keyring: Keyring, target: str, pa
     return Pushed(name, False, record.plaintext_size, record.size)
 
 
+SNAPSHOT_READS = 3  # a snapshot replaced while it was read is read again, at most this often
+
+
 def fetch_wal(repo: Repository, keyring: Keyring, target: str, name: str, destination: Path, *,
               allow_partial: bool = True) -> WalFile:
     """One archived WAL file, authenticated, at `destination` (it appears only complete). A segment not
     archived whole is served from the newest snapshot of it being received, when there is one."""
     if not valid_wal_name(name):
         raise UsageError(f"{name} is not a WAL file name", "give the file name PostgreSQL passes as %f")
-    found = _load_record(repo, keyring, wal_record_key(target, name))
-    if found is None and allow_partial and is_wal_segment(name):
-        found = _load_record(repo, keyring, wal_partial_key(target, name) + WAL_RECORD_SUFFIX)
-    if found is None:
-        raise WalMissingError(f"{name} is not in the WAL archive of target {target}",
-                              "none: recovery ends at the end of the archive")
-    scratch = destination.with_name(destination.name + PARTIAL_SUFFIX)
-    try:
-        with scratch.open("wb") as f:
-            read_stream(repo, found.record, keyring=keyring, backup_id=wal_scope(target), sink=f.write)
-            if found.partial:  # a segment has its full size: the rest is zeros, as in pg_receivewal's .partial
-                f.truncate(max(found.record.plaintext_size, found.segment_size))
-        scratch.replace(destination)
-    except BaseException:
-        scratch.unlink(missing_ok=True)
-        raise
-    return found
+    for attempt in range(SNAPSHOT_READS):
+        found = _load_record(repo, keyring, wal_record_key(target, name))
+        if found is None and allow_partial and is_wal_segment(name):
+            found = _load_record(repo, keyring, wal_partial_key(target, name) + WAL_RECORD_SUFFIX)
+        if found is None:
+            raise WalMissingError(f"{name} is not in the WAL archive of target {target}",
+                                  "none: recovery ends at the end of the archive")
+        scratch = destination.with_name(destination.name + PARTIAL_SUFFIX)
+        try:
+            with scratch.open("wb") as f:
+                read_stream(repo, found.record, keyring=keyring, backup_id=wal_scope(target), sink=f.write)
+                if found.partial:  # a segment has its full size: the rest is zeros, as in pg_receivewal's .partial
+                    f.truncate(max(found.record.plaintext_size, found.segment_size))
+            scratch.replace(destination)
+        except IntegrityError:
+            scratch.unlink(missing_ok=True)
+            if found.partial and attempt + 1 < SNAPSHOT_READS:  # the stream replaced the snapshot (object, then
+                continue  # record) between reading its record and its bytes: read the newer one
+            raise
+        except BaseException:
+            scratch.unlink(missing_ok=True)
+            raise
+        return found
+    raise AssertionError("unreachable")
 
 
 def list_wal(repo: Repository, keyring: Keyring, target: str) -> list[WalFile]:
