@@ -756,3 +756,47 @@ def test_wal_status_shows_the_commit_time_of_the_last_stored_commit(streamed_ser
     assert _lsn(status["newest_commit_lsn"]) < _lsn(lsn) <= _lsn(status["newest_record_lsn"]) + 1024
     text = _ok(cli(policy, "wal", "status")).stdout
     assert f"newest commit stored: {status['newest_commit_at']}" in text
+
+
+def test_a_snapshot_replaced_while_it_is_read_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream replaces a segment's snapshot (object, then record) while `wal get` reads it: the record read first
+    no longer matches the bytes; the newer snapshot is read instead, authenticated. A snapshot that never matches is
+    refused."""
+    from regal_dagster.engine import wal
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.errors import IntegrityError
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", "postgresql://r@db/postgres",
+                            "--no-audit", "--json"]).stdout)
+    policy = load_policy(Path(made["policy"]))
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    name = "000000010000000000000007"
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    older.write_bytes(b"\x01" * 5000)
+    newer.write_bytes(b"\x02" * 9000)
+    wal.push_wal(policy, repo, keyring, "cluster", older, name=name, partial=True, segment_size=16 * 1024 * 1024)
+    real, calls = wal.read_stream, []
+
+    def stream_replaces_it_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].plaintext_size)
+        if len(calls) == 1:
+            wal.push_wal(policy, repo, keyring, "cluster", newer, name=name, partial=True,
+                         segment_size=16 * 1024 * 1024)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wal, "read_stream", stream_replaces_it_first)
+    fetched = wal.fetch_wal(repo, keyring, "cluster", name, tmp_path / name)
+    assert calls == [5000, 9000] and fetched.record.plaintext_size == 9000
+    assert (tmp_path / name).read_bytes()[:9000] == newer.read_bytes()
+
+    def always_replaced(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].plaintext_size)
+        raise IntegrityError("stored bytes differ from the manifest", "")
+
+    monkeypatch.setattr(wal, "read_stream", always_replaced)
+    calls.clear()
+    with pytest.raises(IntegrityError):
+        wal.fetch_wal(repo, keyring, "cluster", name, tmp_path / "again")
+    assert len(calls) == wal.SNAPSHOT_READS and not (tmp_path / "again").exists()
