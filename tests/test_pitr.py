@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import pytest
@@ -346,13 +346,28 @@ def test_the_rpo_watch_alerts_on_the_age_of_the_newest_stored_wal(archived_serve
 
 
 def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archived_server: dict[str, Any]) -> None:
+    """With `restore_point_facts: false` the test never connects to the server: the newest point and a random one."""
+    import yaml
+
     policy = archived_server["policy"]
-    done = cli(policy, "restore-test", "--target", "cluster", "--json")
+    original = policy.read_text()
+    document = yaml.safe_load(original)
+    document["targets"]["cluster"]["restore_point_facts"] = False
+    policy.write_text(yaml.safe_dump(document))
+    try:
+        done = cli(policy, "restore-test", "--target", "cluster", "--json")
+    finally:
+        policy.write_text(original)
     report = json.loads(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert report["backup_id"] == archived_server["second"] and report["problems"] == []
     assert report["details"]["databases"] == ["postgres", "template1"]  # as the backup recorded them
-    assert report["seconds"]["recovery_to_promotion"] > 0
+    assert "restore_point" not in report["details"]
+    assert [r["point"] for r in report["details"]["recoveries"]] == ["newest", "random"]
+    newest = report["details"]["recoveries"][0]
+    assert newest["newest_commit"] == report["details"]["newest_stored_commit"]  # the insert of row 6
+    assert report["details"]["rpo_basis"].endswith("the server was not asked)")
+    assert report["rto_seconds"] == max(r["rto_seconds"] for r in report["details"]["recoveries"]) > 0
 
 
 def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archived_server: dict[str, Any]) -> None:
@@ -516,3 +531,303 @@ def test_the_stream_checks_the_server_first_with_clear_messages(tmp_path: Path) 
         assert _sql(server.dsn(), "SELECT count(*) FROM pg_replication_slots") == [(0,)]  # nothing was created
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def streamed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A PostgreSQL 18 server (commit timestamps on, autovacuum off: no commit but the test's) whose WAL `wal stream`
+    stores, one base backup, and rows written before it and after it."""
+    import signal
+
+    base = tmp_path_factory.mktemp("points")
+    server = ScratchCluster.persistent(base / "pgdata").start()
+    stream = None
+    try:
+        _sql(server.dsn(), "ALTER SYSTEM SET track_commit_timestamp = on")
+        _sql(server.dsn(), "ALTER SYSTEM SET autovacuum = off")
+        server.stop()
+        server.start()
+        dsn = server.dsn()
+        made = json.loads(_run([*CLI, "init", str(base / "regal"), "--cluster-dsn", dsn, "--no-audit",
+                                "--json"]).stdout)
+        policy = Path(made["policy"])
+        stream = _start_stream(policy, base / "stream.log")
+        _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, note text, at timestamptz DEFAULT now())")
+        _sql(dsn, "CREATE TABLE ledger (id int, amount numeric, memo bytea)")
+        _sql(dsn, "INSERT INTO payments SELECT g, 'before the base backup' FROM generate_series(1, 50) g")
+        _sql(dsn, "INSERT INTO ledger SELECT g, g * 1.5, 'x'::bytea FROM generate_series(1, 20) g")
+        backup_id = json.loads(_ok(cli(policy, "backup", "cluster", "--json")).stdout)["backup_id"]
+        for i in range(51, 81):
+            _sql(dsn, "INSERT INTO payments VALUES (%s, 'after the base backup')", (i,))
+        _sql(dsn, "SELECT pg_switch_wal()")
+        _sql(dsn, "INSERT INTO ledger VALUES (21, -3.25, NULL)")
+        yield {"policy": policy, "base": base, "dsn": dsn, "backup_id": backup_id}
+    finally:
+        if stream is not None and stream.poll() is None:
+            stream.send_signal(signal.SIGTERM)
+            stream.wait(timeout=30)
+        server.stop()
+
+
+class _Writer:
+    """Inserts a row every 100 ms in its own thread, while a restore test runs: writes before and after the
+    restore point."""
+
+    def __init__(self, dsn: str, first_id: int):
+        import threading
+
+        self.dsn, self.next_id, self.stop = dsn, first_id, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            _sql(self.dsn, "INSERT INTO payments VALUES (%s, 'written during the restore test')", (self.next_id,))
+            self.next_id += 1
+            time.sleep(0.1)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _facts_by_xid(dsn: str, table: str, next_xid: str) -> dict[str, Any]:
+    """A table's rows committed below `next_xid` (insert-only tables: each row's xmin is its inserting transaction),
+    counted and hashed the way the restore test records facts."""
+    from regal_dagster.engine.sources.postgres_cluster.pointfacts import OUTPUT_SETTINGS
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, value in OUTPUT_SETTINGS.items():
+            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        row = conn.execute(sql.SQL(
+            "SELECT count(*), encode(sha256(convert_to(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text "
+            "COLLATE \"C\"), ''), 'UTF8')), 'hex') FROM {} t WHERE xmin::text::bigint < %s").format(
+            sql.Identifier(table)), (int(next_xid),)).fetchone()
+    assert row is not None
+    return {"rows": row[0], "sha256": row[1]}
+
+
+def test_a_cluster_restore_test_recovers_the_newest_point_a_random_one_and_a_restore_point_exactly(
+        streamed_server: dict[str, Any]) -> None:
+    setup = streamed_server
+    with _Writer(setup["dsn"], 1000) as writer:
+        done = cli(setup["policy"], "restore-test", "--target", "cluster", "--json")
+    assert writer.next_id > 1000
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert report["backup_id"] == setup["backup_id"] and report["problems"] == []
+    details = report["details"]
+    point = details["restore_point"]
+    assert point["facts"] is not None, point["note"]  # five attempts against one insert every 100 ms
+    recoveries = {r["point"]: r for r in details["recoveries"]}
+    assert list(recoveries) == ["newest", "random", "restore_point"]
+    assert all(r["problems"] == [] and r["rto_seconds"] > 0 for r in recoveries.values())
+
+    # The facts are exactly the rows committed before the restore point, and the recovery to it matched them.
+    for table in ("payments", "ledger"):
+        assert point["facts"]["postgres"]["sample"][f"public.{table}"] == _facts_by_xid(setup["dsn"], table,
+                                                                                           point["next_xid"])
+    assert point["facts"]["postgres"]["tables"] == 2
+    rows_at_point = point["facts"]["postgres"]["sample"]["public.payments"]["rows"]
+    assert 80 <= rows_at_point < 80 + (writer.next_id - 1000)  # rows were written after the point too
+    assert recoveries["restore_point"]["facts_checked"] == 3
+    assert recoveries["restore_point"]["replayed_to_lsn"] == point["lsn"]
+    assert f'recovery stopping at restore point "{point["name"]}"' in " ".join(recoveries["restore_point"]["log"])
+    assert {(t["schema"], t["name"]) for t in report["tables"]} == {("postgres:public", "payments"),
+                                                                    ("postgres:public", "ledger")}
+    assert all(t["matches"] for t in report["tables"])
+
+    # The random point: drawn between the base backup's consistency point and the newest stored record, and reached.
+    drawn = details["random_point"]
+    import random
+
+    assert drawn["lsn"] == _lsn_text(random.Random(drawn["seed"]).randint(_lsn(drawn["low"]), _lsn(drawn["high"])))
+    assert recoveries["random"]["target_lsn"] == drawn["lsn"]
+    assert _lsn(recoveries["random"]["replayed_to_lsn"]) >= _lsn(drawn["lsn"])
+    assert "recovery stopping" in " ".join(recoveries["random"]["log"])
+
+    # The newest point: nothing the server had written when the test began was lost.
+    assert details["rpo_seconds"] == 0.0 and recoveries["newest"]["rpo_seconds"] == 0.0
+    from datetime import datetime
+
+    restored_commit = datetime.fromisoformat(recoveries["newest"]["newest_commit"])
+    assert restored_commit >= datetime.fromisoformat(details["newest_stored_commit"])
+    assert report["rto_seconds"] == max(r["rto_seconds"] for r in recoveries.values())
+
+
+def _lsn(text: str) -> int:
+    high, low = text.split("/")
+    return int(high, 16) << 32 | int(low, 16)
+
+
+def _lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def test_a_fact_that_does_not_hold_at_the_restore_point_fails_the_restore_test_naming_it(
+        streamed_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The facts recorded on the server changed (one row more than it had): the recovery to the restore point is
+    refused, naming the table; the other recoveries pass."""
+    from regal_dagster.engine import cluster_restore_test
+    from regal_dagster.engine.catalog import newest_first
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.restore_test import run_restore_test
+    from regal_dagster.engine.storage import open_repository
+
+    real = cluster_restore_test.create_restore_point
+
+    def tampered(dsn: str, name: str) -> Any:
+        point = real(dsn, name)
+        assert point.facts is not None, point.note
+        point.facts["postgres"]["sample"]["public.ledger"]["rows"] += 1
+        return point
+
+    monkeypatch.setattr(cluster_restore_test, "create_restore_point", tampered)
+    policy = load_policy(streamed_server["policy"])
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    manifest = next(newest_first(repo, keyring, "cluster"))
+    result = run_restore_test(policy, repo, keyring, manifest, work_dir=streamed_server["base"])
+    assert not result.validation_passed
+    assert len(result.problems) == 1, result.problems
+    assert "restore point 'regal_restore_test_" in result.problems[0]
+    assert "table public.ledger restored with 21 row(s)" in result.problems[0] and "had 22" in result.problems[0]
+    by_point = {r["point"]: r["problems"] for r in result.details["recoveries"]}
+    assert by_point["newest"] == [] and by_point["random"] == []
+    assert [(t["name"], t["matches"]) for t in sorted(result.tables, key=lambda t: t["name"])] == [
+        ("ledger", False), ("payments", True)]
+
+    from regal_dagster.defs.restore_tests.assets import restore_test_metadata
+
+    metadata = restore_test_metadata(result)
+    shown = {r.data["point"]: r.data for r in metadata["recoveries"].value.records}
+    assert list(shown) == ["newest", "random", "restore_point"]
+    assert not shown["restore_point"]["passed"] and shown["restore_point"]["facts_checked"] == 3
+    assert shown["newest"]["passed"] and shown["newest"]["rto_seconds"] > 0
+    assert metadata["restore_point"].value["name"].startswith("regal_restore_test_")
+    assert metadata["rpo_seconds"].value == 0.0
+
+    from regal_dagster.engine.restore_test import recovery_evidence
+
+    evidence = recovery_evidence(result.details)  # the audit event's, so the compliance report's
+    assert [(r["point"], r["passed"]) for r in evidence["recoveries"]] == [
+        ("newest", True), ("random", True), ("restore_point", False)]
+    assert evidence["restore_point_facts"] and evidence["rpo_seconds"] == 0.0
+
+
+def test_a_drill_recovers_the_cluster_without_touching_the_server(streamed_server: dict[str, Any]) -> None:
+    """The drill reads only the repository: the newest point and a random one, no restore point; its RPO is the
+    age of the newest restored commit at the simulated loss."""
+    from datetime import datetime
+
+    before = _sql(streamed_server["dsn"], "SELECT pg_current_wal_lsn()::text")[0][0]
+    done = cli(streamed_server["policy"], "drill", "--json")
+    record = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [entry] = record["targets"]
+    assert entry["recovered"] and [r["point"] for r in entry["restored"]["recoveries"]] == ["newest", "random"]
+    newest_data = datetime.fromisoformat(entry["restored"]["newest_data_at"])
+    assert entry["rpo_seconds"] == max(0.0, (datetime.fromisoformat(record["loss_at"]) - newest_data).total_seconds())
+    _sql(streamed_server["dsn"], "SELECT pg_create_restore_point('after_the_drill')")
+    data = streamed_server["base"] / "pgdata"
+    _wait_for(lambda: _restore_points_since(data, before), "the WAL writer to write the restore point")
+    assert _restore_points_since(data, before) == ["after_the_drill"]  # and none by the drill, earlier
+
+
+def _restore_points_since(data: Path, lsn: str) -> list[str]:
+    import re
+    import subprocess
+
+    from regal_dagster.engine.postgresql.tools import pg_tool_for_server
+
+    tool = pg_tool_for_server("pg_waldump", 18)
+    done = subprocess.run([str(tool.path), "--path", str(data / "pg_wal"), "--start", lsn, "--rmgr", "XLOG"],
+                          capture_output=True, text=True, check=False)
+    return re.findall(r"desc: RESTORE_POINT (\S+)", done.stdout)
+
+
+def test_a_restore_point_needs_the_right_to_create_it_and_facts_only_cover_readable_tables(
+        streamed_server: dict[str, Any]) -> None:
+    from regal_dagster.engine.sources.postgres_cluster.pointfacts import create_restore_point
+
+    dsn = streamed_server["dsn"]
+    _sql(dsn, "CREATE ROLE clerk LOGIN")
+    clerk = dsn.replace("postgres@", "clerk@")
+    refused = create_restore_point(clerk, "by_the_clerk")
+    assert refused.lsn is None and refused.facts is None
+    assert refused.note.startswith("no restore point: permission denied for function pg_create_restore_point")
+    _sql(dsn, "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO clerk")
+    _sql(dsn, "GRANT SELECT ON ledger TO clerk")
+    point = create_restore_point(clerk, "by_the_clerk")
+    assert point.lsn is not None and point.facts is not None, point.note
+    assert point.facts["postgres"]["tables"] == 2 and list(point.facts["postgres"]["sample"]) == ["public.ledger"]
+
+
+def test_wal_status_shows_the_commit_time_of_the_last_stored_commit(streamed_server: dict[str, Any]) -> None:
+    """The newest commit of the stored WAL is the server's last commit: its commit timestamp (track_commit_timestamp)
+    is the COMMIT record's own, so they are equal to the microsecond."""
+    dsn = streamed_server["dsn"]
+    _sql(dsn, "INSERT INTO ledger VALUES (99, 0, 'the last commit')")
+    committed, lsn = _sql(dsn, "SELECT pg_xact_commit_timestamp(xmin), pg_current_wal_lsn()::text FROM ledger "
+                               "WHERE id = 99")[0]
+    policy = streamed_server["policy"]
+
+    def stored() -> bool:
+        newest = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)["newest_lsn"]
+        return _lsn(newest) >= _lsn(lsn)
+
+    _wait_for(stored, "the last commit to be stored")
+    status = json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)
+    from datetime import datetime
+
+    assert datetime.fromisoformat(status["newest_commit_at"]) == committed
+    assert _lsn(status["newest_commit_lsn"]) < _lsn(lsn) <= _lsn(status["newest_record_lsn"]) + 1024
+    text = _ok(cli(policy, "wal", "status")).stdout
+    assert f"newest commit stored: {status['newest_commit_at']}" in text
+
+
+def test_a_snapshot_replaced_while_it_is_read_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream replaces a segment's snapshot (object, then record) while `wal get` reads it: the record read first
+    no longer matches the bytes; the newer snapshot is read instead, authenticated. A snapshot that never matches is
+    refused."""
+    from regal_dagster.engine import wal
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.errors import IntegrityError
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", "postgresql://r@db/postgres",
+                            "--no-audit", "--json"]).stdout)
+    policy = load_policy(Path(made["policy"]))
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    name = "000000010000000000000007"
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    older.write_bytes(b"\x01" * 5000)
+    newer.write_bytes(b"\x02" * 9000)
+    wal.push_wal(policy, repo, keyring, "cluster", older, name=name, partial=True, segment_size=16 * 1024 * 1024)
+    real, calls = wal.read_stream, []
+
+    def stream_replaces_it_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].plaintext_size)
+        if len(calls) == 1:
+            wal.push_wal(policy, repo, keyring, "cluster", newer, name=name, partial=True,
+                         segment_size=16 * 1024 * 1024)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wal, "read_stream", stream_replaces_it_first)
+    fetched = wal.fetch_wal(repo, keyring, "cluster", name, tmp_path / name)
+    assert calls == [5000, 9000] and fetched.record.plaintext_size == 9000
+    assert (tmp_path / name).read_bytes()[:9000] == newer.read_bytes()
+
+    def always_replaced(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].plaintext_size)
+        raise IntegrityError("stored bytes differ from the manifest", "")
+
+    monkeypatch.setattr(wal, "read_stream", always_replaced)
+    calls.clear()
+    with pytest.raises(IntegrityError):
+        wal.fetch_wal(repo, keyring, "cluster", name, tmp_path / "again")
+    assert len(calls) == wal.SNAPSHOT_READS and not (tmp_path / "again").exists()

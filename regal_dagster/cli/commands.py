@@ -356,15 +356,19 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
     from ..engine.wal import cluster_target
-    from ..engine.walstatus import wal_status
+    from ..engine.walstatus import COMMIT_LOOKBACK, wal_status
 
     policy, repo, keyring = _open(args)
     target = cluster_target(policy, args.target)
-    status = wal_status(policy, repo, keyring, target)
+    status = wal_status(policy, repo, keyring, target, with_commit_time=True)
     lines = [f"{target}: {status.segments} WAL segment(s) stored; newest "
              + (f"{status.newest_segment}, position {status.newest_lsn} stored {status.newest_stored_at}"
                 if status.newest_lsn else "NONE")
              + (f" (from the snapshot of {status.snapshot}, being received)" if status.snapshot else "")]
+    if status.newest_lsn:
+        lines.append("newest commit stored: " + (f"{status.newest_commit_at} (at {status.newest_commit_lsn})"
+                                                 if status.newest_commit_at else
+                                                 f"none in the newest {COMMIT_LOOKBACK} segment(s)"))
     if status.server_lsn is not None:
         lines.append(f"server at {status.server_lsn}: " + (
             "caught up" if not status.lag_bytes else f"LAG {size(status.lag_bytes or 0)}, "
@@ -432,6 +436,14 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     text = (f"restore test of {result.backup_id} (age {result.backup_age_seconds / 3600:.1f} h): RTO "
             f"{result.rto_seconds:.1f}s against a target of {result.rto_target_seconds / 3600:.1f} h "
             f"({'within' if result.rto_within_target else 'OVER'}) ({phases})\n{verdict}")
+    text += "".join(f"\n  recovery to {r['goal'].removeprefix('the ')}: " + (
+        f"promoted after {r['rto_seconds']:.1f}s at {r.get('replayed_to_lsn')}, newest commit {r.get('newest_commit')}"
+        if r.get("rto_seconds") is not None else "did not start")
+        + (f", RPO {r['rpo_seconds']:.1f}s" if r.get("rpo_seconds") is not None else "")
+        + (f", {r['facts_checked']} fact(s) checked" if r.get("facts_checked") else "")
+        + ("" if not r["problems"] else " - FAILED") for r in result.details.get("recoveries", []))
+    if point := result.details.get("restore_point"):
+        text += f"\n  restore point {point['name']}: {point['note']}"
     out.result(result.to_json(), text)
     return 0 if result.validation_passed and result.rto_within_target else 3
 

@@ -6,7 +6,8 @@ taken before the simulated loss is restored into a scratch PostgreSQL and valida
 restore, the next older one is tried. Measured against the policy:
 - RTO: the wall time from the loss to the last target restored and validated (targets in sequence, as
   one on-call engineer would do it);
-- RPO per target: the age, at the moment of the loss, of the newest data that restored.
+- RPO per target: the age, at the moment of the loss, of the newest data that restored (a `postgres_cluster`:
+  its newest commit recovered from the WAL; the drill never connects to the server, so creates no restore point).
 The record goes to `drills/<drill id>.json` in the repository.
 """
 
@@ -43,11 +44,16 @@ def run_drill(policy: Policy, repo: Repository, keyring: Keyring, *, work_dir: P
                                  "tried": [], "restored": None}
         for manifest in reversed([m for m in backups if m.finished_at <= loss_at]):
             result = run_restore_test(policy, repo, keyring, manifest, work_dir=work_dir, jobs=jobs,
-                                      trigger={"drill_id": drill_id}, progress=progress)
+                                      trigger={"drill_id": drill_id}, progress=progress, touch_source=False)
             if result.validation_passed:
+                newest_data = datetime.fromisoformat(result.details.get("newest_data_at")
+                                                     or manifest.finished_at.isoformat())
                 entry["restored"] = {"backup_id": manifest.backup_id, "finished_at": manifest.finished_at.isoformat(),
-                                     "restore_seconds": result.rto_seconds}
-                entry["rpo_seconds"] = (loss_at - manifest.finished_at).total_seconds()
+                                     "restore_seconds": result.rto_seconds, "newest_data_at": newest_data.isoformat()}
+                if "recoveries" in result.details:
+                    entry["restored"]["recoveries"] = [{k: r.get(k) for k in ("point", "goal", "rto_seconds")}
+                                                       for r in result.details["recoveries"]]
+                entry["rpo_seconds"] = max(0.0, (loss_at - newest_data).total_seconds())
                 break
             entry["tried"].append({"backup_id": manifest.backup_id, "problems": result.problems})
         entry["recovered"] = entry["restored"] is not None

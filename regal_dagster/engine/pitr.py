@@ -62,7 +62,7 @@ class RecoveryGoal:
             return f"WAL position {self.lsn}"
         if self.name is not None:
             return f"restore point '{self.name}'"
-        return "the newest archived WAL"
+        return "newest archived WAL"  # callers say "the ..."
 
     def settings(self) -> dict[str, str]:
         if self.time is not None:
@@ -181,8 +181,11 @@ def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], part
                 "recovery_target_action": "promote", "recovery_target_timeline": "latest",
                 "archive_mode": "off"}
     wal_files = sorted(n for n in names if n.endswith(".history") and int(n[:8], 16) > timeline)
+    # and the segment after the target's, when stored: recovery stops after the first record at or past a position,
+    # which may begin there (a position in the padding after a WAL switch; a record crossing into it)
+    copied_to = newest if end_number is None else newest + 1
     wal_files += sorted((n for n in names if is_wal_segment(n) and segment_number(n, size)[0] >= timeline
-                         and start // size <= segment_number(n, size)[1] <= newest),
+                         and start // size <= segment_number(n, size)[1] <= copied_to),
                         key=lambda n: (segment_number(n, size)[1], n))
     return RecoveryPlan(target, goal, base, first, last, newest - start // size + 1, settings, named_lsn, notes,
                         wal_files)
@@ -209,19 +212,27 @@ class _WalCache:
         self.repo, self.keyring, self.target, self.directory = repo, keyring, target, directory
 
     def fetch_from(self, timeline: int, lsn: int, size: int) -> None:
+        """The stored segments from `lsn` on, ending with the snapshot of the segment being received (if any)."""
         number = lsn // size
         names = archived_names(self.repo, self.target)
+        snapshots = partial_names(self.repo, self.target)
         while True:
             name = max((n for n in names if is_wal_segment(n) and segment_number(n, size)[1] == number
                         and segment_number(n, size)[0] >= timeline), default=None)
+            snapshot = name is None
+            if snapshot:
+                name = max((n for n in snapshots if segment_number(n, size)[1] == number
+                            and segment_number(n, size)[0] >= timeline), default=None)
             if name is None:
                 return
             path = self.directory / name
-            if not path.exists():
+            if snapshot or not path.exists():  # a snapshot grows: fetched again
                 try:
-                    fetch_wal(self.repo, self.keyring, self.target, name, path, allow_partial=False)
+                    fetch_wal(self.repo, self.keyring, self.target, name, path, allow_partial=snapshot)
                 except WalMissingError:
                     return
+            if snapshot:
+                return
             number += 1
 
     def find_restore_point(self, manifest: Manifest, name: str) -> str | None:

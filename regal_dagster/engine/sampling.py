@@ -46,6 +46,13 @@ def choose(candidates: list[tuple[str, str]], seed: str, n: int) -> list[tuple[s
     return sorted(random.Random(seed).sample(sorted(candidates), min(n, len(candidates))))
 
 
+def draw_point(low: int, high: int, seed: str) -> int:
+    """A point drawn uniformly from [low, high] (e.g. a WAL position a restore test recovers to), deterministic for a
+    seed like `choose`: recorded with the seed, the draw can be checked."""
+    return random.Random(seed).randint(low, max(low, high))
+
+
+DRAW_POINT_METHOD = "random.Random(seed).randint(low, high)"
 SAMPLE_KIND = "restore-sample"
 
 

@@ -177,13 +177,16 @@ def push_wal(policy: Policy, repo: Repository, keyring: Keyring, target: str, pa
     return Pushed(name, False, record.plaintext_size, record.size)
 
 
+SNAPSHOT_READS = 3  # a snapshot replaced while it was read is read again, at most this often
+
+
 def fetch_wal(repo: Repository, keyring: Keyring, target: str, name: str, destination: Path, *,
               allow_partial: bool = True) -> WalFile:
     """One archived WAL file, authenticated, at `destination` (it appears only complete). A segment not
     archived whole is served from the newest snapshot of it being received, when there is one."""
     if not valid_wal_name(name):
         raise UsageError(f"{name} is not a WAL file name", "give the file name PostgreSQL passes as %f")
-    for attempt in range(3):
+    for attempt in range(SNAPSHOT_READS):
         found = _load_record(repo, keyring, wal_record_key(target, name))
         if found is None and allow_partial and is_wal_segment(name):
             found = _load_record(repo, keyring, wal_partial_key(target, name) + WAL_RECORD_SUFFIX)
@@ -193,9 +196,10 @@ def fetch_wal(repo: Repository, keyring: Keyring, target: str, name: str, destin
         try:
             _write_wal(repo, keyring, target, found, destination)
             return found
-        except ObjectMissingError:
-            if not found.partial or attempt == 2:
-                raise  # a snapshot is replaced by the stream now and then: its newest record is read again
+        except (ObjectMissingError, IntegrityError):
+            if not found.partial or attempt + 1 == SNAPSHOT_READS:
+                raise  # a snapshot is replaced by the stream now and then (a new object, then its record,
+                # then the old object goes): the newest record is read again
     raise AssertionError("unreachable")
 
 

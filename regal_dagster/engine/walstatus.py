@@ -5,6 +5,7 @@ stored position has no gap and parses (pg_waldump), proved incrementally."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -47,13 +48,18 @@ class WalStatus:
     lag_seconds: float | None  # how old the newest stored WAL is while the server has written more (0: caught up)
     oldest_base_backup: str | None
     gaps: list[str] = field(default_factory=list)  # segments missing from the oldest base backup's start on
+    newest_commit_at: str | None = None  # the newest COMMIT record's time in the stored WAL (with_commit_time)
+    newest_commit_lsn: str | None = None
+    newest_record_lsn: str | None = None  # where the newest complete record of the stored WAL starts
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime | None = None,
-               ask_server: bool = True) -> WalStatus:
+               ask_server: bool = True, with_commit_time: bool = False) -> WalStatus:
+    """`with_commit_time`: also read the newest stored WAL with pg_waldump for its newest commit (fetches a
+    segment or more: the CLI asks for it, the minute-by-minute watches do not)."""
     now = now or datetime.now(UTC)
     files = list_wal(repo, keyring, target)
     complete = [f for f in files if f.is_segment and not f.partial]
@@ -86,10 +92,70 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     if server_lsn is not None and newest_lsn is not None:
         lag_bytes = max(0, parse_lsn(server_lsn) - newest_lsn)
         lag_seconds = round((now - stored_at).total_seconds(), 3) if lag_bytes and stored_at else 0.0
-    return WalStatus(target, len(complete), newest.name if newest else None,
-                     format_lsn(newest_lsn) if newest_lsn is not None else None,
-                     stored_at.isoformat() if stored_at else None, snapshot, server_lsn, problem, lag_bytes,
-                     lag_seconds, oldest.backup_id if oldest else None, gaps)
+    status = WalStatus(target, len(complete), newest.name if newest else None,
+                       format_lsn(newest_lsn) if newest_lsn is not None else None,
+                       stored_at.isoformat() if stored_at else None, snapshot, server_lsn, problem, lag_bytes,
+                       lag_seconds, oldest.backup_id if oldest else None, gaps)
+    if with_commit_time and oldest is not None:
+        from .workspace import private_directory
+
+        with private_directory("wal-newest") as work:
+            found = newest_records(repo, keyring, oldest, work, files)
+        status.newest_commit_at = found.commit_at.isoformat() if found.commit_at else None
+        status.newest_commit_lsn, status.newest_record_lsn = found.commit_lsn, found.record_lsn
+    return status
+
+
+# --- the newest records of the stored WAL ----------------------------------------------------------------
+
+COMMIT_LOOKBACK = 4  # segments read back from the newest for its newest commit
+_RECORD = re.compile(r"rmgr: (\w+)\s+len .*?lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F/]+, desc: (.*)$")
+_COMMIT = re.compile(r"^COMMIT(?:_PREPARED)?\b.*?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+@dataclass
+class NewestRecords:
+    record_lsn: str | None = None  # the newest complete record stored: where it starts
+    commit_lsn: str | None = None  # the newest COMMIT (or COMMIT PREPARED) record
+    commit_at: datetime | None = None  # its commit time, as the server wrote it
+
+
+def newest_records(repo: Repository, keyring: Keyring, base: Manifest, work_dir: Path,
+                   files: list[WalFile] | None = None) -> NewestRecords:
+    """The newest complete record of `base`'s target's stored WAL (newest segment, or the snapshot of the one being
+    received) and its newest commit, read with pg_waldump from the newest segment back (at most COMMIT_LOOKBACK
+    segments). Nothing found: None fields."""
+    target, source = base.target, base.source
+    size = int(source["wal_segment_size"])
+    files = files if files is not None else list_wal(repo, keyring, target)
+    by_number: dict[int, str] = {}
+    for f in files:
+        if f.is_segment and segment_number(f.name, size)[0] >= int(source["timeline"]):
+            number = segment_number(f.name, size)[1]
+            by_number[number] = max(by_number.get(number, ""), f.name)
+    tool = pg_tool_for_server("pg_waldump", int(source["server_version_num"]) // 10000)
+    found = NewestRecords()
+    for number in sorted(by_number, reverse=True)[:COMMIT_LOOKBACK]:
+        name = by_number[number]
+        fetch_wal(repo, keyring, target, name, work_dir / name)
+        done = subprocess.run([str(tool.path), "--path", str(work_dir), "--timeline", str(int(name[:8], 16)),
+                               "--start", format_lsn(number * size), "--end", format_lsn((number + 1) * size)],
+                              capture_output=True, text=True, check=False, env=child_environment(TZ="UTC"),
+                              timeout=600)
+        for line in done.stdout.splitlines():
+            match = _RECORD.search(line)
+            if match is None:
+                continue
+            rmgr, lsn, desc = match.group(1), format_lsn(parse_lsn(match.group(2))), match.group(3)
+            if found.record_lsn is None or parse_lsn(lsn) > parse_lsn(found.record_lsn):
+                found.record_lsn = lsn
+            commit = _COMMIT.match(desc) if rmgr == "Transaction" else None
+            if commit and (found.commit_lsn is None or parse_lsn(lsn) > parse_lsn(found.commit_lsn)):
+                found.commit_lsn = lsn
+                found.commit_at = datetime.fromisoformat(commit.group(1)).replace(tzinfo=UTC)
+        if found.commit_at is not None:
+            break
+    return found
 
 
 def _used_bytes(snapshot: WalFile) -> int:

@@ -40,7 +40,7 @@ class RestoreTestConfig(Config):
 
 
 def restore_test_metadata(result: RestoreTestResult) -> dict[str, Any]:
-    return {
+    return {**_recovery_metadata(result),
         "backup_id": result.backup_id,
         "retention_class": result.retention_class,
         "backup_age_hours": MetadataValue.float(round(result.backup_age_seconds / 3600, 3)),
@@ -55,6 +55,30 @@ def restore_test_metadata(result: RestoreTestResult) -> dict[str, Any]:
             schema=TableSchema(columns=[TableColumn("table", "string"), TableColumn("rows", "int"),
                                         TableColumn("matches", "bool")])),
     }
+
+
+def _recovery_metadata(result: RestoreTestResult) -> dict[str, Any]:
+    """A cluster's point-in-time recoveries: each one's target, where it stopped, RTO and RPO, and the facts checked."""
+    recoveries = result.details.get("recoveries")
+    if recoveries is None:
+        return {}
+    point = result.details.get("restore_point") or {}
+    found: dict[str, Any] = {
+        "recoveries": MetadataValue.table(
+            records=[TableRecord({"point": r["point"], "goal": r["goal"], "replayed_to_lsn": r.get("replayed_to_lsn") or "",
+                                  "newest_commit": r.get("newest_commit") or "",
+                                  "rto_seconds": round(r.get("rto_seconds") or 0.0, 2),
+                                  "facts_checked": r.get("facts_checked") or 0, "passed": not r["problems"]})
+                     for r in recoveries],
+            schema=TableSchema(columns=[TableColumn("point", "string"), TableColumn("goal", "string"),
+                                        TableColumn("replayed_to_lsn", "string"), TableColumn("newest_commit", "string"),
+                                        TableColumn("rto_seconds", "float"), TableColumn("facts_checked", "int"),
+                                        TableColumn("passed", "bool")])),
+        "restore_point": MetadataValue.json({k: point.get(k) for k in ("name", "lsn", "note")}),
+    }
+    if result.details.get("rpo_seconds") is not None:
+        found["rpo_seconds"] = MetadataValue.float(round(result.details["rpo_seconds"], 3))
+    return found
 
 
 def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:

@@ -140,7 +140,7 @@ class PostgresSource(Source):
         phase = time.monotonic()
         if expected_counts := manifest.source.get("schema_objects"):
             found.problems += compare_schema_counts(expected_counts, restored_schema_counts(destination))
-        found.problems += _amcheck(destination, jobs)
+        found.problems += amcheck_problems(destination, jobs)
         found.seconds["amcheck"] = time.monotonic() - phase
         return found
 
@@ -171,10 +171,12 @@ def _dump_tables(session: DumpSession, store: StoreObject, jobs: int) -> list[tu
     return map_parallel(store_table, biggest_first, jobs, "dump")
 
 
-def _amcheck(dsn: str, jobs: int) -> list[str]:
-    """pg_amcheck over every table and B-tree index of the restored database."""
+def amcheck_problems(dsn: str, jobs: int, *, all_databases: bool = False) -> list[str]:
+    """pg_amcheck over every table and B-tree index of the restored database (`all_databases`: of every database of
+    the server `dsn` reaches)."""
     tool = find_pg_tool("pg_amcheck", 14)
-    run = subprocess.run([str(tool.path), "--install-missing", f"--jobs={jobs}", "--no-password"],
+    run = subprocess.run([str(tool.path), "--install-missing", f"--jobs={jobs}", "--no-password",
+                          *(["--all"] if all_databases else [])],
                          capture_output=True, text=True, env=libpq_environment(dsn), check=False)
     if run.returncode == 0:
         return []

@@ -46,6 +46,7 @@ from .target import PostgresClusterTarget
 if TYPE_CHECKING:
     from ...crypto import Keyring
     from ...policy import Policy
+    from ...postgresql.server import ScratchCluster
     from ...storage import Repository
 
 TAR_OBJECT = "base.tar"
@@ -86,8 +87,9 @@ class PostgresClusterSource(Source):
             ERROR, False, "The WAL archive holds every segment from the oldest kept base backup's start to the newest "
                           "stored one, and pg_waldump reads every record of it: a restore can reach any point."),
     }
-    restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup), "
-                           "the WAL it needs parsed, the server recovered, promoted, and every database opened")
+    restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup); "
+                           "recoveries to the newest point, a random earlier one and a named restore point (its "
+                           "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
     restores_to = "a new data directory (restore TARGET --to-dir DIR), recovered from the WAL archive to a point in time"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
@@ -257,45 +259,73 @@ class PostgresClusterSource(Source):
         """Start PostgreSQL of the backup's major version on the restored data directory (a scratch server on a
         private socket): it recovers to the backup's end and is promoted; then every database the backup held
         accepts connections."""
-        from ...postgresql.server import ScratchCluster, installation_major, server_installations
-
-        major = manifest.source["server_version_num"] // 10000
-        bin_dir = next((b for b in server_installations() if installation_major(b) == major), None)
-        if bin_dir is None:
-            why = (f"no PostgreSQL {major} server is installed here to start the restored data directory (a physical "
-                   "backup starts only on its own major version)")
-            return RestoredFindings([why], {}, {})
-        root = Path(destination)
-        prepare_scratch_start(root)
         started = time.monotonic()
-        cluster = ScratchCluster.persistent(root, bin_dir=bin_dir)
         problems: list[str] = []
         details: dict[str, Any] = {}
+        try:
+            with recovered_server(Path(destination), manifest) as cluster:
+                promoted = time.monotonic() - started
+                found = open_databases(cluster)
+                problems += database_problems(found, manifest)
+                details = {"databases": found}
+        except RegalError as exc:
+            problems.append(exc.message)
+            promoted = time.monotonic() - started
+        return RestoredFindings(problems, details, {"recovery_to_promotion": promoted})
+
+
+@contextlib.contextmanager
+def recovered_server(root: Path, manifest: Manifest) -> Iterator[ScratchCluster]:
+    """PostgreSQL of the backup's major version started on the restored data directory `root` (a scratch server on a
+    private socket), yielded once it has recovered and been promoted; stopped on exit. RegalError when there is no
+    such server here, it does not start, or it is not promoted within 10 minutes (naming the log's FATAL line)."""
+    from ...postgresql.server import ScratchCluster, installation_major, server_installations
+
+    major = manifest.source["server_version_num"] // 10000
+    bin_dir = next((b for b in server_installations() if installation_major(b) == major), None)
+    if bin_dir is None:
+        raise RegalError(f"no PostgreSQL {major} server is installed here to start the restored data directory (a "
+                         "physical backup starts only on its own major version)", "install it, or run restore tests "
+                         "where it is")
+    prepare_scratch_start(root)
+    cluster = ScratchCluster.persistent(root, bin_dir=bin_dir)
+    try:
         try:
             cluster.start()
             deadline = time.monotonic() + 600
             while _in_recovery(cluster.dsn()):
                 if time.monotonic() > deadline:
-                    problems.append("the restored server was not promoted within 10 minutes")
-                    break
+                    raise RegalError("the restored server was not promoted within 10 minutes",
+                                     "read its log: recovery may be waiting for WAL")
                 time.sleep(0.2)
-            promoted = time.monotonic() - started
-            with connect(cluster.dsn()) as conn:
-                found = [r[0] for r in conn.execute(
-                    "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()]
-            for name in found:
-                with connect(cluster.dsn(name)) as conn:
-                    conn.execute("SELECT count(*) FROM pg_class").fetchone()
-            expected = manifest.source.get("databases", [])
-            if found != expected:
-                problems.append(f"the restored server has the databases {found}, the backup had {expected}")
-            details = {"databases": found}
         except RegalError as exc:
-            problems.append(f"the restored server did not start: {exc.message}")
-            promoted = time.monotonic() - started
-        finally:
-            cluster.stop()
-        return RestoredFindings(problems, details, {"recovery_to_promotion": promoted})
+            fatal = [line for line in server_log(cluster).splitlines() if "FATAL:" in line]
+            raise RegalError(f"the restored server did not start: {exc.message}"
+                             + (f" ({fatal[-1].strip()})" if fatal else ""), exc.hint) from None
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def server_log(cluster: ScratchCluster) -> str:
+    path = cluster.log_path
+    return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
+
+def open_databases(cluster: ScratchCluster) -> list[str]:
+    """The databases of a running restored server, each opened and its catalog read."""
+    with connect(cluster.dsn()) as conn:
+        found = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()]
+    for name in found:
+        with connect(cluster.dsn(name)) as conn:
+            conn.execute("SELECT count(*) FROM pg_class").fetchone()
+    return found
+
+
+def database_problems(found: list[str], manifest: Manifest) -> list[str]:
+    expected = manifest.source.get("databases", [])
+    return [] if found == expected else [f"the restored server has the databases {found}, the backup had {expected}"]
 
 
 @contextlib.contextmanager

@@ -19,6 +19,10 @@ class PostgresClusterTarget(DsnTarget):
     incremental: bool = Field(False, description="scheduled hourly and daily base backups are incremental "
                                                  "(pg_basebackup --incremental, PostgreSQL 17+ with summarize_wal = "
                                                  "on) on top of the newest one; weekly and monthly stay full")
+    restore_point_facts: bool = Field(True, description="restore tests create a named restore point on the server "
+                                                        "(pg_create_restore_point) and record facts there that a "
+                                                        "recovery to it must match exactly; false: restore tests "
+                                                        "never touch the server, only the repository")
 
     @field_validator("slot")
     @classmethod
