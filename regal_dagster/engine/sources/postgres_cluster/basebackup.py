@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...errors import IntegrityError, ToolError
-from ...pipeline import CHUNK
 from ...postgresql.tools import PgTool
+from ..streams import larger_pipe, read_ahead
 
 BLOCK = 512
 # pg_basebackup's words when the server cannot build an incremental backup on the given manifest
@@ -121,8 +121,10 @@ def basebackup_stream(tool: PgTool, env: dict[str, str], run: BaseBackupRun,
         assert process.stdout is not None
         stdout: IO[bytes] = process.stdout
 
+        larger_pipe(stdout)
+
         def chunks() -> Iterator[bytes]:
-            while chunk := stdout.read(CHUNK):
+            for chunk in read_ahead(stdout):  # pg_basebackup goes on while we compress and encrypt
                 watcher.feed(chunk)
                 yield chunk
             if process.wait() != 0:
