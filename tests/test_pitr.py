@@ -831,3 +831,41 @@ def test_a_snapshot_replaced_while_it_is_read_is_read_again(tmp_path: Path, monk
     with pytest.raises(IntegrityError):
         wal.fetch_wal(repo, keyring, "cluster", name, tmp_path / "again")
     assert len(calls) == wal.SNAPSHOT_READS and not (tmp_path / "again").exists()
+
+
+def test_read_ahead_hands_on_every_chunk_in_order_raises_the_readers_error_and_stops_when_left() -> None:
+    """pg_basebackup's output is read by a thread of its own (sources/streams.py read_ahead)."""
+    import io
+    import threading
+
+    from regal_dagster.engine.pipeline import CHUNK
+    from regal_dagster.engine.sources.streams import read_ahead
+
+    data = bytes(range(256)) * (CHUNK // 256) * 5 + b"tail"
+    assert b"".join(read_ahead(io.BytesIO(data), depth=2)) == data
+
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            self.reads += 1
+            if self.reads > 2:
+                raise OSError("the pipe broke")
+            buffer[:1] = b"x"
+            return 1
+
+    with pytest.raises(OSError, match="the pipe broke"):
+        list(read_ahead(Failing()))  # type: ignore[arg-type]
+
+    before = threading.active_count()
+    chunks = read_ahead(io.BytesIO(data), depth=1)
+    assert next(chunks) == data[:CHUNK]
+    chunks.close()  # the consumer stops early: the reader, blocked on a full queue, ends
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
