@@ -91,9 +91,15 @@ def test_restore_refuses_a_non_empty_database_and_replaces_only_when_asked(
     assert table_rows(occupied, "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'") == [(0,)]
 
 
+@pytest.mark.parametrize("read_back", ["in-process", "psql"])
 def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, tmp_path: Path,
-                                                  master_key: str) -> None:
-    """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data)."""
+                                                  master_key: str, read_back: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data),
+    whether a table is read back in-process or (a big one) through psql."""
+    if read_back == "psql":
+        from regal_dagster.engine.sources.postgres import restore as postgres_restore
+        monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})

@@ -44,6 +44,7 @@ from ...storage import Repository
 from ...verify import verify_backup
 from ...workspace import private_directory
 from .dump import (
+    PSQL_COPY_BYTES,
     RESTORE_SESSION_SETTINGS,
     SCHEMA_OBJECT,
     Table,
@@ -53,6 +54,7 @@ from .dump import (
     copy_out,
     dump_major,
     pg_error_reason,
+    psql_copy_out,
     session_settings,
 )
 
@@ -196,7 +198,9 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
     if properties:
         failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
     if validation == "full":
-        loaded = restored_table_facts(to_dsn, [t for batch in batches for _, t in batch], psql, jobs, encoding)
+        sizes = {record.name: record.plaintext_size for record in manifest.objects}
+        loaded = restored_table_facts(to_dsn, [t for batch in batches for _, t in batch], psql, jobs, encoding,
+                                      {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
     problems = [f"not restored: {what}" for what in failed] + compare_tables(table_facts, loaded)
     phases.done("validate")
     return DatabaseRestore(manifest.backup_id, describe_dsn(to_dsn), state, len(tables),
@@ -803,16 +807,22 @@ def tables_loader(tables: list[Table],
 
 
 def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = None, jobs: int = 1,
-                         encoding: str | None = None) -> list[dict[str, Any]]:
+                         encoding: str | None = None, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Row count and SHA-256 of each table's COPY text in a restored database (read in the backup's
-    encoding), `jobs` tables at a time."""
+    encoding), `jobs` tables at a time. A table whose backup held more than PSQL_COPY_BYTES (`sizes`: COPY
+    text bytes by table label) is read by a `psql` child, the others in-process."""
     def digest(table: Table) -> dict[str, Any] | None:
         d = TableDigest()
         try:
-            with sessions.get().cursor() as cur:
-                for chunk in copy_out(cur, table):
+            if psql is not None and (sizes or {}).get(table.label, 0) > PSQL_COPY_BYTES:
+                conn = sessions.get()
+                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), conn.info.encoding):
                     d.update(chunk)
-        except psycopg.Error:
+            else:
+                with sessions.get().cursor() as cur:
+                    for chunk in copy_out(cur, table):
+                        d.update(chunk)
+        except (psycopg.Error, ToolError):
             return None  # missing or unreadable: compare_tables reports it missing
         return d.facts(table)
 
