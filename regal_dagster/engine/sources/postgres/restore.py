@@ -822,8 +822,14 @@ def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = No
                 with sessions.get().cursor() as cur:
                     for chunk in copy_out(cur, table):
                         d.update(chunk)
-        except (psycopg.Error, ToolError):
+        except psycopg.Error:
             return None  # missing or unreadable: compare_tables reports it missing
+        except ToolError as exc:
+            if "does not exist" in exc.message:
+                return None
+            raise ToolError(f"validation could not read table {table.label} back: {exc.message}",
+                            "fix the cause above (psql must reach the server like the restore did), then restore "
+                            "again; the restored copy was not published") from None
         return d.facts(table)
 
     with SessionPool(dsn, lambda conn: session_settings(conn, encoding)) as sessions, \
