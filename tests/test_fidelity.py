@@ -188,8 +188,17 @@ def test_values_depending_on_the_search_path_come_back_pointing_at_the_same_obje
 
 # --- case 3: encodings -----------------------------------------------------------------------------
 
+@pytest.fixture(params=["in-process", "psql"])
+def read_back(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Validation reads small tables back in-process and big ones through psql: both, on every table."""
+    if request.param == "psql":
+        from regal_dagster.engine.sources.postgres import restore as postgres_restore
+        monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
+    return str(request.param)
+
+
 def test_a_latin1_database_restores_byte_for_byte_with_its_encoding(
-        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, read_back: str) -> None:
     name = system_pg.new_name("regal_latin1")
     with psycopg.connect(system_pg.server_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")

@@ -91,9 +91,15 @@ def test_restore_refuses_a_non_empty_database_and_replaces_only_when_asked(
     assert table_rows(occupied, "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'") == [(0,)]
 
 
+@pytest.mark.parametrize("read_back", ["in-process", "psql"])
 def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, tmp_path: Path,
-                                                  master_key: str) -> None:
-    """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data)."""
+                                                  master_key: str, read_back: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data),
+    whether a table is read back in-process or (a big one) through psql."""
+    if read_back == "psql":
+        from regal_dagster.engine.sources.postgres import restore as postgres_restore
+        monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
@@ -110,3 +116,37 @@ def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, t
                                           f"the restored copy was dropped: no database {target} was created"]
     assert table_rows(system_pg.dsn("postgres"), "SELECT datname FROM pg_database WHERE datname LIKE "
                       f"'{target}%'") == []  # neither the target nor the temporary database it was loaded into
+
+
+def test_small_tables_load_together_and_a_refused_one_is_named_while_the_others_load(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """Small tables share a load transaction (load_batches); when the server refuses one of them, the batch
+    is loaded again table by table: the refused table is named with the server's reason, the others load."""
+    from regal_dagster.engine.pipeline import StoredBackup
+    from regal_dagster.engine.sources.postgres.dump import Table
+    from regal_dagster.engine.sources.postgres.restore import load_batches, load_tables
+
+    source = system_pg.create()
+    execute(source, """CREATE TABLE a (x int); INSERT INTO a SELECT generate_series(1, 50);
+                       CREATE TABLE b (x int); INSERT INTO b SELECT generate_series(-2, 7);
+                       CREATE TABLE c (x text); INSERT INTO c VALUES ('one'), (NULL), (E'tab\\there');""")
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    facts = manifest.source["tables"]
+    tables = [Table.from_facts(t) for t in facts]
+    batches = load_batches(manifest, facts, tables)
+    assert [len(batch) for batch in batches] == [3]  # one transaction for all three
+
+    target = system_pg.create()  # the same tables, but b refuses what the backup holds
+    execute(target, "CREATE TABLE a (x int); CREATE TABLE b (x int CHECK (x > 0)); CREATE TABLE c (x text)")
+    backup = StoredBackup(open_repository(policy), load_keyring(policy), manifest)
+    loaded = {t["name"]: t for t in load_tables(backup, target, batches, jobs=2, encoding="UTF8")}
+
+    assert set(loaded) == {"a", "b", "c"}
+    assert "failed" not in loaded["a"] and loaded["a"]["rows"] == 50
+    assert "failed" not in loaded["c"] and loaded["c"]["rows"] == 3
+    assert loaded["b"]["failed"].startswith("loading table public.b failed: new row for relation \"b\" violates "
+                                            "check constraint")
+    assert table_rows(target, "SELECT count(*) FROM a") == [(50,)]
+    assert table_rows(target, "SELECT x FROM c ORDER BY x NULLS LAST") == [("one",), ("tab\there",), (None,)]
+    assert table_rows(target, "SELECT count(*) FROM b") == [(0,)]

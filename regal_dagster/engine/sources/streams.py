@@ -8,7 +8,7 @@ import queue
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -17,7 +17,7 @@ from ..errors import ToolError
 from ..pipeline import CHUNK
 
 
-def stream_command(args: list[str], env: dict[str, str] | None, what: str,
+def stream_command(args: Sequence[str | bytes], env: dict[str, str] | None, what: str,
                    on_started: Callable[[], None] | None = None) -> Iterator[bytes]:
     """Run a client program and yield its standard output in chunks; ToolError with its message if it fails.
 

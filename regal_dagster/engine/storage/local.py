@@ -151,9 +151,20 @@ class LocalRepository(Repository):
         self.location = f"file://{root}"
         self.lock_wait = lock_wait
         self._batch: _SyncBatch | None = None
+        self._resolved_root: Path | None = None
+
+    def _real_root(self) -> Path:
+        """The root with its symbolic links resolved, once it exists (resolving it for every object cost as
+        much as writing a small table's object)."""
+        if self._resolved_root is not None:
+            return self._resolved_root
+        resolved = self.root.resolve()
+        if self.root.exists():
+            self._resolved_root = resolved
+        return resolved
 
     def _path(self, key: str) -> Path:
-        path, root = (self.root / check_key(key, self.location)).resolve(), self.root.resolve()
+        path, root = (self.root / check_key(key, self.location)).resolve(), self._real_root()
         if path != root and root not in path.parents:  # through a symbolic link
             raise key_outside(key, self.location)
         return path

@@ -29,7 +29,7 @@ from ...crypto import Keyring
 from ...errors import IntegrityError, RegalError, TargetNotEmptyError, ToolError, UsageError
 from ...manifest import Manifest
 from ...parallel import check, map_parallel
-from ...pipeline import Progress, StoredBackup, read_stream
+from ...pipeline import Progress, StoredBackup
 from ...postgresql.connection import (
     connect,
     database_of,
@@ -45,6 +45,7 @@ from ...storage import Repository
 from ...verify import verify_backup
 from ...workspace import private_directory
 from .dump import (
+    PSQL_COPY_BYTES,
     RESTORE_SESSION_SETTINGS,
     SCHEMA_OBJECT,
     Table,
@@ -54,6 +55,7 @@ from .dump import (
     copy_out,
     dump_major,
     pg_error_reason,
+    psql_copy_out,
     session_settings,
 )
 
@@ -192,31 +194,8 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
                                  tablespaces=tablespaces, exit_on_error=False)
         phases.done("schema")
 
-        def load(numbered: tuple[dict[str, Any], Table], cancelled: threading.Event) -> dict[str, Any]:
-            facts, table = numbered
-            record = manifest.object(facts["object"])
-            started, in_server = time.monotonic(), 0.0
-            try:
-                with table_loader(to_dsn, table, encoding, sessions) as loading:
-                    def sink(chunk: bytes) -> None:
-                        nonlocal in_server
-                        check(cancelled)
-                        mark = time.monotonic()
-                        loading.write(chunk)
-                        in_server += time.monotonic() - mark
-
-                    read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id, sink=sink,
-                                progress=progress)  # raises unless every byte matches the manifest's SHA-256
-            except ToolError as exc:  # the server refused it (its table missing, a constraint): go on
-                return {"schema": table.schema, "name": table.name, "failed": exc.message,
-                        "seconds": (time.monotonic() - started - in_server, in_server)}
-            return {"schema": table.schema, "name": table.name, "rows": loading.rows,
-                    "sha256": record.plaintext_sha256,
-                    "seconds": (time.monotonic() - started - in_server, in_server)}
-
-        biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -t[0]["rows"])
-        with loading_pool(to_dsn, encoding) as sessions:
-            loaded = map_parallel(load, biggest_first, jobs, "load")
+        batches = load_batches(manifest, table_facts, tables)
+        loaded = load_tables(StoredBackup(repo, keyring, manifest), to_dsn, batches, jobs, encoding, progress)
         phases.done("load")
         timings = [t.pop("seconds") for t in loaded]
         failed += [t["failed"] for t in loaded if "failed" in t]
@@ -229,12 +208,57 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
     if properties:
         failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
     if validation == "full":
-        loaded = restored_table_facts(to_dsn, [t for _, t in biggest_first], psql, jobs, encoding)
+        sizes = {record.name: record.plaintext_size for record in manifest.objects}
+        loaded = restored_table_facts(to_dsn, [t for batch in batches for _, t in batch], psql, jobs, encoding,
+                                      {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
     problems = [f"not restored: {what}" for what in failed] + compare_tables(table_facts, loaded)
     phases.done("validate")
     return DatabaseRestore(manifest.backup_id, describe_dsn(to_dsn), state, len(tables),
                          sum(t["rows"] for t in table_facts), jobs, validation, phases.total(), problems,
                          breakdown)
+
+
+def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict[str, Any], Table]]], jobs: int,
+                encoding: str | None, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Each table's rows from the backup into its (new, empty) table, `jobs` batches (load_batches) at a
+    time. Per table: its facts with the rows loaded, or `failed` with the server's reason; `seconds`:
+    (fetching, decrypting and checking the stored bytes; the server taking them in)."""
+    def load_one(loading: TableLoad, facts: dict[str, Any], table: Table,
+                 cancelled: threading.Event) -> dict[str, Any]:
+        record = backup.manifest.object(facts["object"])
+        started, in_server = time.monotonic(), 0.0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal in_server
+            check(cancelled)
+            mark = time.monotonic()
+            loading.write(chunk)
+            in_server += time.monotonic() - mark
+
+        backup.stream(record.name, sink, progress)  # raises unless every byte matches the manifest's SHA-256
+        return {"schema": table.schema, "name": table.name, "loading": loading,
+                "sha256": record.plaintext_sha256, "seconds": (time.monotonic() - started - in_server, in_server)}
+
+    def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
+        started = time.monotonic()
+        try:
+            with tables_loader([table for _, table in batch], sessions) as copy_into:
+                done = []
+                for facts, table in batch:
+                    with copy_into(table) as loading:
+                        done.append(load_one(loading, facts, table, cancelled))
+        except ToolError as exc:  # the server refused it (its table missing, a constraint): go on
+            if len(batch) > 1:  # the whole transaction was rolled back: each table on its own, to name it
+                return [result for entry in batch for result in load([entry], cancelled)]
+            table = batch[0][1]
+            return [{"schema": table.schema, "name": table.name, "failed": exc.message,
+                     "seconds": (time.monotonic() - started, 0.0)}]
+        for result in done:
+            result["rows"] = result.pop("loading").rows  # known once the transaction has committed
+        return done
+
+    with loading_pool(to_dsn, encoding) as sessions:
+        return [t for batch in map_parallel(load, batches, jobs, "load") for t in batch]
 
 
 # --- the target database ----------------------------------------------------------------------------
@@ -753,47 +777,91 @@ def loading_pool(dsn: str, encoding: str | None) -> SessionPool:
     return SessionPool(dsn, lambda conn: {**session_settings(conn, encoding), **RESTORE_SESSION_SETTINGS})
 
 
-@contextlib.contextmanager
-def table_loader(dsn: str, table: Table, encoding: str | None = None,
-                 pool: SessionPool | None = None) -> Iterator[TableLoad]:
-    """COPY FROM STDIN into one (new, empty) table, in its own transaction, committed when the block ends
-    (in a session of `pool`'s when given, else in a new one).
+# Small tables are loaded several to a transaction (one TRUNCATE, one commit): for hundreds of small
+# tables the per-transaction round trips and commits cost more than their rows. A batch holds at most
+# LOAD_BATCH_TABLES tables (each takes a few locks: well within max_locks_per_transaction) and about
+# LOAD_BATCH_BYTES of COPY text; a bigger table is loaded alone.
+LOAD_BATCH_TABLES = 32
+LOAD_BATCH_BYTES = 8 << 20
 
-    The table is truncated in the same transaction first. That gives it a new file, so COPY fills pages
+
+def load_batches(manifest: Manifest, table_facts: list[dict[str, Any]],
+                 tables: list[Table]) -> list[list[tuple[dict[str, Any], Table]]]:
+    """The tables grouped into load transactions, the biggest first."""
+    sizes = {record.name: record.plaintext_size for record in manifest.objects}
+    biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -sizes[t[0]["object"]])
+    batches: list[list[tuple[dict[str, Any], Table]]] = []
+    size = 0
+    for entry in biggest_first:
+        plaintext = sizes[entry[0]["object"]]
+        if not batches or size + plaintext > LOAD_BATCH_BYTES or len(batches[-1]) >= LOAD_BATCH_TABLES:
+            batches.append([])
+            size = 0
+        batches[-1].append(entry)
+        size += plaintext
+    return batches
+
+
+@contextlib.contextmanager
+def tables_loader(tables: list[Table],
+                  pool: SessionPool) -> Iterator[Callable[[Table], contextlib.AbstractContextManager[TableLoad]]]:
+    """One transaction that loads (new, empty) tables: the block calls `copy_into(table)` for each, a COPY
+    FROM STDIN; all of them commit together when the block ends, or none (ToolError naming the table).
+
+    The tables are truncated in the same transaction first. That gives each a new file, so COPY fills pages
     strictly in order without looking for free space in earlier pages (and may freeze the rows, sparing
     a later anti-wraparound vacuum): the table then reads back in exactly the order it was loaded, which
     is what lets validation compare the SHA-256 of its COPY text with the backup's. (Even a table just
     created needs it: without, COPY records each full page's free space and may put a later, shorter row
     into an earlier page.)"""
-    with contextlib.ExitStack() as stack:
-        if pool is None:
-            pool = stack.enter_context(loading_pool(dsn, encoding))
-        conn = pool.get()
-        with conn.cursor() as cur:
-            try:
-                with conn.transaction():
-                    cur.execute(f"TRUNCATE ONLY {quote_ident(table.schema)}.{quote_ident(table.name)}")
-                    with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
-                        load = TableLoad(copy.write)
-                        yield load
-                    load.rows = cur.rowcount
-            except psycopg.Error as exc:
-                raise ToolError(f"loading table {table.label} failed: {pg_error_reason(exc)}",
-                                "fix the cause above, then restore again into an empty database") from None
+    conn = pool.get()
+    current = tables[0]
+
+    @contextlib.contextmanager
+    def copy_into(table: Table) -> Iterator[TableLoad]:
+        nonlocal current
+        current = table
+        with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
+            load = TableLoad(copy.write)
+            yield load
+        load.rows = cur.rowcount
+
+    with conn.cursor() as cur:
+        try:
+            with conn.transaction():
+                cur.execute("TRUNCATE ONLY " + ", ".join(
+                    f"{quote_ident(t.schema)}.{quote_ident(t.name)}" for t in tables))
+                yield copy_into
+        except psycopg.Error as exc:
+            which = current.label if len(tables) == 1 else f"{current.label} (with {len(tables) - 1} others)"
+            raise ToolError(f"loading table {which} failed: {pg_error_reason(exc)}",
+                            "fix the cause above, then restore again into an empty database") from None
 
 
 def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = None, jobs: int = 1,
-                         encoding: str | None = None) -> list[dict[str, Any]]:
+                         encoding: str | None = None, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Row count and SHA-256 of each table's COPY text in a restored database (read in the backup's
-    encoding), `jobs` tables at a time."""
+    encoding), `jobs` tables at a time. A table whose backup held more than PSQL_COPY_BYTES (`sizes`: COPY
+    text bytes by table label) is read by a `psql` child, the others in-process."""
     def digest(table: Table) -> dict[str, Any] | None:
         d = TableDigest()
         try:
-            with sessions.get().cursor() as cur:
-                for chunk in copy_out(cur, table):
+            if psql is not None and (sizes or {}).get(table.label, 0) > PSQL_COPY_BYTES:
+                conn = sessions.get()
+                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), conn.info.encoding):
                     d.update(chunk)
+            else:
+                with sessions.get().cursor() as cur:
+                    for chunk in copy_out(cur, table):
+                        d.update(chunk)
         except psycopg.Error:
             return None  # missing or unreadable: compare_tables reports it missing
+        except ToolError as exc:
+            if "does not exist" in exc.message:
+                return None
+            raise ToolError(f"validation could not read table {table.label} back: {exc.message}",
+                            "fix the cause above (psql must reach the server like the restore did), then restore "
+                            "again; the restored copy was not published") from None
         return d.facts(table)
 
     with SessionPool(dsn, lambda conn: session_settings(conn, encoding)) as sessions, \
