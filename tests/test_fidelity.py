@@ -61,6 +61,29 @@ def backup_and_restore(policy: Policy, factory: DatabaseFactory, **restore: Any)
     return manifest, target, report
 
 
+@pytest.fixture(params=["in-process", "psql"])
+def table_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Backups and validation read small tables in-process and big ones through psql: both, on every table
+    (the psql one checks that the backup did read through psql)."""
+    if request.param == "in-process":
+        yield "in-process"
+        return
+    from regal_dagster.engine.sources.postgres import restore as postgres_restore
+
+    monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
+    monkeypatch.setattr(dump, "PSQL_COPY_BYTES", -1)
+    read, real = [], dump.psql_copy_out
+
+    def recorded(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        if kwargs.get("snapshot"):
+            read.append(args[2].label)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dump, "psql_copy_out", recorded)
+    yield "psql"
+    assert read, "no table was read through psql by the backup"
+
+
 # --- case 1: concurrent DDL --------------------------------------------------------------------------
 
 def _waiting_statements(dsn: str, marker: str) -> int:
@@ -70,7 +93,8 @@ def _waiting_statements(dsn: str, marker: str) -> int:
 
 
 def test_truncate_and_rewrite_during_a_backup_wait_for_it_and_lose_no_rows(
-        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch,
+        table_reader: str) -> None:
     source = system_pg.create()
     execute(source, """
         CREATE TABLE aaa_first (id int PRIMARY KEY, v text);
@@ -156,10 +180,41 @@ def test_a_table_locked_exclusively_fails_the_backup_naming_the_session(
     assert "nightly-migration" in message and "LOCK TABLE busy" in message
 
 
+def test_rows_row_level_security_would_hide_fail_the_backup_naming_the_table(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, table_reader: str) -> None:
+    """pg_dump's row_security = off: a backup by a role that policies would show only some rows fails."""
+    import uuid
+
+    role = f"regal_rls_{uuid.uuid4().hex[:6]}"
+    source = system_pg.create()
+    execute(source, f"""
+        CREATE ROLE {role} LOGIN;
+        CREATE TABLE open_rows (id int PRIMARY KEY);
+        INSERT INTO open_rows SELECT generate_series(1, 10);
+        CREATE TABLE guarded (id int PRIMARY KEY, owner text);
+        INSERT INTO guarded SELECT g, CASE WHEN g % 2 = 0 THEN '{role}' ELSE 'someone' END FROM generate_series(1, 10) g;
+        ALTER TABLE guarded ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY mine ON guarded FOR SELECT USING (owner = current_user);
+        GRANT SELECT ON open_rows, guarded TO {role};""")
+    try:
+        as_role = psycopg.conninfo.make_conninfo(source, user=role)
+        policy = make_policy(tmp_path, {"pos": as_role})
+        with pytest.raises(RegalError) as refused:
+            run_backup(policy, "pos")
+        assert refused.value.message == ("reading table public.guarded: row-level security policies would hide "
+                                         "some of its rows from the backup's user, so a backup would silently miss "
+                                         "them")
+        assert "BYPASSRLS" in refused.value.hint
+    finally:
+        system_pg.drop_all()
+        system_pg.created.clear()
+        execute(system_pg.server_dsn, f"DROP ROLE IF EXISTS {role}")
+
+
 # --- case 2: search_path ---------------------------------------------------------------------------
 
 def test_values_depending_on_the_search_path_come_back_pointing_at_the_same_objects(
-        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, table_reader: str) -> None:
     source = system_pg.create()
     execute(source, """
         CREATE SCHEMA app;
@@ -188,17 +243,8 @@ def test_values_depending_on_the_search_path_come_back_pointing_at_the_same_obje
 
 # --- case 3: encodings -----------------------------------------------------------------------------
 
-@pytest.fixture(params=["in-process", "psql"])
-def read_back(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Validation reads small tables back in-process and big ones through psql: both, on every table."""
-    if request.param == "psql":
-        from regal_dagster.engine.sources.postgres import restore as postgres_restore
-        monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
-    return str(request.param)
-
-
 def test_a_latin1_database_restores_byte_for_byte_with_its_encoding(
-        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, read_back: str) -> None:
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, table_reader: str) -> None:
     name = system_pg.new_name("regal_latin1")
     with psycopg.connect(system_pg.server_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")

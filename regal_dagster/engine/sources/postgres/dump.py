@@ -222,12 +222,16 @@ def copy_out(cur: psycopg.Cursor[Any], table: Table) -> Iterator[bytes]:
 # (about 40 CPU-seconds per GB of rows, more than the server spends), psql reads it in C and passes it on in
 # big chunks; its start (~10 ms) is what makes in-process reading better for small tables.
 PSQL_COPY_BYTES = 4 << 20
+PAGE_BYTES = 8192  # pg_class.relpages is in pages of this size (the default build's)
 
 
-def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str], codec: str) -> Iterator[bytes]:
+def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str], codec: str,
+                  snapshot: str | None = None) -> Iterator[bytes]:
     """A table's rows as COPY text read by a psql child in a session with `settings` (session_settings):
     the same bytes as copy_out. `codec`: Python's name of the client encoding, in which psql passes the
-    statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table missing)."""
+    statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table missing).
+    With `snapshot`: read in that exported snapshot, after taking the table's ACCESS SHARE lock NOWAIT
+    (ToolError "could not obtain lock" before any row when a statement is queued for the table)."""
     env = libpq_environment(dsn)
     settings = dict(settings)
     if encoding := settings.pop("client_encoding", None):
@@ -238,17 +242,24 @@ def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str]
              f"ARRAY[{literal}]::text[]) AS s(name, value)")
     args: list[str | bytes] = [str(psql.path), "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
                                "-c", "\\o /dev/null", "-c", apply,  # set_config's result is not COPY text
-                               "-c", "\\o", "-c", table.copy_statement("TO STDOUT").encode(codec)]
+                               "-c", "\\o"]
+    if snapshot is not None:
+        args += ["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
+                 "-c", f"LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE NOWAIT".encode(codec)]
+    args += ["-c", table.copy_statement("TO STDOUT").encode(codec)]
     yield from stream_command(args, env, f"psql reading table {table.label}")
 
 
-def read_error(table: Table, exc: psycopg.Error) -> RegalError:
-    """One clear message for a failed read of a table's rows."""
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and "row-level security" in str(exc):
+
+
+def read_error(table: Table, exc: psycopg.Error | ToolError) -> RegalError:
+    """One clear message for a failed read of a table's rows (in-process, or by psql)."""
+    reason = exc.message if isinstance(exc, ToolError) else pg_error_reason(exc)
+    if "row-level security" in reason:
         return RegalError(f"reading table {table.label}: row-level security policies would hide some of its rows "
                           "from the backup's user, so a backup would silently miss them",
                           "back up as the table's owner, a superuser or a role with BYPASSRLS")
-    return ToolError(f"reading table {table.label} failed: {pg_error_reason(exc)}",
+    return ToolError(f"reading table {table.label} failed: {reason}",
                      "fix the cause above; nothing was stored as a backup")
 
 
@@ -414,6 +425,13 @@ class DumpSession:
         self._schema_done = threading.Event()
         self.schema_application = f"regal-backup schema {snapshot}"
         self.read_by_coordinator: list[str] = []  # tables a queued lock made a worker hand over
+        self.psql: PgTool | None = None  # reads big tables (psql_copy_out), when the encoding has a Python codec
+        self._psql_settings = session_settings(coordinator, encoding)
+        self._psql_settings.pop("lock_timeout", None)  # NOWAIT decides
+        self._codec = ""
+        with contextlib.suppress(psycopg.NotSupportedError, LookupError):
+            self._codec = coordinator.info.encoding
+            self.psql = find_pg_tool("psql", pg_dump.major)
 
     def schema_chunks(self) -> Iterator[bytes]:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
@@ -472,7 +490,19 @@ class DumpSession:
             return False
 
     def table_chunks(self, table: Table) -> Iterator[bytes]:
-        """A table's rows as COPY text, in the database's own encoding, from the snapshot."""
+        """A table's rows as COPY text, in the database's own encoding, from the snapshot: a big table by a
+        psql child (unless its lock is wanted by someone else right now), the others in-process."""
+        if self.psql is not None and table.pages * PAGE_BYTES >= PSQL_COPY_BYTES:
+            started = False
+            try:
+                for chunk in psql_copy_out(self.psql, self.dsn, table, self._psql_settings, self._codec,
+                                           snapshot=self.snapshot):
+                    started = True
+                    yield chunk
+                return
+            except ToolError as exc:
+                if started or "could not obtain lock" not in exc.message:
+                    raise read_error(table, exc) from None
         conn = self._worker()
         try:
             with conn.cursor() as cur:
