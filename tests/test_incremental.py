@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from psycopg import sql
 
 from regal_dagster.engine.backup import incremental_by_policy
 from regal_dagster.engine.policy import load_policy
@@ -25,12 +23,12 @@ from .conftest import SYSTEM_PG
 from .test_pitr import (
     AS_ROOT,
     CLI,
-    _give_to_server_account,
     _ok,
     _push_spool,
     _run,
     _sql,
     _wait_archived,
+    archiving_server,
     cli,
 )
 
@@ -59,24 +57,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Full backup; rows A; incremental 1; rows B (a time and a WAL position recorded after them); incremental 2
     (a daily backup, incremental because the policy says so); rows C; all the WAL archived."""
     base = tmp_path_factory.mktemp("incremental")
-    server = ScratchCluster.persistent(base / "pgdata").start()
+    server, policy, spool = archiving_server(base, summarize_wal="on")
     try:
-        project = base / "regal"
-        made = json.loads(_run([*CLI, "init", str(project), "--cluster-dsn", server.dsn(), "--no-audit",
-                                "--json"]).stdout)
-        policy = Path(made["policy"])
-        _give_to_server_account(project)
-        spool = base / "spool"
-        spool.mkdir()
-        _give_to_server_account(spool)
-        push = (f"test ! -f {spool}/%f && cp %p {spool}/%f" if AS_ROOT else
-                " ".join([sys.executable, "-m", "regal_dagster.cli", "--policy", str(policy), "wal", "push", "%p"]))
-        dsn = server.dsn()
-        _sql(dsn, "ALTER SYSTEM SET archive_mode = 'on'")
-        _sql(dsn, "ALTER SYSTEM SET summarize_wal = 'on'")
-        _sql(dsn, sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(push)).as_string())
-        server.stop()
-        server.start()
         dsn = server.dsn()
         _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, batch text)")
         _sql(dsn, "CREATE TABLE ballast AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")

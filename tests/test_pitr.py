@@ -61,11 +61,10 @@ def _wait_archived(dsn: str) -> None:
     raise AssertionError(f"{wanted} was not archived: {row}")
 
 
-@pytest.fixture(scope="module")
-def archived_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A PostgreSQL 18 server archiving through `regal-backup wal push`, two base backups, and rows written at
-    known times, WAL positions and a named restore point."""
-    base = tmp_path_factory.mktemp("pitr")
+def archiving_server(base: Path, **settings: str) -> tuple[ScratchCluster, Path, Path]:
+    """A PostgreSQL 18 server in `base` that archives its WAL (through `wal push`; as root, whose server account
+    cannot run it, into a spool `_push_spool` stores), with `settings` too, and a `regal-backup init
+    --cluster-dsn` project: (the running server, the policy file, the spool)."""
     server = ScratchCluster.persistent(base / "pgdata").start()
     try:
         project = base / "regal"
@@ -78,11 +77,24 @@ def archived_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         _give_to_server_account(spool)
         push = (f"test ! -f {spool}/%f && cp %p {spool}/%f" if AS_ROOT else
                 " ".join([sys.executable, "-m", "regal_dagster.cli", "--policy", str(policy), "wal", "push", "%p"]))
-        dsn = server.dsn()
-        _sql(dsn, "ALTER SYSTEM SET archive_mode = 'on'")
-        _sql(dsn, sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(push)).as_string())
+        for name, value in {"archive_mode": "on", "archive_command": push, **settings}.items():
+            _sql(server.dsn(), sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name),
+                                                                          sql.Literal(value)).as_string())
         server.stop()
         server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server, policy, spool
+
+
+@pytest.fixture(scope="module")
+def archived_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A PostgreSQL 18 server archiving through `regal-backup wal push`, two base backups, and rows written at
+    known times, WAL positions and a named restore point."""
+    base = tmp_path_factory.mktemp("pitr")
+    server, policy, spool = archiving_server(base)
+    try:
         dsn = server.dsn()
         _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY, note text)")
         _sql(dsn, "INSERT INTO payments VALUES (1, 'before the first base backup')")
