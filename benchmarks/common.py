@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,6 +25,21 @@ def generated_database(base_dir: Path, scale: float) -> Iterator[str]:
             conn.execute("VACUUM")
             conn.execute("CHECKPOINT")
         yield dsn
+
+
+def wait_promoted(cluster: ScratchCluster, timeout: float = 3600) -> None:
+    """Until a restored server has recovered and been promoted (open for writes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(cluster.dsn(), autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row is not None and not row[0]:
+                return
+        except psycopg.OperationalError:  # still starting up
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the restored server was not promoted in time")
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

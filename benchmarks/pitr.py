@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import psycopg
-from common import print_table
+from common import print_table, wait_promoted
 
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
@@ -111,12 +111,7 @@ def restore_to_promotion(policy_file: Path, restored: Path, *how: str) -> tuple[
     restore_seconds = time.monotonic() - started
     cluster = ScratchCluster.persistent(restored).start()
     try:
-        while True:
-            with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if row is not None and not row[0]:
-                break
-            time.sleep(0.1)
+        wait_promoted(cluster)
         return restore_seconds, time.monotonic() - started
     finally:
         cluster.stop()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import psycopg
-from common import generated_database, print_table
+from common import generated_database, print_table, wait_promoted
 from compare_runbook import create_empty_database, drop_database, path_size, run_measured, shell
 
 from regal_dagster.engine.bootstrap import init_project
@@ -36,20 +36,6 @@ from regal_dagster.engine.postgresql.server import ScratchCluster
 from regal_dagster.engine.postgresql.tools import find_pg_tool
 
 REGAL = [sys.executable, "-m", "regal_dagster.cli"]
-
-
-def wait_promoted(cluster: ScratchCluster, timeout: float = 3600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with psycopg.connect(cluster.dsn(), autocommit=True, connect_timeout=5) as conn:
-                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if row is not None and not row[0]:
-                return
-        except psycopg.OperationalError:  # still starting up
-            pass
-        time.sleep(0.1)
-    raise SystemExit("the restored server was not promoted in time")
 
 
 def bench(scale: float, work: Path, repeat: int) -> tuple[list[list[str]], dict[str, float]]:

@@ -28,6 +28,7 @@ from .test_pitr import (
     _run,
     _sql,
     _wait_archived,
+    _wait_promoted,
     archiving_server,
     cli,
 )
@@ -91,10 +92,7 @@ def _restore_and_read(policy: Path, data: Path, *how: str) -> tuple[dict[str, An
     assert not [p for p in data.parent.iterdir() if p.name.startswith(PREFIX)]  # the chain's directories went
     restored = ScratchCluster.persistent(data).start()
     try:
-        deadline = time.monotonic() + 90
-        while _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0]:
-            assert time.monotonic() < deadline, restored.log_tail()
-            time.sleep(0.2)
+        _wait_promoted(restored)
         rows = {(r[0], r[1]) for r in _sql(restored.dsn(), "SELECT id, batch FROM payments")}
     finally:
         restored.stop()

@@ -148,10 +148,7 @@ def _restore_and_read(setup: dict[str, Any], name: str, *how: str) -> tuple[dict
     assert (data / "recovery.signal").exists()
     restored = ScratchCluster.persistent(data).start()
     try:
-        deadline = time.monotonic() + 90
-        while _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0]:
-            assert time.monotonic() < deadline, restored.log_tail()
-            time.sleep(0.2)
+        _wait_promoted(restored)
         rows = [r[0] for r in _sql(restored.dsn(), "SELECT id FROM payments ORDER BY id")]
         _sql(restored.dsn(), "INSERT INTO payments VALUES (100, 'open for writes')")  # promoted
     finally:
@@ -430,6 +427,14 @@ def _wait_for(condition: Any, what: str, seconds: float = 60) -> None:
         time.sleep(0.2)
 
 
+def _wait_promoted(server: ScratchCluster, seconds: float = 120) -> None:
+    """Until the restored server has recovered and been promoted (open for writes); its log's end if not."""
+    deadline = time.monotonic() + seconds
+    while _sql(server.dsn(), "SELECT pg_is_in_recovery()")[0][0]:
+        assert time.monotonic() < deadline, f"no promotion in {seconds:.0f} s: {server.log_tail()}"
+        time.sleep(0.2)
+
+
 def _start_stream(policy: Path, log: Path) -> Any:
     import subprocess
 
@@ -499,7 +504,7 @@ def test_the_wal_stream_survives_kill_9_and_restores_to_its_newest_snapshot(tmp_
                 *(["--with-wal"] if AS_ROOT else [])))
         promoted = ScratchCluster.persistent(data).start()
         try:
-            _wait_for(lambda: not _sql(promoted.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion")
+            _wait_promoted(promoted, 60)
             import yaml
 
             document = yaml.safe_load(policy.read_text())

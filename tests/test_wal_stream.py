@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import time
@@ -16,7 +17,7 @@ import pytest
 from regal_dagster.engine.postgresql import server as pg_server
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
-from .test_pitr import AS_ROOT, CLI, _ok, _run, _sql, _start_stream, _wait_for, cli
+from .test_pitr import AS_ROOT, CLI, _ok, _run, _sql, _start_stream, _wait_for, _wait_promoted, cli
 
 KILL_TRIALS = 3
 PGBENCH_FACTS = ("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history), "
@@ -49,7 +50,7 @@ def _restore_facts(policy: Path, base: Path, name: str, *how: str) -> tuple[Any,
     _ok(cli(policy, "restore", "cluster", "--to-dir", str(data), *how, *(["--with-wal"] if AS_ROOT else [])))
     restored = ScratchCluster.persistent(data).start()
     try:
-        _wait_for(lambda: not _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion", 120)
+        _wait_promoted(restored)
         return _facts(restored.dsn())
     finally:
         restored.stop()
@@ -187,7 +188,7 @@ def test_a_private_postgresql_15_server_streams_and_restores_to_a_time(tmp_path:
                 *(["--with-wal"] if AS_ROOT else [])))
         restored = ScratchCluster.persistent(data, bin_dir=SYSTEM_PG15).start()
         try:
-            _wait_for(lambda: not _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion", 120)
+            _wait_promoted(restored)
             assert _sql(restored.dsn(), "SELECT id, note FROM payments ORDER BY id") == [
                 (1, "before the base backup"), (2, "before the time")]
             assert _sql(restored.dsn(), "SELECT current_setting('server_version_num')::int / 10000") == [(15,)]
@@ -287,12 +288,13 @@ def test_a_stream_killed_between_a_snapshot_and_its_record_leaves_the_previous_s
 @pytest.fixture
 def small_spool(tmp_path: Path) -> Iterator[Path]:
     """A 40 MiB filesystem of its own (tmpfs) for the stream's working directory."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root, and this run is not root")
     mount = tmp_path / "spool"
     mount.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0755", "tmpfs", str(mount)],
                              capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"a tmpfs cannot be mounted here (it needs root): {mounted.stderr.strip()}")
+    assert mounted.returncode == 0, f"root could not mount a tmpfs: {mounted.stderr.strip()}"
     try:
         yield mount
     finally:
@@ -340,7 +342,7 @@ def test_a_full_spool_disk_stops_the_receiver_clearly_and_the_stream_resumes_wit
     _ok(cli(policy, "restore", "cluster", "--to-dir", str(data), "--latest", *(["--with-wal"] if AS_ROOT else [])))
     restored = ScratchCluster.persistent(data).start()
     try:
-        _wait_for(lambda: not _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion", 120)
+        _wait_promoted(restored)
         assert [r[0] for r in _sql(restored.dsn(), "SELECT id FROM payments ORDER BY id")] == [1, 2, 3]
     finally:
         restored.stop()

@@ -41,7 +41,7 @@ class FilesSource(Source):
 
     def check_structure(self, backup: StoredBackup) -> str:
         where = f"object {backup.manifest.object(ARCHIVE_OBJECT).key}"
-        with _plaintext_pipe(backup) as stream:
+        with plaintext_pipe(backup) as stream:
             members = compare_stream(stream, backup.manifest.source["entries"], where)
         return f"the tar stream holds the {members} recorded members with their SHA-256"
 
@@ -62,7 +62,7 @@ class FilesSource(Source):
         if request.before_writing:
             request.before_writing()
         started = time.monotonic()
-        with _plaintext_pipe(backup) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+        with plaintext_pipe(backup) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
             archive.extractall(root, filter="tar")  # refuses paths outside root, also through links
         entries = backup.manifest.source["entries"]
         seconds = {"extract": time.monotonic() - started}
@@ -86,7 +86,7 @@ class FilesSource(Source):
 
 
 @contextlib.contextmanager
-def _plaintext_pipe(backup: StoredBackup, name: str = ARCHIVE_OBJECT) -> Iterator[IO[bytes]]:
+def plaintext_pipe(backup: StoredBackup, name: str = ARCHIVE_OBJECT) -> Iterator[IO[bytes]]:
     """The archive's authenticated plaintext as a readable stream, decrypted by a thread into a pipe: never
     whole in memory or on disk. A failure on either side reaches the reader."""
     read_end, write_end = os.pipe()

@@ -133,9 +133,9 @@ def check_link(child: Manifest, parent_backup_manifest: bytes, parent: Manifest)
 
 def extract(backup: StoredBackup, directory: Path) -> None:
     """A backup's tar stream unpacked into `directory` (authenticated on the way), its backup_manifest beside."""
-    from ..files.source import _plaintext_pipe
+    from ..files.source import plaintext_pipe
 
-    with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         tar.extractall(directory, filter="tar")
     if not (directory / MANIFEST_OBJECT).exists():
         backup.install(MANIFEST_OBJECT, directory / MANIFEST_OBJECT)

@@ -21,7 +21,7 @@ from ...postgresql.tools import pg_tool_for_server
 from ...settings import TargetSettings
 from ...wal import fetch_wal
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
-from ..files.source import _plaintext_pipe
+from ..files.source import plaintext_pipe
 from .archiver import refuse_stuck_archiver, stuck_archiver_error, watch_archiver
 from .basebackup import (
     MANIFEST_MEMBER,
@@ -139,7 +139,7 @@ class PostgresClusterSource(Source):
         expected = manifest_files(manifest)
         seen = 0
         try:
-            with _plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with plaintext_pipe(backup, TAR_OBJECT) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile() or member.name == MANIFEST_MEMBER:
                         continue
