@@ -19,7 +19,7 @@ import pytest
 
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.errors import RegalError
+from regal_dagster.engine.errors import IntegrityError, RegalError
 from regal_dagster.engine.manifest import Manifest
 from regal_dagster.engine.policy import Policy
 from regal_dagster.engine.sources.postgres import dump
@@ -431,6 +431,21 @@ def test_roles_and_database_properties_come_back_on_a_fresh_server(roles_source:
         assert outcome == "the restored copy was dropped: no database bare was created"
         with psycopg.connect(fresh.dsn()) as conn:
             assert conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bare%'").fetchall() == []
+
+        # A byte of the table's rows changed in the repository: found while loading, before anything is
+        # published; the temporary database and the roles created for it are dropped, the error names the object.
+        table_object = next(r for r in manifest.objects if r.name.startswith("tables/"))
+        stored = tmp_path / "repository" / table_object.key
+        original = stored.read_bytes()
+        stored.write_bytes(original[:-100] + bytes([original[-100] ^ 0x01]) + original[-99:])
+        with pytest.raises(IntegrityError) as damaged:
+            restore_database(repo, keyring, manifest, fresh.dsn("damaged"))
+        assert table_object.key in damaged.value.message and "nothing was created" in damaged.value.message
+        with psycopg.connect(fresh.dsn()) as conn:
+            assert conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'damaged%'").fetchall() == []
+            assert conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s",
+                                (f"%\\_{suffix}",)).fetchall() == []
+        stored.write_bytes(original)
 
         # With them (the default): the same database, owners, grants, policies and properties included.
         restored = fresh.dsn("restored")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -166,10 +166,19 @@ class StoredBackup:
     repo: Repository
     keyring: Keyring
     manifest: Manifest
+    # the objects read to their end and found to match the manifest (a restore authenticates the rest)
+    read_in_full: set[str] = field(default_factory=set, compare=False)
 
     def stream(self, name: str, sink: Callable[[bytes], object], progress: Progress | None = None) -> None:
         read_stream(self.repo, self.manifest.object(name), keyring=self.keyring, backup_id=self.manifest.backup_id,
                     sink=sink, progress=progress)
+        self.read_in_full.add(name)
+
+    def authenticate_unread(self) -> None:
+        """Read every object not yet read in full, so that all of the backup has been authenticated."""
+        for record in self.manifest.objects:
+            if record.name not in self.read_in_full:
+                self.stream(record.name, lambda _chunk: None)
 
     def to_file(self, name: str, path: Path) -> Path:
         """An object into `path` (put it in a private directory)."""

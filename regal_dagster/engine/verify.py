@@ -40,12 +40,8 @@ def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest, *, job
                   progress: Progress | None = None) -> VerifyResult:
     """Read every object in full, `jobs` at a time: authenticate, decompress and compare both SHA-256 sums."""
     def check_object(record: ObjectRecord, cancelled: threading.Event) -> ObjectCheck:
-        size = repo.size(record.key)
-        if size is None:
-            return ObjectCheck(record.name, record.key, False, f"object {record.key} is missing")
-        if size != record.size:
-            return ObjectCheck(record.name, record.key, False,
-                               f"object {record.key} has {size} bytes, the manifest says {record.size}")
+        if absent := presence_problem(repo, record):
+            return ObjectCheck(record.name, record.key, False, absent)
         try:
             read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id,
                         sink=lambda _chunk: check(cancelled), progress=progress)
@@ -57,3 +53,24 @@ def verify_backup(repo: Repository, keyring: Keyring, manifest: Manifest, *, job
     jobs = jobs or default_jobs()
     checks = {c.key: c for c in map_parallel(check_object, biggest_first, jobs, "verify")}
     return VerifyResult(manifest.backup_id, [checks[r.key] for r in manifest.objects])
+
+
+def presence_problem(repo: Repository, record: ObjectRecord) -> str | None:
+    """Why an object cannot be what its manifest recorded without reading it: missing, or another size."""
+    size = repo.size(record.key)
+    if size is None:
+        return f"object {record.key} is missing"
+    if size != record.size:
+        return f"object {record.key} has {size} bytes, the manifest says {record.size}"
+    return None
+
+
+def absent_objects(repo: Repository, manifest: Manifest) -> list[str]:
+    """Every object of a backup that is missing or has another size than recorded: the cheap first look a
+    restore takes before changing anything (it authenticates every byte as it loads)."""
+    found = map_parallel(lambda record, _cancelled: presence_problem(repo, record), manifest.objects,
+                         PRESENCE_JOBS, "presence")
+    return [problem for problem in found if problem]
+
+
+PRESENCE_JOBS = 8  # size lookups at once: on S3 each is a round trip

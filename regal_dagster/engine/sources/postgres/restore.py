@@ -1,8 +1,9 @@
 """Restoring a backup into a PostgreSQL database, safely and in parallel.
 
 Order matters: the target is checked first (a non-empty database is refused unless replacing is asked
-for); when replacing, the whole backup is read back and authenticated BEFORE the old database is
-dropped. Then: pg_restore pre-data and data (tables, sequences, large objects), the tables' rows loaded
+for), every object is looked up, and the backup is loaded into a temporary database, every byte
+authenticated on its way in; the target is replaced only once all of it has been authenticated, loaded
+and validated. Loading: pg_restore pre-data and data (tables, sequences, large objects), the tables' rows loaded
 `jobs` at a time with COPY, pg_restore post-data with `jobs` parallel jobs (indexes, constraints,
 triggers), and last every table is read back and compared with the manifest (row count and SHA-256).
 """
@@ -42,7 +43,7 @@ from ...postgresql.connection import (
 from ...postgresql.tools import PgTool, find_pg_tool
 from ...settings import default_jobs
 from ...storage import Repository
-from ...verify import verify_backup
+from ...verify import absent_objects
 from ...workspace import private_directory
 from .dump import (
     PSQL_COPY_BYTES,
@@ -108,13 +109,14 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
                    before_writing: Callable[[], None] | None = None,
                    before_publishing: Callable[[str], None] | None = None, scratch: bool = False,
                    create_roles: bool = True, tablespaces: bool = True) -> DatabaseRestore:
-    """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): the
-    whole backup is authenticated before anything is created, loaded into a temporary database created
-    with the source database's properties, validated, and only then renamed into place; on any failure
-    the temporary database is dropped and the target is as it was. `before_writing` runs once the target
-    is known to be acceptable and the backup has been authenticated: just before the first change to the
-    server; `before_publishing` runs with the DSN of the validated temporary database just before it is
-    renamed into place (GDPR erasures are re-applied there).
+    """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): every
+    object is first looked up (missing or resized ones refuse the restore before anything is created), then
+    loaded into a temporary database created with the source database's properties, every byte
+    authenticated on its way in, validated, and only then renamed into place; on any failure (a byte that
+    does not authenticate included) the temporary database and the roles this restore created are dropped
+    and the server is as it was. `before_writing` runs once the target is known to be acceptable: just
+    before the first change to the server; `before_publishing` runs with the DSN of the validated temporary
+    database just before it is renamed into place (GDPR erasures are re-applied there).
 
     The roles the backup's database referred to are created first when missing (unless `create_roles`
     is off); owners and grants are restored unless `keep_owners` is off. Tables, indexes and the database
@@ -135,67 +137,81 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         default = next((t["name"] for t in recorded_tablespaces if t["database_default"]), None)
         if properties and default:
             properties = {**properties, "tablespace": default}
+    recorded_roles = manifest.source.get("roles") if create_roles else None
     load_into = functools.partial(load_database, repo, keyring, manifest, keep_owners=keep_owners, jobs=jobs,
-                             validation=validation, progress=progress, create_roles=create_roles,
-                             tablespaces=tablespaces)
+                                  validation=validation, progress=progress, tablespaces=tablespaces)
     if scratch:
         state = prepare_target_database(to_dsn, drop_existing, properties)
         if before_writing:
             before_writing()
         if state == "replace":
             reset_database(to_dsn, properties)
-        report = load_into(to_dsn, state, phases)
+        role_problems = create_missing_roles(to_dsn, recorded_roles)[1] if recorded_roles else []
+        report = load_into(to_dsn, state, phases, role_problems)
         if report.ok and before_publishing:
             before_publishing(to_dsn)
         return report
-    with StagedDatabase(to_dsn) as staged:
-        state = staged.target_state(drop_existing)
-        if state == "empty" and properties:
-            same_encoding(to_dsn, properties, drop_existing)
-        verified = verify_backup(repo, keyring, manifest, jobs=jobs)
-        phases.done("authenticate")
-        if not verified.ok:
+    created_roles: list[str] = []
+    published = False
+    try:
+        with StagedDatabase(to_dsn) as staged:
+            state = staged.target_state(drop_existing)
+            if state == "empty" and properties:
+                same_encoding(to_dsn, properties, drop_existing)
             kept = "the existing database was left untouched" if staged.exists else "nothing was created"
-            raise IntegrityError(f"backup {manifest.backup_id} failed verification; {kept}: "
-                                 f"{'; '.join(verified.problems)}", "restore another backup")
-        if before_writing:
-            before_writing()
-        staged.check_not_in_use()
-        temporary = staged.create(properties, copying_target=state == "empty")
-        report = load_into(temporary, state, phases)
-        if report.ok:
-            if before_publishing:
-                before_publishing(temporary)
-            staged.publish()
-        else:
-            report.validation_problems.append(
-                f"the restored copy was dropped: {describe_dsn(to_dsn)} is as it was" if staged.exists else
-                f"the restored copy was dropped: no database {staged.target} was created")
-        report.target = describe_dsn(to_dsn)
+            if absent := absent_objects(repo, manifest):
+                raise IntegrityError(f"backup {manifest.backup_id} is incomplete; {kept}: {'; '.join(absent)}",
+                                     "restore another backup")
+            phases.done("look_up")
+            if before_writing:
+                before_writing()
+            staged.check_not_in_use()
+            temporary = staged.create(properties, copying_target=state == "empty")
+            created_roles, role_problems = (create_missing_roles(temporary, recorded_roles) if recorded_roles
+                                            else ([], []))
+            try:
+                report = load_into(temporary, state, phases, role_problems)
+            except IntegrityError as exc:  # a byte that does not authenticate: nothing of it is published
+                raise IntegrityError(f"{exc.message}; the restored copy was dropped and {kept}",
+                                     exc.hint) from None
+            if report.ok:
+                if before_publishing:
+                    before_publishing(temporary)
+                staged.publish()
+                published = True
+            else:
+                report.validation_problems.append(
+                    f"the restored copy was dropped: {describe_dsn(to_dsn)} is as it was" if staged.exists else
+                    f"the restored copy was dropped: no database {staged.target} was created")
+            report.target = describe_dsn(to_dsn)
+    finally:
+        if not published and created_roles:  # after the temporary database, which their objects were in
+            drop_roles(with_dbname(to_dsn, "postgres"), created_roles)
     return report
 
 
 def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn: str, state: str,
-                  phases: _Phases, *, keep_owners: bool, jobs: int, validation: str,
-                  progress: Progress | None, create_roles: bool, tablespaces: bool) -> DatabaseRestore:
-    """Load one backup into the (new, empty) database `to_dsn` and validate it against the manifest: the
-    missing roles first, then schema, rows, post-data and the database's own properties."""
+                  phases: _Phases, role_problems: list[str], *, keep_owners: bool, jobs: int, validation: str,
+                  progress: Progress | None, tablespaces: bool) -> DatabaseRestore:
+    """Load one backup into the (new, empty) database `to_dsn` and validate it against the manifest: schema,
+    rows, post-data and the database's own properties. Every object of the backup is authenticated on the
+    way (IntegrityError naming the first that is not); `role_problems`: the roles that could not be created."""
     properties: dict[str, Any] | None = manifest.source.get("database_properties")
     encoding: str | None = manifest.source.get("encoding")
-    failed: list[str] = []  # what could not be restored, and why
-    if create_roles and (recorded_roles := manifest.source.get("roles")):
-        failed += create_missing_roles(to_dsn, recorded_roles)[1]
+    failed = list(role_problems)  # what could not be restored, and why
     pg_restore, psql = restore_tools(to_dsn, dump_major(manifest.tool_versions))
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     tables = [Table.from_facts(t) for t in table_facts]
+    backup = StoredBackup(repo, keyring, manifest)
     with private_directory("restore") as tmp:  # private (0700), swept by the next command if we are killed
-        archive = StoredBackup(repo, keyring, manifest).to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
+        archive = backup.to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
         failed += run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners,
                                  tablespaces=tablespaces, exit_on_error=False)
         phases.done("schema")
 
         batches = load_batches(manifest, table_facts, tables)
-        loaded = load_tables(StoredBackup(repo, keyring, manifest), to_dsn, batches, jobs, encoding, progress)
+        loaded = load_tables(backup, to_dsn, batches, jobs, encoding, progress)
+        backup.authenticate_unread()  # a table that failed to load stopped reading its object
         phases.done("load")
         timings = [t.pop("seconds") for t in loaded]
         failed += [t["failed"] for t in loaded if "failed" in t]
@@ -620,6 +636,18 @@ def create_missing_roles(dsn: str, recorded: dict[str, Any]) -> tuple[list[str],
                 grant = sql.SQL("{} WITH ADMIN OPTION").format(grant)
             _attempt(conn, grant, f"membership of {member} in {role}", problems)
     return created, problems
+
+
+def drop_roles(dsn: str, names: list[str]) -> None:
+    """Drop the roles a failed restore created (its temporary database, which their objects were in, is gone
+    already); one that cannot be dropped is named in the log and left."""
+    with contextlib.suppress(psycopg.Error), connect(dsn, autocommit=True) as conn:
+        for name in reversed(names):
+            try:
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+            except psycopg.Error as exc:
+                logger.warning("the role %s, created for a restore that failed, could not be dropped: %s", name,
+                               pg_error_reason(exc))
 
 
 _DATABASE_PRIVILEGES = {"C": "CREATE", "T": "TEMPORARY", "c": "CONNECT"}
