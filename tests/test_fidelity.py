@@ -8,6 +8,8 @@ statements it starts are certain to arrive while the backup runs.
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,9 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import IntegrityError, RegalError
 from regal_dagster.engine.manifest import Manifest
+from regal_dagster.engine.pipeline import StoredBackup
 from regal_dagster.engine.policy import Policy
+from regal_dagster.engine.postgresql.tools import find_pg_tool
 from regal_dagster.engine.sources.postgres import dump
 from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, restore_database
 from regal_dagster.engine.storage import open_repository
@@ -269,11 +273,67 @@ def test_a_latin1_database_restores_byte_for_byte_with_its_encoding(
         assert [bytes(r[0]) for r in conn.execute(raw).fetchall()] == [
             b"Caf\xe9", b"Caf\xc3\xa9", b"\xff \xdf \xbd \xa9"]
     assert (encoding, collate) == ("LATIN1", "C")
+    # the rows are the backup's own objects only: pg_dump matched the non-ASCII name it was told to leave out
+    assert "TABLE DATA" not in schema_archive_listing(policy, manifest)
 
     # --drop-existing recreates it with the backup's encoding, not the server's default
     report = restore_database(open_repository(policy), load_keyring(policy), manifest, target, drop_existing=True)
     assert report.ok and report.target_state == "replace"
     assert_same_database(target, source)
+
+
+def schema_archive_listing(policy: Policy, manifest: Manifest) -> str:
+    """`pg_restore --list` of a backup's schema archive."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = StoredBackup(open_repository(policy), load_keyring(policy), manifest).to_file(
+            dump.SCHEMA_OBJECT, Path(tmp) / "schema.pgdump")
+        pg_restore = find_pg_tool("pg_restore", dump.dump_major(manifest.tool_versions))
+        return subprocess.run([str(pg_restore.path), "--list", str(archive)], capture_output=True, check=True,
+                              text=True, errors="replace").stdout
+
+
+def raw_rows(dsn: str, table: str, encoding: str) -> bytes:
+    """A table's rows, ordered, as COPY text in `encoding` (the database's own bytes)."""
+    statement = f"COPY (SELECT * FROM {table} ORDER BY 1) TO STDOUT WITH (ENCODING '{encoding}')"
+    with psycopg.connect(dsn, autocommit=True, client_encoding="UTF8") as conn, conn.cursor() as cur, \
+            cur.copy(statement) as copy:
+        return b"".join(bytes(chunk) for chunk in copy)
+
+
+@pytest.mark.parametrize("encoding", ["SQL_ASCII", "EUC_TW"])
+def test_databases_in_encodings_python_cannot_decode_restore_byte_for_byte(
+        encoding: str, system_pg: DatabaseFactory, tmp_path: Path, master_key: str, table_reader: str) -> None:
+    name = system_pg.new_name("regal_enc")
+    with psycopg.connect(system_pg.server_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    source = system_pg.dsn(name)
+    with psycopg.connect(source, autocommit=True, client_encoding="UTF8") as conn:
+        conn.execute('CREATE TABLE "商品" (id int PRIMARY KEY, "名稱" text)')
+        conn.execute("""INSERT INTO "商品" SELECT g, '珍珠奶茶 ' || g FROM generate_series(1, 3000) g""")
+        conn.execute("""COMMENT ON TABLE "商品" IS '台灣'""")
+        if encoding == "SQL_ASCII":  # bytes that are not UTF-8: a SQL_ASCII database keeps them as they came
+            conn.execute("""INSERT INTO "商品" VALUES (0, convert_from('\\xe9ff'::bytea, 'SQL_ASCII'))""")
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest, target, _ = backup_and_restore(policy, system_pg)
+    assert manifest.source["encoding"] == encoding
+    assert schema_text(target) == schema_text(source)
+    rows = raw_rows(source, 'public."商品"', encoding)
+    assert raw_rows(target, 'public."商品"', encoding) == rows
+    # the database's own bytes: not UTF-8 at all (SQL_ASCII), 珍珠 in EUC_TW
+    assert (b"\xe9\xff" if encoding == "SQL_ASCII" else b"\xd2\xc6\xd6\xe0") in rows
+    assert "TABLE DATA" not in schema_archive_listing(policy, manifest)
+
+
+def test_a_database_postgresql_cannot_convert_to_utf8_is_refused_naming_what_can_back_it_up(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    name = system_pg.new_name("regal_mule")
+    with psycopg.connect(system_pg.server_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'MULE_INTERNAL' LC_COLLATE 'C' LC_CTYPE 'C' "
+                     "TEMPLATE template0")
+    policy = make_policy(tmp_path, {"pos": system_pg.dsn(name)})
+    with pytest.raises(RegalError, match="cannot convert to UTF-8") as refused:
+        run_backup(policy, "pos")
+    assert "MULE_INTERNAL" in refused.value.message and "postgres_cluster" in refused.value.hint
 
 
 def test_an_existing_database_of_another_encoding_is_refused(system_pg: DatabaseFactory, tmp_path: Path,

@@ -69,12 +69,20 @@ def libpq_environment(dsn: str) -> dict[str, str]:
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A session in UTF-8 (names and values come back as text whatever the database's encoding; sessions
+    that read or write rows in the database's own encoding set it themselves)."""
+    kwargs.setdefault("client_encoding", "UTF8")
     try:
         return psycopg.connect(dsn, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         if "password" in reason.lower():
             reason = "authentication failed"
+        if "conversion between UTF8 and" in reason:
+            raise RegalError(f"the database at {describe_dsn(dsn)} is in an encoding PostgreSQL cannot convert to "
+                             f"UTF-8 ({reason}), in which regal-backup reads names and settings",
+                             "back the server up with a `postgres_cluster` target (base backups and WAL are copied "
+                             "byte for byte, whatever the encoding), or convert the database to UTF8") from None
         raise RegalError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {reason}",
                          "check that the server is up and reachable, and the DSN and credentials in the policy") from None
 

@@ -67,13 +67,26 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 60.0
 
 
 def session_settings(conn: psycopg.Connection[Any], encoding: str | None) -> dict[str, str]:
-    """COPY_SESSION_SETTINGS for this server (PostgreSQL 17's transaction_timeout too), in `encoding`."""
+    """COPY_SESSION_SETTINGS for this server (PostgreSQL 17's transaction_timeout too), for a database in
+    `encoding` (see client_encoding_for)."""
     settings = dict(COPY_SESSION_SETTINGS)
     if conn.info.server_version >= 170000:
         settings["transaction_timeout"] = "0"
     if encoding:
-        settings["client_encoding"] = encoding
+        settings["client_encoding"] = client_encoding_for(encoding)
     return settings
+
+
+# Server encodings Python has no codec for (psycopg cannot send or read text in them), and SQL_ASCII, in
+# which psycopg returns text as bytes: their sessions speak UTF-8, and COPY's ENCODING option alone keeps
+# the rows in the database's own bytes (a SQL_ASCII database converts nothing, whatever the client says).
+NO_PYTHON_CODEC = frozenset({"SQL_ASCII", "EUC_TW", "MULE_INTERNAL"})
+
+
+def client_encoding_for(encoding: str) -> str:
+    """The client encoding of the sessions that read or load a database's rows: its own encoding, so that
+    names in statements and values in results are exactly the database's, unless Python cannot handle it."""
+    return "UTF8" if encoding in NO_PYTHON_CODEC else encoding
 
 
 def apply_settings(conn: psycopg.Connection[Any], settings: dict[str, str]) -> None:
@@ -103,10 +116,14 @@ class Table:
     def label(self) -> str:
         return f"{self.schema}.{self.name}"
 
-    def copy_statement(self, direction: str) -> str:
-        """COPY "schema"."table" ("col", ...) TO STDOUT / FROM STDIN."""
+    def copy_statement(self, direction: str, encoding: str | None, *options: str) -> str:
+        """COPY "schema"."table" ("col", ...) TO STDOUT / FROM STDIN, the rows in `encoding` (the database's:
+        its own bytes, whatever the session's client encoding), with more `options` (FREEZE)."""
         columns = f" ({', '.join(quote_ident(c) for c in self.columns)})" if self.columns else ""
-        return f"COPY {quote_ident(self.schema)}.{quote_ident(self.name)}{columns} {direction}"
+        if encoding:
+            options = (*options, "ENCODING '" + encoding.replace("'", "''") + "'")
+        with_options = f" WITH ({', '.join(options)})" if options else ""
+        return f"COPY {quote_ident(self.schema)}.{quote_ident(self.name)}{columns} {direction}{with_options}"
 
     def dump_pattern(self) -> str:
         """This table, exactly, as a pg_dump pattern."""
@@ -203,11 +220,11 @@ def compare_tables(expected: list[dict[str, Any]], actual: list[dict[str, Any]])
 COPY_CHUNK = 1 << 20
 
 
-def copy_out(cur: psycopg.Cursor[Any], table: Table) -> Iterator[bytes]:
-    """A table's rows as COPY text, in chunks, read by this session (in the client encoding it has)."""
+def copy_out(cur: psycopg.Cursor[Any], table: Table, encoding: str | None) -> Iterator[bytes]:
+    """A table's rows as COPY text in `encoding` (the database's), in chunks, read by this session."""
     rows: list[bytes] = []
     size = 0
-    with cur.copy(table.copy_statement("TO STDOUT")) as copy:
+    with cur.copy(table.copy_statement("TO STDOUT", encoding)) as copy:
         while data := copy.read():
             rows.append(bytes(data))
             size += len(data)
@@ -226,16 +243,16 @@ PAGE_BYTES = 8192  # pg_class.relpages is in pages of this size (the default bui
 
 
 def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str], codec: str,
-                  snapshot: str | None = None) -> Iterator[bytes]:
-    """A table's rows as COPY text read by a psql child in a session with `settings` (session_settings):
-    the same bytes as copy_out. `codec`: Python's name of the client encoding, in which psql passes the
-    statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table missing).
+                  encoding: str | None, snapshot: str | None = None) -> Iterator[bytes]:
+    """A table's rows as COPY text in `encoding` read by a psql child in a session with `settings`
+    (session_settings): the same bytes as copy_out. `codec`: Python's name of the client encoding, in which
+    psql passes the statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table missing).
     With `snapshot`: read in that exported snapshot, after taking the table's ACCESS SHARE lock NOWAIT
     (ToolError "could not obtain lock" before any row when a statement is queued for the table)."""
     env = libpq_environment(dsn)
     settings = dict(settings)
-    if encoding := settings.pop("client_encoding", None):
-        env["PGCLIENTENCODING"] = encoding
+    if client_encoding := settings.pop("client_encoding", None):
+        env["PGCLIENTENCODING"] = client_encoding
     literal = ", ".join("'" + v.replace("'", "''") + "'" for v in settings.values())
     names = ", ".join("'" + k.replace("'", "''") + "'" for k in settings)
     apply = (f"SELECT count(set_config(name, value, false)) FROM unnest(ARRAY[{names}]::text[], "
@@ -246,7 +263,7 @@ def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str]
     if snapshot is not None:
         args += ["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
                  "-c", f"LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE NOWAIT".encode(codec)]
-    args += ["-c", table.copy_statement("TO STDOUT").encode(codec)]
+    args += ["-c", table.copy_statement("TO STDOUT", encoding).encode(codec)]
     yield from stream_command(args, env, f"psql reading table {table.label}")
 
 
@@ -269,7 +286,7 @@ def read_table(dsn: str, table: Table, encoding: str | None = None) -> Iterator[
         apply_settings(conn, session_settings(conn, encoding))
         with conn.cursor() as cur:
             try:
-                yield from copy_out(cur, table)
+                yield from copy_out(cur, table, encoding)
             except psycopg.Error as exc:
                 raise read_error(table, exc) from None
 
@@ -425,18 +442,20 @@ class DumpSession:
         self._schema_done = threading.Event()
         self.schema_application = f"regal-backup schema {snapshot}"
         self.read_by_coordinator: list[str] = []  # tables a queued lock made a worker hand over
-        self.psql: PgTool | None = None  # reads big tables (psql_copy_out), when the encoding has a Python codec
+        self.psql = find_pg_tool("psql", pg_dump.major)  # reads big tables (psql_copy_out)
         self._psql_settings = session_settings(coordinator, encoding)
         self._psql_settings.pop("lock_timeout", None)  # NOWAIT decides
-        self._codec = ""
-        with contextlib.suppress(psycopg.NotSupportedError, LookupError):
-            self._codec = coordinator.info.encoding
-            self.psql = find_pg_tool("psql", pg_dump.major)
+        self._codec = coordinator.info.encoding  # the session's, set by session_settings
 
     def schema_chunks(self) -> Iterator[bytes]:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
         args = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
                 "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
+                # the patterns below are UTF-8, as every argument is: pg_dump must read them so (in the
+                # database's own encoding a non-ASCII table name would not match, and its rows would be
+                # dumped too); a SQL_ASCII database converts nothing, and would refuse non-UTF-8 bytes
+                # in its DDL at restore time if the archive said UTF8
+                *([] if self.encoding == "SQL_ASCII" else ["--encoding=UTF8"]),
                 *(f"--exclude-table-data={pattern}" for pattern in exclusion_patterns(self.locked))]
         env = libpq_environment(self.dsn)
         env["PGAPPNAME"] = self.schema_application
@@ -496,7 +515,7 @@ class DumpSession:
             started = False
             try:
                 for chunk in psql_copy_out(self.psql, self.dsn, table, self._psql_settings, self._codec,
-                                           snapshot=self.snapshot):
+                                           self.encoding, snapshot=self.snapshot):
                     started = True
                     yield chunk
                 return
@@ -515,11 +534,11 @@ class DumpSession:
                         cur.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
                         own = False
                 if own:
-                    yield from copy_out(cur, table)
+                    yield from copy_out(cur, table, self.encoding)
             if not own:
                 with self._coordinator_busy, self.coordinator.cursor() as cur:
                     self.read_by_coordinator.append(table.label)
-                    yield from copy_out(cur, table)
+                    yield from copy_out(cur, table, self.encoding)
         except psycopg.Error as exc:
             self._drop_worker(conn)
             raise read_error(table, exc) from None

@@ -258,7 +258,7 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
     def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
         started = time.monotonic()
         try:
-            with tables_loader([table for _, table in batch], sessions) as copy_into:
+            with tables_loader([table for _, table in batch], sessions, encoding) as copy_into:
                 done = []
                 for facts, table in batch:
                     with copy_into(table) as loading:
@@ -520,8 +520,8 @@ def database_encoding(dsn: str) -> str:
 
 
 def prepare_target_database(dsn: str, drop_existing: bool, properties: dict[str, Any] | None = None) -> str:
-    """Check the target; returns 'created', 'empty' or 'replace' (the drop happens later, after the
-    backup has been authenticated, in `reset_database`). Refuses a non-empty database unless told, and
+    """Check a scratch server's target; returns 'created', 'empty' or 'replace' (the drop happens later, in
+    `reset_database`). Refuses a non-empty database unless told, and
     an existing database whose encoding is not the backup's (its text would be converted)."""
     dbname = database_of(dsn)
     if not dbname:
@@ -539,8 +539,7 @@ def prepare_target_database(dsn: str, drop_existing: bool, properties: dict[str,
     if not drop_existing:
         raise TargetNotEmptyError(
             f"the database {describe_dsn(dsn)} is not empty",
-            "restore into a new database name, or pass --drop-existing to replace it (it is dropped only after "
-            "the backup has been read back and authenticated)")
+            "restore into a new database name, or pass --drop-existing to replace it")
     return "replace"
 
 
@@ -831,8 +830,8 @@ def load_batches(manifest: Manifest, table_facts: list[dict[str, Any]],
 
 
 @contextlib.contextmanager
-def tables_loader(tables: list[Table],
-                  pool: SessionPool) -> Iterator[Callable[[Table], contextlib.AbstractContextManager[TableLoad]]]:
+def tables_loader(tables: list[Table], pool: SessionPool,
+                  encoding: str | None) -> Iterator[Callable[[Table], contextlib.AbstractContextManager[TableLoad]]]:
     """One transaction that loads (new, empty) tables: the block calls `copy_into(table)` for each, a COPY
     FROM STDIN; all of them commit together when the block ends, or none (ToolError naming the table).
 
@@ -849,7 +848,7 @@ def tables_loader(tables: list[Table],
     def copy_into(table: Table) -> Iterator[TableLoad]:
         nonlocal current
         current = table
-        with cur.copy(table.copy_statement("FROM STDIN WITH (FREEZE)")) as copy:
+        with cur.copy(table.copy_statement("FROM STDIN", encoding, "FREEZE")) as copy:
             load = TableLoad(copy.write)
             yield load
         load.rows = cur.rowcount
@@ -876,11 +875,12 @@ def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = No
         try:
             if psql is not None and (sizes or {}).get(table.label, 0) > PSQL_COPY_BYTES:
                 conn = sessions.get()
-                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), conn.info.encoding):
+                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), conn.info.encoding,
+                                           encoding):
                     d.update(chunk)
             else:
                 with sessions.get().cursor() as cur:
-                    for chunk in copy_out(cur, table):
+                    for chunk in copy_out(cur, table, encoding):
                         d.update(chunk)
         except psycopg.Error:
             return None  # missing or unreadable: compare_tables reports it missing
