@@ -526,6 +526,35 @@ def test_roles_and_database_properties_come_back_on_a_fresh_server(roles_source:
             assert r.execute(DATABASE_FACTS).fetchone() == s.execute(DATABASE_FACTS).fetchone()
 
 
+@pytest.mark.skipif(not (PG15_BIN / "postgres").is_file(), reason="needs the machine's PostgreSQL 15 server")
+def test_rows_load_as_written_whatever_the_target_server_sets_for_xml_and_array_nulls(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """XML content that is not a document (pg_dump's `SET xmloption = content`) and NULL elements of arrays
+    load and read back on a server whose xmloption is document and array_nulls off (pg_restore would turn
+    the NULL elements into the string 'NULL' there)."""
+    from regal_dagster.engine.postgresql.server import ScratchCluster
+
+    source = system_pg.create("regal_settings")
+    execute(source, """SET xmloption = content;
+        CREATE TABLE docs (id int PRIMARY KEY, body xml, tags text[], scores int[]);
+        INSERT INTO docs VALUES (1, 'plain text', '{a,NULL,"NULL"}', '{1,NULL}'),
+                                (2, '<a/><b>two roots</b>', '{NULL}', NULL),
+                                (3, '<?xml version="1.0"?><doc/>', '{}', '{NULL,NULL}')""")
+    execute(source, f'ALTER DATABASE "{psycopg.conninfo.conninfo_to_dict(source)["dbname"]}" SET xmloption = document')
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    with ScratchCluster(base_dir=tmp_path / "document", tuned_for_restore=True, bin_dir=PG15_BIN) as server:
+        execute(server.dsn(), "ALTER SYSTEM SET xmloption = document")
+        execute(server.dsn(), "ALTER SYSTEM SET array_nulls = off")
+        execute(server.dsn(), "SELECT pg_reload_conf()")
+        restored = server.dsn("restored")
+        report = restore_database(open_repository(policy), load_keyring(policy), manifest, restored)
+        assert report.ok, report.validation_problems
+        assert full_schema_text(restored) == full_schema_text(source)
+        assert table_contents(restored) == table_contents(source)
+        assert table_rows(restored, "SELECT tags[2] IS NULL, tags[3] FROM docs WHERE id = 1") == [(True, "NULL")]
+
+
 def test_a_restore_test_runs_on_a_server_that_has_what_the_source_uses(roles_source: tuple[str, str],
                                                                        tmp_path: Path, master_key: str) -> None:
     """ICU collations, xml and lz4 columns (the embedded PostgreSQL 18 has none of them) and roles."""

@@ -53,11 +53,15 @@ def dump_major(tool_versions: dict[str, str]) -> int:
 # text form of values is the same on every server (ISO dates, UTC, exact floats, hex bytea), no policy
 # silently hides rows (row_security off makes a query that would be filtered fail instead), and no
 # timeout of the server's cuts a long table short. A scan starts at block 0, so a freshly loaded table
-# reads back in the order it was loaded. The client encoding is set per database (its own encoding).
+# reads back in the order it was loaded. Rows are read in as they were written out whatever the server,
+# database or role says: xml values may be content, not documents (pg_dump's `SET xmloption = content`),
+# and NULL in an array literal is a null element, not the string 'NULL' (array_nulls). The client
+# encoding is set per database (client_encoding_for), COPY names the database's own.
 COPY_SESSION_SETTINGS = {
     "search_path": "", "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres",
     "extra_float_digits": "3", "bytea_output": "hex", "row_security": "off", "synchronize_seqscans": "off",
     "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
+    "xmloption": "content", "array_nulls": "on",
 }
 # Session settings for restoring (all user-settable): bigger sorts for index builds, no commit waits.
 RESTORE_SESSION_SETTINGS = {"maintenance_work_mem": "256MB", "work_mem": "64MB", "synchronous_commit": "off"}
