@@ -5,8 +5,12 @@ or forged parent is refused naming it."""
 
 from __future__ import annotations
 
+import collections
 import json
+import random
 import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,7 @@ import pytest
 from regal_dagster.engine.backup import incremental_by_policy
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.postgresql.server import ScratchCluster
+from regal_dagster.engine.sources.postgres_cluster.source import RESTORING_MARKER
 from regal_dagster.engine.workspace import PREFIX
 
 from .conftest import SYSTEM_PG
@@ -84,12 +89,18 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         server.stop()
 
 
+def _leftovers(data: Path) -> list[Path]:
+    """Private directories of a chain restore (unpacked members, the combined copy) in or beside `data`."""
+    return [p for where in (data.parent, data) if where.is_dir() for p in where.iterdir()
+            if p.name.startswith(PREFIX) and p.is_dir()]
+
+
 def _restore_and_read(policy: Path, data: Path, *how: str) -> tuple[dict[str, Any], Rows]:
     """Restore into a new data directory, start PostgreSQL on it, wait for the promotion, read every row."""
     report = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(data), *how, "--json",
                                 *(["--with-wal"] if AS_ROOT else []))).stdout)
     assert (data / "recovery.signal").exists()
-    assert not [p for p in data.parent.iterdir() if p.name.startswith(PREFIX)]  # the chain's directories went
+    assert not _leftovers(data)  # the chain's directories went
     restored = ScratchCluster.persistent(data).start()
     try:
         _wait_promoted(restored)
@@ -140,6 +151,37 @@ def test_restore_latest_combines_the_chain_and_brings_back_every_row(chain: dict
     assert report["details"]["chain"] == [chain["full"], chain["first"], chain["second"]]
 
 
+def test_a_restore_killed_at_random_leaves_nothing_the_next_one_has_to_clean(chain: dict[str, Any]) -> None:
+    """SIGKILL while the chain is unpacked, combined or checked: what it leaves cannot pass for a restored
+    data directory (its marker says it is being restored), and the next restore into the same directory
+    empties it, removes the unpacked chain beside it, and brings back every row."""
+    policy, data = chain["policy"], chain["base"] / "killed"
+    rng = random.Random(15)
+    outcomes: collections.Counter[str] = collections.Counter()
+    for _trial in range(3):
+        restore = subprocess.Popen([*CLI, "restore", "cluster", "--to-dir", str(data), "--latest",
+                                    *(["--with-wal"] if AS_ROOT else []), "--policy", str(policy)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (data / RESTORING_MARKER).exists() and restore.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 1.5))
+        restore.send_signal(signal.SIGKILL)
+        _out, err = restore.communicate()
+        if restore.returncode != -signal.SIGKILL:  # it finished first
+            assert restore.returncode == 0, err
+            assert (data / "recovery.signal").exists() and not (data / RESTORING_MARKER).exists()
+            shutil.rmtree(data)
+            outcomes["finished first"] += 1
+        else:  # half-restored, never configured to start (or not begun: empty)
+            assert not (data / "recovery.signal").exists() or (data / RESTORING_MARKER).exists()
+            outcomes["killed"] += 1
+        _report, rows = _restore_and_read(policy, data, "--latest")  # no private directory left in or beside it
+        assert rows == chain["A"] | chain["B"] | chain["C"]
+    print(f"chain restore, SIGKILL at random: {dict(outcomes)}")
+    assert outcomes["killed"] >= 2, outcomes
+
+
 def test_restore_from_the_first_incremental_to_a_position_and_a_time(chain: dict[str, Any]) -> None:
     policy = chain["policy"]
     report, rows = _restore_and_read(policy, chain["base"] / "to-lsn", "--base-backup", chain["first"],
@@ -172,7 +214,7 @@ def _refused(policy: Path, data: Path, *how: str) -> str:
     assert done.returncode != 0, done.stdout
     assert "Traceback" not in done.stderr
     assert not (data / "recovery.signal").exists()
-    assert not [p for p in data.parent.iterdir() if p.name.startswith(PREFIX)]  # removed also on failure
+    assert not _leftovers(data)  # removed also on failure
     return done.stderr
 
 

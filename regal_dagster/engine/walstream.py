@@ -13,9 +13,7 @@ skipped. SIGTERM stops the receiver, stores what it wrote, and exits 0.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .crypto import Keyring
+from .environment import die_with_parent
 from .errors import RegalError
 from .layout import is_wal_segment, valid_wal_name
 from .policy import Policy
@@ -86,12 +85,6 @@ def check_server(dsn: str, slot: str) -> ServerReadiness:
 
     return ServerReadiness(version // 10000, _bytes(segment_setting), created,
                            {"wal_level": wal_level, "max_wal_senders": senders})
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the streamer dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def stream_directory(policy: Policy, target: str, work_dir: Path | None) -> Path:
@@ -172,7 +165,7 @@ def receiver_command(tool: Path, directory: Path, slot: str) -> list[str]:
 def _receiver(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                   preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, async-signal-safe
+                                   preexec_fn=die_with_parent)  # noqa: PLW1509 - only prctl, async-signal-safe
     try:
         yield process
     finally:

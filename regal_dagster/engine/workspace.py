@@ -24,15 +24,21 @@ OWNER_FILE = ".regal-owner"
 PREFIX = "regal-"
 
 
-def _me() -> dict[str, object]:
+def owner_record() -> dict[str, object]:
+    """What an owner file says of this process."""
     return {"pid": os.getpid(), "started": psutil.Process().create_time(), "host": socket.gethostname()}
 
 
 def owner_alive(directory: Path) -> bool:
     """Whether the process that made `directory` still runs (a directory without an owner file: yes, it
     is not ours to judge)."""
+    return recorded_owner_alive(directory / OWNER_FILE)
+
+
+def recorded_owner_alive(owner_file: Path) -> bool:
+    """Whether the process an owner file (owner_record) names still runs (no such file: yes)."""
     try:
-        owner = json.loads((directory / OWNER_FILE).read_text())
+        owner = json.loads(owner_file.read_text())
     except FileNotFoundError:
         return True
     except (OSError, ValueError):
@@ -66,7 +72,7 @@ def make_private_directory(purpose: str, base: Path | None = None) -> Path:
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{purpose}-", dir=base))  # mode 0700
-    (path / OWNER_FILE).write_text(json.dumps(_me()))
+    (path / OWNER_FILE).write_text(json.dumps(owner_record()))
     return path
 
 

@@ -142,9 +142,10 @@ def extract(backup: StoredBackup, directory: Path) -> None:
 
 
 def combine_chain(chain: list[StoredBackup], root: Path, server_major: int) -> list[str]:
-    """Every backup of the chain unpacked into a private directory beside `root` (same filesystem), each checked
-    with pg_verifybackup and its link to its parent, then pg_combinebackup into `root`. The private directories
-    go, also on failure. The findings of pg_verifybackup on the members (empty: all hold)."""
+    """Every backup of the chain unpacked into a private directory inside `root` (so on its filesystem, a mount
+    point's too), each checked with pg_verifybackup and its link to its parent, then pg_combinebackup into a
+    directory inside `root` whose entries are then moved up into it. The private directories go, also on
+    failure. The findings of pg_verifybackup on the members (empty: all hold)."""
     from ...postgresql.tools import pg_tool_for_server
     from ...workspace import private_directory
     from .source import verify_data_directory
@@ -153,7 +154,7 @@ def combine_chain(chain: list[StoredBackup], root: Path, server_major: int) -> l
     with contextlib.ExitStack() as stack:
         directories: list[Path] = []
         for position, member in enumerate(chain):
-            directory = stack.enter_context(private_directory("chain", root.parent)) / "data"
+            directory = stack.enter_context(private_directory("chain", root)) / "data"
             directory.mkdir(mode=0o700)
             try:
                 extract(member, directory)
@@ -167,17 +168,21 @@ def combine_chain(chain: list[StoredBackup], root: Path, server_major: int) -> l
         if problems:
             return problems
         tool = pg_tool_for_server("pg_combinebackup", server_major)
-        _run_combine(tool.path, tool.major, directories, root)
+        combined = Path(stack.enter_context(private_directory("combined", root))) / "data"
+        _run_combine(tool.path, tool.major, directories, combined)
+        for entry in list(combined.iterdir()):
+            entry.rename(root / entry.name)
     return []
 
 
 def _run_combine(program: Path, major: int, directories: list[Path], root: Path) -> None:
-    from ...environment import child_environment
+    from ...environment import child_environment, die_with_parent
 
     link = ["--link"] if major >= 18 else []  # hard links from the unpacked chain, which goes right after
     done = subprocess.run([str(program), *link, "--manifest-checksums=SHA256", "-o", str(root),
                            *map(str, directories)], capture_output=True, text=True, check=False,
-                          env=child_environment(), timeout=24 * 3600)
+                          env=child_environment(), timeout=24 * 3600,
+                          preexec_fn=die_with_parent)  # only prctl: safe in a threaded parent
     if done.returncode != 0:
         words = [w.strip() for w in (done.stderr or done.stdout).splitlines() if w.strip()]
         raise ToolError(f"pg_combinebackup failed with exit code {done.returncode}: " + " / ".join(words[-3:]),

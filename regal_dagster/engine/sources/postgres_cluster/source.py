@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import shutil
 import subprocess
 import tarfile
@@ -20,6 +22,7 @@ from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
 from ...settings import TargetSettings
 from ...wal import fetch_wal
+from ...workspace import owner_record, recorded_owner_alive, sweep
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..files.source import plaintext_pipe
 from .archiver import refuse_stuck_archiver, stuck_archiver_error, watch_archiver
@@ -53,7 +56,12 @@ TAR_OBJECT = "base.tar"
 TAR_CONTENT = "pg_basebackup tar of the data directory (-Ft, WAL from the archive)"
 MANIFEST_OBJECT = "backup_manifest"
 MANIFEST_CONTENT = "PostgreSQL backup manifest (SHA-256 of every file)"
+logger = logging.getLogger(__name__)
+
 WAL_COPY = "regal_wal"  # in a restored data directory: the WAL recovery replays, copied in (--with-wal)
+# In a data directory being restored, until the restore has finished: the restoring process (as a private
+# directory's owner file). A directory holding it whose owner is dead is what a killed restore left.
+RESTORING_MARKER = ".regal-restoring"
 
 
 def server_facts(dsn: str) -> dict[str, Any]:
@@ -208,6 +216,7 @@ class PostgresClusterSource(Source):
                         "recovery_target_action": "promote", "archive_mode": "off"}
             recovery_wal = own_wal(backup)
         root = Path(request.to)
+        _clear_killed_restore(root)
         if root.exists() and any(root.iterdir()):
             raise RegalError(f"{root} is not empty", "give a new or empty directory for the data directory")
         created = not root.exists()
@@ -216,6 +225,7 @@ class PostgresClusterSource(Source):
         major = backup.manifest.source["server_version_num"] // 10000
         chain = chain_of(backup)  # refused before anything is written when a parent is missing or failed
         with _discarded_on_failure(root, created):
+            (root / RESTORING_MARKER).write_text(json.dumps(owner_record()))  # removed last
             if request.before_writing:
                 request.before_writing()
             started = time.monotonic()
@@ -241,6 +251,7 @@ class PostgresClusterSource(Source):
             for runtime in root.glob(".s.PGSQL.*"):  # the lock of a socket that lived in the data directory: a
                 runtime.unlink()  # server's runtime state, which would stop the restored server from starting
             write_recovery_settings(root, recovery)
+            (root / RESTORING_MARKER).unlink()  # the last step: from now on it is a restored data directory
         combined = (f", combined with pg_combinebackup from {' + '.join(m.manifest.backup_id for m in chain)}"
                     if len(chain) > 1 else "")
         return Restored(str(root), f"restored {backup.manifest.backup_id} into {root}{combined}: "
@@ -328,6 +339,28 @@ def database_problems(found: list[str], manifest: Manifest) -> list[str]:
     return [] if found == expected else [f"the restored server has the databases {found}, the backup had {expected}"]
 
 
+def _clear_killed_restore(root: Path) -> None:
+    """Empty `root` when a restore that was killed (SIGKILL, a power cut) left it half-written, and remove the
+    chain directories such a restore left beside it: the next restore needs no cleaning up by hand."""
+    if root.parent.is_dir():
+        sweep(root.parent)
+    marker = root / RESTORING_MARKER
+    if not marker.exists():
+        return
+    if recorded_owner_alive(marker):
+        raise RegalError(f"{root} is being restored by another process", "wait for it, or restore elsewhere")
+    logger.warning("%s was left half-restored by a restore that did not finish: emptied", root)
+    _empty(root)
+
+
+def _empty(root: Path) -> None:
+    for child in list(root.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _discarded_on_failure(root: Path, created: bool) -> Iterator[None]:
     """A restore that fails (a WAL file that fails authentication, a stopped extraction) leaves no data directory
@@ -338,11 +371,7 @@ def _discarded_on_failure(root: Path, created: bool) -> Iterator[None]:
         if created:
             shutil.rmtree(root, ignore_errors=True)
         else:
-            for child in list(root.iterdir()):
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+            _empty(root)
         raise
 
 
@@ -353,7 +382,7 @@ def verify_data_directory(root: Path, server_major: int, wal_dir: Path | None) -
     from ...environment import child_environment
 
     wal = ["--ignore", WAL_COPY, "--wal-directory", str(wal_dir)] if wal_dir else ["--no-parse-wal"]
-    done = subprocess.run([str(tool.path), *wal, "--quiet", str(root)], capture_output=True, text=True,
+    done = subprocess.run([str(tool.path), *wal, "--ignore", RESTORING_MARKER, "--quiet", str(root)], capture_output=True, text=True,
                           check=False, env=child_environment(), timeout=3600)
     if done.returncode == 0:
         return []
