@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,49 @@ def test_master_key_file_must_be_private(tmp_path: Path) -> None:
     key_file.chmod(0o644)
     with pytest.raises(EncryptionKeyError, match="chmod 600"):
         load_keyring(policy)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "reader stops"])
+def test_a_big_object_decrypted_by_its_own_thread_is_checked_as_a_small_one(damage: str, tmp_path: Path,
+                                                                            master_key: str) -> None:
+    """Objects of READ_AHEAD_BYTES and more are authenticated and decrypted by a thread of their own while the
+    reader decompresses: every byte still reaches the sink only authenticated, damage is named, and a sink
+    that stops leaves no thread behind."""
+    from regal_dagster.engine.pipeline import READ_AHEAD_BYTES, read_stream, store_stream
+
+    policy = make_policy(tmp_path, {"pos": "postgresql://unused@127.0.0.1/unused"})
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    lines = [f"{i}\t{hashlib.sha256(str(i).encode()).hexdigest()}\n".encode() for i in range(150_000)]  # 5 MB stored
+    plaintext = b"".join(lines)
+    chunks = [plaintext[i:i + (1 << 20)] for i in range(0, len(plaintext), 1 << 20)]
+    record = store_stream(repo, "backups/pos/pos-1/tables/00001.copy", chunks, keyring=keyring, backup_id="pos-1",
+                          object_name="tables/00001.copy", content="rows")
+    assert record.size >= READ_AHEAD_BYTES
+    received: list[bytes] = []
+    read_stream(repo, record, keyring=keyring, backup_id="pos-1", sink=received.append)
+    assert b"".join(received) == plaintext
+
+    path = policy.local_repository_path() / record.key
+    stored = bytearray(path.read_bytes())
+    if damage == "flipped byte":
+        stored[len(stored) * 2 // 3] ^= 0x01
+    elif damage == "truncated":
+        del stored[-(1 << 16):]
+    path.write_bytes(bytes(stored))
+    received.clear()
+
+    def stopping_sink(chunk: bytes) -> None:
+        received.append(chunk)
+        raise RuntimeError("the sink stops")
+
+    if damage == "reader stops":
+        with pytest.raises(RuntimeError, match="the sink stops"):
+            read_stream(repo, record, keyring=keyring, backup_id="pos-1", sink=stopping_sink)
+    else:
+        with pytest.raises(IntegrityError, match=record.key):
+            read_stream(repo, record, keyring=keyring, backup_id="pos-1", sink=received.append)
+        assert plaintext.startswith(b"".join(received))  # what came out before the damage was authentic
+    deadline = time.monotonic() + 5
+    while any(t.name == "read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]

@@ -851,12 +851,12 @@ def test_a_snapshot_replaced_while_it_is_read_is_read_again(tmp_path: Path, monk
 
 
 def test_read_ahead_hands_on_every_chunk_in_order_raises_the_readers_error_and_stops_when_left() -> None:
-    """pg_basebackup's output is read by a thread of its own (sources/streams.py read_ahead)."""
+    """pg_basebackup's output (and a stored object's authenticated bytes) is read by a thread of its own
+    (pipeline.py read_ahead)."""
     import io
     import threading
 
-    from regal_dagster.engine.pipeline import CHUNK
-    from regal_dagster.engine.sources.streams import read_ahead
+    from regal_dagster.engine.pipeline import CHUNK, read_ahead
 
     data = bytes(range(256)) * (CHUNK // 256) * 5 + b"tail"
     assert b"".join(read_ahead(io.BytesIO(data), depth=2)) == data

@@ -8,13 +8,16 @@ Memory is bounded by the chunk size, zstd's window and the store's part buffers,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import IO, BinaryIO, cast
 
 import tink
 import zstandard
@@ -123,11 +126,76 @@ def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring
     )
 
 
+# Objects of this size and more are decrypted by a thread of their own while they are decompressed; for a
+# smaller one the thread costs more than it saves.
+READ_AHEAD_BYTES = 4 << 20
+
+
+def _chunks_of(stream: IO[bytes]) -> Generator[bytes, None, None]:
+    while chunk := stream.read(CHUNK):
+        yield chunk
+
+
+class _ChunksReader(io.RawIOBase):
+    """A readable file over an iterator of chunks (zstd's stream_reader reads from one)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks, self.pending = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.pending:
+            self.pending = next(self.chunks, b"")
+        if size < 0 or size >= len(self.pending):
+            data, self.pending = self.pending, b""
+        else:
+            data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+
+def read_ahead(stream: IO[bytes], depth: int = 16) -> Generator[bytes, None, None]:
+    """The chunks of `stream`, read by a thread of their own up to `depth` chunks ahead of the consumer: the
+    program writing it (pg_basebackup) goes on while the consumer compresses, encrypts and hashes, instead of
+    waiting on a full pipe; a stored object is authenticated and decrypted while the consumer decompresses.
+    An error reading is raised in the consumer; a consumer that stops early stops the thread once the stream
+    ends or is closed."""
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+    stopped = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> None:
+        while not stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                chunks.put(item, timeout=0.1)
+                return
+
+    def reader() -> None:
+        try:
+            while not stopped.is_set() and (chunk := stream.read(CHUNK)):
+                put(chunk)
+            put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=reader, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+
+
 def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, backup_id: str,
                 sink: Callable[[bytes], object] | None = None, progress: Progress | None = None) -> None:
     """Read one object back, authenticate and decompress every byte, check both SHA-256 sums.
 
-    Plaintext goes to `sink` as it is authenticated. Raises IntegrityError naming the object.
+    Plaintext goes to `sink` as it is authenticated. Raises IntegrityError naming the object. The stored
+    bytes of a big object are read, hashed, authenticated and decrypted by a thread of their own (read_ahead)
+    while this one decompresses and hashes the plaintext: two cores for one object.
     """
     where = f"object {record.key}"
     with repo.reader(record.key) as raw:
@@ -135,15 +203,21 @@ def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, bac
         try:
             decrypted = keyring.decrypting_stream(stored, backup_id, record.name,
                                                   expected_key_id=record.encryption.key_id)
-            reader = zstandard.ZstdDecompressor().stream_reader(decrypted, read_size=CHUNK, read_across_frames=True)
-            plain_sha, plain_size = hashlib.sha256(), 0
-            while chunk := reader.read(CHUNK):
-                plain_sha.update(chunk)
-                plain_size += len(chunk)
-                if sink is not None:
-                    sink(chunk)
-                if progress:
-                    progress(len(chunk))
+            compressed = (read_ahead(cast(IO[bytes], decrypted)) if record.size >= READ_AHEAD_BYTES
+                          else _chunks_of(cast(IO[bytes], decrypted)))
+            try:
+                reader = zstandard.ZstdDecompressor().stream_reader(
+                    cast(IO[bytes], _ChunksReader(compressed)), read_size=CHUNK, read_across_frames=True)
+                plain_sha, plain_size = hashlib.sha256(), 0
+                while chunk := reader.read(CHUNK):
+                    plain_sha.update(chunk)
+                    plain_size += len(chunk)
+                    if sink is not None:
+                        sink(chunk)
+                    if progress:
+                        progress(len(chunk))
+            finally:
+                compressed.close()  # stops the reading thread when the sink stopped early
             stored.drain()
         except tink.TinkError:
             raise IntegrityError(f"{where} fails authentication: its bytes were changed, truncated, or moved "

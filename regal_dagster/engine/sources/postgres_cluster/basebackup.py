@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...errors import IntegrityError, ToolError
+from ...pipeline import read_ahead
 from ...postgresql.tools import PgTool
-from ..streams import larger_pipe, read_ahead
+from ..streams import larger_pipe
 
 BLOCK = 512
 # pg_basebackup's words when the server cannot build an incremental backup on the given manifest
