@@ -40,7 +40,7 @@ from .pipeline import Progress, StoredBackup
 from .policy import Policy
 from .sources.registry import kinds, source_for
 from .storage import Repository, open_offsite
-from .verify import verify_backup
+from .verify import presence_problem, stored_sizes, verify_backup
 
 # The checks every backup gets. A kind adds its own (its Source's `checks`, e.g. Redis persistence).
 # `decides_good`: only these say whether the backup itself can be trusted, decide "good" and block in
@@ -169,13 +169,10 @@ def check_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> tuple[
     if retired:
         return CheckOutcome("manifest", False, f"the manifest names objects under key(s) {retired}, retired since: "
                             "it is an older version put back after the backup was re-encrypted", key), manifest
+    sizes = stored_sizes(repo, manifest)
     for record in manifest.objects:
-        size = repo.size(record.key)
-        if size is None:
-            return CheckOutcome("manifest", False, f"object {record.key} is missing", record.key), manifest
-        if size != record.size:
-            return CheckOutcome("manifest", False, f"object {record.key} has {size} bytes, the manifest says "
-                                f"{record.size}", record.key), manifest
+        if problem := presence_problem(record, sizes[record.key]):
+            return CheckOutcome("manifest", False, problem, record.key), manifest
     return CheckOutcome("manifest", True, f"seal holds; all {len(manifest.objects)} objects present with "
                         "their sizes", metadata={"objects": len(manifest.objects)}), manifest
 

@@ -203,7 +203,7 @@ def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, bac
         try:
             decrypted = keyring.decrypting_stream(stored, backup_id, record.name,
                                                   expected_key_id=record.encryption.key_id)
-            compressed = (read_ahead(cast(IO[bytes], decrypted)) if record.size >= READ_AHEAD_BYTES
+            compressed = (read_ahead(cast(IO[bytes], decrypted), depth=4) if record.size >= READ_AHEAD_BYTES
                           else _chunks_of(cast(IO[bytes], decrypted)))
             try:
                 reader = zstandard.ZstdDecompressor().stream_reader(
