@@ -10,15 +10,37 @@ from regal_dagster.engine.postgresql.connection import libpq_environment
 from regal_dagster.engine.postgresql.tools import find_pg_tool
 
 
-def schema_text(dsn: str) -> str:
+def schema_text(dsn: str, *, owners_and_grants: bool = False) -> str:
+    """pg_dump's schema text (of the server's major version), without owners and grants unless asked."""
     with psycopg.connect(dsn) as conn:
         major = conn.info.server_version // 10000
-    tool = find_pg_tool("pg_dump", major)
-    out = subprocess.run([str(tool.path), "--schema-only", "--no-owner", "--no-privileges", "--encoding=UTF8"],
+    leave_out = [] if owners_and_grants else ["--no-owner", "--no-privileges"]
+    out = subprocess.run([str(find_pg_tool("pg_dump", major).path), "--schema-only", *leave_out, "--encoding=UTF8"],
                          env=libpq_environment(dsn), capture_output=True, text=True, check=True).stdout
     # Comments name the database; \restrict lines carry a random key per run.
     return "\n".join(line for line in out.splitlines()
-                     if line and not line.startswith("--") and not line.startswith(("\\restrict", "\\unrestrict")))
+                     if line and not line.startswith(("--", "\\restrict", "\\unrestrict")))
+
+
+def table_contents(dsn: str) -> dict[str, list[str]]:
+    """Every user table's own rows (not its children's) as text, sorted, by schema-qualified name (in the
+    database's own encoding)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        encoding = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
+                                "WHERE datname = current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute(f"SET client_encoding = '{encoding}'")
+        conn.execute("SET search_path = ''")
+        names = conn.execute("""
+            SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname !~ '^pg_toast' ORDER BY 1""").fetchall()
+        return {name: [row[0] for row in conn.execute(f"SELECT t::text FROM ONLY {name} t ORDER BY 1").fetchall()]
+                for (name,) in names}
+
+
+def full_schema_text(dsn: str) -> str:
+    """pg_dump's schema text with owners and grants."""
+    return schema_text(dsn, owners_and_grants=True)
 
 
 def table_rows(dsn: str, query: str) -> list[tuple[object, ...]]:

@@ -31,22 +31,7 @@ from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, resto
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, make_policy
-from .pg_compare import execute, schema_text, table_rows
-
-
-def table_contents(dsn: str) -> dict[str, list[str]]:
-    """Every user table's rows as text, sorted, by schema-qualified name (in the database's own encoding)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        encoding = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
-                                "WHERE datname = current_database()").fetchone()[0]  # type: ignore[index]
-        conn.execute(f"SET client_encoding = '{encoding}'")
-        conn.execute("SET search_path = ''")
-        names = conn.execute("""
-            SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname !~ '^pg_toast' ORDER BY 1""").fetchall()
-        return {name: [row[0] for row in conn.execute(f"SELECT t::text FROM {name} t ORDER BY 1").fetchall()]
-                for (name,) in names}
+from .pg_compare import execute, full_schema_text, schema_text, table_contents, table_rows
 
 
 def assert_same_database(restored: str, source: str, expected_contents: dict[str, list[str]] | None = None,
@@ -389,19 +374,6 @@ def test_many_tables_round_trip(system_pg: DatabaseFactory, tmp_path: Path, mast
 # --- cases 4 and 5: database properties and roles, onto a fresh server --------------------------------
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def full_schema_text(dsn: str) -> str:
-    """pg_dump's schema text with owners and grants (what --no-owner --no-privileges leaves out)."""
-    import subprocess
-
-    from regal_dagster.engine.postgresql.connection import libpq_environment
-    from regal_dagster.engine.postgresql.tools import find_pg_tool
-
-    out = subprocess.run([str(find_pg_tool("pg_dump", 15).path), "--schema-only", "--encoding=UTF8"],
-                         env=libpq_environment(dsn), capture_output=True, text=True, check=True).stdout
-    return "\n".join(line for line in out.splitlines()
-                     if line and not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
 
 DATABASE_FACTS = """
