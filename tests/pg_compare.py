@@ -29,7 +29,9 @@ def table_contents(dsn: str) -> dict[str, list[str]]:
         encoding = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
                                 "WHERE datname = current_database()").fetchone()[0]  # type: ignore[index]
         conn.execute(f"SET client_encoding = '{encoding}'")
-        conn.execute("SET search_path = ''")
+        # the same text for the same values whatever the database or role sets
+        conn.execute("SET search_path = ''; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; "
+                     "SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'")
         names = conn.execute("""
             SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')

@@ -84,6 +84,14 @@ CREATE TABLE app.things (
     addr inet,
     bits bit varying(16),
     u uuid,
+    j json,
+    x xml,
+    pt point,
+    ring circle,
+    q tsquery,
+    lsn pg_lsn,
+    mac macaddr8,
+    ranges int4multirange,
     shout text GENERATED ALWAYS AS (upper(name)) STORED,
     "select" text,
     "Ünïcödé ☕" text
@@ -92,19 +100,22 @@ ALTER TABLE app.things ALTER COLUMN raw SET STORAGE EXTERNAL, ALTER COLUMN doc S
     ALTER COLUMN words SET COMPRESSION lz4;
 ALTER TABLE app.things OWNER TO {owner};
 INSERT INTO app.things (name, nick, feeling, price, codes, pair, span, attrs, doc, words, ints, raw, f8, f4, n, at,
-                        d, iv, cash, addr, bits, u, "select", "Ünïcödé ☕")
+                        d, iv, cash, addr, bits, u, j, x, pt, ring, q, lsn, mac, ranges, "select", "Ünïcödé ☕")
 VALUES
   ('Widget', 'WIDGET', 'happy', 1.5, '{a,b}', ROW(2.5, 'EUR'), '[1.5,2.5)', 'a=>1, "b c"=>NULL',
    '{"k": [1, 2.50, null, "\u00e9"]}', to_tsvector('english', 'The quick brown foxes'), '{{1,2},{3,4}}',
    '\x00ff5c0a0d09'::bytea, 'NaN', '-Infinity', 'NaN', 'infinity', '-infinity', '1 year 2 mons -3 days 04:05:06.789',
-   12.34, '2001:db8::1/64', B'1011', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', E'\\.', E'line\nbreak\ttab\\back'),
+   12.34, '2001:db8::1/64', B'1011', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+   '{"b": 1,  "a": [2, 1], "b": 3}', '<a>x</a><b/>text', '(1.5,-0)', '<(0,0),1e-300>', 'fat & !rat:*',
+   '16/B374D848', '08:00:2b:01:02:03:04:05', '{[1,3), [5,7)}', E'\\.', E'line\nbreak\ttab\\back'),
   ('gadget', NULL, 'meh', 0.000001, '{}', NULL, 'empty', '', '[]', '', '{}', '', -0.0, 3.4028235e38,
    '-0.000000000000000000001', '2026-03-29 01:30:00+01', '0001-01-01 BC', '-177999999 years', -0.01, '10.0.0.0/8',
-   B'', NULL, '\N', E'\\N'),
+   B'', NULL, '[]', 'just text', NULL, NULL, '', '0/0', NULL, '{}', '\N', E'\\N'),
   ('Ἀθῆναι', 'ἈΘῆΝΑΙ', 'sad', 1e100, '{NULL}', ROW(NULL, NULL), '(,)', NULL, 'null', NULL, NULL,
    decode(repeat('00', 3000), 'hex'), 1e-308, 1.17549435e-38, 1e1000, '1999-12-31 23:59:59.999999+14',
    '2026-02-28', '0', 0, '::ffff:1.2.3.4', B'1111000011110000', '00000000-0000-0000-0000-000000000000',
-   '"quoted"', repeat('é', 5000));
+   'null', '<?xml version="1.0"?><doc>é</doc>', '(NaN,Infinity)', NULL, 'a <-> b', 'FFFFFFFF/FFFFFFFF',
+   'ff:ff:ff:ff:ff:ff:ff:ff', '{(,)}', '"quoted"', repeat('é', 5000));
 CREATE INDEX things_trgm ON app.things USING gin (name gin_trgm_ops);
 CREATE INDEX things_partial ON app.things (price) INCLUDE (feeling) WHERE feeling <> 'sad';
 CREATE INDEX things_expr ON app.things ((lower(name)), (doc -> 'k')) WITH (fillfactor = 50);
@@ -236,8 +247,16 @@ def corpus(system_pg: DatabaseFactory) -> Iterator[tuple[str, str]]:
     corpus_sql = CORPUS_SQL.replace("{owner}", owner).replace("{reader}", reader).replace("{suffix}", suffix)
     for transaction in corpus_sql.split("-- next transaction"):  # an enum's new value is usable once committed
         execute(source, transaction)
+    # settings that change how values are written and read (the restore's sessions must not follow them)
     execute(source, f"""ALTER DATABASE "{dbname}" SET search_path = app, public;
-                       ALTER DATABASE "{dbname}" SET default_text_search_config = 'app.simple_en';""")
+                       ALTER DATABASE "{dbname}" SET default_text_search_config = 'app.simple_en';
+                       ALTER DATABASE "{dbname}" SET IntervalStyle = 'sql_standard';
+                       ALTER DATABASE "{dbname}" SET DateStyle = 'SQL, DMY';
+                       ALTER DATABASE "{dbname}" SET TimeZone = 'Asia/Kathmandu';
+                       ALTER DATABASE "{dbname}" SET extra_float_digits = -3;
+                       ALTER DATABASE "{dbname}" SET bytea_output = 'escape';
+                       ALTER DATABASE "{dbname}" SET xmloption = 'document';
+                       ALTER DATABASE "{dbname}" SET default_transaction_read_only = on;""")
     yield source, suffix
     system_pg.drop_all()
     system_pg.created.clear()

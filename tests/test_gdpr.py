@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from regal_dagster.engine.crypto import load_keyring
@@ -14,7 +15,7 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
-from .pg_compare import table_rows
+from .pg_compare import execute, table_rows
 
 ANONYMIZE = {"table": "public.customers", "match_column": "email", "action": "anonymize",
              "set": {"email": "erased+{erasure_id}@erased.invalid", "card_token": None}}
@@ -81,3 +82,26 @@ def test_erasing_needs_the_policy_to_say_where_subjects_live(source: str, tmp_pa
     done = run_cli(policy_file, "gdpr", "erase", "pos", "someone@example.com")
     assert done.returncode == 1 and "add gdpr.subjects.pos" in done.stderr
     assert "someone@example.com" not in done.stderr
+
+
+def test_erasures_and_the_restore_test_work_in_a_database_that_is_read_only_by_default(
+        source: str, system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """The source database's settings come back with it; the erasures and pg_amcheck that run in the
+    restored copy must not follow its default_transaction_read_only or timeouts."""
+    policy_file = write_policy_file(tmp_path, {"pos": source}, gdpr={"subjects": {"pos": [ANONYMIZE]}})
+    database = psycopg.conninfo.conninfo_to_dict(source)["dbname"]
+    execute(source, f"""ALTER DATABASE "{database}" SET default_transaction_read_only = on;
+                        ALTER DATABASE "{database}" SET statement_timeout = '1ms';
+                        ALTER DATABASE "{database}" SET idle_in_transaction_session_timeout = '1ms'""")
+    backup_id = verified_backup(policy_file)
+    assert run_cli(policy_file, "gdpr", "erase", "pos", "customer17@example.com").returncode == 0
+
+    restored = system_pg.dsn(system_pg.new_name("regal_gdpr_ro"))
+    done = run_cli(policy_file, "restore", backup_id, "--to", restored, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["erasures"]["rows_erased"] == {"public.customers": 1}
+    assert table_rows(restored, "SHOW default_transaction_read_only") == [("on",)]  # the database's own setting
+
+    tested = run_cli(policy_file, "restore-test", backup_id, "--json")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert json.loads(tested.stdout)["erasures"]["rows_erased"] == {"public.customers": 1}

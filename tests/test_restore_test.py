@@ -144,3 +144,14 @@ def test_restore_runs_the_operators_hooks_around_a_validated_restore(backed_up, 
     assert done.returncode == 0, done.stderr
     assert marks.read_text().split() == ["stop", "stop", "start"]
     assert table_rows(occupied, "SELECT count(*) FROM customers") == [(2000,)]
+
+
+def test_pg_amcheck_that_cannot_check_says_so_and_claims_no_corruption(system_pg: DatabaseFactory) -> None:
+    """pg_amcheck exits 2 when it finds corruption and 1 when it could not check: only the first is corruption."""
+    from regal_dagster.engine.sources.postgres.source import amcheck_problems
+
+    problems = amcheck_problems(system_pg.dsn("regal_no_such_database"), jobs=1)
+    assert len(problems) == 1
+    assert problems[0].startswith("pg_amcheck could not check the restored database (exit code 1): ")
+    assert "regal_no_such_database" in problems[0] and "corruption" not in problems[0]
+    assert amcheck_problems(system_pg.create(), jobs=1) == []

@@ -68,12 +68,59 @@ def libpq_environment(dsn: str) -> dict[str, str]:
     return env
 
 
-def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
+def apply_settings(conn: psycopg.Connection[Any], settings: dict[str, str]) -> None:
+    """Set session settings in one round trip (outside any transaction: it takes no snapshot then)."""
+    conn.execute("SELECT count(set_config(name, value, false)) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
+                 (list(settings), list(settings.values())))
+
+
+# Every session of ours sets these first, as pg_dump does: a database or role with a short statement, lock or
+# idle-in-transaction timeout must not cut a backup, a restore or a check short.
+NO_TIMEOUTS = {"statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+# What our own sessions in a restored database set over the settings it carries (restored as the source had
+# them, its roles' ones included): a database that is read-only by default must not fail pg_amcheck or the
+# GDPR erasures that run in it once it is loaded, and a row-level security policy must not hide a row from an
+# erasure (or from its count of what remains): the statement fails instead.
+OWN_SESSION_SETTINGS = {**NO_TIMEOUTS, "default_transaction_read_only": "off", "row_security": "off"}
+
+
+def startup_options(given: str | None, settings: dict[str, str]) -> str:
+    """libpq's `options` (PGOPTIONS): `settings` after the `given` ones, applied before the first statement."""
+    def escaped(text: str) -> str:
+        return text.replace("\\", "\\\\").replace(" ", "\\ ")
+
+    return " ".join([*([given] if given else []), *(f"-c {escaped(f'{k}={v}')}" for k, v in settings.items())])
+
+
+def with_session_settings(env: dict[str, str], settings: dict[str, str]) -> dict[str, str]:
+    """A client program's environment (libpq_environment) whose sessions start with `settings`, after any
+    options the DSN gave."""
+    env["PGOPTIONS"] = startup_options(env.get("PGOPTIONS"), settings)
+    return env
+
+
+def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | None = None,
+            **kwargs: Any) -> psycopg.Connection[Any]:
     """A session in UTF-8 (names and values come back as text whatever the database's encoding; sessions
-    that read or write rows in the database's own encoding set it themselves)."""
+    that read or write rows in the database's own encoding set it themselves), without timeouts
+    (NO_TIMEOUTS) and with `settings` from its first statement on, whatever the database or role sets."""
     kwargs.setdefault("client_encoding", "UTF8")
+    settings = {**NO_TIMEOUTS, **(settings or {})}
+    given = conninfo_to_dict(dsn).get("options")
     try:
-        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
+        try:  # the settings as startup options: in force before the first statement, which a timeout could cut
+            conn = psycopg.connect(dsn, connect_timeout=10, autocommit=autocommit, **kwargs,
+                                   options=startup_options(None if given is None else str(given), settings))
+        except psycopg.OperationalError as exc:
+            if "unsupported startup parameter" not in str(exc):  # a pooler (PgBouncer) refuses options: SET them
+                raise
+            conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True, **kwargs)
+            try:
+                apply_settings(conn, settings)
+                conn.autocommit = autocommit
+            except BaseException:
+                conn.close()
+                raise
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         if "password" in reason.lower():
@@ -85,6 +132,7 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
                              "byte for byte, whatever the encoding), or convert the database to UTF8") from None
         raise RegalError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {reason}",
                          "check that the server is up and reachable, and the DSN and credentials in the policy") from None
+    return conn
 
 
 def server_major(conn: psycopg.Connection[Any]) -> int:

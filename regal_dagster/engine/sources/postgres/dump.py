@@ -35,7 +35,14 @@ from typing import Any
 import psycopg
 
 from ...errors import RegalError, ToolError
-from ...postgresql.connection import connect, describe_dsn, libpq_environment, quote_ident, server_major
+from ...postgresql.connection import (
+    apply_settings,
+    connect,
+    describe_dsn,
+    libpq_environment,
+    quote_ident,
+    server_major,
+)
 from ...postgresql.tools import PgTool, find_pg_tool
 from ..streams import stream_command
 
@@ -91,12 +98,6 @@ def client_encoding_for(encoding: str) -> str:
     """The client encoding of the sessions that read or load a database's rows: its own encoding, so that
     names in statements and values in results are exactly the database's, unless Python cannot handle it."""
     return "UTF8" if encoding in NO_PYTHON_CODEC else encoding
-
-
-def apply_settings(conn: psycopg.Connection[Any], settings: dict[str, str]) -> None:
-    """Set session settings in one round trip (outside any transaction: it takes no snapshot then)."""
-    conn.execute("SELECT count(set_config(name, value, false)) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
-                 (list(settings), list(settings.values())))
 
 
 def pg_error_reason(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ from psycopg import sql
 
 from ...gdpr import ErasureLedger, ErasureResult
 from ...policy import ErasureSubjectConfig
-from ...postgresql.connection import connect
+from ...postgresql.connection import OWN_SESSION_SETTINGS, connect
 
 ERASURE_ID = "{erasure_id}"
 
@@ -19,7 +19,7 @@ def apply_erasures(dsn: str, ledger: ErasureLedger, target: str,
     erasures = ledger.for_target(target)
     erased, remaining = {}, {}
     hashes = [e.subject_hash for e in erasures]
-    with connect(dsn) as conn, conn.cursor() as cur:
+    with connect(dsn, settings=OWN_SESSION_SETTINGS) as conn, conn.cursor() as cur:
         for subject in subjects:
             table = sql.Identifier(*subject.table.split(".", 1))
             subject_hash = sql.SQL("encode(sha256(convert_to({salt} || lower(btrim({col}::text)), 'UTF8')), 'hex')").format(

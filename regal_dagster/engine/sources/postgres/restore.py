@@ -32,6 +32,7 @@ from ...manifest import Manifest
 from ...parallel import check, map_parallel
 from ...pipeline import Progress, StoredBackup
 from ...postgresql.connection import (
+    apply_settings,
     connect,
     database_of,
     describe_dsn,
@@ -39,6 +40,7 @@ from ...postgresql.connection import (
     quote_ident,
     server_major,
     with_dbname,
+    with_session_settings,
 )
 from ...postgresql.tools import PgTool, find_pg_tool
 from ...settings import default_jobs
@@ -51,7 +53,6 @@ from .dump import (
     SCHEMA_OBJECT,
     Table,
     TableDigest,
-    apply_settings,
     compare_tables,
     copy_out,
     dump_major,
@@ -729,8 +730,7 @@ def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[s
         args += ["--no-owner", "--no-privileges"]
     if not tablespaces:
         args.append("--no-tablespaces")
-    env = libpq_environment(dsn)
-    env["PGOPTIONS"] = " ".join(f"-c {k}={v}" for k, v in RESTORE_SESSION_SETTINGS.items())
+    env = with_session_settings(libpq_environment(dsn), RESTORE_SESSION_SETTINGS)
     result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             check=False)
     if result.returncode == 0:

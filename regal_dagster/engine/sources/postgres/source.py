@@ -20,7 +20,13 @@ from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
 from ...policy import ErasureSubjectConfig
-from ...postgresql.connection import check_dsn, describe_dsn, libpq_environment
+from ...postgresql.connection import (
+    OWN_SESSION_SETTINGS,
+    check_dsn,
+    describe_dsn,
+    libpq_environment,
+    with_session_settings,
+)
 from ...postgresql.server import ScratchCluster, choose_server_binaries
 from ...postgresql.tools import find_pg_tool
 from ...settings import TargetSettings
@@ -177,9 +183,13 @@ def amcheck_problems(dsn: str, jobs: int, *, all_databases: bool = False) -> lis
     tool = find_pg_tool("pg_amcheck", 14)
     run = subprocess.run([str(tool.path), "--install-missing", f"--jobs={jobs}", "--no-password",
                           *(["--all"] if all_databases else [])],
-                         capture_output=True, text=True, env=libpq_environment(dsn), check=False)
+                         capture_output=True, text=True, check=False,
+                         env=with_session_settings(libpq_environment(dsn), OWN_SESSION_SETTINGS))
     if run.returncode == 0:
         return []
-    detail = (run.stdout + run.stderr).strip().splitlines()
-    return [f"pg_amcheck found corruption: {line}" for line in detail[:20]] or [
-        f"pg_amcheck failed with exit code {run.returncode}"]
+    detail = (run.stdout + run.stderr).strip().splitlines()[:20]
+    if run.returncode == 2:  # pg_amcheck's exit status when a check found corruption
+        return [f"pg_amcheck found corruption: {line}" for line in detail] or ["pg_amcheck found corruption"]
+    # anything else: it could not check (the restored data is not known to be corrupt, nor known to be sound)
+    return [f"pg_amcheck could not check the restored database (exit code {run.returncode})"
+            + (f": {' / '.join(detail)}" if detail else "")]
