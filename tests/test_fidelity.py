@@ -8,6 +8,7 @@ statements it starts are certain to arrive while the backup runs.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 import threading
@@ -30,7 +31,7 @@ from regal_dagster.engine.sources.postgres import dump
 from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, restore_database
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, make_policy
+from .conftest import DatabaseFactory, make_policy, run_cli, write_policy_file
 from .pg_compare import execute, full_schema_text, schema_text, table_contents, table_rows
 
 
@@ -194,6 +195,29 @@ def test_rows_row_level_security_would_hide_fail_the_backup_naming_the_table(
                                          "some of its rows from the backup's user, so a backup would silently miss "
                                          "them")
         assert "BYPASSRLS" in refused.value.hint
+    finally:
+        system_pg.drop_all()
+        system_pg.created.clear()
+        execute(system_pg.server_dsn, f"DROP ROLE IF EXISTS {role}")
+
+
+def test_a_table_the_backup_role_cannot_read_fails_the_backup_naming_it(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """As pg_dump: a role without SELECT on a table gets no backup that leaves the table out."""
+    import uuid
+
+    role = f"regal_noread_{uuid.uuid4().hex[:6]}"
+    source = system_pg.create()
+    execute(source, f"""CREATE ROLE {role} LOGIN; CREATE TABLE readable (id int); CREATE TABLE "Payroll" (id int);
+                        INSERT INTO "Payroll" VALUES (1); GRANT SELECT ON readable TO {role}""")
+    try:
+        policy_file = write_policy_file(tmp_path, {"pos": psycopg.conninfo.make_conninfo(source, user=role)})
+        done = run_cli(policy_file, "backup", "pos")
+        assert done.returncode == 1
+        assert done.stderr.startswith("error: PostgreSQL refused: permission denied for table Payroll"), done.stderr
+        assert "a backup reads every table" in done.stderr and "Traceback" not in done.stderr
+        listed = run_cli(policy_file, "list", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout)["backups"] == [], listed.stdout
     finally:
         system_pg.drop_all()
         system_pg.created.clear()

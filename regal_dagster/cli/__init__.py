@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if type(exc).__module__.startswith("psycopg"):  # a server's refusal: its own words, no values
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            return _refused(out, f"PostgreSQL refused: {reason}", "check the role's privileges (a restore into a "
-                            "new database needs CREATEDB) and the server's log", 1)
+            return _refused(out, f"PostgreSQL refused: {reason}", "check the role's privileges (a backup reads "
+                            "every table, a restore into a new database needs CREATEDB) and the server's log", 1)
         log = write_error_log(exc)
         return _refused(out, f"regal-backup stopped on an unexpected {type(exc).__name__}",
                         f"the details are in {log} (readable only by you); run the command again, and if it "
