@@ -149,6 +149,83 @@ def test_truncate_and_rewrite_during_a_backup_wait_for_it_and_lose_no_rows(
     assert_same_database(target, source, before_rows, before_schema)
 
 
+def test_a_schema_change_queued_before_pg_dump_locks_is_let_through_and_the_backup_starts_again(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DROP TABLE that queues behind the backup's locks before pg_dump has taken its own would make pg_dump
+    wait for it while it waits for the backup, until the lock timeout. The backup cancels pg_dump's lock
+    request, lets the DROP through and starts again: the backup is of the database after the DROP."""
+    source = system_pg.create()
+    execute(source, "CREATE TABLE kept (id int); INSERT INTO kept SELECT generate_series(1, 500); "
+                    "CREATE TABLE doomed (id int); INSERT INTO doomed VALUES (1)")
+    policy = make_policy(tmp_path, {"pos": source})
+    real_chunks = dump.DumpSession.schema_chunks
+    attempts: list[str] = []
+    dropper = threading.Thread(target=execute, args=(source, "/* regal-test-drop */ DROP TABLE doomed"))
+
+    def drop_queued_first(session: dump.DumpSession) -> Iterator[bytes]:
+        attempts.append(session.snapshot)
+        if len(attempts) == 1:  # the DROP queues behind the backup's locks before pg_dump starts
+            dropper.start()
+            deadline = time.monotonic() + 20
+            while _waiting_statements(source, "regal-test-drop") < 1:
+                assert time.monotonic() < deadline, "the DROP did not wait for the backup"
+                time.sleep(0.02)
+        yield from real_chunks(session)
+
+    monkeypatch.setattr(dump.DumpSession, "schema_chunks", drop_queued_first)
+    started = time.monotonic()
+    manifest = run_backup(policy, "pos").manifest
+    assert time.monotonic() - started < 30  # not the 60 s lock timeout
+    dropper.join(timeout=10)
+    assert len(attempts) == 2 and not dropper.is_alive()
+    assert {t["name"]: t["rows"] for t in manifest.source["tables"]} == {"kept": 500}
+    target = system_pg.dsn(system_pg.new_name("regal_fid"))
+    report = restore_database(open_repository(policy), load_keyring(policy), manifest, target)
+    assert report.ok, report.validation_problems
+    assert_same_database(target, source)
+
+
+def test_tables_created_while_the_backup_locks_are_backed_up_unless_changed_after_its_snapshot(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table created between the backup's listing and its snapshot is locked after the snapshot; if it was
+    truncated (or rewritten) in between, the snapshot would see it empty: the backup takes its snapshot again."""
+    source = system_pg.create()
+    execute(source, "CREATE TABLE old (id int); INSERT INTO old VALUES (1), (2)")
+    policy = make_policy(tmp_path, {"pos": source})
+    real_lock_present, real_lock_late = dump._lock_present, dump._lock_late_tables
+    verdicts: list[bool] = []
+    truncate_next = [True]
+
+    def create_before_locking(cur: psycopg.Cursor[Any], tables: list[dump.Table], timeout: float) -> set[int]:
+        if not verdicts and [t.name for t in tables] == ["old"]:  # the first listing: a table appears
+            execute(source, "CREATE TABLE newcomer (v text); INSERT INTO newcomer VALUES ('a'), ('b'), ('c')")
+        return real_lock_present(cur, tables, timeout)
+
+    def truncate_after_the_first_snapshot(cur: psycopg.Cursor[Any], late: list[dump.Table], timeout: float) -> bool:
+        if truncate_next[0]:
+            truncate_next[0] = False
+            execute(source, "TRUNCATE newcomer; INSERT INTO newcomer VALUES ('after')")
+        verdicts.append(real_lock_late(cur, late, timeout))
+        return verdicts[-1]
+
+    monkeypatch.setattr(dump, "_lock_present", create_before_locking)
+    monkeypatch.setattr(dump, "_lock_late_tables", truncate_after_the_first_snapshot)
+    manifest = run_backup(policy, "pos").manifest
+    # the first snapshot saw newcomer with 3 rows that were no longer its rows: refused; the second listed it
+    assert verdicts == [False]
+    assert {t["name"]: t["rows"] for t in manifest.source["tables"]} == {"old": 2, "newcomer": 1}
+
+    execute(source, "DROP TABLE newcomer")
+    verdicts.clear()
+    manifest = run_backup(policy, "pos").manifest  # created meanwhile and left alone: in the backup
+    assert verdicts == [True]
+    assert {t["name"]: t["rows"] for t in manifest.source["tables"]} == {"old": 2, "newcomer": 3}
+    target = system_pg.dsn(system_pg.new_name("regal_fid"))
+    report = restore_database(open_repository(policy), load_keyring(policy), manifest, target)
+    assert report.ok, report.validation_problems
+    assert_same_database(target, source)
+
+
 def test_a_table_locked_exclusively_fails_the_backup_naming_the_session(
         system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
     source = system_pg.create()
@@ -520,6 +597,24 @@ def test_roles_and_database_properties_come_back_on_a_fresh_server(roles_source:
         assert report.ok, report.validation_problems
         with psycopg.connect(restored) as r, psycopg.connect(source) as s:
             assert r.execute(DATABASE_FACTS).fetchone() == s.execute(DATABASE_FACTS).fetchone()
+
+
+def test_a_database_an_application_is_connected_to_is_not_replaced(system_pg: DatabaseFactory, tmp_path: Path,
+                                                                   master_key: str) -> None:
+    source = system_pg.create()
+    execute(source, "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    target = system_pg.create()
+    execute(target, "CREATE TABLE other (v int)")
+    with psycopg.connect(target, application_name="pos-app"), pytest.raises(RegalError) as refused:
+        restore_database(repo, keyring, manifest, target, drop_existing=True)
+    assert "1 session(s) are connected to" in refused.value.message and "nothing was changed" in refused.value.message
+    assert table_rows(target, "SELECT count(*) FROM pg_tables WHERE tablename = 'other'") == [(1,)]
+    report = restore_database(repo, keyring, manifest, target, drop_existing=True)  # once the application left
+    assert report.ok, report.validation_problems
+    assert_same_database(target, source)
 
 
 @pytest.mark.skipif(not (PG15_BIN / "postgres").is_file(), reason="needs the machine's PostgreSQL 15 server")

@@ -426,6 +426,10 @@ def server_needs(conn: psycopg.Connection[Any]) -> list[str]:
 
 # --- backup ----------------------------------------------------------------------------------------
 
+class SchemaLockQueued(Exception):
+    """A statement queued behind the backup's locks before pg_dump took its own: the backup starts again."""
+
+
 class DumpSession:
     """An open exported snapshot: the schema archive and each table's rows all come from it.
 
@@ -471,19 +475,32 @@ class DumpSession:
 
     def wait_for_schema_locks(self) -> None:
         """Until pg_dump holds its own locks on the tables (or has finished): from then on a statement
-        queued behind the backup's locks can no longer make pg_dump wait for it."""
+        queued behind the backup's locks can no longer make pg_dump wait for it. A statement that queued
+        behind them before (an ALTER TABLE, TRUNCATE or DROP) would make pg_dump wait for it while it waits
+        for the backup: then pg_dump's lock request is cancelled and SchemaLockQueued raised, so that the
+        backup lets that statement through and starts again."""
         oids = [t.oid for t in self.locked]
         if not oids:
             return
         deadline = time.monotonic() + self.lock_timeout + 30
+        coordinator = self.coordinator.info.backend_pid
         with connect(self.dsn, autocommit=True) as monitor:
             while not self._schema_done.is_set() and time.monotonic() < deadline:
-                row = monitor.execute("""
-                    SELECT count(DISTINCT l.relation) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                    WHERE a.application_name = %s AND l.locktype = 'relation' AND l.granted
-                      AND l.relation = ANY(%s::oid[])""", (self.schema_application, oids)).fetchone()
-                if row is not None and row[0] >= len(oids):
+                locked, stuck = monitor.execute("""
+                    SELECT (SELECT count(DISTINCT l.relation) FROM pg_locks l
+                            WHERE l.pid = a.pid AND l.locktype = 'relation' AND l.granted
+                              AND l.relation = ANY(%(oids)s::oid[])),
+                           EXISTS (SELECT 1 FROM unnest(pg_blocking_pids(a.pid)) AS ahead(pid)
+                                   WHERE %(coordinator)s = ANY(pg_blocking_pids(ahead.pid)))
+                    FROM pg_stat_activity a WHERE a.application_name = %(application)s""",
+                    {"oids": oids, "coordinator": coordinator, "application": self.schema_application}
+                ).fetchone() or (0, False)
+                if locked >= len(oids):
                     return
+                if stuck:
+                    monitor.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                                    (self.schema_application,))
+                    raise SchemaLockQueued()
                 self._schema_done.wait(0.02)
 
     def _worker(self) -> psycopg.Connection[Any]:
@@ -608,6 +625,43 @@ def _lock_refused(conn: psycopg.Connection[Any], tables: list[Table], timeout: f
 
 # Tables locked per LOCK statement (one round trip each).
 LOCK_BATCH = 500
+# How often the backup takes its snapshot again when a table created meanwhile changed right after it.
+LOCK_ATTEMPTS = 10
+
+
+def _lock_present(cur: psycopg.Cursor[Any], tables: list[Table], timeout: float) -> set[int]:
+    """ACCESS SHARE locks on `tables`, LOCK_BATCH per statement, in the open transaction (a LOCK takes no
+    snapshot); a table dropped or renamed since it was listed is left out. The oids locked."""
+    locked: set[int] = set()
+    for first in range(0, len(tables), LOCK_BATCH):
+        batch = tables[first:first + LOCK_BATCH]
+        cur.execute("SAVEPOINT regal_lock")
+        try:
+            cur.execute(f"LOCK TABLE ONLY {', '.join(t.dump_pattern() for t in batch)} IN ACCESS SHARE MODE")
+            locked.update(t.oid for t in batch)
+        except psycopg.errors.UndefinedTable:
+            cur.execute("ROLLBACK TO SAVEPOINT regal_lock")
+            if len(batch) > 1:  # which one is gone: one at a time
+                for table in batch:
+                    locked |= _lock_present(cur, [table], timeout)
+        except psycopg.errors.LockNotAvailable:
+            cur.execute("ROLLBACK TO SAVEPOINT regal_lock")
+            raise _lock_refused(cur.connection, batch, timeout) from None
+        cur.execute("RELEASE SAVEPOINT regal_lock")  # a snapshot cannot be exported from a subtransaction
+    return locked
+
+
+def _lock_late_tables(cur: psycopg.Cursor[Any], late: list[Table], timeout: float) -> bool:
+    """Lock the tables the snapshot sees but the backup did not lock before it (created, or renamed, meanwhile).
+    True when their rows as the snapshot sees them are their rows now: none was dropped, truncated or
+    rewritten since the snapshot (any of which gives it a new relation file, which the catalogs, read outside
+    the snapshot once the lock is held, would show)."""
+    if len(_lock_present(cur, late, timeout)) < len(late):
+        return False
+    cur.execute("SELECT count(*) FROM pg_class c WHERE c.oid = ANY(%s::oid[]) "
+                "AND nullif(c.relfilenode, 0) IS DISTINCT FROM pg_relation_filenode(c.oid)",
+                ([t.oid for t in late],))
+    return cur.fetchone()[0] == 0  # type: ignore[index]
 
 
 @contextlib.contextmanager
@@ -627,27 +681,18 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         settings = session_settings(conn, encoding)
         settings["lock_timeout"] = str(max(1, int(lock_timeout * 1000)))
         apply_settings(conn, settings)
-        for _attempt in range(3):
+        for _attempt in range(LOCK_ATTEMPTS):
             with conn.cursor() as cur:
                 candidates = locked_relations(cur)
                 cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                try:
-                    for first in range(0, len(candidates), LOCK_BATCH):  # LOCK takes no snapshot: it comes after
-                        batch = candidates[first:first + LOCK_BATCH]
-                        cur.execute(f"LOCK TABLE ONLY {', '.join(t.dump_pattern() for t in batch)} "
-                                    "IN ACCESS SHARE MODE")
-                except psycopg.errors.UndefinedTable:
-                    cur.execute("ROLLBACK")  # dropped or renamed since it was listed: list again
-                    continue
-                except psycopg.errors.LockNotAvailable:
-                    cur.execute("ROLLBACK")
-                    raise _lock_refused(conn, batch, lock_timeout) from None
+                locked_before = _lock_present(cur, candidates, lock_timeout)  # the snapshot comes after
                 cur.execute("SELECT pg_export_snapshot(), pg_is_in_recovery(), current_setting('server_version'), "
                             "current_database(), txid_current_snapshot()::text")
                 snapshot, in_recovery, version, database, txid_snapshot = cur.fetchone()  # type: ignore[misc]
-                locked = locked_relations(cur)
-                if {t.oid for t in locked} != {t.oid for t in candidates}:
-                    cur.execute("ROLLBACK")  # a table was created or dropped meanwhile: list again
+                locked = locked_relations(cur)  # as the snapshot sees them
+                late = [t for t in locked if t.oid not in locked_before]
+                if late and not _lock_late_tables(cur, late, lock_timeout):
+                    cur.execute("ROLLBACK")  # dropped, truncated or rewritten since the snapshot: list again
                     continue
                 cur.execute("SELECT pg_last_wal_replay_lsn()::text" if in_recovery
                             else "SELECT pg_current_wal_lsn()::text")
@@ -656,7 +701,8 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
                 cur.execute("SET lock_timeout = 0")
                 break
         else:
-            raise RegalError("tables kept being created or dropped while the backup was locking them (3 attempts)",
+            raise RegalError(f"tables kept being dropped, truncated or rewritten right after the backup's snapshot "
+                             f"({LOCK_ATTEMPTS} attempts)",
                              "run the backup again once the schema change (migration) has finished")
         tables = [t for t in locked if t.kind == "r"]  # partitioned tables hold no rows of their own
         skipped = [t.label for t in tables if in_recovery and t.unlogged]

@@ -390,12 +390,16 @@ class StagedDatabase:
         """Refuse to replace a database other sessions use (they are not ended on anyone's behalf)."""
         if not self.exists:
             return
-        count = self._execute(sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                                      "AND pid <> pg_backend_pid()"), (self.target,))[0][0]
-        if count:
-            raise RegalError(f"{count} session(s) are connected to {describe_dsn(self.dsn)}: a restore replaces a "
-                             "database only when nobody uses it; nothing was changed",
-                             "stop the application using it (for example with --pre-hook) and restore again")
+        for _look in range(5):  # a session that is ending (ours, a moment ago) goes within a second
+            count = self._execute(sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                                          "pg_backend_pid() AND backend_type = 'client backend'"),  # not autovacuum
+                                  (self.target,))[0][0]
+            if not count:
+                return
+            time.sleep(0.2)
+        raise RegalError(f"{count} session(s) are connected to {describe_dsn(self.dsn)}: a restore replaces a "
+                         "database only when nobody uses it; nothing was changed",
+                         "stop the application using it (for example with --pre-hook) and restore again")
 
     def create(self, properties: dict[str, Any] | None, copying_target: bool = False) -> str:
         """Create the temporary database with the source database's encoding and locale; returns its DSN.

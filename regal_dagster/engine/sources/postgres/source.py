@@ -14,7 +14,7 @@ from typing import Any, cast
 import psycopg
 
 from ...environment import child_environment
-from ...errors import IntegrityError, ToolError, UsageError
+from ...errors import IntegrityError, RegalError, ToolError, UsageError
 from ...gdpr import ErasureLedger, ErasureResult
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
@@ -37,6 +37,7 @@ from .dump import (
     SCHEMA_OBJECT,
     TABLE_CONTENT,
     DumpSession,
+    SchemaLockQueued,
     Table,
     compare_schema_counts,
     dump_major,
@@ -48,6 +49,8 @@ from .restore import VALIDATION, restore_database
 from .target import PostgresTarget
 
 RESTORE_TEST_DATABASE = "restore_test"
+# How often a backup starts again when a schema change queued behind its locks before pg_dump took its own.
+SCHEMA_ATTEMPTS = 5
 
 
 class PostgresSource(Source):
@@ -58,15 +61,28 @@ class PostgresSource(Source):
     scratch_phase = "cluster"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
-        """One exported snapshot: the schema archive and every table's rows, tables in parallel."""
+        """One exported snapshot: the schema archive and every table's rows, tables in parallel. When a schema
+        change queues behind the backup's locks before pg_dump has taken its own, the backup lets it through
+        and starts again (SCHEMA_ATTEMPTS times)."""
         settings = cast(PostgresTarget, target)
-        with dump_session(settings.resolved_dsn(), settings.lock_timeout, settings.role_passwords) as session:
-            jobs = min(settings.jobs or 1, max(len(session.tables), 1))
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
-                schema_done = pool.submit(store, SCHEMA_OBJECT, SCHEMA_CONTENT, session.schema_chunks(), 0)
-                session.wait_for_schema_locks()
-                stored = _dump_tables(session, store, jobs)
-                schema = schema_done.result()
+        for _attempt in range(SCHEMA_ATTEMPTS):
+            with dump_session(settings.resolved_dsn(), settings.lock_timeout, settings.role_passwords) as session:
+                jobs = min(settings.jobs or 1, max(len(session.tables), 1))
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
+                    schema_done = pool.submit(store, SCHEMA_OBJECT, SCHEMA_CONTENT, session.schema_chunks(), 0)
+                    try:
+                        session.wait_for_schema_locks()
+                    except SchemaLockQueued:
+                        with contextlib.suppress(ToolError):  # pg_dump, cancelled, stored nothing
+                            schema_done.result()
+                        continue
+                    stored = _dump_tables(session, store, jobs)
+                    schema = schema_done.result()
+                break
+        else:
+            raise RegalError(f"schema changes kept queuing behind the backup's table locks before pg_dump could take "
+                             f"its own ({SCHEMA_ATTEMPTS} attempts); each was let through",
+                             "run the backup again once the schema change (migration) has finished")
         stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
         return Captured([schema, *(record for record, _ in stored)],
                         {**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
