@@ -93,11 +93,19 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
+# GNU time, a small C program, runs each step: the kernel's peak of the step's largest process (ru_maxrss),
+# which inherits only time's own small high-water mark, covers a step that ends before the first sample.
+GNU_TIME = "/usr/bin/time" if Path("/usr/bin/time").is_file() else None
+
+
 def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Run a command; return (wall seconds, peak tree RSS in bytes, stdout). Fails loudly on a non-zero exit."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run a command; return (wall seconds, peak RSS in bytes, stdout). Fails loudly on a non-zero exit. The
+    peak is the larger of the sampled sum of the step's processes' peaks and its largest process's peak."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(mode="r") as largest:
+        timed = [GNU_TIME, "--quiet", "--format=%M", f"--output={largest.name}", *argv] if GNU_TIME else list(argv)
         start = time.monotonic()
-        child = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env)
+        child = subprocess.Popen(timed, stdout=out, stderr=err, env=env)
         watcher, peak = psutil.Process(child.pid), 0
         while True:
             try:  # sampled before reaping, so the last sample still sees the finished processes' peaks
@@ -115,6 +123,8 @@ def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> tupl
         if child.returncode != 0:
             raise SystemExit(f"benchmark step failed ({child.returncode}): {shlex.join(argv)}\n"
                              f"{err.read().decode(errors='replace')[-2000:]}")
+        if GNU_TIME:
+            peak = max(peak, int(largest.read().strip() or 0) * 1024)
         return seconds, peak, out.read().decode()
 
 
