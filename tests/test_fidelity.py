@@ -31,7 +31,7 @@ from regal_dagster.engine.sources.postgres import dump
 from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, restore_database
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, make_policy, run_cli, write_policy_file
+from .conftest import DatabaseFactory, load_awkward_data, make_policy, run_cli, write_policy_file
 from .pg_compare import execute, full_schema_text, schema_text, table_contents, table_rows
 
 
@@ -902,3 +902,79 @@ def test_a_backup_from_a_hot_standby_skips_unlogged_table_data_as_pg_dump_does(t
             assert report.ok, report.validation_problems
             assert schema_text(target) == schema_text(source)
             assert table_contents(target) == {**table_contents(source_primary), "public.cache": []}
+
+
+# --- a connection pooler in front of the server ---------------------------------------------------------
+
+PGBOUNCER = Path("/usr/sbin/pgbouncer")
+
+
+@pytest.fixture
+def pgbouncer(system_pg: DatabaseFactory) -> Iterator[int]:
+    """PgBouncer (session pooling, trust) in front of the machine's PostgreSQL 15: its port. PgBouncer refuses
+    libpq's `options` startup parameter, which our sessions use for their settings."""
+    import shutil
+    import socket
+
+    if not PGBOUNCER.is_file():
+        pytest.skip("PgBouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    home = Path(tempfile.mkdtemp(prefix="regal-pgbouncer-"))
+    server = psycopg.conninfo.conninfo_to_dict(system_pg.server_dsn)
+    (home / "users.txt").write_text(f'"{server.get("user", "postgres")}" ""\n')
+    (home / "pgbouncer.ini").write_text(f"""[databases]
+* = host={server.get("host", "127.0.0.1")} port={server.get("port", 5432)}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {home}/users.txt
+pool_mode = session
+logfile = {home}/pgbouncer.log
+pidfile = {home}/pgbouncer.pid
+""")
+    shutil.chown(home, "postgres")
+    for path in home.iterdir():
+        shutil.chown(path, "postgres")
+    subprocess.run([str(PGBOUNCER), "-d", "-u", "postgres", str(home / "pgbouncer.ini")], check=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (home / "pgbouncer.pid").is_file():
+            assert time.monotonic() < deadline, (home / "pgbouncer.log").read_text()
+            time.sleep(0.05)
+        yield port
+    finally:
+        subprocess.run(["kill", (home / "pgbouncer.pid").read_text().strip()], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_backups_and_restores_go_through_a_pooler_that_refuses_startup_options(
+        system_pg: DatabaseFactory, pgbouncer: int, tmp_path: Path, master_key: str) -> None:
+    from regal_dagster.engine.postgresql.connection import connect
+
+    source = system_pg.create()
+    load_awkward_data(source)
+    dbname = psycopg.conninfo.conninfo_to_dict(source)["dbname"]
+    execute(source, f"""ALTER DATABASE "{dbname}" SET statement_timeout = '5min'""")
+    pooled = psycopg.conninfo.make_conninfo(source, port=pgbouncer)
+    with pytest.raises(psycopg.OperationalError, match="unsupported startup parameter"):
+        psycopg.connect(pooled, options="-c statement_timeout=0")
+    with connect(pooled) as conn:  # the settings are SET instead
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+
+    policy = make_policy(tmp_path, {"pos": pooled})
+    manifest = run_backup(policy, "pos").manifest
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    # through the pooler the copy loads (pg_restore without its speed settings), but the pooler keeps sessions
+    # to the database open, so it is not put in place: the error says to restore to the server itself
+    target = system_pg.new_name("regal_pooled")
+    with pytest.raises(RegalError) as refused:
+        restore_database(repo, keyring, manifest, psycopg.conninfo.make_conninfo(pooled, dbname=target))
+    assert "through a connection pooler" in refused.value.hint
+    restored = system_pg.dsn(system_pg.new_name("regal_pooled"))
+    report = restore_database(repo, keyring, manifest, restored)
+    assert report.ok, report.validation_problems
+    assert_same_database(restored, source)

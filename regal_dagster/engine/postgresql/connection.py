@@ -92,6 +92,12 @@ def startup_options(given: str | None, settings: dict[str, str]) -> str:
     return " ".join([*([given] if given else []), *(f"-c {escaped(f'{k}={v}')}" for k, v in settings.items())])
 
 
+def refuses_startup_options(message: str) -> bool:
+    """Whether a connection failed because a pooler in front of the server (PgBouncer) refuses libpq's
+    `options`: the settings must then be SET in the session, or (when only for speed) left out."""
+    return "unsupported startup parameter" in message
+
+
 def with_session_settings(env: dict[str, str], settings: dict[str, str]) -> dict[str, str]:
     """A client program's environment (libpq_environment) whose sessions start with `settings`, after any
     options the DSN gave."""
@@ -112,7 +118,7 @@ def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | No
             conn = psycopg.connect(dsn, connect_timeout=10, autocommit=autocommit, **kwargs,
                                    options=startup_options(None if given is None else str(given), settings))
         except psycopg.OperationalError as exc:
-            if "unsupported startup parameter" not in str(exc):  # a pooler (PgBouncer) refuses options: SET them
+            if not refuses_startup_options(str(exc)):  # else SET them
                 raise
             conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True, **kwargs)
             try:

@@ -38,6 +38,7 @@ from ...postgresql.connection import (
     describe_dsn,
     libpq_environment,
     quote_ident,
+    refuses_startup_options,
     server_major,
     with_dbname,
     with_session_settings,
@@ -292,6 +293,11 @@ def _staging_name(target: str, kind: str, token: str) -> str:
     return prefix + suffix
 
 
+# What to do when the database a restore would replace has other sessions (a pooler keeps some open).
+IN_USE_HINT = ("stop the application using it (for example with --pre-hook), restore to the server itself rather "
+               "than through a connection pooler, and restore again")
+
+
 class StagedDatabase:
     """A restore's temporary database on the target's server, and its publication under the target's name.
 
@@ -399,7 +405,7 @@ class StagedDatabase:
             time.sleep(0.2)
         raise RegalError(f"{count} session(s) are connected to {describe_dsn(self.dsn)}: a restore replaces a "
                          "database only when nobody uses it; nothing was changed",
-                         "stop the application using it (for example with --pre-hook) and restore again")
+                         IN_USE_HINT)
 
     def create(self, properties: dict[str, Any] | None, copying_target: bool = False) -> str:
         """Create the temporary database with the source database's encoding and locale; returns its DSN.
@@ -433,7 +439,7 @@ class StagedDatabase:
         except psycopg.errors.ObjectInUse:
             raise RegalError(f"{describe_dsn(self.dsn)} came into use during the restore: it was not replaced, and "
                              "the restored copy was dropped",
-                             "stop the application using it (for example with --pre-hook) and restore again") from None
+                             IN_USE_HINT) from None
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RegalError(f"the restored database could not be renamed to {self.target}: {reason}; the target "
@@ -734,9 +740,13 @@ def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[s
         args += ["--no-owner", "--no-privileges"]
     if not tablespaces:
         args.append("--no-tablespaces")
-    env = with_session_settings(libpq_environment(dsn), RESTORE_SESSION_SETTINGS)
-    result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            check=False)
+    # the settings only make it faster: without them through a pooler that refuses them (it failed to connect)
+    for settings in (RESTORE_SESSION_SETTINGS, {}):
+        env = with_session_settings(libpq_environment(dsn), settings) if settings else libpq_environment(dsn)
+        result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                check=False)
+        if not refuses_startup_options(result.stderr.decode(errors="replace")):
+            break
     if result.returncode == 0:
         return []
     text = result.stderr.decode(errors="replace").strip()
