@@ -36,6 +36,7 @@ import psycopg
 
 from ...errors import RegalError, ToolError
 from ...postgresql.connection import (
+    NO_TIMEOUTS,
     apply_settings,
     connect,
     describe_dsn,
@@ -67,8 +68,7 @@ def dump_major(tool_versions: dict[str, str]) -> int:
 COPY_SESSION_SETTINGS = {
     "search_path": "", "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres",
     "extra_float_digits": "3", "bytea_output": "hex", "row_security": "off", "synchronize_seqscans": "off",
-    "statement_timeout": "0", "lock_timeout": "0", "idle_in_transaction_session_timeout": "0",
-    "xmloption": "content", "array_nulls": "on",
+    **NO_TIMEOUTS, "xmloption": "content", "array_nulls": "on",
 }
 # Session settings for restoring (all user-settable): bigger sorts for index builds, no commit waits.
 RESTORE_SESSION_SETTINGS = {"maintenance_work_mem": "256MB", "work_mem": "64MB", "synchronous_commit": "off"}
