@@ -7,44 +7,29 @@ reminder, one that is gone sends "resolved". Messages go through an outbox: a ch
 down, webhook 500) is logged and retried on the next evaluation, and never raises into the pipeline.
 The book is plain JSON, so a Dagster sensor keeps it in its cursor and the CLI could keep it in a file.
 
-Channels: e-mail (SMTP with STARTTLS, SSL or plain), Slack incoming webhooks, a generic JSON webhook,
-PagerDuty (Events API v2: trigger, and resolve with the same dedup key) and a local file (JSON lines).
-Secrets (SMTP password, Slack URL, webhook URL, routing key) come from environment variables and are
-never logged.
+The channels (e-mail, Slack, a generic JSON webhook, PagerDuty, a local file, ...) are modules of
+engine/channels/, found by its registry; secrets come from environment variables and are never logged.
 """
 
 from __future__ import annotations
 
-import email.policy
 import json
 import logging
-import os
-import smtplib
-import ssl
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 from .audit import completed_backups
 from .catalog import list_backups, newest_first
+from .channels.base import ChannelSettings, Notification
+from .channels.registry import send as send_on_channel
 from .checks import ERROR, check_status, good_newest_first
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
 from .layout import restore_test_prefix, started_of
-from .policy import (
-    AlertChannel,
-    EmailChannel,
-    FileChannel,
-    PagerDutyChannel,
-    Policy,
-    SlackChannel,
-    WebhookChannel,
-)
+from .policy import Policy
 from .restore_test import RESTORE_TEST_KIND
 from .storage import Repository
 
@@ -88,39 +73,6 @@ class Condition:
     first_step: str
     since: datetime | None = None  # when it started; None: when it was first seen
     details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Notification:
-    status: str  # alert | reminder | resolved
-    condition: dict[str, Any]  # a Condition as JSON
-    since: str
-    at: str
-
-    @property
-    def subject(self) -> str:
-        label = {"alert": "ALERT", "reminder": "STILL FAILING", "resolved": "RESOLVED"}[self.status]
-        return f"[Regal Backup] {label}: {self.condition['what']}"
-
-    @property
-    def text(self) -> str:
-        c = self.condition
-        lines = [self.subject, "", f"What:    {c['what']}", f"Target:  {c['target']}", f"Since:   {self.since}"]
-        if self.status == "resolved":
-            lines.append(f"Cleared: {self.at}")
-        lines.append(f"Link:    {c['link']}")
-        if self.status != "resolved":
-            lines += ["", f"First step: {c['first_step']}"]
-        for name, value in c.get("details", {}).items():
-            lines.append(f"{name}: {value}")
-        return "\n".join(lines)
-
-    @property
-    def payload(self) -> dict[str, Any]:
-        c = self.condition
-        return {"source": "regal-backup", "status": self.status, "event": c["event"], "key": c["key"],
-                "target": c["target"], "what": c["what"], "since": self.since, "at": self.at,
-                "link": c["link"], "first_step": c["first_step"], "details": c.get("details", {})}
 
 
 def _condition_json(condition: Condition) -> dict[str, Any]:
@@ -190,107 +142,12 @@ class AlertBook:
         return failures
 
 
-# --- channels --------------------------------------------------------------------------------------
+# --- delivery --------------------------------------------------------------------------------------
 
-class ChannelError(Exception):
-    pass
-
-
-def _secret(env: str, what: str) -> str:
-    value = os.environ.get(env)
-    if not value:
-        raise ChannelError(f"the environment variable {env} ({what}) is not set")
-    return value
-
-
-_UNFOLDED = email.policy.SMTP.clone(max_line_length=998)  # Python folds long subjects badly: keep them whole
-
-
-def send_email(channel: EmailChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
-    message = EmailMessage(policy=_UNFOLDED)
-    message["Subject"] = notification.subject
-    message["From"] = channel.sender
-    message["To"] = ", ".join(channel.recipients)
-    message.set_content(notification.text)
-    context = ssl.create_default_context(cafile=str(resolve_path(channel.ca_file)) if channel.ca_file else None)
-    timeout = channel.timeout.total_seconds()
-    try:
-        if channel.security == "ssl":
-            smtp: smtplib.SMTP = smtplib.SMTP_SSL(channel.host, channel.port, timeout=timeout, context=context)
-        else:
-            smtp = smtplib.SMTP(channel.host, channel.port, timeout=timeout)
-        with smtp:
-            if channel.security == "starttls":
-                smtp.starttls(context=context)
-            if channel.username:
-                smtp.login(channel.username, _secret(channel.password_env or "", "SMTP password"))
-            smtp.send_message(message)
-    except (OSError, smtplib.SMTPException) as exc:
-        raise ChannelError(f"SMTP {channel.host}:{channel.port}: {type(exc).__name__}: {exc}") from None
-
-
-def _post_json(url: str, body: dict[str, Any], timeout: float, label: str) -> None:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "regal-backup"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-    except urllib.error.HTTPError as exc:
-        raise ChannelError(f"{label} answered HTTP {exc.code}") from None
-    except (OSError, urllib.error.URLError) as exc:
-        raise ChannelError(f"{label} unreachable: {getattr(exc, 'reason', exc)}") from None
-
-
-PAGERDUTY_SEVERITY = {"rpo_breach": "critical", "backup_failed": "critical", "verification_failed": "critical",
-                      "damaged_backup": "critical", "document_refused": "critical", "capacity": "warning",
-                      "key_cryptoperiod": "warning"}
-
-
-def pagerduty_event(channel: PagerDutyChannel, routing_key: str, notification: Notification) -> dict[str, Any]:
-    """The Events API v2 body: an alert or a reminder triggers (PagerDuty keeps one incident per dedup key),
-    "resolved" resolves it."""
-    c = notification.condition
-    dedup_key = f"regal-backup:{c['key']}"
-    if notification.status == "resolved":
-        return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup_key}
-    severity = channel.severity or PAGERDUTY_SEVERITY.get(c["event"], "error")
-    return {
-        "routing_key": routing_key, "event_action": "trigger", "dedup_key": dedup_key, "client": "regal-backup",
-        "client_url": c["link"], "links": [{"href": c["link"], "text": "Open in Dagster"}],
-        "payload": {"summary": notification.subject[:1024], "source": f"regal-backup/{c['target']}",
-                    "severity": severity, "timestamp": notification.at, "component": c["target"],
-                    "group": "backups", "class": c["event"],
-                    "custom_details": {"what": c["what"], "since": notification.since,
-                                       "first_step": c["first_step"], "status": notification.status,
-                                       **c.get("details", {})}},
-    }
-
-
-def append_line(channel: FileChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
-    path = resolve_path(channel.path)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "a") as alerts_file:
-            alerts_file.write(json.dumps(notification.payload, sort_keys=True) + "\n")
-    except OSError as exc:
-        raise ChannelError(f"alert file {path}: {exc.strerror}") from None
-
-
-def send(channel: AlertChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
-    """Deliver one message on one channel; ChannelError says why it failed (without secrets)."""
-    if isinstance(channel, EmailChannel):
-        send_email(channel, notification, resolve_path)
-    elif isinstance(channel, SlackChannel):
-        _post_json(_secret(channel.webhook_url_env, "Slack webhook URL"), {"text": notification.text},
-                   channel.timeout.total_seconds(), "Slack webhook")
-    elif isinstance(channel, WebhookChannel):
-        url = channel.url or _secret(channel.url_env or "", "webhook URL")
-        _post_json(url, notification.payload, channel.timeout.total_seconds(), "webhook")
-    elif isinstance(channel, PagerDutyChannel):
-        body = pagerduty_event(channel, _secret(channel.routing_key_env, "PagerDuty routing key"), notification)
-        _post_json(channel.events_url, body, channel.timeout.total_seconds(), "PagerDuty Events API")
-    elif isinstance(channel, FileChannel):
-        append_line(channel, notification, resolve_path)
+def send(channel: ChannelSettings, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
+    """Deliver one message on one channel, through the channel registry (engine/channels/); ChannelError
+    says why it failed (without secrets), including a channel kind this regal-backup does not know."""
+    send_on_channel(channel, notification, resolve_path)
 
 
 def evaluate_and_notify(policy: Policy, book: AlertBook, conditions: list[Condition], now: datetime) -> list[str]:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .channels.base import ChannelSettings
+from .channels.registry import channel_kinds, channel_models
 from .errors import PolicyError
 from .settings import (
     Cron,
@@ -33,8 +35,11 @@ from .transport import Transport, url_transport
 
 if TYPE_CHECKING:
     TargetConfig = TargetSettings
+    AlertChannel = ChannelSettings
 else:  # every source kind's settings, told apart by `kind` (engine/sources/<kind>/target.py)
     TargetConfig = Annotated[Union[tuple(target_models())], Field(discriminator="kind")]  # noqa: UP007
+    # every alert channel's settings, told apart by `kind` (engine/channels/<kind>.py)
+    AlertChannel = Annotated[Union[tuple(channel_models())], Field(discriminator="kind")]  # noqa: UP007
 
 POLICY_ENV = "REGAL_POLICY"
 DEFAULT_POLICY_FILE = "regal_backup.yaml"
@@ -181,64 +186,6 @@ class ChecksConfig(Settings):
     size_history: int = Field(10, ge=3, le=100, description="how many recent good backups the size check uses")
     sample_kb: int = Field(64, ge=4, le=65536, description="KB read from each end of every object when "
                            "looking for plaintext")
-
-
-class EmailChannel(Settings):
-    kind: Literal["email"]
-    host: str
-    port: int = 587
-    security: Literal["starttls", "ssl", "none"] = "starttls"
-    username: str | None = None
-    password_env: str | None = Field(None, description="environment variable holding the SMTP password")
-    sender: str
-    recipients: list[str] = Field(min_length=1)
-    ca_file: str | None = Field(None, description="CA bundle for the server's certificate (default: system's)")
-    timeout: Duration = timedelta(seconds=15)
-
-
-class SlackChannel(Settings):
-    kind: Literal["slack"]
-    webhook_url_env: str = Field(description="environment variable holding the incoming-webhook URL (a secret)")
-    timeout: Duration = timedelta(seconds=15)
-
-
-class WebhookChannel(Settings):
-    kind: Literal["webhook"]
-    url: str | None = None
-    url_env: str | None = Field(None, description="environment variable holding the URL, when it is a secret")
-    timeout: Duration = timedelta(seconds=15)
-
-    @model_validator(mode="after")
-    def _one_url(self) -> WebhookChannel:
-        if (self.url is None) == (self.url_env is None):
-            raise ValueError("give exactly one of url or url_env")
-        return self
-
-
-class PagerDutyChannel(Settings):
-    """PagerDuty Events API v2: an alert triggers (or updates) an incident, "resolved" resolves it."""
-
-    kind: Literal["pagerduty"]
-    routing_key_env: str = Field(description="environment variable holding the integration's routing key "
-                                             "(a secret)")
-    events_url: str = Field("https://events.pagerduty.com/v2/enqueue",
-                            description="the Events API v2 endpoint (change it only for a proxy or a test receiver)")
-    severity: Literal["critical", "error", "warning", "info"] | None = Field(
-        None, description="one severity for every alert (default: critical for a breached RPO, a failed backup, "
-                          "a failed verification and damage; error for the rest; warning for capacity and keys)")
-    timeout: Duration = timedelta(seconds=15)
-
-
-class FileChannel(Settings):
-    """Alerts appended as JSON lines to a local file (mode 0600), for a log shipper or an on-host agent to
-    pick up; the demo uses it."""
-
-    kind: Literal["file"]
-    path: str = Field(description="the file (relative to the policy file); created if missing")
-
-
-AlertChannel = Annotated[EmailChannel | SlackChannel | WebhookChannel | PagerDutyChannel | FileChannel,
-                         Field(discriminator="kind")]
 
 
 class CapacityConfig(Settings):
@@ -437,7 +384,7 @@ class Policy(Settings):
         return chosen
 
 
-_UNION_TAGS = {*kinds(), "email", "slack", "webhook", "pagerduty", "file"}  # pydantic puts a union's tag in the path
+_UNION_TAGS = {*kinds(), *channel_kinds()}  # pydantic puts a union's tag in the path
 
 
 def _format_problem(error: dict[str, Any]) -> str:
