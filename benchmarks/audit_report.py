@@ -31,9 +31,9 @@ from regal_dagster.engine.audit import (
     canonical_details,
     verify_trail,
 )
+from regal_dagster.engine.compliance.report import Period, build_report
 from regal_dagster.engine.crypto import create_keyset, generate_master_key
 from regal_dagster.engine.policy import policy_from_dict
-from regal_dagster.engine.report import Period, build_report
 from regal_dagster.engine.repository_format import initialize
 from regal_dagster.engine.storage import open_repository
 

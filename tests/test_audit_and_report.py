@@ -26,29 +26,28 @@ import yaml
 
 from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
 from regal_dagster.engine.audit import AuditTrail, verify_trail
-from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.errors import RegalError, UsageError
-from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.report import (
-    COLUMNS,
+from regal_dagster.engine.compliance.controls import (
     CONTROLS,
     FAIL,
-    FRAMEWORKS,
     NOT_TESTED,
     PASS,
     RESULTS,
     Control,
-    Period,
-    ReportResult,
-    build_report,
     framework_verdict,
     framework_verdicts,
 )
+from regal_dagster.engine.compliance.evidence import COLUMNS
+from regal_dagster.engine.compliance.frameworks.registry import frameworks
+from regal_dagster.engine.compliance.report import Period, ReportResult, build_report
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.errors import RegalError, UsageError
+from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.retention import run_prune
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
 
+FRAMEWORKS = {key: framework.name for key, framework in frameworks().items()}
 HOSTILE = '<script>alert("pwned")</script><img src="http://127.0.0.1:9/x.png">'
 
 
@@ -400,7 +399,7 @@ def test_the_report_is_signed_when_the_policy_gives_a_certificate_and_dagster_bu
 
 
 def test_the_renderer_fetches_only_its_own_template_files() -> None:
-    from regal_dagster.engine.report import TEMPLATES, _fetcher
+    from regal_dagster.engine.compliance.rendering import TEMPLATES, _fetcher
 
     fetcher = _fetcher()
     response = fetcher.fetch((TEMPLATES / "report.css").as_uri())  # its own stylesheet: allowed
@@ -612,8 +611,9 @@ def _attachment(pdf: bytes, name: str) -> bytes:
 
 
 def test_encryption_in_transit_is_read_from_each_connection_as_configured(tmp_path: Path) -> None:
+    from regal_dagster.engine.compliance.controls import Facts, _encrypted_in_transit
+    from regal_dagster.engine.compliance.evidence import Evidence
     from regal_dagster.engine.policy import policy_from_dict
-    from regal_dagster.engine.report import Evidence, Facts, _encrypted_in_transit
 
     def transports(repository: dict[str, Any], **targets: dict[str, Any]) -> dict[str, tuple[str, str]]:
         policy = policy_from_dict({

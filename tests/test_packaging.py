@@ -71,7 +71,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Run by the venv's python: where regal_dagster and its templates come from, and the renderer's fetch rule
 # there (its own stylesheet is fetched; the package's code beside the templates and the web are refused).
 PROBE = """
-import json, regal_dagster, regal_dagster.engine.report as report
+import json, regal_dagster, regal_dagster.engine.compliance.rendering as report
 fetcher, fetched = report._fetcher(), []
 for url in ((report.TEMPLATES / "report.css").as_uri(), (report.TEMPLATES.parent / "__init__.py").as_uri(),
             "http://127.0.0.1:9/tracker.png"):

@@ -606,7 +606,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.report import Period, build_report
+    from ..engine.compliance.report import Period, build_report
 
     policy = _load_policy(args)
     period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))

@@ -26,12 +26,12 @@ from ..defs.backups.assets import RETENTION_CLASS_TAG
 from ..engine import catalog
 from ..engine.alerts import AlertBook, Condition, evaluate_and_notify
 from ..engine.bootstrap import POLICY_NAME, init_project
+from ..engine.compliance.report import Period, build_report
 from ..engine.crypto import load_keyring
 from ..engine.datagen import create_pos_database
 from ..engine.drill import run_drill
 from ..engine.policy import load_policy
 from ..engine.postgresql.server import ScratchCluster
-from ..engine.report import Period, build_report
 from ..engine.restore_test import run_restore_test
 from ..engine.retention import run_prune
 from ..engine.storage import open_repository

@@ -40,9 +40,9 @@ from dagster import (
     sensor,
 )
 
+from ...engine.compliance.report import Period, build_report
 from ...engine.layout import COMPLIANCE_REPORTS
 from ...engine.policy import Policy
-from ...engine.report import Period, build_report
 from ..resources import RegalEngine
 
 REPORT_KEY = AssetKey(["compliance", "report"])

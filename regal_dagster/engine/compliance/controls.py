@@ -1,0 +1,513 @@
+"""The controls: what each one asks, how it is tested on the period's evidence alone (its judgement), and
+the one list of exceptions (every control that did not pass, with its owner, action and due date). Which
+framework requirements a control meets is declared by the frameworks (engine/compliance/frameworks/)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+from ..audit import ChainVerdict
+from ..errors import RegalError
+from ..policy import Policy
+from ..settings import CronExpression
+from .charts import human_seconds
+from .evidence import Evidence, Period, row_at
+from .frameworks.base import framework_verdict
+from .frameworks.registry import citations_of, frameworks, frameworks_citing
+from .results import FAIL, NOT_TESTED, PASS, RESULTS
+
+__all__ = ["CONTROLS", "FAIL", "NOT_TESTED", "PASS", "RESULTS", "Control", "ControlSpec", "Facts", "Judgement",
+           "evaluate_controls", "exceptions", "framework_verdict", "framework_verdicts"]
+
+
+# --- controls --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    control_id: str
+    description: str
+    frequency: str
+    test: str
+    evidence: str  # the evidence tables
+    action: str  # what the owner does when it fails
+    untested_action: str  # what the owner does when there was nothing to test it on
+
+    @property
+    def mapping(self) -> tuple[str, ...]:
+        """The framework requirements it meets ("PCI DSS 3.5.1", "SOX ITGC CO-1", "GDPR Art. 32(1)(b)"), as
+        the frameworks declare them (engine/compliance/frameworks/)."""
+        return citations_of(self.control_id)
+
+
+@dataclass
+class Control:
+    control_id: str
+    mapping: list[str]
+    description: str
+    frequency: str
+    test: str
+    result: str
+    finding: str
+    evidence: str
+
+    @property
+    def frameworks(self) -> set[str]:
+        """The keys of the frameworks (frameworks.registry) that cite it."""
+        return frameworks_citing(self.mapping)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    passed: bool | None  # None: nothing in the period to test it on
+    finding: str
+
+    @property
+    def result(self) -> str:
+        return NOT_TESTED if self.passed is None else PASS if self.passed else FAIL
+
+
+@dataclass
+class Facts:
+    """What the controls are judged on."""
+
+    policy: Policy
+    evidence: Evidence
+    figures: dict[str, Any]
+    failures: list[dict[str, Any]]
+    verdict: ChainVerdict
+    period: Period
+    now: datetime
+
+    @property
+    def t(self) -> dict[str, list[dict[str, Any]]]:
+        return self.evidence.tables
+
+    @property
+    def at(self) -> datetime:
+        return self.period.judged_at(self.now)
+
+    def open_failures(self, control_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.failures if f["open"] and f["control_id"] == control_id]
+
+
+def _backups_run(f: Facts) -> Judgement:
+    targets = sorted(f.policy.targets)
+    backed = {r["target"] for r in f.t["backups"] if r["outcome"] == "success"}
+    missing = [t for t in targets if t not in backed]
+    open_failures = f.open_failures("BK-01")
+    return Judgement(
+        not missing and not open_failures,
+        f"{f.figures['backups_succeeded']} of {f.figures['backups_total']} backups succeeded; "
+        f"targets without a good backup in the period: {', '.join(missing) or 'none'}; "
+        f"unresolved failures: {len(open_failures)}",
+    )
+
+
+def _rpo_met(f: Facts) -> Judgement:
+    achieved = f.figures["rpo_achieved_seconds"]
+    missing = [k for k, v in achieved.items() if v is None]
+    late = [k for k, v in achieved.items() if v is not None and v > f.policy.rpo_for(k).total_seconds()]
+    return Judgement(
+        not missing and not late,
+        f"worst gap between good backups {human_seconds(f.figures['rpo_worst_seconds'])} against an RPO "
+        f"of {human_seconds(f.figures['rpo_target_seconds'])}; over the RPO: {', '.join(late) or 'none'}"
+        + (f"; never backed up: {', '.join(missing)}" if missing else ""),
+    )
+
+
+def _verified(f: Facts) -> Judgement:
+    verified = {r["resource"] for r in f.t["verifications"] if r["outcome"] == "success"}
+    good = [r["resource"] for r in f.t["backups"] if r["outcome"] == "success"]
+    unverified = [b for b in good if b not in verified]
+    return Judgement(
+        None if not good else not unverified,
+        f"{len(good) - len(unverified)} of {len(good)} good backups verified"
+        + (
+            f"; not verified: {', '.join(unverified[:5])}" + (" …" if len(unverified) > 5 else "")
+            if unverified
+            else ""
+        ),
+    )
+
+
+def _encrypted_at_rest(f: Facts) -> Judgement:
+    failures = [r for r in f.t["verifications"] if not (r.get("checks") or {}).get("encryption", True)]
+    return Judgement(
+        None if not f.t["verifications"] else not failures,
+        f"{len(f.t['verifications'])} verifications; the encryption check failed {len(failures)} time(s)",
+    )
+
+
+def _encrypted_in_transit(f: Facts) -> Judgement:
+    rows = f.t["transport"]
+    exposed = [r["connection"] for r in rows if r["protection"] not in ("TLS", "local")]
+    counts = {p: sum(r["protection"] == p for r in rows) for p in ("TLS", "local")}
+    return Judgement(
+        not exposed,
+        f"{len(rows)} connection(s): {counts['TLS']} over TLS, {counts['local']} never "
+        f"leave the host; not encrypted: {', '.join(exposed) or 'none'}",
+    )
+
+
+def _keys_rotated(f: Facts) -> Judgement:
+    at = f.at
+    primary = next(
+        (
+            k
+            for k in f.t["keys"]
+            if k.get("primary_since")
+            and datetime.fromisoformat(k["primary_since"]) <= at
+            and (not k.get("primary_until") or at < datetime.fromisoformat(k["primary_until"]))
+        ),
+        None,
+    )
+    if primary is None:
+        return Judgement(
+            None, "no key's primary dates cover the period's end (a keyset older than key dates)"
+        )
+    age = (at - datetime.fromisoformat(primary["primary_since"])).days
+    operations = len(f.t["key_operations"])
+    return Judgement(
+        age <= f.policy.encryption.cryptoperiod.days,
+        f"key {primary['key_id']} was primary at the period's end, {age} day(s) into its cryptoperiod "
+        f"of {f.policy.encryption.cryptoperiod.days} days; {operations} key operation(s) in the period",
+    )
+
+
+def _retention_enforced(f: Facts) -> Judgement:
+    logs, decisions = f.t["prune_logs"], f.t["retention_at_end"]
+    existed = bool(f.t["backups_before_period"]) or any(r["outcome"] == "success" for r in f.t["backups"])
+    problems = [f"prune log {r['key']}: {r['authenticated'].removeprefix('NO: ')}" for r in logs
+                if r["authenticated"].startswith("NO")]
+    problems += [f"{len(r['not_carried_out'])} deletion(s) planned at {r['at'][:16]} not carried out"
+                 for r in logs if r["not_carried_out"]]
+    good = [r for r in logs if not r["authenticated"].startswith("NO")]
+    if not good:
+        if not existed and not problems:
+            return Judgement(None, "no prune ran in the period and there were no backups")
+        return Judgement(False, "; ".join(["no prune ran in the period"
+                                           + ("; backups existed, so retention was not enforced" if existed
+                                              else ""), *problems]))
+    last = row_at(good[-1])
+    interval = prune_interval(f.policy.prune.cron, f.at)
+    if f.at - last > interval + timedelta(hours=1):
+        problems.append(f"the last prune ran {human_seconds((f.at - last).total_seconds())} before the "
+                        f"period's end (the schedule runs every {human_seconds(interval.total_seconds())})")
+    overdue = [d["backup_id"] for d in decisions if d["keep"] and d["delete_after"]
+               and datetime.fromisoformat(d["delete_after"]) < f.at - interval - timedelta(hours=1)]
+    if overdue:
+        problems.append(f"{len(overdue)} backup(s) kept past their planned deletion")
+    kept = sum(d["keep"] for d in decisions)
+    return Judgement(not problems, f"{len(good)} prune(s) in the period; the last, at {last:%Y-%m-%d %H:%M}, "
+                                   f"kept {kept} backup(s) inside their retention and deleted {good[-1]['deleted']}"
+                                   + ("; " + "; ".join(problems) if problems else ""))
+
+
+def prune_interval(cron: str, before: datetime) -> timedelta:
+    """The longest gap between the prune schedule's runs in the 8 days before `before` (a minute's
+    resolution), so that a prune is expected within it."""
+    expression = CronExpression.parse(cron)
+    minute = before.replace(second=0, microsecond=0)
+    ticks = [
+        minute - timedelta(minutes=i)
+        for i in range(8 * 24 * 60)
+        if expression.matches(minute - timedelta(minutes=i))
+    ]
+    return max((a - b for a, b in pairwise(ticks)), default=timedelta(days=8))
+
+
+def _offsite(f: Facts) -> Judgement:
+    results = [(r.get("checks") or {}).get("offsite_copy") for r in f.t["verifications"]]
+    lock = f.policy.repository.object_lock
+    configured = f.policy.offsite is not None
+    return Judgement(
+        configured and all(v is not False for v in results),
+        ("off-site copy " + ("configured" if configured else "NOT configured"))
+        + f"; Object Lock {lock.mode if lock else 'off'}; off-site check failures: "
+        f"{sum(v is False for v in results)}",
+    )
+
+
+def _restore_tested(f: Facts) -> Judgement:
+    tests = f.t["restore_tests"]
+    slow = [
+        r
+        for r in tests
+        if r.get("rto_seconds") is not None
+        and r.get("rto_target_seconds")
+        and r["rto_seconds"] > r["rto_target_seconds"]
+    ]
+    open_failures = f.open_failures("RT-01")
+    return Judgement(
+        None if not tests else not open_failures and not slow,
+        f"{f.figures['restore_tests_passed']} of {f.figures['restore_tests_total']} restore tests passed; "
+        f"worst RTO {human_seconds(f.figures['rto_worst_seconds'])} against "
+        f"{human_seconds(f.figures['rto_target_seconds'])}; unresolved failures: {len(open_failures)}",
+    )
+
+
+def _drilled(f: Facts) -> Judgement:
+    drills = f.t["drills_last_quarter"]
+    if not drills:
+        return Judgement(None, "no drill in the 92 days before the period's end")
+    last = drills[-1]
+    return Judgement(
+        last["outcome"] == "success",
+        f"{len(drills)} drill(s); the last, {last['at'][:10]}: {last['outcome']}, RTO "
+        f"{human_seconds(last.get('rto_seconds'))}, RPO "
+        + (
+            human_seconds(last["rpo_seconds"])
+            if last.get("rpo_seconds") is not None
+            else "none (a target "
+            "was not recovered: "
+            + ", ".join(t for t, ok in (last.get("targets") or {}).items() if not ok)
+            + ")"
+        ),
+    )
+
+
+def _events_complete(f: Facts) -> Judgement:
+    rows = f.t["audit_events"]
+    incomplete = [
+        r
+        for r in rows
+        if not all(r[k] for k in ("actor", "event_type", "outcome", "host", "process", "resource", "at"))
+    ]
+    return Judgement(
+        None if not rows else not incomplete, f"{len(rows)} events; incomplete: {len(incomplete)}"
+    )
+
+
+def _chain_intact(f: Facts) -> Judgement:
+    v = f.verdict
+    return Judgement(
+        v.ok,
+        f"chain of {v.entries} entries intact; {v.checkpoints} checkpoint(s) match"
+        if v.ok
+        else f"CHAIN BROKEN at entry {v.first_bad_seq}: {v.problem}",
+    )
+
+
+def _audit_kept(f: Facts) -> Judgement:
+    months = f.policy.audit.retention_months if f.policy.audit else 0
+    oldest = f.verdict.oldest
+    return Judgement(
+        months >= 12,
+        f"retention {months} months; oldest entry {oldest.strftime('%Y-%m-%d') if oldest else 'none'}",
+    )
+
+
+def _alerted(f: Facts) -> Judgement:
+    channels = f.policy.alerts.channels
+    sent = [r for r in f.t["alerts"] if r["outcome"] == "success"]
+
+    def about(alert: dict[str, Any]) -> str:
+        """The target an alert was about (events before alerts named it: the second part of its key)."""
+        if alert["target"] in f.policy.targets:
+            return str(alert["target"])
+        parts = str(alert["resource"]).split(":")
+        return parts[1] if len(parts) > 1 else ""
+
+    def alerted(failure: dict[str, Any]) -> bool:
+        return any(
+            row_at(a) >= row_at(failure)
+            and (failure["target"] not in f.policy.targets or about(a) == failure["target"])
+            for a in sent
+        )
+
+    open_failures = [fl for fl in f.failures if fl["open"]]
+    unalerted = sorted({fl["target"] for fl in open_failures if not alerted(fl)})
+    return Judgement(
+        bool(channels) and not unalerted,
+        f"{len(channels)} alert channel(s); {len(f.failures)} failed operation(s) in the period, "
+        f"{len(open_failures)} unresolved; {len(sent)} alert(s) delivered; unresolved failures with no "
+        f"alert about them: {', '.join(unalerted) or 'none'}",
+    )
+
+
+def _erasures_hold(f: Facts) -> Judgement:
+    tests = f.t["restore_tests"]
+    leftovers = [r for r in tests if any(((r.get("erasures") or {}).get("still_present") or {}).values())]
+    return Judgement(
+        None if not tests and not f.t["erasures"] else not leftovers,
+        f"{len(f.t['erasures'])} erasure request(s); {len(tests)} restore test(s), "
+        f"{len(leftovers)} with erased subjects present",
+    )
+
+
+CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
+    (ControlSpec(
+        "BK-01",
+        "Backups of every target run on schedule and succeed; failures are resolved.",
+        "hourly, daily, weekly, monthly (policy schedules, UTC)",
+        "Counted backup events per target; every target needs a good backup in the period and every failure "
+        "a later success.", "backups",
+        "Fix the cause of each unresolved failure, run a backup of every target named, and confirm it "
+        "verifies.",
+        "Restore the backup schedule: no backup ran in the period."), _backups_run),
+    (ControlSpec(
+        "BK-02",
+        "The recovery point objective is met: no gap between good backups longer than the RPO.",
+        "continuous (rpo_watch sensor)",
+        "Longest gap between consecutive good backups of each target, from the last one before the period to "
+        "the period's end.", "backups, backups_before_period",
+        "Find why backups stopped for the targets named (schedules, sensor, failures) and restore the "
+        "cadence; consider a shorter schedule.", "Run backups: there is no RPO without them."), _rpo_met),
+    (ControlSpec(
+        "VR-01",
+        "Every backup is verified automatically: every byte read back, authenticated and checksummed.",
+        "after every backup; daily", "Matched each good backup to a successful verification event.",
+        "backups, verifications",
+        "Run `regal-backup verify` on each backup named and investigate any that fails.",
+        "Nothing to verify: no good backup in the period (see BK-01)."), _verified),
+    (ControlSpec(
+        "EN-01",
+        "Backups are encrypted at rest with AES-256 (Tink AES256-GCM-HKDF streaming AEAD) under keys "
+        "protected by a master key.", "every backup",
+        "The encryption check of every verification: our format, a known key, no plaintext in samples of the "
+        "stored bytes, server-side encryption on S3.", "verifications, policy",
+        "Quarantine the backups whose encryption check failed, find how plaintext reached the repository, "
+        "and take new backups.", "Verify the period's backups (see VR-01)."), _encrypted_at_rest),
+    (ControlSpec(
+        "EN-02",
+        "Connections that carry backup data or keys leave the host only encrypted (TLS).",
+        "every connection, as configured",
+        "Read each connection's settings in the policy: a DSN's sslmode (require or stricter), the S3 and "
+        "Redis URL schemes. Connections on this host (Unix socket, loopback) do not leave it.", "transport",
+        "Set sslmode=verify-full on the DSNs named, and https:// or rediss:// on the endpoints named.", "-"),
+     _encrypted_in_transit),
+    (ControlSpec(
+        "KM-01",
+        "Encryption keys are changed at the end of their cryptoperiod; old keys are retired once no backup "
+        "needs them.", "cryptoperiod (policy)",
+        "Age of the key that was primary at the period's end against the cryptoperiod; rotations and "
+        "retirements listed.", "keys, key_operations",
+        "Run `regal-backup keys rotate`, then retire the old key once retention has pruned its backups.",
+        "Record key dates: rotate the key once so the keyset carries them."), _keys_rotated),
+    (ControlSpec(
+        "RD-01",
+        "Backups are kept only as long as the retention policy says, and then deleted for good.",
+        "prune daily (policy); proof quarterly",
+        "Retention at the period's end: the period's prune logs (each vouched for by the audit trail), every "
+        "deletion they planned carried out, the last one within the prune schedule, no backup kept past its "
+        "planned deletion.", "prune_logs, retention_at_end, deletions",
+        "Run `regal-backup prune`, check the prune schedule runs, and investigate logs the trail does not "
+        "vouch for.", "Nothing to prune: no backup existed in the period."), _retention_enforced),
+    (ControlSpec(
+        "MD-01",
+        "Backup copies are kept off-site and immutable: a second repository, S3 Object Lock where "
+        "configured.",
+        "every backup", "Off-site repository configured; the offsite_copy check of every verification.",
+        "verifications, policy",
+        "Configure `offsite:` in the policy and run `regal-backup offsite sync`.", "-"),
+     _offsite),
+    (ControlSpec(
+        "RT-01",
+        "Backups are restore-tested (new backups and a monthly random sample) and restore within the RTO.",
+        "each new backup; monthly",
+        "Restore test events: row counts and content hashes, schema objects, amcheck validated; RTO measured "
+        "against the objective.", "restore_tests, restores",
+        "Investigate each failed or slow restore test and re-run `regal-backup restore-test` until it "
+        "passes.",
+        "Run `regal-backup restore-test`: no restore test ran in the period."), _restore_tested),
+    (ControlSpec(
+        "DR-01",
+        "A full disaster-recovery drill each quarter rebuilds every target from the repository and measures "
+        "RTO and RPO.", "quarterly",
+        "Drill events in the 92 days before the period's end; the last must pass.", "drills_last_quarter",
+        "Fix what the drill found and run `regal-backup drill` again.",
+        "Run `regal-backup drill`: no drill in the last quarter."), _drilled),
+    (ControlSpec(
+        "AU-01",
+        "Every backup, verification, restore test, restore, deletion, key operation, policy change, report "
+        "and alert is an audit event with who, what, when, outcome, where from and the resource.",
+        "every operation", "Checked every event of the period for the PCI DSS 10.2.2 fields.", "audit_events",
+        "Find the writer of the incomplete events and fix it.",
+        "No event in the period: check that operations run and are recorded."), _events_complete),
+    (ControlSpec(
+        "AU-02",
+        "The audit trail is append-only and tamper-evident: a hash chain, UPDATE/DELETE refused by the "
+        "database, the head checkpointed into the repository.", "every report; on demand",
+        "Recomputed the whole chain and compared it with the checkpoints.", "audit_chain",
+        "Treat as a security incident: find who changed the trail (`regal-backup audit verify` names the "
+        "entry).", "-"), _chain_intact),
+    (ControlSpec(
+        "AU-03", "Audit entries are kept at least 12 months.", "continuous",
+        "Policy retention setting; deletion is refused by the database; oldest entry.", "audit_chain, policy",
+        "Set audit.retention_months to 12 or more.", "-"), _audit_kept),
+    (ControlSpec(
+        "AL-01",
+        "Failures of critical controls (backups, verification, restore tests, drills, key operations, "
+        "prunes) are detected and alerted.", "continuous (sensors)",
+        "Alert channels configured; for every unresolved failed operation of the period, an alert about its "
+        "target delivered after it.", "alerts, audit_events",
+        "Configure an alert channel and check the alert sensors are running.", "-"), _alerted),
+    (ControlSpec(
+        "GD-01",
+        "Erasure requests are recorded and re-applied after every restore, so restored backups do not bring "
+        "erased subjects back.", "every restore and restore test",
+        "Erasure events; erasures re-applied in each restore test; subjects still present.",
+        "erasures, restore_tests",
+        "Re-apply the erasures at the restored copies named and find why they were missed.",
+        "Run a restore test: it proves the erasures are re-applied."), _erasures_hold),
+]
+
+
+def evaluate_controls(facts: Facts) -> list[Control]:
+    return [
+        Control(
+            spec.control_id,
+            list(spec.mapping),
+            spec.description,
+            spec.frequency,
+            spec.test,
+            (j := judge(facts)).result,
+            j.finding,
+            spec.evidence,
+        )
+        for spec, judge in CONTROLS
+    ]
+
+
+def framework_verdicts(controls: list[Control]) -> dict[str, str]:
+    """Each framework's verdict (by its name, in the frameworks' order), by its own rule on the results of the
+    controls it cites. A framework citing a control that does not exist is refused."""
+    known = {spec.control_id for spec, _ in CONTROLS}
+    verdicts = {}
+    for key, framework in frameworks().items():
+        if unknown := sorted(framework.controls() - known):
+            raise RegalError(f"the compliance framework {framework.name} (frameworks/{key}.py) maps its "
+                             f"requirements to controls that do not exist: {', '.join(unknown)}",
+                             f"map them to the report's controls: {', '.join(sorted(known))}")
+        verdicts[framework.name] = framework.verdict(c.result for c in controls if key in c.frameworks)
+    return verdicts
+
+
+def exceptions(
+    policy: Policy, controls: list[Control], period: Period, now: datetime
+) -> list[dict[str, Any]]:
+    """The one list of exceptions: every control that did not pass, with its owner, action and due date."""
+    specs = {spec.control_id: spec for spec, _ in CONTROLS}
+    due = (period.judged_at(now) + timedelta(days=policy.reports.remediation_days)).date().isoformat()
+    found: list[dict[str, Any]] = []
+    for c in controls:
+        if c.result == PASS:
+            continue
+        spec = specs[c.control_id]
+        found.append(
+            {
+                "number": len(found) + 1,
+                "control_id": c.control_id,
+                "result": c.result,
+                "finding": c.finding,
+                "owner": policy.reports.owner_of(c.control_id),
+                "action": spec.action if c.result == FAIL else spec.untested_action,
+                "due": due,
+            }
+        )
+    return found

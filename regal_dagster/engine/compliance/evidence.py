@@ -1,0 +1,446 @@
+"""The evidence of a period: the audit trail's events (the source of every count and rate), the chain's
+verification, the prune logs the trail vouches for (retention at the period's end), the key inventory, the
+connections' encryption as configured and the policy, as tables of rows; the figures drawn from them, and
+the period's failed operations with what resolved each."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+from ..audit import AuditEvent, ChainVerdict
+from ..catalog import list_backups
+from ..crypto import Keyring, load_keyring
+from ..documents import unseal
+from ..errors import RegalError, UsageError
+from ..keys import key_inventory
+from ..layout import PRUNE_LOGS, target_of
+from ..policy import Policy
+from ..retention import PRUNE_LOG_KIND, prune_report
+from ..storage import Repository, backend_for
+from .charts import human_seconds
+
+# --- the period --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Period:
+    label: str
+    start: datetime
+    end: datetime  # exclusive
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        if m := re.fullmatch(r"(\d{4})-(\d{2})", text):
+            year, month = int(m[1]), int(m[2])
+            if 1 <= month <= 12:
+                start = datetime(year, month, 1, tzinfo=UTC)
+                end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+                return cls(text, start, end)
+        if m := re.fullmatch(r"(\d{4})-Q([1-4])", text):
+            year, quarter = int(m[1]), int(m[2])
+            start = datetime(year, 3 * quarter - 2, 1, tzinfo=UTC)
+            end = datetime(year + quarter // 4, (3 * quarter) % 12 + 1, 1, tzinfo=UTC)
+            return cls(text, start, end)
+        raise UsageError(f"'{text}' is not a report period", "give a month (2026-11) or a quarter (2026-Q4)")
+
+    @classmethod
+    def previous_month(cls, now: datetime) -> Period:
+        last = now.replace(day=1) - timedelta(days=1)
+        return cls.parse(f"{last:%Y-%m}")
+
+    @classmethod
+    def quarter_of(cls, when: datetime) -> Period:
+        return cls.parse(f"{when.year}-Q{(when.month - 1) // 3 + 1}")
+
+    def interim(self, now: datetime) -> bool:
+        """The period has not ended: its report covers only the part up to `now`."""
+        return now < self.end
+
+    def judged_at(self, now: datetime) -> datetime:
+        """The moment the controls are judged at: the period's end, or now for the current period."""
+        return min(self.end, now)
+
+    def refuse_future(self, now: datetime) -> None:
+        if self.start > now:
+            raise UsageError(f"the period {self.label} has not begun (it starts {self.start:%Y-%m-%d}): "
+                             "there is no evidence to report on yet", "give the current or a past period")
+
+
+# --- evidence ----------------------------------------------------------------------------------------
+
+EVENT_COLUMNS = ["seq", "at", "actor", "outcome", "resource", "target", "run_id", "hash"]
+EVENT_TABLES = {
+    "backups": ("backup",),
+    "verifications": ("verification",),
+    "restore_tests": ("restore_test",),
+    "drills": ("dr_drill",),
+    "deletions": ("backup_deleted",),
+    "key_operations": ("key_rotate", "key_retire"),
+    "erasures": ("gdpr_erasure",),
+    "alerts": ("alert",),
+    "restores": ("restore",),
+    "prunes": ("prune",),
+    "policy_changes": ("policy_change",),
+}
+COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV still has its header row
+    "audit_events": [
+        "seq",
+        "at",
+        "actor",
+        "event_type",
+        "outcome",
+        "host",
+        "process",
+        "run_id",
+        "resource",
+        "details",
+        "prev_hash",
+        "hash",
+    ],
+    **{name: EVENT_COLUMNS for name in EVENT_TABLES},
+    "drills_last_quarter": EVENT_COLUMNS,
+    "backups_before_period": ["target", "seq", "at", "resource"],
+    "keys": [
+        "key_id",
+        "status",
+        "primary",
+        "created_at",
+        "primary_since",
+        "primary_until",
+        "retired_at",
+        "cryptoperiod_days",
+        "backups",
+        "gdpr_ledger",
+    ],
+    "prune_logs": ["key", "at", "sha256", "authenticated", "kept", "deleted", "not_carried_out"],
+    "retention_at_end": ["target", "backup_id", "keep", "reasons", "delete_after", "prune_log"],
+    "transport": ["connection", "protection", "how"],
+    "audit_chain": [
+        "ok",
+        "entries",
+        "head_seq",
+        "head_hash",
+        "first_bad_seq",
+        "problem",
+        "oldest",
+        "checkpoints",
+        "spooled",
+    ],
+    "policy": ["setting", "value"],
+}
+
+
+@dataclass
+class Evidence:
+    """The rows behind every figure, by table name; attached to the PDF as `evidence.json` (its SHA-256 on
+    the cover) and one CSV per table."""
+
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def json_bytes(self) -> bytes:
+        """The attached evidence.json, byte for byte."""
+        return (
+            json.dumps(self.tables, indent=1, sort_keys=True, default=str, ensure_ascii=False) + "\n"
+        ).encode()
+
+    def sha256(self) -> str:
+        """`sha256sum evidence.json` of the attached file."""
+        return hashlib.sha256(self.json_bytes()).hexdigest()
+
+    def csv(self, name: str) -> str:
+        rows = self.tables[name]
+        known = COLUMNS.get(name, [])
+        columns = list(dict.fromkeys([*known, *(k for row in rows for k in row)])) or ["(empty)"]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {
+                    k: json.dumps(v, default=str, sort_keys=True) if isinstance(v, dict | list) else v
+                    for k, v in row.items()
+                }
+            )
+        return out.getvalue()
+
+
+def _event_rows(events: Iterable[AuditEvent], event_types: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for e in events:
+        if e.event_type not in event_types:
+            continue
+        details = json.loads(e.details)
+        rows.append(
+            {
+                "seq": e.seq,
+                "at": e.at.isoformat(),
+                "actor": e.actor,
+                "outcome": e.outcome,
+                "resource": e.resource,
+                "target": str(details.get("target") or target_of(e.resource)),
+                "run_id": e.run_id or "",
+                "hash": e.hash,
+                "event_type": e.event_type,
+                **{k: v for k, v in details.items() if k not in ("target", "resource")},
+            }
+        )
+    return rows
+
+
+def collect_evidence(
+    policy: Policy,
+    repo: Repository,
+    trail_events: list[AuditEvent],
+    period: Period,
+    verdict: ChainVerdict,
+    now: datetime,
+) -> Evidence:
+    at = period.judged_at(now)
+    events = [e for e in trail_events if period.start <= e.at < at]
+    evidence = Evidence()
+    evidence.tables["audit_events"] = [
+        {
+            "seq": e.seq,
+            "at": e.at.isoformat(),
+            "actor": e.actor,
+            "event_type": e.event_type,
+            "outcome": e.outcome,
+            "host": e.host,
+            "process": e.process,
+            "run_id": e.run_id or "",
+            "resource": e.resource,
+            "details": e.details,
+            "prev_hash": e.prev_hash,
+            "hash": e.hash,
+        }
+        for e in events
+    ]
+    for name, event_types in EVENT_TABLES.items():
+        evidence.tables[name] = _event_rows(events, event_types)
+    for row in evidence.tables["backups"]:  # a backup that failed before it started has no class yet
+        row.setdefault("retention_class", None)
+    # A drill that covers the period may have run in the quarter before it ends.
+    evidence.tables["drills_last_quarter"] = _event_rows(
+        [e for e in trail_events if at - timedelta(days=92) <= e.at < at], ("dr_drill",)
+    )
+    before = _event_rows(
+        [e for e in trail_events if e.at < period.start and e.outcome == "success"], ("backup",)
+    )
+    evidence.tables["backups_before_period"] = [
+        {"target": target, "seq": last["seq"], "at": last["at"], "resource": last["resource"]}
+        for target in sorted(policy.targets)
+        if (last := next((r for r in reversed(before) if r["target"] == target), None))
+    ]
+    keyring = load_keyring(policy)
+    manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, keyring, target)[0]]
+    evidence.tables["keys"] = [
+        k
+        for k in key_inventory(policy, repo, keyring, manifests=manifests)
+        if not k.get("created_at") or datetime.fromisoformat(k["created_at"]) < at
+    ]
+    logs, decisions = _prune_evidence(repo, keyring, trail_events, period, at)
+    evidence.tables["prune_logs"], evidence.tables["retention_at_end"] = logs, decisions
+    evidence.tables["transport"] = [t.to_json() for t in policy.transports()]
+    evidence.tables["audit_chain"] = [verdict.to_json()]
+    evidence.tables["policy"] = [{"setting": k, "value": v} for k, v in policy_facts(policy).items()]
+    return evidence
+
+
+def _prune_evidence(
+    repo: Repository, keyring: Keyring, trail_events: list[AuditEvent], period: Period, at: datetime
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prune logs of the period, each authenticated (its seal) and checked against the SHA-256 its
+    audit event recorded, and every decision of the last one: what retention kept at the period's end, and
+    until when. A log the trail records but the repository lacks is listed too."""
+    recorded = {
+        d["log"]: d.get("log_sha256")
+        for e in trail_events
+        if e.event_type == "prune" and "log" in (d := json.loads(e.details))
+    }
+    stored = {s.key for s in repo.list(PRUNE_LOGS)}
+    logs, last = [], None
+    for key in sorted(stored | set(recorded)):
+        when = started_of_log(key)
+        if when is None or not period.start <= when < at:
+            continue
+        row: dict[str, Any] = {"key": key, "at": when.isoformat(), "sha256": None, "kept": None,
+                               "deleted": None, "not_carried_out": []}
+        if key not in stored:
+            logs.append({**row, "authenticated": "NO: the audit trail records this log, the repository lacks it"})
+            continue
+        body = repo.get_bytes(key)
+        row["sha256"] = hashlib.sha256(body).hexdigest()
+        try:
+            log = prune_report(unseal(keyring, PRUNE_LOG_KIND, key, body))
+        except RegalError as exc:
+            logs.append({**row, "authenticated": f"NO: {exc.message}"})
+            continue
+        if log.dry_run:
+            continue
+        if key not in recorded or recorded[key] is None:
+            authenticated = "sealed (its prune predates logs recorded in the audit trail)"
+        elif recorded[key] == row["sha256"]:
+            authenticated = "sealed, and recorded in the audit trail"
+        else:
+            authenticated = "NO: differs from the SHA-256 the audit trail recorded"
+        deleted = set(log.deleted)
+        logs.append({**row, "authenticated": authenticated,
+                     "kept": sum(d.keep for ds in log.decisions.values() for d in ds), "deleted": len(deleted),
+                     "not_carried_out": sorted({d.backup_id for ds in log.decisions.values() for d in ds
+                                                if not d.keep} - deleted)})
+        last = (key, log)
+    decisions = [] if last is None else [
+        {"target": target, "backup_id": d.backup_id, "keep": d.keep, "reasons": "; ".join(d.reasons),
+         "delete_after": d.delete_after.isoformat() if d.delete_after else None, "prune_log": last[0]}
+        for target, ds in sorted(last[1].decisions.items()) for d in ds]
+    return logs, decisions
+
+
+def started_of_log(key: str) -> datetime | None:
+    """When the prune that wrote the log at `key` ran (its name is its UTC time)."""
+    try:
+        return datetime.strptime(key.removeprefix(PRUNE_LOGS).removesuffix(".json"),
+                                 "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def policy_facts(policy: Policy) -> dict[str, Any]:
+    return {
+        "policy_sha256": policy.source_sha256,
+        "rpo": human_seconds(policy.rpo.total_seconds()),
+        "rto": human_seconds(policy.rto.total_seconds()),
+        "retention": policy.retention.model_dump(),
+        "repository": _redacted_location(policy.repository.url),
+        "object_lock": policy.repository.object_lock.mode if policy.repository.object_lock else None,
+        "offsite": _redacted_location(policy.offsite.url) if policy.offsite else None,
+        "encryption": "Tink streaming AEAD AES256_GCM_HKDF_1MB per object; keyset encrypted by a master key "
+        + ("in AWS KMS" if policy.encryption.master_key.kms_key_uri else "(AES256-GCM)"),
+        "server_side_encryption": policy.repository.server_side_encryption
+        if backend_for(policy.repository.url).encrypts_at_rest
+        else None,
+        "cryptoperiod_days": policy.encryption.cryptoperiod.days,
+        "alert_channels": [c.kind for c in policy.alerts.channels],
+        "audit_retention_months": policy.audit.retention_months if policy.audit else None,
+        "prune_cron": policy.prune.cron,
+        "remediation_days": policy.reports.remediation_days,
+        "targets": {
+            name: {
+                "kind": t.kind,
+                "description": t.description,
+                "data_classes": t.data_classes,
+                "rpo": human_seconds(policy.rpo_for(name).total_seconds()),
+                "rto": human_seconds(policy.rto_for(name).total_seconds()),
+            }
+            for name, t in sorted(policy.targets.items())
+        },
+    }
+
+
+def _redacted_location(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+
+def row_at(row: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(row["at"])
+
+
+def figures(policy: Policy, evidence: Evidence, period: Period, now: datetime) -> dict[str, Any]:
+    t = evidence.tables
+    backups_ok = [r for r in t["backups"] if r["outcome"] == "success"]
+    tests_ok = [r for r in t["restore_tests"] if r["outcome"] == "success"]
+    end = period.judged_at(now)
+    before = {r["target"]: row_at(r) for r in t["backups_before_period"]}
+    rpo_by_target: dict[str, float | None] = {}
+    for target in sorted(policy.targets):
+        times = sorted(row_at(r) for r in backups_ok if r["target"] == target)
+        if target in before:
+            times.insert(0, before[target])
+        if not times:
+            rpo_by_target[target] = None  # never backed up by the period's end
+            continue
+        gaps = [(b - a).total_seconds() for a, b in pairwise(times)] + [(end - times[-1]).total_seconds()]
+        rpo_by_target[target] = max(gaps)
+    rto_values = [r["rto_seconds"] for r in t["restore_tests"] if r.get("rto_seconds") is not None]
+    drill_rto = [r["rto_seconds"] for r in t["drills"] if r.get("rto_seconds") is not None]
+    return {
+        "backups_total": len(t["backups"]),
+        "backups_succeeded": len(backups_ok),
+        "backup_success_rate": len(backups_ok) / len(t["backups"]) if t["backups"] else None,
+        "restore_tests_total": len(t["restore_tests"]),
+        "restore_tests_passed": len(tests_ok),
+        "rpo_achieved_seconds": rpo_by_target,
+        "rpo_worst_seconds": max((v for v in rpo_by_target.values() if v is not None), default=None),
+        "rpo_target_seconds": policy.rpo.total_seconds(),
+        "rto_worst_seconds": max(rto_values + drill_rto, default=None),
+        "rto_target_seconds": policy.rto.total_seconds(),
+        "deletions": len(t["deletions"]),
+        "erasures": len(t["erasures"]),
+        "alerts": len(t["alerts"]),
+        "audit_events": len(t["audit_events"]),
+    }
+
+
+# --- operational failures ------------------------------------------------------------------------------
+
+FAILURE_TABLES = {  # evidence table -> (the operation, the control its failures count against)
+    "backups": ("backup", "BK-01"),
+    "verifications": ("verification", "VR-01"),
+    "restore_tests": ("restore test", "RT-01"),
+    "drills": ("drill", "DR-01"),
+    "key_operations": ("key operation", "KM-01"),
+    "restores": ("restore", "RT-01"),
+    "prunes": ("prune", "RD-01"),
+}
+
+
+def operational_failures(evidence: Evidence) -> list[dict[str, Any]]:
+    """Every failed operation of the period (backups, verifications, restore tests, drills, key operations,
+    restores, prunes), with what resolved it: a later success of the same kind and target. Retention checks
+    and reports are not operations that can fail this way, and are not counted."""
+    found = []
+    for name, (operation, control_id) in FAILURE_TABLES.items():
+        rows = evidence.tables[name]
+        for row in rows:
+            if row["outcome"] != "failure":
+                continue
+            later = next(
+                (
+                    r
+                    for r in rows
+                    if r["seq"] > row["seq"] and r["outcome"] == "success" and r["target"] == row["target"]
+                ),
+                None,
+            )
+            lost = [target for target, recovered in (row.get("targets") or {}).items() if not recovered]
+            what = (
+                row.get("error")
+                or "; ".join(row.get("failed", []) or row.get("problems", []))
+                or (f"not recovered: {', '.join(lost)}" if lost else "")
+                or "failed"
+            )
+            found.append(
+                {
+                    "seq": row["seq"],
+                    "at": row["at"],
+                    "kind": operation,
+                    "control_id": control_id,
+                    "target": row["target"],
+                    "resource": row["resource"],
+                    "what": what,
+                    "resolved_by": later and {"seq": later["seq"], "at": later["at"]},
+                    "open": later is None,
+                }
+            )
+    return sorted(found, key=lambda f: f["seq"])
