@@ -1,0 +1,130 @@
+"""What each registry knows (source kinds, storage backends, alert channels, compliance frameworks), and that
+a new channel or framework is one new module: dropped beside the others, it is found, accepted by the policy
+and used, with no other edit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regal_dagster.engine.channels.base import ChannelError, ChannelSettings, Notification
+from regal_dagster.engine.channels.registry import channel_kinds, channel_models, send
+from regal_dagster.engine.compliance.controls import CONTROLS
+from regal_dagster.engine.compliance.frameworks.registry import citations_of, frameworks
+from regal_dagster.engine.errors import PolicyError
+from regal_dagster.engine.policy import policy_from_dict
+from regal_dagster.engine.sources.registry import kinds
+from regal_dagster.engine.storage.registry import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _policy(tmp_path: Path, channels: list[dict[str, object]]) -> dict[str, object]:
+    return {"repository": {"url": str(tmp_path / "repo")},
+            "encryption": {"keyset": "keyset.json", "master_key": {"env": "UNUSED"}},
+            "targets": {"etc": {"kind": "files", "paths": [str(tmp_path)]}},
+            "alerts": {"channels": channels}}
+
+
+def test_each_registry_lists_what_it_knows() -> None:
+    assert kinds() == ["config", "files", "postgres", "postgres_cluster", "redis", "terraform"]
+    assert [b.kind for b in backends()] == ["filesystem", "s3"]
+    assert channel_kinds() == ["email", "file", "pagerduty", "slack", "webhook"]
+    assert [m.__name__ for m in channel_models()] == ["EmailChannel", "FileChannel", "PagerDutyChannel",
+                                                      "SlackChannel", "WebhookChannel"]
+    assert {key: f.name for key, f in frameworks().items()} == {"pci_dss": "PCI DSS 4.0.1", "sox": "SOX ITGC",
+                                                                 "gdpr": "GDPR"}  # in the report's order
+    controls = {spec.control_id for spec, _ in CONTROLS}
+    for key, framework in frameworks().items():
+        assert framework.controls() <= controls, key  # every requirement maps to controls that exist
+    assert all(citations_of(control_id) for control_id in controls)  # every control serves a framework
+    assert citations_of("BK-01") == ("SOX ITGC CO-1", "PCI DSS 12.10.1")
+
+
+def test_an_unknown_channel_kind_is_refused_by_the_policy_and_by_the_sender(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as refused:
+        policy_from_dict(_policy(tmp_path, [{"kind": "teams", "webhook_url_env": "TEAMS_URL"}]), base_dir=tmp_path)
+    assert refused.value.problems == [
+        "alerts.channels.0.kind: use one of 'email', 'file', 'pagerduty', 'slack', 'webhook'"]
+    notification = Notification("alert", {"what": "x", "target": "etc", "link": "", "first_step": "",
+                                          "event": "capacity", "key": "capacity"}, "now", "now")
+    with pytest.raises(ChannelError, match="knows no alert channel kind 'teams'"):
+        send(ChannelSettings(kind="teams"), notification, Path)
+    with pytest.raises(ChannelError, match="needs its own settings"):
+        send(ChannelSettings(kind="file"), notification, Path)
+
+
+TEAMS = '''
+from typing import Literal
+
+from regal_dagster.engine.channels.base import ChannelSettings, Notification
+
+
+class TeamsChannel(ChannelSettings):
+    kind: Literal["teams"]
+    path: str
+
+
+CHANNEL = TeamsChannel
+
+
+def send(channel, notification: Notification, resolve_path) -> None:
+    with open(resolve_path(channel.path), "a") as out:
+        out.write("teams: " + notification.subject + "\\n")
+'''
+
+SOC2 = '''
+from regal_dagster.engine.compliance.frameworks.base import Framework
+
+FRAMEWORK = Framework(name="SOC 2", citation="SOC 2", position=40,
+                      requirements={"A1.2": ("BK-01", "MD-01"), "A1.3": ("RT-01", "DR-01"), "CC7.3": ("AL-01",)})
+'''
+
+PROBE = '''
+import json, sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import regal_dagster.engine.channels as channels
+import regal_dagster.engine.compliance.frameworks as frameworks
+
+plugins = Path(sys.argv[1])
+channels.__path__.append(str(plugins / "channels"))
+frameworks.__path__.append(str(plugins / "frameworks"))
+
+from regal_dagster.engine.alerts import AlertBook, Condition, evaluate_and_notify
+from regal_dagster.engine.compliance.controls import CONTROLS, PASS, Control, framework_verdicts
+from regal_dagster.engine.policy import policy_from_dict
+
+policy = policy_from_dict(json.loads(sys.argv[2]), base_dir=plugins)
+failures = evaluate_and_notify(policy, AlertBook(), [Condition("capacity", "capacity", "repository", "disk full",
+                               "http://x", "prune")], datetime.now(UTC))
+matrix = [Control(s.control_id, list(s.mapping), s.description, s.frequency, s.test, PASS, "", s.evidence)
+          for s, _ in CONTROLS]
+print(json.dumps({"failures": failures, "sent": (plugins / "teams.log").read_text(),
+                  "verdicts": framework_verdicts(matrix), "BK-01": matrix[0].mapping,
+                  "soc2": sorted(c.control_id for c in matrix if "soc2" in c.frameworks)}))
+'''
+
+
+def test_a_new_channel_and_a_new_framework_are_each_one_module(tmp_path: Path) -> None:
+    """A Teams channel and SOC 2, each one module in its package's folder (here, a folder added to the
+    package's path in a fresh interpreter): the policy accepts the channel and alerts go out on it; the
+    report cites SOC 2's requirements and gives its verdict."""
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "teams.py").write_text(TEAMS)
+    (tmp_path / "frameworks").mkdir()
+    (tmp_path / "frameworks" / "soc2.py").write_text(SOC2)
+    policy = _policy(tmp_path, [{"kind": "teams", "path": "teams.log"}])
+    probe = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), json.dumps(policy)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert probe.returncode == 0, probe.stderr
+    found = json.loads(probe.stdout)
+    assert found["failures"] == [] and found["sent"] == "teams: [Regal Backup] ALERT: disk full\n"
+    assert found["verdicts"] == {"PCI DSS 4.0.1": "PASS", "SOX ITGC": "PASS", "GDPR": "PASS", "SOC 2": "PASS"}
+    assert found["BK-01"] == ["SOX ITGC CO-1", "PCI DSS 12.10.1", "SOC 2 A1.2"]
+    assert found["soc2"] == ["AL-01", "BK-01", "DR-01", "MD-01", "RT-01"]
