@@ -42,7 +42,7 @@ from .layout import PRUNE_LOGS, report_key, report_oscal_key, target_of
 from .policy import Policy
 from .retention import PRUNE_LOG_KIND, prune_report
 from .settings import CronExpression
-from .storage import Repository, backend_for, open_repository
+from .storage import Repository, open_repository
 
 
 def _template_directory() -> Path:
@@ -356,9 +356,7 @@ def _policy_facts(policy: Policy) -> dict[str, Any]:
         "offsite": _redacted_location(policy.offsite.url) if policy.offsite else None,
         "encryption": "Tink streaming AEAD AES256_GCM_HKDF_1MB per object; keyset encrypted by a master key "
         + ("in AWS KMS" if policy.encryption.master_key.kms_key_uri else "(AES256-GCM)"),
-        "server_side_encryption": policy.repository.server_side_encryption
-        if backend_for(policy.repository.url).encrypts_at_rest
-        else None,
+        "server_side_encryption": policy.repository.store_encryption(),
         "cryptoperiod_days": policy.encryption.cryptoperiod.days,
         "alert_channels": [c.kind for c in policy.alerts.channels],
         "audit_retention_months": policy.audit.retention_months if policy.audit else None,

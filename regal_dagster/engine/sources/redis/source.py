@@ -12,8 +12,7 @@ from ...errors import IntegrityError, RegalError
 from ...manifest import Manifest
 from ...outcomes import WARN, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
-from ...policy import Policy
-from ...settings import TargetSettings
+from ...settings import PolicyView, TargetSettings
 from ...workspace import private_directory
 from ..base import (
     Captured,
@@ -79,7 +78,7 @@ class RedisSource(Source):
                                  "this backup is damaged: use another one")
         return f"redis-check-rdb reads {rdb['keys']} keys"
 
-    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+    def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
                     earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
         """How the Redis server keeps its own copies now (a WARN: the backup itself is fine)."""
         try:
