@@ -342,7 +342,7 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
     except (RegalError, OSError) as exc:
         if not args.serving_recovery:
             raise
-        from . import describe_os_error
+        from .os_errors import describe_os_error
 
         message, hint = (exc.message, exc.hint) if isinstance(exc, RegalError) else describe_os_error(exc)
         raise RecoveryMustStopError(f"{message} (recovery stops here rather than end early and promote)",
