@@ -17,17 +17,14 @@ import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import PolicyError
-from .settings import (  # the fragments below the plug-ins; importable from here as before
+from .settings import (  # the fragments below the plug-ins that the policy assembles
     CompressionConfig,
     Cron,
     CronExpression,
     Duration,
     EncryptionConfig,
     ErasureSubjectConfig,
-    MasterKeyConfig,
-    ObjectLockConfig,
     RepositorySettings,
-    RetryConfig,
     Settings,
     TargetSettings,
     default_jobs,
@@ -38,9 +35,6 @@ from .settings import (  # the fragments below the plug-ins; importable from her
 from .sources.discovery import kinds, target_models
 from .storage.registry import backend_for, backends
 from .transport import Transport, url_transport
-
-__all__ = ["CompressionConfig", "EncryptionConfig", "ErasureSubjectConfig", "MasterKeyConfig", "ObjectLockConfig",
-           "Policy", "RepositoryConfig", "RetryConfig", "load_policy", "policy_file", "policy_from_dict"]
 
 
 class _UnservedRepository(RepositorySettings):
