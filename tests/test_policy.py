@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from regal_dagster.engine.errors import PolicyError
-from regal_dagster.engine.policy import load_policy, policy_from_dict
+from regal_dagster.engine.policy import load_policy, policy_file, policy_from_dict
 
 MINIMAL = {
     "repository": {"url": "repository"},
@@ -96,6 +96,42 @@ retention: {daily: -1, yearly: 7}
     assert any(p.startswith("retention.daily:") for p in problems)
     assert "retention.yearly: unknown setting" in problems
     assert str(path) in str(err.value)
+
+
+def test_each_backend_brings_its_own_repository_settings(tmp_path: Path) -> None:
+    """The URL's scheme picks the backend's settings: an S3 repository takes its bucket's settings, a file
+    repository refuses them (they used to pass silently) and says what to remove."""
+    s3 = {"url": "s3://regal/pos", "region": "eu-west-1", "endpoint_url": "http://127.0.0.1:9000",
+          "server_side_encryption": "aws:kms", "sse_kms_key_id": "alias/regal", "lock_lease": "2m"}
+    policy = policy_from_dict({**MINIMAL, "repository": s3, "offsite": {"url": "offsite"}}, tmp_path)
+    assert policy.repository.store_encryption() == "aws:kms" and policy.offsite is not None
+    assert policy.offsite.store_encryption() is None
+    assert policy.local_repository_path(policy.offsite) == tmp_path / "offsite"  # from the policy's folder
+
+    file_with_s3 = {"url": "file:///srv/regal", "endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1",
+                    "server_side_encryption": "aws:kms", "lock_wait": "10m"}
+    with pytest.raises(PolicyError) as err:
+        policy_from_dict({**MINIMAL, "repository": file_with_s3, "offsite": {"url": "dr", "part_size_mb": 8}},
+                         tmp_path)
+    problems = err.value.problems
+    for setting in ("endpoint_url", "region", "server_side_encryption"):
+        assert f"repository: {setting} needs an s3:// repository; this one is a filesystem repository " \
+               f"(file:///path or a plain path), which has no such setting: remove {setting}" in problems
+    assert any(p.startswith("offsite: part_size_mb needs an s3:// repository") for p in problems)
+    assert not any("lock_wait" in p for p in problems)  # every repository has that one
+    assert len(problems) == 4
+    with pytest.raises(PolicyError, match=r"repository\.colour: unknown setting"):
+        policy_from_dict({**MINIMAL, "repository": {"url": "repository", "colour": "blue"}}, tmp_path)
+
+
+def test_the_policy_file_is_found_one_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--policy, else $REGAL_POLICY, else ./regal_backup.yaml: the CLI, Dagster and load_policy all ask policy_file."""
+    monkeypatch.delenv("REGAL_POLICY", raising=False)
+    assert policy_file() == Path("regal_backup.yaml")
+    monkeypatch.setenv("REGAL_POLICY", str(tmp_path / "from-env.yaml"))
+    assert policy_file() == tmp_path / "from-env.yaml"
+    assert policy_file(tmp_path / "given.yaml") == tmp_path / "given.yaml"
+    assert policy_file("~/p.yaml") == Path.home() / "p.yaml"
 
 
 def test_a_missing_policy_file_says_how_to_make_one(tmp_path: Path) -> None:

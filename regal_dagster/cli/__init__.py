@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import signal
 import sys
@@ -21,8 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..engine.errors import RegalError
+from .os_errors import describe_os_error
 from .output import Output, command_name
 from .parser import build_parser
+
+__all__ = ["describe_os_error", "main", "write_error_log"]
 
 
 class _Terminated:
@@ -84,22 +86,6 @@ def _refused(out: Output, message: str, hint: str | None, code: int) -> int:
     out.fail(message, hint, code)  # with --json: the envelope with its `error` (docs/cli-json.md)
     print(f"error: {message}" + (f"\n  what to do: {hint}" if hint else ""), file=sys.stderr)
     return code
-
-
-def describe_os_error(exc: OSError) -> tuple[str, str]:
-    """What an operating-system error means for the operator: what failed, where, and what to do."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    message = f"{exc.strerror or type(exc).__name__}{where}"
-    hints = {
-        errno.ENOSPC: "free space on that filesystem (or prune old backups), then run the command again: "
-                      "nothing partial was kept",
-        errno.EDQUOT: "raise the quota or free space, then run the command again",
-        errno.EACCES: "run as the user that owns it, or fix its permissions",
-        errno.EPERM: "run as the user that owns it, or fix its permissions",
-        errno.EROFS: "the filesystem is read-only: remount it read-write or choose another place",
-        errno.ENOENT: "check the path",
-    }
-    return message, hints.get(exc.errno or 0, "check the path and the filesystem, then run the command again")
 
 
 def write_error_log(exc: BaseException) -> Path:

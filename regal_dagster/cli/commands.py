@@ -263,9 +263,9 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
 
 def policy_path(args: argparse.Namespace) -> Path:
     """The policy file as load_policy finds it (--policy, $REGAL_POLICY, ./regal_backup.yaml), absolute."""
-    import os
+    from ..engine.policy import policy_file
 
-    return Path(args.policy or os.environ.get("REGAL_POLICY") or "regal_backup.yaml").resolve()
+    return policy_file(args.policy).resolve()
 
 
 def _restore_cluster(args: argparse.Namespace, out: Output) -> int:
@@ -342,7 +342,7 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
     except (RegalError, OSError) as exc:
         if not args.serving_recovery:
             raise
-        from . import describe_os_error
+        from .os_errors import describe_os_error
 
         message, hint = (exc.message, exc.hint) if isinstance(exc, RegalError) else describe_os_error(exc)
         raise RecoveryMustStopError(f"{message} (recovery stops here rather than end early and promote)",

@@ -8,7 +8,7 @@ import os
 
 from dagster import Definitions
 
-from ..engine.policy import DEFAULT_POLICY_FILE, POLICY_ENV, load_policy
+from ..engine.policy import load_policy, policy_file
 from .alerts import alert_definitions
 from .backups import BACKUP_JOB, VERIFY_JOB, backup_definitions
 from .compliance import REPORT_JOB, compliance_definitions
@@ -20,7 +20,7 @@ __all__ = ["BACKUP_JOB", "PRUNE_JOB", "REPORT_JOB", "RESTORE_TEST_JOB", "VERIFY_
 
 
 def build_definitions(policy_path: str | None = None) -> Definitions:
-    path = os.path.abspath(policy_path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE)
+    path = os.path.abspath(policy_file(policy_path))
     policy = load_policy(path)
     restore_tests, drill_job = restore_test_definitions(policy, path)
     domains = [backup_definitions(policy), restore_tests, alert_definitions(policy), maintenance_definitions(policy)]

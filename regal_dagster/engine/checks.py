@@ -35,41 +35,12 @@ from .documents import seal, unseal
 from .errors import IntegrityError, RegalError, UsageError
 from .layout import backup_prefix, checks_key, manifest_key, target_of, valid_backup_id
 from .manifest import Manifest
-from .outcomes import ERROR, WARN, CheckOutcome, CheckSpec
+from .outcomes import ERROR, CheckOutcome, check_spec
 from .pipeline import Progress, StoredBackup
 from .policy import Policy
-from .sources.registry import kinds, source_for
+from .sources.registry import source_for
 from .storage import Repository, open_offsite
 from .verify import presence_problem, stored_sizes, verify_backup
-
-# The checks every backup gets. A kind adds its own (its Source's `checks`, e.g. Redis persistence).
-# `decides_good`: only these say whether the backup itself can be trusted, decide "good" and block in
-# Dagster; the key's age and the off-site copy are about the setup around it: they alert, nothing more.
-COMMON_CHECKS = {
-    "manifest": CheckSpec(ERROR, True, "The manifest's checksum holds and every object it lists exists with its "
-                                       "size."),
-    "integrity": CheckSpec(ERROR, True, "Every stored byte is read back, authenticated, decompressed and matches "
-                                        "both SHA-256 sums; the objects parse as what they claim to be."),
-    "encryption": CheckSpec(ERROR, True, "Every object is in the encrypted format under a key the keyset holds; "
-                                         "no plaintext of the source in samples of the stored bytes; server-side "
-                                         "encryption on S3."),
-    "size": CheckSpec(WARN, False, "The backup's size is close to the recent good backups' (a sudden change is "
-                                   "worth a look)."),
-    "key_cryptoperiod": CheckSpec(WARN, False, "The primary encryption key is within its cryptoperiod (PCI DSS "
-                                               "3.7.4): WARN as the end nears, ERROR past it."),
-    "offsite_copy": CheckSpec(ERROR, False, "The backup is in the off-site repository, every object read back there "
-                                            "with the same SHA-256 as here, and the same manifest."),
-}
-
-
-def check_spec(name: str) -> CheckSpec:
-    """The spec of a check, common or a kind's own."""
-    if name in COMMON_CHECKS:
-        return COMMON_CHECKS[name]
-    for kind in kinds():
-        if name in (specs := source_for(kind).checks):
-            return specs[name]
-    raise KeyError(name)
 
 
 def check_names(kind: str, offsite: bool = False) -> list[str]:

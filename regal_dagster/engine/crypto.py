@@ -33,7 +33,7 @@ from tink.proto import tink_pb2
 from .errors import EncryptionKeyError, IntegrityError
 
 if TYPE_CHECKING:
-    from .policy import EncryptionConfig, MasterKeyConfig, Policy
+    from .settings import EncryptionConfig, MasterKeyConfig, PolicyView
 
 aead.register()
 mac.register()
@@ -74,7 +74,7 @@ def write_master_key_file(path: Path, master_key: str) -> None:
         f.write(master_key + "\n")
 
 
-def _master_key_text(config: MasterKeyConfig, policy: Policy, given: str | None) -> str:
+def _master_key_text(config: MasterKeyConfig, policy: PolicyView, given: str | None) -> str:
     if given:
         return given.strip()
     if config.env:
@@ -101,7 +101,7 @@ def _master_key_text(config: MasterKeyConfig, policy: Policy, given: str | None)
     return text
 
 
-def master_aead(config: MasterKeyConfig, policy: Policy, master_key: str | None = None) -> aead.Aead:
+def master_aead(config: MasterKeyConfig, policy: PolicyView, master_key: str | None = None) -> aead.Aead:
     """The AEAD that opens the keyset. `master_key` overrides where the policy says the key is."""
     if config.kms_key_uri:
         return _kms_aead(config)
@@ -302,11 +302,11 @@ def _read_exactly(source: BinaryIO | io.RawIOBase, n: int) -> bytes:
     return data
 
 
-def _keyset_path(config: EncryptionConfig, policy: Policy) -> Path:
+def _keyset_path(config: EncryptionConfig, policy: PolicyView) -> Path:
     return policy.resolve_path(config.keyset)
 
 
-def create_keyset(policy: Policy) -> Keyring:
+def create_keyset(policy: PolicyView) -> Keyring:
     """Create a new keyset (one object key, one document key), encrypt it with the master key and write it."""
     path = _keyset_path(policy.encryption, policy)
     if path.exists():
@@ -316,7 +316,7 @@ def create_keyset(policy: Policy) -> Keyring:
     return save_keyring(keyring)
 
 
-def load_keyring(policy: Policy, master_key: str | None = None) -> Keyring:
+def load_keyring(policy: PolicyView, master_key: str | None = None) -> Keyring:
     return read_keyset(_keyset_path(policy.encryption, policy),
                        master_aead(policy.encryption.master_key, policy, master_key))
 

@@ -1,10 +1,13 @@
 """What a check finds, and what a check is: shared by the generic checks (engine/checks.py) and the checks
-a source kind adds (its `checks` in engine/sources/<kind>/)."""
+a source kind adds (its `checks` in engine/sources/<kind>/); which checks there are: the common ones here,
+each kind's as sources/discovery.py finds them (it knows no Source type, so there is no circle through it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from .sources.discovery import kinds, load_source
 
 ERROR, WARN = "ERROR", "WARN"
 
@@ -31,6 +34,35 @@ class CheckOutcome:
     @property
     def severity(self) -> str:
         """ERROR or WARN: the check's usual severity (common or its kind's), unless this outcome says otherwise."""
-        from .checks import check_spec
-
         return self.level or check_spec(self.name).severity
+
+
+# The checks every backup gets. A kind adds its own (its Source's `checks`, e.g. Redis persistence).
+# `decides_good`: only these say whether the backup itself can be trusted, decide "good" and block in
+# Dagster; the key's age and the off-site copy are about the setup around it: they alert, nothing more.
+COMMON_CHECKS = {
+    "manifest": CheckSpec(ERROR, True, "The manifest's checksum holds and every object it lists exists with its "
+                                       "size."),
+    "integrity": CheckSpec(ERROR, True, "Every stored byte is read back, authenticated, decompressed and matches "
+                                        "both SHA-256 sums; the objects parse as what they claim to be."),
+    "encryption": CheckSpec(ERROR, True, "Every object is in the encrypted format under a key the keyset holds; "
+                                         "no plaintext of the source in samples of the stored bytes; server-side "
+                                         "encryption on S3."),
+    "size": CheckSpec(WARN, False, "The backup's size is close to the recent good backups' (a sudden change is "
+                                   "worth a look)."),
+    "key_cryptoperiod": CheckSpec(WARN, False, "The primary encryption key is within its cryptoperiod (PCI DSS "
+                                               "3.7.4): WARN as the end nears, ERROR past it."),
+    "offsite_copy": CheckSpec(ERROR, False, "The backup is in the off-site repository, every object read back there "
+                                            "with the same SHA-256 as here, and the same manifest."),
+}
+
+
+def check_spec(name: str) -> CheckSpec:
+    """The spec of a check, common or a kind's own."""
+    if name in COMMON_CHECKS:
+        return COMMON_CHECKS[name]
+    for kind in kinds():
+        specs: dict[str, CheckSpec] = load_source(kind).checks
+        if name in specs:
+            return specs[name]
+    raise KeyError(name)

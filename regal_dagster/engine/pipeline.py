@@ -26,7 +26,7 @@ from .crypto import OBJECT_FORMAT_VERSION, STREAMING_TEMPLATE_NAME, Keyring, Non
 from .errors import IntegrityError
 from .layout import PARTIAL_SUFFIX
 from .manifest import CompressionInfo, EncryptionInfo, Manifest, ObjectRecord
-from .policy import CompressionConfig
+from .settings import CompressionConfig
 from .storage import ObjectWriter, Repository
 
 CHUNK = 1024 * 1024

@@ -14,32 +14,67 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
 from .errors import PolicyError
-from .settings import (
+from .settings import (  # the fragments below the plug-ins that the policy assembles
+    CompressionConfig,
     Cron,
     CronExpression,
     Duration,
+    EncryptionConfig,
+    ErasureSubjectConfig,
+    RepositorySettings,
     Settings,
     TargetSettings,
     default_jobs,
     fill_environment,
     is_first_match_in_month,
+    resolve_policy_path,
 )
-from .sources.registry import kinds, target_models
-from .storage.registry import backend_for, backends, check_repository_url
+from .sources.discovery import kinds, target_models
+from .storage.registry import backend_for, backends
 from .transport import Transport, url_transport
+
+
+class _UnservedRepository(RepositorySettings):
+    """A repository whose URL no backend serves: validated only to say so (`url`), or that the URL is missing."""
+
+    @field_validator("url")
+    @classmethod
+    def _served(cls, url: str) -> str:
+        backend_for(url)  # ValueError listing the URLs this regal-backup can open
+        return url
+
+
+_UNSERVED = "unserved"
+
+
+def _repository_backend(value: Any) -> str:
+    """The tag of the backend serving a repository's URL (a backend's `kind`), for the union below."""
+    url = value.url if isinstance(value, RepositorySettings) else value.get("url") if isinstance(value, dict) else None
+    try:
+        return backend_for(url).kind if isinstance(url, str) else _UNSERVED
+    except ValueError:
+        return _UNSERVED
+
 
 if TYPE_CHECKING:
     TargetConfig = TargetSettings
     AlertChannel = ChannelSettings
+    RepositoryConfig = RepositorySettings
 else:  # every source kind's settings, told apart by `kind` (engine/sources/<kind>/target.py)
     TargetConfig = Annotated[Union[tuple(target_models())], Field(discriminator="kind")]  # noqa: UP007
     # every alert channel's settings, told apart by `kind` (engine/channels/<kind>.py)
     AlertChannel = Annotated[Union[tuple(channel_models())], Field(discriminator="kind")]  # noqa: UP007
+    # every backend's repository settings, chosen by the URL's scheme (engine/storage/<backend>.py)
+    RepositoryConfig = Annotated[
+        Union[tuple(Annotated[b.config, Tag(b.kind)] for b in backends())  # noqa: UP007
+              + (Annotated[_UnservedRepository, Tag(_UNSERVED)],)],
+        Discriminator(_repository_backend)]
+_REPOSITORY_TAGS = {b.kind for b in backends()} | {_UNSERVED}
 
 POLICY_ENV = "REGAL_POLICY"
 DEFAULT_POLICY_FILE = "regal_backup.yaml"
@@ -47,93 +82,6 @@ DEFAULT_POLICY_FILE = "regal_backup.yaml"
 # Retention classes, lowest to highest. A higher class scheduled at the same minute wins the tick.
 RetentionClass = Literal["hourly", "daily", "weekly", "monthly"]
 RETENTION_CLASSES: tuple[RetentionClass, ...] = get_args(RetentionClass)
-
-class ObjectLockConfig(Settings):
-    """S3 Object Lock: every backup object is written with a retention date matching its class."""
-
-    mode: Literal["COMPLIANCE", "GOVERNANCE"] = Field(
-        "COMPLIANCE", description="COMPLIANCE: nobody, root included, can delete or shorten it before the date; "
-                                  "GOVERNANCE: identities with s3:BypassGovernanceRetention can")
-
-
-class RetryConfig(Settings):
-    """How a storage request that failed for a passing reason (connection refused, dropped or timed out;
-    HTTP 5xx, SlowDown, throttling) is made again. Other errors are never retried."""
-
-    attempts: int = Field(5, ge=1, le=20, description="tries of one request, the first one included")
-    backoff: Duration = Field(timedelta(seconds=0.5), description="wait before the second try; doubled "
-                              "before each next one (with random jitter: between half of it and all of it)")
-    max_backoff: Duration = Field(timedelta(seconds=20), description="the longest wait between two tries")
-
-
-class RepositoryConfig(Settings):
-    url: str = Field(description="file:///absolute/path, a relative path, or s3://bucket/prefix")
-    region: str | None = None
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
-    sse_kms_key_id: str | None = None
-    part_size_mb: int = Field(16, ge=5, le=512)
-    upload_concurrency: int = Field(4, ge=1, le=32)
-    lock_wait: Duration = Field(timedelta(0), description="0: a second backup fails at once; else waits this long")
-    lock_lease: Duration = Field(timedelta(seconds=60), description="S3 lock lease, renewed every third of it "
-                                 "while held: a holder that dies frees the lock this long after its last renewal")
-    object_lock: ObjectLockConfig | None = Field(None, description="S3 only: write backups immutable until "
-                                                 "their retention date (the bucket needs Object Lock enabled)")
-    retry: RetryConfig = Field(default_factory=RetryConfig, description="retries of storage requests")
-
-    @field_validator("url")
-    @classmethod
-    def _served(cls, url: str) -> str:
-        return check_repository_url(url)  # the backend serving the URL's scheme checks the rest
-
-    @model_validator(mode="after")
-    def _lock_needs_a_locking_store(self) -> RepositoryConfig:
-        if self.object_lock is not None and not backend_for(self.url).locks_objects:
-            lockers = " or ".join(f"{s}://" for b in backends() if b.locks_objects for s in b.schemes)
-            raise ValueError(f"object_lock needs an {lockers} repository "
-                             f"(a {backend_for(self.url).kind} cannot lock objects)")
-        return self
-
-    def transport(self, label: str) -> Transport:
-        """How backup data travels to this repository, as its backend says."""
-        return backend_for(self.url).transport(self, label)
-
-
-class MasterKeyConfig(Settings):
-    """Where the key that encrypts the keyset comes from. Exactly one of the three."""
-
-    env: str | None = Field(None, description="environment variable holding the master key")
-    file: str | None = Field(None, description="file (mode 0600) holding the master key")
-    kms_key_uri: str | None = Field(None, description="aws-kms://arn:aws:kms:REGION:ACCOUNT:key/ID")
-    kms_region: str | None = None
-    kms_endpoint_url: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> MasterKeyConfig:
-        given = [n for n in ("env", "file", "kms_key_uri") if getattr(self, n)]
-        if len(given) != 1:
-            raise ValueError("give exactly one of env, file or kms_key_uri")
-        if self.kms_key_uri and not self.kms_key_uri.startswith("aws-kms://"):
-            raise ValueError("kms_key_uri must start with aws-kms://")
-        return self
-
-
-class EncryptionConfig(Settings):
-    keyset: str = Field(description="path of the encrypted keyset (relative to the policy file)")
-    master_key: MasterKeyConfig
-    cryptoperiod: Duration = Field(timedelta(days=365), description="how long a key may stay primary "
-                                   "(PCI DSS 3.7.4); `regal-backup keys rotate` starts a new one")
-    cryptoperiod_warning: Duration = Field(timedelta(days=30), description="the key check warns this long "
-                                           "before the cryptoperiod ends")
-
-
-class CompressionConfig(Settings):
-    """zstd settings for new backups (restores read whatever a backup used)."""
-
-    level: int = Field(1, ge=-7, le=19, description="zstd level; 1 is fastest at a gzip-like ratio")
-    hash_log: int | None = Field(16, ge=6, le=26, description="zstd match-table size (log2); level 1's default "
-                                 "is 14; 16 gives about 0.7% smaller output for about 15% more CPU")
-
 
 class ScheduleConfig(Settings):
     cron: Cron
@@ -207,25 +155,6 @@ class RestoreTestsConfig(Settings):
     monthly_sample: int = Field(2, ge=1, le=50, description="backups drawn at random, across targets and ages")
     drill_cron: Cron = Field("0 5 1 1,4,7,10 *", description="the quarterly disaster-recovery drill (UTC)")
     work_dir: str | None = Field(None, description="where scratch servers live (default: the temp directory)")
-
-
-class ErasureSubjectConfig(Settings):
-    """Where a target keeps the personal data of one kind of data subject (e.g. customers by e-mail)."""
-
-    table: str = Field(description="schema.table")
-    match_column: str = Field(description="the identifier an erasure request names (compared trimmed, lower-case)")
-    action: Literal["delete", "anonymize"] = "anonymize"
-    set: dict[str, str | int | float | bool | None] = Field(
-        default_factory=dict, description="anonymize: column -> value; '{erasure_id}' in a text value becomes a "
-                                          "short marker unique to the subject (for UNIQUE columns)")
-
-    @model_validator(mode="after")
-    def _shape(self) -> ErasureSubjectConfig:
-        if "." not in self.table:
-            raise ValueError("table must be schema.table")
-        if self.action == "anonymize" and not self.set:
-            raise ValueError("anonymize needs `set`: the columns to overwrite")
-        return self
 
 
 class GdprConfig(Settings):
@@ -319,6 +248,15 @@ class Policy(Settings):
     # SHA-256 of the policy file as loaded (the audit trail records every change of it).
     source_sha256: str = Field(default="", exclude=True)
 
+    @field_validator("repository", "offsite")
+    @classmethod
+    def _lock_needs_a_locking_store(cls, config: RepositoryConfig | None) -> RepositoryConfig | None:
+        if config is not None and config.object_lock is not None and not backend_for(config.url).locks_objects:
+            lockers = " or ".join(f"{s}://" for b in backends() if b.locks_objects for s in b.schemes)
+            raise ValueError(f"object_lock needs an {lockers} repository "
+                             f"(a {backend_for(config.url).kind} cannot lock objects)")
+        return config
+
     @field_validator("targets")
     @classmethod
     def _target_names(cls, targets: dict[str, TargetConfig]) -> dict[str, TargetConfig]:
@@ -343,9 +281,9 @@ class Policy(Settings):
 
     def transports(self) -> list[Transport]:
         """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""
-        found = [self.repository.transport("repository")]
+        found = [backend_for(self.repository.url).transport(self.repository, "repository")]
         if self.offsite is not None:
-            found.append(self.offsite.transport("off-site repository"))
+            found.append(backend_for(self.offsite.url).transport(self.offsite, "off-site repository"))
         for name, target in sorted(self.targets.items()):
             found += target.transports(name)
         if self.audit is not None:
@@ -365,12 +303,23 @@ class Policy(Settings):
         return self.target(name).jobs or self.jobs
 
     def resolve_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p).resolve()
+        """A path the policy names, as settings.resolve_policy_path reads it (relative: from the policy's folder)."""
+        return resolve_policy_path(self.base_dir, path)
 
-    def local_repository_path(self, config: RepositoryConfig | None = None) -> Path:
+    def local_repository_path(self, config: RepositorySettings | None = None) -> Path:
         url = (config or self.repository).url
         return self.resolve_path(url.removeprefix("file://"))
+
+    def secret_names(self) -> set[str]:
+        """Every environment variable the policy reads a secret from."""
+        names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", self.model_dump_json()))
+        if self.encryption.master_key.env:
+            names.add(self.encryption.master_key.env)
+        for channel in self.alerts.channels:
+            names.update(v for k, v in channel.model_dump().items() if k.endswith("_env") and isinstance(v, str))
+        if self.reports.signing and self.reports.signing.passphrase_env:
+            names.add(self.reports.signing.passphrase_env)
+        return names
 
     def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:
         """The class a backup started at `tick` belongs to: the highest class scheduled then."""
@@ -387,8 +336,33 @@ class Policy(Settings):
 _UNION_TAGS = {*kinds(), *channel_kinds()}  # pydantic puts a union's tag in the path
 
 
+def hook_environment(policy: Policy) -> dict[str, str]:
+    """The environment of an operator's hook command: theirs, without the policy's secrets."""
+    secrets = policy.secret_names()
+    return {k: v for k, v in os.environ.items() if k not in secrets}
+
+
+def _misplaced_repository_setting(section: str, tag: str, setting: str) -> str | None:
+    """A setting that belongs to another backend's repositories (an S3 setting on a `file` one): what to remove."""
+    owners = [b for b in backends() if b.kind != tag and setting in b.config.model_fields]
+    if tag == _UNSERVED or not owners:
+        return None
+    this = next(b for b in backends() if b.kind == tag)
+    wanted = " or ".join(f"{s}://" for b in owners for s in b.schemes)
+    return (f"{section}: {setting} needs an {wanted} repository; this one is a {this.kind} repository "
+            f"({this.example}), which has no such setting: remove {setting}")
+
+
 def _format_problem(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
+    if len(loc) >= 2 and loc[0] in ("repository", "offsite") and loc[1] in _REPOSITORY_TAGS:
+        if error["type"] == "model_type":
+            return f"{loc[0]}: expected a mapping of settings (url: and the settings its backend takes)"
+        if error["type"] == "extra_forbidden" and len(loc) == 3:
+            misplaced = _misplaced_repository_setting(loc[0], loc[1], loc[2])
+            if misplaced:
+                return misplaced
+        del loc[1]
     if len(loc) >= 3 and loc[0] in ("targets", "channels", "alerts") and loc[2] in _UNION_TAGS:
         del loc[2]
     elif len(loc) >= 4 and loc[:2] == ["alerts", "channels"] and loc[3] in _UNION_TAGS:
@@ -405,9 +379,15 @@ def _format_problem(error: dict[str, Any]) -> str:
     return f"{path}: {message}"
 
 
+def policy_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """The policy file: `path` (--policy), else $REGAL_POLICY, else ./regal_backup.yaml (`~` expanded). The one
+    rule every face (CLI, Dagster, load_policy) finds the policy by."""
+    return Path(path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE).expanduser()
+
+
 def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
     """Load and validate the policy at `path` (or $REGAL_POLICY, or ./regal_backup.yaml)."""
-    chosen = Path(path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE).expanduser()
+    chosen = policy_file(path)
     if not chosen.is_file():
         raise PolicyError(str(chosen), [
             f"file not found (set --policy or {POLICY_ENV}, or create one with `regal-backup init DIR`)"

@@ -18,7 +18,6 @@ from typing import Any
 
 from .audit import audited, record
 from .crypto import Keyring
-from .environment import hook_environment
 from .errors import RegalError
 from .gdpr import (
     ErasureLedger,
@@ -30,7 +29,7 @@ from .gdpr import (
 )
 from .manifest import Manifest
 from .pipeline import StoredBackup
-from .policy import Policy
+from .policy import Policy, hook_environment
 from .sources.base import RestoreRequest
 from .sources.registry import source_for
 from .storage import Repository

@@ -1,15 +1,20 @@
-"""The building blocks of the policy file: durations, cron expressions, ${VAR} references, and the
-settings every target has. Each source kind defines its own target settings on `TargetSettings` in
-engine/sources/<kind>/target.py; engine/policy.py puts them together."""
+"""The building blocks of the policy file, BELOW the plug-ins: durations, cron expressions, ${VAR}
+references, where relative paths lead, the settings every target has and every repository has, and the
+config fragments that storage, crypto, the pipeline and the source kinds read (retry, compression,
+encryption, erasure subjects). Each source kind defines its own target settings on `TargetSettings` in
+engine/sources/<kind>/target.py, each storage backend its own repository settings on `RepositorySettings`
+in its module; engine/policy.py (above the registries) puts them together. Nothing here imports a
+plug-in or the policy: what a module below the policy reads of the assembled policy is `PolicyView`."""
 
 from __future__ import annotations
 
 import os
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .errors import PolicyError
 from .transport import Transport
@@ -64,6 +69,14 @@ def fill_environment(text: str, setting: str) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text)
 
 
+def resolve_policy_path(base_dir: Path, path: str) -> Path:
+    """A path written in the policy: `~` expanded; a relative one from the policy file's directory (`base_dir`).
+    The one rule for every path the policy names (keyset, master key file, local repository, channels'
+    files, signing certificates, work directories)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
 DataClass = Literal["payment data", "personal data", "operational data", "configuration"]
 
 
@@ -82,6 +95,115 @@ class TargetSettings(Settings):
         """The network connections a backup of this target makes, and whether each is encrypted (a kind
         that reads local files makes none)."""
         return []
+
+
+class RetryConfig(Settings):
+    """How a storage request that failed for a passing reason (connection refused, dropped or timed out;
+    HTTP 5xx, SlowDown, throttling) is made again. Other errors are never retried."""
+
+    attempts: int = Field(5, ge=1, le=20, description="tries of one request, the first one included")
+    backoff: Duration = Field(timedelta(seconds=0.5), description="wait before the second try; doubled "
+                              "before each next one (with random jitter: between half of it and all of it)")
+    max_backoff: Duration = Field(timedelta(seconds=20), description="the longest wait between two tries")
+
+
+class ObjectLockConfig(Settings):
+    """S3 Object Lock: every backup object is written with a retention date matching its class."""
+
+    mode: Literal["COMPLIANCE", "GOVERNANCE"] = Field(
+        "COMPLIANCE", description="COMPLIANCE: nobody, root included, can delete or shorten it before the date; "
+                                  "GOVERNANCE: identities with s3:BypassGovernanceRetention can")
+
+
+class RepositorySettings(Settings):
+    """What every repository has; a storage backend adds its own settings (engine/storage/<backend>.py, its
+    `BACKEND.config`), and the policy picks the backend's model by the URL's scheme."""
+
+    url: str = Field(description="file:///absolute/path, a relative path, or s3://bucket/prefix")
+    lock_wait: Duration = Field(timedelta(0), description="0: a second backup fails at once; else waits this long")
+    object_lock: ObjectLockConfig | None = Field(None, description="write backups immutable until their retention "
+                                                 "date (a store that can lock objects: S3 with Object Lock enabled)")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="retries of storage requests")
+
+    def store_encryption(self) -> str | None:
+        """The store's own encryption at rest as configured (None: the store encrypts nothing itself)."""
+        return None
+
+
+class MasterKeyConfig(Settings):
+    """Where the key that encrypts the keyset comes from. Exactly one of the three."""
+
+    env: str | None = Field(None, description="environment variable holding the master key")
+    file: str | None = Field(None, description="file (mode 0600) holding the master key")
+    kms_key_uri: str | None = Field(None, description="aws-kms://arn:aws:kms:REGION:ACCOUNT:key/ID")
+    kms_region: str | None = None
+    kms_endpoint_url: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MasterKeyConfig:
+        given = [n for n in ("env", "file", "kms_key_uri") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file or kms_key_uri")
+        if self.kms_key_uri and not self.kms_key_uri.startswith("aws-kms://"):
+            raise ValueError("kms_key_uri must start with aws-kms://")
+        return self
+
+
+class EncryptionConfig(Settings):
+    keyset: str = Field(description="path of the encrypted keyset (relative to the policy file)")
+    master_key: MasterKeyConfig
+    cryptoperiod: Duration = Field(timedelta(days=365), description="how long a key may stay primary "
+                                   "(PCI DSS 3.7.4); `regal-backup keys rotate` starts a new one")
+    cryptoperiod_warning: Duration = Field(timedelta(days=30), description="the key check warns this long "
+                                           "before the cryptoperiod ends")
+
+
+class CompressionConfig(Settings):
+    """zstd settings for new backups (restores read whatever a backup used)."""
+
+    level: int = Field(1, ge=-7, le=19, description="zstd level; 1 is fastest at a gzip-like ratio")
+    hash_log: int | None = Field(16, ge=6, le=26, description="zstd match-table size (log2); level 1's default "
+                                 "is 14; 16 gives about 0.7% smaller output for about 15% more CPU")
+
+
+class ErasureSubjectConfig(Settings):
+    """Where a target keeps the personal data of one kind of data subject (e.g. customers by e-mail)."""
+
+    table: str = Field(description="schema.table")
+    match_column: str = Field(description="the identifier an erasure request names (compared trimmed, lower-case)")
+    action: Literal["delete", "anonymize"] = "anonymize"
+    set: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="anonymize: column -> value; '{erasure_id}' in a text value becomes a "
+                                          "short marker unique to the subject (for UNIQUE columns)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ErasureSubjectConfig:
+        if "." not in self.table:
+            raise ValueError("table must be schema.table")
+        if self.action == "anonymize" and not self.set:
+            raise ValueError("anonymize needs `set`: the columns to overwrite")
+        return self
+
+
+class PolicyView(Protocol):
+    """What the modules below the policy (crypto, storage, the source kinds' interface) read of the assembled
+    policy. engine/policy.py's `Policy` is one; they take it as this and never import the policy itself."""
+
+    @property
+    def base_dir(self) -> Path: ...  # the policy file's directory: relative paths resolve against it
+
+    @property
+    def repository(self) -> RepositorySettings: ...
+
+    @property
+    def offsite(self) -> RepositorySettings | None: ...
+
+    @property
+    def encryption(self) -> EncryptionConfig: ...
+
+    def resolve_path(self, path: str) -> Path: ...
+
+    def target(self, name: str) -> TargetSettings: ...
 
 
 # --- cron, just enough to tell which class a tick belongs to -------------------------------------

@@ -25,7 +25,7 @@ from ..keys import key_inventory
 from ..layout import PRUNE_LOGS, target_of
 from ..policy import Policy
 from ..retention import PRUNE_LOG_KIND, prune_report
-from ..storage import Repository, backend_for
+from ..storage import Repository
 from .charts import human_seconds
 
 # --- the period --------------------------------------------------------------------------------------
@@ -324,9 +324,7 @@ def policy_facts(policy: Policy) -> dict[str, Any]:
         "offsite": _redacted_location(policy.offsite.url) if policy.offsite else None,
         "encryption": "Tink streaming AEAD AES256_GCM_HKDF_1MB per object; keyset encrypted by a master key "
         + ("in AWS KMS" if policy.encryption.master_key.kms_key_uri else "(AES256-GCM)"),
-        "server_side_encryption": policy.repository.server_side_encryption
-        if backend_for(policy.repository.url).encrypts_at_rest
-        else None,
+        "server_side_encryption": policy.repository.store_encryption(),
         "cryptoperiod_days": policy.encryption.cryptoperiod.days,
         "alert_channels": [c.kind for c in policy.alerts.channels],
         "audit_retention_months": policy.audit.retention_months if policy.audit else None,

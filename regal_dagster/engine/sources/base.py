@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import RegalError
 from ..manifest import Manifest, ObjectRecord
 from ..outcomes import CheckOutcome, CheckSpec
-from ..settings import TargetSettings
+from ..settings import ErasureSubjectConfig, PolicyView, TargetSettings
 
 if TYPE_CHECKING:
     from ..crypto import Keyring
-    from ..gdpr import ErasureLedger, ErasureResult
+    from ..erasure_ledger import ErasureLedger, ErasureResult
     from ..pipeline import Progress, StoredBackup
-    from ..policy import ErasureSubjectConfig, Policy
     from ..storage import Repository
 
 StoreObject = Callable[[str, str, Iterable[bytes], int], ObjectRecord]
@@ -105,7 +104,7 @@ class Source(ABC):
     @abstractmethod
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured: ...
 
-    def capture_incremental(self, policy: Policy, repo: Repository, keyring: Keyring, target_name: str,
+    def capture_incremental(self, policy: PolicyView, repo: Repository, keyring: Keyring, target_name: str,
                             target: TargetSettings, store: StoreObject) -> Captured:
         """An incremental backup on top of the target's newest good one (kinds that have such a thing)."""
         from ..errors import UsageError
@@ -117,7 +116,7 @@ class Source(ABC):
     def check_structure(self, backup: StoredBackup) -> str:
         """One line on what parses; IntegrityError naming the object when something does not."""
 
-    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+    def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
                     earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
         """The outcomes of `checks` (earlier_good: the target's good backups before this one, newest first)."""
         return []

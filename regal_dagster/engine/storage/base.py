@@ -21,8 +21,9 @@ Keys are '/'-separated paths relative to the repository root (engine/layout.py n
 that would leave the root ("../x", "/x") is refused.
 
 Backends: one module per store under storage/ (local.py: a directory; s3.py: a bucket), each with a
-module-level `BACKEND` (a `Backend`: its kind, URL schemes, how to check a URL and how to open one from
-the policy). registry.py finds them, picks one by the URL's scheme ("file" also serves a plain path) and
+module-level `BACKEND` (a `Backend`: its kind, URL schemes, its repository settings model (on
+settings.RepositorySettings: the policy picks it by the URL's scheme, and refuses another backend's
+settings), and how to open one). registry.py finds them, picks one by the URL's scheme ("file" also serves a plain path) and
 layers the wrappers around what it opens, once:
 
     retry.Retrying( logged.Logged( <backend> ) )
@@ -56,14 +57,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, BinaryIO, Self
+from pathlib import Path
+from typing import BinaryIO, Self
 
 from ..errors import LockedError, RegalError
 from ..layout import KEYS_LOCK, LEDGER_LOCK
+from ..settings import RepositorySettings
 from ..transport import LOCAL, Transport
-
-if TYPE_CHECKING:
-    from ..policy import Policy, RepositoryConfig
 
 
 class ObjectMissingError(RegalError):
@@ -209,10 +209,11 @@ class Backend:
     schemes: tuple[str, ...]  # URL schemes it serves; "file" serves plain paths too
     example: str  # how its URL is written, for error messages: "s3://bucket/prefix"
     repository: type[Repository]  # says what the store can do (`encrypts_at_rest`, `locks_objects`)
-    open: Callable[[Policy, RepositoryConfig], Repository]
-    check_url: Callable[[str], None] = lambda url: None  # raises ValueError saying what is wrong
+    config: type[RepositorySettings]  # its settings in the policy (it checks the URL: ValueError saying what is wrong)
+    # opens the repository its settings describe; relative paths resolve against the policy file's directory
+    open: Callable[[RepositorySettings, Path], Repository]
     # how backup data travels to the store, for the report's encryption in transit (default: files here)
-    transport: Callable[[RepositoryConfig, str], Transport] = (
+    transport: Callable[[RepositorySettings, str], Transport] = (
         lambda config, label: Transport(f"{label} (local file system)", LOCAL, "files on this host"))
 
     @property

@@ -20,10 +20,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, cast
 
 from ..errors import RegalError
 from ..layout import PARTIAL_SUFFIX, lock_key
+from ..settings import RepositorySettings, resolve_policy_path
 from .base import (
     Backend,
     ObjectMissingError,
@@ -36,8 +37,14 @@ from .base import (
     lock_refusal,
 )
 
-if TYPE_CHECKING:
-    from ..policy import Policy, RepositoryConfig
+
+class FileRepositoryConfig(RepositorySettings):
+    """A repository in a directory of this host's file system: `url` is file:///absolute/path or a path
+    (a relative one from the policy file's directory). It has only the settings every repository has."""
+
+    def root(self, base_dir: Path) -> Path:
+        """The repository's directory, relative paths resolved from the policy file's directory `base_dir`."""
+        return resolve_policy_path(base_dir, self.url.removeprefix("file://"))
 
 
 class _LocalWriter(ObjectWriter):
@@ -275,9 +282,9 @@ class LocalRepository(Repository):
             os.close(fd)
 
 
-def _open(policy: Policy, config: RepositoryConfig) -> Repository:
-    return LocalRepository(policy.local_repository_path(config), lock_wait=config.lock_wait)
+def _open(config: RepositorySettings, base_dir: Path) -> Repository:
+    return LocalRepository(cast(FileRepositoryConfig, config).root(base_dir), lock_wait=config.lock_wait)
 
 
 BACKEND = Backend(kind="filesystem", schemes=("file",), example="file:///path or a plain path",
-                  repository=LocalRepository, open=_open)
+                  repository=LocalRepository, config=FileRepositoryConfig, open=_open)

@@ -9,23 +9,19 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from typing import TYPE_CHECKING
+from pathlib import Path
 
+from ..settings import PolicyView, RepositorySettings
 from .base import Backend, Repository
 from .logged import Logged
 from .retry import Retrying
 
-if TYPE_CHECKING:
-    from ..policy import Policy, RepositoryConfig
-
 
 @functools.cache
 def backends() -> tuple[Backend, ...]:
-    from .. import storage
-
     found = []
-    for info in pkgutil.iter_modules(storage.__path__):
-        module = importlib.import_module(f"{storage.__name__}.{info.name}")
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # the modules beside this one
+        module = importlib.import_module(f"{__package__}.{info.name}")
         backend = getattr(module, "BACKEND", None)
         if isinstance(backend, Backend):
             found.append(backend)
@@ -47,18 +43,12 @@ def backend_for(url: str) -> Backend:
                      + ", or ".join(b.example for b in backends()))
 
 
-def check_repository_url(url: str) -> str:
-    """For the policy: `url` when a backend serves it and finds it well formed, else ValueError."""
-    backend_for(url).check_url(url)
-    return url
-
-
-def open_repository(policy: Policy, config: RepositoryConfig | None = None) -> Repository:
+def open_repository(policy: PolicyView, config: RepositorySettings | None = None) -> Repository:
     """The policy's repository, or the one `config` describes (the off-site copy)."""
     config = config or policy.repository
-    store = backend_for(config.url).open(policy, config)
+    store = backend_for(config.url).open(config, policy.base_dir)
     return Retrying(Logged(store), config.retry)
 
 
-def open_offsite(policy: Policy) -> Repository | None:
+def open_offsite(policy: PolicyView) -> Repository | None:
     return open_repository(policy, policy.offsite) if policy.offsite else None

@@ -24,7 +24,7 @@ from .base import Repository, StorageUnavailableError, TransientStorageError
 from .layer import Layer, Measure
 
 if TYPE_CHECKING:
-    from ..policy import RetryConfig
+    from ..settings import RetryConfig
 
 log = logging.getLogger("regal_backup.storage")
 

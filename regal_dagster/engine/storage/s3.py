@@ -20,11 +20,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, TypeVar, cast
+
+from pydantic import Field, field_validator
 
 from ..errors import ObjectLockedError, RegalError
 from ..layout import lock_key
+from ..settings import Duration, RepositorySettings
 from ..transport import Transport, url_transport
 from . import retry
 from .base import (
@@ -39,10 +43,30 @@ from .base import (
     lock_refusal,
 )
 
-if TYPE_CHECKING:
-    from ..policy import Policy, RepositoryConfig
-
 T = TypeVar("T")
+
+
+class S3RepositoryConfig(RepositorySettings):
+    """A repository in an S3 bucket (or an S3-compatible store): `url` is s3://bucket/prefix."""
+
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
+    sse_kms_key_id: str | None = None
+    part_size_mb: int = Field(16, ge=5, le=512)
+    upload_concurrency: int = Field(4, ge=1, le=32)
+    lock_lease: Duration = Field(timedelta(seconds=60), description="S3 lock lease, renewed every third of it "
+                                 "while held: a holder that dies frees the lock this long after its last renewal")
+
+    @field_validator("url")
+    @classmethod
+    def _bucket(cls, url: str) -> str:
+        if not url[len("s3://"):].split("/", 1)[0]:
+            raise ValueError("s3 url needs a bucket: s3://bucket/prefix")
+        return url
+
+    def store_encryption(self) -> str | None:
+        return self.server_side_encryption
 
 # Error codes that say "not now" rather than "no": the same request may pass a moment later.
 TRANSIENT_CODES = frozenset({
@@ -184,7 +208,7 @@ class S3Repository(Repository):
     encrypts_at_rest = True  # every object is written with the policy's server-side encryption
     locks_objects = True  # S3 Object Lock (repository.object_lock)
 
-    def __init__(self, config: RepositoryConfig):
+    def __init__(self, config: S3RepositoryConfig):
         import boto3
         from botocore.config import Config
 
@@ -500,19 +524,14 @@ class S3Repository(Repository):
             with contextlib.suppress(Exception):  # not released: the lease runs out by itself
                 retry.call(self.config.retry, "release lock", where, self.location, release_once)
 
-def _check_url(url: str) -> None:
-    if not url[len("s3://"):].split("/", 1)[0]:
-        raise ValueError("s3 url needs a bucket: s3://bucket/prefix")
+def _open(config: RepositorySettings, base_dir: Path) -> Repository:
+    return S3Repository(cast(S3RepositoryConfig, config))
 
 
-def _open(policy: Policy, config: RepositoryConfig) -> Repository:
-    return S3Repository(config)
-
-
-def _transport(config: RepositoryConfig, label: str) -> Transport:
+def _transport(config: RepositorySettings, label: str) -> Transport:
     """TLS unless the endpoint says http:// (AWS S3 itself, without an endpoint, is https)."""
-    return url_transport(f"{label}: S3", config.endpoint_url, ("https",))
+    return url_transport(f"{label}: S3", cast(S3RepositoryConfig, config).endpoint_url, ("https",))
 
 
 BACKEND = Backend(kind="s3", schemes=("s3",), example="s3://bucket/prefix", repository=S3Repository,
-                  open=_open, check_url=_check_url, transport=_transport)
+                  config=S3RepositoryConfig, open=_open, transport=_transport)

@@ -15,7 +15,19 @@ from ...settings import TargetSettings
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..streams import file_chunks
-from . import git
+from .git import (
+    BUNDLE_CONTENT,
+    BUNDLE_OBJECT,
+    LOCK_PREFIX,
+    bundle_stream,
+    clone,
+    clone_refs,
+    cloned_state,
+    git_version,
+    repository_facts,
+    restore_stash_entries,
+    verify_bundle,
+)
 from .target import ConfigTarget
 
 LOCK_FILES_DIR = "restored-lock-files"
@@ -30,18 +42,18 @@ class ConfigSource(Source):
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         settings = cast(ConfigTarget, target)
         repo_path = Path(settings.repository).expanduser()
-        facts = git.repository_facts(repo_path, settings.lock_files)
-        objects = [store(git.BUNDLE_OBJECT, git.BUNDLE_CONTENT, git.bundle_stream(repo_path, facts["stash"]), 0)]
-        objects += [store(git.LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
+        facts = repository_facts(repo_path, settings.lock_files)
+        objects = [store(BUNDLE_OBJECT, BUNDLE_CONTENT, bundle_stream(repo_path, facts["stash"]), 0)]
+        objects += [store(LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
                     for name in facts["lock_files"]]
-        return Captured(objects, facts, {"git": git.git_version()})
+        return Captured(objects, facts, {"git": git_version()})
 
     def check_structure(self, backup: StoredBackup) -> str:
         manifest = backup.manifest
         with private_directory("check") as tmp:
-            git.verify_bundle(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT))
+            verify_bundle(backup.to_file(BUNDLE_OBJECT, Path(tmp) / BUNDLE_OBJECT))
         for name, digest in manifest.source.get("lock_files", {}).items():
-            if manifest.object(git.LOCK_PREFIX + name).plaintext_sha256 != digest:
+            if manifest.object(LOCK_PREFIX + name).plaintext_sha256 != digest:
                 raise IntegrityError(f"lock file {name}: its object and the manifest's hash differ",
                                      "this backup is damaged: use another one")
         return f"git bundle verify accepts {len(manifest.source.get('refs', {}))} refs"
@@ -59,14 +71,14 @@ class ConfigSource(Source):
         if request.before_writing:
             request.before_writing()
         with private_directory("restore") as tmp:
-            cloned = git.clone(backup.to_file(git.BUNDLE_OBJECT, Path(tmp) / git.BUNDLE_OBJECT), destination,
+            cloned = clone(backup.to_file(BUNDLE_OBJECT, Path(tmp) / BUNDLE_OBJECT), destination,
                                every_ref="all_refs" in manifest.source)
             if stash := manifest.source.get("stash"):
-                git.restore_stash_entries(destination, stash)
+                restore_stash_entries(destination, stash)
         for name in manifest.source.get("lock_files", {}):
             path = destination / LOCK_FILES_DIR / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            backup.install(git.LOCK_PREFIX + name, path)
+            backup.install(LOCK_PREFIX + name, path)
         return Restored(str(destination), f"restored {manifest.backup_id}: cloned {len(cloned['refs'])} refs into "
                                           f"{destination} (HEAD {cloned['head'][:12]}); lock files as they were in "
                                           f"{LOCK_FILES_DIR}/",
@@ -82,9 +94,9 @@ class ConfigSource(Source):
         cloned: dict[str, Any]
         if "all_refs" in manifest.source:  # branches and tags peeled to their commits, as `refs` has them
             expected = {**manifest.source["all_refs"], **manifest.source["refs"]}
-            cloned = git.cloned_state(Path(destination))
+            cloned = cloned_state(Path(destination))
         else:  # backups from before every ref was recorded: branches and tags
-            cloned = git.clone_refs(Path(destination))
+            cloned = clone_refs(Path(destination))
             expected = manifest.source["refs"]
         problems = [f"ref {name} is {cloned['refs'].get(name)} in the clone, {commit} in the backup"
                     for name, commit in sorted(expected.items()) if cloned["refs"].get(name) != commit]

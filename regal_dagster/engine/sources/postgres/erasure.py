@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from ...gdpr import ErasureLedger, ErasureResult
-from ...policy import ErasureSubjectConfig
+from ...erasure_ledger import ErasureLedger, ErasureResult
 from ...postgresql.connection import OWN_SESSION_SETTINGS, connect
+from ...settings import ErasureSubjectConfig
 
 ERASURE_ID = "{erasure_id}"
 

@@ -14,12 +14,11 @@ from typing import Any, cast
 import psycopg
 
 from ...environment import child_environment
+from ...erasure_ledger import ErasureLedger, ErasureResult
 from ...errors import IntegrityError, RegalError, ToolError, UsageError
-from ...gdpr import ErasureLedger, ErasureResult
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
-from ...policy import ErasureSubjectConfig
 from ...postgresql.connection import (
     OWN_SESSION_SETTINGS,
     check_dsn,
@@ -29,7 +28,7 @@ from ...postgresql.connection import (
 )
 from ...postgresql.server import ScratchCluster, choose_server_binaries
 from ...postgresql.tools import find_pg_tool
-from ...settings import TargetSettings
+from ...settings import ErasureSubjectConfig, TargetSettings
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .dump import (

@@ -20,7 +20,7 @@ from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import CHUNK, StoredBackup
 from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
-from ...settings import TargetSettings
+from ...settings import PolicyView, TargetSettings
 from ...wal import fetch_wal
 from ...workspace import owner_record, recorded_owner_alive, sweep
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
@@ -104,14 +104,14 @@ class PostgresClusterSource(Source):
         dsn = cast(PostgresClusterTarget, target).resolved_dsn()
         return self._capture(dsn, server_facts(dsn), store, None)
 
-    def capture_incremental(self, policy: Policy, repo: Repository, keyring: Keyring, target_name: str,
+    def capture_incremental(self, policy: PolicyView, repo: Repository, keyring: Keyring, target_name: str,
                             target: TargetSettings, store: StoreObject) -> Captured:
         """pg_basebackup --incremental on top of the target's newest good base backup of this server; a full
         backup (saying so in `incremental_note`) when there is none, as pgBackRest does."""
         dsn = cast(PostgresClusterTarget, target).resolved_dsn()
         facts = server_facts(dsn)
         require_wal_summaries(facts)
-        parent, why_not = newest_parent(policy, repo, keyring, target_name, facts)
+        parent, why_not = newest_parent(cast("Policy", policy), repo, keyring, target_name, facts)  # the whole one
         if parent is None:
             facts["incremental_note"] = f"{why_not}: took a full base backup instead of an incremental"
             return self._capture(dsn, facts, store, None)
@@ -178,7 +178,7 @@ class PostgresClusterSource(Source):
                      f"{chain[0].manifest.backup_id}) is in the repository")
         return held
 
-    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+    def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
                     earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
         from ...catalog import newest_first
         from ...crypto import load_keyring
@@ -192,7 +192,7 @@ class PostgresClusterSource(Source):
             oldest = kept
         try:
             with private_directory("wal-continuity") as work:
-                found = check_continuity(policy, repo, keyring, oldest, work)
+                found = check_continuity(cast("Policy", policy), repo, keyring, oldest, work)
         except RegalError as exc:
             return [CheckOutcome("wal_continuity", False, f"the WAL could not be checked: {exc.message}")]
         return [CheckOutcome("wal_continuity", found.ok, found.description, failing_object=found.missing,

@@ -12,8 +12,7 @@ from ...errors import IntegrityError, RegalError
 from ...manifest import Manifest
 from ...outcomes import WARN, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
-from ...policy import Policy
-from ...settings import TargetSettings
+from ...settings import PolicyView, TargetSettings
 from ...workspace import private_directory
 from ..base import (
     Captured,
@@ -25,7 +24,22 @@ from ..base import (
     not_empty_refusal,
 )
 from ..streams import file_chunks
-from . import server
+from .server import (
+    RDB_CONTENT,
+    RDB_OBJECT,
+    ScratchRedis,
+    aof_files,
+    check_rdb,
+    client,
+    compare_restored,
+    copy_keys,
+    describe_url,
+    key_sample,
+    persistence_problems,
+    persistence_settings,
+    rdb_stream,
+    server_facts,
+)
 from .target import RedisTarget
 
 RESTORE_STEPS = """To put this RDB back into a Redis server:
@@ -53,41 +67,41 @@ class RedisSource(Source):
         server's data directory is readable here."""
         settings = cast(RedisTarget, target)
         url = settings.resolved_url()
-        facts = {**server.server_facts(server.client(url)), "endpoint": server.describe_url(url),
-                 "key_sample": server.key_sample(url)}
+        facts = {**server_facts(client(url)), "endpoint": describe_url(url),
+                 "key_sample": key_sample(url)}
         with private_directory("rdb") as tmp:  # private (0700); removed at once
-            copy_path = Path(tmp) / server.RDB_OBJECT
+            copy_path = Path(tmp) / RDB_OBJECT
             with copy_path.open("wb") as copy:
                 def teed() -> Iterator[bytes]:
-                    for chunk in server.rdb_stream(url):
+                    for chunk in rdb_stream(url):
                         copy.write(chunk)
                         yield chunk
 
-                objects = [store(server.RDB_OBJECT, server.RDB_CONTENT, teed(), -1)]
-            facts["rdb"] = server.check_rdb(copy_path)
+                objects = [store(RDB_OBJECT, RDB_CONTENT, teed(), -1)]
+            facts["rdb"] = check_rdb(copy_path)
         if settings.data_dir:
             objects += [store(name, "Redis append-only file", file_chunks(path), -1)
-                        for name, path in server.aof_files(Path(settings.data_dir), facts["persistence"])]
+                        for name, path in aof_files(Path(settings.data_dir), facts["persistence"])]
         return Captured(objects, facts, {"redis-check-rdb": "redis " + str(facts["server_version"])})
 
     def check_structure(self, backup: StoredBackup) -> str:
         with private_directory("check") as tmp:
-            rdb = server.check_rdb(backup.to_file(server.RDB_OBJECT, Path(tmp) / server.RDB_OBJECT))
+            rdb = check_rdb(backup.to_file(RDB_OBJECT, Path(tmp) / RDB_OBJECT))
         recorded = backup.manifest.source["rdb"]["keys"]
         if rdb["keys"] != recorded:
             raise IntegrityError(f"the RDB holds {rdb['keys']} keys, the manifest says {recorded}",
                                  "this backup is damaged: use another one")
         return f"redis-check-rdb reads {rdb['keys']} keys"
 
-    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+    def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
                     earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
         """How the Redis server keeps its own copies now (a WARN: the backup itself is fine)."""
         try:
             url = cast(RedisTarget, policy.target(target)).resolved_url()
-            settings = server.persistence_settings(server.client(url))
+            settings = persistence_settings(client(url))
         except RegalError as exc:
             return [CheckOutcome("persistence_configured", False, exc.message)]
-        problems = server.persistence_problems(settings)
+        problems = persistence_problems(settings)
         description = "; ".join(problems) or f"RDB snapshots ({settings['save']}) and the append-only file are on"
         return [CheckOutcome("persistence_configured", not problems, description,
                              metadata={"save": settings["save"], "appendonly": settings["appendonly"]})]
@@ -96,7 +110,7 @@ class RedisSource(Source):
         return {"keys": manifest.source.get("rdb", {}).get("keys", 0)}
 
     def describe_destination(self, to: str) -> str:
-        return server.describe_url(to) if to.startswith(("redis://", "rediss://")) else to
+        return describe_url(to) if to.startswith(("redis://", "rediss://")) else to
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
         """Into a live server (the keys matching --keys, through a scratch server holding the backup), or as
@@ -107,13 +121,13 @@ class RedisSource(Source):
         if request.keys:
             raise RegalError("--keys copies keys into a live server", "give --to redis://... with --keys")
         started = time.monotonic()
-        path = Path(request.to) / server.RDB_OBJECT
+        path = Path(request.to) / RDB_OBJECT
         if path.exists() and not request.drop_existing:
             raise not_empty_refusal(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if request.before_writing:
             request.before_writing()
-        backup.install(server.RDB_OBJECT, path)
+        backup.install(RDB_OBJECT, path)
         rdb = manifest.source["rdb"]
         return Restored(str(path), f"restored {manifest.backup_id} to {path} ({rdb['keys']} keys, RDB version "
                                    f"{rdb['rdb_version']})", seconds={"fetch_decrypt": time.monotonic() - started},
@@ -125,13 +139,13 @@ class RedisSource(Source):
         if not request.keys:
             raise RegalError("say which keys to copy back", "add --keys PATTERN (a Redis glob, e.g. 'session:*')")
         with private_directory("restore") as tmp:
-            backup.to_file(server.RDB_OBJECT, Path(tmp) / server.RDB_OBJECT)
-            with server.ScratchRedis(Path(tmp)) as scratch:
+            backup.to_file(RDB_OBJECT, Path(tmp) / RDB_OBJECT)
+            with ScratchRedis(Path(tmp)) as scratch:
                 if request.before_writing:
                     request.before_writing()
-                counts = server.copy_keys(scratch.url, fill_environment(request.to, "--to"), request.keys,
+                counts = copy_keys(scratch.url, fill_environment(request.to, "--to"), request.keys,
                                           replace=request.drop_existing)
-        where = server.describe_url(request.to)
+        where = describe_url(request.to)
         return Restored(where, f"copied {counts['copied']} keys matching {request.keys!r} from "
                                f"{backup.manifest.backup_id} into {where}; {counts['skipped_existing']} existing keys "
                                "left alone" + ("" if request.drop_existing else " (--drop-existing replaces them)"),
@@ -146,9 +160,9 @@ class RedisSource(Source):
         """The RDB loaded by a scratch redis-server: key counts, TTL counts and the key sample compared."""
         found = RestoredFindings()
         phase = time.monotonic()
-        with server.ScratchRedis(Path(destination)) as scratch:
+        with ScratchRedis(Path(destination)) as scratch:
             found.seconds["load"] = time.monotonic() - phase
             phase = time.monotonic()
-            found.details, found.problems = server.compare_restored(scratch.url, manifest.source)
+            found.details, found.problems = compare_restored(scratch.url, manifest.source)
             found.seconds["validate"] = time.monotonic() - phase
         return found

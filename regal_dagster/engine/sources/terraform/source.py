@@ -12,8 +12,7 @@ from ...errors import IntegrityError
 from ...manifest import Manifest
 from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
-from ...policy import Policy
-from ...settings import TargetSettings
+from ...settings import PolicyView, TargetSettings
 from ...workspace import private_directory
 from ..base import (
     Captured,
@@ -56,7 +55,7 @@ class TerraformSource(Source):
                                  "this backup is damaged: use another one")
         return f"the state reads back with serial {facts.get('serial')}"
 
-    def kind_checks(self, policy: Policy, target: str, manifest: Manifest,
+    def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
                     earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
         """state_valid, and serial_monotonic against every earlier good backup of the same lineage."""
         state = manifest.source["state"]
