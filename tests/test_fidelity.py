@@ -58,9 +58,9 @@ def table_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "in-process":
         yield "in-process"
         return
-    from regal_dagster.engine.sources.postgres import restore as postgres_restore
+    from regal_dagster.engine.sources.postgres import validate
 
-    monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
+    monkeypatch.setattr(validate, "PSQL_COPY_BYTES", -1)
     monkeypatch.setattr(dump, "PSQL_COPY_BYTES", -1)
     read, real = [], dump.psql_copy_out
 
