@@ -124,7 +124,7 @@ def test_small_tables_load_together_and_a_refused_one_is_named_while_the_others_
     is loaded again table by table: the refused table is named with the server's reason, the others load."""
     from regal_dagster.engine.pipeline import StoredBackup
     from regal_dagster.engine.sources.postgres.dump import Table
-    from regal_dagster.engine.sources.postgres.load import load_batches, load_tables
+    from regal_dagster.engine.sources.postgres.loading import load_batches, load_tables
 
     source = system_pg.create()
     execute(source, """CREATE TABLE a (x int); INSERT INTO a SELECT generate_series(1, 50);

@@ -8,7 +8,7 @@ and validated. Loading: pg_restore pre-data and data (tables, sequences, large o
 triggers), and last every table is read back and compared with the manifest (row count and SHA-256).
 
 This module runs those phases; the target and its temporary database are `database`'s, the roles and the
-database's own properties `roles`', the loading `load`'s and the reading back `validate`'s.
+database's own properties `roles`', the loading `loading`'s and the reading back `validate`'s.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .database import (
     same_encoding,
 )
 from .dump import SCHEMA_OBJECT, Table, compare_tables, dump_major
-from .load import load_batches, load_tables, restore_tools, run_pg_restore
+from .loading import load_batches, load_tables, restore_tools, run_pg_restore
 from .roles import apply_database_properties, create_missing_roles, drop_roles
 from .validate import VALIDATION, validated_tables
 

@@ -12,7 +12,7 @@ from ...errors import ToolError
 from ...manifest import Manifest
 from ...postgresql.tools import PgTool
 from .dump import PSQL_COPY_BYTES, Table, TableDigest, copy_out, psql_copy_out, session_settings
-from .load import SessionPool
+from .loading import SessionPool
 
 VALIDATION = {
     "full": "every table read back from the server: row count and SHA-256 of its rows match the backup",
