@@ -156,11 +156,6 @@ def _relations(cur: psycopg.Cursor[Any], kinds: str) -> list[Table]:
             for schema, name, pages, oid, unlogged, kind, columns in cur.fetchall()]
 
 
-def user_tables(cur: psycopg.Cursor[Any]) -> list[Table]:
-    """The tables whose rows pg_dump would dump: ordinary tables and partitions, not extension members."""
-    return _relations(cur, "r")
-
-
 def locked_relations(cur: psycopg.Cursor[Any]) -> list[Table]:
     """The relations pg_dump locks: ordinary and partitioned tables (not extension members)."""
     return _relations(cur, "rp")
@@ -283,17 +278,6 @@ def read_error(table: Table, exc: psycopg.Error | ToolError) -> RegalError:
                           "back up as the table's owner, a superuser or a role with BYPASSRLS")
     return ToolError(f"reading table {table.label} failed: {reason}",
                      "fix the cause above; nothing was stored as a backup")
-
-
-def read_table(dsn: str, table: Table, encoding: str | None = None) -> Iterator[bytes]:
-    """A table's rows as COPY text in chunks, read in a session of its own (`encoding`: the backup's)."""
-    with connect(dsn, autocommit=True) as conn:
-        apply_settings(conn, session_settings(conn, encoding))
-        with conn.cursor() as cur:
-            try:
-                yield from copy_out(cur, table, encoding)
-            except psycopg.Error as exc:
-                raise read_error(table, exc) from None
 
 
 class TableDigest:
