@@ -43,8 +43,9 @@ from .installations import choose_server_binaries, installation_major, pg_bin_di
 from .programs import Account, make_traversable, run_pg, server_account
 from .watchdog import kill_postmaster, process_alive, read_postmaster_pid
 
-__all__ = ["RESTORE_SETTINGS", "SETTINGS_FILE", "ScratchCluster", "choose_server_binaries", "installation_major",
-           "pg_bin_dir", "server_installations"]
+# choose_server_binaries, installation_major, pg_bin_dir, server_installations: importable from here as before
+__all__ = ["RESTORE_SETTINGS", "SETTINGS_FILE", "ScratchCluster", "choose_server_binaries",
+           "installation_major", "pg_bin_dir", "server_installations"]
 
 logger = logging.getLogger(__name__)
 

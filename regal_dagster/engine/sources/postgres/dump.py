@@ -14,9 +14,9 @@ table back the same way and compares row counts and SHA-256 sums with the manife
 The manifest also records the database's own properties (encoding, locale, owner, settings, comment,
 grants), the roles it refers to and what a server needs to hold it (ICU, xml, lz4, extensions): facts.py.
 
-Restore (restore.py): the missing roles, then pg_restore pre-data and data (sequences, large objects), the tables
-loaded in parallel with COPY, pg_restore post-data with parallel jobs (indexes, constraints, triggers),
-then the database's properties.
+Restore (restore.py): the missing roles, then pg_restore pre-data and data (sequences, large objects), the
+tables loaded in parallel with COPY, pg_restore post-data with parallel jobs (indexes, constraints,
+triggers), then the database's properties.
 
 Passwords travel to child processes only through their environment, never on a command line, in a log
 or in the manifest.
