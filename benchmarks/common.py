@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 
-from regal_dagster.engine.datagen import create_pos_database
+from regal_dagster.demo.datagen import create_pos_database
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
 

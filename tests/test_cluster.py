@@ -14,7 +14,8 @@ import pytest
 
 from regal_dagster.engine.errors import ToolError
 from regal_dagster.engine.postgresql import server as cluster_module
-from regal_dagster.engine.postgresql.server import ScratchCluster, pg_bin_dir
+from regal_dagster.engine.postgresql.installations import pg_bin_dir
+from regal_dagster.engine.postgresql.server import ScratchCluster
 
 
 def _gone(pid: int | None) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from regal_dagster.engine.datagen import TABLES, create_pos_database, scaled_counts
+from regal_dagster.demo.datagen import TABLES, create_pos_database, scaled_counts
 from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.postgresql.server import ScratchCluster
 

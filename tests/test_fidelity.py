@@ -58,9 +58,9 @@ def table_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "in-process":
         yield "in-process"
         return
-    from regal_dagster.engine.sources.postgres import restore as postgres_restore
+    from regal_dagster.engine.sources.postgres import validate
 
-    monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
+    monkeypatch.setattr(validate, "PSQL_COPY_BYTES", -1)
     monkeypatch.setattr(dump, "PSQL_COPY_BYTES", -1)
     read, real = [], dump.psql_copy_out
 
@@ -669,7 +669,7 @@ def test_a_restore_test_runs_on_a_server_that_has_what_the_source_uses(roles_sou
 
 
 def test_when_no_server_can_hold_the_source_the_reason_is_exact() -> None:
-    from regal_dagster.engine.postgresql.server import choose_server_binaries
+    from regal_dagster.engine.postgresql.installations import choose_server_binaries
 
     chosen, why = choose_server_binaries(15, {"icu", "extension:no_such_extension_here"})
     assert chosen is None
@@ -868,9 +868,10 @@ def test_every_git_ref_is_restored_and_compared(tmp_path: Path, master_key: str)
 
 def test_a_backup_from_a_hot_standby_skips_unlogged_table_data_as_pg_dump_does(tmp_path: Path,
                                                                               master_key: str) -> None:
-    from regal_dagster.engine.postgresql import server as pg_server
+    from regal_dagster.engine.postgresql.programs import run_pg, server_account
+    from regal_dagster.engine.postgresql.server import ScratchCluster
 
-    with pg_server.ScratchCluster(base_dir=tmp_path / "primary", tuned_for_restore=False) as primary:
+    with ScratchCluster(base_dir=tmp_path / "primary", tuned_for_restore=False) as primary:
         source_primary = primary.create_database("shop")
         execute(source_primary, """
             CREATE TABLE orders (id int PRIMARY KEY, v text);
@@ -878,15 +879,15 @@ def test_a_backup_from_a_hot_standby_skips_unlogged_table_data_as_pg_dump_does(t
             CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v text);
             INSERT INTO cache SELECT 'k' || g, 'v' || g FROM generate_series(1, 100) g;
         """)
-        account = pg_server._server_account()
+        account = server_account()
         standby_dir = tmp_path / "standby" / "data"
         standby_dir.parent.mkdir()
         account.chown(standby_dir.parent)
-        copied = pg_server._run_pg("pg_basebackup", ["-D", str(standby_dir), "-R", "-X", "stream",
-                                                     "-d", primary.dsn(), "--no-sync", "--checkpoint=fast"],
-                                   account, standby_dir.parent, timeout=120)
+        copied = run_pg("pg_basebackup", ["-D", str(standby_dir), "-R", "-X", "stream",
+                                          "-d", primary.dsn(), "--no-sync", "--checkpoint=fast"],
+                        account, standby_dir.parent, timeout=120)
         assert copied.returncode == 0, copied.stderr
-        standby = pg_server.ScratchCluster.persistent(standby_dir)
+        standby = ScratchCluster.persistent(standby_dir)
         with standby:
             source = standby.dsn("shop")
             with psycopg.connect(source) as conn:

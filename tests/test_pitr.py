@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from regal_dagster.engine.postgresql import server as pg_server
+from regal_dagster.engine.postgresql.programs import make_traversable, server_account
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
@@ -37,9 +37,9 @@ def cli(policy: Path, *args: str) -> Any:
 def _give_to_server_account(path: Path) -> None:
     """PostgreSQL runs as regal_pg when the tests run as root: its archive_command and restore_command read
     the policy, the keys and the repository as that user."""
-    account = pg_server._server_account()
+    account = server_account()
     if account.is_other:
-        pg_server._make_traversable(path)
+        make_traversable(path)
         account.chown_tree(path)
 
 

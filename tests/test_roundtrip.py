@@ -98,8 +98,8 @@ def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, t
     """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data),
     whether a table is read back in-process or (a big one) through psql."""
     if read_back == "psql":
-        from regal_dagster.engine.sources.postgres import restore as postgres_restore
-        monkeypatch.setattr(postgres_restore, "PSQL_COPY_BYTES", -1)
+        from regal_dagster.engine.sources.postgres import validate
+        monkeypatch.setattr(validate, "PSQL_COPY_BYTES", -1)
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
@@ -124,7 +124,7 @@ def test_small_tables_load_together_and_a_refused_one_is_named_while_the_others_
     is loaded again table by table: the refused table is named with the server's reason, the others load."""
     from regal_dagster.engine.pipeline import StoredBackup
     from regal_dagster.engine.sources.postgres.dump import Table
-    from regal_dagster.engine.sources.postgres.restore import load_batches, load_tables
+    from regal_dagster.engine.sources.postgres.loading import load_batches, load_tables
 
     source = system_pg.create()
     execute(source, """CREATE TABLE a (x int); INSERT INTO a SELECT generate_series(1, 50);

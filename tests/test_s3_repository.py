@@ -28,8 +28,10 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import create_keyset, generate_master_key, load_keyring
 from regal_dagster.engine.errors import IntegrityError, LockedError, RegalError
 from regal_dagster.engine.policy import Policy, load_policy
-from regal_dagster.engine.sources.postgres import restore as postgres
+from regal_dagster.engine.postgresql.tools import find_pg_tool
+from regal_dagster.engine.sources.postgres.dump import Table
 from regal_dagster.engine.sources.postgres.restore import restore_database
+from regal_dagster.engine.sources.postgres.validate import restored_table_facts
 from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.storage.s3 import S3Repository
 from regal_dagster.engine.verify import verify_backup
@@ -358,9 +360,9 @@ def test_round_trip_through_s3(
     assert report.target_state == "created"
     assert report.ok, report.validation_problems
     assert report.tables == 2 and report.rows == 4 + 2
-    tables = [postgres.Table.from_facts(t) for t in manifest.source["tables"]]
-    psql = postgres.find_pg_tool("psql", 15)
-    restored_facts = postgres.restored_table_facts(_dsn(restored), tables, psql)
+    tables = [Table.from_facts(t) for t in manifest.source["tables"]]
+    psql = find_pg_tool("psql", 15)
+    restored_facts = restored_table_facts(_dsn(restored), tables, psql)
     assert restored_facts == [{k: t[k] for k in ("schema", "name", "columns", "rows", "sha256")}
                               for t in manifest.source["tables"]]
     # ... the schema is identical ...

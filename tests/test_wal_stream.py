@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from regal_dagster.engine.postgresql import server as pg_server
+from regal_dagster.engine.postgresql.installations import pg_bin_dir
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
 from .test_pitr import AS_ROOT, CLI, _ok, _run, _sql, _start_stream, _wait_for, _wait_promoted, cli
@@ -25,7 +25,7 @@ PGBENCH_FACTS = ("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT c
 
 
 def _pgbench(dsn: str, *args: str) -> None:
-    done = subprocess.run([str(pg_server.pg_bin_dir() / "pgbench"), *args, dsn], capture_output=True, text=True,
+    done = subprocess.run([str(pg_bin_dir() / "pgbench"), *args, dsn], capture_output=True, text=True,
                           check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -59,12 +59,8 @@ def _restore_facts(policy: Path, base: Path, name: str, *how: str) -> tuple[Any,
 
 def _stop_server(server: ScratchCluster, mode: str) -> None:
     """pg_ctl stop -m MODE on the test's server (immediate: a crash, recovered at the next start)."""
-    assert server.data_dir is not None
-    done = pg_server._run_pg("pg_ctl", ["-D", str(server.data_dir), "-m", mode, "-w", "stop"],
-                             pg_server._server_account(), server.data_dir.parent, timeout=60)
+    done = server.halt(mode)
     assert done.returncode == 0, done.stderr
-    server.port = server.pid = None
-    server._started_by_us = False
 
 
 @pytest.fixture
@@ -121,7 +117,7 @@ def test_pgbench_through_server_restarts_restores_exactly(streamed_server: dict[
 
     # kill -9 of the stream at random moments while pgbench writes (snapshots every second: some kills land
     # while one is being stored), each time started again as systemd would
-    bench = subprocess.Popen([str(pg_server.pg_bin_dir() / "pgbench"), "-c", "4", "-j", "2", "-T", "5", "-n", dsn],
+    bench = subprocess.Popen([str(pg_bin_dir() / "pgbench"), "-c", "4", "-j", "2", "-T", "5", "-n", dsn],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for trial in range(KILL_TRIALS):
         time.sleep(random.uniform(0.5, 1.5))

@@ -23,12 +23,12 @@ import yaml
 
 from ..defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from ..defs.backups.assets import RETENTION_CLASS_TAG
+from ..demo.datagen import create_pos_database
 from ..engine import catalog
 from ..engine.alerts import AlertBook, Condition, evaluate_and_notify
 from ..engine.bootstrap import POLICY_NAME, init_project
 from ..engine.compliance.report import Period, build_report
 from ..engine.crypto import load_keyring
-from ..engine.datagen import create_pos_database
 from ..engine.drill import run_drill
 from ..engine.policy import load_policy
 from ..engine.postgresql.server import ScratchCluster

@@ -23,10 +23,6 @@ class Transport:
     protection: str  # TLS | local (never leaves this host) | none | unknown
     how: str  # the setting that decides it ("sslmode=verify-full")
 
-    @property
-    def acceptable(self) -> bool:
-        return self.protection in (TLS, LOCAL)
-
     def to_json(self) -> dict[str, str]:
         return {"connection": self.connection, "protection": self.protection, "how": self.how}
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from .postgresql.watchdog import stop_orphan_servers
+
 OWNER_FILE = ".regal-owner"
 PREFIX = "regal-"
 
@@ -53,8 +55,6 @@ def recorded_owner_alive(owner_file: Path) -> bool:
 
 def sweep(base: Path | None = None) -> list[Path]:
     """Remove what dead owners left under `base`: their scratch servers stopped, their files deleted."""
-    from .postgresql.server import stop_orphan_servers
-
     removed = []
     root = base or Path(tempfile.gettempdir())
     with contextlib.suppress(OSError):

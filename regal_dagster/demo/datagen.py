@@ -18,7 +18,7 @@ import math
 
 import psycopg
 
-from .errors import RegalError
+from ..engine.errors import RegalError
 
 SCHEMA = "public"
 

@@ -1,0 +1,235 @@
+"""Loading a backup into a (new, empty) database: pg_restore of the archive's sections, and the tables' rows
+`jobs` transactions at a time with COPY, every byte authenticated on its way in."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import psycopg
+
+from ...errors import ToolError
+from ...manifest import Manifest
+from ...parallel import check, map_parallel
+from ...pipeline import Progress, StoredBackup
+from ...postgresql.connection import (
+    apply_settings,
+    connect,
+    database_of,
+    libpq_environment,
+    quote_ident,
+    refuses_startup_options,
+    server_major,
+    with_session_settings,
+)
+from ...postgresql.tools import PgTool, find_pg_tool
+from .dump import RESTORE_SESSION_SETTINGS, Table, pg_error_reason, session_settings
+
+
+def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
+    """pg_restore and psql able to read an archive of `dump_major` and talk to the target server."""
+    with connect(dsn) as conn:
+        major = max(server_major(conn), archive_major)
+    return find_pg_tool("pg_restore", major), find_pg_tool("psql", major)
+
+
+def run_pg_restore(pg_restore: PgTool, dsn: str, archive: Path, sections: list[str], *, jobs: int = 1,
+                   keep_owners: bool = True, tablespaces: bool = True, exit_on_error: bool = True) -> list[str]:
+    """pg_restore of some sections of an archive file, with restore-friendly session settings.
+
+    With `exit_on_error` a failure raises ToolError; without, pg_restore goes on past failing objects (as
+    it does by default) and the returned list says, for each, which statement failed and why."""
+    args = [str(pg_restore.path), f"--dbname={database_of(dsn)}", "--no-password", f"--jobs={jobs}",
+            *(f"--section={s}" for s in sections)]
+    if exit_on_error:
+        args.append("--exit-on-error")
+    if not keep_owners:
+        args += ["--no-owner", "--no-privileges"]
+    if not tablespaces:
+        args.append("--no-tablespaces")
+    # the settings only make it faster: without them through a pooler that refuses them (it failed to connect)
+    for settings in (RESTORE_SESSION_SETTINGS, {}):
+        env = with_session_settings(libpq_environment(dsn), settings) if settings else libpq_environment(dsn)
+        result = subprocess.run([*args, str(archive)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                check=False)
+        if not refuses_startup_options(result.stderr.decode(errors="replace")):
+            break
+    if result.returncode == 0:
+        return []
+    text = result.stderr.decode(errors="replace").strip()
+    if exit_on_error:
+        raise ToolError(f"pg_restore ({', '.join(sections)}) failed with exit code {result.returncode}: {text[-800:]}",
+                        "fix the cause above, then restore again into an empty database")
+    return pg_restore_errors(text) or [(f"pg_restore ({', '.join(sections)}) failed with exit code "
+                                       f"{result.returncode}: {text[-800:]}")]
+
+
+def pg_restore_errors(stderr: str) -> list[str]:
+    """Each failed statement in pg_restore's messages: the server's error and the statement's first line."""
+    errors: list[str] = []
+    lines = stderr.splitlines()
+    for number, line in enumerate(lines):
+        if "error:" not in line or "errors ignored on restore" in line:
+            continue
+        reason = line.split("error:", 1)[1].strip()
+        reason = reason.removeprefix("could not execute query:").strip()
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        if following.startswith("Command was:"):
+            statement = following.removeprefix("Command was:").strip()
+            reason += f" (statement: {statement[:200]})"
+        errors.append(reason)
+    return errors
+
+
+@dataclass
+class TableLoad:
+    write: Callable[[bytes], None]  # takes chunks of COPY text
+    rows: int = -1  # rows the server loaded, once the load has committed
+
+
+class SessionPool:
+    """One connection per worker thread, with the COPY session settings applied once: hundreds of small
+    tables cost a statement each, not a connection each."""
+
+    def __init__(self, dsn: str, settings: Callable[[psycopg.Connection[Any]], dict[str, str]]):
+        self.dsn, self.settings = dsn, settings
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.dsn, autocommit=True)
+            with self._lock:
+                self._all.append(conn)
+            apply_settings(conn, self.settings(conn))
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._all.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def loading_pool(dsn: str, encoding: str | None) -> SessionPool:
+    return SessionPool(dsn, lambda conn: {**session_settings(conn, encoding), **RESTORE_SESSION_SETTINGS})
+
+
+# Small tables are loaded several to a transaction (one TRUNCATE, one commit): for hundreds of small
+# tables the per-transaction round trips and commits cost more than their rows. A batch holds at most
+# LOAD_BATCH_TABLES tables (each takes a few locks: well within max_locks_per_transaction) and about
+# LOAD_BATCH_BYTES of COPY text; a bigger table is loaded alone.
+LOAD_BATCH_TABLES = 32
+LOAD_BATCH_BYTES = 8 << 20
+
+
+def load_batches(manifest: Manifest, table_facts: list[dict[str, Any]],
+                 tables: list[Table]) -> list[list[tuple[dict[str, Any], Table]]]:
+    """The tables grouped into load transactions, the biggest first."""
+    sizes = {record.name: record.plaintext_size for record in manifest.objects}
+    biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -sizes[t[0]["object"]])
+    batches: list[list[tuple[dict[str, Any], Table]]] = []
+    size = 0
+    for entry in biggest_first:
+        plaintext = sizes[entry[0]["object"]]
+        if not batches or size + plaintext > LOAD_BATCH_BYTES or len(batches[-1]) >= LOAD_BATCH_TABLES:
+            batches.append([])
+            size = 0
+        batches[-1].append(entry)
+        size += plaintext
+    return batches
+
+
+@contextlib.contextmanager
+def tables_loader(tables: list[Table], pool: SessionPool,
+                  encoding: str | None) -> Iterator[Callable[[Table], contextlib.AbstractContextManager[TableLoad]]]:
+    """One transaction that loads (new, empty) tables: the block calls `copy_into(table)` for each, a COPY
+    FROM STDIN; all of them commit together when the block ends, or none (ToolError naming the table).
+
+    The tables are truncated in the same transaction first. That gives each a new file, so COPY fills pages
+    strictly in order without looking for free space in earlier pages (and may freeze the rows, sparing
+    a later anti-wraparound vacuum): the table then reads back in exactly the order it was loaded, which
+    is what lets validation compare the SHA-256 of its COPY text with the backup's. (Even a table just
+    created needs it: without, COPY records each full page's free space and may put a later, shorter row
+    into an earlier page.)"""
+    conn = pool.get()
+    current = tables[0]
+
+    @contextlib.contextmanager
+    def copy_into(table: Table) -> Iterator[TableLoad]:
+        nonlocal current
+        current = table
+        with cur.copy(table.copy_statement("FROM STDIN", encoding, "FREEZE")) as copy:
+            load = TableLoad(copy.write)
+            yield load
+        load.rows = cur.rowcount
+
+    with conn.cursor() as cur:
+        try:
+            with conn.transaction():
+                cur.execute("TRUNCATE ONLY " + ", ".join(
+                    f"{quote_ident(t.schema)}.{quote_ident(t.name)}" for t in tables))
+                yield copy_into
+        except psycopg.Error as exc:
+            which = current.label if len(tables) == 1 else f"{current.label} (with {len(tables) - 1} others)"
+            raise ToolError(f"loading table {which} failed: {pg_error_reason(exc)}",
+                            "fix the cause above, then restore again into an empty database") from None
+
+
+def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict[str, Any], Table]]], jobs: int,
+                encoding: str | None, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Each table's rows from the backup into its (new, empty) table, `jobs` batches (load_batches) at a
+    time. Per table: its facts with the rows loaded, or `failed` with the server's reason; `seconds`:
+    (fetching, decrypting and checking the stored bytes; the server taking them in)."""
+    def load_one(loading: TableLoad, facts: dict[str, Any], table: Table,
+                 cancelled: threading.Event) -> dict[str, Any]:
+        record = backup.manifest.object(facts["object"])
+        started, in_server = time.monotonic(), 0.0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal in_server
+            check(cancelled)
+            mark = time.monotonic()
+            loading.write(chunk)
+            in_server += time.monotonic() - mark
+
+        backup.stream(record.name, sink, progress)  # raises unless every byte matches the manifest's SHA-256
+        return {"schema": table.schema, "name": table.name, "loading": loading,
+                "sha256": record.plaintext_sha256, "seconds": (time.monotonic() - started - in_server, in_server)}
+
+    def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
+        started = time.monotonic()
+        try:
+            with tables_loader([table for _, table in batch], sessions, encoding) as copy_into:
+                done = []
+                for facts, table in batch:
+                    with copy_into(table) as loading:
+                        done.append(load_one(loading, facts, table, cancelled))
+        except ToolError as exc:  # the server refused it (its table missing, a constraint): go on
+            if len(batch) > 1:  # the whole transaction was rolled back: each table on its own, to name it
+                return [result for entry in batch for result in load([entry], cancelled)]
+            table = batch[0][1]
+            return [{"schema": table.schema, "name": table.name, "failed": exc.message,
+                     "seconds": (time.monotonic() - started, 0.0)}]
+        for result in done:
+            result["rows"] = result.pop("loading").rows  # known once the transaction has committed
+        return done
+
+    with loading_pool(to_dsn, encoding) as sessions:
+        return [t for batch in map_parallel(load, batches, jobs, "load") for t in batch]

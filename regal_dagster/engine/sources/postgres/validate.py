@@ -1,0 +1,64 @@
+"""Validating a restored database against its backup: every table read back from the server (row count and
+SHA-256 of its COPY text), `jobs` tables at a time."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+
+from ...errors import ToolError
+from ...manifest import Manifest
+from ...postgresql.tools import PgTool
+from .dump import PSQL_COPY_BYTES, Table, TableDigest, copy_out, psql_copy_out, session_settings
+from .loading import SessionPool
+
+VALIDATION = {
+    "full": "every table read back from the server: row count and SHA-256 of its rows match the backup",
+    "rows": "every table's loaded row count matches the backup (its bytes were authenticated on the way in)",
+}
+
+
+def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = None, jobs: int = 1,
+                         encoding: str | None = None, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Row count and SHA-256 of each table's COPY text in a restored database (read in the backup's
+    encoding), `jobs` tables at a time. A table whose backup held more than PSQL_COPY_BYTES (`sizes`: COPY
+    text bytes by table label) is read by a `psql` child, the others in-process."""
+    def digest(table: Table) -> dict[str, Any] | None:
+        d = TableDigest()
+        try:
+            if psql is not None and (sizes or {}).get(table.label, 0) > PSQL_COPY_BYTES:
+                conn = sessions.get()
+                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), conn.info.encoding,
+                                           encoding):
+                    d.update(chunk)
+            else:
+                with sessions.get().cursor() as cur:
+                    for chunk in copy_out(cur, table, encoding):
+                        d.update(chunk)
+        except psycopg.Error:
+            return None  # missing or unreadable: compare_tables reports it missing
+        except ToolError as exc:
+            if "does not exist" in exc.message:
+                return None
+            raise ToolError(f"validation could not read table {table.label} back: {exc.message}",
+                            "fix the cause above (psql must reach the server like the restore did), then restore "
+                            "again; the restored copy was not published") from None
+        return d.facts(table)
+
+    with SessionPool(dsn, lambda conn: session_settings(conn, encoding)) as sessions, \
+            ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pg-validate") as pool:
+        return [facts for facts in pool.map(digest, tables) if facts is not None]
+
+
+def validated_tables(dsn: str, manifest: Manifest, tables: list[Table], loaded: list[dict[str, Any]], validation: str,
+                     psql: PgTool, jobs: int, encoding: str | None) -> list[dict[str, Any]]:
+    """The facts of the restored tables to compare with the backup's: with `full` validation, every table read
+    back from the server; else the row counts the load reported."""
+    if validation != "full":
+        return loaded
+    table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
+    sizes = {record.name: record.plaintext_size for record in manifest.objects}
+    return restored_table_facts(dsn, tables, psql, jobs, encoding,
+                                {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
