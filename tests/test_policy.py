@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import re
+import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from regal_dagster.engine.errors import PolicyError
-from regal_dagster.engine.policy import load_policy, policy_file, policy_from_dict
+from regal_dagster.engine.policy import Policy, load_policy, policy_file, policy_from_dict
 
 MINIMAL = {
     "repository": {"url": "repository"},
@@ -142,3 +145,28 @@ def test_a_missing_policy_file_says_how_to_make_one(tmp_path: Path) -> None:
 def test_unknown_target_names_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"known: pos"):
         policy_from_dict(MINIMAL, tmp_path).target("orders")
+
+
+def _setting_models(annotation: object, found: set[type[BaseModel]]) -> None:
+    """Every settings model reachable from `annotation`: fields, unions of kinds, channels and backends."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation not in found:
+            found.add(annotation)
+            for field in annotation.model_fields.values():
+                _setting_models(field.annotation, found)
+        return
+    for argument in typing.get_args(annotation):
+        _setting_models(argument, found)
+
+
+def test_docs_policy_names_every_setting() -> None:
+    """docs/policy.md says "every setting": each field of every settings model a policy can hold (every target
+    kind's, alert channel's and repository backend's, found through their registries) is named there."""
+    found: set[type[BaseModel]] = set()
+    _setting_models(Policy, found)
+    doc = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
+    missing = [f"{model.__name__}.{field.alias or name}"
+               for model in found for name, field in model.model_fields.items()
+               if not field.exclude and not re.search(rf"\b{re.escape(field.alias or name)}\b", doc)]
+    assert len(found) > 25
+    assert not missing, f"docs/policy.md does not name these settings: {sorted(missing)}"
