@@ -1,9 +1,9 @@
-"""The WAL stream of each postgres_cluster target in Dagster: `postgres/<target>/wal`, an asset Dagster does
-not materialize (the stream is a systemd service, not a run) whose freshness is the target's RPO. The
-`wal_stream_watch` sensor reads `wal status` once a minute and reports a materialization whenever newer WAL
-was stored, or the archive has caught up with the server (an idle server is not a stale archive): one event
-a minute at most, never one per segment. When the stream is down and the server writes, no event comes and
-the asset goes stale at the RPO."""
+"""The continuous archive of each target whose kind has one (a server's WAL: `postgres/<target>/wal`) in Dagster:
+an asset Dagster does not materialize (the archive is fed by a service, not a run) whose freshness is the
+target's RPO. A watch sensor per kind of archive (`wal_stream_watch`) reads the archive's state once a minute and
+reports a materialization whenever newer changes were stored, or the archive has caught up with the source (an idle
+server is not a stale archive): one event a minute at most, never one per file. When the archiving is down and the
+source writes, no event comes and the asset goes stale at the RPO."""
 
 from __future__ import annotations
 
@@ -23,67 +23,73 @@ from dagster import (
 )
 
 from ...engine.policy import Policy
+from ...engine.sources.capabilities import ContinuousArchive
+from ...engine.sources.registry import source_for
 from ..resources import RegalEngine
 from .assets import _span, backup_asset_key, rpo_freshness_policy
 
 WATCH_EVERY_SECONDS = 60
-WAL_GROUP = "wal"  # not in the backups group: backup_job materializes that group, and nothing materializes WAL
 
 
-def wal_asset_key(target: str) -> AssetKey:
-    return AssetKey(["postgres", target, "wal"])
+def archived_targets(policy: Policy) -> dict[str, ContinuousArchive]:
+    """The targets whose kind keeps a continuous archive, with it."""
+    found = {}
+    for name, config in sorted(policy.targets.items()):
+        if (archive := source_for(config.kind).continuous_archive()) is not None:
+            found[name] = archive
+    return found
 
 
-def cluster_targets(policy: Policy) -> list[str]:
-    return sorted(name for name, config in policy.targets.items() if config.kind == "postgres_cluster")
-
-
-def build_wal_asset(policy: Policy, target: str) -> AssetSpec:
-    rpo = policy.rpo_for(target)
+def build_archive_asset(policy: Policy, target: str, archive: ContinuousArchive) -> AssetSpec:
+    rpo, spec = policy.rpo_for(target), archive.asset(target)
     return AssetSpec(
-        key=wal_asset_key(target), group_name=WAL_GROUP, kinds={"postgres"},
-        deps=[backup_asset_key("postgres_cluster", target)],
-        description=f"The WAL of the server '{target}' in the repository (`regal-backup wal stream`, or `wal push` as "
-                    f"archive_command): what a point-in-time restore replays. Freshness is the RPO ({_span(rpo)}): "
-                    "the age of the newest stored WAL while the server writes more, reported each minute by the "
-                    "wal_stream_watch sensor.",
+        key=AssetKey(list(spec.key)), group_name=spec.group, kinds=set(spec.kinds),
+        deps=[backup_asset_key(policy.target(target).kind, target)],
+        description=spec.description.format(rpo=_span(rpo)),
         freshness_policy=rpo_freshness_policy(rpo), tags={"regal/target": target},
         metadata={"regal/rpo": _span(rpo)})
 
 
-def build_wal_sensor(policy: Policy) -> SensorDefinition:
-    @sensor(name="wal_stream_watch", minimum_interval_seconds=WATCH_EVERY_SECONDS,
-            default_status=DefaultSensorStatus.RUNNING,
-            description="Each minute: `wal status` of every postgres_cluster target; newer WAL stored (or the "
-                        "archive caught up with the server) is a materialization of postgres/<target>/wal.")
-    def _watch(context: SensorEvaluationContext, regal: RegalEngine) -> SensorResult:
-        from ...engine.walstatus import wal_status
+def build_archive_sensors(policy: Policy) -> list[SensorDefinition]:
+    """One watch sensor per kind of archive, over all its targets."""
+    by_sensor: dict[str, str] = {}
+    for target, archive in archived_targets(policy).items():
+        by_sensor.setdefault(archive.asset(target).sensor, archive.asset(target).sensor_description)
+    return [_build_watch(name, description) for name, description in sorted(by_sensor.items())]
 
+
+def _metadata_value(value: str | float) -> str | MetadataValue:
+    if isinstance(value, str):
+        return value
+    return MetadataValue.int(value) if isinstance(value, int) else MetadataValue.float(value)
+
+
+def _build_watch(name: str, description: str) -> SensorDefinition:
+    @sensor(name=name, minimum_interval_seconds=WATCH_EVERY_SECONDS, default_status=DefaultSensorStatus.RUNNING,
+            description=description)
+    def _watch(context: SensorEvaluationContext, regal: RegalEngine) -> SensorResult:
         seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
         events: list[AssetMaterialization] = []
         repo, keyring, now = regal.repository(), regal.keyring(), datetime.now(UTC)
-        for target in cluster_targets(regal.policy()):
-            status = wal_status(regal.policy(), repo, keyring, target, now)
-            if status.newest_lsn is None:
+        for target, archive in archived_targets(regal.policy()).items():
+            spec = archive.asset(target)
+            if spec.sensor != name:
                 continue
-            advanced = seen.get(target) != status.newest_lsn
-            caught_up = status.lag_bytes == 0
+            state = archive.state(regal.policy(), repo, keyring, target, now)
+            if state.newest_position is None:
+                continue
+            advanced = seen.get(target) != state.newest_position
+            caught_up = state.behind == 0
             if not advanced and not caught_up:
-                context.log.info(f"{target}: no newer WAL stored; {status.lag_bytes} bytes behind the server")
+                context.log.info(f"{target}: no newer {archive.noun} stored; {state.behind} bytes behind the server")
                 continue
-            seen[target] = status.newest_lsn
-            updated = now if caught_up else datetime.fromisoformat(str(status.newest_stored_at))
+            seen[target] = state.newest_position
+            updated = now if caught_up else state.newest_stored_at or now
             events.append(AssetMaterialization(
-                asset_key=wal_asset_key(target),
-                description=f"WAL stored up to {status.newest_lsn}" + (" (caught up with the server)" if caught_up
-                                                                       else ""),
-                metadata={"newest_lsn": status.newest_lsn, "newest_segment": status.newest_segment or "",
-                          "newest_stored_at": status.newest_stored_at or "",
-                          "server_lsn": status.server_lsn or "unreachable",
-                          "lag_bytes": MetadataValue.int(status.lag_bytes or 0),
-                          "lag_seconds": MetadataValue.float(float(status.lag_seconds or 0.0)),
-                          "gaps": MetadataValue.int(len(status.gaps)),
-                          **({"first_gap": status.gaps[0]} if status.gaps else {}),
+                asset_key=AssetKey(list(spec.key)),
+                description=f"{archive.noun} stored up to {state.newest_position}"
+                            + (" (caught up with the server)" if caught_up else ""),
+                metadata={**{k: _metadata_value(v) for k, v in state.metadata.items()},
                           "dagster/last_updated_timestamp": MetadataValue.timestamp(updated)}))
         return SensorResult(asset_events=events, cursor=json.dumps(seen, sort_keys=True))
 
