@@ -453,7 +453,8 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
         report.past += [d.backup_id for d in decisions if retention_verdict(d, policy.prune.cron, now).past_retention]
         archive = source_for(policy.target(target).kind).continuous_archive()
         if archive is not None:  # what no kept backup can replay goes with them
-            deleted = archive.prune(repo, keyring, target, {d.backup_id for d in decisions if d.keep}, dry_run=dry_run)
+            kept = {d.backup_id for d in decisions if d.keep}
+            deleted = archive.prune(policy, repo, keyring, target, kept, dry_run=dry_run)
             if deleted is not None:
                 report.wal_deleted[target] = deleted
         if dry_run:

@@ -93,7 +93,8 @@ class ContinuousArchive(ABC):
         """What to do first when the archive is behind its RPO, lacks something, or holds nothing."""
 
     @abstractmethod
-    def prune(self, repo: Repository, keyring: Keyring, target: str, kept: set[str], *, dry_run: bool) -> int | None:
+    def prune(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, kept: set[str], *,
+              dry_run: bool) -> int | None:
         """Remove (dry run: count) what no kept backup (`kept`: their ids) can use; how many files. None: no backup
         is kept, and nothing is removed."""
 

@@ -44,7 +44,8 @@ class WalArchive(ContinuousArchive):
             return f"Take a base backup now (`regal-backup backup {target}`): restores start after the gap. " + steps
         return steps
 
-    def prune(self, repo: Repository, keyring: Keyring, target: str, kept: set[str], *, dry_run: bool) -> int | None:
+    def prune(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, kept: set[str], *,
+              dry_run: bool) -> int | None:
         from .wal import prune_wal
 
         return prune_wal(repo, keyring, target, kept, dry_run=dry_run)
