@@ -61,7 +61,6 @@ MANIFEST_CONTENT = "PostgreSQL backup manifest (SHA-256 of every file)"
 logger = logging.getLogger(__name__)
 
 
-
 def server_facts(dsn: str) -> dict[str, Any]:
     with connect(dsn) as conn:
         row = conn.execute(
