@@ -57,9 +57,8 @@ class RestoreResult:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        """What `restore --json` prints (docs/cli-json.md). `preview` is False: a restore was done (a point-in-time
-        restore's preview prints its plan instead: pitr.PitrResult)."""
-        return {"preview": False, "backup_id": self.backup_id, "target": self.target, "kind": self.kind,
+        """What `restore --json` prints (docs/cli-json.md); a point-in-time restore adds `preview` (pitr.PitrResult)."""
+        return {"backup_id": self.backup_id, "target": self.target, "kind": self.kind,
                 "destination": self.destination, "validated": self.ok, "problems": self.problems,
                 "seconds": self.seconds, "details": self.details,
                 "erasures": self.erasures.to_json() if self.erasures else None}

@@ -289,7 +289,9 @@ class PitrResult:
     def to_json(self) -> dict[str, Any]:
         """What `restore TARGET --to-dir DIR --json` prints: the restore's result (the plan in its `details`), or
         with --preview the plan."""
-        return self.restored.to_json() if self.restored is not None else {"preview": True, **self.plan.to_json()}
+        if self.restored is None:
+            return {"preview": True, **self.plan.to_json()}
+        return {"preview": False, **self.restored.to_json()}
 
 
 def restore_cluster(policy: Policy, repo: Repository, keyring: Keyring, target: str, goal: RecoveryGoal,
