@@ -32,9 +32,9 @@ from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.postgresql.server import ScratchCluster
 from regal_dagster.engine.postgresql.tools import pg_tool_for_server
+from regal_dagster.engine.sources.postgres_cluster.wal import parse_lsn
+from regal_dagster.engine.sources.postgres_cluster.walstatus import wal_status
 from regal_dagster.engine.storage import open_repository
-from regal_dagster.engine.wal import parse_lsn
-from regal_dagster.engine.walstatus import wal_status
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 

@@ -688,11 +688,11 @@ def test_a_fact_that_does_not_hold_at_the_restore_point_fails_the_restore_test_n
         streamed_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The facts recorded on the server changed (one row more than it had): the recovery to the restore point is
     refused, naming the table; the other recoveries pass."""
-    from regal_dagster.engine import cluster_restore_test
     from regal_dagster.engine.catalog import newest_first
     from regal_dagster.engine.crypto import load_keyring
     from regal_dagster.engine.policy import load_policy
     from regal_dagster.engine.restore_test import run_restore_test
+    from regal_dagster.engine.sources.postgres_cluster import recovery_test as cluster_restore_test
     from regal_dagster.engine.storage import open_repository
 
     real = cluster_restore_test.create_restore_point
@@ -810,10 +810,10 @@ def test_a_snapshot_replaced_while_it_is_read_is_read_again(tmp_path: Path, monk
     """The stream replaces a segment's snapshot (object, then record) while `wal get` reads it: the record read first
     no longer matches the bytes; the newer snapshot is read instead, authenticated. A snapshot that never matches is
     refused."""
-    from regal_dagster.engine import wal
     from regal_dagster.engine.crypto import load_keyring
     from regal_dagster.engine.errors import IntegrityError
     from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.sources.postgres_cluster import wal
     from regal_dagster.engine.storage import open_repository
 
     made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", "postgresql://r@db/postgres",

@@ -36,7 +36,7 @@ def _facts(dsn: str) -> tuple[Any, ...]:
 
 def _stored_up_to(policy: Path, lsn: str) -> bool:
     """The repository holds the server's WAL up to `lsn` (in a complete segment or the newest snapshot)."""
-    from regal_dagster.engine.wal import parse_lsn
+    from regal_dagster.engine.sources.postgres_cluster.wal import parse_lsn
 
     status = json.loads(cli(policy, "wal", "status", "--json").stdout)
     return bool(status.get("newest_lsn")) and parse_lsn(status["newest_lsn"]) >= parse_lsn(lsn)
@@ -253,8 +253,8 @@ def test_a_stream_killed_between_a_snapshot_and_its_record_leaves_the_previous_s
     from regal_dagster.engine.crypto import load_keyring
     from regal_dagster.engine.layout import wal_prefix
     from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.sources.postgres_cluster.wal import fetch_wal, push_wal
     from regal_dagster.engine.storage import open_repository
-    from regal_dagster.engine.wal import fetch_wal, push_wal
 
     made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn",
                             "postgresql://replicator@db.invalid/postgres", "--no-audit", "--json"]).stdout)

@@ -6,14 +6,14 @@ import argparse
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
-from ..engine.layout import target_of, valid_backup_id
+from ..engine.layout import target_of
 from ..engine.policy import Policy, load_policy
 from ..engine.repository_format import open_repository_format
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
@@ -21,6 +21,9 @@ from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
 from ..engine.storage import Repository, open_repository
 from .output import Output, age, cli_invocation, manifest_summary, size
+
+if TYPE_CHECKING:
+    from ..engine.restore import RestoreResult
 
 
 def utc_time(text: str, option: str) -> datetime:
@@ -216,8 +219,9 @@ def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: 
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.restore import restore_backup
+    from ..engine.restore import choose_restore, restore_backup
     from ..engine.sources.base import RestoreRequest
+    from ..engine.sources.registry import source_for
 
     if args.to_dir or any((args.to_time, args.to_lsn, args.to_name, args.preview, args.base_backup, args.with_wal)):
         return _restore_cluster(args, out)
@@ -225,31 +229,25 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("say where to restore to", "add --to (a DSN, a directory or a file, by the target's kind), "
                                                     "or --to-dir DIR for a postgres_cluster target")
     policy, repo, keyring = _open(args)
-    if args.backup_id in policy.targets and not args.target and not valid_backup_id(args.backup_id):
-        args.target, args.backup_id = args.backup_id, None  # `restore TARGET --latest`, as for --to-dir
-    if not args.backup_id and not args.target:
-        raise UsageError("say which backup to restore", "give a BACKUP_ID, or TARGET with --latest or --before")
-    if not args.backup_id and not (args.latest or args.before):
-        raise UsageError("say which backup of the target to restore", "add --latest, or --before TIME")
-    before = utc_time(args.before, "--before") if args.before else None
-    selected = choose_backup(policy, repo, keyring, args.target or "", backup_id=args.backup_id, before=before,
-                             trigger={"cli": "restore"})
+    selected = choose_restore(policy, repo, keyring, args.backup_id, args.target, latest=args.latest,
+                              before=utc_time(args.before, "--before") if args.before else None,
+                              trigger={"cli": "restore"})
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
     with out.progress(f"restore {manifest.backup_id}") as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
-                                 drop_existing=args.drop_existing, keep_owners=not args.no_owners,
-                                 create_roles=not args.no_create_roles, tablespaces=not args.no_tablespaces,
-                                 validation=args.validate, keys=args.keys,
+                                 drop_existing=args.drop_existing,
+                                 options=source_for(manifest.kind).restore_options(vars(args)),
                                  accept_ledger_rollback=args.accept_ledger_rollback, progress=progress)
         result = restore_backup(policy, repo, keyring, manifest, request, pre_hook=args.pre_hook,
                                 post_hook=args.post_hook, trigger={"cli": "restore"})
-    payload = {"backup_id": result.backup_id, "target": result.target, "kind": result.kind,
-               "destination": result.destination, "validated": result.ok, "problems": result.problems,
-               "seconds": result.seconds, "details": result.details,
-               "erasures": result.erasures.to_json() if result.erasures else None}
-    text = result.summary
+    out.result(result.to_json(), _restored_text(result))
+    return 0 if result.ok else 3
+
+
+def _restored_text(result: RestoreResult, plan: str = "") -> str:
+    text = result.summary + (f"\n{plan}" if plan else "")
     if result.problems:
         text += "\nVALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems)
     if result.erasures and result.erasures.subjects:
@@ -257,8 +255,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
                  + ", ".join(f"{t} {n}" for t, n in result.erasures.rows_erased.items()))
     if result.next_steps and result.ok:
         text += "\n" + result.next_steps
-    out.result(payload, text)
-    return 0 if result.ok else 3
+    return text
 
 
 def policy_path(args: argparse.Namespace) -> Path:
@@ -269,7 +266,7 @@ def policy_path(args: argparse.Namespace) -> Path:
 
 
 def _restore_cluster(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.pitr import RecoveryGoal, restore_cluster
+    from ..engine.sources.postgres_cluster.pitr import RecoveryGoal, restore_cluster
 
     target = args.backup_id or args.target
     if not args.to_dir or not target:
@@ -277,49 +274,24 @@ def _restore_cluster(args: argparse.Namespace, out: Output) -> int:
                          "regal-backup restore TARGET --to-dir DIR with --latest, --to-time, --to-lsn or --to-name")
     if args.to or args.before:
         raise UsageError("--to and --before do not go with --to-dir", "use --to-time for a point in time")
-    chosen = [o for o, v in (("--latest", args.latest), ("--to-time", args.to_time), ("--to-lsn", args.to_lsn),
-                             ("--to-name", args.to_name)) if v]
-    if len(chosen) != 1:
-        raise UsageError("say where recovery stops" if not chosen else f"{' and '.join(chosen)} contradict each other",
-                         "give one of --latest, --to-time TIME, --to-lsn LSN, --to-name RESTORE_POINT")
-    if args.to_lsn:
-        from ..engine.wal import parse_lsn
-
-        parse_lsn(args.to_lsn)
-    goal = RecoveryGoal(time=utc_time(args.to_time, "--to-time") if args.to_time else None, lsn=args.to_lsn,
-                        name=args.to_name)
+    goal = RecoveryGoal.chosen(latest=args.latest, time=utc_time(args.to_time, "--to-time") if args.to_time else None,
+                               lsn=args.to_lsn, name=args.to_name)
     policy, repo, keyring = _open(args)
     with out.activity(f"restore {target} to the {goal.describe()}"):
         result = restore_cluster(policy, repo, keyring, target, goal, Path(args.to_dir).absolute(), policy_path(args),
                                  preview=args.preview, backup_id=args.base_backup, with_wal=args.with_wal,
                                  trigger={"cli": "restore"})
-    plan = result.plan
-    for note in plan.notes:
+    for note in result.plan.notes:
         out.note(note)
-    text = (f"base backup {plan.base.backup_id} (finished {plan.base.finished_at:%Y-%m-%d %H:%M:%S} UTC, WAL "
-            f"{plan.base.source['start_lsn']}..{plan.base.source['stop_lsn']} on timeline "
-            f"{plan.base.source['timeline']})\n"
-            + (f"incremental: combined from {' + '.join(plan.chain)} (pg_combinebackup)\n" if len(plan.chain) > 1 else "")
-            + f"WAL to replay: {plan.segments} segment(s), {plan.first_segment} .. "
-            f"{plan.last_segment}, stopping at the {goal.describe()}"
-            + (f" (found at {plan.target_lsn})" if plan.target_lsn else ""))
     if result.restored is None:
-        out.result({"preview": True, **plan.to_json()}, "PREVIEW (nothing written)\n" + text)
+        out.result(result.to_json(), "PREVIEW (nothing written)\n" + result.plan.describe())
         return 0
-    restored = result.restored
-    text = restored.summary + "\n" + text
-    if restored.problems:
-        text += "\nVALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in restored.problems)
-    elif restored.next_steps:
-        text += "\n" + restored.next_steps
-    out.result({"preview": False, "backup_id": restored.backup_id, "target": restored.target, "kind": restored.kind,
-                "destination": restored.destination, "validated": restored.ok, "problems": restored.problems,
-                "seconds": restored.seconds, "details": restored.details}, text)
-    return 0 if restored.ok else 3
+    out.result(result.to_json(), _restored_text(result.restored, result.plan.describe()))
+    return 0 if result.restored.ok else 3
 
 
 def cmd_wal_push(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.wal import cluster_target, push_wal
+    from ..engine.sources.postgres_cluster.wal import cluster_target, push_wal
 
     policy, repo, keyring = _open(args)
     target = cluster_target(policy, args.target)
@@ -331,7 +303,12 @@ def cmd_wal_push(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.wal import RecoveryMustStopError, WalMissingError, cluster_target, fetch_wal
+    from ..engine.sources.postgres_cluster.wal import (
+        RecoveryMustStopError,
+        WalMissingError,
+        cluster_target,
+        fetch_wal,
+    )
 
     try:
         policy, repo, keyring = _open(args)
@@ -355,8 +332,8 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.wal import cluster_target
-    from ..engine.walstatus import COMMIT_LOOKBACK, wal_status
+    from ..engine.sources.postgres_cluster.wal import cluster_target
+    from ..engine.sources.postgres_cluster.walstatus import COMMIT_LOOKBACK, wal_status
 
     policy, repo, keyring = _open(args)
     target = cluster_target(policy, args.target)
@@ -386,14 +363,11 @@ def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
     import signal
     import threading
 
-    from ..engine.wal import cluster_target
-    from ..engine.walstream import run_stream
+    from ..engine.sources.postgres_cluster.wal import cluster_target
+    from ..engine.sources.postgres_cluster.walstream import run_stream
 
     policy, repo, keyring = _open(args)
     target = cluster_target(policy, args.target)
-    if not 1 <= args.snapshot_seconds <= 15:
-        raise UsageError("--snapshot-seconds must be between 1 and 15", "the segment in progress is the RPO: keep it "
-                                                                         "short")
     stop = threading.Event()
 
     def stopping(signum: int, _frame: object) -> None:

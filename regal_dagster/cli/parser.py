@@ -140,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-owners", action="store_true",
                    help="PostgreSQL: restore no ownership and no grants (as pg_restore --no-owner --no-privileges); "
                         "by default they are restored as the backup recorded them")
-    p.add_argument("--keep-owners", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     p.add_argument("--no-create-roles", action="store_true",
                    help="PostgreSQL: do not create the roles the backup's database refers to that the server lacks "
                         "(what needs them then fails, and the restore says so)")

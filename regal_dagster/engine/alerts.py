@@ -31,6 +31,8 @@ from .errors import IntegrityError
 from .layout import restore_test_prefix, started_of
 from .policy import Policy
 from .restore_test import RESTORE_TEST_KIND
+from .sources.capabilities import ContinuousArchive
+from .sources.registry import source_for
 from .storage import Repository
 
 log = logging.getLogger("regal_backup.alerts")
@@ -184,8 +186,9 @@ def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: date
     for target, config in sorted(policy.targets.items()):
         rpo = policy.rpo_for(target)
         newest = next(good_newest_first(repo, keyring, target), None)
-        if config.kind == "postgres_cluster" and newest is not None:  # the RPO is the WAL's, not the base backup's
-            conditions += _wal_rpo_conditions(policy, repo, keyring, target, rpo, now)
+        archive = source_for(config.kind).continuous_archive()
+        if archive is not None and newest is not None:  # the RPO is the archive's (a server's WAL), not the backup's
+            conditions += _archive_rpo_conditions(policy, repo, keyring, target, archive, rpo, now)
             continue
         if newest is not None and now - newest.finished_at <= rpo:
             continue
@@ -203,32 +206,27 @@ def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: date
     return conditions
 
 
-def _wal_rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, target: str, rpo: timedelta,
-                        now: datetime) -> list[Condition]:
-    """A server's RPO: the age of the newest stored WAL while the server has written more (the stream or the
-    archiving is down or behind), and any gap in the WAL archive (a restore cannot pass it)."""
-    from .walstatus import wal_status
-
-    status = wal_status(policy, repo, keyring, target, now)
-    link = f"{policy.dagster.base_url.rstrip('/')}/assets/postgres/{target}/wal"
-    steps = (f"Check the WAL stream (`systemctl status regal-wal-stream@{target}`, `regal-backup wal status "
-             f"{target}`) or the server's archive_command in its log; restart it: the slot keeps the WAL meanwhile.")
-    details = {k: v for k, v in status.to_json().items() if k in ("newest_lsn", "newest_stored_at", "server_lsn",
-                                                                   "lag_bytes", "lag_seconds", "gaps")}
-    stored_at = datetime.fromisoformat(status.newest_stored_at) if status.newest_stored_at else None
+def _archive_rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, target: str,
+                            archive: ContinuousArchive, rpo: timedelta, now: datetime) -> list[Condition]:
+    """The RPO of a target with a continuous archive: the age of its newest stored change while the source has
+    written more (the stream or the archiving is down or behind), and any gap in the archive (a restore cannot
+    pass it)."""
+    state = archive.state(policy, repo, keyring, target, now)
+    link = f"{policy.dagster.base_url.rstrip('/')}/assets/{'/'.join(archive.asset(target).key)}"
+    steps, details, noun = archive.first_steps(target, state), state.details, archive.noun
+    stored_at = state.newest_stored_at
     if stored_at is None:
-        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: no WAL is stored (RPO {_hours(rpo)})",
+        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: no {noun} is stored (RPO {_hours(rpo)})",
                           link, steps, None, details)]
-    if status.gaps:
-        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: the WAL archive lacks "
-                          f"{status.gaps[0]}" + (f" and {len(status.gaps) - 1} more" if len(status.gaps) > 1 else "")
-                          + ": restores cannot pass it", link, "Take a base backup now (`regal-backup backup "
-                          f"{target}`): restores start after the gap. " + steps, None, details)]
-    behind = status.lag_bytes != 0  # unknown (server unreachable) counts as behind
-    if behind and now - stored_at > rpo:
+    if state.gaps:
+        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: the {noun} archive lacks "
+                          f"{state.gaps[0]}" + (f" and {len(state.gaps) - 1} more" if len(state.gaps) > 1 else "")
+                          + ": restores cannot pass it", link, steps, None, details)]
+    age = state.rpo_age(now)
+    if age is not None and age > rpo.total_seconds():  # unknown (the source unreachable) counts as behind
         return [Condition(f"rpo:{target}", "rpo_breach", target,
-                          f"{target}: the newest stored WAL is {_hours(now - stored_at)} old while the server "
-                          f"{'is ' + str(status.lag_bytes) + ' bytes ahead' if status.lag_bytes else 'cannot be asked'}"
+                          f"{target}: the newest stored {noun} is {_hours(now - stored_at)} old while the server "
+                          f"{'is ' + str(state.behind) + ' bytes ahead' if state.behind else 'cannot be asked'}"
                           f", past the RPO of {_hours(rpo)}", link, steps, stored_at + rpo, details)]
     return []
 

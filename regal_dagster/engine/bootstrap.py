@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -20,6 +19,7 @@ from .crypto import Keyring, create_keyset, generate_master_key, write_master_ke
 from .errors import RegalError, UsageError
 from .policy import Policy, load_policy, policy_from_dict
 from .repository_format import initialize
+from .settings import TargetSettings
 from .storage import Repository, open_repository
 
 POLICY_NAME = "regal_backup.yaml"
@@ -116,11 +116,11 @@ def init_project(directory: Path, postgres_dsn: str | None, *, master_key_env: s
         },
         "retention": {"hourly": 48, "daily": 30, "weekly": 26, "monthly": 12},
     }
-    policy_from_dict(document, base_dir=directory, source=str(policy_path))  # every problem before any file
+    checked = policy_from_dict(document, base_dir=directory, source=str(policy_path))  # every problem before any file
     if audit:  # derived from the target's DSN once that one is known to be well-formed
         document["audit"] = {"dsn": audit_dsn or audit_dsn_for(str(postgres_dsn or cluster_dsn))}
         policy_from_dict(document, base_dir=directory, source=str(policy_path))
-    warnings = literal_secrets(document)
+    warnings = literal_secrets(checked.targets)
     directory.mkdir(parents=True, exist_ok=True)
     if master_key_env:
         location = f"${master_key_env}"
@@ -162,16 +162,11 @@ def _start_audit_trail(policy: Policy, repo: Repository, keyring: Keyring) -> tu
     return where, None
 
 
-def literal_secrets(document: dict[str, Any]) -> list[str]:
+def literal_secrets(targets: Mapping[str, TargetSettings]) -> list[str]:
     """A warning for each password written into the policy itself instead of a ${VARIABLE}."""
-    from psycopg.conninfo import conninfo_to_dict
-
     found = []
-    for name, target in document.get("targets", {}).items():
-        if target.get("kind") in ("postgres", "postgres_cluster"):
-            password = str(conninfo_to_dict(target["dsn"]).get("password") or "")
-        else:
-            password = urlsplit(str(target.get("url", ""))).password or ""
+    for name, target in targets.items():
+        password = target.written_password()
         if password and not password.startswith("${"):
             found.append(f"targets.{name} holds a literal password: anyone who can read the policy file can read "
                          f"it; write it as ${{VARIABLE}} and set the variable where backups run")

@@ -13,12 +13,13 @@ import dataclasses
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from .audit import audited, record
 from .crypto import Keyring
-from .errors import RegalError
+from .errors import RegalError, UsageError
 from .gdpr import (
     ErasureLedger,
     ErasureResult,
@@ -27,9 +28,11 @@ from .gdpr import (
     load_ledger,
     reapply_erasures,
 )
+from .layout import valid_backup_id
 from .manifest import Manifest
 from .pipeline import StoredBackup
 from .policy import Policy, hook_environment
+from .selection import Selected, choose_backup
 from .sources.base import RestoreRequest
 from .sources.registry import source_for
 from .storage import Repository
@@ -53,9 +56,25 @@ class RestoreResult:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
-        body["erasures"] = self.erasures.to_json() if self.erasures else None
-        return {**body, "ok": self.ok}
+        """What `restore --json` prints (docs/cli-json.md); a point-in-time restore adds `preview` (pitr.PitrResult)."""
+        return {"backup_id": self.backup_id, "target": self.target, "kind": self.kind,
+                "destination": self.destination, "validated": self.ok, "problems": self.problems,
+                "seconds": self.seconds, "details": self.details,
+                "erasures": self.erasures.to_json() if self.erasures else None}
+
+
+def choose_restore(policy: Policy, repo: Repository, keyring: Keyring, named: str | None, target: str | None, *,
+                   latest: bool = False, before: datetime | None = None,
+                   trigger: dict[str, str] | None = None) -> Selected:
+    """The backup a restore starts from: `named` (a backup id), or the newest good backup of `target` (`latest`, or
+    started `before` a time). `restore TARGET --latest` names the target in place of the backup id."""
+    if named in policy.targets and not target and not valid_backup_id(named):
+        target, named = named, None
+    if not named and not target:
+        raise UsageError("say which backup to restore", "give a BACKUP_ID, or TARGET with --latest or --before")
+    if not named and not (latest or before):
+        raise UsageError("say which backup of the target to restore", "add --latest, or --before TIME")
+    return choose_backup(policy, repo, keyring, target or "", backup_id=named, before=before, trigger=trigger)
 
 
 def restore_backup(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, request: RestoreRequest,

@@ -8,9 +8,10 @@ A checksum is not a restore. A restore test, whatever the kind:
 3. proves more at the destination (the kind's `verify_restored`: schema object counts and pg_amcheck, a
    scratch redis-server loading the RDB, the state parsing, every ref of a clone).
 
-The wall time from start to validated is the measured RTO of that backup. A `postgres_cluster` base backup is
-tested by point-in-time recoveries from it instead (engine/cluster_restore_test.py: the newest point, a random
-earlier one, a named restore point with exact facts), each timed to its promotion; the slowest is the RTO.
+The wall time from start to validated is the measured RTO of that backup. The backup of a kind with a continuous
+archive is tested by recoveries through it instead (its `ContinuousArchive.test_recoveries`: for a server's WAL,
+sources/postgres_cluster/recovery_test.py: the newest point, a random earlier one, a named restore point with exact
+facts), each timed; the slowest is the RTO.
 Results are stored in the repository under `restore-tests/<target>/` as evidence.
 """
 
@@ -32,10 +33,10 @@ from .pipeline import Progress
 from .policy import Policy
 from .restore import restore_to
 from .sources.base import RestoreRequest
+from .sources.capabilities import RESTORE_FAILED, TestFindings
 from .sources.registry import source_for
 from .storage import Repository
 
-RESTORE_FAILED = "the restore failed"
 RESTORE_TEST_KIND = "restore-test"
 
 
@@ -85,11 +86,10 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
     jobs = jobs or policy.jobs_for(manifest.target)
     tested_at = datetime.now(UTC)
     start = time.monotonic()
-    if manifest.kind == "postgres_cluster":
-        from .cluster_restore_test import run_recoveries
-
-        found = run_recoveries(policy, repo, keyring, manifest, tested_at=tested_at, work_dir=work_dir, jobs=jobs,
-                               progress=progress, touch_source=touch_source)
+    archive = source_for(manifest.kind).continuous_archive()
+    if archive is not None:
+        found = archive.test_recoveries(policy, repo, keyring, manifest, tested_at=tested_at, work_dir=work_dir,
+                                        jobs=jobs, progress=progress, touch_source=touch_source)
     else:
         found = _restore_and_verify(policy, repo, keyring, manifest, work_dir, jobs, progress)
     found.seconds["total"] = time.monotonic() - start
@@ -124,19 +124,6 @@ def recovery_evidence(details: dict[str, Any]) -> dict[str, Any]:
             "recoveries": [{k: r.get(k) for k in ("point", "goal", "replayed_to_lsn", "newest_commit", "rto_seconds",
                                                   "rpo_seconds", "facts_checked")} | {"passed": not r["problems"]}
                            for r in details["recoveries"]]}
-
-
-@dataclass
-class TestFindings:
-    """What a restore test found, before it becomes a RestoreTestResult."""
-
-    __test__ = False  # not a pytest class
-    seconds: dict[str, float] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    erasures: dict[str, Any] = field(default_factory=dict)
-    load_breakdown: dict[str, float] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    tables: list[dict[str, Any]] | None = None  # None: the manifest's tables
 
 
 def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,

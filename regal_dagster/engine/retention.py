@@ -24,7 +24,7 @@ from itertools import pairwise
 from typing import Any
 
 from .audit import audited, completed_backups, record
-from .catalog import list_backups, newest_first
+from .catalog import list_backups
 from .checks import check_status
 from .crypto import Keyring, load_keyring
 from .documents import seal
@@ -42,6 +42,7 @@ from .layout import (
 )
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
+from .sources.registry import source_for
 from .storage import Repository, open_offsite
 
 RANK: dict[str, int] = {name: rank for rank, name in enumerate(RETENTION_CLASSES)}  # hourly 0 ... monthly 3
@@ -296,8 +297,8 @@ class PruneReport:
     offsite_deleted: list[str] = field(default_factory=list)  # backup ids removed from the off-site copy
     damaged: dict[str, str] = field(default_factory=dict)  # backup id -> why its objects were left alone
     running: list[str] = field(default_factory=list)  # targets whose lock was held: their leftovers wait
-    wal_deleted: dict[str, int] = field(default_factory=dict)  # postgres_cluster target -> WAL files no kept
-    # base backup needs (older than the oldest kept one's start), deleted (dry run: would be)
+    # target with a continuous archive (a server's WAL) -> its files no kept backup needs, deleted (dry run: would be)
+    wal_deleted: dict[str, int] = field(default_factory=dict)
 
     past: list[str] = field(default_factory=list)  # backups whose prune already ran and left them (see verdicts)
 
@@ -450,8 +451,12 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
         decisions = plan_target(policy, repo, keyring, target, now)
         report.decisions[target] = decisions
         report.past += [d.backup_id for d in decisions if retention_verdict(d, policy.prune.cron, now).past_retention]
-        if policy.target(target).kind == "postgres_cluster":
-            _prune_wal(repo, keyring, target, {d.backup_id for d in decisions if d.keep}, report)
+        archive = source_for(policy.target(target).kind).continuous_archive()
+        if archive is not None:  # what no kept backup can replay goes with them
+            kept = {d.backup_id for d in decisions if d.keep}
+            deleted = archive.prune(policy, repo, keyring, target, kept, dry_run=dry_run)
+            if deleted is not None:
+                report.wal_deleted[target] = deleted
         if dry_run:
             continue
         for decision in decisions:
@@ -473,41 +478,6 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
     except LockedError:
         pass  # a key retirement is re-encrypting: it writes objects no manifest names yet; the next prune sweeps
     return _finish(policy, repo, keyring, report)
-
-
-def _prune_wal(repo: Repository, keyring: Keyring, target: str, kept: set[str], report: PruneReport) -> None:
-    """The WAL older than the start of the oldest base backup retention keeps: no restore can replay it. With no
-    base backup kept, all WAL stays. Timeline history files always stay (tiny, and recovery follows them)."""
-    from .layout import WAL_PARTIAL, WAL_RECORD_SUFFIX, wal_prefix
-    from .wal import parse_lsn, remove_snapshot, remove_wal, segment_number
-
-    oldest = None
-    for manifest in newest_first(repo, keyring, target):
-        if manifest.backup_id in kept:
-            oldest = manifest
-    if oldest is None:
-        return
-    size = int(oldest.source["wal_segment_size"])
-    first = parse_lsn(oldest.source["start_lsn"]) // size
-    prefix = wal_prefix(target)
-    doomed: list[tuple[str, bool]] = []
-    for stored in repo.list(prefix):
-        if not stored.key.endswith(WAL_RECORD_SUFFIX):
-            continue
-        name = stored.key[len(prefix):-len(WAL_RECORD_SUFFIX)]
-        partial = name.startswith(WAL_PARTIAL)
-        name = name.removeprefix(WAL_PARTIAL)
-        if len(name) >= 24 and all(c in "0123456789ABCDEF" for c in name[:24]) and \
-                segment_number(name[:24], size)[1] < first:
-            doomed.append((name, partial))
-    report.wal_deleted[target] = len(doomed)
-    if report.dry_run:
-        return
-    for name, partial in doomed:
-        if partial:
-            remove_snapshot(repo, target, name)
-        else:
-            remove_wal(repo, target, name)
 
 
 PRUNE_LOG_KIND = "prune-log"

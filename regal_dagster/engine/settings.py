@@ -96,6 +96,11 @@ class TargetSettings(Settings):
         that reads local files makes none)."""
         return []
 
+    def written_password(self) -> str:
+        """A password written into the policy itself for this target (its DSN's, its URL's), as written: "" when
+        there is none (a ${VARIABLE} is one, as written)."""
+        return ""
+
 
 class RetryConfig(Settings):
     """How a storage request that failed for a passing reason (connection refused, dropped or timed out;

@@ -29,6 +29,7 @@ from .errors import IntegrityError
 from .layout import DRILLS, restore_test_prefix
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
+from .sources.registry import source_for
 from .storage import Repository
 
 
@@ -165,27 +166,15 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
     records = [s.record for _, s in statuses if s.record is not None and s.problem is None]
     newest_record = max(records, key=lambda r: r.checked_at, default=None)
     age = (now - good[-1].finished_at).total_seconds() if good else None
-    if good and policy.target(target).kind == "postgres_cluster":
-        age = _wal_age(policy, repo, keyring, target, now)
+    archive = source_for(policy.target(target).kind).continuous_archive()
+    if good and archive is not None:  # the data's age is that of the newest change the archive stored
+        age = archive.state(policy, repo, keyring, target, now).rpo_age(now)
     return TargetStatus(
         target, policy.target(target).kind, policy.rpo_for(target).total_seconds(),
         policy.rto_for(target).total_seconds(), newest_good, newest, age,
         _verification(newest_record) if newest_record else None,
         last_restore_test(repo, keyring, target), by_class, len(manifests),
         sum(m.stored_bytes for m in manifests))
-
-
-def _wal_age(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> float | None:
-    """A server's data age: that of its newest stored WAL while the server has written more (0 when the archive
-    has caught up); None when no WAL is stored or the archive has a gap."""
-    from .walstatus import wal_status
-
-    status = wal_status(policy, repo, keyring, target, now)
-    if status.newest_stored_at is None or status.gaps:
-        return None
-    if status.lag_bytes == 0:
-        return 0.0
-    return (now - datetime.fromisoformat(status.newest_stored_at)).total_seconds()
 
 
 def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[dict[str, Any]]:

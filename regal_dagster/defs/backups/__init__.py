@@ -7,11 +7,11 @@ from __future__ import annotations
 from dagster import AssetSelection, DefaultScheduleStatus, Definitions, ScheduleDefinition, define_asset_job
 
 from ...engine.policy import Policy
+from .archive import archived_targets, build_archive_asset, build_archive_sensors
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks
 from .schedules import build_class_schedule
 from .sensors import build_check_sensor, build_outside_sensor
-from .wal import build_wal_asset, build_wal_sensor, cluster_targets
 
 BACKUP_JOB = "backup_job"
 VERIFY_JOB = "verify_job"
@@ -33,8 +33,7 @@ def backup_definitions(policy: Policy) -> Definitions:
         description=f"Every target's newest backup read back and checked again ({policy.checks.verify_cron} UTC): "
                     "storage bit rot or tampering is found within a day."))
     sensors = [build_check_sensor(policy, backup_job, verify_job), build_outside_sensor(policy)]
-    wal = [build_wal_asset(policy, name) for name in cluster_targets(policy)]
-    if wal:
-        sensors.append(build_wal_sensor(policy))
-    return Definitions(assets=[*backups, *wal], asset_checks=[build_backup_checks(policy, name) for name in targets],
+    archives = [build_archive_asset(policy, name, archive) for name, archive in archived_targets(policy).items()]
+    sensors += build_archive_sensors(policy)
+    return Definitions(assets=[*backups, *archives], asset_checks=[build_backup_checks(policy, name) for name in targets],
                        jobs=[backup_job, verify_job], schedules=schedules, sensors=sensors)

@@ -37,9 +37,7 @@ class BackupConfig(Config):
 
 
 def backup_asset_key(kind: str, target: str) -> AssetKey:
-    if kind == "postgres_cluster":  # a server's physical base backups; its WAL is postgres/<target>/wal
-        return AssetKey(["postgres", target, "base_backup"])
-    return AssetKey([kind, target, "backup"])
+    return AssetKey(source_for(kind).backup_asset_path(target))
 
 
 def backup_metadata(manifest: Manifest, repository: str) -> dict[str, Any]:

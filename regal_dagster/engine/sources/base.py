@@ -10,6 +10,9 @@ the audit trail. A kind says only what is its own:
 - `restore`           put a backup back at a destination, validated against the manifest
 - `scratch_destination` / `verify_restored`   where a restore test restores to, and what it proves there
 - `summary`, `describe_destination`, `plaintext_needles`   facts for people, the CLI and the checks
+- `restore_options`   the kind's own restore options (its dataclass), from the operator's choices
+- `backup_asset_path` the Dagster asset key of a target's backups
+- optional capabilities (sources/capabilities.py), None when the kind lacks them: `continuous_archive`
 
 A new kind is a folder `engine/sources/<kind>/` whose `__init__.py` names its policy settings
 (`TARGET`) and how to load its Source (`load()`); nothing else in the engine changes.
@@ -19,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..errors import RegalError
 from ..manifest import Manifest, ObjectRecord
@@ -34,6 +37,9 @@ if TYPE_CHECKING:
     from ..erasure_ledger import ErasureLedger, ErasureResult
     from ..pipeline import Progress, StoredBackup
     from ..storage import Repository
+    from .capabilities import ContinuousArchive
+
+OptionsT = TypeVar("OptionsT")
 
 StoreObject = Callable[[str, str, Iterable[bytes], int], ObjectRecord]
 """Stores one object of the backup: (name, what its content is, plaintext chunks, zstd threads: 0 in the
@@ -54,11 +60,7 @@ class RestoreRequest:
     to: str
     jobs: int
     drop_existing: bool = False
-    keep_owners: bool = True  # PostgreSQL: ownership and grants as recorded (--no-owners: neither)
-    create_roles: bool = True  # PostgreSQL: create the recorded roles the server lacks first
-    tablespaces: bool = True  # PostgreSQL: objects in their recorded tablespaces (False: the default one)
-    validation: str = "full"  # full | rows (PostgreSQL: what is read back to validate)
-    keys: str | None = None  # Redis, into a live server: only the keys matching this glob
+    options: object | None = None  # the kind's own options (its dataclass: Source.restore_options); None: its defaults
     accept_ledger_rollback: bool = False  # go on although the GDPR ledger went back (recorded in the audit trail)
     progress: Progress | None = None
     before_writing: Callable[[], None] | None = None  # runs just before the destination is first changed
@@ -66,8 +68,14 @@ class RestoreRequest:
     # temporary database, before it is renamed into place): where GDPR erasures are re-applied
     before_publishing: Callable[[str], None] | None = None
     scratch: bool = False  # the destination is a restore test's throw-away one, seen by nobody: loaded in place
-    recovery: dict[str, str] | None = None  # postgres_cluster: the recovery settings to write (engine/pitr.py)
-    recovery_wal: list[str] | None = None  # postgres_cluster: WAL files to copy into the data directory first
+
+    def kind_options(self, kind: type[OptionsT]) -> OptionsT:
+        """The kind's own options: `options`, or the kind's defaults when none were given."""
+        if self.options is None:
+            return kind()
+        if not isinstance(self.options, kind):
+            raise TypeError(f"restore options {type(self.options).__name__} given where {kind.__name__} are expected")
+        return self.options
 
 
 @dataclass
@@ -98,7 +106,6 @@ class Source(ABC):
     label: ClassVar[str]  # for people: "PostgreSQL database"
     checks: ClassVar[dict[str, CheckSpec]] = {}  # the kind's own checks, beyond the ones every backup gets
     restore_test_proves: ClassVar[str]  # for people: what a passed restore test compared
-    restores_to: ClassVar[str]  # for people: what `restore --to` takes
     scratch_phase: ClassVar[str] = "scratch"  # a restore test's timing of setting up its scratch destination
 
     @abstractmethod
@@ -133,8 +140,21 @@ class Source(ABC):
         """A restore destination for people and the audit trail: never a password."""
         return to
 
+    def restore_options(self, choices: Mapping[str, Any]) -> object | None:
+        """The kind's own restore options (a dataclass its `restore` reads with `request.kind_options`) from the
+        operator's choices, by name (the CLI's options: `no_owners`, `keys`, ...); None: the kind has none."""
+        return None
+
     @abstractmethod
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored: ...
+
+    def backup_asset_path(self, target: str) -> list[str]:
+        """The Dagster asset key of `target`'s backups."""
+        return [self.kind, target, "backup"]
+
+    def continuous_archive(self) -> ContinuousArchive | None:
+        """The kind's archive of changes between backups (sources/capabilities.py), None when it has none."""
+        return None
 
     @abstractmethod
     def scratch_destination(self, work_dir: Path | None,

@@ -37,7 +37,6 @@ class ConfigSource(Source):
     kind = "config"
     label = "configuration repository"
     restore_test_proves = "every ref and HEAD of a clone"
-    restores_to = "a new directory to clone into"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         settings = cast(ConfigTarget, target)

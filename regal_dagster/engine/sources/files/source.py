@@ -28,7 +28,6 @@ class FilesSource(Source):
     kind = "files"
     label = "set of files"
     restore_test_proves = "every file's type, permissions and SHA-256, every link's target, and nothing more"
-    restores_to = "a directory: each path is put back under it (/etc/x as DIR/etc/x)"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         settings = cast(FilesTarget, target)

@@ -6,8 +6,9 @@ import contextlib
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,11 +53,20 @@ RESTORE_TEST_DATABASE = "restore_test"
 SCHEMA_ATTEMPTS = 5
 
 
+@dataclass(frozen=True)
+class PostgresRestoreOptions:
+    """How a database is restored, beyond where."""
+
+    owners: bool = True  # ownership and grants as recorded (--no-owners: neither)
+    create_roles: bool = True  # create the recorded roles the server lacks first
+    tablespaces: bool = True  # objects in their recorded tablespaces (False: the server's default one)
+    validation: str = "full"  # full | rows: what is read back to validate
+
+
 class PostgresSource(Source):
     kind = "postgres"
     label = "PostgreSQL database"
     restore_test_proves = "row counts, content SHA-256, schema objects and pg_amcheck"
-    restores_to = "the DSN of a database to restore into (created if missing)"
     scratch_phase = "cluster"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
@@ -115,7 +125,13 @@ class PostgresSource(Source):
     def describe_destination(self, to: str) -> str:
         return describe_dsn(to)
 
+    def restore_options(self, choices: Mapping[str, Any]) -> PostgresRestoreOptions:
+        return PostgresRestoreOptions(owners=not choices.get("no_owners"), create_roles=not choices.get("no_create_roles"),
+                                      tablespaces=not choices.get("no_tablespaces"),
+                                      validation=choices.get("validate") or "full")
+
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        options = request.kind_options(PostgresRestoreOptions)
         try:
             check_dsn(request.to)
         except ValueError as exc:
@@ -123,11 +139,11 @@ class PostgresSource(Source):
                              "give the DSN of the database to restore into (created if missing), e.g. "
                              "postgresql://user@host:5432/pos_restored") from None
         report = restore_database(backup.repo, backup.keyring, backup.manifest, request.to,
-                                  drop_existing=request.drop_existing, keep_owners=request.keep_owners,
-                                  jobs=request.jobs, validation=request.validation, progress=request.progress,
+                                  drop_existing=request.drop_existing, keep_owners=options.owners,
+                                  jobs=request.jobs, validation=options.validation, progress=request.progress,
                                   before_writing=request.before_writing,
                                   before_publishing=request.before_publishing, scratch=request.scratch,
-                                  create_roles=request.create_roles, tablespaces=request.tablespaces)
+                                  create_roles=options.create_roles, tablespaces=options.tablespaces)
         phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
                    f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")

@@ -26,6 +26,11 @@ class DsnTarget(TargetSettings):
     def resolved_dsn(self) -> str:
         return fill_environment(self.dsn, "dsn")
 
+    def written_password(self) -> str:
+        from psycopg.conninfo import conninfo_to_dict
+
+        return str(conninfo_to_dict(self.dsn).get("password") or "")
+
     def transports(self, name: str) -> list[Transport]:
         from ...postgresql.connection import dsn_transport
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import IntegrityError, RegalError, ToolError, UsageError
 from ...manifest import Manifest
 from ...pipeline import StoredBackup
+from .datadir import verify_data_directory
 
 if TYPE_CHECKING:
     from ...crypto import Keyring
@@ -148,7 +149,6 @@ def combine_chain(chain: list[StoredBackup], root: Path, server_major: int) -> l
     failure. The findings of pg_verifybackup on the members (empty: all hold)."""
     from ...postgresql.tools import pg_tool_for_server
     from ...workspace import private_directory
-    from .source import verify_data_directory
 
     problems: list[str] = []
     with contextlib.ExitStack() as stack:

@@ -3,6 +3,7 @@ last, so they win over the backed-up configuration) and recovery.signal."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 AUTO_CONF = "postgresql.auto.conf"
@@ -19,3 +20,12 @@ def write_recovery_settings(root: Path, settings: dict[str, str]) -> None:
     with (root / AUTO_CONF).open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     (root / SIGNAL).touch(mode=0o600)
+
+
+@dataclass(frozen=True)
+class ClusterRestoreOptions:
+    """How a restored data directory recovers (pitr.py decides it). None: to this backup's own end, with its own WAL
+    copied in (self-contained)."""
+
+    recovery: dict[str, str] | None = None  # the recovery settings to write
+    wal_files: list[str] | None = None  # WAL files to copy into the data directory first

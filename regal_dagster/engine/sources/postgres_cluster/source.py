@@ -21,7 +21,6 @@ from ...pipeline import CHUNK, StoredBackup
 from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
 from ...settings import PolicyView, TargetSettings
-from ...wal import fetch_wal
 from ...workspace import owner_record, recorded_owner_alive, sweep
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..files.source import plaintext_pipe
@@ -43,25 +42,23 @@ from .chain import (
     newest_parent,
     require_wal_summaries,
 )
-from .recovery import write_recovery_settings
+from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
+from .recovered import database_problems, open_databases, recovered_server
+from .recovery import ClusterRestoreOptions, write_recovery_settings
 from .target import PostgresClusterTarget
+from .wal import fetch_wal
 
 if TYPE_CHECKING:
     from ...crypto import Keyring
     from ...policy import Policy
-    from ...postgresql.server import ScratchCluster
     from ...storage import Repository
+    from ..capabilities import ContinuousArchive
 
 TAR_OBJECT = "base.tar"
 TAR_CONTENT = "pg_basebackup tar of the data directory (-Ft, WAL from the archive)"
 MANIFEST_OBJECT = "backup_manifest"
 MANIFEST_CONTENT = "PostgreSQL backup manifest (SHA-256 of every file)"
 logger = logging.getLogger(__name__)
-
-WAL_COPY = "regal_wal"  # in a restored data directory: the WAL recovery replays, copied in (--with-wal)
-# In a data directory being restored, until the restore has finished: the restoring process (as a private
-# directory's owner file). A directory holding it whose owner is dead is what a killed restore left.
-RESTORING_MARKER = ".regal-restoring"
 
 
 def server_facts(dsn: str) -> dict[str, Any]:
@@ -98,7 +95,6 @@ class PostgresClusterSource(Source):
     restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup); "
                            "recoveries to the newest point, a random earlier one and a named restore point (its "
                            "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
-    restores_to = "a new data directory (restore TARGET --to-dir DIR), recovered from the WAL archive to a point in time"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         dsn = cast(PostgresClusterTarget, target).resolved_dsn()
@@ -183,8 +179,8 @@ class PostgresClusterSource(Source):
         from ...catalog import newest_first
         from ...crypto import load_keyring
         from ...storage import open_repository
-        from ...walstatus import check_continuity
         from ...workspace import private_directory
+        from .walstatus import check_continuity
 
         repo, keyring = open_repository(policy), load_keyring(policy)
         oldest = manifest
@@ -209,8 +205,9 @@ class PostgresClusterSource(Source):
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
         """The data directory at `request.to`, checked with pg_verifybackup, configured to recover from the WAL
-        archive as `request.recovery` says (engine/pitr.py decides it)."""
-        recovery, recovery_wal = request.recovery, request.recovery_wal
+        archive as its options say (pitr.py decides them)."""
+        options = request.kind_options(ClusterRestoreOptions)
+        recovery, recovery_wal = options.recovery, options.wal_files
         if recovery is None:  # this backup as it was when it ended, its own WAL copied in: self-contained
             recovery = {"restore_command": f"cp {WAL_COPY}/%f %p", "recovery_target": "immediate",
                         "recovery_target_action": "promote", "archive_mode": "off"}
@@ -259,6 +256,14 @@ class PostgresClusterSource(Source):
                                    "recovery configured", problems, seconds,
                         {"data_directory": str(root), "chain": [m.manifest.backup_id for m in chain]})
 
+    def backup_asset_path(self, target: str) -> list[str]:
+        return ["postgres", target, "base_backup"]  # a server's physical base backups; its WAL is postgres/<target>/wal
+
+    def continuous_archive(self) -> ContinuousArchive:
+        from .continuous_archive import WalArchive
+
+        return WalArchive()
+
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         from ...workspace import private_directory
@@ -283,60 +288,6 @@ class PostgresClusterSource(Source):
             problems.append(exc.message)
             promoted = time.monotonic() - started
         return RestoredFindings(problems, details, {"recovery_to_promotion": promoted})
-
-
-@contextlib.contextmanager
-def recovered_server(root: Path, manifest: Manifest) -> Iterator[ScratchCluster]:
-    """PostgreSQL of the backup's major version started on the restored data directory `root` (a scratch server on a
-    private socket), yielded once it has recovered and been promoted; stopped on exit. RegalError when there is no
-    such server here, it does not start, or it is not promoted within 10 minutes (naming the log's FATAL line)."""
-    from ...postgresql.server import ScratchCluster, installation_major, server_installations
-
-    major = manifest.source["server_version_num"] // 10000
-    bin_dir = next((b for b in server_installations() if installation_major(b) == major), None)
-    if bin_dir is None:
-        raise RegalError(f"no PostgreSQL {major} server is installed here to start the restored data directory (a "
-                         "physical backup starts only on its own major version)", "install it, or run restore tests "
-                         "where it is")
-    prepare_scratch_start(root)
-    cluster = ScratchCluster.persistent(root, bin_dir=bin_dir)
-    try:
-        try:
-            cluster.start()
-            deadline = time.monotonic() + 600
-            while _in_recovery(cluster.dsn()):
-                if time.monotonic() > deadline:
-                    raise RegalError("the restored server was not promoted within 10 minutes",
-                                     "read its log: recovery may be waiting for WAL")
-                time.sleep(0.2)
-        except RegalError as exc:
-            fatal = [line for line in server_log(cluster).splitlines() if "FATAL:" in line]
-            raise RegalError(f"the restored server did not start: {exc.message}"
-                             + (f" ({fatal[-1].strip()})" if fatal else ""), exc.hint) from None
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def server_log(cluster: ScratchCluster) -> str:
-    path = cluster.log_path
-    return path.read_text(errors="replace") if path is not None and path.exists() else ""
-
-
-def open_databases(cluster: ScratchCluster) -> list[str]:
-    """The databases of a running restored server, each opened and its catalog read."""
-    with connect(cluster.dsn()) as conn:
-        found = [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()]
-    for name in found:
-        with connect(cluster.dsn(name)) as conn:
-            conn.execute("SELECT count(*) FROM pg_class").fetchone()
-    return found
-
-
-def database_problems(found: list[str], manifest: Manifest) -> list[str]:
-    expected = manifest.source.get("databases", [])
-    return [] if found == expected else [f"the restored server has the databases {found}, the backup had {expected}"]
 
 
 def _clear_killed_restore(root: Path) -> None:
@@ -375,25 +326,10 @@ def _discarded_on_failure(root: Path, created: bool) -> Iterator[None]:
         raise
 
 
-def verify_data_directory(root: Path, server_major: int, wal_dir: Path | None) -> list[str]:
-    """pg_verifybackup on a restored data directory: every file against the backup manifest and, when the WAL
-    was copied in, the WAL the backup needs parses (else recovery checks it as it fetches it). Its findings."""
-    tool = pg_tool_for_server("pg_verifybackup", server_major)
-    from ...environment import child_environment
-
-    wal = ["--ignore", WAL_COPY, "--wal-directory", str(wal_dir)] if wal_dir else ["--no-parse-wal"]
-    done = subprocess.run([str(tool.path), *wal, "--ignore", RESTORING_MARKER, "--quiet", str(root)], capture_output=True, text=True,
-                          check=False, env=child_environment(), timeout=3600)
-    if done.returncode == 0:
-        return []
-    return [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()][:20] or [
-        f"pg_verifybackup failed with exit code {done.returncode}"]
-
-
 def own_wal(backup: StoredBackup) -> list[str]:
     """The archived WAL this base backup needs to be consistent (its start to its stop position) and the timeline
     history files: refused, naming the first missing segment, when the archive lacks one."""
-    from ...wal import archived_names, parse_lsn, segment_name_of
+    from .wal import archived_names, parse_lsn, segment_name_of
 
     source = backup.manifest.source
     size, timeline = int(source["wal_segment_size"]), int(source["timeline"])
@@ -405,22 +341,3 @@ def own_wal(backup: StoredBackup) -> list[str]:
         raise RegalError(f"the WAL archive of {backup.manifest.target} lacks {missing[0]}, which "
                          f"{backup.manifest.backup_id} needs to be consistent", "restore from another base backup")
     return sorted(n for n in names if n.endswith(".history")) + needed
-
-
-def prepare_scratch_start(root: Path) -> None:
-    """A restored data directory made startable as a scratch server: the server's own configuration files may
-    live outside the data directory (Debian keeps them in /etc): the scratch server's settings (its private socket,
-    its own pg_hba file) are included last."""
-    from ...postgresql.server import SETTINGS_FILE
-
-    conf = root / "postgresql.conf"
-    text = conf.read_text() if conf.exists() else ""
-    if SETTINGS_FILE not in text:
-        with conf.open("a") as f:
-            f.write(f"\n# Regal Backup restore test: the scratch server's settings\ninclude_if_exists = '{SETTINGS_FILE}'\n")
-
-
-def _in_recovery(dsn: str) -> bool:
-    with connect(dsn) as conn:
-        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    return bool(row and row[0])

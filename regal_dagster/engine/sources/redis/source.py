@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -51,6 +52,11 @@ RESTORE_STEPS = """To put this RDB back into a Redis server:
      `appendonly yes` back in redis.conf."""
 
 
+@dataclass(frozen=True)
+class RedisRestoreOptions:
+    keys: str | None = None  # into a live server: only the keys matching this glob (--keys)
+
+
 class RedisSource(Source):
     kind = "redis"
     label = "Redis server"
@@ -60,7 +66,6 @@ class RedisSource(Source):
                          "5 minutes and the append-only file on."),
     }
     restore_test_proves = "key counts, TTL counts and the key sample"
-    restores_to = "a directory for dump.rdb, or redis://... with --keys to copy keys into a live server"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         """The RDB over the replication protocol (checked with redis-check-rdb), and the AOF files when the
@@ -112,13 +117,17 @@ class RedisSource(Source):
     def describe_destination(self, to: str) -> str:
         return describe_url(to) if to.startswith(("redis://", "rediss://")) else to
 
+    def restore_options(self, choices: Mapping[str, Any]) -> RedisRestoreOptions:
+        return RedisRestoreOptions(keys=choices.get("keys"))
+
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
         """Into a live server (the keys matching --keys, through a scratch server holding the backup), or as
         an RDB file for a stopped server."""
         manifest = backup.manifest
+        keys = request.kind_options(RedisRestoreOptions).keys
         if request.to.startswith(("redis://", "rediss://")):
-            return self._copy_keys(backup, request)
-        if request.keys:
+            return self._copy_keys(backup, request, keys)
+        if keys:
             raise RegalError("--keys copies keys into a live server", "give --to redis://... with --keys")
         started = time.monotonic()
         path = Path(request.to) / RDB_OBJECT
@@ -133,20 +142,20 @@ class RedisSource(Source):
                                    f"{rdb['rdb_version']})", seconds={"fetch_decrypt": time.monotonic() - started},
                         details={"path": str(path)}, next_steps=RESTORE_STEPS.format(path=path))
 
-    def _copy_keys(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+    def _copy_keys(self, backup: StoredBackup, request: RestoreRequest, keys: str | None) -> Restored:
         from ...settings import fill_environment
 
-        if not request.keys:
+        if not keys:
             raise RegalError("say which keys to copy back", "add --keys PATTERN (a Redis glob, e.g. 'session:*')")
         with private_directory("restore") as tmp:
             backup.to_file(RDB_OBJECT, Path(tmp) / RDB_OBJECT)
             with ScratchRedis(Path(tmp)) as scratch:
                 if request.before_writing:
                     request.before_writing()
-                counts = copy_keys(scratch.url, fill_environment(request.to, "--to"), request.keys,
-                                          replace=request.drop_existing)
+                counts = copy_keys(scratch.url, fill_environment(request.to, "--to"), keys,
+                                   replace=request.drop_existing)
         where = describe_url(request.to)
-        return Restored(where, f"copied {counts['copied']} keys matching {request.keys!r} from "
+        return Restored(where, f"copied {counts['copied']} keys matching {keys!r} from "
                                f"{backup.manifest.backup_id} into {where}; {counts['skipped_existing']} existing keys "
                                "left alone" + ("" if request.drop_existing else " (--drop-existing replaces them)"),
                         details=counts)

@@ -20,6 +20,11 @@ class RedisTarget(TargetSettings):
     def resolved_url(self) -> str:
         return fill_environment(self.url, "url")
 
+    def written_password(self) -> str:
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.url).password or ""
+
     def transports(self, name: str) -> list[Transport]:
         try:
             url = self.resolved_url()

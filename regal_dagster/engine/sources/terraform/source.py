@@ -39,7 +39,6 @@ class TerraformSource(Source):
                          "backwards serial means the state was rolled back)."),
     }
     restore_test_proves = "the state's serial, lineage and resource count"
-    restores_to = "the state file to write"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         settings = cast(TerraformTarget, target)

@@ -22,31 +22,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .crypto import Keyring
-from .errors import RegalError
-from .manifest import Manifest
-from .pipeline import Progress
+from ...crypto import Keyring
+from ...errors import RegalError
+from ...manifest import Manifest
+from ...pipeline import Progress
+from ...policy import Policy
+from ...postgresql.connection import connect
+from ...restore import restore_to
+from ...sampling import DRAW_POINT_METHOD, draw_point
+from ...storage import Repository
+from ...workspace import private_directory
+from ..base import RestoreRequest
+from ..capabilities import RESTORE_FAILED, TestFindings
+from ..postgres.source import amcheck_problems
+from ..registry import source_for
+from .datadir import WAL_COPY
 from .pitr import RecoveryGoal, plan_recovery
-from .policy import Policy
-from .postgresql.connection import connect
-from .restore import restore_to
-from .restore_test import RESTORE_FAILED, TestFindings
-from .sampling import DRAW_POINT_METHOD, draw_point
-from .sources.base import RestoreRequest
-from .sources.postgres.source import amcheck_problems
-from .sources.postgres_cluster.pointfacts import PointFacts, create_restore_point, facts_problems
-from .sources.postgres_cluster.source import (
-    WAL_COPY,
-    database_problems,
-    open_databases,
-    recovered_server,
-    server_log,
-)
-from .sources.registry import source_for
-from .storage import Repository
+from .pointfacts import PointFacts, create_restore_point, facts_problems
+from .recovered import database_problems, open_databases, recovered_server, server_log
+from .recovery import ClusterRestoreOptions
 from .wal import format_lsn, parse_lsn
 from .walstatus import NewestRecords, newest_records, wal_status
-from .workspace import private_directory
 
 RESTORE_POINT_WAIT = 120.0  # seconds for the restore point's WAL to be stored (wal stream: seconds)
 _STOPPED_AT_LSN = re.compile(r'recovery stopping (?:before|after) WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"')
@@ -143,8 +139,8 @@ def _recover(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manif
                                  backup_id=manifest.backup_id)
             recovery = {**plan.settings, "restore_command": f"cp {WAL_COPY}/%f %p"}  # the WAL copied in
             restored = restore_to(policy, repo, keyring, manifest, RestoreRequest(
-                destination, jobs=jobs, progress=progress, scratch=True, recovery=recovery,
-                recovery_wal=plan.wal_files))
+                destination, jobs=jobs, progress=progress, scratch=True,
+                options=ClusterRestoreOptions(recovery, plan.wal_files)))
             outcome["problems"] += restored.problems
             outcome["seconds"] = {k: v for k, v in restored.seconds.items() if k != "total"}
             outcome.update(target_lsn=plan.target_lsn or goal.lsn, wal_files=len(plan.wal_files))

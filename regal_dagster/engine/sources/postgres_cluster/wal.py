@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .crypto import Keyring
-from .documents import read_document, write_document
-from .errors import IntegrityError, RegalError, UsageError
-from .layout import (
+from ...crypto import Keyring
+from ...documents import read_document, write_document
+from ...errors import IntegrityError, RegalError, UsageError
+from ...layout import (
     PARTIAL_SUFFIX,
     WAL_PARTIAL,
     WAL_RECORD_SUFFIX,
@@ -34,11 +34,11 @@ from .layout import (
     wal_record_key,
     wal_scope,
 )
-from .manifest import ObjectRecord
-from .pipeline import CHUNK, read_stream, store_stream
-from .policy import Policy
-from .storage import Repository
-from .storage.base import ObjectMissingError
+from ...manifest import ObjectRecord
+from ...pipeline import CHUNK, read_stream, store_stream
+from ...policy import Policy
+from ...storage import Repository
+from ...storage.base import ObjectMissingError
 
 RECORD_KIND = "wal"
 RECORD_FORMAT = "regal-backup-wal-record"
@@ -306,3 +306,37 @@ def remove_wal(repo: Repository, target: str, name: str) -> None:
     """One archived WAL file and its record (retention): the record first, so it is never half there."""
     for key in (wal_record_key(target, name), wal_object_key(target, name)):
         repo.delete(key)
+
+
+def prune_wal(repo: Repository, keyring: Keyring, target: str, kept: set[str], *, dry_run: bool) -> int | None:
+    """The WAL older than the start of the oldest base backup retention keeps (`kept`): no restore can replay it;
+    how many files (a dry run: would be) removed. With no base backup kept, all WAL stays (None). Timeline history
+    files always stay (tiny, and recovery follows them)."""
+    from ...catalog import newest_first
+
+    oldest = None
+    for manifest in newest_first(repo, keyring, target):
+        if manifest.backup_id in kept:
+            oldest = manifest
+    if oldest is None:
+        return None
+    size = int(oldest.source["wal_segment_size"])
+    first = parse_lsn(oldest.source["start_lsn"]) // size
+    prefix = wal_prefix(target)
+    doomed: list[tuple[str, bool]] = []
+    for stored in repo.list(prefix):
+        if not stored.key.endswith(WAL_RECORD_SUFFIX):
+            continue
+        name = stored.key[len(prefix):-len(WAL_RECORD_SUFFIX)]
+        partial = name.startswith(WAL_PARTIAL)
+        name = name.removeprefix(WAL_PARTIAL)
+        if len(name) >= 24 and all(c in "0123456789ABCDEF" for c in name[:24]) and \
+                segment_number(name[:24], size)[1] < first:
+            doomed.append((name, partial))
+    if not dry_run:
+        for name, partial in doomed:
+            if partial:
+                remove_snapshot(repo, target, name)
+            else:
+                remove_wal(repo, target, name)
+    return len(doomed)

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .crypto import Keyring
-from .environment import die_with_parent
-from .errors import RegalError
-from .layout import is_wal_segment, valid_wal_name
-from .policy import Policy
-from .postgresql.connection import connect, libpq_environment
-from .postgresql.tools import pg_tool_for_server
-from .storage import Repository
+from ...crypto import Keyring
+from ...environment import die_with_parent
+from ...errors import RegalError, UsageError
+from ...layout import is_wal_segment, valid_wal_name
+from ...policy import Policy
+from ...postgresql.connection import connect, libpq_environment
+from ...postgresql.tools import pg_tool_for_server
+from ...storage import Repository
 from .wal import push_wal, remove_snapshot
 
 SNAPSHOT_SECONDS = 10.0  # the segment in progress is stored at least this often (when it grew): the RPO bound
@@ -81,7 +81,7 @@ def check_server(dsn: str, slot: str) -> ServerReadiness:
             raise RegalError(f"the replication slot {slot} is in use by server process {found[1]}",
                              "another `wal stream` (or another receiver) holds it: stop it, or give this target "
                              "another `slot:`")
-    from .sources.postgres_cluster.source import _bytes
+    from .source import _bytes
 
     return ServerReadiness(version // 10000, _bytes(segment_setting), created,
                            {"wal_level": wal_level, "max_wal_senders": senders})
@@ -195,6 +195,9 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
                snapshot_seconds: float = SNAPSHOT_SECONDS, stop: threading.Event,
                say: Callable[[str], None] = print) -> int:
     """Stream until `stop` is set; returns how many WAL files were stored."""
+    if not 1 <= snapshot_seconds <= 15:
+        raise UsageError("--snapshot-seconds must be between 1 and 15", "the segment in progress is the RPO: keep it "
+                                                                         "short")
     settings = policy.target(target)
     dsn = settings.resolved_dsn()  # type: ignore[attr-defined]
     slot = settings.slot  # type: ignore[attr-defined]

@@ -12,16 +12,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .catalog import newest_first
-from .crypto import Keyring
-from .documents import read_document, write_document
-from .environment import child_environment
-from .errors import RegalError
-from .manifest import Manifest
-from .policy import Policy
-from .postgresql.tools import pg_tool_for_server
-from .storage import Repository
-from .storage.base import ObjectMissingError
+from ...catalog import newest_first
+from ...crypto import Keyring
+from ...documents import read_document, write_document
+from ...environment import child_environment
+from ...errors import RegalError
+from ...manifest import Manifest
+from ...policy import Policy
+from ...postgresql.tools import pg_tool_for_server
+from ...storage import Repository
+from ...storage.base import ObjectMissingError
 from .wal import (
     WalFile,
     fetch_wal,
@@ -97,7 +97,7 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
                        stored_at.isoformat() if stored_at else None, snapshot, server_lsn, problem, lag_bytes,
                        lag_seconds, oldest.backup_id if oldest else None, gaps)
     if with_commit_time and oldest is not None:
-        from .workspace import private_directory
+        from ...workspace import private_directory
 
         with private_directory("wal-newest") as work:
             found = newest_records(repo, keyring, oldest, work, files)
@@ -165,7 +165,7 @@ def _used_bytes(snapshot: WalFile) -> int:
 
 
 def _server_lsn(policy: Policy, target: str) -> str:
-    from .postgresql.connection import connect
+    from ...postgresql.connection import connect
 
     dsn = policy.target(target).resolved_dsn()  # type: ignore[attr-defined]
     with connect(dsn) as conn:
@@ -182,7 +182,7 @@ CONTINUITY_FORMAT = "regal-backup-wal-continuity"
 
 
 def _continuity_key(target: str) -> str:
-    from .layout import wal_prefix
+    from ...layout import wal_prefix
 
     return f"{wal_prefix(target)}continuity/state"  # no .json: not a WAL record
 

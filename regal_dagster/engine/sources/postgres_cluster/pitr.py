@@ -17,17 +17,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .catalog import newest_first
-from .checks import check_status, run_checks
-from .crypto import Keyring
-from .environment import child_environment
-from .errors import RegalError, UsageError
-from .manifest import Manifest
-from .policy import Policy
-from .postgresql.tools import pg_tool_for_server
-from .restore import RestoreResult, restore_backup
-from .sources.base import RestoreRequest
-from .storage import Repository
+from ...catalog import newest_first
+from ...checks import check_status, run_checks
+from ...crypto import Keyring
+from ...environment import child_environment
+from ...errors import RegalError, UsageError
+from ...manifest import Manifest
+from ...policy import Policy
+from ...postgresql.tools import pg_tool_for_server
+from ...restore import RestoreResult, restore_backup
+from ...storage import Repository
+from ..base import RestoreRequest
+from .recovery import ClusterRestoreOptions
 from .wal import (
     WalMissingError,
     archived_names,
@@ -50,6 +51,18 @@ class RecoveryGoal:
     time: datetime | None = None
     lsn: str | None = None
     name: str | None = None
+
+    @classmethod
+    def chosen(cls, *, latest: bool = False, time: datetime | None = None, lsn: str | None = None,
+               name: str | None = None) -> RecoveryGoal:
+        """The goal the operator chose: exactly one of the end of the archive, a time, a position, a restore point."""
+        chosen = [o for o, v in (("--latest", latest), ("--to-time", time), ("--to-lsn", lsn), ("--to-name", name)) if v]
+        if len(chosen) != 1:
+            raise UsageError("say where recovery stops" if not chosen else f"{' and '.join(chosen)} contradict each other",
+                             "give one of --latest, --to-time TIME, --to-lsn LSN, --to-name RESTORE_POINT")
+        if lsn:
+            parse_lsn(lsn)
+        return cls(time=time, lsn=lsn, name=name)
 
     @property
     def latest(self) -> bool:
@@ -101,6 +114,16 @@ class RecoveryPlan:
                 "backup_type": source.get("backup_type", "full"), "chain": self.chain,
                 "target_lsn": self.target_lsn, "recovery_settings": self.settings, "notes": self.notes,
                 "wal_files": len(self.wal_files)}
+
+    def describe(self) -> str:
+        """The plan for people: the base backup, the chain it is combined from, the WAL replayed, the goal."""
+        source = self.base.source
+        return (f"base backup {self.base.backup_id} (finished {self.base.finished_at:%Y-%m-%d %H:%M:%S} UTC, WAL "
+                f"{source['start_lsn']}..{source['stop_lsn']} on timeline {source['timeline']})\n"
+                + (f"incremental: combined from {' + '.join(self.chain)} (pg_combinebackup)\n" if len(self.chain) > 1
+                   else "")
+                + f"WAL to replay: {self.segments} segment(s), {self.first_segment} .. {self.last_segment}, stopping at "
+                  f"the {self.goal.describe()}" + (f" (found at {self.target_lsn})" if self.target_lsn else ""))
 
 
 def restore_command(policy_path: Path, target: str) -> str:
@@ -252,7 +275,7 @@ class _WalCache:
 
 @contextlib.contextmanager
 def _wal_cache(repo: Repository, keyring: Keyring, target: str) -> Iterator[_WalCache]:
-    from .workspace import private_directory
+    from ...workspace import private_directory
 
     with private_directory("wal-scan") as directory:
         yield _WalCache(repo, keyring, target, directory)
@@ -263,6 +286,13 @@ class PitrResult:
     plan: RecoveryPlan
     restored: RestoreResult | None  # None: --preview
 
+    def to_json(self) -> dict[str, Any]:
+        """What `restore TARGET --to-dir DIR --json` prints: the restore's result (the plan in its `details`), or
+        with --preview the plan."""
+        if self.restored is None:
+            return {"preview": True, **self.plan.to_json()}
+        return {"preview": False, **self.restored.to_json()}
+
 
 def restore_cluster(policy: Policy, repo: Repository, keyring: Keyring, target: str, goal: RecoveryGoal,
                     to_dir: Path, policy_path: Path, *, preview: bool = False, backup_id: str | None = None,
@@ -272,13 +302,13 @@ def restore_cluster(policy: Policy, repo: Repository, keyring: Keyring, target: 
     server then needs neither regal-backup nor the keys."""
     plan = plan_recovery(policy, repo, keyring, target, goal, policy_path, backup_id=backup_id, trigger=trigger)
     if with_wal:
-        from .sources.postgres_cluster.source import WAL_COPY
+        from .datadir import WAL_COPY
 
         plan.settings["restore_command"] = f"cp {WAL_COPY}/%f %p"  # run in the data directory
     if preview:
         return PitrResult(plan, None)
-    request = RestoreRequest(str(to_dir), jobs=1, recovery=plan.settings,
-                             recovery_wal=plan.wal_files if with_wal else None)
+    request = RestoreRequest(str(to_dir), jobs=1, options=ClusterRestoreOptions(
+        plan.settings, plan.wal_files if with_wal else None))
     restored = restore_backup(policy, repo, keyring, plan.base, request, trigger=trigger)
     restored.details.update(plan.to_json())
     if restored.ok:

@@ -1,0 +1,68 @@
+"""The WAL archive of a `postgres_cluster` target as the generic verbs see it (sources/capabilities.py): its RPO
+age (walstatus.py), what retention removes from it (wal.py), the restore test's recoveries (recovery_test.py) and
+its Dagster asset, `postgres/<target>/wal`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..capabilities import ArchiveAsset, ArchiveState, ContinuousArchive, TestFindings
+
+if TYPE_CHECKING:
+    from ...crypto import Keyring
+    from ...manifest import Manifest
+    from ...pipeline import Progress
+    from ...policy import Policy
+    from ...storage import Repository
+
+WATCH_SENSOR = "wal_stream_watch"
+
+
+class WalArchive(ContinuousArchive):
+    noun = "WAL"
+
+    def state(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> ArchiveState:
+        from .walstatus import wal_status
+
+        status = wal_status(policy, repo, keyring, target, now)
+        details = {k: v for k, v in status.to_json().items() if k in ("newest_lsn", "newest_stored_at", "server_lsn",
+                                                                       "lag_bytes", "lag_seconds", "gaps")}
+        metadata: dict[str, str | int | float] = {
+            "newest_lsn": status.newest_lsn or "", "newest_segment": status.newest_segment or "",
+            "newest_stored_at": status.newest_stored_at or "", "server_lsn": status.server_lsn or "unreachable",
+            "lag_bytes": status.lag_bytes or 0, "lag_seconds": float(status.lag_seconds or 0.0),
+            "gaps": len(status.gaps), **({"first_gap": status.gaps[0]} if status.gaps else {})}
+        stored_at = datetime.fromisoformat(status.newest_stored_at) if status.newest_stored_at else None
+        return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, list(status.gaps), details, metadata)
+
+    def first_steps(self, target: str, state: ArchiveState) -> str:
+        steps = (f"Check the WAL stream (`systemctl status regal-wal-stream@{target}`, `regal-backup wal status "
+                 f"{target}`) or the server's archive_command in its log; restart it: the slot keeps the WAL meanwhile.")
+        if state.newest_stored_at is not None and state.gaps:
+            return f"Take a base backup now (`regal-backup backup {target}`): restores start after the gap. " + steps
+        return steps
+
+    def prune(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, kept: set[str], *,
+              dry_run: bool) -> int | None:
+        from .wal import prune_wal
+
+        return prune_wal(repo, keyring, target, kept, dry_run=dry_run)
+
+    def test_recoveries(self, policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, *,
+                        tested_at: datetime, work_dir: Path | None, jobs: int, progress: Progress | None,
+                        touch_source: bool) -> TestFindings:
+        from .recovery_test import run_recoveries
+
+        return run_recoveries(policy, repo, keyring, manifest, tested_at=tested_at, work_dir=work_dir, jobs=jobs,
+                              progress=progress, touch_source=touch_source)
+
+    def asset(self, target: str) -> ArchiveAsset:
+        return ArchiveAsset(
+            ("postgres", target, "wal"), "wal", frozenset({"postgres"}),
+            f"The WAL of the server '{target}' in the repository (`regal-backup wal stream`, or `wal push` as "
+            "archive_command): what a point-in-time restore replays. Freshness is the RPO ({rpo}): the age of the "
+            f"newest stored WAL while the server writes more, reported each minute by the {WATCH_SENSOR} sensor.",
+            WATCH_SENSOR, "Each minute: `wal status` of every postgres_cluster target; newer WAL stored (or the archive "
+                          "caught up with the server) is a materialization of postgres/<target>/wal.")
