@@ -6,54 +6,22 @@ import argparse
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
-from ..engine.crypto import Keyring, generate_master_key, load_keyring
+from ..engine.crypto import Keyring, generate_master_key
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
-from ..engine.policy import Policy, load_policy
-from ..engine.repository_format import open_repository_format
+from ..engine.policy import Policy
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
-from ..engine.storage import Repository, open_repository
-from .output import Output, age, cli_invocation, manifest_summary, size
-
-if TYPE_CHECKING:
-    from ..engine.restore import RestoreResult
-
-
-def utc_time(text: str, option: str) -> datetime:
-    """An ISO 8601 time from the command line, in UTC (a time without an offset is UTC)."""
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not a time", "write it as ISO 8601, e.g. 2026-11-24T02:00:00 "
-                                                             "(UTC unless it says +HH:MM)") from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _open(args: argparse.Namespace) -> tuple[Policy, Repository, Keyring]:
-    """The policy, its repository (once its marker authenticates) and the keys: what every command that reads
-    or writes the repository starts from."""
-    policy = _load_policy(args)
-    repo, keyring = open_repository(policy), load_keyring(policy)
-    open_repository_format(repo, keyring)
-    return policy, repo, keyring
-
-
-def _load_policy(args: argparse.Namespace) -> Policy:
-    """The policy; with --from-offsite, the off-site copy stands in for the repository (the primary site is lost)."""
-    policy = load_policy(args.policy)
-    if getattr(args, "from_offsite", False):
-        if policy.offsite is None:
-            raise UsageError("the policy has no off-site repository", "drop --from-offsite, or add `offsite:`")
-        policy = policy.model_copy(update={"repository": policy.offsite, "offsite": None})
-    return policy
-
+from ..engine.storage import Repository
+from .context import load_policy_of, open_repository_of, utc_time
+from .output import Output, age, cli_invocation, manifest_summary, restored_text, size
+from .pitr import restore_to_point
 
 # --- commands ------------------------------------------------------------------------------------
 
@@ -99,7 +67,7 @@ def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
 def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     from ..engine.backup import run_backup  # source client libraries are imported only where needed
 
-    policy = _load_policy(args)
+    policy = load_policy_of(args)
     if args.wait:
         try:
             wait = parse_duration(args.wait)
@@ -122,7 +90,7 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     completed = completed_backups(policy, repo)
     backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
     unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
@@ -160,7 +128,7 @@ def _retention_column(verdict: RetentionVerdict) -> str:
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     if args.latest == bool(args.backup_id):
         raise RegalError("say which backup to verify", "give a BACKUP_ID, or --latest (with --target for one target)")
     if args.target and not args.latest:
@@ -224,11 +192,11 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     from ..engine.sources.registry import source_for
 
     if args.to_dir or any((args.to_time, args.to_lsn, args.to_name, args.preview, args.base_backup, args.with_wal)):
-        return _restore_cluster(args, out)
+        return restore_to_point(args, out)
     if not args.to:
         raise UsageError("say where to restore to", "add --to (a DSN, a directory or a file, by the target's kind), "
                                                     "or --to-dir DIR for a postgres_cluster target")
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     selected = choose_restore(policy, repo, keyring, args.backup_id, args.target, latest=args.latest,
                               before=utc_time(args.before, "--before") if args.before else None,
                               trigger={"cli": "restore"})
@@ -242,146 +210,8 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
                                  accept_ledger_rollback=args.accept_ledger_rollback, progress=progress)
         result = restore_backup(policy, repo, keyring, manifest, request, pre_hook=args.pre_hook,
                                 post_hook=args.post_hook, trigger={"cli": "restore"})
-    out.result(result.to_json(), _restored_text(result))
+    out.result(result.to_json(), restored_text(result))
     return 0 if result.ok else 3
-
-
-def _restored_text(result: RestoreResult, plan: str = "") -> str:
-    text = result.summary + (f"\n{plan}" if plan else "")
-    if result.problems:
-        text += "\nVALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems)
-    if result.erasures and result.erasures.subjects:
-        text += (f"\nGDPR: {result.erasures.subjects} erasure(s) re-applied, rows erased: "
-                 + ", ".join(f"{t} {n}" for t, n in result.erasures.rows_erased.items()))
-    if result.next_steps and result.ok:
-        text += "\n" + result.next_steps
-    return text
-
-
-def policy_path(args: argparse.Namespace) -> Path:
-    """The policy file as load_policy finds it (--policy, $REGAL_POLICY, ./regal_backup.yaml), absolute."""
-    from ..engine.policy import policy_file
-
-    return policy_file(args.policy).resolve()
-
-
-def _restore_cluster(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.sources.postgres_cluster.pitr import RecoveryGoal, restore_cluster
-
-    target = args.backup_id or args.target
-    if not args.to_dir or not target:
-        raise UsageError("a point-in-time restore needs the target and a new data directory",
-                         "regal-backup restore TARGET --to-dir DIR with --latest, --to-time, --to-lsn or --to-name")
-    if args.to or args.before:
-        raise UsageError("--to and --before do not go with --to-dir", "use --to-time for a point in time")
-    goal = RecoveryGoal.chosen(latest=args.latest, time=utc_time(args.to_time, "--to-time") if args.to_time else None,
-                               lsn=args.to_lsn, name=args.to_name)
-    policy, repo, keyring = _open(args)
-    with out.activity(f"restore {target} to the {goal.describe()}"):
-        result = restore_cluster(policy, repo, keyring, target, goal, Path(args.to_dir).absolute(), policy_path(args),
-                                 preview=args.preview, backup_id=args.base_backup, with_wal=args.with_wal,
-                                 trigger={"cli": "restore"})
-    for note in result.plan.notes:
-        out.note(note)
-    if result.restored is None:
-        out.result(result.to_json(), "PREVIEW (nothing written)\n" + result.plan.describe())
-        return 0
-    out.result(result.to_json(), _restored_text(result.restored, result.plan.describe()))
-    return 0 if result.restored.ok else 3
-
-
-def cmd_wal_push(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.sources.postgres_cluster.wal import cluster_target, push_wal
-
-    policy, repo, keyring = _open(args)
-    target = cluster_target(policy, args.target)
-    pushed = push_wal(policy, repo, keyring, target, Path(args.path))
-    out.result({"target": target, **pushed.__dict__},
-               f"{pushed.name}: " + ("already archived with the same content" if pushed.already else
-                                     f"archived ({size(pushed.plaintext_bytes)} -> {size(pushed.stored_bytes)})"))
-    return 0
-
-
-def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.sources.postgres_cluster.wal import (
-        RecoveryMustStopError,
-        WalMissingError,
-        cluster_target,
-        fetch_wal,
-    )
-
-    try:
-        policy, repo, keyring = _open(args)
-        target = cluster_target(policy, args.target)
-        found = fetch_wal(repo, keyring, target, args.name, Path(args.destination))
-    except WalMissingError:
-        raise  # exit 1: recovery ends at the end of the archive
-    except (RegalError, OSError) as exc:
-        if not args.serving_recovery:
-            raise
-        from .os_errors import describe_os_error
-
-        message, hint = (exc.message, exc.hint) if isinstance(exc, RegalError) else describe_os_error(exc)
-        raise RecoveryMustStopError(f"{message} (recovery stops here rather than end early and promote)",
-                                    hint) from exc
-    out.result({"target": target, "name": found.name, "partial": found.partial,
-                "bytes": found.record.plaintext_size},
-               f"{found.name}{' (snapshot of the segment being received)' if found.partial else ''}: "
-               f"{size(found.record.plaintext_size)} to {args.destination}")
-    return 0
-
-
-def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.sources.postgres_cluster.wal import cluster_target
-    from ..engine.sources.postgres_cluster.walstatus import COMMIT_LOOKBACK, wal_status
-
-    policy, repo, keyring = _open(args)
-    target = cluster_target(policy, args.target)
-    status = wal_status(policy, repo, keyring, target, with_commit_time=True)
-    lines = [f"{target}: {status.segments} WAL segment(s) stored; newest "
-             + (f"{status.newest_segment}, position {status.newest_lsn} stored {status.newest_stored_at}"
-                if status.newest_lsn else "NONE")
-             + (f" (from the snapshot of {status.snapshot}, being received)" if status.snapshot else "")]
-    if status.newest_lsn:
-        lines.append("newest commit stored: " + (f"{status.newest_commit_at} (at {status.newest_commit_lsn})"
-                                                 if status.newest_commit_at else
-                                                 f"none in the newest {COMMIT_LOOKBACK} segment(s)"))
-    if status.server_lsn is not None:
-        lines.append(f"server at {status.server_lsn}: " + (
-            "caught up" if not status.lag_bytes else f"LAG {size(status.lag_bytes or 0)}, "
-                                                     f"{age(status.lag_seconds or 0)} behind"))
-    else:
-        lines.append(f"server not reachable: {status.server_problem}")
-    lines.append(f"oldest base backup {status.oldest_base_backup or 'NONE'}; "
-                 + ("no gap" if not status.gaps else f"GAP: {len(status.gaps)} segment(s) missing, first "
-                                                     f"{status.gaps[0]}"))
-    out.result(status.to_json(), "\n".join(lines))
-    return 3 if status.gaps else 0
-
-
-def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
-    import signal
-    import threading
-
-    from ..engine.sources.postgres_cluster.wal import cluster_target
-    from ..engine.sources.postgres_cluster.walstream import run_stream
-
-    policy, repo, keyring = _open(args)
-    target = cluster_target(policy, args.target)
-    stop = threading.Event()
-
-    def stopping(signum: int, _frame: object) -> None:
-        print(f"{signal.Signals(signum).name}: storing what was received, then stopping", file=sys.stderr,
-              flush=True)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, stopping)
-    signal.signal(signal.SIGINT, stopping)
-    stored = run_stream(policy, repo, keyring, target, work_dir=Path(args.work_dir) if args.work_dir else None,
-                        snapshot_seconds=args.snapshot_seconds, stop=stop,
-                        say=lambda text: print(text, file=sys.stderr, flush=True))
-    out.result({"target": target, "stored": stored}, f"stopped: {stored} WAL file(s) stored by this run")
-    return 0
 
 
 def _work_dir(args: argparse.Namespace, policy: Policy) -> Path | None:
@@ -394,7 +224,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     from ..engine.restore_test import run_restore_test
     from ..engine.sources.registry import source_for
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     selected = choose_backup(policy, repo, keyring, args.target, backup_id=args.backup_id,
                              trigger={"cli": "restore-test"})
     for note in selected.notes:
@@ -425,7 +255,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
 def cmd_drill(args: argparse.Namespace, out: Output) -> int:
     from ..engine.drill import run_drill
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     with out.progress("disaster-recovery drill") as progress:
         record = run_drill(policy, repo, keyring, jobs=args.jobs, work_dir=_work_dir(args, policy), progress=progress)
     lines = [f"drill {record['drill_id']}: everything but the repository and the keys lost at {record['loss_at']}"]
@@ -447,7 +277,7 @@ def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
     from ..engine.gdpr import record_erasure
 
     requested = utc_time(args.requested_at, "--requested-at") if args.requested_at else datetime.now(UTC)
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     erasure = record_erasure(policy, repo, keyring, args.target, args.subject,
                              requested_at=requested, reference=args.reference or "")
     out.result(erasure.__dict__, f"erasure recorded for target {erasure.target} (subject {erasure.subject_hash[:12]}…, "
@@ -458,7 +288,7 @@ def cmd_gdpr_erase(args: argparse.Namespace, out: Output) -> int:
 def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
     from ..engine.gdpr import load_ledger
 
-    _, repo, keyring = _open(args)
+    _, repo, keyring = open_repository_of(args)
     ledger = load_ledger(repo, keyring)
     lines = [f"{e.target:12} {e.subject_hash[:16]}  requested {e.requested_at}  {e.reference}" for e in ledger.erasures]
     out.result({"erasures": [e.__dict__ for e in ledger.erasures]}, "\n".join(lines) or "no erasures recorded")
@@ -468,7 +298,7 @@ def cmd_gdpr_list(args: argparse.Namespace, out: Output) -> int:
 def cmd_prune(args: argparse.Namespace, out: Output) -> int:
     from ..engine.retention import run_prune
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     with out.activity("reading the repository" if args.dry_run or args.check else "pruning"):
         report = run_prune(policy, repo, datetime.now(UTC), dry_run=args.dry_run or args.check, keyring=keyring)
     lines = []
@@ -499,7 +329,7 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
     from ..engine.keys import key_inventory
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     keys = key_inventory(policy, repo, keyring)
     lines = [f"{'KEY':>10}  {'STATUS':12} {'CREATED':25} {'PRIMARY SINCE':25} {'RETIRED':25} BACKUPS"]
     lines += [f"{k['key_id']:>10}  {k['status']:12} {k['created_at'] or '?':25} {k['primary_since'] or '-':25} "
@@ -512,7 +342,7 @@ def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
 def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> int:
     from ..engine.keys import rotate_key
 
-    keyring = rotate_key(_load_policy(args))
+    keyring = rotate_key(load_policy_of(args))
     out.result({"primary_key_id": keyring.primary_key_id},
                f"key {keyring.primary_key_id} is now primary: new backups use it; older backups stay readable "
                "with the earlier keys (retire one with `regal-backup keys retire KEY_ID`)")
@@ -523,7 +353,7 @@ def cmd_keys_retire(args: argparse.Namespace, out: Output) -> int:
     from ..engine.keys import retire_key
 
     with out.activity(f"retiring key {args.key_id}" + (" (re-encrypting)" if args.reencrypt else "")):
-        report = retire_key(_load_policy(args), args.key_id, reencrypt=args.reencrypt)
+        report = retire_key(load_policy_of(args), args.key_id, reencrypt=args.reencrypt)
     text = [f"key {report.key_id} retired: its material is destroyed"]
     if report.reencrypted:
         text.append(f"re-encrypted and verified under the primary key: {', '.join(report.reencrypted)}")
@@ -540,7 +370,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
     from ..engine.offsite import sync_backup, sync_repository_documents
     from ..engine.storage import open_offsite
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     secondary = open_offsite(policy)
     if secondary is None:
         raise UsageError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
@@ -562,7 +392,7 @@ def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
 def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     from ..engine.audit import AuditTrail, verify_trail
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     trail = AuditTrail(policy, repo, keyring)
     trail.ensure_schema()
     verdict = verify_trail(trail)
@@ -582,7 +412,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
     from ..engine.compliance.report import Period, build_report
 
-    policy = _load_policy(args)
+    policy = load_policy_of(args)
     period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))
     with out.activity(f"compliance report {period.label}"):
         result = build_report(policy, period, trigger={"cli": "report"})  # a future period: exit 2
@@ -613,7 +443,7 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
 def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
     from ..engine.upgrade import upgrade_repository
 
-    report = upgrade_repository(_load_policy(args))
+    report = upgrade_repository(load_policy_of(args))
     if report.already_current:
         text = "the repository is current (format 2: every document sealed); nothing to do"
     else:
@@ -637,7 +467,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     from ..engine.status import repository_status
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     with out.activity("reading the repository"):
         status = repository_status(policy, repo, keyring, datetime.now(UTC), args.target)
     lines = [f"repository {status.repository}: {size(status.repository_bytes)}"
@@ -676,7 +506,7 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     manifest = catalog.load_manifest(repo, keyring, args.backup_id)
     status = check_status(repo, keyring, manifest)
     verdict = retention_verdicts(policy, repo, keyring, datetime.now(UTC), manifest.target).get(manifest.backup_id)
@@ -718,7 +548,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
 def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
     from ..engine.metrics import collect, serve, write_textfile
 
-    policy, repo, keyring = _open(args)
+    policy, repo, keyring = open_repository_of(args)
     if args.textfile:
         path = Path(args.textfile)
         families = write_textfile(policy, repo, keyring, path)

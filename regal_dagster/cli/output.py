@@ -17,11 +17,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.manifest import Manifest
 from ..engine.pipeline import Progress
 from ..engine.sources.registry import source_for
+
+if TYPE_CHECKING:
+    from ..engine.restore import RestoreResult
 
 SCHEMA = "regal-backup-cli/1"
 ENVELOPE = ("schema", "command", "ok", "exit_code", "warnings", "error")
@@ -183,3 +186,15 @@ def tool_invocation(name: str) -> str:
     except ValueError:  # another drive
         return str(beside)
     return relative if not relative.startswith("..") else str(beside)
+
+
+def restored_text(result: RestoreResult, plan: str = "") -> str:
+    text = result.summary + (f"\n{plan}" if plan else "")
+    if result.problems:
+        text += "\nVALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems)
+    if result.erasures and result.erasures.subjects:
+        text += (f"\nGDPR: {result.erasures.subjects} erasure(s) re-applied, rows erased: "
+                 + ", ".join(f"{t} {n}" for t, n in result.erasures.rows_erased.items()))
+    if result.next_steps and result.ok:
+        text += "\n" + result.next_steps
+    return text

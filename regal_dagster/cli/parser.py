@@ -30,11 +30,8 @@ from .commands import (
     cmd_status,
     cmd_upgrade,
     cmd_verify,
-    cmd_wal_get,
-    cmd_wal_push,
-    cmd_wal_status,
-    cmd_wal_stream,
 )
+from .pitr import cmd_wal_get, cmd_wal_push, cmd_wal_status, cmd_wal_stream
 
 JOBS_HELP = "parallel workers (default: the policy's `jobs` for the target: the CPU count, at most 8)"
 BACKUP_ID_HELP = "a backup id as `regal-backup list` shows it, e.g. main-20261124T020000Z-a1b2c3"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from pathlib import Path
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -20,7 +20,8 @@ from ..settings import TargetSettings
 @functools.cache
 def kind_packages() -> dict[str, ModuleType]:
     found = {}
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # the packages beside this module
+    package = sys.modules[__package__]  # engine/sources, and any folder added to its __path__
+    for info in pkgutil.iter_modules(package.__path__):
         if info.ispkg:
             module = importlib.import_module(f"{__package__}.{info.name}")
             if hasattr(module, "TARGET") and hasattr(module, "load"):
