@@ -7,7 +7,8 @@ database of `--dsn`, at one "scale"), then measures on that same database, each 
 
   runbook   pg_dump | gzip > file;  gunzip -t file;  gunzip -c file | psql  (into an empty database)
   floor     pg_dump -Fd -j N --compress=0 into a throwaway directory;  pg_dump > /dev/null
-  ours      regal-backup backup (local repository, and S3 on a moto server);  regal-backup verify (every check: integrity, encryption, manifest, size);
+  ours      regal-backup backup (local repository, and S3 on a moto server);
+            regal-backup verify (every check: integrity, encryption, manifest, size);
             regal-backup restore (into an empty database; full read-back validation, and row counts only)
 
 With `--repeat N` every step runs N times and the fastest run counts (disk and checkpoint noise).
@@ -222,7 +223,8 @@ def bench_scale(scale: float, dsn: str, work: Path, jobs: int, s3_endpoint: str 
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             for item in page.get("Contents", []):
                 s3.delete_object(Bucket=bucket, Key=item["Key"])
-    measure("regal verify (all checks)", [*REGAL, "verify", backup_id, "--json", "--policy", str(made.policy_path)], None)
+    measure("regal verify (all checks)", [*REGAL, "verify", backup_id, "--json", "--policy", str(made.policy_path)],
+            None)
     restored = with_dbname(dsn, "bench_regal_restore")
     for validation in ("full", "rows"):
         measure("regal restore" if validation == "full" else f"regal restore --validate {validation}",

@@ -69,7 +69,8 @@ def bench(scale: float, work: Path, repeat: int) -> tuple[list[list[str]], dict[
         for _ in range(repeat):
             create_empty_database(dsn, "bench_runbook")
             seconds, _, _ = run_measured(shell(f"gunzip -c {shlex.quote(str(gz))} | {shlex.quote(psql)} -q -X "
-                                               "-v ON_ERROR_STOP=1 > /dev/null"), {**env, "PGDATABASE": "bench_runbook"})
+                                               "-v ON_ERROR_STOP=1 > /dev/null"),
+                                         {**env, "PGDATABASE": "bench_runbook"})
             timings.setdefault("runbook", []).append(seconds)
             drop_database(dsn, "bench_runbook")
             for validation in ("full", "rows"):

@@ -137,7 +137,8 @@ def main() -> None:
     print("| step | wall s | pipeline (this process) | psql / pg_dump / pg_restore | server and rest | busy cores |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, wall, this, children, rest in rows:
-        print(f"| {name} | {wall:.2f} | {this:.2f} | {children:.2f} | {rest:.2f} | {(this + children + rest) / wall:.2f} |")
+        print(f"| {name} | {wall:.2f} | {this:.2f} | {children:.2f} | {rest:.2f} | "
+              f"{(this + children + rest) / wall:.2f} |")
     print("\n### pipeline stages, one thread each, over the same table data\n")
     print("| stage | CPU s | MB/s of plaintext |")
     print("|---|---:|---:|")

@@ -261,7 +261,8 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
     lines = [f"drill {record['drill_id']}: everything but the repository and the keys lost at {record['loss_at']}"]
     for t in record["targets"]:
         if t["recovered"]:
-            lines.append(f"  {t['target']}: restored {t['restored']['backup_id']} in {t['restored']['restore_seconds']:.1f}s;"
+            lines.append(f"  {t['target']}: restored {t['restored']['backup_id']} in "
+                         f"{t['restored']['restore_seconds']:.1f}s;"
                          f" RPO {t['rpo_seconds']:.0f}s against {t['rpo_target_seconds']:.0f}s"
                          + ("" if t["rpo_within_target"] else " (MISSED)") + (
                              f"; {len(t['tried'])} newer backup(s) did not restore" if t["tried"] else ""))

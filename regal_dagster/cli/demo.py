@@ -128,7 +128,8 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     checks_ok = bool(evaluations) and all(e.passed for e in evaluations)
     verdicts = ", ".join(f"{name} {verdict}" for name, verdict in report.frameworks.items())
     lines = [
-        f"dataset      {sum(rows.values())} rows in {len(rows)} tables ({DEMO_DATABASE} on {cluster.dsn(DEMO_DATABASE)})",
+        (f"dataset      {sum(rows.values())} rows in {len(rows)} tables "
+         f"({DEMO_DATABASE} on {cluster.dsn(DEMO_DATABASE)})"),
         f"backup       {manifest.backup_id} ({manifest.retention_class}), Dagster run {result.run_id}",
         (f"stored       {manifest.stored_bytes:,} bytes from {manifest.plaintext_bytes:,} "
          f"(ratio {manifest.plaintext_bytes / max(manifest.stored_bytes, 1):.1f}), key "

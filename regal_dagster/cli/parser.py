@@ -47,7 +47,8 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     def options(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
-        parser.add_argument("--policy", default=default, help="policy file (default: $REGAL_POLICY or ./regal_backup.yaml)")
+        parser.add_argument("--policy", default=default,
+                            help="policy file (default: $REGAL_POLICY or ./regal_backup.yaml)")
         parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
                             help="one JSON document on stdout, the same envelope for every command "
                                  "(docs/cli-json.md); no progress display")
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", action="store_true", help="the newest backup of --target that passed its checks")
     p.add_argument("--before", help="the newest good backup started before this UTC time (ISO 8601)")
     p.add_argument("--drop-existing", action="store_true",
-                   help="replace a non-empty database (only once the backup is authenticated, loaded aside and validated)")
+                   help="replace a non-empty database (only once the backup is authenticated, loaded aside "
+                        "and validated)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--validate", choices=["full", "rows"], default="full",
                    help="full (default): read every table back and compare row counts and SHA-256 with the backup; "
@@ -148,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "knows (recorded in the audit trail; erasures may be missing afterwards)")
     p.add_argument("--pre-hook", help="shell command run just before the target is changed (stop the application)")
     p.add_argument("--post-hook", help="shell command run after a validated restore (start the application)")
-    p.add_argument("--to-dir", help="postgres_cluster: the new data directory; recovery replays WAL from the repository "
-                                    "to --latest, --to-time, --to-lsn or --to-name")
+    p.add_argument("--to-dir", help="postgres_cluster: the new data directory; recovery replays WAL from the "
+                                    "repository to --latest, --to-time, --to-lsn or --to-name")
     p.add_argument("--to-time", help="with --to-dir: recover up to this UTC time (ISO 8601)")
     p.add_argument("--to-lsn", help="with --to-dir: recover up to this WAL position (e.g. 0/3000148)")
     p.add_argument("--to-name", help="with --to-dir: recover up to this restore point (pg_create_restore_point)")

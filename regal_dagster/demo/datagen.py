@@ -358,7 +358,8 @@ def _statements(seed: int, counts: dict[str, int]) -> list[str]:
         INSERT INTO {SCHEMA}.orders (id, store_id, employee_id, customer_id, ordered_at, receipt_no, channel,
                                      status, total)
         SELECT s.o, s.store_id,
-               s.store_id + {n_stores} * {r.pick("s.o", "order.employee", f"({n_employees} - s.store_id) / {n_stores} + 1")},
+               s.store_id + {n_stores} * {r.pick("s.o", "order.employee",
+                                                 f"({n_employees} - s.store_id) / {n_stores} + 1")},
                1 + {r.pick("s.o", "order.customer", n_customers)},
                date_trunc('day', {anchor}) - make_interval(days => {r.pick("s.o", "order.day", 730)})
                  + make_interval(secs => 8 * 3600 + {r.pick("s.o", "order.time", 13 * 3600)}),
@@ -387,10 +388,12 @@ def _statements(seed: int, counts: dict[str, int]) -> list[str]:
                CASE WHEN x.method IN ('card', 'mobile') THEN
                  lpad({r.pick("x.id", "payment.last4", 10000)}::text, 4, '0') END,
                CASE WHEN x.method IN ('card', 'mobile') THEN
-                 {r.choice("x.id", "payment.brand", ("visa", "visa", "visa", "mastercard", "mastercard", "amex", "discover"))} END,
+                 {r.choice("x.id", "payment.brand",
+                           ("visa", "visa", "visa", "mastercard", "mastercard", "amex", "discover"))} END,
                CASE WHEN x.method IN ('card', 'mobile') THEN
                  upper(lpad(to_hex({r.pick("x.id", "payment.auth", 16777216)}), 6, '0')) END,
-               'T' || lpad(x.store_id::text, 4, '0') || '-' || lpad((1 + {r.pick("x.id", "payment.terminal", 6)})::text, 2, '0'),
+               'T' || lpad(x.store_id::text, 4, '0') || '-' || lpad((1 + {r.pick("x.id", "payment.terminal",
+                                                                                 6)})::text, 2, '0'),
                x.ordered_at + make_interval(secs => 5 + {r.pick("x.id", "payment.delay", 300)})
         FROM (SELECT o.id, o.total, o.ordered_at, o.store_id,
                      CASE WHEN {r.uniform("o.id", "payment.method")} < 0.62 THEN 'card'

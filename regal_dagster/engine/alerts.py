@@ -293,7 +293,8 @@ def damaged_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> li
         conditions.append(Condition(
             f"damaged:{damaged.backup_id}", "damaged_backup", damaged.target,
             f"{damaged.target}: backup {damaged.backup_id} cannot be trusted: {damaged.problem}",
-            f"{policy.dagster.base_url.rstrip('/')}/assets", FIRST_STEPS["damaged_backup"], started_of(damaged.backup_id),
+            f"{policy.dagster.base_url.rstrip('/')}/assets", FIRST_STEPS["damaged_backup"],
+            started_of(damaged.backup_id),
             {"backup": damaged.backup_id, "stored_bytes": damaged.stored_bytes}))
     return conditions
 

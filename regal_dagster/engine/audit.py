@@ -287,7 +287,8 @@ class AuditTrail:
             return
         body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": verdict.head_seq,
                 "hash": verdict.head_hash, "at": datetime.now(UTC).isoformat()}
-        retain = datetime.now(UTC) + timedelta(days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
+        retain = datetime.now(UTC) + timedelta(
+            days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
         write_document(self.repo, self.keyring, CHECKPOINT_KIND, audit_checkpoint_key(verdict.head_seq), body, retain)
 
     def checkpoints(self) -> tuple[list[dict[str, Any]], list[str]]:
@@ -339,7 +340,8 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
                                      "(an entry before it was deleted, inserted or reordered)")
         if event.chained_hash(prev) != event.hash:
             return broken(event.seq, f"entry {event.seq} ({event.event_type} of {event.resource} at "
-                                     f"{event.at:%Y-%m-%d %H:%M:%S} UTC) was edited: its content does not match its hash")
+                                     f"{event.at:%Y-%m-%d %H:%M:%S} UTC) was edited: its content does not match "
+                                     "its hash")
         prev, expected_seq = event.hash, expected_seq + 1
     by_seq = {e.seq: e.hash for e in events}
     for point in checkpoints:

@@ -328,7 +328,8 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
         raise EncryptionKeyError(f"the keyset file {path} does not exist",
                                  "restore it from your key backup, or fix encryption.keyset in the policy") from None
     except ValueError:
-        raise EncryptionKeyError(f"the keyset file {path} is not valid JSON", "restore it from your key backup") from None
+        raise EncryptionKeyError(f"the keyset file {path} is not valid JSON",
+                                 "restore it from your key backup") from None
     if document.get("format") != KEYSET_FILE_FORMAT:
         raise EncryptionKeyError(f"{path} is not a regal-backup keyset", "fix encryption.keyset in the policy")
     version = document.get("version")

@@ -76,7 +76,8 @@ def current_ledger(policy: Policy, repo: Repository, keyring: Keyring, manifest:
     problems = []
     if ledger.revision < newest.ledger_revision:
         problems.append(f"it is at revision {ledger.revision}, but backup {newest.backup_id} saw revision "
-                        f"{newest.ledger_revision}: {newest.ledger_revision - ledger.revision} change(s) may be missing")
+                        f"{newest.ledger_revision}: {newest.ledger_revision - ledger.revision} change(s) may be "
+                        "missing")
     recorded = {(e.target, e.subject_hash) for e in ledger.erasures}
     missing = [e for e in audited_erasures(policy, repo) if (e["target"], e["subject_hash"]) not in recorded]
     problems += [f"the audit trail records the erasure of subject {e['subject_hash'][:12]}… of {e['target']} "

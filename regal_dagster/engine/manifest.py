@@ -91,7 +91,8 @@ class Manifest(BaseModel):
         try:
             peek = json.loads(data)
         except ValueError:
-            raise IntegrityError(f"manifest {where} is not valid JSON", "the manifest is damaged: use another backup") from None
+            raise IntegrityError(f"manifest {where} is not valid JSON",
+                                 "the manifest is damaged: use another backup") from None
         if not isinstance(peek, dict) or peek.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(f"{where} is not a regal-backup manifest", "remove the stray file")
         version = peek.get("version", 0)
@@ -119,7 +120,8 @@ class Manifest(BaseModel):
         for record in self.objects:
             if record.name == name:
                 return record
-        raise IntegrityError(f"backup {self.backup_id} has no object {name}", "the manifest is incomplete: use another backup")
+        raise IntegrityError(f"backup {self.backup_id} has no object {name}",
+                             "the manifest is incomplete: use another backup")
 
     @property
     def locked_until(self) -> datetime | None:

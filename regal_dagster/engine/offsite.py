@@ -53,7 +53,8 @@ def compare_copy(primary: Repository, secondary: Repository, manifest: Manifest)
     return problems
 
 
-def _copy_object(primary: Repository, secondary: Repository, key: str, expected_sha256: str, manifest: Manifest) -> None:
+def _copy_object(primary: Repository, secondary: Repository, key: str, expected_sha256: str,
+                 manifest: Manifest) -> None:
     digest = hashlib.sha256()
     with primary.reader(key) as source, secondary.writer(key, manifest.retain_until) as target:
         while chunk := source.read(CHUNK):

@@ -223,7 +223,8 @@ def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, bac
             raise IntegrityError(f"{where} fails authentication: its bytes were changed, truncated, or moved "
                                  "from another backup", "this backup is damaged: use another one") from None
         except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{where} does not decompress ({exc})", "this backup is damaged: use another one") from None
+            raise IntegrityError(f"{where} does not decompress ({exc})",
+                                 "this backup is damaged: use another one") from None
     if stored.size != record.size or stored.sha256.hexdigest() != record.stored_sha256:
         raise IntegrityError(f"{where}: stored bytes differ from the manifest ({stored.size} bytes read, "
                              f"{record.size} expected)", "this backup is damaged: use another one")

@@ -35,5 +35,6 @@ def backup_definitions(policy: Policy) -> Definitions:
     sensors = [build_check_sensor(policy, backup_job, verify_job), build_outside_sensor(policy)]
     archives = [build_archive_asset(policy, name, archive) for name, archive in archived_targets(policy).items()]
     sensors += build_archive_sensors(policy)
-    return Definitions(assets=[*backups, *archives], asset_checks=[build_backup_checks(policy, name) for name in targets],
+    return Definitions(assets=[*backups, *archives],
+                       asset_checks=[build_backup_checks(policy, name) for name in targets],
                        jobs=[backup_job, verify_job], schedules=schedules, sensors=sensors)

@@ -4,8 +4,9 @@ the key's cryptoperiod (WARN, ERROR once past) and the off-site copy (ERROR, not
 They run in `verify_job`, always on the asset's newest materialization: right after every successful
 backup run (the `check_new_backups` sensor), daily (`daily_verification`) and from the UI. They are not
 planned in the backup run itself: a backup that never happened has no checks to fail (Dagster shows the
-checks planned in a failed run as failed). With no backup yet, the checks are skipped. The engine writes the outcome next to the manifest
-(checks.json), so the CLI, the RPO watch, retention and restore tests all see which backups are good.
+checks planned in a failed run as failed). With no backup yet, the checks are skipped. The engine writes
+the outcome next to the manifest (checks.json), so the CLI, the RPO watch, retention and restore tests all
+see which backups are good.
 """
 
 

@@ -101,8 +101,9 @@ def _events_for(regal: RegalEngine, key: AssetKey, manifest: Manifest, now: date
         metadata["reported_late"] = f"found {age:.0f}s after it finished, past the RPO: an observation"
         return [AssetObservation(asset_key=key, description=f"backup {manifest.backup_id} taken outside Dagster "
                                                             "(found late)", metadata=metadata)]
-    events: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = [AssetMaterialization(asset_key=key, description=f"backup {manifest.backup_id} taken outside "
-                                                                     f"Dagster ({taken_by})", metadata=metadata)]
+    events: list[AssetMaterialization | AssetObservation | AssetCheckEvaluation] = [
+        AssetMaterialization(asset_key=key, description=f"backup {manifest.backup_id} taken outside "
+                                                        f"Dagster ({taken_by})", metadata=metadata)]
     status = check_status(regal.repository(), regal.keyring(), manifest)
     if status.record is not None:
         for outcome in status.record.outcomes:

@@ -65,13 +65,15 @@ def _recovery_metadata(result: RestoreTestResult) -> dict[str, Any]:
     point = result.details.get("restore_point") or {}
     found: dict[str, Any] = {
         "recoveries": MetadataValue.table(
-            records=[TableRecord({"point": r["point"], "goal": r["goal"], "replayed_to_lsn": r.get("replayed_to_lsn") or "",
+            records=[TableRecord({"point": r["point"], "goal": r["goal"],
+                                  "replayed_to_lsn": r.get("replayed_to_lsn") or "",
                                   "newest_commit": r.get("newest_commit") or "",
                                   "rto_seconds": round(r.get("rto_seconds") or 0.0, 2),
                                   "facts_checked": r.get("facts_checked") or 0, "passed": not r["problems"]})
                      for r in recoveries],
             schema=TableSchema(columns=[TableColumn("point", "string"), TableColumn("goal", "string"),
-                                        TableColumn("replayed_to_lsn", "string"), TableColumn("newest_commit", "string"),
+                                        TableColumn("replayed_to_lsn", "string"),
+                                        TableColumn("newest_commit", "string"),
                                         TableColumn("rto_seconds", "float"), TableColumn("facts_checked", "int"),
                                         TableColumn("passed", "bool")])),
         "restore_point": MetadataValue.json({k: point.get(k) for k in ("name", "lsn", "note")}),

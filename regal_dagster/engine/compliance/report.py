@@ -6,13 +6,14 @@ source of every count and rate), the chain's verification, the prune logs the tr
 (retention at the period's end), the key inventory, the connections' encryption as configured, the
 policy (`evidence`). It judges each control on that evidence alone (`controls`), derives the frameworks'
 verdicts (each framework's module in `frameworks/` says which controls meet its requirements and how they
-decide its verdict: by default it passes only when every control mapped to it passes) and one list of exceptions (each failed or untested
-control, with its owner, action and due date from the policy). It renders the HTML templates in
-`reports/` (shipped as the package `regal_dagster.reports`) with WeasyPrint (fetching nothing but those templates' own files) into a PDF/A-3b with the
-evidence attached (`evidence.json`, whose SHA-256 is on the cover, and one CSV per table) and the
-results as OSCAL Assessment Results JSON, stores both in the repository (`compliance-reports/<period>/`)
-with their SHA-256 beside them, and records the generation in the audit trail. Every string from the
-outside world goes through the template engine's escaping.
+decide its verdict: by default it passes only when every control mapped to it passes) and one list of
+exceptions (each failed or untested control, with its owner, action and due date from the policy). It
+renders the HTML templates in `reports/` (shipped as the package `regal_dagster.reports`) with WeasyPrint
+(fetching nothing but those templates' own files) into a PDF/A-3b with the evidence attached
+(`evidence.json`, whose SHA-256 is on the cover, and one CSV per table) and the results as OSCAL
+Assessment Results JSON, stores both in the repository (`compliance-reports/<period>/`) with their
+SHA-256 beside them, and records the generation in the audit trail. Every string from the outside world
+goes through the template engine's escaping.
 """
 
 from __future__ import annotations

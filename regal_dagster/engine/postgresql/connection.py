@@ -137,7 +137,8 @@ def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | No
                              "back the server up with a `postgres_cluster` target (base backups and WAL are copied "
                              "byte for byte, whatever the encoding), or convert the database to UTF8") from None
         raise RegalError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {reason}",
-                         "check that the server is up and reachable, and the DSN and credentials in the policy") from None
+                         "check that the server is up and reachable, and the DSN and credentials in the "
+                         "policy") from None
     return conn
 
 

@@ -5,8 +5,9 @@ directory (engine/workspace.py: mode 0700, swept by the next command once its ow
 start` listening on a Unix socket only (no TCP) in a 0700 directory, scram-sha-256 authentication with a
 random password, and on exit `pg_ctl stop -m immediate` and removal of the whole directory. A watchdog
 process (watchdog.py) stops the server and removes the directory within seconds of its owner's death
-(SIGKILL, a crash), so a scratch copy of production data never outlives the command that made it. Restore tests use it as a disposable target; with `tuned_for_restore` it trades
-durability for speed (no fsync, minimal WAL, no autovacuum), which is fine for data nobody keeps.
+(SIGKILL, a crash), so a scratch copy of production data never outlives the command that made it.
+Restore tests use it as a disposable target; with `tuned_for_restore` it trades durability for speed (no
+fsync, minimal WAL, no autovacuum), which is fine for data nobody keeps.
 
 `ScratchCluster.persistent(data_dir)` is the same server on a data directory that outlives it (the
 demo's "production" database): initdb only when the directory has no cluster yet, clean shutdown, and

@@ -46,8 +46,8 @@ def _candidates(name: str) -> list[Path]:
 @functools.cache
 def _version(path: Path) -> PgTool | None:
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10, env=child_environment(),
-                             check=False).stdout
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10,
+                             env=child_environment(), check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"(\d+)(?:\.(\d+))?", out)

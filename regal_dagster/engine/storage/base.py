@@ -23,8 +23,8 @@ that would leave the root ("../x", "/x") is refused.
 Backends: one module per store under storage/ (local.py: a directory; s3.py: a bucket), each with a
 module-level `BACKEND` (a `Backend`: its kind, URL schemes, its repository settings model (on
 settings.RepositorySettings: the policy picks it by the URL's scheme, and refuses another backend's
-settings), and how to open one). registry.py finds them, picks one by the URL's scheme ("file" also serves a plain path) and
-layers the wrappers around what it opens, once:
+settings), and how to open one). registry.py finds them, picks one by the URL's scheme ("file" also
+serves a plain path) and layers the wrappers around what it opens, once:
 
     retry.Retrying( logged.Logged( <backend> ) )
 

@@ -264,11 +264,13 @@ class S3Repository(Repository):
                     raise ObjectMissingError(f"object {key} is missing from {self.location}",
                                      "the backup is damaged: verify it and use another one") from None
                 if code == "NoSuchBucket":
-                    raise RegalError(f"bucket {self.bucket} does not exist", "create it, or fix repository.url") from None
+                    raise RegalError(f"bucket {self.bucket} does not exist",
+                                     "create it, or fix repository.url") from None
                 if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                     raise RegalError(f"access to {self.location} was denied ({code})",
                                      "check the credentials and the bucket policy for this identity") from None
-                raise RegalError(f"S3 request for {key} failed: {code}", "retry; check the endpoint and region") from None
+                raise RegalError(f"S3 request for {key} failed: {code}",
+                                 "retry; check the endpoint and region") from None
             except BotoCoreError as exc:
                 message = f"cannot reach {self.location}: {type(exc).__name__}"
                 hint = "check network access and repository.endpoint_url/region"

@@ -26,7 +26,8 @@ LOCK_PREFIX = "lock/"
 
 def _git(repo: Path, *args: str) -> str:
     try:
-        run = subprocess.run(["git", "-C", str(repo), *args], env=child_environment(), capture_output=True, text=True, check=False)
+        run = subprocess.run(["git", "-C", str(repo), *args], env=child_environment(), capture_output=True, text=True,
+                             check=False)
     except FileNotFoundError:
         raise ToolError("git is not installed", "install git") from None
     if run.returncode != 0:
@@ -88,8 +89,8 @@ def repository_facts(repo: Path, lock_files: list[str]) -> dict[str, Any]:
 
 
 def _has_branch(repo: Path) -> bool:
-    return subprocess.run(["git", "-C", str(repo), "symbolic-ref", "--quiet", "HEAD"], env=child_environment(), capture_output=True,
-                          check=False).returncode == 0
+    return subprocess.run(["git", "-C", str(repo), "symbolic-ref", "--quiet", "HEAD"], env=child_environment(),
+                          capture_output=True, check=False).returncode == 0
 
 
 def bundle_stream(repo: Path, stash: list[dict[str, str]]) -> Iterator[bytes]:
@@ -103,8 +104,8 @@ def verify_bundle(bundle: Path) -> None:
     """`git bundle verify`, inside an empty repository (git wants one to check prerequisites against)."""
     scratch = bundle.parent / "verify-repository"
     subprocess.run(["git", "init", "-q", str(scratch)], env=child_environment(), capture_output=True, check=True)
-    run = subprocess.run(["git", "-C", str(scratch), "bundle", "verify", str(bundle)], env=child_environment(), capture_output=True,
-                         text=True, check=False)
+    run = subprocess.run(["git", "-C", str(scratch), "bundle", "verify", str(bundle)], env=child_environment(),
+                         capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise ToolError(f"git bundle verify rejects the bundle: {run.stderr.strip()[-300:]}",
                         "the backup is damaged: use another one")
@@ -114,8 +115,8 @@ def clone(bundle: Path, destination: Path, every_ref: bool = False) -> dict[str,
     """Clone the bundle into `destination`; returns the clone's refs and HEAD. With `every_ref`, the clone
     then holds exactly the bundle's refs (every branch, tag, note, stash and custom ref, as refs of its
     own; no remote-tracking refs of the bundle), as the repository backed up had them."""
-    run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], env=child_environment(), capture_output=True,
-                         text=True, check=False)
+    run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], env=child_environment(),
+                         capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise ToolError(f"git clone from the bundle failed: {run.stderr.strip()[-300:]}", "use another backup")
     if not every_ref:

@@ -175,7 +175,8 @@ _SCHEMA_OBJECT_COUNTS = """
       'views', (SELECT count(*) FROM rel WHERE relkind = 'v'),
       'materialized_views', (SELECT count(*) FROM rel WHERE relkind = 'm'),
       'constraints', (SELECT count(*) FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
-                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND k.contype IN ('p','u','f','c','x')),
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND \
+k.contype IN ('p','u','f','c','x')),
       'triggers', (SELECT count(*) FROM pg_trigger t WHERE NOT t.tgisinternal),
       'functions', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -247,7 +248,8 @@ def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str]
                   encoding: str | None, snapshot: str | None = None) -> Iterator[bytes]:
     """A table's rows as COPY text in `encoding` read by a psql child in a session with `settings`
     (session_settings): the same bytes as copy_out. `codec`: Python's name of the client encoding, in which
-    psql passes the statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table missing).
+    psql passes the statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table
+    missing).
     With `snapshot`: read in that exported snapshot, after taking the table's ACCESS SHARE lock NOWAIT
     (ToolError "could not obtain lock" before any row when a statement is queued for the table)."""
     env = libpq_environment(dsn)
@@ -262,7 +264,8 @@ def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str]
                                "-c", "\\o /dev/null", "-c", apply,  # set_config's result is not COPY text
                                "-c", "\\o"]
     if snapshot is not None:
-        args += ["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
+        args += ["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                 "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
                  "-c", f"LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE NOWAIT".encode(codec)]
     args += ["-c", table.copy_statement("TO STDOUT", encoding).encode(codec)]
     yield from stream_command(args, env, f"psql reading table {table.label}")

@@ -22,8 +22,9 @@ def apply_erasures(dsn: str, ledger: ErasureLedger, target: str,
     with connect(dsn, settings=OWN_SESSION_SETTINGS) as conn, conn.cursor() as cur:
         for subject in subjects:
             table = sql.Identifier(*subject.table.split(".", 1))
-            subject_hash = sql.SQL("encode(sha256(convert_to({salt} || lower(btrim({col}::text)), 'UTF8')), 'hex')").format(
-                salt=sql.Literal(ledger.salt), col=sql.Identifier(subject.match_column))
+            subject_hash = sql.SQL("encode(sha256(convert_to({salt} || lower(btrim({col}::text)), 'UTF8')), "
+                                   "'hex')").format(salt=sql.Literal(ledger.salt),
+                                                    col=sql.Identifier(subject.match_column))
             matches = sql.SQL("{h} = ANY({hashes})").format(h=subject_hash, hashes=sql.Literal(hashes))
             cur.execute(_erase_statement(subject, table, subject_hash, matches))
             erased[subject.table] = cur.rowcount

@@ -126,7 +126,8 @@ class PostgresSource(Source):
         return describe_dsn(to)
 
     def restore_options(self, choices: Mapping[str, Any]) -> PostgresRestoreOptions:
-        return PostgresRestoreOptions(owners=not choices.get("no_owners"), create_roles=not choices.get("no_create_roles"),
+        return PostgresRestoreOptions(owners=not choices.get("no_owners"),
+                                      create_roles=not choices.get("no_create_roles"),
                                       tablespaces=not choices.get("no_tablespaces"),
                                       validation=choices.get("validate") or "full")
 

@@ -162,8 +162,10 @@ def combine_chain(chain: list[StoredBackup], root: Path, server_major: int) -> l
                 raise IntegrityError(f"{member.manifest.backup_id} (in the chain of {chain[-1].manifest.backup_id}): "
                                      f"{exc.message}", ANOTHER_BASE) from None
             if position:
-                check_link(member.manifest, (directories[-1] / MANIFEST_OBJECT).read_bytes(), chain[position - 1].manifest)
-            problems += [f"{member.manifest.backup_id}: {p}" for p in verify_data_directory(directory, server_major, None)]
+                check_link(member.manifest, (directories[-1] / MANIFEST_OBJECT).read_bytes(),
+                           chain[position - 1].manifest)
+            problems += [f"{member.manifest.backup_id}: {p}"
+                         for p in verify_data_directory(directory, server_major, None)]
             directories.append(directory)
         if problems:
             return problems

@@ -39,7 +39,8 @@ class WalArchive(ContinuousArchive):
 
     def first_steps(self, target: str, state: ArchiveState) -> str:
         steps = (f"Check the WAL stream (`systemctl status regal-wal-stream@{target}`, `regal-backup wal status "
-                 f"{target}`) or the server's archive_command in its log; restart it: the slot keeps the WAL meanwhile.")
+                 f"{target}`) or the server's archive_command in its log; restart it: the slot keeps the WAL "
+                 "meanwhile.")
         if state.newest_stored_at is not None and state.gaps:
             return f"Take a base backup now (`regal-backup backup {target}`): restores start after the gap. " + steps
         return steps
@@ -64,5 +65,5 @@ class WalArchive(ContinuousArchive):
             f"The WAL of the server '{target}' in the repository (`regal-backup wal stream`, or `wal push` as "
             "archive_command): what a point-in-time restore replays. Freshness is the RPO ({rpo}): the age of the "
             f"newest stored WAL while the server writes more, reported each minute by the {WATCH_SENSOR} sensor.",
-            WATCH_SENSOR, "Each minute: `wal status` of every postgres_cluster target; newer WAL stored (or the archive "
-                          "caught up with the server) is a materialization of postgres/<target>/wal.")
+            WATCH_SENSOR, "Each minute: `wal status` of every postgres_cluster target; newer WAL stored (or the "
+                          "archive caught up with the server) is a materialization of postgres/<target>/wal.")

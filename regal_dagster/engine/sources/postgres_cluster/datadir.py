@@ -20,8 +20,8 @@ def verify_data_directory(root: Path, server_major: int, wal_dir: Path | None) -
     was copied in, the WAL the backup needs parses (else recovery checks it as it fetches it). Its findings."""
     tool = pg_tool_for_server("pg_verifybackup", server_major)
     wal = ["--ignore", WAL_COPY, "--wal-directory", str(wal_dir)] if wal_dir else ["--no-parse-wal"]
-    done = subprocess.run([str(tool.path), *wal, "--ignore", RESTORING_MARKER, "--quiet", str(root)], capture_output=True, text=True,
-                          check=False, env=child_environment(), timeout=3600)
+    done = subprocess.run([str(tool.path), *wal, "--ignore", RESTORING_MARKER, "--quiet", str(root)],
+                          capture_output=True, text=True, check=False, env=child_environment(), timeout=3600)
     if done.returncode == 0:
         return []
     return [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()][:20] or [

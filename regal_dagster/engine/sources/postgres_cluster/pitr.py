@@ -56,9 +56,11 @@ class RecoveryGoal:
     def chosen(cls, *, latest: bool = False, time: datetime | None = None, lsn: str | None = None,
                name: str | None = None) -> RecoveryGoal:
         """The goal the operator chose: exactly one of the end of the archive, a time, a position, a restore point."""
-        chosen = [o for o, v in (("--latest", latest), ("--to-time", time), ("--to-lsn", lsn), ("--to-name", name)) if v]
+        chosen = [o for o, v in (("--latest", latest), ("--to-time", time), ("--to-lsn", lsn), ("--to-name", name))
+                  if v]
         if len(chosen) != 1:
-            raise UsageError("say where recovery stops" if not chosen else f"{' and '.join(chosen)} contradict each other",
+            raise UsageError("say where recovery stops" if not chosen
+                             else f"{' and '.join(chosen)} contradict each other",
                              "give one of --latest, --to-time TIME, --to-lsn LSN, --to-name RESTORE_POINT")
         if lsn:
             parse_lsn(lsn)
@@ -122,8 +124,9 @@ class RecoveryPlan:
                 f"{source['start_lsn']}..{source['stop_lsn']} on timeline {source['timeline']})\n"
                 + (f"incremental: combined from {' + '.join(self.chain)} (pg_combinebackup)\n" if len(self.chain) > 1
                    else "")
-                + f"WAL to replay: {self.segments} segment(s), {self.first_segment} .. {self.last_segment}, stopping at "
-                  f"the {self.goal.describe()}" + (f" (found at {self.target_lsn})" if self.target_lsn else ""))
+                + f"WAL to replay: {self.segments} segment(s), {self.first_segment} .. {self.last_segment}, "
+                  f"stopping at the {self.goal.describe()}"
+                + (f" (found at {self.target_lsn})" if self.target_lsn else ""))
 
 
 def restore_command(policy_path: Path, target: str) -> str:
@@ -174,7 +177,8 @@ def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], part
           named_lsn: str | None, notes: list[str]) -> RecoveryPlan:
     source = base.source
     size, timeline = int(source["wal_segment_size"]), int(source["timeline"])
-    complete = [segment_number(n, size)[1] for n in names if is_wal_segment(n) and segment_number(n, size)[0] >= timeline]
+    complete = [segment_number(n, size)[1] for n in names
+                if is_wal_segment(n) and segment_number(n, size)[0] >= timeline]
     after = max(complete, default=parse_lsn(source["start_lsn"]) // size - 1) + 1
     in_progress = max((p for p in partials if segment_number(p, size)[0] >= timeline
                        and segment_number(p, size)[1] == after), default=None)
@@ -316,8 +320,8 @@ def restore_cluster(policy: Policy, repo: Repository, keyring: Keyring, target: 
             f"Start it: pg_ctl -D {to_dir} start, as the user that owns {to_dir}"
             + ("" if with_wal else f" and can read {policy_path} and its keys")
             + (" (chown -R the directory to that user first: PostgreSQL does not run as root)" if _is_root() else "")
-            + f". It replays WAL from the repository to the {goal.describe()} and opens for writes. archive_mode is off "
-            "in the restored server: give it its own target before turning archiving on.")
+            + f". It replays WAL from the repository to the {goal.describe()} and opens for writes. archive_mode is "
+            "off in the restored server: give it its own target before turning archiving on.")
     return PitrResult(plan, restored)
 
 

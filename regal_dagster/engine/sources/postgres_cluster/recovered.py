@@ -81,7 +81,8 @@ def prepare_scratch_start(root: Path) -> None:
     text = conf.read_text() if conf.exists() else ""
     if SETTINGS_FILE not in text:
         with conf.open("a") as f:
-            f.write(f"\n# Regal Backup restore test: the scratch server's settings\ninclude_if_exists = '{SETTINGS_FILE}'\n")
+            f.write("\n# Regal Backup restore test: the scratch server's settings\n"
+                    f"include_if_exists = '{SETTINGS_FILE}'\n")
 
 
 def _in_recovery(dsn: str) -> bool:

@@ -118,7 +118,8 @@ class PostgresClusterSource(Source):
         tool = pg_tool_for_server("pg_basebackup", facts["server_version_num"] // 10000)
         run = BaseBackupRun()
         refuse_stuck_archiver(dsn)
-        with basebackup_stream(tool, libpq_environment(dsn), run, parent.backup_manifest if parent else None) as chunks, \
+        with basebackup_stream(tool, libpq_environment(dsn), run,
+                               parent.backup_manifest if parent else None) as chunks, \
                 watch_archiver(dsn, cast("subprocess.Popen[bytes]", run.process)) as stuck:
             try:
                 tar = store(TAR_OBJECT, TAR_CONTENT, chunks, -1)

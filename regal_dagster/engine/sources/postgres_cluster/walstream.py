@@ -98,7 +98,8 @@ class WalStreamer:
     def __init__(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, directory: Path, *,
                  segment_size: int, snapshot_seconds: float = SNAPSHOT_SECONDS, say: Callable[[str], None] = print):
         self.policy, self.repo, self.keyring, self.target = policy, repo, keyring, target
-        self.directory, self.segment_size, self.snapshot_seconds, self.say = directory, segment_size, snapshot_seconds, say
+        self.directory, self.segment_size, self.snapshot_seconds, self.say = (directory, segment_size,
+                                                                              snapshot_seconds, say)
         self.stored = 0
         self._snapshotted: dict[str, tuple[int, int]] = {}
         self._last_snapshot = 0.0

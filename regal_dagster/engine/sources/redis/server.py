@@ -75,7 +75,8 @@ def persistence_problems(settings: dict[str, Any]) -> list[str]:
     rules = [int(x) for x in str(settings.get("save", "")).split()]
     intervals = [rules[i] for i in range(0, len(rules) - 1, 2)]
     if not intervals:
-        problems.append('RDB snapshots are off (save ""): set `save 300 1` (CONFIG SET save "300 1", and in redis.conf)')
+        problems.append('RDB snapshots are off (save ""): set `save 300 1` (CONFIG SET save "300 1", and in '
+                        'redis.conf)')
     elif min(intervals) > 300:
         problems.append(f"the shortest RDB snapshot interval is {min(intervals)} s: add a rule of at most 300 s "
                         "(e.g. `save 300 1`)")
@@ -234,7 +235,8 @@ def check_rdb(path: Path) -> dict[str, Any]:
         raise ToolError("redis-check-rdb is not installed", "install the redis-tools package") from None
     out = run.stdout + run.stderr
     if run.returncode != 0 or "RDB looks OK" not in out:
-        raise ToolError(f"redis-check-rdb rejects the RDB: {out.strip()[-400:]}", "the RDB is damaged: use another backup")
+        raise ToolError(f"redis-check-rdb rejects the RDB: {out.strip()[-400:]}",
+                        "the RDB is damaged: use another backup")
     aux = dict(re.findall(r"AUX FIELD ([\w-]+) = '([^']*)'", out))
     counts = {name: int(n) for n, name in re.findall(r"\[info\] (\d+) (keys read|expires|already expired)", out)}
     with path.open("rb") as f:
