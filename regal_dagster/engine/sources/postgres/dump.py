@@ -175,8 +175,8 @@ _SCHEMA_OBJECT_COUNTS = """
       'views', (SELECT count(*) FROM rel WHERE relkind = 'v'),
       'materialized_views', (SELECT count(*) FROM rel WHERE relkind = 'm'),
       'constraints', (SELECT count(*) FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
-                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND \
-k.contype IN ('p','u','f','c','x')),
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND k.contype IN ('p','u','f','c','x')),
       'triggers', (SELECT count(*) FROM pg_trigger t WHERE NOT t.tgisinternal),
       'functions', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
