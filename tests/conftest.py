@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import psycopg
@@ -174,10 +175,115 @@ def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
+# What a fresh `python -m ...` starts with (the warnings a child prints; pytest's own filters are not its).
+_PYTHON_DEFAULT_WARNING_FILTERS = [
+    ("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""), ("ignore", ResourceWarning, ""),
+]
+
+
+def invoke_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+               input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m regal_dagster.cli ARGS` run inside this process (no ~1 s interpreter start-up per call), as
+    `subprocess.run(..., capture_output=True, text=True)` would report it: stdout and stderr captured at the
+    file-descriptor level (what the CLI's children print is in them too) and decoded with universal newlines,
+    the exit status from main()'s return or SystemExit. What a child would not share is put back afterwards:
+    the environment (`env` replaces it for the call, as subprocess's env= does), the working directory, the
+    umask, sys.argv, signal handlers (SIGTERM/SIGINT), the warning filters (Python's defaults during the
+    call), the root logger's handlers (removed during the call, so the engine's warnings reach stderr through
+    logging's last resort as in a child). stdin is empty (EOF), like a child's /dev/null.
+
+    Tests that kill or signal the CLI, run it as another user, feed its stdin, read its children's environment
+    or need it to outlive the call use run_cli_process (or Popen) instead."""
+    import locale
+    import logging
+    import signal
+    import tempfile
+    import warnings
+
+    from regal_dagster import cli
+
+    encoding = locale.getpreferredencoding(False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_environ, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    root = logging.getLogger()
+    saved_handlers = root.handlers[:]
+    saved_umask = os.umask(0o022)
+    os.umask(saved_umask)
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file, \
+            warnings.catch_warnings():
+        saved_fds = os.dup(1), os.dup(2)
+        os.dup2(out_file.fileno(), 1)
+        os.dup2(err_file.fileno(), 2)
+        # a child's stdout is block-buffered, its stderr line-buffered; both closed (flushed) below
+        stdout = open(1, "w", encoding=encoding, closefd=False)  # noqa: SIM115
+        stderr = open(2, "w", encoding=encoding, errors="backslashreplace",  # noqa: SIM115
+                      buffering=1, closefd=False)
+        streams = stdout, stderr
+        try:
+            sys.stdin, (sys.stdout, sys.stderr) = io.StringIO(input or ""), streams
+            warnings.resetwarnings()
+            for action, category, module in _PYTHON_DEFAULT_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning,
+                                    module="platformdirs")  # as regal_dagster/cli/__init__.py at import
+            root.handlers = []
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
+            sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *args]
+            cli._Terminated.signum = None
+            try:
+                status: object = cli.main(list(args))
+            except SystemExit as exc:
+                status = exc.code
+            if status is None:
+                status = 0
+            elif not isinstance(status, int):
+                print(status, file=sys.stderr)
+                status = 1
+        finally:
+            for stream in streams:
+                stream.close()
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            sys.argv = saved_argv
+            root.handlers = saved_handlers
+            for signum, handler in saved_signals.items():
+                signal.signal(signum, handler)
+            cli._Terminated.signum = None
+            os.umask(saved_umask)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_environ)
+        out_file.seek(0)
+        err_file.seek(0)
+        stdout, stderr = (_universal_newlines(f.read().decode(encoding)) for f in (out_file, err_file))
+    return subprocess.CompletedProcess([*CLI, *args], status, stdout, stderr)
+
+
+def _universal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
 
 def run_cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`regal-backup ARGS --policy POLICY_FILE`, in this process (invoke_cli)."""
+    return invoke_cli([*args, "--policy", str(policy_file)])
+
+
+def run_cli_process(policy_file: Path, *args: str, env: Mapping[str, str] | None = None,
+                    timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """`regal-backup ARGS --policy POLICY_FILE` in a new process, as an operator runs it."""
-    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True,
+                          check=False, env=None if env is None else dict(env), timeout=timeout)
 
 
 def verified_backup(policy_file: Path, target: str = "pos") -> str:
