@@ -7,15 +7,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
 from regal_dagster.engine import crypto
 from regal_dagster.engine.policy import Policy, policy_from_dict
+
+T = TypeVar("T")
 
 SYSTEM_PG = os.environ.get("REGAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -156,6 +160,50 @@ def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[
     else:
         crypto.create_keyset(policy)
     return path
+
+
+def wait_for(condition: Callable[[], T | None], what: str, seconds: float = 60, interval: float = 0.1) -> T:
+    """Poll `condition` until it returns something true (returned), or fail naming `what`: a test waits for a
+    state, never for a fixed time, so a loaded machine makes it slower, not red."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if value := condition():
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pg_value(dsn: str, query: str) -> Any:
+    """The first column of the first row (None when there is none)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute(query).fetchone()
+        return row[0] if row else None
+
+
+def wait_until_accepting(dsn: str, seconds: float = 60) -> None:
+    """Until the server at `dsn` accepts connections (pg_isready, from the driver)."""
+    def accepting() -> bool:
+        try:
+            return pg_value(dsn, "SELECT 1") == 1
+        except psycopg.OperationalError:
+            return False
+    wait_for(accepting, f"{dsn} to accept connections", seconds, 0.2)
+
+
+def wait_promoted(dsn: str, seconds: float = 120, log_tail: Callable[[], str] | None = None) -> None:
+    """Until a recovering server has been promoted (open for writes); its log's end in the failure if given."""
+    deadline = time.monotonic() + seconds
+    while pg_value(dsn, "SELECT pg_is_in_recovery()"):
+        assert time.monotonic() < deadline, f"no promotion in {seconds:.0f} s: {log_tail() if log_tail else ''}"
+        time.sleep(0.2)
+
+
+def wait_archived(dsn: str, seconds: float = 60) -> None:
+    """A WAL switch, then wait until the server has archived the segment it closed."""
+    wanted = pg_value(dsn, "SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for(lambda: (pg_value(dsn, "SELECT last_archived_wal FROM pg_stat_archiver") or "") >= wanted,
+             f"{wanted} to be archived (pg_stat_archiver)", seconds, 0.2)
 
 
 @pytest.fixture
