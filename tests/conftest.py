@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -206,19 +207,54 @@ def wait_archived(dsn: str, seconds: float = 60) -> None:
              f"{wanted} to be archived (pg_stat_archiver)", seconds, 0.2)
 
 
+def use_test_aws_credentials(mp: pytest.MonkeyPatch, access_key: str = "testing",
+                             secret_key: str = "testing") -> None:
+    """Dummy AWS credentials in this process's environment (so in the CLI's, in process or child), and nothing
+    of the machine's own AWS set-up: no profile, config or credentials file, endpoint override or metadata."""
+    for name, value in {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+        mp.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(name, raising=False)
+
+
+class MotoServer:
+    """A real S3 API over HTTP (a moto server in a thread) on 127.0.0.1 and `port` (0: a free one), its URL
+    from `with` or start(); stopped on exit or stop(). Credentials come from the environment
+    (use_test_aws_credentials)."""
+
+    def __init__(self, port: int = 0) -> None:
+        from moto.server import ThreadedMotoServer
+
+        # werkzeug gives its logger a stderr handler at its first request unless one is there: this one keeps
+        # its records going to pytest's capture, never into a CLI run in process (invoke_cli) that comes first
+        logging.getLogger("werkzeug").addHandler(logging.NullHandler())
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.port = port
+
+    def start(self) -> str:
+        self.server.start()
+        _host, self.port = self.server.get_host_and_port()
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
 @pytest.fixture
 def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real S3 API over HTTP (moto server) on a free port, with dummy credentials."""
-    from moto.server import ThreadedMotoServer
-
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    """A moto server for one test, with dummy credentials."""
+    use_test_aws_credentials(monkeypatch)
+    with MotoServer() as endpoint:
+        yield endpoint
 
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
@@ -244,7 +280,6 @@ def invoke_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd
     Tests that kill or signal the CLI, run it as another user, feed its stdin, read its children's environment
     or need it to outlive the call use run_cli_process (or Popen) instead."""
     import locale
-    import logging
     import signal
     import tempfile
     import warnings

@@ -32,9 +32,11 @@ from regal_dagster.engine.workspace import owner_alive
 from .conftest import (
     CLI,
     DatabaseFactory,
+    MotoServer,
     load_awkward_data,
     run_cli,
     run_cli_process,
+    use_test_aws_credentials,
     wait_for,
     write_policy_file,
 )
@@ -178,15 +180,10 @@ def test_a_full_disk_during_a_backup_is_a_clear_error_and_the_next_run_works(
 
 def test_an_s3_endpoint_that_disappears_mid_upload(system_pg: DatabaseFactory, tmp_path: Path, master_key: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from moto.server import ThreadedMotoServer
-
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    use_test_aws_credentials(monkeypatch)
+    server = MotoServer()
+    endpoint = server.start()
+    port = server.port
     bucket = f"regal-outage-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     source = system_pg.create()
@@ -207,7 +204,7 @@ def test_an_s3_endpoint_that_disappears_mid_upload(system_pg: DatabaseFactory, t
         assert backup.returncode == 1 and "Traceback" not in stderr, stderr
         assert "cannot reach" in stderr and "what to do:" in stderr
     finally:
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # it comes back
+        server = MotoServer(port)  # it comes back
         server.start()
     try:
         listing = _listed(policy_file)
@@ -366,9 +363,15 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def _server_or_exit(process: subprocess.Popen[bytes], work_dir: Path) -> bool:
-    """The command ended, or one of its scratch servers (a postgres process in `work_dir`) runs."""
-    return process.poll() is not None or any(p.name() == "postgres"
-                                             for p in _alive(_scratch_processes(work_dir)))
+    """The command ended, or its scratch server runs: a postmaster in `work_dir` accepting connections
+    (postmaster.pid says "ready"), not initdb's short-lived bootstrap postgres."""
+    if process.poll() is not None:
+        return True
+    for pid_file in work_dir.glob("regal-pg-*/**/postmaster.pid"):
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().rstrip().endswith("ready"):
+                return True
+    return False
 
 
 def test_sigkill_of_restore_tests_leaves_no_scratch_server_behind(shop: dict[str, Any]) -> None:
