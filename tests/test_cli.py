@@ -1,4 +1,5 @@
-"""The operator's CLI, run as a real process the way the on-call engineer runs it."""
+"""The operator's CLI, run as a real process the way the on-call engineer runs it (`python -m regal_dagster.cli`:
+its entry point, imports and exit codes as a shell sees them; elsewhere the tests run it in process)."""
 
 from __future__ import annotations
 

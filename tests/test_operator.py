@@ -1,5 +1,6 @@
 """The operator's day: init with an audit trail, a status at a glance (and as a monitoring check), one backup
-in full, verify --latest, Prometheus metrics, and one JSON envelope for every command; run as real processes."""
+in full, verify --latest, Prometheus metrics, and one JSON envelope for every command; run in this process
+(conftest.invoke_cli), except the metrics server and the terminal test, which are real processes."""
 
 from __future__ import annotations
 
