@@ -102,6 +102,7 @@ def test_errors_are_clear_and_carry_no_secrets(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two demo runs (up to 300 s each) and a Dagster definitions check (180 s)
 def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: Path) -> None:
     result = cli("demo", "--dir", str(tmp_path / "demo"), "--scale", "0.01", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
