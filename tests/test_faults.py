@@ -246,6 +246,18 @@ def _decrypted_leftovers() -> list[Path]:
     return [p for p in Path(tempfile.gettempdir()).glob("regal-*") if p.is_dir() and not owner_alive(p)]
 
 
+def _wait_sessions_gone(server_dsn: str, prefix: str) -> None:
+    """Until no session is connected to a database named `prefix`...: a SIGKILLed client's server session
+    ends (and its advisory lock is freed) when the server next notices the closed socket, a moment later if
+    it was inside a COPY or CREATE DATABASE. A retry started by a person is seconds later; one started by
+    this test in its own process (no interpreter start-up) could otherwise find it still there."""
+    def gone() -> bool:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            return not conn.execute("SELECT 1 FROM pg_stat_activity WHERE starts_with(datname, %s) "
+                                    "AND pid <> pg_backend_pid()", (prefix,)).fetchone()
+    wait_for(gone, f"the sessions of the killed restore into {prefix} to end", 60, 0.05)
+
+
 @pytest.fixture
 def backed_up_shop(shop: dict[str, Any], system_pg: DatabaseFactory) -> dict[str, Any]:
     done = run_cli(shop["policy_file"], "backup", "pos", "--json")
@@ -275,6 +287,7 @@ def test_sigkill_of_restores_into_a_new_database_never_leaves_a_half_loaded_one(
                  f"killed, target {'complete' if present else 'absent'}"] += 1
         if status is not None:
             assert status == 0 and present
+        _wait_sessions_gone(shop["server"], name)
         # the next restore works at once, without anybody cleaning up, and sweeps what the killed one left
         again = run_cli(policy_file, "restore", shop["backup_id"], "--to", system_pg.dsn(name), "--drop-existing")
         assert again.returncode == 0, again.stderr
@@ -305,6 +318,7 @@ def test_sigkill_of_restores_with_drop_existing_leaves_the_old_database_or_the_c
         else:
             assert found == expected  # the complete new database, never a mixture
             outcomes["finished first" if status is not None else "killed, new database complete"] += 1
+        _wait_sessions_gone(shop["server"], name)
         again = run_cli(policy_file, "restore", shop["backup_id"], "--to", system_pg.dsn(name), "--drop-existing")
         assert again.returncode == 0, again.stderr
         assert _table_counts(system_pg.dsn(name)) == expected
