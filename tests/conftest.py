@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
 from regal_dagster.engine import crypto
 from regal_dagster.engine.policy import Policy, policy_from_dict
+
+T = TypeVar("T")
 
 SYSTEM_PG = os.environ.get("REGAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -157,27 +163,210 @@ def write_policy_file(base_dir: Path, targets: dict[str, str], repository: dict[
     return path
 
 
+def wait_for(condition: Callable[[], T | None], what: str, seconds: float = 60, interval: float = 0.1) -> T:
+    """Poll `condition` until it returns something true (returned), or fail naming `what`: a test waits for a
+    state, never for a fixed time, so a loaded machine makes it slower, not red."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if value := condition():
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pg_value(dsn: str, query: str) -> Any:
+    """The first column of the first row (None when there is none)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute(query).fetchone()
+        return row[0] if row else None
+
+
+def wait_until_accepting(dsn: str, seconds: float = 60) -> None:
+    """Until the server at `dsn` accepts connections (pg_isready, from the driver)."""
+    def accepting() -> bool:
+        try:
+            return pg_value(dsn, "SELECT 1") == 1
+        except psycopg.OperationalError:
+            return False
+    wait_for(accepting, f"{dsn} to accept connections", seconds, 0.2)
+
+
+def wait_promoted(dsn: str, seconds: float = 120, log_tail: Callable[[], str] | None = None) -> None:
+    """Until a recovering server has been promoted (open for writes); its log's end in the failure if given."""
+    deadline = time.monotonic() + seconds
+    while pg_value(dsn, "SELECT pg_is_in_recovery()"):
+        assert time.monotonic() < deadline, f"no promotion in {seconds:.0f} s: {log_tail() if log_tail else ''}"
+        time.sleep(0.2)
+
+
+def wait_archived(dsn: str, seconds: float = 60) -> None:
+    """A WAL switch, then wait until the server has archived the segment it closed."""
+    wanted = pg_value(dsn, "SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for(lambda: (pg_value(dsn, "SELECT last_archived_wal FROM pg_stat_archiver") or "") >= wanted,
+             f"{wanted} to be archived (pg_stat_archiver)", seconds, 0.2)
+
+
+def use_test_aws_credentials(mp: pytest.MonkeyPatch, access_key: str = "testing",
+                             secret_key: str = "testing") -> None:
+    """Dummy AWS credentials in this process's environment (so in the CLI's, in process or child), and nothing
+    of the machine's own AWS set-up: no profile, config or credentials file, endpoint override or metadata."""
+    for name, value in {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+        mp.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(name, raising=False)
+
+
+class MotoServer:
+    """A real S3 API over HTTP (a moto server in a thread) on 127.0.0.1 and `port` (0: a free one), its URL
+    from `with` or start(); stopped on exit or stop(). Credentials come from the environment
+    (use_test_aws_credentials)."""
+
+    def __init__(self, port: int = 0) -> None:
+        from moto.server import ThreadedMotoServer
+
+        # werkzeug gives its logger a stderr handler at its first request unless one is there: this one keeps
+        # its records going to pytest's capture, never into a CLI run in process (invoke_cli) that comes first
+        logging.getLogger("werkzeug").addHandler(logging.NullHandler())
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.port = port
+
+    def start(self) -> str:
+        self.server.start()
+        _host, self.port = self.server.get_host_and_port()
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
 @pytest.fixture
 def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real S3 API over HTTP (moto server) on a free port, with dummy credentials."""
-    from moto.server import ThreadedMotoServer
-
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    """A moto server for one test, with dummy credentials."""
+    use_test_aws_credentials(monkeypatch)
+    with MotoServer() as endpoint:
+        yield endpoint
 
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
+# What a fresh `python -m ...` starts with (the warnings a child prints; pytest's own filters are not its).
+_PYTHON_DEFAULT_WARNING_FILTERS = [
+    ("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""), ("ignore", ResourceWarning, ""),
+]
+
+
+def invoke_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+               input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m regal_dagster.cli ARGS` run inside this process (no ~1 s interpreter start-up per call), as
+    `subprocess.run(..., capture_output=True, text=True)` would report it: stdout and stderr captured at the
+    file-descriptor level (what the CLI's children print is in them too) and decoded with universal newlines,
+    the exit status from main()'s return or SystemExit. What a child would not share is put back afterwards:
+    the environment (`env` replaces it for the call, as subprocess's env= does), the working directory, the
+    umask, sys.argv, signal handlers (SIGTERM/SIGINT), the warning filters (Python's defaults during the
+    call), the root logger's handlers (removed during the call, so the engine's warnings reach stderr through
+    logging's last resort as in a child). stdin is empty (EOF), like a child's /dev/null.
+
+    Tests that kill or signal the CLI, run it as another user, feed its stdin, read its children's environment
+    or need it to outlive the call use run_cli_process (or Popen) instead."""
+    import locale
+    import signal
+    import tempfile
+    import warnings
+
+    from regal_dagster import cli
+
+    encoding = locale.getpreferredencoding(False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_environ, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    root = logging.getLogger()
+    saved_handlers = root.handlers[:]
+    saved_umask = os.umask(0o022)
+    os.umask(saved_umask)
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file, \
+            warnings.catch_warnings():
+        saved_fds = os.dup(1), os.dup(2)
+        os.dup2(out_file.fileno(), 1)
+        os.dup2(err_file.fileno(), 2)
+        # a child's stdout is block-buffered, its stderr line-buffered; both closed (flushed) below
+        stdout = open(1, "w", encoding=encoding, closefd=False)  # noqa: SIM115
+        stderr = open(2, "w", encoding=encoding, errors="backslashreplace",  # noqa: SIM115
+                      buffering=1, closefd=False)
+        streams = stdout, stderr
+        try:
+            sys.stdin, (sys.stdout, sys.stderr) = io.StringIO(input or ""), streams
+            warnings.resetwarnings()
+            for action, category, module in _PYTHON_DEFAULT_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning,
+                                    module="platformdirs")  # as regal_dagster/cli/__init__.py at import
+            root.handlers = []
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
+            sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *args]
+            cli._Terminated.signum = None
+            try:
+                status: object = cli.main(list(args))
+            except SystemExit as exc:
+                status = exc.code
+            if status is None:
+                status = 0
+            elif not isinstance(status, int):
+                print(status, file=sys.stderr)
+                status = 1
+        finally:
+            for stream in streams:
+                stream.close()
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            sys.argv = saved_argv
+            root.handlers = saved_handlers
+            for signum, handler in saved_signals.items():
+                signal.signal(signum, handler)
+            cli._Terminated.signum = None
+            os.umask(saved_umask)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_environ)
+        out_file.seek(0)
+        err_file.seek(0)
+        stdout, stderr = (_universal_newlines(f.read().decode(encoding)) for f in (out_file, err_file))
+    return subprocess.CompletedProcess([*CLI, *args], status, stdout, stderr)
+
+
+def _universal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
 
 def run_cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`regal-backup ARGS --policy POLICY_FILE`, in this process (invoke_cli)."""
+    return invoke_cli([*args, "--policy", str(policy_file)])
+
+
+def run_cli_process(policy_file: Path, *args: str, env: Mapping[str, str] | None = None,
+                    timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """`regal-backup ARGS --policy POLICY_FILE` in a new process, as an operator runs it."""
-    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+    return subprocess.run([*CLI, *args, "--policy", str(policy_file)], capture_output=True, text=True,
+                          check=False, env=None if env is None else dict(env), timeout=timeout)
 
 
 def verified_backup(policy_file: Path, target: str = "pos") -> str:

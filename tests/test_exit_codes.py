@@ -21,12 +21,18 @@ from regal_dagster.engine.environment import child_environment
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.postgresql.connection import libpq_environment
 
-from .conftest import CLI, DatabaseFactory, load_awkward_data, run_cli, write_policy_file
+from .conftest import (
+    DatabaseFactory,
+    invoke_cli,
+    load_awkward_data,
+    run_cli,
+    run_cli_process,
+    write_policy_file,
+)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return invoke_cli(args, env={**os.environ, **(env or {})})
 
 
 def _clear(done: subprocess.CompletedProcess[str]) -> None:
@@ -187,8 +193,8 @@ def test_an_unexpected_error_prints_one_line_and_keeps_the_trace_private(
     document = json.loads(keyset.read_text())
     keyset.write_text(json.dumps({**document, "keys": ["not", "a", "mapping"]}))  # an edit nobody foresaw
     state = tmp_path / "state"
-    done = subprocess.run([*CLI, "list", "--policy", str(setup["policy_file"])], capture_output=True, text=True,
-                          check=False, env={**os.environ, "XDG_STATE_HOME": str(state)})
+    done = invoke_cli(["list", "--policy", str(setup["policy_file"])],
+                      env={**os.environ, "XDG_STATE_HOME": str(state)})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "unexpected" in done.stderr and "what to do:" in done.stderr
     (log,) = (state / "regal-backup" / "errors").iterdir()
@@ -210,7 +216,8 @@ def test_child_processes_never_see_the_master_key(setup: dict[str, Any], tmp_pat
     policy_file.write_text(yaml.safe_dump(document))
     seen = tmp_path / "hook-env.txt"
     restored = setup["pg"].dsn(setup["pg"].new_name("regal_hooked"))
-    done = run_cli(policy_file, "restore", setup["backup_id"], "--to", restored, "--pre-hook", f"env > {seen}")
+    done = run_cli_process(policy_file, "restore", setup["backup_id"], "--to", restored,  # its child's env
+                           "--pre-hook", f"env > {seen}")
     assert done.returncode == 0, done.stderr
     environment = seen.read_text()
     assert "PATH=" in environment  # the operator's own environment

@@ -31,7 +31,7 @@ from regal_dagster.engine.sources.postgres import dump
 from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, restore_database
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, load_awkward_data, make_policy, run_cli, write_policy_file
+from .conftest import DatabaseFactory, invoke_cli, load_awkward_data, make_policy, run_cli, write_policy_file
 from .pg_compare import execute, full_schema_text, schema_text, table_contents, table_rows
 
 
@@ -763,9 +763,6 @@ def test_tables_indexes_and_the_database_come_back_in_their_tablespaces(
 # --- Redis function libraries and every git ref ---------------------------------------------------------
 
 def test_redis_function_libraries_are_copied_back_with_the_keys(tmp_path: Path, master_key: str) -> None:
-    import subprocess
-    import sys
-
     from regal_dagster.engine.policy import load_policy
 
     from .test_redis import PASSWORD, RedisServer, _policy
@@ -782,9 +779,8 @@ def test_redis_function_libraries_are_copied_back_with_the_keys(tmp_path: Path, 
         policy_file = tmp_path / "regal_backup.yaml"
         manifest = run_backup(load_policy(policy_file), "cache").manifest
         url = f"redis://:{PASSWORD}@127.0.0.1:{live.port}"
-        done = subprocess.run([sys.executable, "-m", "regal_dagster.cli", "restore", manifest.backup_id, "--to", url,
-                               "--keys", "*", "--json", "--policy", str(policy_file)],
-                              capture_output=True, text=True, check=False)
+        done = invoke_cli(["restore", manifest.backup_id, "--to", url,
+                           "--keys", "*", "--json", "--policy", str(policy_file)])
         assert done.returncode == 0, done.stderr
         assert live.client.fcall("total", 0) == 42 and live.client.get("order:1") == b"one"
         libraries = live.client.execute_command("FUNCTION", "LIST", "WITHCODE")

@@ -30,7 +30,7 @@ from regal_dagster.engine.layout import PARTIAL_SUFFIX
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import init_repository
+from .conftest import MotoServer, init_repository, use_test_aws_credentials, wait_for
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 MASTER_KEY_ENV = "REGAL_TEST_INTERRUPT_MASTER_KEY"
@@ -45,35 +45,16 @@ CLI = [sys.executable, "-m", "regal_dagster.cli"]
 def env() -> Iterator[dict[str, str]]:
     """Dummy AWS credentials and a master key, in this process and for the CLI subprocesses."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        for name in (
-            "AWS_PROFILE",
-            "AWS_SESSION_TOKEN",
-            "AWS_SECURITY_TOKEN",
-            "AWS_ENDPOINT_URL",
-            "AWS_ENDPOINT_URL_S3",
-            "REGAL_POLICY",
-        ):
-            mp.delenv(name, raising=False)
+        use_test_aws_credentials(mp, "testing-access-key", "testing-secret-key")
+        mp.delenv("REGAL_POLICY", raising=False)
         mp.setenv(MASTER_KEY_ENV, generate_master_key())
         yield dict(os.environ)
 
 
 @pytest.fixture(scope="module")
 def moto_endpoint(env: dict[str, str]) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _host, port = server.get_host_and_port()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with MotoServer() as endpoint:
+        yield endpoint
 
 
 def _dsn(dbname: str) -> str:
@@ -148,12 +129,7 @@ def _listed_backups(policy: Path, env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def _wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    return wait_for(condition, what, timeout, interval)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The operator's day: init with an audit trail, a status at a glance (and as a monitoring check), one backup
-in full, verify --latest, Prometheus metrics, and one JSON envelope for every command; run as real processes."""
+in full, verify --latest, Prometheus metrics, and one JSON envelope for every command; run in this process
+(conftest.invoke_cli), except the metrics server and the terminal test, which are real processes."""
 
 from __future__ import annotations
 
@@ -20,14 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from regal_dagster.cli.parser import build_parser
 
-from .conftest import CLI, DatabaseFactory, load_awkward_data
+from .conftest import CLI, DatabaseFactory, invoke_cli, load_awkward_data
 
 ENVELOPE = {"schema", "command", "ok", "exit_code", "warnings"}
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=300, check=False)
+    return invoke_cli(args, env={**os.environ, **(env or {})})
 
 
 def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from psycopg import sql
 from regal_dagster.engine.postgresql.programs import make_traversable, server_account
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
+from .conftest import invoke_cli, wait_archived, wait_for, wait_promoted
+
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
 # As root, PostgreSQL runs as regal_pg, which cannot run this Python (it lives under /root here): the server
@@ -29,9 +31,7 @@ AS_ROOT = os.geteuid() == 0
 
 
 def cli(policy: Path, *args: str) -> Any:
-    import subprocess
-
-    return subprocess.run([*CLI, *args, "--policy", str(policy)], capture_output=True, text=True, check=False)
+    return invoke_cli([*args, "--policy", str(policy)])  # in this process (conftest.invoke_cli)
 
 
 def _give_to_server_account(path: Path) -> None:
@@ -51,14 +51,7 @@ def _sql(dsn: str, query: str, params: tuple[Any, ...] = ()) -> Any:
 
 def _wait_archived(dsn: str) -> None:
     """A WAL switch, then wait until the server has archived the segment it closed."""
-    wanted = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        row = _sql(dsn, "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver")[0]
-        if row[0] and row[0] >= wanted:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{wanted} was not archived: {row}")
+    wait_archived(dsn)
 
 
 def archiving_server(base: Path, **settings: str) -> tuple[ScratchCluster, Path, Path]:
@@ -127,9 +120,9 @@ def _push_spool(policy: Path, spool: Path) -> None:
 
 
 def _run(command: list[str]) -> Any:
-    import subprocess
-
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    """`[*CLI, ARGS]` run (in this process) and succeeded."""
+    assert command[:len(CLI)] == CLI, command
+    done = invoke_cli(command[len(CLI):])
     assert done.returncode == 0, done.stderr
     return done
 
@@ -421,18 +414,12 @@ def _stored(policy: Path, name: str) -> bool:
 
 
 def _wait_for(condition: Any, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    wait_for(condition, what, seconds, 0.2)
 
 
 def _wait_promoted(server: ScratchCluster, seconds: float = 120) -> None:
     """Until the restored server has recovered and been promoted (open for writes); its log's end if not."""
-    deadline = time.monotonic() + seconds
-    while _sql(server.dsn(), "SELECT pg_is_in_recovery()")[0][0]:
-        assert time.monotonic() < deadline, f"no promotion in {seconds:.0f} s: {server.log_tail()}"
-        time.sleep(0.2)
+    wait_promoted(server.dsn(), seconds, server.log_tail)
 
 
 def _start_stream(policy: Path, log: Path) -> Any:

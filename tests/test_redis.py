@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +22,8 @@ from regal_dagster.engine.policy import Policy, load_policy
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import init_repository
+from .conftest import init_repository, invoke_cli
 
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
 PASSWORD = "redis-s3cret-pw"
 
 
@@ -158,8 +156,8 @@ def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, 
     manifest = run_backup(policy, "cache").manifest
     target = tmp_path / "restored"
 
-    done = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", str(target), "--json", "--policy",
-                           str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
+    done = invoke_cli(["restore", manifest.backup_id, "--to", str(target), "--json", "--policy",
+                       str(tmp_path / "regal_backup.yaml")])
 
     assert done.returncode == 0, done.stderr
     restored = json.loads(done.stdout)  # the CLI's one JSON envelope (docs/cli-json.md), restore's fields
@@ -171,8 +169,8 @@ def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, 
         "backup_id": manifest.backup_id, "target": "cache", "kind": "redis", "validated": True, "problems": [],
         "details": {"path": str(target / "dump.rdb")}}
     assert str(target) in restored["destination"]
-    again = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", str(target), "--policy",
-                            str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
+    again = invoke_cli(["restore", manifest.backup_id, "--to", str(target), "--policy",
+                        str(tmp_path / "regal_backup.yaml")])
     assert again.returncode == 1 and "--drop-existing" in again.stderr
     server = RedisServer(target, "--dbfilename", "dump.rdb", "--appendonly", "no", "--save", "")
     try:
@@ -185,9 +183,8 @@ def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, 
 
 
 def test_init_adds_a_redis_target_named_cache(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "init", str(tmp_path / "regal"), "--postgres-dsn", "postgresql://x@db/pos",
-                           "--redis-url", "redis://:${REDIS_PASSWORD}@cache:6379/0", "--json"],
-                          capture_output=True, text=True, check=False)
+    done = invoke_cli(["init", str(tmp_path / "regal"), "--postgres-dsn", "postgresql://x@db/pos",
+                       "--redis-url", "redis://:${REDIS_PASSWORD}@cache:6379/0", "--json"])
     assert done.returncode == 0, done.stderr
     policy = load_policy(json.loads(done.stdout)["policy"])
     assert policy.targets["cache"].kind == "redis"
@@ -224,8 +221,8 @@ def test_selected_keys_are_copied_back_into_a_live_server(plain_redis: RedisServ
     live.set("session:11", "changed since")
     url = f"redis://:{PASSWORD}@127.0.0.1:{plain_redis.port}"
 
-    done = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", url, "--keys", "session:1*", "--json",
-                           "--policy", str(policy_file)], capture_output=True, text=True, check=False)
+    done = invoke_cli(["restore", manifest.backup_id, "--to", url, "--keys", "session:1*", "--json",
+                       "--policy", str(policy_file)])
 
     assert done.returncode == 0, done.stderr
     counts = json.loads(done.stdout)["details"]  # restore's kind-specific facts

@@ -4,8 +4,6 @@ and a drill over two targets. Real PostgreSQL sources, real scratch PostgreSQL 1
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,10 +18,9 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.sampling import choose, draw_restore_sample
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, backup_then_checks, load_awkward_data, write_policy_file
+from .conftest import DatabaseFactory, backup_then_checks, invoke_cli, load_awkward_data, write_policy_file
 from .pg_compare import execute
 
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
 RESTORE_KEY = dg.AssetKey(["postgres", "pos", "restore_test"])
 
 
@@ -102,18 +99,16 @@ def test_a_dr_drill_on_two_targets_measures_rto_and_rpo(system_pg: DatabaseFacto
                     "INSERT INTO ledger SELECT g, g * 1.5 FROM generate_series(1, 5000) g")
     policy_file = write_policy_file(tmp_path, {"pos": first, "ledger": second})
     for target in ("pos", "ledger"):
-        assert subprocess.run([*CLI, "backup", target, "--policy", str(policy_file)], check=False).returncode == 0
+        assert invoke_cli(["backup", target, "--policy", str(policy_file)]).returncode == 0
     # the newest backup of one target is damaged: the drill falls back to the one before
-    done = subprocess.run([*CLI, "backup", "pos", "--json", "--policy", str(policy_file)], capture_output=True,
-                          text=True, check=False)
+    done = invoke_cli(["backup", "pos", "--json", "--policy", str(policy_file)])
     damaged_id = json.loads(done.stdout)["backup_id"]
     (victim,) = (tmp_path / "repository" / "backups" / "pos" / damaged_id / "tables").glob("00002.copy")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 1
     victim.write_bytes(bytes(data))
 
-    drill = subprocess.run([*CLI, "drill", "--json", "--policy", str(policy_file)], capture_output=True, text=True,
-                           check=False)
+    drill = invoke_cli(["drill", "--json", "--policy", str(policy_file)])
 
     assert drill.returncode == 0, drill.stderr
     record = json.loads(drill.stdout)

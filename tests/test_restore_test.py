@@ -20,7 +20,7 @@ from regal_dagster.engine.layout import restore_test_prefix
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, load_awkward_data, make_policy, write_policy_file
+from .conftest import DatabaseFactory, invoke_cli, load_awkward_data, make_policy, write_policy_file
 from .pg_compare import execute, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,11 +98,10 @@ def test_an_interrupted_restore_test_leaves_no_cluster_or_temp_files(system_pg: 
     execute(source, "CREATE TABLE sales AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS payload "
                     "FROM generate_series(1, 1500000) g; CREATE INDEX ON sales (payload)")
     policy_file = write_policy_file(tmp_path, {"pos": source})
-    backup = subprocess.run([*CLI, "backup", "pos", "--json", "--policy", str(policy_file)], check=False,
-                            capture_output=True, text=True)
+    backup = invoke_cli(["backup", "pos", "--json", "--policy", str(policy_file)])
     backup_id = json.loads(backup.stdout)["backup_id"]
-    assert subprocess.run([*CLI, "verify", backup_id, "--policy", str(policy_file)], check=False,
-                          capture_output=True).returncode == 0  # restore-test takes the newest good backup
+    # restore-test takes the newest good backup
+    assert invoke_cli(["verify", backup_id, "--policy", str(policy_file)]).returncode == 0
     work = tmp_path / "scratch"
     work.mkdir()
     process = subprocess.Popen([*CLI, "restore-test", "--target", "pos", "--policy", str(policy_file),
@@ -132,15 +131,15 @@ def test_restore_runs_the_operators_hooks_around_a_validated_restore(backed_up, 
     occupied = system_pg.create()
     execute(occupied, "CREATE TABLE precious (id int); INSERT INTO precious VALUES (1)")
 
-    failed = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", occupied, "--drop-existing",
-                             "--policy", str(policy_file), "--pre-hook", f"echo stop >> {marks}; exit 7",
-                             "--post-hook", f"echo start >> {marks}"], capture_output=True, text=True, check=False)
+    failed = invoke_cli(["restore", manifest.backup_id, "--to", occupied, "--drop-existing",
+                         "--policy", str(policy_file), "--pre-hook", f"echo stop >> {marks}; exit 7",
+                         "--post-hook", f"echo start >> {marks}"])
     assert failed.returncode == 1 and "--pre-hook failed with exit code 7" in failed.stderr
     assert table_rows(occupied, "SELECT id FROM precious") == [(1,)]  # nothing was touched
 
-    done = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", occupied, "--drop-existing",
-                           "--policy", str(policy_file), "--pre-hook", f"echo stop >> {marks}",
-                           "--post-hook", f"echo start >> {marks}"], capture_output=True, text=True, check=False)
+    done = invoke_cli(["restore", manifest.backup_id, "--to", occupied, "--drop-existing",
+                       "--policy", str(policy_file), "--pre-hook", f"echo stop >> {marks}",
+                       "--post-hook", f"echo start >> {marks}"])
     assert done.returncode == 0, done.stderr
     assert marks.read_text().split() == ["stop", "stop", "start"]
     assert table_rows(occupied, "SELECT count(*) FROM customers") == [(2000,)]

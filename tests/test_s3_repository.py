@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.storage.s3 import S3Repository
 from regal_dagster.engine.verify import verify_backup
 
-from .conftest import init_repository
+from .conftest import MotoServer, init_repository, invoke_cli, use_test_aws_credentials
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 MASTER_KEY_ENV = "REGAL_TEST_S3_MASTER_KEY"
@@ -59,34 +58,14 @@ NUL_BYTES = b"\x00\x01\x00\xff\x00\x00binary\x00"
 @pytest.fixture(scope="module")
 def aws_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        for name in (
-            "AWS_PROFILE",
-            "AWS_SESSION_TOKEN",
-            "AWS_SECURITY_TOKEN",
-            "AWS_ENDPOINT_URL",
-            "AWS_ENDPOINT_URL_S3",
-        ):
-            mp.delenv(name, raising=False)
+        use_test_aws_credentials(mp, "testing-access-key", "testing-secret-key")
         yield
 
 
 @pytest.fixture(scope="module")
 def moto_endpoint(aws_env: None) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _host, port = server.get_host_and_port()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with MotoServer() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -415,22 +394,7 @@ def test_corrupted_object_fails_verification_naming_it(s3_policy: Policy, s3, bu
     assert record.key in result.problems[0]
     assert "authentication" in result.problems[0]
     # The CLI says the same and exits 3.
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "regal_dagster.cli",
-            "--policy",
-            str(s3_policy.base_dir / "regal_backup.yaml"),
-            "verify",
-            manifest.backup_id,
-        ],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
+    out = invoke_cli(["--policy", str(s3_policy.base_dir / "regal_backup.yaml"), "verify", manifest.backup_id])
     assert out.returncode == 3, out.stderr
     assert record.key in out.stdout and "FAIL" in out.stdout
 
@@ -496,14 +460,7 @@ def test_unreachable_endpoint_is_a_clear_error(
     with pytest.raises(RegalError), repo.lock("main"):
         pass
     # The CLI prints the error and its hint, with no traceback, and exits 1.
-    out = subprocess.run(
-        [sys.executable, "-m", "regal_dagster.cli", "--policy", str(tmp_path / "regal_backup.yaml"), "list"],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
+    out = invoke_cli(["--policy", str(tmp_path / "regal_backup.yaml"), "list"])
     assert out.returncode == 1
     assert out.stderr.startswith("error: cannot reach") and "Traceback" not in out.stderr
 

@@ -34,6 +34,8 @@ from regal_dagster.engine.layout import REPOSITORY_MARKER
 from regal_dagster.engine.policy import Policy, load_policy
 from regal_dagster.engine.storage import Repository, StorageUnavailableError, backend_for, open_repository
 
+from .conftest import MotoServer, use_test_aws_credentials
+
 PART_SIZE_MB = 5
 PART = PART_SIZE_MB * 1024 * 1024
 LOCK_LEASE = 2.0  # seconds: an S3 lease held by a killed process frees itself this long after its last renewal
@@ -47,22 +49,10 @@ BACKENDS = ["local", "s3", "s3-prefix"]
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"AWS_ACCESS_KEY_ID": "conformance-access-key", "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
-            mp.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        _host, port = server.get_host_and_port()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.stop()
+        use_test_aws_credentials(mp, "conformance-access-key", SECRET_KEY)
+        with MotoServer() as endpoint:
+            yield endpoint
 
 
 def _new_bucket(endpoint: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,7 @@ from regal_dagster.engine.policy import Policy, load_policy
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import init_repository
-
-CLI = [sys.executable, "-m", "regal_dagster.cli"]
+from .conftest import init_repository, invoke_cli
 
 
 def _policy(tmp_path: Path, name: str, target: dict[str, Any]) -> Policy:
@@ -80,8 +77,8 @@ def test_terraform_state_round_trip_and_a_rolled_back_serial(tmp_path: Path, mas
     result = run_restore_test(policy, open_repository(policy), load_keyring(policy), first)
     assert result.validation_passed and result.details["serial"] == 5
     restored = tmp_path / "restored.tfstate"
-    done = subprocess.run([*CLI, "restore", first.backup_id, "--to", str(restored), "--policy",
-                           str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
+    done = invoke_cli(["restore", first.backup_id, "--to", str(restored), "--policy",
+                       str(tmp_path / "regal_backup.yaml")])
     assert done.returncode == 0, done.stderr
     assert restored.read_bytes() == _state(5) and f"terraform state push {restored}" in done.stdout
 
@@ -145,8 +142,8 @@ def test_configuration_repository_round_trip(config_repo: Path, tmp_path: Path, 
     assert result.problems == [f"ref refs/heads/staging is {staging} in the clone, {'0' * 40} in the backup"]
 
     target = tmp_path / "restored-config"
-    done = subprocess.run([*CLI, "restore", manifest.backup_id, "--to", str(target), "--policy",
-                           str(tmp_path / "regal_backup.yaml")], capture_output=True, text=True, check=False)
+    done = invoke_cli(["restore", manifest.backup_id, "--to", str(target), "--policy",
+                       str(tmp_path / "regal_backup.yaml")])
     assert done.returncode == 0, done.stderr
     assert (target / "app.yaml").read_text() == "tax_rate: 0.2\nstores: 50\n"
     assert (target / "restored-lock-files" / "poetry.lock").read_text() == (config_repo / "poetry.lock").read_text()

