@@ -94,10 +94,12 @@ CREATE TABLE "Sales Ops"."Order ""Lines""" (
     doc jsonb
 );
 INSERT INTO "Sales Ops"."Order ""Lines""" ("Customer Name", payload, note, amount, at, tags, doc) VALUES
-  ('José Müller', '\x00010200ff00'::bytea, 'quote '' and "double" and back\slash', 12.50, '2026-01-01 10:00+01', '{a,"b c"}', '{"k": "v"}'),
+  ('José Müller', '\x00010200ff00'::bytea, 'quote '' and "double" and back\slash', 12.50, '2026-01-01 10:00+01',
+   '{a,"b c"}', '{"k": "v"}'),
   ('李雷 🚀', '\x0000000000'::bytea, E'tab\tnewline\nend', NULL, NULL, NULL, NULL),
   ('שלום עולם', NULL, NULL, -0.01, 'infinity', '{}', '[]'),
-  ('Zoë Ægir', decode(repeat('00ff', 1000), 'hex'), repeat('large value ', 200000), 99999999.99, '1999-12-31 23:59:59.999999+00', '{NULL}', '{"nested": {"x": [1, 2, null]}}');
+  ('Zoë Ægir', decode(repeat('00ff', 1000), 'hex'), repeat('large value ', 200000), 99999999.99,
+   '1999-12-31 23:59:59.999999+00', '{NULL}', '{"nested": {"x": [1, 2, null]}}');
 CREATE TABLE customers (id serial PRIMARY KEY, email text UNIQUE NOT NULL, card_token text);
 INSERT INTO customers (email, card_token)
   SELECT 'customer' || g || '@example.com', 'tok_' || md5(g::text) FROM generate_series(1, 2000) g;

@@ -259,7 +259,8 @@ def test_rows_row_level_security_would_hide_fail_the_backup_naming_the_table(
         CREATE TABLE open_rows (id int PRIMARY KEY);
         INSERT INTO open_rows SELECT generate_series(1, 10);
         CREATE TABLE guarded (id int PRIMARY KEY, owner text);
-        INSERT INTO guarded SELECT g, CASE WHEN g % 2 = 0 THEN '{role}' ELSE 'someone' END FROM generate_series(1, 10) g;
+        INSERT INTO guarded SELECT g, CASE WHEN g % 2 = 0 THEN '{role}' ELSE 'someone' END
+            FROM generate_series(1, 10) g;
         ALTER TABLE guarded ENABLE ROW LEVEL SECURITY;
         CREATE POLICY mine ON guarded FOR SELECT USING (owner = current_user);
         GRANT SELECT ON open_rows, guarded TO {role};""")

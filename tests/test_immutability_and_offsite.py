@@ -98,7 +98,8 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
     retired = retire_key(policy, old_key, reencrypt=True, repo=repo)
     assert sorted(retired.reencrypted) == sorted([manifest.backup_id, second.backup_id])
     assert sorted(retired.locked_leftovers) == sorted(o.key for o in manifest.objects)
-    assert "ObjectLockMode" not in s3.head_object(Bucket=bucket, Key=f"regal/{load_manifest(repo, load_keyring(policy), second.backup_id).objects[0].key}")
+    second_object = load_manifest(repo, load_keyring(policy), second.backup_id).objects[0].key
+    assert "ObjectLockMode" not in s3.head_object(Bucket=bucket, Key=f"regal/{second_object}")
     rekeyed = load_manifest(repo, load_keyring(policy), manifest.backup_id)
     assert all(o.key.endswith(f".k{load_keyring(policy).primary_key_id}") for o in rekeyed.objects)
     for record in rekeyed.objects:
@@ -207,7 +208,8 @@ def test_every_backup_is_copied_off_site_and_verified_there(
 def test_an_unreachable_offsite_repository_does_not_fail_the_backup(
         source: str, tmp_path: Path, master_key: str, moto_endpoint: str) -> None:
     policy_file = _policy_file(tmp_path, source, {"url": "repository"},
-                               {"url": "s3://nowhere-bucket", "endpoint_url": "http://127.0.0.1:9", "region": "us-east-1"})
+                               {"url": "s3://nowhere-bucket", "endpoint_url": "http://127.0.0.1:9",
+                                "region": "us-east-1"})
     policy = load_policy(policy_file)
     repo = open_repository(policy)
     manifest = run_backup(policy, "pos", repo=repo).manifest

@@ -42,7 +42,8 @@ Rows = set[tuple[int, str]]
 
 
 def _insert(dsn: str, batch: str, first: int, count: int = 200) -> Rows:
-    _sql(dsn, "INSERT INTO payments SELECT g, %s FROM generate_series(%s::int, %s::int) g", (batch, first, first + count - 1))
+    _sql(dsn, "INSERT INTO payments SELECT g, %s FROM generate_series(%s::int, %s::int) g",
+         (batch, first, first + count - 1))
     return {(i, batch) for i in range(first, first + count)}
 
 

@@ -144,7 +144,8 @@ def test_metrics_for_prometheus_and_node_exporter(home: tuple[Path, str], tmp_pa
     assert abs(success.value - time.time()) < 600
     assert found["regal_backup_last_success_stored_bytes"][0].value > 0
     assert found["regal_backup_last_success_duration_seconds"][0].value > 0
-    assert found["regal_backup_rpo_breached"][0].value == 0 and found["regal_backup_rpo_target_seconds"][0].value == 3600
+    assert found["regal_backup_rpo_breached"][0].value == 0
+    assert found["regal_backup_rpo_target_seconds"][0].value == 3600
     assert 0 <= found["regal_backup_rpo_age_seconds"][0].value < 3600
     assert found["regal_backup_last_verification_success"][0].value == 1
     assert found["regal_backup_repository_bytes"][0].value > 0

@@ -125,7 +125,8 @@ def test_restore_runs_the_operators_hooks_around_a_validated_restore(backed_up, 
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(json.dumps({
         "repository": {"url": str(policy.local_repository_path())},
-        "encryption": {"keyset": str(policy.resolve_path("keyset.json")), "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
+        "encryption": {"keyset": str(policy.resolve_path("keyset.json")),
+                       "master_key": {"env": "REGAL_TEST_MASTER_KEY"}},
         "targets": {"pos": {"kind": "postgres", "dsn": "postgresql://unused@127.0.0.1:1/x"}}}))
     marks = tmp_path / "marks.txt"
     occupied = system_pg.create()

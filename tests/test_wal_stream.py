@@ -300,9 +300,9 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
 
 def test_a_full_spool_disk_stops_the_receiver_clearly_and_the_stream_resumes_without_loss(
         streamed_server: dict[str, Any], small_spool: Path) -> None:
-    """The stream's working directory (a small disk of its own) fills up: pg_receivewal stops with its own words (no space left), the slot
-    keeps the server's WAL, and once there is room again the stream resumes; nothing is missing and a restore
-    to the newest WAL has every row."""
+    """The stream's working directory (a small disk of its own) fills up: pg_receivewal stops with its own words
+    (no space left), the slot keeps the server's WAL, and once there is room again the stream resumes; nothing
+    is missing and a restore to the newest WAL has every row."""
     import signal
 
     server, policy, log = streamed_server["server"], streamed_server["policy"], streamed_server["log"]
