@@ -5,22 +5,18 @@ a message goes to the sender of its channel's kind, and a kind this registry doe
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ..plugins import plugin_modules
 from .base import ChannelError, ChannelSettings, Notification
 
 
 @functools.cache
 def _channels() -> dict[str, ModuleType]:
-    from .. import channels
-
     found = {}
-    for info in pkgutil.iter_modules(channels.__path__):
-        module = importlib.import_module(f"{channels.__name__}.{info.name}")
+    for module in plugin_modules(__package__):
         model = getattr(module, "CHANNEL", None)
         if isinstance(model, type) and issubclass(model, ChannelSettings) and callable(getattr(module, "send", None)):
             found[model.model_fields["kind"].annotation.__args__[0]] = module  # type: ignore[union-attr]

@@ -7,25 +7,19 @@ ask it without a circle."""
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
-import sys
 from types import ModuleType
 from typing import Any
 
 from ..errors import RegalError
+from ..plugins import plugin_modules
 from ..settings import TargetSettings
 
 
 @functools.cache
 def kind_packages() -> dict[str, ModuleType]:
-    found = {}
-    package = sys.modules[__package__]  # engine/sources, and any folder added to its __path__
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.ispkg:
-            module = importlib.import_module(f"{__package__}.{info.name}")
-            if hasattr(module, "TARGET") and hasattr(module, "load"):
-                found[module.TARGET.model_fields["kind"].annotation.__args__[0]] = module
+    found = {module.TARGET.model_fields["kind"].annotation.__args__[0]: module
+             for module in plugin_modules(__package__, packages=True)
+             if hasattr(module, "TARGET") and hasattr(module, "load")}
     return dict(sorted(found.items()))
 
 

@@ -7,10 +7,8 @@ without "scheme://" is a path and goes to the backend serving "file".
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
-from pathlib import Path
 
+from ..plugins import plugin_modules
 from ..settings import PolicyView, RepositorySettings
 from .base import Backend, Repository
 from .logged import Logged
@@ -19,13 +17,8 @@ from .retry import Retrying
 
 @functools.cache
 def backends() -> tuple[Backend, ...]:
-    found = []
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # the modules beside this one
-        module = importlib.import_module(f"{__package__}.{info.name}")
-        backend = getattr(module, "BACKEND", None)
-        if isinstance(backend, Backend):
-            found.append(backend)
-    return tuple(sorted(found, key=lambda b: b.kind))
+    found = [getattr(module, "BACKEND", None) for module in plugin_modules(__package__)]
+    return tuple(sorted((b for b in found if isinstance(b, Backend)), key=lambda b: b.kind))
 
 
 def scheme_of(url: str) -> str:

@@ -4,22 +4,18 @@ its module name and ordered by its `position`."""
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 
+from ...plugins import plugin_modules
 from .base import Framework
 
 
 @functools.cache
 def _frameworks() -> dict[str, Framework]:
-    from .. import frameworks as package
-
     found = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+    for module in plugin_modules(__package__):
         framework = getattr(module, "FRAMEWORK", None)
         if isinstance(framework, Framework):
-            found[info.name] = framework
+            found[module.__name__.rpartition(".")[2]] = framework
     return dict(sorted(found.items(), key=lambda item: (item[1].position, item[0])))
 
 
