@@ -1,5 +1,5 @@
 """What each registry knows (source kinds, storage backends, alert channels, compliance frameworks), and that
-a new channel or framework is one new module: dropped beside the others, it is found, accepted by the policy
+a new backend, channel or framework is one new module: dropped beside the others, it is found, accepted by the policy
 and used, with no other edit."""
 
 from __future__ import annotations
@@ -128,3 +128,96 @@ def test_a_new_channel_and_a_new_framework_are_each_one_module(tmp_path: Path) -
     assert found["verdicts"] == {"PCI DSS 4.0.1": "PASS", "SOX ITGC": "PASS", "GDPR": "PASS", "SOC 2": "PASS"}
     assert found["BK-01"] == ["SOX ITGC CO-1", "PCI DSS 12.10.1", "SOC 2 A1.2"]
     assert found["soc2"] == ["AL-01", "BK-01", "DR-01", "MD-01", "RT-01"]
+
+
+MIRROR = '''
+"""A made-up backend: a directory written through the local store, under its own scheme and settings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+from pydantic import field_validator
+
+from regal_dagster.engine.settings import RepositorySettings
+from regal_dagster.engine.storage.base import Backend, Repository
+from regal_dagster.engine.storage.local import LocalRepository
+
+
+class MirrorRepositoryConfig(RepositorySettings):
+    copies: int = 1  # a setting only this backend has
+
+    @field_validator("url")
+    @classmethod
+    def _mirror_url(cls, url: str) -> str:
+        if not url.startswith("mirror:///"):
+            raise ValueError("a mirror repository is mirror:///absolute/path")
+        return url
+
+
+def _open(config: RepositorySettings, base_dir: Path) -> Repository:
+    return LocalRepository(Path(cast(MirrorRepositoryConfig, config).url.removeprefix("mirror://")),
+                           lock_wait=config.lock_wait)
+
+
+BACKEND = Backend(kind="mirror", schemes=("mirror",), example="mirror:///path", repository=LocalRepository,
+                  config=MirrorRepositoryConfig, open=_open)
+'''
+
+BACKUP_THROUGH_IT = '''
+import json, sys
+from pathlib import Path
+
+import yaml
+
+import regal_dagster.engine.storage as storage
+
+storage.__path__.append(sys.argv[1])  # the backend's module, as if it were under engine/storage/
+from regal_dagster.engine.backup import run_backup
+from regal_dagster.engine.bootstrap import init_project
+from regal_dagster.engine.checks import run_checks
+from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.errors import PolicyError
+from regal_dagster.engine.policy import load_policy, policy_from_dict
+from regal_dagster.engine.repository_format import initialize
+from regal_dagster.engine.storage import open_repository
+from regal_dagster.engine.storage.registry import backends
+
+base = Path(sys.argv[2])
+made = init_project(base / "regal", "postgresql://backup@db.invalid/pos", audit=False)
+document = yaml.safe_load(made.policy_path.read_text())
+document["repository"] = {"url": f"mirror://{base / 'mirrored'}", "copies": 2}
+document["targets"] = {"etc": {"kind": "files", "paths": [str(base / "etc")]}}
+(base / "etc").mkdir()
+(base / "etc" / "pos.conf").write_text("store = 7")
+made.policy_path.write_text(yaml.safe_dump(document))
+policy = load_policy(made.policy_path)
+repo, keyring = open_repository(policy), load_keyring(policy)
+initialize(repo, keyring)
+backup = run_backup(policy, "etc", repo=repo, keyring=keyring).manifest
+checked = run_checks(policy, repo, keyring, backup.backup_id)
+try:
+    policy_from_dict({**document, "repository": {"url": f"mirror://{base}", "region": "eu-west-1"}},
+                     base_dir=base / "regal")
+    refused = ""
+except PolicyError as exc:
+    refused = str(exc)
+print(json.dumps({"backends": [b.kind for b in backends()], "copies": policy.repository.copies,
+                  "passed": checked.passed, "stored": sorted(p.name for p in (base / "mirrored").iterdir()),
+                  "refused": refused}))
+'''
+
+
+def test_a_new_backend_is_one_module(tmp_path: Path) -> None:
+    """A `mirror://` backend with a setting of its own, one module in the storage package's folder (a folder
+    added to its path, in a fresh interpreter): the policy takes its settings, a backup is stored through it
+    and passes its checks, and a setting of another backend (S3's region) is refused on it."""
+    (tmp_path / "backends").mkdir()
+    (tmp_path / "backends" / "mirror.py").write_text(MIRROR)
+    probe = subprocess.run([sys.executable, "-c", BACKUP_THROUGH_IT, str(tmp_path / "backends"), str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert found["backends"] == ["filesystem", "mirror", "s3"] and found["copies"] == 2
+    assert found["passed"] and found["stored"], found  # the repository's files are in the mirror's directory
+    assert "region" in found["refused"], found["refused"]
