@@ -46,6 +46,7 @@ OBJECT_HEADER = struct.Struct(">4sBI")  # magic, format version, key id
 KEYSET_FILE_FORMAT = "regal-backup-keyset"
 _KEYSET_AAD = b"regal-backup/keyset/v1"
 _KEYSET_AAD_V3 = b"regal-backup/keyset/v3"
+_KEYSET_AAD_V4 = b"regal-backup/keyset/v4"
 MAC_TEMPLATE_NAME = "HMAC_SHA256_256BITTAG"
 MAC_TEMPLATE = getattr(mac.mac_key_templates, MAC_TEMPLATE_NAME)
 
@@ -207,10 +208,16 @@ class KeysetFile:
 
 class Keyring:
     """The keys, decrypted in memory: the streaming AEAD keyset (backup objects; the primary key encrypts)
-    and the MAC keyset (repository documents: manifests, check records, ...; the primary key seals)."""
+    and the MAC keyset (repository documents: manifests, check records, ...; the primary key seals).
 
-    def __init__(self, stream: Keys, macs: Keys | None, origin: KeysetFile | None = None):
+    `repository_format`: the repository format this keyset has opened (authenticated with the keyset, so a
+    repository writer without the keys cannot lower it); a marker saying less is a downgrade. None: a keyset
+    written before it was recorded (engine/repository_format.py records it on the next open)."""
+
+    def __init__(self, stream: Keys, macs: Keys | None, origin: KeysetFile | None = None,
+                 repository_format: int | None = None):
         self.stream, self.macs, self.origin = stream, macs, origin
+        self.repository_format = repository_format
         self._primitive = stream.handle.primitive(streaming_aead.StreamingAead)
         self._mac = macs.handle.primitive(mac.Mac) if macs is not None else None
         self.primary_key_id: int = stream.primary_key_id
@@ -225,15 +232,20 @@ class Keyring:
     def rotated(self) -> Keyring:
         """A new primary key for objects and one for documents; older keys stay to read what they wrote."""
         macs = self.macs.rotated(MAC_TEMPLATE) if self.macs is not None else Keys.new(MAC_TEMPLATE)
-        return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin)
+        return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin, self.repository_format)
 
     def without(self, key_id: int) -> Keyring:
         """The object key `key_id` destroyed (documents keys are kept: old documents stay verifiable)."""
-        return Keyring(self.stream.without(key_id), self.macs, self.origin)
+        return Keyring(self.stream.without(key_id), self.macs, self.origin, self.repository_format)
 
     def with_document_keys(self) -> Keyring:
         """This keyring with a document (MAC) keyset, made when the keyset predates one (upgrade)."""
-        return self if self.macs is not None else Keyring(self.stream, Keys.new(MAC_TEMPLATE), self.origin)
+        return self if self.macs is not None else Keyring(self.stream, Keys.new(MAC_TEMPLATE), self.origin,
+                                                          self.repository_format)
+
+    def with_repository_format(self, version: int) -> Keyring:
+        """This keyring remembering that it opened a repository of format `version` (never lowered)."""
+        return Keyring(self.stream, self.macs, self.origin, max(version, self.repository_format or 0))
 
     def reload(self) -> Keyring:
         """The keyset as it is on disk now (another process may have rotated or retired a key)."""
@@ -342,13 +354,16 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
     else:
         history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
         mac_history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("mac_keys", {}).items()}
-        aad = _keyset_aad_v3(b"streaming-aead", history, mac_history)
+    repository_format = document.get("repository_format") if version == 4 else None
     try:
+        if mac_history is not None:
+            aad = _keyset_aad_v3(b"streaming-aead", history, mac_history, repository_format, version)
         handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad)
         macs = None
         if mac_history is not None:
             macs = Keys(tink.json_proto_keyset_format.parse_encrypted(
-                document["encrypted_mac_keyset"], master, _keyset_aad_v3(b"mac", history, mac_history)), mac_history)
+                document["encrypted_mac_keyset"], master,
+                _keyset_aad_v3(b"mac", history, mac_history, repository_format, version)), mac_history)
     except (tink.TinkError, KeyError):
         raise EncryptionKeyError(
             f"the master key does not open the keyset {path} (wrong master key, or its key dates were edited)",
@@ -356,7 +371,8 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
         ) from None
     for key_id in handle_key_ids(handle) - history.keys():
         history[key_id] = KeyInfo(key_id, created_at=None)
-    return Keyring(Keys(handle, history), macs, KeysetFile(path, master))
+    return Keyring(Keys(handle, history), macs, KeysetFile(path, master),
+                   int(repository_format) if isinstance(repository_format, int) else None)
 
 
 def handle_key_ids(handle: tink.KeysetHandle) -> set[int]:
@@ -372,10 +388,15 @@ def _keyset_aad_v2(history: dict[int, KeyInfo]) -> bytes:
     return _KEYSET_AAD + b"\x00" + json.dumps(_canonical_dates(history), sort_keys=True, separators=(",", ":")).encode()
 
 
-def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo]) -> bytes:
-    """Both keysets' dates, in the associated data of both encrypted keysets (and which part it is)."""
-    dates = {"keys": _canonical_dates(history), "mac_keys": _canonical_dates(mac_history)}
-    return b"\x00".join([_KEYSET_AAD_V3, part, json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
+def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo],
+                   repository_format: object = None, version: object = 3) -> bytes:
+    """Both keysets' dates, in the associated data of both encrypted keysets (and which part it is); from
+    version 4 the repository format the keyset has opened too (a repository writer cannot lower it)."""
+    dates: dict[str, object] = {"keys": _canonical_dates(history), "mac_keys": _canonical_dates(mac_history)}
+    if version == 4:
+        dates["repository_format"] = repository_format
+    return b"\x00".join([_KEYSET_AAD_V4 if version == 4 else _KEYSET_AAD_V3, part,
+                         json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
 
 
 def save_keyring(keyring: Keyring) -> Keyring:
@@ -386,17 +407,19 @@ def save_keyring(keyring: Keyring) -> Keyring:
     path, master, stream, macs = keyring.origin.path, keyring.origin.master, keyring.stream, keyring.macs
     document = {
         "format": KEYSET_FILE_FORMAT,
-        "version": 3,
+        "version": 4,
         "template": STREAMING_TEMPLATE_NAME,
         "primary_key_id": stream.primary_key_id,
         "keys": _canonical_dates(stream.history),
         "mac_template": MAC_TEMPLATE_NAME,
         "mac_primary_key_id": macs.primary_key_id,
         "mac_keys": _canonical_dates(macs.history),
+        "repository_format": keyring.repository_format,
         "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(
-            stream.handle, master, _keyset_aad_v3(b"streaming-aead", stream.history, macs.history)),
+            stream.handle, master, _keyset_aad_v3(b"streaming-aead", stream.history, macs.history,
+                                                  keyring.repository_format, 4)),
         "encrypted_mac_keyset": tink.json_proto_keyset_format.serialize_encrypted(
-            macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history)),
+            macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history, keyring.repository_format, 4)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -412,7 +435,8 @@ def save_keyring(keyring: Keyring) -> Keyring:
     finally:
         os.close(directory)
     written = read_keyset(path, master)
-    if (written.stream.key_ids, written.macs and written.macs.key_ids) != (stream.key_ids, macs.key_ids):
+    if ((written.stream.key_ids, written.macs and written.macs.key_ids, written.repository_format)
+            != (stream.key_ids, macs.key_ids, keyring.repository_format)):
         raise EncryptionKeyError(f"the keyset {path} did not read back as written", "check the disk; keep the old "
                                  "keyset backup until a rotation reads back")
     return written

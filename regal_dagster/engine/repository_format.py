@@ -3,19 +3,25 @@
 Format 2 (this version): every document in the repository is sealed (engine/documents.py), and so is the
 marker. Format 1 repositories (self-checksummed manifests, plain JSON documents, a plain marker) are read
 after `regal-backup upgrade` (engine/upgrade.py) has sealed them; until then every command says so.
+
+A format is never lowered: the keyset remembers the newest format it has opened (authenticated with the
+keys, engine/crypto.py), recorded at `init`, at `upgrade` and on the first open of a current repository by
+a keyset that predates the record. A marker saying less than that is a downgrade (someone without the keys
+rewrote it to have `upgrade` seal their forgeries) and is refused, `upgrade` included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .crypto import Keyring
+from .crypto import Keyring, save_keyring
 from .documents import unseal, write_document
-from .errors import RegalError, UsageError
-from .layout import REPOSITORY_MARKER
+from .errors import IntegrityError, RegalError, UsageError
+from .layout import KEYS_LOCK, REPOSITORY_MARKER
 from .storage import Repository
 from .storage.base import ObjectMissingError
 
@@ -31,6 +37,18 @@ class NoRepositoryError(UsageError):
         super().__init__(f"{location} holds no regal-backup repository",
                          "check repository.url in the policy (an unmounted volume looks empty); "
                          "`regal-backup init` creates a new one")
+
+
+class FormatDowngradeError(IntegrityError):
+    """The marker says an older format than the keyset has opened: it was rewritten (exit 3)."""
+
+    def __init__(self, location: str, marker: int, remembered: int, witness: str = ""):
+        witness = witness or f"this keyset has opened format {remembered}"
+        super().__init__(
+            f"{REPOSITORY_MARKER} of {location} says format {marker} but {witness}: someone rewrote the marker "
+            "(a format downgrade, so that `regal-backup upgrade` would seal documents written without the keys)",
+            f"do not run `regal-backup upgrade`; restore {REPOSITORY_MARKER} from the off-site copy (or your "
+            "copy of the repository), find out who can write the repository, then `verify` every backup")
 
 
 @dataclass(frozen=True)
@@ -58,13 +76,39 @@ def open_repository_format(repo: Repository, keyring: Keyring) -> RepositoryInfo
     except ObjectMissingError:
         raise NoRepositoryError(repo.location) from None
     if (legacy := marker_version(data)) < FORMAT_VERSION:
+        refuse_downgrade(repo, keyring, legacy)
         raise RegalError(f"the repository {repo.location} has format {legacy}: its documents are not sealed "
                          "against tampering", "run `regal-backup upgrade` once (it seals every document)")
     body = unseal(keyring, REPOSITORY_KIND, REPOSITORY_MARKER, data)
     if body.get("format") != MARKER_FORMAT or body.get("version", 0) > FORMAT_VERSION:
         raise RegalError(f"the repository {repo.location} has format {body.get('version')}; this regal-backup "
                          f"reads up to {FORMAT_VERSION}", "upgrade regal-backup")
-    return RepositoryInfo(int(body["version"]), str(body["created_at"]), str(body.get("repository_id", "")))
+    version = int(body["version"])
+    remember_format(repo, keyring, version)
+    return RepositoryInfo(version, str(body["created_at"]), str(body.get("repository_id", "")))
+
+
+def refuse_downgrade(repo: Repository, keyring: Keyring, marker: int) -> None:
+    """FormatDowngradeError when the keyset has opened a newer format than the marker says."""
+    if keyring.repository_format is not None and keyring.repository_format > marker:
+        raise FormatDowngradeError(repo.location, marker, keyring.repository_format)
+
+
+def remember_format(repo: Repository, keyring: Keyring, version: int, *, locked: bool = False) -> Keyring:
+    """The keyset records that it opened format `version` (once: a keyset from before the record, or a new one),
+    under the keys lock (`locked`: the caller holds it). Best effort when opening: a keyset this user cannot
+    write, or a lock another process holds, leaves it for the next open; the keyring as it now is."""
+    if (keyring.repository_format or 0) >= version or keyring.origin is None:
+        return keyring
+    with contextlib.ExitStack() as stack:
+        if not locked:
+            stack.enter_context(contextlib.suppress(RegalError, OSError))
+            stack.enter_context(repo.lock(KEYS_LOCK))
+        current = keyring.reload()  # under the lock: as a rotation or retirement meanwhile left it
+        if (current.repository_format or 0) < version:
+            return save_keyring(current.with_repository_format(version))
+        return current
+    return keyring
 
 
 def marker_version(data: bytes) -> int:

@@ -1,23 +1,34 @@
 """`regal-backup upgrade`: a format 1 repository (self-checksummed manifests, plain JSON documents) becomes a
 format 2 one, where every document is sealed with the keyset's document keys.
 
-Under the keys lock: the keyset gains document (MAC) keys if it has none; every version 2 manifest whose own
-SHA-256 still holds is sealed as version 3 (one that does not is left as it is and reported: it shows as
-DAMAGED); its check record is sealed and tied to it; every other document (restore-test, drill and sample
-records, prune logs, audit checkpoints and spooled events) is sealed as it is; the marker last. Running it
-again does nothing. What upgrade seals it takes as it finds it: run it before anyone but the backup service
-can write the repository (docs/formats.md, threat model).
+Under the keys lock, first: a repository whose marker says format 1 although the keyset (or the audit
+trail) knows it was already format 2 is a downgrade, refused before anything changes. Then the keyset gains
+document (MAC) keys if it has none, and upgrade seals only what it can authenticate by another route than
+the unsealed file itself (which anyone who can write the repository could have written):
+- a version 2 manifest whose own SHA-256 holds, every object it names authenticating under its backup id and
+  name (the objects' AEAD) with both recorded SHA-256 sums and sizes, and every fact it ties to an object
+  (a table's `sha256`) equal to that object's content; its check record when the audit trail's newest
+  verification of the backup recorded the same outcomes;
+- a restore-test record, drill record, prune log or audit checkpoint that the audit trail recorded (same
+  outcome and timings, the log's key and hash, the checkpoint's hash at its sequence number);
+- never a spooled audit event nor a restore sample: nothing else holds them.
+Everything else stays unsealed (readers keep refusing it) and is listed in the report, by file, with what
+to do; the command then exits 3. The marker is sealed last and the keyset records format 2. Running it
+again does nothing. docs/formats.md says what upgrade vouches for and what it cannot tell.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .audit import CHECKPOINT_KIND, SPOOL_KIND, audited
+from pydantic import ValidationError
+
+from .audit import CHECKPOINT_KIND, SPOOL_KIND, AuditEvent, AuditTrail, audited
 from .checks import CHECKS_KIND
 from .crypto import Keyring, load_keyring, save_keyring
 from .documents import SEAL, canonical, write_document
@@ -33,17 +44,23 @@ from .layout import (
     REPOSITORY_MARKER,
     RESTORE_SAMPLES,
     RESTORE_TESTS,
+    backup_prefix,
     checks_key,
     is_manifest_key,
+    manifest_key,
 )
 from .manifest import MANIFEST_VERSION, Manifest
+from .pipeline import read_stream
 from .policy import Policy
 from .repository_format import (
     FORMAT_VERSION,
     MARKER_FORMAT,
     REPOSITORY_KIND,
+    FormatDowngradeError,
     NoRepositoryError,
     marker_version,
+    refuse_downgrade,
+    remember_format,
 )
 from .restore_test import RESTORE_TEST_KIND
 from .retention import PRUNE_LOG_KIND
@@ -59,7 +76,7 @@ class UpgradeReport:
     keyset_upgraded: bool = False
     manifests_sealed: list[str] = field(default_factory=list)
     documents_sealed: int = 0
-    refused: dict[str, str] = field(default_factory=dict)  # key -> why it was left unsealed
+    refused: dict[str, str] = field(default_factory=dict)  # key -> why it was left unsealed, and what to do
     already_current: bool = False
 
 
@@ -68,28 +85,36 @@ def upgrade_repository(policy: Policy, repo: Repository | None = None) -> Upgrad
     report = UpgradeReport()
     with audited(policy, repo, "repository_upgrade", repo.location) as details, repo.lock(KEYS_LOCK):
         keyring = load_keyring(policy)
+        if repo.size(REPOSITORY_MARKER) is None:
+            raise NoRepositoryError(repo.location)
+        marker = marker_version(repo.get_bytes(REPOSITORY_MARKER))
+        refuse_downgrade(repo, keyring, marker)  # before anything changes
+        if marker >= FORMAT_VERSION:
+            report.already_current = True
+            details.update(format=FORMAT_VERSION)
+            return report
+        trail = _TrailWitness.read(policy, repo, keyring)
+        if trail.upgraded:
+            raise FormatDowngradeError(repo.location, marker, FORMAT_VERSION, "the audit trail records an upgrade "
+                                       f"of this repository to format {FORMAT_VERSION}")
         if keyring.macs is None:
             keyring = save_keyring(keyring.with_document_keys())
             report.keyset_upgraded = True
-        if repo.size(REPOSITORY_MARKER) is None:
-            raise NoRepositoryError(repo.location)
-        if marker_version(repo.get_bytes(REPOSITORY_MARKER)) >= FORMAT_VERSION:
-            report.already_current = True
-            return report
         for stored in list(repo.list(BACKUPS)):
             if is_manifest_key(stored.key):
-                _seal_manifest(repo, keyring, stored.key, report)
+                _seal_manifest(repo, keyring, stored.key, report, trail)
         for prefix, kind in _DOCUMENTS:
             for stored in list(repo.list(prefix)):
                 if kind != RESTORE_TEST_KIND or not stored.key.startswith(RESTORE_SAMPLES):
-                    _seal_document(repo, keyring, kind, stored.key, report)
+                    _seal_document(repo, keyring, kind, stored.key, report, trail)
         legacy = json.loads(repo.get_bytes(REPOSITORY_MARKER))
         write_document(repo, keyring, REPOSITORY_KIND, REPOSITORY_MARKER, {
             "format": MARKER_FORMAT, "version": FORMAT_VERSION,
             "created_at": legacy.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds"),
             "repository_id": hashlib.sha256(canonical(legacy)).hexdigest()[:16], "upgraded_from": 1})
-        details.update(manifests_sealed=len(report.manifests_sealed), documents_sealed=report.documents_sealed,
-                       refused=report.refused)
+        remember_format(repo, keyring, FORMAT_VERSION, locked=True)
+        details.update(format=FORMAT_VERSION, manifests_sealed=len(report.manifests_sealed),
+                       documents_sealed=report.documents_sealed, refused=report.refused)
     return report
 
 
@@ -108,32 +133,175 @@ def legacy_manifest(data: bytes, key: str) -> dict[str, Any]:
     return document
 
 
-def _seal_manifest(repo: Repository, keyring: Keyring, key: str, report: UpgradeReport) -> None:
+def _seal_manifest(repo: Repository, keyring: Keyring, key: str, report: UpgradeReport,
+                   trail: _TrailWitness) -> None:
     data = repo.get_bytes(key)
     if SEAL in json.loads(data):
         return
     try:
-        body = legacy_manifest(data, key)
+        manifest = authenticate_legacy_manifest(repo, keyring, key, legacy_manifest(data, key))
     except RegalError as exc:
-        report.refused[key] = exc.message
+        report.refused[key] = exc.message + (f"; what to do: {exc.hint}" if exc.hint else "")
         return
-    manifest = Manifest.model_validate({**body, "version": MANIFEST_VERSION})
     repo.put_bytes(key, manifest.to_bytes(keyring), manifest.locked_until)
     report.manifests_sealed.append(manifest.backup_id)
     record_key = checks_key(manifest.backup_id)
     if repo.size(record_key) is not None:
-        record = json.loads(repo.get_bytes(record_key))
-        if SEAL not in record:  # the record checked this manifest: it is now tied to it
+        try:
+            record = json.loads(repo.get_bytes(record_key))
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            report.refused[record_key] = f"{record_key} is not valid JSON; what to do: `regal-backup verify " \
+                                         f"{manifest.backup_id}` checks the backup again"
+        elif SEAL not in record:  # the record checked this manifest: it is now tied to it
+            if (why := trail.vouch_checks(manifest.backup_id, record)) is not None:
+                report.refused[record_key] = (f"{why}; what to do: `regal-backup verify {manifest.backup_id}` "
+                                              "checks the backup again (until then it counts as unchecked)")
+                return
             write_document(repo, keyring, CHECKS_KIND, record_key,
                            {**record, "version": 2, "manifest_digest": manifest.digest()})
 
 
-def _seal_document(repo: Repository, keyring: Keyring, kind: str, key: str, report: UpgradeReport) -> None:
+def authenticate_legacy_manifest(repo: Repository, keyring: Keyring, key: str, body: dict[str, Any]) -> Manifest:
+    """A version 2 manifest as version 3, once what it says is shown true by what a keyless writer cannot make:
+    every object it names authenticates under its backup id and name with the recorded key id, SHA-256 sums
+    and sizes, and every fact it ties to an object (`object` + `sha256`) matches that object's content.
+    RegalError naming the file otherwise."""
+    hint = "it stays unsealed (DAMAGED); restore it from the off-site copy or investigate who wrote it"
     try:
-        body = json.loads(repo.get_bytes(key))
+        manifest = Manifest.model_validate({**body, "version": MANIFEST_VERSION})
+    except ValidationError as exc:
+        raise RegalError(f"{key} is incomplete ({exc.error_count()} problem(s))", hint) from None
+    if manifest_key(manifest.target, manifest.backup_id) != key:
+        raise RegalError(f"{key} describes backup {manifest.backup_id}, stored elsewhere", hint)
+    if not manifest.objects:
+        raise RegalError(f"{key} names no object: nothing vouches for it", hint)
+    contents: dict[str, str] = {}
+    for record in manifest.objects:
+        if not record.key.startswith(backup_prefix(manifest.target, manifest.backup_id)):
+            raise RegalError(f"{key} names object {record.key}, outside its backup", hint)
+        try:
+            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id)
+        except RegalError as exc:
+            raise RegalError(f"{key} is not borne out by its objects: {exc.message}", hint) from None
+        contents[record.name] = record.plaintext_sha256
+    for fact in _object_facts(manifest.source):
+        if contents.get(str(fact["object"])) != fact["sha256"]:
+            raise RegalError(f"{key} says object {fact['object']} holds content of SHA-256 {fact['sha256']}, "
+                             "which is not what that object holds (its entries were swapped or edited)", hint)
+    return manifest
+
+
+def _object_facts(value: Any) -> Iterator[dict[str, Any]]:
+    """Every mapping in a manifest's source facts that ties a fact to an object by its content (a table's rows)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("object"), str) and isinstance(value.get("sha256"), str):
+            yield value
+        for item in value.values():
+            yield from _object_facts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _object_facts(item)
+
+
+_NO_ROUTE = {
+    SPOOL_KIND: "an audit event spooled before the upgrade: nothing but the file itself says it happened; "
+                "what to do: it joins the audit trail only as the record of its refusal (its name, size and "
+                "SHA-256, with the next event); if it was genuine, note what it says in the trail by hand",
+    SAMPLE_KIND: "a restore sample: nothing but the file itself says which backups were drawn; what to do: "
+                 "delete it, and the next restore-test schedule draws this month again (recorded, with its seed)",
+}
+_NO_TRAIL = "; what to do: delete it if you do not need it (readers refuse it), or keep it for investigation"
+
+
+def _seal_document(repo: Repository, keyring: Keyring, kind: str, key: str, report: UpgradeReport,
+                   trail: _TrailWitness) -> None:
+    data = repo.get_bytes(key)
+    try:
+        body = json.loads(data)
     except ValueError:
-        report.refused[key] = f"{key} is not valid JSON"
+        report.refused[key] = f"{key} is not valid JSON" + _NO_TRAIL
         return
-    if isinstance(body, dict) and SEAL not in body:
-        write_document(repo, keyring, kind, key, body)
-        report.documents_sealed += 1
+    if not isinstance(body, dict) or SEAL in body:
+        return
+    if kind in _NO_ROUTE:
+        report.refused[key] = f"{key} is {_NO_ROUTE[kind]}"
+        return
+    if (why := trail.vouch(kind, key, body, data)) is not None:
+        report.refused[key] = why + _NO_TRAIL
+        return
+    write_document(repo, keyring, kind, key, body)
+    report.documents_sealed += 1
+
+
+@dataclass
+class _TrailWitness:
+    """What the audit trail (hash-chained, outside the repository) recorded, to vouch for unsealed documents."""
+
+    events: list[AuditEvent] | None  # None: no trail, or it cannot be read
+    location: str
+
+    @classmethod
+    def read(cls, policy: Policy, repo: Repository, keyring: Keyring) -> _TrailWitness:
+        if policy.audit is None:
+            return cls(None, repo.location)
+        try:
+            return cls(AuditTrail(policy, repo, keyring).events(), repo.location)
+        except RegalError:
+            return cls(None, repo.location)
+
+    def _of(self, event_type: str, resource: str | None = None) -> list[tuple[AuditEvent, dict[str, Any]]]:
+        return [(e, json.loads(e.details)) for e in self.events or []
+                if e.event_type == event_type and (resource is None or e.resource == resource)]
+
+    @property
+    def upgraded(self) -> bool:
+        """The trail saw this repository upgraded to format 2 (or opened as such by upgrade) before."""
+        return any(e.outcome == "success" and ("manifests_sealed" in d or d.get("format", 0) >= FORMAT_VERSION)
+                   for e, d in self._of("repository_upgrade", self.location))
+
+    def vouch_checks(self, backup_id: str, record: dict[str, Any]) -> str | None:
+        """None when the trail's newest verification of the backup recorded these outcomes; else why not."""
+        key = checks_key(backup_id)
+        if self.events is None:
+            return f"{key}: there is no audit trail to vouch for this check record"
+        found = self._of("verification", backup_id)
+        if not found:
+            return f"{key}: the audit trail records no verification of {backup_id}"
+        details = found[-1][1]
+        outcomes = {str(o.get("name")): o.get("passed") for o in record.get("outcomes", []) if isinstance(o, dict)}
+        if details.get("checks") != outcomes:
+            return f"{key} does not say what the audit trail's newest verification of {backup_id} recorded"
+        return None
+
+    def vouch(self, kind: str, key: str, body: dict[str, Any], data: bytes) -> str | None:
+        """None when the trail recorded this document as it is; else why it cannot vouch for it."""
+        if self.events is None:
+            return f"{key}: there is no audit trail to vouch for it"
+        if kind == CHECKPOINT_KIND:
+            if any(e.seq == body.get("seq") and e.hash == body.get("hash") for e in self.events):
+                return None
+            return f"{key} is not a head the audit trail ever had"
+        if kind == PRUNE_LOG_KIND:
+            for _, details in self._of("prune"):
+                if details.get("log") == key and details.get("log_sha256") in (None, hashlib.sha256(data).hexdigest()):
+                    return None
+            return f"{key}: the audit trail records no prune that wrote this log"
+        if kind == DRILL_KIND:
+            for event, details in self._of("dr_drill", str(body.get("drill_id"))):
+                if (event.outcome == ("success" if body.get("passed") else "failure")
+                        and details.get("rto_seconds") == _rounded(body.get("rto_seconds"))):
+                    return None
+            return f"{key}: the audit trail records no such drill"
+        if kind == RESTORE_TEST_KIND:
+            for _, details in self._of("restore_test", str(body.get("backup_id"))):
+                if (details.get("validation_passed") == body.get("validation_passed")
+                        and details.get("rto_seconds") == _rounded(body.get("rto_seconds"))):
+                    return None
+            return f"{key}: the audit trail records no such restore test"
+        return f"{key}: nothing vouches for a document of kind {kind}"
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, int | float) else value
