@@ -380,14 +380,28 @@ def test_the_threat_model_is_written_down() -> None:
         assert actor in formats
 
 
-def test_a_format_1_repository_is_upgraded_and_a_tampered_manifest_stays_damaged(
-        shop: dict[str, Any], tmp_path: Path) -> None:
-    """A repository as an earlier regal-backup left it: self-checksummed manifests, plain documents, a plain
-    marker, a keyset without document keys. `regal-backup upgrade` seals it; an edited manifest stays out."""
+def _as_format_1_manifest(document: dict[str, Any]) -> None:
+    """A manifest body as format 1 wrote it: no seal, version 2, its own SHA-256 (which anyone can recompute)."""
+    document.pop("seal", None)
+    document.pop("ledger_revision", None)
+    document.pop("manifest_sha256", None)
+    document["version"] = 2
+    document["manifest_sha256"] = hashlib.sha256(canonical(document)).hexdigest()
+
+
+def _format_1_marker(shop: dict[str, Any]) -> None:
+    """The marker as format 1 wrote it, in plain JSON (what anyone who can write the repository can write)."""
+    marker = json.loads(_repo_path(shop, REPOSITORY_MARKER).read_text())
+    _repo_path(shop, REPOSITORY_MARKER).write_text(json.dumps({"format": marker["format"], "version": 1,
+                                                               "created_at": marker["created_at"]}))
+
+
+def _make_format_1(shop: dict[str, Any], backup_ids: list[str]) -> None:
+    """Turn a repository back into what an earlier regal-backup left (manifests, check records, marker and a
+    version 2 keyset without document keys): a genuine format 1 repository."""
     policy = shop["policy"]
-    first, second = _backup(shop), _backup(shop)
     keyring = load_keyring(policy)
-    for backup_id in (first, second):  # written back the way format 1 wrote them
+    for backup_id in backup_ids:  # written back the way format 1 wrote them
         path = _repo_path(shop, manifest_key("pos", backup_id))
         body = json.loads(path.read_text())
         body.pop("seal")
@@ -410,6 +424,15 @@ def test_a_format_1_repository_is_upgraded_and_a_tampered_manifest_stays_damaged
         "primary_key_id": keyring.primary_key_id, "keys": {str(k): v.to_json() for k, v in history.items()},
         "encrypted_keyset": crypto.tink.json_proto_keyset_format.serialize_encrypted(
             keyring.stream.handle, master, crypto._keyset_aad_v2(history))}))
+
+
+def test_a_format_1_repository_is_upgraded_and_a_tampered_manifest_stays_damaged(
+        shop: dict[str, Any], tmp_path: Path) -> None:
+    """A repository as an earlier regal-backup left it: self-checksummed manifests, plain documents, a plain
+    marker, a keyset without document keys. `regal-backup upgrade` seals it; an edited manifest stays out."""
+    policy = shop["policy"]
+    first, second = _backup(shop), _backup(shop)
+    _make_format_1(shop, [first, second])
     tampered = _repo_path(shop, manifest_key("pos", second))
     tampered.write_text(tampered.read_text().replace('"daily"', '"monthly"').replace('"hourly"', '"monthly"'))
 
@@ -431,3 +454,146 @@ def test_a_format_1_repository_is_upgraded_and_a_tampered_manifest_stays_damaged
     assert _sql(target, "SELECT count(*) FROM card_blocklist") == [(50,)]
     again = run_cli(shop["policy_file"], "upgrade")
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def _plant_spool_event(shop: dict[str, Any]) -> str:
+    """An audit event planted in the spool, unsealed: a restore test that never happened."""
+    forged = {"seq": 0, "at": "2026-01-01T00:00:00+00:00", "actor": "user:auditor", "event_type": "restore_test",
+              "outcome": "success", "host": "x", "process": "x[1]", "run_id": None, "resource": "pos-forged",
+              "details": {"rto_seconds": 1}, "prev_hash": "", "hash": ""}
+    planted = "audit/spool/20260101T000000.000000Z-deadbeef.json"
+    _repo_path(shop, planted).parent.mkdir(parents=True, exist_ok=True)
+    _repo_path(shop, planted).write_text(json.dumps(forged))
+    import regal_dagster.engine.audit as audit_module
+
+    audit_module._SPOOL_CHECKED.clear()  # a fresh process would list the spool
+    return planted
+
+
+def _swap_tables_objects(document: dict[str, Any]) -> None:
+    """Blocklisted tokens would come back as allowed: the two card tables' objects swapped."""
+    tables = {t["name"]: t for t in document["source"]["tables"]}
+    blocked, allowed = tables["card_blocklist"], tables["card_allowlist"]
+    blocked["object"], allowed["object"] = allowed["object"], blocked["object"]
+
+
+def _chained_resources(shop: dict[str, Any]) -> list[str]:
+    return [e.resource for e in AuditTrail(shop["policy"], open_repository(shop["policy"])).events()]
+
+
+def test_a_downgraded_marker_does_not_launder_a_forged_manifest_and_spool_event(shop: dict[str, Any]) -> None:
+    """The attack: a current repository's marker set back to format 1, a forged unsealed manifest (tables
+    swapped) and a spooled event planted; the operator runs `regal-backup upgrade` as every command tells
+    them. The keyset remembers format 2: upgrade is refused as a downgrade, naming the marker, and seals
+    nothing; once the marker is put back, verify still refuses the forgery; the event never joins the chain."""
+    backup_id = _backup(shop)
+    key = manifest_key("pos", backup_id)
+    genuine_marker = _repo_path(shop, REPOSITORY_MARKER).read_bytes()
+    manifest = json.loads(_repo_path(shop, key).read_text())
+    _swap_tables_objects(manifest)
+    _as_format_1_manifest(manifest)
+    _repo_path(shop, key).write_text(json.dumps(manifest))
+    _format_1_marker(shop)
+    planted = _plant_spool_event(shop)
+    forged_bytes, marker_bytes = _repo_path(shop, key).read_bytes(), _repo_path(shop, REPOSITORY_MARKER).read_bytes()
+
+    listed = run_cli(shop["policy_file"], "list")
+    assert listed.returncode == 3 and REPOSITORY_MARKER in listed.stderr and "rewrote the marker" in listed.stderr
+    assert "`regal-backup upgrade` once" not in listed.stderr  # it does not send the operator to launder it
+
+    upgraded = run_cli(shop["policy_file"], "upgrade")
+    assert upgraded.returncode == 3, upgraded.stdout + upgraded.stderr
+    assert REPOSITORY_MARKER in upgraded.stderr and "says format 1" in upgraded.stderr
+    assert "downgrade" in upgraded.stderr and "off-site" in upgraded.stderr
+    assert _repo_path(shop, key).read_bytes() == forged_bytes  # nothing sealed
+    assert _repo_path(shop, REPOSITORY_MARKER).read_bytes() == marker_bytes
+    assert "seal" not in json.loads(_repo_path(shop, key).read_text())
+
+    _repo_path(shop, REPOSITORY_MARKER).write_bytes(genuine_marker)  # what the refusal says to do
+    verified = run_cli(shop["policy_file"], "verify", backup_id, "--json")
+    assert verified.returncode == 3
+    manifest_check = next(c for c in json.loads(verified.stdout)["checks"] if c["name"] == "manifest")
+    assert not manifest_check["passed"] and key in manifest_check["description"]
+    resources = _chained_resources(shop)
+    assert "pos-forged" not in resources and planted in resources  # only as the record of its refusal
+
+
+def test_a_keyset_from_before_the_format_record_learns_it_on_the_next_open(shop: dict[str, Any]) -> None:
+    """A keyset written before it recorded the format (version 3) records it on the next command: from then
+    on the repository cannot be downgraded, whatever the audit trail says."""
+    _backup(shop)
+    policy = shop["policy"]
+    keyring = load_keyring(policy)
+    assert keyring.repository_format == 2
+    path = policy.resolve_path(policy.encryption.keyset)
+    document = json.loads(path.read_text())
+    master, stream, macs = keyring.origin.master, keyring.stream, keyring.macs  # type: ignore[union-attr]
+    assert document["version"] == 4 and document["repository_format"] == 2 and macs is not None
+    del document["repository_format"]
+    document.update(version=3, encrypted_keyset=crypto.tink.json_proto_keyset_format.serialize_encrypted(
+        stream.handle, master, crypto._keyset_aad_v3(b"streaming-aead", stream.history, macs.history)),
+        encrypted_mac_keyset=crypto.tink.json_proto_keyset_format.serialize_encrypted(
+            macs.handle, master, crypto._keyset_aad_v3(b"mac", stream.history, macs.history)))
+    path.write_text(json.dumps(document))
+    assert load_keyring(policy).repository_format is None
+
+    assert run_cli(shop["policy_file"], "list").returncode == 0
+    assert load_keyring(policy).repository_format == 2
+    document = json.loads(path.read_text())
+    document["repository_format"] = 1  # lowering it by hand breaks the keyset
+    path.write_text(json.dumps(document))
+    refused = run_cli(shop["policy_file"], "list")
+    assert refused.returncode != 0 and "does not open the keyset" in refused.stderr
+
+
+def test_a_forgery_planted_in_a_genuine_format_1_repository_is_not_sealed(shop: dict[str, Any]) -> None:
+    """A genuine format 1 repository, with a forged manifest (tables' objects swapped, its own SHA-256
+    recomputed) and a spooled event planted before the upgrade: upgrade seals what it can authenticate by
+    another route (the genuine backup: its objects; its check record: the audit trail) and lists the rest,
+    which stays refused; exit 3."""
+    first, second = _backup(shop), _backup(shop)
+    _make_format_1(shop, [first, second])
+    key = manifest_key("pos", second)
+    manifest = json.loads(_repo_path(shop, key).read_text())
+    _swap_tables_objects(manifest)
+    _as_format_1_manifest(manifest)
+    _repo_path(shop, key).write_text(json.dumps(manifest))
+    planted = _plant_spool_event(shop)
+    forged_record = json.loads(_repo_path(shop, checks_key(second)).read_text())
+
+    upgraded = run_cli(shop["policy_file"], "upgrade", "--json")
+    assert upgraded.returncode == 3, upgraded.stderr
+    report = json.loads(upgraded.stdout)
+    assert report["manifests_sealed"] == [first]
+    assert sorted(report["refused"]) == sorted([key, planted])
+    assert "swapped" in report["refused"][key] and "what to do" in report["refused"][planted]
+    text = run_cli(shop["policy_file"], "upgrade").stdout  # the marker is current now: nothing more to do
+    assert "nothing to do" in text
+    assert "seal" not in json.loads(_repo_path(shop, key).read_text())
+    assert json.loads(_repo_path(shop, checks_key(second)).read_text()) == forged_record
+
+    listing = json.loads(run_cli(shop["policy_file"], "list", "--json").stdout)
+    assert [(b["backup_id"], b["status"]) for b in listing["backups"]] == [(first, "good")]
+    assert [d["backup_id"] for d in listing["damaged"]] == [second]
+    assert run_cli(shop["policy_file"], "verify", second).returncode == 3
+    assert "pos-forged" not in _chained_resources(shop)
+
+
+def test_upgrade_refuses_a_downgrade_the_audit_trail_saw_even_with_an_older_keyset(shop: dict[str, Any]) -> None:
+    """A genuine format 1 repository upgraded; later its marker is set back to format 1 and the keyset is one
+    restored from a key backup made before the upgrade: the audit trail's record of the upgrade refuses it."""
+    backup_id = _backup(shop)
+    _make_format_1(shop, [backup_id])
+    policy = shop["policy"]
+    keyset = policy.resolve_path(policy.encryption.keyset)
+    old_keyset = keyset.read_text()
+    assert run_cli(shop["policy_file"], "upgrade").returncode == 0
+    sealed = _repo_path(shop, manifest_key("pos", backup_id)).read_text()
+    _format_1_marker(shop)
+    refused = run_cli(shop["policy_file"], "upgrade")
+    assert refused.returncode == 3 and "this keyset has opened format 2" in refused.stderr
+    keyset.write_text(old_keyset)  # no document keys, no format: only the trail remembers
+    refused = run_cli(shop["policy_file"], "upgrade")
+    assert refused.returncode == 3 and REPOSITORY_MARKER in refused.stderr
+    assert "the audit trail records an upgrade" in refused.stderr
+    assert _repo_path(shop, manifest_key("pos", backup_id)).read_text() == sealed
