@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, run_cli_process, wait_for, write_policy_file
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plants files as another user: needs root")
