@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -94,7 +95,8 @@ def test_default_settings_long_base_dir_and_explicit_start_stop(tmp_path: Path) 
     assert _gone(pid)
     assert list(base.iterdir()) == []
     assert not socket_dir.exists()
-    assert socket_dir.parent == Path("/tmp") and socket_dir.name.startswith("regal-sock-")
+    assert socket_dir.parent == Path("/tmp") / f"regal-backup-{os.geteuid()}"  # this user's base directory
+    assert socket_dir.name.startswith("regal-sock-")
     c.stop()  # a second stop is harmless
 
 

@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import yaml
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.layout import PARTIAL_SUFFIX
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.workspace import owner_alive
+from regal_dagster.engine.workspace import base_directory, owner_alive
 
 from .conftest import (
     CLI,
@@ -243,7 +242,7 @@ def _table_counts(dsn: str) -> dict[str, int]:
 def _decrypted_leftovers() -> list[Path]:
     """Private working directories (decrypted files, scratch servers) whose owner is dead: none may stay once
     the next command ran (the live ones of this test session, its own scratch server, are not leftovers)."""
-    return [p for p in Path(tempfile.gettempdir()).glob("regal-*") if p.is_dir() and not owner_alive(p)]
+    return [p for p in base_directory().glob("regal-*") if p.is_dir() and not owner_alive(p)]
 
 
 def _wait_sessions_gone(server_dsn: str, prefix: str) -> None:
@@ -381,7 +380,7 @@ def _server_or_exit(process: subprocess.Popen[bytes], work_dir: Path) -> bool:
     (postmaster.pid says "ready"), not initdb's short-lived bootstrap postgres."""
     if process.poll() is not None:
         return True
-    for pid_file in work_dir.glob("regal-pg-*/**/postmaster.pid"):
+    for pid_file in work_dir.glob("regal-backup-*/regal-pg-*/**/postmaster.pid"):
         with contextlib.suppress(OSError):
             if pid_file.read_text().rstrip().endswith("ready"):
                 return True
@@ -422,9 +421,10 @@ def test_sigkill_of_restore_tests_leaves_no_scratch_server_behind(shop: dict[str
         listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in
                      {p.pid for p in servers}]
         assert listening == []
-        while list(work_dir.glob("regal-pg-*")) and time.monotonic() - killed_at < 10:
+        while list(work_dir.glob("regal-backup-*/regal-pg-*")) and time.monotonic() - killed_at < 10:
             time.sleep(0.1)
-        dir_gone += not list(work_dir.glob("regal-pg-*"))  # removed by the watchdog (else: by the next run)
+        # removed by the watchdog (else: by the next run)
+        dir_gone += not list(work_dir.glob("regal-backup-*/regal-pg-*"))
         outcomes["killed with a scratch server running" if running else "killed before or after it"] += 1
         again = run_cli(policy_file, *command)  # the next one works, nothing to clean by hand
         assert again.returncode == 0, again.stderr

@@ -80,12 +80,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep_leftovers() -> None:
-    """Every command first removes what dead commands left in the temp directory (scratch servers stopped,
-    decrypted files deleted): see engine/workspace.py."""
+    """Every command first removes what dead commands of this user left in its private base directory in the
+    temp directory (scratch servers stopped, decrypted files deleted): see engine/workspace.py. A base
+    directory that is not this user's alone is left untouched, with a warning (a command that needs private
+    working files then refuses to run)."""
     from ..engine.workspace import sweep
 
     with contextlib.suppress(Exception):  # never a reason not to run the command asked for
-        sweep()
+        try:
+            sweep()
+        except RegalError as exc:
+            print(f"warning: {exc.message}\n  what to do: {exc.hint}", file=sys.stderr)
 
 
 def _refused(out: Output, message: str, hint: str | None, code: int) -> int:

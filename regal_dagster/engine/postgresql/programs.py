@@ -92,12 +92,13 @@ def server_account() -> Account:
 
 
 def make_traversable(path: Path) -> None:
-    """Let other users pass through `path` and all its parents (adds o+x, g+x where missing)."""
+    """Let other users pass through `path` and all its parents (adds o+x, g+x where missing) that this process's
+    user owns: another user's directory is never changed."""
     wanted = stat.S_IXGRP | stat.S_IXOTH
     for directory in [path, *path.parents]:
-        mode = directory.stat().st_mode
-        if mode & wanted != wanted:
-            directory.chmod(stat.S_IMODE(mode) | wanted)
+        info = directory.stat()
+        if info.st_mode & wanted != wanted and info.st_uid == os.geteuid():
+            directory.chmod(stat.S_IMODE(info.st_mode) | wanted)
 
 
 def _prepare_install_for_others() -> None:

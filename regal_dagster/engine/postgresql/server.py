@@ -39,10 +39,10 @@ from psycopg import sql
 
 from ..environment import child_environment
 from ..errors import ToolError
-from ..workspace import make_private_directory
+from ..workspace import OWNER_FILE, is_private_base, let_group_traverse, make_private_directory, remove_empty_base
 from .installations import choose_server_binaries, installation_major, pg_bin_dir, server_installations
 from .programs import Account, make_traversable, run_pg, server_account
-from .watchdog import kill_postmaster, process_alive, read_postmaster_pid
+from .watchdog import kill_postmaster, process_alive, read_postmaster_pid, write_server_record
 
 # choose_server_binaries, installation_major, pg_bin_dir, server_installations: importable from here as before
 __all__ = ["RESTORE_SETTINGS", "SETTINGS_FILE", "ScratchCluster", "choose_server_binaries",
@@ -96,6 +96,29 @@ def _tail(path: Path | None, lines: int = 30, start: int = 0) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _open_to_server(private: Path, account: Account) -> None:
+    """Give a private directory of ours to the server account, which can then reach it (_reachable)."""
+    _reachable(private.parent, account)
+    account.chown(private)
+
+
+def _reachable(directory: Path, account: Account) -> None:
+    """Let the server account, when it is another one, pass through `directory` and its parents. Below our
+    base directory (engine/workspace.py) and the base itself: that account's group and mode 0710, nobody
+    else's access changes; above it (or with no base among the parents), o+x/g+x on the directories we own
+    (make_traversable)."""
+    if not account.is_other or account.gid is None:
+        return
+    chain = [directory, *directory.parents]
+    base = next((i for i, d in enumerate(chain) if is_private_base(d)), None)
+    if base is None:
+        make_traversable(directory)
+        return
+    make_traversable(chain[base].parent)
+    for inside in reversed(chain[:base + 1]):
+        let_group_traverse(inside, account.gid)
 
 
 def _remove_tree(path: Path) -> None:
@@ -247,9 +270,7 @@ class ScratchCluster:
 
     def _prepare_scratch_dir(self, account: Account) -> None:
         self._work_dir = make_private_directory("pg", self.base_dir).absolute()  # 0700, swept once we are dead
-        if account.is_other:
-            make_traversable(self._work_dir.parent)
-        account.chown(self._work_dir)
+        _open_to_server(self._work_dir, account)
         self.data_dir = self._work_dir / "data"
         self.log_path = self._work_dir / "server.log"
         self.password = secrets.token_urlsafe(24)
@@ -263,8 +284,7 @@ class ScratchCluster:
         if (data_dir / "PG_VERSION").is_file():
             if account.uid is not None and data_dir.stat().st_uid != account.uid:
                 account.chown_tree(data_dir)
-            if account.is_other:
-                make_traversable(data_dir.parent)
+            _reachable(data_dir.parent, account)
             return
         if data_dir.exists() and any(data_dir.iterdir()):
             raise ToolError(
@@ -272,8 +292,7 @@ class ScratchCluster:
                 "point the demo at an empty or missing directory, or delete this one",
             )
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if account.is_other:
-            make_traversable(data_dir.parent)
+        _reachable(data_dir.parent, account)
         account.chown(data_dir)
         self._initdb(account)
 
@@ -327,8 +346,7 @@ class ScratchCluster:
         wanted = self.data_dir if self._persistent else self.data_dir.parent / "socket"
         if len(os.fsencode(str(wanted / f".s.PGSQL.{PORT}.lock"))) > _SOCKET_NAME_MAX:
             self._socket_temp_dir = wanted = make_private_directory("sock", Path("/tmp"))
-            if account.is_other:
-                make_traversable(wanted.parent)
+            _open_to_server(wanted, account)
         wanted.mkdir(mode=0o700, exist_ok=True)
         wanted.chmod(0o700)
         account.chown(wanted)
@@ -408,6 +426,12 @@ class ScratchCluster:
         self.port = port
         info = read_postmaster_pid(self.data_dir)
         self.pid = info[0] if info else None
+        private = self._work_dir or (self.data_dir.parent if (self.data_dir.parent / OWNER_FILE).is_file() else None)
+        if private is not None and self.pid is not None:  # in a private directory: what the sweep may stop
+            try:  # once we are dead
+                write_server_record(private, psutil.Process(self.pid))
+            except psutil.NoSuchProcess:
+                pass  # the connection check below says why
         try:
             self._check_connection()
         except psycopg.Error as exc:
@@ -458,9 +482,11 @@ class ScratchCluster:
             self._started_by_us = False
             if not self.keep and self._work_dir is not None:
                 _remove_tree(self._work_dir)
+                remove_empty_base(self._work_dir.parent)
                 self._work_dir = None
             if self._socket_temp_dir is not None:
                 _remove_tree(self._socket_temp_dir)
+                remove_empty_base(self._socket_temp_dir.parent)
                 self._socket_temp_dir = None
             if self._watchdog is not None:
                 self._watchdog.kill()
@@ -482,7 +508,7 @@ class ScratchCluster:
         except ToolError as exc:
             logger.warning("pg_ctl stop did not finish: %s", exc.message)
         if pid is not None and process_alive(pid):
-            kill_postmaster(pid)
+            kill_postmaster(pid, self.data_dir)
         self.pid = None
 
     def _kill_leftover(self) -> None:
@@ -490,4 +516,4 @@ class ScratchCluster:
         assert self.data_dir is not None
         info = read_postmaster_pid(self.data_dir)
         if info is not None and process_alive(info[0]):
-            kill_postmaster(info[0])
+            kill_postmaster(info[0], self.data_dir)

@@ -5,21 +5,27 @@ Started detached (a session of its own) beside every scratch server. Twice a sec
 (the process that started the server, known by pid AND start time, so a reused pid does not count): once
 the owner is gone (SIGKILL, a crash, a lost terminal) it stops every server running from WORK_DIR
 (PostgreSQL: SIGQUIT, an immediate shutdown, then SIGKILL of whatever is left; any other server named in a
-`.regal-server-pid` file: SIGKILL) and removes WORK_DIR and the EXTRA_DIRs. It ends by itself as soon as
+`.regal-server-pid` file: SIGKILL; then programs of ours or of the server account whose command line names
+WORK_DIR, such as an initdb) and removes WORK_DIR and the EXTRA_DIRs. A pid read from a file is only ever
+signalled when that process is a scratch server (postgres, redis-server) whose working directory is in
+WORK_DIR. It ends by itself as soon as
 WORK_DIR is gone (its owner stopped the server and cleaned up as usual).
 
 The next command that sweeps a dead owner's working directory (engine/workspace.py) stops what is left
-there the same way (`stop_orphan_servers`).
+there (`stop_orphan_servers`): only the servers our own records name, still running from there and started
+at the recorded time.
 
 Imports only the standard library and psutil: it starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -30,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 SERVER_PID_FILE = ".regal-server-pid"
-"""`<pid> <start time>` of a non-PostgreSQL scratch server (redis-server) running from the directory."""
+"""`<pid> <start time>` of a scratch server (a postmaster, a redis-server) we started, running from the directory
+the file is in or below it: written by us (our uid), read by the sweep (stop_orphan_servers)."""
 
 
 def owner_alive(pid: int, started: float) -> bool:
@@ -41,13 +48,37 @@ def owner_alive(pid: int, started: float) -> bool:
         return False
 
 
-def _tree(pid: int, started: float | None = None) -> list[psutil.Process]:
+SERVER_NAMES = frozenset({"postgres", "redis-server"})
+"""The programs a scratch server runs as: nothing else is ever stopped from a record or a pid file."""
+POSTGRES = frozenset({"postgres"})
+
+
+def _runs_from(process: psutil.Process, directory: Path, names: frozenset[str]) -> bool:
+    """Whether `process` runs one of the programs `names` and its working directory is `directory` or below it
+    (PostgreSQL changes into its data directory, redis-server into its `dir`)."""
     try:
-        process = psutil.Process(abs(pid))  # initdb's standalone backend writes its pid negated
+        if process.name() not in names:
+            return False
+        cwd = os.path.realpath(process.cwd())
+    except (psutil.Error, OSError):
+        return False
+    root = os.path.realpath(directory)
+    return cwd == root or cwd.startswith(root + os.sep)
+
+
+def _server_tree(pid: int, directory: Path, started: float | None = None,
+                 names: frozenset[str] = SERVER_NAMES) -> list[psutil.Process]:
+    """Process `pid` and its children, when it is a live scratch server running from `directory` (and, with
+    `started`, started then: a reused pid does not count); else nothing. A pid read from a file is never
+    enough by itself."""
+    try:
+        process = psutil.Process(pid)
         if started is not None and abs(process.create_time() - started) >= 0.01:
             return []  # the pid now belongs to someone else
+        if process.status() == psutil.STATUS_ZOMBIE or not _runs_from(process, directory, names):
+            return []
         return [process, *process.children(recursive=True)]
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.Error, ValueError):
         return []
 
 
@@ -62,11 +93,12 @@ def _gone(processes: list[psutil.Process]) -> bool:
 
 
 def kill_processes(processes: list[psutil.Process], wait: float = 5) -> None:
-    """SIGKILL each of `processes` and wait (up to `wait` seconds) until they are gone."""
+    """SIGKILL each of `processes` and wait (up to `wait` seconds) until they are gone (psutil checks that a
+    process is still the one it looked at: a reused pid is not signalled)."""
     for process in processes:
         try:
             process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and not _gone(processes):
@@ -74,34 +106,63 @@ def kill_processes(processes: list[psutil.Process], wait: float = 5) -> None:
 
 
 def _files(work_dir: Path, name: str) -> list[Path]:
-    """Files called `name` below `work_dir` (os.walk: a server creating and deleting files meanwhile is fine)."""
+    """Files called `name` below `work_dir` (os.walk: a server creating and deleting files meanwhile is fine;
+    symbolic links to directories are not followed)."""
     return [Path(root, name) for root, _, files in os.walk(work_dir) if name in files]
 
 
+def write_server_record(directory: Path, process: psutil.Process) -> None:
+    """Record a scratch server we started (`<pid> <start time>`) in `directory`, the private directory it runs
+    from: what the sweep may stop once we are dead."""
+    path = directory / SERVER_PID_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{process.pid} {process.create_time()!r}\n")
+
+
+def _recorded_server(record: Path) -> list[psutil.Process]:
+    """The server a record of ours names (a regular file this uid wrote, `<pid> <start time>`), when it still
+    runs from the record's directory and started at that time; else nothing."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid() or status.st_nlink != 1:
+                logger.warning("%s is not a server record of ours: ignored", record)
+                return []
+            pid_text, started_text = f.read(200).decode().split()
+        return _server_tree(int(pid_text), record.parent, float(started_text))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+
+
+def _postmaster(pid_file: Path) -> list[psutil.Process]:
+    """The postmaster a postmaster.pid names, with its children, when it is a PostgreSQL server running from
+    that data directory (initdb's standalone backend writes its pid negated)."""
+    try:
+        pid = abs(int(pid_file.read_text().splitlines()[0]))
+    except (OSError, ValueError, IndexError):
+        return []
+    return _server_tree(pid, pid_file.parent, names=POSTGRES)
+
+
 def stop_servers(work_dir: Path) -> None:
-    """Stop every server running from `work_dir`, PostgreSQL first with an immediate shutdown."""
+    """Stop every server running from `work_dir`, PostgreSQL first with an immediate shutdown. Only processes
+    that are scratch servers running from `work_dir` (working directory and program checked) are signalled."""
     for pid_file in _files(work_dir, "postmaster.pid"):
-        try:
-            pid = abs(int(pid_file.read_text().splitlines()[0]))
-        except (OSError, ValueError, IndexError):
-            continue
-        processes = _tree(pid)
+        processes = _postmaster(pid_file)
         if not processes:
             continue
         try:
-            os.kill(pid, signal.SIGQUIT)  # what `pg_ctl stop -m immediate` sends
-        except OSError:
+            processes[0].send_signal(signal.SIGQUIT)  # what `pg_ctl stop -m immediate` sends
+        except psutil.Error:
             pass
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and not _gone(processes):
             time.sleep(0.05)
-        kill_processes(processes + _tree(pid))
-    for pid_file in _files(work_dir, SERVER_PID_FILE):
-        try:
-            pid_text, started_text = pid_file.read_text().split()
-            kill_processes(_tree(int(pid_text), float(started_text)))
-        except (OSError, ValueError):
-            continue
+        kill_processes(processes)
+    for record in _files(work_dir, SERVER_PID_FILE):
+        kill_processes(_recorded_server(record))
 
 
 def process_alive(pid: int) -> bool:
@@ -125,37 +186,47 @@ def read_postmaster_pid(data_dir: Path) -> tuple[int, int | None, str] | None:
     return int(lines[0]), port, status
 
 
-def kill_postmaster(pid: int) -> None:
-    """SIGKILL the postmaster and its children and wait (up to 10 s) until they are gone."""
-    logger.warning("killing PostgreSQL postmaster %s", pid)
-    try:
-        postmaster = psutil.Process(pid)
-        processes = [postmaster, *postmaster.children(recursive=True)]
-    except psutil.NoSuchProcess:
+def kill_postmaster(pid: int, data_dir: Path) -> None:
+    """SIGKILL the postmaster and its children and wait (up to 10 s) until they are gone: only when `pid` is a
+    PostgreSQL server running from `data_dir` (a pid read from a file is never enough by itself)."""
+    processes = _server_tree(pid, data_dir, names=POSTGRES)
+    if not processes:
+        logger.warning("process %s is not a PostgreSQL server running from %s: left alone", pid, data_dir)
         return
+    logger.warning("killing PostgreSQL postmaster %s", pid)
     kill_processes(processes, wait=10)
 
 
 def stop_orphan_servers(directory: Path) -> list[int]:
-    """SIGKILL every PostgreSQL server still running from a data directory under `directory` (the working
-    directory of a process that died); returns their pids."""
+    """SIGKILL every scratch server still running from `directory` (the private directory of a process of ours
+    that died) that one of our records there names: a live process started at the recorded time, a
+    PostgreSQL server or redis-server running from that directory. Returns their pids. A postmaster.pid (or
+    any other file) alone never leads to a signal."""
     stopped = []
-    for root, _, files in os.walk(directory):  # os.walk: files vanishing meanwhile are no error
-        info = read_postmaster_pid(Path(root)) if "postmaster.pid" in files else None
-        if info is not None and process_alive(info[0]):
-            kill_postmaster(info[0])
-            stopped.append(info[0])
-        if SERVER_PID_FILE in files:  # a scratch redis-server
-            stop_servers(Path(root))
+    for record in _files(directory, SERVER_PID_FILE):
+        processes = _recorded_server(record)
+        if processes:
+            logger.warning("stopping scratch server %s left running by a dead process", processes[0].pid)
+            kill_processes(processes, wait=10)
+            stopped.append(processes[0].pid)
     return stopped
 
 
 def _working_from(work_dir: Path) -> list[psutil.Process]:
-    """Processes whose command line names `work_dir` (initdb, pg_ctl, a postmaster still starting up)."""
+    """Processes of ours or of the server account (the owner of `work_dir`) whose command line names `work_dir`
+    (initdb, pg_ctl, a postmaster still starting up)."""
     me, found = os.getpid(), []
-    for process in psutil.process_iter(["cmdline"]):
-        if process.pid != me and any(str(work_dir) in part for part in process.info["cmdline"] or []):
-            found += _tree(process.pid)
+    try:
+        owners = {os.geteuid(), work_dir.stat().st_uid}
+    except OSError:
+        owners = {os.geteuid()}
+    for process in psutil.process_iter(["cmdline", "uids"]):
+        uids = process.info["uids"]
+        if process.pid == me or uids is None or uids.real not in owners:
+            continue
+        if any(str(work_dir) in part for part in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                found += [process, *process.children(recursive=True)]
     return found
 
 
