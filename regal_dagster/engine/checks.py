@@ -163,6 +163,7 @@ def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs
 
 def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sample_bytes: int) -> CheckOutcome:
     needles = source_for(manifest.kind).plaintext_needles(manifest)
+    sizes = stored_sizes(repo, manifest)
     sampled = 0
     for record in manifest.objects:
         head = repo.read_range(record.key, 0, sample_bytes)
@@ -176,8 +177,11 @@ def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sam
         if key_id not in keyring.key_ids:
             return CheckOutcome("encryption", False, f"object {record.key} is encrypted with key {key_id}, which "
                                 "the keyset does not hold", record.key)
-        tail_start = max(len(head), record.size - sample_bytes)
-        sample = head + repo.read_range(record.key, tail_start, record.size - tail_start)
+        # the ends of what is stored (a swapped or truncated object has another size than the manifest's)
+        stored = sizes[record.key]
+        stored = len(head) if stored is None else stored
+        tail_start = max(len(head), stored - sample_bytes)
+        sample = head + repo.read_range(record.key, tail_start, max(0, stored - tail_start))
         sampled += len(sample)
         if found := _find_plaintext(sample, needles):
             return CheckOutcome("encryption", False, f"object {record.key} contains plaintext ({found})", record.key)
