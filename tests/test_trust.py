@@ -639,3 +639,26 @@ def test_two_objects_of_one_backup_swapped_are_an_integrity_failure_naming_an_ob
     restored = run_cli(shop["policy_file"], "restore", "--target", "pos", "--latest", "--to", target)
     assert restored.returncode == 3, (restored.stdout, restored.stderr)
     assert "Traceback" not in restored.stderr and (small in restored.stderr or big in restored.stderr)
+
+
+def test_a_forged_deletion_mark_hides_nothing(shop: dict[str, Any]) -> None:
+    """Prune's deletion mark hides a backup from readers only when its seal holds: a keyless writer planting one
+    (or moving a genuine one from another backup) neither hides a good backup nor turns damage into a deletion."""
+    from regal_dagster.engine.layout import deleting_key
+
+    kept, victim = _backup(shop), _backup(shop)
+    _repo_path(shop, manifest_key("pos", victim)).unlink()
+    _repo_path(shop, checks_key(victim)).unlink()
+    for backup_id in (kept, victim):
+        _repo_path(shop, deleting_key("pos", backup_id)).write_text(json.dumps(
+            {"format": "regal-backup-deletion", "version": 1, "backup_id": backup_id, "at": "2026-01-01T00:00:00+00:00",
+             "reason": "forged"}))
+
+    listing = json.loads(run_cli(shop["policy_file"], "list", "--json").stdout)
+    assert [b["backup_id"] for b in listing["backups"]] == [kept]
+    assert [d["backup_id"] for d in listing["damaged"]] == [victim]
+    assert run_cli(shop["policy_file"], "verify", kept).returncode == 0
+    pruned = run_cli(shop["policy_file"], "prune", "--json")
+    assert pruned.returncode == 0 and victim in json.loads(pruned.stdout)["damaged"]
+    assert json.loads(pruned.stdout)["deletions_finished"] == []
+    assert _repo_path(shop, f"backups/pos/{victim}").is_dir()  # evidence, left alone

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import audit
-from .catalog import list_backups, newest_first
+from .catalog import being_deleted, list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .documents import seal, unseal
 from .errors import IntegrityError, RegalError, UsageError
@@ -291,6 +291,9 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
     if not valid_backup_id(backup_id) or not any(repo.list(backup_prefix(target_of(backup_id), backup_id))):
         raise UsageError(f"no backup {backup_id!r} in {repo.location} (nothing was checked or written)",
                          "run `regal-backup list` to see the backups")
+    if being_deleted(repo, keyring, target_of(backup_id), backup_id):
+        raise UsageError(f"backup {backup_id} is being deleted by prune (nothing was checked or written)",
+                         "run `regal-backup prune` to finish the deletion a killed prune left")
     jobs = jobs or policy.jobs_for(target_of(backup_id))
     outcome, manifest = check_manifest(repo, keyring, backup_id)
     outcomes = [outcome]
