@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -432,3 +433,63 @@ def test_sigkill_of_restore_tests_leaves_no_scratch_server_behind(shop: dict[str
     print(f"restore-test, SIGKILL while its server runs or at random: {outcomes}; private directory gone "
           f"within 10 s: {dir_gone}")
     assert outcomes["killed with a scratch server running"] >= RESTORE_TEST_TRIALS // 2, outcomes
+
+
+KILLED_AT = ("unlink", "unlinkat", "rename", "renameat", "renameat2")  # every delete and every write's commit
+
+
+def _prune_killed_before(policy_file: Path, step: int) -> int:
+    """`regal-backup prune` as a real process, SIGKILLed by strace on entering its `step`-th file deletion or
+    rename (the commit of a write): the syscall never runs. Its exit status (-9 when it was killed)."""
+    calls = ",".join(KILLED_AT)
+    done = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={calls}", "-e",
+                           f"inject={calls}:signal=KILL:when={step}", *CLI, "prune", "--policy", str(policy_file)],
+                          check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    return done.returncode  # strace ends as its tracee did: killed by the same signal
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace injects the SIGKILL at each step")
+def test_a_prune_killed_at_each_step_of_a_deletion_leaves_no_damaged_backup(system_pg: DatabaseFactory,
+                                                                             tmp_path: Path, master_key: str) -> None:
+    """Every step of a prune, one after the other: a real `regal-backup prune` is SIGKILLed just before its
+    1st, 2nd, ... file deletion or write (until one runs to its end), while it deletes a verified backup the
+    audit trail saw complete. After each kill `list` shows no DAMAGED backup and `status` no alert about one;
+    the backup is either whole (and verifies) or not listed at all; the next prune finishes with nobody
+    cleaning up, and leaves no empty directory behind."""
+    source = system_pg.create()
+    load_awkward_data(source)
+    policy_file = write_policy_file(tmp_path, {"pos": source}, audit={"dsn": system_pg.create("regal_audit")},
+                                    prune={"orphan_grace": "0s"})
+    backups = tmp_path / "repository" / "backups" / "pos"
+    victim = _verified(policy_file)
+    step, finished = 1, False
+    while not finished:
+        assert step < 60, "the prune never ran to its end"
+        newest = _verified(policy_file)  # the hourly slot keeps it: the one before goes
+        status = _prune_killed_before(policy_file, step)
+        finished = status == 0
+        assert status in (0, -signal.SIGKILL), status
+        listing = _listed(policy_file)
+        assert listing["damaged"] == [], (step, listing["damaged"])
+        alerts = json.loads(run_cli(policy_file, "status", "--json").stdout)
+        assert alerts["damaged_backups"] == 0 and not [a for a in alerts["open_alerts"] if "damaged" in a["event"]]
+        listed = [b["backup_id"] for b in listing["backups"]]
+        assert newest in listed
+        if victim in listed:  # not marked yet: whole
+            assert run_cli(policy_file, "verify", victim).returncode == 0, step
+        done = run_cli(policy_file, "prune", "--json")
+        assert done.returncode == 0, done.stderr
+        assert [b["backup_id"] for b in _listed(policy_file)["backups"]] == [newest]
+        assert sorted(p.name for p in backups.iterdir()) == [newest], step  # no directory left behind
+        assert _listed(policy_file)["unfinished"] == []
+        victim, step = newest, step + 1
+    print(f"prune killed at each of its first {step - 1} steps")
+    assert step > 5  # the mark, the objects, the manifest, the mark again, the log: each was a kill point
+
+
+def _verified(policy_file: Path) -> str:
+    done = run_cli(policy_file, "backup", "pos", "--json")
+    assert done.returncode == 0, done.stderr
+    backup_id = str(json.loads(done.stdout)["backup_id"])
+    assert run_cli(policy_file, "verify", backup_id).returncode == 0
+    return backup_id

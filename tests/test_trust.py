@@ -597,3 +597,68 @@ def test_upgrade_refuses_a_downgrade_the_audit_trail_saw_even_with_an_older_keys
     assert refused.returncode == 3 and REPOSITORY_MARKER in refused.stderr
     assert "the audit trail records an upgrade" in refused.stderr
     assert _repo_path(shop, manifest_key("pos", backup_id)).read_text() == sealed
+
+
+def _swap_smallest_and_biggest_tables(shop: dict[str, Any], backup_id: str) -> tuple[str, str]:
+    document = json.loads(_repo_path(shop, manifest_key("pos", backup_id)).read_text())
+    tables = sorted((o for o in document["objects"] if o["name"] != "schema"), key=lambda o: o["size"])
+    small, big = tables[0]["key"], tables[-1]["key"]
+    small_path, big_path = _repo_path(shop, small), _repo_path(shop, big)
+    small_bytes, big_bytes = small_path.read_bytes(), big_path.read_bytes()
+    assert len(small_bytes) < len(big_bytes)
+    small_path.write_bytes(big_bytes)
+    big_path.write_bytes(small_bytes)
+    return small, big
+
+
+def test_two_objects_of_one_backup_swapped_are_an_integrity_failure_naming_an_object(shop: dict[str, Any]) -> None:
+    """A keyless writer swaps the biggest and the smallest table objects of one backup (the size a manifest
+    records is smaller than what is stored at its key, and the other way round). Not checked yet: `restore
+    --latest` checks it, passes it over naming the object, and `verify` fails naming it (exit 3). Checked
+    good before the swap: `restore --latest` takes it and stops naming the object (exit 3). Never a
+    traceback or an "unexpected" error."""
+    _sql(shop["source"], "CREATE TABLE bulk AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g")
+    done = run_cli(shop["policy_file"], "backup", "pos", "--json")
+    assert done.returncode == 0, done.stderr
+    unchecked = json.loads(done.stdout)["backup_id"]
+    small, big = _swap_smallest_and_biggest_tables(shop, unchecked)
+
+    target = shop["pg"].dsn(shop["pg"].new_name("regal_swapped"))
+    restored = run_cli(shop["policy_file"], "restore", "--target", "pos", "--latest", "--to", target)
+    assert restored.returncode == 1, (restored.stdout, restored.stderr)  # no good backup to restore
+    assert "Traceback" not in restored.stderr and "unexpected" not in restored.stderr
+    assert f"{unchecked} was not checked" in restored.stderr and "FAILED" in restored.stderr
+    assert small in restored.stderr or big in restored.stderr
+
+    verified = run_cli(shop["policy_file"], "verify", unchecked)
+    assert verified.returncode == 3, (verified.stdout, verified.stderr)
+    assert "Traceback" not in verified.stderr and (small in verified.stdout or big in verified.stdout)
+
+    good = _backup(shop)
+    small, big = _swap_smallest_and_biggest_tables(shop, good)
+    restored = run_cli(shop["policy_file"], "restore", "--target", "pos", "--latest", "--to", target)
+    assert restored.returncode == 3, (restored.stdout, restored.stderr)
+    assert "Traceback" not in restored.stderr and (small in restored.stderr or big in restored.stderr)
+
+
+def test_a_forged_deletion_mark_hides_nothing(shop: dict[str, Any]) -> None:
+    """Prune's deletion mark hides a backup from readers only when its seal holds: a keyless writer planting one
+    (or moving a genuine one from another backup) neither hides a good backup nor turns damage into a deletion."""
+    from regal_dagster.engine.layout import deleting_key
+
+    kept, victim = _backup(shop), _backup(shop)
+    _repo_path(shop, manifest_key("pos", victim)).unlink()
+    _repo_path(shop, checks_key(victim)).unlink()
+    for backup_id in (kept, victim):
+        _repo_path(shop, deleting_key("pos", backup_id)).write_text(json.dumps(
+            {"format": "regal-backup-deletion", "version": 1, "backup_id": backup_id, "at": "2026-01-01T00:00:00+00:00",
+             "reason": "forged"}))
+
+    listing = json.loads(run_cli(shop["policy_file"], "list", "--json").stdout)
+    assert [b["backup_id"] for b in listing["backups"]] == [kept]
+    assert [d["backup_id"] for d in listing["damaged"]] == [victim]
+    assert run_cli(shop["policy_file"], "verify", kept).returncode == 0
+    pruned = run_cli(shop["policy_file"], "prune", "--json")
+    assert pruned.returncode == 0 and victim in json.loads(pruned.stdout)["damaged"]
+    assert json.loads(pruned.stdout)["deletions_finished"] == []
+    assert _repo_path(shop, f"backups/pos/{victim}").is_dir()  # evidence, left alone

@@ -1,5 +1,7 @@
 """Reading what the repository holds: backups are the manifests that authenticate; every other backup
-directory is reported as damaged, never hidden."""
+directory is reported as damaged, never hidden, except one prune is deleting: its sealed deletion mark
+(`deleting.json`, written before anything is deleted and removed last) authenticates, and the next prune
+finishes what a killed one left."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .crypto import Keyring
-from .errors import IntegrityError, UsageError
+from .documents import unseal
+from .errors import IntegrityError, RegalError, UsageError
 from .layout import (
     BACKUPS,
+    DELETING_NAME,
     checks_key,
+    deleting_key,
     is_manifest_key,
     manifest_key,
     split_backup_key,
@@ -23,6 +28,25 @@ from .layout import (
 )
 from .manifest import Manifest
 from .storage import Repository, StoredObject
+
+DELETION_KIND = "backup-deletion"  # the sealed kind of prune's deletion mark
+
+
+def being_deleted(repo: Repository, keyring: Keyring, target: str, backup_id: str) -> bool:
+    """Whether prune marked the backup for deletion: its sealed deletion mark is there and authenticates.
+    From then on it is not a backup (nobody restores or keeps it) and not damage either: the prune that
+    wrote the mark, or the next one, deletes what is left (objects, then the manifest, then the mark). A mark
+    that does not authenticate is no mark: it hides nothing."""
+    key = deleting_key(target, backup_id)
+    try:
+        body = unseal(keyring, DELETION_KIND, key, repo.get_bytes(key))
+    except RegalError:
+        return False
+    return body.get("backup_id") == backup_id
+
+
+def _marked(repo: Repository, keyring: Keyring, target: str, backup_id: str, names: Collection[str]) -> bool:
+    return deleting_key(target, backup_id) in names and being_deleted(repo, keyring, target, backup_id)
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,8 @@ def list_backups(repo: Repository, keyring: Keyring, target: str | None = None, 
         key = manifest_key(name, backup_id)
         names = {o.key for o in stored}
         size = sum(o.size for o in stored if o.key != key)
+        if _marked(repo, keyring, name, backup_id, names):
+            continue  # being deleted: neither a backup nor damage
         if key not in names:
             if checks_key(backup_id) in names or backup_id in completed:
                 damaged.append(DamagedBackup(name, backup_id, key, "the backup completed but its manifest is gone "
@@ -65,11 +91,16 @@ def list_backups(repo: Repository, keyring: Keyring, target: str | None = None, 
 
 def unfinished_backups(repo: Repository, target: str | None = None, *,
                        completed: Collection[str] = ()) -> list[DamagedBackup]:
-    """Backup directories with objects and no manifest, and nothing to say they ever completed: not backups."""
+    """Backup directories with objects and no manifest, and nothing to say they ever completed: not backups.
+    And those a killed prune was deleting (a deletion mark, not authenticated here: this only describes)."""
     found = []
     for (name, backup_id), stored in _backup_directories(repo, target).items():
         names = {o.key for o in stored}
-        if (manifest_key(name, backup_id) not in names and checks_key(backup_id) not in names
+        if deleting_key(name, backup_id) in names:
+            found.append(DamagedBackup(name, backup_id, manifest_key(name, backup_id), "being deleted: an "
+                                       "interrupted prune; the next prune finishes it", sum(o.size for o in stored),
+                                       has_manifest=manifest_key(name, backup_id) in names, unfinished=True))
+        elif (manifest_key(name, backup_id) not in names and checks_key(backup_id) not in names
                 and backup_id not in completed):
             found.append(DamagedBackup(name, backup_id, manifest_key(name, backup_id), "no manifest: interrupted, "
                                        "or still running", sum(o.size for o in stored), has_manifest=False,
@@ -93,13 +124,19 @@ def newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterator[Ma
     manifests' own start times decide. Manifests that fail authentication are left out (list_backups
     reports them)."""
     by_second: dict[datetime, list[str]] = {}
+    marked: set[str] = set()  # backup ids with a deletion mark
     for obj in repo.list(target_prefix(target)):
         if is_manifest_key(obj.key):
             started = started_of(obj.key.split("/")[-2]) or datetime.min.replace(tzinfo=UTC)
             by_second.setdefault(started, []).append(obj.key)
+        elif obj.key.endswith("/" + DELETING_NAME):
+            marked.add(obj.key.split("/")[-2])
     for second in sorted(by_second, reverse=True):
         same_second = []
         for key in by_second[second]:
+            backup_id = key.split("/")[-2]
+            if backup_id in marked and being_deleted(repo, keyring, target, backup_id):
+                continue
             with contextlib.suppress(IntegrityError):
                 same_second.append(Manifest.from_bytes(repo.get_bytes(key), key, keyring))
         yield from sorted(same_second, key=lambda m: (m.started_at, m.backup_id), reverse=True)
@@ -112,4 +149,7 @@ def load_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> Manifes
     key = manifest_key(target_of(backup_id), backup_id)
     if repo.size(key) is None:
         raise UsageError(f"no backup {backup_id} in {repo.location}", "run `regal-backup list` to see the backups")
+    if being_deleted(repo, keyring, target_of(backup_id), backup_id):
+        raise UsageError(f"backup {backup_id} is being deleted by prune (an interrupted prune: the next one "
+                         "finishes it)", "run `regal-backup list` to see the backups")
     return Manifest.from_bytes(repo.get_bytes(key), key, keyring)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import audit
-from .catalog import list_backups, newest_first
+from .catalog import being_deleted, list_backups, newest_first
 from .crypto import OBJECT_FORMAT_VERSION, OBJECT_HEADER, OBJECT_MAGIC, Keyring
 from .documents import seal, unseal
 from .errors import IntegrityError, RegalError, UsageError
@@ -163,6 +163,7 @@ def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs
 
 def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sample_bytes: int) -> CheckOutcome:
     needles = source_for(manifest.kind).plaintext_needles(manifest)
+    sizes = stored_sizes(repo, manifest)
     sampled = 0
     for record in manifest.objects:
         head = repo.read_range(record.key, 0, sample_bytes)
@@ -176,8 +177,11 @@ def check_encryption(repo: Repository, keyring: Keyring, manifest: Manifest, sam
         if key_id not in keyring.key_ids:
             return CheckOutcome("encryption", False, f"object {record.key} is encrypted with key {key_id}, which "
                                 "the keyset does not hold", record.key)
-        tail_start = max(len(head), record.size - sample_bytes)
-        sample = head + repo.read_range(record.key, tail_start, record.size - tail_start)
+        # the ends of what is stored (a swapped or truncated object has another size than the manifest's)
+        stored = sizes[record.key]
+        stored = len(head) if stored is None else stored
+        tail_start = max(len(head), stored - sample_bytes)
+        sample = head + repo.read_range(record.key, tail_start, max(0, stored - tail_start))
         sampled += len(sample)
         if found := _find_plaintext(sample, needles):
             return CheckOutcome("encryption", False, f"object {record.key} contains plaintext ({found})", record.key)
@@ -287,6 +291,9 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
     if not valid_backup_id(backup_id) or not any(repo.list(backup_prefix(target_of(backup_id), backup_id))):
         raise UsageError(f"no backup {backup_id!r} in {repo.location} (nothing was checked or written)",
                          "run `regal-backup list` to see the backups")
+    if being_deleted(repo, keyring, target_of(backup_id), backup_id):
+        raise UsageError(f"backup {backup_id} is being deleted by prune (nothing was checked or written)",
+                         "run `regal-backup prune` to finish the deletion a killed prune left")
     jobs = jobs or policy.jobs_for(target_of(backup_id))
     outcome, manifest = check_manifest(repo, keyring, backup_id)
     outcomes = [outcome]

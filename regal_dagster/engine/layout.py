@@ -18,6 +18,7 @@ PARTIAL_SUFFIX = ".partial"  # an object being written (local repositories): nev
 BACKUPS = "backups/"
 MANIFEST_NAME = "manifest.json"
 CHECKS_NAME = "checks.json"  # the outcome of a backup's checks, next to its manifest
+DELETING_NAME = "deleting.json"  # prune's sealed mark: the backup is being deleted (written first, removed last)
 
 LOCKS = "locks/"
 KEYS_LOCK = "keys"  # key rotation and retirement; prune's sweep waits for a re-encryption
@@ -53,6 +54,10 @@ def manifest_key(target: str, backup_id: str) -> str:
 
 def checks_key(backup_id: str) -> str:
     return backup_prefix(target_of(backup_id), backup_id) + CHECKS_NAME
+
+
+def deleting_key(target: str, backup_id: str) -> str:
+    return backup_prefix(target, backup_id) + DELETING_NAME
 
 
 def is_manifest_key(key: str) -> bool:

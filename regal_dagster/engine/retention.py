@@ -12,6 +12,10 @@ One retention truth: `retention_verdicts` turns the plan into the date each back
 first run of the prune schedule at or after the moment the plan stops keeping it), and whether it is past
 its retention (the prune that should have deleted it ran more than PRUNE_SLACK ago). `list`, `show`,
 `prune --dry-run`, `prune --check` and the quarterly retention proof all read it.
+
+Deleting a backup survives a crash at any point (`delete_backup`): a sealed deletion mark first (from then on
+readers see neither a backup nor damage), then the objects, the manifest last, then the mark; the next prune
+finishes any deletion it finds marked (`finish_deletions`). docs/crash-safety.md tells the steps.
 """
 
 from __future__ import annotations
@@ -24,16 +28,18 @@ from itertools import pairwise
 from typing import Any
 
 from .audit import audited, completed_backups, record
-from .catalog import list_backups
+from .catalog import DELETION_KIND, being_deleted, list_backups
 from .checks import check_status
 from .crypto import Keyring, load_keyring
-from .documents import seal
+from .documents import seal, write_document
 from .errors import LockedError, ObjectLockedError, RegalError
 from .layout import (
     BACKUPS,
+    DELETING_NAME,
     KEYS_LOCK,
     backup_prefix,
     checks_key,
+    deleting_key,
     manifest_key,
     prune_log_key,
     split_backup_key,
@@ -301,6 +307,7 @@ class PruneReport:
     wal_deleted: dict[str, int] = field(default_factory=dict)
 
     past: list[str] = field(default_factory=list)  # backups whose prune already ran and left them (see verdicts)
+    finished: list[str] = field(default_factory=list)  # deletions a killed prune started, finished by this one
 
     @property
     def past_retention(self) -> list[str]:
@@ -320,7 +327,7 @@ class PruneReport:
                               for t, ds in self.decisions.items()},
                 "deleted": self.deleted, "leftovers_deleted": self.leftovers, "locked_leftovers": self.locked,
                 "offsite_deleted": self.offsite_deleted, "damaged": self.damaged, "running": self.running,
-                "wal_deleted": self.wal_deleted}
+                "wal_deleted": self.wal_deleted, "deletions_finished": self.finished}
 
 
 def prune_report(document: dict[str, Any]) -> PruneReport:
@@ -338,7 +345,8 @@ def prune_report(document: dict[str, Any]) -> PruneReport:
     return PruneReport(datetime.fromisoformat(document["at"]), document["dry_run"], decisions,
                        list(document.get("deleted", [])), list(document.get("leftovers_deleted", [])),
                        list(document.get("locked_leftovers", [])), list(document.get("offsite_deleted", [])),
-                       dict(document.get("damaged", {})), list(document.get("running", [])))
+                       dict(document.get("damaged", {})), list(document.get("running", [])),
+                       finished=list(document.get("deletions_finished", [])))
 
 
 def backup_infos(repo: Repository, keyring: Keyring, target: str) -> list[BackupInfo]:
@@ -347,12 +355,57 @@ def backup_infos(repo: Repository, keyring: Keyring, target: str) -> list[Backup
                        m.locked_until, tuple(m.source.get("chain", ()))) for m in manifests]
 
 
-def delete_backup(repo: Repository, target: str, backup_id: str) -> None:
-    """The manifest goes first (from then on the backup does not exist), then its objects."""
-    prefix = backup_prefix(target, backup_id)
-    repo.delete(manifest_key(target, backup_id))
-    for stored in list(repo.list(prefix)):
-        repo.delete(stored.key)
+DELETION_FORMAT = "regal-backup-deletion"
+
+
+def delete_backup(repo: Repository, keyring: Keyring, target: str, backup_id: str, at: datetime,
+                  reason: str = "") -> None:
+    """Delete a backup so that a crash at any point leaves either the backup as it was or a deletion the next
+    prune finishes, never a half-deleted backup that looks valid or damaged:
+
+    1. a sealed deletion mark (`deleting.json`, kind `backup-deletion`): from then on readers see neither a
+       backup nor damage (`catalog.being_deleted`);
+    2. every other object, the check record included;
+    3. the manifest;
+    4. the mark (a local repository's emptied directories go with the last file).
+
+    Called again on a marked backup (`finish_deletions`), it resumes at step 2."""
+    mark, mkey = deleting_key(target, backup_id), manifest_key(target, backup_id)
+    if not being_deleted(repo, keyring, target, backup_id):
+        write_document(repo, keyring, DELETION_KIND, mark, {"format": DELETION_FORMAT, "version": 1,
+                                                             "backup_id": backup_id, "at": at.isoformat(),
+                                                             "reason": reason})
+    for stored in sorted(repo.list(backup_prefix(target, backup_id)), key=lambda o: o.key):
+        if stored.key not in (mark, mkey):
+            repo.delete(stored.key)
+    repo.delete(mkey)
+    repo.delete(mark)
+
+
+def marked_for_deletion(repo: Repository, keyring: Keyring, target: str) -> list[str]:
+    """The target's backups a prune marked for deletion and did not finish (killed, or stopped by an error)."""
+    return sorted(parts[1] for stored in repo.list(target_prefix(target))
+                  if (parts := split_backup_key(stored.key)) is not None and parts[2] == DELETING_NAME
+                  and being_deleted(repo, keyring, target, parts[1]))
+
+
+def finish_deletions(policy: Policy, repo: Repository, keyring: Keyring, target: str, report: PruneReport,
+                     secondary: Repository | None) -> None:
+    """Finish what a killed prune started, here and in the off-site copy: no manual step. An object Object
+    Lock still keeps stops that backup's deletion until its date (listed as locked); the mark stays."""
+    for store in [repo, *([secondary] if secondary is not None else [])]:
+        for backup_id in marked_for_deletion(store, keyring, target):
+            try:
+                if store is repo:
+                    with audited(policy, repo, "backup_deleted", backup_id) as details:
+                        details["reason"] = "finishing the deletion an interrupted prune started"
+                        delete_backup(store, keyring, target, backup_id, report.at)
+                    report.finished.append(backup_id)
+                else:
+                    delete_backup(store, keyring, target, backup_id, report.at)
+                    report.offsite_deleted.append(backup_id)
+            except ObjectLockedError:
+                report.locked.append(backup_prefix(target, backup_id))
 
 
 @dataclass
@@ -383,6 +436,8 @@ def leftover_objects(repo: Repository, keyring: Keyring, target: str, now: datet
         started = started_of(backup_id)
         old_enough = started is not None and now - started >= grace
         mkey = manifest_key(target, backup_id)
+        if deleting_key(target, backup_id) in keys and being_deleted(repo, keyring, target, backup_id):
+            continue  # a deletion not finished (Object Lock?): finish_deletions takes it, not the sweep
         if mkey not in keys:
             if checks_key(backup_id) in keys or backup_id in completed:
                 found.kept[backup_id] = "its manifest is missing although the backup completed: deleted?"
@@ -459,17 +514,18 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
                 report.wal_deleted[target] = deleted
         if dry_run:
             continue
+        finish_deletions(policy, repo, keyring, target, report, secondary)
         for decision in decisions:
             if not decision.keep:
                 with audited(policy, repo, "backup_deleted", decision.backup_id) as details:
                     details["reason"] = "; ".join(decision.reasons)
-                    delete_backup(repo, target, decision.backup_id)
+                    delete_backup(repo, keyring, target, decision.backup_id, now, details["reason"])
                 report.deleted.append(decision.backup_id)
         if secondary is not None:  # the copy keeps what the primary keeps, and nothing more
             kept = {d.backup_id for d in decisions if d.keep}
             for manifest in list_backups(secondary, keyring, target)[0]:
                 if manifest.backup_id not in kept and (manifest.locked_until is None or manifest.locked_until <= now):
-                    delete_backup(secondary, target, manifest.backup_id)
+                    delete_backup(secondary, keyring, target, manifest.backup_id, now, "off-site: not kept")
                     report.offsite_deleted.append(manifest.backup_id)
     try:
         with repo.lock(KEYS_LOCK):
@@ -496,6 +552,6 @@ def _finish(policy: Policy, repo: Repository, keyring: Keyring, report: PruneRep
            "failure" if report.dry_run and report.past_retention else "success",
            {"deleted": report.deleted, "leftovers_removed": len(report.leftovers), "locked": len(report.locked),
             "offsite_deleted": report.offsite_deleted, "past_retention": report.past_retention,
-            "damaged": report.damaged,
+            "damaged": report.damaged, "deletions_finished": report.finished,
             "kept": sum(d.keep for ds in report.decisions.values() for d in ds), **log})
     return report

@@ -18,6 +18,7 @@ from .crypto import Keyring
 from .errors import RegalError
 from .layout import started_of
 from .manifest import Manifest
+from .outcomes import check_spec
 from .policy import Policy
 from .storage import Repository
 
@@ -49,9 +50,12 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
             status = CheckStatus("unchecked", status.record, "the audit trail records a later failed verification "
                                  "(an older check record was put back)")
         if status.status == "unchecked":
-            passed = run_checks(policy, repo, keyring, manifest.backup_id, trigger=trigger).passed
+            checked = run_checks(policy, repo, keyring, manifest.backup_id, trigger=trigger)
+            passed = checked.passed
+            failed = next((o for o in checked.outcomes if not o.passed and check_spec(o.name).decides_good), None)
             notes.append(f"{manifest.backup_id} was not checked" + (f" ({status.problem})" if status.problem else "")
-                         + (": checked it now, it passed" if passed else ": checked it now, it FAILED"))
+                         + (": checked it now, it passed" if passed else ": checked it now, it FAILED"
+                            + (f" ({failed.name}: {failed.description})" if failed else "")))
             if passed:
                 return Selected(manifest, notes)
         elif status.good:

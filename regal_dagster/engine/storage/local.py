@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ..errors import RegalError
-from ..layout import PARTIAL_SUFFIX, lock_key
+from ..layout import PARTIAL_SUFFIX, backup_prefix, lock_key, split_backup_key
 from ..settings import RepositorySettings, resolve_policy_path
 from .base import (
     Backend,
@@ -234,7 +234,21 @@ class LocalRepository(Repository):
         return usage.free, usage.total
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        self._unlink(key)
+
+    def _unlink(self, key: str) -> None:
+        """Remove the file, and the directories of a backup it leaves empty (up to the backup's own)."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if (parts := split_backup_key(key)) is not None:
+            top = self._path(backup_prefix(parts[0], parts[1]))
+            directory = path.parent
+            while directory == top or top in directory.parents:
+                try:
+                    directory.rmdir()  # only an empty one: a file written meanwhile keeps it
+                except OSError:
+                    break
+                directory = directory.parent
 
     def abandoned_uploads(self, before: datetime) -> builtins.list[str]:
         found = []
@@ -246,7 +260,7 @@ class LocalRepository(Repository):
         return sorted(found)
 
     def discard_upload(self, upload: str) -> None:
-        self._path(upload).unlink(missing_ok=True)
+        self._unlink(upload)
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
