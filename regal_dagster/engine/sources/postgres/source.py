@@ -29,7 +29,7 @@ from ...postgresql.connection import (
 )
 from ...postgresql.server import ScratchCluster, choose_server_binaries
 from ...postgresql.tools import find_pg_tool
-from ...settings import ErasureSubjectConfig, TargetSettings
+from ...settings import ErasureSubjectConfig, TargetSettings, fill_option
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .dump import (
@@ -139,7 +139,9 @@ class PostgresSource(Source):
             raise UsageError(f"--to is not where a PostgreSQL backup can go: {exc}",
                              "give the DSN of the database to restore into (created if missing), e.g. "
                              "postgresql://user@host:5432/pos_restored") from None
-        report = restore_database(backup.repo, backup.keyring, backup.manifest, request.to,
+        # a password as ${VAR} (never on the command line); every client program gets it in its environment
+        dsn = fill_option(request.to, "--to")
+        report = restore_database(backup.repo, backup.keyring, backup.manifest, dsn,
                                   drop_existing=request.drop_existing, keep_owners=options.owners,
                                   jobs=request.jobs, validation=options.validation, progress=request.progress,
                                   before_writing=request.before_writing,
@@ -153,7 +155,7 @@ class PostgresSource(Source):
         details = {"target_state": report.target_state, "tables": report.tables, "rows": report.rows,
                    "jobs": report.jobs, "validation": report.validation, "load_breakdown": report.load_breakdown}
         return Restored(report.target, summary, report.validation_problems, report.seconds, details,
-                        erasable=request.to)
+                        erasable=dsn)
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
