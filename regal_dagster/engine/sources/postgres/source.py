@@ -16,7 +16,7 @@ import psycopg
 
 from ...environment import child_environment
 from ...erasure_ledger import ErasureLedger, ErasureResult
-from ...errors import IntegrityError, RegalError, ToolError, UsageError
+from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError, UsageError
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
@@ -166,9 +166,9 @@ class PostgresSource(Source):
             bin_dir, why = choose_server_binaries(int(manifest.source.get("server_version_num", 0)) // 10000,
                                                   set(manifest.source.get("server_needs", [])))
             if bin_dir is None:
-                raise ToolError(why, "install a PostgreSQL server of that version with those features on this "
-                                "machine (its packaged binaries under /usr/lib/postgresql are used), or run restore "
-                                "tests where one is")
+                raise MissingSoftwareError(why, "install a PostgreSQL server of that version with those features "
+                                           "on this machine (its packaged binaries under /usr/lib/postgresql are "
+                                           "used), or run restore tests where one is")
         with ScratchCluster(base_dir=work_dir, tuned_for_restore=True, bin_dir=bin_dir) as cluster:
             for tablespace in manifest.source.get("tablespaces", []) if manifest is not None else []:
                 cluster.create_tablespace(tablespace["name"])  # where the source had its tables and indexes
