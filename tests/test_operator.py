@@ -226,3 +226,38 @@ def test_long_commands_show_progress_on_a_terminal_only(home: tuple[Path, str]) 
         assert f"\r{label}:".encode() in shown, shown[-500:]  # redrawn in place, with the elapsed time
         piped = cli(*command, *policy)  # not a terminal: no progress display
         assert "\r" not in piped.stderr
+
+
+def _serving(policy: Path, *listen: str) -> tuple[str, str]:
+    """`metrics --listen ...` started, what it printed on stderr until it served (the address line), stopped."""
+    server = subprocess.Popen([*CLI, "metrics", "--listen", *listen, "--policy", str(policy)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        said = ""
+        while "serving Prometheus metrics on" not in said:
+            line = server.stderr.readline()
+            assert line, f"it stopped: {said}"
+            said += line
+        where = re.search(r"serving Prometheus metrics on (\S+)/metrics", said)
+        assert where is not None
+        with urllib.request.urlopen(f"{where.group(1).replace('0.0.0.0', '127.0.0.1')}/metrics", timeout=30) as got:
+            assert "regal_backup_up 1" in got.read().decode()
+        return where.group(1), said
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_metrics_listen_on_this_machine_only_unless_told_and_say_the_endpoint_has_no_authentication(
+        home: tuple[Path, str]) -> None:
+    policy = home[0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    where, said = _serving(policy, str(port))  # a port alone: 127.0.0.1
+    assert where == f"http://127.0.0.1:{port}" and "no authentication" not in said
+    where, said = _serving(policy, f"0.0.0.0:{port}")
+    assert where == f"http://0.0.0.0:{port}"
+    assert "note: /metrics on 0.0.0.0 can be reached from other machines and has no authentication" in said
+    assert build_parser().parse_args(["metrics", "--listen"]).listen == "127.0.0.1:9464"

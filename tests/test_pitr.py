@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
 
@@ -873,3 +874,21 @@ def test_read_ahead_hands_on_every_chunk_in_order_raises_the_readers_error_and_s
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+
+
+def test_a_time_after_the_newest_stored_commit_is_refused_naming_the_newest_reachable_point(
+        archived_server: dict[str, Any]) -> None:
+    """PostgreSQL would recover to the end of the stored WAL without reaching the time, and refuse to start: the
+    restore refuses first, writing nothing, and names the newest commit (the latest time it can reach)."""
+    policy = archived_server["policy"]
+    status = json.loads(_ok(cli(policy, "wal", "status", "cluster", "--json")).stdout)
+    newest_commit = datetime.fromisoformat(status["newest_commit_at"])
+    target = archived_server["base"] / "too-late"
+    for later in (newest_commit + timedelta(seconds=1), datetime.now(UTC) + timedelta(days=1)):
+        done = cli(policy, "restore", "cluster", "--to-dir", str(target), "--to-time", later.isoformat())
+        assert done.returncode == 2, done.stderr
+        assert f"its newest commit is at {newest_commit.isoformat()}" in done.stderr, done.stderr
+        assert "Nothing was written" in done.stderr and not target.exists()
+    preview = json.loads(_ok(cli(policy, "restore", "cluster", "--to-dir", str(target), "--to-time",
+                                 newest_commit.isoformat(), "--preview", "--json")).stdout)
+    assert preview["base_backup"] == archived_server["second"]  # the newest commit itself is reachable

@@ -155,3 +155,33 @@ def test_pg_amcheck_that_cannot_check_says_so_and_claims_no_corruption(system_pg
     assert problems[0].startswith("pg_amcheck could not check the restored database (exit code 1): ")
     assert "regal_no_such_database" in problems[0] and "corruption" not in problems[0]
     assert amcheck_problems(system_pg.create(), jobs=1) == []
+
+
+def test_a_restore_test_without_a_server_that_can_hold_the_source_is_an_environment_error(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source using an extension that no PostgreSQL installation of this machine ships: the restore test cannot
+    run here. That says nothing about the backup: no failed restore-test record, no alert, exit 1 naming what is
+    missing (not 3, a validation failure)."""
+    from regal_dagster.engine.sources.postgres import dump
+
+    source = system_pg.create()
+    execute(source, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    policy_file = write_policy_file(tmp_path, {"pos": source})
+    real_needs = dump.server_needs
+    with monkeypatch.context() as patched:  # as if the source had an extension installed that nobody else has
+        patched.setattr(dump, "server_needs", lambda conn: [*real_needs(conn), "extension:regal_nowhere"])
+        made = invoke_cli(["backup", "pos", "--json", "--policy", str(policy_file)])
+    assert made.returncode == 0, made.stderr
+
+    done = invoke_cli(["restore-test", "--target", "pos", "--policy", str(policy_file)])
+
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "no PostgreSQL installation here can hold this database" in done.stderr
+    assert "extension:regal_nowhere" in done.stderr and "install a PostgreSQL server" in done.stderr
+    assert "VALIDATION FAILED" not in done.stdout + done.stderr
+    from regal_dagster.engine.policy import load_policy
+
+    policy = load_policy(policy_file)
+    repo = open_repository(policy)
+    assert list(repo.list(restore_test_prefix("pos"))) == []
+    assert restore_test_conditions(policy, repo, load_keyring(policy)) == []

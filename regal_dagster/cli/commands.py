@@ -547,7 +547,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.metrics import collect, serve, write_textfile
+    from ..engine.metrics import collect, exposure_note, listen_address, serve, write_textfile
 
     policy, repo, keyring = open_repository_of(args)
     if args.textfile:
@@ -556,11 +556,11 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
         out.result({"textfile": str(path), "metric_families": families},
                    f"wrote {families} metric families to {path}")
         return 0
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise RegalError(f"--listen {args.listen}: give HOST:PORT", "e.g. --listen 127.0.0.1:9464")
+    host, port = listen_address(args.listen)
     collect(policy, repo, keyring)  # a policy or repository problem shows now, not at the first scrape
-    serve(policy, repo, keyring, host.strip("[]"), int(port), cache_seconds=args.cache_seconds,
+    if note := exposure_note(host):
+        out.note(note)
+    serve(policy, repo, keyring, host, port, cache_seconds=args.cache_seconds,
           ready=lambda where: print(f"serving Prometheus metrics on {where}/metrics (Ctrl-C stops)",
                                     file=sys.stderr, flush=True))
     return 0

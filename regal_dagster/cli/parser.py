@@ -278,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", parents=[common],
                        help="Prometheus metrics: serve them over HTTP, or write them for node_exporter")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--listen", metavar="HOST:PORT",
-                       help="serve /metrics on this address until stopped (e.g. 127.0.0.1:9464)")
+    where.add_argument("--listen", metavar="[HOST:]PORT", nargs="?", const="127.0.0.1:9464",  # metrics.DEFAULT_LISTEN
+                       help="serve /metrics on this address until stopped (default: 127.0.0.1:9464; without a "
+                            "host, 127.0.0.1: this machine only). The endpoint has no authentication: another "
+                            "host (0.0.0.0) prints a note saying so")
     where.add_argument("--textfile", metavar="PATH",
                        help="write the metrics once to PATH (node_exporter's textfile collector: a *.prom file "
                             "in its --collector.textfile.directory; written atomically)")

@@ -117,10 +117,12 @@ def init_project(directory: Path, postgres_dsn: str | None, *, master_key_env: s
         "retention": {"hourly": 48, "daily": 30, "weekly": 26, "monthly": 12},
     }
     checked = policy_from_dict(document, base_dir=directory, source=str(policy_path))  # every problem before any file
+    written_audit_dsn = None
     if audit:  # derived from the target's DSN once that one is known to be well-formed
-        document["audit"] = {"dsn": audit_dsn or audit_dsn_for(str(postgres_dsn or cluster_dsn))}
+        written_audit_dsn = audit_dsn or audit_dsn_for(str(postgres_dsn or cluster_dsn))
+        document["audit"] = {"dsn": written_audit_dsn}
         policy_from_dict(document, base_dir=directory, source=str(policy_path))
-    warnings = literal_secrets(checked.targets)
+    warnings = literal_secrets(checked.targets, written_audit_dsn)
     directory.mkdir(parents=True, exist_ok=True)
     if master_key_env:
         location = f"${master_key_env}"
@@ -162,12 +164,18 @@ def _start_audit_trail(policy: Policy, repo: Repository, keyring: Keyring) -> tu
     return where, None
 
 
-def literal_secrets(targets: Mapping[str, TargetSettings]) -> list[str]:
-    """A warning for each password written into the policy itself instead of a ${VARIABLE}."""
-    found = []
-    for name, target in targets.items():
-        password = target.written_password()
-        if password and not password.startswith("${"):
-            found.append(f"targets.{name} holds a literal password: anyone who can read the policy file can read "
-                         f"it; write it as ${{VARIABLE}} and set the variable where backups run")
-    return found
+def literal_secrets(targets: Mapping[str, TargetSettings], audit_dsn: str | None = None) -> list[str]:
+    """A warning for each password written into the policy itself instead of a ${VARIABLE}: the targets' and
+    the audit trail's DSN's."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    written = {f"targets.{name}": target.written_password() for name, target in targets.items()}
+    if audit_dsn:
+        try:
+            written["audit.dsn"] = str(conninfo_to_dict(audit_dsn).get("password") or "")
+        except ProgrammingError:  # the policy's check says what is wrong with it
+            pass
+    return [f"{setting} holds a literal password: anyone who can read the policy file can read it; write it as "
+            f"${{VARIABLE}} and set the variable where backups run"
+            for setting, password in written.items() if password and not password.startswith("${")]

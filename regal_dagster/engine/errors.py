@@ -61,6 +61,12 @@ class ToolError(RegalError):
     """An external program (pg_dump, pg_restore, ...) is missing or failed."""
 
 
+class MissingSoftwareError(ToolError):
+    """This machine lacks a program a command needs (no PostgreSQL server installation that can hold a source,
+    no pg_restore new enough): a problem of the environment, never a finding about a backup's data (a restore
+    test that meets it is not recorded: the command fails instead, exit 1)."""
+
+
 class TargetNotEmptyError(RegalError):
     """A restore target already holds data."""
 

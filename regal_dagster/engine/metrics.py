@@ -1,6 +1,7 @@
 """Prometheus metrics: the state of the protection (engine/status.py) in the text exposition format 0.0.4.
 
-`regal-backup metrics --listen HOST:PORT` serves them at /metrics; `--textfile PATH` writes them for
+`regal-backup metrics --listen [HOST:]PORT` serves them at /metrics (on 127.0.0.1 unless a host is given: the
+endpoint has no authentication, see `exposure_note`); `--textfile PATH` writes them for
 node_exporter's textfile collector (atomically: a temporary file renamed over PATH). Every value is read
 from the repository, so the numbers are the ones `regal-backup status` prints. docs/metrics.md lists
 each metric; docs/grafana-dashboard.json shows them.
@@ -24,6 +25,7 @@ from .errors import RegalError
 from .policy import Policy
 from .status import RepositoryStatus, repository_status
 from .storage import Repository
+from .transport import is_loopback
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "regal_backup_"
@@ -195,6 +197,29 @@ class _Cache:
                     self.text = failed_scrape(exc)
                 self.at = time.monotonic()
             return self.text
+
+
+DEFAULT_LISTEN = "127.0.0.1:9464"
+"""Where `metrics --listen` serves without an address: this machine only, on the port Prometheus' exporters use."""
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`[HOST:]PORT` (an IPv6 host in brackets) as (host, port); no host: 127.0.0.1, reachable from this machine
+    only."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise RegalError(f"--listen {text}: give [HOST:]PORT", f"e.g. --listen {DEFAULT_LISTEN}")
+    return host, int(port)
+
+
+def exposure_note(host: str) -> str | None:
+    """What to tell the operator when /metrics is served beyond this machine (None on a loopback address)."""
+    if is_loopback(host):
+        return None
+    return (f"/metrics on {host} can be reached from other machines and has no authentication and no TLS: anyone "
+            "who reaches it reads your targets' names, backup ages, failures and open alerts. Allow only your "
+            "Prometheus to it (firewall, or a reverse proxy with authentication), or listen on 127.0.0.1")
 
 
 def serve(policy: Policy, repo: Repository, keyring: Keyring, host: str, port: int, *, cache_seconds: float = 30.0,

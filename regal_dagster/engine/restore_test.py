@@ -26,7 +26,7 @@ from typing import Any
 from .audit import record
 from .crypto import Keyring
 from .documents import write_document
-from .errors import RegalError
+from .errors import MissingSoftwareError, RegalError
 from .layout import restore_test_key
 from .manifest import Manifest
 from .pipeline import Progress
@@ -144,6 +144,8 @@ def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, mani
             found.problems += verified.problems
             found.seconds.update(verified.seconds)
             found.details = {**restored.details, **verified.details}
+    except MissingSoftwareError:  # this machine cannot run the test: nothing is known about the backup
+        raise
     except RegalError as exc:  # the backup does not restore: that is the finding, recorded as such
         found.problems.append(f"{RESTORE_FAILED}: {exc.message}")
     return found

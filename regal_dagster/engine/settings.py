@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .errors import PolicyError
+from .errors import PolicyError, UsageError
 from .transport import Transport
 
 
@@ -67,6 +67,16 @@ def fill_environment(text: str, setting: str) -> str:
         return os.environ[name]
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text)
+
+
+def fill_option(text: str, option: str) -> str:
+    """A command-line value (`--to`) with its ${VAR} references filled from the environment, as the policy's
+    are: a password need never be written on a command line, where every local user can read it
+    (/proc/PID/cmdline). A missing variable is a usage error naming it."""
+    try:
+        return fill_environment(text, option)
+    except PolicyError as exc:
+        raise UsageError(exc.problems[0], f"export the variable, or write the value in {option}") from None
 
 
 def resolve_policy_path(base_dir: Path, path: str) -> Path:

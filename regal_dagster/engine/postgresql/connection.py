@@ -3,6 +3,7 @@ programs it becomes their environment (PG* variables), never a command line."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psycopg
@@ -55,12 +56,14 @@ def check_dsn(dsn: str) -> None:
 
 
 def libpq_environment(dsn: str) -> dict[str, str]:
-    """The environment for a PostgreSQL client program: the allowlist and the DSN's PG* variables."""
+    """The environment for a PostgreSQL client program: the allowlist, the libpq variables of this process's
+    environment (PGPASSWORD, PGPASSFILE, PGSSLMODE...: what an in-process connection to `dsn` uses too, so
+    that a child connects as it does) and, over them, the DSN's PG* variables. Never a command line."""
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         raise RegalError("the DSN cannot be parsed", "write it as postgresql://user@host:port/dbname") from None
-    env = child_environment()
+    env = child_environment(**{name: os.environ[name] for name in _LIBPQ_ENV.values() if name in os.environ})
     for key, value in params.items():
         if key not in _LIBPQ_ENV:
             raise RegalError(f"the DSN parameter '{key}' is not supported for backups", "remove it from the DSN")

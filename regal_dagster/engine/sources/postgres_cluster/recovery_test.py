@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ...crypto import Keyring
-from ...errors import RegalError
+from ...errors import MissingSoftwareError, RegalError
 from ...manifest import Manifest
 from ...pipeline import Progress
 from ...policy import Policy
@@ -162,6 +162,8 @@ def _recover(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manif
                 if point is not None and point.facts:
                     outcome["problems"] += facts_problems(cluster.dsn, point)
                     outcome["facts_checked"] = sum(1 + len(f["sample"]) for f in point.facts.values())
+    except MissingSoftwareError:  # this machine cannot run the test: nothing is known about the backup
+        raise
     except RegalError as exc:
         outcome["problems"].append(f"{RESTORE_FAILED}: {exc.message}")
     return outcome

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from ...errors import IntegrityError, RegalError, ToolError
+from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError
 from ...manifest import Manifest
 from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import CHUNK, StoredBackup
@@ -285,6 +285,8 @@ class PostgresClusterSource(Source):
                 found = open_databases(cluster)
                 problems += database_problems(found, manifest)
                 details = {"databases": found}
+        except MissingSoftwareError:  # this machine cannot start it: nothing is known about the backup
+            raise
         except RegalError as exc:
             problems.append(exc.message)
             promoted = time.monotonic() - started
