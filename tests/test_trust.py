@@ -229,15 +229,7 @@ def test_a_deleted_manifest_shows_as_damaged_and_prune_leaves_its_objects(shop: 
 
 def test_an_event_planted_in_the_audit_spool_is_refused_not_chained(shop: dict[str, Any]) -> None:
     _backup(shop)
-    forged = {"seq": 0, "at": "2026-01-01T00:00:00+00:00", "actor": "user:auditor", "event_type": "restore_test",
-              "outcome": "success", "host": "x", "process": "x[1]", "run_id": None, "resource": "pos-forged",
-              "details": {"rto_seconds": 1}, "prev_hash": "", "hash": ""}
-    planted = "audit/spool/20260101T000000.000000Z-deadbeef.json"
-    _repo_path(shop, planted).parent.mkdir(parents=True, exist_ok=True)
-    _repo_path(shop, planted).write_text(json.dumps(forged))
-    import regal_dagster.engine.audit as audit_module
-
-    audit_module._SPOOL_CHECKED.clear()  # a fresh process would list the spool
+    planted = _plant_spool_event(shop)
     _backup(shop)  # the next audited operation finds it
 
     events = AuditTrail(shop["policy"], open_repository(shop["policy"])).events()
