@@ -40,13 +40,9 @@ from psycopg import sql
 from ..environment import child_environment
 from ..errors import ToolError
 from ..workspace import OWNER_FILE, is_private_base, let_group_traverse, make_private_directory, remove_empty_base
-from .installations import choose_server_binaries, installation_major, pg_bin_dir, server_installations
+from .installations import installation_major
 from .programs import Account, make_traversable, run_pg, server_account
 from .watchdog import kill_postmaster, process_alive, read_postmaster_pid, write_server_record
-
-# choose_server_binaries, installation_major, pg_bin_dir, server_installations: importable from here as before
-__all__ = ["RESTORE_SETTINGS", "SETTINGS_FILE", "ScratchCluster", "choose_server_binaries",
-           "installation_major", "pg_bin_dir", "server_installations"]
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from ...postgresql.connection import (
     libpq_environment,
     with_session_settings,
 )
-from ...postgresql.server import ScratchCluster, choose_server_binaries
+from ...postgresql.installations import choose_server_binaries
+from ...postgresql.server import ScratchCluster
 from ...postgresql.tools import find_pg_tool
 from ...settings import ErasureSubjectConfig, TargetSettings, fill_option
 from ...workspace import private_directory

@@ -22,7 +22,8 @@ def recovered_server(root: Path, manifest: Manifest) -> Iterator[ScratchCluster]
     """PostgreSQL of the backup's major version started on the restored data directory `root` (a scratch server on a
     private socket), yielded once it has recovered and been promoted; stopped on exit. RegalError when there is no
     such server here, it does not start, or it is not promoted within 10 minutes (naming the log's FATAL line)."""
-    from ...postgresql.server import ScratchCluster, installation_major, server_installations
+    from ...postgresql.installations import installation_major, server_installations
+    from ...postgresql.server import ScratchCluster
 
     major = manifest.source["server_version_num"] // 10000
     bin_dir = next((b for b in server_installations() if installation_major(b) == major), None)
