@@ -247,13 +247,15 @@ def _decrypted_leftovers() -> list[Path]:
 
 
 def _wait_sessions_gone(server_dsn: str, prefix: str) -> None:
-    """Until no session is connected to a database named `prefix`...: a SIGKILLed client's server session
+    """Until no session is connected to a database named `prefix`... or holds a restore's advisory lock (in
+    `postgres`; the tests run one at a time, so any such lock is a restore's): a SIGKILLed client's server session
     ends (and its advisory lock is freed) when the server next notices the closed socket, a moment later if
     it was inside a COPY or CREATE DATABASE. A retry started by a person is seconds later; one started by
     this test in its own process (no interpreter start-up) could otherwise find it still there."""
     def gone() -> bool:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
-            return not conn.execute("SELECT 1 FROM pg_stat_activity WHERE starts_with(datname, %s) "
+            return not conn.execute("SELECT 1 FROM pg_stat_activity WHERE (starts_with(datname, %s) OR pid IN "
+                                    "(SELECT pid FROM pg_locks WHERE locktype = 'advisory')) "
                                     "AND pid <> pg_backend_pid()", (prefix,)).fetchone()
     wait_for(gone, f"the sessions of the killed restore into {prefix} to end", 60, 0.05)
 

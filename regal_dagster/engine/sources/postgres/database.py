@@ -73,6 +73,9 @@ class StagedDatabase:
         try:
             if self.created and not self.published:
                 self._drop(self.temporary)
+            # A restore killed just before this one started may still have held its lock then (its server
+            # session ends when the server notices the closed socket): sweep again on the way out.
+            self.sweep()
         finally:
             self.conn.close()
 
