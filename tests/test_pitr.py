@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from regal_dagster.engine.postgresql.programs import make_traversable, server_account
+from regal_dagster.engine.postgresql.programs import let_account_traverse, server_account
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
 from .conftest import invoke_cli, wait_archived, wait_for, wait_promoted
@@ -40,7 +40,7 @@ def _give_to_server_account(path: Path) -> None:
     the policy, the keys and the repository as that user."""
     account = server_account()
     if account.is_other:
-        make_traversable(path)
+        let_account_traverse(path, account)
         account.chown_tree(path)
 
 

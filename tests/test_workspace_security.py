@@ -234,3 +234,39 @@ def _a_command_needing_private_files_refuses(policy_file: Path, temp_dir: Path, 
     assert f"error: refusing to keep private working files in {temp_dir / BASE_NAME}" in done.stderr
     assert why in done.stderr and "what to do: remove" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server account is another one only when run as root")
+def test_a_scratch_server_under_private_parents_widens_nothing_and_only_its_account_passes() -> None:
+    """Its work directory below 0700 directories of root's: the server starts, and afterwards every parent
+    keeps its permissions for its owner, its group and others (nothing becomes 0711; `ls -l` shows the ACL's
+    mask where the group bits were): `regal_pg` passes through by an ACL entry naming it alone, `nobody` and
+    the owning group still cannot."""
+    from regal_dagster.engine.postgresql.acl import GROUP_OBJ, read_acl
+    from regal_dagster.engine.postgresql.programs import server_account
+
+    top = Path("/tmp") / f"closed-{secrets.token_hex(6)}"
+    work = top / "inner" / "work"
+    work.mkdir(parents=True)
+    for directory in (top, top / "inner", work):
+        directory.chmod(0o700)
+    try:
+        def permissions(d: Path) -> tuple[int, int]:  # owner and others from the mode, the group from its entry
+            acl = read_acl(d)
+            return d.stat().st_mode & 0o7707, next(perm for (tag, _), perm in acl.items() if tag == GROUP_OBJ)
+
+        before = {d: permissions(d) for d in (top, top / "inner", work)}
+        script = ("import sys\nfrom regal_dagster.engine.postgresql.server import ScratchCluster\n"
+                  "with ScratchCluster().start() as c:\n    print(c.data_dir, flush=True)\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "TMPDIR": str(work)}, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(str(work / BASE_NAME))
+        assert {d: permissions(d) for d in before} == before
+        account = server_account()
+        for who, may in ((["-u", str(account.name)], True), (["-u", "nobody"], False),
+                         (["-u", "nobody", "-g", "root"], False)):
+            passed = subprocess.run(["runuser", *who, "--", "test", "-x", str(work)], check=False)
+            assert (passed.returncode == 0) is may, who
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

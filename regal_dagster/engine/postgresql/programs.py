@@ -17,6 +17,7 @@ from typing import Any
 
 from ..environment import child_environment
 from ..errors import ToolError
+from .acl import EXECUTE, READ, AclUnsupportedError, grant_user, user_may
 from .installations import pg_bin_dir, pg_program
 
 SERVICE_USER = "regal_pg"
@@ -87,43 +88,66 @@ def server_account() -> Account:
 
     _ensure_service_user(SERVICE_USER)
     entry = pwd.getpwnam(SERVICE_USER)
-    _prepare_install_for_others()
-    return Account(SERVICE_USER, entry.pw_uid, entry.pw_gid)
+    account = Account(SERVICE_USER, entry.pw_uid, entry.pw_gid)
+    _prepare_install_for(account)
+    return account
 
 
-def make_traversable(path: Path) -> None:
-    """Let other users pass through `path` and all its parents (adds o+x, g+x where missing) that this process's
-    user owns: another user's directory is never changed."""
-    wanted = stat.S_IXGRP | stat.S_IXOTH
-    for directory in [path, *path.parents]:
+def let_account_traverse(path: Path, account: Account) -> None:
+    """Let `account`, and nobody else, pass through `path` and all its parents: a named-user ACL entry with
+    execute on each directory it cannot pass through yet (acl.py); no mode bit changes. Only directories this
+    process's user owns are changed: ToolError naming a directory of someone else's that blocks the way, or
+    one on a filesystem without ACLs."""
+    if not account.is_other or account.uid is None:
+        return
+    groups = _groups_of(account)
+    for directory in reversed([path, *path.parents]):
+        if user_may(directory, account.uid, groups, EXECUTE):
+            continue
         info = directory.stat()
-        if info.st_mode & wanted != wanted and info.st_uid == os.geteuid():
-            directory.chmod(stat.S_IMODE(info.st_mode) | wanted)
+        if info.st_uid != os.geteuid():
+            raise ToolError(f"the PostgreSQL account {account.name} cannot pass through {directory} (uid "
+                            f"{info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):04o}), which this user does not own",
+                            "choose a work directory (restore_tests.work_dir, --work-dir) below directories it can "
+                            "pass through, for instance /var/lib/regal-backup/work")
+        _grant(directory, account.uid, EXECUTE)
 
 
-def _prepare_install_for_others() -> None:
-    """Make the wheel's pginstall tree readable and its programs runnable by other users."""
+def _grant(path: Path, uid: int, permissions: int) -> None:
+    try:
+        grant_user(path, uid, permissions)
+    except AclUnsupportedError:
+        raise ToolError(f"the filesystem of {path} keeps no access control lists, so the PostgreSQL account "
+                        f"{SERVICE_USER} cannot be let in without letting in everybody",
+                        f"run regal-backup as a non-root user, or mount that filesystem with ACLs (or `chmod o+x "
+                        f"{path}` yourself if that is acceptable)") from None
+
+
+def _groups_of(account: Account) -> set[int]:
+    if account.name is None or account.gid is None:
+        return set()
+    return set(os.getgrouplist(account.name, account.gid))
+
+
+def _prepare_install_for(account: Account) -> None:
+    """Let `account` (and nobody else) read the wheel's pginstall tree and run its programs."""
     install = pg_bin_dir().parent
-    make_traversable(install)
-    dir_bits = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    let_account_traverse(install, account)
+    assert account.uid is not None
+    groups = _groups_of(account)
     for root, dirs, files in os.walk(install):
         for name in dirs:
-            _add_mode_bits(Path(root, name), dir_bits)
+            _grant_missing(Path(root, name), account.uid, groups, READ | EXECUTE)
         for name in files:
             path = Path(root, name)
             mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                continue
-            bits = stat.S_IRGRP | stat.S_IROTH
-            if mode & stat.S_IXUSR:
-                bits |= stat.S_IXGRP | stat.S_IXOTH
-            _add_mode_bits(path, bits)
+            if not stat.S_ISLNK(mode):
+                _grant_missing(path, account.uid, groups, READ | (EXECUTE if mode & stat.S_IXUSR else 0))
 
 
-def _add_mode_bits(path: Path, bits: int) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & bits != bits:
-        path.chmod(mode | bits)
+def _grant_missing(path: Path, uid: int, groups: set[int], permissions: int) -> None:
+    if not user_may(path, uid, groups, permissions):
+        _grant(path, uid, permissions)
 
 
 # --- running the programs -----------------------------------------------------------------------

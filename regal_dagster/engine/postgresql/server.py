@@ -41,7 +41,7 @@ from ..environment import child_environment
 from ..errors import ToolError
 from ..workspace import OWNER_FILE, is_private_base, let_group_traverse, make_private_directory, remove_empty_base
 from .installations import installation_major
-from .programs import Account, make_traversable, run_pg, server_account
+from .programs import Account, let_account_traverse, run_pg, server_account
 from .watchdog import kill_postmaster, process_alive, read_postmaster_pid, write_server_record
 
 logger = logging.getLogger(__name__)
@@ -102,17 +102,17 @@ def _open_to_server(private: Path, account: Account) -> None:
 
 def _reachable(directory: Path, account: Account) -> None:
     """Let the server account, when it is another one, pass through `directory` and its parents. Below our
-    base directory (engine/workspace.py) and the base itself: that account's group and mode 0710, nobody
-    else's access changes; above it (or with no base among the parents), o+x/g+x on the directories we own
-    (make_traversable)."""
+    base directory (engine/workspace.py) and the base itself: that account's group and mode 0710; above it
+    (or with no base among the parents), an ACL entry for that account alone (let_account_traverse). Nobody
+    else's access changes."""
     if not account.is_other or account.gid is None:
         return
     chain = [directory, *directory.parents]
     base = next((i for i, d in enumerate(chain) if is_private_base(d)), None)
     if base is None:
-        make_traversable(directory)
+        let_account_traverse(directory, account)
         return
-    make_traversable(chain[base].parent)
+    let_account_traverse(chain[base].parent, account)
     for inside in reversed(chain[:base + 1]):
         let_group_traverse(inside, account.gid)
 
