@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Output(args.json, command_name(args))
     signal.signal(signal.SIGTERM, _Terminated.handler)
-    func: Callable[[argparse.Namespace, Output], int] = args.func
+    func = command_function(args.func)
     _sweep_leftovers()
     try:
         code = func(args, out)
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(out, f"regal-backup stopped on an unexpected {type(exc).__name__}",
                         f"the details are in {log} (readable only by you); run the command again, and if it "
                         "fails the same way, report it with that file", 1)
+
+
+def command_function(reference: str) -> Callable[[argparse.Namespace, Output], int]:
+    """The function behind a command, from the parser's "module:function" (cli/<module>.py): imported only
+    when that command runs, so that `--help` or `wal push` do not load every command's engine."""
+    module, name = reference.split(":")
+    function: Callable[[argparse.Namespace, Output], int] = getattr(importlib.import_module(f"{__name__}.{module}"),
+                                                                     name)
+    return function
 
 
 def _sweep_leftovers() -> None:

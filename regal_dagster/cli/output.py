@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..engine.manifest import Manifest
-from ..engine.pipeline import Progress
-from ..engine.sources.registry import source_for
+if TYPE_CHECKING:  # the CLI starts without the engine's models (`--version`, `--help`, `wal push`)
+    from ..engine.manifest import Manifest
+    from ..engine.pipeline import Progress
 
 if TYPE_CHECKING:
     from ..engine.restore import RestoreResult
@@ -147,6 +147,8 @@ def age(seconds: float | None) -> str:
 
 
 def manifest_summary(m: Manifest) -> dict[str, Any]:
+    from ..engine.sources.registry import source_for
+
     return {
         "backup_id": m.backup_id, "target": m.target, "kind": m.kind, "retention_class": m.retention_class,
         "started_at": m.started_at.isoformat(), "finished_at": m.finished_at.isoformat(),

@@ -6,32 +6,7 @@ import argparse
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..engine.policy import RETENTION_CLASSES
-from .commands import (
-    cmd_audit_verify,
-    cmd_backup,
-    cmd_demo,
-    cmd_drill,
-    cmd_gdpr_erase,
-    cmd_gdpr_list,
-    cmd_init,
-    cmd_keys_list,
-    cmd_keys_retire,
-    cmd_keys_rotate,
-    cmd_list,
-    cmd_master_key,
-    cmd_metrics,
-    cmd_offsite_sync,
-    cmd_prune,
-    cmd_report,
-    cmd_restore,
-    cmd_restore_test,
-    cmd_show,
-    cmd_status,
-    cmd_upgrade,
-    cmd_verify,
-)
-from .pitr import cmd_wal_get, cmd_wal_push, cmd_wal_status, cmd_wal_stream
+from ..engine.retention_classes import RETENTION_CLASSES
 
 JOBS_HELP = "parallel workers (default: the policy's `jobs` for the target: the CPU count, at most 8)"
 BACKUP_ID_HELP = "a backup id as `regal-backup list` shows it, e.g. main-20261124T020000Z-a1b2c3"
@@ -84,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-audit", action="store_true",
                    help="no audit trail (not recommended: nothing is recorded for reports until `audit.dsn` is "
                         "added)")
-    p.set_defaults(func=cmd_init)
+    p.set_defaults(func="commands:cmd_init")
 
     p = sub.add_parser("master-key", parents=[common], help="print a new master key (for --master-key-env)")
-    p.set_defaults(func=cmd_master_key)
+    p.set_defaults(func="commands:cmd_master_key")
 
     p = sub.add_parser("backup", parents=[common], help="back up one target now")
     p.add_argument("target", help=TARGET_HELP)
@@ -102,19 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: as the target's `incremental` option says for the class)")
     kind.add_argument("--full", dest="incremental", action="store_false",
                       help="postgres_cluster: a full base backup whatever the policy says")
-    p.set_defaults(func=cmd_backup)
+    p.set_defaults(func="commands:cmd_backup")
 
     p = sub.add_parser("list", parents=[common],
                        help="list backups with their status and the date retention deletes each one")
     p.add_argument("target", nargs="?", help="only this target's backups (default: every target)")
-    p.set_defaults(func=cmd_list)
+    p.set_defaults(func="commands:cmd_list")
 
     p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
     p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --latest)")
     p.add_argument("--latest", action="store_true", help="the newest backup (of --target, or of every target)")
     p.add_argument("--target", help="with --latest: only this target (default: every target's newest backup)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func="commands:cmd_verify")
 
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database, or a server to a point "
                                                          "in time (TARGET --to-dir DIR)")
@@ -162,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pg_verifybackup): the server then needs neither regal-backup nor the keys")
     p.add_argument("--preview", action="store_true",
                    help="with --to-dir: say which base backup and which WAL would be used; change nothing")
-    p.set_defaults(func=cmd_restore)
+    p.set_defaults(func="commands:cmd_restore")
 
     wal = sub.add_parser("wal", help="the WAL archive of postgres_cluster targets (point-in-time recovery)")
     wal_sub = wal.add_subparsers(dest="wal_command", required=True)
@@ -170,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="archive one WAL file (archive_command = 'regal-backup --policy P wal push %%p')")
     p.add_argument("path", help="the WAL file (PostgreSQL's %%p)")
     p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
-    p.set_defaults(func=cmd_wal_push)
+    p.set_defaults(func="pitr:cmd_wal_push")
     p = wal_sub.add_parser("get", parents=[common],
                            help="fetch one WAL file (restore_command = 'regal-backup --policy P wal get %%f %%p'); "
                                 "exit 1 when it is not archived")
@@ -180,13 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-command", action="store_true", dest="serving_recovery",
                    help="run as PostgreSQL's restore_command (restores write it): exit 1 only when the file is not "
                         "archived; any other failure exits 126, which stops recovery instead of ending it early")
-    p.set_defaults(func=cmd_wal_get)
+    p.set_defaults(func="pitr:cmd_wal_get")
 
     p = wal_sub.add_parser("status", parents=[common],
                            help="newest stored WAL position and time, lag behind the server in bytes and seconds, "
                                 "gaps; exit 3 when there is a gap")
     p.add_argument("target", nargs="?", help="the postgres_cluster target (default: the policy's only one)")
-    p.set_defaults(func=cmd_wal_status)
+    p.set_defaults(func="pitr:cmd_wal_status")
     p = wal_sub.add_parser("stream", parents=[common],
                            help="receive the server's WAL continuously (pg_receivewal on the target's slot) and store "
                                 "every segment; runs until SIGTERM (a systemd service: docs/pitr.md)")
@@ -195,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "nothing is skipped; default: wal-stream/TARGET beside the policy)")
     p.add_argument("--snapshot-seconds", type=float, default=10.0,
                    help="store the segment being received at least this often when it grew (default: 10)")
-    p.set_defaults(func=cmd_wal_stream)
+    p.set_defaults(func="pitr:cmd_wal_stream")
 
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")
@@ -203,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="main", help="whose newest good backup to test (default: main)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--work-dir", help="where the scratch server lives (default: the policy's, else the temp dir)")
-    p.set_defaults(func=cmd_restore_test)
+    p.set_defaults(func="commands:cmd_restore_test")
 
     p = sub.add_parser("drill", parents=[common],
                        help="disaster-recovery drill: rebuild every target from the repository, measure RTO and RPO")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--work-dir", help="where the scratch servers live (default: the policy's, else the temp dir)")
-    p.set_defaults(func=cmd_drill)
+    p.set_defaults(func="commands:cmd_drill")
 
     gdpr = sub.add_parser("gdpr", help="the GDPR erasure ledger (re-applied after every restore)")
     gdpr_sub = gdpr.add_subparsers(dest="gdpr_command", required=True)
@@ -218,62 +193,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("subject", help="the identifier the request names (e.g. the e-mail); stored only hashed")
     p.add_argument("--requested-at", help="when the subject asked (ISO 8601, UTC; default: now)")
     p.add_argument("--reference", help="your ticket or case number")
-    p.set_defaults(func=cmd_gdpr_erase)
+    p.set_defaults(func="commands:cmd_gdpr_erase")
     p = gdpr_sub.add_parser("list", parents=[common], help="list recorded erasures (hashes only)")
-    p.set_defaults(func=cmd_gdpr_list)
+    p.set_defaults(func="commands:cmd_gdpr_list")
 
     p = sub.add_parser("prune", parents=[common], help="delete what retention no longer keeps (recorded)")
     p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
     p.add_argument("--check", action="store_true",
                    help="prove retention holds: exit 3 if any backup is past its retention (deletes nothing)")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func="commands:cmd_prune")
 
     keys = sub.add_parser("keys", help="the encryption keys: inventory, rotation, retirement")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     p = keys_sub.add_parser("list", parents=[common], help="every key with its dates and the backups using it")
-    p.set_defaults(func=cmd_keys_list)
+    p.set_defaults(func="commands:cmd_keys_list")
     p = keys_sub.add_parser("rotate", parents=[common], help="add a new primary key (older keys keep reading)")
-    p.set_defaults(func=cmd_keys_rotate)
+    p.set_defaults(func="commands:cmd_keys_rotate")
     p = keys_sub.add_parser("retire", parents=[common], help="destroy a key no backup uses any more")
     p.add_argument("key_id", type=int, help="the key's number as `regal-backup keys list` shows it")
     p.add_argument("--reencrypt", action="store_true",
                    help="first re-encrypt the backups that use it under the primary key (verified before the "
                         "old objects go)")
-    p.set_defaults(func=cmd_keys_retire)
+    p.set_defaults(func="commands:cmd_keys_retire")
 
     offsite = sub.add_parser("offsite", help="the off-site copy of every backup")
     offsite_sub = offsite.add_subparsers(dest="offsite_command", required=True)
     p = offsite_sub.add_parser("sync", parents=[common],
                                help="copy what the off-site repository lacks and read every backup back there")
-    p.set_defaults(func=cmd_offsite_sync)
+    p.set_defaults(func="commands:cmd_offsite_sync")
 
     audit = sub.add_parser("audit", help="the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     p = audit_sub.add_parser("verify", parents=[common],
                              help="recompute the hash chain; name the first edited, deleted, inserted or moved entry")
-    p.set_defaults(func=cmd_audit_verify)
+    p.set_defaults(func="commands:cmd_audit_verify")
 
     p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (GDPR, SOX, PCI DSS)")
     p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month; the current one is an interim "
                                     "report, a future one is refused)")
     p.add_argument("--output", help="also write the PDF here, and its OSCAL results beside it "
                                     "(NAME.oscal-ar.json)")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func="commands:cmd_report")
 
     p = sub.add_parser("upgrade", parents=[common],
                        help="seal every document of a repository written by an earlier regal-backup (format 1)")
-    p.set_defaults(func=cmd_upgrade)
+    p.set_defaults(func="commands:cmd_upgrade")
 
     p = sub.add_parser("status", parents=[common],
                        help="one screen per target: newest good backup against the RPO, verification, restore "
                             "test, drill, open alerts; exit 3 when an RPO is breached (a monitoring check)")
     p.add_argument("target", nargs="?", help="only this target (default: every target)")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func="commands:cmd_status")
 
     p = sub.add_parser("show", parents=[common],
                        help="one backup in full: objects, tables, checks, retention decision and date, lock")
     p.add_argument("backup_id", help=BACKUP_ID_HELP)
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func="commands:cmd_show")
 
     p = sub.add_parser("metrics", parents=[common],
                        help="Prometheus metrics: serve them over HTTP, or write them for node_exporter")
@@ -287,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "in its --collector.textfile.directory; written atomically)")
     p.add_argument("--cache-seconds", type=float, default=30.0,
                    help="with --listen: reuse a reading of the repository this long (default: 30)")
-    p.set_defaults(func=cmd_metrics)
+    p.set_defaults(func="commands:cmd_metrics")
 
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")
     p.add_argument("--scale", type=float, default=0.05, help="dataset size (1.0 is about 80 MB)")
     p.add_argument("--keep-running", action="store_true", help="leave the demo PostgreSQL running for the UI")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func="commands:cmd_demo")
     return parser
 
 

@@ -23,8 +23,9 @@ from .layout import backup_prefix, manifest_key, new_backup_id
 from .manifest import Manifest, ObjectRecord
 from .offsite import copy_after_backup
 from .pipeline import Progress, store_stream
-from .policy import RETENTION_CLASSES, Policy
+from .policy import Policy
 from .repository_format import open_repository_format
+from .retention_classes import RETENTION_CLASSES
 from .sources.registry import source_for
 from .storage import Repository, open_offsite, open_repository
 

@@ -11,7 +11,7 @@ import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
@@ -19,6 +19,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
 from .errors import PolicyError
+from .retention_classes import RETENTION_CLASSES, RetentionClass
 from .settings import (  # the fragments below the plug-ins that the policy assembles
     CompressionConfig,
     Cron,
@@ -79,9 +80,6 @@ _REPOSITORY_TAGS = {b.kind for b in backends()} | {_UNSERVED}
 POLICY_ENV = "REGAL_POLICY"
 DEFAULT_POLICY_FILE = "regal_backup.yaml"
 
-# Retention classes, lowest to highest. A higher class scheduled at the same minute wins the tick.
-RetentionClass = Literal["hourly", "daily", "weekly", "monthly"]
-RETENTION_CLASSES: tuple[RetentionClass, ...] = get_args(RetentionClass)
 
 class ScheduleConfig(Settings):
     cron: Cron
