@@ -55,7 +55,7 @@ def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: P
     assert "validation (full): every table read back" in restored.stdout
 
     again = cli("restore", backup_id, "--to", target, *policy)
-    assert again.returncode == 1
+    assert again.returncode == 2
     assert "not empty" in again.stderr and "--drop-existing" in again.stderr
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from regal_dagster.engine.errors import PolicyError
+from regal_dagster.engine.errors import PolicyError, UsageError
 from regal_dagster.engine.policy import Policy, load_policy, policy_file, policy_from_dict
 
 MINIMAL = {
@@ -143,7 +143,7 @@ def test_a_missing_policy_file_says_how_to_make_one(tmp_path: Path) -> None:
 
 
 def test_unknown_target_names_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match=r"known: pos"):
+    with pytest.raises(UsageError, match=r"no target named 'orders' \(its targets: pos\)"):
         policy_from_dict(MINIMAL, tmp_path).target("orders")
 
 

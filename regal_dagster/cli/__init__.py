@@ -24,7 +24,7 @@ from pathlib import Path
 from ..engine.errors import RegalError
 from .os_errors import describe_os_error
 from .output import Output, command_name
-from .parser import build_parser
+from .parser import CommandLineError, build_parser
 
 __all__ = ["describe_os_error", "main", "write_error_log"]
 
@@ -48,7 +48,14 @@ class _Terminated:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(given)
+    except CommandLineError as exc:  # with --json, the envelope too (docs/cli-json.md)
+        print(exc.usage, end="", file=sys.stderr)
+        return _refused(Output("--json" in given, exc.command), exc.message,
+                        f"see `regal-backup {exc.command if exc.command != 'regal-backup' else ''} --help`"
+                        .replace("  ", " "), 2)
     out = Output(args.json, command_name(args))
     signal.signal(signal.SIGTERM, _Terminated.handler)
     func = command_function(args.func)
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except RegalError as exc:
         return _refused(out, exc.message, exc.hint, exc.exit_code)
+    except BrokenPipeError:  # `regal-backup status | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         return _refused(out, *describe_os_error(exc), 1)
     except KeyboardInterrupt:
@@ -101,6 +111,12 @@ def _sweep_leftovers() -> None:
             sweep()
         except RegalError as exc:
             print(f"warning: {exc.message}\n  what to do: {exc.hint}", file=sys.stderr)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush to a closed pipe says nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _refused(out: Output, message: str, hint: str | None, code: int) -> int:

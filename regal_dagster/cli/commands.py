@@ -130,9 +130,9 @@ def _retention_column(verdict: RetentionVerdict) -> str:
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = open_repository_of(args)
     if args.latest == bool(args.backup_id):
-        raise RegalError("say which backup to verify", "give a BACKUP_ID, or --latest (with --target for one target)")
+        raise UsageError("say which backup to verify", "give a BACKUP_ID, or --latest (with --target for one target)")
     if args.target and not args.latest:
-        raise RegalError("--target goes with --latest", "drop --target, or add --latest")
+        raise UsageError("--target goes with --latest", "drop --target, or add --latest")
     if args.latest:
         return _verify_latest(args, out, policy, repo, keyring)
     try:  # the size, for the progress display; a manifest that is refused is the manifest check's finding
@@ -225,8 +225,8 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     from ..engine.sources.registry import source_for
 
     policy, repo, keyring = open_repository_of(args)
-    selected = choose_backup(policy, repo, keyring, args.target, backup_id=args.backup_id,
-                             trigger={"cli": "restore-test"})
+    target = args.target or _the_only_target(policy, args.backup_id)
+    selected = choose_backup(policy, repo, keyring, target, backup_id=args.backup_id, trigger={"cli": "restore-test"})
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
@@ -250,6 +250,14 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
         text += f"\n  restore point {point['name']}: {point['note']}"
     out.result(result.to_json(), text)
     return 0 if result.validation_passed and result.rto_within_target else 3
+
+
+def _the_only_target(policy: Policy, backup_id: str | None) -> str:
+    """The target a command means when none was named: the policy's only one (a backup id names its own)."""
+    if backup_id or len(policy.targets) == 1:
+        return target_of(backup_id) if backup_id else next(iter(policy.targets))
+    raise UsageError(f"the policy has {len(policy.targets)} targets: say which one",
+                     f"add --target with one of {', '.join(sorted(policy.targets)) or '(none)'}, or give a BACKUP_ID")
 
 
 def cmd_drill(args: argparse.Namespace, out: Output) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, NoReturn
 
 from ..engine.retention_classes import RETENTION_CLASSES
 
@@ -20,6 +20,22 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class CommandLineError(Exception):
+    """The command line cannot be parsed: argparse's message, and the command's usage (exit 2)."""
+
+    def __init__(self, message: str, usage: str, command: str):
+        super().__init__(message)
+        self.message, self.usage, self.command = message, usage, command
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises (so that `--json` gets its envelope) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("regal-backup").strip() or "regal-backup"
+        raise CommandLineError(message, self.format_usage(), command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     def options(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
         parser.add_argument("--policy", default=default,
@@ -33,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     # The options are accepted before and after the command; the command's copy must not reset them.
-    common = options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
-    parser = options(argparse.ArgumentParser(prog="regal-backup",
+    common = options(_Parser(add_help=False), argparse.SUPPRESS)
+    parser = options(_Parser(prog="regal-backup",
                                              description="Back up, verify and restore the Regal POS backend.",
                                              epilog="Exit status: 0 success, 1 operational failure, 2 bad usage or "
                                                     "policy, 3 a check, verification or validation failed "
@@ -175,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")
     p.add_argument("backup_id", nargs="?", help="default: the newest good backup of --target")
-    p.add_argument("--target", default="main", help="whose newest good backup to test (default: main)")
+    p.add_argument("--target", help="whose newest good backup to test (default: the policy's only target)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--work-dir", help="where the scratch server lives (default: the policy's, else the temp dir)")
     p.set_defaults(func="commands:cmd_restore_test")

@@ -67,7 +67,8 @@ class MissingSoftwareError(ToolError):
     test that meets it is not recorded: the command fails instead, exit 1)."""
 
 
-class TargetNotEmptyError(RegalError):
-    """A restore target already holds data."""
+class TargetNotEmptyError(UsageError):
+    """A restore target already holds data (exit 2: nothing was touched; restore elsewhere or say
+    --drop-existing)."""
 
 

@@ -23,7 +23,7 @@ from .audit import AuditTrail, record
 from .catalog import newest_first
 from .crypto import Keyring
 from .erasure_ledger import Erasure, ErasureLedger, ErasureResult, load_ledger, save_ledger
-from .errors import IntegrityError, RegalError
+from .errors import IntegrityError, RegalError, UsageError
 from .layout import GDPR_LEDGER, LEDGER_LOCK
 from .manifest import Manifest
 from .offsite import sync_repository_documents
@@ -37,10 +37,10 @@ def record_erasure(policy: Policy, repo: Repository, keyring: Keyring, target: s
     """Add an erasure request to the ledger (once per subject and target)."""
     policy.target(target)  # an unknown target is a clear error
     if not policy.gdpr.subjects.get(target):
-        raise RegalError(f"the policy says nothing about data subjects in target '{target}'",
+        raise UsageError(f"the policy says nothing about data subjects in target '{target}'",
                          f"add gdpr.subjects.{target} (table, match_column, action) to the policy")
     if not identifier.strip():
-        raise RegalError("the subject identifier is empty", "give the identifier the request names, e.g. the e-mail")
+        raise UsageError("the subject identifier is empty", "give the identifier the request names, e.g. the e-mail")
     with repo.lock(LEDGER_LOCK):
         ledger = load_ledger(repo, keyring)
         subject_hash = ledger.hash(identifier)

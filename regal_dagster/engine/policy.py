@@ -18,7 +18,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
-from .errors import PolicyError
+from .errors import PolicyError, UsageError
 from .retention_classes import RETENTION_CLASSES, RetentionClass
 from .settings import (  # the fragments below the plug-ins that the policy assembles
     CompressionConfig,
@@ -268,7 +268,8 @@ class Policy(Settings):
     def target(self, name: str) -> TargetConfig:
         if name not in self.targets:
             known = ", ".join(sorted(self.targets)) or "none"
-            raise PolicyError("(policy)", [f"targets.{name}: no such target (known: {known})"])
+            raise UsageError(f"the policy has no target named '{name}' (its targets: {known})",
+                             "name one of the policy's targets (`regal-backup status` lists them)")
         return self.targets[name]
 
     def rpo_for(self, name: str) -> timedelta:
