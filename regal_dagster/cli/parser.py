@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seal every document of a repository written by an earlier regal-backup (format 1)")
     p.set_defaults(func="commands:cmd_upgrade")
 
+    p = sub.add_parser("check", parents=[common],
+                       help="before the first backup, and after any change: the repository (reachable, writable), "
+                            "the keys, the audit trail and each target (reachable, privileges, WAL settings and "
+                            "slot, clock, programs), each with its fix; exit 1 when one fails")
+    p.add_argument("target", nargs="?", help="only this target (default: every target)")
+    p.set_defaults(func="check:cmd_check")
+
     p = sub.add_parser("status", parents=[common],
                        help="one screen per target: newest good backup against the RPO, verification, restore "
                             "test, drill, open alerts; exit 3 when an RPO is breached (a monitoring check)")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..errors import RegalError
+from ..findings import Finding
 from ..manifest import Manifest, ObjectRecord
 from ..outcomes import CheckOutcome, CheckSpec
 from ..settings import ErasureSubjectConfig, PolicyView, TargetSettings
@@ -165,6 +166,11 @@ class Source(ABC):
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
         """What a restore test checks at the destination beyond the restore's own validation."""
         return RestoredFindings()
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        """`regal-backup check`: what this kind needs of its target before a backup can work (reachable,
+        privileges, settings, programs on this machine), each finding with its fix."""
+        return [Finding(subject, "reachable", True, f"{self.label}: nothing to check before a backup")]
 
     def apply_erasures(self, destination: str, ledger: ErasureLedger, target: str,
                        subjects: list[ErasureSubjectConfig]) -> ErasureResult:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ...errors import IntegrityError, RegalError
+from ...findings import Finding, finding
 from ...manifest import Manifest
 from ...pipeline import StoredBackup
 from ...settings import TargetSettings
@@ -24,6 +25,7 @@ from .git import (
     clone_refs,
     cloned_state,
     git_version,
+    head,
     repository_facts,
     restore_stash_entries,
     verify_bundle,
@@ -46,6 +48,12 @@ class ConfigSource(Source):
         objects += [store(LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
                     for name in facts["lock_files"]]
         return Captured(objects, facts, {"git": git_version()})
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        settings = cast(ConfigTarget, target)
+        return [finding(subject, "git", git_version, "install git"),
+                finding(subject, "repository", lambda: f"{settings.repository} at {head(Path(settings.repository))}",
+                        "fix repository: in the policy (a git repository this user can read)")]
 
     def check_structure(self, backup: StoredBackup) -> str:
         manifest = backup.manifest

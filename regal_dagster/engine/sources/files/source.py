@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tarfile
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from ...errors import RegalError
+from ...findings import Finding, finding, readable_path
 from ...manifest import Manifest
 from ...pipeline import StoredBackup
 from ...settings import TargetSettings
@@ -37,6 +39,11 @@ class FilesSource(Source):
         return Captured([record], {"paths": settings.paths, "exclude": settings.exclude, "entries": walked.entries,
                                    "files": len(files), "bytes": sum(e["size"] for e in files),
                                    "skipped": walked.skipped})
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        return [finding(subject, f"path {path}", functools.partial(readable_path, Path(path)),
+                        "fix the path in the policy, or run as a user that can read it")
+                for path in cast(FilesTarget, target).paths]
 
     def check_structure(self, backup: StoredBackup) -> str:
         where = f"object {backup.manifest.object(ARCHIVE_OBJECT).key}"

@@ -17,6 +17,7 @@ import psycopg
 from ...environment import child_environment
 from ...erasure_ledger import ErasureLedger, ErasureResult
 from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError, UsageError
+from ...findings import Finding
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import check, map_parallel
 from ...pipeline import StoredBackup
@@ -46,6 +47,7 @@ from .dump import (
     restored_schema_counts,
 )
 from .erasure import apply_erasures
+from .preflight import preflight
 from .restore import VALIDATION, restore_database
 from .target import PostgresTarget
 
@@ -97,6 +99,9 @@ class PostgresSource(Source):
         return Captured([schema, *(record for record, _ in stored)],
                         {**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
                         {"pg_dump": session.pg_dump.version, "libpq": str(psycopg.pq.version())})
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        return preflight(subject, cast(PostgresTarget, target))
 
     def check_structure(self, backup: StoredBackup) -> str:
         """The schema archive's table of contents parses (`pg_restore --list`)."""

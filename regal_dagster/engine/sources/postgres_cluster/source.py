@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError
+from ...findings import Finding
 from ...manifest import Manifest
 from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import CHUNK, StoredBackup
@@ -43,6 +44,7 @@ from .chain import (
     require_wal_summaries,
 )
 from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
+from .preflight import preflight
 from .recovered import database_problems, open_databases, recovered_server
 from .recovery import ClusterRestoreOptions, write_recovery_settings
 from .target import PostgresClusterTarget
@@ -132,6 +134,9 @@ class PostgresClusterSource(Source):
         facts.update(files=len(files), bytes=sum(int(f.get("Size", 0)) for f in files.values()),
                      manifest_sha256=hashlib.sha256(run.manifest).hexdigest())
         return Captured([tar, manifest], facts, {"pg_basebackup": tool.version})
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        return preflight(subject, cast(PostgresClusterTarget, target))
 
     def check_structure(self, backup: StoredBackup) -> str:
         """Every file of the tar stream against PostgreSQL's backup manifest (sizes and SHA-256), and the

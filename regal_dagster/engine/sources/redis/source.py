@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 from ...errors import IntegrityError, RegalError
+from ...findings import Finding, finding, readable_directory
 from ...manifest import Manifest
 from ...outcomes import WARN, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
@@ -88,6 +89,21 @@ class RedisSource(Source):
             objects += [store(name, "Redis append-only file", file_chunks(path), -1)
                         for name, path in aof_files(Path(settings.data_dir), facts["persistence"])]
         return Captured(objects, facts, {"redis-check-rdb": "redis " + str(facts["server_version"])})
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        settings = cast(RedisTarget, target)
+        url = settings.resolved_url()
+        reached = finding(subject, "reachable", lambda: f"{describe_url(url)}: Redis "
+                          f"{server_facts(client(url))['server_version']}", "check the URL and the password")
+        found = [reached]
+        if reached.passed:
+            problems = persistence_problems(persistence_settings(client(url)))
+            found.append(Finding(subject, "persistence", not problems, "; ".join(problems) or "RDB and AOF as the "
+                                 "runbook asks", "set save/appendonly as docs/policy.md says" if problems else ""))
+        if settings.data_dir:
+            found.append(finding(subject, "data_dir", lambda: readable_directory(Path(str(settings.data_dir))),
+                                 "run as a user that can read the server's data directory, or drop data_dir"))
+        return found
 
     def check_structure(self, backup: StoredBackup) -> str:
         with private_directory("check") as tmp:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 from ...errors import IntegrityError
+from ...findings import Finding, finding
 from ...manifest import Manifest
 from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import StoredBackup
@@ -45,6 +46,15 @@ class TerraformSource(Source):
         data = read_state(settings.state, region=settings.region, endpoint_url=settings.endpoint_url)
         record = store(STATE_OBJECT, STATE_CONTENT, [data], 0)
         return Captured([record], {"location": settings.state, "state": state_facts(data)})
+
+    def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        settings = cast(TerraformTarget, target)
+
+        def readable() -> str:
+            facts = state_facts(read_state(settings.state, region=settings.region, endpoint_url=settings.endpoint_url))
+            return f"{settings.state}: serial {facts.get('serial')}"
+
+        return [finding(subject, "state", readable, "fix state: in the policy, or the credentials of its bucket")]
 
     def check_structure(self, backup: StoredBackup) -> str:
         facts = state_facts(backup.read(STATE_OBJECT))
