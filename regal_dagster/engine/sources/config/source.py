@@ -16,6 +16,7 @@ from ...settings import TargetSettings
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..streams import file_chunks
+from .extras import capture_extras, extras_problems, install_extras
 from .git import (
     BUNDLE_CONTENT,
     BUNDLE_OBJECT,
@@ -38,7 +39,7 @@ LOCK_FILES_DIR = "restored-lock-files"
 class ConfigSource(Source):
     kind = "config"
     label = "configuration repository"
-    restore_test_proves = "every ref and HEAD of a clone"
+    restore_test_proves = "every ref and HEAD of a clone, its .git/config, hooks and Git LFS objects"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         settings = cast(ConfigTarget, target)
@@ -47,7 +48,11 @@ class ConfigSource(Source):
         objects = [store(BUNDLE_OBJECT, BUNDLE_CONTENT, bundle_stream(repo_path, facts["stash"]), 0)]
         objects += [store(LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
                     for name in facts["lock_files"]]
-        return Captured(objects, facts, {"git": git_version()})
+        extras, extra_facts = capture_extras(repo_path, lambda name, what, path: store(name, what, file_chunks(path),
+                                                                                         0))
+        tools = {"git": git_version(), **({"git-lfs": extra_facts["lfs"]["git_lfs"]}
+                                          if extra_facts["lfs"] and extra_facts["lfs"]["git_lfs"] else {})}
+        return Captured(objects + extras, {**facts, **extra_facts}, tools)
 
     def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
         settings = cast(ConfigTarget, target)
@@ -82,13 +87,17 @@ class ConfigSource(Source):
                                every_ref="all_refs" in manifest.source)
             if stash := manifest.source.get("stash"):
                 restore_stash_entries(destination, stash)
+        install_extras(destination, manifest.source, backup.install)
         for name in manifest.source.get("lock_files", {}):
             path = destination / LOCK_FILES_DIR / name
             path.parent.mkdir(parents=True, exist_ok=True)
             backup.install(LOCK_PREFIX + name, path)
+        not_carried = "".join(f"\nnot in the backup: {note}" for note in manifest.source.get("not_carried", []))
         return Restored(str(destination), f"restored {manifest.backup_id}: cloned {len(cloned['refs'])} refs into "
-                                          f"{destination} (HEAD {cloned['head'][:12]}); lock files as they were in "
-                                          f"{LOCK_FILES_DIR}/",
+                                          f"{destination} (HEAD {cloned['head'][:12]}) with its .git/config, "
+                                          f"{len(manifest.source.get('hooks', {}))} hook(s) and "
+                                          f"{len((manifest.source.get('lfs') or {}).get('objects', {}))} Git LFS "
+                                          f"object(s); lock files as they were in {LOCK_FILES_DIR}/{not_carried}",
                         seconds={"clone": time.monotonic() - started}, details={"path": str(destination), **cloned})
 
     @contextlib.contextmanager
@@ -115,4 +124,5 @@ class ConfigSource(Source):
                             f"{len(manifest.source['stash'])} {[e['commit'][:12] for e in manifest.source['stash']]}")
         if cloned["head"] != manifest.source["head"]:
             problems.append(f"HEAD is {cloned['head']} in the clone, {manifest.source['head']} in the backup")
-        return RestoredFindings(problems, cloned)
+        problems += extras_problems(Path(destination), manifest.source)
+        return RestoredFindings(problems, {**cloned, "not_carried": manifest.source.get("not_carried", [])})

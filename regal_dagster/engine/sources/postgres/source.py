@@ -24,11 +24,13 @@ from ...pipeline import StoredBackup
 from ...postgresql.connection import (
     OWN_SESSION_SETTINGS,
     check_dsn,
+    connect,
     describe_dsn,
     libpq_environment,
     with_session_settings,
 )
 from ...postgresql.installations import choose_server_binaries
+from ...postgresql.locales import ClusterLocale
 from ...postgresql.server import ScratchCluster
 from ...postgresql.tools import find_pg_tool
 from ...settings import ErasureSubjectConfig, TargetSettings, fill_option
@@ -47,6 +49,7 @@ from .dump import (
     restored_schema_counts,
 )
 from .erasure import apply_erasures
+from .facts import database_properties
 from .preflight import preflight
 from .restore import VALIDATION, restore_database
 from .target import PostgresTarget
@@ -166,8 +169,10 @@ class PostgresSource(Source):
     @contextlib.contextmanager
     def scratch_destination(self, work_dir: Path | None, manifest: Manifest | None = None) -> Iterator[str]:
         """A scratch server whose version is at least the source's and that has what the source uses (ICU,
-        xml, lz4, its extensions): the embedded PostgreSQL when it can, else the machine's own."""
-        bin_dir = None
+        xml, lz4, its extensions): the embedded PostgreSQL when it can, else the machine's own; initialised with
+        the source database's encoding, collation provider and locale (MissingSoftwareError naming a locale this
+        machine lacks)."""
+        bin_dir, locale = None, None
         if manifest is not None:
             bin_dir, why = choose_server_binaries(int(manifest.source.get("server_version_num", 0)) // 10000,
                                                   set(manifest.source.get("server_needs", [])))
@@ -175,15 +180,20 @@ class PostgresSource(Source):
                 raise MissingSoftwareError(why, "install a PostgreSQL server of that version with those features "
                                            "on this machine (its packaged binaries under /usr/lib/postgresql are "
                                            "used), or run restore tests where one is")
-        with ScratchCluster(base_dir=work_dir, tuned_for_restore=True, bin_dir=bin_dir) as cluster:
+            if properties := manifest.source.get("database_properties"):
+                locale = ClusterLocale.of_database(properties)
+        with ScratchCluster(base_dir=work_dir, tuned_for_restore=True, bin_dir=bin_dir, locale=locale) as cluster:
             for tablespace in manifest.source.get("tablespaces", []) if manifest is not None else []:
                 cluster.create_tablespace(tablespace["name"])  # where the source had its tables and indexes
             yield cluster.dsn(RESTORE_TEST_DATABASE)
 
     def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
-        """The schema's object counts as recorded at backup time, and pg_amcheck over every table and index."""
+        """The restored database's encoding, provider and locale, the schema's object counts as recorded at backup
+        time, and pg_amcheck over every table and index."""
         found = RestoredFindings()
         phase = time.monotonic()
+        found.details["locale"], locale_problems = restored_locale(destination, manifest)
+        found.problems += locale_problems
         if expected_counts := manifest.source.get("schema_objects"):
             found.problems += compare_schema_counts(expected_counts, restored_schema_counts(destination))
         found.problems += amcheck_problems(destination, jobs)
@@ -215,6 +225,23 @@ def _dump_tables(session: DumpSession, store: StoreObject, jobs: int) -> list[tu
 
     biggest_first = sorted(enumerate(session.tables, 1), key=lambda t: -t[1].pages)
     return map_parallel(store_table, biggest_first, jobs, "dump")
+
+
+LOCALE_PROPERTIES = ("encoding", "locale_provider", "lc_collate", "lc_ctype", "locale", "icu_rules")
+"""What makes a database's text, sort order and indexes what they are: a restore test tests them as they were."""
+
+
+def restored_locale(dsn: str, manifest: Manifest) -> tuple[dict[str, Any], list[str]]:
+    """The restored database's encoding, collation provider and locales, and where they differ from the backed-up
+    database's (then it was tested under another collation than its own)."""
+    with connect(dsn, autocommit=True) as conn:
+        restored = database_properties(conn)
+    have = {k: restored.get(k) for k in LOCALE_PROPERTIES}
+    recorded = manifest.source.get("database_properties") or {}
+    problems = [f"the restored database has {name} {have[name]!r}, the backed-up database had {recorded.get(name)!r}"
+                for name in LOCALE_PROPERTIES
+                if name in recorded and (recorded.get(name) or None) != (have[name] or None)]
+    return have, problems
 
 
 def amcheck_problems(dsn: str, jobs: int, *, all_databases: bool = False) -> list[str]:

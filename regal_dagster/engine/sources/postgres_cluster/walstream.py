@@ -7,7 +7,9 @@ that outlives the process (`<policy dir>/wal-stream/<target>/`, mode 0700): ever
 received (`.partial`) is stored as a snapshot whenever it grew, at most every `snapshot_seconds`. On a
 restart (after a crash, a kill -9, a reboot) what the last run left there is stored first, and
 pg_receivewal resumes from it; the slot keeps on the server whatever it has not confirmed. So nothing is
-skipped. SIGTERM stops the receiver, stores what it wrote, and exits 0.
+skipped. SIGTERM stops the receiver, stores what it wrote, and exits 0. pg_receivewal dies with the stream: a
+detached watchdog (postgresql/watchdog.py, as the scratch servers have) stops it within seconds of a kill -9 of the
+stream, also when the server or the network hangs; a receiver still left from an earlier run is stopped first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ...crypto import Keyring
 from ...environment import die_with_parent
 from ...errors import RegalError, UsageError
@@ -29,6 +33,7 @@ from ...layout import is_wal_segment, valid_wal_name
 from ...policy import Policy
 from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
+from ...postgresql.watchdog import start_children_watchdog, stop_recorded_child, write_child_record
 from ...storage import Repository
 from .wal import push_wal, remove_snapshot
 
@@ -163,11 +168,14 @@ def receiver_command(tool: Path, directory: Path, slot: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _receiver(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _receiver(command: list[str], env: dict[str, str], log: Path, record: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """pg_receivewal running, recorded in `record` for the watchdog; ended (SIGTERM, then SIGKILL) on exit."""
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                    preexec_fn=die_with_parent)  # noqa: PLW1509 - only prctl, async-signal-safe
     try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended at once: its exit code says why
+            write_child_record(record, psutil.Process(process.pid))
         yield process
     finally:
         if process.poll() is None:
@@ -202,37 +210,55 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     settings = policy.target(target)
     dsn = settings.resolved_dsn()  # type: ignore[attr-defined]
     slot = settings.slot  # type: ignore[attr-defined]
-    readiness = check_server(dsn, slot)
-    if readiness.slot_created:
-        say(f"created the physical replication slot {slot}: the server keeps WAL until it is stored")
-    tool = pg_tool_for_server("pg_receivewal", readiness.server_major)
     directory = stream_directory(policy, target, work_dir)
     log = directory.parent / f"{directory.name}.receiver.log"
-    streamer = WalStreamer(policy, repo, keyring, target, directory, segment_size=readiness.segment_size,
-                           snapshot_seconds=snapshot_seconds, say=say)
+    record = directory.parent / f"{directory.name}.receiver.pid"  # what the watchdog stops once we are dead
     with repo.lock(f"{target}-wal-stream"):
+        if stop_recorded_child(record):  # a receiver a killed run left behind (its watchdog killed too)
+            say("stopped the pg_receivewal a previous run left running")
+        readiness = check_server(dsn, slot)
+        if readiness.slot_created:
+            say(f"created the physical replication slot {slot}: the server keeps WAL until it is stored")
+        tool = pg_tool_for_server("pg_receivewal", readiness.server_major)
+        streamer = WalStreamer(policy, repo, keyring, target, directory, segment_size=readiness.segment_size,
+                               snapshot_seconds=snapshot_seconds, say=say)
         left = streamer.store_completed()  # what a previous run left: before anything new
         if left:
             say(f"stored {left} WAL file(s) a previous run had received")
         env = libpq_environment(dsn)
-        while not stop.is_set():
-            offset = log.stat().st_size if log.exists() else 0
-            streamer.complete_short_partials()
-            with _receiver(receiver_command(tool.path, directory, slot), env, log) as process:
-                say(f"streaming WAL of {target} with {tool.path.name} {tool.version} into {directory} "
-                    f"(slot {slot})")
-                while not stop.is_set() and process.poll() is None:
-                    streamer.store_completed()
-                    streamer.snapshot_partial()
-                    stop.wait(0.5)
-            streamer.store_completed()
-            streamer.snapshot_partial(force=True)
-            if not stop.is_set():
-                say(f"pg_receivewal stopped (exit code {process.returncode}: {_last_error(log, offset)}; see {log}): "
-                    f"restarting in {RESTART_SECONDS:.0f} s")
-                stop.wait(RESTART_SECONDS)
-                _slot_again(dsn, slot, say)
+        with _children_watchdog(record):
+            while not stop.is_set():
+                offset = log.stat().st_size if log.exists() else 0
+                streamer.complete_short_partials()
+                with _receiver(receiver_command(tool.path, directory, slot), env, log, record) as process:
+                    say(f"streaming WAL of {target} with {tool.path.name} {tool.version} into {directory} "
+                        f"(slot {slot})")
+                    while not stop.is_set() and process.poll() is None:
+                        streamer.store_completed()
+                        streamer.snapshot_partial()
+                        stop.wait(0.5)
+                streamer.store_completed()
+                streamer.snapshot_partial(force=True)
+                if not stop.is_set():
+                    say(f"pg_receivewal stopped (exit code {process.returncode}: {_last_error(log, offset)}; see "
+                        f"{log}): restarting in {RESTART_SECONDS:.0f} s")
+                    stop.wait(RESTART_SECONDS)
+                    _slot_again(dsn, slot, say)
     return streamer.stored
+
+
+@contextlib.contextmanager
+def _children_watchdog(record: Path) -> Iterator[None]:
+    """A detached watchdog (postgresql/watchdog.py) that stops the pg_receivewal `record` names once this process is
+    dead: its own SIGTERM on our death (die_with_parent) is not enough, as pg_receivewal ending cleanly waits for an
+    answer from the server that a hung server or network never gives. Stopped when the stream ends."""
+    watchdog = start_children_watchdog(record)
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+        record.unlink(missing_ok=True)
 
 
 def _slot_again(dsn: str, slot: str, say: Callable[[str], None]) -> None:
