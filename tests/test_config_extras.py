@@ -98,11 +98,12 @@ def test_lfs_objects_without_git_lfs_are_carried_from_the_store_and_the_rest_is_
     only_git.mkdir()
     (only_git / "git").symlink_to(shutil.which("git"))  # type: ignore[arg-type]
     monkeypatch.setenv("PATH", str(only_git))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")  # a machine without git-lfs has no system-wide LFS filters
     assert git_lfs_version() is None
     policy = _policy(tmp_path, "config", {"kind": "config", "repository": str(config_repo)})
 
     done = invoke_cli(["backup", "config", "--policy", str(tmp_path / "regal_backup.yaml")],
-                      env={**os.environ, "PATH": str(only_git)})
+                      env={**os.environ, "PATH": str(only_git), "GIT_CONFIG_NOSYSTEM": "1"})
     assert done.returncode == 0, done.stderr
     assert "not in the backup: Git LFS objects: the repository uses Git LFS but `git lfs` is not installed" \
         in done.stderr

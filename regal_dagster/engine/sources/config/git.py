@@ -111,12 +111,18 @@ def verify_bundle(bundle: Path) -> None:
                         "the backup is damaged: use another one")
 
 
+NO_LFS_FILTER = ("-c", "filter.lfs.process=", "-c", "filter.lfs.smudge=cat", "-c", "filter.lfs.required=false")
+"""A checkout from a bundle leaves Git LFS pointer files as they are, whatever the machine's git config says (a
+system-wide `git lfs install` would otherwise fetch each object from a server a restore must not depend on,
+or fail where git-lfs is missing): the objects themselves are carried beside the bundle (extras.py)."""
+
+
 def clone(bundle: Path, destination: Path, every_ref: bool = False) -> dict[str, Any]:
     """Clone the bundle into `destination`; returns the clone's refs and HEAD. With `every_ref`, the clone
     then holds exactly the bundle's refs (every branch, tag, note, stash and custom ref, as refs of its
     own; no remote-tracking refs of the bundle), as the repository backed up had them."""
-    run = subprocess.run(["git", "clone", "--quiet", str(bundle), str(destination)], env=child_environment(),
-                         capture_output=True, text=True, check=False)
+    run = subprocess.run(["git", *NO_LFS_FILTER, "clone", "--quiet", str(bundle), str(destination)],
+                         env=child_environment(), capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise ToolError(f"git clone from the bundle failed: {run.stderr.strip()[-300:]}", "use another backup")
     if not every_ref:
