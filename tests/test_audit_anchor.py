@@ -63,10 +63,10 @@ def _rewrite_consistently_from(audit_db: str, first: int) -> None:
     with psycopg.connect(audit_db, autocommit=True) as conn:
         conn.execute("ALTER TABLE regal_audit.events DISABLE TRIGGER USER")
         conn.execute("UPDATE regal_audit.events SET resource = 'forged' WHERE seq = %s", (first,))
-        rows = conn.execute(f"SELECT {', '.join(audit_module.FIELDS)}, prev_hash, hash, event_id "
-                            "FROM regal_audit.events ORDER BY seq").fetchall()
+        cursor = conn.execute("SELECT * FROM regal_audit.events ORDER BY seq")
+        columns = [column.name for column in cursor.description or []]
         prev = audit_module.GENESIS
-        for event in (AuditEvent(*row) for row in rows):
+        for event in (AuditEvent(**dict(zip(columns, row, strict=True))) for row in cursor.fetchall()):
             if event.seq >= first:
                 conn.execute("UPDATE regal_audit.events SET prev_hash = %s, hash = %s WHERE seq = %s",
                              (prev, event.chained_hash(prev), event.seq))
