@@ -83,6 +83,10 @@ def test_a_consistent_rewrite_with_its_checkpoints_deleted_is_named(machine: dic
     _events(machine, 2, "after")
 
     _rewrite_consistently_from(machine["audit_db"], older + 2)
+    verdict = _audit_verify(machine["policy_file"])  # the database account alone: a checkpoint tells
+    assert verdict["exit"] == 3 and verdict["first_bad_seq"] == anchored and "differs from its checkpoint" in \
+        verdict["problem"]
+
     (machine["checkpoints"] / Path(audit_checkpoint_key(anchored)).name).unlink()  # the one that would tell
     assert verify_chain(_trail(machine["policy"]).events(), []).ok  # the rewrite is consistent: only checkpoints know
 
@@ -118,6 +122,27 @@ def test_a_deleted_newest_or_older_checkpoint_is_named(machine: dict[str, Any]) 
     verdict = _audit_verify(machine["policy_file"])
     assert verdict["exit"] == 3 and "holds 1 audit checkpoint(s) up to entry" in verdict["problem"]
     assert "the keyset saw 2" in verdict["problem"]
+
+    keyset = machine["tmp"] / "keyset.json"
+    document = json.loads(keyset.read_text())
+    document["audit_anchor"] = {**document["audit_anchor"], "seq": older, "checkpoints": 1}  # without the master key
+    keyset.write_text(json.dumps(document))
+    refused = run_cli(machine["policy_file"], "audit", "verify")
+    assert refused.returncode != 0 and "does not open the keyset" in refused.stderr
+
+
+def test_entries_after_the_newest_checkpoint_are_only_as_safe_as_the_database(machine: dict[str, Any]) -> None:
+    """The limit, written down: what the audit database's owner deletes from the end of the trail after the
+    newest checkpoint is not seen (nothing outside the database holds those entries yet); every `audit verify`
+    and report moves the checkpoint and the anchor up to the head."""
+    _events(machine, 3, "checked")
+    checked = _head(machine)
+    _events(machine, 3, "unchecked")
+    with psycopg.connect(machine["audit_db"], autocommit=True) as conn:
+        conn.execute("ALTER TABLE regal_audit.events DISABLE TRIGGER USER")
+        conn.execute("DELETE FROM regal_audit.events WHERE seq > %s", (checked,))
+        conn.execute("ALTER TABLE regal_audit.events ENABLE TRIGGER USER")
+    assert _audit_verify(machine["policy_file"])["exit"] == 0
 
 
 def test_a_second_machine_with_an_older_keyset_copy_raises_no_false_alarm(machine: dict[str, Any]) -> None:

@@ -9,10 +9,13 @@ Tamper evidence: each row carries `hash` = SHA-256 of the previous row's hash an
 encoding (`prev_hash` repeats the previous hash). The database refuses UPDATE, DELETE and TRUNCATE on the
 table (triggers); a superuser can get around that, and `verify` then names the first entry that was
 edited, deleted, inserted or reordered. The chain head is checkpointed into the repository (under Object
-Lock where enabled), so even rewriting the whole chain consistently is caught.
+Lock where enabled), so even rewriting the whole chain consistently is caught; the newest checkpoint is
+anchored in the keyset (authenticated with the master key), so deleting or rolling back the checkpoint files
+as well is caught too (an older anchor, another machine's older copy of the keyset, is no alarm).
 
 When the audit database cannot be reached, events wait in the repository (`audit/spool/`) and go in, in
 order, with the next event that can be written: an operation is never lost, nor blocked, for its audit.
+Each event has a unique `event_id`: a spool file put back after it was consumed is not chained twice.
 """
 
 from __future__ import annotations
