@@ -408,7 +408,8 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     if verdict.spooled:
         text += f"\n{verdict.spooled} event(s) wait in the repository's spool for the audit database"
     verdict_json = verdict.to_json()
-    out.result({"intact": verdict_json.pop("ok"), **verdict_json}, text)
+    out.result({"intact": verdict_json.pop("ok"), **verdict_json,
+                "anchor": verdict.anchor.to_json() if verdict.anchor else None}, text)
     return 0 if verdict.ok else 3
 
 

@@ -39,6 +39,7 @@ from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, audit_checkpoint_key, audit_
 from .policy import Policy
 from .repository_format import update_keyset
 from .storage import Repository
+from .storage.base import ObjectMissingError
 
 if TYPE_CHECKING:
     from .crypto import Keyring
@@ -195,7 +196,8 @@ class AuditTrail:
                 self._ensure_schema(conn)
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.events'))")
                 for key in spooled:
-                    self._insert(conn, self._spooled_event(conn, key))
+                    if (event := self._spooled_event(conn, key)) is not None:
+                        self._insert(conn, event)
                 written = self._insert(conn, pending)
                 self._note_policy_change(conn)
             # committed: only now is it true that the spool is in the chain and the policy recorded
@@ -230,11 +232,15 @@ class AuditTrail:
             key = audit_spool_key(event.at, uuid.uuid4().hex[:8])
             write_document(self.repo, self.keyring, SPOOL_KIND, key, event.to_json())
 
-    def _spooled_event(self, conn, key: str) -> AuditEvent:
+    def _spooled_event(self, conn, key: str) -> AuditEvent | None:
         """A spooled event, once its seal holds and it is not in the chain already; a file planted in the spool
         joins the chain only as the record of its refusal (its name, size and SHA-256), never as the event it
-        pretends to be, and so does a genuine spool file put back after it was consumed (a replay)."""
-        data = self.repo.get_bytes(key)
+        pretends to be, and so does a genuine spool file put back after it was consumed (a replay). None: the
+        file is gone (another process flushed the spool since it was listed)."""
+        try:
+            data = self.repo.get_bytes(key)
+        except ObjectMissingError:
+            return None
         facts = {"file": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         try:
             event = _from_spool(unseal(self.keyring, SPOOL_KIND, key, data))
@@ -372,7 +378,7 @@ class ChainVerdict:
         return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq, "head_hash": self.head_hash,
                 "first_bad_seq": self.first_bad_seq, "problem": self.problem,
                 "oldest": self.oldest.isoformat() if self.oldest else None, "checkpoints": self.checkpoints,
-                "spooled": self.spooled, "anchor": self.anchor.to_json() if self.anchor else None}
+                "spooled": self.spooled}
 
 
 def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) -> ChainVerdict:
