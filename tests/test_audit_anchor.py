@@ -21,6 +21,7 @@ from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.layout import AUDIT_SPOOL, audit_checkpoint_key
 from regal_dagster.engine.policy import Policy, load_policy
+from regal_dagster.engine.repository_format import initialize
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, run_cli, write_policy_file
@@ -37,6 +38,12 @@ def machine(system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> dict
 
 def _trail(policy: Policy) -> AuditTrail:
     return AuditTrail(policy, open_repository(policy))
+
+
+def _anchored(policy: Policy) -> int | None:
+    """The entry the policy's keyset anchors for its repository."""
+    anchor = anchor_of(load_keyring(policy), _trail(policy).repository_id)
+    return None if anchor is None else anchor.seq
 
 
 def _events(machine: dict[str, Any], count: int, label: str) -> None:
@@ -79,7 +86,7 @@ def test_a_consistent_rewrite_with_its_checkpoints_deleted_is_named(machine: dic
     older = _head(machine)  # checkpoint `older`: entries up to it stay genuine
     _events(machine, 5, "late")
     anchored = _head(machine)  # checkpoint `anchored`, and the keyset's anchor
-    assert anchor_of(load_keyring(machine["policy"])).seq == anchored  # type: ignore[union-attr]
+    assert _anchored(machine["policy"]) == anchored
     _events(machine, 2, "after")
 
     _rewrite_consistently_from(machine["audit_db"], older + 2)
@@ -125,7 +132,8 @@ def test_a_deleted_newest_or_older_checkpoint_is_named(machine: dict[str, Any]) 
 
     keyset = machine["tmp"] / "keyset.json"
     document = json.loads(keyset.read_text())
-    document["audit_anchor"] = {**document["audit_anchor"], "seq": older, "checkpoints": 1}  # without the master key
+    document["audit_anchors"] = {repository: {**anchor, "seq": older, "checkpoints": 1}  # without the master key
+                                 for repository, anchor in document["audit_anchors"].items()}
     keyset.write_text(json.dumps(document))
     refused = run_cli(machine["policy_file"], "audit", "verify")
     assert refused.returncode != 0 and "does not open the keyset" in refused.stderr
@@ -156,15 +164,15 @@ def test_a_second_machine_with_an_older_keyset_copy_raises_no_false_alarm(machin
     second_file = second_dir / "regal_backup.yaml"
     second_file.write_text(yaml.safe_dump(document))
     second = load_policy(second_file)
-    assert anchor_of(load_keyring(second)).seq == first  # type: ignore[union-attr]
+    assert _anchored(second) == first
 
     _events(machine, 3, "b")
     ahead = _head(machine)  # the first machine's anchor moves on; the copy's lags
-    assert ahead > first and anchor_of(load_keyring(second)).seq == first  # type: ignore[union-attr]
+    assert ahead > first and _anchored(second) == first
     assert _audit_verify(second_file)["exit"] == 0  # a lagging anchor is older, not an alarm
     _events(machine, 2, "c")
     newest = _head({**machine, "policy_file": second_file})
-    assert anchor_of(load_keyring(second)).seq == newest > ahead  # type: ignore[union-attr]
+    assert _anchored(second) == newest > ahead
     assert _audit_verify(machine["policy_file"])["exit"] == 0
 
     (machine["checkpoints"] / Path(audit_checkpoint_key(newest)).name).unlink()
@@ -172,11 +180,33 @@ def test_a_second_machine_with_an_older_keyset_copy_raises_no_false_alarm(machin
     assert verdict["exit"] == 3 and verdict["first_bad_seq"] == newest
 
 
+def test_one_keyset_for_two_repositories_keeps_an_anchor_for_each(machine: dict[str, Any]) -> None:
+    """A keyset (discouraged, but possible) shared by two repositories, one audit trail: each repository's
+    checkpoints are compared with its own anchor, never with the other's."""
+    other_dir = machine["tmp"] / "other"
+    other_dir.mkdir()
+    document = yaml.safe_load(machine["policy_file"].read_text())
+    document["encryption"]["keyset"] = str(machine["tmp"] / "keyset.json")
+    other_file = other_dir / "regal_backup.yaml"
+    other_file.write_text(yaml.safe_dump(document))
+    other = load_policy(other_file)
+    initialize(open_repository(other), load_keyring(other))
+
+    _events(machine, 2, "a")
+    first = _head(machine)
+    _events(machine, 2, "b")
+    second = _head({**machine, "policy_file": other_file})
+    assert (_anchored(machine["policy"]), _anchored(other)) == (first, second)
+    assert _audit_verify(machine["policy_file"])["exit"] == 0  # the other repository lacks `first`: no matter
+    (other_dir / "repository" / audit_checkpoint_key(second)).unlink()
+    assert _audit_verify(other_file)["exit"] == 3
+
+
 def test_a_consumed_spool_file_put_back_adds_no_duplicate_event(machine: dict[str, Any]) -> None:
     policy = machine["policy"]
     trail = _trail(policy)
     trail.append("first", "r1", "success", {})
-    down = policy.model_copy(update={"audit": policy.audit.model_copy(  # type: ignore[union-attr]
+    down = policy.model_copy(update={"audit": policy.audit.model_copy(
         update={"dsn": "postgresql://postgres@127.0.0.1:9/regal_audit"})})
     with pytest.raises(RegalError, match="cannot reach the audit database"):
         AuditTrail(down, trail.repo).append("while_down", "r2", "success", {"n": 1})

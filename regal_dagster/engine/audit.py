@@ -21,6 +21,7 @@ Each event has a unique `event_id`: a spool file put back after it was consumed 
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import hashlib
 import json
@@ -35,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from .documents import read_document, unseal, write_document
 from .errors import IntegrityError, RegalError, UsageError
-from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, audit_checkpoint_key, audit_spool_key
+from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, REPOSITORY_MARKER, audit_checkpoint_key, audit_spool_key
 from .policy import Policy
-from .repository_format import update_keyset
+from .repository_format import REPOSITORY_KIND, update_keyset
 from .storage import Repository
 from .storage.base import ObjectMissingError
 
@@ -171,6 +172,13 @@ class AuditTrail:
 
             self._keyring = load_keyring(self.policy)
         return self._keyring
+
+    @functools.cached_property
+    def repository_id(self) -> str:
+        """Which repository this is (its sealed marker's id; its location for a marker from before ids): the
+        keyset keeps an audit anchor per repository."""
+        marker = read_document(self.repo, self.keyring, REPOSITORY_KIND, REPOSITORY_MARKER)
+        return str(marker.get("repository_id") or self.repo.location)
 
     def ensure_schema(self) -> None:
         with _connect(self.dsn) as conn:
@@ -321,8 +329,9 @@ class AuditTrail:
         anchor = Anchor(head, verdict.head_hash, len({*verdict.checkpointed, head}))
 
         def advanced(current: Keyring) -> Keyring | None:
-            held = anchor_of(current)
-            return None if held is not None and held.seq >= head else current.with_audit_anchor(anchor.to_json())
+            held = anchor_of(current, self.repository_id)
+            return None if held is not None and held.seq >= head else current.with_audit_anchor(self.repository_id,
+                                                                                                anchor.to_json())
 
         self._keyring = update_keyset(self.repo, self.keyring, advanced)
 
@@ -351,9 +360,10 @@ class Anchor:
         return {"seq": self.seq, "hash": self.hash, "checkpoints": self.checkpoints}
 
 
-def anchor_of(keyring: Keyring) -> Anchor | None:
-    """The keyset's audit anchor (None: it has none yet, a keyset from before anchors, or a new one)."""
-    held = keyring.audit_anchor
+def anchor_of(keyring: Keyring, repository_id: str) -> Anchor | None:
+    """The keyset's audit anchor for a repository (None: it has none yet there, a keyset from before anchors,
+    a new one, or another machine's copy that never wrote a checkpoint)."""
+    held = keyring.audit_anchors.get(repository_id)
     if not held:
         return None
     return Anchor(int(held["seq"]), str(held["hash"]), int(held.get("checkpoints") or 0))  # type: ignore[call-overload]
@@ -458,7 +468,7 @@ def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None) -> C
     verdict = verify_chain(events, points)
     if verdict.ok and refused:
         verdict = replace(verdict, ok=False, problem=f"a checkpoint in the repository is refused: {refused[0]}")
-    verdict = verify_against_anchor(verdict, events, anchor_of(trail.keyring))
+    verdict = verify_against_anchor(verdict, events, anchor_of(trail.keyring, trail.repository_id))
     verdict.spooled = sum(1 for _ in trail.repo.list(AUDIT_SPOOL))
     return verdict
 

@@ -216,14 +216,15 @@ class Keyring:
     repository writer without the keys cannot lower it); a marker saying less is a downgrade. None: a keyset
     written before it was recorded (engine/repository_format.py records it on the next open).
 
-    `audit_anchor`: the newest audit checkpoint this keyset wrote or saw ({"seq", "hash", "checkpoints": how
-    many authentic checkpoints up to it the repository held}), authenticated like the format: deleting or
-    rolling back checkpoint files in the repository cannot hide from it (engine/audit.py). None: none yet."""
+    `audit_anchors`: per repository (its marker's `repository_id`), the newest audit checkpoint this keyset
+    wrote there ({"seq", "hash", "checkpoints": how many authentic checkpoints up to it the repository held}),
+    authenticated like the format: deleting or rolling back checkpoint files cannot hide from it
+    (engine/audit.py)."""
 
     def __init__(self, stream: Keys, macs: Keys | None, origin: KeysetFile | None = None,
-                 repository_format: int | None = None, audit_anchor: dict[str, object] | None = None):
+                 repository_format: int | None = None, audit_anchors: dict[str, dict[str, object]] | None = None):
         self.stream, self.macs, self.origin = stream, macs, origin
-        self.repository_format, self.audit_anchor = repository_format, audit_anchor
+        self.repository_format, self.audit_anchors = repository_format, dict(audit_anchors or {})
         self._primitive = stream.handle.primitive(streaming_aead.StreamingAead)
         self._mac = macs.handle.primitive(mac.Mac) if macs is not None else None
         self.primary_key_id: int = stream.primary_key_id
@@ -239,26 +240,27 @@ class Keyring:
         """A new primary key for objects and one for documents; older keys stay to read what they wrote."""
         macs = self.macs.rotated(MAC_TEMPLATE) if self.macs is not None else Keys.new(MAC_TEMPLATE)
         return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin, self.repository_format,
-                       self.audit_anchor)
+                       self.audit_anchors)
 
     def without(self, key_id: int) -> Keyring:
         """The object key `key_id` destroyed (documents keys are kept: old documents stay verifiable)."""
         return Keyring(self.stream.without(key_id), self.macs, self.origin, self.repository_format,
-                       self.audit_anchor)
+                       self.audit_anchors)
 
     def with_document_keys(self) -> Keyring:
         """This keyring with a document (MAC) keyset, made when the keyset predates one (upgrade)."""
         return self if self.macs is not None else Keyring(self.stream, Keys.new(MAC_TEMPLATE), self.origin,
-                                                          self.repository_format, self.audit_anchor)
+                                                          self.repository_format, self.audit_anchors)
 
     def with_repository_format(self, version: int) -> Keyring:
         """This keyring remembering that it opened a repository of format `version` (never lowered)."""
         return Keyring(self.stream, self.macs, self.origin, max(version, self.repository_format or 0),
-                       self.audit_anchor)
+                       self.audit_anchors)
 
-    def with_audit_anchor(self, anchor: dict[str, object]) -> Keyring:
-        """This keyring remembering a newer audit checkpoint (the caller checks that it is newer)."""
-        return Keyring(self.stream, self.macs, self.origin, self.repository_format, dict(anchor))
+    def with_audit_anchor(self, repository_id: str, anchor: dict[str, object]) -> Keyring:
+        """This keyring remembering a newer audit checkpoint of a repository (the caller checks it is newer)."""
+        return Keyring(self.stream, self.macs, self.origin, self.repository_format,
+                       {**self.audit_anchors, repository_id: dict(anchor)})
 
     def reload(self) -> Keyring:
         """The keyset as it is on disk now (another process may have rotated or retired a key)."""
@@ -368,16 +370,16 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
         history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
         mac_history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("mac_keys", {}).items()}
     repository_format = document.get("repository_format") if version in (4, 5) else None
-    audit_anchor = document.get("audit_anchor") if version == 5 else None
+    audit_anchors = document.get("audit_anchors") if version == 5 else None
     try:
         if mac_history is not None:
-            aad = _keyset_aad_v3(b"streaming-aead", history, mac_history, repository_format, version, audit_anchor)
+            aad = _keyset_aad_v3(b"streaming-aead", history, mac_history, repository_format, version, audit_anchors)
         handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad)
         macs = None
         if mac_history is not None:
             macs = Keys(tink.json_proto_keyset_format.parse_encrypted(
                 document["encrypted_mac_keyset"], master,
-                _keyset_aad_v3(b"mac", history, mac_history, repository_format, version, audit_anchor)), mac_history)
+                _keyset_aad_v3(b"mac", history, mac_history, repository_format, version, audit_anchors)), mac_history)
     except (tink.TinkError, KeyError):
         raise EncryptionKeyError(
             f"the master key does not open the keyset {path} (wrong master key, or its key dates were edited)",
@@ -387,7 +389,7 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
         history[key_id] = KeyInfo(key_id, created_at=None)
     return Keyring(Keys(handle, history), macs, KeysetFile(path, master),
                    int(repository_format) if isinstance(repository_format, int) else None,
-                   audit_anchor if isinstance(audit_anchor, dict) else None)
+                   audit_anchors if isinstance(audit_anchors, dict) else {})
 
 
 def handle_key_ids(handle: tink.KeysetHandle) -> set[int]:
@@ -404,7 +406,7 @@ def _keyset_aad_v2(history: dict[int, KeyInfo]) -> bytes:
 
 
 def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo],
-                   repository_format: object = None, version: object = 3, audit_anchor: object = None) -> bytes:
+                   repository_format: object = None, version: object = 3, audit_anchors: object = None) -> bytes:
     """Both keysets' dates, in the associated data of both encrypted keysets (and which part it is); from
     version 4 the repository format the keyset has opened too (a repository writer cannot lower it), from
     version 5 the audit anchor (nor roll back the audit checkpoints unseen)."""
@@ -412,7 +414,7 @@ def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[i
     if version in (4, 5):
         dates["repository_format"] = repository_format
     if version == 5:
-        dates["audit_anchor"] = audit_anchor
+        dates["audit_anchors"] = audit_anchors
     label = _KEYSET_AAD_V5 if version == 5 else _KEYSET_AAD_V4 if version == 4 else _KEYSET_AAD_V3
     return b"\x00".join([label, part, json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
 
@@ -433,13 +435,13 @@ def save_keyring(keyring: Keyring) -> Keyring:
         "mac_primary_key_id": macs.primary_key_id,
         "mac_keys": _canonical_dates(macs.history),
         "repository_format": keyring.repository_format,
-        "audit_anchor": keyring.audit_anchor,
+        "audit_anchors": keyring.audit_anchors,
         "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(
             stream.handle, master, _keyset_aad_v3(b"streaming-aead", stream.history, macs.history,
-                                                  keyring.repository_format, KEYSET_VERSION, keyring.audit_anchor)),
+                                                  keyring.repository_format, KEYSET_VERSION, keyring.audit_anchors)),
         "encrypted_mac_keyset": tink.json_proto_keyset_format.serialize_encrypted(
             macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history, keyring.repository_format,
-                                                KEYSET_VERSION, keyring.audit_anchor)),
+                                                KEYSET_VERSION, keyring.audit_anchors)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -456,7 +458,7 @@ def save_keyring(keyring: Keyring) -> Keyring:
         os.close(directory)
     written = read_keyset(path, master)
     if ((written.stream.key_ids, written.macs and written.macs.key_ids, written.repository_format,
-         written.audit_anchor) != (stream.key_ids, macs.key_ids, keyring.repository_format, keyring.audit_anchor)):
+         written.audit_anchors) != (stream.key_ids, macs.key_ids, keyring.repository_format, keyring.audit_anchors)):
         raise EncryptionKeyError(f"the keyset {path} did not read back as written", "check the disk; keep the old "
                                  "keyset backup until a rotation reads back")
     return written
