@@ -520,7 +520,7 @@ def test_a_keyset_from_before_the_format_record_learns_it_on_the_next_open(shop:
     path = policy.resolve_path(policy.encryption.keyset)
     document = json.loads(path.read_text())
     master, stream, macs = keyring.origin.master, keyring.stream, keyring.macs  # type: ignore[union-attr]
-    assert document["version"] == 4 and document["repository_format"] == 2 and macs is not None
+    assert document["version"] == crypto.KEYSET_VERSION and document["repository_format"] == 2 and macs is not None
     del document["repository_format"]
     document.update(version=3, encrypted_keyset=crypto.tink.json_proto_keyset_format.serialize_encrypted(
         stream.handle, master, crypto._keyset_aad_v3(b"streaming-aead", stream.history, macs.history)),

@@ -410,13 +410,16 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     trail.checkpoint(verdict)
     if verdict.ok:
         text = (f"audit trail intact: {verdict.entries} entries, head {verdict.head_hash} (entry {verdict.head_seq}), "
-                f"{verdict.checkpoints} checkpoint(s) match")
+                f"{verdict.checkpoints} checkpoint(s) match"
+                + (f", and so does the keyset's anchor (entry {verdict.anchor.seq})" if verdict.anchor else ""))
     else:
-        text = f"AUDIT TRAIL BROKEN at entry {verdict.first_bad_seq}: {verdict.problem}"
+        where = "" if verdict.first_bad_seq is None else f" at entry {verdict.first_bad_seq}"
+        text = f"AUDIT TRAIL BROKEN{where}: {verdict.problem}"
     if verdict.spooled:
         text += f"\n{verdict.spooled} event(s) wait in the repository's spool for the audit database"
     verdict_json = verdict.to_json()
-    out.result({"intact": verdict_json.pop("ok"), **verdict_json}, text)
+    out.result({"intact": verdict_json.pop("ok"), **verdict_json,
+                "anchor": verdict.anchor.to_json() if verdict.anchor else None}, text)
     return 0 if verdict.ok else 3
 
 

@@ -9,15 +9,19 @@ Tamper evidence: each row carries `hash` = SHA-256 of the previous row's hash an
 encoding (`prev_hash` repeats the previous hash). The database refuses UPDATE, DELETE and TRUNCATE on the
 table (triggers); a superuser can get around that, and `verify` then names the first entry that was
 edited, deleted, inserted or reordered. The chain head is checkpointed into the repository (under Object
-Lock where enabled), so even rewriting the whole chain consistently is caught.
+Lock where enabled), so even rewriting the whole chain consistently is caught; the newest checkpoint is
+anchored in the keyset (authenticated with the master key), so deleting or rolling back the checkpoint files
+as well is caught too (an older anchor, another machine's older copy of the keyset, is no alarm).
 
 When the audit database cannot be reached, events wait in the repository (`audit/spool/`) and go in, in
 order, with the next event that can be written: an operation is never lost, nor blocked, for its audit.
+Each event has a unique `event_id`: a spool file put back after it was consumed is not chained twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import hashlib
 import json
@@ -32,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from .documents import read_document, unseal, write_document
 from .errors import IntegrityError, RegalError, UsageError
-from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, audit_checkpoint_key, audit_spool_key
+from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, REPOSITORY_MARKER, audit_checkpoint_key, audit_spool_key
 from .policy import Policy
+from .repository_format import REPOSITORY_KIND, update_keyset
 from .storage import Repository
+from .storage.base import ObjectMissingError
 
 if TYPE_CHECKING:
     from .crypto import Keyring
@@ -62,6 +68,8 @@ CREATE TABLE IF NOT EXISTS regal_audit.events (
     prev_hash  text NOT NULL,
     hash       text NOT NULL
 );
+ALTER TABLE regal_audit.events ADD COLUMN IF NOT EXISTS event_id text;
+CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON regal_audit.events (event_id);
 CREATE INDEX IF NOT EXISTS events_at ON regal_audit.events (at);
 CREATE INDEX IF NOT EXISTS events_policy_changes ON regal_audit.events (seq) WHERE event_type = 'policy_change';
 CREATE OR REPLACE FUNCTION regal_audit.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -90,10 +98,13 @@ class AuditEvent:
     details: str  # canonical JSON
     prev_hash: str = ""
     hash: str = ""
+    event_id: str | None = None  # unique; None in entries written before events had one
 
     def canonical(self) -> bytes:
         body = {name: getattr(self, name) for name in FIELDS}
         body["at"] = self.at.astimezone(UTC).isoformat(timespec="microseconds")
+        if self.event_id is not None:
+            body["event_id"] = self.event_id
         return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     def chained_hash(self, prev_hash: str) -> str:
@@ -101,7 +112,8 @@ class AuditEvent:
 
     def to_json(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in FIELDS}, "at": self.at.isoformat(),
-                "details": json.loads(self.details), "prev_hash": self.prev_hash, "hash": self.hash}
+                "details": json.loads(self.details), "prev_hash": self.prev_hash, "hash": self.hash,
+                "event_id": self.event_id}
 
 
 def canonical_details(details: dict[str, Any]) -> str:
@@ -120,13 +132,14 @@ def _new_event(event_type: str, resource: str, outcome: str, details: dict[str, 
     """An event from this process, not yet numbered or chained."""
     return AuditEvent(0, at or datetime.now(UTC), actor(trigger), event_type, outcome, platform.node(),
                       f"{os.path.basename(sys.argv[0]) or 'python'}[{os.getpid()}]",
-                      (trigger or {}).get("dagster_run_id"), resource, canonical_details(details))
+                      (trigger or {}).get("dagster_run_id"), resource, canonical_details(details),
+                      event_id=uuid.uuid4().hex)
 
 
 def _from_spool(body: dict[str, Any]) -> AuditEvent:
     return AuditEvent(0, datetime.fromisoformat(body["at"]), body["actor"], body["event_type"], body["outcome"],
                       body["host"], body["process"], body["run_id"], body["resource"],
-                      canonical_details({**body["details"], "spooled": True}))
+                      canonical_details({**body["details"], "spooled": True}), event_id=body.get("event_id"))
 
 
 def _connect(dsn: str):
@@ -160,6 +173,13 @@ class AuditTrail:
             self._keyring = load_keyring(self.policy)
         return self._keyring
 
+    @functools.cached_property
+    def repository_id(self) -> str:
+        """Which repository this is (its sealed marker's id; its location for a marker from before ids): the
+        keyset keeps an audit anchor per repository."""
+        marker = read_document(self.repo, self.keyring, REPOSITORY_KIND, REPOSITORY_MARKER)
+        return str(marker.get("repository_id") or self.repo.location)
+
     def ensure_schema(self) -> None:
         with _connect(self.dsn) as conn:
             self._ensure_schema(conn)
@@ -184,7 +204,8 @@ class AuditTrail:
                 self._ensure_schema(conn)
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('regal_audit.events'))")
                 for key in spooled:
-                    self._insert(conn, self._spooled_event(key))
+                    if (event := self._spooled_event(conn, key)) is not None:
+                        self._insert(conn, event)
                 written = self._insert(conn, pending)
                 self._note_policy_change(conn)
             # committed: only now is it true that the spool is in the chain and the policy recorded
@@ -208,9 +229,9 @@ class AuditTrail:
         seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
         numbered = replace(event, seq=seq)
         written = replace(numbered, prev_hash=prev, hash=numbered.chained_hash(prev))
-        conn.execute(f"INSERT INTO regal_audit.events ({', '.join(FIELDS)}, prev_hash, hash) VALUES "
-                     f"({', '.join(['%s'] * (len(FIELDS) + 2))})",
-                     [getattr(written, n) for n in FIELDS] + [written.prev_hash, written.hash])
+        conn.execute(f"INSERT INTO regal_audit.events ({', '.join(FIELDS)}, prev_hash, hash, event_id) VALUES "
+                     f"({', '.join(['%s'] * (len(FIELDS) + 3))})",
+                     [getattr(written, n) for n in FIELDS] + [written.prev_hash, written.hash, written.event_id])
         return written
 
     def _spool(self, event: AuditEvent) -> None:
@@ -219,16 +240,27 @@ class AuditTrail:
             key = audit_spool_key(event.at, uuid.uuid4().hex[:8])
             write_document(self.repo, self.keyring, SPOOL_KIND, key, event.to_json())
 
-    def _spooled_event(self, key: str) -> AuditEvent:
-        """A spooled event, once its seal holds; a file planted in the spool joins the chain only as the
-        record of its refusal (its name, size and SHA-256), never as the event it pretends to be."""
-        data = self.repo.get_bytes(key)
+    def _spooled_event(self, conn, key: str) -> AuditEvent | None:
+        """A spooled event, once its seal holds and it is not in the chain already; a file planted in the spool
+        joins the chain only as the record of its refusal (its name, size and SHA-256), never as the event it
+        pretends to be, and so does a genuine spool file put back after it was consumed (a replay). None: the
+        file is gone (another process flushed the spool since it was listed)."""
         try:
-            return _from_spool(unseal(self.keyring, SPOOL_KIND, key, data))
+            data = self.repo.get_bytes(key)
+        except ObjectMissingError:
+            return None
+        facts = {"file": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            event = _from_spool(unseal(self.keyring, SPOOL_KIND, key, data))
         except (IntegrityError, KeyError, TypeError, ValueError) as exc:
             reason = exc.message if isinstance(exc, IntegrityError) else "not an audit event"
-            return _new_event("audit_spool_refused", key, "failure", {
-                "file": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "reason": reason})
+            return _new_event("audit_spool_refused", key, "failure", {**facts, "reason": reason})
+        if (chained := _chained_as(conn, event)) is not None:
+            return _new_event("audit_spool_replayed", key, "failure", {
+                **facts, "event_id": event.event_id, "chained_as": chained,
+                "reason": f"this spooled event is already entry {chained} of the trail: not chained again (a copy "
+                          "of a consumed spool file put back, or one a run interrupted before removing it)"})
+        return event
 
     def _note_policy_change(self, conn) -> None:
         digest = self.policy.source_sha256
@@ -244,7 +276,7 @@ class AuditTrail:
     # --- reading ------------------------------------------------------------------------------------
 
     def events(self, since: datetime | None = None, until: datetime | None = None) -> list[AuditEvent]:
-        query = f"SELECT {', '.join(FIELDS)}, prev_hash, hash FROM regal_audit.events"
+        query = f"SELECT {', '.join(FIELDS)}, prev_hash, hash, event_id FROM regal_audit.events"
         where, params = [], []
         if since is not None:
             where.append("at >= %s")
@@ -254,6 +286,7 @@ class AuditTrail:
             params.append(until)
         query += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
         with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)  # a trail from before event ids gets its column
             return [AuditEvent(*row) for row in conn.execute(query, params)]
 
     def details_of(self, event_type: str) -> list[dict[str, Any]]:
@@ -282,14 +315,25 @@ class AuditTrail:
 
     def checkpoint(self, verdict: ChainVerdict) -> None:
         """Write the head a verification found intact into the repository (locked where the repository locks
-        objects): the head that was checked, not whatever was appended since."""
-        if not verdict.ok or verdict.head_seq is None:
+        objects): the head that was checked, not whatever was appended since. Then the keyset takes it as its
+        anchor, when it is newer than the one it holds (best effort: a keyset this user cannot write, or the
+        keys lock held by another process, leaves the anchor behind, which is safe)."""
+        if not verdict.ok or verdict.head_seq is None or verdict.head_hash is None:
             return
-        body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": verdict.head_seq,
+        head = verdict.head_seq
+        body = {"format": "regal-backup-audit-checkpoint", "version": 1, "seq": head,
                 "hash": verdict.head_hash, "at": datetime.now(UTC).isoformat()}
         retain = datetime.now(UTC) + timedelta(
             days=31 * (self.policy.audit.retention_months if self.policy.audit else 12))
-        write_document(self.repo, self.keyring, CHECKPOINT_KIND, audit_checkpoint_key(verdict.head_seq), body, retain)
+        write_document(self.repo, self.keyring, CHECKPOINT_KIND, audit_checkpoint_key(head), body, retain)
+        anchor = Anchor(head, verdict.head_hash, len({*verdict.checkpointed, head}))
+
+        def advanced(current: Keyring) -> Keyring | None:
+            held = anchor_of(current, self.repository_id)
+            return None if held is not None and held.seq >= head else current.with_audit_anchor(self.repository_id,
+                                                                                                anchor.to_json())
+
+        self._keyring = update_keyset(self.repo, self.keyring, advanced)
 
     def checkpoints(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The checkpoints whose seal holds, and why each other one is refused (naming its file)."""
@@ -300,6 +344,29 @@ class AuditTrail:
             except IntegrityError as exc:
                 refused.append(exc.message)
         return points, refused
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The newest audit checkpoint a keyset wrote or saw: its entry, that entry's hash, and how many authentic
+    checkpoints up to it the repository held then. Kept in the keyset (authenticated with the master key),
+    where neither a repository writer without the keys nor the audit database's owner can change it."""
+
+    seq: int
+    hash: str
+    checkpoints: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "checkpoints": self.checkpoints}
+
+
+def anchor_of(keyring: Keyring, repository_id: str) -> Anchor | None:
+    """The keyset's audit anchor for a repository (None: it has none yet there, a keyset from before anchors,
+    a new one, or another machine's copy that never wrote a checkpoint)."""
+    held = keyring.audit_anchors.get(repository_id)
+    if not held:
+        return None
+    return Anchor(int(held["seq"]), str(held["hash"]), int(held.get("checkpoints") or 0))  # type: ignore[call-overload]
 
 
 @dataclass
@@ -314,6 +381,8 @@ class ChainVerdict:
     checkpoints: int = 0
     spooled: int = 0
     notes: list[str] = field(default_factory=list)
+    checkpointed: tuple[int, ...] = ()  # the entries the authentic checkpoints hold
+    anchor: Anchor | None = None  # the keyset's, when verify_trail compared it
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq, "head_hash": self.head_hash,
@@ -352,18 +421,68 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
             return broken(point["seq"], f"entry {point['seq']} differs from its checkpoint of {point['at']} "
                                         "(the trail was rewritten)")
     return ChainVerdict(True, len(events), events[-1].seq if events else None, events[-1].hash if events else None,
-                        oldest=events[0].at if events else None, checkpoints=len(checkpoints))
+                        oldest=events[0].at if events else None, checkpoints=len(checkpoints),
+                        checkpointed=tuple(sorted(by_seq.keys() & {p["seq"] for p in checkpoints})))
+
+
+def verify_against_anchor(verdict: ChainVerdict, events: list[AuditEvent], anchor: Anchor | None) -> ChainVerdict:
+    """An intact chain's verdict, compared with the keyset's anchor: the anchored entry must still have its hash
+    (else the trail was rewritten: named, between the newest checkpoint that still matches and the anchor),
+    and the repository must still hold the anchored checkpoint and as many checkpoints up to it as the keyset
+    saw (else checkpoint files were deleted or rolled back). An anchor behind the repository's checkpoints (an
+    older copy of the keyset on another machine) is simply older: the checkpoints after it are compared with
+    the chain as every checkpoint is."""
+    if not verdict.ok or anchor is None:
+        return replace(verdict, anchor=anchor)
+    seq, key, kept = anchor.seq, audit_checkpoint_key(anchor.seq), verdict.checkpointed
+    chain = {e.seq: e.hash for e in events}
+    gone = "" if seq in kept else f"; its checkpoint file {key} was deleted from the repository as well"
+    first_bad: int | None = seq
+    if seq not in chain:
+        problem = (f"entry {seq}, whose hash the keyset holds (audit checkpoint anchor), is gone: the end of the "
+                   f"trail was deleted{gone}")
+    elif chain[seq] != anchor.hash:
+        matching = max((s for s in kept if s < seq), default=0)
+        since = (f"entry {matching}, the newest checkpoint before it, still matches" if matching
+                 else "no checkpoint before it is left")
+        problem = (f"entry {seq} differs from the hash the keyset holds of it (audit checkpoint anchor): the trail "
+                   f"was rewritten from one of entries {matching + 1} to {seq} ({since}){gone}")
+    elif seq not in kept:
+        problem = (f"the checkpoint {key} of entry {seq}, which the keyset holds (audit checkpoint anchor), is gone "
+                   "from the repository: checkpoint files were deleted or rolled back")
+    elif (held := sum(1 for s in kept if s <= seq)) < anchor.checkpoints:
+        first_bad = None
+        problem = (f"the repository holds {held} audit checkpoint(s) up to entry {seq} but the keyset saw "
+                   f"{anchor.checkpoints} (audit checkpoint anchor): checkpoint files were deleted")
+    else:
+        return replace(verdict, anchor=anchor)
+    return replace(verdict, ok=False, first_bad_seq=first_bad, problem=problem, anchor=anchor)
 
 
 def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None) -> ChainVerdict:
     """The chain's verdict; `events`: the whole trail, when the caller has already read it. A checkpoint that
-    fails authentication breaks the verdict too, blamed on the checkpoint file, not on the database."""
+    fails authentication breaks the verdict too, blamed on the checkpoint file, not on the database; so does
+    a difference from the keyset's anchor (checkpoint files deleted or rolled back, the trail rewritten)."""
     points, refused = trail.checkpoints()
-    verdict = verify_chain(trail.events() if events is None else events, points)
+    events = trail.events() if events is None else events
+    verdict = verify_chain(events, points)
     if verdict.ok and refused:
         verdict = replace(verdict, ok=False, problem=f"a checkpoint in the repository is refused: {refused[0]}")
+    verdict = verify_against_anchor(verdict, events, anchor_of(trail.keyring, trail.repository_id))
     verdict.spooled = sum(1 for _ in trail.repo.list(AUDIT_SPOOL))
     return verdict
+
+
+def _chained_as(conn, event: AuditEvent) -> int | None:
+    """The entry a spooled event already is in the chain (None: not yet). By its unique id; an event spooled
+    before events had one, by its time (in microseconds), process (with its pid), type, resource and details."""
+    if event.event_id is not None:
+        row = conn.execute("SELECT seq FROM regal_audit.events WHERE event_id = %s", (event.event_id,)).fetchone()
+    else:
+        row = conn.execute("SELECT seq FROM regal_audit.events WHERE at = %s AND process = %s AND event_type = %s "
+                           "AND resource = %s AND details = %s",
+                           (event.at, event.process, event.event_type, event.resource, event.details)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def completed_backups(policy: Policy, repo: Repository) -> set[str]:

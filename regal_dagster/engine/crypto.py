@@ -47,6 +47,8 @@ KEYSET_FILE_FORMAT = "regal-backup-keyset"
 _KEYSET_AAD = b"regal-backup/keyset/v1"
 _KEYSET_AAD_V3 = b"regal-backup/keyset/v3"
 _KEYSET_AAD_V4 = b"regal-backup/keyset/v4"
+_KEYSET_AAD_V5 = b"regal-backup/keyset/v5"
+KEYSET_VERSION = 5
 MAC_TEMPLATE_NAME = "HMAC_SHA256_256BITTAG"
 MAC_TEMPLATE = getattr(mac.mac_key_templates, MAC_TEMPLATE_NAME)
 
@@ -212,12 +214,17 @@ class Keyring:
 
     `repository_format`: the repository format this keyset has opened (authenticated with the keyset, so a
     repository writer without the keys cannot lower it); a marker saying less is a downgrade. None: a keyset
-    written before it was recorded (engine/repository_format.py records it on the next open)."""
+    written before it was recorded (engine/repository_format.py records it on the next open).
+
+    `audit_anchors`: per repository (its marker's `repository_id`), the newest audit checkpoint this keyset
+    wrote there ({"seq", "hash", "checkpoints": how many authentic checkpoints up to it the repository held}),
+    authenticated like the format: deleting or rolling back checkpoint files cannot hide from it
+    (engine/audit.py)."""
 
     def __init__(self, stream: Keys, macs: Keys | None, origin: KeysetFile | None = None,
-                 repository_format: int | None = None):
+                 repository_format: int | None = None, audit_anchors: dict[str, dict[str, object]] | None = None):
         self.stream, self.macs, self.origin = stream, macs, origin
-        self.repository_format = repository_format
+        self.repository_format, self.audit_anchors = repository_format, dict(audit_anchors or {})
         self._primitive = stream.handle.primitive(streaming_aead.StreamingAead)
         self._mac = macs.handle.primitive(mac.Mac) if macs is not None else None
         self.primary_key_id: int = stream.primary_key_id
@@ -232,20 +239,28 @@ class Keyring:
     def rotated(self) -> Keyring:
         """A new primary key for objects and one for documents; older keys stay to read what they wrote."""
         macs = self.macs.rotated(MAC_TEMPLATE) if self.macs is not None else Keys.new(MAC_TEMPLATE)
-        return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin, self.repository_format)
+        return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin, self.repository_format,
+                       self.audit_anchors)
 
     def without(self, key_id: int) -> Keyring:
         """The object key `key_id` destroyed (documents keys are kept: old documents stay verifiable)."""
-        return Keyring(self.stream.without(key_id), self.macs, self.origin, self.repository_format)
+        return Keyring(self.stream.without(key_id), self.macs, self.origin, self.repository_format,
+                       self.audit_anchors)
 
     def with_document_keys(self) -> Keyring:
         """This keyring with a document (MAC) keyset, made when the keyset predates one (upgrade)."""
         return self if self.macs is not None else Keyring(self.stream, Keys.new(MAC_TEMPLATE), self.origin,
-                                                          self.repository_format)
+                                                          self.repository_format, self.audit_anchors)
 
     def with_repository_format(self, version: int) -> Keyring:
         """This keyring remembering that it opened a repository of format `version` (never lowered)."""
-        return Keyring(self.stream, self.macs, self.origin, max(version, self.repository_format or 0))
+        return Keyring(self.stream, self.macs, self.origin, max(version, self.repository_format or 0),
+                       self.audit_anchors)
+
+    def with_audit_anchor(self, repository_id: str, anchor: dict[str, object]) -> Keyring:
+        """This keyring remembering a newer audit checkpoint of a repository (the caller checks it is newer)."""
+        return Keyring(self.stream, self.macs, self.origin, self.repository_format,
+                       {**self.audit_anchors, repository_id: dict(anchor)})
 
     def reload(self) -> Keyring:
         """The keyset as it is on disk now (another process may have rotated or retired a key)."""
@@ -354,16 +369,17 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
     else:
         history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
         mac_history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("mac_keys", {}).items()}
-    repository_format = document.get("repository_format") if version == 4 else None
+    repository_format = document.get("repository_format") if version in (4, 5) else None
+    audit_anchors = document.get("audit_anchors") if version == 5 else None
     try:
         if mac_history is not None:
-            aad = _keyset_aad_v3(b"streaming-aead", history, mac_history, repository_format, version)
+            aad = _keyset_aad_v3(b"streaming-aead", history, mac_history, repository_format, version, audit_anchors)
         handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad)
         macs = None
         if mac_history is not None:
             macs = Keys(tink.json_proto_keyset_format.parse_encrypted(
                 document["encrypted_mac_keyset"], master,
-                _keyset_aad_v3(b"mac", history, mac_history, repository_format, version)), mac_history)
+                _keyset_aad_v3(b"mac", history, mac_history, repository_format, version, audit_anchors)), mac_history)
     except (tink.TinkError, KeyError):
         raise EncryptionKeyError(
             f"the master key does not open the keyset {path} (wrong master key, or its key dates were edited)",
@@ -372,7 +388,8 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
     for key_id in handle_key_ids(handle) - history.keys():
         history[key_id] = KeyInfo(key_id, created_at=None)
     return Keyring(Keys(handle, history), macs, KeysetFile(path, master),
-                   int(repository_format) if isinstance(repository_format, int) else None)
+                   int(repository_format) if isinstance(repository_format, int) else None,
+                   audit_anchors if isinstance(audit_anchors, dict) else {})
 
 
 def handle_key_ids(handle: tink.KeysetHandle) -> set[int]:
@@ -389,14 +406,17 @@ def _keyset_aad_v2(history: dict[int, KeyInfo]) -> bytes:
 
 
 def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo],
-                   repository_format: object = None, version: object = 3) -> bytes:
+                   repository_format: object = None, version: object = 3, audit_anchors: object = None) -> bytes:
     """Both keysets' dates, in the associated data of both encrypted keysets (and which part it is); from
-    version 4 the repository format the keyset has opened too (a repository writer cannot lower it)."""
+    version 4 the repository format the keyset has opened too (a repository writer cannot lower it), from
+    version 5 the audit anchor (nor roll back the audit checkpoints unseen)."""
     dates: dict[str, object] = {"keys": _canonical_dates(history), "mac_keys": _canonical_dates(mac_history)}
-    if version == 4:
+    if version in (4, 5):
         dates["repository_format"] = repository_format
-    return b"\x00".join([_KEYSET_AAD_V4 if version == 4 else _KEYSET_AAD_V3, part,
-                         json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
+    if version == 5:
+        dates["audit_anchors"] = audit_anchors
+    label = _KEYSET_AAD_V5 if version == 5 else _KEYSET_AAD_V4 if version == 4 else _KEYSET_AAD_V3
+    return b"\x00".join([label, part, json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
 
 
 def save_keyring(keyring: Keyring) -> Keyring:
@@ -407,7 +427,7 @@ def save_keyring(keyring: Keyring) -> Keyring:
     path, master, stream, macs = keyring.origin.path, keyring.origin.master, keyring.stream, keyring.macs
     document = {
         "format": KEYSET_FILE_FORMAT,
-        "version": 4,
+        "version": KEYSET_VERSION,
         "template": STREAMING_TEMPLATE_NAME,
         "primary_key_id": stream.primary_key_id,
         "keys": _canonical_dates(stream.history),
@@ -415,11 +435,13 @@ def save_keyring(keyring: Keyring) -> Keyring:
         "mac_primary_key_id": macs.primary_key_id,
         "mac_keys": _canonical_dates(macs.history),
         "repository_format": keyring.repository_format,
+        "audit_anchors": keyring.audit_anchors,
         "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(
             stream.handle, master, _keyset_aad_v3(b"streaming-aead", stream.history, macs.history,
-                                                  keyring.repository_format, 4)),
+                                                  keyring.repository_format, KEYSET_VERSION, keyring.audit_anchors)),
         "encrypted_mac_keyset": tink.json_proto_keyset_format.serialize_encrypted(
-            macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history, keyring.repository_format, 4)),
+            macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history, keyring.repository_format,
+                                                KEYSET_VERSION, keyring.audit_anchors)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -435,8 +457,8 @@ def save_keyring(keyring: Keyring) -> Keyring:
     finally:
         os.close(directory)
     written = read_keyset(path, master)
-    if ((written.stream.key_ids, written.macs and written.macs.key_ids, written.repository_format)
-            != (stream.key_ids, macs.key_ids, keyring.repository_format)):
+    if ((written.stream.key_ids, written.macs and written.macs.key_ids, written.repository_format,
+         written.audit_anchors) != (stream.key_ids, macs.key_ids, keyring.repository_format, keyring.audit_anchors)):
         raise EncryptionKeyError(f"the keyset {path} did not read back as written", "check the disk; keep the old "
                                  "keyset backup until a rotation reads back")
     return written

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -98,16 +99,27 @@ def remember_format(repo: Repository, keyring: Keyring, version: int, *, locked:
     """The keyset records that it opened format `version` (once: a keyset from before the record, or a new one),
     under the keys lock (`locked`: the caller holds it). Best effort when opening: a keyset this user cannot
     write, or a lock another process holds, leaves it for the next open; the keyring as it now is."""
-    if (keyring.repository_format or 0) >= version or keyring.origin is None:
+    if (keyring.repository_format or 0) >= version:
+        return keyring
+    return update_keyset(repo, keyring, lambda current: current.with_repository_format(version)
+                         if (current.repository_format or 0) < version else None, locked=locked)
+
+
+def update_keyset(repo: Repository, keyring: Keyring, change: Callable[[Keyring], Keyring | None], *,
+                  locked: bool = False) -> Keyring:
+    """Save `change(current)` over the keyset, `current` being the keyset as it is on disk under the keys lock
+    (`locked`: the caller holds it); `change` returns None when the keyset on disk needs nothing. Best effort
+    (unless `locked`): a keyset this user cannot write, or a lock another process holds, leaves it for the next
+    time. The keyring as it now is."""
+    if keyring.origin is None:
         return keyring
     with contextlib.ExitStack() as stack:
         if not locked:
             stack.enter_context(contextlib.suppress(RegalError, OSError))
             stack.enter_context(repo.lock(KEYS_LOCK))
         current = keyring.reload()  # under the lock: as a rotation or retirement meanwhile left it
-        if (current.repository_format or 0) < version:
-            return save_keyring(current.with_repository_format(version))
-        return current
+        changed = change(current)
+        return current if changed is None else save_keyring(changed)
     return keyring
 
 
