@@ -39,6 +39,6 @@ def test_every_sentence_of_the_threat_model_cites_a_test() -> None:
 def test_every_cited_test_exists() -> None:
     cited = CITATION.findall(threat_model())
     assert len(cited) >= 20
-    missing = [f"{file}::{name}" for file, name in set(cited)
-               if not (ROOT / file).is_file() or not re.search(rf"^def {name}\(", (ROOT / file).read_text(), re.M)]
+    missing = [f"{file}::{name}" for file, name in set(cited) if not (ROOT / file).is_file()
+               or not re.search(rf"^def {name}\(", (ROOT / file).read_text(), re.MULTILINE)]
     assert missing == [], missing
