@@ -11,14 +11,14 @@ from typing import Any
 from ..engine import catalog
 from ..engine.audit import completed_backups
 from ..engine.checks import check_status, run_checks
-from ..engine.crypto import Keyring, generate_master_key
+from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
 from ..engine.policy import Policy
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
-from ..engine.storage import Repository
+from ..engine.storage import Repository, open_repository
 from .context import load_policy_of, open_repository_of, utc_time
 from .output import Output, age, cli_invocation, manifest_summary, restored_text, size
 from .pitr import restore_to_point
@@ -74,9 +74,10 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         except ValueError as exc:
             raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
         policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
+    keyring, repo = load_keyring(policy), open_repository(policy)
     with out.progress(f"backup {args.target}") as progress:
-        result = run_backup(policy, args.target, args.retention_class, trigger={"cli": "backup"}, progress=progress,
-                            incremental=args.incremental)
+        result = run_backup(policy, args.target, args.retention_class, repo=repo, keyring=keyring,
+                            trigger={"cli": "backup"}, progress=progress, incremental=args.incremental)
     if note := result.manifest.source.get("incremental_note"):
         out.warn(note)
     for note in result.manifest.source.get("not_carried", []):  # what the backup could not hold, by name
@@ -85,10 +86,25 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         out.warn(f"{result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
                  "repository is reachable")
     s = manifest_summary(result.manifest)
-    out.result(s, f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
-                  f"{size(s['bytes_read'])} read, {size(s['bytes_stored'])} stored, "
-                  f"{s['tables']} tables, {s['rows']} rows, key {s['key_id']}")
-    return 0
+    text = (f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
+            f"{size(s['bytes_read'])} read, {size(s['bytes_stored'])} stored, "
+            f"{s['tables']} tables, {s['rows']} rows, key {s['key_id']}")
+    if args.no_verify:  # the Dagster flow checks in its own step; an operator may defer it
+        out.warn(f"{s['backup_id']} is unchecked: it counts as no good backup (status, retention, restores "
+                 f"--latest) until it is verified; run `regal-backup verify {s['backup_id']}` (the daily "
+                 "verification does it too)")
+        out.result({**s, "verification": None}, text)
+        return 0
+    with out.progress(f"verify {s['backup_id']}", result.manifest.plaintext_bytes) as progress:
+        record = run_checks(policy, repo, keyring.reload(), s["backup_id"], trigger={"cli": "backup"},
+                            progress=progress)
+    failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
+    verdict = ("verified: every check passed" if not failed else
+               ("FAILED verification" if not record.passed else "verified, with failures") + ":\n  "
+               + "\n  ".join(failed))
+    out.result({**s, "verification": {"passed": record.passed, "checked_at": record.checked_at.isoformat(),
+                                      "failed": failed}}, f"{text}\n{verdict}")
+    return 3 if not record.passed else 1 if failed else 0
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:

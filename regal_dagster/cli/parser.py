@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: as the target's `incremental` option says for the class)")
     kind.add_argument("--full", dest="incremental", action="store_false",
                       help="postgres_cluster: a full base backup whatever the policy says")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not run the checks now (they read every byte back): the backup stays unchecked, and "
+                        "counts as no good backup, until `verify` or the daily verification checks it")
     p.set_defaults(func="commands:cmd_backup")
 
     p = sub.add_parser("list", parents=[common],
