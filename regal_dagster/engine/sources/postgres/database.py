@@ -206,7 +206,8 @@ def create_database_statement(dbname: str, properties: dict[str, Any] | None, te
     """CREATE DATABASE with the source database's encoding, locale and collation provider, said in full whatever
     the server's defaults (locales.locale_clause; from template0, the only template any encoding and locale can
     be copied from), or as a copy of `template`."""
-    statement: list[sql.Composable] = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(dbname), sql.Identifier(template))]
+    statement: list[sql.Composable] = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+        sql.Identifier(dbname), sql.Identifier(template))]
     if properties:
         statement.append(sql.SQL("ENCODING {}").format(sql.Literal(properties["encoding"])))
         statement += locale_clause(properties, server_major_version)
