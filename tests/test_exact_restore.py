@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from regal_dagster.engine.backup import run_backup
@@ -276,3 +277,45 @@ def test_an_empty_target_of_another_locale_is_refused_unless_told(
     assert report.target_state == "empty"
     assert table_rows(system_pg.dsn(name), "SELECT datcollate FROM pg_database WHERE datname = current_database()"
                       ) == [("C",)]
+
+
+# --- every encoding: names and rows that are not ASCII ---------------------------------------------------------
+
+@pytest.mark.parametrize(("encoding", "locale"), [("LATIN1", "C"), ("EUC_JP", "C")])
+def test_databases_in_other_encodings_come_back_as_pg_restore_brings_them_back(
+        encoding: str, locale: str, system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """Table, column, index and type names and rows in the database's own encoding (LATIN1: é, ß; EUC_JP:
+    kana and kanji), with inheritance and a partition, against pg_dump | pg_restore into a database of the
+    same encoding."""
+    def database() -> str:
+        name = system_pg.new_name("regal_enc")
+        execute(system_pg.server_dsn, f"CREATE DATABASE {name} ENCODING '{encoding}' LOCALE '{locale}' "
+                                      "TEMPLATE template0")
+        return system_pg.dsn(name)
+
+    source = database()
+    word = "Café_ßüÿ" if encoding == "LATIN1" else "商品_カナ"
+    with psycopg.connect(source, autocommit=True, client_encoding="UTF8") as conn:
+        conn.execute(f"""
+            CREATE TYPE "{word}_t" AS ENUM ('{word}', 'b');
+            CREATE TABLE "{word}" (id int PRIMARY KEY, "{word}_col" text, kind "{word}_t");
+            CREATE TABLE "{word}_child" (extra text) INHERITS ("{word}");
+            CREATE TABLE "{word}_parted" ("{word}_k" text) PARTITION BY LIST ("{word}_k");
+            CREATE TABLE "{word}_p1" PARTITION OF "{word}_parted" FOR VALUES IN ('{word}');
+            CREATE TABLE "{word}_p2" PARTITION OF "{word}_parted" DEFAULT;
+            INSERT INTO "{word}" SELECT g, '{word} ' || g, '{word}' FROM generate_series(1, 500) g;
+            INSERT INTO "{word}_child" VALUES (1000, '{word}', 'b', '{word} child');
+            INSERT INTO "{word}_parted" VALUES ('{word}'), ('other');
+            CREATE INDEX "{word}_idx" ON "{word}" ("{word}_col");
+            COMMENT ON TABLE "{word}" IS '{word}';""")
+    reference = database()
+    assert "error" not in pg_dump_restore(source, reference)
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
+    assert manifest.source["encoding"] == encoding
+    for validation in ("full", "rows"):
+        target = system_pg.dsn(system_pg.new_name("regal_enc_ours"))
+        restored(policy, manifest, target, jobs=2, validation=validation)
+        assert_same_as(reference, target)
+        assert table_rows(target, "SELECT pg_encoding_to_char(encoding), datcollate FROM pg_database "
+                                  "WHERE datname = current_database()") == [(encoding, locale)]
