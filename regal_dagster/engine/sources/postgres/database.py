@@ -15,6 +15,7 @@ from psycopg import sql
 from ...errors import RegalError, TargetNotEmptyError, UsageError
 from ...postgresql.connection import connect, database_of, describe_dsn, server_major, with_dbname
 from .dump import pg_error_reason
+from .locales import LOCALE_KEYS, USE_TARGET_LOCALE_HINT, database_locale, describe_locale, locale_clause
 
 logger = logging.getLogger(__name__)
 
@@ -200,48 +201,31 @@ def user_relation_count(dsn: str) -> int:
         return int(cur.fetchone()[0])  # type: ignore[index]
 
 
-def create_database_statement(dbname: str, properties: dict[str, Any] | None,
-                              template: str = "template0") -> sql.Composed:
-    """CREATE DATABASE with the source database's encoding, locale and collation provider (from template0,
-    the only template any encoding and locale can be copied from), or as a copy of `template`."""
-    statement = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(dbname), sql.Identifier(template))]
+def create_database_statement(dbname: str, properties: dict[str, Any] | None, template: str = "template0",
+                              server_major_version: int = 15) -> sql.Composed:
+    """CREATE DATABASE with the source database's encoding, locale and collation provider, said in full whatever
+    the server's defaults (locales.locale_clause; from template0, the only template any encoding and locale can
+    be copied from), or as a copy of `template`."""
+    statement: list[sql.Composable] = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+        sql.Identifier(dbname), sql.Identifier(template))]
     if properties:
         statement.append(sql.SQL("ENCODING {}").format(sql.Literal(properties["encoding"])))
-        statement.append(sql.SQL("LC_COLLATE {} LC_CTYPE {}").format(sql.Literal(properties["lc_collate"]),
-                                                                     sql.Literal(properties["lc_ctype"])))
-        provider = properties.get("locale_provider") or "libc"
-        if provider == "icu":
-            statement.append(sql.SQL("LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(properties["locale"])))
-            if properties.get("icu_rules"):
-                statement.append(sql.SQL("ICU_RULES {}").format(sql.Literal(properties["icu_rules"])))
-        elif provider == "builtin":
-            statement.append(sql.SQL("LOCALE_PROVIDER builtin BUILTIN_LOCALE {}").format(
-                sql.Literal(properties["locale"])))
+        statement += locale_clause(properties, server_major_version)
         if properties.get("tablespace"):
             statement.append(sql.SQL("TABLESPACE {}").format(sql.Identifier(properties["tablespace"])))
     return sql.SQL(" ").join(statement)
 
 
-def describe_locale(properties: dict[str, Any]) -> str:
-    provider = properties.get("locale_provider") or "libc"
-    locale = f"LC_COLLATE {properties['lc_collate']}, LC_CTYPE {properties['lc_ctype']}"
-    if provider != "libc":
-        locale += f", {provider} locale {properties.get('locale')}"
-    return f"encoding {properties['encoding']}, {locale}"
-
-
 def create_database(cur: psycopg.Cursor[Any], dbname: str, properties: dict[str, Any] | None,
                     template: str = "template0") -> None:
     try:
-        cur.execute(create_database_statement(dbname, properties, template))
+        cur.execute(create_database_statement(dbname, properties, template, server_major(cur.connection)))
     except psycopg.errors.InsufficientPrivilege:
         raise
     except psycopg.Error as exc:
         what = describe_locale(properties) if properties else "the server's defaults"
         raise RegalError(f"cannot create database {dbname} as the backup's was ({what}): "
-                         f"{pg_error_reason(exc)}",
-                         "restore onto a server that has that locale (and ICU, when the backup's database uses "
-                         "it)") from None
+                         f"{pg_error_reason(exc)}", USE_TARGET_LOCALE_HINT) from None
 
 
 def check_tablespaces(dsn: str, recorded: list[dict[str, Any]]) -> None:
@@ -262,10 +246,9 @@ def check_tablespaces(dsn: str, recorded: list[dict[str, Any]]) -> None:
                          "in the server's default tablespace")
 
 
-def database_encoding(dsn: str) -> str:
-    with connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
-                           "WHERE datname = current_database()").fetchone()
+def database_encoding(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SELECT pg_encoding_to_char(encoding) FROM pg_database "
+                       "WHERE datname = current_database()").fetchone()
     assert row is not None
     return str(row[0])
 
@@ -295,15 +278,29 @@ def prepare_target_database(dsn: str, drop_existing: bool, properties: dict[str,
 
 
 def same_encoding(dsn: str, properties: dict[str, Any], drop_existing: bool) -> bool:
-    """Whether the existing (empty) database `dsn` has the backup's encoding; refuses when it has not,
-    unless it may be replaced (its text would not come back byte for byte)."""
-    have = database_encoding(dsn)
-    if have != properties["encoding"] and not drop_existing:
-        raise RegalError(f"the database {describe_dsn(dsn)} has the encoding {have}, the backup's database "
-                         f"had {properties['encoding']}: its text would not come back byte for byte",
+    """Whether the existing (empty) database `dsn` has the backup's encoding and locale (unless the properties
+    leave the locale to the target: --use-target-locale); refuses when it has not, unless it may be replaced
+    (its text would not come back byte for byte, or would not sort as it did)."""
+    with connect(dsn, autocommit=True) as conn:
+        have = {"encoding": database_encoding(conn), **database_locale(conn)}
+    if drop_existing:
+        pass
+    elif have["encoding"] != properties["encoding"]:
+        raise RegalError(f"the database {describe_dsn(dsn)} has the encoding {have['encoding']}, the backup's "
+                         f"database had {properties['encoding']}: its text would not come back byte for byte",
                          "restore into a new database name (it is created with the backup's encoding and "
                          "locale), or pass --drop-existing to recreate this one")
-    return have == properties["encoding"]
+    elif not same_locale(have, properties):
+        raise RegalError(f"the database {describe_dsn(dsn)} has {describe_locale(have)}, the backup's database had "
+                         f"{describe_locale(properties)}: its text would not sort and compare as it did",
+                         "restore into a new database name (it is created with the backup's locale), pass "
+                         "--drop-existing to recreate this one, or --use-target-locale to load into it as it is")
+    return have["encoding"] == properties["encoding"] and same_locale(have, properties)
+
+
+def same_locale(have: dict[str, Any], properties: dict[str, Any]) -> bool:
+    """Whether a database's locale is the one `properties` ask for (any, when they leave it to the target)."""
+    return all((properties[key] or None) == (have[key] or None) for key in LOCALE_KEYS if key in properties)
 
 
 def reset_database(dsn: str, properties: dict[str, Any] | None = None) -> None:

@@ -140,6 +140,12 @@ class Table:
         return cls(facts["schema"], facts["name"], tuple(facts["columns"]))
 
 
+def only_each(tables: list[Table]) -> str:
+    """`ONLY "s"."a", ONLY "s"."b", ...`: in TRUNCATE and LOCK TABLE, ONLY binds to the one name after it (the
+    others would take their inheritance children and partitions with them)."""
+    return ", ".join(f"ONLY {t.dump_pattern()}" for t in tables)
+
+
 def _relations(cur: psycopg.Cursor[Any], kinds: str) -> list[Table]:
     generated = "AND a.attgenerated = ''" if cur.connection.info.server_version >= 120000 else ""
     cur.execute(f"""
@@ -397,9 +403,9 @@ class DumpSession:
         (else each table is tried on its own, see table_chunks)."""
         if not self.tables:
             return True
-        names = ", ".join(t.dump_pattern() for t in self.tables)
+        names = only_each(self.tables)
         try:
-            conn.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {names} IN ACCESS SHARE MODE NOWAIT; "
+            conn.execute(f"SAVEPOINT regal_lock; LOCK TABLE {names} IN ACCESS SHARE MODE NOWAIT; "
                          "RELEASE SAVEPOINT regal_lock")
             return True
         except psycopg.errors.LockNotAvailable:
@@ -513,7 +519,7 @@ def _lock_present(cur: psycopg.Cursor[Any], tables: list[Table], timeout: float)
         batch = tables[first:first + LOCK_BATCH]
         cur.execute("SAVEPOINT regal_lock")
         try:
-            cur.execute(f"LOCK TABLE ONLY {', '.join(t.dump_pattern() for t in batch)} IN ACCESS SHARE MODE")
+            cur.execute(f"LOCK TABLE {only_each(batch)} IN ACCESS SHARE MODE")
             locked.update(t.oid for t in batch)
         except psycopg.errors.UndefinedTable:
             cur.execute("ROLLBACK TO SAVEPOINT regal_lock")

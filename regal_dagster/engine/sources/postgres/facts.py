@@ -10,28 +10,22 @@ from typing import Any
 import psycopg
 
 from ...errors import RegalError
+from .locales import database_locale
 
 
 def database_properties(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """What CREATE DATABASE and ALTER DATABASE need to recreate this database as it is: encoding, locale
     and collation provider, owner, comment, grants, connection limit and its settings."""
-    version = conn.info.server_version
-    provider = "d.datlocprovider::text" if version >= 150000 else "'c'"
-    icu_locale = "d.datlocale" if version >= 170000 else "d.daticulocale" if version >= 150000 else "NULL"
-    icu_rules = "d.daticurules" if version >= 160000 else "NULL"
-    row = conn.execute(f"""
-        SELECT pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, {provider}, {icu_locale}, {icu_rules},
-               pg_get_userbyid(d.datdba), shobj_description(d.oid, 'pg_database'), d.datacl::text[],
-               d.datconnlimit, d.oid::int8
+    row = conn.execute("""
+        SELECT pg_encoding_to_char(d.encoding), pg_get_userbyid(d.datdba), shobj_description(d.oid, 'pg_database'),
+               d.datacl::text[], d.datconnlimit, d.oid::int8
         FROM pg_database d WHERE d.datname = current_database()""").fetchone()
     assert row is not None
-    encoding, collate, ctype, provider_code, locale, rules, owner, comment, acl, connlimit, oid = row
+    encoding, owner, comment, acl, connlimit, oid = row
     settings = [{"role": role, "settings": list(config)} for role, config in conn.execute("""
         SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, s.setconfig
         FROM pg_db_role_setting s WHERE s.setdatabase = %s::oid ORDER BY 1 NULLS FIRST""", (oid,)).fetchall()]
-    return {"encoding": encoding, "lc_collate": collate, "lc_ctype": ctype,
-            "locale_provider": {"c": "libc", "i": "icu", "b": "builtin"}.get(provider_code, provider_code),
-            "locale": locale, "icu_rules": rules, "owner": owner, "comment": comment, "acl": list(acl or []),
+    return {"encoding": encoding, **database_locale(conn), "owner": owner, "comment": comment, "acl": list(acl or []),
             "connection_limit": connlimit, "settings": settings}
 
 

@@ -23,13 +23,12 @@ from ...postgresql.connection import (
     connect,
     database_of,
     libpq_environment,
-    quote_ident,
     refuses_startup_options,
     server_major,
     with_session_settings,
 )
 from ...postgresql.tools import PgTool, find_pg_tool
-from .dump import RESTORE_SESSION_SETTINGS, Table, pg_error_reason, session_settings
+from .dump import RESTORE_SESSION_SETTINGS, Table, only_each, pg_error_reason, session_settings
 
 
 def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
@@ -90,7 +89,6 @@ def pg_restore_errors(stderr: str) -> list[str]:
 @dataclass
 class TableLoad:
     write: Callable[[bytes], None]  # takes chunks of COPY text
-    rows: int = -1  # rows the server loaded, once the load has committed
 
 
 class SessionPool:
@@ -176,15 +174,14 @@ def tables_loader(tables: list[Table], pool: SessionPool,
         nonlocal current
         current = table
         with cur.copy(table.copy_statement("FROM STDIN", encoding, "FREEZE")) as copy:
-            load = TableLoad(copy.write)
-            yield load
-        load.rows = cur.rowcount
+            yield TableLoad(copy.write)
 
     with conn.cursor() as cur:
         try:
             with conn.transaction():
-                cur.execute("TRUNCATE ONLY " + ", ".join(
-                    f"{quote_ident(t.schema)}.{quote_ident(t.name)}" for t in tables))
+                # ONLY binds to the one name after it: said for each table, or the later ones are truncated
+                # with their inheritance children (loaded by an earlier batch, perhaps)
+                cur.execute(f"TRUNCATE {only_each(tables)}")
                 yield copy_into
         except psycopg.Error as exc:
             which = current.label if len(tables) == 1 else f"{current.label} (with {len(tables) - 1} others)"
@@ -195,8 +192,9 @@ def tables_loader(tables: list[Table], pool: SessionPool,
 def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict[str, Any], Table]]], jobs: int,
                 encoding: str | None, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Each table's rows from the backup into its (new, empty) table, `jobs` batches (load_batches) at a
-    time. Per table: its facts with the rows loaded, or `failed` with the server's reason; `seconds`:
-    (fetching, decrypting and checking the stored bytes; the server taking them in)."""
+    time. Per table: its name and SHA-256 once its batch has committed, or `failed` with the server's reason;
+    `seconds`: (fetching, decrypting and checking the stored bytes; the server taking them in). What the tables
+    hold is counted once the whole load is done (validate.py), never taken from COPY while loading."""
     def load_one(loading: TableLoad, facts: dict[str, Any], table: Table,
                  cancelled: threading.Event) -> dict[str, Any]:
         record = backup.manifest.object(facts["object"])
@@ -210,7 +208,7 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
             in_server += time.monotonic() - mark
 
         backup.stream(record.name, sink, progress)  # raises unless every byte matches the manifest's SHA-256
-        return {"schema": table.schema, "name": table.name, "loading": loading,
+        return {"schema": table.schema, "name": table.name,
                 "sha256": record.plaintext_sha256, "seconds": (time.monotonic() - started - in_server, in_server)}
 
     def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
@@ -227,8 +225,6 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
             table = batch[0][1]
             return [{"schema": table.schema, "name": table.name, "failed": exc.message,
                      "seconds": (time.monotonic() - started, 0.0)}]
-        for result in done:
-            result["rows"] = result.pop("loading").rows  # known once the transaction has committed
         return done
 
     with loading_pool(to_dsn, encoding) as sessions:

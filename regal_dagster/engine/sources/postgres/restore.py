@@ -38,6 +38,7 @@ from .database import (
 )
 from .dump import SCHEMA_OBJECT, Table, compare_tables, dump_major
 from .loading import load_batches, load_tables, restore_tools, run_pg_restore
+from .locales import check_target_locale, describe_locale, without_locale
 from .roles import apply_database_properties, create_missing_roles, drop_roles
 from .validate import VALIDATION, validated_tables
 
@@ -58,6 +59,7 @@ class DatabaseRestore:
     # Inside the load phase, summed over the parallel workers: fetching, decrypting, decompressing and
     # checksumming the stored bytes, against the server taking the rows in (the two overlap in time).
     load_breakdown: dict[str, float] = field(default_factory=dict)
+    locale: str = ""  # the database's encoding and locale, and whose (the backup's or the target's defaults)
 
     @property
     def ok(self) -> bool:
@@ -83,7 +85,8 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
                    validation: str = "full", progress: Progress | None = None,
                    before_writing: Callable[[], None] | None = None,
                    before_publishing: Callable[[str], None] | None = None, scratch: bool = False,
-                   create_roles: bool = True, tablespaces: bool = True) -> DatabaseRestore:
+                   create_roles: bool = True, tablespaces: bool = True,
+                   use_target_locale: bool = False) -> DatabaseRestore:
     """Restore one backup into `to_dsn`, atomically as seen from the target (see `StagedDatabase`): every
     object is first looked up (missing or resized ones refuse the restore before anything is created), then
     loaded into a temporary database created with the source database's properties, every byte
@@ -96,7 +99,11 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
     The roles the backup's database referred to are created first when missing (unless `create_roles`
     is off); owners and grants are restored unless `keep_owners` is off. Tables, indexes and the database
     go into the tablespaces they were in, which must exist on the server (checked before anything is
-    created), unless `tablespaces` is off (everything in the default tablespace). Like pg_restore without
+    created), unless `tablespaces` is off (everything in the default tablespace). The database is created
+    with the backup's encoding and locale (collation provider, collation, ctype, ICU or builtin locale, ICU
+    rules) whatever the server's defaults; a server that cannot provide that locale is refused before
+    anything is created, unless `use_target_locale` (the server's defaults, said in the report). Like
+    pg_restore without
     --exit-on-error, every object that can be restored is tried: what could not is listed, with the
     server's reason, in the returned problems, and the restore fails loudly with all of them.
 
@@ -105,14 +112,25 @@ def restore_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_
         raise RegalError(f"unknown validation '{validation}'", f"use one of {', '.join(VALIDATION)}")
     phases = _Phases()
     jobs = jobs or default_jobs()
-    properties = _database_properties(manifest, to_dsn, tablespaces)
+    properties = _database_properties(manifest, to_dsn, tablespaces, use_target_locale)
     recorded_roles = manifest.source.get("roles") if create_roles else None
     load_into = functools.partial(load_database, repo, keyring, manifest, keep_owners=keep_owners, jobs=jobs,
                                   validation=validation, progress=progress, tablespaces=tablespaces)
     plan = _Plan(properties, recorded_roles, phases, load_into, before_writing, before_publishing)
-    if scratch:
-        return _restore_in_place(plan, to_dsn, drop_existing)
-    return _restore_aside(plan, repo, manifest, to_dsn, drop_existing)
+    report = (_restore_in_place(plan, to_dsn, drop_existing) if scratch
+              else _restore_aside(plan, repo, manifest, to_dsn, drop_existing))
+    report.locale = _locale_report(manifest, use_target_locale)
+    return report
+
+
+def _locale_report(manifest: Manifest, use_target_locale: bool) -> str:
+    recorded: dict[str, Any] | None = manifest.source.get("database_properties")
+    if not recorded:
+        return "the target server's defaults (the backup recorded no locale)"
+    if use_target_locale:
+        return (f"the target server's default locale (--use-target-locale), not the backup's: "
+                f"{describe_locale(recorded)}")
+    return f"the backup's: {describe_locale(recorded)}"
 
 
 @dataclass
@@ -126,11 +144,17 @@ class _Plan:
     before_publishing: Callable[[str], None] | None
 
 
-def _database_properties(manifest: Manifest, to_dsn: str, tablespaces: bool) -> dict[str, Any] | None:
-    """The source database's properties, to create the restored one with. With `tablespaces`, the server
-    must have every tablespace the backup's objects were in (refused before anything is created), and the
-    database goes into the one it was in."""
+def _database_properties(manifest: Manifest, to_dsn: str, tablespaces: bool,
+                         use_target_locale: bool) -> dict[str, Any] | None:
+    """The source database's properties, to create the restored one with. The server must be able to give it
+    the source's locale (refused before anything is created), unless `use_target_locale`: then it gets the
+    server's defaults. With `tablespaces`, the server must have every tablespace the backup's objects were in
+    (refused before anything is created too), and the database goes into the one it was in."""
     properties: dict[str, Any] | None = manifest.source.get("database_properties")
+    if properties and use_target_locale:
+        properties = without_locale(properties)
+    elif properties:
+        check_target_locale(to_dsn, properties)
     if not tablespaces:
         return properties
     recorded_tablespaces = manifest.source.get("tablespaces", [])

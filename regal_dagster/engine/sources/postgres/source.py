@@ -67,6 +67,7 @@ class PostgresRestoreOptions:
     create_roles: bool = True  # create the recorded roles the server lacks first
     tablespaces: bool = True  # objects in their recorded tablespaces (False: the server's default one)
     validation: str = "full"  # full | rows: what is read back to validate
+    target_locale: bool = False  # the server's default provider and locale, not the backup's (--use-target-locale)
 
 
 class PostgresSource(Source):
@@ -138,7 +139,8 @@ class PostgresSource(Source):
         return PostgresRestoreOptions(owners=not choices.get("no_owners"),
                                       create_roles=not choices.get("no_create_roles"),
                                       tablespaces=not choices.get("no_tablespaces"),
-                                      validation=choices.get("validate") or "full")
+                                      validation=choices.get("validate") or "full",
+                                      target_locale=bool(choices.get("use_target_locale")))
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
         options = request.kind_options(PostgresRestoreOptions)
@@ -155,14 +157,17 @@ class PostgresSource(Source):
                                   jobs=request.jobs, validation=options.validation, progress=request.progress,
                                   before_writing=request.before_writing,
                                   before_publishing=request.before_publishing, scratch=request.scratch,
-                                  create_roles=options.create_roles, tablespaces=options.tablespaces)
+                                  create_roles=options.create_roles, tablespaces=options.tablespaces,
+                                  use_target_locale=options.target_locale)
         phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
                    f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")
+        summary += f"\ndatabase locale: {report.locale}"
         if report.ok:
             summary += f"\nvalidation ({report.validation}): {VALIDATION[report.validation]}"
         details = {"target_state": report.target_state, "tables": report.tables, "rows": report.rows,
-                   "jobs": report.jobs, "validation": report.validation, "load_breakdown": report.load_breakdown}
+                   "jobs": report.jobs, "validation": report.validation, "locale": report.locale,
+                   "load_breakdown": report.load_breakdown}
         return Restored(report.target, summary, report.validation_problems, report.seconds, details,
                         erasable=dsn)
 
