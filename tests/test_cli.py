@@ -41,7 +41,7 @@ def test_init_backup_list_verify_restore(system_pg: DatabaseFactory, tmp_path: P
     listing = json.loads(cli("list", "--json", *policy).stdout)
     assert [b["backup_id"] for b in listing["backups"]] == [backup_id]
     assert listing["backups"][0]["retention_class"] == "daily"
-    assert listing["backups"][0]["status"] == "unchecked"
+    assert listing["backups"][0]["status"] == "good"  # checked before `backup` returned
 
     verified = cli("verify", backup_id, *policy)
     assert verified.returncode == 0 and "verified: every check passed" in verified.stdout

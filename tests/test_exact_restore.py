@@ -24,6 +24,8 @@ from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.manifest import Manifest
 from regal_dagster.engine.policy import Policy
+from regal_dagster.engine.postgresql.locales import ClusterLocale
+from regal_dagster.engine.postgresql.server import ScratchCluster
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.sources.postgres import restore
 from regal_dagster.engine.sources.postgres.restore import DatabaseRestore, restore_database
@@ -155,27 +157,10 @@ def test_the_regression_excerpt_comes_back_on_postgresql_18_as_pg_restore_brings
 # --- the source's collation provider, whatever the target's default -----------------------------------------
 
 @contextlib.contextmanager
-def server_initialised_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bin_dir: Path | None,
-                            locale_options: list[str]) -> Iterator[Any]:
-    """A private server whose initdb got `locale_options` (its default provider and locale) instead of the
-    scratch servers' own."""
-    from regal_dagster.engine.postgresql import server
-
-    real_run_pg = server.run_pg
-
-    def initdb_with_locale(program: str, args: list[str], *rest: Any, **kwargs: Any) -> Any:
-        if program == "initdb":
-            args = [a for a in args if not a.startswith(("--locale", "--builtin-locale", "--icu-locale"))]
-            args += locale_options
-        return real_run_pg(program, args, *rest, **kwargs)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(server, "run_pg", initdb_with_locale)
-        cluster = server.ScratchCluster(base_dir=tmp_path, tuned_for_restore=True, bin_dir=bin_dir).__enter__()
-    try:
+def server_initialised_with(tmp_path: Path, bin_dir: Path | None, locale: ClusterLocale) -> Iterator[Any]:
+    """A private server whose template databases have `locale` (its default provider and locale)."""
+    with ScratchCluster(base_dir=tmp_path, tuned_for_restore=True, bin_dir=bin_dir, locale=locale) as cluster:
         yield cluster
-    finally:
-        cluster.__exit__(None, None, None)
 
 
 COLLATION_SQL = """
@@ -201,17 +186,16 @@ COLLATION_RESULTS = {
 @pytest.mark.skipif(not (PG15_BIN / "initdb").is_file(), reason="needs the machine's PostgreSQL 15 (with ICU)")
 @pytest.mark.parametrize("default", ["icu", "builtin"])
 def test_a_libc_database_keeps_its_provider_on_a_server_whose_default_is_another(
-        default: str, system_pg: DatabaseFactory, tmp_path: Path, master_key: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        default: str, system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
     source = system_pg.create("regal_libc")
     execute(source, COLLATION_SQL)
     assert table_rows(source, DATABASE_LOCALE)[0][0] == "c"
     policy = make_policy(tmp_path, {"pos": source})
     manifest = run_backup(policy, "pos").manifest
-    options = {"icu": (PG15_BIN, ["--locale=C", "--locale-provider=icu", "--icu-locale=und"]),
-               "builtin": (None, ["--locale=C", "--locale-provider=builtin", "--builtin-locale=C.UTF-8"])}
-    bin_dir, initdb_options = options[default]
-    with server_initialised_with(tmp_path / "server", monkeypatch, bin_dir, initdb_options) as server:
+    options = {"icu": (PG15_BIN, ClusterLocale(provider="icu", locale="und")),
+               "builtin": (None, ClusterLocale(provider="builtin", locale="C.UTF-8"))}
+    bin_dir, locale = options[default]
+    with server_initialised_with(tmp_path / "server", bin_dir, locale) as server:
         assert table_rows(server.dsn(), "SELECT datlocprovider::text FROM pg_database "
                           "WHERE datname = 'template0'") == [(default[0],)]
         for validation in ("full", "rows"):
