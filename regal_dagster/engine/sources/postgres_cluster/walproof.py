@@ -189,7 +189,7 @@ def rollback(known: Known, files: list[WalFile], target: str) -> str | None:
                            f"{format_lsn(segment_number(now.name, size)[1] * size + now.used_bytes)})")
     reach = f"{format_lsn(end.lsn)} ({'the snapshot of ' if end.snapshot else ''}{end.name})" if end else "nothing"
     return (f"ROLLBACK: the WAL archive of {target} now ends at {reach}, but WAL to {proved.describe()} was "
-            f"stored and proved ({' and '.join(known.sources)} record it): " + "; ".join(lacking or ["WAL deleted"]))
+            f"stored and proved (recorded in {' and '.join(known.sources)}): " + "; ".join(lacking or ["WAL deleted"]))
 
 
 ROLLBACK_HINT = ("someone with write access to the repository deleted or put back WAL: nothing newer than the "
