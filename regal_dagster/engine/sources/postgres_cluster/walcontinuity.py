@@ -105,7 +105,7 @@ def check_continuity(policy: Policy, repo: Repository, keyring: Keyring, manifes
                               name, damaged=True, metadata={"reread": [by_number[n] for n in due]})
     proved = _newest_proved(repo, keyring, manifest, work_dir / "newest", files, size, now)
     best = newer(known.position, proved)
-    stamp = now.isoformat(timespec="seconds")
+    stamp = now.isoformat()
     read = {by_number[n]: last_read.get(by_number[n], state.get("at") or stamp) for n in by_number}
     read.update({by_number[n]: stamp for n in [*fresh, *due]})
     save_state(repo, keyring, target, {"timeline": timeline, "parsed_to_lsn": format_lsn(max(begin, end)),
@@ -144,12 +144,13 @@ def _due(by_number: dict[int, str], fresh: set[int], last_read: dict[str, str], 
     if read_all:
         return sorted(earlier)
 
-    def read_at(n: int) -> str:
-        return last_read.get(by_number[n]) or proved_at or ""
+    def read_at(n: int) -> datetime:
+        stamp = last_read.get(by_number[n]) or proved_at
+        return datetime.fromisoformat(stamp) if stamp else datetime.min.replace(tzinfo=UTC)
 
     oldest_first = sorted(earlier, key=lambda n: (read_at(n), n))
     share = oldest_first[:math.ceil(len(earlier) / REREAD_SHARE)]
-    overdue = [n for n in oldest_first if not read_at(n) or datetime.fromisoformat(read_at(n)) <= now - REREAD_DUE]
+    overdue = [n for n in oldest_first if read_at(n) <= now - REREAD_DUE]
     return sorted(set(share) | set(overdue))
 
 
