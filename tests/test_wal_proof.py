@@ -41,7 +41,7 @@ def _status(policy: Path) -> tuple[int, dict[str, Any]]:
 
 
 def _stored_up_to(policy: Path, lsn: str) -> bool:
-    code, status = _status(policy)
+    status = _status(policy)[1]
     return status["newest_lsn"] is not None and _lsn(status["newest_lsn"]) >= _lsn(lsn)
 
 
@@ -259,6 +259,7 @@ def test_a_wal_position_beyond_the_stored_wal_is_refused_naming_the_newest_reach
         proved: dict[str, Any]) -> None:
     policy, base = proved["policy"], proved["base"]
     code, status = _status(policy)
+    assert code == 0 and status["rollback"] is None
     record = status["newest_record_lsn"]
     target = base / "too-far"
     for beyond in (f"{_lsn(record) + 1 >> 32:X}/{_lsn(record) + 1 & 0xFFFFFFFF:X}", "FF/0"):
@@ -270,3 +271,19 @@ def test_a_wal_position_beyond_the_stored_wal_is_refused_naming_the_newest_reach
                                  "--preview", "--json")).stdout)
     assert preview["base_backup"] == proved["backup_id"]
     shutil.rmtree(target, ignore_errors=True)
+
+
+def test_the_daily_verification_reads_all_the_wal_again_on_sundays(proved: dict[str, Any]) -> None:
+    from datetime import UTC, datetime
+
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+    from regal_dagster.defs.backups.checks import WAL_REREAD_TAG
+
+    verification = build_definitions(str(proved["policy"])).resolve_schedule_def("daily_verification")
+    for day, tags in ((datetime(2026, 3, 1, 3, 30, tzinfo=UTC), {WAL_REREAD_TAG: "all"}),  # a Sunday
+                      (datetime(2026, 3, 2, 3, 30, tzinfo=UTC), {})):
+        requests = verification.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=day)).run_requests
+        assert requests is not None and len(requests) == 1
+        assert {k: v for k, v in requests[0].tags.items() if k.startswith("regal/")} == tags
