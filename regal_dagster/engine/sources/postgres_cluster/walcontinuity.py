@@ -116,7 +116,7 @@ def check_continuity(policy: Policy, repo: Repository, keyring: Keyring, manifes
                                 **({"audit": {AUDIT_FIELD: best.to_json()}} if best else {})}
     return Continuity(True, f"WAL complete and parsed by pg_waldump from {source['start_lsn']} to {format_lsn(end)} "
                             f"({len(fresh)} new segment(s) read, {len(reread)} proved before read again"
-                            + (": all" if len(due) == len(set(by_number) - fresh) else "") + "); newest stored "
+                            + (": all" if due and len(due) == len(set(by_number) - fresh) else "") + "); newest stored "
                             f"position {best.lsn if best else 'none'}", parsed_to=format_lsn(max(begin, end)),
                       metadata=metadata)
 
