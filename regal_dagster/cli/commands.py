@@ -10,7 +10,7 @@ from typing import Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
-from ..engine.checks import check_status, run_checks
+from ..engine.checks import CheckRecord, check_status, run_checks
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
@@ -99,12 +99,10 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         record = run_checks(policy, repo, keyring.reload(), s["backup_id"], trigger={"cli": "backup"},
                             progress=progress)
     failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
-    verdict = ("verified: every check passed" if not failed else
-               ("FAILED verification" if not record.passed else "verified, with failures") + ":\n  "
-               + "\n  ".join(failed))
+    verdict, around = _verification_verdict(record)
     out.result({**s, "verification": {"passed": record.passed, "checked_at": record.checked_at.isoformat(),
-                                      "failed": failed}}, f"{text}\n{verdict}")
-    return 3 if not record.passed else 1 if failed else 0
+                                      "failed": failed}}, f"{text}\n{verdict}" + "".join(f"\n  {f}" for f in failed))
+    return _verify_exit(record, around)
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
@@ -158,18 +156,35 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     except RegalError:
         total = None
     with out.progress(f"verify {args.backup_id}", total) as progress:
-        record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger={"cli": "verify"},
+        record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger=_verify_trigger(args),
                             progress=progress)
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
                "failing_object": o.failing_object} for o in record.outcomes]
     text = "\n".join(f"{'OK  ' if o.passed else o.severity:5} {o.name:10} {o.description}" for o in record.outcomes)
-    around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]  # key, off-site copy
-    verdict = ("FAILED verification" if not record.passed else
-               f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
+    verdict, around = _verification_verdict(record)
     out.result({"backup_id": record.backup_id, "target": target_of(record.backup_id), "passed": record.passed,
                 "checked_at": record.checked_at.isoformat(), "checks": checks},
                f"{text}\nbackup {record.backup_id}: {verdict}")
-    return 3 if not record.passed else 1 if around else 0
+    return _verify_exit(record, around)
+
+
+def _verification_verdict(record: CheckRecord) -> tuple[str, list[str]]:
+    """One line for people, and the checks around the backup that failed (ERROR: a key, the off-site copy)."""
+    around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
+    verdict = ("FAILED verification" if not record.passed else
+               f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
+    return verdict, around
+
+
+def _verify_trigger(args: argparse.Namespace) -> dict[str, str]:
+    return {"cli": "verify", **({"wal": "all"} if args.all_wal else {})}
+
+
+def _verify_exit(record: CheckRecord, around: list[str]) -> int:
+    """3: the backup failed, or a check found damage or tampering around it (WAL deleted or rolled back); 1: a
+    check around the backup failed (a key, the off-site copy, a WAL gap)."""
+    damaged = any(not o.passed and o.metadata.get("integrity_failure") for o in record.outcomes)
+    return 3 if not record.passed or damaged else 1 if around else 0
 
 
 def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
@@ -187,10 +202,10 @@ def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: 
             worst = max(worst, 1)
             continue
         with out.progress(f"verify {newest.backup_id}", newest.plaintext_bytes) as progress:
-            record = run_checks(policy, repo, keyring, newest.backup_id, jobs=args.jobs, trigger={"cli": "verify"},
-                                progress=progress)
+            record = run_checks(policy, repo, keyring, newest.backup_id, jobs=args.jobs,
+                                trigger=_verify_trigger(args), progress=progress)
         around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
-        worst = max(worst, 3 if not record.passed else 1 if around else 0)
+        worst = max(worst, _verify_exit(record, around))
         failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
         lines.append(f"{target}: {record.backup_id} " + ("verified: every check passed" if not failed else
                                                           ("FAILED verification" if not record.passed else

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", action="store_true", help="the newest backup (of --target, or of every target)")
     p.add_argument("--target", help="with --latest: only this target (default: every target's newest backup)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
+    p.add_argument("--all-wal", action="store_true",
+                   help="postgres_cluster: read every proved WAL segment again (default: the daily share, see "
+                        "docs/pitr.md)")
     p.set_defaults(func="commands:cmd_verify")
 
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database, or a server to a point "

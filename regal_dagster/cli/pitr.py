@@ -102,8 +102,10 @@ def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
     lines.append(f"oldest base backup {status.oldest_base_backup or 'NONE'}; "
                  + ("no gap" if not status.gaps else f"GAP: {len(status.gaps)} segment(s) missing, first "
                                                      f"{status.gaps[0]}"))
+    if status.rollback:
+        lines.append(status.rollback)
     out.result(status.to_json(), "\n".join(lines))
-    return 3 if status.gaps else 0
+    return 3 if status.gaps or status.rollback else 0
 
 
 def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:

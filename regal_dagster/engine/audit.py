@@ -305,6 +305,15 @@ class AuditTrail:
                                 (event_type, outcome)).fetchall()
         return [row[0] for row in rows]
 
+    def newest_details_about(self, event_type: str, field: str, target: str) -> dict[str, Any] | None:
+        """The details of the newest event of a type whose details hold `field` about `target` (its "target")."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            row = conn.execute("SELECT details FROM regal_audit.events WHERE event_type = %s AND "
+                               "details::jsonb -> %s ->> 'target' = %s ORDER BY seq DESC LIMIT 1",
+                               (event_type, field, target)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def last_outcome(self, event_type: str, resource: str) -> str | None:
         """The outcome of the newest event of a type about a resource (None: there is none)."""
         with _connect(self.dsn) as conn:

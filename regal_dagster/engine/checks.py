@@ -315,7 +315,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
         recent = list(itertools.islice(earlier, policy.checks.size_history))  # only these are read for size
         outcomes.append(check_size(manifest, recent[::-1], policy.checks.size_tolerance))
         outcomes += source_for(manifest.kind).kind_checks(policy, manifest.target, manifest,
-                                                          itertools.chain(recent, earlier))  # read on as needed
+                                                          itertools.chain(recent, earlier),  # read on as needed
+                                                          trigger or {})
     outcomes.append(check_cryptoperiod(policy, keyring, datetime.now(UTC)))
     secondary = open_offsite(policy)
     if secondary is not None:
@@ -330,7 +331,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
     repo.put_bytes(checks_key(backup_id), record.to_bytes(keyring))
     audit.record(policy, repo, "verification", backup_id, "success" if record.passed else "failure",
                  {"checks": {o.name: o.passed for o in record.outcomes},
-                  "failed": [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]}, trigger)
+                  "failed": [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed],
+                  **{k: v for o in record.outcomes for k, v in o.metadata.get("audit", {}).items()}}, trigger)
     if secondary is not None and manifest is not None:
         with contextlib.suppress(RegalError):  # the record travels with the copy, so a restore from there knows
             secondary.put_bytes(checks_key(backup_id), record.to_bytes(keyring))

@@ -4,12 +4,12 @@ backups taken outside Dagster reported on their assets."""
 
 from __future__ import annotations
 
-from dagster import AssetSelection, DefaultScheduleStatus, Definitions, ScheduleDefinition, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job
 
 from ...engine.policy import Policy
 from .archive import archived_targets, build_archive_asset, build_archive_sensors
 from .assets import BACKUP_GROUP, build_backup_asset
-from .checks import build_backup_checks
+from .checks import build_backup_checks, build_verification_schedule
 from .schedules import build_class_schedule
 from .sensors import build_check_sensor, build_outside_sensor
 
@@ -27,11 +27,7 @@ def backup_definitions(policy: Policy) -> Definitions:
                                   description="Check the newest backup of every target: after each backup run, "
                                               "daily, and on demand.")
     schedules = [build_class_schedule(policy, cls, BACKUP_JOB) for cls in policy.schedules]
-    schedules.append(ScheduleDefinition(
-        name="daily_verification", job=verify_job, cron_schedule=policy.checks.verify_cron, execution_timezone="UTC",
-        default_status=DefaultScheduleStatus.RUNNING,
-        description=f"Every target's newest backup read back and checked again ({policy.checks.verify_cron} UTC): "
-                    "storage bit rot or tampering is found within a day."))
+    schedules.append(build_verification_schedule(policy, verify_job))
     sensors = [build_check_sensor(policy, backup_job, verify_job), build_outside_sensor(policy)]
     archives = [build_archive_asset(policy, name, archive) for name, archive in archived_targets(policy).items()]
     sensors += build_archive_sensors(policy)

@@ -16,14 +16,37 @@ from dagster import (
     AssetChecksDefinition,
     AssetCheckSeverity,
     AssetCheckSpec,
+    DefaultScheduleStatus,
     MetadataValue,
+    RunRequest,
+    ScheduleDefinition,
+    ScheduleEvaluationContext,
     multi_asset_check,
+    schedule,
 )
 
 from ...engine.checks import check_names, check_spec
 from ...engine.policy import Policy
 from ..resources import RegalEngine
 from .assets import backup_asset_key
+
+WAL_REREAD_TAG = "regal/wal_reread"  # "all": wal_continuity reads every proved WAL segment again
+
+
+def build_verification_schedule(policy: Policy, verify_job) -> ScheduleDefinition:
+    """The daily verification; on Sundays (UTC) it reads all the proved WAL of postgres_cluster targets again (the
+    other days, a share: docs/pitr.md)."""
+    cron = policy.checks.verify_cron
+
+    @schedule(name="daily_verification", job=verify_job, cron_schedule=cron, execution_timezone="UTC",
+              default_status=DefaultScheduleStatus.RUNNING,
+              description=f"Every target's newest backup read back and checked again ({cron} UTC): storage bit rot "
+                          "or tampering is found within a day. The proved WAL: a share each day, all on Sundays.")
+    def _verification(context: ScheduleEvaluationContext) -> RunRequest:
+        weekly = context.scheduled_execution_time.weekday() == 6
+        return RunRequest(tags={WAL_REREAD_TAG: "all"} if weekly else {})
+
+    return _verification
 
 
 def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
@@ -41,7 +64,8 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
         if backup_id is None:  # nothing to check: every check is skipped, none failed
             context.log.info(f"no backup of '{target}' yet: its checks are skipped")
             return
-        record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id})
+        reread = {"wal": "all"} if context.run.tags.get(WAL_REREAD_TAG) == "all" else {}
+        record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id, **reread})
         selected = {k.name for k in context.selected_asset_check_keys}
         for outcome in record.outcomes:
             if outcome.name not in selected:

@@ -125,8 +125,9 @@ class Source(ABC):
         """One line on what parses; IntegrityError naming the object when something does not."""
 
     def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
-                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
-        """The outcomes of `checks` (earlier_good: the target's good backups before this one, newest first)."""
+                    earlier_good: Iterator[Manifest], trigger: Mapping[str, str]) -> list[CheckOutcome]:
+        """The outcomes of `checks` (earlier_good: the target's good backups before this one, newest first; trigger:
+        what asked for them, as recorded, e.g. {"cli": "verify", "wal": "all"})."""
         return []
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:

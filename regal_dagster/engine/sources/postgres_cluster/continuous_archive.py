@@ -35,7 +35,10 @@ class WalArchive(ContinuousArchive):
             "lag_bytes": status.lag_bytes or 0, "lag_seconds": float(status.lag_seconds or 0.0),
             "gaps": len(status.gaps), **({"first_gap": status.gaps[0]} if status.gaps else {})}
         stored_at = datetime.fromisoformat(status.newest_stored_at) if status.newest_stored_at else None
-        return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, list(status.gaps), details, metadata)
+        gaps = [*([status.rollback] if status.rollback else []), *status.gaps]  # a rollback alerts as a gap does
+        if status.rollback:
+            details["rollback"] = status.rollback
+        return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, gaps, details, metadata)
 
     def first_steps(self, target: str, state: ArchiveState) -> str:
         steps = (f"Check the WAL stream (`systemctl status regal-wal-stream@{target}`, `regal-backup wal status "

@@ -21,7 +21,7 @@ from ...catalog import newest_first
 from ...checks import check_status, run_checks
 from ...crypto import Keyring
 from ...environment import child_environment
-from ...errors import RegalError, UsageError
+from ...errors import IntegrityError, RegalError, UsageError
 from ...manifest import Manifest
 from ...policy import Policy
 from ...postgresql.tools import pg_tool_for_server
@@ -35,6 +35,7 @@ from .wal import (
     fetch_wal,
     format_lsn,
     is_wal_segment,
+    list_wal,
     missing_segments,
     parse_lsn,
     partial_names,
@@ -148,9 +149,9 @@ def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: st
                          "point-in-time restores are for targets of kind postgres_cluster")
     names = archived_names(repo, target)
     partials = partial_names(repo, target)
-    if goal.time is not None:
-        _refuse_beyond_newest_commit(repo, keyring, target, goal.time)
     notes: list[str] = []
+    if rolled_back := _refuse_beyond_stored(policy, repo, keyring, target, goal):
+        notes.append(f"{rolled_back}; the {goal.describe()} is before the stored end: it is still reached")
     with _wal_cache(repo, keyring, target) as cache:
         for manifest in newest_first(repo, keyring, target):
             if backup_id and manifest.backup_id != backup_id:
@@ -176,25 +177,47 @@ def plan_recovery(policy: Policy, repo: Repository, keyring: Keyring, target: st
                      "point; `regal-backup list TARGET` shows the backups")
 
 
-def _refuse_beyond_newest_commit(repo: Repository, keyring: Keyring, target: str, time: datetime) -> None:
-    """A time after the newest commit of the stored WAL is one recovery never reaches (PostgreSQL stops at the
-    first commit at or after it, and fails to start when the WAL ends first): refused before anything is
-    written, naming the newest reachable point. (When the newest segments hold no commit it is not known here:
-    the restore goes ahead, as before.)"""
+def _refuse_beyond_stored(policy: Policy, repo: Repository, keyring: Keyring, target: str,
+                          goal: RecoveryGoal) -> str | None:
+    """A point after the end of the stored WAL is one recovery never reaches (PostgreSQL stops at the first record
+    at or after it, and fails to start when the WAL ends first): refused before anything is written, naming the
+    newest reachable point (the newest commit and the newest record of the stored WAL, read with pg_waldump). The
+    stored WAL ending before the newest proved position is a ROLLBACK (walproof.py): `--latest`, and any point
+    after the stored end, are refused naming it (IntegrityError); an earlier point goes ahead, with the rollback
+    returned for the notes. (When the newest segments hold no commit or record, that bound is not known here.)"""
     from ...workspace import private_directory
+    from .walproof import ROLLBACK_HINT, known_position, rollback
 
+    files = list_wal(repo, keyring, target)
+    rolled_back = rollback(known_position(policy, repo, keyring, target), files, target)
+    if goal.latest and rolled_back:
+        raise IntegrityError(f"{rolled_back}. A restore to the newest WAL would silently recover less: refused, "
+                             "nothing was written", ROLLBACK_HINT)
     newest = next(iter(newest_first(repo, keyring, target)), None)
-    if newest is None:
-        return  # no base backup: plan_recovery says so
+    if newest is None or (goal.time is None and goal.lsn is None):
+        return rolled_back  # no base backup: plan_recovery says so; a restore point is looked for in the WAL
     with private_directory("wal-newest") as work:
-        found = newest_records(repo, keyring, newest, work)
-    if found.commit_at is not None and time > found.commit_at:
-        raise UsageError(f"the stored WAL of {target} ends before {time.isoformat()}: its newest commit is at "
-                         f"{found.commit_at.isoformat()} (WAL position {found.commit_lsn}); recovery cannot reach a "
-                         "later time. Nothing was written",
-                         f"restore to --to-time {found.commit_at.isoformat()} or earlier, or --latest (the end of the "
-                         "stored WAL); if the server has committed since, wait for its WAL to be stored "
-                         "(`regal-backup wal status`)")
+        found = newest_records(repo, keyring, newest, work, files)
+    commit = (f"its newest commit is at {found.commit_at.isoformat()} (WAL position {found.commit_lsn})"
+              if found.commit_at else "it holds no commit in its newest segments")
+    beyond = None
+    if goal.time is not None and found.commit_at is not None and goal.time > found.commit_at:
+        beyond = f"the stored WAL of {target} ends before {goal.time.isoformat()}: {commit}; recovery cannot reach a " \
+                 "later time"
+    if goal.lsn is not None and found.record_lsn is not None and parse_lsn(goal.lsn) > parse_lsn(found.record_lsn):
+        beyond = (f"the stored WAL of {target} ends before WAL position {goal.lsn}: its newest record starts at "
+                  f"{found.record_lsn} and {commit}; recovery cannot reach a later position")
+    if beyond is None:
+        return rolled_back
+    if rolled_back:
+        raise IntegrityError(f"{rolled_back}. The {goal.describe()} is after the stored end ({beyond}). Nothing was "
+                             "written", ROLLBACK_HINT)
+    reachable = [f"--to-lsn {found.record_lsn}" if found.record_lsn else "",
+                 f"--to-time {found.commit_at.isoformat()}" if found.commit_at else ""]
+    raise UsageError(f"{beyond}. Nothing was written",
+                     f"restore to {' or '.join(r for r in reachable if r)} or earlier, or --latest (the end of the "
+                     "stored WAL); if the server has written since, wait for its WAL to be stored "
+                     "(`regal-backup wal status`)")
 
 
 def _plan(target: str, goal: RecoveryGoal, base: Manifest, names: set[str], partials: set[str], policy_path: Path,

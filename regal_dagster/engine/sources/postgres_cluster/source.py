@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -181,12 +181,12 @@ class PostgresClusterSource(Source):
         return held
 
     def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
-                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
+                    earlier_good: Iterator[Manifest], trigger: Mapping[str, str]) -> list[CheckOutcome]:
         from ...catalog import newest_first
         from ...crypto import load_keyring
         from ...storage import open_repository
         from ...workspace import private_directory
-        from .walstatus import check_continuity
+        from .walcontinuity import check_continuity
 
         repo, keyring = open_repository(policy), load_keyring(policy)
         oldest = manifest
@@ -194,11 +194,12 @@ class PostgresClusterSource(Source):
             oldest = kept
         try:
             with private_directory("wal-continuity") as work:
-                found = check_continuity(cast("Policy", policy), repo, keyring, oldest, work)
+                found = check_continuity(cast("Policy", policy), repo, keyring, oldest, work, trigger)
         except RegalError as exc:
             return [CheckOutcome("wal_continuity", False, f"the WAL could not be checked: {exc.message}")]
         return [CheckOutcome("wal_continuity", found.ok, found.description, failing_object=found.missing,
-                             metadata={"parsed_to": found.parsed_to, "from_backup": oldest.backup_id})]
+                             metadata={"parsed_to": found.parsed_to, "from_backup": oldest.backup_id,
+                                       **found.metadata, **({"integrity_failure": True} if found.damaged else {})})]
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
         return [b"PostgreSQL-Backup-Manifest-Version", b"postgresql.auto.conf"]

@@ -1,7 +1,7 @@
 """What the WAL archive of a `postgres_cluster` target holds, against the server: the newest stored WAL
 position and when it was stored, the lag in bytes and seconds (the RPO as a measured number), and any gap
-from the oldest base backup's start. And `wal_continuity`: the WAL from a base backup's start to the newest
-stored position has no gap and parses (pg_waldump), proved incrementally."""
+from the oldest base backup's start (a segment whose record or object is missing), and a ROLLBACK: the stored WAL
+ends before the newest position proved (walproof.py). `wal_continuity` is walcontinuity.py."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from typing import Any
 
 from ...catalog import newest_first
 from ...crypto import Keyring
-from ...documents import read_document, write_document
 from ...environment import child_environment
 from ...errors import RegalError
 from ...manifest import Manifest
 from ...policy import Policy
 from ...postgresql.tools import pg_tool_for_server
 from ...storage import Repository
-from ...storage.base import ObjectMissingError
 from .wal import (
     WalFile,
     fetch_wal,
@@ -29,9 +27,9 @@ from .wal import (
     list_wal,
     missing_segments,
     parse_lsn,
-    segment_name_of,
     segment_number,
 )
+from .walproof import absent_objects, known_position, rollback, stored_end
 
 
 @dataclass
@@ -51,6 +49,7 @@ class WalStatus:
     newest_commit_at: str | None = None  # the newest COMMIT record's time in the stored WAL (with_commit_time)
     newest_commit_lsn: str | None = None
     newest_record_lsn: str | None = None  # where the newest complete record of the stored WAL starts
+    rollback: str | None = None  # the stored WAL ends before the newest proved position: what is missing (walproof)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,26 +62,22 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     now = now or datetime.now(UTC)
     files = list_wal(repo, keyring, target)
     complete = [f for f in files if f.is_segment and not f.partial]
-    snapshots = [f for f in files if f.partial]
     bases = list(newest_first(repo, keyring, target))
     oldest = bases[-1] if bases else None
     size = int(oldest.source["wal_segment_size"]) if oldest else 16 * 1024 * 1024
     newest = max(complete, key=lambda f: (segment_number(f.name, size)[1], f.name), default=None)
-    newest_lsn, stored_at, snapshot = None, None, None
-    if newest is not None:
-        newest_lsn = (segment_number(newest.name, size)[1] + 1) * size
-        stored_at = newest.archived_at
-    after = [s for s in snapshots if newest is None or segment_number(s.name, size)[1] > segment_number(newest.name,
-                                                                                                        size)[1]]
-    if after:
-        latest = max(after, key=lambda f: segment_number(f.name, size)[1])
-        snapshot = latest.name
-        newest_lsn = segment_number(latest.name, size)[1] * size + _used_bytes(latest)
-        stored_at = latest.archived_at
+    end = stored_end(files, size)
+    newest_lsn = end.lsn if end else None
+    stored_at = end.stored_at if end else None
+    snapshot = end.name if end and end.snapshot else None
     gaps: list[str] = []
     if oldest is not None:
         names = {f.name for f in complete} | ({snapshot} if snapshot else set())
-        gaps, _ = missing_segments(names, int(oldest.source["timeline"]), parse_lsn(oldest.source["start_lsn"]), size)
+        start = parse_lsn(oldest.source["start_lsn"])
+        gaps, _ = missing_segments(names, int(oldest.source["timeline"]), start, size)
+        needed = [f for f in complete if segment_number(f.name, size)[1] >= start // size]
+        gaps += [name for name, _problem in absent_objects(repo, target, needed) if name not in gaps]
+    rolled_back = rollback(known_position(policy, repo, keyring, target), files, target)
     server_lsn, problem, lag_bytes, lag_seconds = None, None, None, None
     if ask_server:
         try:
@@ -95,7 +90,7 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     status = WalStatus(target, len(complete), newest.name if newest else None,
                        format_lsn(newest_lsn) if newest_lsn is not None else None,
                        stored_at.isoformat() if stored_at else None, snapshot, server_lsn, problem, lag_bytes,
-                       lag_seconds, oldest.backup_id if oldest else None, gaps)
+                       lag_seconds, oldest.backup_id if oldest else None, gaps, rollback=rolled_back)
     if with_commit_time and oldest is not None:
         from ...workspace import private_directory
 
@@ -158,12 +153,6 @@ def newest_records(repo: Repository, keyring: Keyring, base: Manifest, work_dir:
     return found
 
 
-def _used_bytes(snapshot: WalFile) -> int:
-    """How far a snapshot holds WAL: to its last byte that is not padding (an upper bound by less than a record);
-    0 for a snapshot of nothing but padding (not its size: that would claim WAL that is not stored)."""
-    return snapshot.used_bytes
-
-
 def _server_lsn(policy: Policy, target: str) -> str:
     from ...postgresql.connection import connect
 
@@ -173,76 +162,3 @@ def _server_lsn(policy: Policy, target: str) -> str:
                            "ELSE pg_current_wal_lsn() END::text").fetchone()
     assert row is not None
     return str(row[0])
-
-
-# --- wal_continuity -----------------------------------------------------------------------------------
-
-CONTINUITY_KIND = "wal-continuity"
-CONTINUITY_FORMAT = "regal-backup-wal-continuity"
-
-
-def _continuity_key(target: str) -> str:
-    from ...layout import wal_prefix
-
-    return f"{wal_prefix(target)}continuity/state"  # no .json: not a WAL record
-
-
-@dataclass
-class Continuity:
-    ok: bool
-    description: str
-    missing: str | None = None  # the first missing segment
-    parsed_to: str | None = None
-
-
-def check_continuity(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
-                     work_dir: Path) -> Continuity:
-    """The WAL from `manifest`'s start to the newest stored complete segment is there, segment after segment, and
-    pg_waldump reads every record of it. What was proved before (a sealed state: the newest segment proved to
-    parse) is not read again: only the segments after it, from the record boundary it ended at."""
-    target, source = manifest.target, manifest.source
-    size, timeline = int(source["wal_segment_size"]), int(source["timeline"])
-    start = parse_lsn(source["start_lsn"])
-    files = [f for f in list_wal(repo, keyring, target) if f.is_segment and not f.partial]
-    names = {f.name for f in files}
-    missing, newest = missing_segments(names, timeline, start, size)
-    if missing:
-        return Continuity(False, f"the WAL archive lacks {missing[0]}"
-                          + (f" and {len(missing) - 1} more segment(s)" if len(missing) > 1 else "")
-                          + f" after the start of {manifest.backup_id} ({source['start_lsn']}): recovery stops there",
-                          missing[0])
-    state = _load_state(repo, keyring, target)
-    proved_to = state.get("parsed_to_lsn") if state.get("timeline") == timeline else None
-    begin = max(start, parse_lsn(proved_to)) if proved_to else start
-    end = newest * size  # up to the newest segment, which holds the end of the records that cross into it
-    if begin >= end:
-        return Continuity(True, f"WAL complete and parsed from {source['start_lsn']} to {format_lsn(end)} "
-                                "(nothing new since the last proof)", parsed_to=format_lsn(end))
-    by_number: dict[int, str] = {}
-    for f in files:
-        tli, number = segment_number(f.name, size)
-        if tli >= timeline and begin // size <= number <= newest:  # the newest too: records end in it
-            by_number[number] = max(by_number.get(number, ""), f.name)
-    for name in by_number.values():
-        fetch_wal(repo, keyring, target, name, work_dir / name, allow_partial=False)
-    tool = pg_tool_for_server("pg_waldump", int(source["server_version_num"]) // 10000)
-    done = subprocess.run([str(tool.path), "--path", str(work_dir), "--start", format_lsn(begin), "--end",
-                           format_lsn(end), "--quiet"], capture_output=True, text=True, check=False,
-                          env=child_environment(), timeout=3600)
-    if done.returncode != 0:
-        words = (done.stderr or done.stdout).strip().splitlines()
-        where = segment_name_of(timeline, begin // size, size)
-        return Continuity(False, f"pg_waldump cannot read the WAL after {format_lsn(begin)}: "
-                          + (words[-1] if words else f"exit code {done.returncode}"), where)
-    write_document(repo, keyring, CONTINUITY_KIND, _continuity_key(target),
-                   {"format": CONTINUITY_FORMAT, "version": 1, "timeline": timeline, "parsed_to_lsn": format_lsn(end),
-                    "at": datetime.now(UTC).isoformat()})
-    return Continuity(True, f"WAL complete and parsed by pg_waldump from {source['start_lsn']} to {format_lsn(end)} "
-                            f"({len(by_number)} segment(s) read now)", parsed_to=format_lsn(end))
-
-
-def _load_state(repo: Repository, keyring: Keyring, target: str) -> dict[str, Any]:
-    try:
-        return read_document(repo, keyring, CONTINUITY_KIND, _continuity_key(target))
-    except ObjectMissingError:
-        return {}

@@ -115,7 +115,7 @@ class RedisSource(Source):
         return f"redis-check-rdb reads {rdb['keys']} keys"
 
     def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
-                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
+                    earlier_good: Iterator[Manifest], trigger: Mapping[str, str]) -> list[CheckOutcome]:
         """How the Redis server keeps its own copies now (a WARN: the backup itself is fine)."""
         try:
             url = cast(RedisTarget, policy.target(target)).resolved_url()

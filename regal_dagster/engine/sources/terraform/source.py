@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -65,7 +65,7 @@ class TerraformSource(Source):
         return f"the state reads back with serial {facts.get('serial')}"
 
     def kind_checks(self, policy: PolicyView, target: str, manifest: Manifest,
-                    earlier_good: Iterator[Manifest]) -> list[CheckOutcome]:
+                    earlier_good: Iterator[Manifest], trigger: Mapping[str, str]) -> list[CheckOutcome]:
         """state_valid, and serial_monotonic against every earlier good backup of the same lineage."""
         state = manifest.source["state"]
         if "parse_error" in state:
