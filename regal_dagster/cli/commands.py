@@ -82,6 +82,8 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         out.warn(note)
     for note in result.manifest.source.get("not_carried", []):  # what the backup could not hold, by name
         out.warn(f"not in the backup: {note}")
+    if result.archive_problem:
+        out.warn(result.archive_problem)
     if result.offsite_problem:
         out.warn(f"{result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
                  "repository is reachable")

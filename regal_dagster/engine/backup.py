@@ -46,6 +46,12 @@ def tool_versions() -> dict[str, str]:
 class BackupResult:
     manifest: Manifest
     offsite_problem: str | None = None  # what went wrong copying it off-site (None: copied and read back, or no copy)
+    archive_problem: str | None = None  # the kind's continuous archive does not reach the backup's end (None: it does)
+
+
+ARCHIVE_WAIT_SECONDS = 60.0
+"""How long a backup whose kind has a continuous archive waits for the archive to reach its end (a WAL stream
+stores what the server wrote every few seconds): pgBackRest's archive-timeout."""
 
 
 def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly", *,
@@ -102,7 +108,19 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         audit.update(bytes_stored=manifest.stored_bytes, bytes_read=manifest.plaintext_bytes,
                      seconds=round(manifest.duration_seconds, 3), key_id=keyring.primary_key_id)
         offsite_problem = copy_after_backup(repo, open_offsite(policy), manifest)  # under the lock: prune waits
-    return BackupResult(manifest, offsite_problem)
+    return BackupResult(manifest, offsite_problem, _archive_problem(policy, repo, keyring, manifest))
+
+
+def _archive_problem(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> str | None:
+    """What to say when the target's continuous archive does not reach this backup's end within the wait: the
+    backup then restores nothing (and its checks say so) until it does."""
+    archive = source_for(manifest.kind).continuous_archive()
+    if archive is None or archive.wait_until_covered(policy, repo, keyring, manifest, ARCHIVE_WAIT_SECONDS):
+        return None
+    return (f"the {archive.noun} archive does not reach the end of {manifest.backup_id} (waited "
+            f"{ARCHIVE_WAIT_SECONDS:.0f} s): the backup is not recoverable until it does; is `regal-backup wal stream "
+            f"{manifest.target}` running (or the server's archive_command)? `regal-backup check {manifest.target}` "
+            "says what is missing")
 
 
 INCREMENTAL_CLASSES = ("hourly", "daily")  # weekly and monthly backups stay full: each starts a new chain

@@ -89,6 +89,28 @@ class ContinuousArchive(ABC):
         """What the archive holds now, against the source (asked when it can be reached)."""
 
     @abstractmethod
+    def covers(self, policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> bool:
+        """Whether the archive holds what a recovery from the backup `manifest` needs to reach its consistent end
+        (WAL from its start to its stop position): until then the backup restores nothing."""
+
+    def wait_until_covered(self, policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest,
+                           timeout: float) -> bool:
+        """`covers`, asked again until it is true or `timeout` seconds have passed (the archive is fed by a service
+        that stores what the server writes every few seconds, as pgBackRest's archive-timeout waits for it)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        self.hurry(policy, manifest)
+        while not self.covers(policy, repo, keyring, manifest):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def hurry(self, policy: Policy, manifest: Manifest) -> None:
+        """Ask the source to hand over what the backup `manifest` needs now rather than later (best effort)."""
+
+    @abstractmethod
     def first_steps(self, target: str, state: ArchiveState) -> str:
         """What to do first when the archive is behind its RPO, lacks something, or holds nothing."""
 

@@ -4,7 +4,7 @@ its Dagster asset, `postgres/<target>/wal`."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,32 @@ class WalArchive(ContinuousArchive):
         if status.rollback:
             details["rollback"] = status.rollback
         return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, gaps, details, metadata)
+
+    def covers(self, policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> bool:
+        from .wal import parse_lsn
+        from .walstatus import wal_status
+
+        status = wal_status(policy, repo, keyring, manifest.target, datetime.now(UTC))
+        stop = manifest.source.get("stop_lsn")
+        return bool(stop and status.newest_lsn and not status.gaps and not status.rollback
+                    and parse_lsn(status.newest_lsn) >= parse_lsn(str(stop)))
+
+    def hurry(self, policy: Policy, manifest: Manifest) -> None:
+        """Close the WAL segment holding the backup's end (pg_switch_wal, as pgBackRest's archive check does), so
+        that an archive_command archives it now, not when the segment fills; a stream stores it whole at once.
+        Without the privilege (EXECUTE on pg_switch_wal), the archive gets there when the segment fills."""
+        import contextlib
+
+        import psycopg
+
+        from ...errors import RegalError
+        from ...postgresql.connection import connect
+        from .target import PostgresClusterTarget
+
+        target = policy.target(manifest.target)
+        assert isinstance(target, PostgresClusterTarget)
+        with contextlib.suppress(RegalError, psycopg.Error), connect(target.resolved_dsn(), autocommit=True) as conn:
+            conn.execute("SELECT pg_switch_wal()")
 
     def first_steps(self, target: str, state: ArchiveState) -> str:
         steps = (f"Check the WAL stream (`systemctl status regal-wal-stream@{target}`, `regal-backup wal status "
