@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .audit import AuditTrail, completed_backups
+from .audit import completed_backups
 from .catalog import list_backups, load_manifest, newest_first
-from .checks import CheckStatus, check_status, run_checks
+from .checks import check_status, run_checks
 from .crypto import Keyring
 from .errors import RegalError
 from .layout import started_of
 from .manifest import Manifest
 from .outcomes import check_spec
 from .policy import Policy
+from .record_sequence import known_records
 from .storage import Repository
 
 
@@ -33,7 +34,7 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
                   before: datetime | None = None, trigger: dict[str, str] | None = None) -> Selected:
     if backup_id:
         manifest = load_manifest(repo, keyring, backup_id)
-        status = check_status(repo, keyring, manifest)
+        status = check_status(repo, keyring, manifest, known_records(policy, repo, keyring, manifest.target))
         notes = [] if status.good else [f"{backup_id} is {status.status}" + (f" ({status.problem})"
                                                                               if status.problem else "")]
         return Selected(manifest, notes)
@@ -42,14 +43,12 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
     notes = [f"{d.backup_id} cannot be trusted ({d.problem}): passed over"
              for d in reversed(list_backups(repo, keyring, target, completed=completed)[1])
              if before is None or (started_of(d.backup_id) or before) < before]
+    known = known_records(policy, repo, keyring, target)
     for manifest in newest_first(repo, keyring, target):
         if before is not None and manifest.started_at >= before:
             continue
-        status = check_status(repo, keyring, manifest)
-        if status.good and _verified_since(policy, repo, manifest.backup_id) is False:
-            status = CheckStatus("unchecked", status.record, "the audit trail records a later failed verification "
-                                 "(an older check record was put back)")
-        if status.status == "unchecked":
+        status = check_status(repo, keyring, manifest, known)
+        if status.status in ("unchecked", "rolled_back"):  # checked now: a fresh record resolves a rollback
             checked = run_checks(policy, repo, keyring, manifest.backup_id, trigger=trigger)
             passed = checked.passed
             failed = next((o for o in checked.outcomes if not o.passed and check_spec(o.name).decides_good), None)
@@ -67,14 +66,3 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
                      + (f" ({'; '.join(notes)})" if notes else ""),
                      "run `regal-backup list` to see the backups and their status; name one by id to restore it anyway")
 
-
-def _verified_since(policy: Policy, repo: Repository, backup_id: str) -> bool | None:
-    """What the audit trail says of the backup's newest verification: True passed, False failed, None when
-    there is no trail (or it cannot be reached, or it holds none)."""
-    if policy.audit is None:
-        return None
-    try:
-        outcome = AuditTrail(policy, repo).last_outcome("verification", backup_id)
-    except RegalError:
-        return None
-    return None if outcome is None else outcome == "success"
