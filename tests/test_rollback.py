@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from regal_dagster.engine.layout import checks_key
+from regal_dagster.engine.layout import checks_key, record_state_key, restore_test_prefix
 from regal_dagster.engine.policy import load_policy
 
 from .conftest import DatabaseFactory, run_cli, write_policy_file
@@ -77,21 +77,22 @@ def _status(shop: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return status.returncode, json.loads(status.stdout)
 
 
-def _failed_after_a_good_verification(shop: dict[str, Any]) -> tuple[str, str, bytes]:
+def _failed_after_a_good_verification(shop: dict[str, Any]) -> tuple[str, str, bytes, bytes]:
     """An older good backup, and a newer one that passed its verification and failed a later one: (older good,
-    newer, the newer's first check record, genuinely sealed)."""
+    newer, the newer's first check record and the sealed record state of then, both genuine)."""
     good = _backup(shop)
     newer = _backup(shop)
     passed_record = _path(shop, checks_key(newer)).read_bytes()
+    passed_state = _path(shop, record_state_key("pos")).read_bytes()
     _corrupt(shop, newer)
     failed = run_cli(shop["policy_file"], "verify", newer)
     assert failed.returncode == 3, failed.stdout + failed.stderr
-    return good, newer, passed_record
+    return good, newer, passed_record, passed_state
 
 
 def test_a_check_record_rolled_back_after_a_failure_is_named_everywhere_and_prune_keeps_every_backup(
         shop: dict[str, Any]) -> None:
-    good, newer, passed_record = _failed_after_a_good_verification(shop)
+    good, newer, passed_record, _ = _failed_after_a_good_verification(shop)
     _path(shop, checks_key(newer)).write_bytes(passed_record)  # the attack: a genuine, older record put back
 
     code, backups = _listing(shop)
@@ -117,7 +118,7 @@ def test_a_check_record_rolled_back_after_a_failure_is_named_everywhere_and_prun
 
 
 def test_reverifying_a_rolled_back_backup_resolves_the_rollback(shop: dict[str, Any]) -> None:
-    good, newer, passed_record = _failed_after_a_good_verification(shop)
+    good, newer, passed_record, _ = _failed_after_a_good_verification(shop)
     _path(shop, checks_key(newer)).write_bytes(passed_record)
     assert _listing(shop)[1][newer]["status"] == "rolled_back"
 
@@ -148,3 +149,89 @@ def test_a_legitimate_newer_check_is_not_flagged_and_records_chain(shop: dict[st
 
     pruned = run_cli(shop["policy_file"], "prune", "--json")
     assert json.loads(pruned.stdout)["deleted"] == [first]  # retention as usual: only the newest good stays
+
+
+def test_a_check_record_put_back_with_the_sealed_state_is_still_caught_by_the_audit_trail(shop: dict[str, Any]) -> None:
+    good, newer, passed_record, passed_state = _failed_after_a_good_verification(shop)
+    _path(shop, checks_key(newer)).write_bytes(passed_record)  # both genuine, both from before the failure
+    _path(shop, record_state_key("pos")).write_bytes(passed_state)
+
+    code, backups = _listing(shop)
+    assert code == 3 and backups[newer]["status"] == "rolled_back"
+    assert "the audit trail knows record 3" in backups[newer]["status_note"]
+    assert "later failed verification" in backups[newer]["status_note"]
+    assert json.loads(run_cli(shop["policy_file"], "prune", "--json").stdout)["deleted"] == []
+    assert set(_listing(shop)[1]) == {good, newer}
+
+
+def test_a_deleted_check_record_is_rolled_back_not_unchecked(shop: dict[str, Any]) -> None:
+    """Deleting a good backup's record would make it "unchecked", and prune deletes unchecked backups after a day."""
+    backup_id = _backup(shop)
+    _path(shop, checks_key(backup_id)).unlink()
+    code, backups = _listing(shop)
+    assert code == 3 and backups[backup_id]["status"] == "rolled_back"
+    assert f"{checks_key(backup_id)} is gone" in backups[backup_id]["status_note"]
+
+
+def test_without_an_audit_trail_the_sealed_state_alone_catches_a_record_put_back_and_status_says_the_limit(
+        shop_without_trail: dict[str, Any]) -> None:
+    shop = shop_without_trail
+    _, newer, passed_record, passed_state = _failed_after_a_good_verification(shop)
+    _path(shop, checks_key(newer)).write_bytes(passed_record)
+    code, backups = _listing(shop)
+    assert code == 3 and "the sealed record state knows record 3" in backups[newer]["status_note"]
+
+    # the limit, as documented: the state put back with the record (both genuine) shows nothing
+    _path(shop, record_state_key("pos")).write_bytes(passed_state)
+    code, backups = _listing(shop)
+    assert code == 0 and backups[newer]["status"] == "good"
+    status = run_cli(shop["policy_file"], "status")
+    assert "record rollback protection: no audit trail" in status.stdout
+
+
+def test_a_forged_record_state_is_refused_and_alerted(shop: dict[str, Any]) -> None:
+    _backup(shop)
+    path = _path(shop, record_state_key("pos"))
+    state = json.loads(path.read_text())
+    state["checks"] = {}  # forget every record, says the forger
+    path.write_text(json.dumps(state))
+    _, status = _status(shop)
+    (alert,) = [a for a in status["open_alerts"] if a["event"] == "document_refused"]
+    assert record_state_key("pos") in alert["what"]
+
+
+def _restore_test(shop: dict[str, Any], backup_id: str) -> str:
+    """A restore test of the backup; the key of its record."""
+    before = set(_path(shop, restore_test_prefix("pos")).glob("*.json")) if _path(
+        shop, restore_test_prefix("pos")).exists() else set()
+    run_cli(shop["policy_file"], "restore-test", backup_id, "--target", "pos")
+    (new,) = set(_path(shop, restore_test_prefix("pos")).glob("*.json")) - before
+    return restore_test_prefix("pos") + new.name
+
+
+def test_deleting_failed_restore_test_records_is_a_rollback_until_a_new_restore_test(shop: dict[str, Any]) -> None:
+    good = _backup(shop)
+    damaged = _backup(shop)
+    passed = _restore_test(shop, good)
+    _corrupt(shop, damaged)  # its checks passed before: only the restore test finds it
+    failed = _restore_test(shop, damaged)
+    _, status = _status(shop)
+    assert [a["event"] for a in status["open_alerts"]] == ["restore_test_failed"]
+
+    _path(shop, failed).unlink()  # the attack: the older, passing record is the newest again
+    code, status = _status(shop)
+    assert code == 3 and status["targets"][0]["last_restore_test"]["passed"] is False
+    (alert,) = status["open_alerts"]
+    assert alert["event"] == "record_rolled_back" and "restore-test record rolled back" in alert["what"]
+    assert failed in alert["what"]
+    _path(shop, passed).unlink()  # every record gone: still the same rollback, named
+    code, status = _status(shop)
+    assert code == 3 and failed in status["open_alerts"][0]["what"]
+
+    # prune keeps every backup (without the hold, only the newest "good" one, the damaged one, would stay)
+    assert json.loads(run_cli(shop["policy_file"], "prune", "--json").stdout)["deleted"] == []
+    assert set(_listing(shop)[1]) == {good, damaged}
+
+    _restore_test(shop, good)  # a fresh record, newer than anything known: resolved
+    code, status = _status(shop)
+    assert code == 0 and status["open_alerts"] == [] and status["targets"][0]["rolled_back"] == []
