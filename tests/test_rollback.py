@@ -235,3 +235,23 @@ def test_deleting_failed_restore_test_records_is_a_rollback_until_a_new_restore_
     _restore_test(shop, good)  # a fresh record, newer than anything known: resolved
     code, status = _status(shop)
     assert code == 0 and status["open_alerts"] == [] and status["targets"][0]["rolled_back"] == []
+
+
+def test_records_written_at_once_take_distinct_sequences_and_raise_no_false_alarm(shop: dict[str, Any]) -> None:
+    import subprocess
+
+    from .conftest import CLI
+
+    first, second = _backup(shop), _backup(shop)
+    runs = [subprocess.Popen([*CLI, "verify", backup_id, "--policy", str(shop["policy_file"])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for backup_id in (first, second, first, second)]
+    assert all(run.wait(timeout=300) == 0 for run in runs), [run.stderr.read() for run in runs if run.stderr]
+    code, backups = _listing(shop)
+    assert code == 0 and {b["status"] for b in backups.values()} == {"good"}
+    state = json.loads(_path(shop, record_state_key("pos")).read_text())
+    assert state["sequence"] == 6  # two checks before, four now: none took another's number
+    assert {state["checks"][b]["sequence"] for b in (first, second)} <= {3, 4, 5, 6}
+    for backup_id in (first, second):
+        assert json.loads(_path(shop, checks_key(backup_id)).read_text())["sequence"] == state["checks"][backup_id][
+            "sequence"]

@@ -3,7 +3,8 @@
 By id, the operator's choice stands (with a note when its checks failed or never ran). Otherwise the newest
 backup (started before a time, if given) whose checks passed: a failed one is passed over, and one never
 checked (or whose check record is refused) is checked first, now, so a backup nobody verified is never
-restored blind. The notes say what was passed over and why.
+restored blind; nor is one whose check record was rolled back (engine/record_sequence.py): checked again now,
+which resolves the rollback. The notes say what was passed over and why.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def choose_backup(policy: Policy, repo: Repository, keyring: Keyring, target: st
             checked = run_checks(policy, repo, keyring, manifest.backup_id, trigger=trigger)
             passed = checked.passed
             failed = next((o for o in checked.outcomes if not o.passed and check_spec(o.name).decides_good), None)
-            notes.append(f"{manifest.backup_id} was not checked" + (f" ({status.problem})" if status.problem else "")
+            state = "is rolled back" if status.status == "rolled_back" else "was not checked"
+            notes.append(f"{manifest.backup_id} {state}" + (f" ({status.problem})" if status.problem else "")
                          + (": checked it now, it passed" if passed else ": checked it now, it FAILED"
                             + (f" ({failed.name}: {failed.description})" if failed else "")))
             if passed:
