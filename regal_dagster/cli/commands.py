@@ -15,6 +15,7 @@ from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
 from ..engine.policy import Policy
+from ..engine.record_sequence import known_records
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
@@ -113,9 +114,10 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
     unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
     verdicts = retention_verdicts(policy, repo, keyring, datetime.now(UTC), args.target)
+    known = {t: known_records(policy, repo, keyring, t) for t in sorted({m.target for m in backups})}
     rows = []
     for manifest in backups:
-        status = check_status(repo, keyring, manifest)
+        status = check_status(repo, keyring, manifest, known[manifest.target])
         verdict = verdicts.get(manifest.backup_id)
         rows.append({**manifest_summary(manifest), "status": status.status, "status_note": status.problem,
                      "retention": verdict.to_json() if verdict else None})
@@ -133,7 +135,7 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged],
                 "unfinished": [u.__dict__ for u in unfinished]},
                "\n".join(lines) if rows or damaged or unfinished else "no backups yet")
-    return 1 if damaged else 0
+    return 3 if any(r["status"] == "rolled_back" for r in rows) else 1 if damaged else 0
 
 
 def _retention_column(verdict: RetentionVerdict) -> str:
@@ -533,7 +535,10 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
                                                 + ("passed" if not v["failed_checks"] else
                                                    "FAILED " + ", ".join(v["failed_checks"])) if v else "never"))
         r = t.last_restore_test
-        if r and "refused" in r:
+        lines += [f"  ROLLED BACK: {problem}" for problem in t.rolled_back]
+        if r and "rolled_back" in r:
+            lines.append(f"  last restore test ROLLED BACK: {r['key']} is gone")
+        elif r and "refused" in r:
             lines.append(f"  last restore test REFUSED: {r['refused']}")
         else:
             lines.append("  last restore test " + (
@@ -548,14 +553,16 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     lines.append(f"open alerts: {len(status.open_alerts)}" + "".join(f"\n  - {a['what']}" for a in status.open_alerts))
     if status.rpo_breached:
         lines.append(f"RPO BREACHED: {', '.join(status.rpo_breached)}")
+    lines += sorted({f"record rollback protection: {t.record_protection}" for t in status.targets
+                     if t.record_protection.startswith("no audit trail")})
     out.result(status.to_json(), "\n".join(lines))
-    return 3 if status.rpo_breached else 0
+    return 3 if status.rpo_breached or status.rolled_back else 0
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = open_repository_of(args)
     manifest = catalog.load_manifest(repo, keyring, args.backup_id)
-    status = check_status(repo, keyring, manifest)
+    status = check_status(repo, keyring, manifest, known_records(policy, repo, keyring, manifest.target))
     verdict = retention_verdicts(policy, repo, keyring, datetime.now(UTC), manifest.target).get(manifest.backup_id)
     record = status.record if status.problem is None else None
     lock: dict[str, str] | None = ({"mode": str(manifest.object_lock.get("mode")),
@@ -589,7 +596,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
         lines.append(f"tables      {len(tables)}, {sum(t['rows'] for t in tables)} rows")
         lines += [f"  {t['table']:50} {t['rows']:>12}" for t in tables]
     out.result(payload, "\n".join(lines))
-    return 0
+    return 3 if status.status == "rolled_back" else 0
 
 
 def cmd_metrics(args: argparse.Namespace, out: Output) -> int:

@@ -30,6 +30,7 @@ from .documents import read_document
 from .errors import IntegrityError
 from .layout import restore_test_prefix, started_of
 from .policy import Policy
+from .record_sequence import KnownRecords, known_records
 from .restore_test import RESTORE_TEST_KIND
 from .sources.capabilities import ContinuousArchive
 from .sources.registry import source_for
@@ -59,6 +60,10 @@ FIRST_STEPS = {
     "report_failed": "Open the run: the audit database unreachable, or the trail broken? Run `regal-backup audit "
                      "verify`, then `regal-backup report --period YYYY-MM`.",
     "drill_failed": "Read the drill record (drills/ in the repository): which target missed its RTO or RPO, and why.",
+    "record_rolled_back": "Someone who can write the repository put back an older record or deleted one, to hide "
+                          "a failure: do not trust what the repository says of {target}; read the storage's access "
+                          "logs and compare with the off-site copy. Prune keeps every backup of {target} until a "
+                          "fresh record resolves it: {resolve}.",
     "damaged_backup": "Do not restore it. Someone or something changed the repository: compare with the off-site "
                       "copy, read the storage's access logs, and check who holds write access. `regal-backup list` "
                       "shows every backup that cannot be trusted.",
@@ -185,7 +190,7 @@ def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: date
     conditions = []
     for target, config in sorted(policy.targets.items()):
         rpo = policy.rpo_for(target)
-        newest = next(good_newest_first(repo, keyring, target), None)
+        newest = next(good_newest_first(repo, keyring, target, known_records(policy, repo, keyring, target)), None)
         archive = source_for(config.kind).continuous_archive()
         if archive is not None and newest is not None:  # the RPO is the archive's (a server's WAL), not the backup's
             conditions += _archive_rpo_conditions(policy, repo, keyring, target, archive, rpo, now)
@@ -232,12 +237,16 @@ def _archive_rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, 
 
 
 def check_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:
-    """Failed ERROR checks of each target's newest checked backup (integrity: a failed verification), and a
-    check record that is refused (forged, or about another version of its manifest)."""
+    """Failed ERROR checks of each target's newest checked backup (integrity: a failed verification), a
+    check record that is refused (forged, or about another version of its manifest), and every check record
+    rolled back."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
+        known = known_records(policy, repo, keyring, target)
+        conditions += check_rollback_conditions(policy, repo, keyring, target, known)
         status = next((s for m in newest_first(repo, keyring, target)
-                       if (s := check_status(repo, keyring, m)).record or s.problem), None)
+                       if (s := check_status(repo, keyring, m, known)).status != "rolled_back"
+                       and (s.record or s.problem)), None)
         if status is None:
             continue
         if status.problem is not None or status.record is None:
@@ -259,12 +268,40 @@ def check_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list
     return conditions
 
 
+def check_rollback_conditions(policy: Policy, repo: Repository, keyring: Keyring, target: str,
+                              known: KnownRecords) -> list[Condition]:
+    """A check record of the target rolled back (or deleted) against what its witnesses know, one per backup;
+    and a sealed record state that is refused."""
+    conditions = [_untrusted(policy, target, f"{target}: {p}") for p in known.problems if "refused" in p]
+    for manifest in list_backups(repo, keyring, target)[0]:
+        if manifest.backup_id not in known.checks:
+            continue  # nothing known of it: nothing to roll back
+        status = check_status(repo, keyring, manifest, known)
+        if status.status == "rolled_back":
+            conditions.append(_rolled_back(policy, target, f"rolled_back:{manifest.backup_id}", str(status.problem),
+                                           f"verify it again (`regal-backup verify {manifest.backup_id}`)",
+                                           manifest.backup_id))
+    return conditions
+
+
+def _rolled_back(policy: Policy, target: str, key: str, problem: str, resolve: str, backup: str) -> Condition:
+    return Condition(key, "record_rolled_back", target, f"{target}: {problem}",
+                     f"{policy.dagster.base_url.rstrip('/')}/assets",
+                     FIRST_STEPS["record_rolled_back"].format(target=target, resolve=resolve), None, {"backup": backup})
+
+
 def restore_test_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:
     """The newest restore test of each target, when it failed validation or missed the RTO (or its record is
-    refused)."""
+    refused, or the newest one its witnesses know is gone: rolled back)."""
     conditions = []
     for target, config in sorted(policy.targets.items()):
         results = sorted(o.key for o in repo.list(restore_test_prefix(target)) if o.key.endswith(".json"))
+        known = known_records(policy, repo, keyring, target)
+        if rolled_back := known.restore_test_rollback(results):
+            conditions.append(_rolled_back(policy, target, f"rolled_back:{target}:restore_test", rolled_back,
+                                           f"run a restore test (`regal-backup restore-test --target {target}`)",
+                                           str(known.restore_test.key if known.restore_test else "")))
+            continue
         if not results:
             continue
         try:

@@ -322,6 +322,19 @@ class AuditTrail:
                                "ORDER BY seq DESC LIMIT 1", (event_type, resource)).fetchone()
         return None if row is None else str(row[0])
 
+    def sequenced_records(self, target: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """(event type, backup id, outcome, details) of the newest `verification` and `restore_test` event of
+        each of a target's backups that names a record sequence (engine/record_sequence.py)."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            rows = conn.execute(
+                "SELECT DISTINCT ON (event_type, resource) event_type, resource, outcome, details "
+                "FROM regal_audit.events WHERE event_type IN ('verification', 'restore_test') "
+                "AND split_part(resource, '-', 1) = %s AND (details::jsonb ->> 'sequence') IS NOT NULL "
+                "ORDER BY event_type, resource, seq DESC", (target,)).fetchall()
+        return [(str(kind), str(resource), str(outcome), json.loads(details))
+                for kind, resource, outcome, details in rows]
+
     def checkpoint(self, verdict: ChainVerdict) -> None:
         """Write the head a verification found intact into the repository (locked where the repository locks
         objects): the head that was checked, not whatever was appended since. Then the keyset takes it as its

@@ -14,7 +14,8 @@
 
 The outcome is written next to the manifest as `checks.json`. A backup is *good* when every ERROR check
 passed: only good backups count for freshness (the RPO), retention and restore tests. A backup without
-a record yet is *unchecked*, and not good either.
+a record yet is *unchecked*, and not good either; one whose record is older than the newest its target's
+witnesses know (or gone while they know one) is *rolled_back* (engine/record_sequence.py), and not good.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .manifest import Manifest
 from .outcomes import ERROR, CheckOutcome, check_spec
 from .pipeline import Progress, StoredBackup
 from .policy import Policy
+from .record_sequence import KnownRecords, known_records, next_record
 from .sources.registry import source_for
 from .storage import Repository, open_offsite
 from .verify import presence_problem, stored_sizes, verify_backup
@@ -64,6 +66,8 @@ class CheckRecord:
     outcomes: list[CheckOutcome]
     trigger: dict[str, str] = field(default_factory=dict)  # dagster_run_id, or cli
     manifest_digest: str = ""  # the manifest these checks read (Manifest.digest): another one is not checked
+    sequence: int = 0  # its place in its target's records (0: written before records had one)
+    previous: dict[str, Any] | None = None  # the key and sequence of the target's record before it
 
     @property
     def passed(self) -> bool:
@@ -74,9 +78,9 @@ class CheckRecord:
         return next((o for o in self.outcomes if o.name == name), None)
 
     def body(self) -> dict[str, Any]:
-        return {"format": "regal-backup-checks", "version": 2, "backup_id": self.backup_id,
+        return {"format": "regal-backup-checks", "version": 3, "backup_id": self.backup_id,
                 "checked_at": self.checked_at.isoformat(), "passed": self.passed, "trigger": self.trigger,
-                "manifest_digest": self.manifest_digest,
+                "manifest_digest": self.manifest_digest, "sequence": self.sequence, "previous": self.previous,
                 "outcomes": [{**asdict(o), "severity": o.severity} for o in self.outcomes]}
 
     def to_bytes(self, keyring: Keyring) -> bytes:
@@ -88,15 +92,16 @@ class CheckRecord:
         outcomes = [CheckOutcome(o["name"], o["passed"], o["description"], o.get("failing_object"),
                                  o.get("metadata", {}), o.get("level")) for o in body["outcomes"]]
         return cls(body["backup_id"], datetime.fromisoformat(body["checked_at"]), outcomes, body.get("trigger", {}),
-                   body.get("manifest_digest", ""))
+                   body.get("manifest_digest", ""), int(body.get("sequence", 0)), body.get("previous"))
 
 
 @dataclass(frozen=True)
 class CheckStatus:
-    """What the repository says of a backup's checks: good, failed, or unchecked (never checked, checked in
-    another version of its manifest, or a check record that fails authentication: `problem` says which)."""
+    """What the repository says of a backup's checks: good, failed, unchecked (never checked, checked in
+    another version of its manifest, or a check record that fails authentication: `problem` says which), or
+    rolled_back (an older record put back, or the record deleted: `problem` names it)."""
 
-    status: str  # good | failed | unchecked
+    status: str  # good | failed | unchecked | rolled_back
     record: CheckRecord | None = None
     problem: str | None = None
 
@@ -105,15 +110,22 @@ class CheckStatus:
         return self.status == "good"
 
 
-def check_status(repo: Repository, keyring: Keyring, manifest: Manifest) -> CheckStatus:
+def check_status(repo: Repository, keyring: Keyring, manifest: Manifest,
+                 known: KnownRecords | None = None) -> CheckStatus:
+    """`known`: what the target's witnesses know (record_sequence.known_records, with the audit trail); None:
+    the sealed record state alone is read."""
     key = checks_key(manifest.backup_id)
+    known = known if known is not None else known_records(None, repo, keyring, manifest.target)
     if repo.size(key) is None:
-        return CheckStatus("unchecked")
+        gone = known.check_rollback(manifest.backup_id, key, None)
+        return CheckStatus("rolled_back", problem=gone) if gone else CheckStatus("unchecked")
     try:
         record = CheckRecord.from_bytes(repo.get_bytes(key), keyring, manifest.backup_id)
     except (IntegrityError, ValueError, KeyError, TypeError) as exc:
         problem = exc.message if isinstance(exc, IntegrityError) else f"{key} cannot be read"
         return CheckStatus("unchecked", problem=f"its check record is refused: {problem}")
+    if rolled_back := known.check_rollback(manifest.backup_id, key, record.sequence):
+        return CheckStatus("rolled_back", record, rolled_back)
     if record.manifest_digest != manifest.digest():
         return CheckStatus("unchecked", record, f"{key} checked another version of its manifest")
     return CheckStatus("good" if record.passed else "failed", record)
@@ -274,15 +286,19 @@ def check_size(manifest: Manifest, recent_good: list[Manifest], tolerance: float
 
 # --- running them ----------------------------------------------------------------------------------
 
-def good_backups(repo: Repository, keyring: Keyring, target: str) -> list[Manifest]:
+def good_backups(repo: Repository, keyring: Keyring, target: str,
+                 known: KnownRecords | None = None) -> list[Manifest]:
     """The target's backups whose checks passed, oldest first (every manifest and record read)."""
     manifests, _ = list_backups(repo, keyring, target)
-    return [m for m in manifests if check_status(repo, keyring, m).good]
+    known = known if known is not None else known_records(None, repo, keyring, target)
+    return [m for m in manifests if check_status(repo, keyring, m, known).good]
 
 
-def good_newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterator[Manifest]:
+def good_newest_first(repo: Repository, keyring: Keyring, target: str,
+                      known: KnownRecords | None = None) -> Iterator[Manifest]:
     """The same, newest first, read only as far as the caller goes (`next(...)`: the newest good backup)."""
-    return (m for m in newest_first(repo, keyring, target) if check_status(repo, keyring, m).good)
+    known = known if known is not None else known_records(None, repo, keyring, target)
+    return (m for m in newest_first(repo, keyring, target) if check_status(repo, keyring, m, known).good)
 
 
 def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int | None = None,
@@ -328,11 +344,15 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
             except RegalError as exc:
                 outcomes.append(CheckOutcome("offsite_copy", False, exc.message))
     record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {}, manifest.digest() if manifest else "")
-    repo.put_bytes(checks_key(backup_id), record.to_bytes(keyring))
-    audit.record(policy, repo, "verification", backup_id, "success" if record.passed else "failure",
-                 {"checks": {o.name: o.passed for o in record.outcomes},
-                  "failed": [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed],
-                  **{k: v for o in record.outcomes for k, v in o.metadata.get("audit", {}).items()}}, trigger)
+    with next_record(policy, repo, keyring, target_of(backup_id), checks_key(backup_id), backup_id) as slot:
+        record.sequence, record.previous = slot.sequence, slot.previous
+        repo.put_bytes(checks_key(backup_id), record.to_bytes(keyring))
+        slot.passed = record.passed
+        audit.record(policy, repo, "verification", backup_id, "success" if record.passed else "failure",
+                     {"checks": {o.name: o.passed for o in record.outcomes},
+                      "failed": [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed],
+                      **{k: v for o in record.outcomes for k, v in o.metadata.get("audit", {}).items()},
+                      **slot.audit_details}, trigger)
     if secondary is not None and manifest is not None:
         with contextlib.suppress(RegalError):  # the record travels with the copy, so a restore from there knows
             secondary.put_bytes(checks_key(backup_id), record.to_bytes(keyring))

@@ -31,6 +31,7 @@ RESTORE_SAMPLES = "restore-tests/samples/"
 DRILLS = "drills/"
 PRUNE_LOGS = "prune/"
 COMPLIANCE_REPORTS = "compliance-reports/"
+RECORD_STATE = "records/"  # the sealed record state of each target (engine/record_sequence.py)
 
 
 def stamp(when: datetime) -> str:
@@ -117,6 +118,15 @@ def restore_test_prefix(target: str) -> str:
 
 def restore_test_key(target: str, tested_at: datetime, backup_id: str) -> str:
     return f"{restore_test_prefix(target)}{stamp(tested_at)}-{backup_id}.json"
+
+
+def record_state_key(target: str) -> str:
+    return f"{RECORD_STATE}{target}.json"
+
+
+def records_lock_name(target: str) -> str:
+    """The lock under which a target's next check or restore-test record takes its sequence."""
+    return f"records-{target}"
 
 
 def restore_sample_key(month: str) -> str:

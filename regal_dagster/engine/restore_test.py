@@ -12,7 +12,8 @@ The wall time from start to validated is the measured RTO of that backup. The ba
 archive is tested by recoveries through it instead (its `ContinuousArchive.test_recoveries`: for a server's WAL,
 sources/postgres_cluster/recovery_test.py: the newest point, a random earlier one, a named restore point with exact
 facts), each timed; the slowest is the RTO.
-Results are stored in the repository under `restore-tests/<target>/` as evidence.
+Results are stored in the repository under `restore-tests/<target>/` as evidence, each with its place in the
+target's record sequence (engine/record_sequence.py: deleting the newest record is seen as a rollback).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .layout import restore_test_key
 from .manifest import Manifest
 from .pipeline import Progress
 from .policy import Policy
+from .record_sequence import next_record
 from .restore import restore_to
 from .sources.base import RestoreRequest
 from .sources.capabilities import RESTORE_FAILED, TestFindings
@@ -55,6 +57,8 @@ class RestoreTestResult:
     erasures: dict[str, Any] = field(default_factory=dict)  # GDPR erasures re-applied (gdpr.ErasureResult)
     load_breakdown: dict[str, float] = field(default_factory=dict)  # restore.RestoreReport.load_breakdown
     details: dict[str, Any] = field(default_factory=dict)  # kind-specific findings (Redis: the keyspace)
+    sequence: int = 0  # its place in its target's records (record_sequence.py); 0: written before they had one
+    previous: dict[str, Any] | None = None  # the key and sequence of the target's record before it
 
     @property
     def rto_seconds(self) -> float:
@@ -72,7 +76,7 @@ class RestoreTestResult:
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         body["tested_at"] = self.tested_at.isoformat()
-        return {"format": "regal-backup-restore-test", "version": 1, **body, "rto_seconds": self.rto_seconds,
+        return {"format": "regal-backup-restore-test", "version": 2, **body, "rto_seconds": self.rto_seconds,
                 "validation_passed": self.validation_passed, "rto_within_target": self.rto_within_target}
 
 
@@ -103,14 +107,18 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
         (tested_at - manifest.finished_at).total_seconds(), found.seconds,
         policy.rto_for(manifest.target).total_seconds(), tables, found.problems, trigger or {},
         found.erasures, found.load_breakdown, found.details)
-    write_document(repo, keyring, RESTORE_TEST_KIND, restore_test_key(result.target, result.tested_at,
-                                                                       result.backup_id), result.to_json())
-    record(policy, repo, "restore_test", manifest.backup_id,
-           "success" if result.validation_passed and result.rto_within_target else "failure",
-           {"target": manifest.target, "rto_seconds": round(result.rto_seconds, 3),
-            "rto_target_seconds": result.rto_target_seconds, "backup_age_seconds": round(result.backup_age_seconds, 3),
-            "validation_passed": result.validation_passed, "problems": result.problems[:5],
-            "erasures": result.erasures, **recovery_evidence(result.details)}, trigger)
+    key = restore_test_key(result.target, result.tested_at, result.backup_id)
+    passed = result.validation_passed and result.rto_within_target
+    with next_record(policy, repo, keyring, result.target, key, None) as slot:
+        result.sequence, result.previous = slot.sequence, slot.previous
+        write_document(repo, keyring, RESTORE_TEST_KIND, key, result.to_json())
+        slot.passed = passed
+        record(policy, repo, "restore_test", manifest.backup_id, "success" if passed else "failure",
+               {"target": manifest.target, "rto_seconds": round(result.rto_seconds, 3),
+                "rto_target_seconds": result.rto_target_seconds,
+                "backup_age_seconds": round(result.backup_age_seconds, 3),
+                "validation_passed": result.validation_passed, "problems": result.problems[:5],
+                "erasures": result.erasures, **recovery_evidence(result.details), **slot.audit_details}, trigger)
     return result
 
 

@@ -6,7 +6,9 @@ last N periods (the period holding "now" is the first), the newest *good* backup
 higher one started in that period fills the slot and is kept ("daily slot 2026-11-20"). A backup is kept
 if any slot keeps it. Whatever the counts say, the newest good backup is kept. Backups that failed their
 checks fill no slot; they stay `failed_grace` for investigation, unchecked ones `unchecked_grace` (their
-checks may still be running), then they go.
+checks may still be running), then they go. A target with a rolled-back record (a check record older than
+its witnesses know, or a restore-test record deleted: engine/record_sequence.py) keeps every backup until
+a fresh record resolves it: which backup is good is in doubt.
 
 One retention truth: `retention_verdicts` turns the plan into the date each backup will be deleted (the
 first run of the prune schedule at or after the moment the plan stops keeping it), and whether it is past
@@ -42,12 +44,14 @@ from .layout import (
     deleting_key,
     manifest_key,
     prune_log_key,
+    restore_test_prefix,
     split_backup_key,
     started_of,
     target_prefix,
 )
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
+from .record_sequence import KnownRecords, forget_backups, known_records
 from .sources.registry import source_for
 from .storage import Repository, open_offsite
 
@@ -59,7 +63,7 @@ class BackupInfo:
     backup_id: str
     started_at: datetime
     retention_class: str
-    status: str  # good | failed | unchecked
+    status: str  # good | failed | unchecked | rolled_back
     locked_until: datetime | None = None  # S3 Object Lock: nothing can delete it before then
     chain: tuple[str, ...] = ()  # an incremental base backup: the backups it is built on, the full one first
 
@@ -130,9 +134,11 @@ def recent_periods(retention_class: str, now: datetime, count: int) -> list[str]
 
 
 def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
-         failed_grace: timedelta = timedelta(days=7), unchecked_grace: timedelta = timedelta(days=1)) -> list[Decision]:
+         failed_grace: timedelta = timedelta(days=7), unchecked_grace: timedelta = timedelta(days=1),
+         hold: str | None = None) -> list[Decision]:
     """Keep or delete, with reasons and the date each kept backup is due to go, for every backup (in the
-    order given)."""
+    order given). `hold`: why every backup stays (a restore-test record rolled back); a backup whose check
+    record is rolled back holds them all too."""
     reasons: dict[str, list[str]] = {b.backup_id: [] for b in backups}
     ends: dict[str, list[datetime | None]] = {b.backup_id: [] for b in backups}  # None: no end in sight
     good = sorted((b for b in backups if b.status == "good"), key=lambda b: (b.started_at, b.backup_id))
@@ -161,6 +167,11 @@ def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
         if backup.locked_until is not None and now < backup.locked_until:
             reasons[backup.backup_id].append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
             ends[backup.backup_id].append(backup.locked_until)
+    hold = hold or next((f"the check record of {b.backup_id} was rolled back" for b in backups
+                         if b.status == "rolled_back"), None)
+    for backup in backups if hold else []:
+        reasons[backup.backup_id].append(f"every backup of the target is kept: {hold} (a fresh record resolves it)")
+        ends[backup.backup_id].append(None)
     _keep_parents(backups, reasons, ends)
     due = _due_since(backups, good, counts, now, failed_grace, unchecked_grace)
     return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or (_why_not(b),),
@@ -277,9 +288,12 @@ def retention_verdict(decision: Decision, prune_cron: str, now: datetime) -> Ret
 
 
 def plan_target(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> list[Decision]:
-    """The plan for one target's backups, with the policy's counts and graces."""
-    return plan(backup_infos(repo, keyring, target), policy.retention.model_dump(), now,
-                failed_grace=policy.prune.failed_grace, unchecked_grace=policy.prune.unchecked_grace)
+    """The plan for one target's backups, with the policy's counts and graces, held whole while a record of the
+    target is rolled back."""
+    known = known_records(policy, repo, keyring, target)
+    hold = known.restore_test_rollback({o.key for o in repo.list(restore_test_prefix(target))})
+    return plan(backup_infos(repo, keyring, target, known), policy.retention.model_dump(), now,
+                failed_grace=policy.prune.failed_grace, unchecked_grace=policy.prune.unchecked_grace, hold=hold)
 
 
 def retention_verdicts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
@@ -349,9 +363,11 @@ def prune_report(document: dict[str, Any]) -> PruneReport:
                        finished=list(document.get("deletions_finished", [])))
 
 
-def backup_infos(repo: Repository, keyring: Keyring, target: str) -> list[BackupInfo]:
+def backup_infos(repo: Repository, keyring: Keyring, target: str,
+                 known: KnownRecords | None = None) -> list[BackupInfo]:
     manifests, _ = list_backups(repo, keyring, target)
-    return [BackupInfo(m.backup_id, m.started_at, m.retention_class, check_status(repo, keyring, m).status,
+    known = known if known is not None else known_records(None, repo, keyring, target)
+    return [BackupInfo(m.backup_id, m.started_at, m.retention_class, check_status(repo, keyring, m, known).status,
                        m.locked_until, tuple(m.source.get("chain", ()))) for m in manifests]
 
 
@@ -521,6 +537,7 @@ def run_prune(policy: Policy, repo: Repository, now: datetime, *, dry_run: bool 
                     details["reason"] = "; ".join(decision.reasons)
                     delete_backup(repo, keyring, target, decision.backup_id, now, details["reason"])
                 report.deleted.append(decision.backup_id)
+        forget_backups(repo, keyring, target, [d.backup_id for d in decisions if not d.keep])
         if secondary is not None:  # the copy keeps what the primary keeps, and nothing more
             kept = {d.backup_id for d in decisions if d.keep}
             for manifest in list_backups(secondary, keyring, target)[0]:

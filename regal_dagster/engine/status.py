@@ -29,6 +29,7 @@ from .errors import IntegrityError
 from .layout import DRILLS, restore_test_prefix
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
+from .record_sequence import KnownRecords, known_records
 from .sources.registry import source_for
 from .storage import Repository
 
@@ -37,7 +38,7 @@ from .storage import Repository
 class BackupFacts:
     backup_id: str
     retention_class: str
-    status: str  # good | failed | unchecked
+    status: str  # good | failed | unchecked | rolled_back
     started_at: datetime
     finished_at: datetime
     duration_seconds: float
@@ -71,6 +72,8 @@ class TargetStatus:
     newest_good_by_class: dict[str, BackupFacts] = field(default_factory=dict)
     backups: int = 0
     bytes_stored: int = 0
+    rolled_back: list[str] = field(default_factory=list)  # records put back or deleted, each named
+    record_protection: str = ""  # what compares the records (record_sequence.KnownRecords.protection)
 
     @property
     def rpo_breached(self) -> bool:
@@ -84,7 +87,8 @@ class TargetStatus:
                 "newest_backup": self.newest.to_json() if self.newest else None,
                 "last_verification": self.last_verification, "last_restore_test": self.last_restore_test,
                 "newest_good_by_class": {c: b.to_json() for c, b in self.newest_good_by_class.items()},
-                "backups": self.backups, "bytes_stored": self.bytes_stored}
+                "backups": self.backups, "bytes_stored": self.bytes_stored, "rolled_back": self.rolled_back,
+                "record_protection": self.record_protection}
 
 
 @dataclass
@@ -101,11 +105,15 @@ class RepositoryStatus:
     def rpo_breached(self) -> list[str]:
         return [t.target for t in self.targets if t.rpo_breached]
 
+    @property
+    def rolled_back(self) -> list[str]:
+        return [problem for t in self.targets for problem in t.rolled_back]
+
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at.isoformat(), "repository": self.repository,
                 "targets": [t.to_json() for t in self.targets], "last_drill": self.last_drill,
                 "open_alerts": self.open_alerts, "repository_bytes": self.repository_bytes,
-                "damaged_backups": self.damaged, "rpo_breached": self.rpo_breached}
+                "damaged_backups": self.damaged, "rpo_breached": self.rpo_breached, "rolled_back": self.rolled_back}
 
 
 def _round(value: float | None) -> float | None:
@@ -117,11 +125,17 @@ def _verification(record: CheckRecord) -> dict[str, Any]:
             "failed_checks": [o.name for o in record.outcomes if not o.passed]}
 
 
-def last_restore_test(repo: Repository, keyring: Keyring, target: str) -> dict[str, Any] | None:
-    """The newest restore test of a target (a record that does not authenticate is reported as such)."""
+def last_restore_test(repo: Repository, keyring: Keyring, target: str,
+                      known: KnownRecords | None = None) -> dict[str, Any] | None:
+    """The newest restore test of a target (a record that does not authenticate is reported as such, and the
+    newest one the witnesses know, when it is gone, as rolled back)."""
     from .restore_test import RESTORE_TEST_KIND
 
     keys = sorted(o.key for o in repo.list(restore_test_prefix(target)) if o.key.endswith(".json"))
+    known = known if known is not None else known_records(None, repo, keyring, target)
+    if rolled_back := known.restore_test_rollback(keys):
+        return {"key": known.restore_test.key if known.restore_test else None, "rolled_back": rolled_back,
+                "passed": False}
     if not keys:
         return None
     try:
@@ -154,7 +168,8 @@ def last_drill(repo: Repository, keyring: Keyring) -> dict[str, Any] | None:
 def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime,
                   completed: set[str]) -> TargetStatus:
     manifests, _ = list_backups(repo, keyring, target, completed=completed)
-    statuses = [(m, check_status(repo, keyring, m)) for m in manifests]
+    known = known_records(policy, repo, keyring, target)
+    statuses = [(m, check_status(repo, keyring, m, known)) for m in manifests]
     good = [m for m, s in statuses if s.good]
     newest_good = BackupFacts.of(good[-1], "good") if good else None
     newest = BackupFacts.of(statuses[-1][0], statuses[-1][1].status) if statuses else None
@@ -166,15 +181,17 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
     records = [s.record for _, s in statuses if s.record is not None and s.problem is None]
     newest_record = max(records, key=lambda r: r.checked_at, default=None)
     age = (now - good[-1].finished_at).total_seconds() if good else None
+    restore_test = last_restore_test(repo, keyring, target, known)
+    rolled_back = [str(s.problem) for _, s in statuses if s.status == "rolled_back"]
+    rolled_back += [restore_test["rolled_back"]] if restore_test and "rolled_back" in restore_test else []
     archive = source_for(policy.target(target).kind).continuous_archive()
     if good and archive is not None:  # the data's age is that of the newest change the archive stored
         age = archive.state(policy, repo, keyring, target, now).rpo_age(now)
     return TargetStatus(
         target, policy.target(target).kind, policy.rpo_for(target).total_seconds(),
         policy.rto_for(target).total_seconds(), newest_good, newest, age,
-        _verification(newest_record) if newest_record else None,
-        last_restore_test(repo, keyring, target), by_class, len(manifests),
-        sum(m.stored_bytes for m in manifests))
+        _verification(newest_record) if newest_record else None, restore_test, by_class, len(manifests),
+        sum(m.stored_bytes for m in manifests), rolled_back, known.protection)
 
 
 def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[dict[str, Any]]:
