@@ -66,7 +66,7 @@ def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.backup import run_backup  # source client libraries are imported only where needed
+    from ..engine.backup import archive_problem, run_backup  # source client libraries only where needed
 
     policy = load_policy_of(args)
     if args.wait:
@@ -83,8 +83,6 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         out.warn(note)
     for note in result.manifest.source.get("not_carried", []):  # what the backup could not hold, by name
         out.warn(f"not in the backup: {note}")
-    if result.archive_problem:
-        out.warn(result.archive_problem)
     if result.offsite_problem:
         out.warn(f"{result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
                  "repository is reachable")
@@ -98,6 +96,9 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
                  "verification does it too)")
         out.result({**s, "verification": None}, text)
         return 0
+    with out.activity("waiting for the archive to reach the backup's end"):
+        if problem := archive_problem(policy, repo, keyring, result.manifest):
+            out.warn(problem)
     with out.progress(f"verify {s['backup_id']}", result.manifest.plaintext_bytes) as progress:
         record = run_checks(policy, repo, keyring.reload(), s["backup_id"], trigger={"cli": "backup"},
                             progress=progress)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dagster import ConfigurableResource, EnvVar
 from pydantic import PrivateAttr
 
-from ..engine.backup import BackupResult, run_backup
+from ..engine.backup import BackupResult, archive_problem, run_backup
 from ..engine.checks import CheckRecord, run_checks
 from ..engine.crypto import Keyring, load_keyring
 from ..engine.manifest import Manifest
@@ -39,6 +39,10 @@ class RegalEngine(ConfigurableResource):
         """`incremental` None: as the target's policy says for the class (postgres_cluster `incremental: true`)."""
         return run_backup(self.policy(), target, retention_class, repo=self.repository(), keyring=self.keyring(),
                           trigger=trigger, incremental=incremental)
+
+    def archive_problem(self, manifest: Manifest) -> str | None:
+        """Wait for the target's continuous archive to reach the backup's end (engine/backup.py)."""
+        return archive_problem(self.policy(), self.repository(), self.keyring(), manifest)
 
     def restore_test(self, manifest: Manifest, trigger: dict[str, str]) -> RestoreTestResult:
         work_dir = self.policy().restore_tests.work_dir

@@ -46,7 +46,6 @@ def tool_versions() -> dict[str, str]:
 class BackupResult:
     manifest: Manifest
     offsite_problem: str | None = None  # what went wrong copying it off-site (None: copied and read back, or no copy)
-    archive_problem: str | None = None  # the kind's continuous archive does not reach the backup's end (None: it does)
 
 
 ARCHIVE_WAIT_SECONDS = 60.0
@@ -108,12 +107,13 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
         audit.update(bytes_stored=manifest.stored_bytes, bytes_read=manifest.plaintext_bytes,
                      seconds=round(manifest.duration_seconds, 3), key_id=keyring.primary_key_id)
         offsite_problem = copy_after_backup(repo, open_offsite(policy), manifest)  # under the lock: prune waits
-    return BackupResult(manifest, offsite_problem, _archive_problem(policy, repo, keyring, manifest))
+    return BackupResult(manifest, offsite_problem)
 
 
-def _archive_problem(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> str | None:
-    """What to say when the target's continuous archive does not reach this backup's end within the wait: the
-    backup then restores nothing (and its checks say so) until it does."""
+def archive_problem(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> str | None:
+    """Before a backup's checks: wait for the target's continuous archive to reach the backup's end; what to say
+    when it does not within the wait (the backup then restores nothing, and its checks say so, until it does).
+    None: it does, or the kind has no such archive."""
     archive = source_for(manifest.kind).continuous_archive()
     if archive is None or archive.wait_until_covered(policy, repo, keyring, manifest, ARCHIVE_WAIT_SECONDS):
         return None

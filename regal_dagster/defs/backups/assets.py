@@ -118,8 +118,8 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         manifest, offsite_problem = result.manifest, result.offsite_problem
         if note := manifest.source.get("incremental_note"):
             context.log.warning(note)
-        if result.archive_problem:  # the backup stands; its wal_continuity check fails and says why
-            context.log.warning(result.archive_problem)
+        if problem := regal.archive_problem(manifest):  # the backup stands; its wal_continuity check says why
+            context.log.warning(problem)
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "
                          f"{manifest.stored_bytes} bytes from {manifest.plaintext_bytes}")
         metadata = backup_metadata(manifest, regal.repository().location)
