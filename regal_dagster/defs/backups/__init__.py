@@ -10,8 +10,9 @@ from ...engine.policy import Policy
 from .archive import archived_targets, build_archive_asset, build_archive_sensors
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks, build_verification_schedule
+from .mirror import build_outside_sensor
 from .schedules import build_class_schedule
-from .sensors import build_check_sensor, build_outside_sensor
+from .sensors import build_check_sensor
 
 BACKUP_JOB = "backup_job"
 VERIFY_JOB = "verify_job"
