@@ -230,5 +230,5 @@ def test_every_schedule_and_sensor_says_what_it_does(policy_file: Path) -> None:
     assert "the first Sunday of each month at 01:00 UTC" in monthly
     assert "every Sunday at 01:00 UTC" in (defs.resolve_schedule_def("weekly_backups").description or "")
     spec = defs.resolve_assets_def(KEY).get_asset_spec(KEY)
-    assert "freshness warns 45 min after the last backup and fails 1 h after it" in (spec.description or "")
-    assert spec.metadata["regal/freshness_warn_after"] == "45 min"
+    assert "freshness warns 40 min after the last backup and fails 1 h after it" in (spec.description or "")
+    assert spec.metadata["regal/freshness_warn_after"] == "40 min"  # 45 min would read "an hour" in the UI

@@ -10,10 +10,11 @@ from typing import Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
-from ..engine.checks import CheckRecord, check_status, run_checks
+from ..engine.checks import CheckRecord, check_status, run_checks, unchecked_backups
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
+from ..engine.manifest import Manifest
 from ..engine.policy import Policy
 from ..engine.record_sequence import known_records
 from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
@@ -150,12 +151,13 @@ def _retention_column(verdict: RetentionVerdict) -> str:
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = open_repository_of(args)
-    if args.latest == bool(args.backup_id):
-        raise UsageError("say which backup to verify", "give a BACKUP_ID, or --latest (with --target for one target)")
-    if args.target and not args.latest:
-        raise UsageError("--target goes with --latest", "drop --target, or add --latest")
-    if args.latest:
-        return _verify_latest(args, out, policy, repo, keyring)
+    if (args.latest or args.unchecked) == bool(args.backup_id):
+        raise UsageError("say which backup to verify", "give a BACKUP_ID, or --latest or --unchecked (with --target "
+                                                       "for one target)")
+    if args.target and not (args.latest or args.unchecked):
+        raise UsageError("--target goes with --latest or --unchecked", "drop --target, or add --latest")
+    if args.latest or args.unchecked:
+        return _verify_each(args, out, policy, repo, keyring)
     try:  # the size, for the progress display; a manifest that is refused is the manifest check's finding
         total: int | None = catalog.load_manifest(repo, keyring, args.backup_id).plaintext_bytes
     except RegalError:
@@ -192,36 +194,47 @@ def _verify_exit(record: CheckRecord, around: list[str]) -> int:
     return 3 if not record.passed or damaged else 1 if around else 0
 
 
-def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
-    """Every target's (or one target's) newest backup, whatever its status: what the daily verification does."""
+def _verify_each(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
+    """Per target (every one, or --target): --latest its newest backup, whatever its status; --unchecked every
+    backup no check record vouches for; both: what the daily verification does."""
     targets = [args.target] if args.target else sorted(policy.targets)
     results: list[dict[str, Any]] = []
     lines: list[str] = []
     worst = 0
     for target in targets:
         policy.target(target)
-        newest = next(catalog.newest_first(repo, keyring, target), None)
-        if newest is None:
+        chosen = unchecked_backups(repo, keyring, target) if args.unchecked else []
+        newest = next(catalog.newest_first(repo, keyring, target), None) if args.latest else None
+        if args.latest and newest is None:
             lines.append(f"{target}: no backup to verify")
             results.append({"target": target, "backup_id": None, "passed": None, "checks": []})
             worst = max(worst, 1)
-            continue
-        with out.progress(f"verify {newest.backup_id}", newest.plaintext_bytes) as progress:
-            record = run_checks(policy, repo, keyring, newest.backup_id, jobs=args.jobs,
-                                trigger=_verify_trigger(args), progress=progress)
-        around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
-        worst = max(worst, _verify_exit(record, around))
-        failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
-        lines.append(f"{target}: {record.backup_id} " + ("verified: every check passed" if not failed else
-                                                          ("FAILED verification" if not record.passed else
-                                                           "verified, with failures") + "\n  " + "\n  ".join(failed)))
-        results.append({"target": target, "backup_id": record.backup_id, "passed": record.passed,
-                        "checked_at": record.checked_at.isoformat(),
-                        "checks": [{"name": o.name, "passed": o.passed, "severity": o.severity,
-                                    "description": o.description, "failing_object": o.failing_object}
-                                   for o in record.outcomes]})
+        elif args.unchecked and not chosen and newest is None:
+            lines.append(f"{target}: no unchecked backup")
+        chosen += [newest] if newest is not None and newest.backup_id not in {m.backup_id for m in chosen} else []
+        for manifest in chosen:
+            worst = max(worst, _verify_one(args, out, policy, repo, keyring, manifest, results, lines))
     out.result({"verified": results}, "\n".join(lines))
     return worst
+
+
+def _verify_one(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring,
+                manifest: Manifest, results: list[dict[str, Any]], lines: list[str]) -> int:
+    """One backup of _verify_each, its result added to `results` and `lines`; its exit code."""
+    with out.progress(f"verify {manifest.backup_id}", manifest.plaintext_bytes) as progress:
+        record = run_checks(policy, repo, keyring, manifest.backup_id, jobs=args.jobs,
+                            trigger=_verify_trigger(args), progress=progress)
+    around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
+    failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
+    lines.append(f"{manifest.target}: {record.backup_id} " + (
+        "verified: every check passed" if not failed else
+        ("FAILED verification" if not record.passed else "verified, with failures") + "\n  " + "\n  ".join(failed)))
+    results.append({"target": manifest.target, "backup_id": record.backup_id, "passed": record.passed,
+                    "checked_at": record.checked_at.isoformat(),
+                    "checks": [{"name": o.name, "passed": o.passed, "severity": o.severity,
+                                "description": o.description, "failing_object": o.failing_object}
+                               for o in record.outcomes]})
+    return _verify_exit(record, around)
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:

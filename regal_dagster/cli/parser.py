@@ -104,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="commands:cmd_list")
 
     p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
-    p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --latest)")
+    p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --latest, --unchecked)")
     p.add_argument("--latest", action="store_true", help="the newest backup (of --target, or of every target)")
-    p.add_argument("--target", help="with --latest: only this target (default: every target's newest backup)")
+    p.add_argument("--unchecked", action="store_true",
+                   help="every backup no check record vouches for yet (of --target, or of every target); with "
+                        "--latest as well: what the daily verification does")
+    p.add_argument("--target", help="with --latest or --unchecked: only this target (default: every target)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--all-wal", action="store_true",
                    help="postgres_cluster: read every proved WAL segment again (default: the daily share, see "

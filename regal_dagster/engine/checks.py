@@ -301,6 +301,15 @@ def good_newest_first(repo: Repository, keyring: Keyring, target: str,
     return (m for m in newest_first(repo, keyring, target) if check_status(repo, keyring, m, known).good)
 
 
+def unchecked_backups(repo: Repository, keyring: Keyring, target: str,
+                      known: KnownRecords | None = None) -> list[Manifest]:
+    """The target's backups no check record vouches for (never checked, checked in another version of the
+    manifest, a record refused), oldest first: what `verify --unchecked` and the daily verification check."""
+    manifests, _ = list_backups(repo, keyring, target)
+    known = known if known is not None else known_records(None, repo, keyring, target)
+    return [m for m in manifests if check_status(repo, keyring, m, known).status == "unchecked"]
+
+
 def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int | None = None,
                trigger: dict[str, str] | None = None, progress: Progress | None = None) -> CheckRecord:
     """Run every check on one backup and store the outcome as its checks.json (`progress`: bytes read back)."""

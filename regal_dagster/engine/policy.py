@@ -125,8 +125,9 @@ class PruneConfig(Settings):
 
 
 class ChecksConfig(Settings):
-    verify_cron: Cron = Field("30 3 * * *", description="the daily re-verification of every target's newest "
-                              "backup (UTC), after the 02:00 backup: storage bit rot is found within a day")
+    verify_cron: Cron = Field("30 3 * * *", description="the daily verification (UTC), after the 02:00 backup: every "
+                              "target's newest backup read again (storage bit rot is found within a day) and "
+                              "every unchecked one checked")
     size_tolerance: float = Field(0.5, gt=0, description="WARN when a backup's size differs from the median "
                                   "of the recent good backups by more than this fraction")
     size_history: int = Field(10, ge=3, le=100, description="how many recent good backups the size check uses")

@@ -1,6 +1,6 @@
 """One backup asset per target: materializing it takes a backup; its metadata says what was stored."""
 
-
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -69,18 +69,60 @@ def backup_metadata(manifest: Manifest, repository: str) -> dict[str, Any]:
 
 
 DAGSTER_MIN_WINDOW = timedelta(minutes=1)  # Dagster refuses shorter freshness windows
+# The warning windows Dagster's UI writes as they are (dagster_ui_duration), the round ones of them
+_WARN_WINDOWS = sorted({*(timedelta(minutes=m) for m in (1, 2, 3, 4, 5, 10, 15, 20, 30, 40)), timedelta(hours=1),
+                        *(timedelta(hours=h) for h in range(2, 48)), *(timedelta(days=d) for d in range(2, 26))})
+
+
+def _js_round(value: float) -> int:
+    return math.floor(value + 0.5)  # JavaScript's Math.round (Python's round() rounds half to even)
+
+
+def dagster_ui_duration(window: timedelta) -> str:
+    """How Dagster's UI writes a freshness window ("Warns if more than ... since last materialization"): dayjs's
+    humanize with Dagster's thresholds (ui-core/src/util/dayjsExtensions.ts, Dagster 1.13). It rounds: 45 min
+    and 1 h 29 min both read "an hour", 1 h 30 min "2 hours"."""
+    seconds = window.total_seconds()
+    if _js_round(seconds) <= 44:
+        return f"{_js_round(seconds)} seconds"
+    if _js_round(seconds) <= 89:
+        return "a minute"
+    if (minutes := _js_round(seconds / 60)) <= 44:
+        return f"{minutes} minutes"
+    if minutes <= 89:
+        return "an hour"
+    if (hours := _js_round(seconds / 3600)) <= 47:
+        return f"{hours} hours"
+    if (days := _js_round(seconds / 86400)) <= 25:
+        return f"{days} days"
+    return "a month" if days <= 45 else f"{_js_round(days / 30)} months"
+
+
+def dagster_renders_exactly(window: timedelta) -> bool:
+    """Whether the UI's words for the window mean exactly that window."""
+    number, _, unit = dagster_ui_duration(window).partition(" ")
+    units = {"second": 1, "seconds": 1, "minute": 60, "minutes": 60, "hour": 3600, "hours": 3600, "days": 86400}
+    count = 1 if number in ("a", "an") else int(number) if number.isdigit() else None
+    return count is not None and unit in units and count * units[unit] == window.total_seconds()
+
+
+def freshness_windows(rpo: timedelta) -> tuple[timedelta, timedelta | None]:
+    """(fail, warn): fail at the RPO (at least Dagster's minute); warn at the longest window up to 3/4 of it that
+    Dagster's UI writes exactly (45 min would read "an hour": a 1 h RPO warns at 40 min), none under a minute."""
+    fail = max(rpo, DAGSTER_MIN_WINDOW)
+    fitting = [w for w in _WARN_WINDOWS if w <= fail * 0.75]
+    return fail, (fitting[-1] if fitting else None)
 
 
 def rpo_freshness_policy(rpo: timedelta) -> FreshnessPolicy:
-    """Fail at the RPO, warn at 3/4 of it. Dagster's windows are at least a minute: a shorter RPO (tests)
-    shows as one minute in the UI, while the RPO watch sensor alerts on the exact RPO."""
-    fail = max(rpo, DAGSTER_MIN_WINDOW)
-    warn = fail * 0.75
-    return FreshnessPolicy.time_window(fail_window=fail, warn_window=warn if warn >= DAGSTER_MIN_WINDOW else None)
+    """Freshness by freshness_windows. A shorter RPO than a minute (tests) shows as one minute in the UI, while
+    the RPO watch sensor alerts on the exact RPO."""
+    fail, warn = freshness_windows(rpo)
+    return FreshnessPolicy.time_window(fail_window=fail, warn_window=warn)
 
 
 def _span(delta: timedelta) -> str:
-    """A window as it is: 45 min, 1 h, 1 h 30 min, 2 d (the UI rounds both 45 min and 1 h to "an hour")."""
+    """A window as it is: 45 min, 1 h, 1 h 30 min, 2 d."""
     minutes = int(delta.total_seconds() // 60)
     days, rest = divmod(minutes, 24 * 60)
     hours, mins = divmod(rest, 60)
@@ -88,13 +130,20 @@ def _span(delta: timedelta) -> str:
     return " ".join(p for p in parts if p) or f"{delta.total_seconds():.0f} s"
 
 
+def freshness_description(rpo: timedelta) -> str:
+    """The windows in words, exactly; where the UI's freshness panel rounds one, what it shows instead."""
+    fail, warn = freshness_windows(rpo)
+    rounded = "" if dagster_renders_exactly(fail) else \
+        f' (the UI\'s freshness panel rounds {_span(fail)} to "more than {dagster_ui_duration(fail)}")'
+    return f"RPO {_span(rpo)}: freshness " + (f"warns {_span(warn)} after the last backup and " if warn else "") \
+        + f"fails {_span(fail)} after it{rounded}"
+
+
 def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
     config = policy.target(target)
     rpo = policy.rpo_for(target)
     freshness = rpo_freshness_policy(rpo)
-    fail = _span(max(rpo, DAGSTER_MIN_WINDOW))  # the windows rpo_freshness_policy sets
-    warn = _span(max(rpo, DAGSTER_MIN_WINDOW) * 0.75) if max(rpo, DAGSTER_MIN_WINDOW) * 0.75 >= DAGSTER_MIN_WINDOW \
-        else None
+    fail, warn = freshness_windows(rpo)
     store_kind = backend_for(policy.repository.url).kind  # "s3", "filesystem"
     label = source_for(config.kind).label
 
@@ -102,14 +151,12 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         key=backup_asset_key(config.kind, target),
         group_name=BACKUP_GROUP,
         kinds={config.kind, store_kind},
-        description=f"Encrypted backup of the {label} '{target}'. RPO {_span(rpo)}: freshness "
-                    + (f"warns {warn} after the last backup and " if warn else "")
-                    + f"fails {fail} after it (backups taken outside Dagster count too: the "
-                    "backups_outside_dagster sensor reports them).",
+        description=f"Encrypted backup of the {label} '{target}'. {freshness_description(rpo)} (backups taken "
+                    "outside Dagster count too: the backups_outside_dagster sensor reports them).",
         freshness_policy=freshness,
         tags={"regal/target": target},
-        metadata={"regal/rpo": _span(rpo), "regal/freshness_warn_after": warn or "-",
-                  "regal/freshness_fail_after": fail},
+        metadata={"regal/rpo": _span(rpo), "regal/freshness_warn_after": _span(warn) if warn else "-",
+                  "regal/freshness_fail_after": _span(fail)},
     )
     def _backup(context: AssetExecutionContext, config: BackupConfig, regal: RegalEngine) -> MaterializeResult:
         retention_class = context.run.tags.get(RETENTION_CLASS_TAG, config.retention_class)

@@ -2,7 +2,10 @@
 the key's cryptoperiod (WARN, ERROR once past) and the off-site copy (ERROR, not blocking).
 
 They run in `verify_job`, always on the asset's newest materialization: right after every successful
-backup run (the `check_new_backups` sensor), daily (`daily_verification`) and from the UI. They are not
+backup run (the `check_new_backups` sensor), daily (`daily_verification`) and from the UI. The daily run
+first checks every other backup of the target that no check record vouches for yet (a CLI backup taken with
+--no-verify, one whose check run never came), as `regal-backup verify --unchecked` does: their results are
+in the repository and the run's log, and `backups_outside_dagster` shows a failure among them on the asset. They are not
 planned in the backup run itself: a backup that never happened has no checks to fail (Dagster shows the
 checks planned in a failed run as failed). With no backup yet, the checks are skipped. The engine writes
 the outcome next to the manifest (checks.json), so the CLI, the RPO watch, retention and restore tests all
@@ -25,12 +28,13 @@ from dagster import (
     schedule,
 )
 
-from ...engine.checks import check_names, check_spec
+from ...engine.checks import check_names, check_spec, unchecked_backups
 from ...engine.policy import Policy
 from ..resources import RegalEngine
 from .assets import backup_asset_key
 
 WAL_REREAD_TAG = "regal/wal_reread"  # "all": wal_continuity reads every proved WAL segment again
+UNCHECKED_TAG = "regal/unchecked"  # "all": every unchecked backup of the target is checked first
 
 
 def build_verification_schedule(policy: Policy, verify_job) -> ScheduleDefinition:
@@ -41,10 +45,11 @@ def build_verification_schedule(policy: Policy, verify_job) -> ScheduleDefinitio
     @schedule(name="daily_verification", job=verify_job, cron_schedule=cron, execution_timezone="UTC",
               default_status=DefaultScheduleStatus.RUNNING,
               description=f"Every target's newest backup read back and checked again ({cron} UTC): storage bit rot "
-                          "or tampering is found within a day. The proved WAL: a share each day, all on Sundays.")
+                          "or tampering is found within a day; every unchecked backup checked too (as `verify "
+                          "--latest --unchecked`). The proved WAL: a share each day, all on Sundays.")
     def _verification(context: ScheduleEvaluationContext) -> RunRequest:
         weekly = context.scheduled_execution_time.weekday() == 6
-        return RunRequest(tags={WAL_REREAD_TAG: "all"} if weekly else {})
+        return RunRequest(tags={UNCHECKED_TAG: "all", **({WAL_REREAD_TAG: "all"} if weekly else {})})
 
     return _verification
 
@@ -61,10 +66,17 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
         event = context.instance.get_latest_materialization_event(key)
         materialization = event.asset_materialization if event else None
         backup_id = materialization.metadata.get("backup_id") if materialization else None
+        reread = {"wal": "all"} if context.run.tags.get(WAL_REREAD_TAG) == "all" else {}
+        if context.run.tags.get(UNCHECKED_TAG) == "all":
+            for manifest in unchecked_backups(regal.repository(), regal.keyring(), target):
+                if backup_id is None or manifest.backup_id != str(backup_id.value):  # that one is checked below
+                    swept = regal.check(manifest.backup_id, trigger={"dagster_run_id": context.run.run_id, **reread})
+                    failed = "; ".join(f"{o.name}: {o.description}" for o in swept.outcomes if not o.passed)
+                    (context.log.warning if failed else context.log.info)(
+                        f"unchecked backup {swept.backup_id}: " + (f"FAILED: {failed}" if failed else "good"))
         if backup_id is None:  # nothing to check: every check is skipped, none failed
             context.log.info(f"no backup of '{target}' yet: its checks are skipped")
             return
-        reread = {"wal": "all"} if context.run.tags.get(WAL_REREAD_TAG) == "all" else {}
         record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id, **reread})
         selected = {k.name for k in context.selected_asset_check_keys}
         for outcome in record.outcomes:

@@ -16,12 +16,22 @@ from ...engine.settings import describe_cron
 from .assets import RETENTION_CLASS_TAG
 
 
+def dagster_cron(cron: str, first_in_month: bool) -> str:
+    """The cron Dagster ticks on. A first-in-month rule on one weekday is written `DOW#1` (croniter's n-th weekday):
+    Dagster ticks only on that day, and its UI reads "on the first Sunday of the month" where `0 1 * * 0` read as
+    weekly. Other forms stay as they are: the schedule skips the other ticks, and its description says so."""
+    parts = cron.split()
+    if first_in_month and len(parts) == 5 and parts[2] == parts[3] == "*" and parts[4].isdigit():
+        return " ".join([*parts[:4], f"{parts[4]}#1"])
+    return cron
+
+
 def build_class_schedule(policy: Policy, retention_class: str, job_name: str) -> ScheduleDefinition:
     cron = policy.schedules[retention_class].cron  # type: ignore[index]
 
     @schedule(
         name=f"{retention_class}_backups",
-        cron_schedule=cron,
+        cron_schedule=dagster_cron(cron, policy.schedules[retention_class].first_in_month),  # type: ignore[index]
         job_name=job_name,
         execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,

@@ -89,9 +89,16 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
     key = restore_test_key(kind, target)
     rto = policy.rto_for(target)
 
-    @asset(key=key, deps=[backup_asset_key(kind, target)], group_name=RESTORE_TEST_GROUP, kinds={kind},
-           description=f"Restore test of a backup of the {source.label} '{target}' in a scratch destination: "
-                       f"validated, RTO measured against {rto}.",
+    # No dependency edge on the backup asset: Dagster marks an asset "Unsynced" whenever an upstream asset has
+    # materialized since (a new data version), and most backups (the hourly ones) are never restore-tested by
+    # design; a restore test is of the backup it names (`backup_id`), not of the newest one.
+    @asset(key=key, group_name=RESTORE_TEST_GROUP, kinds={kind}, metadata={"regal/backups_of": backup_asset_key(
+               kind, target).to_user_string()},
+           description=f"Restore test of a backup of the {source.label} '{target}' (asset "
+                       f"{backup_asset_key(kind, target).to_user_string()}; the backup tested is in its metadata) in "
+                       f"a scratch destination: validated, RTO measured against {rto}. Launched by "
+                       "restore_test_new_backups and monthly_restore_sample, not by every backup: it is not "
+                       "marked Unsynced when a backup lands.",
            check_specs=[AssetCheckSpec("validation_passed", asset=key,
                                        description=f"The restore matches the backup: {source.restore_test_proves}."),
                         AssetCheckSpec("rto_within_target", asset=key, description=f"Measured RTO within {rto}.")],

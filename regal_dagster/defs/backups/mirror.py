@@ -1,0 +1,203 @@
+"""`backups_outside_dagster`: what happened to a target's backups outside Dagster, mirrored on its asset within
+one sensor interval, failures as well as successes.
+
+- A new good backup taken outside Dagster (the CLI, another host) is a runless materialization of its asset,
+  with its check results, so the asset's freshness and history and the `rpo_watch` sensor read the same
+  backups. A backup already older than the RPO when it is found is an observation instead: it must not make a
+  stale asset look fresh.
+- Every check record written outside a Dagster check run (`regal-backup verify`, `verify --unchecked`,
+  `backup` running its checks, the daily verification's sweep of older unchecked backups) is an asset check
+  evaluation for that backup (`backup_id` in its metadata): a failure always, so a backup the CLI just failed
+  turns the check red; a pass when it is about the backup the asset shows, or clears a failure shown for that
+  backup (a pass on an older backup must not hide a failure of the newest). The records are found through the
+  target's sealed record state (one read a tick; engine/record_sequence.py), whose sequence only grows.
+- When the target's newest good backup changes (a new one, or a failure that took it away), an observation
+  carries `newest_good_backup`: the backup a restore without an id would use, or "none".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetMaterialization,
+    AssetObservation,
+    DefaultSensorStatus,
+    MetadataValue,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    sensor,
+)
+from dagster._core.instance import DagsterInstance
+
+from ...engine.catalog import load_manifest
+from ...engine.checks import CheckRecord, check_names, check_status, good_newest_first
+from ...engine.errors import RegalError
+from ...engine.manifest import Manifest
+from ...engine.policy import Policy
+from ...engine.record_sequence import KnownRecords, known_records
+from ..resources import RegalEngine
+from .assets import backup_asset_key, backup_metadata
+
+SYNC_EVERY_SECONDS = 30
+NO_GOOD_BACKUP = "none"
+
+AssetEvent = AssetMaterialization | AssetObservation | AssetCheckEvaluation
+
+
+@dataclass
+class MirrorCursor:
+    """Per target: the newest good backup reported (its end), the record sequence read up to, and the newest good
+    backup's id last reported."""
+
+    backups: dict[str, str] = field(default_factory=dict)
+    records: dict[str, int] = field(default_factory=dict)
+    newest_good: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None) -> MirrorCursor:
+        body = json.loads(text) if text else {}
+        if body and "backups" not in body:  # the cursor before records were mirrored: {target: finished_at}
+            return cls(backups=body)
+        return cls(body.get("backups", {}), body.get("records", {}), body.get("newest_good", {}))
+
+    def dump(self) -> str:
+        return json.dumps({"backups": self.backups, "records": self.records, "newest_good": self.newest_good},
+                          sort_keys=True)
+
+
+def build_outside_sensor(policy: Policy) -> SensorDefinition:
+    @sensor(name="backups_outside_dagster", minimum_interval_seconds=SYNC_EVERY_SECONDS,
+            default_status=DefaultSensorStatus.RUNNING,
+            description="Mirrors on each backup asset what happened outside Dagster: good backups taken by the CLI or "
+                        "other hosts as materializations, every check result written outside a Dagster check run "
+                        "(CLI verify, backup, the daily sweep of unchecked backups) as a check evaluation for that "
+                        "backup, failures included, and the newest good backup as an observation.")
+    def _sync(context: SensorEvaluationContext, regal: RegalEngine) -> SensorResult:
+        cursor = MirrorCursor.parse(context.cursor)
+        events: list[AssetEvent] = []
+        for target in sorted(regal.policy().targets):
+            events += _target_events(context.instance, regal, target, cursor)
+        return SensorResult(asset_events=events, cursor=cursor.dump())
+
+    return _sync
+
+
+def _target_events(instance: DagsterInstance, regal: RegalEngine, target: str,
+                   cursor: MirrorCursor) -> list[AssetEvent]:
+    policy, repo, keyring = regal.policy(), regal.repository(), regal.keyring()
+    kind = policy.target(target).kind
+    key = backup_asset_key(kind, target)
+    checks = set(check_names(kind, offsite=policy.offsite is not None))
+    known = known_records(None, repo, keyring, target)  # the sealed record state: one read
+    newest = next(good_newest_first(repo, keyring, target, known), None)
+    events: list[AssetEvent] = []
+    reported: set[str] = set()
+    if newest is not None and cursor.backups.get(target, "") < newest.finished_at.isoformat():
+        cursor.backups[target] = newest.finished_at.isoformat()
+        if not newest.trigger.get("dagster_run_id") and _shown_backup(instance, key) != newest.backup_id:
+            events += _new_backup_events(regal, key, newest, checks, policy.rpo_for(target).total_seconds())
+            reported.add(newest.backup_id)
+    since = cursor.records.get(target, 0)
+    for backup_id, entry in sorted(known.checks.items(), key=lambda item: item[1].sequence):
+        if entry.sequence <= since or backup_id in reported:
+            continue
+        record = _record(regal, backup_id, known)
+        if record is not None and _to_mirror(instance, key, record):
+            events += _evaluations(key, record, checks)
+    cursor.records[target] = max(since, known.sequence)
+    newest_good = newest.backup_id if newest is not None else NO_GOOD_BACKUP
+    if cursor.newest_good.get(target) != newest_good:
+        cursor.newest_good[target] = newest_good
+        events.append(_newest_good_event(key, newest))
+    return events
+
+
+def _record(regal: RegalEngine, backup_id: str, known: KnownRecords) -> CheckRecord | None:
+    """The backup's check record as the repository has it now (None: the backup or its record is gone)."""
+    try:
+        manifest = load_manifest(regal.repository(), regal.keyring(), backup_id)
+    except RegalError:  # pruned since, or damaged: `list` names it
+        return None
+    return check_status(regal.repository(), regal.keyring(), manifest, known).record
+
+
+def _shown_backup(instance: DagsterInstance, key: AssetKey) -> str | None:
+    """The backup the asset's latest materialization is about."""
+    event = instance.get_latest_materialization_event(key)
+    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    return str(metadata["backup_id"].value) if "backup_id" in metadata else None
+
+
+def _to_mirror(instance: DagsterInstance, key: AssetKey, record: CheckRecord) -> bool:
+    """Whether this record is news for the asset's checks (see the module's docstring)."""
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([AssetCheckKey(key, "manifest")])
+    shown = latest.get(AssetCheckKey(key, "manifest"))
+    evaluation = shown.evaluation if shown is not None else None
+    run_id = record.trigger.get("dagster_run_id")
+    if run_id and shown is not None and shown.run_id == run_id and _about(evaluation) == record.backup_id:
+        return False  # a Dagster check run evaluated this very record
+    if any(not o.passed for o in record.outcomes):
+        return True
+    clears = evaluation is not None and not evaluation.passed and _about(evaluation) == record.backup_id
+    return clears or _shown_backup(instance, key) == record.backup_id
+
+
+def _about(evaluation: AssetCheckEvaluation | None) -> str | None:
+    value = evaluation.metadata.get("backup_id") if evaluation is not None else None
+    return str(value.value) if value is not None else None
+
+
+def _evaluations(key: AssetKey, record: CheckRecord, checks: set[str]) -> list[AssetEvent]:
+    """The record's outcomes as check evaluations of the asset (the checks the asset defines)."""
+    taken_by = ", ".join(f"{k} {v}" for k, v in record.trigger.items()) or "unknown"
+    found: list[AssetEvent] = []
+    for outcome in record.outcomes:
+        if outcome.name not in checks:
+            continue
+        metadata: dict[str, Any] = {"backup_id": record.backup_id, "finding": outcome.description,
+                                    "checked_at": MetadataValue.timestamp(record.checked_at),
+                                    "checked_outside_dagster": taken_by}
+        if outcome.failing_object:
+            metadata["failing_object"] = outcome.failing_object
+        found.append(AssetCheckEvaluation(asset_key=key, check_name=outcome.name, passed=outcome.passed,
+                                          severity=AssetCheckSeverity(outcome.severity),
+                                          description=f"{record.backup_id}: {outcome.description}",
+                                          metadata=metadata))
+    return found
+
+
+def _new_backup_events(regal: RegalEngine, key: AssetKey, manifest: Manifest, checks: set[str],
+                       rpo_seconds: float) -> list[AssetEvent]:
+    metadata = backup_metadata(manifest, regal.repository().location)
+    taken_by = ", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "unknown"
+    metadata["taken_outside_dagster"] = taken_by
+    metadata["dagster/last_updated_timestamp"] = MetadataValue.timestamp(manifest.finished_at)
+    age = (datetime.now(UTC) - manifest.finished_at).total_seconds()
+    if age >= rpo_seconds:  # found late: history, not freshness
+        metadata["reported_late"] = f"found {age:.0f}s after it finished, past the RPO: an observation"
+        return [AssetObservation(asset_key=key, description=f"backup {manifest.backup_id} taken outside Dagster "
+                                                            "(found late)", metadata=metadata)]
+    events: list[AssetEvent] = [AssetMaterialization(
+        asset_key=key, description=f"backup {manifest.backup_id} taken outside Dagster ({taken_by})",
+        metadata=metadata)]
+    record = check_status(regal.repository(), regal.keyring(), manifest).record
+    return events + (_evaluations(key, record, checks) if record is not None else [])
+
+
+def _newest_good_event(key: AssetKey, newest: Manifest | None) -> AssetObservation:
+    if newest is None:
+        return AssetObservation(asset_key=key, description="no good backup: every backup failed its checks, is "
+                                                            "unchecked, or there is none",
+                                metadata={"newest_good_backup": NO_GOOD_BACKUP})
+    return AssetObservation(asset_key=key, description=f"newest good backup: {newest.backup_id}",
+                            metadata={"newest_good_backup": newest.backup_id,
+                                      "newest_good_finished_at": MetadataValue.timestamp(newest.finished_at)})
