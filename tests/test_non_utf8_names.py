@@ -6,20 +6,24 @@ Real servers only: the machine's PostgreSQL 15 and the embedded PostgreSQL 18.""
 
 from __future__ import annotations
 
+import json
+import secrets
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.errors import RegalError
 from regal_dagster.engine.restore_test import run_restore_test
 from regal_dagster.engine.sources.postgres.dump import PAGE_BYTES, PSQL_COPY_BYTES
 from regal_dagster.engine.sources.postgres.restore import restore_database
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import DatabaseFactory, make_policy
-from .pg_compare import pg_dump_restore, schema_bytes, table_contents, table_rows
+from .conftest import DatabaseFactory, make_policy, run_cli, write_policy_file
+from .pg_compare import execute, pg_dump_restore, schema_bytes, table_contents, table_rows
 
 # Python holds a byte that is not valid UTF-8 as a lone surrogate (surrogateescape): "\udce9" is the byte 0xe9
 # (LATIN1's é), "\udcdf" 0xdf (ß), "\udcff" 0xff. 商品 is valid UTF-8 beside them.
@@ -32,7 +36,8 @@ SOURCE_SQL = f"""
                                       "{COLUMN}" text NOT NULL, "商品" text);
     CREATE INDEX "idx_pr\udce9nom" ON "{SCHEMA}"."{TABLE}" ("{COLUMN}");
     CREATE VIEW "{SCHEMA}"."vue_caf\udce9" AS SELECT "{COLUMN}" FROM "{SCHEMA}"."{TABLE}" WHERE id > 10;
-    INSERT INTO "{SCHEMA}"."{TABLE}" ("{COLUMN}", "商品") SELECT 'Ren\udce9e ' || g, '珍珠' FROM generate_series(1, 300) g;
+    INSERT INTO "{SCHEMA}"."{TABLE}" ("{COLUMN}", "商品")
+        SELECT 'Ren\udce9e ' || g, '珍珠' FROM generate_series(1, 300) g;
     COMMENT ON TABLE "{SCHEMA}"."{TABLE}" IS 'd\udce9j\udce0 \udcff';
     CREATE TABLE "{SCHEMA}"."parent\udce9" (id int, note text);
     CREATE TABLE "{SCHEMA}"."child\udce9" (extra text) INHERITS ("{SCHEMA}"."parent\udce9");
@@ -65,7 +70,7 @@ def source_database(factory: DatabaseFactory) -> str:
         for statement in SOURCE_SQL.split(";"):
             if statement.strip():
                 conn.execute(raw(statement))
-    pages = table_rows(dsn, f"SELECT relpages FROM pg_class WHERE relname = 'gro' || chr(223)")
+    pages = table_rows(dsn, "SELECT relpages FROM pg_class WHERE relname = 'gro' || chr(223)")
     assert pages and pages[0][0] * PAGE_BYTES >= PSQL_COPY_BYTES  # type: ignore[operator]
     return dsn
 
@@ -124,3 +129,40 @@ def test_a_sql_ascii_database_named_in_no_encoding_is_restore_tested(system_pg: 
                                                   "matches": True}
     assert all(t["matches"] for t in result.tables) and len(tested) == 5
     assert result.details["locale"]["encoding"] == "SQL_ASCII"
+
+
+def test_check_names_a_table_named_in_no_encoding_that_the_backup_role_cannot_read(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """Failed before: listing the unreadable tables in a UTF-8 session was refused by the server, and `check`
+    reported an error instead of naming the table."""
+    source = source_database(system_pg)
+    role = f"regal_reader_{secrets.token_hex(4)}"
+    database = conninfo_to_dict(source)["dbname"]
+    execute(source, f"CREATE ROLE {role} LOGIN; GRANT CONNECT ON DATABASE {database} TO {role}; "
+                    f"GRANT USAGE ON SCHEMA public TO {role}")
+    try:
+        policy_file = write_policy_file(tmp_path, {"pos": make_conninfo(source, user=role)})
+        done = run_cli(policy_file, "check", "pos", "--json")
+        assert "Traceback" not in done.stderr
+        found = {f["check"]: f for f in json.loads(done.stdout)["findings"] if f["subject"] == "target pos"}
+        assert not found["privileges"]["passed"]
+        assert "sch\\xe9ma.caf\\xe9" in found["privileges"]["detail"].replace('"', "")
+    finally:
+        execute(source, f"REVOKE ALL ON SCHEMA public FROM {role}")
+        with psycopg.connect(system_pg.server_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_database_comment_valid_in_no_encoding_is_refused_naming_what_to_do(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str) -> None:
+    """The database's own properties are recorded as text in the manifest: a comment (or setting, role or
+    tablespace name) that is valid in no encoding is refused with what to do, not a driver's traceback."""
+    source = sql_ascii_database(system_pg)
+    database = conninfo_to_dict(source)["dbname"]
+    with psycopg.connect(source, autocommit=True, client_encoding="SQL_ASCII") as conn:
+        conn.execute(raw(f"COMMENT ON DATABASE {database} IS 'd\udce9j\udce0'"))
+    policy = make_policy(tmp_path, {"pos": source})
+    with pytest.raises(RegalError) as refused:
+        run_backup(policy, "pos")
+    assert "not valid UTF-8" in refused.value.message and "rewrite the database's comment" in refused.value.hint

@@ -279,8 +279,8 @@ def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str]
                   encoding: str | None, snapshot: str | None = None) -> Iterator[bytes]:
     """A table's rows as COPY text in `encoding` read by a psql child in a session with `settings`
     (session_settings): the same bytes as copy_out. `codec`: Python's name of the client encoding (session_codec),
-    in which psql passes the statement on as it is (a table's name may not be ASCII, or even text). ToolError when psql fails (a table
-    missing).
+    in which psql passes the statement on as it is (a table's name may not be ASCII, or even text). ToolError when
+    psql fails (a table missing).
     With `snapshot`: read in that exported snapshot, after taking the table's ACCESS SHARE lock NOWAIT
     (ToolError "could not obtain lock" before any row when a statement is queued for the table)."""
     env = libpq_environment(dsn)
@@ -365,14 +365,15 @@ class DumpSession:
 
     def schema_chunks(self) -> Iterator[bytes]:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
-        args: list[str | bytes] = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
-                "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
-                # the patterns below are UTF-8, as every argument is: pg_dump must read them so (in the
-                # database's own encoding a non-ASCII table name would not match, and its rows would be
-                # dumped too); a SQL_ASCII database converts nothing: pg_dump speaks it as pg_dump alone
-                # does, and the patterns are its names' own bytes
-                *([] if self.encoding == "SQL_ASCII" else ["--encoding=UTF8"]),
-                *(b"--exclude-table-data=" + name_bytes(pattern) for pattern in exclusion_patterns(self.locked))]
+        args: list[str | bytes] = [
+            str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
+            "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
+            # the patterns below are UTF-8, as every argument is: pg_dump must read them so (in the
+            # database's own encoding a non-ASCII table name would not match, and its rows would be
+            # dumped too); a SQL_ASCII database converts nothing: pg_dump speaks it, as pg_dump alone
+            # does, and the patterns are its names' own bytes
+            *([] if self.encoding == "SQL_ASCII" else ["--encoding=UTF8"]),
+            *(b"--exclude-table-data=" + name_bytes(pattern) for pattern in exclusion_patterns(self.locked))]
         env = libpq_environment(self.dsn)
         env["PGAPPNAME"] = self.schema_application
         try:
@@ -622,7 +623,7 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         tables = [t for t in tables if not (in_recovery and t.unlogged)]
         major = server_major(conn)
         facts = {"server_version": version, "server_version_num": conn.info.server_version,
-                 "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
+                 "database": readable_name(database), "endpoint": describe_dsn(dsn), "snapshot": snapshot,
                  "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot,
                  "schema_objects": counts, "database_properties": properties, "encoding": encoding,
                  "roles": roles, "tablespaces": tablespaces, "server_needs": needs,

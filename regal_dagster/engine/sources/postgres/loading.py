@@ -209,7 +209,8 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
             in_server += time.monotonic() - mark
 
         backup.stream(record.name, sink, progress)  # raises unless every byte matches the manifest's SHA-256
-        return {**table.facts(), "sha256": record.plaintext_sha256, "seconds": (time.monotonic() - started - in_server, in_server)}
+        return {**table.facts(), "sha256": record.plaintext_sha256,
+                "seconds": (time.monotonic() - started - in_server, in_server)}
 
     def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
         started = time.monotonic()
