@@ -7,7 +7,9 @@ import os
 from typing import Any
 
 import psycopg
+from psycopg.adapt import Buffer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.string import StrBinaryDumper, StrDumperUnknown, TextBinaryLoader, TextLoader
 
 from ..environment import child_environment
 from ..errors import RegalError
@@ -111,7 +113,8 @@ def with_session_settings(env: dict[str, str], settings: dict[str, str]) -> dict
 def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | None = None,
             **kwargs: Any) -> psycopg.Connection[Any]:
     """A session in UTF-8 (names and values come back as text whatever the database's encoding; sessions
-    that read or write rows in the database's own encoding set it themselves), without timeouts
+    that read or write rows or names in the database's own encoding set it themselves: on a SQL_ASCII
+    database text then reads and writes as its own bytes, see read_text_as_bytes_are), without timeouts
     (NO_TIMEOUTS) and with `settings` from its first statement on, whatever the database or role sets."""
     kwargs.setdefault("client_encoding", "UTF8")
     settings = {**NO_TIMEOUTS, **(settings or {})}
@@ -142,7 +145,88 @@ def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | No
         raise RegalError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {reason}",
                          "check that the server is up and reachable, and the DSN and credentials in the "
                          "policy") from None
+    if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+        read_text_as_bytes_are(conn)
     return conn
+
+
+# --- names as the database's own bytes ---------------------------------------------------------------------
+# A SQL_ASCII database stores names and text as whatever bytes it was sent: a table may be named with bytes
+# that are valid in no encoding (LATIN1 bytes sent by a client that said SQL_ASCII). The server refuses to send
+# such a name to a UTF-8 session ("invalid byte sequence for encoding UTF8"); pg_dump reads and writes it in the
+# database's own encoding, as bytes. Our sessions that handle names on such a database do the same: their
+# client_encoding is SQL_ASCII (client_encoding_for), and a name is held in Python as its bytes read as UTF-8,
+# each byte that is not valid UTF-8 as a lone surrogate (U+DC80..U+DCFF, Python's `surrogateescape`): a valid
+# UTF-8 name reads as it is, any other round-trips byte for byte (name_bytes). Outside Python (the manifest,
+# messages) such a name is written readably by readable_name and exactly by its bytes.
+NAME_CODEC = "utf-8"
+
+
+def name_bytes(name: str) -> bytes:
+    """A name's bytes in a SQL_ASCII database (its UTF-8 for a name that is valid text)."""
+    return name.encode(NAME_CODEC, "surrogateescape")
+
+
+def name_from_bytes(raw: bytes) -> str:
+    return raw.decode(NAME_CODEC, "surrogateescape")
+
+
+def is_text(name: str) -> bool:
+    """Whether a name is valid Unicode text (not one holding bytes that are valid in no encoding)."""
+    return not any("\udc80" <= c <= "\udcff" for c in name)
+
+
+def readable_name(name: str) -> str:
+    """A name for people and documents: each byte that is not valid UTF-8 written as \\xNN."""
+    return name if is_text(name) else name_bytes(name).decode(NAME_CODEC, "backslashreplace")
+
+
+def session_codec(conn: psycopg.Connection[Any]) -> str:
+    """The Python codec of a session's client encoding: UTF-8 (with surrogateescape, see above) for SQL_ASCII,
+    in which the server sends and takes bytes as they are."""
+    codec = conn.info.encoding
+    return NAME_CODEC if codec == "ascii" else codec
+
+
+def encoded(conn: psycopg.Connection[Any], statement: str) -> bytes:
+    """A statement as this session must send it: its names in the session's client encoding, a name of a
+    SQL_ASCII database as its own bytes (psycopg would refuse any non-ASCII character in a SQL_ASCII session)."""
+    return statement.encode(session_codec(conn), "surrogateescape")
+
+
+def _codec_of(connection: Any) -> str:
+    return NAME_CODEC if connection is None else session_codec(connection)
+
+
+class _NameLoader(TextLoader):
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode(_codec_of(self.connection), "surrogateescape")
+
+
+class _NameBinaryLoader(TextBinaryLoader):
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode(_codec_of(self.connection), "surrogateescape")
+
+
+class _NameDumper(StrDumperUnknown):
+    def dump(self, obj: str) -> Buffer | None:
+        return obj.encode(_codec_of(self.connection), "surrogateescape")
+
+
+class _NameBinaryDumper(StrBinaryDumper):
+    def dump(self, obj: str) -> Buffer | None:
+        return obj.encode(_codec_of(self.connection), "surrogateescape")
+
+
+def read_text_as_bytes_are(conn: psycopg.Connection[Any]) -> None:
+    """On a SQL_ASCII database: text values (names included) read as str whatever the session's client encoding,
+    each byte of a SQL_ASCII session that is not valid UTF-8 as a lone surrogate, and such a str sent back as those
+    bytes (psycopg alone returns bytes for text in a SQL_ASCII session, and cannot send a non-ASCII str)."""
+    for type_name in ("text", "name", "varchar", "bpchar", '"char"'):
+        conn.adapters.register_loader(type_name, _NameLoader)
+        conn.adapters.register_loader(type_name, _NameBinaryLoader)
+    conn.adapters.register_dumper(str, _NameBinaryDumper)
+    conn.adapters.register_dumper(str, _NameDumper)  # the last registered is the default, as psycopg's own
 
 
 def server_major(conn: psycopg.Connection[Any]) -> int:

@@ -40,9 +40,15 @@ from ...postgresql.connection import (
     apply_settings,
     connect,
     describe_dsn,
+    encoded,
+    is_text,
     libpq_environment,
+    name_bytes,
+    name_from_bytes,
     quote_ident,
+    readable_name,
     server_major,
+    session_codec,
 )
 from ...postgresql.tools import PgTool, find_pg_tool
 from ..streams import stream_command
@@ -89,10 +95,11 @@ def session_settings(conn: psycopg.Connection[Any], encoding: str | None) -> dic
     return settings
 
 
-# Server encodings Python has no codec for (psycopg cannot send or read text in them), and SQL_ASCII, in
-# which psycopg returns text as bytes: their sessions speak UTF-8, and COPY's ENCODING option alone keeps
-# the rows in the database's own bytes (a SQL_ASCII database converts nothing, whatever the client says).
-NO_PYTHON_CODEC = frozenset({"SQL_ASCII", "EUC_TW", "MULE_INTERNAL"})
+# Server encodings Python has no codec for (psycopg cannot send or read text in them): their sessions speak
+# UTF-8, and COPY's ENCODING option alone keeps the rows in the database's own bytes. A SQL_ASCII database's
+# sessions speak SQL_ASCII (no conversion, no check: names and rows as the database's own bytes, as pg_dump
+# reads them; see read_text_as_bytes_are in postgresql/connection.py).
+NO_PYTHON_CODEC = frozenset({"EUC_TW", "MULE_INTERNAL"})
 
 
 def client_encoding_for(encoding: str) -> str:
@@ -120,7 +127,8 @@ class Table:
 
     @property
     def label(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """schema.name for people (a byte of a SQL_ASCII name that is not valid UTF-8 as \\xNN)."""
+        return f"{readable_name(self.schema)}.{readable_name(self.name)}"
 
     def copy_statement(self, direction: str, encoding: str | None, *options: str) -> str:
         """COPY "schema"."table" ("col", ...) TO STDOUT / FROM STDIN, the rows in `encoding` (the database's:
@@ -135,9 +143,22 @@ class Table:
         """This table, exactly, as a pg_dump pattern."""
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
 
+    def facts(self) -> dict[str, Any]:
+        """This table in the manifest: schema, name and columns as text, and, when one of them holds bytes that
+        are valid in no encoding (a SQL_ASCII database's), `name_bytes`: each of them exactly, in hex."""
+        facts: dict[str, Any] = {"schema": readable_name(self.schema), "name": readable_name(self.name),
+                                 "columns": [readable_name(c) for c in self.columns]}
+        if not all(map(is_text, (self.schema, self.name, *self.columns))):
+            facts["name_bytes"] = {"schema": name_bytes(self.schema).hex(), "name": name_bytes(self.name).hex(),
+                                   "columns": [name_bytes(c).hex() for c in self.columns]}
+        return facts
+
     @classmethod
     def from_facts(cls, facts: dict[str, Any]) -> Table:
-        return cls(facts["schema"], facts["name"], tuple(facts["columns"]))
+        if exact := facts.get("name_bytes"):
+            return cls(name_from_bytes(bytes.fromhex(exact["schema"])), name_from_bytes(bytes.fromhex(exact["name"])),
+                       tuple(name_from_bytes(bytes.fromhex(c)) for c in exact["columns"]))
+        return cls(facts["schema"], facts["name"], tuple(facts.get("columns", ())))
 
 
 def only_each(tables: list[Table]) -> str:
@@ -207,12 +228,16 @@ def compare_schema_counts(expected: dict[str, int], actual: dict[str, int]) -> l
 
 
 def compare_tables(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> list[str]:
-    """Differences between two table fact lists, one sentence per table."""
-    want = {(t["schema"], t["name"]): t for t in expected}
-    have = {(t["schema"], t["name"]): t for t in actual}
+    """Differences between two table fact lists, one sentence per table (tables matched by their exact names)."""
+    def exact(facts: dict[str, Any]) -> tuple[str, str]:
+        table = Table.from_facts(facts)
+        return table.schema, table.name
+
+    want = {exact(t): t for t in expected}
+    have = {exact(t): t for t in actual}
     problems = []
     for key in sorted(want.keys() | have.keys()):
-        label = f"{key[0]}.{key[1]}"
+        label = Table(*key, ()).label
         if key not in have:
             problems.append(f"table {label} is missing")
         elif key not in want:
@@ -232,7 +257,7 @@ def copy_out(cur: psycopg.Cursor[Any], table: Table, encoding: str | None) -> It
     """A table's rows as COPY text in `encoding` (the database's), in chunks, read by this session."""
     rows: list[bytes] = []
     size = 0
-    with cur.copy(table.copy_statement("TO STDOUT", encoding)) as copy:
+    with cur.copy(encoded(cur.connection, table.copy_statement("TO STDOUT", encoding))) as copy:
         while data := copy.read():
             rows.append(bytes(data))
             size += len(data)
@@ -253,9 +278,9 @@ PAGE_BYTES = 8192  # pg_class.relpages is in pages of this size (the default bui
 def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str], codec: str,
                   encoding: str | None, snapshot: str | None = None) -> Iterator[bytes]:
     """A table's rows as COPY text in `encoding` read by a psql child in a session with `settings`
-    (session_settings): the same bytes as copy_out. `codec`: Python's name of the client encoding, in which
-    psql passes the statement on as it is (a table's name may not be ASCII). ToolError when psql fails (a table
-    missing).
+    (session_settings): the same bytes as copy_out. `codec`: Python's name of the client encoding (session_codec),
+    in which psql passes the statement on as it is (a table's name may not be ASCII, or even text). ToolError when
+    psql fails (a table missing).
     With `snapshot`: read in that exported snapshot, after taking the table's ACCESS SHARE lock NOWAIT
     (ToolError "could not obtain lock" before any row when a statement is queued for the table)."""
     env = libpq_environment(dsn)
@@ -272,8 +297,9 @@ def psql_copy_out(psql: PgTool, dsn: str, table: Table, settings: dict[str, str]
     if snapshot is not None:
         args += ["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                  "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
-                 "-c", f"LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE NOWAIT".encode(codec)]
-    args += ["-c", table.copy_statement("TO STDOUT", encoding).encode(codec)]
+                 "-c", f"LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE MODE NOWAIT".encode(codec,
+                                                                                                 "surrogateescape")]
+    args += ["-c", table.copy_statement("TO STDOUT", encoding).encode(codec, "surrogateescape")]
     yield from stream_command(args, env, f"psql reading table {table.label}")
 
 
@@ -302,8 +328,7 @@ class TableDigest:
         self.rows += chunk.count(b"\n")  # COPY text escapes newlines inside values: one line per row
 
     def facts(self, table: Table) -> dict[str, Any]:
-        return {"schema": table.schema, "name": table.name, "columns": list(table.columns), "rows": self.rows,
-                "sha256": self.sha256.hexdigest()}
+        return {**table.facts(), "rows": self.rows, "sha256": self.sha256.hexdigest()}
 
 
 # --- backup ----------------------------------------------------------------------------------------
@@ -336,18 +361,19 @@ class DumpSession:
         self.psql = find_pg_tool("psql", pg_dump.major)  # reads big tables (psql_copy_out)
         self._psql_settings = session_settings(coordinator, encoding)
         self._psql_settings.pop("lock_timeout", None)  # NOWAIT decides
-        self._codec = coordinator.info.encoding  # the session's, set by session_settings
+        self._codec = session_codec(coordinator)  # the session's, set by session_settings
 
     def schema_chunks(self) -> Iterator[bytes]:
         """pg_dump's archive of everything but table rows (sequence values and large objects included)."""
-        args = [str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
-                "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
-                # the patterns below are UTF-8, as every argument is: pg_dump must read them so (in the
-                # database's own encoding a non-ASCII table name would not match, and its rows would be
-                # dumped too); a SQL_ASCII database converts nothing, and would refuse non-UTF-8 bytes
-                # in its DDL at restore time if the archive said UTF8
-                *([] if self.encoding == "SQL_ASCII" else ["--encoding=UTF8"]),
-                *(f"--exclude-table-data={pattern}" for pattern in exclusion_patterns(self.locked))]
+        args: list[str | bytes] = [
+            str(self.pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={self.snapshot}",
+            "--no-password", f"--lock-wait-timeout={max(1, int(self.lock_timeout * 1000))}",
+            # the patterns below are UTF-8, as every argument is: pg_dump must read them so (in the
+            # database's own encoding a non-ASCII table name would not match, and its rows would be
+            # dumped too); a SQL_ASCII database converts nothing: pg_dump speaks it, as pg_dump alone
+            # does, and the patterns are its names' own bytes
+            *([] if self.encoding == "SQL_ASCII" else ["--encoding=UTF8"]),
+            *(b"--exclude-table-data=" + name_bytes(pattern) for pattern in exclusion_patterns(self.locked))]
         env = libpq_environment(self.dsn)
         env["PGAPPNAME"] = self.schema_application
         try:
@@ -405,8 +431,8 @@ class DumpSession:
             return True
         names = only_each(self.tables)
         try:
-            conn.execute(f"SAVEPOINT regal_lock; LOCK TABLE {names} IN ACCESS SHARE MODE NOWAIT; "
-                         "RELEASE SAVEPOINT regal_lock")
+            conn.execute(encoded(conn, f"SAVEPOINT regal_lock; LOCK TABLE {names} IN ACCESS SHARE MODE NOWAIT; "
+                                       "RELEASE SAVEPOINT regal_lock"))
             return True
         except psycopg.errors.LockNotAvailable:
             conn.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
@@ -432,8 +458,8 @@ class DumpSession:
                 own = True
                 if not self._local.all_locked:
                     try:
-                        cur.execute(f"SAVEPOINT regal_lock; LOCK TABLE ONLY {table.dump_pattern()} IN ACCESS SHARE "
-                                    "MODE NOWAIT; RELEASE SAVEPOINT regal_lock")
+                        cur.execute(encoded(conn, f"SAVEPOINT regal_lock; LOCK TABLE ONLY {table.dump_pattern()} "
+                                                  "IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT regal_lock"))
                     except psycopg.errors.LockNotAvailable:
                         cur.execute("ROLLBACK TO SAVEPOINT regal_lock; RELEASE SAVEPOINT regal_lock")
                         own = False
@@ -499,7 +525,7 @@ def _lock_refused(conn: psycopg.Connection[Any], tables: list[Table], timeout: f
         return RegalError(f"the backup could not lock its tables within {timeout:g}s; the session holding the "
                           "lock has ended since", "run the backup again")
     held = "; ".join(f"table {labels.get(relation, relation)} is locked exclusively by pid {pid} (application "
-                     f"'{app}', user {user}, {state}: {query})"
+                     f"'{readable_name(app)}', user {readable_name(user)}, {state}: {readable_name(query)})"
                      for relation, pid, app, user, state, query in holders)
     return RegalError(f"the backup could not lock its tables within {timeout:g}s: {held}",
                       "let that statement or transaction finish (or end it), then run the backup again")
@@ -519,7 +545,7 @@ def _lock_present(cur: psycopg.Cursor[Any], tables: list[Table], timeout: float)
         batch = tables[first:first + LOCK_BATCH]
         cur.execute("SAVEPOINT regal_lock")
         try:
-            cur.execute(f"LOCK TABLE {only_each(batch)} IN ACCESS SHARE MODE")
+            cur.execute(encoded(cur.connection, f"LOCK TABLE {only_each(batch)} IN ACCESS SHARE MODE"))
             locked.update(t.oid for t in batch)
         except psycopg.errors.UndefinedTable:
             cur.execute("ROLLBACK TO SAVEPOINT regal_lock")
@@ -555,9 +581,15 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
     conn = connect(dsn, autocommit=True)
     session: DumpSession | None = None
     try:
-        properties = database_properties(conn)
-        roles = referenced_roles(conn, role_passwords)
-        tablespaces = used_tablespaces(conn)
+        try:  # in UTF-8, as the manifest records them (the tables' names come later, in the database's encoding)
+            properties = database_properties(conn)
+            roles = referenced_roles(conn, role_passwords)
+            tablespaces = used_tablespaces(conn)
+        except psycopg.errors.CharacterNotInRepertoire as exc:
+            raise RegalError(f"the database's own properties, roles or tablespaces hold a name or text that is not "
+                             f"valid UTF-8 ({pg_error_reason(exc)}): regal-backup records them as text",
+                             "rename that role or tablespace, or rewrite the database's comment or settings in "
+                             "UTF-8; or back the server up with a `postgres_cluster` target") from None
         needs = server_needs(conn)
         encoding = properties["encoding"]
         settings = session_settings(conn, encoding)
@@ -591,7 +623,7 @@ def dump_session(dsn: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         tables = [t for t in tables if not (in_recovery and t.unlogged)]
         major = server_major(conn)
         facts = {"server_version": version, "server_version_num": conn.info.server_version,
-                 "database": database, "endpoint": describe_dsn(dsn), "snapshot": snapshot,
+                 "database": readable_name(database), "endpoint": describe_dsn(dsn), "snapshot": snapshot,
                  "in_recovery": in_recovery, "wal_lsn": lsn, "txid_snapshot": txid_snapshot,
                  "schema_objects": counts, "database_properties": properties, "encoding": encoding,
                  "roles": roles, "tablespaces": tablespaces, "server_needs": needs,

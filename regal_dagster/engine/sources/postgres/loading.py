@@ -22,6 +22,7 @@ from ...postgresql.connection import (
     apply_settings,
     connect,
     database_of,
+    encoded,
     libpq_environment,
     refuses_startup_options,
     server_major,
@@ -173,7 +174,7 @@ def tables_loader(tables: list[Table], pool: SessionPool,
     def copy_into(table: Table) -> Iterator[TableLoad]:
         nonlocal current
         current = table
-        with cur.copy(table.copy_statement("FROM STDIN", encoding, "FREEZE")) as copy:
+        with cur.copy(encoded(conn, table.copy_statement("FROM STDIN", encoding, "FREEZE"))) as copy:
             yield TableLoad(copy.write)
 
     with conn.cursor() as cur:
@@ -181,7 +182,7 @@ def tables_loader(tables: list[Table], pool: SessionPool,
             with conn.transaction():
                 # ONLY binds to the one name after it: said for each table, or the later ones are truncated
                 # with their inheritance children (loaded by an earlier batch, perhaps)
-                cur.execute(f"TRUNCATE {only_each(tables)}")
+                cur.execute(encoded(conn, f"TRUNCATE {only_each(tables)}"))
                 yield copy_into
         except psycopg.Error as exc:
             which = current.label if len(tables) == 1 else f"{current.label} (with {len(tables) - 1} others)"
@@ -208,8 +209,8 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
             in_server += time.monotonic() - mark
 
         backup.stream(record.name, sink, progress)  # raises unless every byte matches the manifest's SHA-256
-        return {"schema": table.schema, "name": table.name,
-                "sha256": record.plaintext_sha256, "seconds": (time.monotonic() - started - in_server, in_server)}
+        return {**table.facts(), "sha256": record.plaintext_sha256,
+                "seconds": (time.monotonic() - started - in_server, in_server)}
 
     def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
         started = time.monotonic()
@@ -223,7 +224,7 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
             if len(batch) > 1:  # the whole transaction was rolled back: each table on its own, to name it
                 return [result for entry in batch for result in load([entry], cancelled)]
             table = batch[0][1]
-            return [{"schema": table.schema, "name": table.name, "failed": exc.message,
+            return [{**table.facts(), "failed": exc.message,
                      "seconds": (time.monotonic() - started, 0.0)}]
         return done
 

@@ -10,7 +10,7 @@ import psycopg
 
 from ...errors import RegalError
 from ...findings import Finding, clock_finding, finding, first_line
-from ...postgresql.connection import connect, describe_dsn, server_major
+from ...postgresql.connection import connect, describe_dsn, readable_name, server_major
 from ...postgresql.tools import find_pg_tool
 from .target import PostgresTarget
 
@@ -43,7 +43,9 @@ def preflight(subject: str, settings: PostgresTarget) -> list[Finding]:
     with conn:
         role, superuser = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
                                        ).fetchone() or ("?", False)
-        unreadable = [row[0] for row in conn.execute(_UNREADABLE)]
+        if conn.info.parameter_status("server_encoding") == "SQL_ASCII":  # names as its own bytes, as dump.py
+            conn.execute("SET client_encoding = 'SQL_ASCII'")
+        unreadable = [readable_name(row[0]) for row in conn.execute(_UNREADABLE)]
         found.append(Finding(subject, "privileges", not unreadable,
                              "the role can read every table" if not unreadable else
                              f"{role} cannot read {len(unreadable)} relation(s): {', '.join(unreadable[:5])}"

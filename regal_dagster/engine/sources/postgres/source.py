@@ -27,6 +27,7 @@ from ...postgresql.connection import (
     connect,
     describe_dsn,
     libpq_environment,
+    name_bytes,
     with_session_settings,
 )
 from ...postgresql.installations import choose_server_binaries
@@ -124,10 +125,11 @@ class PostgresSource(Source):
         return f"schema archive lists {entries} entries"
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
-        names = set()
-        for table in manifest.source.get("tables", []):
-            names.update([table["name"], *table.get("columns", [])])
-        return sorted({n.encode() for n in names if len(n.encode()) >= 6})
+        names: set[bytes] = set()
+        for facts in manifest.source.get("tables", []):
+            table = Table.from_facts(facts)
+            names.update(name_bytes(n) for n in (table.name, *table.columns))
+        return sorted(n for n in names if len(n) >= 6)
 
     def summary(self, manifest: Manifest) -> dict[str, Any]:
         return {"tables": len(manifest.source.get("tables", [])), "rows": sum(manifest.table_rows().values())}
@@ -225,8 +227,7 @@ def _dump_tables(session: DumpSession, store: StoreObject, jobs: int) -> list[tu
 
         record = store(f"tables/{number:05d}.copy", TABLE_CONTENT.format(label=table.label), counted(),
                        0 if jobs > 1 else -1)
-        return record, {"schema": table.schema, "name": table.name, "columns": list(table.columns),
-                        "rows": rows, "sha256": record.plaintext_sha256, "object": record.name}
+        return record, {**table.facts(), "rows": rows, "sha256": record.plaintext_sha256, "object": record.name}
 
     biggest_first = sorted(enumerate(session.tables, 1), key=lambda t: -t[1].pages)
     return map_parallel(store_table, biggest_first, jobs, "dump")

@@ -10,6 +10,7 @@ import psycopg
 
 from ...errors import ToolError
 from ...manifest import Manifest
+from ...postgresql.connection import encoded, session_codec
 from ...postgresql.tools import PgTool
 from .dump import PSQL_COPY_BYTES, Table, TableDigest, copy_out, psql_copy_out, session_settings
 from .loading import SessionPool
@@ -31,7 +32,7 @@ def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = No
         try:
             if psql is not None and (sizes or {}).get(table.label, 0) > PSQL_COPY_BYTES:
                 conn = sessions.get()
-                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), conn.info.encoding,
+                for chunk in psql_copy_out(psql, dsn, table, session_settings(conn, encoding), session_codec(conn),
                                            encoding):
                     d.update(chunk)
             else:
@@ -59,10 +60,10 @@ def counted_tables(dsn: str, loaded: list[dict[str, Any]], jobs: int, encoding: 
     (a later statement may have emptied a table loaded before). A table that cannot be read is left out
     (compare_tables reports it missing)."""
     def count(facts: dict[str, Any]) -> dict[str, Any] | None:
-        table = Table(facts["schema"], facts["name"], ())
+        table = Table.from_facts(facts)
         try:
             with sessions.get().cursor() as cur:
-                cur.execute(f"SELECT count(*) FROM ONLY {table.dump_pattern()}")
+                cur.execute(encoded(cur.connection, f"SELECT count(*) FROM ONLY {table.dump_pattern()}"))
                 return {**facts, "rows": int(cur.fetchone()[0])}  # type: ignore[index]
         except psycopg.Error:
             return None
@@ -82,4 +83,4 @@ def validated_tables(dsn: str, manifest: Manifest, tables: list[Table], loaded: 
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     sizes = {record.name: record.plaintext_size for record in manifest.objects}
     return restored_table_facts(dsn, tables, psql, jobs, encoding,
-                                {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
+                                {Table.from_facts(t).label: sizes[t["object"]] for t in table_facts})
