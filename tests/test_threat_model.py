@@ -1,6 +1,7 @@
 """Every sentence of the threat model in docs/formats.md names the test that proves it, and every test it
-names exists (issue 27: "every sentence of it has a test"). Headings say who the attacker is; each sentence
-below says what they can or cannot do, and ends with `[tests/FILE.py::TEST]` (one or more)."""
+names exists (issue 27: "every sentence of it has a test"). Lead-ins (a line ending with a colon) say who the
+attacker is; each sentence below says what they can or cannot do, and ends with `[tests/FILE.py::TEST]` (one
+or more)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def sentences(section: str) -> list[str]:
     for block in blocks:
         block = " ".join(line.strip() for line in block.splitlines() if not line.startswith("#")).strip()
         block = block.removeprefix("- ").strip()
-        if block:
+        if block and not block.endswith(":"):  # a lead-in ("**Who** ... can:") introduces the claims below it
             found += [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z*`(])", block) if s.strip()]
     return found
 
