@@ -63,7 +63,7 @@ class CheckRecord:
     checked_at: datetime
     outcomes: list[CheckOutcome]
     trigger: dict[str, str] = field(default_factory=dict)  # dagster_run_id, or cli
-    manifest_digest: str = ""  # the manifest these checks read (Manifest.digest): another one is not checked
+    manifest_digest: str = ""  # the manifest these checks read (Manifest.fingerprint): another one is not checked
 
     @property
     def passed(self) -> bool:
@@ -74,7 +74,7 @@ class CheckRecord:
         return next((o for o in self.outcomes if o.name == name), None)
 
     def body(self) -> dict[str, Any]:
-        return {"format": "regal-backup-checks", "version": 2, "backup_id": self.backup_id,
+        return {"format": "regal-backup-checks", "version": 3, "backup_id": self.backup_id,
                 "checked_at": self.checked_at.isoformat(), "passed": self.passed, "trigger": self.trigger,
                 "manifest_digest": self.manifest_digest,
                 "outcomes": [{**asdict(o), "severity": o.severity} for o in self.outcomes]}
@@ -114,7 +114,7 @@ def check_status(repo: Repository, keyring: Keyring, manifest: Manifest) -> Chec
     except (IntegrityError, ValueError, KeyError, TypeError) as exc:
         problem = exc.message if isinstance(exc, IntegrityError) else f"{key} cannot be read"
         return CheckStatus("unchecked", problem=f"its check record is refused: {problem}")
-    if record.manifest_digest != manifest.digest():
+    if not keyring.fingerprint_matches(record.manifest_digest, manifest.digest()):
         return CheckStatus("unchecked", record, f"{key} checked another version of its manifest")
     return CheckStatus("good" if record.passed else "failed", record)
 
@@ -326,7 +326,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                 outcomes.append(check_offsite(repo, secondary, manifest))
             except RegalError as exc:
                 outcomes.append(CheckOutcome("offsite_copy", False, exc.message))
-    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {}, manifest.digest() if manifest else "")
+    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {},
+                         manifest.fingerprint(keyring) if manifest else "")
     repo.put_bytes(checks_key(backup_id), record.to_bytes(keyring))
     audit.record(policy, repo, "verification", backup_id, "success" if record.passed else "failure",
                  {"checks": {o.name: o.passed for o in record.outcomes},

@@ -45,6 +45,9 @@ class ConfigSource(Source):
         objects = [store(BUNDLE_OBJECT, BUNDLE_CONTENT, bundle_stream(repo_path, facts["stash"]), 0)]
         objects += [store(LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
                     for name in facts["lock_files"]]
+        # the keyed fingerprint of each lock file's object: never a bare SHA-256 of data in the repository
+        facts["lock_files"] = {name: record.plaintext_sha256 for name, record in zip(
+            facts["lock_files"], objects[1:], strict=True)}
         return Captured(objects, facts, {"git": git_version()})
 
     def check_structure(self, backup: StoredBackup) -> str:

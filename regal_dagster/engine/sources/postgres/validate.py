@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from ...crypto import Keyring
 from ...errors import ToolError
 from ...manifest import Manifest
 from ...postgresql.tools import PgTool
@@ -52,13 +53,18 @@ def restored_table_facts(dsn: str, tables: list[Table], psql: PgTool | None = No
         return [facts for facts in pool.map(digest, tables) if facts is not None]
 
 
-def validated_tables(dsn: str, manifest: Manifest, tables: list[Table], loaded: list[dict[str, Any]], validation: str,
-                     psql: PgTool, jobs: int, encoding: str | None) -> list[dict[str, Any]]:
+def validated_tables(dsn: str, keyring: Keyring, manifest: Manifest, tables: list[Table], loaded: list[dict[str, Any]],
+                     validation: str, psql: PgTool, jobs: int, encoding: str | None) -> list[dict[str, Any]]:
     """The facts of the restored tables to compare with the backup's: with `full` validation, every table read
-    back from the server; else the row counts the load reported."""
+    back from the server, its SHA-256 keyed as the backup's fingerprint was (with the same key, so equal text
+    means equal content); else the row counts the load reported."""
     if validation != "full":
         return loaded
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     sizes = {record.name: record.plaintext_size for record in manifest.objects}
-    return restored_table_facts(dsn, tables, psql, jobs, encoding,
-                                {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
+    recorded = {f"{t['schema']}.{t['name']}": str(t["sha256"]) for t in table_facts}
+    restored = restored_table_facts(dsn, tables, psql, jobs, encoding,
+                                    {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
+    return [{**facts, "sha256": keyring.fingerprint(facts["sha256"], like=recorded.get(f"{facts['schema']}."
+                                                                                        f"{facts['name']}"))}
+            for facts in restored]
