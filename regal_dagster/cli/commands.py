@@ -516,7 +516,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                                     "retain_until": manifest.locked_until.isoformat()}
                                    if manifest.object_lock and manifest.locked_until else None)
     objects: list[dict[str, Any]] = [{"name": o.name, "key": o.key, "content": o.content, "bytes_stored": o.size,
-                "bytes_read": o.plaintext_size, "plaintext_sha256": o.plaintext_sha256,
+                "bytes_read": o.plaintext_size, "plaintext_fingerprint": o.plaintext_sha256,
                 "stored_sha256": o.stored_sha256, "key_id": o.encryption.key_id} for o in manifest.objects]
     tables: list[dict[str, Any]] = [{"table": name, "rows": rows} for name, rows in manifest.table_rows().items()]
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description}
