@@ -113,3 +113,11 @@ def write_keyset_v4(policy: Policy, keyring: Keyring, repository_format: int | N
 
 def repository_file(policy: Policy, key: str) -> Path:
     return policy.local_repository_path() / key
+
+
+def manifest_body(policy_file: Path, target: str, backup_id: str) -> dict[str, Any]:
+    """A backup's manifest as its body (read with the keys: it is encrypted in the repository)."""
+    from regal_dagster.engine.layout import manifest_key
+    from regal_dagster.engine.policy import load_policy
+
+    return body_of(load_policy(policy_file), manifest_key(target, backup_id))
