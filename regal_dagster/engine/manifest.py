@@ -28,6 +28,22 @@ MANIFEST_VERSION = 4  # 4: encrypted, keyed fingerprints; 3: sealed; 2: self-che
 DOCUMENT_KIND = "manifest"
 
 
+def is_sha256(value: Any) -> bool:
+    """A bare SHA-256 as hex (what a manifest must not hold: Keyring.fingerprint keys it)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def keyed_facts(keyring: Keyring, value: Any) -> Any:
+    """Source facts with every bare SHA-256 named `sha256` (a file's content, a table's rows) keyed: a kind
+    records content sums as `sha256` and the engine keys them before the manifest is written."""
+    if isinstance(value, dict):
+        return {k: keyring.fingerprint(v) if k == "sha256" and is_sha256(v) else keyed_facts(keyring, v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [keyed_facts(keyring, item) for item in value]
+    return value
+
+
 class CompressionInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     algorithm: Literal["zstd"] = "zstd"

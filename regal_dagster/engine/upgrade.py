@@ -60,7 +60,7 @@ from .layout import (
     is_manifest_key,
     manifest_key,
 )
-from .manifest import DOCUMENT_KIND, MANIFEST_VERSION, Manifest
+from .manifest import DOCUMENT_KIND, MANIFEST_VERSION, Manifest, is_sha256, keyed_facts
 from .pipeline import read_stream
 from .policy import Policy
 from .repository_format import (
@@ -211,7 +211,7 @@ def _encrypt_check_record(repo: Repository, keyring: Keyring, manifest: Manifest
 def _keyed_fingerprints(keyring: Keyring, value: Any) -> Any:
     """`value` with every object record's bare `plaintext_sha256` keyed (Keyring.fingerprint)."""
     if isinstance(value, dict):
-        return {k: keyring.fingerprint(v) if k == "plaintext_sha256" and _is_digest(v) else
+        return {k: keyring.fingerprint(v) if k == "plaintext_sha256" and is_sha256(v) else
                 _keyed_fingerprints(keyring, v) for k, v in value.items()}
     if isinstance(value, list):
         return [_keyed_fingerprints(keyring, item) for item in value]
@@ -222,7 +222,7 @@ def keyed_manifest(keyring: Keyring, body: dict[str, Any]) -> dict[str, Any]:
     """A manifest body of bare SHA-256 sums as version 4: every string equal to an object's content SHA-256 (its
     `plaintext_sha256`, a table's `sha256`, a lock file's) becomes that object's keyed fingerprint."""
     fingerprints = {str(r["plaintext_sha256"]): keyring.fingerprint(str(r["plaintext_sha256"]))
-                    for r in body.get("objects", []) if isinstance(r, dict) and _is_digest(r.get("plaintext_sha256"))}
+                    for r in body.get("objects", []) if isinstance(r, dict) and is_sha256(r.get("plaintext_sha256"))}
 
     def keyed(value: Any) -> Any:
         if isinstance(value, dict):
@@ -231,11 +231,7 @@ def keyed_manifest(keyring: Keyring, body: dict[str, Any]) -> dict[str, Any]:
             return [keyed(item) for item in value]
         return fingerprints.get(value, value) if isinstance(value, str) else value
 
-    return {**keyed(body), "version": MANIFEST_VERSION}
-
-
-def _is_digest(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return {**keyed(body), "source": keyed_facts(keyring, keyed(body.get("source", {}))), "version": MANIFEST_VERSION}
 
 
 def legacy_manifest(data: bytes, key: str) -> dict[str, Any]:
