@@ -473,7 +473,7 @@ def _chained_resources(shop: dict[str, Any]) -> list[str]:
 def test_a_downgraded_marker_does_not_launder_a_forged_manifest_and_spool_event(shop: dict[str, Any]) -> None:
     """The attack: a current repository's marker set back to format 1, a forged unsealed manifest (tables
     swapped) and a spooled event planted; the operator runs `regal-backup upgrade` as every command tells
-    them. The keyset remembers format 2: upgrade is refused as a downgrade, naming the marker, and seals
+    them. The keyset remembers format 3: upgrade is refused as a downgrade, naming the marker, and seals
     nothing; once the marker is put back, verify still refuses the forgery; the event never joins the chain."""
     backup_id = _backup(shop)
     key = manifest_key("pos", backup_id)
