@@ -40,9 +40,10 @@ from regal_dagster.engine.compliance.evidence import COLUMNS
 from regal_dagster.engine.compliance.frameworks.registry import frameworks
 from regal_dagster.engine.compliance.report import Period, ReportResult, build_report
 from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.documents import seal, unseal
 from regal_dagster.engine.errors import RegalError, UsageError
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.retention import run_prune
+from regal_dagster.engine.retention import PRUNE_LOG_KIND, run_prune
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, load_awkward_data, run_cli, verified_backup, write_policy_file
@@ -514,12 +515,15 @@ def test_a_past_month_is_judged_on_its_own_evidence(setup: dict[str, Any]) -> No
 
     (log_key,) = [s.key for s in repo.list("prune/")]
     original = repo.get_bytes(log_key)
-    body = json.loads(original)
-    repo.put_bytes(log_key, json.dumps(body).encode())  # the same content, written again: its seal holds
+    keyring = load_keyring(policy)
+    body = unseal(keyring, PRUNE_LOG_KIND, log_key, original)
+    repo.put_bytes(log_key, seal(keyring, PRUNE_LOG_KIND, log_key, body))  # the same content, encrypted again:
+    # it authenticates, but it is not the file the prune wrote
     rewritten = {c.control_id: c for c in build_report(policy, month).controls}["RD-01"]
     assert rewritten.result == FAIL and "differs from the SHA-256 the audit trail recorded" in rewritten.finding
-    body["deleted"] = ["pos-20261101T000000Z-abcdef"]  # someone edits the log after the fact
-    repo.put_bytes(log_key, json.dumps(body).encode())
+    edited_bytes = bytearray(original)  # someone edits the log after the fact (without the keys: its ciphertext)
+    edited_bytes[len(edited_bytes) // 2] ^= 0x01
+    repo.put_bytes(log_key, bytes(edited_bytes))
     edited = {c.control_id: c for c in build_report(policy, month).controls}["RD-01"]
     assert edited.result == FAIL and "fails authentication" in edited.finding
 

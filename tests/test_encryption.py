@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -112,11 +111,11 @@ def test_a_flipped_byte_is_detected_and_named(backed_up) -> None:  # type: ignor
 def test_an_edited_manifest_fails_its_checksum(backed_up) -> None:  # type: ignore[no-untyped-def]
     policy, manifest, _ = backed_up
     path = policy.local_repository_path() / f"backups/pos/{manifest.backup_id}/manifest.json"
-    document = json.loads(path.read_text())
-    document["retention_class"] = "monthly"
+    edited = bytearray(path.read_bytes())  # encrypted: an edit can only flip ciphertext bits
+    edited[len(edited) // 2] ^= 0x01
     key = f"backups/pos/{manifest.backup_id}/manifest.json"
-    with pytest.raises(IntegrityError, match=f"{key} fails authentication"):  # sealed: nobody without the keys
-        Manifest.from_bytes(json.dumps(document).encode(), key, load_keyring(policy))
+    with pytest.raises(IntegrityError, match=f"{key} fails authentication"):  # nobody without the keys
+        Manifest.from_bytes(bytes(edited), key, load_keyring(policy))
 
 
 def test_master_key_file_must_be_private(tmp_path: Path) -> None:

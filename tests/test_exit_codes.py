@@ -184,7 +184,9 @@ def test_audit_and_report_exit_codes(setup: dict[str, Any]) -> None:
         assert done.returncode == code, (period, done.stderr)
         _clear(done)
     (checkpoint,) = (policy_file.parent / "repository" / "audit" / "checkpoints").iterdir()
-    checkpoint.write_text(checkpoint.read_text().replace('"seq"', '"seq_"'))  # damaged
+    damaged = bytearray(checkpoint.read_bytes())
+    damaged[-1] ^= 0x01
+    checkpoint.write_bytes(bytes(damaged))  # damaged
     verified = run_cli(policy_file, "audit", "verify")
     assert verified.returncode == 3 and f"audit/checkpoints/{checkpoint.name}" in verified.stdout
     assert "Traceback" not in verified.stderr

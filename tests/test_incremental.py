@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 
 from regal_dagster.engine.backup import incremental_by_policy
+from regal_dagster.engine.layout import target_of
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.postgresql.server import ScratchCluster
 from regal_dagster.engine.sources.postgres_cluster.source import RESTORING_MARKER
 from regal_dagster.engine.workspace import PREFIX
 
 from .conftest import SYSTEM_PG
+from .old_formats import manifest_body
 from .test_pitr import (
     AS_ROOT,
     CLI,
@@ -52,7 +54,7 @@ def _backup(policy: Path, *how: str) -> dict[str, Any]:
 
 
 def _manifest(policy: Path, backup_id: str) -> dict[str, Any]:
-    return json.loads((_backup_dir(policy, backup_id) / "manifest.json").read_text())
+    return manifest_body(policy, target_of(backup_id), backup_id)
 
 
 def _backup_dir(policy: Path, backup_id: str) -> Path:
@@ -233,7 +235,7 @@ def test_a_deleted_parent_object_is_refused_naming_it(chain: dict[str, Any], tmp
 def test_a_forged_parent_manifest_is_refused_naming_it(chain: dict[str, Any], tmp_path: Path) -> None:
     policy = _copy_project(chain, tmp_path)
     sealed = _backup_dir(policy, chain["first"]) / "manifest.json"
-    document = json.loads(sealed.read_text())
+    document = _manifest(policy, chain["first"])  # as the genuine one says (an attacker cannot read it)
     document["source"]["stop_lsn"] = "0/0"
     sealed.write_text(json.dumps(document))
     message = _refused(policy, tmp_path / "restored")
@@ -320,6 +322,5 @@ def test_an_incremental_with_nothing_to_build_on_is_a_full_backup_saying_so(chai
     done = _ok(cli(policy, "backup", "fresh", "--incremental", "--json"))
     assert "there is no good base backup of this target yet: took a full base backup" in done.stderr, done.stderr
     backup_id = json.loads(done.stdout)["backup_id"]
-    source = json.loads((policy.parent / "repository" / "backups" / "fresh" / backup_id / "manifest.json")
-                        .read_text())["source"]
+    source = manifest_body(policy, "fresh", backup_id)["source"]
     assert source["backup_type"] == "full" and "took a full base backup" in source["incremental_note"]

@@ -22,6 +22,7 @@ from regal_dagster.engine.postgresql.programs import let_account_traverse, serve
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
 from .conftest import invoke_cli, wait_archived, wait_for, wait_promoted
+from .old_formats import manifest_body
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
@@ -161,8 +162,7 @@ def test_a_base_backup_is_a_verified_pg_basebackup_stream_with_its_wal_range(arc
     assert all(c["passed"] for c in checks.values()), checks
     assert "files of PostgreSQL's backup manifest with their SHA-256" in checks["integrity"]["description"]
     assert "parsed by pg_waldump" in checks["wal_continuity"]["description"], checks["wal_continuity"]
-    repo = policy.parent / "repository" / "backups" / "cluster" / archived_server["first"]
-    manifest = json.loads((repo / "manifest.json").read_text())
+    manifest = manifest_body(policy, "cluster", archived_server["first"])
     source = manifest["source"]
     assert source["timeline"] == 1 and source["start_lsn"] <= source["stop_lsn"]
     assert manifest["tool_versions"]["pg_basebackup"].startswith("18")
@@ -381,8 +381,7 @@ def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archiv
     dry = json.loads(_ok(cli(policy, "prune", "--dry-run", "--json")).stdout)
     kept = sorted(d["backup_id"] for d in dry["decisions"]["cluster"] if d["keep"])
     assert kept == [archived_server["second"]]  # one hourly backup per hour: the first one goes
-    manifest = json.loads((policy.parent / "repository" / "backups" / "cluster" / kept[0] / "manifest.json")
-                          .read_text())
+    manifest = manifest_body(policy, "cluster", kept[0])
     high, low = manifest["source"]["start_lsn"].split("/")
     first = (int(high, 16) << 32 | int(low, 16)) // (16 * 1024 * 1024)
     older = [n for n in before if int(n[8:16], 16) * 256 + int(n[16:24], 16) < first]

@@ -13,9 +13,10 @@ import pytest
 from regal_dagster.defs import RESTORE_TEST_JOB, build_definitions
 from regal_dagster.engine.checks import good_backups
 from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.documents import read_document
 from regal_dagster.engine.layout import RESTORE_SAMPLES
 from regal_dagster.engine.policy import load_policy
-from regal_dagster.engine.sampling import choose, draw_restore_sample
+from regal_dagster.engine.sampling import SAMPLE_KIND, choose, draw_restore_sample
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, backup_then_checks, invoke_cli, load_awkward_data, write_policy_file
@@ -78,7 +79,7 @@ def test_the_monthly_sample_is_random_recorded_and_reproducible_from_its_seed(po
     requests = schedule.evaluate_tick(tick).run_requests or []
 
     (stored,) = list(repo.list(RESTORE_SAMPLES))
-    record = json.loads(repo.get_bytes(stored.key))
+    record = read_document(repo, load_keyring(policy), SAMPLE_KIND, stored.key)
     assert stored.key.endswith("2026-12.json") and len(record["candidates"]) == 5 and len(record["chosen"]) == 2
     assert [list(c) for c in choose([tuple(c) for c in record["candidates"]], record["seed"], 2)] == record["chosen"]
     assert sorted(r.tags["regal/backup_id"] for r in requests) == sorted(c[1] for c in record["chosen"])

@@ -16,8 +16,9 @@ import pytest
 from regal_dagster.engine.alerts import restore_test_conditions
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.documents import read_document
 from regal_dagster.engine.layout import restore_test_prefix
-from regal_dagster.engine.restore_test import run_restore_test
+from regal_dagster.engine.restore_test import RESTORE_TEST_KIND, run_restore_test
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import DatabaseFactory, invoke_cli, load_awkward_data, make_policy, write_policy_file
@@ -54,7 +55,7 @@ def test_a_restore_test_of_a_real_backup_passes_and_reports_timings(backed_up, t
         ('Order "Lines"', 4, True), ("customers", 2000, True)]
     assert list(work.iterdir()) == []  # the scratch server and its files are gone
     (stored,) = list(repo.list(restore_test_prefix("pos")))
-    evidence = json.loads(repo.get_bytes(stored.key))
+    evidence = read_document(repo, load_keyring(policy), RESTORE_TEST_KIND, stored.key)
     assert evidence["backup_id"] == manifest.backup_id and evidence["validation_passed"] is True
 
 

@@ -16,8 +16,9 @@ from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.catalog import list_backups
 from regal_dagster.engine.checks import run_checks
 from regal_dagster.engine.crypto import load_keyring
+from regal_dagster.engine.documents import read_document
 from regal_dagster.engine.policy import RETENTION_CLASSES, load_policy
-from regal_dagster.engine.retention import PRUNE_SLACK, BackupInfo, plan, run_prune
+from regal_dagster.engine.retention import PRUNE_LOG_KIND, PRUNE_SLACK, BackupInfo, plan, run_prune
 from regal_dagster.engine.settings import CronExpression
 from regal_dagster.engine.storage import open_repository
 
@@ -180,7 +181,7 @@ def test_prune_deletes_what_retention_no_longer_keeps_and_records_it(system_pg: 
     assert report.leftovers == ["backups/pos/pos-20261001T000000Z-abcdef/tables/00001.copy"]
     assert not list(repo.list("backups/pos/pos-20261001T000000Z-abcdef/"))
     (log,) = list(repo.list("prune/"))
-    logged = json.loads(repo.get_bytes(log.key))
+    logged = read_document(repo, load_keyring(policy), PRUNE_LOG_KIND, log.key)  # encrypted (no bucket reader)
     assert logged["deleted"] == report.deleted and logged["leftovers_deleted"] == report.leftovers
     assert run_prune(policy, repo, later, dry_run=True).past_retention == []  # nothing past retention remains
 

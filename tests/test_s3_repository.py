@@ -342,8 +342,10 @@ def test_round_trip_through_s3(
     tables = [Table.from_facts(t) for t in manifest.source["tables"]]
     psql = find_pg_tool("psql", 15)
     restored_facts = restored_table_facts(_dsn(restored), tables, psql)
-    assert restored_facts == [{k: t[k] for k in ("schema", "name", "columns", "rows", "sha256")}
-                              for t in manifest.source["tables"]]
+    assert [{k: f[k] for k in ("schema", "name", "columns", "rows")} for f in restored_facts] == [
+        {k: t[k] for k in ("schema", "name", "columns", "rows")} for t in manifest.source["tables"]]
+    assert all(keyring.fingerprint_matches(t["sha256"], f["sha256"])  # the manifest holds keyed fingerprints
+               for t, f in zip(manifest.source["tables"], restored_facts, strict=True))
     # ... the schema is identical ...
     assert _schema_dump(restored) == _schema_dump(source_db)
     # ... and so is the awkward data, compared value by value.

@@ -25,6 +25,7 @@ from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
 
 from .conftest import CLI, DatabaseFactory, run_cli, write_policy_file
+from .old_formats import body_of, with_bare_digests
 
 CARDS = """
 CREATE TABLE card_blocklist (token text PRIMARY KEY, reason text);
@@ -65,9 +66,11 @@ def _repo_path(shop: dict[str, Any], key: str) -> Path:
     return shop["policy"].local_repository_path() / key
 
 
-def _reseal_v2_style(path: Path, edit: Any) -> None:
-    """What an attacker can do without the keys: edit the JSON and recompute any checksum anyone can."""
-    document = json.loads(path.read_text())
+def _reseal_v2_style(shop: dict[str, Any], key: str, edit: Any) -> None:
+    """What an attacker can do without the keys: write the manifest's JSON (here taken from the genuine one,
+    which they cannot read) edited, and recompute any checksum anyone can."""
+    path = _repo_path(shop, key)
+    document = body_of(shop["policy"], key)
     edit(document)
     document.pop("seal", None)
     document["manifest_sha256"] = hashlib.sha256(canonical(document)).hexdigest()
@@ -88,7 +91,6 @@ def _untouched(dsn: str) -> bool:
 @pytest.mark.parametrize("tampering", ["swap the tables' objects", "drop a table", "rename a column"])
 def test_a_resealed_manifest_is_refused_everywhere_and_nothing_is_dropped(shop: dict[str, Any], tampering: str) -> None:
     backup_id = _backup(shop)
-    path = _repo_path(shop, manifest_key("pos", backup_id))
 
     def edit(document: dict[str, Any]) -> None:
         tables = {t["name"]: t for t in document["source"]["tables"]}
@@ -100,8 +102,8 @@ def test_a_resealed_manifest_is_refused_everywhere_and_nothing_is_dropped(shop: 
         else:
             tables["customers"]["columns"][1] = "email; DROP TABLE precious"
 
-    _reseal_v2_style(path, edit)
     key = manifest_key("pos", backup_id)
+    _reseal_v2_style(shop, key, edit)
 
     verified = run_cli(shop["policy_file"], "verify", backup_id, "--json")
     assert verified.returncode == 3
@@ -148,8 +150,7 @@ def test_a_forged_check_record_does_not_make_a_corrupt_backup_good(shop: dict[st
     data[len(data) // 2] ^= 0x01
     biggest.write_bytes(bytes(data))
     record_path = _repo_path(shop, checks_key(corrupt))
-    record = json.loads(record_path.read_text())
-    record.pop("seal")
+    record = body_of(shop["policy"], checks_key(corrupt))
     record_path.write_text(json.dumps({**record, "passed": True}))  # "good", says the forger
 
     listing = json.loads(run_cli(shop["policy_file"], "list", "--json").stdout)
@@ -243,7 +244,7 @@ def test_a_forged_audit_checkpoint_is_named_not_blamed_on_the_database(shop: dic
     _backup(shop)
     assert run_cli(shop["policy_file"], "audit", "verify").returncode == 0  # writes a checkpoint
     (checkpoint,) = _repo_path(shop, "audit/checkpoints").iterdir()
-    body = json.loads(checkpoint.read_text())
+    body = body_of(shop["policy"], f"audit/checkpoints/{checkpoint.name}")
     checkpoint.write_text(json.dumps({**body, "hash": "0" * 64}))
 
     verified = run_cli(shop["policy_file"], "audit", "verify")
@@ -358,8 +359,7 @@ def test_a_forged_restore_test_record_and_a_planted_sample_are_refused(shop: dic
 def test_an_unsealed_or_forged_repository_marker_is_refused(shop: dict[str, Any]) -> None:
     _backup(shop)
     marker = _repo_path(shop, REPOSITORY_MARKER)
-    body = json.loads(marker.read_text())
-    body.pop("seal")
+    body = body_of(shop["policy"], REPOSITORY_MARKER)
     marker.write_text(json.dumps({**body, "created_at": "2001-01-01T00:00:00+00:00"}))
     listed = run_cli(shop["policy_file"], "list")
     assert listed.returncode != 0 and REPOSITORY_MARKER in listed.stderr
@@ -383,7 +383,7 @@ def _as_format_1_manifest(document: dict[str, Any]) -> None:
 
 def _format_1_marker(shop: dict[str, Any]) -> None:
     """The marker as format 1 wrote it, in plain JSON (what anyone who can write the repository can write)."""
-    marker = json.loads(_repo_path(shop, REPOSITORY_MARKER).read_text())
+    marker = body_of(shop["policy"], REPOSITORY_MARKER)
     _repo_path(shop, REPOSITORY_MARKER).write_text(json.dumps({"format": marker["format"], "version": 1,
                                                                "created_at": marker["created_at"]}))
 
@@ -393,21 +393,18 @@ def _make_format_1(shop: dict[str, Any], backup_ids: list[str]) -> None:
     version 2 keyset without document keys): a genuine format 1 repository."""
     policy = shop["policy"]
     keyring = load_keyring(policy)
+    repo = open_repository(policy)
     for backup_id in backup_ids:  # written back the way format 1 wrote them
         path = _repo_path(shop, manifest_key("pos", backup_id))
-        body = json.loads(path.read_text())
-        body.pop("seal")
+        body = with_bare_digests(repo, keyring, body_of(policy, manifest_key("pos", backup_id)), backup_id)
         body.pop("ledger_revision")
         body["version"] = 2
         body["manifest_sha256"] = hashlib.sha256(canonical(body)).hexdigest()
         path.write_text(json.dumps(body))
-        record = json.loads(_repo_path(shop, checks_key(backup_id)).read_text())
-        record.pop("seal")
+        record = body_of(policy, checks_key(backup_id))
         record.pop("manifest_digest")
         _repo_path(shop, checks_key(backup_id)).write_text(json.dumps({**record, "version": 1}))
-    marker = json.loads(_repo_path(shop, REPOSITORY_MARKER).read_text())
-    _repo_path(shop, REPOSITORY_MARKER).write_text(json.dumps({"format": marker["format"], "version": 1,
-                                                               "created_at": marker["created_at"]}))
+    _format_1_marker(shop)
     keyset_path = policy.resolve_path(policy.encryption.keyset)
     master = keyring.origin.master  # type: ignore[union-attr]
     history = keyring.stream.history
@@ -476,12 +473,12 @@ def _chained_resources(shop: dict[str, Any]) -> list[str]:
 def test_a_downgraded_marker_does_not_launder_a_forged_manifest_and_spool_event(shop: dict[str, Any]) -> None:
     """The attack: a current repository's marker set back to format 1, a forged unsealed manifest (tables
     swapped) and a spooled event planted; the operator runs `regal-backup upgrade` as every command tells
-    them. The keyset remembers format 2: upgrade is refused as a downgrade, naming the marker, and seals
+    them. The keyset remembers format 3: upgrade is refused as a downgrade, naming the marker, and seals
     nothing; once the marker is put back, verify still refuses the forgery; the event never joins the chain."""
     backup_id = _backup(shop)
     key = manifest_key("pos", backup_id)
     genuine_marker = _repo_path(shop, REPOSITORY_MARKER).read_bytes()
-    manifest = json.loads(_repo_path(shop, key).read_text())
+    manifest = body_of(shop["policy"], key)
     _swap_tables_objects(manifest)
     _as_format_1_manifest(manifest)
     _repo_path(shop, key).write_text(json.dumps(manifest))
@@ -511,26 +508,19 @@ def test_a_downgraded_marker_does_not_launder_a_forged_manifest_and_spool_event(
 
 
 def test_a_keyset_from_before_the_format_record_learns_it_on_the_next_open(shop: dict[str, Any]) -> None:
-    """A keyset written before it recorded the format (version 3) records it on the next command: from then
-    on the repository cannot be downgraded, whatever the audit trail says."""
+    """A keyset without the format record (null, as one from before it) records it on the next command: from
+    then on the repository cannot be downgraded, whatever the audit trail says."""
     _backup(shop)
     policy = shop["policy"]
     keyring = load_keyring(policy)
-    assert keyring.repository_format == 2
+    assert keyring.repository_format == 3
     path = policy.resolve_path(policy.encryption.keyset)
-    document = json.loads(path.read_text())
-    master, stream, macs = keyring.origin.master, keyring.stream, keyring.macs  # type: ignore[union-attr]
-    assert document["version"] == crypto.KEYSET_VERSION and document["repository_format"] == 2 and macs is not None
-    del document["repository_format"]
-    document.update(version=3, encrypted_keyset=crypto.tink.json_proto_keyset_format.serialize_encrypted(
-        stream.handle, master, crypto._keyset_aad_v3(b"streaming-aead", stream.history, macs.history)),
-        encrypted_mac_keyset=crypto.tink.json_proto_keyset_format.serialize_encrypted(
-            macs.handle, master, crypto._keyset_aad_v3(b"mac", stream.history, macs.history)))
-    path.write_text(json.dumps(document))
+    crypto.save_keyring(keyring._changed(repository_format=None))
+    assert json.loads(path.read_text())["version"] == crypto.KEYSET_VERSION
     assert load_keyring(policy).repository_format is None
 
     assert run_cli(shop["policy_file"], "list").returncode == 0
-    assert load_keyring(policy).repository_format == 2
+    assert load_keyring(policy).repository_format == 3
     document = json.loads(path.read_text())
     document["repository_format"] = 1  # lowering it by hand breaks the keyset
     path.write_text(json.dumps(document))
@@ -580,19 +570,19 @@ def test_upgrade_refuses_a_downgrade_the_audit_trail_saw_even_with_an_older_keys
     keyset = policy.resolve_path(policy.encryption.keyset)
     old_keyset = keyset.read_text()
     assert run_cli(shop["policy_file"], "upgrade").returncode == 0
-    sealed = _repo_path(shop, manifest_key("pos", backup_id)).read_text()
+    sealed = _repo_path(shop, manifest_key("pos", backup_id)).read_bytes()
     _format_1_marker(shop)
     refused = run_cli(shop["policy_file"], "upgrade")
-    assert refused.returncode == 3 and "this keyset has opened format 2" in refused.stderr
+    assert refused.returncode == 3 and "this keyset has opened format 3" in refused.stderr
     keyset.write_text(old_keyset)  # no document keys, no format: only the trail remembers
     refused = run_cli(shop["policy_file"], "upgrade")
     assert refused.returncode == 3 and REPOSITORY_MARKER in refused.stderr
     assert "the audit trail records an upgrade" in refused.stderr
-    assert _repo_path(shop, manifest_key("pos", backup_id)).read_text() == sealed
+    assert _repo_path(shop, manifest_key("pos", backup_id)).read_bytes() == sealed
 
 
 def _swap_smallest_and_biggest_tables(shop: dict[str, Any], backup_id: str) -> tuple[str, str]:
-    document = json.loads(_repo_path(shop, manifest_key("pos", backup_id)).read_text())
+    document = body_of(shop["policy"], manifest_key("pos", backup_id))
     tables = sorted((o for o in document["objects"] if o["name"] != "schema"), key=lambda o: o["size"])
     small, big = tables[0]["key"], tables[-1]["key"]
     small_path, big_path = _repo_path(shop, small), _repo_path(shop, big)

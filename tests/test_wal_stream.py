@@ -18,6 +18,7 @@ import pytest
 from regal_dagster.engine.postgresql.installations import pg_bin_dir
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
+from .old_formats import manifest_body
 from .test_pitr import AS_ROOT, CLI, _ok, _run, _sql, _start_stream, _wait_for, _wait_promoted, cli
 
 KILL_TRIALS = 3
@@ -177,8 +178,7 @@ def test_a_private_postgresql_15_server_streams_and_restores_to_a_time(tmp_path:
         assert stream.wait(timeout=30) == 0, log.read_text()
         stream = None
 
-        manifest = json.loads((policy.parent / "repository" / "backups" / "cluster" / backup_id / "manifest.json")
-                              .read_text())
+        manifest = manifest_body(policy, "cluster", backup_id)
         assert manifest["tool_versions"]["pg_basebackup"].startswith("15")
         verified = json.loads(_ok(cli(policy, "verify", backup_id, "--json")).stdout)
         assert all(c["passed"] for c in verified["checks"]), verified["checks"]

@@ -508,13 +508,13 @@ def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
 
     report = upgrade_repository(load_policy_of(args))
     if report.already_current:
-        text = "the repository is current (format 2: every document sealed); nothing to do"
+        text = "the repository is current (format 3: every document encrypted); nothing to do"
     else:
-        text = (f"sealed {len(report.manifests_sealed)} manifest(s) and {report.documents_sealed} other "
-                "document(s); the repository is now format 2")
+        text = (f"encrypted {len(report.manifests_sealed)} manifest(s) and {report.documents_sealed} other "
+                f"document(s); the repository is now format 3 (was {report.upgraded_from})")
     if report.keyset_upgraded:
         text += "\nthe keyset gained document keys (keep a copy of the new keyset file with your key backups)"
-    text += "".join(f"\nNOT SEALED {key}: {why}" for key, why in report.refused.items())
+    text += "".join(f"\nNOT ENCRYPTED {key}: {why}" for key, why in report.refused.items())
     out.result(report.__dict__, text)
     return 3 if report.refused else 0
 
@@ -583,7 +583,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                                     "retain_until": manifest.locked_until.isoformat()}
                                    if manifest.object_lock and manifest.locked_until else None)
     objects: list[dict[str, Any]] = [{"name": o.name, "key": o.key, "content": o.content, "bytes_stored": o.size,
-                "bytes_read": o.plaintext_size, "plaintext_sha256": o.plaintext_sha256,
+                "bytes_read": o.plaintext_size, "plaintext_fingerprint": o.plaintext_sha256,
                 "stored_sha256": o.stored_sha256, "key_id": o.encryption.key_id} for o in manifest.objects]
     tables: list[dict[str, Any]] = [{"table": name, "rows": rows} for name, rows in manifest.table_rows().items()]
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description}

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="commands:cmd_report")
 
     p = sub.add_parser("upgrade", parents=[common],
-                       help="seal every document of a repository written by an earlier regal-backup (format 1)")
+                       help="encrypt every document of a repository written by an earlier regal-backup (format 1 or 2)")
     p.set_defaults(func="commands:cmd_upgrade")
 
     p = sub.add_parser("check", parents=[common],

@@ -20,7 +20,7 @@ from .crypto import Keyring, load_keyring
 from .errors import RegalError
 from .gdpr import load_ledger
 from .layout import backup_prefix, manifest_key, new_backup_id
-from .manifest import Manifest, ObjectRecord
+from .manifest import Manifest, ObjectRecord, keyed_facts
 from .offsite import copy_after_backup
 from .pipeline import Progress, store_stream
 from .policy import Policy
@@ -95,7 +95,8 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
                 retain_until=retain_until,
                 started_at=started, finished_at=datetime.now(UTC),
-                tool_versions={**tool_versions(), **captured.tools}, source=captured.facts, objects=captured.objects,
+                tool_versions={**tool_versions(), **captured.tools}, source=keyed_facts(keyring, captured.facts),
+                objects=captured.objects,
                 trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},
                 ledger_revision=ledger_revision,
                 object_lock={"mode": lock.mode, "retain_until": retain_until.isoformat()} if lock else None,

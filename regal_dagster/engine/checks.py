@@ -65,7 +65,7 @@ class CheckRecord:
     checked_at: datetime
     outcomes: list[CheckOutcome]
     trigger: dict[str, str] = field(default_factory=dict)  # dagster_run_id, or cli
-    manifest_digest: str = ""  # the manifest these checks read (Manifest.digest): another one is not checked
+    manifest_digest: str = ""  # the manifest these checks read (Manifest.fingerprint): another one is not checked
     sequence: int = 0  # its place in its target's records (0: written before records had one)
     previous: dict[str, Any] | None = None  # the key and sequence of the target's record before it
 
@@ -126,7 +126,7 @@ def check_status(repo: Repository, keyring: Keyring, manifest: Manifest,
         return CheckStatus("unchecked", problem=f"its check record is refused: {problem}")
     if rolled_back := known.check_rollback(manifest.backup_id, key, record.sequence):
         return CheckStatus("rolled_back", record, rolled_back)
-    if record.manifest_digest != manifest.digest():
+    if not keyring.fingerprint_matches(record.manifest_digest, manifest.digest()):
         return CheckStatus("unchecked", record, f"{key} checked another version of its manifest")
     return CheckStatus("good" if record.passed else "failed", record)
 
@@ -352,7 +352,8 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
                 outcomes.append(check_offsite(repo, secondary, manifest))
             except RegalError as exc:
                 outcomes.append(CheckOutcome("offsite_copy", False, exc.message))
-    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {}, manifest.digest() if manifest else "")
+    record = CheckRecord(backup_id, datetime.now(UTC), outcomes, trigger or {},
+                         manifest.fingerprint(keyring) if manifest else "")
     with next_record(policy, repo, keyring, target_of(backup_id), checks_key(backup_id), backup_id) as slot:
         record.sequence, record.previous = slot.sequence, slot.previous
         repo.put_bytes(checks_key(backup_id), record.to_bytes(keyring))

@@ -7,9 +7,11 @@
 - Each stored object starts with a small header (magic, format version, key id) followed by the Tink
   ciphertext. The associated data binds the ciphertext to its backup id, object name and key id, so an
   object moved to another backup, renamed or relabelled with another key id fails authentication.
-- Repository documents (manifests, check records, ...) are sealed with Tink MACs (HMAC-SHA256) from a
-  second keyset in the same file, encrypted by the same master key and rotated with the first
-  (engine/documents.py). docs/formats.md describes both formats.
+- Repository documents (manifests, check records, ...) are encrypted with Tink AEAD (AES256-GCM) from a third
+  keyset in the same file, bound to their kind and key (engine/documents.py). A second keyset, of Tink MACs
+  (HMAC-SHA256), keys the content fingerprints (`fingerprint`: never a bare SHA-256 of data in the
+  repository) and authenticated format 2 documents (read by `upgrade`). Both are encrypted by the same master
+  key, rotated with the object keys and never retired. docs/formats.md describes the formats.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ _KEYSET_AAD_V3 = b"regal-backup/keyset/v3"
 _KEYSET_AAD_V4 = b"regal-backup/keyset/v4"
 _KEYSET_AAD_V5 = b"regal-backup/keyset/v5"
 KEYSET_VERSION = 5
+AEAD_TEMPLATE_NAME = "AES256_GCM"
+AEAD_TEMPLATE = getattr(aead.aead_key_templates, AEAD_TEMPLATE_NAME)
+_FINGERPRINT_CONTEXT = b"regal-backup/fingerprint/v1"
 MAC_TEMPLATE_NAME = "HMAC_SHA256_256BITTAG"
 MAC_TEMPLATE = getattr(mac.mac_key_templates, MAC_TEMPLATE_NAME)
 
@@ -192,6 +197,15 @@ class Keys:
         keyset.key.extend(kept)
         return Keys(self._handle_of(keyset), {**self.history, key_id: replace(self.history[key_id], retired_at=_now())})
 
+    def only(self, key_id: int) -> Keys:
+        """A keyset of this one key (primary): to compute with a key that is not the primary."""
+        keyset = self._cleartext()
+        kept = [k for k in keyset.key if k.key_id == key_id]
+        del keyset.key[:]
+        keyset.key.extend(kept)
+        keyset.primary_key_id = key_id
+        return Keys(self._handle_of(keyset), {key_id: self.history[key_id]})
+
     def _cleartext(self) -> tink_pb2.Keyset:
         return tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(self.handle, secret_key_access.TOKEN))
 
@@ -209,8 +223,9 @@ class KeysetFile:
 
 
 class Keyring:
-    """The keys, decrypted in memory: the streaming AEAD keyset (backup objects; the primary key encrypts)
-    and the MAC keyset (repository documents: manifests, check records, ...; the primary key seals).
+    """The keys, decrypted in memory: the streaming AEAD keyset (backup objects; the primary key encrypts),
+    the document AEAD keyset (repository documents: manifests, check records, ...; the primary encrypts) and
+    the MAC keyset (content fingerprints; format 2 documents' seals).
 
     `repository_format`: the repository format this keyset has opened (authenticated with the keyset, so a
     repository writer without the keys cannot lower it); a marker saying less is a downgrade. None: a keyset
@@ -222,11 +237,14 @@ class Keyring:
     (engine/audit.py)."""
 
     def __init__(self, stream: Keys, macs: Keys | None, origin: KeysetFile | None = None,
-                 repository_format: int | None = None, audit_anchors: dict[str, dict[str, object]] | None = None):
-        self.stream, self.macs, self.origin = stream, macs, origin
+                 repository_format: int | None = None, aeads: Keys | None = None,
+                 audit_anchors: dict[str, dict[str, object]] | None = None):
+        self.stream, self.macs, self.aeads, self.origin = stream, macs, aeads, origin
         self.repository_format, self.audit_anchors = repository_format, dict(audit_anchors or {})
         self._primitive = stream.handle.primitive(streaming_aead.StreamingAead)
         self._mac = macs.handle.primitive(mac.Mac) if macs is not None else None
+        self._aead = aeads.handle.primitive(aead.Aead) if aeads is not None else None
+        self._macs_by_key: dict[int, mac.Mac] = {}
         self.primary_key_id: int = stream.primary_key_id
         self.key_ids: frozenset[int] = stream.key_ids
         self.history = stream.history  # every key this keyset ever held, retired ones too
@@ -236,31 +254,36 @@ class Keyring:
         return sorted((replace(k, primary=k.key_id == self.primary_key_id) for k in self.history.values()),
                       key=lambda k: (k.created_at or "", k.key_id))
 
+    def _changed(self, **changes: object) -> Keyring:
+        fields: dict[str, object] = {"stream": self.stream, "macs": self.macs, "origin": self.origin,
+                                     "repository_format": self.repository_format, "aeads": self.aeads,
+                                     "audit_anchors": self.audit_anchors, **changes}
+        return Keyring(**fields)  # type: ignore[arg-type]
+
     def rotated(self) -> Keyring:
-        """A new primary key for objects and one for documents; older keys stay to read what they wrote."""
+        """A new primary key for objects, one for documents and one for fingerprints; older keys stay to read
+        (and to verify) what they wrote."""
         macs = self.macs.rotated(MAC_TEMPLATE) if self.macs is not None else Keys.new(MAC_TEMPLATE)
-        return Keyring(self.stream.rotated(_streaming_template()), macs, self.origin, self.repository_format,
-                       self.audit_anchors)
+        aeads = self.aeads.rotated(AEAD_TEMPLATE) if self.aeads is not None else Keys.new(AEAD_TEMPLATE)
+        return self._changed(stream=self.stream.rotated(_streaming_template()), macs=macs, aeads=aeads)
 
     def without(self, key_id: int) -> Keyring:
-        """The object key `key_id` destroyed (documents keys are kept: old documents stay verifiable)."""
-        return Keyring(self.stream.without(key_id), self.macs, self.origin, self.repository_format,
-                       self.audit_anchors)
+        """The object key `key_id` destroyed (document and MAC keys are kept: old documents stay readable)."""
+        return self._changed(stream=self.stream.without(key_id))
 
     def with_document_keys(self) -> Keyring:
-        """This keyring with a document (MAC) keyset, made when the keyset predates one (upgrade)."""
-        return self if self.macs is not None else Keyring(self.stream, Keys.new(MAC_TEMPLATE), self.origin,
-                                                          self.repository_format, self.audit_anchors)
+        """This keyring with MAC and document AEAD keysets, made when the keyset predates them (upgrade)."""
+        if self.macs is not None and self.aeads is not None:
+            return self
+        return self._changed(macs=self.macs or Keys.new(MAC_TEMPLATE), aeads=self.aeads or Keys.new(AEAD_TEMPLATE))
 
     def with_repository_format(self, version: int) -> Keyring:
         """This keyring remembering that it opened a repository of format `version` (never lowered)."""
-        return Keyring(self.stream, self.macs, self.origin, max(version, self.repository_format or 0),
-                       self.audit_anchors)
+        return self._changed(repository_format=max(version, self.repository_format or 0))
 
     def with_audit_anchor(self, repository_id: str, anchor: dict[str, object]) -> Keyring:
         """This keyring remembering a newer audit checkpoint of a repository (the caller checks it is newer)."""
-        return Keyring(self.stream, self.macs, self.origin, self.repository_format,
-                       {**self.audit_anchors, repository_id: dict(anchor)})
+        return self._changed(audit_anchors={**self.audit_anchors, repository_id: dict(anchor)})
 
     def reload(self) -> Keyring:
         """The keyset as it is on disk now (another process may have rotated or retired a key)."""
@@ -270,11 +293,14 @@ class Keyring:
 
     # --- documents ---------------------------------------------------------------------------------
 
+    def _missing(self, what: str) -> EncryptionKeyError:
+        where = f" {self.origin.path}" if self.origin else ""
+        return EncryptionKeyError(f"the keyset{where} has no {what} keys: it was made before the repository "
+                                  "encrypted its documents", "run `regal-backup upgrade` once")
+
     def _document_mac(self) -> mac.Mac:
         if self._mac is None:
-            where = f" {self.origin.path}" if self.origin else ""
-            raise EncryptionKeyError(f"the keyset{where} has no document keys: it was made before the repository "
-                                     "authenticated its documents", "run `regal-backup upgrade` once")
+            raise self._missing("MAC")
         return self._mac
 
     def compute_mac(self, data: bytes) -> bytes:
@@ -286,6 +312,43 @@ class Keyring:
             return True
         except tink.TinkError:
             return False
+
+    def encrypt_document(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        """Tink AEAD ciphertext (5-byte key prefix, IV, ciphertext, tag) under the primary document key."""
+        if self._aead is None:
+            raise self._missing("document encryption")
+        return bytes(self._aead.encrypt(plaintext, associated_data))
+
+    def decrypt_document(self, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+        """The plaintext, or None when it does not authenticate (edited, forged, moved, or another keyset's)."""
+        if self._aead is None:
+            raise self._missing("document encryption")
+        try:
+            return bytes(self._aead.decrypt(ciphertext, associated_data))
+        except tink.TinkError:
+            return None
+
+    # --- content fingerprints -------------------------------------------------------------------------
+
+    def fingerprint(self, sha256_hex: str, like: str | None = None) -> str:
+        """The keyed fingerprint of content whose SHA-256 is `sha256_hex`: hex of a Tink MAC tag (key prefix
+        and HMAC-SHA256) over the digest. Deterministic for one key; `like`: computed with the key of that
+        fingerprint (to compare with it), else the primary MAC key. Without the keys it says nothing."""
+        message = _FINGERPRINT_CONTEXT + b"\x00" + sha256_hex.encode()
+        key_id = _fingerprint_key_id(like) if like else None
+        if key_id is None or self.macs is None or key_id not in self.macs.key_ids:
+            return self.compute_mac(message).hex()
+        if key_id not in self._macs_by_key:
+            self._macs_by_key[key_id] = self.macs.only(key_id).handle.primitive(mac.Mac)
+        return bytes(self._macs_by_key[key_id].compute_mac(message)).hex()
+
+    def fingerprint_matches(self, fingerprint: str, sha256_hex: str) -> bool:
+        """Whether `fingerprint` is the keyed fingerprint of content whose SHA-256 is `sha256_hex`."""
+        try:
+            tag = bytes.fromhex(fingerprint)
+        except ValueError:
+            return False
+        return self.verify_mac(tag, _FINGERPRINT_CONTEXT + b"\x00" + sha256_hex.encode())
 
     # --- objects -----------------------------------------------------------------------------------
 
@@ -319,6 +382,15 @@ class Keyring:
             source, object_associated_data(backup_id, object_name, key_id))
 
 
+def _fingerprint_key_id(fingerprint: str) -> int | None:
+    """The MAC key id in a fingerprint's Tink prefix (0x01, 4-byte key id), or None."""
+    try:
+        tag = bytes.fromhex(fingerprint)
+    except ValueError:
+        return None
+    return int.from_bytes(tag[1:5], "big") if len(tag) > 5 and tag[0] == 1 else None
+
+
 def _read_exactly(source: BinaryIO | io.RawIOBase, n: int) -> bytes:
     data = b""
     while len(data) < n:
@@ -339,7 +411,8 @@ def create_keyset(policy: PolicyView) -> Keyring:
     if path.exists():
         raise EncryptionKeyError(f"a keyset already exists at {path}", "keep it: backups need it to be read")
     origin = KeysetFile(path, master_aead(policy.encryption.master_key, policy))
-    keyring = Keyring(Keys.new(_streaming_template()), Keys.new(MAC_TEMPLATE), origin)
+    keyring = Keyring(Keys.new(_streaming_template()), Keys.new(MAC_TEMPLATE), origin,
+                      aeads=Keys.new(AEAD_TEMPLATE))
     return save_keyring(keyring)
 
 
@@ -369,17 +442,26 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
     else:
         history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("keys", {}).items()}
         mac_history = {int(k): KeyInfo(int(k), **v) for k, v in document.get("mac_keys", {}).items()}
+        aad = b""  # each part has its own
     repository_format = document.get("repository_format") if version in (4, 5) else None
     audit_anchors = document.get("audit_anchors") if version == 5 else None
+    aead_history = ({int(k): KeyInfo(int(k), **v) for k, v in document.get("aead_keys", {}).items()}
+                    if version == 5 else None)
+
+    def opened(field: str, part: bytes) -> tink.KeysetHandle:
+        if version == 5:
+            part_aad = _keyset_aad_v5(part, history, mac_history or {}, aead_history or {}, repository_format,
+                                      audit_anchors)
+        else:
+            part_aad = _keyset_aad_v3(part, history, mac_history or {}, repository_format, version)
+        return tink.json_proto_keyset_format.parse_encrypted(document[field], master, part_aad)
+
     try:
-        if mac_history is not None:
-            aad = _keyset_aad_v3(b"streaming-aead", history, mac_history, repository_format, version, audit_anchors)
-        handle = tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad)
-        macs = None
-        if mac_history is not None:
-            macs = Keys(tink.json_proto_keyset_format.parse_encrypted(
-                document["encrypted_mac_keyset"], master,
-                _keyset_aad_v3(b"mac", history, mac_history, repository_format, version, audit_anchors)), mac_history)
+        handle = (opened("encrypted_keyset", b"streaming-aead") if mac_history is not None else
+                  tink.json_proto_keyset_format.parse_encrypted(document["encrypted_keyset"], master, aad))
+        macs = Keys(opened("encrypted_mac_keyset", b"mac"), mac_history) if mac_history is not None else None
+        aeads = (Keys(opened("encrypted_aead_keyset", b"document-aead"), aead_history)
+                 if aead_history is not None else None)
     except (tink.TinkError, KeyError):
         raise EncryptionKeyError(
             f"the master key does not open the keyset {path} (wrong master key, or its key dates were edited)",
@@ -388,7 +470,7 @@ def read_keyset(path: Path, master: aead.Aead) -> Keyring:
     for key_id in handle_key_ids(handle) - history.keys():
         history[key_id] = KeyInfo(key_id, created_at=None)
     return Keyring(Keys(handle, history), macs, KeysetFile(path, master),
-                   int(repository_format) if isinstance(repository_format, int) else None,
+                   int(repository_format) if isinstance(repository_format, int) else None, aeads,
                    audit_anchors if isinstance(audit_anchors, dict) else {})
 
 
@@ -406,25 +488,38 @@ def _keyset_aad_v2(history: dict[int, KeyInfo]) -> bytes:
 
 
 def _keyset_aad_v3(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo],
-                   repository_format: object = None, version: object = 3, audit_anchors: object = None) -> bytes:
-    """Both keysets' dates, in the associated data of both encrypted keysets (and which part it is); from
-    version 4 the repository format the keyset has opened too (a repository writer cannot lower it), from
-    version 5 the audit anchor (nor roll back the audit checkpoints unseen)."""
+                   repository_format: object = None, version: object = 3) -> bytes:
+    """Versions 3 and 4: both keysets' dates, in the associated data of both encrypted keysets (and which part it
+    is); from version 4 the repository format the keyset has opened too (a repository writer cannot lower it)."""
     dates: dict[str, object] = {"keys": _canonical_dates(history), "mac_keys": _canonical_dates(mac_history)}
-    if version in (4, 5):
+    if version == 4:
         dates["repository_format"] = repository_format
-    if version == 5:
-        dates["audit_anchors"] = audit_anchors
-    label = _KEYSET_AAD_V5 if version == 5 else _KEYSET_AAD_V4 if version == 4 else _KEYSET_AAD_V3
-    return b"\x00".join([label, part, json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
+    return b"\x00".join([_KEYSET_AAD_V4 if version == 4 else _KEYSET_AAD_V3, part,
+                         json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
+
+
+def _keyset_aad_v5(part: bytes, history: dict[int, KeyInfo], mac_history: dict[int, KeyInfo],
+                   aead_history: dict[int, KeyInfo], repository_format: object, audit_anchors: object) -> bytes:
+    """Version 5: the three keysets' dates, the repository format and the audit anchors (a repository writer can
+    neither lower the format nor roll back the audit checkpoints unseen), in the associated data of each part."""
+    dates = {"keys": _canonical_dates(history), "mac_keys": _canonical_dates(mac_history),
+             "aead_keys": _canonical_dates(aead_history), "repository_format": repository_format,
+             "audit_anchors": audit_anchors}
+    return b"\x00".join([_KEYSET_AAD_V5, part, json.dumps(dates, sort_keys=True, separators=(",", ":")).encode()])
 
 
 def save_keyring(keyring: Keyring) -> Keyring:
     """Write a new or changed keyset (rotation, retirement, upgrade) over the old one atomically, then read it
     back: returns the keyring as it is on disk. The caller holds the repository's keys lock."""
-    if keyring.origin is None or keyring.macs is None:
+    if keyring.origin is None or keyring.macs is None or keyring.aeads is None:
         raise EncryptionKeyError("this keyring cannot be saved (it was not read from a keyset file)", "load it first")
     path, master, stream, macs = keyring.origin.path, keyring.origin.master, keyring.stream, keyring.macs
+    aeads, repository_format = keyring.aeads, keyring.repository_format
+
+    def aad(part: bytes) -> bytes:
+        return _keyset_aad_v5(part, stream.history, macs.history, aeads.history, repository_format,
+                              keyring.audit_anchors)
+
     document = {
         "format": KEYSET_FILE_FORMAT,
         "version": KEYSET_VERSION,
@@ -434,14 +529,16 @@ def save_keyring(keyring: Keyring) -> Keyring:
         "mac_template": MAC_TEMPLATE_NAME,
         "mac_primary_key_id": macs.primary_key_id,
         "mac_keys": _canonical_dates(macs.history),
-        "repository_format": keyring.repository_format,
+        "aead_template": AEAD_TEMPLATE_NAME,
+        "aead_primary_key_id": aeads.primary_key_id,
+        "aead_keys": _canonical_dates(aeads.history),
+        "repository_format": repository_format,
         "audit_anchors": keyring.audit_anchors,
-        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(
-            stream.handle, master, _keyset_aad_v3(b"streaming-aead", stream.history, macs.history,
-                                                  keyring.repository_format, KEYSET_VERSION, keyring.audit_anchors)),
-        "encrypted_mac_keyset": tink.json_proto_keyset_format.serialize_encrypted(
-            macs.handle, master, _keyset_aad_v3(b"mac", stream.history, macs.history, keyring.repository_format,
-                                                KEYSET_VERSION, keyring.audit_anchors)),
+        "encrypted_keyset": tink.json_proto_keyset_format.serialize_encrypted(stream.handle, master,
+                                                                             aad(b"streaming-aead")),
+        "encrypted_mac_keyset": tink.json_proto_keyset_format.serialize_encrypted(macs.handle, master, aad(b"mac")),
+        "encrypted_aead_keyset": tink.json_proto_keyset_format.serialize_encrypted(aeads.handle, master,
+                                                                                  aad(b"document-aead")),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -457,8 +554,9 @@ def save_keyring(keyring: Keyring) -> Keyring:
     finally:
         os.close(directory)
     written = read_keyset(path, master)
-    if ((written.stream.key_ids, written.macs and written.macs.key_ids, written.repository_format,
-         written.audit_anchors) != (stream.key_ids, macs.key_ids, keyring.repository_format, keyring.audit_anchors)):
+    if ((written.stream.key_ids, written.macs and written.macs.key_ids, written.aeads and written.aeads.key_ids,
+         written.repository_format, written.audit_anchors)
+            != (stream.key_ids, macs.key_ids, aeads.key_ids, repository_format, keyring.audit_anchors)):
         raise EncryptionKeyError(f"the keyset {path} did not read back as written", "check the disk; keep the old "
                                  "keyset backup until a rotation reads back")
     return written

@@ -1,16 +1,17 @@
 """The manifest: what a backup is. Written last; a backup without a manifest does not exist.
 
-Versioned (`version`) and sealed (engine/documents.py): a MAC from the keyset's document keys over its
-body and its own key in the repository, so nobody without the keys can change what a restore brings back,
-and a manifest copied over another backup's is refused. Version 2 manifests carried only a SHA-256 of
-themselves, which anyone can recompute: `regal-backup upgrade` seals them (engine/upgrade.py).
+Versioned (`version`) and encrypted (engine/documents.py): Tink AEAD with the keyset's document keys, bound
+to its own key in the repository, so nobody without the keys can read it or change what a restore brings back,
+and a manifest copied over another backup's is refused. Its content fingerprints (`plaintext_sha256`, a
+table's `sha256`) are keyed (Keyring.fingerprint), never a bare SHA-256 of data. Version 3 manifests (sealed,
+clear, bare SHA-256 sums) and version 2 ones (a SHA-256 of themselves, which anyone can recompute) are
+converted by `regal-backup upgrade` (engine/upgrade.py).
 docs/formats.md is the human description; keep both in step.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime
 from typing import Any, Literal
 
@@ -22,8 +23,25 @@ from .errors import IntegrityError
 from .layout import manifest_key
 
 MANIFEST_FORMAT: Literal["regal-backup-manifest"] = "regal-backup-manifest"
-MANIFEST_VERSION = 3  # 3: sealed; 2: self-checksummed (upgraded by `regal-backup upgrade`); 1: pre-release
+MANIFEST_VERSION = 4  # 4: encrypted, keyed fingerprints; 3: sealed; 2: self-checksummed (both upgraded by
+# `regal-backup upgrade`); 1: pre-release
 DOCUMENT_KIND = "manifest"
+
+
+def is_sha256(value: Any) -> bool:
+    """A bare SHA-256 as hex (what a manifest must not hold: Keyring.fingerprint keys it)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def keyed_facts(keyring: Keyring, value: Any) -> Any:
+    """Source facts with every bare SHA-256 named `sha256` (a file's content, a table's rows) keyed: a kind
+    records content sums as `sha256` and the engine keys them before the manifest is written."""
+    if isinstance(value, dict):
+        return {k: keyring.fingerprint(v) if k == "sha256" and is_sha256(v) else keyed_facts(keyring, v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [keyed_facts(keyring, item) for item in value]
+    return value
 
 
 class CompressionInfo(BaseModel):
@@ -50,7 +68,7 @@ class ObjectRecord(BaseModel):
     size: int  # stored bytes
     stored_sha256: str
     plaintext_size: int
-    plaintext_sha256: str
+    plaintext_sha256: str  # the keyed fingerprint of the plaintext (Keyring.fingerprint of its SHA-256)
     compression: CompressionInfo
     encryption: EncryptionInfo
 
@@ -82,28 +100,26 @@ class Manifest(BaseModel):
         """SHA-256 of the canonical body: names this exact manifest (a check record says which it checked)."""
         return hashlib.sha256(canonical(self.body())).hexdigest()
 
+    def fingerprint(self, keyring: Keyring) -> str:
+        """The keyed fingerprint of this exact manifest (what a check record stores)."""
+        return keyring.fingerprint(self.digest())
+
     def to_bytes(self, keyring: Keyring) -> bytes:
         return seal(keyring, DOCUMENT_KIND, manifest_key(self.target, self.backup_id), self.body())
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, keyring: Keyring) -> Manifest:
-        """The manifest stored at `where` (its repository key), once its seal holds."""
-        try:
-            peek = json.loads(data)
-        except ValueError:
-            raise IntegrityError(f"manifest {where} is not valid JSON",
-                                 "the manifest is damaged: use another backup") from None
-        if not isinstance(peek, dict) or peek.get("format") != MANIFEST_FORMAT:
+        """The manifest stored at `where` (its repository key), once it decrypts and authenticates."""
+        document = unseal(keyring, DOCUMENT_KIND, where, data)
+        if document.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(f"{where} is not a regal-backup manifest", "remove the stray file")
-        version = peek.get("version", 0)
-        if version < MANIFEST_VERSION:
-            raise IntegrityError(f"manifest {where} has version {version}, which is not sealed against tampering",
-                                 "run `regal-backup upgrade` once (it seals every backup of this repository)"
-                                 if version == 2 else "this pre-release layout cannot be read: take a new backup")
+        version = document.get("version", 0)
+        if not isinstance(version, int) or version < MANIFEST_VERSION:
+            raise IntegrityError(f"manifest {where} has version {version}, from before encrypted manifests",
+                                 "run `regal-backup upgrade` once (it converts every backup of this repository)")
         if version > MANIFEST_VERSION:
             raise IntegrityError(f"manifest {where} has version {version}; this regal-backup reads "
                                  f"up to {MANIFEST_VERSION}", "upgrade regal-backup")
-        document = unseal(keyring, DOCUMENT_KIND, where, data)
         try:
             manifest = cls.model_validate(document)
         except ValidationError as exc:

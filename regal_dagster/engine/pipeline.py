@@ -119,7 +119,7 @@ def store_stream(repo: Repository, key: str, chunks: Iterable[bytes], *, keyring
             raise
     return ObjectRecord(
         name=object_name, key=key, content=content, size=stored.size, stored_sha256=stored.sha256.hexdigest(),
-        plaintext_size=plain_size, plaintext_sha256=plain_sha.hexdigest(),
+        plaintext_size=plain_size, plaintext_sha256=keyring.fingerprint(plain_sha.hexdigest()),
         compression=CompressionInfo(level=compression.level, hash_log=compression.hash_log),
         encryption=EncryptionInfo(scheme=f"tink-streaming-aead/{STREAMING_TEMPLATE_NAME}",
                                   key_id=keyring.primary_key_id, object_format=OBJECT_FORMAT_VERSION),
@@ -228,8 +228,9 @@ def read_stream(repo: Repository, record: ObjectRecord, *, keyring: Keyring, bac
     if stored.size != record.size or stored.sha256.hexdigest() != record.stored_sha256:
         raise IntegrityError(f"{where}: stored bytes differ from the manifest ({stored.size} bytes read, "
                              f"{record.size} expected)", "this backup is damaged: use another one")
-    if plain_size != record.plaintext_size or plain_sha.hexdigest() != record.plaintext_sha256:
-        raise IntegrityError(f"{where}: content differs from the manifest's SHA-256",
+    if plain_size != record.plaintext_size or not keyring.fingerprint_matches(record.plaintext_sha256,
+                                                                            plain_sha.hexdigest()):
+        raise IntegrityError(f"{where}: content differs from the manifest's fingerprint",
                              "this backup is damaged: use another one")
 
 

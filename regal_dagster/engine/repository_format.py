@@ -1,8 +1,9 @@
 """The repository's own marker, `regal-repository.json`: that a repository is here, and its format.
 
-Format 2 (this version): every document in the repository is sealed (engine/documents.py), and so is the
-marker. Format 1 repositories (self-checksummed manifests, plain JSON documents, a plain marker) are read
-after `regal-backup upgrade` (engine/upgrade.py) has sealed them; until then every command says so.
+Format 3 (this version): every document in the repository is encrypted and authenticated (engine/documents.py),
+the marker too, and content fingerprints are keyed. Format 2 repositories (documents in clear JSON, sealed with
+a MAC) and format 1 ones (self-checksummed manifests, plain JSON documents, a plain marker) are read after
+`regal-backup upgrade` (engine/upgrade.py) has converted them; until then every command says so.
 
 A format is never lowered: the keyset remembers the newest format it has opened (authenticated with the
 keys, engine/crypto.py), recorded at `init`, at `upgrade` and on the first open of a current repository by
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .crypto import Keyring, save_keyring
-from .documents import unseal, write_document
+from .documents import is_encrypted, unseal, write_document
 from .errors import IntegrityError, RegalError, UsageError
 from .layout import KEYS_LOCK, REPOSITORY_MARKER
 from .storage import Repository
@@ -28,7 +29,7 @@ from .storage.base import ObjectMissingError
 
 REPOSITORY_KIND = "repository"
 MARKER_FORMAT = "regal-backup-repository"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class NoRepositoryError(UsageError):
@@ -78,8 +79,9 @@ def open_repository_format(repo: Repository, keyring: Keyring) -> RepositoryInfo
         raise NoRepositoryError(repo.location) from None
     if (legacy := marker_version(data)) < FORMAT_VERSION:
         refuse_downgrade(repo, keyring, legacy)
-        raise RegalError(f"the repository {repo.location} has format {legacy}: its documents are not sealed "
-                         "against tampering", "run `regal-backup upgrade` once (it seals every document)")
+        what = "stored in clear" if legacy == 2 else "not sealed against tampering"
+        raise RegalError(f"the repository {repo.location} has format {legacy}: its documents are {what}",
+                         "run `regal-backup upgrade` once (it encrypts every document)")
     body = unseal(keyring, REPOSITORY_KIND, REPOSITORY_MARKER, data)
     if body.get("format") != MARKER_FORMAT or body.get("version", 0) > FORMAT_VERSION:
         raise RegalError(f"the repository {repo.location} has format {body.get('version')}; this regal-backup "
@@ -124,7 +126,10 @@ def update_keyset(repo: Repository, keyring: Keyring, change: Callable[[Keyring]
 
 
 def marker_version(data: bytes) -> int:
-    """The marker's format version as written (before any authentication: to tell an old repository)."""
+    """The marker's format version as written (before any authentication: to tell an old repository). An
+    encrypted marker is format 3 (or newer: its authenticated body says which)."""
+    if is_encrypted(data):
+        return FORMAT_VERSION
     try:
         return int(json.loads(data).get("version", 0))
     except (ValueError, AttributeError, TypeError):

@@ -48,6 +48,9 @@ class ConfigSource(Source):
         objects = [store(BUNDLE_OBJECT, BUNDLE_CONTENT, bundle_stream(repo_path, facts["stash"]), 0)]
         objects += [store(LOCK_PREFIX + name, f"dependency lock file {name}", file_chunks(repo_path / name), 0)
                     for name in facts["lock_files"]]
+        # the keyed fingerprint of each lock file's object: never a bare SHA-256 of data in the repository
+        facts["lock_files"] = {name: record.plaintext_sha256 for name, record in zip(
+            facts["lock_files"], objects[1:], strict=True)}
         extras, extra_facts = capture_extras(repo_path, lambda name, what, path: store(name, what, file_chunks(path),
                                                                                          0))
         tools = {"git": git_version(), **({"git-lfs": extra_facts["lfs"]["git_lfs"]}

@@ -14,7 +14,7 @@ import hashlib
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +24,7 @@ from ...pipeline import CHUNK
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
+Matches = Callable[[str, str], bool]  # (recorded fingerprint, SHA-256 found) -> same content
 
 
 @dataclass
@@ -127,9 +128,10 @@ def read_members(stream: IO[bytes]) -> Iterator[tuple[tarfile.TarInfo, str | Non
             yield member, digest
 
 
-def compare_stream(stream: IO[bytes], entries: list[dict[str, Any]], where: str) -> int:
-    """The stream holds exactly the recorded entries with their content: IntegrityError naming the first
-    that differs. Returns the number of members."""
+def compare_stream(stream: IO[bytes], entries: list[dict[str, Any]], where: str, matches: Matches) -> int:
+    """The stream holds exactly the recorded entries with their content (`matches(fingerprint, sha256)`: the
+    keyring's fingerprint_matches): IntegrityError naming the first that differs. Returns the number of
+    members."""
     expected = {e["path"].lstrip("/"): e for e in entries}
     count = 0
     try:
@@ -139,8 +141,8 @@ def compare_stream(stream: IO[bytes], entries: list[dict[str, Any]], where: str)
             if facts is None:
                 raise IntegrityError(f"{where} holds /{member.name}, which the manifest does not list",
                                      "this backup is damaged: use another one")
-            if facts["type"] == "file" and (member.size != facts["size"] or digest != facts["sha256"]):
-                raise IntegrityError(f"{where}: /{member.name} differs from the manifest's size and SHA-256",
+            if facts["type"] == "file" and (member.size != facts["size"] or not matches(facts["sha256"], str(digest))):
+                raise IntegrityError(f"{where}: /{member.name} differs from the manifest's size and fingerprint",
                                      "this backup is damaged: use another one")
     except tarfile.TarError as exc:
         raise IntegrityError(f"{where} is not a readable tar stream ({exc})",
@@ -151,7 +153,7 @@ def compare_stream(stream: IO[bytes], entries: list[dict[str, Any]], where: str)
     return count
 
 
-def compare_tree(root: Path, entries: list[dict[str, Any]]) -> list[str]:
+def compare_tree(root: Path, entries: list[dict[str, Any]], matches: Matches) -> list[str]:
     """Differences between a restored tree under `root` and the recorded entries, one sentence each."""
     problems = []
     for facts in entries:
@@ -167,7 +169,7 @@ def compare_tree(root: Path, entries: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{label} is a {kind}, the backup had a {facts['type']}")
         elif kind == "symlink" and os.readlink(path) != facts["target"]:
             problems.append(f"{label} points to {os.readlink(path)}, the backup had {facts['target']}")
-        elif kind == "file" and _sha256(path) != facts["sha256"]:
+        elif kind == "file" and not matches(facts["sha256"], _sha256(path)):
             problems.append(f"{label} has other content than the backup (SHA-256 differs)")
         elif kind != "symlink" and f"{stat.S_IMODE(info.st_mode):04o}" != facts["mode"]:
             problems.append(f"{label} has mode {stat.S_IMODE(info.st_mode):04o}, the backup had {facts['mode']}")

@@ -48,7 +48,8 @@ class FilesSource(Source):
     def check_structure(self, backup: StoredBackup) -> str:
         where = f"object {backup.manifest.object(ARCHIVE_OBJECT).key}"
         with plaintext_pipe(backup) as stream:
-            members = compare_stream(stream, backup.manifest.source["entries"], where)
+            members = compare_stream(stream, backup.manifest.source["entries"], where,
+                                     backup.keyring.fingerprint_matches)
         return f"the tar stream holds the {members} recorded members with their SHA-256"
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
@@ -73,7 +74,7 @@ class FilesSource(Source):
         entries = backup.manifest.source["entries"]
         seconds = {"extract": time.monotonic() - started}
         started = time.monotonic()
-        problems = compare_tree(root, entries)
+        problems = compare_tree(root, entries, backup.keyring.fingerprint_matches)
         seconds["validate"] = time.monotonic() - started
         files = backup.manifest.source.get("files", 0)
         return Restored(str(root), f"restored {backup.manifest.backup_id}: {files} files and their directories "

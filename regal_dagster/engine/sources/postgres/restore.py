@@ -271,8 +271,8 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
         phases.done("post_data")
     if properties:
         failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
-    loaded = validated_tables(to_dsn, manifest, [t for batch in batches for _, t in batch], loaded, validation, psql,
-                              jobs, encoding)
+    loaded = validated_tables(to_dsn, keyring, manifest, [t for batch in batches for _, t in batch], loaded,
+                              validation, psql, jobs, encoding)
     problems = [f"not restored: {what}" for what in failed] + compare_tables(table_facts, loaded)
     phases.done("validate")
     return DatabaseRestore(manifest.backup_id, describe_dsn(to_dsn), state, len(tables),

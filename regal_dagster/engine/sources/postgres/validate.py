@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from ...crypto import Keyring
 from ...errors import ToolError
 from ...manifest import Manifest
 from ...postgresql.connection import encoded, session_codec
@@ -73,14 +74,18 @@ def counted_tables(dsn: str, loaded: list[dict[str, Any]], jobs: int, encoding: 
         return [facts for facts in pool.map(count, loaded) if facts is not None]
 
 
-def validated_tables(dsn: str, manifest: Manifest, tables: list[Table], loaded: list[dict[str, Any]], validation: str,
-                     psql: PgTool, jobs: int, encoding: str | None) -> list[dict[str, Any]]:
+def validated_tables(dsn: str, keyring: Keyring, manifest: Manifest, tables: list[Table], loaded: list[dict[str, Any]],
+                     validation: str, psql: PgTool, jobs: int, encoding: str | None) -> list[dict[str, Any]]:
     """The facts of the restored tables to compare with the backup's, read once the whole load is done: with
-    `full` validation, every table read back from the server; else each loaded table's rows counted (its
-    SHA-256 the backup's, its bytes having been authenticated on the way in)."""
+    `full` validation, every table read back from the server, its SHA-256 keyed as the backup's fingerprint was
+    (with the same key, so equal text means equal content); else each loaded table's rows counted (its
+    fingerprint the backup's, its bytes having been authenticated on the way in)."""
     if validation != "full":
         return counted_tables(dsn, loaded, jobs, encoding)
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     sizes = {record.name: record.plaintext_size for record in manifest.objects}
-    return restored_table_facts(dsn, tables, psql, jobs, encoding,
-                                {Table.from_facts(t).label: sizes[t["object"]] for t in table_facts})
+    recorded = {Table.from_facts(t).label: str(t["sha256"]) for t in table_facts}
+    restored = restored_table_facts(dsn, tables, psql, jobs, encoding,
+                                    {Table.from_facts(t).label: sizes[t["object"]] for t in table_facts})
+    return [{**facts, "sha256": keyring.fingerprint(facts["sha256"], like=recorded.get(Table.from_facts(facts).label))}
+            for facts in restored]

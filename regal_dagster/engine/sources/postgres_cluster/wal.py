@@ -150,7 +150,7 @@ def push_wal(policy: Policy, repo: Repository, keyring: Keyring, target: str, pa
     if not path.is_file():
         raise RegalError(f"{path} does not exist", "give the path PostgreSQL passes as %p")
     if not partial and (existing := _load_record(repo, keyring, record_key)) is not None:
-        if existing.record.plaintext_sha256 == _sha256(path):
+        if keyring.fingerprint_matches(existing.record.plaintext_sha256, _sha256(path)):
             return Pushed(name, True, existing.record.plaintext_size, existing.record.size)
         raise RegalError(f"{name} is already archived for target {target} with other content",
                          "two servers archive into one target, or a restored server kept the old archive_command: "
