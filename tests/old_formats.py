@@ -21,7 +21,7 @@ from regal_dagster.engine.policy import Policy
 from regal_dagster.engine.storage import Repository, open_repository
 
 KINDS = ["repository", "manifest", "checks", "backup-deletion", "wal", "wal-continuity", "restore-sample",
-         "restore-test", "drill", "prune-log", "audit-checkpoint", "audit-spool"]
+         "restore-test", "drill", "prune-log", "audit-checkpoint", "audit-spool", "record-state"]
 
 
 def stored_document(keyring: Keyring, key: str, data: bytes) -> tuple[str, dict[str, Any]]:

@@ -239,3 +239,28 @@ def test_a_format_3_marker_set_back_to_format_2_or_1_is_refused(vault: dict[str,
             assert f"says format {version} but this keyset has opened format 3" in refused.stderr
         assert (root / REPOSITORY_MARKER).read_bytes() == old
         assert {p: p.read_bytes() for p in root.rglob("manifest.json")} == manifests
+
+
+def test_upgrade_of_a_format_2_repository_converts_only_what_its_mac_authenticates(vault: dict[str, Any]) -> None:
+    """A keyless writer edits a format 2 check record (failed -> passed, its MAC left as it was) before the
+    upgrade: `upgrade` encrypts everything else, leaves that record unconverted, lists it and exits 3; readers
+    keep refusing it, so the backup is not shown as good on its word."""
+    policy, policy_file = vault["policy"], vault["policy_file"]
+    root = policy.local_repository_path()
+    first, second = verified_backup(policy_file), verified_backup(policy_file)
+    make_format_2(policy)
+    record_path = root / checks_key(second)
+    record = json.loads(record_path.read_bytes())
+    record["trigger"] = {"cli": "forged"}  # any edit under the MAC
+    record_path.write_text(json.dumps(record))
+
+    done = run_cli(policy_file, "upgrade", "--json")
+
+    assert done.returncode == 3, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert list(report["refused"]) == [checks_key(second)]
+    assert not is_encrypted(record_path.read_bytes())  # not vouched for: left as it was
+    assert is_encrypted((root / checks_key(first)).read_bytes())
+    listing = json.loads(run_cli(policy_file, "list", "--json").stdout)
+    statuses = {b["backup_id"]: b["status"] for b in listing["backups"]}
+    assert statuses[first] == "good" and statuses[second] != "good"

@@ -16,6 +16,7 @@ from regal_dagster.engine.layout import checks_key, record_state_key, restore_te
 from regal_dagster.engine.policy import load_policy
 
 from .conftest import DatabaseFactory, run_cli, write_policy_file
+from .old_formats import body_of
 
 # Every backup but the newest good one is due: an older good backup goes as soon as a newer one is good.
 ONLY_THE_NEWEST = {"hourly": 0, "daily": 0, "weekly": 0, "monthly": 0}
@@ -142,10 +143,10 @@ def test_a_legitimate_newer_check_is_not_flagged_and_records_chain(shop: dict[st
     code, status = _status(shop)
     assert code == 0 and not status["open_alerts"] and not status["targets"][0]["rolled_back"]
 
-    record = json.loads(_path(shop, checks_key(first)).read_text())
+    record = body_of(shop["policy"], checks_key(first))
     assert record["version"] == 3 and record["sequence"] == 4  # second's check was 2, first's earlier ones 1, 3
     assert record["previous"] == {"key": checks_key(first), "sequence": 3}
-    assert json.loads(_path(shop, checks_key(second)).read_text())["sequence"] == 2
+    assert body_of(shop["policy"], checks_key(second))["sequence"] == 2
 
     pruned = run_cli(shop["policy_file"], "prune", "--json")
     assert json.loads(pruned.stdout)["deleted"] == [first]  # retention as usual: only the newest good stays
@@ -192,7 +193,7 @@ def test_without_an_audit_trail_the_sealed_state_alone_catches_a_record_put_back
 def test_a_forged_record_state_is_refused_and_alerted(shop: dict[str, Any]) -> None:
     _backup(shop)
     path = _path(shop, record_state_key("pos"))
-    state = json.loads(path.read_text())
+    state = body_of(shop["policy"], record_state_key("pos"))
     state["checks"] = {}  # forget every record, says the forger
     path.write_text(json.dumps(state))
     _, status = _status(shop)
@@ -249,9 +250,9 @@ def test_records_written_at_once_take_distinct_sequences_and_raise_no_false_alar
     assert all(run.wait(timeout=300) == 0 for run in runs), [run.stderr.read() for run in runs if run.stderr]
     code, backups = _listing(shop)
     assert code == 0 and {b["status"] for b in backups.values()} == {"good"}
-    state = json.loads(_path(shop, record_state_key("pos")).read_text())
+    state = body_of(shop["policy"], record_state_key("pos"))
     assert state["sequence"] == 6  # two checks before, four now: none took another's number
     assert {state["checks"][b]["sequence"] for b in (first, second)} <= {3, 4, 5, 6}
     for backup_id in (first, second):
-        assert json.loads(_path(shop, checks_key(backup_id)).read_text())["sequence"] == state["checks"][backup_id][
+        assert body_of(shop["policy"], checks_key(backup_id))["sequence"] == state["checks"][backup_id][
             "sequence"]

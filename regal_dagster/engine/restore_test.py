@@ -148,7 +148,7 @@ def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, mani
             found.problems += restored.problems
             found.erasures = restored.erasures.to_json() if restored.erasures else {}
             found.load_breakdown = restored.details.pop("load_breakdown", {})
-            verified = source.verify_restored(destination, manifest, jobs)
+            verified = source.verify_restored(destination, manifest, keyring, jobs)
             found.problems += verified.problems
             found.seconds.update(verified.seconds)
             found.details = {**restored.details, **verified.details}

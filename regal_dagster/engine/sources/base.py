@@ -164,7 +164,7 @@ class Source(ABC):
         """A throwaway destination for a restore test, removed (and its servers stopped) on exit; able to
         hold what the backup `manifest` needs (PostgreSQL: a server of its version with its features)."""
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """What a restore test checks at the destination beyond the restore's own validation."""
         return RestoredFindings()
 

@@ -156,15 +156,20 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def extras_problems(clone: Path, facts: dict[str, Any]) -> list[str]:
-    """Where the restored clone's .git/config, hooks and LFS objects differ from the backed-up repository's."""
+def extras_problems(clone: Path, facts: dict[str, Any], matches: Callable[[str, str], bool]) -> list[str]:
+    """Where the restored clone's .git/config, hooks and LFS objects differ from the backed-up repository's
+    (`matches(recorded fingerprint, SHA-256 of the clone's file)`: the keyring's fingerprint_matches)."""
+    def same(recorded: str, path: Path) -> bool:
+        digest = _sha256(path)
+        return digest is not None and matches(recorded, digest)
+
     problems = []
     git_dir = _clone_git_dir(clone)
-    if facts.get("git_config") and _sha256(git_dir / "config") != facts["git_config"]:
+    if facts.get("git_config") and not same(facts["git_config"], git_dir / "config"):
         problems.append("the clone's .git/config differs from the repository's")
     for name, hook in sorted(facts.get("hooks", {}).items()):
         path = git_dir / "hooks" / name
-        if _sha256(path) != hook["sha256"]:
+        if not same(hook["sha256"], path):
             problems.append(f"hook {name} is {'missing' if not path.exists() else 'different'} in the clone")
         elif bool(path.stat().st_mode & stat.S_IXUSR) != hook["executable"]:
             problems.append(f"hook {name} is {'not ' if hook['executable'] else ''}executable in the clone")

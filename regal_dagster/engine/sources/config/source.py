@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+from ...crypto import Keyring
 from ...errors import IntegrityError, RegalError
 from ...findings import Finding, finding
 from ...manifest import Manifest
@@ -108,7 +109,7 @@ class ConfigSource(Source):
         with private_directory("config-test", work_dir) as tmp:
             yield str(Path(tmp) / "clone")
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """Every ref, stash entry and HEAD of the clone as recorded (every ref: notes, stash and custom ones too)."""
         cloned: dict[str, Any]
         if "all_refs" in manifest.source:  # branches and tags peeled to their commits, as `refs` has them
@@ -127,5 +128,5 @@ class ConfigSource(Source):
                             f"{len(manifest.source['stash'])} {[e['commit'][:12] for e in manifest.source['stash']]}")
         if cloned["head"] != manifest.source["head"]:
             problems.append(f"HEAD is {cloned['head']} in the clone, {manifest.source['head']} in the backup")
-        problems += extras_problems(Path(destination), manifest.source)
+        problems += extras_problems(Path(destination), manifest.source, keyring.fingerprint_matches)
         return RestoredFindings(problems, {**cloned, "not_carried": manifest.source.get("not_carried", [])})

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
+from ...crypto import Keyring
 from ...errors import RegalError
 from ...findings import Finding, finding, readable_path
 from ...manifest import Manifest
@@ -86,7 +87,7 @@ class FilesSource(Source):
         with private_directory("files-test", work_dir) as tmp:
             yield str(Path(tmp) / "restored")
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """Nothing under the destination that the backup did not hold."""
         extra = extra_paths(Path(destination), manifest.source["entries"])
         return RestoredFindings([f"{path} was restored but is not in the backup" for path in extra])

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import psycopg
 
+from ...crypto import Keyring
 from ...environment import child_environment
 from ...erasure_ledger import ErasureLedger, ErasureResult
 from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError, UsageError
@@ -194,7 +195,7 @@ class PostgresSource(Source):
                 cluster.create_tablespace(tablespace["name"])  # where the source had its tables and indexes
             yield cluster.dsn(RESTORE_TEST_DATABASE)
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """The restored database's encoding, provider and locale, the schema's object counts as recorded at backup
         time, and pg_amcheck over every table and index."""
         found = RestoredFindings()

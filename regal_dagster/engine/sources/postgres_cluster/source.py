@@ -278,7 +278,7 @@ class PostgresClusterSource(Source):
         with private_directory("cluster-test", work_dir) as tmp:
             yield str(tmp / "data")
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """Start PostgreSQL of the backup's major version on the restored data directory (a scratch server on a
         private socket): it recovers to the backup's end and is promoted; then every database the backup held
         accepts connections."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+from ...crypto import Keyring
 from ...errors import IntegrityError, RegalError
 from ...findings import Finding, finding, readable_directory
 from ...manifest import Manifest
@@ -181,7 +182,7 @@ class RedisSource(Source):
         with private_directory("redis-test", work_dir) as tmp:
             yield str(tmp)
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """The RDB loaded by a scratch redis-server: key counts, TTL counts and the key sample compared."""
         found = RestoredFindings()
         phase = time.monotonic()

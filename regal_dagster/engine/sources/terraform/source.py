@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+from ...crypto import Keyring
 from ...errors import IntegrityError
 from ...findings import Finding, finding
 from ...manifest import Manifest
@@ -113,7 +114,7 @@ class TerraformSource(Source):
         with private_directory("terraform-test", work_dir) as tmp:
             yield str(Path(tmp) / STATE_OBJECT)
 
-    def verify_restored(self, destination: str, manifest: Manifest, jobs: int) -> RestoredFindings:
+    def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """The restored state parsed: serial, lineage and resource count as recorded."""
         facts = state_facts(Path(destination).read_bytes())
         expected = manifest.source["state"]
