@@ -92,7 +92,8 @@ def _materialized(context: SensorEvaluationContext, key: AssetKey, backup_id: st
 
 def _events_for(regal: RegalEngine, key: AssetKey, manifest: Manifest, now: datetime,
                 rpo_seconds: float) -> list[AssetMaterialization | AssetObservation | AssetCheckEvaluation]:
-    metadata = backup_metadata(manifest, regal.repository().location)
+    metadata = backup_metadata(manifest, regal.repository().location,
+                               regal.retention(manifest.target, manifest.backup_id))
     taken_by = ", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "unknown"
     metadata["taken_outside_dagster"] = taken_by
     metadata["dagster/last_updated_timestamp"] = MetadataValue.timestamp(manifest.finished_at)
