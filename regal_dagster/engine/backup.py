@@ -75,8 +75,9 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
         keyring = keyring.reload()  # under the lock: a key retired meanwhile is never used, a new primary is
         ledger_revision = load_ledger(repo, keyring).revision
-        clock_offset = started_at - datetime.now(UTC) if started_at else timedelta(0)
-        started = datetime.now(UTC) + clock_offset
+        real_start = datetime.now(UTC)
+        started = started_at or real_start
+        clock_offset = started - real_start
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
         audit.update(resource=backup_id, target=target_name, retention_class=retention_class)

@@ -240,8 +240,9 @@ def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mappin
             ends.append(min(backup.locked_until, now))
         due[backup.backup_id] = max(ends)
     eligible = [b for b in good if b.started_at <= now]  # oldest first
-    for older, newer in pairwise(eligible):  # the newest good backup until the next
-        due[older.backup_id] = max(due[older.backup_id], newer.started_at, min(newer.checked_at or now, now))
+    for older, newer in pairwise(eligible):  # the newest good backup until the next was good (checked)
+        good_since = min(newer.checked_at, now) if newer.checked_at else newer.started_at
+        due[older.backup_id] = max(due[older.backup_id], newer.started_at, good_since)
     for retention_class in RETENTION_CLASSES:
         count = counts.get(retention_class, 0)
         if not count:

@@ -260,7 +260,8 @@ def _prune_evidence(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The prune logs of the period, each authenticated (its seal) and checked against the SHA-256 its
     audit event recorded, and every decision of the last one: what retention kept at the period's end, and
-    until when (`retention_verdict`: the same retention `list` showed then). A log the trail records but the repository lacks is listed too."""
+    until when (`retention_verdict`: the same retention `list` showed then). A log the trail records but the
+    repository lacks is listed too."""
     recorded = {
         d["log"]: d.get("log_sha256")
         for e in trail_events
