@@ -213,3 +213,30 @@ def test_forward_on_a_real_repository_list_show_and_prune_tell_the_date_the_prun
     assert json.loads(run_cli(policy_file, "show", some, "--json").stdout)["retention"] == listed[some]
     table = run_cli(policy_file, "list").stdout
     assert table.count("kept: the newest good backup") == 1
+
+
+def test_dagster_shows_the_retention_list_shows_not_the_class_count(tmp_path: Path, master_key: str) -> None:
+    """The backup asset's metadata gave `retain_until` (the class's count from its start: 30 days for a daily)
+    while prune deleted it at another date; now it and the checks' metadata give the verdict `list` gives."""
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+
+    from .conftest import backup_then_checks
+
+    policy_file = _policy(tmp_path)
+    defs = build_definitions(str(policy_file))
+    instance = dg.DagsterInstance.ephemeral()
+    backup, checks = backup_then_checks(defs, instance, tags={"regal/retention_class": "daily"})
+    assert checks is not None and checks.success
+    (event,) = backup.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert "retain_until" not in metadata
+    assert metadata["retention"].value == "kept: unchecked, until checked"  # as it was: its checks came next
+    (listed,) = json.loads(run_cli(policy_file, "list", "--json").stdout)["backups"]
+    manifest_check = next(e for e in checks.get_asset_check_evaluations() if e.check_name == "manifest")
+    assert manifest_check.metadata["retention"].value == listed["retention"]["summary"]
+    assert listed["retention"]["summary"].startswith("kept: the newest good backup, then until the prune of ")
+    deletion_at = datetime.fromisoformat(listed["retention"]["deletion_at"])
+    assert manifest_check.metadata["retention_deletion_at"].value == deletion_at.timestamp()
+    assert listed["retain_until"] is None  # no Object Lock: no second date

@@ -5,15 +5,16 @@ for each backup, with the reason. For every class (hourly < daily < weekly < mon
 last N periods (the period holding "now" is the first), the newest *good* backup of that class or a
 higher one started in that period fills the slot and is kept ("daily slot 2026-11-20"). A backup is kept
 if any slot keeps it. Whatever the counts say, the newest good backup is kept. Backups that failed their
-checks fill no slot; they stay `failed_grace` for investigation, unchecked ones `unchecked_grace` (their
-checks may still be running), then they go. A target with a rolled-back record (a check record older than
+checks fill no slot; they stay `failed_grace` for investigation, then they go. A backup never checked is
+kept until it has been checked once. A target with a rolled-back record (a check record older than
 its witnesses know, or a restore-test record deleted: engine/record_sequence.py) keeps every backup until
 a fresh record resolves it: which backup is good is in doubt.
 
-One retention truth: `retention_verdicts` turns the plan into the date each backup will be deleted (the
-first run of the prune schedule at or after the moment the plan stops keeping it), and whether it is past
-its retention (the prune that should have deleted it ran more than PRUNE_SLACK ago). `list`, `show`,
-`prune --dry-run`, `prune --check` and the quarterly retention proof all read it.
+One retention truth: `retention_verdict` turns a decision into the date the backup will be deleted (the
+first run of the prune schedule at or after the moment the plan stops keeping it), or what keeps it
+beyond any date (its condition), and whether it is past its retention (the prune that should have deleted
+it ran more than PRUNE_SLACK ago). `list`, `show`, `prune --dry-run/--json/--check`, the Dagster metadata,
+the compliance report and the quarterly retention proof all read it.
 
 Deleting a backup survives a crash at any point (`delete_backup`): a sealed deletion mark first (from then on
 readers see neither a backup nor damage), then the objects, the manifest last, then the mark; the next prune
