@@ -139,9 +139,10 @@ def test_a_kept_incremental_keeps_every_backup_it_is_built_on(backups: list[Back
                 built_on_it = {f"parent of the incremental {b.backup_id}" for b in chained
                                if parent in b.chain and decisions[b.backup_id].keep}
                 assert kept.keep and built_on_it & set(kept.reasons)
+                # as long: a date no earlier than the incremental's, or a condition keeping it beyond any date
                 child_end = decisions[backup.backup_id].delete_after
-                assert kept.delete_after is None if child_end is None else (
-                    kept.delete_after is None or kept.delete_after >= child_end)
+                assert kept.condition is not None if child_end is None else (
+                    kept.condition is not None and kept.delete_after is None or kept.delete_after >= child_end)
 
 
 def test_grandfather_father_son_over_a_year_of_daily_backups() -> None:

@@ -229,7 +229,8 @@ def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mappin
     """For every backup, when the plan stops keeping it (meaningful for those it no longer keeps): the
     latest of the ends of what kept it once. A good backup kept a slot until a newer good backup of its
     class or higher took that slot, or until the slot aged out; it was the newest good backup until the
-    next good one; it was kept unchecked until its check; a failed one had its grace; a locked one its lock."""
+    next good one; it was kept unchecked until its check; a failed one had its grace; a locked one its lock;
+    a parent was kept by the incrementals built on it."""
     due: dict[str, datetime] = {}
     for backup in backups:
         ends = [backup.started_at]
@@ -257,6 +258,10 @@ def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mappin
                 due[older.backup_id] = max(due[older.backup_id], newer.started_at)
             last = members[-1]
             due[last.backup_id] = max(due[last.backup_id], min(slot_end(retention_class, label, count), now))
+    own = dict(due)
+    for child in backups:  # an incremental kept what it is built on until it was due itself
+        for parent in (p for p in child.chain if p in due):
+            due[parent] = max(due[parent], own[child.backup_id])
     return due
 
 
