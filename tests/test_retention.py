@@ -60,17 +60,20 @@ def test_the_newest_good_backup_always_stays(backups: list[BackupInfo], counts: 
 @given(backups_strategy, counts_strategy)
 def test_a_kept_backup_goes_at_its_planned_deletion_date(backups: list[BackupInfo], counts: dict[str, int]) -> None:
     """The date the prune log gives for a kept backup (what the compliance report judges retention by) is the
-    moment the plan stops keeping it, if nothing newer comes; the newest good backup has none."""
+    moment the plan stops keeping it, if nothing newer comes, once what keeps it beyond any date (the newest
+    good backup, unchecked, a rollback, an incremental that needs it: its condition) is over; a backup kept by
+    its condition alone has none."""
     for backup, decision in zip(backups, plan(backups, counts, NOW), strict=True):
         if not decision.keep:
             assert decision.delete_after is None
             continue
         if decision.delete_after is None:
-            assert "the newest good backup" in decision.reasons
+            assert decision.condition is not None
             continue
-        before = plan(backups, counts, decision.delete_after - timedelta(seconds=1))
-        at = plan(backups, counts, decision.delete_after)
-        assert before[backups.index(backup)].keep and not at[backups.index(backup)].keep, decision
+        before = plan(backups, counts, decision.delete_after - timedelta(seconds=1))[backups.index(backup)]
+        at = plan(backups, counts, decision.delete_after)[backups.index(backup)]
+        assert before.keep, decision
+        assert not at.keep or (decision.condition and at.condition and at.delete_after is None), (decision, at)
 
 
 @settings(max_examples=200, deadline=None)
@@ -137,9 +140,10 @@ def test_a_kept_incremental_keeps_every_backup_it_is_built_on(backups: list[Back
                 built_on_it = {f"parent of the incremental {b.backup_id}" for b in chained
                                if parent in b.chain and decisions[b.backup_id].keep}
                 assert kept.keep and built_on_it & set(kept.reasons)
+                # as long: a date no earlier than the incremental's, or a condition keeping it beyond any date
                 child_end = decisions[backup.backup_id].delete_after
-                assert kept.delete_after is None if child_end is None else (
-                    kept.delete_after is None or kept.delete_after >= child_end)
+                assert kept.condition is not None if child_end is None else (
+                    kept.condition is not None and kept.delete_after is None or kept.delete_after >= child_end)
 
 
 def test_grandfather_father_son_over_a_year_of_daily_backups() -> None:

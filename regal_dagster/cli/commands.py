@@ -17,7 +17,7 @@ from ..engine.layout import target_of
 from ..engine.manifest import Manifest
 from ..engine.policy import Policy
 from ..engine.record_sequence import known_records
-from ..engine.retention import RetentionVerdict, retention_verdict, retention_verdicts
+from ..engine.retention import retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
 from ..engine.storage import Repository, open_repository
@@ -126,7 +126,7 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  {'STATUS':9} RETENTION"]
     lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
               f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']:9} "
-              + (_retention_column(verdicts[r['backup_id']]) if r['backup_id'] in verdicts else "?")
+              + (verdicts[r['backup_id']].summary if r['backup_id'] in verdicts else "?")
               + (f" ({r['status_note']})" if r["status_note"] else "") for r in rows]
     lines += [f"{d.backup_id:40} {'?':8} {'?':20} {size(d.stored_bytes):>10} {'?':>10}  DAMAGED: {d.problem}"
               for d in damaged]
@@ -138,15 +138,6 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
                 "unfinished": [u.__dict__ for u in unfinished]},
                "\n".join(lines) if rows or damaged or unfinished else "no backups yet")
     return 3 if any(r["status"] == "rolled_back" for r in rows) else 1 if damaged else 0
-
-
-def _retention_column(verdict: RetentionVerdict) -> str:
-    """The retention date in a table: when the prune deletes it."""
-    if verdict.past_retention:
-        return "PAST RETENTION"
-    if verdict.deletion_at is None:
-        return "kept (newest good)"
-    return ("next prune " if not verdict.keep else "until ") + f"{verdict.deletion_at:%Y-%m-%d %H:%M}"
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
@@ -380,8 +371,8 @@ def cmd_prune(args: argparse.Namespace, out: Output) -> int:
         if due:
             lines.append(f"{len(due)} backup(s) due for deletion by the next prune (not past retention yet)")
     body = {k: v for k, v in report.to_json().items() if k not in ("format", "version")}
-    body["decisions"] = {target: [{"backup_id": d.backup_id, **retention_verdict(d, policy.prune.cron, now).to_json()}
-                                  for d in decisions] for target, decisions in report.decisions.items()}
+    body["decisions"] = {target: [retention_verdict(d, policy.prune.cron, now).to_json() for d in decisions]
+                         for target, decisions in report.decisions.items()}
     out.result({**body, "past_retention": report.past_retention}, "\n".join(lines))
     return 3 if args.check and report.past_retention else 0
 

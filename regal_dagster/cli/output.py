@@ -155,7 +155,7 @@ def manifest_summary(m: Manifest) -> dict[str, Any]:
         "duration_seconds": round(m.duration_seconds, 3), "bytes_read": m.plaintext_bytes,
         "bytes_stored": m.stored_bytes, "key_id": m.objects[0].encryption.key_id if m.objects else None,
         "tables": len(m.source.get("tables", [])), "rows": sum(m.table_rows().values()),
-        "retain_until": m.retain_until.isoformat(), **source_for(m.kind).summary(m),
+        "retain_until": m.locked_until.isoformat() if m.locked_until else None, **source_for(m.kind).summary(m),
     }
 
 

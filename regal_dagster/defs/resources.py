@@ -3,6 +3,8 @@ through EnvVar and stay out of run config and metadata."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from dagster import ConfigurableResource, EnvVar
 from pydantic import PrivateAttr
 
@@ -12,6 +14,7 @@ from ..engine.crypto import Keyring, load_keyring
 from ..engine.manifest import Manifest
 from ..engine.policy import Policy, load_policy
 from ..engine.restore_test import RestoreTestResult, run_restore_test
+from ..engine.retention import RetentionVerdict, retention_verdicts
 from ..engine.storage import Repository, open_repository
 
 
@@ -51,6 +54,11 @@ class RegalEngine(ConfigurableResource):
 
     def check(self, backup_id: str, trigger: dict[str, str]) -> CheckRecord:
         return run_checks(self.policy(), self.repository(), self.keyring(), backup_id, trigger=trigger)
+
+    def retention(self, target: str, backup_id: str) -> RetentionVerdict | None:
+        """The backup's retention now, as `list` and `prune` tell it."""
+        now = datetime.now(UTC)
+        return retention_verdicts(self.policy(), self.repository(), self.keyring(), now, target).get(backup_id)
 
 
 def engine_resource(policy_path: str, policy: Policy) -> RegalEngine:

@@ -56,9 +56,10 @@ stores what the server wrote every few seconds): pgBackRest's archive-timeout.""
 def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly", *,
                repo: Repository | None = None, keyring: Keyring | None = None,
                trigger: dict[str, str] | None = None, progress: Progress | None = None,
-               incremental: bool | None = None) -> BackupResult:
+               incremental: bool | None = None, started_at: datetime | None = None) -> BackupResult:
     """Back up one target. The backup exists once this returns; a failed off-site copy does not undo it.
-    `incremental`: on top of the target's newest good backup (None: as the policy says for this class)."""
+    `incremental`: on top of the target's newest good backup (None: as the policy says for this class).
+    `started_at`: when the backup counts as taken (default: now; tests run retention forward in time)."""
     if retention_class not in RETENTION_CLASSES:
         raise RegalError(f"unknown retention class '{retention_class}'", f"use one of {', '.join(RETENTION_CLASSES)}")
     target = policy.target(target_name)
@@ -73,7 +74,9 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     with audited(policy, repo, "backup", target_name, trigger) as audit, repo.lock(target_name):
         keyring = keyring.reload()  # under the lock: a key retired meanwhile is never used, a new primary is
         ledger_revision = load_ledger(repo, keyring).revision
-        started = datetime.now(UTC)
+        real_start = datetime.now(UTC)
+        started = started_at or real_start
+        clock_offset = started - real_start
         backup_id = new_backup_id(target_name, started)
         prefix = backup_prefix(target_name, backup_id)
         audit.update(resource=backup_id, target=target_name, retention_class=retention_class)
@@ -94,7 +97,7 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
             manifest = Manifest(
                 backup_id=backup_id, target=target_name, kind=target.kind, retention_class=retention_class,
                 retain_until=retain_until,
-                started_at=started, finished_at=datetime.now(UTC),
+                started_at=started, finished_at=datetime.now(UTC) + clock_offset,
                 tool_versions={**tool_versions(), **captured.tools}, source=keyed_facts(keyring, captured.facts),
                 objects=captured.objects,
                 trigger={"user": getpass.getuser(), "host": platform.node(), **(trigger or {})},

@@ -5,15 +5,16 @@ for each backup, with the reason. For every class (hourly < daily < weekly < mon
 last N periods (the period holding "now" is the first), the newest *good* backup of that class or a
 higher one started in that period fills the slot and is kept ("daily slot 2026-11-20"). A backup is kept
 if any slot keeps it. Whatever the counts say, the newest good backup is kept. Backups that failed their
-checks fill no slot; they stay `failed_grace` for investigation, unchecked ones `unchecked_grace` (their
-checks may still be running), then they go. A target with a rolled-back record (a check record older than
+checks fill no slot; they stay `failed_grace` for investigation, then they go. A backup never checked is
+kept until it has been checked once. A target with a rolled-back record (a check record older than
 its witnesses know, or a restore-test record deleted: engine/record_sequence.py) keeps every backup until
 a fresh record resolves it: which backup is good is in doubt.
 
-One retention truth: `retention_verdicts` turns the plan into the date each backup will be deleted (the
-first run of the prune schedule at or after the moment the plan stops keeping it), and whether it is past
-its retention (the prune that should have deleted it ran more than PRUNE_SLACK ago). `list`, `show`,
-`prune --dry-run`, `prune --check` and the quarterly retention proof all read it.
+One retention truth: `retention_verdict` turns a decision into the date the backup will be deleted (the
+first run of the prune schedule at or after the moment the plan stops keeping it), or what keeps it
+beyond any date (its condition), and whether it is past its retention (the prune that should have deleted
+it ran more than PRUNE_SLACK ago). `list`, `show`, `prune --dry-run/--json/--check`, the Dagster metadata,
+the compliance report and the quarterly retention proof all read it.
 
 Deleting a backup survives a crash at any point (`delete_backup`): a sealed deletion mark first (from then on
 readers see neither a backup nor damage), then the objects, the manifest last, then the mark; the next prune
@@ -47,6 +48,7 @@ from .layout import (
     restore_test_prefix,
     split_backup_key,
     started_of,
+    target_of,
     target_prefix,
 )
 from .manifest import Manifest
@@ -66,6 +68,12 @@ class BackupInfo:
     status: str  # good | failed | unchecked | rolled_back
     locked_until: datetime | None = None  # S3 Object Lock: nothing can delete it before then
     chain: tuple[str, ...] = ()  # an incremental base backup: the backups it is built on, the full one first
+    checked_at: datetime | None = None  # when its check record was written (it was kept unchecked until then)
+
+
+# What keeps a backup beyond any date, strongest first: every backup of a target with a rolled-back record,
+# a backup never checked, the newest good backup, a backup an incremental kept so is built on.
+CONDITIONS = ("rolled_back", "unchecked", "newest_good", "needed_by")
 
 
 @dataclass(frozen=True)
@@ -73,13 +81,15 @@ class Decision:
     backup_id: str
     keep: bool
     reasons: tuple[str, ...]
-    # When a kept backup is due to go if nothing newer displaces it sooner: the latest end of what keeps
-    # it (its slots, its grace, its Object Lock). None: deleted now, or kept with no end in sight (the
-    # newest good backup stays until a newer one is good).
+    # When a kept backup is due to go: the latest end of what keeps it for a time (its slots, its grace, its
+    # Object Lock, the incrementals built on it), once whatever keeps it beyond a date (`condition`) is over.
+    # None: deleted now, or nothing keeps it for a time beyond now (the condition alone does).
     delete_after: datetime | None = None
     # Deleted now: since when the plan no longer keeps it (displaced by a newer backup in its slot, its
     # slots aged out, its grace over). None for kept backups.
     due_since: datetime | None = None
+    condition: str | None = None  # one of CONDITIONS: what keeps it whatever the date (None: only dates do)
+    needed_by: str | None = None  # the kept incremental built on it that keeps it longest
 
 
 def period_of(retention_class: str, when: datetime) -> str:
@@ -133,14 +143,23 @@ def recent_periods(retention_class: str, now: datetime, count: int) -> list[str]
     return labels
 
 
+@dataclass
+class _Keep:
+    """What keeps one backup while the plan is made: reasons, dated ends, conditions."""
+
+    reasons: list[str] = field(default_factory=list)
+    ends: list[datetime] = field(default_factory=list)
+    conditions: set[str] = field(default_factory=set)
+    needed_by: str | None = None
+
+
 def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
-         failed_grace: timedelta = timedelta(days=7), unchecked_grace: timedelta = timedelta(days=1),
-         hold: str | None = None) -> list[Decision]:
+         failed_grace: timedelta = timedelta(days=7), hold: str | None = None) -> list[Decision]:
     """Keep or delete, with reasons and the date each kept backup is due to go, for every backup (in the
-    order given). `hold`: why every backup stays (a restore-test record rolled back); a backup whose check
-    record is rolled back holds them all too."""
-    reasons: dict[str, list[str]] = {b.backup_id: [] for b in backups}
-    ends: dict[str, list[datetime | None]] = {b.backup_id: [] for b in backups}  # None: no end in sight
+    order given). A backup never checked is kept until it is (the daily verification checks every unchecked
+    backup). `hold`: why every backup stays (a restore-test record rolled back); a backup whose check record
+    is rolled back holds them all too."""
+    keeps = {b.backup_id: _Keep() for b in backups}
     good = sorted((b for b in backups if b.status == "good"), key=lambda b: (b.started_at, b.backup_id))
     for retention_class in RETENTION_CLASSES:
         slots = set(recent_periods(retention_class, now, counts.get(retention_class, 0)))
@@ -151,66 +170,81 @@ def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
                 if label in slots:
                     fillers[label] = backup
         for label, backup in fillers.items():
-            reasons[backup.backup_id].append(f"{retention_class} slot {label}")
-            ends[backup.backup_id].append(slot_end(retention_class, label, counts.get(retention_class, 0)))
+            keeps[backup.backup_id].reasons.append(f"{retention_class} slot {label}")
+            keeps[backup.backup_id].ends.append(slot_end(retention_class, label, counts.get(retention_class, 0)))
     if good:
-        reasons[good[-1].backup_id].append("the newest good backup")
-        ends[good[-1].backup_id].append(None)
+        keeps[good[-1].backup_id].reasons.append("the newest good backup")
+        keeps[good[-1].backup_id].conditions.add("newest_good")
     for backup in backups:
-        age = now - backup.started_at
-        if backup.status == "failed" and age < failed_grace:
-            reasons[backup.backup_id].append(f"failed its checks: kept {failed_grace.days} days for investigation")
-            ends[backup.backup_id].append(backup.started_at + failed_grace)
-        if backup.status == "unchecked" and age < unchecked_grace:
-            reasons[backup.backup_id].append("not checked yet")
-            ends[backup.backup_id].append(backup.started_at + unchecked_grace)
+        keep = keeps[backup.backup_id]
+        if backup.status == "failed" and now - backup.started_at < failed_grace:
+            keep.reasons.append(f"failed its checks: kept {failed_grace.days} days for investigation")
+            keep.ends.append(backup.started_at + failed_grace)
+        if backup.status == "unchecked":
+            keep.reasons.append("not checked yet: kept until it is")
+            keep.conditions.add("unchecked")
         if backup.locked_until is not None and now < backup.locked_until:
-            reasons[backup.backup_id].append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
-            ends[backup.backup_id].append(backup.locked_until)
+            keep.reasons.append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
+            keep.ends.append(backup.locked_until)
     hold = hold or next((f"the check record of {b.backup_id} was rolled back" for b in backups
                          if b.status == "rolled_back"), None)
     for backup in backups if hold else []:
-        reasons[backup.backup_id].append(f"every backup of the target is kept: {hold} (a fresh record resolves it)")
-        ends[backup.backup_id].append(None)
-    _keep_parents(backups, reasons, ends)
-    due = _due_since(backups, good, counts, now, failed_grace, unchecked_grace)
-    return [Decision(b.backup_id, bool(reasons[b.backup_id]), tuple(reasons[b.backup_id]) or (_why_not(b),),
-                     _latest(ends[b.backup_id]), None if reasons[b.backup_id] else due[b.backup_id])
-            for b in backups]
+        keeps[backup.backup_id].reasons.append(f"every backup of the target is kept: {hold} (a fresh record "
+                                               "resolves it)")
+        keeps[backup.backup_id].conditions.add("rolled_back")
+    _keep_parents(backups, keeps)
+    due = _due_since(backups, good, counts, now, failed_grace)
+    decisions = []
+    for b in backups:
+        keep = keeps[b.backup_id]
+        latest = max(keep.ends, default=None)
+        condition = next((c for c in CONDITIONS if c in keep.conditions), None)
+        delete_after = latest if latest is not None and (condition is None or latest > now) else None
+        decisions.append(Decision(b.backup_id, bool(keep.reasons), tuple(keep.reasons) or (_why_not(b),),
+                                  delete_after if keep.reasons else None,
+                                  None if keep.reasons else due[b.backup_id], condition, keep.needed_by))
+    return decisions
 
 
-def _keep_parents(backups: list[BackupInfo], reasons: dict[str, list[str]],
-                  ends: dict[str, list[datetime | None]]) -> None:
+def _keep_parents(backups: list[BackupInfo], keeps: dict[str, _Keep]) -> None:
     """A kept incremental keeps every backup it is built on, for as long as it is kept itself: a restore of it
-    combines them all."""
-    kept = [b for b in backups if reasons[b.backup_id]]
+    combines them all. The parent is needed by the incremental that keeps it longest (one with a condition
+    keeps it beyond any date)."""
+    kept = sorted((b for b in backups if keeps[b.backup_id].reasons), key=lambda b: (b.started_at, b.backup_id))
     for child in kept:
-        child_ends = list(ends[child.backup_id])
-        for parent in child.chain:
-            if parent in reasons:
-                reasons[parent].append(f"parent of the incremental {child.backup_id}")
-                ends[parent].extend(child_ends)
+        own = keeps[child.backup_id]
+        for parent in (p for p in child.chain if p in keeps):
+            keep = keeps[parent]
+            child_end, parent_end = max(own.ends, default=None), max(keep.ends, default=None)
+            if own.conditions or (child_end is not None and (parent_end is None or child_end >= parent_end)):
+                keep.needed_by = child.backup_id
+            keep.reasons.append(f"parent of the incremental {child.backup_id}")
+            keep.ends.extend(own.ends)
+            if own.conditions:
+                keep.conditions.add("needed_by")
 
 
 def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mapping[str, int], now: datetime,
-               failed_grace: timedelta, unchecked_grace: timedelta) -> dict[str, datetime]:
+               failed_grace: timedelta) -> dict[str, datetime]:
     """For every backup, when the plan stops keeping it (meaningful for those it no longer keeps): the
     latest of the ends of what kept it once. A good backup kept a slot until a newer good backup of its
     class or higher took that slot, or until the slot aged out; it was the newest good backup until the
-    next good one; a failed or unchecked one had its grace; a locked one its lock."""
+    next good one; it was kept unchecked until its check; a failed one had its grace; a locked one its lock;
+    a parent was kept by the incrementals built on it."""
     due: dict[str, datetime] = {}
     for backup in backups:
         ends = [backup.started_at]
         if backup.status == "failed":
             ends.append(backup.started_at + failed_grace)
-        elif backup.status == "unchecked":
-            ends.append(backup.started_at + unchecked_grace)
+        if backup.checked_at is not None:
+            ends.append(min(backup.checked_at, now))
         if backup.locked_until is not None:
             ends.append(min(backup.locked_until, now))
         due[backup.backup_id] = max(ends)
     eligible = [b for b in good if b.started_at <= now]  # oldest first
-    for older, newer in pairwise(eligible):  # the newest good backup until the next
-        due[older.backup_id] = max(due[older.backup_id], newer.started_at)
+    for older, newer in pairwise(eligible):  # the newest good backup until the next was good (checked)
+        good_since = min(newer.checked_at, now) if newer.checked_at else newer.started_at
+        due[older.backup_id] = max(due[older.backup_id], newer.started_at, good_since)
     for retention_class in RETENTION_CLASSES:
         count = counts.get(retention_class, 0)
         if not count:
@@ -224,18 +258,16 @@ def _due_since(backups: list[BackupInfo], good: list[BackupInfo], counts: Mappin
                 due[older.backup_id] = max(due[older.backup_id], newer.started_at)
             last = members[-1]
             due[last.backup_id] = max(due[last.backup_id], min(slot_end(retention_class, label, count), now))
+    own = dict(due)
+    for child in backups:  # an incremental kept what it is built on until it was due itself
+        for parent in (p for p in child.chain if p in due):
+            due[parent] = max(due[parent], own[child.backup_id])
     return due
-
-
-def _latest(ends: list[datetime | None]) -> datetime | None:
-    return None if not ends or None in ends else max(e for e in ends if e is not None)
 
 
 def _why_not(backup: BackupInfo) -> str:
     if backup.status == "failed":
         return "failed its checks; past the investigation period"
-    if backup.status == "unchecked":
-        return "never checked; past the grace period"
     return "no retention slot keeps it any more"
 
 
@@ -243,18 +275,24 @@ def _why_not(backup: BackupInfo) -> str:
 
 PRUNE_SLACK = timedelta(hours=1)  # how long a prune may take before what it should have deleted is "past"
 
+_KEPT_BY = {"rolled_back": "a record of the target was rolled back, until a fresh record resolves it",
+            "unchecked": "unchecked, until checked", "newest_good": "the newest good backup"}
+
 
 @dataclass(frozen=True)
 class RetentionVerdict:
-    """What retention says of one backup, with dates: what list, show, prune --dry-run and --check print."""
+    """What retention says of one backup: what list, show, prune --dry-run/--json, Dagster and the report show
+    (`to_json` is the one schema, docs/cli-json.md)."""
 
     backup_id: str
     keep: bool
+    state: str  # due | past_retention | rolled_back | unchecked | newest_good | needed_by | object_lock | failed | slot
     reasons: tuple[str, ...]
-    delete_after: datetime | None  # kept: when the plan stops keeping it, if nothing newer comes sooner
+    delete_after: datetime | None  # kept: when the plan stops keeping it, once its condition is over
     due_since: datetime | None  # not kept: since when
-    deletion_at: datetime | None  # the run of the prune schedule that deletes it (None: no end in sight)
+    deletion_at: datetime | None  # the run of the prune schedule that deletes it (None: a condition keeps it)
     past_retention: bool  # that prune ran more than PRUNE_SLACK ago and the backup is still here
+    needed_by: str | None = None  # state needed_by: the incremental built on it that keeps it
 
     @property
     def summary(self) -> str:
@@ -263,28 +301,40 @@ class RetentionVerdict:
             return f"PAST RETENTION: due since {self.due_since:%Y-%m-%d %H:%M} UTC, the prune of {when} left it"
         if not self.keep:
             return f"deleted by the next prune ({when})"
+        kept_by = {**_KEPT_BY, "needed_by": f"needed by {self.needed_by}", "object_lock": "Object Lock",
+                   "failed": "failed its checks, for investigation"}.get(self.state, self.reasons[0])
         if when is None:
-            return "kept: the newest good backup (until a newer one is good)"
-        return f"kept until the prune of {when}"
+            return f"kept: {kept_by}"
+        return f"kept: {kept_by}, " + ("then " if self.state in CONDITIONS else "") + f"until the prune of {when}"
 
     def to_json(self) -> dict[str, Any]:
         def iso(when: datetime | None) -> str | None:
             return when.isoformat() if when else None
 
-        return {"keep": self.keep, "reasons": list(self.reasons), "delete_after": iso(self.delete_after),
-                "due_since": iso(self.due_since), "deletion_at": iso(self.deletion_at),
-                "past_retention": self.past_retention, "summary": self.summary}
+        return {"backup_id": self.backup_id, "target": target_of(self.backup_id), "keep": self.keep,
+                "state": self.state, "summary": self.summary, "deletion_at": iso(self.deletion_at),
+                "needed_by": self.needed_by, "reasons": list(self.reasons), "due_since": iso(self.due_since),
+                "past_retention": self.past_retention}
 
 
 def retention_verdict(decision: Decision, prune_cron: str, now: datetime) -> RetentionVerdict:
+    """THE retention of one backup: the date (the prune run) that deletes it, or what keeps it beyond any date."""
     from .settings import CronExpression
 
     expression = CronExpression.parse(prune_cron)
     moment = decision.delete_after if decision.keep else decision.due_since
     deletion = expression.next_match(moment) if moment is not None else None
     past = not decision.keep and deletion is not None and now > deletion + PRUNE_SLACK
-    return RetentionVerdict(decision.backup_id, decision.keep, decision.reasons, decision.delete_after,
-                            decision.due_since, deletion, past)
+    state = ("past_retention" if past else "due" if not decision.keep else decision.condition
+             or ("needed_by" if decision.needed_by else None) or _dated_state(decision.reasons))
+    return RetentionVerdict(decision.backup_id, decision.keep, state, decision.reasons, decision.delete_after,
+                            decision.due_since, deletion, past, decision.needed_by if state == "needed_by" else None)
+
+
+def _dated_state(reasons: tuple[str, ...]) -> str:
+    if any(r.startswith("object lock until") for r in reasons):
+        return "object_lock"
+    return "failed" if any(r.startswith("failed its checks") for r in reasons) else "slot"
 
 
 def plan_target(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> list[Decision]:
@@ -293,7 +343,7 @@ def plan_target(policy: Policy, repo: Repository, keyring: Keyring, target: str,
     known = known_records(policy, repo, keyring, target)
     hold = known.restore_test_rollback({o.key for o in repo.list(restore_test_prefix(target))})
     return plan(backup_infos(repo, keyring, target, known), policy.retention.model_dump(), now,
-                failed_grace=policy.prune.failed_grace, unchecked_grace=policy.prune.unchecked_grace, hold=hold)
+                failed_grace=policy.prune.failed_grace, hold=hold)
 
 
 def retention_verdicts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
@@ -331,12 +381,13 @@ class PruneReport:
         return [b for b in self.past if b not in self.deleted]
 
     def to_json(self) -> dict[str, object]:
-        """The prune log. Version 3 adds each decision's `delete_after` (version 2 logs stay readable:
-        `prune_report` gives them None there)."""
-        return {"format": "regal-backup-prune", "version": 3, "at": self.at.isoformat(),
+        """The prune log. Version 3 adds each decision's `delete_after`, version 4 its `condition` and `needed_by`
+        (older logs stay readable: `prune_report` gives them None there)."""
+        return {"format": "regal-backup-prune", "version": 4, "at": self.at.isoformat(),
                 "dry_run": self.dry_run,
                 "decisions": {t: [{"backup_id": d.backup_id, "keep": d.keep, "reasons": list(d.reasons),
-                                   "delete_after": d.delete_after.isoformat() if d.delete_after else None}
+                                   "delete_after": d.delete_after.isoformat() if d.delete_after else None,
+                                   "condition": d.condition, "needed_by": d.needed_by}
                                   for d in ds]
                               for t, ds in self.decisions.items()},
                 "deleted": self.deleted, "leftovers_deleted": self.leftovers, "locked_leftovers": self.locked,
@@ -345,15 +396,17 @@ class PruneReport:
 
 
 def prune_report(document: dict[str, Any]) -> PruneReport:
-    """A prune log's body (once its seal holds) as written by any version: 2 has no `delete_after`."""
-    if document.get("format") != "regal-backup-prune" or document.get("version") not in (2, 3):
+    """A prune log's body (once its seal holds) as written by any version: 2 has no `delete_after`, 2 and 3 no
+    `condition` nor `needed_by`."""
+    if document.get("format") != "regal-backup-prune" or document.get("version") not in (2, 3, 4):
         raise RegalError("not a prune log this version of regal-backup can read",
                          "upgrade regal-backup to the version that wrote it")
 
     def decision(d: dict[str, Any]) -> Decision:
         after = d.get("delete_after")
         when = datetime.fromisoformat(after) if after else None
-        return Decision(d["backup_id"], d["keep"], tuple(d["reasons"]), when)
+        return Decision(d["backup_id"], d["keep"], tuple(d["reasons"]), when, None, d.get("condition"),
+                        d.get("needed_by"))
 
     decisions = {target: [decision(d) for d in rows] for target, rows in document["decisions"].items()}
     return PruneReport(datetime.fromisoformat(document["at"]), document["dry_run"], decisions,
@@ -367,8 +420,12 @@ def backup_infos(repo: Repository, keyring: Keyring, target: str,
                  known: KnownRecords | None = None) -> list[BackupInfo]:
     manifests, _ = list_backups(repo, keyring, target)
     known = known if known is not None else known_records(None, repo, keyring, target)
-    return [BackupInfo(m.backup_id, m.started_at, m.retention_class, check_status(repo, keyring, m, known).status,
-                       m.locked_until, tuple(m.source.get("chain", ()))) for m in manifests]
+    infos = []
+    for m in manifests:
+        status = check_status(repo, keyring, m, known)
+        infos.append(BackupInfo(m.backup_id, m.started_at, m.retention_class, status.status, m.locked_until,
+                                tuple(m.source.get("chain", ())), status.record.checked_at if status.record else None))
+    return infos
 
 
 DELETION_FORMAT = "regal-backup-deletion"

@@ -20,6 +20,7 @@ from dagster import (
 
 from ...engine.manifest import Manifest
 from ...engine.policy import Policy
+from ...engine.retention import RetentionVerdict
 from ...engine.sources.registry import source_for
 from ...engine.storage import backend_for
 from ..resources import RegalEngine
@@ -40,13 +41,22 @@ def backup_asset_key(kind: str, target: str) -> AssetKey:
     return AssetKey(source_for(kind).backup_asset_path(target))
 
 
-def backup_metadata(manifest: Manifest, repository: str) -> dict[str, Any]:
+def retention_metadata(verdict: RetentionVerdict | None) -> dict[str, Any]:
+    """The backup's retention as `list` shows it (engine/retention.py, `retention_verdict`): what keeps it, and
+    the prune run that deletes it."""
+    if verdict is None:
+        return {}
+    return {"retention": verdict.summary,
+            **({"retention_deletion_at": MetadataValue.timestamp(verdict.deletion_at)} if verdict.deletion_at else {})}
+
+
+def backup_metadata(manifest: Manifest, repository: str, retention: RetentionVerdict | None = None) -> dict[str, Any]:
     seconds = max(manifest.duration_seconds, 1e-6)
     tables = manifest.source.get("tables", [])
     return {
         "backup_id": manifest.backup_id,
         "retention_class": manifest.retention_class,
-        "retain_until": MetadataValue.timestamp(manifest.retain_until),
+        **retention_metadata(retention),
         "repository": repository,
         "bytes_read": MetadataValue.int(manifest.plaintext_bytes),
         "bytes_stored": MetadataValue.int(manifest.stored_bytes),
@@ -169,7 +179,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
             context.log.warning(problem)
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "
                          f"{manifest.stored_bytes} bytes from {manifest.plaintext_bytes}")
-        metadata = backup_metadata(manifest, regal.repository().location)
+        metadata = backup_metadata(manifest, regal.repository().location, regal.retention(target, manifest.backup_id))
         if regal.policy().offsite is not None:
             metadata["offsite_copy"] = offsite_problem or "copied and read back"
             if offsite_problem:  # the backup stands; the offsite_copy check fails and alerts

@@ -31,7 +31,7 @@ from dagster import (
 from ...engine.checks import check_names, check_spec, unchecked_backups
 from ...engine.policy import Policy
 from ..resources import RegalEngine
-from .assets import backup_asset_key
+from .assets import backup_asset_key, retention_metadata
 
 WAL_REREAD_TAG = "regal/wal_reread"  # "all": wal_continuity reads every proved WAL segment again
 UNCHECKED_TAG = "regal/unchecked"  # "all": every unchecked backup of the target is checked first
@@ -79,10 +79,12 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
             return
         record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id, **reread})
         selected = {k.name for k in context.selected_asset_check_keys}
+        retention = retention_metadata(regal.retention(target, record.backup_id))  # as the checks left it
         for outcome in record.outcomes:
             if outcome.name not in selected:
                 continue
-            metadata = {"backup_id": record.backup_id, "finding": outcome.description, **outcome.metadata}
+            metadata = {"backup_id": record.backup_id, "finding": outcome.description, **outcome.metadata,
+                        **(retention if outcome is record.outcomes[0] else {})}
             if outcome.failing_object:
                 metadata["failing_object"] = outcome.failing_object
             yield AssetCheckResult(asset_key=key, check_name=outcome.name, passed=outcome.passed,

@@ -177,7 +177,8 @@ def _evaluations(key: AssetKey, record: CheckRecord, checks: set[str]) -> list[A
 
 def _new_backup_events(regal: RegalEngine, key: AssetKey, manifest: Manifest, checks: set[str],
                        rpo_seconds: float) -> list[AssetEvent]:
-    metadata = backup_metadata(manifest, regal.repository().location)
+    metadata = backup_metadata(manifest, regal.repository().location,
+                               regal.retention(manifest.target, manifest.backup_id))
     taken_by = ", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "unknown"
     metadata["taken_outside_dagster"] = taken_by
     metadata["dagster/last_updated_timestamp"] = MetadataValue.timestamp(manifest.finished_at)

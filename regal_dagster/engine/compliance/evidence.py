@@ -24,7 +24,7 @@ from ..errors import RegalError, UsageError
 from ..keys import key_inventory
 from ..layout import PRUNE_LOGS, target_of
 from ..policy import Policy
-from ..retention import PRUNE_LOG_KIND, prune_report
+from ..retention import PRUNE_LOG_KIND, prune_report, retention_verdict
 from ..storage import Repository
 from .charts import human_seconds
 
@@ -121,7 +121,8 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
         "gdpr_ledger",
     ],
     "prune_logs": ["key", "at", "sha256", "authenticated", "kept", "deleted", "not_carried_out"],
-    "retention_at_end": ["target", "backup_id", "keep", "reasons", "delete_after", "prune_log"],
+    "retention_at_end": ["target", "backup_id", "keep", "retention", "deletion_at", "reasons", "delete_after",
+                         "prune_log"],
     "transport": ["connection", "protection", "how"],
     "audit_chain": [
         "ok",
@@ -246,7 +247,7 @@ def collect_evidence(
         for k in key_inventory(policy, repo, keyring, manifests=manifests)
         if not k.get("created_at") or datetime.fromisoformat(k["created_at"]) < at
     ]
-    logs, decisions = _prune_evidence(repo, keyring, trail_events, period, at)
+    logs, decisions = _prune_evidence(repo, keyring, trail_events, period, at, policy.prune.cron)
     evidence.tables["prune_logs"], evidence.tables["retention_at_end"] = logs, decisions
     evidence.tables["transport"] = [t.to_json() for t in policy.transports()]
     evidence.tables["audit_chain"] = [verdict.to_json()]
@@ -255,11 +256,12 @@ def collect_evidence(
 
 
 def _prune_evidence(
-    repo: Repository, keyring: Keyring, trail_events: list[AuditEvent], period: Period, at: datetime
+    repo: Repository, keyring: Keyring, trail_events: list[AuditEvent], period: Period, at: datetime, prune_cron: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The prune logs of the period, each authenticated (its seal) and checked against the SHA-256 its
     audit event recorded, and every decision of the last one: what retention kept at the period's end, and
-    until when. A log the trail records but the repository lacks is listed too."""
+    until when (`retention_verdict`: the same retention `list` showed then). A log the trail records but the
+    repository lacks is listed too."""
     recorded = {
         d["log"]: d.get("log_sha256")
         for e in trail_events
@@ -298,9 +300,12 @@ def _prune_evidence(
                                                 if not d.keep} - deleted)})
         last = (key, log)
     decisions = [] if last is None else [
-        {"target": target, "backup_id": d.backup_id, "keep": d.keep, "reasons": "; ".join(d.reasons),
-         "delete_after": d.delete_after.isoformat() if d.delete_after else None, "prune_log": last[0]}
-        for target, ds in sorted(last[1].decisions.items()) for d in ds]
+        {"target": target, "backup_id": d.backup_id, "keep": d.keep, "retention": verdict.summary,
+         "deletion_at": verdict.deletion_at.isoformat() if verdict.deletion_at else None,
+         "reasons": "; ".join(d.reasons), "delete_after": d.delete_after.isoformat() if d.delete_after else None,
+         "prune_log": last[0]}
+        for target, ds in sorted(last[1].decisions.items()) for d in ds
+        if (verdict := retention_verdict(d, prune_cron, last[1].at))]
     return logs, decisions
 
 
