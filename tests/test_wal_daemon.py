@@ -120,40 +120,58 @@ def daemon_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A PostgreSQL 18 server whose archive_command is `wal push` run as the server's account."""
     project_policy = tmp_path / "regal" / "regal_backup.yaml"
     server, policy, _spool = archiving_server(tmp_path, archive_command=push_command(project_policy))
-    assert policy == project_policy
-    (tmp_path / "logs").mkdir()
-    account = server_account()
-    if account.is_other:
-        account.chown_tree(tmp_path / "logs")
+    setup = {"server": server, "policy": policy, "dsn": server.dsn(), "logs": tmp_path / "logs", "base": tmp_path}
     try:
-        yield {"server": server, "policy": policy, "dsn": server.dsn(), "logs": tmp_path / "logs", "base": tmp_path}
+        assert policy == project_policy
+        (tmp_path / "logs").mkdir()
+        if server_account().is_other:
+            server_account().chown_tree(tmp_path / "logs")
+        yield setup
     finally:
-        server.stop()
+        setup["server"].stop()
 
 
 class SwitchingLoad:
-    """pgbench writes, and a thread closes a WAL segment every 0.2 s: many segments to archive."""
+    """pgbench writes (started again when a killed server ends it) and a thread closes a WAL segment every 0.2 s:
+    many segments to archive, for `seconds`."""
 
-    def __init__(self, dsn: str, seconds: int):
-        pgbench = str(pg_bin_dir() / "pgbench")
-        subprocess.run([pgbench, "-i", "-s", "2", "-q", dsn], check=True, capture_output=True, timeout=300)
-        self.bench = subprocess.Popen([pgbench, "-n", "-c", "2", "-T", str(seconds), dsn], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-        self.dsn, self.stop = dsn, threading.Event()
-        self.thread = threading.Thread(target=self._switch, daemon=True)
-        self.thread.start()
+    def __init__(self, setup: dict[str, Any], seconds: float):
+        self.pgbench = str(pg_bin_dir() / "pgbench")
+        subprocess.run([self.pgbench, "-i", "-s", "2", "-q", setup["dsn"]], check=True, capture_output=True,
+                       timeout=300)
+        self.setup, self.deadline = setup, time.monotonic() + seconds
+        self.threads = [threading.Thread(target=self._bench, daemon=True),
+                        threading.Thread(target=self._switch, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _bench(self) -> None:
+        while (left := self.deadline - time.monotonic()) > 1:
+            subprocess.run([self.pgbench, "-n", "-c", "2", "-T", str(int(left)), self.setup["dsn"]],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            time.sleep(0.5)  # the server is being restarted
 
     def _switch(self) -> None:
-        while not self.stop.wait(0.2):
+        while time.monotonic() < self.deadline:
+            time.sleep(0.2)
             try:
-                _sql(self.dsn, "SELECT pg_switch_wal()")
+                _sql(self.setup["dsn"], "SELECT pg_switch_wal()")
             except psycopg.Error:
                 continue  # the server is being killed and restarted
 
     def wait(self) -> None:
-        self.bench.wait(timeout=600)
-        self.stop.set()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join(timeout=600)
+
+
+def _kill_9_and_restart_server(setup: dict[str, Any]) -> None:
+    data = setup["server"].data_dir
+    pid = read_postmaster_pid(data)
+    assert pid is not None
+    kill_postmaster(pid[0], data)
+    wait_for(lambda: not Path(f"/proc/{pid[0]}").exists(), "the killed postmaster to be reaped", 60)
+    setup["server"] = ScratchCluster.persistent(data).start()  # crash recovery, then archiving resumes
+    setup["dsn"] = setup["server"].dsn()
 
 
 def test_kill_9_of_daemon_and_server_never_loses_an_archived_segment(daemon_server: dict[str, Any]) -> None:
@@ -164,7 +182,7 @@ def test_kill_9_of_daemon_and_server_never_loses_an_archived_segment(daemon_serv
     backup = server_cli(policy, "backup", "cluster", "--no-verify", "--json")
     assert backup.returncode == 0, backup.stderr
     backup_id = json.loads(backup.stdout)["backup_id"]
-    load = SwitchingLoad(dsn, seconds=24)
+    load = SwitchingLoad(setup, seconds=24)
     kills = []
     for _ in range(4):
         time.sleep(rng.uniform(1.0, 4.0))
@@ -175,12 +193,10 @@ def test_kill_9_of_daemon_and_server_never_loses_an_archived_segment(daemon_serv
             time.sleep(rng.uniform(0.0, 1.5))  # archive_command falls back to synchronous pushes meanwhile
             daemon = start_daemon(policy, log)
         else:
-            pid = read_postmaster_pid(data)
-            assert pid is not None
-            kill_postmaster(pid[0], data)
+            _kill_9_and_restart_server(setup)
             kills.append("server")
-            setup["server"].start()
     load.wait()
+    dsn = setup["dsn"]
     _switch_and_wait_archived(dsn)
     counts = stop_daemon(daemon)
     archived = _archived_by_server(data, dsn)

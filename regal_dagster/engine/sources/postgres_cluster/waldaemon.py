@@ -110,11 +110,11 @@ class _Archiver:
         self.pg_wal: Path | None = None
         self.pushed = self.pushed_ahead = 0
 
-    def _upload(self, path: Path, ahead: bool) -> Future[Pushed]:
+    def _upload(self, path: Path, ahead: bool) -> tuple[Path, bool, Future[Pushed]]:
         d = self.daemon
-        upload = d.pool.submit(push_wal, d.policy, d.repo, d.keyring, d.target, path)
-        self.uploads[path.name] = (path, ahead, upload)
-        return upload
+        self.uploads[path.name] = entry = (path, ahead, d.pool.submit(push_wal, d.policy, d.repo, d.keyring,
+                                                                         d.target, path))
+        return entry
 
     def scan(self) -> None:
         """Queue the oldest `.ready` files not yet under way, up to the look-ahead bound."""
@@ -145,7 +145,7 @@ class _Archiver:
         with self.lock:
             found = self.uploads.get(path.name)
             if found is None or found[0] != path or (found[2].done() and found[2].exception() is not None):
-                found = (path, False, self._upload(path, ahead=False))  # asked for: this file, tried again
+                found = self._upload(path, ahead=False)  # asked for: this file, tried again
         _path, ahead, upload = found
         try:
             pushed = upload.result()
