@@ -42,14 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _server_cli() -> tuple[list[str], dict[str, str]]:
     """How the server's account runs regal-backup: the program and the environment it adds."""
-    extra = {"TMPDIR": "/tmp"}  # noqa: S108 - the daemon's socket directory: the same for the server and us
+    extra = {"TMPDIR": "/tmp"}  # the daemon's socket directory: the same for the server and us
     if not AS_ROOT:
         return [sys.executable, "-m", "regal_dagster.cli"], {**extra, "PYTHONPATH": str(ROOT)}
-    interpreter = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    interpreter = shutil.which(f"python{version}", path="/usr/bin:/usr/local/bin")
     if interpreter is None:
         pytest.skip("as root, the server account needs a system Python of this version to run regal-backup")
-    return [interpreter, "-m", "regal_dagster.cli"], {**extra, "PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}",
-                                                       "XDG_STATE_HOME": "/tmp/regal-test-state"}  # noqa: S108
+    return [interpreter, "-m", "regal_dagster.cli"], {**extra, "XDG_STATE_HOME": "/tmp/regal-test-state",
+                                                       "PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}"}
 
 
 def _as_server(command: list[str], **kwargs: Any) -> dict[str, Any]:
