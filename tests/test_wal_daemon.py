@@ -180,26 +180,28 @@ def test_kill_9_of_daemon_and_server_never_loses_an_archived_segment(daemon_serv
     policy, dsn, data = setup["policy"], setup["dsn"], setup["server"].data_dir
     log = setup["logs"] / "daemon.log"
     daemon = start_daemon(policy, log)
-    backup = server_cli(policy, "backup", "cluster", "--no-verify", "--json")
-    assert backup.returncode == 0, backup.stderr
-    backup_id = json.loads(backup.stdout)["backup_id"]
-    load = SwitchingLoad(setup, seconds=24)
-    kills = []
-    for _ in range(4):
-        time.sleep(rng.uniform(1.0, 4.0))
-        if rng.random() < 0.5:
-            daemon.kill()
-            daemon.wait()
-            kills.append("daemon")
-            time.sleep(rng.uniform(0.0, 1.5))  # archive_command falls back to synchronous pushes meanwhile
-            daemon = start_daemon(policy, log)
-        else:
-            _kill_9_and_restart_server(setup)
-            kills.append("server")
-    load.wait()
-    dsn = setup["dsn"]
-    _switch_and_wait_archived(dsn)
-    counts = stop_daemon(daemon)
+    try:
+        backup = server_cli(policy, "backup", "cluster", "--no-verify", "--json")
+        assert backup.returncode == 0, backup.stderr
+        backup_id = json.loads(backup.stdout)["backup_id"]
+        load = SwitchingLoad(setup, seconds=24)
+        kills = []
+        for _ in range(4):
+            time.sleep(rng.uniform(1.0, 4.0))
+            if rng.random() < 0.5:
+                daemon.kill()
+                daemon.wait()
+                kills.append("daemon")
+                time.sleep(rng.uniform(0.0, 1.5))  # archive_command falls back to synchronous pushes meanwhile
+                daemon = start_daemon(policy, log)
+            else:
+                _kill_9_and_restart_server(setup)
+                kills.append("server")
+        load.wait()
+        dsn = setup["dsn"]
+        _switch_and_wait_archived(dsn)
+    finally:
+        counts = stop_daemon(daemon) if daemon.poll() is None else {}
     archived = _archived_by_server(data, dsn)
     assert len(archived) >= 20, (kills, archived)
     assert archived - _stored_names(policy) == set(), kills  # acknowledged, so in the repository
