@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--pgbench-scale", type=int, default=5)
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
+    # the package's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would make every call compile)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "regal_dagster")], check=True)
     base = Path(tempfile.mkdtemp(prefix="regal-bench-wal-"))
     try:
         results = [run_path(base / name, daemon, args.seconds, args.segments_per_second, args.pgbench_scale)

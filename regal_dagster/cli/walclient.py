@@ -33,8 +33,8 @@ def _ask(args: argparse.Namespace, request: dict[str, Any], doing: str) -> dict[
     path = find_socket(policy, args.target)
     try:
         if path is None:
-            raise DaemonAbsent(f"no `regal-backup wal daemon` runs for this policy and target "
-                               f"{args.target or '(the policy’s only postgres_cluster one)'}")
+            target = args.target or "(the policy's only postgres_cluster one)"
+            raise DaemonAbsent(f"no `regal-backup wal daemon` runs for this policy and target {target}")
         return ask_daemon(path, {**request, "target": args.target})
     except DaemonAbsent as absent:
         print(f"regal-backup wal {request['op']}: {absent}: {doing} synchronously in this process", file=sys.stderr,
