@@ -34,7 +34,7 @@ from regal_dagster.engine.postgresql.programs import server_account
 from regal_dagster.engine.postgresql.server import ScratchCluster
 from regal_dagster.engine.postgresql.watchdog import kill_postmaster, read_postmaster_pid
 
-from .conftest import wait_for
+from .conftest import invoke_cli, wait_for
 from .test_pitr import AS_ROOT, archiving_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +286,38 @@ def test_wal_get_serves_recovery_from_the_prefetch_queue_and_never_a_tampered_se
     # the last file handed over is the segment before the tampered one, whole: nothing of the tampered one
     assert (restore_dir / "RECOVERYXLOG").stat().st_size == 16 << 20
     assert not [p for p in restore_dir.iterdir() if p.name != "RECOVERYXLOG"]
+
+
+def test_a_recovery_with_restore_command_wal_get_is_served_from_the_prefetch_queue(
+        daemon_server: dict[str, Any]) -> None:
+    """A restored server recovering through `restore_command = wal get`: most of its requests are served from
+    the daemon's prefetch queue, and it reaches the newest row."""
+    setup = daemon_server
+    policy, dsn = setup["policy"], setup["dsn"]
+    daemon = start_daemon(policy, setup["logs"] / "daemon.log", "--prefetch", "8")
+    restored = None
+    try:
+        backup = server_cli(policy, "backup", "cluster", "--no-verify", "--json")
+        assert backup.returncode == 0, backup.stderr
+        _sql(dsn, "CREATE TABLE rows_written (n int)")
+        for n in range(30):
+            _sql(dsn, f"INSERT INTO rows_written VALUES ({n}); SELECT pg_switch_wal()")
+        _switch_and_wait_archived(dsn)
+        data = setup["logs"] / "restored"
+        done = invoke_cli(["--policy", str(policy), "restore", "cluster", "--to-dir", str(data), "--latest"])
+        assert done.returncode == 0, done.stderr
+        program, extra = _server_cli()  # the restore_command as the server's account runs it here
+        command = " ".join(["env", *(f"{k}={v}" for k, v in extra.items()), *program, "--policy", str(policy), "wal",
+                            "get", "--restore-command", "%f", "%p"])
+        settings = data / "postgresql.auto.conf"
+        lines = [line for line in settings.read_text().splitlines() if not line.startswith("restore_command")]
+        settings.write_text("\n".join([*lines, f"restore_command = '{command}'"]) + "\n")
+        restored = ScratchCluster.persistent(data).start()
+        wait_for(lambda: not _sql(restored.dsn(), "SELECT pg_is_in_recovery()")[0][0], "the promotion", 300, 0.5)
+        assert _sql(restored.dsn(), "SELECT count(*) FROM rows_written")[0][0] == 30
+    finally:
+        if restored is not None:
+            restored.stop()
+        counts = stop_daemon(daemon)
+    assert counts["served"] >= 30, counts
+    assert counts["served_prefetched"] >= 0.8 * counts["served"], counts  # all but the first and a few
