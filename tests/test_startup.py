@@ -4,23 +4,31 @@ engine's models, libraries or drivers; every command the parser names resolves t
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from regal_dagster.cli import command_function
 from regal_dagster.cli.parser import build_parser
 
+from .conftest import invoke_cli, wait_for
+
 HEAVY = ("dagster", "pandas", "weasyprint", "boto3", "botocore", "psycopg", "pydantic", "tink", "redis",
          "zstandard", "regal_dagster.engine.policy")
 
 
 def _modules_loaded_by(*argv: str) -> set[str]:
+    """The modules a fresh interpreter loaded running the CLI with `argv` (its output is dropped)."""
     script = ("import sys\nfrom regal_dagster.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
               "    pass\nprint('\\n'.join(sys.modules), file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60,
                           check=False)
+    assert "Traceback" not in done.stderr, done.stderr
     return set(done.stderr.splitlines())
 
 
@@ -46,3 +54,32 @@ def test_every_command_of_the_parser_resolves_to_its_function() -> None:
     walk(parser)
     assert len(references) >= 25
     assert all(callable(command_function(reference)) for reference in references)
+
+
+def test_wal_push_and_get_through_the_daemon_load_no_policy_model_crypto_or_driver(tmp_path: Path) -> None:
+    """PostgreSQL runs `wal push` once per WAL segment and `wal get` once per segment of a recovery: with a `wal
+    daemon` serving the target, they are socket clients that load none of the engine's models, Tink, boto3 or
+    psycopg (the daemon does the work)."""
+    made = invoke_cli(["init", str(tmp_path / "p"), "--cluster-dsn", "postgresql://postgres@127.0.0.1:1/postgres",
+                       "--no-audit", "--json"])
+    policy = json.loads(made.stdout)["policy"]
+    log = tmp_path / "daemon.log"
+    with log.open("w") as err:
+        daemon = subprocess.Popen([sys.executable, "-m", "regal_dagster.cli", "--policy", policy, "wal", "daemon"],
+                                  stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: "listening on" in log.read_text() or daemon.poll() is not None, "the daemon to listen")
+        segment = tmp_path / "pg_wal" / "000000010000000000000001"
+        segment.parent.mkdir()
+        segment.write_bytes(os.urandom(1 << 20))
+        loaded = _modules_loaded_by("--policy", policy, "wal", "push", str(segment))
+        assert "regal_dagster.cli.walclient" in loaded
+        assert sorted(m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY) == []
+        fetched = tmp_path / "RECOVERYXLOG"
+        loaded = _modules_loaded_by("--policy", policy, "wal", "get", segment.name, str(fetched))
+        assert sorted(m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY) == []
+        assert fetched.read_bytes() == segment.read_bytes()
+        assert "000000010000000000000001: archived" in log.read_text()  # the daemon did the work
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="archive one WAL file (archive_command = 'regal-backup --policy P wal push %%p')")
     p.add_argument("path", help="the WAL file (PostgreSQL's %%p)")
     p.add_argument("--target", help="the postgres_cluster target (default: the policy's only one)")
-    p.set_defaults(func="pitr:cmd_wal_push")
+    p.set_defaults(func="walclient:cmd_wal_push")
     p = wal_sub.add_parser("get", parents=[common],
                            help="fetch one WAL file (restore_command = 'regal-backup --policy P wal get %%f %%p'); "
                                 "exit 1 when it is not archived")
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-command", action="store_true", dest="serving_recovery",
                    help="run as PostgreSQL's restore_command (restores write it): exit 1 only when the file is not "
                         "archived; any other failure exits 126, which stops recovery instead of ending it early")
-    p.set_defaults(func="pitr:cmd_wal_get")
+    p.set_defaults(func="walclient:cmd_wal_get")
 
     p = wal_sub.add_parser("status", parents=[common],
                            help="newest stored WAL position and time, lag behind the server in bytes and seconds, "
@@ -200,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-seconds", type=float, default=10.0,
                    help="store the segment being received at least this often when it grew (default: 10)")
     p.set_defaults(func="pitr:cmd_wal_stream")
+    p = wal_sub.add_parser("daemon", parents=[common],
+                           help="the resident archiver and prefetcher: `wal push` and `wal get` hand their work to it "
+                                "over a UNIX socket; uploads .ready WAL ahead, in parallel; runs until SIGTERM "
+                                "(run it as the account PostgreSQL runs as: docs/pitr.md)")
+    p.add_argument("target", nargs="?", help="the postgres_cluster target (default: the policy's only one)")
+    p.add_argument("--workers", type=int, default=4, help="uploads and fetches at once (default: 4)")
+    p.add_argument("--prefetch", type=int, default=16,
+                   help="WAL segments fetched ahead of recovery's requests (default: 16; 0: none)")
+    p.set_defaults(func="walclient:cmd_wal_daemon")
 
     p = sub.add_parser("restore-test", parents=[common],
                        help="restore a backup into a scratch PostgreSQL, validate it, measure the RTO, tear down")

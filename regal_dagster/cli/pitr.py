@@ -69,8 +69,7 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
         from .os_errors import describe_os_error
 
         message, hint = (exc.message, exc.hint) if isinstance(exc, RegalError) else describe_os_error(exc)
-        raise RecoveryMustStopError(f"{message} (recovery stops here rather than end early and promote)",
-                                    hint) from exc
+        raise RecoveryMustStopError.because(message, hint) from exc
     out.result({"target": target, "name": found.name, "partial": found.partial,
                 "bytes": found.record.plaintext_size},
                f"{found.name}{' (snapshot of the segment being received)' if found.partial else ''}: "

@@ -19,6 +19,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
 from .errors import PolicyError, UsageError
+from .policy_location import POLICY_ENV, policy_file
 from .retention_classes import RETENTION_CLASSES, RetentionClass
 from .settings import (  # the fragments below the plug-ins that the policy assembles
     CompressionConfig,
@@ -77,8 +78,6 @@ else:  # every source kind's settings, told apart by `kind` (engine/sources/<kin
         Discriminator(_repository_backend)]
 _REPOSITORY_TAGS = {b.kind for b in backends()} | {_UNSERVED}
 
-POLICY_ENV = "REGAL_POLICY"
-DEFAULT_POLICY_FILE = "regal_backup.yaml"
 
 
 class ScheduleConfig(Settings):
@@ -377,12 +376,6 @@ def _format_problem(error: dict[str, Any]) -> str:
         return f"{path}: unknown setting"
     message = error["msg"].removeprefix("Value error, ")
     return f"{path}: {message}"
-
-
-def policy_file(path: str | os.PathLike[str] | None = None) -> Path:
-    """The policy file: `path` (--policy), else $REGAL_POLICY, else ./regal_backup.yaml (`~` expanded). The one
-    rule every face (CLI, Dagster, load_policy) finds the policy by."""
-    return Path(path or os.environ.get(POLICY_ENV) or DEFAULT_POLICY_FILE).expanduser()
 
 
 def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:

@@ -90,6 +90,15 @@ def private_base(parent: Path | None = None) -> Path:
     return _checked(path)
 
 
+def private_subdirectory(name: str, parent: Path | None = None) -> Path:
+    """`name` in this user's base directory (made 0700 when missing), checked as the base is: ours alone, not a
+    symbolic link (the `wal daemon` socket lives there)."""
+    path = private_base(parent) / name
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    return _checked(path)
+
+
 def is_private_base(path: Path) -> bool:
     """Whether `path` is this user's base directory (by its name; _checked says whether it may be used)."""
     return path.name == f"{BASE_PREFIX}{os.geteuid()}"

@@ -58,6 +58,10 @@ class RecoveryMustStopError(RegalError):
 
     exit_code = 126
 
+    @classmethod
+    def because(cls, message: str, hint: str | None) -> RecoveryMustStopError:
+        return cls(f"{message} (recovery stops here rather than end early and promote)", hint)
+
 
 def cluster_target(policy: Policy, name: str | None) -> str:
     """The postgres_cluster target `name`, or the policy's only one when no name is given."""
