@@ -6,6 +6,8 @@ change, not of its newest backup. The verbs ask it:
 
 - `state`          how far the archive reaches now: the RPO age (`status`, the RPO alerts, the Dagster sensor: one
                    measurement, `ArchiveState.rpo_age`)
+- `reach`          how far a recovery from one backup gets through it (engine/recoverability.py: the model every
+                   face reads)
 - `prune`          what retention removes from it: what no kept backup needs (`retention`)
 - `test_recoveries`  a restore test of a backup, as recoveries through the archive (`restore_test`)
 - `asset`          how Dagster shows it: an observed asset whose freshness is the RPO, and its watch sensor (`defs`)
@@ -55,16 +57,32 @@ class ArchiveState:
     gaps: list[str] = field(default_factory=list)  # what the archive lacks (a restore cannot pass it)
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own facts, for alerts (JSON)
     metadata: dict[str, str | int | float] = field(default_factory=dict)  # the kind's own facts, for Dagster
+    newest_number: int | None = None  # the newest stored position as a number (a WAL position's byte offset)
+    newest_commit_at: datetime | None = None  # the newest commit the last proof of the archive found in it
+    fed: bool | None = None  # something stores the source's changes now (a stream connected); None: not asked
 
     def rpo_age(self, now: datetime) -> float | None:
         """The age of the newest data a restore reaches: 0 when the archive has caught up with the source, else that
         of the newest stored change (also while the source cannot be asked); None when nothing is stored or the
         archive has a gap."""
-        if self.newest_stored_at is None or self.gaps:
+        newest = self.newest_data_at(now)
+        return None if newest is None or self.gaps else (now - newest).total_seconds()
+
+    def newest_data_at(self, now: datetime) -> datetime | None:
+        """When the newest data the archive stores was current: now when it has caught up with the source, else when
+        its newest change was stored (also while the source cannot be asked); None when nothing is stored."""
+        if self.newest_stored_at is None:
             return None
-        if self.behind == 0:
-            return 0.0
-        return (now - self.newest_stored_at).total_seconds()
+        return now if self.behind == 0 else self.newest_stored_at
+
+
+@dataclass(frozen=True)
+class ArchiveReach:
+    """How far a recovery from one backup gets through the archive."""
+
+    recoverable: bool  # it restores at all (the archive holds what it needs to reach its own end)
+    position: str | None  # the newest position it reaches (None: not recoverable)
+    note: str  # for people: how far, and what stops it (naming what is missing or unreadable)
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,11 @@ class ContinuousArchive(ABC):
                 return False
             time.sleep(0.5)
         return True
+
+    @abstractmethod
+    def reach(self, manifest: Manifest, state: ArchiveState, broken: str | None) -> ArchiveReach:
+        """How far a recovery from the backup `manifest` gets through the archive as `state` says it is, when
+        `broken` (what the newest check of the archive found missing or unreadable, None: it passed) stops it."""
 
     def hurry(self, policy: Policy, manifest: Manifest) -> None:
         """Ask the source to hand over what the backup `manifest` needs now rather than later (best effort)."""
