@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..policy import Policy
     from ..storage import Repository
 
+UNFED_GRACE_SECONDS = 5.0  # how long `wait_until_covered` waits while nothing feeds the archive (a stream starting)
 RESTORE_FAILED = "the restore failed"  # how a restore test's findings begin when the restore itself failed
 
 
@@ -119,11 +120,21 @@ class ContinuousArchive(ABC):
 
         deadline = time.monotonic() + timeout
         self.hurry(policy, manifest)
+        unfed_since: float | None = None
         while not self.covers(policy, repo, keyring, manifest):
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self.fed(policy, manifest.target) is False:  # nothing feeds it: do not wait for what will not come
+                unfed_since = now if unfed_since is None else unfed_since
+            else:
+                unfed_since = None
+            if now >= deadline or (unfed_since is not None and now - unfed_since >= UNFED_GRACE_SECONDS):
                 return False
             time.sleep(0.5)
         return True
+
+    def fed(self, policy: Policy, target: str) -> bool | None:
+        """Whether something feeds the archive now (a stream connected, the source archiving); None: unknown."""
+        return None
 
     @abstractmethod
     def reach(self, manifest: Manifest, state: ArchiveState, broken: str | None) -> ArchiveReach:

@@ -57,14 +57,14 @@ class WalArchive(ContinuousArchive):
         stoppers = sorted((segment_number(name, size)[1], name) for name in
                           [*state.details.get("gaps", []), *([broken] if broken else [])]
                           if is_wal_segment(name) and segment_number(name, size)[1] >= start // size)
-        if stoppers and stoppers[0][0] <= stop // size:
-            return ArchiveReach(False, None, f"NOT RECOVERABLE: WAL segment {stoppers[0][1]}, which it needs to reach "
-                                             "its end, is missing or unreadable")
         newest = state.newest_number
         if newest is None or newest < stop:
             return ArchiveReach(False, None, "not recoverable beyond its end (nor to it): the WAL archive does not "
                                              f"reach its end ({source['stop_lsn']}); `regal-backup wal stream "
                                              f"{manifest.target}` (a service) stores it")
+        if stoppers and stoppers[0][0] <= stop // size:
+            return ArchiveReach(False, None, f"NOT RECOVERABLE: WAL segment {stoppers[0][1]}, which it needs to reach "
+                                             "its end, is missing or unreadable")
         if stoppers:
             number, name = stoppers[0]
             return ArchiveReach(True, format_lsn(number * size),
@@ -83,6 +83,15 @@ class WalArchive(ContinuousArchive):
         stop = manifest.source.get("stop_lsn")
         return bool(stop and status.newest_lsn and not status.gaps and not status.rollback
                     and parse_lsn(status.newest_lsn) >= parse_lsn(str(stop)))
+
+    def fed(self, policy: Policy, target: str) -> bool | None:
+        from ...errors import RegalError
+        from .walstatus import server_position
+
+        try:
+            return server_position(policy, target)[1]
+        except RegalError:
+            return None
 
     def hurry(self, policy: Policy, manifest: Manifest) -> None:
         """Close the WAL segment holding the backup's end (pg_switch_wal, as pgBackRest's archive check does), so

@@ -86,7 +86,7 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     server_lsn, problem, lag_bytes, lag_seconds, fed = None, None, None, None, None
     if ask_server:
         try:
-            server_lsn, fed = _server_lsn(policy, target)
+            server_lsn, fed = server_position(policy, target)
         except RegalError as exc:
             problem = exc.message
     if server_lsn is not None and newest_lsn is not None:
@@ -160,7 +160,7 @@ def newest_records(repo: Repository, keyring: Keyring, base: Manifest, work_dir:
     return found
 
 
-def _server_lsn(policy: Policy, target: str) -> tuple[str, bool]:
+def server_position(policy: Policy, target: str) -> tuple[str, bool]:
     """The server's WAL position, and whether it hands its WAL over now: the target's slot is held (by `wal
     stream`), or archive_command archives (archive_mode on, no failure since its last success)."""
     from ...postgresql.connection import connect
@@ -170,8 +170,8 @@ def _server_lsn(policy: Policy, target: str) -> tuple[str, bool]:
         row = conn.execute(
             "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, "
             "coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = %s), false) OR "
-            "(current_setting('archive_mode') <> 'off' AND a.last_archived_time IS NOT NULL AND "
-            "(a.last_failed_time IS NULL OR a.last_failed_time < a.last_archived_time)) FROM pg_stat_archiver a",
+            "(current_setting('archive_mode') <> 'off' AND (a.last_failed_time IS NULL OR "
+            "a.last_failed_time < coalesce(a.last_archived_time, '-infinity'))) FROM pg_stat_archiver a",
             (settings.slot,)).fetchone()  # type: ignore[attr-defined]
     assert row is not None
     return str(row[0]), bool(row[1])
