@@ -10,6 +10,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,10 @@ def streamed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         databases.drop_all()
 
 
+def _timestamp(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
 def _lsn_number(text: str) -> int:
     high, low = text.split("/")
     return int(high, 16) << 32 | int(low, 16)
@@ -147,20 +152,14 @@ def test_status_list_wal_status_and_metrics_agree_on_the_newest_recoverable_poin
 
     # one assertion over the faces: the same backup and position everywhere, the same time (a point at the
     # archive's caught-up end is "now": within the seconds between the readings), the metric's stored position
-    at = {name: datetime_of(by_status[name]["at"]) for name in by_status}
+    at = {name: _timestamp(by_status[name]["at"]) for name in by_status}
     assert (faces("main") == [(streamed["main_backup"], None)] * 2
             and faces(TARGET) == [(streamed["cluster_backup"], by_status[TARGET]["position"])] * 3
             and _lsn_number(by_status[TARGET]["position"]) == stored_lsn
             and all(abs(by_metrics[name] - at[name]) < 30 for name in ("main", TARGET))
-            and at["main"] == datetime_of(by_list["main"]["at"])), (by_status, by_list, by_wal_status, by_metrics)
+            and at["main"] == _timestamp(by_list["main"]["at"])), (by_status, by_list, by_wal_status, by_metrics)
     assert metrics[f'regal_backup_recoverable{{target="{TARGET}"}}'] == 1
     assert metrics[f'regal_backup_wal_gaps{{target="{TARGET}"}}'] == 0
-
-
-def datetime_of(text: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text).timestamp()
 
 
 def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_every_face(
@@ -176,6 +175,7 @@ def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_ev
         verify = cli(policy, "verify", "--latest", "--target", TARGET, "--json")
         found = {c["name"]: c for c in _json(verify)["verified"][0]["checks"]}["wal_continuity"]
         assert verify.returncode == 3 and found["failing_object"] == victim, found
+        assert _json(verify)["verified"][0]["unrecoverable_past"] == victim
 
         status = cli(policy, "status", "--json")
         target = next(t for t in _json(status)["targets"] if t["target"] == TARGET)
@@ -200,7 +200,7 @@ def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_ev
         assert metrics[f'regal_backup_recoverable{{target="{TARGET}"}}'] == 0
         assert metrics[f'regal_backup_unrecoverable_past_info{{target="{TARGET}",segment="{victim}"}}'] == 1
         assert metrics[f'regal_backup_wal_gaps{{target="{TARGET}"}}'] == 1
-        assert metrics[f'regal_backup_recoverable{{target="main"}}'] == 1  # the other target is untouched
+        assert metrics['regal_backup_recoverable{target="main"}'] == 1  # the other target is untouched
     finally:
         path.write_bytes(original)
     verify = cli(policy, "verify", "--latest", "--target", TARGET)  # the segment back: proved, all clear again

@@ -190,7 +190,8 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     text = "\n".join(f"{'OK  ' if o.passed else o.severity:5} {o.name:10} {o.description}" for o in record.outcomes)
     verdict, around = _verification_verdict(record)
     out.result({"backup_id": record.backup_id, "target": target_of(record.backup_id), "passed": record.passed,
-                "checked_at": record.checked_at.isoformat(), "checks": checks},
+                "unrecoverable_past": _unrecoverable_past(record), "checked_at": record.checked_at.isoformat(),
+                "checks": checks},
                f"{text}\nbackup {record.backup_id}: {verdict}")
     return _verify_exit(record, around)
 
@@ -201,6 +202,12 @@ def _verification_verdict(record: CheckRecord) -> tuple[str, list[str]]:
     verdict = ("FAILED verification" if not record.passed else
                f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
     return verdict, around
+
+
+def _unrecoverable_past(record: CheckRecord) -> str | None:
+    """What a check found that recovery cannot pass (a WAL segment), though the backup itself may have passed."""
+    bound = record.recovery_bound
+    return None if bound is None else bound.failing_object or bound.description
 
 
 def _verify_trigger(args: argparse.Namespace) -> dict[str, str]:
@@ -239,7 +246,7 @@ def _verify_latest(args: argparse.Namespace, out: Output, policy: Policy, repo: 
                                                           ("FAILED verification" if not record.passed else
                                                            "verified, with failures") + "\n  " + "\n  ".join(failed)))
         results.append({"target": target, "backup_id": record.backup_id, "passed": record.passed,
-                        "checked_at": record.checked_at.isoformat(),
+                        "unrecoverable_past": _unrecoverable_past(record), "checked_at": record.checked_at.isoformat(),
                         "checks": [{"name": o.name, "passed": o.passed, "severity": o.severity,
                                     "description": o.description, "failing_object": o.failing_object}
                                    for o in record.outcomes]})

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .crypto import Keyring
 from .errors import RegalError
+from .layout import is_wal_segment
 from .policy import Policy
 from .recoverability import Recoverability
 from .status import RepositoryStatus, repository_status
@@ -109,8 +110,8 @@ def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
                                                "found at its newest stored position (Unix time).",
         "wal_lag_bytes": "WAL the server has written that is not stored yet (bytes).",
         "wal_lag_seconds": "Age of the newest stored WAL while the server has written more (0: caught up).",
-        "wal_gaps": "WAL segments recovery cannot pass: missing from the oldest base backup's start on, or found "
-                    "unreadable by the newest WAL continuity check.",
+        "wal_gaps": "What recovery cannot pass: WAL segments missing from the oldest base backup's start on or found "
+                    "unreadable by the newest WAL continuity check, and a WAL rollback.",
         "wal_stream_up": "1 when the server hands its WAL over now (its slot held by `wal stream`, or archive_command "
                          "archiving without failures since its last success).",
         "last_verification_timestamp_seconds": "When the newest check record of a target was written.",
@@ -177,19 +178,18 @@ def _recoverability(f: dict[str, Family], model: Recoverability, now: datetime) 
     f["recoverable"].add(_bool(model.point is not None and not model.unrecoverable), target=target)
     if model.point is not None:
         f["recoverable_until_timestamp_seconds"].add(model.point.at.timestamp(), target=target)
-    unreadable = (model.archive_check or {}).get("unreadable")
     if (state := model.archive) is None:
         return
-    stoppers = [*state.gaps, *([unreadable] if unreadable and unreadable not in state.gaps else [])]
-    if stoppers:
-        f["unrecoverable_past_info"].add(1, target=target, segment=stoppers[0])
+    unreadable = (model.archive_check or {}).get("unreadable")
+    if first := unreadable or next((gap for gap in state.gaps if is_wal_segment(gap)), None):
+        f["unrecoverable_past_info"].add(1, target=target, segment=first)
     f["wal_newest_stored_lsn"].add(state.newest_number, target=target)
     if state.newest_commit_at is not None:
         f["wal_newest_commit_timestamp_seconds"].add(state.newest_commit_at.timestamp(), target=target)
     f["wal_lag_bytes"].add(state.behind, target=target)
     if (newest := state.newest_data_at(now)) is not None and state.behind is not None:
         f["wal_lag_seconds"].add((now - newest).total_seconds(), target=target)
-    f["wal_gaps"].add(len(stoppers), target=target)
+    f["wal_gaps"].add(len(state.gaps), target=target)
     f["wal_stream_up"].add(_bool(state.fed), target=target)
 
 

@@ -18,7 +18,7 @@ Every face reads it, none computes its own: `status`, `list`, `show`, `wal statu
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -142,6 +142,8 @@ def target_recoverability(policy: Policy, repo: Repository, keyring: Keyring, ta
     bound = archive_record.recovery_bound if archive_record else None
     archive = source_for(kind).continuous_archive() if in_policy else None
     state = archive.state(policy, repo, keyring, target, now) if archive is not None else None
+    if state is not None and bound is not None and bound.failing_object and bound.failing_object not in state.gaps:
+        state = replace(state, gaps=[*state.gaps, bound.failing_object])  # found unreadable: restores cannot pass it
     backups = {m.backup_id: _backup_recovery(m, s, archive, state, bound.failing_object if bound else None)
                for m, s in statuses}
     point: RecoveryPoint | None = None
