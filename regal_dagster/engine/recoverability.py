@@ -47,6 +47,7 @@ class BackupRecovery:
     position: str | None  # the newest position a recovery from it reaches through the archive (None: none, or no
     # archive: the backup itself)
     note: str  # for people: how far it recovers, or why not (naming what stops it)
+    position_number: int | None = None  # the position as a number that orders them
 
     def to_json(self) -> dict[str, Any]:
         return {"recoverable": self.recoverable, "position": self.position, "note": self.note}
@@ -155,8 +156,7 @@ def target_recoverability(policy: Policy, repo: Repository, keyring: Keyring, ta
         at = manifest.finished_at
         if state is not None and reached.position == state.newest_position and (newest := state.newest_data_at(now)):
             at = newest
-        candidate = RecoveryPoint(manifest.backup_id, reached.position,
-                                  _position_number(state, reached.position), at)
+        candidate = RecoveryPoint(manifest.backup_id, reached.position, reached.position_number, at)
         if point is None or (candidate.position_number or 0) > (point.position_number or 0):
             point = candidate
         if state is None or reached.position == state.newest_position:
@@ -182,22 +182,10 @@ def target_recoverability(policy: Policy, repo: Repository, keyring: Keyring, ta
         last_restore_test(repo, keyring, target, known), state, archive.noun if archive else None, statuses, known)
 
 
-def _position_number(state: ArchiveState | None, position: str | None) -> int | None:
-    if state is None or position is None:
-        return None
-    if position == state.newest_position:
-        return state.newest_number
-    high, _, low = position.partition("/")  # a position the archive's reach gave: its kind's text
-    try:
-        return int(high, 16) << 32 | int(low, 16)
-    except ValueError:
-        return None
-
-
 def _backup_recovery(manifest: Manifest, status: CheckStatus, archive: ContinuousArchive | None,
                      state: ArchiveState | None, broken: str | None) -> BackupRecovery:
-    def made(recoverable: bool, position: str | None, note: str) -> BackupRecovery:
-        return BackupRecovery(manifest.backup_id, status.status, status.problem, recoverable, position, note)
+    def made(recoverable: bool, position: str | None, note: str, number: int | None = None) -> BackupRecovery:
+        return BackupRecovery(manifest.backup_id, status.status, status.problem, recoverable, position, note, number)
 
     if not status.good:
         why = {"failed": "its checks failed", "unchecked": "unchecked: not known to be recoverable until verified",
@@ -206,7 +194,7 @@ def _backup_recovery(manifest: Manifest, status: CheckStatus, archive: Continuou
     if archive is None or state is None:
         return made(True, None, "recoverable: its checks passed")
     reach = archive.reach(manifest, state, broken)
-    return made(reach.recoverable, reach.position, reach.note)
+    return made(reach.recoverable, reach.position, reach.note, reach.position_number)
 
 
 def last_restore_test(repo: Repository, keyring: Keyring, target: str,

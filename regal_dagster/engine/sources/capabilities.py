@@ -84,6 +84,7 @@ class ArchiveReach:
     recoverable: bool  # it restores at all (the archive holds what it needs to reach its own end)
     position: str | None  # the newest position it reaches (None: not recoverable)
     note: str  # for people: how far, and what stops it (naming what is missing or unreadable)
+    position_number: int | None = None  # the same as a number that orders positions (a WAL position's byte offset)
 
 
 @dataclass(frozen=True)

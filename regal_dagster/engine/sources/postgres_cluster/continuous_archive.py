@@ -69,11 +69,11 @@ class WalArchive(ContinuousArchive):
             number, name = stoppers[0]
             return ArchiveReach(True, format_lsn(number * size),
                                 f"recoverable to {format_lsn(number * size)}, NOT PAST WAL segment {name} (missing or "
-                                "unreadable)")
+                                "unreadable)", number * size)
         rolled_back = state.details.get("rollback")
         return ArchiveReach(True, state.newest_position,
                             f"recoverable to {state.newest_position}, the newest stored WAL"
-                            + (f" (ROLLED BACK: {rolled_back})" if rolled_back else ""))
+                            + (f" (ROLLED BACK: {rolled_back})" if rolled_back else ""), newest)
 
     def covers(self, policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> bool:
         from .wal import parse_lsn
