@@ -23,7 +23,8 @@ from typing import Any, Literal
 from regal_dagster.engine.catalog import newest_first
 from regal_dagster.engine.settings import TargetSettings
 from regal_dagster.engine.sources.base import Captured, Source
-from regal_dagster.engine.sources.capabilities import ArchiveAsset, ArchiveState, ContinuousArchive, TestFindings
+from regal_dagster.engine.sources.capabilities import (
+    ArchiveAsset, ArchiveReach, ArchiveState, ContinuousArchive, TestFindings)
 
 
 class JournalTarget(TargetSettings):
@@ -42,6 +43,12 @@ class JournalArchive(ContinuousArchive):
         newest = files[-1]
         return ArchiveState(newest.name, datetime.fromtimestamp(newest.stat().st_mtime, UTC), None, [],
                             {"newest": newest.name}, {"newest": newest.name, "files": len(files)})
+
+    def covers(self, policy: Any, repo: Any, keyring: Any, manifest: Any) -> bool:
+        return True  # a backup copies the whole journal: it needs no closed file to reach its end
+
+    def reach(self, manifest: Any, state: ArchiveState, broken: str | None) -> ArchiveReach:
+        return ArchiveReach(True, state.newest_position, f"recoverable to {state.newest_position}")
 
     def first_steps(self, target: str, state: ArchiveState) -> str:
         return f"restart the journal shipper of {target}"

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,8 +28,8 @@ from .old_formats import manifest_body
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
 
 # As root, PostgreSQL runs as regal_pg, which cannot run this Python (it lives under /root here): the server
-# then archives into a spool that the test pushes with `regal-backup wal push`, and restores copy their WAL
-# in (--with-wal). As any other user, the server runs `wal push` and `wal get` itself.
+# then archives into a spool that a thread of the test stores as it comes (what `wal push` would do), and
+# restores copy their WAL in (--with-wal). As any other user, the server runs `wal push` and `wal get` itself.
 AS_ROOT = os.geteuid() == 0
 
 
@@ -70,17 +71,43 @@ def archiving_server(base: Path, **settings: str) -> tuple[ScratchCluster, Path,
         spool = base / "spool"
         spool.mkdir()
         _give_to_server_account(spool)
-        push = (f"test ! -f {spool}/%f && cp %p {spool}/%f" if AS_ROOT else
+        push = (f"test ! -f {spool}/%f && cp %p {spool}/.%f && mv {spool}/.%f {spool}/%f" if AS_ROOT else
                 " ".join([sys.executable, "-m", "regal_dagster.cli", "--policy", str(policy), "wal", "push", "%p"]))
         for name, value in {"archive_mode": "on", "archive_command": push, **settings}.items():
             _sql(server.dsn(), sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name),
                                                                           sql.Literal(value)).as_string())
         server.stop()
         server.start()
+        if AS_ROOT:  # what `wal push` as the archive_command would do: store each file as it is archived
+            threading.Thread(target=_keep_pushing, args=(policy, spool, base / "pgdata" / "postmaster.pid"),
+                             daemon=True).start()
     except BaseException:
         server.stop()
         raise
     return server, policy, spool
+
+
+_SPOOL = threading.Lock()  # one pusher of the spool at a time
+
+
+def _keep_pushing(policy_file: Path, spool: Path, pid_file: Path) -> None:
+    """Store what the server archives into `spool` as it comes (a backup waits for its WAL to be stored), until
+    the server has been stopped for 30 s."""
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.sources.postgres_cluster.wal import push_wal
+    from regal_dagster.engine.storage import open_repository
+
+    policy = load_policy(policy_file)
+    repo, keyring = open_repository(policy), load_keyring(policy)
+    stopped_at = None
+    while stopped_at is None or time.monotonic() - stopped_at < 30:
+        stopped_at = None if pid_file.exists() else stopped_at or time.monotonic()
+        with _SPOOL:
+            for path in sorted(p for p in spool.iterdir() if not p.name.startswith(".")):
+                push_wal(policy, repo, keyring, "cluster", path)
+                path.unlink()
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +144,10 @@ def archived_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
 
 def _push_spool(policy: Path, spool: Path) -> None:
-    for path in sorted(spool.iterdir()):
-        _ok(cli(policy, "wal", "push", str(path)))
-        path.unlink()
+    with _SPOOL:
+        for path in sorted(p for p in spool.iterdir() if not p.name.startswith(".")):
+            _ok(cli(policy, "wal", "push", str(path)))
+            path.unlink()
 
 
 def _run(command: list[str]) -> Any:
@@ -265,13 +293,17 @@ def test_a_missing_wal_segment_is_refused_naming_it(archived_server: dict[str, A
         assert not target.exists()
         verified = cli(policy, "verify", archived_server["second"], "--json")
         checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
-        assert verified.returncode == 1 and not checks["wal_continuity"]["passed"]
+        assert verified.returncode == 3 and not checks["wal_continuity"]["passed"]  # every point past it is lost
         assert checks["wal_continuity"]["failing_object"] == gone and gone in checks["wal_continuity"]["description"]
         status = cli(policy, "wal", "status", "cluster", "--json")
         assert status.returncode == 3 and json.loads(status.stdout)["gaps"] == [gone]
     finally:
         (wal_dir / (gone + ".json")).write_bytes(kept)
         os.utime(wal_dir / (gone + ".json"))
+    # put back, it is unrecoverable past it until WAL continuity is proved again
+    assert cli(policy, "wal", "status", "cluster").returncode == 3
+    _ok(cli(policy, "verify", archived_server["second"]))
+    _ok(cli(policy, "wal", "status", "cluster"))
 
 
 def test_wal_status_measures_the_newest_stored_position_against_the_server(archived_server: dict[str, Any]) -> None:

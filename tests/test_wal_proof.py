@@ -57,6 +57,17 @@ def _put_back(directory: Path, files: dict[str, bytes]) -> None:
         (directory / name).write_bytes(data)
 
 
+def _cleared(policy: Path) -> None:
+    """The WAL put back: `wal status` still names what the last verification found (every point past it is
+    unrecoverable until WAL continuity is proved again); the next verification proves it, and all is clear."""
+    code, status = _status(policy)
+    assert code == 3 and status["recoverability"]["unrecoverable"], status
+    code, checks = _verify(policy)
+    assert code == 0 and checks["wal_continuity"]["passed"], checks
+    code, status = _status(policy)
+    assert code == 0 and status["recoverability"]["unrecoverable"] is None, status
+
+
 def _verify(policy: Path, *more: str) -> tuple[int, dict[str, Any]]:
     done = cli(policy, "verify", "--latest", "--target", TARGET, "--json", *more)
     verified = json.loads(done.stdout)["verified"][0]
@@ -198,7 +209,7 @@ def test_a_deleted_segment_object_is_found_by_the_next_verification_and_wal_stat
         assert code == 3 and found["failing_object"] == victim and "is missing" in found["description"], found
     finally:
         (_wal_dir(policy) / victim).write_bytes(original)
-    assert _status(policy)[0] == 0
+    _cleared(policy)
 
 
 def test_deleting_the_newest_segments_and_the_snapshot_is_a_rollback_named_everywhere(proved: dict[str, Any]) -> None:
@@ -226,7 +237,7 @@ def test_deleting_the_newest_segments_and_the_snapshot_is_a_rollback_named_every
         for name, data in kept.items():
             (wal_dir / name).write_bytes(data)
         _put_back(wal_dir / "partial", snapshot)
-    assert _status(policy)[0] == 0
+    _cleared(policy)
 
 
 def test_an_older_snapshot_put_back_is_a_rollback_even_with_the_older_continuity_state(
@@ -252,7 +263,7 @@ def test_an_older_snapshot_put_back_is_a_rollback_even_with_the_older_continuity
     finally:
         _put_back(wal_dir / "partial", newer)
         (wal_dir / "continuity" / "state").write_bytes(state)
-    assert _status(policy)[0] == 0
+    _cleared(policy)
 
 
 def test_a_wal_position_beyond_the_stored_wal_is_refused_naming_the_newest_reachable_point(

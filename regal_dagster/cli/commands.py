@@ -10,13 +10,13 @@ from typing import Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
-from ..engine.checks import CheckRecord, check_status, run_checks, unchecked_backups
+from ..engine.checks import CheckRecord, run_checks, unchecked_backups
 from ..engine.crypto import Keyring, generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
 from ..engine.manifest import Manifest
 from ..engine.policy import Policy
-from ..engine.record_sequence import known_records
+from ..engine.recoverability import target_recoverability
 from ..engine.retention import retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
@@ -43,10 +43,11 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
     elif made.audit_problem:
         out.warn(f"the audit trail at {made.audit} could not be set up now: {made.audit_problem}\n  what to do: "
                  "create that database (or fix audit.dsn in the policy); events wait in the repository meanwhile")
+    next_step = _next_step(f"{cli_invocation()} --policy {made.policy_path}", args.postgres_dsn, args.cluster_dsn)
     out.result(
         {"policy": str(made.policy_path), "repository": made.repository, "keyset": str(made.keyset_path),
          "master_key": made.master_key_location, "key_id": made.key_id, "audit": made.audit,
-         "audit_problem": made.audit_problem},
+         "audit_problem": made.audit_problem, "next_step": next_step},
         f"policy      {made.policy_path} (mode 0600)\n"
         f"repository  {made.repository}\n"
         f"keyset      {made.keyset_path} (encrypted; key {made.key_id})\n"
@@ -55,9 +56,19 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
            if not made.master_key_location.startswith("$") else "")
         + f"\naudit trail {made.audit or 'NONE (--no-audit)'}"
         + (" (not reachable yet: events wait in the repository)" if made.audit_problem else "")
-        + f"\n\nnext: {cli_invocation()} --policy {made.policy_path} backup "
-        + ("main" if args.postgres_dsn else "cluster"))
+        + f"\n\nnext: {next_step}")
     return 0
+
+
+def _next_step(regal: str, postgres_dsn: str | None, cluster_dsn: str | None) -> str:
+    """A server's base backups recover nothing without its WAL: the WAL stream, as a service, comes first."""
+    if cluster_dsn:
+        from ..engine.bootstrap import CLUSTER_TARGET
+
+        return (f"{regal} wal stream {CLUSTER_TARGET}  (as a service: the unit regal-wal-stream@{CLUSTER_TARGET}, see "
+                f"docs/pitr.md; base backups without it are not recoverable beyond their end), then {regal} backup "
+                f"{CLUSTER_TARGET}" + (f" and {regal} backup main" if postgres_dsn else ""))
+    return f"{regal} backup main"
 
 
 def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
@@ -115,19 +126,23 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     completed = completed_backups(policy, repo)
     backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
     unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
-    verdicts = retention_verdicts(policy, repo, keyring, datetime.now(UTC), args.target)
-    known = {t: known_records(policy, repo, keyring, t) for t in sorted({m.target for m in backups})}
+    now = datetime.now(UTC)
+    verdicts = retention_verdicts(policy, repo, keyring, now, args.target)
+    models = {t: target_recoverability(policy, repo, keyring, t, now, completed)
+              for t in sorted({m.target for m in backups})}
     rows = []
     for manifest in backups:
-        status = check_status(repo, keyring, manifest, known[manifest.target])
+        recovery = models[manifest.target].backups[manifest.backup_id]
         verdict = verdicts.get(manifest.backup_id)
-        rows.append({**manifest_summary(manifest), "status": status.status, "status_note": status.problem,
-                     "retention": verdict.to_json() if verdict else None})
+        rows.append({**manifest_summary(manifest), "status": recovery.status, "status_note": recovery.status_note,
+                     "recovery": recovery.to_json(), "retention": verdict.to_json() if verdict else None})
     lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  {'STATUS':9} RETENTION"]
     lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
               f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']:9} "
               + (verdicts[r['backup_id']].summary if r['backup_id'] in verdicts else "?")
-              + (f" ({r['status_note']})" if r["status_note"] else "") for r in rows]
+              + (f" ({r['status_note']})" if r["status_note"] else "")
+              + (f"\n{'':40} {r['recovery']['note']}" if _says_how_far(r) else "") for r in rows]
+    lines += [f"{name}: UNRECOVERABLE: {model.unrecoverable}" for name, model in models.items() if model.unrecoverable]
     lines += [f"{d.backup_id:40} {'?':8} {'?':20} {size(d.stored_bytes):>10} {'?':>10}  DAMAGED: {d.problem}"
               for d in damaged]
     if unfinished:
@@ -135,9 +150,17 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
                      f"{size(sum(u.stored_bytes for u in unfinished))}: not backups; prune removes them after "
                      f"{policy.prune.orphan_grace})")
     out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged],
-                "unfinished": [u.__dict__ for u in unfinished]},
+                "unfinished": [u.__dict__ for u in unfinished],
+                "recoverability": {name: model.to_json() for name, model in models.items()}},
                "\n".join(lines) if rows or damaged or unfinished else "no backups yet")
-    return 3 if any(r["status"] == "rolled_back" for r in rows) else 1 if damaged else 0
+    unrecoverable = any(m.unrecoverable for m in models.values())
+    return 3 if any(r["status"] == "rolled_back" for r in rows) or unrecoverable else 1 if damaged else 0
+
+
+def _says_how_far(row: dict[str, Any]) -> bool:
+    """A good backup's line says how far it recovers when an archive decides it (a base backup's WAL)."""
+    recovery = row["recovery"]
+    return bool(row["status"] == "good" and (recovery["position"] is not None or not recovery["recoverable"]))
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
@@ -161,7 +184,8 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     text = "\n".join(f"{'OK  ' if o.passed else o.severity:5} {o.name:10} {o.description}" for o in record.outcomes)
     verdict, around = _verification_verdict(record)
     out.result({"backup_id": record.backup_id, "target": target_of(record.backup_id), "passed": record.passed,
-                "checked_at": record.checked_at.isoformat(), "checks": checks},
+                "unrecoverable_past": _unrecoverable_past(record), "checked_at": record.checked_at.isoformat(),
+                "checks": checks},
                f"{text}\nbackup {record.backup_id}: {verdict}")
     return _verify_exit(record, around)
 
@@ -174,15 +198,22 @@ def _verification_verdict(record: CheckRecord) -> tuple[str, list[str]]:
     return verdict, around
 
 
+def _unrecoverable_past(record: CheckRecord) -> str | None:
+    """What a check found that recovery cannot pass (a WAL segment), though the backup itself may have passed."""
+    bound = record.recovery_bound
+    return None if bound is None else bound.failing_object or bound.description
+
+
 def _verify_trigger(args: argparse.Namespace) -> dict[str, str]:
     return {"cli": "verify", **({"wal": "all"} if args.all_wal else {})}
 
 
 def _verify_exit(record: CheckRecord, around: list[str]) -> int:
-    """3: the backup failed, or a check found damage or tampering around it (WAL deleted or rolled back); 1: a
-    check around the backup failed (a key, the off-site copy, a WAL gap)."""
+    """3: the backup failed, or a check found damage or tampering around it (WAL deleted or rolled back), or what
+    recovery cannot pass (a WAL segment missing or unreadable: every point past it is unrecoverable); 1: a check
+    around the backup failed (a key, the off-site copy)."""
     damaged = any(not o.passed and o.metadata.get("integrity_failure") for o in record.outcomes)
-    return 3 if not record.passed or damaged else 1 if around else 0
+    return 3 if not record.passed or damaged or record.recovery_bound else 1 if around else 0
 
 
 def _verify_each(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
@@ -221,7 +252,7 @@ def _verify_one(args: argparse.Namespace, out: Output, policy: Policy, repo: Rep
         "verified: every check passed" if not failed else
         ("FAILED verification" if not record.passed else "verified, with failures") + "\n  " + "\n  ".join(failed)))
     results.append({"target": manifest.target, "backup_id": record.backup_id, "passed": record.passed,
-                    "checked_at": record.checked_at.isoformat(),
+                    "unrecoverable_past": _unrecoverable_past(record), "checked_at": record.checked_at.isoformat(),
                     "checks": [{"name": o.name, "passed": o.passed, "severity": o.severity,
                                 "description": o.description, "failing_object": o.failing_object}
                                for o in record.outcomes]})
@@ -535,6 +566,10 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
                                                                              "BREACHED"))
         if t.newest and (good is None or t.newest.backup_id != good.backup_id):
             lines.append(f"  newest backup     {t.newest.backup_id}: {t.newest.status}")
+        if t.recoverability is not None:
+            lines.append(f"  recoverability    {t.recoverability.summary}")
+        if t.unrecoverable:
+            lines.append(f"  UNRECOVERABLE     {t.unrecoverable}")
         v = t.last_verification
         lines.append("  last verification " + (f"{v['checked_at'][:16]} of {v['backup_id']}: "
                                                 + ("passed" if not v["failed_checks"] else
@@ -561,14 +596,17 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     lines += sorted({f"record rollback protection: {t.record_protection}" for t in status.targets
                      if t.record_protection.startswith("no audit trail")})
     out.result(status.to_json(), "\n".join(lines))
-    return 3 if status.rpo_breached or status.rolled_back else 0
+    return 3 if status.rpo_breached or status.rolled_back or status.unrecoverable else 0
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = open_repository_of(args)
     manifest = catalog.load_manifest(repo, keyring, args.backup_id)
-    status = check_status(repo, keyring, manifest, known_records(policy, repo, keyring, manifest.target))
-    verdict = retention_verdicts(policy, repo, keyring, datetime.now(UTC), manifest.target).get(manifest.backup_id)
+    now = datetime.now(UTC)
+    model = target_recoverability(policy, repo, keyring, manifest.target, now, completed_backups(policy, repo))
+    status = next(s for m, s in model.statuses if m.backup_id == manifest.backup_id)
+    recovery = model.backups[manifest.backup_id]
+    verdict = retention_verdicts(policy, repo, keyring, now, manifest.target).get(manifest.backup_id)
     record = status.record if status.problem is None else None
     lock: dict[str, str] | None = ({"mode": str(manifest.object_lock.get("mode")),
                                     "retain_until": manifest.locked_until.isoformat()}
@@ -580,6 +618,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description}
               for o in record.outcomes] if record else []
     payload = {**manifest_summary(manifest), "status": status.status, "status_note": status.problem,
+               "recovery": recovery.to_json(), "unrecoverable": model.unrecoverable,
                "checked_at": record.checked_at.isoformat() if record else None, "checks": checks,
                "retention": verdict.to_json() if verdict else None, "object_lock": lock,
                "trigger": manifest.trigger, "tool_versions": manifest.tool_versions, "objects": objects,
@@ -590,6 +629,8 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
              f"size        {size(manifest.plaintext_bytes)} read, {size(manifest.stored_bytes)} stored",
              f"status      {status.status}" + (f" ({status.problem})" if status.problem else "")
              + (f", checked {record.checked_at:%Y-%m-%d %H:%M} UTC" if record else ""),
+             f"recovery    {recovery.note}" + (f"\n            UNRECOVERABLE: {model.unrecoverable}"
+                                                if model.unrecoverable else ""),
              "retention   " + (verdict.summary + f" ({'; '.join(verdict.reasons)})" if verdict else "?"),
              "lock        " + (f"S3 Object Lock {lock['mode']} until {lock['retain_until'][:16]}" if lock else "none")]
     if checks:
@@ -601,7 +642,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
         lines.append(f"tables      {len(tables)}, {sum(t['rows'] for t in tables)} rows")
         lines += [f"  {t['table']:50} {t['rows']:>12}" for t in tables]
     out.result(payload, "\n".join(lines))
-    return 3 if status.status == "rolled_back" else 0
+    return 3 if status.status == "rolled_back" or model.unrecoverable else 0
 
 
 def cmd_metrics(args: argparse.Namespace, out: Output) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..engine.errors import RegalError, UsageError
@@ -78,12 +79,14 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
+    from ..engine.recoverability import target_recoverability
     from ..engine.sources.postgres_cluster.wal import cluster_target
     from ..engine.sources.postgres_cluster.walstatus import COMMIT_LOOKBACK, wal_status
 
     policy, repo, keyring = open_repository_of(args)
     target = cluster_target(policy, args.target)
     status = wal_status(policy, repo, keyring, target, with_commit_time=True)
+    model = target_recoverability(policy, repo, keyring, target, datetime.now(UTC))
     lines = [f"{target}: {status.segments} WAL segment(s) stored; newest "
              + (f"{status.newest_segment}, position {status.newest_lsn} stored {status.newest_stored_at}"
                 if status.newest_lsn else "NONE")
@@ -103,8 +106,11 @@ def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
                                                      f"{status.gaps[0]}"))
     if status.rollback:
         lines.append(status.rollback)
-    out.result(status.to_json(), "\n".join(lines))
-    return 3 if status.gaps or status.rollback else 0
+    lines.append(f"recoverability: {model.summary}")
+    if model.unrecoverable:
+        lines.append(f"UNRECOVERABLE: {model.unrecoverable}")
+    out.result({**status.to_json(), "recoverability": model.to_json()}, "\n".join(lines))
+    return 3 if status.gaps or status.rollback or model.unrecoverable else 0
 
 
 def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:

@@ -24,15 +24,16 @@ from .audit import completed_backups
 from .catalog import list_backups, newest_first
 from .channels.base import ChannelSettings, Notification
 from .channels.registry import send as send_on_channel
-from .checks import ERROR, check_status, good_newest_first
+from .checks import ERROR, check_status
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
 from .layout import restore_test_prefix, started_of
 from .policy import Policy
 from .record_sequence import KnownRecords, known_records
+from .recoverability import Recoverability, target_recoverability
 from .restore_test import RESTORE_TEST_KIND
-from .sources.capabilities import ContinuousArchive
+from .sources.capabilities import ArchiveState, ContinuousArchive
 from .sources.registry import source_for
 from .storage import Repository
 
@@ -185,55 +186,65 @@ def run_link(policy: Policy, run_id: str | None, target: str, kind: str) -> str:
     return f"{base}/runs/{run_id}" if run_id else f"{base}/assets/{kind}/{target}/backup"
 
 
-def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[Condition]:
-    """A breach per target whose newest good backup is older than its RPO (or that has none)."""
+def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
+                   models: dict[str, Recoverability] | None = None) -> list[Condition]:
+    """A breach per target whose newest recoverable point (engine/recoverability.py) is older than its RPO or that
+    has none, or whose continuous archive makes points unrecoverable (a gap, an unreadable segment). `models`: the
+    targets' models when the caller has them."""
     conditions = []
-    for target, config in sorted(policy.targets.items()):
-        rpo = policy.rpo_for(target)
-        newest = next(good_newest_first(repo, keyring, target, known_records(policy, repo, keyring, target)), None)
-        archive = source_for(config.kind).continuous_archive()
-        if archive is not None and newest is not None:  # the RPO is the archive's (a server's WAL), not the backup's
-            conditions += _archive_rpo_conditions(policy, repo, keyring, target, archive, rpo, now)
-            continue
-        if newest is not None and now - newest.finished_at <= rpo:
-            continue
-        if newest is None:
-            what = f"{target}: no backup has passed its checks (RPO {rpo})"
-            since, details = None, {}
-        else:
-            age = now - newest.finished_at
-            what = f"{target}: newest good backup is {_hours(age)} old, past the RPO of {_hours(rpo)}"
-            since, details = newest.finished_at + rpo, {"newest_good_backup": newest.backup_id}
-        conditions.append(Condition(f"rpo:{target}", "rpo_breach", target, what,
-                                    run_link(policy, newest.trigger.get("dagster_run_id") if newest else None,
-                                             target, config.kind),
-                                    FIRST_STEPS["rpo_breach"].format(target=target), since, details))
+    for target in sorted(policy.targets):
+        model = (models or {}).get(target) or target_recoverability(policy, repo, keyring, target, now)
+        if (condition := _rpo_condition(policy, model, now)) is not None:
+            conditions.append(condition)
     return conditions
 
 
-def _archive_rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, target: str,
-                            archive: ContinuousArchive, rpo: timedelta, now: datetime) -> list[Condition]:
-    """The RPO of a target with a continuous archive: the age of its newest stored change while the source has
-    written more (the stream or the archiving is down or behind), and any gap in the archive (a restore cannot
-    pass it)."""
-    state = archive.state(policy, repo, keyring, target, now)
+def _rpo_condition(policy: Policy, model: Recoverability, now: datetime) -> Condition | None:
+    target, rpo = model.target, timedelta(seconds=model.rpo_seconds)
+    archive = source_for(model.kind).continuous_archive()
+    good = [m for m, s in model.statuses if s.good]
+    if archive is not None and model.archive is not None and good:  # the RPO is the archive's (a server's WAL)
+        return _archive_rpo_condition(policy, model, archive, model.archive, rpo, now)
+    if not model.rpo_breached:
+        return None
+    point = model.point
+    if point is None:
+        what = f"{target}: no backup has passed its checks (RPO {rpo})"
+        since, details, trigger = None, {}, {}
+    else:
+        age = now - point.at
+        what = f"{target}: newest good backup is {_hours(age)} old, past the RPO of {_hours(rpo)}"
+        since, details = point.at + rpo, {"newest_good_backup": point.backup_id}
+        trigger = next(m.trigger for m in good if m.backup_id == point.backup_id)
+    return Condition(f"rpo:{target}", "rpo_breach", target, what,
+                     run_link(policy, trigger.get("dagster_run_id"), target, model.kind),
+                     FIRST_STEPS["rpo_breach"].format(target=target), since, details)
+
+
+def _archive_rpo_condition(policy: Policy, model: Recoverability, archive: ContinuousArchive, state: ArchiveState,
+                           rpo: timedelta, now: datetime) -> Condition | None:
+    """The RPO of a target with a continuous archive: the age of its newest recoverable point (of its newest stored
+    change while the source has written more: the stream or the archiving is down or behind), any gap or unreadable
+    part of the archive (a restore cannot pass it), and a base backup the archive does not reach."""
+    target = model.target
     link = f"{policy.dagster.base_url.rstrip('/')}/assets/{'/'.join(archive.asset(target).key)}"
     steps, details, noun = archive.first_steps(target, state), state.details, archive.noun
     stored_at = state.newest_stored_at
+
+    def breach(what: str, since: datetime | None = None) -> Condition:
+        return Condition(f"rpo:{target}", "rpo_breach", target, what, link, steps, since, details)
+
     if stored_at is None:
-        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: no {noun} is stored (RPO {_hours(rpo)})",
-                          link, steps, None, details)]
-    if state.gaps:
-        return [Condition(f"rpo:{target}", "rpo_breach", target, f"{target}: the {noun} archive lacks "
-                          f"{state.gaps[0]}" + (f" and {len(state.gaps) - 1} more" if len(state.gaps) > 1 else "")
-                          + ": restores cannot pass it", link, steps, None, details)]
-    age = state.rpo_age(now)
-    if age is not None and age > rpo.total_seconds():  # unknown (the source unreachable) counts as behind
-        return [Condition(f"rpo:{target}", "rpo_breach", target,
-                          f"{target}: the newest stored {noun} is {_hours(now - stored_at)} old while the server "
-                          f"{'is ' + str(state.behind) + ' bytes ahead' if state.behind else 'cannot be asked'}"
-                          f", past the RPO of {_hours(rpo)}", link, steps, stored_at + rpo, details)]
-    return []
+        return breach(f"{target}: no {noun} is stored (RPO {_hours(rpo)})")
+    if model.unrecoverable:
+        return breach(f"{target}: {model.unrecoverable}")
+    if model.point is None:
+        return breach(f"{target}: {model.summary}")
+    if model.rpo_breached:  # unknown (the source unreachable) counts as behind
+        return breach(f"{target}: the newest stored {noun} is {_hours(now - stored_at)} old while the server "
+                      f"{'is ' + str(state.behind) + ' bytes ahead' if state.behind else 'cannot be asked'}"
+                      f", past the RPO of {_hours(rpo)}", model.point.at + rpo)
+    return None
 
 
 def check_conditions(policy: Policy, repo: Repository, keyring: Keyring) -> list[Condition]:

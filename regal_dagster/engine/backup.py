@@ -118,13 +118,18 @@ def archive_problem(policy: Policy, repo: Repository, keyring: Keyring, manifest
     """Before a backup's checks: wait for the target's continuous archive to reach the backup's end; what to say
     when it does not within the wait (the backup then restores nothing, and its checks say so, until it does).
     None: it does, or the kind has no such archive."""
+    import time
+
     archive = source_for(manifest.kind).continuous_archive()
+    started = time.monotonic()
     if archive is None or archive.wait_until_covered(policy, repo, keyring, manifest, ARCHIVE_WAIT_SECONDS):
         return None
+    fed = archive.fed(policy, manifest.target)
     return (f"the {archive.noun} archive does not reach the end of {manifest.backup_id} (waited "
-            f"{ARCHIVE_WAIT_SECONDS:.0f} s): the backup is not recoverable until it does; is `regal-backup wal stream "
-            f"{manifest.target}` running (or the server's archive_command)? `regal-backup check {manifest.target}` "
-            "says what is missing")
+            f"{time.monotonic() - started:.0f} s" + ("; nothing feeds it now" if fed is False else "") + "): the "
+            f"backup is not recoverable beyond its end, nor to it, until it does; run `regal-backup wal stream "
+            f"{manifest.target}` as a service (or set the server's archive_command); `regal-backup check "
+            f"{manifest.target}` says what is missing")
 
 
 INCREMENTAL_CLASSES = ("hourly", "daily")  # weekly and monthly backups stay full: each starts a new chain

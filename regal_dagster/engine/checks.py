@@ -36,7 +36,7 @@ from .documents import seal, unseal
 from .errors import IntegrityError, RegalError, UsageError
 from .layout import backup_prefix, checks_key, manifest_key, target_of, valid_backup_id
 from .manifest import Manifest
-from .outcomes import ERROR, CheckOutcome, check_spec
+from .outcomes import ERROR, CheckOutcome, bounds_recovery, check_spec
 from .pipeline import Progress, StoredBackup
 from .policy import Policy
 from .record_sequence import KnownRecords, known_records, next_record
@@ -76,6 +76,17 @@ class CheckRecord:
 
     def outcome(self, name: str) -> CheckOutcome | None:
         return next((o for o in self.outcomes if o.name == name), None)
+
+    @property
+    def recovery_bound(self) -> CheckOutcome | None:
+        """A failed check that names what recovery cannot pass (a WAL segment): every point past it is
+        unrecoverable, though the backup itself may be good (engine/recoverability.py)."""
+        return next((o for o in self.outcomes if not o.passed and bounds_recovery(o.name)), None)
+
+    @property
+    def checks_recovery(self) -> bool:
+        """Whether this record holds a check of what recovery passes through (the WAL archive)."""
+        return any(bounds_recovery(o.name) for o in self.outcomes)
 
     def body(self) -> dict[str, Any]:
         return {"format": "regal-backup-checks", "version": 3, "backup_id": self.backup_id,

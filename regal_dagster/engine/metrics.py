@@ -22,7 +22,9 @@ from pathlib import Path
 
 from .crypto import Keyring
 from .errors import RegalError
+from .layout import is_wal_segment
 from .policy import Policy
+from .recoverability import Recoverability
 from .status import RepositoryStatus, repository_status
 from .storage import Repository
 from .transport import is_loopback
@@ -93,9 +95,25 @@ def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
         "last_success_stored_bytes": "Bytes stored (compressed, encrypted) by the newest good backup of a target "
                                      "and class.",
         "last_success_read_bytes": "Bytes read from the source by the newest good backup of a target and class.",
-        "rpo_age_seconds": "Age of the newest good backup of a target (+Inf: none): the data a loss now would lose.",
+        "rpo_age_seconds": "Age of the data of a target's newest recoverable point (+Inf: none): the data a loss now "
+                           "would lose.",
         "rpo_target_seconds": "The target's recovery point objective.",
-        "rpo_breached": "1 when the newest good backup is older than the RPO (or there is none).",
+        "rpo_breached": "1 when the newest recoverable point is older than the RPO (or there is none).",
+        "recoverable": "1 when a target has a recoverable point and nothing makes later points unrecoverable (a WAL "
+                       "segment missing or unreadable).",
+        "recoverable_until_timestamp_seconds": "When the data of a target's newest recoverable point was current "
+                                               "(Unix time).",
+        "unrecoverable_past_info": "1 for the first part of a target's archive that recovery cannot pass (label "
+                                   "segment: a WAL segment missing or unreadable).",
+        "wal_newest_stored_lsn": "The newest WAL position stored of a server (postgres_cluster), as a number.",
+        "wal_newest_commit_timestamp_seconds": "Commit time of the newest COMMIT the last proof of a server's WAL "
+                                               "found at its newest stored position (Unix time).",
+        "wal_lag_bytes": "WAL the server has written that is not stored yet (bytes).",
+        "wal_lag_seconds": "Age of the newest stored WAL while the server has written more (0: caught up).",
+        "wal_gaps": "What recovery cannot pass: WAL segments missing from the oldest base backup's start on or found "
+                    "unreadable by the newest WAL continuity check, and a WAL rollback.",
+        "wal_stream_up": "1 when the server hands its WAL over now (its slot held by `wal stream`, or archive_command "
+                         "archiving without failures since its last success).",
         "last_verification_timestamp_seconds": "When the newest check record of a target was written.",
         "last_verification_success": "1 when the newest verification of a target passed every check that decides "
                                      "'good'.",
@@ -123,6 +141,8 @@ def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
             f["last_success_stored_bytes"].add(b.bytes_stored, **labels)
             f["last_success_read_bytes"].add(b.bytes_read, **labels)
         f["rpo_age_seconds"].add(math.inf if t.rpo_age_seconds is None else t.rpo_age_seconds, target=t.target)
+        if (model := t.recoverability) is not None:
+            _recoverability(f, model, status.at)
         f["rpo_target_seconds"].add(t.rpo_seconds, target=t.target)
         f["rpo_breached"].add(_bool(t.rpo_breached), target=t.target)
         if (v := t.last_verification) is not None:
@@ -150,6 +170,27 @@ def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
         f["open_alerts"].add(by_event[event], event=event)
     f["collect_duration_seconds"].add(collect_seconds)
     return list(f.values())
+
+
+def _recoverability(f: dict[str, Family], model: Recoverability, now: datetime) -> None:
+    """A target's recoverability (engine/recoverability.py), and its archive's state when it has one."""
+    target = model.target
+    f["recoverable"].add(_bool(model.point is not None and not model.unrecoverable), target=target)
+    if model.point is not None:
+        f["recoverable_until_timestamp_seconds"].add(model.point.at.timestamp(), target=target)
+    if (state := model.archive) is None:
+        return
+    unreadable = (model.archive_check or {}).get("unreadable")
+    if first := unreadable or next((gap for gap in state.gaps if is_wal_segment(gap)), None):
+        f["unrecoverable_past_info"].add(1, target=target, segment=first)
+    f["wal_newest_stored_lsn"].add(state.newest_number, target=target)
+    if state.newest_commit_at is not None:
+        f["wal_newest_commit_timestamp_seconds"].add(state.newest_commit_at.timestamp(), target=target)
+    f["wal_lag_bytes"].add(state.behind, target=target)
+    if (newest := state.newest_data_at(now)) is not None and state.behind is not None:
+        f["wal_lag_seconds"].add((now - newest).total_seconds(), target=target)
+    f["wal_gaps"].add(len(state.gaps), target=target)
+    f["wal_stream_up"].add(_bool(state.fed), target=target)
 
 
 def collect(policy: Policy, repo: Repository, keyring: Keyring) -> str:

@@ -20,6 +20,8 @@ class CheckSpec:
     severity: str  # ERROR | WARN
     decides_good: bool
     description: str  # for people: what it proves
+    bounds_recovery: bool = False  # a failure names what recovery cannot pass: every point past it is unrecoverable
+    # (engine/recoverability.py), though the backup itself stays good (WAL continuity)
 
 
 @dataclass
@@ -66,3 +68,11 @@ def check_spec(name: str) -> CheckSpec:
         if name in specs:
             return specs[name]
     raise KeyError(name)
+
+
+def bounds_recovery(name: str) -> bool:
+    """Whether a failure of the check `name` marks the recovery points past what it names unrecoverable."""
+    try:
+        return check_spec(name).bounds_recovery
+    except KeyError:  # a check this version does not know (a record of an older or newer one)
+        return False

@@ -1,6 +1,7 @@
 """The state of the protection at a glance, read from the repository alone (works when Dagster is down).
 
-Per target: the newest good backup and its age against the RPO, the newest backup of any status, the last
+Per target: its recoverability (engine/recoverability.py: the newest recoverable point, its evidence, its age
+against the RPO, what is unrecoverable), the newest good backup, the newest backup of any status, the last
 verification, the last restore test and its RTO, and per retention class the newest good backup (for
 metrics). For the repository: the last drill, the bytes it holds, and the alerts open now: the conditions
 the alert sensors evaluate (engine/alerts.py), evaluated here the same way, so `regal-backup status` and
@@ -22,15 +23,13 @@ from .alerts import (
 )
 from .audit import completed_backups
 from .catalog import list_backups
-from .checks import CheckRecord, check_status
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
-from .layout import DRILLS, restore_test_prefix
+from .layout import DRILLS
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
-from .record_sequence import KnownRecords, known_records
-from .sources.registry import source_for
+from .recoverability import Recoverability, target_recoverability
 from .storage import Repository
 
 
@@ -74,10 +73,15 @@ class TargetStatus:
     bytes_stored: int = 0
     rolled_back: list[str] = field(default_factory=list)  # records put back or deleted, each named
     record_protection: str = ""  # what compares the records (record_sequence.KnownRecords.protection)
+    recoverability: Recoverability | None = None  # the model all the above is read from
 
     @property
     def rpo_breached(self) -> bool:
         return self.rpo_age_seconds is None or self.rpo_age_seconds > self.rpo_seconds
+
+    @property
+    def unrecoverable(self) -> str | None:
+        return self.recoverability.unrecoverable if self.recoverability else None
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "kind": self.kind, "rpo_seconds": self.rpo_seconds,
@@ -88,7 +92,8 @@ class TargetStatus:
                 "last_verification": self.last_verification, "last_restore_test": self.last_restore_test,
                 "newest_good_by_class": {c: b.to_json() for c, b in self.newest_good_by_class.items()},
                 "backups": self.backups, "bytes_stored": self.bytes_stored, "rolled_back": self.rolled_back,
-                "record_protection": self.record_protection}
+                "record_protection": self.record_protection,
+                "recoverability": self.recoverability.to_json() if self.recoverability else None}
 
 
 @dataclass
@@ -109,44 +114,21 @@ class RepositoryStatus:
     def rolled_back(self) -> list[str]:
         return [problem for t in self.targets for problem in t.rolled_back]
 
+    @property
+    def unrecoverable(self) -> list[str]:
+        """What makes recovery points of a target unrecoverable, one per target, named."""
+        return [f"{t.target}: {t.unrecoverable}" for t in self.targets if t.unrecoverable]
+
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at.isoformat(), "repository": self.repository,
                 "targets": [t.to_json() for t in self.targets], "last_drill": self.last_drill,
                 "open_alerts": self.open_alerts, "repository_bytes": self.repository_bytes,
-                "damaged_backups": self.damaged, "rpo_breached": self.rpo_breached, "rolled_back": self.rolled_back}
+                "damaged_backups": self.damaged, "rpo_breached": self.rpo_breached, "rolled_back": self.rolled_back,
+                "unrecoverable": self.unrecoverable}
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
-
-
-def _verification(record: CheckRecord) -> dict[str, Any]:
-    return {"backup_id": record.backup_id, "checked_at": record.checked_at.isoformat(), "passed": record.passed,
-            "failed_checks": [o.name for o in record.outcomes if not o.passed]}
-
-
-def last_restore_test(repo: Repository, keyring: Keyring, target: str,
-                      known: KnownRecords | None = None) -> dict[str, Any] | None:
-    """The newest restore test of a target (a record that does not authenticate is reported as such, and the
-    newest one the witnesses know, when it is gone, as rolled back)."""
-    from .restore_test import RESTORE_TEST_KIND
-
-    keys = sorted(o.key for o in repo.list(restore_test_prefix(target)) if o.key.endswith(".json"))
-    known = known if known is not None else known_records(None, repo, keyring, target)
-    if rolled_back := known.restore_test_rollback(keys):
-        return {"key": known.restore_test.key if known.restore_test else None, "rolled_back": rolled_back,
-                "passed": False}
-    if not keys:
-        return None
-    try:
-        body = read_document(repo, keyring, RESTORE_TEST_KIND, keys[-1])
-    except IntegrityError as exc:
-        return {"key": keys[-1], "refused": exc.message, "passed": False}
-    return {"backup_id": body["backup_id"], "tested_at": body["tested_at"],
-            "passed": bool(body["validation_passed"] and body["rto_within_target"]),
-            "validation_passed": body["validation_passed"], "rto_seconds": round(body["rto_seconds"], 3),
-            "rto_target_seconds": body["rto_target_seconds"], "rto_within_target": body["rto_within_target"],
-            "problems": body["problems"][:5]}
 
 
 def last_drill(repo: Repository, keyring: Keyring) -> dict[str, Any] | None:
@@ -167,9 +149,8 @@ def last_drill(repo: Repository, keyring: Keyring) -> dict[str, Any] | None:
 
 def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime,
                   completed: set[str]) -> TargetStatus:
-    manifests, _ = list_backups(repo, keyring, target, completed=completed)
-    known = known_records(policy, repo, keyring, target)
-    statuses = [(m, check_status(repo, keyring, m, known)) for m in manifests]
+    model = target_recoverability(policy, repo, keyring, target, now, completed)
+    statuses = model.statuses
     good = [m for m, s in statuses if s.good]
     newest_good = BackupFacts.of(good[-1], "good") if good else None
     newest = BackupFacts.of(statuses[-1][0], statuses[-1][1].status) if statuses else None
@@ -178,25 +159,20 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
         of_class = [m for m in good if m.retention_class == retention_class]
         if of_class:
             by_class[retention_class] = BackupFacts.of(of_class[-1], "good")
-    records = [s.record for _, s in statuses if s.record is not None and s.problem is None]
-    newest_record = max(records, key=lambda r: r.checked_at, default=None)
-    age = (now - good[-1].finished_at).total_seconds() if good else None
-    restore_test = last_restore_test(repo, keyring, target, known)
+    restore_test = model.restore_test
     rolled_back = [str(s.problem) for _, s in statuses if s.status == "rolled_back"]
     rolled_back += [restore_test["rolled_back"]] if restore_test and "rolled_back" in restore_test else []
-    archive = source_for(policy.target(target).kind).continuous_archive()
-    if good and archive is not None:  # the data's age is that of the newest change the archive stored
-        age = archive.state(policy, repo, keyring, target, now).rpo_age(now)
     return TargetStatus(
-        target, policy.target(target).kind, policy.rpo_for(target).total_seconds(),
-        policy.rto_for(target).total_seconds(), newest_good, newest, age,
-        _verification(newest_record) if newest_record else None, restore_test, by_class, len(manifests),
-        sum(m.stored_bytes for m in manifests), rolled_back, known.protection)
+        target, model.kind, model.rpo_seconds, policy.rto_for(target).total_seconds(), newest_good, newest,
+        model.age_seconds, model.verification, restore_test, by_class, len(statuses),
+        sum(m.stored_bytes for m, _ in statuses), rolled_back, model.known.protection if model.known else "", model)
 
 
-def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[dict[str, Any]]:
-    """What the alert sensors would hold open now (besides failed Dagster runs)."""
-    conditions = [*rpo_conditions(policy, repo, keyring, now), *check_conditions(policy, repo, keyring),
+def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
+                models: dict[str, Recoverability] | None = None) -> list[dict[str, Any]]:
+    """What the alert sensors would hold open now (besides failed Dagster runs); `models`: the targets' models when
+    the caller has them."""
+    conditions = [*rpo_conditions(policy, repo, keyring, now, models), *check_conditions(policy, repo, keyring),
                   *restore_test_conditions(policy, repo, keyring), *damaged_conditions(policy, repo, keyring),
                   *capacity_conditions(policy, repo)]
     return [{"key": c.key, "event": c.event, "target": c.target, "what": c.what,
@@ -210,7 +186,8 @@ def repository_status(policy: Policy, repo: Repository, keyring: Keyring, now: d
         policy.target(name)  # a clear error for an unknown target
     completed = completed_backups(policy, repo)
     targets = [target_status(policy, repo, keyring, name, now, completed) for name in names]
-    alerts = [a for a in open_alerts(policy, repo, keyring, now) if target is None or a["target"] in (target,
+    models = {t.target: t.recoverability for t in targets if t.recoverability is not None}
+    alerts = [a for a in open_alerts(policy, repo, keyring, now, models) if target is None or a["target"] in (target,
                                                                                                     "repository")]
     damaged = len(list_backups(repo, keyring, target, completed=completed)[1])
     return RepositoryStatus(now, repo.location, targets, last_drill(repo, keyring), alerts, repo.usage_bytes(),

@@ -6,6 +6,8 @@ change, not of its newest backup. The verbs ask it:
 
 - `state`          how far the archive reaches now: the RPO age (`status`, the RPO alerts, the Dagster sensor: one
                    measurement, `ArchiveState.rpo_age`)
+- `reach`          how far a recovery from one backup gets through it (engine/recoverability.py: the model every
+                   face reads)
 - `prune`          what retention removes from it: what no kept backup needs (`retention`)
 - `test_recoveries`  a restore test of a backup, as recoveries through the archive (`restore_test`)
 - `asset`          how Dagster shows it: an observed asset whose freshness is the RPO, and its watch sensor (`defs`)
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from ..policy import Policy
     from ..storage import Repository
 
+UNFED_GRACE_SECONDS = 5.0  # how long `wait_until_covered` waits while nothing feeds the archive (a stream starting)
 RESTORE_FAILED = "the restore failed"  # how a restore test's findings begin when the restore itself failed
 
 
@@ -55,16 +58,33 @@ class ArchiveState:
     gaps: list[str] = field(default_factory=list)  # what the archive lacks (a restore cannot pass it)
     details: dict[str, Any] = field(default_factory=dict)  # the kind's own facts, for alerts (JSON)
     metadata: dict[str, str | int | float] = field(default_factory=dict)  # the kind's own facts, for Dagster
+    newest_number: int | None = None  # the newest stored position as a number (a WAL position's byte offset)
+    newest_commit_at: datetime | None = None  # the newest commit the last proof of the archive found in it
+    fed: bool | None = None  # something stores the source's changes now (a stream connected); None: not asked
 
     def rpo_age(self, now: datetime) -> float | None:
         """The age of the newest data a restore reaches: 0 when the archive has caught up with the source, else that
         of the newest stored change (also while the source cannot be asked); None when nothing is stored or the
         archive has a gap."""
-        if self.newest_stored_at is None or self.gaps:
+        newest = self.newest_data_at(now)
+        return None if newest is None or self.gaps else (now - newest).total_seconds()
+
+    def newest_data_at(self, now: datetime) -> datetime | None:
+        """When the newest data the archive stores was current: now when it has caught up with the source, else when
+        its newest change was stored (also while the source cannot be asked); None when nothing is stored."""
+        if self.newest_stored_at is None:
             return None
-        if self.behind == 0:
-            return 0.0
-        return (now - self.newest_stored_at).total_seconds()
+        return now if self.behind == 0 else self.newest_stored_at
+
+
+@dataclass(frozen=True)
+class ArchiveReach:
+    """How far a recovery from one backup gets through the archive."""
+
+    recoverable: bool  # it restores at all (the archive holds what it needs to reach its own end)
+    position: str | None  # the newest position it reaches (None: not recoverable)
+    note: str  # for people: how far, and what stops it (naming what is missing or unreadable)
+    position_number: int | None = None  # the same as a number that orders positions (a WAL position's byte offset)
 
 
 @dataclass(frozen=True)
@@ -102,11 +122,26 @@ class ContinuousArchive(ABC):
 
         deadline = time.monotonic() + timeout
         self.hurry(policy, manifest)
+        unfed_since: float | None = None
         while not self.covers(policy, repo, keyring, manifest):
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self.fed(policy, manifest.target) is False:  # nothing feeds it: do not wait for what will not come
+                unfed_since = now if unfed_since is None else unfed_since
+            else:
+                unfed_since = None
+            if now >= deadline or (unfed_since is not None and now - unfed_since >= UNFED_GRACE_SECONDS):
                 return False
             time.sleep(0.5)
         return True
+
+    def fed(self, policy: Policy, target: str) -> bool | None:
+        """Whether something feeds the archive now (a stream connected, the source archiving); None: unknown."""
+        return None
+
+    @abstractmethod
+    def reach(self, manifest: Manifest, state: ArchiveState, broken: str | None) -> ArchiveReach:
+        """How far a recovery from the backup `manifest` gets through the archive as `state` says it is, when
+        `broken` (what the newest check of the archive found missing or unreadable, None: it passed) stops it."""
 
     def hurry(self, policy: Policy, manifest: Manifest) -> None:
         """Ask the source to hand over what the backup `manifest` needs now rather than later (best effort)."""

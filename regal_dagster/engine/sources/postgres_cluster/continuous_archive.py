@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..capabilities import ArchiveAsset, ArchiveState, ContinuousArchive, TestFindings
+from ..capabilities import ArchiveAsset, ArchiveReach, ArchiveState, ContinuousArchive, TestFindings
 
 if TYPE_CHECKING:
     from ...crypto import Keyring
@@ -24,6 +24,7 @@ class WalArchive(ContinuousArchive):
     noun = "WAL"
 
     def state(self, policy: Policy, repo: Repository, keyring: Keyring, target: str, now: datetime) -> ArchiveState:
+        from .wal import parse_lsn
         from .walstatus import wal_status
 
         status = wal_status(policy, repo, keyring, target, now)
@@ -38,7 +39,41 @@ class WalArchive(ContinuousArchive):
         gaps = [*([status.rollback] if status.rollback else []), *status.gaps]  # a rollback alerts as a gap does
         if status.rollback:
             details["rollback"] = status.rollback
-        return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, gaps, details, metadata)
+        proved_commit = status.proved_commit_at if status.proved_lsn == status.newest_lsn else None
+        return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, gaps, details, metadata,
+                            parse_lsn(status.newest_lsn) if status.newest_lsn else None,
+                            datetime.fromisoformat(proved_commit) if proved_commit else None, status.fed)
+
+    def reach(self, manifest: Manifest, state: ArchiveState, broken: str | None) -> ArchiveReach:
+        """A base backup recovers through the WAL from its start: to its end it needs every segment from its start
+        to its stop position; past it, as far as the stored WAL goes before the first segment missing (a gap) or
+        unreadable (`broken`). A WAL rollback (walproof.py) is a gap at the stored end."""
+        from ...layout import is_wal_segment
+        from .wal import format_lsn, parse_lsn, segment_number
+
+        source = manifest.source
+        size = int(source["wal_segment_size"])
+        start, stop = parse_lsn(str(source["start_lsn"])), parse_lsn(str(source["stop_lsn"]))
+        stoppers = sorted((segment_number(name, size)[1], name) for name in
+                          [*state.details.get("gaps", []), *([broken] if broken else [])]
+                          if is_wal_segment(name) and segment_number(name, size)[1] >= start // size)
+        newest = state.newest_number
+        if newest is None or newest < stop:
+            return ArchiveReach(False, None, "not recoverable beyond its end (nor to it): the WAL archive does not "
+                                             f"reach its end ({source['stop_lsn']}); `regal-backup wal stream "
+                                             f"{manifest.target}` (a service) stores it")
+        if stoppers and stoppers[0][0] <= stop // size:
+            return ArchiveReach(False, None, f"NOT RECOVERABLE: WAL segment {stoppers[0][1]}, which it needs to reach "
+                                             "its end, is missing or unreadable")
+        if stoppers:
+            number, name = stoppers[0]
+            return ArchiveReach(True, format_lsn(number * size),
+                                f"recoverable to {format_lsn(number * size)}, NOT PAST WAL segment {name} (missing or "
+                                "unreadable)", number * size)
+        rolled_back = state.details.get("rollback")
+        return ArchiveReach(True, state.newest_position,
+                            f"recoverable to {state.newest_position}, the newest stored WAL"
+                            + (f" (ROLLED BACK: {rolled_back})" if rolled_back else ""), newest)
 
     def covers(self, policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> bool:
         from .wal import parse_lsn
@@ -48,6 +83,15 @@ class WalArchive(ContinuousArchive):
         stop = manifest.source.get("stop_lsn")
         return bool(stop and status.newest_lsn and not status.gaps and not status.rollback
                     and parse_lsn(status.newest_lsn) >= parse_lsn(str(stop)))
+
+    def fed(self, policy: Policy, target: str) -> bool | None:
+        from ...errors import RegalError
+        from .walstatus import server_position
+
+        try:
+            return server_position(policy, target)[1]
+        except RegalError:
+            return None
 
     def hurry(self, policy: Policy, manifest: Manifest) -> None:
         """Close the WAL segment holding the backup's end (pg_switch_wal, as pgBackRest's archive check does), so

@@ -92,7 +92,8 @@ class PostgresClusterSource(Source):
     checks: ClassVar[dict[str, CheckSpec]] = {
         "wal_continuity": CheckSpec(
             ERROR, False, "The WAL archive holds every segment from the oldest kept base backup's start to the newest "
-                          "stored one, and pg_waldump reads every record of it: a restore can reach any point."),
+                          "stored one, and pg_waldump reads every record of it: a restore can reach any point.",
+            bounds_recovery=True),
     }
     restore_test_proves = ("every file of the data directory against PostgreSQL's backup manifest (pg_verifybackup); "
                            "recoveries to the newest point, a random earlier one and a named restore point (its "

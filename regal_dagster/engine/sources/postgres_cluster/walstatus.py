@@ -50,6 +50,10 @@ class WalStatus:
     newest_commit_lsn: str | None = None
     newest_record_lsn: str | None = None  # where the newest complete record of the stored WAL starts
     rollback: str | None = None  # the stored WAL ends before the newest proved position: what is missing (walproof)
+    proved_lsn: str | None = None  # the newest position `wal_continuity` proved (walproof), and its newest commit
+    proved_commit_at: str | None = None
+    fed: bool | None = None  # the server hands its WAL over now: the slot held by `wal stream`, or archive_command
+    # archiving without failing since its last success; None: the server could not be asked
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,11 +81,12 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
         gaps, _ = missing_segments(names, int(oldest.source["timeline"]), start, size)
         needed = [f for f in complete if segment_number(f.name, size)[1] >= start // size]
         gaps += [name for name, _problem in absent_objects(repo, target, needed) if name not in gaps]
-    rolled_back = rollback(known_position(policy, repo, keyring, target), files, target)
-    server_lsn, problem, lag_bytes, lag_seconds = None, None, None, None
+    known = known_position(policy, repo, keyring, target)
+    rolled_back = rollback(known, files, target)
+    server_lsn, problem, lag_bytes, lag_seconds, fed = None, None, None, None, None
     if ask_server:
         try:
-            server_lsn = _server_lsn(policy, target)
+            server_lsn, fed = server_position(policy, target)
         except RegalError as exc:
             problem = exc.message
     if server_lsn is not None and newest_lsn is not None:
@@ -90,7 +95,9 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
     status = WalStatus(target, len(complete), newest.name if newest else None,
                        format_lsn(newest_lsn) if newest_lsn is not None else None,
                        stored_at.isoformat() if stored_at else None, snapshot, server_lsn, problem, lag_bytes,
-                       lag_seconds, oldest.backup_id if oldest else None, gaps, rollback=rolled_back)
+                       lag_seconds, oldest.backup_id if oldest else None, gaps, rollback=rolled_back,
+                       proved_lsn=known.position.lsn if known.position else None,
+                       proved_commit_at=known.position.commit_at if known.position else None, fed=fed)
     if with_commit_time and oldest is not None:
         from ...workspace import private_directory
 
@@ -153,12 +160,18 @@ def newest_records(repo: Repository, keyring: Keyring, base: Manifest, work_dir:
     return found
 
 
-def _server_lsn(policy: Policy, target: str) -> str:
+def server_position(policy: Policy, target: str) -> tuple[str, bool]:
+    """The server's WAL position, and whether it hands its WAL over now: the target's slot is held (by `wal
+    stream`), or archive_command archives (archive_mode on, no failure since its last success)."""
     from ...postgresql.connection import connect
 
-    dsn = policy.target(target).resolved_dsn()  # type: ignore[attr-defined]
-    with connect(dsn) as conn:
-        row = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                           "ELSE pg_current_wal_lsn() END::text").fetchone()
+    settings = policy.target(target)
+    with connect(settings.resolved_dsn()) as conn:  # type: ignore[attr-defined]
+        row = conn.execute(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, "
+            "coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = %s), false) OR "
+            "(current_setting('archive_mode') <> 'off' AND (a.last_failed_time IS NULL OR "
+            "a.last_failed_time < coalesce(a.last_archived_time, '-infinity'))) FROM pg_stat_archiver a",
+            (settings.slot,)).fetchone()  # type: ignore[attr-defined]
     assert row is not None
-    return str(row[0])
+    return str(row[0]), bool(row[1])
