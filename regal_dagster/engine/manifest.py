@@ -22,7 +22,10 @@ from .errors import IntegrityError
 from .layout import manifest_key
 
 MANIFEST_FORMAT: Literal["regal-backup-manifest"] = "regal-backup-manifest"
-MANIFEST_VERSION = 3  # 3: sealed; 2: self-checksummed (upgraded by `regal-backup upgrade`); 1: pre-release
+# 4: postgres tables may be packed several to an object (offset, length); 3: sealed, one object per table (read);
+# 2: self-checksummed (upgraded by `regal-backup upgrade`); 1: pre-release
+MANIFEST_VERSION = 4
+SEALED_SINCE = 3  # the oldest version read as it is
 DOCUMENT_KIND = "manifest"
 
 
@@ -96,7 +99,7 @@ class Manifest(BaseModel):
         if not isinstance(peek, dict) or peek.get("format") != MANIFEST_FORMAT:
             raise IntegrityError(f"{where} is not a regal-backup manifest", "remove the stray file")
         version = peek.get("version", 0)
-        if version < MANIFEST_VERSION:
+        if version < SEALED_SINCE:
             raise IntegrityError(f"manifest {where} has version {version}, which is not sealed against tampering",
                                  "run `regal-backup upgrade` once (it seals every backup of this repository)"
                                  if version == 2 else "this pre-release layout cannot be read: take a new backup")

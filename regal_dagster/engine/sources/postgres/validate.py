@@ -13,6 +13,7 @@ from ...manifest import Manifest
 from ...postgresql.tools import PgTool
 from .dump import PSQL_COPY_BYTES, Table, TableDigest, copy_out, psql_copy_out, session_settings
 from .loading import SessionPool
+from .packs import text_bytes
 
 VALIDATION = {
     "full": "every table read back from the server: row count and SHA-256 of its rows match the backup",
@@ -82,4 +83,4 @@ def validated_tables(dsn: str, manifest: Manifest, tables: list[Table], loaded: 
     table_facts: list[dict[str, Any]] = manifest.source.get("tables", [])
     sizes = {record.name: record.plaintext_size for record in manifest.objects}
     return restored_table_facts(dsn, tables, psql, jobs, encoding,
-                                {f"{t['schema']}.{t['name']}": sizes[t["object"]] for t in table_facts})
+                                {f"{t['schema']}.{t['name']}": text_bytes(t, sizes) for t in table_facts})
