@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -164,9 +164,10 @@ def _seal_manifest(repo: Repository, keyring: Keyring, key: str, report: Upgrade
 
 
 def authenticate_legacy_manifest(repo: Repository, keyring: Keyring, key: str, body: dict[str, Any]) -> Manifest:
-    """A version 2 manifest as version 3, once what it says is shown true by what a keyless writer cannot make:
-    every object it names authenticates under its backup id and name with the recorded key id, SHA-256 sums
-    and sizes, and every fact it ties to an object (`object` + `sha256`) matches that object's content.
+    """A version 2 manifest sealed as the current version, once what it says is shown true by what a keyless
+    writer cannot make: every object it names authenticates under its backup id and name with the recorded key
+    id, SHA-256 sums and sizes, and every fact it ties to an object (`object` + `sha256`) matches that object's
+    content (a packed table's: its extent, `offset` + `length`).
     RegalError naming the file otherwise."""
     hint = "it stays unsealed (DAMAGED); restore it from the off-site copy or investigate who wrote it"
     try:
@@ -178,19 +179,44 @@ def authenticate_legacy_manifest(repo: Repository, keyring: Keyring, key: str, b
     if not manifest.objects:
         raise RegalError(f"{key} names no object: nothing vouches for it", hint)
     contents: dict[str, str] = {}
+    facts = list(_object_facts(manifest.source))
+    extents: dict[str, dict[tuple[Any, Any], Any]] = {}  # a packed table's (offset, length) in its object: SHA-256
+    for fact in facts:
+        if isinstance(fact.get("offset"), int) and isinstance(fact.get("length"), int):
+            extents.setdefault(str(fact["object"]), {})[(fact["offset"], fact["length"])] = hashlib.sha256()
     for record in manifest.objects:
         if not record.key.startswith(backup_prefix(manifest.target, manifest.backup_id)):
             raise RegalError(f"{key} names object {record.key}, outside its backup", hint)
         try:
-            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id)
+            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id,
+                        sink=_extent_hasher(extents.get(record.name, {})))
         except RegalError as exc:
             raise RegalError(f"{key} is not borne out by its objects: {exc.message}", hint) from None
         contents[record.name] = record.plaintext_sha256
-    for fact in _object_facts(manifest.source):
-        if contents.get(str(fact["object"])) != fact["sha256"]:
+    for fact in facts:
+        in_object = extents.get(str(fact["object"]), {})
+        extent = (fact.get("offset"), fact.get("length"))
+        held = in_object[extent].hexdigest() if extent in in_object else contents.get(str(fact["object"]))
+        if held != fact["sha256"]:
             raise RegalError(f"{key} says object {fact['object']} holds content of SHA-256 {fact['sha256']}, "
                              "which is not what that object holds (its entries were swapped or edited)", hint)
     return manifest
+
+
+def _extent_hasher(hashers: dict[tuple[Any, Any], Any]) -> Callable[[bytes], None] | None:
+    """A sink feeding each (offset, length) extent of an object's plaintext to its hasher."""
+    position = 0
+
+    def sink(chunk: bytes) -> None:
+        nonlocal position
+        start, end = position, position + len(chunk)
+        position = end
+        for (offset, length), digest in hashers.items():
+            low, high = max(offset, start), min(offset + length, end)
+            if high > low:
+                digest.update(chunk[low - start:high - start])
+
+    return sink if hashers else None
 
 
 def _object_facts(value: Any) -> Iterator[dict[str, Any]]:
