@@ -35,7 +35,7 @@ def test_no_plaintext_of_the_database_in_stored_bytes(backed_up) -> None:  # typ
     policy, first, second = backed_up
     root = policy.local_repository_path()
     for manifest in (first, second):
-        assert len(manifest.objects) == 3  # the schema archive and one object per table
+        assert len(manifest.objects) == 2  # the schema archive and one pack of both (small) tables
         for record in manifest.objects:
             stored = (root / record.key).read_bytes()
             assert stored.startswith(crypto.OBJECT_MAGIC), record.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from regal_dagster.engine import catalog
 from regal_dagster.engine.backup import run_backup
 from regal_dagster.engine.crypto import load_keyring
-from regal_dagster.engine.errors import TargetNotEmptyError
+from regal_dagster.engine.errors import IntegrityError, TargetNotEmptyError
+from regal_dagster.engine.pipeline import StoredBackup
 from regal_dagster.engine.sources.postgres.restore import restore_database
 from regal_dagster.engine.storage import open_repository
 from regal_dagster.engine.verify import verify_backup
@@ -57,7 +59,8 @@ def test_manifest_facts_come_from_the_dump_snapshot(system_pg: DatabaseFactory, 
                                                     master_key: str) -> None:
     source = system_pg.create()
     load_awkward_data(source)
-    manifest = run_backup(make_policy(tmp_path, {"pos": source}), "pos").manifest
+    policy = make_policy(tmp_path, {"pos": source})
+    manifest = run_backup(policy, "pos").manifest
 
     facts = manifest.source
     assert facts["server_version"].startswith("15")
@@ -66,9 +69,17 @@ def test_manifest_facts_come_from_the_dump_snapshot(system_pg: DatabaseFactory, 
     assert manifest.tool_versions["pg_dump"].startswith("15")
     assert [(t["schema"], t["name"], t["rows"]) for t in facts["tables"]] == [
         ("Sales Ops", 'Order "Lines"', 4), ("public", "customers", 2000)]
-    # each table's fingerprint is the SHA-256 of its COPY text, which is what its object holds
-    for table in facts["tables"]:
-        assert table["sha256"] == manifest.object(table["object"]).plaintext_sha256
+    # each table's fingerprint is the SHA-256 of its COPY text, which is what its extent of its object holds:
+    # small tables share one object (a pack), one after the other, with nothing left over
+    backup = StoredBackup(open_repository(policy), load_keyring(policy), manifest)
+    (pack,) = {table["object"] for table in facts["tables"]}
+    assert pack.startswith("tables/pack-")
+    plaintext = backup.read(pack)
+    extents = sorted((table["offset"], table["length"], table["sha256"]) for table in facts["tables"])
+    assert extents[0][0] == 0 and extents[0][0] + extents[0][1] == extents[1][0]
+    assert extents[1][0] + extents[1][1] == len(plaintext)
+    for offset, length, sha256 in extents:
+        assert hashlib.sha256(plaintext[offset:offset + length]).hexdigest() == sha256
     assert manifest.objects[0].name == "schema.pgdump"
 
 
@@ -95,27 +106,38 @@ def test_restore_refuses_a_non_empty_database_and_replaces_only_when_asked(
 def test_a_changed_restore_is_caught_by_validation(system_pg: DatabaseFactory, tmp_path: Path,
                                                   master_key: str, read_back: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The manifest's fingerprints catch data that differs after restore (here: a manifest from other data),
-    whether a table is read back in-process or (a big one) through psql."""
+    """The manifest's fingerprints catch data that differs: a manifest whose fingerprint does not match its
+    table's rows is refused while loading (before anything is published), and a restored table whose content
+    changed is found by the read-back validation, whether a table is read back in-process or (a big one)
+    through psql."""
+    from regal_dagster.engine.postgresql.tools import find_pg_tool
+    from regal_dagster.engine.sources.postgres import validate
+    from regal_dagster.engine.sources.postgres.dump import Table, compare_tables
+
     if read_back == "psql":
-        from regal_dagster.engine.sources.postgres import validate
         monkeypatch.setattr(validate, "PSQL_COPY_BYTES", -1)
     source = system_pg.create()
     load_awkward_data(source)
     policy = make_policy(tmp_path, {"pos": source})
+    repo, keyring = open_repository(policy), load_keyring(policy)
     manifest = run_backup(policy, "pos").manifest
     tables = [dict(t) for t in manifest.source["tables"]]
     tables[1]["sha256"] = "0" * 64
     lying = manifest.model_copy(update={"source": {**manifest.source, "tables": tables}})
 
     target = system_pg.new_name("regal_restored")
-    report = restore_database(open_repository(policy), load_keyring(policy), lying, system_pg.dsn(target))
-
-    assert not report.ok
-    assert report.validation_problems == ["table public.customers has the same row count but different content",
-                                          f"the restored copy was dropped: no database {target} was created"]
+    with pytest.raises(IntegrityError) as refused:
+        restore_database(repo, keyring, lying, system_pg.dsn(target))
+    assert "table public.customers" in refused.value.message and "SHA-256" in refused.value.message
     assert table_rows(system_pg.dsn("postgres"), "SELECT datname FROM pg_database WHERE datname LIKE "
                       f"'{target}%'") == []  # neither the target nor the temporary database it was loaded into
+
+    assert restore_database(repo, keyring, manifest, system_pg.dsn(target)).ok
+    execute(system_pg.dsn(target), "UPDATE customers SET email = 'changed' WHERE id = 1")
+    recorded = manifest.source["tables"]
+    read = validate.restored_table_facts(system_pg.dsn(target), [Table.from_facts(t) for t in recorded],
+                                         find_pg_tool("psql", 15), 2, manifest.source["encoding"])
+    assert compare_tables(recorded, read) == ["table public.customers has the same row count but different content"]
 
 
 def test_small_tables_load_together_and_a_refused_one_is_named_while_the_others_load(

@@ -95,8 +95,7 @@ def test_a_resealed_manifest_is_refused_everywhere_and_nothing_is_dropped(shop: 
     def edit(document: dict[str, Any]) -> None:
         tables = {t["name"]: t for t in document["source"]["tables"]}
         if tampering == "swap the tables' objects":  # blocklisted tokens would come back as allowed
-            blocked, allowed = tables["card_blocklist"], tables["card_allowlist"]
-            blocked["object"], allowed["object"] = allowed["object"], blocked["object"]
+            _swap_locations(tables["card_blocklist"], tables["card_allowlist"])
         elif tampering == "drop a table":  # the customers would come back empty
             document["source"]["tables"] = [t for t in document["source"]["tables"] if t["name"] != "customers"]
         else:
@@ -462,8 +461,13 @@ def _plant_spool_event(shop: dict[str, Any]) -> str:
 def _swap_tables_objects(document: dict[str, Any]) -> None:
     """Blocklisted tokens would come back as allowed: the two card tables' objects swapped."""
     tables = {t["name"]: t for t in document["source"]["tables"]}
-    blocked, allowed = tables["card_blocklist"], tables["card_allowlist"]
-    blocked["object"], allowed["object"] = allowed["object"], blocked["object"]
+    _swap_locations(tables["card_blocklist"], tables["card_allowlist"])
+
+
+def _swap_locations(one: dict[str, Any], other: dict[str, Any]) -> None:
+    """Two tables' rows swapped: their objects, and where in them (both small: in one pack, at their offsets)."""
+    for key in ("object", "offset", "length"):
+        one[key], other[key] = other.get(key), one.get(key)
 
 
 def _chained_resources(shop: dict[str, Any]) -> list[str]:

@@ -23,8 +23,8 @@ from .errors import IntegrityError
 from .layout import manifest_key
 
 MANIFEST_FORMAT: Literal["regal-backup-manifest"] = "regal-backup-manifest"
-MANIFEST_VERSION = 4  # 4: encrypted, keyed fingerprints; 3: sealed; 2: self-checksummed (both upgraded by
-# `regal-backup upgrade`); 1: pre-release
+MANIFEST_VERSION = 4  # 4: encrypted, keyed fingerprints, postgres tables may be packed several to an object
+# (offset, length); 3: sealed; 2: self-checksummed (both upgraded by `regal-backup upgrade`); 1: pre-release
 DOCUMENT_KIND = "manifest"
 
 

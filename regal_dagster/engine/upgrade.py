@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -283,9 +283,10 @@ def _seal_manifest(repo: Repository, keyring: Keyring, key: str, report: Upgrade
 
 
 def authenticate_legacy_manifest(repo: Repository, keyring: Keyring, key: str, body: dict[str, Any]) -> Manifest:
-    """A version 2 manifest as version 3, once what it says is shown true by what a keyless writer cannot make:
-    every object it names authenticates under its backup id and name with the recorded key id, SHA-256 sums
-    and sizes, and every fact it ties to an object (`object` + `sha256`) matches that object's content.
+    """A version 2 manifest sealed as the current version, once what it says is shown true by what a keyless
+    writer cannot make: every object it names authenticates under its backup id and name with the recorded key
+    id, SHA-256 sums and sizes, and every fact it ties to an object (`object` + `sha256`) matches that object's
+    content (a packed table's: its extent, `offset` + `length`).
     RegalError naming the file otherwise."""
     hint = "it stays unsealed (DAMAGED); restore it from the off-site copy or investigate who wrote it"
     try:
@@ -311,6 +312,22 @@ def authenticate_legacy_manifest(repo: Repository, keyring: Keyring, key: str, b
         except RegalError as exc:
             raise RegalError(f"{key} is not borne out by its objects: {exc.message}", hint) from None
     return manifest
+
+
+def _extent_hasher(hashers: dict[tuple[Any, Any], Any]) -> Callable[[bytes], None] | None:
+    """A sink feeding each (offset, length) extent of an object's plaintext to its hasher."""
+    position = 0
+
+    def sink(chunk: bytes) -> None:
+        nonlocal position
+        start, end = position, position + len(chunk)
+        position = end
+        for (offset, length), digest in hashers.items():
+            low, high = max(offset, start), min(offset + length, end)
+            if high > low:
+                digest.update(chunk[low - start:high - start])
+
+    return sink if hashers else None
 
 
 def _object_facts(value: Any) -> Iterator[dict[str, Any]]:

@@ -235,20 +235,32 @@ class LocalRepository(Repository):
         base = self.root / check_key(prefix, self.location) if prefix else self.root
         if self._linked(base) or not base.is_dir():
             return
-        for dirpath, dirs, files in os.walk(base):  # never into a linked directory (followlinks=False)
-            for name in [*dirs, *files]:
-                full = Path(dirpath) / name
-                if full.is_symlink():
-                    self._report_link(full)
-            for name in files:
-                full = Path(dirpath) / name
-                if name.endswith(PARTIAL_SUFFIX) or full.is_symlink():
-                    continue
+        relative = base.relative_to(self.root).as_posix()
+        yield from self._scan(str(base), "" if relative == "." else relative + "/")
+
+    def _scan(self, directory: str, key_prefix: str) -> Iterator[StoredObject]:
+        """The objects under `directory` (whose key starts with `key_prefix`), its files before its subdirectories'
+        (as os.walk); never into a linked directory, and a link is never listed (reported instead). One scandir
+        per directory: listing the repository took longer than writing a small table's object."""
+        try:
+            with os.scandir(directory) as scanned:
+                entries = list(scanned)
+        except OSError:  # removed meanwhile (os.walk ignores it too)
+            return
+        subdirectories = []
+        for entry in entries:
+            if entry.is_symlink():
+                self._report_link(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry)
+            elif not entry.name.endswith(PARTIAL_SUFFIX):
                 try:
-                    size = full.lstat().st_size
+                    size = entry.stat(follow_symlinks=False).st_size
                 except FileNotFoundError:  # deleted meanwhile
                     continue
-                yield StoredObject(full.relative_to(self.root).as_posix(), size)
+                yield StoredObject(key_prefix + entry.name, size)
+        for entry in subdirectories:
+            yield from self._scan(entry.path, key_prefix + entry.name + "/")
 
     def size(self, key: str) -> int | None:
         try:

@@ -1,5 +1,5 @@
 """`postgres`: one PostgreSQL database, backed up logically from one exported snapshot (a schema archive
-and one object per table), restored in parallel and validated table by table."""
+and the tables' rows, small tables packed several to an object), restored in parallel and validated table by table."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ SHARE mode (as pg_dump does: a TRUNCATE or table-rewriting ALTER TABLE waits for
 making it read an empty table), and imported by every worker:
 - `schema.pgdump`: pg_dump's custom-format archive of everything but table rows (schema, sequence values,
   large objects, post-data such as indexes and constraints);
-- one object per table: the rows as `COPY ... TO STDOUT` text read in-process (psycopg, one session per
+- the rows of every table (a big table as its own object, small ones packed several to an object: packs.py) as
+  `COPY ... TO STDOUT` text read in-process (psycopg, one session per
   worker), in the database's own encoding, with pg_dump's session settings (empty search_path, ISO
   dates, exact floats, row_security off, no timeouts) and UTC / hex bytea pinned.
 The SHA-256 of a table's COPY text is its content fingerprint: a restore loads that text, reads each

@@ -30,6 +30,7 @@ from ...postgresql.connection import (
 )
 from ...postgresql.tools import PgTool, find_pg_tool
 from .dump import RESTORE_SESSION_SETTINGS, Table, only_each, pg_error_reason, session_settings
+from .packs import PACK_BYTES, PACK_TABLES, ExtentSplitter, text_bytes
 
 
 def restore_tools(dsn: str, archive_major: int) -> tuple[PgTool, PgTool]:
@@ -131,28 +132,37 @@ def loading_pool(dsn: str, encoding: str | None) -> SessionPool:
 
 
 # Small tables are loaded several to a transaction (one TRUNCATE, one commit): for hundreds of small
-# tables the per-transaction round trips and commits cost more than their rows. A batch holds at most
+# tables the per-transaction round trips and commits cost more than their rows. A pack (packs.py) is one
+# transaction; tables stored alone (big ones, and every table of a backup before packs) are batched: at most
 # LOAD_BATCH_TABLES tables (each takes a few locks: well within max_locks_per_transaction) and about
 # LOAD_BATCH_BYTES of COPY text; a bigger table is loaded alone.
-LOAD_BATCH_TABLES = 32
-LOAD_BATCH_BYTES = 8 << 20
+LOAD_BATCH_TABLES = PACK_TABLES
+LOAD_BATCH_BYTES = PACK_BYTES
 
 
 def load_batches(manifest: Manifest, table_facts: list[dict[str, Any]],
                  tables: list[Table]) -> list[list[tuple[dict[str, Any], Table]]]:
-    """The tables grouped into load transactions, the biggest first."""
+    """The tables grouped into load transactions, the biggest first: each pack's tables together, in the order
+    they are in it; the tables stored alone by size."""
     sizes = {record.name: record.plaintext_size for record in manifest.objects}
-    biggest_first = sorted(zip(table_facts, tables, strict=True), key=lambda t: -sizes[t[0]["object"]])
+    packs: dict[str, list[tuple[dict[str, Any], Table]]] = {}
+    alone: list[tuple[dict[str, Any], Table]] = []
+    for entry in zip(table_facts, tables, strict=True):
+        if "offset" in entry[0]:
+            packs.setdefault(entry[0]["object"], []).append(entry)
+        else:
+            alone.append(entry)
     batches: list[list[tuple[dict[str, Any], Table]]] = []
     size = 0
-    for entry in biggest_first:
+    for entry in sorted(alone, key=lambda t: -sizes[t[0]["object"]]):
         plaintext = sizes[entry[0]["object"]]
         if not batches or size + plaintext > LOAD_BATCH_BYTES or len(batches[-1]) >= LOAD_BATCH_TABLES:
             batches.append([])
             size = 0
         batches[-1].append(entry)
         size += plaintext
-    return batches
+    batches += [sorted(packed, key=lambda t: t[0]["offset"]) for packed in packs.values()]
+    return sorted(batches, key=lambda batch: -sum(text_bytes(facts, sizes) for facts, _ in batch))
 
 
 @contextlib.contextmanager
@@ -196,30 +206,42 @@ def load_tables(backup: StoredBackup, to_dsn: str, batches: list[list[tuple[dict
     time. Per table: its name and SHA-256 once its batch has committed, or `failed` with the server's reason;
     `seconds`: (fetching, decrypting and checking the stored bytes; the server taking them in). What the tables
     hold is counted once the whole load is done (validate.py), never taken from COPY while loading."""
-    def load_one(loading: TableLoad, facts: dict[str, Any], table: Table,
-                 cancelled: threading.Event) -> dict[str, Any]:
-        record = backup.manifest.object(facts["object"])
+    def load_object(copy_into: Callable[[Table], contextlib.AbstractContextManager[TableLoad]], name: str,
+                    wanted: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
+        """The tables of `wanted` out of object `name` (one table's, or a pack), reading it once."""
+        record = backup.manifest.object(name)
         started, in_server = time.monotonic(), 0.0
 
-        def sink(chunk: bytes) -> None:
-            nonlocal in_server
-            check(cancelled)
-            mark = time.monotonic()
-            loading.write(chunk)
-            in_server += time.monotonic() - mark
+        @contextlib.contextmanager
+        def timed_copy(table: Table) -> Iterator[TableLoad]:
+            def write(chunk: bytes) -> None:
+                nonlocal in_server
+                check(cancelled)
+                mark = time.monotonic()
+                loading.write(chunk)
+                in_server += time.monotonic() - mark
 
-        backup.stream(record.name, sink, progress)  # raises unless every byte matches the manifest's SHA-256
-        return {**table.facts(), "sha256": record.plaintext_sha256,
-                "seconds": (time.monotonic() - started - in_server, in_server)}
+            with copy_into(table) as loading:
+                yield TableLoad(write)
+
+        with contextlib.ExitStack() as copies:
+            splitter = ExtentSplitter(record, wanted, timed_copy, copies, backup.keyring.fingerprint_matches)
+            backup.stream(record.name, splitter.feed, progress)  # raises unless every byte matches the manifest's
+            splitter.finish()
+        seconds = [(time.monotonic() - started - in_server, in_server)] + [(0.0, 0.0)] * (len(splitter.done) - 1)
+        return [{**{key: facts[key] for key in ("schema", "name", "columns", "name_bytes") if key in facts},
+                 "sha256": facts["sha256"], "seconds": spent}
+                for facts, spent in zip(splitter.done, seconds, strict=True)]
 
     def load(batch: list[tuple[dict[str, Any], Table]], cancelled: threading.Event) -> list[dict[str, Any]]:
         started = time.monotonic()
         try:
             with tables_loader([table for _, table in batch], sessions, encoding) as copy_into:
-                done = []
+                by_object: dict[str, list[tuple[dict[str, Any], Table]]] = {}
                 for facts, table in batch:
-                    with copy_into(table) as loading:
-                        done.append(load_one(loading, facts, table, cancelled))
+                    by_object.setdefault(facts["object"], []).append((facts, table))
+                done = [loaded for name, wanted in by_object.items()
+                        for loaded in load_object(copy_into, name, wanted, cancelled)]
         except ToolError as exc:  # the server refused it (its table missing, a constraint): go on
             if len(batch) > 1:  # the whole transaction was rolled back: each table on its own, to name it
                 return [result for entry in batch for result in load([entry], cancelled)]

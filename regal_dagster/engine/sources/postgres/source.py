@@ -20,7 +20,7 @@ from ...erasure_ledger import ErasureLedger, ErasureResult
 from ...errors import IntegrityError, MissingSoftwareError, RegalError, ToolError, UsageError
 from ...findings import Finding
 from ...manifest import Manifest, ObjectRecord
-from ...parallel import check, map_parallel
+from ...parallel import map_parallel
 from ...pipeline import StoredBackup
 from ...postgresql.connection import (
     OWN_SESSION_SETTINGS,
@@ -41,7 +41,6 @@ from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source,
 from .dump import (
     SCHEMA_CONTENT,
     SCHEMA_OBJECT,
-    TABLE_CONTENT,
     DumpSession,
     SchemaLockQueued,
     Table,
@@ -52,6 +51,7 @@ from .dump import (
 )
 from .erasure import apply_erasures
 from .facts import database_properties
+from .packs import dump_groups, extents_problem, store_group
 from .preflight import preflight
 from .restore import VALIDATION, restore_database
 from .target import PostgresTarget
@@ -102,7 +102,8 @@ class PostgresSource(Source):
                              f"its own ({SCHEMA_ATTEMPTS} attempts); each was let through",
                              "run the backup again once the schema change (migration) has finished")
         stored.sort(key=lambda s: (s[1]["schema"], s[1]["name"]))
-        return Captured([schema, *(record for record, _ in stored)],
+        objects = {record.name: record for record, _ in stored}  # a pack once, in the order of its first table
+        return Captured([schema, *objects.values()],
                         {**session.facts, "jobs": jobs, "tables": [facts for _, facts in stored]},
                         {"pg_dump": session.pg_dump.version, "libpq": str(psycopg.pq.version())})
 
@@ -123,6 +124,8 @@ class PostgresSource(Source):
                                  f"table of contents: {listed.stderr.strip()[-300:]}",
                                  "this backup is damaged: use another one")
         entries = sum(1 for line in listed.stdout.splitlines() if line and not line.startswith(";"))
+        if problem := extents_problem(manifest):
+            raise IntegrityError(f"backup {manifest.backup_id}: {problem}", "this backup is damaged: use another one")
         return f"schema archive lists {entries} entries"
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
@@ -214,24 +217,17 @@ class PostgresSource(Source):
 
 
 def _dump_tables(session: DumpSession, store: StoreObject, jobs: int) -> list[tuple[ObjectRecord, dict[str, Any]]]:
-    """Every table's rows as its own object, `jobs` tables at a time, the biggest first."""
-    def store_table(numbered: tuple[int, Table], cancelled: threading.Event) -> tuple[ObjectRecord, dict[str, Any]]:
-        number, table = numbered
-        rows = 0
+    """Every table's rows, `jobs` objects at a time, the biggest first: a big table as its own object, small ones
+    several to an object (packs.py). (object, table facts) per table."""
+    def store_one(numbered: tuple[int, list[Table]], cancelled: threading.Event) -> list[tuple[ObjectRecord,
+                                                                                               dict[str, Any]]]:
+        number, group = numbered
+        name = f"tables/{number:05d}.copy" if len(group) == 1 else f"tables/pack-{number:05d}.copy"
+        record, facts = store_group(session, store, name, group, 0 if jobs > 1 else -1, cancelled)
+        return [(record, f) for f in facts]
 
-        def counted() -> Iterator[bytes]:
-            nonlocal rows
-            for chunk in session.table_chunks(table):
-                check(cancelled)
-                rows += chunk.count(b"\n")  # COPY text: one line per row
-                yield chunk
-
-        record = store(f"tables/{number:05d}.copy", TABLE_CONTENT.format(label=table.label), counted(),
-                       0 if jobs > 1 else -1)
-        return record, {**table.facts(), "rows": rows, "sha256": record.plaintext_sha256, "object": record.name}
-
-    biggest_first = sorted(enumerate(session.tables, 1), key=lambda t: -t[1].pages)
-    return map_parallel(store_table, biggest_first, jobs, "dump")
+    groups = list(enumerate(dump_groups(session.tables), 1))
+    return [stored for group in map_parallel(store_one, groups, jobs, "dump") for stored in group]
 
 
 LOCALE_PROPERTIES = ("encoding", "locale_provider", "lc_collate", "lc_ctype", "locale", "icu_rules")

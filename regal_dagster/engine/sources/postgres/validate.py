@@ -15,6 +15,7 @@ from ...postgresql.connection import encoded, session_codec
 from ...postgresql.tools import PgTool
 from .dump import PSQL_COPY_BYTES, Table, TableDigest, copy_out, psql_copy_out, session_settings
 from .loading import SessionPool
+from .packs import text_bytes
 
 VALIDATION = {
     "full": "every table read back from the server: row count and SHA-256 of its rows match the backup",
@@ -86,6 +87,6 @@ def validated_tables(dsn: str, keyring: Keyring, manifest: Manifest, tables: lis
     sizes = {record.name: record.plaintext_size for record in manifest.objects}
     recorded = {Table.from_facts(t).label: str(t["sha256"]) for t in table_facts}
     restored = restored_table_facts(dsn, tables, psql, jobs, encoding,
-                                    {Table.from_facts(t).label: sizes[t["object"]] for t in table_facts})
+                                    {Table.from_facts(t).label: text_bytes(t, sizes) for t in table_facts})
     return [{**facts, "sha256": keyring.fingerprint(facts["sha256"], like=recorded.get(Table.from_facts(facts).label))}
             for facts in restored]
