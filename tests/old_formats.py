@@ -46,8 +46,18 @@ def plaintext_sha256(repo: Repository, keyring: Keyring, record: dict[str, Any],
 
 
 def with_bare_digests(repo: Repository, keyring: Keyring, body: dict[str, Any], scope: str) -> dict[str, Any]:
-    """A manifest body as format 2 wrote it: every keyed fingerprint of an object's content back to its SHA-256."""
+    """A manifest body as format 2 wrote it: every keyed fingerprint of an object's content (and of a packed
+    table's extent of it) back to its SHA-256."""
     bare = {r["plaintext_sha256"]: plaintext_sha256(repo, keyring, r, scope) for r in body["objects"]}
+    packed = [t for t in body.get("source", {}).get("tables", []) if "offset" in t]
+    for name in {t["object"] for t in packed}:
+        record = next(r for r in body["objects"] if r["name"] == name)
+        plaintext = bytearray()
+        read_stream(repo, ObjectRecord.model_validate(record), keyring=keyring, backup_id=scope,
+                    sink=plaintext.extend)
+        for table in (t for t in packed if t["object"] == name):
+            extent = bytes(plaintext[table["offset"]:table["offset"] + table["length"]])
+            bare[table["sha256"]] = hashlib.sha256(extent).hexdigest()
 
     def back(value: Any) -> Any:
         if isinstance(value, dict):

@@ -297,4 +297,4 @@ def test_the_daily_verification_reads_all_the_wal_again_on_sundays(proved: dict[
                       (datetime(2026, 3, 2, 3, 30, tzinfo=UTC), {})):
         requests = verification.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=day)).run_requests
         assert requests is not None and len(requests) == 1
-        assert {k: v for k, v in requests[0].tags.items() if k.startswith("regal/")} == tags
+        assert {k: v for k, v in requests[0].tags.items() if k == WAL_REREAD_TAG} == tags

@@ -297,21 +297,30 @@ def authenticate_legacy_manifest(repo: Repository, keyring: Keyring, key: str, b
         raise RegalError(f"{key} describes backup {manifest.backup_id}, stored elsewhere", hint)
     if not manifest.objects:
         raise RegalError(f"{key} names no object: nothing vouches for it", hint)
-    contents = {record.name: record.plaintext_sha256 for record in manifest.objects}
+    contents = {record.name: record.plaintext_sha256 for record in manifest.objects}  # bare, as format 2 wrote
+    facts = list(_object_facts(manifest.source))
+    extents: dict[str, dict[tuple[Any, Any], Any]] = {}  # a packed table's (offset, length) in its object: SHA-256
+    for fact in facts:
+        if isinstance(fact.get("offset"), int) and isinstance(fact.get("length"), int):
+            extents.setdefault(str(fact["object"]), {})[(fact["offset"], fact["length"])] = hashlib.sha256()
     for record in manifest.objects:
         if not record.key.startswith(backup_prefix(manifest.target, manifest.backup_id)):
             raise RegalError(f"{key} names object {record.key}, outside its backup", hint)
-    for fact in _object_facts(manifest.source):
-        if contents.get(str(fact["object"])) != fact["sha256"]:
-            raise RegalError(f"{key} says object {fact['object']} holds content of SHA-256 {fact['sha256']}, "
-                             "which is not what that object holds (its entries were swapped or edited)", hint)
-    manifest = Manifest.model_validate(keyed_manifest(keyring, manifest.model_dump(mode="json")))
-    for record in manifest.objects:
+    keyed = Manifest.model_validate(keyed_manifest(keyring, manifest.model_dump(mode="json")))
+    for record in keyed.objects:  # each read once: authenticated, and its packed tables' extents hashed
         try:
-            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id)
+            read_stream(repo, record, keyring=keyring, backup_id=manifest.backup_id,
+                        sink=_extent_hasher(extents.get(record.name, {})))
         except RegalError as exc:
             raise RegalError(f"{key} is not borne out by its objects: {exc.message}", hint) from None
-    return manifest
+    for fact in facts:
+        in_object = extents.get(str(fact["object"]), {})
+        extent = (fact.get("offset"), fact.get("length"))
+        held = in_object[extent].hexdigest() if extent in in_object else contents.get(str(fact["object"]))
+        if held != fact["sha256"]:
+            raise RegalError(f"{key} says object {fact['object']} holds content of SHA-256 {fact['sha256']}, "
+                             "which is not what that object holds (its entries were swapped or edited)", hint)
+    return keyed
 
 
 def _extent_hasher(hashers: dict[tuple[Any, Any], Any]) -> Callable[[bytes], None] | None:
