@@ -4,6 +4,9 @@ authenticates, the keys; times and paths from the command line."""
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,3 +49,17 @@ def load_policy_of(args: argparse.Namespace) -> Policy:
 def policy_path(args: argparse.Namespace) -> Path:
     """The policy file as load_policy finds it (--policy, $REGAL_POLICY, ./regal_backup.yaml), absolute."""
     return policy_file(args.policy).resolve()
+
+
+def stop_on_signals(doing: str) -> threading.Event:
+    """For a command that runs until stopped (`wal stream`, `wal daemon`): an event SIGTERM and SIGINT set, after
+    saying on stderr that it is `doing` that first."""
+    stop = threading.Event()
+
+    def stopping(signum: int, _frame: object) -> None:
+        print(f"{signal.Signals(signum).name}: {doing}, then stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
+    return stop

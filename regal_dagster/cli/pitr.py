@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..engine.errors import RegalError, UsageError
-from .context import open_repository_of, policy_path, utc_time
+from .context import open_repository_of, policy_path, stop_on_signals, utc_time
 from .output import Output, age, restored_text, size
 
 
@@ -114,23 +114,12 @@ def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
-    import signal
-    import threading
-
     from ..engine.sources.postgres_cluster.wal import cluster_target
     from ..engine.sources.postgres_cluster.walstream import run_stream
 
     policy, repo, keyring = open_repository_of(args)
     target = cluster_target(policy, args.target)
-    stop = threading.Event()
-
-    def stopping(signum: int, _frame: object) -> None:
-        print(f"{signal.Signals(signum).name}: storing what was received, then stopping", file=sys.stderr,
-              flush=True)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, stopping)
-    signal.signal(signal.SIGINT, stopping)
+    stop = stop_on_signals("storing what was received")
     stored = run_stream(policy, repo, keyring, target, work_dir=Path(args.work_dir) if args.work_dir else None,
                         snapshot_seconds=args.snapshot_seconds, stop=stop,
                         say=lambda text: print(text, file=sys.stderr, flush=True))

@@ -76,24 +76,13 @@ def cmd_wal_get(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_wal_daemon(args: argparse.Namespace, out: Output) -> int:
-    import signal
-    import threading
-
     from ..engine.sources.postgres_cluster.wal import cluster_target
     from ..engine.sources.postgres_cluster.waldaemon import WalDaemon
-    from .context import open_repository_of, policy_path
+    from .context import open_repository_of, policy_path, stop_on_signals
 
     policy, repo, keyring = open_repository_of(args)
     target = cluster_target(policy, args.target)
-    stop = threading.Event()
-
-    def stopping(signum: int, _frame: object) -> None:
-        print(f"{signal.Signals(signum).name}: finishing the uploads under way, then stopping", file=sys.stderr,
-              flush=True)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, stopping)
-    signal.signal(signal.SIGINT, stopping)
+    stop = stop_on_signals("finishing the uploads under way")
     daemon = WalDaemon(policy, repo, keyring, target, policy_path(args), workers=args.workers,
                        prefetch=args.prefetch, say=lambda text: print(text, file=sys.stderr, flush=True))
     counts = daemon.run(stop)
