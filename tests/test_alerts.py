@@ -278,6 +278,7 @@ def test_a_failed_check_arrives_by_email_with_the_run_link(
 
     sensors.tick("backup_alerts")
 
+    assert len(inbox.messages) == 1, [m["Subject"] for m in inbox.messages]
     (message,) = inbox.messages
     assert message["Subject"] == f"[Regal Backup] ALERT: pos: integrity check failed for backup {manifest.backup_id}"
     body = message.get_content()
