@@ -41,11 +41,11 @@ def _restore_test_seeing_the_scratch_database(policy, manifest, monkeypatch: pyt
     seen: dict[str, Any] = {}
     real = PostgresSource.verify_restored
 
-    def reading_first(self, destination, manifest, jobs):  # type: ignore[no-untyped-def]
+    def reading_first(self, destination, manifest, keyring, jobs):  # type: ignore[no-untyped-def]
         seen["contents"] = table_contents(destination)
         seen["provider"] = pg_value(destination, "SELECT datlocprovider::text FROM pg_database "
                                                  "WHERE datname = current_database()")
-        return real(self, destination, manifest, jobs)
+        return real(self, destination, manifest, keyring, jobs)
 
     monkeypatch.setattr(PostgresSource, "verify_restored", reading_first)
     result = run_restore_test(policy, open_repository(policy), load_keyring(policy), manifest)
