@@ -94,6 +94,7 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
     # (unreadable once the key is gone) until their date, and says so. The second backup's lock (retention
     # 0 days) is over: its old objects go, its new ones are written unlocked.
     old_key = manifest.objects[0].encryption.key_id
+    time.sleep(max(0.0, (second.retain_until - datetime.now(UTC)).total_seconds()))  # its lock: the next whole second
     rotate_key(policy)
     retired = retire_key(policy, old_key, reencrypt=True, repo=repo)
     assert sorted(retired.reencrypted) == sorted([manifest.backup_id, second.backup_id])
