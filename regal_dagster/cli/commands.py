@@ -10,20 +10,20 @@ from typing import Any
 
 from ..engine import catalog
 from ..engine.audit import completed_backups
-from ..engine.checks import CheckRecord, run_checks, unchecked_backups
-from ..engine.crypto import Keyring, generate_master_key, load_keyring
+from ..engine.checks import run_checks
+from ..engine.crypto import generate_master_key, load_keyring
 from ..engine.errors import RegalError, UsageError
 from ..engine.layout import target_of
-from ..engine.manifest import Manifest
 from ..engine.policy import Policy
 from ..engine.recoverability import target_recoverability
 from ..engine.retention import retention_verdict, retention_verdicts
 from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
-from ..engine.storage import Repository, open_repository
+from ..engine.storage import open_repository
 from .context import load_policy_of, open_repository_of, utc_time
 from .output import Output, age, cli_invocation, manifest_summary, restored_text, size
 from .pitr import restore_to_point
+from .verifying import verification_verdict, verify_exit
 
 # --- commands ------------------------------------------------------------------------------------
 
@@ -115,10 +115,10 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         record = run_checks(policy, repo, keyring.reload(), s["backup_id"], trigger={"cli": "backup"},
                             progress=progress)
     failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
-    verdict, around = _verification_verdict(record)
+    verdict, around = verification_verdict(record)
     out.result({**s, "verification": {"passed": record.passed, "checked_at": record.checked_at.isoformat(),
                                       "failed": failed}}, f"{text}\n{verdict}" + "".join(f"\n  {f}" for f in failed))
-    return _verify_exit(record, around)
+    return verify_exit(record, around)
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
@@ -161,102 +161,6 @@ def _says_how_far(row: dict[str, Any]) -> bool:
     """A good backup's line says how far it recovers when an archive decides it (a base backup's WAL)."""
     recovery = row["recovery"]
     return bool(row["status"] == "good" and (recovery["position"] is not None or not recovery["recoverable"]))
-
-
-def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    policy, repo, keyring = open_repository_of(args)
-    if (args.latest or args.unchecked) == bool(args.backup_id):
-        raise UsageError("say which backup to verify", "give a BACKUP_ID, or --latest or --unchecked (with --target "
-                                                       "for one target)")
-    if args.target and not (args.latest or args.unchecked):
-        raise UsageError("--target goes with --latest or --unchecked", "drop --target, or add --latest")
-    if args.latest or args.unchecked:
-        return _verify_each(args, out, policy, repo, keyring)
-    try:  # the size, for the progress display; a manifest that is refused is the manifest check's finding
-        total: int | None = catalog.load_manifest(repo, keyring, args.backup_id).plaintext_bytes
-    except RegalError:
-        total = None
-    with out.progress(f"verify {args.backup_id}", total) as progress:
-        record = run_checks(policy, repo, keyring, args.backup_id, jobs=args.jobs, trigger=_verify_trigger(args),
-                            progress=progress)
-    checks = [{"name": o.name, "passed": o.passed, "severity": o.severity, "description": o.description,
-               "failing_object": o.failing_object} for o in record.outcomes]
-    text = "\n".join(f"{'OK  ' if o.passed else o.severity:5} {o.name:10} {o.description}" for o in record.outcomes)
-    verdict, around = _verification_verdict(record)
-    out.result({"backup_id": record.backup_id, "target": target_of(record.backup_id), "passed": record.passed,
-                "unrecoverable_past": _unrecoverable_past(record), "checked_at": record.checked_at.isoformat(),
-                "checks": checks},
-               f"{text}\nbackup {record.backup_id}: {verdict}")
-    return _verify_exit(record, around)
-
-
-def _verification_verdict(record: CheckRecord) -> tuple[str, list[str]]:
-    """One line for people, and the checks around the backup that failed (ERROR: a key, the off-site copy)."""
-    around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
-    verdict = ("FAILED verification" if not record.passed else
-               f"verified, but {' and '.join(around)} failed" if around else "verified: every check passed")
-    return verdict, around
-
-
-def _unrecoverable_past(record: CheckRecord) -> str | None:
-    """What a check found that recovery cannot pass (a WAL segment), though the backup itself may have passed."""
-    bound = record.recovery_bound
-    return None if bound is None else bound.failing_object or bound.description
-
-
-def _verify_trigger(args: argparse.Namespace) -> dict[str, str]:
-    return {"cli": "verify", **({"wal": "all"} if args.all_wal else {})}
-
-
-def _verify_exit(record: CheckRecord, around: list[str]) -> int:
-    """3: the backup failed, or a check found damage or tampering around it (WAL deleted or rolled back), or what
-    recovery cannot pass (a WAL segment missing or unreadable: every point past it is unrecoverable); 1: a check
-    around the backup failed (a key, the off-site copy)."""
-    damaged = any(not o.passed and o.metadata.get("integrity_failure") for o in record.outcomes)
-    return 3 if not record.passed or damaged or record.recovery_bound else 1 if around else 0
-
-
-def _verify_each(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring) -> int:
-    """Per target (every one, or --target): --latest its newest backup, whatever its status; --unchecked every
-    backup no check record vouches for; both: what the daily verification does."""
-    targets = [args.target] if args.target else sorted(policy.targets)
-    results: list[dict[str, Any]] = []
-    lines: list[str] = []
-    worst = 0
-    for target in targets:
-        policy.target(target)
-        chosen = unchecked_backups(repo, keyring, target) if args.unchecked else []
-        newest = next(catalog.newest_first(repo, keyring, target), None) if args.latest else None
-        if args.latest and newest is None:
-            lines.append(f"{target}: no backup to verify")
-            results.append({"target": target, "backup_id": None, "passed": None, "checks": []})
-            worst = max(worst, 1)
-        elif args.unchecked and not chosen and newest is None:
-            lines.append(f"{target}: no unchecked backup")
-        chosen += [newest] if newest is not None and newest.backup_id not in {m.backup_id for m in chosen} else []
-        for manifest in chosen:
-            worst = max(worst, _verify_one(args, out, policy, repo, keyring, manifest, results, lines))
-    out.result({"verified": results}, "\n".join(lines))
-    return worst
-
-
-def _verify_one(args: argparse.Namespace, out: Output, policy: Policy, repo: Repository, keyring: Keyring,
-                manifest: Manifest, results: list[dict[str, Any]], lines: list[str]) -> int:
-    """One backup of _verify_each, its result added to `results` and `lines`; its exit code."""
-    with out.progress(f"verify {manifest.backup_id}", manifest.plaintext_bytes) as progress:
-        record = run_checks(policy, repo, keyring, manifest.backup_id, jobs=args.jobs,
-                            trigger=_verify_trigger(args), progress=progress)
-    around = [o.name for o in record.outcomes if not o.passed and o.severity == "ERROR"]
-    failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
-    lines.append(f"{manifest.target}: {record.backup_id} " + (
-        "verified: every check passed" if not failed else
-        ("FAILED verification" if not record.passed else "verified, with failures") + "\n  " + "\n  ".join(failed)))
-    results.append({"target": manifest.target, "backup_id": record.backup_id, "passed": record.passed,
-                    "unrecoverable_past": _unrecoverable_past(record), "checked_at": record.checked_at.isoformat(),
-                    "checks": [{"name": o.name, "passed": o.passed, "severity": o.severity,
-                                "description": o.description, "failing_object": o.failing_object}
-                               for o in record.outcomes]})
-    return _verify_exit(record, around)
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:

@@ -109,12 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unchecked", action="store_true",
                    help="every backup no check record vouches for yet (of --target, or of every target); with "
                         "--latest as well: what the daily verification does")
-    p.add_argument("--target", help="with --latest or --unchecked: only this target (default: every target)")
+    p.add_argument("--all", action="store_true", help="every backup of every target (of --target with it), oldest "
+                                                       "first, with a summary table")
+    p.add_argument("--target", help="with --latest, --unchecked or --all: only this target (default: every target)")
+    p.add_argument("--sample", metavar="N%",
+                   help="read only a random N%% of each backup's objects in full (at least one), the others for "
+                        "presence and size (as restic check --read-data-subset); a backup not yet good is read "
+                        "whole. The seed and the objects drawn are recorded in the check record and the audit trail")
+    p.add_argument("--seed", help="with --sample: draw with this seed (repeats an earlier draw; default: random, "
+                                  "printed)")
     p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--all-wal", action="store_true",
                    help="postgres_cluster: read every proved WAL segment again (default: the daily share, see "
                         "docs/pitr.md)")
-    p.set_defaults(func="commands:cmd_verify")
+    p.set_defaults(func="verifying:cmd_verify")
 
     p = sub.add_parser("restore", parents=[common], help="restore a backup into a database, or a server to a point "
                                                          "in time (TARGET --to-dir DIR)")

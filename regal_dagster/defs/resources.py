@@ -16,6 +16,7 @@ from ..engine.policy import Policy, load_policy
 from ..engine.restore_test import RestoreTestResult, run_restore_test
 from ..engine.retention import RetentionVerdict, retention_verdicts
 from ..engine.storage import Repository, open_repository
+from ..engine.verify import ReadSample
 
 
 class RegalEngine(ConfigurableResource):
@@ -52,8 +53,8 @@ class RegalEngine(ConfigurableResource):
         return run_restore_test(self.policy(), self.repository(), self.keyring(), manifest, trigger=trigger,
                                 work_dir=self.policy().resolve_path(work_dir) if work_dir else None)
 
-    def check(self, backup_id: str, trigger: dict[str, str]) -> CheckRecord:
-        return run_checks(self.policy(), self.repository(), self.keyring(), backup_id, trigger=trigger)
+    def check(self, backup_id: str, trigger: dict[str, str], sample: ReadSample | None = None) -> CheckRecord:
+        return run_checks(self.policy(), self.repository(), self.keyring(), backup_id, trigger=trigger, sample=sample)
 
     def retention(self, target: str, backup_id: str) -> RetentionVerdict | None:
         """The backup's retention now, as `list` and `prune` tell it."""

@@ -42,7 +42,7 @@ from .policy import Policy
 from .record_sequence import KnownRecords, known_records, next_record
 from .sources.registry import source_for
 from .storage import Repository, open_offsite
-from .verify import presence_problem, stored_sizes, verify_backup
+from .verify import ReadSample, presence_problem, stored_sizes, verify_backup
 
 
 def check_names(kind: str, offsite: bool = False) -> list[str]:
@@ -172,12 +172,21 @@ def check_manifest(repo: Repository, keyring: Keyring, backup_id: str) -> tuple[
 
 
 def check_integrity(repo: Repository, keyring: Keyring, manifest: Manifest, jobs: int,
-                    progress: Progress | None = None) -> CheckOutcome:
-    result = verify_backup(repo, keyring, manifest, jobs=jobs, progress=progress)
+                    progress: Progress | None = None, sample: ReadSample | None = None) -> CheckOutcome:
+    chosen = sample.choose(manifest) if sample else None
+    result = verify_backup(repo, keyring, manifest, jobs=jobs, progress=progress, only=chosen)
+    drawn = {"sample": sample.to_json(chosen, len(manifest.objects))} if sample and chosen is not None else {}
     bad = next((o for o in result.objects if not o.ok), None)
     if bad is not None:
         return CheckOutcome("integrity", False, bad.detail, bad.key,
-                            {"objects_failed": sum(not o.ok for o in result.objects)})
+                            {"objects_failed": sum(not o.ok for o in result.objects), **drawn,
+                             **({"audit": drawn} if drawn else {})})
+    if sample and chosen is not None:
+        read = sum(r.size for r in manifest.objects if r.key in chosen)
+        return CheckOutcome("integrity", True, f"sample of {sample.percent:g}% (seed {sample.seed}): {read} stored "
+                            f"bytes in {len(chosen)} of {len(manifest.objects)} objects authenticated and "
+                            "checksummed; the others present with their sizes", metadata={
+                                "bytes_read": read, **drawn, "audit": drawn})
     structure = source_for(manifest.kind).check_structure(StoredBackup(repo, keyring, manifest))
     return CheckOutcome("integrity", True, f"{manifest.stored_bytes} stored bytes in {len(manifest.objects)} "
                         f"objects authenticated and checksummed; {structure}",
@@ -322,8 +331,11 @@ def unchecked_backups(repo: Repository, keyring: Keyring, target: str,
 
 
 def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: str, *, jobs: int | None = None,
-               trigger: dict[str, str] | None = None, progress: Progress | None = None) -> CheckRecord:
-    """Run every check on one backup and store the outcome as its checks.json (`progress`: bytes read back)."""
+               trigger: dict[str, str] | None = None, progress: Progress | None = None,
+               sample: ReadSample | None = None) -> CheckRecord:
+    """Run every check on one backup and store the outcome as its checks.json (`progress`: bytes read back).
+    `sample`: read only a random share of the objects in full, when the backup is good already (a backup is first
+    made good by a full read: an unchecked or failed one is read whole whatever the sample says)."""
     if not valid_backup_id(backup_id) or not any(repo.list(backup_prefix(target_of(backup_id), backup_id))):
         raise UsageError(f"no backup {backup_id!r} in {repo.location} (nothing was checked or written)",
                          "run `regal-backup list` to see the backups")
@@ -338,8 +350,10 @@ def run_checks(policy: Policy, repo: Repository, keyring: Keyring, backup_id: st
         outcomes += [CheckOutcome(name, False, "not run: the manifest cannot be read", outcome.failing_object)
                      for name in check_names(kind)[1:] if name != "key_cryptoperiod"]  # that one runs below
     else:
+        if sample is not None and check_status(repo, keyring, manifest).status != "good":
+            sample = None
         try:
-            outcomes.append(check_integrity(repo, keyring, manifest, jobs, progress))
+            outcomes.append(check_integrity(repo, keyring, manifest, jobs, progress, sample))
         except (IntegrityError, RegalError) as exc:
             outcomes.append(CheckOutcome("integrity", False, exc.message))
         try:

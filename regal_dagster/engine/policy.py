@@ -132,6 +132,10 @@ class ChecksConfig(Settings):
     size_history: int = Field(10, ge=3, le=100, description="how many recent good backups the size check uses")
     sample_kb: int = Field(64, ge=4, le=65536, description="KB read from each end of every object when "
                            "looking for plaintext")
+    daily_sample_percent: float | None = Field(None, gt=0, le=100, description="the daily verification reads "
+                                               "only this random share (%) of the newest backup's objects in full "
+                                               "when it is good already, as `verify --sample` (seed recorded); "
+                                               "default: every byte")
 
 
 class CapacityConfig(Settings):

@@ -13,6 +13,8 @@ see which backups are good.
 """
 
 
+import secrets
+
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -30,6 +32,7 @@ from dagster import (
 
 from ...engine.checks import check_names, check_spec, unchecked_backups
 from ...engine.policy import Policy
+from ...engine.verify import ReadSample
 from ..resources import RegalEngine
 from .assets import backup_asset_key, retention_metadata
 
@@ -77,7 +80,11 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
         if backup_id is None:  # nothing to check: every check is skipped, none failed
             context.log.info(f"no backup of '{target}' yet: its checks are skipped")
             return
-        record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id, **reread})
+        percent = regal.policy().checks.daily_sample_percent
+        daily = context.run.tags.get(UNCHECKED_TAG) == "all"  # the daily verification: a sample may do
+        sample = ReadSample(percent, secrets.token_hex(8)) if daily and percent else None
+        record = regal.check(str(backup_id.value), trigger={"dagster_run_id": context.run.run_id, **reread},
+                             sample=sample)
         selected = {k.name for k in context.selected_asset_check_keys}
         retention = retention_metadata(regal.retention(target, record.backup_id))  # as the checks left it
         for outcome in record.outcomes:
