@@ -56,9 +56,10 @@ def source(system_pg: DatabaseFactory) -> str:
 def test_object_lock_makes_backups_immutable_until_their_retention_date(
         source: str, tmp_path: Path, master_key: str, moto_endpoint: str) -> None:
     bucket = _bucket(moto_endpoint, object_lock=True)
-    policy = load_policy(_policy_file(tmp_path, source, {
+    policy_file = _policy_file(tmp_path, source, {
         "url": f"s3://{bucket}/regal", "endpoint_url": moto_endpoint, "region": "us-east-1",
-        "part_size_mb": 5, "object_lock": {"mode": "COMPLIANCE"}}, None))
+        "part_size_mb": 5, "object_lock": {"mode": "COMPLIANCE"}}, None)
+    policy = load_policy(policy_file)
     repo = open_repository(policy)
     manifest = run_backup(policy, "pos", "daily", repo=repo).manifest
     assert run_checks(policy, repo, load_keyring(policy), manifest.backup_id).passed
@@ -83,6 +84,8 @@ def test_object_lock_makes_backups_immutable_until_their_retention_date(
     decision = next(d for d in report.decisions["pos"] if d.backup_id == manifest.backup_id)
     assert decision.keep and decision.reasons == (f"object lock until {expected:%Y-%m-%d %H:%M}",)
     assert report.deleted == [] and len(list_backups(repo, load_keyring(policy), "pos")[0]) == 2
+    refused = run_cli(policy_file, "delete", manifest.backup_id)  # nor can an operator by hand, and is told why
+    assert refused.returncode == 2 and "under S3 Object Lock until" in refused.stderr, refused.stderr
 
     # A leftover under lock (an interrupted backup's object) is reported and left for after its date.
     leftover = "backups/pos/pos-20260101T000000Z-0a0a0a/tables/00001.copy"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -131,6 +132,15 @@ def test_an_incremental_records_its_parent_and_chain_and_is_checked(chain: dict[
     assert all(c["passed"] for c in checks.values()), checks
     assert f"incremental on top of {chain['first']}" in checks["integrity"]["description"]
     assert chain["full"] in checks["integrity"]["description"]
+    # `list` says what `pgbackrest info` says: type, parent, WAL positions and timeline, in the text too
+    listed = _ok(cli(policy, "list", "cluster")).stdout
+    lines = listed.splitlines()
+    described = lines[next(i for i, line in enumerate(lines) if line.split()[1:2] == [chain["second"]]) + 1]
+    assert re.search(rf"incremental on {chain['first']}, WAL [0-9A-F]+/[0-9A-F]+ - [0-9A-F]+/[0-9A-F]+, timeline \d+",
+                     described), listed
+    refused = cli(policy, "delete", chain["full"])  # what incrementals are built on cannot be deleted by hand
+    assert refused.returncode == 2, refused.stderr
+    assert f"base of the incremental backup(s) {chain['first']}, {chain['second']}" in refused.stderr
 
 
 def test_the_policy_makes_hourly_and_daily_backups_incremental_and_keeps_weekly_full(chain: dict[str, Any]) -> None:

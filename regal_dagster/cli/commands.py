@@ -21,7 +21,7 @@ from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
 from ..engine.storage import open_repository
 from .context import load_policy_of, open_repository_of, utc_time
-from .output import Output, age, cli_invocation, manifest_summary, restored_text, size
+from .output import Output, age, backup_line, cli_invocation, manifest_summary, restored_text, size
 from .pitr import restore_to_point
 from .verifying import verification_verdict, verify_exit
 
@@ -134,17 +134,19 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     for manifest in backups:
         recovery = models[manifest.target].backups[manifest.backup_id]
         verdict = verdicts.get(manifest.backup_id)
+        holds = models[manifest.target].holds
+        pin = holds.pin_of(manifest.backup_id, now) if holds else None
         rows.append({**manifest_summary(manifest), "status": recovery.status, "status_note": recovery.status_note,
-                     "recovery": recovery.to_json(), "retention": verdict.to_json() if verdict else None})
-    lines = [f"{'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'STORED':>10} {'ROWS':>10}  {'STATUS':9} RETENTION"]
-    lines += [f"{r['backup_id']:40} {r['retention_class']:8} {r['started_at'][:19]:20} "
-              f"{size(r['bytes_stored']):>10} {r['rows']:>10}  {r['status']:9} "
-              + (verdicts[r['backup_id']].summary if r['backup_id'] in verdicts else "?")
-              + (f" ({r['status_note']})" if r["status_note"] else "")
-              + (f"\n{'':40} {r['recovery']['note']}" if _says_how_far(r) else "") for r in rows]
+                     "recovery": recovery.to_json(), "retention": verdict.to_json() if verdict else None,
+                     "legal_hold": pin.to_json() if pin else None,
+                     "annotation": holds.notes.get(manifest.backup_id) if holds else None})
+    lines = [(f"{'TARGET':12} {'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'DB SIZE':>10} {'STORED':>10}  "
+              f"{'STATUS':9} RETENTION")]
+    lines += [backup_line(r, verdicts[r['backup_id']].summary if r['backup_id'] in verdicts else "?",
+                          r["recovery"]["note"] if _says_how_far(r) else None) for r in rows]
     lines += [f"{name}: UNRECOVERABLE: {model.unrecoverable}" for name, model in models.items() if model.unrecoverable]
-    lines += [f"{d.backup_id:40} {'?':8} {'?':20} {size(d.stored_bytes):>10} {'?':>10}  DAMAGED: {d.problem}"
-              for d in damaged]
+    lines += [f"{target_of(d.backup_id):12} {d.backup_id:40} {'?':8} {'?':20} {'?':>10} {size(d.stored_bytes):>10}  "
+              f"DAMAGED: {d.problem}" for d in damaged]
     if unfinished:
         lines.append(f"({len(unfinished)} unfinished backup(s), interrupted or running, "
                      f"{size(sum(u.stored_bytes for u in unfinished))}: not backups; prune removes them after "
@@ -352,29 +354,6 @@ def cmd_keys_retire(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def cmd_offsite_sync(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.offsite import sync_backup, sync_repository_documents
-    from ..engine.storage import open_offsite
-
-    policy, repo, keyring = open_repository_of(args)
-    secondary = open_offsite(policy)
-    if secondary is None:
-        raise UsageError("the policy has no off-site repository", "add `offsite:` (like `repository:`) to the policy")
-    rows: list[dict[str, Any]] = []
-    with out.activity(f"off-site sync to {secondary.location}"):
-        sync_repository_documents(repo, secondary)
-        for target in sorted(policy.targets):
-            for manifest in catalog.list_backups(repo, keyring, target)[0]:
-                problems = sync_backup(repo, secondary, manifest)
-                rows.append({"backup_id": manifest.backup_id, "in_step": not problems,
-                             "problems": [f"{p.key}: {p.problem}" for p in problems]})
-    bad = [r for r in rows if not r["in_step"]]
-    out.result({"offsite": secondary.location, "backups": rows},
-               f"{len(rows) - len(bad)} of {len(rows)} backups copied and read back in {secondary.location}"
-               + "".join(f"\nNOT IN STEP {r['backup_id']}: {'; '.join(r['problems'])}" for r in bad))
-    return 1 if bad else 0
-
-
 def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     from ..engine.audit import AuditTrail, verify_trail
 
@@ -494,6 +473,8 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
                                     f"{age(d['rto_seconds'])} against {age(d['rto_target_seconds'])}"
                                     + (f"; not recovered: {', '.join(d['not_recovered'])}" if d["not_recovered"]
                                        else "")))
+    lines += [f"{t.target}: LEGAL HOLD on {h['backup_id']} ({h['reason']})"
+              + (f" until {h['until'][:16]}" if h["until"] else "") for t in status.targets for h in t.legal_holds]
     lines.append(f"open alerts: {len(status.open_alerts)}" + "".join(f"\n  - {a['what']}" for a in status.open_alerts))
     if status.rpo_breached:
         lines.append(f"RPO BREACHED: {', '.join(status.rpo_breached)}")
@@ -512,6 +493,8 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     recovery = model.backups[manifest.backup_id]
     verdict = retention_verdicts(policy, repo, keyring, now, manifest.target).get(manifest.backup_id)
     record = status.record if status.problem is None else None
+    pin = model.holds.pin_of(manifest.backup_id, now) if model.holds else None
+    note = model.holds.notes.get(manifest.backup_id) if model.holds else None
     lock: dict[str, str] | None = ({"mode": str(manifest.object_lock.get("mode")),
                                     "retain_until": manifest.locked_until.isoformat()}
                                    if manifest.object_lock and manifest.locked_until else None)
@@ -526,7 +509,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                "checked_at": record.checked_at.isoformat() if record else None, "checks": checks,
                "retention": verdict.to_json() if verdict else None, "object_lock": lock,
                "trigger": manifest.trigger, "tool_versions": manifest.tool_versions, "objects": objects,
-               "table_rows": tables}
+               "table_rows": tables, "legal_hold": pin.to_json() if pin else None, "annotation": note}
     lines = [f"backup      {manifest.backup_id} ({manifest.kind} target {manifest.target}, {manifest.retention_class})",
              f"taken       {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC, {manifest.duration_seconds:.1f}s, by "
              + (", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "?"),
@@ -536,7 +519,10 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
              f"recovery    {recovery.note}" + (f"\n            UNRECOVERABLE: {model.unrecoverable}"
                                                 if model.unrecoverable else ""),
              "retention   " + (verdict.summary + f" ({'; '.join(verdict.reasons)})" if verdict else "?"),
-             "lock        " + (f"S3 Object Lock {lock['mode']} until {lock['retain_until'][:16]}" if lock else "none")]
+             "lock        " + (f"S3 Object Lock {lock['mode']} until {lock['retain_until'][:16]}" if lock else "none"),
+             "legal hold  " + (pin.summary if pin else "none")]
+    if note:
+        lines.append(f"annotation  {note}")
     if checks:
         lines.append("checks")
         lines += [f"  {'OK  ' if c['passed'] else c['severity']:5} {c['name']:18} {c['description']}" for c in checks]

@@ -159,6 +159,30 @@ def manifest_summary(m: Manifest) -> dict[str, Any]:
     }
 
 
+def backup_line(row: dict[str, Any], retention: str, recovery_note: str | None) -> str:
+    """One backup in `list`, as `pgbackrest info` shows one: target, id, class, start, the database's size against
+    the stored size, status and retention; below it what a kind adds (a base backup's type, parent, WAL positions
+    and timeline; tables and rows when there are any), how far it recovers, a legal hold and an annotation."""
+    indent = " " * 13
+    line = (f"{row['target']:12} {row['backup_id']:40} {row['retention_class']:8} {row['started_at'][:19]:20} "
+            f"{size(row['bytes_read']):>10} {size(row['bytes_stored']):>10}  {row['status']:9} {retention}"
+            + (f" ({row['status_note']})" if row["status_note"] else ""))
+    details = []
+    if "backup_type" in row:
+        details.append(f"{row['backup_type']}" + (f" on {row['parent_backup_id']}" if row.get("parent_backup_id")
+                                                   else "")
+                       + f", WAL {row.get('start_lsn') or '?'} - {row.get('stop_lsn') or '?'}, timeline "
+                         f"{row.get('timeline') or '?'}")
+    if row.get("tables"):
+        details.append(f"{row['tables']} tables, {row['rows']} rows")
+    details += [recovery_note] if recovery_note else []
+    if hold := row.get("legal_hold"):
+        details.append(f"LEGAL HOLD: {hold['reason']}" + (f" (until {hold['until'][:16]})" if hold["until"] else ""))
+    if note := row.get("annotation"):
+        details.append(f"note: {note}")
+    return line + "".join(f"\n{indent}{d}" for d in details)
+
+
 def command_name(args: Any) -> str:
     """The command as typed: "restore", "keys list", "gdpr erase"."""
     groups = [value for key, value in vars(args).items() if key.endswith("_command") and value]

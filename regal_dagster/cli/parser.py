@@ -249,6 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prove retention holds: exit 3 if any backup is past its retention (deletes nothing)")
     p.set_defaults(func="commands:cmd_prune")
 
+    p = sub.add_parser("delete", parents=[common],
+                       help="delete one backup now (audited; refused for the newest good backup of its target, a "
+                            "backup under Object Lock or a legal hold, and one an incremental is built on)")
+    p.add_argument("backup_id", help=BACKUP_ID_HELP)
+    p.add_argument("--reason", help="why (recorded in the audit trail)")
+    p.set_defaults(func="by_hand:cmd_delete")
+    p = sub.add_parser("pin", parents=[common],
+                       help="a legal hold: retention keeps the backup until --until or `unpin` (audited; shown by "
+                            "list, show, status and the report)")
+    p.add_argument("backup_id", help=BACKUP_ID_HELP)
+    p.add_argument("--reason", required=True, help="why it is held (e.g. a litigation or audit reference)")
+    p.add_argument("--until", help="hold it until this UTC time (ISO 8601; default: until `unpin`)")
+    p.set_defaults(func="by_hand:cmd_pin")
+    p = sub.add_parser("unpin", parents=[common], help="lift a backup's legal hold (audited)")
+    p.add_argument("backup_id", help=BACKUP_ID_HELP)
+    p.add_argument("--reason", help="why the hold ends (recorded in the audit trail)")
+    p.set_defaults(func="by_hand:cmd_unpin")
+    p = sub.add_parser("annotate", parents=[common],
+                       help="attach free text to a backup, shown by list and show (an empty TEXT removes it)")
+    p.add_argument("backup_id", help=BACKUP_ID_HELP)
+    p.add_argument("text", nargs="*", help="the annotation")
+    p.set_defaults(func="by_hand:cmd_annotate")
+
     keys = sub.add_parser("keys", help="the encryption keys: inventory, rotation, retirement")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     p = keys_sub.add_parser("list", parents=[common], help="every key with its dates and the backups using it")
@@ -265,8 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     offsite = sub.add_parser("offsite", help="the off-site copy of every backup")
     offsite_sub = offsite.add_subparsers(dest="offsite_command", required=True)
     p = offsite_sub.add_parser("sync", parents=[common],
-                               help="copy what the off-site repository lacks and read every backup back there")
-    p.set_defaults(func="commands:cmd_offsite_sync")
+                               help="copy what the off-site repository lacks and read every backup back there; name a "
+                                    "damaged primary copy whose off-site copy is good (exit 3: `offsite repair`)")
+    p.set_defaults(func="offsite:cmd_offsite_sync")
+    p = offsite_sub.add_parser("repair", parents=[common],
+                               help="put back a backup's damaged or missing objects in the primary repository from "
+                                    "its good off-site copy, then verify it (audited)")
+    p.add_argument("backup_id", help=BACKUP_ID_HELP)
+    p.set_defaults(func="offsite:cmd_offsite_repair")
 
     audit = sub.add_parser("audit", help="the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

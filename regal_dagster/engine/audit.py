@@ -335,6 +335,17 @@ class AuditTrail:
         return [(str(kind), str(resource), str(outcome), json.loads(details))
                 for kind, resource, outcome, details in rows]
 
+    def events_about(self, event_types: tuple[str, ...], target: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """(event type, backup id, details) of every successful event of these types about a target's backups,
+        oldest first (the legal holds and annotations: engine/holds.py)."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            rows = conn.execute(
+                "SELECT event_type, resource, details FROM regal_audit.events WHERE event_type = ANY(%s) "
+                "AND outcome = 'success' AND split_part(resource, '-', 1) = %s ORDER BY seq",
+                (list(event_types), target)).fetchall()
+        return [(str(kind), str(resource), json.loads(details)) for kind, resource, details in rows]
+
     def checkpoint(self, verdict: ChainVerdict) -> None:
         """Write the head a verification found intact into the repository (locked where the repository locks
         objects): the head that was checked, not whatever was appended since. Then the keyset takes it as its

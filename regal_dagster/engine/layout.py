@@ -32,6 +32,7 @@ DRILLS = "drills/"
 PRUNE_LOGS = "prune/"
 COMPLIANCE_REPORTS = "compliance-reports/"
 RECORD_STATE = "records/"  # the sealed record state of each target (engine/record_sequence.py)
+HOLDS = "holds/"  # the legal holds (pins) and annotations of each target's backups (engine/holds.py)
 
 
 def stamp(when: datetime) -> str:
@@ -122,6 +123,10 @@ def restore_test_key(target: str, tested_at: datetime, backup_id: str) -> str:
 
 def record_state_key(target: str) -> str:
     return f"{RECORD_STATE}{target}.json"
+
+
+def holds_key(target: str) -> str:
+    return f"{HOLDS}{target}.json"
 
 
 def records_lock_name(target: str) -> str:

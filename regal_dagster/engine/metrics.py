@@ -1,4 +1,5 @@
-"""Prometheus metrics: the state of the protection (engine/status.py) in the text exposition format 0.0.4.
+"""Prometheus metrics: the state of the protection (engine/status.py) in the text exposition format 0.0.4,
+written by prometheus_client.
 
 `regal-backup metrics --listen [HOST:]PORT` serves them at /metrics (on 127.0.0.1 unless a host is given: the
 endpoint has no authentication, see `exposure_note`); `--textfile PATH` writes them for
@@ -13,7 +14,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,30 +44,6 @@ class Family:
     def add(self, value: float | None, **labels: str) -> None:
         if value is not None:
             self.samples.append((labels, float(value)))
-
-    def render(self) -> str:
-        lines = [f"# HELP {PREFIX}{self.name} {_escape_help(self.help)}", f"# TYPE {PREFIX}{self.name} {self.type}"]
-        for labels, value in self.samples:
-            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            lines.append(f"{PREFIX}{self.name}{{{text}}} {_number(value)}" if text else
-                         f"{PREFIX}{self.name} {_number(value)}")
-        return "\n".join(lines)
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
 def _ts(text: str | None) -> float | None:
@@ -201,7 +178,21 @@ def collect(policy: Policy, repo: Repository, keyring: Keyring) -> str:
 
 
 def render(found: list[Family]) -> str:
-    return "\n".join(f.render() for f in found) + "\n"
+    """The exposition text, written by prometheus_client (escaping, number formats) from the families."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+
+    class _Reading:
+        def collect(self) -> Iterator[Metric]:
+            for family in found:
+                metric = Metric(PREFIX + family.name, family.help, family.type)
+                for labels, value in family.samples:
+                    metric.add_sample(PREFIX + family.name, labels, value)
+                yield metric
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Reading())
+    return generate_latest(registry).decode()
 
 
 def failed_scrape(problem: RegalError) -> str:

@@ -54,15 +54,48 @@ def compare_copy(primary: Repository, secondary: Repository, manifest: Manifest)
 
 
 def _copy_object(primary: Repository, secondary: Repository, key: str, expected_sha256: str,
-                 manifest: Manifest) -> None:
+                 manifest: Manifest, source_name: str = "primary") -> None:
     digest = hashlib.sha256()
     with primary.reader(key) as source, secondary.writer(key, manifest.retain_until) as target:
         while chunk := source.read(CHUNK):
             digest.update(chunk)
             target.write(chunk)
         if digest.hexdigest() != expected_sha256:  # raising here aborts the write: nothing damaged is copied
-            raise IntegrityError(f"object {key} in the primary repository differs from its manifest",
-                                 "verify the backup there; it cannot be copied off-site as it is")
+            raise IntegrityError(f"object {key} in the {source_name} repository differs from its manifest",
+                                 f"verify the backup there; it cannot be copied from the {source_name} repository "
+                                 "as it is")
+
+
+def primary_damage(primary: Repository, manifest: Manifest) -> list[CopyProblem]:
+    """What is missing or different in the primary repository against the manifest's stored SHA-256 (every byte
+    there is read): damage `offsite repair` can mend from a good copy."""
+    problems = []
+    for record in manifest.objects:
+        size = primary.size(record.key)
+        if size is None:
+            problems.append(CopyProblem(record.key, "missing"))
+        elif size != record.size:
+            problems.append(CopyProblem(record.key, f"{size} bytes, the manifest says {record.size}"))
+        elif _stored_sha256(primary, record.key) != record.stored_sha256:
+            problems.append(CopyProblem(record.key, "different bytes"))
+    return problems
+
+
+def copy_is_good(secondary: Repository, manifest: Manifest, keys: list[str]) -> bool:
+    """Whether the off-site copy holds these objects of the backup as the manifest recorded them."""
+    records = {r.key: r for r in manifest.objects}
+    return all(secondary.size(k) == records[k].size and _stored_sha256(secondary, k) == records[k].stored_sha256
+               for k in keys)
+
+
+def repair_primary(primary: Repository, secondary: Repository, manifest: Manifest) -> list[str]:
+    """Put back every damaged or missing object of the primary copy from the off-site one, each checked against
+    the manifest's stored SHA-256 as it is copied (a damaged copy is refused, naming the object). The repaired keys."""
+    records = {r.key: r for r in manifest.objects}
+    damaged = [p.key for p in primary_damage(primary, manifest)]
+    for key in damaged:
+        _copy_object(secondary, primary, key, records[key].stored_sha256, manifest, "off-site")
+    return damaged
 
 
 def sync_backup(primary: Repository, secondary: Repository, manifest: Manifest) -> list[CopyProblem]:

@@ -27,6 +27,7 @@ from .checks import CheckRecord, CheckStatus, check_status
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
+from .holds import Holds, load_holds
 from .layout import restore_test_prefix
 from .manifest import Manifest
 from .policy import Policy
@@ -83,6 +84,13 @@ class Recoverability:
     archive_noun: str | None = None
     statuses: list[tuple[Manifest, CheckStatus]] = field(default_factory=list)  # every backup, oldest first
     known: KnownRecords | None = None
+    holds: Holds | None = None  # the legal holds (pins) and annotations of its backups (engine/holds.py)
+
+    def legal_holds(self, now: datetime) -> list[dict[str, Any]]:
+        """The pins in force, oldest backup first: what list, show, status and the report show."""
+        holds = self.holds
+        return [] if holds is None else [{"backup_id": b, **p.to_json()} for b in self.backups
+                                         if (p := holds.pin_of(b, now)) is not None]
 
     @property
     def rpo_breached(self) -> bool:
@@ -136,6 +144,7 @@ def target_recoverability(policy: Policy, repo: Repository, keyring: Keyring, ta
     in_policy = target in policy.targets
     kind = policy.targets[target].kind if in_policy else (manifests[-1].kind if manifests else "unknown")
     known = known_records(policy, repo, keyring, target)
+    holds = load_holds(policy, repo, keyring, target)
     statuses = [(m, check_status(repo, keyring, m, known)) for m in manifests]
     records = [s.record for _, s in statuses if s.record is not None and s.problem is None]
     newest_record = max(records, key=lambda r: r.checked_at, default=None)
@@ -179,7 +188,8 @@ def target_recoverability(policy: Policy, repo: Repository, keyring: Keyring, ta
         _check_facts(newest_record) if newest_record else None,
         _check_facts(point_record) if point_record else None,
         _archive_check(archive_record) if archive_record else None,
-        last_restore_test(repo, keyring, target, known), state, archive.noun if archive else None, statuses, known)
+        last_restore_test(repo, keyring, target, known), state, archive.noun if archive else None, statuses, known,
+        holds)
 
 
 def _backup_recovery(manifest: Manifest, status: CheckStatus, archive: ContinuousArchive | None,

@@ -36,6 +36,7 @@ from .checks import check_status
 from .crypto import Keyring, load_keyring
 from .documents import seal, write_document
 from .errors import LockedError, ObjectLockedError, RegalError
+from .holds import Pin, load_holds
 from .layout import (
     BACKUPS,
     DELETING_NAME,
@@ -72,8 +73,9 @@ class BackupInfo:
 
 
 # What keeps a backup beyond any date, strongest first: every backup of a target with a rolled-back record,
-# a backup never checked, the newest good backup, a backup an incremental kept so is built on.
-CONDITIONS = ("rolled_back", "unchecked", "newest_good", "needed_by")
+# a legal hold without a date (`pin`), a backup never checked, the newest good backup, a backup an incremental kept
+# so is built on.
+CONDITIONS = ("rolled_back", "legal_hold", "unchecked", "newest_good", "needed_by")
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ class _Keep:
 
 
 def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
-         failed_grace: timedelta = timedelta(days=7), hold: str | None = None) -> list[Decision]:
+         failed_grace: timedelta = timedelta(days=7), hold: str | None = None,
+         pins: Mapping[str, Pin] | None = None) -> list[Decision]:
     """Keep or delete, with reasons and the date each kept backup is due to go, for every backup (in the
     order given). A backup never checked is kept until it is (the daily verification checks every unchecked
     backup). `hold`: why every backup stays (a restore-test record rolled back); a backup whose check record
@@ -186,6 +189,13 @@ def plan(backups: list[BackupInfo], counts: Mapping[str, int], now: datetime, *,
         if backup.locked_until is not None and now < backup.locked_until:
             keep.reasons.append(f"object lock until {backup.locked_until:%Y-%m-%d %H:%M}")
             keep.ends.append(backup.locked_until)
+        if (pin := (pins or {}).get(backup.backup_id)) is not None and pin.active(now):
+            keep.reasons.append(f"legal hold: {pin.reason}" + (f" (until {pin.until:%Y-%m-%d %H:%M})"
+                                                                if pin.until else ""))
+            if pin.until is None:
+                keep.conditions.add("legal_hold")
+            else:
+                keep.ends.append(pin.until)
     hold = hold or next((f"the check record of {b.backup_id} was rolled back" for b in backups
                          if b.status == "rolled_back"), None)
     for backup in backups if hold else []:
@@ -276,7 +286,8 @@ def _why_not(backup: BackupInfo) -> str:
 PRUNE_SLACK = timedelta(hours=1)  # how long a prune may take before what it should have deleted is "past"
 
 _KEPT_BY = {"rolled_back": "a record of the target was rolled back, until a fresh record resolves it",
-            "unchecked": "unchecked, until checked", "newest_good": "the newest good backup"}
+            "unchecked": "unchecked, until checked", "newest_good": "the newest good backup",
+            "legal_hold": "a legal hold (pinned)"}
 
 
 @dataclass(frozen=True)
@@ -286,7 +297,8 @@ class RetentionVerdict:
 
     backup_id: str
     keep: bool
-    state: str  # due | past_retention | rolled_back | unchecked | newest_good | needed_by | object_lock | failed | slot
+    state: str  # due | past_retention | rolled_back | legal_hold | unchecked | newest_good | needed_by | object_lock |
+    #             failed | slot
     reasons: tuple[str, ...]
     delete_after: datetime | None  # kept: when the plan stops keeping it, once its condition is over
     due_since: datetime | None  # not kept: since when
@@ -332,6 +344,8 @@ def retention_verdict(decision: Decision, prune_cron: str, now: datetime) -> Ret
 
 
 def _dated_state(reasons: tuple[str, ...]) -> str:
+    if any(r.startswith("legal hold") for r in reasons):
+        return "legal_hold"
     if any(r.startswith("object lock until") for r in reasons):
         return "object_lock"
     return "failed" if any(r.startswith("failed its checks") for r in reasons) else "slot"
@@ -341,9 +355,10 @@ def plan_target(policy: Policy, repo: Repository, keyring: Keyring, target: str,
     """The plan for one target's backups, with the policy's counts and graces, held whole while a record of the
     target is rolled back."""
     known = known_records(policy, repo, keyring, target)
-    hold = known.restore_test_rollback({o.key for o in repo.list(restore_test_prefix(target))})
+    holds = load_holds(policy, repo, keyring, target)
+    hold = known.restore_test_rollback({o.key for o in repo.list(restore_test_prefix(target))}) or holds.problem
     return plan(backup_infos(repo, keyring, target, known), policy.retention.model_dump(), now,
-                failed_grace=policy.prune.failed_grace, hold=hold)
+                failed_grace=policy.prune.failed_grace, hold=hold, pins=holds.pins)
 
 
 def retention_verdicts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,

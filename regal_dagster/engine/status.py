@@ -74,6 +74,7 @@ class TargetStatus:
     rolled_back: list[str] = field(default_factory=list)  # records put back or deleted, each named
     record_protection: str = ""  # what compares the records (record_sequence.KnownRecords.protection)
     recoverability: Recoverability | None = None  # the model all the above is read from
+    legal_holds: list[dict[str, Any]] = field(default_factory=list)  # the pins in force (engine/holds.py)
 
     @property
     def rpo_breached(self) -> bool:
@@ -92,7 +93,7 @@ class TargetStatus:
                 "last_verification": self.last_verification, "last_restore_test": self.last_restore_test,
                 "newest_good_by_class": {c: b.to_json() for c, b in self.newest_good_by_class.items()},
                 "backups": self.backups, "bytes_stored": self.bytes_stored, "rolled_back": self.rolled_back,
-                "record_protection": self.record_protection,
+                "record_protection": self.record_protection, "legal_holds": self.legal_holds,
                 "recoverability": self.recoverability.to_json() if self.recoverability else None}
 
 
@@ -165,7 +166,8 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
     return TargetStatus(
         target, model.kind, model.rpo_seconds, policy.rto_for(target).total_seconds(), newest_good, newest,
         model.age_seconds, model.verification, restore_test, by_class, len(statuses),
-        sum(m.stored_bytes for m, _ in statuses), rolled_back, model.known.protection if model.known else "", model)
+        sum(m.stored_bytes for m, _ in statuses), rolled_back, model.known.protection if model.known else "", model,
+        model.legal_holds(now))
 
 
 def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
