@@ -25,3 +25,13 @@ def test_readme_stands_alone_and_says_what_the_tests_need() -> None:
         assert need in text
     for name in re.findall(r"docs/[\w.-]+", text):
         assert (ROOT / name).exists(), name
+
+
+def test_every_path_the_readme_names_exists_in_the_tree() -> None:
+    """The layout and docs the README points a newcomer to are there (a `<placeholder>` matches any name)."""
+    text = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"(?<![\w./-])((?:regal_dagster|docs|tests|benchmarks|reports|\.ci)/[\w./<>*-]*[\w/])",
+                           text))
+    assert len(named) > 10, named  # the pattern still finds the README's paths
+    missing = [path for path in sorted(named) if not list(ROOT.glob(re.sub(r"<[^>]+>", "*", path).rstrip("/")))]
+    assert not missing, missing
