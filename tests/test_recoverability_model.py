@@ -207,3 +207,73 @@ def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_ev
     assert verify.returncode == 0, verify.stdout
     assert _ok(cli(policy, "status")).returncode == 0
     assert _metrics(policy)[f'regal_backup_recoverable{{target="{TARGET}"}}'] == 1
+
+
+def _tick(defs: Any, instance: Any, sensor: str, cursor: str | None) -> str | None:
+    """One evaluation of a sensor, its runless events reported to the instance as the daemon does."""
+    import dagster as dg
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+    result = defs.resolve_sensor_def(sensor)(context)
+    assert isinstance(result, dg.SensorResult)
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)
+    return result.cursor
+
+
+def test_dagster_fails_wal_continuity_naming_an_unreadable_segment_and_says_nothing_past_it_is_recoverable(
+        streamed: dict[str, Any]) -> None:
+    """Through Dagster's own check run and through the mirror of a CLI verify: a failed `wal_continuity` evaluation
+    naming the segment, and the assets' metadata (the recoverability model) unrecoverable past it."""
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+
+    policy, victim = streamed["policy"], streamed["closed"][2]
+    defs = build_definitions(str(policy))
+    instance = dg.DagsterInstance.ephemeral()
+    base, wal = dg.AssetKey(["postgres", TARGET, "base_backup"]), dg.AssetKey(["postgres", TARGET, "wal"])
+    check = dg.AssetCheckKey(base, "wal_continuity")
+    mirror = _tick(defs, instance, "backups_outside_dagster", None)  # the CLI's base backup shown on its asset
+    watch = _tick(defs, instance, "wal_stream_watch", None)
+
+    def evaluation() -> dg.AssetCheckEvaluation:
+        found = instance.event_log_storage.get_latest_asset_check_execution_by_key([check])[check].evaluation
+        assert found is not None
+        return found
+
+    def observed(key: dg.AssetKey) -> dict[str, Any]:
+        newest = instance.fetch_observations(key, limit=1).records[0].asset_observation
+        assert newest is not None
+        return {k: v.value for k, v in newest.metadata.items()}
+
+    path = _wal_dir(policy) / victim
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    past = f"every point past {victim} is unrecoverable"
+    try:
+        run = defs.resolve_job_def("verify_job").execute_in_process(  # as the Sunday verification: all WAL read again
+            instance=instance, tags={"regal/wal_reread": "all"}, raise_on_error=False)
+        assert run.success  # a failed non-blocking check does not fail the run
+        found = evaluation()
+        assert not found.passed and found.metadata["failing_object"].value == victim, found
+        assert victim in (found.description or "") and past in str(found.metadata["unrecoverable"].value)
+        assert found.metadata["newest_good_backup"].value == streamed["cluster_backup"]  # the point before the gap
+
+        mirror = _tick(defs, instance, "backups_outside_dagster", mirror)  # the model's change, on the asset
+        shown = observed(base)
+        assert past in shown["unrecoverable"] and shown["newest_good_backup"] == streamed["cluster_backup"], shown
+        _tick(defs, instance, "wal_stream_watch", watch)
+        assert past in observed(wal)["unrecoverable"]
+
+        verify = cli(policy, "verify", "--latest", "--target", TARGET, "--all-wal")  # the CLI finds it too
+        assert verify.returncode == 3, verify.stdout
+        _tick(defs, instance, "backups_outside_dagster", mirror)  # within one sensor interval
+        mirrored = evaluation()
+        assert not mirrored.passed and mirrored.metadata["failing_object"].value == victim
+        assert "checked_outside_dagster" in mirrored.metadata
+    finally:
+        path.write_bytes(original)
+    _ok(cli(policy, "verify", "--latest", "--target", TARGET, "--all-wal"))  # put back: proved again, all clear
