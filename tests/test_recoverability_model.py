@@ -83,6 +83,16 @@ def test_a_base_backup_without_any_wal_archive_is_not_recoverable_beyond_its_end
         assert f'regal_backup_recoverable_until_timestamp_seconds{{target="{TARGET}"}}' not in metrics
         assert metrics[f'regal_backup_rpo_age_seconds{{target="{TARGET}"}}'] == float("inf")
         assert metrics[f'regal_backup_wal_stream_up{{target="{TARGET}"}}'] == 0
+
+        import dagster as dg
+
+        from regal_dagster.defs import build_definitions
+
+        defs = build_definitions(str(policy))  # Dagster: the base backup's asset says what status says
+        instance = dg.DagsterInstance.ephemeral()
+        _tick(defs, instance, "backups_outside_dagster", None)
+        shown = _observed(instance, dg.AssetKey(["postgres", TARGET, "base_backup"]))
+        assert shown["newest_good_backup"] == "none" and NOT_BEYOND in shown["recoverable_to"], shown
     finally:
         server.stop()
 
@@ -221,6 +231,13 @@ def _tick(defs: Any, instance: Any, sensor: str, cursor: str | None) -> str | No
     return result.cursor
 
 
+def _observed(instance: Any, key: Any) -> dict[str, Any]:
+    """The metadata of the asset's newest observation."""
+    newest = instance.fetch_observations(key, limit=1).records[0].asset_observation
+    assert newest is not None
+    return {k: v.value for k, v in newest.metadata.items()}
+
+
 def test_dagster_fails_wal_continuity_naming_an_unreadable_segment_and_says_nothing_past_it_is_recoverable(
         streamed: dict[str, Any]) -> None:
     """Through Dagster's own check run and through the mirror of a CLI verify: a failed `wal_continuity` evaluation
@@ -242,11 +259,6 @@ def test_dagster_fails_wal_continuity_naming_an_unreadable_segment_and_says_noth
         assert found is not None
         return found
 
-    def observed(key: dg.AssetKey) -> dict[str, Any]:
-        newest = instance.fetch_observations(key, limit=1).records[0].asset_observation
-        assert newest is not None
-        return {k: v.value for k, v in newest.metadata.items()}
-
     path = _wal_dir(policy) / victim
     original = path.read_bytes()
     damaged = bytearray(original)
@@ -263,10 +275,10 @@ def test_dagster_fails_wal_continuity_naming_an_unreadable_segment_and_says_noth
         assert found.metadata["newest_good_backup"].value == streamed["cluster_backup"]  # the point before the gap
 
         mirror = _tick(defs, instance, "backups_outside_dagster", mirror)  # the model's change, on the asset
-        shown = observed(base)
+        shown = _observed(instance, base)
         assert past in shown["unrecoverable"] and shown["newest_good_backup"] == streamed["cluster_backup"], shown
         _tick(defs, instance, "wal_stream_watch", watch)
-        assert past in observed(wal)["unrecoverable"]
+        assert past in _observed(instance, wal)["unrecoverable"]
 
         verify = cli(policy, "verify", "--latest", "--target", TARGET, "--all-wal")  # the CLI finds it too
         assert verify.returncode == 3, verify.stdout

@@ -15,8 +15,8 @@ one sensor interval, failures as well as successes.
   backup or a check record is new: the new good backup reported is the model's newest good one, and when the
   model's recovery point changes (a new backup, a failure that took it away) or what it finds unrecoverable does
   (a WAL segment a check found unreadable: "every point past <segment> is unrecoverable"), an observation carries
-  it (`recoverability_metadata`): `newest_good_backup` (the backup the newest recoverable point starts from, the
-  one a restore without an id uses, or "none"), `recoverable_to`, `unrecoverable`.
+  it (`recoverability_metadata`): `newest_good_backup` (the backup the newest recoverable point starts from, or
+  "none"), `recoverable_to`, `unrecoverable`.
 """
 
 from __future__ import annotations
