@@ -57,7 +57,8 @@ NO_GOOD_BACKUP = "none"
 def recoverability_metadata(model: Recoverability) -> dict[str, Any]:
     """What the target can be recovered to, as `status` says it (engine/recoverability.py, the one model):
     `newest_good_backup` is the backup its newest recoverable point starts from (for a logical target the one a
-    restore without an id uses; "none": nothing is recoverable), `recoverable_to` the model's summary, `unrecoverable` what stops recovery, naming it."""
+    restore without an id uses; "none": nothing is recoverable), `recoverable_to` the model's summary,
+    `unrecoverable` what stops recovery, naming it."""
     point = model.point
     return {"newest_good_backup": point.backup_id if point else NO_GOOD_BACKUP,
             **({"recovery_point_at": MetadataValue.timestamp(point.at)} if point else {}),
