@@ -495,7 +495,7 @@ def test_a_past_month_is_judged_on_its_own_evidence(setup: dict[str, Any]) -> No
     report = build_report(policy, month)
     results = {c.control_id: c for c in report.controls}
     assert not report.interim
-    assert results["BK-01"].result == FAIL and "targets without a good backup in the period: broken, pos" in \
+    assert results["BK-01"].result == FAIL and "targets without a successful backup in the period: broken, pos" in \
         results["BK-01"].finding
     assert results["BK-02"].result == FAIL and results["VR-01"].result == NOT_TESTED
     assert results["RD-01"].result == PASS, results["RD-01"].finding  # October's end, not today's repository

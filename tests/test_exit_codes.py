@@ -255,3 +255,35 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(setup: dict[str,
     done = subprocess.run(["bash", "-c", f"{program} list --policy {setup['policy_file']} | true"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.stderr == "", done.stderr
+
+
+def _fields(document: Any) -> set[str]:
+    """Every key of a JSON document, at any depth."""
+    if isinstance(document, dict):
+        return set(document) | {k for v in document.values() for k in _fields(v)}
+    if isinstance(document, list):
+        return {k for v in document for k in _fields(v)}
+    return set()
+
+
+def test_json_prints_one_envelope_per_command_and_names_every_outcome_passed(setup: dict[str, Any]) -> None:
+    """The exit-code and JSON table with --json: one envelope whose exit_code is the exit status and `ok` is true
+    exactly at 0, errors included; the outcome of verify and restore is `passed` (docs/cli-json.md: one name for
+    one fact; `validated` is gone; restore-test's `passed`: test_restore_test.py)."""
+    policy_file, backup_id, pg = setup["policy_file"], setup["backup_id"], setup["pg"]
+    restored = pg.dsn(pg.new_name("regal_json"))
+    table = [(["verify", backup_id], 0), (["verify"], 2), (["backup", "nosuchtarget"], 2),
+             (["restore", backup_id, "--to", restored], 0), (["restore", backup_id, "--to", restored], 2),
+             (["status"], 0), (["keys", "retire", "12345"], 1)]  # restore-test: test_restore_test.py
+    outcomes: dict[str, bool] = {}
+    for args, code in table:
+        done = run_cli(policy_file, *args, "--json")
+        document = json.loads(done.stdout)  # one document, nothing else on stdout
+        assert (done.returncode, document["exit_code"], document["ok"]) == (code, code, code == 0), (args, document)
+        assert document["schema"] == "regal-backup-cli/1" and document["command"].split()[0] == args[0]
+        assert "validated" not in _fields(document), (args, document)
+        if code:
+            assert document["error"]["message"] and document["error"]["hint"], (args, document)
+        elif args[0] in ("verify", "restore"):
+            outcomes[args[0]] = document["passed"]
+    assert outcomes == {"verify": True, "restore": True}

@@ -10,7 +10,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,16 @@ def test_a_base_backup_without_any_wal_archive_is_not_recoverable_beyond_its_end
         assert f'regal_backup_recoverable_until_timestamp_seconds{{target="{TARGET}"}}' not in metrics
         assert metrics[f'regal_backup_rpo_age_seconds{{target="{TARGET}"}}'] == float("inf")
         assert metrics[f'regal_backup_wal_stream_up{{target="{TARGET}"}}'] == 0
+
+        import dagster as dg
+
+        from regal_dagster.defs import build_definitions
+
+        defs = build_definitions(str(policy))  # Dagster: the base backup's asset says what status says
+        instance = dg.DagsterInstance.ephemeral()
+        _tick(defs, instance, "backups_outside_dagster", None)
+        shown = _observed(instance, dg.AssetKey(["postgres", TARGET, "base_backup"]))
+        assert shown["newest_good_backup"] == "none" and NOT_BEYOND in shown["recoverable_to"], shown
     finally:
         server.stop()
 
@@ -201,9 +211,94 @@ def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_ev
         assert metrics[f'regal_backup_unrecoverable_past_info{{target="{TARGET}",segment="{victim}"}}'] == 1
         assert metrics[f'regal_backup_wal_gaps{{target="{TARGET}"}}'] == 1
         assert metrics['regal_backup_recoverable{target="main"}'] == 1  # the other target is untouched
+
+        from regal_dagster.engine.compliance.evidence import recoverability_rows  # the report's table
+        from regal_dagster.engine.crypto import load_keyring
+        from regal_dagster.engine.policy import load_policy
+        from regal_dagster.engine.storage import open_repository
+
+        loaded = load_policy(policy)
+        reported = {r["target"]: r for r in recoverability_rows(loaded, open_repository(loaded), load_keyring(loaded),
+                                                                 datetime.now(UTC))}
+        assert reported[TARGET]["unreadable"] == victim and victim in reported[TARGET]["unrecoverable"]
+        assert reported["main"]["unrecoverable"] is None and reported["main"]["checks_passed"]
     finally:
         path.write_bytes(original)
     verify = cli(policy, "verify", "--latest", "--target", TARGET)  # the segment back: proved, all clear again
     assert verify.returncode == 0, verify.stdout
     assert _ok(cli(policy, "status")).returncode == 0
     assert _metrics(policy)[f'regal_backup_recoverable{{target="{TARGET}"}}'] == 1
+
+
+def _tick(defs: Any, instance: Any, sensor: str, cursor: str | None) -> str | None:
+    """One evaluation of a sensor, its runless events reported to the instance as the daemon does."""
+    import dagster as dg
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+    result = defs.resolve_sensor_def(sensor)(context)
+    assert isinstance(result, dg.SensorResult)
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)
+    return result.cursor
+
+
+def _observed(instance: Any, key: Any) -> dict[str, Any]:
+    """The metadata of the asset's newest observation."""
+    newest = instance.fetch_observations(key, limit=1).records[0].asset_observation
+    assert newest is not None
+    return {k: v.value for k, v in newest.metadata.items()}
+
+
+def test_dagster_fails_wal_continuity_naming_an_unreadable_segment_and_says_nothing_past_it_is_recoverable(
+        streamed: dict[str, Any]) -> None:
+    """Through Dagster's own check run and through the mirror of a CLI verify: a failed `wal_continuity` evaluation
+    naming the segment, and the assets' metadata (the recoverability model) unrecoverable past it."""
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+
+    policy, victim = streamed["policy"], streamed["closed"][2]
+    defs = build_definitions(str(policy))
+    instance = dg.DagsterInstance.ephemeral()
+    base, wal = dg.AssetKey(["postgres", TARGET, "base_backup"]), dg.AssetKey(["postgres", TARGET, "wal"])
+    check = dg.AssetCheckKey(base, "wal_continuity")
+    mirror = _tick(defs, instance, "backups_outside_dagster", None)  # the CLI's base backup shown on its asset
+    watch = _tick(defs, instance, "wal_stream_watch", None)
+
+    def evaluation() -> dg.AssetCheckEvaluation:
+        found = instance.event_log_storage.get_latest_asset_check_execution_by_key([check])[check].evaluation
+        assert found is not None
+        return found
+
+    path = _wal_dir(policy) / victim
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    past = f"every point past {victim} is unrecoverable"
+    try:
+        checks = {k for k in defs.resolve_job_def("verify_job").asset_layer.asset_graph.asset_check_keys
+                  if k.asset_key == base}  # the base backup's checks, as the Sunday verification: all WAL read again
+        run = defs.resolve_job_def("verify_job").get_subset(asset_check_selection=checks).execute_in_process(
+            instance=instance, tags={"regal/wal_reread": "all"}, raise_on_error=False)
+        assert run.success  # a failed non-blocking check does not fail the run
+        found = evaluation()
+        assert not found.passed and found.metadata["failing_object"].value == victim, found
+        assert victim in (found.description or "") and past in str(found.metadata["unrecoverable"].value)
+        assert found.metadata["newest_good_backup"].value == streamed["cluster_backup"]  # the point before the gap
+
+        mirror = _tick(defs, instance, "backups_outside_dagster", mirror)  # the model's change, on the asset
+        shown = _observed(instance, base)
+        assert past in shown["unrecoverable"] and shown["newest_good_backup"] == streamed["cluster_backup"], shown
+        _tick(defs, instance, "wal_stream_watch", watch)
+        assert past in _observed(instance, wal)["unrecoverable"]
+
+        verify = cli(policy, "verify", "--latest", "--target", TARGET, "--all-wal")  # the CLI finds it too
+        assert verify.returncode == 3, verify.stdout
+        _tick(defs, instance, "backups_outside_dagster", mirror)  # within one sensor interval
+        mirrored = evaluation()
+        assert not mirrored.passed and mirrored.metadata["failing_object"].value == victim
+        assert "checked_outside_dagster" in mirrored.metadata
+    finally:
+        path.write_bytes(original)
+    _ok(cli(policy, "verify", "--latest", "--target", TARGET, "--all-wal"))  # put back: proved again, all clear

@@ -162,11 +162,11 @@ def test_restore_writes_an_rdb_a_stopped_server_loads(plain_redis: RedisServer, 
     assert done.returncode == 0, done.stderr
     restored = json.loads(done.stdout)  # the CLI's one JSON envelope (docs/cli-json.md), restore's fields
     assert set(restored) == {"schema", "command", "ok", "exit_code", "warnings", "backup_id", "target", "kind",
-                             "destination", "validated", "problems", "seconds", "details", "erasures"}
+                             "destination", "passed", "problems", "seconds", "details", "erasures"}
     assert {k: restored[k] for k in ("schema", "command", "ok", "exit_code", "backup_id", "target", "kind",
-                                     "validated", "problems", "details")} == {
+                                     "passed", "problems", "details")} == {
         "schema": "regal-backup-cli/1", "command": "restore", "ok": True, "exit_code": 0,
-        "backup_id": manifest.backup_id, "target": "cache", "kind": "redis", "validated": True, "problems": [],
+        "backup_id": manifest.backup_id, "target": "cache", "kind": "redis", "passed": True, "problems": [],
         "details": {"path": str(target / "dump.rdb")}}
     assert str(target) in restored["destination"]
     again = invoke_cli(["restore", manifest.backup_id, "--to", str(target), "--policy",

@@ -57,6 +57,7 @@ def test_a_restore_test_of_a_real_backup_passes_and_reports_timings(backed_up, t
     (stored,) = list(repo.list(restore_test_prefix("pos")))
     evidence = read_document(repo, load_keyring(policy), RESTORE_TEST_KIND, stored.key)
     assert evidence["backup_id"] == manifest.backup_id and evidence["validation_passed"] is True
+    assert evidence["passed"] is True  # the outcome, named as every result names it (docs/cli-json.md)
 
 
 def test_a_restore_that_differs_from_the_manifest_fails_and_names_the_table(backed_up) -> None:  # type: ignore[no-untyped-def]

@@ -156,7 +156,7 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     ]
     passed = checks_ok and tested.validation_passed and drill["passed"] and not failed and not alert_problems
     return {"backup_id": manifest.backup_id, "run_id": result.run_id, "checks_run_id": checks.run_id, "rows": rows,
-            "verified": checks_ok, "restore_test_passed": tested.validation_passed and tested.rto_within_target,
+            "checks_passed": checks_ok, "restore_test_passed": tested.passed,
             "drill_passed": drill["passed"], "report_frameworks": report.frameworks,
             "controls_not_passed": {c.control_id: c.finding for c in failed}, "alerts_file":
             str(policy.resolve_path(ALERTS_FILE)), "passed": passed,

@@ -13,6 +13,7 @@ from ..engine.checks import CheckRecord, run_checks
 from ..engine.crypto import Keyring, load_keyring
 from ..engine.manifest import Manifest
 from ..engine.policy import Policy, load_policy
+from ..engine.recoverability import Recoverability, target_recoverability
 from ..engine.restore_test import RestoreTestResult, run_restore_test
 from ..engine.retention import RetentionVerdict, retention_verdicts
 from ..engine.storage import Repository, open_repository
@@ -60,6 +61,10 @@ class RegalEngine(ConfigurableResource):
         """The backup's retention now, as `list` and `prune` tell it."""
         now = datetime.now(UTC)
         return retention_verdicts(self.policy(), self.repository(), self.keyring(), now, target).get(backup_id)
+
+    def recoverability(self, target: str) -> Recoverability:
+        """The target's recoverability model now (engine/recoverability.py), as `status` and `list` tell it."""
+        return target_recoverability(self.policy(), self.repository(), self.keyring(), target, datetime.now(UTC))
 
 
 def engine_resource(policy_path: str, policy: Policy) -> RegalEngine:

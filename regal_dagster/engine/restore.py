@@ -58,7 +58,7 @@ class RestoreResult:
     def to_json(self) -> dict[str, Any]:
         """What `restore --json` prints (docs/cli-json.md); a point-in-time restore adds `preview` (pitr.PitrResult)."""
         return {"backup_id": self.backup_id, "target": self.target, "kind": self.kind,
-                "destination": self.destination, "validated": self.ok, "problems": self.problems,
+                "destination": self.destination, "passed": self.ok, "problems": self.problems,
                 "seconds": self.seconds, "details": self.details,
                 "erasures": self.erasures.to_json() if self.erasures else None}
 

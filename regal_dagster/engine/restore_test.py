@@ -73,11 +73,18 @@ class RestoreTestResult:
     def rto_within_target(self) -> bool:
         return self.rto_seconds <= self.rto_target_seconds
 
+    @property
+    def passed(self) -> bool:
+        """The outcome, named as every result names it (`verify`, `restore`, `check`, `drill`): the restored data
+        validated and within the RTO."""
+        return self.validation_passed and self.rto_within_target
+
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         body["tested_at"] = self.tested_at.isoformat()
         return {"format": "regal-backup-restore-test", "version": 2, **body, "rto_seconds": self.rto_seconds,
-                "validation_passed": self.validation_passed, "rto_within_target": self.rto_within_target}
+                "passed": self.passed, "validation_passed": self.validation_passed,
+                "rto_within_target": self.rto_within_target}
 
 
 def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest, *,
@@ -108,7 +115,7 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
         policy.rto_for(manifest.target).total_seconds(), tables, found.problems, trigger or {},
         found.erasures, found.load_breakdown, found.details)
     key = restore_test_key(result.target, result.tested_at, result.backup_id)
-    passed = result.validation_passed and result.rto_within_target
+    passed = result.passed
     with next_record(policy, repo, keyring, result.target, key, None) as slot:
         result.sequence, result.previous = slot.sequence, slot.previous
         write_document(repo, keyring, RESTORE_TEST_KIND, key, result.to_json())

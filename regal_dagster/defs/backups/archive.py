@@ -3,7 +3,10 @@ an asset Dagster does not materialize (the archive is fed by a service, not a ru
 target's RPO. A watch sensor per kind of archive (`wal_stream_watch`) reads the archive's state once a minute and
 reports a materialization whenever newer changes were stored, or the archive has caught up with the source (an idle
 server is not a stale archive): one event a minute at most, never one per file. When the archiving is down and the
-source writes, no event comes and the asset goes stale at the RPO."""
+source writes, no event comes and the asset goes stale at the RPO. The state is read through the target's
+recoverability model (engine/recoverability.py): every event carries what a restore reaches (`recoverable_to`,
+`newest_good_backup`) and, when a gap or an unreadable segment stops it, `unrecoverable` naming it; that finding is
+also an observation as soon as it changes."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from datetime import UTC, datetime
 from dagster import (
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetSpec,
     DefaultSensorStatus,
     MetadataValue,
@@ -26,7 +30,7 @@ from ...engine.policy import Policy
 from ...engine.sources.capabilities import ContinuousArchive
 from ...engine.sources.registry import source_for
 from ..resources import RegalEngine
-from .assets import _span, backup_asset_key, rpo_freshness_policy
+from .assets import _span, backup_asset_key, recoverability_metadata, rpo_freshness_policy
 
 WATCH_EVERY_SECONDS = 60
 
@@ -69,15 +73,25 @@ def _build_watch(name: str, description: str) -> SensorDefinition:
             description=description)
     def _watch(context: SensorEvaluationContext, regal: RegalEngine) -> SensorResult:
         seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-        events: list[AssetMaterialization] = []
-        repo, keyring, now = regal.repository(), regal.keyring(), datetime.now(UTC)
+        events: list[AssetMaterialization | AssetObservation] = []
+        now = datetime.now(UTC)
         for target, archive in archived_targets(regal.policy()).items():
             spec = archive.asset(target)
             if spec.sensor != name:
                 continue
-            state = archive.state(regal.policy(), repo, keyring, target, now)
-            if state.newest_position is None:
+            model = regal.recoverability(target)  # the archive's state, and what it lets a restore reach
+            state = model.archive
+            if state is None or state.newest_position is None:
                 continue
+            key = AssetKey(list(spec.key))
+            metadata = {**{k: _metadata_value(v) for k, v in state.metadata.items()},
+                        **recoverability_metadata(model)}
+            unrecoverable_key = f"{target}/unrecoverable"
+            if seen.get(unrecoverable_key, "") != (model.unrecoverable or ""):
+                seen[unrecoverable_key] = model.unrecoverable or ""
+                if model.unrecoverable:  # found: said at once, fresh or not
+                    events.append(AssetObservation(asset_key=key, description=f"UNRECOVERABLE: {model.unrecoverable}",
+                                                   metadata=metadata))
             advanced = seen.get(target) != state.newest_position
             caught_up = state.behind == 0
             if not advanced and not caught_up:
@@ -86,11 +100,10 @@ def _build_watch(name: str, description: str) -> SensorDefinition:
             seen[target] = state.newest_position
             updated = now if caught_up else state.newest_stored_at or now
             events.append(AssetMaterialization(
-                asset_key=AssetKey(list(spec.key)),
+                asset_key=key,
                 description=f"{archive.noun} stored up to {state.newest_position}"
                             + (" (caught up with the server)" if caught_up else ""),
-                metadata={**{k: _metadata_value(v) for k, v in state.metadata.items()},
-                          "dagster/last_updated_timestamp": MetadataValue.timestamp(updated)}))
+                metadata={**metadata, "dagster/last_updated_timestamp": MetadataValue.timestamp(updated)}))
         return SensorResult(asset_events=events, cursor=json.dumps(seen, sort_keys=True))
 
     return _watch

@@ -20,6 +20,7 @@ from dagster import (
 
 from ...engine.manifest import Manifest
 from ...engine.policy import Policy
+from ...engine.recoverability import Recoverability
 from ...engine.retention import RetentionVerdict
 from ...engine.sources.registry import source_for
 from ...engine.storage import backend_for
@@ -48,6 +49,22 @@ def retention_metadata(verdict: RetentionVerdict | None) -> dict[str, Any]:
         return {}
     return {"retention": verdict.summary,
             **({"retention_deletion_at": MetadataValue.timestamp(verdict.deletion_at)} if verdict.deletion_at else {})}
+
+
+NO_GOOD_BACKUP = "none"
+
+
+def recoverability_metadata(model: Recoverability) -> dict[str, Any]:
+    """What the target can be recovered to, as `status` says it (engine/recoverability.py, the one model):
+    `newest_good_backup` is the backup its newest recoverable point starts from (for a logical target the one a
+    restore without an id uses; "none": nothing is recoverable), `recoverable_to` the model's summary,
+    `unrecoverable` what stops recovery, naming it."""
+    point = model.point
+    return {"newest_good_backup": point.backup_id if point else NO_GOOD_BACKUP,
+            **({"recovery_point_at": MetadataValue.timestamp(point.at)} if point else {}),
+            **({"recovery_position": point.position} if point and point.position else {}),
+            "recoverable_to": model.summary,
+            **({"unrecoverable": model.unrecoverable} if model.unrecoverable else {})}
 
 
 def backup_metadata(manifest: Manifest, repository: str, retention: RetentionVerdict | None = None) -> dict[str, Any]:

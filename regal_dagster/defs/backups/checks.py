@@ -9,7 +9,9 @@ in the repository and the run's log, and `backups_outside_dagster` shows a failu
 planned in the backup run itself: a backup that never happened has no checks to fail (Dagster shows the
 checks planned in a failed run as failed). With no backup yet, the checks are skipped. The engine writes
 the outcome next to the manifest (checks.json), so the CLI, the RPO watch, retention and restore tests all
-see which backups are good.
+see which backups are good. The first check's metadata (and that of a failed check that bounds recovery, WAL
+continuity) carries the target's recoverability model as the checks left it (`recoverability_metadata`): what it
+can be recovered to, and what is unrecoverable, naming the segment.
 """
 
 
@@ -31,10 +33,11 @@ from dagster import (
 )
 
 from ...engine.checks import check_names, check_spec, unchecked_backups
+from ...engine.outcomes import bounds_recovery
 from ...engine.policy import Policy
 from ...engine.verify import ReadSample
 from ..resources import RegalEngine
-from .assets import backup_asset_key, retention_metadata
+from .assets import backup_asset_key, recoverability_metadata, retention_metadata
 
 WAL_REREAD_TAG = "regal/wal_reread"  # "all": wal_continuity reads every proved WAL segment again
 UNCHECKED_TAG = "regal/unchecked"  # "all": every unchecked backup of the target is checked first
@@ -87,11 +90,13 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
                              sample=sample)
         selected = {k.name for k in context.selected_asset_check_keys}
         retention = retention_metadata(regal.retention(target, record.backup_id))  # as the checks left it
+        recovery = recoverability_metadata(regal.recoverability(target))  # the model, as the checks left it
         for outcome in record.outcomes:
             if outcome.name not in selected:
                 continue
             metadata = {"backup_id": record.backup_id, "finding": outcome.description, **outcome.metadata,
-                        **(retention if outcome is record.outcomes[0] else {})}
+                        **(retention if outcome is record.outcomes[0] else {}),
+                        **(recovery if outcome is record.outcomes[0] or bounds_recovery(outcome.name) else {})}
             if outcome.failing_object:
                 metadata["failing_object"] = outcome.failing_object
             yield AssetCheckResult(asset_key=key, check_name=outcome.name, passed=outcome.passed,

@@ -11,8 +11,12 @@ one sensor interval, failures as well as successes.
   turns the check red; a pass when it is about the backup the asset shows, or clears a failure shown for that
   backup (a pass on an older backup must not hide a failure of the newest). The records are found through the
   target's sealed record state (one read a tick; engine/record_sequence.py), whose sequence only grows.
-- When the target's newest good backup changes (a new one, or a failure that took it away), an observation
-  carries `newest_good_backup`: the backup a restore without an id would use, or "none".
+- What the target can be recovered to is the recoverability model's (engine/recoverability.py), read when a
+  backup or a check record is new: the new good backup reported is the model's newest good one, and when the
+  model's recovery point changes (a new backup, a failure that took it away) or what it finds unrecoverable does
+  (a WAL segment a check found unreadable: "every point past <segment> is unrecoverable"), an observation carries
+  it (`recoverability_metadata`): `newest_good_backup` (the backup the newest recoverable point starts from, or
+  "none"), `recoverable_to`, `unrecoverable`.
 """
 
 from __future__ import annotations
@@ -38,17 +42,17 @@ from dagster import (
 )
 from dagster._core.instance import DagsterInstance
 
-from ...engine.catalog import load_manifest
-from ...engine.checks import CheckRecord, check_names, check_status, good_newest_first
+from ...engine.catalog import load_manifest, newest_first
+from ...engine.checks import CheckRecord, check_names, check_status
 from ...engine.errors import RegalError
 from ...engine.manifest import Manifest
 from ...engine.policy import Policy
 from ...engine.record_sequence import KnownRecords, known_records
+from ...engine.recoverability import Recoverability
 from ..resources import RegalEngine
-from .assets import backup_asset_key, backup_metadata
+from .assets import NO_GOOD_BACKUP, backup_asset_key, backup_metadata, recoverability_metadata
 
 SYNC_EVERY_SECONDS = 30
-NO_GOOD_BACKUP = "none"
 
 AssetEvent = AssetMaterialization | AssetObservation | AssetCheckEvaluation
 
@@ -60,18 +64,20 @@ class MirrorCursor:
 
     backups: dict[str, str] = field(default_factory=dict)
     records: dict[str, int] = field(default_factory=dict)
-    newest_good: dict[str, str] = field(default_factory=dict)
+    newest_good: dict[str, str] = field(default_factory=dict)  # the model last reported (_recovery_seen)
+    probes: dict[str, str] = field(default_factory=dict)  # the newest backup and record sequence the model was read at
 
     @classmethod
     def parse(cls, text: str | None) -> MirrorCursor:
         body = json.loads(text) if text else {}
         if body and "backups" not in body:  # the cursor before records were mirrored: {target: finished_at}
             return cls(backups=body)
-        return cls(body.get("backups", {}), body.get("records", {}), body.get("newest_good", {}))
+        return cls(body.get("backups", {}), body.get("records", {}), body.get("newest_good", {}),
+                   body.get("probes", {}))
 
     def dump(self) -> str:
-        return json.dumps({"backups": self.backups, "records": self.records, "newest_good": self.newest_good},
-                          sort_keys=True)
+        return json.dumps({"backups": self.backups, "records": self.records, "newest_good": self.newest_good,
+                           "probes": self.probes}, sort_keys=True)
 
 
 def build_outside_sensor(policy: Policy) -> SensorDefinition:
@@ -98,14 +104,19 @@ def _target_events(instance: DagsterInstance, regal: RegalEngine, target: str,
     key = backup_asset_key(kind, target)
     checks = set(check_names(kind, offsite=policy.offsite is not None))
     known = known_records(None, repo, keyring, target)  # the sealed record state: one read
-    newest = next(good_newest_first(repo, keyring, target, known), None)
+    newest = next(newest_first(repo, keyring, target), None)  # one listing, one manifest read
+    probe = f"{newest.backup_id if newest else ''}@{known.sequence}"
+    # the model (every manifest and record of the target) is read only when a backup or a record is new
+    model = regal.recoverability(target) if cursor.probes.get(target) != probe else None
+    cursor.probes[target] = probe
     events: list[AssetEvent] = []
     reported: set[str] = set()
-    if newest is not None and cursor.backups.get(target, "") < newest.finished_at.isoformat():
-        cursor.backups[target] = newest.finished_at.isoformat()
-        if not newest.trigger.get("dagster_run_id") and _shown_backup(instance, key) != newest.backup_id:
-            events += _new_backup_events(regal, key, newest, checks, policy.rpo_for(target).total_seconds())
-            reported.add(newest.backup_id)
+    good = next((m for m, s in reversed(model.statuses) if s.good), None) if model else None
+    if good is not None and cursor.backups.get(target, "") < good.finished_at.isoformat():
+        cursor.backups[target] = good.finished_at.isoformat()
+        if not good.trigger.get("dagster_run_id") and _shown_backup(instance, key) != good.backup_id:
+            events += _new_backup_events(regal, key, good, checks, policy.rpo_for(target).total_seconds())
+            reported.add(good.backup_id)
     since = cursor.records.get(target, 0)
     for backup_id, entry in sorted(known.checks.items(), key=lambda item: item[1].sequence):
         if entry.sequence <= since or backup_id in reported:
@@ -114,10 +125,9 @@ def _target_events(instance: DagsterInstance, regal: RegalEngine, target: str,
         if record is not None and _to_mirror(instance, key, record):
             events += _evaluations(key, record, checks)
     cursor.records[target] = max(since, known.sequence)
-    newest_good = newest.backup_id if newest is not None else NO_GOOD_BACKUP
-    if cursor.newest_good.get(target) != newest_good:
-        cursor.newest_good[target] = newest_good
-        events.append(_newest_good_event(key, newest))
+    if model is not None and cursor.newest_good.get(target) != (seen := _recovery_seen(model)):
+        cursor.newest_good[target] = seen
+        events.append(_recoverability_event(key, model))
     return events
 
 
@@ -194,11 +204,14 @@ def _new_backup_events(regal: RegalEngine, key: AssetKey, manifest: Manifest, ch
     return events + (_evaluations(key, record, checks) if record is not None else [])
 
 
-def _newest_good_event(key: AssetKey, newest: Manifest | None) -> AssetObservation:
-    if newest is None:
-        return AssetObservation(asset_key=key, description="no good backup: every backup failed its checks, is "
-                                                            "unchecked, or there is none",
-                                metadata={"newest_good_backup": NO_GOOD_BACKUP})
-    return AssetObservation(asset_key=key, description=f"newest good backup: {newest.backup_id}",
-                            metadata={"newest_good_backup": newest.backup_id,
-                                      "newest_good_finished_at": MetadataValue.timestamp(newest.finished_at)})
+def _recovery_seen(model: Recoverability) -> str:
+    """What of the model, when it changes, is news for the asset: the point's backup and what is unrecoverable (not
+    the point's time or position, which a continuous archive moves every minute)."""
+    point = model.point
+    return f"{point.backup_id if point else NO_GOOD_BACKUP}|{model.unrecoverable or ''}"
+
+
+def _recoverability_event(key: AssetKey, model: Recoverability) -> AssetObservation:
+    return AssetObservation(asset_key=key, description=model.summary + (
+        f"; UNRECOVERABLE: {model.unrecoverable}" if model.unrecoverable else ""),
+                            metadata=recoverability_metadata(model))

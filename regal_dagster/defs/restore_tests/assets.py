@@ -42,6 +42,7 @@ class RestoreTestConfig(Config):
 def restore_test_metadata(result: RestoreTestResult) -> dict[str, Any]:
     return {**_recovery_metadata(result),
         "backup_id": result.backup_id,
+        "passed": result.passed,
         "retention_class": result.retention_class,
         "backup_age_hours": MetadataValue.float(round(result.backup_age_seconds / 3600, 3)),
         "rto_seconds": MetadataValue.float(round(result.rto_seconds, 2)),

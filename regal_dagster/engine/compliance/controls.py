@@ -103,7 +103,7 @@ def _backups_run(f: Facts) -> Judgement:
     return Judgement(
         not missing and not open_failures,
         f"{f.figures['backups_succeeded']} of {f.figures['backups_total']} backups succeeded; "
-        f"targets without a good backup in the period: {', '.join(missing) or 'none'}; "
+        f"targets without a successful backup in the period: {', '.join(missing) or 'none'}; "
         f"unresolved failures: {len(open_failures)}",
     )
 
@@ -112,21 +112,28 @@ def _rpo_met(f: Facts) -> Judgement:
     achieved = f.figures["rpo_achieved_seconds"]
     missing = [k for k, v in achieved.items() if v is None]
     late = [k for k, v in achieved.items() if v is not None and v > f.policy.rpo_for(k).total_seconds()]
+    # a period not over yet is judged now: the recoverability model (as `status` says it) must be within the RPO too
+    now = [r for r in f.t["recoverability"] if r["rpo_breached"] or r["unrecoverable"]] \
+        if f.period.interim(f.now) else []
     return Judgement(
-        not missing and not late,
-        f"worst gap between good backups {human_seconds(f.figures['rpo_worst_seconds'])} against an RPO "
+        not missing and not late and not now,
+        f"worst gap between successful backups {human_seconds(f.figures['rpo_worst_seconds'])} against an RPO "
         f"of {human_seconds(f.figures['rpo_target_seconds'])}; over the RPO: {', '.join(late) or 'none'}"
-        + (f"; never backed up: {', '.join(missing)}" if missing else ""),
+        + (f"; never backed up: {', '.join(missing)}" if missing else "")
+        + "".join(f"; {r['target']} now: {r['summary']}"
+                  + (f" (UNRECOVERABLE: {r['unrecoverable']})" if r["unrecoverable"] else "")
+                  + (" (past the RPO)" if r["rpo_breached"] and r["summary"].startswith("recoverable") else "")
+                  for r in now),
     )
 
 
 def _verified(f: Facts) -> Judgement:
     verified = {r["resource"] for r in f.t["verifications"] if r["outcome"] == "success"}
-    good = [r["resource"] for r in f.t["backups"] if r["outcome"] == "success"]
-    unverified = [b for b in good if b not in verified]
+    succeeded = [r["resource"] for r in f.t["backups"] if r["outcome"] == "success"]
+    unverified = [b for b in succeeded if b not in verified]
     return Judgement(
-        None if not good else not unverified,
-        f"{len(good) - len(unverified)} of {len(good)} good backups verified"
+        None if not succeeded else not unverified,
+        f"{len(succeeded) - len(unverified)} of {len(succeeded)} successful backups verified"
         + (
             f"; not verified: {', '.join(unverified[:5])}" + (" …" if len(unverified) > 5 else "")
             if unverified
@@ -345,26 +352,28 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "BK-01",
         "Backups of every target run on schedule and succeed; failures are resolved.",
         "hourly, daily, weekly, monthly (policy schedules, UTC)",
-        "Counted backup events per target; every target needs a good backup in the period and every failure "
+        "Counted backup events per target; every target needs a successful backup in the period and every failure "
         "a later success.", "backups",
         "Fix the cause of each unresolved failure, run a backup of every target named, and confirm it "
         "verifies.",
         "Restore the backup schedule: no backup ran in the period."), _backups_run),
     (ControlSpec(
         "BK-02",
-        "The recovery point objective is met: no gap between good backups longer than the RPO.",
+        "The recovery point objective is met: no gap between successful backups longer than the RPO.",
         "continuous (rpo_watch sensor)",
-        "Longest gap between consecutive good backups of each target, from the last one before the period to "
-        "the period's end.", "backups, backups_before_period",
+        "Longest gap between consecutive successful backups of each target, from the last one before the period "
+        "to the period's end; for a period not over yet, also each target's newest recoverable point now (the "
+        "recoverability model, as `regal-backup status` reports it) within the RPO and nothing unrecoverable.",
+        "backups, backups_before_period, recoverability",
         "Find why backups stopped for the targets named (schedules, sensor, failures) and restore the "
         "cadence; consider a shorter schedule.", "Run backups: there is no RPO without them."), _rpo_met),
     (ControlSpec(
         "VR-01",
         "Every backup is verified automatically: every byte read back, authenticated and checksummed.",
-        "after every backup; daily", "Matched each good backup to a successful verification event.",
+        "after every backup; daily", "Matched each successful backup to a successful verification event.",
         "backups, verifications",
         "Run `regal-backup verify` on each backup named and investigate any that fails.",
-        "Nothing to verify: no good backup in the period (see BK-01)."), _verified),
+        "Nothing to verify: no successful backup in the period (see BK-01)."), _verified),
     (ControlSpec(
         "EN-01",
         "Backups are encrypted at rest with AES-256 (Tink AES256-GCM-HKDF streaming AEAD) under keys "

@@ -24,6 +24,7 @@ from ..errors import RegalError, UsageError
 from ..keys import key_inventory
 from ..layout import PRUNE_LOGS, target_of
 from ..policy import Policy
+from ..recoverability import target_recoverability
 from ..retention import PRUNE_LOG_KIND, prune_report, retention_verdict
 from ..storage import Repository
 from .charts import human_seconds
@@ -136,6 +137,9 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
         "spooled",
     ],
     "policy": ["setting", "value"],
+    "recoverability": ["target", "kind", "at", "summary", "point_backup", "point_position", "point_at", "age_seconds",
+                       "rpo_seconds", "rpo_breached", "unrecoverable", "checks_passed", "checked_at",
+                       "archive_check_passed", "unreadable", "restore_test_passed", "restore_tested_at"],
 }
 
 
@@ -252,7 +256,30 @@ def collect_evidence(
     evidence.tables["transport"] = [t.to_json() for t in policy.transports()]
     evidence.tables["audit_chain"] = [verdict.to_json()]
     evidence.tables["policy"] = [{"setting": k, "value": v} for k, v in policy_facts(policy).items()]
+    evidence.tables["recoverability"] = recoverability_rows(policy, repo, keyring, now)
     return evidence
+
+
+def recoverability_rows(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[dict[str, Any]]:
+    """Per target, what it can be recovered to when the report is generated: the recoverability model
+    (engine/recoverability.py) as `status` says it: the newest recoverable point, its evidence (the point's checks,
+    the newest check of a continuous archive, the newest restore test), its age against the RPO, and what makes
+    points unrecoverable (naming the segment)."""
+    rows = []
+    for target in sorted(policy.targets):
+        model = target_recoverability(policy, repo, keyring, target, now)
+        point, checks = model.point, model.point_checks or {}
+        archive, tested = model.archive_check or {}, model.restore_test or {}
+        rows.append({
+            "target": target, "kind": model.kind, "at": now.isoformat(), "summary": model.summary,
+            "point_backup": point.backup_id if point else None, "point_position": point.position if point else None,
+            "point_at": point.at.isoformat() if point else None,
+            "age_seconds": None if model.age_seconds is None else round(model.age_seconds, 3),
+            "rpo_seconds": model.rpo_seconds, "rpo_breached": model.rpo_breached, "unrecoverable": model.unrecoverable,
+            "checks_passed": checks.get("passed"), "checked_at": checks.get("checked_at"),
+            "archive_check_passed": archive.get("passed"), "unreadable": archive.get("unreadable"),
+            "restore_test_passed": tested.get("passed"), "restore_tested_at": tested.get("tested_at")})
+    return rows
 
 
 def _prune_evidence(
