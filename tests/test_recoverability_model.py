@@ -199,7 +199,8 @@ def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_ev
         listed = cli(policy, "list", "--json")
         row = next(r for r in _json(listed)["backups"] if r["backup_id"] == streamed["cluster_backup"])
         assert listed.returncode == 3 and f"NOT PAST WAL segment {victim}" in row["recovery"]["note"], row
-        assert re.search(rf"{streamed['cluster_backup']}.*\n.*NOT PAST WAL segment {victim}",
+        # the backup's row, its cluster line (type, parent, WAL, timeline), then the recovery note
+        assert re.search(rf"{streamed['cluster_backup']}.*\n(.*\n)?.*NOT PAST WAL segment {victim}",
                          cli(policy, "list").stdout)
 
         wal = cli(policy, "wal", "status", TARGET)
@@ -208,7 +209,7 @@ def test_an_unreadable_wal_segment_makes_every_point_past_it_unrecoverable_on_ev
         metrics = _metrics(policy)
         assert metrics[f'regal_backup_last_verification_success{{target="{TARGET}"}}'] == 0
         assert metrics[f'regal_backup_recoverable{{target="{TARGET}"}}'] == 0
-        assert metrics[f'regal_backup_unrecoverable_past_info{{target="{TARGET}",segment="{victim}"}}'] == 1
+        assert metrics[f'regal_backup_unrecoverable_past_info{{segment="{victim}",target="{TARGET}"}}'] == 1
         assert metrics[f'regal_backup_wal_gaps{{target="{TARGET}"}}'] == 1
         assert metrics['regal_backup_recoverable{target="main"}'] == 1  # the other target is untouched
 
