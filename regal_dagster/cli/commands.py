@@ -649,6 +649,10 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
     from ..engine.metrics import collect, exposure_note, listen_address, serve, write_textfile
 
     policy, repo, keyring = open_repository_of(args)
+    if args.cloudwatch:
+        from .monitoring import publish_to_cloudwatch
+
+        return publish_to_cloudwatch(policy, repo, keyring, out)
     if args.textfile:
         path = Path(args.textfile)
         families = write_textfile(policy, repo, keyring, path)

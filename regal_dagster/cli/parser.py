@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="commands:cmd_show")
 
     p = sub.add_parser("metrics", parents=[common],
-                       help="Prometheus metrics: serve them over HTTP, or write them for node_exporter")
+                       help="Prometheus metrics: serve them over HTTP, write them for node_exporter, or publish "
+                            "them to CloudWatch")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="[HOST:]PORT", nargs="?", const="127.0.0.1:9464",  # metrics.DEFAULT_LISTEN
                        help="serve /metrics on this address until stopped (default: 127.0.0.1:9464; without a "
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--textfile", metavar="PATH",
                        help="write the metrics once to PATH (node_exporter's textfile collector: a *.prom file "
                             "in its --collector.textfile.directory; written atomically)")
+    where.add_argument("--cloudwatch", action="store_true",
+                       help="publish the metrics once to CloudWatch (PutMetricData; the policy's "
+                            "monitoring.cloudwatch: namespace, dimensions, region; boto3's credentials)")
     p.add_argument("--cache-seconds", type=float, default=30.0,
                    help="with --listen: reuse a reading of the repository this long (default: 30)")
     p.set_defaults(func="commands:cmd_metrics")
