@@ -557,6 +557,10 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
         status = repository_status(policy, repo, keyring, datetime.now(UTC), args.target)
     lines = [f"repository {status.repository}: {size(status.repository_bytes)}"
              + (f"; {status.damaged} DAMAGED backup(s): see `regal-backup list`" if status.damaged else "")]
+    if (room := status.capacity) is not None and room.free_bytes is not None:
+        lines.append(f"  room {size(room.free_bytes)} free; growth {size(int(room.growth_bytes_per_day))} a day: "
+                     + (f"full in {room.days_until_full:.1f} days" if room.days_until_full is not None
+                        else "no growth"))
     for t in status.targets:
         good = t.newest_good
         rpo = (f"age {age(t.rpo_age_seconds)} against an RPO of {age(t.rpo_seconds)}: "

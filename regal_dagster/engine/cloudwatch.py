@@ -53,6 +53,7 @@ PUBLISHED: dict[str, tuple[str, str, bool]] = {
     "target_stored_bytes": ("TargetStoredBytes", "Bytes", False),
     "repository_bytes": ("RepositoryBytes", "Bytes", False),
     "repository_free_bytes": ("RepositoryFreeBytes", "Bytes", False),
+    "repository_growth_bytes_per_day": ("RepositoryGrowthBytesPerDay", "Bytes", False),
     "repository_days_until_full": ("RepositoryDaysUntilFull", "None", False),
     "damaged_backups": ("DamagedBackups", "Count", False),
     "open_alerts": ("OpenAlerts", "Count", False),
