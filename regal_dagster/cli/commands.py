@@ -553,6 +553,10 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     from ..engine.status import repository_status
 
     policy, repo, keyring = open_repository_of(args)
+    if args.alert or args.heartbeat:
+        from .monitoring import watch_dagster
+
+        return watch_dagster(args, policy, repo, keyring, out)
     with out.activity("reading the repository"):
         status = repository_status(policy, repo, keyring, datetime.now(UTC), args.target)
     lines = [f"repository {status.repository}: {size(status.repository_bytes)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
 
 from ..engine.crypto import Keyring
 from ..engine.errors import RegalError
@@ -58,3 +59,30 @@ def report_failure(args: argparse.Namespace, message: str, error: BaseException 
             sentry.flush(channel)
         except Exception as exc:  # noqa: BLE001 - reporting never changes what the command did
             print(f"warning: the failure could not be reported to Sentry: {exc}", file=sys.stderr)
+
+
+def watch_dagster(args: argparse.Namespace, policy: Policy, repo: Repository, keyring: Keyring, out: Output) -> int:
+    """`status --heartbeat URL` (ping after reading the repository) and `status --alert` (the watchdog)."""
+    from ..engine.status import repository_status
+    from ..engine.watchdog import ping, state_path, watch
+
+    now = datetime.now(UTC)
+    if args.heartbeat:
+        with out.activity("reading the repository"):
+            status = repository_status(policy, repo, keyring, now, args.target)
+        ping(args.heartbeat)
+        out.result({"heartbeat": True, "rpo_breached": status.rpo_breached},
+                   "read the repository and pinged the heartbeat URL"
+                   + (f"; RPO BREACHED: {', '.join(status.rpo_breached)}" if status.rpo_breached else ""))
+        return 0
+    from .dagster_liveness import read_liveness
+
+    result = watch(policy, repo, keyring, read_liveness(policy), now, state_path(policy))
+    for failure in result.failures:
+        out.warn(f"alert not delivered (tried again next run): {failure}")
+    lines = ([f"DAGSTER DAEMON SILENT: {line}" for line in result.silent] or
+             ["the Dagster daemon is alive: its sensors alert"])
+    lines += [f"{sent['status']}: {sent['what']}" for sent in result.sent]
+    lines.append(f"open watchdog alerts: {len(result.open)}")
+    out.result({"watchdog": result.to_json()}, "\n".join(lines))
+    return 3 if result.silent else 0

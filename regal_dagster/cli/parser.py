@@ -288,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one screen per target: newest good backup against the RPO, verification, restore "
                             "test, drill, open alerts; exit 3 when an RPO is breached (a monitoring check)")
     p.add_argument("target", nargs="?", help="only this target (default: every target)")
+    watch = p.add_mutually_exclusive_group()
+    watch.add_argument("--heartbeat", metavar="URL",
+                       help="after reading the repository, ping this dead man's switch (healthchecks.io style; the "
+                            "Dagster sensor watchdog_heartbeat pings the policy's every minute)")
+    watch.add_argument("--alert", action="store_true",
+                       help="the watchdog (cron or systemd timer, docs/watchdog.md): when the Dagster daemon of "
+                            "$DAGSTER_HOME is silent, raise 'daemon silent' and the RPO alerts through the policy's "
+                            "channels, once; resolved when it returns; exit 3 while it is silent")
     p.set_defaults(func="commands:cmd_status")
 
     p = sub.add_parser("show", parents=[common],

@@ -41,7 +41,8 @@ class WatchdogConfig(Settings):
                                    "heartbeat, or the sensor's newest evaluation, is older than this")
     daemons: list[str] = Field(default_factory=lambda: ["SENSOR", "SCHEDULER"],
                                description="the Dagster daemons whose heartbeats are watched")
-    sensor: str = Field("rpo_watch", description="the sensor whose newest evaluation is watched")
+    sensor: str | None = Field("rpo_watch", description="the sensor whose newest evaluation is watched (null: "
+                               "the daemons' heartbeats only)")
     state_file: str = Field(".regal-watchdog.json", description="what `status --alert` has told (relative to "
                             "the policy file): each alert is sent once and resolved once")
     heartbeat_url: str | None = Field(None, description="a dead man's switch (healthchecks.io style) the "
