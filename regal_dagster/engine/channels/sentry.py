@@ -153,7 +153,7 @@ def send(channel: SentryChannel, notification: Notification, resolve_path: Calla
     details = c.get("details", {})
     backup = details.get("backup") or details.get("newest_good_backup") or details.get("backup_id") or ""
     capture(channel, c["what"], {"target": c["target"], "backup_id": str(backup), "event": c["event"],
-                                 "source": "regal-backup"},
+                                 "dagster_run_id": str(details.get("run_id") or ""), "source": "regal-backup"},
             level="warning" if c["event"] in WARNING_EVENTS else "error", fingerprint=["regal-backup", c["key"]],
             extra={"key": c["key"], "since": notification.since, "link": c["link"], "first_step": c["first_step"],
                    "details": details})
