@@ -33,9 +33,9 @@ def _policy(tmp_path: Path, channels: list[dict[str, object]]) -> dict[str, obje
 def test_each_registry_lists_what_it_knows() -> None:
     assert kinds() == ["config", "files", "postgres", "postgres_cluster", "redis", "terraform"]
     assert [b.kind for b in backends()] == ["filesystem", "s3"]
-    assert channel_kinds() == ["email", "file", "pagerduty", "slack", "webhook"]
+    assert channel_kinds() == ["email", "file", "pagerduty", "sentry", "slack", "webhook"]
     assert [m.__name__ for m in channel_models()] == ["EmailChannel", "FileChannel", "PagerDutyChannel",
-                                                      "SlackChannel", "WebhookChannel"]
+                                                      "SentryChannel", "SlackChannel", "WebhookChannel"]
     assert {key: f.name for key, f in frameworks().items()} == {"pci_dss": "PCI DSS 4.0.1", "sox": "SOX ITGC",
                                                                  "gdpr": "GDPR"}  # in the report's order
     controls = {spec.control_id for spec, _ in CONTROLS}
@@ -49,7 +49,7 @@ def test_an_unknown_channel_kind_is_refused_by_the_policy_and_by_the_sender(tmp_
     with pytest.raises(PolicyError) as refused:
         policy_from_dict(_policy(tmp_path, [{"kind": "teams", "webhook_url_env": "TEAMS_URL"}]), base_dir=tmp_path)
     assert refused.value.problems == [
-        "alerts.channels.0.kind: use one of 'email', 'file', 'pagerduty', 'slack', 'webhook'"]
+        "alerts.channels.0.kind: use one of 'email', 'file', 'pagerduty', 'sentry', 'slack', 'webhook'"]
     notification = Notification("alert", {"what": "x", "target": "etc", "link": "", "first_step": "",
                                           "event": "capacity", "key": "capacity"}, "now", "now")
     with pytest.raises(ChannelError, match="knows no alert channel kind 'teams'"):

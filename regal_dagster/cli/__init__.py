@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = func(args, out)
         out.finish(code)
+        if code:
+            _report(args, f"exit status {code}", None, code)
         return code
     except RegalError as exc:
+        _report(args, exc.message, exc, exc.exit_code)
         return _refused(out, exc.message, exc.hint, exc.exit_code)
     except BrokenPipeError:  # `regal-backup status | head -1`: the reader has what it wanted
         _quiet_stdout()
@@ -82,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if type(exc).__module__.startswith("psycopg"):  # a server's refusal: its own words, no values
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _report(args, f"PostgreSQL refused: {reason}", exc, 1)
             return _refused(out, f"PostgreSQL refused: {reason}", "check the role's privileges (a backup reads "
                             "every table, a restore into a new database needs CREATEDB) and the server's log", 1)
+        _report(args, f"unexpected {type(exc).__name__}", exc, 1)
         log = write_error_log(exc)
         return _refused(out, f"regal-backup stopped on an unexpected {type(exc).__name__}",
                         f"the details are in {log} (readable only by you); run the command again, and if it "
@@ -111,6 +116,16 @@ def _sweep_leftovers() -> None:
             sweep()
         except RegalError as exc:
             print(f"warning: {exc.message}\n  what to do: {exc.hint}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace, message: str, error: BaseException | None, code: int) -> None:
+    """A failed command to the policy's Sentry channels (cli/monitoring.py); never a reason to fail otherwise."""
+    if code == 2:
+        return  # bad usage: the operator's to fix, not an incident
+    with contextlib.suppress(Exception):
+        from .monitoring import report_failure
+
+        report_failure(args, message, error, code)
 
 
 def _quiet_stdout() -> None:

@@ -436,10 +436,18 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     from ..engine.status import repository_status
 
     policy, repo, keyring = open_repository_of(args)
+    if args.alert or args.heartbeat:
+        from .monitoring import watch_dagster
+
+        return watch_dagster(args, policy, repo, keyring, out)
     with out.activity("reading the repository"):
         status = repository_status(policy, repo, keyring, datetime.now(UTC), args.target)
     lines = [f"repository {status.repository}: {size(status.repository_bytes)}"
              + (f"; {status.damaged} DAMAGED backup(s): see `regal-backup list`" if status.damaged else "")]
+    if (room := status.capacity) is not None and room.free_bytes is not None:
+        lines.append(f"  room {size(room.free_bytes)} free; growth {size(int(room.growth_bytes_per_day))} a day: "
+                     + (f"full in {room.days_until_full:.1f} days" if room.days_until_full is not None
+                        else "no growth"))
     for t in status.targets:
         good = t.newest_good
         rpo = (f"age {age(t.rpo_age_seconds)} against an RPO of {age(t.rpo_seconds)}: "
@@ -539,6 +547,10 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
     from ..engine.metrics import collect, exposure_note, listen_address, serve, write_textfile
 
     policy, repo, keyring = open_repository_of(args)
+    if args.cloudwatch:
+        from .monitoring import publish_to_cloudwatch
+
+        return publish_to_cloudwatch(policy, repo, keyring, out)
     if args.textfile:
         path = Path(args.textfile)
         families = write_textfile(policy, repo, keyring, path)

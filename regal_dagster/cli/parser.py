@@ -325,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one screen per target: newest good backup against the RPO, verification, restore "
                             "test, drill, open alerts; exit 3 when an RPO is breached (a monitoring check)")
     p.add_argument("target", nargs="?", help="only this target (default: every target)")
+    watch = p.add_mutually_exclusive_group()
+    watch.add_argument("--heartbeat", metavar="URL",
+                       help="after reading the repository, ping this dead man's switch (healthchecks.io style; the "
+                            "Dagster sensor watchdog_heartbeat pings the policy's every minute)")
+    watch.add_argument("--alert", action="store_true",
+                       help="the watchdog (cron or systemd timer, docs/watchdog.md): when the Dagster daemon of "
+                            "$DAGSTER_HOME is silent, raise 'daemon silent' and the RPO alerts through the policy's "
+                            "channels, once; resolved when it returns; exit 3 while it is silent")
     p.set_defaults(func="commands:cmd_status")
 
     p = sub.add_parser("show", parents=[common],
@@ -333,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="commands:cmd_show")
 
     p = sub.add_parser("metrics", parents=[common],
-                       help="Prometheus metrics: serve them over HTTP, or write them for node_exporter")
+                       help="Prometheus metrics: serve them over HTTP, write them for node_exporter, or publish "
+                            "them to CloudWatch")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="[HOST:]PORT", nargs="?", const="127.0.0.1:9464",  # metrics.DEFAULT_LISTEN
                        help="serve /metrics on this address until stopped (default: 127.0.0.1:9464; without a "
@@ -342,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--textfile", metavar="PATH",
                        help="write the metrics once to PATH (node_exporter's textfile collector: a *.prom file "
                             "in its --collector.textfile.directory; written atomically)")
+    where.add_argument("--cloudwatch", action="store_true",
+                       help="publish the metrics once to CloudWatch (PutMetricData; the policy's "
+                            "monitoring.cloudwatch: namespace, dimensions, region; boto3's credentials)")
     p.add_argument("--cache-seconds", type=float, default=30.0,
                    help="with --listen: reuse a reading of the repository this long (default: 30)")
     p.set_defaults(func="commands:cmd_metrics")

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .audit import completed_backups
+from .capacity import CapacityForecast, forecast
 from .catalog import list_backups, newest_first
 from .channels.base import ChannelSettings, Notification
 from .channels.registry import send as send_on_channel
@@ -352,17 +353,24 @@ def _untrusted(policy: Policy, target: str, what: str) -> Condition:
                      f"{policy.dagster.base_url.rstrip('/')}/assets", FIRST_STEPS["damaged_backup"])
 
 
-def capacity_conditions(policy: Policy, repo: Repository) -> list[Condition]:
+def capacity_conditions(policy: Policy, repo: Repository, keyring: Keyring | None = None,
+                        now: datetime | None = None, found: CapacityForecast | None = None) -> list[Condition]:
+    """Low room now (a local disk below min_free_fraction, an S3 quota above max_used_fraction), or, given the
+    keys (the manifests' sizes and dates), full sooner than min_days_until_full at the growth of the forecast
+    window (engine/capacity.py): one condition, `capacity`."""
     capacity = policy.alerts.capacity
     link = f"{policy.dagster.base_url.rstrip('/')}/assets"
     first = FIRST_STEPS["capacity"]
+    if found is None and keyring is not None and now is not None:
+        found = forecast(policy, repo, keyring, now)
+    details = found.to_json() if found else {}
     if (space := repo.free_bytes()) is not None:
         free, total = space
         if total and free / total < capacity.min_free_fraction:
             return [Condition("capacity", "capacity", "repository",
                               f"repository disk {free / total:.0%} free, below {capacity.min_free_fraction:.0%}",
                               link, first, details={"free_bytes": free, "total_bytes": total,
-                                                    "repository": repo.location})]
+                                                    "repository": repo.location, **details})]
     elif capacity.s3_quota_bytes:
         used = repo.usage_bytes()
         if used / capacity.s3_quota_bytes > capacity.max_used_fraction:
@@ -370,7 +378,14 @@ def capacity_conditions(policy: Policy, repo: Repository) -> list[Condition]:
                               f"repository uses {used / capacity.s3_quota_bytes:.0%} of its quota, above "
                               f"{capacity.max_used_fraction:.0%}", link, first,
                               details={"used_bytes": used, "quota_bytes": capacity.s3_quota_bytes,
-                                       "repository": repo.location})]
+                                       "repository": repo.location, **details})]
+    days, bound = (found.days_until_full if found else None), capacity.min_days_until_full
+    if found is not None and days is not None and bound is not None and days < bound:
+        return [Condition("capacity", "capacity", "repository",
+                          f"repository forecast to be full in {days:.1f} days (under {bound:g}) at "
+                          f"{found.growth_bytes_per_day / 1e6:.1f} MB a day, the growth of the last "
+                          f"{found.window_days:.0f} days", link, first, details={"repository": repo.location,
+                                                                                 **details})]
     return []
 
 

@@ -104,6 +104,11 @@ def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
         "target_backups": "Backups of a target in the repository (any status).",
         "target_stored_bytes": "Bytes the backups of a target take in the repository.",
         "repository_bytes": "Bytes the repository holds (every object).",
+        "repository_free_bytes": "Room left for the repository: its disk's free bytes, or its S3 quota less what it "
+                                 "holds.",
+        "repository_capacity_bytes": "The repository's disk size, or its S3 quota.",
+        "repository_growth_bytes_per_day": "Bytes the backups of the forecast window (30 days) stored, per day.",
+        "repository_days_until_full": "Days until the repository is full at that growth.",
         "damaged_backups": "Backup directories that cannot be trusted (a refused manifest, a missing one).",
         "open_alerts": "Alerts open now, by event (the conditions the alert sensors evaluate).",
         "collect_duration_seconds": "How long reading the repository for this scrape took.",
@@ -139,6 +144,11 @@ def families(status: RepositoryStatus, collect_seconds: float) -> list[Family]:
             f["last_drill_timestamp_seconds"].add(_ts(d["at"]))
             f["drill_rto_seconds"].add(d["rto_seconds"])
     f["repository_bytes"].add(status.repository_bytes)
+    if (room := status.capacity) is not None:
+        f["repository_free_bytes"].add(room.free_bytes)
+        f["repository_capacity_bytes"].add(room.capacity_bytes)
+        f["repository_growth_bytes_per_day"].add(room.growth_bytes_per_day)
+        f["repository_days_until_full"].add(room.days_until_full)
     f["damaged_backups"].add(status.damaged)
     by_event: dict[str, int] = {}
     for alert in status.open_alerts:

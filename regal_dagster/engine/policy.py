@@ -19,6 +19,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
 from .errors import PolicyError, UsageError
+from .monitoring_config import MonitoringConfig
 from .policy_location import POLICY_ENV, policy_file
 from .retention_classes import RETENTION_CLASSES, RetentionClass
 from .settings import (  # the fragments below the plug-ins that the policy assembles
@@ -142,6 +143,11 @@ class CapacityConfig(Settings):
     min_free_fraction: float = Field(0.15, ge=0, le=1, description="local repository: alert below this free disk")
     s3_quota_bytes: int | None = Field(None, ge=1, description="S3: the bucket budget usage is measured against")
     max_used_fraction: float = Field(0.8, gt=0, le=1, description="S3: alert above this share of the quota")
+    min_days_until_full: float | None = Field(14, ge=0, description="alert when the repository is forecast to be "
+                                              "full sooner than this, at its growth of the forecast window (null: "
+                                              "no forecast alert)")
+    forecast_window: Duration = Field(timedelta(days=30), description="the growth the forecast extrapolates: the "
+                                      "bytes stored by the backups of this last period")
 
 
 class AlertsConfig(Settings):
@@ -243,6 +249,7 @@ class Policy(Settings):
     gdpr: GdprConfig = GdprConfig()
     alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     audit: AuditConfig | None = None
     reports: ReportsConfig = ReportsConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
@@ -322,6 +329,8 @@ class Policy(Settings):
             names.update(v for k, v in channel.model_dump().items() if k.endswith("_env") and isinstance(v, str))
         if self.reports.signing and self.reports.signing.passphrase_env:
             names.add(self.reports.signing.passphrase_env)
+        if self.monitoring.watchdog.heartbeat_url_env:
+            names.add(self.monitoring.watchdog.heartbeat_url_env)
         return names
 
     def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:

@@ -22,6 +22,7 @@ from .alerts import (
     rpo_conditions,
 )
 from .audit import completed_backups
+from .capacity import CapacityForecast, forecast
 from .catalog import list_backups
 from .crypto import Keyring
 from .documents import read_document
@@ -106,6 +107,7 @@ class RepositoryStatus:
     open_alerts: list[dict[str, Any]]
     repository_bytes: int
     damaged: int
+    capacity: CapacityForecast | None = None
 
     @property
     def rpo_breached(self) -> list[str]:
@@ -125,7 +127,8 @@ class RepositoryStatus:
                 "targets": [t.to_json() for t in self.targets], "last_drill": self.last_drill,
                 "open_alerts": self.open_alerts, "repository_bytes": self.repository_bytes,
                 "damaged_backups": self.damaged, "rpo_breached": self.rpo_breached, "rolled_back": self.rolled_back,
-                "unrecoverable": self.unrecoverable}
+                "unrecoverable": self.unrecoverable,
+                "capacity": self.capacity.to_json() if self.capacity else None}
 
 
 def _round(value: float | None) -> float | None:
@@ -171,12 +174,13 @@ def target_status(policy: Policy, repo: Repository, keyring: Keyring, target: st
 
 
 def open_alerts(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
-                models: dict[str, Recoverability] | None = None) -> list[dict[str, Any]]:
+                models: dict[str, Recoverability] | None = None,
+                capacity: CapacityForecast | None = None) -> list[dict[str, Any]]:
     """What the alert sensors would hold open now (besides failed Dagster runs); `models`: the targets' models when
     the caller has them."""
     conditions = [*rpo_conditions(policy, repo, keyring, now, models), *check_conditions(policy, repo, keyring),
                   *restore_test_conditions(policy, repo, keyring), *damaged_conditions(policy, repo, keyring),
-                  *capacity_conditions(policy, repo)]
+                  *capacity_conditions(policy, repo, keyring, now, capacity)]
     return [{"key": c.key, "event": c.event, "target": c.target, "what": c.what,
              "since": c.since.isoformat() if c.since else None, "first_step": c.first_step} for c in conditions]
 
@@ -189,8 +193,9 @@ def repository_status(policy: Policy, repo: Repository, keyring: Keyring, now: d
     completed = completed_backups(policy, repo)
     targets = [target_status(policy, repo, keyring, name, now, completed) for name in names]
     models = {t.target: t.recoverability for t in targets if t.recoverability is not None}
-    alerts = [a for a in open_alerts(policy, repo, keyring, now, models) if target is None or a["target"] in (target,
-                                                                                                    "repository")]
+    room = forecast(policy, repo, keyring, now)
+    alerts = [a for a in open_alerts(policy, repo, keyring, now, models, room)
+              if target is None or a["target"] in (target, "repository")]
     damaged = len(list_backups(repo, keyring, target, completed=completed)[1])
-    return RepositoryStatus(now, repo.location, targets, last_drill(repo, keyring), alerts, repo.usage_bytes(),
-                            damaged)
+    return RepositoryStatus(now, repo.location, targets, last_drill(repo, keyring), alerts, room.used_bytes,
+                            damaged, room)

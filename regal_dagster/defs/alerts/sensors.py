@@ -107,4 +107,4 @@ def _repository_and_run_conditions(context: SensorEvaluationContext, regal: Rega
     keyring = regal.keyring()
     return [*_failed_runs(policy, context), *check_conditions(policy, repo, keyring),
             *restore_test_conditions(policy, repo, keyring), *damaged_conditions(policy, repo, keyring),
-            *capacity_conditions(policy, repo)]
+            *capacity_conditions(policy, repo, keyring, datetime.now(UTC))]
