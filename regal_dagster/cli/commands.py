@@ -91,8 +91,9 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     with out.progress(f"backup {args.target}") as progress:
         result = run_backup(policy, args.target, args.retention_class, repo=repo, keyring=keyring,
                             trigger={"cli": "backup"}, progress=progress, incremental=args.incremental)
-    if note := result.manifest.source.get("incremental_note"):
-        out.warn(note)
+    for key in ("backup_from_note", "incremental_note"):  # a standby not used; an incremental taken full
+        if note := result.manifest.source.get(key):
+            out.warn(note)
     for note in result.manifest.source.get("not_carried", []):  # what the backup could not hold, by name
         out.warn(f"not in the backup: {note}")
     if result.offsite_problem:
@@ -101,7 +102,8 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     s = manifest_summary(result.manifest)
     text = (f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
             f"{size(s['bytes_read'])} read, {size(s['bytes_stored'])} stored, "
-            f"{s['tables']} tables, {s['rows']} rows, key {s['key_id']}")
+            f"{s['tables']} tables, {s['rows']} rows, key {s['key_id']}"
+            + (f", taken from the {s['taken_from']}" if s.get("taken_from") else ""))
     if args.no_verify:  # the Dagster flow checks in its own step; an operator may defer it
         out.warn(f"{s['backup_id']} is unchecked: it counts as no good backup (status, retention, restores "
                  f"--latest) until it is verified; run `regal-backup verify {s['backup_id']}` (the daily "

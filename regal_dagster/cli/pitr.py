@@ -106,6 +106,7 @@ def cmd_wal_status(args: argparse.Namespace, out: Output) -> int:
                                                      f"{status.gaps[0]}"))
     if status.rollback:
         lines.append(status.rollback)
+    lines += [f"LOST AT A FAILOVER: {lost}" for lost in status.lost]
     lines.append(f"recoverability: {model.summary}")
     if model.unrecoverable:
         lines.append(f"UNRECOVERABLE: {model.unrecoverable}")

@@ -190,8 +190,11 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         result = regal.backup(target, retention_class, trigger={"dagster_run_id": context.run.run_id},
                               incremental=config.incremental)
         manifest, offsite_problem = result.manifest, result.offsite_problem
-        if note := manifest.source.get("incremental_note"):
-            context.log.warning(note)
+        for key in ("backup_from_note", "incremental_note"):  # a standby not used; an incremental taken full
+            if note := manifest.source.get(key):
+                context.log.warning(note)
+        if taken_from := manifest.source.get("backup_server"):
+            context.log.info(f"taken from the {manifest.source.get('backup_from')} {taken_from}")
         if problem := regal.archive_problem(manifest):  # the backup stands; its wal_continuity check says why
             context.log.warning(problem)
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "

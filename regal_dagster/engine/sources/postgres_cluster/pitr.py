@@ -314,13 +314,27 @@ class _WalCache:
         size, timeline, stop = int(source["wal_segment_size"]), int(source["timeline"]), parse_lsn(source["stop_lsn"])
         self.fetch_from(timeline, stop, size)
         tool = pg_tool_for_server("pg_waldump", int(source["server_version_num"]) // 10000)
-        done = subprocess.run([str(tool.path), "--path", str(self.directory), "--start", format_lsn(stop),
-                               "--timeline", str(timeline), "--rmgr", "XLOG"], capture_output=True, text=True,
-                              check=False, env=child_environment(), timeout=3600)
-        for line in done.stdout.splitlines():
-            match = re.search(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$", line)
-            if match and match.group(2).strip() == name:
-                return match.group(1)
+        # pg_waldump reads one timeline: each run of segments of one timeline (after a promotion, the new one's
+        # first segment holds the old one's WAL up to the switch too) is read with its own
+        fetched = sorted((segment_number(p.name, size)[1], segment_number(p.name, size)[0])
+                         for p in self.directory.iterdir() if is_wal_segment(p.name))
+        runs: list[tuple[int, int, int]] = []  # (timeline, first number, last number)
+        for number, tli in fetched:
+            if number < stop // size:
+                continue
+            if runs and runs[-1][0] == tli and runs[-1][2] == number - 1:
+                runs[-1] = (tli, runs[-1][1], number)
+            else:
+                runs.append((tli, number, number))
+        for tli, first, last in runs:
+            begin, end = format_lsn(max(stop, first * size)), format_lsn((last + 1) * size)
+            done = subprocess.run([str(tool.path), "--path", str(self.directory), "--start", begin, "--end", end,
+                                   "--timeline", str(tli), "--rmgr", "XLOG"], capture_output=True, text=True,
+                                  check=False, env=child_environment(), timeout=3600)
+            for line in done.stdout.splitlines():
+                match = re.search(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$", line)
+                if match and match.group(2).strip() == name:
+                    return match.group(1)
         return None
 
 

@@ -47,6 +47,7 @@ from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
 from .preflight import preflight
 from .recovered import database_problems, open_databases, recovered_server
 from .recovery import ClusterRestoreOptions, write_recovery_settings
+from .standby import backup_server
 from .target import PostgresClusterTarget
 from .wal import fetch_wal
 
@@ -100,15 +101,16 @@ class PostgresClusterSource(Source):
                            "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
-        dsn = cast(PostgresClusterTarget, target).resolved_dsn()
-        return self._capture(dsn, server_facts(dsn), store, None)
+        server = backup_server(cast(PostgresClusterTarget, target))
+        return self._capture(server.dsn, {**server_facts(server.dsn), **server.facts()}, store, None)
 
     def capture_incremental(self, policy: PolicyView, repo: Repository, keyring: Keyring, target_name: str,
                             target: TargetSettings, store: StoreObject) -> Captured:
         """pg_basebackup --incremental on top of the target's newest good base backup of this server; a full
         backup (saying so in `incremental_note`) when there is none, as pgBackRest does."""
-        dsn = cast(PostgresClusterTarget, target).resolved_dsn()
-        facts = server_facts(dsn)
+        server = backup_server(cast(PostgresClusterTarget, target))
+        dsn = server.dsn
+        facts = {**server_facts(dsn), **server.facts()}
         require_wal_summaries(facts)
         parent, why_not = newest_parent(cast("Policy", policy), repo, keyring, target_name, facts)  # the whole one
         if parent is None:
@@ -209,7 +211,9 @@ class PostgresClusterSource(Source):
         source = manifest.source
         return {"start_lsn": source.get("start_lsn"), "stop_lsn": source.get("stop_lsn"),
                 "timeline": source.get("timeline"), "databases": len(source.get("databases", [])),
-                "backup_type": source.get("backup_type", "full"), "parent_backup_id": source.get("parent_backup_id")}
+                "backup_type": source.get("backup_type", "full"), "parent_backup_id": source.get("parent_backup_id"),
+                "taken_from": (f"{source['backup_from']} {source.get('backup_server', '')}".strip()
+                               if source.get("backup_from") else None)}
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
         """The data directory at `request.to`, checked with pg_verifybackup, configured to recover from the WAL

@@ -20,6 +20,7 @@ from ...manifest import Manifest
 from ...policy import Policy
 from ...postgresql.tools import pg_tool_for_server
 from ...storage import Repository
+from .failover import lost_at_failovers
 from .wal import (
     WalFile,
     fetch_wal,
@@ -52,6 +53,7 @@ class WalStatus:
     rollback: str | None = None  # the stored WAL ends before the newest proved position: what is missing (walproof)
     proved_lsn: str | None = None  # the newest position `wal_continuity` proved (walproof), and its newest commit
     proved_commit_at: str | None = None
+    lost: list[str] = field(default_factory=list)  # old-timeline WAL stored past a promotion's switch (failover.py)
     fed: bool | None = None  # the server hands its WAL over now: the slot held by `wal stream`, or archive_command
     # archiving without failing since its last success; None: the server could not be asked
 
@@ -81,6 +83,7 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
         gaps, _ = missing_segments(names, int(oldest.source["timeline"]), start, size)
         needed = [f for f in complete if segment_number(f.name, size)[1] >= start // size]
         gaps += [name for name, _problem in absent_objects(repo, target, needed) if name not in gaps]
+    lost = lost_at_failovers(repo, keyring, target, files, size)
     known = known_position(policy, repo, keyring, target)
     rolled_back = rollback(known, files, target)
     server_lsn, problem, lag_bytes, lag_seconds, fed = None, None, None, None, None
@@ -97,7 +100,7 @@ def wal_status(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
                        stored_at.isoformat() if stored_at else None, snapshot, server_lsn, problem, lag_bytes,
                        lag_seconds, oldest.backup_id if oldest else None, gaps, rollback=rolled_back,
                        proved_lsn=known.position.lsn if known.position else None,
-                       proved_commit_at=known.position.commit_at if known.position else None, fed=fed)
+                       proved_commit_at=known.position.commit_at if known.position else None, lost=lost, fed=fed)
     if with_commit_time and oldest is not None:
         from ...workspace import private_directory
 
@@ -164,9 +167,13 @@ def server_position(policy: Policy, target: str) -> tuple[str, bool]:
     """The server's WAL position, and whether it hands its WAL over now: the target's slot is held (by `wal
     stream`), or archive_command archives (archive_mode on, no failure since its last success)."""
     from ...postgresql.connection import connect
+    from .failover import current_primary
 
     settings = policy.target(target)
-    with connect(settings.resolved_dsn()) as conn:  # type: ignore[attr-defined]
+    dsn = settings.resolved_dsn()  # type: ignore[attr-defined]
+    if standbys := settings.resolved_standbys():  # type: ignore[attr-defined]
+        dsn = current_primary([dsn, *standbys])[0] or dsn  # after a failover: the promoted one
+    with connect(dsn) as conn:
         row = conn.execute(
             "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, "
             "coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = %s), false) OR "

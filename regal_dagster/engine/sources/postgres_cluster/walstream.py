@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import threading
 import time
@@ -35,7 +36,7 @@ from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
 from ...postgresql.watchdog import start_children_watchdog, stop_recorded_child, write_child_record
 from ...storage import Repository
-from .wal import push_wal, remove_snapshot
+from .wal import format_lsn, push_wal, remove_snapshot
 
 SNAPSHOT_SECONDS = 10.0  # the segment in progress is stored at least this often (when it grew): the RPO bound
 RESTART_SECONDS = 5.0  # after the receiver lost its connection
@@ -86,10 +87,11 @@ def check_server(dsn: str, slot: str) -> ServerReadiness:
             raise RegalError(f"the replication slot {slot} is in use by server process {found[1]}",
                              "another `wal stream` (or another receiver) holds it: stop it, or give this target "
                              "another `slot:`")
+        server = f"{conn.info.host}:{conn.info.port}"  # with a multi-host DSN: the one libpq chose
     from .source import _bytes
 
     return ServerReadiness(version // 10000, _bytes(segment_setting), created,
-                           {"wal_level": wal_level, "max_wal_senders": senders})
+                           {"wal_level": wal_level, "max_wal_senders": senders, "server": server})
 
 
 def stream_directory(policy: Policy, target: str, work_dir: Path | None) -> Path:
@@ -107,6 +109,7 @@ class WalStreamer:
                                                                               snapshot_seconds, say)
         self.stored = 0
         self._snapshotted: dict[str, tuple[int, int]] = {}
+        self.forked_ends: list[tuple[int, int]] = []  # (timeline, end) of WAL set aside at a fork (resume_at_fork)
         self._last_snapshot = 0.0
 
     def store_completed(self) -> int:
@@ -115,6 +118,8 @@ class WalStreamer:
         files = sorted((p for p in self.directory.iterdir() if valid_wal_name(p.name)),
                        key=lambda p: (not p.name.endswith(".history"), p.name))
         for path in files:
+            if path.name.endswith(".history"):
+                self.timeline_switch(path)
             pushed = push_wal(self.policy, self.repo, self.keyring, self.target, path)
             path.unlink()
             self.stored += 1
@@ -122,6 +127,53 @@ class WalStreamer:
             if is_wal_segment(pushed.name):
                 self._drop_snapshot(pushed.name)
         return len(files)
+
+    def timeline_switch(self, history: Path) -> None:
+        """A history file arrived: the server's timeline changed (a promotion). What of the old timeline the stream
+        received past the switch point is LOST at the failover: said with its range (`wal status` says it too)."""
+        from .failover import lost_range, parse_history, received_end_on_disk
+        from .wal import archived_names, segment_number
+
+        switch = parse_history(history.name, history.read_text(errors="replace"))
+        if switch is None:
+            return
+        ends = [end for end in [received_end_on_disk(self.directory, switch.parent, self.segment_size)] if end]
+        ends += [(segment_number(name, self.segment_size)[1] + 1) * self.segment_size
+                 for name in archived_names(self.repo, self.target)
+                 if is_wal_segment(name) and segment_number(name, self.segment_size)[0] == switch.parent]
+        ends += [end for tli, end in self.forked_ends if tli == switch.parent]
+        received = max(ends, default=None)
+        if lost := lost_range(switch, received):
+            self.say(f"WAL LOST at the failover to timeline {switch.timeline}: {lost}")
+        else:
+            self.say(f"timeline {switch.timeline} began at {format_lsn(switch.lsn)} (a promotion): following it; "
+                     f"no WAL of timeline {switch.parent} was received past that point, nothing lost")
+
+    def resume_at_fork(self, parent: int, fork: int) -> None:
+        """The new primary's history left timeline `parent` at `fork`, before the end of what the stream received
+        from the old primary (stored already: complete segments and the snapshot of the partial one); pg_receivewal
+        would ask for its newest file's position on `parent` for ever. Those files are set aside (beside the working
+        directory, `<dir>.timeline<P>-past-<LSN>`: the lost WAL, kept), and an empty (sparse) .partial of the fork's
+        segment on `parent` makes pg_receivewal stream from that segment's start: the rest of `parent` up to the
+        fork, then the new timeline and its history file, which reports the loss (timeline_switch)."""
+        from .failover import received_end_on_disk
+        from .wal import segment_name, segment_number
+
+        size = self.segment_size
+        past = format_lsn(fork).replace("/", "-")
+        aside = self.directory.parent / f"{self.directory.name}.timeline{parent}-past-{past}"
+        aside.mkdir(mode=0o700, exist_ok=True)
+        for path in list(self.directory.iterdir()):
+            name = path.name.removesuffix(".partial")
+            if is_wal_segment(name) and segment_number(name, size)[0] == parent and \
+                    segment_number(name, size)[1] >= fork // size:
+                path.replace(aside / path.name)
+        if (end := received_end_on_disk(aside, parent, size)) is not None:
+            self.forked_ends.append((parent, end))
+        start = self.directory / (segment_name(parent, fork, size) + ".partial")
+        with start.open("wb") as f:
+            f.truncate(size)
+        self._snapshotted.pop(start.name.removesuffix(".partial"), None)
 
     def _drop_snapshot(self, segment: str) -> None:
         with contextlib.suppress(Exception):  # the complete segment is stored: a snapshot left over is harmless
@@ -187,6 +239,25 @@ def _receiver(command: list[str], env: dict[str, str], log: Path, record: Path) 
                 process.wait()
 
 
+_FORKED = re.compile(r"history forked from timeline (\d+) at ([0-9A-F]+/[0-9A-F]+)")
+
+
+def _fork_point(log: Path, offset: int) -> tuple[int, int] | None:
+    """pg_receivewal asked a new primary for a position on the old timeline past the point where the new one's
+    history forked from it ("requested starting point ... is not in this server's history"): (old timeline, fork)."""
+    from .wal import parse_lsn
+
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    if "is not in this server's history" not in text or (found := _FORKED.search(text)) is None:
+        return None
+    return int(found.group(1)), parse_lsn(found.group(2))
+
+
 def _last_error(log: Path, offset: int) -> str:
     """pg_receivewal's last error in its log since `offset` (why it stopped: the server went away, the disk is
     full, the slot is gone)."""
@@ -208,7 +279,10 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
         raise UsageError("--snapshot-seconds must be between 1 and 15", "the segment in progress is the RPO: keep it "
                                                                          "short")
     settings = policy.target(target)
-    dsn = settings.resolved_dsn()  # type: ignore[attr-defined]
+    # the servers the primary may be among: `dsn` (a multi-host DSN with target_session_attrs=primary follows a
+    # failover by itself), then the `standbys`, one of which a failover promotes
+    candidates = [settings.resolved_dsn(), *settings.resolved_standbys()]  # type: ignore[attr-defined]
+    dsn = _primary_among(candidates, target)
     slot = settings.slot  # type: ignore[attr-defined]
     directory = stream_directory(policy, target, work_dir)
     log = directory.parent / f"{directory.name}.receiver.log"
@@ -225,9 +299,10 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
         left = streamer.store_completed()  # what a previous run left: before anything new
         if left:
             say(f"stored {left} WAL file(s) a previous run had received")
-        env = libpq_environment(dsn)
+        server = readiness.facts.get("server")
         with _children_watchdog(record):
             while not stop.is_set():
+                env = libpq_environment(dsn)
                 offset = log.stat().st_size if log.exists() else 0
                 streamer.complete_short_partials()
                 with _receiver(receiver_command(tool.path, directory, slot), env, log, record) as process:
@@ -239,11 +314,17 @@ def run_stream(policy: Policy, repo: Repository, keyring: Keyring, target: str, 
                         stop.wait(0.5)
                 streamer.store_completed()
                 streamer.snapshot_partial(force=True)
+                if not stop.is_set() and (fork := _fork_point(log, offset)) is not None:
+                    say(f"the primary's history left timeline {fork[0]} at {format_lsn(fork[1])}, before the end of "
+                        "what the stream had received: resuming from there (what it received past that point is "
+                        "set aside and reported as lost)")
+                    streamer.resume_at_fork(*fork)
+                    continue
                 if not stop.is_set():
                     say(f"pg_receivewal stopped (exit code {process.returncode}: {_last_error(log, offset)}; see "
                         f"{log}): restarting in {RESTART_SECONDS:.0f} s")
                     stop.wait(RESTART_SECONDS)
-                    _slot_again(dsn, slot, say)
+                    dsn, server = _follow_primary(candidates, dsn, server, slot, say)
     return streamer.stored
 
 
@@ -261,13 +342,41 @@ def _children_watchdog(record: Path) -> Iterator[None]:
         record.unlink(missing_ok=True)
 
 
-def _slot_again(dsn: str, slot: str, say: Callable[[str], None]) -> None:
-    """Before pg_receivewal starts again: a slot dropped meanwhile is created again (else it would fail for ever
-    on "replication slot does not exist"). A server that does not answer yet is pg_receivewal's to report."""
+def _primary_among(candidates: list[str], target: str) -> str:
+    """The DSN to stream from first: `dsn` alone when the target names no standbys (check_server then says what is
+    wrong with it), else the first server that answers as a primary."""
+    if len(candidates) == 1:
+        return candidates[0]
+    from .failover import current_primary
+
+    found, reasons = current_primary(candidates)
+    if found is None:
+        raise RegalError(f"none of the servers of target {target} is a primary that answers: " + "; ".join(reasons),
+                         "start the primary, or promote a standby (pg_ctl promote), then start the stream again")
+    return found
+
+
+def _follow_primary(candidates: list[str], dsn: str, server: str | None, slot: str,
+                    say: Callable[[str], None]) -> tuple[str, str | None]:
+    """Before pg_receivewal starts again: the current primary among the target's servers (after a failover, the
+    promoted one), its slot created when missing (else pg_receivewal would fail for ever on "replication slot does
+    not exist"). A server that does not answer yet is pg_receivewal's to report. pg_receivewal then resumes from
+    what the working directory holds and follows the timeline switch (it stores the .history file)."""
+    from .failover import current_primary
+
+    if len(candidates) > 1:
+        found, _reasons = current_primary(candidates)
+        dsn = found or dsn
     try:
         readiness = check_server(dsn, slot)
     except Exception:  # noqa: BLE001 - down, restarting, refusing: pg_receivewal says why in its own words
-        return
+        return dsn, server
+    now = readiness.facts.get("server")
+    if server is not None and now != server:
+        say(f"the primary is now {now} (it was {server}): following it"
+            + (f"; created the physical replication slot {slot} there" if readiness.slot_created else ""))
+        return dsn, now
     if readiness.slot_created:
         say(f"the replication slot {slot} was gone: created it again. WAL the server removed meanwhile is not in "
             "the repository: `regal-backup wal status` shows any gap (take a base backup if it does)")
+    return dsn, now
