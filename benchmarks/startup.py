@@ -40,7 +40,8 @@ GOALS = {"--version": 0.08, "--help": 0.08, "wal push": 0.15, "wal get": 0.15, "
 
 def cpu_seconds(argv: list[str], env: dict[str, str]) -> float:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False,
+                   cwd=env["TMPDIR"])  # not the source tree: `python -m` would import from the working directory first
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
