@@ -1,7 +1,8 @@
 """Interrupted backups: a backup killed midway leaves no visible backup and no lock behind.
 
-Real processes only: `regal-backup backup` runs as a subprocess against the PostgreSQL at 127.0.0.1:5432
-and is killed with SIGKILL or SIGTERM while pg_dump is streaming; the S3 case talks HTTP to a moto server.
+Real processes: `regal-backup backup` runs as a subprocess against the PostgreSQL at 127.0.0.1:5432 and is
+killed with SIGKILL or SIGTERM (or stopped) while pg_dump is streaming; the S3 case talks HTTP to a moto server.
+What runs beside or after it (`list`, the next backup) runs in this process.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from regal_dagster.engine.layout import PARTIAL_SUFFIX
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository
 
-from .conftest import MotoServer, init_repository, use_test_aws_credentials, wait_for
+from .conftest import MotoServer, init_repository, invoke_cli, use_test_aws_credentials, wait_for
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 MASTER_KEY_ENV = "REGAL_TEST_INTERRUPT_MASTER_KEY"
@@ -107,17 +108,11 @@ def _write_policy(directory: Path, dbname: str, repository: dict[str, Any]) -> P
     return path
 
 
-def _cli(
-    policy: Path, env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, "--policy", str(policy), *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+def _cli(policy: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`regal-backup --policy POLICY ARGS` with the environment `env`, in this process (conftest.invoke_cli): the
+    commands that run beside a killed or stopped backup need no process of their own; the backups that are killed
+    have one (_start_backup)."""
+    return invoke_cli(["--policy", str(policy), *args], env=env)
 
 
 def _listed_backups(policy: Path, env: dict[str, str]) -> list[dict[str, Any]]:
@@ -303,7 +298,7 @@ def test_second_backup_of_the_same_target_fails_at_once(
     first.process.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        second = _cli(policy, env, "backup", "main", timeout=60)
+        second = _cli(policy, env, "backup", "main")
         elapsed = time.monotonic() - started
     finally:
         first.process.send_signal(signal.SIGCONT)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,54 @@ def test_wal_push_and_get_through_the_daemon_load_no_policy_model_crypto_or_driv
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
+
+
+def test_status_and_list_load_no_driver_or_library_they_do_not_use(tmp_path: Path) -> None:
+    """`status` and `list` of a local repository whose policy holds a `postgres` and a `postgres_cluster` target
+    load the policy's models, Tink (the manifests) and the local backend, and nothing of Dagster, pandas,
+    WeasyPrint, boto3 (no S3 repository), Redis, or psycopg where no server is asked (`list`; `status` asks the
+    cluster's server how far its WAL is and may load it), nor another kind's Source."""
+    made = invoke_cli(["init", str(tmp_path / "p"), "--postgres-dsn", "postgresql://postgres@127.0.0.1:1/pos",
+                       "--cluster-dsn", "postgresql://postgres@127.0.0.1:1/postgres", "--no-audit", "--json"])
+    policy = json.loads(made.stdout)["policy"]
+    never = ("dagster", "pandas", "weasyprint", "boto3", "botocore", "redis",
+             "regal_dagster.engine.sources.redis.source", "regal_dagster.engine.sources.terraform.source",
+             "regal_dagster.engine.compliance", "regal_dagster.defs")
+    for argv, unused in ((["list"], ("psycopg",)), (["list", "--json"], ("psycopg",)), (["status"], ())):
+        loaded = _modules_loaded_by("--policy", policy, *argv)
+        assert "regal_dagster.engine.policy" in loaded and "tink" in loaded, argv  # the probe saw it work
+        heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in (*never, *unused)))
+        assert heavy == [], (argv, heavy)
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://backup:${PGPASS}@127.0.0.1:5432/regalpos", "postgres://u@[::1]:5/d", "postgresql://",
+    "postgresql:///db?host=/var/run/postgresql", "postgresql://u%41@h/d%2Fe?sslmode=require&application_name=a%20b",
+    "postgresql://u:@h", "postgresql://:p@h", "postgresql://u@/db", "postgresql://h/d?host=x&host=y",
+    "postgresql://h/d?sslmode=", "postgresql://h//d", "postgresql://h:abc/db", "postgresql://a,b:3/d",
+    "postgresql://h:/d", "postgresql://h/d#f", "postgresql://u:p?q@h/d", "postgresql://u%zz@h", "postgresql://h/d?x",
+    "postgresql://h/d?a=b=c", "postgresql://h/d?user=a%40b", "host=a port=x", "host = a  dbname= 'x y'",
+    "host= dbname=x", "host=", "dbname='a\\'b'", "", "   ", "dbname=a=b", "x", "host=a b", "host=a\tdbname=b",
+    "host='unterminated", "host=a\\ b", "frobnicate=1", "host=db dbname=pos frobnicate=1"])
+def test_a_policy_dsn_is_read_as_libpq_reads_it_without_libpq(dsn: str) -> None:
+    """The policy's DSNs are checked without psycopg when they are plain (conninfo.py); what that reading
+    returns is what libpq returns, and what it cannot read goes to libpq, so a DSN is accepted or refused,
+    with the same words, as before."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from regal_dagster.engine.postgresql.connection import check_dsn_with_libpq
+    from regal_dagster.engine.postgresql.conninfo import check_dsn, simple_conninfo
+
+    read = simple_conninfo(dsn)
+    if read is not None:
+        assert read == conninfo_to_dict(dsn)  # libpq reads it so too (never accepted where libpq refuses)
+    assert _verdict(check_dsn, dsn) == _verdict(check_dsn_with_libpq, dsn)
+
+
+def _verdict(check: Callable[[str], None], dsn: str) -> str | None:
+    """None when `check` accepts the DSN, else its refusal."""
+    try:
+        check(dsn)
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ..engine.retention_classes import RETENTION_CLASSES
@@ -14,10 +14,24 @@ TARGET_HELP = "a target named in the policy's `targets:` (e.g. main)"
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # reads the installed metadata: only for --version
+
     try:
         return version("regal-backup")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+class _PrintVersion(argparse.Action):
+    """argparse's `version` action, but the version is looked up only when asked (not for every command)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        print(f"regal-backup {_version()}")
+        parser.exit()
 
 
 class CommandLineError(Exception):
@@ -57,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(status: an RPO is breached); 126 wal get "
                                                     "--restore-command could not serve a WAL file that may be "
                                                     "archived."), None)
-    parser.add_argument("--version", action="version", version=f"regal-backup {_version()}",
-                        help="print the version and exit")
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", parents=[common],

@@ -14,15 +14,9 @@ from psycopg.types.string import StrBinaryDumper, StrDumperUnknown, TextBinaryLo
 from ..environment import child_environment
 from ..errors import RegalError
 from ..transport import LOCAL, NONE, TLS, UNKNOWN, Transport, is_loopback
+from .conninfo import LIBPQ_ENV
 
-_LIBPQ_ENV = {
-    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
-    "password": "PGPASSWORD", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
-    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "sslcrl": "PGSSLCRL", "connect_timeout": "PGCONNECT_TIMEOUT",
-    "application_name": "PGAPPNAME", "options": "PGOPTIONS", "channel_binding": "PGCHANNELBINDING",
-    "gssencmode": "PGGSSENCMODE", "target_session_attrs": "PGTARGETSESSIONATTRS", "service": "PGSERVICE",
-    "sslnegotiation": "PGSSLNEGOTIATION", "require_auth": "PGREQUIREAUTH",
-}
+_LIBPQ_ENV = LIBPQ_ENV
 
 
 def describe_dsn(dsn: str) -> str:
@@ -43,8 +37,9 @@ def database_of(dsn: str) -> str | None:
     return None if name is None else str(name)
 
 
-def check_dsn(dsn: str) -> None:
-    """ValueError saying what is wrong with a DSN (its ${VAR} references are not filled: they may stay)."""
+def check_dsn_with_libpq(dsn: str) -> None:
+    """ValueError saying what is wrong with a DSN, as libpq parses it (conninfo.check_dsn: the plain ones without
+    it)."""
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:

@@ -10,9 +10,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
-
-import psycopg
+from typing import TYPE_CHECKING, Any, cast
 
 from ...crypto import Keyring
 from ...environment import child_environment
@@ -22,39 +20,20 @@ from ...findings import Finding
 from ...manifest import Manifest, ObjectRecord
 from ...parallel import map_parallel
 from ...pipeline import StoredBackup
-from ...postgresql.connection import (
-    OWN_SESSION_SETTINGS,
-    check_dsn,
-    connect,
-    describe_dsn,
-    libpq_environment,
-    name_bytes,
-    with_session_settings,
-)
+from ...postgresql.conninfo import check_dsn
 from ...postgresql.installations import choose_server_binaries
 from ...postgresql.locales import ClusterLocale
-from ...postgresql.server import ScratchCluster
 from ...postgresql.tools import find_pg_tool
 from ...settings import ErasureSubjectConfig, TargetSettings, fill_option
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
-from .dump import (
-    SCHEMA_CONTENT,
-    SCHEMA_OBJECT,
-    DumpSession,
-    SchemaLockQueued,
-    Table,
-    compare_schema_counts,
-    dump_major,
-    dump_session,
-    restored_schema_counts,
-)
-from .erasure import apply_erasures
-from .facts import database_properties
-from .packs import dump_groups, extents_problem, store_group
-from .preflight import preflight
-from .restore import VALIDATION, restore_database
 from .target import PostgresTarget
+
+if TYPE_CHECKING:
+    from .dump import DumpSession, Table
+
+# psycopg and what uses it (dump, restore, packs, facts, erasure, scratch servers) are imported by the methods that
+# need them: `status`, `list` or a restore test's plan ask this Source about a kind without connecting anywhere.
 
 RESTORE_TEST_DATABASE = "restore_test"
 # How often a backup starts again when a schema change queued behind its locks before pg_dump took its own.
@@ -82,6 +61,10 @@ class PostgresSource(Source):
         """One exported snapshot: the schema archive and every table's rows, tables in parallel. When a schema
         change queues behind the backup's locks before pg_dump has taken its own, the backup lets it through
         and starts again (SCHEMA_ATTEMPTS times)."""
+        import psycopg
+        
+        from .dump import SCHEMA_CONTENT, SCHEMA_OBJECT, SchemaLockQueued, dump_session
+
         settings = cast(PostgresTarget, target)
         for _attempt in range(SCHEMA_ATTEMPTS):
             with dump_session(settings.resolved_dsn(), settings.lock_timeout, settings.role_passwords) as session:
@@ -108,10 +91,15 @@ class PostgresSource(Source):
                         {"pg_dump": session.pg_dump.version, "libpq": str(psycopg.pq.version())})
 
     def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        from .preflight import preflight
+
         return preflight(subject, cast(PostgresTarget, target))
 
     def check_structure(self, backup: StoredBackup) -> str:
         """The schema archive's table of contents parses (`pg_restore --list`)."""
+        from .dump import SCHEMA_OBJECT, dump_major
+        from .packs import extents_problem
+
         manifest = backup.manifest
         tool = find_pg_tool("pg_restore", dump_major(manifest.tool_versions))
         with private_directory("check") as tmp:
@@ -129,6 +117,9 @@ class PostgresSource(Source):
         return f"schema archive lists {entries} entries"
 
     def plaintext_needles(self, manifest: Manifest) -> list[bytes]:
+        from ...postgresql.connection import name_bytes
+        from .dump import Table
+
         names: set[bytes] = set()
         for facts in manifest.source.get("tables", []):
             table = Table.from_facts(facts)
@@ -139,6 +130,8 @@ class PostgresSource(Source):
         return {"tables": len(manifest.source.get("tables", [])), "rows": sum(manifest.table_rows().values())}
 
     def describe_destination(self, to: str) -> str:
+        from ...postgresql.connection import describe_dsn
+
         return describe_dsn(to)
 
     def restore_options(self, choices: Mapping[str, Any]) -> PostgresRestoreOptions:
@@ -149,6 +142,8 @@ class PostgresSource(Source):
                                       target_locale=bool(choices.get("use_target_locale")))
 
     def restore(self, backup: StoredBackup, request: RestoreRequest) -> Restored:
+        from .restore import VALIDATION, restore_database
+
         options = request.kind_options(PostgresRestoreOptions)
         try:
             check_dsn(request.to)
@@ -183,6 +178,8 @@ class PostgresSource(Source):
         xml, lz4, its extensions): the embedded PostgreSQL when it can, else the machine's own; initialised with
         the source database's encoding, collation provider and locale (MissingSoftwareError naming a locale this
         machine lacks)."""
+        from ...postgresql.server import ScratchCluster
+
         bin_dir, locale = None, None
         if manifest is not None:
             bin_dir, why = choose_server_binaries(int(manifest.source.get("server_version_num", 0)) // 10000,
@@ -201,6 +198,8 @@ class PostgresSource(Source):
     def verify_restored(self, destination: str, manifest: Manifest, keyring: Keyring, jobs: int) -> RestoredFindings:
         """The restored database's encoding, provider and locale, the schema's object counts as recorded at backup
         time, and pg_amcheck over every table and index."""
+        from .dump import compare_schema_counts, restored_schema_counts
+
         found = RestoredFindings()
         phase = time.monotonic()
         found.details["locale"], locale_problems = restored_locale(destination, manifest)
@@ -213,12 +212,16 @@ class PostgresSource(Source):
 
     def apply_erasures(self, destination: str, ledger: ErasureLedger, target: str,
                        subjects: list[ErasureSubjectConfig]) -> ErasureResult:
+        from .erasure import apply_erasures
+
         return apply_erasures(destination, ledger, target, subjects)
 
 
 def _dump_tables(session: DumpSession, store: StoreObject, jobs: int) -> list[tuple[ObjectRecord, dict[str, Any]]]:
     """Every table's rows, `jobs` objects at a time, the biggest first: a big table as its own object, small ones
     several to an object (packs.py). (object, table facts) per table."""
+    from .packs import dump_groups, store_group
+
     def store_one(numbered: tuple[int, list[Table]], cancelled: threading.Event) -> list[tuple[ObjectRecord,
                                                                                                dict[str, Any]]]:
         number, group = numbered
@@ -237,6 +240,9 @@ LOCALE_PROPERTIES = ("encoding", "locale_provider", "lc_collate", "lc_ctype", "l
 def restored_locale(dsn: str, manifest: Manifest) -> tuple[dict[str, Any], list[str]]:
     """The restored database's encoding, collation provider and locales, and where they differ from the backed-up
     database's (then it was tested under another collation than its own)."""
+    from ...postgresql.connection import connect
+    from .facts import database_properties
+
     with connect(dsn, autocommit=True) as conn:
         restored = database_properties(conn)
     have = {k: restored.get(k) for k in LOCALE_PROPERTIES}
@@ -250,6 +256,8 @@ def restored_locale(dsn: str, manifest: Manifest) -> tuple[dict[str, Any], list[
 def amcheck_problems(dsn: str, jobs: int, *, all_databases: bool = False) -> list[str]:
     """pg_amcheck over every table and B-tree index of the restored database (`all_databases`: of every database of
     the server `dsn` reaches)."""
+    from ...postgresql.connection import OWN_SESSION_SETTINGS, libpq_environment, with_session_settings
+
     tool = find_pg_tool("pg_amcheck", 14)
     run = subprocess.run([str(tool.path), "--install-missing", f"--jobs={jobs}", "--no-password",
                           *(["--all"] if all_databases else [])],

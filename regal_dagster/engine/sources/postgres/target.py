@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ...errors import PolicyError
-from ...postgresql.connection import check_dsn
+from ...postgresql.conninfo import check_dsn
 from ...settings import TargetSettings, fill_environment
 from ...transport import Transport
 

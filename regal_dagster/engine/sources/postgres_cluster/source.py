@@ -19,13 +19,11 @@ from ...findings import Finding
 from ...manifest import Manifest
 from ...outcomes import ERROR, CheckOutcome, CheckSpec
 from ...pipeline import CHUNK, StoredBackup
-from ...postgresql.connection import connect, libpq_environment
 from ...postgresql.tools import pg_tool_for_server
 from ...settings import PolicyView, TargetSettings
 from ...workspace import owner_record, recorded_owner_alive, sweep
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from ..files.source import plaintext_pipe
-from .archiver import refuse_stuck_archiver, stuck_archiver_error, watch_archiver
 from .basebackup import (
     MANIFEST_MEMBER,
     BaseBackupRun,
@@ -44,8 +42,6 @@ from .chain import (
     require_wal_summaries,
 )
 from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
-from .preflight import preflight
-from .recovered import database_problems, open_databases, recovered_server
 from .recovery import ClusterRestoreOptions, write_recovery_settings
 from .standby import backup_server
 from .target import PostgresClusterTarget
@@ -65,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 
 def server_facts(dsn: str) -> dict[str, Any]:
+    from ...postgresql.connection import connect  # psycopg: only where a server is reached
+
     with connect(dsn) as conn:
         row = conn.execute(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'), "
@@ -120,6 +118,9 @@ class PostgresClusterSource(Source):
             return self._capture(dsn, facts, store, link)
 
     def _capture(self, dsn: str, facts: dict[str, Any], store: StoreObject, parent: ParentLink | None) -> Captured:
+        from ...postgresql.connection import libpq_environment
+        from .archiver import refuse_stuck_archiver, stuck_archiver_error, watch_archiver
+
         tool = pg_tool_for_server("pg_basebackup", facts["server_version_num"] // 10000)
         run = BaseBackupRun()
         refuse_stuck_archiver(dsn)
@@ -139,6 +140,8 @@ class PostgresClusterSource(Source):
         return Captured([tar, manifest], facts, {"pg_basebackup": tool.version})
 
     def preflight(self, subject: str, target: TargetSettings) -> list[Finding]:
+        from .preflight import preflight
+
         return preflight(subject, cast(PostgresClusterTarget, target))
 
     def check_structure(self, backup: StoredBackup) -> str:
@@ -287,6 +290,8 @@ class PostgresClusterSource(Source):
         """Start PostgreSQL of the backup's major version on the restored data directory (a scratch server on a
         private socket): it recovers to the backup's end and is promoted; then every database the backup held
         accepts connections."""
+        from .recovered import database_problems, open_databases, recovered_server
+
         started = time.monotonic()
         problems: list[str] = []
         details: dict[str, Any] = {}
