@@ -11,7 +11,7 @@ from .archive import archived_targets, build_archive_asset, build_archive_sensor
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks, build_verification_schedule
 from .mirror import build_outside_sensor
-from .schedules import build_class_schedule
+from .schedules import build_class_schedules
 from .sensors import build_check_sensor
 
 BACKUP_JOB = "backup_job"
@@ -27,7 +27,7 @@ def backup_definitions(policy: Policy) -> Definitions:
     verify_job = define_asset_job(VERIFY_JOB, selection=AssetSelection.checks_for_assets(*backups),
                                   description="Check the newest backup of every target: after each backup run, "
                                               "daily (then every unchecked backup too), and on demand.")
-    schedules = [build_class_schedule(policy, cls, BACKUP_JOB) for cls in policy.schedules]
+    schedules = build_class_schedules(policy, BACKUP_JOB)
     schedules.append(build_verification_schedule(policy, verify_job))
     sensors = [build_check_sensor(policy, backup_job, verify_job), build_outside_sensor(policy)]
     archives = [build_archive_asset(policy, name, archive) for name, archive in archived_targets(policy).items()]

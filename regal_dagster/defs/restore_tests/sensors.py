@@ -13,6 +13,7 @@ from dagster import (
 
 from ...engine.checks import good_newest_first
 from ...engine.policy import Policy
+from ..fleet import fleet_tags
 from ..resources import RegalEngine
 from .assets import restore_test_key, restore_test_run_config
 
@@ -35,7 +36,8 @@ def build_new_backup_sensor(policy: Policy, restore_job_name: str) -> SensorDefi
                 requests.append(RunRequest(run_key=manifest.backup_id,
                                            asset_selection=[restore_test_key(config.kind, target)],
                                            run_config=restore_test_run_config(policy, target, manifest.backup_id),
-                                           tags={"regal/backup_id": manifest.backup_id}))
+                                           tags={"regal/backup_id": manifest.backup_id,
+                                                 **fleet_tags(policy, target, "restore_test")}))
         context.update_cursor(newest)
         return requests or SkipReason("no new good backup to restore-test")
 

@@ -1,0 +1,101 @@
+"""A fleet on Dagster's own machinery: one run per target per tick, tagged for the run queue (its server, its
+zone, a priority by class, a max runtime), and a policy that refuses a fleet Dagster could not queue."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from regal_dagster.defs import build_definitions
+from regal_dagster.engine.errors import PolicyError
+from regal_dagster.engine.policy import load_policy
+
+from .conftest import write_policy_file
+
+FIVE = {"pos_eu": "postgresql://backup@db-eu.example:5432/pos", "pos_us": "host=db-us.example port=5433 dbname=pos",
+        "payments": "postgresql://backup@db-eu.example:5432/payments", "ledger": "dbname=ledger",
+        "customers": "postgresql://backup@${CUSTOMERS_HOST}/customers"}
+
+
+@pytest.fixture(autouse=True)
+def _key(master_key: str) -> None:
+    """Every test here writes a keyset."""
+
+
+def _fleet_policy(tmp_path: Path, **changes: object) -> Path:
+    path = write_policy_file(tmp_path, {"pos_eu": FIVE["pos_eu"]}, initialize=False)
+    document = yaml.safe_load(path.read_text())
+    document["targets"] = {name: {"kind": "postgres", "dsn": dsn} for name, dsn in FIVE.items()}
+    document["targets"]["customers"] |= {"host": "db-crm", "zone": "crm"}  # its host is a variable: given
+    document["targets"]["pos_eu"] |= {"zone": "eu", "tier": "store"}
+    document["targets"]["ledger"]["schedules"] = {"daily": {"cron": "0 4 * * *"}}
+    document["fleet"] = {"tiers": {"store": {"schedules": {"hourly": {"cron": "*/15 * * * *"}}}},
+                         "max_runtime": {"hourly": "20m"}}
+    document.update(changes)
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_a_schedule_tick_is_one_run_per_target_tagged_for_the_queue(tmp_path: Path) -> None:
+    defs = build_definitions(str(_fleet_policy(tmp_path)))
+    daily = defs.resolve_schedule_def("daily_backups")
+    tick = datetime(2026, 11, 24, 2, tzinfo=UTC)  # a Tuesday, 02:00: daily (and hourly, which yields to it)
+    requests = daily.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick)).run_requests or []
+    by_target = {r.tags["regal/target"]: r for r in requests}
+    assert set(by_target) == set(FIVE) - {"ledger"}  # ledger's daily is its own, at 04:00
+    for name, request in by_target.items():
+        assert request.run_key == f"daily:{tick.isoformat()}:{name}"
+        assert request.asset_selection == [dg.AssetKey(["postgres", name, "backup"])]
+        assert request.tags["regal/retention_class"] == "daily"
+        assert request.tags["dagster/priority"] == "20" and request.tags["dagster/max_runtime"] == str(6 * 3600)
+    assert {n: (r.tags["regal/host"], r.tags["regal/zone"]) for n, r in by_target.items()} == {
+        "pos_eu": ("db-eu.example:5432", "eu"), "payments": ("db-eu.example:5432", "default"),
+        "pos_us": ("db-us.example:5433", "default"), "customers": ("db-crm", "crm")}
+
+    hourly = defs.resolve_schedule_def("hourly_backups")  # the policy's hourly: every target but the store tier
+    at_three = datetime(2026, 11, 24, 3, tzinfo=UTC)
+    five = hourly.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=at_three)).run_requests or []
+    assert sorted(r.tags["regal/target"] for r in five) == sorted(set(FIVE) - {"pos_eu"})
+    assert {r.tags["dagster/priority"] for r in five} == {"10"} and {r.tags["dagster/max_runtime"] for r in five} == \
+        {"1200"}
+    store = defs.resolve_schedule_def("hourly_backups__tier_store")  # the tier's own cron, its own schedule
+    assert store.cron_schedule == "*/15 * * * *"
+    quarter = datetime(2026, 11, 24, 3, 15, tzinfo=UTC)
+    (request,) = store.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=quarter)).run_requests or []
+    assert request.run_key == f"hourly:{quarter.isoformat()}:pos_eu" and request.tags["regal/zone"] == "eu"
+    ledger = defs.resolve_schedule_def("daily_backups__target_ledger")
+    assert ledger.cron_schedule == "0 4 * * *"
+    (request,) = ledger.evaluate_tick(dg.build_schedule_context(
+        scheduled_execution_time=datetime(2026, 11, 24, 4, tzinfo=UTC))).run_requests or []
+    assert request.tags["regal/host"] == "local:5432"  # no host in the DSN: libpq's socket on this machine
+
+    verify = defs.resolve_schedule_def("daily_verification").evaluate_tick(
+        dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 24, 3, 30, tzinfo=UTC)))
+    assert sorted(r.tags["regal/target"] for r in verify.run_requests or []) == sorted(FIVE)
+    assert all(r.tags["dagster/priority"] == "5" and r.asset_check_keys for r in verify.run_requests or [])
+    assert defs.resolve_job_def("dr_drill_job") and defs.resolve_schedule_def("quarterly_dr_drill").tags[
+        "dagster/priority"] == "-5"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, "the server of target(s) customers cannot be derived"),
+    ({"fleet": {"max_backups_per_host": 0}}, "fleet.max_backups_per_host: Input should be greater than or equal to 1"),
+    ({"fleet": {"max_runtime": {"daily": "-1h"}}}, "fleet.max_runtime.daily"),
+    ({"fleet": {"max_runtime": {"daily": "0s"}}}, "daily: give a max_runtime of at least 1s"),
+])
+def test_the_policy_refuses_a_fleet_dagster_could_not_queue(tmp_path: Path, change: dict, message: str) -> None:
+    path = _fleet_policy(tmp_path)
+    document = yaml.safe_load(path.read_text())
+    if not change:
+        del document["targets"]["customers"]["host"]
+    else:
+        document["fleet"] = change["fleet"]
+    document["targets"]["pos_eu"].pop("tier")
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(PolicyError) as refused:
+        load_policy(path)
+    assert message in str(refused.value), str(refused.value)
