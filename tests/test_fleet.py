@@ -50,6 +50,7 @@ def test_a_schedule_tick_is_one_run_per_target_tagged_for_the_queue(tmp_path: Pa
     for name, request in by_target.items():
         assert request.run_key == f"daily:{tick.isoformat()}:{name}"
         assert request.asset_selection == [dg.AssetKey(["postgres", name, "backup"])]
+        assert request.asset_check_keys == []  # checks follow in their own run (check_new_backups)
         assert request.tags["regal/retention_class"] == "daily"
         assert request.tags["dagster/priority"] == "20" and request.tags["dagster/max_runtime"] == str(6 * 3600)
     assert {n: (r.tags["regal/host"], r.tags["regal/zone"]) for n, r in by_target.items()} == {

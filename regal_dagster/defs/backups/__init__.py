@@ -4,7 +4,7 @@ backups taken outside Dagster reported on their assets."""
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from ...engine.policy import Policy
 from .archive import archived_targets, build_archive_asset, build_archive_sensors
@@ -21,10 +21,13 @@ VERIFY_JOB = "verify_job"
 def backup_definitions(policy: Policy) -> Definitions:
     targets = sorted(policy.targets)
     backups = [build_backup_asset(policy, name) for name in targets]
+    # a scheduled run backs up one target: its one step runs in the run's process (no second process to start)
     backup_job = define_asset_job(BACKUP_JOB, selection=AssetSelection.groups(BACKUP_GROUP).without_checks(),
-                                  description="Back up every target (the checks follow in verify_job, launched by "
-                                              "the check_new_backups sensor).")
+                                  executor_def=in_process_executor,
+                                  description="Back up the targets selected (a schedule's run: one target; the checks "
+                                              "follow in verify_job, launched by the check_new_backups sensor).")
     verify_job = define_asset_job(VERIFY_JOB, selection=AssetSelection.checks_for_assets(*backups),
+                                  executor_def=in_process_executor,
                                   description="Check the newest backup of every target: after each backup run, "
                                               "daily (then every unchecked backup too), and on demand.")
     schedules = build_class_schedules(policy, BACKUP_JOB)

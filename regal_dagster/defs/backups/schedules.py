@@ -78,6 +78,7 @@ def build_class_schedule(policy: Policy, retention_class: RetentionClass, job_na
                 continue
             requests.append(RunRequest(
                 run_key=f"{retention_class}:{tick.isoformat()}:{target}", asset_selection=[keys[target]],
+                asset_check_keys=[],  # the checks follow in verify_job (check_new_backups), not in the backup run
                 tags={RETENTION_CLASS_TAG: retention_class, **fleet_tags(policy, target, retention_class)}))
         return requests or SkipReason(f"{tick.isoformat()}: {'; '.join(sorted(skipped))}")
 
