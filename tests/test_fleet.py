@@ -100,3 +100,23 @@ def test_the_policy_refuses_a_fleet_dagster_could_not_queue(tmp_path: Path, chan
     with pytest.raises(PolicyError) as refused:
         load_policy(path)
     assert message in str(refused.value), str(refused.value)
+
+
+def test_a_run_failed_by_run_monitoring_alerts_naming_its_target_and_each_target_alerts_on_its_own(
+        tmp_path: Path) -> None:
+    path = write_policy_file(tmp_path, {"till_a": "postgresql://b@db-1:5432/a", "till_b": "postgresql://b@db-1:5432/b"},
+                             alerts={"channels": [{"kind": "file", "path": "alerts.jsonl"}]})
+    defs = build_definitions(str(path))
+    instance = dg.DagsterInstance.ephemeral()
+    job = defs.resolve_job_def("backup_job")
+    for target, reason in (("till_b", "step failed"), ("till_a", "Exceeded maximum runtime of 1200 seconds.")):
+        run = instance.create_run_for_job(job, tags={"regal/target": target, "regal/host": "db-1:5432"},
+                                          asset_selection=frozenset({dg.AssetKey(["postgres", target, "backup"])}))
+        instance.report_run_failed(run, reason)  # what Dagster's run monitoring does past dagster/max_runtime
+    context = dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources)
+    defs.resolve_sensor_def("backup_alerts")(context)
+    alerts = [yaml.safe_load(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    failed = {a["target"]: a for a in alerts if a["event"] == "backup_failed"}
+    assert set(failed) == {"till_a", "till_b"}  # the newest run of the job is till_a's: till_b still alerts
+    assert "of till_a failed: Exceeded maximum runtime of 1200 seconds." in failed["till_a"]["what"]
+    assert failed["till_a"]["key"] == "run:backup_job:till_a" and failed["till_a"]["details"]["host"] == "db-1:5432"
