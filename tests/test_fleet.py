@@ -120,3 +120,62 @@ def test_a_run_failed_by_run_monitoring_alerts_naming_its_target_and_each_target
     assert set(failed) == {"till_a", "till_b"}  # the newest run of the job is till_a's: till_b still alerts
     assert "of till_a failed: Exceeded maximum runtime of 1200 seconds." in failed["till_a"]["what"]
     assert failed["till_a"]["key"] == "run:backup_job:till_a" and failed["till_a"]["details"]["host"] == "db-1:5432"
+
+
+def _files_fleet(tmp_path: Path, count: int) -> Path:
+    path = write_policy_file(tmp_path, {"pos": FIVE["pos_eu"]})
+    document = yaml.safe_load(path.read_text())
+    (tmp_path / "app.conf").write_text("setting = 1\n")
+    document["targets"] = {f"cfg_{i}": {"kind": "files", "paths": [str(tmp_path / "app.conf")]} for i in range(count)}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_sensors_read_each_manifest_once_and_a_rewritten_one_again(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sensors' catalog cache (engine/catalog.py): a second evaluation reads no manifest again; a manifest
+    rewritten since (here damaged) is read again and refused, not served from the cache. And the mirror of what
+    happened outside Dagster stops taking up targets once its evaluation's budget is spent, going on next time."""
+    from regal_dagster.defs.backups import mirror
+    from regal_dagster.engine.backup import run_backup
+    from regal_dagster.engine.catalog import list_backups
+    from regal_dagster.engine.checks import run_checks
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.layout import manifest_key
+    from regal_dagster.engine.storage import open_repository
+
+    path = _files_fleet(tmp_path, 3)
+    policy = load_policy(path)
+    keyring, repo = load_keyring(policy), open_repository(policy)
+    manifests = [run_backup(policy, t, "daily", repo=repo, keyring=keyring).manifest for t in sorted(policy.targets)]
+    for manifest in manifests:
+        run_checks(policy, repo, keyring, manifest.backup_id, trigger={"cli": "verify"})
+    defs = build_definitions(str(path))
+    instance = dg.DagsterInstance.ephemeral()
+    regal = defs.resources["regal"]
+    cache = regal.repository().manifest_cache
+    cursor, reads = None, []
+    for _ in range(2):
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+        defs.resolve_sensor_def("backup_alerts")(context)
+        cursor = context.cursor
+        reads.append(cache.reads)
+    assert reads[0] >= 3 and reads[1] == reads[0] and cache.hits >= 3  # the second evaluation: none read again
+
+    monkeypatch.setattr(mirror, "EVALUATION_BUDGET_SECONDS", 0)  # spent at once: one target per evaluation
+    cursor, mirrored = None, []
+    for _ in range(3):
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
+        result = defs.resolve_sensor_def("backups_outside_dagster")(context)
+        cursor = result.cursor
+        mirrored.append(sorted({e.asset_key.path[1] for e in result.asset_events
+                                if isinstance(e, dg.AssetMaterialization)}))
+    assert mirrored == [["cfg_0"], ["cfg_1"], ["cfg_2"]]
+
+    stored = tmp_path / "repository" / manifest_key(manifests[0].target, manifests[0].backup_id)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))  # same size, written again: a new version
+    backups, damaged = list_backups(regal.repository(), keyring)
+    assert manifests[0].backup_id not in {m.backup_id for m in backups}
+    assert [d.backup_id for d in damaged] == [manifests[0].backup_id]

@@ -9,6 +9,7 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import PrivateAttr
 
 from ..engine.backup import BackupResult, archive_problem, run_backup
+from ..engine.catalog import ManifestCache
 from ..engine.checks import CheckRecord, run_checks
 from ..engine.crypto import Keyring, load_keyring
 from ..engine.manifest import Manifest
@@ -16,6 +17,10 @@ from ..engine.policy import Policy, load_policy
 from ..engine.restore_test import RestoreTestResult, run_restore_test
 from ..engine.retention import RetentionVerdict, retention_verdicts
 from ..engine.storage import Repository, open_repository
+
+# Per policy file: the manifests this process has read and authenticated (engine/catalog.py), so that a code server
+# evaluating the sensors each minute reads only new or rewritten ones. A run's process starts with an empty one.
+_MANIFEST_CACHES: dict[str, ManifestCache] = {}
 
 
 class RegalEngine(ConfigurableResource):
@@ -32,7 +37,11 @@ class RegalEngine(ConfigurableResource):
         return self._policy
 
     def repository(self) -> Repository:
-        return open_repository(self.policy())
+        """The policy's repository, reading manifests through this process's cache for the policy (sensors list
+        every target each minute: only what changed since is read and authenticated again)."""
+        repo = open_repository(self.policy())
+        repo.manifest_cache = _MANIFEST_CACHES.setdefault(self.policy_path, ManifestCache())  # type: ignore[attr-defined]
+        return repo
 
     def keyring(self) -> Keyring:
         return load_keyring(self.policy(), self.master_key)
