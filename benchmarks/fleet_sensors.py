@@ -62,6 +62,7 @@ def generate(base: Path, targets: int, backups: int) -> Path:
 
 
 def measure(policy_file: Path) -> dict[str, list[float]]:
+    """Per sensor: each evaluation's seconds, until one finds nothing new (the steady state of every minute)."""
     import dagster as dg
 
     from regal_dagster.defs import build_definitions
@@ -73,19 +74,19 @@ def measure(policy_file: Path) -> dict[str, list[float]]:
     instance = dg.DagsterInstance.ephemeral()
     for name in SENSORS:
         cursor = None
-        for _ in range(2):
+        for _ in range(10):
             context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
                                               resources=defs.resources)
             began = time.monotonic()
             result = defs.resolve_sensor_def(name)(context)
-            if isinstance(result, dg.SensorResult):  # as the daemon does: the events reach the instance
-                cursor = result.cursor
-                for event in result.asset_events or []:
-                    if isinstance(event, dg.AssetMaterialization | dg.AssetObservation):
-                        instance.report_runless_asset_event(event)
-            else:
-                cursor = context.cursor
             times.setdefault(name, []).append(time.monotonic() - began)
+            events = result.asset_events or [] if isinstance(result, dg.SensorResult) else []
+            cursor = result.cursor if isinstance(result, dg.SensorResult) else context.cursor
+            for event in events:  # as the daemon does: the events reach the instance
+                if isinstance(event, dg.AssetMaterialization | dg.AssetObservation):
+                    instance.report_runless_asset_event(event)
+            if not events and len(times[name]) >= 2:
+                break
     return times
 
 
@@ -99,10 +100,11 @@ def main() -> int:
     policy_file = generate(base, args.targets, args.backups)
     os.environ["REGAL_POLICY"] = str(policy_file)
     times = measure(policy_file)
-    print(f"| sensor ({args.targets} targets, {args.backups} backups each) | first evaluation | next evaluation |")
-    print("|---|---|---|")
+    print(f"| sensor ({args.targets} targets, {args.backups} backups each) | first evaluation | evaluations to "
+          "catch up | steady evaluation |")
+    print("|---|---:|---:|---:|")
     for name, (first, *rest) in times.items():
-        print(f"| {name} | {first:.2f} s | {(f'{rest[0]:.2f} s' if rest else '-')} |")
+        print(f"| {name} | {first:.2f} s | {len(rest) or '-'} | {(f'{rest[-1]:.2f} s' if rest else '-')} |")
     return 0
 
 

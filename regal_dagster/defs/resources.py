@@ -30,6 +30,7 @@ class RegalEngine(ConfigurableResource):
     master_key: str | None = None  # filled from EnvVar when the policy keeps the master key in the environment
 
     _policy: Policy | None = PrivateAttr(default=None)
+    _keyring: Keyring | None = PrivateAttr(default=None)
 
     def policy(self) -> Policy:
         if self._policy is None:
@@ -44,7 +45,10 @@ class RegalEngine(ConfigurableResource):
         return repo
 
     def keyring(self) -> Keyring:
-        return load_keyring(self.policy(), self.master_key)
+        """Loaded once per resource (one sensor evaluation, one run): a sensor asks for it per target."""
+        if self._keyring is None:
+            self._keyring = load_keyring(self.policy(), self.master_key)
+        return self._keyring
 
     def backup(self, target: str, retention_class: str, trigger: dict[str, str],
                incremental: bool | None = None) -> BackupResult:
