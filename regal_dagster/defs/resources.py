@@ -9,6 +9,7 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import PrivateAttr
 
 from ..engine.backup import BackupResult, archive_problem, run_backup
+from ..engine.catalog import ManifestCache
 from ..engine.checks import CheckRecord, run_checks
 from ..engine.crypto import Keyring, load_keyring
 from ..engine.manifest import Manifest
@@ -19,6 +20,10 @@ from ..engine.retention import RetentionVerdict, retention_verdicts
 from ..engine.storage import Repository, open_repository
 from ..engine.verify import ReadSample
 
+# Per policy file: the manifests this process has read and authenticated (engine/catalog.py), so that a code server
+# evaluating the sensors each minute reads only new or rewritten ones. A run's process starts with an empty one.
+_MANIFEST_CACHES: dict[str, ManifestCache] = {}
+
 
 class RegalEngine(ConfigurableResource):
     """The backup engine for one policy file."""
@@ -27,6 +32,7 @@ class RegalEngine(ConfigurableResource):
     master_key: str | None = None  # filled from EnvVar when the policy keeps the master key in the environment
 
     _policy: Policy | None = PrivateAttr(default=None)
+    _keyring: Keyring | None = PrivateAttr(default=None)
 
     def policy(self) -> Policy:
         if self._policy is None:
@@ -34,10 +40,17 @@ class RegalEngine(ConfigurableResource):
         return self._policy
 
     def repository(self) -> Repository:
-        return open_repository(self.policy())
+        """The policy's repository, reading manifests through this process's cache for the policy (sensors list
+        every target each minute: only what changed since is read and authenticated again)."""
+        repo = open_repository(self.policy())
+        repo.manifest_cache = _MANIFEST_CACHES.setdefault(self.policy_path, ManifestCache())  # type: ignore[attr-defined]
+        return repo
 
     def keyring(self) -> Keyring:
-        return load_keyring(self.policy(), self.master_key)
+        """Loaded once per resource (one sensor evaluation, one run): a sensor asks for it per target."""
+        if self._keyring is None:
+            self._keyring = load_keyring(self.policy(), self.master_key)
+        return self._keyring
 
     def backup(self, target: str, retention_class: str, trigger: dict[str, str],
                incremental: bool | None = None) -> BackupResult:

@@ -6,6 +6,7 @@ finishes what a killed one left."""
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,45 @@ from .manifest import Manifest
 from .storage import Repository, StoredObject
 
 DELETION_KIND = "backup-deletion"  # the sealed kind of prune's deletion mark
+
+
+class ManifestCache:
+    """Manifests already read and authenticated, by key and stored version (a file's mtime and inode, an S3 ETag,
+    from the listing that found them): a reader that lists a target every minute (the Dagster sensors at hundreds
+    of targets) reads and decrypts only the manifests written or rewritten since. An object whose listing carries
+    no version is never served from here. Owned by the caller (the Dagster face keeps one per policy for its
+    process); bounded by the manifests' stored bytes, the least recently used dropped first."""
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str, str], tuple[Manifest, int]] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.reads = 0
+
+    def manifest(self, repo: Repository, keyring: Keyring, obj: StoredObject) -> Manifest:
+        """The manifest stored as `obj`, authenticated when it was read (IntegrityError when it does not)."""
+        entry = (repo.location, obj.key, obj.version)
+        if obj.version and (found := self._entries.get(entry)) is not None:
+            self._entries.move_to_end(entry)
+            self.hits += 1
+            return found[0]
+        self.reads += 1
+        manifest = Manifest.from_bytes(repo.get_bytes(obj.key), obj.key, keyring)
+        if obj.version and obj.size <= self.max_bytes // 8:
+            self._entries[entry] = (manifest, obj.size)
+            self._bytes += obj.size
+            while self._bytes > self.max_bytes:
+                _, (_, size) = self._entries.popitem(last=False)
+                self._bytes -= size
+        return manifest
+
+
+def read_manifest(repo: Repository, keyring: Keyring, obj: StoredObject) -> Manifest:
+    """The manifest listed as `obj`: through the repository's manifest cache when it has one (with_cache)."""
+    cache = getattr(repo, "manifest_cache", None)
+    if isinstance(cache, ManifestCache):
+        return cache.manifest(repo, keyring, obj)
+    return Manifest.from_bytes(repo.get_bytes(obj.key), obj.key, keyring)
 
 
 def being_deleted(repo: Repository, keyring: Keyring, target: str, backup_id: str) -> bool:
@@ -82,7 +122,7 @@ def list_backups(repo: Repository, keyring: Keyring, target: str | None = None, 
                                              "(deleted?)", size, has_manifest=False))
             continue
         try:
-            backups.append(Manifest.from_bytes(repo.get_bytes(key), key, keyring))
+            backups.append(read_manifest(repo, keyring, next(o for o in stored if o.key == key)))
         except IntegrityError as exc:
             damaged.append(DamagedBackup(name, backup_id, key, exc.message, size, has_manifest=True))
     backups.sort(key=lambda m: (m.started_at, m.backup_id))
@@ -123,22 +163,22 @@ def newest_first(repo: Repository, keyring: Keyring, target: str) -> Iterator[Ma
     `list_backups` reads them all. Backup ids carry their start to the second; within a second the
     manifests' own start times decide. Manifests that fail authentication are left out (list_backups
     reports them)."""
-    by_second: dict[datetime, list[str]] = {}
+    by_second: dict[datetime, list[StoredObject]] = {}
     marked: set[str] = set()  # backup ids with a deletion mark
     for obj in repo.list(target_prefix(target)):
         if is_manifest_key(obj.key):
             started = started_of(obj.key.split("/")[-2]) or datetime.min.replace(tzinfo=UTC)
-            by_second.setdefault(started, []).append(obj.key)
+            by_second.setdefault(started, []).append(obj)
         elif obj.key.endswith("/" + DELETING_NAME):
             marked.add(obj.key.split("/")[-2])
     for second in sorted(by_second, reverse=True):
         same_second = []
-        for key in by_second[second]:
-            backup_id = key.split("/")[-2]
+        for obj in by_second[second]:
+            backup_id = obj.key.split("/")[-2]
             if backup_id in marked and being_deleted(repo, keyring, target, backup_id):
                 continue
             with contextlib.suppress(IntegrityError):
-                same_second.append(Manifest.from_bytes(repo.get_bytes(key), key, keyring))
+                same_second.append(read_manifest(repo, keyring, obj))
         yield from sorted(same_second, key=lambda m: (m.started_at, m.backup_id), reverse=True)
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
 from .errors import PolicyError, UsageError
+from .fleet import FleetConfig
 from .monitoring_config import MonitoringConfig
 from .policy_location import POLICY_ENV, policy_file
 from .retention_classes import RETENTION_CLASSES, RetentionClass
@@ -30,6 +31,7 @@ from .settings import (  # the fragments below the plug-ins that the policy asse
     EncryptionConfig,
     ErasureSubjectConfig,
     RepositorySettings,
+    ScheduleConfig,
     Settings,
     TargetSettings,
     default_jobs,
@@ -79,11 +81,6 @@ else:  # every source kind's settings, told apart by `kind` (engine/sources/<kin
         Discriminator(_repository_backend)]
 _REPOSITORY_TAGS = {b.kind for b in backends()} | {_UNSERVED}
 
-
-
-class ScheduleConfig(Settings):
-    cron: Cron
-    first_in_month: bool = Field(False, description="run only on the first matching day of each month")
 
 
 def _default_schedules() -> dict[RetentionClass, ScheduleConfig]:
@@ -252,6 +249,7 @@ class Policy(Settings):
     monitoring: MonitoringConfig = MonitoringConfig()
     audit: AuditConfig | None = None
     reports: ReportsConfig = ReportsConfig()
+    fleet: FleetConfig = FleetConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
     # SHA-256 of the policy file as loaded (the audit trail records every change of it).
@@ -274,7 +272,40 @@ class Policy(Settings):
         for name in targets:
             if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
                 raise ValueError(f"target name '{name}': use lower-case letters, digits and _")
+        underivable = sorted(name for name, config in targets.items() if not config.host and not config.endpoint())
+        if underivable:
+            raise ValueError(f"the server of target(s) {', '.join(underivable)} cannot be derived from the DSN or URL "
+                             "(its host is a ${VARIABLE}): give each a `host:` (the server's name, for the "
+                             "per-host run limit)")
         return targets
+
+    @model_validator(mode="after")
+    def _known_tiers(self) -> Policy:
+        unknown = sorted(f"{name} (tier '{config.tier}')" for name, config in self.targets.items()
+                         if config.tier and config.tier not in self.fleet.tiers)
+        if unknown:
+            tiers = ", ".join(sorted(self.fleet.tiers)) or "none"
+            raise ValueError(f"targets {', '.join(unknown)}: no such tier in fleet.tiers (its tiers: {tiers})")
+        return self
+
+    def host_of(self, name: str) -> str:
+        """The server a target lives on (`regal/host`): its `host:`, else derived from its DSN or URL."""
+        config = self.target(name)
+        return config.host or config.endpoint() or "local"
+
+    def zone_of(self, name: str) -> str:
+        return self.target(name).zone or self.fleet.default_zone
+
+    def schedules_for(self, name: str) -> dict[RetentionClass, tuple[str, ScheduleConfig]]:
+        """The target's crons per class, each with where it comes from: `policy`, `tier:<name>`, `target`."""
+        config = self.target(name)
+        found: dict[RetentionClass, tuple[str, ScheduleConfig]] = {
+            cls: ("policy", schedule) for cls, schedule in self.schedules.items()}
+        if config.tier:
+            tier = self.fleet.tiers[config.tier]
+            found.update({cls: (f"tier:{config.tier}", s) for cls, s in tier.schedules.items()})
+        found.update({cls: ("target", s) for cls, s in config.schedules.items()})
+        return found
 
     def target(self, name: str) -> TargetConfig:
         if name not in self.targets:
@@ -333,11 +364,13 @@ class Policy(Settings):
             names.add(self.monitoring.watchdog.heartbeat_url_env)
         return names
 
-    def retention_class_for_tick(self, tick: datetime) -> RetentionClass | None:
-        """The class a backup started at `tick` belongs to: the highest class scheduled then."""
+    def retention_class_for_tick(self, tick: datetime, target: str | None = None) -> RetentionClass | None:
+        """The class a backup started at `tick` belongs to: the highest class scheduled then (for `target`: by its
+        own schedules, its tier's and the policy's)."""
+        schedules = {cls: s for cls, (_, s) in self.schedules_for(target).items()} if target else self.schedules
         chosen: RetentionClass | None = None
         for cls in RETENTION_CLASSES:
-            schedule = self.schedules.get(cls)
+            schedule = schedules.get(cls)
             if schedule and CronExpression.parse(schedule.cron).matches(tick) and (
                 not schedule.first_in_month or is_first_match_in_month(schedule.cron, tick)
             ):

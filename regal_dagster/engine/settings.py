@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .errors import PolicyError, UsageError
+from .retention_classes import RetentionClass
 from .transport import Transport
 
 
@@ -90,6 +91,11 @@ def resolve_policy_path(base_dir: Path, path: str) -> Path:
 DataClass = Literal["payment data", "personal data", "operational data", "configuration"]
 
 
+class ScheduleConfig(Settings):
+    cron: Cron
+    first_in_month: bool = Field(False, description="run only on the first matching day of each month")
+
+
 class TargetSettings(Settings):
     """What every target has; a kind adds its own settings and `kind: Literal[\"<kind>\"]`."""
 
@@ -100,6 +106,18 @@ class TargetSettings(Settings):
     data_classes: list[DataClass] = Field(default_factory=list, description="what it holds, for the report's scope")
     jobs: int | None = Field(None, ge=1, le=32, description="parallel workers for this target's backups, checks, "
                              "restores and restore tests (default: the policy's `jobs`)")
+    host: str | None = Field(None, min_length=1, description="the server this target lives on, for the per-host "
+                             "run limit (`regal/host`; default: derived from the DSN or URL)")
+    zone: str | None = Field(None, min_length=1, description="the network zone whose workers back it up "
+                             "(`regal/zone`; default: the policy's `fleet.default_zone`)")
+    tier: str | None = Field(None, min_length=1, description="a tier of `fleet.tiers` whose schedules it follows")
+    schedules: dict[RetentionClass, ScheduleConfig] = Field(
+        default_factory=dict, description="crons of this target alone, over its tier's and the policy's")
+
+    def endpoint(self) -> str | None:
+        """The server or endpoint a backup of this target reads from (`regal/host`), when its settings say it;
+        None when they cannot (a host given by a ${VARIABLE}). A kind reading this machine's files: `local`."""
+        return "local"
 
     def transports(self, name: str) -> list[Transport]:
         """The network connections a backup of this target makes, and whether each is encrypted (a kind

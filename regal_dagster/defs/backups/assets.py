@@ -27,6 +27,7 @@ from ...engine.storage import backend_for
 from ..resources import RegalEngine
 
 BACKUP_GROUP = "backups"
+REPOSITORY_POOL = "regal_repository"  # a pool of the run queue (defs/instance.py): the repository's uploads
 RETENTION_CLASS_TAG = "regal/retention_class"
 
 
@@ -182,6 +183,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
                     "outside Dagster count too: the backups_outside_dagster sensor reports them).",
         freshness_policy=freshness,
         tags={"regal/target": target},
+        pool=REPOSITORY_POOL,
         metadata={"regal/rpo": _span(rpo), "regal/freshness_warn_after": _span(warn) if warn else "-",
                   "regal/freshness_fail_after": _span(fail)},
     )

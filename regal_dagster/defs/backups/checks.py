@@ -19,6 +19,7 @@ import secrets
 
 from dagster import (
     AssetCheckExecutionContext,
+    AssetCheckKey,
     AssetCheckResult,
     AssetChecksDefinition,
     AssetCheckSeverity,
@@ -36,6 +37,7 @@ from ...engine.checks import check_names, check_spec, unchecked_backups
 from ...engine.outcomes import bounds_recovery
 from ...engine.policy import Policy
 from ...engine.verify import ReadSample
+from ..fleet import fleet_tags
 from ..resources import RegalEngine
 from .assets import backup_asset_key, recoverability_metadata, retention_metadata
 
@@ -44,18 +46,26 @@ UNCHECKED_TAG = "regal/unchecked"  # "all": every unchecked backup of the target
 
 
 def build_verification_schedule(policy: Policy, verify_job) -> ScheduleDefinition:
-    """The daily verification; on Sundays (UTC) it reads all the proved WAL of postgres_cluster targets again (the
-    other days, a share: docs/pitr.md)."""
+    """The daily verification, one run per target; on Sundays (UTC) it reads all the proved WAL of postgres_cluster
+    targets again (the other days, a share: docs/pitr.md)."""
     cron = policy.checks.verify_cron
+    checks = {target: [AssetCheckKey(backup_asset_key(config.kind, target), name)
+                       for name in check_names(config.kind, offsite=policy.offsite is not None)]
+              for target, config in sorted(policy.targets.items())}
 
     @schedule(name="daily_verification", job=verify_job, cron_schedule=cron, execution_timezone="UTC",
               default_status=DefaultScheduleStatus.RUNNING,
-              description=f"Every target's newest backup read back and checked again ({cron} UTC): storage bit rot "
-                          "or tampering is found within a day; every unchecked backup checked too (as `verify "
-                          "--latest --unchecked`). The proved WAL: a share each day, all on Sundays.")
-    def _verification(context: ScheduleEvaluationContext) -> RunRequest:
-        weekly = context.scheduled_execution_time.weekday() == 6
-        return RunRequest(tags={UNCHECKED_TAG: "all", **({WAL_REREAD_TAG: "all"} if weekly else {})})
+              description=f"Every target's newest backup read back and checked again ({cron} UTC, one run per "
+                          "target): storage bit rot or tampering is found within a day; every unchecked backup "
+                          "checked too (as `verify --latest --unchecked`). The proved WAL: a share each day, all on "
+                          "Sundays.")
+    def _verification(context: ScheduleEvaluationContext) -> list[RunRequest]:
+        tick = context.scheduled_execution_time
+        weekly = tick.weekday() == 6
+        return [RunRequest(run_key=f"verify:{tick.isoformat()}:{target}", asset_check_keys=keys,
+                           tags={UNCHECKED_TAG: "all", **({WAL_REREAD_TAG: "all"} if weekly else {}),
+                                 **fleet_tags(policy, target, "verify")})
+                for target, keys in checks.items()]
 
     return _verification
 

@@ -22,6 +22,7 @@ one sensor interval, failures as well as successes.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +54,9 @@ from ..resources import RegalEngine
 from .assets import NO_GOOD_BACKUP, backup_asset_key, backup_metadata, recoverability_metadata
 
 SYNC_EVERY_SECONDS = 30
+# One evaluation stops taking up targets after this long (Dagster gives a sensor 60 s): mirroring a fleet's whole
+# history the first time (500 targets with months of backups) takes several evaluations, each one finished.
+EVALUATION_BUDGET_SECONDS = 20
 
 AssetEvent = AssetMaterialization | AssetObservation | AssetCheckEvaluation
 
@@ -90,8 +94,18 @@ def build_outside_sensor(policy: Policy) -> SensorDefinition:
     def _sync(context: SensorEvaluationContext, regal: RegalEngine) -> SensorResult:
         cursor = MirrorCursor.parse(context.cursor)
         events: list[AssetEvent] = []
-        for target in sorted(regal.policy().targets):
+        began, left, done = time.monotonic(), [], 0
+        # targets never mirrored yet first (a new fleet, a new target), then the others; at least one each time
+        for target in sorted(regal.policy().targets, key=lambda t: (t in cursor.records, t)):
+            if done and time.monotonic() - began > EVALUATION_BUDGET_SECONDS:
+                left.append(target)  # the next evaluation goes on from them: their cursor did not move
+                continue
             events += _target_events(context.instance, regal, target, cursor)
+            done += 1
+        if left:
+            named = ", ".join(left[:10]) + (" ..." if len(left) > 10 else "")
+            context.log.info(f"{len(left)} targets left for the next evaluation (this one took its "
+                             f"{EVALUATION_BUDGET_SECONDS} s): {named}")
         return SensorResult(asset_events=events, cursor=cursor.dump())
 
     return _sync

@@ -1,6 +1,10 @@
-"""One schedule per retention class. When two classes fall on the same minute, the higher class runs
-and the lower one skips the tick, so one backup is taken, not two (monthly > weekly > daily > hourly)."""
+"""One schedule per retention class and cron: each tick is one run per target (run key `class:tick:target`),
+tagged for the run queue (defs/fleet.py), so a slow, hung or failed target holds no other. A target (or its
+tier) may give a class its own cron: it is then ticked by a schedule of its own (`hourly_backups__tier_store`,
+`daily_backups__target_pos`). When two classes fall on the same minute for a target, the higher class runs and
+the lower one skips it, so one backup is taken, not two (monthly > weekly > daily > hourly)."""
 
+from __future__ import annotations
 
 from dagster import (
     DefaultScheduleStatus,
@@ -12,8 +16,10 @@ from dagster import (
 )
 
 from ...engine.policy import Policy
-from ...engine.settings import describe_cron
-from .assets import RETENTION_CLASS_TAG
+from ...engine.retention_classes import RetentionClass
+from ...engine.settings import ScheduleConfig, describe_cron
+from ..fleet import fleet_tags
+from .assets import RETENTION_CLASS_TAG, backup_asset_key
 
 
 def dagster_cron(cron: str, first_in_month: bool) -> str:
@@ -26,26 +32,54 @@ def dagster_cron(cron: str, first_in_month: bool) -> str:
     return cron
 
 
-def build_class_schedule(policy: Policy, retention_class: str, job_name: str) -> ScheduleDefinition:
-    cron = policy.schedules[retention_class].cron  # type: ignore[index]
+def schedule_name(retention_class: str, origin: str) -> str:
+    """`hourly_backups` for the policy's cron; `hourly_backups__tier_store` / `__target_pos` for an override."""
+    return f"{retention_class}_backups" + ("" if origin == "policy" else "__" + origin.replace(":", "_"))
+
+
+def class_schedule_groups(policy: Policy) -> dict[tuple[RetentionClass, str], tuple[ScheduleConfig, list[str]]]:
+    """(class, origin) -> the cron and the targets it ticks (origin: `policy`, `tier:<name>`, `target:<name>`)."""
+    groups: dict[tuple[RetentionClass, str], tuple[ScheduleConfig, list[str]]] = {}
+    for target in sorted(policy.targets):
+        for cls, (origin, config) in policy.schedules_for(target).items():
+            key = (cls, f"target:{target}" if origin == "target" else origin)
+            groups.setdefault(key, (config, []))[1].append(target)
+    return groups
+
+
+def build_class_schedules(policy: Policy, job_name: str) -> list[ScheduleDefinition]:
+    return [build_class_schedule(policy, cls, job_name, origin, config, targets)
+            for (cls, origin), (config, targets) in sorted(class_schedule_groups(policy).items())]
+
+
+def build_class_schedule(policy: Policy, retention_class: RetentionClass, job_name: str, origin: str,
+                         config: ScheduleConfig, targets: list[str]) -> ScheduleDefinition:
+    keys = {t: backup_asset_key(policy.target(t).kind, t) for t in targets}
+    whose = "every target" if origin == "policy" and len(targets) == len(policy.targets) else \
+        f"{', '.join(targets)}" + (f" (tier {origin.split(':', 1)[1]})" if origin.startswith("tier:") else "")
 
     @schedule(
-        name=f"{retention_class}_backups",
-        cron_schedule=dagster_cron(cron, policy.schedules[retention_class].first_in_month),  # type: ignore[index]
+        name=schedule_name(retention_class, origin),
+        cron_schedule=dagster_cron(config.cron, config.first_in_month),
         job_name=job_name,
         execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,
-        description=f"{retention_class.capitalize()} backups of every target: "
-                    f"{describe_cron(cron, policy.schedules[retention_class].first_in_month)}; "  # type: ignore[index]
+        description=f"{retention_class.capitalize()} backups of {whose}: "
+                    f"{describe_cron(config.cron, config.first_in_month)}; one run per target; "
                     "when a higher class is scheduled at the same minute, that one runs instead.",
     )
-    def _schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    def _schedule(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
         tick = context.scheduled_execution_time
-        owner = policy.retention_class_for_tick(tick)
-        if owner != retention_class:
-            reason = f"the {owner} backup runs at this time" if owner else "not the first such day of the month"
-            return SkipReason(f"{tick.isoformat()}: {reason}")
-        return RunRequest(run_key=f"{retention_class}-{tick.isoformat()}",
-                          tags={RETENTION_CLASS_TAG: retention_class})
+        requests, skipped = [], set()
+        for target in targets:
+            owner = policy.retention_class_for_tick(tick, target)
+            if owner != retention_class:
+                skipped.add(f"the {owner} backup runs at this time" if owner else "not the first such day of the month")
+                continue
+            requests.append(RunRequest(
+                run_key=f"{retention_class}:{tick.isoformat()}:{target}", asset_selection=[keys[target]],
+                asset_check_keys=[],  # the checks follow in verify_job (check_new_backups), not in the backup run
+                tags={RETENTION_CLASS_TAG: retention_class, **fleet_tags(policy, target, retention_class)}))
+        return requests or SkipReason(f"{tick.isoformat()}: {'; '.join(sorted(skipped))}")
 
     return _schedule

@@ -16,6 +16,7 @@ from dagster import (
 
 from ...engine.checks import check_names
 from ...engine.policy import Policy
+from ..fleet import TARGET_TAG, fleet_tags
 from .assets import backup_asset_key
 
 if TYPE_CHECKING:  # what define_asset_job returns; dagster does not export its name
@@ -34,7 +35,9 @@ def build_check_sensor(policy: Policy, backup_job: "UnresolvedAssetJobDefinition
         selected = context.dagster_run.asset_selection or set(targets)
         keys = [AssetCheckKey(key, name) for key in sorted(selected, key=str) if key in targets
                 for name in check_names(targets[key][1], offsite=policy.offsite is not None)]
+        backed_up = context.dagster_run.tags.get(TARGET_TAG)
+        queue = fleet_tags(policy, backed_up if backed_up in policy.targets else None, "verify")
         return RunRequest(run_key=f"checks-{context.dagster_run.run_id}", asset_check_keys=keys,
-                          tags={"regal/backup_run": context.dagster_run.run_id})
+                          tags={"regal/backup_run": context.dagster_run.run_id, **queue})
 
     return _after_backup

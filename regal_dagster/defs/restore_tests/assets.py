@@ -28,6 +28,7 @@ from ...engine.sources.registry import source_for
 from ..backups.assets import backup_asset_key
 from ..resources import RegalEngine
 
+SCRATCH_POOL = "regal_scratch_servers"  # a pool of the run queue (defs/instance.py): scratch servers here
 RESTORE_TEST_GROUP = "restore_tests"
 
 
@@ -103,7 +104,7 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
            check_specs=[AssetCheckSpec("validation_passed", asset=key,
                                        description=f"The restore matches the backup: {source.restore_test_proves}."),
                         AssetCheckSpec("rto_within_target", asset=key, description=f"Measured RTO within {rto}.")],
-           tags={"regal/target": target})
+           tags={"regal/target": target}, pool=SCRATCH_POOL)
     def _restore_test(context: AssetExecutionContext, config: RestoreTestConfig,
                       regal: RegalEngine) -> MaterializeResult:
         trigger = {"dagster_run_id": context.run.run_id}

@@ -17,6 +17,7 @@ from dagster import (
 )
 
 from ...engine.policy import Policy
+from ..fleet import fleet_tags
 
 DRILL_JOB = "dr_drill_job"
 
@@ -44,6 +45,7 @@ def build_drill_job(policy: Policy, policy_path: str) -> tuple[JobDefinition, Sc
     drill_schedule = ScheduleDefinition(name="quarterly_dr_drill", job=dr_drill_job,
                                         cron_schedule=policy.restore_tests.drill_cron, execution_timezone="UTC",
                                         default_status=DefaultScheduleStatus.RUNNING,
+                                        tags=fleet_tags(policy, None, "drill"),
                                         description="The quarterly disaster-recovery drill "
                                                     f"({policy.restore_tests.drill_cron} UTC): every target rebuilt "
                                                     "from the repository alone, RTO and RPO measured.")

@@ -14,6 +14,7 @@ from dagster import (
 
 from ...engine.policy import Policy
 from ...engine.sampling import draw_restore_sample
+from ..fleet import fleet_tags
 from ..resources import RegalEngine
 from .assets import restore_test_key, restore_test_run_config
 
@@ -33,7 +34,8 @@ def build_monthly_sample_schedule(policy: Policy, restore_job_name: str) -> Sche
         return [RunRequest(run_key=f"sample-{sample.seed}-{backup_id}",
                            asset_selection=[restore_test_key(policy.target(target).kind, target)],
                            run_config=restore_test_run_config(policy, target, backup_id),
-                           tags={"regal/backup_id": backup_id, "regal/sample_seed": sample.seed})
+                           tags={"regal/backup_id": backup_id, "regal/sample_seed": sample.seed,
+                                 **fleet_tags(policy, target, "restore_test")})
                 for target, backup_id in sample.chosen]
 
     return _schedule

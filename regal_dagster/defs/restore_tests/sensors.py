@@ -13,6 +13,7 @@ from dagster import (
 
 from ...engine.checks import good_newest_first
 from ...engine.policy import Policy
+from ..fleet import fleet_tags
 from ..resources import RegalEngine
 from .assets import restore_test_key, restore_test_run_config
 
@@ -26,16 +27,18 @@ def build_new_backup_sensor(policy: Policy, restore_job_name: str) -> SensorDefi
     def _sensor(context: SensorEvaluationContext, regal: RegalEngine) -> list[RunRequest] | SkipReason:
         since = context.cursor or ""
         requests, newest = [], since
+        repo, keyring = regal.repository(), regal.keyring()  # once per evaluation, not per target
         for target, config in sorted(regal.policy().targets.items()):
             # newest first, down to the cursor: a tick reads the new backups, not the whole history
             fresh = itertools.takewhile(lambda m: m.finished_at.isoformat() > since,
-                                        good_newest_first(regal.repository(), regal.keyring(), target))
+                                        good_newest_first(repo, keyring, target))
             for manifest in reversed([m for m in fresh if m.retention_class in classes]):
                 newest = max(newest, manifest.finished_at.isoformat())
                 requests.append(RunRequest(run_key=manifest.backup_id,
                                            asset_selection=[restore_test_key(config.kind, target)],
                                            run_config=restore_test_run_config(policy, target, manifest.backup_id),
-                                           tags={"regal/backup_id": manifest.backup_id}))
+                                           tags={"regal/backup_id": manifest.backup_id,
+                                                 **fleet_tags(policy, target, "restore_test")}))
         context.update_cursor(newest)
         return requests or SkipReason("no new good backup to restore-test")
 

@@ -55,7 +55,7 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Self
@@ -96,6 +96,9 @@ def key_outside(key: str, location: str) -> RegalError:
 class StoredObject:
     key: str
     size: int
+    # what changes whenever the object is written again (a file's mtime and inode, an S3 ETag); "" when the backend
+    # cannot tell: a reader's cache (catalog.ManifestCache) never serves such an object
+    version: str = field(default="", compare=False)
 
 
 class ObjectWriter(ABC):

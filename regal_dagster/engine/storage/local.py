@@ -255,10 +255,10 @@ class LocalRepository(Repository):
                 subdirectories.append(entry)
             elif not entry.name.endswith(PARTIAL_SUFFIX):
                 try:
-                    size = entry.stat(follow_symlinks=False).st_size
+                    stat = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:  # deleted meanwhile
                     continue
-                yield StoredObject(key_prefix + entry.name, size)
+                yield StoredObject(key_prefix + entry.name, stat.st_size, f"{stat.st_mtime_ns}-{stat.st_ino}")
         for entry in subdirectories:
             yield from self._scan(entry.path, key_prefix + entry.name + "/")
 

@@ -324,7 +324,7 @@ class S3Repository(Repository):
         with self._errors(prefix):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.full_key(prefix)):
                 for item in page.get("Contents", []):
-                    yield StoredObject(item["Key"][start:], item["Size"])
+                    yield StoredObject(item["Key"][start:], item["Size"], str(item.get("ETag", "")))
 
     def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError

@@ -31,6 +31,18 @@ class DsnTarget(TargetSettings):
 
         return str(conninfo_to_dict(self.dsn).get("password") or "")
 
+    def endpoint(self) -> str | None:
+        """host:port of the server, as the DSN writes it (no host: `local`, libpq's Unix socket); None when the
+        host or port is a ${VARIABLE}."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(self.dsn)
+        host = str(params.get("host") or params.get("hostaddr") or "local")
+        port = str(params.get("port") or "5432")
+        if "${" in host or "${" in port:
+            return None
+        return f"{host}:{port}"
+
     def transports(self, name: str) -> list[Transport]:
         from ...postgresql.connection import dsn_transport
 

@@ -25,6 +25,15 @@ class RedisTarget(TargetSettings):
 
         return urlsplit(self.url).password or ""
 
+    def endpoint(self) -> str | None:
+        """host:port of the server; None when the URL's host or port is a ${VARIABLE}."""
+        from urllib.parse import urlsplit
+
+        netloc = urlsplit(self.url).netloc.rpartition("@")[2]
+        if "${" in netloc or not netloc:
+            return None
+        return netloc if ":" in netloc.strip("[]").split("]")[-1] else f"{netloc}:6379"
+
     def transports(self, name: str) -> list[Transport]:
         try:
             url = self.resolved_url()

@@ -1,0 +1,112 @@
+"""One evaluation of each repository-reading sensor at fleet size: a generated local repository of N `files`
+targets (each a small file, BACKUPS good backups each, checked), then every sensor evaluated twice on one
+Dagster instance (the first evaluation builds the cursor, the second is the steady state each minute).
+
+    .venv/bin/python benchmarks/fleet_sensors.py --targets 500 --backups 2 [--dir /tmp/fleet500]
+
+The repository is kept in --dir and reused by the next run with the same size (generating it takes minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SENSORS = ["rpo_watch", "backup_alerts", "backups_outside_dagster", "restore_test_new_backups"]
+
+
+def generate(base: Path, targets: int, backups: int) -> Path:
+    from regal_dagster.engine import crypto
+    from regal_dagster.engine.backup import run_backup
+    from regal_dagster.engine.checks import run_checks
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.repository_format import initialize
+    from regal_dagster.engine.storage import open_repository
+
+    policy_file = base / "regal_backup.yaml"
+    done = base / f"generated-{targets}x{backups}"
+    if done.exists():
+        return policy_file
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "master.key").write_text(crypto.generate_master_key())
+    os.chmod(base / "master.key", 0o600)
+    data = base / "data"
+    data.mkdir(exist_ok=True)
+    document = {"repository": {"url": "repository"},
+                "encryption": {"keyset": "keyset.json", "master_key": {"file": "master.key"}},
+                "targets": {}, "rpo": "1d"}
+    for index in range(targets):
+        name = f"store_{index:04d}"
+        (data / f"{name}.conf").write_text(f"store = {index}\n" * 20)
+        document["targets"][name] = {"kind": "files", "paths": [str(data / f"{name}.conf")]}
+    policy_file.write_text(yaml.safe_dump(document))
+    policy = load_policy(policy_file)
+    keyring = crypto.create_keyset(policy)
+    repo = open_repository(policy)
+    initialize(repo, keyring)
+    started = time.monotonic()
+    for name in sorted(policy.targets):
+        for _ in range(backups):
+            result = run_backup(policy, name, "daily", repo=repo, keyring=keyring, trigger={"benchmark": "fleet"})
+            run_checks(policy, repo, keyring, result.manifest.backup_id, trigger={"benchmark": "fleet"})
+    print(f"generated {targets} targets x {backups} backups in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    done.touch()
+    return policy_file
+
+
+def measure(policy_file: Path) -> dict[str, list[float]]:
+    """Per sensor: each evaluation's seconds, until one finds nothing new (the steady state of every minute)."""
+    import dagster as dg
+
+    from regal_dagster.defs import build_definitions
+
+    started = time.monotonic()
+    defs = build_definitions(str(policy_file))
+    dg.Definitions.validate_loadable(defs)
+    times: dict[str, list[float]] = {"(code location load)": [time.monotonic() - started]}
+    instance = dg.DagsterInstance.ephemeral()
+    for name in SENSORS:
+        cursor = None
+        for _ in range(10):
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                              resources=defs.resources)
+            began = time.monotonic()
+            result = defs.resolve_sensor_def(name)(context)
+            times.setdefault(name, []).append(time.monotonic() - began)
+            events = result.asset_events or [] if isinstance(result, dg.SensorResult) else []
+            cursor = result.cursor if isinstance(result, dg.SensorResult) else context.cursor
+            for event in events:  # as the daemon does: the events reach the instance
+                if isinstance(event, dg.AssetMaterialization | dg.AssetObservation):
+                    instance.report_runless_asset_event(event)
+            if not events and len(times[name]) >= 2:
+                break
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", type=int, default=500)
+    parser.add_argument("--backups", type=int, default=2, help="good backups per target")
+    parser.add_argument("--dir", type=Path, default=None, help="where the generated repository is kept")
+    args = parser.parse_args()
+    base = args.dir or Path(f"/tmp/regal-fleet-{args.targets}x{args.backups}")
+    policy_file = generate(base, args.targets, args.backups)
+    os.environ["REGAL_POLICY"] = str(policy_file)
+    times = measure(policy_file)
+    print(f"| sensor ({args.targets} targets, {args.backups} backups each) | first evaluation | evaluations to "
+          "catch up | steady evaluation |")
+    print("|---|---:|---:|---:|")
+    for name, (first, *rest) in times.items():
+        print(f"| {name} | {first:.2f} s | {len(rest) or '-'} | {(f'{rest[-1]:.2f} s' if rest else '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The tags that put one run of one target into Dagster's run queue (the policy's `fleet` section,
+engine/fleet.py): the queued run coordinator limits runs per `regal/host` and per `regal/target`
+(docs/dagster-fleet.yaml), orders them by `dagster/priority`, and run monitoring fails one past its
+`dagster/max_runtime`; `regal/zone` names the workers that reach the target."""
+
+from __future__ import annotations
+
+from ..engine.fleet import PRIORITY, Activity
+from ..engine.policy import Policy
+
+TARGET_TAG = "regal/target"
+HOST_TAG = "regal/host"
+ZONE_TAG = "regal/zone"
+PRIORITY_TAG = "dagster/priority"
+MAX_RUNTIME_TAG = "dagster/max_runtime"
+
+
+def fleet_tags(policy: Policy, target: str | None, activity: Activity) -> dict[str, str]:
+    """The run's queue tags: of `target`, or of a run over the whole fleet (None: priority and runtime only)."""
+    tags = {PRIORITY_TAG: str(PRIORITY[activity]),
+            MAX_RUNTIME_TAG: str(int(policy.fleet.max_runtime[activity].total_seconds()))}
+    if target is not None:
+        tags |= {TARGET_TAG: target, HOST_TAG: policy.host_of(target), ZONE_TAG: policy.zone_of(target)}
+    return tags
