@@ -266,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="recompute the hash chain; name the first edited, deleted, inserted or moved entry")
     p.set_defaults(func="commands:cmd_audit_verify")
 
-    p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (GDPR, SOX, PCI DSS)")
+    p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (PCI DSS, SOX, GDPR, "
+                                                        "SOC 2, ISO 27001, HIPAA, DORA, NIS2, NIST SP 800-53)")
+    p.add_argument("--framework", action="append", metavar="ID",
+                   help="a framework in scope (repeatable): pci, sox, gdpr, soc2, iso27001, hipaa, dora, nis2, "
+                        "nist80053 (default: the policy's reports.frameworks)")
     p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month; the current one is an interim "
                                     "report, a future one is refused)")
     p.add_argument("--output", help="also write the PDF here, and its OSCAL results beside it "

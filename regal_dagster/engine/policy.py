@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .channels.base import ChannelSettings
 from .channels.registry import channel_kinds, channel_models
@@ -198,6 +198,10 @@ class ReportsConfig(Settings):
                     "entries replace the defaults of the same key only")
     remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after "
                                   "the end of the period it was found in")
+    frameworks: list[str] = Field(default_factory=lambda: ["pci", "sox", "gdpr"], min_length=1,
+                                  description="the compliance frameworks in scope, by id: pci, sox, gdpr, soc2, "
+                                  "iso27001, hipaa, dora, nis2, nist80053 (`regal-backup report --framework` "
+                                  "overrides)")
 
     @field_validator("exception_owners")
     @classmethod
@@ -212,6 +216,16 @@ class ReportsConfig(Settings):
     def owner_of(self, control_id: str) -> str:
         owners = self.exception_owners
         return owners.get(control_id) or owners.get(control_id[:2], "Backup service owner")
+
+
+class TierConfig(Settings):
+    """A criticality tier (from the business impact analysis): what every target of it must get."""
+
+    backup_every: Duration = Field(description="the minimum backup frequency: no two successful backups further "
+                                   "apart than this")
+    rpo: Duration = Field(description="the recovery point objective it implies (a target's own `rpo` wins)")
+    rto: Duration = Field(description="the recovery time objective it implies (a target's own `rto` wins)")
+    description: str | None = None
 
 
 class DagsterConfig(Settings):
@@ -230,6 +244,8 @@ class Policy(Settings):
     jobs: int = Field(default_factory=default_jobs, ge=1, le=32,
                       description="parallel workers for backups, checks, restores and restore tests (default: "
                                   "the CPU count, at most 8); a target's own `jobs` wins")
+    tiers: dict[str, TierConfig] = Field(default_factory=dict, description="criticality tiers by name (e.g. "
+                                         "tier1): targets name theirs with `tier`")
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
     prune: PruneConfig = PruneConfig()
@@ -265,6 +281,18 @@ class Policy(Settings):
                 raise ValueError(f"target name '{name}': use lower-case letters, digits and _")
         return targets
 
+    @model_validator(mode="after")
+    def _tiers_known(self) -> Policy:
+        for name, target in self.targets.items():
+            if target.tier is not None and target.tier not in self.tiers:
+                raise ValueError(f"targets.{name}.tier: '{target.tier}' is not one of the policy's tiers "
+                                 f"({', '.join(sorted(self.tiers)) or 'none defined: add `tiers:`'})")
+        return self
+
+    def tier_of(self, name: str) -> TierConfig | None:
+        tier = self.target(name).tier
+        return self.tiers[tier] if tier else None
+
     def target(self, name: str) -> TargetConfig:
         if name not in self.targets:
             known = ", ".join(sorted(self.targets)) or "none"
@@ -273,10 +301,13 @@ class Policy(Settings):
         return self.targets[name]
 
     def rpo_for(self, name: str) -> timedelta:
-        return self.target(name).rpo or self.rpo
+        """The target's own RPO, else its tier's, else the policy's."""
+        tier = self.tier_of(name)
+        return self.target(name).rpo or (tier.rpo if tier else self.rpo)
 
     def rto_for(self, name: str) -> timedelta:
-        return self.target(name).rto or self.rto
+        tier = self.tier_of(name)
+        return self.target(name).rto or (tier.rto if tier else self.rto)
 
     def transports(self) -> list[Transport]:
         """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""

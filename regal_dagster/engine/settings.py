@@ -100,6 +100,8 @@ class TargetSettings(Settings):
     data_classes: list[DataClass] = Field(default_factory=list, description="what it holds, for the report's scope")
     jobs: int | None = Field(None, ge=1, le=32, description="parallel workers for this target's backups, checks, "
                              "restores and restore tests (default: the policy's `jobs`)")
+    tier: str | None = Field(None, description="its criticality tier (a key of the policy's `tiers`): the backup "
+                             "frequency, RPO and RTO it implies")
 
     def transports(self, name: str) -> list[Transport]:
         """The network connections a backup of this target makes, and whether each is encrypted (a kind
@@ -143,6 +145,11 @@ class RepositorySettings(Settings):
     def store_encryption(self) -> str | None:
         """The store's own encryption at rest as configured (None: the store encrypts nothing itself)."""
         return None
+
+    def failure_domain(self, base_dir: Path) -> str:
+        """What one failure or one compromised account takes down with this repository (a file system, an
+        S3 account at an endpoint): an off-site copy in the same domain as the primary is not off-site."""
+        return self.url
 
 
 class MasterKeyConfig(Settings):

@@ -4,7 +4,7 @@ framework requirements a control meets is declared by the frameworks (engine/com
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -18,10 +18,11 @@ from .charts import human_seconds
 from .evidence import Evidence, Period, row_at
 from .frameworks.base import framework_verdict
 from .frameworks.registry import citations_of, frameworks, frameworks_citing
-from .results import FAIL, NOT_TESTED, PASS, RESULTS
+from .results import FAIL, NOT_TESTED, OUT_OF_SCOPE, PASS, RESULTS
 
-__all__ = ["CONTROLS", "FAIL", "NOT_TESTED", "PASS", "RESULTS", "Control", "ControlSpec", "Facts", "Judgement",
-           "evaluate_controls", "exceptions", "framework_verdict", "framework_verdicts"]
+__all__ = ["CONTROLS", "FAIL", "NOT_TESTED", "OUT_OF_SCOPE", "PASS", "RESULTS", "Control", "ControlSpec", "Facts",
+           "Judgement", "evaluate_controls", "exceptions", "framework_verdict", "framework_verdicts",
+           "requirement_results"]
 
 
 # --- controls --------------------------------------------------------------------------------------------
@@ -88,6 +89,22 @@ class Facts:
         return self.evidence.tables
 
     @property
+    def operation_since(self) -> datetime | None:
+        """When the system went into operation (its first audit event)."""
+        value = (self.t.get("operation") or [{}])[0].get("in_operation_since")
+        return datetime.fromisoformat(value) if value else None
+
+    @property
+    def policy_since(self) -> datetime | None:
+        value = (self.t.get("operation") or [{}])[0].get("policy_since")
+        return datetime.fromisoformat(value) if value else None
+
+    @property
+    def out_of_scope(self) -> bool:
+        """The period ends before the policy took effect: nothing was required of it."""
+        return self.policy_since is None or self.policy_since >= self.at
+
+    @property
     def at(self) -> datetime:
         return self.period.judged_at(self.now)
 
@@ -96,16 +113,24 @@ class Facts:
 
 
 def _backups_run(f: Facts) -> Judgement:
-    targets = sorted(f.policy.targets)
-    backed = {r["target"] for r in f.t["backups"] if r["outcome"] == "success"}
-    missing = [t for t in targets if t not in backed]
+    rows = f.t["schedule_adherence"]
+    scheduled, met = sum(r["scheduled"] for r in rows), sum(r["met"] for r in rows)
+    missed = [f"{r['target']} {r['missed']} (first {r['first_missed'][0][:16].replace('T', ' ')})"
+              for r in rows if r["missed"]]
     open_failures = f.open_failures("BK-01")
-    return Judgement(
-        not missing and not open_failures,
-        f"{f.figures['backups_succeeded']} of {f.figures['backups_total']} backups succeeded; "
-        f"targets without a good backup in the period: {', '.join(missing) or 'none'}; "
-        f"unresolved failures: {len(open_failures)}",
-    )
+    since = f.operation_since
+    finding = (f"{met} of {scheduled} scheduled backups ran (every tick of the policy's schedules from "
+               f"{max(f.period.start, since) if since else f.period.start:%Y-%m-%d %H:%M} whose window closed "
+               f"by {f.at:%Y-%m-%d %H:%M}); missed: {', '.join(missed) or 'none'}; "
+               f"{f.figures['backups_succeeded']} of {f.figures['backups_total']} backup runs succeeded; "
+               f"unresolved failures: {len(open_failures)}")
+    if open_failures:
+        return Judgement(False, finding)
+    if not scheduled:
+        return Judgement(None, "no scheduled tick's window closed in the period since the system went into "
+                               f"operation ({f'{since:%Y-%m-%d %H:%M}' if since else 'never'}): schedule "
+                               "adherence cannot be judged yet; " + finding)
+    return Judgement(not missed, finding)
 
 
 def _rpo_met(f: Facts) -> Judgement:
@@ -114,7 +139,7 @@ def _rpo_met(f: Facts) -> Judgement:
     late = [k for k, v in achieved.items() if v is not None and v > f.policy.rpo_for(k).total_seconds()]
     return Judgement(
         not missing and not late,
-        f"worst gap between good backups {human_seconds(f.figures['rpo_worst_seconds'])} against an RPO "
+        f"worst gap between successful backups {human_seconds(f.figures['rpo_worst_seconds'])} against an RPO "
         f"of {human_seconds(f.figures['rpo_target_seconds'])}; over the RPO: {', '.join(late) or 'none'}"
         + (f"; never backed up: {', '.join(missing)}" if missing else ""),
     )
@@ -126,7 +151,7 @@ def _verified(f: Facts) -> Judgement:
     unverified = [b for b in good if b not in verified]
     return Judgement(
         None if not good else not unverified,
-        f"{len(good) - len(unverified)} of {len(good)} good backups verified"
+        f"{len(good) - len(unverified)} of {len(good)} successful backups verified"
         + (
             f"; not verified: {', '.join(unverified[:5])}" + (" …" if len(unverified) > 5 else "")
             if unverified
@@ -223,14 +248,22 @@ def prune_interval(cron: str, before: datetime) -> timedelta:
 
 def _offsite(f: Facts) -> Judgement:
     results = [(r.get("checks") or {}).get("offsite_copy") for r in f.t["verifications"]]
-    lock = f.policy.repository.object_lock
-    configured = f.policy.offsite is not None
-    return Judgement(
-        configured and all(v is not False for v in results),
-        ("off-site copy " + ("configured" if configured else "NOT configured"))
-        + f"; Object Lock {lock.mode if lock else 'off'}; off-site check failures: "
-        f"{sum(v is False for v in results)}",
-    )
+    repositories = f.t["repositories"]
+    offsite = next((r for r in repositories if r["role"] == "off-site"), None)
+    immutability = ", ".join(f"{r['role']} {r['immutability']}" for r in repositories)
+    problems = []
+    if offsite is None:
+        problems.append("off-site copy NOT configured")
+    elif offsite["same_domain_as_primary"]:
+        problems.append(f"the off-site copy is NOT off-site: it shares the primary's {offsite['failure_domain']}")
+    if failed := sum(v is False for v in results):
+        problems.append(f"off-site check failures: {failed}")
+    where = offsite["failure_domain"] if offsite else ""
+    finding = "; ".join(problems or [f"off-site copy configured in another failure domain ({where})"])
+    finding += f"; off-site copies checked: {sum(v is True for v in results)}; immutability: {immutability}"
+    if problems:
+        return Judgement(False, finding)
+    return Judgement(True if any(v is True for v in results) else None, finding)
 
 
 def _restore_tested(f: Facts) -> Judgement:
@@ -285,12 +318,13 @@ def _events_complete(f: Facts) -> Judgement:
 
 def _chain_intact(f: Facts) -> Judgement:
     v = f.verdict
-    return Judgement(
-        v.ok,
-        f"chain of {v.entries} entries intact; {v.checkpoints} checkpoint(s) match"
-        if v.ok
-        else f"CHAIN BROKEN at entry {v.first_bad_seq}: {v.problem}",
-    )
+    if not v.ok:
+        return Judgement(False, f"CHAIN BROKEN at entry {v.first_bad_seq}: {v.problem}")
+    if not v.checkpoints:  # a chain rewritten whole would verify too: only a copy outside the database tells
+        return Judgement(None, f"chain of {v.entries} entries intact, but no checkpoint outside the audit "
+                               "database to compare it with (each report writes one: the next report tests it)")
+    return Judgement(True, f"chain of {v.entries} entries intact; {v.checkpoints} checkpoint(s) outside the "
+                           "audit database match")
 
 
 def _audit_kept(f: Facts) -> Judgement:
@@ -340,31 +374,72 @@ def _erasures_hold(f: Facts) -> Judgement:
     )
 
 
+def _tiers_met(f: Facts) -> Judgement:
+    rows = f.t["tiers"]
+    untiered = [r["target"] for r in rows if not r["tier"]]
+    problems, untested = [], []
+    for r in rows:
+        if not r["tier"]:
+            continue
+        name, tier = r["target"], r["tier"]
+        if r["rpo_achieved_seconds"] is None:
+            problems.append(f"{name} ({tier}): no successful backup")
+            continue
+        if r["longest_interval_seconds"] is not None and r["longest_interval_seconds"] > r["backup_every_seconds"]:
+            problems.append(f"{name} ({tier}): backups {human_seconds(r['longest_interval_seconds'])} apart, "
+                            f"the tier asks every {human_seconds(r['backup_every_seconds'])}")
+        if r["rpo_achieved_seconds"] > r["rpo_seconds"]:
+            problems.append(f"{name} ({tier}): RPO achieved {human_seconds(r['rpo_achieved_seconds'])} against "
+                            f"{human_seconds(r['rpo_seconds'])}")
+        if r["worst_rto_seconds"] is None:
+            untested.append(name)
+        elif r["worst_rto_seconds"] > r["rto_seconds"]:
+            problems.append(f"{name} ({tier}): restore took {human_seconds(r['worst_rto_seconds'])} against an RTO "
+                            f"of {human_seconds(r['rto_seconds'])}")
+    finding = (f"{len(rows) - len(untiered)} of {len(rows)} target(s) have a tier; "
+               f"not met: {'; '.join(problems) or 'none'}; without a tier: {', '.join(untiered) or 'none'}; "
+               f"tiered targets without a restore test in the period (RTO untested): {', '.join(untested) or 'none'}")
+    if problems:
+        return Judgement(False, finding)
+    return Judgement(None if untiered or untested else True, finding)
+
+
 CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
     (ControlSpec(
         "BK-01",
         "Backups of every target run on schedule and succeed; failures are resolved.",
         "hourly, daily, weekly, monthly (policy schedules, UTC)",
-        "Counted backup events per target; every target needs a good backup in the period and every failure "
-        "a later success.", "backups",
+        "Schedule adherence: every tick of the policy's schedules since the system went into operation needs "
+        "a successful backup of each target before the next tick; every failure a later success.",
+        "backups, schedule_adherence, operation",
         "Fix the cause of each unresolved failure, run a backup of every target named, and confirm it "
         "verifies.",
         "Restore the backup schedule: no backup ran in the period."), _backups_run),
     (ControlSpec(
         "BK-02",
-        "The recovery point objective is met: no gap between good backups longer than the RPO.",
+        "The recovery point objective is met: no gap between successful backups longer than the RPO.",
         "continuous (rpo_watch sensor)",
-        "Longest gap between consecutive good backups of each target, from the last one before the period to "
+        "Longest gap between consecutive successful backups of each target, from the last one before the period to "
         "the period's end.", "backups, backups_before_period",
         "Find why backups stopped for the targets named (schedules, sensor, failures) and restore the "
         "cadence; consider a shorter schedule.", "Run backups: there is no RPO without them."), _rpo_met),
     (ControlSpec(
+        "TI-01",
+        "Every target has a criticality tier, and gets the backup frequency, RPO and RTO its tier implies.",
+        "continuous (policy tiers)",
+        "Per target: its tier from the policy; the longest interval between successful backups against the tier's "
+        "frequency, the RPO achieved against its RPO, the slowest restore test against its RTO.",
+        "tiers, backups, restore_tests",
+        "Restore the cadence or the restore speed of the targets named, or revise their tier with the business.",
+        "Give every target a tier (policy `tiers:` and each target's `tier`) and restore-test each tiered "
+        "target."), _tiers_met),
+    (ControlSpec(
         "VR-01",
         "Every backup is verified automatically: every byte read back, authenticated and checksummed.",
-        "after every backup; daily", "Matched each good backup to a successful verification event.",
+        "after every backup; daily", "Matched each successful backup to a successful verification event.",
         "backups, verifications",
         "Run `regal-backup verify` on each backup named and investigate any that fails.",
-        "Nothing to verify: no good backup in the period (see BK-01)."), _verified),
+        "Nothing to verify: no successful backup in the period (see BK-01)."), _verified),
     (ControlSpec(
         "EN-01",
         "Backups are encrypted at rest with AES-256 (Tink AES256-GCM-HKDF streaming AEAD) under keys "
@@ -404,7 +479,9 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "configured.",
         "every backup", "Off-site repository configured; the offsite_copy check of every verification.",
         "verifications, policy",
-        "Configure `offsite:` in the policy and run `regal-backup offsite sync`.", "-"),
+        "Configure `offsite:` in the policy on another file system or account (another bucket under other "
+        "credentials, another region), and run `regal-backup offsite sync`.",
+        "Verify the period's backups: the verification checks the off-site copy."),
      _offsite),
     (ControlSpec(
         "RT-01",
@@ -433,9 +510,10 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "AU-02",
         "The audit trail is append-only and tamper-evident: a hash chain, UPDATE/DELETE refused by the "
         "database, the head checkpointed into the repository.", "every report; on demand",
-        "Recomputed the whole chain and compared it with the checkpoints.", "audit_chain",
+        "Recomputed the whole chain and compared it with the checkpoints kept outside the audit database; "
+        "without one, it is not tested.", "audit_chain",
         "Treat as a security incident: find who changed the trail (`regal-backup audit verify` names the "
-        "entry).", "-"), _chain_intact),
+        "entry).", "Generate the report again: this one wrote the first checkpoint."), _chain_intact),
     (ControlSpec(
         "AU-03", "Audit entries are kept at least 12 months.", "continuous",
         "Policy retention setting; deletion is refused by the database; oldest entry.", "audit_chain, policy",
@@ -458,11 +536,20 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
 ]
 
 
-def evaluate_controls(facts: Facts) -> list[Control]:
+def evaluate_controls(facts: Facts, scope: Iterable[str] | None = None) -> list[Control]:
+    """Every control judged on the facts, each with the requirements it meets of the frameworks in `scope`
+    (ids; all when None)."""
+    scope = None if scope is None else list(scope)
+    if facts.out_of_scope:
+        since = facts.policy_since
+        finding = ("out of scope: the period ends before the policy took effect "
+                   + (f"({since:%Y-%m-%d %H:%M} UTC)" if since else "(the audit trail holds no event yet)"))
+        return [Control(spec.control_id, list(citations_of(spec.control_id, scope)), spec.description,
+                        spec.frequency, spec.test, OUT_OF_SCOPE, finding, spec.evidence) for spec, _ in CONTROLS]
     return [
         Control(
             spec.control_id,
-            list(spec.mapping),
+            list(citations_of(spec.control_id, scope)),
             spec.description,
             spec.frequency,
             spec.test,
@@ -474,18 +561,28 @@ def evaluate_controls(facts: Facts) -> list[Control]:
     ]
 
 
-def framework_verdicts(controls: list[Control]) -> dict[str, str]:
-    """Each framework's verdict (by its name, in the frameworks' order), by its own rule on the results of the
-    controls it cites. A framework citing a control that does not exist is refused."""
+def requirement_results(controls: list[Control], scope: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+    """Per framework (by key, in the frameworks' order; those of `scope` when given), each requirement's
+    result from the results of the controls meeting it; a requirement no control meets is NOT TESTED. A
+    framework citing a control that does not exist is refused."""
     known = {spec.control_id for spec, _ in CONTROLS}
-    verdicts = {}
-    for key, framework in frameworks().items():
+    results = {c.control_id: c.result for c in controls}
+    found = {}
+    for key, framework in frameworks(scope).items():
         if unknown := sorted(framework.controls() - known):
             raise RegalError(f"the compliance framework {framework.name} (frameworks/{key}.py) maps its "
                              f"requirements to controls that do not exist: {', '.join(unknown)}",
                              f"map them to the report's controls: {', '.join(sorted(known))}")
-        verdicts[framework.name] = framework.verdict(c.result for c in controls if key in c.frameworks)
-    return verdicts
+        found[key] = framework.requirement_results(results)
+    return found
+
+
+def framework_verdicts(controls: list[Control], scope: Iterable[str] | None = None) -> dict[str, str]:
+    """Each framework's verdict (by its name, in the frameworks' order), by its own rule on the results of its
+    requirements (each from the controls meeting it)."""
+    every = frameworks(scope)
+    return {every[key].name: every[key].verdict(by_requirement.values())
+            for key, by_requirement in requirement_results(controls, scope).items()}
 
 
 def exceptions(
@@ -496,7 +593,7 @@ def exceptions(
     due = (period.judged_at(now) + timedelta(days=policy.reports.remediation_days)).date().isoformat()
     found: list[dict[str, Any]] = []
     for c in controls:
-        if c.result == PASS:
+        if c.result in (PASS, OUT_OF_SCOPE):
             continue
         spec = specs[c.control_id]
         found.append(

@@ -68,7 +68,7 @@ def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) ->
         ),
         "rpo": line_chart(
             {k: v for k, v in gaps.items() if v},
-            "Time between good backups (achieved RPO)",
+            "Time between successful backups (achieved RPO)",
             "duration",
             start,
             end,
@@ -183,6 +183,20 @@ def render_pdf(context: dict[str, Any], attachments: dict[str, bytes]) -> tuple[
         pdf_variant="pdf/a-3b", attachments=files, custom_metadata=True
     )
     return pdf, list(fetcher.refused)
+
+
+def signer_of(policy: Policy) -> str | None:
+    """Who signs the report (the subject of reports.signing's certificate), None: it is not signed."""
+    signing = policy.reports.signing
+    if signing is None:
+        return None
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(policy.resolve_path(signing.cert_file).read_bytes())
+    except (OSError, ValueError):
+        return "the certificate reports.signing names (it cannot be read: the signing will say why)"
+    return certificate.subject.rfc4514_string()
 
 
 def sign_pdf(policy: Policy, pdf: bytes, report_id: str) -> bytes:
