@@ -227,3 +227,72 @@ def test_a_target_naming_an_unknown_tier_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="'gold' is not one of the policy's tiers"):
         _policy(tmp_path, tiers=TIERS, targets={"pos": {"kind": "postgres", "dsn": "postgresql://h/pos",
                                                         "tier": "gold"}})
+
+
+def _passed_test(seq: int, day: int, segregation: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"seq": seq, "at": f"2026-10-{day:02d}T05:00:00+00:00", "outcome": "success", "target": "pos",
+            "resource": f"pos:{day}", "event_type": "restore_test", "rto_seconds": 60, "rto_target_seconds": 3600,
+            **({"segregation": segregation} if segregation else {})}
+
+
+def _signoff(result_id: int) -> dict[str, Any]:
+    return {"seq": 900 + result_id, "at": "2026-11-01T09:00:00+00:00", "actor": "user:cfo", "result_id": result_id,
+            "result_type": "restore_test", "by": "A. Auditee", "role": "IT operations manager", "note": ""}
+
+
+@pytest.mark.parametrize(("tests", "signoffs", "result", "said"), [
+    ([_passed_test(1, 10), _passed_test(2, 30)], [_signoff(1), _signoff(2)], PASS, "2 of 2"),
+    ([_passed_test(1, 10), _passed_test(2, 30)], [_signoff(2)], FAIL, "deadline: entry 1"),  # 23 days unsigned
+    ([_passed_test(2, 30)], [], NOT_TESTED, "awaiting sign-off within it: 1"),  # 3 days: not yet due
+    ([{**_passed_test(1, 10), "outcome": "failure"}], [], NOT_TESTED, "no passed restore test"),
+])
+def test_so01_passed_results_are_signed_off_before_the_deadline(
+        tmp_path: Path, tests: list[dict[str, Any]], signoffs: list[dict[str, Any]], result: str, said: str) -> None:
+    control = _judge(_policy(tmp_path), restore_tests=tests, signoffs=signoffs)[0]["SO-01"]
+    assert control.result == result and said in control.finding, control.finding
+
+
+ELSEWHERE = {"host_id": "machine-id 1", "host": "restore-1", "os_user": "regal", "network_namespace": "net:[1]",
+             "repository_identity": "S3 access key ab12 (digest)", "source": "db-1:5432", "same_host_as_source": False}
+
+
+@pytest.mark.parametrize(("segregation", "result", "said"), [
+    ([ELSEWHERE, ELSEWHERE], PASS, "2 of 2 passed restore test(s) record where they ran"),
+    ([ELSEWHERE, {**ELSEWHERE, "same_host_as_source": True}], FAIL, "own host: entry 2"),
+    ([ELSEWHERE, None], NOT_TESTED, "1 of 2"),  # a test from before segregation evidence
+    ([], NOT_TESTED, "0 of 0"),
+])
+def test_sg01_restore_tests_show_they_ran_apart_from_the_source(
+        tmp_path: Path, segregation: list[dict[str, Any] | None], result: str, said: str) -> None:
+    tests = [_passed_test(i + 1, 10 + i, g) for i, g in enumerate(segregation)]
+    control = _judge(_policy(tmp_path), restore_tests=tests)[0]["SG-01"]
+    assert control.result == result and said in control.finding, control.finding
+
+
+@pytest.mark.parametrize(("lock", "result"), [("COMPLIANCE", PASS), ("GOVERNANCE", FAIL), (None, FAIL)])
+def test_im01_immutability_by_object_lock_mode(tmp_path: Path, lock: str | None, result: str) -> None:
+    offsite = {"url": "s3://copies/regal", "endpoint_url": "https://s3.example",
+               **({"object_lock": {"mode": lock}} if lock else {})}
+    matrix, evidence, _ = _judge(_policy(tmp_path, offsite=offsite))
+    assert matrix["IM-01"].result == result, matrix["IM-01"].finding
+    assert [r["immutability"] for r in evidence.tables["repositories"]] == ["none", lock or "none"]
+
+
+def test_the_component_definition_loads_with_trestle_and_names_the_800_53_controls(tmp_path: Path) -> None:
+    from trestle.oscal.component import ComponentDefinition
+
+    from regal_dagster.engine.compliance.component import component_definition
+    from regal_dagster.engine.compliance.oscal import to_bytes
+
+    path = tmp_path / "component-definition.json"
+    path.write_bytes(to_bytes(component_definition("0.1.0", NOW)))
+    document = ComponentDefinition.oscal_read(path)
+    assert document is not None
+    (component,) = document.components or []
+    (implementation,) = component.control_implementations or []
+    assert "NIST_SP-800-53_rev5_catalog.json" in implementation.source
+    found = {r.control_id: [p.value for p in r.props or []] for r in implementation.implemented_requirements}
+    assert set(found) == {"cp-9", "cp-9.1", "cp-9.2", "cp-9.3", "cp-9.5", "cp-9.8", "cp-10.2", "cp-10.4", "cp-4",
+                          "au-9", "au-10", "sc-12", "sc-13", "sc-28"}
+    assert found["cp-9.8"] == ["EN-01", "KM-01"] and found["cp-9.3"] == ["MD-01"]
+    assert to_bytes(component_definition("0.1.0", NOW)) == path.read_bytes()  # the same version, the same document

@@ -198,6 +198,8 @@ class ReportsConfig(Settings):
                     "entries replace the defaults of the same key only")
     remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after "
                                   "the end of the period it was found in")
+    signoff_within: Duration = Field(timedelta(days=14), description="a passed restore test or drill must be "
+                                     "signed off by management (`regal-backup signoff`) within this long (SO-01)")
     frameworks: list[str] = Field(default_factory=lambda: ["pci", "sox", "gdpr"], min_length=1,
                                   description="the compliance frameworks in scope, by id: pci, sox, gdpr, soc2, "
                                   "iso27001, hipaa, dora, nis2, nist80053 (`regal-backup report --framework` "
@@ -228,6 +230,15 @@ class TierConfig(Settings):
     description: str | None = None
 
 
+class RestoreApprovalConfig(Settings):
+    """Restores into production need an approval recorded first (`regal-backup approve`), by someone other
+    than the person restoring."""
+
+    targets: list[str] = Field(description="the production targets: a restore into one of them (its own "
+                               "location) needs an approval")
+    valid_for: Duration = Field(timedelta(hours=24), description="an approval is used once, within this long")
+
+
 class DagsterConfig(Settings):
     base_url: str = "http://localhost:3000"
 
@@ -256,6 +267,7 @@ class Policy(Settings):
     alerts: AlertsConfig = AlertsConfig()
     dagster: DagsterConfig = DagsterConfig()
     audit: AuditConfig | None = None
+    restore_approval: RestoreApprovalConfig | None = None
     reports: ReportsConfig = ReportsConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -283,6 +295,12 @@ class Policy(Settings):
 
     @model_validator(mode="after")
     def _tiers_known(self) -> Policy:
+        if self.restore_approval is not None:
+            for name in self.restore_approval.targets:
+                if name not in self.targets:
+                    raise ValueError(f"restore_approval.targets: '{name}' is not one of the policy's targets")
+            if self.audit is None:
+                raise ValueError("restore_approval needs an audit trail (audit.dsn): approvals are audit events")
         for name, target in self.targets.items():
             if target.tier is not None and target.tier not in self.tiers:
                 raise ValueError(f"targets.{name}.tier: '{target.tier}' is not one of the policy's tiers "

@@ -108,6 +108,11 @@ class TargetSettings(Settings):
         that reads local files makes none)."""
         return []
 
+    def own_location(self) -> str | None:
+        """Where the target itself lives, as a restore destination (a DSN): a restore there writes over
+        production. None: the kind cannot tell (then every restore of it counts as one into production)."""
+        return None
+
     def written_password(self) -> str:
         """A password written into the policy itself for this target (its DSN's, its URL's), as written: "" when
         there is none (a ${VARIABLE} is one, as written)."""

@@ -10,12 +10,13 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from ..audit import ChainVerdict
 from ..errors import RegalError
 from ..policy import Policy
 from ..settings import CronExpression
+from .assurance import immutable, segregated, signed_off, tiers_met
 from .charts import human_seconds
-from .evidence import Evidence, Period, row_at
+from .evidence import Period, row_at
+from .facts import Facts, Judgement
 from .frameworks.base import framework_verdict
 from .frameworks.registry import citations_of, frameworks, frameworks_citing
 from .results import FAIL, NOT_TESTED, OUT_OF_SCOPE, PASS, RESULTS
@@ -60,56 +61,6 @@ class Control:
     def frameworks(self) -> set[str]:
         """The keys of the frameworks (frameworks.registry) that cite it."""
         return frameworks_citing(self.mapping)
-
-
-@dataclass(frozen=True)
-class Judgement:
-    passed: bool | None  # None: nothing in the period to test it on
-    finding: str
-
-    @property
-    def result(self) -> str:
-        return NOT_TESTED if self.passed is None else PASS if self.passed else FAIL
-
-
-@dataclass
-class Facts:
-    """What the controls are judged on."""
-
-    policy: Policy
-    evidence: Evidence
-    figures: dict[str, Any]
-    failures: list[dict[str, Any]]
-    verdict: ChainVerdict
-    period: Period
-    now: datetime
-
-    @property
-    def t(self) -> dict[str, list[dict[str, Any]]]:
-        return self.evidence.tables
-
-    @property
-    def operation_since(self) -> datetime | None:
-        """When the system went into operation (its first audit event)."""
-        value = (self.t.get("operation") or [{}])[0].get("in_operation_since")
-        return datetime.fromisoformat(value) if value else None
-
-    @property
-    def policy_since(self) -> datetime | None:
-        value = (self.t.get("operation") or [{}])[0].get("policy_since")
-        return datetime.fromisoformat(value) if value else None
-
-    @property
-    def out_of_scope(self) -> bool:
-        """The period ends before the policy took effect: nothing was required of it."""
-        return self.policy_since is None or self.policy_since >= self.at
-
-    @property
-    def at(self) -> datetime:
-        return self.period.judged_at(self.now)
-
-    def open_failures(self, control_id: str) -> list[dict[str, Any]]:
-        return [f for f in self.failures if f["open"] and f["control_id"] == control_id]
 
 
 def _backups_run(f: Facts) -> Judgement:
@@ -374,36 +325,6 @@ def _erasures_hold(f: Facts) -> Judgement:
     )
 
 
-def _tiers_met(f: Facts) -> Judgement:
-    rows = f.t["tiers"]
-    untiered = [r["target"] for r in rows if not r["tier"]]
-    problems, untested = [], []
-    for r in rows:
-        if not r["tier"]:
-            continue
-        name, tier = r["target"], r["tier"]
-        if r["rpo_achieved_seconds"] is None:
-            problems.append(f"{name} ({tier}): no successful backup")
-            continue
-        if r["longest_interval_seconds"] is not None and r["longest_interval_seconds"] > r["backup_every_seconds"]:
-            problems.append(f"{name} ({tier}): backups {human_seconds(r['longest_interval_seconds'])} apart, "
-                            f"the tier asks every {human_seconds(r['backup_every_seconds'])}")
-        if r["rpo_achieved_seconds"] > r["rpo_seconds"]:
-            problems.append(f"{name} ({tier}): RPO achieved {human_seconds(r['rpo_achieved_seconds'])} against "
-                            f"{human_seconds(r['rpo_seconds'])}")
-        if r["worst_rto_seconds"] is None:
-            untested.append(name)
-        elif r["worst_rto_seconds"] > r["rto_seconds"]:
-            problems.append(f"{name} ({tier}): restore took {human_seconds(r['worst_rto_seconds'])} against an RTO "
-                            f"of {human_seconds(r['rto_seconds'])}")
-    finding = (f"{len(rows) - len(untiered)} of {len(rows)} target(s) have a tier; "
-               f"not met: {'; '.join(problems) or 'none'}; without a tier: {', '.join(untiered) or 'none'}; "
-               f"tiered targets without a restore test in the period (RTO untested): {', '.join(untested) or 'none'}")
-    if problems:
-        return Judgement(False, finding)
-    return Judgement(None if untiered or untested else True, finding)
-
-
 CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
     (ControlSpec(
         "BK-01",
@@ -432,7 +353,7 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "tiers, backups, restore_tests",
         "Restore the cadence or the restore speed of the targets named, or revise their tier with the business.",
         "Give every target a tier (policy `tiers:` and each target's `tier`) and restore-test each tiered "
-        "target."), _tiers_met),
+        "target."), tiers_met),
     (ControlSpec(
         "VR-01",
         "Every backup is verified automatically: every byte read back, authenticated and checksummed.",
@@ -499,6 +420,31 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "Drill events in the 92 days before the period's end; the last must pass.", "drills_last_quarter",
         "Fix what the drill found and run `regal-backup drill` again.",
         "Run `regal-backup drill`: no drill in the last quarter."), _drilled),
+    (ControlSpec(
+        "SO-01",
+        "Management signs off every passed restore test and drill (`regal-backup signoff`) within the policy's "
+        "deadline.", "after each restore test and drill (reports.signoff_within)",
+        "Matched each passed restore test and drill of the period to a sign-off event (who, role, note) recorded "
+        "up to the report; unsigned past the deadline fails.", "restore_tests, drills, signoffs",
+        "Have the named results reviewed and signed off (`regal-backup signoff ENTRY --by NAME --role ROLE`).",
+        "Run restore tests and sign them off: nothing to sign in the period, or sign-offs still due."),
+     signed_off),
+    (ControlSpec(
+        "SG-01",
+        "Restore tests run on systems segregated from the source: another host, recorded with its account, "
+        "network namespace and the repository identity used.", "each restore test",
+        "The segregation evidence each restore test records (host id, OS account, network namespace, repository "
+        "identity) against the source's connections; a test on the source's own host fails.",
+        "restore_tests",
+        "Run restore tests on a host apart from the sources (a restore-test worker in its own zone).",
+        "Run restore tests (with this version: older ones recorded no segregation evidence)."), segregated),
+    (ControlSpec(
+        "IM-01",
+        "Backups are immutable: at least one repository locks its objects in COMPLIANCE mode (GOVERNANCE mode can "
+        "be lifted by privileged identities).", "every backup (repository settings)",
+        "Each repository's Object Lock mode, from the policy.", "repositories",
+        "Put the off-site or primary repository in an S3 bucket with Object Lock in COMPLIANCE mode.", "-"),
+     immutable),
     (ControlSpec(
         "AU-01",
         "Every backup, verification, restore test, restore, deletion, key operation, policy change, report "

@@ -142,6 +142,7 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
     "coverage": ["day", "state", "without_backup"],
     "refusals": ["seq", "at", "kind", "target", "resource", "what"],
     "repositories": ["role", "location", "failure_domain", "immutability", "same_domain_as_primary"],
+    "signoffs": ["seq", "at", "actor", "result_id", "result_type", "result_resource", "by", "role", "note"],
     "tiers": ["target", "tier", "backup_every_seconds", "rpo_seconds", "rto_seconds", "longest_interval_seconds",
               "rpo_achieved_seconds", "restore_tests", "worst_rto_seconds"],
 }
@@ -260,6 +261,10 @@ def collect_evidence(
     evidence.tables["transport"] = [t.to_json() for t in policy.transports()]
     evidence.tables["audit_chain"] = [verdict.to_json()]
     evidence.tables["policy"] = [{"setting": k, "value": v} for k, v in policy_facts(policy).items()]
+    # A sign-off comes after its result, perhaps after the period: every one recorded up to the report counts.
+    evidence.tables["signoffs"] = [
+        {"seq": e.seq, "at": e.at.isoformat(), "actor": e.actor, **json.loads(e.details)}
+        for e in trail_events if e.event_type == "signoff" and e.outcome == "success" and e.at < now]
     derive_tables(policy, evidence, operation_of(trail_events), period, at)
     return evidence
 

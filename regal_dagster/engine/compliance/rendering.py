@@ -37,6 +37,9 @@ OSCAL_FILE = "assessment-results.json"
 def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) -> dict[str, str]:
     t = evidence.tables
     start, end = period.start, period.judged_at(now)
+    since = (t.get("operation") or [{}])[0].get("in_operation_since")
+    if since and start < datetime.fromisoformat(since) < end:  # the axis starts when the system did: a short
+        start = datetime.fromisoformat(since).replace(second=0, microsecond=0)  # history stays readable
     ok = [r for r in t["backups"] if r["outcome"] == "success"]
 
     def per_target(
@@ -169,6 +172,7 @@ def render_pdf(context: dict[str, Any], attachments: dict[str, bytes]) -> tuple[
     described = {
         EVIDENCE_FILE: "all evidence as JSON (its SHA-256 is on the cover)",
         OSCAL_FILE: "the results as OSCAL Assessment Results",
+        "component-definition.json": "Regal Backup as an OSCAL component definition (NIST SP 800-53 rev. 5)",
     }
     files = [
         Attachment(

@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ... import __version__
 from ..audit import AuditTrail, record, verify_trail
 from ..layout import report_key, report_oscal_key
 from ..policy import Policy
 from ..storage import Repository, open_repository
 from . import oscal
+from .component import FILE as COMPONENT_FILE
+from .component import component_definition
 from .controls import Control, Facts, evaluate_controls, exceptions, framework_verdicts, requirement_results
 from .evidence import Period, collect_evidence, figures, operational_failures, policy_facts
 from .frameworks.registry import frameworks as frameworks_in
@@ -129,6 +132,7 @@ def build_report(
     evidence_sha = hashlib.sha256(evidence_json).hexdigest()
     csvs = {f"{name}.csv": evidence.csv(name).encode() for name in evidence.tables}
     results = assessment_results(report_id, period, now, interim, evidence_sha, frameworks, matrix, found)
+    component = oscal.to_bytes(component_definition(__version__, now))
     context = {
         "report_id": report_id,
         "period": period,
@@ -153,6 +157,8 @@ def build_report(
             for name, body in csvs.items()
         },
         "oscal_file": OSCAL_FILE,
+        "component_file": COMPONENT_FILE,
+        "component_sha256": hashlib.sha256(component).hexdigest(),
         "signer": signer_of(policy),
         "oscal_sha256": hashlib.sha256(results).hexdigest(),
         "evidence_file": EVIDENCE_FILE,
@@ -161,7 +167,8 @@ def build_report(
         "NOT_TESTED": NOT_TESTED,
         "OUT_OF_SCOPE": OUT_OF_SCOPE,
     }
-    pdf, refused = render_pdf(context, {EVIDENCE_FILE: evidence_json, OSCAL_FILE: results, **csvs})
+    pdf, refused = render_pdf(context, {EVIDENCE_FILE: evidence_json, OSCAL_FILE: results,
+                                        COMPONENT_FILE: component, **csvs})
     if policy.reports.signing is not None:
         pdf = sign_pdf(policy, pdf, report_id)
     digest = hashlib.sha256(pdf).hexdigest()

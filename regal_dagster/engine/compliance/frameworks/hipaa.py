@@ -12,7 +12,7 @@ FRAMEWORK = Framework(
         "164.308(a)(7)(ii)(A)": ("BK-01", "VR-01", "RT-01"),
         "164.308(a)(7)(ii)(B)": ("DR-01",),  # disaster recovery: the plan rehearsed by the drill
         "164.308(a)(7)(ii)(C)": (),  # emergency mode operation: an organisational plan
-        "164.308(a)(7)(ii)(D)": ("RT-01", "DR-01"),  # testing and revision
+        "164.308(a)(7)(ii)(D)": ("RT-01", "DR-01", "SO-01"),  # testing and revision
         "164.308(a)(7)(ii)(E)": ("TI-01",),  # criticality analysis: a tier per target, met
         "164.312(b)": ("AU-01", "AU-02"),  # audit controls
     },

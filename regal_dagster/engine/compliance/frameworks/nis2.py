@@ -10,8 +10,8 @@ FRAMEWORK = Framework(
     requirements={
         # backup plan: recovery times, complete copies incl. configuration, another network or location,
         # access control and retention
-        "4.2.2": ("BK-01", "BK-02", "TI-01", "MD-01", "RD-01", "EN-01"),
+        "4.2.2": ("BK-01", "BK-02", "TI-01", "MD-01", "IM-01", "RD-01", "EN-01"),
         "4.2.3": ("VR-01",),  # regular integrity checks
-        "4.2.6": ("RT-01", "DR-01"),  # recovery tests, results documented, corrective action
+        "4.2.6": ("RT-01", "DR-01", "SO-01"),  # recovery tests, results documented, corrective action
     },
 )

@@ -10,7 +10,7 @@ FRAMEWORK = Framework(
     citation="NIST SP 800-53",
     position=90,
     requirements={
-        "CP-9": ("BK-01", "BK-02"),
+        "CP-9": ("BK-01", "BK-02", "IM-01"),
         "CP-9(1)": ("VR-01", "RT-01"),  # testing for reliability and integrity
         "CP-9(2)": ("RT-01",),  # test restoration using sampling
         "CP-9(3)": ("MD-01",),  # separate storage
@@ -18,7 +18,7 @@ FRAMEWORK = Framework(
         "CP-9(8)": ("EN-01", "KM-01"),  # cryptographic protection
         "CP-10(2)": ("RT-01",),  # transaction recovery
         "CP-10(4)": ("RT-01", "DR-01"),  # restore within time period
-        "CP-4": ("DR-01", "RT-01"),  # contingency plan testing
+        "CP-4": ("DR-01", "RT-01", "SO-01"),  # contingency plan testing
         "AU-9": ("AU-02", "AU-03"),
         "AU-10": ("AU-01", "AU-02"),
         "SC-12": ("KM-01",),

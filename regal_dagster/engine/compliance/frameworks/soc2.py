@@ -9,7 +9,7 @@ FRAMEWORK = Framework(
     position=40,
     requirements={
         "A1.2": ("BK-01", "BK-02", "VR-01", "MD-01"),  # backup processes and recovery infrastructure
-        "A1.3": ("RT-01", "DR-01", "VR-01"),  # recovery plan tested; backup data complete and intact
+        "A1.3": ("RT-01", "DR-01", "VR-01", "SO-01"),  # recovery plan tested; backup data complete and intact
         "CC7.4": ("AL-01", "DR-01"),  # incidents responded to
         "CC7.5": ("RT-01", "DR-01"),  # operations restored after an incident
     },
