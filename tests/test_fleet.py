@@ -33,8 +33,9 @@ def _fleet_policy(tmp_path: Path, **changes: object) -> Path:
     document["targets"]["customers"] |= {"host": "db-crm", "zone": "crm"}  # its host is a variable: given
     document["targets"]["pos_eu"] |= {"zone": "eu", "tier": "store"}
     document["targets"]["ledger"]["schedules"] = {"daily": {"cron": "0 4 * * *"}}
-    document["fleet"] = {"tiers": {"store": {"schedules": {"hourly": {"cron": "*/15 * * * *"}}}},
-                         "max_runtime": {"hourly": "20m"}}
+    document["tiers"] = {"store": {"backup_every": "15m", "rpo": "15m", "rto": "1h",
+                                   "schedules": {"hourly": {"cron": "*/15 * * * *"}}}}
+    document["fleet"] = {"max_runtime": {"hourly": "20m"}}
     document.update(changes)
     path.write_text(yaml.safe_dump(document))
     return path

@@ -36,13 +36,15 @@ def test_each_registry_lists_what_it_knows() -> None:
     assert channel_kinds() == ["email", "file", "pagerduty", "sentry", "slack", "webhook"]
     assert [m.__name__ for m in channel_models()] == ["EmailChannel", "FileChannel", "PagerDutyChannel",
                                                       "SentryChannel", "SlackChannel", "WebhookChannel"]
-    assert {key: f.name for key, f in frameworks().items()} == {"pci_dss": "PCI DSS 4.0.1", "sox": "SOX ITGC",
-                                                                 "gdpr": "GDPR"}  # in the report's order
+    assert {key: f.name for key, f in frameworks().items()} == {  # in the report's order
+        "pci": "PCI DSS 4.0.1", "sox": "SOX ITGC", "gdpr": "GDPR", "soc2": "SOC 2 (TSC 2017, rev. 2022)",
+        "iso27001": "ISO/IEC 27001:2022", "hipaa": "HIPAA Security Rule", "dora": "DORA (EU) 2022/2554",
+        "nis2": "NIS2 (EU) 2024/2690", "nist80053": "NIST SP 800-53 rev. 5"}
     controls = {spec.control_id for spec, _ in CONTROLS}
     for key, framework in frameworks().items():
         assert framework.controls() <= controls, key  # every requirement maps to controls that exist
     assert all(citations_of(control_id) for control_id in controls)  # every control serves a framework
-    assert citations_of("BK-01") == ("SOX ITGC CO-1", "PCI DSS 12.10.1")
+    assert citations_of("BK-01", ["pci", "sox", "gdpr"]) == ("SOX ITGC CO-1", "PCI DSS 12.10.1")
 
 
 def test_an_unknown_channel_kind_is_refused_by_the_policy_and_by_the_sender(tmp_path: Path) -> None:
@@ -77,11 +79,11 @@ def send(channel, notification: Notification, resolve_path) -> None:
         out.write("teams: " + notification.subject + "\\n")
 '''
 
-SOC2 = '''
+ACME = '''
 from regal_dagster.engine.compliance.frameworks.base import Framework
 
-FRAMEWORK = Framework(name="SOC 2", citation="SOC 2", position=40,
-                      requirements={"A1.2": ("BK-01", "MD-01"), "A1.3": ("RT-01", "DR-01"), "CC7.3": ("AL-01",)})
+FRAMEWORK = Framework(name="ACME Backup Standard", citation="ACME", position=100,
+                      requirements={"B.2": ("BK-01", "MD-01"), "B.3": ("RT-01", "DR-01"), "C.7": ("AL-01",)})
 '''
 
 PROBE = '''
@@ -97,7 +99,9 @@ channels.__path__.append(str(plugins / "channels"))
 frameworks.__path__.append(str(plugins / "frameworks"))
 
 from regal_dagster.engine.alerts import AlertBook, Condition, evaluate_and_notify
+from dataclasses import astuple
 from regal_dagster.engine.compliance.controls import CONTROLS, PASS, Control, framework_verdicts
+from regal_dagster.engine.compliance.frameworks.registry import citations_of
 from regal_dagster.engine.policy import policy_from_dict
 
 policy = policy_from_dict(json.loads(sys.argv[2]), base_dir=plugins)
@@ -105,29 +109,32 @@ failures = evaluate_and_notify(policy, AlertBook(), [Condition("capacity", "capa
                                "http://x", "prune")], datetime.now(UTC))
 matrix = [Control(s.control_id, list(s.mapping), s.description, s.frequency, s.test, PASS, "", s.evidence)
           for s, _ in CONTROLS]
+scope = ["pci", "sox", "gdpr", "acme"]
+matrix = [Control(c.control_id, list(citations_of(c.control_id, scope)), *astuple(c)[2:]) for c in matrix]
 print(json.dumps({"failures": failures, "sent": (plugins / "teams.log").read_text(),
-                  "verdicts": framework_verdicts(matrix), "BK-01": matrix[0].mapping,
-                  "soc2": sorted(c.control_id for c in matrix if "soc2" in c.frameworks)}))
+                  "verdicts": framework_verdicts(matrix, scope), "BK-01": matrix[0].mapping,
+                  "acme": sorted(c.control_id for c in matrix if "acme" in c.frameworks)}))
 '''
 
 
 def test_a_new_channel_and_a_new_framework_are_each_one_module(tmp_path: Path) -> None:
-    """A Teams channel and SOC 2, each one module in its package's folder (here, a folder added to the
-    package's path in a fresh interpreter): the policy accepts the channel and alerts go out on it; the
-    report cites SOC 2's requirements and gives its verdict."""
+    """A Teams channel and a made-up framework (ACME), each one module in its package's folder (here, a folder
+    added to the package's path in a fresh interpreter): the policy accepts the channel and alerts go out on it; the
+    report cites ACME's requirements and gives its verdict."""
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "teams.py").write_text(TEAMS)
     (tmp_path / "frameworks").mkdir()
-    (tmp_path / "frameworks" / "soc2.py").write_text(SOC2)
+    (tmp_path / "frameworks" / "acme.py").write_text(ACME)
     policy = _policy(tmp_path, [{"kind": "teams", "path": "teams.log"}])
     probe = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), json.dumps(policy)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, check=False)
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
     assert found["failures"] == [] and found["sent"] == "teams: [Regal Backup] ALERT: disk full\n"
-    assert found["verdicts"] == {"PCI DSS 4.0.1": "PASS", "SOX ITGC": "PASS", "GDPR": "PASS", "SOC 2": "PASS"}
-    assert found["BK-01"] == ["SOX ITGC CO-1", "PCI DSS 12.10.1", "SOC 2 A1.2"]
-    assert found["soc2"] == ["AL-01", "BK-01", "DR-01", "MD-01", "RT-01"]
+    assert found["verdicts"] == {"PCI DSS 4.0.1": "PASS", "SOX ITGC": "PASS", "GDPR": "PASS",
+                                 "ACME Backup Standard": "PASS"}
+    assert found["BK-01"] == ["SOX ITGC CO-1", "PCI DSS 12.10.1", "ACME B.2"]
+    assert found["acme"] == ["AL-01", "BK-01", "DR-01", "MD-01", "RT-01"]
 
 
 MIRROR = '''

@@ -385,7 +385,8 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
     policy = load_policy_of(args)
     period = Period.parse(args.period) if args.period else Period.previous_month(datetime.now(UTC))
     with out.activity(f"compliance report {period.label}"):
-        result = build_report(policy, period, trigger={"cli": "report"})  # a future period: exit 2
+        # a future period or an unknown framework: exit 2
+        result = build_report(policy, period, trigger={"cli": "report"}, scope=args.framework)
     written = []
     if args.output:
         pdf_path = Path(args.output)

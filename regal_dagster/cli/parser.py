@@ -316,12 +316,33 @@ def build_parser() -> argparse.ArgumentParser:
                              help="recompute the hash chain; name the first edited, deleted, inserted or moved entry")
     p.set_defaults(func="commands:cmd_audit_verify")
 
-    p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (GDPR, SOX, PCI DSS)")
+    p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (PCI DSS, SOX, GDPR, "
+                                                        "SOC 2, ISO 27001, HIPAA, DORA, NIS2, NIST SP 800-53)")
+    p.add_argument("--framework", action="append", metavar="ID",
+                   help="a framework in scope (repeatable): pci, sox, gdpr, soc2, iso27001, hipaa, dora, nis2, "
+                        "nist80053 (default: the policy's reports.frameworks)")
     p.add_argument("--period", help="YYYY-MM or YYYY-Qn (default: last month; the current one is an interim "
                                     "report, a future one is refused)")
     p.add_argument("--output", help="also write the PDF here, and its OSCAL results beside it "
                                     "(NAME.oscal-ar.json)")
     p.set_defaults(func="commands:cmd_report")
+
+    p = sub.add_parser("signoff", parents=[common], help="management sign-off of a passed restore test or drill "
+                                                         "(an audit event; the report's SO-01)")
+    p.add_argument("result_id", metavar="RESULT_ID", help="the audit entry of the restore test or drill (the "
+                                                          "report's 'Entry' column)")
+    p.add_argument("--by", required=True, help="the signer's name")
+    p.add_argument("--role", required=True, help="the signer's role (e.g. 'IT operations manager')")
+    p.add_argument("--note", help="what was reviewed, or a reference")
+    p.set_defaults(func="attest:cmd_signoff")
+
+    p = sub.add_parser("approve", parents=[common], help="approve a restore into a production target (policy "
+                                                         "restore_approval; by someone other than the requester)")
+    p.add_argument("backup_id", metavar="BACKUP_ID", help="the backup to be restored")
+    p.add_argument("--requester", required=True, help="the OS account that will run the restore")
+    p.add_argument("--by", required=True, help="the approver's name (not the requester)")
+    p.add_argument("--note", help="a change ticket or reason")
+    p.set_defaults(func="attest:cmd_approve")
 
     p = sub.add_parser("upgrade", parents=[common],
                        help="encrypt every document of a repository written by an earlier regal-backup (format 1 or 2)")

@@ -289,6 +289,14 @@ class AuditTrail:
             self._ensure_schema(conn)  # a trail from before event ids gets its column
             return [AuditEvent(*row) for row in conn.execute(query, params)]
 
+    def event(self, seq: int) -> AuditEvent | None:
+        """The entry numbered `seq` (None: there is none)."""
+        query = f"SELECT {', '.join(FIELDS)}, prev_hash, hash, event_id FROM regal_audit.events WHERE seq = %s"
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            row = conn.execute(query, (seq,)).fetchone()
+        return AuditEvent(*row) if row else None
+
     def details_of(self, event_type: str) -> list[dict[str, Any]]:
         """The details of every event of a type, oldest first."""
         with _connect(self.dsn) as conn:
@@ -556,6 +564,8 @@ def audited(policy: Policy, repo: Repository | None, event_type: str, resource: 
         yield details
     except BaseException as exc:
         error = exc.message if isinstance(exc, RegalError) else type(exc).__name__
+        if isinstance(exc, RegalError) and exc.protective:
+            details["refused"] = True  # it protected data: not a failed operation
         record(policy, repo, event_type, details.pop("resource", resource), "failure", {**details, "error": error},
                trigger)
         raise

@@ -7,6 +7,9 @@ class RegalError(Exception):
     """An operational error with a hint for the operator. Never carries secrets."""
 
     exit_code = 1
+    # A refusal that protected data (a key still in use, a restore into a database that holds data): the
+    # audit trail records it as refused, and reports do not count it as a failed operation.
+    protective = False
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -70,5 +73,13 @@ class MissingSoftwareError(ToolError):
 class TargetNotEmptyError(UsageError):
     """A restore target already holds data (exit 2: nothing was touched; restore elsewhere or say
     --drop-existing)."""
+
+    protective = True
+
+
+class KeyInUseError(EncryptionKeyError):
+    """A key cannot be retired: it is the primary key, or backups still need it (nothing was changed)."""
+
+    protective = True
 
 

@@ -1,21 +1,19 @@
 """The policy's `fleet` section: how hundreds of targets share Dagster's run queue. Each scheduled backup,
 check and restore test is one run of one target, tagged with its host (at most `max_backups_per_host` runs at
 once per server), its zone (the workers that reach it) and a priority by what it does; a run past its class's
-`max_runtime` is failed by Dagster's run monitoring. Tiers name a set of schedules targets can follow.
+`max_runtime` is failed by Dagster's run monitoring.
 
 Plain settings: engine/policy.py puts them together with the targets; regal_dagster/defs/fleet.py turns them into
 run tags and the instance configuration (docs/dagster-fleet.yaml)."""
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .retention_classes import RetentionClass
-from .settings import Duration, ScheduleConfig, Settings
+from .settings import Duration, Settings
 
 # What a run does: a backup of a retention class, or one of these
 Activity = Literal["hourly", "daily", "weekly", "monthly", "verify", "restore_test", "drill"]
@@ -32,14 +30,6 @@ def _default_max_runtime() -> dict[Activity, timedelta]:
             "drill": timedelta(hours=24)}
 
 
-class TierConfig(Settings):
-    """A named set of schedules (a 15-minute store database beside daily-only configuration)."""
-
-    schedules: dict[RetentionClass, ScheduleConfig] = Field(
-        description="crons of this tier's targets, over the policy's `schedules` (a class left out keeps it)")
-    description: str | None = None
-
-
 class FleetConfig(Settings):
     max_backups_per_host: int = Field(1, ge=1, description="runs at once on one server (`regal/host`): a limit "
                                       "of the run queue (docs/dagster-fleet.yaml); 0 would stop every backup")
@@ -49,7 +39,6 @@ class FleetConfig(Settings):
         default_factory=_default_max_runtime,
         description="a run still going after this long is failed by Dagster's run monitoring and alerted, "
                     "naming its target (given entries replace the defaults of the same key only)")
-    tiers: dict[str, TierConfig] = Field(default_factory=dict)
 
     @field_validator("max_runtime")
     @classmethod
@@ -59,10 +48,3 @@ class FleetConfig(Settings):
                 raise ValueError(f"{activity}: give a max_runtime of at least 1s (it is {limit.total_seconds():g}s)")
         return {**_default_max_runtime(), **given}
 
-    @field_validator("tiers")
-    @classmethod
-    def _tier_names(cls, tiers: dict[str, TierConfig]) -> dict[str, TierConfig]:
-        for name in tiers:
-            if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
-                raise ValueError(f"tier name '{name}': use lower-case letters, digits and _")
-        return tiers

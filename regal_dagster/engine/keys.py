@@ -23,7 +23,7 @@ from .audit import audited
 from .catalog import list_backups
 from .checks import run_checks
 from .crypto import OBJECT_HEADER, Keyring, load_keyring, save_keyring
-from .errors import EncryptionKeyError, IntegrityError, ObjectLockedError
+from .errors import EncryptionKeyError, IntegrityError, KeyInUseError, ObjectLockedError
 from .gdpr import load_ledger, save_ledger
 from .layout import GDPR_LEDGER, KEYS_LOCK, LEDGER_LOCK, backup_prefix, manifest_key, target_of
 from .manifest import Manifest, ObjectRecord
@@ -117,12 +117,12 @@ def _retire(policy: Policy, repo: Repository, key_id: int, reencrypt: bool) -> R
             raise EncryptionKeyError(f"key {key_id} was retired at {keyring.history[key_id].retired_at}",
                                      "nothing to do")
         if key_id == keyring.primary_key_id:
-            raise EncryptionKeyError(f"key {key_id} is the primary key: new backups use it",
+            raise KeyInUseError(f"key {key_id} is the primary key: new backups use it",
                                      "run `regal-backup keys rotate` first, then retire it")
         users = key_usage(repo, policy, keyring).get(key_id, [])
         if users and not reencrypt:
             shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-            raise EncryptionKeyError(f"key {key_id} still encrypts {len(users)} item(s): {shown}",
+            raise KeyInUseError(f"key {key_id} still encrypts {len(users)} item(s): {shown}",
                                      "add --reencrypt to re-encrypt them under the primary key first, or wait "
                                      "until retention prunes them")
         secondary = open_offsite(policy)

@@ -205,6 +205,12 @@ class ReportsConfig(Settings):
                     "entries replace the defaults of the same key only")
     remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after "
                                   "the end of the period it was found in")
+    signoff_within: Duration = Field(timedelta(days=14), description="a passed restore test or drill must be "
+                                     "signed off by management (`regal-backup signoff`) within this long (SO-01)")
+    frameworks: list[str] = Field(default_factory=lambda: ["pci", "sox", "gdpr"], min_length=1,
+                                  description="the compliance frameworks in scope, by id: pci, sox, gdpr, soc2, "
+                                  "iso27001, hipaa, dora, nis2, nist80053 (`regal-backup report --framework` "
+                                  "overrides)")
 
     @field_validator("exception_owners")
     @classmethod
@@ -219,6 +225,28 @@ class ReportsConfig(Settings):
     def owner_of(self, control_id: str) -> str:
         owners = self.exception_owners
         return owners.get(control_id) or owners.get(control_id[:2], "Backup service owner")
+
+
+class TierConfig(Settings):
+    """A criticality tier (from the business impact analysis): what every target of it must get."""
+
+    backup_every: Duration = Field(description="the minimum backup frequency: no two successful backups further "
+                                   "apart than this")
+    rpo: Duration = Field(description="the recovery point objective it implies (a target's own `rpo` wins)")
+    rto: Duration = Field(description="the recovery time objective it implies (a target's own `rto` wins)")
+    schedules: dict[RetentionClass, ScheduleConfig] = Field(
+        default_factory=dict, description="crons of this tier's targets, over the policy's `schedules` (a class "
+                                          "left out keeps it): a Dagster schedule of its own")
+    description: str | None = None
+
+
+class RestoreApprovalConfig(Settings):
+    """Restores into production need an approval recorded first (`regal-backup approve`), by someone other
+    than the person restoring."""
+
+    targets: list[str] = Field(description="the production targets: a restore into one of them (its own "
+                               "location) needs an approval")
+    valid_for: Duration = Field(timedelta(hours=24), description="an approval is used once, within this long")
 
 
 class DagsterConfig(Settings):
@@ -237,6 +265,8 @@ class Policy(Settings):
     jobs: int = Field(default_factory=default_jobs, ge=1, le=32,
                       description="parallel workers for backups, checks, restores and restore tests (default: "
                                   "the CPU count, at most 8); a target's own `jobs` wins")
+    tiers: dict[str, TierConfig] = Field(default_factory=dict, description="criticality tiers by name (e.g. "
+                                         "tier1): targets name theirs with `tier`")
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
     prune: PruneConfig = PruneConfig()
@@ -248,6 +278,7 @@ class Policy(Settings):
     dagster: DagsterConfig = DagsterConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     audit: AuditConfig | None = None
+    restore_approval: RestoreApprovalConfig | None = None
     reports: ReportsConfig = ReportsConfig()
     fleet: FleetConfig = FleetConfig()
     # Directory of the policy file: relative paths (keyset, local repository) resolve against it.
@@ -279,13 +310,26 @@ class Policy(Settings):
                              "per-host run limit)")
         return targets
 
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        for name in tiers:  # a tier with crons names a Dagster schedule (`hourly_backups__tier_<name>`)
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+                raise ValueError(f"tier name '{name}': use lower-case letters, digits and _")
+        return tiers
+
     @model_validator(mode="after")
-    def _known_tiers(self) -> Policy:
-        unknown = sorted(f"{name} (tier '{config.tier}')" for name, config in self.targets.items()
-                         if config.tier and config.tier not in self.fleet.tiers)
-        if unknown:
-            tiers = ", ".join(sorted(self.fleet.tiers)) or "none"
-            raise ValueError(f"targets {', '.join(unknown)}: no such tier in fleet.tiers (its tiers: {tiers})")
+    def _known_tiers_and_approval_targets(self) -> Policy:
+        if self.restore_approval is not None:
+            for name in self.restore_approval.targets:
+                if name not in self.targets:
+                    raise ValueError(f"restore_approval.targets: '{name}' is not one of the policy's targets")
+            if self.audit is None:
+                raise ValueError("restore_approval needs an audit trail (audit.dsn): approvals are audit events")
+        for name, target in self.targets.items():
+            if target.tier is not None and target.tier not in self.tiers:
+                raise ValueError(f"targets.{name}.tier: '{target.tier}' is not one of the policy's tiers "
+                                 f"({', '.join(sorted(self.tiers)) or 'none defined: add `tiers:`'})")
         return self
 
     def host_of(self, name: str) -> str:
@@ -302,10 +346,14 @@ class Policy(Settings):
         found: dict[RetentionClass, tuple[str, ScheduleConfig]] = {
             cls: ("policy", schedule) for cls, schedule in self.schedules.items()}
         if config.tier:
-            tier = self.fleet.tiers[config.tier]
+            tier = self.tiers[config.tier]
             found.update({cls: (f"tier:{config.tier}", s) for cls, s in tier.schedules.items()})
         found.update({cls: ("target", s) for cls, s in config.schedules.items()})
         return found
+
+    def tier_of(self, name: str) -> TierConfig | None:
+        tier = self.target(name).tier
+        return self.tiers[tier] if tier else None
 
     def target(self, name: str) -> TargetConfig:
         if name not in self.targets:
@@ -315,10 +363,13 @@ class Policy(Settings):
         return self.targets[name]
 
     def rpo_for(self, name: str) -> timedelta:
-        return self.target(name).rpo or self.rpo
+        """The target's own RPO, else its tier's, else the policy's."""
+        tier = self.tier_of(name)
+        return self.target(name).rpo or (tier.rpo if tier else self.rpo)
 
     def rto_for(self, name: str) -> timedelta:
-        return self.target(name).rto or self.rto
+        tier = self.tier_of(name)
+        return self.target(name).rto or (tier.rto if tier else self.rto)
 
     def transports(self) -> list[Transport]:
         """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .approval import approval_for, needs_approval
 from .audit import audited, record
 from .crypto import Keyring
 from .errors import RegalError, UsageError
@@ -82,7 +83,10 @@ def restore_backup(policy: Policy, repo: Repository, keyring: Keyring, manifest:
                    trigger: dict[str, str] | None = None) -> RestoreResult:
     """Restore one backup to `request.to` as an operator asked: recorded in the audit trail."""
     with audited(policy, repo, "restore", manifest.backup_id, trigger) as audit:
-        audit["to"] = source_for(manifest.kind).describe_destination(request.to)
+        describe = source_for(manifest.kind).describe_destination
+        audit["to"] = describe(request.to)
+        if needs_approval(policy, manifest.target, request.to, describe):
+            audit["approval"] = approval_for(policy, repo, manifest.backup_id)  # refused without one
         result = restore_to(policy, repo, keyring, manifest, request, pre_hook=pre_hook, post_hook=post_hook)
         if not result.ok:
             audit.update(outcome="failure", problems=result.problems[:5])

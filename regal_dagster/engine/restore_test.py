@@ -34,6 +34,7 @@ from .pipeline import Progress
 from .policy import Policy
 from .record_sequence import next_record
 from .restore import restore_to
+from .segregation import segregation_evidence
 from .sources.base import RestoreRequest
 from .sources.capabilities import RESTORE_FAILED, TestFindings
 from .sources.registry import source_for
@@ -125,7 +126,8 @@ def run_restore_test(policy: Policy, repo: Repository, keyring: Keyring, manifes
                 "rto_target_seconds": result.rto_target_seconds,
                 "backup_age_seconds": round(result.backup_age_seconds, 3),
                 "validation_passed": result.validation_passed, "problems": result.problems[:5],
-                "erasures": result.erasures, **recovery_evidence(result.details), **slot.audit_details}, trigger)
+                "erasures": result.erasures, **recovery_evidence(result.details), **slot.audit_details,
+                "segregation": segregation_evidence(policy, manifest.target)}, trigger)
     return result
 
 

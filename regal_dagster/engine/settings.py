@@ -110,7 +110,8 @@ class TargetSettings(Settings):
                              "run limit (`regal/host`; default: derived from the DSN or URL)")
     zone: str | None = Field(None, min_length=1, description="the network zone whose workers back it up "
                              "(`regal/zone`; default: the policy's `fleet.default_zone`)")
-    tier: str | None = Field(None, min_length=1, description="a tier of `fleet.tiers` whose schedules it follows")
+    tier: str | None = Field(None, min_length=1, description="its criticality tier (a key of the policy's `tiers`): "
+                             "the backup frequency, RPO and RTO it implies, and the tier's crons it follows")
     schedules: dict[RetentionClass, ScheduleConfig] = Field(
         default_factory=dict, description="crons of this target alone, over its tier's and the policy's")
 
@@ -123,6 +124,11 @@ class TargetSettings(Settings):
         """The network connections a backup of this target makes, and whether each is encrypted (a kind
         that reads local files makes none)."""
         return []
+
+    def own_location(self) -> str | None:
+        """Where the target itself lives, as a restore destination (a DSN): a restore there writes over
+        production. None: the kind cannot tell (then every restore of it counts as one into production)."""
+        return None
 
     def written_password(self) -> str:
         """A password written into the policy itself for this target (its DSN's, its URL's), as written: "" when
@@ -161,6 +167,11 @@ class RepositorySettings(Settings):
     def store_encryption(self) -> str | None:
         """The store's own encryption at rest as configured (None: the store encrypts nothing itself)."""
         return None
+
+    def failure_domain(self, base_dir: Path) -> str:
+        """What one failure or one compromised account takes down with this repository (a file system, an
+        S3 account at an endpoint): an off-site copy in the same domain as the primary is not off-site."""
+        return self.url
 
 
 class MasterKeyConfig(Settings):

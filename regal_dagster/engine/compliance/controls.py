@@ -4,24 +4,26 @@ framework requirements a control meets is declared by the frameworks (engine/com
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from ..audit import ChainVerdict
 from ..errors import RegalError
 from ..policy import Policy
 from ..settings import CronExpression
+from .assurance import immutable, segregated, signed_off, tiers_met
 from .charts import human_seconds
-from .evidence import Evidence, Period, row_at
+from .evidence import Period, row_at
+from .facts import Facts, Judgement
 from .frameworks.base import framework_verdict
 from .frameworks.registry import citations_of, frameworks, frameworks_citing
-from .results import FAIL, NOT_TESTED, PASS, RESULTS
+from .results import FAIL, NOT_TESTED, OUT_OF_SCOPE, PASS, RESULTS
 
-__all__ = ["CONTROLS", "FAIL", "NOT_TESTED", "PASS", "RESULTS", "Control", "ControlSpec", "Facts", "Judgement",
-           "evaluate_controls", "exceptions", "framework_verdict", "framework_verdicts"]
+__all__ = ["CONTROLS", "FAIL", "NOT_TESTED", "OUT_OF_SCOPE", "PASS", "RESULTS", "Control", "ControlSpec", "Facts",
+           "Judgement", "evaluate_controls", "exceptions", "framework_verdict", "framework_verdicts",
+           "requirement_results"]
 
 
 # --- controls --------------------------------------------------------------------------------------------
@@ -61,51 +63,25 @@ class Control:
         return frameworks_citing(self.mapping)
 
 
-@dataclass(frozen=True)
-class Judgement:
-    passed: bool | None  # None: nothing in the period to test it on
-    finding: str
-
-    @property
-    def result(self) -> str:
-        return NOT_TESTED if self.passed is None else PASS if self.passed else FAIL
-
-
-@dataclass
-class Facts:
-    """What the controls are judged on."""
-
-    policy: Policy
-    evidence: Evidence
-    figures: dict[str, Any]
-    failures: list[dict[str, Any]]
-    verdict: ChainVerdict
-    period: Period
-    now: datetime
-
-    @property
-    def t(self) -> dict[str, list[dict[str, Any]]]:
-        return self.evidence.tables
-
-    @property
-    def at(self) -> datetime:
-        return self.period.judged_at(self.now)
-
-    def open_failures(self, control_id: str) -> list[dict[str, Any]]:
-        return [f for f in self.failures if f["open"] and f["control_id"] == control_id]
-
-
 def _backups_run(f: Facts) -> Judgement:
-    targets = sorted(f.policy.targets)
-    backed = {r["target"] for r in f.t["backups"] if r["outcome"] == "success"}
-    missing = [t for t in targets if t not in backed]
+    rows = f.t["schedule_adherence"]
+    scheduled, met = sum(r["scheduled"] for r in rows), sum(r["met"] for r in rows)
+    missed = [f"{r['target']} {r['missed']} (first {r['first_missed'][0][:16].replace('T', ' ')})"
+              for r in rows if r["missed"]]
     open_failures = f.open_failures("BK-01")
-    return Judgement(
-        not missing and not open_failures,
-        f"{f.figures['backups_succeeded']} of {f.figures['backups_total']} backups succeeded; "
-        f"targets without a successful backup in the period: {', '.join(missing) or 'none'}; "
-        f"unresolved failures: {len(open_failures)}",
-    )
+    since = f.operation_since
+    finding = (f"{met} of {scheduled} scheduled backups ran (every tick of the policy's schedules from "
+               f"{max(f.period.start, since) if since else f.period.start:%Y-%m-%d %H:%M} whose window closed "
+               f"by {f.at:%Y-%m-%d %H:%M}); missed: {', '.join(missed) or 'none'}; "
+               f"{f.figures['backups_succeeded']} of {f.figures['backups_total']} backup runs succeeded; "
+               f"unresolved failures: {len(open_failures)}")
+    if open_failures:
+        return Judgement(False, finding)
+    if not scheduled:
+        return Judgement(None, "no scheduled tick's window closed in the period since the system went into "
+                               f"operation ({f'{since:%Y-%m-%d %H:%M}' if since else 'never'}): schedule "
+                               "adherence cannot be judged yet; " + finding)
+    return Judgement(not missed, finding)
 
 
 def _rpo_met(f: Facts) -> Judgement:
@@ -230,14 +206,22 @@ def prune_interval(cron: str, before: datetime) -> timedelta:
 
 def _offsite(f: Facts) -> Judgement:
     results = [(r.get("checks") or {}).get("offsite_copy") for r in f.t["verifications"]]
-    lock = f.policy.repository.object_lock
-    configured = f.policy.offsite is not None
-    return Judgement(
-        configured and all(v is not False for v in results),
-        ("off-site copy " + ("configured" if configured else "NOT configured"))
-        + f"; Object Lock {lock.mode if lock else 'off'}; off-site check failures: "
-        f"{sum(v is False for v in results)}",
-    )
+    repositories = f.t["repositories"]
+    offsite = next((r for r in repositories if r["role"] == "off-site"), None)
+    immutability = ", ".join(f"{r['role']} {r['immutability']}" for r in repositories)
+    problems = []
+    if offsite is None:
+        problems.append("off-site copy NOT configured")
+    elif offsite["same_domain_as_primary"]:
+        problems.append(f"the off-site copy is NOT off-site: it shares the primary's {offsite['failure_domain']}")
+    if failed := sum(v is False for v in results):
+        problems.append(f"off-site check failures: {failed}")
+    where = offsite["failure_domain"] if offsite else ""
+    finding = "; ".join(problems or [f"off-site copy configured in another failure domain ({where})"])
+    finding += f"; off-site copies checked: {sum(v is True for v in results)}; immutability: {immutability}"
+    if problems:
+        return Judgement(False, finding)
+    return Judgement(True if any(v is True for v in results) else None, finding)
 
 
 def _restore_tested(f: Facts) -> Judgement:
@@ -292,12 +276,13 @@ def _events_complete(f: Facts) -> Judgement:
 
 def _chain_intact(f: Facts) -> Judgement:
     v = f.verdict
-    return Judgement(
-        v.ok,
-        f"chain of {v.entries} entries intact; {v.checkpoints} checkpoint(s) match"
-        if v.ok
-        else f"CHAIN BROKEN at entry {v.first_bad_seq}: {v.problem}",
-    )
+    if not v.ok:
+        return Judgement(False, f"CHAIN BROKEN at entry {v.first_bad_seq}: {v.problem}")
+    if not v.checkpoints:  # a chain rewritten whole would verify too: only a copy outside the database tells
+        return Judgement(None, f"chain of {v.entries} entries intact, but no checkpoint outside the audit "
+                               "database to compare it with (each report writes one: the next report tests it)")
+    return Judgement(True, f"chain of {v.entries} entries intact; {v.checkpoints} checkpoint(s) outside the "
+                           "audit database match")
 
 
 def _audit_kept(f: Facts) -> Judgement:
@@ -352,8 +337,9 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "BK-01",
         "Backups of every target run on schedule and succeed; failures are resolved.",
         "hourly, daily, weekly, monthly (policy schedules, UTC)",
-        "Counted backup events per target; every target needs a successful backup in the period and every failure "
-        "a later success.", "backups",
+        "Schedule adherence: every tick of the policy's schedules since the system went into operation needs "
+        "a successful backup of each target before the next tick; every failure a later success.",
+        "backups, schedule_adherence, operation",
         "Fix the cause of each unresolved failure, run a backup of every target named, and confirm it "
         "verifies.",
         "Restore the backup schedule: no backup ran in the period."), _backups_run),
@@ -367,6 +353,16 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "backups, backups_before_period, recoverability",
         "Find why backups stopped for the targets named (schedules, sensor, failures) and restore the "
         "cadence; consider a shorter schedule.", "Run backups: there is no RPO without them."), _rpo_met),
+    (ControlSpec(
+        "TI-01",
+        "Every target has a criticality tier, and gets the backup frequency, RPO and RTO its tier implies.",
+        "continuous (policy tiers)",
+        "Per target: its tier from the policy; the longest interval between successful backups against the tier's "
+        "frequency, the RPO achieved against its RPO, the slowest restore test against its RTO.",
+        "tiers, backups, restore_tests",
+        "Restore the cadence or the restore speed of the targets named, or revise their tier with the business.",
+        "Give every target a tier (policy `tiers:` and each target's `tier`) and restore-test each tiered "
+        "target."), tiers_met),
     (ControlSpec(
         "VR-01",
         "Every backup is verified automatically: every byte read back, authenticated and checksummed.",
@@ -413,7 +409,9 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "configured.",
         "every backup", "Off-site repository configured; the offsite_copy check of every verification.",
         "verifications, policy",
-        "Configure `offsite:` in the policy and run `regal-backup offsite sync`.", "-"),
+        "Configure `offsite:` in the policy on another file system or account (another bucket under other "
+        "credentials, another region), and run `regal-backup offsite sync`.",
+        "Verify the period's backups: the verification checks the off-site copy."),
      _offsite),
     (ControlSpec(
         "RT-01",
@@ -432,6 +430,31 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "Fix what the drill found and run `regal-backup drill` again.",
         "Run `regal-backup drill`: no drill in the last quarter."), _drilled),
     (ControlSpec(
+        "SO-01",
+        "Management signs off every passed restore test and drill (`regal-backup signoff`) within the policy's "
+        "deadline.", "after each restore test and drill (reports.signoff_within)",
+        "Matched each passed restore test and drill of the period to a sign-off event (who, role, note) recorded "
+        "up to the report; unsigned past the deadline fails.", "restore_tests, drills, signoffs",
+        "Have the named results reviewed and signed off (`regal-backup signoff ENTRY --by NAME --role ROLE`).",
+        "Run restore tests and sign them off: nothing to sign in the period, or sign-offs still due."),
+     signed_off),
+    (ControlSpec(
+        "SG-01",
+        "Restore tests run on systems segregated from the source: another host, recorded with its account, "
+        "network namespace and the repository identity used.", "each restore test",
+        "The segregation evidence each restore test records (host id, OS account, network namespace, repository "
+        "identity) against the source's connections; a test on the source's own host fails.",
+        "restore_tests",
+        "Run restore tests on a host apart from the sources (a restore-test worker in its own zone).",
+        "Run restore tests (with this version: older ones recorded no segregation evidence)."), segregated),
+    (ControlSpec(
+        "IM-01",
+        "Backups are immutable: at least one repository locks its objects in COMPLIANCE mode (GOVERNANCE mode can "
+        "be lifted by privileged identities).", "every backup (repository settings)",
+        "Each repository's Object Lock mode, from the policy.", "repositories",
+        "Put the off-site or primary repository in an S3 bucket with Object Lock in COMPLIANCE mode.", "-"),
+     immutable),
+    (ControlSpec(
         "AU-01",
         "Every backup, verification, restore test, restore, deletion, key operation, policy change, report "
         "and alert is an audit event with who, what, when, outcome, where from and the resource.",
@@ -442,9 +465,10 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
         "AU-02",
         "The audit trail is append-only and tamper-evident: a hash chain, UPDATE/DELETE refused by the "
         "database, the head checkpointed into the repository.", "every report; on demand",
-        "Recomputed the whole chain and compared it with the checkpoints.", "audit_chain",
+        "Recomputed the whole chain and compared it with the checkpoints kept outside the audit database; "
+        "without one, it is not tested.", "audit_chain",
         "Treat as a security incident: find who changed the trail (`regal-backup audit verify` names the "
-        "entry).", "-"), _chain_intact),
+        "entry).", "Generate the report again: this one wrote the first checkpoint."), _chain_intact),
     (ControlSpec(
         "AU-03", "Audit entries are kept at least 12 months.", "continuous",
         "Policy retention setting; deletion is refused by the database; oldest entry.", "audit_chain, policy",
@@ -467,11 +491,20 @@ CONTROLS: list[tuple[ControlSpec, Callable[[Facts], Judgement]]] = [
 ]
 
 
-def evaluate_controls(facts: Facts) -> list[Control]:
+def evaluate_controls(facts: Facts, scope: Iterable[str] | None = None) -> list[Control]:
+    """Every control judged on the facts, each with the requirements it meets of the frameworks in `scope`
+    (ids; all when None)."""
+    scope = None if scope is None else list(scope)
+    if facts.out_of_scope:
+        since = facts.policy_since
+        finding = ("out of scope: the period ends before the policy took effect "
+                   + (f"({since:%Y-%m-%d %H:%M} UTC)" if since else "(the audit trail holds no event yet)"))
+        return [Control(spec.control_id, list(citations_of(spec.control_id, scope)), spec.description,
+                        spec.frequency, spec.test, OUT_OF_SCOPE, finding, spec.evidence) for spec, _ in CONTROLS]
     return [
         Control(
             spec.control_id,
-            list(spec.mapping),
+            list(citations_of(spec.control_id, scope)),
             spec.description,
             spec.frequency,
             spec.test,
@@ -483,18 +516,28 @@ def evaluate_controls(facts: Facts) -> list[Control]:
     ]
 
 
-def framework_verdicts(controls: list[Control]) -> dict[str, str]:
-    """Each framework's verdict (by its name, in the frameworks' order), by its own rule on the results of the
-    controls it cites. A framework citing a control that does not exist is refused."""
+def requirement_results(controls: list[Control], scope: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+    """Per framework (by key, in the frameworks' order; those of `scope` when given), each requirement's
+    result from the results of the controls meeting it; a requirement no control meets is NOT TESTED. A
+    framework citing a control that does not exist is refused."""
     known = {spec.control_id for spec, _ in CONTROLS}
-    verdicts = {}
-    for key, framework in frameworks().items():
+    results = {c.control_id: c.result for c in controls}
+    found = {}
+    for key, framework in frameworks(scope).items():
         if unknown := sorted(framework.controls() - known):
             raise RegalError(f"the compliance framework {framework.name} (frameworks/{key}.py) maps its "
                              f"requirements to controls that do not exist: {', '.join(unknown)}",
                              f"map them to the report's controls: {', '.join(sorted(known))}")
-        verdicts[framework.name] = framework.verdict(c.result for c in controls if key in c.frameworks)
-    return verdicts
+        found[key] = framework.requirement_results(results)
+    return found
+
+
+def framework_verdicts(controls: list[Control], scope: Iterable[str] | None = None) -> dict[str, str]:
+    """Each framework's verdict (by its name, in the frameworks' order), by its own rule on the results of its
+    requirements (each from the controls meeting it)."""
+    every = frameworks(scope)
+    return {every[key].name: every[key].verdict(by_requirement.values())
+            for key, by_requirement in requirement_results(controls, scope).items()}
 
 
 def exceptions(
@@ -505,7 +548,7 @@ def exceptions(
     due = (period.judged_at(now) + timedelta(days=policy.reports.remediation_days)).date().isoformat()
     found: list[dict[str, Any]] = []
     for c in controls:
-        if c.result == PASS:
+        if c.result in (PASS, OUT_OF_SCOPE):
             continue
         spec = specs[c.control_id]
         found.append(

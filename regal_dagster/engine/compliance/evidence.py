@@ -28,6 +28,7 @@ from ..recoverability import target_recoverability
 from ..retention import PRUNE_LOG_KIND, prune_report, retention_verdict
 from ..storage import Repository
 from .charts import human_seconds
+from .operation import Operation, coverage, operation_of, schedule_adherence, tier_rows
 
 # --- the period --------------------------------------------------------------------------------------
 
@@ -140,6 +141,14 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
     "recoverability": ["target", "kind", "at", "summary", "point_backup", "point_position", "point_at", "age_seconds",
                        "rpo_seconds", "rpo_breached", "unrecoverable", "checks_passed", "checked_at",
                        "archive_check_passed", "unreadable", "restore_test_passed", "restore_tested_at"],
+    "operation": ["in_operation_since", "policy_since"],
+    "schedule_adherence": ["target", "scheduled", "met", "missed", "first_missed"],
+    "coverage": ["day", "state", "without_backup"],
+    "refusals": ["seq", "at", "kind", "target", "resource", "what"],
+    "repositories": ["role", "location", "failure_domain", "immutability", "same_domain_as_primary"],
+    "signoffs": ["seq", "at", "actor", "result_id", "result_type", "result_resource", "by", "role", "note"],
+    "tiers": ["target", "tier", "backup_every_seconds", "rpo_seconds", "rto_seconds", "longest_interval_seconds",
+              "rpo_achieved_seconds", "restore_tests", "worst_rto_seconds"],
 }
 
 
@@ -256,8 +265,42 @@ def collect_evidence(
     evidence.tables["transport"] = [t.to_json() for t in policy.transports()]
     evidence.tables["audit_chain"] = [verdict.to_json()]
     evidence.tables["policy"] = [{"setting": k, "value": v} for k, v in policy_facts(policy).items()]
+    # A sign-off comes after its result, perhaps after the period: every one recorded up to the report counts.
+    evidence.tables["signoffs"] = [
+        {"seq": e.seq, "at": e.at.isoformat(), "actor": e.actor, **json.loads(e.details)}
+        for e in trail_events if e.event_type == "signoff" and e.outcome == "success" and e.at < now]
+    derive_tables(policy, evidence, operation_of(trail_events), period, at)
     evidence.tables["recoverability"] = recoverability_rows(policy, repo, keyring, now)
     return evidence
+
+
+def derive_tables(policy: Policy, evidence: Evidence, operation: Operation, period: Period, at: datetime) -> None:
+    """The tables judged from the event tables and the policy: when the system went into operation, schedule
+    adherence, each day's coverage, the refusals that protected data, the repositories' facts."""
+    evidence.tables["operation"] = [operation.to_json()]
+    from_ = None if operation.since is None else max(period.start, operation.since)
+    evidence.tables["schedule_adherence"] = schedule_adherence(policy, evidence.tables["backups"], from_, at)
+    evidence.tables["coverage"] = coverage(policy, evidence.tables["backups"], period.start, at, operation.since)
+    evidence.tables["refusals"] = refusals(evidence)
+    evidence.tables["repositories"] = repository_facts(policy)
+    evidence.tables["tiers"] = tier_rows(policy, evidence.tables["backups"], evidence.tables["backups_before_period"],
+                                         evidence.tables["restore_tests"], at)
+
+
+def repository_facts(policy: Policy) -> list[dict[str, Any]]:
+    """Each repository: where, what one failure takes down with it (its failure domain), whether its objects
+    are immutable (S3 Object Lock COMPLIANCE or GOVERNANCE mode, or not at all), and whether the off-site
+    copy shares the primary's failure domain."""
+    primary = policy.repository.failure_domain(policy.base_dir)
+    rows = []
+    for role, config in (("primary", policy.repository), ("off-site", policy.offsite)):
+        if config is None:
+            continue
+        domain = primary if role == "primary" else config.failure_domain(policy.base_dir)
+        rows.append({"role": role, "location": _redacted_location(config.url), "failure_domain": domain,
+                     "immutability": config.object_lock.mode if config.object_lock else "none",
+                     "same_domain_as_primary": role != "primary" and domain == primary})
+    return rows
 
 
 def recoverability_rows(policy: Policy, repo: Repository, keyring: Keyring, now: datetime) -> list[dict[str, Any]]:
@@ -369,6 +412,7 @@ def policy_facts(policy: Policy) -> dict[str, Any]:
                 "data_classes": t.data_classes,
                 "rpo": human_seconds(policy.rpo_for(name).total_seconds()),
                 "rto": human_seconds(policy.rto_for(name).total_seconds()),
+                "tier": t.tier,
             }
             for name, t in sorted(policy.targets.items())
         },
@@ -419,7 +463,22 @@ def figures(policy: Policy, evidence: Evidence, period: Period, now: datetime) -
         "erasures": len(t["erasures"]),
         "alerts": len(t["alerts"]),
         "audit_events": len(t["audit_events"]),
+        "in_operation_since": t["operation"][0]["in_operation_since"] if t.get("operation") else None,
+        "days": {state: sum(d["state"] == state for d in t.get("coverage", []))
+                 for state in ("not in operation", "covered", "gap")},
+        "scheduled_backups": sum(r["scheduled"] for r in t.get("schedule_adherence", [])),
+        "scheduled_backups_met": sum(r["met"] for r in t.get("schedule_adherence", [])),
+        "refusals": len(t.get("refusals", [])),
     }
+
+
+def refusals(evidence: Evidence) -> list[dict[str, Any]]:
+    """Operations refused to protect data (a key still in use, a restore into a database holding data):
+    recorded, and not failed operations."""
+    return sorted(({"seq": r["seq"], "at": r["at"], "kind": operation, "target": r["target"],
+                    "resource": r["resource"], "what": r.get("error") or "refused"}
+                   for name, (operation, _) in FAILURE_TABLES.items() for r in evidence.tables[name]
+                   if r["outcome"] == "failure" and r.get("refused")), key=lambda r: r["seq"])
 
 
 # --- operational failures ------------------------------------------------------------------------------
@@ -443,7 +502,7 @@ def operational_failures(evidence: Evidence) -> list[dict[str, Any]]:
     for name, (operation, control_id) in FAILURE_TABLES.items():
         rows = evidence.tables[name]
         for row in rows:
-            if row["outcome"] != "failure":
+            if row["outcome"] != "failure" or row.get("refused"):
                 continue
             later = next(
                 (

@@ -37,6 +37,9 @@ OSCAL_FILE = "assessment-results.json"
 def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) -> dict[str, str]:
     t = evidence.tables
     start, end = period.start, period.judged_at(now)
+    since = (t.get("operation") or [{}])[0].get("in_operation_since")
+    if since and start < datetime.fromisoformat(since) < end:  # the axis starts when the system did: a short
+        start = datetime.fromisoformat(since).replace(second=0, microsecond=0)  # history stays readable
     ok = [r for r in t["backups"] if r["outcome"] == "success"]
 
     def per_target(
@@ -68,7 +71,7 @@ def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) ->
         ),
         "rpo": line_chart(
             {k: v for k, v in gaps.items() if v},
-            "Time between good backups (achieved RPO)",
+            "Time between successful backups (achieved RPO)",
             "duration",
             start,
             end,
@@ -169,6 +172,7 @@ def render_pdf(context: dict[str, Any], attachments: dict[str, bytes]) -> tuple[
     described = {
         EVIDENCE_FILE: "all evidence as JSON (its SHA-256 is on the cover)",
         OSCAL_FILE: "the results as OSCAL Assessment Results",
+        "component-definition.json": "Regal Backup as an OSCAL component definition (NIST SP 800-53 rev. 5)",
     }
     files = [
         Attachment(
@@ -183,6 +187,20 @@ def render_pdf(context: dict[str, Any], attachments: dict[str, bytes]) -> tuple[
         pdf_variant="pdf/a-3b", attachments=files, custom_metadata=True
     )
     return pdf, list(fetcher.refused)
+
+
+def signer_of(policy: Policy) -> str | None:
+    """Who signs the report (the subject of reports.signing's certificate), None: it is not signed."""
+    signing = policy.reports.signing
+    if signing is None:
+        return None
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(policy.resolve_path(signing.cert_file).read_bytes())
+    except (OSError, ValueError):
+        return "the certificate reports.signing names (it cannot be read: the signing will say why)"
+    return certificate.subject.rfc4514_string()
 
 
 def sign_pdf(policy: Policy, pdf: bytes, report_id: str) -> bytes:

@@ -24,15 +24,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ... import __version__
 from ..audit import AuditTrail, record, verify_trail
 from ..layout import report_key, report_oscal_key
 from ..policy import Policy
 from ..storage import Repository, open_repository
 from . import oscal
-from .controls import Control, Facts, evaluate_controls, exceptions, framework_verdicts
+from .component import FILE as COMPONENT_FILE
+from .component import component_definition
+from .controls import Control, Facts, evaluate_controls, exceptions, framework_verdicts, requirement_results
 from .evidence import Period, collect_evidence, figures, operational_failures, policy_facts
-from .rendering import EVIDENCE_FILE, OSCAL_FILE, charts, render_pdf, sign_pdf
-from .results import FAIL, NOT_TESTED, PASS
+from .frameworks.registry import frameworks as frameworks_in
+from .rendering import EVIDENCE_FILE, OSCAL_FILE, charts, render_pdf, sign_pdf, signer_of
+from .results import FAIL, NOT_TESTED, OUT_OF_SCOPE, PASS
 
 __all__ = ["Period", "ReportResult", "build_report"]
 
@@ -101,9 +105,14 @@ def build_report(
     repo: Repository | None = None,
     trigger: dict[str, str] | None = None,
     now: datetime | None = None,
+    scope: list[str] | None = None,
 ) -> ReportResult:
+    """`scope`: the ids of the frameworks reported on (default: the policy's reports.frameworks); an unknown
+    one is refused (exit 2) before anything is read."""
     now = now or datetime.now(UTC)
     period.refuse_future(now)
+    scope = list(dict.fromkeys(scope or policy.reports.frameworks))
+    in_scope = frameworks_in(scope)  # refuses an unknown id, naming the known ones
     repo = repo or open_repository(policy)
     trail = AuditTrail(policy, repo)
     trail.ensure_schema()
@@ -113,8 +122,9 @@ def build_report(
     evidence = collect_evidence(policy, repo, trail_events, period, verdict, now)
     figs = figures(policy, evidence, period, now)
     failures = operational_failures(evidence)
-    matrix = evaluate_controls(Facts(policy, evidence, figs, failures, verdict, period, now))
-    frameworks = framework_verdicts(matrix)
+    matrix = evaluate_controls(Facts(policy, evidence, figs, failures, verdict, period, now), scope)
+    frameworks = framework_verdicts(matrix, scope)
+    requirements = requirement_results(matrix, scope)
     found = exceptions(policy, matrix, period, now)
     interim = period.interim(now)
     report_id = f"{period.label}-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -122,6 +132,7 @@ def build_report(
     evidence_sha = hashlib.sha256(evidence_json).hexdigest()
     csvs = {f"{name}.csv": evidence.csv(name).encode() for name in evidence.tables}
     results = assessment_results(report_id, period, now, interim, evidence_sha, frameworks, matrix, found)
+    component = oscal.to_bytes(component_definition(__version__, now))
     context = {
         "report_id": report_id,
         "period": period,
@@ -134,6 +145,8 @@ def build_report(
         "facts": policy_facts(policy),
         "figures": figs,
         "frameworks": frameworks,
+        "in_scope": in_scope,
+        "requirements": requirements,
         "controls": matrix,
         "exceptions": found,
         "failures": failures,
@@ -144,13 +157,18 @@ def build_report(
             for name, body in csvs.items()
         },
         "oscal_file": OSCAL_FILE,
+        "component_file": COMPONENT_FILE,
+        "component_sha256": hashlib.sha256(component).hexdigest(),
+        "signer": signer_of(policy),
         "oscal_sha256": hashlib.sha256(results).hexdigest(),
         "evidence_file": EVIDENCE_FILE,
         "PASS": PASS,
         "FAIL": FAIL,
         "NOT_TESTED": NOT_TESTED,
+        "OUT_OF_SCOPE": OUT_OF_SCOPE,
     }
-    pdf, refused = render_pdf(context, {EVIDENCE_FILE: evidence_json, OSCAL_FILE: results, **csvs})
+    pdf, refused = render_pdf(context, {EVIDENCE_FILE: evidence_json, OSCAL_FILE: results,
+                                        COMPONENT_FILE: component, **csvs})
     if policy.reports.signing is not None:
         pdf = sign_pdf(policy, pdf, report_id)
     digest = hashlib.sha256(pdf).hexdigest()

@@ -53,6 +53,14 @@ class FileRepositoryConfig(RepositorySettings):
         """The repository's directory, relative paths resolved from the policy file's directory `base_dir`."""
         return resolve_policy_path(base_dir, self.url.removeprefix("file://"))
 
+    def failure_domain(self, base_dir: Path) -> str:
+        """The file system holding the repository (its device number): two repositories on one file system
+        go down with it."""
+        path = self.root(base_dir)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return f"file system (device {path.stat().st_dev})"
+
 
 class _LocalWriter(ObjectWriter):
     def __init__(self, path: Path, location: str, batch: _SyncBatch | None = None):

@@ -68,6 +68,12 @@ class S3RepositoryConfig(RepositorySettings):
     def store_encryption(self) -> str | None:
         return self.server_side_encryption
 
+    def failure_domain(self, base_dir: Path) -> str:
+        """The S3 account at the endpoint: both repositories are written with this process's one set of
+        credentials, so a second bucket at the same endpoint is in the same account, reachable by the same
+        identity."""
+        return f"S3 account at {self.endpoint_url or 'AWS'} (one set of credentials writes both)"
+
 # Error codes that say "not now" rather than "no": the same request may pass a moment later.
 TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",

@@ -1,10 +1,13 @@
 """The compliance frameworks: every module under engine/compliance/frameworks/ with a `FRAMEWORK`, keyed by
-its module name and ordered by its `position`."""
+its module name (the id `regal-backup report --framework` and the policy's `reports.frameworks` take) and
+ordered by its `position`."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
+from ...errors import UsageError
 from ...plugins import plugin_modules
 from .base import Framework
 
@@ -19,14 +22,22 @@ def _frameworks() -> dict[str, Framework]:
     return dict(sorted(found.items(), key=lambda item: (item[1].position, item[0])))
 
 
-def frameworks() -> dict[str, Framework]:
-    """Every framework by key (its module's name), in the order the report lists their verdicts."""
-    return dict(_frameworks())
+def frameworks(scope: Iterable[str] | None = None) -> dict[str, Framework]:
+    """Every framework by key (its module's name), in the order the report lists their verdicts; only those
+    of `scope` (ids) when given: an unknown id is refused, naming the known ones."""
+    known = _frameworks()
+    if scope is None:
+        return dict(known)
+    wanted = set(scope)
+    if unknown := sorted(wanted - set(known)):
+        raise UsageError(f"unknown compliance framework(s): {', '.join(unknown)}",
+                         f"name one or more of: {', '.join(known)}")
+    return {key: framework for key, framework in known.items() if key in wanted}
 
 
-def citations_of(control_id: str) -> tuple[str, ...]:
-    """Every framework requirement `control_id` meets, as the report cites them."""
-    ordered = sorted(_frameworks().values(), key=lambda f: f.mapping_order)
+def citations_of(control_id: str, scope: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Every requirement `control_id` meets (of the frameworks in `scope`, or of all), as the report cites them."""
+    ordered = sorted(frameworks(scope).values(), key=lambda f: f.mapping_order)
     return tuple(citation for framework in ordered for citation in framework.citations(control_id))
 
 

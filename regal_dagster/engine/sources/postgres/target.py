@@ -26,6 +26,12 @@ class DsnTarget(TargetSettings):
     def resolved_dsn(self) -> str:
         return fill_environment(self.dsn, "dsn")
 
+    def own_location(self) -> str | None:
+        try:
+            return self.resolved_dsn()
+        except PolicyError:
+            return self.dsn
+
     def written_password(self) -> str:
         from psycopg.conninfo import conninfo_to_dict
 
