@@ -161,6 +161,95 @@ def test_a_lagging_or_unreachable_standby_sends_the_backup_to_the_primary_or_sto
         set_target(policy, standbys=[standby], backup_from="standby", standby_max_lag="5s")
 
 
+def _dump_target(pair: dict[str, Any], **settings: Any) -> None:
+    """A `postgres` target `shop` on the pair: the primary's database shop, read from the standby's."""
+    document = yaml.safe_load(pair["policy"].read_text())
+    document["targets"]["shop"] = {"kind": "postgres", "dsn": pair["primary"].dsn("shop"),
+                                   "standbys": [pair["standby"].dsn("shop")], "rpo": "1h", **settings}
+    pair["policy"].write_text(yaml.safe_dump(document))
+
+
+def _churn(dsn: str, stop: Any) -> None:
+    """Rows deleted and VACUUMed away on the primary, again and again: replay on a standby then removes row versions
+    a snapshot there may still see (and truncating the table takes an ACCESS EXCLUSIVE lock there)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            conn.execute("DELETE FROM churn")
+            conn.execute("INSERT INTO churn SELECT g, repeat('c', 100) FROM generate_series(1, 2000) g")
+            conn.execute("VACUUM churn")
+
+
+def test_a_dump_reads_a_caught_up_standby_and_a_conflict_with_recovery_says_what_to_set(
+        pair: dict[str, Any]) -> None:
+    """A `postgres` target dumped from the standby (its snapshot and locks there) restores exactly what the primary
+    holds; replay cancelling the dump (max_standby_streaming_delay = 0 while the primary VACUUMs) stops the backup
+    naming the standby's settings and what to set, and prefer-standby dumps the primary instead, saying why."""
+    import threading
+
+    primary, standby, policy = pair["primary"], pair["standby"], pair["policy"]
+    _sql(primary.dsn(), "CREATE DATABASE shop")
+    shop = primary.dsn("shop")
+    _sql(shop, "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric)")
+    _sql(shop, "INSERT INTO items SELECT g, 'item ' || g, g * 0.5 FROM generate_series(1, 200000) g")
+    _sql(shop, "CREATE TABLE churn (id int, filler text)")
+    _dump_target(pair, backup_from="standby", standby_max_lag="5s")
+    caught_up(primary.dsn(), standby.dsn())
+    done = _ok(cli(policy, "backup", "shop", "--json"))
+    taken = json.loads(done.stdout)
+    assert taken["taken_from"].startswith("standby ") and taken["verification"]["passed"], done.stdout + done.stderr
+    source = manifest_body(policy, "shop", taken["backup_id"])["source"]
+    assert source["in_recovery"] and source["backup_from"] == "standby", source
+    _ok(cli(policy, "restore", taken["backup_id"], "--to", primary.dsn("shop_restored")))
+    assert table_contents(primary.dsn("shop_restored")) == table_contents(shop)
+
+    _sql(standby.dsn(), "ALTER SYSTEM SET max_standby_streaming_delay = 0")  # replay cancels at once
+    _sql(standby.dsn(), "SELECT pg_reload_conf()")
+    stop = threading.Event()
+    churn = threading.Thread(target=_churn, args=(shop, stop), daemon=True)
+    churn.start()
+    try:
+        done = cli(policy, "backup", "shop", "--json")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "was cancelled by a conflict with recovery" in done.stderr, done.stderr
+        assert "max_standby_streaming_delay = 0" in done.stderr and "hot_standby_feedback = off" in done.stderr
+        assert "set hot_standby_feedback = on" in done.stderr and "Traceback" not in done.stderr
+
+        _dump_target(pair, backup_from="prefer-standby", standby_max_lag="5s")
+        done = _ok(cli(policy, "backup", "shop", "--json", "--no-verify"))
+        assert json.loads(done.stdout)["taken_from"].startswith("primary "), done.stdout
+        assert "taken from the primary after the dump on a standby was cancelled" in done.stderr, done.stderr
+    finally:
+        stop.set()
+        churn.join()
+        _sql(standby.dsn(), "ALTER SYSTEM RESET max_standby_streaming_delay")
+        _sql(standby.dsn(), "SELECT pg_reload_conf()")
+        document = yaml.safe_load(policy.read_text())
+        del document["targets"]["shop"]
+        policy.write_text(yaml.safe_dump(document))
+
+
+def test_every_host_down_the_stream_and_a_backup_name_each(tmp_path: Path) -> None:
+    """No server of the target answers: `wal stream` and a backup stop at once (exit 1, no traceback) naming every
+    host of the multi-host DSN and every standby, each with its reason."""
+    gone = [tmp_path / name for name in ("old-primary", "new-primary", "standby")]
+    dsn = (f"postgresql://postgres@/postgres?host={quote(f'{gone[0]},{gone[1]}', safe='')}&port=5432"
+           "&target_session_attrs=primary")
+    made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", dsn, "--no-audit",
+                            "--json"]).stdout)
+    policy = Path(made["policy"])
+    set_target(policy, standbys=[f"postgresql://postgres@/postgres?host={quote(str(gone[2]), safe='')}&port=5432"],
+               backup_from="prefer-standby")
+    for command in (["wal", "stream", "cluster"], ["backup", "cluster"]):
+        done = subprocess.run([*CLI, *command, "--policy", str(policy)], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        for host in gone:
+            assert f'"{host}/.s.PGSQL.5432" failed: No such file or directory' in done.stderr, (command, done.stderr)
+        assert "what to do:" in done.stderr.lower() or "start the primary" in done.stderr, done.stderr
+
+
 class Ledger:
     """The independent record of the test's writes: a thread inserts ids one at a time (with the client's timestamp)
     through the DSN that follows the primary, retrying an id after a connection loss (ON CONFLICT DO NOTHING: each
@@ -307,3 +396,4 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
     verified = json.loads(_ok(cli(policy, "verify", backup_id, "--json")).stdout)
     continuity = {c["name"]: c for c in verified["checks"]}["wal_continuity"]
     assert continuity["passed"], continuity
+
