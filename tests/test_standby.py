@@ -388,6 +388,7 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
     assert done.returncode == 0 and status["gaps"] == [] and status["newest_segment"].startswith("00000002"), status
     assert len(status["lost"]) == 1 and status["lost"][0].startswith("timeline 1 from "), status["lost"]
     assert (policy.parent / "repository" / "wal" / "cluster" / "00000002.history.json").exists()
+    _lost_range_alerts_once(policy, status["lost"][0].split(":")[0])
     lost = ledger.acked[cut:stopped]  # acknowledged by the old primary alone
     assert _restored_ledger(pair, "before", "--to-name", "before_failover") == before
     assert _restored_ledger(pair, "after", "--to-name", "after_failover") == before + after[len(before):cut] + \
@@ -397,3 +398,28 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
     continuity = {c["name"]: c for c in verified["checks"]}["wal_continuity"]
     assert continuity["passed"], continuity
 
+
+def _lost_range_alerts_once(policy: Path, lost: str) -> None:
+    """The range lost at the failover is an open alert in `status`, named by its range, and the alert evaluation
+    (the RPO sensor's conditions, through the policy's channels) tells it once however often it runs."""
+    from datetime import UTC, datetime
+
+    from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    shown = json.loads(cli(policy, "status", "cluster", "--json").stdout)["open_alerts"]
+    lost_alerts = [a for a in shown if a["event"] == "lost_at_failover"]
+    assert [a["what"] for a in lost_alerts] == [f"cluster: WAL lost at a failover: {lost}"], shown
+    document = yaml.safe_load(policy.read_text())
+    document.setdefault("alerts", {})["channels"] = [{"kind": "file", "path": "alerts.jsonl"}]
+    policy.write_text(yaml.safe_dump(document))
+    loaded = load_policy(policy)
+    repo, keyring, book = open_repository(loaded), load_keyring(loaded), AlertBook()
+    for _ in range(2):
+        conditions = rpo_conditions(loaded, repo, keyring, datetime.now(UTC))
+        assert evaluate_and_notify(loaded, book, conditions, datetime.now(UTC)) == []
+    told = [json.loads(line) for line in (policy.parent / "alerts.jsonl").read_text().splitlines()]
+    assert [(t["status"], t["what"]) for t in told if t["event"] == "lost_at_failover"] == \
+        [("alert", f"cluster: WAL lost at a failover: {lost}")], told
