@@ -352,6 +352,8 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
             _wait_for(lambda: len(ledger.acked) > len(before) + 20, "more writes")
             with ledger.paused():  # the standby has all that was acknowledged, then is cut off
                 caught_up(primary.dsn(), standby.dsn())
+                stored_before = _backup_entries(policy)
+                inflight = _base_backup_held(policy, standby.dsn())  # a base backup of the standby, held mid-way
                 _sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
                 _sql(standby.dsn(), "SELECT pg_reload_conf()")
                 _wait_for(lambda: _sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
@@ -369,6 +371,10 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
             log = pair["stream_log"]
             _wait_for(lambda: "WAL LOST at the failover to timeline 2" in log.read_text(), "the stream to follow the "
                       "new primary", 90)
+            failed = _resumed(inflight)  # the failover happened in the middle of it: it fails, nothing is left
+            assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr
+            assert "promoted during online backup" in failed.stderr and "(a failover)" in failed.stderr, failed.stderr
+            assert _backup_entries(policy) == stored_before, failed.stderr
             _wait_for(lambda: len(ledger.acked) > stopped + 20, "writes on the new primary")
             with ledger.paused():
                 _sql(dsn, "SELECT pg_create_restore_point('after_failover')")
@@ -397,6 +403,61 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
     verified = json.loads(_ok(cli(policy, "verify", backup_id, "--json")).stdout)
     continuity = {c["name"]: c for c in verified["checks"]}["wal_continuity"]
     assert continuity["passed"], continuity
+    set_target(policy, backup_from="prefer-standby")  # the next one on the new topology: its standby is gone
+    done = _ok(cli(policy, "backup", "cluster", "--json"))
+    taken = json.loads(done.stdout)
+    assert taken["taken_from"].startswith("primary ") and taken["timeline"] == 2 and taken["verification"]["passed"]
+    assert "is not in recovery: it is a primary itself" in done.stderr, done.stderr
+
+
+def _backup_entries(policy: Path) -> list[str]:
+    """Every file under the repository's backups of `cluster` (a failed backup leaves none, at most a directory)."""
+    root = policy.parent / "repository" / "backups" / "cluster"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _base_backup_held(policy: Path, standby: str) -> list[Any]:
+    """`regal-backup backup cluster` started, and stopped (SIGSTOP, with its pg_basebackup) in the middle of the
+    transfer: the standby reports the backup streaming its files, part of them sent (its side then blocks on the
+    socket)."""
+    import time
+
+    import psutil
+
+    command = subprocess.Popen([*CLI, "backup", "cluster", "--policy", str(policy)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    held = psutil.Process(command.pid)
+    deadline = time.monotonic() + 60
+    while not any(c.name() == "pg_basebackup" for c in held.children(recursive=True)):
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        time.sleep(0.002)
+    processes = [held, *(c for c in held.children(recursive=True) if c.name() == "pg_basebackup")]
+    _signal_all(processes, "suspend")
+    while True:  # let it run a few milliseconds at a time until the server streams the data files
+        progress = _sql(standby, "SELECT phase, backup_streamed FROM pg_stat_progress_basebackup")
+        if progress and progress[0][0] == "streaming database files" and progress[0][1] > 0:
+            return [command, processes]
+        assert time.monotonic() < deadline, progress
+        _signal_all(processes, "resume")
+        time.sleep(0.003)
+        _signal_all(processes, "suspend")
+
+
+def _signal_all(processes: list[Any], how: str) -> None:
+    import contextlib
+
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            getattr(process, how)()
+
+
+def _resumed(held: list[Any]) -> Any:
+    command, processes = held
+    _signal_all(processes, "resume")
+    out, err = command.communicate(timeout=120)
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
 
 
 def _lost_range_alerts_once(policy: Path, lost: str) -> None:
