@@ -1,6 +1,7 @@
 """Storage capacity forecast: a generated history of backups (45 days, in an S3 repository on a
-real moto server with a quota in the policy) is extrapolated at the last 30 days' growth; the capacity alert fires
-under the policy's threshold, and status and the metrics show the forecast."""
+real moto server with a quota in the policy) is extrapolated at the last 30 days' growth, minus what the prunes
+delete on their backups' retention dates (as `list` shows them); the capacity alert fires under the policy's
+threshold, and status and the metrics show the forecast."""
 
 from __future__ import annotations
 
@@ -31,13 +32,28 @@ def test_the_repository_is_forecast_full_at_the_last_30_days_growth_and_alerts_u
     repo, keyring = open_repository(policy), load_keyring(policy)
     now = dt.datetime.now(dt.UTC)
     for days_ago in (45, 25, 15, 5):  # the history: three inside the window, one before it
-        run_backup(policy, "pos", "daily", repo=repo, keyring=keyring, started_at=now - dt.timedelta(days=days_ago))
+        taken = run_backup(policy, "pos", "daily", repo=repo, keyring=keyring,
+                           started_at=now - dt.timedelta(days=days_ago))
+        if days_ago > 20:  # checked, so that retention dates its deletion (an unchecked backup is never pruned)
+            assert run_cli(policy_file, "verify", taken.manifest.backup_id).returncode == 0
 
     manifests = list_backups(repo, keyring, "pos")[0]
     in_window = [m.stored_bytes for m in manifests if m.started_at >= now - dt.timedelta(days=30)]
     assert len(in_window) == 3
     used = repo.usage_bytes()
-    expected_days = (quota - used) / (sum(in_window) / 30)
+    # what the prunes will delete, as `list` dates it: freed from its date on (a date past: the next prune)
+    listed = json.loads(run_cli(policy_file, "list", "pos", "--json").stdout)["backups"]
+    sizes = {m.backup_id: m.stored_bytes for m in manifests}
+    deletions = sorted((max(0.0, (dt.datetime.fromisoformat(b["retention"]["deletion_at"]) - now).total_seconds()
+                            / 86400), sizes[b["backup_id"]]) for b in listed if b["retention"]["deletion_at"])
+    assert deletions and deletions[0][0] < 30, listed  # the oldest daily is due: the steady state deletes it
+    per_day, room = sum(in_window) / 30, quota - used
+    for day, size in deletions:  # the growth against the room, the room growing by each deletion as it comes
+        if per_day * day >= room:
+            break
+        room += size
+    expected_days = room / per_day
+    assert expected_days > (quota - used) / per_day
 
     [condition] = capacity_conditions(policy, repo, keyring, now)
     assert condition.key == "capacity" and "forecast to be full in" in condition.what

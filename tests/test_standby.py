@@ -161,6 +161,95 @@ def test_a_lagging_or_unreachable_standby_sends_the_backup_to_the_primary_or_sto
         set_target(policy, standbys=[standby], backup_from="standby", standby_max_lag="5s")
 
 
+def _dump_target(pair: dict[str, Any], **settings: Any) -> None:
+    """A `postgres` target `shop` on the pair: the primary's database shop, read from the standby's."""
+    document = yaml.safe_load(pair["policy"].read_text())
+    document["targets"]["shop"] = {"kind": "postgres", "dsn": pair["primary"].dsn("shop"),
+                                   "standbys": [pair["standby"].dsn("shop")], "rpo": "1h", **settings}
+    pair["policy"].write_text(yaml.safe_dump(document))
+
+
+def _churn(dsn: str, stop: Any) -> None:
+    """Rows deleted and VACUUMed away on the primary, again and again: replay on a standby then removes row versions
+    a snapshot there may still see (and truncating the table takes an ACCESS EXCLUSIVE lock there)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            conn.execute("DELETE FROM churn")
+            conn.execute("INSERT INTO churn SELECT g, repeat('c', 100) FROM generate_series(1, 2000) g")
+            conn.execute("VACUUM churn")
+
+
+def test_a_dump_reads_a_caught_up_standby_and_a_conflict_with_recovery_says_what_to_set(
+        pair: dict[str, Any]) -> None:
+    """A `postgres` target dumped from the standby (its snapshot and locks there) restores exactly what the primary
+    holds; replay cancelling the dump (max_standby_streaming_delay = 0 while the primary VACUUMs) stops the backup
+    naming the standby's settings and what to set, and prefer-standby dumps the primary instead, saying why."""
+    import threading
+
+    primary, standby, policy = pair["primary"], pair["standby"], pair["policy"]
+    _sql(primary.dsn(), "CREATE DATABASE shop")
+    shop = primary.dsn("shop")
+    _sql(shop, "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric)")
+    _sql(shop, "INSERT INTO items SELECT g, 'item ' || g, g * 0.5 FROM generate_series(1, 200000) g")
+    _sql(shop, "CREATE TABLE churn (id int, filler text)")
+    _dump_target(pair, backup_from="standby", standby_max_lag="5s")
+    caught_up(primary.dsn(), standby.dsn())
+    done = _ok(cli(policy, "backup", "shop", "--json"))
+    taken = json.loads(done.stdout)
+    assert taken["taken_from"].startswith("standby ") and taken["verification"]["passed"], done.stdout + done.stderr
+    source = manifest_body(policy, "shop", taken["backup_id"])["source"]
+    assert source["in_recovery"] and source["backup_from"] == "standby", source
+    _ok(cli(policy, "restore", taken["backup_id"], "--to", primary.dsn("shop_restored")))
+    assert table_contents(primary.dsn("shop_restored")) == table_contents(shop)
+
+    _sql(standby.dsn(), "ALTER SYSTEM SET max_standby_streaming_delay = 0")  # replay cancels at once
+    _sql(standby.dsn(), "SELECT pg_reload_conf()")
+    stop = threading.Event()
+    churn = threading.Thread(target=_churn, args=(shop, stop), daemon=True)
+    churn.start()
+    try:
+        done = cli(policy, "backup", "shop", "--json")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "was cancelled by a conflict with recovery" in done.stderr, done.stderr
+        assert "max_standby_streaming_delay = 0" in done.stderr and "hot_standby_feedback = off" in done.stderr
+        assert "set hot_standby_feedback = on" in done.stderr and "Traceback" not in done.stderr
+
+        _dump_target(pair, backup_from="prefer-standby", standby_max_lag="5s")
+        done = _ok(cli(policy, "backup", "shop", "--json", "--no-verify"))
+        assert json.loads(done.stdout)["taken_from"].startswith("primary "), done.stdout
+        assert "taken from the primary after the dump on a standby was cancelled" in done.stderr, done.stderr
+    finally:
+        stop.set()
+        churn.join()
+        _sql(standby.dsn(), "ALTER SYSTEM RESET max_standby_streaming_delay")
+        _sql(standby.dsn(), "SELECT pg_reload_conf()")
+        document = yaml.safe_load(policy.read_text())
+        del document["targets"]["shop"]
+        policy.write_text(yaml.safe_dump(document))
+
+
+def test_every_host_down_the_stream_and_a_backup_name_each(tmp_path: Path) -> None:
+    """No server of the target answers: `wal stream` and a backup stop at once (exit 1, no traceback) naming every
+    host of the multi-host DSN and every standby, each with its reason."""
+    gone = [tmp_path / name for name in ("old-primary", "new-primary", "standby")]
+    dsn = (f"postgresql://postgres@/postgres?host={quote(f'{gone[0]},{gone[1]}', safe='')}&port=5432"
+           "&target_session_attrs=primary")
+    made = json.loads(_run([*CLI, "init", str(tmp_path / "regal"), "--cluster-dsn", dsn, "--no-audit",
+                            "--json"]).stdout)
+    policy = Path(made["policy"])
+    set_target(policy, standbys=[f"postgresql://postgres@/postgres?host={quote(str(gone[2]), safe='')}&port=5432"],
+               backup_from="prefer-standby")
+    for command in (["wal", "stream", "cluster"], ["backup", "cluster"]):
+        done = subprocess.run([*CLI, *command, "--policy", str(policy)], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        for host in gone:
+            assert f'"{host}/.s.PGSQL.5432" failed: No such file or directory' in done.stderr, (command, done.stderr)
+        assert "what to do:" in done.stderr.lower() or "start the primary" in done.stderr, done.stderr
+
+
 class Ledger:
     """The independent record of the test's writes: a thread inserts ids one at a time (with the client's timestamp)
     through the DSN that follows the primary, retrying an id after a connection loss (ON CONFLICT DO NOTHING: each
@@ -263,6 +352,8 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
             _wait_for(lambda: len(ledger.acked) > len(before) + 20, "more writes")
             with ledger.paused():  # the standby has all that was acknowledged, then is cut off
                 caught_up(primary.dsn(), standby.dsn())
+                stored_before = _backup_entries(policy)
+                inflight = _base_backup_held(policy, standby.dsn())  # a base backup of the standby, held mid-way
                 _sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
                 _sql(standby.dsn(), "SELECT pg_reload_conf()")
                 _wait_for(lambda: _sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
@@ -280,6 +371,10 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
             log = pair["stream_log"]
             _wait_for(lambda: "WAL LOST at the failover to timeline 2" in log.read_text(), "the stream to follow the "
                       "new primary", 90)
+            failed = _resumed(inflight)  # the failover happened in the middle of it: it fails, nothing is left
+            assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr
+            assert "promoted during online backup" in failed.stderr and "(a failover)" in failed.stderr, failed.stderr
+            assert _backup_entries(policy) == stored_before, failed.stderr
             _wait_for(lambda: len(ledger.acked) > stopped + 20, "writes on the new primary")
             with ledger.paused():
                 _sql(dsn, "SELECT pg_create_restore_point('after_failover')")
@@ -299,6 +394,7 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
     assert done.returncode == 0 and status["gaps"] == [] and status["newest_segment"].startswith("00000002"), status
     assert len(status["lost"]) == 1 and status["lost"][0].startswith("timeline 1 from "), status["lost"]
     assert (policy.parent / "repository" / "wal" / "cluster" / "00000002.history.json").exists()
+    _lost_range_alerts_once(policy, status["lost"][0].split(":")[0])
     lost = ledger.acked[cut:stopped]  # acknowledged by the old primary alone
     assert _restored_ledger(pair, "before", "--to-name", "before_failover") == before
     assert _restored_ledger(pair, "after", "--to-name", "after_failover") == before + after[len(before):cut] + \
@@ -307,3 +403,84 @@ def test_the_wal_stream_follows_a_promoted_standby_and_reports_the_wal_lost_at_t
     verified = json.loads(_ok(cli(policy, "verify", backup_id, "--json")).stdout)
     continuity = {c["name"]: c for c in verified["checks"]}["wal_continuity"]
     assert continuity["passed"], continuity
+    set_target(policy, backup_from="prefer-standby")  # the next one on the new topology: its standby is gone
+    done = _ok(cli(policy, "backup", "cluster", "--json"))
+    taken = json.loads(done.stdout)
+    assert taken["taken_from"].startswith("primary ") and taken["timeline"] == 2 and taken["verification"]["passed"]
+    assert "is not in recovery: it is a primary itself" in done.stderr, done.stderr
+
+
+def _backup_entries(policy: Path) -> list[str]:
+    """Every file under the repository's backups of `cluster` (a failed backup leaves none, at most a directory)."""
+    root = policy.parent / "repository" / "backups" / "cluster"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _base_backup_held(policy: Path, standby: str) -> list[Any]:
+    """`regal-backup backup cluster` started, and stopped (SIGSTOP, with its pg_basebackup) in the middle of the
+    transfer: the standby reports the backup streaming its files, part of them sent (its side then blocks on the
+    socket)."""
+    import time
+
+    import psutil
+
+    command = subprocess.Popen([*CLI, "backup", "cluster", "--policy", str(policy)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    held = psutil.Process(command.pid)
+    deadline = time.monotonic() + 60
+    while not any(c.name() == "pg_basebackup" for c in held.children(recursive=True)):
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        time.sleep(0.002)
+    processes = [held, *(c for c in held.children(recursive=True) if c.name() == "pg_basebackup")]
+    _signal_all(processes, "suspend")
+    while True:  # let it run a few milliseconds at a time until the server streams the data files
+        progress = _sql(standby, "SELECT phase, backup_streamed FROM pg_stat_progress_basebackup")
+        if progress and progress[0][0] == "streaming database files" and progress[0][1] > 0:
+            return [command, processes]
+        assert time.monotonic() < deadline, progress
+        _signal_all(processes, "resume")
+        time.sleep(0.003)
+        _signal_all(processes, "suspend")
+
+
+def _signal_all(processes: list[Any], how: str) -> None:
+    import contextlib
+
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            getattr(process, how)()
+
+
+def _resumed(held: list[Any]) -> Any:
+    command, processes = held
+    _signal_all(processes, "resume")
+    out, err = command.communicate(timeout=120)
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
+
+def _lost_range_alerts_once(policy: Path, lost: str) -> None:
+    """The range lost at the failover is an open alert in `status`, named by its range, and the alert evaluation
+    (the RPO sensor's conditions, through the policy's channels) tells it once however often it runs."""
+    from datetime import UTC, datetime
+
+    from regal_dagster.engine.alerts import AlertBook, evaluate_and_notify, rpo_conditions
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    shown = json.loads(cli(policy, "status", "cluster", "--json").stdout)["open_alerts"]
+    lost_alerts = [a for a in shown if a["event"] == "lost_at_failover"]
+    assert [a["what"] for a in lost_alerts] == [f"cluster: WAL lost at a failover: {lost}"], shown
+    document = yaml.safe_load(policy.read_text())
+    document.setdefault("alerts", {})["channels"] = [{"kind": "file", "path": "alerts.jsonl"}]
+    policy.write_text(yaml.safe_dump(document))
+    loaded = load_policy(policy)
+    repo, keyring, book = open_repository(loaded), load_keyring(loaded), AlertBook()
+    for _ in range(2):
+        conditions = rpo_conditions(loaded, repo, keyring, datetime.now(UTC))
+        assert evaluate_and_notify(loaded, book, conditions, datetime.now(UTC)) == []
+    told = [json.loads(line) for line in (policy.parent / "alerts.jsonl").read_text().splitlines()]
+    assert [(t["status"], t["what"]) for t in told if t["event"] == "lost_at_failover"] == \
+        [("alert", f"cluster: WAL lost at a failover: {lost}")], told

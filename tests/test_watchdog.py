@@ -105,3 +105,65 @@ def test_a_silent_daemon_alerts_once_through_the_channels_and_resolves_when_it_r
     monkeypatch.delenv("DAGSTER_HOME")
     refused = run_cli(policy_file, "status", "--alert")
     assert refused.returncode == 2 and "DAGSTER_HOME is not set" in refused.stderr
+
+
+def test_a_sensor_whose_last_evaluation_is_older_than_the_bound_alerts_once_and_resolves_when_it_ticks(
+        tmp_path: Path, master_key: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+        moto_endpoint: str) -> None:
+    """The daemon's heartbeats are fresh but the watched sensor (rpo_watch) last ticked ten minutes ago (a sensor
+    stuck or stopped in a daemon that runs): `status --alert` says so and alerts once, and publishes the metrics to
+    CloudWatch (moto) in the silent sensors' stead (an unreachable CloudWatch: a warning, the alerts unaffected); a
+    fresh tick resolves it."""
+    import boto3
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteInstigatorOrigin, RemoteRepositoryOrigin
+    from dagster._core.scheduler.instigation import (
+        InstigatorState,
+        InstigatorStatus,
+        InstigatorType,
+        TickData,
+        TickStatus,
+    )
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    (tmp_path / "site").mkdir()
+    policy_file = write_policy_file(
+        tmp_path / "site", {"pos": "postgresql://regal@127.0.0.1:1/regalpos"},
+        alerts={"channels": [{"kind": "webhook", "url": f"{receiver.url}/hook", "timeout": "5s"}]},
+        monitoring={"watchdog": {"silent_after": "2m", "sensor": "rpo_watch"},
+                    "cloudwatch": {"namespace": "RegalWatchdog", "region": "us-east-1", "endpoint_url": moto_endpoint}})
+    instance = dg.DagsterInstance.get()
+    origin = RemoteInstigatorOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("regal"), "__repository__"),
+                                    "rpo_watch")
+    state = InstigatorState(origin, InstigatorType.SENSOR, InstigatorStatus.RUNNING)
+    instance.add_instigator_state(state)
+
+    def tick(seconds_ago: float) -> None:  # as the daemon records an evaluation
+        instance.create_tick(TickData(state.instigator_origin_id, "rpo_watch", InstigatorType.SENSOR,
+                                      TickStatus.SKIPPED, time.time() - seconds_ago, selector_id=state.selector_id))
+
+    _beat(instance, seconds_ago=5)
+    tick(seconds_ago=600)
+    first = run_cli(policy_file, "status", "--alert", "--json")
+    assert first.returncode == 3, first.stderr
+    assert json.loads(first.stdout)["watchdog"]["silent"] == ["the sensor rpo_watch was last evaluated 10 min ago"]
+    assert sorted((p["status"], p["event"]) for p in receiver.posts) == [("alert", "daemon_silent"),
+                                                                         ("alert", "rpo_breach")]
+    assert "rpo_watch was last evaluated 10 min ago" in next(p["what"] for p in receiver.posts
+                                                             if p["event"] == "daemon_silent")
+    assert json.loads(first.stdout)["cloudwatch"]["data_points"] > 0
+    cloudwatch = boto3.client("cloudwatch", region_name="us-east-1", endpoint_url=moto_endpoint)
+    published = {m["MetricName"] for m in cloudwatch.list_metrics(Namespace="RegalWatchdog")["Metrics"]}
+    assert {"RpoBreached", "OpenAlerts", "RepositoryBytes"} <= published, published
+    policy_file.write_text(policy_file.read_text().replace(moto_endpoint, "http://127.0.0.1:1"))
+    again = run_cli(policy_file, "status", "--alert")
+    assert again.returncode == 3 and len(receiver.posts) == 2  # told once
+    assert "CloudWatch not updated (the alerts above are unaffected): CloudWatch unreachable" in again.stderr
+
+    _beat(instance, seconds_ago=5)
+    tick(seconds_ago=1)
+    back = run_cli(policy_file, "status", "--alert", "--json")
+    assert back.returncode == 0 and json.loads(back.stdout)["watchdog"]["silent"] == [], back.stdout + back.stderr
+    assert sorted((p["status"], p["event"]) for p in receiver.posts[2:]) == [("resolved", "daemon_silent"),
+                                                                            ("resolved", "rpo_breach")]

@@ -84,5 +84,43 @@ def watch_dagster(args: argparse.Namespace, policy: Policy, repo: Repository, ke
              ["the Dagster daemon is alive: its sensors alert"])
     lines += [f"{sent['status']}: {sent['what']}" for sent in result.sent]
     lines.append(f"open watchdog alerts: {len(result.open)}")
-    out.result({"watchdog": result.to_json()}, "\n".join(lines))
+    body = {"watchdog": result.to_json()}
+    if result.silent and policy.monitoring.cloudwatch is not None:  # the cloudwatch_metrics sensor is silent too
+        published, problem = _publish_bounded(policy, repo, keyring, CLOUDWATCH_WAIT_SECONDS)
+        body["cloudwatch"] = published
+        if problem:
+            out.warn(f"CloudWatch not updated (the alerts above are unaffected): {problem}")
+        else:
+            lines.append(f"published {published['data_points']} data points to CloudWatch (the Dagster sensor "
+                         "cloudwatch_metrics is silent)")
+    out.result(body, "\n".join(lines))
     return 3 if result.silent else 0
+
+
+CLOUDWATCH_WAIT_SECONDS = 30.0  # the watchdog's publication never holds the run (a cron job) longer than this
+
+
+def _publish_bounded(policy: Policy, repo: Repository, keyring: Keyring, wait: float) -> tuple[dict, str | None]:
+    """The metrics published to CloudWatch by a thread the watchdog waits for at most `wait` seconds (throttling and
+    an unreachable endpoint are retried and timed out by engine/cloudwatch.py; the thread is a daemon, so a run
+    never outlives its cron slot for it): (what was published, or null; what went wrong, or None)."""
+    import threading
+
+    from ..engine.cloudwatch import publish_repository
+
+    outcome: dict[str, object] = {}
+
+    def publish() -> None:
+        try:
+            outcome["published"] = publish_repository(policy, repo, keyring).to_json()
+        except Exception as exc:  # noqa: BLE001 - publishing never changes what the watchdog did
+            outcome["problem"] = exc.message if isinstance(exc, RegalError) else f"{type(exc).__name__}: {exc}"
+
+    worker = threading.Thread(target=publish, name="cloudwatch", daemon=True)
+    worker.start()
+    worker.join(wait)
+    if worker.is_alive():
+        return {}, f"CloudWatch did not answer within {wait:g} s"
+    published = outcome.get("published")
+    return (published if isinstance(published, dict) else {}), (str(outcome["problem"]) if "problem" in outcome
+                                                                  else None)

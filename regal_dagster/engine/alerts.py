@@ -66,6 +66,11 @@ FIRST_STEPS = {
                           "a failure: do not trust what the repository says of {target}; read the storage's access "
                           "logs and compare with the off-site copy. Prune keeps every backup of {target} until a "
                           "fresh record resolves it: {resolve}.",
+    "lost_at_failover": "Transactions the old primary of {target} committed after the new one forked are not on the "
+                        "new primary: the stored old-timeline WAL still holds them (`regal-backup wal status "
+                        "{target}` names the range). Decide with the application's owners whether to re-apply them "
+                        "(restore the old timeline to a scratch server and compare); the alert stays open while the "
+                        "range is stored.",
     "damaged_backup": "Do not restore it. Someone or something changed the repository: compare with the off-site "
                       "copy, read the storage's access logs, and check who holds write access. `regal-backup list` "
                       "shows every backup that cannot be trusted.",
@@ -190,13 +195,34 @@ def run_link(policy: Policy, run_id: str | None, target: str, kind: str) -> str:
 def rpo_conditions(policy: Policy, repo: Repository, keyring: Keyring, now: datetime,
                    models: dict[str, Recoverability] | None = None) -> list[Condition]:
     """A breach per target whose newest recoverable point (engine/recoverability.py) is older than its RPO or that
-    has none, or whose continuous archive makes points unrecoverable (a gap, an unreadable segment). `models`: the
-    targets' models when the caller has them."""
+    has none, or whose continuous archive makes points unrecoverable (a gap, an unreadable segment); and one per
+    range of changes its archive stored but lost at a failover. `models`: the targets' models when the caller has
+    them."""
     conditions = []
     for target in sorted(policy.targets):
         model = (models or {}).get(target) or target_recoverability(policy, repo, keyring, target, now)
         if (condition := _rpo_condition(policy, model, now)) is not None:
             conditions.append(condition)
+        conditions += lost_conditions(policy, model)
+    return conditions
+
+
+def lost_conditions(policy: Policy, model: Recoverability) -> list[Condition]:
+    """One condition per range of the continuous archive lost at a failover (stored from the old primary past the
+    point the new one forked at), keyed and named by its range: alerted once, open while the range is stored."""
+    if model.archive is None or not model.archive.lost:
+        return []
+    archive = source_for(model.kind).continuous_archive()
+    link = (f"{policy.dagster.base_url.rstrip('/')}/assets/{'/'.join(archive.asset(model.target).key)}"
+            if archive is not None else f"{policy.dagster.base_url.rstrip('/')}/assets")
+    noun = model.archive_noun or "changes"
+    conditions = []
+    for lost in model.archive.lost:
+        where = lost.split(":")[0]  # "timeline 1 from 0/3000000 to 0/3012345 (73541 bytes)"
+        conditions.append(Condition(f"lost:{model.target}:{where.split(' (')[0]}", "lost_at_failover", model.target,
+                                    f"{model.target}: {noun} lost at a failover: {where}", link,
+                                    FIRST_STEPS["lost_at_failover"].format(target=model.target), None,
+                                    {"lost": lost}))
     return conditions
 
 

@@ -118,7 +118,8 @@ class Recoverability:
                     "newest_position": archive.newest_position,
                     "newest_stored_at": archive.newest_stored_at.isoformat() if archive.newest_stored_at else None,
                     "newest_commit_at": archive.newest_commit_at.isoformat() if archive.newest_commit_at else None,
-                    "behind_bytes": archive.behind, "gaps": archive.gaps, "fed": archive.fed}}
+                    "behind_bytes": archive.behind, "gaps": archive.gaps, "fed": archive.fed,
+                    "lost": archive.lost}}
 
 
 def _check_facts(record: CheckRecord) -> dict[str, Any]:

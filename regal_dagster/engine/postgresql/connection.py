@@ -4,6 +4,7 @@ programs it becomes their environment (PG* variables), never a command line."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import psycopg
@@ -129,7 +130,7 @@ def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | No
                 conn.close()
                 raise
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = connection_failure(str(exc)) or type(exc).__name__
         if "password" in reason.lower():
             reason = "authentication failed"
         if "conversion between UTF8 and" in reason:
@@ -143,6 +144,21 @@ def connect(dsn: str, *, autocommit: bool = False, settings: dict[str, str] | No
     if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
         read_text_as_bytes_are(conn)
     return conn
+
+
+_HOST_FAILURE = re.compile(r"- host: '(?P<host>[^']*)', port: '(?P<port>[^']*)', hostaddr: [^:]*: (?P<why>.*)")
+
+
+def connection_failure(text: str) -> str:
+    """Why a connection failed, in one line: each host's own reason when libpq tried several (a multi-host DSN:
+    "host A port P: why; host B ..."), else the server's or libpq's words (not the hint after them)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    hosts = [m for line in lines if (m := _HOST_FAILURE.match(line.strip()))]
+    if hosts:
+        return "every host failed: " + "; ".join(
+            f"host {m['host']} port {m['port']}: {m['why'].removeprefix('connection is bad: ')}" for m in hosts)
+    said = [line.strip() for line in lines if not line[0].isspace()]
+    return (said or [line.strip() for line in lines] or [""])[-1]
 
 
 # --- names as the database's own bytes ---------------------------------------------------------------------

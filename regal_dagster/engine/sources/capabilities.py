@@ -61,6 +61,7 @@ class ArchiveState:
     newest_number: int | None = None  # the newest stored position as a number (a WAL position's byte offset)
     newest_commit_at: datetime | None = None  # the newest commit the last proof of the archive found in it
     fed: bool | None = None  # something stores the source's changes now (a stream connected); None: not asked
+    lost: list[str] = field(default_factory=list)  # changes stored but lost at a failover ("RANGE: why"), by range
 
     def rpo_age(self, now: datetime) -> float | None:
         """The age of the newest data a restore reaches: 0 when the archive has caught up with the source, else that

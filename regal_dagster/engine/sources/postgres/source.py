@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 RESTORE_TEST_DATABASE = "restore_test"
 # How often a backup starts again when a schema change queued behind its locks before pg_dump took its own.
 SCHEMA_ATTEMPTS = 5
+# A standby exports snapshots (what every dump session imports) from PostgreSQL 10 on.
+STANDBY_SNAPSHOT_VERSION = 100000
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,44 @@ class PostgresSource(Source):
     scratch_phase = "cluster"
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
+        """The dump, from the primary or a caught-up standby (`backup_from`: postgresql/standby.py). On a standby
+        its snapshot and locks are the standby's (none on the primary); replay there may cancel it (a conflict with
+        recovery): then it fails saying what to set, or, with prefer-standby, dumps the primary, saying why."""
+        import psycopg
+
+        from ...postgresql.connection import describe_dsn
+        from ...postgresql.standby import BackupServer, conflict_during, recovery_conflict_error, recovery_conflicts
+
+        settings = cast(PostgresTarget, target)
+        server = settings.backup_server("dump", checkpoint=False, min_version_num=STANDBY_SNAPSHOT_VERSION)
+        conflicts = recovery_conflicts(server.dsn) if server.role == "standby" else None
+        try:
+            captured = self._dump(settings, server.dsn, store)
+        except (RegalError, psycopg.Error) as exc:
+            words = conflict_during(exc, server.dsn, conflicts) if server.role == "standby" else None
+            if words is None:
+                raise
+            conflict = recovery_conflict_error(server, words)
+            if settings.backup_from != "prefer-standby":
+                raise conflict from None
+            primary = settings.resolved_dsn()
+            server = BackupServer(primary, "primary", describe_dsn(primary),
+                                  "taken from the primary after the dump on a standby was cancelled (backup_from: "
+                                  f"prefer-standby): {conflict.message}")
+            captured = self._dump(settings, primary, store)
+        captured.facts.update(server.facts())
+        return captured
+
+    def _dump(self, settings: PostgresTarget, dsn: str, store: StoreObject) -> Captured:
         """One exported snapshot: the schema archive and every table's rows, tables in parallel. When a schema
         change queues behind the backup's locks before pg_dump has taken its own, the backup lets it through
         and starts again (SCHEMA_ATTEMPTS times)."""
         import psycopg
-        
+
         from .dump import SCHEMA_CONTENT, SCHEMA_OBJECT, SchemaLockQueued, dump_session
 
-        settings = cast(PostgresTarget, target)
         for _attempt in range(SCHEMA_ATTEMPTS):
-            with dump_session(settings.resolved_dsn(), settings.lock_timeout, settings.role_passwords) as session:
+            with dump_session(dsn, settings.lock_timeout, settings.role_passwords) as session:
                 jobs = min(settings.jobs or 1, max(len(session.tables), 1))
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-schema") as pool:
                     schema_done = pool.submit(store, SCHEMA_OBJECT, SCHEMA_CONTENT, session.schema_chunks(), 0)
@@ -127,7 +157,10 @@ class PostgresSource(Source):
         return sorted(n for n in names if len(n) >= 6)
 
     def summary(self, manifest: Manifest) -> dict[str, Any]:
-        return {"tables": len(manifest.source.get("tables", [])), "rows": sum(manifest.table_rows().values())}
+        source = manifest.source
+        return {"tables": len(source.get("tables", [])), "rows": sum(manifest.table_rows().values()),
+                **({"taken_from": f"{source['backup_from']} {source.get('backup_server', '')}".strip()}
+                   if source.get("backup_from") else {})}
 
     def describe_destination(self, to: str) -> str:
         from ...postgresql.connection import describe_dsn

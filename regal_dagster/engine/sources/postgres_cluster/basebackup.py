@@ -21,6 +21,9 @@ from ..streams import larger_pipe
 
 BLOCK = 512
 # pg_basebackup's words when the server cannot build an incremental backup on the given manifest
+# A failover while the backup ran: the standby it read was promoted, or the server went away under it.
+_TOPOLOGY_CHANGED = re.compile(r"promoted during online backup|server closed the connection unexpectedly|"
+                               r"terminating connection due to administrator command|the database system is shutting")
 _INCREMENTAL_REFUSAL = re.compile(r"WAL summar|incremental backup|system identifier in backup manifest|"
                                   r"manifest requires WAL", re.IGNORECASE)
 MANIFEST_MEMBER = "backup_manifest"
@@ -137,6 +140,12 @@ def basebackup_stream(tool: PgTool, env: dict[str, str], run: BaseBackupRun,
                                     "the server lacks the WAL summaries from the parent backup's start (summarize_wal "
                                     "was off, or they were removed after wal_summary_keep_time): take a full backup "
                                     "(`regal-backup backup TARGET --full`), then incrementals on top of it")
+                if any(_TOPOLOGY_CHANGED.search(w) for w in words):  # a failover in the middle of it
+                    raise ToolError(f"pg_basebackup failed with exit code {process.returncode}: the server's role "
+                                    "changed during the backup (a failover): " + " / ".join(words[-3:]),
+                                    "nothing was stored; take the backup again: it goes to the servers as they are "
+                                    "now (after a failover point `dsn` at the new primary, or use a multi-host DSN "
+                                    "with target_session_attrs=primary)")
                 raise ToolError(f"pg_basebackup failed with exit code {process.returncode}: "
                                 + " / ".join(words[-3:]),
                                 "check that the DSN's role may replicate (REPLICATION), that pg_hba.conf has a "

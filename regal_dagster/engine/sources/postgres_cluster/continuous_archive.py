@@ -42,7 +42,8 @@ class WalArchive(ContinuousArchive):
         proved_commit = status.proved_commit_at if status.proved_lsn == status.newest_lsn else None
         return ArchiveState(status.newest_lsn, stored_at, status.lag_bytes, gaps, details, metadata,
                             parse_lsn(status.newest_lsn) if status.newest_lsn else None,
-                            datetime.fromisoformat(proved_commit) if proved_commit else None, status.fed)
+                            datetime.fromisoformat(proved_commit) if proved_commit else None, status.fed,
+                            status.lost)
 
     def reach(self, manifest: Manifest, state: ArchiveState, broken: str | None) -> ArchiveReach:
         """A base backup recovers through the WAL from its start: to its end it needs every segment from its start

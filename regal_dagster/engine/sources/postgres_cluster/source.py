@@ -43,7 +43,6 @@ from .chain import (
 )
 from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
 from .recovery import ClusterRestoreOptions, write_recovery_settings
-from .standby import backup_server
 from .target import PostgresClusterTarget
 from .wal import fetch_wal
 
@@ -99,14 +98,14 @@ class PostgresClusterSource(Source):
                            "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
-        server = backup_server(cast(PostgresClusterTarget, target))
+        server = cast(PostgresClusterTarget, target).backup_server()
         return self._capture(server.dsn, {**server_facts(server.dsn), **server.facts()}, store, None)
 
     def capture_incremental(self, policy: PolicyView, repo: Repository, keyring: Keyring, target_name: str,
                             target: TargetSettings, store: StoreObject) -> Captured:
         """pg_basebackup --incremental on top of the target's newest good base backup of this server; a full
         backup (saying so in `incremental_note`) when there is none, as pgBackRest does."""
-        server = backup_server(cast(PostgresClusterTarget, target))
+        server = cast(PostgresClusterTarget, target).backup_server()
         dsn = server.dsn
         facts = {**server_facts(dsn), **server.facts()}
         require_wal_summaries(facts)
