@@ -3,13 +3,15 @@ daemon` over its UNIX socket instead of starting `wal push` per segment. Built w
 PostgreSQL 15 (Debian's postgresql-server-dev-15, which .ci/run installs when missing); the test skips, saying
 why, when it cannot be built here. A real PostgreSQL 15 archives through it: every segment it counts as archived is
 in the repository; with the daemon stopped it reports failure (counted by pg_stat_archiver, said in its log) and
-the segment waits in pg_wal until the daemon is back."""
+the segment waits in pg_wal, until the fallback command (`wal push`, synchronous) archives it or the daemon is
+back."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from regal_dagster.engine.postgresql.server import ScratchCluster
 
 from .conftest import wait_for
 from .test_pitr import CLI, _give_to_server_account, _run, _sql
-from .test_wal_daemon import start_daemon, stop_daemon
+from .test_wal_daemon import push_command, start_daemon, stop_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 PG15 = Path("/usr/lib/postgresql/15/bin")
@@ -93,10 +95,22 @@ def test_postgresql_15_archives_through_the_daemon_socket_and_never_without_it(a
         assert (tmp_path / "pgdata" / "pg_wal" / "archive_status" / f"{waiting}.ready").exists()
         assert "no wal daemon answered" in server.log_tail(200) and "is not archived yet" in server.log_tail(200)
 
-        daemon = start_daemon(policy, logs / "daemon.log")
+        with (tmp_path / "pgdata" / "postgresql.conf").open("a") as conf:  # archived synchronously without it
+            conf.write(f"regal_archive.fallback_command = '{push_command(policy)}'\n")
+        _sql(dsn, "SELECT pg_reload_conf()")
+        time.sleep(0.5)
         _sql(dsn, "INSERT INTO t VALUES (1); SELECT pg_switch_wal()")  # a new segment wakes the archiver at once
-        wait_for(lambda: _archived(dsn)[0] >= waiting, f"{waiting} archived once the daemon is back", 120, 0.2)
+        wait_for(lambda: _archived(dsn)[0] >= waiting, f"{waiting} archived by the fallback command", 120, 0.2)
         assert (wal_dir / waiting).exists() and (wal_dir / f"{waiting}.json").exists()
+        assert "with regal_archive.fallback_command" in server.log_tail(400)
+        assert "archiving synchronously in this process" in server.log_tail(400)  # what `wal push` says
+
+        daemon = start_daemon(policy, logs / "daemon.log")
+        _sql(dsn, "INSERT INTO t VALUES (2)")
+        after = _sql(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+        wait_for(lambda: _archived(dsn)[0] >= after, f"{after} archived once the daemon is back", 120, 0.2)
+        assert (wal_dir / after).exists() and stop_daemon(daemon)["pushed"] >= 1
+        daemon = None
     finally:
         if daemon is not None:
             stop_daemon(daemon)
