@@ -232,9 +232,19 @@ def test_wal_push_is_idempotent_and_refuses_other_content(archived_server: dict[
 
 
 def test_a_changed_wal_object_fails_authentication(archived_server: dict[str, Any], tmp_path: Path) -> None:
+    """`wal get` refuses it; so does the parallel fetch of `restore --with-wal` (and of cluster restore tests,
+    walfetch.fetch_wal_files): the files after it were fetched ahead, yet only those before it stay, and nothing of
+    it is ever written; the restore names it and writes nothing."""
+    from regal_dagster.engine.crypto import load_keyring
+    from regal_dagster.engine.errors import IntegrityError
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.sources.postgres_cluster.walfetch import fetch_wal_files
+    from regal_dagster.engine.storage import open_repository
+
     policy = archived_server["policy"]
     wal_dir = policy.parent / "repository" / "wal" / "cluster"
-    segment = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)[1]
+    segments = sorted(p.name for p in wal_dir.iterdir() if len(p.name) == 24)
+    segment = segments[1]
     original = (wal_dir / segment).read_bytes()
     try:
         damaged = bytearray(original)
@@ -243,6 +253,23 @@ def test_a_changed_wal_object_fails_authentication(archived_server: dict[str, An
         done = cli(policy, "wal", "get", segment, str(tmp_path / segment))
         assert done.returncode == 3 and "fails authentication" in done.stderr
         assert not (tmp_path / segment).exists()
+        loaded = load_policy(policy)
+        repo, keyring = open_repository(loaded), load_keyring(loaded)
+        fetched = tmp_path / "fetched"
+        fetched.mkdir()
+        with pytest.raises(IntegrityError, match=f"wal/cluster/{segment}"):
+            fetch_wal_files(repo, keyring, "cluster", segments, fetched, workers=3, ahead=4)
+        assert sorted(p.name for p in fetched.iterdir()) == segments[:1]
+        everything = fetch_wal_files(repo, keyring, "cluster", segments[2:], fetched, workers=3, ahead=2)
+        assert [f.name for f in everything] == segments[2:]
+        for name in segments[2:]:  # each whole and as archived
+            got = cli(policy, "wal", "get", name, str(tmp_path / name))
+            assert got.returncode == 0 and (tmp_path / name).read_bytes() == (fetched / name).read_bytes()
+        target = archived_server["base"] / "damaged"
+        done = cli(policy, "restore", "cluster", "--to-dir", str(target), "--to-time",
+                   archived_server["at_time"].isoformat(), "--with-wal")
+        assert done.returncode == 3 and f"wal/cluster/{segment}" in done.stderr, done.stderr
+        assert "fails authentication" in done.stderr and not target.exists()
     finally:
         (wal_dir / segment).write_bytes(original)
 

@@ -44,7 +44,7 @@ from .chain import (
 from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
 from .recovery import ClusterRestoreOptions, write_recovery_settings
 from .target import PostgresClusterTarget
-from .wal import fetch_wal
+from .walfetch import fetch_wal_files
 
 if TYPE_CHECKING:
     from ...crypto import Keyring
@@ -253,8 +253,7 @@ class PostgresClusterSource(Source):
                 started = time.monotonic()
                 wal_dir = root / WAL_COPY
                 wal_dir.mkdir(mode=0o700)
-                for name in recovery_wal:
-                    fetch_wal(backup.repo, backup.keyring, backup.manifest.target, name, wal_dir / name)
+                fetch_wal_files(backup.repo, backup.keyring, backup.manifest.target, recovery_wal, wal_dir)
                 seconds["copy_wal"] = time.monotonic() - started
             started = time.monotonic()
             problems = verify_data_directory(root, major, wal_dir)

@@ -51,7 +51,6 @@ from ...wal_daemon_socket import (
 from .wal import (
     Pushed,
     RecoveryMustStopError,
-    WalFile,
     WalMissingError,
     cluster_target,
     fetch_wal,
@@ -59,6 +58,7 @@ from .wal import (
     segment_name_of,
     segment_number,
 )
+from .walfetch import WalFetchQueue
 
 SCAN_SECONDS = 0.2  # how often archive_status is read for `.ready` files to upload ahead
 AHEAD_PER_WORKER = 2  # uploads in flight ahead of PostgreSQL's requests, per worker
@@ -168,38 +168,25 @@ class _Archiver:
 
 
 class _Prefetcher:
-    """Fetches the next segments of a recovery ahead into a private spool, authenticated."""
+    """Fetches the next segments of a recovery ahead into a private spool, authenticated (walfetch.WalFetchQueue,
+    the parallel fetch `restore --with-wal` uses too)."""
 
     def __init__(self, daemon: WalDaemon, spool: Path):
         self.daemon, self.spool = daemon, spool
+        self.queue = WalFetchQueue(daemon.repo, daemon.keyring, daemon.target, spool, daemon.pool)
         self.lock = threading.Lock()
-        self.queue: dict[str, Future[WalFile]] = {}
         self.served = self.served_prefetched = 0
-
-    def _fetch(self, name: str) -> WalFile:
-        d = self.daemon
-        return fetch_wal(d.repo, d.keyring, d.target, name, self.spool / name, allow_partial=False)
-
-    def _drop(self, name: str, fetch: Future[WalFile]) -> None:
-        fetch.cancel()
-        fetch.add_done_callback(lambda _f: (self.spool / name).unlink(missing_ok=True))
 
     def _queue_after(self, name: str, segment_size: int) -> None:
         """Queue the `prefetch` segments after `name` on its timeline; drop what is no longer ahead."""
         if not is_wal_segment(name) or segment_size < 1 << 20 or segment_size & (segment_size - 1):
             return
         timeline, number = segment_number(name, segment_size)
-        wanted = [segment_name_of(timeline, number + i, segment_size) for i in range(1, self.daemon.prefetch + 1)]
-        with self.lock:
-            for stale in [n for n in self.queue if n not in wanted]:
-                self._drop(stale, self.queue.pop(stale))
-            for next_name in wanted:
-                if next_name not in self.queue:
-                    self.queue[next_name] = self.daemon.pool.submit(self._fetch, next_name)
+        self.queue.keep([segment_name_of(timeline, number + i, segment_size)
+                         for i in range(1, self.daemon.prefetch + 1)])
 
     def get(self, name: str, destination: Path, serving_recovery: bool) -> dict[str, Any]:
-        with self.lock:
-            fetch = self.queue.pop(name, None)
+        fetch = self.queue.take(name)
         found = None
         if fetch is not None:
             with contextlib.suppress(Exception):  # not archived yet, failed authentication: fetched again below
@@ -230,10 +217,7 @@ class _Prefetcher:
                 "bytes": found.record.plaintext_size, "prefetched": prefetched}
 
     def close(self) -> None:
-        with self.lock:
-            for name, fetch in list(self.queue.items()):
-                self._drop(name, fetch)
-            self.queue.clear()
+        self.queue.close()
 
 
 def _hand_over(spooled: Path, destination: Path) -> None:
