@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -427,7 +426,8 @@ def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running, echo=not args.json)
+    summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running,
+                       echo=not args.json and out.verbosity >= 0)
     out.result(summary, summary["text"])
     return 0 if summary["passed"] else 3
 
@@ -550,8 +550,7 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
     if note := exposure_note(host):
         out.note(note)
     serve(policy, repo, keyring, host, port, cache_seconds=args.cache_seconds,
-          ready=lambda where: print(f"serving Prometheus metrics on {where}/metrics (Ctrl-C stops)",
-                                    file=sys.stderr, flush=True))
+          ready=lambda where: out.info(f"serving Prometheus metrics on {where}/metrics (Ctrl-C stops)"))
     return 0
 
 

@@ -33,9 +33,10 @@ ENVELOPE = ("schema", "command", "ok", "exit_code", "warnings", "error")
 class Output:
     """Human text on a terminal, or one JSON document with --json (written when the command ends)."""
 
-    def __init__(self, as_json: bool, command: str = ""):
+    def __init__(self, as_json: bool, command: str = "", verbosity: int = 0):
         self.as_json = as_json
         self.command = command
+        self.verbosity = verbosity  # -1 --quiet, 0, 1 --verbose, 2 -vv
         self.payload: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.done = False
@@ -54,9 +55,20 @@ class Output:
         print(f"warning: {text}", file=sys.stderr)
 
     def note(self, text: str) -> None:
-        """A note (a backup passed over, ...): on stderr, and in `warnings`."""
+        """A note (a backup passed over, ...): on stderr (not with --quiet), and in `warnings`."""
         self.warnings.append(text)
-        print(f"note: {text}", file=sys.stderr)
+        if self.verbosity >= 0:
+            print(f"note: {text}", file=sys.stderr)
+
+    def info(self, text: str) -> None:
+        """What is being done (a step of the demo, a service listening): on stderr, not with --quiet."""
+        if self.verbosity >= 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def detail(self, text: str) -> None:
+        """More than people usually want: on stderr with --verbose only."""
+        if self.verbosity > 0:
+            print(text, file=sys.stderr, flush=True)
 
     def finish(self, exit_code: int) -> None:
         if self.as_json and not self.done:
