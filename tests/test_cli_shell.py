@@ -65,3 +65,76 @@ def test_shell_completion_is_generated_from_the_parser(tmp_path: Path) -> None:
     document = json.loads(zsh.stdout)
     assert document["shell"] == "zsh" and "bashcompinit" in document["script"]
     assert bash.stdout.strip() in document["script"]  # the same function, run by zsh's bashcompinit
+
+
+def _on_a_terminal(*argv: str) -> str:
+    """What the CLI writes to a terminal (a pseudo-terminal for stdin, stdout and stderr)."""
+    import os
+    import pty
+    import sys
+
+    controller, terminal = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-m", "regal_dagster.cli", *argv], stdin=terminal, stdout=terminal,
+                             stderr=terminal, close_fds=True)
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert child.wait(timeout=120) == 0, seen
+    os.close(controller)
+    return seen.decode(errors="replace")
+
+
+def test_progress_shows_the_phase_a_percentage_and_an_eta(system_pg: DatabaseFactory, tmp_path: Path) -> None:
+    """Backup (against the server's size estimate), restore and restore test (against the manifest's sizes): the
+    phase under way, a percentage, an ETA, in MiB and human durations; on a terminal one redrawn line, with
+    --verbose elsewhere a line per phase and per 10%, nothing with --quiet."""
+    source = system_pg.create()
+    import psycopg
+
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g, md5(g::text) AS m FROM generate_series(1, 30000) g")
+        conn.execute("CREATE TABLE u AS SELECT g FROM generate_series(1, 15000) g")
+    made = invoke_cli(["init", str(tmp_path / "p"), "--postgres-dsn", source, "--no-audit", "--json"])
+    policy = ["--policy", json.loads(made.stdout)["policy"]]
+
+    backup = invoke_cli(["backup", "main", "-v", *policy])
+    assert backup.returncode == 0, backup.stderr
+    lines = backup.stderr.splitlines()
+    assert any(line.startswith("backup main [reading the source]:") and "% of about " in line and " MiB, ETA "
+               in line for line in lines), backup.stderr  # against pg_table_size
+    assert any(line.startswith("backup main [reading the source]: 100%, ") and "(estimated " in line
+               and line.endswith(", done") for line in lines), backup.stderr  # the real size, once known
+    assert any(line.startswith("backup main [checking (every byte read back)]: 100% of ") for line in lines)
+
+    restored = invoke_cli(["restore", "main", "--latest", "--to", system_pg.dsn(system_pg.new_name("r")), "-v",
+                           *policy])
+    assert restored.returncode == 0, restored.stderr
+    phases = [line.split("[")[1].split("]")[0] for line in restored.stderr.splitlines() if line.startswith("restore ")
+              and "[" in line]
+    assert list(dict.fromkeys(phases)) == ["creating the schema", "loading tables", "indexes and constraints",
+                                           "validating"]
+    assert any("% of " in line and ", ETA " in line for line in restored.stderr.splitlines())
+    total = json.loads(invoke_cli(["list", "--json", *policy]).stdout)["backups"][0]["bytes_read"]
+    last = restored.stderr.splitlines()[-1]  # every byte of the manifest counted
+    assert last.startswith("restore main-") and f"]: 100% of {total / 1048576:.1f} MiB, " in last, last
+    assert last.endswith(" elapsed, done")
+
+    tested = invoke_cli(["restore-test", "-v", *policy])
+    assert tested.returncode == 0, tested.stderr
+    for phase in ("starting a scratch destination", "restoring", "loading tables", "checking the restored copy"):
+        assert f"[{phase}]: " in tested.stderr
+    assert "log: INFO regal_dagster.engine.postgresql.server: PostgreSQL started" in tested.stderr  # --verbose
+
+    screen = _on_a_terminal("backup", "main", *policy)
+    assert "\rbackup main [reading the source]: " in screen and "% of about " in screen and " elapsed" in screen
+    assert "backup main [checking (every byte read back)]: 100% of " in screen
+    assert "MB" not in screen.replace("MiB", "")  # one unit system
+    quiet = _on_a_terminal("status", "--quiet", *policy)  # shows "reading the repository, 0 s elapsed" without
+    assert "elapsed" not in quiet and "newest good backup" in quiet  # the result, no progress

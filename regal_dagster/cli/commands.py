@@ -77,7 +77,11 @@ def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.backup import archive_problem, run_backup  # source client libraries only where needed
+    from ..engine.backup import (  # source client libraries only where needed
+        archive_problem,
+        estimate_backup_bytes,
+        run_backup,
+    )
 
     policy = load_policy_of(args)
     if args.wait:
@@ -87,7 +91,8 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
             raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
         policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
     keyring, repo = load_keyring(policy), open_repository(policy)
-    with out.progress(f"backup {args.target}") as progress:
+    estimate = estimate_backup_bytes(policy, args.target) if out.verbosity >= 0 and not out.as_json else None
+    with out.progress(f"backup {args.target}", estimate, phase="reading the source", estimated=True) as progress:
         result = run_backup(policy, args.target, args.retention_class, repo=repo, keyring=keyring,
                             trigger={"cli": "backup"}, progress=progress, incremental=args.incremental)
     if note := result.manifest.source.get("incremental_note"):
@@ -107,10 +112,11 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
                  "verification does it too)")
         out.result({**s, "verification": None}, text)
         return 0
-    with out.activity("waiting for the archive to reach the backup's end"):
+    with out.activity(f"backup {args.target}", phase="waiting for the archive to reach the backup's end"):
         if problem := archive_problem(policy, repo, keyring, result.manifest):
             out.warn(problem)
-    with out.progress(f"verify {s['backup_id']}", result.manifest.plaintext_bytes) as progress:
+    with out.progress(f"backup {args.target}", result.manifest.plaintext_bytes,
+                      phase="checking (every byte read back)") as progress:
         record = run_checks(policy, repo, keyring.reload(), s["backup_id"], trigger={"cli": "backup"},
                             progress=progress)
     failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
@@ -181,7 +187,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
-    with out.progress(f"restore {manifest.backup_id}") as progress:
+    with out.progress(f"restore {manifest.backup_id}", manifest.plaintext_bytes) as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
                                  drop_existing=args.drop_existing,
                                  options=source_for(manifest.kind).restore_options(vars(args)),
@@ -208,7 +214,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
-    with out.progress(f"restore test of {manifest.backup_id}") as progress:
+    with out.progress(f"restore test of {manifest.backup_id}", manifest.plaintext_bytes) as progress:
         result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs, work_dir=_work_dir(args, policy),
                                   trigger={"cli": "restore-test"}, progress=progress)
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")

@@ -99,6 +99,12 @@ class PostgresClusterSource(Source):
                            "recoveries to the newest point, a random earlier one and a named restore point (its "
                            "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
 
+    def estimate_bytes(self, target: TargetSettings) -> int | None:
+        """Every database's size (pg_database_size): about what pg_basebackup copies."""
+        with connect(cast(PostgresClusterTarget, target).resolved_dsn()) as conn:
+            row = conn.execute("SELECT sum(pg_database_size(oid))::bigint FROM pg_database").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         dsn = cast(PostgresClusterTarget, target).resolved_dsn()
         return self._capture(dsn, server_facts(dsn), store, None)
