@@ -60,6 +60,9 @@ def _policy_for(directory: Path, dsn: str, audit_dsn: str) -> Path:
     document["audit"] = {"dsn": audit_dsn}
     document["offsite"] = {"url": OFFSITE_DIR}  # in production: another bucket, region or site
     document["alerts"] = {"channels": [{"kind": "file", "path": ALERTS_FILE}]}  # in production: PagerDuty, e-mail
+    # the demo's Dagster instance starts nothing noisy on its own (the drill and the monthly restore sample start
+    # scratch servers): their schedules are off, on in the UI with one click; production keeps them running
+    document.setdefault("dagster", {})["drill_schedules"] = "stopped"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 

@@ -22,12 +22,15 @@ from .errors import PolicyError, UsageError
 from .policy_location import POLICY_ENV, policy_file
 from .retention_classes import RETENTION_CLASSES, RetentionClass
 from .settings import (  # the fragments below the plug-ins that the policy assembles
+    RUNBOOK_OWNERS,
+    RUNBOOK_REPORT_OWNERS,
     CompressionConfig,
     Cron,
     CronExpression,
     Duration,
     EncryptionConfig,
     ErasureSubjectConfig,
+    Owner,
     RepositorySettings,
     Settings,
     TargetSettings,
@@ -202,6 +205,9 @@ class ReportsConfig(Settings):
                     "entries replace the defaults of the same key only")
     remediation_days: int = Field(30, ge=1, le=365, description="an exception is due this many days after "
                                   "the end of the period it was found in")
+    owners: list[Owner] = Field(default_factory=lambda: list(RUNBOOK_REPORT_OWNERS), min_length=1,
+                                description="who owns the compliance report asset in Dagster (default: the "
+                                            "runbook's Security and Operations Teams)")
 
     @field_validator("exception_owners")
     @classmethod
@@ -220,6 +226,10 @@ class ReportsConfig(Settings):
 
 class DagsterConfig(Settings):
     base_url: str = "http://localhost:3000"
+    drill_schedules: Literal["running", "stopped"] = Field(
+        "running", description="the schedules that start scratch servers on their own (quarterly_dr_drill, "
+                               "monthly_restore_sample): running in production; the demo writes `stopped` so that "
+                               "its instance starts nothing noisy (turn them on in the UI)")
 
 
 class Policy(Settings):
@@ -234,6 +244,10 @@ class Policy(Settings):
     jobs: int = Field(default_factory=default_jobs, ge=1, le=32,
                       description="parallel workers for backups, checks, restores and restore tests (default: "
                                   "the CPU count, at most 8); a target's own `jobs` wins")
+    owners: list[Owner] = Field(default_factory=lambda: list(RUNBOOK_OWNERS), min_length=1,
+                                description="who owns each target's assets in Dagster (e-mail or team:NAME), unless "
+                                            "the target names its own (default: the runbook's Operations and "
+                                            "Database Teams)")
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
     prune: PruneConfig = PruneConfig()
@@ -281,6 +295,10 @@ class Policy(Settings):
 
     def rto_for(self, name: str) -> timedelta:
         return self.target(name).rto or self.rto
+
+    def owners_for(self, name: str) -> list[str]:
+        """The owners Dagster shows on the target's assets: its own, else the policy's."""
+        return list(self.target(name).owners or self.owners)
 
     def transports(self) -> list[Transport]:
         """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""
