@@ -430,6 +430,12 @@ def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    if args.start_postgres or args.stop_postgres:  # no demo run, no Dagster loaded
+        from .demo_server import demo_postgres
+
+        done = demo_postgres(Path(args.dir), start=args.start_postgres)
+        out.result(done, done.pop("text"))
+        return 0
     from .demo import run_demo
 
     summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running,

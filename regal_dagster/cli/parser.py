@@ -362,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")
     p.add_argument("--scale", type=float, default=0.05, help="dataset size (1.0 is about 80 MB)")
-    p.add_argument("--keep-running", action="store_true", help="leave the demo PostgreSQL running for the UI")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--keep-running", action="store_true",
+                      help="leave the demo PostgreSQL running for the UI (stop it with --stop-postgres)")
+    when.add_argument("--start-postgres", action="store_true",
+                      help="only start the demo's PostgreSQL again (for the Dagster UI), without running the demo")
+    when.add_argument("--stop-postgres", action="store_true", help="only stop the demo's PostgreSQL")
     p.set_defaults(func="commands:cmd_demo")
     return parser
 
