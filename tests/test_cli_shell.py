@@ -91,19 +91,22 @@ def _on_a_terminal(*argv: str) -> str:
     return seen.decode(errors="replace")
 
 
-def test_progress_shows_the_phase_a_percentage_and_an_eta(system_pg: DatabaseFactory, tmp_path: Path) -> None:
-    """Backup (against the server's size estimate), restore and restore test (against the manifest's sizes): the
-    phase under way, a percentage, an ETA, in MiB and human durations; on a terminal one redrawn line, with
-    --verbose elsewhere a line per phase and per 10%, nothing with --quiet."""
-    source = system_pg.create()
+def _a_policy_with_two_tables(system_pg: DatabaseFactory, tmp_path: Path) -> list[str]:
     import psycopg
 
+    source = system_pg.create()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE t AS SELECT g, md5(g::text) AS m FROM generate_series(1, 30000) g")
         conn.execute("CREATE TABLE u AS SELECT g FROM generate_series(1, 15000) g")
     made = invoke_cli(["init", str(tmp_path / "p"), "--postgres-dsn", source, "--no-audit", "--json"])
-    policy = ["--policy", json.loads(made.stdout)["policy"]]
+    return ["--policy", json.loads(made.stdout)["policy"]]
 
+
+def test_progress_shows_the_phase_a_percentage_and_an_eta(system_pg: DatabaseFactory, tmp_path: Path) -> None:
+    """Backup (against the server's size estimate), restore and restore test (against the manifest's sizes): the
+    phase under way, a percentage, an ETA, in MiB and human durations; on a terminal one redrawn line, with
+    --verbose elsewhere a line per phase and per 10%, nothing with --quiet."""
+    policy = _a_policy_with_two_tables(system_pg, tmp_path)
     backup = invoke_cli(["backup", "main", "-v", *policy])
     assert backup.returncode == 0, backup.stderr
     lines = backup.stderr.splitlines()
@@ -126,15 +129,25 @@ def test_progress_shows_the_phase_a_percentage_and_an_eta(system_pg: DatabaseFac
     assert last.startswith("restore main-") and f"]: 100% of {total / 1048576:.1f} MiB, " in last, last
     assert last.endswith(" elapsed, done")
 
-    tested = invoke_cli(["restore-test", "-v", *policy])
-    assert tested.returncode == 0, tested.stderr
-    for phase in ("starting a scratch destination", "restoring", "loading tables", "checking the restored copy"):
-        assert f"[{phase}]: " in tested.stderr
-    assert "log: INFO regal_dagster.engine.postgresql.server: PostgreSQL started" in tested.stderr  # --verbose
-
     screen = _on_a_terminal("backup", "main", *policy)
     assert "\rbackup main [reading the source]: " in screen and "% of about " in screen and " elapsed" in screen
     assert "backup main [checking (every byte read back)]: 100% of " in screen
     assert "MB" not in screen.replace("MiB", "")  # one unit system
     quiet = _on_a_terminal("status", "--quiet", *policy)  # shows "reading the repository, 0 s elapsed" without
     assert "elapsed" not in quiet and "newest good backup" in quiet  # the result, no progress
+
+
+def test_restore_test_progress_names_its_phases(system_pg: DatabaseFactory, tmp_path: Path) -> None:
+    """A restore test's display: the scratch server starting, the restore's own phases against the manifest's
+    total, the check of the restored copy; --verbose adds the engine's log records."""
+    policy = _a_policy_with_two_tables(system_pg, tmp_path)
+    assert invoke_cli(["backup", "main", "-q", *policy]).returncode == 0
+    tested = invoke_cli(["restore-test", "-v", *policy])
+    assert tested.returncode == 0, tested.stderr
+    phases = [line.split("[")[1].split("]")[0] for line in tested.stderr.splitlines()
+              if line.startswith("restore test of ") and "[" in line]
+    assert list(dict.fromkeys(phases)) == ["starting a scratch destination", "restoring", "creating the schema",
+                                           "loading tables", "indexes and constraints", "validating",
+                                           "checking the restored copy"], tested.stderr
+    assert any("% of " in line and ", ETA " in line for line in tested.stderr.splitlines())
+    assert "log: INFO regal_dagster.engine.postgresql.server: PostgreSQL started" in tested.stderr

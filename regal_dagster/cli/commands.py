@@ -91,7 +91,7 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
             raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
         policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
     keyring, repo = load_keyring(policy), open_repository(policy)
-    estimate = estimate_backup_bytes(policy, args.target) if out.verbosity >= 0 and not out.as_json else None
+    estimate = estimate_backup_bytes(policy, args.target) if out.progress_mode() else None  # only for a display
     with out.progress(f"backup {args.target}", estimate, phase="reading the source", estimated=True) as progress:
         result = run_backup(policy, args.target, args.retention_class, repo=repo, keyring=keyring,
                             trigger={"cli": "backup"}, progress=progress, incremental=args.incremental)

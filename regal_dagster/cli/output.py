@@ -89,10 +89,13 @@ class Output:
         """Bytes done against `total` (a percentage and an ETA; `estimated`: the total is the source's estimate,
         so never above 99% before the end), the phase under way and the elapsed time: one line redrawn on a
         terminal; with --verbose elsewhere, a line per phase and per 10%; nothing with --json or --quiet."""
-        mode = None
-        if not self.as_json and self.verbosity >= 0:
-            mode = "bar" if sys.stderr.isatty() else "lines" if self.verbosity > 0 else None
-        return _ProgressBar(description, total, mode, phase, estimated)
+        return _ProgressBar(description, total, self.progress_mode(), phase, estimated)
+
+    def progress_mode(self) -> str | None:
+        """"bar" (a terminal), "lines" (--verbose elsewhere) or None (no display: --json, --quiet, or piped)."""
+        if self.as_json or self.verbosity < 0:
+            return None
+        return "bar" if sys.stderr.isatty() else "lines" if self.verbosity > 0 else None
 
     @contextmanager
     def activity(self, description: str, phase: str | None = None) -> Iterator[None]:
