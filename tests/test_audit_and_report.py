@@ -93,6 +93,8 @@ def _history(policy_file: Path) -> dict[str, Any]:
     """Two good backups, checks, a failed backup, an erasure, a restore test, a key rotation, a drill, an
     alert, and a prune (it deletes the first backup: the second fills the same hourly slot)."""
     ids = [verified_backup(policy_file) for _ in range(2)]
+    assert run_cli(policy_file, "annotate", ids[0], "superseded", "(INC-7)").returncode == 0  # then pruned
+    assert run_cli(policy_file, "pin", ids[1], "--reason", "litigation hold LH-12").returncode == 0
     assert run_cli(policy_file, "backup", "broken").returncode == 1  # cannot connect: a failed backup
     assert run_cli(policy_file, "gdpr", "erase", "pos", "someone@example.test", "--reference", HOSTILE).returncode == 0
     assert run_cli(policy_file, "restore-test", "--target", "pos").returncode == 0
@@ -235,7 +237,13 @@ def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: 
                              "report-tiers.png": page_with("Criticality tiers"),
                              "report-signoff-segregation.png": page_with("Management sign-off of restore"),
                              "report-exceptions.png": page_with("4. Exceptions and remediation"),
-                             "report-charts.png": page_with("Backup duration")}, setup["tmp"])
+                             "report-charts.png": page_with("Backup duration"),
+                             "report-legal-holds.png": page_with("Legal holds and annotations")}, setup["tmp"])
+    # Legal holds and annotations, from the audit trail: the pin in force, the annotation of a pruned backup
+    holds = [row for row in tables if len(row) == 5 and row[0] and "".join(row[0].split()) in history["backups"]]
+    assert [("".join(r[0].split()), r[1], (r[2] or "").replace("\n", " "), (r[4] or "").replace("\n", " "))
+            for r in holds] == [(history["backups"][0], "none", "", "superseded (INC-7)"),
+                                (history["backups"][1], "in force", "litigation hold LH-12", "")]
     matrix = [row for row in tables if len(row) == 5 and row[0] and re.match(r"[A-Z]{2}-\d{2}\b", row[0])]
     assert {row[0][:5]: row[3].replace("\n", " ") for row in matrix} == expected
     assert "PCI DSS 3.7.4" in " ".join(row[0].replace("\n", " ") for row in matrix)
@@ -265,6 +273,9 @@ def test_the_report_figures_equal_the_audit_trail_and_tampering_is_named(setup: 
             header = next(csv.reader(io.StringIO(body.decode())))
             assert header and header[0] not in ("", "(no rows)"), name
     assert evidence["erasures"] and not evidence["restores"]  # a table with rows, and one without
+    assert [(r["backup_id"], r["hold"], r["reason"], r["until"], r["annotation"]) for r in evidence["legal_holds"]
+            ] == [(history["backups"][0], None, None, None, "superseded (INC-7)"),
+                  (history["backups"][1], "in force", "litigation hold LH-12", None, None)]
     (restores_csv,) = attachments["restores.csv"]
     assert restores_csv.decode().splitlines() == [",".join(COLUMNS["restores"])]
 

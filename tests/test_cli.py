@@ -112,6 +112,7 @@ def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: P
     assert summary["restore_test_passed"] and summary["drill_passed"]
     assert summary["report_frameworks"] == {"PCI DSS 4.0.1": "PASS", "SOX ITGC": "PASS", "GDPR": "PASS"}
     assert summary["controls_not_passed"] == {}
+    assert " - DEBUG - " not in result.stderr  # Dagster's own events: INFO and up only
     alerts = [json.loads(line) for line in Path(summary["alerts_file"]).read_text().splitlines()]
     assert [a["status"] for a in alerts] == ["alert", "resolved"]  # the channel delivers
     listing = json.loads(cli("list", "--json", "--policy", summary["policy"]).stdout)
@@ -127,6 +128,8 @@ def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: P
     assert f"newest good backup {summary['backup_id']}" in status.stdout and "last drill " in status.stdout
     ui = summary["ui_command"]
     assert " dev -m regal_dagster.definitions" in ui
+    assert ui.startswith(f"DAGSTER_HOME={summary['dagster_home']} ")  # the demo's instance, with its runs
+    assert summary["start_postgres_command"].endswith(" --start-postgres")  # tested in test_demo_postgres_...
     validate = ui.replace(" dev -m ", " definitions validate -m ")  # the same command line, checked, not served
     checked = subprocess.run(validate, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=180, check=False)
     assert checked.returncode == 0, checked.stderr[-2000:]
@@ -134,6 +137,47 @@ def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: P
     again = cli("demo", "--dir", str(tmp_path / "demo"), "--scale", "0.01", "--json")  # a second run: still passes
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["controls_not_passed"] == {}
+
+
+def test_demo_postgres_starts_again_for_the_ui_and_stops(tmp_path: Path) -> None:
+    """After a demo (which stops its PostgreSQL), `demo --start-postgres` starts it again as the demo left it,
+    the policy pointed at it, and prints the UI command with the demo's DAGSTER_HOME; `--stop-postgres` stops
+    it. No demo is run (and no Dagster loaded): the directory is laid out as a demo leaves it."""
+    from regal_dagster.cli.demo_server import AUDIT_DATABASE, DEMO_DATABASE, policy_for
+    from regal_dagster.engine.postgresql.server import ScratchCluster
+
+    from .conftest import invoke_cli, pg_value
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    cluster = ScratchCluster.persistent(demo / "postgres").start()
+    try:
+        for name in (DEMO_DATABASE, AUDIT_DATABASE):
+            cluster.create_database(name)
+        policy_for(demo, cluster.dsn(DEMO_DATABASE), cluster.dsn(AUDIT_DATABASE))
+    finally:
+        cluster.stop()
+    assert not (demo / "postgres" / "postmaster.pid").exists()
+
+    started = invoke_cli(["demo", "--dir", str(demo), "--start-postgres", "--json"])
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads(started.stdout)
+        assert info["postgres_running"] and (demo / "postgres" / "postmaster.pid").exists()
+        assert info["ui_command"].startswith(f"DAGSTER_HOME={demo / 'dagster_home'} REGAL_POLICY={demo}/")
+        assert (demo / "dagster_home" / "dagster.yaml").exists()
+        import yaml
+
+        dsn = yaml.safe_load(Path(info["policy"]).read_text())["targets"]["main"]["dsn"]
+        assert pg_value(dsn, "SELECT current_database()") == DEMO_DATABASE  # the policy reaches it
+    finally:
+        stopped = invoke_cli(["demo", "--dir", str(demo), "--stop-postgres"])
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    assert not (demo / "postgres" / "postmaster.pid").exists()
+    again = invoke_cli(["demo", "--dir", str(demo), "--stop-postgres"])
+    assert again.returncode == 0 and "was not running" in again.stdout
+    none = invoke_cli(["demo", "--dir", str(tmp_path / "none"), "--start-postgres"])
+    assert none.returncode == 2 and "holds no demo" in none.stderr and "Traceback" not in none.stderr
 
 
 def test_no_platformdirs_warning_without_xdg_runtime_dir() -> None:

@@ -101,3 +101,76 @@ def test_the_ui_shows_exact_freshness_a_first_sunday_monthly_schedule_and_synced
     ticks = [datetime.fromtimestamp(t["timestamp"], UTC) for t in monthly["futureTicks"]["results"]]
     assert len(ticks) == 4 and all(t.weekday() == 6 and t.day <= 7 and t.hour == 1 for t in ticks)
     assert schedules["weekly_backups"]["cronSchedule"] == "0 1 * * 0"
+
+
+OWNERS_QUERY = """
+query {
+  assetNodes { assetKey { path } dependencyKeys { path } description
+    owners { ... on UserAssetOwner { email } ... on TeamAssetOwner { team } } }
+  repositoriesOrError { ... on RepositoryConnection { nodes { schedules { name defaultStatus } } } }
+}
+"""
+
+
+def test_owners_on_every_asset_the_report_judges_its_upstream_and_drills_stay_off_in_the_demo(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, instance: dg.DagsterInstance,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Owners from the policy (the runbook's contacts by default, a target's own), the compliance report
+    downstream of the backups and restore tests it judges with each framework's verdict as metadata and a
+    check that fails when a framework does not pass, and the drill schedules off when the policy says stopped
+    (as the demo's does) while production's default runs them."""
+    import yaml
+
+    from regal_dagster.defs import REPORT_JOB
+    from regal_dagster.engine.compliance.report import Period
+
+    from .conftest import invoke_cli
+
+    source = system_pg.create()
+    policy_file = write_policy_file(tmp_path, {"pos": source, "erp": source}, audit={"dsn": system_pg.create()})
+    document = yaml.safe_load(policy_file.read_text())
+    document["targets"]["erp"]["owners"] = ["team:erp", "erp-lead@company.com"]
+    document["dagster"] = {"drill_schedules": "stopped"}
+    policy_file.write_text(yaml.safe_dump(document))
+
+    monkeypatch.setenv("REGAL_POLICY", str(policy_file))
+    with define_out_of_process_context(str(ROOT / "workspace.yaml"), None, instance) as context:
+        result = execute_dagster_graphql(context, OWNERS_QUERY)
+    assert not result.errors, result.errors
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in result.data["assetNodes"]}
+    owners = {key: [o.get("email") or f"team:{o['team']}" for o in n["owners"]] for key, n in nodes.items()}
+    assert owners == {"postgres/pos/backup": ["ops@company.com", "dba@company.com"],
+                      "postgres/pos/restore_test": ["ops@company.com", "dba@company.com"],
+                      "postgres/erp/backup": ["team:erp", "erp-lead@company.com"],
+                      "postgres/erp/restore_test": ["team:erp", "erp-lead@company.com"],
+                      "compliance/report": ["security@company.com", "ops@company.com"]}
+    assert sorted("/".join(k["path"]) for k in nodes["compliance/report"]["dependencyKeys"]) == [
+        "postgres/erp/backup", "postgres/erp/restore_test", "postgres/pos/backup", "postgres/pos/restore_test"]
+    (repository,) = result.data["repositoriesOrError"]["nodes"]
+    status = {s["name"]: s["defaultStatus"] for s in repository["schedules"]}
+    assert status["quarterly_dr_drill"] == status["monthly_restore_sample"] == "STOPPED"
+    assert status["daily_backups"] == status["monthly_compliance_report"] == "RUNNING"
+    document.pop("dagster")  # production: the default
+    policy_file.write_text(yaml.safe_dump(document))
+    production = build_definitions(str(policy_file))
+    assert production.resolve_schedule_def("quarterly_dr_drill").default_status == dg.DefaultScheduleStatus.RUNNING
+
+    # No backup yet: the report's frameworks cannot pass, and its check says which
+    this_month = Period.parse(datetime.now(UTC).strftime("%Y-%m"))
+    report = production.resolve_job_def(REPORT_JOB).execute_in_process(
+        instance=instance, run_config={"ops": {"compliance__report": {"config": {"period": this_month.label}}}})
+    assert report.success
+    metadata = report.asset_materializations_for_node("compliance__report")[0].metadata
+    verdicts = {k: v.value for k, v in metadata.items() if k.startswith("verdict/")}
+    assert set(verdicts) == {"verdict/PCI DSS 4.0.1", "verdict/SOX ITGC", "verdict/GDPR"}, metadata.keys()
+    (check,) = report.get_asset_check_evaluations()
+    assert check.check_name == "frameworks_pass" and check.passed is False
+    assert "FAIL" in verdicts.values() and check.severity == dg.AssetCheckSeverity.ERROR
+    assert all(f"{name.removeprefix('verdict/')}: {v}" in (check.description or "")
+               for name, v in verdicts.items() if v != "PASS")
+
+    document["targets"]["erp"]["owners"] = ["Erp Team"]
+    policy_file.write_text(yaml.safe_dump(document))
+    refused = invoke_cli(["list", "--policy", str(policy_file)])
+    assert refused.returncode == 2 and "neither an e-mail address nor team:NAME" in refused.stderr
+    assert "erp" in refused.stderr and "Traceback" not in refused.stderr

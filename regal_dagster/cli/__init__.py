@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(Output("--json" in given, exc.command), exc.message,
                         f"see `regal-backup {exc.command if exc.command != 'regal-backup' else ''} --help`"
                         .replace("  ", " "), 2)
-    out = Output(args.json, command_name(args))
+    out = Output(args.json, command_name(args), -1 if args.quiet else min(args.verbose, 2))
+    if args.quiet and args.verbose:
+        print(build_parser().format_usage(), end="", file=sys.stderr)
+        return _refused(out, "--quiet and --verbose contradict each other", "give one of them", 2)
+    if args.verbose:
+        _log_to_stderr(args.verbose)
     signal.signal(signal.SIGTERM, _Terminated.handler)
     func = command_function(args.func)
     _sweep_leftovers()
@@ -102,6 +107,18 @@ def command_function(reference: str) -> Callable[[argparse.Namespace, Output], i
     function: Callable[[argparse.Namespace, Output], int] = getattr(importlib.import_module(f"{__name__}.{module}"),
                                                                      name)
     return function
+
+
+def _log_to_stderr(verbosity: int) -> None:
+    """--verbose: the engine's log records on stderr (INFO and up; -vv: DEBUG too), one line each."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("log: %(levelname)s %(name)s: %(message)s"))
+    for name in ("regal_dagster", "regal_backup"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
 
 
 def _sweep_leftovers() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,11 @@ def cmd_master_key(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.backup import archive_problem, run_backup  # source client libraries only where needed
+    from ..engine.backup import (  # source client libraries only where needed
+        archive_problem,
+        estimate_backup_bytes,
+        run_backup,
+    )
 
     policy = load_policy_of(args)
     if args.wait:
@@ -88,7 +91,8 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
             raise UsageError(f"--wait: {exc}", "e.g. --wait 10m") from None
         policy = policy.model_copy(update={"repository": policy.repository.model_copy(update={"lock_wait": wait})})
     keyring, repo = load_keyring(policy), open_repository(policy)
-    with out.progress(f"backup {args.target}") as progress:
+    estimate = estimate_backup_bytes(policy, args.target) if out.progress_mode() else None  # only for a display
+    with out.progress(f"backup {args.target}", estimate, phase="reading the source", estimated=True) as progress:
         result = run_backup(policy, args.target, args.retention_class, repo=repo, keyring=keyring,
                             trigger={"cli": "backup"}, progress=progress, incremental=args.incremental)
     for key in ("backup_from_note", "incremental_note"):  # a standby not used; an incremental taken full
@@ -110,10 +114,11 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
                  "verification does it too)")
         out.result({**s, "verification": None}, text)
         return 0
-    with out.activity("waiting for the archive to reach the backup's end"):
+    with out.activity(f"backup {args.target}", phase="waiting for the archive to reach the backup's end"):
         if problem := archive_problem(policy, repo, keyring, result.manifest):
             out.warn(problem)
-    with out.progress(f"verify {s['backup_id']}", result.manifest.plaintext_bytes) as progress:
+    with out.progress(f"backup {args.target}", result.manifest.plaintext_bytes,
+                      phase="checking (every byte read back)") as progress:
         record = run_checks(policy, repo, keyring.reload(), s["backup_id"], trigger={"cli": "backup"},
                             progress=progress)
     failed = [f"{o.name}: {o.description}" for o in record.outcomes if not o.passed]
@@ -184,7 +189,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
-    with out.progress(f"restore {manifest.backup_id}") as progress:
+    with out.progress(f"restore {manifest.backup_id}", manifest.plaintext_bytes) as progress:
         request = RestoreRequest(args.to, jobs=args.jobs or policy.jobs_for(manifest.target),
                                  drop_existing=args.drop_existing,
                                  options=source_for(manifest.kind).restore_options(vars(args)),
@@ -211,7 +216,7 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     for note in selected.notes:
         out.note(note)
     manifest = selected.manifest
-    with out.progress(f"restore test of {manifest.backup_id}") as progress:
+    with out.progress(f"restore test of {manifest.backup_id}", manifest.plaintext_bytes) as progress:
         result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs, work_dir=_work_dir(args, policy),
                                   trigger={"cli": "restore-test"}, progress=progress)
     phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
@@ -428,9 +433,16 @@ def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    if args.start_postgres or args.stop_postgres:  # no demo run, no Dagster loaded
+        from .demo_server import demo_postgres
+
+        done = demo_postgres(Path(args.dir), start=args.start_postgres)
+        out.result(done, done.pop("text"))
+        return 0
     from .demo import run_demo
 
-    summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running, echo=not args.json)
+    summary = run_demo(Path(args.dir), scale=args.scale, keep_running=args.keep_running,
+                       echo=not args.json and out.verbosity >= 0)
     out.result(summary, summary["text"])
     return 0 if summary["passed"] else 3
 
@@ -565,8 +577,7 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
     if note := exposure_note(host):
         out.note(note)
     serve(policy, repo, keyring, host, port, cache_seconds=args.cache_seconds,
-          ready=lambda where: print(f"serving Prometheus metrics on {where}/metrics (Ctrl-C stops)",
-                                    file=sys.stderr, flush=True))
+          ready=lambda where: out.info(f"serving Prometheus metrics on {where}/metrics (Ctrl-C stops)"))
     return 0
 
 

@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import yaml
 
 from ..defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from ..defs.backups.assets import RETENTION_CLASS_TAG
 from ..demo.datagen import create_pos_database
 from ..engine import catalog
 from ..engine.alerts import AlertBook, Condition, evaluate_and_notify
-from ..engine.bootstrap import POLICY_NAME, init_project
 from ..engine.compliance.report import Period, build_report
 from ..engine.crypto import load_keyring
 from ..engine.drill import run_drill
@@ -35,33 +33,15 @@ from ..engine.postgresql.server import ScratchCluster
 from ..engine.restore_test import run_restore_test
 from ..engine.retention import run_prune
 from ..engine.storage import open_repository
+from .demo_server import ALERTS_FILE, AUDIT_DATABASE, DEMO_DATABASE, OFFSITE_DIR, dagster_home, policy_for
 from .output import cli_invocation, tool_invocation
 
-DEMO_DATABASE = "regalpos"
-AUDIT_DATABASE = "regal_audit"
-ALERTS_FILE = "alerts.jsonl"
-OFFSITE_DIR = "offsite-repository"
+QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # Dagster's own DEBUG events stay out
 
 
 def _say(echo: bool, text: str) -> None:
     if echo:
         print(f"demo: {text}", file=sys.stderr, flush=True)
-
-
-def _policy_for(directory: Path, dsn: str, audit_dsn: str) -> Path:
-    """A new policy as `init` writes it, or the existing one pointed at this run's server (its port changes
-    between runs); with the off-site copy and the alert channel a compliant setup has. The audit trail lives
-    in the same embedded server, in its own database (in production: another server)."""
-    path = directory / POLICY_NAME
-    if not path.exists():
-        path = init_project(directory, dsn, audit_dsn=audit_dsn).policy_path
-    document = yaml.safe_load(path.read_text())
-    document["targets"]["main"]["dsn"] = dsn
-    document["audit"] = {"dsn": audit_dsn}
-    document["offsite"] = {"url": OFFSITE_DIR}  # in production: another bucket, region or site
-    document["alerts"] = {"channels": [{"kind": "file", "path": ALERTS_FILE}]}  # in production: PagerDuty, e-mail
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
 
 
 def run_demo(directory: Path, scale: float = 0.05, keep_running: bool = False, echo: bool = True) -> dict[str, Any]:
@@ -71,21 +51,11 @@ def run_demo(directory: Path, scale: float = 0.05, keep_running: bool = False, e
     _say(echo, f"starting embedded PostgreSQL in {directory / 'postgres'}")
     cluster.start()
     try:
-        with dg.DagsterInstance.from_config(str(_dagster_home(directory))) as instance:
+        with dg.DagsterInstance.from_config(str(dagster_home(directory))) as instance:
             return _run(directory, cluster, instance, scale, keep_running, echo)
     finally:
         if not keep_running:
             cluster.stop()
-
-
-def _dagster_home(directory: Path) -> Path:
-    home = directory / "dagster_home"
-    home.mkdir(exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("# Local SQLite storage for the demo; see docs/dagster-postgres.yaml for PostgreSQL.\n"
-                          "telemetry:\n  enabled: false\nfreshness:\n  enabled: true\n")
-    return home
 
 
 def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance, scale: float,
@@ -96,14 +66,15 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     dsn = cluster.dsn(DEMO_DATABASE)
     _say(echo, f"generating the point-of-sale database at scale {scale}")
     rows = create_pos_database(dsn, scale, replace=True)
-    policy_path = _policy_for(directory, dsn, cluster.dsn(AUDIT_DATABASE))
+    policy_path = policy_for(directory, dsn, cluster.dsn(AUDIT_DATABASE))
     defs = build_definitions(str(policy_path))
     _say(echo, "taking a daily backup through Dagster (copied off-site as it is stored)")
-    result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance, tags={RETENTION_CLASS_TAG: "daily"})
+    result = defs.resolve_job_def(BACKUP_JOB).execute_in_process(instance=instance, tags={RETENTION_CLASS_TAG: "daily"},
+                                                                 run_config=QUIET_RUN)
     (event,) = result.get_asset_materialization_events()
     backup_id = str(event.materialization.metadata["backup_id"].value)
     _say(echo, f"checking {backup_id} (what the check_new_backups sensor launches after every backup run)")
-    checks = defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=instance)
+    checks = defs.resolve_job_def(VERIFY_JOB).execute_in_process(instance=instance, run_config=QUIET_RUN)
     evaluations = checks.get_asset_check_evaluations()
     policy = load_policy(policy_path)
     repo, keyring = open_repository(policy), load_keyring(policy)
@@ -125,6 +96,8 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     env = f"DAGSTER_HOME={shlex.quote(str(home))} REGAL_POLICY={shlex.quote(str(policy_path))}"
     ui = f"{env} {tool_invocation('dagster')} dev -m regal_dagster.definitions"
     status = f"{cli_invocation()} --policy {shlex.quote(str(policy_path))} status"
+    start, stop = (f"{cli_invocation()} demo --dir {shlex.quote(str(directory))} --{verb}-postgres"
+                   for verb in ("start", "stop"))
     checks_ok = bool(evaluations) and all(e.passed for e in evaluations)
     verdicts = ", ".join(f"{name} {verdict}" for name, verdict in report.frameworks.items())
     lines = [
@@ -150,9 +123,9 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
         "",
         "next steps",
         f"  status at a glance:  {status}",
+        *([] if keep_running else [f"  start its PostgreSQL (the UI's sensors use it): {start}"]),
         f"  open the Dagster UI: {ui}",
-        *(["                       (first run `" + cli_invocation() + " demo --keep-running`: the UI needs the demo "
-           "PostgreSQL up)"] if not keep_running else []),
+        f"  stop the demo's PostgreSQL when done: {stop}",
     ]
     passed = checks_ok and tested.validation_passed and drill["passed"] and not failed and not alert_problems
     return {"backup_id": manifest.backup_id, "run_id": result.run_id, "checks_run_id": checks.run_id, "rows": rows,
@@ -162,7 +135,8 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
             str(policy.resolve_path(ALERTS_FILE)), "passed": passed,
             "policy": str(policy_path), "repository": repo.location, "offsite": str(directory / OFFSITE_DIR),
             "report": str(report_file), "dagster_home": str(home), "ui_command": ui, "status_command": status,
-            "postgres_running": keep_running, "text": "\n".join(lines)}
+            "postgres_running": keep_running, "start_postgres_command": start, "stop_postgres_command": stop,
+            "text": "\n".join(lines)}
 
 
 def _test_alert_channel(policy: Any) -> list[str]:

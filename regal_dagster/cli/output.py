@@ -33,9 +33,10 @@ ENVELOPE = ("schema", "command", "ok", "exit_code", "warnings", "error")
 class Output:
     """Human text on a terminal, or one JSON document with --json (written when the command ends)."""
 
-    def __init__(self, as_json: bool, command: str = ""):
+    def __init__(self, as_json: bool, command: str = "", verbosity: int = 0):
         self.as_json = as_json
         self.command = command
+        self.verbosity = verbosity  # -1 --quiet, 0, 1 --verbose, 2 -vv
         self.payload: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.done = False
@@ -54,9 +55,20 @@ class Output:
         print(f"warning: {text}", file=sys.stderr)
 
     def note(self, text: str) -> None:
-        """A note (a backup passed over, ...): on stderr, and in `warnings`."""
+        """A note (a backup passed over, ...): on stderr (not with --quiet), and in `warnings`."""
         self.warnings.append(text)
-        print(f"note: {text}", file=sys.stderr)
+        if self.verbosity >= 0:
+            print(f"note: {text}", file=sys.stderr)
+
+    def info(self, text: str) -> None:
+        """What is being done (a step of the demo, a service listening): on stderr, not with --quiet."""
+        if self.verbosity >= 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def detail(self, text: str) -> None:
+        """More than people usually want: on stderr with --verbose only."""
+        if self.verbosity > 0:
+            print(text, file=sys.stderr, flush=True)
 
     def finish(self, exit_code: int) -> None:
         if self.as_json and not self.done:
@@ -72,57 +84,114 @@ class Output:
                     "warnings": self.warnings, **self.payload, **({"error": error} if error else {})}
         print(json.dumps(document, indent=2, default=str))
 
-    def progress(self, description: str, total: int | None = None) -> _ProgressBar:
-        """A byte counter with elapsed time on a terminal (nothing with --json or when piped)."""
-        return _ProgressBar(description, total, enabled=not self.as_json and sys.stderr.isatty())
+    def progress(self, description: str, total: int | None = None, *, phase: str | None = None,
+                 estimated: bool = False) -> _ProgressBar:
+        """Bytes done against `total` (a percentage and an ETA; `estimated`: the total is the source's estimate,
+        so never above 99% before the end), the phase under way and the elapsed time: one line redrawn on a
+        terminal; with --verbose elsewhere, a line per phase and per 10%; nothing with --json or --quiet."""
+        return _ProgressBar(description, total, self.progress_mode(), phase, estimated)
+
+    def progress_mode(self) -> str | None:
+        """"bar" (a terminal), "lines" (--verbose elsewhere) or None (no display: --json, --quiet, or piped)."""
+        if self.as_json or self.verbosity < 0:
+            return None
+        return "bar" if sys.stderr.isatty() else "lines" if self.verbosity > 0 else None
 
     @contextmanager
-    def activity(self, description: str) -> Iterator[None]:
+    def activity(self, description: str, phase: str | None = None) -> Iterator[None]:
         """For steps without bytes to count (a report, a drill's phases): a line that shows the elapsed time."""
-        with self.progress(description) as advance:
+        with self.progress(description, phase=phase) as advance:
             del advance
             yield
 
 
+def mib(n: float) -> str:
+    """Sizes in a progress display: always MiB, so that the numbers compare at a glance."""
+    return f"{n / 1048576:.1f} MiB"
+
+
 class _ProgressBar:
-    def __init__(self, description: str, total: int | None, enabled: bool):
-        self.bar: Any = None
+    """The one progress display of every command (backup, verify, restore, restore test, drill, ...): the
+    engine calls it with the bytes just processed, and `phase(name)` (engine/pipeline.announce_phase) when a
+    step starts."""
+
+    def __init__(self, description: str, total: int | None, mode: str | None, phase: str | None = None,
+                 estimated: bool = False):
+        import time
+
+        self.description, self.total, self.mode, self.estimated = description, total or None, mode, estimated
+        self.phase_name = phase
+        self.done = 0
+        self.clock = time.monotonic
+        self.started = self.clock()
+        self.lock = threading.Lock()
         self.stop = threading.Event()
         self.ticker: threading.Thread | None = None
-        if enabled:
-            import shutil
+        self.reported_tenth = 0  # "lines": the last 10% step written
+        self.width = 0
 
-            from tqdm import tqdm
+    def line(self, finished: bool = False) -> str:
+        elapsed = self.clock() - self.started
+        text = self.description + (f" [{self.phase_name}]" if self.phase_name else "") + ": "
+        if self.total and finished and self.estimated:  # the real size is known now
+            text += f"100%, {mib(self.done)} (estimated {mib(self.total)})"
+        elif self.total:
+            fraction = self.done / self.total
+            shown = min(fraction, 1.0 if finished or not self.estimated else 0.99)
+            text += f"{shown * 100:3.0f}% of {'about ' if self.estimated else ''}{mib(self.total)}"
+            if not finished and 0.01 <= fraction < 1:
+                text += f", ETA {age(elapsed * (1 - fraction) / fraction)}"
+        elif self.done:
+            text += mib(self.done)
+        return (text + f", {age(elapsed)} elapsed").replace(": , ", ": ") + (", done" if finished else "")
 
-            size = shutil.get_terminal_size((100, 24))  # a terminal that reports no size (0x0) would hide the bar
-            self.bar = tqdm(desc=description, total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                            file=sys.stderr, mininterval=0.2, ncols=size.columns, nrows=size.lines)
+    def _draw(self, finished: bool = False) -> None:
+        text = self.line(finished)
+        if self.mode == "bar":
+            pad = max(self.width - len(text), 0)
+            self.width = len(text)
+            sys.stderr.write("\r" + text + " " * pad + ("\n" if finished else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            if self.mode == "lines" and self.total and (tenth := int(10 * self.done / self.total)) > \
+                    self.reported_tenth and tenth < 10:
+                self.reported_tenth = tenth
+                self._draw()
+
+    def phase(self, name: str) -> None:
+        with self.lock:
+            self.phase_name = name
+            self._draw()
 
     def __enter__(self) -> Progress | None:
-        bar = self.bar
-        if bar is None:
+        if self.mode is None:
             return None
-        lock = threading.Lock()
+        if self.mode == "bar":
+            def tick() -> None:  # the elapsed time moves even while nothing is counted (a scratch server starting)
+                while not self.stop.wait(0.5):
+                    with self.lock:
+                        self._draw()
 
-        def advance(n: int) -> None:
-            with lock:
-                bar.update(n)
-
-        def tick() -> None:  # the elapsed time moves even while nothing is counted (a scratch server starting)
-            while not self.stop.wait(0.5):
-                with lock:
-                    bar.refresh()
-
-        self.ticker = threading.Thread(target=tick, name="progress", daemon=True)
-        self.ticker.start()
-        return advance
+            self.ticker = threading.Thread(target=tick, name="progress", daemon=True)
+            self.ticker.start()
+        with self.lock:
+            self._draw()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         if self.ticker is not None:
             self.ticker.join()
-        if self.bar is not None:
-            self.bar.close()
+        if self.mode is not None and exc[0] is None:
+            with self.lock:
+                self._draw(finished=True)
+        elif self.mode == "bar":
+            sys.stderr.write("\n")
 
 
 def size(n: int) -> str:

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
                             help="one JSON document on stdout, the same envelope for every command "
                                  "(docs/cli-json.md); no progress display")
+        parser.add_argument("-q", "--quiet", action="store_true",
+                            default=default if default is argparse.SUPPRESS else False,
+                            help="no progress and no informational lines (notes, what is being done); errors, "
+                                 "warnings and the result are still printed")
+        parser.add_argument("-v", "--verbose", action="count", default=default if default is argparse.SUPPRESS else 0,
+                            help="more detail: each phase on its own line, and the engine's log records on stderr "
+                                 "(-vv: its debug records too, e.g. every repository operation)")
         parser.add_argument("--from-offsite", action="store_true",
                             default=default if default is argparse.SUPPRESS else False,
                             help="use the off-site repository instead of the primary one (disaster recovery)")
@@ -392,10 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --listen: reuse a reading of the repository this long (default: 30)")
     p.set_defaults(func="commands:cmd_metrics")
 
+    p = sub.add_parser("completion", parents=[common],
+                       help="print a shell completion script: `source <(regal-backup completion bash)` (bash), "
+                            "`source <(regal-backup completion zsh)` (zsh)")
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell the script is for")
+    p.set_defaults(func="completion:cmd_completion")
+
     p = sub.add_parser("demo", parents=[common], help="run the whole product on an embedded PostgreSQL")
     p.add_argument("--dir", default=".regal-demo", help="where the demo keeps its files")
     p.add_argument("--scale", type=float, default=0.05, help="dataset size (1.0 is about 80 MB)")
-    p.add_argument("--keep-running", action="store_true", help="leave the demo PostgreSQL running for the UI")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--keep-running", action="store_true",
+                      help="leave the demo PostgreSQL running for the UI (stop it with --stop-postgres)")
+    when.add_argument("--start-postgres", action="store_true",
+                      help="only start the demo's PostgreSQL again (for the Dagster UI), without running the demo")
+    when.add_argument("--stop-postgres", action="store_true", help="only stop the demo's PostgreSQL")
     p.set_defaults(func="commands:cmd_demo")
     return parser
 

@@ -4,7 +4,6 @@ archive (`wal push/get/status/stream`). They parse and render; the engine decide
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -123,6 +122,6 @@ def cmd_wal_stream(args: argparse.Namespace, out: Output) -> int:
     stop = stop_on_signals("storing what was received")
     stored = run_stream(policy, repo, keyring, target, work_dir=Path(args.work_dir) if args.work_dir else None,
                         snapshot_seconds=args.snapshot_seconds, stop=stop,
-                        say=lambda text: print(text, file=sys.stderr, flush=True))
+                        say=out.info)
     out.result({"target": target, "stored": stored}, f"stopped: {stored} WAL file(s) stored by this run")
     return 0

@@ -84,7 +84,7 @@ def cmd_wal_daemon(args: argparse.Namespace, out: Output) -> int:
     target = cluster_target(policy, args.target)
     stop = stop_on_signals("finishing the uploads under way")
     daemon = WalDaemon(policy, repo, keyring, target, policy_path(args), workers=args.workers,
-                       prefetch=args.prefetch, say=lambda text: print(text, file=sys.stderr, flush=True))
+                       prefetch=args.prefetch, say=out.info)
     counts = daemon.run(stop)
     out.result({"target": target, **counts},
                f"stopped: {counts['pushed']} WAL file(s) archived ({counts['pushed_ahead']} ahead of PostgreSQL's "

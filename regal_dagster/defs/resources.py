@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource, DefaultScheduleStatus, EnvVar
 from pydantic import PrivateAttr
 
 from ..engine.backup import BackupResult, archive_problem, run_backup
@@ -85,3 +85,11 @@ def engine_resource(policy_path: str, policy: Policy) -> RegalEngine:
     if env:
         return RegalEngine(policy_path=policy_path, master_key=EnvVar(env))
     return RegalEngine(policy_path=policy_path)
+
+
+def drill_schedule_status(policy: Policy) -> DefaultScheduleStatus:
+    """Whether the schedules that start scratch servers on their own (the drill, the monthly restore sample)
+    run when the code location loads: the policy's `dagster.drill_schedules` (running in production; the demo
+    writes stopped)."""
+    running = policy.dagster.drill_schedules == "running"
+    return DefaultScheduleStatus.RUNNING if running else DefaultScheduleStatus.STOPPED

@@ -114,6 +114,17 @@ def run_backup(policy: Policy, target_name: str, retention_class: str = "hourly"
     return BackupResult(manifest, offsite_problem)
 
 
+def estimate_backup_bytes(policy: Policy, target_name: str) -> int | None:
+    """About how many bytes a backup of the target reads, from the source's size estimate (pg_database_size,
+    table sizes), for a progress display; None when the kind cannot tell or the source does not answer (the
+    backup itself then says why)."""
+    target = policy.target(target_name)
+    try:
+        return source_for(target.kind).estimate_bytes(target)
+    except Exception:  # noqa: BLE001 - only a display's estimate: the backup reports the real problem
+        return None
+
+
 def archive_problem(policy: Policy, repo: Repository, keyring: Keyring, manifest: Manifest) -> str | None:
     """Before a backup's checks: wait for the target's continuous archive to reach the backup's end; what to say
     when it does not within the wait (the backup then restores nothing, and its checks say so, until it does).

@@ -34,6 +34,13 @@ CHUNK = 1024 * 1024
 Progress = Callable[[int], None]  # called with the number of plaintext bytes just processed
 
 
+def announce_phase(progress: Progress | None, name: str) -> None:
+    """Tell a progress display which step is under way ("starting a scratch server", "validating"), when it
+    has a `phase` method (the CLI's does); a plain byte counter is left alone."""
+    if progress is not None and (phase := getattr(progress, "phase", None)) is not None:
+        phase(name)
+
+
 class StoredBytes(io.RawIOBase):
     """Counts and hashes what goes to the store. Tink calls `write` and wraps whatever it raises in a
     TinkError: the store's own error (a full disk, an unreachable endpoint) is kept in `failure`."""
@@ -250,16 +257,16 @@ class StoredBackup:
                     sink=sink, progress=progress)
         self.read_in_full.add(name)
 
-    def authenticate_unread(self) -> None:
+    def authenticate_unread(self, progress: Progress | None = None) -> None:
         """Read every object not yet read in full, so that all of the backup has been authenticated."""
         for record in self.manifest.objects:
             if record.name not in self.read_in_full:
-                self.stream(record.name, lambda _chunk: None)
+                self.stream(record.name, lambda _chunk: None, progress)
 
-    def to_file(self, name: str, path: Path) -> Path:
+    def to_file(self, name: str, path: Path, progress: Progress | None = None) -> Path:
         """An object into `path` (put it in a private directory)."""
         with path.open("wb") as f:
-            self.stream(name, f.write)
+            self.stream(name, f.write, progress)
         return path
 
     def install(self, name: str, path: Path) -> Path:

@@ -24,12 +24,15 @@ from .monitoring_config import MonitoringConfig
 from .policy_location import POLICY_ENV, policy_file
 from .retention_classes import RETENTION_CLASSES, RetentionClass
 from .settings import (  # the fragments below the plug-ins that the policy assembles
+    RUNBOOK_OWNERS,
+    RUNBOOK_REPORT_OWNERS,
     CompressionConfig,
     Cron,
     CronExpression,
     Duration,
     EncryptionConfig,
     ErasureSubjectConfig,
+    Owner,
     RepositorySettings,
     ScheduleConfig,
     Settings,
@@ -211,6 +214,9 @@ class ReportsConfig(Settings):
                                   description="the compliance frameworks in scope, by id: pci, sox, gdpr, soc2, "
                                   "iso27001, hipaa, dora, nis2, nist80053 (`regal-backup report --framework` "
                                   "overrides)")
+    owners: list[Owner] = Field(default_factory=lambda: list(RUNBOOK_REPORT_OWNERS), min_length=1,
+                                description="who owns the compliance report asset in Dagster (default: the "
+                                            "runbook's Security and Operations Teams)")
 
     @field_validator("exception_owners")
     @classmethod
@@ -251,6 +257,10 @@ class RestoreApprovalConfig(Settings):
 
 class DagsterConfig(Settings):
     base_url: str = "http://localhost:3000"
+    drill_schedules: Literal["running", "stopped"] = Field(
+        "running", description="the schedules that start scratch servers on their own (quarterly_dr_drill, "
+                               "monthly_restore_sample): running in production; the demo writes `stopped` so that "
+                               "its instance starts nothing noisy (turn them on in the UI)")
 
 
 class Policy(Settings):
@@ -267,6 +277,10 @@ class Policy(Settings):
                                   "the CPU count, at most 8); a target's own `jobs` wins")
     tiers: dict[str, TierConfig] = Field(default_factory=dict, description="criticality tiers by name (e.g. "
                                          "tier1): targets name theirs with `tier`")
+    owners: list[Owner] = Field(default_factory=lambda: list(RUNBOOK_OWNERS), min_length=1,
+                                description="who owns each target's assets in Dagster (e-mail or team:NAME), unless "
+                                            "the target names its own (default: the runbook's Operations and "
+                                            "Database Teams)")
     schedules: dict[RetentionClass, ScheduleConfig] = Field(default_factory=_default_schedules)
     retention: RetentionConfig = RetentionConfig()
     prune: PruneConfig = PruneConfig()
@@ -370,6 +384,10 @@ class Policy(Settings):
     def rto_for(self, name: str) -> timedelta:
         tier = self.tier_of(name)
         return self.target(name).rto or (tier.rto if tier else self.rto)
+
+    def owners_for(self, name: str) -> list[str]:
+        """The owners Dagster shows on the target's assets: its own, else the policy's."""
+        return list(self.target(name).owners or self.owners)
 
     def transports(self) -> list[Transport]:
         """Every connection that carries backup data or keys, and whether the policy makes it encrypted."""

@@ -30,7 +30,7 @@ from .documents import write_document
 from .errors import MissingSoftwareError, RegalError
 from .layout import restore_test_key
 from .manifest import Manifest
-from .pipeline import Progress
+from .pipeline import Progress, announce_phase
 from .policy import Policy
 from .record_sequence import next_record
 from .restore import restore_to
@@ -149,14 +149,17 @@ def _restore_and_verify(policy: Policy, repo: Repository, keyring: Keyring, mani
     found = TestFindings()
     phase = time.monotonic()
     try:
+        announce_phase(progress, "starting a scratch destination")
         with source.scratch_destination(work_dir, manifest) as destination:
             found.seconds[source.scratch_phase] = time.monotonic() - phase
+            announce_phase(progress, "restoring")
             restored = restore_to(policy, repo, keyring, manifest,
                                   RestoreRequest(destination, jobs=jobs, progress=progress, scratch=True))
             found.seconds.update({k: v for k, v in restored.seconds.items() if k != "total"})
             found.problems += restored.problems
             found.erasures = restored.erasures.to_json() if restored.erasures else {}
             found.load_breakdown = restored.details.pop("load_breakdown", {})
+            announce_phase(progress, "checking the restored copy")
             verified = source.verify_restored(destination, manifest, keyring, jobs)
             found.problems += verified.problems
             found.seconds.update(verified.seconds)

@@ -54,6 +54,18 @@ def _valid_cron(cron: str) -> str:
 Cron = Annotated[str, AfterValidator(_valid_cron)]  # five fields, UTC
 
 
+def _valid_owner(owner: str) -> str:
+    if not (re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", owner) or re.fullmatch(r"team:[\w.-]+", owner)):
+        raise ValueError(f"'{owner}' is neither an e-mail address nor team:NAME (Dagster shows asset owners as "
+                         "one of those)")
+    return owner
+
+
+Owner = Annotated[str, AfterValidator(_valid_owner)]  # who owns an asset in Dagster: an e-mail or team:NAME
+RUNBOOK_OWNERS = ["ops@company.com", "dba@company.com"]  # the runbook's Appendix A: Operations and Database Teams
+RUNBOOK_REPORT_OWNERS = ["security@company.com", "ops@company.com"]  # ... the Security Team for the reports
+
+
 def default_jobs() -> int:
     """Parallel connections when none are configured: one per CPU core, at most 8."""
     return min(os.cpu_count() or 2, 8)
@@ -119,6 +131,8 @@ class TargetSettings(Settings):
         """The server or endpoint a backup of this target reads from (`regal/host`), when its settings say it;
         None when they cannot (a host given by a ${VARIABLE}). A kind reading this machine's files: `local`."""
         return "local"
+    owners: list[Owner] | None = Field(None, description="who owns this target's assets in Dagster: e-mail "
+                                       "addresses or team:NAME (default: the policy's `owners`)")
 
     def transports(self, name: str) -> list[Transport]:
         """The network connections a backup of this target makes, and whether each is encrypted (a kind

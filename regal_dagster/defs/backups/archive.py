@@ -50,7 +50,7 @@ def build_archive_asset(policy: Policy, target: str, archive: ContinuousArchive)
         key=AssetKey(list(spec.key)), group_name=spec.group, kinds=set(spec.kinds),
         deps=[backup_asset_key(policy.target(target).kind, target)],
         description=spec.description.format(rpo=_span(rpo)),
-        freshness_policy=rpo_freshness_policy(rpo), tags={"regal/target": target},
+        freshness_policy=rpo_freshness_policy(rpo), tags={"regal/target": target}, owners=policy.owners_for(target),
         metadata={"regal/rpo": _span(rpo)})
 
 

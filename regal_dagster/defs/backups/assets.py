@@ -182,6 +182,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         description=f"Encrypted backup of the {label} '{target}'. {freshness_description(rpo)} (backups taken "
                     "outside Dagster count too: the backups_outside_dagster sensor reports them).",
         freshness_policy=freshness,
+        owners=policy.owners_for(target),
         tags={"regal/target": target},
         pool=REPOSITORY_POOL,
         metadata={"regal/rpo": _span(rpo), "regal/freshness_warn_after": _span(warn) if warn else "-",

@@ -14,9 +14,13 @@ import json
 from datetime import UTC, datetime
 
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetsDefinition,
     Config,
     DagsterRunStatus,
     DefaultScheduleStatus,
@@ -43,7 +47,10 @@ from dagster import (
 from ...engine.compliance.report import Period, build_report
 from ...engine.layout import COMPLIANCE_REPORTS
 from ...engine.policy import Policy
+from ..backups.archive import archived_targets
+from ..backups.assets import backup_asset_key
 from ..resources import RegalEngine
+from ..restore_tests.assets import restore_test_key
 
 REPORT_KEY = AssetKey(["compliance", "report"])
 REPORT_JOB = "compliance_report_job"
@@ -57,29 +64,56 @@ def _run_config(period: str) -> dict[str, object]:
     return {"ops": {"__".join(REPORT_KEY.path): {"config": {"period": period}}}}
 
 
-@asset(key=REPORT_KEY, group_name="compliance", kinds={"pdf"},
-       description="The PDF compliance report (PCI DSS 4.0.1, SOX ITGC, GDPR) of a period, built from the audit "
-                   "trail, stored in the repository with its SHA-256.")
-def compliance_report(context: AssetExecutionContext, config: ReportConfig, regal: RegalEngine) -> MaterializeResult:
-    period = Period.parse(config.period) if config.period else Period.previous_month(datetime.now(UTC))
-    result = build_report(regal.policy(), period, repo=regal.repository(),
-                          trigger={"dagster_run_id": context.run.run_id})
-    failed = [c.control_id for c in result.controls if c.result == "FAIL"]
-    context.log.info(f"report {result.report_id}{' (interim)' if result.interim else ''}: {len(failed)} "
-                     f"control(s) failed, {len(result.exceptions)} exception(s)"
-                     + ("" if result.chain_ok else "; THE AUDIT TRAIL IS BROKEN"))
-    return MaterializeResult(metadata={
-        "report_id": result.report_id, "period": result.period, "interim": result.interim,
-        "repository_key": result.key, "oscal_key": result.oscal_key,
-        "sha256": result.sha256, "evidence_sha256": result.evidence_sha256, "audit_chain_ok": result.chain_ok,
-        "exceptions": len(result.exceptions),
-        "frameworks": MetadataValue.json(result.frameworks),
-        "controls": MetadataValue.table(
-            records=[TableRecord({"control": c.control_id, "mapping": "; ".join(c.mapping), "result": c.result})
-                     for c in result.controls],
-            schema=TableSchema(columns=[TableColumn("control", "string"), TableColumn("mapping", "string"),
-                                        TableColumn("result", "string")])),
-    })
+FRAMEWORKS_CHECK = "frameworks_pass"
+
+
+def build_report_asset(policy: Policy) -> AssetsDefinition:
+    """The report asset, downstream of what it judges (every target's backup, restore test and continuous
+    archive), owned by the policy's `reports.owners`; each framework's verdict is metadata of its own, and
+    the `frameworks_pass` check fails when one fails."""
+    judged = [key for name, target in sorted(policy.targets.items())
+              for key in (backup_asset_key(target.kind, name), restore_test_key(target.kind, name))]
+    judged += [AssetKey(list(archive.asset(name).key)) for name, archive in archived_targets(policy).items()]
+
+    @asset(key=REPORT_KEY, group_name="compliance", kinds={"pdf"}, deps=judged, owners=list(policy.reports.owners),
+           description="The PDF compliance report (PCI DSS 4.0.1, SOX ITGC, GDPR) of a period, built from the audit "
+                       "trail, stored in the repository with its SHA-256. Upstream: the backups, restore tests and "
+                       "archives it judges. Each framework's verdict is in the metadata (verdict/...).",
+           check_specs=[AssetCheckSpec(FRAMEWORKS_CHECK, asset=REPORT_KEY,
+                                       description="Every framework's verdict is PASS (fails on a FAIL; warns on "
+                                                   "NOT TESTED).")])
+    def compliance_report(context: AssetExecutionContext, config: ReportConfig,
+                          regal: RegalEngine) -> MaterializeResult:
+        period = Period.parse(config.period) if config.period else Period.previous_month(datetime.now(UTC))
+        result = build_report(regal.policy(), period, repo=regal.repository(),
+                              trigger={"dagster_run_id": context.run.run_id})
+        failed = [c.control_id for c in result.controls if c.result == "FAIL"]
+        context.log.info(f"report {result.report_id}{' (interim)' if result.interim else ''}: {len(failed)} "
+                         f"control(s) failed, {len(result.exceptions)} exception(s)"
+                         + ("" if result.chain_ok else "; THE AUDIT TRAIL IS BROKEN"))
+        verdicts = {f"verdict/{name}": verdict for name, verdict in result.frameworks.items()}
+        not_passed = {name: verdict for name, verdict in result.frameworks.items() if verdict != "PASS"}
+        check = AssetCheckResult(
+            check_name=FRAMEWORKS_CHECK, passed=not not_passed,
+            severity=AssetCheckSeverity.ERROR if "FAIL" in not_passed.values() else AssetCheckSeverity.WARN,
+            description=("every framework passes" if not not_passed else
+                         "; ".join(f"{name}: {verdict}" for name, verdict in not_passed.items())
+                         + (f" (controls failed: {', '.join(failed)})" if failed else "")),
+            metadata={**verdicts, "period": result.period, "report_id": result.report_id})
+        return MaterializeResult(metadata={
+            "report_id": result.report_id, "period": result.period, "interim": result.interim,
+            "repository_key": result.key, "oscal_key": result.oscal_key,
+            "sha256": result.sha256, "evidence_sha256": result.evidence_sha256, "audit_chain_ok": result.chain_ok,
+            "exceptions": len(result.exceptions), **verdicts,
+            "frameworks": MetadataValue.json(result.frameworks),
+            "controls": MetadataValue.table(
+                records=[TableRecord({"control": c.control_id, "mapping": "; ".join(c.mapping), "result": c.result})
+                         for c in result.controls],
+                schema=TableSchema(columns=[TableColumn("control", "string"), TableColumn("mapping", "string"),
+                                            TableColumn("result", "string")])),
+        }, check_results=[check])
+
+    return compliance_report
 
 
 @sensor(name="reports_outside_dagster", minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
@@ -128,4 +162,4 @@ def compliance_definitions(policy: Policy, drill_job: JobDefinition) -> Definiti
 
         sensors.append(_after_drill)
     sensors.append(_reports_outside_dagster)
-    return Definitions(assets=[compliance_report], jobs=[report_job], schedules=[monthly], sensors=sensors)
+    return Definitions(assets=[build_report_asset(policy)], jobs=[report_job], schedules=[monthly], sensors=sensors)

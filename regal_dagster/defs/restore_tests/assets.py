@@ -104,7 +104,7 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
            check_specs=[AssetCheckSpec("validation_passed", asset=key,
                                        description=f"The restore matches the backup: {source.restore_test_proves}."),
                         AssetCheckSpec("rto_within_target", asset=key, description=f"Measured RTO within {rto}.")],
-           tags={"regal/target": target}, pool=SCRATCH_POOL)
+           tags={"regal/target": target}, pool=SCRATCH_POOL, owners=policy.owners_for(target))
     def _restore_test(context: AssetExecutionContext, config: RestoreTestConfig,
                       regal: RegalEngine) -> MaterializeResult:
         trigger = {"dagster_run_id": context.run.run_id}

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 from dagster import (
-    DefaultScheduleStatus,
     Failure,
     JobDefinition,
     MetadataValue,
@@ -18,6 +17,7 @@ from dagster import (
 
 from ...engine.policy import Policy
 from ..fleet import fleet_tags
+from ..resources import drill_schedule_status
 
 DRILL_JOB = "dr_drill_job"
 
@@ -44,7 +44,7 @@ def build_drill_job(policy: Policy, policy_path: str) -> tuple[JobDefinition, Sc
 
     drill_schedule = ScheduleDefinition(name="quarterly_dr_drill", job=dr_drill_job,
                                         cron_schedule=policy.restore_tests.drill_cron, execution_timezone="UTC",
-                                        default_status=DefaultScheduleStatus.RUNNING,
+                                        default_status=drill_schedule_status(policy),
                                         tags=fleet_tags(policy, None, "drill"),
                                         description="The quarterly disaster-recovery drill "
                                                     f"({policy.restore_tests.drill_cron} UTC): every target rebuilt "

@@ -4,7 +4,6 @@ in the repository so an auditor can redraw it."""
 from datetime import UTC, datetime
 
 from dagster import (
-    DefaultScheduleStatus,
     RunRequest,
     ScheduleDefinition,
     ScheduleEvaluationContext,
@@ -15,7 +14,7 @@ from dagster import (
 from ...engine.policy import Policy
 from ...engine.sampling import draw_restore_sample
 from ..fleet import fleet_tags
-from ..resources import RegalEngine
+from ..resources import RegalEngine, drill_schedule_status
 from .assets import restore_test_key, restore_test_run_config
 
 
@@ -23,7 +22,7 @@ def build_monthly_sample_schedule(policy: Policy, restore_job_name: str) -> Sche
     settings = policy.restore_tests
 
     @schedule(name="monthly_restore_sample", cron_schedule=settings.monthly_cron, job_name=restore_job_name,
-              execution_timezone="UTC", default_status=DefaultScheduleStatus.RUNNING,
+              execution_timezone="UTC", default_status=drill_schedule_status(policy),
               description=f"{settings.monthly_sample} backups drawn at random across targets and ages, "
                           "restore-tested; the draw is recorded for auditors.")
     def _schedule(context: ScheduleEvaluationContext, regal: RegalEngine) -> list[RunRequest] | SkipReason:

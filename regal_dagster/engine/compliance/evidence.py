@@ -21,6 +21,7 @@ from ..catalog import list_backups
 from ..crypto import Keyring, load_keyring
 from ..documents import unseal
 from ..errors import RegalError, UsageError
+from ..holds import EVENTS as HOLD_EVENTS
 from ..keys import key_inventory
 from ..layout import PRUNE_LOGS, target_of
 from ..policy import Policy
@@ -149,6 +150,7 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
     "signoffs": ["seq", "at", "actor", "result_id", "result_type", "result_resource", "by", "role", "note"],
     "tiers": ["target", "tier", "backup_every_seconds", "rpo_seconds", "rto_seconds", "longest_interval_seconds",
               "rpo_achieved_seconds", "restore_tests", "worst_rto_seconds"],
+    "legal_holds": ["target", "backup_id", "hold", "reason", "pinned_at", "until", "lifted_at", "annotation"],
 }
 
 
@@ -271,6 +273,7 @@ def collect_evidence(
         for e in trail_events if e.event_type == "signoff" and e.outcome == "success" and e.at < now]
     derive_tables(policy, evidence, operation_of(trail_events), period, at)
     evidence.tables["recoverability"] = recoverability_rows(policy, repo, keyring, now)
+    evidence.tables["legal_holds"] = legal_holds(trail_events, period, at)
     return evidence
 
 
@@ -323,6 +326,41 @@ def recoverability_rows(policy: Policy, repo: Repository, keyring: Keyring, now:
             "archive_check_passed": archive.get("passed"), "unreadable": archive.get("unreadable"),
             "restore_test_passed": tested.get("passed"), "restore_tested_at": tested.get("tested_at")})
     return rows
+
+
+def legal_holds(trail_events: list[AuditEvent], period: Period, at: datetime) -> list[dict[str, Any]]:
+    """Every backup under a legal hold during the period (`pin`), or annotated (`annotate`) by its end, as the
+    audit trail's events built them (the holds document is checked against the same events: engine/holds.py).
+    `hold`: in force at the period's end, lifted (`unpin`) or expired (its `--until`) in it; null: annotated only."""
+    rows: dict[str, dict[str, Any]] = {}
+    for e in trail_events:
+        if e.event_type not in HOLD_EVENTS or e.outcome != "success" or e.at >= at:
+            continue
+        details = json.loads(e.details)
+        row = rows.setdefault(e.resource, {"target": target_of(e.resource), "backup_id": e.resource, "hold": None,
+                                           "reason": None, "pinned_at": None, "until": None, "lifted_at": None,
+                                           "annotation": None})
+        if e.event_type == "backup_pinned":
+            row.update(reason=details.get("reason"), pinned_at=details.get("pinned_at") or e.at.isoformat(),
+                       until=details.get("until"), lifted_at=None)
+        elif e.event_type == "backup_unpinned":
+            row["lifted_at"] = e.at.isoformat()
+        else:
+            row["annotation"] = details.get("text") or None
+    found = []
+    for row in rows.values():
+        if row["pinned_at"] is not None:
+            ended = [datetime.fromisoformat(t) for t in (row["lifted_at"], row["until"]) if t]
+            end = min(ended) if ended else None
+            if end is not None and end < period.start:  # over before the period: not a hold of this period
+                row.update(hold=None, reason=None, pinned_at=None, until=None, lifted_at=None)
+            else:
+                row["hold"] = ("in force" if end is None or end >= at else
+                               "lifted" if row["lifted_at"] and datetime.fromisoformat(row["lifted_at"]) == end
+                               else "expired")
+        if row["hold"] or row["annotation"]:
+            found.append(row)
+    return sorted(found, key=lambda r: (r["target"], r["backup_id"]))
 
 
 def _prune_evidence(

@@ -112,6 +112,11 @@ class Source(ABC):
     @abstractmethod
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured: ...
 
+    def estimate_bytes(self, target: TargetSettings) -> int | None:
+        """About how many bytes a backup of `target` reads, from the source's own size estimate (for a progress
+        display's percentage and ETA; never exact); None: the kind cannot tell."""
+        return None
+
     def capture_incremental(self, policy: PolicyView, repo: Repository, keyring: Keyring, target_name: str,
                             target: TargetSettings, store: StoreObject) -> Captured:
         """An incremental backup on top of the target's newest good one (kinds that have such a thing)."""

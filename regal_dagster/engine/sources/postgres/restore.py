@@ -23,7 +23,7 @@ from typing import Any
 from ...crypto import Keyring
 from ...errors import IntegrityError, RegalError
 from ...manifest import Manifest
-from ...pipeline import Progress, StoredBackup
+from ...pipeline import Progress, StoredBackup, announce_phase
 from ...postgresql.connection import describe_dsn, with_dbname
 from ...settings import default_jobs
 from ...storage import Repository
@@ -255,20 +255,24 @@ def load_database(repo: Repository, keyring: Keyring, manifest: Manifest, to_dsn
     tables = [Table.from_facts(t) for t in table_facts]
     backup = StoredBackup(repo, keyring, manifest)
     with private_directory("restore") as tmp:  # private (0700), swept by the next command if we are killed
-        archive = backup.to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT)
+        announce_phase(progress, "creating the schema")
+        archive = backup.to_file(SCHEMA_OBJECT, Path(tmp) / SCHEMA_OBJECT, progress)
         failed += run_pg_restore(pg_restore, to_dsn, archive, ["pre-data", "data"], keep_owners=keep_owners,
                                  tablespaces=tablespaces, exit_on_error=False)
         phases.done("schema")
 
         batches = load_batches(manifest, table_facts, tables)
+        announce_phase(progress, "loading tables")
         loaded = load_tables(backup, to_dsn, batches, jobs, encoding, progress)
-        backup.authenticate_unread()  # a table that failed to load stopped reading its object
+        backup.authenticate_unread(progress)  # a table that failed to load stopped reading its object
         phases.done("load")
         failed += [t["failed"] for t in loaded if "failed" in t]
         loaded, breakdown = _load_breakdown(loaded)
+        announce_phase(progress, "indexes and constraints")
         failed += run_pg_restore(pg_restore, to_dsn, archive, ["post-data"], jobs=jobs, keep_owners=keep_owners,
                                  tablespaces=tablespaces, exit_on_error=False)
         phases.done("post_data")
+    announce_phase(progress, "validating")
     if properties:
         failed += apply_database_properties(to_dsn, properties, owners=keep_owners)
     loaded = validated_tables(to_dsn, keyring, manifest, [t for batch in batches for _, t in batch], loaded,

@@ -59,6 +59,16 @@ class PostgresSource(Source):
     restore_test_proves = "row counts, content SHA-256, schema objects and pg_amcheck"
     scratch_phase = "cluster"
 
+    def estimate_bytes(self, target: TargetSettings) -> int | None:
+        """The user tables' size on disk (pg_table_size: heap and TOAST, no indexes): about what COPY reads."""
+        from ...postgresql.connection import connect
+
+        with connect(cast(PostgresTarget, target).resolved_dsn(), autocommit=True) as conn:
+            row = conn.execute("SELECT sum(pg_table_size(c.oid))::bigint FROM pg_class c JOIN pg_namespace n ON "
+                               "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN "
+                               "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         """The dump, from the primary or a caught-up standby (`backup_from`: postgresql/standby.py). On a standby
         its snapshot and locks are the standby's (none on the primary); replay there may cancel it (a conflict with

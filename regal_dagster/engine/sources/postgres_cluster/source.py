@@ -97,6 +97,14 @@ class PostgresClusterSource(Source):
                            "recoveries to the newest point, a random earlier one and a named restore point (its "
                            "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
 
+    def estimate_bytes(self, target: TargetSettings) -> int | None:
+        """Every database's size (pg_database_size): about what pg_basebackup copies."""
+        from ...postgresql.connection import connect
+
+        with connect(cast(PostgresClusterTarget, target).resolved_dsn()) as conn:
+            row = conn.execute("SELECT sum(pg_database_size(oid))::bigint FROM pg_database").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
         server = cast(PostgresClusterTarget, target).backup_server()
         return self._capture(server.dsn, {**server_facts(server.dsn), **server.facts()}, store, None)
