@@ -8,7 +8,7 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from ...postgresql.connection import check_dsn
+from ...postgresql.conninfo import check_dsn
 from ...settings import Duration, fill_environment
 from ...transport import Transport
 from ..postgres.target import DsnTarget
