@@ -12,9 +12,7 @@ the naming rules the document lists (`target` is always the policy's target, nev
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,8 @@ if TYPE_CHECKING:  # the CLI starts without the engine's models (`--version`, `-
     from ..engine.pipeline import Progress
 
 if TYPE_CHECKING:
+    from threading import Thread
+
     from ..engine.restore import RestoreResult
 
 SCHEMA = "regal-backup-cli/1"
@@ -68,6 +68,8 @@ class Output:
 
     def _emit(self, exit_code: int, error: dict[str, Any] | None) -> None:
         self.done = True
+        import json  # here: `--help` and `wal push` start without it
+
         document = {"schema": SCHEMA, "command": self.command, "ok": exit_code == 0, "exit_code": exit_code,
                     "warnings": self.warnings, **self.payload, **({"error": error} if error else {})}
         print(json.dumps(document, indent=2, default=str))
@@ -86,9 +88,11 @@ class Output:
 
 class _ProgressBar:
     def __init__(self, description: str, total: int | None, enabled: bool):
+        import threading
+
         self.bar: Any = None
         self.stop = threading.Event()
-        self.ticker: threading.Thread | None = None
+        self.ticker: Thread | None = None
         if enabled:
             import shutil
 
@@ -102,6 +106,8 @@ class _ProgressBar:
         bar = self.bar
         if bar is None:
             return None
+        import threading
+
         lock = threading.Lock()
 
         def advance(n: int) -> None:

@@ -27,6 +27,7 @@ AUDIT_SPOOL = "audit/spool/"
 AUDIT_CHECKPOINTS = "audit/checkpoints/"
 GDPR_LEDGER = "gdpr/erasure-ledger"
 RESTORE_TESTS = "restore-tests/"
+RESTORE_TEST_KIND = "restore-test"  # the sealed kind of a restore test's record (engine/restore_test.py)
 RESTORE_SAMPLES = "restore-tests/samples/"
 DRILLS = "drills/"
 PRUNE_LOGS = "prune/"
