@@ -43,7 +43,6 @@ from .chain import (
 )
 from .datadir import RESTORING_MARKER, WAL_COPY, verify_data_directory
 from .recovery import ClusterRestoreOptions, write_recovery_settings
-from .standby import backup_server
 from .target import PostgresClusterTarget
 from .wal import fetch_wal
 
@@ -99,6 +98,8 @@ class PostgresClusterSource(Source):
                            "facts exact), each promoted where asked, every database opened and pg_amcheck clean")
 
     def capture(self, target: TargetSettings, store: StoreObject) -> Captured:
+        from .standby import backup_server  # psycopg: only where a server is reached
+
         server = backup_server(cast(PostgresClusterTarget, target))
         return self._capture(server.dsn, {**server_facts(server.dsn), **server.facts()}, store, None)
 
@@ -106,6 +107,8 @@ class PostgresClusterSource(Source):
                             target: TargetSettings, store: StoreObject) -> Captured:
         """pg_basebackup --incremental on top of the target's newest good base backup of this server; a full
         backup (saying so in `incremental_note`) when there is none, as pgBackRest does."""
+        from .standby import backup_server
+
         server = backup_server(cast(PostgresClusterTarget, target))
         dsn = server.dsn
         facts = {**server_facts(dsn), **server.facts()}
