@@ -30,6 +30,7 @@ RESTORE_TESTS = "restore-tests/"
 RESTORE_TEST_KIND = "restore-test"  # the sealed kind of a restore test's record (engine/restore_test.py)
 RESTORE_SAMPLES = "restore-tests/samples/"
 DRILLS = "drills/"
+DRILL_KIND = "drill"  # the sealed kind of a drill's record (engine/drill.py)
 PRUNE_LOGS = "prune/"
 COMPLIANCE_REPORTS = "compliance-reports/"
 RECORD_STATE = "records/"  # the sealed record state of each target (engine/record_sequence.py)

@@ -65,7 +65,7 @@ def check_spec(name: str) -> CheckSpec:
         return COMMON_CHECKS[name]
     for source in loaded_sources():  # a kind's check names are its own: the first place to look is in use
         if name in source.checks:
-            return source.checks[name]  # type: ignore[no-any-return]
+            return source.checks[name]
     for kind in kinds():
         specs: dict[str, CheckSpec] = load_source(kind).checks
         if name in specs:
