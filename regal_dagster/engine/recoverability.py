@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from .catalog import list_backups
-from .checks import CheckRecord, CheckStatus, check_status
+from .check_record import CheckRecord, CheckStatus, check_status
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
