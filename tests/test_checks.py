@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from regal_dagster.engine.backup import run_backup
-from regal_dagster.engine.checks import good_backups, load_check_record, run_checks
+from regal_dagster.engine.check_record import load_check_record
+from regal_dagster.engine.checks import good_backups, run_checks
 from regal_dagster.engine.crypto import OBJECT_HEADER, OBJECT_MAGIC, load_keyring
 from regal_dagster.engine.layout import CHECKS_NAME
 from regal_dagster.engine.policy import Policy

@@ -16,7 +16,7 @@ import pytest
 from regal_dagster.defs import BACKUP_JOB, VERIFY_JOB, build_definitions
 from regal_dagster.defs.backups.assets import RETENTION_CLASS_TAG
 from regal_dagster.engine import catalog
-from regal_dagster.engine.checks import load_check_record
+from regal_dagster.engine.check_record import load_check_record
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository

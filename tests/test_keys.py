@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from regal_dagster.engine.checks import check_cryptoperiod, load_check_record
+from regal_dagster.engine.check_record import load_check_record
+from regal_dagster.engine.checks import check_cryptoperiod
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.errors import EncryptionKeyError, IntegrityError
 from regal_dagster.engine.gdpr import load_ledger

@@ -33,11 +33,35 @@ def _modules_loaded_by(*argv: str) -> set[str]:
     return set(done.stderr.splitlines())
 
 
+# What only a failed command, --json or a progress bar needs (the error log, the JSON envelope), and the installed
+# package's metadata (importlib.metadata parses e-mail headers): none of it for --version or --help.
+NOT_FOR_HELP = ("tempfile", "traceback", "json", "threading", "importlib.metadata", "email")
+
+
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["backup", "--help"], ["wal", "push", "--help"]])
 def test_version_and_help_load_no_engine_model_library_or_driver(argv: list[str]) -> None:
+    from regal_dagster.cli.version import _dist_info_version
+
     loaded = _modules_loaded_by(*argv)
     assert "regal_dagster.cli.parser" in loaded  # the probe saw the CLI start
     assert sorted(m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY) == []
+    if _dist_info_version() is not None:  # installed with a .dist-info (else importlib.metadata is asked)
+        assert sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_FOR_HELP)) == []
+    # of the engine, only its two tiny leaf modules: the error types and the retention classes' names
+    assert {m for m in loaded if m.startswith("regal_dagster.engine.")} <= {"regal_dagster.engine.errors",
+                                                                          "regal_dagster.engine.retention_classes"}
+
+
+def test_version_is_the_installed_distributions() -> None:
+    """--version reads the .dist-info itself (cli/version.py); it says what importlib.metadata says."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        expected = version("regal-backup")
+    except PackageNotFoundError:
+        expected = "unknown (not installed)"
+    done = invoke_cli(["--version"])
+    assert (done.returncode, done.stdout) == (0, f"regal-backup {expected}\n")
 
 
 def test_every_command_of_the_parser_resolves_to_its_function() -> None:
@@ -97,11 +121,32 @@ def test_status_and_list_load_no_driver_or_library_they_do_not_use(tmp_path: Pat
     never = ("dagster", "pandas", "weasyprint", "boto3", "botocore", "redis",
              "regal_dagster.engine.sources.redis.source", "regal_dagster.engine.sources.terraform.source",
              "regal_dagster.engine.compliance", "regal_dagster.defs")
-    for argv, unused in ((["list"], ("psycopg",)), (["list", "--json"], ("psycopg",)), (["status"], ())):
+    # and none of the other commands, the restore path, the mail, HTTP and TLS clients of the alert channels
+    never += ("regal_dagster.cli.commands", "regal_dagster.cli.pitr", "regal_dagster.engine.restore",
+              "regal_dagster.engine.restore_test", "regal_dagster.engine.sources.postgres_cluster.standby",
+              "smtplib", "urllib.request", "http.client")
+    for argv, unused in ((["list"], ("psycopg", "ssl")), (["list", "--json"], ("psycopg", "ssl")), (["status"], ())):
         loaded = _modules_loaded_by("--policy", policy, *argv)
         assert "regal_dagster.engine.policy" in loaded and "tink" in loaded, argv  # the probe saw it work
         heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in (*never, *unused)))
         assert heavy == [], (argv, heavy)
+    # without a postgres_cluster target no server is asked: status loads no psycopg either
+    made = invoke_cli(["init", str(tmp_path / "q"), "--postgres-dsn", "postgresql://postgres@127.0.0.1:1/pos",
+                       "--no-audit", "--json"])
+    loaded = _modules_loaded_by("--policy", json.loads(made.stdout)["policy"], "status")
+    assert "regal_dagster.engine.sources.postgres.target" in loaded  # the probe saw it work
+    assert sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in (*never, "psycopg", "ssl"))) == []
+
+
+def test_a_cluster_source_loads_no_driver_until_it_reaches_a_server() -> None:
+    """`list` of a cluster's base backups and `status` use the postgres_cluster Source (how far a backup
+    recovers); it loads psycopg (and the standby selection) only in the methods that connect."""
+    script = ("import sys\nfrom regal_dagster.engine.sources.registry import source_for\n"
+              "source_for('postgres_cluster').continuous_archive()\nprint('\\n'.join(sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(done.stdout.splitlines())
+    assert "regal_dagster.engine.sources.postgres_cluster.source" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] == "psycopg" or m.endswith(".standby")) == []
 
 
 @pytest.mark.parametrize("dsn", [

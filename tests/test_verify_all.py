@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from regal_dagster.engine import catalog
-from regal_dagster.engine.checks import load_check_record
+from regal_dagster.engine.check_record import load_check_record
 from regal_dagster.engine.crypto import load_keyring
 from regal_dagster.engine.policy import load_policy
 from regal_dagster.engine.storage import open_repository

@@ -14,11 +14,8 @@ import importlib
 import os
 import signal
 import sys
-import tempfile
-import traceback
 import warnings
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from ..engine.errors import RegalError
@@ -159,6 +156,10 @@ def _refused(out: Output, message: str, hint: str | None, code: int) -> int:
 
 def write_error_log(exc: BaseException) -> Path:
     """The traceback, in a file only this user can read (it may show local paths and values)."""
+    import tempfile  # only when a command failed unexpectedly: `--help` and `wal push` start without them
+    import traceback
+    from datetime import UTC, datetime
+
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "regal-backup" / "errors"
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)

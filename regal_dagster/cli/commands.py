@@ -20,7 +20,7 @@ from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
 from ..engine.storage import open_repository
 from .context import load_policy_of, open_repository_of, utc_time
-from .output import Output, age, backup_line, cli_invocation, manifest_summary, restored_text, size
+from .output import Output, cli_invocation, manifest_summary, restored_text, size
 from .pitr import restore_to_point
 from .verifying import verification_verdict, verify_exit
 
@@ -126,50 +126,6 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
     out.result({**s, "verification": {"passed": record.passed, "checked_at": record.checked_at.isoformat(),
                                       "failed": failed}}, f"{text}\n{verdict}" + "".join(f"\n  {f}" for f in failed))
     return verify_exit(record, around)
-
-
-def cmd_list(args: argparse.Namespace, out: Output) -> int:
-    policy, repo, keyring = open_repository_of(args)
-    completed = completed_backups(policy, repo)
-    backups, damaged = catalog.list_backups(repo, keyring, args.target, completed=completed)
-    unfinished = catalog.unfinished_backups(repo, args.target, completed=completed)
-    now = datetime.now(UTC)
-    verdicts = retention_verdicts(policy, repo, keyring, now, args.target)
-    models = {t: target_recoverability(policy, repo, keyring, t, now, completed)
-              for t in sorted({m.target for m in backups})}
-    rows = []
-    for manifest in backups:
-        recovery = models[manifest.target].backups[manifest.backup_id]
-        verdict = verdicts.get(manifest.backup_id)
-        holds = models[manifest.target].holds
-        pin = holds.pin_of(manifest.backup_id, now) if holds else None
-        rows.append({**manifest_summary(manifest), "status": recovery.status, "status_note": recovery.status_note,
-                     "recovery": recovery.to_json(), "retention": verdict.to_json() if verdict else None,
-                     "legal_hold": pin.to_json() if pin else None,
-                     "annotation": holds.notes.get(manifest.backup_id) if holds else None})
-    lines = [(f"{'TARGET':12} {'BACKUP':40} {'CLASS':8} {'STARTED (UTC)':20} {'DB SIZE':>10} {'STORED':>10}  "
-              f"{'STATUS':9} RETENTION")]
-    lines += [backup_line(r, verdicts[r['backup_id']].summary if r['backup_id'] in verdicts else "?",
-                          r["recovery"]["note"] if _says_how_far(r) else None) for r in rows]
-    lines += [f"{name}: UNRECOVERABLE: {model.unrecoverable}" for name, model in models.items() if model.unrecoverable]
-    lines += [f"{target_of(d.backup_id):12} {d.backup_id:40} {'?':8} {'?':20} {'?':>10} {size(d.stored_bytes):>10}  "
-              f"DAMAGED: {d.problem}" for d in damaged]
-    if unfinished:
-        lines.append(f"({len(unfinished)} unfinished backup(s), interrupted or running, "
-                     f"{size(sum(u.stored_bytes for u in unfinished))}: not backups; prune removes them after "
-                     f"{policy.prune.orphan_grace})")
-    out.result({"backups": rows, "damaged": [d.__dict__ for d in damaged],
-                "unfinished": [u.__dict__ for u in unfinished],
-                "recoverability": {name: model.to_json() for name, model in models.items()}},
-               "\n".join(lines) if rows or damaged or unfinished else "no backups yet")
-    unrecoverable = any(m.unrecoverable for m in models.values())
-    return 3 if any(r["status"] == "rolled_back" for r in rows) or unrecoverable else 1 if damaged else 0
-
-
-def _says_how_far(row: dict[str, Any]) -> bool:
-    """A good backup's line says how far it recovers when an archive decides it (a base backup's WAL)."""
-    recovery = row["recovery"]
-    return bool(row["status"] == "good" and (recovery["position"] is not None or not recovery["recoverable"]))
 
 
 def cmd_restore(args: argparse.Namespace, out: Output) -> int:
@@ -445,66 +401,6 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
                        echo=not args.json and out.verbosity >= 0)
     out.result(summary, summary["text"])
     return 0 if summary["passed"] else 3
-
-
-def cmd_status(args: argparse.Namespace, out: Output) -> int:
-    from ..engine.status import repository_status
-
-    policy, repo, keyring = open_repository_of(args)
-    if args.alert or args.heartbeat:
-        from .monitoring import watch_dagster
-
-        return watch_dagster(args, policy, repo, keyring, out)
-    with out.activity("reading the repository"):
-        status = repository_status(policy, repo, keyring, datetime.now(UTC), args.target)
-    lines = [f"repository {status.repository}: {size(status.repository_bytes)}"
-             + (f"; {status.damaged} DAMAGED backup(s): see `regal-backup list`" if status.damaged else "")]
-    if (room := status.capacity) is not None and room.free_bytes is not None:
-        lines.append(f"  room {size(room.free_bytes)} free; growth {size(int(room.growth_bytes_per_day))} a day: "
-                     + (f"full in {room.days_until_full:.1f} days" if room.days_until_full is not None
-                        else "no growth"))
-    for t in status.targets:
-        good = t.newest_good
-        rpo = (f"age {age(t.rpo_age_seconds)} against an RPO of {age(t.rpo_seconds)}: "
-               + ("BREACHED" if t.rpo_breached else "within"))
-        lines.append(f"\n{t.target} ({t.kind}): " + (f"newest good backup {good.backup_id} ({good.retention_class}), "
-                                                     f"{rpo}" if good else f"NO GOOD BACKUP: RPO {age(t.rpo_seconds)} "
-                                                                             "BREACHED"))
-        if t.newest and (good is None or t.newest.backup_id != good.backup_id):
-            lines.append(f"  newest backup     {t.newest.backup_id}: {t.newest.status}")
-        if t.recoverability is not None:
-            lines.append(f"  recoverability    {t.recoverability.summary}")
-        if t.unrecoverable:
-            lines.append(f"  UNRECOVERABLE     {t.unrecoverable}")
-        v = t.last_verification
-        lines.append("  last verification " + (f"{v['checked_at'][:16]} of {v['backup_id']}: "
-                                                + ("passed" if not v["failed_checks"] else
-                                                   "FAILED " + ", ".join(v["failed_checks"])) if v else "never"))
-        r = t.last_restore_test
-        lines += [f"  ROLLED BACK: {problem}" for problem in t.rolled_back]
-        if r and "rolled_back" in r:
-            lines.append(f"  last restore test ROLLED BACK: {r['key']} is gone")
-        elif r and "refused" in r:
-            lines.append(f"  last restore test REFUSED: {r['refused']}")
-        else:
-            lines.append("  last restore test " + (
-                f"{r['tested_at'][:16]} of {r['backup_id']}: {'passed' if r['passed'] else 'FAILED'}, RTO "
-                f"{age(r['rto_seconds'])} against {age(r['rto_target_seconds'])}" if r else "never"))
-    d = status.last_drill
-    lines.append("\nlast drill " + ("never" if d is None else f"REFUSED: {d['refused']}" if "refused" in d else
-                                    f"{d['at'][:16]}: {'passed' if d['passed'] else 'FAILED'}, RTO "
-                                    f"{age(d['rto_seconds'])} against {age(d['rto_target_seconds'])}"
-                                    + (f"; not recovered: {', '.join(d['not_recovered'])}" if d["not_recovered"]
-                                       else "")))
-    lines += [f"{t.target}: LEGAL HOLD on {h['backup_id']} ({h['reason']})"
-              + (f" until {h['until'][:16]}" if h["until"] else "") for t in status.targets for h in t.legal_holds]
-    lines.append(f"open alerts: {len(status.open_alerts)}" + "".join(f"\n  - {a['what']}" for a in status.open_alerts))
-    if status.rpo_breached:
-        lines.append(f"RPO BREACHED: {', '.join(status.rpo_breached)}")
-    lines += sorted({f"record rollback protection: {t.record_protection}" for t in status.targets
-                     if t.record_protection.startswith("no audit trail")})
-    out.result(status.to_json(), "\n".join(lines))
-    return 3 if status.rpo_breached or status.rolled_back or status.unrecoverable else 0
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:

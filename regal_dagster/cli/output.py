@@ -12,9 +12,7 @@ the naming rules the document lists (`target` is always the policy's target, nev
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,7 @@ if TYPE_CHECKING:  # the CLI starts without the engine's models (`--version`, `-
     from ..engine.pipeline import Progress
 
 if TYPE_CHECKING:
+
     from ..engine.restore import RestoreResult
 
 SCHEMA = "regal-backup-cli/1"
@@ -80,6 +79,8 @@ class Output:
 
     def _emit(self, exit_code: int, error: dict[str, Any] | None) -> None:
         self.done = True
+        import json  # here: `--help` and `wal push` start without it
+
         document = {"schema": SCHEMA, "command": self.command, "ok": exit_code == 0, "exit_code": exit_code,
                     "warnings": self.warnings, **self.payload, **({"error": error} if error else {})}
         print(json.dumps(document, indent=2, default=str))
@@ -117,6 +118,7 @@ class _ProgressBar:
 
     def __init__(self, description: str, total: int | None, mode: str | None, phase: str | None = None,
                  estimated: bool = False):
+        import threading  # here, not at the top: --help and --version start without it
         import time
 
         self.description, self.total, self.mode, self.estimated = description, total or None, mode, estimated
@@ -172,6 +174,8 @@ class _ProgressBar:
         if self.mode is None:
             return None
         if self.mode == "bar":
+            import threading
+
             def tick() -> None:  # the elapsed time moves even while nothing is counted (a scratch server starting)
                 while not self.stop.wait(0.5):
                     with self.lock:

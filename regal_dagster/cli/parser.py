@@ -14,12 +14,9 @@ TARGET_HELP = "a target named in the policy's `targets:` (e.g. main)"
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # reads the installed metadata: only for --version
+    from .version import installed_version  # reads the installed metadata: only for --version
 
-    try:
-        return version("regal-backup")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    return installed_version()
 
 
 class _PrintVersion(argparse.Action):
@@ -121,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", parents=[common],
                        help="list backups with their status and the date retention deletes each one")
     p.add_argument("target", nargs="?", help="only this target's backups (default: every target)")
-    p.set_defaults(func="commands:cmd_list")
+    p.set_defaults(func="listing:cmd_list")
 
     p = sub.add_parser("verify", parents=[common], help="read back and authenticate every byte of a backup")
     p.add_argument("backup_id", nargs="?", help=BACKUP_ID_HELP + " (or --latest, --unchecked)")
@@ -374,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the watchdog (cron or systemd timer, docs/watchdog.md): when the Dagster daemon of "
                             "$DAGSTER_HOME is silent, raise 'daemon silent' and the RPO alerts through the policy's "
                             "channels, once; resolved when it returns; exit 3 while it is silent")
-    p.set_defaults(func="commands:cmd_status")
+    p.set_defaults(func="status:cmd_status")
 
     p = sub.add_parser("show", parents=[common],
                        help="one backup in full: objects, tables, checks, retention decision and date, lock")

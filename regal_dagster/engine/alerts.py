@@ -25,15 +25,15 @@ from .capacity import CapacityForecast, forecast
 from .catalog import list_backups, newest_first
 from .channels.base import ChannelSettings, Notification
 from .channels.registry import send as send_on_channel
-from .checks import ERROR, check_status
+from .check_record import check_status
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
-from .layout import restore_test_prefix, started_of
+from .layout import RESTORE_TEST_KIND, restore_test_prefix, started_of
+from .outcomes import ERROR
 from .policy import Policy
 from .record_sequence import KnownRecords, known_records
 from .recoverability import Recoverability, target_recoverability
-from .restore_test import RESTORE_TEST_KIND
 from .sources.capabilities import ArchiveState, ContinuousArchive
 from .sources.registry import source_for
 from .storage import Repository

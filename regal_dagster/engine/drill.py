@@ -23,10 +23,8 @@ from . import audit
 from .catalog import list_backups
 from .crypto import Keyring
 from .documents import write_document
-from .layout import drill_key
+from .layout import DRILL_KIND, drill_key
 from .pipeline import Progress
-
-DRILL_KIND = "drill"
 from .policy import Policy
 from .restore_test import run_restore_test
 from .storage import Repository

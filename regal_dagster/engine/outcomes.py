@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sources.discovery import kinds, load_source
+from .sources.discovery import kinds, load_source, loaded_sources
 
 ERROR, WARN = "ERROR", "WARN"
 
@@ -63,6 +63,9 @@ def check_spec(name: str) -> CheckSpec:
     """The spec of a check, common or a kind's own."""
     if name in COMMON_CHECKS:
         return COMMON_CHECKS[name]
+    for source in loaded_sources():  # a kind's check names are its own: the first place to look is in use
+        if name in source.checks:
+            return source.checks[name]
     for kind in kinds():
         specs: dict[str, CheckSpec] = load_source(kind).checks
         if name in specs:

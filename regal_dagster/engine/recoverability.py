@@ -23,12 +23,12 @@ from datetime import datetime
 from typing import Any
 
 from .catalog import list_backups
-from .checks import CheckRecord, CheckStatus, check_status
+from .check_record import CheckRecord, CheckStatus, check_status
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
 from .holds import Holds, load_holds
-from .layout import restore_test_prefix
+from .layout import RESTORE_TEST_KIND, restore_test_prefix
 from .manifest import Manifest
 from .policy import Policy
 from .record_sequence import KnownRecords, known_records
@@ -212,8 +212,6 @@ def last_restore_test(repo: Repository, keyring: Keyring, target: str,
                       known: KnownRecords | None = None) -> dict[str, Any] | None:
     """The newest restore test of a target (a record that does not authenticate is reported as such, and the
     newest one the witnesses know, when it is gone, as rolled back)."""
-    from .restore_test import RESTORE_TEST_KIND
-
     keys = sorted(o.key for o in repo.list(restore_test_prefix(target)) if o.key.endswith(".json"))
     known = known if known is not None else known_records(None, repo, keyring, target)
     if rolled_back := known.restore_test_rollback(keys):

@@ -28,7 +28,7 @@ from .audit import record
 from .crypto import Keyring
 from .documents import write_document
 from .errors import MissingSoftwareError, RegalError
-from .layout import restore_test_key
+from .layout import RESTORE_TEST_KIND, restore_test_key
 from .manifest import Manifest
 from .pipeline import Progress, announce_phase
 from .policy import Policy
@@ -39,8 +39,6 @@ from .sources.base import RestoreRequest
 from .sources.capabilities import RESTORE_FAILED, TestFindings
 from .sources.registry import source_for
 from .storage import Repository
-
-RESTORE_TEST_KIND = "restore-test"
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 
 from .audit import audited, completed_backups, record
 from .catalog import DELETION_KIND, being_deleted, list_backups
-from .checks import check_status
+from .check_record import check_status
 from .crypto import Keyring, load_keyring
 from .documents import seal, write_document
 from .errors import LockedError, ObjectLockedError, RegalError

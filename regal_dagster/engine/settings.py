@@ -24,7 +24,7 @@ from .transport import Transport
 class Settings(BaseModel):
     """A section of the policy file: unknown settings are errors, values never change once loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")

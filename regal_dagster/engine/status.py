@@ -27,7 +27,7 @@ from .catalog import list_backups
 from .crypto import Keyring
 from .documents import read_document
 from .errors import IntegrityError
-from .layout import DRILLS
+from .layout import DRILL_KIND, DRILLS
 from .manifest import Manifest
 from .policy import RETENTION_CLASSES, Policy
 from .recoverability import Recoverability, target_recoverability
@@ -136,8 +136,6 @@ def _round(value: float | None) -> float | None:
 
 
 def last_drill(repo: Repository, keyring: Keyring) -> dict[str, Any] | None:
-    from .drill import DRILL_KIND
-
     keys = sorted(o.key for o in repo.list(DRILLS) if o.key.endswith(".json"))
     if not keys:
         return None

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from .audit import CHECKPOINT_KIND, SPOOL_KIND, AuditEvent, AuditTrail, audited
 from .catalog import DELETION_KIND
-from .checks import CHECKS_KIND
+from .check_record import CHECKS_KIND
 from .crypto import Keyring, load_keyring, save_keyring
 from .documents import canonical, is_encrypted, seal, unseal_format_2, write_document
 from .drill import DRILL_KIND

@@ -29,10 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from .errors import RegalError
-from .postgresql.watchdog import stop_orphan_servers
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +117,7 @@ def let_group_traverse(directory: Path, gid: int) -> None:
 
 def owner_record() -> dict[str, object]:
     """What an owner file says of this process."""
+    import psutil  # here: a command with nothing to sweep starts without it
     return {"pid": os.getpid(), "started": psutil.Process().create_time(), "host": socket.gethostname()}
 
 
@@ -141,6 +139,8 @@ def recorded_owner_alive(owner_file: Path) -> bool:
 
 
 def _alive(owner: dict[str, Any]) -> bool:
+    import psutil
+
     if owner.get("host") != socket.gethostname():
         return True  # another host's, on a shared filesystem
     try:
@@ -193,6 +193,8 @@ def sweep(parent: Path | None = None) -> list[Path]:
                 continue
             if _alive(owner):
                 continue
+            from .postgresql.watchdog import stop_orphan_servers  # psutil: only for a dead owner's leftovers
+
             stop_orphan_servers(directory)
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(directory)

@@ -33,8 +33,8 @@ from dagster import (
     schedule,
 )
 
-from ...engine.checks import check_names, check_spec, unchecked_backups
-from ...engine.outcomes import bounds_recovery
+from ...engine.checks import check_names, unchecked_backups
+from ...engine.outcomes import bounds_recovery, check_spec
 from ...engine.policy import Policy
 from ...engine.verify import ReadSample
 from ..fleet import fleet_tags

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +62,9 @@ def secret(env: str, what: str) -> str:
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float, label: str) -> None:
+    import urllib.error  # here: loading the policy does not load an HTTP client (and ssl)
+    import urllib.request
+
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "regal-backup"})
     try:

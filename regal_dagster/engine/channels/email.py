@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import email.policy
-import smtplib
-import ssl
 from collections.abc import Callable
 from datetime import timedelta
-from email.message import EmailMessage
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from ..settings import Duration
 from .base import ChannelError, ChannelSettings, Notification, secret
+
+if TYPE_CHECKING:
+    import smtplib
 
 
 class EmailChannel(ChannelSettings):
@@ -31,11 +30,14 @@ class EmailChannel(ChannelSettings):
 
 CHANNEL = EmailChannel
 
-_UNFOLDED = email.policy.SMTP.clone(max_line_length=998)  # Python folds long subjects badly: keep them whole
-
-
 def send(channel: EmailChannel, notification: Notification, resolve_path: Callable[[str], Any]) -> None:
-    message = EmailMessage(policy=_UNFOLDED)
+    import email.policy  # here: loading the policy does not load the mail and TLS libraries
+    import smtplib
+    import ssl
+    from email.message import EmailMessage
+
+    unfolded = email.policy.SMTP.clone(max_line_length=998)  # Python folds long subjects badly: keep them whole
+    message = EmailMessage(policy=unfolded)
     message["Subject"] = notification.subject
     message["From"] = channel.sender
     message["To"] = ", ".join(channel.recipients)

@@ -32,11 +32,21 @@ def target_models() -> list[type[TargetSettings]]:
     return [module.TARGET for module in kind_packages().values()]
 
 
-@functools.cache
+_LOADED: dict[str, Any] = {}  # the Sources made so far, by kind: one per process
+
+
 def load_source(kind: str) -> Any:
     """The kind's Source (one per process), as its package's `load()` makes it."""
+    if kind in _LOADED:
+        return _LOADED[kind]
     module = kind_packages().get(kind)
     if module is None:
         raise RegalError(f"this regal-backup knows no source kind '{kind}' (it knows {', '.join(kinds())})",
                          "upgrade regal-backup to the version that wrote this backup")
-    return module.load()
+    return _LOADED.setdefault(kind, module.load())
+
+
+def loaded_sources() -> list[Any]:
+    """The Sources made so far in this process (a kind's own checks are looked up there first, so that reading
+    a record of checks does not load every kind's Source and its libraries)."""
+    return list(_LOADED.values())
