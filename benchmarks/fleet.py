@@ -248,9 +248,15 @@ def main() -> int:
         daemon = subprocess.Popen([daemon_bin, "run", "-w", str(ROOT / "workspace.yaml")], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=daemon_log, start_new_session=True)
 
+        code_servers: set[int] = set()  # the daemon's code server runs in a session of its own
+
         def stop_daemon() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(daemon.pid, signal.SIGTERM)
+            for pid in code_servers:  # still ours: the same command line
+                with contextlib.suppress(OSError):
+                    if b"dagster" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGTERM)
             try:
                 daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -265,6 +271,7 @@ def main() -> int:
             while daemon.poll() is None:
                 peak_rss["daemon"] = max(peak_rss["daemon"], vm_hwm_mb(daemon.pid))
                 kids = children(daemon.pid)
+                code_servers.update(kids)
                 peak_rss["code servers"] = max(peak_rss["code servers"], sum(vm_hwm_mb(k) for k in kids))
                 time.sleep(1)
         threading.Thread(target=rss_watch, daemon=True).start()
