@@ -8,8 +8,10 @@ run tags and the instance configuration (docs/dagster-fleet.yaml)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -17,6 +19,15 @@ from .settings import Duration, Settings
 
 # What a run does: a backup of a retention class, or one of these
 Activity = Literal["hourly", "daily", "weekly", "monthly", "verify", "restore_test", "drill"]
+
+DEFAULT_BROKER = "pyamqp://guest@127.0.0.1:5672//"  # RabbitMQ on this machine (amqp's guest password is its default)
+BROKER_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def celery_queue(zone: str) -> str:
+    """The Celery queue of a zone's workers: `regal-<zone>`."""
+    return f"regal-{zone}"
+
 
 # dagster/priority of each: higher first in the queue (monthly > weekly > daily > hourly; checks, restore tests
 # and drills below every backup)
@@ -39,6 +50,30 @@ class FleetConfig(Settings):
         default_factory=_default_max_runtime,
         description="a run still going after this long is failed by Dagster's run monitoring and alerted, "
                     "naming its target (given entries replace the defaults of the same key only)")
+    executor: Literal["in_process", "celery"] = Field(
+        "in_process", description="where a backup run's step runs: in the run's process, or on a Celery worker "
+                                  "of the target's zone (queue `regal-<zone>`, docs/fleet.md)")
+    broker: str = Field(
+        DEFAULT_BROKER, min_length=1,
+        description="the Celery broker (executor: celery): a URL without a password, or the NAME of an "
+                    "environment variable holding the URL (so the password stays out of the policy and the logs)")
+    result_backend: str = Field(
+        "rpc://", min_length=1, description="where Celery workers send a step's result (executor: celery): rpc:// "
+                                            "through the broker, or e.g. redis://host:6379/0 (no password in it)")
+
+    @field_validator("broker")
+    @classmethod
+    def _no_password(cls, broker: str) -> str:
+        if BROKER_ENV_NAME.fullmatch(broker):
+            return broker
+        parts = urlsplit(broker)
+        if not parts.scheme or "://" not in broker:
+            raise ValueError(f"broker '{broker}': give a URL (pyamqp://user@host:5672//) or the NAME of an "
+                             "environment variable holding one (upper-case letters, digits and _)")
+        if parts.password:
+            raise ValueError("broker: the URL holds a password; put the URL in an environment variable and give "
+                             "its NAME here (e.g. broker: REGAL_CELERY_BROKER)")
+        return broker
 
     @field_validator("max_runtime")
     @classmethod

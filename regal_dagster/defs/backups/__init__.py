@@ -7,6 +7,7 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from ...engine.policy import Policy
+from ..fleet import backup_executor
 from .archive import archived_targets, build_archive_asset, build_archive_sensors
 from .assets import BACKUP_GROUP, build_backup_asset
 from .checks import build_backup_checks, build_verification_schedule
@@ -21,9 +22,10 @@ VERIFY_JOB = "verify_job"
 def backup_definitions(policy: Policy) -> Definitions:
     targets = sorted(policy.targets)
     backups = [build_backup_asset(policy, name) for name in targets]
-    # a scheduled run backs up one target: its one step runs in the run's process (no second process to start)
+    # a scheduled run backs up one target: its one step runs in the run's process (no second process to start),
+    # or with fleet.executor: celery on a worker of the target's zone (defs/fleet.py)
     backup_job = define_asset_job(BACKUP_JOB, selection=AssetSelection.groups(BACKUP_GROUP).without_checks(),
-                                  executor_def=in_process_executor,
+                                  executor_def=backup_executor(policy),
                                   description="Back up the targets selected (a schedule's run: one target; the checks "
                                               "follow in verify_job, launched by the check_new_backups sensor).")
     verify_job = define_asset_job(VERIFY_JOB, selection=AssetSelection.checks_for_assets(*backups),

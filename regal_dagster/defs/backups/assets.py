@@ -24,6 +24,7 @@ from ...engine.recoverability import Recoverability
 from ...engine.retention import RetentionVerdict
 from ...engine.sources.registry import source_for
 from ...engine.storage import backend_for
+from ..fleet import worker_name, zone_op_tags
 from ..resources import RegalEngine
 
 BACKUP_GROUP = "backups"
@@ -184,6 +185,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         freshness_policy=freshness,
         owners=policy.owners_for(target),
         tags={"regal/target": target},
+        op_tags=zone_op_tags(policy, target),
         pool=REPOSITORY_POOL,
         metadata={"regal/rpo": _span(rpo), "regal/freshness_warn_after": _span(warn) if warn else "-",
                   "regal/freshness_fail_after": _span(fail)},
@@ -203,6 +205,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
         context.log.info(f"backup {manifest.backup_id} ({retention_class}) stored: "
                          f"{manifest.stored_bytes} bytes from {manifest.plaintext_bytes}")
         metadata = backup_metadata(manifest, regal.repository().location, regal.retention(target, manifest.backup_id))
+        metadata["worker"] = worker_name()  # the Celery worker of the target's zone, or this machine
         if regal.policy().offsite is not None:
             metadata["offsite_copy"] = offsite_problem or "copied and read back"
             if offsite_problem:  # the backup stands; the offsite_copy check fails and alerts

@@ -1,0 +1,122 @@
+"""Past one machine: with `fleet.executor: celery` each target's backup step goes to the Celery queue of its zone
+(`regal-<zone>`, dagster-celery over the RabbitMQ on 127.0.0.1:5672) and runs on that zone's worker, whose name
+the backup's materialization carries. Two real workers, one per zone, share a SQLite Dagster instance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+from regal_dagster.defs import BACKUP_JOB, build_definitions
+from regal_dagster.engine.errors import PolicyError
+from regal_dagster.engine.policy import load_policy
+
+from .conftest import DatabaseFactory, wait_for, write_policy_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RABBITMQ = ("127.0.0.1", 5672)
+
+
+def _rabbitmq_up() -> None:
+    try:
+        socket.create_connection(RABBITMQ, timeout=3).close()
+    except OSError as exc:
+        pytest.fail(f"RabbitMQ is not reachable on {RABBITMQ[0]}:{RABBITMQ[1]} ({exc}): start it with "
+                    "`rabbitmq-server -detached` (.ci/run does)")
+
+
+def _worker(name: str, queue: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "regal_dagster.defs.celery_worker", "worker", "-Q", queue,
+         "-n", f"{name}@%h", "--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat",
+         "-l", "info"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+        start_new_session=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_each_targets_backup_runs_on_the_celery_worker_of_its_zone(
+        system_pg: DatabaseFactory, tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _rabbitmq_up()
+    run = uuid.uuid4().hex[:8]  # zones (and so queues) of this test only: nothing left on the broker reaches it
+    zones = {"till_eu": f"eu-{run}", "till_us": f"us-{run}"}
+    policy_file = write_policy_file(tmp_path, {name: system_pg.create() for name in zones},
+                                    fleet={"executor": "celery", "broker": "REGAL_TEST_BROKER",
+                                           "result_backend": "redis://127.0.0.1:6379/14"})
+    document = yaml.safe_load(policy_file.read_text())
+    for name, zone in zones.items():
+        document["targets"][name]["zone"] = zone
+    policy_file.write_text(yaml.safe_dump(document))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # SQLite storage, shared by both workers
+    broker = "pyamqp://guest:guest@127.0.0.1:5672//"  # a password: only ever in the environment, by NAME
+    for key, value in {"DAGSTER_HOME": str(home), "REGAL_POLICY": str(policy_file), "REGAL_TEST_BROKER": broker,
+                       }.items():
+        monkeypatch.setenv(key, value)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    defs = build_definitions(str(policy_file))
+    job = defs.resolve_job_def(BACKUP_JOB)
+    assert job.executor_def.name == "regal_celery"
+    keys = {name: dg.AssetKey(["postgres", name, "backup"]) for name in zones}
+    assert {name: defs.resolve_assets_def(key).op.tags.get("dagster-celery/queue") for name, key in keys.items()} \
+        == {name: f"regal-{zone}" for name, zone in zones.items()}
+
+    workers = {zone: _worker(zone, f"regal-{zone}", env, tmp_path / f"{zone}.log") for zone in zones.values()}
+    started = time.monotonic()
+    try:
+        for zone in zones.values():  # the worker declares its queue's binding: wait for it to be ready
+            wait_for(lambda z=zone: "ready." in (tmp_path / f"{z}.log").read_text(errors="replace"),
+                     f"the worker of zone {zone}", seconds=30, interval=0.2)
+        recon = ReconstructableRepository.for_module("regal_dagster.definitions", "defs", str(ROOT)) \
+            .get_reconstructable_job(BACKUP_JOB)
+        with dg.DagsterInstance.get() as instance:
+            # as a schedule's request: the target's backup, its checks left to verify_job
+            results = {name: dg.execute_job(recon.get_subset(asset_selection={key}, asset_check_selection=set()),
+                                            instance, raise_on_error=False, tags={"regal/target": name})
+                       for name, key in keys.items()}
+            logs = "\n".join((tmp_path / f"{z}.log").read_text(errors="replace")[-1500:] for z in zones.values())
+            assert all(r.success for r in results.values()), logs
+            ran_on = {}
+            for name, key in keys.items():
+                event = instance.get_latest_materialization_event(key)
+                assert event is not None and event.asset_materialization is not None
+                ran_on[name] = event.asset_materialization.metadata["worker"].value
+            run_logs = "\n".join(str(e.message) for r in results.values()
+                                 for e in instance.all_logs(r.run_id))
+    finally:
+        for process in workers.values():
+            _stop(process)
+    assert ran_on == {name: f"{zone}@{socket.gethostname()}" for name, zone in zones.items()}, ran_on
+    assert broker not in run_logs and "guest:guest" not in run_logs
+    print(f"two backups on two zone workers in {time.monotonic() - started:.1f} s: {ran_on}")
+
+
+def test_a_broker_url_with_a_password_is_refused(tmp_path: Path, master_key: str) -> None:
+    policy_file = write_policy_file(tmp_path, {"pos": "dbname=pos"}, initialize=False)
+    document = yaml.safe_load(policy_file.read_text())
+    document["fleet"] = {"executor": "celery", "broker": "pyamqp://ops:s3cret@mq:5672//"}
+    policy_file.write_text(yaml.safe_dump(document))
+    with pytest.raises(PolicyError, match="environment variable") as error:
+        load_policy(policy_file)
+    assert "s3cret" not in str(error.value)
