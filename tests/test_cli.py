@@ -104,14 +104,22 @@ def test_errors_are_clear_and_carry_no_secrets(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two demo runs (up to 300 s each) and a Dagster definitions check (180 s)
 def test_demo_runs_as_recommended_and_its_next_steps_work_as_printed(tmp_path: Path) -> None:
+    from regal_dagster.cli.demo import ONE_MACHINE_DEMO
+
     result = cli("demo", "--dir", str(tmp_path / "demo"), "--scale", "0.01", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["ok"] is True and summary["passed"] is True and summary["checks_passed"] is True
     assert summary["rows"]["orders"] > 0 and summary["rows"]["payments"] > 0
     assert summary["restore_test_passed"] and summary["drill_passed"]
-    assert summary["report_frameworks"] == {"PCI DSS 4.0.1": "PASS", "SOX ITGC": "PASS", "GDPR": "PASS"}
+    # Every control passes but those a new demo on one machine cannot (the report keeps their verdict; the demo
+    # says why each does not): an off-site directory on the same disk, no Object Lock, the restore test on the
+    # source's host, no scheduled tick yet, no external audit checkpoint yet, sign-off awaited
+    assert set(summary["report_frameworks"]) == {"PCI DSS 4.0.1", "SOX ITGC", "GDPR"}
     assert summary["controls_not_passed"] == {}
+    expected = summary["controls_expected_not_passed"]
+    assert {"MD-01", "IM-01", "SG-01"} <= set(expected) <= set(ONE_MACHINE_DEMO), expected
+    assert expected["MD-01"] == {"result": "FAIL", "why": ONE_MACHINE_DEMO["MD-01"]}
     assert " - DEBUG - " not in result.stderr  # Dagster's own events: INFO and up only
     alerts = [json.loads(line) for line in Path(summary["alerts_file"]).read_text().splitlines()]
     assert [a["status"] for a in alerts] == ["alert", "resolved"]  # the channel delivers

@@ -39,6 +39,20 @@ from .output import cli_invocation, tool_invocation
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # Dagster's own DEBUG events stay out
 
 
+# Controls a new demo on one machine cannot pass, and what a production setup does instead. The report keeps its
+# honest verdict; the demo passes when every other control passes and says why each of these does not.
+ONE_MACHINE_DEMO = {
+    "MD-01": "its off-site copy is a directory on this machine's disk; production copies to another region or "
+             "account",
+    "IM-01": "a local directory has no Object Lock; production writes to S3 with Object Lock in COMPLIANCE mode",
+    "SG-01": "its restore test ran on the source's own host; production restore-tests on a separate host",
+    "BK-01": "no scheduled tick has passed since the demo began; from the first tick on, the schedules decide it",
+    "AU-02": "this first report writes the first checkpoint outside the audit database; the next report tests it",
+    "SO-01": "its restore test and drill await management sign-off (regal-backup signoff RESULT_ID --by NAME "
+             "--role ROLE)",
+}
+
+
 def _say(echo: bool, text: str) -> None:
     if echo:
         print(f"demo: {text}", file=sys.stderr, flush=True)
@@ -91,7 +105,8 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     report = build_report(policy, Period.parse(f"{datetime.now(UTC):%Y-%m}"), repo=repo, trigger={"cli": "demo"})
     report_file = directory / "compliance-report.pdf"
     report_file.write_bytes(report.pdf)
-    failed = [c for c in report.controls if c.result != "PASS"]
+    not_passed = [c for c in report.controls if c.result != "PASS"]
+    failed = [c for c in not_passed if c.control_id not in ONE_MACHINE_DEMO]
     home = directory / "dagster_home"
     env = f"DAGSTER_HOME={shlex.quote(str(home))} REGAL_POLICY={shlex.quote(str(policy_path))}"
     ui = f"{env} {tool_invocation('dagster')} dev -m regal_dagster.definitions"
@@ -118,6 +133,8 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
                                                               if alert_problems else ": delivered"),
         (f"report       {report_file}: {verdicts} (audit trail {'intact' if report.chain_ok else 'BROKEN'})"),
         *[f"  {c.control_id} {c.result}: {c.finding}" for c in failed],
+        *[f"  {c.control_id} {c.result} (as expected of a new demo on one machine: {ONE_MACHINE_DEMO[c.control_id]})"
+          for c in not_passed if c.control_id in ONE_MACHINE_DEMO],
         f"policy       {policy_path}",
         f"repository   {repo.location}",
         "",
@@ -131,7 +148,10 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
     return {"backup_id": manifest.backup_id, "run_id": result.run_id, "checks_run_id": checks.run_id, "rows": rows,
             "checks_passed": checks_ok, "restore_test_passed": tested.passed,
             "drill_passed": drill["passed"], "report_frameworks": report.frameworks,
-            "controls_not_passed": {c.control_id: c.finding for c in failed}, "alerts_file":
+            "controls_not_passed": {c.control_id: c.finding for c in failed},
+            "controls_expected_not_passed": {c.control_id: {"result": c.result, "why": ONE_MACHINE_DEMO[c.control_id]}
+                                             for c in not_passed if c.control_id in ONE_MACHINE_DEMO},
+            "alerts_file":
             str(policy.resolve_path(ALERTS_FILE)), "passed": passed,
             "policy": str(policy_path), "repository": repo.location, "offsite": str(directory / OFFSITE_DIR),
             "report": str(report_file), "dagster_home": str(home), "ui_command": ui, "status_command": status,

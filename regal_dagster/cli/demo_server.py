@@ -37,6 +37,10 @@ def policy_for(directory: Path, dsn: str, audit_dsn: str) -> Path:
     # the demo's Dagster instance starts nothing noisy on its own (the drill and the monthly restore sample start
     # scratch servers): their schedules are off, on in the UI with one click; production keeps them running
     document.setdefault("dagster", {})["drill_schedules"] = "stopped"
+    # the runbook's point-of-sale database is the most critical tier: an hourly backup, RPO 1 h, RTO 4 h
+    document["tiers"] = {"pos": {"backup_every": "1h", "rpo": "1h", "rto": "4h",
+                                 "description": "takes payments (the runbook's RPO and RTO)"}}
+    document["targets"]["main"]["tier"] = "pos"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
