@@ -4,10 +4,14 @@ the parser, and progress with the phase, a percentage and an ETA."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 from .conftest import DatabaseFactory, invoke_cli
+
+DURATION = r"\d+(?:\.\d)? (?:s|min|h|d)"  # how the progress display writes a duration (engine/units.py)
+OTHER_UNITS = re.compile(r"\d(?:\.\d+)?s\b|\d MB\b|\d bytes\b")  # "1.3s", "12 MB", "466,517 bytes"
 
 
 def test_quiet_and_verbose_on_every_command(system_pg: DatabaseFactory, tmp_path: Path) -> None:
@@ -133,6 +137,12 @@ def test_progress_shows_the_phase_a_percentage_and_an_eta(system_pg: DatabaseFac
     assert "\rbackup main [reading the source]: " in screen and "% of about " in screen and " elapsed" in screen
     assert "backup main [checking (every byte read back)]: 100% of " in screen
     assert "MB" not in screen.replace("MiB", "")  # one unit system
+    # ... and the result lines say durations and sizes as the progress does
+    assert re.search(rf"^backup main-\S+ \(\w+\) done in {DURATION}: [\d.]+ (?:B|KiB|MiB) read, ", backup.stdout,
+                     re.MULTILINE), backup.stdout
+    phases = rf"\((?:\w+ {DURATION}, )+\w+ {DURATION}\)$"  # the restore's phases, each with its duration
+    assert re.search(rf"rows in {DURATION} with \d+ jobs {phases}", restored.stdout, re.MULTILINE), restored.stdout
+    assert not OTHER_UNITS.search(backup.stdout + restored.stdout + screen), backup.stdout + restored.stdout
     quiet = _on_a_terminal("status", "--quiet", *policy)  # shows "reading the repository, 0 s elapsed" without
     assert "elapsed" not in quiet and "newest good backup" in quiet  # the result, no progress
 
@@ -151,3 +161,18 @@ def test_restore_test_progress_names_its_phases(system_pg: DatabaseFactory, tmp_
                                            "checking the restored copy"], tested.stderr
     assert any("% of " in line and ", ETA " in line for line in tested.stderr.splitlines())
     assert "log: INFO regal_dagster.engine.postgresql.server: PostgreSQL started" in tested.stderr
+    result = rf"\(age {DURATION}\): RTO {DURATION} against a target of {DURATION} \(within\) \("
+    assert re.search(result, tested.stdout), tested.stdout  # the result line in the progress display's units
+    assert not OTHER_UNITS.search(tested.stdout), tested.stdout
+
+
+def test_durations_and_sizes_are_written_one_way() -> None:
+    """The one formatter of the progress display and the result lines: a decimal under 10 s, then whole units."""
+    from regal_dagster.cli.output import age, size
+    from regal_dagster.engine.units import duration
+
+    assert age is duration
+    assert [duration(s) for s in (0.04, 4.44, 9.96, 45, 59.6, 720, 5400, 4 * 86400)] == [
+        "0.0 s", "4.4 s", "10 s", "45 s", "1 min", "12 min", "1.5 h", "4.0 d"]
+    assert [size(n) for n in (512, 12 * 1024 + 300, 80 * 1048576, 3 * 1024 ** 3)] == [
+        "512 B", "12.3 KiB", "80.0 MiB", "3.0 GiB"]
