@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from .conftest import DatabaseFactory, invoke_cli
 
@@ -69,6 +72,38 @@ def test_shell_completion_is_generated_from_the_parser(tmp_path: Path) -> None:
     document = json.loads(zsh.stdout)
     assert document["shell"] == "zsh" and "bashcompinit" in document["script"]
     assert bash.stdout.strip() in document["script"]  # the same function, run by zsh's bashcompinit
+
+
+_ZSH_COMPLETE = r"""source "$1" || exit 3  # the generated script: compinit, bashcompinit, the bash function
+print -r -- "${_comps[regal-backup]}" >&2
+emulate -L sh; setopt kshglob noshglob braceexpand ksharrays  # as zsh's _bash_complete runs the function
+COMP_WORDS=(${=2}); [[ "$2" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+_regal_backup
+cur="${COMP_WORDS[COMP_CWORD]}"
+printf "%s\n" "${(M)COMPREPLY[@]:#$cur*}"  # compadd keeps the words that start with the one typed
+"""
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (.ci/run installs it)")
+def test_the_zsh_completion_loads_in_zsh_and_completes(tmp_path: Path) -> None:
+    """The zsh script, sourced by a real zsh without the user's configuration: no error, registered for
+    regal-backup through bashcompinit, and the function offers what it offers in bash."""
+    script = tmp_path / "regal-backup.zsh"
+    script.write_text(invoke_cli(["completion", "zsh"]).stdout)
+    program = tmp_path / "complete.zsh"
+    program.write_text(_ZSH_COMPLETE)
+
+    def complete(line: str) -> list[str]:
+        done = subprocess.run(["zsh", "-f", str(program), str(script), line], capture_output=True, text=True,
+                              timeout=30, check=False, cwd=tmp_path)
+        assert done.returncode == 0 and done.stderr == "_bash_complete -o default -F _regal_backup\n", done.stderr
+        return [w for w in done.stdout.splitlines() if w]
+
+    assert complete("regal-backup re") == ["restore", "restore-test", "report"]
+    assert complete("regal-backup wal p") == ["push"]
+    assert complete("regal-backup backup main --class ") == ["hourly", "daily", "weekly", "monthly"]
+    assert {"--latest", "--quiet", "--to-time"} <= set(complete("regal-backup restore main --"))
 
 
 def _on_a_terminal(*argv: str) -> str:
