@@ -4,10 +4,17 @@ the parser, and progress with the phase, a percentage and an ETA."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import DatabaseFactory, invoke_cli
+
+DURATION = r"\d+(?:\.\d)? (?:s|min|h|d)"  # how the progress display writes a duration (engine/units.py)
+OTHER_UNITS = re.compile(r"\d(?:\.\d+)?s\b|\d MB\b|\d bytes\b")  # "1.3s", "12 MB", "466,517 bytes"
 
 
 def test_quiet_and_verbose_on_every_command(system_pg: DatabaseFactory, tmp_path: Path) -> None:
@@ -65,6 +72,38 @@ def test_shell_completion_is_generated_from_the_parser(tmp_path: Path) -> None:
     document = json.loads(zsh.stdout)
     assert document["shell"] == "zsh" and "bashcompinit" in document["script"]
     assert bash.stdout.strip() in document["script"]  # the same function, run by zsh's bashcompinit
+
+
+_ZSH_COMPLETE = r"""source "$1" || exit 3  # the generated script: compinit, bashcompinit, the bash function
+print -r -- "${_comps[regal-backup]}" >&2
+emulate -L sh; setopt kshglob noshglob braceexpand ksharrays  # as zsh's _bash_complete runs the function
+COMP_WORDS=(${=2}); [[ "$2" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+_regal_backup
+cur="${COMP_WORDS[COMP_CWORD]}"
+printf "%s\n" "${(M)COMPREPLY[@]:#$cur*}"  # compadd keeps the words that start with the one typed
+"""
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (.ci/run installs it)")
+def test_the_zsh_completion_loads_in_zsh_and_completes(tmp_path: Path) -> None:
+    """The zsh script, sourced by a real zsh without the user's configuration: no error, registered for
+    regal-backup through bashcompinit, and the function offers what it offers in bash."""
+    script = tmp_path / "regal-backup.zsh"
+    script.write_text(invoke_cli(["completion", "zsh"]).stdout)
+    program = tmp_path / "complete.zsh"
+    program.write_text(_ZSH_COMPLETE)
+
+    def complete(line: str) -> list[str]:
+        done = subprocess.run(["zsh", "-f", str(program), str(script), line], capture_output=True, text=True,
+                              timeout=30, check=False, cwd=tmp_path)
+        assert done.returncode == 0 and done.stderr == "_bash_complete -o default -F _regal_backup\n", done.stderr
+        return [w for w in done.stdout.splitlines() if w]
+
+    assert complete("regal-backup re") == ["restore", "restore-test", "report"]
+    assert complete("regal-backup wal p") == ["push"]
+    assert complete("regal-backup backup main --class ") == ["hourly", "daily", "weekly", "monthly"]
+    assert {"--latest", "--quiet", "--to-time"} <= set(complete("regal-backup restore main --"))
 
 
 def _on_a_terminal(*argv: str) -> str:
@@ -133,6 +172,12 @@ def test_progress_shows_the_phase_a_percentage_and_an_eta(system_pg: DatabaseFac
     assert "\rbackup main [reading the source]: " in screen and "% of about " in screen and " elapsed" in screen
     assert "backup main [checking (every byte read back)]: 100% of " in screen
     assert "MB" not in screen.replace("MiB", "")  # one unit system
+    # ... and the result lines say durations and sizes as the progress does
+    assert re.search(rf"^backup main-\S+ \(\w+\) done in {DURATION}: [\d.]+ (?:B|KiB|MiB) read, ", backup.stdout,
+                     re.MULTILINE), backup.stdout
+    phases = rf"\((?:\w+ {DURATION}, )+\w+ {DURATION}\)$"  # the restore's phases, each with its duration
+    assert re.search(rf"rows in {DURATION} with \d+ jobs {phases}", restored.stdout, re.MULTILINE), restored.stdout
+    assert not OTHER_UNITS.search(backup.stdout + restored.stdout + screen), backup.stdout + restored.stdout
     quiet = _on_a_terminal("status", "--quiet", *policy)  # shows "reading the repository, 0 s elapsed" without
     assert "elapsed" not in quiet and "newest good backup" in quiet  # the result, no progress
 
@@ -151,3 +196,18 @@ def test_restore_test_progress_names_its_phases(system_pg: DatabaseFactory, tmp_
                                            "checking the restored copy"], tested.stderr
     assert any("% of " in line and ", ETA " in line for line in tested.stderr.splitlines())
     assert "log: INFO regal_dagster.engine.postgresql.server: PostgreSQL started" in tested.stderr
+    result = rf"\(age {DURATION}\): RTO {DURATION} against a target of {DURATION} \(within\) \("
+    assert re.search(result, tested.stdout), tested.stdout  # the result line in the progress display's units
+    assert not OTHER_UNITS.search(tested.stdout), tested.stdout
+
+
+def test_durations_and_sizes_are_written_one_way() -> None:
+    """The one formatter of the progress display and the result lines: a decimal under 10 s, then whole units."""
+    from regal_dagster.cli.output import age, size
+    from regal_dagster.engine.units import duration
+
+    assert age is duration
+    assert [duration(s) for s in (0.04, 4.44, 9.96, 45, 59.6, 720, 5400, 4 * 86400)] == [
+        "0.0 s", "4.4 s", "10 s", "45 s", "1 min", "12 min", "1.5 h", "4.0 d"]
+    assert [size(n) for n in (512, 12 * 1024 + 300, 80 * 1048576, 3 * 1024 ** 3)] == [
+        "512 B", "12.3 KiB", "80.0 MiB", "3.0 GiB"]

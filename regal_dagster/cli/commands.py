@@ -20,7 +20,7 @@ from ..engine.selection import choose_backup
 from ..engine.settings import parse_duration
 from ..engine.storage import open_repository
 from .context import load_policy_of, open_repository_of, utc_time
-from .output import Output, cli_invocation, manifest_summary, restored_text, size
+from .output import Output, age, cli_invocation, manifest_summary, restored_text, size
 from .pitr import restore_to_point
 from .verifying import verification_verdict, verify_exit
 
@@ -104,7 +104,7 @@ def cmd_backup(args: argparse.Namespace, out: Output) -> int:
         out.warn(f"{result.offsite_problem}\n  what to do: run `regal-backup offsite sync` once the off-site "
                  "repository is reachable")
     s = manifest_summary(result.manifest)
-    text = (f"backup {s['backup_id']} ({s['retention_class']}) done in {s['duration_seconds']:.1f}s: "
+    text = (f"backup {s['backup_id']} ({s['retention_class']}) done in {age(s['duration_seconds'])}: "
             f"{size(s['bytes_read'])} read, {size(s['bytes_stored'])} stored, "
             f"{s['tables']} tables, {s['rows']} rows, key {s['key_id']}"
             + (f", taken from the {s['taken_from']}" if s.get("taken_from") else ""))
@@ -175,17 +175,17 @@ def cmd_restore_test(args: argparse.Namespace, out: Output) -> int:
     with out.progress(f"restore test of {manifest.backup_id}", manifest.plaintext_bytes) as progress:
         result = run_restore_test(policy, repo, keyring, manifest, jobs=args.jobs, work_dir=_work_dir(args, policy),
                                   trigger={"cli": "restore-test"}, progress=progress)
-    phases = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items() if name != "total")
+    phases = ", ".join(f"{name} {age(s)}" for name, s in result.seconds.items() if name != "total")
     passed = source_for(manifest.kind).restore_test_proves
     verdict = (f"validation passed: {passed}"
                if result.validation_passed else "VALIDATION FAILED:\n" + "\n".join(f"  - {p}" for p in result.problems))
-    text = (f"restore test of {result.backup_id} (age {result.backup_age_seconds / 3600:.1f} h): RTO "
-            f"{result.rto_seconds:.1f}s against a target of {result.rto_target_seconds / 3600:.1f} h "
+    text = (f"restore test of {result.backup_id} (age {age(result.backup_age_seconds)}): RTO "
+            f"{age(result.rto_seconds)} against a target of {age(result.rto_target_seconds)} "
             f"({'within' if result.rto_within_target else 'OVER'}) ({phases})\n{verdict}")
     text += "".join(f"\n  recovery to {r['goal'].removeprefix('the ')}: " + (
-        f"promoted after {r['rto_seconds']:.1f}s at {r.get('replayed_to_lsn')}, newest commit {r.get('newest_commit')}"
+        f"promoted after {age(r['rto_seconds'])} at {r.get('replayed_to_lsn')}, newest commit {r.get('newest_commit')}"
         if r.get("rto_seconds") is not None else "did not start")
-        + (f", RPO {r['rpo_seconds']:.1f}s" if r.get("rpo_seconds") is not None else "")
+        + (f", RPO {age(r['rpo_seconds'])}" if r.get("rpo_seconds") is not None else "")
         + (f", {r['facts_checked']} fact(s) checked" if r.get("facts_checked") else "")
         + ("" if not r["problems"] else " - FAILED") for r in result.details.get("recoveries", []))
     if point := result.details.get("restore_point"):
@@ -212,13 +212,13 @@ def cmd_drill(args: argparse.Namespace, out: Output) -> int:
     for t in record["targets"]:
         if t["recovered"]:
             lines.append(f"  {t['target']}: restored {t['restored']['backup_id']} in "
-                         f"{t['restored']['restore_seconds']:.1f}s;"
-                         f" RPO {t['rpo_seconds']:.0f}s against {t['rpo_target_seconds']:.0f}s"
+                         f"{age(t['restored']['restore_seconds'])};"
+                         f" RPO {age(t['rpo_seconds'])} against {age(t['rpo_target_seconds'])}"
                          + ("" if t["rpo_within_target"] else " (MISSED)") + (
                              f"; {len(t['tried'])} newer backup(s) did not restore" if t["tried"] else ""))
         else:
             lines.append(f"  {t['target']}: NOT RECOVERED ({len(t['tried'])} backup(s) tried)")
-    lines.append(f"RTO {record['rto_seconds']:.1f}s against {record['rto_target_seconds']:.0f}s: "
+    lines.append(f"RTO {age(record['rto_seconds'])} against {age(record['rto_target_seconds'])}: "
                  + ("PASSED" if record["passed"] else "FAILED"))
     out.result(record, "\n".join(lines))
     return 0 if record["passed"] else 3
@@ -430,7 +430,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                "trigger": manifest.trigger, "tool_versions": manifest.tool_versions, "objects": objects,
                "table_rows": tables, "legal_hold": pin.to_json() if pin else None, "annotation": note}
     lines = [f"backup      {manifest.backup_id} ({manifest.kind} target {manifest.target}, {manifest.retention_class})",
-             f"taken       {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC, {manifest.duration_seconds:.1f}s, by "
+             f"taken       {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC, {age(manifest.duration_seconds)}, by "
              + (", ".join(f"{k} {v}" for k, v in manifest.trigger.items()) or "?"),
              f"size        {size(manifest.plaintext_bytes)} read, {size(manifest.stored_bytes)} stored",
              f"status      {status.status}" + (f" ({status.problem})" if status.problem else "")

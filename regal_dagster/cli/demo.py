@@ -34,7 +34,7 @@ from ..engine.restore_test import run_restore_test
 from ..engine.retention import run_prune
 from ..engine.storage import open_repository
 from .demo_server import ALERTS_FILE, AUDIT_DATABASE, DEMO_DATABASE, OFFSITE_DIR, dagster_home, policy_for
-from .output import cli_invocation, tool_invocation
+from .output import age, cli_invocation, size, tool_invocation
 
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # Dagster's own DEBUG events stay out
 
@@ -119,14 +119,14 @@ def _run(directory: Path, cluster: ScratchCluster, instance: dg.DagsterInstance,
         (f"dataset      {sum(rows.values())} rows in {len(rows)} tables "
          f"({DEMO_DATABASE} on {cluster.dsn(DEMO_DATABASE)})"),
         f"backup       {manifest.backup_id} ({manifest.retention_class}), Dagster run {result.run_id}",
-        (f"stored       {manifest.stored_bytes:,} bytes from {manifest.plaintext_bytes:,} "
+        (f"stored       {size(manifest.stored_bytes)} from {size(manifest.plaintext_bytes)} "
          f"(ratio {manifest.plaintext_bytes / max(manifest.stored_bytes, 1):.1f}), key "
          f"{manifest.objects[0].encryption.key_id}; off-site copy in {directory / OFFSITE_DIR}"),
         "checks       " + (", ".join(f"{e.check_name} {'passed' if e.passed else 'FAILED'}" for e in evaluations)),
         (f"restore test {'passed' if tested.validation_passed and tested.rto_within_target else 'FAILED'}: RTO "
-         f"{tested.rto_seconds:.1f}s against {tested.rto_target_seconds / 3600:.0f} h"
+         f"{age(tested.rto_seconds)} against {age(tested.rto_target_seconds)}"
          + ("" if tested.validation_passed else "; " + "; ".join(tested.problems[:3]))),
-        f"drill        {'passed' if drill['passed'] else 'FAILED'}: RTO {drill['rto_seconds']:.1f}s",
+        f"drill        {'passed' if drill['passed'] else 'FAILED'}: RTO {age(drill['rto_seconds'])}",
         (f"prune        {sum(d.keep for ds in pruned.decisions.values() for d in ds)} backup(s) kept, "
          f"{len(pruned.deleted)} deleted"),
         f"alerts       {policy.resolve_path(ALERTS_FILE)}" + (f": NOT DELIVERED: {'; '.join(alert_problems)}"

@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..engine.units import duration as age  # the one way every command writes durations and sizes
+from ..engine.units import mib, size
+
 if TYPE_CHECKING:  # the CLI starts without the engine's models (`--version`, `--help`, `wal push`)
     from ..engine.manifest import Manifest
     from ..engine.pipeline import Progress
@@ -106,11 +109,6 @@ class Output:
             yield
 
 
-def mib(n: float) -> str:
-    """Sizes in a progress display: always MiB, so that the numbers compare at a glance."""
-    return f"{n / 1048576:.1f} MiB"
-
-
 class _ProgressBar:
     """The one progress display of every command (backup, verify, restore, restore test, drill, ...): the
     engine calls it with the bytes just processed, and `phase(name)` (engine/pipeline.announce_phase) when a
@@ -196,27 +194,6 @@ class _ProgressBar:
                 self._draw(finished=True)
         elif self.mode == "bar":
             sys.stderr.write("\n")
-
-
-def size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def age(seconds: float | None) -> str:
-    """A duration for people: 45 s, 12 min, 3.5 h, 2.1 d."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
 
 
 def manifest_summary(m: Manifest) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Below the plug-ins:
   errors, transport, settings   error types, how a connection travels, the value types and the configuration
                 fragments the plug-ins need (durations, crons, retry, compression, keys, repository basics)
   layout        every repository path and name, in one place
+  units         how durations and sizes are written for people (the CLI's progress and results, summaries)
   crypto, documents, manifest, pipeline   Tink keysets, sealed documents, what a backup is, the one write
                 and read path of every object (stream -> zstd -> AEAD -> SHA-256 -> store, and back)
 The plug-ins, each found by a registry:

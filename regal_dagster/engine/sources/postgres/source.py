@@ -25,6 +25,7 @@ from ...postgresql.installations import choose_server_binaries
 from ...postgresql.locales import ClusterLocale
 from ...postgresql.tools import find_pg_tool
 from ...settings import ErasureSubjectConfig, TargetSettings, fill_option
+from ...units import duration
 from ...workspace import private_directory
 from ..base import Captured, Restored, RestoredFindings, RestoreRequest, Source, StoreObject
 from .target import PostgresTarget
@@ -203,9 +204,10 @@ class PostgresSource(Source):
                                   before_publishing=request.before_publishing, scratch=request.scratch,
                                   create_roles=options.create_roles, tablespaces=options.tablespaces,
                                   use_target_locale=options.target_locale)
-        phases = ", ".join(f"{name} {s:.1f}s" for name, s in report.seconds.items() if name != "total")
+        phases = ", ".join(f"{name} {duration(s)}" for name, s in report.seconds.items() if name != "total")
         summary = (f"restored {report.backup_id} into {report.target} ({report.target_state}): {report.tables} "
-                   f"tables, {report.rows} rows in {report.seconds['total']:.1f}s with {report.jobs} jobs ({phases})")
+                   f"tables, {report.rows} rows in {duration(report.seconds['total'])} with {report.jobs} jobs "
+                   f"({phases})")
         summary += f"\ndatabase locale: {report.locale}"
         if report.ok:
             summary += f"\nvalidation ({report.validation}): {VALIDATION[report.validation]}"
