@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
+import kombu
 import psycopg
 import pytest
 import yaml
@@ -121,6 +122,10 @@ def test_each_targets_backup_runs_on_the_celery_worker_of_its_zone(
     finally:
         _stop(list(workers.values()))
         instance.dispose()
+        with kombu.Connection(broker) as connection:  # this run's durable queues and exchanges: none pile up
+            for zone in zones.values():
+                connection.default_channel.queue_delete(f"regal-{zone}")
+                connection.default_channel.exchange_delete(f"regal-{zone}")
     checks = {name: [e.dagster_event.event_specific_data for e in events  # type: ignore[union-attr]
                      if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
               for name, events in records.items()}
