@@ -37,7 +37,7 @@ from ...engine.checks import check_names, unchecked_backups
 from ...engine.outcomes import bounds_recovery, check_spec
 from ...engine.policy import Policy
 from ...engine.verify import ReadSample
-from ..fleet import fleet_tags
+from ..fleet import fleet_tags, zone_op_tags
 from ..resources import RegalEngine
 from .assets import backup_asset_key, recoverability_metadata, retention_metadata
 
@@ -76,7 +76,11 @@ def build_backup_checks(policy: Policy, target: str) -> AssetChecksDefinition:
     specs = [AssetCheckSpec(name, asset=key, blocking=check_spec(name).decides_good,
                             description=check_spec(name).description) for name in names]
 
+    # op_tags: with fleet.executor: celery a backup run launched with its checks (the UI's "Materialize" plans them)
+    # sends the check step to Celery too; it goes to the zone's queue, as the backup step does (no worker serves
+    # dagster-celery's default queue, so the run would hang there). In verify_job (in process) the tag is unused.
     @multi_asset_check(name=f"{target}_backup_checks", specs=specs, can_subset=True,
+                       op_tags=zone_op_tags(policy, target),
                        description=f"The checks of the newest backup of '{target}' (recorded next to its manifest).")
     def _checks(context: AssetCheckExecutionContext, regal: RegalEngine):
         event = context.instance.get_latest_materialization_event(key)
