@@ -84,11 +84,12 @@ def to_s3(policy_file: Path) -> tuple[Path, object]:
     logging.getLogger("werkzeug").addHandler(logging.NullHandler())
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    port = server.get_host_and_port()[1]
+    endpoint = f"http://127.0.0.1:{port}"
     boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint).create_bucket(Bucket="regal-fleet")
     document = yaml.safe_load(policy_file.read_text())
     document["repository"] = {"url": "s3://regal-fleet/repo", "endpoint_url": endpoint, "region": "us-east-1"}
-    s3_policy = policy_file.with_name("regal_backup_s3.yaml")
+    s3_policy = policy_file.with_name(f"regal_backup_s3_{port}.yaml")
     s3_policy.write_text(yaml.safe_dump(document))
     started = time.monotonic()
     local, remote = open_repository(load_policy(policy_file)), open_repository(load_policy(s3_policy))
@@ -100,8 +101,9 @@ def to_s3(policy_file: Path) -> tuple[Path, object]:
     return s3_policy, server
 
 
-def measure(policy_file: Path) -> dict[str, list[float]]:
-    """Per sensor: each evaluation's seconds, until one finds nothing new (the steady state of every minute)."""
+def measure(policy_file: Path, sensors: list[str], most: int) -> tuple[dict[str, list[float]], set[str]]:
+    """Per sensor: each evaluation's seconds, until one finds nothing new (the steady state of every minute) or
+    `most` evaluations; and the sensors still finding something new at the last one (not caught up)."""
     import dagster as dg
 
     from regal_dagster.defs import build_definitions
@@ -111,9 +113,10 @@ def measure(policy_file: Path) -> dict[str, list[float]]:
     dg.Definitions.validate_loadable(defs)
     times: dict[str, list[float]] = {"(code location load)": [time.monotonic() - started]}
     instance = dg.DagsterInstance.ephemeral()
-    for name in SENSORS:
+    behind = set()
+    for name in sensors:
         cursor = None
-        for _ in range(10):
+        for _ in range(most):
             context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
                                               resources=defs.resources)
             began = time.monotonic()
@@ -126,7 +129,9 @@ def measure(policy_file: Path) -> dict[str, list[float]]:
                     instance.report_runless_asset_event(event)
             if not events and len(times[name]) >= 2:
                 break
-    return times
+        else:
+            behind.add(name)
+    return times, behind
 
 
 def main() -> int:
@@ -135,6 +140,8 @@ def main() -> int:
     parser.add_argument("--backups", type=int, default=2, help="good backups per target")
     parser.add_argument("--dir", type=Path, default=None, help="where the generated repository is kept")
     parser.add_argument("--s3", action="store_true", help="read the repository from a moto S3 server")
+    parser.add_argument("--sensor", action="append", choices=SENSORS, help="measure only this sensor (repeatable)")
+    parser.add_argument("--max-evaluations", type=int, default=40, help="per sensor, at most")
     args = parser.parse_args()
     base = args.dir or Path(f"/tmp/regal-fleet-{args.targets}x{args.backups}")
     policy_file = generate(base, args.targets, args.backups)
@@ -143,7 +150,7 @@ def main() -> int:
         policy_file, server = to_s3(policy_file)
     os.environ["REGAL_POLICY"] = str(policy_file)
     try:
-        times = measure(policy_file)
+        times, behind = measure(policy_file, args.sensor or SENSORS, args.max_evaluations)
     finally:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
@@ -152,7 +159,10 @@ def main() -> int:
           "to catch up | steady evaluation |")
     print("|---|---:|---:|---:|")
     for name, (first, *rest) in times.items():
-        print(f"| {name} | {first:.2f} s | {len(rest) or '-'} | {(f'{rest[-1]:.2f} s' if rest else '-')} |")
+        steady = f"{rest[-1]:.2f} s" if rest else "-"
+        if name in behind:
+            steady = f"not caught up ({steady} the last of {len(rest) + 1})"
+        print(f"| {name} | {first:.2f} s | {len(rest) or '-'} | {steady} |")
     return 0
 
 
