@@ -186,6 +186,6 @@ def test_a_new_kind_with_a_continuous_archive_is_one_folder(tmp_path: Path) -> N
     passed, rto, details = found["restore_test"]
     assert passed and rto == 0.5 and details["recoveries"] == [{"point": "newest", "problems": []}]
     group, description, deps = found["asset"]
-    assert group == "journal" and description.endswith("freshness: the RPO (1 h)")
+    assert group == "journal_default" and description.endswith("freshness: the RPO (1 h)")
     assert deps == [["journal", "ledger", "backup"]]
     assert found["events"] == [[["journal", "ledger", "archive"], 3]]

@@ -48,7 +48,7 @@ def test_each_backup_asset_carries_the_rpo_as_freshness_policy(policy_file: Path
     dg.Definitions.validate_loadable(defs)
     spec = defs.resolve_assets_def(KEY).get_asset_spec(KEY)
     assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=1)
-    assert spec.group_name == "backups"
+    assert spec.group_name == "backups_default_postgres"  # backups_<zone>_<kind>
     assert spec.kinds == {"postgres", "filesystem"}
 
 

@@ -180,3 +180,48 @@ def test_sensors_read_each_manifest_once_and_a_rewritten_one_again(tmp_path: Pat
     backups, damaged = list_backups(regal.repository(), keyring)
     assert manifests[0].backup_id not in {m.backup_id for m in backups}
     assert [d.backup_id for d in damaged] == [manifests[0].backup_id]
+
+
+def test_assets_are_grouped_by_zone_and_kind_and_every_job_still_selects_its_assets(tmp_path: Path) -> None:
+    """500 targets stay navigable in the UI: each asset's group is its domain, its target's zone and its kind;
+    the jobs select assets by key, so a schedule's one-target request stays inside its job."""
+    path = _fleet_policy(tmp_path)
+    document = yaml.safe_load(path.read_text())
+    document["targets"]["cache"] = {"kind": "redis", "url": "redis://cache-eu.example:6379/0", "zone": "eu-west"}
+    document["targets"]["etc"] = {"kind": "files", "paths": [str(tmp_path)], "zone": "eu"}
+    path.write_text(yaml.safe_dump(document))
+    defs = build_definitions(str(path))
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert {k: g for k, g in groups.items() if k.endswith("/backup")} == {
+        "postgres/pos_eu/backup": "backups_eu_postgres", "postgres/payments/backup": "backups_default_postgres",
+        "postgres/pos_us/backup": "backups_default_postgres", "postgres/ledger/backup": "backups_default_postgres",
+        "postgres/customers/backup": "backups_crm_postgres",
+        "redis/cache/backup": "backups_eu_west_redis",  # a zone's '-' cannot be in a group name
+        "files/etc/backup": "backups_eu_files"}
+    assert groups["redis/cache/restore_test"] == "restore_tests_eu_west_redis"
+    assert groups["postgres/pos_eu/restore_test"] == "restore_tests_eu_postgres"
+    backups = {k for k, g in groups.items() if g.startswith("backups_")}
+    tests = {k for k, g in groups.items() if g.startswith("restore_tests_")}
+    assert len(backups) == len(tests) == 7
+
+    def selected(job: str) -> set[str]:
+        return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.selected_asset_keys}
+
+    assert selected("backup_job") == backups and selected("restore_test_job") == tests
+    verify = defs.resolve_job_def("verify_job").asset_layer.asset_graph.asset_check_keys
+    assert {c.asset_key.to_user_string() for c in verify} == backups
+    repository = defs.get_repository_def()  # every job resolves, and every schedule and sensor names one of them
+    jobs = {job.name for job in repository.get_all_jobs()}
+    assert {"backup_job", "verify_job", "restore_test_job", "dr_drill_job"} <= jobs
+    assert {s.job_name for s in repository.schedule_defs} <= jobs
+    assert {t.job_name for s in repository.sensor_defs for t in s.targets} <= jobs
+    tick = datetime(2026, 11, 24, 2, tzinfo=UTC)
+    daily = defs.resolve_schedule_def("daily_backups").evaluate_tick(
+        dg.build_schedule_context(scheduled_execution_time=tick)).run_requests or []
+    assert {r.tags["regal/target"] for r in daily} == {"pos_eu", "payments", "pos_us", "customers", "cache", "etc"}
+    for request in daily:  # a per-target request selects inside backup_job: the run's subset resolves
+        (key,) = request.asset_selection or []
+        assert key.to_user_string() in backups
+        assert defs.resolve_job_def("backup_job").get_subset(asset_selection={key})

@@ -358,10 +358,10 @@ def test_dagster_shows_base_backups_and_the_wal_whose_freshness_is_the_rpo(archi
     defs = build_definitions(str(archived_server["policy"]))
     dg.Definitions.validate_loadable(defs)
     base, wal = dg.AssetKey(["postgres", "cluster", "base_backup"]), dg.AssetKey(["postgres", "cluster", "wal"])
-    assert defs.resolve_assets_def(base).get_asset_spec(base).group_name == "backups"
+    assert defs.resolve_assets_def(base).get_asset_spec(base).group_name == "backups_default_postgres_cluster"
     spec = defs.resolve_assets_def(wal).get_asset_spec(wal)
     assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=1)  # the policy's RPO
-    assert [d.asset_key for d in spec.deps] == [base]
+    assert [d.asset_key for d in spec.deps] == [base] and spec.group_name == "wal_default"
 
     instance = dg.DagsterInstance.ephemeral()
     _sql(archived_server["dsn"], "INSERT INTO payments VALUES (7, 'written, not yet stored')")

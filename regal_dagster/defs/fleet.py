@@ -5,6 +5,7 @@ engine/fleet.py): the queued run coordinator limits runs per `regal/host` and pe
 
 from __future__ import annotations
 
+import re
 import socket
 
 from dagster import ExecutorDefinition, in_process_executor
@@ -60,3 +61,12 @@ def worker_name() -> str:
         current_task = None
     request = getattr(current_task, "request", None) if current_task else None
     return getattr(request, "hostname", None) or socket.gethostname()
+
+
+def asset_group(domain: str, policy: Policy, target: str, kind: str | None = None) -> str:
+    """The asset group of one of the target's assets, so that a fleet of hundreds stays navigable in the UI: by
+    what it is (`domain`: backups, wal, restore_tests), the target's zone and its kind (`backups_eu_west_postgres`,
+    `wal_eu_west`, `restore_tests_eu_west_redis`). Jobs select assets by key, never by group. Characters a group
+    name cannot hold (anything but letters, digits and `_`) become `_`."""
+    parts = [domain, policy.zone_of(target), *([kind] if kind else [])]
+    return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))

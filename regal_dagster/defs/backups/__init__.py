@@ -9,7 +9,7 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from ...engine.policy import Policy
 from ..fleet import backup_executor
 from .archive import archived_targets, build_archive_asset, build_archive_sensors
-from .assets import BACKUP_GROUP, build_backup_asset
+from .assets import build_backup_asset
 from .checks import build_backup_checks, build_verification_schedule
 from .mirror import build_outside_sensor
 from .schedules import build_class_schedules
@@ -24,7 +24,7 @@ def backup_definitions(policy: Policy) -> Definitions:
     backups = [build_backup_asset(policy, name) for name in targets]
     # a scheduled run backs up one target: its one step runs in the run's process (no second process to start),
     # or with fleet.executor: celery on a worker of the target's zone (defs/fleet.py)
-    backup_job = define_asset_job(BACKUP_JOB, selection=AssetSelection.groups(BACKUP_GROUP).without_checks(),
+    backup_job = define_asset_job(BACKUP_JOB, selection=AssetSelection.assets(*backups).without_checks(),
                                   executor_def=backup_executor(policy),
                                   description="Back up the targets selected (a schedule's run: one target; the checks "
                                               "follow in verify_job, launched by the check_new_backups sensor).")

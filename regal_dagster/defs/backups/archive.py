@@ -29,6 +29,7 @@ from dagster import (
 from ...engine.policy import Policy
 from ...engine.sources.capabilities import ContinuousArchive
 from ...engine.sources.registry import source_for
+from ..fleet import asset_group
 from ..resources import RegalEngine
 from .assets import _span, backup_asset_key, recoverability_metadata, rpo_freshness_policy
 
@@ -47,7 +48,7 @@ def archived_targets(policy: Policy) -> dict[str, ContinuousArchive]:
 def build_archive_asset(policy: Policy, target: str, archive: ContinuousArchive) -> AssetSpec:
     rpo, spec = policy.rpo_for(target), archive.asset(target)
     return AssetSpec(
-        key=AssetKey(list(spec.key)), group_name=spec.group, kinds=set(spec.kinds),
+        key=AssetKey(list(spec.key)), group_name=asset_group(spec.group, policy, target), kinds=set(spec.kinds),
         deps=[backup_asset_key(policy.target(target).kind, target)],
         description=spec.description.format(rpo=_span(rpo)),
         freshness_policy=rpo_freshness_policy(rpo), tags={"regal/target": target}, owners=policy.owners_for(target),

@@ -24,10 +24,10 @@ from ...engine.recoverability import Recoverability
 from ...engine.retention import RetentionVerdict
 from ...engine.sources.registry import source_for
 from ...engine.storage import backend_for
-from ..fleet import worker_name, zone_op_tags
+from ..fleet import asset_group, worker_name, zone_op_tags
 from ..resources import RegalEngine
 
-BACKUP_GROUP = "backups"
+BACKUP_DOMAIN = "backups"  # the groups are `backups_<zone>_<kind>` (defs/fleet.py, asset_group)
 REPOSITORY_POOL = "regal_repository"  # a pool of the run queue (defs/instance.py): the repository's uploads
 RETENTION_CLASS_TAG = "regal/retention_class"
 
@@ -178,7 +178,7 @@ def build_backup_asset(policy: Policy, target: str) -> AssetsDefinition:
 
     @asset(
         key=backup_asset_key(config.kind, target),
-        group_name=BACKUP_GROUP,
+        group_name=asset_group(BACKUP_DOMAIN, policy, target, config.kind),
         kinds={config.kind, store_kind},
         description=f"Encrypted backup of the {label} '{target}'. {freshness_description(rpo)} (backups taken "
                     "outside Dagster count too: the backups_outside_dagster sensor reports them).",

@@ -26,10 +26,11 @@ from ...engine.restore_test import RestoreTestResult
 from ...engine.selection import choose_backup
 from ...engine.sources.registry import source_for
 from ..backups.assets import backup_asset_key
+from ..fleet import asset_group
 from ..resources import RegalEngine
 
 SCRATCH_POOL = "regal_scratch_servers"  # a pool of the run queue (defs/instance.py): scratch servers here
-RESTORE_TEST_GROUP = "restore_tests"
+RESTORE_TEST_DOMAIN = "restore_tests"  # the groups are `restore_tests_<zone>_<kind>` (defs/fleet.py)
 
 
 def restore_test_key(kind: str, target: str) -> AssetKey:
@@ -94,8 +95,8 @@ def build_restore_test_asset(policy: Policy, target: str) -> AssetsDefinition:
     # No dependency edge on the backup asset: Dagster marks an asset "Unsynced" whenever an upstream asset has
     # materialized since (a new data version), and most backups (the hourly ones) are never restore-tested by
     # design; a restore test is of the backup it names (`backup_id`), not of the newest one.
-    @asset(key=key, group_name=RESTORE_TEST_GROUP, kinds={kind}, metadata={"regal/backups_of": backup_asset_key(
-               kind, target).to_user_string()},
+    @asset(key=key, group_name=asset_group(RESTORE_TEST_DOMAIN, policy, target, kind), kinds={kind},
+           metadata={"regal/backups_of": backup_asset_key(kind, target).to_user_string()},
            description=f"Restore test of a backup of the {source.label} '{target}' (asset "
                        f"{backup_asset_key(kind, target).to_user_string()}; the backup tested is in its metadata) in "
                        f"a scratch destination: validated, RTO measured against {rto}. Launched by "
