@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=1, help="more than 1: a fleet of this many targets, each "
                         "backed up daily for a year (the issue 33 goal: 500 in 60 s)")
     parser.add_argument("--framework", action="append", help="frameworks in scope (default: the policy's)")
+    parser.add_argument("--pdf", type=Path, help="write the report's PDF here, to look at")
     args = parser.parse_args()
     name = f"regal_bench_audit_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(args.dsn, autocommit=True) as admin:
@@ -167,6 +168,8 @@ def main() -> None:
             report = build_report(policy, period, repo=repo, now=now, scope=args.framework)
             took = time.monotonic() - start
             pages = len(PdfReader(io.BytesIO(report.pdf)).pages)
+            if args.pdf:
+                args.pdf.write_bytes(report.pdf)
             what = f"monthly report {period.label}, {len(names)} target(s), {len(report.frameworks)} framework(s)"
             size = f"{len(report.pdf) / 1e6:.1f} MB PDF, {pages} pages, {len(report.controls)} controls"
             rows.append((what, took, size))

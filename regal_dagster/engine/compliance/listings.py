@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 WHOLE = 25  # a table of up to this many rows is printed whole
+MOST = 50  # of a longer one, at most this many rows needing attention are printed (the first, in its order)
 ROUTINE = ("backup", "verification")
 
 
@@ -26,14 +27,16 @@ class Listing:
         """The sentence under a table that is not printed whole."""
         if self.whole:
             return ""
-        return (f"{self.total} rows, {self.attention} of them needing attention (listed above; none: nothing is "
-                f"listed); every row is in the attached {self.csv}.")
+        listed = ("listed above" if self.attention <= MOST else f"the first {MOST} listed above") \
+            if self.attention else "none listed"
+        return f"{self.total} rows, {self.attention} of them needing attention ({listed}); every row is in the " \
+               f"attached {self.csv}."
 
 
 def listing(rows: list[Any], needs_attention: Callable[[Any], bool], csv: str) -> Listing:
     flagged = [r for r in rows if needs_attention(r)]
     whole = len(rows) <= WHOLE
-    return Listing(rows if whole else flagged, len(rows), len(flagged), whole, csv)
+    return Listing(rows if whole else flagged[:MOST], len(rows), len(flagged), whole, csv)
 
 
 def runs_by_class(targets: list[str], backups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -99,6 +102,7 @@ def listings(tables: dict[str, list[dict[str, Any]]], targets: list[str]) -> dic
         "restore_tests": listing(tables["restore_tests"], _test_attention, "restore_tests.csv"),
         "segregation": listing(tables["restore_tests"], _not_segregated, "restore_tests.csv"),
         "signoffs": listing(to_sign, lambda r: r["seq"] not in signed, "signoffs.csv (and restore_tests.csv)"),
+        "transport": listing(tables["transport"], lambda r: r["protection"] not in ("TLS", "local"), "transport.csv"),
         "retention": listing(retention, lambda r: r["kept"] == 0, "retention_at_end.csv"),
         "audit_events": listing(
             [e for e in tables["audit_events"] if not (e["outcome"] == "success" and e["event_type"] in ROUTINE)],
