@@ -5,8 +5,8 @@ implemented requirement naming our controls (BK-01, ...) that evidence it, again
 The other frameworks have no official OSCAL catalogue: each is one more control implementation whose source is
 a URN naming the framework (`urn:regal-backup:framework:<id>`), its requirements by identifier only (a control-id
 made an OSCAL token from it, the identifier as printed in a `framework-identifier` property), each naming our
-controls that meet it, as the report's requirements section does. Their texts are not ours to copy. Identifiers are UUIDv5 of the version and the control: the same
-version gives the same document."""
+controls that meet it, as the report's requirements section does. Their texts are not ours to copy.
+Identifiers are UUIDv5 of the version and the control: the same version gives the same document."""
 
 from __future__ import annotations
 
