@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -154,6 +155,44 @@ def _connect(dsn: str):
 
         raise RegalError(f"cannot reach the audit database {describe_dsn(dsn)}: {str(exc).strip().splitlines()[-1]}",
                          "start it or fix audit.dsn; events wait in the repository meanwhile") from None
+
+
+_SHARED = threading.local()  # dsn -> the connection the per-target reads share, inside `shared_reads`
+
+
+@contextlib.contextmanager
+def shared_reads(dsn: str) -> Iterator[None]:
+    """While inside, this thread's per-target reads of the trail (`sequenced_records`, `events_about`: the
+    recoverability model of each target of a fleet) share one connection instead of one each. Unreachable: each
+    read connects as it would (and says so as it would)."""
+    readers: dict[str, Any] = _SHARED.__dict__.setdefault("readers", {})
+    if dsn in readers:
+        yield
+        return
+    try:
+        conn = _connect(dsn)
+    except RegalError:
+        yield
+        return
+    readers[dsn] = conn
+    try:
+        yield
+    finally:
+        readers.pop(dsn, None)
+        conn.close()
+
+
+@contextlib.contextmanager
+def _reader(dsn: str) -> Iterator[Any]:
+    shared = _SHARED.__dict__.get("readers", {}).get(dsn)
+    if shared is None:
+        with _connect(dsn) as conn:
+            yield conn
+        return
+    try:
+        yield shared
+    finally:
+        shared.rollback()  # reads only: end the transaction
 
 
 SPOOL_KIND, CHECKPOINT_KIND = "audit-spool", "audit-checkpoint"
@@ -363,7 +402,7 @@ class AuditTrail:
     def sequenced_records(self, target: str) -> list[tuple[str, str, str, dict[str, Any]]]:
         """(event type, backup id, outcome, details) of the newest `verification` and `restore_test` event of
         each of a target's backups that names a record sequence (engine/record_sequence.py)."""
-        with _connect(self.dsn) as conn:
+        with _reader(self.dsn) as conn:
             self._ensure_schema(conn)
             rows = conn.execute(
                 "SELECT DISTINCT ON (event_type, resource) event_type, resource, outcome, details "
@@ -376,7 +415,7 @@ class AuditTrail:
     def events_about(self, event_types: tuple[str, ...], target: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(event type, backup id, details) of every successful event of these types about a target's backups,
         oldest first (the legal holds and annotations: engine/holds.py)."""
-        with _connect(self.dsn) as conn:
+        with _reader(self.dsn) as conn:
             self._ensure_schema(conn)
             rows = conn.execute(
                 "SELECT event_type, resource, details FROM regal_audit.events WHERE event_type = ANY(%s) "

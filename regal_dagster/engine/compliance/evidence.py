@@ -5,6 +5,7 @@ the period's failed operations with what resolved each."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from ..audit import AuditEvent, ChainVerdict
+from ..audit import AuditEvent, ChainVerdict, shared_reads
 from ..catalog import list_backups
 from ..crypto import Keyring, load_keyring
 from ..documents import unseal
@@ -322,8 +323,9 @@ def recoverability_rows(policy: Policy, repo: Repository, keyring: Keyring, now:
     the newest check of a continuous archive, the newest restore test), its age against the RPO, and what makes
     points unrecoverable (naming the segment)."""
     rows = []
-    for target in sorted(policy.targets):
-        model = target_recoverability(policy, repo, keyring, target, now)
+    with shared_reads(policy.audit.resolved_dsn()) if policy.audit else contextlib.nullcontext():
+        models = [target_recoverability(policy, repo, keyring, target, now) for target in sorted(policy.targets)]
+    for target, model in zip(sorted(policy.targets), models, strict=True):
         point, checks = model.point, model.point_checks or {}
         archive, tested = model.archive_check or {}, model.restore_test or {}
         rows.append({
