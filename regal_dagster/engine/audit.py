@@ -28,13 +28,13 @@ import json
 import os
 import platform
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .audit_db import _connect, _reader
 from .documents import read_document, unseal, write_document
 from .errors import IntegrityError, RegalError, UsageError
 from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, REPOSITORY_MARKER, audit_checkpoint_key, audit_spool_key
@@ -143,56 +143,6 @@ def _from_spool(body: dict[str, Any]) -> AuditEvent:
     return AuditEvent(0, datetime.fromisoformat(body["at"]), body["actor"], body["event_type"], body["outcome"],
                       body["host"], body["process"], body["run_id"], body["resource"],
                       canonical_details({**body["details"], "spooled": True}), event_id=body.get("event_id"))
-
-
-def _connect(dsn: str):
-    import psycopg
-
-    try:
-        return psycopg.connect(dsn, connect_timeout=5, application_name="regal-backup-audit")
-    except psycopg.OperationalError as exc:
-        from .postgresql.connection import describe_dsn
-
-        raise RegalError(f"cannot reach the audit database {describe_dsn(dsn)}: {str(exc).strip().splitlines()[-1]}",
-                         "start it or fix audit.dsn; events wait in the repository meanwhile") from None
-
-
-_SHARED = threading.local()  # dsn -> the connection the per-target reads share, inside `shared_reads`
-
-
-@contextlib.contextmanager
-def shared_reads(dsn: str) -> Iterator[None]:
-    """While inside, this thread's per-target reads of the trail (`sequenced_records`, `events_about`: the
-    recoverability model of each target of a fleet) share one connection instead of one each. Unreachable: each
-    read connects as it would (and says so as it would)."""
-    readers: dict[str, Any] = _SHARED.__dict__.setdefault("readers", {})
-    if dsn in readers:
-        yield
-        return
-    try:
-        conn = _connect(dsn)
-    except RegalError:
-        yield
-        return
-    readers[dsn] = conn
-    try:
-        yield
-    finally:
-        readers.pop(dsn, None)
-        conn.close()
-
-
-@contextlib.contextmanager
-def _reader(dsn: str) -> Iterator[Any]:
-    shared = _SHARED.__dict__.get("readers", {}).get(dsn)
-    if shared is None:
-        with _connect(dsn) as conn:
-            yield conn
-        return
-    try:
-        yield shared
-    finally:
-        shared.rollback()  # reads only: end the transaction
 
 
 SPOOL_KIND, CHECKPOINT_KIND = "audit-spool", "audit-checkpoint"

@@ -17,7 +17,8 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from ..audit import AuditEvent, ChainVerdict, shared_reads
+from ..audit import AuditEvent, ChainVerdict
+from ..audit_db import shared_reads
 from ..catalog import list_backups
 from ..crypto import Keyring, load_keyring
 from ..documents import unseal
