@@ -282,6 +282,7 @@ def test_the_component_definition_loads_with_trestle_and_names_the_800_53_contro
     from trestle.oscal.component import ComponentDefinition
 
     from regal_dagster.engine.compliance.component import component_definition
+    from regal_dagster.engine.compliance.frameworks.registry import frameworks
     from regal_dagster.engine.compliance.oscal import to_bytes
 
     path = tmp_path / "component-definition.json"
@@ -289,10 +290,18 @@ def test_the_component_definition_loads_with_trestle_and_names_the_800_53_contro
     document = ComponentDefinition.oscal_read(path)
     assert document is not None
     (component,) = document.components or []
-    (implementation,) = component.control_implementations or []
+    implementation, *others = component.control_implementations or []
     assert "NIST_SP-800-53_rev5_catalog.json" in implementation.source
     found = {r.control_id: [p.value for p in r.props or []] for r in implementation.implemented_requirements}
     assert set(found) == {"cp-9", "cp-9.1", "cp-9.2", "cp-9.3", "cp-9.5", "cp-9.8", "cp-10.2", "cp-10.4", "cp-4",
                           "au-9", "au-10", "sc-12", "sc-13", "sc-28"}
     assert found["cp-9.8"] == ["EN-01", "KM-01"] and found["cp-9.3"] == ["MD-01"]
     assert to_bytes(component_definition("0.1.0", NOW)) == path.read_bytes()  # the same version, the same document
+    # Every other framework, by identifier only: each requirement as the report cites it, with our controls.
+    mapped = {o.source.rsplit(":", 1)[1]: {next(p.value for p in r.props if p.name == "framework-identifier"):
+                                           [p.value for p in r.props if p.name == "regal-control"]
+                                           for r in o.implemented_requirements} for o in others}
+    expected = {key: {f"{f.citation} {i}": list(c) for i, c in f.requirements.items()}
+                for key, f in frameworks().items() if key != "nist80053"}
+    assert mapped == expected and {"pci", "sox", "gdpr", "soc2", "iso27001", "hipaa", "dora", "nis2"} <= set(mapped)
+    assert mapped["hipaa"]["HIPAA 164.308(a)(7)(ii)(A)"] and mapped["soc2"]["SOC 2 A1.2"]

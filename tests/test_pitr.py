@@ -22,7 +22,7 @@ from psycopg import sql
 from regal_dagster.engine.postgresql.programs import let_account_traverse, server_account
 from regal_dagster.engine.postgresql.server import ScratchCluster
 
-from .conftest import invoke_cli, wait_archived, wait_for, wait_promoted
+from .conftest import DatabaseFactory, invoke_cli, wait_archived, wait_for, wait_promoted
 from .old_formats import manifest_body
 
 CLI = [sys.executable, "-m", "regal_dagster.cli"]
@@ -431,6 +431,55 @@ def test_a_restore_test_recovers_the_base_backup_and_opens_every_database(archiv
     assert newest["newest_commit"] == report["details"]["newest_stored_commit"]  # the insert of row 6
     assert report["details"]["rpo_basis"].endswith("the server was not asked)")
     assert report["rto_seconds"] == max(r["rto_seconds"] for r in report["details"]["recoveries"]) > 0
+
+
+def test_a_point_in_time_restore_onto_the_servers_own_host_needs_someone_elses_approval(
+        archived_server: dict[str, Any], system_pg: DatabaseFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `restore_approval`, a point-in-time restore of a production server into a data directory on that
+    server's own host is a restore into production, as `restore` into its own database is: refused before anything
+    is written until someone else approves the base backup it starts from; the approval is used once, audited."""
+    import yaml
+
+    from regal_dagster.engine.approval import os_account
+    from regal_dagster.engine.audit import AuditTrail
+    from regal_dagster.engine.policy import load_policy
+    from regal_dagster.engine.storage import open_repository
+
+    setup = archived_server
+    guarded = setup["policy"].with_name("guarded.yaml")  # beside it: the same repository and keys
+    settings = yaml.safe_load(setup["policy"].read_text())
+    settings.update(audit={"dsn": system_pg.create("regal_audit")},
+                    restore_approval={"targets": ["cluster"], "valid_for": "1h"})
+    guarded.write_text(yaml.safe_dump(settings))
+    data = setup["base"] / "restored-approved"
+    monkeypatch.delenv("SUDO_USER", raising=False)
+
+    def restore() -> Any:
+        return cli(guarded, "restore", "cluster", "--to-dir", str(data), "--latest", "--json",
+                   *(["--with-wal"] if AS_ROOT else []))
+
+    refused = restore()
+    error = json.loads(refused.stdout)["error"]
+    assert refused.returncode == 2 and "needs an approval" in error["message"], refused.stdout
+    assert f"approve {setup['second']}" in error["hint"] and not data.exists()  # names the base backup to approve
+    me = _ok(cli(guarded, "approve", setup["second"], "--requester", "ops1", "--by", "Ann Lee", "--json"))
+    assert json.loads(me.stdout)["requester"] == "ops1"  # approved for another account: no use to this one
+    assert restore().returncode == 2
+    requester = os_account()  # the account running the restores
+    monkeypatch.setenv("SUDO_USER", "ann")  # the approver, at her own account
+    _ok(cli(guarded, "approve", setup["second"], "--requester", requester, "--by", "Ann Lee"))
+    monkeypatch.delenv("SUDO_USER")
+    done = _ok(restore())
+    assert json.loads(done.stdout)["details"]["base_backup"] == setup["second"] and (data / "recovery.signal").exists()
+    shutil.rmtree(data)
+    assert restore().returncode == 2 and not data.exists()  # an approval is used once
+
+    policy = load_policy(guarded)
+    events = AuditTrail(policy, open_repository(policy)).events()
+    approved = max(e.seq for e in events if e.event_type == "restore_approval" and e.outcome == "success")
+    restores = [(e.outcome, json.loads(e.details)) for e in events if e.event_type == "restore"]
+    assert [(o, d.get("refused"), d.get("approval")) for o, d in restores] == [
+        ("failure", True, None), ("failure", True, None), ("success", None, approved), ("failure", True, None)]
 
 
 def test_prune_keeps_the_wal_the_kept_base_backups_need_and_nothing_older(archived_server: dict[str, Any]) -> None:

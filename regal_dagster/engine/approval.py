@@ -73,8 +73,7 @@ def needs_approval(policy: Policy, target: str, destination: str, describe: Any)
     guarded = policy.restore_approval
     if guarded is None or target not in guarded.targets:
         return False
-    own = policy.target(target).own_location()
-    return own is None or describe(own) == describe(destination)
+    return policy.target(target).restores_onto_itself(destination, describe)
 
 
 def approval_for(policy: Policy, repo: Repository, backup_id: str, now: datetime | None = None) -> int:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .audit_db import _connect, _reader
 from .documents import read_document, unseal, write_document
 from .errors import IntegrityError, RegalError, UsageError
 from .layout import AUDIT_CHECKPOINTS, AUDIT_SPOOL, REPOSITORY_MARKER, audit_checkpoint_key, audit_spool_key
@@ -71,6 +72,8 @@ CREATE TABLE IF NOT EXISTS regal_audit.events (
 ALTER TABLE regal_audit.events ADD COLUMN IF NOT EXISTS event_id text;
 CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON regal_audit.events (event_id);
 CREATE INDEX IF NOT EXISTS events_at ON regal_audit.events (at);
+-- a target's events (its backups' ids start with its name): the record sequence and the legal holds per target
+CREATE INDEX IF NOT EXISTS events_target ON regal_audit.events (split_part(resource, '-', 1), event_type);
 CREATE INDEX IF NOT EXISTS events_policy_changes ON regal_audit.events (seq) WHERE event_type = 'policy_change';
 CREATE OR REPLACE FUNCTION regal_audit.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -140,18 +143,6 @@ def _from_spool(body: dict[str, Any]) -> AuditEvent:
     return AuditEvent(0, datetime.fromisoformat(body["at"]), body["actor"], body["event_type"], body["outcome"],
                       body["host"], body["process"], body["run_id"], body["resource"],
                       canonical_details({**body["details"], "spooled": True}), event_id=body.get("event_id"))
-
-
-def _connect(dsn: str):
-    import psycopg
-
-    try:
-        return psycopg.connect(dsn, connect_timeout=5, application_name="regal-backup-audit")
-    except psycopg.OperationalError as exc:
-        from .postgresql.connection import describe_dsn
-
-        raise RegalError(f"cannot reach the audit database {describe_dsn(dsn)}: {str(exc).strip().splitlines()[-1]}",
-                         "start it or fix audit.dsn; events wait in the repository meanwhile") from None
 
 
 SPOOL_KIND, CHECKPOINT_KIND = "audit-spool", "audit-checkpoint"
@@ -289,6 +280,34 @@ class AuditTrail:
             self._ensure_schema(conn)  # a trail from before event ids gets its column
             return [AuditEvent(*row) for row in conn.execute(query, params)]
 
+    def events_from(self, seq: int) -> list[AuditEvent]:
+        """The entries numbered `seq` and after, in order."""
+        query = (f"SELECT {', '.join(FIELDS)}, prev_hash, hash, event_id FROM regal_audit.events WHERE seq >= %s "
+                 "ORDER BY seq")
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            return [AuditEvent(*row) for row in conn.execute(query, (seq,))]
+
+    def hashes_of(self, seqs: set[int]) -> tuple[dict[int, str], datetime | None]:
+        """The stored hash of each of these entries that exists, and the time of the first entry of all."""
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            rows = conn.execute("SELECT seq, hash FROM regal_audit.events WHERE seq = ANY(%s)", (sorted(seqs),))
+            hashes = {int(seq): str(digest) for seq, digest in rows}
+            first = conn.execute("SELECT at FROM regal_audit.events ORDER BY seq LIMIT 1").fetchone()
+        return hashes, first[0] if first else None
+
+    def links_up_to(self, seq: int) -> list[tuple[int, str, int | None, str | None]]:
+        """The entries up to `seq` whose place in the chain is wrong, at most one: (its seq, its prev_hash, the
+        seq and hash of the entry stored before it). Computed in the database, without the entries' content."""
+        query = ("SELECT seq, prev_hash, before_seq, before_hash FROM (SELECT seq, prev_hash, "
+                 "lag(seq) OVER (ORDER BY seq) AS before_seq, lag(hash) OVER (ORDER BY seq) AS before_hash "
+                 "FROM regal_audit.events WHERE seq <= %s) AS links WHERE seq <> coalesce(before_seq, 0) + 1 "
+                 "OR prev_hash <> coalesce(before_hash, %s) ORDER BY seq LIMIT 1")
+        with _connect(self.dsn) as conn:
+            self._ensure_schema(conn)
+            return [(int(a), str(b), c, d) for a, b, c, d in conn.execute(query, (seq, GENESIS))]
+
     def event(self, seq: int) -> AuditEvent | None:
         """The entry numbered `seq` (None: there is none)."""
         query = f"SELECT {', '.join(FIELDS)}, prev_hash, hash, event_id FROM regal_audit.events WHERE seq = %s"
@@ -333,7 +352,7 @@ class AuditTrail:
     def sequenced_records(self, target: str) -> list[tuple[str, str, str, dict[str, Any]]]:
         """(event type, backup id, outcome, details) of the newest `verification` and `restore_test` event of
         each of a target's backups that names a record sequence (engine/record_sequence.py)."""
-        with _connect(self.dsn) as conn:
+        with _reader(self.dsn) as conn:
             self._ensure_schema(conn)
             rows = conn.execute(
                 "SELECT DISTINCT ON (event_type, resource) event_type, resource, outcome, details "
@@ -346,7 +365,7 @@ class AuditTrail:
     def events_about(self, event_types: tuple[str, ...], target: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(event type, backup id, details) of every successful event of these types about a target's backups,
         oldest first (the legal holds and annotations: engine/holds.py)."""
-        with _connect(self.dsn) as conn:
+        with _reader(self.dsn) as conn:
             self._ensure_schema(conn)
             rows = conn.execute(
                 "SELECT event_type, resource, details FROM regal_audit.events WHERE event_type = ANY(%s) "
@@ -424,23 +443,43 @@ class ChainVerdict:
     notes: list[str] = field(default_factory=list)
     checkpointed: tuple[int, ...] = ()  # the entries the authentic checkpoints hold
     anchor: Anchor | None = None  # the keyset's, when verify_trail compared it
+    # The authentic checkpoint the walk resumed from (`seq`, `at`): the entries up to it were recomputed when it was
+    # written; from it on they are recomputed now. None: the walk started at the first entry.
+    resumed_from: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq, "head_hash": self.head_hash,
                 "first_bad_seq": self.first_bad_seq, "problem": self.problem,
                 "oldest": self.oldest.isoformat() if self.oldest else None, "checkpoints": self.checkpoints,
-                "spooled": self.spooled}
+                "spooled": self.spooled,
+                "resumed_from_seq": self.resumed_from["seq"] if self.resumed_from else None,
+                "resumed_from_at": self.resumed_from["at"] if self.resumed_from else None}
 
 
-def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) -> ChainVerdict:
-    """Walk the chain from the first entry; name the first one that was edited, deleted, inserted or moved."""
+def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]], resume: dict[str, Any] | None = None,
+                 earlier: dict[int, str] | None = None, oldest: datetime | None = None) -> ChainVerdict:
+    """Walk the chain from the first entry; name the first one that was edited, deleted, inserted or moved.
+
+    `resume`: an authentic checkpoint; `events` then start at its entry, which must still have the checkpointed hash
+    and recompute to it, and are walked from there; `earlier` holds the stored hashes of the entries before it that
+    other checkpoints name (compared with them), `oldest` the time of the first entry."""
     def broken(seq: int | None, problem: str) -> ChainVerdict:
-        return ChainVerdict(False, len(events), events[-1].seq if events else None,
-                            events[-1].hash if events else None, seq, problem,
-                            events[0].at if events else None, len(checkpoints))
+        return ChainVerdict(False, events[-1].seq if resume and events else len(events),
+                            events[-1].seq if events else None, events[-1].hash if events else None, seq, problem,
+                            oldest if resume else events[0].at if events else None, len(checkpoints),
+                            resumed_from=resume and {"seq": resume["seq"], "at": resume["at"]})
 
-    prev, expected_seq = GENESIS, 1
-    for event in events:
+    prev, expected_seq, walk = GENESIS, 1, events
+    if resume is not None:
+        seq, first = resume["seq"], events[0] if events else None
+        if first is None or first.seq != seq:
+            return broken(seq, f"entry {seq}, checkpointed at {resume['at']}, is gone "
+                               "(the end of the trail was deleted)")
+        if first.chained_hash(first.prev_hash) != first.hash:
+            return broken(seq, f"entry {seq} ({first.event_type} of {first.resource} at {first.at:%Y-%m-%d %H:%M:%S} "
+                               "UTC) was edited: its content does not match its hash")
+        prev, expected_seq, walk = first.hash, seq + 1, events[1:]
+    for event in walk:
         if event.seq != expected_seq:
             what = "deleted" if event.seq > expected_seq else "inserted or reordered"
             return broken(expected_seq, f"entry {expected_seq} is missing: the next entry is {event.seq} "
@@ -453,7 +492,7 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
                                      f"{event.at:%Y-%m-%d %H:%M:%S} UTC) was edited: its content does not match "
                                      "its hash")
         prev, expected_seq = event.hash, expected_seq + 1
-    by_seq = {e.seq: e.hash for e in events}
+    by_seq = {**(earlier or {}), **{e.seq: e.hash for e in events}}
     for point in checkpoints:
         if point["seq"] not in by_seq:
             return broken(point["seq"], f"entry {point['seq']}, checkpointed at {point['at']}, is gone "
@@ -461,12 +500,15 @@ def verify_chain(events: list[AuditEvent], checkpoints: list[dict[str, Any]]) ->
         if by_seq[point["seq"]] != point["hash"]:
             return broken(point["seq"], f"entry {point['seq']} differs from its checkpoint of {point['at']} "
                                         "(the trail was rewritten)")
-    return ChainVerdict(True, len(events), events[-1].seq if events else None, events[-1].hash if events else None,
-                        oldest=events[0].at if events else None, checkpoints=len(checkpoints),
-                        checkpointed=tuple(sorted(by_seq.keys() & {p["seq"] for p in checkpoints})))
+    return ChainVerdict(True, events[-1].seq if resume and events else len(events),
+                        events[-1].seq if events else None, events[-1].hash if events else None,
+                        oldest=oldest if resume else events[0].at if events else None, checkpoints=len(checkpoints),
+                        checkpointed=tuple(sorted(by_seq.keys() & {p["seq"] for p in checkpoints})),
+                        resumed_from=resume and {"seq": resume["seq"], "at": resume["at"]})
 
 
-def verify_against_anchor(verdict: ChainVerdict, events: list[AuditEvent], anchor: Anchor | None) -> ChainVerdict:
+def verify_against_anchor(verdict: ChainVerdict, events: list[AuditEvent] | dict[int, str],
+                          anchor: Anchor | None) -> ChainVerdict:
     """An intact chain's verdict, compared with the keyset's anchor: the anchored entry must still have its hash
     (else the trail was rewritten: named, between the newest checkpoint that still matches and the anchor),
     and the repository must still hold the anchored checkpoint and as many checkpoints up to it as the keyset
@@ -476,7 +518,7 @@ def verify_against_anchor(verdict: ChainVerdict, events: list[AuditEvent], ancho
     if not verdict.ok or anchor is None:
         return replace(verdict, anchor=anchor)
     seq, key, kept = anchor.seq, audit_checkpoint_key(anchor.seq), verdict.checkpointed
-    chain = {e.seq: e.hash for e in events}
+    chain = {e.seq: e.hash for e in events} if isinstance(events, list) else events
     gone = "" if seq in kept else f"; its checkpoint file {key} was deleted from the repository as well"
     first_bad: int | None = seq
     if seq not in chain:
@@ -500,18 +542,69 @@ def verify_against_anchor(verdict: ChainVerdict, events: list[AuditEvent], ancho
     return replace(verdict, ok=False, first_bad_seq=first_bad, problem=problem, anchor=anchor)
 
 
-def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None) -> ChainVerdict:
+def verify_trail(trail: AuditTrail, events: list[AuditEvent] | None = None, *, full: bool = False,
+                 resume_before: datetime | None = None) -> ChainVerdict:
     """The chain's verdict; `events`: the whole trail, when the caller has already read it. A checkpoint that
     fails authentication breaks the verdict too, blamed on the checkpoint file, not on the database; so does
-    a difference from the keyset's anchor (checkpoint files deleted or rolled back, the trail rewritten)."""
+    a difference from the keyset's anchor (checkpoint files deleted or rolled back, the trail rewritten).
+
+    Unless `full`, the walk resumes from the newest authentic checkpoint (sealed with the keyset: nobody without
+    the keys wrote it; it was written only after a walk found the chain intact up to its entry): that entry must
+    still hold the checkpointed hash and recompute to it, and every entry after it is recomputed and linked as in
+    a full walk. The entries before it were recomputed when it was written; now the database checks that they are
+    all still there, in order, each linked to the one before (an entry deleted, inserted or moved is named), and
+    each other checkpoint and the keyset's anchor are compared with the entries they name; only an edit of an
+    entry's content that keeps its stored hashes needs `full` to be found. `resume_before`: resume only from a
+    checkpoint whose entry is older than this (a report recomputes every entry of its period). With no authentic
+    checkpoint, or any refused, the walk starts at the first entry."""
     points, refused = trail.checkpoints()
-    events = trail.events() if events is None else events
-    verdict = verify_chain(events, points)
+    anchor = anchor_of(trail.keyring, trail.repository_id)
+    resume = None if full or refused else _resume_point(points, events, resume_before)
+    if resume is not None:
+        tail = ([e for e in events if e.seq >= resume["seq"]] if events is not None
+                else trail.events_from(resume["seq"]))
+        named = {p["seq"] for p in points if p["seq"] < resume["seq"]} | (
+            {anchor.seq} if anchor is not None and anchor.seq < resume["seq"] else set())
+        if events is not None:
+            earlier = {e.seq: e.hash for e in events if e.seq in named}
+            oldest = events[0].at if events else None
+        else:
+            earlier, oldest = trail.hashes_of(named)
+        if events is not None:
+            links = [(e.seq, e.prev_hash, b.seq if b else None, b.hash if b else None)
+                     for b, e in zip([None, *events], events, strict=False) if e.seq <= resume["seq"]
+                     and (e.seq != (b.seq if b else 0) + 1 or e.prev_hash != (b.hash if b else GENESIS))][:1]
+        else:
+            links = trail.links_up_to(resume["seq"])
+        verdict = verify_chain(tail, points, resume, earlier, oldest)
+        if verdict.ok and links:  # an entry before the checkpoint deleted, inserted or moved since it was written
+            seq, _, before_seq, _ = links[0]
+            expected = (before_seq or 0) + 1
+            verdict = replace(verdict, ok=False, first_bad_seq=min(seq, expected), problem=(
+                f"entry {expected} is missing: the next entry is {seq} (entries were deleted)" if seq > expected
+                else f"entry {seq} does not follow entry {seq - 1} (an entry before it was deleted, inserted or "
+                     "reordered)"))
+        chain: list[AuditEvent] | dict[int, str] = {**earlier, **{e.seq: e.hash for e in tail}}
+    else:
+        events = trail.events() if events is None else events
+        verdict, chain = verify_chain(events, points), events
     if verdict.ok and refused:
         verdict = replace(verdict, ok=False, problem=f"a checkpoint in the repository is refused: {refused[0]}")
-    verdict = verify_against_anchor(verdict, events, anchor_of(trail.keyring, trail.repository_id))
+    verdict = verify_against_anchor(verdict, chain, anchor)
     verdict.spooled = sum(1 for _ in trail.repo.list(AUDIT_SPOOL))
     return verdict
+
+
+def _resume_point(points: list[dict[str, Any]], events: list[AuditEvent] | None,
+                  before: datetime | None) -> dict[str, Any] | None:
+    """The newest authentic checkpoint to resume from (None: walk from the first entry). With `before`, only
+    one whose entry is older than that moment (known from `events`)."""
+    if before is not None:
+        if events is None:
+            return None
+        first_after = min((e.seq for e in events if e.at >= before), default=None)
+        points = [p for p in points if first_after is None or p["seq"] < first_after]
+    return max(points, key=lambda p: p["seq"], default=None)
 
 
 def _chained_as(conn, event: AuditEvent) -> int | None:

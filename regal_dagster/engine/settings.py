@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
@@ -143,6 +144,12 @@ class TargetSettings(Settings):
         """Where the target itself lives, as a restore destination (a DSN): a restore there writes over
         production. None: the kind cannot tell (then every restore of it counts as one into production)."""
         return None
+
+    def restores_onto_itself(self, destination: str, describe: Callable[[str], str]) -> bool:
+        """A restore to `destination` writes where the target itself lives (its own database, server or
+        location): a restore into production. `describe`: the kind's way of naming a destination."""
+        own = self.own_location()
+        return own is None or describe(own) == describe(destination)
 
     def written_password(self) -> str:
         """A password written into the policy itself for this target (its DSN's, its URL's), as written: "" when

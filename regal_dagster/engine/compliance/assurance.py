@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from .charts import human_seconds
-from .facts import Facts, Judgement
+from .facts import Facts, Judgement, few
 
 
 def tiers_met(f: Facts) -> Judgement:
@@ -33,8 +33,9 @@ def tiers_met(f: Facts) -> Judgement:
             problems.append(f"{name} ({tier}): restore took {human_seconds(r['worst_rto_seconds'])} against an RTO "
                             f"of {human_seconds(r['rto_seconds'])}")
     finding = (f"{len(rows) - len(untiered)} of {len(rows)} target(s) have a tier; "
-               f"not met: {'; '.join(problems) or 'none'}; without a tier: {', '.join(untiered) or 'none'}; "
-               f"tiered targets without a restore test in the period (RTO untested): {', '.join(untested) or 'none'}")
+               f"not met: {few(problems, 'tiers.csv', '; ')}; without a "
+               f"tier: {few(untiered, 'tiers.csv')}; tiered targets without a restore test in the period (RTO "
+               f"untested): {few(untested, 'tiers.csv')}")
     if problems:
         return Judgement(False, finding)
     return Judgement(None if untiered or untested else True, finding)
@@ -48,7 +49,7 @@ def signed_off(f: Facts) -> Judgement:
     deadline = f.policy.reports.signoff_within
     unsigned = [r for r in results if r["seq"] not in signed]
     overdue = [r for r in unsigned if f.now - datetime.fromisoformat(r["at"]) > deadline]
-    late = ", ".join(f"entry {r['seq']}" for r in overdue) or "none"
+    late = few([f"entry {r['seq']}" for r in overdue], "restore_tests.csv, drills.csv, signoffs.csv")
     finding = (f"{len(results) - len(unsigned)} of {len(results)} passed restore test(s) and drill(s) signed off; "
                f"unsigned past the {human_seconds(deadline.total_seconds())} deadline: {late}; awaiting sign-off "
                f"within it: {len(unsigned) - len(overdue)}")
@@ -61,7 +62,7 @@ def segregated(f: Facts) -> Judgement:
     tests = [r for r in f.t["restore_tests"] if r["outcome"] == "success"]
     recorded = [r for r in tests if r.get("segregation")]
     same = [r for r in recorded if r["segregation"].get("same_host_as_source")]
-    on_source = ", ".join(f"entry {r['seq']}" for r in same) or "none"
+    on_source = few([f"entry {r['seq']}" for r in same], "restore_tests.csv")
     finding = (f"{len(recorded)} of {len(tests)} passed restore test(s) record where they ran; on the source's "
                f"own host: {on_source}")
     if same:

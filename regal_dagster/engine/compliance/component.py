@@ -2,9 +2,11 @@
 controls its NIST framework module cites (CP-9 and enhancements, CP-10, CP-4, AU-9, AU-10, SC-12/13/28), each
 implemented requirement naming our controls (BK-01, ...) that evidence it, against NIST's own OSCAL catalogue.
 
-The other frameworks have no official OSCAL catalogue: their mapping to our controls is the requirements
-section of the report, by identifier only. Identifiers are UUIDv5 of the version and the control: the same
-version gives the same document."""
+The other frameworks have no official OSCAL catalogue: each is one more control implementation whose source is
+a URN naming the framework (`urn:regal-backup:framework:<id>`), its requirements by identifier only (a control-id
+made an OSCAL token from it, the identifier as printed in a `framework-identifier` property), each naming our
+controls that meet it, as the report's requirements section does. Their texts are not ours to copy.
+Identifiers are UUIDv5 of the version and the control: the same version gives the same document."""
 
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def oscal_control_id(identifier: str) -> str:
     return f"{m[1].lower()}-{m[2]}" + (f".{m[3]}" if m[3] else "")
 
 
+def token_of(key: str, identifier: str) -> str:
+    """A framework's requirement identifier as an OSCAL token: `soc2-a1.2`, `hipaa-164.308-a-7-ii-a`,
+    `dora-art-12-3`, `nis2-eu-2024-2690-4.2.2`."""
+    return f"{key}-" + re.sub(r"[^a-z0-9.]+", "-", identifier.lower()).strip("-")
+
+
 def component_definition(version: str, generated_at: datetime) -> dict[str, Any]:
     root = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:regal-backup:component-definition:{version}")
 
@@ -48,6 +56,30 @@ def component_definition(version: str, generated_at: datetime) -> dict[str, Any]
             "remarks": "Evidenced each period by the compliance report's test of "
                        + ", ".join(f"{c} ({specs[c].test})" for c in ours),
         })
+    implementations = [{
+        "uuid": uid("implementation", "nist80053"),
+        "source": NIST_CATALOG,
+        "description": f"{nist.name}: the controls of Regal Backup that implement each.",
+        "implemented-requirements": implemented,
+    }]
+    for key, framework in frameworks().items():
+        if key == "nist80053":
+            continue
+        implementations.append({
+            "uuid": uid("implementation", key),
+            "source": f"urn:regal-backup:framework:{key}",
+            "description": f"{framework.name}, by requirement identifier only (no official OSCAL catalogue): the "
+                           "controls of Regal Backup that meet each.",
+            "implemented-requirements": [{
+                "uuid": uid("requirement", key, identifier),
+                "control-id": token_of(key, identifier),
+                "description": " ".join(f"{c}: {specs[c].description}" for c in ours)
+                               or framework.untested.get(identifier, "no control of Regal Backup evidences it"),
+                "props": [{"name": "framework-identifier", "ns": NAMESPACE,
+                           "value": f"{framework.citation} {identifier}"},
+                          *({"name": "regal-control", "ns": NAMESPACE, "value": c} for c in ours)],
+            } for identifier, ours in framework.requirements.items()],
+        })
     document = {
         "uuid": uid("component-definition"),
         "metadata": {"title": "Regal Backup: backup, restore and audit controls", "last-modified":
@@ -60,12 +92,7 @@ def component_definition(version: str, generated_at: datetime) -> dict[str, Any]
                            "configuration: encrypted (Tink streaming AEAD), copied off-site, every operation a "
                            "hash-chained audit event.",
             "purpose": "Information system backup and recovery",
-            "control-implementations": [{
-                "uuid": uid("implementation", "nist80053"),
-                "source": NIST_CATALOG,
-                "description": f"{nist.name}: the controls of Regal Backup that implement each.",
-                "implemented-requirements": implemented,
-            }],
+            "control-implementations": implementations,
         }],
     }
     return {"component-definition": document}

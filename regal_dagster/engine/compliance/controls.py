@@ -16,7 +16,7 @@ from ..settings import CronExpression
 from .assurance import immutable, segregated, signed_off, tiers_met
 from .charts import human_seconds
 from .evidence import Period, row_at
-from .facts import Facts, Judgement
+from .facts import FEW, Facts, Judgement, few
 from .frameworks.base import framework_verdict
 from .frameworks.registry import citations_of, frameworks, frameworks_citing
 from .results import FAIL, NOT_TESTED, OUT_OF_SCOPE, PASS, RESULTS
@@ -94,12 +94,14 @@ def _rpo_met(f: Facts) -> Judgement:
     return Judgement(
         not missing and not late and not now,
         f"worst gap between successful backups {human_seconds(f.figures['rpo_worst_seconds'])} against an RPO "
-        f"of {human_seconds(f.figures['rpo_target_seconds'])}; over the RPO: {', '.join(late) or 'none'}"
-        + (f"; never backed up: {', '.join(missing)}" if missing else "")
+        f"of {human_seconds(f.figures['rpo_target_seconds'])}; over the RPO: {few(late, 'tiers.csv')}"
+        + (f"; never backed up: {few(missing, 'tiers.csv')}" if missing else "")
         + "".join(f"; {r['target']} now: {r['summary']}"
                   + (f" (UNRECOVERABLE: {r['unrecoverable']})" if r["unrecoverable"] else "")
                   + (" (past the RPO)" if r["rpo_breached"] and r["summary"].startswith("recoverable") else "")
-                  for r in now),
+                  for r in now[:FEW])
+        + (f"; {len(now) - FEW} more targets now past the RPO or unrecoverable (recoverability.csv)"
+           if len(now) > FEW else ""),
     )
 
 

@@ -5,6 +5,7 @@ the period's failed operations with what resolved each."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -17,6 +18,7 @@ from itertools import pairwise
 from typing import Any
 
 from ..audit import AuditEvent, ChainVerdict
+from ..audit_db import shared_reads
 from ..catalog import list_backups
 from ..crypto import Keyring, load_keyring
 from ..documents import unseal
@@ -137,6 +139,8 @@ COLUMNS: dict[str, list[str]] = {  # every table's columns, so that an empty CSV
         "oldest",
         "checkpoints",
         "spooled",
+        "resumed_from_seq",
+        "resumed_from_at",
     ],
     "policy": ["setting", "value"],
     "recoverability": ["target", "kind", "at", "summary", "point_backup", "point_position", "point_at", "age_seconds",
@@ -211,6 +215,13 @@ def _event_rows(events: Iterable[AuditEvent], event_types: tuple[str, ...]) -> l
     return rows
 
 
+def _target_of_event(e: AuditEvent) -> str:
+    """The target an event is about, as `_event_rows` names it (its details' `target`, else its resource's)."""
+    if '"target"' in e.details:
+        return str(json.loads(e.details).get("target") or target_of(e.resource))
+    return target_of(e.resource)
+
+
 def collect_evidence(
     policy: Policy,
     repo: Repository,
@@ -247,14 +258,15 @@ def collect_evidence(
     evidence.tables["drills_last_quarter"] = _event_rows(
         [e for e in trail_events if at - timedelta(days=92) <= e.at < at], ("dr_drill",)
     )
-    before = _event_rows(
-        [e for e in trail_events if e.at < period.start and e.outcome == "success"], ("backup",)
-    )
-    evidence.tables["backups_before_period"] = [
-        {"target": target, "seq": last["seq"], "at": last["at"], "resource": last["resource"]}
-        for target in sorted(policy.targets)
-        if (last := next((r for r in reversed(before) if r["target"] == target), None))
-    ]
+    last_before: dict[str, dict[str, Any]] = {}  # each target's last successful backup before the period
+    for e in reversed(trail_events):
+        if e.at < period.start and e.event_type == "backup" and e.outcome == "success":
+            target = _target_of_event(e)
+            if target in policy.targets and target not in last_before:
+                last_before[target] = {"target": target, "seq": e.seq, "at": e.at.isoformat(), "resource": e.resource}
+                if len(last_before) == len(policy.targets):
+                    break
+    evidence.tables["backups_before_period"] = [last_before[t] for t in sorted(last_before)]
     keyring = load_keyring(policy)
     manifests = [m for target in sorted(policy.targets) for m in list_backups(repo, keyring, target)[0]]
     evidence.tables["keys"] = [
@@ -312,8 +324,9 @@ def recoverability_rows(policy: Policy, repo: Repository, keyring: Keyring, now:
     the newest check of a continuous archive, the newest restore test), its age against the RPO, and what makes
     points unrecoverable (naming the segment)."""
     rows = []
-    for target in sorted(policy.targets):
-        model = target_recoverability(policy, repo, keyring, target, now)
+    with shared_reads(policy.audit.resolved_dsn()) if policy.audit else contextlib.nullcontext():
+        models = [target_recoverability(policy, repo, keyring, target, now) for target in sorted(policy.targets)]
+    for target, model in zip(sorted(policy.targets), models, strict=True):
         point, checks = model.point, model.point_checks or {}
         archive, tested = model.archive_check or {}, model.restore_test or {}
         rows.append({
@@ -475,8 +488,11 @@ def figures(policy: Policy, evidence: Evidence, period: Period, now: datetime) -
     end = period.judged_at(now)
     before = {r["target"]: row_at(r) for r in t["backups_before_period"]}
     rpo_by_target: dict[str, float | None] = {}
+    by_target: dict[str, list[datetime]] = {}
+    for r in backups_ok:
+        by_target.setdefault(r["target"], []).append(row_at(r))
     for target in sorted(policy.targets):
-        times = sorted(row_at(r) for r in backups_ok if r["target"] == target)
+        times = sorted(by_target.get(target, []))
         if target in before:
             times.insert(0, before[target])
         if not times:

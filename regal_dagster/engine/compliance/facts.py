@@ -61,3 +61,15 @@ class Facts:
 
     def open_failures(self, control_id: str) -> list[dict[str, Any]]:
         return [f for f in self.failures if f["open"] and f["control_id"] == control_id]
+
+
+FEW = 10  # a finding names at most this many items; the rest are counted (every one is in the evidence's CSVs)
+
+
+def few(items: list[str], csv: str, sep: str = ", ") -> str:
+    """Items for a finding: all of them up to FEW, else the first FEW and how many more `csv` holds ("none": none)."""
+    if not items:
+        return "none"
+    if len(items) <= FEW:
+        return sep.join(items)
+    return f"{sep.join(items[:FEW])} and {len(items) - FEW} more ({csv})"

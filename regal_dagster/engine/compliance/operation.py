@@ -112,14 +112,21 @@ def tier_rows(policy: Policy, backups: list[dict[str, Any]], before: list[dict[s
     time from the last one to `at`, whichever is longer) and the slowest restore test."""
     rows = []
     last_before = {r["target"]: datetime.fromisoformat(r["at"]) for r in before}
+    ok: dict[str, list[datetime]] = {}
+    for r in backups:
+        if r["outcome"] == "success":
+            ok.setdefault(r["target"], []).append(datetime.fromisoformat(r["at"]))
+    tested: dict[str, list[float]] = {}
+    for r in restore_tests:
+        if r.get("rto_seconds") is not None:
+            tested.setdefault(r["target"], []).append(r["rto_seconds"])
     for name in sorted(policy.targets):
         tier = policy.tier_of(name)
-        times = sorted(datetime.fromisoformat(r["at"]) for r in backups
-                       if r["target"] == name and r["outcome"] == "success")
+        times = sorted(ok.get(name, []))
         if name in last_before:
             times.insert(0, last_before[name])
         intervals = [(b - a).total_seconds() for a, b in pairwise(times)]
-        rtos = [r["rto_seconds"] for r in restore_tests if r["target"] == name and r.get("rto_seconds") is not None]
+        rtos = tested.get(name, [])
         rows.append({
             "target": name, "tier": policy.targets[name].tier,
             "backup_every_seconds": tier.backup_every.total_seconds() if tier else None,

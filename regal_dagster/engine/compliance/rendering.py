@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from itertools import pairwise
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from ..errors import RegalError
 from ..policy import Policy
-from .charts import human_seconds, line_chart
+from .charts import PALETTE, human_seconds, line_chart
 from .evidence import Evidence, Period, row_at
 
 
@@ -49,12 +50,15 @@ def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) ->
         for r in rows:
             if (v := value(r)) is not None:
                 series.setdefault(r["target"], []).append((row_at(r), float(v)))
-        return series
+        return fleet(series)
 
     before = {r["target"]: row_at(r) for r in t["backups_before_period"]}
     gaps: dict[str, list[tuple[datetime, float]]] = {}
+    ok_times: dict[str, list[datetime]] = {}
+    for r in ok:
+        ok_times.setdefault(r["target"], []).append(row_at(r))
     for target in sorted(policy.targets):
-        times = sorted(row_at(r) for r in ok if r["target"] == target)
+        times = sorted(ok_times.get(target, []))
         times = [before[target], *times] if target in before else times
         if times:
             gaps[target] = [(b, (b - a).total_seconds()) for a, b in pairwise(times)]
@@ -70,7 +74,7 @@ def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) ->
             per_target(ok, lambda r: r.get("seconds")), "Backup duration", "duration", start, end
         ),
         "rpo": line_chart(
-            {k: v for k, v in gaps.items() if v},
+            fleet({k: v for k, v in gaps.items() if v}),
             "Time between successful backups (achieved RPO)",
             "duration",
             start,
@@ -88,6 +92,20 @@ def charts(policy: Policy, evidence: Evidence, period: Period, now: datetime) ->
             target_label="RTO objective",
         ),
     }
+
+
+def fleet(series: dict[str, list[tuple[datetime, float]]]) -> dict[str, list[tuple[datetime, float]]]:
+    """One line per target while the lines can be told apart (as many as the palette has colours); beyond that,
+    per day (plotted at noon UTC), the highest and the median value over the targets: the chart of a fleet
+    stays readable, and every value is in the attached CSVs."""
+    if len(series) <= len(PALETTE):
+        return series
+    days: dict[datetime, list[float]] = {}
+    for values in series.values():
+        for when, value in values:
+            days.setdefault(when.replace(hour=12, minute=0, second=0, microsecond=0), []).append(value)
+    return {f"highest of {len(series)} targets": [(day, max(v)) for day, v in sorted(days.items())],
+            f"median of {len(series)} targets": [(day, median(v)) for day, v in sorted(days.items())]}
 
 
 # --- rendering -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,7 @@ from .component import component_definition
 from .controls import Control, Facts, evaluate_controls, exceptions, framework_verdicts, requirement_results
 from .evidence import Period, collect_evidence, figures, operational_failures, policy_facts
 from .frameworks.registry import frameworks as frameworks_in
+from .listings import WHOLE, listings
 from .rendering import EVIDENCE_FILE, OSCAL_FILE, charts, render_pdf, sign_pdf, signer_of
 from .results import FAIL, NOT_TESTED, OUT_OF_SCOPE, PASS
 
@@ -117,7 +119,8 @@ def build_report(
     trail = AuditTrail(policy, repo)
     trail.ensure_schema()
     trail_events = trail.events()  # read once: verified whole, then the period's share is the evidence
-    verdict = verify_trail(trail, trail_events)
+    # Resumed from an authentic checkpoint older than the period, so that every entry of the period is recomputed.
+    verdict = verify_trail(trail, trail_events, resume_before=period.start)
     trail.checkpoint(verdict)
     evidence = collect_evidence(policy, repo, trail_events, period, verdict, now)
     figs = figures(policy, evidence, period, now)
@@ -151,6 +154,9 @@ def build_report(
         "exceptions": found,
         "failures": failures,
         "evidence": evidence,
+        "listed": listings(evidence.tables, sorted(policy.targets)),
+        "whole_rows": WHOLE,
+        "target_kinds": dict(Counter(t.kind for t in policy.targets.values()).most_common()),
         "charts": charts(policy, evidence, period, now),
         "attachments": {
             name: (hashlib.sha256(body).hexdigest(), len(evidence.tables[name.removesuffix(".csv")]))
