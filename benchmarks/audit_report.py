@@ -142,7 +142,7 @@ def main() -> None:
 
             start = time.monotonic()
             verdict = verify_trail(trail, full=True)
-            rows.append((f"audit verify --full, {verdict.entries:,} entries", time.monotonic() - start,
+            rows.append((f"audit verify, {verdict.entries:,} entries", time.monotonic() - start,
                          "intact" if verdict.ok else "BROKEN"))
             # The checkpoint a walk at the period's start wrote (the daily `audit verify`, last month's report): the
             # report resumes from it and recomputes every entry of its period.
@@ -162,7 +162,7 @@ def main() -> None:
             took = time.monotonic() - start
             trail.checkpoint(verdict)
             resumed = verdict.resumed_from["seq"] if verdict.resumed_from else None
-            rows.append((f"audit verify, {verdict.entries:,} entries, resumed from entry {resumed}", took,
+            rows.append((f"audit verify --resume, {verdict.entries:,} entries, resumed from entry {resumed}", took,
                          "intact" if verdict.ok else "BROKEN"))
             start = time.monotonic()
             report = build_report(policy, period, repo=repo, now=now, scope=args.framework)

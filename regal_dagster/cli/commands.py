@@ -323,7 +323,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
     policy, repo, keyring = open_repository_of(args)
     trail = AuditTrail(policy, repo, keyring)
     trail.ensure_schema()
-    verdict = verify_trail(trail, full=getattr(args, "full", False))
+    verdict = verify_trail(trail, full=not getattr(args, "resume", False))
     trail.checkpoint(verdict)
     if verdict.ok:
         resumed = verdict.resumed_from
@@ -331,7 +331,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: Output) -> int:
                 f"{verdict.checkpoints} checkpoint(s) match"
                 + (f", and so does the keyset's anchor (entry {verdict.anchor.seq})" if verdict.anchor else "")
                 + (f"; recomputed from the authentic checkpoint of entry {resumed['seq']} (written {resumed['at']}, "
-                   "after a walk up to it; --full walks from the first entry)" if resumed else ""))
+                   "after a walk up to it; without --resume every entry is recomputed)" if resumed else ""))
     else:
         where = "" if verdict.first_bad_seq is None else f" at entry {verdict.first_bad_seq}"
         text = f"AUDIT TRAIL BROKEN{where}: {verdict.problem}"

@@ -318,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     p = audit_sub.add_parser("verify", parents=[common],
                              help="recompute the hash chain; name the first edited, deleted, inserted or moved entry")
-    p.add_argument("--full", action="store_true", help="walk from the first entry, not from the newest authentic "
-                   "checkpoint (the entries before it were walked when it was written)")
+    p.add_argument("--resume", action="store_true", help="recompute only from the newest authentic checkpoint on "
+                   "(faster on a long trail; the entries before it are checked for presence, order and links, "
+                   "not recomputed: an edit there that kept its hashes goes unseen). Default: every entry")
     p.set_defaults(func="commands:cmd_audit_verify")
 
     p = sub.add_parser("report", parents=[common], help="the PDF compliance report of a period (PCI DSS, SOX, GDPR, "
