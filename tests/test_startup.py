@@ -47,9 +47,10 @@ def test_version_and_help_load_no_engine_model_library_or_driver(argv: list[str]
     assert sorted(m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY) == []
     if _dist_info_version() is not None:  # installed with a .dist-info (else importlib.metadata is asked)
         assert sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_FOR_HELP)) == []
-    # of the engine, only its two tiny leaf modules: the error types and the retention classes' names
+    # of the engine, only its tiny leaf modules: the error types, the retention classes' names, the units' format
     assert {m for m in loaded if m.startswith("regal_dagster.engine.")} <= {"regal_dagster.engine.errors",
-                                                                          "regal_dagster.engine.retention_classes"}
+                                                                          "regal_dagster.engine.retention_classes",
+                                                                          "regal_dagster.engine.units"}
 
 
 def test_version_is_the_installed_distributions() -> None:

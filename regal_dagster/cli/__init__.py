@@ -57,8 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet and args.verbose:
         print(build_parser().format_usage(), end="", file=sys.stderr)
         return _refused(out, "--quiet and --verbose contradict each other", "give one of them", 2)
-    if args.verbose:
-        _log_to_stderr(args.verbose)
+    undo_logging = _log_to_stderr(args.verbose) if args.verbose else None
+    try:
+        return _run(args, out)
+    finally:
+        if undo_logging:
+            undo_logging()  # main(argv) in a long-lived process (the tests) leaves no handler on a closed stream
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
     signal.signal(signal.SIGTERM, _Terminated.handler)
     func = command_function(args.func)
     _sweep_leftovers()
@@ -87,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if type(exc).__module__.startswith("psycopg"):  # a server's refusal: its own words, no values
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            from ..engine.postgresql.standby import RECOVERY_CONFLICT  # psycopg is loaded already here
+
+            if RECOVERY_CONFLICT in reason:  # a query on a standby that replay cancelled, wherever it ran
+                message = f"a query on a standby was cancelled by a conflict with recovery ({reason})"
+                _report(args, message, exc, 1)
+                return _refused(out, message, "on the standby set hot_standby_feedback = on or a larger "
+                                "max_standby_streaming_delay, then run the command again; or set backup_from: "
+                                "prefer-standby to read the primary when it happens", 1)
             _report(args, f"PostgreSQL refused: {reason}", exc, 1)
             return _refused(out, f"PostgreSQL refused: {reason}", "check the role's privileges (a backup reads "
                             "every table, a restore into a new database needs CREATEDB) and the server's log", 1)
@@ -106,16 +121,25 @@ def command_function(reference: str) -> Callable[[argparse.Namespace, Output], i
     return function
 
 
-def _log_to_stderr(verbosity: int) -> None:
-    """--verbose: the engine's log records on stderr (INFO and up; -vv: DEBUG too), one line each."""
+def _log_to_stderr(verbosity: int) -> Callable[[], None]:
+    """--verbose: the engine's log records on stderr (INFO and up; -vv: DEBUG too), one line each; returns what
+    takes the handler off again."""
     import logging
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("log: %(levelname)s %(name)s: %(message)s"))
-    for name in ("regal_dagster", "regal_backup"):
-        logger = logging.getLogger(name)
+    loggers = [logging.getLogger(name) for name in ("regal_dagster", "regal_backup")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+
+    def undo() -> None:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    return undo
 
 
 def _sweep_leftovers() -> None:
