@@ -68,7 +68,25 @@ def _primary_position(dsn: str, checkpoint: bool) -> tuple[str, int, int]:
 def standby_problem(dsn: str, system_identifier: str, timeline: int, primary_lsn: int,
                     max_lag_seconds: float, min_version_num: int = 0) -> str | None:
     """Why this standby cannot take the backup now, or None when it is healthy and caught up (and at least
-    `min_version_num`)."""
+    `min_version_num`). Replay may cancel even these short queries (a conflict with recovery: any snapshot on a
+    standby can be older than what the primary's VACUUM removed): they say nothing of the backup's chances, so
+    they are asked again, within `max_lag_seconds`."""
+    deadline = time.monotonic() + max_lag_seconds
+    while True:
+        try:
+            return _standby_problem(dsn, system_identifier, timeline, primary_lsn, max_lag_seconds, min_version_num)
+        except psycopg.Error as exc:
+            words = recovery_conflict(exc)
+            if words is None:
+                raise
+            if time.monotonic() >= deadline:
+                return (f"cancels even its health queries by conflicts with recovery ({words}) for longer than "
+                        f"standby_max_lag ({max_lag_seconds:g} s)")
+            time.sleep(POLL_SECONDS)
+
+
+def _standby_problem(dsn: str, system_identifier: str, timeline: int, primary_lsn: int,
+                     max_lag_seconds: float, min_version_num: int) -> str | None:
     try:
         conn = connect(dsn, autocommit=True)
     except RegalError as exc:
